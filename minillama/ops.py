@@ -1,0 +1,82 @@
+"""The two operations that do the heavy lifting, behind one small interface.
+
+The model is written once against the NumPy array API. Everything it computes goes through
+`ops.xp` (numpy on the CPU, cupy on the GPU), except the two operations that dominate the run
+time, which go through this module so a backend can swap in its own kernels:
+
+    ops.linear(x, w)              x @ w.T for a weight stored row-major as (out, in), like nn.Linear
+    ops.matmul(a, b)              batched a @ b (attention scores and the weighted sum of values)
+    ops.softmax(x, start_pos)     softmax over the last axis, optionally causal
+
+`minillama.cuda.CudaOps` provides the same methods with hand-written CUDA kernels.
+"""
+import numpy as np
+
+from .quant import Q8Tensor, dequantize_q8, fake_quantize_q8
+
+
+def causal_mask(seqlen, start_pos, xp=np):
+    """(seqlen, start_pos + seqlen) additive mask, as Meta builds it: query i (at absolute
+    position start_pos + i) sees every cached key and the new keys up to itself."""
+    mask = xp.triu(xp.full((seqlen, seqlen), -xp.inf, dtype=xp.float32), k=1)
+    return xp.concatenate([xp.zeros((seqlen, start_pos), dtype=xp.float32), mask], axis=1)
+
+
+def to_host(a):
+    """Any array (NumPy or CuPy) as a NumPy array."""
+    return a.get() if hasattr(a, "get") else np.asarray(a)
+
+
+class NumpyOps:
+    """The CPU backend: NumPy, whose matmul calls the machine's BLAS. A GPU backend subclasses
+    it with `xp = cupy` and overrides linear, matmul and softmax with its own kernels."""
+    name = "cpu"
+    xp = np
+
+    def asarray(self, a, dtype=None):
+        """Bring an array from anywhere (host or device) onto this backend."""
+        return np.asarray(to_host(a), dtype=dtype)
+
+    def weight(self, w):
+        """Place a weight (array or Q8Tensor) on this backend, once, at load time."""
+        if isinstance(w, Q8Tensor):
+            return Q8Tensor(self.asarray(w.q), self.asarray(w.s), w.group_size, w.w8a8)
+        return self.asarray(w)
+
+    def linear(self, x, w):
+        # x: (..., in)   w: (out, in)   ->   (..., out)
+        if isinstance(w, Q8Tensor):
+            return self.linear_q8(x, w)
+        return x @ w.T                  # a transposed view: BLAS reads W as stored, no copy
+
+    def linear_q8(self, x, w):
+        x = x[..., :w.s.shape[-1] * w.group_size]      # whole groups only (see Q8Tensor)
+        if w.w8a8:                      # runq.c rounds the activations to int8 groups as well
+            x = fake_quantize_q8(x, w.group_size, self.xp)
+        return x @ dequantize_q8(w.q, w.s, w.group_size, self.xp).T
+
+    def matmul(self, a, b):
+        return a @ b
+
+    def softmax(self, x, start_pos=None):
+        """Softmax over the last axis. With start_pos, x is (..., seqlen, start_pos + seqlen)
+        attention scores and the causal mask is applied first."""
+        if start_pos is not None and x.shape[-2] > 1:
+            x = x + causal_mask(x.shape[-2], start_pos, self.xp)
+        x = x - x.max(axis=-1, keepdims=True)     # max subtraction: exp never overflows
+        e = self.xp.exp(x)
+        return e / e.sum(axis=-1, keepdims=True)
+
+
+CPU = NumpyOps()
+
+
+def get_ops(device="cpu"):
+    """The backend for a device name: 'cpu' or 'cuda'."""
+    from .errors import ArgumentError
+    if device in (None, "cpu"):
+        return CPU
+    if device == "cuda":
+        from .cuda import CudaOps         # imported lazily: CuPy is an optional extra
+        return CudaOps()
+    raise ArgumentError(f"device: expected 'cpu' or 'cuda', got {device!r}")
