@@ -1,0 +1,246 @@
+"""The command line: `minillama run|complete|info|tokenize ...` (also `python -m minillama`).
+
+`run` takes llama2.c's flags and prints what llama2.c's `run` prints; `complete` is Meta's
+example_text_completion.py without torchrun. User errors exit with status 2 and one line on
+stderr; anything else is a bug and exits with status 1.
+"""
+import argparse
+import os
+import sys
+import traceback
+
+from .errors import ArgumentError, MiniLlamaError
+
+# Meta's example_text_completion.py prompts, used when `complete` is given none.
+EXAMPLE_PROMPTS = [
+    "I believe the meaning of life is",
+    "Simply put, the theory of relativity states that ",
+    "A brief message congratulating the team on the launch:\n\n        Hi everyone,\n\n"
+    "        I just ",
+    "Translate English to French:\n\n        sea otter => loutre de mer\n        peppermint => "
+    "menthe poivrée\n        plush girafe => girafe peluche\n        cheese =>",
+]
+
+
+# ----------------------------------------------------------------------------
+# argument types: each names the flag and the accepted range
+
+def _number(kind, low=None, high=None, low_open=False):
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {kind.__name__}, got {text!r}")
+        if value != value or (low is not None and (value < low or (low_open and value == low))) \
+                or (high is not None and value > high):
+            bracket = "(" if low_open else "["
+            raise argparse.ArgumentTypeError(
+                f"expected a value in {bracket}{low if low is not None else '-inf'}, "
+                f"{high if high is not None else 'inf'}], got {text}")
+        return value
+    return parse
+
+
+positive_int = _number(int, 1)
+non_negative_float = _number(float, 0.0)
+probability = _number(float, 0.0, 1.0, low_open=True)
+
+
+def add_device(p):
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                   help="where the model runs (cuda needs CuPy and an NVIDIA GPU)")
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog="minillama", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="llama2.c's run: generate or chat with a model")
+    run.add_argument("checkpoint", nargs="?", help="model file (llama2.c .bin, .gguf, ...)")
+    run.add_argument("-t", dest="temperature", type=non_negative_float, default=1.0,
+                     help="temperature in [0, inf), 0 = greedy (default 1.0)")
+    run.add_argument("-p", dest="topp", type=probability, default=0.9,
+                     help="top-p in (0, 1] (default 0.9)")
+    run.add_argument("-s", dest="seed", type=int, default=0,
+                     help="random seed, 0 = from the time (default 0)")
+    run.add_argument("-n", dest="steps", type=positive_int, default=256,
+                     help="steps, prompt included (default 256, capped at seq_len)")
+    run.add_argument("-i", dest="prompt", default=None, help="input prompt")
+    run.add_argument("-z", dest="tokenizer", default=None, help="tokenizer file")
+    run.add_argument("-m", dest="mode", choices=["generate", "chat"], default="generate")
+    run.add_argument("-y", dest="system_prompt", default=None, help="system prompt (chat)")
+    add_device(run)
+
+    comp = sub.add_parser("complete", help="Meta's text completion on a batch of prompts")
+    comp.add_argument("--ckpt_dir", required=True, help="checkpoint file or model directory")
+    comp.add_argument("--tokenizer_path", default=None, help="tokenizer file")
+    comp.add_argument("--max_seq_len", type=positive_int, default=128)
+    comp.add_argument("--max_batch_size", type=positive_int, default=4)
+    comp.add_argument("--prompt", action="append", default=None, help="a prompt (repeatable)")
+    comp.add_argument("--prompts_file", default=None, help="a text file, one prompt per line")
+    comp.add_argument("--temperature", type=non_negative_float, default=0.6)
+    comp.add_argument("--top_p", type=probability, default=0.9)
+    comp.add_argument("--max_gen_len", type=positive_int, default=64)
+    comp.add_argument("--logprobs", action="store_true", help="print each token's log-prob")
+    comp.add_argument("--echo", action="store_true", help="include the prompt in the output")
+    comp.add_argument("--seed", type=int, default=1)
+    add_device(comp)
+
+    info = sub.add_parser("info", help="architecture, parameters and memory of a model")
+    info.add_argument("checkpoint")
+    info.add_argument("--max_seq_len", type=positive_int, default=None)
+    info.add_argument("--max_batch_size", type=positive_int, default=1)
+
+    tok = sub.add_parser("tokenize", help="show the token ids the model sees for a text")
+    tok.add_argument("text")
+    tok.add_argument("-z", dest="tokenizer", required=True, help="tokenizer file")
+    tok.add_argument("--pieces", action="store_true", help="also print each token's piece")
+    return parser
+
+
+# ----------------------------------------------------------------------------
+# commands
+
+def find_tokenizer(checkpoint, given, carried=None):
+    """-z if given; else a tokenizer the checkpoint carries; else tokenizer.bin beside it."""
+    if given:
+        return given
+    if carried:
+        return carried
+    beside = os.path.join(os.path.dirname(os.path.abspath(checkpoint)), "tokenizer.bin")
+    if os.path.exists(beside):
+        return beside
+    raise ArgumentError(f"-z: no tokenizer given and none found for {checkpoint} "
+                        f"(looked for {beside})")
+
+
+def cmd_run(args):
+    import time
+    from .loading import open_checkpoint
+    from .model import Transformer
+    from .ops import get_ops
+    from .run import chat, generate
+    from .sampler import Llama2cSampler
+    from .tokenizer import load_tokenizer
+    if args.checkpoint is None:
+        raise ArgumentError("checkpoint: give a model file, e.g. stories260K.bin")
+    ops = get_ops(args.device)
+    ckpt = open_checkpoint(args.checkpoint)
+    tokenizer = load_tokenizer(find_tokenizer(args.checkpoint, args.tokenizer, ckpt.tokenizer_path),
+                               vocab_size=ckpt.params.vocab_size)
+    model = Transformer(ckpt.params, ckpt.weights, ops)
+    seed = args.seed if args.seed > 0 else int(time.time())     # llama2.c: 0 means the clock
+    sampler = Llama2cSampler(ckpt.params.vocab_size, args.temperature, args.topp, seed)
+    if args.mode == "generate":
+        generate(model, tokenizer, sampler, args.prompt, args.steps)
+    else:
+        chat(model, tokenizer, sampler, args.prompt, args.system_prompt, args.steps)
+
+
+def read_prompts(args):
+    prompts = list(args.prompt or [])
+    if args.prompts_file:
+        try:
+            with open(args.prompts_file, encoding="utf-8") as f:
+                prompts += [line.rstrip("\n") for line in f if line.strip()]
+        except (OSError, UnicodeDecodeError) as e:
+            raise ArgumentError(f"--prompts_file: cannot read {args.prompts_file}: {e}")
+    return prompts or EXAMPLE_PROMPTS
+
+
+def cmd_complete(args):
+    from .generation import Llama
+    prompts = read_prompts(args)
+    if len(prompts) > args.max_batch_size:
+        raise ArgumentError(f"--max_batch_size: {len(prompts)} prompts do not fit a batch of "
+                            f"{args.max_batch_size}")
+    generator = Llama.build(args.ckpt_dir, args.tokenizer_path, args.max_seq_len,
+                            args.max_batch_size, device=args.device, seed=args.seed)
+    results = generator.text_completion(prompts, temperature=args.temperature, top_p=args.top_p,
+                                        max_gen_len=args.max_gen_len, logprobs=args.logprobs,
+                                        echo=args.echo)
+    for prompt, result in zip(prompts, results):
+        print(prompt)
+        print(f"> {result['generation']}")
+        if args.logprobs:
+            for piece, lp in zip(result["tokens"], result["logprobs"]):
+                print(f"  {piece!r:>16} {lp:9.4f}")
+        print("\n==================================\n")
+
+
+def describe(ckpt, max_seq_len, max_batch_size):
+    """Lines for `minillama info`."""
+    from .model import weight_shapes
+    p = ckpt.params
+    shapes = weight_shapes(p)
+    tied = ckpt.weights["output.weight"] is ckpt.weights["tok_embeddings.weight"]
+    n_params = sum(int(np_prod(s)) for name, s in shapes.items()
+                   if not (tied and name == "output.weight"))
+    stored = {id(w): w for w in ckpt.weights.values()}       # a tied array counts once
+    weight_bytes = sum(w.nbytes for w in stored.values())
+    seq = max_seq_len or p.max_seq_len
+    kv_bytes = 2 * p.n_layers * max_batch_size * seq * p.n_kv_heads * p.head_dim * 4
+    return [
+        f"file            {ckpt.path} ({ckpt.fmt})",
+        f"architecture    llama: dim {p.dim}, {p.n_layers} layers, {p.n_heads} heads "
+        f"({p.n_kv_heads} kv heads, head_dim {p.head_dim}), hidden_dim {p.hidden_dim}, "
+        f"vocab {p.vocab_size}, rope theta {p.rope_theta:g}, norm eps {p.norm_eps:g}",
+        f"classifier      {'shared with the embedding' if tied else 'separate'}",
+        f"parameters      {n_params:,}",
+        f"weights         {weight_bytes:,} bytes as stored ({human(weight_bytes)})",
+        f"kv cache        {kv_bytes:,} bytes ({human(kv_bytes)}) for max_seq_len {seq} "
+        f"x max_batch_size {max_batch_size} (float32)",
+    ]
+
+
+def np_prod(shape):
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def human(n):
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
+        n /= 1024
+
+
+def cmd_info(args):
+    from .loading import open_checkpoint
+    ckpt = open_checkpoint(args.checkpoint, args.max_seq_len, args.max_batch_size)
+    print("\n".join(describe(ckpt, args.max_seq_len, args.max_batch_size)))
+
+
+def cmd_tokenize(args):
+    from .tokenizer import load_tokenizer
+    tokenizer = load_tokenizer(args.tokenizer)
+    ids = tokenizer.encode(args.text, bos=True, eos=False)
+    print(" ".join(str(i) for i in ids))
+    if args.pieces:
+        print(" ".join(f"{i}:{tokenizer.piece(i)!r}" for i in ids))
+
+
+COMMANDS = {"run": cmd_run, "complete": cmd_complete, "info": cmd_info,
+            "tokenize": cmd_tokenize}
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)              # usage errors: argparse exits with 2
+    try:
+        COMMANDS[args.command](args)
+    except MiniLlamaError as e:
+        print(f"minillama: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:                               # e.g. `minillama run ... | head`
+        sys.stderr.close()
+        return 0
+    except Exception:
+        traceback.print_exc()
+        print("minillama: internal error (a bug in minillama, not in your input); please "
+              "report it with the lines above", file=sys.stderr)
+        return 1
+    return 0

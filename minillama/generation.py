@@ -1,0 +1,204 @@
+"""Meta's `llama/generation.py`, in NumPy: Llama.build, generate, text_completion, chat_completion.
+
+`generate` follows Meta's loop line by line, with the same names (bsz, min_prompt_len,
+total_len, tokens, prev_pos, cur_pos, eos_reached, input_text_mask), so the two can be read
+side by side; docs/generate.md walks through it. Where this file differs from Meta's, a comment
+says why.
+"""
+from typing import List, Optional
+
+import numpy as np
+
+from .errors import ArgumentError
+from .ops import to_host
+from .sampler import check_sampling_args, sample_top_p, softmax
+
+B_INST, E_INST = "[INST]", "[/INST]"
+B_SYS, E_SYS = "<<SYS>>\n", "\n<</SYS>>\n\n"
+SPECIAL_TAGS = [B_INST, E_INST, "<<SYS>>", "<</SYS>>"]
+UNSAFE_ERROR = "Error: special tags are not allowed as part of the prompt."
+
+
+def cross_entropy(logits, target, ignore_index):
+    """-log softmax(logits)[target] per position, 0 where target == ignore_index.
+    logits: (bsz, seqlen, vocab), target: (bsz, seqlen) -> (bsz, seqlen), like F.cross_entropy
+    with reduction='none'."""
+    logits = logits.astype(np.float32)
+    m = logits.max(axis=-1, keepdims=True)
+    logsumexp = (m + np.log(np.exp(logits - m).sum(axis=-1, keepdims=True)))[..., 0]
+    safe = np.where(target == ignore_index, 0, target)
+    picked = np.take_along_axis(logits, safe[..., None], axis=-1)[..., 0]
+    return np.where(target == ignore_index, 0.0, logsumexp - picked).astype(np.float32)
+
+
+class Llama:
+    @staticmethod
+    def build(ckpt_dir, tokenizer_path=None, max_seq_len=None, max_batch_size=1, device="cpu",
+              seed=1, **load_options):
+        """Load a checkpoint and its tokenizer. No process group, no NCCL: one process does it all.
+        tokenizer_path may be None when the checkpoint carries its own tokenizer."""
+        from .loading import open_checkpoint
+        from .model import Transformer
+        from .ops import get_ops
+        from .tokenizer import load_tokenizer
+        ops = get_ops(device)            # fail early on a missing GPU, before reading weights
+        ckpt = open_checkpoint(ckpt_dir, max_seq_len, max_batch_size, **load_options)
+        tokenizer_path = tokenizer_path or ckpt.tokenizer_path
+        if tokenizer_path is None:
+            raise ArgumentError(f"tokenizer_path: {ckpt_dir} carries no tokenizer; pass one")
+        tokenizer = load_tokenizer(tokenizer_path, vocab_size=ckpt.params.vocab_size)
+        return Llama(Transformer(ckpt.params, ckpt.weights, ops), tokenizer, seed)
+
+    def __init__(self, model, tokenizer, seed=1):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.rng = np.random.default_rng(seed)    # torch.manual_seed(seed) in Meta's build
+
+    def generate(self, prompt_tokens: List[List[int]], max_gen_len: int, temperature: float = 0.6,
+                 top_p: float = 0.9, logprobs: bool = False, echo: bool = False):
+        params = self.model.params
+        bsz = len(prompt_tokens)
+        self._check_args(prompt_tokens, max_gen_len, temperature, top_p)
+
+        min_prompt_len = min(len(t) for t in prompt_tokens)
+        max_prompt_len = max(len(t) for t in prompt_tokens)
+        total_len = min(params.max_seq_len, max_gen_len + max_prompt_len)
+
+        pad_id = self.tokenizer.pad_id
+        tokens = np.full((bsz, total_len), pad_id, dtype=np.int64)
+        for k, t in enumerate(prompt_tokens):
+            tokens[k, : len(t)] = t
+        if logprobs:
+            token_logprobs = np.zeros(tokens.shape, dtype=np.float32)
+
+        prev_pos = 0
+        eos_reached = np.array([False] * bsz)
+        # Meta writes `tokens != pad_id`; from the lengths is the same when pad_id is -1 and
+        # stays right for tokenizers whose pad id is a real token that a prompt may contain.
+        input_text_mask = np.arange(total_len)[None, :] < np.array([len(t) for t in prompt_tokens])[:, None]
+        if min_prompt_len == total_len and logprobs:
+            # Nothing to generate: score the prompt. (Meta compares logits[i] with tokens[i]
+            # here; the logits at i predict token i + 1, which is what we compare.)
+            logits = to_host(self.model.forward(tokens, prev_pos))
+            token_logprobs[:, 1:] = -cross_entropy(logits[:, :-1], tokens[:, 1:], pad_id)
+
+        for cur_pos in range(min_prompt_len, total_len):
+            logits = self.model.forward(tokens[:, prev_pos:cur_pos], prev_pos)
+            last = to_host(logits[:, -1])                        # (bsz, vocab)
+            if temperature > 0:
+                probs = softmax(last / temperature, axis=-1)
+                next_token = sample_top_p(probs, top_p, self.rng)
+            else:
+                next_token = np.argmax(last, axis=-1)
+
+            next_token = next_token.reshape(-1)
+            # only replace token if prompt has already been generated
+            next_token = np.where(input_text_mask[:, cur_pos], tokens[:, cur_pos], next_token)
+            tokens[:, cur_pos] = next_token
+            if logprobs:
+                token_logprobs[:, prev_pos + 1 : cur_pos + 1] = -cross_entropy(
+                    to_host(logits), tokens[:, prev_pos + 1 : cur_pos + 1], pad_id)
+            eos_reached |= (~input_text_mask[:, cur_pos]) & (next_token == self.tokenizer.eos_id)
+            prev_pos = cur_pos
+            if all(eos_reached):
+                break
+
+        out_tokens, out_logprobs = [], []
+        for i, toks in enumerate(tokens.tolist()):
+            # cut to max gen len
+            start = 0 if echo else len(prompt_tokens[i])
+            toks = toks[start : len(prompt_tokens[i]) + max_gen_len]
+            probs = None
+            if logprobs:
+                probs = token_logprobs[i][start : len(prompt_tokens[i]) + max_gen_len].tolist()
+            # cut to eos tok if any
+            if self.tokenizer.eos_id in toks:
+                eos_idx = toks.index(self.tokenizer.eos_id)
+                toks = toks[:eos_idx]
+                probs = probs[:eos_idx] if logprobs else None
+            out_tokens.append(toks)
+            out_logprobs.append(probs)
+        return (out_tokens, out_logprobs if logprobs else None)
+
+    def _check_args(self, prompt_tokens, max_gen_len, temperature, top_p):
+        """Meta asserts; we name the argument and the accepted range instead."""
+        params = self.model.params
+        check_sampling_args(temperature, top_p)
+        if not 1 <= len(prompt_tokens) <= params.max_batch_size:
+            raise ArgumentError(f"prompts: got {len(prompt_tokens)}, expected 1 to "
+                                f"max_batch_size ({params.max_batch_size})")
+        if not isinstance(max_gen_len, (int, np.integer)) or max_gen_len < 0:
+            raise ArgumentError(f"max_gen_len: expected an integer >= 0, got {max_gen_len!r}")
+        for k, t in enumerate(prompt_tokens):
+            if len(t) == 0:
+                raise ArgumentError(f"prompt {k}: is empty (encode with bos=True to get at "
+                                    f"least the BOS token)")
+            if len(t) > params.max_seq_len:
+                raise ArgumentError(f"prompt {k}: {len(t)} tokens is longer than max_seq_len "
+                                    f"({params.max_seq_len})")
+
+    def text_completion(self, prompts: List[str], temperature: float = 0.6, top_p: float = 0.9,
+                        max_gen_len: Optional[int] = None, logprobs: bool = False,
+                        echo: bool = False):
+        if max_gen_len is None:
+            max_gen_len = self.model.params.max_seq_len - 1
+        prompt_tokens = [self.tokenizer.encode(x, bos=True, eos=False) for x in prompts]
+        generation_tokens, generation_logprobs = self.generate(
+            prompt_tokens=prompt_tokens, max_gen_len=max_gen_len, temperature=temperature,
+            top_p=top_p, logprobs=logprobs, echo=echo)
+        if logprobs:
+            return [{"generation": self.tokenizer.decode(t),
+                     "tokens": [self.tokenizer.decode([x]) for x in t],
+                     "logprobs": logprobs_i}
+                    for t, logprobs_i in zip(generation_tokens, generation_logprobs)]
+        return [{"generation": self.tokenizer.decode(t)} for t in generation_tokens]
+
+    def chat_completion(self, dialogs, temperature: float = 0.6, top_p: float = 0.9,
+                        max_gen_len: Optional[int] = None, logprobs: bool = False):
+        if max_gen_len is None:
+            max_gen_len = self.model.params.max_seq_len - 1
+        prompt_tokens, unsafe_requests = [], []
+        for dialog in dialogs:
+            unsafe_requests.append(
+                any([tag in msg["content"] for tag in SPECIAL_TAGS for msg in dialog]))
+            prompt_tokens.append(self.encode_dialog(dialog))
+        generation_tokens, generation_logprobs = self.generate(
+            prompt_tokens=prompt_tokens, max_gen_len=max_gen_len, temperature=temperature,
+            top_p=top_p, logprobs=logprobs)
+        results = []
+        for i, t in enumerate(generation_tokens):
+            content = UNSAFE_ERROR if unsafe_requests[i] else self.tokenizer.decode(t)
+            result = {"generation": {"role": "assistant", "content": content}}
+            if logprobs:
+                result["tokens"] = [self.tokenizer.decode([x]) for x in t]
+                result["logprobs"] = generation_logprobs[i]
+            results.append(result)
+        return results
+
+    def encode_dialog(self, dialog):
+        """Token ids for a dialog ending in a user turn. A tokenizer that carries its own chat
+        template (GGUF models) provides `encode_dialog`; otherwise Llama 2's [INST] format."""
+        if hasattr(self.tokenizer, "encode_dialog"):
+            return self.tokenizer.encode_dialog(dialog)
+        return encode_llama2_dialog(self.tokenizer, dialog)
+
+
+def encode_llama2_dialog(tokenizer, dialog):
+    """Llama 2 chat format, as Meta's chat_completion builds it."""
+    if dialog and dialog[0]["role"] == "system":
+        if len(dialog) < 2:
+            raise ArgumentError("dialog: a system message must be followed by a user message")
+        dialog = [{"role": dialog[1]["role"],
+                   "content": B_SYS + dialog[0]["content"] + E_SYS + dialog[1]["content"]}
+                  ] + dialog[2:]
+    roles_ok = (all(m["role"] == "user" for m in dialog[::2])
+                and all(m["role"] == "assistant" for m in dialog[1::2]))
+    if not dialog or not roles_ok or dialog[-1]["role"] != "user":
+        raise ArgumentError("dialog: roles must be 'system' (optional), then alternate 'user' "
+                            "and 'assistant', ending with 'user'")
+    dialog_tokens = sum([tokenizer.encode(
+        f"{B_INST} {(prompt['content']).strip()} {E_INST} {(answer['content']).strip()} ",
+        bos=True, eos=True) for prompt, answer in zip(dialog[::2], dialog[1::2])], [])
+    dialog_tokens += tokenizer.encode(
+        f"{B_INST} {(dialog[-1]['content']).strip()} {E_INST}", bos=True, eos=False)
+    return dialog_tokens

@@ -1,0 +1,123 @@
+"""Choosing the next token from the logits.
+
+Two samplers, each faithful to the program it mirrors:
+
+- `Llama2cSampler`: llama2.c's `sample()`, bit for bit. Its own xorshift64* generator, argmax at
+  temperature 0, otherwise softmax(logits / temperature) and either plain multinomial sampling
+  or top-p (nucleus) sampling with llama2.c's pre-filter cutoff (1 - topp) / (n - 1).
+  Arithmetic is float32, summed left to right as the C loops do, so a seed gives the same
+  story as llama2.c's `run`.
+- `sample_top_p`: Meta's `sample_top_p` for `generate`, batched, driven by a NumPy Generator.
+
+Sampling runs on the host: the work is tiny, and the same seed then gives the same tokens on
+every device.
+"""
+import numpy as np
+
+from .errors import ArgumentError
+
+# ----------------------------------------------------------------------------
+# llama2.c's random numbers: xorshift64*
+
+MASK64 = (1 << 64) - 1
+
+
+def random_u32(state):
+    """One step of xorshift64*: (new state, 32 random bits). `state` is a Python int."""
+    state ^= state >> 12
+    state ^= (state << 25) & MASK64
+    state ^= state >> 27
+    return state, ((state * 0x2545F4914F6CDD1D) & MASK64) >> 32
+
+
+def random_f32(state):
+    """(new state, a float32 in [0, 1)): the top 24 of the 32 bits, as llama2.c takes them."""
+    state, bits = random_u32(state)
+    return state, np.float32(bits >> 8) / np.float32(16777216.0)
+
+
+# ----------------------------------------------------------------------------
+# llama2.c's sampler
+
+def check_sampling_args(temperature, top_p):
+    if not np.isfinite(temperature) or temperature < 0:
+        raise ArgumentError(f"temperature: expected a number >= 0, got {temperature}")
+    if not 0 < top_p <= 1:
+        raise ArgumentError(f"top_p: expected a number in (0, 1], got {top_p}")
+
+
+def softmax_c(x):
+    """llama2.c's softmax in float32: exp of (x - max), a left-to-right sum, a division.
+    exp is taken in float64 and rounded once, which is what glibc's expf returns."""
+    e = np.exp((x - x.max()).astype(np.float64)).astype(np.float32)
+    total = np.cumsum(e, dtype=np.float32)[-1]            # sequential, like the C loop
+    return e / total
+
+
+def first_above(cdf, value):
+    """Index of the first cdf entry with value < cdf (llama2.c's `if (coin < cdf)` loops)."""
+    hits = np.flatnonzero(value < cdf)
+    return int(hits[0]) if hits.size else None
+
+
+class Llama2cSampler:
+    def __init__(self, vocab_size, temperature=1.0, topp=0.9, rng_seed=0):
+        check_sampling_args(temperature, topp)
+        self.vocab_size = vocab_size
+        self.temperature = np.float32(temperature)
+        self.topp = np.float32(topp)
+        self.rng_state = int(rng_seed) & MASK64
+
+    def sample(self, logits):
+        """logits: (vocab_size,) float32 -> the next token id."""
+        logits = np.asarray(logits, dtype=np.float32)
+        if self.temperature == 0:
+            return int(np.argmax(logits))                  # first maximum, as the C loop
+        probs = softmax_c(logits / self.temperature)
+        self.rng_state, coin = random_f32(self.rng_state)
+        if self.topp <= 0 or self.topp >= 1:
+            return self.sample_mult(probs, coin)
+        return self.sample_topp(probs, coin)
+
+    def sample_mult(self, probs, coin):
+        i = first_above(np.cumsum(probs, dtype=np.float32), coin)
+        return len(probs) - 1 if i is None else i          # rounding: fall back to the last
+
+    def sample_topp(self, probs, coin):
+        n = len(probs)
+        # Tokens below the cutoff can never be in the nucleus: skip sorting them.
+        cutoff = (np.float32(1) - self.topp) / np.float32(n - 1)
+        candidates = np.flatnonzero(probs >= cutoff)
+        order = candidates[np.argsort(-probs[candidates], kind="stable")]   # descending
+        cumulative = np.cumsum(probs[order], dtype=np.float32)
+        over = first_above(cumulative, self.topp)         # first i with cumulative > topp
+        last_idx = len(order) - 1 if over is None else over
+        r = coin * cumulative[last_idx]
+        i = first_above(cumulative[:last_idx + 1], r)
+        return int(order[last_idx if i is None else i])
+
+
+# ----------------------------------------------------------------------------
+# Meta's sampler for generate()
+
+def softmax(x, axis=-1):
+    e = np.exp(x - x.max(axis=axis, keepdims=True))
+    return e / e.sum(axis=axis, keepdims=True)
+
+
+def sample_top_p(probs, p, rng):
+    """Nucleus sampling, batched, as Meta's sample_top_p.
+    probs: (bsz, vocab) -> (bsz,) token ids. Keeps the smallest set of most likely tokens whose
+    probability mass reaches p (a token stays if the mass *before* it is <= p), renormalises,
+    and draws one token per row."""
+    probs_idx = np.argsort(-probs, axis=-1, kind="stable")       # descending
+    probs_sort = np.take_along_axis(probs, probs_idx, axis=-1)
+    probs_sum = np.cumsum(probs_sort, axis=-1)
+    probs_sort[probs_sum - probs_sort > p] = 0.0
+    probs_sort /= probs_sort.sum(axis=-1, keepdims=True)
+    # torch.multinomial(probs_sort, 1), by inverting the CDF at a uniform draw
+    u = rng.random((probs.shape[0], 1))
+    choice = (np.cumsum(probs_sort, axis=-1) <= u).sum(axis=-1, keepdims=True)
+    kept = (probs_sort > 0).sum(axis=-1, keepdims=True)
+    choice = np.minimum(choice, kept - 1)          # rounding at the top edge: the last kept token
+    return np.take_along_axis(probs_idx, choice, axis=-1)[:, 0]

@@ -1,0 +1,62 @@
+"""Shared test helpers: where ../shared is, and small random models."""
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from minillama.model import ModelArgs, weight_shapes
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+MODELS = SHARED / "models"
+GOLDEN = SHARED / "golden" / "llama2c_run.json"
+
+
+def require_shared():
+    """The real files live in ../shared beside the checkout. CI always has them (so a missing
+    folder fails there); a developer without them gets a skip that says where to put them."""
+    if not MODELS.is_dir():
+        if os.environ.get("CI"):
+            pytest.fail(f"{SHARED} is missing: CI must have ../shared beside the checkout")
+        pytest.skip(f"needs the model files in {SHARED}")
+    return SHARED
+
+
+@pytest.fixture
+def shared():
+    return require_shared()
+
+
+def random_weights(p: ModelArgs, seed=0, tied=False, scale=None):
+    """Random float32 weights for every tensor of `p`, under Meta's names. Norm weights sit
+    near 1 and matrices near N(0, 1/in), so activations keep a sane size through the layers."""
+    rng = np.random.default_rng(seed)
+    weights = {}
+    for name, shape in weight_shapes(p).items():
+        if len(shape) == 1:
+            weights[name] = (1.0 + 0.1 * rng.standard_normal(shape)).astype(np.float32)
+        else:
+            std = scale if scale is not None else 1.0 / np.sqrt(shape[1])
+            weights[name] = (std * rng.standard_normal(shape)).astype(np.float32)
+    if tied:
+        weights["output.weight"] = weights["tok_embeddings.weight"]
+    return weights
+
+
+# odd sizes on purpose: 5 heads of 6 over dim 30 isn't GQA; 6 heads sharing 2 kv heads is.
+ODD = dict(dim=36, n_layers=3, n_heads=6, n_kv_heads=2, vocab_size=97, hidden_dim=70,
+           max_seq_len=40, max_batch_size=3)
+
+
+@pytest.fixture
+def odd_args():
+    return ModelArgs(**ODD)
+
+
+class StubTokenizer:
+    """Just the ids generate() needs, for tests that feed token ids directly."""
+    def __init__(self, eos_id=2, bos_id=1, pad_id=-1):
+        self.eos_id, self.bos_id, self.pad_id = eos_id, bos_id, pad_id
+
+    def decode(self, ids):
+        return " ".join(map(str, ids))

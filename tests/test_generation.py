@@ -1,0 +1,135 @@
+"""Meta's generate(): batching with padding, eos, echo, logprobs, seeds, and argument checks."""
+import numpy as np
+import pytest
+
+from minillama.errors import ArgumentError
+from minillama.generation import Llama, cross_entropy, encode_llama2_dialog
+from minillama.model import ModelArgs, Transformer
+
+from conftest import ODD, StubTokenizer, random_weights
+
+
+def make_llama(seed=0, eos_id=2, **overrides):
+    p = ModelArgs(**dict(ODD, **overrides))
+    # large weights make greedy choices far from ties, so batched == alone is exact
+    return Llama(Transformer(p, random_weights(p, seed=seed, scale=0.5)),
+                 StubTokenizer(eos_id=eos_id), seed=seed)
+
+
+def greedy_alone(seed, prompt, max_gen_len, eos_id=2):
+    return make_llama(seed, eos_id=eos_id).generate([prompt], max_gen_len, temperature=0)[0][0]
+
+
+def test_batched_padded_prompts_equal_each_alone():
+    rng = np.random.default_rng()
+    prompts = [list(rng.integers(3, 97, n)) for n in (1, 7, 4)]
+    gen, _ = make_llama(5).generate(prompts, max_gen_len=9, temperature=0)
+    for prompt, got in zip(prompts, gen):
+        assert got == greedy_alone(5, prompt, 9)
+        assert 0 < len(got) <= 9
+
+
+def test_output_is_cut_at_eos_and_generation_stops():
+    prompt = [5, 6, 7]
+    free = greedy_alone(1, prompt, 12, eos_id=-7)          # an eos that never occurs
+    eos = free[3]                                            # make the 4th token the eos
+    llama = make_llama(1, eos_id=eos)
+    calls = []
+    forward = llama.model.forward
+    llama.model.forward = lambda t, s: calls.append(s) or forward(t, s)
+    out, _ = llama.generate([prompt], 12, temperature=0)
+    assert out[0] == free[:free.index(eos)]
+    assert len(calls) == free.index(eos) + 1               # stopped right after the eos
+
+
+def test_eos_in_the_prompt_does_not_stop_generation():
+    prompt = [5, 2, 7]                                       # contains eos_id=2
+    out, _ = make_llama(2).generate([prompt, [9]], 5, temperature=0, echo=True)
+    assert out[0][:1] == [5]                                 # echo is cut at the prompt's eos...
+    gen, _ = make_llama(2).generate([prompt, [9]], 5, temperature=0)
+    assert len(gen[1]) > 0                                   # ...and the batch still generated
+
+
+def test_echo_returns_prompt_then_generation():
+    prompt = [4, 8, 15, 16]
+    gen = greedy_alone(3, prompt, 6, eos_id=-7)
+    out, _ = make_llama(3, eos_id=-7).generate([prompt], 6, temperature=0, echo=True)
+    assert out[0] == prompt + gen
+
+
+def test_logprobs_equal_log_softmax_of_a_full_forward():
+    llama = make_llama(4, eos_id=-7)
+    prompts = [[3, 9, 27], [5, 25]]
+    gen, lps = llama.generate(prompts, 5, temperature=0, logprobs=True, echo=True)
+    fresh = Transformer(llama.model.params, random_weights(llama.model.params, seed=4, scale=0.5))
+    for toks, lp in zip(gen, lps):
+        logits = fresh.forward(np.array([toks]), 0)[0]                       # (T, vocab)
+        logsm = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+            - logits.max(-1, keepdims=True)
+        want = [0.0] + [logsm[i, toks[i + 1]] for i in range(len(toks) - 1)]
+        np.testing.assert_allclose(lp, want, rtol=1e-4, atol=1e-5)
+
+
+def test_cross_entropy_ignores_pad():
+    logits = np.log(np.array([[[0.5, 0.25, 0.25], [0.1, 0.1, 0.8]]], np.float32))
+    ce = cross_entropy(logits, np.array([[0, -1]]), ignore_index=-1)
+    np.testing.assert_allclose(ce, [[np.log(2), 0.0]], rtol=1e-6)
+
+
+def test_sampling_is_reproducible_with_a_seed_and_varies_without():
+    prompts = [[3, 4], [5]]
+    a = make_llama(6).generate(prompts, 8, temperature=1.0, top_p=0.95)[0]
+    b = make_llama(6).generate(prompts, 8, temperature=1.0, top_p=0.95)[0]
+    assert a == b
+    llama = make_llama(6)
+    draws = {tuple(map(tuple, llama.generate(prompts, 8, temperature=1.0)[0])) for _ in range(4)}
+    assert len(draws) > 1
+
+
+def test_total_len_is_capped_by_max_seq_len():
+    llama = make_llama(7, eos_id=-7)
+    prompt = list(range(3, 3 + ODD["max_seq_len"] - 2))
+    out, _ = llama.generate([prompt], max_gen_len=50, temperature=0)
+    assert len(out[0]) == 2                                    # only two positions were left
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(temperature=-0.1), "temperature"),
+    (dict(top_p=0.0), "top_p"),
+    (dict(top_p=1.5), "top_p"),
+    (dict(max_gen_len=-1), "max_gen_len"),
+])
+def test_bad_arguments_are_named(kwargs, match):
+    args = dict(prompt_tokens=[[1, 2]], max_gen_len=4)
+    args.update(kwargs)
+    with pytest.raises(ArgumentError, match=match):
+        make_llama().generate(**args)
+
+
+def test_batch_and_prompt_limits():
+    llama = make_llama()
+    with pytest.raises(ArgumentError, match=r"prompts: got 4, expected 1 to max_batch_size \(3\)"):
+        llama.generate([[1]] * 4, 2)
+    with pytest.raises(ArgumentError, match=r"prompt 0: 41 tokens is longer than max_seq_len \(40\)"):
+        llama.generate([[1] * 41], 2)
+    with pytest.raises(ArgumentError, match="prompt 1: is empty"):
+        llama.generate([[1], []], 2)
+
+
+class CharTokenizer(StubTokenizer):
+    def encode(self, s, bos, eos):
+        return [1] * bos + [ord(c) for c in s] + [2] * eos
+
+
+def test_llama2_chat_format():
+    tok = CharTokenizer()
+    dialog = [{"role": "system", "content": "Be brief."},
+              {"role": "user", "content": " Hi "},
+              {"role": "assistant", "content": "Hello."},
+              {"role": "user", "content": "Bye"}]
+    ids = encode_llama2_dialog(tok, dialog)
+    # strip() applies to the merged system + user text, so the user's leading space stays
+    first = "[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\n Hi [/INST] Hello. "
+    assert ids == [1] + [ord(c) for c in first] + [2, 1] + [ord(c) for c in "[INST] Bye [/INST]"]
+    with pytest.raises(ArgumentError, match="ending with 'user'"):
+        encode_llama2_dialog(tok, dialog[:3])
