@@ -47,13 +47,15 @@ class NumpyOps:
         # x: (..., in)   w: (out, in)   ->   (..., out)
         if isinstance(w, Q8Tensor):
             return self.linear_q8(x, w)
-        return x @ w.T                  # a transposed view: BLAS reads W as stored, no copy
+        # As one 2-D product: NumPy would treat (bsz, seqlen, in) as bsz separate matrices and
+        # read W once per row of the batch. w.T is a view: BLAS reads W as stored, no copy.
+        return (x.reshape(-1, x.shape[-1]) @ w.T).reshape(*x.shape[:-1], w.shape[0])
 
     def linear_q8(self, x, w):
         x = x[..., :w.s.shape[-1] * w.group_size]      # whole groups only (see Q8Tensor)
         if w.w8a8:                      # runq.c rounds the activations to int8 groups as well
             x = fake_quantize_q8(x, w.group_size, self.xp)
-        return x @ dequantize_q8(w.q, w.s, w.group_size, self.xp).T
+        return self.linear(x, dequantize_q8(w.q, w.s, w.group_size, self.xp))
 
     def matmul(self, a, b):
         return a @ b
