@@ -1,16 +1,21 @@
 """One entry point from a path on disk to a ready model: find the format, read, place on a device.
 
-    open_checkpoint(path) -> Checkpoint(params, weights, tokenizer, fmt)   (nothing on a device yet)
-    load_model(path, device, max_seq_len, max_batch_size) -> Transformer
+    read_checkpoint(path) -> Checkpoint(params, weights, tokenizer, fmt)  (weights may still be
+                                    LazyTensors on disk: enough to plan memory)
+    open_checkpoint(path, dtype=...) -> Checkpoint with every weight read, in its storage dtype
+    load_model(path, device, max_seq_len, max_batch_size, dtype) -> Transformer, after checking
+                                    that the memory plan fits (minillama.memory)
 
 Each format module provides `load_<format>(path, max_seq_len, max_batch_size)` returning
-(ModelArgs, weights). New formats register themselves in FORMATS.
+(ModelArgs, weights[, tokenizer path]). New formats register themselves in FORMATS.
 """
 import os
 from dataclasses import dataclass
 from typing import Optional
 
+from .dtypes import store_weights
 from .errors import CheckpointError
+from .memory import plan_checkpoint
 from .model import ModelArgs, Transformer
 from .ops import get_ops
 
@@ -36,7 +41,7 @@ def detect_format(path):
                           f"(expected one of: {', '.join(n for n, _, _ in FORMATS)})")
 
 
-def open_checkpoint(path, max_seq_len=None, max_batch_size=1):
+def read_checkpoint(path, max_seq_len=None, max_batch_size=1):
     fmt = detect_format(path)
     loader = {name: load for name, _, load in FORMATS}[fmt]
     result = loader(os.fspath(path), max_seq_len=max_seq_len, max_batch_size=max_batch_size)
@@ -45,9 +50,20 @@ def open_checkpoint(path, max_seq_len=None, max_batch_size=1):
     return Checkpoint(params, weights, fmt, os.fspath(path), tokenizer_path)
 
 
-def load_model(path, device="cpu", max_seq_len=None, max_batch_size=1):
-    ckpt = open_checkpoint(path, max_seq_len, max_batch_size)
-    return Transformer(ckpt.params, ckpt.weights, get_ops(device))
+def open_checkpoint(path, max_seq_len=None, max_batch_size=1, dtype=None):
+    """dtype: 'float32', 'float16', 'int8' or None (the checkpoint's own; see dtypes.py)."""
+    ckpt = read_checkpoint(path, max_seq_len, max_batch_size)
+    ckpt.weights = store_weights(ckpt.weights, dtype)
+    return ckpt
+
+
+def load_model(path, device="cpu", max_seq_len=None, max_batch_size=1, dtype=None, budget=None):
+    """Raises OutOfMemoryError before reading any weight when the plan does not fit `budget`
+    bytes (default: the free memory of `device`)."""
+    ckpt = read_checkpoint(path, max_seq_len, max_batch_size)
+    plan_checkpoint(ckpt, dtype, device or "cpu", budget).check()
+    weights = store_weights(ckpt.weights, dtype)
+    return Transformer(ckpt.params, weights, get_ops(device))
 
 
 def _is_llama2c(path):
@@ -59,7 +75,29 @@ def _load_llama2c(path, max_seq_len=None, max_batch_size=1):
     return load_llama2c(path, max_seq_len, max_batch_size)
 
 
+def _is_meta(path):
+    from .checkpoints.meta import is_meta_dir
+    return is_meta_dir(path)
+
+
+def _load_meta(path, max_seq_len=None, max_batch_size=1):
+    from .checkpoints.meta import load_meta
+    return load_meta(path, max_seq_len, max_batch_size)
+
+
+def _is_hf(path):
+    from .checkpoints.safetensors_hf import is_hf
+    return is_hf(path)
+
+
+def _load_hf(path, max_seq_len=None, max_batch_size=1):
+    from .checkpoints.safetensors_hf import load_hf
+    return load_hf(path, max_seq_len, max_batch_size)
+
+
 # (name, probe(path) -> bool, loader). Probed in order; llama2.c (headerless legacy) comes last.
 FORMATS = [
+    ("meta", _is_meta, _load_meta),
+    ("hf", _is_hf, _load_hf),
     ("llama2c", _is_llama2c, _load_llama2c),
 ]

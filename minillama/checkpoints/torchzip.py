@@ -1,0 +1,189 @@
+"""PyTorch `.pth` files (torch.save since torch 1.6) read without torch, and without running code.
+
+A .pth file is a zip archive (members stored uncompressed) under one top folder, e.g.
+    consolidated/data.pkl        a pickle of the object that was saved (a dict of tensors)
+    consolidated/data/0, /1 ...  raw bytes of each tensor storage, little-endian
+    consolidated/byteorder       "little" (absent in older files: little)
+In the pickle each tensor is a call
+    torch._utils._rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad, hooks)
+whose storage is a persistent id ('storage', torch.BFloat16Storage, '0', 'cpu', numel) that
+names the member data/0.
+
+Unpickling can call any importable function, so a pickle from a stranger is a program. Ours
+resolves only the globals listed in ALLOWED, each to a harmless stand-in defined here, and refuses
+every other global with a CheckpointError before anything is called. No tensor bytes are read
+while unpickling: each tensor comes back as a LazyTensor that reads its own bytes later.
+"""
+import io
+import os
+import pickle
+import struct
+import zipfile
+import zlib
+from collections import OrderedDict
+
+import numpy as np
+
+from ..dtypes import LazyTensor, bf16_to_f32
+from ..errors import CheckpointError
+
+
+class _StorageType:
+    """Stands in for torch.FloatStorage & co.: only says how the stored elements are laid out."""
+
+    def __init__(self, name, numpy_dtype, dtype_name):
+        self.name, self.numpy_dtype, self.dtype_name = name, np.dtype(numpy_dtype), dtype_name
+
+
+STORAGE_TYPES = {t.name: t for t in (
+    _StorageType("FloatStorage", "<f4", "float32"),
+    _StorageType("HalfStorage", "<f2", "float16"),
+    _StorageType("BFloat16Storage", "<u2", "bfloat16"),   # read as bits, see bf16_to_f32
+)}
+
+
+class _Storage:
+    """One data/N member: where its bytes start in the file, how many elements it holds, and
+    the CRC-32 the zip directory records for them."""
+
+    def __init__(self, path, stype, offset, numel, crc):
+        self.path, self.stype, self.offset, self.numel, self.crc = path, stype, offset, numel, crc
+
+
+def _rebuild_tensor(storage, storage_offset, size, stride, requires_grad=False, hooks=None,
+                    metadata=None):
+    """Stands in for torch._utils._rebuild_tensor_v2: a LazyTensor over the storage's bytes."""
+    ints = lambda t: isinstance(t, tuple) and all(isinstance(n, int) and n >= 0 for n in t)
+    if not (isinstance(storage, _Storage) and isinstance(storage_offset, int)
+            and storage_offset >= 0 and ints(size) and ints(stride) and len(size) == len(stride)):
+        raise CheckpointError("tensor record in the pickle is malformed "
+                              "(expected storage, offset, size tuple, stride tuple)")
+    # the last element the view touches must lie inside the storage
+    last = storage_offset + sum((n - 1) * s for n, s in zip(size, stride))
+    if 0 not in size and last >= storage.numel:
+        raise CheckpointError(f"{storage.path}: tensor of size {size}, stride {stride} at offset "
+                              f"{storage_offset} reaches past its storage of {storage.numel} "
+                              f"elements")
+    return LazyTensor(size, storage.stype.dtype_name,
+                      lambda: _read_view(storage, storage_offset, size, stride))
+
+
+def _read_view(storage, offset, size, stride):
+    """The tensor's elements, as a new float32 array (float16 for a HalfStorage)."""
+    dt = storage.stype.numpy_dtype
+    if 0 in size:
+        flat = np.zeros(0, dt)
+        return _to_float(flat, storage.stype).reshape(size)
+    extent = 1 + sum((n - 1) * s for n, s in zip(size, stride))
+    flat = np.fromfile(storage.path, dtype=dt, count=extent,
+                       offset=storage.offset + offset * dt.itemsize)
+    if flat.size != extent:
+        raise CheckpointError(f"{storage.path}: file ends inside a tensor storage (truncated?)")
+    # a tensor that spans its whole storage (every tensor Meta saves) is checked against the
+    # zip's CRC, so damaged bytes are an error instead of quietly wrong weights
+    if offset == 0 and extent == storage.numel and zlib.crc32(flat) != storage.crc:
+        raise CheckpointError(f"{storage.path}: tensor data fails its CRC check (damaged file)")
+    view = np.lib.stride_tricks.as_strided(flat, size, tuple(s * dt.itemsize for s in stride))
+    return _to_float(view.copy(), storage.stype)            # copy: row-major, own memory
+
+
+def _to_float(a, stype):
+    if stype.dtype_name == "bfloat16":
+        return bf16_to_f32(a)
+    return a.astype(np.float16 if stype.dtype_name == "float16" else np.float32, copy=False)
+
+
+ALLOWED = {
+    ("collections", "OrderedDict"): OrderedDict,
+    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
+    **{("torch", name): stype for name, stype in STORAGE_TYPES.items()},
+}
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    def __init__(self, data, path, members):
+        super().__init__(io.BytesIO(data))
+        self.path, self.members = path, members      # key -> (data offset, nbytes, crc)
+
+    def find_class(self, module, name):
+        if (module, name) in ALLOWED:
+            return ALLOWED[(module, name)]
+        if module == "torch" and name.endswith("Storage"):
+            raise CheckpointError(f"{self.path}: tensor storage torch.{name} is not supported "
+                                  f"(expected {', '.join(STORAGE_TYPES)}: float32, float16, "
+                                  f"bfloat16)")
+        raise CheckpointError(f"{self.path}: refusing to load global '{module}.{name}' from the "
+                              f"pickle: a checkpoint needs only tensors, and loading must never "
+                              f"run code")
+
+    def persistent_load(self, pid):
+        # ('storage', storage type, key, location, numel)
+        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"
+                and isinstance(pid[1], _StorageType) and isinstance(pid[2], str)
+                and isinstance(pid[4], int)):
+            raise CheckpointError(f"{self.path}: unexpected persistent id {pid!r} in the pickle")
+        _, stype, key, _, numel = pid
+        if key not in self.members:
+            raise CheckpointError(f"{self.path}: storage data/{key} is missing from the archive")
+        offset, nbytes, crc = self.members[key]
+        if nbytes != numel * stype.numpy_dtype.itemsize:
+            raise CheckpointError(f"{self.path}: storage data/{key} has {nbytes} bytes, its "
+                                  f"record says {numel} x {stype.dtype_name}")
+        return _Storage(self.path, stype, offset, numel, crc)
+
+
+def load_pth(path):
+    """The object a .pth file holds (for a checkpoint, a dict name -> LazyTensor).
+    Reads the zip directory and the pickle only."""
+    path = os.fspath(path)
+    if not zipfile.is_zipfile(path):
+        raise CheckpointError(f"{path}: not a zip archive; minillama reads .pth files written by "
+                              f"torch.save (torch >= 1.6), which are zip archives")
+    try:
+        with zipfile.ZipFile(path) as z, open(path, "rb") as f:
+            prefix = _archive_prefix(path, z)
+            data = z.read(prefix + "data.pkl")
+            byteorder = (z.read(prefix + "byteorder").decode().strip()
+                         if prefix + "byteorder" in z.namelist() else "little")
+            members = {info.filename[len(prefix) + 5:]: _member_data(path, f, info)
+                       for info in z.infolist()
+                       if info.filename.startswith(prefix + "data/")}
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError) as e:
+        raise CheckpointError(f"{path}: damaged zip archive ({e})") from None
+    if byteorder != "little":
+        raise CheckpointError(f"{path}: byteorder {byteorder!r}: only little-endian files are read")
+    try:
+        return _RestrictedUnpickler(data, path, members).load()
+    except CheckpointError:
+        raise
+    except Exception as e:       # a damaged pickle fails in many ways; all mean the same here
+        raise CheckpointError(f"{path}: damaged pickle in data.pkl "
+                              f"({type(e).__name__}: {e})") from None
+
+
+def _archive_prefix(path, z):
+    """'consolidated/': the top folder that holds data.pkl."""
+    pkls = [n for n in z.namelist() if n.endswith("data.pkl") and n.count("/") <= 1]
+    if len(pkls) != 1:
+        raise CheckpointError(f"{path}: zip archive without exactly one data.pkl; "
+                              f"not a torch.save checkpoint")
+    return pkls[0][:-len("data.pkl")]
+
+
+def _member_data(path, f, info):
+    """(offset of the member's bytes in the file, their length, CRC-32). Storages must be stored
+    uncompressed (torch.save does so), so the tensors can be read in place."""
+    if info.compress_type != zipfile.ZIP_STORED:
+        raise CheckpointError(f"{path}: member {info.filename} is compressed; torch.save stores "
+                              f"tensor data uncompressed")
+    # local file header: 30 fixed bytes (name and extra-field lengths at 26 and 28), name, extra
+    f.seek(info.header_offset)
+    head = f.read(30)
+    if len(head) != 30 or head[:4] != b"PK\x03\x04":
+        raise CheckpointError(f"{path}: bad zip entry header for {info.filename}")
+    name_len, extra_len = struct.unpack("<HH", head[26:30])
+    offset = info.header_offset + 30 + name_len + extra_len
+    if offset + info.file_size > os.path.getsize(path):
+        raise CheckpointError(f"{path}: member {info.filename} runs past the end of the file "
+                              f"(truncated?)")
+    return offset, info.file_size, info.CRC
