@@ -43,6 +43,11 @@ class LazyTensor:
     def size(self):
         return int(np.prod(self.shape))
 
+    @property
+    def nbytes(self):
+        """Bytes on disk (float32 4, float16 and bfloat16 2 per value)."""
+        return self.size * (4 if self.source_dtype == "float32" else 2)
+
     def __array__(self, dtype=None, copy=None):
         a = self.read()
         return a if dtype is None else a.astype(dtype, copy=False)
@@ -115,7 +120,8 @@ def _store(name, w, dtype, role_):
     if role_ != "linear" or dtype in (None, "float32"):
         return np.asarray(w, dtype=np.float32)
     if dtype == "float16":
-        w16 = np.asarray(w, dtype=np.float16)
+        with np.errstate(over="ignore"):          # overflow is reported just below, by name
+            w16 = np.asarray(w, dtype=np.float16)
         if not np.isfinite(w16).all():
             raise CheckpointError(f"{name}: values outside float16's range (|w| > 65504); "
                                   f"use --dtype float32 or int8")

@@ -50,20 +50,21 @@ def read_checkpoint(path, max_seq_len=None, max_batch_size=1):
     return Checkpoint(params, weights, fmt, os.fspath(path), tokenizer_path)
 
 
-def open_checkpoint(path, max_seq_len=None, max_batch_size=1, dtype=None):
-    """dtype: 'float32', 'float16', 'int8' or None (the checkpoint's own; see dtypes.py)."""
+def open_checkpoint(path, max_seq_len=None, max_batch_size=1, dtype=None, device=None,
+                    budget=None):
+    """dtype: 'float32', 'float16', 'int8' or None (the checkpoint's own; see dtypes.py).
+    With a device ('cpu' or 'cuda'), first checks that the memory plan fits there, raising
+    OutOfMemoryError before any weight is read; budget: free bytes to plan for (default: measured)."""
     ckpt = read_checkpoint(path, max_seq_len, max_batch_size)
+    if device is not None:
+        plan_checkpoint(ckpt, dtype, device, budget).check()
     ckpt.weights = store_weights(ckpt.weights, dtype)
     return ckpt
 
 
 def load_model(path, device="cpu", max_seq_len=None, max_batch_size=1, dtype=None, budget=None):
-    """Raises OutOfMemoryError before reading any weight when the plan does not fit `budget`
-    bytes (default: the free memory of `device`)."""
-    ckpt = read_checkpoint(path, max_seq_len, max_batch_size)
-    plan_checkpoint(ckpt, dtype, device or "cpu", budget).check()
-    weights = store_weights(ckpt.weights, dtype)
-    return Transformer(ckpt.params, weights, get_ops(device))
+    ckpt = open_checkpoint(path, max_seq_len, max_batch_size, dtype, device or "cpu", budget)
+    return Transformer(ckpt.params, ckpt.weights, get_ops(device))
 
 
 def _is_llama2c(path):
@@ -95,9 +96,20 @@ def _load_hf(path, max_seq_len=None, max_batch_size=1):
     return load_hf(path, max_seq_len, max_batch_size)
 
 
+def _is_gguf(path):
+    from .checkpoints.gguf import is_gguf
+    return is_gguf(path)
+
+
+def _load_gguf(path, max_seq_len=None, max_batch_size=1):
+    from .checkpoints.gguf import load_gguf
+    return load_gguf(path, max_seq_len, max_batch_size)
+
+
 # (name, probe(path) -> bool, loader). Probed in order; llama2.c (headerless legacy) comes last.
 FORMATS = [
     ("meta", _is_meta, _load_meta),
     ("hf", _is_hf, _load_hf),
+    ("gguf", _is_gguf, _load_gguf),
     ("llama2c", _is_llama2c, _load_llama2c),
 ]

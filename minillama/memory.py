@@ -55,9 +55,10 @@ def working_bytes(p: ModelArgs, dtype, max_seq_len, max_batch_size, prompt_len):
     feed_forward = 5 * p.hidden_dim
     per_token = residual + max(attention, feed_forward, p.vocab_size)
     rope = max_seq_len * p.head_dim * F32                 # cos and sin tables
+    mask = prompt_len * prompt_len * F32                  # the causal mask softmax adds
     largest = max(p.vocab_size * p.dim, 2 * p.hidden_dim * p.dim, qkv * p.dim)  # fused w13, wqkv
     upcast = {"float32": 0, "float16": 1, "int8": 2}[dtype] * largest * F32
-    return tokens * per_token * F32 + rope + upcast
+    return tokens * per_token * F32 + rope + mask + upcast
 
 
 # ----------------------------------------------------------------------------

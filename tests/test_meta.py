@@ -17,7 +17,7 @@ from minillama.loading import detect_format, load_model, open_checkpoint
 from minillama.model import ModelArgs
 
 torch = pytest.importorskip("torch")
-from torch_reference import Reference  # noqa: E402  (needs torch)
+from minillama.bench.torch_reference import Reference  # noqa: E402  (needs torch)
 
 # hidden_dim by Meta's rule: int(0.8 * int(2 * 4 * 48 / 3)) = 102, a multiple of 6.
 # Every split dimension is even, so the model also splits over 2 ranks.
