@@ -259,7 +259,14 @@ class Transformer:
         return self.ops.name
 
     def forward(self, tokens, start_pos):
-        tokens = self._check_tokens(tokens, start_pos)
+        tokens = self._check_tokens(tokens, start_pos)         # (bsz, seqlen) int64, on the host
+        if tokens.shape[1] == 1 and self.ops.decode is not None:
+            # One new token per row: a backend may run this step its own way (the GPU fuses it
+            # into one CUDA graph, see minillama/cuda.py). None: it does not cover this model.
+            logits = self.ops.decode(self, tokens, start_pos)
+            if logits is not None:
+                return logits
+        tokens = self.ops.asarray(tokens)
         bsz, seqlen = tokens.shape
         h = self.tok_embeddings[tokens]                        # (bsz, seqlen, dim)
         cos = self.freqs_cos[start_pos:start_pos + seqlen]     # (seqlen, head_dim // 2)
@@ -292,7 +299,7 @@ class Transformer:
             raise ArgumentError(f"tokens: id {int(host[row, col])} at row {row}, column {col} is "
                                 f"outside the vocabulary [0, {p.vocab_size}); a pad id must never "
                                 f"reach the embedding")
-        return self.ops.asarray(host, np.int64)
+        return host.astype(np.int64, copy=False)
 
 
 def _dense(w):

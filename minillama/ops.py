@@ -32,6 +32,9 @@ class NumpyOps:
     it with `xp = cupy` and overrides linear, matmul and softmax with its own kernels."""
     name = "cpu"
     xp = np
+    # A backend's own single-token forward step, decode(model, tokens, start_pos) -> logits;
+    # None: Transformer.forward does it all (minillama.cuda.CudaOps provides one).
+    decode = None
 
     def asarray(self, a, dtype=None):
         """Bring an array from anywhere (host or device) onto this backend."""
