@@ -1,0 +1,157 @@
+// The small steps of decoding one token, fused so that a layer takes 9 launches instead of ~45.
+//
+// Transformer.forward (minillama/model.py) runs a layer as a few dozen CuPy calls (RMSNorm
+// alone is six elementwise kernels), which is fine for a prompt but at one token per call the
+// GPU spends its time waiting for the next launch. minillama/cuda.py: FusedDecoder runs the
+// same arithmetic with these kernels plus gemv (matmul.cu):
+//
+//     embed_tokens                                    h = tok_embeddings[token]
+//     per layer:  rmsnorm -> gemv(wqkv) -> rope_kv -> attention_decode -> gemv(wo, h +=)
+//                 rmsnorm -> gemv(w13)  -> swiglu  -> gemv(w2, h +=)
+//     rmsnorm -> gemv(output)                         logits
+//
+// What changes from one token to the next, the position and the token ids, is read from device
+// memory (`step` = [start_pos, token_0, ..., token_{bsz-1}]), never passed as a kernel argument.
+// So the launches are identical for every position and are recorded once into a CUDA graph,
+// which the host then replays with a single call per token.
+//
+// Each kernel mirrors a function of model.py, written the same way so the float32 results agree
+// to rounding (tests/test_cuda.py compares logits with the CPU path token by token).
+// Compiled as one module after reduce.cu and matmul.cu (see minillama/cuda.py).
+
+// h[b, :] = table[step[1 + b], :]          grid (bsz), any block size
+extern "C" __global__ void embed_tokens(const int* __restrict__ step, const float* __restrict__ table,
+                                        float* __restrict__ h, int dim) {
+    const float* row = table + (size_t)step[1 + blockIdx.x] * dim;
+    float* out = h + (size_t)blockIdx.x * dim;
+    for (int j = threadIdx.x; j < dim; j += blockDim.x) out[j] = row[j];
+}
+
+// model.rms_norm: y = x * (1 / sqrt(mean(x^2) + eps)) * w, one block per row.  grid (bsz)
+extern "C" __global__ void rmsnorm(const float* __restrict__ x, const float* __restrict__ w,
+                                   float* __restrict__ y, int dim, float eps) {
+    __shared__ float scratch[32];
+    const float* xr = x + (size_t)blockIdx.x * dim;
+    float* yr = y + (size_t)blockIdx.x * dim;
+    float ss = 0.0f;
+    for (int j = threadIdx.x; j < dim; j += blockDim.x) ss += xr[j] * xr[j];
+    ss = block_sum(ss, scratch);
+    const float r = 1.0f / sqrtf(ss / dim + eps);
+    for (int j = threadIdx.x; j < dim; j += blockDim.x) yr[j] = xr[j] * r * w[j];
+}
+
+// model.apply_rotary_emb on q and k, and the KV-cache write, for one position per row.
+//
+// qkv: (bsz, (n_heads + 2 n_kv) * head_dim) = [q heads | k heads | v heads], from gemv(wqkv).
+// One thread per adjacent pair (x[2i], x[2i+1]) of a q or k head, rotated by the angle of
+// (pos, i); the threads of k heads also copy the matching pair of v. Rotated q goes to q_out
+// (bsz, n_heads * head_dim); k and v go to cache[b, pos, kv_head, :].
+// grid (ceil(pairs / block), bsz), pairs = (n_heads + n_kv) * head_dim / 2
+extern "C" __global__ void rope_kv(const float* __restrict__ qkv, const int* __restrict__ step,
+                                   const float* __restrict__ cos_table,
+                                   const float* __restrict__ sin_table,
+                                   float* __restrict__ q_out, float* __restrict__ cache_k,
+                                   float* __restrict__ cache_v, int n_heads, int n_kv_heads,
+                                   int head_dim, int max_seq) {
+    const int half = head_dim / 2;
+    const int p = blockIdx.x * blockDim.x + threadIdx.x;
+    if (p >= (n_heads + n_kv_heads) * half) return;
+    const int b = blockIdx.y, pos = step[0];
+    const int head = p / half, i = p % half;
+    const int qkv_dim = (n_heads + 2 * n_kv_heads) * head_dim;
+    const float* src = qkv + (size_t)b * qkv_dim + head * head_dim + 2 * i;
+    const float x0 = src[0], x1 = src[1];
+    const float c = cos_table[(size_t)pos * half + i], s = sin_table[(size_t)pos * half + i];
+    const float out0 = x0 * c - x1 * s;
+    const float out1 = x0 * s + x1 * c;
+    if (head < n_heads) {
+        float* dst = q_out + (size_t)b * n_heads * head_dim + head * head_dim + 2 * i;
+        dst[0] = out0;
+        dst[1] = out1;
+    } else {
+        const int g = head - n_heads;
+        const size_t at = (((size_t)b * max_seq + pos) * n_kv_heads + g) * head_dim + 2 * i;
+        cache_k[at] = out0;
+        cache_k[at + 1] = out1;
+        const float* v = src + n_kv_heads * head_dim;        // the same pair of the v head
+        cache_v[at] = v[0];
+        cache_v[at + 1] = v[1];
+    }
+}
+
+// Attention of one new query per row against the cache, keys 0 .. pos, in one kernel:
+// scores = (q * scale) . k_t,  p = softmax(scores),  out = sum_t p_t v_t.
+//
+// One block per (query head, row); query head h reads kv head h / (n_heads / n_kv_heads) (GQA).
+//   1. thread t computes scores for keys t, t + blockDim, ... into shared memory, and the max
+//   2. exponentiate against the block max and sum (block reductions, reduce.cu)
+//   3. threads split as (group, d): group g sums p_t v_t[d] over t = g, g + groups, ...;
+//      threads with consecutive d read consecutive floats of a cached v row (coalesced);
+//      the group partials are added in shared memory and divided by the sum.
+// Dynamic shared memory: max_seq + head_dim + blockDim floats. Needs head_dim <= blockDim.
+// grid (n_heads, bsz)
+extern "C" __global__ void attention_decode(const float* __restrict__ q,
+                                            const float* __restrict__ cache_k,
+                                            const float* __restrict__ cache_v,
+                                            const int* __restrict__ step, float* __restrict__ out,
+                                            int n_heads, int n_kv_heads, int head_dim,
+                                            int max_seq, float scale) {
+    extern __shared__ float smem[];
+    float* scores = smem;                                  // (max_seq,)
+    float* qs = smem + max_seq;                            // (head_dim,)
+    float* partial = qs + head_dim;                        // (blockDim,)
+    __shared__ float scratch[32];
+
+    const int h = blockIdx.x, b = blockIdx.y, tid = threadIdx.x;
+    const int g = h / (n_heads / n_kv_heads);
+    const int n_keys = step[0] + 1;
+    const size_t row_stride = (size_t)n_kv_heads * head_dim;          // from one position to the next
+    const float* keys = cache_k + (size_t)b * max_seq * row_stride + g * head_dim;
+    const float* values = cache_v + (size_t)b * max_seq * row_stride + g * head_dim;
+
+    // model.py scales q before the product; so do we, to round the same way
+    for (int d = tid; d < head_dim; d += blockDim.x)
+        qs[d] = q[(size_t)b * n_heads * head_dim + h * head_dim + d] * scale;
+    __syncthreads();
+
+    float m = neg_inf();
+    for (int t = tid; t < n_keys; t += blockDim.x) {
+        const float* k = keys + t * row_stride;
+        float dot = 0.0f;
+        for (int d = 0; d < head_dim; ++d) dot += qs[d] * k[d];
+        scores[t] = dot;
+        m = fmaxf(m, dot);
+    }
+    m = block_max(m, scratch);
+
+    float sum = 0.0f;
+    for (int t = tid; t < n_keys; t += blockDim.x) {
+        const float e = expf(scores[t] - m);
+        scores[t] = e;
+        sum += e;
+    }
+    sum = block_sum(sum, scratch);                         // its barrier publishes scores[]
+
+    const int groups = blockDim.x / head_dim, grp = tid / head_dim, d = tid % head_dim;
+    float acc = 0.0f;
+    if (grp < groups)
+        for (int t = grp; t < n_keys; t += groups) acc += scores[t] * values[t * row_stride + d];
+    partial[tid] = acc;
+    __syncthreads();
+    if (tid < head_dim) {
+        float total = 0.0f;
+        for (int i = 0; i < groups; ++i) total += partial[i * head_dim + tid];
+        out[(size_t)b * n_heads * head_dim + h * head_dim + tid] = total / sum;
+    }
+}
+
+// model.FeedForward's gate: g = silu(h1) * h3, with h = [h1 | h3] from gemv(w13).
+// silu written with tanh, as model.silu does.       grid (ceil(hidden / block), bsz)
+extern "C" __global__ void swiglu(const float* __restrict__ h13, float* __restrict__ g,
+                                  int hidden) {
+    const int j = blockIdx.x * blockDim.x + threadIdx.x;
+    if (j >= hidden) return;
+    const float* row = h13 + (size_t)blockIdx.y * 2 * hidden;
+    const float x = row[j];
+    g[(size_t)blockIdx.y * hidden + j] = x * (0.5f + 0.5f * tanhf(0.5f * x)) * row[hidden + j];
+}

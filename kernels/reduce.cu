@@ -1,0 +1,67 @@
+// Warp and block reductions shared by the other kernels.
+//
+// minillama compiles reduce.cu, matmul.cu, softmax.cu and decode.cu as ONE CUDA module, in that
+// order (see minillama/cuda.py: KERNEL_FILES), so what is defined here is visible in the others.
+//
+// A warp is 32 threads that execute in lockstep. __shfl_xor_sync(mask, v, o) hands each lane the
+// value `v` of lane (lane ^ o), register to register, with no shared memory and no barrier.
+// Folding with o = 16, 8, 4, 2, 1 is a butterfly: after 5 steps every lane holds the result for
+// all 32 lanes.
+//
+//     o = 16:  lane 0 <-> 16, 1 <-> 17, ...      (pairs 16 apart)
+//     o = 8:   lane 0 <-> 8,  1 <-> 9, ...       (now each lane has 4 of 32 values folded in)
+//     ...
+//     o = 1:   lane 0 <-> 1                      (all 32 folded in, in every lane)
+//
+// A block reduction does this twice: each warp reduces its own values, lane 0 of each warp
+// writes its partial to shared memory, and then every warp reduces those (at most 32) partials
+// itself, so every thread ends with the result without one more broadcast step.
+
+#define FULL_MASK 0xffffffffu
+
+// -inf without <math.h> (NVRTC compiles without the host headers)
+__device__ __forceinline__ float neg_inf() { return __int_as_float(0xff800000); }
+
+struct SumOp {
+    __device__ __forceinline__ float operator()(float a, float b) const { return a + b; }
+    static __device__ __forceinline__ float identity() { return 0.0f; }
+};
+
+struct MaxOp {
+    __device__ __forceinline__ float operator()(float a, float b) const { return fmaxf(a, b); }
+    static __device__ __forceinline__ float identity() { return neg_inf(); }
+};
+
+template <class Op>
+__device__ __forceinline__ float warp_reduce(float v) {
+    Op op;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v = op(v, __shfl_xor_sync(FULL_MASK, v, o));
+    return v;
+}
+
+__device__ __forceinline__ float warp_sum(float v) { return warp_reduce<SumOp>(v); }
+__device__ __forceinline__ float warp_max(float v) { return warp_reduce<MaxOp>(v); }
+
+// Every thread of the block calls this and gets the reduction over the whole block.
+// `scratch` is 32 floats of shared memory. The trailing barrier lets the caller reuse scratch
+// (and anything it wrote to shared memory before the call is visible to all threads after it).
+template <class Op>
+__device__ __forceinline__ float block_reduce(float v, float* scratch) {
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    const int n_warps = (blockDim.x + 31) / 32;
+    v = warp_reduce<Op>(v);
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    v = lane < n_warps ? scratch[lane] : Op::identity();
+    v = warp_reduce<Op>(v);
+    __syncthreads();
+    return v;
+}
+
+__device__ __forceinline__ float block_sum(float v, float* scratch) {
+    return block_reduce<SumOp>(v, scratch);
+}
+__device__ __forceinline__ float block_max(float v, float* scratch) {
+    return block_reduce<MaxOp>(v, scratch);
+}
