@@ -124,6 +124,20 @@ class Llama2cTokenizer(_TextRules):
         data = _read_file(self.path)
         self.max_token_length, self.vocab, self.vocab_scores = _parse_tokenizer_bin(
             self.path, data, vocab_size)
+        self._index_vocab()
+
+    @classmethod
+    def from_pieces(cls, pieces, scores, path="<memory>"):
+        """The same encoder over a vocabulary already in memory (a GGUF's `llama` metadata):
+        pieces as bytes, SentencePiece's "▁" spelled as a space, and their merge scores."""
+        self = cls.__new__(cls)
+        self.path = os.fspath(path)
+        self.vocab, self.vocab_scores = list(pieces), list(scores)
+        self.max_token_length = max(map(len, self.vocab), default=0)
+        self._index_vocab()
+        return self
+
+    def _index_vocab(self):
         self.n_words = len(self.vocab)
         # run.c sorts the vocabulary and binary-searches it; a dict is the same lookup. Were a piece
         # listed twice (it never is in real files), the lowest id wins.
@@ -423,11 +437,21 @@ def _looks_like_llama2c(path):
             and 0 <= length <= max_token_length and 12 + length <= size)
 
 
+def _looks_like_gguf(path):
+    return _head(path, 4) == b"GGUF"
+
+
+def _gguf_tokenizer(path):
+    from .checkpoints.gguf import gguf_tokenizer     # the vocabulary in a GGUF model's metadata
+    return gguf_tokenizer(path)
+
+
 # Extension point: (name, probe(path) -> bool, constructor(path) -> tokenizer), tried in order.
 # A probe must be cheap and never raise; the constructor does the full validation. To read the
 # tokenizer embedded in another file (e.g. a GGUF model's metadata), add an entry here whose
 # constructor returns an object with the same interface as the two classes above.
 TOKENIZER_FORMATS = [
+    ("gguf", _looks_like_gguf, _gguf_tokenizer),
     ("sentencepiece", _looks_like_sentencepiece, SentencePieceTokenizer),
     ("llama2c", _looks_like_llama2c, Llama2cTokenizer),
 ]

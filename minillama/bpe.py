@@ -1,0 +1,267 @@
+"""Byte-level BPE, the GPT-2 way: the tokenizer of SmolLM2 and every `gpt2` GGUF vocabulary.
+
+encode(text) in four steps:
+
+ 1. Special tokens (control and user-defined ones, e.g. "<|im_start|>") are cut out of the text
+    whole, the longest first where two start at the same place.
+ 2. The rest is split into pre-tokens by the pre-tokenizer the vocabulary was trained with
+    (GGUF's `tokenizer.ggml.pre`). GPT-2's pattern keeps an English contraction ('s 't 're 've
+    'm 'll 'd), a run of letters or of numbers or of other symbols with at most one space before
+    it, and whitespace (a run before a word leaves its last space to the word) apart. SmolLM2
+    ("smollm") first puts every digit on its own.
+ 3. Each pre-token's UTF-8 bytes are spelled as printable characters, one per byte (see
+    bytes_to_unicode), so a token is an ordinary string: " hello" is "Ġhello".
+ 4. BPE: join the adjacent pair of symbols that comes first in the merges list, everywhere it
+    occurs, and repeat until no adjacent pair is in the list. Each symbol left is a token.
+
+decode() turns each token's characters back into bytes and the bytes into UTF-8 text.
+
+Python's `re` has no \\p{L} or \\p{N}; the character classes are built once from the Unicode
+database (unicodedata) instead, and \\s is Unicode's White_Space list, as in the Rust and
+Oniguruma engines that Hugging Face tokenizers and llama.cpp use.
+"""
+import functools
+import os
+import re
+import sys
+import unicodedata
+
+from .errors import ArgumentError, TokenizerError
+
+# GGUF token types (tokenizer.ggml.token_type)
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
+
+
+def bytes_to_unicode():
+    """GPT-2's spelling of bytes as characters: {byte: character}.
+
+    Bytes that are printable Latin-1 characters (! to ~, ¡ to ¬, ® to ÿ) stand for themselves;
+    the other 68 (control codes, space, soft hyphen ...) take the characters 256, 257, ... in
+    byte order, so the space 0x20 becomes "Ġ" (256 + 32) and the newline 0x0A becomes "Ċ".
+    """
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+                 *range(ord("®"), ord("ÿ") + 1)]
+    table, moved = {}, 0
+    for b in range(256):
+        if b in printable:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + moved)
+            moved += 1
+    return table
+
+
+BYTE_TO_CHAR = bytes_to_unicode()
+CHAR_TO_BYTE = {c: b for b, c in BYTE_TO_CHAR.items()}
+
+
+# ----------------------------------------------------------------------------
+# pre-tokenizers
+
+# Unicode White_Space: what \s means in the Rust and Oniguruma regex engines. (Python's \s also
+# takes the separators \x1c-\x1f, which they do not.)
+WHITESPACE = (r"\t\n\x0b\x0c\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000")
+
+
+@functools.lru_cache(maxsize=None)
+def unicode_class(prefix):
+    """The inside of a regex [...] class matching every code point whose general category
+    starts with `prefix` ("L": letters, "N": numbers), as ranges like \\U00000041-\\U0000005a."""
+    ranges, start = [], None
+    for cp in range(sys.maxunicode + 2):
+        inside = cp <= sys.maxunicode and unicodedata.category(chr(cp)).startswith(prefix)
+        if inside and start is None:
+            start = cp
+        elif not inside and start is not None:
+            ranges.append(f"\\U{start:08x}-\\U{cp - 1:08x}")
+            start = None
+    return "".join(ranges)
+
+
+@functools.lru_cache(maxsize=None)
+def gpt2_pattern():
+    L, N, S = unicode_class("L"), unicode_class("N"), WHITESPACE
+    return re.compile(rf"'s|'t|'re|'ve|'m|'ll|'d| ?[{L}]+| ?[{N}]+| ?[^{S}{L}{N}]+"
+                      rf"|[{S}]+(?![^{S}])|[{S}]+")
+
+
+@functools.lru_cache(maxsize=None)
+def digit_pattern():
+    return re.compile(f"[{unicode_class('N')}]")
+
+
+# llama.cpp's pre-tokenizer names -> the regexes it applies one after another for them
+PRE_TOKENIZERS = {name: (gpt2_pattern,) for name in ("gpt-2", "gpt2", "mpt", "olmo")}
+PRE_TOKENIZERS.update({name: (digit_pattern, gpt2_pattern) for name in (
+    "smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva")})
+
+
+def split_isolated(pieces, pattern):
+    """Split each piece at the matches of `pattern`, keeping both the matches and the text
+    between them (the "isolated" behaviour of Hugging Face's Split and of llama.cpp)."""
+    out = []
+    for piece in pieces:
+        pos = 0
+        for m in pattern.finditer(piece):
+            if m.start() > pos:
+                out.append(piece[pos:m.start()])
+            if m.end() > m.start():
+                out.append(m.group())
+            pos = m.end()
+        if pos < len(piece):
+            out.append(piece[pos:])
+    return out
+
+
+# ----------------------------------------------------------------------------
+# the tokenizer
+
+class BPETokenizer:
+    """A byte-level BPE vocabulary: token strings (in the byte spelling), merges "a b" in
+    priority order, and optionally GGUF token types (control/user-defined tokens are special).
+
+    Same interface as minillama.tokenizer's tokenizers: n_words, bos_id, eos_id, pad_id,
+    unk_id, encode(text, bos, eos), decode(ids), decode_piece(prev, token), piece(id).
+    encode(bos=True) adds BOS only if the vocabulary wants one (add_bos): SmolLM2 does not.
+    """
+
+    def __init__(self, tokens, merges, token_types=None, pre="gpt-2", bos=-1, eos=-1, unk=-1,
+                 pad=-1, add_bos=False, path="<memory>"):
+        self.path = os.fspath(path)
+        if pre not in PRE_TOKENIZERS:
+            raise TokenizerError(f"{self.path}: pre-tokenizer {pre!r} is not supported "
+                                 f"(expected one of: {', '.join(PRE_TOKENIZERS)})")
+        self.pre, self.patterns = pre, [make() for make in PRE_TOKENIZERS[pre]]
+        self.tokens = list(tokens)
+        self.n_words = len(self.tokens)
+        self.token_types = list(token_types) if token_types is not None else [NORMAL] * self.n_words
+        self.bos_id, self.eos_id, self.unk_id, self.pad_id = bos, eos, unk, pad
+        self.add_bos = add_bos
+        self.ids = {token: i for i, token in enumerate(self.tokens)}
+        self.ranks = self._parse_merges(merges)
+        specials = [t for t, kind in zip(self.tokens, self.token_types)
+                    if kind in (CONTROL, USER_DEFINED) and t]
+        self.special = (re.compile("|".join(map(re.escape, sorted(specials, key=len, reverse=True))))
+                        if specials else None)
+        self.control = {i for i, kind in enumerate(self.token_types) if kind == CONTROL}
+        self._cache = {}
+
+    def __repr__(self):
+        return f"BPETokenizer({self.path!r}, n_words={self.n_words}, pre={self.pre!r})"
+
+    def _parse_merges(self, merges):
+        ranks = {}
+        for rank, merge in enumerate(merges):
+            pair = tuple(merge.split(" "))
+            if len(pair) != 2 or not all(pair):
+                raise TokenizerError(f"{self.path}: merge #{rank} is {merge!r}, expected two "
+                                     f"symbols separated by one space")
+            ranks.setdefault(pair, rank)
+        return ranks
+
+    # --- encoding --------------------------------------------------------------------------
+
+    def encode(self, text, bos, eos):
+        if not isinstance(text, str):
+            raise ArgumentError(f"encode() needs a str, got {type(text).__name__}")
+        ids = [self.bos_id] if bos and self.add_bos and self.bos_id >= 0 else []
+        for chunk, is_special in self._split_special(text):
+            if is_special:
+                ids.append(self.ids[chunk])
+                continue
+            pieces = [chunk]
+            for pattern in self.patterns:
+                pieces = split_isolated(pieces, pattern)
+            for piece in pieces:
+                ids.extend(self._encode_piece(piece))
+        if eos and self.eos_id >= 0:
+            ids.append(self.eos_id)
+        return ids
+
+    def _split_special(self, text):
+        """(chunk, is_special) pairs: special tokens whole, the text between them as it is."""
+        pos = 0
+        if self.special is not None:
+            for m in self.special.finditer(text):
+                if m.start() > pos:
+                    yield text[pos:m.start()], False
+                yield m.group(), True
+                pos = m.end()
+        if pos < len(text):
+            yield text[pos:], False
+
+    def _encode_piece(self, piece):
+        word = "".join(BYTE_TO_CHAR[b] for b in piece.encode("utf-8", errors="surrogatepass"))
+        if word not in self._cache:
+            if len(self._cache) > 100_000:
+                self._cache.clear()
+            self._cache[word] = [self._symbol_id(s) for s in self.merge(word)]
+        return self._cache[word]
+
+    def merge(self, word):
+        """BPE on one pre-token: a list of symbols, each a token of the vocabulary."""
+        symbols = list(word)
+        while len(symbols) > 1:
+            pairs = zip(symbols, symbols[1:])
+            rank, i = min((self.ranks.get(pair, len(self.ranks)), i) for i, pair in enumerate(pairs))
+            if rank == len(self.ranks):
+                break                   # no adjacent pair is a merge: done
+            first, second = symbols[i], symbols[i + 1]
+            # join every occurrence of the pair, left to right
+            merged, j = [], 0
+            while j < len(symbols):
+                if j + 1 < len(symbols) and symbols[j] == first and symbols[j + 1] == second:
+                    merged.append(first + second)
+                    j += 2
+                else:
+                    merged.append(symbols[j])
+                    j += 1
+            symbols = merged
+        return symbols
+
+    def _symbol_id(self, symbol):
+        if symbol in self.ids:
+            return self.ids[symbol]
+        if self.unk_id >= 0:
+            return self.unk_id
+        raise TokenizerError(f"{self.path}: symbol {symbol!r} is not in the vocabulary and "
+                             f"there is no unknown token")
+
+    # --- decoding --------------------------------------------------------------------------
+
+    def check_id(self, token):
+        if isinstance(token, bool) or not hasattr(token, "__index__"):
+            raise ArgumentError(f"token id {token!r} is not an integer")
+        token = int(token)
+        if not 0 <= token < self.n_words:
+            raise ArgumentError(f"token id {token} is outside 0..{self.n_words - 1} "
+                                f"of tokenizer {self.path}")
+        return token
+
+    def token_bytes(self, token):
+        """The bytes a token stands for (special tokens: their text)."""
+        token = self.check_id(token)
+        text = self.tokens[token]
+        if self.token_types[token] in (NORMAL, UNUSED, BYTE) and all(c in CHAR_TO_BYTE for c in text):
+            return bytes(CHAR_TO_BYTE[c] for c in text)
+        return text.encode("utf-8")
+
+    def is_control(self, token):
+        """Control tokens (<|endoftext|>, <|im_start|>, <|im_end|> ...) print nothing."""
+        return self.check_id(token) in self.control
+
+    def text_bytes(self, token, at_start=False):
+        return b"" if self.is_control(token) else self.token_bytes(token)
+
+    def decode_piece(self, prev_token, token):
+        """The bytes to print for `token` (byte-level BPE has no leading-space rule)."""
+        return self.text_bytes(token)
+
+    def decode(self, ids):
+        from .tokenizer import StreamDecoder
+        stream = StreamDecoder(self)
+        return "".join(stream.feed(t) for t in ids) + stream.flush()
+
+    def piece(self, token):
+        """The token as text, for display; control tokens show their name."""
+        return self.token_bytes(token).decode("utf-8", errors="replace")

@@ -1,0 +1,546 @@
+"""GGUF, llama.cpp's one-file model format (versions 2 and 3), read with NumPy alone.
+
+The file, all little-endian:
+
+    "GGUF"  uint32 version  uint64 n_tensors  uint64 n_kv
+    n_kv times       key (string)  uint32 value_type  value
+    n_tensors times  name (string)  uint32 n_dims  uint64 ne[n_dims]  uint32 ggml_type  uint64 offset
+    zero padding up to a multiple of `general.alignment` (32 when absent), then the tensor data:
+    tensor t starts at data_start + t.offset, and t.offset is a multiple of the alignment.
+
+    string = uint64 length + UTF-8 bytes (no terminating zero)
+    array  = uint32 element type + uint64 count + the elements (arrays may nest)
+    ne[0] is the dimension that moves fastest, so a (rows, cols) matrix has ne = [cols, rows].
+
+Weights are stored in blocks of 32 along each row; one block of each type we read:
+
+    F32, F16  plain floats
+    Q8_0      f16 d, 32 x int8 q                   w = q * d
+    Q4_0      f16 d, 16 bytes of 4-bit nibbles     w = (nibble - 8) * d
+    Q4_1      f16 d, f16 m, 16 bytes of nibbles    w = nibble * d + m
+    byte j of the nibbles holds element j in its low 4 bits and element j + 16 in its high 4.
+
+RoPE: llama.cpp runs the `llama` architecture with its "normal" RoPE, which turns adjacent pairs
+(x[2i], x[2i+1]), as Meta's model and minillama do. Hugging Face stores q and k with their rows
+permuted for its rotate-half RoPE; llama.cpp's converter undoes that permutation when it writes
+the GGUF, so the q/k weights here are already in Meta's order and need no change. (The SmolLM2
+test checks this numerically against transformers, which re-permutes them when it loads a GGUF.)
+
+    read_gguf(path) -> GGUFFile (metadata, tensor infos; no tensor data read yet)
+    load_gguf(path, max_seq_len, max_batch_size) -> (ModelArgs, weights under Meta's names, path)
+    gguf_tokenizer(path) -> the tokenizer its metadata describes
+"""
+import functools
+import mmap
+import os
+import re
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+
+from ..errors import ArgumentError, CheckpointError, TokenizerError
+from ..dtypes import LazyTensor
+from ..model import ModelArgs, check_weights
+
+MAGIC = b"GGUF"
+VERSIONS = (2, 3)
+DEFAULT_ALIGNMENT = 32
+MAX_DIMS = 4                # GGML_MAX_DIMS
+MAX_NESTING = 8             # arrays of arrays of ...: deeper than any real file
+
+# metadata value types: id -> numpy dtype (8 = string and 9 = array are read by hand)
+STRING, ARRAY = 8, 9
+SCALAR_TYPES = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4",
+                7: "<u1", 10: "<u8", 11: "<i8", 12: "<f8"}
+BOOL = 7
+MIN_VALUE_BYTES = {STRING: 8, ARRAY: 12}    # the smallest a value of each type can be
+
+# ggml tensor types we can read: id -> (name, elements per block, bytes per block)
+GGML_TYPES = {0: ("F32", 1, 4), 1: ("F16", 1, 2), 2: ("Q4_0", 32, 18), 3: ("Q4_1", 32, 20),
+              8: ("Q8_0", 32, 34)}
+# ... and the names of the others, to say which one a file uses
+OTHER_GGML_TYPES = {6: "Q5_0", 7: "Q5_1", 9: "Q8_1", 10: "Q2_K", 11: "Q3_K", 12: "Q4_K",
+                    13: "Q5_K", 14: "Q6_K", 15: "Q8_K", 16: "IQ2_XXS", 17: "IQ2_XS",
+                    18: "IQ3_XXS", 19: "IQ1_S", 20: "IQ4_NL", 21: "IQ3_S", 22: "IQ2_S",
+                    23: "IQ4_XS", 24: "I8", 25: "I16", 26: "I32", 27: "I64", 28: "F64",
+                    29: "IQ1_M", 30: "BF16", 34: "TQ1_0", 35: "TQ2_0", 39: "MXFP4"}
+
+
+def ggml_type_name(type_id):
+    if type_id in GGML_TYPES:
+        return GGML_TYPES[type_id][0]
+    return OTHER_GGML_TYPES.get(type_id, f"unknown type {type_id}")
+
+
+@dataclass
+class TensorInfo:
+    name: str
+    shape: tuple                # NumPy order: (rows, cols) for a matrix, i.e. ne reversed
+    ggml_type: int
+    offset: int                 # absolute, in the file
+    nbytes: Optional[int]       # None for a type we cannot read
+
+    @property
+    def type_name(self):
+        return ggml_type_name(self.ggml_type)
+
+
+@dataclass
+class GGUFFile:
+    path: str
+    version: int
+    metadata: dict              # key -> int | float | bool | str | list
+    tensors: dict               # name -> TensorInfo, in file order
+    alignment: int
+    data_start: int
+
+    def tensor(self, name):
+        """The tensor `name` as a float32 array, dequantized."""
+        if name not in self.tensors:
+            raise CheckpointError(f"{self.path}: has no tensor {name!r}")
+        return read_tensor(self.path, self.tensors[name])
+
+
+# ----------------------------------------------------------------------------
+# the header: every size is checked against the bytes left before it is used
+
+class _Cursor:
+    """Reads header fields one after another from the mapped file."""
+
+    def __init__(self, path, buf):
+        self.path, self.buf, self.pos = path, buf, 0
+
+    def need(self, n, what):
+        left = len(self.buf) - self.pos
+        if n > left:
+            raise CheckpointError(f"{self.path}: {what} needs {n} bytes at offset {self.pos}, "
+                                  f"but the file ends {left} bytes later (truncated or corrupt)")
+
+    def take(self, n, what):
+        self.need(n, what)
+        data = self.buf[self.pos:self.pos + n]           # a copy: nothing keeps the map alive
+        self.pos += n
+        return data
+
+    def array(self, dtype, count, what):
+        dtype = np.dtype(dtype)
+        return np.frombuffer(self.take(count * dtype.itemsize, what), dtype)
+
+    def scalar(self, dtype, what):
+        return self.array(dtype, 1, what)[0].item()
+
+    def string(self, what):
+        n = self.scalar("<u8", f"{what} (length)")
+        raw = self.take(n, what)
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise CheckpointError(f"{self.path}: {what} is not valid UTF-8") from None
+
+
+def _read_value(cur, vtype, what, depth=0):
+    if vtype in SCALAR_TYPES:
+        value = cur.scalar(SCALAR_TYPES[vtype], what)
+        return bool(value) if vtype == BOOL else value
+    if vtype == STRING:
+        return cur.string(what)
+    if vtype != ARRAY:
+        raise CheckpointError(f"{cur.path}: {what} has value type {vtype}, which GGUF does not "
+                              f"define (expected 0..12)")
+    if depth >= MAX_NESTING:
+        raise CheckpointError(f"{cur.path}: {what} nests arrays more than {MAX_NESTING} deep")
+    etype = cur.scalar("<u4", f"{what} (array element type)")
+    count = cur.scalar("<u8", f"{what} (array length)")
+    if etype in SCALAR_TYPES:
+        values = cur.array(SCALAR_TYPES[etype], count, f"{what} ({count} elements)").tolist()
+        return [bool(v) for v in values] if etype == BOOL else values
+    if etype not in MIN_VALUE_BYTES:
+        raise CheckpointError(f"{cur.path}: {what} is an array of value type {etype}, which "
+                              f"GGUF does not define (expected 0..12)")
+    # check the count can fit before looping over it: a hostile count must not spin for hours
+    cur.need(count * MIN_VALUE_BYTES[etype], f"{what} ({count} elements)")
+    return [_read_value(cur, etype, f"{what}[{i}]", depth + 1) for i in range(count)]
+
+
+def _read_tensor_info(cur, index, alignment):
+    name = cur.string(f"tensor #{index} name")
+    what = f"tensor {name!r}"
+    n_dims = cur.scalar("<u4", f"{what} (n_dims)")
+    if not 1 <= n_dims <= MAX_DIMS:
+        raise CheckpointError(f"{cur.path}: {what} has n_dims {n_dims}, expected 1..{MAX_DIMS}")
+    ne = cur.array("<u8", n_dims, f"{what} (dims)").tolist()
+    ggml_type = cur.scalar("<u4", f"{what} (type)")
+    offset = cur.scalar("<u8", f"{what} (offset)")
+    if min(ne) < 1:
+        raise CheckpointError(f"{cur.path}: {what} has dims {ne}, expected all >= 1")
+    if offset % alignment:
+        raise CheckpointError(f"{cur.path}: {what} has offset {offset}, which is not a multiple "
+                              f"of the alignment {alignment}")
+    nbytes = None
+    if ggml_type in GGML_TYPES:
+        tname, block, block_bytes = GGML_TYPES[ggml_type]
+        if ne[0] % block:
+            raise CheckpointError(f"{cur.path}: {what} has rows of {ne[0]} elements, not a "
+                                  f"multiple of the {tname} block size {block}")
+        nbytes = int(np.prod(ne, dtype=object)) // block * block_bytes
+    return TensorInfo(name, tuple(reversed(ne)), ggml_type, offset, nbytes)
+
+
+def _alignment(path, metadata):
+    alignment = metadata.get("general.alignment", DEFAULT_ALIGNMENT)
+    if isinstance(alignment, bool) or not isinstance(alignment, int) or alignment < 1 \
+            or alignment & (alignment - 1):
+        raise CheckpointError(f"{path}: general.alignment is {alignment!r}, expected a power "
+                              f"of two")
+    return alignment
+
+
+def _check_version(path, version):
+    if version in VERSIONS:
+        return
+    if version & 0xFFFF == 0 and version >> 24 in VERSIONS:
+        raise CheckpointError(f"{path}: is a big-endian GGUF file; minillama reads "
+                              f"little-endian ones only")
+    raise CheckpointError(f"{path}: GGUF version {version} is not supported (expected 2 or 3; "
+                          f"version 1 files need converting with a newer llama.cpp)")
+
+
+def read_gguf(path):
+    """Parse the header of a GGUF file: metadata and tensor infos, every field checked."""
+    path = os.fspath(path)
+    try:
+        size = os.path.getsize(path)
+        f = open(path, "rb")
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot open ({e.strerror})") from None
+    with f:
+        if size < 24:
+            raise CheckpointError(f"{path}: {size} bytes is too short for a GGUF header "
+                                  f"(24 bytes)")
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            return _parse(path, buf)
+
+
+def _parse(path, buf):
+    cur = _Cursor(path, buf)
+    magic = cur.take(4, "magic")
+    if magic != MAGIC:
+        raise CheckpointError(f"{path}: magic is {magic!r}, expected {MAGIC!r}: not a GGUF file")
+    version = cur.scalar("<u4", "version")
+    _check_version(path, version)
+    n_tensors = cur.scalar("<u8", "n_tensors")
+    n_kv = cur.scalar("<u8", "n_kv")
+    cur.need(n_kv * 13, f"n_kv = {n_kv} metadata entries")     # key length, type, 1 byte at least
+    metadata = {}
+    for i in range(n_kv):
+        key = cur.string(f"metadata key #{i}")
+        vtype = cur.scalar("<u4", f"metadata {key!r} (value type)")
+        if key in metadata:
+            raise CheckpointError(f"{path}: metadata key {key!r} appears twice")
+        metadata[key] = _read_value(cur, vtype, f"metadata {key!r}")
+    alignment = _alignment(path, metadata)
+    cur.need(n_tensors * 24, f"n_tensors = {n_tensors} tensor infos")  # 24 bytes at least each
+    tensors = {}
+    for i in range(n_tensors):
+        info = _read_tensor_info(cur, i, alignment)
+        if info.name in tensors:
+            raise CheckpointError(f"{path}: tensor {info.name!r} appears twice")
+        tensors[info.name] = info
+    data_start = -(-cur.pos // alignment) * alignment                  # round up
+    for info in tensors.values():
+        info.offset += data_start
+        end = info.offset + (info.nbytes or 0)
+        if end > len(buf):
+            raise CheckpointError(f"{path}: tensor {info.name!r} ({info.type_name}, shape "
+                                  f"{info.shape}) ends at byte {end}, past the end of the "
+                                  f"file ({len(buf)} bytes)")
+    return GGUFFile(path, version, metadata, tensors, alignment, data_start)
+
+
+# ----------------------------------------------------------------------------
+# tensor data
+
+def read_tensor(path, info: TensorInfo):
+    """One tensor's bytes from the file, dequantized to float32 in its NumPy shape."""
+    if info.ggml_type not in GGML_TYPES:
+        supported = ", ".join(name for name, _, _ in GGML_TYPES.values())
+        raise CheckpointError(f"{path}: tensor {info.name!r} has type {info.type_name}, which "
+                              f"minillama cannot read (supported: {supported})")
+    with open(path, "rb") as f:
+        f.seek(info.offset)
+        raw = np.frombuffer(f.read(info.nbytes), np.uint8)
+    if raw.size != info.nbytes:
+        raise CheckpointError(f"{path}: tensor {info.name!r} is truncated")
+    with np.errstate(invalid="ignore", over="ignore"):
+        values = dequantize(raw, info.ggml_type)
+    if not np.isfinite(values).all():
+        bad = int(np.flatnonzero(~np.isfinite(values))[0])
+        raise CheckpointError(f"{path}: tensor {info.name!r} ({info.type_name}) has a non-finite "
+                              f"value at flat index {bad}: the file is damaged")
+    return values.reshape(info.shape)
+
+
+def dequantize(raw, ggml_type):
+    """Flat float32 values of the bytes `raw` (uint8) holding tensor data of `ggml_type`."""
+    name, block, block_bytes = GGML_TYPES[ggml_type]
+    if name == "F32":
+        return raw.view("<f4").astype(np.float32)
+    if name == "F16":
+        return raw.view("<f2").astype(np.float32)
+    blocks = raw.reshape(-1, block_bytes)                   # (n_blocks, bytes per block)
+    return DEQUANTIZE[name](blocks).reshape(-1)
+
+
+def _f16(blocks, start):
+    """The f16 at byte `start` of each block, as float32: (n_blocks, 1)."""
+    return blocks[:, start:start + 2].copy().view("<f2").astype(np.float32)
+
+
+def _nibbles(packed):
+    """(n_blocks, 16) bytes -> (n_blocks, 32) values 0..15: low nibbles first, then high."""
+    return np.concatenate([packed & 0x0F, packed >> 4], axis=1)
+
+
+def dequantize_q8_0(blocks):
+    # (n_blocks, 34): d, then 32 int8
+    q = blocks[:, 2:].view(np.int8).astype(np.float32)      # (n_blocks, 32)
+    return q * _f16(blocks, 0)
+
+
+def dequantize_q4_0(blocks):
+    # (n_blocks, 18): d, then 16 bytes of nibbles stored with an offset of 8
+    q = _nibbles(blocks[:, 2:]).astype(np.int8) - np.int8(8)
+    return _f16(blocks, 0) * q.astype(np.float32)
+
+
+def dequantize_q4_1(blocks):
+    # (n_blocks, 20): d, m, then 16 bytes of nibbles
+    q = _nibbles(blocks[:, 4:]).astype(np.float32)
+    return _f16(blocks, 0) * q + _f16(blocks, 2)
+
+
+DEQUANTIZE = {"Q8_0": dequantize_q8_0, "Q4_0": dequantize_q4_0, "Q4_1": dequantize_q4_1}
+
+
+# ----------------------------------------------------------------------------
+# the llama architecture: hyperparameters and tensor names
+
+def _get(gf, key, kind, default=None):
+    """Metadata value `key`, checked to be of `kind` ("count", "float" or "str")."""
+    value = gf.metadata.get(key, default)
+    if value is None:
+        raise CheckpointError(f"{gf.path}: metadata {key!r} is missing")
+    ok = {"count": isinstance(value, int) and not isinstance(value, bool) and value > 0,
+          "float": isinstance(value, (int, float)) and not isinstance(value, bool)
+          and np.isfinite(value) and value > 0,
+          "str": isinstance(value, str)}[kind]
+    if not ok:
+        expected = {"count": "a positive integer", "float": "a positive number",
+                    "str": "a string"}[kind]
+        raise CheckpointError(f"{gf.path}: metadata {key!r} is {value!r}, expected {expected}")
+    return value
+
+
+def model_args(gf: GGUFFile, max_seq_len=None, max_batch_size=1):
+    """ModelArgs of a `llama` GGUF, from llama.* metadata; unsupported variants are refused."""
+    arch = gf.metadata.get("general.architecture")
+    if arch != "llama":
+        raise CheckpointError(f"{gf.path}: general.architecture is {arch!r}; minillama runs "
+                              f"'llama' models only")
+    dim = _get(gf, "llama.embedding_length", "count")
+    n_heads = _get(gf, "llama.attention.head_count", "count")
+    n_kv_heads = _get(gf, "llama.attention.head_count_kv", "count", n_heads)
+    if dim % n_heads or (dim // n_heads) % 2 or n_heads % n_kv_heads:
+        raise CheckpointError(f"{gf.path}: embedding_length {dim}, head_count {n_heads} and "
+                              f"head_count_kv {n_kv_heads} do not make even heads in groups")
+    head_dim = dim // n_heads
+    for key in ("llama.rope.dimension_count", "llama.attention.key_length",
+                "llama.attention.value_length"):
+        if gf.metadata.get(key, head_dim) != head_dim:
+            raise CheckpointError(f"{gf.path}: metadata {key!r} is {gf.metadata[key]!r}; "
+                                  f"minillama needs it equal to the head size {head_dim}")
+    scaling = gf.metadata.get("llama.rope.scaling.type", "none")
+    if scaling != "none" or "rope_freqs.weight" in gf.tensors:
+        raise CheckpointError(f"{gf.path}: uses RoPE scaling ({scaling!r}), which minillama "
+                              f"does not implement")
+    if gf.metadata.get("llama.expert_count", 0):
+        raise CheckpointError(f"{gf.path}: is a mixture-of-experts model, which minillama "
+                              f"does not implement")
+    tokens = gf.metadata.get("tokenizer.ggml.tokens")
+    vocab_size = len(tokens) if isinstance(tokens, list) else _get(gf, "llama.vocab_size", "count")
+    return ModelArgs(
+        dim=dim, n_layers=_get(gf, "llama.block_count", "count"), n_heads=n_heads,
+        n_kv_heads=n_kv_heads, vocab_size=vocab_size,
+        hidden_dim=_get(gf, "llama.feed_forward_length", "count"),
+        norm_eps=float(_get(gf, "llama.attention.layer_norm_rms_epsilon", "float")),
+        rope_theta=float(_get(gf, "llama.rope.freq_base", "float", 10000.0)),
+        max_seq_len=max_seq_len or _get(gf, "llama.context_length", "count"),
+        max_batch_size=max_batch_size)
+
+
+# GGUF name -> Meta name. Per layer: blk.N.<left> -> layers.N.<right>
+GLOBAL_NAMES = {"token_embd.weight": "tok_embeddings.weight",
+                "output_norm.weight": "norm.weight",
+                "output.weight": "output.weight"}
+LAYER_NAMES = {"attn_norm": "attention_norm", "attn_q": "attention.wq",
+               "attn_k": "attention.wk", "attn_v": "attention.wv",
+               "attn_output": "attention.wo", "ffn_norm": "ffn_norm",
+               "ffn_gate": "feed_forward.w1", "ffn_down": "feed_forward.w2",
+               "ffn_up": "feed_forward.w3"}
+_LAYER_TENSOR = re.compile(r"blk\.(\d+)\.(\w+)\.weight")
+
+
+def meta_name(name):
+    """Meta's name for a GGUF tensor name, or None if it is not one of a llama model's."""
+    if name in GLOBAL_NAMES:
+        return GLOBAL_NAMES[name]
+    m = _LAYER_TENSOR.fullmatch(name)
+    if m and m.group(2) in LAYER_NAMES:
+        return f"layers.{int(m.group(1))}.{LAYER_NAMES[m.group(2)]}.weight"
+    return None
+
+
+def load_gguf(path, max_seq_len=None, max_batch_size=1):
+    """(ModelArgs, weights under Meta's names, path) of a `llama` GGUF file. Each weight is a
+    LazyTensor: it is read and dequantized to float32 when stored (see dtypes.py), so memory can
+    be planned first. The path comes back as the model's tokenizer: it is in the metadata."""
+    gf = read_gguf(path)
+    p = model_args(gf, max_seq_len, max_batch_size)
+    infos = {}
+    for name, info in gf.tensors.items():
+        meta = meta_name(name)
+        if meta is None:
+            raise CheckpointError(f"{gf.path}: tensor {name!r} is not part of a llama model "
+                                  f"minillama knows")
+        infos[meta] = info
+    if "output.weight" not in infos and "tok_embeddings.weight" in infos:
+        infos["output.weight"] = infos["tok_embeddings.weight"]      # tied classifier
+    # names, shapes and types are all checked before anything big is read
+    check_weights(p, infos, source=gf.path)
+    for info in infos.values():
+        if info.ggml_type not in GGML_TYPES:
+            read_tensor(gf.path, info)                  # raises, naming the tensor and type
+    lazy = {name: LazyTensor(info.shape, "float32", functools.partial(read_tensor, gf.path, info))
+            for name, info in gf.tensors.items()}
+    return p, {meta: lazy[info.name] for meta, info in infos.items()}, gf.path
+
+
+def is_gguf(path):
+    """Cheap probe: the file starts with b"GGUF"."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == MAGIC
+    except OSError:
+        return False
+
+
+# ----------------------------------------------------------------------------
+# the tokenizer in the metadata
+
+def gguf_tokenizer(path):
+    """The tokenizer a GGUF's metadata describes: byte-level BPE for `tokenizer.ggml.model`
+    "gpt2", llama2.c's score-merging SentencePiece encoder for "llama"."""
+    try:
+        gf = read_gguf(path)
+    except CheckpointError as e:
+        raise TokenizerError(str(e)) from None
+    kind = gf.metadata.get("tokenizer.ggml.model")
+    if kind == "gpt2":
+        tokenizer = _bpe_tokenizer(gf)
+    elif kind == "llama":
+        tokenizer = _sentencepiece_tokenizer(gf)
+    else:
+        raise TokenizerError(f"{gf.path}: tokenizer.ggml.model is {kind!r}; minillama reads "
+                             f"'gpt2' (byte-level BPE) and 'llama' (SentencePiece) vocabularies")
+    tokenizer.chat_template = gf.metadata.get("tokenizer.chat_template")
+    if is_chatml(tokenizer.chat_template) and hasattr(tokenizer, "special"):
+        # the chat loops look for these; without them they use Llama 2's [INST] format
+        tokenizer.render_chat_turn = render_chatml_turn
+        tokenizer.encode_dialog = functools.partial(encode_chatml_dialog, tokenizer)
+    return tokenizer
+
+
+def _meta_list(gf, key, kind, length=None, required=True):
+    value = gf.metadata.get(key)
+    if value is None and not required:
+        return None
+    if not isinstance(value, list) or not all(isinstance(v, kind) for v in value) \
+            or (length is not None and len(value) != length):
+        size = "" if length is None else f" of {length}"
+        raise TokenizerError(f"{gf.path}: metadata {key!r} must be a list{size} "
+                             f"{kind.__name__} values")
+    return value
+
+
+def _special_ids(gf, n_words):
+    """bos, eos, unk, pad ids from the metadata (-1 where the file gives none)."""
+    ids = {}
+    for name, key in (("bos", "bos_token_id"), ("eos", "eos_token_id"),
+                      ("unk", "unknown_token_id"), ("pad", "padding_token_id")):
+        value = gf.metadata.get(f"tokenizer.ggml.{key}", -1)
+        if isinstance(value, bool) or not isinstance(value, int) or not -1 <= value < n_words:
+            raise TokenizerError(f"{gf.path}: metadata 'tokenizer.ggml.{key}' is {value!r}, "
+                                 f"expected a token id below {n_words}")
+        ids[name] = value
+    return ids
+
+
+def _bpe_tokenizer(gf):
+    from ..bpe import BPETokenizer
+    tokens = _meta_list(gf, "tokenizer.ggml.tokens", str)
+    return BPETokenizer(
+        tokens, _meta_list(gf, "tokenizer.ggml.merges", str),
+        token_types=_meta_list(gf, "tokenizer.ggml.token_type", int, len(tokens), False),
+        pre=gf.metadata.get("tokenizer.ggml.pre", "gpt-2"),
+        add_bos=bool(gf.metadata.get("tokenizer.ggml.add_bos_token", False)),
+        path=gf.path, **_special_ids(gf, len(tokens)))
+
+
+def _sentencepiece_tokenizer(gf):
+    from ..tokenizer import Llama2cTokenizer
+    tokens = _meta_list(gf, "tokenizer.ggml.tokens", str)
+    scores = _meta_list(gf, "tokenizer.ggml.scores", float, len(tokens))
+    # llama2.c's tokenizer.bin spells SentencePiece's "▁" as a space; the encoder expects that
+    pieces = [t.replace("\u2581", " ").encode("utf-8") for t in tokens]
+    tokenizer = Llama2cTokenizer.from_pieces(pieces, scores, path=gf.path)
+    ids = _special_ids(gf, len(tokens))
+    tokenizer.bos_id, tokenizer.eos_id = ids["bos"], ids["eos"]
+    tokenizer.unk_id, tokenizer.pad_id = ids["unk"], ids["pad"]
+    return tokenizer
+
+
+# ----------------------------------------------------------------------------
+# chat: ChatML, the format of SmolLM2 and many others, when the template uses it
+
+IM_START, IM_END = "<|im_start|>", "<|im_end|>"
+
+
+def is_chatml(template):
+    return isinstance(template, str) and IM_START in template
+
+
+def chatml_message(role, content):
+    return f"{IM_START}{role}\n{content}{IM_END}\n"
+
+
+def render_chatml_turn(system, user, first_turn):
+    """Text of one user turn for llama2.c-style chat (minillama.run.chat), ending where the
+    assistant's reply begins. The model ends its reply with <|im_end|> (its EOS), which the
+    loop feeds back; a later turn starts with the newline that follows it.
+    No system message is written when none is given (the template's built-in default,
+    if it has one, is not inserted)."""
+    text = chatml_message("system", system) if first_turn and system else ""
+    text += chatml_message("user", user) + f"{IM_START}assistant\n"
+    return text if first_turn else "\n" + text
+
+
+def encode_chatml_dialog(tokenizer, dialog):
+    """Token ids for a dialog [{"role": ..., "content": ...}, ...] that ends with a user
+    message, rendered as the ChatML template renders it with add_generation_prompt."""
+    if not dialog or not all(isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                             for m in dialog) or dialog[-1]["role"] != "user":
+        raise ArgumentError("dialog: expected messages with string 'role' and 'content', "
+                            "ending with a 'user' message")
+    text = "".join(chatml_message(m["role"], m["content"]) for m in dialog)
+    return tokenizer.encode(text + f"{IM_START}assistant\n", bos=True, eos=False)

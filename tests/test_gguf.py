@@ -1,0 +1,532 @@
+"""GGUF: tiny random models written by the `gguf` package (llama.cpp's own Python writer),
+read back by minillama and checked against gguf's dequantization, a float64 PyTorch forward and
+transformers' GGUF loader; hostile files; the chat renderer; and the real SmolLM2 file."""
+import struct
+
+import numpy as np
+import pytest
+
+from minillama.bpe import BPETokenizer
+from minillama.checkpoints import gguf as mg
+from minillama.errors import ArgumentError, CheckpointError, TokenizerError
+from minillama.loading import detect_format, open_checkpoint
+from minillama.model import ModelArgs, Transformer, weight_shapes
+
+from conftest import random_weights
+
+gguf = pytest.importorskip("gguf")
+Q = gguf.GGMLQuantizationType
+QTYPES = [Q.F32, Q.F16, Q.Q8_0, Q.Q4_0, Q.Q4_1]
+
+# written here, independently of minillama's meta_name()
+GGUF_NAMES = {"tok_embeddings.weight": "token_embd.weight", "norm.weight": "output_norm.weight",
+              "output.weight": "output.weight"}
+GGUF_LAYER = {"attention_norm": "attn_norm", "attention.wq": "attn_q", "attention.wk": "attn_k",
+              "attention.wv": "attn_v", "attention.wo": "attn_output", "ffn_norm": "ffn_norm",
+              "feed_forward.w1": "ffn_gate", "feed_forward.w2": "ffn_down",
+              "feed_forward.w3": "ffn_up"}
+
+
+def gguf_name(meta):
+    if meta in GGUF_NAMES:
+        return GGUF_NAMES[meta]
+    _, i, rest = meta.split(".", 2)
+    return f"blk.{i}.{GGUF_LAYER[rest[:-len('.weight')]]}.weight"
+
+
+# A small byte-level vocabulary: 3 control tokens, the 256 byte symbols, a few merges.
+CONTROL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+MERGES = ["Ġ t", "h e", "Ġt he", "i n", "Ġ a", "e r", "o n", "Ġ s", "r e", "Ġa n", "Ġan d",
+          "Ġ w", "o r", "l l", "Ġ o"]
+
+
+def tiny_vocab():
+    from minillama.bpe import BYTE_TO_CHAR
+    tokens = CONTROL + [BYTE_TO_CHAR[b] for b in range(256)]
+    tokens += ["".join(m.split(" ")) for m in MERGES]
+    types = [3] * len(CONTROL) + [1] * (len(tokens) - len(CONTROL))
+    return tokens, types
+
+
+TINY = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=96,
+            vocab_size=len(tiny_vocab()[0]), max_seq_len=32, max_batch_size=2, norm_eps=1e-5,
+            rope_theta=10000.0)
+
+
+def write_gguf(path, p, weights, qtype=Q.F32, tied=False, tokenizer=True, extra=None,
+               alignment=None, arch="llama"):
+    """A GGUF of `weights` (Meta names), matrices stored as `qtype`, norms as F32."""
+    w = gguf.GGUFWriter(str(path), arch)
+    if alignment:
+        w.add_custom_alignment(alignment)
+    w.add_context_length(p.max_seq_len)
+    w.add_embedding_length(p.dim)
+    w.add_block_count(p.n_layers)
+    w.add_feed_forward_length(p.hidden_dim)
+    w.add_head_count(p.n_heads)
+    w.add_head_count_kv(p.n_kv_heads)
+    w.add_layer_norm_rms_eps(p.norm_eps)
+    w.add_rope_freq_base(p.rope_theta)
+    w.add_rope_dimension_count(p.head_dim)
+    if tokenizer:
+        tokens, types = tiny_vocab()
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre("smollm")
+        w.add_token_list(tokens)
+        w.add_token_types(types)
+        w.add_token_merges(MERGES)
+        w.add_bos_token_id(1)
+        w.add_eos_token_id(2)
+        w.add_add_bos_token(False)
+        w.add_chat_template("{% for m in messages %}<|im_start|>...{% endfor %}")
+    for key, (value, vtype) in (extra or {}).items():
+        w.add_key_value(key, value, vtype)
+    for name, a in weights.items():
+        if tied and name == "output.weight":
+            continue
+        if a.ndim == 2 and qtype != Q.F32:
+            data = gguf.quants.quantize(a, qtype)
+            w.add_tensor(gguf_name(name), data, raw_shape=data.shape, raw_dtype=qtype)
+        else:
+            w.add_tensor(gguf_name(name), a)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def gguf_reference_weights(path, p):
+    """The weights as the gguf package itself reads and dequantizes them, under Meta's names."""
+    reader = gguf.GGUFReader(str(path))
+    by_name = {t.name: t for t in reader.tensors}
+    out = {}
+    for meta in weight_shapes(p):
+        t = by_name.get(gguf_name(meta)) or by_name[gguf_name("tok_embeddings.weight")]  # tied
+        out[meta] = gguf.quants.dequantize(t.data, t.tensor_type).reshape(
+            tuple(reversed([int(n) for n in t.shape])))
+    return out
+
+
+@pytest.fixture
+def tiny_args():
+    return ModelArgs(**TINY)
+
+
+# ----------------------------------------------------------------------------
+# dequantization
+
+@pytest.mark.parametrize("qtype", QTYPES, ids=lambda q: q.name)
+def test_dequantize_equals_gguf_exactly(qtype):
+    rng = np.random.default_rng(int(qtype))
+    a = (rng.standard_normal((7, 96)) * rng.uniform(0.01, 50, (7, 1))).astype(np.float32)
+    a[0, :32] = 0.0                                      # an all-zero block (d = 0)
+    a[1, :32] = -3.5                                     # a constant block
+    raw = gguf.quants.quantize(a, qtype)
+    ours = mg.dequantize(np.ascontiguousarray(raw).view(np.uint8).reshape(-1), int(qtype))
+    theirs = gguf.quants.dequantize(raw, qtype).reshape(-1)
+    assert ours.dtype == np.float32
+    np.testing.assert_array_equal(ours, theirs)
+
+
+def _f16_bytes(x):
+    return np.float16(x).tobytes()
+
+
+def test_block_layouts_by_hand():
+    """One block of each type, built from the layout alone (not by gguf), decoded by hand."""
+    nibbles = bytes(range(16))                  # byte j = (high j>>4=0, low j): low = j, high 0
+    nibbles = bytes((j & 0xF) | ((15 - j) << 4) for j in range(16))  # low j, high 15 - j
+    low, high = np.arange(16), 15 - np.arange(16)
+    q = np.concatenate([low, high]).astype(np.float32)  # elements 0..15 low, 16..31 high
+
+    q4_0 = np.frombuffer(_f16_bytes(0.5) + nibbles, np.uint8)
+    np.testing.assert_array_equal(mg.dequantize(q4_0, 2), (q - 8) * 0.5)
+
+    q4_1 = np.frombuffer(_f16_bytes(0.25) + _f16_bytes(-1.0) + nibbles, np.uint8)
+    np.testing.assert_array_equal(mg.dequantize(q4_1, 3), q * 0.25 - 1.0)
+
+    ints = np.arange(-16, 16, dtype=np.int8)
+    q8_0 = np.frombuffer(_f16_bytes(-2.0) + ints.tobytes(), np.uint8)
+    np.testing.assert_array_equal(mg.dequantize(q8_0, 8), ints.astype(np.float32) * -2.0)
+
+    f16 = np.array([1.5, -0.0, 65504.0], np.float16)
+    np.testing.assert_array_equal(mg.dequantize(f16.view(np.uint8), 1), f16.astype(np.float32))
+
+
+# ----------------------------------------------------------------------------
+# whole tiny models
+
+@pytest.mark.parametrize("qtype", QTYPES, ids=lambda q: q.name)
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_tiny_model_matches_float64_reference(tmp_path, tiny_args, qtype, tied):
+    torch = pytest.importorskip("torch")
+    import torch_reference as ref
+    p = tiny_args
+    path = write_gguf(tmp_path / "tiny.gguf", p, random_weights(p, seed=3, tied=tied), qtype, tied)
+    assert detect_format(path) == "gguf"
+    ckpt = open_checkpoint(path, max_batch_size=2)
+    assert ckpt.fmt == "gguf" and ckpt.tokenizer_path == str(path)
+    assert (ckpt.weights["output.weight"] is ckpt.weights["tok_embeddings.weight"]) == tied
+    expected = gguf_reference_weights(path, p)
+    for name, w in ckpt.weights.items():
+        np.testing.assert_array_equal(np.asarray(w), expected[name], err_msg=name)
+
+    model = Transformer(ckpt.params, ckpt.weights)
+    reference = ref.Reference(p, expected)
+    tokens = np.random.default_rng(7).integers(0, p.vocab_size, (2, 9))
+    ours, theirs = model.forward(tokens, 0), reference.forward(tokens, 0)
+    scale = np.abs(theirs).max()
+    assert np.abs(ours - theirs).max() <= 1e-4 * scale
+    # one more position through the KV cache
+    step = tokens[:, :1] + 1
+    ours, theirs = model.forward(step, 9), reference.forward(step, 9)
+    assert np.abs(ours - theirs).max() <= 1e-4 * np.abs(theirs).max()
+    del torch
+
+
+def greedy(forward, prompt, steps):
+    """Greedy ids after `prompt`, feeding one token at a time after the prompt."""
+    logits = forward(np.array([prompt]), 0)[0, -1]
+    out, pos = [], len(prompt)
+    for _ in range(steps):
+        out.append(int(np.argmax(logits)))
+        logits = forward(np.array([[out[-1]]]), pos)[0, -1]
+        pos += 1
+    return out
+
+
+@pytest.mark.parametrize("qtype", QTYPES, ids=lambda q: q.name)
+def test_tiny_model_matches_transformers(tmp_path, tiny_args, qtype):
+    """transformers reads the GGUF with its own reader and dequantizer and turns q/k back into
+    its rotate-half layout; agreeing with it checks the RoPE layout of GGUF q/k weights."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")                  # transformers needs it to load a GGUF
+    p = tiny_args
+    path = write_gguf(tmp_path / "tiny.gguf", p, random_weights(p, seed=5, scale=0.3), qtype)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        str(tmp_path), gguf_file="tiny.gguf", dtype=torch.float32).eval()
+    ckpt = open_checkpoint(path)
+    model = Transformer(ckpt.params, ckpt.weights)
+    tokens = np.random.default_rng(11).integers(0, p.vocab_size, (1, 12))
+    with torch.no_grad():
+        theirs = hf(torch.as_tensor(tokens)).logits.double().numpy()
+    ours = model.forward(tokens, 0)
+    assert np.abs(ours - theirs).max() <= 1e-4 * np.abs(theirs).max()
+    with torch.no_grad():
+        hf_ids = hf.generate(torch.as_tensor(tokens), max_new_tokens=12, do_sample=False,
+                             min_new_tokens=12)[0, 12:].tolist()
+    assert greedy(model.forward, tokens[0].tolist(), 12) == hf_ids
+
+
+# ----------------------------------------------------------------------------
+# the header: versions, metadata types, alignment, names
+
+def test_versions_2_and_3_read_alike(tmp_path, tiny_args):
+    path = write_gguf(tmp_path / "v3.gguf", tiny_args, random_weights(tiny_args), Q.Q8_0)
+    data = bytearray(path.read_bytes())
+    assert struct.unpack_from("<I", data, 4)[0] == 3
+    struct.pack_into("<I", data, 4, 2)                 # v2 has the same layout (64-bit counts)
+    (tmp_path / "v2.gguf").write_bytes(data)
+    v2, v3 = mg.read_gguf(tmp_path / "v2.gguf"), mg.read_gguf(path)
+    assert (v2.version, v3.version) == (2, 3)
+    assert v2.metadata == v3.metadata and v2.tensors == v3.tensors
+    for version, match in ((1, "version 1"), (4, "version 4"), (0x03000000, "big-endian")):
+        struct.pack_into("<I", data, 4, version)
+        (tmp_path / "bad.gguf").write_bytes(data)
+        with pytest.raises(CheckpointError, match=match):
+            mg.read_gguf(tmp_path / "bad.gguf")
+
+
+def test_every_metadata_type_round_trips(tmp_path, tiny_args):
+    V = gguf.GGUFValueType
+    extra = {"t.u8": (200, V.UINT8), "t.i8": (-100, V.INT8), "t.u16": (65000, V.UINT16),
+             "t.i16": (-32000, V.INT16), "t.u32": (4_000_000_000, V.UINT32),
+             "t.i32": (-2_000_000_000, V.INT32), "t.f32": (0.25, V.FLOAT32),
+             "t.bool": (True, V.BOOL), "t.str": ("héllo ✓", V.STRING),
+             "t.u64": (2**63 + 5, V.UINT64), "t.i64": (-2**62, V.INT64),
+             "t.f64": (1e300, V.FLOAT64),
+             "t.ints": ([1, -2, 3], V.ARRAY), "t.strs": (["a", "", "日本"], V.ARRAY),
+             "t.floats": ([0.5, -1.5], V.ARRAY), "t.nested": ([[1, 2], [3]], V.ARRAY)}
+    path = write_gguf(tmp_path / "m.gguf", tiny_args, random_weights(tiny_args), extra=extra)
+    meta = mg.read_gguf(path).metadata
+    for key, (value, _) in extra.items():
+        assert meta[key] == value, key
+    assert meta["llama.embedding_length"] == tiny_args.dim
+    # the gguf package's reader agrees on every key
+    reader = gguf.GGUFReader(str(path))
+    for key, field in reader.fields.items():
+        if not key.startswith("GGUF.") and key != "t.nested":   # gguf's reader flattens that
+            assert meta[key] == field.contents(), key
+
+
+def test_empty_arrays_and_no_tensors(tmp_path):
+    # the gguf writer refuses empty arrays; llama.cpp's reader accepts them, and so do we
+    data = (_header(n_kv=2) + _string("a") + struct.pack("<IIQ", 9, 0, 0)
+            + _string("b") + struct.pack("<IIQ", 9, 8, 0))
+    (tmp_path / "e.gguf").write_bytes(data)
+    gf = mg.read_gguf(tmp_path / "e.gguf")
+    assert gf.metadata == {"a": [], "b": []} and gf.tensors == {}
+    with pytest.raises(CheckpointError, match="architecture is None"):
+        mg.load_gguf(tmp_path / "e.gguf")
+
+
+@pytest.mark.parametrize("alignment", [32, 64, 256])
+def test_custom_alignment(tmp_path, tiny_args, alignment):
+    weights = random_weights(tiny_args, seed=1)
+    path = write_gguf(tmp_path / "m.gguf", tiny_args, weights, Q.F16, alignment=alignment)
+    gf = mg.read_gguf(path)
+    assert gf.alignment == alignment and gf.data_start % alignment == 0
+    assert all(info.offset % alignment == 0 for info in gf.tensors.values())
+    np.testing.assert_array_equal(gf.tensor("blk.1.ffn_down.weight"),
+                                  weights["layers.1.feed_forward.w2.weight"].astype(np.float16))
+
+
+def test_hyperparameters_and_names(tmp_path, tiny_args):
+    path = write_gguf(tmp_path / "m.gguf", tiny_args, random_weights(tiny_args))
+    p, weights, tokenizer_path = mg.load_gguf(path, max_seq_len=20, max_batch_size=3)
+    expected = dict(TINY, max_seq_len=20, max_batch_size=3,
+                    norm_eps=float(np.float32(TINY["norm_eps"])))   # stored as float32
+    assert {k: getattr(p, k) for k in expected} == expected
+    assert tokenizer_path == str(path)
+    assert mg.load_gguf(path)[0].max_seq_len == TINY["max_seq_len"]    # context_length
+    assert mg.meta_name("blk.12.ffn_gate.weight") == "layers.12.feed_forward.w1.weight"
+    assert mg.meta_name("blk.0.attn_output.weight") == "layers.0.attention.wo.weight"
+    assert mg.meta_name("output_norm.weight") == "norm.weight"
+    assert mg.meta_name("blk.0.attn_q.bias") is None
+
+
+# ----------------------------------------------------------------------------
+# hostile and unsupported files: always a CheckpointError naming the file and the field
+
+def _header(n_tensors=0, n_kv=0, version=3):
+    return b"GGUF" + struct.pack("<IQQ", version, n_tensors, n_kv)
+
+
+def _string(s):
+    b = s.encode()
+    return struct.pack("<Q", len(b)) + b
+
+
+HOSTILE = {
+    "bad magic": (b"GGML" + bytes(40), "magic"),
+    "short": (b"GGUF\x03\x00", "too short"),
+    "huge n_kv": (_header(n_kv=2**63) + bytes(16), "n_kv"),
+    "huge n_tensors": (_header(n_tensors=2**60) + bytes(16), "n_tensors"),
+    "huge key length": (_header(n_kv=1) + struct.pack("<Q", 2**62) + bytes(16), "key #0"),
+    "huge string value": (_header(n_kv=1) + _string("k") + struct.pack("<IQ", 8, 2**40)
+                          + bytes(8), "'k'"),
+    "huge array": (_header(n_kv=1) + _string("k") + struct.pack("<IIQ", 9, 8, 2**61) + bytes(8),
+                   "'k'"),
+    "huge numeric array": (_header(n_kv=1) + _string("k") + struct.pack("<IIQ", 9, 12, 2**61),
+                           "'k'"),
+    "unknown value type": (_header(n_kv=1) + _string("k") + struct.pack("<I", 13) + bytes(16),
+                           "value type 13"),
+    "deep nesting": (_header(n_kv=1) + _string("k") + struct.pack("<I", 9)
+                     + struct.pack("<IQ", 9, 1) * 20 + bytes(16), "nests"),
+    "bad utf-8 key": (_header(n_kv=1) + struct.pack("<Q", 2) + b"\xff\xfe" + bytes(16), "UTF-8"),
+    "duplicate key": (_header(n_kv=2) + (_string("k") + struct.pack("<IB", 0, 1)) * 2 + bytes(8),
+                      "twice"),
+    "bad alignment": (_header(n_kv=1) + _string("general.alignment") + struct.pack("<II", 4, 3)
+                      + bytes(16), "alignment"),
+    "zero dims": (_header(n_tensors=1) + _string("t") + struct.pack("<I", 0) + bytes(40),
+                  "n_dims"),
+    "five dims": (_header(n_tensors=1) + _string("t") + struct.pack("<I", 5) + bytes(60),
+                  "n_dims"),
+    "zero-size dim": (_header(n_tensors=1) + _string("t") + struct.pack("<IQIQ", 1, 0, 0, 0)
+                      + bytes(32), "dims"),
+    "offset past EOF": (_header(n_tensors=1) + _string("t") + struct.pack("<IQIQ", 1, 8, 0, 0)
+                        + bytes(3), "past the end"),
+    "huge dims": (_header(n_tensors=1) + _string("t") + struct.pack("<IQQIQ", 2, 2**40, 2**40,
+                                                                    0, 0) + bytes(64),
+                  "past the end"),
+    "unaligned offset": (_header(n_tensors=1) + _string("t") + struct.pack("<IQIQ", 1, 8, 0, 4)
+                         + bytes(64), "multiple of the alignment"),
+    "partial block": (_header(n_tensors=1) + _string("t") + struct.pack("<IQIQ", 1, 31, 8, 0)
+                      + bytes(64), "block size"),
+}
+
+
+@pytest.mark.parametrize("case", list(HOSTILE))
+def test_hostile_headers(tmp_path, case):
+    data, match = HOSTILE[case]
+    path = tmp_path / "evil.gguf"
+    path.write_bytes(data)
+    with pytest.raises(CheckpointError, match=match) as e:
+        mg.read_gguf(path)
+    assert str(path) in str(e.value)
+
+
+def test_every_truncation_is_a_checkpoint_error(tmp_path, tiny_args):
+    path = write_gguf(tmp_path / "m.gguf", tiny_args, random_weights(tiny_args), Q.Q4_0)
+    data = path.read_bytes()
+    header_end = mg.read_gguf(path).data_start
+    cut = tmp_path / "cut.gguf"
+    for n in list(range(0, header_end, 7)) + [header_end, len(data) - 1]:
+        cut.write_bytes(data[:n])
+        with pytest.raises(CheckpointError):
+            mg.load_gguf(cut)
+
+
+def test_unsupported_tensor_type_names_tensor_and_type(tmp_path, tiny_args):
+    path = write_gguf(tmp_path / "m.gguf", tiny_args, random_weights(tiny_args), Q.F32)
+    gf = mg.read_gguf(path)
+    info = gf.tensors["blk.1.attn_v.weight"]
+    # the type field sits right before the offset field at the end of the tensor's info
+    data = bytearray(path.read_bytes())
+    name = _string("blk.1.attn_v.weight")
+    at = bytes(data).index(name) + len(name) + 4 + 8 * len(info.shape)
+    assert struct.unpack_from("<I", data, at)[0] == 0
+    struct.pack_into("<I", data, at, 12)                         # Q4_K
+    path.write_bytes(data)
+    with pytest.raises(CheckpointError, match=r"'blk\.1\.attn_v\.weight' has type Q4_K"):
+        mg.load_gguf(path)
+    struct.pack_into("<I", data, at, 99)
+    path.write_bytes(data)
+    with pytest.raises(CheckpointError, match="unknown type 99"):
+        mg.load_gguf(path)
+
+
+def test_non_finite_weights_are_refused(tmp_path, tiny_args):
+    weights = random_weights(tiny_args)
+    weights["layers.0.ffn_norm.weight"][3] = np.nan
+    path = write_gguf(tmp_path / "m.gguf", tiny_args, weights)
+    _, lazy, _ = mg.load_gguf(path)                      # the header is fine ...
+    with pytest.raises(CheckpointError, match="ffn_norm.*non-finite"):
+        np.asarray(lazy["layers.0.ffn_norm.weight"])     # ... the data is not
+
+
+@pytest.mark.parametrize("change, match", [
+    ({"llama.rope.scaling.type": ("yarn", gguf.GGUFValueType.STRING)}, "RoPE scaling"),
+    ({"llama.expert_count": (8, gguf.GGUFValueType.UINT32)}, "mixture-of-experts"),
+    ({"llama.attention.key_length": (8, gguf.GGUFValueType.UINT32)}, "key_length"),
+])
+def test_unsupported_models_are_refused(tmp_path, tiny_args, change, match):
+    path = write_gguf(tmp_path / "m.gguf", tiny_args, random_weights(tiny_args), extra=change)
+    with pytest.raises(CheckpointError, match=match):
+        mg.load_gguf(path)
+
+
+def test_other_architectures_are_refused(tmp_path, tiny_args):
+    path = write_gguf(tmp_path / "m.gguf", tiny_args, random_weights(tiny_args), arch="qwen2")
+    with pytest.raises(CheckpointError, match="architecture is 'qwen2'"):
+        mg.load_gguf(path)
+
+
+def test_wrong_shape_and_missing_and_extra_tensors(tmp_path, tiny_args):
+    w = random_weights(tiny_args)
+    w["layers.1.attention.wk.weight"] = w["layers.1.attention.wk.weight"][:-1]
+    path = write_gguf(tmp_path / "m.gguf", tiny_args, w)
+    with pytest.raises(CheckpointError, match=r"layers\.1\.attention\.wk\.weight.*shape"):
+        mg.load_gguf(path)
+    w = random_weights(tiny_args)
+    del w["layers.0.ffn_norm.weight"]
+    write_gguf(path, tiny_args, w)
+    with pytest.raises(CheckpointError, match=r"layers\.0\.ffn_norm\.weight.*missing"):
+        mg.load_gguf(path)
+    w = random_weights(tiny_args)
+    writer_extra = dict(w, **{"rope_freqs.weight": np.ones(8, np.float32)})
+    GGUF_NAMES["rope_freqs.weight"] = "rope_freqs.weight"
+    try:
+        write_gguf(path, tiny_args, writer_extra)
+    finally:
+        del GGUF_NAMES["rope_freqs.weight"]
+    with pytest.raises(CheckpointError, match="RoPE scaling"):
+        mg.load_gguf(path)
+
+
+# ----------------------------------------------------------------------------
+# the tokenizer and chat template in the metadata
+
+def test_gpt2_tokenizer_from_metadata(tmp_path, tiny_args):
+    from minillama.tokenizer import load_tokenizer
+    path = write_gguf(tmp_path / "m.gguf", tiny_args, random_weights(tiny_args))
+    tok = load_tokenizer(path, vocab_size=tiny_args.vocab_size)
+    assert isinstance(tok, BPETokenizer)
+    assert (tok.bos_id, tok.eos_id, tok.n_words) == (1, 2, tiny_args.vocab_size)
+    ids = tok.encode("<|im_start|>the and 42<|im_end|>", bos=True, eos=False)
+    assert ids[0] == 1 and ids[-1] == 2                      # specials whole, no BOS added
+    assert tok.decode(ids) == "the and 42"                   # control tokens print nothing
+    with pytest.raises(TokenizerError, match="tokens but the model's vocab_size"):
+        load_tokenizer(path, vocab_size=7)
+
+
+def test_sentencepiece_vocab_from_metadata(tmp_path, tiny_args, shared):
+    """A `llama` vocabulary (pieces + scores) encodes like llama2.c's tokenizer.bin of it."""
+    from minillama.tokenizer import Llama2cTokenizer, load_tokenizer
+    ref = Llama2cTokenizer(shared / "models" / "tok512.bin")
+    p = ModelArgs(**dict(TINY, vocab_size=ref.n_words))
+    w = gguf.GGUFWriter(str(tmp_path / "sp.gguf"), "llama")
+    for key, value in (("llama.context_length", 32), ("llama.embedding_length", p.dim),
+                       ("llama.block_count", p.n_layers), ("llama.feed_forward_length", 96),
+                       ("llama.attention.head_count", 4), ("llama.attention.head_count_kv", 2)):
+        w.add_uint32(key, value)
+    w.add_float32("llama.attention.layer_norm_rms_epsilon", 1e-5)
+    w.add_tokenizer_model("llama")
+    w.add_token_list([piece.decode("utf-8").replace(" ", "\u2581") for piece in ref.vocab])
+    w.add_token_scores(ref.vocab_scores)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_unk_token_id(0)
+    for name, a in random_weights(p).items():
+        w.add_tensor(gguf_name(name), a)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    tok = load_tokenizer(tmp_path / "sp.gguf", vocab_size=512)
+    for text in ["Once upon a time, there was a little girl.", "  spaces\nand lines", "日本 ok",
+                 ""]:
+        assert tok.encode(text, bos=True, eos=True) == ref.encode(text, bos=True, eos=True)
+        ids = ref.encode(text, bos=True, eos=False)
+        assert tok.decode(ids) == ref.decode(ids)
+    assert not hasattr(tok, "encode_dialog")               # Llama 2's [INST] format applies
+
+
+def test_chatml_rendering(tmp_path, tiny_args):
+    from minillama.tokenizer import load_tokenizer
+    path = write_gguf(tmp_path / "m.gguf", tiny_args, random_weights(tiny_args))
+    tok = load_tokenizer(path)
+    first = tok.render_chat_turn("Be brief.", "Hi there", True)
+    assert first == ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi there"
+                     "<|im_end|>\n<|im_start|>assistant\n")
+    assert tok.render_chat_turn("", "Hi", True) == \
+        "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    assert tok.render_chat_turn("ignored", "More", False) == \
+        "\n<|im_start|>user\nMore<|im_end|>\n<|im_start|>assistant\n"
+    dialog = [{"role": "system", "content": "S"}, {"role": "user", "content": "a"},
+              {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}]
+    expected = ("<|im_start|>system\nS<|im_end|>\n<|im_start|>user\na<|im_end|>\n"
+                "<|im_start|>assistant\nb<|im_end|>\n<|im_start|>user\nc<|im_end|>\n"
+                "<|im_start|>assistant\n")
+    assert tok.encode_dialog(dialog) == tok.encode(expected, bos=True, eos=False)
+    start = [1] + tok.encode("system\n", bos=False, eos=False)      # <|im_start|> is one id
+    assert tok.encode_dialog(dialog)[:len(start)] == start
+    with pytest.raises(ArgumentError, match="ending with a 'user'"):
+        tok.encode_dialog(dialog[:3])
+
+
+def test_hostile_tokenizer_metadata(tmp_path, tiny_args):
+    from minillama.tokenizer import load_tokenizer
+    V = gguf.GGUFValueType
+    for extra, match in (({"tokenizer.ggml.bos_token_id": (10**6, V.UINT32)}, "bos_token_id"),
+                         ({"tokenizer.ggml.model": ("bert", V.STRING)}, "'bert'")):
+        path = tmp_path / "m.gguf"
+        w = gguf.GGUFWriter(str(path), "llama")
+        w.add_token_list(["a", "b"])
+        w.add_token_merges(["a b"])
+        for key, (value, vtype) in extra.items():
+            w.add_key_value(key, value, vtype)
+        if "tokenizer.ggml.model" not in extra:
+            w.add_tokenizer_model("gpt2")
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        with pytest.raises(TokenizerError, match=match):
+            load_tokenizer(path)
+    (tmp_path / "bad.gguf").write_bytes(b"GGUF" + bytes(30))
+    with pytest.raises(TokenizerError, match="version 0"):
+        load_tokenizer(tmp_path / "bad.gguf")
+
