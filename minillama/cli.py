@@ -49,6 +49,9 @@ probability = _number(float, 0.0, 1.0, low_open=True)
 def add_device(p):
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                    help="where the model runs (cuda needs CuPy and an NVIDIA GPU)")
+    p.add_argument("--dtype", choices=["float32", "float16", "int8"], default=None,
+                   help="weight storage: float32, float16 (half the memory) or int8 (Q8_0 "
+                        "groups, about a quarter); default: as the checkpoint stores them")
 
 
 def build_parser():
@@ -90,6 +93,7 @@ def build_parser():
     info.add_argument("checkpoint")
     info.add_argument("--max_seq_len", type=positive_int, default=None)
     info.add_argument("--max_batch_size", type=positive_int, default=1)
+    add_device(info)
 
     tok = sub.add_parser("tokenize", help="show the token ids the model sees for a text")
     tok.add_argument("text")
@@ -125,7 +129,7 @@ def cmd_run(args):
     if args.checkpoint is None:
         raise ArgumentError("checkpoint: give a model file, e.g. stories260K.bin")
     ops = get_ops(args.device)
-    ckpt = open_checkpoint(args.checkpoint)
+    ckpt = open_checkpoint(args.checkpoint, dtype=args.dtype, device=args.device)
     tokenizer = load_tokenizer(find_tokenizer(args.checkpoint, args.tokenizer, ckpt.tokenizer_path),
                                vocab_size=ckpt.params.vocab_size)
     model = Transformer(ckpt.params, ckpt.weights, ops)
@@ -155,7 +159,8 @@ def cmd_complete(args):
         raise ArgumentError(f"--max_batch_size: {len(prompts)} prompts do not fit a batch of "
                             f"{args.max_batch_size}")
     generator = Llama.build(args.ckpt_dir, args.tokenizer_path, args.max_seq_len,
-                            args.max_batch_size, device=args.device, seed=args.seed)
+                            args.max_batch_size, device=args.device, seed=args.seed,
+                            dtype=args.dtype)
     results = generator.text_completion(prompts, temperature=args.temperature, top_p=args.top_p,
                                         max_gen_len=args.max_gen_len, logprobs=args.logprobs,
                                         echo=args.echo)
@@ -170,6 +175,7 @@ def cmd_complete(args):
 
 def describe(ckpt, max_seq_len, max_batch_size):
     """Lines for `minillama info`."""
+    from .memory import kv_cache_bytes
     from .model import weight_shapes
     p = ckpt.params
     shapes = weight_shapes(p)
@@ -179,7 +185,7 @@ def describe(ckpt, max_seq_len, max_batch_size):
     stored = {id(w): w for w in ckpt.weights.values()}       # a tied array counts once
     weight_bytes = sum(w.nbytes for w in stored.values())
     seq = max_seq_len or p.max_seq_len
-    kv_bytes = 2 * p.n_layers * max_batch_size * seq * p.n_kv_heads * p.head_dim * 4
+    kv_bytes = kv_cache_bytes(p, seq, max_batch_size)
     return [
         f"file            {ckpt.path} ({ckpt.fmt})",
         f"architecture    llama: dim {p.dim}, {p.n_layers} layers, {p.n_heads} heads "
@@ -208,9 +214,12 @@ def human(n):
 
 
 def cmd_info(args):
-    from .loading import open_checkpoint
-    ckpt = open_checkpoint(args.checkpoint, args.max_seq_len, args.max_batch_size)
+    from .loading import read_checkpoint
+    from .memory import plan_checkpoint
+    # read_checkpoint leaves the weights on disk where the format allows: info reads headers
+    ckpt = read_checkpoint(args.checkpoint, args.max_seq_len, args.max_batch_size)
     print("\n".join(describe(ckpt, args.max_seq_len, args.max_batch_size)))
+    print(plan_checkpoint(ckpt, args.dtype, args.device).format())
 
 
 def cmd_tokenize(args):

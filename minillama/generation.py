@@ -42,7 +42,8 @@ class Llama:
         from .ops import get_ops
         from .tokenizer import load_tokenizer
         ops = get_ops(device)            # fail early on a missing GPU, before reading weights
-        ckpt = open_checkpoint(ckpt_dir, max_seq_len, max_batch_size, **load_options)
+        ckpt = open_checkpoint(ckpt_dir, max_seq_len, max_batch_size, device=device,
+                               **load_options)           # checks the memory plan first
         tokenizer_path = tokenizer_path or ckpt.tokenizer_path
         if tokenizer_path is None:
             raise ArgumentError(f"tokenizer_path: {ckpt_dir} carries no tokenizer; pass one")

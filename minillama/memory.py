@@ -71,7 +71,7 @@ def free_memory(device):
             import cupy
             return int(cupy.cuda.runtime.memGetInfo()[0]), "cudaMemGetInfo"
         except Exception:                 # no CuPy, no GPU: get_ops('cuda') will say so
-            return None, "unknown: no usable GPU"
+            return None, "no usable GPU"
     try:
         with open("/proc/meminfo") as f:
             for line in f:
@@ -79,7 +79,7 @@ def free_memory(device):
                     return int(line.split()[1]) * 1024, "MemAvailable"
     except OSError:
         pass
-    return None, "unknown: no /proc/meminfo"
+    return None, "no /proc/meminfo"
 
 
 # ----------------------------------------------------------------------------
@@ -117,8 +117,9 @@ class MemoryPlan:
 
     def format(self):
         p = self.params
-        free = ("unknown" if self.budget is None
-                else f"{fmt_bytes(self.budget)} ({self.budget_source})")
+        free = (f"unknown ({self.budget_source}): not checked" if self.budget is None
+                else f"{fmt_bytes(self.budget)} ({self.budget_source}): "
+                     + ("fits" if self.fits else "DOES NOT FIT"))
         lines = [
             f"memory plan: {self.device}, --dtype {self.dtype}, --max_seq_len {self.max_seq_len}, "
             f"--max_batch_size {self.max_batch_size}",
@@ -129,7 +130,7 @@ class MemoryPlan:
             f"  working   {fmt_bytes(self.working):>11}   activations and logits for "
             f"{self.max_batch_size} x {self.prompt_len} prompt tokens",
             f"  total     {fmt_bytes(self.total):>11}",
-            f"  free      {free}: " + ("fits" if self.fits else "DOES NOT FIT"),
+            f"  free      {free}",
         ]
         if not self.fits:
             lines.append("  options that fit: " + ("; ".join(self.options) or "none"))

@@ -253,3 +253,57 @@ def test_a_non_dict_pickle_is_refused(tmp_path):
     torch.save([torch.zeros(2)], folder / "consolidated.00.pth")
     with pytest.raises(CheckpointError, match="expected a dict of tensors"):
         open_checkpoint(folder)
+
+
+# ----------------------------------------------------------------------------
+# the seed scenario: Meta's example_text_completion.py, as `minillama complete`
+
+def stories260k_as_meta(folder, n_shards):
+    """stories260K's float32 weights in Meta's layout, split over n_shards ranks."""
+    from conftest import MODELS, require_shared
+    from minillama.checkpoints.llama2c import load_llama2c
+    require_shared()
+    p, w = load_llama2c(MODELS / "stories260K.bin")
+    params = dict(dim=64, n_layers=5, n_heads=8, n_kv_heads=4, vocab_size=512, multiple_of=4,
+                  norm_eps=1e-5)
+    write_meta(folder, {k: np.ascontiguousarray(v) for k, v in w.items()}, n_shards,
+               params=params)
+    return MODELS
+
+
+def run_cli(*args):
+    import subprocess
+    import sys
+    return subprocess.run([sys.executable, "-m", "minillama", *map(str, args)],
+                          capture_output=True, timeout=300)
+
+
+def test_complete_on_a_meta_directory_matches_the_llama2c_file(tmp_path):
+    models = stories260k_as_meta(tmp_path, n_shards=2)
+    common = ["--tokenizer_path", models / "tok512.model", "--max_seq_len", 128,
+              "--max_batch_size", 4, "--temperature", 0, "--max_gen_len", 40,
+              "--prompt", "Once upon a time", "--prompt", "Lily went"]
+    meta = run_cli("complete", "--ckpt_dir", tmp_path, *common)
+    assert meta.returncode == 0, meta.stderr.decode()
+    ref = run_cli("complete", "--ckpt_dir", models / "stories260K.bin", *common)
+    assert meta.stdout == ref.stdout and meta.stdout.count(b"\n> ") == 2
+    int8 = run_cli("complete", "--ckpt_dir", tmp_path, *common, "--dtype", "int8")
+    assert int8.returncode == 0 and int8.stdout.startswith(b"Once upon a time\n> ")
+
+
+def test_info_shows_the_plan_and_a_model_too_large_is_refused_early(tmp_path):
+    stories260k_as_meta(tmp_path, n_shards=1)
+    r = run_cli("info", tmp_path, "--max_seq_len", 128, "--max_batch_size", 4, "--dtype",
+                "float16")
+    out = r.stdout.decode()
+    assert r.returncode == 0, r.stderr.decode()
+    assert f"{tmp_path} (meta)" in out
+    assert "memory plan: cpu, --dtype float16, --max_seq_len 128, --max_batch_size 4" in out
+    assert "KV cache    640.0 KiB" in out and "(MemAvailable): fits" in out
+    # a KV cache of 2 * 5 * 1000 * 10^7 * 4 * 8 * 4 bytes (12 TB) fits no machine
+    r = run_cli("complete", "--ckpt_dir", tmp_path, "--tokenizer_path", tmp_path / "none",
+                "--max_seq_len", 10 ** 7, "--max_batch_size", 1000, "--prompt", "Hi")
+    err = r.stderr.decode()
+    assert r.returncode == 2 and err.count("\n") == 1
+    assert "model does not fit on cpu: it needs" in err and "(MemAvailable)" in err
+    assert "options that fit: --max_seq_len" in err
