@@ -1,0 +1,336 @@
+"""GPU speed: minillama's kernels against cuBLAS and a device copy, and decode tokens/s.
+
+    python -m minillama.bench gpu [--quick] [--json PATH]
+
+Everything is measured side by side in one run on one GPU. Kernel times are CUDA events around
+the launch, after warm-up, the median of repeats; inputs are random (never zeros) and, where it
+matters, larger than the L2 cache. The ceilings come from the same run:
+
+    copy      device-to-device cudaMemcpy of 1 GiB: bytes read + bytes written per second
+    cuBLAS    cupy.matmul in float32 (CUPY_TF32 unset: true float32, no tensor cores)
+
+Decode runs a random-weight model of the stories15M / stories110M shapes one token per forward
+call from position 0, greedy (argmax on the GPU, the token back on the host each step, as a
+generation loop does), timed over the second pass, in three modes of minillama.cuda.CudaOps:
+
+    generic   the unchanged model: CuPy array API + minillama's linear/matmul/softmax kernels
+    fused     FusedDecoder: 9 kernels per layer, launched one by one from Python
+    graph     FusedDecoder replayed as one CUDA graph per token (the default)
+
+and, when transformers is installed, a Hugging Face LlamaForCausalLM of the same shape in eager
+PyTorch float32 on the same GPU, for scale. The last table compares each figure with the target
+of issue 2; docs/benchmarks.md records a run.
+"""
+import argparse
+import datetime
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+from ..errors import DeviceError
+from ..cuda import SGEMM_CONFIGS, CudaOps, gemv, pick_sgemm_config, require_cupy, sgemm, softmax
+from ..model import ModelArgs, Transformer, weight_shapes
+from .cpu import SHAPES
+
+TARGETS = {   # issue 2, on an H100 in float32
+    "sgemm": 0.75,          # of cuBLAS TFLOP/s at 4096^3
+    "gemv": 0.80,           # of copy bandwidth, (11008 x 4096) weight, batch 1
+    "softmax": 0.70,        # of copy bandwidth, (4096 x 32000)
+    "15M": 1200.0,          # tokens/s decode, batch 1 (and batch 32 aggregate)
+    "110M": 1500.0,
+}
+
+cp = None                   # cupy, once main() has found a GPU
+
+
+def gpu_ms(fn, reps=20, warmup=3):
+    """Median milliseconds of fn() between two CUDA events."""
+    for _ in range(warmup):
+        fn()
+    start, end = cp.cuda.Event(), cp.cuda.Event()
+    times = []
+    for _ in range(reps):
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(cp.cuda.get_elapsed_time(start, end))
+    return float(np.median(times))
+
+
+def randn(*shape):
+    return cp.random.standard_normal(shape, dtype=cp.float32)
+
+
+def rel(a, b):
+    return float(cp.linalg.norm(a - b) / cp.linalg.norm(b))
+
+
+# ----------------------------------------------------------------------------
+# kernels
+
+def copy_bandwidth():
+    """GB/s of a 1 GiB device-to-device copy, counting bytes read plus bytes written."""
+    n = 1 << 28
+    src, dst = randn(n), cp.empty(n, dtype=cp.float32)
+    ms = gpu_ms(lambda: dst.data.copy_from_device_async(src.data, src.nbytes), reps=20)
+    return 2 * src.nbytes / ms / 1e6
+
+
+def tflops(M, N, K, ms):
+    return 2.0 * M * N * K / ms / 1e9
+
+
+def bench_sgemm(quick):
+    """(name, M, N, K) rows: ours (v4, size-picked tiles) against cuBLAS; every version and tile
+    shape at 1024 and 4096."""
+    shapes = [("4096^3", 4096, 4096, 4096), ("1024^3", 1024, 1024, 1024),
+              ("110M prefill wqkv", 1024, 2304, 768), ("110M prefill wo", 1024, 768, 768),
+              ("110M prefill w13", 1024, 4096, 768), ("110M prefill w2", 1024, 768, 2048),
+              ("110M prefill output", 1024, 32000, 768)]
+    rows, variants = [], []
+    for name, M, N, K in shapes:
+        a, w = randn(M, K), randn(N, K)
+        c = cp.empty((M, N), dtype=cp.float32)
+        reps = 5 if M * N * K >= 4096 ** 3 else 20
+        blas_ms = gpu_ms(lambda: cp.matmul(a, w.T), reps=reps)
+        ours_ms = gpu_ms(lambda: sgemm(a, w, out=c), reps=reps)
+        err = rel(c, cp.matmul(a, w.T))
+        rows.append(dict(name=name, M=M, N=N, K=K, config=pick_sgemm_config(M, N),
+                         ours=tflops(M, N, K, ours_ms), cublas=tflops(M, N, K, blas_ms),
+                         rel_err_vs_cublas=err))
+        if name in ("4096^3", "1024^3") and not quick:
+            for version in (1, 2, 3):
+                ms = gpu_ms(lambda: sgemm(a, w, out=c, version=version), reps=3, warmup=1)
+                variants.append(dict(name=name, kernel=f"v{version}", tflops=tflops(M, N, K, ms)))
+            for config in SGEMM_CONFIGS:
+                ms = gpu_ms(lambda: sgemm(a, w, out=c, config=config), reps=reps)
+                variants.append(dict(name=name, kernel=f"v4 {config}",
+                                     tflops=tflops(M, N, K, ms)))
+    return rows, variants
+
+
+def bench_gemv(copy_gbs):
+    rows = []
+    for M in (1, 8):
+        x, W = randn(M, 4096), randn(11008, 4096)
+        y = cp.empty((M, 11008), dtype=cp.float32)
+        nbytes = W.nbytes + x.nbytes + y.nbytes
+        ours = gpu_ms(lambda: gemv(x, W, out=y))
+        blas = gpu_ms(lambda: cp.matmul(x, W.T))
+        rows.append(dict(name=f"gemv 11008x4096, batch {M}", ours=nbytes / ours / 1e6,
+                         cublas=nbytes / blas / 1e6, copy=copy_gbs,
+                         rel_err_vs_cublas=rel(y, cp.matmul(x, W.T))))
+    return rows
+
+
+def bench_softmax(copy_gbs):
+    x = randn(4096, 32000) * 4
+    y = cp.empty_like(x)
+    nbytes = 2 * x.nbytes
+
+    def composed():                        # what the CuPy array API does: 5 kernels
+        e = cp.exp(x - x.max(axis=-1, keepdims=True))
+        return e / e.sum(axis=-1, keepdims=True)
+    row = dict(name="softmax 4096x32000", copy=copy_gbs)
+    for kernel in ("block", "warp"):
+        row[kernel] = nbytes / gpu_ms(lambda: softmax(x, out=y, kernel=kernel)) / 1e6
+    row["cupy"] = nbytes / gpu_ms(composed) / 1e6
+    row["rel_err_vs_cupy"] = rel(softmax(x), composed())
+    return row
+
+
+# ----------------------------------------------------------------------------
+# decode
+
+def random_model(shape, ops, max_batch_size):
+    p = ModelArgs(**SHAPES[shape], max_batch_size=max_batch_size)
+    w = {name: randn(*s) / np.float32(np.sqrt(s[-1])) for name, s in weight_shapes(p).items()}
+    w["output.weight"] = w["tok_embeddings.weight"]        # tied, as the stories models are
+    return Transformer(p, w, ops)
+
+
+def decode_rate(model, bsz, steps):
+    """Tokens/s of greedy decoding, one token per call, positions 0 .. steps-1; the first pass
+    warms up (compiles, captures graphs), the second is timed."""
+    def run():
+        tokens = np.ones((bsz, 1), dtype=np.int64)
+        for pos in range(steps):
+            logits = model.forward(tokens, pos)
+            tokens = cp.argmax(logits[:, -1], axis=-1).get().reshape(bsz, 1)
+    run()
+    cp.cuda.Device().synchronize()
+    start = time.perf_counter()
+    run()
+    return bsz * steps / (time.perf_counter() - start)
+
+
+def kernels_per_step(model, bsz, pos):
+    """GPU kernels one forward call executes, counted by CUPTI through torch.profiler (it sees
+    CuPy's launches too, and the kernels inside a graph); None without torch."""
+    try:
+        import torch
+        from torch.profiler import ProfilerActivity, profile
+        torch.cuda.init()
+    except Exception:
+        return None
+    tokens = np.ones((bsz, 1), dtype=np.int64)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        model.forward(tokens, pos)
+        cp.cuda.Device().synchronize()
+    return sum(1 for e in prof.events() if e.device_type.name == "CUDA"
+               and not e.name.startswith(("Memcpy", "Memset")))
+
+
+def hf_decode_rate(shape, bsz, steps):
+    """The same loop with transformers' LlamaForCausalLM (eager attention, float32, KV cache)."""
+    try:
+        import torch
+        import transformers
+    except ImportError:
+        return None
+    s = SHAPES[shape]
+    cfg = transformers.LlamaConfig(
+        hidden_size=s["dim"], intermediate_size=s["hidden_dim"], num_hidden_layers=s["n_layers"],
+        num_attention_heads=s["n_heads"], num_key_value_heads=s.get("n_kv_heads", s["n_heads"]),
+        vocab_size=s["vocab_size"], max_position_embeddings=s["max_seq_len"],
+        tie_word_embeddings=True, attn_implementation="eager")
+    model = transformers.LlamaForCausalLM(cfg).to("cuda", torch.float32).eval()
+
+    @torch.no_grad()
+    def run():
+        ids = torch.ones((bsz, 1), dtype=torch.long, device="cuda")
+        past = None
+        for _ in range(steps):
+            out = model(input_ids=ids, past_key_values=past, use_cache=True)
+            past = out.past_key_values
+            ids = out.logits[:, -1].argmax(-1, keepdim=True).cpu().to("cuda")
+    run()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    run()
+    return bsz * steps / (time.perf_counter() - start)
+
+
+def bench_decode(steps, batches):
+    rows = []
+    for shape in ("15M", "110M"):
+        ops = CudaOps()
+        model = random_model(shape, ops, max(batches))
+        for bsz in batches:
+            row = dict(model=shape, bsz=bsz)
+            for mode, fused, graphs in (("generic", False, False), ("fused", True, False),
+                                        ("graph", True, True)):
+                ops.fused_decode, ops.graphs = fused, graphs
+                row[mode] = decode_rate(model, bsz, steps)
+                row[f"{mode}_kernels"] = kernels_per_step(model, bsz, steps // 2)
+            ops.fused_decode = ops.graphs = True
+            decoder = ops._decoders.get(model)
+            row["fused_launches"] = decoder.launches_per_step.get(bsz) if decoder else None
+            try:
+                row["hf_eager"] = hf_decode_rate(shape, bsz, min(steps, 64))
+            except Exception as e:                       # a transformers API change, say
+                row["hf_eager"], row["hf_error"] = None, f"{type(e).__name__}: {e}"
+            rows.append(row)
+            print(f"  decode {shape} bsz {bsz}: " + ", ".join(
+                f"{k} {v:.0f}" for k, v in row.items() if isinstance(v, float)), flush=True)
+        del model
+    return rows
+
+
+# ----------------------------------------------------------------------------
+# report
+
+def fmt(v, spec=".1f"):
+    return "n/a" if v is None else format(v, spec)
+
+
+def print_report(r):
+    print(f"\nminillama GPU benchmark, {r['date']}, {r['device']} ({r['sms']} SMs), "
+          f"CuPy {r['cupy']}, CUDA runtime {r['cuda']}, CUPY_TF32={r['tf32']}")
+    print(f"device-to-device copy: {r['copy_gbs']:.0f} GB/s (read + write)\n")
+
+    print(f"{'SGEMM (x @ W.T), TFLOP/s':32} {'M x N x K':>18} {'tiles':>10} {'ours':>7} "
+          f"{'cuBLAS':>7} {'ratio':>6} {'err':>8}")
+    for s in r["sgemm"]:
+        print(f"{s['name']:32} {s['M']:>5}x{s['N']:>5}x{s['K']:>5} {s['config']:>10} "
+              f"{s['ours']:7.1f} {s['cublas']:7.1f} {s['ours'] / s['cublas']:6.2f} "
+              f"{s['rel_err_vs_cublas']:8.1e}")
+    for v in r["sgemm_variants"]:
+        print(f"  {v['name']:8} {v['kernel']:16} {v['tflops']:7.2f} TFLOP/s")
+
+    print(f"\n{'GEMV, GB/s':32} {'ours':>7} {'cuBLAS':>7} {'copy':>7} {'of copy':>8}")
+    for g in r["gemv"]:
+        print(f"{g['name']:32} {g['ours']:7.0f} {g['cublas']:7.0f} {g['copy']:7.0f} "
+              f"{g['ours'] / g['copy']:8.2f}")
+    s = r["softmax"]
+    print(f"\n{'softmax, GB/s':32} {'block':>7} {'warp':>7} {'cupy':>7} {'copy':>7} {'of copy':>8}")
+    print(f"{s['name']:32} {s['block']:7.0f} {s['warp']:7.0f} {s['cupy']:7.0f} {s['copy']:7.0f} "
+          f"{s['block'] / s['copy']:8.2f}")
+
+    print(f"\n{'decode, tokens/s':18} {'bsz':>4} {'generic':>8} {'fused':>8} {'graph':>8} "
+          f"{'HF eager':>9} | {'kernels/token: generic':>22} {'fused':>6} {'graph':>6}")
+    for d in r["decode"]:
+        print(f"{'stories' + d['model']:18} {d['bsz']:>4} {d['generic']:8.0f} {d['fused']:8.0f} "
+              f"{d['graph']:8.0f} {fmt(d['hf_eager'], '.0f'):>9} | "
+              f"{fmt(d['generic_kernels'], 'd'):>22} {fmt(d['fused_launches'], 'd'):>6} "
+              f"{fmt(d['graph_kernels'], 'd'):>6}")
+    print("  (graph: those kernels go to the GPU in 1 graph launch per token, plus a copy of the"
+          " step in and of the logits out)")
+
+    print(f"\n{'target (issue 2)':44} {'measured':>10} {'target':>10} {'ratio':>6}  met")
+    for name, value, target in targets(r):
+        print(f"{name:44} {value:10.2f} {target:10.2f} {value / target:6.2f}  "
+              f"{'yes' if value >= target else 'NO'}")
+
+
+def targets(r):
+    big = r["sgemm"][0]
+    gemv1 = r["gemv"][0]
+    out = [("SGEMM 4096^3, fraction of cuBLAS", big["ours"] / big["cublas"], TARGETS["sgemm"]),
+           ("GEMV 11008x4096, fraction of copy bandwidth", gemv1["ours"] / gemv1["copy"],
+            TARGETS["gemv"]),
+           ("softmax 4096x32000, fraction of copy bandwidth",
+            r["softmax"]["block"] / r["softmax"]["copy"], TARGETS["softmax"])]
+    for d in r["decode"]:
+        out.append((f"decode stories{d['model']} batch {d['bsz']}, tokens/s", d["graph"],
+                    TARGETS[d["model"]]))
+    return out
+
+
+def main(argv=None):
+    global cp
+    parser = argparse.ArgumentParser(prog="python -m minillama.bench gpu")
+    parser.add_argument("--quick", action="store_true", help="skip SGEMM versions 1-3 and "
+                        "tile variants; fewer decode steps")
+    parser.add_argument("--steps", type=int, default=200, help="decode steps per pass")
+    parser.add_argument("--json", help="also write every figure to this file")
+    args = parser.parse_args(argv)
+    try:
+        cp = require_cupy()
+    except DeviceError as e:
+        print(f"minillama.bench gpu: {e}", file=sys.stderr)
+        return 2
+    props = cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)
+    r = dict(date=datetime.date.today().isoformat(), device=props["name"].decode(),
+             sms=props["multiProcessorCount"], cupy=cp.__version__,
+             cuda=cp.cuda.runtime.runtimeGetVersion(), tf32=os.environ.get("CUPY_TF32", "unset"))
+    cp.random.seed(int(time.time()))
+    steps = 50 if args.quick else args.steps
+    print("copy ...", flush=True)
+    r["copy_gbs"] = copy_bandwidth()
+    print("sgemm ...", flush=True)
+    r["sgemm"], r["sgemm_variants"] = bench_sgemm(args.quick)
+    print("gemv, softmax ...", flush=True)
+    r["gemv"] = bench_gemv(r["copy_gbs"])
+    r["softmax"] = bench_softmax(r["copy_gbs"])
+    print("decode ...", flush=True)
+    r["decode"] = bench_decode(steps, (1, 32))
+    print_report(r)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(r, f, indent=1)
+    return 0

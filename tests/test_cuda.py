@@ -1,0 +1,379 @@
+"""The GPU backend (minillama/cuda.py, kernels/*.cu) against float64 NumPy and the CPU path.
+
+Tests marked `gpu` need CuPy and an NVIDIA GPU and skip cleanly without them (the `cp` fixture).
+Inputs are fresh random numbers each run, at odd sizes; outputs are poisoned with NaN first so
+an element a kernel forgets to write cannot pass. Errors are relative, in the norm:
+|got - ref| / |ref| against a float64 reference.
+
+The last tests need no GPU: asking for cuda where there is no CuPy must be a DeviceError, and
+exit status 2 on the command line.
+"""
+import json
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import GOLDEN, MODELS, ODD, random_weights, require_shared
+from minillama.errors import DeviceError, MiniLlamaError
+from minillama.model import ModelArgs, Transformer
+from minillama.ops import CPU
+
+gpu = pytest.mark.gpu
+rng = np.random.default_rng()           # fresh inputs every run
+
+
+@pytest.fixture(scope="module")
+def cp():
+    cupy = pytest.importorskip("cupy")
+    try:
+        count = cupy.cuda.runtime.getDeviceCount()
+    except Exception as e:                            # no driver
+        pytest.skip(f"CuPy finds no usable GPU: {e}")
+    if count < 1:
+        pytest.skip("CuPy finds no GPU")
+    return cupy
+
+
+@pytest.fixture(scope="module")
+def cuda(cp):
+    import minillama.cuda
+    return minillama.cuda
+
+
+def rand(*shape, scale=1.0):
+    return (scale * rng.standard_normal(shape)).astype(np.float32)
+
+
+def rel_err(got, ref):
+    got = np.asarray(got.get() if hasattr(got, "get") else got, dtype=np.float64)
+    assert np.isfinite(got).all(), "non-finite output: an element was not written"
+    return np.linalg.norm(got - ref) / np.linalg.norm(ref)
+
+
+def poison(cp, shape):
+    return cp.full(shape, np.nan, dtype=np.float32)
+
+
+def ref_linear(x, w):
+    return x.astype(np.float64) @ w.astype(np.float64).T
+
+
+# ----------------------------------------------------------------------------
+# matmul.cu
+
+# (M, N, K): batch rows 1..64 and beyond, K off the tiles (8, 16, 32, 128), odd everything
+SGEMM_SHAPES = [(1, 1, 1), (3, 17, 5), (17, 127, 33), (64, 3, 1000), (1, 4097, 127),
+                (127, 1000, 17), (9, 33, 4097), (128, 128, 8), (129, 257, 12), (200, 64, 129)]
+
+
+@gpu
+@pytest.mark.parametrize("version", [1, 2, 3, 4])
+@pytest.mark.parametrize("M,N,K", SGEMM_SHAPES)
+def test_sgemm_versions_match_float64(cuda, cp, version, M, N, K):
+    a, w = rand(M, K), rand(N, K)
+    out = poison(cp, (M, N))
+    c = cuda.sgemm(cp.asarray(a), cp.asarray(w), out=out, version=version)
+    assert c is out
+    assert rel_err(c, ref_linear(a, w)) < 1e-5
+
+
+@gpu
+@pytest.mark.parametrize("config", ["128x128x8", "128x128x16", "128x64x8", "64x64x16"])
+@pytest.mark.parametrize("M,N,K", [(300, 260, 132), (300, 259, 131), (5, 7, 3)])
+def test_sgemm_v4_tile_shapes_vector_and_scalar_paths(cuda, cp, config, M, N, K):
+    # K, N multiples of 4: float4 loads and stores; otherwise element by element
+    a, w = rand(M, K), rand(N, K)
+    c = cuda.sgemm(cp.asarray(a), cp.asarray(w), out=poison(cp, (M, N)), config=config)
+    assert rel_err(c, ref_linear(a, w)) < 1e-5
+
+
+@gpu
+def test_sgemm_v4_unaligned_operands_take_the_scalar_path(cuda, cp):
+    M, N, K = 70, 36, 64                     # would be vectorized if the pointers were aligned
+    a, w = rand(M, K), rand(N, K)
+    flat = cp.zeros(M * K + 1, dtype=np.float32)
+    flat[1:] = cp.asarray(a.ravel())
+    a_off = flat[1:].reshape(M, K)           # 4 bytes past an aligned address
+    assert a_off.data.ptr % 16 and a_off.flags.c_contiguous
+    c = cuda.sgemm(a_off, cp.asarray(w), out=poison(cp, (M, N)))
+    assert rel_err(c, ref_linear(a, w)) < 1e-5
+
+
+@gpu
+@pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 7, 8, 9, 17, 32, 64])
+@pytest.mark.parametrize("N,K", [(1, 1), (127, 1000), (1000, 4097), (33, 4096), (4097, 3)])
+def test_gemv_matches_float64_for_batches(cuda, cp, M, N, K):
+    x, w = rand(M, K), rand(N, K)
+    y = cuda.gemv(cp.asarray(x), cp.asarray(w), out=poison(cp, (M, N)))
+    assert rel_err(y, ref_linear(x, w)) < 1e-5
+
+
+@gpu
+def test_gemv_accumulate_adds_into_out(cuda, cp):
+    x, w, y0 = rand(3, 300), rand(77, 300), rand(3, 77)
+    y = cp.asarray(y0)
+    cuda.gemv(cp.asarray(x), cp.asarray(w), out=y, accumulate=True)
+    assert rel_err(y, y0 + ref_linear(x, w)) < 1e-5
+
+
+@gpu
+@pytest.mark.parametrize("bsz,n_kv,rep,seqlen,hd,end", [(1, 1, 1, 1, 1, 1), (2, 3, 2, 5, 17, 9),
+                                                         (3, 2, 3, 1, 64, 127), (1, 4, 2, 7, 48, 40)])
+def test_bmm_reads_the_kv_cache_views_in_place(cuda, cp, bsz, n_kv, rep, seqlen, hd, end):
+    # the two products of Attention: q @ keys and probs @ values, keys/values strided views
+    cache = cp.asarray(rand(bsz + 1, end + 3, n_kv, hd))       # (max_bsz, max_seq, n_kv, hd)
+    q = cp.asarray(rand(bsz, n_kv, rep * seqlen, hd))
+    keys = cache[:bsz, :end].transpose(0, 2, 3, 1)              # (bsz, n_kv, hd, end)
+    values = cache[:bsz, :end].transpose(0, 2, 1, 3)            # (bsz, n_kv, end, hd)
+    assert not keys.flags.c_contiguous
+    k64 = keys.get().astype(np.float64)
+    v64 = values.get().astype(np.float64)
+    scores = cuda.bmm(q, keys, out=poison(cp, (bsz, n_kv, rep * seqlen, end)))
+    assert rel_err(scores, q.get().astype(np.float64) @ k64) < 1e-5
+    p = cp.asarray(rand(bsz, n_kv, rep * seqlen, end))
+    out = cuda.bmm(p, values, out=poison(cp, (bsz, n_kv, rep * seqlen, hd)))
+    assert rel_err(out, p.get().astype(np.float64) @ v64) < 1e-5
+
+
+@gpu
+@pytest.mark.parametrize("shape_a,shape_b", [((5, 7), (7, 3)), ((4, 17, 9), (4, 9, 127))])
+def test_bmm_plain_and_one_batch_dim(cuda, cp, shape_a, shape_b):
+    a, b = rand(*shape_a), rand(*shape_b)
+    c = cuda.bmm(cp.asarray(a), cp.asarray(b))
+    assert rel_err(c, a.astype(np.float64) @ b.astype(np.float64)) < 1e-5
+
+
+# ----------------------------------------------------------------------------
+# softmax.cu
+
+def ref_softmax(x, start_pos=None):
+    x = x.astype(np.float64)
+    if start_pos is not None and x.shape[-2] > 1:
+        seqlen, n = x.shape[-2:]
+        visible = np.arange(n)[None, :] <= start_pos + np.arange(seqlen)[:, None]
+        x = np.where(visible, x, -np.inf)
+    e = np.exp(x - x.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+@gpu
+@pytest.mark.parametrize("rows,cols", [(1, 1), (3, 17), (17, 127), (5, 1000), (2, 1025),
+                                       (3, 4097), (2, 32000), (1, 32768), (2, 40000)])
+@pytest.mark.parametrize("kernel", [None, "warp", "block"])
+def test_softmax_matches_float64(cuda, cp, rows, cols, kernel):
+    if kernel == "block" and cols > 32768:
+        pytest.skip("no block variant holds rows this long (the warp kernel takes them)")
+    x = rand(rows, cols, scale=3.0) + 1000.0      # large values: exp(x) alone would overflow
+    y = cuda.softmax(cp.asarray(x), out=poison(cp, (rows, cols)), kernel=kernel)
+    assert rel_err(y, ref_softmax(x)) < 1e-5
+    assert np.allclose(y.get().sum(axis=-1), 1.0, atol=1e-5)
+
+
+@gpu
+@pytest.mark.parametrize("kernel", ["warp", "block"])
+@pytest.mark.parametrize("start_pos,seqlen", [(0, 1), (0, 7), (5, 3), (30, 2), (0, 1500)])
+def test_softmax_causal_mask_is_built_in(cuda, cp, kernel, start_pos, seqlen):
+    x = rand(2, 3, seqlen, start_pos + seqlen, scale=4.0)      # (bsz, heads, seqlen, keys)
+    y = cuda.softmax(cp.asarray(x), out=poison(cp, x.shape), start_pos=start_pos, kernel=kernel)
+    ref = ref_softmax(x, start_pos)
+    assert rel_err(y, ref) < 1e-5
+    assert (y.get()[ref == 0] == 0).all()         # masked keys are exact zeros
+    assert rel_err(CPU.softmax(x, start_pos), ref) < 1e-5       # the CPU agrees on the contract
+
+
+# ----------------------------------------------------------------------------
+# misuse: a DeviceError naming the argument, never garbage or a crash
+
+@gpu
+def test_kernels_reject_misuse(cuda, cp):
+    f32 = cp.ones((4, 8), dtype=np.float32)
+    cases = [
+        (lambda: cuda.sgemm(f32.astype(np.float64), f32), "float32"),
+        (lambda: cuda.sgemm(np.ones((4, 8), np.float32), f32), "CuPy array"),
+        (lambda: cuda.sgemm(f32.T, f32.T), "C-contiguous"),
+        (lambda: cuda.sgemm(f32, cp.ones((4, 7), np.float32)), "(N, K)"),
+        (lambda: cuda.sgemm(f32, f32, version=5), "version"),
+        (lambda: cuda.sgemm(f32, f32, config="1x1x1"), "config"),
+        (lambda: cuda.sgemm(f32, f32, out=cp.empty((4, 5), np.float32)), "out"),
+        (lambda: cuda.gemv(f32, f32, accumulate=True), "accumulate"),
+        (lambda: cuda.bmm(f32, f32), "cannot multiply"),
+        (lambda: cuda.softmax(cp.ones((2, 3, 5), np.float32), start_pos=1), "columns"),
+        (lambda: cuda.softmax(f32, kernel="shared"), "kernel"),
+    ]
+    for call, words in cases:
+        with pytest.raises(DeviceError, match=words.replace("(", r"\(").replace(")", r"\)")):
+            call()
+    assert issubclass(DeviceError, MiniLlamaError)
+
+
+@gpu
+def test_kernel_sources_are_found_in_the_package(cuda):
+    import importlib.resources
+    root = importlib.resources.files("minillama.kernels")
+    for name in cuda.KERNEL_FILES:
+        assert root.joinpath(name).is_file()
+    source = cuda.kernel_source()
+    for kernel in ("sgemm_v4", "gemv", "bmm_strided", "softmax_warp", "softmax_block",
+                   "attention_decode", "rope_kv"):
+        assert f" {kernel}(" in source or f"\n{kernel}(" in source
+
+
+# ----------------------------------------------------------------------------
+# the backend: same answers as NumpyOps, host arrays moved at the boundary
+
+@gpu
+@pytest.mark.parametrize("lead", [(1, 1), (3, 1), (2, 5), (5, 13)])      # gemv and sgemm paths
+def test_cuda_ops_agree_with_numpy_ops(cuda, cp, lead):
+    ops = cuda.CudaOps()
+    x, w = rand(*lead, 67), rand(45, 67)
+    got = ops.linear(x, ops.weight(w))                          # x is a host array
+    assert isinstance(got, cp.ndarray) and got.shape == lead + (45,)
+    assert rel_err(got, CPU.linear(x.astype(np.float64), w.astype(np.float64))) < 1e-5
+    a, b = rand(2, 3, 4, 9), rand(2, 3, 9, 6)
+    assert rel_err(ops.matmul(a, cp.asarray(b)), a.astype(np.float64) @ b) < 1e-5
+    s = rand(2, 2, 3, 7, scale=5.0)
+    assert rel_err(ops.softmax(s, start_pos=4), ref_softmax(s, 4)) < 1e-5
+
+
+@gpu
+def test_float16_weights_compute_in_float32(cuda, cp):
+    ops = cuda.CudaOps()
+    x, w = rand(3, 40), rand(20, 40).astype(np.float16)
+    got = ops.linear(cp.asarray(x), ops.weight(w))
+    assert rel_err(got, ref_linear(x, w.astype(np.float32))) < 1e-5
+
+
+def small_model(ops, bsz=3, seed=None, tied=False):
+    p = ModelArgs(**{**ODD, "max_batch_size": bsz})
+    w = random_weights(p, seed=rng.integers(1 << 30) if seed is None else seed, tied=tied)
+    return Transformer(p, w, ops), Transformer(p, w, CPU)
+
+
+@gpu
+def test_host_tokens_go_to_the_device_at_the_boundary(cuda, cp):
+    for fused in (False, True):
+        gpu_model, cpu_model = small_model(cuda.CudaOps(fused_decode=fused), bsz=2)
+        for tokens in (np.array([[5, 6, 7], [1, 2, 3]]), [[4], [9]]):
+            start = 0 if len(tokens[0]) == 3 else 3
+            ref = cpu_model.forward(np.asarray(tokens), start)
+            got = gpu_model.forward(tokens, start)                    # NumPy / list input
+            assert isinstance(got, cp.ndarray) and gpu_model.device == "cuda"
+            assert rel_err(got, ref) < 1e-4
+        got = gpu_model.forward(cp.asarray([[11], [12]]), 4)          # CuPy input works too
+        assert rel_err(got, cpu_model.forward(np.array([[11], [12]]), 4)) < 1e-4
+
+
+@gpu
+@pytest.mark.parametrize("graphs", [False, True])
+@pytest.mark.parametrize("tied", [False, True])
+def test_fused_decode_matches_the_cpu_after_a_prefill(cuda, cp, graphs, tied):
+    ops = cuda.CudaOps(fused_decode=True, graphs=graphs)
+    gpu_model, cpu_model = small_model(ops, bsz=3, tied=tied)
+    prompt = rng.integers(0, ODD["vocab_size"], size=(3, 5))
+    assert rel_err(gpu_model.forward(prompt, 0), cpu_model.forward(prompt, 0)) < 1e-4
+    for pos in range(5, 17):                   # bsz 3, then 2, then 3 again: one graph each
+        bsz = 2 if pos in (9, 10) else 3
+        tok = rng.integers(0, ODD["vocab_size"], size=(bsz, 1))
+        got = gpu_model.forward(tok, pos)
+        assert got.shape == (bsz, 1, ODD["vocab_size"])
+        assert rel_err(got, cpu_model.forward(tok, pos)) < 1e-4
+    decoder = ops._decoders[gpu_model]
+    assert decoder is not None and decoder.launches_per_step[3] == 9 * ODD["n_layers"] + 3
+    assert (3 in decoder.graphs) == graphs
+
+
+@gpu
+def test_fused_decode_returns_fresh_logits_each_step(cuda, cp):
+    gpu_model, _ = small_model(cuda.CudaOps(), bsz=1)
+    first = gpu_model.forward([[3]], 0)
+    kept = first.copy()
+    gpu_model.forward([[4]], 1)
+    assert (first == kept).all()
+
+
+# ----------------------------------------------------------------------------
+# end to end: stories260K, greedy, against the CPU and llama2.c's golden ids
+
+def greedy(model, steps):
+    """Greedy decoding from BOS, one token per forward call (llama2.c's run)."""
+    ids, all_logits, token = [], [], 1
+    for pos in range(steps):
+        logits = model.forward(np.array([[token]]), pos)
+        logits = logits.get() if hasattr(logits, "get") else logits
+        all_logits.append(logits[0, -1])
+        token = int(logits[0, -1].argmax())
+        ids.append(token)
+    return ids, np.array(all_logits)
+
+
+@gpu
+@pytest.mark.parametrize("mode", ["fused+graphs", "fused", "generic"])
+def test_stories260k_greedy_on_the_gpu_matches_cpu_and_golden(cuda, cp, mode):
+    require_shared()
+    from minillama.loading import open_checkpoint
+    golden = json.loads(GOLDEN.read_text())["generation"][0]
+    assert golden["model"] == "stories260K.bin" and golden["temperature"] == 0.0
+    ckpt = open_checkpoint(MODELS / "stories260K.bin")
+    ops = cuda.CudaOps(fused_decode=mode != "generic", graphs=mode == "fused+graphs")
+    gpu_ids, gpu_logits = greedy(Transformer(ckpt.params, ckpt.weights, ops), 256)
+    cpu_ids, cpu_logits = greedy(Transformer(ckpt.params, ckpt.weights, CPU), 256)
+    assert gpu_ids == cpu_ids == golden["generated_ids"]
+    for step, (g, c) in enumerate(zip(gpu_logits, cpu_logits)):
+        err = np.linalg.norm(g - c) / np.linalg.norm(c)
+        assert err < 1e-4, f"step {step}: logits differ by {err:.2e}"
+
+
+@gpu
+def test_load_model_on_cuda_and_prefill_matches_cpu(cuda, cp):
+    require_shared()
+    from minillama.loading import load_model
+    gpu_model = load_model(MODELS / "stories260K.bin", device="cuda")
+    cpu_model = load_model(MODELS / "stories260K.bin", device="cpu")
+    assert isinstance(gpu_model.ops, cuda.CudaOps)
+    prompt = rng.integers(0, 512, size=(1, 100))              # sgemm path (100 rows)
+    assert rel_err(gpu_model.forward(prompt, 0), cpu_model.forward(prompt, 0)) < 1e-4
+    assert rel_err(gpu_model.forward([[7]], 100), cpu_model.forward([[7]], 100)) < 1e-4
+
+
+@gpu
+def test_q8_checkpoint_runs_on_the_generic_gpu_path(cuda, cp):
+    require_shared()
+    from minillama.loading import open_checkpoint
+    ckpt = open_checkpoint(MODELS / "stories260K-q8.bin")
+    ops = cuda.CudaOps()
+    gpu_model = Transformer(ckpt.params, ckpt.weights, ops)
+    cpu_model = Transformer(ckpt.params, ckpt.weights, CPU)
+    for pos, token in enumerate([1, 403, 407, 261]):
+        got = gpu_model.forward([[token]], pos)
+        assert rel_err(got, cpu_model.forward(np.array([[token]]), pos)) < 1e-4
+    assert ops._decoders[gpu_model] is None                  # Q8 is not fused: generic path
+
+
+# ----------------------------------------------------------------------------
+# no CuPy: a clear DeviceError, exit status 2 (these run everywhere, GPU or not)
+
+@pytest.fixture
+def no_cupy(monkeypatch):
+    """Make `import cupy` fail, as on a machine without it, and forget any earlier success."""
+    import minillama.cuda
+    monkeypatch.setitem(sys.modules, "cupy", None)
+    minillama.cuda.require_cupy.cache_clear()
+    yield
+    minillama.cuda.require_cupy.cache_clear()
+
+
+def test_cuda_without_cupy_is_a_device_error(no_cupy):
+    from minillama.ops import get_ops
+    with pytest.raises(DeviceError, match=r"needs CuPy: pip install 'minillama\[cuda12\]'"):
+        get_ops("cuda")
+
+
+def test_cli_device_cuda_without_cupy_exits_2(no_cupy, capsys):
+    require_shared()
+    from minillama.cli import main
+    status = main(["run", str(MODELS / "stories260K.bin"), "-z", str(MODELS / "tok512.bin"),
+                   "--device", "cuda", "-n", "5"])
+    err = capsys.readouterr().err
+    assert status == 2
+    assert err.startswith("minillama: error: device 'cuda' needs CuPy") and err.count("\n") == 1
