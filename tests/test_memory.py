@@ -137,3 +137,54 @@ def test_measured_budget_and_arguments():
         plan_memory(LLAMA2_7B, "int8", 0, 1, "cpu")
     with pytest.raises(ArgumentError, match="dtype"):
         plan_memory(LLAMA2_7B, "int4", 128, 1, "cpu")
+
+
+# ----------------------------------------------------------------------------
+# on the GPU: cudaMemGetInfo as the budget, and the plan against CuPy's own pool
+
+@pytest.fixture
+def cupy():
+    cp = pytest.importorskip("cupy")
+    try:
+        if cp.cuda.runtime.getDeviceCount() < 1:
+            pytest.skip("CuPy finds no GPU")
+    except Exception as e:                            # no driver
+        pytest.skip(f"CuPy finds no usable GPU: {e}")
+    return cp
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["float32", "float16", "int8"])
+def test_gpu_plan_covers_what_the_pool_allocates(cupy, dtype):
+    from minillama.ops import get_ops
+    p = ModelArgs(dim=256, n_layers=3, n_heads=8, n_kv_heads=2, vocab_size=2000,
+                  hidden_dim=688, max_seq_len=256, max_batch_size=2)
+    pool = cupy.get_default_memory_pool()
+    pool.free_all_blocks()
+    before = pool.total_bytes()
+    model = Transformer(p, store_weights(random_weights(p), dtype), get_ops("cuda"))
+    tokens = np.random.default_rng(1).integers(0, p.vocab_size, (2, 256))
+    model.forward(tokens, 0)
+    cupy.cuda.Device().synchronize()
+    used = pool.total_bytes() - before          # the pool keeps freed blocks: about the peak
+    plan = plan_memory(p, dtype, 256, 2, "cuda", budget=1 << 40, tied=False)
+    assert used <= plan.total
+    free, source = free_memory("cuda")
+    assert source == "cudaMemGetInfo" and free > 0
+
+
+@pytest.mark.gpu
+def test_gpu_refusal_measures_the_card(cupy, tmp_path):
+    from minillama.checkpoints.llama2c import write_llama2c
+    from minillama.loading import load_model
+    p = ModelArgs(dim=64, n_layers=2, n_heads=8, n_kv_heads=4, vocab_size=300, hidden_dim=172,
+                  max_seq_len=64)
+    write_llama2c(tmp_path / "m.bin", p, random_weights(p, seed=2), version=1)
+    with pytest.raises(OutOfMemoryError, match=r"does not fit on cuda.*\(cudaMemGetInfo\)"):
+        load_model(tmp_path / "m.bin", device="cuda", max_seq_len=10 ** 7, max_batch_size=1000)
+    tokens = np.array([[1, 203, 17, 261, 78]])
+    for dtype in ("float16", "int8"):
+        cpu = load_model(tmp_path / "m.bin", dtype=dtype)
+        gpu = load_model(tmp_path / "m.bin", device="cuda", dtype=dtype)
+        a, b = cpu.forward(tokens, 0), cupy.asnumpy(gpu.forward(tokens, 0))
+        assert np.abs(a - b).max() <= 1e-4 * np.abs(a).max()
