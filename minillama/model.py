@@ -11,7 +11,7 @@ own kernels. Shapes are written beside each tensor:
     n_heads    query heads                   n_kv_heads  key/value heads (GQA: fewer)
 """
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import numpy as np
@@ -65,6 +65,14 @@ class ModelArgs:
         if self.n_heads % self.n_kv_heads:
             raise ArgumentError(
                 f"n_kv_heads: {self.n_kv_heads} must divide n_heads ({self.n_heads})")
+        # a NaN here would make every logit NaN, silently: refuse it up front
+        for name in ("norm_eps", "rope_theta"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) \
+                    or not (math.isfinite(value) and value >= 0) \
+                    or (name == "rope_theta" and value == 0):
+                raise ArgumentError(f"{name}: expected a finite number "
+                                    f"{'> 0' if name == 'rope_theta' else '>= 0'}, got {value!r}")
 
 
 def ffn_hidden_dim(dim, multiple_of, ffn_dim_multiplier=None):
@@ -98,6 +106,10 @@ def weight_shapes(p: ModelArgs):
 
 def check_weights(p: ModelArgs, weights, source="checkpoint"):
     """Raise CheckpointError naming the first missing or mis-shaped tensor."""
+    if len(weights) < 3 + 9 * p.n_layers:
+        # Some tensor is missing. A header may claim 2**63 layers, so list shapes only as far
+        # as the first missing one can be: among the first len(weights) + 1 names.
+        p = replace(p, n_layers=min(p.n_layers, len(weights) // 9 + 1))
     for name, shape in weight_shapes(p).items():
         if name not in weights:
             raise CheckpointError(f"{source}: tensor {name!r} is missing")

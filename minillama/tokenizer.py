@@ -327,6 +327,11 @@ class SentencePieceTokenizer(_TextRules):
         self.eos_id = self.sp_model.eos_id()
         self.pad_id = self.sp_model.pad_id()
         self.unk_id = self.sp_model.unk_id()
+        try:        # sentencepiece hands out pieces as str: a damaged model fails here, not later
+            self.sp_model.id_to_piece(list(range(self.n_words)))
+        except UnicodeDecodeError as e:
+            raise TokenizerError(f"{self.path}: a piece is not valid UTF-8 ({e.reason}); "
+                                 f"damaged SentencePiece model?") from None
         # Usually " ⁇ ", but a model can set its own (tok512.model's is the escaped text
         # " \\342\\201\\207 ", a quirk of how it was trained).
         self.unk_surface = self.sp_model.decode([self.unk_id]) if self.unk_id >= 0 else ""
@@ -341,6 +346,10 @@ class SentencePieceTokenizer(_TextRules):
     def encode(self, text, bos, eos):
         if not isinstance(text, str):
             raise ArgumentError(f"encode() needs a str, got {type(text).__name__}")
+        for wanted, name, token in ((bos, "BOS", self.bos_id), (eos, "EOS", self.eos_id)):
+            if wanted and token < 0:        # sentencepiece gives -1 for a piece it lacks
+                raise TokenizerError(f"{self.path}: has no {name} token, which encode() was "
+                                     f"asked to add")
         ids = self.sp_model.encode(text)
         if bos:
             ids = [self.bos_id] + ids

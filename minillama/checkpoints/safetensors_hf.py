@@ -72,9 +72,9 @@ def _tensor(path, name, info, base, data_len):
         dtype, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
         shape = tuple(int(d) for d in shape)
         begin, end = int(begin), int(end)
-    except (KeyError, TypeError, ValueError):
+    except (KeyError, TypeError, ValueError, OverflowError):     # OverflowError: int(inf)
         raise CheckpointError(f"{path}: tensor {name!r} has a malformed header entry") from None
-    if dtype not in DTYPES:
+    if not isinstance(dtype, str) or dtype not in DTYPES:
         raise CheckpointError(f"{path}: tensor {name!r} is {dtype}; minillama reads "
                               f"{', '.join(DTYPES)}")
     np_dtype, dtype_name = np.dtype(DTYPES[dtype][0]), DTYPES[dtype][1]
@@ -214,7 +214,7 @@ def read_config(path, max_seq_len=None, max_batch_size=1):
         if not isinstance(cfg.get(key), int):
             raise CheckpointError(f"{path}: field {key!r} must be an integer, got {cfg.get(key)!r}")
     heads = cfg["num_attention_heads"]
-    if cfg.get("head_dim") not in (None, cfg["hidden_size"] // heads):
+    if heads > 0 and cfg.get("head_dim") not in (None, cfg["hidden_size"] // heads):
         raise CheckpointError(f"{path}: head_dim {cfg['head_dim']} differs from hidden_size / "
                               f"num_attention_heads; minillama needs them equal")
     try:
@@ -223,7 +223,7 @@ def read_config(path, max_seq_len=None, max_batch_size=1):
                       n_kv_heads=cfg.get("num_key_value_heads"), vocab_size=cfg["vocab_size"],
                       norm_eps=float(cfg.get("rms_norm_eps", 1e-6)), rope_theta=float(theta))
         max_pos = int(cfg.get("max_position_embeddings", p.max_seq_len))
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, OverflowError) as e:         # OverflowError: int(inf)
         raise CheckpointError(f"{path}: {e}") from None
     # the caller's sizes, checked as arguments (not as faults of the file)
     p = replace(p, max_seq_len=max_seq_len or max_pos, max_batch_size=max_batch_size)

@@ -148,7 +148,8 @@ def load_pth(path):
             members = {info.filename[len(prefix) + 5:]: _member_data(path, f, info)
                        for info in z.infolist()
                        if info.filename.startswith(prefix + "data/")}
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError) as e:
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError,
+            UnicodeDecodeError) as e:                  # e.g. a byteorder member of junk
         raise CheckpointError(f"{path}: damaged zip archive ({e})") from None
     if byteorder != "little":
         raise CheckpointError(f"{path}: byteorder {byteorder!r}: only little-endian files are read")
