@@ -75,7 +75,7 @@ def test_float16_overflow_is_an_error():
         store_weights(w, "float16")
 
 
-def test_bad_dtype_names_the_argument():
+def test_bad_dtype_names_the_argument(shared):
     p, w = weights_for()
     with pytest.raises(ArgumentError, match="dtype: expected one of float32, float16, int8"):
         store_weights(w, "bfloat16")
