@@ -115,7 +115,8 @@ def test_batch_rows_are_independent(rng):
     tokens = rng.integers(0, p.vocab_size, (3, 6))
     batched = Transformer(p, w).forward(tokens, 0)
     alone = Transformer(p, w).forward(tokens[1:2], 0)
-    np.testing.assert_allclose(batched[1:2], alone, rtol=1e-5, atol=1e-6)
+    # different GEMM shapes round differently (BLAS blocks by size): compare by norm
+    assert rel_err(batched[1:2], alone) < 1e-5
 
 
 # ----------------------------------------------------------------------------
