@@ -30,6 +30,7 @@ from .errors import ArgumentError, TokenizerError
 
 # GGUF token types (tokenizer.ggml.token_type)
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
+NO_MERGE = float("inf")     # the rank of a pair that is not in the merges list
 
 
 def bytes_to_unicode():
@@ -203,8 +204,8 @@ class BPETokenizer:
         symbols = list(word)
         while len(symbols) > 1:
             pairs = zip(symbols, symbols[1:])
-            rank, i = min((self.ranks.get(pair, len(self.ranks)), i) for i, pair in enumerate(pairs))
-            if rank == len(self.ranks):
+            rank, i = min((self.ranks.get(pair, NO_MERGE), i) for i, pair in enumerate(pairs))
+            if rank == NO_MERGE:
                 break                   # no adjacent pair is a merge: done
             first, second = symbols[i], symbols[i + 1]
             # join every occurrence of the pair, left to right

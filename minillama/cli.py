@@ -59,7 +59,9 @@ def build_parser():
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="llama2.c's run: generate or chat with a model")
-    run.add_argument("checkpoint", nargs="?", help="model file (llama2.c .bin, .gguf, ...)")
+    run.add_argument("checkpoint", nargs="?",
+                     help="model file (llama2.c .bin, .gguf, ...); default: SmolLM2-135M-Instruct "
+                          "(downloaded on first use, then cached), in chat mode")
     run.add_argument("-t", dest="temperature", type=non_negative_float, default=1.0,
                      help="temperature in [0, inf), 0 = greedy (default 1.0)")
     run.add_argument("-p", dest="topp", type=probability, default=0.9,
@@ -70,7 +72,8 @@ def build_parser():
                      help="steps, prompt included (default 256, capped at seq_len)")
     run.add_argument("-i", dest="prompt", default=None, help="input prompt")
     run.add_argument("-z", dest="tokenizer", default=None, help="tokenizer file")
-    run.add_argument("-m", dest="mode", choices=["generate", "chat"], default="generate")
+    run.add_argument("-m", dest="mode", choices=["generate", "chat"], default=None,
+                     help="default: generate, or chat for the default model")
     run.add_argument("-y", dest="system_prompt", default=None, help="system prompt (chat)")
     add_device(run)
 
@@ -99,6 +102,13 @@ def build_parser():
     tok.add_argument("text")
     tok.add_argument("-z", dest="tokenizer", required=True, help="tokenizer file")
     tok.add_argument("--pieces", action="store_true", help="also print each token's piece")
+
+    from .download import DEFAULT_MODEL, MODELS
+    down = sub.add_parser("download", help="fetch a model into the cache ($MINILLAMA_HOME or "
+                                           "~/.cache/minillama) and print its files' paths")
+    down.add_argument("name", nargs="?", default=DEFAULT_MODEL, choices=list(MODELS),
+                      metavar="NAME", help=f"one of: {', '.join(MODELS)} (default {DEFAULT_MODEL})")
+    down.add_argument("--force", action="store_true", help="fetch again even if cached")
     return parser
 
 
@@ -126,13 +136,19 @@ def cmd_run(args):
     from .run import chat, generate
     from .sampler import Llama2cSampler
     from .tokenizer import load_tokenizer
-    if args.checkpoint is None:
-        raise ArgumentError("checkpoint: give a model file, e.g. stories260K.bin")
+    if args.checkpoint is None:                  # the default model: an instruct model, so chat
+        from .download import model_path
+        args.checkpoint = str(model_path())
+        args.mode = args.mode or "chat"
+    args.mode = args.mode or "generate"
     ops = get_ops(args.device)
     ckpt = open_checkpoint(args.checkpoint, dtype=args.dtype, device=args.device)
     tokenizer = load_tokenizer(find_tokenizer(args.checkpoint, args.tokenizer, ckpt.tokenizer_path),
                                vocab_size=ckpt.params.vocab_size)
     model = Transformer(ckpt.params, ckpt.weights, ops)
+    if args.mode == "generate" and not tokenizer.encode(args.prompt or "", bos=True, eos=False):
+        raise ArgumentError(f"-i: {args.checkpoint} has no BOS token to start from an empty "
+                            f"prompt; give one with -i, or chat with -m chat")
     seed = args.seed if args.seed > 0 else int(time.time())     # llama2.c: 0 means the clock
     sampler = Llama2cSampler(ckpt.params.vocab_size, args.temperature, args.topp, seed)
     if args.mode == "generate":
@@ -231,8 +247,14 @@ def cmd_tokenize(args):
         print(" ".join(f"{i}:{tokenizer.piece(i)!r}" for i in ids))
 
 
+def cmd_download(args):
+    from .download import download
+    for path in download(args.name, force=args.force):
+        print(path)
+
+
 COMMANDS = {"run": cmd_run, "complete": cmd_complete, "info": cmd_info,
-            "tokenize": cmd_tokenize}
+            "tokenize": cmd_tokenize, "download": cmd_download}
 
 
 def main(argv=None):

@@ -19,6 +19,7 @@ Every file is written to a temporary name beside its final one and renamed when 
 verified, so an interrupted or concurrent download never leaves a half file under the real name.
 """
 import hashlib
+import http.client
 import json
 import os
 import re
@@ -222,7 +223,7 @@ def _stream(response, out, label, err):
             h.update(block)
             n += len(block)
             progress.update(len(block))
-    except (OSError, TimeoutError) as e:
+    except (OSError, http.client.HTTPException) as e:
         raise DownloadError(f"{label}: the download broke off after {n} bytes ({e})") from None
     finally:
         progress.close()

@@ -115,8 +115,8 @@ def chat(model, tokenizer, sampler, user_prompt, system_prompt, steps, inp=None,
             user_idx += 1
         else:
             token = next_token
-        if token == eos:                                  # EOS ends the assistant's turn
-            user_turn = True
+            if token == eos:        # a sampled EOS ends the assistant's turn (not one in the
+                user_turn = True    # prompt: ChatML closes every message with EOS, <|im_end|>)
         next_token = sampler.sample(next_logits(model, token, pos))
         pos += 1
         if user_idx >= len(prompt_tokens) and next_token != eos:

@@ -1,6 +1,8 @@
 """GGUF: tiny random models written by the `gguf` package (llama.cpp's own Python writer),
 read back by minillama and checked against gguf's dequantization, a float64 PyTorch forward and
 transformers' GGUF loader; hostile files; the chat renderer; and the real SmolLM2 file."""
+import io
+import os
 import struct
 
 import numpy as np
@@ -530,3 +532,80 @@ def test_hostile_tokenizer_metadata(tmp_path, tiny_args):
     with pytest.raises(TokenizerError, match="version 0"):
         load_tokenizer(tmp_path / "bad.gguf")
 
+
+
+# ----------------------------------------------------------------------------
+# the real SmolLM2-135M-Instruct (Q4_1 + Q8_0 + F32), the default model
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The SmolLM2 GGUF from minillama's cache, fetched if missing. CI fetches it first
+    (`python -m minillama download smollm2-135m-instruct`); without a network elsewhere, skip."""
+    from minillama.download import DEFAULT_MODEL, cache_dir, model_path
+    from minillama.errors import DownloadError
+    try:
+        return model_path(DEFAULT_MODEL)
+    except DownloadError as e:
+        if os.environ.get("CI"):
+            pytest.fail(f"SmolLM2 is not in {cache_dir()} and cannot be fetched: {e}")
+        pytest.skip(f"SmolLM2 is not in {cache_dir()} and cannot be fetched: {e}")
+
+
+@pytest.fixture(scope="module")
+def smollm2_models(smollm2):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    from minillama.tokenizer import load_tokenizer
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        str(smollm2.parent), gguf_file=smollm2.name, dtype=torch.float32).eval()
+    ckpt = open_checkpoint(smollm2, max_seq_len=160)
+    tokenizer = load_tokenizer(ckpt.tokenizer_path, vocab_size=ckpt.params.vocab_size)
+    return Transformer(ckpt.params, ckpt.weights), tokenizer, hf
+
+
+def test_smollm2_hyperparameters(smollm2):
+    p = mg.load_gguf(smollm2)[0]
+    assert (p.dim, p.n_layers, p.n_heads, p.n_kv_heads, p.hidden_dim, p.vocab_size) == \
+        (576, 30, 9, 3, 1536, 49152)
+    assert (p.rope_theta, p.max_seq_len) == (100000.0, 8192)
+    types = {info.type_name for info in mg.read_gguf(smollm2).tensors.values()}
+    assert types == {"Q4_1", "Q8_0", "F32"}
+
+
+def test_smollm2_logits_and_greedy_match_transformers(smollm2_models):
+    """transformers dequantizes the same file with its own code and runs its own Llama. The
+    prompt is the chat prompt chat_completion builds; greedy, SmolLM2 answers with the whale."""
+    import torch
+    model, tokenizer, hf = smollm2_models
+    prompt = tokenizer.encode_dialog([{"role": "user", "content": "What is the largest animal?"}])
+    with torch.no_grad():
+        out = hf(torch.tensor([prompt]), use_cache=True)
+    theirs = out.logits[0].numpy()
+    ours = model.forward(np.array([prompt]), 0)[0]
+    assert np.abs(ours - theirs).max() <= 1e-3 * np.abs(theirs).max()
+
+    hf_ids, past, logits = [], out.past_key_values, theirs[-1]
+    for _ in range(32):                     # greedy on transformers' side, with its own cache
+        hf_ids.append(int(np.argmax(logits)))
+        with torch.no_grad():
+            out = hf(torch.tensor([hf_ids[-1:]]), past_key_values=past, use_cache=True)
+        past, logits = out.past_key_values, out.logits[0, -1].numpy()
+    model_ids = greedy(model.forward, prompt, 32)
+    assert model_ids == hf_ids
+    assert "whale" in tokenizer.decode(model_ids).lower(), tokenizer.decode(model_ids)
+
+
+def test_smollm2_chat_mode_answers_the_largest_animal(smollm2_models):
+    """`minillama run -m chat` on the default model: llama2.c's chat loop with SmolLM2's ChatML
+    template (no system prompt given), greedy."""
+    from minillama.run import chat
+    from minillama.sampler import Llama2cSampler
+    model, tokenizer, _ = smollm2_models
+    question = "What is the largest animal?"
+    n_prompt = len(tokenizer.encode(tokenizer.render_chat_turn("", question, True), True, False))
+    out = io.BytesIO()
+    chat(model, tokenizer, Llama2cSampler(tokenizer.n_words, temperature=0.0), question, "",
+         n_prompt + 12, inp=io.StringIO(""), out=out)
+    reply = out.getvalue().decode()
+    assert reply.startswith("Assistant: ") and "whale" in reply.lower(), reply
