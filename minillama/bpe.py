@@ -11,8 +11,8 @@ encode(text) in four steps:
     ("smollm") first puts every digit on its own.
  3. Each pre-token's UTF-8 bytes are spelled as printable characters, one per byte (see
     bytes_to_unicode), so a token is an ordinary string: " hello" is "Ġhello".
- 4. BPE: join the adjacent pair of symbols that comes first in the merges list, everywhere it
-    occurs, and repeat until no adjacent pair is in the list. Each symbol left is a token.
+ 4. BPE: join the adjacent pair of symbols that comes first in the merges list, and repeat
+    until no adjacent pair is in the list. Each symbol left is a token.
 
 decode() turns each token's characters back into bytes and the bytes into UTF-8 text.
 
@@ -21,6 +21,7 @@ database (unicodedata) instead, and \\s is Unicode's White_Space list, as in the
 Oniguruma engines that Hugging Face tokenizers and llama.cpp use.
 """
 import functools
+import heapq
 import os
 import re
 import sys
@@ -30,7 +31,6 @@ from .errors import ArgumentError, TokenizerError
 
 # GGUF token types (tokenizer.ggml.token_type)
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
-NO_MERGE = float("inf")     # the rank of a pair that is not in the merges list
 
 
 def bytes_to_unicode():
@@ -200,25 +200,43 @@ class BPETokenizer:
         return self._cache[word]
 
     def merge(self, word):
-        """BPE on one pre-token: a list of symbols, each a token of the vocabulary."""
-        symbols = list(word)
-        while len(symbols) > 1:
-            pairs = zip(symbols, symbols[1:])
-            rank, i = min((self.ranks.get(pair, NO_MERGE), i) for i, pair in enumerate(pairs))
-            if rank == NO_MERGE:
-                break                   # no adjacent pair is a merge: done
-            first, second = symbols[i], symbols[i + 1]
-            # join every occurrence of the pair, left to right
-            merged, j = [], 0
-            while j < len(symbols):
-                if j + 1 < len(symbols) and symbols[j] == first and symbols[j + 1] == second:
-                    merged.append(first + second)
-                    j += 2
-                else:
-                    merged.append(symbols[j])
-                    j += 1
-            symbols = merged
-        return symbols
+        """BPE on one pre-token (a string in the byte spelling): the list of its symbols.
+
+        The rule, as Hugging Face tokenizers and llama.cpp apply it: join the adjacent pair that
+        comes first in the merges list, the leftmost one where a pair occurs twice; repeat until
+        no adjacent pair is a merge. Rescanning the word for the best pair after every join is
+        quadratic in its length (a 50,000-letter word would take minutes), so instead:
+        the symbols form a linked list (right[i] is the position after i, left[i] the one
+        before), and a heap holds every adjacent pair that is a merge as (rank, position, left
+        symbol, right symbol), so its top is the next join. A join only changes the pairs around
+        it; an entry that no longer matches the list is skipped when it comes to the top.
+        """
+        symbols = list(word)            # symbols[i]: the symbol at position i; None once joined
+        n = len(symbols)
+        left, right = list(range(-1, n - 1)), list(range(1, n + 1))
+        heap = []
+
+        def push_pair(i):
+            """Offer the pair starting at position i, if there is one and it is a merge."""
+            if 0 <= i and right[i] < n:
+                pair = (symbols[i], symbols[right[i]])
+                if pair in self.ranks:
+                    heapq.heappush(heap, (self.ranks[pair], i, *pair))
+
+        for i in range(n - 1):
+            push_pair(i)
+        while heap:
+            _, i, first, second = heapq.heappop(heap)
+            j = right[i]
+            if symbols[i] != first or j >= n or symbols[j] != second:
+                continue                # stale: a join nearby changed this pair since
+            symbols[i], symbols[j] = first + second, None      # i absorbs j ...
+            right[i] = right[j]                                # ... and j leaves the list
+            if right[i] < n:
+                left[right[i]] = i
+            push_pair(left[i])          # the two pairs that now contain the joined symbol
+            push_pair(i)
+        return [s for s in symbols if s is not None]
 
     def _symbol_id(self, symbol):
         if symbol in self.ids:

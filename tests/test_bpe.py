@@ -151,6 +151,13 @@ def test_merges_match_tokenizers_on_any_text(text):
     assert TOK.decode(ids) == text
 
 
+def test_long_words_match_tokenizers():
+    """One 20,000-letter pre-token: the heap-driven merge gives tokenizers' ids (and does not
+    take quadratic time, which a rescanning loop would)."""
+    text = "".join(np.random.default_rng(3).choice(list("etaoinshrdlu"), 20_000))
+    assert TOK.encode(text, bos=False, eos=False) == REF.encode(text).ids
+
+
 def test_special_tokens_are_matched_whole_longest_first():
     tokens = ["<|a|>", "<|a|>b", "<x>"] + [BYTE_TO_CHAR[b] for b in range(256)]
     types = [3, 4, 3] + [1] * 256
