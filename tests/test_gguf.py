@@ -105,7 +105,7 @@ def gguf_reference_weights(path, p):
     out = {}
     for meta in weight_shapes(p):
         t = by_name.get(gguf_name(meta)) or by_name[gguf_name("tok_embeddings.weight")]  # tied
-        out[meta] = gguf.quants.dequantize(t.data, t.tensor_type).reshape(
+        out[meta] = np.array(gguf.quants.dequantize(t.data, t.tensor_type)).reshape(
             tuple(reversed([int(n) for n in t.shape])))
     return out
 
@@ -454,20 +454,17 @@ def test_gpt2_tokenizer_from_metadata(tmp_path, tiny_args):
         load_tokenizer(path, vocab_size=7)
 
 
-def test_sentencepiece_vocab_from_metadata(tmp_path, tiny_args, shared):
-    """A `llama` vocabulary (pieces + scores) encodes like llama2.c's tokenizer.bin of it."""
-    from minillama.tokenizer import Llama2cTokenizer, load_tokenizer
-    ref = Llama2cTokenizer(shared / "models" / "tok512.bin")
-    p = ModelArgs(**dict(TINY, vocab_size=ref.n_words))
-    w = gguf.GGUFWriter(str(tmp_path / "sp.gguf"), "llama")
+def write_sentencepiece_gguf(path, tokens, scores):
+    p = ModelArgs(**dict(TINY, vocab_size=len(tokens)))
+    w = gguf.GGUFWriter(str(path), "llama")
     for key, value in (("llama.context_length", 32), ("llama.embedding_length", p.dim),
                        ("llama.block_count", p.n_layers), ("llama.feed_forward_length", 96),
                        ("llama.attention.head_count", 4), ("llama.attention.head_count_kv", 2)):
         w.add_uint32(key, value)
     w.add_float32("llama.attention.layer_norm_rms_epsilon", 1e-5)
     w.add_tokenizer_model("llama")
-    w.add_token_list([piece.decode("utf-8").replace(" ", "\u2581") for piece in ref.vocab])
-    w.add_token_scores(ref.vocab_scores)
+    w.add_token_list(tokens)
+    w.add_token_scores(scores)
     w.add_bos_token_id(1)
     w.add_eos_token_id(2)
     w.add_unk_token_id(0)
@@ -477,13 +474,27 @@ def test_sentencepiece_vocab_from_metadata(tmp_path, tiny_args, shared):
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    tok = load_tokenizer(tmp_path / "sp.gguf", vocab_size=512)
+    return path
+
+
+def test_sentencepiece_vocab_from_metadata(tmp_path, shared):
+    """A `llama` vocabulary (pieces + scores) encodes like llama2.c's tokenizer.bin of it."""
+    from minillama.tokenizer import Llama2cTokenizer, load_tokenizer
+    ref = Llama2cTokenizer(shared / "models" / "tok512.bin")
+    tokens = [piece.decode("utf-8").replace(" ", "\u2581") for piece in ref.vocab]
+    path = write_sentencepiece_gguf(tmp_path / "sp.gguf", tokens, ref.vocab_scores)
+    tok = load_tokenizer(path, vocab_size=512)
     for text in ["Once upon a time, there was a little girl.", "  spaces\nand lines", "日本 ok",
                  ""]:
         assert tok.encode(text, bos=True, eos=True) == ref.encode(text, bos=True, eos=True)
         ids = ref.encode(text, bos=True, eos=False)
         assert tok.decode(ids) == ref.decode(ids)
     assert not hasattr(tok, "encode_dialog")               # Llama 2's [INST] format applies
+    # the byte fallback (byte b = id b + 3) needs Llama's layout; another one is refused
+    swapped = tokens[:3] + tokens[4:5] + tokens[3:4] + tokens[5:]
+    write_sentencepiece_gguf(path, swapped, ref.vocab_scores)
+    with pytest.raises(TokenizerError, match="byte tokens"):
+        load_tokenizer(path)
 
 
 def test_chatml_rendering(tmp_path, tiny_args):

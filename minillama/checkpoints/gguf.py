@@ -327,17 +327,14 @@ DEQUANTIZE = {"Q8_0": dequantize_q8_0, "Q4_0": dequantize_q4_0, "Q4_1": dequanti
 # the llama architecture: hyperparameters and tensor names
 
 def _get(gf, key, kind, default=None):
-    """Metadata value `key`, checked to be of `kind` ("count", "float" or "str")."""
+    """Metadata value `key`, checked to be a positive integer ("count") or number ("float")."""
     value = gf.metadata.get(key, default)
     if value is None:
         raise CheckpointError(f"{gf.path}: metadata {key!r} is missing")
-    ok = {"count": isinstance(value, int) and not isinstance(value, bool) and value > 0,
-          "float": isinstance(value, (int, float)) and not isinstance(value, bool)
-          and np.isfinite(value) and value > 0,
-          "str": isinstance(value, str)}[kind]
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    ok = number and value > 0 and (isinstance(value, int) if kind == "count" else np.isfinite(value))
     if not ok:
-        expected = {"count": "a positive integer", "float": "a positive number",
-                    "str": "a string"}[kind]
+        expected = "a positive integer" if kind == "count" else "a positive number"
         raise CheckpointError(f"{gf.path}: metadata {key!r} is {value!r}, expected {expected}")
     return value
 
@@ -467,8 +464,8 @@ def _meta_list(gf, key, kind, length=None, required=True):
         return None
     if not isinstance(value, list) or not all(isinstance(v, kind) for v in value) \
             or (length is not None and len(value) != length):
-        size = "" if length is None else f" of {length}"
-        raise TokenizerError(f"{gf.path}: metadata {key!r} must be a list{size} "
+        size = "" if length is None else f"{length} "
+        raise TokenizerError(f"{gf.path}: metadata {key!r} must be a list of {size}"
                              f"{kind.__name__} values")
     return value
 
@@ -501,6 +498,12 @@ def _sentencepiece_tokenizer(gf):
     from ..tokenizer import Llama2cTokenizer
     tokens = _meta_list(gf, "tokenizer.ggml.tokens", str)
     scores = _meta_list(gf, "tokenizer.ggml.scores", float, len(tokens))
+    if not all(np.isfinite(scores)):
+        raise TokenizerError(f"{gf.path}: metadata 'tokenizer.ggml.scores' has a non-finite score")
+    # llama2.c's encoder falls back to byte b as token b + 3: Llama's layout, checked here
+    if tokens[3:259] != [f"<0x{b:02X}>" for b in range(256)]:
+        raise TokenizerError(f"{gf.path}: the 'llama' vocabulary does not have the byte tokens "
+                             f"<0x00>..<0xFF> at ids 3..258, which minillama's encoder needs")
     # llama2.c's tokenizer.bin spells SentencePiece's "▁" as a space; the encoder expects that
     pieces = [t.replace("\u2581", " ").encode("utf-8") for t in tokens]
     tokenizer = Llama2cTokenizer.from_pieces(pieces, scores, path=gf.path)
