@@ -1,14 +1,15 @@
-// The small steps of decoding one token, fused so that a layer takes 9 launches instead of ~45.
+// The small steps of decoding one token, fused so that a layer takes 6 launches instead of ~45.
 //
 // Transformer.forward (minillama/model.py) runs a layer as a few dozen CuPy calls (RMSNorm
 // alone is six elementwise kernels), which is fine for a prompt but at one token per call the
 // GPU spends its time waiting for the next launch. minillama/cuda.py: FusedDecoder runs the
-// same arithmetic with these kernels plus gemv (matmul.cu):
+// same arithmetic with these kernels plus gemv (matmul.cu), whose prologues compute RMSNorm and
+// the SwiGLU gate on the fly as they load their input:
 //
-//     embed_tokens                                    h = tok_embeddings[token]
-//     per layer:  rmsnorm -> gemv(wqkv) -> rope_kv -> attention_decode -> gemv(wo, h +=)
-//                 rmsnorm -> gemv(w13)  -> swiglu  -> gemv(w2, h +=)
-//     rmsnorm -> gemv(output)                         logits
+//     embed_tokens                                          h = tok_embeddings[token]
+//     per layer:  gemv(rmsnorm -> wqkv) -> rope_kv -> attention_decode -> gemv(wo, h +=)
+//                 gemv(rmsnorm -> w13) -> gemv(swiglu -> w2, h +=)
+//     gemv(rmsnorm -> output)                               logits
 //
 // What changes from one token to the next, the position and the token ids, is read from device
 // memory (`step` = [start_pos, token_0, ..., token_{bsz-1}]), never passed as a kernel argument.
@@ -25,19 +26,6 @@ extern "C" __global__ void embed_tokens(const int* __restrict__ step, const floa
     const float* row = table + (size_t)step[1 + blockIdx.x] * dim;
     float* out = h + (size_t)blockIdx.x * dim;
     for (int j = threadIdx.x; j < dim; j += blockDim.x) out[j] = row[j];
-}
-
-// model.rms_norm: y = x * (1 / sqrt(mean(x^2) + eps)) * w, one block per row.  grid (bsz)
-extern "C" __global__ void rmsnorm(const float* __restrict__ x, const float* __restrict__ w,
-                                   float* __restrict__ y, int dim, float eps) {
-    __shared__ float scratch[32];
-    const float* xr = x + (size_t)blockIdx.x * dim;
-    float* yr = y + (size_t)blockIdx.x * dim;
-    float ss = 0.0f;
-    for (int j = threadIdx.x; j < dim; j += blockDim.x) ss += xr[j] * xr[j];
-    ss = block_sum(ss, scratch);
-    const float r = 1.0f / sqrtf(ss / dim + eps);
-    for (int j = threadIdx.x; j < dim; j += blockDim.x) yr[j] = xr[j] * r * w[j];
 }
 
 // model.apply_rotary_emb on q and k, and the KV-cache write, for one position per row.
@@ -83,31 +71,46 @@ extern "C" __global__ void rope_kv(const float* __restrict__ qkv, const int* __r
 // scores = (q * scale) . k_t,  p = softmax(scores),  out = sum_t p_t v_t.
 //
 // One block per (query head, row); query head h reads kv head h / (n_heads / n_kv_heads) (GQA).
-//   1. thread t computes scores for keys t, t + blockDim, ... into shared memory, and the max
+//   1. thread t computes the scores of keys t, t + blockDim, ... into shared memory, reading
+//      its key row WIDTH floats at a time (float4 when head_dim % 4 == 0), and their max
 //   2. exponentiate against the block max and sum (block reductions, reduce.cu)
-//   3. threads split as (group, d): group g sums p_t v_t[d] over t = g, g + groups, ...;
-//      threads with consecutive d read consecutive floats of a cached v row (coalesced);
-//      the group partials are added in shared memory and divided by the sum.
-// Dynamic shared memory: max_seq + head_dim + blockDim floats. Needs head_dim <= blockDim.
+//   3. threads split as (group, piece): piece i covers v[WIDTH i .. WIDTH i + WIDTH - 1] and
+//      group g sums p_t v_t over t = g, g + groups, ...; consecutive threads read consecutive
+//      pieces of one cached v row (coalesced). The group partials are added in shared memory
+//      and divided by the sum.
+// Dynamic shared memory: head_dim + WIDTH * blockDim + max_seq floats. Needs head_dim <= blockDim.
 // grid (n_heads, bsz)
-extern "C" __global__ void attention_decode(const float* __restrict__ q,
-                                            const float* __restrict__ cache_k,
-                                            const float* __restrict__ cache_v,
-                                            const int* __restrict__ step, float* __restrict__ out,
-                                            int n_heads, int n_kv_heads, int head_dim,
-                                            int max_seq, float scale) {
-    extern __shared__ float smem[];
-    float* scores = smem;                                  // (max_seq,)
-    float* qs = smem + max_seq;                            // (head_dim,)
-    float* partial = qs + head_dim;                        // (blockDim,)
+
+template <int WIDTH>
+__device__ __forceinline__ void load_w(const float* p, float* v) {
+    if (WIDTH == 4) {
+        const float4 x = *reinterpret_cast<const float4*>(p);
+        v[0] = x.x; v[1] = x.y; v[2] = x.z; v[3] = x.w;
+    } else {
+#pragma unroll
+        for (int i = 0; i < WIDTH; ++i) v[i] = p[i];
+    }
+}
+
+template <int WIDTH>
+__global__ void __launch_bounds__(256)
+attention_decode(const float* __restrict__ q, const float* __restrict__ cache_k,
+                 const float* __restrict__ cache_v, const int* __restrict__ step,
+                 float* __restrict__ out, int n_heads, int n_kv_heads, int head_dim, int max_seq,
+                 float scale) {
+    extern __shared__ __align__(16) float smem[];
+    float* qs = smem;                                      // (head_dim,)
+    float* partial = qs + head_dim;                        // (WIDTH * blockDim,)
+    float* scores = partial + WIDTH * blockDim.x;          // (max_seq,)
     __shared__ float scratch[32];
 
     const int h = blockIdx.x, b = blockIdx.y, tid = threadIdx.x;
     const int g = h / (n_heads / n_kv_heads);
     const int n_keys = step[0] + 1;
-    const size_t row_stride = (size_t)n_kv_heads * head_dim;          // from one position to the next
+    const size_t row_stride = (size_t)n_kv_heads * head_dim;   // from one position to the next
     const float* keys = cache_k + (size_t)b * max_seq * row_stride + g * head_dim;
     const float* values = cache_v + (size_t)b * max_seq * row_stride + g * head_dim;
+    const int pieces = head_dim / WIDTH;                   // WIDTH-wide pieces of a row
 
     // model.py scales q before the product; so do we, to round the same way
     for (int d = tid; d < head_dim; d += blockDim.x)
@@ -118,7 +121,22 @@ extern "C" __global__ void attention_decode(const float* __restrict__ q,
     for (int t = tid; t < n_keys; t += blockDim.x) {
         const float* k = keys + t * row_stride;
         float dot = 0.0f;
-        for (int d = 0; d < head_dim; ++d) dot += qs[d] * k[d];
+        // 16 pieces at a time: all 16 loads are issued before the first product waits on one
+        for (int i0 = 0; i0 < pieces; i0 += 16) {
+            float kv[16][WIDTH];
+#pragma unroll
+            for (int i = 0; i < 16; ++i)
+                if (i0 + i < pieces) load_w<WIDTH>(k + (i0 + i) * WIDTH, kv[i]);
+#pragma unroll
+            for (int i = 0; i < 16; ++i) {
+                if (i0 + i < pieces) {
+                    float qv[WIDTH];
+                    load_w<WIDTH>(qs + (i0 + i) * WIDTH, qv);
+#pragma unroll
+                    for (int j = 0; j < WIDTH; ++j) dot += qv[j] * kv[i][j];
+                }
+            }
+        }
         scores[t] = dot;
         m = fmaxf(m, dot);
     }
@@ -132,26 +150,26 @@ extern "C" __global__ void attention_decode(const float* __restrict__ q,
     }
     sum = block_sum(sum, scratch);                         // its barrier publishes scores[]
 
-    const int groups = blockDim.x / head_dim, grp = tid / head_dim, d = tid % head_dim;
-    float acc = 0.0f;
-    if (grp < groups)
-        for (int t = grp; t < n_keys; t += groups) acc += scores[t] * values[t * row_stride + d];
-    partial[tid] = acc;
-    __syncthreads();
-    if (tid < head_dim) {
-        float total = 0.0f;
-        for (int i = 0; i < groups; ++i) total += partial[i * head_dim + tid];
-        out[(size_t)b * n_heads * head_dim + h * head_dim + tid] = total / sum;
+    const int groups = blockDim.x / pieces, grp = tid / pieces, piece = tid % pieces;
+    if (grp < groups) {
+        float acc[WIDTH];
+#pragma unroll
+        for (int j = 0; j < WIDTH; ++j) acc[j] = 0.0f;
+#pragma unroll 4
+        for (int t = grp; t < n_keys; t += groups) {
+            float v[WIDTH];
+            load_w<WIDTH>(values + t * row_stride + piece * WIDTH, v);
+            const float p = scores[t];
+#pragma unroll
+            for (int j = 0; j < WIDTH; ++j) acc[j] += p * v[j];
+        }
+#pragma unroll
+        for (int j = 0; j < WIDTH; ++j) partial[grp * head_dim + piece * WIDTH + j] = acc[j];
     }
-}
-
-// model.FeedForward's gate: g = silu(h1) * h3, with h = [h1 | h3] from gemv(w13).
-// silu written with tanh, as model.silu does.       grid (ceil(hidden / block), bsz)
-extern "C" __global__ void swiglu(const float* __restrict__ h13, float* __restrict__ g,
-                                  int hidden) {
-    const int j = blockIdx.x * blockDim.x + threadIdx.x;
-    if (j >= hidden) return;
-    const float* row = h13 + (size_t)blockIdx.y * 2 * hidden;
-    const float x = row[j];
-    g[(size_t)blockIdx.y * hidden + j] = x * (0.5f + 0.5f * tanhf(0.5f * x)) * row[hidden + j];
+    __syncthreads();
+    for (int d = tid; d < head_dim; d += blockDim.x) {
+        float total = 0.0f;
+        for (int i = 0; i < groups; ++i) total += partial[i * head_dim + d];
+        out[(size_t)b * n_heads * head_dim + h * head_dim + d] = total / sum;
+    }
 }

@@ -321,30 +321,100 @@ sgemm_v4(const float* __restrict__ A, const float* __restrict__ W, float* __rest
 // Unrolling the k loop keeps several 16-byte loads per lane in flight, which is what it takes to
 // saturate HBM. `accumulate` adds into y instead of overwriting it (the residual connection).
 // ROWS rows of x per warp; blockIdx.y picks which ROWS rows, for batches larger than ROWS.
+// A small matrix (N of a few hundred) has too few rows to keep HBM busy with one warp each, so
+// `ksplit` warps share a row, each summing a slice of k.
+//
+// Prologues. Decoding a token, the step before each matmul is small (a norm, a gate) but costs
+// a launch of its own. PRO fuses it into the loads of x instead, so the GEMV reads what the
+// step would have written:
+//
+//     GEMV_PLAIN     x[m, k]
+//     GEMV_RMSNORM   x[m, k] * inv_rms[m] * norm_w[k]       model.rms_norm; each block first
+//                    reduces its rows of x for inv_rms = 1 / sqrt(mean(x^2) + eps)
+//     GEMV_SWIGLU    silu(x[m, k]) * x[m, K + k]            model.FeedForward's gate; rows of x
+//                    hold [h1 | h3] from the w13 matmul, so they are 2K long
+//
+// with the float32 operations in model.py's order, so the product sees the same values.
 
-template <int ROWS, bool VEC>
+#define GEMV_PLAIN 0
+#define GEMV_RMSNORM 1
+#define GEMV_SWIGLU 2
+
+__device__ __forceinline__ float silu(float x) { return x * (0.5f + 0.5f * tanhf(0.5f * x)); }
+
+// x[m, k] after the prologue; xr points at row m.
+template <int PRO>
+__device__ __forceinline__ float gemv_x(const float* __restrict__ xr, int k, int K,
+                                        const float* __restrict__ norm_w, float inv_rms) {
+    const float x = __ldg(xr + k);
+    if (PRO == GEMV_RMSNORM) return x * inv_rms * __ldg(norm_w + k);
+    if (PRO == GEMV_SWIGLU) return silu(x) * __ldg(xr + K + k);
+    return x;
+}
+
+// The same for x[m, 4 k4 .. 4 k4 + 3], one float4 (K % 4 == 0, aligned rows).
+template <int PRO>
+__device__ __forceinline__ float4 gemv_x4(const float* __restrict__ xr, int k4, int K,
+                                          const float* __restrict__ norm_w, float inv_rms) {
+    float4 x = __ldg(reinterpret_cast<const float4*>(xr) + k4);
+    if (PRO == GEMV_RMSNORM) {
+        const float4 g = __ldg(reinterpret_cast<const float4*>(norm_w) + k4);
+        x = make_float4(x.x * inv_rms * g.x, x.y * inv_rms * g.y, x.z * inv_rms * g.z,
+                        x.w * inv_rms * g.w);
+    } else if (PRO == GEMV_SWIGLU) {
+        const float4 u = __ldg(reinterpret_cast<const float4*>(xr + K) + k4);
+        x = make_float4(silu(x.x) * u.x, silu(x.y) * u.y, silu(x.z) * u.z, silu(x.w) * u.w);
+    }
+    return x;
+}
+
+template <int ROWS, bool VEC, int PRO>
 __global__ void __launch_bounds__(256)
 gemv(const float* __restrict__ X, const float* __restrict__ W, float* __restrict__ Y,
-     int M, int N, int K, int accumulate) {
-    const int lane = threadIdx.x % 32;
-    const int n = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+     int M, int N, int K, int accumulate, const float* __restrict__ norm_w, float eps,
+     int ksplit) {
+    // A block is 8 warps. Each output row n gets `ksplit` of them, which take interleaved
+    // 128-float slices of k, so a small matrix still gives the GPU enough loads in flight;
+    // their partial sums meet in shared memory, added in a fixed order (deterministic).
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, slice = warp % ksplit;
+    const int n = blockIdx.x * (blockDim.x / 32 / ksplit) + warp / ksplit;
     const int m0 = blockIdx.y * ROWS;
-    if (n >= N) return;                                 // the whole warp leaves together
+    const int ldx = PRO == GEMV_SWIGLU ? 2 * K : K;        // row length of X
+    const bool active = n < N;                          // idle warps still reach the barriers
+    __shared__ float partial[8][ROWS];
+
+    float inv_rms[ROWS];
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r) inv_rms[r] = 1.0f;
+    if (PRO == GEMV_RMSNORM) {                          // every block reduces its rows of x
+        __shared__ float scratch[32];
+#pragma unroll
+        for (int r = 0; r < ROWS; ++r) {
+            float ss = 0.0f;
+            if (m0 + r < M)
+                for (int k = threadIdx.x; k < K; k += blockDim.x) {
+                    const float v = X[(size_t)(m0 + r) * ldx + k];
+                    ss += v * v;
+                }
+            ss = block_sum(ss, scratch);
+            inv_rms[r] = 1.0f / sqrtf(ss / K + eps);
+        }
+    }
     const float* w = W + (size_t)n * K;
     float acc[ROWS];
 #pragma unroll
     for (int r = 0; r < ROWS; ++r) acc[r] = 0.0f;
 
-    if (VEC) {                                          // K % 4 == 0, 16-byte aligned rows
+    if (active && VEC) {                                // K % 4 == 0, 16-byte aligned rows
         const float4* w4 = reinterpret_cast<const float4*>(w);
 #pragma unroll 4
-        for (int k4 = lane; k4 < K / 4; k4 += 32) {
+        for (int k4 = slice * 32 + lane; k4 < K / 4; k4 += 32 * ksplit) {
             const float4 wv = __ldg(w4 + k4);
 #pragma unroll
             for (int r = 0; r < ROWS; ++r) {
                 if (m0 + r < M) {
                     const float4 xv =
-                        __ldg(reinterpret_cast<const float4*>(X + (size_t)(m0 + r) * K) + k4);
+                        gemv_x4<PRO>(X + (size_t)(m0 + r) * ldx, k4, K, norm_w, inv_rms[r]);
                     acc[r] = fmaf(wv.x, xv.x, acc[r]);
                     acc[r] = fmaf(wv.y, xv.y, acc[r]);
                     acc[r] = fmaf(wv.z, xv.z, acc[r]);
@@ -352,12 +422,14 @@ gemv(const float* __restrict__ X, const float* __restrict__ W, float* __restrict
                 }
             }
         }
-    } else {
-        for (int k = lane; k < K; k += 32) {
+    } else if (active) {
+        for (int k = slice * 32 + lane; k < K; k += 32 * ksplit) {
             const float wv = __ldg(w + k);
 #pragma unroll
             for (int r = 0; r < ROWS; ++r)
-                if (m0 + r < M) acc[r] = fmaf(wv, __ldg(X + (size_t)(m0 + r) * K + k), acc[r]);
+                if (m0 + r < M)
+                    acc[r] = fmaf(wv, gemv_x<PRO>(X + (size_t)(m0 + r) * ldx, k, K, norm_w,
+                                                  inv_rms[r]), acc[r]);
         }
     }
 
@@ -367,7 +439,13 @@ gemv(const float* __restrict__ X, const float* __restrict__ W, float* __restrict
         const float total = warp_sum(acc[r]);
         if (lane == r) mine = total;
     }
-    if (lane < ROWS && m0 + lane < M) {
+    if (ksplit > 1) {                                   // add the slices: warp `slice 0` does
+        if (lane < ROWS) partial[warp][lane] = mine;
+        __syncthreads();
+        if (slice == 0 && lane < ROWS)
+            for (int s = 1; s < ksplit; ++s) mine += partial[warp + s][lane];
+    }
+    if (active && slice == 0 && lane < ROWS && m0 + lane < M) {
         float* y = Y + (size_t)(m0 + lane) * N + n;
         *y = accumulate ? *y + mine : mine;
     }

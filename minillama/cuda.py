@@ -25,6 +25,7 @@ import functools
 import importlib.resources
 import warnings
 import weakref
+from pathlib import Path
 
 import numpy as np
 
@@ -34,14 +35,19 @@ from .quant import Q8Tensor
 
 KERNEL_FILES = ("reduce.cu", "matmul.cu", "softmax.cu", "decode.cu")   # in compile order
 
-# sgemm_v4 tile shapes: name -> (BM, BN, BK, TM, TN, MIN_BLOCKS), see matmul.cu
+# sgemm_v4 tile shapes: name -> (BM, BN, BK, TM, TN, MIN_BLOCKS), see matmul.cu. MIN_BLOCKS
+# blocks fit on an SM at once (registers and shared memory allow it).
 SGEMM_CONFIGS = {
-    "128x128x8": (128, 128, 8, 8, 8, 2),
     "128x128x16": (128, 128, 16, 8, 8, 2),
+    "128x128x8": (128, 128, 8, 8, 8, 2),
     "128x64x8": (128, 64, 8, 8, 4, 2),
-    "64x64x16": (64, 64, 16, 4, 4, 2),
+    "64x64x16": (64, 64, 16, 4, 4, 3),
 }
-GEMV_ROWS = (1, 2, 4, 8)           # rows of x per warp in gemv<ROWS, VEC>
+# TFLOP/s of each when the GPU is full: `python -m minillama.bench gpu` at 4096^3, H100 80GB
+# HBM3, 2026-11-24 (docs/benchmarks.md). Only their ratios matter, to pick a tile shape.
+SGEMM_RATES = {"128x128x16": 41.8, "128x128x8": 37.3, "128x64x8": 31.6, "64x64x16": 29.5}
+GEMV_ROWS = (1, 2, 4, 8)           # rows of x per warp in gemv<ROWS, VEC, PRO>
+GEMV_PROLOGUES = {None: 0, "rmsnorm": 1, "swiglu": 2}     # GEMV_PLAIN, _RMSNORM, _SWIGLU
 GEMV_MAX_M = 32                    # linear() uses gemv up to this many rows, sgemm above
 # softmax_block<V, THREADS>: one block of THREADS threads holds V values each, so rows of up to
 # V * THREADS floats. The smallest that fits is used.
@@ -81,10 +87,19 @@ def require_cupy():
     return cupy
 
 
+def kernel_dir():
+    """The installed package minillama.kernels (pip install . or -e .), or else the kernels/
+    folder beside minillama/ in a checkout that is only on PYTHONPATH."""
+    try:
+        return importlib.resources.files("minillama.kernels")
+    except ModuleNotFoundError:
+        return Path(__file__).resolve().parent.parent / "kernels"
+
+
 def kernel_source():
     """The text of kernels/*.cu, in compile order. #line keeps compiler messages pointing at
     the right file and line."""
-    root = importlib.resources.files("minillama.kernels")
+    root = kernel_dir()
     return "\n".join(f'#line 1 "{name}"\n' + root.joinpath(name).read_text(encoding="utf-8")
                      for name in KERNEL_FILES)
 
@@ -93,7 +108,9 @@ def _template_names():
     """Every template instantiation the wrappers launch (NVRTC compiles only these)."""
     names = [f"sgemm_v4<{','.join(map(str, c))},{_cpp_bool(vec)}>"
              for c in SGEMM_CONFIGS.values() for vec in (True, False)]
-    names += [f"gemv<{rows},{_cpp_bool(vec)}>" for rows in GEMV_ROWS for vec in (True, False)]
+    names += [f"gemv<{rows},{_cpp_bool(vec)},{pro}>" for rows in GEMV_ROWS
+              for vec in (True, False) for pro in GEMV_PROLOGUES.values()]
+    names += [f"attention_decode<{width}>" for width in (1, 4)]
     names += [f"softmax_block<{v},{t}>" for v, t in SOFTMAX_BLOCKS]
     return names
 
@@ -165,14 +182,17 @@ def _aligned(*arrays):
 
 
 def pick_sgemm_config(M, N):
-    """The largest tile that still gives every SM a block: big tiles reuse more, but a
-    1024 x 1024 product has only 64 tiles of 128 x 128 for 132 SMs."""
+    """The tile shape with the least estimated time. Big tiles reuse more (SGEMM_RATES), but the
+    blocks run in waves of (SMs x blocks per SM), and a partial last wave costs a whole one:
+    a 1024 x 1024 product has only 64 tiles of 128 x 128 for 132 SMs."""
     sms = sm_count()
-    for name in ("128x128x8", "128x64x8"):
-        bm, bn = SGEMM_CONFIGS[name][:2]
-        if cdiv(M, bm) * cdiv(N, bn) >= sms:
-            return name
-    return "64x64x16"
+
+    def cost(name):
+        bm, bn, *_, per_sm = SGEMM_CONFIGS[name]
+        slots = sms * per_sm
+        waves = cdiv(cdiv(M, bm) * cdiv(N, bn), slots)
+        return waves * slots * bm * bn / SGEMM_RATES[name]
+    return min(SGEMM_CONFIGS, key=cost)
 
 
 def sgemm(a, w, out=None, version=4, config=None):
@@ -207,24 +227,47 @@ def sgemm(a, w, out=None, version=4, config=None):
     return c
 
 
-def gemv(x, w, out=None, accumulate=False):
+def gemv(x, w, out=None, accumulate=False, norm=None, eps=1e-5, swiglu=False):
     """x @ w.T for a few rows: x (M, K), w (N, K) -> (M, N), one warp per output column.
-    With accumulate, adds into `out` (which must then be given) instead of overwriting it."""
+
+    accumulate: add into `out` (which must then be given) instead of overwriting it.
+    norm: an RMSNorm weight (K,): multiply rms_norm(x, norm, eps) instead of x.
+    swiglu: x is (M, 2K) = [h1 | h3]: multiply silu(h1) * h3 instead of x.
+    (The last two are the prologues of matmul.cu: the step before the matmul, fused into it.)"""
+    if norm is not None and swiglu:
+        raise DeviceError("gemv: norm and swiglu are two prologues; give one")
     _check("x", x, 2)
     _check("w", w, 2)
-    (M, K), (N, K_w) = x.shape, w.shape
-    if K != K_w:
-        raise DeviceError(f"gemv: x is (M, K) = {x.shape} but w is (N, K) = {w.shape}")
+    (M, K_x), (N, K) = x.shape, w.shape
+    if K_x != (2 * K if swiglu else K):
+        raise DeviceError(f"gemv: x is (M, K) = {x.shape} but w is (N, K) = {w.shape}"
+                          + (" (swiglu: x must be (M, 2K))" if swiglu else ""))
+    if norm is not None:
+        _check("norm", norm, 1)
+        if norm.shape != (K,):
+            raise DeviceError(f"norm: expected shape ({K},), got {norm.shape}")
     if accumulate and out is None:
         raise DeviceError("gemv: accumulate=True needs the array to add into as out")
     y = _output(out, (M, N))
     if M == 0 or N == 0:
         return y
     rows = next(r for r in GEMV_ROWS if r >= min(M, GEMV_ROWS[-1]))
-    vec = K % 4 == 0 and _aligned(x, w)
-    launch(f"gemv<{rows},{_cpp_bool(vec)}>", (cdiv(N, 8), cdiv(M, rows)), (256,),
-           (x, w, y, i32(M), i32(N), i32(K), i32(bool(accumulate))))
+    vec = K % 4 == 0 and _aligned(x, w, *([norm] if norm is not None else []))
+    prologue = GEMV_PROLOGUES["rmsnorm" if norm is not None else "swiglu" if swiglu else None]
+    ksplit = gemv_ksplit(N, K)
+    launch(f"gemv<{rows},{_cpp_bool(vec)},{prologue}>", (cdiv(N, 8 // ksplit), cdiv(M, rows)),
+           (256,), (x, w, y, i32(M), i32(N), i32(K), i32(bool(accumulate)),
+                    w if norm is None else norm, np.float32(eps), i32(ksplit)))
     return y
+
+
+def gemv_ksplit(N, K):
+    """Warps per output row in gemv (1, 2, 4 or 8): split k while there are fewer warps than
+    an H100 keeps in flight (~48 per SM) and each still gets a 128-float slice of k."""
+    ksplit, enough = 1, 48 * sm_count()
+    while ksplit < 8 and N * ksplit < enough and K >= 128 * (2 * ksplit):
+        ksplit *= 2
+    return ksplit
 
 
 def bmm(a, b, out=None):
@@ -348,10 +391,10 @@ class FusedDecoder:
     """Transformer.forward for tokens of shape (bsz, 1), with the kernels of decode.cu.
 
     The generic path launches ~45 small CuPy kernels per layer (RMSNorm alone is six); at one
-    token per call the GPU mostly waits for the host. Here a layer is
+    token per call the GPU mostly waits for the host. Here a layer is 6 launches,
 
-        rmsnorm, gemv(wqkv), rope_kv, attention_decode, gemv(wo, h +=),
-        rmsnorm, gemv(w13), swiglu, gemv(w2, h +=)
+        gemv(rmsnorm -> wqkv), rope_kv, attention_decode, gemv(wo, h +=),
+        gemv(rmsnorm -> w13), gemv(swiglu -> w2, h +=)
 
     on buffers allocated once, reading the model's own weights and KV cache. The position and
     token ids live in a device array (`step`), so the launches are the same at every position:
@@ -369,7 +412,7 @@ class FusedDecoder:
         p = model.params
         dense = all(not isinstance(w, Q8Tensor) and w.dtype == np.float32
                     for w in FusedDecoder._weights(model))
-        smem = 4 * (p.max_seq_len + p.head_dim + FusedDecoder.BLOCK)
+        smem = 4 * (p.max_seq_len + p.head_dim + 4 * FusedDecoder.BLOCK)
         return dense and p.head_dim <= FusedDecoder.BLOCK and smem <= 48 * 1024
 
     @staticmethod
@@ -384,6 +427,7 @@ class FusedDecoder:
         # No reference to the model itself: CudaOps keys its decoders by the model, weakly.
         cp, p = model.ops.xp, model.params
         self.cp, self.p = cp, p
+        import cupyx
         self.tok_embeddings, self.norm, self.output = model.tok_embeddings, model.norm, model.output
         self.freqs_cos, self.freqs_sin = model.freqs_cos, model.freqs_sin
         self.layers = [(layer.attention_norm, layer.attention.wqkv, layer.attention.wo,
@@ -395,19 +439,24 @@ class FusedDecoder:
         def buf(width):
             return cp.zeros((nb, width), dtype=np.float32)
         self.step = cp.zeros(1 + nb, dtype=np.int32)         # [start_pos, token_0, token_1, ...]
-        self.h, self.xn = buf(p.dim), buf(p.dim)             # residual stream, normed copy
+        self.step_host = cupyx.empty_pinned(1 + nb, dtype=np.int32)   # its source, page-locked
+        self.step_copied = None                              # event: step_host may be rewritten
+        self.h = buf(p.dim)                                  # the residual stream
         self.qkv = buf((p.n_heads + 2 * p.n_kv_heads) * hd)
         self.q, self.att = buf(p.n_heads * hd), buf(p.n_heads * hd)
-        self.h13, self.g = buf(2 * p.hidden_dim), buf(p.hidden_dim)
+        self.h13 = buf(2 * p.hidden_dim)                     # [h1 | h3]
         self.logits = buf(p.vocab_size)
         self.graphs = {}                                     # bsz -> cupy.cuda.Graph
         self.launches_per_step = {}                          # bsz -> kernels in one step
 
     def __call__(self, tokens, start_pos, use_graphs=True):
         bsz = tokens.shape[0]
-        step = np.empty(1 + bsz, dtype=np.int32)
-        step[0], step[1:] = start_pos, tokens[:, 0]
-        self.step[:1 + bsz].set(step)
+        if self.step_copied is not None:
+            self.step_copied.synchronize()                   # the last copy has read step_host
+        self.step_host[0], self.step_host[1:1 + bsz] = start_pos, tokens[:, 0]
+        stream = self.cp.cuda.get_current_stream()
+        self.step[:1 + bsz].set(self.step_host[:1 + bsz], stream=stream)    # async: pinned
+        self.step_copied = stream.record()
         if use_graphs and self.graphs.get(bsz) is not None:
             self.graphs[bsz].launch()
         else:
@@ -417,7 +466,9 @@ class FusedDecoder:
             if use_graphs and bsz not in self.graphs:
                 self.graphs[bsz] = self._capture(bsz)      # None if the driver refuses
         # a copy: the caller may keep the logits of every step, and the buffer is reused
-        return self.logits[:bsz].reshape(bsz, 1, -1).copy()
+        logits = self.cp.empty((bsz, 1, self.p.vocab_size), dtype=np.float32)
+        logits.data.copy_from_device_async(self.logits.data, logits.nbytes)
+        return logits
 
     def _capture(self, bsz):
         """Record run(bsz) into a CUDA graph (nothing executes while recording). Returns None,
@@ -441,26 +492,22 @@ class FusedDecoder:
         """Launch one decode step for rows 0 .. bsz-1 on the current stream."""
         p, B, block = self.p, self.BLOCK, (self.BLOCK,)
         nh, nkv, hd = p.n_heads, p.n_kv_heads, p.head_dim
-        h, xn, qkv, q, att = self.h[:bsz], self.xn[:bsz], self.qkv[:bsz], self.q[:bsz], self.att[:bsz]
-        h13, g, logits = self.h13[:bsz], self.g[:bsz], self.logits[:bsz]
-        dim, eps = i32(p.dim), np.float32(p.norm_eps)
-        attn_smem = 4 * (p.max_seq_len + hd + B)
+        h, qkv, q, att, h13 = (a[:bsz] for a in (self.h, self.qkv, self.q, self.att, self.h13))
+        eps = p.norm_eps
+        width = 4 if hd % 4 == 0 else 1                     # float4 rows in attention_decode
+        attn_smem = 4 * (hd + width * B + p.max_seq_len)
         scale = np.float32(1.0 / np.sqrt(hd))
 
-        launch("embed_tokens", (bsz,), block, (self.step, self.tok_embeddings, h, dim))
+        launch("embed_tokens", (bsz,), block, (self.step, self.tok_embeddings, h, i32(p.dim)))
         for attn_norm, wqkv, wo, ffn_norm, w13, w2, cache_k, cache_v in self.layers:
-            launch("rmsnorm", (bsz,), block, (h, attn_norm, xn, dim, eps))
-            gemv(xn, wqkv, out=qkv)
+            gemv(h, wqkv, out=qkv, norm=attn_norm, eps=eps)
             launch("rope_kv", (cdiv((nh + nkv) * hd // 2, B), bsz), block,
                    (qkv, self.step, self.freqs_cos, self.freqs_sin, q, cache_k, cache_v,
                     i32(nh), i32(nkv), i32(hd), i32(p.max_seq_len)))
-            launch("attention_decode", (nh, bsz), block,
+            launch(f"attention_decode<{width}>", (nh, bsz), block,
                    (q, cache_k, cache_v, self.step, att, i32(nh), i32(nkv), i32(hd),
                     i32(p.max_seq_len), scale), shared_mem=attn_smem)
             gemv(att, wo, out=h, accumulate=True)             # h += attention(...)
-            launch("rmsnorm", (bsz,), block, (h, ffn_norm, xn, dim, eps))
-            gemv(xn, w13, out=h13)
-            launch("swiglu", (cdiv(p.hidden_dim, B), bsz), block, (h13, g, i32(p.hidden_dim)))
-            gemv(g, w2, out=h, accumulate=True)               # h += feed_forward(...)
-        launch("rmsnorm", (bsz,), block, (h, self.norm, xn, dim, eps))
-        gemv(xn, self.output, out=logits)
+            gemv(h, w13, out=h13, norm=ffn_norm, eps=eps)
+            gemv(h13, w2, out=h, accumulate=True, swiglu=True)  # h += feed_forward(...)
+        gemv(h, self.output, out=self.logits[:bsz], norm=self.norm, eps=eps)

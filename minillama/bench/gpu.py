@@ -46,18 +46,21 @@ TARGETS = {   # issue 2, on an H100 in float32
 cp = None                   # cupy, once main() has found a GPU
 
 
-def gpu_ms(fn, reps=20, warmup=3):
-    """Median milliseconds of fn() between two CUDA events."""
+def gpu_ms(fn, reps=20, warmup=3, inner=10):
+    """Milliseconds per fn() call: the median over `reps` of CUDA-event time around `inner`
+    calls in a row. Several calls per measurement keep the GPU's queue full, so the host's
+    time to launch (tens of microseconds through Python) does not count as kernel time."""
     for _ in range(warmup):
         fn()
     start, end = cp.cuda.Event(), cp.cuda.Event()
     times = []
     for _ in range(reps):
         start.record()
-        fn()
+        for _ in range(inner):
+            fn()
         end.record()
         end.synchronize()
-        times.append(cp.cuda.get_elapsed_time(start, end))
+        times.append(cp.cuda.get_elapsed_time(start, end) / inner)
     return float(np.median(times))
 
 
@@ -76,7 +79,7 @@ def copy_bandwidth():
     """GB/s of a 1 GiB device-to-device copy, counting bytes read plus bytes written."""
     n = 1 << 28
     src, dst = randn(n), cp.empty(n, dtype=cp.float32)
-    ms = gpu_ms(lambda: dst.data.copy_from_device_async(src.data, src.nbytes), reps=20)
+    ms = gpu_ms(lambda: dst.data.copy_from_device_async(src.data, src.nbytes), inner=3)
     return 2 * src.nbytes / ms / 1e6
 
 
@@ -95,19 +98,20 @@ def bench_sgemm(quick):
     for name, M, N, K in shapes:
         a, w = randn(M, K), randn(N, K)
         c = cp.empty((M, N), dtype=cp.float32)
-        reps = 5 if M * N * K >= 4096 ** 3 else 20
-        blas_ms = gpu_ms(lambda: cp.matmul(a, w.T), reps=reps)
-        ours_ms = gpu_ms(lambda: sgemm(a, w, out=c), reps=reps)
+        reps, inner = (5, 2) if M * N * K >= 4096 ** 3 else (20, 10)
+        blas_ms = gpu_ms(lambda: cp.matmul(a, w.T), reps=reps, inner=inner)
+        ours_ms = gpu_ms(lambda: sgemm(a, w, out=c), reps=reps, inner=inner)
         err = rel(c, cp.matmul(a, w.T))
         rows.append(dict(name=name, M=M, N=N, K=K, config=pick_sgemm_config(M, N),
                          ours=tflops(M, N, K, ours_ms), cublas=tflops(M, N, K, blas_ms),
                          rel_err_vs_cublas=err))
         if name in ("4096^3", "1024^3") and not quick:
             for version in (1, 2, 3):
-                ms = gpu_ms(lambda: sgemm(a, w, out=c, version=version), reps=3, warmup=1)
+                ms = gpu_ms(lambda: sgemm(a, w, out=c, version=version), reps=3, warmup=1,
+                            inner=1)
                 variants.append(dict(name=name, kernel=f"v{version}", tflops=tflops(M, N, K, ms)))
             for config in SGEMM_CONFIGS:
-                ms = gpu_ms(lambda: sgemm(a, w, out=c, config=config), reps=reps)
+                ms = gpu_ms(lambda: sgemm(a, w, out=c, config=config), reps=reps, inner=inner)
                 variants.append(dict(name=name, kernel=f"v4 {config}",
                                      tflops=tflops(M, N, K, ms)))
     return rows, variants
@@ -119,8 +123,8 @@ def bench_gemv(copy_gbs):
         x, W = randn(M, 4096), randn(11008, 4096)
         y = cp.empty((M, 11008), dtype=cp.float32)
         nbytes = W.nbytes + x.nbytes + y.nbytes
-        ours = gpu_ms(lambda: gemv(x, W, out=y))
-        blas = gpu_ms(lambda: cp.matmul(x, W.T))
+        ours = gpu_ms(lambda: gemv(x, W, out=y), inner=20)
+        blas = gpu_ms(lambda: cp.matmul(x, W.T), inner=20)
         rows.append(dict(name=f"gemv 11008x4096, batch {M}", ours=nbytes / ours / 1e6,
                          cublas=nbytes / blas / 1e6, copy=copy_gbs,
                          rel_err_vs_cublas=rel(y, cp.matmul(x, W.T))))
@@ -169,20 +173,26 @@ def decode_rate(model, bsz, steps):
 
 
 def kernels_per_step(model, bsz, pos):
-    """GPU kernels one forward call executes, counted by CUPTI through torch.profiler (it sees
-    CuPy's launches too, and the kernels inside a graph); None without torch."""
+    """The GPU kernels one forward call executes, seen by CUPTI through torch.profiler (it sees
+    CuPy's launches too, and the kernels inside a graph): (count, {kernel: microseconds}).
+    (None, {}) without torch."""
     try:
         import torch
         from torch.profiler import ProfilerActivity, profile
         torch.cuda.init()
     except Exception:
-        return None
+        return None, {}
     tokens = np.ones((bsz, 1), dtype=np.int64)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         model.forward(tokens, pos)
         cp.cuda.Device().synchronize()
-    return sum(1 for e in prof.events() if e.device_type.name == "CUDA"
-               and not e.name.startswith(("Memcpy", "Memset")))
+    kernels = [e for e in prof.events() if e.device_type.name == "CUDA"
+               and not e.name.startswith(("Memcpy", "Memset"))]
+    times = {}
+    for e in kernels:
+        name = e.name.split("(")[0]
+        times[name] = times.get(name, 0.0) + e.time_range.elapsed_us()
+    return len(kernels), times
 
 
 def hf_decode_rate(shape, bsz, steps):
@@ -226,10 +236,15 @@ def bench_decode(steps, batches):
                                         ("graph", True, True)):
                 ops.fused_decode, ops.graphs = fused, graphs
                 row[mode] = decode_rate(model, bsz, steps)
-                row[f"{mode}_kernels"] = kernels_per_step(model, bsz, steps // 2)
+                row[f"{mode}_kernels"], times = kernels_per_step(model, bsz, steps // 2)
+                if mode == "graph":
+                    row["graph_kernel_us"] = times
             ops.fused_decode = ops.graphs = True
             decoder = ops._decoders.get(model)
             row["fused_launches"] = decoder.launches_per_step.get(bsz) if decoder else None
+            graph = decoder.graphs.get(bsz) if decoder else None
+            # GPU time of one step alone: graph replays back to back (at the last position)
+            row["graph_gpu_us"] = 1000 * gpu_ms(graph.launch, inner=20) if graph else None
             try:
                 row["hf_eager"] = hf_decode_rate(shape, bsz, min(steps, 64))
             except Exception as e:                       # a transformers API change, say
@@ -280,6 +295,14 @@ def print_report(r):
               f"{fmt(d['graph_kernels'], 'd'):>6}")
     print("  (graph: those kernels go to the GPU in 1 graph launch per token, plus a copy of the"
           " step in and of the logits out)")
+    for d in r["decode"]:
+        if d["graph_gpu_us"] is None:
+            continue
+        print(f"  stories{d['model']} bsz {d['bsz']}: one graph replay takes "
+              f"{d['graph_gpu_us']:.0f} us on the GPU; the whole step {1e6 * d['bsz'] / d['graph']:.0f}"
+              f" us; kernel time per step (us): " + ", ".join(
+                  f"{k} {v:.0f}" for k, v in sorted(d["graph_kernel_us"].items(),
+                                                    key=lambda kv: -kv[1])[:6]))
 
     print(f"\n{'target (issue 2)':44} {'measured':>10} {'target':>10} {'ratio':>6}  met")
     for name, value, target in targets(r):
