@@ -591,17 +591,15 @@ def test_smollm2_logits_and_greedy_match_transformers(smollm2_models):
     model, tokenizer, hf = smollm2_models
     prompt = tokenizer.encode_dialog([{"role": "user", "content": "What is the largest animal?"}])
     with torch.no_grad():
-        out = hf(torch.tensor([prompt]), use_cache=True)
-    theirs = out.logits[0].numpy()
+        theirs = hf(torch.tensor([prompt])).logits[0].numpy()
     ours = model.forward(np.array([prompt]), 0)[0]
     assert np.abs(ours - theirs).max() <= 1e-3 * np.abs(theirs).max()
 
-    hf_ids, past, logits = [], out.past_key_values, theirs[-1]
-    for _ in range(32):                     # greedy on transformers' side, with its own cache
-        hf_ids.append(int(np.argmax(logits)))
+    hf_ids = []
+    for _ in range(32):         # greedy on transformers' side: the whole sequence every step
         with torch.no_grad():
-            out = hf(torch.tensor([hf_ids[-1:]]), past_key_values=past, use_cache=True)
-        past, logits = out.past_key_values, out.logits[0, -1].numpy()
+            logits = hf(torch.tensor([prompt + hf_ids])).logits[0, -1].numpy()
+        hf_ids.append(int(np.argmax(logits)))
     model_ids = greedy(model.forward, prompt, 32)
     assert model_ids == hf_ids
     assert "whale" in tokenizer.decode(model_ids).lower(), tokenizer.decode(model_ids)
