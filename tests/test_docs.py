@@ -20,7 +20,8 @@ The convention: the first word of a fence's info string (its language) says what
 ```output          The expected output of the ```python block just before it.
 ```text,           Not run: prose, file layouts, diagrams, sample output shown for illustration.
 ```mermaid
-A second word "gpu" (```console gpu) runs the block only when CuPy and a GPU are present.
+A second word "gpu" (```python gpu, ```console gpu) runs the block only when CuPy and a GPU
+are present; without them it is skipped.
 
 In console and sh blocks, set-up steps are shown but not run, because the test environment has
 done them already (CI runs the install and the test suite itself): lines starting with
