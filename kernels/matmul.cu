@@ -386,18 +386,28 @@ gemv(const float* __restrict__ X, const float* __restrict__ W, float* __restrict
     float inv_rms[ROWS];
 #pragma unroll
     for (int r = 0; r < ROWS; ++r) inv_rms[r] = 1.0f;
-    if (PRO == GEMV_RMSNORM) {                          // every block reduces its rows of x
-        __shared__ float scratch[32];
+    if (PRO == GEMV_RMSNORM) {        // every block reduces its rows of x, all ROWS at once
+        __shared__ float sums[8][ROWS];                 // per warp, per row
+        float ss[ROWS];
 #pragma unroll
         for (int r = 0; r < ROWS; ++r) {
-            float ss = 0.0f;
+            ss[r] = 0.0f;
             if (m0 + r < M)
                 for (int k = threadIdx.x; k < K; k += blockDim.x) {
                     const float v = X[(size_t)(m0 + r) * ldx + k];
-                    ss += v * v;
+                    ss[r] += v * v;
                 }
-            ss = block_sum(ss, scratch);
-            inv_rms[r] = 1.0f / sqrtf(ss / K + eps);
+            ss[r] = warp_sum(ss[r]);
+        }
+        if (lane == 0)
+#pragma unroll
+            for (int r = 0; r < ROWS; ++r) sums[warp][r] = ss[r];
+        __syncthreads();
+#pragma unroll
+        for (int r = 0; r < ROWS; ++r) {
+            float total = 0.0f;
+            for (int i = 0; i < blockDim.x / 32; ++i) total += sums[i][r];
+            inv_rms[r] = 1.0f / sqrtf(total / K + eps);
         }
     }
     const float* w = W + (size_t)n * K;

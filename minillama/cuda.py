@@ -378,9 +378,10 @@ class CudaOps(NumpyOps):
         turned off or when the model is one it does not cover (see FusedDecoder.covers)."""
         if not self.fused_decode:
             return None
-        if model not in self._decoders:
-            self._decoders[model] = FusedDecoder(model) if FusedDecoder.covers(model) else None
-        decoder = self._decoders[model]
+        decoder = self._decoders.get(model, False)
+        if decoder is False:                                 # first call for this model
+            decoder = FusedDecoder(model) if FusedDecoder.covers(model) else None
+            self._decoders[model] = decoder
         return None if decoder is None else decoder(tokens, start_pos, self.graphs)
 
 
@@ -440,7 +441,7 @@ class FusedDecoder:
             return cp.zeros((nb, width), dtype=np.float32)
         self.step = cp.zeros(1 + nb, dtype=np.int32)         # [start_pos, token_0, token_1, ...]
         self.step_host = cupyx.empty_pinned(1 + nb, dtype=np.int32)   # its source, page-locked
-        self.step_copied = None                              # event: step_host may be rewritten
+        self.step_copied = cp.cuda.Event()                   # recorded: step_host was read
         self.h = buf(p.dim)                                  # the residual stream
         self.qkv = buf((p.n_heads + 2 * p.n_kv_heads) * hd)
         self.q, self.att = buf(p.n_heads * hd), buf(p.n_heads * hd)
@@ -451,12 +452,11 @@ class FusedDecoder:
 
     def __call__(self, tokens, start_pos, use_graphs=True):
         bsz = tokens.shape[0]
-        if self.step_copied is not None:
-            self.step_copied.synchronize()                   # the last copy has read step_host
+        self.step_copied.synchronize()                       # the last copy has read step_host
         self.step_host[0], self.step_host[1:1 + bsz] = start_pos, tokens[:, 0]
         stream = self.cp.cuda.get_current_stream()
-        self.step[:1 + bsz].set(self.step_host[:1 + bsz], stream=stream)    # async: pinned
-        self.step_copied = stream.record()
+        self.step.data.copy_from_host_async(self.step_host.ctypes.data, 4 * (1 + bsz), stream)
+        self.step_copied.record(stream)
         if use_graphs and self.graphs.get(bsz) is not None:
             self.graphs[bsz].launch()
         else:
