@@ -142,7 +142,8 @@ def cmd_run(args):
         args.mode = args.mode or "chat"
     args.mode = args.mode or "generate"
     ops = get_ops(args.device)
-    ckpt = open_checkpoint(args.checkpoint, dtype=args.dtype, device=args.device)
+    # run feeds one token per forward (the prompt too, as run.c does): plan for that
+    ckpt = open_checkpoint(args.checkpoint, dtype=args.dtype, device=args.device, prompt_len=1)
     tokenizer = load_tokenizer(find_tokenizer(args.checkpoint, args.tokenizer, ckpt.tokenizer_path),
                                vocab_size=ckpt.params.vocab_size)
     model = Transformer(ckpt.params, ckpt.weights, ops)

@@ -51,13 +51,14 @@ def read_checkpoint(path, max_seq_len=None, max_batch_size=1):
 
 
 def open_checkpoint(path, max_seq_len=None, max_batch_size=1, dtype=None, device=None,
-                    budget=None):
+                    budget=None, prompt_len=None):
     """dtype: 'float32', 'float16', 'int8' or None (the checkpoint's own; see dtypes.py).
     With a device ('cpu' or 'cuda'), first checks that the memory plan fits there, raising
-    OutOfMemoryError before any weight is read; budget: free bytes to plan for (default: measured)."""
+    OutOfMemoryError before any weight is read; budget: free bytes to plan for (default: measured);
+    prompt_len: the most tokens one forward call will take (default: max_seq_len)."""
     ckpt = read_checkpoint(path, max_seq_len, max_batch_size)
     if device is not None:
-        plan_checkpoint(ckpt, dtype, device, budget).check()
+        plan_checkpoint(ckpt, dtype, device, budget, prompt_len=prompt_len).check()
     ckpt.weights = store_weights(ckpt.weights, dtype)
     return ckpt
 
