@@ -28,6 +28,7 @@ import sys
 import unicodedata
 
 from .errors import ArgumentError, TokenizerError
+from .tokenizer import utf8_bytes
 
 # GGUF token types (tokenizer.ggml.token_type)
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
@@ -192,7 +193,7 @@ class BPETokenizer:
             yield text[pos:], False
 
     def _encode_piece(self, piece):
-        word = "".join(BYTE_TO_CHAR[b] for b in piece.encode("utf-8", errors="surrogatepass"))
+        word = "".join(BYTE_TO_CHAR[b] for b in utf8_bytes(piece))
         if word not in self._cache:
             if len(self._cache) > 100_000:
                 self._cache.clear()

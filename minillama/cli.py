@@ -31,17 +31,19 @@ def _number(kind, low=None, high=None, low_open=False):
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected {kind.__name__}, got {text!r}")
-        if value != value or (low is not None and (value < low or (low_open and value == low))) \
+        if value != value or value in (float("inf"), float("-inf")) \
+                or (low is not None and (value < low or (low_open and value == low))) \
                 or (high is not None and value > high):
             bracket = "(" if low_open else "["
             raise argparse.ArgumentTypeError(
                 f"expected a value in {bracket}{low if low is not None else '-inf'}, "
-                f"{high if high is not None else 'inf'}], got {text}")
+                f"{f'{high}]' if high is not None else 'inf)'}, got {text}")
         return value
     return parse
 
 
 positive_int = _number(int, 1)
+seed_int = _number(int, 0, 2**64 - 1)          # what a 64-bit generator state can hold
 non_negative_float = _number(float, 0.0)
 probability = _number(float, 0.0, 1.0, low_open=True)
 
@@ -66,8 +68,8 @@ def build_parser():
                      help="temperature in [0, inf), 0 = greedy (default 1.0)")
     run.add_argument("-p", dest="topp", type=probability, default=0.9,
                      help="top-p in (0, 1] (default 0.9)")
-    run.add_argument("-s", dest="seed", type=int, default=0,
-                     help="random seed, 0 = from the time (default 0)")
+    run.add_argument("-s", dest="seed", type=seed_int, default=0,
+                     help="random seed in [0, 2**64), 0 = from the time (default 0)")
     run.add_argument("-n", dest="steps", type=positive_int, default=256,
                      help="steps, prompt included (default 256, capped at seq_len)")
     run.add_argument("-i", dest="prompt", default=None, help="input prompt")
@@ -89,7 +91,7 @@ def build_parser():
     comp.add_argument("--max_gen_len", type=positive_int, default=64)
     comp.add_argument("--logprobs", action="store_true", help="print each token's log-prob")
     comp.add_argument("--echo", action="store_true", help="include the prompt in the output")
-    comp.add_argument("--seed", type=int, default=1)
+    comp.add_argument("--seed", type=seed_int, default=1, help="random seed in [0, 2**64)")
     add_device(comp)
 
     info = sub.add_parser("info", help="architecture, parameters and memory of a model")
@@ -181,9 +183,13 @@ def cmd_complete(args):
     results = generator.text_completion(prompts, temperature=args.temperature, top_p=args.top_p,
                                         max_gen_len=args.max_gen_len, logprobs=args.logprobs,
                                         echo=args.echo)
-    for prompt, result in zip(prompts, results):
+    for prompt, result, cut in zip(prompts, results, generator.cut_at_max_seq_len):
         print(prompt)
-        print(f"> {result['generation']}")
+        print(f"> {result['generation']}", flush=True)
+        if cut:
+            print(f"minillama: note: this completion stopped at max_seq_len "
+                  f"({generator.model.params.max_seq_len} tokens, prompt included) before "
+                  f"--max_gen_len {args.max_gen_len}; raise --max_seq_len for more", file=sys.stderr)
         if args.logprobs:
             for piece, lp in zip(result["tokens"], result["logprobs"]):
                 print(f"  {piece!r:>16} {lp:9.4f}")
@@ -259,9 +265,13 @@ COMMANDS = {"run": cmd_run, "complete": cmd_complete, "info": cmd_info,
 
 
 def main(argv=None):
+    import numpy as np
     args = build_parser().parse_args(argv)              # usage errors: argparse exits with 2
     try:
-        COMMANDS[args.command](args)
+        # NumPy's warnings about NaN/inf would come before the one clear error that
+        # check_finite gives (naming the layer), so they are not shown
+        with np.errstate(all="ignore"):
+            COMMANDS[args.command](args)
     except MiniLlamaError as e:
         print(f"minillama: error: {e}", file=sys.stderr)
         return 2

@@ -10,6 +10,7 @@ from typing import List, Optional
 import numpy as np
 
 from .errors import ArgumentError
+from .model import check_finite
 from .ops import to_host
 from .sampler import check_sampling_args, sample_top_p, softmax
 
@@ -41,6 +42,9 @@ class Llama:
         from .model import Transformer
         from .ops import get_ops
         from .tokenizer import load_tokenizer
+        if max_seq_len is not None:      # None: the checkpoint's own context length
+            check_count("max_seq_len", max_seq_len)
+        check_count("max_batch_size", max_batch_size)
         ops = get_ops(device)            # fail early on a missing GPU, before reading weights
         ckpt = open_checkpoint(ckpt_dir, max_seq_len, max_batch_size, device=device,
                                **load_options)           # checks the memory plan first
@@ -53,7 +57,12 @@ class Llama:
     def __init__(self, model, tokenizer, seed=1):
         self.model = model
         self.tokenizer = tokenizer
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+            raise ArgumentError(f"seed: expected an integer >= 0, got {seed!r}")
         self.rng = np.random.default_rng(seed)    # torch.manual_seed(seed) in Meta's build
+        # After generate(): which rows were cut short by max_seq_len (not by eos or max_gen_len).
+        # Meta's return values have no place for it; the CLI reads it to say so.
+        self.cut_at_max_seq_len = []
 
     def generate(self, prompt_tokens: List[List[int]], max_gen_len: int, temperature: float = 0.6,
                  top_p: float = 0.9, logprobs: bool = False, echo: bool = False):
@@ -86,6 +95,7 @@ class Llama:
         for cur_pos in range(min_prompt_len, total_len):
             logits = self.model.forward(tokens[:, prev_pos:cur_pos], prev_pos)
             last = to_host(logits[:, -1])                        # (bsz, vocab)
+            check_finite(last, self.model, tokens[:, prev_pos:cur_pos], prev_pos)
             if temperature > 0:
                 probs = softmax(last / temperature, axis=-1)
                 next_token = sample_top_p(probs, top_p, self.rng)
@@ -104,6 +114,8 @@ class Llama:
             if all(eos_reached):
                 break
 
+        self.cut_at_max_seq_len = [not eos_reached[i] and len(t) + max_gen_len > total_len
+                                   for i, t in enumerate(prompt_tokens)]
         out_tokens, out_logprobs = [], []
         for i, toks in enumerate(tokens.tolist()):
             # cut to max gen len
@@ -125,6 +137,9 @@ class Llama:
         """Meta asserts; we name the argument and the accepted range instead."""
         params = self.model.params
         check_sampling_args(temperature, top_p)
+        if not isinstance(prompt_tokens, (list, tuple)) or not all(
+                isinstance(t, (list, tuple, np.ndarray)) for t in prompt_tokens):
+            raise ArgumentError("prompt_tokens: expected a list of token id lists")
         if not 1 <= len(prompt_tokens) <= params.max_batch_size:
             raise ArgumentError(f"prompts: got {len(prompt_tokens)}, expected 1 to "
                                 f"max_batch_size ({params.max_batch_size})")
@@ -137,12 +152,18 @@ class Llama:
             if len(t) > params.max_seq_len:
                 raise ArgumentError(f"prompt {k}: {len(t)} tokens is longer than max_seq_len "
                                     f"({params.max_seq_len})")
+            if not all(isinstance(i, (int, np.integer)) and not isinstance(i, bool) for i in t):
+                raise ArgumentError(f"prompt {k}: token ids must be integers, got "
+                                    f"{[i for i in t if not isinstance(i, (int, np.integer))][:3]}")
 
     def text_completion(self, prompts: List[str], temperature: float = 0.6, top_p: float = 0.9,
                         max_gen_len: Optional[int] = None, logprobs: bool = False,
                         echo: bool = False):
         if max_gen_len is None:
             max_gen_len = self.model.params.max_seq_len - 1
+        if not isinstance(prompts, (list, tuple)) or not all(isinstance(x, str) for x in prompts):
+            raise ArgumentError(f"prompts: expected a list of strings, got {type(prompts).__name__}"
+                                f"{'' if not isinstance(prompts, str) else ' (wrap one prompt in a list)'}")
         prompt_tokens = [self.tokenizer.encode(x, bos=True, eos=False) for x in prompts]
         generation_tokens, generation_logprobs = self.generate(
             prompt_tokens=prompt_tokens, max_gen_len=max_gen_len, temperature=temperature,
@@ -159,6 +180,7 @@ class Llama:
         if max_gen_len is None:
             max_gen_len = self.model.params.max_seq_len - 1
         prompt_tokens, unsafe_requests = [], []
+        check_dialogs(dialogs)
         for dialog in dialogs:
             unsafe_requests.append(
                 any([tag in msg["content"] for tag in SPECIAL_TAGS for msg in dialog]))
@@ -182,6 +204,24 @@ class Llama:
         if hasattr(self.tokenizer, "encode_dialog"):
             return self.tokenizer.encode_dialog(dialog)
         return encode_llama2_dialog(self.tokenizer, dialog)
+
+
+def check_count(name, value):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ArgumentError(f"{name}: expected an integer >= 1, got {value!r}")
+
+
+def check_dialogs(dialogs):
+    """Each dialog a list of {"role": "system"|"user"|"assistant", "content": str} messages."""
+    if not isinstance(dialogs, (list, tuple)):
+        raise ArgumentError(f"dialogs: expected a list of dialogs, got {type(dialogs).__name__}")
+    for k, dialog in enumerate(dialogs):
+        for m in dialog if isinstance(dialog, (list, tuple)) else [None]:
+            if not (isinstance(m, dict) and m.get("role") in ("system", "user", "assistant")
+                    and isinstance(m.get("content"), str)):
+                raise ArgumentError(f"dialog {k}: each message must be a dict with 'role' "
+                                    f"('system', 'user' or 'assistant') and 'content' (a str), "
+                                    f"got {m!r:.80}")
 
 
 def encode_llama2_dialog(tokenizer, dialog):

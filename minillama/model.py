@@ -17,7 +17,7 @@ from typing import Optional
 import numpy as np
 
 from .errors import ArgumentError, CheckpointError, GenerationError
-from .ops import CPU
+from .ops import CPU, to_host
 from .quant import Q8Tensor
 
 
@@ -290,6 +290,31 @@ class Transformer:
 
     __call__ = forward
 
+    def locate_nonfinite(self, tokens, start_pos):
+        """Where forward(tokens, start_pos) first makes a NaN or inf: forward's steps, checked
+        after each. Replaying a step leaves the KV cache as it was: a call reads the positions
+        below start_pos, which it never writes, and rewrites positions start_pos.. with values
+        computed from the same input, i.e. the same values."""
+        xp = self.ops.xp
+        finite = lambda a: bool(xp.isfinite(a).all())
+        tokens = self.ops.asarray(self._check_tokens(tokens, start_pos))
+        seqlen = tokens.shape[1]
+        h = self.tok_embeddings[tokens]                        # (bsz, seqlen, dim)
+        if not finite(h):
+            return "it first appears in tok_embeddings, the embedding rows of the input tokens"
+        cos = self.freqs_cos[start_pos:start_pos + seqlen]
+        sin = self.freqs_sin[start_pos:start_pos + seqlen]
+        for i, layer in enumerate(self.layers):
+            h = layer(h, start_pos, cos, sin)
+            if not finite(h):
+                return f"it first appears in layer {i} (layers.{i}); {_weights_note(layer, xp)}"
+        h = rms_norm(h, self.norm, self.params.norm_eps, xp)
+        if not finite(h):
+            return "it first appears in the final norm (norm.weight)"
+        if not finite(self.ops.linear(h, self.output)):
+            return "it first appears in the classifier (output.weight)"
+        return "a replay of the same step was finite (a nondeterministic fault?)"
+
     def _check_tokens(self, tokens, start_pos):
         """Validate on the host, before anything indexes with them: NumPy would read
         tok_embeddings[-1] for a pad id of -1 without complaint."""
@@ -299,6 +324,8 @@ class Transformer:
             raise ArgumentError(f"tokens: expected a non-empty (bsz, seqlen) integer array, "
                                 f"got shape {host.shape} dtype {host.dtype}")
         bsz, seqlen = host.shape
+        if isinstance(start_pos, bool) or not isinstance(start_pos, (int, np.integer)):
+            raise ArgumentError(f"start_pos: expected an integer, got {start_pos!r}")
         if bsz > p.max_batch_size:
             raise ArgumentError(f"tokens: batch of {bsz} is larger than max_batch_size "
                                 f"{p.max_batch_size}")
@@ -312,6 +339,34 @@ class Transformer:
                                 f"outside the vocabulary [0, {p.vocab_size}); a pad id must never "
                                 f"reach the embedding")
         return host.astype(np.int64, copy=False)
+
+
+def check_finite(logits, model, tokens, start_pos):
+    """Raise GenerationError if `logits` (what model.forward(tokens, start_pos) returned, or a
+    slice of it) hold a NaN or an infinity, naming the layer where it first appeared.
+    Cheap while all is well: one pass over the logits. Only on failure is the step re-run,
+    stage by stage, to find where (Transformer.locate_nonfinite)."""
+    logits = to_host(logits)
+    if np.isfinite(logits).all():
+        return
+    kind = "NaN" if np.isnan(logits).any() else "an infinity"
+    seqlen = np.shape(tokens)[1]
+    where = model.locate_nonfinite(tokens, start_pos) if isinstance(model, Transformer) else ""
+    raise GenerationError(f"the logits hold {kind} at positions {start_pos}.."
+                          f"{start_pos + seqlen - 1}{'; ' if where else ''}{where}")
+
+
+def _weights_note(layer, xp):
+    """Which weights of a block hold NaN or inf: a damaged checkpoint, or else an overflow."""
+    weights = {"attention_norm": layer.attention_norm, "attention.wq/wk/wv": layer.attention.wqkv,
+               "attention.wo": layer.attention.wo, "ffn_norm": layer.ffn_norm,
+               "feed_forward.w1/w3": layer.feed_forward.w13,
+               "feed_forward.w2": layer.feed_forward.w2}
+    bad = [name for name, w in weights.items()
+           if not bool(xp.isfinite(w.s if isinstance(w, Q8Tensor) else w).all())]
+    if bad:
+        return f"its weights {', '.join(bad)} are not finite (a damaged checkpoint?)"
+    return "its weights are finite, so the activations overflowed there"
 
 
 def _dense(w):

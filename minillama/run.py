@@ -4,8 +4,10 @@ Differences from Meta's generate() worth knowing (docs/generate.md has the full 
 - one token per forward call, prompt included, exactly as run.c does;
 - `steps` counts the prompt's tokens too, and is capped at the model's seq_len;
 - generation stops early when the model samples BOS (id 1), not EOS;
-- pieces are printed through llama2.c's filter, which drops lone unprintable bytes, so the
-  output is byte-identical to llama2.c's.
+- with llama2.c's tokenizer.bin, pieces are printed through llama2.c's filter, which drops
+  lone unprintable bytes, so the output is byte-identical to llama2.c's. Other tokenizers
+  (SentencePiece .model, a GGUF's byte-level BPE) print text through a StreamDecoder instead:
+  a character split over byte tokens waits until it is whole, and nothing is dropped.
 """
 import sys
 import time
@@ -13,6 +15,7 @@ import time
 import numpy as np
 
 from .errors import ArgumentError
+from .model import check_finite
 from .ops import to_host
 
 SYSTEM_TEMPLATE = "[INST] <<SYS>>\n{system}\n<</SYS>>\n\n{user} [/INST]"
@@ -26,6 +29,30 @@ def safe_piece(piece: bytes) -> bytes:
     return piece
 
 
+class PieceWriter:
+    """Prints each generated token as it comes (see the module docstring for the two ways).
+    at_start: the first token printed starts the text (generate), or continues it (chat)."""
+
+    def __init__(self, tokenizer, out, at_start=True):
+        from .tokenizer import Llama2cTokenizer, StreamDecoder
+        self.tokenizer, self.out = tokenizer, out
+        self.stream = None if isinstance(tokenizer, Llama2cTokenizer) else \
+            StreamDecoder(tokenizer, at_start)
+
+    def write(self, prev_token, token):
+        if self.stream is None:         # llama2.c: decode(prev, token), then safe_printf
+            data = safe_piece(self.tokenizer.decode_piece(prev_token, token))
+        else:                           # whole characters only; bad bytes become U+FFFD
+            data = self.stream.feed(token).encode("utf-8")
+        self.out.write(data)
+        self.out.flush()
+
+    def finish(self):
+        """Print what a stream still holds: an unfinished character, as U+FFFDs."""
+        if self.stream is not None:
+            self.out.write(self.stream.flush().encode("utf-8"))
+
+
 def check_steps(steps, seq_len):
     """llama2.c caps steps at the model's context; 0 or fewer is an error here."""
     if not isinstance(steps, (int, np.integer)) or steps <= 0:
@@ -34,21 +61,34 @@ def check_steps(steps, seq_len):
 
 
 def next_logits(model, token, pos):
-    """Logits for one token at one position: (vocab_size,) on the host."""
-    return to_host(model.forward(np.array([[token]]), pos)[0, -1])
+    """Logits for one token at one position: (vocab_size,) on the host, checked to be finite
+    (a NaN would otherwise sample token 0 forever, silently)."""
+    tokens = np.array([[token]])
+    logits = to_host(model.forward(tokens, pos)[0, -1])
+    check_finite(logits, model, tokens, pos)
+    return logits
+
+
+def note_seq_len_cap(requested, steps, pos, err):
+    """llama2.c silently caps -n at the model's context; say so when the cap ended the run."""
+    if requested > steps and pos >= steps:
+        print(f"minillama: note: stopped at the model's max_seq_len ({steps} positions, prompt "
+              f"included); -n {requested} asked for more", file=err)
 
 
 def generate(model, tokenizer, sampler, prompt, steps, out=None, err=None):
     """llama2.c's generate(): stream a continuation of `prompt`; return the generated ids."""
     out = out or sys.stdout.buffer
     err = err or sys.stderr
-    steps = check_steps(steps, model.params.max_seq_len)
+    requested, steps = steps, check_steps(steps, model.params.max_seq_len)
     prompt_tokens = tokenizer.encode(prompt or "", bos=True, eos=False)
     if len(prompt_tokens) > steps:
-        raise ArgumentError(f"prompt (-i): {len(prompt_tokens)} tokens do not fit in "
-                            f"{steps} steps (-n)")
+        limit = f"{steps} steps (-n)" if steps == requested else \
+            f"the model's max_seq_len ({steps} positions)"
+        raise ArgumentError(f"prompt (-i): {len(prompt_tokens)} tokens do not fit in {limit}")
     start = None
     token, pos, generated = prompt_tokens[0], 0, []
+    writer = PieceWriter(tokenizer, out)
     while pos < steps:
         logits = next_logits(model, token, pos)
         if pos < len(prompt_tokens) - 1:
@@ -59,16 +99,17 @@ def generate(model, tokenizer, sampler, prompt, steps, out=None, err=None):
         pos += 1
         if next_token == tokenizer.bos_id:               # BOS marks the end of a story
             break
-        out.write(safe_piece(tokenizer.decode_piece(token, next_token)))
-        out.flush()
+        writer.write(token, next_token)
         token = next_token
         if start is None:
             start = time.perf_counter()                  # timing starts after the first token
+    writer.finish()
     out.write(b"\n")
     out.flush()
     if pos > 1 and start is not None:
         elapsed = max(time.perf_counter() - start, 1e-9)
         print(f"achieved tok/s: {(pos - 1) / elapsed:f}", file=err)
+    note_seq_len_cap(requested, steps, pos, err)
     return generated
 
 
@@ -87,16 +128,17 @@ def render_llama2(system, user, first_turn):
 
 
 def chat(model, tokenizer, sampler, user_prompt, system_prompt, steps, inp=None, out=None,
-         render=render_llama2):
+         render=render_llama2, err=None):
     """llama2.c's chat(): alternate user turns (from -i, then stdin) and assistant replies,
     until `steps` positions are used or the input ends."""
     inp = inp or sys.stdin
     out = out or sys.stdout.buffer
-    steps = check_steps(steps, model.params.max_seq_len)
+    requested, steps = steps, check_steps(steps, model.params.max_seq_len)
     render = getattr(tokenizer, "render_chat_turn", render)
     eos = tokenizer.eos_id
     user_turn, pos, next_token = True, 0, None
     prompt_tokens, user_idx, system = [], 0, system_prompt
+    writer = PieceWriter(tokenizer, out, at_start=False)
     while pos < steps:
         if user_turn:
             if pos == 0 and system is None:
@@ -120,9 +162,11 @@ def chat(model, tokenizer, sampler, user_prompt, system_prompt, steps, inp=None,
         next_token = sampler.sample(next_logits(model, token, pos))
         pos += 1
         if user_idx >= len(prompt_tokens) and next_token != eos:
-            out.write(safe_piece(tokenizer.decode_piece(token, next_token)))
-            out.flush()
+            writer.write(token, next_token)
         if next_token == eos:
+            writer.finish()
             out.write(b"\n")
+    writer.finish()
     out.write(b"\n")
     out.flush()
+    note_seq_len_cap(requested, steps, pos, err or sys.stderr)

@@ -40,6 +40,9 @@ def random_f32(state):
 # llama2.c's sampler
 
 def check_sampling_args(temperature, top_p):
+    for name, value in (("temperature", temperature), ("top_p", top_p)):
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
+            raise ArgumentError(f"{name}: expected a number, got {value!r}")
     if not np.isfinite(temperature) or temperature < 0:
         raise ArgumentError(f"temperature: expected a number >= 0, got {temperature}")
     if not 0 < top_p <= 1:

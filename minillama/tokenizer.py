@@ -98,6 +98,17 @@ def _byte_piece_value(piece):
     return int(m.group(1), 16) if m else None
 
 
+def utf8_bytes(text):
+    """`text` as UTF-8 bytes, whatever it holds. Bytes that were not UTF-8 where the text came
+    from (a command-line argument, a file name) arrive as U+DC80..U+DCFF (Python's
+    surrogateescape) and become those bytes again, as run.c would read them from argv; any other
+    lone surrogate is written as its own 3 bytes (surrogatepass)."""
+    try:
+        return text.encode("utf-8", errors="surrogateescape")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", errors="surrogatepass")
+
+
 def _utf8_chunks(data):
     """Split UTF-8 bytes into code points, the way run.c does: a chunk starts at any byte that is
     not a continuation byte (0b10xxxxxx) and takes the continuation bytes after it, 4 bytes at most."""
@@ -159,7 +170,7 @@ class Llama2cTokenizer(_TextRules):
             # SentencePiece's add_dummy_prefix: the text is read as if it started with a space, so
             # "Hello" at the start encodes like " Hello" in the middle of a sentence.
             tokens.append(self._dummy_prefix_id())
-        for chunk in _utf8_chunks(text.encode("utf-8", errors="surrogatepass")):
+        for chunk in _utf8_chunks(utf8_bytes(text)):
             if chunk in self._ids:
                 tokens.append(self._ids[chunk])
             else:
@@ -350,6 +361,10 @@ class SentencePieceTokenizer(_TextRules):
             if wanted and token < 0:        # sentencepiece gives -1 for a piece it lacks
                 raise TokenizerError(f"{self.path}: has no {name} token, which encode() was "
                                      f"asked to add")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:      # lone surrogates: sentencepiece takes the raw bytes
+            text = utf8_bytes(text)
         ids = self.sp_model.encode(text)
         if bos:
             ids = [self.bos_id] + ids
