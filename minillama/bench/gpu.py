@@ -225,34 +225,42 @@ def hf_decode_rate(shape, bsz, steps):
     return bsz * steps / (time.perf_counter() - start)
 
 
+MODES = (("generic", False, False), ("fused", True, False), ("graph", True, True))
+
+
 def bench_decode(steps, batches):
-    rows = []
+    """Tokens/s for every model, batch and mode; then the Hugging Face baseline; then, with
+    torch.profiler, the kernels of one step. In that order because CUPTI, once the profiler has
+    started it, stays hooked into every later launch and slows it."""
+    rows, models = [], {}
     for shape in ("15M", "110M"):
         ops = CudaOps()
-        model = random_model(shape, ops, max(batches))
+        models[shape] = model = random_model(shape, ops, max(batches))
         for bsz in batches:
             row = dict(model=shape, bsz=bsz)
-            for mode, fused, graphs in (("generic", False, False), ("fused", True, False),
-                                        ("graph", True, True)):
+            for mode, fused, graphs in MODES:
                 ops.fused_decode, ops.graphs = fused, graphs
                 row[mode] = decode_rate(model, bsz, steps)
-                row[f"{mode}_kernels"], times = kernels_per_step(model, bsz, steps // 2)
-                if mode == "graph":
-                    row["graph_kernel_us"] = times
-            ops.fused_decode = ops.graphs = True
             decoder = ops._decoders.get(model)
             row["fused_launches"] = decoder.launches_per_step.get(bsz) if decoder else None
             graph = decoder.graphs.get(bsz) if decoder else None
             # GPU time of one step alone: graph replays back to back (at the last position)
             row["graph_gpu_us"] = 1000 * gpu_ms(graph.launch, inner=20) if graph else None
-            try:
-                row["hf_eager"] = hf_decode_rate(shape, bsz, min(steps, 64))
-            except Exception as e:                       # a transformers API change, say
-                row["hf_eager"], row["hf_error"] = None, f"{type(e).__name__}: {e}"
             rows.append(row)
-            print(f"  decode {shape} bsz {bsz}: " + ", ".join(
-                f"{k} {v:.0f}" for k, v in row.items() if isinstance(v, float)), flush=True)
-        del model
+    for row in rows:
+        try:
+            row["hf_eager"] = hf_decode_rate(row["model"], row["bsz"], min(steps, 64))
+        except Exception as e:                           # a transformers API change, say
+            row["hf_eager"], row["hf_error"] = None, f"{type(e).__name__}: {e}"
+    for row in rows:
+        model = models[row["model"]]
+        for mode, fused, graphs in MODES:
+            model.ops.fused_decode, model.ops.graphs = fused, graphs
+            row[f"{mode}_kernels"], times = kernels_per_step(model, row["bsz"], steps // 2)
+            if mode == "graph":
+                row["graph_kernel_us"] = times
+        print(f"  decode {row['model']} bsz {row['bsz']}: " + ", ".join(
+            f"{k} {v:.0f}" for k, v in row.items() if isinstance(v, float)), flush=True)
     return rows
 
 
