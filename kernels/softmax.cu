@@ -84,9 +84,9 @@ extern "C" __global__ void softmax_warp(const float* __restrict__ x, float* __re
 //     y[j] = v[i] / s
 //
 // Traffic is one read and one write of the row: bytes moved = 2 * 4 * n_cols per row.
-// THREADS * V floats fit: 512 threads with V = 64 hold rows of up to 32768 floats (Llama's
-// 32000 logits). The values take V of a thread's registers; at 1024 threads a thread may use only
-// 64 registers in all, so long rows use 512 threads (128 registers each) rather than spill.
+// THREADS * V floats fit: 1024 threads with V = 32 hold rows of up to 32768 floats (Llama's
+// 32000 logits). That is as far as registers go: the values take V of a thread's registers, and
+// at 1024 threads a thread may use only 64 in all (this kernel needs exactly 64 at V = 32).
 
 template <int V, int THREADS>
 __global__ void __launch_bounds__(THREADS)

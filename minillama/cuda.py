@@ -50,8 +50,8 @@ GEMV_ROWS = (1, 2, 4, 8)           # rows of x per warp in gemv<ROWS, VEC, PRO>
 GEMV_PROLOGUES = {None: 0, "rmsnorm": 1, "swiglu": 2}     # GEMV_PLAIN, _RMSNORM, _SWIGLU
 GEMV_MAX_M = 32                    # linear() uses gemv up to this many rows, sgemm above
 # softmax_block<V, THREADS>: one block of THREADS threads holds V values each, so rows of up to
-# V * THREADS floats. The smallest that fits is used.
-SOFTMAX_BLOCKS = ((1, 1024), (2, 1024), (4, 1024), (8, 1024), (16, 1024), (32, 1024), (64, 512))
+# V * THREADS floats. The smallest that fits is used; longer rows go to softmax_warp.
+SOFTMAX_BLOCKS = ((1, 1024), (2, 1024), (4, 1024), (8, 1024), (16, 1024), (32, 1024))
 SOFTMAX_WARP_MAX = 1024            # rows up to this long: one warp per row (softmax_warp)
 
 i32 = np.int32
