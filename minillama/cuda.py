@@ -10,7 +10,7 @@ cache, sampling) runs through the CuPy array API unchanged. The operations that 
     linear(x, w)        gemv for a few rows (decoding), sgemm_v4 otherwise    matmul.cu
     matmul(a, b)        bmm_strided, reading the KV cache views in place       matmul.cu
     softmax(x, pos)     softmax_warp / softmax_block, causal mask built in     softmax.cu
-    decode(model, ...)  a one-token forward step in 9 launches per layer,      decode.cu
+    decode(model, ...)  a one-token forward step in 6 launches per layer,      decode.cu
                         replayed as one CUDA graph per batch size (FusedDecoder)
 
 The kernel functions sgemm, gemv, bmm and softmax below are the checked entry points: they take
@@ -18,8 +18,8 @@ float32 CuPy arrays (C-contiguous where the kernel indexes by row length) and ra
 on anything else. Sizes go to the kernels as numpy.int32.
 
 All .cu files are compiled together as one module, once per process (CuPy also caches the
-compiled binary on disk), from the package minillama.kernels, which is the kernels/ folder of a
-checkout or the installed copy after `pip install .`.
+compiled binary on disk), from the package minillama.kernels: the kernels/ folder of a checkout
+(`pip install -e .`, or just on PYTHONPATH) or the installed copy after `pip install .`.
 """
 import functools
 import importlib.resources
@@ -146,7 +146,14 @@ def launch_count():
 
 
 def sm_count():
-    return require_cupy().cuda.Device().attributes["MultiProcessorCount"]
+    """Streaming multiprocessors of the current GPU (asked once per device: CuPy's
+    Device.attributes queries every attribute, tens of microseconds)."""
+    return _sm_count(require_cupy().cuda.Device().id)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_id):
+    return require_cupy().cuda.Device(device_id).attributes["MultiProcessorCount"]
 
 
 # ----------------------------------------------------------------------------
@@ -338,7 +345,7 @@ def softmax(x, out=None, start_pos=None, kernel=None):
 class CudaOps(NumpyOps):
     """NumpyOps on the GPU: `xp` is cupy, and linear / matmul / softmax run minillama's kernels.
 
-    fused_decode: one-token forward calls go to FusedDecoder (9 launches per layer) instead of
+    fused_decode: one-token forward calls go to FusedDecoder (6 launches per layer) instead of
         the generic path; graphs: FusedDecoder replays them as one CUDA graph per batch size.
     """
     name = "cuda"
