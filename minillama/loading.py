@@ -9,6 +9,7 @@
 Each format module provides `load_<format>(path, max_seq_len, max_batch_size)` returning
 (ModelArgs, weights[, tokenizer path]). New formats register themselves in FORMATS.
 """
+import importlib
 import os
 from dataclasses import dataclass
 from typing import Optional
@@ -34,17 +35,18 @@ def detect_format(path):
     path = os.fspath(path)
     if not os.path.exists(path):
         raise CheckpointError(f"{path}: no such file or directory")
-    for name, probe, _ in FORMATS:
-        if probe(path):
+    for name, module, probe, _ in FORMATS:
+        if _function(module, probe)(path):
             return name
     raise CheckpointError(f"{path}: not a model file minillama knows "
-                          f"(expected one of: {', '.join(n for n, _, _ in FORMATS)})")
+                          f"(expected one of: {', '.join(f[0] for f in FORMATS)})")
 
 
 def read_checkpoint(path, max_seq_len=None, max_batch_size=1):
     fmt = detect_format(path)
-    loader = {name: load for name, _, load in FORMATS}[fmt]
-    result = loader(os.fspath(path), max_seq_len=max_seq_len, max_batch_size=max_batch_size)
+    module, loader = {name: (module, load) for name, module, _, load in FORMATS}[fmt]
+    result = _function(module, loader)(os.fspath(path), max_seq_len=max_seq_len,
+                                       max_batch_size=max_batch_size)
     params, weights = result[:2]
     tokenizer_path = result[2] if len(result) > 2 else None
     return Checkpoint(params, weights, fmt, os.fspath(path), tokenizer_path)
@@ -68,49 +70,16 @@ def load_model(path, device="cpu", max_seq_len=None, max_batch_size=1, dtype=Non
     return Transformer(ckpt.params, ckpt.weights, get_ops(device))
 
 
-def _is_llama2c(path):
-    return os.path.isfile(path) and not path.endswith((".gguf", ".safetensors", ".pth", ".json"))
-
-
-def _load_llama2c(path, max_seq_len=None, max_batch_size=1):
-    from .checkpoints.llama2c import load_llama2c
-    return load_llama2c(path, max_seq_len, max_batch_size)
-
-
-def _is_meta(path):
-    from .checkpoints.meta import is_meta_dir
-    return is_meta_dir(path)
-
-
-def _load_meta(path, max_seq_len=None, max_batch_size=1):
-    from .checkpoints.meta import load_meta
-    return load_meta(path, max_seq_len, max_batch_size)
-
-
-def _is_hf(path):
-    from .checkpoints.safetensors_hf import is_hf
-    return is_hf(path)
-
-
-def _load_hf(path, max_seq_len=None, max_batch_size=1):
-    from .checkpoints.safetensors_hf import load_hf
-    return load_hf(path, max_seq_len, max_batch_size)
-
-
-def _is_gguf(path):
-    from .checkpoints.gguf import is_gguf
-    return is_gguf(path)
-
-
-def _load_gguf(path, max_seq_len=None, max_batch_size=1):
-    from .checkpoints.gguf import load_gguf
-    return load_gguf(path, max_seq_len, max_batch_size)
-
-
-# (name, probe(path) -> bool, loader). Probed in order; llama2.c (headerless legacy) comes last.
+# (name, module in minillama.checkpoints, probe(path) -> bool, loader). Probed in order; the
+# llama2.c probe comes last: its legacy format has no magic, only a header to sanity-check.
+# Modules are imported on first use, so reading a llama2.c file never imports the others.
 FORMATS = [
-    ("meta", _is_meta, _load_meta),
-    ("hf", _is_hf, _load_hf),
-    ("gguf", _is_gguf, _load_gguf),
-    ("llama2c", _is_llama2c, _load_llama2c),
+    ("meta", "meta", "is_meta_dir", "load_meta"),
+    ("hf", "safetensors_hf", "is_hf", "load_hf"),
+    ("gguf", "gguf", "is_gguf", "load_gguf"),
+    ("llama2c", "llama2c", "is_llama2c", "load_llama2c"),
 ]
+
+
+def _function(module, name):
+    return getattr(importlib.import_module(f".checkpoints.{module}", __package__), name)

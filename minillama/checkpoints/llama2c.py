@@ -63,6 +63,11 @@ class _Reader:
 # ----------------------------------------------------------------------------
 # reading
 
+def is_llama2c(path):
+    """Any other file: llama2.c's legacy format has no magic, so read_header decides."""
+    return os.path.isfile(path) and not path.endswith((".gguf", ".safetensors", ".pth", ".json"))
+
+
 def read_header(path):
     """(version, config dict, header bytes) for a llama2.c file, checking it is readable."""
     if not os.path.isfile(path):

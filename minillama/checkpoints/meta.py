@@ -14,7 +14,6 @@ The .pth files are read by torchzip without torch. Nothing large is read here: e
 weight is a LazyTensor that reads and concatenates its slices when stored.
 """
 import glob
-import json
 import os
 import re
 from dataclasses import replace
@@ -22,6 +21,7 @@ from dataclasses import replace
 import numpy as np
 
 from ..dtypes import LazyTensor
+from . import read_json_object
 from ..errors import ArgumentError, CheckpointError
 from ..model import ModelArgs, check_weights
 from .torchzip import load_pth
@@ -116,13 +116,7 @@ def _merge(name, parts, paths):
 def read_params(path, weights, max_seq_len=None, max_batch_size=1):
     """params.json -> ModelArgs. vocab_size -1 (Llama 2's file) is the embedding's row count;
     hidden_dim is w1's row count (Meta derives it from multiple_of and ffn_dim_multiplier)."""
-    try:
-        with open(path) as f:
-            cfg = json.load(f)
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: cannot read params ({e})") from None
-    if not isinstance(cfg, dict):
-        raise CheckpointError(f"{path}: expected a JSON object")
+    cfg = read_json_object(path, "params")
     for key in ("dim", "n_layers", "n_heads"):
         if not isinstance(cfg.get(key), int):
             raise CheckpointError(f"{path}: field {key!r} must be an integer, got {cfg.get(key)!r}")

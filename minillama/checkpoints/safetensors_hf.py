@@ -21,6 +21,7 @@ from dataclasses import replace
 import numpy as np
 
 from ..dtypes import LazyTensor, bf16_to_f32
+from . import read_json_object
 from ..errors import CheckpointError
 from ..model import ModelArgs, check_weights
 
@@ -188,13 +189,7 @@ def _unpermuted(t, n_heads):
 def read_config(path, max_seq_len=None, max_batch_size=1):
     """config.json -> (ModelArgs, tie_word_embeddings), refusing the Llama variants minillama
     does not compute."""
-    try:
-        with open(path) as f:
-            cfg = json.load(f)
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: cannot read the model config ({e})") from None
-    if not isinstance(cfg, dict):
-        raise CheckpointError(f"{path}: expected a JSON object")
+    cfg = read_json_object(path, "model config")
     if cfg.get("model_type", "llama") != "llama":
         raise CheckpointError(f"{path}: model_type {cfg['model_type']!r} is not supported "
                               f"(expected 'llama')")
