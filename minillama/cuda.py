@@ -432,10 +432,10 @@ class FusedDecoder:
                         layer.feed_forward.w2, layer.attention_norm, layer.ffn_norm)
 
     def __init__(self, model):
+        import cupyx                                         # ships with cupy: pinned memory
         # No reference to the model itself: CudaOps keys its decoders by the model, weakly.
         cp, p = model.ops.xp, model.params
         self.cp, self.p = cp, p
-        import cupyx
         self.tok_embeddings, self.norm, self.output = model.tok_embeddings, model.norm, model.output
         self.freqs_cos, self.freqs_sin = model.freqs_cos, model.freqs_sin
         self.layers = [(layer.attention_norm, layer.attention.wqkv, layer.attention.wo,
