@@ -180,6 +180,48 @@ def mutate_safetensors(data: bytes, rng) -> bytes:
     return len(header).to_bytes(8, "little") + header + data[8 + n:]
 
 
+# opcodes whose argument is a little-endian integer of this many bytes (a length, an index)
+PICKLE_INT_ARGS = {"BINPUT": 1, "LONG_BINPUT": 4, "BINGET": 1, "LONG_BINGET": 4, "BININT": 4,
+                   "BININT1": 1, "BININT2": 2, "BINUNICODE": 4, "SHORT_BINUNICODE": 1,
+                   "BINBYTES": 4, "SHORT_BINBYTES": 1, "BINUNICODE8": 8, "BINBYTES8": 8,
+                   "BYTEARRAY8": 8, "FRAME": 8, "LONG1": 1, "LONG4": 4, "PROTO": 1}
+
+
+# a short form and the opcode of its wide sibling, whose argument can say far more
+PICKLE_WIDER = {"BINPUT": "LONG_BINPUT", "BINGET": "LONG_BINGET", "BININT1": "BININT",
+                "SHORT_BINUNICODE": "BINUNICODE8", "SHORT_BINBYTES": "BINBYTES8",
+                "BINBYTES": "BYTEARRAY8"}
+
+
+def mutate_pickle(data: bytes, rng) -> bytes:
+    """Overwrite one integer argument of a pickle opcode (a memo index, a length, a tensor
+    size...) with an extreme value, the numbers an unpickler trusts; or first swap the opcode
+    for its wide sibling (a 1-byte memo index becomes a 4-byte one)."""
+    import pickletools
+    try:
+        ops = [(op.name, pos) for op, _, pos in pickletools.genops(data)
+               if op.name in PICKLE_INT_ARGS]
+    except Exception:                   # noqa: BLE001 - already damaged: damage it more
+        ops = []
+    if not ops or rng.random() < 0.3:
+        return mutate_bytes(data, rng)
+    name, pos = ops[rng.integers(len(ops))]
+    old_width = width = PICKLE_INT_ARGS[name]
+    opcode = data[pos:pos + 1]
+    if name in PICKLE_WIDER and rng.random() < 0.5:
+        name = PICKLE_WIDER[name]
+        opcode, width = _opcode(name), PICKLE_INT_ARGS[name]
+    value = EXTREME_INTS[rng.integers(len(EXTREME_INTS))] % (1 << (8 * width))
+    data = bytearray(data)
+    data[pos:pos + 1 + old_width] = opcode + value.to_bytes(width, "little")
+    return bytes(data)
+
+
+def _opcode(name):
+    import pickletools
+    return next(op.code for op in pickletools.opcodes if op.name == name).encode("latin-1")
+
+
 def mutate_zip(data: bytes, rng) -> bytes:
     """Mutate one member of a zip archive (mostly the pickle) and write a valid archive again,
     so the damage gets past zipfile's CRC checks to the unpickler and the tensor records."""
@@ -193,7 +235,8 @@ def mutate_zip(data: bytes, rng) -> bytes:
     pickles = [i for i, (name, _) in enumerate(members) if name.endswith(".pkl")]
     pick = pickles[0] if pickles and rng.random() < 0.7 else int(rng.integers(len(members)))
     name, content = members[pick]
-    members[pick] = (name, mutate_bytes(content, rng) if content else content)
+    mutate = mutate_pickle if name.endswith(".pkl") else mutate_bytes
+    members[pick] = (name, mutate(content, rng) if content else content)
     out = io.BytesIO()
     with zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as z:
         for name, content in members:
@@ -305,10 +348,48 @@ def seeds_gguf(models):
         weights = _random_weights(p, len(seeds), tied)
         with tempfile.TemporaryDirectory() as d:
             path = os.path.join(d, "m.gguf")
-            _write_gguf(gguf, path, p, weights, tied, qtype, vocab)
+            _write_gguf(gguf, path, p, weights, tied, qtype, _llama_vocab(vocab))
             seeds.append((f"tiny-{label}.gguf", {"model.gguf": Path(path).read_bytes()},
                           "model.gguf"))
+    tokens = _gpt2_vocab()          # and a byte-level BPE vocabulary, as SmolLM2 carries
+    p = _tiny_args(dim=32, hidden_dim=64, vocab_size=len(tokens[1]), n_heads=4, n_kv_heads=2)
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "m.gguf")
+        _write_gguf(gguf, path, p, _random_weights(p, 9, True), True, qtypes["q8_0"], tokens)
+        seeds.append(("tiny-gpt2-q8_0.gguf", {"model.gguf": Path(path).read_bytes()},
+                      "model.gguf"))
     return seeds
+
+
+def _llama_vocab(vocab):
+    """A `llama` (SentencePiece-style) vocabulary for the GGUF writer, from a tokenizer.bin."""
+    def write(w):
+        w.add_tokenizer_model("llama")
+        w.add_token_list([vocab.piece(i).replace(" ", "\u2581") for i in range(vocab.n_words)])
+        w.add_token_scores(vocab.vocab_scores)
+        w.add_bos_token_id(1)
+        w.add_eos_token_id(2)
+    return write, [None] * vocab.n_words
+
+
+def _gpt2_vocab():
+    """A small byte-level BPE vocabulary: control tokens, the 256 byte symbols, some merges."""
+    from .bpe import BYTE_TO_CHAR
+    control = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    merges = ["\u0120 t", "h e", "\u0120t he", "i n", "\u0120 a", "o n", "\u0120a n"]
+    tokens = control + [BYTE_TO_CHAR[b] for b in range(256)] + [m.replace(" ", "")
+                                                                for m in merges]
+
+    def write(w):
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre("smollm")
+        w.add_token_list(tokens)
+        w.add_token_types([3] * len(control) + [1] * (len(tokens) - len(control)))
+        w.add_token_merges(merges)
+        w.add_bos_token_id(1)
+        w.add_eos_token_id(2)
+        w.add_chat_template("{% for m in messages %}<|im_start|>{{ m.content }}{% endfor %}")
+    return write, tokens
 
 
 def _write_gguf(gguf, path, p, weights, tied, qtype, vocab):
@@ -321,11 +402,7 @@ def _write_gguf(gguf, path, p, weights, tied, qtype, vocab):
     w.add_head_count_kv(p.n_kv_heads)
     w.add_layer_norm_rms_eps(1e-5)
     w.add_rope_freq_base(10000.0)
-    w.add_tokenizer_model("llama")
-    w.add_token_list([vocab.piece(i).replace(" ", "\u2581") for i in range(vocab.n_words)])
-    w.add_token_scores(vocab.vocab_scores)
-    w.add_bos_token_id(1)
-    w.add_eos_token_id(2)
+    vocab[0](w)                         # the tokenizer's metadata (see _llama_vocab, _gpt2_vocab)
     names = {"tok_embeddings.weight": "token_embd.weight", "norm.weight": "output_norm.weight",
              "output.weight": "output.weight"}
     layer = {"attention_norm": "attn_norm", "attention.wq": "attn_q", "attention.wk": "attn_k",
@@ -377,6 +454,15 @@ def seeds_safetensors(models):
             blob = _relabel_safetensors(blob, "U16", "BF16")
         files = {"config.json": json.dumps(config).encode(), "model.safetensors": blob}
         seeds.append((f"tiny-hf-{dtype}", files, "."))
+    # sharded: two files and the index that says which tensor is where
+    names = sorted(tensors)
+    shards = {f"model-0000{k + 1}-of-00002.safetensors": {n: tensors[n] for n in names[k::2]}
+              for k in range(2)}
+    index = {"metadata": {}, "weight_map": {n: f for f, part in shards.items() for n in part}}
+    files = {f: _relabel_safetensors(save(part), "U16", "BF16") for f, part in shards.items()}
+    files["model.safetensors.index.json"] = json.dumps(index).encode()
+    files["config.json"] = json.dumps(config).encode()
+    seeds.append(("tiny-hf-sharded", files, "."))
     return seeds
 
 
@@ -532,6 +618,18 @@ def _alarm(signum, frame):
     raise _Timeout()
 
 
+def _memory_error_behind(exc):
+    """Whether a MemoryError was being handled when `exc` was raised (`raise ... from None`
+    hides it from the traceback, not from __context__)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, MemoryError):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
 def _where(exc):
     """'file.py:123 in function' of the innermost frame in minillama's readers (else the
     innermost frame outside this harness)."""
@@ -558,6 +656,9 @@ def guarded(read, path, size, timeout=TIMEOUT):
         kind, detail = "loaded", ""
     except MiniLlamaError as e:
         kind, detail = "rejected", f"{type(e).__name__}: {e}"
+        if _memory_error_behind(e):     # a reader turned a MemoryError into a clean refusal:
+            kind = "memory"             # the allocation was still attempted
+            detail = f"MemoryError behind the refusal ({detail})"
     except _Timeout:
         kind, detail = "hang", f"no answer after {timeout:g} s"
     except MemoryError as e:

@@ -68,12 +68,16 @@ class Soak:
     seconds: float = 0.0
     warmup: int = 0                 # requests
     warmup_tokens: int = 0
+    own_bytes: int = 0              # traced bytes held by this record's samples
 
 
 def sample_memory(soak, request, kind, shape, n_tokens, trace):
     gc.collect()
+    rss = rss_bytes()
     traced = tracemalloc.get_traced_memory()[0] if trace else 0
-    soak.samples.append(Sample(request, kind, shape, n_tokens, rss_bytes(), traced))
+    soak.samples.append(Sample(request, kind, shape, n_tokens, rss, traced - soak.own_bytes))
+    if trace:           # the samples themselves are traced too: that growth is not a leak
+        soak.own_bytes += tracemalloc.get_traced_memory()[0] - traced
 
 
 def check_tokens(soak, request, rows, n_words, logprobs=None):

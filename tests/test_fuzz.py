@@ -88,10 +88,18 @@ def _read_aborts(path):
     os.abort()
 
 
+def _read_hides_a_memory_error(path):
+    try:
+        np.ones(1 << 40, np.uint8)
+    except MemoryError:
+        raise CheckpointError(f"{path}: looks damaged") from None    # still tried to allocate
+
+
 @pytest.mark.parametrize("read, kind", [
     (_read_refuses, "rejected"), (_read_index_error, "error"), (_read_sleeps, "hang"),
     (_read_ignores_the_alarm, "hang"), (_read_hoards, "memory"),
-    (_read_trusts_a_lying_header, "memory"), (_read_aborts, "crash")])
+    (_read_trusts_a_lying_header, "memory"), (_read_hides_a_memory_error, "memory"),
+    (_read_aborts, "crash")])
 def test_harness_classifies_each_failure(read, kind):
     target = fuzz.Target(f"broken-{kind}", _one_seed, read)
     report = fuzz.Report(0)
@@ -202,6 +210,45 @@ def test_pth_with_a_byteorder_member_of_junk_is_refused(tmp_path):
     path = tmp_path / "consolidated.00.pth"
     path.write_bytes(_zip({"c/data.pkl": b"\x80\x02}q\x00.", "c/byteorder": b"\xe7\xff"}))
     with pytest.raises(CheckpointError, match="consolidated.00.pth"):
+        load_pth(path)
+
+
+def _pth_with_pickle(path, pickle_bytes, compress=zipfile.ZIP_STORED):
+    with zipfile.ZipFile(path, "w", compress) as z:
+        z.writestr("c/data.pkl", pickle_bytes)
+    return path
+
+
+def test_pth_pickle_with_a_huge_memo_index_is_refused_before_allocating(tmp_path):
+    """4 bytes saying 2**26 made the C unpickler grow its memo table to 2**27 entries (1 GB,
+    zero-filled) for a 150-byte file; 2**31 asks for 32 GB."""
+    from minillama.checkpoints.torchzip import load_pth
+    for index in (2**26, 2**31):
+        pickle_bytes = b"\x80\x02}" + b"r" + struct.pack("<I", index) + b"."   # LONG_BINPUT
+        path = _pth_with_pickle(tmp_path / f"m{index}.pth", pickle_bytes)
+        out = fuzz.guarded(load_pth, str(path), path.stat().st_size, timeout=10)
+        assert out.kind == "rejected" and "memo index" in out.detail, out.detail
+        assert out.peak < 1 << 20
+
+
+def test_pth_whose_pickle_would_inflate_past_the_file_is_refused(tmp_path):
+    from minillama.checkpoints.torchzip import load_pth
+    path = _pth_with_pickle(tmp_path / "bomb.pth", b"\x80\x02}." + bytes(50 << 20),
+                            zipfile.ZIP_DEFLATED)
+    assert path.stat().st_size < 1 << 20
+    out = fuzz.guarded(load_pth, str(path), path.stat().st_size, timeout=10)
+    assert out.kind == "rejected" and "inflate" in out.detail, out.detail
+    assert out.peak < 4 << 20
+
+
+def test_pth_needing_a_newer_zip_version_is_refused(tmp_path):
+    from minillama.checkpoints.torchzip import load_pth
+    path = _pth_with_pickle(tmp_path / "v.pth", b"\x80\x02}.")
+    blob = bytearray(path.read_bytes())
+    central = blob.index(b"PK\x01\x02")
+    blob[central + 6:central + 8] = struct.pack("<H", 195)    # "version needed to extract"
+    path.write_bytes(bytes(blob))
+    with pytest.raises(CheckpointError, match="zip file version 19.5"):
         load_pth(path)
 
 

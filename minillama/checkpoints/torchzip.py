@@ -17,6 +17,7 @@ while unpickling: each tensor comes back as a LazyTensor that reads its own byte
 import io
 import os
 import pickle
+import pickletools
 import struct
 import zipfile
 import zlib
@@ -142,24 +143,52 @@ def load_pth(path):
     try:
         with zipfile.ZipFile(path) as z, open(path, "rb") as f:
             prefix = _archive_prefix(path, z)
-            data = z.read(prefix + "data.pkl")
-            byteorder = (z.read(prefix + "byteorder").decode().strip()
+            data = _read_member(path, z, prefix + "data.pkl")
+            byteorder = (_read_member(path, z, prefix + "byteorder").decode().strip()
                          if prefix + "byteorder" in z.namelist() else "little")
             members = {info.filename[len(prefix) + 5:]: _member_data(path, f, info)
                        for info in z.infolist()
                        if info.filename.startswith(prefix + "data/")}
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError,
-            UnicodeDecodeError) as e:                  # e.g. a byteorder member of junk
+    # zipfile also raises NotImplementedError ("zip file version 19.5"), RuntimeError (an
+    # encrypted member) and ValueError; a byteorder member of junk fails to decode
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, UnicodeDecodeError,
+            NotImplementedError, RuntimeError, ValueError) as e:
         raise CheckpointError(f"{path}: damaged zip archive ({e})") from None
     if byteorder != "little":
         raise CheckpointError(f"{path}: byteorder {byteorder!r}: only little-endian files are read")
     try:
+        _check_pickle_sizes(path, data)
         return _RestrictedUnpickler(data, path, members).load()
     except CheckpointError:
         raise
     except Exception as e:       # a damaged pickle fails in many ways; all mean the same here
         raise CheckpointError(f"{path}: damaged pickle in data.pkl "
                               f"({type(e).__name__}: {e})") from None
+
+
+def _read_member(path, z, name):
+    """A small member's bytes, refusing one that would inflate past the file's own size
+    (torch.save stores members uncompressed; a compressed one could be a zip bomb)."""
+    size = z.getinfo(name).file_size
+    if size > os.path.getsize(path):
+        raise CheckpointError(f"{path}: member {name} would inflate to {size} bytes, more than "
+                              f"the whole file")
+    return z.read(name)
+
+
+MEMO_OPS = ("PUT", "BINPUT", "LONG_BINPUT", "GET", "BINGET", "LONG_BINGET")
+
+
+def _check_pickle_sizes(path, data):
+    """Bound what the C unpickler allocates by the pickle's size, before it runs. It trusts the
+    numbers in the data: a memo index n makes it grow its memo table to 2n entries, zero-filled
+    (4 bytes saying 2**28 would cost 4 GB), and a bytearray length is allocated before the bytes
+    are read. pickletools walks the opcodes without executing them, refusing any length that
+    runs past the end; memo indices are numbered in order, so none can exceed the opcode count."""
+    for count, (op, arg, pos) in enumerate(pickletools.genops(data)):
+        if op.name in MEMO_OPS and not 0 <= int(arg) <= count:
+            raise CheckpointError(f"{path}: damaged pickle in data.pkl (memo index {arg} at "
+                                  f"byte {pos}, after only {count} opcodes)")
 
 
 def _archive_prefix(path, z):
