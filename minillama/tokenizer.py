@@ -328,8 +328,9 @@ class SentencePieceTokenizer(_TextRules):
         self.path = os.fspath(path)
         if not os.path.exists(self.path):
             raise TokenizerError(f"{self.path}: no such tokenizer file")
+        data = _read_file(self.path)    # read here: sentencepiece's own open() needs a UTF-8 path
         try:
-            self.sp_model = SentencePieceProcessor(model_file=self.path)
+            self.sp_model = SentencePieceProcessor(model_proto=data)
         except (RuntimeError, OSError, ValueError) as e:
             raise TokenizerError(f"{self.path}: not a SentencePiece model "
                                  f"({str(e).splitlines()[0]})") from None

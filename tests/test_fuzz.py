@@ -164,6 +164,28 @@ def test_tokenizer_bin_records_of_any_value(tmp_path_factory, max_len, records, 
 
 
 # ----------------------------------------------------------------------------
+# odd paths: every reader answers with a model, a tokenizer or a MiniLlamaError
+
+def test_odd_paths_load_or_are_refused_clearly(tmp_path):
+    require_shared()
+    from minillama.loading import open_checkpoint
+    odd = os.fsdecode(os.fsencode(str(tmp_path)) + b"/tok\xff.model")     # not UTF-8
+    spaced = str(tmp_path / "t\u00fcr ki\u015f.model")
+    for p in (odd, spaced):
+        with open(p, "wb") as f:
+            f.write((MODELS / "tok512.model").read_bytes())
+    (tmp_path / "empty").write_bytes(b"")
+    (tmp_path / "loop1").symlink_to(tmp_path / "loop2")
+    (tmp_path / "loop2").symlink_to(tmp_path / "loop1")
+    paths = [odd, spaced, str(tmp_path / "empty"), str(tmp_path / "loop1"), str(tmp_path),
+             str(tmp_path / ("x" * 300)), "", "/dev/null", str(tmp_path / "missing.model")]
+    for path in paths:
+        for read, loads in ((load_tokenizer, (odd, spaced)), (open_checkpoint, ())):
+            out = fuzz.guarded(read, path, 1000, timeout=10)
+            assert out.kind == ("loaded" if path in loads else "rejected"), (read, path, out)
+
+
+# ----------------------------------------------------------------------------
 # regressions: each bug the fuzzer found, as a small hand-made file
 
 def test_meta_params_claiming_2_63_layers_is_refused_quickly(tmp_path):
