@@ -97,6 +97,7 @@ BAD_FLAGS = [
     (["complete"], "--ckpt_dir", "required"),
     (["info", STORIES, "--max_batch_size", "0"], "--max_batch_size", "[1, inf)"),
     (["tokenize", "text"], "-z", "required"),
+    (["download", "stories1B"], "NAME", "invalid choice"),
     (["serve"], "command", "invalid choice"),
 ]
 
