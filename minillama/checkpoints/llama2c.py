@@ -98,7 +98,9 @@ def _params(path, cfg, version, max_seq_len, max_batch_size):
         if name == "vocab_size" and version == 0:
             value = abs(value)
         if value <= 0 or value > 1 << 24:
-            raise CheckpointError(f"{path}: header field {name} = {cfg[name]} is not a plausible size")
+            raise CheckpointError(f"{path}: not a model file minillama knows (read as a legacy "
+                                  f"llama2.c file, which has no magic number: header field "
+                                  f"{name} = {cfg[name]} is not a plausible size)")
     dim, n_heads, n_kv = cfg["dim"], cfg["n_heads"], cfg["n_kv_heads"]
     if dim % n_heads or (dim // n_heads) % 2 or n_heads % n_kv:
         raise CheckpointError(f"{path}: header has dim={dim}, n_heads={n_heads}, "
