@@ -36,10 +36,10 @@ def test_every_reader_survives_damaged_files():
     assert sorted(report.counts) == sorted(fuzz.TARGET_NAMES)
     assert report.cases == CI_CASES
     assert not report.failures, "\n" + "\n".join(report.summary() + report.failure_lines())
-    for name, counts in report.counts.items():
-        # a fuzzer whose every case is refused at the first byte tests little: some damaged
-        # files must get through to the end (damage in the weights is not detectable)
-        assert counts["loaded"] > 0 and counts["rejected"] > 0, (name, counts)
+    # A fuzzer whose every case is refused at the first byte tests little: damaged files must
+    # also get through to the end (damage inside the weights cannot be detected)
+    assert sum(c["loaded"] for c in report.counts.values()) >= CI_CASES // 20, report.counts
+    assert all(c["rejected"] > 0 for c in report.counts.values()), report.counts
 
 
 def test_cases_are_reproducible():
