@@ -266,6 +266,11 @@ COMMANDS = {"run": cmd_run, "complete": cmd_complete, "info": cmd_info,
 
 def main(argv=None):
     import numpy as np
+    for stream in (sys.stdin, sys.stdout):
+        # Bytes that are not UTF-8 (in argv, in chat input) arrive as surrogate escapes, as in
+        # a C locale; in any locale they go to the tokenizer, and back out, as those bytes.
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="surrogateescape")
     args = build_parser().parse_args(argv)              # usage errors: argparse exits with 2
     try:
         # NumPy's warnings about NaN/inf would come before the one clear error that

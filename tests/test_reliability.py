@@ -451,6 +451,21 @@ def test_argv_bytes_that_are_not_utf8_reach_the_model_as_those_bytes(shared):
     assert r.returncode == 0 and b"Traceback" not in r.stderr, r.stderr
 
 
+def test_bytes_that_are_not_utf8_pass_in_any_locale(shared):
+    """Outside a C locale Python reads stdin and writes stdout strictly: the CLI must still
+    take such bytes in chat input and echo them back from a prompt."""
+    import os
+    env = dict(os.environ, PYTHONIOENCODING="utf-8:strict")
+    r = subprocess.run([sys.executable, "-m", "minillama", "run", STORIES, "-z", TOK_BIN, "-m",
+                        "chat", "-y", "sys", "-n", "60", "-t", "0"], input=b"hi \xff there\n",
+                       capture_output=True, env=env)
+    assert r.returncode == 0 and b"Traceback" not in r.stderr, r.stderr
+    r = subprocess.run([sys.executable, "-m", "minillama", "complete", "--ckpt_dir", STORIES,
+                        "--tokenizer_path", TOK_BIN, "--prompt", b"a\xffb", "--max_gen_len", "4"],
+                       capture_output=True, env=env)
+    assert r.returncode == 0 and r.stdout.startswith(b"a\xffb\n"), r.stderr
+
+
 # "日" is E6 97 A5; tok512 has no piece for it, so it comes as three byte tokens (byte + 3)
 BYTE = lambda b: b + 3
 SPLIT_CHAR = [BYTE(0xE6), BYTE(0x97), BYTE(0xA5)]
