@@ -24,7 +24,6 @@ target is fully determined by (seed, target, i), so every failure can be replaye
 import argparse
 import io
 import json
-import math
 import multiprocessing
 import os
 import resource
@@ -41,7 +40,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from multiprocessing.connection import wait
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Tuple
 
 import numpy as np
 

@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from minillama import fuzz
-from minillama.checkpoints.llama2c import load_llama2c, write_llama2c
+from minillama.checkpoints.llama2c import load_llama2c
 from minillama.errors import ArgumentError, CheckpointError, TokenizerError
 from minillama.model import ModelArgs, check_weights
 from minillama.tokenizer import Llama2cTokenizer, load_tokenizer

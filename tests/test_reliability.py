@@ -16,7 +16,7 @@ import pytest
 from conftest import MODELS, ODD, StubTokenizer, random_weights, require_shared
 from minillama.checkpoints.llama2c import load_llama2c, write_llama2c
 from minillama.cli import main
-from minillama.errors import ArgumentError, GenerationError, MiniLlamaError
+from minillama.errors import ArgumentError, GenerationError
 from minillama.generation import Llama
 from minillama.model import ModelArgs, Transformer
 from minillama.run import chat, generate as run_generate
@@ -144,7 +144,6 @@ def test_bad_values_found_after_loading_exit_2(shared, capsys, tmp_path):
 
 
 def test_cuda_without_cupy_is_a_user_error(shared, capsys):
-    pytest.importorskip("numpy")
     try:
         import cupy  # noqa: F401
         pytest.skip("CuPy is installed here")
