@@ -23,10 +23,11 @@ def greedy_alone(seed, prompt, max_gen_len, eos_id=2):
 def test_batched_padded_prompts_equal_each_alone():
     rng = np.random.default_rng()
     prompts = [list(rng.integers(3, 97, n)) for n in (1, 7, 4)]
-    gen, _ = make_llama(5).generate(prompts, max_gen_len=9, temperature=0)
+    # an eos that never occurs, so every row generates all 9 tokens (eos is tested below)
+    gen, _ = make_llama(5, eos_id=-7).generate(prompts, max_gen_len=9, temperature=0)
     for prompt, got in zip(prompts, gen):
-        assert got == greedy_alone(5, prompt, 9)
-        assert 0 < len(got) <= 9
+        assert got == greedy_alone(5, prompt, 9, eos_id=-7)
+        assert len(got) == 9
 
 
 def test_output_is_cut_at_eos_and_generation_stops():
