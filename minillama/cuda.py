@@ -355,6 +355,9 @@ class CudaOps(NumpyOps):
         self.fused_decode, self.graphs = fused_decode, graphs
         self._decoders = weakref.WeakKeyDictionary()     # model -> FusedDecoder (or None)
 
+    def matrix_layout(self, w):
+        return w            # the kernels index weights row-major: (out, in), C-contiguous
+
     def asarray(self, a, dtype=None):
         """Bring an array onto the GPU: host arrays (NumPy, lists) are copied over, CuPy arrays
         pass through. Everything entering the model goes through here, so a host array mixed

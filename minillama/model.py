@@ -154,13 +154,14 @@ def silu(x, xp=np):
     return x * (0.5 + 0.5 * xp.tanh(0.5 * x))
 
 
-def fuse_rows(ws, xp):
+def fuse_rows(ws):
     """Stack (out_i, in) weights into one (sum out_i, in) weight: one matmul instead of several,
-    the same arithmetic. Works for plain arrays and Q8Tensors (groups run along `in`)."""
+    the same arithmetic. Done on the host, before the backend places the result. Works for
+    plain arrays and Q8Tensors (groups run along `in`)."""
     if isinstance(ws[0], Q8Tensor):
-        return Q8Tensor(xp.concatenate([w.q for w in ws]), xp.concatenate([w.s for w in ws]),
-                        ws[0].group_size, ws[0].w8a8)
-    return xp.concatenate(ws)
+        return Q8Tensor(np.concatenate([to_host(w.q) for w in ws]),
+                        np.concatenate([to_host(w.s) for w in ws]), ws[0].group_size, ws[0].w8a8)
+    return np.concatenate([to_host(w) for w in ws])
 
 
 # ----------------------------------------------------------------------------
@@ -177,8 +178,8 @@ class Attention:
         self.ops, xp = ops, ops.xp
         self.n_heads, self.n_kv_heads, self.head_dim = p.n_heads, p.n_kv_heads, p.head_dim
         self.n_rep = p.n_heads // p.n_kv_heads          # query heads sharing one kv head
-        self.wqkv = fuse_rows([ops.weight(weights[prefix + w + ".weight"])
-                               for w in ("wq", "wk", "wv")], xp)
+        self.wqkv = ops.weight(fuse_rows([weights[prefix + w + ".weight"]
+                                          for w in ("wq", "wk", "wv")]))
         self.wo = ops.weight(weights[prefix + "wo.weight"])
         cache_shape = (p.max_batch_size, p.max_seq_len, p.n_kv_heads, p.head_dim)
         self.cache_k = xp.zeros(cache_shape, dtype=xp.float32)
@@ -219,8 +220,8 @@ class FeedForward:
 
     def __init__(self, p: ModelArgs, weights, prefix, ops):
         self.ops, self.hidden_dim = ops, p.hidden_dim
-        self.w13 = fuse_rows([ops.weight(weights[prefix + w + ".weight"])
-                              for w in ("w1", "w3")], ops.xp)
+        self.w13 = ops.weight(fuse_rows([weights[prefix + w + ".weight"]
+                                         for w in ("w1", "w3")]))
         self.w2 = ops.weight(weights[prefix + "w2.weight"])
 
     def __call__(self, x):
@@ -257,7 +258,8 @@ class Transformer:
         check_weights(params, weights)
         self.params, self.ops = params, ops
         xp = ops.xp
-        self.tok_embeddings = ops.asarray(_dense(weights["tok_embeddings.weight"]), xp.float32)
+        self.tok_embeddings = ops.weight(np.asarray(_dense(weights["tok_embeddings.weight"]),
+                                                    dtype=np.float32))
         self.layers = [TransformerBlock(i, params, weights, ops) for i in range(params.n_layers)]
         self.norm = ops.weight(weights["norm.weight"])
         out = weights["output.weight"]
