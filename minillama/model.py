@@ -258,8 +258,8 @@ class Transformer:
         check_weights(params, weights)
         self.params, self.ops = params, ops
         xp = ops.xp
-        self.tok_embeddings = ops.weight(np.asarray(_dense(weights["tok_embeddings.weight"]),
-                                                    dtype=np.float32))
+        embedding = to_host(_dense(weights["tok_embeddings.weight"]))
+        self.tok_embeddings = ops.weight(embedding.astype(np.float32, copy=False))
         self.layers = [TransformerBlock(i, params, weights, ops) for i in range(params.n_layers)]
         self.norm = ops.weight(weights["norm.weight"])
         out = weights["output.weight"]
