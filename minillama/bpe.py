@@ -21,14 +21,13 @@ database (unicodedata) instead, and \\s is Unicode's White_Space list, as in the
 Oniguruma engines that Hugging Face tokenizers and llama.cpp use.
 """
 import functools
-import heapq
 import os
 import re
 import sys
 import unicodedata
 
 from .errors import ArgumentError, TokenizerError
-from .tokenizer import utf8_bytes
+from .tokenizer import merge_pairs, utf8_bytes
 
 # GGUF token types (tokenizer.ggml.token_type)
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
@@ -205,39 +204,12 @@ class BPETokenizer:
 
         The rule, as Hugging Face tokenizers and llama.cpp apply it: join the adjacent pair that
         comes first in the merges list, the leftmost one where a pair occurs twice; repeat until
-        no adjacent pair is a merge. Rescanning the word for the best pair after every join is
-        quadratic in its length (a 50,000-letter word would take minutes), so instead:
-        the symbols form a linked list (right[i] is the position after i, left[i] the one
-        before), and a heap holds every adjacent pair that is a merge as (rank, position, left
-        symbol, right symbol), so its top is the next join. A join only changes the pairs around
-        it; an entry that no longer matches the list is skipped when it comes to the top.
+        no adjacent pair is a merge (merge_pairs() in tokenizer.py, in O(n log n)).
         """
-        symbols = list(word)            # symbols[i]: the symbol at position i; None once joined
-        n = len(symbols)
-        left, right = list(range(-1, n - 1)), list(range(1, n + 1))
-        heap = []
-
-        def push_pair(i):
-            """Offer the pair starting at position i, if there is one and it is a merge."""
-            if 0 <= i and right[i] < n:
-                pair = (symbols[i], symbols[right[i]])
-                if pair in self.ranks:
-                    heapq.heappush(heap, (self.ranks[pair], i, *pair))
-
-        for i in range(n - 1):
-            push_pair(i)
-        while heap:
-            _, i, first, second = heapq.heappop(heap)
-            j = right[i]
-            if symbols[i] != first or j >= n or symbols[j] != second:
-                continue                # stale: a join nearby changed this pair since
-            symbols[i], symbols[j] = first + second, None      # i absorbs j ...
-            right[i] = right[j]                                # ... and j leaves the list
-            if right[i] < n:
-                left[right[i]] = i
-            push_pair(left[i])          # the two pairs that now contain the joined symbol
-            push_pair(i)
-        return [s for s in symbols if s is not None]
+        def best(a, b):
+            rank = self.ranks.get((a, b))
+            return None if rank is None else (rank, a + b)
+        return merge_pairs(word, best)
 
     def _symbol_id(self, symbol):
         if symbol in self.ids:

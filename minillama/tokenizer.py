@@ -47,6 +47,49 @@ UTF8_ERRORS = "minillama.replace-each-byte"
 codecs.register_error(UTF8_ERRORS, _replace_each_byte)
 
 
+
+def merge_pairs(symbols, best):
+    """The BPE loop: join the best adjacent pair, again and again, until no pair can be joined.
+
+    best(a, b) -> (priority, joined) when the pair may be joined, else None; the lowest priority
+    joins first, the leftmost pair on ties. (llama2.c ranks pairs by their piece's score,
+    GPT-2-style BPE by the pair's place in the merges list.)
+
+    Rescanning the whole list for the best pair after every join is quadratic in its length.
+    Instead the symbols form a linked list (positions never move; right[i] is the next live
+    position, left[i] the previous one), and a heap holds every joinable pair as
+    (priority, position, a, b, joined), so its top is the next join. A join only changes the two
+    pairs around it; an older entry that no longer matches the list is skipped when it comes up.
+    """
+    symbols = list(symbols)             # symbols[i]: the symbol at position i; None once joined
+    n = len(symbols)
+    left = list(range(-1, n - 1))       # -1 before the first
+    right = list(range(1, n + 1))       # n after the last
+    heap = []
+
+    def push_pair(i):
+        """Offer the pair (i, right[i]) to the heap if there is one and it may be joined."""
+        if 0 <= i and right[i] < n:
+            a, b = symbols[i], symbols[right[i]]
+            rule = best(a, b)
+            if rule is not None:
+                heapq.heappush(heap, (rule[0], i, a, b, rule[1]))
+
+    for i in range(n - 1):
+        push_pair(i)
+    while heap:
+        _, i, a, b, joined = heapq.heappop(heap)
+        j = right[i]
+        if symbols[i] != a or j >= n or symbols[j] != b:
+            continue                    # stale: position i or its neighbour changed since
+        symbols[i], symbols[j] = joined, None       # i absorbs j ...
+        right[i] = right[j]                         # ... and j leaves the list
+        if right[i] < n:
+            left[right[i]] = i
+        push_pair(left[i])              # the two pairs that now contain the joined symbol
+        push_pair(i)
+    return [s for s in symbols if s is not None]
+
 class _TextRules:
     """How token ids become text; shared by both tokenizers so they decode alike.
 
@@ -184,44 +227,15 @@ class Llama2cTokenizer(_TextRules):
         """BPE: merge adjacent tokens into longer pieces until no adjacent pair is a piece.
 
         The rule (run.c's): among all adjacent pairs whose concatenation is in the vocabulary, merge
-        the one whose piece has the highest score, the leftmost one on ties; repeat.
-
-        run.c rescans the whole list for each merge, which is quadratic in the prompt's length.
-        This gives the same result in O(n log n): the tokens form a linked list (positions never
-        move; `right[i]` is the next live position), and a heap holds every candidate pair as
-        (-score, position, ...) so the top is always the best pair, leftmost on ties. A merge only
-        changes the two pairs around it; older heap entries that no longer describe the list are
-        skipped when they come up.
+        the one whose piece has the highest score, the leftmost one on ties; repeat. run.c
+        rescans the list for each merge; merge_pairs() gets the same result in O(n log n).
         """
-        tokens = [self.check_id(t) for t in tokens]   # tokens[i]: the token at position i,
-        n = len(tokens)                                # None once merged into its left neighbour
-        left = list(range(-1, n - 1))   # left[i]: previous live position, -1 at the start
-        right = list(range(1, n + 1))   # right[i]: next live position, n at the end
-        heap = []
-
-        def push_pair(i):
-            """Offer the pair (i, right[i]) to the heap if its concatenation is a piece."""
-            j = right[i]
-            if i < 0 or j >= n:
-                return
-            merged = self._ids.get(self.vocab[tokens[i]] + self.vocab[tokens[j]])
+        def best(a, b):
+            merged = self._ids.get(self.vocab[a] + self.vocab[b])
             if merged is not None and self.vocab_scores[merged] > NO_MERGE_SCORE:
-                heapq.heappush(heap, (-self.vocab_scores[merged], i, tokens[i], tokens[j], merged))
-
-        for i in range(n - 1):
-            push_pair(i)
-        while heap:
-            _, i, a, b, merged = heapq.heappop(heap)
-            j = right[i]
-            if tokens[i] != a or j >= n or tokens[j] != b:
-                continue                # stale: position i or its neighbour changed since
-            tokens[i], tokens[j] = merged, None          # i absorbs j ...
-            right[i] = right[j]                          # ... and j leaves the list
-            if right[i] < n:
-                left[right[i]] = i
-            push_pair(left[i])          # the two pairs that now contain the merged token
-            push_pair(i)
-        return [t for t in tokens if t is not None]
+                return -self.vocab_scores[merged], merged      # highest score first
+            return None
+        return merge_pairs([self.check_id(t) for t in tokens], best)
 
     def _dummy_prefix_id(self):
         if b" " not in self._ids:
