@@ -89,6 +89,8 @@ def generate(model, tokenizer, sampler, prompt, steps, out=None, err=None):
     start = None
     token, pos, generated = prompt_tokens[0], 0, []
     writer = PieceWriter(tokenizer, out)
+    if token != tokenizer.bos_id:       # a tokenizer without BOS: the loop below prints only
+        writer.write(None, token)       # what follows each token, so print the first one here
     while pos < steps:
         logits = next_logits(model, token, pos)
         if pos < len(prompt_tokens) - 1:
@@ -163,9 +165,9 @@ def chat(model, tokenizer, sampler, user_prompt, system_prompt, steps, inp=None,
         pos += 1
         if user_idx >= len(prompt_tokens) and next_token != eos:
             writer.write(token, next_token)
-        if next_token == eos:
-            writer.finish()
-            out.write(b"\n")
+        if next_token == eos and user_idx >= len(prompt_tokens):
+            writer.finish()             # the end of an answer (run.c also prints a newline for
+            out.write(b"\n")            # an EOS predicted inside the user's prompt; we do not)
     writer.finish()
     out.write(b"\n")
     out.flush()

@@ -618,3 +618,18 @@ def test_smollm2_chat_mode_answers_the_largest_animal(smollm2_models):
          n_prompt + 12, inp=io.StringIO(""), out=out)
     reply = out.getvalue().decode()
     assert reply.startswith("Assistant: ") and "whale" in reply.lower(), reply
+    # the EOSes the model predicts while the ChatML prompt is fed print nothing
+    assert reply.startswith("Assistant: The largest animal"), reply
+
+
+def test_smollm2_generate_prints_the_prompt_without_bos(smollm2_models):
+    """SmolLM2 adds no BOS: run's loop prints what follows each token, so the first prompt
+    token must be printed before it."""
+    from minillama.run import generate
+    from minillama.sampler import Llama2cSampler
+    model, tokenizer, _ = smollm2_models
+    out = io.BytesIO()
+    generate(model, tokenizer, Llama2cSampler(tokenizer.n_words, temperature=0.0),
+             "The capital of France is", 8, out=out, err=io.StringIO())
+    assert out.getvalue().decode().startswith("The capital of France is Paris")
+
