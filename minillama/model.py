@@ -257,7 +257,6 @@ class Transformer:
     def __init__(self, params: ModelArgs, weights, ops=CPU):
         check_weights(params, weights)
         self.params, self.ops = params, ops
-        xp = ops.xp
         embedding = to_host(_dense(weights["tok_embeddings.weight"]))
         self.tok_embeddings = ops.weight(embedding.astype(np.float32, copy=False))
         self.layers = [TransformerBlock(i, params, weights, ops) for i in range(params.n_layers)]

@@ -163,7 +163,7 @@ def test_block_layouts_by_hand():
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
 def test_tiny_model_matches_float64_reference(tmp_path, tiny_args, qtype, tied):
     torch = pytest.importorskip("torch")
-    import torch_reference as ref
+    from minillama.bench import torch_reference as ref
     p = tiny_args
     path = write_gguf(tmp_path / "tiny.gguf", p, random_weights(p, seed=3, tied=tied), qtype, tied)
     assert detect_format(path) == "gguf"

@@ -10,7 +10,7 @@ from minillama.ops import CPU, causal_mask
 from conftest import ODD, random_weights
 
 torch = pytest.importorskip("torch")
-import torch_reference as ref  # noqa: E402  (needs torch)
+from minillama.bench import torch_reference as ref  # noqa: E402  (needs torch)
 
 
 def rel_err(a, b):
