@@ -3,7 +3,6 @@ transliteration of run.c's quadratic merge loop."""
 import json
 import random
 import struct
-from pathlib import Path
 
 import pytest
 from hypothesis import given, settings, strategies as st
