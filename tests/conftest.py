@@ -53,6 +53,22 @@ def odd_args():
     return ModelArgs(**ODD)
 
 
+def greedy(forward, prompt, steps):
+    """Greedy ids after `prompt`: the prompt in one forward, then one token per call through
+    the KV cache. forward(tokens (1, seqlen), start_pos) -> logits (1, seqlen, vocab)."""
+    ids = list(prompt)
+    logits = forward(np.array([ids]), 0)
+    for _ in range(steps):
+        ids.append(int(np.argmax(logits[0, -1])))
+        logits = forward(np.array([ids[-1:]]), len(ids) - 1)
+    return ids[len(prompt):]
+
+
+def max_rel_err(a, b):
+    """Largest absolute difference, relative to the reference's largest magnitude."""
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
 class StubTokenizer:
     """Just the ids generate() needs, for tests that feed token ids directly."""
     def __init__(self, eos_id=2, bos_id=1, pad_id=-1):

@@ -14,7 +14,7 @@ from minillama.errors import ArgumentError, CheckpointError, TokenizerError
 from minillama.loading import detect_format, open_checkpoint
 from minillama.model import ModelArgs, Transformer, weight_shapes
 
-from conftest import random_weights
+from conftest import greedy, random_weights
 
 gguf = pytest.importorskip("gguf")
 Q = gguf.GGMLQuantizationType
@@ -185,17 +185,6 @@ def test_tiny_model_matches_float64_reference(tmp_path, tiny_args, qtype, tied):
     ours, theirs = model.forward(step, 9), reference.forward(step, 9)
     assert np.abs(ours - theirs).max() <= 1e-4 * np.abs(theirs).max()
     del torch
-
-
-def greedy(forward, prompt, steps):
-    """Greedy ids after `prompt`, feeding one token at a time after the prompt."""
-    logits = forward(np.array([prompt]), 0)[0, -1]
-    out, pos = [], len(prompt)
-    for _ in range(steps):
-        out.append(int(np.argmax(logits)))
-        logits = forward(np.array([[out[-1]]]), pos)[0, -1]
-        pos += 1
-    return out
 
 
 @pytest.mark.parametrize("qtype", QTYPES, ids=lambda q: q.name)
@@ -542,7 +531,6 @@ def test_hostile_tokenizer_metadata(tmp_path, tiny_args):
     (tmp_path / "bad.gguf").write_bytes(b"GGUF" + bytes(30))
     with pytest.raises(TokenizerError, match="version 0"):
         load_tokenizer(tmp_path / "bad.gguf")
-
 
 
 # ----------------------------------------------------------------------------

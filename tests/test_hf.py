@@ -13,6 +13,8 @@ from minillama.checkpoints.safetensors_hf import load_hf, read_safetensors, unpe
 from minillama.errors import CheckpointError
 from minillama.loading import detect_format, load_model, open_checkpoint
 
+from conftest import greedy, max_rel_err
+
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
@@ -49,19 +51,6 @@ def hf_greedy(model, prompt, steps):
     return ids[len(prompt):]
 
 
-def greedy(forward, prompt, steps):
-    ids = list(prompt)
-    logits = forward(np.array([ids]), 0)
-    for _ in range(steps):
-        ids.append(int(np.argmax(logits[0, -1])))
-        logits = forward(np.array([ids[-1:]]), len(ids) - 1)
-    return ids[len(prompt):]
-
-
-def rel_err(a, b):
-    return float(np.abs(a - b).max() / np.abs(b).max())
-
-
 @pytest.mark.parametrize("shard, tied", [(None, False), ("20KB", False), (None, True),
                                          ("20KB", True)])
 def test_logits_and_greedy_match_transformers(tmp_path, shard, tied):
@@ -75,7 +64,7 @@ def test_logits_and_greedy_match_transformers(tmp_path, shard, tied):
     assert mine.params.max_seq_len == 40 and mine.params.n_kv_heads == 2
     assert (mine.output is mine.tok_embeddings) == tied
     tokens = np.random.default_rng(2).integers(0, 71, size=(2, 13))
-    assert rel_err(mine.forward(tokens, 0), hf_logits(model, tokens)) < 1e-4
+    assert max_rel_err(mine.forward(tokens, 0), hf_logits(model, tokens)) < 1e-4
 
     mine = load_model(tmp_path, max_seq_len=40, max_batch_size=1)
     prompt = [1, 30, 7, 64]
@@ -96,7 +85,7 @@ def test_half_precision_files(tmp_path, torch_dtype):
     assert {t.source_dtype for t in header.values()} == {torch_dtype}
     mine = load_model(tmp_path, max_seq_len=32)
     tokens = np.random.default_rng(4).integers(0, 71, size=(1, 9))
-    assert rel_err(mine.forward(tokens, 0), hf_logits(reference, tokens)) < 1e-4
+    assert max_rel_err(mine.forward(tokens, 0), hf_logits(reference, tokens)) < 1e-4
 
 
 def test_unpermute_inverts_the_conversion_scripts_permutation():
@@ -121,7 +110,7 @@ def test_without_unpermuting_the_logits_differ(tmp_path, monkeypatch):
     monkeypatch.setattr(hf, "unpermute_rows", lambda w, n_heads: w)
     mine = load_model(tmp_path, max_seq_len=16)
     tokens = np.arange(1, 9)[None]
-    assert rel_err(mine.forward(tokens, 0), hf_logits(model, tokens)) > 1e-2
+    assert max_rel_err(mine.forward(tokens, 0), hf_logits(model, tokens)) > 1e-2
 
 
 def test_single_file_path_and_tokenizer(tmp_path):

@@ -9,7 +9,7 @@ import zipfile
 import numpy as np
 import pytest
 
-from conftest import random_weights
+from conftest import greedy, max_rel_err, random_weights
 from minillama.checkpoints.meta import concat_axis, load_meta
 from minillama.checkpoints.torchzip import load_pth
 from minillama.errors import CheckpointError
@@ -48,20 +48,6 @@ def write_meta(folder, weights, n_shards=1, torch_dtype=None, params=PARAMS, ext
     return {k: v.float().numpy() for k, v in tensors.items()}     # what the file holds, as f32
 
 
-def rel_err(a, b):
-    return float(np.abs(a - b).max() / np.abs(b).max())
-
-
-def greedy(forward, prompt, steps):
-    """Greedy ids after `prompt`; forward(tokens, start_pos) with a KV cache."""
-    ids = list(prompt)
-    logits = forward(np.array([ids]), 0)
-    for _ in range(steps):
-        ids.append(int(np.argmax(logits[0, -1])))
-        logits = forward(np.array([ids[-1:]]), len(ids) - 1)
-    return ids[len(prompt):]
-
-
 @pytest.mark.parametrize("n_shards", [1, 2])
 @pytest.mark.parametrize("torch_dtype", [None, "bfloat16", "float16"])
 def test_logits_and_greedy_match_pytorch_reference(tmp_path, n_shards, torch_dtype):
@@ -74,7 +60,7 @@ def test_logits_and_greedy_match_pytorch_reference(tmp_path, n_shards, torch_dty
     tokens = np.random.default_rng(5).integers(0, 70, size=(2, 11))
     got = model.forward(tokens, 0)
     want = Reference(model.params, stored).forward(tokens, 0)
-    assert rel_err(got, want) < 1e-4
+    assert max_rel_err(got, want) < 1e-4
 
     prompt = [1, 17, 42, 5]
     ref = Reference(tiny_args(max_seq_len=40, max_batch_size=1), stored)
