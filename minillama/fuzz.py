@@ -392,6 +392,7 @@ def _gpt2_vocab():
 
 
 def _write_gguf(gguf, path, p, weights, tied, qtype, vocab):
+    from .checkpoints.gguf import gguf_name
     w = gguf.GGUFWriter(path, "llama")
     w.add_context_length(p.max_seq_len)
     w.add_embedding_length(p.dim)
@@ -402,20 +403,10 @@ def _write_gguf(gguf, path, p, weights, tied, qtype, vocab):
     w.add_layer_norm_rms_eps(1e-5)
     w.add_rope_freq_base(10000.0)
     vocab[0](w)                         # the tokenizer's metadata (see _llama_vocab, _gpt2_vocab)
-    names = {"tok_embeddings.weight": "token_embd.weight", "norm.weight": "output_norm.weight",
-             "output.weight": "output.weight"}
-    layer = {"attention_norm": "attn_norm", "attention.wq": "attn_q", "attention.wk": "attn_k",
-             "attention.wv": "attn_v", "attention.wo": "attn_output", "ffn_norm": "ffn_norm",
-             "feed_forward.w1": "ffn_gate", "feed_forward.w2": "ffn_down",
-             "feed_forward.w3": "ffn_up"}
     for name, a in weights.items():
         if tied and name == "output.weight":
             continue
-        if name.startswith("layers."):
-            _, i, rest = name.split(".", 2)
-            gname = f"blk.{i}.{layer[rest[:-len('.weight')]]}.weight"
-        else:
-            gname = names[name]
+        gname = gguf_name(name)
         if a.ndim == 2 and qtype != gguf.GGMLQuantizationType.F32:
             data = gguf.quants.quantize(a, qtype)
             w.add_tensor(gname, data, raw_shape=data.shape, raw_dtype=qtype)

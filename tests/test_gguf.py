@@ -286,6 +286,10 @@ def test_hyperparameters_and_names(tmp_path, tiny_args):
     assert mg.meta_name("blk.0.attn_output.weight") == "layers.0.attention.wo.weight"
     assert mg.meta_name("output_norm.weight") == "norm.weight"
     assert mg.meta_name("blk.0.attn_q.bias") is None
+    # gguf_name (used by the fuzzer's writer) is meta_name backwards, and agrees with this
+    # file's own table, written independently
+    for name in weight_shapes(ModelArgs(**TINY)):
+        assert mg.gguf_name(name) == gguf_name(name) and mg.meta_name(mg.gguf_name(name)) == name
 
 
 # ----------------------------------------------------------------------------

@@ -398,6 +398,16 @@ def meta_name(name):
     return None
 
 
+def gguf_name(name):
+    """The GGUF tensor name for a Meta name: meta_name() backwards (for writing GGUF files)."""
+    for gguf, meta in GLOBAL_NAMES.items():
+        if meta == name:
+            return gguf
+    _, i, rest = name.split(".", 2)                 # layers.N.<meta>.weight
+    left = {meta: gg for gg, meta in LAYER_NAMES.items()}[rest[:-len(".weight")]]
+    return f"blk.{i}.{left}.weight"
+
+
 def load_gguf(path, max_seq_len=None, max_batch_size=1):
     """(ModelArgs, weights under Meta's names, path) of a `llama` GGUF file. Each weight is a
     LazyTensor: it is read and dequantized to float32 when stored (see dtypes.py), so memory can
