@@ -5,6 +5,7 @@ example_text_completion.py without torchrun. User errors exit with status 2 and 
 stderr; anything else is a bug and exits with status 1.
 """
 import argparse
+import math
 import os
 import sys
 import traceback
@@ -198,12 +199,12 @@ def cmd_complete(args):
 
 def describe(ckpt, max_seq_len, max_batch_size):
     """Lines for `minillama info`."""
-    from .memory import kv_cache_bytes
+    from .memory import fmt_bytes, kv_cache_bytes
     from .model import weight_shapes
     p = ckpt.params
     shapes = weight_shapes(p)
     tied = ckpt.weights["output.weight"] is ckpt.weights["tok_embeddings.weight"]
-    n_params = sum(int(np_prod(s)) for name, s in shapes.items()
+    n_params = sum(math.prod(s) for name, s in shapes.items()
                    if not (tied and name == "output.weight"))
     stored = {id(w): w for w in ckpt.weights.values()}       # a tied array counts once
     weight_bytes = sum(w.nbytes for w in stored.values())
@@ -216,24 +217,10 @@ def describe(ckpt, max_seq_len, max_batch_size):
         f"vocab {p.vocab_size}, rope theta {p.rope_theta:g}, norm eps {p.norm_eps:g}",
         f"classifier      {'shared with the embedding' if tied else 'separate'}",
         f"parameters      {n_params:,}",
-        f"weights         {weight_bytes:,} bytes as stored ({human(weight_bytes)})",
-        f"kv cache        {kv_bytes:,} bytes ({human(kv_bytes)}) for max_seq_len {seq} "
+        f"weights         {weight_bytes:,} bytes as stored ({fmt_bytes(weight_bytes)})",
+        f"kv cache        {kv_bytes:,} bytes ({fmt_bytes(kv_bytes)}) for max_seq_len {seq} "
         f"x max_batch_size {max_batch_size} (float32)",
     ]
-
-
-def np_prod(shape):
-    n = 1
-    for s in shape:
-        n *= s
-    return n
-
-
-def human(n):
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
-        n /= 1024
 
 
 def cmd_info(args):
