@@ -35,3 +35,12 @@ class GenerationError(MiniLlamaError):
 
 class DownloadError(MiniLlamaError):
     """A model file could not be fetched or failed its checksum."""
+
+
+def check_positive_int(name, value):
+    """The one check for sizes and counts given to the API (max_seq_len, steps, dim, ...):
+    an int (NumPy's too, not a bool) of at least 1; returns it."""
+    import numbers
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ArgumentError(f"{name}: expected a positive integer, got {value!r}")
+    return value

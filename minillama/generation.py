@@ -9,7 +9,7 @@ from typing import List, Optional
 
 import numpy as np
 
-from .errors import ArgumentError
+from .errors import ArgumentError, check_positive_int
 from .model import check_finite
 from .ops import to_host
 from .sampler import check_sampling_args, sample_top_p, softmax
@@ -43,8 +43,8 @@ class Llama:
         from .ops import get_ops
         from .tokenizer import load_tokenizer
         if max_seq_len is not None:      # None: the checkpoint's own context length
-            check_count("max_seq_len", max_seq_len)
-        check_count("max_batch_size", max_batch_size)
+            check_positive_int("max_seq_len", max_seq_len)
+        check_positive_int("max_batch_size", max_batch_size)
         ops = get_ops(device)            # fail early on a missing GPU, before reading weights
         ckpt = open_checkpoint(ckpt_dir, max_seq_len, max_batch_size, device=device,
                                **load_options)           # checks the memory plan first
@@ -204,11 +204,6 @@ class Llama:
         if hasattr(self.tokenizer, "encode_dialog"):
             return self.tokenizer.encode_dialog(dialog)
         return encode_llama2_dialog(self.tokenizer, dialog)
-
-
-def check_count(name, value):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ArgumentError(f"{name}: expected an integer >= 1, got {value!r}")
 
 
 def check_dialogs(dialogs):

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import List, Optional
 
 from .dtypes import WEIGHT_DTYPES, check_dtype, resolve_dtype, role, stored_nbytes
-from .errors import ArgumentError, OutOfMemoryError
+from .errors import ArgumentError, OutOfMemoryError, check_positive_int
 from .model import ModelArgs, weight_shapes
 from .quant import Q8Tensor
 
@@ -159,9 +159,8 @@ def plan_memory(params, dtype, max_seq_len, max_batch_size, device="cpu", budget
     dtype = check_dtype(dtype) or "float32"
     if device not in ("cpu", "cuda"):
         raise ArgumentError(f"device: expected 'cpu' or 'cuda', got {device!r}")
-    for name, value in (("max_seq_len", max_seq_len), ("max_batch_size", max_batch_size)):
-        if not isinstance(value, int) or value <= 0:
-            raise ArgumentError(f"{name}: expected a positive integer, got {value!r}")
+    check_positive_int("max_seq_len", max_seq_len)
+    check_positive_int("max_batch_size", max_batch_size)
     prompt_len = min(prompt_len or max_seq_len, max_seq_len)
     source = "given"
     if budget is None:

@@ -16,7 +16,7 @@ from typing import Optional
 
 import numpy as np
 
-from .errors import ArgumentError, CheckpointError, GenerationError
+from .errors import ArgumentError, CheckpointError, GenerationError, check_positive_int
 from .ops import CPU, to_host
 from .quant import Q8Tensor
 
@@ -57,9 +57,7 @@ class ModelArgs:
     def validate(self):
         for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "hidden_dim",
                      "max_batch_size", "max_seq_len"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, np.integer)) or value <= 0:
-                raise ArgumentError(f"{name}: expected a positive integer, got {value!r}")
+            check_positive_int(name, getattr(self, name))
         if self.dim % self.n_heads or self.head_dim % 2:
             raise ArgumentError(f"dim: {self.dim} must split into {self.n_heads} heads of even size")
         if self.n_heads % self.n_kv_heads:

@@ -14,7 +14,7 @@ import time
 
 import numpy as np
 
-from .errors import ArgumentError
+from .errors import ArgumentError, check_positive_int
 from .model import check_finite
 from .ops import to_host
 
@@ -55,9 +55,7 @@ class PieceWriter:
 
 def check_steps(steps, seq_len):
     """llama2.c caps steps at the model's context; 0 or fewer is an error here."""
-    if not isinstance(steps, (int, np.integer)) or steps <= 0:
-        raise ArgumentError(f"steps (-n): expected an integer > 0, got {steps!r}")
-    return min(steps, seq_len)
+    return min(check_positive_int("steps (-n)", steps), seq_len)
 
 
 def next_logits(model, token, pos):
