@@ -518,9 +518,10 @@ SAMPLE_TEXT = "Once upon a time, Lily saw a cat. \u00e9\u65e5\u672c \U0001F642\t
 def read_checkpoint_file(path):
     """Open a checkpoint as `minillama run/complete` do: every weight read, shapes checked."""
     from .loading import open_checkpoint
-    from .model import check_weights
+    from .checks import check_weights
+    from .model import iter_weight_shapes
     ckpt = open_checkpoint(path)
-    check_weights(ckpt.params, ckpt.weights, source=path)
+    check_weights(iter_weight_shapes(ckpt.params), ckpt.weights, source=path)
     if ckpt.tokenizer_path and ckpt.tokenizer_path == path:    # a GGUF carries its tokenizer
         use_tokenizer(path)
     return ckpt

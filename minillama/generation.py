@@ -9,8 +9,8 @@ from typing import List, Optional
 
 import numpy as np
 
+from .checks import check_finite
 from .errors import ArgumentError, check_positive_int
-from .model import check_finite
 from .ops import to_host
 from .sampler import check_sampling_args, sample_top_p, softmax
 

@@ -2,23 +2,24 @@
 
 This mirrors Meta's `llama/model.py` (ModelArgs, RMSNorm, RoPE, Attention with a KV cache and
 grouped-query heads, FeedForward with SwiGLU, Transformer.forward(tokens, start_pos)).
-Array creation and elementwise math go through `ops.xp` (numpy or cupy); the two heavy
-operations, `linear` (x @ W.T) and `softmax`, go through `ops`, where a backend may use its
-own kernels. Shapes are written beside each tensor:
+Array creation and elementwise math go through `ops.xp` (numpy or cupy); the heavy operations,
+`linear` (x @ W.T), `matmul` and `softmax`, go through `ops`, where a backend may use its own
+kernels. The checks on the input (and the NaN locator) are in minillama/checks.py.
+Shapes are written beside each tensor:
 
     bsz        prompts in the batch          seqlen    tokens fed in this call
     dim        model width                   head_dim  dim // n_heads
     n_heads    query heads                   n_kv_heads  key/value heads (GQA: fewer)
 """
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
 
-from .errors import ArgumentError, CheckpointError, GenerationError, check_positive_int
+from .checks import check_model_args, check_tokens, check_weights
 from .ops import CPU, to_host
-from .quant import Q8Tensor
+from .quant import Q8Tensor, dequantize_q8
 
 
 # ----------------------------------------------------------------------------
@@ -44,7 +45,7 @@ class ModelArgs:
             self.n_kv_heads = self.n_heads
         if self.hidden_dim is None:
             self.hidden_dim = ffn_hidden_dim(self.dim, self.multiple_of, self.ffn_dim_multiplier)
-        self.validate()
+        check_model_args(self)
 
     @property
     def head_dim(self):
@@ -53,24 +54,6 @@ class ModelArgs:
     @property
     def kv_dim(self):
         return self.n_kv_heads * self.head_dim
-
-    def validate(self):
-        for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "hidden_dim",
-                     "max_batch_size", "max_seq_len"):
-            check_positive_int(name, getattr(self, name))
-        if self.dim % self.n_heads or self.head_dim % 2:
-            raise ArgumentError(f"dim: {self.dim} must split into {self.n_heads} heads of even size")
-        if self.n_heads % self.n_kv_heads:
-            raise ArgumentError(
-                f"n_kv_heads: {self.n_kv_heads} must divide n_heads ({self.n_heads})")
-        # a NaN here would make every logit NaN, silently: refuse it up front
-        for name in ("norm_eps", "rope_theta"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) \
-                    or not (math.isfinite(value) and value >= 0) \
-                    or (name == "rope_theta" and value == 0):
-                raise ArgumentError(f"{name}: expected a finite number "
-                                    f"{'> 0' if name == 'rope_theta' else '>= 0'}, got {value!r}")
 
 
 def ffn_hidden_dim(dim, multiple_of, ffn_dim_multiplier=None):
@@ -83,37 +66,45 @@ def ffn_hidden_dim(dim, multiple_of, ffn_dim_multiplier=None):
 
 def weight_shapes(p: ModelArgs):
     """Every weight the model needs, by Meta's names, with its shape. (out, in) for linears."""
-    shapes = {"tok_embeddings.weight": (p.vocab_size, p.dim),
-              "norm.weight": (p.dim,),
-              "output.weight": (p.vocab_size, p.dim)}
+    return dict(iter_weight_shapes(p))
+
+
+def iter_weight_shapes(p: ModelArgs):
+    """weight_shapes one (name, shape) at a time, in the same order; lazy, so checks.check_weights
+    can stop at the first missing tensor of a header that claims 2**63 layers."""
+    yield "tok_embeddings.weight", (p.vocab_size, p.dim)
+    yield "norm.weight", (p.dim,)
+    yield "output.weight", (p.vocab_size, p.dim)
     for i in range(p.n_layers):
         pre = f"layers.{i}."
-        shapes.update({
-            pre + "attention_norm.weight": (p.dim,),
-            pre + "attention.wq.weight": (p.n_heads * p.head_dim, p.dim),
-            pre + "attention.wk.weight": (p.kv_dim, p.dim),
-            pre + "attention.wv.weight": (p.kv_dim, p.dim),
-            pre + "attention.wo.weight": (p.dim, p.n_heads * p.head_dim),
-            pre + "ffn_norm.weight": (p.dim,),
-            pre + "feed_forward.w1.weight": (p.hidden_dim, p.dim),
-            pre + "feed_forward.w2.weight": (p.dim, p.hidden_dim),
-            pre + "feed_forward.w3.weight": (p.hidden_dim, p.dim),
-        })
-    return shapes
+        yield pre + "attention_norm.weight", (p.dim,)
+        yield pre + "attention.wq.weight", (p.n_heads * p.head_dim, p.dim)
+        yield pre + "attention.wk.weight", (p.kv_dim, p.dim)
+        yield pre + "attention.wv.weight", (p.kv_dim, p.dim)
+        yield pre + "attention.wo.weight", (p.dim, p.n_heads * p.head_dim)
+        yield pre + "ffn_norm.weight", (p.dim,)
+        yield pre + "feed_forward.w1.weight", (p.hidden_dim, p.dim)
+        yield pre + "feed_forward.w2.weight", (p.dim, p.hidden_dim)
+        yield pre + "feed_forward.w3.weight", (p.hidden_dim, p.dim)
 
 
-def check_weights(p: ModelArgs, weights, source="checkpoint"):
-    """Raise CheckpointError naming the first missing or mis-shaped tensor."""
-    if len(weights) < 3 + 9 * p.n_layers:
-        # Some tensor is missing. A header may claim 2**63 layers, so list shapes only as far
-        # as the first missing one can be: among the first len(weights) + 1 names.
-        p = replace(p, n_layers=min(p.n_layers, len(weights) // 9 + 1))
-    for name, shape in weight_shapes(p).items():
-        if name not in weights:
-            raise CheckpointError(f"{source}: tensor {name!r} is missing")
-        got = tuple(weights[name].shape)
-        if got != shape:
-            raise CheckpointError(f"{source}: tensor {name!r} has shape {got}, expected {shape}")
+def classifier_is_embedding(weights):
+    """Is the classifier the embedding table itself (a tied classifier, as in the TinyStories
+    models and SmolLM2)? A reader says so by putting one object under both names. Whoever
+    counts, stores or writes weights asks this: count the table once, keep it tied, write it
+    once. Whether the model may then use one array for both is reuses_embedding's question."""
+    out = weights.get("output.weight")
+    return out is not None and out is weights.get("tok_embeddings.weight")
+
+
+def reuses_embedding(weights):
+    """May the model use its float32 embedding table as the classifier? Only when tied and not
+    quantized. The embedding is gathered by row, so the model keeps it as float32 whatever the
+    storage dtype; but a Q8 classifier must stay Q8. A tied Q8 table comes from a llama2.c
+    version-2 file, and runq's classifier is that quantized embedding, multiplied W8A8 (the
+    activations rounded to int8 groups too): to get runq's logits the model keeps the Q8Tensor
+    as its classifier beside the float32 copy it gathers from (and the memory plan counts both)."""
+    return classifier_is_embedding(weights) and not isinstance(weights["output.weight"], Q8Tensor)
 
 
 # ----------------------------------------------------------------------------
@@ -166,7 +157,24 @@ def fuse_rows(ws):
 # the layers
 
 class Attention:
-    """Grouped-query self-attention with a KV cache.
+    """Grouped-query self-attention with a KV cache, each head computing
+
+        softmax(Q K^T / sqrt(head_dim) + M) V
+
+    Q: the queries of this call's positions, (seqlen, head_dim) per head.
+    K, V: the keys and values of every position so far, start_pos + seqlen of them, read from
+       the cache after this call's are written into it.
+    M: the causal mask, ops.causal_mask(seqlen, start_pos): 0 where query i may see key j
+       (j <= start_pos + i), -inf where it may not, so those weights come out exactly 0.
+    Grouped-query heads: n_rep = n_heads // n_kv_heads query heads share one key/value head.
+    Meta copies each kv head n_rep times (repeat_kv); here the n_rep query heads of a kv head
+    are stacked into the rows of one Q, so a single product serves the group and nothing is
+    copied.
+
+    Where it is computed: Q K^T and the product with V are ops.matmul (on the GPU bmm_strided,
+    kernels/matmul.cu); the softmax, M included, is ops.softmax (softmax_warp / softmax_block,
+    kernels/softmax.cu, which build M from start_pos instead of reading it). For one new token
+    the GPU runs all of it as one kernel, attention_decode (kernels/decode.cu).
 
     cache_k, cache_v: (max_batch_size, max_seq_len, n_kv_heads, head_dim), as in Meta's model.
     wq, wk, wv are fused into one weight wqkv: (n_heads + 2 * n_kv_heads) * head_dim rows.
@@ -194,20 +202,22 @@ class Attention:
         xq, xk = qk[:, :, :nh], qk[:, :, nh:]          # (bsz, seqlen, n_heads|n_kv_heads, hd)
         xv = qkv[:, :, nh + nkv:]                      # (bsz, seqlen, n_kv_heads, hd)
 
+        # the KV cache: write this call's positions, then read every position so far
         self.cache_k[:bsz, start_pos:start_pos + seqlen] = xk
         self.cache_v[:bsz, start_pos:start_pos + seqlen] = xv
         end = start_pos + seqlen
-        keys = self.cache_k[:bsz, :end].transpose(0, 2, 3, 1)     # (bsz, n_kv_heads, hd, end)
-        values = self.cache_v[:bsz, :end].transpose(0, 2, 1, 3)   # (bsz, n_kv_heads, end, hd)
+        keys = self.cache_k[:bsz, :end].transpose(0, 2, 3, 1)     # K^T: (bsz, n_kv_heads, hd, end)
+        values = self.cache_v[:bsz, :end].transpose(0, 2, 1, 3)   # V: (bsz, n_kv_heads, end, hd)
 
         # repeat_kv without the copy: line the query heads up under the kv head they share.
         # query head h uses kv head h // n_rep, so rows of group g are heads g*n_rep ... g*n_rep+rep-1
         q = xq.reshape(bsz, seqlen, nkv, rep, hd).transpose(0, 2, 3, 1, 4)
-        q = q.reshape(bsz, nkv, rep * seqlen, hd) * xp.float32(1.0 / math.sqrt(hd))
+        q = q.reshape(bsz, nkv, rep * seqlen, hd) * xp.float32(1.0 / math.sqrt(hd))   # Q / sqrt(hd)
 
+        # softmax(Q K^T / sqrt(head_dim) + M) V; ops.softmax adds the causal mask M from start_pos
         scores = ops.matmul(q, keys)                         # (bsz, n_kv, rep * seqlen, end)
-        scores = ops.softmax(scores.reshape(bsz, nkv, rep, seqlen, end), start_pos)
-        out = ops.matmul(scores.reshape(bsz, nkv, rep * seqlen, end), values)
+        probs = ops.softmax(scores.reshape(bsz, nkv, rep, seqlen, end), start_pos)
+        out = ops.matmul(probs.reshape(bsz, nkv, rep * seqlen, end), values)
         # (bsz, n_kv, rep * seqlen, hd) -> (bsz, seqlen, n_heads * hd), heads in their order
         out = out.reshape(bsz, nkv, rep, seqlen, hd).transpose(0, 3, 1, 2, 4)
         return ops.linear(out.reshape(bsz, seqlen, nh * hd), self.wo)
@@ -253,15 +263,14 @@ class Transformer:
     """
 
     def __init__(self, params: ModelArgs, weights, ops=CPU):
-        check_weights(params, weights)
+        check_weights(iter_weight_shapes(params), weights)
         self.params, self.ops = params, ops
         embedding = to_host(_dense(weights["tok_embeddings.weight"]))
         self.tok_embeddings = ops.weight(embedding.astype(np.float32, copy=False))
         self.layers = [TransformerBlock(i, params, weights, ops) for i in range(params.n_layers)]
         self.norm = ops.weight(weights["norm.weight"])
-        out = weights["output.weight"]
-        shared = out is weights["tok_embeddings.weight"] and not isinstance(out, Q8Tensor)
-        self.output = self.tok_embeddings if shared else ops.weight(out)
+        self.output = (self.tok_embeddings if reuses_embedding(weights)
+                       else ops.weight(weights["output.weight"]))
         cos, sin = precompute_freqs(params.head_dim, params.max_seq_len, params.rope_theta)
         self.freqs_cos, self.freqs_sin = ops.asarray(cos), ops.asarray(sin)
 
@@ -270,105 +279,38 @@ class Transformer:
         return self.ops.name
 
     def forward(self, tokens, start_pos):
-        tokens = self._check_tokens(tokens, start_pos)         # (bsz, seqlen) int64, on the host
+        tokens = check_tokens(tokens, start_pos, self.params)  # (bsz, seqlen) int64, on the host
         if tokens.shape[1] == 1 and self.ops.decode is not None:
             # One new token per row: a backend may run this step its own way (the GPU fuses it
             # into one CUDA graph, see minillama/cuda.py). None: it does not cover this model.
             logits = self.ops.decode(self, tokens, start_pos)
             if logits is not None:
                 return logits
-        tokens = self.ops.asarray(tokens)
-        bsz, seqlen = tokens.shape
-        h = self.tok_embeddings[tokens]                        # (bsz, seqlen, dim)
-        cos = self.freqs_cos[start_pos:start_pos + seqlen]     # (seqlen, head_dim // 2)
-        sin = self.freqs_sin[start_pos:start_pos + seqlen]
-        for layer in self.layers:
-            h = layer(h, start_pos, cos, sin)
-        h = rms_norm(h, self.norm, self.params.norm_eps, self.ops.xp)
-        return self.ops.linear(h, self.output)                 # (bsz, seqlen, vocab_size)
+        for _, h in self.forward_stages(tokens, start_pos):
+            pass                                 # each stage in turn; the last is the classifier
+        return h                                               # (bsz, seqlen, vocab_size)
 
     __call__ = forward
 
-    def locate_nonfinite(self, tokens, start_pos):
-        """Where forward(tokens, start_pos) first makes a NaN or inf: forward's steps, checked
-        after each. Replaying a step leaves the KV cache as it was: a call reads the positions
-        below start_pos, which it never writes, and rewrites positions start_pos.. with values
-        computed from the same input, i.e. the same values."""
-        xp = self.ops.xp
-        finite = lambda a: bool(xp.isfinite(a).all())
-        tokens = self.ops.asarray(self._check_tokens(tokens, start_pos))
-        seqlen = tokens.shape[1]
+    def forward_stages(self, tokens, start_pos):
+        """forward one stage at a time: yields (name, output) after the embedding, each layer,
+        the final norm and the classifier, named "tok_embeddings", "layers.0", ..., "norm",
+        "output", as their weights are. forward runs them all; checks.locate_nonfinite stops at
+        the first that is not finite. tokens: (bsz, seqlen) ids, checked (checks.check_tokens)."""
+        tokens = self.ops.asarray(tokens)
+        bsz, seqlen = tokens.shape
         h = self.tok_embeddings[tokens]                        # (bsz, seqlen, dim)
-        if not finite(h):
-            return "it first appears in tok_embeddings, the embedding rows of the input tokens"
-        cos = self.freqs_cos[start_pos:start_pos + seqlen]
+        yield "tok_embeddings", h
+        cos = self.freqs_cos[start_pos:start_pos + seqlen]     # (seqlen, head_dim // 2)
         sin = self.freqs_sin[start_pos:start_pos + seqlen]
         for i, layer in enumerate(self.layers):
             h = layer(h, start_pos, cos, sin)
-            if not finite(h):
-                return f"it first appears in layer {i} (layers.{i}); {_weights_note(layer, xp)}"
-        h = rms_norm(h, self.norm, self.params.norm_eps, xp)
-        if not finite(h):
-            return "it first appears in the final norm (norm.weight)"
-        if not finite(self.ops.linear(h, self.output)):
-            return "it first appears in the classifier (output.weight)"
-        return "a replay of the same step was finite (a nondeterministic fault?)"
-
-    def _check_tokens(self, tokens, start_pos):
-        """Validate on the host, before anything indexes with them: NumPy would read
-        tok_embeddings[-1] for a pad id of -1 without complaint."""
-        p = self.params
-        host = np.asarray(tokens.get() if hasattr(tokens, "get") else tokens)
-        if host.ndim != 2 or host.size == 0 or host.dtype.kind not in "iu":
-            raise ArgumentError(f"tokens: expected a non-empty (bsz, seqlen) integer array, "
-                                f"got shape {host.shape} dtype {host.dtype}")
-        bsz, seqlen = host.shape
-        if isinstance(start_pos, bool) or not isinstance(start_pos, (int, np.integer)):
-            raise ArgumentError(f"start_pos: expected an integer, got {start_pos!r}")
-        if bsz > p.max_batch_size:
-            raise ArgumentError(f"tokens: batch of {bsz} is larger than max_batch_size "
-                                f"{p.max_batch_size}")
-        if not 0 <= start_pos or start_pos + seqlen > p.max_seq_len:
-            raise GenerationError(f"start_pos: positions {start_pos}..{start_pos + seqlen - 1} "
-                                  f"do not fit max_seq_len {p.max_seq_len}")
-        bad = (host < 0) | (host >= p.vocab_size)
-        if bad.any():
-            row, col = map(int, np.argwhere(bad)[0])
-            raise ArgumentError(f"tokens: id {int(host[row, col])} at row {row}, column {col} is "
-                                f"outside the vocabulary [0, {p.vocab_size}); a pad id must never "
-                                f"reach the embedding")
-        return host.astype(np.int64, copy=False)
-
-
-def check_finite(logits, model, tokens, start_pos):
-    """Raise GenerationError if `logits` (what model.forward(tokens, start_pos) returned, or a
-    slice of it) hold a NaN or an infinity, naming the layer where it first appeared.
-    Cheap while all is well: one pass over the logits. Only on failure is the step re-run,
-    stage by stage, to find where (Transformer.locate_nonfinite)."""
-    logits = to_host(logits)
-    if np.isfinite(logits).all():
-        return
-    kind = "NaN" if np.isnan(logits).any() else "an infinity"
-    seqlen = np.shape(tokens)[1]
-    where = model.locate_nonfinite(tokens, start_pos) if isinstance(model, Transformer) else ""
-    raise GenerationError(f"the logits hold {kind} at positions {start_pos}.."
-                          f"{start_pos + seqlen - 1}{'; ' if where else ''}{where}")
-
-
-def _weights_note(layer, xp):
-    """Which weights of a block hold NaN or inf: a damaged checkpoint, or else an overflow."""
-    weights = {"attention_norm": layer.attention_norm, "attention.wq/wk/wv": layer.attention.wqkv,
-               "attention.wo": layer.attention.wo, "ffn_norm": layer.ffn_norm,
-               "feed_forward.w1/w3": layer.feed_forward.w13,
-               "feed_forward.w2": layer.feed_forward.w2}
-    bad = [name for name, w in weights.items()
-           if not bool(xp.isfinite(w.s if isinstance(w, Q8Tensor) else w).all())]
-    if bad:
-        return f"its weights {', '.join(bad)} are not finite (a damaged checkpoint?)"
-    return "its weights are finite, so the activations overflowed there"
+            yield f"layers.{i}", h
+        h = rms_norm(h, self.norm, self.params.norm_eps, self.ops.xp)
+        yield "norm", h
+        yield "output", self.ops.linear(h, self.output)        # (bsz, seqlen, vocab_size)
 
 
 def _dense(w):
     """The embedding table is gathered by row, so it is kept as float32 even when quantized."""
-    from .quant import dequantize_q8
     return dequantize_q8(w.q, w.s, w.group_size) if isinstance(w, Q8Tensor) else w

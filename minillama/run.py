@@ -14,8 +14,8 @@ import time
 
 import numpy as np
 
+from .checks import check_finite
 from .errors import ArgumentError, check_positive_int
-from .model import check_finite
 from .ops import to_host
 
 SYSTEM_TEMPLATE = "[INST] <<SYS>>\n{system}\n<</SYS>>\n\n{user} [/INST]"

@@ -384,7 +384,7 @@ def test_locating_a_nan_mid_generation_leaves_the_kv_cache_intact():
     sick.layers[2].feed_forward.w2[0, 0] = np.nan              # the weights go bad
     logits = sick.forward(np.array([[50]]), 7)
     with pytest.raises(GenerationError, match=r"layer 2 \(layers.2\)"):
-        from minillama.model import check_finite
+        from minillama.checks import check_finite
         check_finite(logits[:, -1], sick, np.array([[50]]), 7)
     for i in range(p.n_layers):
         h, s = healthy.layers[i].attention, sick.layers[i].attention

@@ -41,7 +41,8 @@ import numpy as np
 
 from ..errors import ArgumentError, CheckpointError, TokenizerError
 from ..dtypes import LazyTensor
-from ..model import ModelArgs, check_weights
+from ..checks import check_weights
+from ..model import ModelArgs, iter_weight_shapes
 
 MAGIC = b"GGUF"
 VERSIONS = (2, 3)
@@ -424,7 +425,7 @@ def load_gguf(path, max_seq_len=None, max_batch_size=1):
     if "output.weight" not in infos and "tok_embeddings.weight" in infos:
         infos["output.weight"] = infos["tok_embeddings.weight"]      # tied classifier
     # names, shapes and types are all checked before anything big is read
-    check_weights(p, infos, source=gf.path)
+    check_weights(iter_weight_shapes(p), infos, source=gf.path)
     for info in infos.values():
         if info.ggml_type not in GGML_TYPES:
             read_tensor(gf.path, info)                  # raises, naming the tensor and type

@@ -23,7 +23,8 @@ import numpy as np
 from ..dtypes import LazyTensor
 from . import read_json_object
 from ..errors import ArgumentError, CheckpointError
-from ..model import ModelArgs, check_weights
+from ..checks import check_weights
+from ..model import ModelArgs, iter_weight_shapes
 from .torchzip import load_pth
 
 SHARD = re.compile(r"consolidated\.(\d+)\.pth$")
@@ -67,7 +68,7 @@ def load_meta(path, max_seq_len=None, max_batch_size=1):
                               f"{', '.join(os.path.basename(s) for s in shards)}")
     weights = merge_shards([_state_dict(s) for s in shards], shards)
     p = read_params(os.path.join(ckpt_dir, "params.json"), weights, max_seq_len, max_batch_size)
-    check_weights(p, weights, source=ckpt_dir)
+    check_weights(iter_weight_shapes(p), weights, source=ckpt_dir)
     tokenizer = os.path.join(ckpt_dir, "tokenizer.model")
     return p, weights, tokenizer if os.path.isfile(tokenizer) else None
 

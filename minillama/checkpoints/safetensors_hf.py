@@ -23,7 +23,8 @@ import numpy as np
 from ..dtypes import LazyTensor, bf16_to_f32
 from . import read_json_object
 from ..errors import CheckpointError
-from ..model import ModelArgs, check_weights
+from ..checks import check_weights
+from ..model import ModelArgs, iter_weight_shapes
 
 DTYPES = {"F32": ("<f4", "float32"), "F16": ("<f2", "float16"), "BF16": ("<u2", "bfloat16")}
 INDEX = "model.safetensors.index.json"
@@ -173,7 +174,7 @@ def load_hf(path, max_seq_len=None, max_batch_size=1):
                 weights[name] = t
     if tied and "tok_embeddings.weight" in weights:      # the classifier is the embedding
         weights["output.weight"] = weights["tok_embeddings.weight"]
-    check_weights(p, weights, source=path)
+    check_weights(iter_weight_shapes(p), weights, source=path)
     for i in range(p.n_layers):
         for name, heads in (("wq", p.n_heads), ("wk", p.n_kv_heads)):
             key = f"layers.{i}.attention.{name}.weight"
