@@ -200,10 +200,10 @@ def cmd_complete(args):
 def describe(ckpt, max_seq_len, max_batch_size):
     """Lines for `minillama info`."""
     from .memory import fmt_bytes, kv_cache_bytes
-    from .model import weight_shapes
+    from .model import classifier_is_embedding, weight_shapes
     p = ckpt.params
     shapes = weight_shapes(p)
-    tied = ckpt.weights["output.weight"] is ckpt.weights["tok_embeddings.weight"]
+    tied = classifier_is_embedding(ckpt.weights)
     n_params = sum(math.prod(s) for name, s in shapes.items()
                    if not (tied and name == "output.weight"))
     stored = {id(w): w for w in ckpt.weights.values()}       # a tied array counts once

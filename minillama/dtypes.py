@@ -17,6 +17,7 @@ table is gathered by row (a tied classifier is that same table).
 import numpy as np
 
 from .errors import ArgumentError, CheckpointError
+from .model import classifier_is_embedding
 from .quant import Q8Tensor, dequantize_q8, quantize_q8
 
 WEIGHT_DTYPES = ("float32", "float16", "int8")
@@ -100,8 +101,7 @@ def store_weights(weights, dtype=None):
     dtype None keeps Q8 weights as they are and makes everything else float32. A tied classifier
     (output.weight is the embedding object) stays tied."""
     check_dtype(dtype)
-    tok, out = weights.get("tok_embeddings.weight"), weights.get("output.weight")
-    tied = out is not None and out is tok
+    tied = classifier_is_embedding(weights)
     stored = {}
     for name, w in weights.items():
         if tied and name == "output.weight":

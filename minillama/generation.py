@@ -11,8 +11,8 @@ import numpy as np
 
 from .checks import check_finite
 from .errors import ArgumentError, check_positive_int
-from .ops import to_host
-from .sampler import check_sampling_args, sample_top_p, softmax
+from .ops import softmax, to_host
+from .sampler import check_sampling_args, sample_top_p
 
 B_INST, E_INST = "[INST]", "[/INST]"
 B_SYS, E_SYS = "<<SYS>>\n", "\n<</SYS>>\n\n"
@@ -24,12 +24,10 @@ def cross_entropy(logits, target, ignore_index):
     """-log softmax(logits)[target] per position, 0 where target == ignore_index.
     logits: (bsz, seqlen, vocab), target: (bsz, seqlen) -> (bsz, seqlen), like F.cross_entropy
     with reduction='none'."""
-    logits = logits.astype(np.float32)
-    m = logits.max(axis=-1, keepdims=True)
-    logsumexp = (m + np.log(np.exp(logits - m).sum(axis=-1, keepdims=True)))[..., 0]
+    logprobs = softmax(logits.astype(np.float32), log=True)    # (bsz, seqlen, vocab)
     safe = np.where(target == ignore_index, 0, target)
-    picked = np.take_along_axis(logits, safe[..., None], axis=-1)[..., 0]
-    return np.where(target == ignore_index, 0.0, logsumexp - picked).astype(np.float32)
+    picked = np.take_along_axis(logprobs, safe[..., None], axis=-1)[..., 0]
+    return np.where(target == ignore_index, 0.0, -picked).astype(np.float32)
 
 
 class Llama:

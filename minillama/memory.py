@@ -20,8 +20,7 @@ from typing import List, Optional
 
 from .dtypes import WEIGHT_DTYPES, check_dtype, resolve_dtype, role, stored_nbytes
 from .errors import ArgumentError, OutOfMemoryError, check_positive_int
-from .model import ModelArgs, weight_shapes
-from .quant import Q8Tensor
+from .model import ModelArgs, reuses_embedding, weight_shapes
 
 CUDA_RESERVE = 256 << 20     # cuBLAS workspace, kernel modules, pool slack: not in our arrays
 F32 = 4
@@ -236,10 +235,8 @@ def _options(plan):
 
 def plan_checkpoint(ckpt, dtype=None, device="cpu", budget=None, **kwargs):
     """plan_memory for an opened checkpoint (weights may still be LazyTensors on disk): the
-    dtype None means the checkpoint's own, and a tied classifier is counted once."""
-    w = ckpt.weights
-    tok = w.get("tok_embeddings.weight")
-    tied = w.get("output.weight") is tok and not isinstance(tok, Q8Tensor)
-    p = ckpt.params
+    dtype None means the checkpoint's own, and a classifier the model takes from its embedding
+    table is counted once (model.reuses_embedding: a tied Q8 classifier is held apart)."""
+    w, p = ckpt.weights, ckpt.params
     return plan_memory(p, resolve_dtype(dtype, w), p.max_seq_len, p.max_batch_size, device,
-                       budget, tied=tied, **kwargs)
+                       budget, tied=reuses_embedding(w), **kwargs)

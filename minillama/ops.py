@@ -8,7 +8,9 @@ time, which go through this module so a backend can swap in its own kernels:
     ops.matmul(a, b)              batched a @ b (attention scores and the weighted sum of values)
     ops.softmax(x, start_pos)     softmax over the last axis, optionally causal
 
-`minillama.cuda.CudaOps` provides the same methods with hand-written CUDA kernels.
+`minillama.cuda.CudaOps` provides the same methods with hand-written CUDA kernels. The module
+function `softmax` is the one softmax of the package: NumpyOps.softmax is it on the backend's
+arrays, and generate's sampling and log-probabilities use it on the host.
 """
 import numpy as np
 
@@ -20,6 +22,22 @@ def causal_mask(seqlen, start_pos, xp=np):
     position start_pos + i) sees every cached key and the new keys up to itself."""
     mask = xp.triu(xp.full((seqlen, seqlen), -xp.inf, dtype=xp.float32), k=1)
     return xp.concatenate([xp.zeros((seqlen, start_pos), dtype=xp.float32), mask], axis=1)
+
+
+def softmax(x, axis=-1, start_pos=None, log=False, xp=np):
+    """exp(x - max) / sum(exp(x - max)) along `axis`: subtracting the max changes nothing
+    mathematically and keeps exp from overflowing.
+
+    start_pos: x holds attention scores (..., seqlen, start_pos + seqlen) and the causal mask
+    is added first (a single row, seqlen 1, sees every key: no mask to add).
+    log: log softmax instead, as x - max - log(sum(exp(x - max))); log(softmax(x)) would turn
+    a probability that rounds to 0 into -inf."""
+    if start_pos is not None and x.shape[-2] > 1:
+        x = x + causal_mask(x.shape[-2], start_pos, xp)
+    x = x - x.max(axis=axis, keepdims=True)
+    e = xp.exp(x)
+    total = e.sum(axis=axis, keepdims=True)
+    return x - xp.log(total) if log else e / total
 
 
 def to_host(a):
@@ -72,11 +90,7 @@ class NumpyOps:
     def softmax(self, x, start_pos=None):
         """Softmax over the last axis. With start_pos, x is (..., seqlen, start_pos + seqlen)
         attention scores and the causal mask is applied first."""
-        if start_pos is not None and x.shape[-2] > 1:
-            x = x + causal_mask(x.shape[-2], start_pos, self.xp)
-        x = x - x.max(axis=-1, keepdims=True)     # max subtraction: exp never overflows
-        e = self.xp.exp(x)
-        return e / e.sum(axis=-1, keepdims=True)
+        return softmax(x, start_pos=start_pos, xp=self.xp)
 
 
 CPU = NumpyOps()

@@ -51,7 +51,9 @@ def check_sampling_args(temperature, top_p):
 
 def softmax_c(x):
     """llama2.c's softmax in float32: exp of (x - max), a left-to-right sum, a division.
-    exp is taken in float64 and rounded once, which is what glibc's expf returns."""
+    exp is taken in float64 and rounded once, which is what glibc's expf returns.
+    Not ops.softmax, on purpose: a seed must draw llama2.c's exact tokens, and that takes its
+    rounding (glibc's expf, a sequential float32 sum) where NumPy would sum pairwise."""
     e = np.exp((x - x.max()).astype(np.float64)).astype(np.float32)
     total = np.cumsum(e, dtype=np.float32)[-1]            # sequential, like the C loop
     return e / total
@@ -102,11 +104,6 @@ class Llama2cSampler:
 
 # ----------------------------------------------------------------------------
 # Meta's sampler for generate()
-
-def softmax(x, axis=-1):
-    e = np.exp(x - x.max(axis=axis, keepdims=True))
-    return e / e.sum(axis=axis, keepdims=True)
-
 
 def sample_top_p(probs, p, rng):
     """Nucleus sampling, batched, as Meta's sample_top_p.

@@ -28,7 +28,7 @@ import struct
 import numpy as np
 
 from ..errors import CheckpointError
-from ..model import ModelArgs
+from ..model import ModelArgs, classifier_is_embedding
 from ..quant import Q8Tensor, quantize_q8
 
 MAGIC = 0x616B3432
@@ -217,7 +217,7 @@ def _read_v2(r, p, cfg):
 def write_llama2c(path, p: ModelArgs, weights, version=0, group_size=64, seq_len=None):
     """Write weights (float32 arrays under Meta's names) in llama2.c format `version` (0, 1, 2).
     The classifier is stored only when output.weight is not the embedding array itself."""
-    shared = weights["output.weight"] is weights["tok_embeddings.weight"]
+    shared = classifier_is_embedding(weights)
     seq_len = seq_len or p.max_seq_len
     dims = [p.dim, p.hidden_dim, p.n_layers, p.n_heads, p.n_kv_heads, p.vocab_size, seq_len]
     f32 = lambda name: np.ascontiguousarray(weights[name], dtype=np.float32).tobytes()
