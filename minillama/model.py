@@ -64,6 +64,9 @@ def ffn_hidden_dim(dim, multiple_of, ffn_dim_multiplier=None):
     return multiple_of * ((hidden_dim + multiple_of - 1) // multiple_of)
 
 
+# ----------------------------------------------------------------------------
+# the weights, by Meta's names, and the tied classifier
+
 def weight_shapes(p: ModelArgs):
     """Every weight the model needs, by Meta's names, with its shape. (out, in) for linears."""
     return dict(iter_weight_shapes(p))
