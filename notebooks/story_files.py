@@ -1,8 +1,8 @@
 """The model files the notebooks use: the real ones when they are there, small stand-ins otherwise.
 
 The real files are llama2.c's stories260K model and its 512-token tokenizer, in a `shared/models`
-folder beside the checkout (../shared/models from the repository root). They are found by
-looking upward from the current folder, or at $MINILLAMA_SHARED/models.
+folder beside the checkout (../shared/models from the repository root), or at
+$MINILLAMA_SHARED/models: where the tests find them too (tests/tools/__init__.py).
 
 Without them, story_files() writes stand-ins of the same kinds to a temporary folder, so every
 notebook still runs top to bottom: a SentencePiece model trained on a few sentences (with byte
@@ -15,18 +15,22 @@ does, to check that the notebooks run without them).
 """
 import io
 import os
-import struct
 import sys
 import tempfile
 from pathlib import Path
 from types import SimpleNamespace
 
-import numpy as np
+# The checkout this folder belongs to, for tests/tools (the writers the stand-ins are made with,
+# where the shared folder is) and for minillama itself when it is not installed. Appended, so
+# an installed minillama still comes first.
+CHECKOUT = str(Path(__file__).resolve().parents[1])
+if CHECKOUT not in sys.path:
+    sys.path.append(CHECKOUT)
 
-try:                        # a checkout used without `pip install -e .`: import it from here
-    import minillama  # noqa: F401
-except ImportError:
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from minillama.checkpoints.random import random_weights  # noqa: E402  (after the path is set)
+from minillama.model import ModelArgs  # noqa: E402
+from tests.tools import MODELS  # noqa: E402
+from tests.tools.writers import tokenizer_bin_bytes, write_llama2c  # noqa: E402
 
 # stories260K's shapes (see ../shared/README.md), vocab_size taken from the stand-in tokenizer
 STORIES260K = dict(dim=64, hidden_dim=172, n_layers=5, n_heads=8, n_kv_heads=4, max_seq_len=512)
@@ -41,19 +45,11 @@ His mom gave him a shiny stone and a blue hat.
 They went home and ate a warm cake. The end."""
 
 
-def find_shared_models(start=None):
+def find_shared_models():
     """The shared/models folder, or None. MINILLAMA_NO_SHARED=1 always gives None."""
-    if os.environ.get("MINILLAMA_NO_SHARED"):
+    if os.environ.get("MINILLAMA_NO_SHARED") or not (MODELS / "stories260K.bin").is_file():
         return None
-    if os.environ.get("MINILLAMA_SHARED"):
-        models = Path(os.environ["MINILLAMA_SHARED"]) / "models"
-        return models if models.is_dir() else None
-    here = Path(start or Path.cwd()).resolve()
-    for folder in [here, *here.parents]:
-        models = folder / "shared" / "models"
-        if (models / "stories260K.bin").is_file():
-            return models
-    return None
+    return MODELS
 
 
 def story_files():
@@ -125,24 +121,12 @@ def write_tokenizer_bin(sp_model, path):
             piece = "\n</s>\n"
         pieces.append(piece.replace("\u2581", " ").encode("utf-8"))
         scores.append(sp.get_score(i))
-    with open(path, "wb") as f:
-        f.write(struct.pack("<i", max(len(p) for p in pieces)))
-        for piece, score in zip(pieces, scores):
-            f.write(struct.pack("<fi", score, len(piece)) + piece)
+    Path(path).write_bytes(tokenizer_bin_bytes(pieces, scores))
 
 
 def write_random_model(path, path_q8, vocab_size, seed=260):
     """stories260K's shapes with random weights, in llama2.c's v0 (float32) and v2 (int8) formats."""
-    from minillama.checkpoints.llama2c import write_llama2c
-    from minillama.model import ModelArgs, weight_shapes
     p = ModelArgs(vocab_size=vocab_size, **STORIES260K)
-    rng = np.random.default_rng(seed)
-    weights = {}
-    for name, shape in weight_shapes(p).items():
-        if len(shape) == 1:                                   # norm weights: near 1
-            weights[name] = (1 + 0.1 * rng.standard_normal(shape)).astype(np.float32)
-        else:                                                 # matrices: N(0, 1/in)
-            weights[name] = (rng.standard_normal(shape) / np.sqrt(shape[1])).astype(np.float32)
-    weights["output.weight"] = weights["tok_embeddings.weight"]     # shared, as stories260K's
+    weights = random_weights(p, seed, tied=True)                   # shared, as stories260K's
     write_llama2c(path, p, weights, version=0)
     write_llama2c(path_q8, p, weights, version=2, group_size=8)

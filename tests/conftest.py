@@ -1,14 +1,16 @@
-"""Shared test helpers: where ../shared is, and small random models."""
+"""Shared test helpers: the real files in ../shared, small model shapes, greedy decoding.
+
+Random weights are minillama.checkpoints.random.random_weights; the writers of test files and
+the fuzzer and soak test are in tests/tools/.
+"""
 import os
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from minillama.model import ModelArgs, weight_shapes
+from minillama.model import ModelArgs
+from tests.tools import MODELS, SHARED
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-MODELS = SHARED / "models"
 GOLDEN = SHARED / "golden" / "llama2c_run.json"
 
 
@@ -25,22 +27,6 @@ def require_shared():
 @pytest.fixture
 def shared():
     return require_shared()
-
-
-def random_weights(p: ModelArgs, seed=0, tied=False, scale=None):
-    """Random float32 weights for every tensor of `p`, under Meta's names. Norm weights sit
-    near 1 and matrices near N(0, 1/in), so activations keep a sane size through the layers."""
-    rng = np.random.default_rng(seed)
-    weights = {}
-    for name, shape in weight_shapes(p).items():
-        if len(shape) == 1:
-            weights[name] = (1.0 + 0.1 * rng.standard_normal(shape)).astype(np.float32)
-        else:
-            std = scale if scale is not None else 1.0 / np.sqrt(shape[1])
-            weights[name] = (std * rng.standard_normal(shape)).astype(np.float32)
-    if tied:
-        weights["output.weight"] = weights["tok_embeddings.weight"]
-    return weights
 
 
 # odd sizes on purpose: 5 heads of 6 over dim 30 isn't GQA; 6 heads sharing 2 kv heads is.

@@ -14,7 +14,8 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import GOLDEN, MODELS, ODD, random_weights, require_shared
+from conftest import GOLDEN, MODELS, ODD, require_shared
+from minillama.checkpoints.random import random_weights
 from minillama.errors import DeviceError, MiniLlamaError
 from minillama.model import ModelArgs, Transformer
 from minillama.ops import CPU

@@ -2,7 +2,8 @@
 import numpy as np
 import pytest
 
-from conftest import MODELS, random_weights
+from conftest import MODELS
+from minillama.checkpoints.random import random_weights
 from minillama.dtypes import (LazyTensor, bf16_to_f32, q8_group_size, resolve_dtype,
                               store_weights)
 from minillama.errors import ArgumentError, CheckpointError

@@ -1,8 +1,8 @@
-"""Fuzzing the readers (minillama/fuzz.py), bounded for CI, and regressions of what it found.
+"""Fuzzing the readers (tests/tools/fuzz.py), bounded for CI, and regressions of what it found.
 
 The bounded run damages real and generated files of every format a few hundred times; each
 case must load or be refused with a MiniLlamaError, within a time limit and a memory budget.
-`python -m minillama.fuzz --cases 10000` runs the long version on demand.
+`python -m tests.tools.fuzz --cases 10000` runs the long version on demand.
 """
 import io
 import json
@@ -17,14 +17,15 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from minillama import fuzz
 from minillama.checkpoints.llama2c import load_llama2c
+from minillama.checkpoints.random import random_weights
 from minillama.checks import check_weights
 from minillama.errors import ArgumentError, CheckpointError, TokenizerError
 from minillama.model import ModelArgs, iter_weight_shapes
 from minillama.tokenizer import Llama2cTokenizer, load_tokenizer
 
-from conftest import MODELS, random_weights, require_shared
+from conftest import MODELS, require_shared
+from tests.tools import fuzz
 
 CI_CASES = 360                                  # 60 per reader
 SEED = int(os.environ.get("MINILLAMA_FUZZ_SEED", "0"))

@@ -2,11 +2,12 @@
 import numpy as np
 import pytest
 
+from minillama.checkpoints.random import random_weights
 from minillama.errors import ArgumentError
 from minillama.generation import Llama, cross_entropy, encode_llama2_dialog
 from minillama.model import ModelArgs, Transformer
 
-from conftest import ODD, StubTokenizer, random_weights
+from conftest import ODD, StubTokenizer
 
 
 def make_llama(seed=0, eos_id=2, **overrides):

@@ -10,11 +10,12 @@ import pytest
 
 from minillama.bpe import BPETokenizer
 from minillama.checkpoints import gguf as mg
+from minillama.checkpoints.random import random_weights
 from minillama.errors import ArgumentError, CheckpointError, TokenizerError
 from minillama.loading import detect_format, open_checkpoint
 from minillama.model import ModelArgs, Transformer, weight_shapes
 
-from conftest import greedy, random_weights
+from conftest import greedy
 
 gguf = pytest.importorskip("gguf")
 Q = gguf.GGMLQuantizationType

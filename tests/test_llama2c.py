@@ -4,12 +4,13 @@ import struct
 import numpy as np
 import pytest
 
-from minillama.checkpoints.llama2c import MAGIC, load_llama2c, write_llama2c
+from minillama.checkpoints.llama2c import MAGIC, load_llama2c
+from minillama.checkpoints.random import random_weights
 from minillama.errors import CheckpointError
 from minillama.model import ModelArgs, Transformer
 from minillama.quant import Q8Tensor, dequantize_q8
 
-from conftest import random_weights
+from tests.tools.writers import write_llama2c
 
 ARGS = dict(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=67, hidden_dim=48,
             max_seq_len=24)

@@ -6,7 +6,7 @@ import tracemalloc
 import numpy as np
 import pytest
 
-from conftest import random_weights
+from minillama.checkpoints.random import random_weights
 from minillama.dtypes import store_weights
 from minillama.errors import ArgumentError, OutOfMemoryError
 from minillama.memory import (fmt_bytes, free_memory, kv_cache_bytes, plan_memory,
@@ -175,7 +175,7 @@ def test_gpu_plan_covers_what_the_pool_allocates(cupy, dtype):
 
 @pytest.mark.gpu
 def test_gpu_refusal_measures_the_card(cupy, tmp_path):
-    from minillama.checkpoints.llama2c import write_llama2c
+    from tests.tools.writers import write_llama2c
     from minillama.loading import load_model
     p = ModelArgs(dim=64, n_layers=2, n_heads=8, n_kv_heads=4, vocab_size=300, hidden_dim=172,
                   max_seq_len=64)

@@ -9,8 +9,9 @@ import zipfile
 import numpy as np
 import pytest
 
-from conftest import greedy, max_rel_err, random_weights
+from conftest import greedy, max_rel_err
 from minillama.checkpoints.meta import concat_axis, load_meta
+from minillama.checkpoints.random import random_weights
 from minillama.checkpoints.torchzip import load_pth
 from minillama.errors import CheckpointError
 from minillama.loading import detect_format, load_model, open_checkpoint

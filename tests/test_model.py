@@ -2,12 +2,13 @@
 import numpy as np
 import pytest
 
+from minillama.checkpoints.random import random_weights
 from minillama.errors import ArgumentError, CheckpointError, GenerationError
 from minillama.model import (ModelArgs, Transformer, apply_rotary_emb, ffn_hidden_dim,
                              precompute_freqs, rms_norm, silu)
 from minillama.ops import CPU, causal_mask
 
-from conftest import ODD, random_weights
+from conftest import ODD
 
 torch = pytest.importorskip("torch")
 from minillama.bench import torch_reference as ref  # noqa: E402  (needs torch)

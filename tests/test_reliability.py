@@ -13,8 +13,9 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import MODELS, ODD, StubTokenizer, random_weights, require_shared
-from minillama.checkpoints.llama2c import load_llama2c, write_llama2c
+from conftest import MODELS, ODD, StubTokenizer, require_shared
+from minillama.checkpoints.llama2c import load_llama2c
+from minillama.checkpoints.random import random_weights
 from minillama.cli import main
 from minillama.errors import ArgumentError, GenerationError
 from minillama.generation import Llama
@@ -22,6 +23,7 @@ from minillama.model import ModelArgs, Transformer
 from minillama.run import chat, generate as run_generate
 from minillama.sampler import Llama2cSampler
 from minillama.tokenizer import StreamDecoder, load_tokenizer
+from tests.tools.writers import write_llama2c
 
 STORIES = str(MODELS / "stories260K.bin")
 TOK_BIN = str(MODELS / "tok512.bin")
@@ -569,10 +571,10 @@ def test_cpu_and_gpu_greedy_give_the_same_tokens():
 
 
 # ----------------------------------------------------------------------------
-# the soak script (the long run is `python -m minillama.soak`; docs/benchmarks.md has numbers)
+# the soak script (the long run is `python -m tests.tools.soak`; docs/benchmarks.md has numbers)
 
 def test_soak_short_run_passes(shared):
-    from minillama import soak
+    from tests.tools import soak
     llama = Llama.build(STORIES, TOK_BIN, max_seq_len=64, max_batch_size=3)
     record = soak.soak(llama, target_tokens=1000, seed=1)
     assert record.problems == []
@@ -584,7 +586,7 @@ def test_soak_short_run_passes(shared):
 
 @pytest.mark.parametrize("growth, flagged", [(0, False), (4096, False), (64 << 10, True)])
 def test_soak_flags_memory_that_grows_per_request(growth, flagged):
-    from minillama import soak
+    from tests.tools import soak
     rng = np.random.default_rng(0)
     record = soak.Soak(warmup=3)
     for i in range(60):           # 60 requests: 64 KiB each adds up to 3.8 MiB, past the margin

@@ -32,7 +32,8 @@ import numpy as np
 
 from ..errors import DeviceError
 from ..cuda import SGEMM_CONFIGS, CudaOps, gemv, pick_sgemm_config, require_cupy, sgemm, softmax
-from ..model import ModelArgs, Transformer, weight_shapes
+from ..checkpoints.random import random_weights
+from ..model import ModelArgs, Transformer
 from .cpu import SHAPES
 
 TARGETS = {   # issue 2, on an H100 in float32
@@ -152,8 +153,7 @@ def bench_softmax(copy_gbs):
 
 def random_model(shape, ops, max_batch_size):
     p = ModelArgs(**SHAPES[shape], max_batch_size=max_batch_size)
-    w = {name: randn(*s) / np.float32(np.sqrt(s[-1])) for name, s in weight_shapes(p).items()}
-    w["output.weight"] = w["tok_embeddings.weight"]        # tied, as the stories models are
+    w = random_weights(p, tied=True)                       # tied, as the stories models are
     return Transformer(p, w, ops)
 
 

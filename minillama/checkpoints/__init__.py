@@ -16,6 +16,6 @@ def read_json_object(path, what):
     return obj
 
 
-from .llama2c import load_llama2c, write_llama2c  # noqa: E402  (after the helper it may use)
+from .llama2c import load_llama2c  # noqa: E402  (after the helper it may use)
 
-__all__ = ["load_llama2c", "write_llama2c", "read_json_object"]
+__all__ = ["load_llama2c", "read_json_object"]

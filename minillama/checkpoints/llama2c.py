@@ -28,8 +28,8 @@ import struct
 import numpy as np
 
 from ..errors import CheckpointError
-from ..model import ModelArgs, classifier_is_embedding
-from ..quant import Q8Tensor, quantize_q8
+from ..model import ModelArgs
+from ..quant import Q8Tensor
 
 MAGIC = 0x616B3432
 HEADER_V1V2 = 256
@@ -183,7 +183,7 @@ def _read_norms(r, p):
     return w
 
 
-def _matrices(p):
+def matrices(p):
     """(name, shape) of every matrix after the norms, in v1/v2 file order."""
     out = [("tok_embeddings.weight", (p.vocab_size, p.dim))]
     for kind, shape in _linear_shapes(p):
@@ -193,7 +193,7 @@ def _matrices(p):
 
 def _read_v1(r, p, cfg):
     w = _read_norms(r, p)
-    mats = _matrices(p) + ([] if cfg["shared_classifier"] else [("output.weight", (p.vocab_size, p.dim))])
+    mats = matrices(p) + ([] if cfg["shared_classifier"] else [("output.weight", (p.vocab_size, p.dim))])
     for name, shape in mats:
         w[name] = r.take(np.float32, shape)
     return w
@@ -201,7 +201,7 @@ def _read_v1(r, p, cfg):
 
 def _read_v2(r, p, cfg):
     w, gs = _read_norms(r, p), cfg["group_size"]
-    mats = _matrices(p) + ([] if cfg["shared_classifier"] else [("output.weight", (p.vocab_size, p.dim))])
+    mats = matrices(p) + ([] if cfg["shared_classifier"] else [("output.weight", (p.vocab_size, p.dim))])
     for name, (rows, cols) in mats:
         q = r.take(np.int8, (rows, cols))
         flat_scales = r.take(np.float32, (rows * cols // gs,))
@@ -209,55 +209,3 @@ def _read_v2(r, p, cfg):
         starts = np.arange(rows)[:, None] * cols + np.arange(cols // gs)[None, :] * gs
         w[name] = Q8Tensor(q, flat_scales[starts // gs], gs, w8a8=True)
     return w
-
-
-# ----------------------------------------------------------------------------
-# writing (for tests, benchmarks and conversions)
-
-def write_llama2c(path, p: ModelArgs, weights, version=0, group_size=64, seq_len=None):
-    """Write weights (float32 arrays under Meta's names) in llama2.c format `version` (0, 1, 2).
-    The classifier is stored only when output.weight is not the embedding array itself."""
-    shared = classifier_is_embedding(weights)
-    seq_len = seq_len or p.max_seq_len
-    dims = [p.dim, p.hidden_dim, p.n_layers, p.n_heads, p.n_kv_heads, p.vocab_size, seq_len]
-    f32 = lambda name: np.ascontiguousarray(weights[name], dtype=np.float32).tobytes()
-    with open(path, "wb") as f:
-        if version == 0:
-            dims[5] = p.vocab_size if shared else -p.vocab_size
-            f.write(struct.pack("<7i", *dims))
-            f.write(f32("tok_embeddings.weight"))
-            for norm, kinds in (("attention_norm", ("wq", "wk", "wv", "wo")),
-                                ("ffn_norm", ("w1", "w2", "w3"))):
-                for name in norm_names(p, norm):
-                    f.write(f32(name))
-                for kind in kinds:
-                    for name in tensor_names(p, kind):
-                        f.write(f32(name))
-            f.write(f32("norm.weight"))
-            cos, sin = _legacy_freq_cis(p.head_dim, seq_len)
-            f.write(cos.tobytes() + sin.tobytes())
-            if not shared:
-                f.write(f32("output.weight"))
-            return
-        f.write(struct.pack("<Ii7iB", MAGIC, version, *dims, int(shared)))
-        if version == 2:
-            f.write(struct.pack("<i", group_size))
-        f.write(b"\0" * (HEADER_V1V2 - f.tell()))
-        for kind in ("attention_norm", "ffn_norm"):
-            for name in norm_names(p, kind):
-                f.write(f32(name))
-        f.write(f32("norm.weight"))
-        names = [n for n, _ in _matrices(p)] + ([] if shared else ["output.weight"])
-        for name in names:
-            if version == 1:
-                f.write(f32(name))
-            else:                       # one flat run of groups per tensor, as export.py does
-                q, s = quantize_q8(np.asarray(weights[name], np.float32).reshape(-1), group_size)
-                f.write(q.tobytes() + s.tobytes())
-
-
-def _legacy_freq_cis(head_dim, seq_len):
-    """The RoPE tables old llama2.c files carry (readers skip them; we recompute)."""
-    freqs = 1.0 / 10000.0 ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
-    angles = np.outer(np.arange(seq_len), freqs)
-    return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)

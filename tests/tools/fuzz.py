@@ -14,9 +14,11 @@ would. A case FAILS when the reader
     that asks for 40 GB meets a MemoryError instead of the machine's swap), or
   - kills the interpreter (a segfault or abort in a C extension).
 
-    python -m minillama.fuzz --cases 10000              every reader; prints cases and failures
-    python -m minillama.fuzz --targets llama2c,gguf --cases 500 --save /tmp/fuzz-failures
-    python -m minillama.fuzz --replay gguf:1234         one case, in this process, traceback shown
+From the repository root:
+
+    python -m tests.tools.fuzz --cases 10000        every reader; prints cases and failures
+    python -m tests.tools.fuzz --targets llama2c,gguf --cases 500 --save /tmp/fuzz-failures
+    python -m tests.tools.fuzz --replay gguf:1234   one case, in this process, traceback shown
 
 Cases run in worker processes (a crash or a hang in C code is caught by the parent); case i of a
 target is fully determined by (seed, target, i), so every failure can be replayed.
@@ -28,7 +30,6 @@ import multiprocessing
 import os
 import resource
 import signal
-import struct
 import sys
 import tempfile
 import time
@@ -44,10 +45,13 @@ from typing import Callable, Dict, List, Tuple
 
 import numpy as np
 
-from .errors import MiniLlamaError
+import minillama
+from minillama.checkpoints.random import random_weights
+from minillama.errors import MiniLlamaError
 
-# Where the real files live, beside the checkout (see tests/conftest.py).
-MODELS = Path(__file__).resolve().parents[2] / "shared" / "models"
+from . import MODELS
+from .writers import gpt2_tokens, gpt2_vocab, llama_vocab, tokenizer_bin_bytes, write_gguf, \
+    write_llama2c
 
 FACTOR = 32                  # a reader may hold ~this many bytes per byte of input ...
 SLACK = 8 << 20              # ... plus this much (Python objects, imports' first-use caches)
@@ -262,20 +266,10 @@ Seed = Tuple[str, Dict[str, bytes], str]
 
 
 def _tiny_args(**over):
-    from .model import ModelArgs
+    from minillama.model import ModelArgs
     # odd sizes (vocab 37, hidden 24), grouped-query heads (4 heads share 2 kv heads)
     return ModelArgs(**dict(dict(dim=16, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=37,
                                  hidden_dim=24, max_seq_len=12, max_batch_size=1), **over))
-
-
-def _random_weights(p, seed=0, tied=False):
-    from .model import weight_shapes
-    rng = np.random.default_rng(seed)
-    w = {name: rng.standard_normal(shape).astype(np.float32)
-         for name, shape in weight_shapes(p).items()}
-    if tied:
-        w["output.weight"] = w["tok_embeddings.weight"]
-    return w
 
 
 def _real(models, *names):
@@ -289,27 +283,24 @@ def _real(models, *names):
     return out
 
 
+def _written(write, *args, **kwargs):
+    """The bytes write(path, *args, **kwargs) writes."""
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d, "file")
+        write(path, *args, **kwargs)
+        return path.read_bytes()
+
+
 def seeds_llama2c(models):
-    from .checkpoints.llama2c import write_llama2c
     seeds = _real(models, "stories260K.bin", "stories260K-q8.bin")
     p = _tiny_args()
-    with tempfile.TemporaryDirectory() as d:
-        for version in (0, 1, 2):
-            for tied in (True, False):
-                path = os.path.join(d, "m.bin")
-                write_llama2c(path, p, _random_weights(p, version, tied), version, group_size=8)
-                label = f"tiny-v{version}-{'tied' if tied else 'untied'}.bin"
-                seeds.append((label, {"model.bin": Path(path).read_bytes()}, "model.bin"))
+    for version in (0, 1, 2):
+        for tied in (True, False):
+            blob = _written(write_llama2c, p, random_weights(p, version, tied), version,
+                            group_size=8)
+            label = f"tiny-v{version}-{'tied' if tied else 'untied'}.bin"
+            seeds.append((label, {"model.bin": blob}, "model.bin"))
     return seeds
-
-
-def tokenizer_bin_bytes(pieces, scores):
-    """A llama2.c tokenizer.bin: int32 max_token_length, then (float32 score, int32 length,
-    bytes) per token."""
-    out = [struct.pack("<i", max(len(piece) for piece in pieces))]
-    for piece, score in zip(pieces, scores):
-        out.append(struct.pack("<fi", score, len(piece)) + piece)
-    return b"".join(out)
 
 
 def _tiny_vocab():
@@ -336,7 +327,7 @@ def seeds_gguf(models):
     """Tiny llama GGUFs written by the `gguf` package (llama.cpp's own writer), one per tensor
     type minillama reads, carrying tok512's vocabulary as a `llama` tokenizer."""
     import gguf
-    from .tokenizer import Llama2cTokenizer
+    from minillama.tokenizer import Llama2cTokenizer
     vocab = Llama2cTokenizer(Path(models) / "tok512.bin")
     p = _tiny_args(dim=32, hidden_dim=64, vocab_size=vocab.n_words, n_heads=4, n_kv_heads=2)
     seeds = []
@@ -344,90 +335,29 @@ def seeds_gguf(models):
               "q8_0": gguf.GGMLQuantizationType.Q8_0, "q4_0": gguf.GGMLQuantizationType.Q4_0,
               "q4_1": gguf.GGMLQuantizationType.Q4_1}
     for (label, qtype), tied in zip(qtypes.items(), (True, False, False, True, False)):
-        weights = _random_weights(p, len(seeds), tied)
-        with tempfile.TemporaryDirectory() as d:
-            path = os.path.join(d, "m.gguf")
-            _write_gguf(gguf, path, p, weights, tied, qtype, _llama_vocab(vocab))
-            seeds.append((f"tiny-{label}.gguf", {"model.gguf": Path(path).read_bytes()},
-                          "model.gguf"))
-    tokens = _gpt2_vocab()          # and a byte-level BPE vocabulary, as SmolLM2 carries
-    p = _tiny_args(dim=32, hidden_dim=64, vocab_size=len(tokens[1]), n_heads=4, n_kv_heads=2)
-    with tempfile.TemporaryDirectory() as d:
-        path = os.path.join(d, "m.gguf")
-        _write_gguf(gguf, path, p, _random_weights(p, 9, True), True, qtypes["q8_0"], tokens)
-        seeds.append(("tiny-gpt2-q8_0.gguf", {"model.gguf": Path(path).read_bytes()},
-                      "model.gguf"))
+        weights = random_weights(p, len(seeds), tied)
+        seeds.append((f"tiny-{label}.gguf",
+                      {"model.gguf": _written(write_gguf, p, weights, qtype, llama_vocab(vocab),
+                                              tied)}, "model.gguf"))
+    # and a byte-level BPE vocabulary, as SmolLM2 carries
+    p = _tiny_args(dim=32, hidden_dim=64, vocab_size=len(gpt2_tokens()), n_heads=4, n_kv_heads=2)
+    weights = random_weights(p, 9, True)
+    seeds.append(("tiny-gpt2-q8_0.gguf",
+                  {"model.gguf": _written(write_gguf, p, weights, qtypes["q8_0"], gpt2_vocab,
+                                          True)}, "model.gguf"))
     return seeds
-
-
-def _llama_vocab(vocab):
-    """A `llama` (SentencePiece-style) vocabulary for the GGUF writer, from a tokenizer.bin."""
-    def write(w):
-        w.add_tokenizer_model("llama")
-        w.add_token_list([vocab.piece(i).replace(" ", "\u2581") for i in range(vocab.n_words)])
-        w.add_token_scores(vocab.vocab_scores)
-        w.add_bos_token_id(1)
-        w.add_eos_token_id(2)
-    return write, [None] * vocab.n_words
-
-
-def _gpt2_vocab():
-    """A small byte-level BPE vocabulary: control tokens, the 256 byte symbols, some merges."""
-    from .bpe import BYTE_TO_CHAR
-    control = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    merges = ["\u0120 t", "h e", "\u0120t he", "i n", "\u0120 a", "o n", "\u0120a n"]
-    tokens = control + [BYTE_TO_CHAR[b] for b in range(256)] + [m.replace(" ", "")
-                                                                for m in merges]
-
-    def write(w):
-        w.add_tokenizer_model("gpt2")
-        w.add_tokenizer_pre("smollm")
-        w.add_token_list(tokens)
-        w.add_token_types([3] * len(control) + [1] * (len(tokens) - len(control)))
-        w.add_token_merges(merges)
-        w.add_bos_token_id(1)
-        w.add_eos_token_id(2)
-        w.add_chat_template("{% for m in messages %}<|im_start|>{{ m.content }}{% endfor %}")
-    return write, tokens
-
-
-def _write_gguf(gguf, path, p, weights, tied, qtype, vocab):
-    from .checkpoints.gguf import gguf_name
-    w = gguf.GGUFWriter(path, "llama")
-    w.add_context_length(p.max_seq_len)
-    w.add_embedding_length(p.dim)
-    w.add_block_count(p.n_layers)
-    w.add_feed_forward_length(p.hidden_dim)
-    w.add_head_count(p.n_heads)
-    w.add_head_count_kv(p.n_kv_heads)
-    w.add_layer_norm_rms_eps(1e-5)
-    w.add_rope_freq_base(10000.0)
-    vocab[0](w)                         # the tokenizer's metadata (see _llama_vocab, _gpt2_vocab)
-    for name, a in weights.items():
-        if tied and name == "output.weight":
-            continue
-        gname = gguf_name(name)
-        if a.ndim == 2 and qtype != gguf.GGMLQuantizationType.F32:
-            data = gguf.quants.quantize(a, qtype)
-            w.add_tensor(gname, data, raw_shape=data.shape, raw_dtype=qtype)
-        else:
-            w.add_tensor(gname, a)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
 
 
 def seeds_safetensors(models):
     """Hugging Face model folders: config.json + model.safetensors (written by the safetensors
     package), float32 / float16 / bfloat16, tied and untied."""
     from safetensors.numpy import save
-    from .checkpoints.safetensors_hf import HF_LAYER_NAMES
+    from minillama.checkpoints.safetensors_hf import HF_LAYER_NAMES
     p = _tiny_args()
     seeds = []
     for k, (dtype, tied) in enumerate([("float32", False), ("float16", True),
                                        ("bfloat16", False)]):
-        weights = _random_weights(p, k, tied)
+        weights = random_weights(p, k, tied)
         tensors = {}
         for name, a in weights.items():
             if tied and name == "output.weight":
@@ -487,14 +417,14 @@ def seeds_meta(models):
     """Meta model folders: params.json + consolidated.00.pth (+ .01: two model-parallel ranks),
     written by torch.save in bfloat16, as Meta's download gives them."""
     import torch
-    from .checkpoints.meta import concat_axis
+    from minillama.checkpoints.meta import concat_axis
     p = _tiny_args(vocab_size=38)          # every split dimension even, for two ranks
     params = {"dim": p.dim, "n_layers": p.n_layers, "n_heads": p.n_heads,
               "n_kv_heads": p.n_kv_heads, "vocab_size": p.vocab_size, "multiple_of": 8,
               "norm_eps": 1e-5}
     seeds = []
     for ranks in (1, 2):
-        weights = _random_weights(p, ranks)
+        weights = random_weights(p, ranks)
         files = {"params.json": json.dumps(params).encode()}
         for rank in range(ranks):
             sd = {}
@@ -517,9 +447,9 @@ SAMPLE_TEXT = "Once upon a time, Lily saw a cat. \u00e9\u65e5\u672c \U0001F642\t
 
 def read_checkpoint_file(path):
     """Open a checkpoint as `minillama run/complete` do: every weight read, shapes checked."""
-    from .loading import open_checkpoint
-    from .checks import check_weights
-    from .model import iter_weight_shapes
+    from minillama.loading import open_checkpoint
+    from minillama.checks import check_weights
+    from minillama.model import iter_weight_shapes
     ckpt = open_checkpoint(path)
     check_weights(iter_weight_shapes(ckpt.params), ckpt.weights, source=path)
     if ckpt.tokenizer_path and ckpt.tokenizer_path == path:    # a GGUF carries its tokenizer
@@ -529,7 +459,7 @@ def read_checkpoint_file(path):
 
 def use_tokenizer(path):
     """Load a tokenizer and exercise it: encode, decode, stream-decode, pieces."""
-    from .tokenizer import StreamDecoder, load_tokenizer
+    from minillama.tokenizer import StreamDecoder, load_tokenizer
     tok = load_tokenizer(path)
     ids = tok.encode(SAMPLE_TEXT, bos=True, eos=True)
     if not all(0 <= i < tok.n_words for i in ids):
@@ -625,7 +555,7 @@ def _where(exc):
     """'file.py:123 in function' of the innermost frame in minillama's readers (else the
     innermost frame outside this harness)."""
     frames = [f for f in traceback.extract_tb(exc.__traceback__) if f.filename != __file__]
-    package = os.path.dirname(__file__)
+    package = os.path.dirname(minillama.__file__)
     ours = [f for f in frames if f.filename.startswith(package)] or frames
     f = (ours or [None])[-1]
     return f"{os.path.basename(f.filename)}:{f.lineno} in {f.name}" if f else "?"
@@ -727,7 +657,7 @@ def cap_address_space(headroom=ADDRESS_SPACE_HEADROOM):
 def _worker(conn, targets, seeds, cases, seed, timeout, keep):
     # Import the readers before capping memory and before the first measured case, so one-time
     # import costs do not count against the first file.
-    from . import loading, tokenizer  # noqa: F401
+    import minillama.loading, minillama.tokenizer  # noqa: F401, E401
     for t in targets.values():
         for mod in t.needs:
             __import__(mod)
@@ -785,7 +715,7 @@ class Report:
             lines.append(f"... and {len(self.failures) - limit} more "
                          f"({len(by_kind)} distinct)")
         if self.failures:
-            lines.append(f"replay one with: python -m minillama.fuzz --seed {self.seed} "
+            lines.append(f"replay one with: python -m tests.tools.fuzz --seed {self.seed} "
                          f"--replay {self.failures[0][0]}:{self.failures[0][1]}")
         return lines
 
@@ -903,7 +833,7 @@ def _lost(report, workers, conn, detail, kind, start):
 # command line
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m minillama.fuzz",
+    parser = argparse.ArgumentParser(prog="python -m tests.tools.fuzz",
                                      description="Fuzz minillama's file readers.")
     parser.add_argument("--cases", type=int, default=10000, help="cases in all (default 10000)")
     parser.add_argument("--targets", default=",".join(TARGET_NAMES),

@@ -1,8 +1,8 @@
 """Soak test: one loaded model serves request after request (10,000+ tokens in all, over many
-prompts and batch shapes), and nothing may leak or go non-finite.
+prompts and batch shapes), and nothing may leak or go non-finite. From the repository root:
 
-    python -m minillama.soak                         stories260K from ../shared/models, 10,000 tokens
-    python -m minillama.soak --tokens 50000 --model M.bin --tokenizer T.bin --device cuda
+    python -m tests.tools.soak                  stories260K from ../shared/models, 10,000 tokens
+    python -m tests.tools.soak --tokens 50000 --model M.bin --tokenizer T.bin --device cuda
 
 A request is one batch through Meta's `generate` (text_completion: 1 to max_batch_size prompts,
 varied lengths, greedy or sampled, sometimes with log-probs) or one llama2.c `run` (its own
@@ -29,9 +29,9 @@ from typing import List
 
 import numpy as np
 
-from .errors import MiniLlamaError
+from minillama.errors import MiniLlamaError
 
-MODELS = Path(__file__).resolve().parents[2] / "shared" / "models"
+from . import MODELS
 
 # Prompts of every kind a user sends: empty, whitespace, ordinary, non-ASCII (byte tokens),
 # control characters, long ones that leave little room before max_seq_len.
@@ -105,8 +105,8 @@ def batch_request(llama, prompts, rng, bsz, max_gen_len, temperature, top_p, log
 def run_request(llama, prompts, rng, new_tokens, temperature, top_p):
     """llama2.c's run on a random prompt; steps = the prompt's length + new_tokens (so some
     runs ask past max_seq_len and are capped)."""
-    from .run import generate
-    from .sampler import Llama2cSampler
+    from minillama.run import generate
+    from minillama.sampler import Llama2cSampler
     prompt = prompts[rng.integers(len(prompts))]
     steps = len(llama.tokenizer.encode(prompt, bos=True, eos=False)) + new_tokens
     sampler = Llama2cSampler(llama.model.params.vocab_size, temperature, top_p,
@@ -233,8 +233,9 @@ def report(record, llama, model_path, trace):
 
 
 def main(argv=None):
-    from .generation import Llama
-    parser = argparse.ArgumentParser(prog="python -m minillama.soak", description=__doc__.split("\n")[0])
+    from minillama.generation import Llama
+    parser = argparse.ArgumentParser(prog="python -m tests.tools.soak",
+                                     description=__doc__.split("\n")[0])
     parser.add_argument("--tokens", type=int, default=10000, help="tokens to generate (10000)")
     parser.add_argument("--model", default=str(MODELS / "stories260K.bin"))
     parser.add_argument("--tokenizer", default=None, help="default: tok512.bin beside --model, "

@@ -1,0 +1,150 @@
+"""Writers of the files minillama reads, for the tests, the fuzzer and the notebooks' stand-ins.
+
+    write_llama2c         a llama2.c checkpoint: legacy (v0), v1 (float32) or v2 (int8 Q8_0)
+    tokenizer_bin_bytes   a llama2.c tokenizer.bin
+    write_gguf            a llama GGUF, through the `gguf` package (llama.cpp's own writer), with
+                          a SentencePiece-style (llama_vocab) or byte-level BPE (gpt2_vocab) vocabulary
+
+The package only reads. tests/test_gguf.py writes its GGUF files with a writer of its own, on
+purpose: it is the oracle the reader is checked against, so it shares nothing with the reader.
+"""
+import struct
+
+import numpy as np
+
+from minillama.checkpoints.llama2c import (HEADER_V1V2, MAGIC, matrices, norm_names,
+                                           tensor_names)
+from minillama.model import ModelArgs, classifier_is_embedding
+from minillama.quant import quantize_q8
+
+
+# ----------------------------------------------------------------------------
+# llama2.c (the layouts are in minillama/checkpoints/llama2c.py's docstring)
+
+def write_llama2c(path, p: ModelArgs, weights, version=0, group_size=64, seq_len=None):
+    """Write weights (float32 arrays under Meta's names) in llama2.c format `version` (0, 1, 2).
+    The classifier is stored only when output.weight is not the embedding array itself."""
+    shared = classifier_is_embedding(weights)
+    seq_len = seq_len or p.max_seq_len
+    dims = [p.dim, p.hidden_dim, p.n_layers, p.n_heads, p.n_kv_heads, p.vocab_size, seq_len]
+    f32 = lambda name: np.ascontiguousarray(weights[name], dtype=np.float32).tobytes()
+    with open(path, "wb") as f:
+        if version == 0:
+            dims[5] = p.vocab_size if shared else -p.vocab_size
+            f.write(struct.pack("<7i", *dims))
+            f.write(f32("tok_embeddings.weight"))
+            for norm, kinds in (("attention_norm", ("wq", "wk", "wv", "wo")),
+                                ("ffn_norm", ("w1", "w2", "w3"))):
+                for name in norm_names(p, norm):
+                    f.write(f32(name))
+                for kind in kinds:
+                    for name in tensor_names(p, kind):
+                        f.write(f32(name))
+            f.write(f32("norm.weight"))
+            cos, sin = _legacy_freq_cis(p.head_dim, seq_len)
+            f.write(cos.tobytes() + sin.tobytes())
+            if not shared:
+                f.write(f32("output.weight"))
+            return
+        f.write(struct.pack("<Ii7iB", MAGIC, version, *dims, int(shared)))
+        if version == 2:
+            f.write(struct.pack("<i", group_size))
+        f.write(b"\0" * (HEADER_V1V2 - f.tell()))
+        for kind in ("attention_norm", "ffn_norm"):
+            for name in norm_names(p, kind):
+                f.write(f32(name))
+        f.write(f32("norm.weight"))
+        names = [n for n, _ in matrices(p)] + ([] if shared else ["output.weight"])
+        for name in names:
+            if version == 1:
+                f.write(f32(name))
+            else:                       # one flat run of groups per tensor, as export.py does
+                q, s = quantize_q8(np.asarray(weights[name], np.float32).reshape(-1), group_size)
+                f.write(q.tobytes() + s.tobytes())
+
+
+def _legacy_freq_cis(head_dim, seq_len):
+    """The RoPE tables old llama2.c files carry (readers skip them; we recompute)."""
+    freqs = 1.0 / 10000.0 ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    angles = np.outer(np.arange(seq_len), freqs)
+    return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+
+
+def tokenizer_bin_bytes(pieces, scores):
+    """A llama2.c tokenizer.bin: int32 max_token_length, then (float32 score, int32 length,
+    bytes) per token."""
+    out = [struct.pack("<i", max(len(piece) for piece in pieces))]
+    for piece, score in zip(pieces, scores):
+        out.append(struct.pack("<fi", score, len(piece)) + piece)
+    return b"".join(out)
+
+
+# ----------------------------------------------------------------------------
+# GGUF
+
+def write_gguf(path, p: ModelArgs, weights, qtype, vocab, tied=False):
+    """A llama GGUF of `weights` (Meta names): matrices stored as `qtype` (a
+    gguf.GGMLQuantizationType), norms as F32, the classifier left out when tied. vocab(writer)
+    adds the tokenizer's metadata (llama_vocab, gpt2_vocab)."""
+    import gguf
+    from minillama.checkpoints.gguf import gguf_name
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_context_length(p.max_seq_len)
+    w.add_embedding_length(p.dim)
+    w.add_block_count(p.n_layers)
+    w.add_feed_forward_length(p.hidden_dim)
+    w.add_head_count(p.n_heads)
+    w.add_head_count_kv(p.n_kv_heads)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_rope_freq_base(10000.0)
+    vocab(w)
+    for name, a in weights.items():
+        if tied and name == "output.weight":
+            continue
+        gname = gguf_name(name)
+        if a.ndim == 2 and qtype != gguf.GGMLQuantizationType.F32:
+            data = gguf.quants.quantize(a, qtype)
+            w.add_tensor(gname, data, raw_shape=data.shape, raw_dtype=qtype)
+        else:
+            w.add_tensor(gname, a)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def llama_vocab(tokenizer):
+    """A `llama` (SentencePiece-style) vocabulary for write_gguf, from a Llama2cTokenizer."""
+    def add(w):
+        w.add_tokenizer_model("llama")
+        w.add_token_list([tokenizer.piece(i).replace(" ", "\u2581")
+                          for i in range(tokenizer.n_words)])
+        w.add_token_scores(tokenizer.vocab_scores)
+        w.add_bos_token_id(1)
+        w.add_eos_token_id(2)
+    return add
+
+
+GPT2_CONTROL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+GPT2_MERGES = ["\u0120 t", "h e", "\u0120t he", "i n", "\u0120 a", "o n", "\u0120a n"]
+
+
+def gpt2_tokens():
+    """A small byte-level BPE vocabulary: control tokens, the 256 byte symbols, the merges."""
+    from minillama.bpe import BYTE_TO_CHAR
+    return GPT2_CONTROL + [BYTE_TO_CHAR[b] for b in range(256)] + [m.replace(" ", "")
+                                                                   for m in GPT2_MERGES]
+
+
+def gpt2_vocab(w):
+    """gpt2_tokens() as a `gpt2` vocabulary (SmolLM2's kind) for write_gguf, with a chat
+    template."""
+    tokens = gpt2_tokens()
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("smollm")
+    w.add_token_list(tokens)
+    w.add_token_types([3] * len(GPT2_CONTROL) + [1] * (len(tokens) - len(GPT2_CONTROL)))
+    w.add_token_merges(GPT2_MERGES)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_chat_template("{% for m in messages %}<|im_start|>{{ m.content }}{% endfor %}")
