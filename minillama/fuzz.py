@@ -336,7 +336,7 @@ def seeds_gguf(models):
     """Tiny llama GGUFs written by the `gguf` package (llama.cpp's own writer), one per tensor
     type minillama reads, carrying tok512's vocabulary as a `llama` tokenizer."""
     import gguf
-    from .tokenizer import Llama2cTokenizer
+    from .tokenizers import Llama2cTokenizer
     vocab = Llama2cTokenizer(Path(models) / "tok512.bin")
     p = _tiny_args(dim=32, hidden_dim=64, vocab_size=vocab.n_words, n_heads=4, n_kv_heads=2)
     seeds = []
@@ -373,7 +373,7 @@ def _llama_vocab(vocab):
 
 def _gpt2_vocab():
     """A small byte-level BPE vocabulary: control tokens, the 256 byte symbols, some merges."""
-    from .bpe import BYTE_TO_CHAR
+    from .tokenizers.bpe import BYTE_TO_CHAR
     control = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     merges = ["\u0120 t", "h e", "\u0120t he", "i n", "\u0120 a", "o n", "\u0120a n"]
     tokens = control + [BYTE_TO_CHAR[b] for b in range(256)] + [m.replace(" ", "")
@@ -528,7 +528,7 @@ def read_checkpoint_file(path):
 
 def use_tokenizer(path):
     """Load a tokenizer and exercise it: encode, decode, stream-decode, pieces."""
-    from .tokenizer import StreamDecoder, load_tokenizer
+    from .tokenizers import StreamDecoder, load_tokenizer
     tok = load_tokenizer(path)
     ids = tok.encode(SAMPLE_TEXT, bos=True, eos=True)
     if not all(0 <= i < tok.n_words for i in ids):

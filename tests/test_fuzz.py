@@ -21,7 +21,7 @@ from minillama import fuzz
 from minillama.checkpoints.llama2c import load_llama2c
 from minillama.errors import ArgumentError, CheckpointError, TokenizerError
 from minillama.model import ModelArgs, check_weights
-from minillama.tokenizer import Llama2cTokenizer, load_tokenizer
+from minillama.tokenizers import Llama2cTokenizer, load_tokenizer
 
 from conftest import MODELS, random_weights, require_shared
 

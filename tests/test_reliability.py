@@ -21,7 +21,7 @@ from minillama.generation import Llama
 from minillama.model import ModelArgs, Transformer
 from minillama.run import chat, generate as run_generate
 from minillama.sampler import Llama2cSampler
-from minillama.tokenizer import StreamDecoder, load_tokenizer
+from minillama.tokenizers import StreamDecoder, load_tokenizer
 
 STORIES = str(MODELS / "stories260K.bin")
 TOK_BIN = str(MODELS / "tok512.bin")
