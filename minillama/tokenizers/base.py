@@ -40,6 +40,23 @@ class Tokenizer:
     def __repr__(self):
         return f"{type(self).__name__}({self.path!r}, n_words={self.n_words})"
 
+    # --- what each family writes its own way ----------------------------------------------------
+
+    def encode(self, text, bos, eos):
+        """Token ids of `text`, with BOS before it and EOS after it if asked."""
+        raise NotImplementedError
+
+    def decode_piece(self, prev_token, token):
+        """The bytes `token` prints when it follows `prev_token`, as llama2.c's decode() gives
+        them: a control token prints its own piece here (text_bytes() is what decode uses)."""
+        raise NotImplementedError
+
+    def piece(self, token):
+        """The token's piece as text, for display."""
+        raise NotImplementedError
+
+    # --- what every tokenizer does alike --------------------------------------------------------
+
     def check_id(self, token):
         """`token` as an int, if it is a valid id of this tokenizer (a bool is not)."""
         if isinstance(token, bool) or not hasattr(type(token), "__index__"):
