@@ -138,7 +138,7 @@ def cmd_run(args):
     from .ops import get_ops
     from .run import chat, generate
     from .sampler import Llama2cSampler
-    from .tokenizer import load_tokenizer
+    from .tokenizers import load_tokenizer
     if args.checkpoint is None:                  # the default model: an instruct model, so chat
         from .download import model_path
         args.checkpoint = str(model_path())
@@ -233,7 +233,7 @@ def cmd_info(args):
 
 
 def cmd_tokenize(args):
-    from .tokenizer import load_tokenizer
+    from .tokenizers import load_tokenizer
     tokenizer = load_tokenizer(args.tokenizer)
     ids = tokenizer.encode(args.text, bos=True, eos=False)
     print(" ".join(str(i) for i in ids))

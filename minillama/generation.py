@@ -13,9 +13,8 @@ from .checks import check_finite
 from .errors import ArgumentError, check_positive_int
 from .ops import softmax, to_host
 from .sampler import check_sampling_args, sample_top_p
+from .tokenizers.chat import B_INST, E_INST
 
-B_INST, E_INST = "[INST]", "[/INST]"
-B_SYS, E_SYS = "<<SYS>>\n", "\n<</SYS>>\n\n"
 SPECIAL_TAGS = [B_INST, E_INST, "<<SYS>>", "<</SYS>>"]
 UNSAFE_ERROR = "Error: special tags are not allowed as part of the prompt."
 
@@ -39,7 +38,7 @@ class Llama:
         from .loading import open_checkpoint
         from .model import Transformer
         from .ops import get_ops
-        from .tokenizer import load_tokenizer
+        from .tokenizers import load_tokenizer
         if max_seq_len is not None:      # None: the checkpoint's own context length
             check_positive_int("max_seq_len", max_seq_len)
         check_positive_int("max_batch_size", max_batch_size)
@@ -197,11 +196,9 @@ class Llama:
         return results
 
     def encode_dialog(self, dialog):
-        """Token ids for a dialog ending in a user turn. A tokenizer that carries its own chat
-        template (GGUF models) provides `encode_dialog`; otherwise Llama 2's [INST] format."""
-        if hasattr(self.tokenizer, "encode_dialog"):
-            return self.tokenizer.encode_dialog(dialog)
-        return encode_llama2_dialog(self.tokenizer, dialog)
+        """Token ids for a dialog ending in a user turn, in the tokenizer's chat format: Llama 2's
+        [INST] format, or the one a GGUF model's chat template names (tokenizers/chat.py)."""
+        return self.tokenizer.chat.encode_dialog(self.tokenizer, dialog)
 
 
 def check_dialogs(dialogs):
@@ -216,23 +213,3 @@ def check_dialogs(dialogs):
                                     f"('system', 'user' or 'assistant') and 'content' (a str), "
                                     f"got {m!r:.80}")
 
-
-def encode_llama2_dialog(tokenizer, dialog):
-    """Llama 2 chat format, as Meta's chat_completion builds it."""
-    if dialog and dialog[0]["role"] == "system":
-        if len(dialog) < 2:
-            raise ArgumentError("dialog: a system message must be followed by a user message")
-        dialog = [{"role": dialog[1]["role"],
-                   "content": B_SYS + dialog[0]["content"] + E_SYS + dialog[1]["content"]}
-                  ] + dialog[2:]
-    roles_ok = (all(m["role"] == "user" for m in dialog[::2])
-                and all(m["role"] == "assistant" for m in dialog[1::2]))
-    if not dialog or not roles_ok or dialog[-1]["role"] != "user":
-        raise ArgumentError("dialog: roles must be 'system' (optional), then alternate 'user' "
-                            "and 'assistant', ending with 'user'")
-    dialog_tokens = sum([tokenizer.encode(
-        f"{B_INST} {(prompt['content']).strip()} {E_INST} {(answer['content']).strip()} ",
-        bos=True, eos=True) for prompt, answer in zip(dialog[::2], dialog[1::2])], [])
-    dialog_tokens += tokenizer.encode(
-        f"{B_INST} {(dialog[-1]['content']).strip()} {E_INST}", bos=True, eos=False)
-    return dialog_tokens

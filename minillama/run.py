@@ -17,9 +17,8 @@ import numpy as np
 from .checks import check_finite
 from .errors import ArgumentError, check_positive_int
 from .ops import to_host
-
-SYSTEM_TEMPLATE = "[INST] <<SYS>>\n{system}\n<</SYS>>\n\n{user} [/INST]"
-USER_TEMPLATE = "[INST] {user} [/INST]"
+from .tokenizers.llama2c import Llama2cTokenizer
+from .tokenizers.stream import StreamDecoder
 
 
 def safe_piece(piece: bytes) -> bytes:
@@ -34,7 +33,6 @@ class PieceWriter:
     at_start: the first token printed starts the text (generate), or continues it (chat)."""
 
     def __init__(self, tokenizer, out, at_start=True):
-        from .tokenizer import Llama2cTokenizer, StreamDecoder
         self.tokenizer, self.out = tokenizer, out
         self.stream = None if isinstance(tokenizer, Llama2cTokenizer) else \
             StreamDecoder(tokenizer, at_start)
@@ -121,20 +119,15 @@ def read_line(prompt, inp, out):
     return None if line == "" else line.rstrip("\n")
 
 
-def render_llama2(system, user, first_turn):
-    if first_turn and system:
-        return SYSTEM_TEMPLATE.format(system=system, user=user)
-    return USER_TEMPLATE.format(user=user)
-
-
 def chat(model, tokenizer, sampler, user_prompt, system_prompt, steps, inp=None, out=None,
-         render=render_llama2, err=None):
+         err=None):
     """llama2.c's chat(): alternate user turns (from -i, then stdin) and assistant replies,
-    until `steps` positions are used or the input ends."""
+    until `steps` positions are used or the input ends. Each user turn is written in the
+    tokenizer's chat format (Llama 2's [INST] ... [/INST] as in run.c, or e.g. SmolLM2's ChatML)."""
     inp = inp or sys.stdin
     out = out or sys.stdout.buffer
     requested, steps = steps, check_steps(steps, model.params.max_seq_len)
-    render = getattr(tokenizer, "render_chat_turn", render)
+    render = tokenizer.chat.render_turn
     eos = tokenizer.eos_id
     user_turn, pos, next_token = True, 0, None
     prompt_tokens, user_idx, system = [], 0, system_prompt

@@ -6,10 +6,11 @@ import unicodedata
 import numpy as np
 import pytest
 
-from minillama.bpe import (BYTE_TO_CHAR, CHAR_TO_BYTE, PRE_TOKENIZERS, BPETokenizer,
-                           bytes_to_unicode, digit_pattern, gpt2_pattern, split_isolated)
+from minillama.tokenizers.bpe import (BYTE_TO_CHAR, CHAR_TO_BYTE, PRE_TOKENIZERS, BPETokenizer,
+                                      bytes_to_unicode, digit_pattern, gpt2_pattern,
+                                      split_isolated)
 from minillama.errors import ArgumentError, TokenizerError
-from minillama.tokenizer import StreamDecoder
+from minillama.tokenizers import StreamDecoder
 
 from test_gguf import smollm2  # noqa: F401  (the real SmolLM2 file, a session fixture)
 
@@ -204,7 +205,7 @@ def test_bad_vocabularies_and_ids():
 @pytest.fixture(scope="module")
 def smollm2_tokenizers(smollm2):  # noqa: F811
     transformers = pytest.importorskip("transformers")
-    from minillama.tokenizer import load_tokenizer
+    from minillama.tokenizers import load_tokenizer
     hf = transformers.AutoTokenizer.from_pretrained(str(smollm2.parent), gguf_file=smollm2.name)
     return load_tokenizer(smollm2, vocab_size=49152), hf
 

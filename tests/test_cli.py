@@ -71,7 +71,7 @@ def test_chat_alternates_turns_like_llama2c(shared):
     import io
     from minillama.run import chat
     from minillama.sampler import Llama2cSampler
-    from minillama.tokenizer import load_tokenizer
+    from minillama.tokenizers import load_tokenizer
     tok = load_tokenizer(MODELS / "tok512.bin")
     prompt_len = len(tok.encode("[INST] <<SYS>>\nsys\n<</SYS>>\n\nhi [/INST]", True, False))
     out = io.BytesIO()

@@ -22,7 +22,7 @@ from minillama.checkpoints.random import random_weights
 from minillama.checks import check_weights
 from minillama.errors import ArgumentError, CheckpointError, TokenizerError
 from minillama.model import ModelArgs, iter_weight_shapes
-from minillama.tokenizer import Llama2cTokenizer, load_tokenizer
+from minillama.tokenizers import Llama2cTokenizer, load_tokenizer
 
 from conftest import MODELS, require_shared
 from tests.tools import fuzz

@@ -4,8 +4,9 @@ import pytest
 
 from minillama.checkpoints.random import random_weights
 from minillama.errors import ArgumentError
-from minillama.generation import Llama, cross_entropy, encode_llama2_dialog
+from minillama.generation import Llama, cross_entropy
 from minillama.model import ModelArgs, Transformer
+from minillama.tokenizers import Llama2Chat
 
 from conftest import ODD, StubTokenizer
 
@@ -129,9 +130,9 @@ def test_llama2_chat_format():
               {"role": "user", "content": " Hi "},
               {"role": "assistant", "content": "Hello."},
               {"role": "user", "content": "Bye"}]
-    ids = encode_llama2_dialog(tok, dialog)
+    ids = Llama2Chat().encode_dialog(tok, dialog)
     # strip() applies to the merged system + user text, so the user's leading space stays
     first = "[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\n Hi [/INST] Hello. "
     assert ids == [1] + [ord(c) for c in first] + [2, 1] + [ord(c) for c in "[INST] Bye [/INST]"]
     with pytest.raises(ArgumentError, match="ending with 'user'"):
-        encode_llama2_dialog(tok, dialog[:3])
+        Llama2Chat().encode_dialog(tok, dialog[:3])

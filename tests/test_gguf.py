@@ -8,7 +8,7 @@ import struct
 import numpy as np
 import pytest
 
-from minillama.bpe import BPETokenizer
+from minillama.tokenizers import BPETokenizer, ChatML, Llama2Chat, load_tokenizer
 from minillama.checkpoints import gguf as mg
 from minillama.checkpoints.random import random_weights
 from minillama.errors import ArgumentError, CheckpointError, TokenizerError
@@ -44,7 +44,7 @@ MERGES = ["Ġ t", "h e", "Ġt he", "i n", "Ġ a", "e r", "o n", "Ġ s", "r e", "
 
 
 def tiny_vocab():
-    from minillama.bpe import BYTE_TO_CHAR
+    from minillama.tokenizers.bpe import BYTE_TO_CHAR
     tokens = CONTROL + [BYTE_TO_CHAR[b] for b in range(256)]
     tokens += ["".join(m.split(" ")) for m in MERGES]
     types = [3] * len(CONTROL) + [1] * (len(tokens) - len(CONTROL))
@@ -436,7 +436,6 @@ def test_wrong_shape_and_missing_and_extra_tensors(tmp_path, tiny_args):
 # the tokenizer and chat template in the metadata
 
 def test_gpt2_tokenizer_from_metadata(tmp_path, tiny_args):
-    from minillama.tokenizer import load_tokenizer
     path = write_gguf(tmp_path / "m.gguf", tiny_args, random_weights(tiny_args))
     tok = load_tokenizer(path, vocab_size=tiny_args.vocab_size)
     assert isinstance(tok, BPETokenizer)
@@ -473,7 +472,7 @@ def write_sentencepiece_gguf(path, tokens, scores):
 
 def test_sentencepiece_vocab_from_metadata(tmp_path, shared):
     """A `llama` vocabulary (pieces + scores) encodes like llama2.c's tokenizer.bin of it."""
-    from minillama.tokenizer import Llama2cTokenizer, load_tokenizer
+    from minillama.tokenizers import Llama2cTokenizer
     ref = Llama2cTokenizer(shared / "models" / "tok512.bin")
     tokens = [piece.decode("utf-8").replace(" ", "\u2581") for piece in ref.vocab]
     path = write_sentencepiece_gguf(tmp_path / "sp.gguf", tokens, ref.vocab_scores)
@@ -483,7 +482,7 @@ def test_sentencepiece_vocab_from_metadata(tmp_path, shared):
         assert tok.encode(text, bos=True, eos=True) == ref.encode(text, bos=True, eos=True)
         ids = ref.encode(text, bos=True, eos=False)
         assert tok.decode(ids) == ref.decode(ids)
-    assert not hasattr(tok, "encode_dialog")               # Llama 2's [INST] format applies
+    assert isinstance(tok.chat, Llama2Chat)                # Llama 2's [INST] format applies
     # the byte fallback (byte b = id b + 3) needs Llama's layout; another one is refused
     swapped = tokens[:3] + tokens[4:5] + tokens[3:4] + tokens[5:]
     write_sentencepiece_gguf(path, swapped, ref.vocab_scores)
@@ -492,30 +491,29 @@ def test_sentencepiece_vocab_from_metadata(tmp_path, shared):
 
 
 def test_chatml_rendering(tmp_path, tiny_args):
-    from minillama.tokenizer import load_tokenizer
     path = write_gguf(tmp_path / "m.gguf", tiny_args, random_weights(tiny_args))
     tok = load_tokenizer(path)
-    first = tok.render_chat_turn("Be brief.", "Hi there", True)
+    assert isinstance(tok.chat, ChatML)
+    first = tok.chat.render_turn("Be brief.", "Hi there", True)
     assert first == ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi there"
                      "<|im_end|>\n<|im_start|>assistant\n")
-    assert tok.render_chat_turn("", "Hi", True) == \
+    assert tok.chat.render_turn("", "Hi", True) == \
         "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
-    assert tok.render_chat_turn("ignored", "More", False) == \
+    assert tok.chat.render_turn("ignored", "More", False) == \
         "\n<|im_start|>user\nMore<|im_end|>\n<|im_start|>assistant\n"
     dialog = [{"role": "system", "content": "S"}, {"role": "user", "content": "a"},
               {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}]
     expected = ("<|im_start|>system\nS<|im_end|>\n<|im_start|>user\na<|im_end|>\n"
                 "<|im_start|>assistant\nb<|im_end|>\n<|im_start|>user\nc<|im_end|>\n"
                 "<|im_start|>assistant\n")
-    assert tok.encode_dialog(dialog) == tok.encode(expected, bos=True, eos=False)
+    assert tok.chat.encode_dialog(tok, dialog) == tok.encode(expected, bos=True, eos=False)
     start = [1] + tok.encode("system\n", bos=False, eos=False)      # <|im_start|> is one id
-    assert tok.encode_dialog(dialog)[:len(start)] == start
+    assert tok.chat.encode_dialog(tok, dialog)[:len(start)] == start
     with pytest.raises(ArgumentError, match="ending with a 'user'"):
-        tok.encode_dialog(dialog[:3])
+        tok.chat.encode_dialog(tok, dialog[:3])
 
 
 def test_hostile_tokenizer_metadata(tmp_path, tiny_args):
-    from minillama.tokenizer import load_tokenizer
     V = gguf.GGUFValueType
     for extra, match in (({"tokenizer.ggml.bos_token_id": (10**6, V.UINT32)}, "bos_token_id"),
                          ({"tokenizer.ggml.model": ("bert", V.STRING)}, "'bert'")):
@@ -560,7 +558,6 @@ def smollm2_models(smollm2):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     pytest.importorskip("accelerate")
-    from minillama.tokenizer import load_tokenizer
     hf = transformers.AutoModelForCausalLM.from_pretrained(
         str(smollm2.parent), gguf_file=smollm2.name, dtype=torch.float32).eval()
     ckpt = open_checkpoint(smollm2, max_seq_len=160)
@@ -582,7 +579,8 @@ def test_smollm2_logits_and_greedy_match_transformers(smollm2_models):
     prompt is the chat prompt chat_completion builds; greedy, SmolLM2 answers with the whale."""
     import torch
     model, tokenizer, hf = smollm2_models
-    prompt = tokenizer.encode_dialog([{"role": "user", "content": "What is the largest animal?"}])
+    prompt = tokenizer.chat.encode_dialog(
+        tokenizer, [{"role": "user", "content": "What is the largest animal?"}])
     with torch.no_grad():
         theirs = hf(torch.tensor([prompt])).logits[0].numpy()
     ours = model.forward(np.array([prompt]), 0)[0]
@@ -605,7 +603,7 @@ def test_smollm2_chat_mode_answers_the_largest_animal(smollm2_models):
     from minillama.sampler import Llama2cSampler
     model, tokenizer, _ = smollm2_models
     question = "What is the largest animal?"
-    n_prompt = len(tokenizer.encode(tokenizer.render_chat_turn("", question, True), True, False))
+    n_prompt = len(tokenizer.encode(tokenizer.chat.render_turn("", question, True), True, False))
     out = io.BytesIO()
     chat(model, tokenizer, Llama2cSampler(tokenizer.n_words, temperature=0.0), question, "",
          n_prompt + 12, inp=io.StringIO(""), out=out)

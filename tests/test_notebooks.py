@@ -102,7 +102,7 @@ def test_stand_in_files_are_consistent(monkeypatch):
     import numpy as np
     from story_files import find_shared_models, story_files
     from minillama.loading import load_model
-    from minillama.tokenizer import load_tokenizer
+    from minillama.tokenizers import load_tokenizer
 
     assert find_shared_models() is None
     files = story_files()

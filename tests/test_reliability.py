@@ -22,7 +22,7 @@ from minillama.generation import Llama
 from minillama.model import ModelArgs, Transformer
 from minillama.run import chat, generate as run_generate
 from minillama.sampler import Llama2cSampler
-from minillama.tokenizer import StreamDecoder, load_tokenizer
+from minillama.tokenizers import StreamDecoder, load_tokenizer
 from tests.tools.writers import write_llama2c
 
 STORIES = str(MODELS / "stories260K.bin")

@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from minillama.errors import ArgumentError, TokenizerError
-from minillama.tokenizer import (Llama2cTokenizer, SentencePieceTokenizer, StreamDecoder,
-                                 load_tokenizer)
+from minillama.tokenizers import (Llama2cTokenizer, SentencePieceTokenizer, StreamDecoder,
+                                  load_tokenizer)
 
 from conftest import GOLDEN as GOLDEN_PATH, MODELS, require_shared
 

@@ -28,7 +28,8 @@ test checks this numerically against transformers, which re-permutes them when i
 
     read_gguf(path) -> GGUFFile (metadata, tensor infos; no tensor data read yet)
     load_gguf(path, max_seq_len, max_batch_size) -> (ModelArgs, weights under Meta's names, path)
-    gguf_tokenizer(path) -> the tokenizer its metadata describes
+    read_gguf_vocab(path) -> GGUFVocab, the tokenizer.* metadata (minillama.tokenizers builds
+                             the tokenizer from it)
 """
 import functools
 import mmap
@@ -39,7 +40,7 @@ from typing import Optional
 
 import numpy as np
 
-from ..errors import ArgumentError, CheckpointError, TokenizerError
+from ..errors import CheckpointError, TokenizerError
 from ..dtypes import LazyTensor
 from ..checks import check_weights
 from ..model import ModelArgs, iter_weight_shapes
@@ -444,29 +445,50 @@ def is_gguf(path):
 
 
 # ----------------------------------------------------------------------------
-# the tokenizer in the metadata
+# the vocabulary in the metadata, as plain data (minillama.tokenizers builds the tokenizer)
 
-def gguf_tokenizer(path):
-    """The tokenizer a GGUF's metadata describes: byte-level BPE for `tokenizer.ggml.model`
-    "gpt2", llama2.c's score-merging SentencePiece encoder for "llama"."""
+@dataclass
+class GGUFVocab:
+    path: str
+    model: str                  # tokenizer.ggml.model: "gpt2" (byte-level BPE) or "llama"
+    tokens: list                # str, one per id
+    token_types: Optional[list]     # int per id: 1 normal, 3 control, 4 user-defined, 6 byte ...
+    scores: Optional[list]      # float per id ("llama": merge priority, higher first)
+    merges: Optional[list]      # "a b" strings in priority order ("gpt2")
+    pre: str                    # tokenizer.ggml.pre: the pre-tokenizer ("gpt2")
+    bos_id: int                 # the special ids, -1 where the file gives none
+    eos_id: int
+    unk_id: int
+    pad_id: int
+    add_bos: bool               # whether encode() should start with BOS
+    chat_template: Optional[str]    # tokenizer.chat_template (Jinja), if any
+
+
+VOCAB_MODELS = ("gpt2", "llama")
+
+
+def read_gguf_vocab(path):
+    """The tokenizer.* metadata of a GGUF file, every field checked for its type; a problem is
+    a TokenizerError, since the file is being read for its tokenizer."""
     try:
         gf = read_gguf(path)
     except CheckpointError as e:
         raise TokenizerError(str(e)) from None
-    kind = gf.metadata.get("tokenizer.ggml.model")
-    if kind == "gpt2":
-        tokenizer = _bpe_tokenizer(gf)
-    elif kind == "llama":
-        tokenizer = _sentencepiece_tokenizer(gf)
-    else:
-        raise TokenizerError(f"{gf.path}: tokenizer.ggml.model is {kind!r}; minillama reads "
+    model = gf.metadata.get("tokenizer.ggml.model")
+    if model not in VOCAB_MODELS:
+        raise TokenizerError(f"{gf.path}: tokenizer.ggml.model is {model!r}; minillama reads "
                              f"'gpt2' (byte-level BPE) and 'llama' (SentencePiece) vocabularies")
-    tokenizer.chat_template = gf.metadata.get("tokenizer.chat_template")
-    if is_chatml(tokenizer.chat_template) and hasattr(tokenizer, "special"):
-        # the chat loops look for these; without them they use Llama 2's [INST] format
-        tokenizer.render_chat_turn = render_chatml_turn
-        tokenizer.encode_dialog = functools.partial(encode_chatml_dialog, tokenizer)
-    return tokenizer
+    tokens = _meta_list(gf, "tokenizer.ggml.tokens", str)
+    n = len(tokens)
+    return GGUFVocab(
+        gf.path, model, tokens,
+        token_types=_meta_list(gf, "tokenizer.ggml.token_type", int, n, required=False),
+        scores=_meta_list(gf, "tokenizer.ggml.scores", float, n, required=model == "llama"),
+        merges=_meta_list(gf, "tokenizer.ggml.merges", str, required=model == "gpt2"),
+        pre=gf.metadata.get("tokenizer.ggml.pre", "gpt-2"),
+        **_special_ids(gf, n),
+        add_bos=bool(gf.metadata.get("tokenizer.ggml.add_bos_token", False)),
+        chat_template=gf.metadata.get("tokenizer.chat_template"))
 
 
 def _meta_list(gf, key, kind, length=None, required=True):
@@ -482,79 +504,13 @@ def _meta_list(gf, key, kind, length=None, required=True):
 
 
 def _special_ids(gf, n_words):
-    """bos, eos, unk, pad ids from the metadata (-1 where the file gives none)."""
+    """bos_id, eos_id, unk_id, pad_id from the metadata (-1 where the file gives none)."""
     ids = {}
-    for name, key in (("bos", "bos_token_id"), ("eos", "eos_token_id"),
-                      ("unk", "unknown_token_id"), ("pad", "padding_token_id")):
+    for name, key in (("bos_id", "bos_token_id"), ("eos_id", "eos_token_id"),
+                      ("unk_id", "unknown_token_id"), ("pad_id", "padding_token_id")):
         value = gf.metadata.get(f"tokenizer.ggml.{key}", -1)
         if isinstance(value, bool) or not isinstance(value, int) or not -1 <= value < n_words:
             raise TokenizerError(f"{gf.path}: metadata 'tokenizer.ggml.{key}' is {value!r}, "
                                  f"expected a token id below {n_words}")
         ids[name] = value
     return ids
-
-
-def _bpe_tokenizer(gf):
-    from ..bpe import BPETokenizer
-    tokens = _meta_list(gf, "tokenizer.ggml.tokens", str)
-    return BPETokenizer(
-        tokens, _meta_list(gf, "tokenizer.ggml.merges", str),
-        token_types=_meta_list(gf, "tokenizer.ggml.token_type", int, len(tokens), False),
-        pre=gf.metadata.get("tokenizer.ggml.pre", "gpt-2"),
-        add_bos=bool(gf.metadata.get("tokenizer.ggml.add_bos_token", False)),
-        path=gf.path, **_special_ids(gf, len(tokens)))
-
-
-def _sentencepiece_tokenizer(gf):
-    from ..tokenizer import Llama2cTokenizer
-    tokens = _meta_list(gf, "tokenizer.ggml.tokens", str)
-    scores = _meta_list(gf, "tokenizer.ggml.scores", float, len(tokens))
-    if not all(np.isfinite(scores)):
-        raise TokenizerError(f"{gf.path}: metadata 'tokenizer.ggml.scores' has a non-finite score")
-    # llama2.c's encoder falls back to byte b as token b + 3: Llama's layout, checked here
-    if tokens[3:259] != [f"<0x{b:02X}>" for b in range(256)]:
-        raise TokenizerError(f"{gf.path}: the 'llama' vocabulary does not have the byte tokens "
-                             f"<0x00>..<0xFF> at ids 3..258, which minillama's encoder needs")
-    # llama2.c's tokenizer.bin spells SentencePiece's "▁" as a space; the encoder expects that
-    pieces = [t.replace("\u2581", " ").encode("utf-8") for t in tokens]
-    tokenizer = Llama2cTokenizer.from_pieces(pieces, scores, path=gf.path)
-    ids = _special_ids(gf, len(tokens))
-    tokenizer.bos_id, tokenizer.eos_id = ids["bos"], ids["eos"]
-    tokenizer.unk_id, tokenizer.pad_id = ids["unk"], ids["pad"]
-    return tokenizer
-
-
-# ----------------------------------------------------------------------------
-# chat: ChatML, the format of SmolLM2 and many others, when the template uses it
-
-IM_START, IM_END = "<|im_start|>", "<|im_end|>"
-
-
-def is_chatml(template):
-    return isinstance(template, str) and IM_START in template
-
-
-def chatml_message(role, content):
-    return f"{IM_START}{role}\n{content}{IM_END}\n"
-
-
-def render_chatml_turn(system, user, first_turn):
-    """Text of one user turn for llama2.c-style chat (minillama.run.chat), ending where the
-    assistant's reply begins. The model ends its reply with <|im_end|> (its EOS), which the
-    loop feeds back; a later turn starts with the newline that follows it.
-    No system message is written when none is given (the template's built-in default,
-    if it has one, is not inserted)."""
-    text = chatml_message("system", system) if first_turn and system else ""
-    text += chatml_message("user", user) + f"{IM_START}assistant\n"
-    return text if first_turn else "\n" + text
-
-
-def encode_chatml_dialog(tokenizer, dialog):
-    """Token ids for a dialog [{"role": ..., "content": ...}, ...] that ends with a user
-    message, rendered as the ChatML template renders it with add_generation_prompt."""
-    if not dialog or not all(isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-                             for m in dialog) or dialog[-1]["role"] != "user":
-        raise ArgumentError("dialog: expected messages with string 'role' and 'content', "
-                            "ending with a 'user' message")
-    text = "".join(chatml_message(m["role"], m["content"]) for m in dialog)
-    return tokenizer.encode(text + f"{IM_START}assistant\n", bos=True, eos=False)

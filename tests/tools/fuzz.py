@@ -327,7 +327,7 @@ def seeds_gguf(models):
     """Tiny llama GGUFs written by the `gguf` package (llama.cpp's own writer), one per tensor
     type minillama reads, carrying tok512's vocabulary as a `llama` tokenizer."""
     import gguf
-    from minillama.tokenizer import Llama2cTokenizer
+    from minillama.tokenizers import Llama2cTokenizer
     vocab = Llama2cTokenizer(Path(models) / "tok512.bin")
     p = _tiny_args(dim=32, hidden_dim=64, vocab_size=vocab.n_words, n_heads=4, n_kv_heads=2)
     seeds = []
@@ -459,7 +459,7 @@ def read_checkpoint_file(path):
 
 def use_tokenizer(path):
     """Load a tokenizer and exercise it: encode, decode, stream-decode, pieces."""
-    from minillama.tokenizer import StreamDecoder, load_tokenizer
+    from minillama.tokenizers import StreamDecoder, load_tokenizer
     tok = load_tokenizer(path)
     ids = tok.encode(SAMPLE_TEXT, bos=True, eos=True)
     if not all(0 <= i < tok.n_words for i in ids):
@@ -657,7 +657,7 @@ def cap_address_space(headroom=ADDRESS_SPACE_HEADROOM):
 def _worker(conn, targets, seeds, cases, seed, timeout, keep):
     # Import the readers before capping memory and before the first measured case, so one-time
     # import costs do not count against the first file.
-    import minillama.loading, minillama.tokenizer  # noqa: F401, E401
+    import minillama.loading, minillama.tokenizers  # noqa: F401, E401
     for t in targets.values():
         for mod in t.needs:
             __import__(mod)

@@ -131,7 +131,7 @@ GPT2_MERGES = ["\u0120 t", "h e", "\u0120t he", "i n", "\u0120 a", "o n", "\u012
 
 def gpt2_tokens():
     """A small byte-level BPE vocabulary: control tokens, the 256 byte symbols, the merges."""
-    from minillama.bpe import BYTE_TO_CHAR
+    from minillama.tokenizers.bpe import BYTE_TO_CHAR
     return GPT2_CONTROL + [BYTE_TO_CHAR[b] for b in range(256)] + [m.replace(" ", "")
                                                                    for m in GPT2_MERGES]
 

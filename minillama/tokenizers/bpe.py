@@ -21,13 +21,15 @@ database (unicodedata) instead, and \\s is Unicode's White_Space list, as in the
 Oniguruma engines that Hugging Face tokenizers and llama.cpp use.
 """
 import functools
-import os
 import re
 import sys
 import unicodedata
 
-from .errors import ArgumentError, TokenizerError
-from .tokenizer import merge_pairs, utf8_bytes
+from ..errors import TokenizerError
+from .base import Tokenizer, check_text
+from .chat import Llama2Chat
+from .merge import merge_pairs
+from .utf8 import utf8_bytes
 
 # GGUF token types (tokenizer.ggml.token_type)
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
@@ -117,26 +119,27 @@ def split_isolated(pieces, pattern):
 # ----------------------------------------------------------------------------
 # the tokenizer
 
-class BPETokenizer:
+class BPETokenizer(Tokenizer):
     """A byte-level BPE vocabulary: token strings (in the byte spelling), merges "a b" in
     priority order, and optionally GGUF token types (control/user-defined tokens are special).
 
-    Same interface as minillama.tokenizer's tokenizers: n_words, bos_id, eos_id, pad_id,
-    unk_id, encode(text, bos, eos), decode(ids), decode_piece(prev, token), piece(id).
     encode(bos=True) adds BOS only if the vocabulary wants one (add_bos): SmolLM2 does not.
+    chat: the chat format its model was trained with (default: Llama 2's, as for any vocabulary
+    that names none).
     """
 
     def __init__(self, tokens, merges, token_types=None, pre="gpt-2", bos=-1, eos=-1, unk=-1,
-                 pad=-1, add_bos=False, path="<memory>"):
-        self.path = os.fspath(path)
+                 pad=-1, add_bos=False, path="<memory>", chat=None):
+        tokens = list(tokens)
+        token_types = list(token_types) if token_types is not None else [NORMAL] * len(tokens)
+        super().__init__(path, len(tokens), bos_id=bos, eos_id=eos, unk_id=unk, pad_id=pad,
+                         control_ids=[i for i, kind in enumerate(token_types) if kind == CONTROL],
+                         chat=chat or Llama2Chat())
         if pre not in PRE_TOKENIZERS:
             raise TokenizerError(f"{self.path}: pre-tokenizer {pre!r} is not supported "
                                  f"(expected one of: {', '.join(PRE_TOKENIZERS)})")
         self.pre, self.patterns = pre, [make() for make in PRE_TOKENIZERS[pre]]
-        self.tokens = list(tokens)
-        self.n_words = len(self.tokens)
-        self.token_types = list(token_types) if token_types is not None else [NORMAL] * self.n_words
-        self.bos_id, self.eos_id, self.unk_id, self.pad_id = bos, eos, unk, pad
+        self.tokens, self.token_types = tokens, token_types
         self.add_bos = add_bos
         self.ids = {token: i for i, token in enumerate(self.tokens)}
         self.ranks = self._parse_merges(merges)
@@ -144,7 +147,6 @@ class BPETokenizer:
                     if kind in (CONTROL, USER_DEFINED) and t]
         self.special = (re.compile("|".join(map(re.escape, sorted(specials, key=len, reverse=True))))
                         if specials else None)
-        self.control = {i for i, kind in enumerate(self.token_types) if kind == CONTROL}
         self._cache = {}
 
     def __repr__(self):
@@ -163,8 +165,7 @@ class BPETokenizer:
     # --- encoding --------------------------------------------------------------------------
 
     def encode(self, text, bos, eos):
-        if not isinstance(text, str):
-            raise ArgumentError(f"encode() needs a str, got {type(text).__name__}")
+        check_text(text)
         ids = [self.bos_id] if bos and self.add_bos and self.bos_id >= 0 else []
         for chunk, is_special in self._split_special(text):
             if is_special:
@@ -204,7 +205,7 @@ class BPETokenizer:
 
         The rule, as Hugging Face tokenizers and llama.cpp apply it: join the adjacent pair that
         comes first in the merges list, the leftmost one where a pair occurs twice; repeat until
-        no adjacent pair is a merge (merge_pairs() in tokenizer.py, in O(n log n)).
+        no adjacent pair is a merge (merge_pairs(), in O(n log n)).
         """
         def best(a, b):
             rank = self.ranks.get((a, b))
@@ -221,15 +222,6 @@ class BPETokenizer:
 
     # --- decoding --------------------------------------------------------------------------
 
-    def check_id(self, token):
-        if isinstance(token, bool) or not hasattr(token, "__index__"):
-            raise ArgumentError(f"token id {token!r} is not an integer")
-        token = int(token)
-        if not 0 <= token < self.n_words:
-            raise ArgumentError(f"token id {token} is outside 0..{self.n_words - 1} "
-                                f"of tokenizer {self.path}")
-        return token
-
     def token_bytes(self, token):
         """The bytes a token stands for (special tokens: their text)."""
         token = self.check_id(token)
@@ -238,21 +230,10 @@ class BPETokenizer:
             return bytes(CHAR_TO_BYTE[c] for c in text)
         return text.encode("utf-8")
 
-    def is_control(self, token):
-        """Control tokens (<|endoftext|>, <|im_start|>, <|im_end|> ...) print nothing."""
-        return self.check_id(token) in self.control
-
-    def text_bytes(self, token, at_start=False):
-        return b"" if self.is_control(token) else self.token_bytes(token)
-
     def decode_piece(self, prev_token, token):
-        """The bytes to print for `token` (byte-level BPE has no leading-space rule)."""
-        return self.text_bytes(token)
-
-    def decode(self, ids):
-        from .tokenizer import StreamDecoder
-        stream = StreamDecoder(self)
-        return "".join(stream.feed(t) for t in ids) + stream.flush()
+        """The bytes of `token`, whatever came before (byte-level BPE has no leading-space
+        rule); as in llama2.c's decode(), a control token gives its own text."""
+        return self.token_bytes(token)
 
     def piece(self, token):
         """The token as text, for display; control tokens show their name."""

@@ -1,0 +1,41 @@
+"""The tokenizer a GGUF model carries in its metadata, built from checkpoints.gguf's GGUFVocab:
+byte-level BPE for a `gpt2` vocabulary, llama2.c's score-merging encoder for a `llama` one."""
+import math
+
+from ..checkpoints.gguf import read_gguf_vocab
+from ..errors import TokenizerError
+from .bpe import BPETokenizer
+from .chat import Llama2Chat, chat_format
+from .llama2c import Llama2cTokenizer
+from .sentencepiece import SP_SPACE
+
+
+def gguf_tokenizer(path):
+    """The tokenizer in the metadata of the GGUF file at `path`."""
+    vocab = read_gguf_vocab(path)
+    return {"gpt2": _bpe_tokenizer, "llama": _llama_tokenizer}[vocab.model](vocab)
+
+
+def _bpe_tokenizer(vocab):
+    # the chat template decides the format: ChatML's tags are special tokens BPE encodes whole
+    return BPETokenizer(vocab.tokens, vocab.merges, token_types=vocab.token_types, pre=vocab.pre,
+                        bos=vocab.bos_id, eos=vocab.eos_id, unk=vocab.unk_id, pad=vocab.pad_id,
+                        add_bos=vocab.add_bos, path=vocab.path,
+                        chat=chat_format(vocab.chat_template))
+
+
+def _llama_tokenizer(vocab):
+    if not all(map(math.isfinite, vocab.scores)):
+        raise TokenizerError(f"{vocab.path}: metadata 'tokenizer.ggml.scores' has a non-finite "
+                             f"score")
+    # llama2.c's encoder falls back to byte b as token b + 3: Llama's layout, checked here
+    if vocab.tokens[3:259] != [f"<0x{b:02X}>" for b in range(256)]:
+        raise TokenizerError(f"{vocab.path}: the 'llama' vocabulary does not have the byte tokens "
+                             f"<0x00>..<0xFF> at ids 3..258, which minillama's encoder needs")
+    # llama2.c's tokenizer.bin spells SentencePiece's "▁" as a space; the encoder expects that
+    pieces = [t.replace(SP_SPACE, " ").encode("utf-8") for t in vocab.tokens]
+    # This encoder does not cut special tokens out of the text, so a ChatML template's tags
+    # would be spelled letter by letter: Llama 2's format, whatever the template says.
+    return Llama2cTokenizer.from_pieces(pieces, vocab.scores, vocab.path, bos_id=vocab.bos_id,
+                                        eos_id=vocab.eos_id, unk_id=vocab.unk_id,
+                                        pad_id=vocab.pad_id, chat=Llama2Chat())
