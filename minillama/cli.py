@@ -133,9 +133,9 @@ def find_tokenizer(checkpoint, given, carried=None):
 
 def cmd_run(args):
     import time
+    from .devices import get_ops
     from .loading import open_checkpoint
     from .model import Transformer
-    from .ops import get_ops
     from .run import chat, generate
     from .sampler import Llama2cSampler
     from .tokenizer import load_tokenizer

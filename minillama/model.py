@@ -271,12 +271,6 @@ class Transformer:
 
     def forward(self, tokens, start_pos):
         tokens = self._check_tokens(tokens, start_pos)         # (bsz, seqlen) int64, on the host
-        if tokens.shape[1] == 1 and self.ops.decode is not None:
-            # One new token per row: a backend may run this step its own way (the GPU fuses it
-            # into one CUDA graph, see minillama/cuda.py). None: it does not cover this model.
-            logits = self.ops.decode(self, tokens, start_pos)
-            if logits is not None:
-                return logits
         tokens = self.ops.asarray(tokens)
         bsz, seqlen = tokens.shape
         h = self.tok_embeddings[tokens]                        # (bsz, seqlen, dim)
