@@ -54,6 +54,12 @@ class NumpyOps:
         for decode's skinny products (1.3x to 2.4x on the 2-core box; docs/benchmarks.md)."""
         return np.asfortranarray(w) if w.ndim == 2 else w
 
+    def decoder(self, model):
+        """The fastest forward(tokens, start_pos) -> logits this backend has for `model`. A
+        decoding loop asks once and calls it at every step. Here it is model.forward itself;
+        CudaOps returns one that runs one-token steps as a CUDA graph."""
+        return model.forward
+
     def linear(self, x, w):
         # x: (..., in)   w: (out, in)   ->   (..., out)
         if isinstance(w, Q8Tensor):
@@ -79,12 +85,6 @@ class NumpyOps:
         x = x - x.max(axis=-1, keepdims=True)     # max subtraction: exp never overflows
         e = self.xp.exp(x)
         return e / e.sum(axis=-1, keepdims=True)
-
-    def decoder(self, model):
-        """The fastest forward(tokens, start_pos) -> logits this backend has for `model`. A
-        decoding loop asks once and calls it at every step. Here it is model.forward itself;
-        CudaOps returns one that runs one-token steps as a CUDA graph."""
-        return model.forward
 
 
 CPU = NumpyOps()
