@@ -133,29 +133,29 @@ def find_tokenizer(checkpoint, given, carried=None):
 
 def cmd_run(args):
     import time
+    from .devices import get_ops
     from .loading import open_checkpoint
     from .model import Transformer
-    from .ops import get_ops
     from .run import chat, generate
     from .sampler import Llama2cSampler
     from .tokenizers import load_tokenizer
-    if args.checkpoint is None:                  # the default model: an instruct model, so chat
+    checkpoint, mode = args.checkpoint, args.mode
+    if checkpoint is None:                       # the default model: an instruct model, so chat
         from .download import model_path
-        args.checkpoint = str(model_path())
-        args.mode = args.mode or "chat"
-    args.mode = args.mode or "generate"
+        checkpoint, mode = str(model_path()), mode or "chat"
+    mode = mode or "generate"
     ops = get_ops(args.device)
     # run feeds one token per forward (the prompt too, as run.c does): plan for that
-    ckpt = open_checkpoint(args.checkpoint, dtype=args.dtype, device=args.device, prompt_len=1)
-    tokenizer = load_tokenizer(find_tokenizer(args.checkpoint, args.tokenizer, ckpt.tokenizer_path),
+    ckpt = open_checkpoint(checkpoint, dtype=args.dtype, device=args.device, prompt_len=1)
+    tokenizer = load_tokenizer(find_tokenizer(checkpoint, args.tokenizer, ckpt.tokenizer_path),
                                vocab_size=ckpt.params.vocab_size)
     model = Transformer(ckpt.params, ckpt.weights, ops)
-    if args.mode == "generate" and not tokenizer.encode(args.prompt or "", bos=True, eos=False):
-        raise ArgumentError(f"-i: {args.checkpoint} has no BOS token to start from an empty "
+    if mode == "generate" and not tokenizer.encode(args.prompt or "", bos=True, eos=False):
+        raise ArgumentError(f"-i: {checkpoint} has no BOS token to start from an empty "
                             f"prompt; give one with -i, or chat with -m chat")
     seed = args.seed if args.seed > 0 else int(time.time())     # llama2.c: 0 means the clock
     sampler = Llama2cSampler(ckpt.params.vocab_size, args.temperature, args.topp, seed)
-    if args.mode == "generate":
+    if mode == "generate":
         generate(model, tokenizer, sampler, args.prompt, args.steps)
     else:
         chat(model, tokenizer, sampler, args.prompt, args.system_prompt, args.steps)

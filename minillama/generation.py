@@ -35,9 +35,9 @@ class Llama:
               seed=1, **load_options):
         """Load a checkpoint and its tokenizer. No process group, no NCCL: one process does it all.
         tokenizer_path may be None when the checkpoint carries its own tokenizer."""
+        from .devices import get_ops
         from .loading import open_checkpoint
         from .model import Transformer
-        from .ops import get_ops
         from .tokenizers import load_tokenizer
         if max_seq_len is not None:      # None: the checkpoint's own context length
             check_positive_int("max_seq_len", max_seq_len)
@@ -89,8 +89,10 @@ class Llama:
             logits = to_host(self.model.forward(tokens, prev_pos))
             token_logprobs[:, 1:] = -cross_entropy(logits[:, :-1], tokens[:, 1:], pad_id)
 
+        # model.forward, or a faster way its backend has to decode (the GPU's: one CUDA graph)
+        forward = self.model.ops.decoder(self.model)
         for cur_pos in range(min_prompt_len, total_len):
-            logits = self.model.forward(tokens[:, prev_pos:cur_pos], prev_pos)
+            logits = forward(tokens[:, prev_pos:cur_pos], prev_pos)
             last = to_host(logits[:, -1])                        # (bsz, vocab)
             check_finite(last, self.model, tokens[:, prev_pos:cur_pos], prev_pos)
             if temperature > 0:

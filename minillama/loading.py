@@ -14,11 +14,11 @@ import os
 from dataclasses import dataclass
 from typing import Optional
 
+from .devices import get_ops
 from .dtypes import store_weights
 from .errors import CheckpointError
 from .memory import plan_checkpoint
 from .model import ModelArgs, Transformer
-from .ops import get_ops
 
 
 @dataclass

@@ -283,12 +283,6 @@ class Transformer:
 
     def forward(self, tokens, start_pos):
         tokens = check_tokens(tokens, start_pos, self.params)  # (bsz, seqlen) int64, on the host
-        if tokens.shape[1] == 1 and self.ops.decode is not None:
-            # One new token per row: a backend may run this step its own way (the GPU fuses it
-            # into one CUDA graph, see minillama/cuda.py). None: it does not cover this model.
-            logits = self.ops.decode(self, tokens, start_pos)
-            if logits is not None:
-                return logits
         for _, h in self.forward_stages(tokens, start_pos):
             pass                                 # each stage in turn; the last is the classifier
         return h                                               # (bsz, seqlen, vocab_size)

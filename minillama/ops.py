@@ -8,7 +8,12 @@ time, which go through this module so a backend can swap in its own kernels:
     ops.matmul(a, b)              batched a @ b (attention scores and the weighted sum of values)
     ops.softmax(x, start_pos)     softmax over the last axis, optionally causal
 
-`minillama.cuda.CudaOps` provides the same methods with hand-written CUDA kernels. The module
+and a loop that decodes asks its backend for the fastest way to run the model:
+
+    ops.decoder(model)            forward(tokens, start_pos) -> logits: model.forward, or faster
+
+`minillama.cuda.CudaOps` provides the same methods with hand-written CUDA kernels, and
+`minillama.devices.get_ops` picks a backend by device name. The module
 function `softmax` is the one softmax of the package: NumpyOps.softmax is it on the backend's
 arrays, and generate's sampling and log-probabilities use it on the host.
 """
@@ -50,9 +55,6 @@ class NumpyOps:
     it with `xp = cupy` and overrides linear, matmul and softmax with its own kernels."""
     name = "cpu"
     xp = np
-    # A backend's own single-token forward step, decode(model, tokens, start_pos) -> logits;
-    # None: Transformer.forward does it all (minillama.cuda.CudaOps provides one).
-    decode = None
 
     def asarray(self, a, dtype=None):
         """Bring an array from anywhere (host or device) onto this backend."""
@@ -69,6 +71,12 @@ class NumpyOps:
         multiplies by, is then a row-major (in, out) matrix, the layout OpenBLAS runs fastest
         for decode's skinny products (1.3x to 2.4x on the 2-core box; docs/benchmarks.md)."""
         return np.asfortranarray(w) if w.ndim == 2 else w
+
+    def decoder(self, model):
+        """The fastest forward(tokens, start_pos) -> logits this backend has for `model`. A
+        decoding loop asks once and calls it at every step. Here it is model.forward itself;
+        CudaOps returns one that runs one-token steps as a CUDA graph."""
+        return model.forward
 
     def linear(self, x, w):
         # x: (..., in)   w: (out, in)   ->   (..., out)
@@ -94,14 +102,3 @@ class NumpyOps:
 
 
 CPU = NumpyOps()
-
-
-def get_ops(device="cpu"):
-    """The backend for a device name: 'cpu' or 'cuda'."""
-    from .errors import ArgumentError
-    if device in (None, "cpu"):
-        return CPU
-    if device == "cuda":
-        from .cuda import CudaOps         # imported lazily: CuPy is an optional extra
-        return CudaOps()
-    raise ArgumentError(f"device: expected 'cpu' or 'cuda', got {device!r}")

@@ -56,11 +56,12 @@ def check_steps(steps, seq_len):
     return min(check_positive_int("steps (-n)", steps), seq_len)
 
 
-def next_logits(model, token, pos):
+def next_logits(forward, model, token, pos):
     """Logits for one token at one position: (vocab_size,) on the host, checked to be finite
-    (a NaN would otherwise sample token 0 forever, silently)."""
+    (a NaN would otherwise sample token 0 forever, silently). forward: model.forward, or the
+    faster one its backend has, model.ops.decoder(model)."""
     tokens = np.array([[token]])
-    logits = to_host(model.forward(tokens, pos)[0, -1])
+    logits = to_host(forward(tokens, pos)[0, -1])
     check_finite(logits, model, tokens, pos)
     return logits
 
@@ -87,8 +88,9 @@ def generate(model, tokenizer, sampler, prompt, steps, out=None, err=None):
     writer = PieceWriter(tokenizer, out)
     if token != tokenizer.bos_id:       # a tokenizer without BOS: the loop below prints only
         writer.write(None, token)       # what follows each token, so print the first one here
+    forward = model.ops.decoder(model)
     while pos < steps:
-        logits = next_logits(model, token, pos)
+        logits = next_logits(forward, model, token, pos)
         if pos < len(prompt_tokens) - 1:
             next_token = prompt_tokens[pos + 1]          # still forcing the prompt
         else:
@@ -132,6 +134,7 @@ def chat(model, tokenizer, sampler, user_prompt, system_prompt, steps, inp=None,
     user_turn, pos, next_token = True, 0, None
     prompt_tokens, user_idx, system = [], 0, system_prompt
     writer = PieceWriter(tokenizer, out, at_start=False)
+    forward = model.ops.decoder(model)
     while pos < steps:
         if user_turn:
             if pos == 0 and system is None:
@@ -152,7 +155,7 @@ def chat(model, tokenizer, sampler, user_prompt, system_prompt, steps, inp=None,
             token = next_token
             if token == eos:        # a sampled EOS ends the assistant's turn (not one in the
                 user_turn = True    # prompt: ChatML closes every message with EOS, <|im_end|>)
-        next_token = sampler.sample(next_logits(model, token, pos))
+        next_token = sampler.sample(next_logits(forward, model, token, pos))
         pos += 1
         if user_idx >= len(prompt_tokens) and next_token != eos:
             writer.write(token, next_token)

@@ -6,6 +6,7 @@ import sys
 import pytest
 
 from conftest import GOLDEN, MODELS, require_shared
+from minillama.ops import CPU
 
 
 def minillama(*args, stdin=None):
@@ -54,6 +55,7 @@ class EosAfter:
     last EOS, then EOS (2), so turns end where the test wants."""
     class params:
         max_seq_len = 200
+    ops = CPU                   # its decoder is its own forward
 
     def __init__(self, n):
         self.n, self.count = n, 0

@@ -1,14 +1,18 @@
-"""The GPU backend (minillama/cuda.py, kernels/*.cu) against float64 NumPy and the CPU path.
+"""The GPU backend (minillama/cuda/, kernels/*.cu) against float64 NumPy and the CPU path.
 
 Tests marked `gpu` need CuPy and an NVIDIA GPU and skip cleanly without them (the `cp` fixture).
 Inputs are fresh random numbers each run, at odd sizes; outputs are poisoned with NaN first so
 an element a kernel forgets to write cannot pass. Errors are relative, in the norm:
 |got - ref| / |ref| against a float64 reference.
 
-The last tests need no GPU: asking for cuda where there is no CuPy must be a DeviceError, and
-exit status 2 on the command line.
+Decoding goes through what the backend's decoder(model) returns, as the generation loops do, so
+the fused one-token step (FusedDecoder, its CUDA graphs) is what those tests exercise.
+
+The last tests need no GPU: minillama.cuda imports without CuPy, and asking for cuda where there
+is no CuPy must be a DeviceError, and exit status 2 on the command line.
 """
 import json
+import subprocess
 import sys
 
 import numpy as np
@@ -16,6 +20,8 @@ import pytest
 
 from conftest import GOLDEN, MODELS, ODD, require_shared
 from minillama.checkpoints.random import random_weights
+from minillama.cuda import runtime
+from minillama.devices import get_ops
 from minillama.errors import DeviceError, MiniLlamaError
 from minillama.model import ModelArgs, Transformer
 from minillama.ops import CPU
@@ -230,10 +236,10 @@ def test_kernels_reject_misuse(cuda, cp):
 
 @gpu
 def test_kernel_sources_are_found_in_the_package(cuda):
-    root = cuda.kernel_dir()
-    for name in cuda.KERNEL_FILES:
+    root = runtime.kernel_dir()
+    for name in runtime.KERNEL_FILES:
         assert root.joinpath(name).is_file()
-    source = cuda.kernel_source()
+    source = runtime.kernel_source()
     for kernel in ("sgemm_v4", "gemv", "bmm_strided", "softmax_warp", "softmax_block",
                    "attention_decode", "rope_kv"):
         assert f" {kernel}(" in source or f"\n{kernel}(" in source
@@ -274,13 +280,14 @@ def small_model(ops, bsz=3, seed=None, tied=False):
 def test_host_tokens_go_to_the_device_at_the_boundary(cuda, cp):
     for fused in (False, True):
         gpu_model, cpu_model = small_model(cuda.CudaOps(fused_decode=fused), bsz=2)
+        forward = gpu_model.ops.decoder(gpu_model)
         for tokens in (np.array([[5, 6, 7], [1, 2, 3]]), [[4], [9]]):
             start = 0 if len(tokens[0]) == 3 else 3
             ref = cpu_model.forward(np.asarray(tokens), start)
-            got = gpu_model.forward(tokens, start)                    # NumPy / list input
+            got = forward(tokens, start)                              # NumPy / list input
             assert isinstance(got, cp.ndarray) and gpu_model.device == "cuda"
             assert rel_err(got, ref) < 1e-4
-        got = gpu_model.forward(cp.asarray([[11], [12]]), 4)          # CuPy input works too
+        got = forward(cp.asarray([[11], [12]]), 4)                    # CuPy input works too
         assert rel_err(got, cpu_model.forward(np.array([[11], [12]]), 4)) < 1e-4
 
 
@@ -290,12 +297,13 @@ def test_host_tokens_go_to_the_device_at_the_boundary(cuda, cp):
 def test_fused_decode_matches_the_cpu_after_a_prefill(cuda, cp, graphs, tied):
     ops = cuda.CudaOps(fused_decode=True, graphs=graphs)
     gpu_model, cpu_model = small_model(ops, bsz=3, tied=tied)
+    forward = ops.decoder(gpu_model)
     prompt = rng.integers(0, ODD["vocab_size"], size=(3, 5))
-    assert rel_err(gpu_model.forward(prompt, 0), cpu_model.forward(prompt, 0)) < 1e-4
+    assert rel_err(forward(prompt, 0), cpu_model.forward(prompt, 0)) < 1e-4
     for pos in range(5, 17):                   # bsz 3, then 2, then 3 again: one graph each
         bsz = 2 if pos in (9, 10) else 3
         tok = rng.integers(0, ODD["vocab_size"], size=(bsz, 1))
-        got = gpu_model.forward(tok, pos)
+        got = forward(tok, pos)
         assert got.shape == (bsz, 1, ODD["vocab_size"])
         assert rel_err(got, cpu_model.forward(tok, pos)) < 1e-4
     decoder = ops._decoders[gpu_model]
@@ -306,9 +314,10 @@ def test_fused_decode_matches_the_cpu_after_a_prefill(cuda, cp, graphs, tied):
 @gpu
 def test_fused_decode_returns_fresh_logits_each_step(cuda, cp):
     gpu_model, _ = small_model(cuda.CudaOps(), bsz=1)
-    first = gpu_model.forward([[3]], 0)
+    forward = gpu_model.ops.decoder(gpu_model)
+    first = forward([[3]], 0)
     kept = first.copy()
-    gpu_model.forward([[4]], 1)
+    forward([[4]], 1)
     assert (first == kept).all()
 
 
@@ -316,10 +325,11 @@ def test_fused_decode_returns_fresh_logits_each_step(cuda, cp):
 # end to end: stories260K, greedy, against the CPU and llama2.c's golden ids
 
 def greedy(model, steps):
-    """Greedy decoding from BOS, one token per forward call (llama2.c's run)."""
+    """Greedy decoding from BOS, one token per call of the backend's decoder (llama2.c's run)."""
     ids, all_logits, token = [], [], 1
+    forward = model.ops.decoder(model)
     for pos in range(steps):
-        logits = model.forward(np.array([[token]]), pos)
+        logits = forward(np.array([[token]]), pos)
         logits = logits.get() if hasattr(logits, "get") else logits
         all_logits.append(logits[0, -1])
         token = int(logits[0, -1].argmax())
@@ -351,9 +361,10 @@ def test_load_model_on_cuda_and_prefill_matches_cpu(cuda, cp):
     gpu_model = load_model(MODELS / "stories260K.bin", device="cuda")
     cpu_model = load_model(MODELS / "stories260K.bin", device="cpu")
     assert isinstance(gpu_model.ops, cuda.CudaOps)
+    forward = gpu_model.ops.decoder(gpu_model)
     prompt = rng.integers(0, 512, size=(1, 100))              # sgemm path (100 rows)
-    assert rel_err(gpu_model.forward(prompt, 0), cpu_model.forward(prompt, 0)) < 1e-4
-    assert rel_err(gpu_model.forward([[7]], 100), cpu_model.forward([[7]], 100)) < 1e-4
+    assert rel_err(forward(prompt, 0), cpu_model.forward(prompt, 0)) < 1e-4
+    assert rel_err(forward([[7]], 100), cpu_model.forward([[7]], 100)) < 1e-4
 
 
 @gpu
@@ -364,10 +375,12 @@ def test_q8_checkpoint_runs_on_the_generic_gpu_path(cuda, cp):
     ops = cuda.CudaOps()
     gpu_model = Transformer(ckpt.params, ckpt.weights, ops)
     cpu_model = Transformer(ckpt.params, ckpt.weights, CPU)
+    forward = ops.decoder(gpu_model)
+    assert forward == gpu_model.forward                      # Q8 is not fused: generic path
     for pos, token in enumerate([1, 403, 407, 261]):
-        got = gpu_model.forward([[token]], pos)
+        got = forward([[token]], pos)
         assert rel_err(got, cpu_model.forward(np.array([[token]]), pos)) < 1e-4
-    assert ops._decoders[gpu_model] is None                  # Q8 is not fused: generic path
+    assert ops._decoders[gpu_model] is None
 
 
 # ----------------------------------------------------------------------------
@@ -376,15 +389,21 @@ def test_q8_checkpoint_runs_on_the_generic_gpu_path(cuda, cp):
 @pytest.fixture
 def no_cupy(monkeypatch):
     """Make `import cupy` fail, as on a machine without it, and forget any earlier success."""
-    import minillama.cuda
     monkeypatch.setitem(sys.modules, "cupy", None)
-    minillama.cuda.require_cupy.cache_clear()
+    runtime.require_cupy.cache_clear()
     yield
-    minillama.cuda.require_cupy.cache_clear()
+    runtime.require_cupy.cache_clear()
+
+
+def test_the_cuda_package_imports_without_cupy():
+    # CuPy is imported when a GPU is first needed (require_cupy), never by an import
+    code = ("import sys; import minillama.cuda, minillama.devices, minillama.loading; "
+            "assert 'cupy' not in sys.modules, 'imported cupy'")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
 
 
 def test_cuda_without_cupy_is_a_device_error(no_cupy):
-    from minillama.ops import get_ops
     with pytest.raises(DeviceError, match=r"needs CuPy: pip install 'minillama\[cuda12\]'"):
         get_ops("cuda")
 

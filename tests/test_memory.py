@@ -156,7 +156,7 @@ def cupy():
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", ["float32", "float16", "int8"])
 def test_gpu_plan_covers_what_the_pool_allocates(cupy, dtype):
-    from minillama.ops import get_ops
+    from minillama.devices import get_ops
     p = ModelArgs(dim=256, n_layers=3, n_heads=8, n_kv_heads=2, vocab_size=2000,
                   hidden_dim=688, max_seq_len=256, max_batch_size=2)
     pool = cupy.get_default_memory_pool()

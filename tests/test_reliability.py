@@ -20,6 +20,7 @@ from minillama.cli import main
 from minillama.errors import ArgumentError, GenerationError
 from minillama.generation import Llama
 from minillama.model import ModelArgs, Transformer
+from minillama.ops import CPU
 from minillama.run import chat, generate as run_generate
 from minillama.sampler import Llama2cSampler
 from minillama.tokenizers import StreamDecoder, load_tokenizer
@@ -57,6 +58,8 @@ class NoBos:
 class Scripted:
     """A stand-in model whose logits at position i pick script[i]: it 'generates' exactly the
     tokens a test wants (e.g. byte tokens that split a character), through the real loops."""
+    ops = CPU                   # its decoder is its own forward
+
     def __init__(self, script, vocab_size, max_seq_len=64):
         self.script = script
         self.params = ModelArgs(dim=8, n_layers=1, n_heads=2, vocab_size=vocab_size,

@@ -38,9 +38,9 @@ def test_golden_generations_token_for_token(shared, case):
     golden = json.loads(GOLDEN.read_text())["generation"][case]
     model = load_model(shared / "models" / golden["model"])
     sampler = Llama2cSampler(512, golden["temperature"], golden["topp"], golden["seed"])
-    token, out = 1, []
+    token, out, forward = 1, [], model.ops.decoder(model)
     for pos in range(golden["steps"]):
-        token = sampler.sample(next_logits(model, token, pos))
+        token = sampler.sample(next_logits(forward, model, token, pos))
         out.append(token)
         if token == 1:
             break

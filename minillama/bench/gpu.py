@@ -11,10 +11,11 @@ matters, larger than the L2 cache. The ceilings come from the same run:
 
 Decode runs a random-weight model of the stories15M / stories110M shapes one token per forward
 call from position 0, greedy (argmax on the GPU, the token back on the host each step, as a
-generation loop does), timed over the second pass, in three modes of minillama.cuda.CudaOps:
+generation loop does), timed over the second pass, through the decoder(model) of CudaOps in
+three settings:
 
     generic   the unchanged model: CuPy array API + minillama's linear/matmul/softmax kernels
-    fused     FusedDecoder: 9 kernels per layer, launched one by one from Python
+    fused     FusedDecoder: 6 kernels per layer, launched one by one from Python
     graph     FusedDecoder replayed as one CUDA graph per token (the default)
 
 and, when transformers is installed, a Hugging Face LlamaForCausalLM of the same shape in eager
@@ -30,8 +31,9 @@ import time
 
 import numpy as np
 
+from ..cuda import CudaOps, gemv, require_cupy, sgemm, softmax
+from ..cuda.kernels import SGEMM_CONFIGS, pick_sgemm_config
 from ..errors import DeviceError
-from ..cuda import SGEMM_CONFIGS, CudaOps, gemv, pick_sgemm_config, require_cupy, sgemm, softmax
 from ..checkpoints.random import random_weights
 from ..model import ModelArgs, Transformer
 from .cpu import SHAPES
@@ -157,13 +159,13 @@ def random_model(shape, ops, max_batch_size):
     return Transformer(p, w, ops)
 
 
-def decode_rate(model, bsz, steps):
-    """Tokens/s of greedy decoding, one token per call, positions 0 .. steps-1; the first pass
-    warms up (compiles, captures graphs), the second is timed."""
+def decode_rate(forward, bsz, steps):
+    """Tokens/s of greedy decoding, one token per forward call, positions 0 .. steps-1; the
+    first pass warms up (compiles, captures graphs), the second is timed."""
     def run():
         tokens = np.ones((bsz, 1), dtype=np.int64)
         for pos in range(steps):
-            logits = model.forward(tokens, pos)
+            logits = forward(tokens, pos)
             tokens = cp.argmax(logits[:, -1], axis=-1).get().reshape(bsz, 1)
     run()
     cp.cuda.Device().synchronize()
@@ -172,7 +174,7 @@ def decode_rate(model, bsz, steps):
     return bsz * steps / (time.perf_counter() - start)
 
 
-def kernels_per_step(model, bsz, pos):
+def kernels_per_step(forward, bsz, pos):
     """The GPU kernels one forward call executes, seen by CUPTI through torch.profiler (it sees
     CuPy's launches too, and the kernels inside a graph): (count, {kernel: microseconds}).
     (None, {}) without torch."""
@@ -184,7 +186,7 @@ def kernels_per_step(model, bsz, pos):
         return None, {}
     tokens = np.ones((bsz, 1), dtype=np.int64)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        model.forward(tokens, pos)
+        forward(tokens, pos)
         cp.cuda.Device().synchronize()
     kernels = [e for e in prof.events() if e.device_type.name == "CUDA"
                and not e.name.startswith(("Memcpy", "Memset"))]
@@ -225,25 +227,26 @@ def hf_decode_rate(shape, bsz, steps):
     return bsz * steps / (time.perf_counter() - start)
 
 
-MODES = (("generic", False, False), ("fused", True, False), ("graph", True, True))
+# mode -> the CudaOps settings (fused_decode, graphs) whose decoder(model) runs it
+MODES = {"generic": (False, False), "fused": (True, False), "graph": (True, True)}
 
 
 def bench_decode(steps, batches):
     """Tokens/s for every model, batch and mode; then the Hugging Face baseline; then, with
     torch.profiler, the kernels of one step. In that order because CUPTI, once the profiler has
     started it, stays hooked into every later launch and slows it."""
-    rows, models = [], {}
+    rows, decoders = [], {}
     for shape in ("15M", "110M"):
-        ops = CudaOps()
-        models[shape] = model = random_model(shape, ops, max(batches))
+        backends = {mode: CudaOps(*settings) for mode, settings in MODES.items()}
+        model = random_model(shape, backends["graph"], max(batches))
+        decoders[shape] = {mode: ops.decoder(model) for mode, ops in backends.items()}
+        fused = backends["graph"]._decoders.get(model)      # the FusedDecoder of graph mode
         for bsz in batches:
             row = dict(model=shape, bsz=bsz)
-            for mode, fused, graphs in MODES:
-                ops.fused_decode, ops.graphs = fused, graphs
-                row[mode] = decode_rate(model, bsz, steps)
-            decoder = ops._decoders.get(model)
-            row["fused_launches"] = decoder.launches_per_step.get(bsz) if decoder else None
-            graph = decoder.graphs.get(bsz) if decoder else None
+            for mode, forward in decoders[shape].items():
+                row[mode] = decode_rate(forward, bsz, steps)
+            row["fused_launches"] = fused.launches_per_step.get(bsz) if fused else None
+            graph = fused.graphs.get(bsz) if fused else None
             # GPU time of one step alone: graph replays back to back (at the last position)
             row["graph_gpu_us"] = 1000 * gpu_ms(graph.launch, inner=20) if graph else None
             rows.append(row)
@@ -253,10 +256,8 @@ def bench_decode(steps, batches):
         except Exception as e:                           # a transformers API change, say
             row["hf_eager"], row["hf_error"] = None, f"{type(e).__name__}: {e}"
     for row in rows:
-        model = models[row["model"]]
-        for mode, fused, graphs in MODES:
-            model.ops.fused_decode, model.ops.graphs = fused, graphs
-            row[f"{mode}_kernels"], times = kernels_per_step(model, row["bsz"], steps // 2)
+        for mode, forward in decoders[row["model"]].items():
+            row[f"{mode}_kernels"], times = kernels_per_step(forward, row["bsz"], steps // 2)
             if mode == "graph":
                 row["graph_kernel_us"] = times
         print(f"  decode {row['model']} bsz {row['bsz']}: " + ", ".join(

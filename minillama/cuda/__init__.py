@@ -1,0 +1,22 @@
+"""The GPU backend: CuPy arrays, and minillama's own CUDA kernels for the heavy operations.
+
+    ops = get_ops("cuda")          # minillama.devices: CudaOps(); DeviceError without CuPy or a GPU
+    model = Transformer(params, weights, ops)      # or load_model(path, device="cuda")
+    forward = ops.decoder(model)   # model.forward, with one-token steps as one CUDA graph
+
+Four modules, one idea each, each importing only the ones listed before it:
+
+    runtime.py   finding CuPy and the GPU; compiling kernels/*.cu as one module; launching
+    kernels.py   the checked entry points sgemm, gemv, bmm, softmax, and their variant tables
+    fused.py     FusedDecoder: the one-token forward step in 6 launches per layer, as a CUDA graph
+    backend.py   CudaOps: NumpyOps with xp = cupy, the kernels, and decoder(model)
+
+The package builds on minillama.ops (CudaOps is a NumpyOps), never the other way round.
+`import minillama.cuda` works without CuPy; CuPy is imported when a GPU is first needed.
+"""
+from .backend import CudaOps
+from .fused import FusedDecoder
+from .kernels import bmm, gemv, sgemm, softmax
+from .runtime import require_cupy
+
+__all__ = ["CudaOps", "FusedDecoder", "bmm", "gemv", "require_cupy", "sgemm", "softmax"]

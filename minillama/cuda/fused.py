@@ -1,0 +1,141 @@
+"""Decoding one token: the model's forward step as 6 kernels per layer, in one CUDA graph.
+
+FusedDecoder computes what Transformer.forward computes for tokens of shape (bsz, 1), with the
+kernels of decode.cu and gemv's prologues, on the model's own weights and KV cache. It is the
+fast path a GPU backend offers for decoding: CudaOps.decoder(model) sends one-token steps here
+when FusedDecoder.covers(model), and prompts, or models it does not cover, to model.forward.
+docs/kernels.md ("Decoding: launches, fusion and a CUDA graph") measures what it saves.
+"""
+import warnings
+
+import numpy as np
+
+from ..quant import Q8Tensor
+from .kernels import KERNELS, gemv
+from .runtime import cdiv, i32
+
+
+class FusedDecoder:
+    """Transformer.forward for tokens of shape (bsz, 1), with the kernels of decode.cu.
+
+    The generic path launches ~45 small CuPy kernels per layer (RMSNorm alone is six); at one
+    token per call the GPU mostly waits for the host. Here a layer is 6 launches,
+
+        gemv(rmsnorm -> wqkv), rope_kv, attention_decode, gemv(wo, h +=),
+        gemv(rmsnorm -> w13), gemv(swiglu -> w2, h +=)
+
+    on buffers allocated once, reading the model's own weights and KV cache. The position and
+    token ids live in a device array (`step`), so the launches are the same at every position:
+    the first call for a batch size runs them and records them into a CUDA graph, and later calls
+    copy `step` over and replay the graph with one call. Prefill (seqlen > 1) stays on the
+    generic path; both write the same cache.
+    """
+
+    BLOCK = 256
+
+    @staticmethod
+    def covers(model):
+        """Float32 weights (not Q8 or float16), heads that fit a block, and a cache row that
+        fits shared memory; anything else stays on the generic path."""
+        p = model.params
+        dense = all(not isinstance(w, Q8Tensor) and w.dtype == np.float32
+                    for w in FusedDecoder._weights(model))
+        smem = 4 * (p.max_seq_len + p.head_dim + 4 * FusedDecoder.BLOCK)
+        return dense and p.head_dim <= FusedDecoder.BLOCK and smem <= 48 * 1024
+
+    @staticmethod
+    def _weights(model):
+        yield model.output
+        yield model.norm
+        for layer in model.layers:
+            yield from (layer.attention.wqkv, layer.attention.wo, layer.feed_forward.w13,
+                        layer.feed_forward.w2, layer.attention_norm, layer.ffn_norm)
+
+    def __init__(self, model):
+        import cupyx                                         # ships with cupy: pinned memory
+        # No reference to the model itself: CudaOps keys its decoders by the model, weakly.
+        cp, p = model.ops.xp, model.params
+        self.cp, self.p = cp, p
+        self.tok_embeddings, self.norm, self.output = model.tok_embeddings, model.norm, model.output
+        self.freqs_cos, self.freqs_sin = model.freqs_cos, model.freqs_sin
+        self.layers = [(layer.attention_norm, layer.attention.wqkv, layer.attention.wo,
+                        layer.ffn_norm, layer.feed_forward.w13, layer.feed_forward.w2,
+                        layer.attention.cache_k, layer.attention.cache_v)
+                       for layer in model.layers]
+        nb, hd = p.max_batch_size, p.head_dim
+
+        def buf(width):
+            return cp.zeros((nb, width), dtype=np.float32)
+        self.step = cp.zeros(1 + nb, dtype=np.int32)         # [start_pos, token_0, token_1, ...]
+        self.step_host = cupyx.empty_pinned(1 + nb, dtype=np.int32)   # its source, page-locked
+        self.step_copied = cp.cuda.Event()                   # recorded: step_host was read
+        self.h = buf(p.dim)                                  # the residual stream
+        self.qkv = buf((p.n_heads + 2 * p.n_kv_heads) * hd)
+        self.q, self.att = buf(p.n_heads * hd), buf(p.n_heads * hd)
+        self.h13 = buf(2 * p.hidden_dim)                     # [h1 | h3]
+        self.logits = buf(p.vocab_size)
+        self.graphs = {}                                     # bsz -> cupy.cuda.Graph
+        self.launches_per_step = {}                          # bsz -> kernels in one step
+
+    def __call__(self, tokens, start_pos, use_graphs=True):
+        bsz = tokens.shape[0]
+        self.step_copied.synchronize()                       # the last copy has read step_host
+        self.step_host[0], self.step_host[1:1 + bsz] = start_pos, tokens[:, 0]
+        stream = self.cp.cuda.get_current_stream()
+        self.step.data.copy_from_host_async(self.step_host.ctypes.data, 4 * (1 + bsz), stream)
+        self.step_copied.record(stream)
+        if use_graphs and self.graphs.get(bsz) is not None:
+            self.graphs[bsz].launch()
+        else:
+            before = KERNELS.launches
+            self.run(bsz)
+            self.launches_per_step[bsz] = KERNELS.launches - before
+            if use_graphs and bsz not in self.graphs:
+                self.graphs[bsz] = self._capture(bsz)      # None if the driver refuses
+        # a copy: the caller may keep the logits of every step, and the buffer is reused
+        logits = self.cp.empty((bsz, 1, self.p.vocab_size), dtype=np.float32)
+        logits.data.copy_from_device_async(self.logits.data, logits.nbytes)
+        return logits
+
+    def _capture(self, bsz):
+        """Record run(bsz) into a CUDA graph (nothing executes while recording). Returns None,
+        with a warning, where the driver refuses, and the eager launches carry on."""
+        cp = self.cp
+        stream = cp.cuda.Stream(non_blocking=True)
+        cp.cuda.get_current_stream().synchronize()
+        try:
+            with stream:
+                stream.begin_capture()
+                try:
+                    self.run(bsz)
+                finally:
+                    graph = stream.end_capture()
+            return graph
+        except cp.cuda.runtime.CUDARuntimeError as e:
+            warnings.warn(f"CUDA graph capture failed ({e}); decoding without graphs")
+            return None
+
+    def run(self, bsz):
+        """Launch one decode step for rows 0 .. bsz-1 on the current stream."""
+        p, B, block = self.p, self.BLOCK, (self.BLOCK,)
+        nh, nkv, hd = p.n_heads, p.n_kv_heads, p.head_dim
+        h, qkv, q, att, h13 = (a[:bsz] for a in (self.h, self.qkv, self.q, self.att, self.h13))
+        eps = p.norm_eps
+        width = 4 if hd % 4 == 0 else 1                     # float4 rows in attention_decode
+        attn_smem = 4 * (hd + width * B + p.max_seq_len)
+        scale = np.float32(1.0 / np.sqrt(hd))
+
+        KERNELS.launch("embed_tokens", (bsz,), block,
+                       (self.step, self.tok_embeddings, h, i32(p.dim)))
+        for attn_norm, wqkv, wo, ffn_norm, w13, w2, cache_k, cache_v in self.layers:
+            gemv(h, wqkv, out=qkv, norm=attn_norm, eps=eps)
+            KERNELS.launch("rope_kv", (cdiv((nh + nkv) * hd // 2, B), bsz), block,
+                           (qkv, self.step, self.freqs_cos, self.freqs_sin, q, cache_k, cache_v,
+                            i32(nh), i32(nkv), i32(hd), i32(p.max_seq_len)))
+            KERNELS.launch(f"attention_decode<{width}>", (nh, bsz), block,
+                           (q, cache_k, cache_v, self.step, att, i32(nh), i32(nkv), i32(hd),
+                            i32(p.max_seq_len), scale), shared_mem=attn_smem)
+            gemv(att, wo, out=h, accumulate=True)             # h += attention(...)
+            gemv(h, w13, out=h13, norm=ffn_norm, eps=eps)
+            gemv(h13, w2, out=h, accumulate=True, swiglu=True)  # h += feed_forward(...)
+        gemv(h, self.output, out=self.logits[:bsz], norm=self.norm, eps=eps)

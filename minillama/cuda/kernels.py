@@ -1,0 +1,247 @@
+"""The checked entry points to kernels/*.cu: sgemm, gemv, bmm and softmax, and how each picks
+its variant.
+
+    sgemm(a, w)          a @ w.T, four versions (matmul.cu); v4 in the tile shape that fits
+    gemv(x, w)           a @ w.T for a few rows, with an RMSNorm or SwiGLU prologue if asked
+    bmm(a, b)            batched a @ b on strided views (the KV cache, read in place)
+    softmax(x, ...)      over the last axis, causal mask built in (softmax.cu)
+
+Each takes float32 CuPy arrays (C-contiguous where the kernel indexes by row length) and raises
+DeviceError, naming the argument, on anything else, instead of failing inside CUDA. Each writes
+into `out` when given one, so a caller can reuse its buffers (FusedDecoder does).
+
+The tables below are the template instantiations that are compiled (KERNELS): every tile shape,
+row count and prologue a launch may name. docs/kernels.md explains each kernel.
+"""
+import numpy as np
+
+from ..errors import DeviceError
+from .runtime import KernelModule, cdiv, i32, require_cupy, sm_count
+
+# sgemm_v4 tile shapes: name -> (BM, BN, BK, TM, TN, MIN_BLOCKS), see matmul.cu. MIN_BLOCKS
+# blocks fit on an SM at once (registers and shared memory allow it).
+SGEMM_CONFIGS = {
+    "128x128x16": (128, 128, 16, 8, 8, 2),
+    "128x128x8": (128, 128, 8, 8, 8, 2),
+    "128x64x8": (128, 64, 8, 8, 4, 2),
+    "64x64x16": (64, 64, 16, 4, 4, 3),
+}
+# TFLOP/s of each when the GPU is full: `python -m minillama.bench gpu` at 4096^3, H100 80GB
+# HBM3, 2026-11-24 (docs/benchmarks.md). Only their ratios matter, to pick a tile shape.
+SGEMM_RATES = {"128x128x16": 41.8, "128x128x8": 37.3, "128x64x8": 31.6, "64x64x16": 29.5}
+GEMV_ROWS = (1, 2, 4, 8)           # rows of x per warp in gemv<ROWS, VEC, PRO>
+GEMV_PROLOGUES = {None: 0, "rmsnorm": 1, "swiglu": 2}     # GEMV_PLAIN, _RMSNORM, _SWIGLU
+# softmax_block<V, THREADS>: one block of THREADS threads holds V values each, so rows of up to
+# V * THREADS floats. The smallest that fits is used; longer rows go to softmax_warp.
+SOFTMAX_BLOCKS = ((1, 1024), (2, 1024), (4, 1024), (8, 1024), (16, 1024), (32, 1024))
+SOFTMAX_WARP_MAX = 1024            # rows up to this long: one warp per row (softmax_warp)
+# attention_decode<WIDTH> (decode.cu, launched by FusedDecoder): float4 or scalar loads
+ATTENTION_WIDTHS = (1, 4)
+
+
+def _cpp_bool(flag):
+    return "true" if flag else "false"
+
+
+def _templates():
+    """Every template instantiation a launch may name."""
+    names = [f"sgemm_v4<{','.join(map(str, c))},{_cpp_bool(vec)}>"
+             for c in SGEMM_CONFIGS.values() for vec in (True, False)]
+    names += [f"gemv<{rows},{_cpp_bool(vec)},{pro}>" for rows in GEMV_ROWS
+              for vec in (True, False) for pro in GEMV_PROLOGUES.values()]
+    names += [f"attention_decode<{width}>" for width in ATTENTION_WIDTHS]
+    names += [f"softmax_block<{v},{t}>" for v, t in SOFTMAX_BLOCKS]
+    return names
+
+
+KERNELS = KernelModule(_templates())     # compiled on the first launch, once per process
+
+
+# ----------------------------------------------------------------------------
+# checks
+
+def _check(name, a, ndim=None, contiguous=True):
+    cupy = require_cupy()
+    if not isinstance(a, cupy.ndarray):
+        raise DeviceError(f"{name}: expected a CuPy array on the GPU, got {type(a).__name__} "
+                          f"(move it with ops.asarray)")
+    if a.dtype != np.float32:
+        raise DeviceError(f"{name}: expected float32, got {a.dtype}")
+    if ndim is not None and a.ndim != ndim:
+        raise DeviceError(f"{name}: expected {ndim} dimensions, got shape {a.shape}")
+    if contiguous and not a.flags.c_contiguous:
+        raise DeviceError(f"{name}: expected a C-contiguous array (cupy.ascontiguousarray), "
+                          f"got strides {a.strides} for shape {a.shape}")
+
+
+def _output(out, shape):
+    """`out` checked against the result's shape, or a new array for it."""
+    if out is None:
+        return require_cupy().empty(shape, dtype=np.float32)
+    _check("out", out)
+    if out.shape != tuple(shape):
+        raise DeviceError(f"out: expected shape {tuple(shape)}, got {out.shape}")
+    return out
+
+
+def _aligned(*arrays):
+    """16-byte aligned data pointers, so float4 loads are legal."""
+    return all(a.data.ptr % 16 == 0 for a in arrays)
+
+
+# ----------------------------------------------------------------------------
+# matmul.cu
+
+def pick_sgemm_config(M, N):
+    """The tile shape with the least estimated time. Big tiles reuse more (SGEMM_RATES), but the
+    blocks run in waves of (SMs x blocks per SM), and a partial last wave costs a whole one:
+    a 1024 x 1024 product has only 64 tiles of 128 x 128 for 132 SMs."""
+    sms = sm_count()
+
+    def cost(name):
+        bm, bn, *_, per_sm = SGEMM_CONFIGS[name]
+        slots = sms * per_sm
+        waves = cdiv(cdiv(M, bm) * cdiv(N, bn), slots)
+        return waves * slots * bm * bn / SGEMM_RATES[name]
+    return min(SGEMM_CONFIGS, key=cost)
+
+
+def sgemm(a, w, out=None, version=4, config=None):
+    """a @ w.T for a (M, K) and w (N, K), float32 and C-contiguous -> (M, N).
+    version 1..4 picks the kernel of matmul.cu (4 is the fast one); config names a tile shape
+    of SGEMM_CONFIGS for version 4, chosen from the sizes when None."""
+    _check("a", a, 2)
+    _check("w", w, 2)
+    (M, K), (N, K_w) = a.shape, w.shape
+    if K != K_w:
+        raise DeviceError(f"sgemm: a is (M, K) = {a.shape} but w is (N, K) = {w.shape}")
+    c = _output(out, (M, N))
+    if M == 0 or N == 0:
+        return c
+    args = (a, w, c, i32(M), i32(N), i32(K))
+    if version == 1:
+        KERNELS.launch("sgemm_v1_naive", (cdiv(N, 16), cdiv(M, 16)), (16, 16), args)
+    elif version == 2:
+        KERNELS.launch("sgemm_v2_tiled", (cdiv(N, 32), cdiv(M, 32)), (32, 32), args)
+    elif version == 3:
+        KERNELS.launch("sgemm_v3_regblock", (cdiv(N, 128), cdiv(M, 128)), (256,), args)
+    elif version == 4:
+        config = config or pick_sgemm_config(M, N)
+        if config not in SGEMM_CONFIGS:
+            raise DeviceError(f"config: expected one of {', '.join(SGEMM_CONFIGS)}, got {config!r}")
+        bm, bn, bk, tm, tn, min_blocks = SGEMM_CONFIGS[config]
+        vec = K % 4 == 0 and N % 4 == 0 and _aligned(a, w, c)
+        name = f"sgemm_v4<{bm},{bn},{bk},{tm},{tn},{min_blocks},{_cpp_bool(vec)}>"
+        KERNELS.launch(name, (cdiv(N, bn), cdiv(M, bm)), ((bm // tm) * (bn // tn),), args)
+    else:
+        raise DeviceError(f"version: expected 1, 2, 3 or 4, got {version!r}")
+    return c
+
+
+def gemv(x, w, out=None, accumulate=False, norm=None, eps=1e-5, swiglu=False):
+    """x @ w.T for a few rows: x (M, K), w (N, K) -> (M, N), one warp per output column.
+
+    accumulate: add into `out` (which must then be given) instead of overwriting it.
+    norm: an RMSNorm weight (K,): multiply rms_norm(x, norm, eps) instead of x.
+    swiglu: x is (M, 2K) = [h1 | h3]: multiply silu(h1) * h3 instead of x.
+    (The last two are the prologues of matmul.cu: the step before the matmul, fused into it.)"""
+    if norm is not None and swiglu:
+        raise DeviceError("gemv: norm and swiglu are two prologues; give one")
+    _check("x", x, 2)
+    _check("w", w, 2)
+    (M, K_x), (N, K) = x.shape, w.shape
+    if K_x != (2 * K if swiglu else K):
+        raise DeviceError(f"gemv: x is (M, K) = {x.shape} but w is (N, K) = {w.shape}"
+                          + (" (swiglu: x must be (M, 2K))" if swiglu else ""))
+    if norm is not None:
+        _check("norm", norm, 1)
+        if norm.shape != (K,):
+            raise DeviceError(f"norm: expected shape ({K},), got {norm.shape}")
+    if accumulate and out is None:
+        raise DeviceError("gemv: accumulate=True needs the array to add into as out")
+    y = _output(out, (M, N))
+    if M == 0 or N == 0:
+        return y
+    rows = next(r for r in GEMV_ROWS if r >= min(M, GEMV_ROWS[-1]))
+    vec = K % 4 == 0 and _aligned(x, w, *([norm] if norm is not None else []))
+    prologue = GEMV_PROLOGUES["rmsnorm" if norm is not None else "swiglu" if swiglu else None]
+    ksplit = gemv_ksplit(N, K)
+    KERNELS.launch(f"gemv<{rows},{_cpp_bool(vec)},{prologue}>",
+                   (cdiv(N, 8 // ksplit), cdiv(M, rows)), (256,),
+                   (x, w, y, i32(M), i32(N), i32(K), i32(bool(accumulate)),
+                    w if norm is None else norm, np.float32(eps), i32(ksplit)))
+    return y
+
+
+def gemv_ksplit(N, K):
+    """Warps per output row in gemv (1, 2, 4 or 8): split k while there are fewer warps than
+    an H100 keeps in flight (~48 per SM) and each still gets a 128-float slice of k."""
+    ksplit, enough = 1, 48 * sm_count()
+    while ksplit < 8 and N * ksplit < enough and K >= 128 * (2 * ksplit):
+        ksplit *= 2
+    return ksplit
+
+
+def bmm(a, b, out=None):
+    """a @ b over matching leading dims: a (..., M, K), b (..., K, N) -> (..., M, N), at most two
+    leading dims, any strides (transposed views of the KV cache are read in place)."""
+    _check("a", a, contiguous=False)
+    _check("b", b, contiguous=False)
+    if not 2 <= a.ndim <= 4 or a.ndim != b.ndim or a.shape[:-2] != b.shape[:-2] \
+            or a.shape[-1] != b.shape[-2]:
+        raise DeviceError(f"bmm: cannot multiply shapes {a.shape} and {b.shape} (expected "
+                          f"(..., M, K) and (..., K, N) with the same 0-2 leading dims)")
+    batch, (M, K), N = a.shape[:-2], a.shape[-2:], b.shape[-1]
+    c = _output(out, batch + (M, N))
+    z0, z1 = ((1, 1) + batch)[-2:]
+    if c.size == 0:
+        return c
+    if z0 * z1 > 65535:
+        raise DeviceError(f"bmm: {z0 * z1} matrices in one batch, at most 65535")
+    sa = (0, 0) + tuple(s // 4 for s in a.strides)     # element strides, missing dims as 0
+    sb = (0, 0) + tuple(s // 4 for s in b.strides)
+    KERNELS.launch("bmm_strided", (cdiv(N, 16), cdiv(M, 16), z0 * z1), (16, 16),
+                   (a, b, c, i32(M), i32(N), i32(K), i32(z1))
+                   + tuple(np.int64(s) for s in sa[-4:] + sb[-4:]))
+    return c
+
+
+# ----------------------------------------------------------------------------
+# softmax.cu
+
+def softmax(x, out=None, start_pos=None, kernel=None):
+    """Softmax over the last axis of x (float32, C-contiguous).
+
+    With start_pos, x holds causal attention scores (..., seqlen, start_pos + seqlen): query i
+    sees keys 0 .. start_pos + i and the rest come out as exact zeros, as if a -inf mask had been
+    added (like NumpyOps.softmax, which masks only when seqlen > 1).
+    kernel: 'warp' or 'block' to force one (see softmax.cu); by row length when None."""
+    _check("x", x)
+    if x.ndim == 0:
+        raise DeviceError("x: expected at least one dimension, got a scalar")
+    n_cols = x.shape[-1]
+    n_rows = x.size // n_cols if n_cols else 0
+    seqlen = x.shape[-2] if start_pos is not None and x.ndim >= 2 else 1
+    if seqlen > 1:
+        if start_pos < 0 or start_pos + seqlen != n_cols:
+            raise DeviceError(f"softmax: causal scores for start_pos {start_pos} and seqlen "
+                              f"{seqlen} need {start_pos + seqlen} columns, got {n_cols}")
+        first = start_pos
+    else:
+        first = n_cols - 1                        # row 0 of 1 sees every column
+    y = _output(out, x.shape)
+    if x.size == 0:
+        return y
+    args = (x, y, i32(n_rows), i32(n_cols), i32(first), i32(seqlen))
+    fits = [(v, t) for v, t in SOFTMAX_BLOCKS if v * t >= n_cols]
+    kernel = kernel or ("block" if n_cols > SOFTMAX_WARP_MAX and fits else "warp")
+    if kernel == "warp":
+        KERNELS.launch("softmax_warp", (cdiv(n_rows, 8),), (256,), args)
+    elif kernel == "block" and fits:
+        v, t = fits[0]
+        KERNELS.launch(f"softmax_block<{v},{t}>", (n_rows,), (t,), args)
+    else:
+        raise DeviceError(f"kernel: expected 'warp' or 'block' (rows up to "
+                          f"{max(v * t for v, t in SOFTMAX_BLOCKS)}), got {kernel!r} "
+                          f"for rows of {n_cols}")
+    return y

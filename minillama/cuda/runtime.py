@@ -1,0 +1,111 @@
+"""Running CUDA C from Python: find CuPy and a GPU, compile kernels/*.cu, launch kernels by name.
+
+CuPy is imported the first time a GPU is needed (require_cupy), not when this package is, so
+`import minillama.cuda` works on a machine without CuPy; using the GPU there raises DeviceError,
+saying what to install.
+
+The four .cu files are compiled together, as one `cupy.RawModule`, by NVRTC (CUDA's compiler
+at run time), on the first launch and once per process; CuPy also keeps the binary in its disk
+cache, so a second process starts at once. A template kernel such as `gemv<ROWS, VEC, PRO>` is
+compiled only for the instantiations named when compiling (kernels.py lists them, from its
+tables), and a launch names one of them: "gemv<1,true,0>".
+
+The sources come from the package minillama.kernels: the kernels/ folder of a checkout
+(`pip install -e .`, or just on PYTHONPATH) or the installed copy after `pip install .`.
+"""
+import functools
+import importlib.resources
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import DeviceError
+
+KERNEL_FILES = ("reduce.cu", "matmul.cu", "softmax.cu", "decode.cu")   # in compile order
+
+i32 = np.int32              # sizes and indices reach the kernels as 32-bit ints
+
+
+def cdiv(a, b):
+    """Blocks of b needed to cover a: the grid size for a things, b per block."""
+    return -(-a // b)
+
+
+# ----------------------------------------------------------------------------
+# finding CuPy, the GPU and the kernel sources
+
+@functools.lru_cache(maxsize=None)
+def require_cupy():
+    """The cupy module, once a GPU has been seen; otherwise a DeviceError saying what to do."""
+    try:
+        import cupy
+    except ImportError:
+        raise DeviceError("device 'cuda' needs CuPy: pip install 'minillama[cuda12]' "
+                          "(or 'minillama[cuda13]' for CUDA 13), or use --device cpu") from None
+    try:
+        count = cupy.cuda.runtime.getDeviceCount()
+    except Exception as e:               # CUDARuntimeError: no driver, or no device
+        raise DeviceError(f"device 'cuda': CuPy is installed but finds no usable NVIDIA GPU "
+                          f"({e}); use --device cpu") from None
+    if count == 0:
+        raise DeviceError("device 'cuda': CuPy is installed but finds no NVIDIA GPU; "
+                          "use --device cpu")
+    return cupy
+
+
+def kernel_dir():
+    """The installed package minillama.kernels (pip install . or -e .), or else the kernels/
+    folder beside minillama/ in a checkout that is only on PYTHONPATH."""
+    try:
+        return importlib.resources.files("minillama.kernels")
+    except ModuleNotFoundError:
+        return Path(__file__).resolve().parents[2] / "kernels"
+
+
+def kernel_source():
+    """The text of kernels/*.cu, in compile order. #line keeps compiler messages pointing at
+    the right file and line."""
+    root = kernel_dir()
+    return "\n".join(f'#line 1 "{name}"\n' + root.joinpath(name).read_text(encoding="utf-8")
+                     for name in KERNEL_FILES)
+
+
+def sm_count():
+    """Streaming multiprocessors of the current GPU (asked once per device: CuPy's
+    Device.attributes queries every attribute, tens of microseconds)."""
+    return _sm_count(require_cupy().cuda.Device().id)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_id):
+    return require_cupy().cuda.Device(device_id).attributes["MultiProcessorCount"]
+
+
+# ----------------------------------------------------------------------------
+# compiling and launching
+
+class KernelModule:
+    """kernels/*.cu as one compiled module, with the template instantiations `templates`
+    (e.g. "gemv<1,true,0>"; NVRTC compiles only those). It compiles on the first launch and
+    counts the launches made through it."""
+
+    def __init__(self, templates):
+        self.templates = tuple(templates)
+        self.launches = 0       # kernels launched so far; CuPy's own array operations (such
+        self._functions = {}    # as the model's elementwise math) are not counted
+
+    @functools.cached_property
+    def module(self):
+        cupy = require_cupy()
+        try:
+            return cupy.RawModule(code=kernel_source(), name_expressions=self.templates)
+        except cupy.cuda.compiler.CompileException as e:
+            raise DeviceError(f"kernels/*.cu failed to compile: {e}") from None
+
+    def launch(self, name, grid, block, args, shared_mem=0):
+        """Launch kernel `name` on the current stream: grid and block are tuples of up to three
+        sizes, args the kernel's parameters in order (arrays, and numpy scalars of its types)."""
+        if name not in self._functions:          # looking a function up costs a driver call
+            self._functions[name] = self.module.get_function(name)
+        self.launches += 1
+        self._functions[name](grid, block, args, shared_mem=shared_mem)
