@@ -90,23 +90,21 @@ def concat_rows(parts):
 
 def split_blocks(raw, fmt, shape, fields, name):
     """The planes of a GGUF tensor's bytes `raw` (bytes or a uint8 array): one copy of each field
-    in its own dtype, no float32 anywhere. A dense format (one field) stays a view of `raw`."""
+    in its own dtype, no float32 anywhere. A dense format's one field is contiguous already, so
+    its plane stays a view of `raw`."""
     from . import bytes_for, layout
-    raw = np.frombuffer(raw, np.uint8) if isinstance(raw, (bytes, bytearray, memoryview)) \
-        else np.asarray(raw).reshape(-1).view(np.uint8)
+    raw = raw.reshape(-1).view(np.uint8) if isinstance(raw, np.ndarray) \
+        else np.frombuffer(raw, np.uint8)              # bytes, memoryview, mmap: no copy
     if raw.size != bytes_for(fmt, shape):
         raise CheckpointError(f"{name}: {raw.size} bytes of data, expected "
                               f"{bytes_for(fmt, shape)} for {fmt} of shape {tuple(shape)}")
-    planes_layout = layout(fmt, shape)
-    rows, nb = planes_layout[fields[0][0]][0][:2]
-    blocks = raw.reshape(rows, nb, -1)                  # (rows, nb, block bytes), a view
+    block_bytes = sum(np.dtype(dtype).itemsize * count for _, dtype, count in fields)
+    blocks = raw.reshape(shape[0], -1, block_bytes)     # (rows, nb, block bytes), a view
     planes, at = {}, 0
-    for plane, dtype, count in fields:
+    for (plane, dtype, count), (plane_shape, _) in zip(fields, layout(fmt, shape).values()):
         size = np.dtype(dtype).itemsize * count
-        field = blocks[..., at:at + size]
-        if len(fields) > 1:
-            field = np.ascontiguousarray(field)         # the one copy: AoS -> SoA
-        planes[plane] = field.view(dtype).reshape(planes_layout[plane][0])
+        field = np.ascontiguousarray(blocks[..., at:at + size])     # the one copy: AoS -> SoA
+        planes[plane] = field.view(dtype).reshape(plane_shape)
         at += size
     return Packed(fmt, shape, planes)
 
