@@ -295,59 +295,69 @@ def test_quantize_tiny_blocks(fmt):
 # ----------------------------------------------------------------------------
 # quantize -> dequantize: the error, measured against its bound
 
-F16_EPS = 2.0 ** -11            # float16 rounds to nearest: relative error <= 2^-11 (normal)
+def f16_error(x):
+    """How far float16 rounding moves x (round to nearest): half a unit in the last place,
+    2^-11 |x| for normal numbers, 2^-25 (half the subnormal spacing 2^-24) below 2^-14."""
+    return np.maximum(2.0 ** -11 * np.abs(x), 2.0 ** -25)
 
 
-def block_view(a, nb):
-    return a.reshape(a.shape[0], nb, -1)
+def blocks_of(a):
+    return a.astype(np.float64).reshape(a.shape[0], -1, 32)            # (rows, nb, 32)
+
+
+def round_trip(fmt, w):
+    """(error |w - dequantize(quantize(w))| per weight, the weights), both (rows, nb, 32)."""
+    p = F.quantize(w, fmt)
+    return np.abs(blocks_of(F.dequantize(p)) - blocks_of(w)), blocks_of(w)
+
+
+# Scales from 1e-6 to 1e3: normal, subnormal (q8_0 below max|w| = 127 * 2^-14 = 7.8e-3) and
+# zero (below 127 * 2^-25 = 3.8e-6) float16 scales, all under one bound each.
+WIDE = dict(rows=64, cols=512, low=-6, high=3)
 
 
 def test_q8_0_round_trip_error():
-    """|w - q d16| <= |w - q d| + |q| |d - d16| <= d/2 + 127 * 2^-11 d: rounding to the
-    nearest code, plus the scale's rounding to float16 (d16 normal), times up to 127 codes."""
-    rng = np.random.default_rng()
-    w = blocky_weights(rng, 64, 512, -2, 3)         # scales kept normal float16
-    p = F.quantize(w, "q8_0")
-    err = block_view(np.abs(F.dequantize(p) - w), 16)          # (rows, nb, 32)
-    d = np.abs(p.d.astype(np.float64))[..., None]
-    bound = d * (0.5 + 127 * F16_EPS)
-    assert (err <= bound * (1 + 1e-6)).all()
-    assert (err / d).max() > 0.45                     # the d/2 term is real: rounding
-    rel_rms = np.sqrt((err ** 2).mean(axis=-1)) / np.abs(block_view(w, 16)).max(axis=-1)
-    assert rel_rms.mean() < 0.003                     # measured ~0.0023 of the block's max
+    """|w - q d16| <= |w - q d| + |q| |d - d16| <= d/2 + 127 f16_error(d): half a step from
+    rounding to the nearest code, plus the scale's float16 rounding times up to 127 codes."""
+    err, w = round_trip("q8_0", blocky_weights(np.random.default_rng(), **WIDE))
+    d = np.abs(w).max(axis=-1, keepdims=True) / 127
+    assert (err <= (d / 2 + 127 * f16_error(d)) * (1 + 1e-6)).all()
+    normal = d[..., 0] >= 2.0 ** -14
+    assert (err / d)[normal].max() > 0.45                  # the d/2 term is real
+    rel_rms = np.sqrt((err ** 2).mean(axis=-1)) / np.abs(w).max(axis=-1)
+    assert rel_rms[normal].mean() < 0.003      # ~ (d / sqrt(12)) / max|w| = 0.0023 measured
 
 
 def test_q4_0_round_trip_error():
     """Codes -8..7 are asymmetric: d = max / -8 puts the largest-magnitude weight at -8 exactly,
-    a weight of the opposite sign near |max| would need +8 and is clipped to 7. So the bound is
-    a whole step |d| there and half a step elsewhere, plus 8 * 2^-11 |d| for d's float16."""
+    and a weight of the opposite sign near |max| would need +8, clipped to 7. So the bound is a
+    whole step |d| there and half a step elsewhere, plus 8 f16_error(d) for d's float16."""
     rng = np.random.default_rng()
-    w = blocky_weights(rng, 64, 512, -2, 3)
+    w = blocky_weights(rng, **WIDE)
     big = 2 * np.abs(w[:, 32:64]).max(axis=1)
     w[:, 32], w[:, 33] = big, -big     # block 1: +max first, so -max needs code 16: clipped
-    p = F.quantize(w, "q4_0")
-    err = block_view(np.abs(F.dequantize(p) - w), 16)
-    d = np.abs(p.d.astype(np.float64))[..., None]
-    clipped = block_view(w, 16) / p.d.astype(np.float64)[..., None] > 7.5    # code w/d + 8 > 15
-    assert (err <= d * (1 + 8 * F16_EPS) * (1 + 1e-6)).all()
-    assert (err[~clipped] <= d.repeat(32, -1)[~clipped] * (0.5 + 8 * F16_EPS) * (1 + 1e-6)).all()
-    assert clipped.any() and (err[clipped] / d.repeat(32, -1)[clipped]).max() > 0.9
+    err, w = round_trip("q4_0", w)
+    i = np.abs(w).argmax(axis=-1)[..., None]
+    d = np.take_along_axis(w, i, axis=-1) / -8                         # (rows, nb, 1), signed
+    clipped = w / d > 7.5                                              # code w / d + 8 > 15.5
+    step = np.where(clipped, 1.0, 0.5) * np.abs(d)
+    assert (err <= (step + 8 * f16_error(d)) * (1 + 1e-6)).all()
+    assert clipped.any() and (err[clipped] / np.abs(d).repeat(32, -1)[clipped]).max() > 0.9
 
 
 def test_q4_1_round_trip_error():
     """w = code d + m: half a step d/2, plus 15 codes times d's float16 rounding, plus m's own
-    rounding |m| 2^-11 (and one float32 rounding of the sum). The last term is Q4_1's weak
-    spot: a block far from zero with a small spread is limited by m's 11 bits, not by 4."""
+    float16 rounding, plus one float32 rounding of the sum. m's term is Q4_1's weak spot: a
+    block far from zero with a small spread is limited by m's 11 bits, not by the 4 of a code."""
     rng = np.random.default_rng()
-    w = blocky_weights(rng, 64, 512, -2, 3)
-    w[:, :32] = 5 + 0.01 * rng.random((64, 32))     # block 0: offset 5, spread 0.01
-    p = F.quantize(w, "q4_1")
-    err = block_view(np.abs(F.dequantize(p) - w), 16)
-    d = np.abs(p.d.astype(np.float64))[..., None]
-    m = np.abs(p.m.astype(np.float64))[..., None]
-    bound = d * (0.5 + 15 * F16_EPS) + m * F16_EPS + np.abs(block_view(w, 16)) * 2.0 ** -24
+    w = blocky_weights(rng, **WIDE)
+    w[:, :32] = 5 + 0.01 * rng.random((64, 32))              # block 0: offset 5, spread 0.01
+    err, w = round_trip("q4_1", w)
+    lo, hi = w.min(axis=-1, keepdims=True), w.max(axis=-1, keepdims=True)
+    d = (hi - lo) / 15
+    bound = d / 2 + 15 * f16_error(d) + f16_error(lo) + 2.0 ** -24 * np.abs(w)
     assert (err <= bound * (1 + 1e-6)).all()
-    assert (err[:, 0] > d[:, 0]).any()                # block 0: m's rounding beats 4 bits
+    assert (err[:, 0] > d[:, 0]).any()                       # block 0: m's rounding beats 4 bits
 
 
 @pytest.mark.parametrize("fmt,eps", [("f16", 2.0 ** -11), ("bf16", 2.0 ** -8)])
