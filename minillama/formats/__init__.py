@@ -93,10 +93,10 @@ def from_gguf(raw, fmt, shape, name="weight"):
     """A GGUF tensor's bytes (its blocks, as stored) as a Packed of `shape` (rows, cols),
     without any float32 copy. A NaN or inf scale, offset or value is refused, naming `name`
     (e.g. "model.gguf: tensor 'blk.0.attn_q.weight'") and the first bad block."""
-    packed = split_blocks(raw, fmt, tuple(shape), module(fmt).FIELDS[fmt], name)
+    packed = split_blocks(raw, fmt, tuple(shape), name)
     return check_finite(packed, name, "a stored weight must be finite: the file is damaged")
 
 
 def to_gguf(packed):
     """The GGUF bytes of a Packed (NumPy planes): what a writer puts in the file."""
-    return join_blocks(packed, module(packed.format).FIELDS[packed.format])
+    return join_blocks(packed)

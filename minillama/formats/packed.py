@@ -13,13 +13,15 @@ plane per field, so the GPU can read the codes of a block with one aligned 16-by
     GGUF, one row:   | d qs | d qs | d qs | ...               (rows, nb) blocks of BLOCK_BYTES
     Packed:          qs (rows, nb, 16)   d (rows, nb)   [m (rows, nb)]
 
-The planes may be NumPy or CuPy arrays: Packed reads only their .shape, .dtype and .nbytes, so the
-same object describes a weight in host memory and on the GPU (`packed.map(cupy.asarray)`).
+The planes may be NumPy or CuPy arrays: Packed reads only their shape, dtype, flags and nbytes,
+so the same object describes a weight in host memory and on the GPU (`packed.map(cupy.asarray)`).
 """
+import math
 from dataclasses import dataclass
 
 import numpy as np
 
+from .. import formats          # the registry: used at call time only (it imports this module)
 from ..errors import ArgumentError, CheckpointError
 
 DTYPE_ALIASES = {"bfloat16": "uint16"}     # CuPy's bfloat16 holds the bits a bf16 plane holds
@@ -32,12 +34,11 @@ class Packed:
     planes: dict
 
     def __post_init__(self):
-        from . import layout            # (the registry imports the format modules, which import us)
         self.shape = tuple(int(n) for n in self.shape)
         if len(self.shape) != 2:
             raise ArgumentError(f"Packed {self.format}: shape {self.shape}, expected (rows, cols)")
         expected = {k: (shape, dtype.name) for k, (shape, dtype) in
-                    layout(self.format, self.shape).items()}
+                    formats.layout(self.format, self.shape).items()}
         got = {k: (tuple(a.shape), DTYPE_ALIASES.get(a.dtype.name, a.dtype.name))
                for k, a in self.planes.items()}
         if got != expected:
@@ -64,8 +65,7 @@ class Packed:
     @property
     def kernel(self):
         """The GPU kernels' template argument for this format, e.g. "Q4_0"."""
-        from . import FORMATS
-        return FORMATS[self.format].KERNEL[self.format]
+        return formats.FORMATS[self.format].KERNEL[self.format]
 
     def map(self, fn):
         """The same weight with fn applied to every plane: map(cupy.asarray), map(cupy.asnumpy)."""
@@ -85,34 +85,34 @@ def concat_rows(parts):
 
 
 # ----------------------------------------------------------------------------
-# GGUF's blocks <-> planes. `fields` is a format's FIELDS entry: (plane, dtype, count per block)
-# in file order, e.g. Q4_1's (("d", "<f2", 1), ("m", "<f2", 1), ("qs", "u1", 16)).
+# GGUF's blocks <-> planes: a format's layout lists its planes in the order of the fields of a
+# block, e.g. Q4_1's d (rows, nb) float16, m (rows, nb) float16, qs (rows, nb, 16) uint8.
 
-def split_blocks(raw, fmt, shape, fields, name):
+def split_blocks(raw, fmt, shape, name):
     """The planes of a GGUF tensor's bytes `raw` (bytes or a uint8 array): one copy of each field
     in its own dtype, no float32 anywhere. A dense format's one field is contiguous already, so
     its plane stays a view of `raw`."""
-    from . import bytes_for, layout
     raw = raw.reshape(-1).view(np.uint8) if isinstance(raw, np.ndarray) \
         else np.frombuffer(raw, np.uint8)              # bytes, memoryview, mmap: no copy
-    if raw.size != bytes_for(fmt, shape):
-        raise CheckpointError(f"{name}: {raw.size} bytes of data, expected "
-                              f"{bytes_for(fmt, shape)} for {fmt} of shape {tuple(shape)}")
-    block_bytes = sum(np.dtype(dtype).itemsize * count for _, dtype, count in fields)
-    blocks = raw.reshape(shape[0], -1, block_bytes)     # (rows, nb, block bytes), a view
+    expected = formats.bytes_for(fmt, shape)
+    if raw.size != expected:
+        raise CheckpointError(f"{name}: {raw.size} bytes of data, expected {expected} for {fmt} "
+                              f"of shape {tuple(shape)}")
+    blocks = raw.reshape(shape[0], -1, formats.FORMATS[fmt].BLOCK_BYTES[fmt])   # (rows, nb, bytes)
     planes, at = {}, 0
-    for (plane, dtype, count), (plane_shape, _) in zip(fields, layout(fmt, shape).values()):
-        size = np.dtype(dtype).itemsize * count
-        field = np.ascontiguousarray(blocks[..., at:at + size])     # the one copy: AoS -> SoA
+    for plane, (plane_shape, dtype) in formats.layout(fmt, shape).items():
+        size = dtype.itemsize * math.prod(plane_shape[2:])              # bytes in one block
+        field = np.ascontiguousarray(blocks[..., at:at + size])        # the one copy: AoS -> SoA
         planes[plane] = field.view(dtype).reshape(plane_shape)
         at += size
     return Packed(fmt, shape, planes)
 
 
-def join_blocks(packed, fields):
+def join_blocks(packed):
     """The GGUF bytes of `packed` (NumPy planes): its fields interleaved again, block by block."""
-    rows, nb = packed.planes[fields[0][0]].shape[:2]
-    parts = [packed.planes[plane].view(np.uint8).reshape(rows, nb, -1) for plane, _, _ in fields]
+    rows, nb = packed.shape[0], next(iter(packed.planes.values())).shape[1]
+    parts = [packed.planes[plane].view(np.uint8).reshape(rows, nb, -1)
+             for plane in formats.layout(packed.format, packed.shape)]
     return np.concatenate(parts, axis=-1).tobytes()
 
 
@@ -122,8 +122,7 @@ def join_blocks(packed, fields):
 def check_finite(packed, name, why):
     """Refuse `packed` (NumPy planes) if a scale, offset or dense value is NaN or inf: a
     CheckpointError naming the tensor (`name`), the first such block and `why`."""
-    from . import FORMATS
-    block = FORMATS[packed.format].BLOCK
+    block = formats.FORMATS[packed.format].BLOCK
     for plane, a in packed.planes.items():
         if packed.format == "bf16":
             bad = (a & 0x7F80) == 0x7F80            # exponent all ones: inf or NaN

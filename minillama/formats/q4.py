@@ -43,7 +43,7 @@ KERNEL = {"q4_0": "Q4_0", "q4_1": "Q4_1"}
 
 
 def unpack(qs):
-    """(..., 16) bytes -> (..., 32) codes 0..15: the low nibbles are weights 0..15, the high 16..31."""
+    """(..., 16) bytes -> (..., 32) codes 0..15: low nibbles are weights 0..15, high 16..31."""
     return np.concatenate([qs & 0x0F, qs >> 4], axis=-1)
 
 
