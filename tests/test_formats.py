@@ -278,6 +278,16 @@ def test_quantize_matches_gguf_bit_for_bit(fmt):
         assert F.to_gguf(p) == gguf_quantize(w, fmt)
 
 
+def test_round_half_away_is_roundf():
+    edges = np.array([0.49999997, 0.5, 1.5, 2.5, -0.5, -2.5, -0.49999997, 126.5, 8388607.5,
+                      -0.0, 0.0], np.float32)
+    x = np.concatenate([edges, np.random.default_rng().uniform(-130, 130, 10_000)
+                        .astype(np.float32)])
+    ours = q8_0.round_half_away(x)
+    assert ours[:6].tolist() == [0, 1, 2, 3, -1, -3]
+    assert np.array_equal(ours, gguf.quants.np_roundf(x))
+
+
 @pytest.mark.parametrize("fmt", BLOCK_FORMATS)
 def test_quantize_tiny_blocks(fmt):
     """Blocks of float32 subnormals: 1/d overflows, where llama.cpp's and gguf's codes are
