@@ -219,6 +219,13 @@ qgemv(const float* __restrict__ X, const uint4* __restrict__ qs,
     const int loads_per_row = K / F::WEIGHTS;         // 16-byte loads per row of W
     const int nb = K / 32;                            // scale blocks per row of W
     const int tile_step = gridDim.x * warps * NR;     // from one tile of this warp to the next
+    const int n_first = (blockIdx.x * warps + warp) * NR;     // this warp's first tile
+
+    // The first loads do not depend on x: issue them before the block reduces and stages x,
+    // so that their latency hides behind that work.
+    QBatch<F, NR, U> next;
+    bool fetched = n_first < N;
+    if (fetched) next.fetch(qs, d, mn, n_first, N, lane, min(kc, K) / F::WEIGHTS, 0, loads_per_row, nb);
 
     for (int m0 = 0; m0 < M; m0 += ROWS) {            // ROWS rows of x at a time
         float inv_rms[ROWS];
@@ -229,6 +236,9 @@ qgemv(const float* __restrict__ X, const uint4* __restrict__ qs,
         for (int k0 = 0; k0 < K; k0 += kc) {          // chunks of k that fit shared memory
             const int len = min(kc, K - k0), CH = len / F::WEIGHTS, len4 = len / 4;
             const int first = k0 / F::WEIGHTS;        // the chunk's first 16-byte load in a row
+            if (!fetched && n_first < N)
+                next.fetch(qs, d, mn, n_first, N, lane, CH, first, loads_per_row, nb);
+            fetched = false;
             __syncthreads();                          // the last chunk's readers are done
             for (int i = threadIdx.x; i < ROWS * len4; i += blockDim.x) {
                 const int r = i / len4, k4 = i % len4;
@@ -239,10 +249,7 @@ qgemv(const float* __restrict__ X, const uint4* __restrict__ qs,
             }
             __syncthreads();
 
-            int n0 = (blockIdx.x * warps + warp) * NR;     // this warp's first tile
-            QBatch<F, NR, U> next;
-            if (n0 < N) next.fetch(qs, d, mn, n0, N, lane, CH, first, loads_per_row, nb);
-            for (; n0 < N; n0 += tile_step) {
+            for (int n0 = n_first; n0 < N; n0 += tile_step) {
                 float acc[NR][ROWS];
 #pragma unroll
                 for (int j = 0; j < NR; ++j)
