@@ -169,6 +169,34 @@ __device__ __forceinline__ void qgemv_inv_rms(const float* __restrict__ X, int m
     }
 }
 
+// Sums each of V values (V a power of two, at most 32) over the 32 lanes of a warp, with
+// V - 1 + log2(32 / V) shuffles instead of V warp_sum's of 5 each. At each step a lane keeps
+// half of its values and sends the other half to its partner (lane ^ o), which keeps the other
+// half: after log2(V) steps every lane holds one value, summed over 32 / V lanes, and the plain
+// butterfly finishes it. Lane l ends with the total of value l >> (5 - log2(V)).
+template <int V>
+__device__ __forceinline__ float qgemv_warp_sums(float (&v)[V]) {
+    const int lane = threadIdx.x % 32;
+#pragma unroll
+    for (int s = 0; s < 5; ++s) {
+        const int o = 16 >> s, n = V >> (s + 1);      // n: values kept after this step
+        if (n >= 1) {
+            const bool upper = lane & o;
+#pragma unroll
+            for (int i = 0; i < V / 2; ++i) {         // (a constant trip count unrolls first)
+                if (i < n) {
+                    const float send = upper ? v[i] : v[i + n];
+                    const float keep = upper ? v[i + n] : v[i];
+                    v[i] = keep + __shfl_xor_sync(FULL_MASK, send, o);
+                }
+            }
+        } else {
+            v[0] += __shfl_xor_sync(FULL_MASK, v[0], o);
+        }
+    }
+    return v[0];
+}
+
 // A batch of loads: for U consecutive steps c0, c0 + 32, ... of one lane along the rows
 // n0 .. n0 + NR - 1 of W, the 16-byte loads and their scales. A warp keeps the next batch in
 // flight while it computes on the current one, also across the end of a tile.
@@ -242,19 +270,20 @@ qgemv(const float* __restrict__ X, const uint4* __restrict__ qs,
             __syncthreads();                          // the last chunk's readers are done
             for (int i = threadIdx.x; i < ROWS * len4; i += blockDim.x) {
                 const int r = i / len4, k4 = i % len4;
+                float inv = 1.0f;                     // inv_rms[r], without a run-time index
+#pragma unroll
+                for (int rr = 0; rr < ROWS; ++rr) inv = rr == r ? inv_rms[rr] : inv;
                 float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
                 if (m0 + r < M)
-                    v = gemv_x4<PRO>(X + (size_t)(m0 + r) * ldx, k0 / 4 + k4, K, norm_w, inv_rms[r]);
+                    v = gemv_x4<PRO>(X + (size_t)(m0 + r) * ldx, k0 / 4 + k4, K, norm_w, inv);
                 qgemv_xs[(r * PIECES + k4 % PIECES) * CH + k4 / PIECES] = v;
             }
             __syncthreads();
 
             for (int n0 = n_first; n0 < N; n0 += tile_step) {
-                float acc[NR][ROWS];
+                float acc[NR * ROWS];                 // acc[j * ROWS + r]: y[m0 + r, n0 + j]
 #pragma unroll
-                for (int j = 0; j < NR; ++j)
-#pragma unroll
-                    for (int r = 0; r < ROWS; ++r) acc[j][r] = 0.0f;
+                for (int i = 0; i < NR * ROWS; ++i) acc[i] = 0.0f;
 
                 for (int c0 = lane; c0 < CH; c0 += 32 * U) {
                     const QBatch<F, NR, U> cur = next;
@@ -283,26 +312,22 @@ qgemv(const float* __restrict__ X, const uint4* __restrict__ qs,
                                     if (SCALED) w[e] = F::MIN ? fmaf(w[e], dj, mj) : w[e] * dj;
 #pragma unroll
                                 for (int r = 0; r < ROWS; ++r) {
-                                    acc[j][r] = fmaf(w[0], xv[r].x, acc[j][r]);
-                                    acc[j][r] = fmaf(w[1], xv[r].y, acc[j][r]);
-                                    acc[j][r] = fmaf(w[2], xv[r].z, acc[j][r]);
-                                    acc[j][r] = fmaf(w[3], xv[r].w, acc[j][r]);
+                                    float& a = acc[j * ROWS + r];
+                                    a = fmaf(w[0], xv[r].x, a);
+                                    a = fmaf(w[1], xv[r].y, a);
+                                    a = fmaf(w[2], xv[r].z, a);
+                                    a = fmaf(w[3], xv[r].w, a);
                                 }
                             }
                         }
                     }
                 }
 
-                float mine = 0.0f;                    // lane j * ROWS + r keeps y[m0 + r, n0 + j]
-#pragma unroll
-                for (int j = 0; j < NR; ++j)
-#pragma unroll
-                    for (int r = 0; r < ROWS; ++r) {
-                        const float total = warp_sum(acc[j][r]);
-                        if (lane == j * ROWS + r) mine = total;
-                    }
-                const int j = lane / ROWS, r = lane % ROWS;
-                if (lane < NR * ROWS && n0 + j < N && m0 + r < M) {
+                // the NR * ROWS sums over the warp; lane (j ROWS + r) << SHIFT has y[m0 + r, n0 + j]
+                constexpr int SHIFT = NR * ROWS == 32 ? 0 : NR * ROWS == 16 ? 1 : NR * ROWS == 4 ? 3 : 4;
+                const float mine = qgemv_warp_sums<NR * ROWS>(acc);
+                const int j = (lane >> SHIFT) / ROWS, r = (lane >> SHIFT) % ROWS;
+                if (lane % (1 << SHIFT) == 0 && n0 + j < N && m0 + r < M) {
                     float* y = Y + (size_t)(m0 + r) * N + n0 + j;
                     *y = (k0 > 0 || accumulate) ? *y + mine : mine;
                 }

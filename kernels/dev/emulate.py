@@ -126,8 +126,9 @@ def qgemv_launch(x, w, smem, blocks):
                                         for r in range(ROWS):
                                             acc[j, r] += wl[4 * p:4 * p + 4] @ \
                                                 xs[(r * PIECES + p) * CH + c]
-                        for lane in range(NR * ROWS):
-                            j, r = lane // ROWS, lane % ROWS
+                        shift = 5 - (NR * ROWS).bit_length() + 1     # qgemv_warp_sums
+                        for lane in range(0, 32, 1 << shift):
+                            j, r = (lane >> shift) // ROWS, (lane >> shift) % ROWS
                             if n0 + j < N and m0 + r < M:
                                 Y[m0 + r, n0 + j] = (Y[m0 + r, n0 + j] if k0 else 0) + acc[j, r]
     return Y
