@@ -10,7 +10,7 @@
 // 1. Bytes per weight fall 2x (f16), 3.8x (q8_0) or 7.1x (q4_0), so the time to stream W falls
 //    with them, but the work per weight does not: each one still needs an FMA per row of x, plus
 //    now its unpacking. At 4.2 TB/s a q4_0 matrix arrives at ~29 weights per clock per SM, and an
-//    SM issues 128 lane-instructions per clock: about 4.5 instructions per weight, all included,
+//    SM issues 128 lane-instructions per clock: about 4.4 instructions per weight, all included,
 //    before the GPU is waiting on arithmetic instead of memory. So the unpacking is written with
 //    bit tricks (below), x comes from shared memory, and every x value loaded into a register is
 //    used by several weight rows (NR rows per warp).
@@ -53,7 +53,9 @@
 //         r: row of x,  c: 16-byte load along the row (CH per chunk),  p: its p-th float4
 //
 // The grid is small (a few blocks per SM), and each block walks over many tiles, so x is staged
-// once per block, not once per tile. Rows of x come ROWS at a time; with more than ROWS rows the
+// once per block, not once per tile. A warp keeps its next batch of weight loads in flight
+// while it computes on the current one, across the end of a tile too (QBatch), and its very
+// first loads are issued before x is staged. Rows of x come ROWS at a time; with more than ROWS rows the
 // block repeats the walk (the second pass finds its weight rows in L2 where they fit). When
 // ROWS rows of x do not fit the shared memory the caller grants (`kc` floats per row), K is
 // walked in chunks, and each chunk's sums are added into y: still every element is written by
@@ -61,7 +63,8 @@
 //
 // The formats are traits: WEIGHTS (weights per 16-byte load), the loads that share a scale, and
 // `piece`, which turns float4 number p of a 16-byte load into float32 weights before the scale.
-// Compiled as one module after reduce.cu and matmul.cu (warp_sum, gemv_x4, the GEMV_* prologues).
+// Compiled as one module after reduce.cu (block_sum, FULL_MASK) and matmul.cu (gemv_x4, the
+// GEMV_* prologues, the float16 helpers).
 
 
 // ---------------------------------------------------------------------------------------------
