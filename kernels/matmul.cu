@@ -16,8 +16,11 @@
 //   v2  tiled           32 x 32 tiles staged in shared memory: each element read once per tile
 //   v3  register-blocked  128 x 128 tiles, each thread owns an 8 x 8 block of C in registers
 //   v4  v3 + 16-byte loads, a bank-conflict-free thread layout, and double buffering
+//   v5  tensor cores (mma.sync): float16/bfloat16 operands, float32 accumulation, cp.async
+//       pipeline; weights may be packed (Q8_0/Q4_0/Q4_1), dequantized into shared memory
 //
-// Every version handles any M, N, K (edges are zero-padded on load and masked on store).
+// v1..v4 handle any M, N, K (edges are zero-padded on load and masked on store); v5 any M, N
+// and K % 8 == 0 (K % 32 == 0 for packed weights).
 // Compiled as one module after reduce.cu (see minillama/cuda.py).
 
 
@@ -304,6 +307,383 @@ sgemm_v4(const float* __restrict__ A, const float* __restrict__ W, float* __rest
             }
         }
     }
+}
+
+
+// ---------------------------------------------------------------------------------------------
+// v5: tensor cores. float16 / bfloat16 inputs, float32 accumulation, and weights that may be
+// packed (Q8_0, Q4_0, Q4_1), dequantized into the shared-memory tile on the way in.
+//
+// What changes from v4. v4's inner step is an outer product on the FMA units: per k, a thread
+// multiplies 8 values of A by 8 of W into its 64 accumulators. A tensor core does a whole small
+// matrix product as one warp-wide instruction:
+//
+//     mma.sync.m16n8k16:   D (16 x 8, f32) = A (16 x 16, f16) * B (16 x 8, f16) + C (16 x 8, f32)
+//
+// 4096 multiply-adds per instruction, issued by one warp: on an H100/H200 about 16 times the
+// float32 FMA rate. Everything else in the kernel exists to feed it: the operands are 16-bit (half
+// the bytes of v4's floats), and each thread holds its share of A, B and C in registers in a
+// fixed "fragment" layout. With g = lane / 4 and t = lane % 4 (8 groups of 4 lanes):
+//
+//     A (16 x 16, row-major):  a0 = A[g][2t, 2t+1]      a1 = A[g+8][2t, 2t+1]
+//                              a2 = A[g][2t+8, 2t+9]    a3 = A[g+8][2t+8, 2t+9]
+//     B (16 x 8, k x n):       b0 = B[2t, 2t+1][g]      b1 = B[2t+8, 2t+9][g]
+//     C, D (16 x 8):           c0, c1 = C[g][2t, 2t+1]  c2, c3 = C[g+8][2t, 2t+1]
+//
+// (each aN, bN is one 32-bit register holding two 16-bit values). Since B[k][n] = W[n][k], a row
+// of W in memory is a column of B, and "B column-major" (`.col`) is exactly W as stored: still
+// no transpose. The fragments come out of shared memory with `ldmatrix`, which loads four 8 x 8
+// tiles of 16-bit values in one instruction, each lane giving the address of one 16-byte row and
+// receiving the pieces of the fragment layout above:
+//
+//     A fragment:  lanes 0-15 point at rows 0-15, k 0-7; lanes 16-31 at rows 0-15, k 8-15
+//     B, two n-fragments at once: lanes 0-7 rows n 0-7 k 0-7, 8-15 rows 0-7 k 8-15,
+//                                 16-23 rows 8-15 k 0-7, 24-31 rows 8-15 k 8-15
+//
+// Tiles: a block of 8 warps computes BM x BN of C (128 x 128 or 128 x 256), a 2 x 4 grid of warp
+// tiles; a warp tile of 64 x 32 is 4 x 4 mma's per k-step of 16 (64 x 64: 4 x 8). BK = 32, so a
+// tile row is 64 bytes, and one k-tile of a packed row is exactly one GGUF block.
+//
+// Shared memory and the pipeline. Global -> shared copies use `cp.async` (16 bytes per thread,
+// straight from memory into shared memory, no registers), in STAGES buffers: while the tensor
+// cores work on tile t, the copies of tiles t+1 .. t+STAGES-1 are in flight. `cp.async.wait_group`
+// says when one has landed. A 64-byte row would put the 8 rows that one ldmatrix reads on the
+// same 4 banks (two rows per 128 bytes), so the 16-byte chunks of a row are swizzled: chunk kc of
+// row r is stored at position kc ^ ((r / 2) % 4), which spreads any 8 consecutive rows over all 32
+// banks (see v5_swizzle).
+//
+// Packed weights cannot be copied as they are: the tensor cores want 16-bit values. Each k-tile
+// of W is one block per row, so the loader reads the 16 (q4) or 32 (q8) bytes of codes and the
+// float16 scale of each row into registers (issued a whole tile ahead, so their latency hides
+// behind the math), unpacks them with the magic-number tricks of qgemv.cu, multiplies by the scale
+// in float16x2 (one rounding, as Marlin and llama.cpp do), and stores the float16 tile into the
+// same swizzled buffer. From there on the kernel is the float16 one.
+//
+// Activations are float32 in the model: f32_to_16bit converts them first (round to nearest).
+// The tensor cores multiply 16-bit inputs exactly and add in float32, so the result matches
+// float64 of the rounded inputs to ~1e-6; the rounding of the inputs themselves (~5e-4 relative
+// per value for float16, 4e-3 for bfloat16) is the price, which is why decoding keeps the float32
+// GEMV and the tensor cores are for prompts and batches.
+//
+// Template: BM x BN block tile, STAGES buffers, WF the weight format (V5_F16 ... V5_Q4_1; the
+// packed ones take float16 A). Needs K % 8 == 0 (16-byte rows; K % 32 == 0 for packed W) and
+// 16-byte aligned A and W; any M, N (out-of-range rows are zero-filled, stores masked).
+// Dynamic shared memory: STAGES * (BM + BN) * 64 bytes.
+
+// 16-bit numbers in PTX, so no header is needed (NVRTC compiles this without cuda_fp16.h).
+// A 32-bit register holds two of them, "half2": the low 16 bits are the first value.
+__device__ __forceinline__ float f16_lo(unsigned int h2) {
+    float f;
+    asm("{.reg .b16 l, h;\n\tmov.b32 {l, h}, %1;\n\tcvt.f32.f16 %0, l;}" : "=f"(f) : "r"(h2));
+    return f;
+}
+
+__device__ __forceinline__ float f16_hi(unsigned int h2) {
+    float f;
+    asm("{.reg .b16 l, h;\n\tmov.b32 {l, h}, %1;\n\tcvt.f32.f16 %0, h;}" : "=f"(f) : "r"(h2));
+    return f;
+}
+
+__device__ __forceinline__ float f16_to_f32(unsigned short h) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+    return f;
+}
+
+__device__ __forceinline__ unsigned int f16x2_sub(unsigned int a, unsigned int b) {
+    unsigned int d;
+    asm("sub.rn.f16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
+    return d;
+}
+
+__device__ __forceinline__ unsigned int f16x2_mul(unsigned int a, unsigned int b) {
+    unsigned int d;
+    asm("mul.rn.f16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
+    return d;
+}
+
+__device__ __forceinline__ unsigned int f16x2_fma(unsigned int a, unsigned int b, unsigned int c) {
+    unsigned int d;
+    asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+    return d;
+}
+
+// Bytes of d picked from the 8 bytes of (b, a): selector nibble i names the source of byte i
+// (0-3: a's bytes, 4-7: b's).
+__device__ __forceinline__ unsigned int byte_perm(unsigned int a, unsigned int b, unsigned int sel) {
+    unsigned int d;
+    asm("prmt.b32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(sel));
+    return d;
+}
+
+// The magic numbers of the nibble tricks (qgemv.cu explains them), as half2 pairs.
+#define HALF2_1024 0x64006400u         // (1024, 1024): OR 4 or 8 bits in, get 1024 + bits
+#define HALF2_1032 0x64086408u         // 1024 + 8: subtracting it leaves code - 8
+#define HALF2_1152 0x64806480u         // 1024 + 128: the bias of a sign-flipped int8
+#define HALF2_1_16 0x2C002C00u         // 1/16: a high nibble arrives times 16
+#define HALF2_M64 0xD400D400u          // -64 = -1024 / 16
+#define HALF2_M72 0xD480D480u          // -72 = -1024 / 16 - 8
+
+template <bool BF16>
+__device__ __forceinline__ unsigned short round_to_16bit(float x) {    // to nearest even
+    unsigned short h;
+    if (BF16) asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(x));
+    else asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(x));
+    return h;
+}
+
+// y[i] = x[i] rounded to float16 (or bfloat16), 4 per thread; VEC: x 16-byte aligned and
+// n % 4 == 0, so each thread reads one float4 and writes 8 bytes. Grid: cdiv(n, 4 * block).
+template <bool BF16, bool VEC>
+__global__ void f32_to_16bit(const float* __restrict__ x, unsigned short* __restrict__ y,
+                             long long n) {
+    const long long i = 4 * ((long long)blockIdx.x * blockDim.x + threadIdx.x);
+    if (VEC) {
+        if (i >= n) return;
+        const float4 v = __ldg(reinterpret_cast<const float4*>(x + i));
+        const unsigned int lo = round_to_16bit<BF16>(v.x) | ((unsigned int)round_to_16bit<BF16>(v.y) << 16);
+        const unsigned int hi = round_to_16bit<BF16>(v.z) | ((unsigned int)round_to_16bit<BF16>(v.w) << 16);
+        *reinterpret_cast<uint2*>(y + i) = make_uint2(lo, hi);
+    } else {
+        for (long long j = i; j < i + 4 && j < n; ++j) y[j] = round_to_16bit<BF16>(x[j]);
+    }
+}
+
+// Shared memory addresses, asynchronous copies, ldmatrix and mma, in PTX.
+__device__ __forceinline__ unsigned int smem_addr(const void* p) {
+    unsigned int a;
+    asm("{.reg .u64 t;\n\tcvta.to.shared.u64 t, %1;\n\tcvt.u32.u64 %0, t;}" : "=r"(a) : "l"(p));
+    return a;
+}
+
+// Copy 16 bytes global -> shared without passing through registers; bytes = 0 writes zeros.
+__device__ __forceinline__ void cp_async16(unsigned int dst, const void* src, int bytes) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(bytes)
+                 : "memory");
+}
+
+__device__ __forceinline__ void cp_async_commit() {
+    asm volatile("cp.async.commit_group;" ::: "memory");
+}
+
+template <int PENDING>      // wait until at most PENDING committed groups are still in flight
+__device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;" ::"n"(PENDING) : "memory");
+}
+
+__device__ __forceinline__ void ldmatrix_x4(unsigned int* r, unsigned int addr) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr) : "memory");
+}
+
+__device__ __forceinline__ void st_shared16(unsigned int addr, uint4 v) {
+    asm volatile("st.shared.v4.u32 [%0], {%1, %2, %3, %4};" ::"r"(addr), "r"(v.x), "r"(v.y),
+                 "r"(v.z), "r"(v.w) : "memory");
+}
+
+// c (16 x 8, f32) += a (16 x 16) * b (16 x 8), fragments as in the table above
+template <bool BF16>
+__device__ __forceinline__ void mma_16816(float* c, const unsigned int* a, const unsigned int* b) {
+    if (BF16)
+        asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, "
+            "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
+            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+    else
+        asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, "
+            "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
+            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+// Byte offset of 16-byte chunk kc (0..3) of row r in a tile of 64-byte rows, swizzled.
+__device__ __forceinline__ unsigned int v5_swizzle(int r, int kc) {
+    return r * 64 + ((kc ^ ((r >> 1) & 3)) << 4);
+}
+
+#define V5_F16 0
+#define V5_BF16 1
+#define V5_Q8_0 2
+#define V5_Q4_0 3
+#define V5_Q4_1 4
+
+// Half h (0: codes 0-15, 1: codes 16-31) of one packed block as float16 weights, in k order:
+// out[0] = weights 16h + 0..7, out[1] = 16h + 8..15. q holds the block's 16 bytes (q4) or bytes
+// 16h .. 16h + 15 (q8); d2, m2: the scale and min twice, as half2.
+template <int WF>
+__device__ __forceinline__ void v5_dequant(const uint4& q, int h, unsigned int d2, unsigned int m2,
+                                           uint4* out) {
+    unsigned int v[8];                      // 8 half2 = 16 weights, pairs (2i, 2i+1)
+#pragma unroll
+    for (int w = 0; w < 4; ++w) {
+        const unsigned int word = w == 0 ? q.x : w == 1 ? q.y : w == 2 ? q.z : q.w;
+        unsigned int p01, p23;              // weights (0, 1) and (2, 3) of this word's four
+        if (WF == V5_Q8_0) {                // bytes 4w..4w+3 = weights 16h + 4w ..
+            const unsigned int u = word ^ 0x80808080u;
+            p01 = f16x2_mul(f16x2_sub(byte_perm(u, 0x64646464u, 0x4140), HALF2_1152), d2);
+            p23 = f16x2_mul(f16x2_sub(byte_perm(u, 0x64646464u, 0x4342), HALF2_1152), d2);
+        } else {                            // q4: nibbles of bytes 4w..4w+3, low (h = 0) or high
+            const unsigned int u = byte_perm(word, 0, 0x3120);     // bytes (b0, b2, b1, b3)
+            const bool min = WF == V5_Q4_1;
+            if (h == 0) {
+                p01 = f16x2_sub((u & 0x000F000Fu) | HALF2_1024, min ? HALF2_1024 : HALF2_1032);
+                p23 = f16x2_sub(((u >> 8) & 0x000F000Fu) | HALF2_1024, min ? HALF2_1024 : HALF2_1032);
+            } else {
+                p01 = f16x2_fma((u & 0x00F000F0u) | HALF2_1024, HALF2_1_16, min ? HALF2_M64 : HALF2_M72);
+                p23 = f16x2_fma(((u >> 8) & 0x00F000F0u) | HALF2_1024, HALF2_1_16,
+                                min ? HALF2_M64 : HALF2_M72);
+            }
+            p01 = min ? f16x2_fma(p01, d2, m2) : f16x2_mul(p01, d2);
+            p23 = min ? f16x2_fma(p23, d2, m2) : f16x2_mul(p23, d2);
+        }
+        v[2 * w] = p01;
+        v[2 * w + 1] = p23;
+    }
+    out[0] = make_uint4(v[0], v[1], v[2], v[3]);
+    out[1] = make_uint4(v[4], v[5], v[6], v[7]);
+}
+
+template <int BM, int BN, int STAGES, int WF>
+__global__ void __launch_bounds__(256, BN <= 128 ? 2 : 1)
+gemm_v5(const unsigned short* __restrict__ A, const void* __restrict__ Wq,
+        const unsigned short* __restrict__ Wd, const unsigned short* __restrict__ Wm,
+        float* __restrict__ C, int M, int N, int K) {
+    constexpr int BK = 32;                              // k per tile: 64-byte rows, one q block
+    constexpr int WM = BM / 2, WN = BN / 4;             // 2 x 4 warps
+    constexpr int MI = WM / 16, NI = WN / 8;            // mma tiles per warp per k-step
+    constexpr int A_BYTES = BM * BK * 2, STAGE_BYTES = (BM + BN) * BK * 2;
+    constexpr bool BF16 = WF == V5_BF16, PACKED = WF >= V5_Q8_0;
+    constexpr int P_ITEMS = PACKED ? 2 * BN / 256 : 1;  // half-blocks of W per thread per tile
+    static_assert(NI % 2 == 0 && BM % 64 == 0 && BN % 128 == 0, "tile shape");
+    extern __shared__ __align__(128) unsigned char gemm_v5_smem[];
+    const unsigned int smem = smem_addr(gemm_v5_smem);
+    const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+    const int wm = warp / 4, wn = warp % 4;
+    const int m0 = blockIdx.y * BM, n0 = blockIdx.x * BN;
+    const int T = (K + BK - 1) / BK, nb = K / 32;       // k-tiles; blocks per row (packed)
+
+    // A tile t -> stage s, by cp.async: BM rows x 4 chunks of 16 bytes
+    auto load_a = [&](int s, int t) {
+#pragma unroll
+        for (int i = 0; i < BM * 4 / 256; ++i) {
+            const int c = tid + i * 256, r = c >> 2, kc = c & 3;
+            const int m = m0 + r, k = t * BK + kc * 8;
+            const bool ok = m < M && k < K;
+            cp_async16(smem + s * STAGE_BYTES + v5_swizzle(r, kc),
+                       ok ? A + (size_t)m * K + k : A, ok ? 16 : 0);
+        }
+    };
+    // W tile t of a float16/bfloat16 W -> stage s, the same way
+    auto load_w = [&](int s, int t) {
+        const unsigned short* W = static_cast<const unsigned short*>(Wq);
+#pragma unroll
+        for (int i = 0; i < BN * 4 / 256; ++i) {
+            const int c = tid + i * 256, r = c >> 2, kc = c & 3;
+            const int n = n0 + r, k = t * BK + kc * 8;
+            const bool ok = n < N && k < K;
+            cp_async16(smem + s * STAGE_BYTES + A_BYTES + v5_swizzle(r, kc),
+                       ok ? W + (size_t)n * K + k : W, ok ? 16 : 0);
+        }
+    };
+    // Packed W: block t of each row into registers (item = (row, half)), then unpacked to smem
+    uint4 pq[P_ITEMS];
+    unsigned short pd[P_ITEMS], pm[P_ITEMS];
+    auto fetch_w = [&](int t) {
+#pragma unroll
+        for (int i = 0; i < P_ITEMS; ++i) {
+            const int it = tid + i * 256, n = n0 + (it >> 1), h = it & 1;
+            pq[i] = make_uint4(0, 0, 0, 0);
+            pd[i] = pm[i] = 0;
+            if (n < N) {
+                const size_t blk = (size_t)n * nb + t;
+                const uint4* q = static_cast<const uint4*>(Wq);
+                pq[i] = __ldg(WF == V5_Q8_0 ? q + 2 * blk + h : q + blk);
+                pd[i] = __ldg(Wd + blk);
+                if (WF == V5_Q4_1) pm[i] = __ldg(Wm + blk);
+            }
+        }
+    };
+    auto store_w = [&](int s) {
+#pragma unroll
+        for (int i = 0; i < P_ITEMS; ++i) {
+            const int it = tid + i * 256, r = it >> 1, h = it & 1;
+            uint4 out[2];
+            v5_dequant<WF>(pq[i], h, pd[i] * 0x10001u, pm[i] * 0x10001u, out);
+            const unsigned int base = smem + s * STAGE_BYTES + A_BYTES;
+            st_shared16(base + v5_swizzle(r, 2 * h), out[0]);
+            st_shared16(base + v5_swizzle(r, 2 * h + 1), out[1]);
+        }
+    };
+
+    float acc[MI][NI][4];
+#pragma unroll
+    for (int i = 0; i < MI; ++i)
+#pragma unroll
+        for (int j = 0; j < NI; ++j)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.0f;
+
+    // Prologue: tiles 0 .. STAGES-2 in flight (one commit group each, possibly empty).
+#pragma unroll
+    for (int s = 0; s < STAGES - 1; ++s) {
+        if (s < T) {
+            load_a(s, s);
+            if (PACKED) { fetch_w(s); store_w(s); } else load_w(s, s);
+        }
+        cp_async_commit();
+    }
+
+    for (int t = 0; t < T; ++t) {
+        cp_async_wait<STAGES - 2>();          // tile t has landed (this thread's copies)
+        __syncthreads();                      // ... everyone's; and everyone is done with t - 1
+        const int next = t + STAGES - 1, s_next = next % STAGES;   // the buffer of t - 1
+        if (next < T) {
+            load_a(s_next, next);
+            if (PACKED) fetch_w(next); else load_w(s_next, next);
+        }
+        cp_async_commit();
+
+        const unsigned int sa = smem + (t % STAGES) * STAGE_BYTES, sw = sa + A_BYTES;
+#pragma unroll
+        for (int kk = 0; kk < BK / 16; ++kk) {
+            unsigned int a[MI][4], b[NI][2];
+#pragma unroll
+            for (int i = 0; i < MI; ++i)
+                ldmatrix_x4(a[i], sa + v5_swizzle(wm * WM + i * 16 + (lane & 15), 2 * kk + (lane >> 4)));
+#pragma unroll
+            for (int j = 0; j < NI; j += 2) {
+                unsigned int r[4];
+                ldmatrix_x4(r, sw + v5_swizzle(wn * WN + j * 8 + (lane & 7) + ((lane >> 4) << 3),
+                                               2 * kk + ((lane >> 3) & 1)));
+                b[j][0] = r[0]; b[j][1] = r[1]; b[j + 1][0] = r[2]; b[j + 1][1] = r[3];
+            }
+#pragma unroll
+            for (int i = 0; i < MI; ++i)
+#pragma unroll
+                for (int j = 0; j < NI; ++j) mma_16816<BF16>(acc[i][j], a[i], b[j]);
+        }
+        if (PACKED && next < T) store_w(s_next);   // nobody reads that buffer before tile `next`
+    }
+
+    // C fragments -> C: rows g and g + 8, columns 2t and 2t + 1 of each 16 x 8 tile
+#pragma unroll
+    for (int i = 0; i < MI; ++i)
+#pragma unroll
+        for (int j = 0; j < NI; ++j)
+#pragma unroll
+            for (int half = 0; half < 2; ++half) {
+                const int m = m0 + wm * WM + i * 16 + (lane >> 2) + 8 * half;
+                const int n = n0 + wn * WN + j * 8 + 2 * (lane & 3);
+                const float v0 = acc[i][j][2 * half], v1 = acc[i][j][2 * half + 1];
+                if (m >= M) continue;
+                float* c = C + (size_t)m * N + n;
+                if (N % 2 == 0) {
+                    if (n < N) *reinterpret_cast<float2*>(c) = make_float2(v0, v1);
+                } else {
+                    if (n < N) c[0] = v0;
+                    if (n + 1 < N) c[1] = v1;
+                }
+            }
 }
 
 

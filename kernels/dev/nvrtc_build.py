@@ -1,0 +1,95 @@
+"""Compile kernels/*.cu as one module with NVRTC through ctypes, with no GPU and no CuPy.
+
+    python kernels/dev/nvrtc_build.py [--out DIR] [--std c++17] [--ptxas-v]
+
+The same source and template instances as check_formats.py (which imports `module_source` and
+`template_names` from there), compiled for sm_90 by the NVRTC library named by $NVRTC_LIB or
+found next to a pip-installed nvidia-cuda-nvrtc. Compiler errors print with file and line. With
+--out, writes module.cubin and names.json (template name -> mangled name), which
+check_formats.py --cubin loads instead of compiling again on the GPU machine. --ptxas-v prints
+registers, shared memory and spills per kernel.
+"""
+import argparse
+import ctypes
+import glob
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from check_formats import module_source, template_names      # noqa: E402
+
+
+def find_nvrtc():
+    if os.environ.get("NVRTC_LIB"):
+        return os.environ["NVRTC_LIB"]
+    for root in sys.path + ["/tmp/cu13"]:
+        hits = sorted(glob.glob(os.path.join(root, "nvidia", "cu1*", "lib", "libnvrtc.so.*")))
+        hits += sorted(glob.glob(os.path.join(root, "nvidia", "cuda_nvrtc", "lib", "libnvrtc.so.*")))
+        hits = [h for h in hits if "builtins" not in h and ".alt." not in h]
+        if hits:
+            return hits[-1]
+    sys.exit("no libnvrtc found: pip install nvidia-cuda-nvrtc, or set NVRTC_LIB")
+
+
+def compile_module(source, names, options):
+    lib = ctypes.CDLL(find_nvrtc())
+    prog = ctypes.c_void_p()
+
+    def check(status, what):
+        if status != 0:
+            lib.nvrtcGetErrorString.restype = ctypes.c_char_p
+            raise RuntimeError(f"{what}: {lib.nvrtcGetErrorString(status).decode()}")
+
+    check(lib.nvrtcCreateProgram(ctypes.byref(prog), source.encode(), b"kernels.cu", 0, None,
+                                 None), "nvrtcCreateProgram")
+    for name in names:
+        check(lib.nvrtcAddNameExpression(prog, name.encode()), f"name {name}")
+    opts = (ctypes.c_char_p * len(options))(*[o.encode() for o in options])
+    status = lib.nvrtcCompileProgram(prog, len(options), opts)
+    size = ctypes.c_size_t()
+    lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
+    log = ctypes.create_string_buffer(size.value)
+    lib.nvrtcGetProgramLog(prog, log)
+    if status != 0:
+        print(log.value.decode(errors="replace"))
+        raise SystemExit("compilation failed")
+    lib.nvrtcGetCUBINSize(prog, ctypes.byref(size))
+    cubin = ctypes.create_string_buffer(size.value)
+    check(lib.nvrtcGetCUBIN(prog, cubin), "nvrtcGetCUBIN")
+    lowered = {}
+    for name in names:
+        out = ctypes.c_char_p()
+        check(lib.nvrtcGetLoweredName(prog, name.encode(), ctypes.byref(out)), f"lowered {name}")
+        lowered[name] = out.value.decode()
+    return cubin.raw, lowered, log.value.decode(errors="replace")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path)
+    ap.add_argument("--arch", default="sm_90")
+    ap.add_argument("--std", default="c++17")
+    ap.add_argument("--ptxas-v", action="store_true")
+    ap.add_argument("--only", help="compile only the template instances containing this text")
+    args = ap.parse_args()
+    options = [f"-arch={args.arch}", f"-std={args.std}"]
+    if args.ptxas_v:
+        options.append("-Xptxas=-v")
+    names = [n for n in template_names() if not args.only or args.only in n]
+    t = time.perf_counter()
+    cubin, lowered, log = compile_module(module_source(), names, options)
+    print(f"compiled {len(names)} template instances in {time.perf_counter() - t:.1f} s, "
+          f"{len(cubin)} bytes of cubin")
+    if log.strip():
+        print(log)
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "module.cubin").write_bytes(cubin)
+        (args.out / "names.json").write_text(json.dumps(lowered, indent=1))
+
+
+if __name__ == "__main__":
+    main()

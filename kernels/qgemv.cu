@@ -1,0 +1,340 @@
+// GEMV on weights kept as stored: float16, bfloat16, and the GGUF block formats Q8_0, Q4_0, Q4_1.
+//
+//     y[m, n] = sum_k x[m, k] W[n, k]        x: (M, K) float32,  W: (N, K) packed,  y: (M, N) float32
+//
+// The next lesson after gemv (matmul.cu). There, a weight is a float: 4 bytes, one FMA. Here a
+// weight is 16 bits, or 8.5, or 4.5 (a 4-bit code plus its block's share of a float16 scale),
+// and it has to become the float the reference computes before it can meet x. Three things
+// change:
+//
+// 1. Bytes per weight fall 2x (f16), 3.8x (q8_0) or 7.1x (q4_0), so the time to stream W falls
+//    with them, but the work per weight does not: each one still needs an FMA per row of x, plus
+//    now its unpacking. At 4.2 TB/s a q4_0 matrix arrives at ~29 weights per clock per SM, and an
+//    SM issues 128 lane-instructions per clock: about 4.4 instructions per weight, all included,
+//    before the GPU is waiting on arithmetic instead of memory. So the unpacking is written with
+//    bit tricks (below), x comes from shared memory, and every x value loaded into a register is
+//    used by several weight rows (NR rows per warp).
+//
+// 2. The scale is a second load. Blocks of 32 weights share one float16 scale d (and a min m for
+//    q4_1), kept in planes of their own beside the packed codes (the layout of
+//    docs/kernels.md): the codes are 16-byte aligned, so a lane reads a whole q4 block (32
+//    weights) with one 16-byte load; in GGUF's interleaved 18-byte blocks no load of 16 bytes
+//    would ever be aligned. The 2-byte scale load is issued with the codes, before either is
+//    used, so the two latencies overlap; the 32 lanes of a warp read 32 consecutive scales,
+//    one 64-byte piece, so it costs an instruction, not a memory transaction per lane.
+//
+// 3. Nibbles unpack with a magic number. Byte j of a q4 block holds code j in its low 4 bits and
+//    code j + 16 in its high 4 bits. OR-ing 4 bits into the mantissa of the float16 1024.0
+//    (0x6400) makes the float16 1024 + code, exactly, with no conversion instruction:
+//
+//        word  = bytes b0 b1 b2 b3 of the block           (codes 0..3 low, 16..19 high)
+//        (word & 0x000F000F) | 0x64006400  = half2(1024 + code0, 1024 + code2)
+//        ((word >> 8) & 0x000F000F) | 0x64006400 = half2(1024 + code1, 1024 + code3)
+//        (word & 0x00F000F0) | 0x64006400  = half2(1024 + 16 code16, 1024 + 16 code18)
+//
+//    one subtraction (or one FMA by 1/16 for the high nibbles) in float16x2 leaves code - 8 for
+//    two weights at once, exact (small integers are exact in float16). q8_0 does the same with
+//    whole bytes: flipping the sign bit (b ^ 0x80 = b + 128) and placing the byte under 0x64 with
+//    a byte permute gives 1024 + 128 + b. Then each code widens to float32 and is multiplied by
+//    its scale in float32: code * d is exact there (at most 8 + 11 significant bits), and for
+//    q4_1 fmaf(code, d, m) rounds once, as NumPy's code * d + m does. So the kernel multiplies
+//    x by exactly the weights the NumPy reference dequantizes, and accumulates in float32.
+//
+// Layout of the work. A block of 256 threads (8 warps) first writes the rows of x it needs into
+// shared memory, after the prologue (RMSNorm or SwiGLU, as gemv: GEMV_PLAIN, GEMV_RMSNORM,
+// GEMV_SWIGLU), so the prologue runs once per block instead of once per weight row. Then each
+// warp takes NR consecutive weight rows at a time (a "tile"); lane l reads 16-byte pieces
+// l, l + 32, l + 64, ... of each of the NR rows (coalesced: a warp reads 512 contiguous bytes
+// of a row per load), unpacks them, and multiplies them with the matching x, which it reads from
+// shared memory stored piece-major so that the 32 lanes read 32 consecutive float4s (no bank
+// conflicts):
+//
+//     xs[(r * PIECES + p) * CH + c] = x[r, c * WEIGHTS + 4 p .. + 3]
+//         r: row of x,  c: 16-byte load along the row (CH per chunk),  p: its p-th float4
+//
+// The grid is small (a few blocks per SM), and each block walks over many tiles, so x is staged
+// once per block, not once per tile. A warp keeps its next batch of weight loads in flight
+// while it computes on the current one, across the end of a tile too (QBatch), and its very
+// first loads are issued before x is staged. Rows of x come ROWS at a time; with more than ROWS rows the
+// block repeats the walk (the second pass finds its weight rows in L2 where they fit). When
+// ROWS rows of x do not fit the shared memory the caller grants (`kc` floats per row), K is
+// walked in chunks, and each chunk's sums are added into y: still every element is written by
+// one lane, in a fixed order.
+//
+// The formats are traits: WEIGHTS (weights per 16-byte load), the loads that share a scale, and
+// `piece`, which turns float4 number p of a 16-byte load into float32 weights before the scale.
+// Compiled as one module after reduce.cu (block_sum, FULL_MASK) and matmul.cu (gemv_x4, the
+// GEMV_* prologues, the float16 helpers).
+
+
+// ---------------------------------------------------------------------------------------------
+// Helpers. The float16 arithmetic (f16_lo, f16x2_sub, byte_perm, the HALF2_* magic numbers) is
+// shared with gemm_v5 and lives in matmul.cu.
+
+// Word i (0..3) of a 16-byte load; i is a compile-time constant after unrolling.
+__device__ __forceinline__ unsigned int q_word(const uint4& q, int i) {
+    return i == 0 ? q.x : i == 1 ? q.y : i == 2 ? q.z : q.w;
+}
+
+// A 16-byte load that bypasses L1: each weight is read once, so it should not evict x.
+__device__ __forceinline__ uint4 q_load16(const uint4* p) {
+    uint4 v;
+    asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+        : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+    return v;
+}
+
+
+// ---------------------------------------------------------------------------------------------
+// The formats. `piece(q, p, v)`: float4 number p of 16-byte load q, as float32 weights before
+// the scale. Word i of a load is bytes 4i .. 4i + 3 (little-endian).
+
+// float16: 8 weights per load, no scale.
+struct FmtF16 {
+    static constexpr int WEIGHTS = 8, LOADS_PER_BLOCK = 0;
+    static constexpr bool MIN = false;
+    static __device__ __forceinline__ void piece(const uint4& q, int p, float* v) {
+        const unsigned int a = q_word(q, 2 * p), b = q_word(q, 2 * p + 1);
+        v[0] = f16_lo(a); v[1] = f16_hi(a); v[2] = f16_lo(b); v[3] = f16_hi(b);
+    }
+};
+
+// bfloat16: the top half of a float32, so widening is a shift (or a mask, for the high half).
+struct FmtBF16 {
+    static constexpr int WEIGHTS = 8, LOADS_PER_BLOCK = 0;
+    static constexpr bool MIN = false;
+    static __device__ __forceinline__ void piece(const uint4& q, int p, float* v) {
+        const unsigned int a = q_word(q, 2 * p), b = q_word(q, 2 * p + 1);
+        v[0] = __uint_as_float(a << 16); v[1] = __uint_as_float(a & 0xFFFF0000u);
+        v[2] = __uint_as_float(b << 16); v[3] = __uint_as_float(b & 0xFFFF0000u);
+    }
+};
+
+// Q8_0: 32 int8 codes per block, so a load is half a block (16 weights); w = code * d.
+struct FmtQ8_0 {
+    static constexpr int WEIGHTS = 16, LOADS_PER_BLOCK = 2;
+    static constexpr bool MIN = false;
+    static __device__ __forceinline__ void piece(const uint4& q, int p, float* v) {
+        const unsigned int u = q_word(q, p) ^ 0x80808080u;          // b + 128, as unsigned bytes
+        // bytes (u0, 0x64, u1, 0x64) = half2(1024 + u0, 1024 + u1); minus 1152 = (b0, b1)
+        const unsigned int h01 = f16x2_sub(byte_perm(u, 0x64646464u, 0x4140), HALF2_1152);
+        const unsigned int h23 = f16x2_sub(byte_perm(u, 0x64646464u, 0x4342), HALF2_1152);
+        v[0] = f16_lo(h01); v[1] = f16_hi(h01); v[2] = f16_lo(h23); v[3] = f16_hi(h23);
+    }
+};
+
+// Q4_0 and Q4_1: one load is one block of 32 nibbles. Pieces 0..3 are the low nibbles of words
+// 0..3 (codes 4p .. 4p + 3), pieces 4..7 the high nibbles (codes 16 + 4(p - 4) ..).
+// Q4_0 subtracts 8 here (w = (code - 8) d); Q4_1 keeps the code (w = code d + m).
+template <bool MIN_>
+struct FmtQ4 {
+    static constexpr int WEIGHTS = 32, LOADS_PER_BLOCK = 1;
+    static constexpr bool MIN = MIN_;
+    static __device__ __forceinline__ void piece(const uint4& q, int p, float* v) {
+        const unsigned int w = q_word(q, p & 3);
+        unsigned int a, b;                    // half2(code 0, code 2), half2(code 1, code 3)
+        if (p < 4) {
+            a = f16x2_sub((w & 0x000F000Fu) | HALF2_1024, MIN ? HALF2_1024 : HALF2_1032);
+            b = f16x2_sub(((w >> 8) & 0x000F000Fu) | HALF2_1024, MIN ? HALF2_1024 : HALF2_1032);
+        } else {                              // (1024 + 16 code) / 16 - 64 (- 8)
+            a = f16x2_fma((w & 0x00F000F0u) | HALF2_1024, HALF2_1_16,
+                        MIN ? HALF2_M64 : HALF2_M72);
+            b = f16x2_fma(((w >> 8) & 0x00F000F0u) | HALF2_1024, HALF2_1_16,
+                        MIN ? HALF2_M64 : HALF2_M72);
+        }
+        v[0] = f16_lo(a); v[1] = f16_lo(b); v[2] = f16_hi(a); v[3] = f16_hi(b);
+    }
+};
+typedef FmtQ4<false> FmtQ4_0;
+typedef FmtQ4<true> FmtQ4_1;
+
+
+// ---------------------------------------------------------------------------------------------
+// The kernel. Arguments: the planes of W as raw bits (qs: codes, or the float16/bfloat16
+// weights; d: scales; mn: mins, or any pointer when unused), `kc`: floats of each row of x that
+// fit the shared memory at once (K, or a multiple of 32 * WEIGHTS). Dynamic shared memory:
+// ROWS * kc floats. Grid: (blocks), any number; block: 256 threads.
+
+template <int ROWS>
+__device__ __forceinline__ void qgemv_inv_rms(const float* __restrict__ X, int m0, int M, int ldx,
+                                              int K, float eps, float* inv_rms) {
+    // 1 / sqrt(mean(x^2) + eps) of rows m0 .. m0 + ROWS - 1, in every thread (as gemv).
+    __shared__ float scratch[32];
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r) {
+        float ss = 0.0f;
+        if (m0 + r < M)
+            for (int k = threadIdx.x; k < K; k += blockDim.x) {
+                const float v = X[(size_t)(m0 + r) * ldx + k];
+                ss += v * v;
+            }
+        inv_rms[r] = 1.0f / sqrtf(block_sum(ss, scratch) / K + eps);
+    }
+}
+
+// Sums each of V values (V a power of two, at most 32) over the 32 lanes of a warp, with
+// V - 1 + log2(32 / V) shuffles instead of V warp_sum's of 5 each. At each step a lane keeps
+// half of its values and sends the other half to its partner (lane ^ o), which keeps the other
+// half: after log2(V) steps every lane holds one value, summed over 32 / V lanes, and the plain
+// butterfly finishes it. Lane l ends with the total of value l >> (5 - log2(V)).
+template <int V>
+__device__ __forceinline__ float qgemv_warp_sums(float (&v)[V]) {
+    const int lane = threadIdx.x % 32;
+#pragma unroll
+    for (int s = 0; s < 5; ++s) {
+        const int o = 16 >> s, n = V >> (s + 1);      // n: values kept after this step
+        if (n >= 1) {
+            const bool upper = lane & o;
+#pragma unroll
+            for (int i = 0; i < V / 2; ++i) {         // (a constant trip count unrolls first)
+                if (i < n) {
+                    const float send = upper ? v[i] : v[i + n];
+                    const float keep = upper ? v[i + n] : v[i];
+                    v[i] = keep + __shfl_xor_sync(FULL_MASK, send, o);
+                }
+            }
+        } else {
+            v[0] += __shfl_xor_sync(FULL_MASK, v[0], o);
+        }
+    }
+    return v[0];
+}
+
+// A batch of loads: for U consecutive steps c0, c0 + 32, ... of one lane along the rows
+// n0 .. n0 + NR - 1 of W, the 16-byte loads and their scales. A warp keeps the next batch in
+// flight while it computes on the current one, also across the end of a tile.
+template <class F, int NR, int U>
+struct QBatch {
+    uint4 q[U][NR];
+    unsigned int dm[U][NR];        // the float16 scale (low half) and min (high half), raw
+
+    __device__ __forceinline__ void fetch(const uint4* __restrict__ qs,
+                                          const unsigned short* __restrict__ ds,
+                                          const unsigned short* __restrict__ ms, int n0, int N,
+                                          int c0, int CH, int first, int loads_per_row, int nb) {
+        constexpr int LPB = F::LOADS_PER_BLOCK > 0 ? F::LOADS_PER_BLOCK : 1;
+#pragma unroll
+        for (int u = 0; u < U; ++u)
+#pragma unroll
+            for (int j = 0; j < NR; ++j) {
+                const int n = min(n0 + j, N - 1);           // rows past N: read, never written
+                const int c = c0 + 32 * u;                  // past the chunk: not read
+                dm[u][j] = 0;
+                if (c < CH) {
+                    q[u][j] = q_load16(qs + (size_t)n * loads_per_row + first + c);
+                    if (F::LOADS_PER_BLOCK > 0) {
+                        const size_t blk = (size_t)n * nb + (first + c) / LPB;
+                        dm[u][j] = __ldg(ds + blk);
+                        if (F::MIN) dm[u][j] |= (unsigned int)__ldg(ms + blk) << 16;
+                    }
+                }
+            }
+    }
+};
+
+template <class F, int ROWS, int PRO>
+__global__ void __launch_bounds__(256, ROWS >= 8 ? 1 : 2)
+qgemv(const float* __restrict__ X, const uint4* __restrict__ qs,
+      const unsigned short* __restrict__ d, const unsigned short* __restrict__ mn,
+      float* __restrict__ Y, int M, int N, int K, int accumulate,
+      const float* __restrict__ norm_w, float eps, int kc) {
+    constexpr int NR = ROWS >= 4 ? 4 : 2;         // weight rows per warp: each x float4 used NR times
+    // Steps per batch: with 1 row of x the time goes to memory, so a batch is 4 steps (8 loads
+    // of 16 bytes per lane); with more rows the FMAs take over and registers are short.
+    constexpr int U = ROWS == 1 ? 4 : ROWS == 2 ? 2 : 1;
+    constexpr int PIECES = F::WEIGHTS / 4;        // float4s of x per 16-byte load
+    constexpr bool SCALED = F::LOADS_PER_BLOCK > 0;
+    extern __shared__ float4 qgemv_xs[];          // (ROWS, PIECES, CH) float4s, CH = kc / WEIGHTS
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
+    const int ldx = PRO == GEMV_SWIGLU ? 2 * K : K;   // row length of X
+    const int loads_per_row = K / F::WEIGHTS;         // 16-byte loads per row of W
+    const int nb = K / 32;                            // scale blocks per row of W
+    const int tile_step = gridDim.x * warps * NR;     // from one tile of this warp to the next
+    const int n_first = (blockIdx.x * warps + warp) * NR;     // this warp's first tile
+
+    // The first loads do not depend on x: issue them before the block reduces and stages x,
+    // so that their latency hides behind that work.
+    QBatch<F, NR, U> next;
+    bool fetched = n_first < N;
+    if (fetched) next.fetch(qs, d, mn, n_first, N, lane, min(kc, K) / F::WEIGHTS, 0, loads_per_row, nb);
+
+    for (int m0 = 0; m0 < M; m0 += ROWS) {            // ROWS rows of x at a time
+        float inv_rms[ROWS];
+#pragma unroll
+        for (int r = 0; r < ROWS; ++r) inv_rms[r] = 1.0f;
+        if (PRO == GEMV_RMSNORM) qgemv_inv_rms<ROWS>(X, m0, M, ldx, K, eps, inv_rms);
+
+        for (int k0 = 0; k0 < K; k0 += kc) {          // chunks of k that fit shared memory
+            const int len = min(kc, K - k0), CH = len / F::WEIGHTS, len4 = len / 4;
+            const int first = k0 / F::WEIGHTS;        // the chunk's first 16-byte load in a row
+            if (!fetched && n_first < N)
+                next.fetch(qs, d, mn, n_first, N, lane, CH, first, loads_per_row, nb);
+            fetched = false;
+            __syncthreads();                          // the last chunk's readers are done
+            for (int i = threadIdx.x; i < ROWS * len4; i += blockDim.x) {
+                const int r = i / len4, k4 = i % len4;
+                float inv = 1.0f;                     // inv_rms[r], without a run-time index
+#pragma unroll
+                for (int rr = 0; rr < ROWS; ++rr) inv = rr == r ? inv_rms[rr] : inv;
+                float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+                if (m0 + r < M)
+                    v = gemv_x4<PRO>(X + (size_t)(m0 + r) * ldx, k0 / 4 + k4, K, norm_w, inv);
+                qgemv_xs[(r * PIECES + k4 % PIECES) * CH + k4 / PIECES] = v;
+            }
+            __syncthreads();
+
+            for (int n0 = n_first; n0 < N; n0 += tile_step) {
+                float acc[NR * ROWS];                 // acc[j * ROWS + r]: y[m0 + r, n0 + j]
+#pragma unroll
+                for (int i = 0; i < NR * ROWS; ++i) acc[i] = 0.0f;
+
+                for (int c0 = lane; c0 < CH; c0 += 32 * U) {
+                    const QBatch<F, NR, U> cur = next;
+                    // the loads after these: further along this tile, or the next tile's first
+                    const bool same = c0 + 32 * U < CH;
+                    const int n_next = same ? n0 : n0 + tile_step;
+                    if (n_next < N)
+                        next.fetch(qs, d, mn, n_next, N, same ? c0 + 32 * U : lane, CH, first,
+                                   loads_per_row, nb);
+#pragma unroll
+                    for (int u = 0; u < U; ++u) {
+                        const int c = c0 + 32 * u;
+                        if (c >= CH) break;
+#pragma unroll
+                        for (int p = 0; p < PIECES; ++p) {
+                            float4 xv[ROWS];
+#pragma unroll
+                            for (int r = 0; r < ROWS; ++r) xv[r] = qgemv_xs[(r * PIECES + p) * CH + c];
+#pragma unroll
+                            for (int j = 0; j < NR; ++j) {
+                                float w[4];
+                                F::piece(cur.q[u][j], p, w);
+                                const float dj = f16_lo(cur.dm[u][j]), mj = f16_hi(cur.dm[u][j]);
+#pragma unroll
+                                for (int e = 0; e < 4; ++e)     // the weight the reference computes
+                                    if (SCALED) w[e] = F::MIN ? fmaf(w[e], dj, mj) : w[e] * dj;
+#pragma unroll
+                                for (int r = 0; r < ROWS; ++r) {
+                                    float& a = acc[j * ROWS + r];
+                                    a = fmaf(w[0], xv[r].x, a);
+                                    a = fmaf(w[1], xv[r].y, a);
+                                    a = fmaf(w[2], xv[r].z, a);
+                                    a = fmaf(w[3], xv[r].w, a);
+                                }
+                            }
+                        }
+                    }
+                }
+
+                // the NR * ROWS sums over the warp; lane (j ROWS + r) << SHIFT has y[m0 + r, n0 + j]
+                constexpr int SHIFT = NR * ROWS == 32 ? 0 : NR * ROWS == 16 ? 1 : NR * ROWS == 4 ? 3 : 4;
+                const float mine = qgemv_warp_sums<NR * ROWS>(acc);
+                const int j = (lane >> SHIFT) / ROWS, r = (lane >> SHIFT) % ROWS;
+                if (lane % (1 << SHIFT) == 0 && n0 + j < N && m0 + r < M) {
+                    float* y = Y + (size_t)(m0 + r) * N + n0 + j;
+                    *y = (k0 > 0 || accumulate) ? *y + mine : mine;
+                }
+            }
+        }
+    }
+}
