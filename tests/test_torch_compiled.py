@@ -80,7 +80,8 @@ def test_decode_step_traces_as_one_graph():
     runs = []
     for step in (tc.decode_step, compiled):
         ours.setup_cache(2, 16)
-        tokens, pos, out = torch.ones((2, 1), dtype=torch.int64), torch.zeros(1, dtype=torch.int64), []
+        tokens, pos = torch.ones((2, 1), dtype=torch.int64), torch.zeros(1, dtype=torch.int64)
+        out = []
         with torch.no_grad(), tc.math_attention():
             for _ in range(6):
                 tokens = step(ours, tokens, pos)
@@ -91,13 +92,29 @@ def test_decode_step_traces_as_one_graph():
     assert runs[0] == runs[1]
 
 
+def test_prefill_traces_as_one_graph():
+    p = ModelArgs(**TINY)
+    ours = tc.Llama(p, random_weights(p, seed=5), dtype=torch.float32, device="cpu")
+    tokens, pos = torch.arange(24).reshape(2, 12) % p.vocab_size, torch.arange(12)
+    torch._dynamo.reset()
+    compiled = torch.compile(ours, backend="aot_eager", fullgraph=True)
+    with torch.no_grad():
+        ours.setup_cache(2, 16)
+        want = ours(tokens, pos)
+        ours.setup_cache(2, 16)
+        got = compiled(tokens, pos)
+    torch._dynamo.reset()
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
 def test_weight_bytes_per_token():
     p = ModelArgs(**TINY)
     shapes = weight_shapes(p)
     params = sum(math.prod(s) for s in shapes.values())
     not_read = p.vocab_size * p.dim - p.dim          # of the embedding table, one row is read
     w = random_weights(p)
-    assert tc.weight_bytes_per_token(tc.Llama(p, w, torch.bfloat16, "cpu")) == 2 * (params - not_read)
+    untied = tc.Llama(p, w, torch.bfloat16, "cpu")
+    assert tc.weight_bytes_per_token(untied) == 2 * (params - not_read)
     w["output.weight"] = w["tok_embeddings.weight"]   # tied: one table, read whole as classifier
     tied = tc.Llama(p, w, torch.float32, "cpu")
     assert tied.output is tied.tok_embeddings
@@ -132,20 +149,20 @@ def test_measure_eager_on_the_cpu(monkeypatch):
     assert reason is None
     assert [d["bsz"] for d in r["decode"]] == [1, 2]
     assert all(d["tokens_per_s"] > 0 and "error" not in d for d in r["decode"])
-    assert r["prefill"]["seqlen"] == 9 and r["prefill"]["ms"] > 0
+    assert r["prefill"]["seqlen"] == 9 and r["prefill"]["ms"] > 0 and r["prefill"]["compile_s"] > 0
     assert r["weight_bytes_per_token"] > 0
 
 
 def test_a_failed_compile_is_reported_not_raised(monkeypatch):
-    def broken():
+    def broken(*args, **kwargs):
         raise RuntimeError("inductor: no compiler\nmore lines")
     monkeypatch.setitem(tc.SHAPES, "tiny", TINY)
-    monkeypatch.setattr(tc, "compiled_decode_step", broken)
-    r, reason = tc.measure("tiny", batches=(1,), steps=3, dtype="float32", prefill_len=4,
+    monkeypatch.setattr(torch, "compile", broken)
+    r, reason = tc.measure("tiny", batches=(1, 2), steps=3, dtype="float32", prefill_len=4,
                            device="cpu")
     assert reason is None
-    assert r["decode"][0]["error"] == "RuntimeError: inductor: no compiler"
-    assert r["prefill"]["ms"] > 0
+    assert [d["error"] for d in r["decode"]] == ["RuntimeError: inductor: no compiler"] * 2
+    assert r["prefill"]["error"] == "RuntimeError: inductor: no compiler"
 
 
 def test_unavailable_says_why(monkeypatch):
