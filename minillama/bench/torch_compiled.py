@@ -39,7 +39,6 @@ import sys
 import time
 from collections.abc import Mapping
 
-from ..errors import ArgumentError
 from ..model import ModelArgs, weight_shapes
 from .cpu import SHAPES as STORIES
 
@@ -205,10 +204,7 @@ class Llama(Module):
     def setup_cache(self, bsz, max_seq_len):
         """A fresh KV cache in every layer for exactly `bsz` rows of `max_seq_len` positions, and
         the causal mask: (max_seq_len, max_seq_len), row p true at 0..p."""
-        p = self.params
-        if max_seq_len > p.max_seq_len:
-            raise ArgumentError(f"max_seq_len: {max_seq_len} is longer than the model's "
-                             f"{p.max_seq_len}")
+        p = self.params                 # positions past p.max_seq_len have no RoPE angles
         for layer in self.layers:
             layer.attention.cache = KVCache(bsz, p.n_kv_heads, max_seq_len, p.head_dim,
                                             self.dtype, self.device)
