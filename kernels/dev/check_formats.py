@@ -49,7 +49,7 @@ def cdiv(a, b):
 
 
 # ----------------------------------------------------------------------------
-# the module: every kernels/*.cu file, compiled together (as minillama/cuda.py does)
+# the module: every kernels/*.cu file, compiled together (as minillama/cuda/runtime.py does)
 
 QGEMV_FORMATS = {"f16": "FmtF16", "bf16": "FmtBF16", "q8_0": "FmtQ8_0", "q4_0": "FmtQ4_0",
                  "q4_1": "FmtQ4_1"}
@@ -70,10 +70,7 @@ def _cpp_bool(flag):
 
 def kernel_files():
     """minillama's compile order, with qgemv.cu after matmul.cu if cuda.py does not list it."""
-    try:
-        from minillama.cuda import KERNEL_FILES
-    except ImportError:                    # cuda.py is being restructured: the order it had
-        KERNEL_FILES = ("reduce.cu", "matmul.cu", "softmax.cu", "decode.cu")
+    from minillama.cuda.runtime import KERNEL_FILES
     return tuple(KERNEL_FILES) + (() if "qgemv.cu" in KERNEL_FILES else ("qgemv.cu",))
 
 
@@ -84,11 +81,8 @@ def module_source():
 
 def template_names():
     """minillama's instances plus this issue's."""
-    try:
-        from minillama.cuda import _template_names
-        names = _template_names()
-    except ImportError:
-        names = []
+    from minillama.cuda.kernels import _templates
+    names = list(_templates())
     names += [f"qgemv<{fmt},{rows},{pro}>" for fmt in QGEMV_FORMATS.values()
               for rows in QGEMV_ROWS for pro in GEMV_PROLOGUES.values()]
     names += [f"gemm_v5<{bm},{bn},{st},{wf}>" for bm, bn, st in GEMM_V5_CONFIGS.values()
@@ -620,7 +614,7 @@ GEMV_SHAPES = [(4096, 4096), (11008, 4096), (22016, 4096), (4096, 11008)]   # (N
 
 def gemv_f32(x, w, y):
     """cuda.gemv's launch of the float32 gemv<ROWS, VEC, PLAIN> (matmul.cu), through this module."""
-    from minillama.cuda import GEMV_ROWS, gemv_ksplit
+    from minillama.cuda.kernels import GEMV_ROWS, gemv_ksplit
     (M, K), N = x.shape, w.shape[0]
     rows = next(r for r in GEMV_ROWS if r >= min(M, GEMV_ROWS[-1]))
     ksplit = gemv_ksplit(N, K)
@@ -629,7 +623,7 @@ def gemv_f32(x, w, y):
 
 
 def sgemm_v4(a, w, c):
-    from minillama.cuda import SGEMM_CONFIGS, pick_sgemm_config
+    from minillama.cuda.kernels import SGEMM_CONFIGS, pick_sgemm_config
     (M, K), N = a.shape, w.shape[0]
     bm, bn, bk, tm, tn, mb = SGEMM_CONFIGS[pick_sgemm_config(M, N)]
     launch(f"sgemm_v4<{bm},{bn},{bk},{tm},{tn},{mb},true>", (cdiv(N, bn), cdiv(M, bm)),
