@@ -93,9 +93,20 @@ def test_the_cycle_finder_finds_a_cycle():
 
 
 def foreign_attribute_writes(tree):
-    """`obj.attr = value` where obj is not self/cls, nor a local bound to a call of a class or
-    function defined in this same module: a write into another module's object."""
-    own = {n.name for n in tree.body if isinstance(n, (ast.ClassDef, ast.FunctionDef))}
+    """`obj.attr = value` where obj is not self/cls, nor a local bound to a call of a class
+    defined in this same module, and attr is not one that a class of this module
+    declares (as self.attr): a write into another module's object. Module attributes written
+    through an imported module (torch.backends.cudnn.allow_tf32 = ...) are that library's
+    configuration API, not an object of its classes."""
+    classes = [n for n in tree.body if isinstance(n, ast.ClassDef)]
+    own = {c.name for c in classes}
+    declared = {t.attr for c in classes for t in ast.walk(c)            # self.attr = ...
+                if isinstance(t, ast.Attribute) and isinstance(t.ctx, ast.Store)
+                and isinstance(t.value, ast.Name) and t.value.id == "self"}
+    declared |= {t.target.id for c in classes for t in c.body           # dataclass fields
+                 if isinstance(t, ast.AnnAssign) and isinstance(t.target, ast.Name)}
+    imported = {(a.asname or a.name).split(".")[0] for n in ast.walk(tree)
+                if isinstance(n, ast.Import) for a in n.names}
     for func in ast.walk(tree):
         if not isinstance(func, (ast.FunctionDef, ast.AsyncFunctionDef)):
             continue
@@ -113,9 +124,14 @@ def foreign_attribute_writes(tree):
             for target in (node.targets if isinstance(node, ast.Assign) else [node.target]):
                 for t in ast.walk(target):
                     if isinstance(t, ast.Attribute) and isinstance(t.ctx, ast.Store):
-                        base = t.value
+                        base, root = t.value, t.value
+                        while isinstance(root, ast.Attribute):
+                            root = root.value
                         if isinstance(base, ast.Name) and (base.id in ("self", "cls")
                                                            or base.id in made_here):
+                            continue
+                        if t.attr in declared or (isinstance(root, ast.Name)
+                                                  and root.id in imported):
                             continue
                         yield node.lineno, ast.unparse(t)
 

@@ -8,7 +8,8 @@ import pytest
 
 from minillama.model import ModelArgs, Transformer, weight_shapes
 
-from conftest import max_rel_err, random_weights
+from conftest import max_rel_err
+from minillama.checkpoints.random import random_weights
 
 torch = pytest.importorskip("torch")
 from minillama.bench import torch_compiled as tc  # noqa: E402  (needs torch)

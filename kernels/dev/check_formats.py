@@ -131,16 +131,26 @@ def _function(name):
     return module.get_function(lowered[name] if lowered else name)
 
 
-@functools.lru_cache(maxsize=None)
 def _allow_shared(name, nbytes):
-    """Opt a kernel in to more than 48 KiB of dynamic shared memory (once per size)."""
-    _function(name).max_dynamic_shared_size_bytes = nbytes
+    """Opt a kernel in to more than 48 KiB of dynamic shared memory. The limit only ever
+    grows: lowering it for a smaller launch would make a later, larger one fail."""
+    f = _function(name)
+    if f.max_dynamic_shared_size_bytes < nbytes:
+        f.max_dynamic_shared_size_bytes = nbytes
 
 
 def launch(name, grid, block, args, shared_mem=0):
     if shared_mem > 48 * 1024:
         _allow_shared(name, shared_mem)
-    _function(name)(grid, block, args, shared_mem=shared_mem)
+    try:
+        _function(name)(grid, block, args, shared_mem=shared_mem)
+    except Exception as e:            # say which launch, with the kernel's resource attributes
+        f = _function(name)
+        attrs = {k: getattr(f, k, None) for k in ("num_regs", "shared_size_bytes",
+                                                  "max_dynamic_shared_size_bytes",
+                                                  "max_threads_per_block")}
+        raise DeviceError(f"launch {name} grid {grid} block {block} shared_mem {shared_mem}: "
+                          f"{e}; {attrs}") from None
 
 
 @functools.lru_cache(maxsize=None)

@@ -24,43 +24,14 @@ import numpy as np
 
 from ..errors import ArgumentError
 from . import dense, q4, q8_0
+from .registry import FORMATS, GGML_FORMATS, bytes_for, layout, module
 from .packed import Packed, check_finite, concat_rows, join_blocks, split_blocks
 
-FORMATS = {fmt: module for module in (dense, q8_0, q4) for fmt in module.FIELDS}
-GGML_FORMATS = {m.GGML_TYPE[fmt]: fmt for fmt, m in FORMATS.items()}
 CHUNK_BYTES = 16 << 20          # float32 bytes of one chunk that row_chunks dequantizes
 
 __all__ = ["FORMATS", "GGML_FORMATS", "Packed", "bytes_for", "concat_rows", "dequantize",
            "from_gguf", "layout", "quantize", "row_chunks", "to_gguf"]
 
-
-def module(fmt):
-    if fmt not in FORMATS:
-        raise ArgumentError(f"format: expected one of {', '.join(FORMATS)}, got {fmt!r}")
-    return FORMATS[fmt]
-
-
-def _rows_blocks(fmt, shape):
-    """(rows, blocks per row) of a weight of `shape` (..., cols): every dimension but the last
-    counts as rows; the last must be whole blocks."""
-    block = module(fmt).BLOCK
-    if len(shape) < 1 or shape[-1] % block:
-        raise ArgumentError(f"shape: {fmt} needs rows of whole blocks of {block} values, "
-                            f"got shape {tuple(shape)}")
-    return math.prod(shape[:-1]), shape[-1] // block
-
-
-def layout(fmt, shape):
-    """The planes a (rows, cols) weight stored in `fmt` has: {plane: (shape, dtype)}."""
-    rows, nb = _rows_blocks(fmt, shape)
-    return {plane: ((rows, nb, count) if count > 1 else (rows, nb), np.dtype(dtype))
-            for plane, dtype, count in module(fmt).FIELDS[fmt]}
-
-
-def bytes_for(fmt, shape):
-    """Bytes a weight of `shape` takes stored in `fmt`: blocks times BLOCK_BYTES."""
-    rows, nb = _rows_blocks(fmt, shape)
-    return rows * nb * module(fmt).BLOCK_BYTES[fmt]
 
 
 def quantize(w, fmt, name="weight"):
@@ -69,8 +40,9 @@ def quantize(w, fmt, name="weight"):
     w = np.asarray(w, np.float32)
     if w.ndim != 2:
         raise ArgumentError(f"{name}: expected a (rows, cols) weight, got shape {w.shape}")
-    _rows_blocks(fmt, w.shape)
-    return module(fmt).quantize(w, fmt, name)
+    layout(fmt, w.shape)                     # rows of whole blocks, or an ArgumentError
+    planes, why = module(fmt).quantize(w, fmt)
+    return check_finite(Packed(fmt, w.shape, planes), name, why)
 
 
 def dequantize(packed, rows=slice(None)):

@@ -12,7 +12,6 @@ type, so a bf16 plane holds the bits as uint16 (on the GPU: uint16 or CuPy's bfl
 """
 import numpy as np
 
-from .packed import Packed, check_finite
 
 BLOCK = 1
 FIELDS = {"f32": (("data", "<f4", 1),), "f16": (("data", "<f2", 1),),
@@ -46,9 +45,10 @@ def dequantize(packed, rows=slice(None)):
     return w.reshape(-1, packed.shape[1])
 
 
-def quantize(w, fmt, name="weight"):
-    """float32 (rows, cols) -> Packed `fmt`; a weight that is not finite in `fmt` (NaN, inf, or
-    beyond its range, e.g. |w| > 65504 for f16) is refused by name."""
+def quantize(w, fmt):
+    """float32 (rows, cols) -> (planes of `fmt`, why). formats.quantize wraps them in a Packed
+    and refuses, by name, a weight that is not finite in `fmt` (NaN, inf, or beyond its range,
+    e.g. |w| > 65504 for f16), giving `why`."""
     if fmt == "f16":
         with np.errstate(over="ignore"):             # overflow becomes inf: refused below
             data = w.astype(np.float16)
@@ -58,4 +58,4 @@ def quantize(w, fmt, name="weight"):
         data = np.ascontiguousarray(w, np.float32)
     why = (f"to be stored as {fmt} every weight must be finite, |w| <= {LARGEST[fmt]:.6g}; "
            f"use a wider format (float32)")
-    return check_finite(Packed(fmt, w.shape, {"data": data}), name, why)
+    return {"data": data}, why

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .. import formats          # the registry: used at call time only (it imports this module)
 from ..errors import ArgumentError, CheckpointError
+from . import registry
 
 DTYPE_ALIASES = {"bfloat16": "uint16"}     # CuPy's bfloat16 holds the bits a bf16 plane holds
 
@@ -38,7 +38,7 @@ class Packed:
         if len(self.shape) != 2:
             raise ArgumentError(f"Packed {self.format}: shape {self.shape}, expected (rows, cols)")
         expected = {k: (shape, dtype.name) for k, (shape, dtype) in
-                    formats.layout(self.format, self.shape).items()}
+                    registry.layout(self.format, self.shape).items()}
         got = {k: (tuple(a.shape), DTYPE_ALIASES.get(a.dtype.name, a.dtype.name))
                for k, a in self.planes.items()}
         if got != expected:
@@ -65,7 +65,7 @@ class Packed:
     @property
     def kernel(self):
         """The GPU kernels' template argument for this format, e.g. "Q4_0"."""
-        return formats.FORMATS[self.format].KERNEL[self.format]
+        return registry.FORMATS[self.format].KERNEL[self.format]
 
     def map(self, fn):
         """The same weight with fn applied to every plane: map(cupy.asarray), map(cupy.asnumpy)."""
@@ -94,13 +94,13 @@ def split_blocks(raw, fmt, shape, name):
     its plane stays a view of `raw`."""
     raw = raw.reshape(-1).view(np.uint8) if isinstance(raw, np.ndarray) \
         else np.frombuffer(raw, np.uint8)              # bytes, memoryview, mmap: no copy
-    expected = formats.bytes_for(fmt, shape)
+    expected = registry.bytes_for(fmt, shape)
     if raw.size != expected:
         raise CheckpointError(f"{name}: {raw.size} bytes of data, expected {expected} for {fmt} "
                               f"of shape {tuple(shape)}")
-    blocks = raw.reshape(shape[0], -1, formats.FORMATS[fmt].BLOCK_BYTES[fmt])   # (rows, nb, bytes)
+    blocks = raw.reshape(shape[0], -1, registry.FORMATS[fmt].BLOCK_BYTES[fmt])   # (rows, nb, bytes)
     planes, at = {}, 0
-    for plane, (plane_shape, dtype) in formats.layout(fmt, shape).items():
+    for plane, (plane_shape, dtype) in registry.layout(fmt, shape).items():
         size = dtype.itemsize * math.prod(plane_shape[2:])              # bytes in one block
         field = np.ascontiguousarray(blocks[..., at:at + size])        # the one copy: AoS -> SoA
         planes[plane] = field.view(dtype).reshape(plane_shape)
@@ -112,7 +112,7 @@ def join_blocks(packed):
     """The GGUF bytes of `packed` (NumPy planes): its fields interleaved again, block by block."""
     rows, nb = packed.shape[0], next(iter(packed.planes.values())).shape[1]
     parts = [packed.planes[plane].view(np.uint8).reshape(rows, nb, -1)
-             for plane in formats.layout(packed.format, packed.shape)]
+             for plane in registry.layout(packed.format, packed.shape)]
     return np.concatenate(parts, axis=-1).tobytes()
 
 
@@ -122,7 +122,7 @@ def join_blocks(packed):
 def check_finite(packed, name, why):
     """Refuse `packed` (NumPy planes) if a scale, offset or dense value is NaN or inf: a
     CheckpointError naming the tensor (`name`), the first such block and `why`."""
-    block = formats.FORMATS[packed.format].BLOCK
+    block = registry.FORMATS[packed.format].BLOCK
     for plane, a in packed.planes.items():
         if packed.format == "bf16":
             bad = (a & 0x7F80) == 0x7F80            # exponent all ones: inf or NaN

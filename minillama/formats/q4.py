@@ -32,7 +32,6 @@ gives finite float32 weights; only a NaN or inf is refused (formats.from_gguf).
 """
 import numpy as np
 
-from .packed import Packed, check_finite
 
 BLOCK = 32
 FIELDS = {"q4_0": (("d", "<f2", 1), ("qs", "u1", 16)),
@@ -65,8 +64,8 @@ def dequantize(packed, rows=slice(None)):
     return w.reshape(-1, packed.shape[1])
 
 
-def quantize(w, fmt, name="weight"):
-    """float32 (rows, cols) -> Packed q4_0 or q4_1, bit for bit llama.cpp's
+def quantize(w, fmt):
+    """float32 (rows, cols) -> (planes of q4_0 or q4_1, why), bit for bit llama.cpp's
     quantize_row_q4_0_ref / quantize_row_q4_1_ref (and gguf-py's quantizers): codes are
     truncated after adding 8.5 (Q4_0) or 0.5 (Q4_1), i.e. rounded half up, then clipped to 15.
     The codes come from the float32 d and min; the file keeps them as f16."""
@@ -90,4 +89,4 @@ def quantize(w, fmt, name="weight"):
     why = ("every weight must be finite, and within float16's range once scaled: "
            + ("|w| <= 8 * 65504" if fmt == "q4_0"
               else "min >= -65504, min <= 65504 and max - min <= 15 * 65504"))
-    return check_finite(Packed(fmt, w.shape, planes), name, why)
+    return planes, why

@@ -22,7 +22,6 @@ same bits as this reference. Only a NaN or inf d is refused (formats.from_gguf).
 """
 import numpy as np
 
-from .packed import Packed, check_finite
 
 BLOCK = 32
 FIELDS = {"q8_0": (("d", "<f2", 1), ("qs", "i1", 32))}
@@ -51,8 +50,8 @@ def round_half_away(x):
     return np.copysign(a, x, out=a)
 
 
-def quantize(w, fmt="q8_0", name="weight"):
-    """float32 (rows, cols) -> Packed q8_0, bit for bit llama.cpp's quantize_row_q8_0_ref (and
+def quantize(w, fmt="q8_0"):
+    """float32 (rows, cols) -> (planes of q8_0, why), bit for bit llama.cpp's quantize_row_q8_0_ref (and
     gguf-py's Q8_0.quantize). The codes come from the float32 scale; the file keeps it as f16."""
     rows, cols = w.shape
     x = w.reshape(rows, cols // BLOCK, BLOCK)                   # (rows, nb, 32)
@@ -64,4 +63,4 @@ def quantize(w, fmt="q8_0", name="weight"):
         d16 = d[..., 0].astype(np.float16)
     why = (f"every weight must be finite, and |w| <= 127 * 65504 so that max|w| / 127 is a "
            f"finite float16 scale")
-    return check_finite(Packed(fmt, w.shape, {"qs": qs, "d": d16}), name, why)
+    return {"qs": qs, "d": d16}, why
