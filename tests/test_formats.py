@@ -218,7 +218,7 @@ def test_nonfinite_scale_refused(fmt, plane, at, special):
         F.from_gguf(raw, fmt, (rows, 32 * nb), "m.gguf: tensor 'blk.0.attn_q.weight'")
     assert str(e.value) == (
         f"m.gguf: tensor 'blk.0.attn_q.weight': {fmt} block {row * nb + block} (row {row}, "
-        f"columns {32 * block}..{32 * block + 31}) has {plane} = {float(value)}; a stored "
+        f"columns {32 * block}..{32 * block + 31}) has a non-finite {plane} = {float(value)}; a stored "
         f"weight must be finite: the file is damaged")
 
 
@@ -230,7 +230,7 @@ def test_nonfinite_dense_value_refused(fmt):
     at = (64 + 37) * len(inf)                               # row 1, column 37
     raw[at:at + len(inf)] = np.frombuffer(inf, np.uint8)
     with pytest.raises(CheckpointError, match=rf"^w: {fmt} value at row 1, column 37 is "
-                                              rf"-?inf; a stored weight must be finite"):
+                                              rf"non-finite \(-?inf\); a stored weight must be finite"):
         F.from_gguf(raw, fmt, (3, 64), "w")
 
 

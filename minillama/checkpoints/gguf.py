@@ -32,6 +32,7 @@ test checks this numerically against transformers, which re-permutes them when i
                              the tokenizer from it)
 """
 import functools
+import math
 import mmap
 import os
 import re
@@ -40,6 +41,7 @@ from typing import Optional
 
 import numpy as np
 
+from .. import formats
 from ..errors import CheckpointError, TokenizerError
 from ..dtypes import LazyTensor
 from ..checks import check_weights
@@ -264,7 +266,9 @@ def _parse(path, buf):
 # tensor data
 
 def read_tensor(path, info: TensorInfo):
-    """One tensor's bytes from the file, dequantized to float32 in its NumPy shape."""
+    """One tensor's bytes from the file, dequantized to float32 in its NumPy shape. The blocks
+    are read by minillama.formats (the one place that knows each block layout), which also
+    refuses a NaN or inf scale or value, naming the tensor and the block."""
     if info.ggml_type not in GGML_TYPES:
         supported = ", ".join(name for name, _, _ in GGML_TYPES.values())
         raise CheckpointError(f"{path}: tensor {info.name!r} has type {info.type_name}, which "
@@ -274,55 +278,18 @@ def read_tensor(path, info: TensorInfo):
         raw = np.frombuffer(f.read(info.nbytes), np.uint8)
     if raw.size != info.nbytes:
         raise CheckpointError(f"{path}: tensor {info.name!r} is truncated")
-    with np.errstate(invalid="ignore", over="ignore"):
-        values = dequantize(raw, info.ggml_type)
-    if not np.isfinite(values).all():
-        bad = int(np.flatnonzero(~np.isfinite(values))[0])
-        raise CheckpointError(f"{path}: tensor {info.name!r} ({info.type_name}) has a non-finite "
-                              f"value at flat index {bad}: the file is damaged")
-    return values.reshape(info.shape)
+    rows_cols = (math.prod(info.shape[:-1]), info.shape[-1])    # a norm (n,) is one row
+    name = f"{path}: tensor {info.name!r} ({info.type_name})"
+    return dequantize(raw, info.ggml_type, rows_cols, name).reshape(info.shape)
 
 
-def dequantize(raw, ggml_type):
-    """Flat float32 values of the bytes `raw` (uint8) holding tensor data of `ggml_type`."""
-    name, block, block_bytes = GGML_TYPES[ggml_type]
-    if name == "F32":
-        return raw.view("<f4").astype(np.float32)
-    if name == "F16":
-        return raw.view("<f2").astype(np.float32)
-    blocks = raw.reshape(-1, block_bytes)                   # (n_blocks, bytes per block)
-    return DEQUANTIZE[name](blocks).reshape(-1)
-
-
-def _f16(blocks, start):
-    """The f16 at byte `start` of each block, as float32: (n_blocks, 1)."""
-    return blocks[:, start:start + 2].copy().view("<f2").astype(np.float32)
-
-
-def _nibbles(packed):
-    """(n_blocks, 16) bytes -> (n_blocks, 32) values 0..15: low nibbles first, then high."""
-    return np.concatenate([packed & 0x0F, packed >> 4], axis=1)
-
-
-def dequantize_q8_0(blocks):
-    # (n_blocks, 34): d, then 32 int8
-    q = blocks[:, 2:].view(np.int8).astype(np.float32)      # (n_blocks, 32)
-    return q * _f16(blocks, 0)
-
-
-def dequantize_q4_0(blocks):
-    # (n_blocks, 18): d, then 16 bytes of nibbles stored with an offset of 8
-    q = _nibbles(blocks[:, 2:]).astype(np.int8) - np.int8(8)
-    return _f16(blocks, 0) * q.astype(np.float32)
-
-
-def dequantize_q4_1(blocks):
-    # (n_blocks, 20): d, m, then 16 bytes of nibbles
-    q = _nibbles(blocks[:, 4:]).astype(np.float32)
-    return _f16(blocks, 0) * q + _f16(blocks, 2)
-
-
-DEQUANTIZE = {"Q8_0": dequantize_q8_0, "Q4_0": dequantize_q4_0, "Q4_1": dequantize_q4_1}
+def dequantize(raw, ggml_type, shape=None, name="tensor"):
+    """float32 values of the bytes `raw` (uint8) holding tensor data of `ggml_type`, as `shape`
+    (rows, cols) or, by default, one flat row. minillama.formats reads the blocks."""
+    fmt = formats.GGML_FORMATS[ggml_type]
+    _, block, block_bytes = GGML_TYPES[ggml_type]
+    shape = shape or (1, raw.size // block_bytes * block)
+    return formats.dequantize(formats.from_gguf(raw, fmt, shape, name=name)).reshape(-1)
 
 
 # ----------------------------------------------------------------------------

@@ -135,8 +135,8 @@ def check_finite(packed, name, why):
             row, b = divmod(i, a.shape[1])
             value = _as_float(packed.format, a.reshape(-1)[i:i + 1])
             where = (f"block {i} (row {row}, columns {b * block}..{b * block + block - 1}) "
-                     f"has {plane} = {value}" if block > 1
-                     else f"value at row {row}, column {b} is {value}")
+                     f"has a non-finite {plane} = {value}" if block > 1
+                     else f"value at row {row}, column {b} is non-finite ({value})")
             raise CheckpointError(f"{name}: {packed.format} {where}; {why}")
     return packed
 
