@@ -24,11 +24,6 @@ WEIGHT_DTYPES = ("float32", "float16", "int8")
 Q8_GROUP_SIZE = 32          # GGUF's Q8_0 group; llama2.c's export uses 64
 
 
-def bf16_to_f32(u16):
-    """bfloat16 is the top half of a float32: shift the 16 stored bits up and reinterpret."""
-    return (np.asarray(u16, np.uint16).astype(np.uint32) << 16).view(np.float32)
-
-
 class LazyTensor:
     """A weight not read yet. `read()` returns it as float32 (float16 sources as float16).
 

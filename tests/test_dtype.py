@@ -4,8 +4,8 @@ import pytest
 
 from conftest import MODELS
 from minillama.checkpoints.random import random_weights
-from minillama.dtypes import (LazyTensor, bf16_to_f32, q8_group_size, resolve_dtype,
-                              store_weights)
+from minillama.dtypes import LazyTensor, q8_group_size, resolve_dtype, store_weights
+from minillama.formats.dense import bf16_to_f32
 from minillama.errors import ArgumentError, CheckpointError
 from minillama.loading import load_model, open_checkpoint
 from minillama.model import ModelArgs, Transformer

@@ -20,7 +20,8 @@ from dataclasses import replace
 
 import numpy as np
 
-from ..dtypes import LazyTensor, bf16_to_f32
+from ..dtypes import LazyTensor
+from ..formats.dense import bf16_to_f32
 from . import read_json_object
 from ..errors import CheckpointError
 from ..checks import check_weights

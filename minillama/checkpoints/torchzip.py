@@ -25,7 +25,8 @@ from collections import OrderedDict
 
 import numpy as np
 
-from ..dtypes import LazyTensor, bf16_to_f32
+from ..dtypes import LazyTensor
+from ..formats.dense import bf16_to_f32
 from ..errors import CheckpointError
 
 
