@@ -2,9 +2,10 @@
 //
 // Transformer.forward (minillama/model.py) runs a layer as a few dozen CuPy calls (RMSNorm
 // alone is six elementwise kernels), which is fine for a prompt but at one token per call the
-// GPU spends its time waiting for the next launch. minillama/cuda.py: FusedDecoder runs the
-// same arithmetic with these kernels plus gemv (matmul.cu), whose prologues compute RMSNorm and
-// the SwiGLU gate on the fly as they load their input:
+// GPU spends its time waiting for the next launch. FusedDecoder (minillama/cuda/fused.py) runs
+// the same arithmetic with these kernels plus gemv (matmul.cu; qgemv.cu for weights kept as
+// stored), whose prologues compute RMSNorm and the SwiGLU gate on the fly as they load their
+// input:
 //
 //     embed_tokens                                          h = tok_embeddings[token]
 //     per layer:  gemv(rmsnorm -> wqkv) -> rope_kv -> attention_decode -> gemv(wo, h +=)
@@ -18,7 +19,21 @@
 //
 // Each kernel mirrors a function of model.py, written the same way so the float32 results agree
 // to rounding (tests/test_cuda.py compares logits with the CPU path token by token).
-// Compiled as one module after reduce.cu and matmul.cu (see minillama/cuda.py).
+// Compiled as one module after reduce.cu and matmul.cu (see minillama/cuda/runtime.py).
+//
+// The KV cache holds float32 or float16 (the model's kv_dtype): rope_kv and attention_decode
+// are templates over its element type T, float or unsigned short (the bits of a float16, as
+// f32_to_16bit in matmul.cu writes them). Only the cache is 16-bit: a key or value is rounded
+// to nearest when it is written, as NumPy's assignment into a float16 array rounds it, and
+// widened when it is read; every sum and product is float32.
+
+// One cache element <-> float32 (f16_to_f32, round_to_16bit: matmul.cu).
+__device__ __forceinline__ float cache_load(const float* p) { return *p; }
+__device__ __forceinline__ float cache_load(const unsigned short* p) { return f16_to_f32(*p); }
+__device__ __forceinline__ void cache_store(float* p, float v) { *p = v; }
+__device__ __forceinline__ void cache_store(unsigned short* p, float v) {
+    *p = round_to_16bit<false>(v);
+}
 
 // h[b, :] = table[step[1 + b], :]          grid (bsz), any block size
 extern "C" __global__ void embed_tokens(const int* __restrict__ step, const float* __restrict__ table,
@@ -35,12 +50,12 @@ extern "C" __global__ void embed_tokens(const int* __restrict__ step, const floa
 // (pos, i); the threads of k heads also copy the matching pair of v. Rotated q goes to q_out
 // (bsz, n_heads * head_dim); k and v go to cache[b, pos, kv_head, :].
 // grid (ceil(pairs / block), bsz), pairs = (n_heads + n_kv) * head_dim / 2
-extern "C" __global__ void rope_kv(const float* __restrict__ qkv, const int* __restrict__ step,
-                                   const float* __restrict__ cos_table,
-                                   const float* __restrict__ sin_table,
-                                   float* __restrict__ q_out, float* __restrict__ cache_k,
-                                   float* __restrict__ cache_v, int n_heads, int n_kv_heads,
-                                   int head_dim, int max_seq) {
+template <typename T>
+__global__ void rope_kv(const float* __restrict__ qkv, const int* __restrict__ step,
+                        const float* __restrict__ cos_table, const float* __restrict__ sin_table,
+                        float* __restrict__ q_out, T* __restrict__ cache_k,
+                        T* __restrict__ cache_v, int n_heads, int n_kv_heads, int head_dim,
+                        int max_seq) {
     const int half = head_dim / 2;
     const int p = blockIdx.x * blockDim.x + threadIdx.x;
     if (p >= (n_heads + n_kv_heads) * half) return;
@@ -59,11 +74,11 @@ extern "C" __global__ void rope_kv(const float* __restrict__ qkv, const int* __r
     } else {
         const int g = head - n_heads;
         const size_t at = (((size_t)b * max_seq + pos) * n_kv_heads + g) * head_dim + 2 * i;
-        cache_k[at] = out0;
-        cache_k[at + 1] = out1;
+        cache_store(cache_k + at, out0);
+        cache_store(cache_k + at + 1, out1);
         const float* v = src + n_kv_heads * head_dim;        // the same pair of the v head
-        cache_v[at] = v[0];
-        cache_v[at + 1] = v[1];
+        cache_store(cache_v + at, v[0]);
+        cache_store(cache_v + at + 1, v[1]);
     }
 }
 
@@ -72,7 +87,8 @@ extern "C" __global__ void rope_kv(const float* __restrict__ qkv, const int* __r
 //
 // One block per (query head, row); query head h reads kv head h / (n_heads / n_kv_heads) (GQA).
 //   1. thread t computes the scores of keys t, t + blockDim, ... into shared memory, reading
-//      its key row WIDTH floats at a time (float4 when head_dim % 4 == 0), and their max
+//      its key row WIDTH values at a time (one float4, or four float16s, when
+//      head_dim % 4 == 0), and their max
 //   2. exponentiate against the block max and sum (block reductions, reduce.cu)
 //   3. threads split as (group, piece): piece i covers v[WIDTH i .. WIDTH i + WIDTH - 1] and
 //      group g sums p_t v_t over t = g, g + groups, ...; consecutive threads read consecutive
@@ -81,6 +97,7 @@ extern "C" __global__ void rope_kv(const float* __restrict__ qkv, const int* __r
 // Dynamic shared memory: head_dim + WIDTH * blockDim + max_seq floats. Needs head_dim <= blockDim.
 // grid (n_heads, bsz)
 
+// WIDTH values from p (float32 or float16 bits) as float32; WIDTH 4: one 16- or 8-byte load.
 template <int WIDTH>
 __device__ __forceinline__ void load_w(const float* p, float* v) {
     if (WIDTH == 4) {
@@ -93,9 +110,20 @@ __device__ __forceinline__ void load_w(const float* p, float* v) {
 }
 
 template <int WIDTH>
+__device__ __forceinline__ void load_w(const unsigned short* p, float* v) {
+    if (WIDTH == 4) {
+        const uint2 x = *reinterpret_cast<const uint2*>(p);     // four float16s
+        v[0] = f16_lo(x.x); v[1] = f16_hi(x.x); v[2] = f16_lo(x.y); v[3] = f16_hi(x.y);
+    } else {
+#pragma unroll
+        for (int i = 0; i < WIDTH; ++i) v[i] = cache_load(p + i);
+    }
+}
+
+template <int WIDTH, typename T>
 __global__ void __launch_bounds__(256)
-attention_decode(const float* __restrict__ q, const float* __restrict__ cache_k,
-                 const float* __restrict__ cache_v, const int* __restrict__ step,
+attention_decode(const float* __restrict__ q, const T* __restrict__ cache_k,
+                 const T* __restrict__ cache_v, const int* __restrict__ step,
                  float* __restrict__ out, int n_heads, int n_kv_heads, int head_dim, int max_seq,
                  float scale) {
     extern __shared__ __align__(16) float smem[];
@@ -108,8 +136,8 @@ attention_decode(const float* __restrict__ q, const float* __restrict__ cache_k,
     const int g = h / (n_heads / n_kv_heads);
     const int n_keys = step[0] + 1;
     const size_t row_stride = (size_t)n_kv_heads * head_dim;   // from one position to the next
-    const float* keys = cache_k + (size_t)b * max_seq * row_stride + g * head_dim;
-    const float* values = cache_v + (size_t)b * max_seq * row_stride + g * head_dim;
+    const T* keys = cache_k + (size_t)b * max_seq * row_stride + g * head_dim;
+    const T* values = cache_v + (size_t)b * max_seq * row_stride + g * head_dim;
     const int pieces = head_dim / WIDTH;                   // WIDTH-wide pieces of a row
 
     // model.py scales q before the product; so do we, to round the same way
@@ -119,7 +147,7 @@ attention_decode(const float* __restrict__ q, const float* __restrict__ cache_k,
 
     float m = neg_inf();
     for (int t = tid; t < n_keys; t += blockDim.x) {
-        const float* k = keys + t * row_stride;
+        const T* k = keys + t * row_stride;
         float dot = 0.0f;
         // 16 pieces at a time: all 16 loads are issued before the first product waits on one
         for (int i0 = 0; i0 < pieces; i0 += 16) {

@@ -15,7 +15,9 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import check_formats as cf      # noqa: E402  (the packer and the wrappers' constants)
+import check_formats as cf      # noqa: E402  (its random planes; it puts the checkout on sys.path)
+from minillama.cuda import kernels      # noqa: E402  (the wrappers' tables)
+from minillama.formats import dequantize      # noqa: E402
 
 
 def swizzle(r, kc):             # matmul.cu: v5_swizzle
@@ -95,14 +97,14 @@ def qgemv_launch(x, w, smem, blocks):
     """qgemv's loops over blocks, rows of x, chunks of k, tiles and lanes; the weights of each
     16-byte load come from the NumPy dequantizer (the unpacking is checked in check_formats)."""
     fmt, (N, K), (M, _) = w.format, w.shape, x.shape
-    WEIGHTS = cf.QGEMV_WEIGHTS[fmt]
+    WEIGHTS = kernels.QGEMV_WEIGHTS[fmt]
     PIECES = WEIGHTS // 4
-    ROWS = next(r for r in cf.QGEMV_ROWS if r >= min(M, cf.QGEMV_ROWS[-1]))
+    ROWS = next(r for r in kernels.QGEMV_ROWS if r >= min(M, kernels.QGEMV_ROWS[-1]))
     NR = 4 if ROWS >= 4 else 2
     step = 32 * WEIGHTS
     kc = K if ROWS * K * 4 <= smem else max(step, smem // (ROWS * 4) // step * step)
     grid = min(-(-N // (8 * NR)), blocks)
-    Wf = cf.dequantize(w)
+    Wf = dequantize(w)
     Y = np.full((M, N), np.nan)
     for block in range(grid):
         for m0 in range(0, M, ROWS):
@@ -140,7 +142,7 @@ def main():
     A = rng.standard_normal((M, K)).astype(np.float16)
     W = rng.standard_normal((N, K)).astype(np.float16)
     ref = A.astype(np.float64) @ W.astype(np.float64).T
-    for bm, bn, _ in cf.GEMM_V5_CONFIGS.values():
+    for bm, bn, _ in kernels.GEMM_V5_CONFIGS.values():
         C = gemm_v5_block(A, W, bm, bn)
         n = min(N, bn)
         err = np.abs(C[:, :n] - ref[:, :n]).max()
@@ -151,7 +153,7 @@ def main():
             w = cf.random_packed(fmt, N, K, rng)
             x = rng.standard_normal((M, K))
             Y = qgemv_launch(x, w, smem, blocks=6)
-            ref = x @ cf.dequantize(w).astype(np.float64).T
+            ref = x @ dequantize(w).astype(np.float64).T
             assert not np.isnan(Y).any() and np.abs(Y - ref).max() < 1e-9 * np.abs(ref).max()
         print(f"qgemv {fmt}: every output written once, sums match NumPy")
 

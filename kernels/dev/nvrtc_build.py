@@ -2,10 +2,10 @@
 
     python kernels/dev/nvrtc_build.py [--out DIR] [--std c++17] [--ptxas-v]
 
-The same source and template instances as check_formats.py (which imports `module_source` and
-`template_names` from there), compiled for sm_90 by the NVRTC library named by $NVRTC_LIB or
-found next to a pip-installed nvidia-cuda-nvrtc. Compiler errors print with file and line. With
---out, writes module.cubin and names.json (template name -> mangled name), which
+The module minillama compiles (minillama.cuda: runtime.kernel_source() and the template
+instances of kernels.py, KERNELS.templates), compiled for sm_90 by the NVRTC library named by
+$NVRTC_LIB or found next to a pip-installed nvidia-cuda-nvrtc. Compiler errors print with file
+and line. With --out, writes module.cubin and names.json (template name -> mangled name), which
 check_formats.py --cubin loads instead of compiling again on the GPU machine. --ptxas-v prints
 registers, shared memory and spills per kernel.
 """
@@ -18,8 +18,11 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from check_formats import module_source, template_names      # noqa: E402
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+from minillama.cuda.kernels import KERNELS          # noqa: E402  (imports no CuPy)
+from minillama.cuda.runtime import kernel_source    # noqa: E402
 
 
 def find_nvrtc():
@@ -78,9 +81,9 @@ def main():
     options = [f"-arch={args.arch}", f"-std={args.std}"]
     if args.ptxas_v:
         options.append("-Xptxas=-v")
-    names = [n for n in template_names() if not args.only or args.only in n]
+    names = [n for n in KERNELS.templates if not args.only or args.only in n]
     t = time.perf_counter()
-    cubin, lowered, log = compile_module(module_source(), names, options)
+    cubin, lowered, log = compile_module(kernel_source(), names, options)
     print(f"compiled {len(names)} template instances in {time.perf_counter() - t:.1f} s, "
           f"{len(cubin)} bytes of cubin")
     if log.strip():

@@ -3,7 +3,9 @@
 The model's own code (RMSNorm, RoPE, SwiGLU, the KV cache, sampling) runs through the CuPy
 array API unchanged. The operations that go through `ops` run the kernels of kernels/*.cu:
 
-    linear(x, w)        gemv for a few rows (decoding), sgemm_v4 otherwise    matmul.cu
+    linear(x, w)        float32 w: gemv for a few rows (decoding), sgemm_v4     matmul.cu
+                        otherwise; a Packed w (weights as stored): qgemv for     qgemv.cu
+                        a few rows, gemm_v5 on the tensor cores otherwise       matmul.cu
     matmul(a, b)        bmm_strided, reading the KV cache views in place       matmul.cu
     softmax(x, pos)     softmax_warp / softmax_block, causal mask built in     softmax.cu
     decoder(model)      model.forward, with one-token steps through            decode.cu
@@ -14,13 +16,15 @@ import weakref
 import numpy as np
 
 from ..checks import check_tokens
+from ..formats import Packed, dequantize
 from ..ops import NumpyOps
 from ..quant import Q8Tensor
 from .fused import FusedDecoder
-from .kernels import bmm, gemv, sgemm, softmax
+from .kernels import bmm, gemm_v5, gemv, qgemv, sgemm, softmax, to_16bit
 from .runtime import require_cupy
 
 GEMV_MAX_M = 32             # linear() multiplies up to this many rows with gemv, more with sgemm
+QGEMV_MAX_M = 64            # and with a Packed weight, up to this many with qgemv, more gemm_v5
 
 
 class CudaOps(NumpyOps):
@@ -40,6 +44,17 @@ class CudaOps(NumpyOps):
     def matrix_layout(self, w):
         return w            # the kernels index weights row-major: (out, in), C-contiguous
 
+    def weight(self, w):
+        """Place a weight on the GPU once, at load time. A Packed weight keeps its format: its
+        planes are copied over as they are (f32 becomes a plain float32 array). The one
+        exception is an f16/bf16 weight whose rows are not a multiple of 8 values long, which
+        the 16-byte loads of qgemv and gemm_v5 cannot read: it is widened to float32, once."""
+        if not isinstance(w, Packed):
+            return super().weight(w)
+        if w.format == "f32" or w.shape[1] % 8:
+            return self.asarray(dequantize(w))
+        return w.map(self.asarray)
+
     def asarray(self, a, dtype=None):
         """Bring an array onto the GPU: host arrays (NumPy, lists) are copied over, CuPy arrays
         pass through. Everything entering the model goes through here, so a host array mixed
@@ -52,11 +67,29 @@ class CudaOps(NumpyOps):
         # x: (..., in)   w: (out, in)   ->   (..., out)
         if isinstance(w, Q8Tensor):
             return self.linear_q8(x, w)           # dequantizes, then comes back here
+        if isinstance(w, Packed):
+            return self.linear_packed(x, w)
         x = self.asarray(x)
         rows = self.xp.ascontiguousarray(x.reshape(-1, x.shape[-1]))    # (bsz * seqlen, in)
         # float16 storage (--dtype float16) is computed in float32, like NumPy's upcast
         w = self.xp.ascontiguousarray(self.asarray(w), dtype=np.float32)
         y = gemv(rows, w) if rows.shape[0] <= GEMV_MAX_M else sgemm(rows, w)
+        return y.reshape(*x.shape[:-1], w.shape[0])
+
+    def linear_packed(self, x, w):
+        """x @ w.T with w as stored (a Packed placed by weight()), never a float32 copy of it:
+        up to QGEMV_MAX_M rows of x go through qgemv (float32 x, the weights dequantized in
+        registers, float32 sums); more through gemm_v5 on the tensor cores, x rounded to
+        float16 (bfloat16 for a bf16 weight) first, since that many rows make the product
+        bound by arithmetic rather than by reading W. Output float32."""
+        x = self.asarray(x, dtype=np.float32)
+        rows = x.reshape(-1, x.shape[-1])                                # (bsz * seqlen, in)
+        if not rows.flags.c_contiguous or rows.data.ptr % 16:           # the kernels load
+            rows = rows.copy()                                           # 16 bytes at a time
+        if rows.shape[0] <= QGEMV_MAX_M:
+            y = qgemv(rows, w)
+        else:
+            y = gemm_v5(to_16bit(rows, bf16=w.format == "bf16"), w)
         return y.reshape(*x.shape[:-1], w.shape[0])
 
     def matmul(self, a, b):

@@ -4,14 +4,17 @@ FusedDecoder computes what Transformer.forward computes for tokens of shape (bsz
 kernels of decode.cu and gemv's prologues, on the model's own weights and KV cache. It is the
 fast path a GPU backend offers for decoding: CudaOps.decoder(model) sends one-token steps here
 when FusedDecoder.covers(model), and prompts, or models it does not cover, to model.forward.
+Every storage format is covered: a float32 weight goes through gemv (matmul.cu), a weight kept
+as stored (formats.Packed: f16, bf16, q8_0, q4_0, q4_1) through qgemv (qgemv.cu), which has the
+same prologues and `accumulate`; the KV cache may be float32 or float16.
 docs/kernels.md ("Decoding: launches, fusion and a CUDA graph") measures what it saves.
 """
 import warnings
 
 import numpy as np
 
-from ..quant import Q8Tensor
-from .kernels import KERNELS, gemv
+from ..formats import Packed
+from .kernels import CACHE_TYPES, KERNELS, QGEMV_WEIGHTS, gemv, qgemv
 from .runtime import cdiv, i32
 
 
@@ -24,6 +27,7 @@ class FusedDecoder:
         gemv(rmsnorm -> wqkv), rope_kv, attention_decode, gemv(wo, h +=),
         gemv(rmsnorm -> w13), gemv(swiglu -> w2, h +=)
 
+    (each gemv a qgemv where the weight is kept as stored: `matvec` chooses by the weight)
     on buffers allocated once, reading the model's own weights and KV cache. The position and
     token ids live in a device array (`step`), so the launches are the same at every position:
     the first call for a batch size runs them and records them into a CUDA graph, and later calls
@@ -35,13 +39,17 @@ class FusedDecoder:
 
     @staticmethod
     def covers(model):
-        """Float32 weights (not Q8 or float16), heads that fit a block, and a cache row that
-        fits shared memory; anything else stays on the generic path."""
+        """Weights that gemv or qgemv reads (float32 arrays, or Packed as CudaOps.weight places
+        them; not llama2.c's Q8Tensor, nor a float16 array), a float32 or float16 KV cache,
+        heads that fit a block, and a cache row that fits shared memory; anything else stays
+        on the generic path."""
         p = model.params
-        dense = all(not isinstance(w, Q8Tensor) and w.dtype == np.float32
-                    for w in FusedDecoder._weights(model))
+        readable = all(isinstance(w, Packed) and w.format in QGEMV_WEIGHTS
+                       or getattr(w, "dtype", None) == np.float32
+                       for w in FusedDecoder._weights(model))
+        cache = all(layer.attention.cache_k.dtype.name in CACHE_TYPES for layer in model.layers)
         smem = 4 * (p.max_seq_len + p.head_dim + 4 * FusedDecoder.BLOCK)
-        return dense and p.head_dim <= FusedDecoder.BLOCK and smem <= 48 * 1024
+        return readable and cache and p.head_dim <= FusedDecoder.BLOCK and smem <= 48 * 1024
 
     @staticmethod
     def _weights(model):
@@ -128,14 +136,21 @@ class FusedDecoder:
         KERNELS.launch("embed_tokens", (bsz,), block,
                        (self.step, self.tok_embeddings, h, i32(p.dim)))
         for attn_norm, wqkv, wo, ffn_norm, w13, w2, cache_k, cache_v in self.layers:
-            gemv(h, wqkv, out=qkv, norm=attn_norm, eps=eps)
-            KERNELS.launch("rope_kv", (cdiv((nh + nkv) * hd // 2, B), bsz), block,
+            cache = CACHE_TYPES[cache_k.dtype.name]         # float, or float16 bits
+            matvec(h, wqkv, out=qkv, norm=attn_norm, eps=eps)
+            KERNELS.launch(f"rope_kv<{cache}>", (cdiv((nh + nkv) * hd // 2, B), bsz), block,
                            (qkv, self.step, self.freqs_cos, self.freqs_sin, q, cache_k, cache_v,
                             i32(nh), i32(nkv), i32(hd), i32(p.max_seq_len)))
-            KERNELS.launch(f"attention_decode<{width}>", (nh, bsz), block,
+            KERNELS.launch(f"attention_decode<{width},{cache}>", (nh, bsz), block,
                            (q, cache_k, cache_v, self.step, att, i32(nh), i32(nkv), i32(hd),
                             i32(p.max_seq_len), scale), shared_mem=attn_smem)
-            gemv(att, wo, out=h, accumulate=True)             # h += attention(...)
-            gemv(h, w13, out=h13, norm=ffn_norm, eps=eps)
-            gemv(h13, w2, out=h, accumulate=True, swiglu=True)  # h += feed_forward(...)
-        gemv(h, self.output, out=self.logits[:bsz], norm=self.norm, eps=eps)
+            matvec(att, wo, out=h, accumulate=True)             # h += attention(...)
+            matvec(h, w13, out=h13, norm=ffn_norm, eps=eps)
+            matvec(h13, w2, out=h, accumulate=True, swiglu=True)  # h += feed_forward(...)
+        matvec(h, self.output, out=self.logits[:bsz], norm=self.norm, eps=eps)
+
+
+def matvec(x, w, **kwargs):
+    """x @ w.T for the few rows of one decode step, by how w is stored: qgemv reads a Packed
+    weight as stored, gemv a float32 one. Both take out, accumulate, norm, eps and swiglu."""
+    return qgemv(x, w, **kwargs) if isinstance(w, Packed) else gemv(x, w, **kwargs)

@@ -1,21 +1,26 @@
-"""The checked entry points to kernels/*.cu: sgemm, gemv, bmm and softmax, and how each picks
-its variant.
+"""The checked entry points to kernels/*.cu, and how each picks its variant.
 
     sgemm(a, w)          a @ w.T, four versions (matmul.cu); v4 in the tile shape that fits
     gemv(x, w)           a @ w.T for a few rows, with an RMSNorm or SwiGLU prologue if asked
     bmm(a, b)            batched a @ b on strided views (the KV cache, read in place)
     softmax(x, ...)      over the last axis, causal mask built in (softmax.cu)
+  weights as stored (w a formats.Packed with CuPy planes: f16, bf16, q8_0, q4_0, q4_1):
+    qgemv(x, w)          gemv's job on packed weights, the same prologues (qgemv.cu)
+    to_16bit(x)          float32 -> float16 (or bfloat16 bits), round to nearest (matmul.cu)
+    gemm_v5(a, w)        a @ w.T on the tensor cores, a 16-bit (matmul.cu)
 
-Each takes float32 CuPy arrays (C-contiguous where the kernel indexes by row length) and raises
-DeviceError, naming the argument, on anything else, instead of failing inside CUDA. Each writes
-into `out` when given one, so a caller can reuse its buffers (FusedDecoder does).
+Each takes float32 CuPy arrays (C-contiguous where the kernel indexes by row length; gemm_v5
+16-bit ones) and raises DeviceError, naming the argument, on anything else, instead of failing
+inside CUDA. Each writes into `out` when given one, so a caller can reuse its buffers
+(FusedDecoder does).
 
 The tables below are the template instantiations that are compiled (KERNELS): every tile shape,
-row count and prologue a launch may name. docs/kernels.md explains each kernel.
+row count, format and prologue a launch may name. docs/kernels.md explains each kernel.
 """
 import numpy as np
 
 from ..errors import DeviceError
+from ..formats import FORMATS, Packed
 from .runtime import KernelModule, cdiv, i32, require_cupy, sm_count
 
 # sgemm_v4 tile shapes: name -> (BM, BN, BK, TM, TN, MIN_BLOCKS), see matmul.cu. MIN_BLOCKS
@@ -35,8 +40,21 @@ GEMV_PROLOGUES = {None: 0, "rmsnorm": 1, "swiglu": 2}     # GEMV_PLAIN, _RMSNORM
 # V * THREADS floats. The smallest that fits is used; longer rows go to softmax_warp.
 SOFTMAX_BLOCKS = ((1, 1024), (2, 1024), (4, 1024), (8, 1024), (16, 1024), (32, 1024))
 SOFTMAX_WARP_MAX = 1024            # rows up to this long: one warp per row (softmax_warp)
-# attention_decode<WIDTH> (decode.cu, launched by FusedDecoder): float4 or scalar loads
+# attention_decode<WIDTH, T> (decode.cu, launched by FusedDecoder): float4 or scalar loads
 ATTENTION_WIDTHS = (1, 4)
+# rope_kv<T>, attention_decode<WIDTH, T>: the KV cache's element type, by its NumPy dtype
+CACHE_TYPES = {"float32": "float", "float16": "unsigned short"}
+# qgemv<Fmt, ROWS, PRO>: weights per 16-byte load of each format (Fmt = "Fmt" + Packed.kernel)
+QGEMV_WEIGHTS = {"f16": 8, "bf16": 8, "q8_0": 16, "q4_0": 32, "q4_1": 32}
+QGEMV_ROWS = (1, 2, 4, 8)          # rows of x per pass
+QGEMV_SMEM = 96 * 1024             # shared memory per block for x (over 48 KiB: an opt-in)
+QGEMV_BLOCKS_PER_SM = 2            # blocks of the grid per SM; each stages x once
+# gemm_v5<BM, BN, STAGES, WF>: WF numbers the weight format (V5_F16 ... in matmul.cu). One
+# tile shape, BM, BN, STAGES = 128, 128, 4: the fastest at 4096^3 in float16 (H200, 2026-11-29;
+# the kernel also takes 128 x 256 x 3), and the more blocks of the two for a prompt's products.
+GEMM_V5_FORMATS = {"f16": 0, "bf16": 1, "q8_0": 2, "q4_0": 3, "q4_1": 4}
+GEMM_V5_CONFIGS = {"128x128x4": (128, 128, 4)}
+GEMM_V5_DEFAULT = "128x128x4"
 
 
 def _cpp_bool(flag):
@@ -49,9 +67,22 @@ def _templates():
              for c in SGEMM_CONFIGS.values() for vec in (True, False)]
     names += [f"gemv<{rows},{_cpp_bool(vec)},{pro}>" for rows in GEMV_ROWS
               for vec in (True, False) for pro in GEMV_PROLOGUES.values()]
-    names += [f"attention_decode<{width}>" for width in ATTENTION_WIDTHS]
+    names += [f"attention_decode<{width},{t}>" for width in ATTENTION_WIDTHS
+              for t in CACHE_TYPES.values()]
+    names += [f"rope_kv<{t}>" for t in CACHE_TYPES.values()]
     names += [f"softmax_block<{v},{t}>" for v, t in SOFTMAX_BLOCKS]
+    names += [f"qgemv<{_qgemv_format(fmt)},{rows},{pro}>" for fmt in QGEMV_WEIGHTS
+              for rows in QGEMV_ROWS for pro in GEMV_PROLOGUES.values()]
+    names += [f"gemm_v5<{bm},{bn},{stages},{wf}>" for bm, bn, stages in GEMM_V5_CONFIGS.values()
+              for wf in GEMM_V5_FORMATS.values()]
+    names += [f"f32_to_16bit<{_cpp_bool(bf16)},{_cpp_bool(vec)}>" for bf16 in (False, True)
+              for vec in (False, True)]
     return names
+
+
+def _qgemv_format(fmt):
+    """qgemv.cu's traits struct of a format: "q4_0" -> "FmtQ4_0" (the format module's KERNEL)."""
+    return "Fmt" + FORMATS[fmt].KERNEL[fmt]
 
 
 KERNELS = KernelModule(_templates())     # compiled on the first launch, once per process
@@ -60,25 +91,30 @@ KERNELS = KernelModule(_templates())     # compiled on the first launch, once pe
 # ----------------------------------------------------------------------------
 # checks
 
-def _check(name, a, ndim=None, contiguous=True):
+def _check(name, a, ndim=None, contiguous=True, dtype=np.float32, aligned=False):
+    """a: a CuPy array of `dtype` (and `ndim` dimensions, C-contiguous, 16-byte aligned where
+    asked), or a DeviceError naming it."""
     cupy = require_cupy()
     if not isinstance(a, cupy.ndarray):
         raise DeviceError(f"{name}: expected a CuPy array on the GPU, got {type(a).__name__} "
                           f"(move it with ops.asarray)")
-    if a.dtype != np.float32:
-        raise DeviceError(f"{name}: expected float32, got {a.dtype}")
+    if a.dtype != dtype:
+        raise DeviceError(f"{name}: expected {np.dtype(dtype)}, got {a.dtype}")
     if ndim is not None and a.ndim != ndim:
         raise DeviceError(f"{name}: expected {ndim} dimensions, got shape {a.shape}")
     if contiguous and not a.flags.c_contiguous:
         raise DeviceError(f"{name}: expected a C-contiguous array (cupy.ascontiguousarray), "
                           f"got strides {a.strides} for shape {a.shape}")
+    if aligned and not _aligned(a):
+        raise DeviceError(f"{name}: expected 16-byte aligned data (the kernel loads 16 bytes at "
+                          f"a time); copy it (a.copy())")
 
 
-def _output(out, shape):
+def _output(out, shape, aligned=False):
     """`out` checked against the result's shape, or a new array for it."""
     if out is None:
         return require_cupy().empty(shape, dtype=np.float32)
-    _check("out", out)
+    _check("out", out, aligned=aligned)
     if out.shape != tuple(shape):
         raise DeviceError(f"out: expected shape {tuple(shape)}, got {out.shape}")
     return out
@@ -245,3 +281,104 @@ def softmax(x, out=None, start_pos=None, kernel=None):
                           f"{max(v * t for v, t in SOFTMAX_BLOCKS)}), got {kernel!r} "
                           f"for rows of {n_cols}")
     return y
+
+
+# ----------------------------------------------------------------------------
+# weights as stored: qgemv.cu, and gemm_v5 with f32_to_16bit (matmul.cu)
+
+def _check_packed(w):
+    """w: a formats.Packed on the GPU in a format the kernels read. Returns its planes as the
+    kernels take them: (codes or values, scales, mins), the unused ones standing in any plane."""
+    if not isinstance(w, Packed) or w.format not in QGEMV_WEIGHTS:
+        raise DeviceError(f"w: expected a formats.Packed weight in one of "
+                          f"{', '.join(QGEMV_WEIGHTS)}, got {type(w).__name__} "
+                          f"{getattr(w, 'format', '')!r}")
+    if w.shape[1] % 8:                   # block formats are whole blocks of 32 already
+        raise DeviceError(f"w: a {w.format} weight needs rows of a multiple of 8 values (16-byte "
+                          f"loads), got shape {w.shape}")
+    main = w.planes.get("data", w.planes.get("qs"))
+    for name, plane in w.planes.items():         # Packed checked their shapes and dtypes
+        _check(f"w.{name}", plane, dtype=plane.dtype, aligned=plane is main)
+    return main, w.planes.get("d", main), w.planes.get("m", main)
+
+
+def qgemv(x, w, out=None, accumulate=False, norm=None, eps=1e-5, swiglu=False,
+          smem=QGEMV_SMEM, blocks_per_sm=QGEMV_BLOCKS_PER_SM):
+    """x @ W.T with W as stored: x (M, K) float32, w a formats.Packed (N, K) with CuPy planes
+    (f16, bf16, q8_0, q4_0, q4_1) -> (M, N) float32, every weight read once per 8 rows of x and
+    dequantized in registers.
+
+    accumulate, norm, eps, swiglu: as gemv (add into out; RMSNorm of x; x = [h1 | h3]).
+    smem: bytes of shared memory a block may use for x; blocks_per_sm: blocks of the grid per
+    SM (each block stages x once, then walks many weight rows). x, norm and out are read and
+    written 16 bytes at a time: C-contiguous and 16-byte aligned."""
+    if norm is not None and swiglu:
+        raise DeviceError("qgemv: norm and swiglu are two prologues; give one")
+    qs, d, m = _check_packed(w)
+    _check("x", x, 2, aligned=True)
+    (M, K_x), (N, K) = x.shape, w.shape
+    if K_x != (2 * K if swiglu else K):
+        raise DeviceError(f"qgemv: x is (M, K) = {x.shape} but w is (N, K) = {w.shape}"
+                          + (" (swiglu: x must be (M, 2K))" if swiglu else ""))
+    if norm is not None:
+        _check("norm", norm, 1, aligned=True)
+        if norm.shape != (K,):
+            raise DeviceError(f"norm: expected shape ({K},), got {norm.shape}")
+    if accumulate and out is None:
+        raise DeviceError("qgemv: accumulate=True needs the array to add into as out")
+    y = _output(out, (M, N), aligned=True)
+    if M == 0 or N == 0:
+        return y
+    rows = next(r for r in QGEMV_ROWS if r >= min(M, QGEMV_ROWS[-1]))
+    nr = 4 if rows >= 4 else 2                   # weight rows per warp (qgemv.cu's NR)
+    # x chunk: all of K if ROWS rows of it fit `smem`, else a multiple of one warp's sweep
+    step = 32 * QGEMV_WEIGHTS[w.format]
+    kc = K if rows * K * 4 <= smem else max(step, smem // (rows * 4) // step * step)
+    prologue = GEMV_PROLOGUES["rmsnorm" if norm is not None else "swiglu" if swiglu else None]
+    grid = min(cdiv(N, 8 * nr), blocks_per_sm * sm_count())
+    KERNELS.launch(f"qgemv<{_qgemv_format(w.format)},{rows},{prologue}>", (grid,), (256,),
+                   (x, qs, d, m, y, i32(M), i32(N), i32(K), i32(bool(accumulate)),
+                    x if norm is None else norm, np.float32(eps), i32(kc)),
+                   shared_mem=rows * kc * 4)
+    return y
+
+
+def to_16bit(x, bf16=False, out=None):
+    """float32 x -> float16 (or bfloat16 bits, uint16), rounded to nearest even: the
+    activations' way into gemm_v5."""
+    cupy = require_cupy()
+    _check("x", x)
+    dtype = np.uint16 if bf16 else np.float16
+    if out is None:
+        out = cupy.empty(x.shape, dtype=dtype)
+    else:
+        _check("out", out, dtype=dtype)
+        if out.shape != x.shape:
+            raise DeviceError(f"out: expected shape {x.shape}, got {out.shape}")
+    n = x.size
+    if n:
+        vec = n % 4 == 0 and _aligned(x, out)
+        KERNELS.launch(f"f32_to_16bit<{_cpp_bool(bf16)},{_cpp_bool(vec)}>",
+                       (cdiv(n, 4 * 256),), (256,), (x, out, np.int64(n)))
+    return out
+
+
+def gemm_v5(a, w, out=None, config=GEMM_V5_DEFAULT):
+    """a @ W.T on the tensor cores: a (M, K) float16 (bfloat16 bits as uint16 when W is bf16;
+    to_16bit makes either), w a formats.Packed (N, K) in f16, bf16, q8_0, q4_0 or q4_1 ->
+    (M, N) float32, float32 accumulation. config: a tile shape of GEMM_V5_CONFIGS."""
+    main, d, m = _check_packed(w)
+    _check("a", a, 2, dtype=np.uint16 if w.format == "bf16" else np.float16, aligned=True)
+    (M, K), (N, K_w) = a.shape, w.shape
+    if K != K_w:
+        raise DeviceError(f"gemm_v5: a is (M, K) = {a.shape} but w is (N, K) = {w.shape}")
+    if config not in GEMM_V5_CONFIGS:
+        raise DeviceError(f"config: expected one of {', '.join(GEMM_V5_CONFIGS)}, got {config!r}")
+    c = _output(out, (M, N), aligned=True)
+    if M == 0 or N == 0:
+        return c
+    bm, bn, stages = GEMM_V5_CONFIGS[config]
+    KERNELS.launch(f"gemm_v5<{bm},{bn},{stages},{GEMM_V5_FORMATS[w.format]}>",
+                   (cdiv(N, bn), cdiv(M, bm)), (256,), (a, main, d, m, c, i32(M), i32(N), i32(K)),
+                   shared_mem=stages * (bm + bn) * 64)
+    return c

@@ -4,14 +4,15 @@ CuPy is imported the first time a GPU is needed (require_cupy), not when this pa
 `import minillama.cuda` works on a machine without CuPy; using the GPU there raises DeviceError,
 saying what to install.
 
-The four .cu files are compiled together, as one `cupy.RawModule`, by NVRTC (CUDA's compiler
-at run time), on the first launch and once per process; CuPy also keeps the binary in its disk
+The .cu files are compiled together, as one `cupy.RawModule`, by NVRTC (CUDA's compiler at
+run time), on the first launch and once per process; CuPy also keeps the binary in its disk
 cache, so a second process starts at once. A template kernel such as `gemv<ROWS, VEC, PRO>` is
 compiled only for the instantiations named when compiling (kernels.py lists them, from its
 tables), and a launch names one of them: "gemv<1,true,0>".
 
-The sources come from the package minillama.kernels: the kernels/ folder of a checkout
-(`pip install -e .`, or just on PYTHONPATH) or the installed copy after `pip install .`.
+The sources come from the kernels/ folder of the checkout this code runs from (installed with
+`pip install -e .`, or just on PYTHONPATH), or from the installed package minillama.kernels
+after `pip install .`.
 """
 import functools
 import importlib.resources
@@ -21,7 +22,12 @@ import numpy as np
 
 from ..errors import DeviceError
 
-KERNEL_FILES = ("reduce.cu", "matmul.cu", "softmax.cu", "decode.cu")   # in compile order
+# in compile order: qgemv.cu uses matmul.cu's float16 helpers and GEMV prologues, decode.cu
+# its float16 conversions; all use reduce.cu's reductions
+KERNEL_FILES = ("reduce.cu", "matmul.cu", "qgemv.cu", "softmax.cu", "decode.cu")
+SHARED_DEFAULT = 48 * 1024  # dynamic shared memory a launch gets without asking for more
+# CUfunction_attribute CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES (the CUDA driver API)
+MAX_DYNAMIC_SHARED_SIZE_BYTES = 8
 
 i32 = np.int32              # sizes and indices reach the kernels as 32-bit ints
 
@@ -54,12 +60,13 @@ def require_cupy():
 
 
 def kernel_dir():
-    """The installed package minillama.kernels (pip install . or -e .), or else the kernels/
-    folder beside minillama/ in a checkout that is only on PYTHONPATH."""
-    try:
-        return importlib.resources.files("minillama.kernels")
-    except ModuleNotFoundError:
-        return Path(__file__).resolve().parents[2] / "kernels"
+    """The kernels/ folder beside minillama/ when this code runs from a checkout, so that a
+    checkout on PYTHONPATH compiles its own sources even where another one is pip-installed
+    (-e); else the installed package minillama.kernels (pip install .)."""
+    beside = Path(__file__).resolve().parents[2] / "kernels"
+    if all((beside / name).is_file() for name in KERNEL_FILES):
+        return beside
+    return importlib.resources.files("minillama.kernels")
 
 
 def kernel_source():
@@ -93,6 +100,7 @@ class KernelModule:
         self.templates = tuple(templates)
         self.launches = 0       # kernels launched so far; CuPy's own array operations (such
         self._functions = {}    # as the model's elementwise math) are not counted
+        self._shared = {}       # name -> dynamic shared memory granted beyond the default
 
     @functools.cached_property
     def module(self):
@@ -104,8 +112,17 @@ class KernelModule:
 
     def launch(self, name, grid, block, args, shared_mem=0):
         """Launch kernel `name` on the current stream: grid and block are tuples of up to three
-        sizes, args the kernel's parameters in order (arrays, and numpy scalars of its types)."""
+        sizes, args the kernel's parameters in order (arrays, and numpy scalars of its types).
+        shared_mem: bytes of dynamic shared memory; over 48 KiB the kernel is first allowed
+        that much (an attribute of the function, set outside any CUDA graph capture as long as
+        the first launch of each size runs eagerly, as FusedDecoder's does)."""
         if name not in self._functions:          # looking a function up costs a driver call
             self._functions[name] = self.module.get_function(name)
+        function = self._functions[name]
+        if shared_mem > max(SHARED_DEFAULT, self._shared.get(name, 0)):
+            # only ever raised: lowering it for a smaller launch would fail a later larger one
+            require_cupy().cuda.driver.funcSetAttribute(
+                function.ptr, MAX_DYNAMIC_SHARED_SIZE_BYTES, shared_mem)
+            self._shared[name] = shared_mem
         self.launches += 1
-        self._functions[name](grid, block, args, shared_mem=shared_mem)
+        function(grid, block, args, shared_mem=shared_mem)

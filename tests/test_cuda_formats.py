@@ -1,0 +1,464 @@
+"""Weights as stored, on the GPU (issue 10): qgemv and gemm_v5 through the package's own checked
+wrappers, CudaOps and FusedDecoder on models whose weights are formats.Packed, and the float16
+KV cache.
+
+Tests marked `gpu` need CuPy and an NVIDIA GPU and skip cleanly without them (test_cuda's `cp`
+fixture). The conventions are test_cuda.py's: fresh random inputs each run, odd sizes, outputs
+poisoned with NaN first, relative errors in the norm against a float64 reference. The reference
+of a stored weight is formats.dequantize, the NumPy reference the CPU backend multiplies by.
+
+Bounds: a kernel that multiplies float32 x by exactly the weights the reference dequantizes and
+sums in float32 (qgemv) is held to 1e-5, as every float32 kernel of test_cuda.py; the tensor
+cores (gemm_v5) see x rounded to 16 bits, and are held to 2e-3 against float64 of the rounded
+inputs. A model on the GPU is held to the CPU model with the same stored weights: logits within
+1e-4 relative at every step, greedy tokens identical.
+"""
+import numpy as np
+import pytest
+
+from conftest import ODD
+from minillama import formats
+from minillama.checkpoints.random import random_weights
+from minillama.cuda import runtime
+from minillama.errors import DeviceError
+from minillama.formats import Packed
+from minillama.model import ModelArgs, Transformer
+from minillama.ops import CPU
+from test_cuda import cp, cuda, poison, rel_err  # noqa: F401  (fixtures and helpers)
+
+gpu = pytest.mark.gpu
+rng = np.random.default_rng()           # fresh inputs every run
+
+STORED = ("f16", "bf16", "q8_0", "q4_0", "q4_1")     # the formats qgemv and gemm_v5 read
+BLOCKED = ("q8_0", "q4_0", "q4_1")
+
+
+def stored_weight(fmt, rows, cols):
+    """A random (rows, cols) weight stored in `fmt` by formats.quantize, its rows scaled over
+    2^-8 .. 2^4 so that the scales span many octaves; with its float64 reference."""
+    w = rng.standard_normal((rows, cols)).astype(np.float32)
+    w *= (2.0 ** rng.integers(-8, 5, (rows, 1))).astype(np.float32)
+    packed = formats.quantize(w, fmt)
+    return packed, formats.dequantize(packed).astype(np.float64)
+
+
+def rounded(x, fmt):
+    """x as the tensor cores see it: float16, or bfloat16 for a bf16 weight, back in float64."""
+    if fmt == "bf16":
+        return formats.dense.bf16_to_f32(formats.dense.to_bf16(x)).astype(np.float64)
+    return x.astype(np.float16).astype(np.float64)
+
+
+# ----------------------------------------------------------------------------
+# qgemv.cu
+
+QGEMV_SIZES = [(1, 32), (3, 96), (17, 4128), (127, 1024), (33, 11008)]    # (N, K), whole blocks
+DENSE_SIZES = [(5, 8), (77, 1000)]                   # f16 and bf16 need only K % 8 == 0
+BATCHES = (1, 2, 3, 5, 8, 9, 13, 64)
+
+
+@gpu
+@pytest.mark.parametrize("fmt,N,K", [(f, n, k) for f in STORED for n, k in QGEMV_SIZES]
+                         + [(f, n, k) for f in ("f16", "bf16") for n, k in DENSE_SIZES])
+def test_qgemv_matches_float64_of_the_dequantized_weights(cuda, cp, fmt, N, K):
+    packed, w64 = stored_weight(fmt, N, K)
+    w = packed.map(cp.asarray)
+    for M in BATCHES:
+        x = rng.standard_normal((M, K)).astype(np.float32)
+        out = poison(cp, (M, N))
+        y = cuda.kernels.qgemv(cp.asarray(x), w, out=out)
+        assert y is out
+        assert rel_err(y, x.astype(np.float64) @ w64.T) < 1e-5, f"M={M}"
+
+
+@gpu
+@pytest.mark.parametrize("fmt", STORED)
+def test_qgemv_prologues_accumulate_and_chunks(cuda, cp, fmt):
+    from minillama.model import rms_norm, silu
+    N, K = 129, 2080
+    packed, w64 = stored_weight(fmt, N, K)
+    w = packed.map(cp.asarray)
+    for M in (1, 3, 8, 13):
+        x = rng.standard_normal((M, K)).astype(np.float32)
+        x64 = x.astype(np.float64)
+        g = (1 + 0.1 * rng.standard_normal(K)).astype(np.float32)
+        ref = rms_norm(x64, g.astype(np.float64), 1e-5) @ w64.T
+        for smem in (cuda.kernels.QGEMV_SMEM, 1):        # x whole, or in chunks of k
+            y = cuda.kernels.qgemv(cp.asarray(x), w, out=poison(cp, (M, N)), norm=cp.asarray(g),
+                                   eps=1e-5, smem=smem)
+            assert rel_err(y, ref) < 1e-5, f"rmsnorm M={M} smem={smem}"
+        h = (2 * rng.standard_normal((M, 2 * K))).astype(np.float32)
+        h64 = h.astype(np.float64)
+        y = cuda.kernels.qgemv(cp.asarray(h), w, out=poison(cp, (M, N)), swiglu=True)
+        assert rel_err(y, (silu(h64[:, :K]) * h64[:, K:]) @ w64.T) < 1e-5, f"swiglu M={M}"
+        y0 = rng.standard_normal((M, N)).astype(np.float32)
+        y = cp.asarray(y0)
+        cuda.kernels.qgemv(cp.asarray(x), w, out=y, accumulate=True, smem=1, blocks_per_sm=1)
+        assert rel_err(y, y0 + x64 @ w64.T) < 1e-5, f"accumulate M={M}"
+
+
+# ----------------------------------------------------------------------------
+# matmul.cu: f32_to_16bit and gemm_v5
+
+@gpu
+@pytest.mark.parametrize("bf16", [False, True])
+@pytest.mark.parametrize("shape", [(1, 8), (3, 17), (37, 1000), (129, 4128)])
+def test_to_16bit_rounds_as_numpy(cuda, cp, bf16, shape):
+    x = (rng.standard_normal(shape) * 2.0 ** rng.integers(-20, 20, shape)).astype(np.float32)
+    got = cuda.kernels.to_16bit(cp.asarray(x), bf16=bf16).get()
+    if bf16:
+        assert got.dtype == np.uint16 and (got == formats.dense.to_bf16(x)).all()
+    else:
+        assert got.dtype == np.float16 and (got.view(np.uint16) ==
+                                            x.astype(np.float16).view(np.uint16)).all()
+
+
+GEMM_SIZES = [(1, 8, 32), (37, 127, 96), (65, 77, 1024), (128, 256, 1024), (300, 1000, 4128)]
+
+
+@gpu
+@pytest.mark.parametrize("fmt", STORED)
+@pytest.mark.parametrize("M,N,K", GEMM_SIZES + [(129, 33, 1000)])
+def test_gemm_v5_matches_float64_of_the_16bit_inputs(cuda, cp, fmt, M, N, K):
+    if K % 32 and fmt in BLOCKED:
+        pytest.skip("block formats hold whole blocks of 32")
+    packed, w64 = stored_weight(fmt, N, K)
+    if fmt in BLOCKED:                 # gemm_v5 scales a block's codes in float16 arithmetic
+        w64 = w64.astype(np.float16).astype(np.float64)
+    x = rng.standard_normal((M, K)).astype(np.float32)
+    a = cuda.kernels.to_16bit(cp.asarray(x), bf16=fmt == "bf16")
+    out = poison(cp, (M, N))
+    c = cuda.kernels.gemm_v5(a, packed.map(cp.asarray), out=out)
+    assert c is out
+    assert rel_err(c, rounded(x, fmt) @ w64.T) < 2e-3
+
+
+@gpu
+def test_packed_kernels_reject_misuse(cuda, cp):
+    k = cuda.kernels
+    host, _ = stored_weight("q4_0", 8, 64)
+    w = host.map(cp.asarray)
+    x = cp.ones((2, 64), np.float32)
+    f16 = formats.quantize(np.ones((8, 12), np.float32), "f16").map(cp.asarray)
+    unaligned = cp.ones(2 * 64 + 1, np.float32)[1:].reshape(2, 64)
+    cases = [
+        (lambda: k.qgemv(x.astype(np.float64), w), "x: expected float32"),
+        (lambda: k.qgemv(cp.ones((2, 32), np.float32), w), "(N, K)"),
+        (lambda: k.qgemv(x, w, accumulate=True), "accumulate"),
+        (lambda: k.qgemv(x, w, norm=x[0], swiglu=True), "one"),
+        (lambda: k.qgemv(x, host), "CuPy array"),
+        (lambda: k.qgemv(x, np.ones((8, 64), np.float32)), "formats.Packed"),
+        (lambda: k.qgemv(x, formats.quantize(np.ones((8, 64), np.float32), "f32")), "q4_1"),
+        (lambda: k.qgemv(cp.ones((2, 12), np.float32), f16), "multiple of 8"),
+        (lambda: k.qgemv(unaligned, w), "aligned"),
+        (lambda: k.qgemv(x, w, out=cp.empty((2, 9), np.float32)), "out"),
+        (lambda: k.gemm_v5(x, w), "float16"),
+        (lambda: k.gemm_v5(x.astype(np.float16), w, config="1x1"), "config"),
+        (lambda: k.gemm_v5(cp.ones((2, 32), np.float16), w), "(N, K)"),
+        (lambda: k.to_16bit(x, out=cp.empty((2, 64), np.float32)), "out"),
+    ]
+    for call, words in cases:
+        with pytest.raises(DeviceError, match=words.replace("(", r"\(").replace(")", r"\)")):
+            call()
+
+
+@gpu
+def test_the_module_has_the_instances_the_wrappers_launch(cuda, cp):
+    names = set(cuda.kernels.KERNELS.templates)
+    for fmt in STORED:
+        for rows in cuda.kernels.QGEMV_ROWS:
+            for pro in cuda.kernels.GEMV_PROLOGUES.values():
+                assert f"qgemv<Fmt{formats.FORMATS[fmt].KERNEL[fmt]},{rows},{pro}>" in names
+        assert f"gemm_v5<128,128,4,{cuda.kernels.GEMM_V5_FORMATS[fmt]}>" in names
+    assert "qgemv.cu" in runtime.KERNEL_FILES
+    source = runtime.kernel_source()
+    for kernel in ("qgemv", "gemm_v5", "f32_to_16bit", "rope_kv", "attention_decode"):
+        assert f"\n{kernel}(" in source or f" {kernel}(" in source
+
+
+# ----------------------------------------------------------------------------
+# CudaOps: linear(x, Packed) reads the weight as stored
+
+@gpu
+@pytest.mark.parametrize("fmt", STORED)
+def test_cuda_ops_linear_keeps_packed_weights_packed(cuda, cp, fmt):
+    ops = cuda.CudaOps()
+    packed, w64 = stored_weight(fmt, 45, 96)
+    w = ops.weight(packed)
+    assert isinstance(w, Packed) and w.format == fmt and w.shape == packed.shape
+    assert all(isinstance(a, cp.ndarray) for a in w.planes.values())
+    assert w.nbytes == packed.nbytes == formats.bytes_for(fmt, packed.shape)
+    for lead in [(1, 1), (3, 1), (2, 5), (64, 1)]:       # up to 64 rows: qgemv, float32 x
+        x = rng.standard_normal(lead + (96,)).astype(np.float32)
+        got = ops.linear(x, w)
+        assert isinstance(got, cp.ndarray) and got.shape == lead + (45,)
+        assert rel_err(got, x.astype(np.float64) @ w64.T) < 1e-5, f"rows {lead}"
+        assert rel_err(got, CPU.linear(x, packed)) < 1e-5      # NumpyOps dequantizes
+    if fmt in BLOCKED:
+        w64 = w64.astype(np.float16).astype(np.float64)
+    for lead in [(65, 1), (3, 70)]:                       # more rows: gemm_v5, 16-bit x
+        x = rng.standard_normal(lead + (96,)).astype(np.float32)
+        got = ops.linear(x, w)
+        assert got.shape == lead + (45,) and got.dtype == np.float32
+        assert rel_err(got, rounded(x, fmt) @ w64.T) < 2e-3, f"rows {lead}"
+
+
+@gpu
+def test_cuda_ops_widens_a_16bit_weight_its_kernels_cannot_read(cuda, cp):
+    ops = cuda.CudaOps()
+    packed = formats.quantize(rng.standard_normal((7, 12)).astype(np.float32), "bf16")
+    w = ops.weight(packed)                              # rows of 12 values: not 16-byte loads
+    assert isinstance(w, cp.ndarray) and w.dtype == np.float32
+    x = rng.standard_normal((3, 12)).astype(np.float32)
+    assert rel_err(ops.linear(x, w), x.astype(np.float64) @
+                   formats.dequantize(packed).astype(np.float64).T) < 1e-5
+
+
+# ----------------------------------------------------------------------------
+# models whose weights are stored in each format, on every GPU path
+
+# every matrix of whole blocks of 32; 4 heads of 16, 2 kv heads (GQA), an odd vocabulary
+PACKED_ARGS = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=97, hidden_dim=96,
+                   max_seq_len=48, max_batch_size=3)
+MODES = ["generic", "fused", "fused+graphs"]
+
+
+def stored_model_weights(p, fmt, tied=False, seed=None, embedding=None):
+    """random_weights(p) with every matrix stored in `fmt` (formats.quantize; "f32" keeps them
+    float32 arrays) and the norms float32. embedding: the embedding table's own format (the
+    classifier too, when tied), as a GGUF file may store it; `fmt` when None."""
+    seed = rng.integers(1 << 30) if seed is None else seed
+    weights = random_weights(p, seed=seed, tied=tied)
+    stored = {}
+    for name, w in weights.items():
+        if name == "output.weight" and tied:
+            continue
+        want = embedding if embedding and name == "tok_embeddings.weight" else fmt
+        stored[name] = w if w.ndim == 1 or want == "f32" else formats.quantize(w, want, name)
+    if tied:
+        stored["output.weight"] = stored["tok_embeddings.weight"]
+    return stored
+
+
+def gpu_ops(cuda, mode):
+    return cuda.CudaOps(fused_decode=mode != "generic", graphs=mode == "fused+graphs")
+
+
+def decode_against_cpu(ops, gpu_model, cpu_model, vocab, bound=1e-4, ties=False, bsz=3,
+                       prompt_len=5, steps=12):
+    """A prompt, then one token per row and step (bsz, then bsz - 1 for two steps, then bsz
+    again), through ops.decoder as the generation loops call it; every step's logits within
+    `bound` of the CPU model's, and the greedy token of every row the same. ties: a row whose
+    CPU logits have their top two closer than the largest difference between the two backends
+    may choose either."""
+    forward = ops.decoder(gpu_model)
+    prompt = rng.integers(0, vocab, size=(bsz, prompt_len))
+    got = forward(prompt, 0)
+    ref = cpu_model.forward(prompt, 0)
+    assert rel_err(got, ref) < bound, "prompt"
+    for pos in range(prompt_len, prompt_len + steps):
+        rows = bsz - 1 if pos in (prompt_len + 4, prompt_len + 5) else bsz
+        tok = rng.integers(0, vocab, size=(rows, 1))
+        got = forward(tok, pos)
+        ref = cpu_model.forward(tok, pos)
+        assert got.shape == (rows, 1, vocab)
+        assert rel_err(got, ref) < bound, f"position {pos}"
+        g, c = got.get()[:, -1], ref[:, -1]                     # (rows, vocab)
+        same = g.argmax(-1) == c.argmax(-1)
+        if ties:
+            top2 = np.sort(c, axis=-1)[:, -2:]
+            same |= top2[:, 1] - top2[:, 0] <= 2 * np.abs(g - c).max(-1)
+        assert same.all(), f"position {pos}: greedy tokens differ"
+
+
+@gpu
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("fmt", STORED)
+def test_stored_model_on_the_gpu_matches_the_cpu(cuda, cp, fmt, mode):
+    p = ModelArgs(**PACKED_ARGS)
+    weights = stored_model_weights(p, fmt, tied=fmt in ("bf16", "q8_0"))
+    ops = gpu_ops(cuda, mode)
+    gpu_model, cpu_model = Transformer(p, weights, ops), Transformer(p, weights, CPU)
+    for w in (gpu_model.layers[0].attention.wqkv, gpu_model.layers[1].feed_forward.w2,
+              gpu_model.output):                           # kept as stored, on the GPU
+        assert isinstance(w, Packed) and w.format == fmt
+        assert all(isinstance(a, cp.ndarray) for a in w.planes.values())
+    decode_against_cpu(ops, gpu_model, cpu_model, p.vocab_size)
+    decoder = ops._decoders.get(gpu_model)
+    if mode == "generic":
+        assert decoder is None
+    else:
+        assert decoder is not None, "FusedDecoder must cover every storage format"
+        assert decoder.launches_per_step[3] == 6 * p.n_layers + 2
+        assert (3 in decoder.graphs) == (mode == "fused+graphs")
+
+
+@gpu
+@pytest.mark.parametrize("fmt", STORED)
+def test_a_long_prompt_goes_through_the_tensor_cores(cuda, cp, fmt):
+    """3 x 30 = 90 rows: gemm_v5, x rounded to 16 bits before each product. Each rounding moves
+    a value by up to 2^-11 (float16) or 2^-8 (bfloat16) of itself; through two layers and the
+    classifier that is ~1e-3 (~6e-3 for bfloat16) of the logits, held to 5e-3 (2e-2). The step
+    after it reads the keys and values the prompt wrote, so it is held to the same."""
+    p = ModelArgs(**PACKED_ARGS)
+    weights = stored_model_weights(p, fmt)
+    gpu_model, cpu_model = Transformer(p, weights, cuda.CudaOps()), Transformer(p, weights, CPU)
+    prompt = rng.integers(0, p.vocab_size, size=(3, 30))
+    bound = 2e-2 if fmt == "bf16" else 5e-3
+    assert rel_err(gpu_model.forward(prompt, 0), cpu_model.forward(prompt, 0)) < bound
+    tok = rng.integers(0, p.vocab_size, size=(3, 1))          # then decoding: qgemv again
+    forward = gpu_model.ops.decoder(gpu_model)
+    assert rel_err(forward(tok, 30), cpu_model.forward(tok, 30)) < bound
+
+
+# ----------------------------------------------------------------------------
+# the float16 KV cache
+
+@gpu
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("shape,fmt", [("odd", "f32"), ("packed", "q4_0")])
+def test_float16_kv_cache_on_the_gpu_matches_the_cpu(cuda, cp, shape, fmt, mode):
+    """The cache holds float16 on both sides: a key or value is rounded to nearest as it is
+    written (rope_kv, or the generic path's assignment; NumPy's on the CPU) and widened as it
+    is read, and attention computes in float32. The two backends' float32 keys and values
+    differ by rounding (~1e-7), and where that carries one across a float16 rounding boundary
+    the caches differ by one float16 step (2^-11 of it): logits move by up to ~2e-4 on these
+    tiny models, against ~1e-6 with a float32 cache. Held to 1e-3, and greedy tokens equal
+    except at near-ties. The odd shape has head_dim 6 (attention reads the cache element by
+    element), the packed one 16 (4 at a time)."""
+    p = ModelArgs(**(ODD if shape == "odd" else PACKED_ARGS))
+    weights = stored_model_weights(p, fmt)
+    ops = gpu_ops(cuda, mode)
+    gpu_model = Transformer(p, weights, ops, kv_dtype="float16")
+    cpu_model = Transformer(p, weights, CPU, kv_dtype="float16")
+    cache = gpu_model.layers[0].attention.cache_k
+    assert isinstance(cache, cp.ndarray) and cache.dtype == np.float16
+    decode_against_cpu(ops, gpu_model, cpu_model, p.vocab_size, bound=1e-3, ties=True)
+    if mode != "generic":
+        assert ops._decoders.get(gpu_model) is not None, "FusedDecoder covers a float16 cache"
+
+
+# ----------------------------------------------------------------------------
+# one graph replay per token, nothing allocated per step
+
+@gpu
+def test_graph_decoding_allocates_nothing_per_step(cuda, cp):
+    p = ModelArgs(**{**PACKED_ARGS, "max_seq_len": 64, "max_batch_size": 1})
+    ops = cuda.CudaOps()
+    model = Transformer(p, stored_model_weights(p, "q4_0", tied=True), ops)
+    forward = ops.decoder(model)
+    token = int(forward(np.array([[1, 2, 3]]), 0)[0, -1].argmax())      # the prompt
+    for pos in (3, 4):                                   # the first step records the graph
+        token = int(forward(np.array([[token]]), pos)[0, -1].argmax())
+    pool = cp.get_default_memory_pool()
+    before = pool.used_bytes()
+    for pos in range(5, 55):                             # 50 steps, each one graph replay
+        token = int(forward(np.array([[token]]), pos)[0, -1].argmax())
+    assert pool.used_bytes() == before
+    decoder = ops._decoders[model]
+    assert 1 in decoder.graphs and decoder.graphs[1] is not None
+
+
+# ----------------------------------------------------------------------------
+# SmolLM2 Q4_1 (the default model) in its native format, and a random model of its shape
+
+def greedy_logits(forward, prompt, steps):
+    """Greedy ids after `prompt` (the prompt in one call, then one token per call) and the
+    logits of every step, on the host."""
+    ids, all_logits = list(prompt), []
+    logits = forward(np.array([ids]), 0)
+    for _ in range(steps):
+        last = np.asarray(logits.get() if hasattr(logits, "get") else logits)[0, -1]
+        all_logits.append(last)
+        ids.append(int(last.argmax()))
+        logits = forward(np.array([ids[-1:]]), len(ids) - 1)
+    return ids[len(prompt):], np.array(all_logits)
+
+
+def assert_same_greedy(gpu_run, cpu_run):
+    (gpu_ids, gpu_logits), (cpu_ids, cpu_logits) = gpu_run, cpu_run
+    assert gpu_ids == cpu_ids
+    for step, (g, c) in enumerate(zip(gpu_logits, cpu_logits)):
+        err = np.linalg.norm(g - c) / np.linalg.norm(c)
+        assert err < 1e-4, f"step {step}: logits differ by {err:.2e}"
+
+
+def dequantized(weights):
+    """The same weights as float32 arrays (formats.dequantize), a tied table still one object."""
+    done = {}
+    for name, w in weights.items():
+        if id(w) not in done:
+            done[id(w)] = formats.dequantize(w) if isinstance(w, Packed) else w
+    return {name: done[id(w)] for name, w in weights.items()}
+
+
+@gpu
+def test_smollm2_q4_1_greedy_on_the_gpu_in_its_own_format_matches_the_cpu(cuda, cp):
+    from minillama.download import DEFAULT_MODEL, MODELS, cache_dir
+    from minillama.loading import load_model
+    path = cache_dir() / MODELS[DEFAULT_MODEL][0]
+    if not path.is_file():
+        pytest.skip(f"SmolLM2 is not cached ({path}); the random model of its shape stands in")
+    gpu_model = load_model(path, device="cuda", max_seq_len=80)
+    matrices = [w for layer in gpu_model.layers
+                for w in (layer.attention.wqkv, layer.feed_forward.w13, layer.feed_forward.w2)]
+    assert any(isinstance(w, Packed) and w.format == "q4_1" for w in matrices), \
+        "the GPU keeps SmolLM2's Q4_1 tensors as stored"
+    assert gpu_model.ops._fused_decoder(gpu_model) is not None
+    cpu_model = load_model(path, device="cpu", max_seq_len=80)
+    prompt = [1, 9690, 198, 504]                  # a few token ids
+    assert_same_greedy(greedy_logits(gpu_model.ops.decoder(gpu_model), prompt, 64),
+                       greedy_logits(cpu_model.forward, prompt, 64))
+
+
+@gpu
+def test_random_q4_1_model_of_smollm2s_shape_greedy_matches_the_cpu(cuda, cp):
+    """SmolLM2-135M's widths (dim 576, 9 heads of 64 sharing 3 kv heads, hidden 1536, vocab
+    49152, rope theta 1e5), 4 of its 30 layers, matrices in Q4_1 and the tied embedding in Q8_0
+    as its GGUF file stores them. The CPU runs the dequantized float32 weights: what NumpyOps
+    multiplies by when it keeps them packed, and what the CPU rule expands them to."""
+    p = ModelArgs(dim=576, n_layers=4, n_heads=9, n_kv_heads=3, hidden_dim=1536,
+                  vocab_size=49152, rope_theta=100000.0, max_seq_len=80, max_batch_size=1)
+    weights = stored_model_weights(p, "q4_1", tied=True, embedding="q8_0")
+    ops = cuda.CudaOps()
+    gpu_model = Transformer(p, weights, ops)
+    assert isinstance(gpu_model.output, Packed) and gpu_model.output.format == "q8_0"
+    assert ops._fused_decoder(gpu_model) is not None
+    cpu_model = Transformer(p, dequantized(weights), CPU)
+    prompt = [1, 9690, 198, 504]
+    assert_same_greedy(greedy_logits(ops.decoder(gpu_model), prompt, 64),
+                       greedy_logits(cpu_model.forward, prompt, 64))
+
+
+# ----------------------------------------------------------------------------
+# no GPU needed
+
+def covered(matrix, cache_dtype=np.float32, params=None):
+    """FusedDecoder.covers of a stand-in model: every matrix `matrix`, float32 norms, a KV
+    cache of `cache_dtype`; just what covers reads."""
+    from types import SimpleNamespace as Stub
+    from minillama.cuda import FusedDecoder
+    p = params or ModelArgs(**PACKED_ARGS)
+    norm = np.ones(p.dim, np.float32)
+    layer = Stub(attention=Stub(wqkv=matrix, wo=matrix, cache_k=np.zeros(1, cache_dtype)),
+                 feed_forward=Stub(w13=matrix, w2=matrix), attention_norm=norm, ffn_norm=norm)
+    return FusedDecoder.covers(Stub(params=p, output=matrix, norm=norm,
+                                    layers=[layer] * p.n_layers))
+
+
+def test_fused_decoder_covers_every_storage_format_and_a_float16_cache():
+    from minillama.quant import Q8Tensor, quantize_q8
+    w = rng.standard_normal((64, 64)).astype(np.float32)
+    assert covered(w) and covered(w, np.float16)
+    for fmt in STORED:
+        assert covered(formats.quantize(w, fmt)), fmt
+    assert not covered(Q8Tensor(*quantize_q8(w, 32), 32))      # llama2.c's int8: generic path
+    assert not covered(w.astype(np.float16))                    # a float16 array: generic path
+    assert not covered(w, np.float64)
+    assert not covered(w, params=ModelArgs(**{**PACKED_ARGS, "max_seq_len": 20000}))
+
+
+def test_kernel_sources_come_from_this_checkout():
+    # a checkout on PYTHONPATH compiles its own kernels/, even where another is pip-installed
+    from pathlib import Path
+    assert runtime.kernel_dir() == Path(runtime.__file__).resolve().parents[2] / "kernels"
