@@ -1,7 +1,8 @@
 // Warp and block reductions shared by the other kernels.
 //
-// minillama compiles reduce.cu, matmul.cu, softmax.cu and decode.cu as ONE CUDA module, in that
-// order (see minillama/cuda.py: KERNEL_FILES), so what is defined here is visible in the others.
+// minillama compiles reduce.cu, matmul.cu, qgemv.cu, softmax.cu and decode.cu as ONE CUDA module,
+// in that order (see minillama/cuda/runtime.py: KERNEL_FILES), so what is defined here is visible
+// in the others.
 //
 // A warp is 32 threads that execute in lockstep. __shfl_xor_sync(mask, v, o) hands each lane the
 // value `v` of lane (lane ^ o), register to register, with no shared memory and no barrier.

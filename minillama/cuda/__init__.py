@@ -7,7 +7,8 @@
 Four modules, one idea each, each importing only the ones listed before it:
 
     runtime.py   finding CuPy and the GPU; compiling kernels/*.cu as one module; launching
-    kernels.py   the checked entry points sgemm, gemv, bmm, softmax, and their variant tables
+    kernels.py   the checked entry points sgemm, gemv, bmm, softmax, and qgemv, gemm_v5,
+                 to_16bit for weights kept as stored (formats.Packed); their variant tables
     fused.py     FusedDecoder: the one-token forward step in 6 launches per layer, as a CUDA graph
     backend.py   CudaOps: NumpyOps with xp = cupy, the kernels, and decoder(model)
 
@@ -16,7 +17,8 @@ The package builds on minillama.ops (CudaOps is a NumpyOps), never the other way
 """
 from .backend import CudaOps
 from .fused import FusedDecoder
-from .kernels import bmm, gemv, sgemm, softmax
+from .kernels import bmm, gemm_v5, gemv, qgemv, sgemm, softmax, to_16bit
 from .runtime import require_cupy
 
-__all__ = ["CudaOps", "FusedDecoder", "bmm", "gemv", "require_cupy", "sgemm", "softmax"]
+__all__ = ["CudaOps", "FusedDecoder", "bmm", "gemm_v5", "gemv", "qgemv", "require_cupy", "sgemm",
+           "softmax", "to_16bit"]
