@@ -11,7 +11,10 @@ Bounds: a kernel that multiplies float32 x by exactly the weights the reference 
 sums in float32 (qgemv) is held to 1e-5, as every float32 kernel of test_cuda.py; the tensor
 cores (gemm_v5) see x rounded to 16 bits, and are held to 2e-3 against float64 of the rounded
 inputs. A model on the GPU is held to the CPU model with the same stored weights: logits within
-1e-4 relative at every step, greedy tokens identical.
+1e-4 relative at every step, greedy tokens identical (with a float16 KV cache 1e-3, near-ties
+aside; its test says why; a prompt through the tensor cores 5e-3).
+
+The last tests need no GPU: which models FusedDecoder covers, and where the sources come from.
 """
 import numpy as np
 import pytest
@@ -104,13 +107,15 @@ def test_qgemv_prologues_accumulate_and_chunks(cuda, cp, fmt):
 @pytest.mark.parametrize("bf16", [False, True])
 @pytest.mark.parametrize("shape", [(1, 8), (3, 17), (37, 1000), (129, 4128)])
 def test_to_16bit_rounds_as_numpy(cuda, cp, bf16, shape):
+    # over float16's whole range: subnormals, and overflow to inf (as NumPy's cast)
     x = (rng.standard_normal(shape) * 2.0 ** rng.integers(-20, 20, shape)).astype(np.float32)
     got = cuda.kernels.to_16bit(cp.asarray(x), bf16=bf16).get()
     if bf16:
         assert got.dtype == np.uint16 and (got == formats.dense.to_bf16(x)).all()
     else:
-        assert got.dtype == np.float16 and (got.view(np.uint16) ==
-                                            x.astype(np.float16).view(np.uint16)).all()
+        with np.errstate(over="ignore"):
+            want = x.astype(np.float16)
+        assert got.dtype == np.float16 and (got.view(np.uint16) == want.view(np.uint16)).all()
 
 
 GEMM_SIZES = [(1, 8, 32), (37, 127, 96), (65, 77, 1024), (128, 256, 1024), (300, 1000, 4128)]

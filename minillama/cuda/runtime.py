@@ -120,9 +120,10 @@ class KernelModule:
             self._functions[name] = self.module.get_function(name)
         function = self._functions[name]
         if shared_mem > max(SHARED_DEFAULT, self._shared.get(name, 0)):
-            # only ever raised: lowering it for a smaller launch would fail a later larger one
+            # only ever raised: lowering it for a smaller launch would fail a later larger one.
+            # (What RawKernel's max_dynamic_shared_size_bytes setter does, as a call.)
             require_cupy().cuda.driver.funcSetAttribute(
-                function.ptr, MAX_DYNAMIC_SHARED_SIZE_BYTES, shared_mem)
+                function.kernel.ptr, MAX_DYNAMIC_SHARED_SIZE_BYTES, shared_mem)
             self._shared[name] = shared_mem
         self.launches += 1
         function(grid, block, args, shared_mem=shared_mem)
