@@ -169,12 +169,13 @@ def test_packed_kernels_reject_misuse(cuda, cp):
 
 @gpu
 def test_the_module_has_the_instances_the_wrappers_launch(cuda, cp):
-    names = set(cuda.kernels.KERNELS.templates)
+    groups = cuda.kernels.KERNELS.groups           # each format's kernels: a module of its own
     for fmt in STORED:
         for rows in cuda.kernels.QGEMV_ROWS:
             for pro in cuda.kernels.GEMV_PROLOGUES.values():
-                assert f"qgemv<Fmt{formats.FORMATS[fmt].KERNEL[fmt]},{rows},{pro}>" in names
-        assert f"gemm_v5<128,128,4,{cuda.kernels.GEMM_V5_FORMATS[fmt]}>" in names
+                assert f"qgemv<Fmt{formats.FORMATS[fmt].KERNEL[fmt]},{rows},{pro}>" in groups[fmt]
+        assert f"gemm_v5<128,128,4,{cuda.kernels.GEMM_V5_FORMATS[fmt]}>" in groups[fmt]
+    assert "rope_kv<unsigned short>" in groups["common"]
     assert "qgemv.cu" in runtime.KERNEL_FILES
     source = runtime.kernel_source()
     for kernel in ("qgemv", "gemm_v5", "f32_to_16bit", "rope_kv", "attention_decode"):

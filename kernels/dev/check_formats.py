@@ -42,8 +42,8 @@ from minillama.formats.dense import bf16_to_f32, to_bf16                # noqa: 
 
 
 # ----------------------------------------------------------------------------
-# the module: minillama's own (kernels/*.cu, kernels.py's template instances), compiled by
-# CuPy on the first launch, or loaded from nvrtc_build.py's cubin
+# the modules: minillama's own (kernels/*.cu, kernels.py's template instances, in groups),
+# compiled by CuPy on the first launch, or all in one from nvrtc_build.py's cubin
 
 class CubinModule:
     """A module nvrtc_build.py compiled ahead, looked up by template name as CuPy's is."""
@@ -61,9 +61,15 @@ class CubinModule:
 def use_cubin(folder):
     """Launch from `folder`'s cubin instead of compiling, where it matches kernels.py."""
     try:
-        KERNELS.module = CubinModule(folder)        # in place of the compiled-on-demand module
+        KERNELS.use(CubinModule(folder))
     except Exception as e:                           # stale or foreign: compile instead
         print(f"--cubin {folder} not usable ({e}); compiling", flush=True)
+
+
+def compile_all():
+    """Every group of kernels.py's instances compiled (or loaded) now, not on first launch."""
+    for group, names in KERNELS.groups.items():
+        KERNELS.module(group).get_function(names[0])
 
 
 # ----------------------------------------------------------------------------
@@ -419,10 +425,11 @@ def main():
         return 0
     cp = require_cupy()
     if args.compile_only:
-        t0 = time.perf_counter()
-        KERNELS.module.get_function("qgemv<FmtQ4_0,1,0>")
-        print(f"CuPy compiled {len(KERNELS.templates)} template instances in "
-              f"{time.perf_counter() - t0:.1f} s")
+        for group, names in KERNELS.groups.items():
+            t0 = time.perf_counter()
+            KERNELS.module(group).get_function(names[0])
+            print(f"CuPy compiled group {group!r}, {len(names)} template instances, in "
+                  f"{time.perf_counter() - t0:.1f} s")
         return 0
     if args.cubin:
         use_cubin(args.cubin)
@@ -430,8 +437,8 @@ def main():
     log(f"{time.strftime('%Y-%m-%d %H:%M')} {props['name'].decode()} {sm_count()} SMs, "
         f"CuPy {cp.__version__}, CUDA runtime {cp.cuda.runtime.runtimeGetVersion()}")
     t0 = time.perf_counter()
-    KERNELS.module.get_function("qgemv<FmtQ4_0,1,0>")
-    log(f"module ready in {time.perf_counter() - t0:.1f} s")
+    compile_all()
+    log(f"modules ready in {time.perf_counter() - t0:.1f} s")
     ok = True
     if not args.no_check:
         ch = Checks()

@@ -2,10 +2,10 @@
 
     python kernels/dev/nvrtc_build.py [--out DIR] [--std c++17] [--ptxas-v]
 
-The module minillama compiles (minillama.cuda: runtime.kernel_source() and the template
-instances of kernels.py, KERNELS.templates), compiled for sm_90 by the NVRTC library named by
-$NVRTC_LIB or found next to a pip-installed nvidia-cuda-nvrtc. Compiler errors print with file
-and line. With --out, writes module.cubin and names.json (template name -> mangled name), which
+What minillama compiles, all its groups as one module (minillama.cuda: the source
+runtime.kernel_source() and every template instance of kernels.py, KERNELS.templates), for
+sm_90 by the NVRTC library named by $NVRTC_LIB or found next to a pip-installed
+nvidia-cuda-nvrtc. Compiler errors print with file and line. With --out, writes module.cubin and names.json (template name -> mangled name), which
 check_formats.py --cubin loads instead of compiling again on the GPU machine. --ptxas-v prints
 registers, shared memory and spills per kernel.
 """

@@ -62,22 +62,26 @@ def _cpp_bool(flag):
 
 
 def _templates():
-    """Every template instantiation a launch may name."""
-    names = [f"sgemm_v4<{','.join(map(str, c))},{_cpp_bool(vec)}>"
-             for c in SGEMM_CONFIGS.values() for vec in (True, False)]
-    names += [f"gemv<{rows},{_cpp_bool(vec)},{pro}>" for rows in GEMV_ROWS
-              for vec in (True, False) for pro in GEMV_PROLOGUES.values()]
-    names += [f"attention_decode<{width},{t}>" for width in ATTENTION_WIDTHS
-              for t in CACHE_TYPES.values()]
-    names += [f"rope_kv<{t}>" for t in CACHE_TYPES.values()]
-    names += [f"softmax_block<{v},{t}>" for v, t in SOFTMAX_BLOCKS]
-    names += [f"qgemv<{_qgemv_format(fmt)},{rows},{pro}>" for fmt in QGEMV_WEIGHTS
-              for rows in QGEMV_ROWS for pro in GEMV_PROLOGUES.values()]
-    names += [f"gemm_v5<{bm},{bn},{stages},{wf}>" for bm, bn, stages in GEMM_V5_CONFIGS.values()
-              for wf in GEMM_V5_FORMATS.values()]
-    names += [f"f32_to_16bit<{_cpp_bool(bf16)},{_cpp_bool(vec)}>" for bf16 in (False, True)
-              for vec in (False, True)]
-    return names
+    """Every template instantiation a launch may name, in groups compiled apart (see
+    runtime.KernelModule): "common", what every model launches (float32 weights, the decode
+    kernels, the 16-bit conversion), and one group per stored format, its qgemv and gemm_v5."""
+    common = [f"sgemm_v4<{','.join(map(str, c))},{_cpp_bool(vec)}>"
+              for c in SGEMM_CONFIGS.values() for vec in (True, False)]
+    common += [f"gemv<{rows},{_cpp_bool(vec)},{pro}>" for rows in GEMV_ROWS
+               for vec in (True, False) for pro in GEMV_PROLOGUES.values()]
+    common += [f"attention_decode<{width},{t}>" for width in ATTENTION_WIDTHS
+               for t in CACHE_TYPES.values()]
+    common += [f"rope_kv<{t}>" for t in CACHE_TYPES.values()]
+    common += [f"softmax_block<{v},{t}>" for v, t in SOFTMAX_BLOCKS]
+    common += [f"f32_to_16bit<{_cpp_bool(bf16)},{_cpp_bool(vec)}>" for bf16 in (False, True)
+               for vec in (False, True)]
+    groups = {"common": common}
+    for fmt in QGEMV_WEIGHTS:
+        groups[fmt] = [f"qgemv<{_qgemv_format(fmt)},{rows},{pro}>" for rows in QGEMV_ROWS
+                       for pro in GEMV_PROLOGUES.values()]
+        groups[fmt] += [f"gemm_v5<{bm},{bn},{stages},{GEMM_V5_FORMATS[fmt]}>"
+                        for bm, bn, stages in GEMM_V5_CONFIGS.values()]
+    return groups
 
 
 def _qgemv_format(fmt):
@@ -85,7 +89,7 @@ def _qgemv_format(fmt):
     return "Fmt" + FORMATS[fmt].KERNEL[fmt]
 
 
-KERNELS = KernelModule(_templates())     # compiled on the first launch, once per process
+KERNELS = KernelModule(_templates())     # each group compiled on its first launch, per process
 
 
 # ----------------------------------------------------------------------------

@@ -5,10 +5,12 @@ CuPy is imported the first time a GPU is needed (require_cupy), not when this pa
 saying what to install.
 
 The .cu files are compiled together, as one `cupy.RawModule`, by NVRTC (CUDA's compiler at
-run time), on the first launch and once per process; CuPy also keeps the binary in its disk
-cache, so a second process starts at once. A template kernel such as `gemv<ROWS, VEC, PRO>` is
-compiled only for the instantiations named when compiling (kernels.py lists them, from its
-tables), and a launch names one of them: "gemv<1,true,0>".
+run time). A template kernel such as `gemv<ROWS, VEC, PRO>` is compiled only for the
+instantiations named when compiling (kernels.py lists them, from its tables, in groups: those
+of float32 models, and those of each storage format), and a launch names one of them:
+"gemv<1,true,0>". Each group is compiled on the first launch of one of its kernels, once per
+process (CuPy does not take a module with template instances from its disk cache), so a float32
+model never waits for the kernels of the quantized formats.
 
 The sources come from the kernels/ folder of the checkout this code runs from (installed with
 `pip install -e .`, or just on PYTHONPATH), or from the installed package minillama.kernels
@@ -92,23 +94,40 @@ def _sm_count(device_id):
 # compiling and launching
 
 class KernelModule:
-    """kernels/*.cu as one compiled module, with the template instantiations `templates`
-    (e.g. "gemv<1,true,0>"; NVRTC compiles only those). It compiles on the first launch and
-    counts the launches made through it."""
+    """kernels/*.cu compiled for groups of template instantiations, {group: names} (e.g.
+    "gemv<1,true,0>"; NVRTC compiles only those named). Each group is a module of its own,
+    compiled on the first launch of one of its kernels, once per process: CuPy compiles a
+    module with template instances again in every process (it recompiles to learn NVRTC's
+    names for them), so a model pays only for the groups it uses. The kernels that are not
+    templates are in every module; they are taken from the first group's. It counts the
+    launches made through it, in all groups."""
 
-    def __init__(self, templates):
-        self.templates = tuple(templates)
+    def __init__(self, groups):
+        self.groups = {group: tuple(names) for group, names in groups.items()}
+        self.templates = tuple(name for names in self.groups.values() for name in names)
+        self._group = {name: group for group, names in self.groups.items() for name in names}
         self.launches = 0       # kernels launched so far; CuPy's own array operations (such
         self._functions = {}    # as the model's elementwise math) are not counted
+        self._modules = {}      # group -> its compiled module
         self._shared = {}       # name -> dynamic shared memory granted beyond the default
 
-    @functools.cached_property
-    def module(self):
-        cupy = require_cupy()
-        try:
-            return cupy.RawModule(code=kernel_source(), name_expressions=self.templates)
-        except cupy.cuda.compiler.CompileException as e:
-            raise DeviceError(f"kernels/*.cu failed to compile: {e}") from None
+    def module(self, group):
+        """The compiled module of `group`, compiled now if it is not yet."""
+        if group not in self._modules:
+            cupy = require_cupy()
+            try:
+                self._modules[group] = cupy.RawModule(code=kernel_source(),
+                                                      name_expressions=self.groups[group])
+            except cupy.cuda.compiler.CompileException as e:
+                raise DeviceError(f"kernels/*.cu failed to compile: {e}") from None
+        return self._modules[group]
+
+    def use(self, module):
+        """Launch every group's kernels from `module` instead of compiling (one module holding
+        all the instances, e.g. kernels/dev/nvrtc_build.py's cubin as the dev harness loads it;
+        its get_function takes the names of `templates`)."""
+        self._modules = dict.fromkeys(self.groups, module)
+        self._functions = {}
 
     def launch(self, name, grid, block, args, shared_mem=0):
         """Launch kernel `name` on the current stream: grid and block are tuples of up to three
@@ -117,7 +136,8 @@ class KernelModule:
         that much (an attribute of the function, set outside any CUDA graph capture as long as
         the first launch of each size runs eagerly, as FusedDecoder's does)."""
         if name not in self._functions:          # looking a function up costs a driver call
-            self._functions[name] = self.module.get_function(name)
+            group = self._group.get(name, next(iter(self.groups)))
+            self._functions[name] = self.module(group).get_function(name)
         function = self._functions[name]
         if shared_mem > max(SHARED_DEFAULT, self._shared.get(name, 0)):
             # only ever raised: lowering it for a smaller launch would fail a later larger one.
