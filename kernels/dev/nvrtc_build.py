@@ -5,9 +5,10 @@
 What minillama compiles, all its groups as one module (minillama.cuda: the source
 runtime.kernel_source() and every template instance of kernels.py, KERNELS.templates), for
 sm_90 by the NVRTC library named by $NVRTC_LIB or found next to a pip-installed
-nvidia-cuda-nvrtc. Compiler errors print with file and line. With --out, writes module.cubin and names.json (template name -> mangled name), which
-check_formats.py --cubin loads instead of compiling again on the GPU machine. --ptxas-v prints
-registers, shared memory and spills per kernel.
+nvidia-cuda-nvrtc. Compiler errors print with file and line. With --out, writes module.cubin
+and names.json (template name -> mangled name), which check_formats.py --cubin loads instead
+of compiling again on the GPU machine. --ptxas-v prints registers, shared memory and spills
+per kernel.
 """
 import argparse
 import ctypes

@@ -44,7 +44,7 @@ class FusedDecoder:
         heads that fit a block, and a cache row that fits shared memory; anything else stays
         on the generic path."""
         p = model.params
-        readable = all(isinstance(w, Packed) and w.format in QGEMV_WEIGHTS
+        readable = all(isinstance(w, Packed) and w.format in QGEMV_WEIGHTS and w.shape[1] % 8 == 0
                        or getattr(w, "dtype", None) == np.float32
                        for w in FusedDecoder._weights(model))
         cache = all(layer.attention.cache_k.dtype.name in CACHE_TYPES for layer in model.layers)
