@@ -2,7 +2,7 @@
 compiled PyTorch reference, side by side in one run.
 
     python -m minillama.bench gpu --section 7b [--no-reference] [--json PATH]
-    (and in every full run, after the kernels and the TinyStories shapes)
+    (and in every full run, between the kernels and the TinyStories decode)
 
 Llama-2-7B's shape (dim 4096, hidden 11008, 32 layers, 32 heads, vocab 32000), all 32 layers,
 one model at a time, each freed before the next. The weights are random and made on the GPU
