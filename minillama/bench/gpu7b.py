@@ -180,15 +180,16 @@ def prefill_ms(forward, vocab_size, seqlen, reps=3):
     return 1000 * float(np.median(times[1:]))
 
 
-def measure_format(dtype, copy_gbs, steps=STEPS, prefill_len=PREFILL):
-    """One storage format: build the 7B model, decode at each batch, prefill -> a row."""
+def measure_format(row, copy_gbs, steps=STEPS, prefill_len=PREFILL):
+    """One storage format, row["dtype"]: build the 7B model, decode at each batch, prefill.
+    The figures go into `row` as they are measured, so a failure keeps the ones before it."""
     cp = require_cupy()
     p = params(max(BATCHES), prefill_len)
     ops = CudaOps()
     start = time.perf_counter()
-    model = Transformer(p, RandomGpuWeights(p, dtype), ops)
+    model = Transformer(p, RandomGpuWeights(p, row["dtype"]), ops)
     cp.cuda.Device().synchronize()
-    row = dict(dtype=dtype, build_s=time.perf_counter() - start,
+    row.update(build_s=time.perf_counter() - start,
                gpu_bytes=cp.get_default_memory_pool().used_bytes(),
                weight_bytes=sum(w.nbytes for w in stored_weights(model)),
                bytes_per_token=bytes_per_step(model, 1, steps))
@@ -200,7 +201,6 @@ def measure_format(dtype, copy_gbs, steps=STEPS, prefill_len=PREFILL):
         # floor time of a step over its measured time (bsz / rate seconds)
         row[f"b{bsz}_of_floor"] = bytes_per_step(model, bsz, steps) * rate / bsz / (copy_gbs * 1e9)
     row["prefill_ms"] = prefill_ms(forward, p.vocab_size, prefill_len)
-    return row
 
 
 def bench_gemm_v5(n=4096):
@@ -323,12 +323,13 @@ def run(r, save, dtypes=tuple(DTYPES), reference=True):
     release_gpu()
     progress(gemm_line(s["gemm_v5"]))
     for dtype in dtypes:
-        try:
-            row = measure_format(dtype, r["copy_gbs"])
-        except Exception as e:                  # this format fails; the others still run
-            row = dict(dtype=dtype, error=torch_compiled.one_line(e))
-        release_gpu()
+        row = dict(dtype=dtype)
         s["formats"].append(row)
+        try:
+            measure_format(row, r["copy_gbs"])
+        except Exception as e:                  # this format fails; the others still run
+            row["error"] = torch_compiled.one_line(e)
+        release_gpu()
         save()
         progress(format_line(row))
     try:
@@ -403,21 +404,23 @@ def print_report(r):
           f"{'of floor':>8} {'b8 tok/s':>9} {'b8/b1':>6} {'b8 floor':>8} {'prefill':>8}  "
           f"path b1/b8")
     for row in s["formats"]:
-        if "error" in row:
-            print(f"{row['dtype']:9} n/a: {row['error']}")
-            continue
-        print(f"{row['dtype']:9} {row['weight_bytes'] / 1e9:6.2f} "
-              f"{row['bytes_per_token'] / 1e9:7.3f} {row['floor_ms']:8.3f} {row['b1']:9.1f} "
-              f"{1000 / row['b1']:7.3f} {row['b1_of_floor']:8.2f} {row['b8']:9.1f} "
-              f"{row['b8'] / row['b1']:6.2f} {row['b8_of_floor']:8.2f} "
-              f"{row['prefill_ms']:6.1f}ms  {row['b1_path']}/{row['b8_path']}")
+        get = row.get                           # a failed format has some figures, or none
+        cells = [(ratio(get("weight_bytes"), 1e9), ".2f", 6),
+                 (ratio(get("bytes_per_token"), 1e9), ".3f", 7), (get("floor_ms"), ".3f", 8),
+                 (get("b1"), ".1f", 9), (ratio(1000, get("b1")), ".3f", 7),
+                 (get("b1_of_floor"), ".2f", 8), (get("b8"), ".1f", 9),
+                 (ratio(get("b8"), get("b1")), ".2f", 6), (get("b8_of_floor"), ".2f", 8),
+                 (get("prefill_ms"), ".1f", 8)]
+        print(f"{row['dtype']:9} "
+              + " ".join(f"{fmt(value, spec):>{width}}" for value, spec, width in cells)
+              + f"  {get('b1_path', 'n/a')}/{get('b8_path', 'n/a')}"
+              + (f"\n{'':9} failed: {row['error']}" if "error" in row else ""))
     print("  (GB: the stored weights; GB/tok: what a batch-1 step reads; b8 floor: a batch-8 "
-          f"step's bytes over its time; prefill: {s['prefill']} tokens at batch 1)")
+          f"step's bytes over its time; prefill: ms for {s['prefill']} tokens at batch 1)")
     print(reference_line(s, r["copy_gbs"]))
     b1 = reference_rate(s, 1)
     print("  batch 1, minillama / compiled PyTorch: " + ", ".join(
-        f"{row['dtype']} {fmt(ratio(row['b1'], b1), '.2f')}"
-        for row in s["formats"] if "error" not in row))
+        f"{row['dtype']} {fmt(ratio(row.get('b1'), b1), '.2f')}" for row in s["formats"]))
     print("\n" + gemm_line(s["gemm_v5"]))
     print_seed_case(s["seed_case"])
     print(f"\n{'target (issue 10)':52} {'measured':>9} {'target':>7} {'ratio':>6}  met")
@@ -450,7 +453,7 @@ def print_seed_case(c):
 
 def targets(s):
     """(name, measured or None, target) for each of issue 10's speed targets."""
-    rows = {row["dtype"]: row for row in s["formats"] if "error" not in row}
+    rows = {row["dtype"]: row for row in s["formats"]}
 
     def get(dtype, key):
         return rows.get(dtype, {}).get(key)
