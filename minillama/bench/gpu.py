@@ -1,6 +1,6 @@
 """GPU speed: minillama's kernels against cuBLAS and a device copy, and decode tokens/s.
 
-    python -m minillama.bench gpu [--quick] [--json PATH]
+    python -m minillama.bench gpu [--section all|7b] [--quick] [--no-reference] [--json PATH]
 
 Everything is measured side by side in one run on one GPU. Kernel times are CUDA events around
 the launch, after warm-up, the median of repeats; inputs are random (never zeros) and, where it
@@ -20,7 +20,10 @@ three settings:
 
 and, when transformers is installed, a Hugging Face LlamaForCausalLM of the same shape in eager
 PyTorch float32 on the same GPU, for scale. The last table compares each figure with the target
-of issue 2; docs/benchmarks.md records a run.
+of issue 2. Between the kernels and the decode runs gpu7b.py's section (alone with --section
+7b): Llama-2-7B's shape in every storage format, the seed case of a 12 GiB card, and the
+compiled PyTorch reference, against the targets of issue 10. docs/benchmarks.md records the
+runs; timing.py holds the measuring helpers.
 """
 import argparse
 import datetime
@@ -36,7 +39,11 @@ from ..cuda.kernels import SGEMM_CONFIGS, pick_sgemm_config
 from ..errors import DeviceError
 from ..checkpoints.random import random_weights
 from ..model import ModelArgs, Transformer
+from . import gpu7b
 from .cpu import SHAPES
+from .timing import copy_bandwidth, decode_rate, fmt, gpu_ms, tflops
+
+SECTIONS = ("all", "7b")
 
 TARGETS = {   # issue 2, on an H100 in float32
     "sgemm": 0.75,          # of cuBLAS TFLOP/s at 4096^3
@@ -49,24 +56,6 @@ TARGETS = {   # issue 2, on an H100 in float32
 cp = None                   # cupy, once main() has found a GPU
 
 
-def gpu_ms(fn, reps=20, warmup=3, inner=10):
-    """Milliseconds per fn() call: the median over `reps` of CUDA-event time around `inner`
-    calls in a row. Several calls per measurement keep the GPU's queue full, so the host's
-    time to launch (tens of microseconds through Python) does not count as kernel time."""
-    for _ in range(warmup):
-        fn()
-    start, end = cp.cuda.Event(), cp.cuda.Event()
-    times = []
-    for _ in range(reps):
-        start.record()
-        for _ in range(inner):
-            fn()
-        end.record()
-        end.synchronize()
-        times.append(cp.cuda.get_elapsed_time(start, end) / inner)
-    return float(np.median(times))
-
-
 def randn(*shape):
     return cp.random.standard_normal(shape, dtype=cp.float32)
 
@@ -77,18 +66,6 @@ def rel(a, b):
 
 # ----------------------------------------------------------------------------
 # kernels
-
-def copy_bandwidth():
-    """GB/s of a 1 GiB device-to-device copy, counting bytes read plus bytes written."""
-    n = 1 << 28
-    src, dst = randn(n), cp.empty(n, dtype=cp.float32)
-    ms = gpu_ms(lambda: dst.data.copy_from_device_async(src.data, src.nbytes), inner=3)
-    return 2 * src.nbytes / ms / 1e6
-
-
-def tflops(M, N, K, ms):
-    return 2.0 * M * N * K / ms / 1e9
-
 
 def bench_sgemm(quick):
     """(name, M, N, K) rows: ours (v4, size-picked tiles) against cuBLAS; every version and tile
@@ -157,21 +134,6 @@ def random_model(shape, ops, max_batch_size):
     p = ModelArgs(**SHAPES[shape], max_batch_size=max_batch_size)
     w = random_weights(p, tied=True)                       # tied, as the stories models are
     return Transformer(p, w, ops)
-
-
-def decode_rate(forward, bsz, steps):
-    """Tokens/s of greedy decoding, one token per forward call, positions 0 .. steps-1; the
-    first pass warms up (compiles, captures graphs), the second is timed."""
-    def run():
-        tokens = np.ones((bsz, 1), dtype=np.int64)
-        for pos in range(steps):
-            logits = forward(tokens, pos)
-            tokens = cp.argmax(logits[:, -1], axis=-1).get().reshape(bsz, 1)
-    run()
-    cp.cuda.Device().synchronize()
-    start = time.perf_counter()
-    run()
-    return bsz * steps / (time.perf_counter() - start)
 
 
 def kernels_per_step(forward, bsz, pos):
@@ -268,16 +230,15 @@ def bench_decode(steps, batches):
 # ----------------------------------------------------------------------------
 # report
 
-def fmt(v, spec=".1f"):
-    return "n/a" if v is None else format(v, spec)
+def print_header(r):
+    print(f"\nminillama GPU benchmark, {r['date']}, {r['device']} ({r['sms']} SMs), "
+          f"CuPy {r['cupy']}, CUDA runtime {r['cuda']}, CUPY_TF32={r['tf32']}")
+    print(f"device-to-device copy: {r['copy_gbs']:.0f} GB/s (read + write)")
 
 
 def print_report(r):
-    print(f"\nminillama GPU benchmark, {r['date']}, {r['device']} ({r['sms']} SMs), "
-          f"CuPy {r['cupy']}, CUDA runtime {r['cuda']}, CUPY_TF32={r['tf32']}")
-    print(f"device-to-device copy: {r['copy_gbs']:.0f} GB/s (read + write)\n")
-
-    print(f"{'SGEMM (x @ W.T), TFLOP/s':32} {'M x N x K':>18} {'tiles':>10} {'ours':>7} "
+    """The kernels, the TinyStories shapes, and issue 2's targets."""
+    print(f"\n{'SGEMM (x @ W.T), TFLOP/s':32} {'M x N x K':>18} {'tiles':>10} {'ours':>7} "
           f"{'cuBLAS':>7} {'ratio':>6} {'err':>8}")
     for s in r["sgemm"]:
         print(f"{s['name']:32} {s['M']:>5}x{s['N']:>5}x{s['K']:>5} {s['config']:>10} "
@@ -336,10 +297,17 @@ def targets(r):
 def main(argv=None):
     global cp
     parser = argparse.ArgumentParser(prog="python -m minillama.bench gpu")
+    parser.add_argument("--section", choices=SECTIONS, default="all",
+                        help="7b: only the Llama-2-7B shape (every storage format, the seed "
+                        "case, compiled PyTorch); all: the kernels and TinyStories shapes first")
     parser.add_argument("--quick", action="store_true", help="skip SGEMM versions 1-3 and "
                         "tile variants; fewer decode steps")
-    parser.add_argument("--steps", type=int, default=200, help="decode steps per pass")
-    parser.add_argument("--json", help="also write every figure to this file")
+    parser.add_argument("--steps", type=int, default=200, help="decode steps per pass (the "
+                        f"TinyStories shapes; the 7B section takes {gpu7b.STEPS})")
+    parser.add_argument("--no-reference", action="store_true", help="7B section without the "
+                        "compiled PyTorch reference (its compiles take minutes)")
+    parser.add_argument("--json", help="also write every figure to this file (rewritten after "
+                        "each 7B model, so a run cut short keeps what it measured)")
     args = parser.parse_args(argv)
     try:
         cp = require_cupy()
@@ -350,19 +318,31 @@ def main(argv=None):
     r = dict(date=datetime.date.today().isoformat(), device=props["name"].decode(),
              sms=props["multiProcessorCount"], cupy=cp.__version__,
              cuda=cp.cuda.runtime.runtimeGetVersion(), tf32=os.environ.get("CUPY_TF32", "unset"))
+
+    def save():
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(r, f, indent=1)
     cp.random.seed(int(time.time()))
     steps = 50 if args.quick else args.steps
     print("copy ...", flush=True)
     r["copy_gbs"] = copy_bandwidth()
-    print("sgemm ...", flush=True)
-    r["sgemm"], r["sgemm_variants"] = bench_sgemm(args.quick)
-    print("gemv, softmax ...", flush=True)
-    r["gemv"] = bench_gemv(r["copy_gbs"])
-    r["softmax"] = bench_softmax(r["copy_gbs"])
-    print("decode ...", flush=True)
-    r["decode"] = bench_decode(steps, (1, 32))
-    print_report(r)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(r, f, indent=1)
+    if args.section == "all":
+        print("sgemm ...", flush=True)
+        r["sgemm"], r["sgemm_variants"] = bench_sgemm(args.quick)
+        print("gemv, softmax ...", flush=True)
+        r["gemv"] = bench_gemv(r["copy_gbs"])
+        r["softmax"] = bench_softmax(r["copy_gbs"])
+        save()
+    print("Llama-2-7B shape ...", flush=True)
+    gpu7b.run(r, save, reference=not args.no_reference)
+    if args.section == "all":
+        # last: its profiler (CUPTI) stays hooked into every later launch and would slow them
+        print("decode ...", flush=True)
+        r["decode"] = bench_decode(steps, (1, 32))
+    print_header(r)
+    if args.section == "all":
+        print_report(r)
+    gpu7b.print_report(r)
+    save()
     return 0

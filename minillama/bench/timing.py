@@ -1,0 +1,70 @@
+"""How the GPU benchmarks time things: kernels by CUDA events, decoding by the wall clock.
+
+    gpu_ms(fn)                       milliseconds per fn() call on the GPU, the median of repeats
+    copy_bandwidth()                 GB/s of a 1 GiB device-to-device copy: the ceiling a
+                                     memory-bound kernel (a GEMV, a decode step) is held against
+    tflops(M, N, K, ms)              a product's rate
+    decode_rate(forward, bsz, steps) greedy tokens/s of forward(tokens, start_pos) -> logits
+    fmt(value, spec)                 a figure as printed: "n/a" where it could not be measured
+
+Shared by gpu.py (the kernels and the TinyStories shapes) and gpu7b.py (the Llama-2-7B shape).
+"""
+import time
+
+import numpy as np
+
+from ..cuda import require_cupy
+
+
+def gpu_ms(fn, reps=20, warmup=3, inner=10):
+    """Milliseconds per fn() call: the median over `reps` of CUDA-event time around `inner`
+    calls in a row. Several calls per measurement keep the GPU's queue full, so the host's
+    time to launch (tens of microseconds through Python) does not count as kernel time."""
+    cp = require_cupy()
+    for _ in range(warmup):
+        fn()
+    start, end = cp.cuda.Event(), cp.cuda.Event()
+    times = []
+    for _ in range(reps):
+        start.record()
+        for _ in range(inner):
+            fn()
+        end.record()
+        end.synchronize()
+        times.append(cp.cuda.get_elapsed_time(start, end) / inner)
+    return float(np.median(times))
+
+
+def copy_bandwidth():
+    """GB/s of a 1 GiB device-to-device copy, counting bytes read plus bytes written."""
+    cp = require_cupy()
+    n = 1 << 28
+    src = cp.random.standard_normal(n, dtype=cp.float32)
+    dst = cp.empty(n, dtype=cp.float32)
+    ms = gpu_ms(lambda: dst.data.copy_from_device_async(src.data, src.nbytes), inner=3)
+    return 2 * src.nbytes / ms / 1e6
+
+
+def tflops(M, N, K, ms):
+    return 2.0 * M * N * K / ms / 1e9
+
+
+def decode_rate(forward, bsz, steps):
+    """Tokens/s of greedy decoding, one token per forward call, positions 0 .. steps-1; the
+    first pass warms up (compiles, captures graphs), the second is timed."""
+    cp = require_cupy()
+
+    def run():
+        tokens = np.ones((bsz, 1), dtype=np.int64)
+        for pos in range(steps):
+            logits = forward(tokens, pos)
+            tokens = cp.argmax(logits[:, -1], axis=-1).get().reshape(bsz, 1)
+    run()
+    cp.cuda.Device().synchronize()
+    start = time.perf_counter()
+    run()
+    return bsz * steps / (time.perf_counter() - start)
+
+
+def fmt(v, spec=".1f"):
+    return "n/a" if v is None else format(v, spec)
