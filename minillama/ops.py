@@ -5,6 +5,7 @@ The model is written once against the NumPy array API. Everything it computes go
 time, which go through this module so a backend can swap in its own kernels:
 
     ops.linear(x, w)              x @ w.T for a weight stored row-major as (out, in), like nn.Linear
+                                  (w: a float32 array, a Packed weight or a Q8Tensor)
     ops.matmul(a, b)              batched a @ b (attention scores and the weighted sum of values)
     ops.softmax(x, start_pos)     softmax over the last axis, optionally causal
 
@@ -19,6 +20,8 @@ arrays, and generate's sampling and log-probabilities use it on the host.
 """
 import numpy as np
 
+from . import formats
+from .formats import Packed
 from .quant import Q8Tensor, dequantize_q8, fake_quantize_q8
 
 
@@ -61,7 +64,10 @@ class NumpyOps:
         return np.asarray(to_host(a), dtype=dtype)
 
     def weight(self, w):
-        """Place a weight (array or Q8Tensor) on this backend, once, at load time."""
+        """Place a weight (array, Packed or Q8Tensor) on this backend, once, at load time. A
+        Packed weight stays as stored, its planes on this backend."""
+        if isinstance(w, Packed):
+            return w.map(self.asarray)
         if isinstance(w, Q8Tensor):
             return Q8Tensor(self.asarray(w.q), self.asarray(w.s), w.group_size, w.w8a8)
         return self.matrix_layout(self.asarray(w))
@@ -82,9 +88,20 @@ class NumpyOps:
         # x: (..., in)   w: (out, in)   ->   (..., out)
         if isinstance(w, Q8Tensor):
             return self.linear_q8(x, w)
+        if isinstance(w, Packed):
+            return self.linear_packed(x, w)
         # As one 2-D product: NumPy would treat (bsz, seqlen, in) as bsz separate matrices and
         # read W once per row of the batch. w.T is a view: BLAS reads W as stored, no copy.
         return (x.reshape(-1, x.shape[-1]) @ w.T).reshape(*x.shape[:-1], w.shape[0])
+
+    def linear_packed(self, x, w):
+        """NumPy has no product of packed weights: dequantize a bounded block of rows at a time
+        (formats.row_chunks), just before its product, so the peak is a chunk, not the matrix."""
+        rows = x.reshape(-1, x.shape[-1])                           # (bsz * seqlen, in)
+        y = np.empty((rows.shape[0], w.shape[0]), np.float32)       # (bsz * seqlen, out)
+        for start, stop, w_rows in formats.row_chunks(w):
+            np.matmul(rows, w_rows.T, out=y[:, start:stop])         # no temporary product
+        return y.reshape(*x.shape[:-1], w.shape[0])
 
     def linear_q8(self, x, w):
         x = x[..., :w.s.shape[-1] * w.group_size]      # whole groups only (see Q8Tensor)
