@@ -347,7 +347,7 @@ def plan_checkpoint(ckpt, dtype=None, device="cpu", budget=None, kv_dtype="float
                          f"the fast path (NumPy has no packed product); as stored: "
                          f"{fmt_bytes(plan.total)}")
         return expanded
-    plan.note = (f"{plan.dtype}: float32 would need {fmt_bytes(expanded.total)}, more than the "
+    plan.note = (f"as stored ({', '.join(packed)}): float32 would need {fmt_bytes(expanded.total)}, more than the "
                  f"{fmt_bytes(plan.budget)} free, so each matrix is dequantized a block of rows "
                  f"at a time, just before its product (slower than float32)")
     return plan
