@@ -13,8 +13,8 @@ its weights in, before any weight is read.
                of attention (softmax keeps about 4 copies of the scores), the feed-forward
                (about 5 arrays of hidden_dim) and the logits (forward returns every position's);
                plus the float32 copy linear() makes of the largest weight not stored as
-               float32: on the CPU a Packed weight's block of rows (formats.row_chunks; none on
-               the GPU, whose kernels read it as stored), llama2.c's Q8 groups two whole copies
+               float32: on the CPU a Packed weight's block of rows (ops.LINEAR_CHUNK_BYTES;
+               none on the GPU, whose kernels read it as stored), Q8 groups two whole copies
                (groups, then groups * scales); plus, for a float16 cache, the float32 copy of the
                keys and values one layer reads
 These are estimates of what model.py and ops.py allocate, rounded up, not measurements.
@@ -34,8 +34,8 @@ from .checks import check_kv_dtype
 from .dtypes import (DTYPE_FORMATS, Q8_GROUPS, WEIGHT_DTYPES, check_dtype, role, source_format,
                      storage_name, storage_plan, stored_nbytes)
 from .errors import ArgumentError, OutOfMemoryError, check_positive_int
-from .formats import CHUNK_BYTES
 from .model import ModelArgs, classifier_is_embedding, weight_shapes
+from .ops import LINEAR_CHUNK_BYTES
 
 CUDA_RESERVE = 256 << 20     # cuBLAS workspace, kernel modules, pool slack: not in our arrays
 F32 = 4
@@ -113,7 +113,8 @@ def _upcast_bytes(p, storage, device):
         if fmt == Q8_GROUPS:
             worst = max(worst, 2 * count * F32)
         else:
-            worst = max(worst, int(DEQUANTIZE_COPIES[fmt] * min(count * F32, CHUNK_BYTES)))
+            chunk = min(count * F32, LINEAR_CHUNK_BYTES)
+            worst = max(worst, int(DEQUANTIZE_COPIES[fmt] * chunk))
     return worst
 
 

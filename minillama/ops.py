@@ -25,6 +25,12 @@ from .formats import Packed
 from .quant import Q8Tensor, dequantize_q8, fake_quantize_q8
 
 
+# float32 bytes of a Packed weight that linear() dequantizes at a time on the CPU: a block of
+# rows that stays in the cache while it is multiplied (1.3x to 1.6x faster than 16 MiB chunks for
+# SmolLM2's matrices, measured on the 2-core box)
+LINEAR_CHUNK_BYTES = 1 << 20
+
+
 def causal_mask(seqlen, start_pos, xp=np):
     """(seqlen, start_pos + seqlen) additive mask, as Meta builds it: query i (at absolute
     position start_pos + i) sees every cached key and the new keys up to itself."""
@@ -99,8 +105,9 @@ class NumpyOps:
         (formats.row_chunks), just before its product, so the peak is a chunk, not the matrix."""
         rows = x.reshape(-1, x.shape[-1])                           # (bsz * seqlen, in)
         y = np.empty((rows.shape[0], w.shape[0]), np.float32)       # (bsz * seqlen, out)
-        for start, stop, w_rows in formats.row_chunks(w):
+        for start, stop, w_rows in formats.row_chunks(w, LINEAR_CHUNK_BYTES):
             np.matmul(rows, w_rows.T, out=y[:, start:stop])         # no temporary product
+            del w_rows                          # freed before the next chunk is made
         return y.reshape(*x.shape[:-1], w.shape[0])
 
     def linear_q8(self, x, w):
