@@ -232,7 +232,11 @@ def _store(name, w, fmt, dtype):
 
 def _float32(w):
     if isinstance(w, Q8Tensor):
-        return dequantize_q8(w.q, w.s, w.group_size)
+        # columns past the last whole group take no part in a product (runq.c; see Q8Tensor):
+        # as float32 they are zeros, which adds the same nothing
+        w32 = np.zeros(w.shape, np.float32)
+        w32[:, :w.s.shape[-1] * w.group_size] = dequantize_q8(w.q, w.s, w.group_size)
+        return w32
     if isinstance(w, Packed):
         return formats.dequantize(w)
     return np.asarray(w, dtype=np.float32)
