@@ -41,7 +41,8 @@ from .errors import ArgumentError
 from .formats import Packed
 from .formats.dense import bf16_to_f32
 from .model import classifier_is_embedding
-from .quant import Q8Tensor, dequantize_q8, quantize_q8
+from .ops import float32_weight
+from .quant import Q8Tensor, quantize_q8
 
 WEIGHT_DTYPES = ("float32", "float16", "bfloat16", "int8", "q4_0")   # widest first
 DTYPE_FORMATS = {"float32": "f32", "float16": "f16", "bfloat16": "bf16", "int8": "q8_0",
@@ -219,24 +220,12 @@ def store_weights(weights, dtype=None):
 def _store(name, w, fmt, dtype):
     """w (array, Q8Tensor, Packed or LazyTensor) kept as `fmt`."""
     if fmt == "f32":
-        return _float32(w)
+        return float32_weight(w)
     if fmt == source_format(w):
         return w.packed() if isinstance(w, LazyTensor) else w      # as read: no rounding
-    w32 = _float32(w)                                               # (out, in)
+    w32 = float32_weight(w)                                         # (out, in)
     if fmt == Q8_GROUPS:
         gs = q8_group_size(w32.shape[-1])
         q, s = quantize_q8(w32, gs)
         return Q8Tensor(q, s, gs, w8a8=False)
     return formats.quantize(w32, fmt, f"{name} (--dtype {dtype})")
-
-
-def _float32(w):
-    if isinstance(w, Q8Tensor):
-        # columns past the last whole group take no part in a product (runq.c; see Q8Tensor):
-        # as float32 they are zeros, which adds the same nothing
-        w32 = np.zeros(w.shape, np.float32)
-        w32[:, :w.s.shape[-1] * w.group_size] = dequantize_q8(w.q, w.s, w.group_size)
-        return w32
-    if isinstance(w, Packed):
-        return formats.dequantize(w)
-    return np.asarray(w, dtype=np.float32)

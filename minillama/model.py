@@ -20,8 +20,8 @@ import numpy as np
 from . import formats
 from .checks import check_kv_dtype, check_model_args, check_tokens, check_weights
 from .formats import Packed
-from .ops import CPU, to_host
-from .quant import Q8Tensor, dequantize_q8
+from .ops import CPU, float32_weight, to_host
+from .quant import Q8Tensor
 
 
 # ----------------------------------------------------------------------------
@@ -280,8 +280,8 @@ class Transformer:
     def __init__(self, params: ModelArgs, weights, ops=CPU, kv_dtype="float32"):
         check_weights(iter_weight_shapes(params), weights)
         self.params, self.ops, self.kv_dtype = params, ops, check_kv_dtype(kv_dtype)
-        embedding = to_host(_dense(weights["tok_embeddings.weight"]))
-        self.tok_embeddings = ops.weight(embedding.astype(np.float32, copy=False))
+        # gathered by row, so float32 however it is stored (a tied classifier keeps the stored)
+        self.tok_embeddings = ops.weight(float32_weight(weights["tok_embeddings.weight"]))
         self.layers = [TransformerBlock(i, params, weights, ops, kv_dtype)
                        for i in range(params.n_layers)]
         self.norm = ops.weight(weights["norm.weight"])
@@ -319,10 +319,3 @@ class Transformer:
         h = rms_norm(h, self.norm, self.params.norm_eps, self.ops.xp)
         yield "norm", h
         yield "output", self.ops.linear(h, self.output)        # (bsz, seqlen, vocab_size)
-
-
-def _dense(w):
-    """The embedding table is gathered by row, so it is kept as float32 even when quantized."""
-    if isinstance(w, Packed):
-        return formats.dequantize(w.map(to_host))
-    return dequantize_q8(w.q, w.s, w.group_size) if isinstance(w, Q8Tensor) else w

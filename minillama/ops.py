@@ -59,6 +59,21 @@ def to_host(a):
     return a.get() if hasattr(a, "get") else np.asarray(a)
 
 
+def float32_weight(w):
+    """A stored weight (array, LazyTensor, Packed or Q8Tensor, on any device) as a float32 NumPy
+    array: the embedding table the model gathers from, a weight stored again in another format."""
+    if isinstance(w, Packed):
+        return formats.dequantize(w.map(to_host))
+    if isinstance(w, Q8Tensor):
+        # columns past the last whole group take no part in a product (runq.c; see Q8Tensor):
+        # as float32 they are zeros, which adds the same nothing
+        w32 = np.zeros(w.shape, np.float32)
+        w32[..., :w.s.shape[-1] * w.group_size] = dequantize_q8(to_host(w.q), to_host(w.s),
+                                                                 w.group_size)
+        return w32
+    return np.asarray(to_host(w), dtype=np.float32)
+
+
 class NumpyOps:
     """The CPU backend: NumPy, whose matmul calls the machine's BLAS. A GPU backend subclasses
     it with `xp = cupy` and overrides linear, matmul and softmax with its own kernels."""
