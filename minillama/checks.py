@@ -3,6 +3,7 @@
 model.py is the lesson; the checks on its input live here, one per place where input arrives:
 
     check_model_args(p)                 ModelArgs' fields (ModelArgs.__post_init__)
+    check_kv_dtype(kv_dtype)            the KV cache's dtype (Transformer, the memory plan)
     check_weights(shapes, weights, source)
                                         every weight present, of its shape (Transformer.__init__,
                                         the checkpoint readers)
@@ -20,8 +21,11 @@ import math
 import numpy as np
 
 from .errors import ArgumentError, CheckpointError, GenerationError, check_positive_int
+from .formats import Packed
 from .ops import to_host
 from .quant import Q8Tensor
+
+KV_DTYPES = ("float32", "float16")
 
 
 # ----------------------------------------------------------------------------
@@ -44,6 +48,13 @@ def check_model_args(p):
                 or (name == "rope_theta" and value == 0):
             raise ArgumentError(f"{name}: expected a finite number "
                                 f"{'> 0' if name == 'rope_theta' else '>= 0'}, got {value!r}")
+
+
+def check_kv_dtype(kv_dtype):
+    """The KV cache's dtype: float32 (the reference) or float16 (half the bytes)."""
+    if kv_dtype not in KV_DTYPES:
+        raise ArgumentError(f"kv_dtype: expected one of {', '.join(KV_DTYPES)}, got {kv_dtype!r}")
+    return kv_dtype
 
 
 def check_weights(shapes, weights, source="checkpoint"):
@@ -139,8 +150,16 @@ def _weights_note(layer, xp):
                "attention.wo": layer.attention.wo, "ffn_norm": layer.ffn_norm,
                "feed_forward.w1/w3": layer.feed_forward.w13,
                "feed_forward.w2": layer.feed_forward.w2}
-    bad = [name for name, w in weights.items()
-           if not bool(xp.isfinite(w.s if isinstance(w, Q8Tensor) else w).all())]
+    bad = [name for name, w in weights.items() if not _finite(w, xp)]
     if bad:
         return f"its weights {', '.join(bad)} are not finite (a damaged checkpoint?)"
     return "its weights are finite, so the activations overflowed there"
+
+
+def _finite(w, xp):
+    """Are a weight's floating-point numbers finite: an array's values, a Q8Tensor's scales, a
+    Packed weight's float planes (bf16 bits are checked when read, formats.check_finite)."""
+    if isinstance(w, Q8Tensor):
+        return bool(xp.isfinite(w.s).all())
+    planes = w.planes.values() if isinstance(w, Packed) else [w]
+    return all(bool(xp.isfinite(a).all()) for a in planes if a.dtype.kind == "f")

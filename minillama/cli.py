@@ -50,11 +50,18 @@ probability = _number(float, 0.0, 1.0, low_open=True)
 
 
 def add_device(p):
+    from .checks import KV_DTYPES
+    from .dtypes import WEIGHT_DTYPES
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                    help="where the model runs (cuda needs CuPy and an NVIDIA GPU)")
-    p.add_argument("--dtype", choices=["float32", "float16", "int8"], default=None,
-                   help="weight storage: float32, float16 (half the memory) or int8 (Q8_0 "
-                        "groups, about a quarter); default: as the checkpoint stores them")
+    p.add_argument("--dtype", choices=WEIGHT_DTYPES, default=None,
+                   help="weight storage: float32, float16 or bfloat16 (half the memory), int8 "
+                        "(Q8_0 blocks, about a quarter) or q4_0 (4.5 bits a weight); default: "
+                        "as the checkpoint stores them (on the CPU expanded to float32 when "
+                        "that fits)")
+    p.add_argument("--kv-dtype", dest="kv_dtype", choices=KV_DTYPES, default="float32",
+                   help="the KV cache: float32, or float16 for half the memory (default "
+                        "float32)")
 
 
 def build_parser():
@@ -146,10 +153,11 @@ def cmd_run(args):
     mode = mode or "generate"
     ops = get_ops(args.device)
     # run feeds one token per forward (the prompt too, as run.c does): plan for that
-    ckpt = open_checkpoint(checkpoint, dtype=args.dtype, device=args.device, prompt_len=1)
+    ckpt = open_checkpoint(checkpoint, dtype=args.dtype, device=args.device, prompt_len=1,
+                           kv_dtype=args.kv_dtype)
     tokenizer = load_tokenizer(find_tokenizer(checkpoint, args.tokenizer, ckpt.tokenizer_path),
                                vocab_size=ckpt.params.vocab_size)
-    model = Transformer(ckpt.params, ckpt.weights, ops)
+    model = Transformer(ckpt.params, ckpt.weights, ops, args.kv_dtype)
     if mode == "generate" and not tokenizer.encode(args.prompt or "", bos=True, eos=False):
         raise ArgumentError(f"-i: {checkpoint} has no BOS token to start from an empty "
                             f"prompt; give one with -i, or chat with -m chat")
@@ -180,7 +188,7 @@ def cmd_complete(args):
                             f"{args.max_batch_size}")
     generator = Llama.build(args.ckpt_dir, args.tokenizer_path, args.max_seq_len,
                             args.max_batch_size, device=args.device, seed=args.seed,
-                            dtype=args.dtype)
+                            dtype=args.dtype, kv_dtype=args.kv_dtype)
     results = generator.text_completion(prompts, temperature=args.temperature, top_p=args.top_p,
                                         max_gen_len=args.max_gen_len, logprobs=args.logprobs,
                                         echo=args.echo)
@@ -197,8 +205,10 @@ def cmd_complete(args):
         print("\n==================================\n")
 
 
-def describe(ckpt, max_seq_len, max_batch_size):
+def describe(ckpt, max_seq_len, max_batch_size, kv_dtype="float32"):
     """Lines for `minillama info`."""
+    from collections import Counter
+    from .dtypes import Q8_GROUPS, source_format
     from .memory import fmt_bytes, kv_cache_bytes
     from .model import classifier_is_embedding, weight_shapes
     p = ckpt.params
@@ -208,8 +218,10 @@ def describe(ckpt, max_seq_len, max_batch_size):
                    if not (tied and name == "output.weight"))
     stored = {id(w): w for w in ckpt.weights.values()}       # a tied array counts once
     weight_bytes = sum(w.nbytes for w in stored.values())
+    kinds = Counter(source_format(w) for w in stored.values()).most_common()
+    words = {Q8_GROUPS: "llama2.c's int8 groups"}
     seq = max_seq_len or p.max_seq_len
-    kv_bytes = kv_cache_bytes(p, seq, max_batch_size)
+    kv_bytes = kv_cache_bytes(p, seq, max_batch_size, kv_dtype)
     return [
         f"file            {ckpt.path} ({ckpt.fmt})",
         f"architecture    llama: dim {p.dim}, {p.n_layers} layers, {p.n_heads} heads "
@@ -218,8 +230,10 @@ def describe(ckpt, max_seq_len, max_batch_size):
         f"classifier      {'shared with the embedding' if tied else 'separate'}",
         f"parameters      {n_params:,}",
         f"weights         {weight_bytes:,} bytes as stored ({fmt_bytes(weight_bytes)})",
+        f"stored as       {', '.join(f'{words.get(f, f)} x {n}' for f, n in kinds)} (tensors "
+        f"by format, in the file)",
         f"kv cache        {kv_bytes:,} bytes ({fmt_bytes(kv_bytes)}) for max_seq_len {seq} "
-        f"x max_batch_size {max_batch_size} (float32)",
+        f"x max_batch_size {max_batch_size} ({kv_dtype})",
     ]
 
 
@@ -228,8 +242,8 @@ def cmd_info(args):
     from .memory import plan_checkpoint
     # read_checkpoint leaves the weights on disk where the format allows: info reads headers
     ckpt = read_checkpoint(args.checkpoint, args.max_seq_len, args.max_batch_size)
-    print("\n".join(describe(ckpt, args.max_seq_len, args.max_batch_size)))
-    print(plan_checkpoint(ckpt, args.dtype, args.device).format())
+    print("\n".join(describe(ckpt, args.max_seq_len, args.max_batch_size, args.kv_dtype)))
+    print(plan_checkpoint(ckpt, args.dtype, args.device, kv_dtype=args.kv_dtype).format())
 
 
 def cmd_tokenize(args):

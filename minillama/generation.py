@@ -32,9 +32,11 @@ def cross_entropy(logits, target, ignore_index):
 class Llama:
     @staticmethod
     def build(ckpt_dir, tokenizer_path=None, max_seq_len=None, max_batch_size=1, device="cpu",
-              seed=1, **load_options):
+              seed=1, kv_dtype="float32", **load_options):
         """Load a checkpoint and its tokenizer. No process group, no NCCL: one process does it all.
-        tokenizer_path may be None when the checkpoint carries its own tokenizer."""
+        tokenizer_path may be None when the checkpoint carries its own tokenizer. kv_dtype:
+        the KV cache's ("float32" or "float16"); load_options go to open_checkpoint (dtype=,
+        budget=)."""
         from .devices import get_ops
         from .loading import open_checkpoint
         from .model import Transformer
@@ -44,12 +46,12 @@ class Llama:
         check_positive_int("max_batch_size", max_batch_size)
         ops = get_ops(device)            # fail early on a missing GPU, before reading weights
         ckpt = open_checkpoint(ckpt_dir, max_seq_len, max_batch_size, device=device,
-                               **load_options)           # checks the memory plan first
+                               kv_dtype=kv_dtype, **load_options)   # checks the memory plan
         tokenizer_path = tokenizer_path or ckpt.tokenizer_path
         if tokenizer_path is None:
             raise ArgumentError(f"tokenizer_path: {ckpt_dir} carries no tokenizer; pass one")
         tokenizer = load_tokenizer(tokenizer_path, vocab_size=ckpt.params.vocab_size)
-        return Llama(Transformer(ckpt.params, ckpt.weights, ops), tokenizer, seed)
+        return Llama(Transformer(ckpt.params, ckpt.weights, ops, kv_dtype), tokenizer, seed)
 
     def __init__(self, model, tokenizer, seed=1):
         self.model = model

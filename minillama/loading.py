@@ -3,8 +3,9 @@
     read_checkpoint(path) -> Checkpoint(params, weights, tokenizer, fmt)  (weights may still be
                                     LazyTensors on disk: enough to plan memory)
     open_checkpoint(path, dtype=...) -> Checkpoint with every weight read, in its storage dtype
-    load_model(path, device, max_seq_len, max_batch_size, dtype) -> Transformer, after checking
-                                    that the memory plan fits (minillama.memory)
+                                    (minillama.dtypes), and the memory plan that chose it
+    load_model(path, device, max_seq_len, max_batch_size, dtype, kv_dtype) -> Transformer,
+                                    after checking that the memory plan fits (minillama.memory)
 
 Each format module provides `load_<format>(path, max_seq_len, max_batch_size)` returning
 (ModelArgs, weights[, tokenizer path]). New formats register themselves in FORMATS.
@@ -17,7 +18,7 @@ from typing import Optional
 from .devices import get_ops
 from .dtypes import store_weights
 from .errors import CheckpointError
-from .memory import plan_checkpoint
+from .memory import MemoryPlan, plan_checkpoint
 from .model import ModelArgs, Transformer
 
 
@@ -28,6 +29,7 @@ class Checkpoint:
     fmt: str                          # "llama2c", ...
     path: str
     tokenizer_path: Optional[str] = None   # a tokenizer that ships with the model, if any
+    plan: Optional[MemoryPlan] = None      # how open_checkpoint stored the weights, and why
 
 
 def detect_format(path):
@@ -53,21 +55,28 @@ def read_checkpoint(path, max_seq_len=None, max_batch_size=1):
 
 
 def open_checkpoint(path, max_seq_len=None, max_batch_size=1, dtype=None, device=None,
-                    budget=None, prompt_len=None):
-    """dtype: 'float32', 'float16', 'int8' or None (the checkpoint's own; see dtypes.py).
-    With a device ('cpu' or 'cuda'), first checks that the memory plan fits there, raising
-    OutOfMemoryError before any weight is read; budget: free bytes to plan for (default: measured);
-    prompt_len: the most tokens one forward call will take (default: max_seq_len)."""
+                    budget=None, prompt_len=None, kv_dtype="float32"):
+    """dtype: 'float32', 'float16', 'bfloat16', 'int8', 'q4_0' or None (as the checkpoint
+    stores it; see dtypes.py). The memory plan decides how the weights are stored: for None on
+    the CPU (device None counts as the CPU), Packed weights are expanded to float32 when that
+    fits (memory.plan_checkpoint). With a device ('cpu' or 'cuda'), first checks that the plan
+    fits there, raising OutOfMemoryError before any weight is read; budget: free bytes to plan
+    for (default: measured); prompt_len: the most tokens one forward call will take (default:
+    max_seq_len); kv_dtype: the KV cache's, which the plan counts."""
     ckpt = read_checkpoint(path, max_seq_len, max_batch_size)
+    ckpt.plan = plan_checkpoint(ckpt, dtype, device or "cpu", budget, kv_dtype,
+                                prompt_len=prompt_len)
     if device is not None:
-        plan_checkpoint(ckpt, dtype, device, budget, prompt_len=prompt_len).check()
-    ckpt.weights = store_weights(ckpt.weights, dtype)
+        ckpt.plan.check()
+    ckpt.weights = store_weights(ckpt.weights, ckpt.plan.load_dtype)
     return ckpt
 
 
-def load_model(path, device="cpu", max_seq_len=None, max_batch_size=1, dtype=None, budget=None):
-    ckpt = open_checkpoint(path, max_seq_len, max_batch_size, dtype, device or "cpu", budget)
-    return Transformer(ckpt.params, ckpt.weights, get_ops(device))
+def load_model(path, device="cpu", max_seq_len=None, max_batch_size=1, dtype=None, budget=None,
+               kv_dtype="float32"):
+    ckpt = open_checkpoint(path, max_seq_len, max_batch_size, dtype, device or "cpu", budget,
+                           kv_dtype=kv_dtype)
+    return Transformer(ckpt.params, ckpt.weights, get_ops(device), kv_dtype)
 
 
 # (name, module in minillama.checkpoints, probe(path) -> bool, loader). Probed in order; the

@@ -1,29 +1,48 @@
-"""Will the model fit? Bytes planned from the hyperparameters alone, before any weight is read.
+"""Will the model fit? Bytes planned from the hyperparameters and the formats the file stores
+its weights in, before any weight is read.
 
-    weights    every weight in its storage dtype (minillama.dtypes): float32 4 bytes, float16 2,
-               int8 1 + a float32 scale per group; norms and the embedding table stay float32
-    KV cache   2 (k and v) * n_layers * max_batch_size * max_seq_len * n_kv_heads * head_dim * 4
+    weights    every weight as stored (minillama.dtypes decides each one's format): float32 4
+               bytes, float16 and bfloat16 2, Packed q8_0 / q4_0 / q4_1 34 / 18 / 20 bytes per
+               block of 32 (formats.bytes_for), llama2.c's Q8 groups 1 + a float32 scale per
+               group; the embedding as the float32 table the model gathers from, the
+               classifier as stored (no bytes when it is that same float32 table)
+    KV cache   2 (k and v) * n_layers * max_batch_size * max_seq_len * n_kv_heads * head_dim
+               * 4 bytes (float32), or * 2 (--kv-dtype float16)
     working    what one forward pass over a whole prompt (max_batch_size x prompt_len tokens)
                holds at its peak: the residual stream and a norm's temporaries, plus the largest
                of attention (softmax keeps about 4 copies of the scores), the feed-forward
                (about 5 arrays of hidden_dim) and the logits (forward returns every position's);
-               plus, for float16 and int8 weights, the float32 copy the matmul makes of the
-               largest weight (int8 makes two: groups, then groups * scales)
+               plus the float32 copy linear() makes of the largest weight not stored as
+               float32: on the CPU a Packed weight's block of rows (ops.LINEAR_CHUNK_BYTES;
+               none on the GPU, whose kernels read it as stored), Q8 groups two whole copies
+               (groups, then groups * scales); plus, for a float16 cache, the float32 copy of the
+               keys and values one layer reads
 These are estimates of what model.py and ops.py allocate, rounded up, not measurements.
 
 plan_memory(...) compares the total with the free memory on the target (MemAvailable from
 /proc/meminfo for the CPU, cudaMemGetInfo for the GPU) and, when it does not fit, works out
 which single change would: a smaller dtype, a shorter max_seq_len, a smaller batch, the CPU.
+plan_checkpoint(...) plans an opened checkpoint, and makes the CPU rule for --dtype None: a file
+stored in Packed formats (GGUF blocks, bf16) is expanded to float32 at load when that fits,
+because NumPy multiplies float32 fastest; else it is kept as stored. `minillama info` says which.
 """
+import math
 from dataclasses import dataclass, field
 from typing import List, Optional
 
-from .dtypes import WEIGHT_DTYPES, check_dtype, resolve_dtype, role, stored_nbytes
+from .checks import check_kv_dtype
+from .dtypes import (DTYPE_FORMATS, Q8_GROUPS, WEIGHT_DTYPES, check_dtype, role, source_format,
+                     storage_name, storage_plan, stored_nbytes)
 from .errors import ArgumentError, OutOfMemoryError, check_positive_int
-from .model import ModelArgs, reuses_embedding, weight_shapes
+from .model import ModelArgs, classifier_is_embedding, weight_shapes
+from .ops import LINEAR_CHUNK_BYTES
 
 CUDA_RESERVE = 256 << 20     # cuBLAS workspace, kernel modules, pool slack: not in our arrays
 F32 = 4
+KV_BYTES = {"float32": 4, "float16": 2}
+# float32 copies of a block of rows that formats.dequantize holds at its peak: bf16 widens
+# through a uint32 copy, Q4 unpacks its codes to bytes first, the scales widen too
+DEQUANTIZE_COPIES = {"f16": 1, "bf16": 2, "q8_0": 1.125, "q4_0": 1.375, "q4_1": 1.5}
 
 
 def fmt_bytes(n):
@@ -36,17 +55,36 @@ def fmt_bytes(n):
 # ----------------------------------------------------------------------------
 # the parts
 
-def weights_bytes(p: ModelArgs, dtype, tied=False):
-    """Bytes of every weight stored in `dtype`; a tied classifier is the embedding (no bytes)."""
-    return sum(stored_nbytes(shape, dtype, role(name)) for name, shape in weight_shapes(p).items()
-               if not (tied and name == "output.weight"))
+def storage_of(p: ModelArgs, dtype, tied=False, sources=None):
+    """{name: format} for every weight of `p` (dtypes.storage_plan). sources: {name: format as
+    the file stores it}; by default every weight float32 (a plan from the hyperparameters)."""
+    sources = sources or {}
+    return storage_plan({name: (sources.get(name, "f32"), shape)
+                         for name, shape in weight_shapes(p).items()}, dtype, tied)
 
 
-def kv_cache_bytes(p: ModelArgs, max_seq_len, max_batch_size):
-    return 2 * p.n_layers * max_batch_size * max_seq_len * p.n_kv_heads * p.head_dim * F32
+def weights_bytes(p: ModelArgs, dtype, tied=False, sources=None):
+    """Bytes of every weight as the model holds it (see the module docstring)."""
+    return _weights_bytes(p, storage_of(p, dtype, tied, sources), tied)
 
 
-def working_bytes(p: ModelArgs, dtype, max_seq_len, max_batch_size, prompt_len):
+def _weights_bytes(p, storage, tied):
+    total = 0
+    for name, shape in weight_shapes(p).items():
+        if name == "tok_embeddings.weight":
+            total += F32 * math.prod(shape)              # the float32 table gathered from
+        elif not (tied and name == "output.weight" and storage[name] == "f32"):
+            total += stored_nbytes(storage[name], shape)
+    return total
+
+
+def kv_cache_bytes(p: ModelArgs, max_seq_len, max_batch_size, kv_dtype="float32"):
+    per_value = KV_BYTES[check_kv_dtype(kv_dtype)]
+    return 2 * p.n_layers * max_batch_size * max_seq_len * p.n_kv_heads * p.head_dim * per_value
+
+
+def working_bytes(p: ModelArgs, dtype, max_seq_len, max_batch_size, prompt_len,
+                  kv_dtype="float32", storage=None, device="cpu"):
     tokens = max_batch_size * prompt_len
     residual = 4 * p.dim                                  # x, h, and rms_norm's temporaries
     qkv = (p.n_heads + 2 * p.n_kv_heads) * p.head_dim
@@ -55,9 +93,29 @@ def working_bytes(p: ModelArgs, dtype, max_seq_len, max_batch_size, prompt_len):
     per_token = residual + max(attention, feed_forward, p.vocab_size)
     rope = max_seq_len * p.head_dim * F32                 # cos and sin tables
     mask = prompt_len * prompt_len * F32                  # the causal mask softmax adds
-    largest = max(p.vocab_size * p.dim, 2 * p.hidden_dim * p.dim, qkv * p.dim)  # fused w13, wqkv
-    upcast = {"float32": 0, "float16": 1, "int8": 2}[dtype] * largest * F32
-    return tokens * per_token * F32 + rope + mask + upcast
+    storage = storage or storage_of(p, dtype)
+    kv_upcast = 0 if kv_dtype == "float32" else 2 * max_batch_size * max_seq_len * p.kv_dim * F32
+    return (tokens * per_token * F32 + rope + mask + _upcast_bytes(p, storage, device)
+            + kv_upcast)
+
+
+def _upcast_bytes(p, storage, device):
+    """The largest float32 copy linear() makes of a weight not stored as float32."""
+    qkv = (p.n_heads + 2 * p.n_kv_heads) * p.head_dim
+    fused = {"wq": qkv, "wk": qkv, "wv": qkv, "w1": 2 * p.hidden_dim, "w3": 2 * p.hidden_dim}
+    worst = 0
+    for name, shape in weight_shapes(p).items():
+        fmt = storage[name]
+        if role(name) != "linear" or fmt == "f32" or (device == "cuda" and fmt != Q8_GROUPS):
+            continue
+        kind = name.split(".")[-2]                            # wq, ..., w3, output
+        count = fused.get(kind, shape[0]) * shape[1]          # the matrix linear() multiplies
+        if fmt == Q8_GROUPS:
+            worst = max(worst, 2 * count * F32)
+        else:
+            chunk = min(count * F32, LINEAR_CHUNK_BYTES)
+            worst = max(worst, int(DEQUANTIZE_COPIES[fmt] * chunk))
+    return worst
 
 
 # ----------------------------------------------------------------------------
@@ -88,7 +146,7 @@ def free_memory(device):
 class MemoryPlan:
     params: ModelArgs
     device: str
-    dtype: str
+    dtype: str                        # the storage in words: "float32", ..., "as stored (q4_1)"
     max_seq_len: int
     max_batch_size: int
     prompt_len: int
@@ -100,6 +158,11 @@ class MemoryPlan:
     budget_source: str
     host_budget: Optional[int] = None     # for the "use the CPU" option when device is cuda
     options: List[str] = field(default_factory=list)
+    kv_dtype: str = "float32"
+    load_dtype: Optional[str] = None  # the dtype for store_weights: None keeps the file's formats
+    storage: dict = field(default_factory=dict)       # name -> format (dtypes.storage_plan)
+    sources: Optional[dict] = None    # name -> the format the file stores it in
+    note: str = ""                    # how the weights are stored, and why (minillama info)
 
     @property
     def total(self):
@@ -119,18 +182,22 @@ class MemoryPlan:
         free = (f"unknown ({self.budget_source}): not checked" if self.budget is None
                 else f"{fmt_bytes(self.budget)} ({self.budget_source}): "
                      + ("fits" if self.fits else "DOES NOT FIT"))
+        dtype = f"--dtype {self.dtype}" if self.dtype in WEIGHT_DTYPES else f"weights {self.dtype}"
+        kv = "" if self.kv_dtype == "float32" else f", --kv-dtype {self.kv_dtype}"
         lines = [
-            f"memory plan: {self.device}, --dtype {self.dtype}, --max_seq_len {self.max_seq_len}, "
+            f"memory plan: {self.device}, {dtype}{kv}, --max_seq_len {self.max_seq_len}, "
             f"--max_batch_size {self.max_batch_size}",
             f"  weights   {fmt_bytes(self.weights):>11}",
             f"  KV cache  {fmt_bytes(self.kv_cache):>11}   2 x {p.n_layers} layers x "
             f"{self.max_batch_size} x {self.max_seq_len} x {p.n_kv_heads} kv heads x "
-            f"{p.head_dim} x 4 bytes",
+            f"{p.head_dim} x {KV_BYTES[self.kv_dtype]} bytes",
             f"  working   {fmt_bytes(self.working):>11}   activations and logits for "
             f"{self.max_batch_size} x {self.prompt_len} prompt tokens",
             f"  total     {fmt_bytes(self.total):>11}",
             f"  free      {free}",
         ]
+        if self.note:
+            lines.insert(2, f"  storage   {self.note}")
         if not self.fits:
             lines.append("  options that fit: " + ("; ".join(self.options) or "none"))
         return "\n".join(lines)
@@ -149,13 +216,17 @@ class MemoryPlan:
 
 
 def plan_memory(params, dtype, max_seq_len, max_batch_size, device="cpu", budget=None, *,
-                tied=False, prompt_len=None, host_budget=None):
+                tied=False, prompt_len=None, host_budget=None, kv_dtype="float32",
+                sources=None):
     """The MemoryPlan for `params` stored in `dtype` on `device` ("cpu" or "cuda").
 
     budget: free bytes on the target (default: measured). prompt_len: the longest prompt
     (default max_seq_len, the worst case). host_budget: free host RAM for the CPU option when
-    device is cuda (default: measured). tied: the classifier is the embedding table."""
-    dtype = check_dtype(dtype) or "float32"
+    device is cuda (default: measured). tied: the classifier is the embedding table.
+    kv_dtype: the KV cache's, "float32" or "float16". sources: {name: format} the file stores
+    each weight in (default float32; dtype None keeps them)."""
+    check_dtype(dtype)
+    check_kv_dtype(kv_dtype)
     if device not in ("cpu", "cuda"):
         raise ArgumentError(f"device: expected 'cpu' or 'cuda', got {device!r}")
     check_positive_int("max_seq_len", max_seq_len)
@@ -164,30 +235,39 @@ def plan_memory(params, dtype, max_seq_len, max_batch_size, device="cpu", budget
     source = "given"
     if budget is None:
         budget, source = free_memory(device)
-    plan = _plan(params, dtype, max_seq_len, max_batch_size, device, prompt_len, tied,
-                 budget, source)
+    settings = dict(dtype=dtype, seq=max_seq_len, bsz=max_batch_size, device=device,
+                    prompt_len=prompt_len, tied=tied, budget=budget, source=source,
+                    kv_dtype=kv_dtype, sources=sources)
+    plan = _plan(params, settings)
     plan.host_budget = host_budget
     if not plan.fits:
         plan.options = _options(plan)
     return plan
 
 
-def _plan(p, dtype, seq, bsz, device, prompt_len, tied, budget, source):
-    working = working_bytes(p, dtype, seq, bsz, prompt_len)
-    if device == "cuda":
+def _plan(p, s):
+    storage = storage_of(p, s["dtype"], s["tied"], s["sources"])
+    working = working_bytes(p, s["dtype"], s["seq"], s["bsz"], s["prompt_len"], s["kv_dtype"],
+                            storage, s["device"])
+    if s["device"] == "cuda":
         working += CUDA_RESERVE
-    return MemoryPlan(p, device, dtype, seq, bsz, prompt_len, tied,
-                      weights_bytes(p, dtype, tied), kv_cache_bytes(p, seq, bsz), working,
-                      budget, source)
+    return MemoryPlan(p, s["device"], storage_name(storage, s["dtype"]), s["seq"], s["bsz"],
+                      s["prompt_len"], s["tied"], _weights_bytes(p, storage, s["tied"]),
+                      kv_cache_bytes(p, s["seq"], s["bsz"], s["kv_dtype"]), working,
+                      s["budget"], s["source"], kv_dtype=s["kv_dtype"], load_dtype=s["dtype"],
+                      storage=storage, sources=s["sources"])
 
 
 def _variant(plan, **change):
     """The same plan with some settings changed (prompt_len follows a shorter max_seq_len)."""
-    s = dict(dtype=plan.dtype, seq=plan.max_seq_len, bsz=plan.max_batch_size,
-             device=plan.device, budget=plan.budget, source=plan.budget_source)
+    s = dict(dtype=plan.load_dtype, seq=plan.max_seq_len, bsz=plan.max_batch_size,
+             device=plan.device, budget=plan.budget, source=plan.budget_source,
+             tied=plan.tied, kv_dtype=plan.kv_dtype, sources=plan.sources)
     s.update(change)
-    return _plan(plan.params, s["dtype"], s["seq"], s["bsz"], s["device"],
-                 min(plan.prompt_len, s["seq"]), plan.tied, s["budget"], s["source"])
+    s["prompt_len"] = min(plan.prompt_len, s["seq"])
+    variant = _plan(plan.params, s)
+    variant.host_budget = plan.host_budget
+    return variant
 
 
 def _largest(fits, hi):
@@ -204,7 +284,7 @@ def _largest(fits, hi):
 def _options(plan):
     """Single changes that make `plan` fit, each with the total it would need."""
     options = []
-    smaller = WEIGHT_DTYPES[WEIGHT_DTYPES.index(plan.dtype) + 1:]
+    smaller = [d for d in WEIGHT_DTYPES if _variant(plan, dtype=d).weights < plan.weights]
     for d in smaller:
         v = _variant(plan, dtype=d)
         if v.fits:
@@ -223,20 +303,68 @@ def _options(plan):
         if host is not None and v.fits:
             options.append(f"--device cpu ({fmt_bytes(v.total)} of {fmt_bytes(host)} "
                            f"{source})")
-    if not options and smaller:
-        # no single change is enough: the smallest dtype with the longest sequence that fits
-        d = smaller[-1]
-        seq = _largest(lambda n: _variant(plan, dtype=d, seq=n).fits, plan.max_seq_len)
-        if seq:
-            options.append(f"--dtype {d} --max_seq_len {seq} "
-                           f"({fmt_bytes(_variant(plan, dtype=d, seq=seq).total)})")
+    if not options:
+        # no single change is enough: the widest smaller dtype that leaves room for a
+        # sequence, with the longest sequence that fits
+        for d in smaller:
+            seq = _largest(lambda n: _variant(plan, dtype=d, seq=n).fits, plan.max_seq_len)
+            if seq:
+                options.append(f"--dtype {d} --max_seq_len {seq} "
+                               f"({fmt_bytes(_variant(plan, dtype=d, seq=seq).total)})")
+                break
     return options
 
 
-def plan_checkpoint(ckpt, dtype=None, device="cpu", budget=None, **kwargs):
-    """plan_memory for an opened checkpoint (weights may still be LazyTensors on disk): the
-    dtype None means the checkpoint's own, and a classifier the model takes from its embedding
-    table is counted once (model.reuses_embedding: a tied Q8 classifier is held apart)."""
+# ----------------------------------------------------------------------------
+# an opened checkpoint, and the CPU rule
+
+def plan_checkpoint(ckpt, dtype=None, device="cpu", budget=None, kv_dtype="float32", **kwargs):
+    """plan_memory for an opened checkpoint (weights may still be LazyTensors on disk), from
+    the formats its weights are stored in; a tied classifier counts as the model holds it.
+
+    With dtype None: on the GPU the weights are kept as stored (the kernels read every
+    format). On the CPU, Packed weights are expanded to float32 at load when the float32 plan
+    fits (NumPy multiplies float32 fastest: the plan's load_dtype is then "float32"), and kept
+    as stored otherwise (linear() then dequantizes a block of rows at a time, slower). The
+    plan's note says which and why."""
     w, p = ckpt.weights, ckpt.params
-    return plan_memory(p, resolve_dtype(dtype, w), p.max_seq_len, p.max_batch_size, device,
-                       budget, tied=reuses_embedding(w), **kwargs)
+    plan = plan_memory(p, dtype, p.max_seq_len, p.max_batch_size, device, budget,
+                       tied=classifier_is_embedding(w), kv_dtype=kv_dtype,
+                       sources={name: source_format(x) for name, x in w.items()}, **kwargs)
+    if dtype is not None:
+        plan.note = _exceptions(plan, dtype)
+        return plan
+    packed = sorted({fmt for fmt in plan.storage.values() if fmt not in ("f32", Q8_GROUPS)})
+    if not packed:
+        return plan
+    if device == "cuda":
+        plan.note = f"as stored ({', '.join(packed)}): the GPU kernels read each format directly"
+        return plan
+    expanded = _variant(plan, dtype="float32")
+    if expanded.fits:
+        free = "" if plan.budget is None else f" of {fmt_bytes(plan.budget)}"
+        expanded.note = (f"float32, expanded at load from the file's {', '.join(packed)}: it "
+                         f"fits ({fmt_bytes(expanded.total)}{free}), and on the CPU float32 is "
+                         f"the fast path (NumPy has no packed product); as stored: "
+                         f"{fmt_bytes(plan.total)}")
+        return expanded
+    plan.note = (f"as stored ({', '.join(packed)}): float32 would need {fmt_bytes(expanded.total)}, more than the "
+                 f"{fmt_bytes(plan.budget)} free, so each matrix is dequantized a block of rows "
+                 f"at a time, just before its product (slower than float32)")
+    return plan
+
+
+def _exceptions(plan, dtype):
+    """For an explicit dtype: the matrices not kept in its format because their rows are not
+    whole blocks of 32 (stories260K's w2: 172 values), in words; "" if none."""
+    want, others = DTYPE_FORMATS[dtype], {}
+    for name, shape in weight_shapes(plan.params).items():
+        fmt = plan.storage[name]
+        if role(name) == "linear" and fmt != want and shape[-1] % 32:
+            kind = name.split(".", 2)[-1] if name.startswith("layers.") else name
+            others.setdefault((kind[:-len(".weight")], fmt), []).append(name)
+    words = {"f32": "float32", Q8_GROUPS: "llama2.c's Q8 groups (float32 scales)"}
+    parts = [f"{kind} x {len(names)}: {words.get(fmt, fmt)}"
+             for (kind, fmt), names in sorted(others.items())]
+    return (f"{want}, except where rows are not whole blocks of 32: " + "; ".join(parts)
+            if parts else "")

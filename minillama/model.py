@@ -17,9 +17,11 @@ from typing import Optional
 
 import numpy as np
 
-from .checks import check_model_args, check_tokens, check_weights
-from .ops import CPU, to_host
-from .quant import Q8Tensor, dequantize_q8
+from . import formats
+from .checks import check_kv_dtype, check_model_args, check_tokens, check_weights
+from .formats import Packed
+from .ops import CPU, float32_weight, to_host
+from .quant import Q8Tensor
 
 
 # ----------------------------------------------------------------------------
@@ -101,13 +103,16 @@ def classifier_is_embedding(weights):
 
 
 def reuses_embedding(weights):
-    """May the model use its float32 embedding table as the classifier? Only when tied and not
-    quantized. The embedding is gathered by row, so the model keeps it as float32 whatever the
-    storage dtype; but a Q8 classifier must stay Q8. A tied Q8 table comes from a llama2.c
-    version-2 file, and runq's classifier is that quantized embedding, multiplied W8A8 (the
-    activations rounded to int8 groups too): to get runq's logits the model keeps the Q8Tensor
-    as its classifier beside the float32 copy it gathers from (and the memory plan counts both)."""
-    return classifier_is_embedding(weights) and not isinstance(weights["output.weight"], Q8Tensor)
+    """May the model use its float32 embedding table as the classifier? Only when tied and
+    stored as float32. The embedding is gathered by row, so the model keeps it as float32
+    whatever the storage; but a classifier stored in fewer bytes stays so. A tied Packed table
+    (a GGUF's Q8_0 token_embd) is read by the classifier's product as stored, the fewest bytes
+    per token. A tied Q8 table comes from a llama2.c version-2 file, and runq's classifier is
+    that quantized embedding, multiplied W8A8 (the activations rounded to int8 groups too): to
+    get runq's logits the model keeps the Q8Tensor as its classifier. Either way the float32
+    copy the model gathers from sits beside it (and the memory plan counts both)."""
+    return classifier_is_embedding(weights) and \
+        not isinstance(weights["output.weight"], (Q8Tensor, Packed))
 
 
 # ----------------------------------------------------------------------------
@@ -149,7 +154,9 @@ def silu(x, xp=np):
 def fuse_rows(ws):
     """Stack (out_i, in) weights into one (sum out_i, in) weight: one matmul instead of several,
     the same arithmetic. Done on the host, before the backend places the result. Works for
-    plain arrays and Q8Tensors (groups run along `in`)."""
+    plain arrays, Packed weights of one format and Q8Tensors (blocks and groups run along `in`)."""
+    if isinstance(ws[0], Packed):
+        return formats.concat_rows([w.map(to_host) for w in ws])
     if isinstance(ws[0], Q8Tensor):
         return Q8Tensor(np.concatenate([to_host(w.q) for w in ws]),
                         np.concatenate([to_host(w.s) for w in ws]), ws[0].group_size, ws[0].w8a8)
@@ -183,7 +190,7 @@ class Attention:
     wq, wk, wv are fused into one weight wqkv: (n_heads + 2 * n_kv_heads) * head_dim rows.
     """
 
-    def __init__(self, p: ModelArgs, weights, prefix, ops):
+    def __init__(self, p: ModelArgs, weights, prefix, ops, kv_dtype="float32"):
         self.ops, xp = ops, ops.xp
         self.n_heads, self.n_kv_heads, self.head_dim = p.n_heads, p.n_kv_heads, p.head_dim
         self.n_rep = p.n_heads // p.n_kv_heads          # query heads sharing one kv head
@@ -191,8 +198,8 @@ class Attention:
                                           for w in ("wq", "wk", "wv")]))
         self.wo = ops.weight(weights[prefix + "wo.weight"])
         cache_shape = (p.max_batch_size, p.max_seq_len, p.n_kv_heads, p.head_dim)
-        self.cache_k = xp.zeros(cache_shape, dtype=xp.float32)
-        self.cache_v = xp.zeros(cache_shape, dtype=xp.float32)
+        self.cache_k = xp.zeros(cache_shape, dtype=kv_dtype)        # float32, or float16 for
+        self.cache_v = xp.zeros(cache_shape, dtype=kv_dtype)        # long contexts
 
     def __call__(self, x, start_pos, cos, sin):
         ops, xp = self.ops, self.ops.xp
@@ -205,12 +212,15 @@ class Attention:
         xq, xk = qk[:, :, :nh], qk[:, :, nh:]          # (bsz, seqlen, n_heads|n_kv_heads, hd)
         xv = qkv[:, :, nh + nkv:]                      # (bsz, seqlen, n_kv_heads, hd)
 
-        # the KV cache: write this call's positions, then read every position so far
+        # the KV cache: write this call's positions, then read every position so far (a
+        # float16 cache is read back as float32: attention computes in float32)
         self.cache_k[:bsz, start_pos:start_pos + seqlen] = xk
         self.cache_v[:bsz, start_pos:start_pos + seqlen] = xv
         end = start_pos + seqlen
-        keys = self.cache_k[:bsz, :end].transpose(0, 2, 3, 1)     # K^T: (bsz, n_kv_heads, hd, end)
-        values = self.cache_v[:bsz, :end].transpose(0, 2, 1, 3)   # V: (bsz, n_kv_heads, end, hd)
+        keys = self.cache_k[:bsz, :end].astype(xp.float32, copy=False)
+        values = self.cache_v[:bsz, :end].astype(xp.float32, copy=False)
+        keys = keys.transpose(0, 2, 3, 1)              # K^T: (bsz, n_kv_heads, hd, end)
+        values = values.transpose(0, 2, 1, 3)          # V: (bsz, n_kv_heads, end, hd)
 
         # repeat_kv without the copy: line the query heads up under the kv head they share.
         # query head h uses kv head h // n_rep, so rows of group g are heads g*n_rep ... g*n_rep+rep-1
@@ -242,10 +252,10 @@ class FeedForward:
 
 
 class TransformerBlock:
-    def __init__(self, layer_id, p: ModelArgs, weights, ops):
+    def __init__(self, layer_id, p: ModelArgs, weights, ops, kv_dtype="float32"):
         pre = f"layers.{layer_id}."
         self.xp, self.eps = ops.xp, p.norm_eps
-        self.attention = Attention(p, weights, pre + "attention.", ops)
+        self.attention = Attention(p, weights, pre + "attention.", ops, kv_dtype)
         self.feed_forward = FeedForward(p, weights, pre + "feed_forward.", ops)
         self.attention_norm = ops.weight(weights[pre + "attention_norm.weight"])
         self.ffn_norm = ops.weight(weights[pre + "ffn_norm.weight"])
@@ -260,17 +270,20 @@ class TransformerBlock:
 class Transformer:
     """The whole model. forward(tokens (bsz, seqlen), start_pos) -> logits (bsz, seqlen, vocab).
 
-    weights: a dict of arrays (or Q8Tensors) under Meta's names; see weight_shapes().
+    weights: a dict under Meta's names (see weight_shapes()) of arrays, Packed weights or
+    Q8Tensors, as minillama.dtypes stores them.
     The KV cache remembers positions < start_pos from earlier calls, so generation feeds the
-    prompt once and then one token per call.
+    prompt once and then one token per call. kv_dtype: "float32", or "float16" for half the
+    cache (attention still computes in float32).
     """
 
-    def __init__(self, params: ModelArgs, weights, ops=CPU):
+    def __init__(self, params: ModelArgs, weights, ops=CPU, kv_dtype="float32"):
         check_weights(iter_weight_shapes(params), weights)
-        self.params, self.ops = params, ops
-        embedding = to_host(_dense(weights["tok_embeddings.weight"]))
-        self.tok_embeddings = ops.weight(embedding.astype(np.float32, copy=False))
-        self.layers = [TransformerBlock(i, params, weights, ops) for i in range(params.n_layers)]
+        self.params, self.ops, self.kv_dtype = params, ops, check_kv_dtype(kv_dtype)
+        # gathered by row, so float32 however it is stored (a tied classifier keeps the stored)
+        self.tok_embeddings = ops.weight(float32_weight(weights["tok_embeddings.weight"]))
+        self.layers = [TransformerBlock(i, params, weights, ops, kv_dtype)
+                       for i in range(params.n_layers)]
         self.norm = ops.weight(weights["norm.weight"])
         self.output = (self.tok_embeddings if reuses_embedding(weights)
                        else ops.weight(weights["output.weight"]))
@@ -306,8 +319,3 @@ class Transformer:
         h = rms_norm(h, self.norm, self.params.norm_eps, self.ops.xp)
         yield "norm", h
         yield "output", self.ops.linear(h, self.output)        # (bsz, seqlen, vocab_size)
-
-
-def _dense(w):
-    """The embedding table is gathered by row, so it is kept as float32 even when quantized."""
-    return dequantize_q8(w.q, w.s, w.group_size) if isinstance(w, Q8Tensor) else w

@@ -1,4 +1,5 @@
-"""Weight storage dtypes (--dtype float32|float16|int8) and the bfloat16 conversion."""
+"""Weight storage dtypes (--dtype float32|float16|bfloat16|int8|q4_0) and the bfloat16
+conversion."""
 import numpy as np
 import pytest
 
@@ -7,6 +8,7 @@ from minillama.checkpoints.random import random_weights
 from minillama.dtypes import LazyTensor, q8_group_size, resolve_dtype, store_weights
 from minillama.formats.dense import bf16_to_f32
 from minillama.errors import ArgumentError, CheckpointError
+from minillama.formats import Packed
 from minillama.loading import load_model, open_checkpoint
 from minillama.model import ModelArgs, Transformer
 from minillama.quant import Q8Tensor, dequantize_q8
@@ -49,10 +51,13 @@ def test_what_each_dtype_stores(tied):
                 err = np.abs(dequantize_q8(q.q, q.s, q.group_size) - w[name])
                 step = np.repeat(q.s, q.group_size, axis=1)
                 assert np.all(err <= step / 2 + 1e-7)
+        elif dtype == "float16":                                        # Packed f16
+            assert isinstance(wq, Packed) and wq.format == "f16" and wq.data.dtype == np.float16
+            np.testing.assert_array_equal(wq.data,
+                                          w["layers.0.attention.wq.weight"].astype(np.float16))
         else:
-            want = np.float16 if dtype == "float16" else np.float32
-            assert wq.dtype == want
-            np.testing.assert_array_equal(wq, w["layers.0.attention.wq.weight"].astype(want))
+            assert wq.dtype == np.float32
+            np.testing.assert_array_equal(wq, w["layers.0.attention.wq.weight"])
 
 
 def test_float16_computes_in_float32():
@@ -78,8 +83,9 @@ def test_float16_overflow_is_an_error():
 
 def test_bad_dtype_names_the_argument(shared):
     p, w = weights_for()
-    with pytest.raises(ArgumentError, match="dtype: expected one of float32, float16, int8"):
-        store_weights(w, "bfloat16")
+    with pytest.raises(ArgumentError, match="dtype: expected one of float32, float16, "
+                                            "bfloat16, int8, q4_0, got 'int4'"):
+        store_weights(w, "int4")
     with pytest.raises(ArgumentError, match="dtype"):
         load_model(MODELS / "stories260K.bin", dtype="int4")
 

@@ -82,7 +82,8 @@ def test_half_precision_files(tmp_path, torch_dtype):
     # the reference's RoPE frequencies too)
     copy.deepcopy(reference).to(dt).save_pretrained(tmp_path)
     header = read_safetensors(tmp_path / "model.safetensors")
-    assert {t.source_dtype for t in header.values()} == {torch_dtype}
+    stored = {"bfloat16": "bf16", "float16": "f16"}[torch_dtype]
+    assert {t.format for t in header.values()} == {stored}
     mine = load_model(tmp_path, max_seq_len=32)
     tokens = np.random.default_rng(4).integers(0, 71, size=(1, 9))
     assert max_rel_err(mine.forward(tokens, 0), hf_logits(reference, tokens)) < 1e-4

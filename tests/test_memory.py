@@ -63,7 +63,7 @@ def test_combined_option_when_no_single_change_is_enough():
 
 
 @pytest.mark.parametrize("tied", [False, True])
-@pytest.mark.parametrize("dtype", ["float32", "float16", "int8"])
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16", "int8", "q4_0"])
 def test_planned_weights_and_cache_are_what_the_model_holds(dtype, tied):
     p = ModelArgs(dim=64, n_layers=2, n_heads=8, n_kv_heads=2, vocab_size=300, hidden_dim=172,
                   max_seq_len=50, max_batch_size=3)
@@ -76,17 +76,18 @@ def test_planned_weights_and_cache_are_what_the_model_holds(dtype, tied):
     assert kv_cache_bytes(p, 50, 3) == cache
 
 
-@pytest.mark.parametrize("dtype", ["float32", "float16", "int8"])
+@pytest.mark.parametrize("kv_dtype", ["float32", "float16"])
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16", "int8", "q4_0"])
 @pytest.mark.parametrize("kw, seqlen, bsz", [
     (dict(dim=64, n_heads=8, n_kv_heads=2, vocab_size=300, hidden_dim=172), 200, 2),  # attention
     (dict(dim=64, n_heads=4, n_kv_heads=4, vocab_size=5000, hidden_dim=128), 20, 3),  # logits
     (dict(dim=128, n_heads=4, n_kv_heads=1, vocab_size=100, hidden_dim=512), 64, 1),  # FFN
 ])
-def test_working_estimate_covers_the_measured_peak(dtype, kw, seqlen, bsz):
+def test_working_estimate_covers_the_measured_peak(dtype, kv_dtype, kw, seqlen, bsz):
     """NumPy reports its allocations to tracemalloc: the peak of a whole-prompt forward must be
     below the estimate, and the estimate not far above it (at most 2x)."""
     p = ModelArgs(**kw, n_layers=2, max_seq_len=seqlen, max_batch_size=bsz)
-    model = Transformer(p, store_weights(random_weights(p), dtype))
+    model = Transformer(p, store_weights(random_weights(p), dtype), kv_dtype=kv_dtype)
     tokens = np.random.default_rng(0).integers(0, p.vocab_size, (bsz, seqlen))
     tracemalloc.start()
     try:
@@ -95,7 +96,7 @@ def test_working_estimate_covers_the_measured_peak(dtype, kw, seqlen, bsz):
         peak = tracemalloc.get_traced_memory()[1] - before
     finally:
         tracemalloc.stop()
-    estimate = working_bytes(p, dtype, seqlen, bsz, seqlen)
+    estimate = working_bytes(p, dtype, seqlen, bsz, seqlen, kv_dtype)
     assert peak <= estimate <= 2 * peak
 
 

@@ -265,10 +265,11 @@ def _parse(path, buf):
 # ----------------------------------------------------------------------------
 # tensor data
 
-def read_tensor(path, info: TensorInfo):
-    """One tensor's bytes from the file, dequantized to float32 in its NumPy shape. The blocks
-    are read by minillama.formats (the one place that knows each block layout), which also
-    refuses a NaN or inf scale or value, naming the tensor and the block."""
+def read_stored(path, info: TensorInfo):
+    """One tensor as the file stores it, without a float32 copy: a Packed (rows, cols) for a
+    block format (Q8_0, Q4_0, Q4_1), the values in their own dtype and NumPy shape for F32 and
+    F16. The blocks are read by minillama.formats (the one place that knows each block
+    layout), which also refuses a NaN or inf scale or value, naming the tensor and the block."""
     if info.ggml_type not in GGML_TYPES:
         supported = ", ".join(name for name, _, _ in GGML_TYPES.values())
         raise CheckpointError(f"{path}: tensor {info.name!r} has type {info.type_name}, which "
@@ -280,7 +281,16 @@ def read_tensor(path, info: TensorInfo):
         raise CheckpointError(f"{path}: tensor {info.name!r} is truncated")
     rows_cols = (math.prod(info.shape[:-1]), info.shape[-1])    # a norm (n,) is one row
     name = f"{path}: tensor {info.name!r} ({info.type_name})"
-    return dequantize(raw, info.ggml_type, rows_cols, name).reshape(info.shape)
+    packed = formats.from_gguf(raw, formats.GGML_FORMATS[info.ggml_type], rows_cols, name)
+    return packed.data.reshape(info.shape) if "data" in packed.planes else packed
+
+
+def read_tensor(path, info: TensorInfo):
+    """One tensor from the file, dequantized to float32 in its NumPy shape."""
+    stored = read_stored(path, info)
+    if isinstance(stored, formats.Packed):
+        return formats.dequantize(stored).reshape(info.shape)
+    return stored.astype(np.float32, copy=False)
 
 
 def dequantize(raw, ggml_type, shape=None, name="tensor"):
@@ -379,8 +389,9 @@ def gguf_name(name):
 
 def load_gguf(path, max_seq_len=None, max_batch_size=1):
     """(ModelArgs, weights under Meta's names, path) of a `llama` GGUF file. Each weight is a
-    LazyTensor: it is read and dequantized to float32 when stored (see dtypes.py), so memory can
-    be planned first. The path comes back as the model's tokenizer: it is in the metadata."""
+    LazyTensor in the tensor's own format (f32, f16, q8_0, q4_0, q4_1): it is read when stored,
+    as its blocks or as float32 as dtypes.py decides, so memory can be planned first. The path
+    comes back as the model's tokenizer: it is in the metadata."""
     gf = read_gguf(path)
     p = model_args(gf, max_seq_len, max_batch_size)
     infos = {}
@@ -396,8 +407,9 @@ def load_gguf(path, max_seq_len=None, max_batch_size=1):
     check_weights(iter_weight_shapes(p), infos, source=gf.path)
     for info in infos.values():
         if info.ggml_type not in GGML_TYPES:
-            read_tensor(gf.path, info)                  # raises, naming the tensor and type
-    lazy = {name: LazyTensor(info.shape, "float32", functools.partial(read_tensor, gf.path, info))
+            read_stored(gf.path, info)                  # raises, naming the tensor and type
+    lazy = {name: LazyTensor(info.shape, formats.GGML_FORMATS[info.ggml_type],
+                             functools.partial(read_stored, gf.path, info))
             for name, info in gf.tensors.items()}
     return p, {meta: lazy[info.name] for meta, info in infos.items()}, gf.path
 

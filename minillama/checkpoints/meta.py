@@ -110,7 +110,10 @@ def _merge(name, parts, paths):
         raise CheckpointError(f"{paths[0]}: {name} slices {shapes} do not join along dim {axis}")
     shape = list(shapes[0])
     shape[axis] = sum(s[axis] for s in shapes)
-    return LazyTensor(shape, parts[0].source_dtype,
+    if len({p.format for p in parts}) > 1:      # ranks saved in different types: as float32
+        return LazyTensor(shape, "f32", lambda: np.concatenate(
+            [np.asarray(p, np.float32) for p in parts], axis=axis))
+    return LazyTensor(shape, parts[0].format,         # the slices joined as stored
                       lambda: np.concatenate([p.read() for p in parts], axis=axis))
 
 

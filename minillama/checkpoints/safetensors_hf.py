@@ -21,13 +21,12 @@ from dataclasses import replace
 import numpy as np
 
 from ..dtypes import LazyTensor
-from ..formats.dense import bf16_to_f32
 from . import read_json_object
 from ..errors import CheckpointError
 from ..checks import check_weights
 from ..model import ModelArgs, iter_weight_shapes
 
-DTYPES = {"F32": ("<f4", "float32"), "F16": ("<f2", "float16"), "BF16": ("<u2", "bfloat16")}
+DTYPES = {"F32": ("<f4", "f32"), "F16": ("<f2", "f16"), "BF16": ("<u2", "bf16")}   # bf16 as bits
 INDEX = "model.safetensors.index.json"
 MAX_HEADER = 100 << 20          # a header is a few hundred kB even for large models
 
@@ -80,7 +79,7 @@ def _tensor(path, name, info, base, data_len):
     if not isinstance(dtype, str) or dtype not in DTYPES:
         raise CheckpointError(f"{path}: tensor {name!r} is {dtype}; minillama reads "
                               f"{', '.join(DTYPES)}")
-    np_dtype, dtype_name = np.dtype(DTYPES[dtype][0]), DTYPES[dtype][1]
+    np_dtype, fmt = np.dtype(DTYPES[dtype][0]), DTYPES[dtype][1]
     count = int(np.prod(shape))
     if min(shape, default=0) < 0 or not 0 <= begin <= end <= data_len \
             or end - begin != count * np_dtype.itemsize:
@@ -88,11 +87,9 @@ def _tensor(path, name, info, base, data_len):
                               f"[{begin}, {end}) that do not fit its size or the file "
                               f"({data_len} data bytes; truncated?)")
 
-    def read():
-        a = np.fromfile(path, dtype=np_dtype, count=count, offset=base + begin).reshape(shape)
-        return bf16_to_f32(a) if dtype_name == "bfloat16" else a.astype(
-            np.float16 if dtype_name == "float16" else np.float32)
-    return LazyTensor(shape, dtype_name, read)
+    def read():             # the stored values: float32, float16, or bfloat16 bits (uint16)
+        return np.fromfile(path, dtype=np_dtype, count=count, offset=base + begin).reshape(shape)
+    return LazyTensor(shape, fmt, read)
 
 
 # ----------------------------------------------------------------------------
@@ -185,7 +182,7 @@ def load_hf(path, max_seq_len=None, max_batch_size=1):
 
 
 def _unpermuted(t, n_heads):
-    return LazyTensor(t.shape, t.source_dtype, lambda: unpermute_rows(t.read(), n_heads))
+    return LazyTensor(t.shape, t.format, lambda: unpermute_rows(t.read(), n_heads))
 
 
 def read_config(path, max_seq_len=None, max_batch_size=1):

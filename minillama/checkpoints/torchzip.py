@@ -26,21 +26,21 @@ from collections import OrderedDict
 import numpy as np
 
 from ..dtypes import LazyTensor
-from ..formats.dense import bf16_to_f32
 from ..errors import CheckpointError
 
 
 class _StorageType:
     """Stands in for torch.FloatStorage & co.: only says how the stored elements are laid out."""
 
-    def __init__(self, name, numpy_dtype, dtype_name):
+    def __init__(self, name, numpy_dtype, dtype_name, fmt):
         self.name, self.numpy_dtype, self.dtype_name = name, np.dtype(numpy_dtype), dtype_name
+        self.format = fmt                   # the formats name the weight is stored in
 
 
 STORAGE_TYPES = {t.name: t for t in (
-    _StorageType("FloatStorage", "<f4", "float32"),
-    _StorageType("HalfStorage", "<f2", "float16"),
-    _StorageType("BFloat16Storage", "<u2", "bfloat16"),   # read as bits, see bf16_to_f32
+    _StorageType("FloatStorage", "<f4", "float32", "f32"),
+    _StorageType("HalfStorage", "<f2", "float16", "f16"),
+    _StorageType("BFloat16Storage", "<u2", "bfloat16", "bf16"),   # read as bits (uint16)
 )}
 
 
@@ -66,16 +66,16 @@ def _rebuild_tensor(storage, storage_offset, size, stride, requires_grad=False, 
         raise CheckpointError(f"{storage.path}: tensor of size {size}, stride {stride} at offset "
                               f"{storage_offset} reaches past its storage of {storage.numel} "
                               f"elements")
-    return LazyTensor(size, storage.stype.dtype_name,
+    return LazyTensor(size, storage.stype.format,
                       lambda: _read_view(storage, storage_offset, size, stride))
 
 
 def _read_view(storage, offset, size, stride):
-    """The tensor's elements, as a new float32 array (float16 for a HalfStorage)."""
+    """The tensor's elements as stored, a new row-major array (float32, float16, or bfloat16
+    bits as uint16)."""
     dt = storage.stype.numpy_dtype
     if 0 in size:
-        flat = np.zeros(0, dt)
-        return _to_float(flat, storage.stype).reshape(size)
+        return np.zeros(size, dt)
     extent = 1 + sum((n - 1) * s for n, s in zip(size, stride))
     flat = np.fromfile(storage.path, dtype=dt, count=extent,
                        offset=storage.offset + offset * dt.itemsize)
@@ -86,13 +86,7 @@ def _read_view(storage, offset, size, stride):
     if offset == 0 and extent == storage.numel and zlib.crc32(flat) != storage.crc:
         raise CheckpointError(f"{storage.path}: tensor data fails its CRC check (damaged file)")
     view = np.lib.stride_tricks.as_strided(flat, size, tuple(s * dt.itemsize for s in stride))
-    return _to_float(view.copy(), storage.stype)            # copy: row-major, own memory
-
-
-def _to_float(a, stype):
-    if stype.dtype_name == "bfloat16":
-        return bf16_to_f32(a)
-    return a.astype(np.float16 if stype.dtype_name == "float16" else np.float32, copy=False)
+    return view.copy()                                      # copy: row-major, own memory
 
 
 ALLOWED = {
