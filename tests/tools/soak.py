@@ -125,8 +125,18 @@ def soak(llama, target_tokens=10000, seed=0, trace=True, log=None):
     # the prompts that leave room to generate (too long a prompt is refused, rightly)
     prompts = [x for x in PROMPTS
                if len(llama.tokenizer.encode(x, bos=True, eos=False)) < p.max_seq_len // 2]
-    if trace and not tracemalloc.is_tracing():
+    started_tracing = trace and not tracemalloc.is_tracing()
+    if started_tracing:
         tracemalloc.start()
+    try:
+        return _serve_until(llama, prompts, rng, record, target_tokens, trace, log)
+    finally:
+        if started_tracing:                 # leave the process as we found it
+            tracemalloc.stop()
+
+
+def _serve_until(llama, prompts, rng, record, target_tokens, trace, log):
+    p = llama.model.params
     t0 = time.perf_counter()
     request = 0
 
