@@ -62,3 +62,16 @@ class StubTokenizer:
 
     def decode(self, ids):
         return " ".join(map(str, ids))
+
+
+@pytest.fixture(scope="module")
+def cp():
+    """cupy, for the tests marked gpu; a clean skip where there is no CuPy or no GPU."""
+    cupy = pytest.importorskip("cupy")
+    try:
+        count = cupy.cuda.runtime.getDeviceCount()
+    except Exception as e:                            # no driver
+        pytest.skip(f"CuPy finds no usable GPU: {e}")
+    if count < 1:
+        pytest.skip("CuPy finds no GPU")
+    return cupy

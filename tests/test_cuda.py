@@ -31,18 +31,6 @@ rng = np.random.default_rng()           # fresh inputs every run
 
 
 @pytest.fixture(scope="module")
-def cp():
-    cupy = pytest.importorskip("cupy")
-    try:
-        count = cupy.cuda.runtime.getDeviceCount()
-    except Exception as e:                            # no driver
-        pytest.skip(f"CuPy finds no usable GPU: {e}")
-    if count < 1:
-        pytest.skip("CuPy finds no GPU")
-    return cupy
-
-
-@pytest.fixture(scope="module")
 def cuda(cp):
     import minillama.cuda
     return minillama.cuda

@@ -2,7 +2,7 @@
 wrappers, CudaOps and FusedDecoder on models whose weights are formats.Packed, and the float16
 KV cache.
 
-Tests marked `gpu` need CuPy and an NVIDIA GPU and skip cleanly without them (test_cuda's `cp`
+Tests marked `gpu` need CuPy and an NVIDIA GPU and skip cleanly without them (conftest's `cp`
 fixture). The conventions are test_cuda.py's: fresh random inputs each run, odd sizes, outputs
 poisoned with NaN first, relative errors in the norm against a float64 reference. The reference
 of a stored weight is formats.dequantize, the NumPy reference the CPU backend multiplies by.
@@ -27,7 +27,7 @@ from minillama.errors import DeviceError
 from minillama.formats import Packed
 from minillama.model import ModelArgs, Transformer
 from minillama.ops import CPU
-from test_cuda import cp, cuda, poison, rel_err  # noqa: F401  (fixtures and helpers)
+from test_cuda import cuda, poison, rel_err  # noqa: F401  (fixtures and helpers)
 
 gpu = pytest.mark.gpu
 rng = np.random.default_rng()           # fresh inputs every run

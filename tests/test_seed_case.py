@@ -67,18 +67,6 @@ def test_llama2_7b_fits_a_12_gib_gpu_in_int8_and_q4_0(llama2_7b, dtype):
 # ----------------------------------------------------------------------------
 # on the GPU
 
-@pytest.fixture(scope="module")
-def cp():
-    cupy = pytest.importorskip("cupy")
-    try:
-        count = cupy.cuda.runtime.getDeviceCount()
-    except Exception as e:                            # no driver
-        pytest.skip(f"CuPy finds no usable GPU: {e}")
-    if count < 1:
-        pytest.skip("CuPy finds no GPU")
-    return cupy
-
-
 @pytest.mark.gpu
 def test_llama2_7b_decodes_within_12_gib_in_int8_and_q4_0(cp, llama2_7b):
     p = llama2_7b.params
