@@ -1,0 +1,96 @@
+"""PersistentDecoder against FusedDecoder: GPU time of one decode step, per shape and batch.
+
+    python kernels/dev/bench_persistent.py [--json PATH]
+
+A development harness (llm.c dev/cuda style): the data behind the rule CudaOps.decoder uses to
+choose between the two (docs/kernels.md, "One kernel per token"). For each shape (random float32
+weights, a tied classifier as the stories models have) and batch, it checks that both decoders'
+logits agree with the CPU path's on the first steps, then times a graph replay of each at
+position 64 back to back (CUDA events, no host in the loop), and prints one table:
+microseconds per step, and the bytes of weights a step reads over that time.
+"""
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+from minillama.bench.cpu import SHAPES                      # noqa: E402
+from minillama.bench.timing import copy_bandwidth, gpu_ms   # noqa: E402
+from minillama.checkpoints.random import random_weights     # noqa: E402
+from minillama.cuda import CudaOps, require_cupy            # noqa: E402
+from minillama.model import ModelArgs, Transformer          # noqa: E402
+from minillama.ops import CPU                               # noqa: E402
+
+RUNS = {   # shape -> (ModelArgs overrides, batches)
+    "260K": ({}, (1, 8)),
+    "15M": ({}, (1, 2, 4, 8)),
+    "42M": ({}, (1, 8)),
+    "110M": ({}, (1, 2, 4, 8)),
+    "7B-4layers": (dict(dim=4096, hidden_dim=11008, n_layers=4, n_heads=32, vocab_size=32000,
+                        max_seq_len=256), (1, 4)),
+}
+
+
+def step_us(decoder, bsz, pos=64):
+    decoder(np.ones((bsz, 1), dtype=np.int64), pos)            # records the graph
+    graph = decoder.graphs[bsz]
+    return 1000 * gpu_ms(graph.launch, inner=20)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--json")
+    args = parser.parse_args(argv)
+    cp = require_cupy()
+    copy = copy_bandwidth()
+    rows = []
+    for shape, (over, batches) in RUNS.items():
+        fields = {**SHAPES.get(shape, {}), **over}
+        p = ModelArgs(**fields, max_batch_size=max(batches))
+        w = random_weights(p, tied=True)
+        decoders = {}
+        for name, persistent in (("fused", False), ("persistent", True)):
+            ops = CudaOps(persistent=persistent)
+            model = Transformer(p, w, ops)
+            ops.decoder(model)
+            decoders[name] = ops._decoders[model]
+        cpu = Transformer(p, w, CPU) if p.dim < 4096 else None
+        errs = []
+        for pos in range(3):                 # agreement with the CPU on the first steps
+            tok = np.full((2, 1), 5 + pos)
+            ref = cpu.forward(tok, pos) if cpu else None
+            outs = {name: d(tok, pos).get() for name, d in decoders.items()}
+            if ref is not None:
+                errs += [float(np.linalg.norm(o - ref) / np.linalg.norm(ref))
+                         for o in outs.values()]
+        weight_bytes = sum(a.nbytes for a in (decoders["fused"].output,)) + sum(
+            a.nbytes for layer in decoders["fused"].layers for a in layer[:6])
+        for bsz in batches:
+            row = dict(shape=shape, bsz=bsz, max_rel_err=max(errs) if errs else None,
+                       weight_mb=weight_bytes / 1e6)
+            for name, d in decoders.items():
+                row[f"{name}_us"] = step_us(d, bsz)
+                row[f"{name}_of_copy"] = weight_bytes / (row[f"{name}_us"] * 1e-6) / 1e9 / copy
+            row["persistent_kind"] = type(decoders["persistent"]).__name__
+            row["fits"] = decoders["persistent"].fits(bsz) if hasattr(
+                decoders["persistent"], "fits") else None
+            rows.append(row)
+            err = "n/a" if row["max_rel_err"] is None else f"{row['max_rel_err']:.1e}"
+            print(f"{shape:11} bsz {bsz:2}  weights {row['weight_mb']:8.1f} MB  fused "
+                  f"{row['fused_us']:8.1f} us ({row['fused_of_copy']:.2f} of copy)  persistent "
+                  f"{row['persistent_us']:8.1f} us ({row['persistent_of_copy']:.2f})  "
+                  f"[{row['persistent_kind']}, fits {row['fits']}]  err {err}", flush=True)
+        del decoders
+        cp.get_default_memory_pool().free_all_blocks()
+    print(f"copy bandwidth {copy:.0f} GB/s")
+    if args.json:
+        Path(args.json).write_text(json.dumps(dict(copy_gbs=copy, rows=rows), indent=1))
+
+
+if __name__ == "__main__":
+    main()
