@@ -39,7 +39,7 @@
 // checks it against the CPU path and llama2.c's golden; docs/kernels.md measures it.
 
 #define PERSISTENT_BLOCK 512
-#define PERSISTENT_MAX_ROWS 8                 // batch rows per step (registers per warp)
+#define PERSISTENT_R 4                // weight rows per warp at a time: 4 rows' loads in flight
 
 // ---- the grid-wide barrier -------------------------------------------------------------------
 // A counter that only grows: the k-th barrier of a launch waits until it reads k * gridDim.x
@@ -80,95 +80,129 @@ __device__ void stage_input(float* xs, const float* src, int ld, int bsz, int K,
                             const int* __restrict__ tokens = nullptr) {
     for (int b = 0; b < bsz; ++b) {
         const float* row = src + (size_t)(tokens ? tokens[b] : b) * ld;
-        float inv_rms = 1.0f;
-        if (MODE == INPUT_RMSNORM) {
-            float ss = 0.0f;
-            for (int k = threadIdx.x; k < K; k += blockDim.x) {
-                const float v = __ldcg(row + k);
-                ss += v * v;
-            }
-            inv_rms = 1.0f / sqrtf(block_sum(ss, scratch) / K + eps);
-        }
-        for (int k = threadIdx.x; k < K; k += blockDim.x) {
+        float* x = xs + (size_t)b * K;
+        float ss = 0.0f;
+        for (int k = threadIdx.x; k < K; k += blockDim.x) {   // one read of the source
             const float v = __ldcg(row + k);
-            float x = v;
-            if (MODE == INPUT_RMSNORM) x = v * inv_rms * __ldg(norm_w + k);
-            if (MODE == INPUT_SWIGLU) x = silu(v) * __ldcg(row + K + k);
-            xs[(size_t)b * K + k] = x;
+            x[k] = MODE == INPUT_SWIGLU ? silu(v) * __ldcg(row + K + k) : v;
+            ss += v * v;
+        }
+        if (MODE == INPUT_RMSNORM) {    // then scaled in place, each thread its own elements
+            const float inv_rms = 1.0f / sqrtf(block_sum(ss, scratch) / K + eps);
+            for (int k = threadIdx.x; k < K; k += blockDim.x)
+                x[k] = x[k] * inv_rms * __ldg(norm_w + k);
         }
     }
     __syncthreads();
 }
 
-// ---- one weight row against the input rows, by one warp --------------------------------------
-// acc[b] = W[n, :] . xs[b, :] for b < bsz, every lane holding the sums. K % 4 == 0.
+// Ask L2 for rows n of W that this warp computes in a coming stage (the same round-robin as
+// stage_matvec), while the grid waits at a barrier: the weights do not depend on the step, so
+// their trip from memory need not wait for the activations.
+__device__ __forceinline__ void prefetch_rows(const float* __restrict__ W, int N, int K) {
+    const int lane = threadIdx.x % 32, warps = blockDim.x / 32;
+    for (int n0 = (blockIdx.x * warps + threadIdx.x / 32) * PERSISTENT_R; n0 < N;
+         n0 += gridDim.x * warps * PERSISTENT_R) {
+        const char* first = reinterpret_cast<const char*>(W + (size_t)n0 * K);
+        const size_t bytes = (size_t)min(PERSISTENT_R, N - n0) * K * 4;
+        for (size_t at = 128 * lane; at < bytes; at += 128 * 32)        // one line per lane
+            asm volatile("prefetch.global.L2 [%0];" :: "l"(first + at));
+    }
+}
 
-__device__ __forceinline__ void warp_row(const float* __restrict__ W, int n, int K,
-                                         const float* xs, int bsz,
-                                         float acc[PERSISTENT_MAX_ROWS]) {
+// ---- weight rows against the input rows, by one warp -----------------------------------------
+// acc[r][b] = W[n0 + r, :] . xs[b, :] for r < R (rows past N read as zero) and b < bsz <= B,
+// every lane holding the sums. K % 4 == 0. The R rows' loads are issued together, so a warp
+// has R * 16 bytes per lane in flight however short K is.
+
+template <int R, int B>
+__device__ __forceinline__ void warp_rows(const float* __restrict__ W, int n0, int N, int K,
+                                          const float* xs, int bsz, float acc[R][B]) {
     const int lane = threadIdx.x % 32;
-    const float4* w4 = reinterpret_cast<const float4*>(W + (size_t)n * K);
     const float4* x4 = reinterpret_cast<const float4*>(xs);
 #pragma unroll
-    for (int b = 0; b < PERSISTENT_MAX_ROWS; ++b) acc[b] = 0.0f;
-#pragma unroll 4
-    for (int k4 = lane; k4 < K / 4; k4 += 32) {
-        const float4 w = __ldg(w4 + k4);
+    for (int r = 0; r < R; ++r)
 #pragma unroll
-        for (int b = 0; b < PERSISTENT_MAX_ROWS; ++b) {
+        for (int b = 0; b < B; ++b) acc[r][b] = 0.0f;
+#pragma unroll 2
+    for (int k4 = lane; k4 < K / 4; k4 += 32) {
+        float4 w[R];
+#pragma unroll
+        for (int r = 0; r < R; ++r)
+            w[r] = n0 + r < N ? __ldg(reinterpret_cast<const float4*>(W + (size_t)(n0 + r) * K)
+                                      + k4)
+                              : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+#pragma unroll
+        for (int b = 0; b < B; ++b) {
             if (b < bsz) {
                 const float4 x = x4[(size_t)b * (K / 4) + k4];
-                acc[b] += w.x * x.x + w.y * x.y + w.z * x.z + w.w * x.w;
+#pragma unroll
+                for (int r = 0; r < R; ++r)
+                    acc[r][b] += w[r].x * x.x + w[r].y * x.y + w[r].z * x.z + w[r].w * x.w;
             }
         }
     }
 #pragma unroll
-    for (int b = 0; b < PERSISTENT_MAX_ROWS; ++b) acc[b] = warp_sum(acc[b]);
+    for (int r = 0; r < R; ++r)
+#pragma unroll
+        for (int b = 0; b < B; ++b) acc[r][b] = warp_sum(acc[r][b]);
 }
 
-// y[b, n] (+)= W[n, :] . xs[b, :] for every row n, the rows dealt round-robin to the grid's warps.
+// Lane (r, b) = (lane / B, lane % B) takes the sum acc[r][b] out of the warp's registers (all
+// lanes hold all sums; a runtime index into registers would send the array to local memory).
+template <int R, int B>
+__device__ __forceinline__ float lane_sum(const float acc[R][B], int r, int b) {
+    float v = 0.0f;
+#pragma unroll
+    for (int i = 0; i < R; ++i)
+#pragma unroll
+        for (int j = 0; j < B; ++j)
+            if (i == r && j == b) v = acc[i][j];
+    return v;
+}
+
+// y[b, n] (+)= W[n, :] . xs[b, :] for every row n, R rows at a time dealt round-robin to the
+// grid's warps.
+template <int B>
 __device__ void stage_matvec(const float* __restrict__ W, int N, int K, const float* xs, int bsz,
                              float* y, int ldy, bool accumulate) {
-    const int lane = threadIdx.x % 32;
-    const int warps = blockDim.x / 32;
-    float acc[PERSISTENT_MAX_ROWS];
-    for (int n = blockIdx.x * warps + threadIdx.x / 32; n < N; n += gridDim.x * warps) {
-        warp_row(W, n, K, xs, bsz, acc);
-        if (lane < bsz) {                       // lane b writes row b (acc is in every lane)
-            float v = acc[0];
-#pragma unroll
-            for (int b = 1; b < PERSISTENT_MAX_ROWS; ++b) if (lane == b) v = acc[b];
-            float* out = y + (size_t)lane * ldy + n;
+    const int lane = threadIdx.x % 32, warps = blockDim.x / 32;
+    const int r = lane / B, b = lane % B;              // the sum this lane writes
+    float acc[PERSISTENT_R][B];
+    for (int n0 = (blockIdx.x * warps + threadIdx.x / 32) * PERSISTENT_R; n0 < N;
+         n0 += gridDim.x * warps * PERSISTENT_R) {
+        warp_rows<PERSISTENT_R, B>(W, n0, N, K, xs, bsz, acc);
+        const float v = lane_sum<PERSISTENT_R, B>(acc, r, b);
+        if (r < PERSISTENT_R && b < bsz && n0 + r < N) {
+            float* out = y + (size_t)b * ldy + n0 + r;
             *out = accumulate ? __ldcg(out) + v : v;
         }
     }
 }
 
-// The qkv stage: rows of wqkv = [q heads | k heads | v heads] in pairs (2i, 2i + 1), so the warp
-// that computes a pair of a q or k head also rotates it (model.apply_rotary_emb, as rope_kv in
-// decode.cu) and writes it where it goes: q to the q buffer, k and v to the cache at `pos`.
+// The qkv stage: rows of wqkv = [q heads | k heads | v heads], 4 at a time = two pairs
+// (2i, 2i + 1) of one head (head_dim % 4 == 0), so the warp that computes a pair of a q or k
+// head also rotates it (model.apply_rotary_emb, as rope_kv in decode.cu) and writes it where it
+// goes: q to the q buffer, k and v to the cache at `pos`. Lane (pair, b) writes one pair.
+template <int B>
 __device__ void stage_qkv(const float* __restrict__ wqkv, int K, const float* xs, int bsz,
                           const float* __restrict__ cos_row, const float* __restrict__ sin_row,
                           float* q, float* cache_k, float* cache_v, int pos, int n_heads,
                           int n_kv_heads, int head_dim, int max_seq) {
-    const int lane = threadIdx.x % 32;
-    const int warps = blockDim.x / 32;
+    const int lane = threadIdx.x % 32, warps = blockDim.x / 32;
     const int q_dim = n_heads * head_dim, kv_dim = n_kv_heads * head_dim;
-    const int pairs = (q_dim + 2 * kv_dim) / 2;
-    float a0[PERSISTENT_MAX_ROWS], a1[PERSISTENT_MAX_ROWS];
-    for (int p = blockIdx.x * warps + threadIdx.x / 32; p < pairs; p += gridDim.x * warps) {
-        const int n = 2 * p;                            // rows n and n + 1
-        warp_row(wqkv, n, K, xs, bsz, a0);
-        warp_row(wqkv, n + 1, K, xs, bsz, a1);
-        if (lane >= bsz) continue;
-        float x0 = a0[0], x1 = a1[0];
-#pragma unroll
-        for (int b = 1; b < PERSISTENT_MAX_ROWS; ++b)
-            if (lane == b) { x0 = a0[b]; x1 = a1[b]; }
-        const int b = lane;
+    const int N = q_dim + 2 * kv_dim;
+    const int pair = lane / B, b = lane % B;
+    float acc[PERSISTENT_R][B];
+    for (int n0 = (blockIdx.x * warps + threadIdx.x / 32) * PERSISTENT_R; n0 < N;
+         n0 += gridDim.x * warps * PERSISTENT_R) {
+        warp_rows<PERSISTENT_R, B>(wqkv, n0, N, K, xs, bsz, acc);
+        const float x0 = lane_sum<PERSISTENT_R, B>(acc, 2 * pair, b);
+        const float x1 = lane_sum<PERSISTENT_R, B>(acc, 2 * pair + 1, b);
+        if (pair >= PERSISTENT_R / 2 || b >= bsz) continue;
+        const int n = n0 + 2 * pair;                    // rows n and n + 1
         if (n >= q_dim + kv_dim) {                      // a v pair: into the cache as it is
-            const int j = n - q_dim - kv_dim;
-            float* dst = cache_v + ((size_t)b * max_seq + pos) * kv_dim + j;
+            float* dst = cache_v + ((size_t)b * max_seq + pos) * kv_dim + (n - q_dim - kv_dim);
             dst[0] = x0;
             dst[1] = x1;
             continue;
@@ -209,10 +243,18 @@ __device__ void attend(int h, int b, const float* q, const float* cache_k, const
     for (int t = tid; t < n_keys; t += blockDim.x) {
         const float4* k4 = reinterpret_cast<const float4*>(keys + t * row_stride);
         float dot = 0.0f;
-        for (int i = 0; i < pieces; ++i) {
-            const float4 k = __ldcg(k4 + i);
-            dot += qs[4 * i] * k.x + qs[4 * i + 1] * k.y + qs[4 * i + 2] * k.z
-                 + qs[4 * i + 3] * k.w;
+        for (int i0 = 0; i0 < pieces; i0 += 8) {         // 8 loads in flight, then the sums
+            float4 k[8];
+#pragma unroll
+            for (int i = 0; i < 8; ++i)
+                if (i0 + i < pieces) k[i] = __ldcg(k4 + i0 + i);
+#pragma unroll
+            for (int i = 0; i < 8; ++i) {
+                if (i0 + i < pieces) {
+                    const float* qi = qs + 4 * (i0 + i);
+                    dot += qi[0] * k[i].x + qi[1] * k[i].y + qi[2] * k[i].z + qi[3] * k[i].w;
+                }
+            }
         }
         scores[t] = dot;
         m = fmaxf(m, dot);
@@ -250,9 +292,26 @@ __device__ void attend(int h, int b, const float* q, const float* cache_k, const
 // layers: (n_layers, 8) pointers, per layer attention_norm, wqkv, wo, ffn_norm, w13, w2,
 // cache_k, cache_v (the model's own arrays). step = [start_pos, token_0, ..., token_{bsz-1}].
 // Buffers: h (bsz, dim), q and att (bsz, n_heads * head_dim), h13 (bsz, 2 * hidden),
-// logits (bsz, vocab). Dynamic shared memory: PersistentDecoder.shared_bytes (the largest stage
-// input, bsz * max(dim, n_heads * head_dim, hidden) floats, or attend's).
-extern "C" __global__ void __launch_bounds__(PERSISTENT_BLOCK, 1)
+// logits (bsz, vocab). B: the rows a warp's registers hold (1, 2, 4 or 8), bsz <= B. Dynamic
+// shared memory: PersistentDecoder's shared_bytes (the largest stage input, bsz * max(dim,
+// n_heads * head_dim, hidden) floats, or attend's). Before each barrier, a warp asks L2 for the
+// weight rows it multiplies after it (prefetch_rows).
+
+struct LayerWeights {
+    const float *attention_norm, *wqkv, *wo, *ffn_norm, *w13, *w2;
+    float *cache_k, *cache_v;
+};
+
+__device__ __forceinline__ LayerWeights layer_weights(const unsigned long long* layers, int l) {
+    const unsigned long long* L = layers + 8 * l;
+    return {reinterpret_cast<const float*>(L[0]), reinterpret_cast<const float*>(L[1]),
+            reinterpret_cast<const float*>(L[2]), reinterpret_cast<const float*>(L[3]),
+            reinterpret_cast<const float*>(L[4]), reinterpret_cast<const float*>(L[5]),
+            reinterpret_cast<float*>(L[6]), reinterpret_cast<float*>(L[7])};
+}
+
+template <int B>
+__global__ void __launch_bounds__(PERSISTENT_BLOCK, 1)
 decode_persistent(const int* __restrict__ step, const float* __restrict__ tok_embeddings,
                   const float* __restrict__ norm, const float* __restrict__ output,
                   const float* __restrict__ freqs_cos, const float* __restrict__ freqs_sin,
@@ -264,7 +323,7 @@ decode_persistent(const int* __restrict__ step, const float* __restrict__ tok_em
     __shared__ float scratch[32];
     unsigned int arrivals = 0;
     const int pos = step[0];
-    const int q_dim = n_heads * head_dim;
+    const int q_dim = n_heads * head_dim, qkv_rows = q_dim + 2 * n_kv_heads * head_dim;
     const float* cos_row = freqs_cos + (size_t)pos * (head_dim / 2);
     const float* sin_row = freqs_sin + (size_t)pos * (head_dim / 2);
 
@@ -276,42 +335,40 @@ decode_persistent(const int* __restrict__ step, const float* __restrict__ tok_em
                 h[(size_t)b * dim + k] = __ldg(tok_embeddings + (size_t)step[1 + b] * dim + k);
 
     for (int l = 0; l < n_layers; ++l) {
-        const unsigned long long* L = layers + 8 * l;
-        const float* attention_norm = reinterpret_cast<const float*>(L[0]);
-        const float* wqkv = reinterpret_cast<const float*>(L[1]);
-        const float* wo = reinterpret_cast<const float*>(L[2]);
-        const float* ffn_norm = reinterpret_cast<const float*>(L[3]);
-        const float* w13 = reinterpret_cast<const float*>(L[4]);
-        const float* w2 = reinterpret_cast<const float*>(L[5]);
-        float* cache_k = reinterpret_cast<float*>(L[6]);
-        float* cache_v = reinterpret_cast<float*>(L[7]);
-
+        const LayerWeights L = layer_weights(layers, l);
         if (l == 0)         // h is the embedding rows: read them from the table itself
-            stage_input<INPUT_RMSNORM>(stage_smem, tok_embeddings, dim, bsz, dim, attention_norm, eps,
-                                       scratch, step + 1);
+            stage_input<INPUT_RMSNORM>(stage_smem, tok_embeddings, dim, bsz, dim,
+                                       L.attention_norm, eps, scratch, step + 1);
         else
-            stage_input<INPUT_RMSNORM>(stage_smem, h, dim, bsz, dim, attention_norm, eps, scratch);
-        stage_qkv(wqkv, dim, stage_smem, bsz, cos_row, sin_row, q, cache_k, cache_v, pos, n_heads,
-                  n_kv_heads, head_dim, max_seq);
+            stage_input<INPUT_RMSNORM>(stage_smem, h, dim, bsz, dim, L.attention_norm, eps,
+                                       scratch);
+        stage_qkv<B>(L.wqkv, dim, stage_smem, bsz, cos_row, sin_row, q, L.cache_k, L.cache_v,
+                     pos, n_heads, n_kv_heads, head_dim, max_seq);
+        prefetch_rows(L.wo, dim, q_dim);
         grid_sync(counter, arrivals);
 
         for (int item = blockIdx.x; item < n_heads * bsz; item += gridDim.x)
-            attend(item % n_heads, item / n_heads, q, cache_k, cache_v, att, pos + 1, n_heads,
-                   n_kv_heads, head_dim, max_seq, scale, stage_smem, scratch);
+            attend(item % n_heads, item / n_heads, q, L.cache_k, L.cache_v, att, pos + 1,
+                   n_heads, n_kv_heads, head_dim, max_seq, scale, stage_smem, scratch);
+        prefetch_rows(L.w13, 2 * hidden, dim);
         grid_sync(counter, arrivals);
 
         stage_input<INPUT_PLAIN>(stage_smem, att, q_dim, bsz, q_dim, nullptr, 0.0f, scratch);
-        stage_matvec(wo, dim, q_dim, stage_smem, bsz, h, dim, true);
+        stage_matvec<B>(L.wo, dim, q_dim, stage_smem, bsz, h, dim, true);
+        prefetch_rows(L.w2, dim, hidden);
         grid_sync(counter, arrivals);
 
-        stage_input<INPUT_RMSNORM>(stage_smem, h, dim, bsz, dim, ffn_norm, eps, scratch);
-        stage_matvec(w13, 2 * hidden, dim, stage_smem, bsz, h13, 2 * hidden, false);
+        stage_input<INPUT_RMSNORM>(stage_smem, h, dim, bsz, dim, L.ffn_norm, eps, scratch);
+        stage_matvec<B>(L.w13, 2 * hidden, dim, stage_smem, bsz, h13, 2 * hidden, false);
+        if (l + 1 < n_layers) prefetch_rows(layer_weights(layers, l + 1).wqkv, qkv_rows, dim);
         grid_sync(counter, arrivals);
 
-        stage_input<INPUT_SWIGLU>(stage_smem, h13, 2 * hidden, bsz, hidden, nullptr, 0.0f, scratch);
-        stage_matvec(w2, dim, hidden, stage_smem, bsz, h, dim, true);
+        stage_input<INPUT_SWIGLU>(stage_smem, h13, 2 * hidden, bsz, hidden, nullptr, 0.0f,
+                                  scratch);
+        stage_matvec<B>(L.w2, dim, hidden, stage_smem, bsz, h, dim, true);
+        if (l + 1 == n_layers) prefetch_rows(output, vocab, dim);
         grid_sync(counter, arrivals);
     }
     stage_input<INPUT_RMSNORM>(stage_smem, h, dim, bsz, dim, norm, eps, scratch);
-    stage_matvec(output, vocab, dim, stage_smem, bsz, logits, vocab, false);
+    stage_matvec<B>(output, vocab, dim, stage_smem, bsz, logits, vocab, false);
 }

@@ -36,6 +36,9 @@ RUNS = {   # shape -> (ModelArgs overrides, batches)
 }
 
 
+GRIDS = (16, 32, 66, 100)          # blocks of the persistent grid, beside one per SM
+
+
 def step_us(decoder, bsz, pos=64):
     decoder(np.ones((bsz, 1), dtype=np.int64), pos)            # records the graph
     graph = decoder.graphs[bsz]
@@ -76,6 +79,13 @@ def main(argv=None):
             for name, d in decoders.items():
                 row[f"{name}_us"] = step_us(d, bsz)
                 row[f"{name}_of_copy"] = weight_bytes / (row[f"{name}_us"] * 1e-6) / 1e9 / copy
+            persistent = decoders["persistent"]
+            for grid in GRIDS:              # fewer blocks: cheaper barriers, fewer loads
+                persistent.grid, full = grid, persistent.grid
+                persistent.graphs.pop(bsz, None)
+                row[f"grid{grid}_us"] = step_us(persistent, bsz)
+                persistent.grid = full
+                persistent.graphs.pop(bsz, None)
             row["persistent_kind"] = type(decoders["persistent"]).__name__
             row["fits"] = decoders["persistent"].fits(bsz) if hasattr(
                 decoders["persistent"], "fits") else None
@@ -84,7 +94,8 @@ def main(argv=None):
             print(f"{shape:11} bsz {bsz:2}  weights {row['weight_mb']:8.1f} MB  fused "
                   f"{row['fused_us']:8.1f} us ({row['fused_of_copy']:.2f} of copy)  persistent "
                   f"{row['persistent_us']:8.1f} us ({row['persistent_of_copy']:.2f})  "
-                  f"[{row['persistent_kind']}, fits {row['fits']}]  err {err}", flush=True)
+                  f"[{row['persistent_kind']}, fits {row['fits']}]  err {err}  grids: " +
+                  ", ".join(f"{g} {row[f'grid{g}_us']:.1f}" for g in GRIDS), flush=True)
         del decoders
         cp.get_default_memory_pool().free_all_blocks()
     print(f"copy bandwidth {copy:.0f} GB/s")

@@ -44,6 +44,8 @@ SOFTMAX_WARP_MAX = 1024            # rows up to this long: one warp per row (sof
 ATTENTION_WIDTHS = (1, 4)
 # rope_kv<T>, attention_decode<WIDTH, T>: the KV cache's element type, by its NumPy dtype
 CACHE_TYPES = {"float32": "float", "float16": "unsigned short"}
+# decode_persistent<B> (persistent.cu, launched by PersistentDecoder): batch rows per warp
+PERSISTENT_ROWS = (1, 2, 4, 8)
 # qgemv<Fmt, ROWS, PRO>: weights per 16-byte load of each format (Fmt = "Fmt" + Packed.kernel)
 QGEMV_WEIGHTS = {"f16": 8, "bf16": 8, "q8_0": 16, "q4_0": 32, "q4_1": 32}
 QGEMV_ROWS = (1, 2, 4, 8)          # rows of x per pass
@@ -72,6 +74,7 @@ def _templates():
     common += [f"attention_decode<{width},{t}>" for width in ATTENTION_WIDTHS
                for t in CACHE_TYPES.values()]
     common += [f"rope_kv<{t}>" for t in CACHE_TYPES.values()]
+    common += [f"decode_persistent<{b}>" for b in PERSISTENT_ROWS]
     common += [f"softmax_block<{v},{t}>" for v, t in SOFTMAX_BLOCKS]
     common += [f"f32_to_16bit<{_cpp_bool(bf16)},{_cpp_bool(vec)}>" for bf16 in (False, True)
                for vec in (False, True)]

@@ -14,11 +14,11 @@ CudaOps.decoder chooses it by the rule measured in docs/kernels.md ("One kernel 
 import numpy as np
 
 from .fused import FusedDecoder
-from .kernels import KERNELS
+from .kernels import KERNELS, PERSISTENT_ROWS
 from .runtime import i32, sm_count
 
 BLOCK = 512                 # PERSISTENT_BLOCK in persistent.cu
-MAX_ROWS = 8                # PERSISTENT_MAX_ROWS in persistent.cu
+MAX_ROWS = max(PERSISTENT_ROWS)
 MAX_SHARED = 200 * 1024     # dynamic shared memory a block may ask for (an H100/H200 SM has 227 KiB)
 
 
@@ -45,7 +45,7 @@ class PersistentDecoder(FusedDecoder):
         self.layer_pointers = cp.asarray(
             np.array([[a.data.ptr for a in layer] for layer in self.layers], dtype=np.uint64))
         self.counter = cp.zeros(1, dtype=np.uint32)         # the grid barrier's arrivals
-        self.grid = sm_count()                               # one resident block per SM
+        self.grid = sm_count()      # blocks: at most one per SM, so all are resident at once
 
     def fits(self, bsz):
         """Whether a step of bsz rows runs as one kernel (else as FusedDecoder's launches)."""
@@ -58,7 +58,8 @@ class PersistentDecoder(FusedDecoder):
         p, cp = self.p, self.cp
         stream = cp.cuda.get_current_stream()
         cp.cuda.runtime.memsetAsync(self.counter.data.ptr, 0, 4, stream.ptr)
-        KERNELS.launch("decode_persistent", (self.grid,), (BLOCK,),
+        rows = min(b for b in PERSISTENT_ROWS if b >= bsz)  # the kernel's registers for rows
+        KERNELS.launch(f"decode_persistent<{rows}>", (min(self.grid, sm_count()),), (BLOCK,),
                        (self.step, self.tok_embeddings, self.norm, self.output, self.freqs_cos,
                         self.freqs_sin, self.layer_pointers, self.h, self.q, self.att, self.h13,
                         self.logits, self.counter, i32(bsz), i32(p.dim), i32(p.hidden_dim),
