@@ -39,13 +39,21 @@
 // checks it against the CPU path and llama2.c's golden; docs/kernels.md measures it.
 
 #define PERSISTENT_BLOCK 512
-#define PERSISTENT_R 4                // weight rows per warp at a time: 4 rows' loads in flight
+
+// Weight rows a warp takes at a time: 1 where the grid has a warp for every row (the most
+// warps loading at once), 4 for the tall matrices (the classifier), so each warp keeps 4 rows'
+// loads in flight instead of walking its many rows one after another.
+__device__ __forceinline__ int rows_per_warp(int N, int warps) {
+    return N > 2 * (int)gridDim.x * warps ? 4 : 1;
+}
 
 // ---- the grid-wide barrier -------------------------------------------------------------------
 // A counter that only grows: the k-th barrier of a launch waits until it reads k * gridDim.x
-// (the host zeroes it before each launch). Thread 0 of each block arrives for its block; the
-// fence before the arrival publishes the block's writes (the __syncthreads before it orders the
-// other threads' writes before thread 0's fence), the acquiring load after it sees everyone's.
+// (the host zeroes it before each launch). Thread 0 of each block arrives for its block with a
+// release add (the block's writes, ordered before it by __syncthreads, become visible to whoever
+// acquires the counter after it) and waits with acquiring loads. No sequentially consistent
+// fence (__threadfence) is needed: release and acquire are exactly the ordering a barrier asks
+// for, and they are cheaper.
 
 __device__ __forceinline__ unsigned int load_acquire(const unsigned int* p) {
     unsigned int v;
@@ -53,12 +61,15 @@ __device__ __forceinline__ unsigned int load_acquire(const unsigned int* p) {
     return v;
 }
 
+__device__ __forceinline__ void add_release(unsigned int* p, unsigned int v) {
+    asm volatile("red.release.gpu.global.add.u32 [%0], %1;" :: "l"(p), "r"(v) : "memory");
+}
+
 __device__ __forceinline__ void grid_sync(unsigned int* counter, unsigned int& arrivals) {
     arrivals += gridDim.x;
     __syncthreads();
     if (threadIdx.x == 0) {
-        __threadfence();
-        atomicAdd(counter, 1u);
+        add_release(counter, 1u);
         while (load_acquire(counter) < arrivals) { }
     }
     __syncthreads();
@@ -96,18 +107,21 @@ __device__ void stage_input(float* xs, const float* src, int ld, int bsz, int K,
     __syncthreads();
 }
 
-// Ask L2 for rows n of W that this warp computes in a coming stage (the same round-robin as
-// stage_matvec), while the grid waits at a barrier: the weights do not depend on the step, so
-// their trip from memory need not wait for the activations.
-__device__ __forceinline__ void prefetch_rows(const float* __restrict__ W, int N, int K) {
+// Ask L2 for the first rows of W this warp computes in a coming stage (rows_per_warp of them,
+// the round-robin of stage_matvec), while the grid waits at a barrier: the weights do not depend
+// on the step, so their trip from memory need not wait for the activations. Only the first
+// group: the later ones follow while the warp computes, and a whole large matrix would not fit
+// in L2 anyway.
+__device__ __forceinline__ void prefetch_rows(const float* __restrict__ W, int N, int K,
+                                              int min_rows = 1) {      // 2: the qkv stage's pairs
     const int lane = threadIdx.x % 32, warps = blockDim.x / 32;
-    for (int n0 = (blockIdx.x * warps + threadIdx.x / 32) * PERSISTENT_R; n0 < N;
-         n0 += gridDim.x * warps * PERSISTENT_R) {
-        const char* first = reinterpret_cast<const char*>(W + (size_t)n0 * K);
-        const size_t bytes = (size_t)min(PERSISTENT_R, N - n0) * K * 4;
-        for (size_t at = 128 * lane; at < bytes; at += 128 * 32)        // one line per lane
-            asm volatile("prefetch.global.L2 [%0];" :: "l"(first + at));
-    }
+    const int R = max(min_rows, rows_per_warp(N, warps));
+    const int n0 = (blockIdx.x * warps + threadIdx.x / 32) * R;
+    if (n0 >= N) return;
+    const char* first = reinterpret_cast<const char*>(W + (size_t)n0 * K);
+    const size_t bytes = (size_t)min(R, N - n0) * K * 4;
+    for (size_t at = 128 * lane; at < bytes; at += 128 * 32)            // one line per lane
+        asm volatile("prefetch.global.L2 [%0];" :: "l"(first + at));
 }
 
 // ---- weight rows against the input rows, by one warp -----------------------------------------
@@ -124,7 +138,7 @@ __device__ __forceinline__ void warp_rows(const float* __restrict__ W, int n0, i
     for (int r = 0; r < R; ++r)
 #pragma unroll
         for (int b = 0; b < B; ++b) acc[r][b] = 0.0f;
-#pragma unroll 2
+#pragma unroll (R >= 4 ? 2 : 4)
     for (int k4 = lane; k4 < K / 4; k4 += 32) {
         float4 w[R];
 #pragma unroll
@@ -163,43 +177,52 @@ __device__ __forceinline__ float lane_sum(const float acc[R][B], int r, int b) {
 
 // y[b, n] (+)= W[n, :] . xs[b, :] for every row n, R rows at a time dealt round-robin to the
 // grid's warps.
-template <int B>
-__device__ void stage_matvec(const float* __restrict__ W, int N, int K, const float* xs, int bsz,
-                             float* y, int ldy, bool accumulate) {
+template <int R, int B>
+__device__ void matvec_rows(const float* __restrict__ W, int N, int K, const float* xs, int bsz,
+                            float* y, int ldy, bool accumulate) {
     const int lane = threadIdx.x % 32, warps = blockDim.x / 32;
     const int r = lane / B, b = lane % B;              // the sum this lane writes
-    float acc[PERSISTENT_R][B];
-    for (int n0 = (blockIdx.x * warps + threadIdx.x / 32) * PERSISTENT_R; n0 < N;
-         n0 += gridDim.x * warps * PERSISTENT_R) {
-        warp_rows<PERSISTENT_R, B>(W, n0, N, K, xs, bsz, acc);
-        const float v = lane_sum<PERSISTENT_R, B>(acc, r, b);
-        if (r < PERSISTENT_R && b < bsz && n0 + r < N) {
+    float acc[R][B];
+    for (int n0 = (blockIdx.x * warps + threadIdx.x / 32) * R; n0 < N;
+         n0 += gridDim.x * warps * R) {
+        warp_rows<R, B>(W, n0, N, K, xs, bsz, acc);
+        const float v = lane_sum<R, B>(acc, r, b);
+        if (r < R && b < bsz && n0 + r < N) {
             float* out = y + (size_t)b * ldy + n0 + r;
             *out = accumulate ? __ldcg(out) + v : v;
         }
     }
 }
 
-// The qkv stage: rows of wqkv = [q heads | k heads | v heads], 4 at a time = two pairs
+template <int B>
+__device__ void stage_matvec(const float* __restrict__ W, int N, int K, const float* xs, int bsz,
+                             float* y, int ldy, bool accumulate) {
+    if (rows_per_warp(N, blockDim.x / 32) == 4)
+        matvec_rows<4, B>(W, N, K, xs, bsz, y, ldy, accumulate);
+    else
+        matvec_rows<1, B>(W, N, K, xs, bsz, y, ldy, accumulate);
+}
+
+// The qkv stage: rows of wqkv = [q heads | k heads | v heads], R at a time = R / 2 pairs
 // (2i, 2i + 1) of one head (head_dim % 4 == 0), so the warp that computes a pair of a q or k
 // head also rotates it (model.apply_rotary_emb, as rope_kv in decode.cu) and writes it where it
 // goes: q to the q buffer, k and v to the cache at `pos`. Lane (pair, b) writes one pair.
-template <int B>
-__device__ void stage_qkv(const float* __restrict__ wqkv, int K, const float* xs, int bsz,
-                          const float* __restrict__ cos_row, const float* __restrict__ sin_row,
-                          float* q, float* cache_k, float* cache_v, int pos, int n_heads,
-                          int n_kv_heads, int head_dim, int max_seq) {
+template <int R, int B>
+__device__ void qkv_rows(const float* __restrict__ wqkv, int K, const float* xs, int bsz,
+                         const float* __restrict__ cos_row, const float* __restrict__ sin_row,
+                         float* q, float* cache_k, float* cache_v, int pos, int n_heads,
+                         int n_kv_heads, int head_dim, int max_seq) {
     const int lane = threadIdx.x % 32, warps = blockDim.x / 32;
     const int q_dim = n_heads * head_dim, kv_dim = n_kv_heads * head_dim;
     const int N = q_dim + 2 * kv_dim;
     const int pair = lane / B, b = lane % B;
-    float acc[PERSISTENT_R][B];
-    for (int n0 = (blockIdx.x * warps + threadIdx.x / 32) * PERSISTENT_R; n0 < N;
-         n0 += gridDim.x * warps * PERSISTENT_R) {
-        warp_rows<PERSISTENT_R, B>(wqkv, n0, N, K, xs, bsz, acc);
-        const float x0 = lane_sum<PERSISTENT_R, B>(acc, 2 * pair, b);
-        const float x1 = lane_sum<PERSISTENT_R, B>(acc, 2 * pair + 1, b);
-        if (pair >= PERSISTENT_R / 2 || b >= bsz) continue;
+    float acc[R][B];
+    for (int n0 = (blockIdx.x * warps + threadIdx.x / 32) * R; n0 < N;
+         n0 += gridDim.x * warps * R) {
+        warp_rows<R, B>(wqkv, n0, N, K, xs, bsz, acc);
+        const float x0 = lane_sum<R, B>(acc, 2 * pair, b);
+        const float x1 = lane_sum<R, B>(acc, 2 * pair + 1, b);
+        if (pair >= R / 2 || b >= bsz) continue;
         const int n = n0 + 2 * pair;                    // rows n and n + 1
         if (n >= q_dim + kv_dim) {                      // a v pair: into the cache as it is
             float* dst = cache_v + ((size_t)b * max_seq + pos) * kv_dim + (n - q_dim - kv_dim);
@@ -216,6 +239,20 @@ __device__ void stage_qkv(const float* __restrict__ wqkv, int K, const float* xs
         dst[0] = out0;
         dst[1] = out1;
     }
+}
+
+template <int B>
+__device__ void stage_qkv(const float* __restrict__ wqkv, int K, const float* xs, int bsz,
+                          const float* __restrict__ cos_row, const float* __restrict__ sin_row,
+                          float* q, float* cache_k, float* cache_v, int pos, int n_heads,
+                          int n_kv_heads, int head_dim, int max_seq) {
+    const int N = (n_heads + 2 * n_kv_heads) * head_dim;
+    if (rows_per_warp(N, blockDim.x / 32) == 4)
+        qkv_rows<4, B>(wqkv, K, xs, bsz, cos_row, sin_row, q, cache_k, cache_v, pos, n_heads,
+                       n_kv_heads, head_dim, max_seq);
+    else
+        qkv_rows<2, B>(wqkv, K, xs, bsz, cos_row, sin_row, q, cache_k, cache_v, pos, n_heads,
+                       n_kv_heads, head_dim, max_seq);
 }
 
 // ---- attention of one query head of one row -------------------------------------------------
@@ -323,7 +360,7 @@ decode_persistent(const int* __restrict__ step, const float* __restrict__ tok_em
     __shared__ float scratch[32];
     unsigned int arrivals = 0;
     const int pos = step[0];
-    const int q_dim = n_heads * head_dim, qkv_rows = q_dim + 2 * n_kv_heads * head_dim;
+    const int q_dim = n_heads * head_dim, n_qkv = q_dim + 2 * n_kv_heads * head_dim;
     const float* cos_row = freqs_cos + (size_t)pos * (head_dim / 2);
     const float* sin_row = freqs_sin + (size_t)pos * (head_dim / 2);
 
@@ -360,7 +397,7 @@ decode_persistent(const int* __restrict__ step, const float* __restrict__ tok_em
 
         stage_input<INPUT_RMSNORM>(stage_smem, h, dim, bsz, dim, L.ffn_norm, eps, scratch);
         stage_matvec<B>(L.w13, 2 * hidden, dim, stage_smem, bsz, h13, 2 * hidden, false);
-        if (l + 1 < n_layers) prefetch_rows(layer_weights(layers, l + 1).wqkv, qkv_rows, dim);
+        if (l + 1 < n_layers) prefetch_rows(layer_weights(layers, l + 1).wqkv, n_qkv, dim, 2);
         grid_sync(counter, arrivals);
 
         stage_input<INPUT_SWIGLU>(stage_smem, h13, 2 * hidden, bsz, hidden, nullptr, 0.0f,

@@ -45,12 +45,36 @@ def step_us(decoder, bsz, pos=64):
     return 1000 * gpu_ms(graph.launch, inner=20)
 
 
+BARRIER_TEST = r"""
+extern "C" __global__ void barriers(unsigned int* counter, int n) {
+    unsigned int arrivals = 0;
+    for (int i = 0; i < n; ++i) grid_sync(counter, arrivals);
+}
+"""
+
+
+def barrier_us(cp, grid, n=1000):
+    """Microseconds per grid_sync of persistent.cu alone, at `grid` blocks of 512 threads."""
+    text = (ROOT / "kernels" / "persistent.cu").read_text()
+    start = text.index("// ---- the grid-wide barrier")
+    end = text.index("// ---- a stage's input vector")
+    kernel = cp.RawModule(code=text[start:end] + BARRIER_TEST).get_function("barriers")
+    counter = cp.zeros(1, dtype=np.uint32)
+
+    def run():
+        counter.fill(0)
+        kernel((grid,), (512,), (counter, np.int32(n)))
+    return 1000 * gpu_ms(run, reps=5, inner=3) / n
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser()
     parser.add_argument("--json")
     args = parser.parse_args(argv)
     cp = require_cupy()
     copy = copy_bandwidth()
+    for grid in (16, 66, 132):
+        print(f"grid_sync alone, {grid} blocks: {barrier_us(cp, grid):.2f} us", flush=True)
     rows = []
     for shape, (over, batches) in RUNS.items():
         fields = {**SHAPES.get(shape, {}), **over}
