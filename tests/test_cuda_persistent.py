@@ -55,13 +55,15 @@ def test_persistent_steps_match_the_cpu(cuda, cp, graphs, tied):
     cpu_model.forward(prompt, 0)
     decoder = ops._decoders[gpu_model]
     assert type(decoder).__name__ == "PersistentDecoder"
+    assert not decoder.fits(1) and decoder.fits(2) and decoder.fits(8) and not decoder.fits(9)
+    decoder.min_rows = 1                      # one row through the kernel too, for the check
     for pos, bsz in zip(range(5, 17), [1, 2, 3, 8, 9, 8, 5, 9, 1, 4, 7, 6]):
         tok = rng.integers(0, 1001, size=(bsz, 1))
         got = forward(tok, pos)
         ref = cpu_model.forward(tok, pos)
         assert got.shape == (bsz, 1, 1001)
         assert rel_err(got, ref) < 1e-4, f"pos {pos}, bsz {bsz}"
-    assert decoder.launches_per_step[8] == 1                 # one kernel a step
+    assert decoder.launches_per_step[8] == decoder.launches_per_step[1] == 1   # one kernel
     assert decoder.launches_per_step[9] == 6 * 3 + 2         # FusedDecoder's launches
     assert (1 in decoder.graphs) == graphs
 
@@ -72,6 +74,7 @@ def test_persistent_attention_past_one_block_of_keys(cuda, cp):
     step writes are read by other blocks in the same launch."""
     gpu_model, cpu_model, ops = models(cuda, "mha-long", bsz=2)
     forward = ops.decoder(gpu_model)
+    assert ops._decoders[gpu_model].fits(2)
     prompt = rng.integers(0, 517, size=(2, 600))
     forward(prompt, 0)
     cpu_model.forward(prompt, 0)
@@ -82,14 +85,14 @@ def test_persistent_attention_past_one_block_of_keys(cuda, cp):
 
 @gpu
 def test_persistent_step_allocates_nothing_that_grows(cuda, cp):
-    gpu_model, _, ops = models(cuda, "gqa", bsz=1)
+    gpu_model, _, ops = models(cuda, "gqa", bsz=2)
     forward = ops.decoder(gpu_model)
-    forward([[3]], 0)
-    forward([[4]], 1)
+    forward([[3], [5]], 0)
+    forward([[4], [6]], 1)
     pool = cp.get_default_memory_pool()
     before = pool.used_bytes()
     for pos in range(2, 40):
-        logits = forward([[int(pos)]], pos)
+        logits = forward([[int(pos)], [int(pos) + 1]], pos)
     del logits
     assert pool.used_bytes() == before
 
