@@ -161,6 +161,19 @@ def load_pth(path):
                               f"({type(e).__name__}: {e})") from None
 
 
+def load_state_dict(path, ignored=()):
+    """{name: LazyTensor} from a .pth file that must hold a state_dict (a dict of tensors);
+    entries named in `ignored` may be anything and are dropped."""
+    sd = load_pth(path)
+    if not isinstance(sd, dict) or not all(isinstance(k, str) for k in sd):
+        raise CheckpointError(f"{path}: expected a dict of tensors (a state_dict), "
+                              f"got {type(sd).__name__}")
+    for k, v in sd.items():
+        if k not in ignored and not isinstance(v, LazyTensor):
+            raise CheckpointError(f"{path}: entry {k!r} is a {type(v).__name__}, not a tensor")
+    return {k: v for k, v in sd.items() if k not in ignored}
+
+
 def _read_member(path, z, name):
     """A small member's bytes, refusing one that would inflate past the file's own size
     (torch.save stores members uncompressed; a compressed one could be a zip bomb)."""
