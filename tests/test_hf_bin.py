@@ -160,6 +160,20 @@ def test_one_shard_given_loads_the_whole_model(saved):
     assert max_rel_err(mine.forward(tokens, 0), hf_logits(reference, tokens)) < 1e-4
 
 
+def test_tensors_the_model_does_not_use_are_skipped(tmp_path):
+    """Files written before transformers 4.31 carry each layer's RoPE table as a tensor,
+    model.layers.N.self_attn.rotary_emb.inv_freq; minillama computes its own."""
+    model = hf_model(seed=10)
+    save_bin(model, tmp_path)
+    sd = torch.load(tmp_path / "pytorch_model.bin")
+    for i in range(model.config.num_hidden_layers):
+        sd[f"model.layers.{i}.self_attn.rotary_emb.inv_freq"] = torch.ones(4)
+    torch.save(sd, tmp_path / "pytorch_model.bin")
+    mine = load_model(tmp_path, max_seq_len=16)
+    tokens = np.arange(1, 9)[None]
+    assert max_rel_err(mine.forward(tokens, 0), hf_logits(model, tokens)) < 1e-4
+
+
 # ----------------------------------------------------------------------------
 # both present: safetensors is read, and info says so
 
@@ -325,7 +339,8 @@ def test_seed_prompt_ids_equal_transformers_llama_tokenizer(tokenizer_dir, legac
 
 def test_seed_run_matches_transformers_generate(tmp_path, capsys):
     """`minillama complete --ckpt_dir DIR --prompt $'Q: ...\\nA:' --max_gen_len 32
-    --temperature 0 --dtype float16` and Llama.build give transformers' greedy tokens."""
+    --temperature 0 --dtype float16` and its Llama.build equivalent give the tokens of the
+    seed's `model.generate(input_ids, max_new_tokens=32)` (greedy, stopping at EOS)."""
     shared = require_shared()
     from minillama.cli import main
     from minillama.generation import Llama
@@ -333,15 +348,19 @@ def test_seed_run_matches_transformers_generate(tmp_path, capsys):
     reference, stored = open_llama(config, seed=9)
     save_bin(stored, tmp_path, config=config)
     os.symlink(shared / "models" / "tokenizer.model", tmp_path / "tokenizer.model")
+
     generator = Llama.build(str(tmp_path), max_seq_len=128, max_batch_size=4, dtype="float16")
     prompt = generator.tokenizer.encode(SEED_PROMPT, bos=True, eos=False)
-    want = hf_greedy(reference, prompt, 32)
-    got, _ = generator.generate([prompt], max_gen_len=32, temperature=0)
-    assert got[0] == want[:len(got[0])] and (len(got[0]) == 32 or want[len(got[0])] == 2)
+    with torch.no_grad():
+        out = reference.generate(torch.tensor([prompt]), max_new_tokens=32, do_sample=False,
+                                 pad_token_id=0)[0, len(prompt):].tolist()
+    want = out[:out.index(2)] if 2 in out else out                    # Meta's cut at EOS
+    got = generator.generate([prompt], max_gen_len=32, temperature=0)[0][0]
+    assert got == want
     assert main(["complete", "--ckpt_dir", str(tmp_path), "--prompt", SEED_PROMPT,
                  "--max_gen_len", "32", "--temperature", "0", "--dtype", "float16"]) == 0
-    out = capsys.readouterr().out
-    assert out.startswith(f"{SEED_PROMPT}\n> {generator.tokenizer.decode(got[0])}\n")
+    printed = capsys.readouterr().out
+    assert printed.startswith(f"{SEED_PROMPT}\n> {generator.tokenizer.decode(want)}\n")
 
 
 # ----------------------------------------------------------------------------
