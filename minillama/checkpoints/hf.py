@@ -44,7 +44,7 @@ HF_LAYER_NAMES = {
 }
 
 
-class WeightFiles(NamedTuple):
+class WeightStore(NamedTuple):
     """One way Hugging Face stores the weights."""
     name: str               # "safetensors", "pytorch_model.bin"
     single: str             # the file of an unsharded model
@@ -54,9 +54,9 @@ class WeightFiles(NamedTuple):
 
 
 STORES = [                  # preferred first
-    WeightFiles("safetensors", "model.safetensors", "model.safetensors.index.json",
+    WeightStore("safetensors", "model.safetensors", "model.safetensors.index.json",
                 "*.safetensors", read_safetensors),
-    WeightFiles("pytorch_model.bin", "pytorch_model.bin", "pytorch_model.bin.index.json",
+    WeightStore("pytorch_model.bin", "pytorch_model.bin", "pytorch_model.bin.index.json",
                 "pytorch_model*.bin", load_state_dict),
 ]
 

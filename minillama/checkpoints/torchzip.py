@@ -1,4 +1,5 @@
-"""PyTorch `.pth` files (torch.save since torch 1.6) read without torch, and without running code.
+"""PyTorch `.pth` files (torch.save since torch 1.6) read without torch, and without running code:
+Meta's consolidated.NN.pth and Hugging Face's pytorch_model.bin are both such files.
 
 A .pth file is a zip archive (members stored uncompressed) under one top folder, e.g.
     consolidated/data.pkl        a pickle of the object that was saved (a dict of tensors)
