@@ -92,7 +92,7 @@ def open_llama(config, seed):
 
 
 MODELS = {  # name -> (reference model, model to save, config.json to write or None)
-    "gqa": lambda: (hf_model(seed=1),) * 2 + (None,),
+    "gqa": lambda: (hf_model(seed=1),) * 2 + (None,),     # float32: its own reference
     "open_llama": lambda: open_llama(OPEN_LLAMA_TINY, seed=2) + (OPEN_LLAMA_TINY,),
 }
 
@@ -144,7 +144,7 @@ def test_logits_and_greedy_match_transformers(saved):
     assert greedy(mine.forward, prompt, 24) == hf_greedy(reference, prompt, 24)
 
 
-def test_float16_files_are_read_as_stored(saved):
+def test_weights_are_read_as_stored(saved):
     folder, _, name = saved
     ckpt = read_checkpoint(folder)
     assert {w.format for w in ckpt.weights.values()} == ({"f16"} if name == "open_llama"
