@@ -10,7 +10,7 @@ head_dim 100 (not a power of two), an untied classifier, rms eps 1e-6, float16 s
 OpenLLaMA's own config.json fields (transformers 4.28's: torch_dtype, no rope_theta, no
 head_dim, no num_key_value_heads).
 
-GPU tests are marked gpu: `python -m pytest -q -m gpu tests/test_hf_bin.py`.
+GPU tests are marked gpu: `PYTHONPATH=$PWD python -m pytest -q -m gpu tests/test_hf_bin.py`.
 """
 import json
 import os
@@ -390,3 +390,22 @@ def test_logits_and_greedy_match_transformers_on_the_gpu(cp, saved, mode):
     for pos in range(4, len(ids)):
         got = to_host(forward(np.array([[ids[pos]]]), pos))[0, -1]
         assert max_rel_err(got, want[pos]) < 1e-4, f"position {pos}"
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [None, "float32"])
+def test_batched_decode_matches_transformers_on_the_gpu(cp, saved, dtype):
+    """Two rows a step, through the decoder the backend picks for the model: the weights as
+    the file stores them (float16 for OpenLLaMA), or expanded to float32."""
+    from minillama.cuda import CudaOps
+    folder, reference, _ = saved
+    ops = CudaOps()
+    ckpt = open_checkpoint(folder, max_seq_len=40, max_batch_size=2, dtype=dtype, device="cuda")
+    model = Transformer(ckpt.params, ckpt.weights, ops)
+    forward = ops.decoder(model)
+    ids = np.random.default_rng(5).integers(0, 71, size=(2, 12))
+    want = hf_logits(reference, ids)                          # (2, 12, vocab)
+    forward(ids[:, :4], 0)
+    for pos in range(4, ids.shape[1]):
+        got = to_host(forward(ids[:, pos:pos + 1], pos))[:, -1]
+        assert max_rel_err(got, want[:, pos]) < 1e-4, f"position {pos}"
