@@ -23,7 +23,7 @@ import pytest
 from conftest import greedy, max_rel_err, require_shared
 from minillama.errors import CheckpointError, OutOfMemoryError
 from minillama.loading import detect_format, load_model, open_checkpoint, read_checkpoint
-from minillama.memory import plan_checkpoint
+from minillama.memory import fmt_bytes, plan_checkpoint
 from minillama.model import Transformer
 from minillama.ops import to_host
 
@@ -298,13 +298,8 @@ def test_open_llama_3b_fits_a_12_gib_card_in_float16_not_in_float32(open_llama_3
     assert "\n" not in msg and "12.0 GiB is free (given)" in msg
     for fits in ("float16", "bfloat16", "int8", "q4_0"):
         total = plan_checkpoint(ckpt, fits, "cuda", 12 * GiB).total
-        assert f"--dtype {fits} ({fmt(total)})" in msg
+        assert f"--dtype {fits} ({fmt_bytes(total)})" in msg
     assert "--max_seq_len" not in msg and "--device cpu" not in msg
-
-
-def fmt(n):
-    from minillama.memory import fmt_bytes
-    return fmt_bytes(n)
 
 
 # ----------------------------------------------------------------------------
