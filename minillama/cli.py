@@ -224,6 +224,7 @@ def describe(ckpt, max_seq_len, max_batch_size, kv_dtype="float32"):
     kv_bytes = kv_cache_bytes(p, seq, max_batch_size, kv_dtype)
     return [
         f"file            {ckpt.path} ({ckpt.fmt})",
+        *([f"weights from    {ckpt.source}"] if ckpt.source else []),
         f"architecture    llama: dim {p.dim}, {p.n_layers} layers, {p.n_heads} heads "
         f"({p.n_kv_heads} kv heads, head_dim {p.head_dim}), hidden_dim {p.hidden_dim}, "
         f"vocab {p.vocab_size}, rope theta {p.rope_theta:g}, norm eps {p.norm_eps:g}",

@@ -25,7 +25,7 @@ from . import read_json_object
 from ..errors import ArgumentError, CheckpointError
 from ..checks import check_weights
 from ..model import ModelArgs, iter_weight_shapes
-from .torchzip import load_pth
+from .torchzip import load_state_dict
 
 SHARD = re.compile(r"consolidated\.(\d+)\.pth$")
 ROW_PARALLEL = ("attention.wo.weight", "feed_forward.w2.weight")
@@ -66,22 +66,11 @@ def load_meta(path, max_seq_len=None, max_batch_size=1):
         raise CheckpointError(f"{ckpt_dir}: consolidated.NN.pth files must be numbered 00 to "
                               f"{len(shards) - 1:02d} without gaps; found "
                               f"{', '.join(os.path.basename(s) for s in shards)}")
-    weights = merge_shards([_state_dict(s) for s in shards], shards)
+    weights = merge_shards([load_state_dict(s, IGNORED) for s in shards], shards)
     p = read_params(os.path.join(ckpt_dir, "params.json"), weights, max_seq_len, max_batch_size)
     check_weights(iter_weight_shapes(p), weights, source=ckpt_dir)
     tokenizer = os.path.join(ckpt_dir, "tokenizer.model")
     return p, weights, tokenizer if os.path.isfile(tokenizer) else None
-
-
-def _state_dict(path):
-    sd = load_pth(path)
-    if not isinstance(sd, dict) or not all(isinstance(k, str) for k in sd):
-        raise CheckpointError(f"{path}: expected a dict of tensors (a state_dict), "
-                              f"got {type(sd).__name__}")
-    for k, v in sd.items():
-        if k not in IGNORED and not isinstance(v, LazyTensor):
-            raise CheckpointError(f"{path}: entry {k!r} is a {type(v).__name__}, not a tensor")
-    return {k: v for k, v in sd.items() if k not in IGNORED}
 
 
 def merge_shards(state_dicts, paths):
