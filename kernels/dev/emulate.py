@@ -7,9 +7,10 @@ Which thread copies which 16 bytes where (the swizzle), which addresses the 32 l
 ldmatrix and what each lane receives, how mma.m16n8k16's register fragments map to matrix
 elements (the PTX ISA's tables), which lane of qgemv writes which output, and how qgemv_k
 unpacks the bits of each k-quant super-block (its format structs' shifts and masks, in
-Python): all written out element by element in Python, the product assembled from the fragments and compared with NumPy.
-It checks our reading of the layouts and the kernels' indexing, not the hardware: a run on the
-GPU (check_formats.py) is still the test. Slow on purpose, so sizes are small.
+Python): all written out element by element in Python, the product assembled from the
+fragments and compared with NumPy. It checks our reading of the layouts and the kernels'
+indexing, not the hardware: a run on the GPU (check_formats.py, tests/test_cuda_kquants.py) is
+still the test. Slow on purpose, so sizes are small.
 """
 import sys
 from pathlib import Path
