@@ -155,25 +155,34 @@ def k4_scale_min(s, j):
 
 
 class KFmt:
-    """FmtQ4_K, FmtQ5_K, FmtQ6_K of qgemv_k.cu, line for line."""
+    """FmtQ2_K .. FmtQ6_K of qgemv_k.cu, line for line."""
 
     def __init__(self, fmt):
         self.fmt = fmt
-        self.h_pieces, self.min, self.bias = {"q4_k": (0, True, 0), "q5_k": (2, True, 0),
-                                              "q6_k": (4, False, 32)}[fmt]
+        self.pieces, self.runs, self.h_pieces, self.min, self.bias = {
+            "q2_k": (4, 4, 0, True, 0), "q3_k": (4, 4, 2, False, 4), "q4_k": (8, 2, 0, True, 0),
+            "q5_k": (8, 2, 2, True, 0), "q6_k": (8, 2, 4, False, 32)}[fmt]
 
     def first(self, p, run):
         if self.fmt == "q6_k":
             return 128 * (p >> 2) + 64 * run + 32 * ((p >> 1) & 1) + 16 * (p & 1)
+        if self.fmt in ("q2_k", "q3_k"):
+            return 128 * (p >> 1) + 32 * run + 16 * (p & 1)
         return 64 * (p >> 1) + 32 * run + 16 * (p & 1)
 
     def h_piece(self, p):
-        return {"q4_k": 0, "q5_k": p & 1, "q6_k": 2 * (p >> 2) + (p & 1)}[self.fmt]
+        return 2 * (p >> 2) + (p & 1) if self.fmt == "q6_k" else p & 1
 
     def codes(self, q, h, p, run):
-        c = [(word(q, j) >> (4 * run)) & 0x0F0F0F0F for j in range(4)]
-        if self.fmt == "q5_k":
-            sub = 2 * (p >> 1) + run
+        if self.fmt in ("q2_k", "q3_k"):
+            c = [(word(q, j) >> (2 * run)) & 0x03030303 for j in range(4)]
+        else:
+            c = [(word(q, j) >> (4 * run)) & 0x0F0F0F0F for j in range(4)]
+        if self.fmt == "q3_k":
+            bit = self.first(p, run) // 32
+            c = [c[j] | (((word(h, j) >> bit) & 0x01010101) << 2) for j in range(4)]
+        elif self.fmt == "q5_k":
+            sub = self.first(p, run) // 32
             c = [c[j] | (((word(h, j) >> sub) & 0x01010101) << 4) for j in range(4)]
         elif self.fmt == "q6_k":
             i = ((p >> 1) & 1) + 2 * run
@@ -181,9 +190,15 @@ class KFmt:
         return c
 
     def scale(self, s, d, dmin, p, run):
+        i = self.first(p, run) // 16                      # the sub-block of 16
         if self.fmt == "q6_k":
-            return d * np.float32(np.int8(np.uint8(s[self.first(p, run) // 16]))), np.float32(0)
-        sc, m = k4_scale_min(s, 2 * (p >> 1) + run)
+            return d * np.float32(np.int8(np.uint8(s[i]))), np.float32(0)
+        if self.fmt == "q2_k":
+            return d * np.float32(s[i] & 15), dmin * np.float32(s[i] >> 4)
+        if self.fmt == "q3_k":
+            low, high = (s[i & 7] >> (4 * (i >> 3))) & 15, (s[8 + (i & 3)] >> (2 * (i >> 2))) & 3
+            return d * np.float32(int(low | (high << 4)) - 32), np.float32(0)
+        sc, m = k4_scale_min(s, self.first(p, run) // 32)
         return d * np.float32(sc), dmin * np.float32(m)
 
     def weights(self, c, ds, dm):
@@ -193,16 +208,17 @@ class KFmt:
         return [code * ds - dm if self.min else code * ds for code in codes]
 
     def piece(self, w, blk, p):
-        """QkPiece::load, then the 32 weights of piece p of super-block blk (flat, rows * nb),
+        """QkPiece::load, then the 32 or 64 weights of piece p of super-block blk (flat, rows * nb),
         as {offset in the super-block: weight}."""
         planes = {k: a.reshape(-1, *a.shape[2:]) for k, a in w.planes.items()}
         q = planes["ql" if self.fmt == "q6_k" else "qs"][blk][16 * p:16 * p + 16]
-        h = planes["qh"][blk][16 * self.h_piece(p):][:16] if self.h_pieces else q
+        high = planes["hmask" if self.fmt == "q3_k" else "qh"] if self.h_pieces else None
+        h = high[blk][16 * self.h_piece(p):][:16] if self.h_pieces else q
         s = planes["scales"][blk].view(np.uint8)
         d = planes["d"][blk].astype(np.float32)
         dmin = planes["dmin"][blk].astype(np.float32) if self.min else np.float32(0)
         out = {}
-        for run in range(2):
+        for run in range(self.runs):
             c = self.codes(q, h, p, run)
             ds, dm = self.scale(s, d, dmin, p, run)
             for f in range(4):
@@ -224,11 +240,12 @@ def qgemv_k_launch(x, w, smem, blocks):
     for block in range(grid):
         for m0 in range(0, M, ROWS):
             for k0 in range(0, K, kc):
-                CH = min(kc, K - k0) // 32
-                xs = np.zeros((ROWS * 8 * CH, 4))
-                for i in range(ROWS * 8 * CH):         # staging, piece-major
-                    r, f, g = i // (8 * CH), i // CH % 8, i % CH
-                    k = k0 + 256 * (g // 8) + F.first(g % 8, f // 4) + 4 * (f % 4)
+                F4 = 4 * F.runs
+                CH = min(kc, K - k0) // (4 * F4)
+                xs = np.zeros((ROWS * F4 * CH, 4))
+                for i in range(ROWS * F4 * CH):        # staging, piece-major
+                    r, f, g = i // (F4 * CH), i // CH % F4, i % CH
+                    k = k0 + 256 * (g // F.pieces) + F.first(g % F.pieces, f // 4) + 4 * (f % 4)
                     if m0 + r < M:
                         xs[i] = x[m0 + r, k:k + 4]
                 for warp in range(8):
@@ -236,7 +253,7 @@ def qgemv_k_launch(x, w, smem, blocks):
                         acc = np.zeros((NR, ROWS))    # the warp's sums over lanes
                         for lane in range(32):
                             for g in range(lane, CH, 32):
-                                b, p = k0 // 256 + g // 8, g % 8
+                                b, p = k0 // 256 + g // F.pieces, g % F.pieces
                                 for j in range(NR):
                                     n = min(n0 + j, N - 1)
                                     wl = F.piece(w, n * nb + b, p)
@@ -244,11 +261,11 @@ def qgemv_k_launch(x, w, smem, blocks):
                                         assert np.isnan(seen[n, 256 * b + t]) or \
                                             seen[n, 256 * b + t] == v
                                         seen[n, 256 * b + t] = v
-                                    for run in range(2):
+                                    for run in range(F.runs):
                                         for f in range(4):
                                             wv = [wl[F.first(p, run) + 4 * f + e] for e in range(4)]
                                             for r in range(ROWS):
-                                                acc[j, r] += np.dot(wv, xs[(r * 8 + 4 * run + f) * CH + g])
+                                                acc[j, r] += np.dot(wv, xs[(r * F4 + 4 * run + f) * CH + g])
                         for i in range(NR * ROWS):    # lane i % 32 writes
                             j, r = i // ROWS, i % ROWS
                             if n0 + j < N and m0 + r < M:
@@ -260,8 +277,9 @@ def kquant_to_f16(w):
     """kquant_to_f16: one thread a piece, every weight written once, rounded to float16."""
     F, (N, K) = KFmt(w.format), w.shape
     out = np.full((N, K), np.nan, np.float16)
-    for g in range(N * K // 32):
-        n, b, p = g // (K // 32), g % (K // 32) // 8, g % 8
+    pieces = K // 256 * F.pieces                           # a row's
+    for g in range(N * pieces):
+        n, b, p = g // pieces, g % pieces // F.pieces, g % F.pieces
         for t, v in F.piece(w, n * (K // 256) + b, p).items():
             assert np.isnan(out[n, 256 * b + t])
             out[n, 256 * b + t] = np.float16(v)

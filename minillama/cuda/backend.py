@@ -20,7 +20,7 @@ from ..formats import Packed, dequantize
 from ..ops import NumpyOps
 from ..quant import Q8Tensor
 from .fused import FusedDecoder
-from .kernels import PACKED_KERNEL_FORMATS, bmm, gemm_v5, gemv, qgemv, sgemm, softmax, to_16bit
+from .kernels import bmm, gemm_v5, gemv, qgemv, sgemm, softmax, to_16bit
 from .runtime import require_cupy
 
 GEMV_MAX_M = 32             # linear() multiplies up to this many rows with gemv, more with sgemm
@@ -48,11 +48,10 @@ class CudaOps(NumpyOps):
         """Place a weight on the GPU once, at load time. A Packed weight keeps its format: its
         planes are copied over as they are (f32 becomes a plain float32 array). The one
         exception is an f16/bf16 weight whose rows are not a multiple of 8 values long, which
-        the 16-byte loads of qgemv and gemm_v5 cannot read, or a format no kernel reads (q2_k,
-        q3_k): it is widened to float32, once."""
+        the 16-byte loads of qgemv and gemm_v5 cannot read: it is widened to float32, once."""
         if not isinstance(w, Packed):
             return super().weight(w)
-        if w.format not in PACKED_KERNEL_FORMATS or w.shape[1] % 8:
+        if w.format == "f32" or w.shape[1] % 8:
             return self.asarray(dequantize(w))
         return w.map(self.asarray)
 

@@ -5,9 +5,9 @@ kernels of decode.cu and gemv's prologues, on the model's own weights and KV cac
 fast path a GPU backend offers for decoding: CudaOps.decoder(model) sends one-token steps here
 when FusedDecoder.covers(model), and prompts, or models it does not cover, to model.forward.
 Every storage format is covered: a float32 weight goes through gemv (matmul.cu), a weight kept
-as stored (formats.Packed: f16, bf16, q8_0, q4_0, q4_1; q4_k, q5_k, q6_k) through qgemv
-(qgemv.cu, qgemv_k.cu), which has the same prologues and `accumulate`; the KV cache may be
-float32 or float16.
+as stored (formats.Packed: f16, bf16, q8_0, q4_0, q4_1, and the k-quants q2_k .. q6_k)
+through qgemv (qgemv.cu, qgemv_k.cu), which has the same prologues and `accumulate`; the KV
+cache may be float32 or float16.
 docs/kernels.md ("Decoding: launches, fusion and a CUDA graph") measures what it saves.
 """
 import warnings

@@ -5,7 +5,7 @@
     bmm(a, b)            batched a @ b on strided views (the KV cache, read in place)
     softmax(x, ...)      over the last axis, causal mask built in (softmax.cu)
   weights as stored (w a formats.Packed with CuPy planes: f16, bf16, q8_0, q4_0, q4_1, and the
-  k-quants q4_k, q5_k, q6_k):
+  k-quants q2_k .. q6_k):
     qgemv(x, w)          gemv's job on packed weights, the same prologues (qgemv.cu; the
                          k-quants: qgemv_k, qgemv_k.cu)
     to_16bit(x)          float32 -> float16 (or bfloat16 bits), round to nearest (matmul.cu)
@@ -59,7 +59,9 @@ GEMM_V5_CONFIGS = {"128x128x4": (128, 128, 4)}
 GEMM_V5_DEFAULT = "128x128x4"
 # qgemv_k<Fmt, ROWS, PRO> and kquant_to_f16<Fmt> (qgemv_k.cu): the k-quants with kernels of
 # their own, and the planes each reads: (codes, high bits, integer scales, d, dmin)
-QGEMV_K_PLANES = {"q4_k": ("qs", "qs", "scales", "d", "dmin"),
+QGEMV_K_PLANES = {"q2_k": ("qs", "qs", "scales", "d", "dmin"),
+                  "q3_k": ("qs", "hmask", "scales", "d", "d"),
+                  "q4_k": ("qs", "qs", "scales", "d", "dmin"),
                   "q5_k": ("qs", "qh", "scales", "d", "dmin"),
                   "q6_k": ("ql", "qh", "scales", "d", "d")}
 PACKED_KERNEL_FORMATS = tuple(QGEMV_WEIGHTS) + tuple(QGEMV_K_PLANES)   # what qgemv reads as stored
@@ -407,19 +409,20 @@ def gemm_v5(a, w, out=None, config=GEMM_V5_DEFAULT):
 # the k-quants: qgemv_k.cu
 
 def _check_kquant(w):
-    """w: a formats.Packed q4_k, q5_k or q6_k on the GPU; its planes as qgemv_k takes them."""
+    """w: a formats.Packed k-quant on the GPU; its planes as qgemv_k takes them."""
     if not isinstance(w, Packed) or w.format not in QGEMV_K_PLANES:
         raise DeviceError(f"w: expected a formats.Packed weight in one of "
                           f"{', '.join(QGEMV_K_PLANES)}, got {type(w).__name__} "
                           f"{getattr(w, 'format', '')!r}")
     for name, plane in w.planes.items():         # Packed checked their shapes and dtypes
-        _check(f"w.{name}", plane, dtype=plane.dtype, aligned=name in ("qs", "ql", "qh"))
+        _check(f"w.{name}", plane, dtype=plane.dtype,
+               aligned=name in ("qs", "ql", "qh", "hmask"))
     return tuple(w.planes[name] for name in QGEMV_K_PLANES[w.format])
 
 
 def qgemv_k(x, w, out=None, accumulate=False, norm=None, eps=1e-5, swiglu=False,
             smem=QGEMV_SMEM, blocks_per_sm=QGEMV_BLOCKS_PER_SM):
-    """qgemv for a k-quant w (q4_k, q5_k, q6_k: a formats.Packed (N, K) with CuPy planes):
+    """qgemv for a k-quant w (q2_k .. q6_k: a formats.Packed (N, K) with CuPy planes):
     x (M, K) float32 -> (M, N) float32, the weights dequantized in registers as the NumPy
     reference does, float32 sums. The arguments are qgemv's (qgemv sends k-quants here)."""
     if norm is not None and swiglu:
@@ -466,6 +469,7 @@ def kquant_to_f16(w, out=None):
         if out.shape != (N, K):
             raise DeviceError(f"out: expected shape {(N, K)}, got {out.shape}")
     if N:
+        # one thread a piece of 32 (or 64) weights: N * K / 32 threads at most
         KERNELS.launch(f"kquant_to_f16<{_qgemv_format(w.format)}>", (cdiv(N * K // 32, 256),),
                        (256,), (*planes, out, i32(N), i32(K)))
     return Packed("f16", (N, K), {"data": out})
