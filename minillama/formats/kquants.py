@@ -79,7 +79,7 @@ def bit_planes(a, shifts, mask):
 
 
 def crumbs(qs):
-    """(..., 64) bytes of 2-bit codes -> (..., 256): byte l of half h holds weights
+    """(..., 64) bytes of 2-bit codes ("crumbs") -> (..., 256): byte l of half h holds weights
     128h + l, + 32, + 64, + 96 in bits 0-1, 2-3, 4-5, 6-7 (Q2_K and Q3_K's qs)."""
     halves = qs.reshape(*qs.shape[:-1], 2, 32)                      # (..., 2, 32)
     return bit_planes(halves, (0, 2, 4, 6), 3).reshape(*qs.shape[:-1], 256)
