@@ -384,8 +384,9 @@ def to_16bit(x, bf16=False, out=None):
 
 def gemm_v5(a, w, out=None, config=GEMM_V5_DEFAULT):
     """a @ W.T on the tensor cores: a (M, K) float16 (bfloat16 bits as uint16 when W is bf16;
-    to_16bit makes either), w a formats.Packed (N, K) in f16, bf16, q8_0, q4_0 or q4_1 ->
-    (M, N) float32, float32 accumulation. config: a tile shape of GEMM_V5_CONFIGS."""
+    to_16bit makes either), w a formats.Packed (N, K) in f16, bf16, q8_0, q4_0 or q4_1 (or a
+    k-quant, multiplied through a float16 copy: kquant_to_f16) -> (M, N) float32, float32
+    accumulation. config: a tile shape of GEMM_V5_CONFIGS."""
     if getattr(w, "format", None) in QGEMV_K_PLANES:
         w = kquant_to_f16(w)                    # the k-quants: through a float16 copy of W
     main, d, m = _check_packed(w)
