@@ -374,9 +374,9 @@ def test_unsupported_tensor_type_names_tensor_and_type(tmp_path, tiny_args):
     name = _string("blk.1.attn_v.weight")
     at = bytes(data).index(name) + len(name) + 4 + 8 * len(info.shape)
     assert struct.unpack_from("<I", data, at)[0] == 0
-    struct.pack_into("<I", data, at, 12)                         # Q4_K
+    struct.pack_into("<I", data, at, 23)                         # IQ4_XS
     path.write_bytes(data)
-    with pytest.raises(CheckpointError, match=r"'blk\.1\.attn_v\.weight' has type Q4_K"):
+    with pytest.raises(CheckpointError, match=r"'blk\.1\.attn_v\.weight' has type IQ4_XS"):
         mg.load_gguf(path)
     struct.pack_into("<I", data, at, 99)
     path.write_bytes(data)

@@ -82,10 +82,12 @@ def tokenizer_bin_bytes(pieces, scores):
 # ----------------------------------------------------------------------------
 # GGUF
 
-def write_gguf(path, p: ModelArgs, weights, qtype, vocab, tied=False):
+def write_gguf(path, p: ModelArgs, weights, qtype, vocab, tied=False, blocks=None):
     """A llama GGUF of `weights` (Meta names): matrices stored as `qtype` (a
     gguf.GGMLQuantizationType), norms as F32, the classifier left out when tied. vocab(writer)
-    adds the tokenizer's metadata (llama_vocab, gpt2_vocab)."""
+    adds the tokenizer's metadata (llama_vocab, gpt2_vocab). blocks: {Meta name: (qtype, uint8
+    (rows, bytes a row))}, tensors written as these blocks instead (k-quants, which gguf
+    cannot quantize to)."""
     import gguf
     from minillama.checkpoints.gguf import gguf_name
     w = gguf.GGUFWriter(str(path), "llama")
@@ -102,7 +104,10 @@ def write_gguf(path, p: ModelArgs, weights, qtype, vocab, tied=False):
         if tied and name == "output.weight":
             continue
         gname = gguf_name(name)
-        if a.ndim == 2 and qtype != gguf.GGMLQuantizationType.F32:
+        if blocks and name in blocks:
+            btype, data = blocks[name]
+            w.add_tensor(gname, data, raw_shape=data.shape, raw_dtype=btype)
+        elif a.ndim == 2 and qtype != gguf.GGMLQuantizationType.F32:
             data = gguf.quants.quantize(a, qtype)
             w.add_tensor(gname, data, raw_shape=data.shape, raw_dtype=qtype)
         else:
