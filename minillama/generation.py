@@ -215,6 +215,9 @@ def check_dialogs(dialogs):
         raise ArgumentError(f"dialogs: expected a list of dialogs, got {type(dialogs).__name__}")
     for k, dialog in enumerate(dialogs):
         for m in dialog if isinstance(dialog, (list, tuple)) else [None]:
+            if isinstance(m, dict) and m.get("role") in ("ipython", "tool"):
+                raise ArgumentError(f"dialog {k}: role {m['role']!r}: tool calls (Llama 3's "
+                                    f"ipython role, <|python_tag|>, <|eom_id|>) are not supported")
             if not (isinstance(m, dict) and m.get("role") in ("system", "user", "assistant")
                     and isinstance(m.get("content"), str)):
                 raise ArgumentError(f"dialog {k}: each message must be a dict with 'role' "
