@@ -239,6 +239,21 @@ def test_gguf_llama3_end_to_end_stops_at_eot(tmp_path):
     assert not set(out[0]) & set(tok.stop_tokens)
 
 
+def test_hugging_face_llama3_directory_finds_metas_tokenizer(tmp_path):
+    """A Llama 3 repository from the Hub keeps Meta's tokenizer.model in original/."""
+    from tests.tools.writers import write_tiktoken
+    reference = hf_model(META_SCALING, seed=9)
+    reference.save_pretrained(tmp_path)
+    os.makedirs(tmp_path / "original")
+    ranked = read_tiktoken(os.path.join(os.path.dirname(llama3.__file__), "tokenizer.model"))
+    write_tiktoken(tmp_path / "original" / "tokenizer.model", ranked[:N_RANKS])
+    llama = Llama.build(str(tmp_path), max_seq_len=64)
+    assert isinstance(llama.tokenizer.chat, Llama3Chat) and llama.tokenizer.bos_id == N_RANKS
+    prompt = llama.tokenizer.encode("Hello", bos=True, eos=False)
+    out, _ = llama.generate([prompt], max_gen_len=10, temperature=0)
+    assert out[0] == hf_greedy(reference, prompt, 10)[:len(out[0])]
+
+
 # ----------------------------------------------------------------------------
 # the frequencies against Meta's reference
 

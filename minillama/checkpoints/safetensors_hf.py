@@ -178,8 +178,10 @@ def load_hf(path, max_seq_len=None, max_batch_size=1):
         for name, heads in (("wq", p.n_heads), ("wk", p.n_kv_heads)):
             key = f"layers.{i}.attention.{name}.weight"
             weights[key] = _unpermuted(weights[key], heads)
-    tokenizer = os.path.join(folder, "tokenizer.model")
-    return p, weights, tokenizer if os.path.isfile(tokenizer) else None
+    # Llama 3's repositories on the Hub keep Meta's tokenizer.model (tiktoken) in original/
+    tokenizers = [os.path.join(folder, "tokenizer.model"),
+                  os.path.join(folder, "original", "tokenizer.model")]
+    return p, weights, next((t for t in tokenizers if os.path.isfile(t)), None)
 
 
 def _unpermuted(t, n_heads):
