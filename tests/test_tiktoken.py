@@ -240,6 +240,7 @@ def test_gguf_llama_bpe_vocabulary_matches_tiktoken(tmp_path, tiny_ranked):
     (b"IQ== 0\nnot base64!! 1\n", "line 2 is"),
     (b"IQ== 0\nI=Q= 1\n", "line 2"),
     (b"IQ== 0\nIg== 1\n", "has 2 tokens, expected at least the 256"),
+    (b"IQ== 0\nIg== " + b"9" * 5000 + b"\n", "line 2 is"),        # int() would refuse 5000 digits
 ])
 def test_broken_tiktoken_files(tmp_path, content, match):
     path = tmp_path / "tokenizer.model"

@@ -45,7 +45,7 @@ SPECIAL_TOKENS = NAMED_SPECIAL_TOKENS + [
 BOS, EOS, PAD = "<|begin_of_text|>", "<|end_of_text|>", "<|finetune_right_pad_id|>"
 STOP_TOKENS = ["<|end_of_text|>", "<|eom_id|>", "<|eot_id|>"]    # Meta's order
 
-_LINE = re.compile(rb"[A-Za-z0-9+/]+={0,2} [0-9]+")
+_LINE = re.compile(rb"[A-Za-z0-9+/]+={0,2} [0-9]{1,18}")    # (a rank fits in an int64)
 
 
 def read_tiktoken(path):
