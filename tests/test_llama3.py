@@ -161,7 +161,6 @@ def write_gguf(path, model, scaling, rope_freqs=True):
     w.add_bos_token_id(N_RANKS)
     w.add_eos_token_id(EOT)
     w.add_add_bos_token(True)
-    w.add_chat_template("{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>' }}")
     names = {"tok_embeddings.weight": "token_embd.weight", "norm.weight": "output_norm.weight",
              "output.weight": "output.weight"}
     layer = {"attention_norm": "attn_norm", "attention.wq": "attn_q", "attention.wk": "attn_k",
@@ -224,16 +223,19 @@ def test_gguf_rope_freqs_matches_transformers(tmp_path, scaling):
 
 
 def test_gguf_llama3_end_to_end_stops_at_eot(tmp_path):
-    """Llama.build on the GGUF: its llama-bpe tokenizer, Llama 3's chat format, and generate
-    stopping at <|eot_id|>, the file's EOS, or <|end_of_text|>."""
+    """Llama.build on the GGUF: its llama-bpe tokenizer (special tokens whole, BOS added), and
+    generate stopping at <|eot_id|>, the file's EOS, or <|end_of_text|>. (The chat format of a
+    GGUF comes from its chat template, which this file leaves out.)"""
     reference = hf_model(META_SCALING, seed=4)
     path = write_gguf(tmp_path / "m.gguf", reference, META_SCALING)
     llama = Llama.build(str(path), max_seq_len=64, max_batch_size=2)
     tok = llama.tokenizer
-    assert isinstance(tok.chat, Llama3Chat) and tok.pre == "llama-bpe"
+    assert tok.pre == "llama-bpe"
     assert tok.stop_tokens == [EOT, N_RANKS + 1, N_RANKS + 8]
-    prompt = llama.encode_dialog([{"role": "user", "content": "hi"}])
-    assert prompt[:2] == [N_RANKS, N_RANKS + SPECIAL_TOKENS.index("<|start_header_id|>")]
+    prompt = tok.encode("<|start_header_id|>user<|end_header_id|>\n\nhi<|eot_id|>"
+                        "<|start_header_id|>assistant<|end_header_id|>\n\n", bos=True, eos=False)
+    header = N_RANKS + SPECIAL_TOKENS.index("<|start_header_id|>")
+    assert prompt[:2] == [N_RANKS, header] and prompt.count(EOT) == 1
     out, _ = llama.generate([prompt], max_gen_len=20, temperature=0)
     assert out[0] == hf_greedy(reference, prompt, 20)[:len(out[0])]
     assert not set(out[0]) & set(tok.stop_tokens)

@@ -140,10 +140,7 @@ def _special_id(tokenizer, tag):
 
 def chat_format(template):
     """The format a chat template (a GGUF's `tokenizer.chat_template`, Jinja) writes: ChatML if
-    it writes <|im_start|> tags, Llama 3's if it writes <|start_header_id|>, else (or with no
-    template) Llama 2's."""
+    it writes <|im_start|> tags, else (or with no template) Llama 2's."""
     if isinstance(template, str) and IM_START in template:
         return ChatML()
-    if isinstance(template, str) and START_HEADER in template:
-        return Llama3Chat()
     return Llama2Chat()
