@@ -397,3 +397,14 @@ def test_llama3_on_the_gpu_matches_transformers(tmp_path, cp, fmt):
     assert max_rel_err(host_forward(tokens, 0), hf_logits(reference, tokens)) < 1e-4
     prompt = [N_RANKS, 40, 7, 300]
     assert greedy(host_forward, prompt, 40) == hf_greedy(reference, prompt, 40)
+
+
+@pytest.mark.parametrize("change, match", [
+    (dict(rope_scaling=RopeScaling(factor=0.0)), "rope_scaling: .*positive"),
+    (dict(rope_scaling=RopeScaling(low_freq_factor=4.0, high_freq_factor=1.0)), "low_freq_factor <"),
+    (dict(rope_freq_factors=(1.0, 2.0)), "rope_freq_factors: expected 8"),
+    (dict(rope_freq_factors=(1.0,) * 7 + (float("nan"),)), "rope_freq_factors"),
+])
+def test_model_args_refuse_rope_scaling_that_makes_nan_angles(change, match):
+    with pytest.raises(ArgumentError, match=match):
+        ModelArgs(dim=64, n_layers=1, n_heads=4, vocab_size=10, hidden_dim=32, **change)

@@ -12,8 +12,6 @@ does not run, refused by name. model.py's RopeScaling and precompute_freqs do th
 Only Llama 3's scaling is computed; the others (linear, dynamic, yarn, longrope ...) change
 RoPE in other ways and are refused, naming the one the file asks for.
 """
-import math
-
 import numpy as np
 
 from ..errors import CheckpointError
@@ -60,17 +58,8 @@ def hf_rope_scaling(cfg, path):
     missing = [k for k in LLAMA3_KEYS if k not in scaling]
     if missing:
         raise CheckpointError(f"{path}: RoPE scaling 'llama3' needs {', '.join(missing)}")
-    return checked_scaling(RopeScaling(*(scaling[k] for k in LLAMA3_KEYS)), path)
-
-
-def checked_scaling(s, path):
-    """s, if its numbers make sense: positive and finite, low_freq_factor < high_freq_factor."""
-    values = [s.factor, s.low_freq_factor, s.high_freq_factor, s.original_max_position_embeddings]
-    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-               and v > 0 for v in values) or s.low_freq_factor >= s.high_freq_factor:
-        raise CheckpointError(f"{path}: llama3 RoPE scaling {values} must be positive numbers "
-                              f"with low_freq_factor < high_freq_factor")
-    return s
+    # the numbers are checked with the other hyperparameters (checks.check_rope_scaling)
+    return RopeScaling(*(scaling[k] for k in LLAMA3_KEYS))
 
 
 def gguf_rope_freq_factors(gf, head_dim):
