@@ -408,3 +408,14 @@ def test_llama3_on_the_gpu_matches_transformers(tmp_path, cp, fmt):
 def test_model_args_refuse_rope_scaling_that_makes_nan_angles(change, match):
     with pytest.raises(ArgumentError, match=match):
         ModelArgs(dim=64, n_layers=1, n_heads=4, vocab_size=10, hidden_dim=32, **change)
+
+
+def test_info_names_the_rope_scaling(tmp_path):
+    from minillama.cli import describe
+    from minillama.loading import open_checkpoint
+    reference = hf_model(META_SCALING)
+    lines = describe(open_checkpoint(write_meta(tmp_path / "meta", reference)), 64, 1)
+    assert "rope theta 500000 (llama3 scaling: factor 8, low/high freq factors 1/4, original " \
+           "context 8192)" in "\n".join(lines)
+    lines = describe(open_checkpoint(write_gguf(tmp_path / "m.gguf", reference, META_SCALING)), 64, 1)
+    assert "(llama3 scaling: rope_freqs, slow pairs / 8)" in "\n".join(lines)
