@@ -227,7 +227,8 @@ def describe(ckpt, max_seq_len, max_batch_size, kv_dtype="float32"):
         *([f"weights from    {ckpt.source}"] if ckpt.source else []),
         f"architecture    llama: dim {p.dim}, {p.n_layers} layers, {p.n_heads} heads "
         f"({p.n_kv_heads} kv heads, head_dim {p.head_dim}), hidden_dim {p.hidden_dim}, "
-        f"vocab {p.vocab_size}, rope theta {p.rope_theta:g}, norm eps {p.norm_eps:g}",
+        f"vocab {p.vocab_size}, rope theta {p.rope_theta:g}{rope_scaling_words(p)}, "
+        f"norm eps {p.norm_eps:g}",
         f"classifier      {'shared with the embedding' if tied else 'separate'}",
         f"parameters      {n_params:,}",
         f"weights         {weight_bytes:,} bytes as stored ({fmt_bytes(weight_bytes)})",
@@ -236,6 +237,18 @@ def describe(ckpt, max_seq_len, max_batch_size, kv_dtype="float32"):
         f"kv cache        {kv_bytes:,} bytes ({fmt_bytes(kv_bytes)}) for max_seq_len {seq} "
         f"x max_batch_size {max_batch_size} ({kv_dtype})",
     ]
+
+
+def rope_scaling_words(p):
+    """Llama 3's RoPE scaling, for info: the four numbers, or a GGUF's largest divisor."""
+    s = p.rope_scaling
+    if s is not None:
+        return (f" (llama3 scaling: factor {s.factor:g}, low/high freq factors "
+                f"{s.low_freq_factor:g}/{s.high_freq_factor:g}, original context "
+                f"{s.original_max_position_embeddings})")
+    if p.rope_freq_factors is not None:
+        return f" (llama3 scaling: rope_freqs, slow pairs / {max(p.rope_freq_factors):g})"
+    return ""
 
 
 def cmd_info(args):

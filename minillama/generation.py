@@ -80,6 +80,9 @@ class Llama:
         if logprobs:
             token_logprobs = np.zeros(tokens.shape, dtype=np.float32)
 
+        # Llama 2 stops at EOS; Llama 3 at any of several tokens (<|eot_id|> ends a chat turn)
+        stop_tokens = np.array(self.tokenizer.stop_tokens, dtype=np.int64)
+
         prev_pos = 0
         eos_reached = np.array([False] * bsz)
         # Meta writes `tokens != pad_id`; from the lengths is the same when pad_id is -1 and
@@ -110,7 +113,7 @@ class Llama:
             if logprobs:
                 token_logprobs[:, prev_pos + 1 : cur_pos + 1] = -cross_entropy(
                     to_host(logits), tokens[:, prev_pos + 1 : cur_pos + 1], pad_id)
-            eos_reached |= (~input_text_mask[:, cur_pos]) & (next_token == self.tokenizer.eos_id)
+            eos_reached |= (~input_text_mask[:, cur_pos]) & np.isin(next_token, stop_tokens)
             prev_pos = cur_pos
             if all(eos_reached):
                 break
@@ -125,11 +128,12 @@ class Llama:
             probs = None
             if logprobs:
                 probs = token_logprobs[i][start : len(prompt_tokens[i]) + max_gen_len].tolist()
-            # cut to eos tok if any
-            if self.tokenizer.eos_id in toks:
-                eos_idx = toks.index(self.tokenizer.eos_id)
-                toks = toks[:eos_idx]
-                probs = probs[:eos_idx] if logprobs else None
+            # cut to after eos tok if any
+            for stop_token in self.tokenizer.stop_tokens:
+                if stop_token in toks:
+                    eos_idx = toks.index(stop_token)
+                    toks = toks[:eos_idx]
+                    probs = probs[:eos_idx] if logprobs else None
             out_tokens.append(toks)
             out_logprobs.append(probs)
         return (out_tokens, out_logprobs if logprobs else None)
@@ -211,6 +215,9 @@ def check_dialogs(dialogs):
         raise ArgumentError(f"dialogs: expected a list of dialogs, got {type(dialogs).__name__}")
     for k, dialog in enumerate(dialogs):
         for m in dialog if isinstance(dialog, (list, tuple)) else [None]:
+            if isinstance(m, dict) and m.get("role") in ("ipython", "tool"):
+                raise ArgumentError(f"dialog {k}: role {m['role']!r}: tool calls (Llama 3's "
+                                    f"ipython role, <|python_tag|>, <|eom_id|>) are not supported")
             if not (isinstance(m, dict) and m.get("role") in ("system", "user", "assistant")
                     and isinstance(m.get("content"), str)):
                 raise ArgumentError(f"dialog {k}: each message must be a dict with 'role' "

@@ -130,7 +130,7 @@ def chat(model, tokenizer, sampler, user_prompt, system_prompt, steps, inp=None,
     out = out or sys.stdout.buffer
     requested, steps = steps, check_steps(steps, model.params.max_seq_len)
     render = tokenizer.chat.render_turn
-    eos = tokenizer.eos_id
+    stop = tokenizer.stop_tokens        # EOS; for Llama 3 also <|eot_id|>, which ends a turn
     user_turn, pos, next_token = True, 0, None
     prompt_tokens, user_idx, system = [], 0, system_prompt
     writer = PieceWriter(tokenizer, out, at_start=False)
@@ -153,13 +153,13 @@ def chat(model, tokenizer, sampler, user_prompt, system_prompt, steps, inp=None,
             user_idx += 1
         else:
             token = next_token
-            if token == eos:        # a sampled EOS ends the assistant's turn (not one in the
+            if token in stop:       # a sampled EOS ends the assistant's turn (not one in the
                 user_turn = True    # prompt: ChatML closes every message with EOS, <|im_end|>)
         next_token = sampler.sample(next_logits(forward, model, token, pos))
         pos += 1
-        if user_idx >= len(prompt_tokens) and next_token != eos:
+        if user_idx >= len(prompt_tokens) and next_token not in stop:
             writer.write(token, next_token)
-        if next_token == eos and user_idx >= len(prompt_tokens):
+        if next_token in stop and user_idx >= len(prompt_tokens):
             writer.finish()             # the end of an answer (run.c also prints a newline for
             out.write(b"\n")            # an EOS predicted inside the user's prompt; we do not)
     writer.finish()

@@ -28,6 +28,9 @@ RoPE: llama.cpp runs the `llama` architecture with its "normal" RoPE, which turn
 permuted for its rotate-half RoPE; llama.cpp's converter undoes that permutation when it writes
 the GGUF, so the q/k weights here are already in Meta's order and need no change. (The SmolLM2
 test checks this numerically against transformers, which re-permutes them when it loads a GGUF.)
+Llama 3.1 and later scale RoPE's slow frequencies (model.RopeScaling); llama.cpp's converter
+stores the result as the tensor rope_freqs.weight, one divisor per pair of a head, which
+checkpoints/rope.py reads into ModelArgs.rope_freq_factors.
 
     read_gguf(path) -> GGUFFile (metadata, tensor infos; no tensor data read yet)
     load_gguf(path, max_seq_len, max_batch_size) -> (ModelArgs, weights under Meta's names, path)
@@ -50,6 +53,7 @@ from ..dtypes import LazyTensor
 from ..formats.dense import bf16_to_f32
 from ..checks import check_weights
 from ..model import ModelArgs, iter_weight_shapes
+from .rope import gguf_rope_freq_factors
 
 MAGIC = b"GGUF"
 VERSIONS = (2, 3)
@@ -329,8 +333,9 @@ def model_args(gf: GGUFFile, max_seq_len=None, max_batch_size=1):
     """ModelArgs of a `llama` GGUF, from llama.* metadata; unsupported variants are refused."""
     arch = gf.metadata.get("general.architecture")
     if arch != "llama":
-        raise CheckpointError(f"{gf.path}: general.architecture is {arch!r}; minillama runs "
-                              f"'llama' models only")
+        vision = " (Llama 3.2 Vision: images are not supported)" if arch == "mllama" else ""
+        raise CheckpointError(f"{gf.path}: general.architecture is {arch!r}{vision}; minillama "
+                              f"runs 'llama' models only")
     dim = _get(gf, "llama.embedding_length", "count")
     n_heads = _get(gf, "llama.attention.head_count", "count")
     n_kv_heads = _get(gf, "llama.attention.head_count_kv", "count", n_heads)
@@ -343,10 +348,7 @@ def model_args(gf: GGUFFile, max_seq_len=None, max_batch_size=1):
         if gf.metadata.get(key, head_dim) != head_dim:
             raise CheckpointError(f"{gf.path}: metadata {key!r} is {gf.metadata[key]!r}; "
                                   f"minillama needs it equal to the head size {head_dim}")
-    scaling = gf.metadata.get("llama.rope.scaling.type", "none")
-    if scaling != "none" or "rope_freqs.weight" in gf.tensors:
-        raise CheckpointError(f"{gf.path}: uses RoPE scaling ({scaling!r}), which minillama "
-                              f"does not implement")
+    freq_factors = gguf_rope_freq_factors(gf, head_dim)     # Llama 3's RoPE scaling, or None
     if gf.metadata.get("llama.expert_count", 0):
         raise CheckpointError(f"{gf.path}: is a mixture-of-experts model, which minillama "
                               f"does not implement")
@@ -358,6 +360,7 @@ def model_args(gf: GGUFFile, max_seq_len=None, max_batch_size=1):
         hidden_dim=_get(gf, "llama.feed_forward_length", "count"),
         norm_eps=float(_get(gf, "llama.attention.layer_norm_rms_epsilon", "float")),
         rope_theta=float(_get(gf, "llama.rope.freq_base", "float", 10000.0)),
+        rope_freq_factors=freq_factors,
         max_seq_len=max_seq_len or _get(gf, "llama.context_length", "count"),
         max_batch_size=max_batch_size)
 
@@ -403,6 +406,8 @@ def load_gguf(path, max_seq_len=None, max_batch_size=1):
     p = model_args(gf, max_seq_len, max_batch_size)
     infos = {}
     for name, info in gf.tensors.items():
+        if name == "rope_freqs.weight":
+            continue                    # read by model_args: RoPE scaling, not a weight
         meta = meta_name(name)
         if meta is None:
             raise CheckpointError(f"{gf.path}: tensor {name!r} is not part of a llama model "
@@ -417,7 +422,7 @@ def load_gguf(path, max_seq_len=None, max_batch_size=1):
             read_stored(gf.path, info)                  # raises, naming the tensor and type
     lazy = {name: LazyTensor(info.shape, formats.GGML_FORMATS[info.ggml_type],
                              functools.partial(read_stored, gf.path, info))
-            for name, info in gf.tensors.items()}
+            for name, info in gf.tensors.items() if name != "rope_freqs.weight"}
     return p, {meta: lazy[info.name] for meta, info in infos.items()}, gf.path
 
 

@@ -28,6 +28,7 @@ from . import read_json_object
 from ..errors import CheckpointError
 from ..checks import check_weights
 from ..model import ModelArgs, iter_weight_shapes
+from .rope import hf_rope_scaling
 from .safetensors import read_safetensors
 from .torchzip import load_state_dict
 
@@ -180,8 +181,10 @@ def load_hf(path, max_seq_len=None, max_batch_size=1):
         for name, heads in (("wq", p.n_heads), ("wk", p.n_kv_heads)):
             key = f"layers.{i}.attention.{name}.weight"
             weights[key] = _unpermuted(weights[key], heads)
-    tokenizer = os.path.join(folder, "tokenizer.model")
-    return p, weights, tokenizer if os.path.isfile(tokenizer) else None, source
+    # Llama 3's repositories on the Hub keep Meta's tokenizer.model (tiktoken) in original/
+    tokenizers = [os.path.join(folder, "tokenizer.model"),
+                  os.path.join(folder, "original", "tokenizer.model")]
+    return p, weights, next((t for t in tokenizers if os.path.isfile(t)), None), source
 
 
 def _unpermuted(t, n_heads):
@@ -193,8 +196,10 @@ def read_config(path, max_seq_len=None, max_batch_size=1):
     does not compute."""
     cfg = read_json_object(path, "model config")
     if cfg.get("model_type", "llama") != "llama":
-        raise CheckpointError(f"{path}: model_type {cfg['model_type']!r} is not supported "
-                              f"(expected 'llama')")
+        vision = " (Llama 3.2 Vision: images are not supported)" \
+            if cfg["model_type"] == "mllama" else ""
+        raise CheckpointError(f"{path}: model_type {cfg['model_type']!r}{vision} is not "
+                              f"supported (expected 'llama')")
     for key, ok in (("hidden_act", "silu"), ("attention_bias", False), ("mlp_bias", False)):
         if cfg.get(key, ok) != ok:
             raise CheckpointError(f"{path}: {key} = {cfg[key]!r} is not supported "
@@ -202,10 +207,7 @@ def read_config(path, max_seq_len=None, max_batch_size=1):
     # transformers 4 writes rope_theta / rope_scaling; transformers 5 writes rope_parameters
     rope = cfg.get("rope_parameters") or {}
     theta = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
-    scaling = cfg.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default"
-                                          else None)
-    if scaling:
-        raise CheckpointError(f"{path}: RoPE scaling {scaling!r} is not supported")
+    rope_scaling = hf_rope_scaling(cfg, path)
     for key in ("hidden_size", "intermediate_size", "num_hidden_layers",
                 "num_attention_heads", "vocab_size"):
         if not isinstance(cfg.get(key), int):
@@ -218,7 +220,8 @@ def read_config(path, max_seq_len=None, max_batch_size=1):
         p = ModelArgs(dim=cfg["hidden_size"], hidden_dim=cfg["intermediate_size"],
                       n_layers=cfg["num_hidden_layers"], n_heads=heads,
                       n_kv_heads=cfg.get("num_key_value_heads"), vocab_size=cfg["vocab_size"],
-                      norm_eps=float(cfg.get("rms_norm_eps", 1e-6)), rope_theta=float(theta))
+                      norm_eps=float(cfg.get("rms_norm_eps", 1e-6)), rope_theta=float(theta),
+                      rope_scaling=rope_scaling)
         max_pos = int(cfg.get("max_position_embeddings", p.max_seq_len))
     except (TypeError, ValueError, OverflowError) as e:         # OverflowError: int(inf)
         raise CheckpointError(f"{path}: {e}") from None

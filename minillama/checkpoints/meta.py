@@ -25,6 +25,7 @@ from . import read_json_object
 from ..errors import ArgumentError, CheckpointError
 from ..checks import check_weights
 from ..model import ModelArgs, iter_weight_shapes
+from .rope import meta_rope_scaling
 from .torchzip import load_state_dict
 
 SHARD = re.compile(r"consolidated\.(\d+)\.pth$")
@@ -113,9 +114,7 @@ def read_params(path, weights, max_seq_len=None, max_batch_size=1):
     for key in ("dim", "n_layers", "n_heads"):
         if not isinstance(cfg.get(key), int):
             raise CheckpointError(f"{path}: field {key!r} must be an integer, got {cfg.get(key)!r}")
-    if cfg.get("use_scaled_rope"):
-        raise CheckpointError(f"{path}: use_scaled_rope (Llama 3.1's RoPE scaling) is not "
-                              f"supported")
+    rope_scaling = meta_rope_scaling(cfg, path)
     for name in ("tok_embeddings.weight", "layers.0.feed_forward.w1.weight"):
         if name not in weights:
             raise CheckpointError(f"{os.path.dirname(path)}: tensor {name!r} is missing")
@@ -130,7 +129,7 @@ def read_params(path, weights, max_seq_len=None, max_batch_size=1):
             ffn_dim_multiplier=cfg.get("ffn_dim_multiplier"),
             hidden_dim=weights["layers.0.feed_forward.w1.weight"].shape[0],
             norm_eps=float(cfg.get("norm_eps", 1e-5)),
-            rope_theta=float(cfg.get("rope_theta", 10000.0)))
+            rope_theta=float(cfg.get("rope_theta", 10000.0)), rope_scaling=rope_scaling)
     except (ArgumentError, TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: {e}") from None
     # the caller's sizes, checked as arguments (not as faults of the file)

@@ -4,6 +4,8 @@
     tokenizer_bin_bytes   a llama2.c tokenizer.bin
     write_gguf            a llama GGUF, through the `gguf` package (llama.cpp's own writer), with
                           a SentencePiece-style (llama_vocab) or byte-level BPE (gpt2_vocab) vocabulary
+    write_tiktoken        a tiktoken BPE file (Llama 3's tokenizer.model format)
+    tiktoken_merges       the merges list equivalent to a tiktoken file's ranks (for a `gpt2` GGUF)
 
 The package only reads. tests/test_gguf.py writes its GGUF files with a writer of its own, on
 purpose: it is the oracle the reader is checked against, so it shares nothing with the reader.
@@ -153,3 +155,37 @@ def gpt2_vocab(w):
     w.add_bos_token_id(1)
     w.add_eos_token_id(2)
     w.add_chat_template("{% for m in messages %}<|im_start|>{{ m.content }}{% endfor %}")
+
+
+# ----------------------------------------------------------------------------
+# tiktoken (the format is in minillama/tokenizers/tiktoken.py's docstring)
+
+def write_tiktoken(path, ranked):
+    """A tiktoken file of `ranked` (token bytes, rank order): base64, a space, the rank."""
+    import base64
+    with open(path, "wb") as f:
+        for rank, token in enumerate(ranked):
+            f.write(base64.b64encode(token) + b" %d\n" % rank)
+    return path
+
+
+def tiktoken_merges(ranked):
+    """The merges ("a b" in byte spelling, rank order) that rebuild each token of `ranked`, as
+    Hugging Face's converter of tiktoken files finds them: BPE over the token's own bytes with
+    the lower ranks only, which ends in the two halves the token was made from."""
+    from minillama.tokenizers.bpe import spell_bytes
+    rank = {t: r for r, t in enumerate(ranked)}
+    merges = []
+    for token in ranked:
+        if len(token) < 2:
+            continue
+        parts = [token[i:i + 1] for i in range(len(token))]
+        while len(parts) > 2:
+            pairs = [(rank.get(a + b, len(ranked)), i) for i, (a, b) in enumerate(zip(parts, parts[1:]))]
+            best, i = min(pairs)
+            if best >= rank[token]:
+                break
+            parts[i:i + 2] = [parts[i] + parts[i + 1]]
+        if len(parts) == 2:
+            merges.append(f"{spell_bytes(parts[0])} {spell_bytes(parts[1])}")
+    return merges
