@@ -57,10 +57,10 @@ def c_function(name, n_args, fallback):
     """The C library's float function `name` (expf, cosf, ...) over float32 arrays, elementwise.
     Without a C library to call, NumPy's float64 `fallback` rounded to float32: the same value
     but for the last bit of a few inputs in a thousand."""
-    f = getattr(LIBM, name, None)
-    if f is None:
+    if LIBM is None or not hasattr(LIBM, name):
         return lambda *args: fallback(*(np.asarray(a, np.float64) for a in args)).astype(np.float32)
-    f.restype, f.argtypes = ctypes.c_float, [ctypes.c_float] * n_args
+    signature = ctypes.CFUNCTYPE(ctypes.c_float, *[ctypes.c_float] * n_args)   # float f(float...)
+    f = signature((name, LIBM))
 
     def apply(*args):
         args = np.broadcast_arrays(*(np.asarray(a, np.float32) for a in args))
