@@ -205,3 +205,17 @@ def test_exact_refuses_what_llama2c_never_computed(shared):
     assert runs_runq(load_model(MODELS / "stories260K-q8.bin"))
     assert not runs_runq(load_model(MODELS / "stories260K.bin"))
     assert not runs_runq(load_model(MODELS / "stories260K-q8.bin", dtype="float32"))
+
+
+def test_llama_build_and_the_command_line_take_exact(shared, capsysbinary):
+    from minillama.generation import Llama
+    fast = Llama.build(MODELS / "stories260K.bin", MODELS / "tok512.bin", max_seq_len=64,
+                       max_batch_size=2)
+    exact = Llama.build(MODELS / "stories260K.bin", MODELS / "tok512.bin", max_seq_len=64,
+                        max_batch_size=2, exact=True)
+    prompts = ["Once upon a time", "Lily and Ben"]
+    assert exact.text_completion(prompts, temperature=0, max_gen_len=24) == \
+        fast.text_completion(prompts, temperature=0, max_gen_len=24)       # greedy: the same
+    assert main(["run", str(MODELS / "stories260K.bin"), "-z", str(MODELS / "tok512.bin"),
+                 "-s", "7", "-n", "64", "-i", "Lily and Ben", "--exact"]) == 0
+    assert capsysbinary.readouterr().out.startswith(b"Lily and Ben are friends. They like to")
