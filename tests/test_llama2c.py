@@ -180,3 +180,20 @@ def test_quantize_activation_and_matmul_q8_are_runqs_loops():
     got = matmul_q8(q, s, w)[0]
     np.testing.assert_array_equal(got, runq_matmul(want_q, want_s, w.q, w.s, gs))
     np.testing.assert_array_equal(CPU.linear(x, w), got)               # the model's path too
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_the_benchmarks_legacy_writer_is_the_tests_twin(tmp_path, tied):
+    """bench cpu writes run.c's files itself (the package does not import tests/tools): the
+    same bytes as writers.write_llama2c(version=0) but the freq_cis tables run.c skips."""
+    from minillama.bench.cpu_llama2c import write_legacy
+    p = ModelArgs(**ARGS)
+    w = random_weights(p, seed=3, tied=tied)
+    write_legacy(tmp_path / "bench.bin", p, w)
+    write_llama2c(tmp_path / "tests.bin", p, w, version=0)
+    assert (tmp_path / "bench.bin").stat().st_size == (tmp_path / "tests.bin").stat().st_size
+    p2, w2 = load_llama2c(tmp_path / "bench.bin")
+    assert p2 == load_llama2c(tmp_path / "tests.bin")[0]
+    for name, value in w.items():
+        np.testing.assert_array_equal(w2[name], value, err_msg=name)
+    assert (w2["output.weight"] is w2["tok_embeddings.weight"]) == tied
