@@ -85,6 +85,10 @@ def build_parser():
     run.add_argument("-m", dest="mode", choices=["generate", "chat"], default=None,
                      help="default: generate, or chat for the default model")
     run.add_argument("-y", dest="system_prompt", default=None, help="system prompt (chat)")
+    run.add_argument("--exact", action="store_true",
+                     help="compute in llama2.c's order of operations, so a sampled run is "
+                          "run.c's token for token (slower; CPU only; always on for llama2.c's "
+                          "int8 files, as runq)")
     add_device(run)
 
     comp = sub.add_parser("complete", help="Meta's text completion on a batch of prompts")
@@ -141,6 +145,7 @@ def find_tokenizer(checkpoint, given, carried=None):
 def cmd_run(args):
     import time
     from .devices import get_ops
+    from .exact import runs_runq
     from .loading import open_checkpoint
     from .model import Transformer
     from .run import chat, generate
@@ -162,11 +167,14 @@ def cmd_run(args):
         raise ArgumentError(f"-i: {checkpoint} has no BOS token to start from an empty "
                             f"prompt; give one with -i, or chat with -m chat")
     seed = args.seed if args.seed > 0 else int(time.time())     # llama2.c: 0 means the clock
-    sampler = Llama2cSampler(ckpt.params.vocab_size, args.temperature, args.topp, seed)
+    # llama2.c's int8 files are runq's: on the CPU, decoded in runq's order of operations
+    exact = args.exact or (args.device == "cpu" and runs_runq(model))
+    sampler = Llama2cSampler(ckpt.params.vocab_size, args.temperature, args.topp, seed, exact)
     if mode == "generate":
-        generate(model, tokenizer, sampler, args.prompt, args.steps)
+        generate(model, tokenizer, sampler, args.prompt, args.steps, exact=exact)
     else:
-        chat(model, tokenizer, sampler, args.prompt, args.system_prompt, args.steps)
+        chat(model, tokenizer, sampler, args.prompt, args.system_prompt, args.steps,
+             exact=exact)
 
 
 def read_prompts(args):

@@ -11,6 +11,7 @@ import numpy as np
 
 from .checks import check_finite
 from .errors import ArgumentError, check_positive_int
+from .exact import decoder
 from .ops import softmax, to_host
 from .sampler import check_sampling_args, sample_top_p
 from .tokenizers.chat import B_INST, E_INST
@@ -32,11 +33,11 @@ def cross_entropy(logits, target, ignore_index):
 class Llama:
     @staticmethod
     def build(ckpt_dir, tokenizer_path=None, max_seq_len=None, max_batch_size=1, device="cpu",
-              seed=1, kv_dtype="float32", **load_options):
+              seed=1, kv_dtype="float32", exact=False, **load_options):
         """Load a checkpoint and its tokenizer. No process group, no NCCL: one process does it all.
         tokenizer_path may be None when the checkpoint carries its own tokenizer. kv_dtype:
-        the KV cache's ("float32" or "float16"); load_options go to open_checkpoint (dtype=,
-        budget=)."""
+        the KV cache's ("float32" or "float16"); exact: logits in llama2.c's order of operations
+        (exact.ExactDecoder), CPU only; load_options go to open_checkpoint (dtype=, budget=)."""
         from .devices import get_ops
         from .loading import open_checkpoint
         from .model import Transformer
@@ -51,11 +52,12 @@ class Llama:
         if tokenizer_path is None:
             raise ArgumentError(f"tokenizer_path: {ckpt_dir} carries no tokenizer; pass one")
         tokenizer = load_tokenizer(tokenizer_path, vocab_size=ckpt.params.vocab_size)
-        return Llama(Transformer(ckpt.params, ckpt.weights, ops, kv_dtype), tokenizer, seed)
+        return Llama(Transformer(ckpt.params, ckpt.weights, ops, kv_dtype), tokenizer, seed, exact)
 
-    def __init__(self, model, tokenizer, seed=1):
+    def __init__(self, model, tokenizer, seed=1, exact=False):
         self.model = model
         self.tokenizer = tokenizer
+        self.exact = exact
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
             raise ArgumentError(f"seed: expected an integer >= 0, got {seed!r}")
         self.rng = np.random.default_rng(seed)    # torch.manual_seed(seed) in Meta's build
@@ -94,8 +96,9 @@ class Llama:
             logits = to_host(self.model.forward(tokens, prev_pos))
             token_logprobs[:, 1:] = -cross_entropy(logits[:, :-1], tokens[:, 1:], pad_id)
 
-        # model.forward, or a faster way its backend has to decode (the GPU's: one CUDA graph)
-        forward = self.model.ops.decoder(self.model)
+        # model.forward, or a faster way its backend has to decode (the GPU's: one CUDA graph),
+        # or with exact, llama2.c's order of operations
+        forward = decoder(self.model, self.exact)
         for cur_pos in range(min_prompt_len, total_len):
             logits = forward(tokens[:, prev_pos:cur_pos], prev_pos)
             last = to_host(logits[:, -1])                        # (bsz, vocab)

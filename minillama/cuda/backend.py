@@ -69,7 +69,7 @@ class CudaOps(NumpyOps):
     def linear(self, x, w):
         # x: (..., in)   w: (out, in)   ->   (..., out)
         if isinstance(w, Q8Tensor):
-            return self.linear_q8(x, w)           # dequantizes, then comes back here
+            return self.linear_q8(x, w)           # NumpyOps': runq's products, or dequantized
         if isinstance(w, Packed):
             return self.linear_packed(x, w)
         x = self.asarray(x)
