@@ -66,14 +66,16 @@ def load_meta(path, max_seq_len=None, max_batch_size=1):
         raise CheckpointError(f"{ckpt_dir}: consolidated.NN.pth files must be numbered 00 to "
                               f"{len(shards) - 1:02d} without gaps; found "
                               f"{', '.join(os.path.basename(s) for s in shards)}")
-    weights = merge_shards([_state_dict(s) for s in shards], shards)
+    weights = merge_shards([read_shard(s) for s in shards], shards)
     p = read_params(os.path.join(ckpt_dir, "params.json"), weights, max_seq_len, max_batch_size)
     check_weights(iter_weight_shapes(p), weights, source=ckpt_dir)
     tokenizer = os.path.join(ckpt_dir, "tokenizer.model")
     return p, weights, tokenizer if os.path.isfile(tokenizer) else None
 
 
-def _state_dict(path):
+def read_shard(path):
+    """One consolidated.NN.pth as {name: LazyTensor}, rope.freqs left out (tensor parallelism
+    reads shard k on rank k with this, no merge)."""
     sd = load_pth(path)
     if not isinstance(sd, dict) or not all(isinstance(k, str) for k in sd):
         raise CheckpointError(f"{path}: expected a dict of tensors (a state_dict), "
