@@ -30,14 +30,18 @@ def open_shard(ckpt, rank, world, dtype=None, device="cpu", budget=None, kv_dtyp
     ckpt: a loading.Checkpoint from read_checkpoint (weights still on disk), or one whose
     weights are a mapping made on the fly (bench/tp.py's random GPU weights). With a device,
     the plan must fit its free memory before any weight is read (OutOfMemoryError)."""
-    check_dtype(dtype)
-    p = ckpt.params
-    args = shard_args(p, rank, world)
-    weights = meta_shard(ckpt, rank, world) or shard_weights(ckpt.weights, p, rank, world)
-    plan = plan_rank(p, args, weights, dtype, device, budget, kv_dtype, prompt_len)
+    args, weights = shard_checkpoint(ckpt, rank, world)
+    plan = plan_rank(ckpt.params, args, weights, dtype, device, budget, kv_dtype, prompt_len)
     if device is not None:
         plan.check()
     return args, store_weights(weights, dtype), plan
+
+
+def shard_checkpoint(ckpt, rank, world):
+    """(RankArgs, the rank's weights, still as lazy as the checkpoint's): nothing is read."""
+    args = shard_args(ckpt.params, rank, world)
+    return args, meta_shard(ckpt, rank, world) or shard_weights(ckpt.weights, ckpt.params,
+                                                                rank, world)
 
 
 def load_shard(path, rank, world, ops, comm, max_seq_len=None, max_batch_size=1, dtype=None,
@@ -78,6 +82,7 @@ def plan_rank(p, args, weights, dtype, device="cuda", budget=None, kv_dtype="flo
     table it gathers from), 1/N of the KV cache, and the working buffers of the whole model
     (an upper bound: the activations between collectives are as wide as the residual stream).
     Checked against the free memory of the rank's own device (budget, else measured)."""
+    check_dtype(dtype)
     prompt_len = min(prompt_len or p.max_seq_len, p.max_seq_len)
     sources = {name: (source_format(w), tuple(w.shape)) for name, w in weights.items()}
     storage = storage_plan(sources, dtype)
