@@ -12,6 +12,7 @@ slice. (The readers read a whole tensor from disk and the slice is kept; the pea
 loading is the rank's slices plus one whole tensor.)
 """
 import os
+from dataclasses import replace
 
 from ..checkpoints.meta import read_shard, shard_paths
 from ..dtypes import check_dtype, role, source_format, storage_name, storage_plan, stored_nbytes
@@ -102,9 +103,7 @@ def plan_rank(p, args, weights, dtype, device="cuda", budget=None, kv_dtype="flo
                       working, budget, source, kv_dtype=kv_dtype, load_dtype=dtype,
                       storage=storage,
                       note=f"1/{args.world} of every matrix (Meta's layout), norms whole")
-    if not plan.fits:
-        plan.options = _options(p, args, weights, plan)
-    return plan
+    return plan if plan.fits else replace(plan, options=_options(p, args, weights, plan))
 
 
 def _options(p, args, weights, plan):
