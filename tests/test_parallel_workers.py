@@ -163,3 +163,25 @@ def test_no_nccl_and_too_few_gpus_are_refused(monkeypatch):
     nccl.available = True
     with pytest.raises(DeviceError, match="^tensor_parallel: 2 GPUs asked for, 1 visible"):
         backend.check(2)
+
+
+# ----------------------------------------------------------------------------
+# the command line's --tensor-parallel, with the pipe backend standing in for NCCL
+
+@pytest.mark.parametrize("command", ["run", "complete"])
+def test_cli_tensor_parallel_prints_what_one_process_prints(shared, monkeypatch, capfd, command):
+    from minillama import cli
+    model, tok = shared / "models/stories260K.bin", shared / "models/tok512.bin"
+    argv = (["run", model, "-z", tok, "-t", "0", "-n", "40", "-i", "Once upon a time"]
+            if command == "run" else
+            ["complete", "--ckpt_dir", model, "--tokenizer_path", tok, "--prompt", "Lily and Ben",
+             "--prompt", "Once upon a time", "--max_gen_len", "20", "--temperature", "0.8"])
+    argv = [str(a) for a in argv]
+
+    def printed(args):
+        assert cli.main(args) == 0
+        out = capfd.readouterr().out
+        return [line for line in out.splitlines() if not line.startswith("achieved tok/s")]
+    want = printed(argv)
+    monkeypatch.setattr(workers, "NcclBackend", lambda: PipeBackend(2))
+    assert printed(argv + ["--tensor-parallel", "2"]) == want
