@@ -286,3 +286,52 @@ def test_info_shows_the_plan_per_gpu(shared):
     assert out.returncode == 0, out.stderr
     assert "memory plan: cuda (per GPU: rank 0 of 2)" in out.stdout
     assert "2 x 5 layers x 1 x 512 x 2 kv heads x 8 x 4 bytes" in out.stdout
+
+
+# ----------------------------------------------------------------------------
+# reading only the rank's bytes: a slice of a LazyTensor whose reader maps the file
+
+def _lazy_tensors(kind, tmp_path):
+    """{name: LazyTensor} of a small file written in `kind` (its 2-D weights only)."""
+    rng = np.random.default_rng(1)
+    arrays = {"a.weight": rng.standard_normal((6, 96)).astype(np.float32),
+              "b.weight": rng.standard_normal((4, 64)).astype(np.float32)}
+    if kind == "gguf":
+        gguf = pytest.importorskip("gguf")
+        from minillama.checkpoints.gguf import load_gguf
+        from test_gguf import TINY, write_gguf
+        p = ModelArgs(**TINY)
+        path = write_gguf(tmp_path / "m.gguf", p, random_weights(p, seed=2),
+                          gguf.GGMLQuantizationType.Q8_0)
+        _, weights, _ = load_gguf(path)
+        return {k: w for k, w in weights.items() if len(w.shape) == 2}
+    if kind == "safetensors":
+        st = pytest.importorskip("safetensors.numpy")
+        from minillama.checkpoints.safetensors_hf import read_safetensors
+        st.save_file(arrays, str(tmp_path / "m.safetensors"))
+        return read_safetensors(tmp_path / "m.safetensors")
+    torch = pytest.importorskip("torch")
+    from minillama.checkpoints.torchzip import load_pth
+    torch.save({k: torch.from_numpy(v).to(torch.bfloat16) for k, v in arrays.items()},
+               tmp_path / "m.pth")
+    return load_pth(tmp_path / "m.pth")
+
+
+@pytest.mark.parametrize("kind", ["gguf", "safetensors", "pth"])
+def test_a_slice_reads_only_its_own_bytes(kind, tmp_path):
+    lazies = _lazy_tensors(kind, tmp_path)
+    assert lazies and all(w.raw is not None for w in lazies.values())
+    for name, w in lazies.items():
+        rows, cols = w.shape
+        for axis, (start, stop) in ((0, (rows // 2, rows)), (1, (32, 64))):     # whole blocks
+            want = slice_weight(w.read(), axis, start, stop)
+            cut = slice_weight(w, axis, start, stop, name)
+            whole, w.read = w.read, None                # the slice must not read it all
+            got = cut.read()
+            w.read = whole
+            if isinstance(want, formats.Packed):
+                assert got.format == want.format and got.shape == want.shape
+                for plane in want.planes:
+                    np.testing.assert_array_equal(got.planes[plane], want.planes[plane])
+            else:
+                np.testing.assert_array_equal(got, want)

@@ -8,8 +8,9 @@ A Meta checkpoint saved with as many shards as ranks is read shard k on rank k: 
 exactly as slicing.py does, so nothing is merged. Any other file (or a Meta checkpoint with
 another shard count) is opened as loading.read_checkpoint opens it, its weights still
 LazyTensors, and each is cut (slicing.shard_weights) as it is read: a rank keeps only its
-slice. (The readers read a whole tensor from disk and the slice is kept; the peak while
-loading is the rank's slices plus one whole tensor.)
+slice. Where the reader maps its file (.safetensors, GGUF, .pth: LazyTensor.raw) the slice
+reads only its own bytes from disk; otherwise (a llama2.c file, a merged Meta weight, an
+unpermuted Hugging Face wq) the whole tensor is read once and the slice kept.
 """
 import os
 from dataclasses import replace

@@ -23,6 +23,8 @@ groups) must fall on a block boundary; anything else is refused with one line sa
 """
 from dataclasses import dataclass
 
+import numpy as np
+
 from .. import formats
 from ..dtypes import LazyTensor
 from ..errors import ArgumentError, check_positive_int
@@ -128,10 +130,7 @@ def slice_weight(w, axis, start, stop, name="weight"):
     Q8Tensor (columns only on group boundaries) or a LazyTensor (still lazy: the slice is cut
     when it is read, and only the slice is kept)."""
     if isinstance(w, LazyTensor):
-        shape = list(w.shape)
-        shape[axis] = stop - start
-        return LazyTensor(shape, w.format,
-                          lambda: slice_weight(w.read(), axis, start, stop, name))
+        return _slice_lazy(w, axis, start, stop, name)
     if isinstance(w, Packed):
         return _slice_packed(w, axis, start, stop, name)
     if isinstance(w, Q8Tensor):
@@ -142,6 +141,32 @@ def slice_weight(w, axis, start, stop, name="weight"):
             return Q8Tensor(w.q[start:stop].copy(), w.s[start:stop].copy(), g, w.w8a8)
         return Q8Tensor(w.q[:, start:stop].copy(), w.s[:, s].copy(), g, w.w8a8)
     return (w[start:stop] if axis == 0 else w[:, start:stop]).copy()     # C-contiguous
+
+
+def _slice_lazy(w, axis, start, stop, name):
+    """A LazyTensor of the slice. Where the reader maps the file (w.raw), reading it reads only
+    the slice's bytes: rows start:stop, or in every row the bytes of columns start:stop (whole
+    blocks of a block format); else the whole weight is read and the slice kept."""
+    shape = list(w.shape)
+    shape[axis] = stop - start
+    if w.raw is None:
+        return LazyTensor(shape, w.format, lambda: slice_weight(w.read(), axis, start, stop, name))
+    if axis == 1:
+        _check_boundary(name, f"{w.format} blocks", formats.module(w.format).BLOCK, start, stop)
+
+    def read():
+        rows, cols = w.shape
+        data = w.raw().reshape(rows, formats.bytes_for(w.format, (1, cols)))   # one row a line
+        if axis == 0:
+            window = data[start:stop]
+        else:
+            window = data[:, formats.bytes_for(w.format, (1, start)):
+                          formats.bytes_for(w.format, (1, stop))]
+        packed = formats.from_gguf(np.ascontiguousarray(window), w.format, tuple(shape),
+                                   f"{name} (columns {start}:{stop})" if axis else
+                                   f"{name} (rows {start}:{stop})")
+        return packed.data if "data" in packed.planes else packed        # as w.read() gives
+    return LazyTensor(shape, w.format, read)
 
 
 def _slice_packed(w, axis, start, stop, name):
