@@ -8,14 +8,15 @@ into the graph like any other):
     all_gather, then interleave   the residual stream h            (bsz, dim)
     per layer
       gemv(rmsnorm -> wqkv), rope_kv, attention_decode             its heads only
-      h = 0 on ranks 1..N-1, gemv(wo, h +=), all_reduce(h)         h + the sum over all heads
+      gemv(wo), all_reduce(h)                                      h + the sum over all heads
       gemv(rmsnorm -> w13)                                         its hidden units only
-      h = 0 on ranks 1..N-1, gemv(swiglu -> w2, h +=), all_reduce(h)
+      gemv(swiglu -> w2), all_reduce(h)                            h + the sum over all units
     gemv(rmsnorm -> output)       its rows of the vocabulary       (bsz, vocab / N)
     all_gather, then interleave   the logits                       (bsz, vocab)
 
-The kernels accumulate the product into h (h += wo x); only rank 0 keeps the residual before
-adding, the others add into zeros, so the all-reduce sums one residual and N partial products.
+One rank alone adds the residual: rank 0's gemv accumulates its product into h (h += wo x, as
+FusedDecoder's does), the other ranks' write theirs over h (h = wo x), so the all-reduce sums
+one residual and N partial products.
 `run` is FusedDecoder.run with these lines added: read the two side by side.
 """
 import numpy as np
@@ -85,14 +86,11 @@ class ShardedFusedDecoder(FusedDecoder):
             KERNELS.launch(f"attention_decode<{width},{cache}>", (nh, bsz), block,
                            (q, cache_k, cache_v, self.step, att, i32(nh), i32(nkv), i32(hd),
                             i32(p.max_seq_len), scale), shared_mem=attn_smem)
-            if not first:
-                h.fill(0)                                   # rank 0 carries the residual
-            matvec(att, wo, out=h, accumulate=True)         # h += attention(...) of its heads
+            # rank 0: h += attention(...) of its heads; the others: h = theirs; then the sum
+            matvec(att, wo, out=h, accumulate=first)
             all_reduce(h)
             matvec(h, w13, out=h13, norm=ffn_norm, eps=eps)
-            if not first:
-                h.fill(0)
-            matvec(h13, w2, out=h, accumulate=True, swiglu=True)   # h += its feed_forward(...)
+            matvec(h13, w2, out=h, accumulate=first, swiglu=True)  # the same for the units
             all_reduce(h)
         matvec(h, self.output, out=self.logits_part[:bsz], norm=self.norm, eps=eps)
         self.gather_columns(self.logits_part[:bsz], self.logits[:bsz])
