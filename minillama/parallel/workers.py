@@ -70,17 +70,21 @@ class NcclBackend:
             self.port = free_port()
 
     def connect(self, rank, world):
-        """In worker `rank`: take GPU `rank`, meet the others, return the communicator."""
+        """In worker `rank`: take GPU `rank`, meet the others, return the communicator. The
+        worker is given the environment torchrun gives its processes, and meets the others
+        through it (comm.Rendezvous.from_env), as a worker on another machine would."""
+        os.environ.update(MASTER_ADDR=self.addr, MASTER_PORT=str(self.port), RANK=str(rank),
+                          WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
         # NVLink SHARP multicast (NVLS) needs fabric support that not every host has, and the
         # all-reduces of one decode step (a few KiB) gain nothing from it: keep it off
         os.environ["NCCL_NVLS_ENABLE"] = "0"
         from ..cuda import require_cupy
         cupy = require_cupy()
-        cupy.cuda.Device(rank % cupy.cuda.runtime.getDeviceCount()).use()
+        rendezvous = Rendezvous.from_env()
+        cupy.cuda.Device(int(os.environ["LOCAL_RANK"])).use()       # this machine's GPU
         from cupy.cuda import nccl
-        unique_id = Rendezvous(self.addr, self.port, rank, world).share_bytes(
-            lambda: nccl_id_bytes(nccl.get_unique_id()))
-        return NcclComm(rank, world, unique_id)
+        unique_id = rendezvous.share_bytes(lambda: nccl_id_bytes(nccl.get_unique_id()))
+        return NcclComm(rendezvous.rank, rendezvous.world, unique_id)
 
 
 @dataclass
