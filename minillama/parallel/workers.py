@@ -1,15 +1,16 @@
 """The processes of tensor parallelism: a parent that owns the loop, N workers that own a GPU.
 
-    model = TensorParallel(CheckpointJob(path, ...), world=2)    # starts 2 workers
-    logits = model.forward(tokens, start_pos)                     # (bsz, seqlen, vocab), NumPy
+    model = start(read_checkpoint(path), 2)      # starts 2 workers: a TensorParallel
+    logits = model.forward(tokens, start_pos)     # (bsz, seqlen, vocab), NumPy, from rank 0
     model.close()
 
 The parent (the command line, or Llama.build(..., tensor_parallel=N)) keeps the tokenizer, the
 sampler and the output; it reads only the checkpoint's header (to refuse a world size the
 model cannot be cut into before anything starts) and holds no GPU. It starts N worker
 processes (multiprocessing's spawn: fresh interpreters, no forked CUDA state), rank r on GPU r.
-The workers find each other through the TCP rendezvous (comm.py: MASTER_ADDR=127.0.0.1 and a
-free port), build one NCCL communicator, and each loads its slice of the model
+Each worker gets the environment torchrun would give it (MASTER_ADDR=127.0.0.1, a free
+MASTER_PORT, RANK, WORLD_SIZE, LOCAL_RANK); through it they meet at the TCP rendezvous
+(comm.py), build one NCCL communicator, and each loads its slice of the model
 (parallel/loading.py). Then, for every step, the parent sends (tokens, start_pos) down each
 worker's pipe; every rank runs its part, the ranks meet in NCCL's collectives, and rank 0 sends
 the gathered logits back. The parent is the only one who samples, so every rank sees the same
