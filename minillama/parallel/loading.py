@@ -18,8 +18,8 @@ from dataclasses import replace
 from ..checkpoints.meta import read_shard, shard_paths
 from ..dtypes import check_dtype, role, source_format, storage_name, storage_plan, stored_nbytes
 from ..dtypes import WEIGHT_DTYPES, store_weights
-from ..loading import read_checkpoint
 from ..errors import ArgumentError
+from ..loading import read_checkpoint
 from ..memory import (CUDA_RESERVE, F32, MemoryPlan, fmt_bytes, free_memory, kv_cache_bytes,
                       working_bytes)
 from .model import ShardedTransformer
@@ -79,11 +79,12 @@ def meta_shard(ckpt, rank, world):
 # the memory plan of one GPU
 
 def plan_rank(p, args, weights, dtype, device="cuda", budget=None, kv_dtype="float32",
-              prompt_len=None):
+              prompt_len=None, options=True):
     """The MemoryPlan of rank args.rank: its slices as stored (the embedding as the float32
     table it gathers from), 1/N of the KV cache, and the working buffers of the whole model
     (an upper bound: the activations between collectives are as wide as the residual stream).
-    Checked against the free memory of the rank's own device (budget, else measured)."""
+    Checked against the free memory of the rank's own device (budget, else measured); when it
+    does not fit, options lists what would (unless options=False)."""
     check_dtype(dtype)
     prompt_len = min(prompt_len or p.max_seq_len, p.max_seq_len)
     sources = {name: (source_format(w), tuple(w.shape)) for name, w in weights.items()}
@@ -104,7 +105,9 @@ def plan_rank(p, args, weights, dtype, device="cuda", budget=None, kv_dtype="flo
                       working, budget, source, kv_dtype=kv_dtype, load_dtype=dtype,
                       storage=storage,
                       note=f"1/{args.world} of every matrix (Meta's layout), norms whole")
-    return plan if plan.fits else replace(plan, options=_options(p, args, weights, plan))
+    if plan.fits or not options:
+        return plan
+    return replace(plan, options=_options(p, args, weights, plan))
 
 
 def _options(p, args, weights, plan):
@@ -112,7 +115,7 @@ def _options(p, args, weights, plan):
     options = []
     for d in WEIGHT_DTYPES[WEIGHT_DTYPES.index(plan.load_dtype or "float32") + 1:]:
         smaller = plan_rank(p, args, weights, d, "cuda", plan.budget, plan.kv_dtype,
-                            plan.prompt_len)
+                            plan.prompt_len, options=False)
         if smaller.fits:
             options.append(f"--dtype {d} ({fmt_bytes(smaller.total)} per GPU)")
     for more in (2 * args.world, 4 * args.world):
