@@ -107,6 +107,8 @@ def test_two_workers_give_one_process_tokens(model_file):
                                                                           temperature)
     time.sleep(0.2)
     assert alive(pids) == []
+    with pytest.raises(DeviceError, match="^tensor-parallel model: its workers are stopped"):
+        tp.forward(np.array([[1]]), 0)
 
 
 def test_a_worker_killed_mid_generation_ends_it_in_one_error(model_file):

@@ -157,6 +157,9 @@ class TensorParallel:
         """logits (bsz, seqlen, vocab) for tokens (bsz, seqlen) at start_pos, from rank 0."""
         from ..checks import check_tokens
         tokens = check_tokens(tokens, start_pos, self.params)     # refused here, not in N places
+        if not self.procs:
+            raise DeviceError("tensor-parallel model: its workers are stopped (after close(), "
+                              "or after a failure); build it again")
         for rank, conn in enumerate(self.conns):
             self._send(rank, ("forward", tokens, int(start_pos)))
         return self._receive(0, "logits")
