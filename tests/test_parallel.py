@@ -335,3 +335,16 @@ def test_a_slice_reads_only_its_own_bytes(kind, tmp_path):
                     np.testing.assert_array_equal(got.planes[plane], want.planes[plane])
             else:
                 np.testing.assert_array_equal(got, want)
+
+
+def test_bench_tp_shape_and_loop_on_the_cpu():
+    from minillama.bench.tp import decode_rate, greedy_tokens, params_13b
+    p = params_13b()
+    assert (p.dim, p.n_layers, p.n_heads, p.hidden_dim, p.vocab_size) == (5120, 40, 40, 13824,
+                                                                           32000)
+    assert check_world(p, 2) == 2
+    small = gqa_args(2)
+    model = Transformer(small, random_weights(small, seed=9))
+    assert greedy_tokens(model.forward, 8) == greedy(model.forward, [1], 8)
+    rate, tokens = decode_rate(model.forward, 8)
+    assert rate > 0 and tokens == greedy(model.forward, [1], 8)
