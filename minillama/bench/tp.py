@@ -75,7 +75,8 @@ class RandomJob:
 
 
 def params_13b(n_layers=40, max_seq_len=256):
-    return ModelArgs(**SHAPE_13B, n_layers=n_layers, max_seq_len=max_seq_len, max_batch_size=1)
+    return ModelArgs(**{**SHAPE_13B, "n_layers": n_layers}, max_seq_len=max_seq_len,
+                     max_batch_size=1)
 
 
 def greedy_tokens(forward, steps, first=1):
