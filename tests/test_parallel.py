@@ -348,3 +348,51 @@ def test_bench_tp_shape_and_loop_on_the_cpu():
     assert greedy_tokens(model.forward, 8) == greedy(model.forward, [1], 8)
     rate, tokens = decode_rate(model.forward, 8)
     assert rate > 0 and tokens == greedy(model.forward, [1], 8)
+
+
+class NumpyAsCupy:
+    """Just the part of CuPy that bench/gpu7b.py's random_linear uses, on NumPy: enough to run
+    bench/tp.py's seeded weights and RandomJob on the CPU."""
+    float16, float32, uint8, uint16, uint32, int8 = (np.float16, np.float32, np.uint8,
+                                                     np.uint16, np.uint32, np.int8)
+
+    class random:
+        rng = np.random.default_rng(0)
+
+        @classmethod
+        def seed(cls, seed):
+            cls.rng = np.random.default_rng(seed)
+
+        @classmethod
+        def standard_normal(cls, shape, dtype):
+            return cls.rng.standard_normal(shape, dtype=dtype)
+
+        @classmethod
+        def randint(cls, low, high, shape, dtype):
+            return cls.rng.integers(low, high, shape, dtype=dtype)
+
+        @classmethod
+        def uniform(cls, low, high, shape, dtype):
+            return cls.rng.uniform(low, high, shape).astype(dtype)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "int8"])
+def test_bench_tp_random_job_slices_the_same_weights(monkeypatch, dtype):
+    """RandomJob's ranks (each making every weight from its name's seed, keeping its slice)
+    equal the whole model made from the same seeds."""
+    from minillama.bench import gpu7b, tp
+    monkeypatch.setattr(tp, "require_cupy", lambda: NumpyAsCupy)
+    monkeypatch.setattr(gpu7b, "require_cupy", lambda: NumpyAsCupy)
+    p = ModelArgs(dim=128, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=64, hidden_dim=128,
+                  max_seq_len=16, max_batch_size=1)
+    whole = dict(tp.SeededGpuWeights(p, dtype))
+    assert all(np.array_equal(np.asarray(formats.dequantize(w) if isinstance(w, formats.Packed)
+                                         else w),
+                              np.asarray(formats.dequantize(v) if isinstance(v, formats.Packed)
+                                         else v))
+               for w, v in zip(whole.values(), tp.SeededGpuWeights(p, dtype).values()))
+    tokens = np.array([[1, 7, 3]])
+    want = Transformer(p, store_weights(whole)).forward(tokens, 0)
+    job = tp.RandomJob(p, dtype)
+    got = SimulatedWorld(2).run(lambda rank, comm: job.open(rank, 2, CPU, comm).forward(tokens, 0))
+    assert max_rel_err(got[0], want) < 1e-5
