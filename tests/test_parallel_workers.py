@@ -187,3 +187,31 @@ def test_cli_tensor_parallel_prints_what_one_process_prints(shared, monkeypatch,
     want = printed(argv)
     monkeypatch.setattr(workers, "NcclBackend", lambda: PipeBackend(2))
     assert printed(argv + ["--tensor-parallel", "2"]) == want
+
+
+def test_nccl_backend_connects_through_torchruns_environment(monkeypatch):
+    """NcclBackend.connect with a stand-in CuPy: the worker's environment is torchrun's, NVLS
+    is off, the GPU is LOCAL_RANK's, and NCCL gets rank 0's unique id from the rendezvous."""
+    import sys
+    import types
+    made, used = [], []
+    uid = tuple(range(-64, 64))
+    nccl = types.SimpleNamespace(available=True, get_unique_id=lambda: uid,
+                                 NcclCommunicator=lambda *a: made.append(a) or "comm")
+    device = types.SimpleNamespace(use=lambda: None)
+    cuda = types.SimpleNamespace(nccl=nccl, runtime=types.SimpleNamespace(
+        getDeviceCount=lambda: 1), Device=lambda i: used.append(i) or device)
+    cupy = types.SimpleNamespace(cuda=cuda)
+    monkeypatch.setitem(sys.modules, "cupy", cupy)
+    monkeypatch.setitem(sys.modules, "cupy.cuda", cuda)
+    monkeypatch.setitem(sys.modules, "cupy.cuda.nccl", nccl)
+    monkeypatch.setattr("minillama.cuda.require_cupy", lambda: cupy)
+    monkeypatch.setattr(os, "environ", dict(os.environ))
+    backend = workers.NcclBackend()
+    backend.check(1)
+    comm = backend.connect(0, 1)
+    assert made == [(1, uid, 0)] and used == [0] and comm.rank == 0 and comm.world == 1
+    assert {k: os.environ[k] for k in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE",
+                                       "LOCAL_RANK", "NCCL_NVLS_ENABLE")} == dict(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(backend.port), RANK="0", WORLD_SIZE="1",
+        LOCAL_RANK="0", NCCL_NVLS_ENABLE="0")
