@@ -357,23 +357,25 @@ class NumpyAsCupy:
                                                      np.uint16, np.uint32, np.int8)
 
     class random:
-        rng = np.random.default_rng(0)
+        """One generator per thread: the simulated ranks are threads of one process, where
+        the real ones are processes, each with a generator of its own."""
+        state = threading.local()
 
         @classmethod
         def seed(cls, seed):
-            cls.rng = np.random.default_rng(seed)
+            cls.state.rng = np.random.default_rng(seed)
 
         @classmethod
         def standard_normal(cls, shape, dtype):
-            return cls.rng.standard_normal(shape, dtype=dtype)
+            return cls.state.rng.standard_normal(shape, dtype=dtype)
 
         @classmethod
         def randint(cls, low, high, shape, dtype):
-            return cls.rng.integers(low, high, shape, dtype=dtype)
+            return cls.state.rng.integers(low, high, shape, dtype=dtype)
 
         @classmethod
         def uniform(cls, low, high, shape, dtype):
-            return cls.rng.uniform(low, high, shape).astype(dtype)
+            return cls.state.rng.uniform(low, high, shape).astype(dtype)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16", "int8"])

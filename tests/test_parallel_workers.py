@@ -39,13 +39,17 @@ class PipeComm:
 
     def all_reduce(self, x):
         parts = self.exchange(x)
-        total = parts[0].copy()
+        total = parts[0]
         for part in parts[1:]:
-            total += part
-        return total
+            total = total + part
+        x[...] = total
+        return x
 
-    def all_gather(self, x):
-        return np.stack(self.exchange(x))
+    def all_gather(self, x, out=None):
+        if out is None:
+            return np.stack(self.exchange(x))
+        out[...] = np.stack(self.exchange(x))
+        return out
 
 
 class PipeBackend:

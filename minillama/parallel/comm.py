@@ -1,7 +1,9 @@
 """The two collectives tensor parallelism needs, and how ranks find each other.
 
-    comm.all_reduce(x)    x summed over the ranks, elementwise; every rank gets the sum (in x)
-    comm.all_gather(x)    (world, *x.shape): every rank's x, stacked in rank order
+    comm.all_reduce(x)         x summed over the ranks, elementwise, in place: every rank's x
+                               holds the sum (and is returned)
+    comm.all_gather(x, out)    (world, *x.shape): every rank's x, stacked in rank order (into
+                               out when given)
 
 Three communicators give them:
 
@@ -47,8 +49,8 @@ class SimulatedWorld:
         self.comms = [SimulatedComm(self, rank) for rank in range(world)]
 
     def exchange(self, rank, x):
-        """Every rank's x, in rank order, once all have arrived."""
-        self.slots[rank] = x
+        """Every rank's x (a copy, which no rank writes), in rank order, once all have arrived."""
+        self.slots[rank] = x.copy()
         self.barrier.wait()
         everyone = list(self.slots)
         self.barrier.wait()              # nobody overwrites a slot before all have read it
@@ -84,13 +86,18 @@ class SimulatedComm:
 
     def all_reduce(self, x):
         parts = self._world.exchange(self.rank, x)
-        total = parts[0].copy()
+        total = parts[0]
         for p in parts[1:]:              # rank order: the same bits on every rank
-            total += p
-        return total
+            total = total + p
+        x[...] = total
+        return x
 
-    def all_gather(self, x):
-        return np.stack(self._world.exchange(self.rank, x))
+    def all_gather(self, x, out=None):
+        parts = self._world.exchange(self.rank, x)
+        if out is None:
+            return np.stack(parts)
+        out[...] = np.stack(parts)
+        return out
 
 
 # ----------------------------------------------------------------------------
