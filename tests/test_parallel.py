@@ -398,3 +398,83 @@ def test_bench_tp_random_job_slices_the_same_weights(monkeypatch, dtype):
     job = tp.RandomJob(p, dtype)
     got = SimulatedWorld(2).run(lambda rank, comm: job.open(rank, 2, CPU, comm).forward(tokens, 0))
     assert max_rel_err(got[0], want) < 1e-5
+
+
+# ----------------------------------------------------------------------------
+# the GPU's fused step, its control flow checked on the CPU: ShardedFusedDecoder.run with NumPy
+# versions of decode.cu's kernels and of the gemv (what the kernels compute is tested against
+# the CPU in tests/test_cuda.py; here what is checked is the step around them: the gathers,
+# which rank adds the residual, the two all-reduces)
+
+class NumpyKernels:
+    """decode.cu's embed_tokens, rope_kv and attention_decode, on NumPy arrays."""
+    launches = 0
+
+    def launch(self, name, grid, block, args, shared_mem=0):
+        getattr(self, name.split("<")[0])(grid, *args)
+
+    @staticmethod
+    def embed_tokens(grid, step, table, out, dim):
+        for b in range(grid[0]):
+            out[b, :dim] = table[step[1 + b], :dim]
+
+    @staticmethod
+    def rope_kv(grid, qkv, step, cos, sin, q_out, cache_k, cache_v, nh, nkv, hd, max_seq):
+        from minillama.model import apply_rotary_emb
+        pos, bsz = int(step[0]), grid[1]
+        heads = qkv[:bsz].reshape(bsz, 1, nh + 2 * nkv, hd)
+        qk = apply_rotary_emb(heads[:, :, :nh + nkv], cos[pos:pos + 1], sin[pos:pos + 1])
+        q_out[:bsz] = qk[:, 0, :nh].reshape(bsz, nh * hd)
+        cache_k[:bsz, pos] = qk[:, 0, nh:]
+        cache_v[:bsz, pos] = heads[:, 0, nh + nkv:]
+
+    @staticmethod
+    def attention_decode(grid, q, cache_k, cache_v, step, out, nh, nkv, hd, max_seq, scale):
+        from minillama.ops import softmax
+        n_keys = int(step[0]) + 1
+        for b in range(grid[1]):
+            for h in range(nh):
+                g = h // (nh // nkv)
+                scores = cache_k[b, :n_keys, g] @ (q[b, h * hd:(h + 1) * hd] * scale)
+                out[b, h * hd:(h + 1) * hd] = softmax(scores) @ cache_v[b, :n_keys, g]
+
+
+def numpy_matvec(x, w, out, accumulate=False, norm=None, eps=1e-5, swiglu=False):
+    from minillama.model import rms_norm, silu
+    if norm is not None:
+        x = rms_norm(x, norm, eps)
+    if swiglu:
+        half = x.shape[1] // 2
+        x = silu(x[:, :half]) * x[:, half:]
+    y = x @ np.asarray(w).T
+    out[...] = out + y if accumulate else y
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_the_fused_steps_control_flow_on_the_cpu(monkeypatch, world):
+    import sys
+    import types
+    from minillama.parallel import fused
+    monkeypatch.setattr(fused, "KERNELS", NumpyKernels())
+    monkeypatch.setattr(fused, "matvec", numpy_matvec)
+    monkeypatch.setitem(sys.modules, "cupyx", types.SimpleNamespace(empty_pinned=np.empty))
+    cp = types.SimpleNamespace(zeros=np.zeros, cuda=types.SimpleNamespace(Event=lambda: None))
+    p = gqa_args(world, max_batch_size=2)
+    weights = random_weights(p, seed=13)
+    tokens = np.array([[3, 1, 4, 1], [5, 9, 2, 6]])
+    want = Transformer(p, weights)
+    want.forward(tokens[:, :3], 0)
+    want = want.forward(tokens[:, 3:], 3)[:, 0]                 # (2, vocab), position 3
+
+    def rank_main(rank, comm):
+        model = ShardedTransformer(shard_args(p, rank, world),
+                                   store_weights(shard_weights(weights, p, rank, world)), CPU,
+                                   comm)
+        model.forward(tokens[:, :3], 0)                         # the prompt: the generic path
+        on_gpu = types.SimpleNamespace(**{**vars(model), "ops": types.SimpleNamespace(xp=cp)})
+        step = fused.ShardedFusedDecoder(on_gpu)
+        step.step[:3] = [3, *tokens[:, 3]]
+        step.run(2)
+        return step.logits[:2].copy()
+    for logits in SimulatedWorld(world).run(rank_main):
+        assert max_rel_err(logits, want) < 1e-5
