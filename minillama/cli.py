@@ -62,6 +62,9 @@ def add_device(p):
     p.add_argument("--kv-dtype", dest="kv_dtype", choices=KV_DTYPES, default="float32",
                    help="the KV cache: float32, or float16 for half the memory (default "
                         "float32)")
+    p.add_argument("--tensor-parallel", dest="tensor_parallel", type=positive_int, default=None,
+                   metavar="N", help="split the model over N GPUs, one worker process each, "
+                                     "joined by NCCL (Meta's layout; docs/parallel.md)")
 
 
 def build_parser():
@@ -156,25 +159,38 @@ def cmd_run(args):
         from .download import model_path
         checkpoint, mode = str(model_path()), mode or "chat"
     mode = mode or "generate"
-    ops = get_ops(args.device)
-    # run feeds one token per forward (the prompt too, as run.c does): plan for that
-    ckpt = open_checkpoint(checkpoint, dtype=args.dtype, device=args.device, prompt_len=1,
-                           kv_dtype=args.kv_dtype)
+    if args.tensor_parallel:                # the workers read the weights; here, the header
+        from .loading import read_checkpoint
+        ckpt = read_checkpoint(checkpoint)
+    else:
+        ops = get_ops(args.device)
+        # run feeds one token per forward (the prompt too, as run.c does): plan for that
+        ckpt = open_checkpoint(checkpoint, dtype=args.dtype, device=args.device, prompt_len=1,
+                               kv_dtype=args.kv_dtype)
     tokenizer = load_tokenizer(find_tokenizer(checkpoint, args.tokenizer, ckpt.tokenizer_path),
                                vocab_size=ckpt.params.vocab_size)
-    model = Transformer(ckpt.params, ckpt.weights, ops, args.kv_dtype)
+    if args.tensor_parallel:
+        from .parallel.workers import start
+        model = start(ckpt, args.tensor_parallel, args.dtype, args.kv_dtype, prompt_len=1)
+    else:
+        model = Transformer(ckpt.params, ckpt.weights, ops, args.kv_dtype)
     if mode == "generate" and not tokenizer.encode(args.prompt or "", bos=True, eos=False):
         raise ArgumentError(f"-i: {checkpoint} has no BOS token to start from an empty "
                             f"prompt; give one with -i, or chat with -m chat")
     seed = args.seed if args.seed > 0 else int(time.time())     # llama2.c: 0 means the clock
     # llama2.c's int8 files are runq's: on the CPU, decoded in runq's order of operations
-    exact = args.exact or (args.device == "cpu" and runs_runq(model))
+    exact = args.exact or (args.device == "cpu" and not args.tensor_parallel
+                            and runs_runq(model))
     sampler = Llama2cSampler(ckpt.params.vocab_size, args.temperature, args.topp, seed, exact)
-    if mode == "generate":
-        generate(model, tokenizer, sampler, args.prompt, args.steps, exact=exact)
-    else:
-        chat(model, tokenizer, sampler, args.prompt, args.system_prompt, args.steps,
-             exact=exact)
+    try:
+        if mode == "generate":
+            generate(model, tokenizer, sampler, args.prompt, args.steps, exact=exact)
+        else:
+            chat(model, tokenizer, sampler, args.prompt, args.system_prompt, args.steps,
+                 exact=exact)
+    finally:
+        if args.tensor_parallel:
+            model.close()
 
 
 def read_prompts(args):
@@ -196,10 +212,15 @@ def cmd_complete(args):
                             f"{args.max_batch_size}")
     generator = Llama.build(args.ckpt_dir, args.tokenizer_path, args.max_seq_len,
                             args.max_batch_size, device=args.device, seed=args.seed,
-                            dtype=args.dtype, kv_dtype=args.kv_dtype)
-    results = generator.text_completion(prompts, temperature=args.temperature, top_p=args.top_p,
-                                        max_gen_len=args.max_gen_len, logprobs=args.logprobs,
-                                        echo=args.echo)
+                            dtype=args.dtype, kv_dtype=args.kv_dtype,
+                            tensor_parallel=args.tensor_parallel)
+    try:
+        results = generator.text_completion(prompts, temperature=args.temperature,
+                                            top_p=args.top_p, max_gen_len=args.max_gen_len,
+                                            logprobs=args.logprobs, echo=args.echo)
+    finally:
+        if args.tensor_parallel:
+            generator.model.close()
     for prompt, result, cut in zip(prompts, results, generator.cut_at_max_seq_len):
         print(prompt)
         print(f"> {result['generation']}", flush=True)
@@ -265,6 +286,12 @@ def cmd_info(args):
     # read_checkpoint leaves the weights on disk where the format allows: info reads headers
     ckpt = read_checkpoint(args.checkpoint, args.max_seq_len, args.max_batch_size)
     print("\n".join(describe(ckpt, args.max_seq_len, args.max_batch_size, args.kv_dtype)))
+    if args.tensor_parallel:            # every GPU holds equal slices: rank 0's plan is each one's
+        from .parallel.loading import plan_rank, shard_checkpoint
+        shard, weights = shard_checkpoint(ckpt, 0, args.tensor_parallel)
+        print(plan_rank(ckpt.params, shard, weights, args.dtype, "cuda",
+                        kv_dtype=args.kv_dtype).format())
+        return
     print(plan_checkpoint(ckpt, args.dtype, args.device, kv_dtype=args.kv_dtype).format())
 
 

@@ -33,11 +33,21 @@ def cross_entropy(logits, target, ignore_index):
 class Llama:
     @staticmethod
     def build(ckpt_dir, tokenizer_path=None, max_seq_len=None, max_batch_size=1, device="cpu",
-              seed=1, kv_dtype="float32", exact=False, **load_options):
+              seed=1, kv_dtype="float32", exact=False, tensor_parallel=None,
+              **load_options):
         """Load a checkpoint and its tokenizer. No process group, no NCCL: one process does it all.
         tokenizer_path may be None when the checkpoint carries its own tokenizer. kv_dtype:
         the KV cache's ("float32" or "float16"); exact: logits in llama2.c's order of operations
-        (exact.ExactDecoder), CPU only; load_options go to open_checkpoint (dtype=, budget=)."""
+        (exact.ExactDecoder), CPU only; load_options go to open_checkpoint (dtype=, budget=).
+        tensor_parallel=N: the model runs on N GPUs instead, in N worker processes joined by
+        NCCL (minillama/parallel/, docs/parallel.md); this process keeps the tokenizer and the
+        sampler, and model.close() stops the workers."""
+        if tensor_parallel is not None:
+            if exact:
+                raise ArgumentError("exact: llama2.c's order of operations runs on the CPU, "
+                                    "not with tensor_parallel")
+            return Llama._build_parallel(ckpt_dir, tokenizer_path, max_seq_len, max_batch_size,
+                                         seed, kv_dtype, tensor_parallel, **load_options)
         from .devices import get_ops
         from .loading import open_checkpoint
         from .model import Transformer
@@ -53,6 +63,24 @@ class Llama:
             raise ArgumentError(f"tokenizer_path: {ckpt_dir} carries no tokenizer; pass one")
         tokenizer = load_tokenizer(tokenizer_path, vocab_size=ckpt.params.vocab_size)
         return Llama(Transformer(ckpt.params, ckpt.weights, ops, kv_dtype), tokenizer, seed, exact)
+
+    @staticmethod
+    def _build_parallel(ckpt_dir, tokenizer_path, max_seq_len, max_batch_size, seed, kv_dtype,
+                        world, dtype=None):
+        """Llama.build's tensor_parallel=N: read the header and the tokenizer here, then
+        start the workers, which read their slices of the weights."""
+        from .loading import read_checkpoint
+        from .parallel.workers import start
+        from .tokenizers import load_tokenizer
+        if max_seq_len is not None:
+            check_positive_int("max_seq_len", max_seq_len)
+        check_positive_int("max_batch_size", max_batch_size)
+        ckpt = read_checkpoint(ckpt_dir, max_seq_len, max_batch_size)
+        tokenizer_path = tokenizer_path or ckpt.tokenizer_path
+        if tokenizer_path is None:
+            raise ArgumentError(f"tokenizer_path: {ckpt_dir} carries no tokenizer; pass one")
+        tokenizer = load_tokenizer(tokenizer_path, vocab_size=ckpt.params.vocab_size)
+        return Llama(start(ckpt, world, dtype, kv_dtype), tokenizer, seed)
 
     def __init__(self, model, tokenizer, seed=1, exact=False):
         self.model = model

@@ -67,11 +67,17 @@ def load_meta(path, max_seq_len=None, max_batch_size=1):
         raise CheckpointError(f"{ckpt_dir}: consolidated.NN.pth files must be numbered 00 to "
                               f"{len(shards) - 1:02d} without gaps; found "
                               f"{', '.join(os.path.basename(s) for s in shards)}")
-    weights = merge_shards([load_state_dict(s, IGNORED) for s in shards], shards)
+    weights = merge_shards([read_shard(s) for s in shards], shards)
     p = read_params(os.path.join(ckpt_dir, "params.json"), weights, max_seq_len, max_batch_size)
     check_weights(iter_weight_shapes(p), weights, source=ckpt_dir)
     tokenizer = os.path.join(ckpt_dir, "tokenizer.model")
     return p, weights, tokenizer if os.path.isfile(tokenizer) else None
+
+
+def read_shard(path):
+    """One consolidated.NN.pth as {name: LazyTensor}, rope.freqs left out (tensor parallelism
+    reads shard k on rank k with this, no merge)."""
+    return load_state_dict(path, IGNORED)
 
 
 def merge_shards(state_dicts, paths):

@@ -63,4 +63,7 @@ def _tensor(path, name, info, base, data_len):
 
     def read():             # the stored values: float32, float16, or bfloat16 bits (uint16)
         return np.fromfile(path, dtype=np_dtype, count=count, offset=base + begin).reshape(shape)
-    return LazyTensor(shape, fmt, read)
+
+    def raw():              # the same bytes, mapped: a slice reads only its own
+        return np.memmap(path, np.uint8, "r", offset=base + begin, shape=(end - begin,))
+    return LazyTensor(shape, fmt, read, raw)

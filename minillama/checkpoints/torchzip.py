@@ -67,8 +67,12 @@ def _rebuild_tensor(storage, storage_offset, size, stride, requires_grad=False, 
         raise CheckpointError(f"{storage.path}: tensor of size {size}, stride {stride} at offset "
                               f"{storage_offset} reaches past its storage of {storage.numel} "
                               f"elements")
+    itemsize = storage.stype.numpy_dtype.itemsize
+    row_major = stride == tuple(int(np.prod(size[i + 1:])) for i in range(len(size)))
+    raw = (lambda: np.memmap(storage.path, np.uint8, "r", storage.offset + storage_offset *
+                             itemsize, (int(np.prod(size)) * itemsize,))) if row_major else None
     return LazyTensor(size, storage.stype.format,
-                      lambda: _read_view(storage, storage_offset, size, stride))
+                      lambda: _read_view(storage, storage_offset, size, stride), raw)
 
 
 def _read_view(storage, offset, size, stride):
