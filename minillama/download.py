@@ -98,7 +98,7 @@ MODELS = {
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
 # cache file name -> the sampling its model card recommends for chat (-t / -p still win); the
-# card's example: model.generate(inputs, max_new_tokens=50, temperature=0.2, top_p=0.9, do_sample=True)
+# card's example: model.generate(inputs, temperature=0.2, top_p=0.9, do_sample=True)
 RECOMMENDED = {
     "SmolLM2-135M-Instruct.Q4_1.gguf": Sampling(0.2, 0.9, "SmolLM2-135M-Instruct's model card"),
 }

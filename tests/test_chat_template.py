@@ -39,18 +39,23 @@ LLAMA2 = ("{% if messages[0]['role'] == 'system' %}{% set loop_messages = messag
           "{% set loop_messages = messages %}{% set system_message = false %}{% endif %}"
           "{% for message in loop_messages %}"
           "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
-          "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+          "{{ raise_exception('Conversation roles must alternate "
+          "user/assistant/user/assistant/...') }}"
           "{% endif %}{% if loop.index0 == 0 and system_message != false %}"
-          "{% set content = '<<SYS>>\\n' + system_message + '\\n<</SYS>>\\n\\n' + message['content'] %}"
+          "{% set content = '<<SYS>>\\n' + system_message + '\\n<</SYS>>\\n\\n' + "
+          "message['content'] %}"
           "{% else %}{% set content = message['content'] %}{% endif %}"
-          "{% if message['role'] == 'user' %}{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}"
+          "{% if message['role'] == 'user' %}"
+          "{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}"
           "{% elif message['role'] == 'assistant' %}{{ ' '  + content.strip() + ' ' + eos_token }}"
           "{% endif %}{% endfor %}")
 # Zephyr's (TinyLlama-Chat's): EOS written as text after every message
 ZEPHYR = ("{% for message in messages %}\n{% if message['role'] == 'user' %}\n"
           "{{ '<|user|>\\n' + message['content'] + eos_token }}\n"
-          "{% elif message['role'] == 'system' %}\n{{ '<|system|>\\n' + message['content'] + eos_token }}\n"
-          "{% elif message['role'] == 'assistant' %}\n{{ '<|assistant|>\\n'  + message['content'] + eos_token }}\n"
+          "{% elif message['role'] == 'system' %}\n"
+          "{{ '<|system|>\\n' + message['content'] + eos_token }}\n"
+          "{% elif message['role'] == 'assistant' %}\n"
+          "{{ '<|assistant|>\\n'  + message['content'] + eos_token }}\n"
           "{% endif %}\n{% if loop.last and add_generation_prompt %}\n{{ '<|assistant|>' }}\n"
           "{% endif %}\n{% endfor %}")
 # the features templates use, each once: whitespace control, loop controls, namespace, tojson,
@@ -60,7 +65,9 @@ FEATURES = """{%- set ns = namespace(n=0, sys=none) -%}
     {% if m.role == 'system' %}{% set ns.sys = m.content %}{% continue %}{% endif %}
     {% set ns.n = ns.n + 1 %}
     <{{ m.role }} n="{{ ns.n }}">{{ m.content | trim }}</{{ m.role }}>
-    {% if m.role == 'assistant' %}{% generation %}[{{ m.content | length }}]{% endgeneration %}{% endif %}
+    {% if m.role == 'assistant' %}
+        {% generation %}[{{ m.content | length }}]{% endgeneration %}
+    {% endif %}
     {% if ns.n > 4 %}{% break %}{% endif %}
 {% endfor %}
 {{ dict(system=ns.sys, count=ns.n, tag="<b>&</b>", name="日本") | tojson }}
