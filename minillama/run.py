@@ -140,9 +140,8 @@ def chat(model, tokenizer, sampler, user_prompt, system_prompt, steps, inp=None,
     forward = model.ops.decoder(model)
     while pos < steps:
         if user_turn:
-            if not dialog and system is None:
-                system = read_line("Enter system prompt (optional): ", inp, out) if ask_system \
-                    else ""
+            if not dialog and system is None and ask_system:
+                system = read_line("Enter system prompt (optional): ", inp, out)
             if not dialog and user_prompt:
                 user = user_prompt
             else:
