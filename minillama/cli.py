@@ -272,15 +272,15 @@ def cmd_info(args):
     # read_checkpoint leaves the weights on disk where the format allows: info reads headers
     ckpt = read_checkpoint(args.checkpoint, args.max_seq_len, args.max_batch_size)
     print("\n".join(describe(ckpt, args.max_seq_len, args.max_batch_size, args.kv_dtype)))
-    print(chat_sampling_line(args.checkpoint))
     print(plan_checkpoint(ckpt, args.dtype, args.device, kv_dtype=args.kv_dtype).format())
+    print(chat_sampling_line(args.checkpoint))
 
 
 def chat_sampling_line(checkpoint):
     """The sampling `run -m chat` uses for this model without -t / -p, and where it comes from."""
     from .chat_defaults import chat_sampling
     s = chat_sampling(checkpoint)
-    return f"chat sampling   temperature {s.temperature:g}, top-p {s.top_p:g} ({s.source})"
+    return f"chat sampling   temperature {s.temperature}, top-p {s.top_p} ({s.source})"
 
 
 def cmd_tokenize(args):
