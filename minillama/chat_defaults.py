@@ -20,6 +20,8 @@ import math
 import numbers
 import os
 
+import numpy as np
+
 from .download import RECOMMENDED, Sampling
 from .errors import CheckpointError
 
@@ -69,13 +71,17 @@ def from_gguf(path):
     if not is_gguf(path):
         return None
     meta = read_gguf(path).metadata
-    if "general.sampling.temp" not in meta and "general.sampling.top_p" not in meta:
+    keys = ("general.sampling.temp", "general.sampling.top_p")
+    if not any(key in meta for key in keys):
         return None
-    temperature = checked(path, "general.sampling.temp", meta.get("general.sampling.temp", 1.0),
-                          0.0)
-    top_p = checked(path, "general.sampling.top_p", meta.get("general.sampling.top_p", 1.0), 0.0,
-                    high=1.0)
-    return Sampling(temperature, top_p, f"{path}: general.sampling")
+    temperature, top_p = (float32_decimal(meta.get(key, 1.0)) for key in keys)
+    return Sampling(checked(path, keys[0], temperature, 0.0),
+                    checked(path, keys[1], top_p, 0.0, high=1.0), f"{path}: general.sampling")
+
+
+def float32_decimal(value):
+    """A float32 from a file as its shortest decimal: 0.7, not 0.699999988079071."""
+    return float(str(np.float32(value))) if isinstance(value, float) else value
 
 
 def checked(path, key, value, low, high=None):

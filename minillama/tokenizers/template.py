@@ -37,8 +37,6 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from ..errors import TokenizerError
 
-SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "pad_token")
-
 
 class ChatTemplate:
     """One chat template. `source` names where it was read, for error messages, e.g.
