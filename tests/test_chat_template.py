@@ -17,7 +17,7 @@ import pytest
 
 from minillama.chat_defaults import LLAMA2C, chat_sampling
 from minillama.download import DEFAULT_MODEL, MODELS as REGISTRY, cache_dir
-from minillama.errors import ArgumentError, CheckpointError, TokenizerError
+from minillama.errors import CheckpointError, TokenizerError
 from minillama.model import ModelArgs
 from minillama.checkpoints.random import random_weights
 from minillama.tokenizers import Llama2Chat, TemplateChat, load_tokenizer
