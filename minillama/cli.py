@@ -193,7 +193,8 @@ def run_sampling(args, checkpoint, mode):
     """(temperature, top-p): -t and -p when given; else in chat mode what the model recommends
     (chat_defaults.py), and llama2.c's defaults otherwise."""
     from .chat_defaults import LLAMA2C, chat_sampling
-    default = chat_sampling(checkpoint) if mode == "chat" else LLAMA2C
+    given = args.temperature is not None and args.topp is not None
+    default = chat_sampling(checkpoint) if mode == "chat" and not given else LLAMA2C
     return (default.temperature if args.temperature is None else args.temperature,
             default.top_p if args.topp is None else args.topp)
 
