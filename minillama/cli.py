@@ -68,6 +68,7 @@ def add_device(p):
 
 
 def build_parser():
+    from .download import DEFAULT_MODEL, MODELS, RECOMMENDED
     parser = argparse.ArgumentParser(prog="minillama", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -75,10 +76,16 @@ def build_parser():
     run.add_argument("checkpoint", nargs="?",
                      help="model file (llama2.c .bin, .gguf, ...); default: SmolLM2-135M-Instruct "
                           "(downloaded on first use, then cached), in chat mode")
-    run.add_argument("-t", dest="temperature", type=non_negative_float, default=1.0,
-                     help="temperature in [0, inf), 0 = greedy (default 1.0)")
-    run.add_argument("-p", dest="topp", type=probability, default=0.9,
-                     help="top-p in (0, 1] (default 0.9)")
+    chat_default = RECOMMENDED[MODELS[DEFAULT_MODEL][0]]
+    run.add_argument("-t", dest="temperature", type=non_negative_float, default=None,
+                     help="temperature in [0, inf), 0 = greedy (default 1.0, llama2.c's; in chat "
+                          "mode the model's recommendation, if it has one: "
+                          f"{chat_default.temperature} for the default model, or its "
+                          "generation_config.json's, or a GGUF's general.sampling.temp)")
+    run.add_argument("-p", dest="topp", type=probability, default=None,
+                     help="top-p in (0, 1] (default 0.9; in chat mode the model's "
+                          f"recommendation, if it has one: {chat_default.top_p} for the default "
+                          "model)")
     run.add_argument("-s", dest="seed", type=seed_int, default=0,
                      help="random seed in [0, 2**64), 0 = from the time (default 0)")
     run.add_argument("-n", dest="steps", type=positive_int, default=256,
@@ -87,7 +94,9 @@ def build_parser():
     run.add_argument("-z", dest="tokenizer", default=None, help="tokenizer file")
     run.add_argument("-m", dest="mode", choices=["generate", "chat"], default=None,
                      help="default: generate, or chat for the default model")
-    run.add_argument("-y", dest="system_prompt", default=None, help="system prompt (chat)")
+    run.add_argument("-y", dest="system_prompt", default=None,
+                     help="system prompt (chat); without it, asked for when stdin is a terminal "
+                          "(always with llama2.c's [INST] format, as run.c does)")
     run.add_argument("--exact", action="store_true",
                      help="compute in llama2.c's order of operations, so a sampled run is "
                           "run.c's token for token (slower; CPU only; always on for llama2.c's "
@@ -116,11 +125,17 @@ def build_parser():
     add_device(info)
 
     tok = sub.add_parser("tokenize", help="show the token ids the model sees for a text")
-    tok.add_argument("text")
-    tok.add_argument("-z", dest="tokenizer", required=True, help="tokenizer file")
+    tok.add_argument("text", nargs="?", default=None)
+    tok.add_argument("-z", dest="tokenizer", required=True,
+                     help="tokenizer file (a GGUF model carries its own)")
     tok.add_argument("--pieces", action="store_true", help="also print each token's piece")
+    tok.add_argument("--chat", metavar="MESSAGE", default=None,
+                     help="instead of a text: the ids of a one-turn chat with this user message, "
+                          "as `run` gives them to the model (the model's chat template, or Llama "
+                          "2's [INST] format), then the rendered text")
+    tok.add_argument("-y", dest="system_prompt", default=None,
+                     help="system prompt of the --chat turn (default: none, or the template's own)")
 
-    from .download import DEFAULT_MODEL, MODELS
     down = sub.add_parser("download", help="fetch a model into the cache ($MINILLAMA_HOME or "
                                            "~/.cache/minillama) and print its files' paths")
     down.add_argument("name", nargs="?", default=DEFAULT_MODEL, choices=list(MODELS),
@@ -153,7 +168,7 @@ def cmd_run(args):
     from .model import Transformer
     from .run import chat, generate
     from .sampler import Llama2cSampler
-    from .tokenizers import load_tokenizer
+    from .tokenizers import Llama2Chat, load_tokenizer
     checkpoint, mode = args.checkpoint, args.mode
     if checkpoint is None:                       # the default model: an instruct model, so chat
         from .download import model_path
@@ -181,16 +196,30 @@ def cmd_run(args):
     # llama2.c's int8 files are runq's: on the CPU, decoded in runq's order of operations
     exact = args.exact or (args.device == "cpu" and not args.tensor_parallel
                             and runs_runq(model))
-    sampler = Llama2cSampler(ckpt.params.vocab_size, args.temperature, args.topp, seed, exact)
+    temperature, topp = run_sampling(args, checkpoint, mode)
+    sampler = Llama2cSampler(ckpt.params.vocab_size, temperature, topp, seed, exact)
     try:
         if mode == "generate":
             generate(model, tokenizer, sampler, args.prompt, args.steps, exact=exact)
         else:
+            # run.c asks for a system prompt first; piped input holds only user turns, so ask
+            # only a terminal, except in llama2.c's own format (its chat output stays run.c's)
+            ask = sys.stdin.isatty() or isinstance(tokenizer.chat, Llama2Chat)
             chat(model, tokenizer, sampler, args.prompt, args.system_prompt, args.steps,
-                 exact=exact)
+                 ask_system=ask, exact=exact)
     finally:
         if args.tensor_parallel:
             model.close()
+
+
+def run_sampling(args, checkpoint, mode):
+    """(temperature, top-p): -t and -p when given; else in chat mode what the model recommends
+    (chat_defaults.py), and llama2.c's defaults otherwise."""
+    from .chat_defaults import LLAMA2C, chat_sampling
+    given = args.temperature is not None and args.topp is not None
+    default = chat_sampling(checkpoint) if mode == "chat" and not given else LLAMA2C
+    return (default.temperature if args.temperature is None else args.temperature,
+            default.top_p if args.topp is None else args.topp)
 
 
 def read_prompts(args):
@@ -293,15 +322,35 @@ def cmd_info(args):
                         kv_dtype=args.kv_dtype).format())
         return
     print(plan_checkpoint(ckpt, args.dtype, args.device, kv_dtype=args.kv_dtype).format())
+    print(chat_sampling_line(args.checkpoint))
+
+
+def chat_sampling_line(checkpoint):
+    """The sampling `run -m chat` uses for this model without -t / -p, and where it comes from."""
+    from .chat_defaults import chat_sampling
+    s = chat_sampling(checkpoint)
+    return f"chat sampling   temperature {s.temperature}, top-p {s.top_p} ({s.source})"
 
 
 def cmd_tokenize(args):
     from .tokenizers import load_tokenizer
+    if (args.text is None) == (args.chat is None):
+        raise ArgumentError("tokenize: give either a text or --chat MESSAGE")
+    if args.system_prompt is not None and args.chat is None:
+        raise ArgumentError("-y: a system prompt needs --chat MESSAGE")
     tokenizer = load_tokenizer(args.tokenizer)
-    ids = tokenizer.encode(args.text, bos=True, eos=False)
+    if args.chat is None:
+        ids, text = tokenizer.encode(args.text, bos=True, eos=False), None
+    else:           # the first turn of `minillama run -m chat`, exactly
+        dialog = [{"role": "system", "content": args.system_prompt}] if args.system_prompt else []
+        dialog.append({"role": "user", "content": args.chat})
+        turn = tokenizer.chat.next_turn(tokenizer, dialog, fed=[])
+        ids, text = turn.ids, turn.text
     print(" ".join(str(i) for i in ids))
     if args.pieces:
         print(" ".join(f"{i}:{tokenizer.piece(i)!r}" for i in ids))
+    if text is not None:
+        print(text, end="" if text.endswith("\n") else "\n")
 
 
 def cmd_download(args):

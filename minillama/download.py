@@ -53,6 +53,14 @@ class Wheel:
 
 
 @dataclass(frozen=True)
+class Sampling:
+    """The sampling a model's authors recommend for chatting with it (chat_defaults.py)."""
+    temperature: float
+    top_p: float
+    source: str              # where the recommendation comes from, shown by `minillama info`
+
+
+@dataclass(frozen=True)
 class Url:
     """A file at a URL; sha256 None: check against what the server publishes."""
     url: str
@@ -88,6 +96,12 @@ MODELS = {
     "tokenizer.bin": ["tokenizer.bin"],
 }
 DEFAULT_MODEL = "smollm2-135m-instruct"
+
+# cache file name -> the sampling its model card recommends for chat (-t / -p still win); the
+# card's example: model.generate(inputs, temperature=0.2, top_p=0.9, do_sample=True)
+RECOMMENDED = {
+    "SmolLM2-135M-Instruct.Q4_1.gguf": Sampling(0.2, 0.9, "SmolLM2-135M-Instruct's model card"),
+}
 
 
 def cache_dir():
