@@ -1,16 +1,25 @@
 """The command line: `minillama run|complete|info|tokenize ...` (also `python -m minillama`).
 
 `run` takes llama2.c's flags and prints what llama2.c's `run` prints; `complete` is Meta's
-example_text_completion.py without torchrun. User errors exit with status 2 and one line on
-stderr; anything else is a bug and exits with status 1.
+example_text_completion.py without torchrun. Exit statuses (docs/troubleshooting.md):
+
+    0    done (also when a reader of the output, e.g. `| head`, stops early)
+    2    a mistake in the input or the environment: one line on stderr (a MiniLlamaError)
+    1    the output could not be written (stdout on a full disk, /dev/full): one line; or a bug
+         in minillama: a traceback and a request to report it
+    130  interrupted (Ctrl-C)
+
+Generated text printed to a terminal has its control characters taken out (terminal_text).
 """
 import argparse
+import errno
 import math
 import os
+import re
 import sys
 import traceback
 
-from .errors import ArgumentError, MiniLlamaError
+from .errors import ArgumentError, MiniLlamaError, StreamError
 
 # Meta's example_text_completion.py prompts, used when `complete` is given none.
 EXAMPLE_PROMPTS = [
@@ -123,6 +132,43 @@ def build_parser():
 
 
 # ----------------------------------------------------------------------------
+# generated text on a terminal
+
+# C0 controls but tab, newline and carriage return; DEL; C1 controls (U+0080..U+009F). A model's
+# vocabulary may hold pieces with ESC sequences that would move the cursor or retitle a window.
+CONTROLS = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+CONTROL_BYTES = re.compile(b"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]|\xc2[\x80-\x9f]")
+
+
+def terminal_text(text):
+    """`text` without control characters, for printing generated text to a terminal."""
+    return CONTROLS.sub("", text)
+
+
+class TerminalBytes:
+    """A binary stream that drops control characters from UTF-8 bytes written in pieces (a
+    C1 control, \\xc2\\x80..\\x9f in UTF-8, may be split across two writes)."""
+
+    def __init__(self, raw):
+        self.raw, self.held = raw, b""
+
+    def write(self, data):
+        data = self.held + bytes(data)
+        self.held = b"\xc2" if data.endswith(b"\xc2") else b""
+        self.raw.write(CONTROL_BYTES.sub(b"", data[:len(data) - len(self.held)]))
+
+    def flush(self):
+        self.raw.flush()
+
+
+def stdout_bytes():
+    """sys.stdout as bytes for generated text: filtered by TerminalBytes on a terminal, as it
+    is elsewhere (a pipe or a file gets llama2.c's exact bytes)."""
+    out = sys.stdout.buffer
+    return TerminalBytes(out) if sys.stdout.isatty() else out
+
+
+# ----------------------------------------------------------------------------
 # commands
 
 def find_tokenizer(checkpoint, given, carried=None):
@@ -158,15 +204,19 @@ def cmd_run(args):
     tokenizer = load_tokenizer(find_tokenizer(checkpoint, args.tokenizer, ckpt.tokenizer_path),
                                vocab_size=ckpt.params.vocab_size)
     model = Transformer(ckpt.params, ckpt.weights, ops, args.kv_dtype)
+    if mode == "chat" and sys.stdin is None:
+        raise StreamError("stdin is closed; chat reads the user's turns from it (give it a "
+                          "terminal or a file, or use -m generate)")
     if mode == "generate" and not tokenizer.encode(args.prompt or "", bos=True, eos=False):
         raise ArgumentError(f"-i: {checkpoint} has no BOS token to start from an empty "
                             f"prompt; give one with -i, or chat with -m chat")
     seed = args.seed if args.seed > 0 else int(time.time())     # llama2.c: 0 means the clock
     sampler = Llama2cSampler(ckpt.params.vocab_size, args.temperature, args.topp, seed)
     if mode == "generate":
-        generate(model, tokenizer, sampler, args.prompt, args.steps)
+        generate(model, tokenizer, sampler, args.prompt, args.steps, out=stdout_bytes())
     else:
-        chat(model, tokenizer, sampler, args.prompt, args.system_prompt, args.steps)
+        chat(model, tokenizer, sampler, args.prompt, args.system_prompt, args.steps,
+             out=stdout_bytes())
 
 
 def read_prompts(args):
@@ -192,9 +242,10 @@ def cmd_complete(args):
     results = generator.text_completion(prompts, temperature=args.temperature, top_p=args.top_p,
                                         max_gen_len=args.max_gen_len, logprobs=args.logprobs,
                                         echo=args.echo)
+    shown = terminal_text if sys.stdout.isatty() else str
     for prompt, result, cut in zip(prompts, results, generator.cut_at_max_seq_len):
         print(prompt)
-        print(f"> {result['generation']}", flush=True)
+        print(f"> {shown(result['generation'])}", flush=True)
         if cut:
             print(f"minillama: note: this completion stopped at max_seq_len "
                   f"({generator.model.params.max_seq_len} tokens, prompt included) before "
@@ -265,6 +316,29 @@ COMMANDS = {"run": cmd_run, "complete": cmd_complete, "info": cmd_info,
             "tokenize": cmd_tokenize, "download": cmd_download}
 
 
+def say(line):
+    """One line on stderr, if there is a stderr to write to."""
+    try:
+        print(line, file=sys.stderr, flush=True)
+    except (AttributeError, OSError, ValueError):       # stderr closed too: nowhere to say it
+        pass
+
+
+def silence_stdout():
+    """Point stdout at /dev/null, so the interpreter's last flush at exit cannot fail again
+    (what Python's documentation suggests for a broken pipe)."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (AttributeError, OSError, ValueError):
+        pass
+
+
+# errno values of a write that failed for a reason outside minillama (a full disk, /dev/full,
+# a closed or vanished descriptor, a hardware error): one line and exit 1, not a bug report
+WRITE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO, errno.EBADF)
+
+
 def main(argv=None):
     import numpy as np
     for stream in (sys.stdin, sys.stdout):
@@ -274,21 +348,36 @@ def main(argv=None):
             stream.reconfigure(errors="surrogateescape")
     args = build_parser().parse_args(argv)              # usage errors: argparse exits with 2
     try:
+        if sys.stdout is None:                          # started with stdout closed (>&-)
+            raise StreamError("stdout is closed; minillama writes its output there (redirect "
+                              "it to a file or /dev/null instead)")
         # NumPy's warnings about NaN/inf would come before the one clear error that
         # check_finite gives (naming the layer), so they are not shown
         with np.errstate(all="ignore"):
             COMMANDS[args.command](args)
+        sys.stdout.flush()                              # a full disk shows here, not at exit
     except MiniLlamaError as e:
-        print(f"minillama: error: {e}", file=sys.stderr)
+        say(f"minillama: error: {e}")
         return 2
     except KeyboardInterrupt:
+        say("\nminillama: interrupted")                 # end the half-printed line first
         return 130
     except BrokenPipeError:                               # e.g. `minillama run ... | head`
         sys.stderr.close()
         return 0
-    except Exception:
-        traceback.print_exc()
-        print("minillama: internal error (a bug in minillama, not in your input); please "
-              "report it with the lines above", file=sys.stderr)
+    except OSError as e:
+        if e.errno not in WRITE_ERRORS or e.filename is not None:
+            return internal_error()
+        silence_stdout()
+        say(f"minillama: error: cannot write the output ({e.strerror})")
         return 1
+    except Exception:
+        return internal_error()
     return 0
+
+
+def internal_error():
+    traceback.print_exc()
+    say("minillama: internal error (a bug in minillama, not in your input); please report it "
+        "with the lines above")
+    return 1

@@ -84,8 +84,8 @@ class DownloadError(MiniLlamaError):
     """A model file could not be fetched or failed its checksum."""
 
 
-class OutputError(MiniLlamaError):
-    """The output (stdout, stdin in chat) is closed or cannot be written."""
+class StreamError(MiniLlamaError):
+    """A standard stream minillama needs is closed: stdout, or stdin in chat."""
 
 
 def check_positive_int(name, value):

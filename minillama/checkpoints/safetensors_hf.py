@@ -22,7 +22,7 @@ import numpy as np
 
 from ..dtypes import LazyTensor
 from . import read_json_object
-from ..errors import CheckpointError
+from ..errors import CheckpointError, shown
 from ..checks import check_weights
 from ..model import ModelArgs, iter_weight_shapes
 
@@ -75,15 +75,15 @@ def _tensor(path, name, info, base, data_len):
         shape = tuple(int(d) for d in shape)
         begin, end = int(begin), int(end)
     except (KeyError, TypeError, ValueError, OverflowError):     # OverflowError: int(inf)
-        raise CheckpointError(f"{path}: tensor {name!r} has a malformed header entry") from None
+        raise CheckpointError(f"{path}: tensor {shown(name)} has a malformed header entry") from None
     if not isinstance(dtype, str) or dtype not in DTYPES:
-        raise CheckpointError(f"{path}: tensor {name!r} is {dtype}; minillama reads "
+        raise CheckpointError(f"{path}: tensor {shown(name)} is {shown(dtype)}; minillama reads "
                               f"{', '.join(DTYPES)}")
     np_dtype, fmt = np.dtype(DTYPES[dtype][0]), DTYPES[dtype][1]
     count = int(np.prod(shape))
     if min(shape, default=0) < 0 or not 0 <= begin <= end <= data_len \
             or end - begin != count * np_dtype.itemsize:
-        raise CheckpointError(f"{path}: tensor {name!r} ({dtype} {list(shape)}) has data offsets "
+        raise CheckpointError(f"{path}: tensor {shown(name)} ({dtype} {shown(list(shape))}) has data offsets "
                               f"[{begin}, {end}) that do not fit its size or the file "
                               f"({data_len} data bytes; truncated?)")
 
@@ -118,7 +118,7 @@ def safetensors_files(path):
             raise CheckpointError(f"{index}: cannot read the shard list ({e})") from None
         for n in names:
             if not isinstance(n, str) or os.path.basename(n) != n or not n.endswith(".safetensors"):
-                raise CheckpointError(f"{index}: shard name {n!r} is not a file in its folder")
+                raise CheckpointError(f"{index}: shard name {shown(n)} is not a file in its folder")
             if not os.path.isfile(os.path.join(path, n)):
                 raise CheckpointError(f"{index}: lists {n}, which is missing")
         return [os.path.join(path, n) for n in names]
@@ -190,26 +190,26 @@ def read_config(path, max_seq_len=None, max_batch_size=1):
     does not compute."""
     cfg = read_json_object(path, "model config")
     if cfg.get("model_type", "llama") != "llama":
-        raise CheckpointError(f"{path}: model_type {cfg['model_type']!r} is not supported "
+        raise CheckpointError(f"{path}: model_type {shown(cfg['model_type'])} is not supported "
                               f"(expected 'llama')")
     for key, ok in (("hidden_act", "silu"), ("attention_bias", False), ("mlp_bias", False)):
         if cfg.get(key, ok) != ok:
-            raise CheckpointError(f"{path}: {key} = {cfg[key]!r} is not supported "
-                                  f"(expected {ok!r})")
+            raise CheckpointError(f"{path}: {key} = {shown(cfg[key])} is not supported "
+                                  f"(expected {shown(ok)})")
     # transformers 4 writes rope_theta / rope_scaling; transformers 5 writes rope_parameters
     rope = cfg.get("rope_parameters") or {}
     theta = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
     scaling = cfg.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default"
                                           else None)
     if scaling:
-        raise CheckpointError(f"{path}: RoPE scaling {scaling!r} is not supported")
+        raise CheckpointError(f"{path}: RoPE scaling {shown(scaling)} is not supported")
     for key in ("hidden_size", "intermediate_size", "num_hidden_layers",
                 "num_attention_heads", "vocab_size"):
         if not isinstance(cfg.get(key), int):
-            raise CheckpointError(f"{path}: field {key!r} must be an integer, got {cfg.get(key)!r}")
+            raise CheckpointError(f"{path}: field {shown(key)} must be an integer, got {shown(cfg.get(key))}")
     heads = cfg["num_attention_heads"]
     if heads > 0 and cfg.get("head_dim") not in (None, cfg["hidden_size"] // heads):
-        raise CheckpointError(f"{path}: head_dim {cfg['head_dim']} differs from hidden_size / "
+        raise CheckpointError(f"{path}: head_dim {shown(cfg['head_dim'])} differs from hidden_size / "
                               f"num_attention_heads; minillama needs them equal")
     try:
         p = ModelArgs(dim=cfg["hidden_size"], hidden_dim=cfg["intermediate_size"],

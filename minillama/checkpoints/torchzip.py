@@ -26,7 +26,7 @@ from collections import OrderedDict
 import numpy as np
 
 from ..dtypes import LazyTensor
-from ..errors import CheckpointError
+from ..errors import CheckpointError, shown
 
 
 class _StorageType:
@@ -105,10 +105,10 @@ class _RestrictedUnpickler(pickle.Unpickler):
         if (module, name) in ALLOWED:
             return ALLOWED[(module, name)]
         if module == "torch" and name.endswith("Storage"):
-            raise CheckpointError(f"{self.path}: tensor storage torch.{name} is not supported "
+            raise CheckpointError(f"{self.path}: tensor storage {shown('torch.' + name)} is not supported "
                                   f"(expected {', '.join(STORAGE_TYPES)}: float32, float16, "
                                   f"bfloat16)")
-        raise CheckpointError(f"{self.path}: refusing to load global '{module}.{name}' from the "
+        raise CheckpointError(f"{self.path}: refusing to load global {shown(f'{module}.{name}')} from the "
                               f"pickle: a checkpoint needs only tensors, and loading must never "
                               f"run code")
 
@@ -117,7 +117,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
         if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"
                 and isinstance(pid[1], _StorageType) and isinstance(pid[2], str)
                 and isinstance(pid[4], int)):
-            raise CheckpointError(f"{self.path}: unexpected persistent id {pid!r} in the pickle")
+            raise CheckpointError(f"{self.path}: unexpected persistent id {shown(pid)} in the pickle")
         _, stype, key, _, numel = pid
         if key not in self.members:
             raise CheckpointError(f"{self.path}: storage data/{key} is missing from the archive")
@@ -150,7 +150,7 @@ def load_pth(path):
             NotImplementedError, RuntimeError, ValueError) as e:
         raise CheckpointError(f"{path}: damaged zip archive ({e})") from None
     if byteorder != "little":
-        raise CheckpointError(f"{path}: byteorder {byteorder!r}: only little-endian files are read")
+        raise CheckpointError(f"{path}: byteorder {shown(byteorder)}: only little-endian files are read")
     try:
         _check_pickle_sizes(path, data)
         return _RestrictedUnpickler(data, path, members).load()
