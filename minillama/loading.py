@@ -37,6 +37,9 @@ def detect_format(path):
     path = os.fspath(path)
     if not os.path.exists(path):
         raise CheckpointError(f"{path}: no such file or directory")
+    if not (os.path.isfile(path) or os.path.isdir(path)):      # a FIFO would block the probes
+        raise CheckpointError(f"{path}: not a regular file or a directory (a pipe or a device "
+                              f"cannot be read as a model)")
     for name, module, probe, _ in FORMATS:
         if _function(module, probe)(path):
             return name

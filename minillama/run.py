@@ -66,6 +66,12 @@ def next_logits(forward, model, token, pos):
     return logits
 
 
+def step_limit(steps, requested):
+    """What capped the steps, in words: -n, or the model's context."""
+    return (f"{steps} steps (-n)" if steps == requested else
+            f"the model's max_seq_len ({steps} positions)")
+
+
 def note_seq_len_cap(requested, steps, pos, err):
     """llama2.c silently caps -n at the model's context; say so when the cap ended the run."""
     if requested > steps and pos >= steps:
@@ -80,9 +86,8 @@ def generate(model, tokenizer, sampler, prompt, steps, out=None, err=None):
     requested, steps = steps, check_steps(steps, model.params.max_seq_len)
     prompt_tokens = tokenizer.encode(prompt or "", bos=True, eos=False)
     if len(prompt_tokens) > steps:
-        limit = f"{steps} steps (-n)" if steps == requested else \
-            f"the model's max_seq_len ({steps} positions)"
-        raise ArgumentError(f"prompt (-i): {len(prompt_tokens)} tokens do not fit in {limit}")
+        raise ArgumentError(f"prompt (-i): {len(prompt_tokens)} tokens do not fit in "
+                            f"{step_limit(steps, requested)}")
     start = None
     token, pos, generated = prompt_tokens[0], 0, []
     writer = PieceWriter(tokenizer, out)
@@ -146,6 +151,10 @@ def chat(model, tokenizer, sampler, user_prompt, system_prompt, steps, inp=None,
             if user is None:                              # end of input: a clean goodbye
                 break
             prompt_tokens = tokenizer.encode(render(system, user, pos == 0), bos=True, eos=False)
+            if pos + len(prompt_tokens) > steps:      # as generate() refuses a long prompt
+                raise ArgumentError(f"chat turn: {len(prompt_tokens)} tokens (the message in "
+                                    f"its chat format) do not fit in the {steps - pos} "
+                                    f"positions left of {step_limit(steps, requested)}")
             user_idx, user_turn = 0, False
             out.write(b"Assistant: ")
         if user_idx < len(prompt_tokens):

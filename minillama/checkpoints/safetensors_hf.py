@@ -77,7 +77,7 @@ def _tensor(path, name, info, base, data_len):
     except (KeyError, TypeError, ValueError, OverflowError):     # OverflowError: int(inf)
         raise CheckpointError(f"{path}: tensor {shown(name)} has a malformed header entry") from None
     if not isinstance(dtype, str) or dtype not in DTYPES:
-        raise CheckpointError(f"{path}: tensor {shown(name)} is {shown(dtype)}; minillama reads "
+        raise CheckpointError(f"{path}: tensor {shown(name)} is {shown(dtype, quote=False)}; minillama reads "
                               f"{', '.join(DTYPES)}")
     np_dtype, fmt = np.dtype(DTYPES[dtype][0]), DTYPES[dtype][1]
     count = int(np.prod(shape))

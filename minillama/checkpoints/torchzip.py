@@ -105,7 +105,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
         if (module, name) in ALLOWED:
             return ALLOWED[(module, name)]
         if module == "torch" and name.endswith("Storage"):
-            raise CheckpointError(f"{self.path}: tensor storage {shown('torch.' + name)} is not supported "
+            raise CheckpointError(f"{self.path}: tensor storage {shown('torch.' + name, quote=False)} is not supported "
                                   f"(expected {', '.join(STORAGE_TYPES)}: float32, float16, "
                                   f"bfloat16)")
         raise CheckpointError(f"{self.path}: refusing to load global {shown(f'{module}.{name}')} from the "
@@ -133,6 +133,7 @@ def load_pth(path):
     Reads the zip directory and the pickle only."""
     path = os.fspath(path)
     if not zipfile.is_zipfile(path):
+        _refuse_truncated(path)
         raise CheckpointError(f"{path}: not a zip archive; minillama reads .pth files written by "
                               f"torch.save (torch >= 1.6), which are zip archives")
     try:
@@ -159,6 +160,15 @@ def load_pth(path):
     except Exception as e:       # a damaged pickle fails in many ways; all mean the same here
         raise CheckpointError(f"{path}: damaged pickle in data.pkl "
                               f"({type(e).__name__}: {e})") from None
+
+
+def _refuse_truncated(path):
+    """A file that starts as a zip archive but has lost its end (the central directory, which
+    zipfile looks for first) is a truncated download, not a file of another kind."""
+    with open(path, "rb") as f:
+        if f.read(4) == b"PK\x03\x04":
+            raise CheckpointError(f"{path}: truncated: it starts as a zip archive but its end "
+                                  f"(the central directory) is missing; download it again")
 
 
 def _read_member(path, z, name):
