@@ -89,7 +89,7 @@ FORMATS = [
     ("meta", "meta", "is_meta_dir", "load_meta"),
     ("hf", "safetensors_hf", "is_hf", "load_hf"),
     ("gguf", "gguf", "is_gguf", "load_gguf"),
-    ("llama2c", "llama2c", "is_llama2c", "load_llama2c"),
+    ("llama2c", "llama2c", "is_llama2c", "read_llama2c"),
 ]
 
 
