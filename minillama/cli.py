@@ -204,6 +204,7 @@ def cmd_run(args):
     tokenizer = load_tokenizer(find_tokenizer(checkpoint, args.tokenizer, ckpt.tokenizer_path),
                                vocab_size=ckpt.params.vocab_size)
     model = Transformer(ckpt.params, ckpt.weights, ops, args.kv_dtype)
+    ckpt.weights = None         # the model holds what it needs: let the separate wq, wk, ... go
     if mode == "chat" and sys.stdin is None:
         raise StreamError("stdin is closed; chat reads the user's turns from it (give it a "
                           "terminal or a file, or use -m generate)")

@@ -15,6 +15,8 @@ import os
 from dataclasses import dataclass
 from typing import Optional
 
+import numpy as np
+
 from .devices import get_ops
 from .dtypes import store_weights
 from .errors import CheckpointError
@@ -72,7 +74,20 @@ def open_checkpoint(path, max_seq_len=None, max_batch_size=1, dtype=None, device
     if device is not None:
         ckpt.plan.check()
     ckpt.weights = store_weights(ckpt.weights, ckpt.plan.load_dtype)
+    if (device or "cpu") == "cpu":
+        lay_out(ckpt.weights, get_ops("cpu"))
     return ckpt
+
+
+def lay_out(weights, ops):
+    """Lay float32 matrices out as `ops` keeps them (NumpyOps: column-major), in place, one at
+    a time: ops.weight would otherwise copy each while the checkpoint's own is still alive,
+    twice the weights at the peak. A tied classifier stays the embedding's object."""
+    done = {}
+    for name, w in weights.items():
+        if id(w) not in done:
+            done[id(w)] = ops.matrix_layout(w) if isinstance(w, np.ndarray) else w
+        weights[name] = done[id(w)]
 
 
 def load_model(path, device="cpu", max_seq_len=None, max_batch_size=1, dtype=None, budget=None,
