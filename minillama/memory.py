@@ -17,13 +17,15 @@ its weights in, before any weight is read.
                none on the GPU, whose kernels read it as stored), Q8 groups two whole copies
                (groups, then groups * scales); plus, for a float16 cache, the float32 copy of the
                keys and values one layer reads
-    loading    what building the model holds for a moment on the CPU, beside the weights:
-               model.py fuses wq, wk, wv into wqkv and w1, w3 into w13 (one product each), new
-               arrays made while the checkpoint's separate weights are still alive; and a
-               stored embedding table beside the float32 one the model gathers from. The
-               separate weights are let go once the model is built (loading.load_model,
-               `minillama run`), so the peak is weights + KV cache + the larger of working
-               and loading: for a float32 Llama that is ~70% more than the weights, briefly
+    loading    what loading holds for a moment on the CPU, beside the weights, the largest
+               of: storing one weight (the bytes read, widened to float32, quantized:
+               QUANTIZE_COPIES) in the checkpoint's order; laying one float32 matrix out
+               column-major (loading.lay_out); building the model, whose wqkv and w13 are
+               fused copies made while the checkpoint's separate wq, wk, wv, w1, w3 live (for
+               a float32 Llama ~70% of the weights), with a float32 embedding table made from
+               one stored otherwise. The separate weights are let go once the model is built
+               (load_model, `minillama run`), so the peak is weights + KV cache + the larger
+               of working and loading
 These are estimates of what model.py and ops.py allocate, rounded up, not measurements
 (tests/test_robust.py holds the total to within 10% of the peak RSS a process measures).
 
@@ -117,22 +119,41 @@ def loading_bytes(p: ModelArgs, storage, tied=False, device="cpu", sources=None)
     the GPU the host does both, one weight or layer at a time: nothing extra on the device."""
     if device == "cuda":
         return 0
-    sources, shapes = sources or {}, weight_shapes(p)
-    storing = max(_store_bytes(sources.get(name, "f32"), storage[name], shape)
-                  for name, shape in shapes.items())
-    return max(storing, _build_bytes(p, storage, tied))
+    # loading.lay_out copies each float32 matrix column-major, one at a time, after storing
+    laying_out = max((F32 * math.prod(shape) for name, shape in weight_shapes(p).items()
+                      if len(shape) == 2 and storage[name] == "f32"), default=0)
+    return max(_storing_bytes(p, storage, tied, sources or {}), laying_out,
+               _build_bytes(p, storage, tied))
+
+
+def _storing_bytes(p, storage, tied, sources):
+    """store_weights stores the weights one after another, in the checkpoint's order (that of
+    `sources`): its peak is what is kept so far plus what storing the next one holds. Returned
+    as the bytes above the weights' total."""
+    shapes = weight_shapes(p)
+    order = [name for name in sources if name in shapes] or list(shapes)
+    kept = peak = 0
+    for name in order:
+        if tied and name == "output.weight":
+            continue                                       # the embedding's table, stored once
+        fmt, shape = storage[name], shapes[name]
+        peak = max(peak, kept + stored_nbytes(fmt, shape)
+                   + _store_bytes(sources.get(name, "f32"), fmt, shape))
+        kept += stored_nbytes(fmt, shape)
+    return max(peak - kept, 0)
 
 
 def _store_bytes(source, fmt, shape):
-    """Held beyond the kept weight while one weight arriving as `source` is stored as `fmt`:
-    the bytes read, their float32 values (with dequantize's temporaries), quantize's."""
+    """Held beyond the kept weight while one weight arriving as `source` is stored as `fmt`, in
+    two steps: the bytes read and their float32 values (dequantize's temporaries included);
+    then, the bytes read let go, the float32 values and quantize's arrays."""
     if fmt == source:
         return 0                                   # read straight into the form it is kept in
     n4 = F32 * math.prod(shape)
     read = 0 if source == "f32" else stored_nbytes(source, shape)
-    widen = n4 if source == "f32" else DEQUANTIZE_COPIES[source] * n4
+    widen = read + (n4 if source == "f32" else DEQUANTIZE_COPIES[source] * n4)
     narrow = 0 if fmt == "f32" else (1 + QUANTIZE_COPIES[fmt]) * n4
-    return max(int(read + max(widen, narrow)) - stored_nbytes(fmt, shape), 0)
+    return max(int(max(widen, narrow)) - stored_nbytes(fmt, shape), 0)
 
 
 def _build_bytes(p, storage, tied):
