@@ -12,6 +12,7 @@ example_text_completion.py without torchrun. Exit statuses (docs/troubleshooting
 Generated text printed to a terminal has its control characters taken out (terminal_text).
 """
 import argparse
+import codecs
 import errno
 import math
 import os
@@ -137,7 +138,6 @@ def build_parser():
 # C0 controls but tab, newline and carriage return; DEL; C1 controls (U+0080..U+009F). A model's
 # vocabulary may hold pieces with ESC sequences that would move the cursor or retitle a window.
 CONTROLS = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
-CONTROL_BYTES = re.compile(b"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]|\xc2[\x80-\x9f]")
 
 
 def terminal_text(text):
@@ -146,16 +146,17 @@ def terminal_text(text):
 
 
 class TerminalBytes:
-    """A binary stream that drops control characters from UTF-8 bytes written in pieces (a
-    C1 control, \\xc2\\x80..\\x9f in UTF-8, may be split across two writes)."""
+    """A binary stream for generated text on a terminal: the UTF-8 bytes written to it, in
+    pieces as they come, are decoded (a character split across pieces waits for its end; a
+    byte that is not UTF-8 becomes U+FFFD, as a UTF-8 terminal would show it, never a lone
+    0x9b that an 8-bit terminal takes for CSI) and written without control characters."""
 
     def __init__(self, raw):
-        self.raw, self.held = raw, b""
+        self.raw = raw
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
     def write(self, data):
-        data = self.held + bytes(data)
-        self.held = b"\xc2" if data.endswith(b"\xc2") else b""
-        self.raw.write(CONTROL_BYTES.sub(b"", data[:len(data) - len(self.held)]))
+        self.raw.write(terminal_text(self.decoder.decode(bytes(data))).encode("utf-8"))
 
     def flush(self):
         self.raw.flush()
