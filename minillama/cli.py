@@ -20,7 +20,7 @@ import re
 import sys
 import traceback
 
-from .errors import ArgumentError, MiniLlamaError, StreamError
+from .errors import ArgumentError, MiniLlamaError, StreamError, shown
 
 # Meta's example_text_completion.py prompts, used when `complete` is given none.
 EXAMPLE_PROMPTS = [
@@ -41,14 +41,14 @@ def _number(kind, low=None, high=None, low_open=False):
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {kind.__name__}, got {text!r}")
+            raise argparse.ArgumentTypeError(f"expected {kind.__name__}, got {shown(text)}")
         if value != value or value in (float("inf"), float("-inf")) \
                 or (low is not None and (value < low or (low_open and value == low))) \
                 or (high is not None and value > high):
             bracket = "(" if low_open else "["
             raise argparse.ArgumentTypeError(
                 f"expected a value in {bracket}{low if low is not None else '-inf'}, "
-                f"{f'{high}]' if high is not None else 'inf)'}, got {text}")
+                f"{f'{high}]' if high is not None else 'inf)'}, got {shown(text, quote=False)}")
         return value
     return parse
 
@@ -244,10 +244,10 @@ def cmd_complete(args):
     results = generator.text_completion(prompts, temperature=args.temperature, top_p=args.top_p,
                                         max_gen_len=args.max_gen_len, logprobs=args.logprobs,
                                         echo=args.echo)
-    shown = terminal_text if sys.stdout.isatty() else str
+    printable = terminal_text if sys.stdout.isatty() else str
     for prompt, result, cut in zip(prompts, results, generator.cut_at_max_seq_len):
         print(prompt)
-        print(f"> {shown(result['generation'])}", flush=True)
+        print(f"> {printable(result['generation'])}", flush=True)
         if cut:
             print(f"minillama: note: this completion stopped at max_seq_len "
                   f"({generator.model.params.max_seq_len} tokens, prompt included) before "

@@ -21,32 +21,34 @@ def _escaped(text):
 
 
 def _cut(text, limit):
-    """(text cut in the middle to about `limit` items, the length said or "")."""
+    """`text` cut in the middle to `limit` characters, "..." where the cut is."""
     if len(text) <= limit:
-        return text, ""
+        return text
     head = limit * 2 // 3
-    dots = "..." if isinstance(text, str) else b"..."
-    return text[:head] + dots + text[len(text) - (limit - head):], f" ({len(text):,} " \
-        f"{'characters' if isinstance(text, str) else 'bytes'})"
+    return text[:head] + "..." + text[len(text) - (limit - head):]
 
 
 def shown(value, quote=True, limit=VALUE_LIMIT):
     """`value` (from a file or argv) as a message shows it: a str quoted as repr() quotes it
     ('llama'), or with quote=False bare (a path); anything else as its repr(). Control
-    characters escaped, cut in the middle to about `limit` characters with the length said:
-    'blk.0.attn_q.weightxxxxxx...xxxxxx' (4,194,304 characters)."""
-    if isinstance(value, (str, bytes)):
-        text, length = _cut(value, limit if isinstance(value, str) else limit // 4)
-        return (repr(text) if quote or isinstance(value, bytes) else _escaped(text)) + length
-    text, length = _cut(repr(value), limit)
-    return _escaped(text) + length.replace("characters", "characters of repr")
+    characters escaped (\\x1b), and what is shown cut in the middle to `limit` characters,
+    the value's own length said: 'blk.0.attn_qxxxx...xxxx.weight' (4,194,304 characters)."""
+    if isinstance(value, str):
+        text, unit = (repr(value) if quote else _escaped(value)), "characters"
+    elif isinstance(value, bytes):
+        text, unit = repr(value), "bytes"
+    else:
+        text, unit = _escaped(repr(value)), "characters of repr"
+    size = len(value) if isinstance(value, (str, bytes)) else len(text)
+    return text if len(text) <= limit else f"{_cut(text, limit)} ({size:,} {unit})"
 
 
 def one_line(message):
     """A message as it is printed: control characters (newlines too) escaped, cut to
     MESSAGE_LIMIT characters."""
-    text, length = _cut(_escaped(message), MESSAGE_LIMIT)
-    return text + length
+    text = _escaped(message)
+    return text if len(text) <= MESSAGE_LIMIT else \
+        f"{_cut(text, MESSAGE_LIMIT)} ({len(text):,} characters)"
 
 
 class MiniLlamaError(Exception):
