@@ -188,8 +188,7 @@ def find_tokenizer(checkpoint, given, carried=None):
 def cmd_run(args):
     import time
     from .devices import get_ops
-    from .loading import open_checkpoint
-    from .model import Transformer
+    from .loading import build_model, open_checkpoint
     from .run import chat, generate
     from .sampler import Llama2cSampler
     from .tokenizers import load_tokenizer
@@ -204,8 +203,7 @@ def cmd_run(args):
                            kv_dtype=args.kv_dtype)
     tokenizer = load_tokenizer(find_tokenizer(checkpoint, args.tokenizer, ckpt.tokenizer_path),
                                vocab_size=ckpt.params.vocab_size)
-    model = Transformer(ckpt.params, ckpt.weights, ops, args.kv_dtype)
-    ckpt.weights = None         # the model holds what it needs: let the separate wq, wk, ... go
+    model = build_model(ckpt, ops, args.kv_dtype)
     if mode == "chat" and sys.stdin is None:
         raise StreamError("stdin is closed; chat reads the user's turns from it (give it a "
                           "terminal or a file, or use -m generate)")

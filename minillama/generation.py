@@ -38,8 +38,7 @@ class Llama:
         the KV cache's ("float32" or "float16"); load_options go to open_checkpoint (dtype=,
         budget=)."""
         from .devices import get_ops
-        from .loading import open_checkpoint
-        from .model import Transformer
+        from .loading import build_model, open_checkpoint
         from .tokenizers import load_tokenizer
         if max_seq_len is not None:      # None: the checkpoint's own context length
             check_positive_int("max_seq_len", max_seq_len)
@@ -51,7 +50,7 @@ class Llama:
         if tokenizer_path is None:
             raise ArgumentError(f"tokenizer_path: {ckpt_dir} carries no tokenizer; pass one")
         tokenizer = load_tokenizer(tokenizer_path, vocab_size=ckpt.params.vocab_size)
-        return Llama(Transformer(ckpt.params, ckpt.weights, ops, kv_dtype), tokenizer, seed)
+        return Llama(build_model(ckpt, ops, kv_dtype), tokenizer, seed)
 
     def __init__(self, model, tokenizer, seed=1):
         self.model = model

@@ -6,6 +6,7 @@
                                     (minillama.dtypes), and the memory plan that chose it
     load_model(path, device, max_seq_len, max_batch_size, dtype, kv_dtype) -> Transformer,
                                     after checking that the memory plan fits (minillama.memory)
+    build_model(ckpt, ops, kv_dtype) -> Transformer of an opened checkpoint, within its plan
 
 Each format module provides `load_<format>(path, max_seq_len, max_batch_size)` returning
 (ModelArgs, weights[, tokenizer path]). New formats register themselves in FORMATS.
@@ -74,9 +75,18 @@ def open_checkpoint(path, max_seq_len=None, max_batch_size=1, dtype=None, device
     if device is not None:
         ckpt.plan.check()
     ckpt.weights = store_weights(ckpt.weights, ckpt.plan.load_dtype)
-    if (device or "cpu") == "cpu":
-        lay_out(ckpt.weights, get_ops("cpu"))
     return ckpt
+
+
+def build_model(ckpt, ops, kv_dtype="float32"):
+    """The Transformer of an opened checkpoint, built within its memory plan: the float32
+    matrices laid out first as `ops` keeps them, and the checkpoint's weights let go once the
+    model holds what it needs (ckpt.weights becomes None: the separate wq, wk, wv, w1, w3
+    would otherwise live beside the fused wqkv and w13 for the whole run)."""
+    lay_out(ckpt.weights, ops)
+    model = Transformer(ckpt.params, ckpt.weights, ops, kv_dtype)
+    ckpt.weights = None
+    return model
 
 
 def lay_out(weights, ops):
@@ -94,7 +104,7 @@ def load_model(path, device="cpu", max_seq_len=None, max_batch_size=1, dtype=Non
                kv_dtype="float32"):
     ckpt = open_checkpoint(path, max_seq_len, max_batch_size, dtype, device or "cpu", budget,
                            kv_dtype=kv_dtype)
-    return Transformer(ckpt.params, ckpt.weights, get_ops(device), kv_dtype)
+    return build_model(ckpt, get_ops(device), kv_dtype)
 
 
 # (name, module in minillama.checkpoints, probe(path) -> bool, loader). Probed in order; the

@@ -24,8 +24,8 @@ its weights in, before any weight is read.
                fused copies made while the checkpoint's separate wq, wk, wv, w1, w3 live (for
                a float32 Llama ~70% of the weights), with a float32 embedding table made from
                one stored otherwise. The separate weights are let go once the model is built
-               (load_model, `minillama run`), so the peak is weights + KV cache + the larger
-               of working and loading
+               (loading.build_model, used by load_model, Llama.build and `minillama run`),
+               so the peak is weights + KV cache + the larger of working and loading
 These are estimates of what model.py and ops.py allocate, rounded up, not measurements
 (tests/test_robust.py holds the total to within 10% of the peak RSS a process measures).
 

@@ -151,10 +151,12 @@ def chat(model, tokenizer, sampler, user_prompt, system_prompt, steps, inp=None,
             if user is None:                              # end of input: a clean goodbye
                 break
             prompt_tokens = tokenizer.encode(render(system, user, pos == 0), bos=True, eos=False)
-            if pos + len(prompt_tokens) > steps:      # as generate() refuses a long prompt
+            if pos == 0 and steps == requested and len(prompt_tokens) > steps:
+                # as generate() refuses a prompt longer than -n (when the model's context is
+                # the limit, or a later turn overruns, note_seq_len_cap says so at the end)
                 raise ArgumentError(f"chat turn: {len(prompt_tokens)} tokens (the message in "
-                                    f"its chat format) do not fit in the {steps - pos} "
-                                    f"positions left of {step_limit(steps, requested)}")
+                                    f"its chat format) do not fit in "
+                                    f"{step_limit(steps, requested)}")
             user_idx, user_turn = 0, False
             out.write(b"Assistant: ")
         if user_idx < len(prompt_tokens):

@@ -411,7 +411,7 @@ def test_leftovers_of_a_killed_download_are_removed(server, home, monkeypatch):
 def test_chat_turn_longer_than_the_steps_is_an_error_as_in_generate(shared, capsys):
     code, out, err = run_main(["run", STORIES, "-z", TOK_BIN, "-n", "10", "-m", "chat", "-y",
                                "", "-i", "one two three four five six seven eight"], capsys)
-    assert code == 2 and "chat turn: " in err and "positions left of 10 steps (-n)" in err
+    assert code == 2 and "chat turn: " in err and "do not fit in 10 steps (-n)" in err
     assert_one_clean_line(err)
 
 

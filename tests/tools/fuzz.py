@@ -39,6 +39,7 @@ import tempfile
 import time
 import traceback
 import tracemalloc
+import unicodedata
 import zipfile
 import zlib
 from collections import Counter
@@ -571,7 +572,7 @@ def message_fault(e):
     raw = str(e.args[0]) if e.args else ""
     if len(raw) > MESSAGE_LIMIT:
         return f"a message of {len(raw):,} characters (bound {MESSAGE_LIMIT})"
-    control = next((c for c in raw if not c.isprintable()), None)
+    control = next((c for c in raw if unicodedata.category(c) == "Cc"), None)
     return f"a raw control character {control!r} in the message" if control else ""
 
 
@@ -678,6 +679,13 @@ def _worker(conn, targets, seeds, cases, seed, timeout, keep):
     for t in targets.values():
         for mod in t.needs:
             __import__(mod)
+    # ... and build what the readers build once per process: the byte-level BPE pre-tokenizer
+    # scans every Unicode code point (seconds on a busy machine, which a case's time limit
+    # must not pay for)
+    from minillama.tokenizers.bpe import PRE_TOKENIZERS
+    for makers in PRE_TOKENIZERS.values():
+        for make in makers:
+            make()
     cap_address_space()
     tracemalloc.start()
     for t_name, index in cases:
