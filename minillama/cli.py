@@ -163,8 +163,8 @@ class TerminalBytes:
 
 
 def stdout_bytes():
-    """sys.stdout as bytes for generated text: filtered by TerminalBytes on a terminal, as it
-    is elsewhere (a pipe or a file gets llama2.c's exact bytes)."""
+    """Where generated text goes: stdout's bytes through TerminalBytes on a terminal; as they
+    are into a pipe or a file (llama2.c's exact bytes)."""
     out = sys.stdout.buffer
     return TerminalBytes(out) if sys.stdout.isatty() else out
 
@@ -197,6 +197,9 @@ def cmd_run(args):
         from .download import model_path
         checkpoint, mode = str(model_path()), mode or "chat"
     mode = mode or "generate"
+    if mode == "chat" and sys.stdin is None:
+        raise StreamError("stdin is closed; chat reads the user's turns from it (give it a "
+                          "terminal or a file, or use -m generate)")
     ops = get_ops(args.device)
     # run feeds one token per forward (the prompt too, as run.c does): plan for that
     ckpt = open_checkpoint(checkpoint, dtype=args.dtype, device=args.device, prompt_len=1,
@@ -204,9 +207,6 @@ def cmd_run(args):
     tokenizer = load_tokenizer(find_tokenizer(checkpoint, args.tokenizer, ckpt.tokenizer_path),
                                vocab_size=ckpt.params.vocab_size)
     model = build_model(ckpt, ops, args.kv_dtype)
-    if mode == "chat" and sys.stdin is None:
-        raise StreamError("stdin is closed; chat reads the user's turns from it (give it a "
-                          "terminal or a file, or use -m generate)")
     if mode == "generate" and not tokenizer.encode(args.prompt or "", bos=True, eos=False):
         raise ArgumentError(f"-i: {checkpoint} has no BOS token to start from an empty "
                             f"prompt; give one with -i, or chat with -m chat")

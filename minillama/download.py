@@ -139,7 +139,7 @@ def cache_folder():
     folder = cache_dir()
     if folder.exists() and not folder.is_dir():
         raise DownloadError(f"cache directory {folder}: is a file, expected a folder; set "
-                            f"MINILLAMA_HOME to a folder") from None
+                            f"MINILLAMA_HOME to a folder")
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -152,7 +152,7 @@ def remove_stale(folder):
     """Remove what killed downloads left: *.part files and .wheel.* folders nothing has
     written to for STALE_S seconds."""
     now = time.time()
-    for leftover in [*folder.glob("*.part"), *folder.glob(".*.part"), *folder.glob(".wheel.*")]:
+    for leftover in [*folder.glob("*.part"), *folder.glob(".wheel.*")]:    # dot files too
         try:
             inside = [leftover, *leftover.rglob("*")] if leftover.is_dir() else [leftover]
             if now - max(p.lstat().st_mtime for p in inside) < STALE_S:

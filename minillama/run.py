@@ -155,8 +155,7 @@ def chat(model, tokenizer, sampler, user_prompt, system_prompt, steps, inp=None,
                 # as generate() refuses a prompt longer than -n (when the model's context is
                 # the limit, or a later turn overruns, note_seq_len_cap says so at the end)
                 raise ArgumentError(f"chat turn: {len(prompt_tokens)} tokens (the message in "
-                                    f"its chat format) do not fit in "
-                                    f"{step_limit(steps, requested)}")
+                                    f"its chat format) do not fit in {steps} steps (-n)")
             user_idx, user_turn = 0, False
             out.write(b"Assistant: ")
         if user_idx < len(prompt_tokens):
