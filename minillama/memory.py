@@ -60,6 +60,9 @@ QUANTIZE_COPIES = {"f16": 0.75, "bf16": 2.0, "q8_0": 3.1, "q4_0": 2.15, Q8_GROUP
 
 
 def fmt_bytes(n):
+    if n >= 1 << 80:          # a header's absurd sizes: the order of magnitude says enough
+        digits = str(int(n))  # (n / size would not fit a float past ~1e308)
+        return f"{digits[0]}.{digits[1]}e{len(digits) - 1} B"
     for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
         if n >= size:
             return f"{n / size:.1f} {unit}"
@@ -151,9 +154,14 @@ def _store_bytes(source, fmt, shape):
         return 0                                   # read straight into the form it is kept in
     n4 = F32 * math.prod(shape)
     read = 0 if source == "f32" else stored_nbytes(source, shape)
-    widen = read + (n4 if source == "f32" else DEQUANTIZE_COPIES[source] * n4)
-    narrow = 0 if fmt == "f32" else (1 + QUANTIZE_COPIES[fmt]) * n4
-    return max(int(max(widen, narrow)) - stored_nbytes(fmt, shape), 0)
+    widen = read + (n4 if source == "f32" else _times(DEQUANTIZE_COPIES[source], n4))
+    narrow = 0 if fmt == "f32" else n4 + _times(QUANTIZE_COPIES[fmt], n4)
+    return max(max(widen, narrow) - stored_nbytes(fmt, shape), 0)
+
+
+def _times(copies, n):
+    """copies * n in integers (a hostile header's n does not fit a float)."""
+    return n * round(copies * 1000) // 1000
 
 
 def _build_bytes(p, storage, tied):

@@ -577,3 +577,23 @@ def test_the_plan_is_within_10_percent_of_the_peak_rss(rss_files, file, dtype):
     assert done.returncode == 0, done.stderr
     planned, peak = map(int, done.stdout.split())
     assert 0.9 * planned <= peak <= 1.1 * planned, (planned, peak, peak / planned)
+
+
+# ----------------------------------------------------------------------------
+# regressions the long fuzz run (python -m tests.tools.fuzz --cases 10000) found
+
+@pytest.mark.parametrize("case", [
+    "sentencepiece:346",     # SentencePiece's own error quoted a raw DEL from the file
+    "safetensors:1097",      # max_position_embeddings 1e308: the plan's size did not fit a float
+])
+def test_long_fuzz_run_regressions(case):
+    require_shared()
+    name, index = case.split(":")
+    t = fuzz.target(name)
+    out = fuzz.run_case(t, t.seeds(MODELS), 0, int(index), timeout=60)
+    assert out.kind in fuzz.PASSED, out.detail
+
+
+def test_absurd_sizes_are_said_not_crashed_on():
+    assert memory.fmt_bytes(10 ** 400) == "1.0e400 B" and memory.fmt_bytes(3 << 30) == "3.0 GiB"
+    assert memory._times(1.125, 10 ** 400) == 1125 * 10 ** 397

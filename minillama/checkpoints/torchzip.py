@@ -149,7 +149,8 @@ def load_pth(path):
     # encrypted member) and ValueError; a byteorder member of junk fails to decode
     except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, UnicodeDecodeError,
             NotImplementedError, RuntimeError, ValueError) as e:
-        raise CheckpointError(f"{path}: damaged zip archive ({e})") from None
+        raise CheckpointError(f"{path}: damaged zip archive ({shown(str(e), quote=False)})") \
+            from None
     if byteorder != "little":
         raise CheckpointError(f"{path}: byteorder {shown(byteorder)}: only little-endian files are read")
     try:
@@ -159,7 +160,7 @@ def load_pth(path):
         raise
     except Exception as e:       # a damaged pickle fails in many ways; all mean the same here
         raise CheckpointError(f"{path}: damaged pickle in data.pkl "
-                              f"({type(e).__name__}: {e})") from None
+                              f"({type(e).__name__}: {shown(str(e), quote=False)})") from None
 
 
 def _refuse_truncated(path):
