@@ -69,6 +69,12 @@ def next_logits(forward, model, token, pos):
     return logits
 
 
+def step_limit(steps, requested):
+    """What capped the steps, in words: -n, or the model's context."""
+    return (f"{steps} steps (-n)" if steps == requested else
+            f"the model's max_seq_len ({steps} positions)")
+
+
 def note_seq_len_cap(requested, steps, pos, err):
     """llama2.c silently caps -n at the model's context; say so when the cap ended the run."""
     if requested > steps and pos >= steps:
@@ -84,9 +90,8 @@ def generate(model, tokenizer, sampler, prompt, steps, out=None, err=None, exact
     requested, steps = steps, check_steps(steps, model.params.max_seq_len)
     prompt_tokens = tokenizer.encode(prompt or "", bos=True, eos=False)
     if len(prompt_tokens) > steps:
-        limit = f"{steps} steps (-n)" if steps == requested else \
-            f"the model's max_seq_len ({steps} positions)"
-        raise ArgumentError(f"prompt (-i): {len(prompt_tokens)} tokens do not fit in {limit}")
+        raise ArgumentError(f"prompt (-i): {len(prompt_tokens)} tokens do not fit in "
+                            f"{step_limit(steps, requested)}")
     start = None
     token, pos, generated = prompt_tokens[0], 0, []
     writer = PieceWriter(tokenizer, out)
@@ -159,6 +164,11 @@ def chat(model, tokenizer, sampler, user_prompt, system_prompt, steps, inp=None,
                 dialog.append({"role": "system", "content": system})
             dialog.append({"role": "user", "content": user})
             turn = tokenizer.chat.next_turn(tokenizer, dialog, fed)
+            if not fed and steps == requested and len(turn.ids) > steps:
+                # as generate() refuses a prompt longer than -n (when the model's context is
+                # the limit, or a later turn overruns, note_seq_len_cap says so at the end)
+                raise ArgumentError(f"chat turn: {len(turn.ids)} tokens (the message in its "
+                                    f"chat format) do not fit in {steps} steps (-n)")
             pos, fed, prompt_tokens = turn.keep, fed[:turn.keep], turn.ids
             user_idx, user_turn, reply = 0, False, []
             out.write(b"Assistant: ")

@@ -3,7 +3,7 @@ piece rules, which llama2.c's tokenizer.bin (an export of the same vocabulary) f
 import os
 import re
 
-from ..errors import TokenizerError
+from ..errors import TokenizerError, shown
 from .base import Tokenizer, check_text, read_head, read_tokenizer_file
 from .chat import chat_beside
 from .utf8 import utf8_bytes
@@ -36,7 +36,7 @@ class SentencePieceTokenizer(Tokenizer):
             self.sp_model = SentencePieceProcessor(model_proto=data)
         except (RuntimeError, OSError, ValueError) as e:
             raise TokenizerError(f"{path}: not a SentencePiece model "
-                                 f"({str(e).splitlines()[0]})") from None
+                                 f"({shown(str(e).splitlines()[0], quote=False)})") from None
         sp = self.sp_model
         n_words = sp.vocab_size()
         try:        # sentencepiece hands out pieces as str: a damaged model fails here, not later
