@@ -544,7 +544,7 @@ def rss_files(tmp_path_factory):
     require_shared()
     gguf = pytest.importorskip("gguf")
     from safetensors.numpy import save_file
-    from minillama.checkpoints.safetensors_hf import HF_LAYER_NAMES
+    from minillama.checkpoints.hf import HF_LAYER_NAMES
     from minillama.tokenizers import Llama2cTokenizer
     from tests.tools.writers import llama_vocab, write_gguf
     d = tmp_path_factory.mktemp("rss")
