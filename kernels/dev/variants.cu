@@ -216,7 +216,7 @@ qgemv_v2(const float* __restrict__ X, const uint4* __restrict__ qs,
 #pragma unroll
                 for (int g = 0; g < (V + 31) / 32; ++g) {
                     constexpr int W = V < 32 ? V : 32;
-                    constexpr int SHIFT = W == 32 ? 0 : W == 16 ? 1 : W == 8 ? 2 : W == 4 ? 3 : 4;
+                    constexpr int SHIFT = W == 32 ? 0 : W == 16 ? 1 : W == 8 ? 2 : W == 4 ? 3 : W == 2 ? 4 : 5;
                     float part[W];
 #pragma unroll
                     for (int i = 0; i < W; ++i) part[i] = acc[g * 32 + i];
