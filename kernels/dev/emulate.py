@@ -1,4 +1,4 @@
-"""Replay the index arithmetic of gemm_v5 and qgemv on the CPU, for machines without a GPU.
+"""Replay the index arithmetic of gemm_v5, qgemv and qgemv_tc on the CPU, for machines without a GPU.
 
     python kernels/dev/emulate.py
 
@@ -7,7 +7,10 @@ ldmatrix and what each lane receives, how mma.m16n8k16's register fragments map 
 elements (the PTX ISA's tables), and which lane of qgemv writes which output: all written out
 element by element in Python, the product assembled from the fragments and compared with NumPy.
 It checks our reading of the layouts and the kernels' indexing, not the hardware: a run on the
-GPU (check_formats.py) is still the test. Slow on purpose, so sizes are small.
+GPU (check_formats.py, bench_variants.py) is still the test. Slow on purpose, so sizes are small.
+qgemv_tc (variants.cu) is replayed whole: its loads, the quad transpose through shared memory
+and ldmatrix, the k permutation, the TF32 fragments of mma.m16n8k8 (operands truncated to TF32
+as the tensor cores read them), the per-block scales, the split over k and the stores.
 """
 import sys
 from pathlib import Path

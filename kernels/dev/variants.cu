@@ -33,10 +33,20 @@
 
 #define F32_MAGIC 0x4B000000u         // the float 2^23
 
-__device__ __forceinline__ float magic_code(unsigned int w, unsigned int mask, float scale,
-                                            float bias) {
-    // ((w & mask) | 2^23) * scale - bias: mask selects bits s .. s + 3, scale = 2^-s
-    return fmaf(__uint_as_float((w & mask) | F32_MAGIC), scale, -bias);
+// (w & MASK) | 2^23 as one LOP3. Written in C, the compiler splits it in two (an AND with one
+// immediate, an OR with the other: an instruction takes only one); in PTX, ptxas keeps one
+// LOP3 and holds the magic in a register (lookup table 0xEA = (a & b) | c).
+template <unsigned int MASK>
+__device__ __forceinline__ unsigned int and_or_magic(unsigned int w) {
+    unsigned int d;
+    asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(d) : "r"(w), "n"(MASK), "n"(F32_MAGIC));
+    return d;
+}
+
+template <unsigned int MASK>
+__device__ __forceinline__ float magic_code(unsigned int w, float scale, float bias) {
+    // ((w & MASK) | 2^23) * scale - bias: MASK selects bits s .. s + 3, scale = 2^-s
+    return fmaf(__uint_as_float(and_or_magic<MASK>(w)), scale, -bias);
 }
 
 struct V2F32 {                        // issue 13: float32 weights, 4 per load
@@ -72,15 +82,15 @@ struct V2Q4 {
         const unsigned int w = q_word(q, p & 3), w2 = w >> 12;
         const float o = MIN ? 0.0f : 8.0f;
         if (p < 4) {
-            v[0] = magic_code(w, 0x0000000Fu, 1.0f, 8388608.0f + o);
-            v[1] = magic_code(w, 0x00000F00u, 1.0f / 256, 32768.0f + o);
-            v[2] = magic_code(w, 0x000F0000u, 1.0f / 65536, 128.0f + o);
-            v[3] = magic_code(w2, 0x0000F000u, 1.0f / 4096, 2048.0f + o);     // bits 24..27
+            v[0] = magic_code<0x0000000Fu>(w, 1.0f, 8388608.0f + o);
+            v[1] = magic_code<0x00000F00u>(w, 1.0f / 256, 32768.0f + o);
+            v[2] = magic_code<0x000F0000u>(w, 1.0f / 65536, 128.0f + o);
+            v[3] = magic_code<0x0000F000u>(w2, 1.0f / 4096, 2048.0f + o);     // bits 24..27
         } else {
-            v[0] = magic_code(w, 0x000000F0u, 1.0f / 16, 524288.0f + o);
-            v[1] = magic_code(w, 0x0000F000u, 1.0f / 4096, 2048.0f + o);
-            v[2] = magic_code(w2, 0x00000F00u, 1.0f / 256, 32768.0f + o);     // bits 20..23
-            v[3] = magic_code(w2, 0x000F0000u, 1.0f / 65536, 128.0f + o);     // bits 28..31
+            v[0] = magic_code<0x000000F0u>(w, 1.0f / 16, 524288.0f + o);
+            v[1] = magic_code<0x0000F000u>(w, 1.0f / 4096, 2048.0f + o);
+            v[2] = magic_code<0x00000F00u>(w2, 1.0f / 256, 32768.0f + o);     // bits 20..23
+            v[3] = magic_code<0x000F0000u>(w2, 1.0f / 65536, 128.0f + o);     // bits 28..31
         }
     }
 };
@@ -294,14 +304,14 @@ struct TcQ4_0 {
     static constexpr bool SCALED = true;
     static __device__ __forceinline__ void words(unsigned int w, float* v) {
         const unsigned int w2 = w >> 12;
-        v[0] = magic_code(w, 0x0000000Fu, 1.0f, 8388616.0f);
-        v[1] = magic_code(w, 0x00000F00u, 1.0f / 256, 32776.0f);
-        v[2] = magic_code(w, 0x000F0000u, 1.0f / 65536, 136.0f);
-        v[3] = magic_code(w2, 0x0000F000u, 1.0f / 4096, 2056.0f);
-        v[4] = magic_code(w, 0x000000F0u, 1.0f / 16, 524296.0f);
-        v[5] = magic_code(w, 0x0000F000u, 1.0f / 4096, 2056.0f);
-        v[6] = magic_code(w2, 0x00000F00u, 1.0f / 256, 32776.0f);
-        v[7] = magic_code(w2, 0x000F0000u, 1.0f / 65536, 136.0f);
+        v[0] = magic_code<0x0000000Fu>(w, 1.0f, 8388616.0f);
+        v[1] = magic_code<0x00000F00u>(w, 1.0f / 256, 32776.0f);
+        v[2] = magic_code<0x000F0000u>(w, 1.0f / 65536, 136.0f);
+        v[3] = magic_code<0x0000F000u>(w2, 1.0f / 4096, 2056.0f);
+        v[4] = magic_code<0x000000F0u>(w, 1.0f / 16, 524296.0f);
+        v[5] = magic_code<0x0000F000u>(w, 1.0f / 4096, 2056.0f);
+        v[6] = magic_code<0x00000F00u>(w2, 1.0f / 256, 32776.0f);
+        v[7] = magic_code<0x000F0000u>(w2, 1.0f / 65536, 136.0f);
     }
 };
 
@@ -432,7 +442,7 @@ qgemv_tc(const float* __restrict__ X, const uint4* __restrict__ qs,
          const unsigned short* __restrict__ d, float* __restrict__ Y, int M, int N, int K,
          int accumulate, const float* __restrict__ norm_w, float eps, int kc, int KS) {
     constexpr int ROWS = 8 * NB, SPAN = 4 * F::WEIGHTS;        // x rows; weights per group
-    extern __shared__ float tc_x[];                            // hi: (ROWS, XS), then lo
+    extern __shared__ __align__(16) float tc_x[];              // hi: (ROWS, XS), then lo
     __shared__ __align__(16) unsigned char tc_w[8][16 * 64];   // per warp: 16 rows x 4 chunks
     __shared__ float tc_red[8][NB * 4][32];                    // per warp: its fragments
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, t = lane % 4;
