@@ -504,13 +504,14 @@ def best(rows, **key):
     return min(sel, key=lambda r: r["us"]) if sel else None
 
 
-def print_tables(res, log):
+def print_tables(res, log, record):
+    """The full table into the log file only (record), the best of each and the sums to both."""
     bw, rows = res["copy_gbs"], res["gemv"]
-    log("")
-    log(f"GEMV, fraction of the copy bandwidth ({bw:.0f} GB/s) per candidate; "
-        f"best per (shape, format, batch) marked *")
-    log(f"{'shape':16s} {'fmt':5s} {'M':>3s} {'variant':24s} {'us':>9s} {'GB/s':>6s} {'frac':>5s}"
-        f" {'vs v1/gemv':>10s}")
+    record("")
+    record(f"GEMV, fraction of the copy bandwidth ({bw:.0f} GB/s) per candidate; "
+           f"best per (shape, format, batch) marked *")
+    record(f"{'shape':16s} {'fmt':5s} {'M':>3s} {'variant':24s} {'us':>9s} {'GB/s':>6s} {'frac':>5s}"
+           f" {'vs v1/gemv':>10s}")
     keys = sorted({(r["shape"], r["fmt"], r["M"]) for r in rows},
                   key=lambda k: (k[0], k[1], k[2]))
     for shape, fmt, M in keys:
@@ -520,8 +521,20 @@ def print_tables(res, log):
         top = min(sel, key=lambda r: r["us"])
         for r in sorted(sel, key=lambda r: r["us"]):
             speed = f"{base['us'] / r['us']:10.2f}" if base else ""
-            log(f"{shape:16s} {fmt:5s} {M:3d} {r['variant']:24s} {r['us']:9.1f} {r['gbs']:6.0f} "
-                f"{r['frac']:5.2f} {speed}{' *' if r is top else ''}")
+            record(f"{shape:16s} {fmt:5s} {M:3d} {r['variant']:24s} {r['us']:9.1f} {r['gbs']:6.0f} "
+                   f"{r['frac']:5.2f} {speed}{' *' if r is top else ''}")
+    log("")
+    log(f"GEMV, the best candidate of each (shape, format, batch): us, fraction of the copy "
+        f"bandwidth ({bw:.0f} GB/s), and today's (v1 or gemv; cuBLAS for float32)")
+    for shape, fmt, M in keys:
+        sel = [r for r in rows if (r["shape"], r["fmt"], r["M"]) == (shape, fmt, M)]
+        top = min(sel, key=lambda r: r["us"])
+        base = [r for r in sel if r["variant"] == "gemv" or r["variant"].startswith("v1")]
+        base = min(base, key=lambda r: r["us"]) if base else None
+        cub = [r for r in sel if r["variant"] == "cublas"]
+        log(f"{shape:16s} {fmt:5s} {M:2d} {top['variant']:22s} {top['us']:8.1f} {top['frac']:5.2f}"
+            + (f" | today {base['us']:8.1f} {base['frac']:5.2f}" if base else "")
+            + (f" | cuBLAS {cub[0]['us']:8.1f}" if cub else ""))
     # the summaries the issues' targets are about
     log("")
     log("Per token, matmuls only (sum over the model's matrices of the best candidate; "
@@ -580,6 +593,9 @@ def main():
 
     def log(line):
         print(line, flush=True)
+        lines.append(line)
+
+    def record(line):                              # the log file only
         lines.append(line)
 
     def write():
@@ -649,7 +665,7 @@ def main():
             log(f"  timed {s} ({time.perf_counter() - start:.0f} s)")
             write()
         results["copy_gbs"] = bw / 1e9
-        print_tables(results, log)
+        print_tables(results, log, record)
     log(f"total {time.perf_counter() - start:.0f} s")
     write()
     return 0 if ok else 1
