@@ -248,14 +248,15 @@ def prologue_args(x, norm, swiglu):
     return pro, (x if norm is None else norm)
 
 
-def run_v2(M_, x, w, y, nr, u, rows_set, pro=0, norm=None, accumulate=False, smem=V2_SMEM,
-           bps=2):
+def run_v2(M_, x, w, y, nr, u, rows_set, pro=0, norm=None, accumulate=False, smem=V2_SMEM):
     """qgemv_v2 on x (M, K or 2K) and w (N, K): ROWS the smallest of rows_set >= M (or the
-    largest), the grid bps blocks per SM or fewer."""
+    largest); the grid as many blocks as fit on the GPU at once (the kernel's launch bounds:
+    2 per SM unless ROWS >= 8 or NR * U >= 16), or fewer."""
     fmt = fmt_of(w)
     N, K = w.shape
     M = x.shape[0]
     rows = next((r for r in sorted(rows_set) if r >= M), max(rows_set))
+    bps = 1 if rows >= 8 or nr * u >= 16 else 2
     step = 32 * WEIGHTS[fmt]
     kc = K if rows * K * 4 <= smem else max(step, smem // (rows * 4) // step * step)
     qs, d, m = planes(w)

@@ -102,8 +102,10 @@ typedef V2Q4<true> V2Q4_1;
 // 16-byte load, per (weight row j, x row r) a partial sum of code * x, then one FFMA by the
 // scale (and one by the min) into the accumulator. Unscaled formats accumulate directly.
 // ROWS * NR accumulators: up to 128 (ROWS 32, NR 4), reduced over the warp 32 at a time.
+// Two blocks per SM (128 registers a thread) only where that does not spill: few rows of x
+// and at most 8 loads in flight; bench_variants.run_v2 sizes the grid by the same rule.
 template <class F, int ROWS, int PRO, int NR, int U>
-__global__ void __launch_bounds__(256, ROWS * NR >= 32 ? 1 : 2)
+__global__ void __launch_bounds__(256, ROWS >= 8 || NR * U >= 16 ? 1 : 2)
 qgemv_v2(const float* __restrict__ X, const uint4* __restrict__ qs,
          const unsigned short* __restrict__ d, const unsigned short* __restrict__ mn,
          float* __restrict__ Y, int M, int N, int K, int accumulate,
