@@ -2,7 +2,8 @@
 
 model.py is the lesson; the checks on its input live here, one per place where input arrives:
 
-    check_model_args(p)                 ModelArgs' fields (ModelArgs.__post_init__)
+    check_model_args(p)                 ModelArgs' fields (ModelArgs.__post_init__), RoPE scaling
+                                        included (check_rope_scaling)
     check_kv_dtype(kv_dtype)            the KV cache's dtype (Transformer, the memory plan)
     check_weights(shapes, weights, source)
                                         every weight present, of its shape (Transformer.__init__,
@@ -48,6 +49,28 @@ def check_model_args(p):
                 or (name == "rope_theta" and value == 0):
             raise ArgumentError(f"{name}: expected a finite number "
                                 f"{'> 0' if name == 'rope_theta' else '>= 0'}, got {value!r}")
+    check_rope_scaling(p)
+
+
+def _positive(value):
+    return isinstance(value, (int, float, np.number)) and not isinstance(value, bool) \
+        and math.isfinite(value) and value > 0
+
+
+def check_rope_scaling(p):
+    """Llama 3's RoPE scaling, as numbers (model.RopeScaling) or as a GGUF's per-pair divisors:
+    a zero, negative or NaN one would turn every angle into NaN."""
+    s = p.rope_scaling
+    if s is not None:
+        values = [s.factor, s.low_freq_factor, s.high_freq_factor,
+                  s.original_max_position_embeddings]
+        if not all(map(_positive, values)) or s.low_freq_factor >= s.high_freq_factor:
+            raise ArgumentError(f"rope_scaling: llama3 RoPE scaling {values} must be positive "
+                                f"numbers with low_freq_factor < high_freq_factor")
+    factors = p.rope_freq_factors
+    if factors is not None and (len(factors) != p.head_dim // 2 or not all(map(_positive, factors))):
+        raise ArgumentError(f"rope_freq_factors: expected {p.head_dim // 2} positive numbers, "
+                            f"one per pair of a head")
 
 
 def check_kv_dtype(kv_dtype):

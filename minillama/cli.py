@@ -62,6 +62,9 @@ def add_device(p):
     p.add_argument("--kv-dtype", dest="kv_dtype", choices=KV_DTYPES, default="float32",
                    help="the KV cache: float32, or float16 for half the memory (default "
                         "float32)")
+    p.add_argument("--tensor-parallel", dest="tensor_parallel", type=positive_int, default=None,
+                   metavar="N", help="split the model over N GPUs, one worker process each, "
+                                     "joined by NCCL (Meta's layout; docs/parallel.md)")
 
 
 def build_parser():
@@ -85,6 +88,10 @@ def build_parser():
     run.add_argument("-m", dest="mode", choices=["generate", "chat"], default=None,
                      help="default: generate, or chat for the default model")
     run.add_argument("-y", dest="system_prompt", default=None, help="system prompt (chat)")
+    run.add_argument("--exact", action="store_true",
+                     help="compute in llama2.c's order of operations, so a sampled run is "
+                          "run.c's token for token (slower; CPU only; always on for llama2.c's "
+                          "int8 files, as runq)")
     add_device(run)
 
     comp = sub.add_parser("complete", help="Meta's text completion on a batch of prompts")
@@ -141,6 +148,7 @@ def find_tokenizer(checkpoint, given, carried=None):
 def cmd_run(args):
     import time
     from .devices import get_ops
+    from .exact import runs_runq
     from .loading import open_checkpoint
     from .model import Transformer
     from .run import chat, generate
@@ -151,22 +159,38 @@ def cmd_run(args):
         from .download import model_path
         checkpoint, mode = str(model_path()), mode or "chat"
     mode = mode or "generate"
-    ops = get_ops(args.device)
-    # run feeds one token per forward (the prompt too, as run.c does): plan for that
-    ckpt = open_checkpoint(checkpoint, dtype=args.dtype, device=args.device, prompt_len=1,
-                           kv_dtype=args.kv_dtype)
+    if args.tensor_parallel:                # the workers read the weights; here, the header
+        from .loading import read_checkpoint
+        ckpt = read_checkpoint(checkpoint)
+    else:
+        ops = get_ops(args.device)
+        # run feeds one token per forward (the prompt too, as run.c does): plan for that
+        ckpt = open_checkpoint(checkpoint, dtype=args.dtype, device=args.device, prompt_len=1,
+                               kv_dtype=args.kv_dtype)
     tokenizer = load_tokenizer(find_tokenizer(checkpoint, args.tokenizer, ckpt.tokenizer_path),
                                vocab_size=ckpt.params.vocab_size)
-    model = Transformer(ckpt.params, ckpt.weights, ops, args.kv_dtype)
+    if args.tensor_parallel:
+        from .parallel.workers import start
+        model = start(ckpt, args.tensor_parallel, args.dtype, args.kv_dtype, prompt_len=1)
+    else:
+        model = Transformer(ckpt.params, ckpt.weights, ops, args.kv_dtype)
     if mode == "generate" and not tokenizer.encode(args.prompt or "", bos=True, eos=False):
         raise ArgumentError(f"-i: {checkpoint} has no BOS token to start from an empty "
                             f"prompt; give one with -i, or chat with -m chat")
     seed = args.seed if args.seed > 0 else int(time.time())     # llama2.c: 0 means the clock
-    sampler = Llama2cSampler(ckpt.params.vocab_size, args.temperature, args.topp, seed)
-    if mode == "generate":
-        generate(model, tokenizer, sampler, args.prompt, args.steps)
-    else:
-        chat(model, tokenizer, sampler, args.prompt, args.system_prompt, args.steps)
+    # llama2.c's int8 files are runq's: on the CPU, decoded in runq's order of operations
+    exact = args.exact or (args.device == "cpu" and not args.tensor_parallel
+                            and runs_runq(model))
+    sampler = Llama2cSampler(ckpt.params.vocab_size, args.temperature, args.topp, seed, exact)
+    try:
+        if mode == "generate":
+            generate(model, tokenizer, sampler, args.prompt, args.steps, exact=exact)
+        else:
+            chat(model, tokenizer, sampler, args.prompt, args.system_prompt, args.steps,
+                 exact=exact)
+    finally:
+        if args.tensor_parallel:
+            model.close()
 
 
 def read_prompts(args):
@@ -188,10 +212,15 @@ def cmd_complete(args):
                             f"{args.max_batch_size}")
     generator = Llama.build(args.ckpt_dir, args.tokenizer_path, args.max_seq_len,
                             args.max_batch_size, device=args.device, seed=args.seed,
-                            dtype=args.dtype, kv_dtype=args.kv_dtype)
-    results = generator.text_completion(prompts, temperature=args.temperature, top_p=args.top_p,
-                                        max_gen_len=args.max_gen_len, logprobs=args.logprobs,
-                                        echo=args.echo)
+                            dtype=args.dtype, kv_dtype=args.kv_dtype,
+                            tensor_parallel=args.tensor_parallel)
+    try:
+        results = generator.text_completion(prompts, temperature=args.temperature,
+                                            top_p=args.top_p, max_gen_len=args.max_gen_len,
+                                            logprobs=args.logprobs, echo=args.echo)
+    finally:
+        if args.tensor_parallel:
+            generator.model.close()
     for prompt, result, cut in zip(prompts, results, generator.cut_at_max_seq_len):
         print(prompt)
         print(f"> {result['generation']}", flush=True)
@@ -224,9 +253,11 @@ def describe(ckpt, max_seq_len, max_batch_size, kv_dtype="float32"):
     kv_bytes = kv_cache_bytes(p, seq, max_batch_size, kv_dtype)
     return [
         f"file            {ckpt.path} ({ckpt.fmt})",
+        *([f"weights from    {ckpt.source}"] if ckpt.source else []),
         f"architecture    llama: dim {p.dim}, {p.n_layers} layers, {p.n_heads} heads "
         f"({p.n_kv_heads} kv heads, head_dim {p.head_dim}), hidden_dim {p.hidden_dim}, "
-        f"vocab {p.vocab_size}, rope theta {p.rope_theta:g}, norm eps {p.norm_eps:g}",
+        f"vocab {p.vocab_size}, rope theta {p.rope_theta:g}{rope_scaling_words(p)}, "
+        f"norm eps {p.norm_eps:g}",
         f"classifier      {'shared with the embedding' if tied else 'separate'}",
         f"parameters      {n_params:,}",
         f"weights         {weight_bytes:,} bytes as stored ({fmt_bytes(weight_bytes)})",
@@ -237,12 +268,30 @@ def describe(ckpt, max_seq_len, max_batch_size, kv_dtype="float32"):
     ]
 
 
+def rope_scaling_words(p):
+    """Llama 3's RoPE scaling, for info: the four numbers, or a GGUF's largest divisor."""
+    s = p.rope_scaling
+    if s is not None:
+        return (f" (llama3 scaling: factor {s.factor:g}, low/high freq factors "
+                f"{s.low_freq_factor:g}/{s.high_freq_factor:g}, original context "
+                f"{s.original_max_position_embeddings})")
+    if p.rope_freq_factors is not None:
+        return f" (llama3 scaling: rope_freqs, slow pairs / {max(p.rope_freq_factors):g})"
+    return ""
+
+
 def cmd_info(args):
     from .loading import read_checkpoint
     from .memory import plan_checkpoint
     # read_checkpoint leaves the weights on disk where the format allows: info reads headers
     ckpt = read_checkpoint(args.checkpoint, args.max_seq_len, args.max_batch_size)
     print("\n".join(describe(ckpt, args.max_seq_len, args.max_batch_size, args.kv_dtype)))
+    if args.tensor_parallel:            # every GPU holds equal slices: rank 0's plan is each one's
+        from .parallel.loading import plan_rank, shard_checkpoint
+        shard, weights = shard_checkpoint(ckpt, 0, args.tensor_parallel)
+        print(plan_rank(ckpt.params, shard, weights, args.dtype, "cuda",
+                        kv_dtype=args.kv_dtype).format())
+        return
     print(plan_checkpoint(ckpt, args.dtype, args.device, kv_dtype=args.kv_dtype).format())
 
 

@@ -60,12 +60,16 @@ class LazyTensor:
     format: a formats name, "f32", "f16", "bf16" (.safetensors, .pth, GGUF) or "q8_0", "q4_0",
     "q4_1" (GGUF). read() returns the stored values: an array of `shape` (float32, float16, or
     bfloat16 bits as uint16) for a dense format, a Packed for a block format. `packed()` gives
-    the weight as stored, `np.asarray(lazy)` as numbers (float32; a float16 source as float16)."""
+    the weight as stored, `np.asarray(lazy)` as numbers (float32; a float16 source as float16).
+    raw: where the reader can give it, a function returning the stored bytes as a read-only
+    np.memmap (uint8, row after row, GGUF's blocks for a block format), so that a slice of the
+    weight reads only its own bytes from disk (tensor parallelism, parallel/slicing.py)."""
 
-    def __init__(self, shape, format, read):
+    def __init__(self, shape, format, read, raw=None):
         self.shape = tuple(int(n) for n in shape)
         self.format = format
         self.read = read
+        self.raw = raw
 
     @property
     def size(self):

@@ -11,6 +11,7 @@ import numpy as np
 
 from .checks import check_finite
 from .errors import ArgumentError, check_positive_int
+from .exact import decoder
 from .ops import softmax, to_host
 from .sampler import check_sampling_args, sample_top_p
 from .tokenizers.chat import B_INST, E_INST
@@ -32,11 +33,21 @@ def cross_entropy(logits, target, ignore_index):
 class Llama:
     @staticmethod
     def build(ckpt_dir, tokenizer_path=None, max_seq_len=None, max_batch_size=1, device="cpu",
-              seed=1, kv_dtype="float32", **load_options):
+              seed=1, kv_dtype="float32", exact=False, tensor_parallel=None,
+              **load_options):
         """Load a checkpoint and its tokenizer. No process group, no NCCL: one process does it all.
         tokenizer_path may be None when the checkpoint carries its own tokenizer. kv_dtype:
-        the KV cache's ("float32" or "float16"); load_options go to open_checkpoint (dtype=,
-        budget=)."""
+        the KV cache's ("float32" or "float16"); exact: logits in llama2.c's order of operations
+        (exact.ExactDecoder), CPU only; load_options go to open_checkpoint (dtype=, budget=).
+        tensor_parallel=N: the model runs on N GPUs instead, in N worker processes joined by
+        NCCL (minillama/parallel/, docs/parallel.md); this process keeps the tokenizer and the
+        sampler, and model.close() stops the workers."""
+        if tensor_parallel is not None:
+            if exact:
+                raise ArgumentError("exact: llama2.c's order of operations runs on the CPU, "
+                                    "not with tensor_parallel")
+            return Llama._build_parallel(ckpt_dir, tokenizer_path, max_seq_len, max_batch_size,
+                                         seed, kv_dtype, tensor_parallel, **load_options)
         from .devices import get_ops
         from .loading import open_checkpoint
         from .model import Transformer
@@ -51,11 +62,30 @@ class Llama:
         if tokenizer_path is None:
             raise ArgumentError(f"tokenizer_path: {ckpt_dir} carries no tokenizer; pass one")
         tokenizer = load_tokenizer(tokenizer_path, vocab_size=ckpt.params.vocab_size)
-        return Llama(Transformer(ckpt.params, ckpt.weights, ops, kv_dtype), tokenizer, seed)
+        return Llama(Transformer(ckpt.params, ckpt.weights, ops, kv_dtype), tokenizer, seed, exact)
 
-    def __init__(self, model, tokenizer, seed=1):
+    @staticmethod
+    def _build_parallel(ckpt_dir, tokenizer_path, max_seq_len, max_batch_size, seed, kv_dtype,
+                        world, dtype=None):
+        """Llama.build's tensor_parallel=N: read the header and the tokenizer here, then
+        start the workers, which read their slices of the weights."""
+        from .loading import read_checkpoint
+        from .parallel.workers import start
+        from .tokenizers import load_tokenizer
+        if max_seq_len is not None:
+            check_positive_int("max_seq_len", max_seq_len)
+        check_positive_int("max_batch_size", max_batch_size)
+        ckpt = read_checkpoint(ckpt_dir, max_seq_len, max_batch_size)
+        tokenizer_path = tokenizer_path or ckpt.tokenizer_path
+        if tokenizer_path is None:
+            raise ArgumentError(f"tokenizer_path: {ckpt_dir} carries no tokenizer; pass one")
+        tokenizer = load_tokenizer(tokenizer_path, vocab_size=ckpt.params.vocab_size)
+        return Llama(start(ckpt, world, dtype, kv_dtype), tokenizer, seed)
+
+    def __init__(self, model, tokenizer, seed=1, exact=False):
         self.model = model
         self.tokenizer = tokenizer
+        self.exact = exact
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
             raise ArgumentError(f"seed: expected an integer >= 0, got {seed!r}")
         self.rng = np.random.default_rng(seed)    # torch.manual_seed(seed) in Meta's build
@@ -80,6 +110,9 @@ class Llama:
         if logprobs:
             token_logprobs = np.zeros(tokens.shape, dtype=np.float32)
 
+        # Llama 2 stops at EOS; Llama 3 at any of several tokens (<|eot_id|> ends a chat turn)
+        stop_tokens = np.array(self.tokenizer.stop_tokens, dtype=np.int64)
+
         prev_pos = 0
         eos_reached = np.array([False] * bsz)
         # Meta writes `tokens != pad_id`; from the lengths is the same when pad_id is -1 and
@@ -91,8 +124,9 @@ class Llama:
             logits = to_host(self.model.forward(tokens, prev_pos))
             token_logprobs[:, 1:] = -cross_entropy(logits[:, :-1], tokens[:, 1:], pad_id)
 
-        # model.forward, or a faster way its backend has to decode (the GPU's: one CUDA graph)
-        forward = self.model.ops.decoder(self.model)
+        # model.forward, or a faster way its backend has to decode (the GPU's: one CUDA graph),
+        # or with exact, llama2.c's order of operations
+        forward = decoder(self.model, self.exact)
         for cur_pos in range(min_prompt_len, total_len):
             logits = forward(tokens[:, prev_pos:cur_pos], prev_pos)
             last = to_host(logits[:, -1])                        # (bsz, vocab)
@@ -110,7 +144,7 @@ class Llama:
             if logprobs:
                 token_logprobs[:, prev_pos + 1 : cur_pos + 1] = -cross_entropy(
                     to_host(logits), tokens[:, prev_pos + 1 : cur_pos + 1], pad_id)
-            eos_reached |= (~input_text_mask[:, cur_pos]) & (next_token == self.tokenizer.eos_id)
+            eos_reached |= (~input_text_mask[:, cur_pos]) & np.isin(next_token, stop_tokens)
             prev_pos = cur_pos
             if all(eos_reached):
                 break
@@ -125,11 +159,12 @@ class Llama:
             probs = None
             if logprobs:
                 probs = token_logprobs[i][start : len(prompt_tokens[i]) + max_gen_len].tolist()
-            # cut to eos tok if any
-            if self.tokenizer.eos_id in toks:
-                eos_idx = toks.index(self.tokenizer.eos_id)
-                toks = toks[:eos_idx]
-                probs = probs[:eos_idx] if logprobs else None
+            # cut to after eos tok if any
+            for stop_token in self.tokenizer.stop_tokens:
+                if stop_token in toks:
+                    eos_idx = toks.index(stop_token)
+                    toks = toks[:eos_idx]
+                    probs = probs[:eos_idx] if logprobs else None
             out_tokens.append(toks)
             out_logprobs.append(probs)
         return (out_tokens, out_logprobs if logprobs else None)
@@ -211,6 +246,9 @@ def check_dialogs(dialogs):
         raise ArgumentError(f"dialogs: expected a list of dialogs, got {type(dialogs).__name__}")
     for k, dialog in enumerate(dialogs):
         for m in dialog if isinstance(dialog, (list, tuple)) else [None]:
+            if isinstance(m, dict) and m.get("role") in ("ipython", "tool"):
+                raise ArgumentError(f"dialog {k}: role {m['role']!r}: tool calls (Llama 3's "
+                                    f"ipython role, <|python_tag|>, <|eom_id|>) are not supported")
             if not (isinstance(m, dict) and m.get("role") in ("system", "user", "assistant")
                     and isinstance(m.get("content"), str)):
                 raise ArgumentError(f"dialog {k}: each message must be a dict with 'role' "

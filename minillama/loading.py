@@ -8,7 +8,8 @@
                                     after checking that the memory plan fits (minillama.memory)
 
 Each format module provides `load_<format>(path, max_seq_len, max_batch_size)` returning
-(ModelArgs, weights[, tokenizer path]). New formats register themselves in FORMATS.
+(ModelArgs, weights[, tokenizer path[, which files were read]]). New formats register
+themselves in FORMATS.
 """
 import importlib
 import os
@@ -29,6 +30,7 @@ class Checkpoint:
     fmt: str                          # "llama2c", ...
     path: str
     tokenizer_path: Optional[str] = None   # a tokenizer that ships with the model, if any
+    source: Optional[str] = None           # which files were read, where a format has a choice
     plan: Optional[MemoryPlan] = None      # how open_checkpoint stored the weights, and why
 
 
@@ -51,7 +53,8 @@ def read_checkpoint(path, max_seq_len=None, max_batch_size=1):
                                        max_batch_size=max_batch_size)
     params, weights = result[:2]
     tokenizer_path = result[2] if len(result) > 2 else None
-    return Checkpoint(params, weights, fmt, os.fspath(path), tokenizer_path)
+    source = result[3] if len(result) > 3 else None
+    return Checkpoint(params, weights, fmt, os.fspath(path), tokenizer_path, source=source)
 
 
 def open_checkpoint(path, max_seq_len=None, max_batch_size=1, dtype=None, device=None,
@@ -84,7 +87,7 @@ def load_model(path, device="cpu", max_seq_len=None, max_batch_size=1, dtype=Non
 # Modules are imported on first use, so reading a llama2.c file never imports the others.
 FORMATS = [
     ("meta", "meta", "is_meta_dir", "load_meta"),
-    ("hf", "safetensors_hf", "is_hf", "load_hf"),
+    ("hf", "hf", "is_hf", "load_hf"),
     ("gguf", "gguf", "is_gguf", "load_gguf"),
     ("llama2c", "llama2c", "is_llama2c", "load_llama2c"),
 ]

@@ -14,7 +14,8 @@ its weights in, before any weight is read.
                (about 5 arrays of hidden_dim) and the logits (forward returns every position's);
                plus the float32 copy linear() makes of the largest weight not stored as
                float32: on the CPU a Packed weight's block of rows (ops.LINEAR_CHUNK_BYTES;
-               none on the GPU, whose kernels read it as stored), Q8 groups two whole copies
+               none on the GPU, whose kernels read it as stored, but for the float16 copy of a
+               k-quant matrix a prompt is multiplied by), Q8 groups two whole copies
                (groups, then groups * scales); plus, for a float16 cache, the float32 copy of the
                keys and values one layer reads
 These are estimates of what model.py and ops.py allocate, rounded up, not measurements.
@@ -34,6 +35,7 @@ from .checks import check_kv_dtype
 from .dtypes import (DTYPE_FORMATS, Q8_GROUPS, WEIGHT_DTYPES, check_dtype, role, source_format,
                      storage_name, storage_plan, stored_nbytes)
 from .errors import ArgumentError, OutOfMemoryError, check_positive_int
+from .formats import kquants
 from .model import ModelArgs, classifier_is_embedding, weight_shapes
 from .ops import LINEAR_CHUNK_BYTES
 
@@ -41,8 +43,10 @@ CUDA_RESERVE = 256 << 20     # cuBLAS workspace, kernel modules, pool slack: not
 F32 = 4
 KV_BYTES = {"float32": 4, "float16": 2}
 # float32 copies of a block of rows that formats.dequantize holds at its peak: bf16 widens
-# through a uint32 copy, Q4 unpacks its codes to bytes first, the scales widen too
-DEQUANTIZE_COPIES = {"f16": 1, "bf16": 2, "q8_0": 1.125, "q4_0": 1.375, "q4_1": 1.5}
+# through a uint32 copy, Q4 unpacks its codes to bytes first, the scales widen too; the
+# k-quants unpack their bit fields to bytes (measured with tracemalloc: 1.37 to 1.91)
+DEQUANTIZE_COPIES = {"f16": 1, "bf16": 2, "q8_0": 1.125, "q4_0": 1.375, "q4_1": 1.5,
+                     "q2_k": 1.5, "q3_k": 1.75, "q4_k": 1.5, "q5_k": 1.5, "q6_k": 2}
 
 
 def fmt_bytes(n):
@@ -100,17 +104,20 @@ def working_bytes(p: ModelArgs, dtype, max_seq_len, max_batch_size, prompt_len,
 
 
 def _upcast_bytes(p, storage, device):
-    """The largest float32 copy linear() makes of a weight not stored as float32."""
+    """The largest float32 copy linear() makes of a weight not stored as float32 (on the GPU,
+    the float16 copy a prompt multiplies a k-quant matrix through, kquant_to_f16)."""
     qkv = (p.n_heads + 2 * p.n_kv_heads) * p.head_dim
     fused = {"wq": qkv, "wk": qkv, "wv": qkv, "w1": 2 * p.hidden_dim, "w3": 2 * p.hidden_dim}
     worst = 0
     for name, shape in weight_shapes(p).items():
         fmt = storage[name]
-        if role(name) != "linear" or fmt == "f32" or (device == "cuda" and fmt != Q8_GROUPS):
+        if role(name) != "linear" or fmt == "f32":
             continue
         kind = name.split(".")[-2]                            # wq, ..., w3, output
         count = fused.get(kind, shape[0]) * shape[1]          # the matrix linear() multiplies
-        if fmt == Q8_GROUPS:
+        if device == "cuda" and fmt != Q8_GROUPS:          # the kernels read the rest as stored
+            worst = max(worst, 2 * count if fmt in kquants.FIELDS else 0)
+        elif fmt == Q8_GROUPS:
             worst = max(worst, 2 * count * F32)
         else:
             chunk = min(count * F32, LINEAR_CHUNK_BYTES)

@@ -39,6 +39,8 @@ class ModelArgs:
     hidden_dim: Optional[int] = None   # llama2.c, GGUF and HF store it explicitly
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
+    rope_scaling: Optional["RopeScaling"] = None       # Llama 3.1 and later (Meta's, HF files)
+    rope_freq_factors: Optional[tuple] = None          # the same, as a GGUF stores it
     max_batch_size: int = 32
     max_seq_len: int = 2048
 
@@ -123,13 +125,59 @@ def rms_norm(x, weight, eps, xp=np):
     return x * (1.0 / xp.sqrt((x * x).mean(axis=-1, keepdims=True) + eps)) * weight
 
 
-def precompute_freqs(head_dim, end, theta=10000.0):
+@dataclass(frozen=True)
+class RopeScaling:
+    """Llama 3's RoPE frequency scaling (Llama 3.1 and later), which stretches the context the
+    model was trained on (original_max_position_embeddings) by `factor`. Each pair's wavelength,
+    2 pi / frequency, in positions, decides what happens to it:
+
+        wavelength < original / high_freq_factor    fast pairs: unchanged (they resolve
+                                                     nearby positions, which stay as they were)
+        wavelength > original / low_freq_factor     slow pairs: frequency / factor (they now
+                                                     turn no further over the longer context
+                                                     than they did over the original one)
+        in between                                  a blend of the two, moving from one to the
+                                                     other as original / wavelength goes from
+                                                     low_freq_factor to high_freq_factor
+
+    The defaults are Meta's (llama_models' apply_scaling, used when params.json says
+    use_scaled_rope); a Hugging Face config.json names all four (rope_type "llama3")."""
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+
+def scale_freqs(freqs, s: RopeScaling):
+    """Meta's apply_scaling, in float32 as Meta and transformers compute it. freqs: (pairs,)."""
+    f32 = np.float32
+    old_context = s.original_max_position_embeddings
+    low_freq_wavelen = old_context / s.low_freq_factor          # longer than this: slow pairs
+    high_freq_wavelen = old_context / s.high_freq_factor        # shorter than this: fast pairs
+    wavelen = f32(2 * math.pi) / freqs                                      # (pairs,)
+    scaled = np.where(wavelen > low_freq_wavelen, freqs / f32(s.factor), freqs)
+    smooth = (f32(old_context) / wavelen - f32(s.low_freq_factor)) / \
+        f32(s.high_freq_factor - s.low_freq_factor)             # 0 at the slow end, 1 at the fast
+    blended = (1 - smooth) * scaled / f32(s.factor) + smooth * scaled
+    between = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+    return np.where(between, blended, scaled).astype(f32)
+
+
+def precompute_freqs(head_dim, end, theta=10000.0, scaling=None, freq_factors=None):
     """cos and sin of position * frequency, each (end, head_dim // 2), float32.
     Pair i of a head turns at frequency theta^(-2i / head_dim). The angles are computed in
-    float32, as Meta's precompute_freqs_cis and llama2.c both do, so they round the same way."""
+    float32, as Meta's precompute_freqs_cis and llama2.c both do, so they round the same way.
+    Llama 3.1 and later slow some pairs down: `scaling` (a RopeScaling) says how, as Meta's
+    params.json and Hugging Face's config.json do; a GGUF file stores the result instead, as
+    `freq_factors` (its rope_freqs tensor, (head_dim // 2,)): pair i's frequency divided by
+    factor i, as llama.cpp applies it."""
     f32 = np.float32
     exponents = np.arange(0, head_dim, 2, dtype=f32) / f32(head_dim)
     freqs = (f32(1.0) / np.power(f32(theta), exponents)).astype(f32)         # (head_dim // 2,)
+    if scaling is not None:
+        freqs = scale_freqs(freqs, scaling)
+    if freq_factors is not None:
+        freqs = (freqs / np.asarray(freq_factors, dtype=f32)).astype(f32)
     angles = np.outer(np.arange(end, dtype=f32), freqs).astype(f32)          # (end, head_dim // 2)
     return np.cos(angles), np.sin(angles)
 
@@ -287,7 +335,8 @@ class Transformer:
         self.norm = ops.weight(weights["norm.weight"])
         self.output = (self.tok_embeddings if reuses_embedding(weights)
                        else ops.weight(weights["output.weight"]))
-        cos, sin = precompute_freqs(params.head_dim, params.max_seq_len, params.rope_theta)
+        cos, sin = precompute_freqs(params.head_dim, params.max_seq_len, params.rope_theta,
+                                    params.rope_scaling, params.rope_freq_factors)
         self.freqs_cos, self.freqs_sin = ops.asarray(cos), ops.asarray(sin)
 
     @property

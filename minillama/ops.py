@@ -22,7 +22,7 @@ import numpy as np
 
 from . import formats
 from .formats import Packed
-from .quant import Q8Tensor, dequantize_q8, fake_quantize_q8
+from .quant import Q8Tensor, dequantize_q8, matmul_q8, quantize_activation
 
 
 # float32 bytes of a Packed weight that linear() dequantizes at a time on the CPU: a block of
@@ -126,10 +126,20 @@ class NumpyOps:
         return y.reshape(*x.shape[:-1], w.shape[0])
 
     def linear_q8(self, x, w):
+        """A Q8Tensor: dequantized and multiplied in float32; or, for llama2.c's int8 files
+        (w8a8), as runq.c multiplies: x rounded to int8 groups too, integer products per group
+        (quant.matmul_q8), a bounded block of W's rows at a time."""
         x = x[..., :w.s.shape[-1] * w.group_size]      # whole groups only (see Q8Tensor)
-        if w.w8a8:                      # runq.c rounds the activations to int8 groups as well
-            x = fake_quantize_q8(x, w.group_size, self.xp)
-        return self.linear(x, dequantize_q8(w.q, w.s, w.group_size, self.xp))
+        if not w.w8a8:
+            return self.linear(x, dequantize_q8(w.q, w.s, w.group_size, self.xp))
+        xp, rows = self.xp, x.reshape(-1, x.shape[-1])                # (bsz * seqlen, in)
+        xq, xs = quantize_activation(rows, w.group_size, xp)
+        y = xp.empty((rows.shape[0], w.shape[0]), xp.float32)         # (bsz * seqlen, out)
+        step = max(1, LINEAR_CHUNK_BYTES // (4 * rows.shape[1]))     # rows of W per block
+        for start in range(0, w.shape[0], step):
+            block = Q8Tensor(w.q[start:start + step], w.s[start:start + step], w.group_size)
+            y[:, start:start + step] = matmul_q8(xq, xs, block, xp)
+        return y.reshape(*x.shape[:-1], w.shape[0])
 
     def matmul(self, a, b):
         return a @ b

@@ -4,6 +4,9 @@ Differences from Meta's generate() worth knowing (docs/generate.md has the full 
 - one token per forward call, prompt included, exactly as run.c does;
 - `steps` counts the prompt's tokens too, and is capped at the model's seq_len;
 - generation stops early when the model samples BOS (id 1), not EOS;
+- exact=True computes the logits in llama2.c's own order of operations (exact.ExactDecoder),
+  so that a sampled run is run.c's (or runq.c's), token for token; by default the model's
+  faster forward, whose logits differ from run.c's in the last bits;
 - with llama2.c's tokenizer.bin, pieces are printed through llama2.c's filter, which drops
   lone unprintable bytes, so the output is byte-identical to llama2.c's. Other tokenizers
   (SentencePiece .model, a GGUF's byte-level BPE) print text through a StreamDecoder instead:
@@ -16,6 +19,7 @@ import numpy as np
 
 from .checks import check_finite
 from .errors import ArgumentError, check_positive_int
+from .exact import decoder
 from .ops import to_host
 from .tokenizers.llama2c import Llama2cTokenizer
 from .tokenizers.stream import StreamDecoder
@@ -58,8 +62,7 @@ def check_steps(steps, seq_len):
 
 def next_logits(forward, model, token, pos):
     """Logits for one token at one position: (vocab_size,) on the host, checked to be finite
-    (a NaN would otherwise sample token 0 forever, silently). forward: model.forward, or the
-    faster one its backend has, model.ops.decoder(model)."""
+    (a NaN would otherwise sample token 0 forever, silently). forward: exact.decoder(model, exact)."""
     tokens = np.array([[token]])
     logits = to_host(forward(tokens, pos)[0, -1])
     check_finite(logits, model, tokens, pos)
@@ -73,8 +76,9 @@ def note_seq_len_cap(requested, steps, pos, err):
               f"included); -n {requested} asked for more", file=err)
 
 
-def generate(model, tokenizer, sampler, prompt, steps, out=None, err=None):
-    """llama2.c's generate(): stream a continuation of `prompt`; return the generated ids."""
+def generate(model, tokenizer, sampler, prompt, steps, out=None, err=None, exact=False):
+    """llama2.c's generate(): stream a continuation of `prompt`; return the generated ids.
+    exact: llama2.c's logits, bit for bit (see the module docstring)."""
     out = out or sys.stdout.buffer
     err = err or sys.stderr
     requested, steps = steps, check_steps(steps, model.params.max_seq_len)
@@ -88,7 +92,7 @@ def generate(model, tokenizer, sampler, prompt, steps, out=None, err=None):
     writer = PieceWriter(tokenizer, out)
     if token != tokenizer.bos_id:       # a tokenizer without BOS: the loop below prints only
         writer.write(None, token)       # what follows each token, so print the first one here
-    forward = model.ops.decoder(model)
+    forward = decoder(model, exact)
     while pos < steps:
         logits = next_logits(forward, model, token, pos)
         if pos < len(prompt_tokens) - 1:
@@ -122,7 +126,7 @@ def read_line(prompt, inp, out):
 
 
 def chat(model, tokenizer, sampler, user_prompt, system_prompt, steps, inp=None, out=None,
-         err=None):
+         err=None, exact=False):
     """llama2.c's chat(): alternate user turns (from -i, then stdin) and assistant replies,
     until `steps` positions are used or the input ends. Each user turn is written in the
     tokenizer's chat format (Llama 2's [INST] ... [/INST] as in run.c, or e.g. SmolLM2's ChatML)."""
@@ -130,11 +134,11 @@ def chat(model, tokenizer, sampler, user_prompt, system_prompt, steps, inp=None,
     out = out or sys.stdout.buffer
     requested, steps = steps, check_steps(steps, model.params.max_seq_len)
     render = tokenizer.chat.render_turn
-    eos = tokenizer.eos_id
+    stop = tokenizer.stop_tokens        # EOS; for Llama 3 also <|eot_id|>, which ends a turn
     user_turn, pos, next_token = True, 0, None
     prompt_tokens, user_idx, system = [], 0, system_prompt
     writer = PieceWriter(tokenizer, out, at_start=False)
-    forward = model.ops.decoder(model)
+    forward = decoder(model, exact)
     while pos < steps:
         if user_turn:
             if pos == 0 and system is None:
@@ -153,13 +157,13 @@ def chat(model, tokenizer, sampler, user_prompt, system_prompt, steps, inp=None,
             user_idx += 1
         else:
             token = next_token
-            if token == eos:        # a sampled EOS ends the assistant's turn (not one in the
+            if token in stop:       # a sampled EOS ends the assistant's turn (not one in the
                 user_turn = True    # prompt: ChatML closes every message with EOS, <|im_end|>)
         next_token = sampler.sample(next_logits(forward, model, token, pos))
         pos += 1
-        if user_idx >= len(prompt_tokens) and next_token != eos:
+        if user_idx >= len(prompt_tokens) and next_token not in stop:
             writer.write(token, next_token)
-        if next_token == eos and user_idx >= len(prompt_tokens):
+        if next_token in stop and user_idx >= len(prompt_tokens):
             writer.finish()             # the end of an answer (run.c also prints a newline for
             out.write(b"\n")            # an EOS predicted inside the user's prompt; we do not)
     writer.finish()

@@ -6,7 +6,7 @@ Two samplers, each faithful to the program it mirrors:
   temperature 0, otherwise softmax(logits / temperature) and either plain multinomial sampling
   or top-p (nucleus) sampling with llama2.c's pre-filter cutoff (1 - topp) / (n - 1).
   Arithmetic is float32, summed left to right as the C loops do, so a seed gives the same
-  story as llama2.c's `run`.
+  story as llama2.c's `run` (given the same logits: exact.ExactDecoder's).
 - `sample_top_p`: Meta's `sample_top_p` for `generate`, batched, driven by a NumPy Generator.
 
 Sampling runs on the host: the work is tiny, and the same seed then gives the same tokens on
@@ -15,6 +15,7 @@ every device.
 import numpy as np
 
 from .errors import ArgumentError
+from .exact import expf, softmax_c
 
 # ----------------------------------------------------------------------------
 # llama2.c's random numbers: xorshift64*
@@ -49,14 +50,10 @@ def check_sampling_args(temperature, top_p):
         raise ArgumentError(f"top_p: expected a number in (0, 1], got {top_p}")
 
 
-def softmax_c(x):
-    """llama2.c's softmax in float32: exp of (x - max), a left-to-right sum, a division.
-    exp is taken in float64 and rounded once, which is what glibc's expf returns.
-    Not ops.softmax, on purpose: a seed must draw llama2.c's exact tokens, and that takes its
-    rounding (glibc's expf, a sequential float32 sum) where NumPy would sum pairwise."""
-    e = np.exp((x - x.max()).astype(np.float64)).astype(np.float32)
-    total = np.cumsum(e, dtype=np.float32)[-1]            # sequential, like the C loop
-    return e / total
+def rounded_exp(x):
+    """exp in float64, rounded once to float32: glibc's expf but for the last bit of about 1
+    value in 1,500, and vectorized, where calling expf itself costs a C call per value."""
+    return np.exp(x.astype(np.float64)).astype(np.float32)
 
 
 def first_above(cdf, value):
@@ -66,8 +63,12 @@ def first_above(cdf, value):
 
 
 class Llama2cSampler:
-    def __init__(self, vocab_size, temperature=1.0, topp=0.9, rng_seed=0):
+    """exact: take the softmax's exp from the C library, expf itself, as llama2.c does; else
+    rounded_exp, the same draws but for a coin within a last bit of a boundary (--exact)."""
+
+    def __init__(self, vocab_size, temperature=1.0, topp=0.9, rng_seed=0, exact=False):
         check_sampling_args(temperature, topp)
+        self.exp = expf if exact else rounded_exp
         self.vocab_size = vocab_size
         self.temperature = np.float32(temperature)
         self.topp = np.float32(topp)
@@ -78,7 +79,7 @@ class Llama2cSampler:
         logits = np.asarray(logits, dtype=np.float32)
         if self.temperature == 0:
             return int(np.argmax(logits))                  # first maximum, as the C loop
-        probs = softmax_c(logits / self.temperature)
+        probs = softmax_c(logits / self.temperature, self.exp)
         self.rng_state, coin = random_f32(self.rng_state)
         if self.topp <= 0 or self.topp >= 1:
             return self.sample_mult(probs, coin)

@@ -59,6 +59,7 @@ class StubTokenizer:
     """Just the ids generate() needs, for tests that feed token ids directly."""
     def __init__(self, eos_id=2, bos_id=1, pad_id=-1):
         self.eos_id, self.bos_id, self.pad_id = eos_id, bos_id, pad_id
+        self.stop_tokens = [eos_id]
 
     def decode(self, ids):
         return " ".join(map(str, ids))

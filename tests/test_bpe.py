@@ -186,8 +186,8 @@ def test_bad_vocabularies_and_ids():
     byte_tokens = [BYTE_TO_CHAR[b] for b in range(256)]
     with pytest.raises(TokenizerError, match="merge #1 is 'abc'"):
         BPETokenizer(byte_tokens, ["a b", "abc"])
-    with pytest.raises(TokenizerError, match="pre-tokenizer 'llama-bpe' is not supported"):
-        BPETokenizer(byte_tokens, [], pre="llama-bpe")
+    with pytest.raises(TokenizerError, match="pre-tokenizer 'qwen2' is not supported"):
+        BPETokenizer(byte_tokens, [], pre="qwen2")
     tok = BPETokenizer(byte_tokens[:100], [])            # no symbol for most bytes, no <unk>
     with pytest.raises(TokenizerError, match="not in the vocabulary"):
         tok.encode("~~~ é", bos=False, eos=False)
@@ -196,7 +196,7 @@ def test_bad_vocabularies_and_ids():
             tok.decode([bad])
     with pytest.raises(ArgumentError):
         tok.encode(b"bytes", bos=False, eos=False)
-    assert set(PRE_TOKENIZERS) >= {"gpt-2", "smollm"}
+    assert set(PRE_TOKENIZERS) >= {"gpt-2", "smollm", "llama-bpe"}
 
 
 # ----------------------------------------------------------------------------

@@ -326,15 +326,23 @@ def greedy(model, steps):
 
 
 @gpu
-@pytest.mark.parametrize("mode", ["fused+graphs", "fused", "generic"])
+@pytest.mark.parametrize("mode", ["persistent", "fused+graphs", "fused", "generic"])
 def test_stories260k_greedy_on_the_gpu_matches_cpu_and_golden(cuda, cp, mode):
     require_shared()
     from minillama.loading import open_checkpoint
     golden = json.loads(GOLDEN.read_text())["generation"][0]
     assert golden["model"] == "stories260K.bin" and golden["temperature"] == 0.0
     ckpt = open_checkpoint(MODELS / "stories260K.bin")
-    ops = cuda.CudaOps(fused_decode=mode != "generic", graphs=mode == "fused+graphs")
-    gpu_ids, gpu_logits = greedy(Transformer(ckpt.params, ckpt.weights, ops), 256)
+    ops = cuda.CudaOps(fused_decode=mode != "generic", graphs=mode != "fused",
+                       persistent=mode == "persistent")
+    gpu_model = Transformer(ckpt.params, ckpt.weights, ops)
+    if mode == "persistent":              # one row through the one kernel (by default, the graph)
+        ops.decoder(gpu_model)
+        ops._decoders[gpu_model].min_rows = 1
+    gpu_ids, gpu_logits = greedy(gpu_model, 256)
+    decoder = ops._decoders.get(gpu_model)
+    assert type(decoder).__name__ == {"persistent": "PersistentDecoder", "generic": "NoneType"
+                                      }.get(mode, "FusedDecoder")
     cpu_ids, cpu_logits = greedy(Transformer(ckpt.params, ckpt.weights, CPU), 256)
     assert gpu_ids == cpu_ids == golden["generated_ids"]
     for step, (g, c) in enumerate(zip(gpu_logits, cpu_logits)):

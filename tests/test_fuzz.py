@@ -286,7 +286,7 @@ def _safetensors(header, data=b""):
     {"dtype": ["F32"], "shape": [2], "data_offsets": [0, 8]},              # unhashable dtype
     {"dtype": "F32", "shape": [float("nan")], "data_offsets": [0, 8]}])
 def test_safetensors_hostile_header_entries_are_refused(tmp_path, entry):
-    from minillama.checkpoints.safetensors_hf import read_safetensors
+    from minillama.checkpoints.safetensors import read_safetensors
     path = tmp_path / "model.safetensors"
     path.write_bytes(_safetensors({"w": entry}, bytes(8)))
     with pytest.raises(CheckpointError, match="'w'"):
@@ -297,7 +297,7 @@ def test_safetensors_hostile_header_entries_are_refused(tmp_path, entry):
                                     {"max_position_embeddings": float("inf")},
                                     {"rope_theta": float("nan")}])
 def test_hf_config_hostile_values_are_refused(tmp_path, change):
-    from minillama.checkpoints.safetensors_hf import read_config
+    from minillama.checkpoints.hf import read_config
     cfg = {"hidden_size": 16, "intermediate_size": 24, "num_hidden_layers": 1,
            "num_attention_heads": 4, "vocab_size": 37, "head_dim": 4}
     path = tmp_path / "config.json"

@@ -374,9 +374,9 @@ def test_unsupported_tensor_type_names_tensor_and_type(tmp_path, tiny_args):
     name = _string("blk.1.attn_v.weight")
     at = bytes(data).index(name) + len(name) + 4 + 8 * len(info.shape)
     assert struct.unpack_from("<I", data, at)[0] == 0
-    struct.pack_into("<I", data, at, 12)                         # Q4_K
+    struct.pack_into("<I", data, at, 23)                         # IQ4_XS
     path.write_bytes(data)
-    with pytest.raises(CheckpointError, match=r"'blk\.1\.attn_v\.weight' has type Q4_K"):
+    with pytest.raises(CheckpointError, match=r"'blk\.1\.attn_v\.weight' has type IQ4_XS"):
         mg.load_gguf(path)
     struct.pack_into("<I", data, at, 99)
     path.write_bytes(data)
@@ -422,13 +422,14 @@ def test_wrong_shape_and_missing_and_extra_tensors(tmp_path, tiny_args):
     with pytest.raises(CheckpointError, match=r"layers\.0\.ffn_norm\.weight.*missing"):
         mg.load_gguf(path)
     w = random_weights(tiny_args)
-    writer_extra = dict(w, **{"rope_freqs.weight": np.ones(8, np.float32)})
+    # rope_freqs (Llama 3's RoPE scaling, tests/test_llama3.py) must hold one factor per pair
+    writer_extra = dict(w, **{"rope_freqs.weight": np.ones(tiny_args.head_dim // 2 + 1, np.float32)})
     GGUF_NAMES["rope_freqs.weight"] = "rope_freqs.weight"
     try:
         write_gguf(path, tiny_args, writer_extra)
     finally:
         del GGUF_NAMES["rope_freqs.weight"]
-    with pytest.raises(CheckpointError, match="RoPE scaling"):
+    with pytest.raises(CheckpointError, match="rope_freqs.weight.*one per pair"):
         mg.load_gguf(path)
 
 

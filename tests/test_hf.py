@@ -9,7 +9,8 @@ import struct
 import numpy as np
 import pytest
 
-from minillama.checkpoints.safetensors_hf import load_hf, read_safetensors, unpermute_rows
+from minillama.checkpoints.hf import load_hf, unpermute_rows
+from minillama.checkpoints.safetensors import read_safetensors
 from minillama.errors import CheckpointError
 from minillama.loading import detect_format, load_model, open_checkpoint
 
@@ -105,7 +106,7 @@ def test_unpermute_inverts_the_conversion_scripts_permutation():
 
 def test_without_unpermuting_the_logits_differ(tmp_path, monkeypatch):
     """The permutation matters: skip it and the model no longer agrees with transformers."""
-    import minillama.checkpoints.safetensors_hf as hf
+    import minillama.checkpoints.hf as hf
     model = hf_model(seed=5)
     model.save_pretrained(tmp_path)
     monkeypatch.setattr(hf, "unpermute_rows", lambda w, n_heads: w)

@@ -8,7 +8,9 @@ from minillama.checkpoints.llama2c import MAGIC, load_llama2c
 from minillama.checkpoints.random import random_weights
 from minillama.errors import CheckpointError
 from minillama.model import ModelArgs, Transformer
-from minillama.quant import Q8Tensor, dequantize_q8
+from minillama.ops import CPU
+from minillama.quant import (Q8Tensor, dequantize_q8, matmul_q8, quantize_activation,
+                             round_half_away)
 
 from tests.tools.writers import write_llama2c
 
@@ -123,3 +125,75 @@ def test_bad_group_size(tmp_path):
     data = struct.pack("<Ii7iBi", MAGIC, 2, 64, 172, 5, 8, 4, 512, 512, 1, 0)
     with pytest.raises(CheckpointError, match="group_size 0"):
         load_llama2c(write(tmp_path, data + b"\0" * (256 - len(data))))
+
+
+# ----------------------------------------------------------------------------
+# runq.c's arithmetic, against its C loops transliterated one value at a time
+
+def runq_quantize(x, gs):
+    """runq.c's quantize(), line by line: float32 max, scale, then (int8_t) round(x / scale)."""
+    q, s = np.zeros(len(x), np.int8), np.zeros(len(x) // gs, np.float32)
+    for g in range(len(x) // gs):
+        wmax = np.float32(0)
+        for v in x[g * gs:(g + 1) * gs]:
+            wmax = max(wmax, np.float32(abs(v)))
+        s[g] = wmax / np.float32(127)
+        for i in range(g * gs, (g + 1) * gs):
+            quant = np.float32(x[i] / s[g]) if s[g] else np.float32(0)
+            q[i] = int(np.sign(quant) * np.floor(abs(float(quant)) + 0.5))   # C's round()
+    return q, s
+
+
+def runq_matmul(xq, xs, wq, ws, gs):
+    """runq.c's matmul(), line by line: int32 sums per group, val += ival * w.s * x.s."""
+    out = np.zeros(wq.shape[0], np.float32)
+    for i in range(wq.shape[0]):
+        val = np.float32(0)
+        for g in range(len(xs)):
+            ival = sum(int(a) * int(b) for a, b in zip(xq[g * gs:(g + 1) * gs],
+                                                         wq[i, g * gs:(g + 1) * gs]))
+            val = val + np.float32(ival) * ws[i, g] * xs[g]
+        out[i] = val
+    return out
+
+
+def test_round_half_away_is_cs_round():
+    v = np.array([0.5, 1.5, 2.5, -0.5, -2.5, 0.49999997, -0.49999997, 126.5, -126.5, 3.2],
+                 np.float32)
+    assert round_half_away(v).tolist() == [1, 2, 3, -1, -3, 0, 0, 127, -127, 3]
+    assert np.round(v).tolist()[:5] == [0, 2, 2, -0, -2]              # NumPy: half to even
+
+
+def test_quantize_activation_and_matmul_q8_are_runqs_loops():
+    rng = np.random.default_rng(0)
+    gs, n, d = 8, 44, 5                               # 44 = 5 whole groups and 4 left over
+    x = rng.standard_normal(n).astype(np.float32)
+    x[:8] = [127, 2.5, -2.5, 0.5, -0.5, 62.5, -4.5, 1]   # scale 1: x / s lands on .5 exactly
+    x[16:24] = 0                                      # an all-zero group: scale 0, q 0
+    q, s = quantize_activation(x[None], gs)
+    want_q, want_s = runq_quantize(x, gs)
+    np.testing.assert_array_equal(q.reshape(-1), want_q[:40])
+    assert q[0, 0].tolist() == [127, 3, -3, 1, -1, 63, -5, 1]           # not NumPy's 2, -2, 0, ...
+    np.testing.assert_array_equal(s[0], want_s)
+    w = Q8Tensor(rng.integers(-127, 128, (d, n)).astype(np.int8),
+                 rng.uniform(0.001, 0.02, (d, n // gs)).astype(np.float32), gs, w8a8=True)
+    got = matmul_q8(q, s, w)[0]
+    np.testing.assert_array_equal(got, runq_matmul(want_q, want_s, w.q, w.s, gs))
+    np.testing.assert_array_equal(CPU.linear(x, w), got)               # the model's path too
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_the_benchmarks_legacy_writer_is_the_tests_twin(tmp_path, tied):
+    """bench cpu writes run.c's files itself (the package does not import tests/tools): the
+    same bytes as writers.write_llama2c(version=0) but the freq_cis tables run.c skips."""
+    from minillama.bench.cpu_llama2c import write_legacy
+    p = ModelArgs(**ARGS)
+    w = random_weights(p, seed=3, tied=tied)
+    write_legacy(tmp_path / "bench.bin", p, w)
+    write_llama2c(tmp_path / "tests.bin", p, w, version=0)
+    assert (tmp_path / "bench.bin").stat().st_size == (tmp_path / "tests.bin").stat().st_size
+    p2, w2 = load_llama2c(tmp_path / "bench.bin")
+    assert p2 == load_llama2c(tmp_path / "tests.bin")[0]
+    for name, value in w.items():
+        np.testing.assert_array_equal(w2[name], value, err_msg=name)
+    assert (w2["output.weight"] is w2["tok_embeddings.weight"]) == tied

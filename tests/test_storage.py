@@ -11,7 +11,7 @@ from conftest import ODD, greedy, max_rel_err
 from minillama import formats
 from minillama.checkpoints import gguf as mg
 from minillama.checkpoints.random import random_weights
-from minillama.checkpoints.safetensors_hf import read_safetensors
+from minillama.checkpoints.safetensors import read_safetensors
 from minillama.checks import locate_nonfinite
 from minillama.dtypes import Q8_GROUPS, storage_plan, store_weights
 from minillama.errors import ArgumentError, CheckpointError

@@ -1,13 +1,16 @@
-"""Replay the index arithmetic of gemm_v5, qgemv and qgemv_tc on the CPU, for machines without a GPU.
+"""Replay the index arithmetic of gemm_v5, qgemv, qgemv_tc and qgemv_k on the CPU, for machines
+without a GPU.
 
     python kernels/dev/emulate.py
 
 Which thread copies which 16 bytes where (the swizzle), which addresses the 32 lanes hand to
 ldmatrix and what each lane receives, how mma.m16n8k16's register fragments map to matrix
-elements (the PTX ISA's tables), and which lane of qgemv writes which output: all written out
-element by element in Python, the product assembled from the fragments and compared with NumPy.
-It checks our reading of the layouts and the kernels' indexing, not the hardware: a run on the
-GPU (check_formats.py, bench_variants.py) is still the test. Slow on purpose, so sizes are small.
+elements (the PTX ISA's tables), which lane of qgemv writes which output, and how qgemv_k
+unpacks the bits of each k-quant super-block (its format structs' shifts and masks, in
+Python): all written out element by element in Python, the product assembled from the
+fragments and compared with NumPy. It checks our reading of the layouts and the kernels'
+indexing, not the hardware: a run on the GPU (check_formats.py, bench_variants.py,
+tests/test_cuda_kquants.py) is still the test. Slow on purpose, so sizes are small.
 qgemv_tc (variants.cu) is replayed whole: its loads, the quad transpose through shared memory
 and ldmatrix, the k permutation, the TF32 fragments of mma.m16n8k8 (operands truncated to TF32
 as the tensor cores read them), the per-block scales, the split over k and the stores.
@@ -20,6 +23,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import check_formats as cf      # noqa: E402  (its random planes; it puts the checkout on sys.path)
 from minillama.cuda import kernels      # noqa: E402  (the wrappers' tables)
+from minillama import formats      # noqa: E402
 from minillama.formats import dequantize      # noqa: E402
 
 
@@ -281,6 +285,166 @@ def qgemv_tc_launch(x, w, smem, blocks, ks, nb_max=4):
     return Y
 
 
+# ----------------------------------------------------------------------------
+# qgemv_k.cu: the k-quants, bit by bit (the unpacking too: qgemv_k has no NumPy twin of it)
+
+def word(b16, i):
+    """Word i of a 16-byte load (little-endian), as qk_word."""
+    return int.from_bytes(bytes(b16[4 * i:4 * i + 4]), "little")
+
+
+def k4_scale_min(s, j):
+    if j < 4:
+        return s[j] & 63, s[j + 4] & 63
+    return (s[j + 4] & 15) | ((s[j - 4] >> 6) << 4), (s[j + 4] >> 4) | ((s[j] >> 6) << 4)
+
+
+class KFmt:
+    """FmtQ2_K .. FmtQ6_K of qgemv_k.cu, line for line."""
+
+    def __init__(self, fmt):
+        self.fmt = fmt
+        self.pieces, self.runs, self.h_pieces, self.min, self.bias = {
+            "q2_k": (4, 4, 0, True, 0), "q3_k": (4, 4, 2, False, 4), "q4_k": (8, 2, 0, True, 0),
+            "q5_k": (8, 2, 2, True, 0), "q6_k": (8, 2, 4, False, 32)}[fmt]
+
+    def first(self, p, run):
+        if self.fmt == "q6_k":
+            return 128 * (p >> 2) + 64 * run + 32 * ((p >> 1) & 1) + 16 * (p & 1)
+        if self.fmt in ("q2_k", "q3_k"):
+            return 128 * (p >> 1) + 32 * run + 16 * (p & 1)
+        return 64 * (p >> 1) + 32 * run + 16 * (p & 1)
+
+    def h_piece(self, p):
+        return 2 * (p >> 2) + (p & 1) if self.fmt == "q6_k" else p & 1
+
+    def codes(self, q, h, p, run):
+        if self.fmt in ("q2_k", "q3_k"):
+            c = [(word(q, j) >> (2 * run)) & 0x03030303 for j in range(4)]
+        else:
+            c = [(word(q, j) >> (4 * run)) & 0x0F0F0F0F for j in range(4)]
+        if self.fmt == "q3_k":
+            bit = self.first(p, run) // 32
+            c = [c[j] | (((word(h, j) >> bit) & 0x01010101) << 2) for j in range(4)]
+        elif self.fmt == "q5_k":
+            sub = self.first(p, run) // 32
+            c = [c[j] | (((word(h, j) >> sub) & 0x01010101) << 4) for j in range(4)]
+        elif self.fmt == "q6_k":
+            i = ((p >> 1) & 1) + 2 * run
+            c = [c[j] | (((word(h, j) >> (2 * i)) & 0x03030303) << 4) for j in range(4)]
+        return c
+
+    def scale(self, s, d, dmin, p, run):
+        i = self.first(p, run) // 16                      # the sub-block of 16
+        if self.fmt == "q6_k":
+            return d * np.float32(np.int8(np.uint8(s[i]))), np.float32(0)
+        if self.fmt == "q2_k":
+            return d * np.float32(s[i] & 15), dmin * np.float32(s[i] >> 4)
+        if self.fmt == "q3_k":
+            low, high = (s[i & 7] >> (4 * (i >> 3))) & 15, (s[8 + (i & 3)] >> (2 * (i >> 2))) & 3
+            return d * np.float32(int(low | (high << 4)) - 32), np.float32(0)
+        sc, m = k4_scale_min(s, self.first(p, run) // 32)
+        return d * np.float32(sc), dmin * np.float32(m)
+
+    def weights(self, c, ds, dm):
+        """qk_weights: the 4 code bytes of c, less the bias (exact in float16), scaled: the
+        product is exact in float32 and the subtraction rounds once, as fmaf."""
+        codes = [np.float32(((c >> (8 * e)) & 0xFF) - self.bias) for e in range(4)]
+        return [code * ds - dm if self.min else code * ds for code in codes]
+
+    def piece(self, w, blk, p):
+        """QkPiece::load, then the 32 or 64 weights of piece p of super-block blk (flat, rows * nb),
+        as {offset in the super-block: weight}."""
+        planes = {k: a.reshape(-1, *a.shape[2:]) for k, a in w.planes.items()}
+        q = planes["ql" if self.fmt == "q6_k" else "qs"][blk][16 * p:16 * p + 16]
+        high = planes["hmask" if self.fmt == "q3_k" else "qh"] if self.h_pieces else None
+        h = high[blk][16 * self.h_piece(p):][:16] if self.h_pieces else q
+        s = planes["scales"][blk].view(np.uint8)
+        d = planes["d"][blk].astype(np.float32)
+        dmin = planes["dmin"][blk].astype(np.float32) if self.min else np.float32(0)
+        out = {}
+        for run in range(self.runs):
+            c = self.codes(q, h, p, run)
+            ds, dm = self.scale(s, d, dmin, p, run)
+            for f in range(4):
+                for e, v in enumerate(self.weights(c[f], ds, dm)):
+                    out[self.first(p, run) + 4 * f + e] = v
+        return out
+
+
+def qgemv_k_launch(x, w, smem, blocks):
+    """qgemv_k's loops over blocks, rows of x, chunks of k, tiles, lanes and pieces; every weight
+    unpacked from the planes' bits as the kernel does. Returns y and the weights as the kernel
+    saw them (each one seen, with the same bits, wherever its row is multiplied)."""
+    F, (N, K), (M, _) = KFmt(w.format), w.shape, x.shape
+    ROWS = next(r for r in kernels.QGEMV_ROWS if r >= min(M, kernels.QGEMV_ROWS[-1]))
+    NR = 4 if ROWS >= 4 else 2
+    kc = K if ROWS * K * 4 <= smem else max(256, smem // (ROWS * 4) // 256 * 256)
+    grid, nb = min(-(-N // (8 * NR)), blocks), K // 256
+    Y, seen = np.full((M, N), np.nan), np.full((N, K), np.nan, np.float32)
+    for block in range(grid):
+        for m0 in range(0, M, ROWS):
+            for k0 in range(0, K, kc):
+                F4 = 4 * F.runs
+                CH = min(kc, K - k0) // (4 * F4)
+                xs = np.zeros((ROWS * F4 * CH, 4))
+                for i in range(ROWS * F4 * CH):        # staging, piece-major
+                    r, f, g = i // (F4 * CH), i // CH % F4, i % CH
+                    k = k0 + 256 * (g // F.pieces) + F.first(g % F.pieces, f // 4) + 4 * (f % 4)
+                    if m0 + r < M:
+                        xs[i] = x[m0 + r, k:k + 4]
+                for warp in range(8):
+                    for n0 in range((block * 8 + warp) * NR, N, grid * 8 * NR):
+                        acc = np.zeros((NR, ROWS))    # the warp's sums over lanes
+                        for lane in range(32):
+                            for g in range(lane, CH, 32):
+                                b, p = k0 // 256 + g // F.pieces, g % F.pieces
+                                for j in range(NR):
+                                    n = min(n0 + j, N - 1)
+                                    wl = F.piece(w, n * nb + b, p)
+                                    for t, v in wl.items():
+                                        assert np.isnan(seen[n, 256 * b + t]) or \
+                                            seen[n, 256 * b + t] == v
+                                        seen[n, 256 * b + t] = v
+                                    for run in range(F.runs):
+                                        for f in range(4):
+                                            wv = [wl[F.first(p, run) + 4 * f + e] for e in range(4)]
+                                            for r in range(ROWS):
+                                                acc[j, r] += np.dot(wv, xs[(r * F4 + 4 * run + f) * CH + g])
+                        for i in range(NR * ROWS):    # lane i % 32 writes
+                            j, r = i // ROWS, i % ROWS
+                            if n0 + j < N and m0 + r < M:
+                                Y[m0 + r, n0 + j] = (Y[m0 + r, n0 + j] if k0 else 0) + acc[j, r]
+    return Y, seen
+
+
+def kquant_to_f16(w):
+    """kquant_to_f16: one thread a piece, every weight written once, rounded to float16."""
+    F, (N, K) = KFmt(w.format), w.shape
+    out = np.full((N, K), np.nan, np.float16)
+    pieces = K // 256 * F.pieces                           # a row's
+    for g in range(N * pieces):
+        n, b, p = g // pieces, g % pieces // F.pieces, g % F.pieces
+        for t, v in F.piece(w, n * (K // 256) + b, p).items():
+            assert np.isnan(out[n, 256 * b + t])
+            out[n, 256 * b + t] = np.float16(v)
+    return out
+
+
+def random_kquant(fmt, rows, cols, rng):
+    """Random super-blocks of `fmt`: every bit of the codes and integer scales random, d and
+    dmin over a few octaves, both signs (not a quantized matrix)."""
+    nbytes = formats.bytes_for(fmt, (rows, cols))
+    w = formats.from_gguf(np.zeros(nbytes, np.uint8), fmt, (rows, cols))
+    for name, a in w.planes.items():
+        if a.dtype == np.float16:
+            a[...] = rng.uniform(0.5, 2, a.shape) * 2.0 ** rng.integers(-12, -4, a.shape) \
+                * rng.choice([-1, 1], a.shape)
+        else:
+            a[...] = rng.integers(0, 256, a.shape).astype(np.uint8).view(a.dtype)
+    return w
+
+
 def main():
     rng = np.random.default_rng(0)
     M, N, K = 70, 150, 72
@@ -310,6 +474,20 @@ def main():
             err = np.linalg.norm(Y - ref) / np.linalg.norm(ref)
             assert not np.isnan(Y).any() and err < 1e-5, (fmt, M, N, K, err)
         print(f"qgemv_tc {fmt}: fragments, transpose and scales match NumPy (error {err:.1e})")
+    for fmt in kernels.QGEMV_K_PLANES:
+        for M, N, K, smem in ((3, 37, 512, 96 << 10), (9, 21, 768, 4096), (1, 70, 256, 1)):
+            w = random_kquant(fmt, N, K, rng)
+            x = rng.standard_normal((M, K))
+            Y, seen = qgemv_k_launch(x, w, smem, blocks=3)
+            ref = dequantize(w)
+            assert np.array_equal(seen.view(np.uint32), ref.view(np.uint32)), fmt
+            ref = x @ ref.astype(np.float64).T
+            assert not np.isnan(Y).any() and np.abs(Y - ref).max() < 1e-9 * np.abs(ref).max()
+        with np.errstate(over="ignore"):
+            assert np.array_equal(kquant_to_f16(w).view(np.uint16),
+                                  dequantize(w).astype(np.float16).view(np.uint16))
+        print(f"qgemv_k {fmt}: every weight unpacked with the reference's bits, every output "
+              f"written once, sums match NumPy; kquant_to_f16 too")
 
 
 if __name__ == "__main__":

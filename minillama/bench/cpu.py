@@ -1,10 +1,14 @@
-"""CPU decode speed: the NumPy model against a plain PyTorch eager model of the same weights.
+"""CPU decode speed: the NumPy model beside llama2.c's run.c and a PyTorch eager model.
 
-    python -m minillama.bench cpu [--models 260K,15M,110M] [--steps N] [--shared DIR]
+    python -m minillama.bench cpu [--models 260K,15M,110M] [--steps N] [--shared DIR] [--profile]
 
 For each model shape it decodes `steps` tokens after a one-token prompt, at batch 1 and at
 batch 32, first with minillama and then with minillama.bench.torch_reference in float32
-(PyTorch eager, same weights, same KV-cache scheme), and prints tokens/s and the ratios.
+(PyTorch eager, same weights, same KV-cache scheme), and prints tokens/s and the ratios. At
+batch 1 it also runs llama2.c's run.c, built here with gcc -Ofast -march=native -fopenmp
+(cpu_llama2c.py), on the same weights written as a llama2.c file. --profile adds where the time
+of one batch-1 step goes: each product's milliseconds and the bandwidth it reads its weight at,
+beside the machine's copy bandwidth.
 stories260K is the real file from the shared folder's models/ when it is there (--shared, else
 $MINILLAMA_SHARED, else ../shared from the working directory: see minillama/shared.py); the
 other shapes, and 260K without the file, get random weights (speed does not depend on the values).
@@ -12,14 +16,18 @@ other shapes, and 260K without the file, get random weights (speed does not depe
 import argparse
 import os
 import sys
+import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 
 from ..checkpoints.random import random_weights
 from ..model import ModelArgs, Transformer
+from ..ops import NumpyOps
 from ..shared import shared_dir
+from .cpu_llama2c import FLAGS, build_run_c, run_c_rate, write_legacy
 
 SHAPES = {   # the TinyStories models (llama2.c's README), vocab 32000 but for 260K
     "260K": dict(dim=64, hidden_dim=172, n_layers=5, n_heads=8, n_kv_heads=4, vocab_size=512,
@@ -78,8 +86,21 @@ def torch_forward(p, w):
     return lambda tokens, pos: ref.forward(torch.from_numpy(tokens), pos)
 
 
-def measure(name, steps, shared):
-    row = {"model": name}
+def llama2c_rate(name, steps, shared, run_c, folder):
+    """run.c's batch-1 tokens/s on the shape's weights (the same as load's), or None."""
+    tokenizer = Path(shared) / "models" / ("tok512.bin" if name == "260K" else "tokenizer.bin")
+    if run_c is None or not tokenizer.is_file():
+        return None
+    p, w = load(name, 1, shared)
+    path = os.path.join(folder, f"{name}.bin")
+    write_legacy(path, p, w)
+    rate = run_c_rate(run_c, path, str(tokenizer), steps)
+    os.remove(path)
+    return rate
+
+
+def measure(name, steps, shared, run_c, folder):
+    row = {"model": name, "c1": llama2c_rate(name, steps, shared, run_c, folder)}
     for bsz in (1, 32):
         p, w = load(name, bsz, shared)
         model = Transformer(p, w)
@@ -91,6 +112,83 @@ def measure(name, steps, shared):
     return row
 
 
+# ----------------------------------------------------------------------------
+# where the time of one step goes
+
+class TimedOps(NumpyOps):
+    """NumpyOps that add up the seconds of each call, by what it computes: each weight's
+    products under its name, attention's products and softmax under theirs."""
+
+    def __init__(self):
+        self.seconds, self.calls, self.names = Counter(), Counter(), {}
+
+    def name_weights(self, model):
+        self.names = {id(model.output): "classifier"}
+        for layer in model.layers:
+            for name, w in (("wqkv", layer.attention.wqkv), ("wo", layer.attention.wo),
+                            ("w13", layer.feed_forward.w13), ("w2", layer.feed_forward.w2)):
+                self.names[id(w)] = name
+
+    def timed(self, name, fn, *args):
+        start = time.perf_counter()
+        out = fn(*args)
+        self.seconds[name] += time.perf_counter() - start
+        self.calls[name] += 1
+        return out
+
+    def linear(self, x, w):
+        return self.timed(self.names.get(id(w), "linear"), super().linear, x, w)
+
+    def matmul(self, a, b):
+        return self.timed("attention matmul", super().matmul, a, b)
+
+    def softmax(self, x, start_pos=None):
+        return self.timed("attention softmax", super().softmax, x, start_pos)
+
+
+def copy_bandwidth():
+    """GB/s of copying 256 MiB in memory, bytes read plus bytes written: the machine's pace
+    for a step that streams its weights from memory."""
+    src = np.ones(1 << 26, np.float32)
+    dst = np.empty_like(src)
+    np.copyto(dst, src)
+    start = time.perf_counter()
+    for _ in range(4):
+        np.copyto(dst, src)
+    return 4 * 2 * src.nbytes / (time.perf_counter() - start) / 1e9
+
+
+def profile_step(name, steps, shared):
+    """Lines: the milliseconds of one batch-1 step by part, and each weight's read bandwidth."""
+    p, w = load(name, 1, shared)
+    ops = TimedOps()
+    model = Transformer(p, w, ops)
+    ops.name_weights(model)
+    sizes = {ops.names[id(model.output)]: model.output.nbytes}
+    layer = model.layers[0]
+    for key, weight in (("wqkv", layer.attention.wqkv), ("wo", layer.attention.wo),
+                        ("w13", layer.feed_forward.w13), ("w2", layer.feed_forward.w2)):
+        sizes[key] = weight.nbytes * p.n_layers
+    tokens = np.ones((1, 1), dtype=np.int64)
+    model.forward(tokens, 0)
+    ops.seconds.clear()
+    ops.calls.clear()
+    start = time.perf_counter()
+    for pos in range(1, steps + 1):
+        model.forward(tokens, pos)
+    total = (time.perf_counter() - start) / steps
+    lines = [f"{name}: one batch-1 step, {total * 1e3:.2f} ms (average of {steps})"]
+    for part, seconds in ops.seconds.most_common():
+        per_step = seconds / steps
+        rate = f"{sizes[part] / per_step / 1e9:6.1f} GB/s of weights" if part in sizes else ""
+        lines.append(f"  {part:<18} {ops.calls[part] // steps:3d} calls {per_step * 1e3:7.3f} ms "
+                     f"{per_step / total:6.1%}  {rate}")
+    rest = total - sum(ops.seconds.values()) / steps
+    lines.append(f"  {'everything else':<18}           {rest * 1e3:7.3f} ms {rest / total:6.1%}  "
+                 f"(Python, norms, RoPE, SwiGLU, the cache)")
+    return lines
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m minillama.bench cpu")
     parser.add_argument("--models", default="260K,15M,110M",
@@ -99,6 +197,8 @@ def main(argv=None):
     parser.add_argument("--shared", type=Path, default=None,
                         help="the shared folder whose models/stories260K.bin is measured "
                         "(default: $MINILLAMA_SHARED, else ../shared from the working directory)")
+    parser.add_argument("--profile", action="store_true",
+                        help="also show where the time of one batch-1 step goes")
     args = parser.parse_args(argv)
     names = args.models.split(",")
     for name in names:
@@ -106,15 +206,29 @@ def main(argv=None):
             parser.error(f"--models: unknown {name!r}, expected some of {', '.join(SHAPES)}")
     if args.shared and not (args.shared / "models" / "stories260K.bin").is_file():
         parser.error(f"--shared: expected a folder with models/stories260K.bin, got {args.shared}")
+    shared = args.shared or shared_dir()
     print(f"minillama CPU decode, {os.cpu_count()} cores, numpy {np.__version__}, "
-          f"{args.steps} steps after a 1-token prompt; tokens/s")
-    header = (f"{'model':>6} | {'numpy b1':>9} {'torch b1':>9} {'np/pt':>6} | {'numpy b32':>10} "
-              f"{'torch b32':>10} {'np/pt':>6} | {'b32/b1':>6} | {'calls/tok':>9}")
-    print(header)
-    print("-" * len(header))
-    for name in names:
-        r = measure(name, args.steps, args.shared or shared_dir())
-        print(f"{name:>6} | {r['np1']:9.1f} {r['pt1']:9.1f} {r['np1'] / r['pt1']:6.2f} | "
-              f"{r['np32']:10.1f} {r['pt32']:10.1f} {r['np32'] / r['pt32']:6.2f} | "
-              f"{r['np32'] / r['np1']:6.1f} | {r['calls']:9d}", flush=True)
+          f"{args.steps} steps after a 1-token prompt; tokens/s; load average "
+          f"{os.getloadavg()[0]:.1f} (other work on the machine slows every column)")
+    header = (f"{'model':>6} | {'numpy b1':>9} {'llama2.c':>9} {'np/c':>5} {'torch b1':>9} "
+              f"{'np/pt':>6} | {'numpy b32':>10} {'torch b32':>10} {'np/pt':>6} | {'b32/b1':>6} | "
+              f"{'calls/tok':>9}")
+    with tempfile.TemporaryDirectory() as folder:
+        run_c = build_run_c(str(Path(shared) / "oracles" / "llama2c" / "run.c"), folder)
+        print(f"llama2.c: run.c built with gcc {' '.join(FLAGS)}, {os.cpu_count()} OpenMP "
+              f"threads" if run_c else "llama2.c: n/a (no gcc, or no run.c in the shared folder)")
+        print(header)
+        print("-" * len(header))
+        for name in names:
+            r = measure(name, args.steps, shared, run_c, folder)
+            c1 = r["c1"] or float("nan")
+            print(f"{name:>6} | {r['np1']:9.1f} {c1:9.1f} {r['np1'] / c1:5.2f} {r['pt1']:9.1f} "
+                  f"{r['np1'] / r['pt1']:6.2f} | {r['np32']:10.1f} {r['pt32']:10.1f} "
+                  f"{r['np32'] / r['pt32']:6.2f} | {r['np32'] / r['np1']:6.1f} | "
+                  f"{r['calls']:9d}", flush=True)
+    if args.profile:
+        print(f"\nmemory copy: {copy_bandwidth():.1f} GB/s (read + write)")
+        for name in names:
+            print("\n".join(profile_step(name, args.steps, shared)), flush=True)
+    print(f"load average at the end: {os.getloadavg()[0]:.1f}")
     return 0

@@ -12,15 +12,18 @@ matters, larger than the L2 cache. The ceilings come from the same run:
 Decode runs a random-weight model of the stories15M / stories110M shapes one token per forward
 call from position 0, greedy (argmax on the GPU, the token back on the host each step, as a
 generation loop does), timed over the second pass, through the decoder(model) of CudaOps in
-three settings:
+four settings:
 
-    generic   the unchanged model: CuPy array API + minillama's linear/matmul/softmax kernels
-    fused     FusedDecoder: 6 kernels per layer, launched one by one from Python
-    graph     FusedDecoder replayed as one CUDA graph per token (the default)
+    generic     the unchanged model: CuPy array API + minillama's linear/matmul/softmax kernels
+    fused       FusedDecoder: 6 kernels per layer, launched one by one from Python
+    graph       FusedDecoder replayed as one CUDA graph per token
+    persistent  PersistentDecoder: the step as one kernel (the default where it covers the
+                model; FusedDecoder's graph for the batches it does not fit)
 
-and, when transformers is installed, a Hugging Face LlamaForCausalLM of the same shape in eager
-PyTorch float32 on the same GPU, for scale. The last table compares each figure with the target
-of issue 2. Between the kernels and the decode runs gpu7b.py's section (alone with --section
+and, when torch is installed, two PyTorch models of the same shape in float32 (TF32 off) on the
+same GPU: transformers' LlamaForCausalLM in eager mode, for scale, and the gpt-fast-style
+compiled reference (torch_compiled.py, the token through the host as here). The last table
+compares each figure with the targets of issues 2 and 13. `--section decode` runs only this. Between the kernels and the decode runs gpu7b.py's section (alone with --section
 7b): Llama-2-7B's shape in every storage format, the seed case of a 12 GiB card, and the
 compiled PyTorch reference, against the targets of issue 10. docs/benchmarks.md records the
 runs; timing.py holds the measuring helpers.
@@ -39,11 +42,11 @@ from ..cuda.kernels import SGEMM_CONFIGS, pick_sgemm_config
 from ..errors import DeviceError
 from ..checkpoints.random import random_weights
 from ..model import ModelArgs, Transformer
-from . import gpu7b
+from . import gpu7b, torch_compiled
 from .cpu import SHAPES
 from .timing import copy_bandwidth, decode_rate, fmt, gpu_ms, tflops
 
-SECTIONS = ("all", "7b")
+SECTIONS = ("all", "7b", "decode")
 
 TARGETS = {   # issue 2, on an H100 in float32
     "sgemm": 0.75,          # of cuBLAS TFLOP/s at 4096^3
@@ -51,6 +54,11 @@ TARGETS = {   # issue 2, on an H100 in float32
     "softmax": 0.70,        # of copy bandwidth, (4096 x 32000)
     "15M": 1200.0,          # tokens/s decode, batch 1 (and batch 32 aggregate)
     "110M": 1500.0,
+}
+TARGETS_13 = {   # issue 13, on an H200: batch-1 tokens/s; batch 32 against compiled PyTorch
+    "15M": 15000.0,
+    "110M": 5000.0,
+    "b32_vs_compiled": 1.2,
 }
 
 cp = None                   # cupy, once main() has found a GPU
@@ -189,12 +197,13 @@ def hf_decode_rate(shape, bsz, steps):
     return bsz * steps / (time.perf_counter() - start)
 
 
-# mode -> the CudaOps settings (fused_decode, graphs) whose decoder(model) runs it
-MODES = {"generic": (False, False), "fused": (True, False), "graph": (True, True)}
+# mode -> the CudaOps settings (fused_decode, graphs, persistent) whose decoder(model) runs it
+MODES = {"generic": (False, False, False), "fused": (True, False, False),
+         "graph": (True, True, False), "persistent": (True, True, True)}
 
 
 def bench_decode(steps, batches):
-    """Tokens/s for every model, batch and mode; then the Hugging Face baseline; then, with
+    """Tokens/s for every model, batch and mode; then the PyTorch models; then, with
     torch.profiler, the kernels of one step. In that order because CUPTI, once the profiler has
     started it, stays hooked into every later launch and slows it."""
     rows, decoders = [], {}
@@ -203,20 +212,25 @@ def bench_decode(steps, batches):
         model = random_model(shape, backends["graph"], max(batches))
         decoders[shape] = {mode: ops.decoder(model) for mode, ops in backends.items()}
         fused = backends["graph"]._decoders.get(model)      # the FusedDecoder of graph mode
+        persistent = backends["persistent"]._decoders.get(model)
         for bsz in batches:
             row = dict(model=shape, bsz=bsz)
             for mode, forward in decoders[shape].items():
                 row[mode] = decode_rate(forward, bsz, steps)
             row["fused_launches"] = fused.launches_per_step.get(bsz) if fused else None
-            graph = fused.graphs.get(bsz) if fused else None
+            row["persistent_launches"] = (persistent.launches_per_step.get(bsz)
+                                          if persistent else None)
             # GPU time of one step alone: graph replays back to back (at the last position)
-            row["graph_gpu_us"] = 1000 * gpu_ms(graph.launch, inner=20) if graph else None
+            for mode, decoder in (("graph", fused), ("persistent", persistent)):
+                graph = decoder.graphs.get(bsz) if decoder else None
+                row[f"{mode}_gpu_us"] = 1000 * gpu_ms(graph.launch, inner=20) if graph else None
             rows.append(row)
     for row in rows:
         try:
             row["hf_eager"] = hf_decode_rate(row["model"], row["bsz"], min(steps, 64))
         except Exception as e:                           # a transformers API change, say
             row["hf_eager"], row["hf_error"] = None, f"{type(e).__name__}: {e}"
+    compiled_rates(rows, steps, batches)
     for row in rows:
         for mode, forward in decoders[row["model"]].items():
             row[f"{mode}_kernels"], times = kernels_per_step(forward, row["bsz"], steps // 2)
@@ -225,6 +239,23 @@ def bench_decode(steps, batches):
         print(f"  decode {row['model']} bsz {row['bsz']}: " + ", ".join(
             f"{k} {v:.0f}" for k, v in row.items() if isinstance(v, float)), flush=True)
     return rows
+
+
+def compiled_rates(rows, steps, batches):
+    """row["compiled"]: the gpt-fast-style reference (torch_compiled.measure) at the row's shape
+    and batch, float32 with TF32 off, the token through the host each step as minillama's loop
+    does; None, with row["compiled_error"], where it cannot run."""
+    for shape in ("15M", "110M"):
+        print(f"compiled PyTorch reference, stories{shape} ...", flush=True)
+        result, reason = torch_compiled.measure(shape, batches=batches, steps=steps,
+                                                dtype="float32", prefill_len=None, to_host=True)
+        by_bsz = {d["bsz"]: d for d in result["decode"]} if result else {}
+        for row in rows:
+            if row["model"] == shape:
+                d = by_bsz.get(row["bsz"], {})
+                row["compiled"] = d.get("tokens_per_s")
+                if row["compiled"] is None:
+                    row["compiled_error"] = reason or d.get("error")
 
 
 # ----------------------------------------------------------------------------
@@ -256,28 +287,54 @@ def print_report(r):
     print(f"{s['name']:32} {s['block']:7.0f} {s['warp']:7.0f} {s['cupy']:7.0f} {s['copy']:7.0f} "
           f"{s['block'] / s['copy']:8.2f}")
 
+    print_targets("target (issue 2)", targets(r))
+
+
+def print_decode(r):
+    """The TinyStories shapes in every decode mode beside PyTorch, and issue 13's targets."""
     print(f"\n{'decode, tokens/s':18} {'bsz':>4} {'generic':>8} {'fused':>8} {'graph':>8} "
-          f"{'HF eager':>9} | {'kernels/token: generic':>22} {'fused':>6} {'graph':>6}")
+          f"{'persist.':>8} {'compiled':>9} {'HF eager':>9} | {'kernels/token: generic':>22} "
+          f"{'fused':>6} {'graph':>6} {'persist.':>8}")
     for d in r["decode"]:
         print(f"{'stories' + d['model']:18} {d['bsz']:>4} {d['generic']:8.0f} {d['fused']:8.0f} "
-              f"{d['graph']:8.0f} {fmt(d['hf_eager'], '.0f'):>9} | "
-              f"{fmt(d['generic_kernels'], 'd'):>22} {fmt(d['fused_launches'], 'd'):>6} "
-              f"{fmt(d['graph_kernels'], 'd'):>6}")
+              f"{d['graph']:8.0f} {d['persistent']:8.0f} {fmt(d.get('compiled'), '.0f'):>9} "
+              f"{fmt(d['hf_eager'], '.0f'):>9} | {fmt(d['generic_kernels'], 'd'):>22} "
+              f"{fmt(d['fused_launches'], 'd'):>6} {fmt(d['graph_kernels'], 'd'):>6} "
+              f"{fmt(d['persistent_kernels'], 'd'):>8}")
     print("  (graph: those kernels go to the GPU in 1 graph launch per token, plus a copy of the"
-          " step in and of the logits out)")
+          " step in and of the logits out; persist.: 1 kernel in 1 graph launch where the batch"
+          " fits it, else graph's; compiled: gpt-fast-style torch.compile, float32, TF32 off)")
     for d in r["decode"]:
-        if d["graph_gpu_us"] is None:
-            continue
-        print(f"  stories{d['model']} bsz {d['bsz']}: one graph replay takes "
-              f"{d['graph_gpu_us']:.0f} us on the GPU; the whole step {1e6 * d['bsz'] / d['graph']:.0f}"
-              f" us; kernel time per step (us): " + ", ".join(
-                  f"{k} {v:.0f}" for k, v in sorted(d["graph_kernel_us"].items(),
-                                                    key=lambda kv: -kv[1])[:6]))
+        if d.get("compiled_error"):
+            print(f"  stories{d['model']} bsz {d['bsz']}: compiled reference n/a: "
+                  f"{d['compiled_error']}")
+        for mode in ("graph", "persistent"):
+            if d[f"{mode}_gpu_us"] is None:
+                continue
+            line = (f"  stories{d['model']} bsz {d['bsz']}, {mode}: one replay takes "
+                    f"{d[f'{mode}_gpu_us']:.0f} us on the GPU; the whole step "
+                    f"{1e6 * d['bsz'] / d[mode]:.0f} us")
+            if mode == "graph":
+                line += "; kernel time per step (us): " + ", ".join(
+                    f"{k} {v:.0f}" for k, v in sorted(d["graph_kernel_us"].items(),
+                                                      key=lambda kv: -kv[1])[:6])
+            print(line)
+    print_targets("target (issue 13)", targets_13(r))
 
-    print(f"\n{'target (issue 2)':44} {'measured':>10} {'target':>10} {'ratio':>6}  met")
-    for name, value, target in targets(r):
+
+def print_targets(title, rows):
+    print(f"\n{title:44} {'measured':>10} {'target':>10} {'ratio':>6}  met")
+    for name, value, target in rows:
+        if value is None:
+            print(f"{name:44} {'n/a':>10} {target:10.2f}")
+            continue
         print(f"{name:44} {value:10.2f} {target:10.2f} {value / target:6.2f}  "
               f"{'yes' if value >= target else 'NO'}")
+
+
+def best(d):
+    """The default decoder's rate: PersistentDecoder where it covers the model, else graph."""
+    return d["persistent"]
 
 
 def targets(r):
@@ -289,8 +346,20 @@ def targets(r):
            ("softmax 4096x32000, fraction of copy bandwidth",
             r["softmax"]["block"] / r["softmax"]["copy"], TARGETS["softmax"])]
     for d in r["decode"]:
-        out.append((f"decode stories{d['model']} batch {d['bsz']}, tokens/s", d["graph"],
+        out.append((f"decode stories{d['model']} batch {d['bsz']}, tokens/s", best(d),
                     TARGETS[d["model"]]))
+    return out
+
+
+def targets_13(r):
+    out = []
+    for d in r["decode"]:
+        name = f"stories{d['model']} batch {d['bsz']}"
+        if d["bsz"] == 1:
+            out.append((f"{name}, tokens/s", best(d), TARGETS_13[d["model"]]))
+        if d["bsz"] == 32:
+            ratio = best(d) / d["compiled"] if d.get("compiled") else None
+            out.append((f"{name}, x compiled PyTorch", ratio, TARGETS_13["b32_vs_compiled"]))
     return out
 
 
@@ -299,7 +368,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m minillama.bench gpu")
     parser.add_argument("--section", choices=SECTIONS, default="all",
                         help="7b: only the Llama-2-7B shape (every storage format, the seed "
-                        "case, compiled PyTorch); all: the kernels and TinyStories shapes first")
+                        "case, compiled PyTorch); decode: only the TinyStories shapes (every "
+                        "decode mode, compiled PyTorch); all: the kernels, 7b, then decode")
     parser.add_argument("--quick", action="store_true", help="skip SGEMM versions 1-3 and "
                         "tile variants; fewer decode steps")
     parser.add_argument("--steps", type=int, default=200, help="decode steps per pass (the "
@@ -334,15 +404,19 @@ def main(argv=None):
         r["gemv"] = bench_gemv(r["copy_gbs"])
         r["softmax"] = bench_softmax(r["copy_gbs"])
         save()
-    print("Llama-2-7B shape ...", flush=True)
-    gpu7b.run(r, save, reference=not args.no_reference)
-    if args.section == "all":
+    if args.section in ("all", "7b"):
+        print("Llama-2-7B shape ...", flush=True)
+        gpu7b.run(r, save, reference=not args.no_reference)
+    if args.section in ("all", "decode"):
         # last: its profiler (CUPTI) stays hooked into every later launch and would slow them
         print("decode ...", flush=True)
-        r["decode"] = bench_decode(steps, (1, 32))
+        r["decode"] = bench_decode(steps, (1, 8, 32))
     print_header(r)
     if args.section == "all":
         print_report(r)
-    gpu7b.print_report(r)
+    if args.section in ("all", "decode"):
+        print_decode(r)
+    if args.section in ("all", "7b"):
+        gpu7b.print_report(r)
     save()
     return 0

@@ -367,7 +367,7 @@ def measure(shape="7B", batches=(1, 8), steps=200, dtype="bfloat16", prefill_len
             n_layers=None, device="cuda", weights=None, compile=True, to_host=False):
     """Decode tokens/s per batch, a prefill, and the weight bytes per token, of the reference
     in `dtype` (a name from DTYPES) at a named shape, with `weights` (a Mapping under Meta's
-    names; default RandomWeights on the device).
+    names; default RandomWeights on the device). prefill_len None: no prefill row.
     -> (result dict, None), or (None, reason) when it cannot run at all. A batch whose compile
     or run fails gets an "error" in its row; the other rows still run."""
     reason = unavailable(device)
@@ -375,7 +375,7 @@ def measure(shape="7B", batches=(1, 8), steps=200, dtype="bfloat16", prefill_len
         reason = f"dtype: expected one of {', '.join(DTYPES)}, got {dtype!r}"
     if reason:
         return None, reason
-    p = model_args(shape, max(batches), round_up(max(steps, prefill_len), 8), n_layers)
+    p = model_args(shape, max(batches), round_up(max(steps, prefill_len or 0), 8), n_layers)
     tdtype = getattr(torch, dtype)
     try:
         if weights is None:
@@ -395,11 +395,12 @@ def measure(shape="7B", batches=(1, 8), steps=200, dtype="bfloat16", prefill_len
         except Exception as e:            # a failed compile, say: this row says so, others run
             row["error"] = one_line(e)
         r["decode"].append(row)
-    r["prefill"] = row = dict(seqlen=prefill_len)
-    try:
-        row["ms"], row["compile_s"] = prefill_ms(model, prefill_len, compile=compile)
-    except Exception as e:
-        row["error"] = one_line(e)
+    if prefill_len:                       # None: decode only (the TinyStories rows)
+        r["prefill"] = row = dict(seqlen=prefill_len)
+        try:
+            row["ms"], row["compile_s"] = prefill_ms(model, prefill_len, compile=compile)
+        except Exception as e:
+            row["error"] = one_line(e)
     del model
     release_memory(device)
     return r, None

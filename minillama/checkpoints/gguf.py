@@ -12,19 +12,25 @@ The file, all little-endian:
     array  = uint32 element type + uint64 count + the elements (arrays may nest)
     ne[0] is the dimension that moves fastest, so a (rows, cols) matrix has ne = [cols, rows].
 
-Weights are stored in blocks of 32 along each row; one block of each type we read:
+Weights are stored in blocks along each row (of 32, or super-blocks of 256 for the k-quants);
+one block of each type we read (minillama.formats holds the layouts, drawn in full):
 
-    F32, F16  plain floats
+    F32, F16, BF16  plain floats
     Q8_0      f16 d, 32 x int8 q                   w = q * d
     Q4_0      f16 d, 16 bytes of 4-bit nibbles     w = (nibble - 8) * d
     Q4_1      f16 d, f16 m, 16 bytes of nibbles    w = nibble * d + m
     byte j of the nibbles holds element j in its low 4 bits and element j + 16 in its high 4.
+    Q2_K .. Q6_K  256 weights: f16 d (and dmin), a small integer scale (and min) per 16 or 32
+              weights, 2 to 6 bit codes          w = d * sc * q (- dmin * m)   (formats/kquants.py)
 
 RoPE: llama.cpp runs the `llama` architecture with its "normal" RoPE, which turns adjacent pairs
 (x[2i], x[2i+1]), as Meta's model and minillama do. Hugging Face stores q and k with their rows
 permuted for its rotate-half RoPE; llama.cpp's converter undoes that permutation when it writes
 the GGUF, so the q/k weights here are already in Meta's order and need no change. (The SmolLM2
 test checks this numerically against transformers, which re-permutes them when it loads a GGUF.)
+Llama 3.1 and later scale RoPE's slow frequencies (model.RopeScaling); llama.cpp's converter
+stores the result as the tensor rope_freqs.weight, one divisor per pair of a head, which
+checkpoints/rope.py reads into ModelArgs.rope_freq_factors.
 
     read_gguf(path) -> GGUFFile (metadata, tensor infos; no tensor data read yet)
     load_gguf(path, max_seq_len, max_batch_size) -> (ModelArgs, weights under Meta's names, path)
@@ -44,8 +50,10 @@ import numpy as np
 from .. import formats
 from ..errors import CheckpointError, TokenizerError
 from ..dtypes import LazyTensor
+from ..formats.dense import bf16_to_f32
 from ..checks import check_weights
 from ..model import ModelArgs, iter_weight_shapes
+from .rope import gguf_rope_freq_factors
 
 MAGIC = b"GGUF"
 VERSIONS = (2, 3)
@@ -61,14 +69,15 @@ BOOL = 7
 MIN_VALUE_BYTES = {STRING: 8, ARRAY: 12}    # the smallest a value of each type can be
 
 # ggml tensor types we can read: id -> (name, elements per block, bytes per block)
-GGML_TYPES = {0: ("F32", 1, 4), 1: ("F16", 1, 2), 2: ("Q4_0", 32, 18), 3: ("Q4_1", 32, 20),
-              8: ("Q8_0", 32, 34)}
+GGML_TYPES = {0: ("F32", 1, 4), 1: ("F16", 1, 2), 30: ("BF16", 1, 2), 2: ("Q4_0", 32, 18),
+              3: ("Q4_1", 32, 20), 8: ("Q8_0", 32, 34), 10: ("Q2_K", 256, 84),
+              11: ("Q3_K", 256, 110), 12: ("Q4_K", 256, 144), 13: ("Q5_K", 256, 176),
+              14: ("Q6_K", 256, 210)}
 # ... and the names of the others, to say which one a file uses
-OTHER_GGML_TYPES = {6: "Q5_0", 7: "Q5_1", 9: "Q8_1", 10: "Q2_K", 11: "Q3_K", 12: "Q4_K",
-                    13: "Q5_K", 14: "Q6_K", 15: "Q8_K", 16: "IQ2_XXS", 17: "IQ2_XS",
+OTHER_GGML_TYPES = {6: "Q5_0", 7: "Q5_1", 9: "Q8_1", 15: "Q8_K", 16: "IQ2_XXS", 17: "IQ2_XS",
                     18: "IQ3_XXS", 19: "IQ1_S", 20: "IQ4_NL", 21: "IQ3_S", 22: "IQ2_S",
                     23: "IQ4_XS", 24: "I8", 25: "I16", 26: "I32", 27: "I64", 28: "F64",
-                    29: "IQ1_M", 30: "BF16", 34: "TQ1_0", 35: "TQ2_0", 39: "MXFP4"}
+                    29: "IQ1_M", 34: "TQ1_0", 35: "TQ2_0", 39: "MXFP4"}
 
 
 def ggml_type_name(type_id):
@@ -267,8 +276,8 @@ def _parse(path, buf):
 
 def read_stored(path, info: TensorInfo):
     """One tensor as the file stores it, without a float32 copy: a Packed (rows, cols) for a
-    block format (Q8_0, Q4_0, Q4_1), the values in their own dtype and NumPy shape for F32 and
-    F16. The blocks are read by minillama.formats (the one place that knows each block
+    block format (Q8_0, Q4_0, Q4_1, Q2_K .. Q6_K), the values in their own dtype and NumPy
+    shape for F32 and F16 (BF16: its bits, uint16). The blocks are read by minillama.formats (the one place that knows each block
     layout), which also refuses a NaN or inf scale or value, naming the tensor and the block."""
     if info.ggml_type not in GGML_TYPES:
         supported = ", ".join(name for name, _, _ in GGML_TYPES.values())
@@ -290,6 +299,8 @@ def read_tensor(path, info: TensorInfo):
     stored = read_stored(path, info)
     if isinstance(stored, formats.Packed):
         return formats.dequantize(stored).reshape(info.shape)
+    if info.type_name == "BF16":
+        return bf16_to_f32(stored)
     return stored.astype(np.float32, copy=False)
 
 
@@ -322,8 +333,9 @@ def model_args(gf: GGUFFile, max_seq_len=None, max_batch_size=1):
     """ModelArgs of a `llama` GGUF, from llama.* metadata; unsupported variants are refused."""
     arch = gf.metadata.get("general.architecture")
     if arch != "llama":
-        raise CheckpointError(f"{gf.path}: general.architecture is {arch!r}; minillama runs "
-                              f"'llama' models only")
+        vision = " (Llama 3.2 Vision: images are not supported)" if arch == "mllama" else ""
+        raise CheckpointError(f"{gf.path}: general.architecture is {arch!r}{vision}; minillama "
+                              f"runs 'llama' models only")
     dim = _get(gf, "llama.embedding_length", "count")
     n_heads = _get(gf, "llama.attention.head_count", "count")
     n_kv_heads = _get(gf, "llama.attention.head_count_kv", "count", n_heads)
@@ -336,10 +348,7 @@ def model_args(gf: GGUFFile, max_seq_len=None, max_batch_size=1):
         if gf.metadata.get(key, head_dim) != head_dim:
             raise CheckpointError(f"{gf.path}: metadata {key!r} is {gf.metadata[key]!r}; "
                                   f"minillama needs it equal to the head size {head_dim}")
-    scaling = gf.metadata.get("llama.rope.scaling.type", "none")
-    if scaling != "none" or "rope_freqs.weight" in gf.tensors:
-        raise CheckpointError(f"{gf.path}: uses RoPE scaling ({scaling!r}), which minillama "
-                              f"does not implement")
+    freq_factors = gguf_rope_freq_factors(gf, head_dim)     # Llama 3's RoPE scaling, or None
     if gf.metadata.get("llama.expert_count", 0):
         raise CheckpointError(f"{gf.path}: is a mixture-of-experts model, which minillama "
                               f"does not implement")
@@ -351,6 +360,7 @@ def model_args(gf: GGUFFile, max_seq_len=None, max_batch_size=1):
         hidden_dim=_get(gf, "llama.feed_forward_length", "count"),
         norm_eps=float(_get(gf, "llama.attention.layer_norm_rms_epsilon", "float")),
         rope_theta=float(_get(gf, "llama.rope.freq_base", "float", 10000.0)),
+        rope_freq_factors=freq_factors,
         max_seq_len=max_seq_len or _get(gf, "llama.context_length", "count"),
         max_batch_size=max_batch_size)
 
@@ -389,13 +399,15 @@ def gguf_name(name):
 
 def load_gguf(path, max_seq_len=None, max_batch_size=1):
     """(ModelArgs, weights under Meta's names, path) of a `llama` GGUF file. Each weight is a
-    LazyTensor in the tensor's own format (f32, f16, q8_0, q4_0, q4_1): it is read when stored,
-    as its blocks or as float32 as dtypes.py decides, so memory can be planned first. The path
-    comes back as the model's tokenizer: it is in the metadata."""
+    LazyTensor in the tensor's own format (f32, f16, bf16, q8_0, q4_0, q4_1, q2_k .. q6_k): it
+    is read when stored, as its blocks or as float32 as dtypes.py decides, so memory can be
+    planned first. The path comes back as the model's tokenizer: it is in the metadata."""
     gf = read_gguf(path)
     p = model_args(gf, max_seq_len, max_batch_size)
     infos = {}
     for name, info in gf.tensors.items():
+        if name == "rope_freqs.weight":
+            continue                    # read by model_args: RoPE scaling, not a weight
         meta = meta_name(name)
         if meta is None:
             raise CheckpointError(f"{gf.path}: tensor {name!r} is not part of a llama model "
@@ -409,8 +421,10 @@ def load_gguf(path, max_seq_len=None, max_batch_size=1):
         if info.ggml_type not in GGML_TYPES:
             read_stored(gf.path, info)                  # raises, naming the tensor and type
     lazy = {name: LazyTensor(info.shape, formats.GGML_FORMATS[info.ggml_type],
-                             functools.partial(read_stored, gf.path, info))
-            for name, info in gf.tensors.items()}
+                             functools.partial(read_stored, gf.path, info),
+                             functools.partial(np.memmap, gf.path, np.uint8, "r", info.offset,
+                                               (info.nbytes,)))
+            for name, info in gf.tensors.items() if name != "rope_freqs.weight"}
     return p, {meta: lazy[info.name] for meta, info in infos.items()}, gf.path
 
 

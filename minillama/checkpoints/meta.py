@@ -25,7 +25,8 @@ from . import read_json_object
 from ..errors import ArgumentError, CheckpointError
 from ..checks import check_weights
 from ..model import ModelArgs, iter_weight_shapes
-from .torchzip import load_pth
+from .rope import meta_rope_scaling
+from .torchzip import load_state_dict
 
 SHARD = re.compile(r"consolidated\.(\d+)\.pth$")
 ROW_PARALLEL = ("attention.wo.weight", "feed_forward.w2.weight")
@@ -66,22 +67,17 @@ def load_meta(path, max_seq_len=None, max_batch_size=1):
         raise CheckpointError(f"{ckpt_dir}: consolidated.NN.pth files must be numbered 00 to "
                               f"{len(shards) - 1:02d} without gaps; found "
                               f"{', '.join(os.path.basename(s) for s in shards)}")
-    weights = merge_shards([_state_dict(s) for s in shards], shards)
+    weights = merge_shards([read_shard(s) for s in shards], shards)
     p = read_params(os.path.join(ckpt_dir, "params.json"), weights, max_seq_len, max_batch_size)
     check_weights(iter_weight_shapes(p), weights, source=ckpt_dir)
     tokenizer = os.path.join(ckpt_dir, "tokenizer.model")
     return p, weights, tokenizer if os.path.isfile(tokenizer) else None
 
 
-def _state_dict(path):
-    sd = load_pth(path)
-    if not isinstance(sd, dict) or not all(isinstance(k, str) for k in sd):
-        raise CheckpointError(f"{path}: expected a dict of tensors (a state_dict), "
-                              f"got {type(sd).__name__}")
-    for k, v in sd.items():
-        if k not in IGNORED and not isinstance(v, LazyTensor):
-            raise CheckpointError(f"{path}: entry {k!r} is a {type(v).__name__}, not a tensor")
-    return {k: v for k, v in sd.items() if k not in IGNORED}
+def read_shard(path):
+    """One consolidated.NN.pth as {name: LazyTensor}, rope.freqs left out (tensor parallelism
+    reads shard k on rank k with this, no merge)."""
+    return load_state_dict(path, IGNORED)
 
 
 def merge_shards(state_dicts, paths):
@@ -124,9 +120,7 @@ def read_params(path, weights, max_seq_len=None, max_batch_size=1):
     for key in ("dim", "n_layers", "n_heads"):
         if not isinstance(cfg.get(key), int):
             raise CheckpointError(f"{path}: field {key!r} must be an integer, got {cfg.get(key)!r}")
-    if cfg.get("use_scaled_rope"):
-        raise CheckpointError(f"{path}: use_scaled_rope (Llama 3.1's RoPE scaling) is not "
-                              f"supported")
+    rope_scaling = meta_rope_scaling(cfg, path)
     for name in ("tok_embeddings.weight", "layers.0.feed_forward.w1.weight"):
         if name not in weights:
             raise CheckpointError(f"{os.path.dirname(path)}: tensor {name!r} is missing")
@@ -141,7 +135,7 @@ def read_params(path, weights, max_seq_len=None, max_batch_size=1):
             ffn_dim_multiplier=cfg.get("ffn_dim_multiplier"),
             hidden_dim=weights["layers.0.feed_forward.w1.weight"].shape[0],
             norm_eps=float(cfg.get("norm_eps", 1e-5)),
-            rope_theta=float(cfg.get("rope_theta", 10000.0)))
+            rope_theta=float(cfg.get("rope_theta", 10000.0)), rope_scaling=rope_scaling)
     except (ArgumentError, TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: {e}") from None
     # the caller's sizes, checked as arguments (not as faults of the file)

@@ -1,4 +1,5 @@
-"""PyTorch `.pth` files (torch.save since torch 1.6) read without torch, and without running code.
+"""PyTorch `.pth` files (torch.save since torch 1.6) read without torch, and without running code:
+Meta's consolidated.NN.pth and Hugging Face's pytorch_model.bin are both such files.
 
 A .pth file is a zip archive (members stored uncompressed) under one top folder, e.g.
     consolidated/data.pkl        a pickle of the object that was saved (a dict of tensors)
@@ -66,8 +67,12 @@ def _rebuild_tensor(storage, storage_offset, size, stride, requires_grad=False, 
         raise CheckpointError(f"{storage.path}: tensor of size {size}, stride {stride} at offset "
                               f"{storage_offset} reaches past its storage of {storage.numel} "
                               f"elements")
+    itemsize = storage.stype.numpy_dtype.itemsize
+    row_major = stride == tuple(int(np.prod(size[i + 1:])) for i in range(len(size)))
+    raw = (lambda: np.memmap(storage.path, np.uint8, "r", storage.offset + storage_offset *
+                             itemsize, (int(np.prod(size)) * itemsize,))) if row_major else None
     return LazyTensor(size, storage.stype.format,
-                      lambda: _read_view(storage, storage_offset, size, stride))
+                      lambda: _read_view(storage, storage_offset, size, stride), raw)
 
 
 def _read_view(storage, offset, size, stride):
@@ -159,6 +164,19 @@ def load_pth(path):
     except Exception as e:       # a damaged pickle fails in many ways; all mean the same here
         raise CheckpointError(f"{path}: damaged pickle in data.pkl "
                               f"({type(e).__name__}: {e})") from None
+
+
+def load_state_dict(path, ignored=()):
+    """{name: LazyTensor} from a .pth file that must hold a state_dict (a dict of tensors);
+    entries named in `ignored` may be anything and are dropped."""
+    sd = load_pth(path)
+    if not isinstance(sd, dict) or not all(isinstance(k, str) for k in sd):
+        raise CheckpointError(f"{path}: expected a dict of tensors (a state_dict), "
+                              f"got {type(sd).__name__}")
+    for k, v in sd.items():
+        if k not in ignored and not isinstance(v, LazyTensor):
+            raise CheckpointError(f"{path}: entry {k!r} is a {type(v).__name__}, not a tensor")
+    return {k: v for k, v in sd.items() if k not in ignored}
 
 
 def _read_member(path, z, name):

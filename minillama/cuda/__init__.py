@@ -10,6 +10,7 @@ Four modules, one idea each, each importing only the ones listed before it:
     kernels.py   the checked entry points sgemm, gemv, bmm, softmax, and qgemv, gemm_v5,
                  to_16bit for weights kept as stored (formats.Packed); their variant tables
     fused.py     FusedDecoder: the one-token forward step in 6 launches per layer, as a CUDA graph
+    persistent.py  PersistentDecoder: FusedDecoder's step as one persistent kernel (float32)
     backend.py   CudaOps: NumpyOps with xp = cupy, the kernels, and decoder(model)
 
 The package builds on minillama.ops (CudaOps is a NumpyOps), never the other way round.
@@ -17,8 +18,9 @@ The package builds on minillama.ops (CudaOps is a NumpyOps), never the other way
 """
 from .backend import CudaOps
 from .fused import FusedDecoder
+from .persistent import PersistentDecoder
 from .kernels import bmm, gemm_v5, gemv, qgemv, sgemm, softmax, to_16bit
 from .runtime import require_cupy
 
-__all__ = ["CudaOps", "FusedDecoder", "bmm", "gemm_v5", "gemv", "qgemv", "require_cupy", "sgemm",
+__all__ = ["CudaOps", "FusedDecoder", "PersistentDecoder", "bmm", "gemm_v5", "gemv", "qgemv", "require_cupy", "sgemm",
            "softmax", "to_16bit"]

@@ -9,7 +9,8 @@ array API unchanged. The operations that go through `ops` run the kernels of ker
     matmul(a, b)        bmm_strided, reading the KV cache views in place       matmul.cu
     softmax(x, pos)     softmax_warp / softmax_block, causal mask built in     softmax.cu
     decoder(model)      model.forward, with one-token steps through            decode.cu
-                        FusedDecoder, one CUDA graph per batch size
+                        FusedDecoder, one CUDA graph per batch size, or
+                        PersistentDecoder, one kernel per step              persistent.cu
 """
 import weakref
 
@@ -20,6 +21,7 @@ from ..formats import Packed, dequantize
 from ..ops import NumpyOps
 from ..quant import Q8Tensor
 from .fused import FusedDecoder
+from .persistent import PersistentDecoder
 from .kernels import bmm, gemm_v5, gemv, qgemv, sgemm, softmax, to_16bit
 from .runtime import require_cupy
 
@@ -32,13 +34,14 @@ class CudaOps(NumpyOps):
 
     fused_decode: decoder(model) runs one-token steps through FusedDecoder (6 launches per
         layer) instead of the generic path; graphs: FusedDecoder replays them as one CUDA graph
-        per batch size.
+        per batch size; persistent: where PersistentDecoder covers the model, a step is one
+        kernel (FusedDecoder's launches still serve the batches it does not fit).
     """
     name = "cuda"
 
-    def __init__(self, fused_decode=True, graphs=True):
+    def __init__(self, fused_decode=True, graphs=True, persistent=True):
         self.xp = require_cupy()
-        self.fused_decode, self.graphs = fused_decode, graphs
+        self.fused_decode, self.graphs, self.persistent = fused_decode, graphs, persistent
         self._decoders = weakref.WeakKeyDictionary()     # model -> FusedDecoder (or None)
 
     def matrix_layout(self, w):
@@ -66,7 +69,7 @@ class CudaOps(NumpyOps):
     def linear(self, x, w):
         # x: (..., in)   w: (out, in)   ->   (..., out)
         if isinstance(w, Q8Tensor):
-            return self.linear_q8(x, w)           # dequantizes, then comes back here
+            return self.linear_q8(x, w)           # NumpyOps': runq's products, or dequantized
         if isinstance(w, Packed):
             return self.linear_packed(x, w)
         x = self.asarray(x)
@@ -116,8 +119,11 @@ class CudaOps(NumpyOps):
         return forward
 
     def _fused_decoder(self, model):
-        """The model's FusedDecoder, made on the first request (its buffers and CUDA graphs
-        then serve every decoder(model) after); None for a model it does not cover."""
+        """The model's PersistentDecoder or FusedDecoder, made on the first request (its
+        buffers and CUDA graphs then serve every decoder(model) after); None for a model
+        neither covers."""
         if model not in self._decoders:
-            self._decoders[model] = FusedDecoder(model) if FusedDecoder.covers(model) else None
+            kind = (PersistentDecoder if self.persistent and PersistentDecoder.covers(model)
+                    else FusedDecoder if FusedDecoder.covers(model) else None)
+            self._decoders[model] = kind(model) if kind else None
         return self._decoders[model]

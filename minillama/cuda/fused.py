@@ -5,8 +5,9 @@ kernels of decode.cu and gemv's prologues, on the model's own weights and KV cac
 fast path a GPU backend offers for decoding: CudaOps.decoder(model) sends one-token steps here
 when FusedDecoder.covers(model), and prompts, or models it does not cover, to model.forward.
 Every storage format is covered: a float32 weight goes through gemv (matmul.cu), a weight kept
-as stored (formats.Packed: f16, bf16, q8_0, q4_0, q4_1) through qgemv (qgemv.cu), which has the
-same prologues and `accumulate`; the KV cache may be float32 or float16.
+as stored (formats.Packed: f16, bf16, q8_0, q4_0, q4_1, and the k-quants q2_k .. q6_k)
+through qgemv (qgemv.cu, qgemv_k.cu), which has the same prologues and `accumulate`; the KV
+cache may be float32 or float16.
 docs/kernels.md ("Decoding: launches, fusion and a CUDA graph") measures what it saves.
 """
 import warnings
@@ -14,7 +15,7 @@ import warnings
 import numpy as np
 
 from ..formats import Packed
-from .kernels import CACHE_TYPES, KERNELS, QGEMV_WEIGHTS, gemv, qgemv
+from .kernels import CACHE_TYPES, KERNELS, PACKED_KERNEL_FORMATS, gemv, qgemv
 from .runtime import cdiv, i32
 
 
@@ -44,7 +45,8 @@ class FusedDecoder:
         heads that fit a block, and a cache row that fits shared memory; anything else stays
         on the generic path."""
         p = model.params
-        readable = all(isinstance(w, Packed) and w.format in QGEMV_WEIGHTS and w.shape[1] % 8 == 0
+        readable = all(isinstance(w, Packed) and w.format in PACKED_KERNEL_FORMATS
+                       and w.shape[1] % 8 == 0
                        or getattr(w, "dtype", None) == np.float32
                        for w in FusedDecoder._weights(model))
         cache = all(layer.attention.cache_k.dtype.name in CACHE_TYPES for layer in model.layers)

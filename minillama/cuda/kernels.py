@@ -4,8 +4,10 @@
     gemv(x, w)           a @ w.T for a few rows, with an RMSNorm or SwiGLU prologue if asked
     bmm(a, b)            batched a @ b on strided views (the KV cache, read in place)
     softmax(x, ...)      over the last axis, causal mask built in (softmax.cu)
-  weights as stored (w a formats.Packed with CuPy planes: f16, bf16, q8_0, q4_0, q4_1):
-    qgemv(x, w)          gemv's job on packed weights, the same prologues (qgemv.cu)
+  weights as stored (w a formats.Packed with CuPy planes: f16, bf16, q8_0, q4_0, q4_1, and the
+  k-quants q2_k .. q6_k):
+    qgemv(x, w)          gemv's job on packed weights, the same prologues (qgemv.cu; the
+                         k-quants: qgemv_k, qgemv_k.cu)
     to_16bit(x)          float32 -> float16 (or bfloat16 bits), round to nearest (matmul.cu)
     gemm_v5(a, w)        a @ w.T on the tensor cores, a 16-bit (matmul.cu)
 
@@ -44,6 +46,8 @@ SOFTMAX_WARP_MAX = 1024            # rows up to this long: one warp per row (sof
 ATTENTION_WIDTHS = (1, 4)
 # rope_kv<T>, attention_decode<WIDTH, T>: the KV cache's element type, by its NumPy dtype
 CACHE_TYPES = {"float32": "float", "float16": "unsigned short"}
+# decode_persistent<B> (persistent.cu, launched by PersistentDecoder): batch rows per warp
+PERSISTENT_ROWS = (1, 2, 4, 8)
 # qgemv<Fmt, ROWS, PRO>: weights per 16-byte load of each format (Fmt = "Fmt" + Packed.kernel)
 QGEMV_WEIGHTS = {"f16": 8, "bf16": 8, "q8_0": 16, "q4_0": 32, "q4_1": 32}
 QGEMV_ROWS = (1, 2, 4, 8)          # rows of x per pass
@@ -55,6 +59,14 @@ QGEMV_BLOCKS_PER_SM = 2            # blocks of the grid per SM; each stages x on
 GEMM_V5_FORMATS = {"f16": 0, "bf16": 1, "q8_0": 2, "q4_0": 3, "q4_1": 4}
 GEMM_V5_CONFIGS = {"128x128x4": (128, 128, 4)}
 GEMM_V5_DEFAULT = "128x128x4"
+# qgemv_k<Fmt, ROWS, PRO> and kquant_to_f16<Fmt> (qgemv_k.cu): the k-quants with kernels of
+# their own, and the planes each reads: (codes, high bits, integer scales, d, dmin)
+QGEMV_K_PLANES = {"q2_k": ("qs", "qs", "scales", "d", "dmin"),
+                  "q3_k": ("qs", "hmask", "scales", "d", "d"),
+                  "q4_k": ("qs", "qs", "scales", "d", "dmin"),
+                  "q5_k": ("qs", "qh", "scales", "d", "dmin"),
+                  "q6_k": ("ql", "qh", "scales", "d", "d")}
+PACKED_KERNEL_FORMATS = tuple(QGEMV_WEIGHTS) + tuple(QGEMV_K_PLANES)   # what qgemv reads as stored
 
 
 def _cpp_bool(flag):
@@ -72,6 +84,7 @@ def _templates():
     common += [f"attention_decode<{width},{t}>" for width in ATTENTION_WIDTHS
                for t in CACHE_TYPES.values()]
     common += [f"rope_kv<{t}>" for t in CACHE_TYPES.values()]
+    common += [f"decode_persistent<{b}>" for b in PERSISTENT_ROWS]
     common += [f"softmax_block<{v},{t}>" for v, t in SOFTMAX_BLOCKS]
     common += [f"f32_to_16bit<{_cpp_bool(bf16)},{_cpp_bool(vec)}>" for bf16 in (False, True)
                for vec in (False, True)]
@@ -81,6 +94,9 @@ def _templates():
                        for pro in GEMV_PROLOGUES.values()]
         groups[fmt] += [f"gemm_v5<{bm},{bn},{stages},{GEMM_V5_FORMATS[fmt]}>"
                         for bm, bn, stages in GEMM_V5_CONFIGS.values()]
+    for fmt in QGEMV_K_PLANES:
+        groups[fmt] = [f"qgemv_k<{_qgemv_format(fmt)},{rows},{pro}>" for rows in QGEMV_ROWS
+                       for pro in GEMV_PROLOGUES.values()] + [f"kquant_to_f16<{_qgemv_format(fmt)}>"]
     return groups
 
 
@@ -316,6 +332,8 @@ def qgemv(x, w, out=None, accumulate=False, norm=None, eps=1e-5, swiglu=False,
     smem: bytes of shared memory a block may use for x; blocks_per_sm: blocks of the grid per
     SM (each block stages x once, then walks many weight rows). x, norm and out are read and
     written 16 bytes at a time: C-contiguous and 16-byte aligned."""
+    if getattr(w, "format", None) in QGEMV_K_PLANES:            # super-blocks: qgemv_k.cu
+        return qgemv_k(x, w, out, accumulate, norm, eps, swiglu, smem, blocks_per_sm)
     if norm is not None and swiglu:
         raise DeviceError("qgemv: norm and swiglu are two prologues; give one")
     qs, d, m = _check_packed(w)
@@ -369,8 +387,11 @@ def to_16bit(x, bf16=False, out=None):
 
 def gemm_v5(a, w, out=None, config=GEMM_V5_DEFAULT):
     """a @ W.T on the tensor cores: a (M, K) float16 (bfloat16 bits as uint16 when W is bf16;
-    to_16bit makes either), w a formats.Packed (N, K) in f16, bf16, q8_0, q4_0 or q4_1 ->
-    (M, N) float32, float32 accumulation. config: a tile shape of GEMM_V5_CONFIGS."""
+    to_16bit makes either), w a formats.Packed (N, K) in f16, bf16, q8_0, q4_0 or q4_1 (or a
+    k-quant, multiplied through a float16 copy: kquant_to_f16) -> (M, N) float32, float32
+    accumulation. config: a tile shape of GEMM_V5_CONFIGS."""
+    if getattr(w, "format", None) in QGEMV_K_PLANES:
+        w = kquant_to_f16(w)                    # the k-quants: through a float16 copy of W
     main, d, m = _check_packed(w)
     _check("a", a, 2, dtype=np.uint16 if w.format == "bf16" else np.float16, aligned=True)
     (M, K), (N, K_w) = a.shape, w.shape
@@ -386,3 +407,73 @@ def gemm_v5(a, w, out=None, config=GEMM_V5_DEFAULT):
                    (cdiv(N, bn), cdiv(M, bm)), (256,), (a, main, d, m, c, i32(M), i32(N), i32(K)),
                    shared_mem=stages * (bm + bn) * 64)
     return c
+
+
+# ----------------------------------------------------------------------------
+# the k-quants: qgemv_k.cu
+
+def _check_kquant(w):
+    """w: a formats.Packed k-quant on the GPU; its planes as qgemv_k takes them."""
+    if not isinstance(w, Packed) or w.format not in QGEMV_K_PLANES:
+        raise DeviceError(f"w: expected a formats.Packed weight in one of "
+                          f"{', '.join(QGEMV_K_PLANES)}, got {type(w).__name__} "
+                          f"{getattr(w, 'format', '')!r}")
+    for name, plane in w.planes.items():         # Packed checked their shapes and dtypes
+        _check(f"w.{name}", plane, dtype=plane.dtype,
+               aligned=name in ("qs", "ql", "qh", "hmask"))
+    return tuple(w.planes[name] for name in QGEMV_K_PLANES[w.format])
+
+
+def qgemv_k(x, w, out=None, accumulate=False, norm=None, eps=1e-5, swiglu=False,
+            smem=QGEMV_SMEM, blocks_per_sm=QGEMV_BLOCKS_PER_SM):
+    """qgemv for a k-quant w (q2_k .. q6_k: a formats.Packed (N, K) with CuPy planes):
+    x (M, K) float32 -> (M, N) float32, the weights dequantized in registers as the NumPy
+    reference does, float32 sums. The arguments are qgemv's (qgemv sends k-quants here)."""
+    if norm is not None and swiglu:
+        raise DeviceError("qgemv: norm and swiglu are two prologues; give one")
+    planes = _check_kquant(w)
+    _check("x", x, 2, aligned=True)
+    (M, K_x), (N, K) = x.shape, w.shape
+    if K_x != (2 * K if swiglu else K):
+        raise DeviceError(f"qgemv: x is (M, K) = {x.shape} but w is (N, K) = {w.shape}"
+                          + (" (swiglu: x must be (M, 2K))" if swiglu else ""))
+    if norm is not None:
+        _check("norm", norm, 1, aligned=True)
+        if norm.shape != (K,):
+            raise DeviceError(f"norm: expected shape ({K},), got {norm.shape}")
+    if accumulate and out is None:
+        raise DeviceError("qgemv: accumulate=True needs the array to add into as out")
+    y = _output(out, (M, N), aligned=True)
+    if M == 0 or N == 0:
+        return y
+    rows = next(r for r in QGEMV_ROWS if r >= min(M, QGEMV_ROWS[-1]))
+    nr = 4 if rows >= 4 else 2                   # weight rows per warp (qgemv_k.cu's NR)
+    # x chunk: all of K if ROWS rows of it fit `smem`, else whole super-blocks of 256
+    kc = K if rows * K * 4 <= smem else max(256, smem // (rows * 4) // 256 * 256)
+    prologue = GEMV_PROLOGUES["rmsnorm" if norm is not None else "swiglu" if swiglu else None]
+    grid = min(cdiv(N, 8 * nr), blocks_per_sm * sm_count())
+    KERNELS.launch(f"qgemv_k<{_qgemv_format(w.format)},{rows},{prologue}>", (grid,), (256,),
+                   (x, *planes, y, i32(M), i32(N), i32(K), i32(bool(accumulate)),
+                    x if norm is None else norm, np.float32(eps), i32(kc)),
+                   shared_mem=rows * kc * 4)
+    return y
+
+
+def kquant_to_f16(w, out=None):
+    """A k-quant w (N, K) as a formats.Packed f16 on the GPU (for gemm_v5): each weight as the
+    NumPy reference dequantizes it, rounded to float16 (beyond 65504: inf, as NumPy's cast).
+    A copy of 2 bytes a weight, made for the one product that needs it."""
+    cupy = require_cupy()
+    planes = _check_kquant(w)
+    N, K = w.shape
+    if out is None:
+        out = cupy.empty((N, K), dtype=np.float16)
+    else:
+        _check("out", out, dtype=np.float16)
+        if out.shape != (N, K):
+            raise DeviceError(f"out: expected shape {(N, K)}, got {out.shape}")
+    if N:
+        # one thread a piece of 32 (or 64) weights: N * K / 32 threads at most
+        KERNELS.launch(f"kquant_to_f16<{_qgemv_format(w.format)}>", (cdiv(N * K // 32, 256),),
+                       (256,), (*planes, out, i32(N), i32(K)))
+    return Packed("f16", (N, K), {"data": out})

@@ -3,11 +3,14 @@
     dense.py   f32, f16, bf16     one value per weight: 4, 2, 2 bytes
     q8_0.py    q8_0               blocks of 32: a float16 scale + 32 int8 codes, 8.5 bits/weight
     q4.py      q4_0, q4_1         blocks of 32: float16 scale (+ offset) + 32 4-bit codes, 4.5 / 5
+    kquants.py q2_k .. q6_k       super-blocks of 256: float16 d (+ dmin), a 4-8 bit scale (and
+                                  min) per 16 or 32 weights, 2-6 bit codes: 2.6 to 6.6 bits/weight
 
 Each module declares its blocks (BLOCK weights per block, FIELDS: the fields of one GGUF block in
 file order, BLOCK_BYTES, GGML_TYPE, KERNEL: the GPU kernels' template argument) and holds the
-NumPy reference `dequantize(packed, rows)` and `quantize(w, fmt, name)`. This package dispatches
-on the format name:
+NumPy reference `dequantize(packed, rows)` and, for the formats minillama writes (QUANTIZABLE:
+all but the k-quants, which are read from GGUF files only), `quantize(w, fmt)`. This package
+dispatches on the format name:
 
     FORMATS[fmt] -> module               layout(fmt, shape) -> {plane: (shape, dtype)}
     bytes_for(fmt, shape) -> int         (the memory plan: no data needed)
@@ -23,23 +26,28 @@ import math
 import numpy as np
 
 from ..errors import ArgumentError
-from . import dense, q4, q8_0
+from . import dense, kquants, q4, q8_0
 from .registry import FORMATS, GGML_FORMATS, bytes_for, layout, module
 from .packed import Packed, check_finite, concat_rows, join_blocks, split_blocks
 
 CHUNK_BYTES = 16 << 20          # float32 bytes of one chunk that row_chunks dequantizes
+QUANTIZABLE = tuple(fmt for fmt, m in FORMATS.items() if hasattr(m, "quantize"))
 
-__all__ = ["FORMATS", "GGML_FORMATS", "Packed", "bytes_for", "concat_rows", "dequantize",
-           "from_gguf", "layout", "quantize", "row_chunks", "to_gguf"]
+__all__ = ["FORMATS", "GGML_FORMATS", "Packed", "QUANTIZABLE", "bytes_for", "concat_rows",
+           "dequantize", "from_gguf", "layout", "quantize", "row_chunks", "to_gguf"]
 
 
 
 def quantize(w, fmt, name="weight"):
-    """A float32 (rows, cols) weight stored in `fmt`. Non-finite weights, or weights beyond
-    the format's range, are refused with a CheckpointError naming `name` and the block."""
+    """A float32 (rows, cols) weight stored in `fmt` (one of QUANTIZABLE). Non-finite weights,
+    or weights beyond the format's range, are refused with a CheckpointError naming `name` and
+    the block."""
     w = np.asarray(w, np.float32)
     if w.ndim != 2:
         raise ArgumentError(f"{name}: expected a (rows, cols) weight, got shape {w.shape}")
+    if fmt in FORMATS and fmt not in QUANTIZABLE:
+        raise ArgumentError(f"format: minillama reads {fmt} from GGUF files but does not "
+                            f"quantize to it; expected one of {', '.join(QUANTIZABLE)}")
     layout(fmt, w.shape)                     # rows of whole blocks, or an ArgumentError
     planes, why = module(fmt).quantize(w, fmt)
     return check_finite(Packed(fmt, w.shape, planes), name, why)

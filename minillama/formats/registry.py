@@ -1,17 +1,17 @@
 """The formats by name: which module stores each one, and what its planes and bytes are.
 
-Kept apart from packed.py so that imports run one way: the format modules (dense, q8_0, q4)
-describe their blocks and import nothing of the package; this registry reads them; Packed
-checks its planes against the registry; formats/__init__.py puts it all together.
+Kept apart from packed.py so that imports run one way: the format modules (dense, q8_0, q4,
+kquants) describe their blocks and import nothing of the package; this registry reads them;
+Packed checks its planes against the registry; formats/__init__.py puts it all together.
 """
 import math
 
 import numpy as np
 
 from ..errors import ArgumentError
-from . import dense, q4, q8_0
+from . import dense, kquants, q4, q8_0
 
-FORMATS = {fmt: module for module in (dense, q8_0, q4) for fmt in module.FIELDS}
+FORMATS = {fmt: module for module in (dense, q8_0, q4, kquants) for fmt in module.FIELDS}
 GGML_FORMATS = {m.GGML_TYPE[fmt]: fmt for fmt, m in FORMATS.items()}
 def module(fmt):
     if fmt not in FORMATS:

@@ -7,6 +7,7 @@
     text_bytes(token, at_start) -> bytes          what a token adds to decoded text
     is_control(token), check_id(token)
     path, n_words, bos_id, eos_id, unk_id, pad_id (-1: none), chat (a format from chat.py)
+    stop_tokens                                   the ids that end generation (Meta's name)
 
 Llama's ids, which llama2.c hard-codes: 0 = <unk>, 1 = BOS, 2 = EOS, 3..258 = the 256 byte
 tokens <0x00>..<0xFF>. Other vocabularies (a GGUF's) say where theirs are.
@@ -30,12 +31,16 @@ class Tokenizer:
     # tok512.model) also drops *every* leading "▁" piece when decoding, not just the first.
     drops_all_leading_spaces = False
 
-    def __init__(self, path, n_words, *, bos_id, eos_id, unk_id, pad_id, control_ids, chat):
+    def __init__(self, path, n_words, *, bos_id, eos_id, unk_id, pad_id, control_ids, chat,
+                 stop_tokens=None):
         self.path = os.fspath(path)
         self.n_words = n_words
         self.bos_id, self.eos_id, self.unk_id, self.pad_id = bos_id, eos_id, unk_id, pad_id
         self.control_ids = frozenset(control_ids)
         self.chat = chat
+        # the ids that end a reply: EOS, and for Llama 3 also <|eot_id|> and <|eom_id|>
+        self.stop_tokens = list(stop_tokens) if stop_tokens is not None else \
+            [eos_id] if eos_id >= 0 else []
 
     def __repr__(self):
         return f"{type(self).__name__}({self.path!r}, n_words={self.n_words})"

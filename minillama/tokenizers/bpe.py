@@ -1,4 +1,5 @@
-"""Byte-level BPE, the GPT-2 way: the tokenizer of SmolLM2 and every `gpt2` GGUF vocabulary.
+"""Byte-level BPE, the GPT-2 way: the tokenizer of SmolLM2, of Llama 3 and of every `gpt2` GGUF
+vocabulary.
 
 encode(text) in four steps:
 
@@ -8,22 +9,25 @@ encode(text) in four steps:
     (GGUF's `tokenizer.ggml.pre`). GPT-2's pattern keeps an English contraction ('s 't 're 've
     'm 'll 'd), a run of letters or of numbers or of other symbols with at most one space before
     it, and whitespace (a run before a word leaves its last space to the word) apart. SmolLM2
-    ("smollm") first puts every digit on its own.
+    ("smollm") first puts every digit on its own. Llama 3 ("llama-bpe") takes numbers three
+    digits at a time, lets any one non-letter lead a word, and keeps line breaks together.
  3. Each pre-token's UTF-8 bytes are spelled as printable characters, one per byte (see
     bytes_to_unicode), so a token is an ordinary string: " hello" is "Ġhello".
  4. BPE: join the adjacent pair of symbols that comes first in the merges list, and repeat
-    until no adjacent pair is in the list. Each symbol left is a token.
+    until no adjacent pair is in the list. Each symbol left is a token. A vocabulary without a
+    merges list (tiktoken's, Llama 3's tokenizer.model) ranks a pair by the token it makes
+    instead: the lower that token's rank, the earlier the join.
 
 decode() turns each token's characters back into bytes and the bytes into UTF-8 text.
 
-Python's `re` has no \\p{L} or \\p{N}; the character classes are built once from the Unicode
-database (unicodedata) instead, and \\s is Unicode's White_Space list, as in the Rust and
-Oniguruma engines that Hugging Face tokenizers and llama.cpp use.
+The patterns are written with the `regex` package, which knows \\p{L} (letters) and \\p{N}
+(numbers) and, like the Rust and Oniguruma engines that Hugging Face tokenizers, tiktoken and
+llama.cpp use, takes \\s to be Unicode's White_Space list.
 """
 import functools
 import re
-import sys
-import unicodedata
+
+import regex
 
 from ..errors import TokenizerError
 from .base import Tokenizer, check_text
@@ -58,45 +62,40 @@ BYTE_TO_CHAR = bytes_to_unicode()
 CHAR_TO_BYTE = {c: b for b, c in BYTE_TO_CHAR.items()}
 
 
+def spell_bytes(data):
+    """Bytes in GPT-2's spelling, one character per byte: b" hi" -> "Ġhi"."""
+    return "".join(BYTE_TO_CHAR[b] for b in data)
+
+
 # ----------------------------------------------------------------------------
 # pre-tokenizers
 
-# Unicode White_Space: what \s means in the Rust and Oniguruma regex engines. (Python's \s also
-# takes the separators \x1c-\x1f, which they do not.)
-WHITESPACE = (r"\t\n\x0b\x0c\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000")
-
-
-@functools.lru_cache(maxsize=None)
-def unicode_class(prefix):
-    """The inside of a regex [...] class matching every code point whose general category
-    starts with `prefix` ("L": letters, "N": numbers), as ranges like \\U00000041-\\U0000005a."""
-    ranges, start = [], None
-    for cp in range(sys.maxunicode + 2):
-        inside = cp <= sys.maxunicode and unicodedata.category(chr(cp)).startswith(prefix)
-        if inside and start is None:
-            start = cp
-        elif not inside and start is not None:
-            ranges.append(f"\\U{start:08x}-\\U{cp - 1:08x}")
-            start = None
-    return "".join(ranges)
-
-
 @functools.lru_cache(maxsize=None)
 def gpt2_pattern():
-    L, N, S = unicode_class("L"), unicode_class("N"), WHITESPACE
-    return re.compile(rf"'s|'t|'re|'ve|'m|'ll|'d| ?[{L}]+| ?[{N}]+| ?[^{S}{L}{N}]+"
-                      rf"|[{S}]+(?![^{S}])|[{S}]+")
+    return regex.compile(r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+"
+                         r"|\s+(?!\S)|\s+")
 
 
 @functools.lru_cache(maxsize=None)
 def digit_pattern():
-    return re.compile(f"[{unicode_class('N')}]")
+    return regex.compile(r"\p{N}")
+
+
+@functools.lru_cache(maxsize=None)
+def llama3_pattern():
+    """Meta's pat_str for Llama 3 (llama_models' Tokenizer), which llama.cpp calls llama-bpe:
+    contractions in any case, a word with at most one non-letter, non-digit before it, numbers
+    of 1 to 3 digits, symbols with the line breaks after them, line breaks with the spaces
+    before them, then whitespace as GPT-2 splits it."""
+    return regex.compile(r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                         r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 
 
 # llama.cpp's pre-tokenizer names -> the regexes it applies one after another for them
 PRE_TOKENIZERS = {name: (gpt2_pattern,) for name in ("gpt-2", "gpt2", "mpt", "olmo")}
 PRE_TOKENIZERS.update({name: (digit_pattern, gpt2_pattern) for name in (
     "smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva")})
+PRE_TOKENIZERS.update({name: (llama3_pattern,) for name in ("llama-bpe", "llama3", "llama-v3")})
 
 
 def split_isolated(pieces, pattern):
@@ -123,18 +122,20 @@ class BPETokenizer(Tokenizer):
     """A byte-level BPE vocabulary: token strings (in the byte spelling), merges "a b" in
     priority order, and optionally GGUF token types (control/user-defined tokens are special).
 
+    merges=None: no merges list, as in a tiktoken file; a pair's priority is then the rank (the
+    id) of the normal token it would make, the rule tiktoken applies.
     encode(bos=True) adds BOS only if the vocabulary wants one (add_bos): SmolLM2 does not.
     chat: the chat format its model was trained with (default: Llama 2's, as for any vocabulary
-    that names none).
+    that names none). stop_tokens: the ids that end a reply (default: EOS).
     """
 
     def __init__(self, tokens, merges, token_types=None, pre="gpt-2", bos=-1, eos=-1, unk=-1,
-                 pad=-1, add_bos=False, path="<memory>", chat=None):
+                 pad=-1, add_bos=False, path="<memory>", chat=None, stop_tokens=None):
         tokens = list(tokens)
         token_types = list(token_types) if token_types is not None else [NORMAL] * len(tokens)
         super().__init__(path, len(tokens), bos_id=bos, eos_id=eos, unk_id=unk, pad_id=pad,
                          control_ids=[i for i, kind in enumerate(token_types) if kind == CONTROL],
-                         chat=chat or Llama2Chat())
+                         chat=chat or Llama2Chat(), stop_tokens=stop_tokens)
         if pre not in PRE_TOKENIZERS:
             raise TokenizerError(f"{self.path}: pre-tokenizer {pre!r} is not supported "
                                  f"(expected one of: {', '.join(PRE_TOKENIZERS)})")
@@ -142,7 +143,12 @@ class BPETokenizer(Tokenizer):
         self.tokens, self.token_types = tokens, token_types
         self.add_bos = add_bos
         self.ids = {token: i for i, token in enumerate(self.tokens)}
-        self.ranks = self._parse_merges(merges)
+        if merges is None:          # tiktoken: a pair may join if the token it makes exists
+            self.ranks = None
+            self.token_ranks = {t: i for i, (t, kind) in enumerate(zip(tokens, token_types))
+                                if kind == NORMAL}
+        else:
+            self.ranks = self._parse_merges(merges)
         specials = [t for t, kind in zip(self.tokens, self.token_types)
                     if kind in (CONTROL, USER_DEFINED) and t]
         self.special = (re.compile("|".join(map(re.escape, sorted(specials, key=len, reverse=True))))
@@ -168,17 +174,19 @@ class BPETokenizer(Tokenizer):
         check_text(text)
         ids = [self.bos_id] if bos and self.add_bos and self.bos_id >= 0 else []
         for chunk, is_special in self._split_special(text):
-            if is_special:
-                ids.append(self.ids[chunk])
-                continue
-            pieces = [chunk]
-            for pattern in self.patterns:
-                pieces = split_isolated(pieces, pattern)
-            for piece in pieces:
-                ids.extend(self._encode_piece(piece))
+            ids.extend([self.ids[chunk]] if is_special else self.encode_ordinary(chunk))
         if eos and self.eos_id >= 0:
             ids.append(self.eos_id)
         return ids
+
+    def encode_ordinary(self, text):
+        """The ids of `text` as plain text: a special token's name written in it is spelled
+        out, not turned into the special token (tiktoken's encode_ordinary; what Meta's Llama 3
+        Tokenizer.encode does by default). No BOS or EOS."""
+        pieces = [check_text(text)]
+        for pattern in self.patterns:
+            pieces = split_isolated(pieces, pattern)
+        return [i for piece in pieces for i in self._encode_piece(piece)]
 
     def _split_special(self, text):
         """(chunk, is_special) pairs: special tokens whole, the text between them as it is."""
@@ -193,7 +201,7 @@ class BPETokenizer(Tokenizer):
             yield text[pos:], False
 
     def _encode_piece(self, piece):
-        word = "".join(BYTE_TO_CHAR[b] for b in utf8_bytes(piece))
+        word = spell_bytes(utf8_bytes(piece))
         if word not in self._cache:
             if len(self._cache) > 100_000:
                 self._cache.clear()
@@ -205,12 +213,17 @@ class BPETokenizer(Tokenizer):
 
         The rule, as Hugging Face tokenizers and llama.cpp apply it: join the adjacent pair that
         comes first in the merges list, the leftmost one where a pair occurs twice; repeat until
-        no adjacent pair is a merge (merge_pairs(), in O(n log n)).
+        no adjacent pair is a merge (merge_pairs(), in O(n log n)). Without a merges list the
+        rule is tiktoken's: the pair whose joined symbol is the token of lowest rank joins first.
         """
         def best(a, b):
             rank = self.ranks.get((a, b))
             return None if rank is None else (rank, a + b)
-        return merge_pairs(word, best)
+
+        def best_by_token_rank(a, b):       # tiktoken's rule
+            rank = self.token_ranks.get(a + b)
+            return None if rank is None else (rank, a + b)
+        return merge_pairs(word, best if self.ranks is not None else best_by_token_rank)
 
     def _symbol_id(self, symbol):
         if symbol in self.ids:

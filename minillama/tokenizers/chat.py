@@ -13,6 +13,7 @@ from ..errors import ArgumentError
 B_INST, E_INST = "[INST]", "[/INST]"
 B_SYS, E_SYS = "<<SYS>>\n", "\n<</SYS>>\n\n"
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
+START_HEADER, END_HEADER, EOT = "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"
 
 
 class Llama2Chat:
@@ -84,6 +85,57 @@ class ChatML:
                                 "ending with a 'user' message")
         text = "".join(self.message(m["role"], m["content"]) for m in dialog)
         return tokenizer.encode(text + f"{IM_START}assistant\n", bos=True, eos=False)
+
+
+class Llama3Chat:
+    """Llama 3's format, as Meta's ChatFormat (llama_models) writes it: after
+    <|begin_of_text|>, each message is a header, its content and <|eot_id|>,
+
+        <|start_header_id|>role<|end_header_id|>\n\ncontent<|eot_id|>
+
+    and the assistant's reply follows an assistant header. The tags are special tokens; the
+    model ends its reply with <|eot_id|>, one of the tokenizer's stop_tokens. Tool calls
+    (role 'ipython', <|python_tag|>, <|eom_id|>) are not supported."""
+
+    @staticmethod
+    def header(role):
+        return f"{START_HEADER}{role}{END_HEADER}\n\n"
+
+    def message(self, role, content):
+        return self.header(role) + content + EOT
+
+    def render_turn(self, system, user, first_turn):
+        """One turn of llama2.c's chat, ending where the assistant's reply begins. The loop feeds
+        back the <|eot_id|> that ended the last reply, so a later turn starts with a header."""
+        text = self.message("system", system) if first_turn and system else ""
+        return text + self.message("user", user) + self.header("assistant")
+
+    def encode_dialog(self, tokenizer, dialog):
+        """As Meta's ChatFormat.encode_dialog_prompt: BOS, every message, an assistant header.
+        Headers and <|eot_id|> are the special tokens themselves; a message's text is encoded
+        as plain text (encode_ordinary, as Meta's encode does), so a tag typed into a message
+        stays text."""
+        if not dialog or dialog[-1]["role"] != "user":
+            raise ArgumentError("dialog: expected 'system', 'user' and 'assistant' messages, "
+                                "ending with a 'user' message")
+        special = {tag: _special_id(tokenizer, tag) for tag in (START_HEADER, END_HEADER, EOT)}
+
+        def header(role):
+            return [special[START_HEADER], *tokenizer.encode_ordinary(role),
+                    special[END_HEADER], *tokenizer.encode_ordinary("\n\n")]
+        ids = [tokenizer.bos_id]
+        for m in dialog:
+            ids += header(m["role"]) + tokenizer.encode_ordinary(m["content"]) + [special[EOT]]
+        return ids + header("assistant")
+
+
+def _special_id(tokenizer, tag):
+    """The id of special token `tag`, which the tokenizer must encode as one token."""
+    ids = tokenizer.encode(tag, bos=False, eos=False)
+    if len(ids) != 1:
+        raise ArgumentError(f"tokenizer {tokenizer.path} has no special token {tag}, which "
+                            f"Llama 3's chat format needs")
+    return ids[0]
 
 
 def chat_format(template):

@@ -1,5 +1,6 @@
 """The tokenizer a GGUF model carries in its metadata, built from checkpoints.gguf's GGUFVocab:
-byte-level BPE for a `gpt2` vocabulary, llama2.c's score-merging encoder for a `llama` one."""
+byte-level BPE for a `gpt2` vocabulary (Llama 3's among them, pre-tokenizer `llama-bpe`),
+llama2.c's score-merging encoder for a `llama` one."""
 import math
 
 from ..checkpoints.gguf import read_gguf_vocab
@@ -8,6 +9,7 @@ from .bpe import BPETokenizer
 from .chat import Llama2Chat, chat_format
 from .llama2c import Llama2cTokenizer
 from .sentencepiece import SP_SPACE
+from .tiktoken import STOP_TOKENS as LLAMA3_STOP_TOKENS
 
 
 def gguf_tokenizer(path):
@@ -21,7 +23,15 @@ def _bpe_tokenizer(vocab):
     return BPETokenizer(vocab.tokens, vocab.merges, token_types=vocab.token_types, pre=vocab.pre,
                         bos=vocab.bos_id, eos=vocab.eos_id, unk=vocab.unk_id, pad=vocab.pad_id,
                         add_bos=vocab.add_bos, path=vocab.path,
-                        chat=chat_format(vocab.chat_template))
+                        chat=chat_format(vocab.chat_template), stop_tokens=_stop_tokens(vocab))
+
+
+def _stop_tokens(vocab):
+    """EOS, and Llama 3's other ends of a reply where the vocabulary has them (an instruct
+    model's GGUF may name <|eot_id|> its EOS, a base model's <|end_of_text|>: both stop)."""
+    stops = [vocab.eos_id] if vocab.eos_id >= 0 else []
+    ids = {token: i for i, token in enumerate(vocab.tokens) if token in LLAMA3_STOP_TOKENS}
+    return stops + [ids[t] for t in LLAMA3_STOP_TOKENS if t in ids and ids[t] not in stops]
 
 
 def _llama_tokenizer(vocab):

@@ -12,6 +12,7 @@ from ..errors import TokenizerError
 from .gguf import gguf_tokenizer
 from .llama2c import Llama2cTokenizer, looks_like_tokenizer_bin
 from .sentencepiece import SentencePieceTokenizer, looks_like_sentencepiece
+from .tiktoken import looks_like_tiktoken, tiktoken_tokenizer
 
 
 class TokenizerFormat(NamedTuple):
@@ -23,6 +24,7 @@ class TokenizerFormat(NamedTuple):
 # Tried in order; the first whose probe says yes and whose builder succeeds wins.
 FORMATS = [
     TokenizerFormat("gguf", is_gguf, gguf_tokenizer),       # the vocabulary in a model's metadata
+    TokenizerFormat("tiktoken", looks_like_tiktoken, tiktoken_tokenizer),  # Llama 3's .model
     TokenizerFormat("sentencepiece", looks_like_sentencepiece, SentencePieceTokenizer),
     TokenizerFormat("llama2c", looks_like_tokenizer_bin, Llama2cTokenizer),
 ]

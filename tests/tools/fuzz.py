@@ -352,7 +352,7 @@ def seeds_safetensors(models):
     """Hugging Face model folders: config.json + model.safetensors (written by the safetensors
     package), float32 / float16 / bfloat16, tied and untied."""
     from safetensors.numpy import save
-    from minillama.checkpoints.safetensors_hf import HF_LAYER_NAMES
+    from minillama.checkpoints.hf import HF_LAYER_NAMES
     p = _tiny_args()
     seeds = []
     for k, (dtype, tied) in enumerate([("float32", False), ("float16", True),
@@ -490,7 +490,7 @@ TARGETS = [
     Target("sentencepiece", seeds_sentencepiece, use_tokenizer, ("sentencepiece",)),
     Target("gguf", seeds_gguf, read_checkpoint_file, ("minillama.checkpoints.gguf", "gguf")),
     Target("safetensors", seeds_safetensors, read_checkpoint_file,
-           ("minillama.checkpoints.safetensors_hf", "safetensors")),
+           ("minillama.checkpoints.hf", "safetensors")),
     Target("meta_pth", seeds_meta, read_checkpoint_file,
            ("minillama.checkpoints.meta", "minillama.checkpoints.torchzip", "torch")),
 ]

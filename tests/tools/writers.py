@@ -4,6 +4,8 @@
     tokenizer_bin_bytes   a llama2.c tokenizer.bin
     write_gguf            a llama GGUF, through the `gguf` package (llama.cpp's own writer), with
                           a SentencePiece-style (llama_vocab) or byte-level BPE (gpt2_vocab) vocabulary
+    write_tiktoken        a tiktoken BPE file (Llama 3's tokenizer.model format)
+    tiktoken_merges       the merges list equivalent to a tiktoken file's ranks (for a `gpt2` GGUF)
 
 The package only reads. tests/test_gguf.py writes its GGUF files with a writer of its own, on
 purpose: it is the oracle the reader is checked against, so it shares nothing with the reader.
@@ -82,10 +84,12 @@ def tokenizer_bin_bytes(pieces, scores):
 # ----------------------------------------------------------------------------
 # GGUF
 
-def write_gguf(path, p: ModelArgs, weights, qtype, vocab, tied=False):
+def write_gguf(path, p: ModelArgs, weights, qtype, vocab, tied=False, blocks=None):
     """A llama GGUF of `weights` (Meta names): matrices stored as `qtype` (a
     gguf.GGMLQuantizationType), norms as F32, the classifier left out when tied. vocab(writer)
-    adds the tokenizer's metadata (llama_vocab, gpt2_vocab)."""
+    adds the tokenizer's metadata (llama_vocab, gpt2_vocab). blocks: {Meta name: (qtype, uint8
+    (rows, bytes a row))}, tensors written as these blocks instead (k-quants, which gguf
+    cannot quantize to)."""
     import gguf
     from minillama.checkpoints.gguf import gguf_name
     w = gguf.GGUFWriter(str(path), "llama")
@@ -102,7 +106,10 @@ def write_gguf(path, p: ModelArgs, weights, qtype, vocab, tied=False):
         if tied and name == "output.weight":
             continue
         gname = gguf_name(name)
-        if a.ndim == 2 and qtype != gguf.GGMLQuantizationType.F32:
+        if blocks and name in blocks:
+            btype, data = blocks[name]
+            w.add_tensor(gname, data, raw_shape=data.shape, raw_dtype=btype)
+        elif a.ndim == 2 and qtype != gguf.GGMLQuantizationType.F32:
             data = gguf.quants.quantize(a, qtype)
             w.add_tensor(gname, data, raw_shape=data.shape, raw_dtype=qtype)
         else:
@@ -148,3 +155,37 @@ def gpt2_vocab(w):
     w.add_bos_token_id(1)
     w.add_eos_token_id(2)
     w.add_chat_template("{% for m in messages %}<|im_start|>{{ m.content }}{% endfor %}")
+
+
+# ----------------------------------------------------------------------------
+# tiktoken (the format is in minillama/tokenizers/tiktoken.py's docstring)
+
+def write_tiktoken(path, ranked):
+    """A tiktoken file of `ranked` (token bytes, rank order): base64, a space, the rank."""
+    import base64
+    with open(path, "wb") as f:
+        for rank, token in enumerate(ranked):
+            f.write(base64.b64encode(token) + b" %d\n" % rank)
+    return path
+
+
+def tiktoken_merges(ranked):
+    """The merges ("a b" in byte spelling, rank order) that rebuild each token of `ranked`, as
+    Hugging Face's converter of tiktoken files finds them: BPE over the token's own bytes with
+    the lower ranks only, which ends in the two halves the token was made from."""
+    from minillama.tokenizers.bpe import spell_bytes
+    rank = {t: r for r, t in enumerate(ranked)}
+    merges = []
+    for token in ranked:
+        if len(token) < 2:
+            continue
+        parts = [token[i:i + 1] for i in range(len(token))]
+        while len(parts) > 2:
+            pairs = [(rank.get(a + b, len(ranked)), i) for i, (a, b) in enumerate(zip(parts, parts[1:]))]
+            best, i = min(pairs)
+            if best >= rank[token]:
+                break
+            parts[i:i + 2] = [parts[i] + parts[i + 1]]
+        if len(parts) == 2:
+            merges.append(f"{spell_bytes(parts[0])} {spell_bytes(parts[1])}")
+    return merges

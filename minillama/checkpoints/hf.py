@@ -1,34 +1,36 @@
-"""Hugging Face Llama checkpoints: config.json + model.safetensors (or shards listed in
-model.safetensors.index.json), read with NumPy alone.
+"""Hugging Face Llama checkpoints: a folder with config.json and the weights in one of the two
+files Hugging Face has used, read with NumPy alone:
 
-A .safetensors file is
-    8 bytes        N, little-endian uint64
-    N bytes        JSON: {name: {"dtype": "BF16", "shape": [rows, cols], "data_offsets": [b, e]},
-                          "__metadata__": {...}}
-    the data       tensor `name` is bytes [b, e) of this part, row-major, little-endian
+    model.safetensors           safetensors.py; sharded: model-0000N-of-0000M.safetensors,
+                                listed in model.safetensors.index.json
+    pytorch_model.bin           torch.save's zip, torchzip.py (tensors only, never code);
+                                sharded: pytorch_model-0000N-of-0000M.bin, listed in
+                                pytorch_model.bin.index.json (OpenLLaMA and many models of 2023)
 
-Hugging Face names and layout differ from Meta's in two ways:
-- names: model.layers.{i}.self_attn.q_proj.weight is layers.{i}.attention.wq.weight, etc. (HF_NAMES)
+When a folder holds both (many repositories do), safetensors is read: the same weights, and
+nothing in it can be a program. Either way the tensors are the same, and the same two changes
+turn them into Meta's:
+- names: model.layers.{i}.self_attn.q_proj.weight is layers.{i}.attention.wq.weight, etc.
+  (HF_LAYER_NAMES)
 - q_proj and k_proj have their rows permuted. Meta's RoPE rotates adjacent pairs (x[2i], x[2i+1]);
   Hugging Face's rotates (x[i], x[i + head_dim/2]), and its conversion script reorders the rows of
   wq and wk so the two give the same attention. Within each head, Meta's row 2i moved to row i and
   row 2i+1 to row i + head_dim/2. `unpermute_rows` moves them back, so minillama's RoPE is unchanged.
 """
+import fnmatch
 import json
 import os
 from dataclasses import replace
-
-import numpy as np
+from typing import Callable, NamedTuple
 
 from ..dtypes import LazyTensor
 from . import read_json_object
 from ..errors import CheckpointError
 from ..checks import check_weights
 from ..model import ModelArgs, iter_weight_shapes
-
-DTYPES = {"F32": ("<f4", "f32"), "F16": ("<f2", "f16"), "BF16": ("<u2", "bf16")}   # bf16 as bits
-INDEX = "model.safetensors.index.json"
-MAX_HEADER = 100 << 20          # a header is a few hundred kB even for large models
+from .rope import hf_rope_scaling
+from .safetensors import read_safetensors
+from .torchzip import load_state_dict
 
 HF_LAYER_NAMES = {
     "input_layernorm": "attention_norm",
@@ -43,72 +45,70 @@ HF_LAYER_NAMES = {
 }
 
 
-# ----------------------------------------------------------------------------
-# the safetensors container
-
-def read_safetensors(path):
-    """{name: LazyTensor} from the header of one .safetensors file; the data is read later."""
-    path = os.fspath(path)
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise CheckpointError(f"{path}: {size} bytes is too short for a safetensors header")
-        n = int(np.frombuffer(head, "<u8")[0])
-        if n > min(MAX_HEADER, size - 8):
-            raise CheckpointError(f"{path}: header length {n} does not fit the file "
-                                  f"({size} bytes); not a safetensors file, or truncated")
-        try:
-            header = json.loads(f.read(n))
-        except (UnicodeDecodeError, ValueError) as e:
-            raise CheckpointError(f"{path}: header is not valid JSON ({e})") from None
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{path}: header is not a JSON object")
-    base, data_len = 8 + n, size - 8 - n
-    return {name: _tensor(path, name, info, base, data_len)
-            for name, info in header.items() if name != "__metadata__"}
+class WeightStore(NamedTuple):
+    """One way Hugging Face stores the weights."""
+    name: str               # "safetensors", "pytorch_model.bin"
+    single: str             # the file of an unsharded model
+    index: str              # the shard list of a sharded one: {"weight_map": {tensor: file}}
+    pattern: str            # the names of its files (a .bin must be named so: llama2.c's are not)
+    read: Callable          # path -> {Hugging Face name: LazyTensor}
 
 
-def _tensor(path, name, info, base, data_len):
-    try:
-        dtype, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
-        shape = tuple(int(d) for d in shape)
-        begin, end = int(begin), int(end)
-    except (KeyError, TypeError, ValueError, OverflowError):     # OverflowError: int(inf)
-        raise CheckpointError(f"{path}: tensor {name!r} has a malformed header entry") from None
-    if not isinstance(dtype, str) or dtype not in DTYPES:
-        raise CheckpointError(f"{path}: tensor {name!r} is {dtype}; minillama reads "
-                              f"{', '.join(DTYPES)}")
-    np_dtype, fmt = np.dtype(DTYPES[dtype][0]), DTYPES[dtype][1]
-    count = int(np.prod(shape))
-    if min(shape, default=0) < 0 or not 0 <= begin <= end <= data_len \
-            or end - begin != count * np_dtype.itemsize:
-        raise CheckpointError(f"{path}: tensor {name!r} ({dtype} {list(shape)}) has data offsets "
-                              f"[{begin}, {end}) that do not fit its size or the file "
-                              f"({data_len} data bytes; truncated?)")
-
-    def read():             # the stored values: float32, float16, or bfloat16 bits (uint16)
-        return np.fromfile(path, dtype=np_dtype, count=count, offset=base + begin).reshape(shape)
-    return LazyTensor(shape, fmt, read)
+STORES = [                  # preferred first
+    WeightStore("safetensors", "model.safetensors", "model.safetensors.index.json",
+                "*.safetensors", read_safetensors),
+    WeightStore("pytorch_model.bin", "pytorch_model.bin", "pytorch_model.bin.index.json",
+                "pytorch_model*.bin", load_state_dict),
+]
 
 
 # ----------------------------------------------------------------------------
-# the Llama layout
+# which files hold the weights
 
 def is_hf(path):
-    """A directory with config.json and .safetensors files, or a .safetensors file beside one."""
+    """A directory with config.json and weight files, or one weight file beside a config.json."""
     if os.path.isdir(path):
         return os.path.isfile(os.path.join(path, "config.json")) and any(
-            n.endswith(".safetensors") for n in os.listdir(path))
-    return path.endswith(".safetensors") and os.path.isfile(
+            _found(path, store) for store in STORES)
+    return _store_of(path) is not None and os.path.isfile(
         os.path.join(os.path.dirname(os.path.abspath(path)), "config.json"))
 
 
-def safetensors_files(path):
-    """The files holding the model: the index's shards, or model.safetensors, or the file given."""
+def _store_of(path):
+    return next((s for s in STORES if fnmatch.fnmatch(os.path.basename(path), s.pattern)), None)
+
+
+def _found(folder, store):
+    return sorted(n for n in os.listdir(folder) if fnmatch.fnmatch(n, store.pattern))
+
+
+def weight_files(path):
+    """(the files holding the model, the store they are in, a line saying which were read).
+    path: a folder, or one of its weight files (one shard of a sharded model means them all)."""
     if os.path.isfile(path):
-        return [path]
-    index = os.path.join(path, INDEX)
+        store, folder = _store_of(path), os.path.dirname(os.path.abspath(path))
+        if store is None:
+            raise CheckpointError(f"{path}: not a Hugging Face weight file (expected a name "
+                                  f"like {' or '.join(s.pattern for s in STORES)})")
+        if not os.path.isfile(os.path.join(folder, store.index)):
+            return [path], store, os.path.basename(path)
+        path = folder
+    present = [s for s in STORES if _found(path, s)]
+    if not present:
+        raise CheckpointError(f"{path}: no weights (expected "
+                              f"{' or '.join(s.single for s in STORES)}, or their shards)")
+    store = present[0]
+    files = _files(path, store)
+    source = ", ".join(os.path.basename(f) for f in files) if len(files) < 3 else \
+        f"{len(files)} shards listed in {store.index}"
+    for other in present[1:]:
+        source += f"; {other.name} files also here, not read: {store.name} is preferred"
+    return files, store, source
+
+
+def _files(folder, store):
+    """The index's shards, or the single file, or the one file of the store's kind."""
+    index = os.path.join(folder, store.index)
     if os.path.isfile(index):
         try:
             with open(index) as f:
@@ -117,20 +117,24 @@ def safetensors_files(path):
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
             raise CheckpointError(f"{index}: cannot read the shard list ({e})") from None
         for n in names:
-            if not isinstance(n, str) or os.path.basename(n) != n or not n.endswith(".safetensors"):
-                raise CheckpointError(f"{index}: shard name {n!r} is not a file in its folder")
-            if not os.path.isfile(os.path.join(path, n)):
+            if not isinstance(n, str) or os.path.basename(n) != n \
+                    or not fnmatch.fnmatch(n, store.pattern):
+                raise CheckpointError(f"{index}: shard name {n!r} is not a {store.name} file in "
+                                      f"its folder")
+            if not os.path.isfile(os.path.join(folder, n)):
                 raise CheckpointError(f"{index}: lists {n}, which is missing")
-        return [os.path.join(path, n) for n in names]
-    single = os.path.join(path, "model.safetensors")
-    if os.path.isfile(single):
-        return [single]
-    found = sorted(n for n in os.listdir(path) if n.endswith(".safetensors"))
+        return [os.path.join(folder, n) for n in names]
+    if os.path.isfile(os.path.join(folder, store.single)):
+        return [os.path.join(folder, store.single)]
+    found = _found(folder, store)
     if len(found) == 1:
-        return [os.path.join(path, found[0])]
-    raise CheckpointError(f"{path}: several .safetensors files but no {INDEX} saying which "
-                          f"make up the model")
+        return [os.path.join(folder, found[0])]
+    raise CheckpointError(f"{folder}: several {store.name} files but no {store.index} saying "
+                          f"which make up the model")
 
+
+# ----------------------------------------------------------------------------
+# the Llama layout
 
 def meta_name(hf_name):
     """Meta's name for a Hugging Face tensor name, or None for one the model does not use."""
@@ -158,15 +162,15 @@ def unpermute_rows(w, n_heads):
 
 
 def load_hf(path, max_seq_len=None, max_batch_size=1):
-    """(ModelArgs, weights under Meta's names as LazyTensors, tokenizer.model path or None)."""
+    """(ModelArgs, weights under Meta's names as LazyTensors, tokenizer.model path or None,
+    a line saying which weight files were read)."""
     path = os.fspath(path)
     folder = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
     p, tied = read_config(os.path.join(folder, "config.json"), max_seq_len, max_batch_size)
-    if os.path.isfile(path) and os.path.isfile(os.path.join(folder, INDEX)):
-        path = folder                  # one shard of a sharded model: load the whole model
+    files, store, source = weight_files(path)
     weights = {}
-    for file in safetensors_files(path):
-        for hf_name, t in read_safetensors(file).items():
+    for file in files:
+        for hf_name, t in store.read(file).items():
             name = meta_name(hf_name)
             if name is not None:
                 weights[name] = t
@@ -177,8 +181,10 @@ def load_hf(path, max_seq_len=None, max_batch_size=1):
         for name, heads in (("wq", p.n_heads), ("wk", p.n_kv_heads)):
             key = f"layers.{i}.attention.{name}.weight"
             weights[key] = _unpermuted(weights[key], heads)
-    tokenizer = os.path.join(folder, "tokenizer.model")
-    return p, weights, tokenizer if os.path.isfile(tokenizer) else None
+    # Llama 3's repositories on the Hub keep Meta's tokenizer.model (tiktoken) in original/
+    tokenizers = [os.path.join(folder, "tokenizer.model"),
+                  os.path.join(folder, "original", "tokenizer.model")]
+    return p, weights, next((t for t in tokenizers if os.path.isfile(t)), None), source
 
 
 def _unpermuted(t, n_heads):
@@ -190,8 +196,10 @@ def read_config(path, max_seq_len=None, max_batch_size=1):
     does not compute."""
     cfg = read_json_object(path, "model config")
     if cfg.get("model_type", "llama") != "llama":
-        raise CheckpointError(f"{path}: model_type {cfg['model_type']!r} is not supported "
-                              f"(expected 'llama')")
+        vision = " (Llama 3.2 Vision: images are not supported)" \
+            if cfg["model_type"] == "mllama" else ""
+        raise CheckpointError(f"{path}: model_type {cfg['model_type']!r}{vision} is not "
+                              f"supported (expected 'llama')")
     for key, ok in (("hidden_act", "silu"), ("attention_bias", False), ("mlp_bias", False)):
         if cfg.get(key, ok) != ok:
             raise CheckpointError(f"{path}: {key} = {cfg[key]!r} is not supported "
@@ -199,10 +207,7 @@ def read_config(path, max_seq_len=None, max_batch_size=1):
     # transformers 4 writes rope_theta / rope_scaling; transformers 5 writes rope_parameters
     rope = cfg.get("rope_parameters") or {}
     theta = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
-    scaling = cfg.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default"
-                                          else None)
-    if scaling:
-        raise CheckpointError(f"{path}: RoPE scaling {scaling!r} is not supported")
+    rope_scaling = hf_rope_scaling(cfg, path)
     for key in ("hidden_size", "intermediate_size", "num_hidden_layers",
                 "num_attention_heads", "vocab_size"):
         if not isinstance(cfg.get(key), int):
@@ -215,7 +220,8 @@ def read_config(path, max_seq_len=None, max_batch_size=1):
         p = ModelArgs(dim=cfg["hidden_size"], hidden_dim=cfg["intermediate_size"],
                       n_layers=cfg["num_hidden_layers"], n_heads=heads,
                       n_kv_heads=cfg.get("num_key_value_heads"), vocab_size=cfg["vocab_size"],
-                      norm_eps=float(cfg.get("rms_norm_eps", 1e-6)), rope_theta=float(theta))
+                      norm_eps=float(cfg.get("rms_norm_eps", 1e-6)), rope_theta=float(theta),
+                      rope_scaling=rope_scaling)
         max_pos = int(cfg.get("max_position_embeddings", p.max_seq_len))
     except (TypeError, ValueError, OverflowError) as e:         # OverflowError: int(inf)
         raise CheckpointError(f"{path}: {e}") from None

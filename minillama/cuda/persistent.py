@@ -1,0 +1,84 @@
+"""Decoding one token in one launch: FusedDecoder's stages inside a single persistent kernel.
+
+FusedDecoder (fused.py) is the previous lesson: a layer in 6 launches, the whole step replayed
+as one CUDA graph. PersistentDecoder keeps everything of it (its buffers, the `step` array read
+on the device, the graph per batch size, the logits copy) and changes only `run`: instead of
+6 launches a layer, one launch of kernels/persistent.cu's `decode_persistent`, whose blocks stay
+resident for the whole step and meet at a grid-wide barrier where a kernel boundary was.
+
+It covers float32 weights and a float32 KV cache with every width a multiple of 4 (the
+kernel's float4 loads). The rule for a step, measured on an H200 (docs/kernels.md, "One kernel
+per token"): batches of 2 to 8 rows run as the one kernel, which was faster than FusedDecoder's
+graph at every shape from stories260K to a 4-layer Llama-2-7B (by 5 to 35 %, more at more rows);
+a single row stays with FusedDecoder's graph, which was as fast or faster (the one kernel's
+stages each wait on a grid barrier and an L2 round trip for their input, about 2.7 us a stage,
+where a graph's kernel boundary costs about the same); more than 8 rows, too.
+"""
+import numpy as np
+
+from .fused import FusedDecoder
+from .kernels import KERNELS, PERSISTENT_ROWS
+from .runtime import i32, sm_count
+
+BLOCK = 512                 # PERSISTENT_BLOCK in persistent.cu
+MAX_ROWS = max(PERSISTENT_ROWS)
+MAX_SHARED = 200 * 1024     # dynamic shared memory a block may ask for (an H100/H200 SM has 227 KiB)
+
+
+class PersistentDecoder(FusedDecoder):
+    """FusedDecoder with the step as one persistent kernel (batches of min_rows..8 rows)."""
+
+    min_rows = 2            # fewer rows: FusedDecoder's graph (see the module's docstring)
+
+    @staticmethod
+    def covers(model):
+        """float32 weights and cache (the kernel reads nothing else), widths that are multiples
+        of 4, and FusedDecoder's own conditions (its launches serve the larger batches)."""
+        p = model.params
+        dense = all(getattr(w, "dtype", None) == np.float32
+                    for w in FusedDecoder._weights(model))
+        cache = all(layer.attention.cache_k.dtype == np.float32 for layer in model.layers)
+        widths = (p.dim, p.hidden_dim, p.head_dim, p.n_heads * p.head_dim)
+        return (dense and cache and all(w % 4 == 0 for w in widths)
+                and shared_bytes(p, 1) <= MAX_SHARED and FusedDecoder.covers(model))
+
+    def __init__(self, model):
+        super().__init__(model)
+        cp = self.cp
+        # (n_layers, 8) device pointers to each layer's arrays, in persistent.cu's order; the
+        # arrays themselves are kept alive by self.layers (FusedDecoder's tuples, same order)
+        self.layer_pointers = cp.asarray(
+            np.array([[a.data.ptr for a in layer] for layer in self.layers], dtype=np.uint64))
+        self.counter = cp.zeros(1, dtype=np.uint32)         # the grid barrier's arrivals
+        self.grid = sm_count()      # blocks: at most one per SM, so all are resident at once
+
+    def fits(self, bsz):
+        """Whether a step of bsz rows runs as one kernel (else as FusedDecoder's launches)."""
+        return self.min_rows <= bsz <= MAX_ROWS and shared_bytes(self.p, bsz) <= MAX_SHARED
+
+    def run(self, bsz):
+        """Launch one decode step for rows 0 .. bsz-1: zero the barrier, then one kernel."""
+        if not self.fits(bsz):
+            return super().run(bsz)
+        p, cp = self.p, self.cp
+        stream = cp.cuda.get_current_stream()
+        cp.cuda.runtime.memsetAsync(self.counter.data.ptr, 0, 4, stream.ptr)
+        rows = min(b for b in PERSISTENT_ROWS if b >= bsz)  # the kernel's registers for rows
+        KERNELS.launch(f"decode_persistent<{rows}>", (min(self.grid, sm_count()),), (BLOCK,),
+                       (self.step, self.tok_embeddings, self.norm, self.output, self.freqs_cos,
+                        self.freqs_sin, self.layer_pointers, self.h, self.q, self.att, self.h13,
+                        self.logits, self.counter, i32(bsz), i32(p.dim), i32(p.hidden_dim),
+                        i32(p.n_layers), i32(p.n_heads), i32(p.n_kv_heads), i32(p.head_dim),
+                        i32(p.max_seq_len), i32(p.vocab_size), np.float32(p.norm_eps),
+                        np.float32(1.0 / np.sqrt(p.head_dim))),
+                       shared_mem=shared_bytes(p, bsz))
+
+
+def shared_bytes(p, bsz):
+    """Dynamic shared memory of decode_persistent for bsz rows: the largest stage input (bsz
+    rows of dim, n_heads * head_dim or hidden floats) or attention's (head_dim + 4 * BLOCK +
+    max_seq_len floats), whichever is larger."""
+    inputs = bsz * max(p.dim, p.n_heads * p.head_dim, p.hidden_dim)
+    attention = p.head_dim + 4 * BLOCK + p.max_seq_len
+    return 4 * max(inputs, attention)
+
