@@ -1,19 +1,21 @@
-"""Check and time the candidate GEMV/GEMM versions of kernels/dev/variants.cu beside today's kernels.
+"""Check and time the GEMV/GEMM versions: qgemv v1 and v2, gemv, the candidates of
+kernels/dev/variants.cu, and the package's choice among them.
 
     python kernels/dev/bench_variants.py --out logs/variants.json           # checks, then times
     python kernels/dev/bench_variants.py --no-time                          # checks only
     python kernels/dev/bench_variants.py --build-only --build build/gemv_variants   # no GPU
     python kernels/dev/bench_variants.py --build build/gemv_variants --out ...      # reuses them
 
-The llm.c dev/cuda way: today's kernels (qgemv v1, gemv, gemm_v5 through minillama.cuda.kernels)
-stay as they are, and the candidates are compiled beside them from the same sources plus
-variants.cu:
+The llm.c dev/cuda way: the package's kernels (through minillama.cuda.kernels) and the
+candidates, compiled beside them from the same sources plus variants.cu:
 
-    v1        qgemv of kernels/qgemv.cu (the package's), two launch settings
-    v2        qgemv_v2: codes to float32 by the 2^23 magic, scale hoisted; NR weight rows per
-              warp, U loads in flight per row, ROWS rows of x per pass (up to 32)
-    tc        qgemv_tc: TF32 mma.sync with x split hi + lo, the batch as the mma's N
-    gemv      the package's float32 gemv, and v2 on float32 weights (issue 13)
+    v1        qgemv of kernels/qgemv.cu (version=1), two launch settings
+    v2        qgemv_v2 of kernels/qgemv.cu: codes to float32 by the 2^23 magic, scale hoisted;
+              NR weight rows per warp, U loads in flight per row, ROWS rows of x per pass (up
+              to 32), in more settings than the package launches
+    product   kernels.qgemv / kernels.gemv as the model calls them: the rule picks v1 or v2
+    tc        qgemv_tc (variants.cu): TF32 mma.sync with x split hi + lo, the batch as the N
+    gemv      the package's float32 gemv (version=1), and v2 on float32 weights (issue 13)
     cublas    cupy.matmul (float32: no TF32), the reference of issue 13 and of the GEMM
     gemm_v5   the package's tensor-core GEMM in more tile shapes and pipeline depths
 
@@ -304,11 +306,13 @@ def candidates(fmt, M):
     """(label, call(M_, x, w, y, **prologue)) of every candidate for a format and batch."""
     out = []
     if fmt == "f32":
-        out.append(("gemv", lambda M_, x, w, y, **k: mk.gemv(x, w, out=y, **k)))
+        out.append(("gemv", lambda M_, x, w, y, **k: mk.gemv(x, w, out=y, version=1, **k)))
+        out.append(("product", lambda M_, x, w, y, **k: mk.gemv(x, w, out=y, **k)))
     else:
         for bps, smem in ((2, 96 << 10), (1, 200 << 10)):
             out.append((f"v1 bps{bps}", lambda M_, x, w, y, bps=bps, smem=smem, **k:
-                        mk.qgemv(x, w, out=y, blocks_per_sm=bps, smem=smem, **k)))
+                        mk.qgemv(x, w, out=y, blocks_per_sm=bps, smem=smem, version=1, **k)))
+        out.append(("product", lambda M_, x, w, y, **k: mk.qgemv(x, w, out=y, **k)))
     for f, rows, nr, u in v2_instances():
         if f != fmt or (rows == 1) != (M == 1):
             continue
@@ -354,7 +358,7 @@ def check_all(M_, ch, rng, log):
                 ref = x.astype(np.float64) @ w64.T
                 xd = cp.asarray(x)
                 for label, call in candidates(fmt, M):
-                    if label in ("cublas", "gemv") or label.startswith("v1"):
+                    if label in ("cublas", "gemv", "product") or label.startswith("v1"):
                         continue                   # checked by check_formats / test_cuda
                     y = call(M_, xd, w, cf.poison((M, N)))
                     ch.add(f"{label.split()[0]} {fmt} [{label}] M={M} N={N} K={K}",
@@ -466,8 +470,11 @@ def time_shape(M_, log, bw, rows, tag, N, K, fmts, batches, deadline):
             nbytes = wbytes + x.nbytes + y.nbytes
             for label, call in candidates(fmt, M):
                 try:
-                    t = cf.graph_time([lambda c=c: call(M_, x, c, y) for c in copies],
-                                      replays=3, repeats=3)
+                    calls = [lambda c=c: call(M_, x, c, y) for c in copies]
+                    if label == "cublas":          # cuBLAS refuses a graph capture in CuPy
+                        t = cf.median_time(lambda: [f() for f in calls], reps=3) / len(calls)
+                    else:
+                        t = cf.graph_time(calls, replays=3, repeats=3)
                 except Exception as e:             # report, keep going
                     log(f"  {tag} {fmt} M={M} {label}: failed ({type(e).__name__}: {e})")
                     continue
@@ -528,7 +535,7 @@ def print_tables(res, log, record):
                    f"{r['frac']:5.2f} {speed}{' *' if r is top else ''}")
     log("")
     log(f"GEMV, the best candidate of each (shape, format, batch): us, fraction of the copy "
-        f"bandwidth ({bw:.0f} GB/s), and today's (v1 or gemv; cuBLAS for float32)")
+        f"bandwidth ({bw:.0f} GB/s), and v1's or gemv's (cuBLAS for float32)")
     for shape, fmt, M in keys:
         sel = [r for r in rows if (r["shape"], r["fmt"], r["M"]) == (shape, fmt, M)]
         top = min(sel, key=lambda r: r["us"])
@@ -536,17 +543,17 @@ def print_tables(res, log, record):
         base = min(base, key=lambda r: r["us"]) if base else None
         cub = [r for r in sel if r["variant"] == "cublas"]
         log(f"{shape:16s} {fmt:5s} {M:2d} {top['variant']:22s} {top['us']:8.1f} {top['frac']:5.2f}"
-            + (f" | today {base['us']:8.1f} {base['frac']:5.2f}" if base else "")
+            + (f" | v1/gemv {base['us']:8.1f} {base['frac']:5.2f}" if base else "")
             + (f" | cuBLAS {cub[0]['us']:8.1f}" if cub else ""))
     # the summaries the issues' targets are about
     log("")
     log("Per token, matmuls only (sum over the model's matrices of the best candidate; "
-        "v1/gemv = today's kernels)")
+        "v1/gemv = the previous kernels, product = the package's choice)")
     for model, shapes in [("7B", [(s, n, k, LAYERS_7B[s]) for s, n, k in SHAPES_7B])] + \
             [(m, [(f"{m} {s}", n, k, c) for s, n, k, c in sh]) for m, sh in SHAPES_STORIES.items()]:
         for fmt in ("f32",) + QUANT:
             for M in (1, 8, 32):
-                tot_best = tot_base = tot_cublas = tot_bytes = 0.0
+                tot_best = tot_base = tot_cublas = tot_bytes = tot_product = 0.0
                 complete = True
                 for s, n, k, count in shapes:
                     sel = [r for r in rows if (r["shape"], r["fmt"], r["M"]) == (s, fmt, M)]
@@ -556,6 +563,8 @@ def print_tables(res, log, record):
                     b = min(sel, key=lambda r: r["us"])
                     base = [r for r in sel if r["variant"] in ("gemv",) or r["variant"].startswith("v1")]
                     cub = [r for r in sel if r["variant"] == "cublas"]
+                    product = [r["us"] for r in sel if r["variant"] == "product"]
+                    tot_product += count * product[0] if product else float("nan")
                     tot_best += count * b["us"]
                     tot_base += count * min(r["us"] for r in base) if base else float("nan")
                     tot_cublas += count * cub[0]["us"] if cub else 0.0
@@ -565,7 +574,8 @@ def print_tables(res, log, record):
                 extra = f", cuBLAS {tot_cublas:8.1f} us ({tot_cublas / tot_best:4.2f}x)" \
                     if tot_cublas else ""
                 log(f"  {model:11s} {fmt:5s} M={M:2d}: best {tot_best:8.1f} us "
-                    f"({tot_bytes / tot_best / 1e3 / bw:4.2f} of copy), today {tot_base:8.1f} us"
+                    f"({tot_bytes / tot_best / 1e3 / bw:4.2f} of copy), v1/gemv {tot_base:8.1f} us, "
+                    f"product {tot_product:8.1f} us ({tot_bytes / tot_product / 1e3 / bw:4.2f})"
                     f"{extra}")
     if "gemm" in res:
         log("")
