@@ -221,6 +221,8 @@ def gemv(x, w, out=None, accumulate=False, norm=None, eps=1e-5, swiglu=False, ve
     the measured rule, gemv_uses_v2."""
     if norm is not None and swiglu:
         raise DeviceError("gemv: norm and swiglu are two prologues; give one")
+    if version not in (None, 1, 2):
+        raise DeviceError(f"gemv: version must be 1, 2 or None (the rule), got {version!r}")
     _check("x", x, 2)
     _check("w", w, 2)
     (M, K_x), (N, K) = x.shape, w.shape
@@ -373,6 +375,8 @@ def qgemv(x, w, out=None, accumulate=False, norm=None, eps=1e-5, swiglu=False,
         return qgemv_k(x, w, out, accumulate, norm, eps, swiglu, smem, blocks_per_sm)
     if norm is not None and swiglu:
         raise DeviceError("qgemv: norm and swiglu are two prologues; give one")
+    if version not in (None, 1, 2):
+        raise DeviceError(f"qgemv: version must be 1, 2 or None (the rule), got {version!r}")
     qs, d, m = _check_packed(w)
     _check("x", x, 2, aligned=True)
     (M, K_x), (N, K) = x.shape, w.shape
