@@ -2,12 +2,13 @@
 
     sgemm(a, w)          a @ w.T, four versions (matmul.cu); v4 in the tile shape that fits
     gemv(x, w)           a @ w.T for a few rows, with an RMSNorm or SwiGLU prologue if asked
+                         (8+ rows of a tall matrix: qgemv.cu's qgemv_v2, see gemv_uses_v2)
     bmm(a, b)            batched a @ b on strided views (the KV cache, read in place)
     softmax(x, ...)      over the last axis, causal mask built in (softmax.cu)
   weights as stored (w a formats.Packed with CuPy planes: f16, bf16, q8_0, q4_0, q4_1, and the
   k-quants q2_k .. q6_k):
-    qgemv(x, w)          gemv's job on packed weights, the same prologues (qgemv.cu; the
-                         k-quants: qgemv_k, qgemv_k.cu)
+    qgemv(x, w)          gemv's job on packed weights, the same prologues (qgemv.cu: v2 for
+                         one row of x, v1 for more; the k-quants: qgemv_k, qgemv_k.cu)
     to_16bit(x)          float32 -> float16 (or bfloat16 bits), round to nearest (matmul.cu)
     gemm_v5(a, w)        a @ w.T on the tensor cores, a 16-bit (matmul.cu)
 
@@ -19,6 +20,8 @@ inside CUDA. Each writes into `out` when given one, so a caller can reuse its bu
 The tables below are the template instantiations that are compiled (KERNELS): every tile shape,
 row count, format and prologue a launch may name. docs/kernels.md explains each kernel.
 """
+import functools
+
 import numpy as np
 
 from ..errors import DeviceError
@@ -53,6 +56,11 @@ QGEMV_WEIGHTS = {"f16": 8, "bf16": 8, "q8_0": 16, "q4_0": 32, "q4_1": 32}
 QGEMV_ROWS = (1, 2, 4, 8)          # rows of x per pass
 QGEMV_SMEM = 96 * 1024             # shared memory per block for x (over 48 KiB: an opt-in)
 QGEMV_BLOCKS_PER_SM = 2            # blocks of the grid per SM; each stages x once
+# ... except for the block formats from 8 rows of x on (v1 runs one block per SM there anyway,
+# by its launch bounds): one block per SM with up to 200 KiB of x, K whole in one pass; 1.03 to
+# 1.30x faster at 8 and 32 rows on the 7B shapes (H200), not for f16/bf16 (0.87 to 1.13x)
+QGEMV_BATCH_SMEM = 200 * 1024
+QGEMV_BATCH_FORMATS = ("q8_0", "q4_0", "q4_1")
 # qgemv_v2<Fmt, ROWS, PRO, NR, U> (qgemv.cu), where it measured faster than qgemv and gemv (H200,
 # 2026-11-29, docs/kernels.md "qgemv v2 and the batches"): one row of x on packed weights, with
 # NR, U = 2, 4; float32 weights from 8 rows of x on, ROWS at a time, with NR, U = 4, 1.
@@ -359,20 +367,23 @@ def _check_packed(w):
 
 
 def qgemv(x, w, out=None, accumulate=False, norm=None, eps=1e-5, swiglu=False,
-          smem=QGEMV_SMEM, blocks_per_sm=QGEMV_BLOCKS_PER_SM, version=None):
+          smem=None, blocks_per_sm=None, version=None):
     """x @ W.T with W as stored: x (M, K) float32, w a formats.Packed (N, K) with CuPy planes
     (f16, bf16, q8_0, q4_0, q4_1) -> (M, N) float32, every weight read once per 8 rows of x and
     dequantized in registers.
 
     accumulate, norm, eps, swiglu: as gemv (add into out; RMSNorm of x; x = [h1 | h3]).
     smem: bytes of shared memory a block may use for x; blocks_per_sm: blocks of the grid per
-    SM (each block stages x once, then walks many weight rows). x, norm and out are read and
+    SM (each block stages x once, then walks many weight rows); None: QGEMV_SMEM and
+    QGEMV_BLOCKS_PER_SM, or for the block formats at 8+ rows of x one block per SM with
+    QGEMV_BATCH_SMEM (what the GPU allows). x, norm and out are read and
     written 16 bytes at a time: C-contiguous and 16-byte aligned.
     version: 1 qgemv, 2 qgemv_v2 (one row of x per pass, as many passes as rows), None: v2 for
     one row of x, v1 for more (measured, docs/kernels.md; blocks_per_sm is v1's). The k-quants
     have one version (qgemv_k)."""
     if getattr(w, "format", None) in QGEMV_K_PLANES:            # super-blocks: qgemv_k.cu
-        return qgemv_k(x, w, out, accumulate, norm, eps, swiglu, smem, blocks_per_sm)
+        return qgemv_k(x, w, out, accumulate, norm, eps, swiglu, smem or QGEMV_SMEM,
+                       blocks_per_sm or QGEMV_BLOCKS_PER_SM)
     if norm is not None and swiglu:
         raise DeviceError("qgemv: norm and swiglu are two prologues; give one")
     if version not in (None, 1, 2):
@@ -395,9 +406,14 @@ def qgemv(x, w, out=None, accumulate=False, norm=None, eps=1e-5, swiglu=False,
     prologue = GEMV_PROLOGUES["rmsnorm" if norm is not None else "swiglu" if swiglu else None]
     if version == 2 or (version is None and M == 1):
         _qgemv_v2(x, (qs, d, m), y, w.format, *QGEMV_V2_PACKED, prologue, accumulate, norm, eps,
-                  smem)
+                  smem or QGEMV_SMEM)
         return y
     rows = next(r for r in QGEMV_ROWS if r >= min(M, QGEMV_ROWS[-1]))
+    batch = rows >= 8 and w.format in QGEMV_BATCH_FORMATS
+    if smem is None:
+        smem = min(QGEMV_BATCH_SMEM, _shared_optin() - 1024) if batch else QGEMV_SMEM
+    if blocks_per_sm is None:
+        blocks_per_sm = 1 if batch else QGEMV_BLOCKS_PER_SM
     nr = 4 if rows >= 4 else 2                   # weight rows per warp (qgemv.cu's NR)
     kc = _qgemv_chunk(K, rows, w.format, smem)
     grid = min(cdiv(N, 8 * nr), blocks_per_sm * sm_count())
@@ -406,6 +422,17 @@ def qgemv(x, w, out=None, accumulate=False, norm=None, eps=1e-5, swiglu=False,
                     x if norm is None else norm, np.float32(eps), i32(kc)),
                    shared_mem=rows * kc * 4)
     return y
+
+
+def _shared_optin():
+    """Bytes of shared memory one block may have on the current GPU, asking for it (227 KiB on
+    an H100 or H200, 163 KiB on an A100; 1 KiB of it is left to the static arrays)."""
+    return _optin(require_cupy().cuda.Device().id)
+
+
+@functools.lru_cache(maxsize=None)
+def _optin(device_id):
+    return require_cupy().cuda.Device(device_id).attributes["MaxSharedMemoryPerBlockOptin"]
 
 
 def _qgemv_chunk(K, rows, fmt, smem):
