@@ -204,6 +204,8 @@ class Modules:
                 self.any = self.any or module
                 self.by_name.update({n: (module, n) for n in names_})
         self.functions, self.shared = {}, {}
+        self.log = None        # while checking: a launch CUDA refuses is logged, its output
+                               # stays poisoned (a FAIL), and the checks go on
 
     def get_function(self, name):
         module, lowered = self.by_name.get(name, (self.any, name))
@@ -219,7 +221,13 @@ class Modules:
             cf.require_cupy().cuda.driver.funcSetAttribute(
                 f.kernel.ptr, MAX_DYNAMIC_SHARED_SIZE_BYTES, shared_mem)
             self.shared[name] = shared_mem
-        f(grid, block, args, shared_mem=shared_mem)
+        if self.log is None:
+            f(grid, block, args, shared_mem=shared_mem)
+            return
+        try:
+            f(grid, block, args, shared_mem=shared_mem)
+        except Exception as e:                 # CUDA_ERROR_INVALID_VALUE and the like
+            self.log(f"  launch failed: {name} grid {grid} shared {shared_mem}: {e}")
 
 
 class PackageModule:
@@ -655,7 +663,9 @@ def main():
     if not args.no_check:
         ch = cf.Checks()
         t0 = time.perf_counter()
+        M_.log = log
         check_all(M_, ch, rng, log)
+        M_.log = None
         ok = ch.summary()
         results["checks"] = [dict(name=n, err=e, limit=l) for n, e, l in ch.results]
         log(f"checks in {time.perf_counter() - t0:.0f} s")
