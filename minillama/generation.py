@@ -49,8 +49,7 @@ class Llama:
             return Llama._build_parallel(ckpt_dir, tokenizer_path, max_seq_len, max_batch_size,
                                          seed, kv_dtype, tensor_parallel, **load_options)
         from .devices import get_ops
-        from .loading import open_checkpoint
-        from .model import Transformer
+        from .loading import build_model, open_checkpoint
         from .tokenizers import load_tokenizer
         if max_seq_len is not None:      # None: the checkpoint's own context length
             check_positive_int("max_seq_len", max_seq_len)
@@ -62,7 +61,7 @@ class Llama:
         if tokenizer_path is None:
             raise ArgumentError(f"tokenizer_path: {ckpt_dir} carries no tokenizer; pass one")
         tokenizer = load_tokenizer(tokenizer_path, vocab_size=ckpt.params.vocab_size)
-        return Llama(Transformer(ckpt.params, ckpt.weights, ops, kv_dtype), tokenizer, seed, exact)
+        return Llama(build_model(ckpt, ops, kv_dtype), tokenizer, seed, exact)
 
     @staticmethod
     def _build_parallel(ckpt_dir, tokenizer_path, max_seq_len, max_batch_size, seed, kv_dtype,

@@ -6,6 +6,7 @@
                                     (minillama.dtypes), and the memory plan that chose it
     load_model(path, device, max_seq_len, max_batch_size, dtype, kv_dtype) -> Transformer,
                                     after checking that the memory plan fits (minillama.memory)
+    build_model(ckpt, ops, kv_dtype) -> Transformer of an opened checkpoint, within its plan
 
 Each format module provides `load_<format>(path, max_seq_len, max_batch_size)` returning
 (ModelArgs, weights[, tokenizer path[, which files were read]]). New formats register
@@ -15,6 +16,8 @@ import importlib
 import os
 from dataclasses import dataclass
 from typing import Optional
+
+import numpy as np
 
 from .devices import get_ops
 from .dtypes import store_weights
@@ -39,6 +42,9 @@ def detect_format(path):
     path = os.fspath(path)
     if not os.path.exists(path):
         raise CheckpointError(f"{path}: no such file or directory")
+    if not (os.path.isfile(path) or os.path.isdir(path)):      # a FIFO would block the probes
+        raise CheckpointError(f"{path}: not a regular file or a directory (a pipe or a device "
+                              f"cannot be read as a model)")
     for name, module, probe, _ in FORMATS:
         if _function(module, probe)(path):
             return name
@@ -75,11 +81,33 @@ def open_checkpoint(path, max_seq_len=None, max_batch_size=1, dtype=None, device
     return ckpt
 
 
+def build_model(ckpt, ops, kv_dtype="float32"):
+    """The Transformer of an opened checkpoint, built within its memory plan: the float32
+    matrices laid out first as `ops` keeps them, and the checkpoint's weights let go once the
+    model holds what it needs (ckpt.weights becomes None: the separate wq, wk, wv, w1, w3
+    would otherwise live beside the fused wqkv and w13 for the whole run)."""
+    lay_out(ckpt.weights, ops)
+    model = Transformer(ckpt.params, ckpt.weights, ops, kv_dtype)
+    ckpt.weights = None
+    return model
+
+
+def lay_out(weights, ops):
+    """Lay float32 matrices out as `ops` keeps them (NumpyOps: column-major), in place, one at
+    a time: ops.weight would otherwise copy each while the checkpoint's own is still alive,
+    twice the weights at the peak. A tied classifier stays the embedding's object."""
+    done = {}
+    for name, w in weights.items():
+        if id(w) not in done:
+            done[id(w)] = ops.matrix_layout(w) if isinstance(w, np.ndarray) else w
+        weights[name] = done[id(w)]
+
+
 def load_model(path, device="cpu", max_seq_len=None, max_batch_size=1, dtype=None, budget=None,
                kv_dtype="float32"):
     ckpt = open_checkpoint(path, max_seq_len, max_batch_size, dtype, device or "cpu", budget,
                            kv_dtype=kv_dtype)
-    return Transformer(ckpt.params, ckpt.weights, get_ops(device), kv_dtype)
+    return build_model(ckpt, get_ops(device), kv_dtype)
 
 
 # (name, module in minillama.checkpoints, probe(path) -> bool, loader). Probed in order; the
@@ -89,7 +117,7 @@ FORMATS = [
     ("meta", "meta", "is_meta_dir", "load_meta"),
     ("hf", "hf", "is_hf", "load_hf"),
     ("gguf", "gguf", "is_gguf", "load_gguf"),
-    ("llama2c", "llama2c", "is_llama2c", "load_llama2c"),
+    ("llama2c", "llama2c", "is_llama2c", "read_llama2c"),
 ]
 
 

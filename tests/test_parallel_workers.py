@@ -193,15 +193,23 @@ def test_cli_tensor_parallel_prints_what_one_process_prints(shared, monkeypatch,
     assert printed(argv + ["--tensor-parallel", "2"]) == want
 
 
-def test_nccl_backend_connects_through_torchruns_environment(monkeypatch):
+@pytest.mark.parametrize("id_type", [bytes, tuple])
+def test_nccl_backend_connects_through_torchruns_environment(monkeypatch, id_type):
     """NcclBackend.connect with a stand-in CuPy: the worker's environment is torchrun's, NVLS
-    is off, the GPU is LOCAL_RANK's, and NCCL gets rank 0's unique id from the rendezvous."""
+    is off, the GPU is LOCAL_RANK's, and NCCL gets rank 0's unique id from the rendezvous, as
+    the CuPy at hand takes it: bytes (CuPy 14) or a tuple of signed chars (earlier)."""
     import sys
     import types
     made, used = [], []
-    uid = tuple(range(-64, 64))
+    uid = bytes(range(128)) if id_type is bytes else tuple(range(-64, 64))
+
+    def communicator(world, comm_id, rank):
+        if not isinstance(comm_id, id_type):
+            raise TypeError(f"Argument 'commId' has incorrect type (expected {id_type.__name__})")
+        made.append((world, comm_id, rank))
+        return "comm"
     nccl = types.SimpleNamespace(available=True, get_unique_id=lambda: uid,
-                                 NcclCommunicator=lambda *a: made.append(a) or "comm")
+                                 NcclCommunicator=communicator)
     device = types.SimpleNamespace(use=lambda: None)
     cuda = types.SimpleNamespace(nccl=nccl, runtime=types.SimpleNamespace(
         getDeviceCount=lambda: 1), Device=lambda i: used.append(i) or device)

@@ -233,7 +233,7 @@ def unread_checkpoint(p):
         def read():
             raise RuntimeError(f"{name} was read: the memory plan must need no weight")
         return read
-    weights = {name: LazyTensor(shape, "bfloat16", refuse(name))
+    weights = {name: LazyTensor(shape, "bf16", refuse(name))
                for name, shape in weight_shapes(p).items()}
     return Checkpoint(p, weights, "meta", "llama-2-7b (never read)")
 

@@ -48,7 +48,7 @@ from typing import Optional
 import numpy as np
 
 from .. import formats
-from ..errors import CheckpointError, TokenizerError
+from ..errors import CheckpointError, TokenizerError, shown
 from ..dtypes import LazyTensor
 from ..formats.dense import bf16_to_f32
 from ..checks import check_weights
@@ -111,7 +111,7 @@ class GGUFFile:
     def tensor(self, name):
         """The tensor `name` as a float32 array, dequantized."""
         if name not in self.tensors:
-            raise CheckpointError(f"{self.path}: has no tensor {name!r}")
+            raise CheckpointError(f"{self.path}: has no tensor {shown(name)}")
         return read_tensor(self.path, self.tensors[name])
 
 
@@ -178,7 +178,7 @@ def _read_value(cur, vtype, what, depth=0):
 
 def _read_tensor_info(cur, index, alignment):
     name = cur.string(f"tensor #{index} name")
-    what = f"tensor {name!r}"
+    what = f"tensor {shown(name)}"
     n_dims = cur.scalar("<u4", f"{what} (n_dims)")
     if not 1 <= n_dims <= MAX_DIMS:
         raise CheckpointError(f"{cur.path}: {what} has n_dims {n_dims}, expected 1..{MAX_DIMS}")
@@ -204,7 +204,7 @@ def _alignment(path, metadata):
     alignment = metadata.get("general.alignment", DEFAULT_ALIGNMENT)
     if isinstance(alignment, bool) or not isinstance(alignment, int) or alignment < 1 \
             or alignment & (alignment - 1):
-        raise CheckpointError(f"{path}: general.alignment is {alignment!r}, expected a power "
+        raise CheckpointError(f"{path}: general.alignment is {shown(alignment)}, expected a power "
                               f"of two")
     return alignment
 
@@ -239,7 +239,7 @@ def _parse(path, buf):
     cur = _Cursor(path, buf)
     magic = cur.take(4, "magic")
     if magic != MAGIC:
-        raise CheckpointError(f"{path}: magic is {magic!r}, expected {MAGIC!r}: not a GGUF file")
+        raise CheckpointError(f"{path}: magic is {shown(magic)}, expected {shown(MAGIC)}: not a GGUF file")
     version = cur.scalar("<u4", "version")
     _check_version(path, version)
     n_tensors = cur.scalar("<u8", "n_tensors")
@@ -248,24 +248,24 @@ def _parse(path, buf):
     metadata = {}
     for i in range(n_kv):
         key = cur.string(f"metadata key #{i}")
-        vtype = cur.scalar("<u4", f"metadata {key!r} (value type)")
+        vtype = cur.scalar("<u4", f"metadata {shown(key)} (value type)")
         if key in metadata:
-            raise CheckpointError(f"{path}: metadata key {key!r} appears twice")
-        metadata[key] = _read_value(cur, vtype, f"metadata {key!r}")
+            raise CheckpointError(f"{path}: metadata key {shown(key)} appears twice")
+        metadata[key] = _read_value(cur, vtype, f"metadata {shown(key)}")
     alignment = _alignment(path, metadata)
     cur.need(n_tensors * 24, f"n_tensors = {n_tensors} tensor infos")  # 24 bytes at least each
     tensors = {}
     for i in range(n_tensors):
         info = _read_tensor_info(cur, i, alignment)
         if info.name in tensors:
-            raise CheckpointError(f"{path}: tensor {info.name!r} appears twice")
+            raise CheckpointError(f"{path}: tensor {shown(info.name)} appears twice")
         tensors[info.name] = info
     data_start = -(-cur.pos // alignment) * alignment                  # round up
     for info in tensors.values():
         info.offset += data_start
         end = info.offset + (info.nbytes or 0)
         if end > len(buf):
-            raise CheckpointError(f"{path}: tensor {info.name!r} ({info.type_name}, shape "
+            raise CheckpointError(f"{path}: tensor {shown(info.name)} ({info.type_name}, shape "
                                   f"{info.shape}) ends at byte {end}, past the end of the "
                                   f"file ({len(buf)} bytes)")
     return GGUFFile(path, version, metadata, tensors, alignment, data_start)
@@ -281,15 +281,15 @@ def read_stored(path, info: TensorInfo):
     layout), which also refuses a NaN or inf scale or value, naming the tensor and the block."""
     if info.ggml_type not in GGML_TYPES:
         supported = ", ".join(name for name, _, _ in GGML_TYPES.values())
-        raise CheckpointError(f"{path}: tensor {info.name!r} has type {info.type_name}, which "
+        raise CheckpointError(f"{path}: tensor {shown(info.name)} has type {info.type_name}, which "
                               f"minillama cannot read (supported: {supported})")
     with open(path, "rb") as f:
         f.seek(info.offset)
         raw = np.frombuffer(f.read(info.nbytes), np.uint8)
     if raw.size != info.nbytes:
-        raise CheckpointError(f"{path}: tensor {info.name!r} is truncated")
+        raise CheckpointError(f"{path}: tensor {shown(info.name)} is truncated")
     rows_cols = (math.prod(info.shape[:-1]), info.shape[-1])    # a norm (n,) is one row
-    name = f"{path}: tensor {info.name!r} ({info.type_name})"
+    name = f"{path}: tensor {shown(info.name)} ({info.type_name})"
     packed = formats.from_gguf(raw, formats.GGML_FORMATS[info.ggml_type], rows_cols, name)
     return packed.data.reshape(info.shape) if "data" in packed.planes else packed
 
@@ -320,12 +320,12 @@ def _get(gf, key, kind, default=None):
     """Metadata value `key`, checked to be a positive integer ("count") or number ("float")."""
     value = gf.metadata.get(key, default)
     if value is None:
-        raise CheckpointError(f"{gf.path}: metadata {key!r} is missing")
+        raise CheckpointError(f"{gf.path}: metadata {shown(key)} is missing")
     number = isinstance(value, (int, float)) and not isinstance(value, bool)
     ok = number and value > 0 and (isinstance(value, int) if kind == "count" else np.isfinite(value))
     if not ok:
         expected = "a positive integer" if kind == "count" else "a positive number"
-        raise CheckpointError(f"{gf.path}: metadata {key!r} is {value!r}, expected {expected}")
+        raise CheckpointError(f"{gf.path}: metadata {shown(key)} is {shown(value)}, expected {expected}")
     return value
 
 
@@ -334,7 +334,7 @@ def model_args(gf: GGUFFile, max_seq_len=None, max_batch_size=1):
     arch = gf.metadata.get("general.architecture")
     if arch != "llama":
         vision = " (Llama 3.2 Vision: images are not supported)" if arch == "mllama" else ""
-        raise CheckpointError(f"{gf.path}: general.architecture is {arch!r}{vision}; minillama "
+        raise CheckpointError(f"{gf.path}: general.architecture is {shown(arch)}{vision}; minillama "
                               f"runs 'llama' models only")
     dim = _get(gf, "llama.embedding_length", "count")
     n_heads = _get(gf, "llama.attention.head_count", "count")
@@ -346,7 +346,7 @@ def model_args(gf: GGUFFile, max_seq_len=None, max_batch_size=1):
     for key in ("llama.rope.dimension_count", "llama.attention.key_length",
                 "llama.attention.value_length"):
         if gf.metadata.get(key, head_dim) != head_dim:
-            raise CheckpointError(f"{gf.path}: metadata {key!r} is {gf.metadata[key]!r}; "
+            raise CheckpointError(f"{gf.path}: metadata {shown(key)} is {shown(gf.metadata[key])}; "
                                   f"minillama needs it equal to the head size {head_dim}")
     freq_factors = gguf_rope_freq_factors(gf, head_dim)     # Llama 3's RoPE scaling, or None
     if gf.metadata.get("llama.expert_count", 0):
@@ -410,7 +410,7 @@ def load_gguf(path, max_seq_len=None, max_batch_size=1):
             continue                    # read by model_args: RoPE scaling, not a weight
         meta = meta_name(name)
         if meta is None:
-            raise CheckpointError(f"{gf.path}: tensor {name!r} is not part of a llama model "
+            raise CheckpointError(f"{gf.path}: tensor {shown(name)} is not part of a llama model "
                                   f"minillama knows")
         infos[meta] = info
     if "output.weight" not in infos and "tok_embeddings.weight" in infos:
@@ -469,7 +469,7 @@ def read_gguf_vocab(path):
         raise TokenizerError(str(e)) from None
     model = gf.metadata.get("tokenizer.ggml.model")
     if model not in VOCAB_MODELS:
-        raise TokenizerError(f"{gf.path}: tokenizer.ggml.model is {model!r}; minillama reads "
+        raise TokenizerError(f"{gf.path}: tokenizer.ggml.model is {shown(model)}; minillama reads "
                              f"'gpt2' (byte-level BPE) and 'llama' (SentencePiece) vocabularies")
     tokens = _meta_list(gf, "tokenizer.ggml.tokens", str)
     n = len(tokens)
@@ -491,7 +491,7 @@ def _meta_list(gf, key, kind, length=None, required=True):
     if not isinstance(value, list) or not all(isinstance(v, kind) for v in value) \
             or (length is not None and len(value) != length):
         size = "" if length is None else f"{length} "
-        raise TokenizerError(f"{gf.path}: metadata {key!r} must be a list of {size}"
+        raise TokenizerError(f"{gf.path}: metadata {shown(key)} must be a list of {size}"
                              f"{kind.__name__} values")
     return value
 
@@ -503,7 +503,7 @@ def _special_ids(gf, n_words):
                       ("unk_id", "unknown_token_id"), ("pad_id", "padding_token_id")):
         value = gf.metadata.get(f"tokenizer.ggml.{key}", -1)
         if isinstance(value, bool) or not isinstance(value, int) or not -1 <= value < n_words:
-            raise TokenizerError(f"{gf.path}: metadata 'tokenizer.ggml.{key}' is {value!r}, "
+            raise TokenizerError(f"{gf.path}: metadata 'tokenizer.ggml.{key}' is {shown(value)}, "
                                  f"expected a token id below {n_words}")
         ids[name] = value
     return ids

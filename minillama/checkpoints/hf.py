@@ -25,7 +25,7 @@ from typing import Callable, NamedTuple
 
 from ..dtypes import LazyTensor
 from . import read_json_object
-from ..errors import CheckpointError
+from ..errors import CheckpointError, shown
 from ..checks import check_weights
 from ..model import ModelArgs, iter_weight_shapes
 from .rope import hf_rope_scaling
@@ -119,7 +119,7 @@ def _files(folder, store):
         for n in names:
             if not isinstance(n, str) or os.path.basename(n) != n \
                     or not fnmatch.fnmatch(n, store.pattern):
-                raise CheckpointError(f"{index}: shard name {n!r} is not a {store.name} file in "
+                raise CheckpointError(f"{index}: shard name {shown(n)} is not a {store.name} file in "
                                       f"its folder")
             if not os.path.isfile(os.path.join(folder, n)):
                 raise CheckpointError(f"{index}: lists {n}, which is missing")
@@ -198,12 +198,12 @@ def read_config(path, max_seq_len=None, max_batch_size=1):
     if cfg.get("model_type", "llama") != "llama":
         vision = " (Llama 3.2 Vision: images are not supported)" \
             if cfg["model_type"] == "mllama" else ""
-        raise CheckpointError(f"{path}: model_type {cfg['model_type']!r}{vision} is not "
+        raise CheckpointError(f"{path}: model_type {shown(cfg['model_type'])}{vision} is not "
                               f"supported (expected 'llama')")
     for key, ok in (("hidden_act", "silu"), ("attention_bias", False), ("mlp_bias", False)):
         if cfg.get(key, ok) != ok:
-            raise CheckpointError(f"{path}: {key} = {cfg[key]!r} is not supported "
-                                  f"(expected {ok!r})")
+            raise CheckpointError(f"{path}: {key} = {shown(cfg[key])} is not supported "
+                                  f"(expected {shown(ok)})")
     # transformers 4 writes rope_theta / rope_scaling; transformers 5 writes rope_parameters
     rope = cfg.get("rope_parameters") or {}
     theta = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
@@ -211,10 +211,10 @@ def read_config(path, max_seq_len=None, max_batch_size=1):
     for key in ("hidden_size", "intermediate_size", "num_hidden_layers",
                 "num_attention_heads", "vocab_size"):
         if not isinstance(cfg.get(key), int):
-            raise CheckpointError(f"{path}: field {key!r} must be an integer, got {cfg.get(key)!r}")
+            raise CheckpointError(f"{path}: field {shown(key)} must be an integer, got {shown(cfg.get(key))}")
     heads = cfg["num_attention_heads"]
     if heads > 0 and cfg.get("head_dim") not in (None, cfg["hidden_size"] // heads):
-        raise CheckpointError(f"{path}: head_dim {cfg['head_dim']} differs from hidden_size / "
+        raise CheckpointError(f"{path}: head_dim {shown(cfg['head_dim'])} differs from hidden_size / "
                               f"num_attention_heads; minillama needs them equal")
     try:
         p = ModelArgs(dim=cfg["hidden_size"], hidden_dim=cfg["intermediate_size"],

@@ -22,13 +22,17 @@ of gs that is the ordinary per-row grouping; when it is not (stories260K: hidden
 the last n % gs columns are skipped and odd rows borrow a neighbouring scale. We build per-row
 scales with exactly that indexing, so the model computes what runq computes.
 """
+import functools
+import math
 import os
 import struct
 
 import numpy as np
 
+from ..dtypes import Q8_GROUPS, LazyTensor
 from ..errors import CheckpointError
 from ..model import ModelArgs
+from ..ops import float32_weight
 from ..quant import Q8Tensor
 
 MAGIC = 0x616B3432
@@ -48,16 +52,55 @@ def norm_names(p: ModelArgs, kind):
 
 
 class _Reader:
-    """Reads consecutive arrays from a file whose total size was checked up front."""
+    """Consecutive arrays of a file whose total size was checked up front, handed out still on
+    disk: each a LazyTensor that reads its own bytes when asked, so memory is planned first."""
 
     def __init__(self, path, offset):
         self.path, self.offset = path, offset
 
     def take(self, dtype, shape):
-        count = int(np.prod(shape))
-        a = np.fromfile(self.path, dtype=dtype, count=count, offset=self.offset)
+        count, offset = math.prod(shape), self.offset
         self.offset += count * np.dtype(dtype).itemsize
-        return a.reshape(shape)
+        return functools.partial(_read_array, self.path, dtype, shape, offset)
+
+    def take_f32(self, shape):
+        return LazyTensor(shape, "f32", self.take(np.float32, shape))
+
+
+def _read_array(path, dtype, shape, offset):
+    a = np.fromfile(path, dtype=dtype, count=math.prod(shape), offset=offset)
+    if a.size != math.prod(shape):
+        raise CheckpointError(f"{path}: file ends inside a tensor (truncated since it was opened?)")
+    return a.reshape(shape)
+
+
+class LazyQ8(LazyTensor):
+    """A version-2 matrix still on disk: read() gives its Q8Tensor (int8 values, and per-row
+    scales in runq's indexing, see the module docstring)."""
+
+    def __init__(self, shape, values, scales, group_size):
+        super().__init__(shape, Q8_GROUPS, functools.partial(
+            _read_q8, values, scales, shape, group_size))
+        self.group_size = group_size
+
+    @property
+    def nbytes(self):
+        rows, cols = self.shape
+        return rows * cols + 4 * rows * (cols // self.group_size)
+
+    def packed(self):
+        return self.read()
+
+    def __array__(self, dtype=None, copy=None):
+        return float32_weight(self.read()).astype(dtype or np.float32, copy=False)
+
+
+def _read_q8(values, scales, shape, gs):
+    rows, cols = shape
+    flat_scales = scales()
+    # runq's indexing (module docstring): group starting at column j of row i
+    starts = np.arange(rows)[:, None] * cols + np.arange(cols // gs)[None, :] * gs
+    return Q8Tensor(values(), flat_scales[starts // gs], gs, w8a8=True)
 
 
 # ----------------------------------------------------------------------------
@@ -134,8 +177,10 @@ def expected_size(version, cfg, p: ModelArgs, header_bytes):
     return header_bytes + 4 * norms + mats + 4 * (mats // cfg["group_size"]), shared
 
 
-def load_llama2c(path, max_seq_len=None, max_batch_size=1):
-    """Read a llama2.c checkpoint: (ModelArgs, weights dict under Meta's names)."""
+def read_llama2c(path, max_seq_len=None, max_batch_size=1):
+    """(ModelArgs, weights under Meta's names) of a llama2.c checkpoint, every weight still on
+    disk (LazyTensors): the header and the file size are checked, nothing large is read, so
+    the memory plan comes first (a header claiming 7B on a sparse file is refused unread)."""
     path = os.fspath(path)
     version, cfg, header_bytes = read_header(path)
     p = _params(path, cfg, version, max_seq_len, max_batch_size)
@@ -157,20 +202,28 @@ def load_llama2c(path, max_seq_len=None, max_batch_size=1):
     return p, weights
 
 
+def load_llama2c(path, max_seq_len=None, max_batch_size=1):
+    """Read a llama2.c checkpoint: (ModelArgs, weights dict under Meta's names), float32 arrays
+    (Q8Tensors for version 2's matrices); a shared classifier is the embedding's array."""
+    p, lazy = read_llama2c(path, max_seq_len, max_batch_size)
+    read = {id(w): w.read() for w in lazy.values()}
+    return p, {name: read[id(w)] for name, w in lazy.items()}
+
+
 def _read_v0(r, p, cfg):
-    w = {"tok_embeddings.weight": r.take(np.float32, (p.vocab_size, p.dim))}
+    w = {"tok_embeddings.weight": r.take_f32((p.vocab_size, p.dim))}
     layers = [("wq", "wk", "wv", "wo"), ("w1", "w2", "w3")]
     shapes = dict(_linear_shapes(p))
     for norm, kinds in zip(("attention_norm", "ffn_norm"), layers):
         for name in norm_names(p, norm):
-            w[name] = r.take(np.float32, (p.dim,))
+            w[name] = r.take_f32((p.dim,))
         for kind in kinds:
             for name in tensor_names(p, kind):
-                w[name] = r.take(np.float32, shapes[kind])
-    w["norm.weight"] = r.take(np.float32, (p.dim,))
+                w[name] = r.take_f32(shapes[kind])
+    w["norm.weight"] = r.take_f32((p.dim,))
     r.take(np.float32, (cfg["seq_len"] * p.head_dim,))        # freq_cis_real, freq_cis_imag
     if cfg["vocab_size"] < 0:
-        w["output.weight"] = r.take(np.float32, (p.vocab_size, p.dim))
+        w["output.weight"] = r.take_f32((p.vocab_size, p.dim))
     return w
 
 
@@ -178,8 +231,8 @@ def _read_norms(r, p):
     w = {}
     for kind in ("attention_norm", "ffn_norm"):
         for name in norm_names(p, kind):
-            w[name] = r.take(np.float32, (p.dim,))
-    w["norm.weight"] = r.take(np.float32, (p.dim,))
+            w[name] = r.take_f32((p.dim,))
+    w["norm.weight"] = r.take_f32((p.dim,))
     return w
 
 
@@ -195,7 +248,7 @@ def _read_v1(r, p, cfg):
     w = _read_norms(r, p)
     mats = matrices(p) + ([] if cfg["shared_classifier"] else [("output.weight", (p.vocab_size, p.dim))])
     for name, shape in mats:
-        w[name] = r.take(np.float32, shape)
+        w[name] = r.take_f32(shape)
     return w
 
 
@@ -203,9 +256,7 @@ def _read_v2(r, p, cfg):
     w, gs = _read_norms(r, p), cfg["group_size"]
     mats = matrices(p) + ([] if cfg["shared_classifier"] else [("output.weight", (p.vocab_size, p.dim))])
     for name, (rows, cols) in mats:
-        q = r.take(np.int8, (rows, cols))
-        flat_scales = r.take(np.float32, (rows * cols // gs,))
-        # runq's indexing (module docstring): group starting at column j of row i
-        starts = np.arange(rows)[:, None] * cols + np.arange(cols // gs)[None, :] * gs
-        w[name] = Q8Tensor(q, flat_scales[starts // gs], gs, w8a8=True)
+        values = r.take(np.int8, (rows, cols))
+        scales = r.take(np.float32, (rows * cols // gs,))
+        w[name] = LazyQ8((rows, cols), values, scales, gs)
     return w

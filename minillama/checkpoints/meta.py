@@ -22,7 +22,7 @@ import numpy as np
 
 from ..dtypes import LazyTensor
 from . import read_json_object
-from ..errors import ArgumentError, CheckpointError
+from ..errors import ArgumentError, CheckpointError, shown
 from ..checks import check_weights
 from ..model import ModelArgs, iter_weight_shapes
 from .rope import meta_rope_scaling
@@ -88,7 +88,7 @@ def merge_shards(state_dicts, paths):
     for name in state_dicts[0]:
         for sd, p in zip(state_dicts, paths):
             if name not in sd:
-                raise CheckpointError(f"{p}: tensor {name!r} is missing (present in "
+                raise CheckpointError(f"{p}: tensor {shown(name)} is missing (present in "
                                       f"{os.path.basename(paths[0])})")
         merged[name] = _merge(name, [sd[name] for sd in state_dicts], paths)
     return merged
@@ -119,11 +119,11 @@ def read_params(path, weights, max_seq_len=None, max_batch_size=1):
     cfg = read_json_object(path, "params")
     for key in ("dim", "n_layers", "n_heads"):
         if not isinstance(cfg.get(key), int):
-            raise CheckpointError(f"{path}: field {key!r} must be an integer, got {cfg.get(key)!r}")
+            raise CheckpointError(f"{path}: field {shown(key)} must be an integer, got {shown(cfg.get(key))}")
     rope_scaling = meta_rope_scaling(cfg, path)
     for name in ("tok_embeddings.weight", "layers.0.feed_forward.w1.weight"):
         if name not in weights:
-            raise CheckpointError(f"{os.path.dirname(path)}: tensor {name!r} is missing")
+            raise CheckpointError(f"{os.path.dirname(path)}: tensor {shown(name)} is missing")
     vocab = cfg.get("vocab_size", -1)
     emb_rows = weights["tok_embeddings.weight"].shape[0]
     try:

@@ -14,7 +14,7 @@ import os
 import numpy as np
 
 from ..dtypes import LazyTensor
-from ..errors import CheckpointError
+from ..errors import CheckpointError, shown
 
 DTYPES = {"F32": ("<f4", "f32"), "F16": ("<f2", "f16"), "BF16": ("<u2", "bf16")}   # bf16 as bits
 MAX_HEADER = 100 << 20          # a header is a few hundred kB even for large models
@@ -49,15 +49,15 @@ def _tensor(path, name, info, base, data_len):
         shape = tuple(int(d) for d in shape)
         begin, end = int(begin), int(end)
     except (KeyError, TypeError, ValueError, OverflowError):     # OverflowError: int(inf)
-        raise CheckpointError(f"{path}: tensor {name!r} has a malformed header entry") from None
+        raise CheckpointError(f"{path}: tensor {shown(name)} has a malformed header entry") from None
     if not isinstance(dtype, str) or dtype not in DTYPES:
-        raise CheckpointError(f"{path}: tensor {name!r} is {dtype}; minillama reads "
+        raise CheckpointError(f"{path}: tensor {shown(name)} is {shown(dtype, quote=False)}; minillama reads "
                               f"{', '.join(DTYPES)}")
     np_dtype, fmt = np.dtype(DTYPES[dtype][0]), DTYPES[dtype][1]
     count = int(np.prod(shape))
     if min(shape, default=0) < 0 or not 0 <= begin <= end <= data_len \
             or end - begin != count * np_dtype.itemsize:
-        raise CheckpointError(f"{path}: tensor {name!r} ({dtype} {list(shape)}) has data offsets "
+        raise CheckpointError(f"{path}: tensor {shown(name)} ({dtype} {shown(list(shape))}) has data offsets "
                               f"[{begin}, {end}) that do not fit its size or the file "
                               f"({data_len} data bytes; truncated?)")
 

@@ -27,7 +27,7 @@ from collections import OrderedDict
 import numpy as np
 
 from ..dtypes import LazyTensor
-from ..errors import CheckpointError
+from ..errors import CheckpointError, shown
 
 
 class _StorageType:
@@ -110,10 +110,10 @@ class _RestrictedUnpickler(pickle.Unpickler):
         if (module, name) in ALLOWED:
             return ALLOWED[(module, name)]
         if module == "torch" and name.endswith("Storage"):
-            raise CheckpointError(f"{self.path}: tensor storage torch.{name} is not supported "
+            raise CheckpointError(f"{self.path}: tensor storage {shown('torch.' + name, quote=False)} is not supported "
                                   f"(expected {', '.join(STORAGE_TYPES)}: float32, float16, "
                                   f"bfloat16)")
-        raise CheckpointError(f"{self.path}: refusing to load global '{module}.{name}' from the "
+        raise CheckpointError(f"{self.path}: refusing to load global {shown(f'{module}.{name}')} from the "
                               f"pickle: a checkpoint needs only tensors, and loading must never "
                               f"run code")
 
@@ -122,7 +122,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
         if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"
                 and isinstance(pid[1], _StorageType) and isinstance(pid[2], str)
                 and isinstance(pid[4], int)):
-            raise CheckpointError(f"{self.path}: unexpected persistent id {pid!r} in the pickle")
+            raise CheckpointError(f"{self.path}: unexpected persistent id {shown(pid)} in the pickle")
         _, stype, key, _, numel = pid
         if key not in self.members:
             raise CheckpointError(f"{self.path}: storage data/{key} is missing from the archive")
@@ -138,6 +138,7 @@ def load_pth(path):
     Reads the zip directory and the pickle only."""
     path = os.fspath(path)
     if not zipfile.is_zipfile(path):
+        _refuse_truncated(path)
         raise CheckpointError(f"{path}: not a zip archive; minillama reads .pth files written by "
                               f"torch.save (torch >= 1.6), which are zip archives")
     try:
@@ -153,9 +154,10 @@ def load_pth(path):
     # encrypted member) and ValueError; a byteorder member of junk fails to decode
     except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, UnicodeDecodeError,
             NotImplementedError, RuntimeError, ValueError) as e:
-        raise CheckpointError(f"{path}: damaged zip archive ({e})") from None
+        raise CheckpointError(f"{path}: damaged zip archive ({shown(str(e), quote=False)})") \
+            from None
     if byteorder != "little":
-        raise CheckpointError(f"{path}: byteorder {byteorder!r}: only little-endian files are read")
+        raise CheckpointError(f"{path}: byteorder {shown(byteorder)}: only little-endian files are read")
     try:
         _check_pickle_sizes(path, data)
         return _RestrictedUnpickler(data, path, members).load()
@@ -163,7 +165,16 @@ def load_pth(path):
         raise
     except Exception as e:       # a damaged pickle fails in many ways; all mean the same here
         raise CheckpointError(f"{path}: damaged pickle in data.pkl "
-                              f"({type(e).__name__}: {e})") from None
+                              f"({type(e).__name__}: {shown(str(e), quote=False)})") from None
+
+
+def _refuse_truncated(path):
+    """A file that starts as a zip archive but has lost its end (the central directory, which
+    zipfile looks for first) is a truncated download, not a file of another kind."""
+    with open(path, "rb") as f:
+        if f.read(4) == b"PK\x03\x04":
+            raise CheckpointError(f"{path}: truncated: it starts as a zip archive but its end "
+                                  f"(the central directory) is missing; download it again")
 
 
 def load_state_dict(path, ignored=()):
@@ -175,7 +186,7 @@ def load_state_dict(path, ignored=()):
                               f"got {type(sd).__name__}")
     for k, v in sd.items():
         if k not in ignored and not isinstance(v, LazyTensor):
-            raise CheckpointError(f"{path}: entry {k!r} is a {type(v).__name__}, not a tensor")
+            raise CheckpointError(f"{path}: entry {shown(k)} is a {type(v).__name__}, not a tensor")
     return {k: v for k, v in sd.items() if k not in ignored}
 
 

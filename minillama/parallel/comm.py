@@ -113,7 +113,10 @@ class NcclComm:
         self.cp = require_cupy()
         from cupy.cuda import nccl
         self.nccl, self.rank, self.world = nccl, rank, world
-        self.comm = nccl.NcclCommunicator(world, nccl_id_tuple(unique_id), rank)
+        try:                    # CuPy 14 takes the id as bytes, earlier ones as signed chars
+            self.comm = nccl.NcclCommunicator(world, bytes(unique_id), rank)
+        except TypeError:
+            self.comm = nccl.NcclCommunicator(world, nccl_id_tuple(unique_id), rank)
 
     def all_reduce(self, x):
         x = self.cp.ascontiguousarray(x, dtype=np.float32)
@@ -145,7 +148,10 @@ def nccl_version():
 
 
 def nccl_id_bytes(unique_id):
-    """CuPy's unique id (a tuple of 128 signed chars) as 128 bytes, to send."""
+    """CuPy's unique id (bytes in CuPy 14, a tuple of 128 signed chars before) as 128 bytes,
+    to send."""
+    if isinstance(unique_id, (bytes, bytearray)):
+        return bytes(unique_id)
     return bytes(c & 0xFF for c in unique_id)
 
 

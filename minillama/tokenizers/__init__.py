@@ -6,15 +6,17 @@
     BPETokenizer(tokens, merges)  GPT-2-style byte-level BPE, e.g. the vocabulary in SmolLM2's GGUF
                                   or Llama 3's tiktoken tokenizer.model (tiktoken.py)
     StreamDecoder(tokenizer)      token ids in, finished text out, one token at a time
-    Llama2Chat, ChatML, Llama3Chat  chat formats; every tokenizer carries one as `tokenizer.chat`
+    Llama2Chat, Llama3Chat,       chat formats (TemplateChat: the model's own chat template,
+    TemplateChat                  template.py); every tokenizer carries one as `tokenizer.chat`
 """
 from .base import Tokenizer
 from .bpe import BPETokenizer
-from .chat import ChatML, Llama2Chat, Llama3Chat
+from .chat import Llama2Chat, Llama3Chat, TemplateChat
 from .llama2c import Llama2cTokenizer
 from .loading import load_tokenizer
 from .sentencepiece import SentencePieceTokenizer
 from .stream import StreamDecoder
 
-__all__ = ["BPETokenizer", "ChatML", "Llama2Chat", "Llama3Chat", "Llama2cTokenizer",
-           "SentencePieceTokenizer", "StreamDecoder", "Tokenizer", "load_tokenizer"]
+__all__ = ["BPETokenizer", "Llama2Chat", "Llama2cTokenizer", "Llama3Chat",
+           "SentencePieceTokenizer", "StreamDecoder", "TemplateChat", "Tokenizer",
+           "load_tokenizer"]

@@ -29,7 +29,7 @@ import re
 
 import regex
 
-from ..errors import TokenizerError
+from ..errors import TokenizerError, shown
 from .base import Tokenizer, check_text
 from .chat import Llama2Chat
 from .merge import merge_pairs
@@ -137,7 +137,7 @@ class BPETokenizer(Tokenizer):
                          control_ids=[i for i, kind in enumerate(token_types) if kind == CONTROL],
                          chat=chat or Llama2Chat(), stop_tokens=stop_tokens)
         if pre not in PRE_TOKENIZERS:
-            raise TokenizerError(f"{self.path}: pre-tokenizer {pre!r} is not supported "
+            raise TokenizerError(f"{self.path}: pre-tokenizer {shown(pre)} is not supported "
                                  f"(expected one of: {', '.join(PRE_TOKENIZERS)})")
         self.pre, self.patterns = pre, [make() for make in PRE_TOKENIZERS[pre]]
         self.tokens, self.token_types = tokens, token_types
@@ -163,7 +163,7 @@ class BPETokenizer(Tokenizer):
         for rank, merge in enumerate(merges):
             pair = tuple(merge.split(" "))
             if len(pair) != 2 or not all(pair):
-                raise TokenizerError(f"{self.path}: merge #{rank} is {merge!r}, expected two "
+                raise TokenizerError(f"{self.path}: merge #{rank} is {shown(merge)}, expected two "
                                      f"symbols separated by one space")
             ranks.setdefault(pair, rank)
         return ranks
@@ -230,7 +230,7 @@ class BPETokenizer(Tokenizer):
             return self.ids[symbol]
         if self.unk_id >= 0:
             return self.unk_id
-        raise TokenizerError(f"{self.path}: symbol {symbol!r} is not in the vocabulary and "
+        raise TokenizerError(f"{self.path}: symbol {shown(symbol)} is not in the vocabulary and "
                              f"there is no unknown token")
 
     # --- decoding --------------------------------------------------------------------------

@@ -19,11 +19,12 @@ def gguf_tokenizer(path):
 
 
 def _bpe_tokenizer(vocab):
-    # the chat template decides the format: ChatML's tags are special tokens BPE encodes whole
     return BPETokenizer(vocab.tokens, vocab.merges, token_types=vocab.token_types, pre=vocab.pre,
                         bos=vocab.bos_id, eos=vocab.eos_id, unk=vocab.unk_id, pad=vocab.pad_id,
                         add_bos=vocab.add_bos, path=vocab.path,
-                        chat=chat_format(vocab.chat_template), stop_tokens=_stop_tokens(vocab))
+                        chat=chat_format(vocab.chat_template,
+                                         f"{vocab.path}: tokenizer.chat_template"),
+                        stop_tokens=_stop_tokens(vocab))
 
 
 def _stop_tokens(vocab):

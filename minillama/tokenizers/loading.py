@@ -37,6 +37,9 @@ def load_tokenizer(path, vocab_size=None):
         raise TokenizerError(f"{path}: no such tokenizer file")
     if os.path.isdir(path):
         raise TokenizerError(f"{path}: is a directory, expected a tokenizer file")
+    if not os.path.isfile(path):                               # a FIFO would block the probes
+        raise TokenizerError(f"{path}: not a regular file (a pipe or a device cannot be read "
+                             f"as a tokenizer)")
     errors = []
     for fmt in FORMATS:
         if fmt.probe(path):

@@ -3,9 +3,9 @@ piece rules, which llama2.c's tokenizer.bin (an export of the same vocabulary) f
 import os
 import re
 
-from ..errors import TokenizerError
+from ..errors import TokenizerError, shown
 from .base import Tokenizer, check_text, read_head, read_tokenizer_file
-from .chat import Llama2Chat
+from .chat import chat_beside
 from .utf8 import utf8_bytes
 
 SP_SPACE = "\u2581"                  # SentencePiece writes a space as "▁"
@@ -36,7 +36,7 @@ class SentencePieceTokenizer(Tokenizer):
             self.sp_model = SentencePieceProcessor(model_proto=data)
         except (RuntimeError, OSError, ValueError) as e:
             raise TokenizerError(f"{path}: not a SentencePiece model "
-                                 f"({str(e).splitlines()[0]})") from None
+                                 f"({shown(str(e).splitlines()[0], quote=False)})") from None
         sp = self.sp_model
         n_words = sp.vocab_size()
         try:        # sentencepiece hands out pieces as str: a damaged model fails here, not later
@@ -47,7 +47,7 @@ class SentencePieceTokenizer(Tokenizer):
         super().__init__(path, n_words, bos_id=sp.bos_id(), eos_id=sp.eos_id(),
                          unk_id=sp.unk_id(), pad_id=sp.pad_id(),
                          control_ids=[i for i in range(n_words) if sp.is_control(i)],
-                         chat=Llama2Chat())     # a .model names no other
+                         chat=chat_beside(path))     # a Hugging Face directory's template
         # Usually " ⁇ ", but a model can set its own (tok512.model's is the escaped text
         # " \\342\\201\\207 ", a quirk of how it was trained).
         self.unk_surface = sp.decode([self.unk_id]) if self.unk_id >= 0 else ""

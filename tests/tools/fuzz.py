@@ -12,7 +12,11 @@ would. A case FAILS when the reader
   - allocates more than the file justifies: a traced peak above FACTOR x file size + SLACK, or
     anything near ADDRESS_SPACE_HEADROOM (the worker's address space is capped, so a header
     that asks for 40 GB meets a MemoryError instead of the machine's swap), or
-  - kills the interpreter (a segfault or abort in a C extension).
+  - kills the interpreter (a segfault or abort in a C extension), or
+  - refuses the file with a message a terminal should not get: longer than MESSAGE_LIMIT
+    characters, or holding a raw control character (a value from the file must reach the
+    message through errors.shown, which escapes and bounds it). The message is checked as
+    raised, before MiniLlamaError's own last guard (errors.one_line) tidies it.
 
 From the repository root:
 
@@ -35,6 +39,7 @@ import tempfile
 import time
 import traceback
 import tracemalloc
+import unicodedata
 import zipfile
 import zlib
 from collections import Counter
@@ -47,7 +52,7 @@ import numpy as np
 
 import minillama
 from minillama.checkpoints.random import random_weights
-from minillama.errors import MiniLlamaError
+from minillama.errors import MESSAGE_LIMIT, MiniLlamaError
 
 from . import MODELS
 from .writers import gpt2_tokens, gpt2_vocab, llama_vocab, tokenizer_bin_bytes, write_gguf, \
@@ -60,7 +65,7 @@ TIMEOUT = 10.0               # seconds per case; a reader taking longer is hung
 KILL_AFTER = 30.0            # the parent's watchdog, for hangs that SIGALRM cannot interrupt
 
 PASSED = ("loaded", "rejected")        # the reader read the file, or refused it properly
-FAILED = ("error", "hang", "memory", "crash")
+FAILED = ("error", "hang", "memory", "crash", "message")
 
 
 # ----------------------------------------------------------------------------
@@ -561,6 +566,16 @@ def _where(exc):
     return f"{os.path.basename(f.filename)}:{f.lineno} in {f.name}" if f else "?"
 
 
+def message_fault(e):
+    """What is wrong with a MiniLlamaError's message as raised ("" if nothing): too long, or a
+    raw control character in it."""
+    raw = str(e.args[0]) if e.args else ""
+    if len(raw) > MESSAGE_LIMIT:
+        return f"a message of {len(raw):,} characters (bound {MESSAGE_LIMIT})"
+    control = next((c for c in raw if unicodedata.category(c) == "Cc"), None)
+    return f"a raw control character {control!r} in the message" if control else ""
+
+
 def guarded(read, path, size, timeout=TIMEOUT):
     """Run read(path) under a time limit and a memory budget; classify what happened."""
     limit = FACTOR * size + SLACK
@@ -577,6 +592,9 @@ def guarded(read, path, size, timeout=TIMEOUT):
         kind, detail = "loaded", ""
     except MiniLlamaError as e:
         kind, detail = "rejected", f"{type(e).__name__}: {e}"
+        fault = message_fault(e)
+        if fault:
+            kind, detail = "message", f"{fault} at {_where(e)}: {detail[:300]}"
         if _memory_error_behind(e):     # a reader turned a MemoryError into a clean refusal:
             kind = "memory"             # the allocation was still attempted
             detail = f"MemoryError behind the refusal ({detail})"
@@ -661,6 +679,13 @@ def _worker(conn, targets, seeds, cases, seed, timeout, keep):
     for t in targets.values():
         for mod in t.needs:
             __import__(mod)
+    # ... and build what the readers build once per process: the byte-level BPE pre-tokenizer
+    # scans every Unicode code point (seconds on a busy machine, which a case's time limit
+    # must not pay for)
+    from minillama.tokenizers.bpe import PRE_TOKENIZERS
+    for makers in PRE_TOKENIZERS.values():
+        for make in makers:
+            make()
     cap_address_space()
     tracemalloc.start()
     for t_name, index in cases:
