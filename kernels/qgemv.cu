@@ -338,3 +338,252 @@ qgemv(const float* __restrict__ X, const uint4* __restrict__ qs,
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// qgemv_v2<F, ROWS, PRO, NR, U>: the next version. v1 spends ~5 instructions per q4_0 weight
+// (float16 magic, widening, scale), over the 4.4 that the copy bandwidth leaves (see above), so
+// a q4_0 matrix at batch 1 streamed at 0.3-0.47 of the copy bandwidth. v2 changes the inner step
+// and nothing else (the walk, the staging of x, QBatch are v1's):
+//   - codes become float32 directly, by a float32 magic number (below): two instructions per
+//     nibble, no widening;
+//   - the scale is applied once per 16-byte load (16 or 32 weights), not once per weight;
+//   - NR (weight rows per warp) and U (16-byte loads in flight per row) are template parameters,
+//     and ROWS goes up to 32, with a float32 format (V2F32): the same kernel is the batched float32
+//     GEMV of issue 13, reading each weight once per 32 rows of x where gemv reads it once per 8.
+// Measured on an H200 (docs/kernels.md, "qgemv v2 and the batches"): at batch 1 v2 (NR 2, U 4)
+// is never slower than v1 and 1.1-1.3x faster on q4_0 and q8_0; at batch 8 and 32 of the block
+// formats it is not faster (the FMAs per weight, 8 or 32, are the bound, not the unpacking), so
+// kernels.qgemv launches v2 for one row of x and v1 for more. For float32 weights, at 8 rows and
+// more, v2 (ROWS up to 32, NR 4, U 1) is 1.5-3.6x faster than gemv on matrices with many rows;
+// kernels.gemv's rule says which.
+//
+// 1. Codes to float32 without conversion instructions.
+//
+// qgemv (v1) turns codes into float16 with the 0x6400 magic, then each float16 into a float32
+// (one instruction per weight), then multiplies by the scale (one more). Here the magic is the
+// float32 2^23 = 0x4B000000, whose unit in the last place is 1: OR-ing a code c shifted left by
+// s bits (s + 4 <= 23) into its mantissa gives the float 2^23 + c 2^s exactly, and one FFMA by
+// 2^-s minus (2^(23-s) + 8) leaves c - 8 exactly (for q4_1 minus 2^(23-s): c). So a nibble costs
+// one LOP3 ((w & mask) | magic) and one FFMA, a q8_0 byte one PRMT (the byte under 0x4B) and one
+// FADD. The scale is then applied once per 16-byte load instead of once per weight:
+//
+//     sum_k (c_k - 8) d x_k = d * sum_k (c_k - 8) x_k                              q4_0, q8_0
+//     sum_k (c_k d + m) x_k = d * sum_k c_k x_k + m * sum_k x_k                    q4_1
+//
+// The sums are over the 32 (q4) or 16 (q8_0: half a block) weights of one load, in float32.
+// The reference's weights are (c - 8) d rounded to float32 (exact: at most 8 + 11 bits) and
+// fl(c d + m); the factored sums differ from float32 sums of those only by float32 rounding,
+// so the 1e-5 bound against float64 is unchanged (tests/test_cuda_formats.py checks it).
+
+#define F32_MAGIC 0x4B000000u         // the float 2^23
+
+// (w & MASK) | 2^23 as one LOP3. Written in C, the compiler splits it in two (an AND with one
+// immediate, an OR with the other: an instruction takes only one); in PTX, ptxas keeps one
+// LOP3 and holds the magic in a register (lookup table 0xEA = (a & b) | c).
+template <unsigned int MASK>
+__device__ __forceinline__ unsigned int and_or_magic(unsigned int w) {
+    unsigned int d;
+    asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(d) : "r"(w), "n"(MASK), "n"(F32_MAGIC));
+    return d;
+}
+
+template <unsigned int MASK>
+__device__ __forceinline__ float magic_code(unsigned int w, float scale, float bias) {
+    // ((w & MASK) | 2^23) * scale - bias: MASK selects bits s .. s + 3, scale = 2^-s
+    return fmaf(__uint_as_float(and_or_magic<MASK>(w)), scale, -bias);
+}
+
+struct V2F32 {                        // issue 13: float32 weights, 4 per load
+    static constexpr int WEIGHTS = 4, LOADS_PER_BLOCK = 0;
+    static constexpr bool MIN = false;
+    static __device__ __forceinline__ void piece(const uint4& q, int, float* v) {
+        v[0] = __uint_as_float(q.x); v[1] = __uint_as_float(q.y);
+        v[2] = __uint_as_float(q.z); v[3] = __uint_as_float(q.w);
+    }
+};
+typedef FmtF16 V2F16;                 // the 16-bit formats are v1's (one widening each)
+typedef FmtBF16 V2BF16;
+
+struct V2Q8_0 {                       // w = code * d; piece p: bytes 4p .. 4p + 3 as codes
+    static constexpr int WEIGHTS = 16, LOADS_PER_BLOCK = 2;
+    static constexpr bool MIN = false;
+    static __device__ __forceinline__ void piece(const uint4& q, int p, float* v) {
+        const unsigned int u = q_word(q, p) ^ 0x80808080u;     // b + 128, as unsigned bytes
+#pragma unroll
+        for (int e = 0; e < 4; ++e)   // bytes (u_e, 0, 0, 0x4B) = 2^23 + 128 + b
+            v[e] = __uint_as_float(byte_perm(u, F32_MAGIC, 0x7440u | e)) - 8388736.0f;
+    }
+};
+
+// piece p < 4: the low nibbles of word p (codes 4p .. 4p + 3, bits 0, 8, 16, 24); p >= 4: the
+// high nibbles of word p - 4 (codes 16 + 4(p - 4) .., bits 4, 12, 20, 28). Bits 20 and up do
+// not fit under the magic, so they are taken from w >> 12.
+template <bool MIN_>
+struct V2Q4 {
+    static constexpr int WEIGHTS = 32, LOADS_PER_BLOCK = 1;
+    static constexpr bool MIN = MIN_;
+    static __device__ __forceinline__ void piece(const uint4& q, int p, float* v) {
+        const unsigned int w = q_word(q, p & 3), w2 = w >> 12;
+        const float o = MIN ? 0.0f : 8.0f;
+        if (p < 4) {
+            v[0] = magic_code<0x0000000Fu>(w, 1.0f, 8388608.0f + o);
+            v[1] = magic_code<0x00000F00u>(w, 1.0f / 256, 32768.0f + o);
+            v[2] = magic_code<0x000F0000u>(w, 1.0f / 65536, 128.0f + o);
+            v[3] = magic_code<0x0000F000u>(w2, 1.0f / 4096, 2048.0f + o);     // bits 24..27
+        } else {
+            v[0] = magic_code<0x000000F0u>(w, 1.0f / 16, 524288.0f + o);
+            v[1] = magic_code<0x0000F000u>(w, 1.0f / 4096, 2048.0f + o);
+            v[2] = magic_code<0x00000F00u>(w2, 1.0f / 256, 32768.0f + o);     // bits 20..23
+            v[3] = magic_code<0x000F0000u>(w2, 1.0f / 65536, 128.0f + o);     // bits 28..31
+        }
+    }
+};
+typedef V2Q4<false> V2Q4_0;
+typedef V2Q4<true> V2Q4_1;
+
+// qgemv's walk (x staged piece-major in shared memory, a warp on NR weight rows at a time,
+// QBatch prefetching across tiles, K in chunks), with the inner step rewritten: for each
+// 16-byte load, per (weight row j, x row r) a partial sum of code * x, then one FFMA by the
+// scale (and one by the min) into the accumulator. Unscaled formats accumulate directly.
+// ROWS * NR accumulators: up to 128 (ROWS 32, NR 4), reduced over the warp 32 at a time.
+// Two blocks per SM (128 registers a thread) only where that does not spill: few rows of x
+// and at most 8 loads in flight; kernels.qgemv_v2 sizes the grid by the same rule.
+template <class F, int ROWS, int PRO, int NR, int U>
+__global__ void __launch_bounds__(256, ROWS >= 8 || NR * U >= 16 ? 1 : 2)
+qgemv_v2(const float* __restrict__ X, const uint4* __restrict__ qs,
+         const unsigned short* __restrict__ d, const unsigned short* __restrict__ mn,
+         float* __restrict__ Y, int M, int N, int K, int accumulate,
+         const float* __restrict__ norm_w, float eps, int kc) {
+    constexpr int PIECES = F::WEIGHTS / 4;
+    constexpr bool SCALED = F::LOADS_PER_BLOCK > 0;
+    constexpr int V = NR * ROWS;
+    extern __shared__ float4 qgemv_xs[];
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
+    const int ldx = PRO == GEMV_SWIGLU ? 2 * K : K;
+    const int loads_per_row = K / F::WEIGHTS;
+    const int nb = K / 32;
+    const int tile_step = gridDim.x * warps * NR;
+    const int n_first = (blockIdx.x * warps + warp) * NR;
+
+    QBatch<F, NR, U> next;
+    bool fetched = n_first < N;
+    if (fetched) next.fetch(qs, d, mn, n_first, N, lane, min(kc, K) / F::WEIGHTS, 0, loads_per_row, nb);
+
+    for (int m0 = 0; m0 < M; m0 += ROWS) {
+        float inv_rms[ROWS];
+#pragma unroll
+        for (int r = 0; r < ROWS; ++r) inv_rms[r] = 1.0f;
+        if (PRO == GEMV_RMSNORM) qgemv_inv_rms<ROWS>(X, m0, M, ldx, K, eps, inv_rms);
+
+        for (int k0 = 0; k0 < K; k0 += kc) {
+            const int len = min(kc, K - k0), CH = len / F::WEIGHTS, len4 = len / 4;
+            const int first = k0 / F::WEIGHTS;
+            if (!fetched && n_first < N)
+                next.fetch(qs, d, mn, n_first, N, lane, CH, first, loads_per_row, nb);
+            fetched = false;
+            __syncthreads();
+            for (int i = threadIdx.x; i < ROWS * len4; i += blockDim.x) {
+                const int r = i / len4, k4 = i % len4;
+                float inv = 1.0f;
+#pragma unroll
+                for (int rr = 0; rr < ROWS; ++rr) inv = rr == r ? inv_rms[rr] : inv;
+                float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+                if (m0 + r < M)
+                    v = gemv_x4<PRO>(X + (size_t)(m0 + r) * ldx, k0 / 4 + k4, K, norm_w, inv);
+                qgemv_xs[(r * PIECES + k4 % PIECES) * CH + k4 / PIECES] = v;
+            }
+            __syncthreads();
+
+            for (int n0 = n_first; n0 < N; n0 += tile_step) {
+                float acc[V];                             // acc[j * ROWS + r]
+#pragma unroll
+                for (int i = 0; i < V; ++i) acc[i] = 0.0f;
+
+                for (int c0 = lane; c0 < CH; c0 += 32 * U) {
+                    const QBatch<F, NR, U> cur = next;
+                    const bool same = c0 + 32 * U < CH;
+                    const int n_next = same ? n0 : n0 + tile_step;
+                    if (n_next < N)
+                        next.fetch(qs, d, mn, n_next, N, same ? c0 + 32 * U : lane, CH, first,
+                                   loads_per_row, nb);
+#pragma unroll
+                    for (int u = 0; u < U; ++u) {
+                        const int c = c0 + 32 * u;
+                        if (c >= CH) break;
+                        if (SCALED) {
+                            float part[V], xsum[ROWS];
+#pragma unroll
+                            for (int i = 0; i < V; ++i) part[i] = 0.0f;
+#pragma unroll
+                            for (int r = 0; r < ROWS; ++r) xsum[r] = 0.0f;
+#pragma unroll
+                            for (int p = 0; p < PIECES; ++p) {
+                                float w[NR][4];
+#pragma unroll
+                                for (int j = 0; j < NR; ++j) F::piece(cur.q[u][j], p, w[j]);
+#pragma unroll
+                                for (int r = 0; r < ROWS; ++r) {
+                                    const float4 xv = qgemv_xs[(r * PIECES + p) * CH + c];
+                                    if (F::MIN) xsum[r] += (xv.x + xv.y) + (xv.z + xv.w);
+#pragma unroll
+                                    for (int j = 0; j < NR; ++j) {
+                                        float& a = part[j * ROWS + r];
+                                        a = fmaf(w[j][0], xv.x, a);
+                                        a = fmaf(w[j][1], xv.y, a);
+                                        a = fmaf(w[j][2], xv.z, a);
+                                        a = fmaf(w[j][3], xv.w, a);
+                                    }
+                                }
+                            }
+#pragma unroll
+                            for (int j = 0; j < NR; ++j) {
+                                const float dj = f16_lo(cur.dm[u][j]), mj = f16_hi(cur.dm[u][j]);
+#pragma unroll
+                                for (int r = 0; r < ROWS; ++r) {
+                                    float& a = acc[j * ROWS + r];
+                                    a = fmaf(dj, part[j * ROWS + r], a);
+                                    if (F::MIN) a = fmaf(mj, xsum[r], a);
+                                }
+                            }
+                        } else {
+#pragma unroll
+                            for (int p = 0; p < PIECES; ++p) {
+                                float w[NR][4];
+#pragma unroll
+                                for (int j = 0; j < NR; ++j) F::piece(cur.q[u][j], p, w[j]);
+#pragma unroll
+                                for (int r = 0; r < ROWS; ++r) {
+                                    const float4 xv = qgemv_xs[(r * PIECES + p) * CH + c];
+#pragma unroll
+                                    for (int j = 0; j < NR; ++j) {
+                                        float& a = acc[j * ROWS + r];
+                                        a = fmaf(w[j][0], xv.x, a);
+                                        a = fmaf(w[j][1], xv.y, a);
+                                        a = fmaf(w[j][2], xv.z, a);
+                                        a = fmaf(w[j][3], xv.w, a);
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+
+                // the V sums over the warp, 32 (or all V) at a time; see qgemv
+#pragma unroll
+                for (int g = 0; g < (V + 31) / 32; ++g) {
+                    constexpr int W = V < 32 ? V : 32;
+                    constexpr int SHIFT = W == 32 ? 0 : W == 16 ? 1 : W == 8 ? 2 : W == 4 ? 3 : W == 2 ? 4 : 5;
+                    float part[W];
+#pragma unroll
+                    for (int i = 0; i < W; ++i) part[i] = acc[g * 32 + i];
+                    const float mine = qgemv_warp_sums<W>(part);
+                    const int idx = g * 32 + (lane >> SHIFT), j = idx / ROWS, r = idx % ROWS;
+                    if (lane % (1 << SHIFT) == 0 && n0 + j < N && m0 + r < M) {
+                        float* y = Y + (size_t)(m0 + r) * N + n0 + j;
+                        *y = (k0 > 0 || accumulate) ? *y + mine : mine;
+                    }
+                }
+            }
+        }
+    }
+}

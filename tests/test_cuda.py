@@ -105,6 +105,47 @@ def test_gemv_matches_float64_for_batches(cuda, cp, M, N, K):
 
 
 @gpu
+@pytest.mark.parametrize("version", [1, 2])
+@pytest.mark.parametrize("M", [1, 3, 8, 9, 16, 17, 32, 33, 64, 65])
+@pytest.mark.parametrize("N,K", [(1, 4), (127, 1000), (4097, 12), (33, 4096), (300, 4104)])
+def test_gemv_versions_match_float64(cuda, cp, version, M, N, K):
+    # version 2: qgemv_v2 on float32 weights (8, 16 or 32 rows of x per pass), K % 4 == 0
+    x, w = rand(M, K), rand(N, K)
+    y = cuda.gemv(cp.asarray(x), cp.asarray(w), out=poison(cp, (M, N)), version=version)
+    assert rel_err(y, ref_linear(x, w)) < 1e-5
+
+
+def test_gemv_rule_takes_v2_for_batches_of_tall_matrices():
+    from minillama.cuda.kernels import gemv_uses_v2
+    # the H200 table (docs/kernels.md): faster on wqkv, w13, the classifier and 7B's wo and w2
+    for N, K in [(864, 288), (1536, 288), (32000, 288), (2304, 768), (4096, 4096), (4096, 11008)]:
+        assert gemv_uses_v2(8, N, K) and gemv_uses_v2(32, N, K), (N, K)
+        assert not gemv_uses_v2(1, N, K) and not gemv_uses_v2(7, N, K), (N, K)
+    for N, K in [(288, 288), (288, 768), (768, 768), (768, 2048)]:     # stories wo and w2
+        assert not gemv_uses_v2(32, N, K), (N, K)
+
+
+@gpu
+@pytest.mark.parametrize("M", [8, 13, 40])
+def test_gemv_rule_path_prologues_and_accumulate(cuda, cp, M):
+    from minillama.model import rms_norm, silu
+    N, K = 4100, 772                              # the rule takes qgemv_v2 (N >= 4096)
+    assert cuda.kernels.gemv_uses_v2(M, N, K)
+    x, w, g = rand(M, K), rand(N, K), 1.0 + rand(K, scale=0.1)
+    ref = ref_linear(rms_norm(x.astype(np.float64), g.astype(np.float64), 1e-5), w)
+    y = cuda.gemv(cp.asarray(x), cp.asarray(w), out=poison(cp, (M, N)), norm=cp.asarray(g))
+    assert rel_err(y, ref) < 1e-5
+    h = rand(M, 2 * K, scale=2.0).astype(np.float64)        # [h1 | h3]
+    y = cuda.gemv(cp.asarray(h, dtype=np.float32), cp.asarray(w), out=poison(cp, (M, N)),
+                  swiglu=True)
+    assert rel_err(y, ref_linear(silu(h[:, :K]) * h[:, K:], w)) < 1e-5
+    y0 = rand(M, N)
+    y = cp.asarray(y0)
+    cuda.gemv(cp.asarray(x), cp.asarray(w), out=y, accumulate=True)
+    assert rel_err(y, y0 + ref_linear(x, w)) < 1e-5
+
+
+@gpu
 def test_gemv_accumulate_adds_into_out(cuda, cp):
     x, w, y0 = rand(3, 300), rand(77, 300), rand(3, 77)
     y = cp.asarray(y0)
@@ -212,6 +253,8 @@ def test_kernels_reject_misuse(cuda, cp):
         (lambda: cuda.gemv(f32, f32, norm=f32[0], swiglu=True), "one"),
         (lambda: cuda.gemv(f32, f32, norm=f32[0, :5]), "norm"),
         (lambda: cuda.gemv(f32, f32[:, :5].copy(), swiglu=True), "swiglu"),
+        (lambda: cuda.gemv(f32, f32, version=3), "version"),
+        (lambda: cuda.gemv(f32[:, :3].copy(), f32[:, :3].copy(), version=2), "K % 4"),
         (lambda: cuda.bmm(f32, f32), "cannot multiply"),
         (lambda: cuda.softmax(cp.ones((2, 3, 5), np.float32), start_pos=1), "columns"),
         (lambda: cuda.softmax(f32, kernel="shared"), "kernel"),

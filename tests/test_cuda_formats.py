@@ -61,22 +61,24 @@ BATCHES = (1, 2, 3, 5, 8, 9, 13, 64)
 
 
 @gpu
+@pytest.mark.parametrize("version", [None, 1, 2])     # the rule (v2 for one row, v1 for more)
 @pytest.mark.parametrize("fmt,N,K", [(f, n, k) for f in STORED for n, k in QGEMV_SIZES]
                          + [(f, n, k) for f in ("f16", "bf16") for n, k in DENSE_SIZES])
-def test_qgemv_matches_float64_of_the_dequantized_weights(cuda, cp, fmt, N, K):
+def test_qgemv_matches_float64_of_the_dequantized_weights(cuda, cp, fmt, N, K, version):
     packed, w64 = stored_weight(fmt, N, K)
     w = packed.map(cp.asarray)
     for M in BATCHES:
         x = rng.standard_normal((M, K)).astype(np.float32)
         out = poison(cp, (M, N))
-        y = cuda.kernels.qgemv(cp.asarray(x), w, out=out)
+        y = cuda.kernels.qgemv(cp.asarray(x), w, out=out, version=version)
         assert y is out
         assert rel_err(y, x.astype(np.float64) @ w64.T) < 1e-5, f"M={M}"
 
 
 @gpu
+@pytest.mark.parametrize("version", [1, 2])
 @pytest.mark.parametrize("fmt", STORED)
-def test_qgemv_prologues_accumulate_and_chunks(cuda, cp, fmt):
+def test_qgemv_prologues_accumulate_and_chunks(cuda, cp, fmt, version):
     from minillama.model import rms_norm, silu
     N, K = 129, 2080
     packed, w64 = stored_weight(fmt, N, K)
@@ -88,15 +90,17 @@ def test_qgemv_prologues_accumulate_and_chunks(cuda, cp, fmt):
         ref = rms_norm(x64, g.astype(np.float64), 1e-5) @ w64.T
         for smem in (cuda.kernels.QGEMV_SMEM, 1):        # x whole, or in chunks of k
             y = cuda.kernels.qgemv(cp.asarray(x), w, out=poison(cp, (M, N)), norm=cp.asarray(g),
-                                   eps=1e-5, smem=smem)
+                                   eps=1e-5, smem=smem, version=version)
             assert rel_err(y, ref) < 1e-5, f"rmsnorm M={M} smem={smem}"
         h = (2 * rng.standard_normal((M, 2 * K))).astype(np.float32)
         h64 = h.astype(np.float64)
-        y = cuda.kernels.qgemv(cp.asarray(h), w, out=poison(cp, (M, N)), swiglu=True)
+        y = cuda.kernels.qgemv(cp.asarray(h), w, out=poison(cp, (M, N)), swiglu=True,
+                               version=version)
         assert rel_err(y, (silu(h64[:, :K]) * h64[:, K:]) @ w64.T) < 1e-5, f"swiglu M={M}"
         y0 = rng.standard_normal((M, N)).astype(np.float32)
         y = cp.asarray(y0)
-        cuda.kernels.qgemv(cp.asarray(x), w, out=y, accumulate=True, smem=1, blocks_per_sm=1)
+        cuda.kernels.qgemv(cp.asarray(x), w, out=y, accumulate=True, smem=1, blocks_per_sm=1,
+                           version=version)
         assert rel_err(y, y0 + x64 @ w64.T) < 1e-5, f"accumulate M={M}"
 
 
@@ -157,6 +161,7 @@ def test_packed_kernels_reject_misuse(cuda, cp):
         (lambda: k.qgemv(cp.ones((2, 12), np.float32), f16), "multiple of 8"),
         (lambda: k.qgemv(unaligned, w), "aligned"),
         (lambda: k.qgemv(x, w, out=cp.empty((2, 9), np.float32)), "out"),
+        (lambda: k.qgemv(x, w, version=3), "version"),
         (lambda: k.gemm_v5(x, w), "float16"),
         (lambda: k.gemm_v5(x.astype(np.float16), w, config="1x1"), "config"),
         (lambda: k.gemm_v5(cp.ones((2, 32), np.float16), w), "(N, K)"),
@@ -175,10 +180,15 @@ def test_the_module_has_the_instances_the_wrappers_launch(cuda, cp):
             for pro in cuda.kernels.GEMV_PROLOGUES.values():
                 assert f"qgemv<Fmt{formats.FORMATS[fmt].KERNEL[fmt]},{rows},{pro}>" in groups[fmt]
         assert f"gemm_v5<128,128,4,{cuda.kernels.GEMM_V5_FORMATS[fmt]}>" in groups[fmt]
+        for pro in cuda.kernels.GEMV_PROLOGUES.values():
+            assert f"qgemv_v2<V2{formats.FORMATS[fmt].KERNEL[fmt]},1,{pro},2,4>" in groups[fmt]
+    for rows in cuda.kernels.QGEMV_V2_F32_ROWS:           # float32 batches (kernels.gemv)
+        for pro in cuda.kernels.GEMV_PROLOGUES.values():
+            assert f"qgemv_v2<V2F32,{rows},{pro},4,1>" in groups["f32"]
     assert "rope_kv<unsigned short>" in groups["common"]
     assert "qgemv.cu" in runtime.KERNEL_FILES
     source = runtime.kernel_source()
-    for kernel in ("qgemv", "gemm_v5", "f32_to_16bit", "rope_kv", "attention_decode"):
+    for kernel in ("qgemv", "qgemv_v2", "gemm_v5", "f32_to_16bit", "rope_kv", "attention_decode"):
         assert f"\n{kernel}(" in source or f" {kernel}(" in source
 
 

@@ -1,5 +1,5 @@
-"""Replay the index arithmetic of gemm_v5, qgemv and qgemv_k on the CPU, for machines without a
-GPU.
+"""Replay the index arithmetic of gemm_v5, qgemv, qgemv_tc and qgemv_k on the CPU, for machines
+without a GPU.
 
     python kernels/dev/emulate.py
 
@@ -9,8 +9,11 @@ elements (the PTX ISA's tables), which lane of qgemv writes which output, and ho
 unpacks the bits of each k-quant super-block (its format structs' shifts and masks, in
 Python): all written out element by element in Python, the product assembled from the
 fragments and compared with NumPy. It checks our reading of the layouts and the kernels'
-indexing, not the hardware: a run on the GPU (check_formats.py, tests/test_cuda_kquants.py) is
-still the test. Slow on purpose, so sizes are small.
+indexing, not the hardware: a run on the GPU (check_formats.py, bench_variants.py,
+tests/test_cuda_kquants.py) is still the test. Slow on purpose, so sizes are small.
+qgemv_tc (variants.cu) is replayed whole: its loads, the quad transpose through shared memory
+and ldmatrix, the k permutation, the TF32 fragments of mma.m16n8k8 (operands truncated to TF32
+as the tensor cores read them), the per-block scales, the split over k and the stores.
 """
 import sys
 from pathlib import Path
@@ -137,6 +140,148 @@ def qgemv_launch(x, w, smem, blocks):
                             j, r = (lane >> shift) // ROWS, (lane >> shift) % ROWS
                             if n0 + j < N and m0 + r < M:
                                 Y[m0 + r, n0 + j] = (Y[m0 + r, n0 + j] if k0 else 0) + acc[j, r]
+    return Y
+
+
+# ----------------------------------------------------------------------------
+# qgemv_tc (variants.cu): the quad transpose through ldmatrix, the k permutation, the TF32
+# fragments and the per-block scales, lane by lane
+
+TC = {"f16": (8, 2, 8), "q8_0": (16, 4, 16), "q4_0": (32, 8, 16)}     # WEIGHTS, E, XPAD
+
+
+def tf32(v):
+    """What the tensor core reads of a float32 operand: its low 13 mantissa bits cleared."""
+    return (np.asarray(v, np.float32).view(np.uint32) & 0xFFFFE000).view(np.float32)
+
+
+def ldmatrix_words(smem, addrs):
+    """ldmatrix.x4 as 32-bit words: lane T receives word T % 4 of row T / 4 of each matrix."""
+    words = np.zeros((32, 4), np.uint32)
+    for i in range(4):
+        for lane in range(32):
+            a = addrs[8 * i + lane // 4] + 4 * (lane % 4)
+            words[lane, i] = smem[a:a + 4].view(np.uint32)[0]
+    return words
+
+
+def tc_words(fmt, w):
+    """variants.cu's Tc*::words: the E weights (codes, or 16-bit values) of one word."""
+    w = int(w)
+    if fmt == "f16":
+        return np.array([w & 0xFFFF, w >> 16], np.uint16).view(np.float16).astype(np.float64)
+    if fmt == "q8_0":
+        return np.array([(w >> (8 * e)) & 0xFF for e in range(4)], np.uint8).view(np.int8) \
+            .astype(np.float64)
+    return np.array([((w >> (8 * e)) & 0xF) - 8 for e in range(4)]
+                    + [((w >> (8 * e + 4)) & 0xF) - 8 for e in range(4)], np.float64)
+
+
+def mma_tf32(c, a, b):
+    """mma.m16n8k8 (TF32): c (32, 4) += A B from a (32, 4), b (32, 2) in the PTX ISA's layout."""
+    A, B = np.zeros((16, 8)), np.zeros((8, 8))
+    for lane in range(32):
+        g, t = lane // 4, lane % 4
+        A[g, t], A[g + 8, t], A[g, t + 4], A[g + 8, t + 4] = tf32(a[lane]).astype(np.float64)
+        B[t, g], B[t + 4, g] = tf32(b[lane]).astype(np.float64)
+    D = A @ B
+    for lane in range(32):
+        g, t = lane // 4, lane % 4
+        c[lane] += [D[g, 2 * t], D[g, 2 * t + 1], D[g + 8, 2 * t], D[g + 8, 2 * t + 1]]
+
+
+def qgemv_tc_launch(x, w, smem, blocks, ks, nb_max=4):
+    """qgemv_tc's loops, with bench_variants.run_tc's choice of NB and kc."""
+    fmt, (N, K), (M, _) = w.format, w.shape, x.shape
+    W, E, XPAD = TC[fmt]
+    SPAN = 4 * W
+    nb = next((b for b in (1, 2, 4) if 8 * b >= M and b <= nb_max), nb_max)
+    ROWS = 8 * nb
+    bytes_for = lambda kc: 2 * ROWS * (-(-kc // SPAN) * SPAN + XPAD) * 4
+    kc = K if bytes_for(K) <= smem else max(SPAN, (smem // (8 * ROWS) - XPAD) // SPAN * SPAN)
+    XS = -(-kc // SPAN) * SPAN + XPAD
+    raw = (w.data.view(np.uint8) if fmt == "f16" else w.qs.view(np.uint8)).reshape(N, -1)
+    d = None if fmt == "f16" else w.d.astype(np.float64)
+    tpb = 8 // ks
+    grid = min(-(-(-(-N // 16)) // tpb), blocks)
+    Y = np.full((M, N), np.nan)
+    for block in range(grid):
+        for m0 in range(0, M, ROWS):
+            for k0 in range(0, K, kc):
+                ln = min(kc, K - k0)
+                groups = -(-ln // SPAN)
+                first = k0 // W
+                xv = np.zeros((ROWS, XS), np.float32)
+                rows = min(ROWS, M - m0)
+                xv[:rows, :ln] = x[m0:m0 + rows, k0:k0 + ln]
+                xhi = tf32(xv)
+                xlo = (xv - xhi).astype(np.float32)
+                tile_step = grid * tpb * 16
+                n_base = block * tpb * 16
+                while n_base < N:
+                    accs = {}
+                    for warp in range(8):
+                        n0, slice_ = n_base + (warp // ks) * 16, warp % ks
+                        acc = np.zeros((32, nb, 4))
+                        if n0 < N:
+                            for cg in range(slice_, groups, ks):
+                                sm = np.zeros(1024, np.uint8)
+                                da, db = np.zeros((32, 4)), np.zeros((32, 4))
+                                for lane in range(32):
+                                    g, t = lane // 4, lane % 4
+                                    ra, rb = min(n0 + g, N - 1), min(n0 + 8 + g, N - 1)
+                                    c = 4 * cg + t
+                                    for r, row in ((g, ra), (g + 8, rb)):
+                                        if c * W < ln:
+                                            a = swizzle(r, t)
+                                            sm[a:a + 16] = raw[row, 16 * (first + c):16 * (first + c) + 16]
+                                    for i in range(4):
+                                        ci = 4 * cg + i
+                                        if d is not None and ci * W < ln:
+                                            blk = (k0 + ci * W) // 32
+                                            da[lane, i], db[lane, i] = d[ra, blk], d[rb, blk]
+                                wa = ldmatrix_words(sm, [swizzle(l & 7, l >> 3) for l in range(32)])
+                                wb = ldmatrix_words(sm, [swizzle(8 + (l & 7), l >> 3) for l in range(32)])
+                                for i in range(4):
+                                    va = [tc_words(fmt, wa[l, i]) for l in range(32)]
+                                    vb = [tc_words(fmt, wb[l, i]) for l in range(32)]
+                                    kb = (4 * cg + i) * W
+                                    for b in range(nb):
+                                        part = np.zeros((32, 4))
+                                        for s in range(E // 2):
+                                            a = np.array([[va[l][2 * s], vb[l][2 * s], va[l][2 * s + 1],
+                                                           vb[l][2 * s + 1]] for l in range(32)])
+                                            pos = [(2 * (l % 4) if E == 2 else
+                                                    [4 * (l % 4) + e for e in range(4)] +
+                                                    [16 + 4 * (l % 4) + e for e in range(4)]) for l in range(32)]
+                                            for plane in (xhi, xlo):
+                                                bv = np.zeros((32, 2), np.float32)
+                                                for l in range(32):
+                                                    row = plane[8 * b + l // 4]
+                                                    if E == 2:
+                                                        bv[l] = row[kb + pos[l] + 0], row[kb + pos[l] + 1]
+                                                    else:
+                                                        bv[l] = row[kb + pos[l][2 * s]], row[kb + pos[l][2 * s + 1]]
+                                                mma_tf32(part, a, bv)
+                                        if d is None:
+                                            acc[:, b] += part
+                                        else:
+                                            acc[:, b, :2] += da[:, i:i + 1] * part[:, :2]
+                                            acc[:, b, 2:] += db[:, i:i + 1] * part[:, 2:]
+                        accs[warp] = (n0, slice_, acc)
+                    for warp, (n0, slice_, acc) in accs.items():
+                        if slice_ or n0 >= N:
+                            continue
+                        for s in range(1, ks):
+                            acc = acc + accs[warp + s][2]
+                        for lane in range(32):
+                            g, t = lane // 4, lane % 4
+                            for b in range(nb):
+                                for e in range(4):
+                                    m, n = m0 + 8 * b + 2 * t + (e & 1), n0 + g + 8 * (e >> 1)
+                                    if m < M and n < N:
+                                        Y[m, n] = (Y[m, n] if k0 else 0) + acc[lane, b, e]
+                    n_base += tile_step
     return Y
 
 
@@ -320,6 +465,15 @@ def main():
             ref = x @ dequantize(w).astype(np.float64).T
             assert not np.isnan(Y).any() and np.abs(Y - ref).max() < 1e-9 * np.abs(ref).max()
         print(f"qgemv {fmt}: every output written once, sums match NumPy")
+    for fmt in ("q4_0", "q8_0", "f16"):
+        for M, N, K, smem, ks in ((11, 37, 288, 1 << 20, 2), (3, 20, 96, 1, 8), (17, 16, 160, 1 << 20, 1)):
+            w = cf.random_packed(fmt, N, K, rng)
+            x = rng.standard_normal((M, K)).astype(np.float32)
+            Y = qgemv_tc_launch(x, w, smem, blocks=3, ks=ks)
+            ref = x.astype(np.float64) @ dequantize(w).astype(np.float64).T
+            err = np.linalg.norm(Y - ref) / np.linalg.norm(ref)
+            assert not np.isnan(Y).any() and err < 1e-5, (fmt, M, N, K, err)
+        print(f"qgemv_tc {fmt}: fragments, transpose and scales match NumPy (error {err:.1e})")
     for fmt in kernels.QGEMV_K_PLANES:
         for M, N, K, smem in ((3, 37, 512, 96 << 10), (9, 21, 768, 4096), (1, 70, 256, 1)):
             w = random_kquant(fmt, N, K, rng)

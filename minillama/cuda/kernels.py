@@ -2,12 +2,13 @@
 
     sgemm(a, w)          a @ w.T, four versions (matmul.cu); v4 in the tile shape that fits
     gemv(x, w)           a @ w.T for a few rows, with an RMSNorm or SwiGLU prologue if asked
+                         (8+ rows of a tall matrix: qgemv.cu's qgemv_v2, see gemv_uses_v2)
     bmm(a, b)            batched a @ b on strided views (the KV cache, read in place)
     softmax(x, ...)      over the last axis, causal mask built in (softmax.cu)
   weights as stored (w a formats.Packed with CuPy planes: f16, bf16, q8_0, q4_0, q4_1, and the
   k-quants q2_k .. q6_k):
-    qgemv(x, w)          gemv's job on packed weights, the same prologues (qgemv.cu; the
-                         k-quants: qgemv_k, qgemv_k.cu)
+    qgemv(x, w)          gemv's job on packed weights, the same prologues (qgemv.cu: v2 for
+                         one row of x, v1 for more; the k-quants: qgemv_k, qgemv_k.cu)
     to_16bit(x)          float32 -> float16 (or bfloat16 bits), round to nearest (matmul.cu)
     gemm_v5(a, w)        a @ w.T on the tensor cores, a 16-bit (matmul.cu)
 
@@ -19,6 +20,8 @@ inside CUDA. Each writes into `out` when given one, so a caller can reuse its bu
 The tables below are the template instantiations that are compiled (KERNELS): every tile shape,
 row count, format and prologue a launch may name. docs/kernels.md explains each kernel.
 """
+import functools
+
 import numpy as np
 
 from ..errors import DeviceError
@@ -53,6 +56,17 @@ QGEMV_WEIGHTS = {"f16": 8, "bf16": 8, "q8_0": 16, "q4_0": 32, "q4_1": 32}
 QGEMV_ROWS = (1, 2, 4, 8)          # rows of x per pass
 QGEMV_SMEM = 96 * 1024             # shared memory per block for x (over 48 KiB: an opt-in)
 QGEMV_BLOCKS_PER_SM = 2            # blocks of the grid per SM; each stages x once
+# ... except for the block formats from 8 rows of x on (v1 runs one block per SM there anyway,
+# by its launch bounds): one block per SM with up to 200 KiB of x, K whole in one pass; 1.03 to
+# 1.30x faster at 8 and 32 rows on the 7B shapes (H200), not for f16/bf16 (0.87 to 1.13x)
+QGEMV_BATCH_SMEM = 200 * 1024
+QGEMV_BATCH_FORMATS = ("q8_0", "q4_0", "q4_1")
+# qgemv_v2<Fmt, ROWS, PRO, NR, U> (qgemv.cu), where it measured faster than qgemv and gemv (H200,
+# 2026-11-29, docs/kernels.md "qgemv v2 and the batches"): one row of x on packed weights, with
+# NR, U = 2, 4; float32 weights from 8 rows of x on, ROWS at a time, with NR, U = 4, 1.
+QGEMV_V2_PACKED = (1, 2, 4)        # ROWS, NR, U
+QGEMV_V2_F32_ROWS = (8, 16, 32)
+QGEMV_V2_F32 = (4, 1)              # NR, U
 # gemm_v5<BM, BN, STAGES, WF>: WF numbers the weight format (V5_F16 ... in matmul.cu). One
 # tile shape, BM, BN, STAGES = 128, 128, 4: the fastest at 4096^3 in float16 (H200, 2026-11-29;
 # the kernel also takes 128 x 256 x 3), and the more blocks of the two for a prompt's products.
@@ -94,6 +108,10 @@ def _templates():
                        for pro in GEMV_PROLOGUES.values()]
         groups[fmt] += [f"gemm_v5<{bm},{bn},{stages},{GEMM_V5_FORMATS[fmt]}>"
                         for bm, bn, stages in GEMM_V5_CONFIGS.values()]
+        groups[fmt] += [_qgemv_v2_name(fmt, *QGEMV_V2_PACKED[:1], pro, *QGEMV_V2_PACKED[1:])
+                        for pro in GEMV_PROLOGUES.values()]
+    groups["f32"] = [_qgemv_v2_name("f32", rows, pro, *QGEMV_V2_F32) for rows in QGEMV_V2_F32_ROWS
+                     for pro in GEMV_PROLOGUES.values()]      # compiled once a batch needs it
     for fmt in QGEMV_K_PLANES:
         groups[fmt] = [f"qgemv_k<{_qgemv_format(fmt)},{rows},{pro}>" for rows in QGEMV_ROWS
                        for pro in GEMV_PROLOGUES.values()] + [f"kquant_to_f16<{_qgemv_format(fmt)}>"]
@@ -103,6 +121,11 @@ def _templates():
 def _qgemv_format(fmt):
     """qgemv.cu's traits struct of a format: "q4_0" -> "FmtQ4_0" (the format module's KERNEL)."""
     return "Fmt" + FORMATS[fmt].KERNEL[fmt]
+
+
+def _qgemv_v2_name(fmt, rows, pro, nr, u):
+    """qgemv_v2's instance: its formats are "V2" + the format module's KERNEL ("V2Q4_0", "V2F32")."""
+    return f"qgemv_v2<V2{FORMATS[fmt].KERNEL[fmt]},{rows},{pro},{nr},{u}>"
 
 
 KERNELS = KernelModule(_templates())     # each group compiled on its first launch, per process
@@ -194,15 +217,20 @@ def sgemm(a, w, out=None, version=4, config=None):
     return c
 
 
-def gemv(x, w, out=None, accumulate=False, norm=None, eps=1e-5, swiglu=False):
+def gemv(x, w, out=None, accumulate=False, norm=None, eps=1e-5, swiglu=False, version=None):
     """x @ w.T for a few rows: x (M, K), w (N, K) -> (M, N), one warp per output column.
 
     accumulate: add into `out` (which must then be given) instead of overwriting it.
     norm: an RMSNorm weight (K,): multiply rms_norm(x, norm, eps) instead of x.
     swiglu: x is (M, 2K) = [h1 | h3]: multiply silu(h1) * h3 instead of x.
-    (The last two are the prologues of matmul.cu: the step before the matmul, fused into it.)"""
+    (The last two are the prologues of matmul.cu: the step before the matmul, fused into it.)
+    version: 1 gemv (matmul.cu), 2 qgemv_v2 on float32 weights (qgemv.cu: each weight read
+    once per 32 rows of x instead of 8; needs K % 4 == 0 and 16-byte aligned x, w, norm), None
+    the measured rule, gemv_uses_v2."""
     if norm is not None and swiglu:
         raise DeviceError("gemv: norm and swiglu are two prologues; give one")
+    if version not in (None, 1, 2):
+        raise DeviceError(f"gemv: version must be 1, 2 or None (the rule), got {version!r}")
     _check("x", x, 2)
     _check("w", w, 2)
     (M, K_x), (N, K) = x.shape, w.shape
@@ -218,15 +246,31 @@ def gemv(x, w, out=None, accumulate=False, norm=None, eps=1e-5, swiglu=False):
     y = _output(out, (M, N))
     if M == 0 or N == 0:
         return y
-    rows = next(r for r in GEMV_ROWS if r >= min(M, GEMV_ROWS[-1]))
     vec = K % 4 == 0 and _aligned(x, w, *([norm] if norm is not None else []))
     prologue = GEMV_PROLOGUES["rmsnorm" if norm is not None else "swiglu" if swiglu else None]
+    if version == 2 and not vec:
+        raise DeviceError(f"gemv: version 2 loads 16 bytes at a time: needs K % 4 == 0 (got "
+                          f"w {w.shape}) and 16-byte aligned x, w and norm")
+    if version == 2 or (version is None and vec and gemv_uses_v2(M, N, K)):
+        rows = next((r for r in QGEMV_V2_F32_ROWS if r >= M), QGEMV_V2_F32_ROWS[-1])
+        _qgemv_v2(x, (w, w, w), y, "f32", rows, *QGEMV_V2_F32, prologue, accumulate, norm, eps)
+        return y
+    rows = next(r for r in GEMV_ROWS if r >= min(M, GEMV_ROWS[-1]))
     ksplit = gemv_ksplit(N, K)
     KERNELS.launch(f"gemv<{rows},{_cpp_bool(vec)},{prologue}>",
                    (cdiv(N, 8 // ksplit), cdiv(M, rows)), (256,),
                    (x, w, y, i32(M), i32(N), i32(K), i32(bool(accumulate)),
                     w if norm is None else norm, np.float32(eps), i32(ksplit)))
     return y
+
+
+def gemv_uses_v2(M, N, K):
+    """Whether gemv launches qgemv_v2 on float32 weights: from 8 rows of x on, for a matrix of
+    many rows (N >= 4096, or N >= 2K). The H200's table (docs/kernels.md): 1.05-3.6x faster
+    there at 8 and 32 rows; slower where N is small and K is not (stories wo, w2): v2 gives
+    each warp 4 whole rows of W, so N / 32 blocks, too few to fill the GPU, where gemv splits
+    k over up to 8 warps per row."""
+    return M >= 8 and (N >= 4096 or N >= 2 * K)
 
 
 def gemv_ksplit(N, K):
@@ -323,19 +367,27 @@ def _check_packed(w):
 
 
 def qgemv(x, w, out=None, accumulate=False, norm=None, eps=1e-5, swiglu=False,
-          smem=QGEMV_SMEM, blocks_per_sm=QGEMV_BLOCKS_PER_SM):
+          smem=None, blocks_per_sm=None, version=None):
     """x @ W.T with W as stored: x (M, K) float32, w a formats.Packed (N, K) with CuPy planes
     (f16, bf16, q8_0, q4_0, q4_1) -> (M, N) float32, every weight read once per 8 rows of x and
     dequantized in registers.
 
     accumulate, norm, eps, swiglu: as gemv (add into out; RMSNorm of x; x = [h1 | h3]).
     smem: bytes of shared memory a block may use for x; blocks_per_sm: blocks of the grid per
-    SM (each block stages x once, then walks many weight rows). x, norm and out are read and
-    written 16 bytes at a time: C-contiguous and 16-byte aligned."""
+    SM (each block stages x once, then walks many weight rows); None: QGEMV_SMEM and
+    QGEMV_BLOCKS_PER_SM, or for the block formats at 8+ rows of x one block per SM with
+    QGEMV_BATCH_SMEM (what the GPU allows). x, norm and out are read and
+    written 16 bytes at a time: C-contiguous and 16-byte aligned.
+    version: 1 qgemv, 2 qgemv_v2 (one row of x per pass, as many passes as rows), None: v2 for
+    one row of x, v1 for more (measured, docs/kernels.md; blocks_per_sm is v1's). The k-quants
+    have one version (qgemv_k)."""
     if getattr(w, "format", None) in QGEMV_K_PLANES:            # super-blocks: qgemv_k.cu
-        return qgemv_k(x, w, out, accumulate, norm, eps, swiglu, smem, blocks_per_sm)
+        return qgemv_k(x, w, out, accumulate, norm, eps, swiglu, smem or QGEMV_SMEM,
+                       blocks_per_sm or QGEMV_BLOCKS_PER_SM)
     if norm is not None and swiglu:
         raise DeviceError("qgemv: norm and swiglu are two prologues; give one")
+    if version not in (None, 1, 2):
+        raise DeviceError(f"qgemv: version must be 1, 2 or None (the rule), got {version!r}")
     qs, d, m = _check_packed(w)
     _check("x", x, 2, aligned=True)
     (M, K_x), (N, K) = x.shape, w.shape
@@ -351,18 +403,56 @@ def qgemv(x, w, out=None, accumulate=False, norm=None, eps=1e-5, swiglu=False,
     y = _output(out, (M, N), aligned=True)
     if M == 0 or N == 0:
         return y
-    rows = next(r for r in QGEMV_ROWS if r >= min(M, QGEMV_ROWS[-1]))
-    nr = 4 if rows >= 4 else 2                   # weight rows per warp (qgemv.cu's NR)
-    # x chunk: all of K if ROWS rows of it fit `smem`, else a multiple of one warp's sweep
-    step = 32 * QGEMV_WEIGHTS[w.format]
-    kc = K if rows * K * 4 <= smem else max(step, smem // (rows * 4) // step * step)
     prologue = GEMV_PROLOGUES["rmsnorm" if norm is not None else "swiglu" if swiglu else None]
+    if version == 2 or (version is None and M == 1):
+        _qgemv_v2(x, (qs, d, m), y, w.format, *QGEMV_V2_PACKED, prologue, accumulate, norm, eps,
+                  smem or QGEMV_SMEM)
+        return y
+    rows = next(r for r in QGEMV_ROWS if r >= min(M, QGEMV_ROWS[-1]))
+    batch = rows >= 8 and w.format in QGEMV_BATCH_FORMATS
+    if smem is None:
+        smem = min(QGEMV_BATCH_SMEM, _shared_optin() - 1024) if batch else QGEMV_SMEM
+    if blocks_per_sm is None:
+        blocks_per_sm = 1 if batch else QGEMV_BLOCKS_PER_SM
+    nr = 4 if rows >= 4 else 2                   # weight rows per warp (qgemv.cu's NR)
+    kc = _qgemv_chunk(K, rows, w.format, smem)
     grid = min(cdiv(N, 8 * nr), blocks_per_sm * sm_count())
     KERNELS.launch(f"qgemv<{_qgemv_format(w.format)},{rows},{prologue}>", (grid,), (256,),
                    (x, qs, d, m, y, i32(M), i32(N), i32(K), i32(bool(accumulate)),
                     x if norm is None else norm, np.float32(eps), i32(kc)),
                    shared_mem=rows * kc * 4)
     return y
+
+
+def _shared_optin():
+    """Bytes of shared memory one block may have on the current GPU, asking for it (227 KiB on
+    an H100 or H200, 163 KiB on an A100; 1 KiB of it is left to the static arrays)."""
+    return _optin(require_cupy().cuda.Device().id)
+
+
+@functools.lru_cache(maxsize=None)
+def _optin(device_id):
+    return require_cupy().cuda.Device(device_id).attributes["MaxSharedMemoryPerBlockOptin"]
+
+
+def _qgemv_chunk(K, rows, fmt, smem):
+    """Floats of each row of x staged at once: all of K if `rows` rows of it fit `smem` bytes,
+    else a multiple of one warp's sweep along a row of W (32 loads of 16 bytes)."""
+    step = 32 * (4 if fmt == "f32" else QGEMV_WEIGHTS[fmt])
+    return K if rows * K * 4 <= smem else max(step, smem // (rows * 4) // step * step)
+
+
+def _qgemv_v2(x, planes, y, fmt, rows, nr, u, prologue, accumulate, norm, eps, smem=QGEMV_SMEM):
+    """Launch qgemv_v2 (checked by the caller): the grid as many blocks as fit on the GPU at
+    once, by the kernel's launch bounds (2 per SM, or 1 with 8+ rows of x or NR * U >= 16)."""
+    (M, N), K = y.shape, x.shape[1] // (2 if prologue == GEMV_PROLOGUES["swiglu"] else 1)
+    kc = _qgemv_chunk(K, rows, fmt, smem)
+    per_sm = 1 if rows >= 8 or nr * u >= 16 else 2
+    grid = min(cdiv(N, 8 * nr), per_sm * sm_count())
+    KERNELS.launch(_qgemv_v2_name(fmt, rows, prologue, nr, u), (grid,), (256,),
+                   (x, *planes, y, i32(M), i32(N), i32(K), i32(bool(accumulate)),
+                    x if norm is None else norm, np.float32(eps), i32(kc)),
+                   shared_mem=rows * kc * 4)
 
 
 def to_16bit(x, bf16=False, out=None):

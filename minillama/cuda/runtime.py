@@ -33,6 +33,8 @@ SHARED_DEFAULT = 48 * 1024  # dynamic shared memory a launch gets without asking
 # CUfunction_attribute CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES (the CUDA driver API)
 MAX_DYNAMIC_SHARED_SIZE_BYTES = 8
 
+CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES = 1     # a function's static shared memory
+
 i32 = np.int32              # sizes and indices reach the kernels as 32-bit ints
 
 
@@ -112,6 +114,7 @@ class KernelModule:
         self._functions = {}    # as the model's elementwise math) are not counted
         self._modules = {}      # group -> its compiled module
         self._shared = {}       # name -> dynamic shared memory granted beyond the default
+        self._static = {}       # name -> its static shared memory (__shared__ arrays)
 
     def module(self, group):
         """The compiled module of `group`, compiled now if it is not yet."""
@@ -140,8 +143,10 @@ class KernelModule:
         if name not in self._functions:          # looking a function up costs a driver call
             group = self._group.get(name, next(iter(self.groups)))
             self._functions[name] = self.module(group).get_function(name)
+            self._static[name] = _static_shared(self._functions[name])
         function = self._functions[name]
-        if shared_mem > max(SHARED_DEFAULT, self._shared.get(name, 0)):
+        # the 48 KiB hold static and dynamic together (qgemv's RMSNorm scratch: 128 bytes)
+        if shared_mem > max(SHARED_DEFAULT - self._static[name], self._shared.get(name, 0)):
             # only ever raised: lowering it for a smaller launch would fail a later larger one.
             # (What RawKernel's max_dynamic_shared_size_bytes setter does, as a call.)
             require_cupy().cuda.driver.funcSetAttribute(
@@ -149,3 +154,9 @@ class KernelModule:
             self._shared[name] = shared_mem
         self.launches += 1
         function(grid, block, args, shared_mem=shared_mem)
+
+
+def _static_shared(function):
+    """Bytes of static shared memory (__shared__ arrays) of a CuPy kernel function."""
+    return require_cupy().cuda.driver.funcGetAttribute(CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES,
+                                                        function.kernel.ptr)

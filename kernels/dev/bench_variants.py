@@ -1,0 +1,731 @@
+"""Check and time the GEMV/GEMM versions: qgemv v1 and v2, gemv, the candidates of
+kernels/dev/variants.cu, and the package's choice among them.
+
+    python kernels/dev/bench_variants.py --out logs/variants.json           # checks, then times
+    python kernels/dev/bench_variants.py --no-time                          # checks only
+    python kernels/dev/bench_variants.py --build-only --build build/gemv_variants   # no GPU
+    python kernels/dev/bench_variants.py --build build/gemv_variants --out ...      # reuses them
+
+The llm.c dev/cuda way: the package's kernels (through minillama.cuda.kernels) and the
+candidates, compiled beside them from the same sources plus variants.cu:
+
+    v1        qgemv of kernels/qgemv.cu (version=1), two launch settings
+    v2        qgemv_v2 of kernels/qgemv.cu: codes to float32 by the 2^23 magic, scale hoisted;
+              NR weight rows per warp, U loads in flight per row, ROWS rows of x per pass (up
+              to 32), in more settings than the package launches
+    product   kernels.qgemv / kernels.gemv as the model calls them: the rule picks v1 or v2
+    tc        qgemv_tc (variants.cu): TF32 mma.sync with x split hi + lo, the batch as the N
+    gemv      the package's float32 gemv (version=1), and v2 on float32 weights (issue 13)
+    cublas    cupy.matmul (float32: no TF32), the reference of issue 13 and of the GEMM
+    gemm_v5   the package's tensor-core GEMM in more tile shapes and pipeline depths
+
+Every instance is checked against float64 NumPy of the NumPy-dequantized weights (odd N and K,
+batches 1..64, outputs poisoned with NaN, the RMSNorm and SwiGLU prologues, accumulate, x in
+several shared-memory chunks; relative error under 1e-5), then timed on the Llama-2-7B matrix
+shapes and the stories15M/110M shapes at batch 1, 8 and 32, in GB/s and as a fraction of the
+device-to-device copy bandwidth measured in the same run (weights rotated over copies larger
+than the L2, launches replayed from a CUDA graph; check_formats.py's helpers). It prints one
+table per family and writes every figure as JSON to --out.
+
+All modules are compiled first, in parallel processes, by the NVRTC library (through ctypes as
+nvrtc_build.py does, or CuPy's bindings), into cubins the main process loads: the compiles take
+seconds per process instead of minutes in one; a --build folder whose stamp matches the sources
+(built ahead where NVRTC is, e.g. with no GPU) is used as it is. --deadline stops timing new
+shapes in time.
+"""
+import argparse
+import hashlib
+import json
+import multiprocessing
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import check_formats as cf      # noqa: E402  (puts the checkout on sys.path; random planes, timers)
+from minillama import formats   # noqa: E402
+from minillama.cuda import kernels as mk    # noqa: E402  (imports no CuPy)
+from minillama.cuda.runtime import (MAX_DYNAMIC_SHARED_SIZE_BYTES, cdiv,    # noqa: E402
+                                    kernel_source)
+
+# ----------------------------------------------------------------------------
+# the candidates: template instances of variants.cu (and gemm_v5 shapes of matmul.cu)
+
+V2_FMT = {"f32": "V2F32", "f16": "V2F16", "bf16": "V2BF16", "q8_0": "V2Q8_0", "q4_0": "V2Q4_0",
+          "q4_1": "V2Q4_1"}
+TC_FMT = {"f16": "TcF16", "bf16": "TcBF16", "q8_0": "TcQ8_0", "q4_0": "TcQ4_0"}
+WEIGHTS = {"f32": 4, "f16": 8, "bf16": 8, "q8_0": 16, "q4_0": 32, "q4_1": 32}
+TC_XPAD = {"f16": 8, "bf16": 8, "q8_0": 16, "q4_0": 16}
+QUANT = ("f16", "bf16", "q8_0", "q4_0", "q4_1")
+
+# v2 settings (NR, U) swept per batch size class: ROWS rows of x per pass
+V2_SMALL = [(2, 4), (4, 2), (2, 8), (4, 4)]          # ROWS 1: memory-bound, loads in flight
+V2_BATCH = [(4, 1), (2, 1), (2, 2)]                  # ROWS 8 (16, 32 for float32)
+TC_NB = (1, 2, 4)                                    # 8, 16, 32 rows of x per pass
+TC_U = (2, 4)
+GEMM_SHAPES = [(128, 128, 3), (128, 128, 4), (128, 128, 5), (128, 256, 3), (128, 256, 4),
+               (256, 128, 3), (256, 128, 4)]
+GEMM_SIZE = 4096                # M = N = K of the GEMM timing
+COPIES = 31                     # weight copies rotated through in timing (at most 400 MB)
+V2_SMEM = 200 * 1024            # shared memory a v2/tc block may take for x (H200: 227 KiB)
+
+
+def v2_name(fmt, rows, pro, nr, u):
+    return f"qgemv_v2<{V2_FMT[fmt]},{rows},{pro},{nr},{u}>"
+
+
+def tc_name(fmt, nb, pro, u):
+    return f"qgemv_tc<{TC_FMT[fmt]},{nb},{pro},{u}>"
+
+
+def v2_instances():
+    """(fmt, rows, nr, u) of every v2 instance timed; the prologue instances are added apart."""
+    out = []
+    for fmt in ("f16", "q8_0", "q4_0", "q4_1"):
+        out += [(fmt, 1, nr, u) for nr, u in V2_SMALL]
+        out += [(fmt, 8, nr, u) for nr, u in V2_BATCH]
+    out += [("bf16", 1, 2, 4), ("bf16", 8, 4, 1)]
+    out += [("f32", rows, nr, u) for rows in (1, 8, 16, 32) for nr, u in ((4, 1), (2, 2))]
+    out += [("f32", 1, 2, 4)]
+    return out
+
+
+def names():
+    """Template instances to compile, in groups (one process each)."""
+    groups = {}
+    for fmt, rows, nr, u in v2_instances():
+        groups.setdefault(f"v2-{fmt}", []).append(v2_name(fmt, rows, 0, nr, u))
+    for fmt in ("q8_0", "q4_0", "q4_1", "f32"):         # the prologues, on one setting each
+        rows, nr, u = (8, 4, 1) if fmt == "f32" else (1, 2, 4)
+        groups[f"v2-{fmt}"] += [v2_name(fmt, rows, pro, nr, u) for pro in (1, 2)]
+    for fmt in TC_FMT:
+        groups[f"tc-{fmt}"] = [tc_name(fmt, nb, 0, u) for nb in TC_NB for u in TC_U]
+        groups[f"tc-{fmt}"] += [tc_name(fmt, 1, pro, 2) for pro in (1, 2)]
+    groups["gemm"] = [f"gemm_v5<{bm},{bn},{s},{wf}>" for bm, bn, s in GEMM_SHAPES
+                      for wf in (mk.GEMM_V5_FORMATS["f16"], mk.GEMM_V5_FORMATS["q4_0"])]
+    return {g: sorted(set(n)) for g, n in groups.items()}
+
+
+def variants_source():
+    return kernel_source() + '\n#line 1 "dev/variants.cu"\n' + (HERE / "variants.cu").read_text()
+
+
+# ----------------------------------------------------------------------------
+# compiling: NVRTC in parallel processes, no GPU needed
+
+def find_nvrtc():
+    import glob
+    if os.environ.get("NVRTC_LIB"):
+        return os.environ["NVRTC_LIB"]
+    for root in sys.path + ["/tmp/cu13"]:
+        for pattern in ("nvidia/cu1*/lib/libnvrtc.so.*", "nvidia/cuda_nvrtc/lib/libnvrtc.so.*"):
+            hits = [h for h in sorted(glob.glob(os.path.join(root, pattern)))
+                    if "builtins" not in h and ".alt." not in h]
+            if hits:
+                return hits[-1]
+    return None
+
+
+def compile_job(job):
+    """(group, source, names, options) -> (group, cubin bytes, {name: lowered}, seconds)."""
+    group, source, names_, options = job
+    t0 = time.perf_counter()
+    if find_nvrtc():
+        try:
+            import nvrtc_build
+            os.environ.setdefault("NVRTC_LIB", find_nvrtc())
+            cubin, lowered, _ = nvrtc_build.compile_module(source, names_, options)
+            return group, cubin, lowered, time.perf_counter() - t0
+        except (OSError, RuntimeError) as e:      # a library that does not load: CuPy's
+            print(f"ctypes NVRTC failed for {group} ({e}); trying CuPy's bindings", flush=True)
+    if True:                                      # CuPy's own NVRTC bindings
+        from cupy.cuda import nvrtc
+        prog = nvrtc.createProgram(source, "kernels.cu", [], [])
+        for n in names_:
+            nvrtc.addNameExpression(prog, n)
+        try:
+            nvrtc.compileProgram(prog, options)
+        except nvrtc.NVRTCError:
+            print(nvrtc.getProgramLog(prog))
+            raise
+        cubin = nvrtc.getCUBIN(prog)
+        lowered = {n: nvrtc.getLoweredName(prog, n) for n in names_}
+    return group, cubin, lowered, time.perf_counter() - t0
+
+
+def build(folder, arch, jobs, log):
+    """Every group of the package (kernels.py's KERNELS) and of the variants, compiled to
+    folder/<group>.cubin + .json, `jobs` processes at once."""
+    options = [f"-arch={arch}", "-std=c++17"]
+    work = [(f"pkg-{g}", kernel_source(), list(n), options) for g, n in mk.KERNELS.groups.items()]
+    src = variants_source()
+    work += [(g, src, n, options) for g, n in names().items()]
+    stamp = hashlib.sha256(json.dumps(work).encode()).hexdigest()
+    if (folder / "stamp").is_file() and (folder / "stamp").read_text() == stamp:
+        log(f"modules: the cubins in {folder} match these sources ({arch}); not compiling")
+        return
+    for old in folder.glob("*.cubin"):
+        old.unlink()
+    work.sort(key=lambda w: -len(w[2]))               # the longest first
+    t0 = time.perf_counter()
+    with multiprocessing.get_context("spawn").Pool(jobs) as pool:
+        for group, cubin, lowered, secs in pool.imap_unordered(compile_job, work):
+            (folder / f"{group}.cubin").write_bytes(cubin)
+            (folder / f"{group}.json").write_text(json.dumps(lowered))
+            log(f"  compiled {group}: {len(lowered)} instances in {secs:.0f} s")
+    (folder / "stamp").write_text(stamp)
+    log(f"modules built in {time.perf_counter() - t0:.0f} s ({jobs} processes, {arch})")
+
+
+class Modules:
+    """The cubins of build(), looked up by template name (extern "C" kernels: from any).
+    Without a folder, CuPy compiles every group in this process instead (slow: minutes)."""
+
+    def __init__(self, folder=None):
+        cp = cf.require_cupy()
+        self.by_name, self.any = {}, None
+        if folder is not None:
+            for path in sorted(folder.glob("*.cubin")):
+                module = cp.RawModule(path=str(path))
+                self.any = self.any or module
+                for name, lowered in json.loads(path.with_suffix(".json").read_text()).items():
+                    self.by_name[name] = (module, lowered)
+        else:
+            groups = [(kernel_source(), n) for n in mk.KERNELS.groups.values()]
+            groups += [(variants_source(), n) for n in names().values()]
+            for source, names_ in groups:
+                module = cp.RawModule(code=source, name_expressions=list(names_),
+                                      options=("-std=c++17",))
+                self.any = self.any or module
+                self.by_name.update({n: (module, n) for n in names_})
+        self.functions, self.shared = {}, {}
+        self.log = None        # while checking: a launch CUDA refuses is logged, its output
+                               # stays poisoned (a FAIL), and the checks go on
+
+    def get_function(self, name):
+        module, lowered = self.by_name.get(name, (self.any, name))
+        return module.get_function(lowered)
+
+    def launch(self, name, grid, block, args, shared_mem=0):
+        if name not in self.functions:
+            self.functions[name] = self.get_function(name)
+        f = self.functions[name]
+        # static and dynamic shared memory share the 48 KiB: qgemv_tc has 24 KiB static, so
+        # its small-x launches (N=3, K=96, 32 rows: 26-37 KiB dynamic) needed the opt-in too
+        if shared_mem > self.shared.get(name, 0):
+            cf.require_cupy().cuda.driver.funcSetAttribute(
+                f.kernel.ptr, MAX_DYNAMIC_SHARED_SIZE_BYTES, shared_mem)
+            self.shared[name] = shared_mem
+        if self.log is None:
+            f(grid, block, args, shared_mem=shared_mem)
+            return
+        try:
+            f(grid, block, args, shared_mem=shared_mem)
+        except Exception as e:                 # CUDA_ERROR_INVALID_VALUE and the like
+            self.log(f"  launch failed: {name} grid {grid} shared {shared_mem}: {e}")
+
+
+class PackageModule:
+    """The package's groups from the same cubins, for KERNELS.use (v1, gemv, gemm_v5)."""
+
+    def __init__(self, modules):
+        self.modules = modules
+
+    def get_function(self, name):
+        return self.modules.get_function(name)
+
+
+# ----------------------------------------------------------------------------
+# launching the candidates: same arguments as minillama.cuda.kernels.qgemv
+
+def planes(w):
+    """(codes or values, scales, mins) of a Packed, or a float32 CuPy array as all three."""
+    if isinstance(w, formats.Packed):
+        main = w.planes.get("data", w.planes.get("qs"))
+        return main, w.planes.get("d", main), w.planes.get("m", main)
+    return w, w, w
+
+
+def fmt_of(w):
+    return w.format if isinstance(w, formats.Packed) else "f32"
+
+
+def prologue_args(x, norm, swiglu):
+    pro = 1 if norm is not None else 2 if swiglu else 0
+    return pro, (x if norm is None else norm)
+
+
+def run_v2(M_, x, w, y, nr, u, rows_set, pro=0, norm=None, accumulate=False, smem=V2_SMEM):
+    """qgemv_v2 on x (M, K or 2K) and w (N, K): ROWS the smallest of rows_set >= M (or the
+    largest); the grid as many blocks as fit on the GPU at once (the kernel's launch bounds:
+    2 per SM unless ROWS >= 8 or NR * U >= 16), or fewer."""
+    fmt = fmt_of(w)
+    N, K = w.shape
+    M = x.shape[0]
+    rows = next((r for r in sorted(rows_set) if r >= M), max(rows_set))
+    bps = 1 if rows >= 8 or nr * u >= 16 else 2
+    step = 32 * WEIGHTS[fmt]
+    kc = K if rows * K * 4 <= smem else max(step, smem // (rows * 4) // step * step)
+    qs, d, m = planes(w)
+    grid = min(cdiv(N, 8 * nr), bps * cf.sm_count())
+    M_.launch(v2_name(fmt, rows, pro, nr, u), (grid,), (256,),
+              (x, qs, d, m, y, np.int32(M), np.int32(N), np.int32(K), np.int32(accumulate),
+               x if norm is None else norm, np.float32(1e-5), np.int32(kc)),
+              shared_mem=rows * kc * 4)
+    return y
+
+
+def tc_ks(N, K, fmt, sms):
+    """Warps per 16-row tile: split k until the grid has two blocks per SM, while each
+    slice keeps two chunk groups."""
+    ks, span, tiles = 1, 4 * WEIGHTS[fmt], cdiv(N, 16)
+    while ks < 8 and cdiv(tiles, 8 // ks) < 2 * sms and K >= 2 * span * (2 * ks):
+        ks *= 2
+    return ks
+
+
+def run_tc(M_, x, w, y, nb_set, u, pro=0, norm=None, accumulate=False, smem=V2_SMEM, ks=None):
+    fmt = fmt_of(w)
+    N, K = w.shape
+    M = x.shape[0]
+    nb = next((b for b in sorted(nb_set) if 8 * b >= M), max(nb_set))
+    rows, span = 8 * nb, 4 * WEIGHTS[fmt]
+    ks = ks or tc_ks(N, K, fmt, cf.sm_count())
+
+    def bytes_for(kc):
+        return 2 * rows * (cdiv(kc, span) * span + TC_XPAD[fmt]) * 4
+    kc = K if bytes_for(K) <= smem else max(span, (smem // (8 * rows) - TC_XPAD[fmt]) // span * span)
+    qs, d, _ = planes(w)
+    tiles = cdiv(N, 16)
+    grid = min(cdiv(tiles, 8 // ks), 2 * cf.sm_count())
+    M_.launch(tc_name(fmt, nb, pro, u), (grid,), (256,),
+              (x, qs, d, y, np.int32(M), np.int32(N), np.int32(K), np.int32(accumulate),
+               x if norm is None else norm, np.float32(1e-5), np.int32(kc), np.int32(ks)),
+              shared_mem=bytes_for(kc))
+    return y
+
+
+def candidates(fmt, M):
+    """(label, call(M_, x, w, y, **prologue)) of every candidate for a format and batch."""
+    out = []
+    if fmt == "f32":
+        out.append(("gemv", lambda M_, x, w, y, **k: mk.gemv(x, w, out=y, version=1, **k)))
+        out.append(("product", lambda M_, x, w, y, **k: mk.gemv(x, w, out=y, **k)))
+    else:
+        for bps, smem in ((2, 96 << 10), (1, 200 << 10)):
+            out.append((f"v1 bps{bps}", lambda M_, x, w, y, bps=bps, smem=smem, **k:
+                        mk.qgemv(x, w, out=y, blocks_per_sm=bps, smem=smem, version=1, **k)))
+        out.append(("product", lambda M_, x, w, y, **k: mk.qgemv(x, w, out=y, **k)))
+    for f, rows, nr, u in v2_instances():
+        if f != fmt or (rows == 1) != (M == 1):
+            continue
+        rows_set = {r for f2, r, n2, u2 in v2_instances() if f2 == fmt and (n2, u2) == (nr, u)
+                    and (r == 1) == (M == 1)}
+        if M == 1 or rows == max(rows_set):
+            out.append((f"v2 nr{nr} u{u}" + ("" if M == 1 else f" rows<={max(rows_set)}"),
+                        lambda M_, x, w, y, nr=nr, u=u, rs=frozenset(rows_set), **k:
+                        run_v2(M_, x, w, y, nr, u, rs, **_pro(k))))
+    if fmt in TC_FMT:
+        for u in TC_U:
+            out.append((f"tc u{u}", lambda M_, x, w, y, u=u, **k: run_tc(M_, x, w, y, TC_NB, u,
+                                                                          **_pro(k))))
+    if fmt == "f32":
+        out.append(("cublas", lambda M_, x, w, y, **k: cf.require_cupy().matmul(x, w.T, out=y)))
+    return out
+
+
+def _pro(k):
+    """The wrappers' keywords (norm=, swiglu=, accumulate=) as run_v2 / run_tc take them."""
+    norm, swiglu = k.get("norm"), k.get("swiglu", False)
+    pro = 1 if norm is not None else 2 if swiglu else 0
+    return dict(pro=pro, norm=norm, accumulate=k.get("accumulate", False))
+
+
+# ----------------------------------------------------------------------------
+# checks against float64
+
+def check_all(M_, ch, rng, log):
+    cp = cf.require_cupy()
+    from minillama.model import rms_norm, silu
+    sizes = [(3, 96), (17, 4128), (127, 1024), (1001, 2080), (33, 11008)]
+    for fmt in ("f32",) + QUANT:
+        for N, K in sizes + ([(77, 1000), (300, 4104)] if fmt in ("f32", "f16", "bf16") else []):
+            if fmt == "f32":
+                w_host = rng.standard_normal((N, K), dtype=np.float32)
+                w, w64 = cp.asarray(w_host), w_host.astype(np.float64)
+            else:
+                w_host = cf.random_packed(fmt, N, K, rng)
+                w, w64 = cf.to_device(w_host), formats.dequantize(w_host).astype(np.float64)
+            for M in (1, 3, 8, 13, 32, 64):
+                x = rng.standard_normal((M, K), dtype=np.float32)
+                ref = x.astype(np.float64) @ w64.T
+                xd = cp.asarray(x)
+                for label, call in candidates(fmt, M):
+                    if label in ("cublas", "gemv", "product") or label.startswith("v1"):
+                        continue                   # checked by check_formats / test_cuda
+                    y = call(M_, xd, w, cf.poison((M, N)))
+                    ch.add(f"{label.split()[0]} {fmt} [{label}] M={M} N={N} K={K}",
+                           cf.rel_err(y, ref), 1e-5)
+                # chunked x (a small shared-memory budget)
+                if M in (3, 13) and K >= 2080:
+                    for nr, u in V2_SMALL[:1]:
+                        y = run_v2(M_, xd, w, cf.poison((M, N)), 2, 4, {1}, smem=1) \
+                            if (fmt, 1, 2, 4) in v2_instances() else None
+                        if y is not None:
+                            ch.add(f"v2-chunked {fmt} M={M} N={N} K={K}", cf.rel_err(y, ref), 1e-5)
+                    if fmt in TC_FMT:
+                        y = run_tc(M_, xd, w, cf.poison((M, N)), TC_NB, 2, smem=1)
+                        ch.add(f"tc-chunked {fmt} M={M} N={N} K={K}", cf.rel_err(y, ref), 1e-5)
+                        y = run_tc(M_, xd, w, cf.poison((M, N)), TC_NB, 2, ks=8)
+                        ch.add(f"tc-ks8 {fmt} M={M} N={N} K={K}", cf.rel_err(y, ref), 1e-5)
+        log(f"  checked {fmt}")
+    # the prologues and accumulate, on the instances compiled with them
+    N, K = 129, 2048
+    for fmt in ("f32", "q8_0", "q4_0", "q4_1", "f16", "bf16"):
+        if fmt == "f32":
+            w_host = rng.standard_normal((N, K), dtype=np.float32)
+            w, w64 = cp.asarray(w_host), w_host.astype(np.float64)
+        else:
+            w_host = cf.random_packed(fmt, N, K, rng)
+            w, w64 = cf.to_device(w_host), formats.dequantize(w_host).astype(np.float64)
+        for M in (1, 5, 8):
+            x = rng.standard_normal((M, K), dtype=np.float32)
+            g = (1 + 0.1 * rng.standard_normal(K)).astype(np.float32)
+            h = (2 * rng.standard_normal((M, 2 * K))).astype(np.float32)
+            h64 = h.astype(np.float64)
+            refs = {1: rms_norm(x.astype(np.float64), g.astype(np.float64), 1e-5) @ w64.T,
+                    2: (silu(h64[:, :K]) * h64[:, K:]) @ w64.T}
+            for pro in (1, 2):
+                xin = cp.asarray(x if pro == 1 else h)
+                norm = cp.asarray(g) if pro == 1 else None
+                if fmt in ("f32", "q8_0", "q4_0", "q4_1") and (M == 1 or fmt == "f32"):
+                    rows, nr, u = (8, 4, 1) if fmt == "f32" else (1, 2, 4)
+                    y = run_v2(M_, xin, w, cf.poison((M, N)), nr, u, {rows}, pro=pro, norm=norm)
+                    ch.add(f"v2-prologue{pro} {fmt} M={M}", cf.rel_err(y, refs[pro]), 1e-5)
+                if fmt in TC_FMT:
+                    y = run_tc(M_, xin, w, cf.poison((M, N)), (1,), 2, pro=pro, norm=norm)
+                    ch.add(f"tc-prologue{pro} {fmt} M={M}", cf.rel_err(y, refs[pro]), 1e-5)
+            y0 = rng.standard_normal((M, N), dtype=np.float32)
+            ref = y0 + x.astype(np.float64) @ w64.T
+            if fmt != "f32" and fmt != "bf16":
+                y = cp.asarray(y0)
+                run_v2(M_, cp.asarray(x), w, y, 2, 4, {1}, accumulate=True)
+                ch.add(f"v2-accumulate {fmt} M={M}", cf.rel_err(y, ref), 1e-5)
+            if fmt in TC_FMT:
+                y = cp.asarray(y0)
+                run_tc(M_, cp.asarray(x), w, y, TC_NB, 2, accumulate=True, smem=1)
+                ch.add(f"tc-accumulate {fmt} M={M}", cf.rel_err(y, ref), 1e-5)
+    # gemm_v5's other tile shapes, against float64 of the float16 inputs
+    for wfmt in ("f16", "q4_0"):
+        for M, N, K in [(37, 127, 96), (300, 1000, 4128), (129, 77, 1000)]:
+            if K % 32 and wfmt == "q4_0":
+                continue
+            w_host = cf.random_packed(wfmt, N, K, rng)
+            x = rng.standard_normal((M, K), dtype=np.float32)
+            wr = formats.dequantize(w_host)
+            wr = wr.astype(np.float16) if wfmt != "f16" else wr
+            ref = x.astype(np.float16).astype(np.float64) @ wr.astype(np.float64).T
+            a16 = cp.asarray(x.astype(np.float16))
+            for bm, bn, s in GEMM_SHAPES:
+                c = run_gemm(M_, a16, cf.to_device(w_host), cf.poison((M, N)), bm, bn, s)
+                ch.add(f"gemm_v5 {wfmt} {bm}x{bn}x{s} {M}x{N}x{K}", cf.rel_err(c, ref), 2e-3)
+    log("  checked prologues, accumulate, gemm_v5 shapes")
+
+
+def run_gemm(M_, a16, w, c, bm, bn, stages):
+    main, d, m = planes(w)
+    (M, K), N = a16.shape, w.shape[0]
+    M_.launch(f"gemm_v5<{bm},{bn},{stages},{mk.GEMM_V5_FORMATS[w.format]}>",
+              (cdiv(N, bn), cdiv(M, bm)), (256,),
+              (a16, main, d, m, c, np.int32(M), np.int32(N), np.int32(K)),
+              shared_mem=stages * (bm + bn) * 64)
+    return c
+
+
+# ----------------------------------------------------------------------------
+# timing
+
+SHAPES_7B = [("7B wqkv", 12288, 4096), ("7B wo", 4096, 4096), ("7B w13", 22016, 4096),
+             ("7B w2", 4096, 11008), ("7B cls", 32000, 4096)]
+# (name, N, K, count per token): stories15M dim 288 hidden 768 6 layers; 110M 768, 2048, 12
+SHAPES_STORIES = {
+    "stories15M": [("wqkv", 864, 288, 6), ("wo", 288, 288, 6), ("w13", 1536, 288, 6),
+                   ("w2", 288, 768, 6), ("cls", 32000, 288, 1)],
+    "stories110M": [("wqkv", 2304, 768, 12), ("wo", 768, 768, 12), ("w13", 4096, 768, 12),
+                    ("w2", 768, 2048, 12), ("cls", 32000, 768, 1)],
+}
+LAYERS_7B = {"7B wqkv": 32, "7B wo": 32, "7B w13": 32, "7B w2": 32, "7B cls": 1}
+
+
+def time_shape(M_, log, bw, rows, tag, N, K, fmts, batches, deadline):
+    cp = cf.require_cupy()
+    for fmt in fmts:
+        if time.perf_counter() > deadline:
+            log(f"  deadline: skipped {tag} {fmt}")
+            continue
+        w = cf.random_packed_gpu(fmt, N, K)
+        wbytes = w.nbytes
+        copies = [w] + [w.copy() if fmt == "f32" else w.map(lambda a: a.copy())
+                        for _ in range(min(COPIES, cdiv(400 << 20, wbytes)) - 1)]
+        for M in batches:
+            x = cp.random.standard_normal((M, K), dtype=np.float32)
+            y = cp.empty((M, N), np.float32)
+            nbytes = wbytes + x.nbytes + y.nbytes
+            for label, call in candidates(fmt, M):
+                try:
+                    calls = [lambda c=c: call(M_, x, c, y) for c in copies]
+                    if label == "cublas":          # cuBLAS refuses a graph capture in CuPy
+                        t = cf.median_time(lambda: [f() for f in calls], reps=3) / len(calls)
+                    else:
+                        t = cf.graph_time(calls, replays=3, repeats=3)
+                except Exception as e:             # report, keep going
+                    log(f"  {tag} {fmt} M={M} {label}: failed ({type(e).__name__}: {e})")
+                    continue
+                rows.append(dict(shape=tag, fmt=fmt, N=N, K=K, M=M, variant=label,
+                                 us=t * 1e6, gbs=nbytes / t / 1e9, frac=nbytes / t / bw,
+                                 bytes=nbytes))
+        del copies, w
+        cp.get_default_memory_pool().free_all_blocks()
+
+
+def time_gemm(M_, log):
+    cp = cf.require_cupy()
+    M = N = K = GEMM_SIZE
+    flop = 2 * M * N * K
+    a16 = cp.random.standard_normal((M, K), dtype=np.float32).astype(np.float16)
+    w16 = cp.random.standard_normal((N, K), dtype=np.float32).astype(np.float16)
+    rows = []
+    t = cf.median_time(lambda: cp.matmul(a16, w16.T))
+    rows.append(dict(name="cuBLAS f16 (cupy.matmul)", tflops=flop / t / 1e12, us=t * 1e6))
+    for wfmt in ("f16", "q4_0"):
+        w = cf.random_packed_gpu(wfmt, N, K)
+        c = cp.empty((M, N), np.float32)
+        for bm, bn, s in GEMM_SHAPES:
+            t = cf.median_time(lambda: run_gemm(M_, a16, w, c, bm, bn, s))
+            rows.append(dict(name=f"gemm_v5 {wfmt} {bm}x{bn}x{s}", tflops=flop / t / 1e12,
+                             us=t * 1e6))
+    t = cf.median_time(lambda: cp.matmul(a16, w16.T))      # cuBLAS again: clocks drift
+    rows.append(dict(name="cuBLAS f16 again", tflops=flop / t / 1e12, us=t * 1e6))
+    return rows
+
+
+# ----------------------------------------------------------------------------
+# tables
+
+def best(rows, **key):
+    sel = [r for r in rows if all(r[k] == v for k, v in key.items())]
+    return min(sel, key=lambda r: r["us"]) if sel else None
+
+
+def print_tables(res, log, record):
+    """The full table into the log file only (record), the best of each and the sums to both."""
+    bw, rows = res["copy_gbs"], res["gemv"]
+    record("")
+    record(f"GEMV, fraction of the copy bandwidth ({bw:.0f} GB/s) per candidate; "
+           f"best per (shape, format, batch) marked *")
+    record(f"{'shape':16s} {'fmt':5s} {'M':>3s} {'variant':24s} {'us':>9s} {'GB/s':>6s} {'frac':>5s}"
+           f" {'vs v1/gemv':>10s}")
+    keys = sorted({(r["shape"], r["fmt"], r["M"]) for r in rows},
+                  key=lambda k: (k[0], k[1], k[2]))
+    for shape, fmt, M in keys:
+        sel = [r for r in rows if (r["shape"], r["fmt"], r["M"]) == (shape, fmt, M)]
+        base = best(sel, variant="gemv") if fmt == "f32" else \
+            min((r for r in sel if r["variant"].startswith("v1")), key=lambda r: r["us"], default=None)
+        top = min(sel, key=lambda r: r["us"])
+        for r in sorted(sel, key=lambda r: r["us"]):
+            speed = f"{base['us'] / r['us']:10.2f}" if base else ""
+            record(f"{shape:16s} {fmt:5s} {M:3d} {r['variant']:24s} {r['us']:9.1f} {r['gbs']:6.0f} "
+                   f"{r['frac']:5.2f} {speed}{' *' if r is top else ''}")
+    log("")
+    log(f"GEMV, the best candidate of each (shape, format, batch): us, fraction of the copy "
+        f"bandwidth ({bw:.0f} GB/s), and v1's or gemv's (cuBLAS for float32)")
+    for shape, fmt, M in keys:
+        sel = [r for r in rows if (r["shape"], r["fmt"], r["M"]) == (shape, fmt, M)]
+        top = min(sel, key=lambda r: r["us"])
+        base = [r for r in sel if r["variant"] == "gemv" or r["variant"].startswith("v1")]
+        base = min(base, key=lambda r: r["us"]) if base else None
+        cub = [r for r in sel if r["variant"] == "cublas"]
+        log(f"{shape:16s} {fmt:5s} {M:2d} {top['variant']:22s} {top['us']:8.1f} {top['frac']:5.2f}"
+            + (f" | v1/gemv {base['us']:8.1f} {base['frac']:5.2f}" if base else "")
+            + (f" | cuBLAS {cub[0]['us']:8.1f}" if cub else ""))
+    # the summaries the issues' targets are about
+    log("")
+    log("Per token, matmuls only (sum over the model's matrices of the best candidate; "
+        "v1/gemv = the previous kernels, product = the package's choice)")
+    for model, shapes in [("7B", [(s, n, k, LAYERS_7B[s]) for s, n, k in SHAPES_7B])] + \
+            [(m, [(f"{m} {s}", n, k, c) for s, n, k, c in sh]) for m, sh in SHAPES_STORIES.items()]:
+        for fmt in ("f32",) + QUANT:
+            for M in (1, 8, 32):
+                tot_best = tot_base = tot_cublas = tot_bytes = tot_product = 0.0
+                complete = True
+                for s, n, k, count in shapes:
+                    sel = [r for r in rows if (r["shape"], r["fmt"], r["M"]) == (s, fmt, M)]
+                    if not sel:
+                        complete = False
+                        break
+                    b = min(sel, key=lambda r: r["us"])
+                    base = [r for r in sel if r["variant"] in ("gemv",) or r["variant"].startswith("v1")]
+                    cub = [r for r in sel if r["variant"] == "cublas"]
+                    product = [r["us"] for r in sel if r["variant"] == "product"]
+                    tot_product += count * product[0] if product else float("nan")
+                    tot_best += count * b["us"]
+                    tot_base += count * min(r["us"] for r in base) if base else float("nan")
+                    tot_cublas += count * cub[0]["us"] if cub else 0.0
+                    tot_bytes += count * b["bytes"]
+                if not complete:
+                    continue
+                extra = f", cuBLAS {tot_cublas:8.1f} us ({tot_cublas / tot_best:4.2f}x)" \
+                    if tot_cublas else ""
+                log(f"  {model:11s} {fmt:5s} M={M:2d}: best {tot_best:8.1f} us "
+                    f"({tot_bytes / tot_best / 1e3 / bw:4.2f} of copy), v1/gemv {tot_base:8.1f} us, "
+                    f"product {tot_product:8.1f} us ({tot_bytes / tot_product / 1e3 / bw:4.2f})"
+                    f"{extra}")
+    if "gemm" in res:
+        log("")
+        log(f"GEMM {GEMM_SIZE}^3, float16 inputs")
+        cublas = res["gemm"][0]["tflops"]
+        for r in res["gemm"]:
+            log(f"  {r['name']:28s} {r['us']:8.0f} us {r['tflops']:7.1f} TFLOP/s "
+                f"{r['tflops'] / cublas:5.2f} of cuBLAS")
+
+
+# ----------------------------------------------------------------------------
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, help="write the results as JSON to this file (and "
+                                             "the log beside it, .txt)")
+    ap.add_argument("--build", type=Path, help="folder for the cubins (default: a temporary one)")
+    ap.add_argument("--build-only", action="store_true", help="compile, then stop (no GPU)")
+    ap.add_argument("--arch", default=None, help="sm_90 unless a GPU says otherwise")
+    ap.add_argument("--jobs", type=int, default=min(16, os.cpu_count() or 1))
+    ap.add_argument("--no-check", action="store_true")
+    ap.add_argument("--no-time", action="store_true")
+    ap.add_argument("--deadline", type=float, default=230.0,
+                    help="seconds from the start after which no new shape is timed")
+    args = ap.parse_args()
+    start = time.perf_counter()
+    lines = []
+
+    def log(line):
+        print(line, flush=True)
+        lines.append(line)
+
+    def record(line):                              # the log file only
+        lines.append(line)
+
+    def write():
+        if args.out:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(results, indent=1))
+            args.out.with_suffix(".txt").write_text("\n".join(lines) + "\n")
+
+    results = {}
+    rng = np.random.default_rng(1)
+    cf.check_numpy(rng)
+    check_numpy_v2(rng)
+    log("numpy: the float32 magic numbers of v2 and tc decode every code exactly")
+    arch = args.arch
+    if arch is None:
+        arch = "sm_90"
+        if not args.build_only:
+            import subprocess              # the GPU's compute capability, without CUDA here
+            try:
+                cc = subprocess.run(["nvidia-smi", "--query-gpu=compute_cap", "--format=csv,noheader"],
+                                    capture_output=True, text=True, timeout=20).stdout.split()[0]
+                arch = "sm_" + cc.replace(".", "")
+            except Exception:
+                pass
+    folder = args.build or Path(tempfile.mkdtemp(prefix="minillama-variants-"))
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        build(folder, arch, args.jobs, log)
+    except Exception as e:                        # no NVRTC to call: CuPy compiles, slowly
+        if args.build_only:
+            raise
+        log(f"parallel build failed ({type(e).__name__}: {e}); CuPy compiles in-process")
+        folder = None
+    if args.build_only:
+        return 0
+
+    cp = cf.require_cupy()
+    M_ = Modules(folder)
+    mk.KERNELS.use(PackageModule(M_))
+    props = cp.cuda.runtime.getDeviceProperties(0)
+    log(f"{time.strftime('%Y-%m-%d %H:%M')} {props['name'].decode()} {cf.sm_count()} SMs, "
+        f"CuPy {cp.__version__}, CUDA runtime {cp.cuda.runtime.runtimeGetVersion()}")
+    ok = True
+    if not args.no_check:
+        ch = cf.Checks()
+        t0 = time.perf_counter()
+        M_.log = log
+        check_all(M_, ch, rng, log)
+        M_.log = None
+        ok = ch.summary()
+        results["checks"] = [dict(name=n, err=e, limit=l) for n, e, l in ch.results]
+        log(f"checks in {time.perf_counter() - t0:.0f} s")
+        write()
+    if not args.no_time:
+        deadline = start + args.deadline
+        bw = cf.copy_bandwidth()
+        results["copy_gbs"] = bw / 1e9
+        log(f"copy bandwidth {bw / 1e9:.0f} GB/s")
+        rows = results["gemv"] = []
+        results["gemm"] = time_gemm(M_, log)
+        write()
+        for model, shapes in SHAPES_STORIES.items():
+            for s, n, k, _ in shapes:
+                time_shape(M_, log, bw, rows, f"{model} {s}", n, k, ("f32",), (1, 8, 32), deadline)
+            log(f"  timed {model} ({time.perf_counter() - start:.0f} s)")
+            write()
+        for s, n, k in SHAPES_7B:
+            time_shape(M_, log, bw, rows, s, n, k, QUANT + ("f32",), (1, 8, 32), deadline)
+            log(f"  timed {s} ({time.perf_counter() - start:.0f} s)")
+            write()
+        results["copy_gbs"] = bw / 1e9
+        print_tables(results, log, record)
+    log(f"total {time.perf_counter() - start:.0f} s")
+    write()
+    return 0 if ok else 1
+
+
+def check_numpy_v2(rng):
+    """The float32 magic of variants.cu, replayed in NumPy on every code value."""
+    f = lambda u: np.asarray(u, np.uint32).view(np.float32).astype(np.float64)
+    magic = 0x4B000000
+    words = rng.integers(0, 2 ** 32, 4096, dtype=np.uint64).astype(np.uint32)
+    words[:256] = np.arange(256, dtype=np.uint32) * 0x01010101     # every byte value
+    w2 = words >> 12
+    nib = lambda s: ((words >> s) & 0xF).astype(np.float64)
+    # V2Q4 / TcQ4_0 (mask, shift, source): the 8 nibbles of a word, q4_0 offset 8
+    cases = [(words, 0x0000000F, 0, 0), (words, 0x00000F00, 8, 8), (words, 0x000F0000, 16, 16),
+             (w2, 0x0000F000, 12, 24), (words, 0x000000F0, 4, 4), (words, 0x0000F000, 12, 12),
+             (w2, 0x00000F00, 8, 20), (w2, 0x000F0000, 16, 28)]
+    for src, mask, s, bit in cases:
+        for o in (0.0, 8.0):
+            v = f((src & mask) | magic) * 2.0 ** -s - (2.0 ** (23 - s) + o)
+            assert (v == nib(bit) - o).all(), (hex(mask), s, o)
+            # and in float32 (one FFMA: the exact value is representable, so it is exact)
+            v32 = np.float32(f((src & mask) | magic)) * np.float32(2.0 ** -s) \
+                - np.float32(2.0 ** (23 - s) + o)
+            assert (v32 == nib(bit) - o).all()
+    # V2Q8_0: bytes (u_e, 0, 0, 0x4B) - (2^23 + 128) = the signed byte
+    u = words ^ 0x80808080
+    for e in range(4):
+        v = f(((u >> (8 * e)) & 0xFF) | magic) - 8388736.0
+        assert (v == ((words >> (8 * e)) & 0xFF).astype(np.uint8).view(np.int8)).all()
+    # tf32 split: hi exact in 10 mantissa bits, lo = x - hi, |lo| < 2^-10 |x|
+    x = (rng.standard_normal(10000) * 2.0 ** rng.integers(-30, 30, 10000)).astype(np.float32)
+    hi = (x.view(np.uint32) & 0xFFFFE000).view(np.float32)
+    lo = x - hi
+    assert (hi.astype(np.float64) + lo.astype(np.float64) == x.astype(np.float64)).all()
+    assert (np.abs(lo) <= np.abs(x) * 2.0 ** -10).all()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
