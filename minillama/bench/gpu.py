@@ -225,12 +225,15 @@ def bench_decode(steps, batches):
                 graph = decoder.graphs.get(bsz) if decoder else None
                 row[f"{mode}_gpu_us"] = 1000 * gpu_ms(graph.launch, inner=20) if graph else None
             rows.append(row)
+            print(f"  stories{shape} bsz {bsz}: " + ", ".join(     # as measured: a run cut
+                f"{mode} {row[mode]:.0f}" for mode in MODES) + " tokens/s", flush=True)  # short
+
     for row in rows:
         try:
             row["hf_eager"] = hf_decode_rate(row["model"], row["bsz"], min(steps, 64))
         except Exception as e:                           # a transformers API change, say
             row["hf_eager"], row["hf_error"] = None, f"{type(e).__name__}: {e}"
-    compiled_rates(rows, steps, batches)
+    compiled_rates(rows, steps, (min(batches), max(batches)))   # its compiles take minutes
     for row in rows:
         for mode, forward in decoders[row["model"]].items():
             row[f"{mode}_kernels"], times = kernels_per_step(forward, row["bsz"], steps // 2)
@@ -250,6 +253,8 @@ def compiled_rates(rows, steps, batches):
         result, reason = torch_compiled.measure(shape, batches=batches, steps=steps,
                                                 dtype="float32", prefill_len=None, to_host=True)
         by_bsz = {d["bsz"]: d for d in result["decode"]} if result else {}
+        print("  " + ", ".join(f"bsz {b}: {d.get('tokens_per_s') or d.get('error')}"
+                               for b, d in by_bsz.items()), flush=True)
         for row in rows:
             if row["model"] == shape:
                 d = by_bsz.get(row["bsz"], {})
