@@ -203,8 +203,8 @@ def _upcast_bytes(p, storage, device):
         count = fused.get(kind, shape[0]) * shape[1]          # the matrix linear() multiplies
         if device == "cuda" and fmt != Q8_GROUPS:          # the kernels read the rest as stored
             worst = max(worst, 2 * count if fmt in kquants.FIELDS else 0)
-        elif fmt == Q8_GROUPS:
-            worst = max(worst, 2 * count * F32)
+        elif fmt == Q8_GROUPS:      # runq's integer products (quant.matmul_q8) widen the
+            worst = max(worst, count * F32)                  # codes to float32 once
         else:
             chunk = min(count * F32, LINEAR_CHUNK_BYTES)
             worst = max(worst, int(DEQUANTIZE_COPIES[fmt] * chunk))
