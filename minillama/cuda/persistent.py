@@ -8,11 +8,13 @@ resident for the whole step and meet at a grid-wide barrier where a kernel bound
 
 It covers float32 weights and a float32 KV cache with every width a multiple of 4 (the
 kernel's float4 loads). The rule for a step, measured on an H200 (docs/kernels.md, "One kernel
-per token"): batches of 2 to 8 rows run as the one kernel, which was faster than FusedDecoder's
-graph at every shape from stories260K to a 4-layer Llama-2-7B (by 5 to 35 %, more at more rows);
-a single row stays with FusedDecoder's graph, which was as fast or faster (the one kernel's
-stages each wait on a grid barrier and an L2 round trip for their input, about 2.7 us a stage,
-where a graph's kernel boundary costs about the same); more than 8 rows, too.
+per token"): batches of 2 to 7 rows run as the one kernel, which was faster than FusedDecoder's
+graph of gemv launches at every shape from stories260K to a 4-layer Llama-2-7B (by 5 to 35 %,
+more at more rows); a single row stays with FusedDecoder's graph, which was as fast or faster
+(the one kernel's stages each wait on a grid barrier and an L2 round trip for their input, about
+2.7 us a stage, where a graph's kernel boundary costs about the same); from 8 rows the graph's
+float32 GEMV is qgemv v2, which reads each weight once for up to 32 rows and beat this kernel
+(stories15M at 8 rows: 253 against 268 us).
 """
 import numpy as np
 
@@ -26,9 +28,10 @@ MAX_SHARED = 200 * 1024     # dynamic shared memory a block may ask for (an H100
 
 
 class PersistentDecoder(FusedDecoder):
-    """FusedDecoder with the step as one persistent kernel (batches of min_rows..8 rows)."""
+    """FusedDecoder with the step as one persistent kernel (batches of min_rows..max_rows)."""
 
-    min_rows = 2            # fewer rows: FusedDecoder's graph (see the module's docstring)
+    min_rows = 2            # fewer rows, or more: FusedDecoder's graph (the module's docstring)
+    max_rows = 7
 
     @staticmethod
     def covers(model):
@@ -54,7 +57,8 @@ class PersistentDecoder(FusedDecoder):
 
     def fits(self, bsz):
         """Whether a step of bsz rows runs as one kernel (else as FusedDecoder's launches)."""
-        return self.min_rows <= bsz <= MAX_ROWS and shared_bytes(self.p, bsz) <= MAX_SHARED
+        return (self.min_rows <= bsz <= min(self.max_rows, MAX_ROWS)
+                and shared_bytes(self.p, bsz) <= MAX_SHARED)
 
     def run(self, bsz):
         """Launch one decode step for rows 0 .. bsz-1: zero the barrier, then one kernel."""
