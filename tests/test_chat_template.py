@@ -306,6 +306,30 @@ def test_tiny_gguf_template_ids_equal_transformers(tiny_gguf):
         assert ours.chat.encode_dialog(ours, dialog) == hf_ids(hf, dialog)
 
 
+@pytest.mark.parametrize("template", [LLAMA2, ZEPHYR], ids=["llama2", "zephyr"])
+def test_llama_vocabulary_gguf_template_ids_equal_transformers(tmp_path, template):
+    """A GGUF with a `llama` (SentencePiece-style) vocabulary renders its template too: <s> and
+    </s> cut out of the text, the text after them encoded without the dummy prefix, as
+    transformers encodes with the tokenizer it converts from the GGUF."""
+    gguf = pytest.importorskip("gguf")
+    require_shared()
+    from minillama.tokenizers import Llama2cTokenizer
+    from tests.tools.writers import llama_vocab
+    p = ModelArgs(dim=32, n_layers=1, n_heads=4, n_kv_heads=2, hidden_dim=48, vocab_size=32000,
+                  max_seq_len=64)
+
+    def vocab(w):
+        llama_vocab(Llama2cTokenizer(MODELS / "tokenizer.bin"))(w)
+        w.add_chat_template(template)
+    path = tmp_path / "llama-vocab-chat.gguf"
+    write_gguf(path, p, random_weights(p), gguf.GGMLQuantizationType.F32, vocab)
+    ours = load_tokenizer(path)
+    assert isinstance(ours.chat, TemplateChat)
+    hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path), gguf_file=path.name)
+    for dialog in DIALOGS.values():
+        assert ours.chat.encode_dialog(ours, dialog) == hf_ids(hf, dialog)
+
+
 def hf_llama_dir(folder, config=None, jinja=None):
     """A Hugging Face tokenizer directory: Llama 2's tokenizer.model (legacy, as Llama 2's own
     tokenizer_config.json has it) and a chat template."""

@@ -30,6 +30,11 @@ class Tokenizer:
     # A model trained to collapse runs of spaces (SentencePiece's remove_extra_whitespaces, e.g.
     # tok512.model) also drops *every* leading "▁" piece when decoding, not just the first.
     drops_all_leading_spaces = False
+    # Text that follows a special token inside a rendered chat template: encoded with the dummy
+    # prefix (True: SentencePiece's "legacy" behaviour, transformers' LlamaTokenizer default) or
+    # as it is (False: how transformers converts a GGUF's `llama` vocabulary). Only encoders that
+    # add a dummy prefix (Llama2cTokenizer) look at it.
+    prefix_after_special = True
 
     def __init__(self, path, n_words, *, bos_id, eos_id, unk_id, pad_id, control_ids, chat,
                  stop_tokens=None):

@@ -213,15 +213,20 @@ def encode_rendered(tokenizer, text):
     specials = {tokenizer.piece(i): i for i in sorted(tokenizer.control_ids)}
     specials.pop("", None)
     ids, pos = [], 0
+
+    def encode(piece):                  # text between special tokens
+        if pos == 0 or tokenizer.prefix_after_special:
+            return tokenizer.encode(piece, bos=False, eos=False)
+        return tokenizer.encode(piece, bos=False, eos=False, dummy_prefix=False)
     if specials:
         pattern = "|".join(map(re.escape, sorted(specials, key=len, reverse=True)))
         for m in re.finditer(pattern, text):
             if m.start() > pos:
-                ids += tokenizer.encode(text[pos:m.start()], bos=False, eos=False)
+                ids += encode(text[pos:m.start()])
             ids.append(specials[m.group()])
             pos = m.end()
     if pos < len(text):
-        ids += tokenizer.encode(text[pos:], bos=False, eos=False)
+        ids += encode(text[pos:])
     return ids
 
 

@@ -6,7 +6,7 @@ import math
 from ..checkpoints.gguf import read_gguf_vocab
 from ..errors import TokenizerError
 from .bpe import BPETokenizer
-from .chat import Llama2Chat, chat_format
+from .chat import chat_format
 from .llama2c import Llama2cTokenizer
 from .sentencepiece import SP_SPACE
 from .tiktoken import STOP_TOKENS as LLAMA3_STOP_TOKENS
@@ -45,8 +45,12 @@ def _llama_tokenizer(vocab):
                              f"<0x00>..<0xFF> at ids 3..258, which minillama's encoder needs")
     # llama2.c's tokenizer.bin spells SentencePiece's "▁" as a space; the encoder expects that
     pieces = [t.replace(SP_SPACE, " ").encode("utf-8") for t in vocab.tokens]
-    # This encoder does not cut special tokens out of the text, so a ChatML template's tags
-    # would be spelled letter by letter: Llama 2's format, whatever the template says.
+    # The chat template's special tokens (<s>, </s>) are cut out of the rendered text by
+    # chat.encode_rendered; the text after one is encoded without the dummy prefix, as
+    # transformers encodes it with the tokenizer it converts from this vocabulary.
     return Llama2cTokenizer.from_pieces(pieces, vocab.scores, vocab.path, bos_id=vocab.bos_id,
                                         eos_id=vocab.eos_id, unk_id=vocab.unk_id,
-                                        pad_id=vocab.pad_id, chat=Llama2Chat())
+                                        pad_id=vocab.pad_id,
+                                        chat=chat_format(vocab.chat_template,
+                                                         f"{vocab.path}: tokenizer.chat_template"),
+                                        prefix_after_special=False)

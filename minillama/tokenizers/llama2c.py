@@ -41,11 +41,14 @@ class Llama2cTokenizer(Tokenizer):
         self._init_vocab(path, pieces, scores, BOS_ID, EOS_ID, UNK_ID, -1, Llama2Chat())
 
     @classmethod
-    def from_pieces(cls, pieces, scores, path, *, bos_id, eos_id, unk_id, pad_id, chat):
+    def from_pieces(cls, pieces, scores, path, *, bos_id, eos_id, unk_id, pad_id, chat,
+                    prefix_after_special=True):
         """The same encoder over a vocabulary already in memory (a GGUF's `llama` metadata):
-        pieces as bytes, SentencePiece's "▁" spelled as a space, and their merge scores."""
+        pieces as bytes, SentencePiece's "▁" spelled as a space, and their merge scores.
+        prefix_after_special: see Tokenizer."""
         self = cls.__new__(cls)
         self._init_vocab(path, list(pieces), list(scores), bos_id, eos_id, unk_id, pad_id, chat)
+        self.prefix_after_special = prefix_after_special
         return self
 
     def _init_vocab(self, path, pieces, scores, bos_id, eos_id, unk_id, pad_id, chat):
@@ -60,11 +63,13 @@ class Llama2cTokenizer(Tokenizer):
 
     # --- encoding: run.c's encode() -------------------------------------------------------------
 
-    def encode(self, text, bos, eos):
-        """Token ids of `text`, exactly as llama2.c's encode(text, bos, eos) gives them."""
+    def encode(self, text, bos, eos, dummy_prefix=True):
+        """Token ids of `text`, exactly as llama2.c's encode(text, bos, eos) gives them.
+        dummy_prefix=False: without the leading space (text that follows a special token in a
+        chat template, where prefix_after_special is False)."""
         check_text(text)
         tokens = [self.bos_id] if bos else []
-        if text:
+        if text and dummy_prefix:
             # SentencePiece's add_dummy_prefix: the text is read as if it started with a space, so
             # "Hello" at the start encodes like " Hello" in the middle of a sentence.
             tokens.append(self._dummy_prefix_id())
