@@ -366,6 +366,23 @@ def _check_packed(w):
     return main, w.planes.get("d", main), w.planes.get("m", main)
 
 
+def _qgemv_operands(x, w, out, accumulate, norm, swiglu):
+    """The checks qgemv and qgemv_k share: x (M, K) (M, 2K with swiglu), norm (K,), out to add
+    into with accumulate. -> (M, N, K, the output array)."""
+    _check("x", x, 2, aligned=True)
+    (M, K_x), (N, K) = x.shape, w.shape
+    if K_x != (2 * K if swiglu else K):
+        raise DeviceError(f"qgemv: x is (M, K) = {x.shape} but w is (N, K) = {w.shape}"
+                          + (" (swiglu: x must be (M, 2K))" if swiglu else ""))
+    if norm is not None:
+        _check("norm", norm, 1, aligned=True)
+        if norm.shape != (K,):
+            raise DeviceError(f"norm: expected shape ({K},), got {norm.shape}")
+    if accumulate and out is None:
+        raise DeviceError("qgemv: accumulate=True needs the array to add into as out")
+    return M, N, K, _output(out, (M, N), aligned=True)
+
+
 def qgemv(x, w, out=None, accumulate=False, norm=None, eps=1e-5, swiglu=False,
           smem=None, blocks_per_sm=None, version=None):
     """x @ W.T with W as stored: x (M, K) float32, w a formats.Packed (N, K) with CuPy planes
@@ -389,18 +406,7 @@ def qgemv(x, w, out=None, accumulate=False, norm=None, eps=1e-5, swiglu=False,
     if version not in (None, 1, 2):
         raise DeviceError(f"qgemv: version must be 1, 2 or None (the rule), got {version!r}")
     qs, d, m = _check_packed(w)
-    _check("x", x, 2, aligned=True)
-    (M, K_x), (N, K) = x.shape, w.shape
-    if K_x != (2 * K if swiglu else K):
-        raise DeviceError(f"qgemv: x is (M, K) = {x.shape} but w is (N, K) = {w.shape}"
-                          + (" (swiglu: x must be (M, 2K))" if swiglu else ""))
-    if norm is not None:
-        _check("norm", norm, 1, aligned=True)
-        if norm.shape != (K,):
-            raise DeviceError(f"norm: expected shape ({K},), got {norm.shape}")
-    if accumulate and out is None:
-        raise DeviceError("qgemv: accumulate=True needs the array to add into as out")
-    y = _output(out, (M, N), aligned=True)
+    M, N, K, y = _qgemv_operands(x, w, out, accumulate, norm, swiglu)
     if M == 0 or N == 0:
         return y
     prologue = GEMV_PROLOGUES["rmsnorm" if norm is not None else "swiglu" if swiglu else None]
@@ -522,18 +528,7 @@ def qgemv_k(x, w, out=None, accumulate=False, norm=None, eps=1e-5, swiglu=False,
     if norm is not None and swiglu:
         raise DeviceError("qgemv: norm and swiglu are two prologues; give one")
     planes = _check_kquant(w)
-    _check("x", x, 2, aligned=True)
-    (M, K_x), (N, K) = x.shape, w.shape
-    if K_x != (2 * K if swiglu else K):
-        raise DeviceError(f"qgemv: x is (M, K) = {x.shape} but w is (N, K) = {w.shape}"
-                          + (" (swiglu: x must be (M, 2K))" if swiglu else ""))
-    if norm is not None:
-        _check("norm", norm, 1, aligned=True)
-        if norm.shape != (K,):
-            raise DeviceError(f"norm: expected shape ({K},), got {norm.shape}")
-    if accumulate and out is None:
-        raise DeviceError("qgemv: accumulate=True needs the array to add into as out")
-    y = _output(out, (M, N), aligned=True)
+    M, N, K, y = _qgemv_operands(x, w, out, accumulate, norm, swiglu)
     if M == 0 or N == 0:
         return y
     rows = next(r for r in QGEMV_ROWS if r >= min(M, QGEMV_ROWS[-1]))
