@@ -420,11 +420,12 @@ def load_gguf(path, max_seq_len=None, max_batch_size=1):
     for info in infos.values():
         if info.ggml_type not in GGML_TYPES:
             read_stored(gf.path, info)                  # raises, naming the tensor and type
-    lazy = {name: LazyTensor(info.shape, formats.GGML_FORMATS[info.ggml_type],
-                             functools.partial(read_stored, gf.path, info),
-                             functools.partial(np.memmap, gf.path, np.uint8, "r", info.offset,
-                                               (info.nbytes,)))
-            for name, info in gf.tensors.items() if name != "rope_freqs.weight"}
+    # one LazyTensor per stored tensor: a tied classifier is the embedding's own object
+    lazy = {info.name: LazyTensor(info.shape, formats.GGML_FORMATS[info.ggml_type],
+                                  functools.partial(read_stored, gf.path, info),
+                                  functools.partial(np.memmap, gf.path, np.uint8, "r",
+                                                    info.offset, (info.nbytes,)))
+            for info in infos.values()}
     return p, {meta: lazy[info.name] for meta, info in infos.items()}, gf.path
 
 
