@@ -205,9 +205,9 @@ def read_config(path, max_seq_len=None, max_batch_size=1):
             raise CheckpointError(f"{path}: {key} = {shown(cfg[key])} is not supported "
                                   f"(expected {shown(ok)})")
     # transformers 4 writes rope_theta / rope_scaling; transformers 5 writes rope_parameters
+    rope_scaling = hf_rope_scaling(cfg, path)   # first: it refuses a rope_parameters not a dict
     rope = cfg.get("rope_parameters") or {}
     theta = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
-    rope_scaling = hf_rope_scaling(cfg, path)
     for key in ("hidden_size", "intermediate_size", "num_hidden_layers",
                 "num_attention_heads", "vocab_size"):
         if not isinstance(cfg.get(key), int):
