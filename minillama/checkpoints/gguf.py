@@ -53,7 +53,7 @@ from ..dtypes import LazyTensor
 from ..formats.dense import bf16_to_f32
 from ..checks import check_weights
 from ..model import ModelArgs, iter_weight_shapes
-from .rope import gguf_rope_freq_factors
+from .rope import gguf_rope_freq_factors, vision_note
 
 MAGIC = b"GGUF"
 VERSIONS = (2, 3)
@@ -333,9 +333,8 @@ def model_args(gf: GGUFFile, max_seq_len=None, max_batch_size=1):
     """ModelArgs of a `llama` GGUF, from llama.* metadata; unsupported variants are refused."""
     arch = gf.metadata.get("general.architecture")
     if arch != "llama":
-        vision = " (Llama 3.2 Vision: images are not supported)" if arch == "mllama" else ""
-        raise CheckpointError(f"{gf.path}: general.architecture is {shown(arch)}{vision}; minillama "
-                              f"runs 'llama' models only")
+        raise CheckpointError(f"{gf.path}: general.architecture is {shown(arch)}"
+                              f"{vision_note(arch)}; minillama runs 'llama' models only")
     dim = _get(gf, "llama.embedding_length", "count")
     n_heads = _get(gf, "llama.attention.head_count", "count")
     n_kv_heads = _get(gf, "llama.attention.head_count_kv", "count", n_heads)

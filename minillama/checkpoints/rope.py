@@ -28,6 +28,12 @@ META_UNSUPPORTED = {
 }
 
 
+def vision_note(architecture):
+    """What a refusal adds for Llama 3.2 Vision, whose GGUF architecture and config.json
+    model_type are both 'mllama'."""
+    return " (Llama 3.2 Vision: images are not supported)" if architecture == "mllama" else ""
+
+
 def meta_rope_scaling(cfg, path):
     """RopeScaling from params.json: Meta's defaults when use_scaled_rope is true, else None.
     Refuses the Llama 3.x checkpoints that are more than a text transformer."""
