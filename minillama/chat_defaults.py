@@ -23,7 +23,7 @@ import os
 import numpy as np
 
 from .download import RECOMMENDED, Sampling
-from .errors import CheckpointError
+from .errors import CheckpointError, shown
 
 LLAMA2C = Sampling(1.0, 0.9, "llama2.c's defaults")
 
@@ -91,5 +91,5 @@ def checked(path, key, value, low, high=None):
     ok = ok and value >= low and (high is None or low < value <= high)
     if not ok:
         limits = f"in ({low}, {high}]" if high is not None else f">= {low}"
-        raise CheckpointError(f"{path}: {key} is {value!r}, expected a number {limits}")
+        raise CheckpointError(f"{path}: {key} is {shown(value)}, expected a number {limits}")
     return float(value)

@@ -21,7 +21,7 @@ import math
 
 import numpy as np
 
-from .errors import ArgumentError, CheckpointError, GenerationError, check_positive_int
+from .errors import ArgumentError, CheckpointError, GenerationError, check_positive_int, shown
 from .formats import Packed
 from .ops import to_host
 from .quant import Q8Tensor
@@ -65,8 +65,8 @@ def check_rope_scaling(p):
         values = [s.factor, s.low_freq_factor, s.high_freq_factor,
                   s.original_max_position_embeddings]
         if not all(map(_positive, values)) or s.low_freq_factor >= s.high_freq_factor:
-            raise ArgumentError(f"rope_scaling: llama3 RoPE scaling {values} must be positive "
-                                f"numbers with low_freq_factor < high_freq_factor")
+            raise ArgumentError(f"rope_scaling: llama3 RoPE scaling {shown(values)} must be "
+                                f"positive numbers with low_freq_factor < high_freq_factor")
     factors = p.rope_freq_factors
     if factors is not None and (len(factors) != p.head_dim // 2 or not all(map(_positive, factors))):
         raise ArgumentError(f"rope_freq_factors: expected {p.head_dim // 2} positive numbers, "

@@ -57,9 +57,10 @@ FUSED = (("wq", "wk", "wv"), ("w1", "w3"))      # model.Attention's wqkv, FeedFo
 class LazyTensor:
     """A weight not read yet, and the format the file stores it in.
 
-    format: a formats name, "f32", "f16", "bf16" (.safetensors, .pth, GGUF) or "q8_0", "q4_0",
-    "q4_1" (GGUF). read() returns the stored values: an array of `shape` (float32, float16, or
-    bfloat16 bits as uint16) for a dense format, a Packed for a block format. `packed()` gives
+    format: a formats name, "f32", "f16", "bf16" (.safetensors, .pth, GGUF, llama2.c) or "q8_0",
+    "q4_0", "q4_1", "q2_k" .. "q6_k" (GGUF). read() returns the stored values: an array of
+    `shape` (float32, float16, or bfloat16 bits as uint16) for a dense format, a Packed for a
+    block format. (checkpoints/llama2c.LazyQ8, format Q8_GROUPS, reads a Q8Tensor.) `packed()` gives
     the weight as stored, `np.asarray(lazy)` as numbers (float32; a float16 source as float16).
     raw: where the reader can give it, a function returning the stored bytes as a read-only
     np.memmap (uint8, row after row, GGUF's blocks for a block format), so that a slice of the

@@ -60,7 +60,6 @@ def dequantize_q8(q, s, group_size, xp=np):
     return (groups * s[..., None]).reshape(*q.shape[:-1], n)
 
 
-
 # ----------------------------------------------------------------------------
 # runq.c's arithmetic: int8 activations, integer group products
 

@@ -53,7 +53,7 @@ from ..dtypes import LazyTensor
 from ..formats.dense import bf16_to_f32
 from ..checks import check_weights
 from ..model import ModelArgs, iter_weight_shapes
-from .rope import gguf_rope_freq_factors
+from .rope import gguf_rope_freq_factors, vision_note
 
 MAGIC = b"GGUF"
 VERSIONS = (2, 3)
@@ -68,11 +68,10 @@ SCALAR_TYPES = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "
 BOOL = 7
 MIN_VALUE_BYTES = {STRING: 8, ARRAY: 12}    # the smallest a value of each type can be
 
-# ggml tensor types we can read: id -> (name, elements per block, bytes per block)
-GGML_TYPES = {0: ("F32", 1, 4), 1: ("F16", 1, 2), 30: ("BF16", 1, 2), 2: ("Q4_0", 32, 18),
-              3: ("Q4_1", 32, 20), 8: ("Q8_0", 32, 34), 10: ("Q2_K", 256, 84),
-              11: ("Q3_K", 256, 110), 12: ("Q4_K", 256, 144), 13: ("Q5_K", 256, 176),
-              14: ("Q6_K", 256, 210)}
+# ggml tensor types we can read: id -> (name, elements per block, bytes per block), as the
+# formats package (the one place that knows each block layout) declares them
+GGML_TYPES = {t: (fmt.upper(), formats.FORMATS[fmt].BLOCK, formats.FORMATS[fmt].BLOCK_BYTES[fmt])
+              for t, fmt in formats.GGML_FORMATS.items()}
 # ... and the names of the others, to say which one a file uses
 OTHER_GGML_TYPES = {6: "Q5_0", 7: "Q5_1", 9: "Q8_1", 15: "Q8_K", 16: "IQ2_XXS", 17: "IQ2_XS",
                     18: "IQ3_XXS", 19: "IQ1_S", 20: "IQ4_NL", 21: "IQ3_S", 22: "IQ2_S",
@@ -277,8 +276,9 @@ def _parse(path, buf):
 def read_stored(path, info: TensorInfo):
     """One tensor as the file stores it, without a float32 copy: a Packed (rows, cols) for a
     block format (Q8_0, Q4_0, Q4_1, Q2_K .. Q6_K), the values in their own dtype and NumPy
-    shape for F32 and F16 (BF16: its bits, uint16). The blocks are read by minillama.formats (the one place that knows each block
-    layout), which also refuses a NaN or inf scale or value, naming the tensor and the block."""
+    shape for F32 and F16 (BF16: its bits, uint16). The blocks are read by minillama.formats
+    (the one place that knows each block layout), which also refuses a NaN or inf scale or
+    value, naming the tensor and the block."""
     if info.ggml_type not in GGML_TYPES:
         supported = ", ".join(name for name, _, _ in GGML_TYPES.values())
         raise CheckpointError(f"{path}: tensor {shown(info.name)} has type {info.type_name}, which "
@@ -333,9 +333,8 @@ def model_args(gf: GGUFFile, max_seq_len=None, max_batch_size=1):
     """ModelArgs of a `llama` GGUF, from llama.* metadata; unsupported variants are refused."""
     arch = gf.metadata.get("general.architecture")
     if arch != "llama":
-        vision = " (Llama 3.2 Vision: images are not supported)" if arch == "mllama" else ""
-        raise CheckpointError(f"{gf.path}: general.architecture is {shown(arch)}{vision}; minillama "
-                              f"runs 'llama' models only")
+        raise CheckpointError(f"{gf.path}: general.architecture is {shown(arch)}"
+                              f"{vision_note(arch)}; minillama runs 'llama' models only")
     dim = _get(gf, "llama.embedding_length", "count")
     n_heads = _get(gf, "llama.attention.head_count", "count")
     n_kv_heads = _get(gf, "llama.attention.head_count_kv", "count", n_heads)
@@ -420,11 +419,12 @@ def load_gguf(path, max_seq_len=None, max_batch_size=1):
     for info in infos.values():
         if info.ggml_type not in GGML_TYPES:
             read_stored(gf.path, info)                  # raises, naming the tensor and type
-    lazy = {name: LazyTensor(info.shape, formats.GGML_FORMATS[info.ggml_type],
-                             functools.partial(read_stored, gf.path, info),
-                             functools.partial(np.memmap, gf.path, np.uint8, "r", info.offset,
-                                               (info.nbytes,)))
-            for name, info in gf.tensors.items() if name != "rope_freqs.weight"}
+    # one LazyTensor per stored tensor: a tied classifier is the embedding's own object
+    lazy = {info.name: LazyTensor(info.shape, formats.GGML_FORMATS[info.ggml_type],
+                                  functools.partial(read_stored, gf.path, info),
+                                  functools.partial(np.memmap, gf.path, np.uint8, "r",
+                                                    info.offset, (info.nbytes,)))
+            for info in infos.values()}
     return p, {meta: lazy[info.name] for meta, info in infos.items()}, gf.path
 
 

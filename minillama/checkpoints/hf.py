@@ -28,7 +28,7 @@ from . import read_json_object
 from ..errors import CheckpointError, shown
 from ..checks import check_weights
 from ..model import ModelArgs, iter_weight_shapes
-from .rope import hf_rope_scaling
+from .rope import hf_rope_scaling, vision_note
 from .safetensors import read_safetensors
 from .torchzip import load_state_dict
 
@@ -196,18 +196,17 @@ def read_config(path, max_seq_len=None, max_batch_size=1):
     does not compute."""
     cfg = read_json_object(path, "model config")
     if cfg.get("model_type", "llama") != "llama":
-        vision = " (Llama 3.2 Vision: images are not supported)" \
-            if cfg["model_type"] == "mllama" else ""
-        raise CheckpointError(f"{path}: model_type {shown(cfg['model_type'])}{vision} is not "
+        kind = cfg["model_type"]
+        raise CheckpointError(f"{path}: model_type {shown(kind)}{vision_note(kind)} is not "
                               f"supported (expected 'llama')")
     for key, ok in (("hidden_act", "silu"), ("attention_bias", False), ("mlp_bias", False)):
         if cfg.get(key, ok) != ok:
             raise CheckpointError(f"{path}: {key} = {shown(cfg[key])} is not supported "
                                   f"(expected {shown(ok)})")
     # transformers 4 writes rope_theta / rope_scaling; transformers 5 writes rope_parameters
+    rope_scaling = hf_rope_scaling(cfg, path)   # first: it refuses a rope_parameters not a dict
     rope = cfg.get("rope_parameters") or {}
     theta = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
-    rope_scaling = hf_rope_scaling(cfg, path)
     for key in ("hidden_size", "intermediate_size", "num_hidden_layers",
                 "num_attention_heads", "vocab_size"):
         if not isinstance(cfg.get(key), int):

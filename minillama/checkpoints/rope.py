@@ -14,7 +14,7 @@ RoPE in other ways and are refused, naming the one the file asks for.
 """
 import numpy as np
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, shown
 from ..model import RopeScaling
 
 LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
@@ -28,6 +28,12 @@ META_UNSUPPORTED = {
 }
 
 
+def vision_note(architecture):
+    """What a refusal adds for Llama 3.2 Vision, whose GGUF architecture and config.json
+    model_type are both 'mllama'."""
+    return " (Llama 3.2 Vision: images are not supported)" if architecture == "mllama" else ""
+
+
 def meta_rope_scaling(cfg, path):
     """RopeScaling from params.json: Meta's defaults when use_scaled_rope is true, else None.
     Refuses the Llama 3.x checkpoints that are more than a text transformer."""
@@ -38,7 +44,8 @@ def meta_rope_scaling(cfg, path):
                                   f"which runs text-only Llama models")
     use = cfg.get("use_scaled_rope", False)
     if not isinstance(use, bool):
-        raise CheckpointError(f"{path}: field 'use_scaled_rope' must be true or false, got {use!r}")
+        raise CheckpointError(f"{path}: field 'use_scaled_rope' must be true or false, "
+                              f"got {shown(use)}")
     return RopeScaling() if use else None
 
 
@@ -48,13 +55,13 @@ def hf_rope_scaling(cfg, path):
     # rope_parameters. Older files name the type "type" instead of "rope_type".
     scaling = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}
     if not isinstance(scaling, dict):
-        raise CheckpointError(f"{path}: rope_scaling must be an object, got {scaling!r:.60}")
+        raise CheckpointError(f"{path}: rope_scaling must be an object, got {shown(scaling)}")
     kind = scaling.get("rope_type", scaling.get("type", "default"))
     if kind == "default":
         return None
     if kind != "llama3":
-        raise CheckpointError(f"{path}: RoPE scaling type {kind!r} is not supported (minillama "
-                              f"computes 'llama3' scaling only)")
+        raise CheckpointError(f"{path}: RoPE scaling type {shown(kind)} is not supported "
+                              f"(minillama computes 'llama3' scaling only)")
     missing = [k for k in LLAMA3_KEYS if k not in scaling]
     if missing:
         raise CheckpointError(f"{path}: RoPE scaling 'llama3' needs {', '.join(missing)}")
@@ -67,7 +74,7 @@ def gguf_rope_freq_factors(gf, head_dim):
     scaling (llama.rope.scaling.type linear, yarn ...) is refused."""
     kind = gf.metadata.get("llama.rope.scaling.type", "none")
     if kind != "none":
-        raise CheckpointError(f"{gf.path}: RoPE scaling type {kind!r} is not supported "
+        raise CheckpointError(f"{gf.path}: RoPE scaling type {shown(kind)} is not supported "
                               f"(minillama computes Llama 3's, stored as the rope_freqs tensor)")
     if "rope_freqs.weight" not in gf.tensors:
         return None

@@ -35,7 +35,7 @@ import jinja2.nodes
 import jinja2.utils
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from ..errors import TokenizerError
+from ..errors import TokenizerError, shown
 
 
 class ChatTemplate:
@@ -62,7 +62,7 @@ class ChatTemplate:
             line = template_line(e.__traceback__)
             where = f", line {line}" if line else ""
             raise TokenizerError(f"{self.source}{where}: the chat template failed: "
-                                 f"{type(e).__name__}: {e}") from None
+                                 f"{type(e).__name__}: {shown(str(e), quote=False)}") from None
 
     def compile(self):
         if self._compiled is None:
@@ -70,7 +70,7 @@ class ChatTemplate:
                 self._compiled = sandbox().from_string(self.text)
             except jinja2.TemplateSyntaxError as e:
                 raise TokenizerError(f"{self.source}, line {e.lineno}: the chat template is not "
-                                     f"valid Jinja: {e.message}") from None
+                                     f"valid Jinja: {shown(e.message, quote=False)}") from None
         return self._compiled
 
 
@@ -180,8 +180,9 @@ def read_hf_template(folder):
     if isinstance(template, list):          # named templates: transformers uses "default"
         named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
         if "default" not in named:
+            names = shown(", ".join(map(str, named)), quote=False)
             raise TokenizerError(f"{source}: a list of named templates without one named "
-                                 f"'default' (names: {', '.join(map(str, named))})")
+                                 f"'default' (names: {names})")
         template, source = named["default"], f"{source} (the one named 'default')"
     if template is None:
         return None
