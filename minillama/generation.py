@@ -10,7 +10,7 @@ from typing import List, Optional
 import numpy as np
 
 from .checks import check_finite
-from .errors import ArgumentError, check_positive_int
+from .errors import ArgumentError, check_positive_int, shown
 from .exact import decoder
 from .ops import softmax, to_host
 from .sampler import check_sampling_args, sample_top_p
@@ -238,5 +238,5 @@ def check_dialogs(dialogs):
                     and isinstance(m.get("content"), str)):
                 raise ArgumentError(f"dialog {k}: each message must be a dict with 'role' "
                                     f"('system', 'user' or 'assistant') and 'content' (a str), "
-                                    f"got {m!r:.80}")
+                                    f"got {shown(m, limit=80)}")
 
