@@ -161,7 +161,7 @@ class TensorParallel:
         if not self.procs:
             raise DeviceError("tensor-parallel model: its workers are stopped (after close(), "
                               "or after a failure); build it again")
-        for rank, conn in enumerate(self.conns):
+        for rank in range(self.world):
             self._send(rank, ("forward", tokens, int(start_pos)))
         return self._receive(0, "logits")
 
