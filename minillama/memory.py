@@ -343,7 +343,7 @@ class MemoryPlan:
                 f"{self._loading_words()})")
 
     def _loading_words(self):
-        return (f" or, while loading, {fmt_bytes(self.loading)} of fused copies"
+        return (f" or, while loading, {fmt_bytes(self.loading)}"
                 if self.loading > self.working else "")
 
     def format(self):
@@ -362,8 +362,9 @@ class MemoryPlan:
             f"{p.head_dim} x {KV_BYTES[self.kv_dtype]} bytes",
             f"  working   {fmt_bytes(self.working):>11}   activations and logits for "
             f"{self.max_batch_size} x {self.prompt_len} prompt tokens",
-            f"  loading   {fmt_bytes(self.loading):>11}   fused wqkv and w13 copies while the "
-            f"file's weights live (the total counts the larger of working and loading)",
+            f"  loading   {fmt_bytes(self.loading):>11}   storing or laying out one weight, or "
+            f"the fused wqkv and w13 while the file's weights live (the total counts the "
+            f"larger of working and loading)",
             f"  total     {fmt_bytes(self.total):>11}",
             f"  free      {free}",
         ]

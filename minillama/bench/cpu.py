@@ -125,8 +125,7 @@ class TimedOps(NumpyOps):
     def name_weights(self, model):
         self.names = {id(model.output): "classifier"}
         for layer in model.layers:
-            for name, w in (("wqkv", layer.attention.wqkv), ("wo", layer.attention.wo),
-                            ("w13", layer.feed_forward.w13), ("w2", layer.feed_forward.w2)):
+            for name, w in layer_weights(layer):
                 self.names[id(w)] = name
 
     def timed(self, name, fn, *args):
@@ -144,6 +143,12 @@ class TimedOps(NumpyOps):
 
     def softmax(self, x, start_pos=None):
         return self.timed("attention softmax", super().softmax, x, start_pos)
+
+
+def layer_weights(layer):
+    """(name, weight) of the four products of a layer."""
+    return (("wqkv", layer.attention.wqkv), ("wo", layer.attention.wo),
+            ("w13", layer.feed_forward.w13), ("w2", layer.feed_forward.w2))
 
 
 def copy_bandwidth():
@@ -164,11 +169,8 @@ def profile_step(name, steps, shared):
     ops = TimedOps()
     model = Transformer(p, w, ops)
     ops.name_weights(model)
-    sizes = {ops.names[id(model.output)]: model.output.nbytes}
-    layer = model.layers[0]
-    for key, weight in (("wqkv", layer.attention.wqkv), ("wo", layer.attention.wo),
-                        ("w13", layer.feed_forward.w13), ("w2", layer.feed_forward.w2)):
-        sizes[key] = weight.nbytes * p.n_layers
+    sizes = {"classifier": model.output.nbytes}        # each name's bytes, all layers'
+    sizes.update((key, w.nbytes * p.n_layers) for key, w in layer_weights(model.layers[0]))
     tokens = np.ones((1, 1), dtype=np.int64)
     model.forward(tokens, 0)
     ops.seconds.clear()

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import ArgumentError, DeviceError
+from ..errors import ArgumentError, DeviceError, shown
 
 RENDEZVOUS_TIMEOUT = 120.0       # seconds for every rank to arrive
 
@@ -186,7 +186,8 @@ class Rendezvous:
             try:
                 ints[var] = int(values[var])
             except ValueError:
-                raise ArgumentError(f"{var}: expected an integer, got {values[var]!r}") from None
+                raise ArgumentError(f"{var}: expected an integer, "
+                                    f"got {shown(values[var])}") from None
         if not (0 < ints["MASTER_PORT"] < 65536 and 0 <= ints["RANK"] < ints["WORLD_SIZE"]):
             raise ArgumentError(f"RANK {ints['RANK']}, WORLD_SIZE {ints['WORLD_SIZE']}, "
                                 f"MASTER_PORT {ints['MASTER_PORT']}: expected 0 <= RANK < "
@@ -215,7 +216,8 @@ class Rendezvous:
                     conn, _ = server.accept()
                 except socket.timeout:
                     raise DeviceError(f"rendezvous: {arrived} of {self.world - 1} ranks reached "
-                                      f"rank 0 at {self.addr}:{self.port} in time") from None
+                                      f"rank 0 at {shown(self.addr, quote=False)}:{self.port} "
+                                      f"in time") from None
                 with conn:
                     conn.settimeout(max(0.01, deadline - time.monotonic()))
                     rank, world = struct.unpack("!ii", _recv_exactly(conn, 8))
@@ -234,8 +236,8 @@ class Rendezvous:
             except (ConnectionRefusedError, ConnectionResetError, socket.timeout, EOFError):
                 if time.monotonic() > deadline:
                     raise DeviceError(f"rendezvous: rank {self.rank} could not reach rank 0 at "
-                                      f"{self.addr}:{self.port} (MASTER_ADDR, MASTER_PORT)") \
-                        from None
+                                      f"{shown(self.addr, quote=False)}:{self.port} (MASTER_ADDR, "
+                                      f"MASTER_PORT)") from None
                 time.sleep(0.05)
 
 

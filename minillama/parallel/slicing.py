@@ -26,26 +26,24 @@ from dataclasses import dataclass
 import numpy as np
 
 from .. import formats
+from ..checkpoints.meta import ROW_PARALLEL, concat_axis
 from ..dtypes import LazyTensor
-from ..errors import ArgumentError, check_positive_int
+from ..errors import ArgumentError, check_positive_int, shown
 from ..formats import Packed
 from ..quant import Q8Tensor
 
 COLUMN_PARALLEL = ("attention.wq.weight", "attention.wk.weight", "attention.wv.weight",
                    "feed_forward.w1.weight", "feed_forward.w3.weight", "output.weight")
-ROW_PARALLEL = ("attention.wo.weight", "feed_forward.w2.weight")
 
 
 def split_axis(name):
     """The axis weight `name` is cut along: 0 (rows), 1 (columns), or None (whole on every
-    rank). As checkpoints/meta.py joins Meta's shards."""
-    if name.endswith("norm.weight"):
-        return None
-    if name.endswith(ROW_PARALLEL) or name == "tok_embeddings.weight":
-        return 1
-    if name.endswith(COLUMN_PARALLEL):
-        return 0
-    raise ArgumentError(f"{name}: not a weight of Meta's layout")
+    rank): the axis checkpoints/meta.py joins Meta's shards along (concat_axis), for a name
+    of Meta's layout only."""
+    if not (name.endswith(("norm.weight", *ROW_PARALLEL, *COLUMN_PARALLEL))
+            or name == "tok_embeddings.weight"):
+        raise ArgumentError(f"{shown(name)}: not a weight of Meta's layout")
+    return concat_axis(name)
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,7 @@ import traceback
 from dataclasses import dataclass
 from multiprocessing.connection import wait
 
-from ..errors import DeviceError, MiniLlamaError
+from ..errors import DeviceError, MiniLlamaError, shown
 from ..ops import CPU, to_host
 from .comm import NcclComm, Rendezvous, free_port, nccl_id_bytes
 
@@ -66,7 +66,8 @@ class NcclBackend:
         count = cupy.cuda.runtime.getDeviceCount()
         if count < world:
             raise DeviceError(f"tensor_parallel: {world} GPUs asked for, {count} visible "
-                              f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')})")
+                              f"(CUDA_VISIBLE_DEVICES="
+                              f"{shown(os.environ.get('CUDA_VISIBLE_DEVICES'), quote=False)})")
         if not self.port:
             self.port = free_port()
 
@@ -160,7 +161,7 @@ class TensorParallel:
         if not self.procs:
             raise DeviceError("tensor-parallel model: its workers are stopped (after close(), "
                               "or after a failure); build it again")
-        for rank, conn in enumerate(self.conns):
+        for rank in range(self.world):
             self._send(rank, ("forward", tokens, int(start_pos)))
         return self._receive(0, "logits")
 
