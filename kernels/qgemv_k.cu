@@ -43,25 +43,15 @@
 //
 // kquant_to_f16 dequantizes a whole matrix to float16 with the same arithmetic (then rounded
 // to nearest), for gemm_v5 (matmul.cu) to multiply a prompt on the tensor cores.
-// Compiled after reduce.cu (block_sum, warp_sum) and matmul.cu (gemv_x4, the GEMV_* prologues,
-// f16_lo, f16_hi, f16_to_f32, f16x2_sub, byte_perm, HALF2_1024, round_to_16bit).
+// Compiled after reduce.cu (block_sum, warp_sum), matmul.cu (gemv_x4, the GEMV_* prologues,
+// f16_lo, f16_hi, f16_to_f32, f16x2_sub, byte_perm, HALF2_1024, round_to_16bit) and qgemv.cu
+// (q_word, q_load16).
 
 
 // ---------------------------------------------------------------------------------------------
 // Helpers
 
-// Word i (0..3) of a 16-byte load; i is a compile-time constant after unrolling.
-__device__ __forceinline__ unsigned int qk_word(const uint4& q, int i) {
-    return i == 0 ? q.x : i == 1 ? q.y : i == 2 ? q.z : q.w;
-}
-
-// A 16-byte load that bypasses L1: each weight is read once, so it should not evict x.
-__device__ __forceinline__ uint4 qk_load16(const uint4* p) {
-    uint4 v;
-    asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
-        : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
-    return v;
-}
+// q_word and q_load16 (a word of a 16-byte load; a load that bypasses L1) are qgemv.cu's.
 
 // Sub-block j's 6-bit scale and min of Q4_K / Q5_K, from the super-block's 12 bytes `s`:
 // bytes 0..3 hold sc[0..3] (and bits 4..5 of sc[4..7] on top), bytes 4..7 m[0..3] (and bits
@@ -97,7 +87,7 @@ struct FmtQ4_K {
     static __device__ __forceinline__ void codes(const uint4& q, const uint4& h, int p, int run,
                                                  unsigned int* c) {
 #pragma unroll
-        for (int j = 0; j < 4; ++j) c[j] = (qk_word(q, j) >> (4 * run)) & 0x0F0F0F0Fu;
+        for (int j = 0; j < 4; ++j) c[j] = (q_word(q, j) >> (4 * run)) & 0x0F0F0F0Fu;
     }
     static __device__ __forceinline__ void scale(const unsigned char* __restrict__ s, float d,
                                                  float dmin, int p, int run, float& ds, float& dm) {
@@ -118,8 +108,8 @@ struct FmtQ5_K : FmtQ4_K {
         const int sub = first(p, run) / 32;
 #pragma unroll
         for (int j = 0; j < 4; ++j)
-            c[j] = ((qk_word(q, j) >> (4 * run)) & 0x0F0F0F0Fu)
-                 | (((qk_word(h, j) >> sub) & 0x01010101u) << 4);
+            c[j] = ((q_word(q, j) >> (4 * run)) & 0x0F0F0F0Fu)
+                 | (((q_word(h, j) >> sub) & 0x01010101u) << 4);
     }
 };
 
@@ -140,8 +130,8 @@ struct FmtQ6_K {
         const int i = ((p >> 1) & 1) + 2 * run;
 #pragma unroll
         for (int j = 0; j < 4; ++j)
-            c[j] = ((qk_word(q, j) >> (4 * run)) & 0x0F0F0F0Fu)
-                 | (((qk_word(h, j) >> (2 * i)) & 0x03030303u) << 4);
+            c[j] = ((q_word(q, j) >> (4 * run)) & 0x0F0F0F0Fu)
+                 | (((q_word(h, j) >> (2 * i)) & 0x03030303u) << 4);
     }
     static __device__ __forceinline__ void scale(const unsigned char* __restrict__ s, float d,
                                                  float dmin, int p, int run, float& ds, float& dm) {
@@ -164,7 +154,7 @@ struct FmtQ2_K {
     static __device__ __forceinline__ void codes(const uint4& q, const uint4& h, int p, int run,
                                                  unsigned int* c) {
 #pragma unroll
-        for (int j = 0; j < 4; ++j) c[j] = (qk_word(q, j) >> (2 * run)) & 0x03030303u;
+        for (int j = 0; j < 4; ++j) c[j] = (q_word(q, j) >> (2 * run)) & 0x03030303u;
     }
     static __device__ __forceinline__ void scale(const unsigned char* __restrict__ s, float d,
                                                  float dmin, int p, int run, float& ds, float& dm) {
@@ -189,8 +179,8 @@ struct FmtQ3_K {
         const int bit = first(p, run) / 32;
 #pragma unroll
         for (int j = 0; j < 4; ++j)
-            c[j] = ((qk_word(q, j) >> (2 * run)) & 0x03030303u)
-                 | (((qk_word(h, j) >> bit) & 0x01010101u) << 2);
+            c[j] = ((q_word(q, j) >> (2 * run)) & 0x03030303u)
+                 | (((q_word(h, j) >> bit) & 0x01010101u) << 2);
     }
     static __device__ __forceinline__ void scale(const unsigned char* __restrict__ s, float d,
                                                  float dmin, int p, int run, float& ds, float& dm) {
@@ -224,8 +214,8 @@ struct QkPiece {
                                          const unsigned short* __restrict__ dp,
                                          const unsigned short* __restrict__ dminp,
                                          size_t blk, int p) {
-        q = qk_load16(qs + blk * F::PIECES + p);
-        h = F::H_PIECES ? qk_load16(qh + blk * F::H_PIECES + F::h_piece(p)) : q;
+        q = q_load16(qs + blk * F::PIECES + p);
+        h = F::H_PIECES ? q_load16(qh + blk * F::H_PIECES + F::h_piece(p)) : q;
         d = f16_to_f32(__ldg(dp + blk));
         dmin = F::MIN ? f16_to_f32(__ldg(dminp + blk)) : 0.0f;
         s = sc + blk * F::S_BYTES;

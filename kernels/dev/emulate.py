@@ -289,7 +289,7 @@ def qgemv_tc_launch(x, w, smem, blocks, ks, nb_max=4):
 # qgemv_k.cu: the k-quants, bit by bit (the unpacking too: qgemv_k has no NumPy twin of it)
 
 def word(b16, i):
-    """Word i of a 16-byte load (little-endian), as qk_word."""
+    """Word i of a 16-byte load (little-endian), as q_word."""
     return int.from_bytes(bytes(b16[4 * i:4 * i + 4]), "little")
 
 
