@@ -76,3 +76,33 @@ def cp():
     if count < 1:
         pytest.skip("CuPy finds no GPU")
     return cupy
+
+
+# ----------------------------------------------------------------------------
+# transformers' LlamaForCausalLM as the reference (torch imported by the tests that use these)
+
+def spread_weights(model):
+    """Weights of a random LlamaForCausalLM large enough for distinct logits (its default
+    init, std 0.02, gives nearly uniform ones, where greedy ties would prove nothing): norms
+    near 1, matrices N(0, 1/in). -> the model, in eval mode."""
+    import torch
+    with torch.no_grad():
+        for prm in model.parameters():
+            if prm.ndim == 1:
+                prm.copy_(1 + 0.1 * torch.randn_like(prm))
+            else:
+                prm.copy_(torch.randn_like(prm) / prm.shape[1] ** 0.5)
+    return model.eval()
+
+
+def hf_logits(model, tokens):
+    import torch
+    with torch.no_grad():
+        return model(torch.as_tensor(tokens)).logits.float().numpy()
+
+
+def hf_greedy(model, prompt, steps):
+    ids = list(prompt)
+    for _ in range(steps):
+        ids.append(int(hf_logits(model, [ids])[0, -1].argmax()))
+    return ids[len(prompt):]

@@ -14,7 +14,7 @@ from minillama.checkpoints.safetensors import read_safetensors
 from minillama.errors import CheckpointError
 from minillama.loading import detect_format, load_model, open_checkpoint
 
-from conftest import greedy, max_rel_err
+from conftest import greedy, hf_greedy, hf_logits, max_rel_err, spread_weights
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -30,26 +30,8 @@ def hf_model(seed=0, **kw):
     """A random LlamaForCausalLM with weights large enough for distinct logits (its default
     init, std 0.02, gives nearly uniform ones, where greedy ties would prove nothing)."""
     torch.manual_seed(seed)
-    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**CONFIG, **kw}))
-    with torch.no_grad():
-        for name, prm in model.named_parameters():
-            if prm.ndim == 1:
-                prm.copy_(1 + 0.1 * torch.randn_like(prm))
-            else:
-                prm.copy_(torch.randn_like(prm) / prm.shape[1] ** 0.5)
-    return model.eval()
-
-
-def hf_logits(model, tokens):
-    with torch.no_grad():
-        return model(torch.as_tensor(tokens)).logits.float().numpy()
-
-
-def hf_greedy(model, prompt, steps):
-    ids = list(prompt)
-    for _ in range(steps):
-        ids.append(int(hf_logits(model, [ids])[0, -1].argmax()))
-    return ids[len(prompt):]
+    return spread_weights(transformers.LlamaForCausalLM(
+        transformers.LlamaConfig(**{**CONFIG, **kw})))
 
 
 @pytest.mark.parametrize("shard, tied", [(None, False), ("20KB", False), (None, True),

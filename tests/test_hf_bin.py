@@ -29,7 +29,8 @@ from minillama.ops import to_host
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
-from test_hf import hf_greedy, hf_logits, hf_model  # noqa: E402  (needs torch)
+from conftest import hf_greedy, hf_logits  # noqa: E402
+from test_hf import hf_model  # noqa: E402  (needs torch)
 
 gpu = pytest.mark.gpu
 GiB = 1 << 30

@@ -20,7 +20,7 @@ from minillama.model import ModelArgs, RopeScaling, Transformer, precompute_freq
 from minillama.tokenizers import Llama3Chat
 from minillama.tokenizers.tiktoken import SPECIAL_TOKENS, read_tiktoken
 
-from conftest import StubTokenizer, greedy, max_rel_err
+from conftest import StubTokenizer, greedy, hf_greedy, hf_logits, max_rel_err, spread_weights
 from tests.tools.writers import tiktoken_merges
 
 torch = pytest.importorskip("torch")
@@ -48,26 +48,8 @@ def hf_model(scaling, seed=0):
     distinct logits."""
     torch.manual_seed(seed)
     rope = {"rope_type": "llama3", "rope_theta": THETA, **scaling}
-    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**CONFIG, rope_parameters=rope))
-    with torch.no_grad():
-        for prm in model.parameters():
-            if prm.ndim == 1:
-                prm.copy_(1 + 0.1 * torch.randn_like(prm))
-            else:
-                prm.copy_(torch.randn_like(prm) / prm.shape[1] ** 0.5)
-    return model.eval()
-
-
-def hf_logits(model, tokens):
-    with torch.no_grad():
-        return model(torch.as_tensor(tokens)).logits.float().numpy()
-
-
-def hf_greedy(model, prompt, steps):
-    ids = list(prompt)
-    for _ in range(steps):
-        ids.append(int(hf_logits(model, [ids])[0, -1].argmax()))
-    return ids[len(prompt):]
+    return spread_weights(transformers.LlamaForCausalLM(
+        transformers.LlamaConfig(**CONFIG, rope_parameters=rope)))
 
 
 def check_against(mine, reference):
