@@ -238,7 +238,6 @@ qgemv_k(const float* __restrict__ X, const uint4* __restrict__ qs, const uint4* 
     constexpr int NR = ROWS >= 4 ? 4 : 2;         // weight rows per warp: each x float4 used NR times
     constexpr int F4 = 4 * F::RUNS;               // float4s of x per piece
     extern __shared__ float4 qgemv_k_xs[];        // (ROWS, F4, CH) float4s, CH = kc / (4 F4)
-    __shared__ float scratch[32];
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
     const int ldx = PRO == GEMV_SWIGLU ? 2 * K : K;   // row length of X
     const int nb = K / 256;                           // super-blocks per row of W
@@ -248,18 +247,8 @@ qgemv_k(const float* __restrict__ X, const uint4* __restrict__ qs, const uint4* 
     for (int m0 = 0; m0 < M; m0 += ROWS) {            // ROWS rows of x at a time
         float inv_rms[ROWS];
 #pragma unroll
-        for (int r = 0; r < ROWS; ++r) {              // 1 / sqrt(mean(x^2) + eps), as gemv
-            inv_rms[r] = 1.0f;
-            if (PRO == GEMV_RMSNORM) {
-                float ss = 0.0f;
-                if (m0 + r < M)
-                    for (int k = threadIdx.x; k < K; k += blockDim.x) {
-                        const float v = X[(size_t)(m0 + r) * ldx + k];
-                        ss += v * v;
-                    }
-                inv_rms[r] = 1.0f / sqrtf(block_sum(ss, scratch) / K + eps);
-            }
-        }
+        for (int r = 0; r < ROWS; ++r) inv_rms[r] = 1.0f;
+        if (PRO == GEMV_RMSNORM) qgemv_inv_rms<ROWS>(X, m0, M, ldx, K, eps, inv_rms);  // qgemv.cu
 
         for (int k0 = 0; k0 < K; k0 += kc) {          // chunks of whole super-blocks
             const int CH = min(kc, K - k0) / (4 * F4);     // pieces in the chunk
