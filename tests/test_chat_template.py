@@ -24,7 +24,7 @@ from minillama.tokenizers import Llama2Chat, TemplateChat, load_tokenizer
 from minillama.tokenizers.template import ChatTemplate, read_hf_template
 
 from conftest import MODELS, require_shared
-from tests.tools.writers import GPT2_CONTROL, GPT2_MERGES, gpt2_tokens, write_gguf
+from tests.tools.writers import gpt2_tokens, gpt2_vocab, write_gguf
 
 transformers = pytest.importorskip("transformers")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")       # everything here is read from local files
@@ -266,16 +266,7 @@ def test_tokenize_needs_a_text_or_chat():
 
 def chatml_vocab(w):
     """The small byte-level vocabulary of tests/tools/writers.py, with SmolLM2's real template."""
-    tokens = gpt2_tokens()
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("smollm")
-    w.add_token_list(tokens)
-    w.add_token_types([3] * len(GPT2_CONTROL) + [1] * (len(tokens) - len(GPT2_CONTROL)))
-    w.add_token_merges(GPT2_MERGES)
-    w.add_bos_token_id(1)
-    w.add_eos_token_id(2)
-    w.add_add_bos_token(False)
-    w.add_chat_template(SMOLLM2_TEMPLATE)
+    gpt2_vocab(w, SMOLLM2_TEMPLATE, add_bos=False)
 
 
 SMOLLM2_TEMPLATE = (

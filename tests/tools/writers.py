@@ -143,9 +143,10 @@ def gpt2_tokens():
                                                                    for m in GPT2_MERGES]
 
 
-def gpt2_vocab(w):
+def gpt2_vocab(w, chat_template="{% for m in messages %}<|im_start|>{{ m.content }}{% endfor %}",
+               add_bos=None):
     """gpt2_tokens() as a `gpt2` vocabulary (SmolLM2's kind) for write_gguf, with a chat
-    template."""
+    template (and tokenizer.ggml.add_bos_token when add_bos is given)."""
     tokens = gpt2_tokens()
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre("smollm")
@@ -154,7 +155,9 @@ def gpt2_vocab(w):
     w.add_token_merges(GPT2_MERGES)
     w.add_bos_token_id(1)
     w.add_eos_token_id(2)
-    w.add_chat_template("{% for m in messages %}<|im_start|>{{ m.content }}{% endfor %}")
+    if add_bos is not None:
+        w.add_add_bos_token(add_bos)
+    w.add_chat_template(chat_template)
 
 
 # ----------------------------------------------------------------------------
