@@ -34,7 +34,8 @@ from minillama.model import ModelArgs
 from tests.tools import fuzz
 from tests.tools.writers import tokenizer_bin_bytes, write_llama2c
 
-from test_download import Server, make_wheel, register, sha, wheel_source
+# home and server are test_download's fixtures, used here too
+from test_download import home, make_wheel, register, server, sha, wheel_source  # noqa: F401
 
 STORIES = str(MODELS / "stories260K.bin")
 TOK_BIN = str(MODELS / "tok512.bin")
@@ -264,20 +265,6 @@ def test_closed_stdin_in_chat_is_one_line_and_exit_2(shared):
     done = cli(SMALL_RUN, "-m chat -i hello", "<&-")
     assert done.returncode == 2 and "stdin is closed" in done.stderr
     assert_one_clean_line(done.stderr)
-
-
-@pytest.fixture
-def server():
-    s = Server()
-    yield s
-    s.httpd.shutdown()
-    s.httpd.server_close()
-
-
-@pytest.fixture
-def home(tmp_path, monkeypatch):
-    monkeypatch.setenv("MINILLAMA_HOME", str(tmp_path / "cache"))
-    return tmp_path / "cache"
 
 
 def test_home_that_is_a_file(home, capsys):
