@@ -35,21 +35,13 @@ from tests.tools import fuzz
 from tests.tools.writers import tokenizer_bin_bytes, write_llama2c
 
 # home and server are test_download's fixtures, used here too
+from test_reliability import run_main
 from test_download import home, make_wheel, register, server, sha, wheel_source  # noqa: F401
 
 STORIES = str(MODELS / "stories260K.bin")
 TOK_BIN = str(MODELS / "tok512.bin")
 HUGE = "\x1b[2J" + "A" * (4 << 20) + "\x1b]0;pwned\x07"          # 4 MB, with terminal escapes
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def run_main(argv, capsys):
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def cli(*args, timeout=120, **kwargs):
