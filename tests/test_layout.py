@@ -159,3 +159,16 @@ def test_importing_minillama_stays_light(module):
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "", f"import {module} pulled in {r.stdout.strip()}"
+
+
+def test_every_subpackage_is_installed():
+    """`pip install .` installs only the packages setup.cfg lists: a subpackage missing there
+    imports from a checkout and fails after a plain install (minillama.parallel once did)."""
+    import configparser
+    root = Path(__file__).resolve().parents[1]
+    cfg = configparser.ConfigParser()
+    cfg.read(root / "setup.cfg")
+    listed = set(cfg["options"]["packages"].split())
+    on_disk = {"minillama"} | {f"minillama.{d.name}" for d in (root / "minillama").iterdir()
+                               if (d / "__init__.py").is_file()}
+    assert on_disk <= listed, f"not in setup.cfg's packages: {sorted(on_disk - listed)}"
