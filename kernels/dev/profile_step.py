@@ -1,0 +1,103 @@
+"""Where one decode step's time goes, kernel by kernel (development tool, needs a GPU).
+
+    PYTHONPATH=. python kernels/dev/profile_step.py [--shape 7B] [--dtypes q4_0,int8,float16]
+                                                    [--batches 1,8] [--layers N]
+
+For each storage format it builds a model of the shape with random weights made on the GPU
+(minillama.bench.gpu7b's RandomGpuWeights), decodes a few positions, then:
+  - times the CUDA-graph replay alone (no host round trip), and with the token through the host
+    as the benchmarks do;
+  - runs FusedDecoder.run eagerly with a CUDA event pair around every launch and prints the
+    sum per kernel name, its share of the summed kernel time, and the launches.
+The eager sum is close to what each kernel costs alone; graph replay minus that sum is what
+the gaps between kernels cost.
+"""
+import argparse
+import time
+from collections import defaultdict
+
+import numpy as np
+
+from minillama.bench import gpu7b, torch_compiled
+from minillama.cuda import CudaOps, require_cupy
+from minillama.cuda.kernels import KERNELS
+from minillama.model import Transformer
+
+
+def timed_launches(fused, bsz, cp):
+    """Per kernel name: [summed ms, launches] of one eager FusedDecoder.run(bsz)."""
+    pairs, launch = [], KERNELS.launch
+
+    def recording(name, grid, block, args, shared_mem=0):
+        start, end = cp.cuda.Event(), cp.cuda.Event()
+        start.record()
+        launch(name, grid, block, args, shared_mem=shared_mem)
+        end.record()
+        pairs.append((f"{name} {tuple(grid)}", start, end))
+    KERNELS.launch = recording
+    try:
+        fused.run(bsz)
+    finally:
+        KERNELS.launch = launch
+    cp.cuda.Device().synchronize()
+    sums = defaultdict(lambda: [0.0, 0])
+    for name, start, end in pairs:
+        sums[name][0] += cp.cuda.get_elapsed_time(start, end)
+        sums[name][1] += 1
+    return sums
+
+
+def replay_ms(forward, fused, bsz, cp, steps=20):
+    """(graph replay alone, with the token through the host), ms per step."""
+    tokens = np.ones((bsz, 1), dtype=np.int64)
+    for pos in range(3):
+        forward(tokens, pos)
+    graph = fused.graphs[bsz]
+    cp.cuda.Device().synchronize()
+    t = time.perf_counter()
+    for _ in range(steps):
+        graph.launch()
+    cp.cuda.Device().synchronize()
+    alone = (time.perf_counter() - t) / steps
+    t = time.perf_counter()
+    for pos in range(3, 3 + steps):
+        logits = forward(tokens, pos)
+        tokens = cp.argmax(logits[:, -1], axis=-1).get().reshape(bsz, 1)
+    host = (time.perf_counter() - t) / steps
+    return 1000 * alone, 1000 * host
+
+
+def profile(shape, dtype, batches, layers):
+    cp = require_cupy()
+    p = torch_compiled.model_args(shape, max(batches), 64, n_layers=layers)
+    ops = CudaOps()
+    model = Transformer(p, gpu7b.RandomGpuWeights(p, dtype), ops)
+    forward = ops.decoder(model)
+    fused = ops._decoders[model]
+    nbytes = gpu7b.bytes_per_step(model, 1, 8)
+    for bsz in batches:
+        alone, host = replay_ms(forward, fused, bsz, cp)
+        sums = timed_launches(fused, bsz, cp)
+        total = sum(s for s, _ in sums.values())
+        print(f"\n== {shape} {dtype} layers {p.n_layers} batch {bsz}: graph {alone:.3f} ms, "
+              f"with host {host:.3f} ms, eager kernel sum {total:.3f} ms, "
+              f"{nbytes / 1e9:.2f} GB/step -> {nbytes / alone / 1e6:.0f} GB/s in the graph")
+        for name, (ms, n) in sorted(sums.items(), key=lambda kv: -kv[1][0]):
+            print(f"  {ms:8.3f} ms {100 * ms / total:5.1f}%  x{n:<4d} {1000 * ms / n:8.2f} us  {name}")
+    del model, forward, fused, ops
+    gpu7b.release_gpu()
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shape", default="7B", choices=list(torch_compiled.SHAPES))
+    ap.add_argument("--dtypes", default="q4_0,int8,float16")
+    ap.add_argument("--batches", default="1,8")
+    ap.add_argument("--layers", type=int)
+    a = ap.parse_args()
+    for dtype in a.dtypes.split(","):
+        profile(a.shape, dtype, [int(b) for b in a.batches.split(",")], a.layers)
+
+
+if __name__ == "__main__":
+    main()
