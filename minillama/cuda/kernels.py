@@ -73,6 +73,16 @@ QGEMV_V2_F32 = (4, 1)              # NR, U
 GEMM_V5_FORMATS = {"f16": 0, "bf16": 1, "q8_0": 2, "q4_0": 3, "q4_1": 4}
 GEMM_V5_CONFIGS = {"128x128x4": (128, 128, 4)}
 GEMM_V5_DEFAULT = "128x128x4"
+# qgemv_mma<Fmt, NR, PRO> (qgemv_mma.cu): batches on the tensor cores, x in three bfloat16 parts
+# (so the 1e-5 bound of the float32 GEMV holds). Tiles of 128 NR weight rows; k split into
+# slices so that about MMA_BLOCKS_PER_SM blocks per SM have work, a slice at most MMA_MAX_SLICE
+# positions (its x, 3 parts of 8 rows, sits in shared memory: 48 KiB at 1024 positions).
+MMA_FORMATS = {"f16": "MmaF16", "bf16": "MmaBF16", "q8_0": "MmaQ8_0", "q4_0": "MmaQ4_0"}
+MMA_SPAN = {"f16": 32, "bf16": 32, "q8_0": 64, "q4_0": 128}     # positions of k per step
+MMA_NR = (1, 2)
+MMA_BLOCKS_PER_SM = 2
+MMA_MAX_SLICE = 2048
+MMA_MIN_ROWS = 2                   # rows of x from which qgemv's rule takes qgemv_mma
 # qgemv_k<Fmt, ROWS, PRO> and kquant_to_f16<Fmt> (qgemv_k.cu): the k-quants with kernels of
 # their own, and the planes each reads: (codes, high bits, integer scales, d, dmin)
 QGEMV_K_PLANES = {"q2_k": ("qs", "qs", "scales", "d", "dmin"),
@@ -109,6 +119,9 @@ def _templates():
         groups[fmt] += [f"gemm_v5<{bm},{bn},{stages},{GEMM_V5_FORMATS[fmt]}>"
                         for bm, bn, stages in GEMM_V5_CONFIGS.values()]
         groups[fmt] += [_qgemv_v2_name(fmt, *QGEMV_V2_PACKED[:1], pro, *QGEMV_V2_PACKED[1:])
+                        for pro in GEMV_PROLOGUES.values()]
+    for fmt, traits in MMA_FORMATS.items():
+        groups[fmt] += [f"qgemv_mma<{traits},{nr},{pro}>" for nr in MMA_NR
                         for pro in GEMV_PROLOGUES.values()]
     groups["f32"] = [_qgemv_v2_name("f32", rows, pro, *QGEMV_V2_F32) for rows in QGEMV_V2_F32_ROWS
                      for pro in GEMV_PROLOGUES.values()]      # compiled once a batch needs it
@@ -395,16 +408,20 @@ def qgemv(x, w, out=None, accumulate=False, norm=None, eps=1e-5, swiglu=False,
     QGEMV_BLOCKS_PER_SM, or for the block formats at 8+ rows of x one block per SM with
     QGEMV_BATCH_SMEM (what the GPU allows). x, norm and out are read and
     written 16 bytes at a time: C-contiguous and 16-byte aligned.
-    version: 1 qgemv, 2 qgemv_v2 (one row of x per pass, as many passes as rows), None: v2 for
-    one row of x, v1 for more (measured, docs/kernels.md; blocks_per_sm is v1's). The k-quants
-    have one version (qgemv_k)."""
+    version: 1 qgemv, 2 qgemv_v2 (one row of x per pass, as many passes as rows), 3 qgemv_mma
+    (the tensor cores, f16, bf16, q8_0 and q4_0), None: v2 for one row of x, v3 from
+    MMA_MIN_ROWS rows where it reads the format, else v1 (measured, docs/kernels.md;
+    blocks_per_sm is v1's). The k-quants have one version (qgemv_k)."""
     if getattr(w, "format", None) in QGEMV_K_PLANES:            # super-blocks: qgemv_k.cu
         return qgemv_k(x, w, out, accumulate, norm, eps, swiglu, smem or QGEMV_SMEM,
                        blocks_per_sm or QGEMV_BLOCKS_PER_SM)
     if norm is not None and swiglu:
         raise DeviceError("qgemv: norm and swiglu are two prologues; give one")
-    if version not in (None, 1, 2):
-        raise DeviceError(f"qgemv: version must be 1, 2 or None (the rule), got {version!r}")
+    if version not in (None, 1, 2, 3):
+        raise DeviceError(f"qgemv: version must be 1, 2, 3 or None (the rule), got {version!r}")
+    if version == 3 or (version is None and x.shape[0] >= MMA_MIN_ROWS
+                        and getattr(w, "format", None) in MMA_FORMATS):
+        return qgemv_mma(x, w, out, accumulate, norm, eps, swiglu)
     qs, d, m = _check_packed(w)
     M, N, K, y = _qgemv_operands(x, w, out, accumulate, norm, swiglu)
     if M == 0 or N == 0:
@@ -428,6 +445,61 @@ def qgemv(x, w, out=None, accumulate=False, norm=None, eps=1e-5, swiglu=False,
                     x if norm is None else norm, np.float32(eps), i32(kc)),
                    shared_mem=rows * kc * 4)
     return y
+
+
+def qgemv_mma(x, w, out=None, accumulate=False, norm=None, eps=1e-5, swiglu=False, nr=None,
+              ks=None):
+    """x @ W.T on the tensor cores for a few rows of x (qgemv_mma.cu): x (M, K) float32, w a
+    formats.Packed (N, K) in f16, bf16, q8_0 or q4_0 -> (M, N) float32, 8 rows of x per pass.
+    x enters as three bfloat16 parts, so the products are exact and the sums float32: the same
+    1e-5 bound as qgemv. accumulate, norm, eps, swiglu: as qgemv. nr: weight rows per warp in
+    16s (1 or 2); ks: slices of k (the grid's second side); None: the rule of MMA_*."""
+    if getattr(w, "format", None) not in MMA_FORMATS:
+        raise DeviceError(f"w: qgemv_mma reads {', '.join(MMA_FORMATS)} weights, got "
+                          f"{type(w).__name__} {getattr(w, 'format', '')!r}")
+    if norm is not None and swiglu:
+        raise DeviceError("qgemv_mma: norm and swiglu are two prologues; give one")
+    qs, d, _ = _check_packed(w)
+    M, N, K, y = _qgemv_operands(x, w, out, accumulate, norm, swiglu)
+    if M == 0 or N == 0:
+        return y
+    span = MMA_SPAN[w.format]
+    nr = nr or (2 if cdiv(N, 256) >= sm_count() else 1)
+    if nr not in MMA_NR:
+        raise DeviceError(f"qgemv_mma: nr must be one of {MMA_NR}, got {nr!r}")
+    tiles, spans = cdiv(N, 128 * nr), cdiv(K, span)
+    if ks is None:
+        ks = max(round(MMA_BLOCKS_PER_SM * sm_count() / tiles), cdiv(spans * span, MMA_MAX_SLICE))
+    per_slice = cdiv(spans, min(max(int(ks), 1), spans))
+    ks = cdiv(spans, per_slice)                       # no empty slice
+    units = per_slice * span // 32
+    smem = 3 * 8 * 4 * (16 * units + (0 if units % 2 else 16))
+    scratch, counters = _mma_scratch(ks * M * N + tiles * ks * M, tiles)
+    prologue = GEMV_PROLOGUES["rmsnorm" if norm is not None else "swiglu" if swiglu else None]
+    KERNELS.launch(f"qgemv_mma<{MMA_FORMATS[w.format]},{nr},{prologue}>", (tiles, ks), (256,),
+                   (x, qs, d, y, i32(M), i32(N), i32(K), i32(bool(accumulate)),
+                    x if norm is None else norm, np.float32(eps), scratch, counters),
+                   shared_mem=smem)
+    return y
+
+
+_MMA_BUFFERS = {}            # (device, what, size) -> a CuPy array, kept for the process
+
+
+def _mma_scratch(floats, tiles):
+    """qgemv_mma's partial sums (at least `floats` float32) and its per-tile counters (zeros,
+    which every launch leaves as it found them). Allocated once per size class and never
+    freed: a CUDA graph that captured a launch keeps pointing at them."""
+    cupy = require_cupy()
+    dev = cupy.cuda.Device().id
+
+    def kept(what, n, make):
+        key = (dev, what, 1 << max(int(n) - 1, 1).bit_length())   # the power of two >= n
+        if key not in _MMA_BUFFERS:
+            _MMA_BUFFERS[key] = make(key[2])
+        return _MMA_BUFFERS[key]
+    return (kept("scratch", floats, lambda n: cupy.empty(n, dtype=np.float32)),
+            kept("counters", max(tiles, 4096), lambda n: cupy.zeros(n, dtype=np.int32)))
 
 
 def _shared_optin():

@@ -1,0 +1,438 @@
+// Batches on the tensor cores, without rounding x: qgemv_mma, the lesson after qgemv (issue 10).
+//
+//     y[m, n] = sum_k x[m, k] W[n, k]        x: (M, K) float32,  W: (N, K) packed,  y: (M, N) float32
+//
+// qgemv (qgemv.cu) spends one float32 FMA per weight and per row of x. At one row that is cheap
+// next to the bytes; at 8 rows it is 8 FMAs per weight, and a step of a batch costs 2.5 to 3.5
+// times a step of one row instead of about the same. The tensor cores do 16 x 8 x 16
+// multiply-adds per warp instruction (mma.sync.m16n8k16): the 16 are weight rows, the 8 are rows
+// of x, the 16 run along k. Two things stand in the way, and this kernel is how it gets past them.
+//
+// 1. Precision. The tensor cores multiply 16-bit numbers. The weights' codes are small integers
+//    (q4_0: code - 8 in -8..7, q8_0: -128..127) and bfloat16 weights are bfloat16: all exact in
+//    bfloat16. A float16 weight has 11 significant bits, so it is written as hi + lo, two
+//    bfloat16 (8 + 3 bits, exact). x is float32, 24 bits, so it is written as hi + mid + lo,
+//    three bfloat16 of 8 bits each, also exact, and every product is made three times (six for
+//    float16 weights). The tensor cores multiply exactly and add in float32: the sums are those
+//    of a float32 GEMV, in another order. bfloat16, not float16, for x's parts: it has float32's
+//    exponent range, so no x overflows and no part underflows.
+//
+// 2. The scales. q4_0 and q8_0 multiply each block of 32 codes by the block's float16 scale d.
+//    One mma must therefore see codes of one block only in each weight row, and the fragment
+//    layout of mma.m16n8k16 gives the 4 lanes of a quad (t = lane % 4) the same row g and
+//    k-slots 2t, 2t+1, 2t+8, 2t+9: the quad must hold one block between them. But each lane loads
+//    16 bytes (a whole q4_0 block, half a q8_0 block) so that the loads are wide. So the quad
+//    loads 4 consecutive 16-byte chunks of the row, one each, and transposes them with 4
+//    shuffles: lane t ends with word t of each chunk (quad_transpose). Word t of a q4_0 block is
+//    8 codes, word t of a q8_0 chunk 4: one mma's share of the block for the lane. The scale is
+//    applied per block after the block's mma's (into a zeroed fragment), as qgemv applies it.
+//
+// The order of k inside an mma does not matter, as long as x is put in the same order. Each
+// format fixes which position of the block lands in which k-slot of which lane (the natural one
+// for its unpacking), and x is staged in shared memory in exactly that order, as ready-made B
+// fragments: lane (g, t) reads the 16 bytes of its two mma's of a 32-position unit at once.
+//
+//     unit: 32 positions of k, 2 mma's. q4_0: one block (mma 0: the low nibbles, 1: the high);
+//     q8_0: one block (mma c: chunk c of it); f16/bf16: the quad's 4 chunks of 8 weights (lane
+//     t holds positions 8t .. 8t+7, mma m its 4m .. 4m+3).
+//     span: what a quad loads in one step, 4 chunks: 4 units (q4_0), 2 (q8_0), 1 (f16, bf16).
+//
+// Layout of the work. A block of 8 warps owns 16 NR weight rows per warp (a tile of 128 NR
+// rows) and one slice of k: the grid is tiles x ks, so that a matrix of few rows still gives
+// every SM work. The block stages its slice of x (after the prologue) as B fragments, then each
+// warp streams its rows' chunks with U steps of loads in flight, transposes, unpacks and runs
+// the mma's. With ks > 1 the slices' partial sums go to a scratch buffer, and the last block of
+// a tile to finish (a counter per tile, reset by that block) adds them in slice order: the
+// result does not depend on which block finishes first.
+//
+// RMSNorm (GEMV_RMSNORM) is applied after the product: y[m, n] = inv_rms[m] sum_k (x[m, k]
+// norm_w[k]) W[n, k], inv_rms being one number per row of x. So a block needs only its slice of
+// x; it adds up the squares of its slice, and the last block adds the slices' sums first.
+// Compiled after qgemv.cu (q_word, q_load16) and matmul.cu (GEMV prologues, gemv_x4).
+
+#define MMA_ROWS 8                      // rows of x per pass: the mma's N
+#define MMA_PARTS 3                     // bfloat16 parts of x: hi, mid, lo
+
+__device__ __forceinline__ unsigned int bf16x2_fma(unsigned int a, unsigned int b, unsigned int c) {
+    unsigned int d;
+    asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+    return d;
+}
+
+// Two floats -> bfloat16x2, rounded to nearest even; `lo` in the low half.
+__device__ __forceinline__ unsigned int bf16x2_pack(float lo, float hi) {
+    unsigned int d;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(d) : "f"(hi), "f"(lo));
+    return d;
+}
+
+__device__ __forceinline__ float bf16_lo(unsigned int h2) { return __uint_as_float(h2 << 16); }
+__device__ __forceinline__ float bf16_hi(unsigned int h2) { return __uint_as_float(h2 & 0xFFFF0000u); }
+
+// (a, b) -> bfloat16x2 hi, mid, lo with a = hi + mid + lo exactly (each part takes the next 8
+// bits of what the previous ones left).
+__device__ __forceinline__ void bf16x2_split(float a, float b, unsigned int (&part)[MMA_PARTS]) {
+#pragma unroll
+    for (int p = 0; p < MMA_PARTS; ++p) {
+        part[p] = bf16x2_pack(a, b);
+        a -= bf16_lo(part[p]);
+        b -= bf16_hi(part[p]);
+    }
+}
+
+__device__ __forceinline__ void mma_bf16(float (&c)[4], const unsigned int (&a)[4], unsigned int b0,
+                                         unsigned int b1) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, "
+        "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// The 4 lanes of a quad hold 4 words each, lane c word i = M[c][i]; afterwards lane t holds
+// M[0][t], M[1][t], M[2][t], M[3][t]. Two exchanges: lanes t, t^2 swap their off-diagonal pairs
+// of words, then lanes t, t^1 swap the words whose parity is not theirs.
+__device__ __forceinline__ void quad_transpose(unsigned int (&w)[4], int t) {
+    const bool upper = t & 2, odd = t & 1;
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+        const unsigned int got = __shfl_xor_sync(FULL_MASK, upper ? w[e] : w[2 + e], 2);
+        if (upper) w[e] = got; else w[2 + e] = got;
+    }
+#pragma unroll
+    for (int a = 0; a < 2; ++a) {
+        const unsigned int got = __shfl_xor_sync(FULL_MASK, odd ? w[2 * a] : w[2 * a + 1], 1);
+        if (odd) w[2 * a] = got; else w[2 * a + 1] = got;
+    }
+}
+
+
+// ---------------------------------------------------------------------------------------------
+// The formats. WEIGHTS per 16-byte chunk; UNITS per span; BLOCKS: scale blocks per span (0: no
+// scale); APARTS: bfloat16 parts of a weight; Q4ORDER: how a unit's positions meet the k-slots
+// (below); `unit(g, e8, u, a)`: the A fragments of unit u's two mma's from the lane's words of
+// rows g and g + 8. In a fragment, a[0] is row g at k-slots 2t, 2t+1, a[1] row g+8 there, a[2]
+// and a[3] the same at 2t+8, 2t+9; which positions those are, `x_pair` says on the x side.
+
+// bfloat16: the lane's chunk is 8 weights, positions 8t .. 8t+7 of the unit.
+struct MmaBF16 {
+    static constexpr int WEIGHTS = 8, UNITS = 1, BLOCKS = 0, APARTS = 1;
+    static constexpr bool Q4ORDER = false;
+    static __device__ __forceinline__ void unit(const unsigned int (&g)[4], const unsigned int (&e)[4],
+                                                int, unsigned int (&a)[APARTS][2][4]) {
+#pragma unroll
+        for (int m = 0; m < 2; ++m) {
+            a[0][m][0] = g[2 * m]; a[0][m][1] = e[2 * m];
+            a[0][m][2] = g[2 * m + 1]; a[0][m][3] = e[2 * m + 1];
+        }
+    }
+};
+
+// float16: each pair of weights widened and split into bfloat16 hi + lo.
+struct MmaF16 {
+    static constexpr int WEIGHTS = 8, UNITS = 1, BLOCKS = 0, APARTS = 2;
+    static constexpr bool Q4ORDER = false;
+    static __device__ __forceinline__ void split(unsigned int h2, unsigned int& hi, unsigned int& lo) {
+        const float a = f16_lo(h2), b = f16_hi(h2);
+        hi = bf16x2_pack(a, b);
+        lo = bf16x2_pack(a - bf16_lo(hi), b - bf16_hi(hi));
+    }
+    static __device__ __forceinline__ void unit(const unsigned int (&g)[4], const unsigned int (&e)[4],
+                                                int, unsigned int (&a)[APARTS][2][4]) {
+#pragma unroll
+        for (int m = 0; m < 2; ++m) {
+            split(g[2 * m], a[0][m][0], a[1][m][0]);
+            split(e[2 * m], a[0][m][1], a[1][m][1]);
+            split(g[2 * m + 1], a[0][m][2], a[1][m][2]);
+            split(e[2 * m + 1], a[0][m][3], a[1][m][3]);
+        }
+    }
+};
+
+// Q8_0: after the transpose, word c of the lane is bytes 4t .. 4t+3 of chunk c; unit u is
+// chunks 2u, 2u+1 (one block), mma c of the unit is chunk 2u + c. Each signed byte is placed in
+// the mantissa of the float32 2^23 (flipped to b + 128 first), which leaves b after one
+// subtraction; two of them round (exactly) into a bfloat16x2.
+struct MmaQ8_0 {
+    static constexpr int WEIGHTS = 16, UNITS = 2, BLOCKS = 2, APARTS = 1;
+    static constexpr bool Q4ORDER = false;
+    static __device__ __forceinline__ float code(unsigned int u, unsigned int sel) {
+        return __uint_as_float(byte_perm(u, 0x4B000000u, sel)) - 8388736.0f;   // 2^23 + 128
+    }
+    static __device__ __forceinline__ void pairs(unsigned int w, unsigned int& p01, unsigned int& p23) {
+        const unsigned int u = w ^ 0x80808080u;
+        p01 = bf16x2_pack(code(u, 0x7650), code(u, 0x7651));
+        p23 = bf16x2_pack(code(u, 0x7652), code(u, 0x7653));
+    }
+    static __device__ __forceinline__ void unit(const unsigned int (&g)[4], const unsigned int (&e)[4],
+                                                int u, unsigned int (&a)[APARTS][2][4]) {
+#pragma unroll
+        for (int m = 0; m < 2; ++m) {
+            pairs(g[2 * u + m], a[0][m][0], a[0][m][2]);
+            pairs(e[2 * u + m], a[0][m][1], a[0][m][3]);
+        }
+    }
+};
+
+// Q4_0: after the transpose, word u of the lane is bytes 4t .. 4t+3 of block u: low nibbles
+// codes 4t .. 4t+3, high nibbles 16 + 4t .. 16 + 4t+3. OR-ing a nibble under the bfloat16 128.0
+// (0x4300; its 7 mantissa bits take a nibble, not a shifted one as float16's take in qgemv.cu)
+// makes 128 + code, and one bfloat16x2 FMA leaves code - 8 for two codes at once. Pairs come
+// out as (code 0, code 2), (code 1, code 3): that is Q4ORDER, positions 4t + j + 2e for k-slot
+// pair j, element e.
+struct MmaQ4_0 {
+    static constexpr int WEIGHTS = 32, UNITS = 4, BLOCKS = 4, APARTS = 1;
+    static constexpr bool Q4ORDER = true;
+    static __device__ __forceinline__ unsigned int pair(unsigned int w) {    // 128 + c -> c - 8
+        return bf16x2_fma((w & 0x000F000Fu) | 0x43004300u, 0x3F803F80u, 0xC308C308u);
+    }
+    static __device__ __forceinline__ void unit(const unsigned int (&g)[4], const unsigned int (&e)[4],
+                                                int u, unsigned int (&a)[APARTS][2][4]) {
+#pragma unroll
+        for (int m = 0; m < 2; ++m) {                  // mma 0: low nibbles, 1: high nibbles
+            a[0][m][0] = pair(g[u] >> (4 * m)); a[0][m][1] = pair(e[u] >> (4 * m));
+            a[0][m][2] = pair(g[u] >> (4 * m + 8)); a[0][m][3] = pair(e[u] >> (4 * m + 8));
+        }
+    }
+};
+
+
+// ---------------------------------------------------------------------------------------------
+// x as B fragments. Unit u of a row holds 16 words per part: lane t's 4 (mma 0: b0, b1; mma 1:
+// b0, b1), in lane order. A row is ROWW words, ROWW % 32 == 16, so the two rows one quarter-warp
+// reads fall on different banks.
+
+__device__ __forceinline__ int mma_row_words(int units) { return 16 * units + (units % 2 ? 0 : 16); }
+
+// The two x positions of k-slot pair j of mma m, lane t, relative to the unit: element e at
+// base + (Q4ORDER ? j + 2e : 2j + e), base = 4t (+16 for mma 1) or, for f16/bf16, 8t + 4m.
+template <class F>
+__device__ __forceinline__ int mma_x_base(int m, int t) {
+    return F::UNITS == 1 ? 8 * t + 4 * m : 16 * m + 4 * t;
+}
+
+// Stage rows m0 .. m0 + 7 of x over units u0 .. u0 + units - 1, after the prologue (RMSNorm's
+// norm_w only: inv_rms comes after the product), into xs; rows past M and positions past K are
+// zeros. With RMSNorm, ss[r] gets the sum of squares of row r over the slice.
+template <class F, int PRO>
+__device__ void mma_stage_x(const float* __restrict__ X, int m0, int M, int K, int u0, int units,
+                            const float* __restrict__ norm_w, unsigned int* xs, float* ss) {
+    const int ldx = PRO == GEMV_SWIGLU ? 2 * K : K, row_words = mma_row_words(units);
+    float sq[MMA_ROWS];
+#pragma unroll
+    for (int r = 0; r < MMA_ROWS; ++r) sq[r] = 0.0f;
+    for (int i = threadIdx.x; i < MMA_ROWS * units * 4; i += blockDim.x) {
+        const int r = i / (units * 4), u = (i / 4) % units, t = i % 4;
+        float v[2][4];
+#pragma unroll
+        for (int m = 0; m < 2; ++m) {
+            const int k = 32 * (u0 + u) + mma_x_base<F>(m, t);
+            float4 x = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+            if (m0 + r < M && k < K) {
+                x = gemv_x4<PRO == GEMV_RMSNORM ? GEMV_PLAIN : PRO>(X + (size_t)(m0 + r) * ldx,
+                                                                    k / 4, K, norm_w, 1.0f);
+                if (PRO == GEMV_RMSNORM) {
+                    const float s = x.x * x.x + x.y * x.y + x.z * x.z + x.w * x.w;
+#pragma unroll
+                    for (int rr = 0; rr < MMA_ROWS; ++rr) sq[rr] += rr == r ? s : 0.0f;
+                    const float4 gw = __ldg(reinterpret_cast<const float4*>(norm_w) + k / 4);
+                    x = make_float4(x.x * gw.x, x.y * gw.y, x.z * gw.z, x.w * gw.w);
+                }
+            }
+            v[m][0] = x.x; v[m][1] = x.y; v[m][2] = x.z; v[m][3] = x.w;
+        }
+        unsigned int words[MMA_PARTS][4];
+#pragma unroll
+        for (int m = 0; m < 2; ++m)
+#pragma unroll
+            for (int j = 0; j < 2; ++j) {
+                unsigned int part[MMA_PARTS];
+                const int e0 = F::Q4ORDER ? j : 2 * j, e1 = F::Q4ORDER ? j + 2 : 2 * j + 1;
+                bf16x2_split(v[m][e0], v[m][e1], part);
+#pragma unroll
+                for (int p = 0; p < MMA_PARTS; ++p) words[p][2 * m + j] = part[p];
+            }
+#pragma unroll
+        for (int p = 0; p < MMA_PARTS; ++p)
+            *reinterpret_cast<uint4*>(xs + (p * MMA_ROWS + r) * row_words + 16 * u + 4 * t) =
+                make_uint4(words[p][0], words[p][1], words[p][2], words[p][3]);
+    }
+    if (PRO == GEMV_RMSNORM) {
+        __shared__ float scratch[32];
+#pragma unroll
+        for (int r = 0; r < MMA_ROWS; ++r) {
+            const float s = block_sum(sq[r], scratch);
+            if (threadIdx.x == 0) ss[r] = s;
+        }
+    }
+}
+
+
+// ---------------------------------------------------------------------------------------------
+// The weights of U steps of one lane: per tile j and half h (row g, row g + 8) the 16-byte chunk
+// 4 step + t, and the raw float16 scale of block BLOCKS step + (t % BLOCKS) (0 past the row).
+
+template <class F, int NR, int U>
+struct MmaLoads {
+    uint4 q[U][NR][2];
+    unsigned int d[U][NR];          // row g's scale (low half), row g + 8's (high half)
+
+    __device__ __forceinline__ void fetch(const uint4* __restrict__ qs,
+                                          const unsigned short* __restrict__ ds, int row0, int N,
+                                          int step0, int step_end, int chunks, int nb, int t) {
+        constexpr int BL = F::BLOCKS > 0 ? F::BLOCKS : 1;
+        const int g = (threadIdx.x % 32) / 4;
+#pragma unroll
+        for (int s = 0; s < U; ++s)
+#pragma unroll
+            for (int j = 0; j < NR; ++j) {
+                const int step = step0 + s;
+                d[s][j] = 0;
+#pragma unroll
+                for (int h = 0; h < 2; ++h) {
+                    const int n = min(row0 + 16 * j + 8 * h + g, N - 1);   // past N: never written
+                    const int c = 4 * step + t;
+                    q[s][j][h] = make_uint4(0, 0, 0, 0);
+                    if (step < step_end && c < chunks) q[s][j][h] = q_load16(qs + (size_t)n * chunks + c);
+                    if (F::BLOCKS > 0) {
+                        const int b = F::BLOCKS * step + t % BL;
+                        if (step < step_end && b < nb)
+                            d[s][j] |= (unsigned int)__ldg(ds + (size_t)n * nb + b) << (16 * h);
+                    }
+                }
+            }
+    }
+};
+
+// Grid (tiles, ks); block 256 threads. Tile `blockIdx.x`: rows 128 NR tile .. + 128 NR - 1;
+// slice `blockIdx.y` of the k spans. Dynamic shared memory: MMA_PARTS * 8 * ROWW words.
+// scratch: ks * M * N floats of partial sums, then tiles * ks * M sums of squares;
+// counters: tiles ints, zero before the launch and zero after it.
+template <class F, int NR, int PRO>
+__global__ void __launch_bounds__(256, 2)
+qgemv_mma(const float* __restrict__ X, const uint4* __restrict__ qs,
+          const unsigned short* __restrict__ d, float* __restrict__ Y, int M, int N, int K,
+          int accumulate, const float* __restrict__ norm_w, float eps, float* __restrict__ scratch,
+          int* __restrict__ counters) {
+    constexpr int U = 2;                           // steps of loads in flight
+    constexpr int SPAN = 4 * F::WEIGHTS;           // positions of k per step
+    extern __shared__ __align__(16) unsigned int mma_xs[];
+    __shared__ float mma_ss[MMA_ROWS];
+    __shared__ int mma_last;
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, t = lane % 4;
+    const int tile = blockIdx.x, ks = gridDim.y, slice = blockIdx.y;
+    const int chunks = K / F::WEIGHTS, nb = K / 32;
+    const int spans = (K + SPAN - 1) / SPAN, per_slice = (spans + ks - 1) / ks;
+    const int step_begin = slice * per_slice, step_end = min(spans, step_begin + per_slice);
+    const int units = (step_end - step_begin) * F::UNITS, row_words = mma_row_words(units);
+    const int row0 = tile * 128 * NR + warp * 16 * NR;        // the warp's first weight row
+    float* partial = scratch;                                   // (ks, M, N)
+    float* sums = scratch + (size_t)ks * M * N;                 // (tiles, ks, M)
+
+    MmaLoads<F, NR, U> next;
+    next.fetch(qs, d, row0, N, step_begin, step_end, chunks, nb, t);   // before x is staged
+
+    for (int m0 = 0; m0 < M; m0 += MMA_ROWS) {
+        __syncthreads();                                        // the last pass's readers are done
+        mma_stage_x<F, PRO>(X, m0, M, K, step_begin * F::UNITS, units, norm_w, mma_xs, mma_ss);
+        __syncthreads();
+        if (m0 > 0) next.fetch(qs, d, row0, N, step_begin, step_end, chunks, nb, t);
+
+        float acc[NR][4];
+#pragma unroll
+        for (int j = 0; j < NR; ++j)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc[j][e] = 0.0f;
+
+        for (int s0 = step_begin; s0 < step_end; s0 += U) {
+            const MmaLoads<F, NR, U> cur = next;
+            if (s0 + U < step_end) next.fetch(qs, d, row0, N, s0 + U, step_end, chunks, nb, t);
+#pragma unroll
+            for (int s = 0; s < U; ++s) {
+                if (s0 + s >= step_end) break;
+                unsigned int w[NR][2][4];
+#pragma unroll
+                for (int j = 0; j < NR; ++j)
+#pragma unroll
+                    for (int h = 0; h < 2; ++h) {
+                        w[j][h][0] = cur.q[s][j][h].x; w[j][h][1] = cur.q[s][j][h].y;
+                        w[j][h][2] = cur.q[s][j][h].z; w[j][h][3] = cur.q[s][j][h].w;
+                        if (F::BLOCKS > 0) quad_transpose(w[j][h], t);
+                    }
+#pragma unroll
+                for (int u = 0; u < F::UNITS; ++u) {
+                    const int unit = (s0 + s - step_begin) * F::UNITS + u;
+                    uint4 b[MMA_PARTS];                          // x's fragments, shared by the tiles
+#pragma unroll
+                    for (int p = 0; p < MMA_PARTS; ++p)
+                        b[p] = *reinterpret_cast<const uint4*>(
+                            mma_xs + (p * MMA_ROWS + g) * row_words + 16 * unit + 4 * t);
+#pragma unroll
+                    for (int j = 0; j < NR; ++j) {
+                        unsigned int a[F::APARTS][2][4];
+                        F::unit(w[j][0], w[j][1], u, a);
+                        float part[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+                        float (&c)[4] = F::BLOCKS > 0 ? part : acc[j];
+#pragma unroll
+                        for (int ap = 0; ap < F::APARTS; ++ap)
+#pragma unroll
+                            for (int p = 0; p < MMA_PARTS; ++p) {
+                                mma_bf16(c, a[ap][0], b[p].x, b[p].y);
+                                mma_bf16(c, a[ap][1], b[p].z, b[p].w);
+                            }
+                        if (F::BLOCKS > 0) {                     // the block's scales, rows g, g + 8
+                            const unsigned int dd =
+                                __shfl_sync(FULL_MASK, cur.d[s][j], (lane & ~3) | u % (F::BLOCKS > 0 ? F::BLOCKS : 1));
+                            const float dg = f16_lo(dd), de = f16_hi(dd);
+                            acc[j][0] = fmaf(dg, part[0], acc[j][0]);
+                            acc[j][1] = fmaf(dg, part[1], acc[j][1]);
+                            acc[j][2] = fmaf(de, part[2], acc[j][2]);
+                            acc[j][3] = fmaf(de, part[3], acc[j][3]);
+                        }
+                    }
+                }
+            }
+        }
+
+        // fragment: acc[j][e] = y[m0 + 2t + (e & 1)][row0 + 16 j + g + 8 (e >> 1)]
+#pragma unroll
+        for (int j = 0; j < NR; ++j)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int m = m0 + 2 * t + (e & 1), n = row0 + 16 * j + g + 8 * (e >> 1);
+                if (m >= M || n >= N) continue;
+                if (ks == 1) {
+                    float v = acc[j][e];
+                    if (PRO == GEMV_RMSNORM) v *= 1.0f / sqrtf(mma_ss[2 * t + (e & 1)] / K + eps);
+                    Y[(size_t)m * N + n] = accumulate ? Y[(size_t)m * N + n] + v : v;
+                } else {
+                    partial[((size_t)slice * M + m) * N + n] = acc[j][e];
+                }
+            }
+        if (ks > 1 && PRO == GEMV_RMSNORM && threadIdx.x < MMA_ROWS && m0 + threadIdx.x < M)
+            sums[((size_t)tile * ks + slice) * M + m0 + threadIdx.x] = mma_ss[threadIdx.x];
+    }
+    if (ks == 1) return;
+
+    // The last block of this tile adds the ks slices, in slice order.
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        mma_last = atomicAdd(counters + tile, 1) == ks - 1;
+        if (mma_last) counters[tile] = 0;               // for the next launch
+    }
+    __syncthreads();
+    if (!mma_last) return;
+    __threadfence();
+    const int rows = min(128 * NR, N - tile * 128 * NR);
+    for (int i = threadIdx.x; i < M * rows; i += blockDim.x) {
+        const int m = i / rows, n = tile * 128 * NR + i % rows;
+        float v = 0.0f;
+        for (int s = 0; s < ks; ++s) v += __ldcg(partial + ((size_t)s * M + m) * N + n);
+        if (PRO == GEMV_RMSNORM) {
+            float ss = 0.0f;
+            for (int s = 0; s < ks; ++s) ss += __ldcg(sums + ((size_t)tile * ks + s) * M + m);
+            v *= 1.0f / sqrtf(ss / K + eps);
+        }
+        Y[(size_t)m * N + n] = accumulate ? Y[(size_t)m * N + n] + v : v;
+    }
+}

@@ -1,0 +1,92 @@
+"""qgemv_mma (kernels/qgemv_mma.cu): batches of rows on the tensor cores with x in three
+bfloat16 parts, held to the same 1e-5 as the float32 GEMV against float64 of the dequantized
+weights. Odd sizes, every prologue, accumulate, both tile heights, k split into slices (the
+partial sums added by the last block of each tile), outputs poisoned first. Marked `gpu`.
+"""
+import numpy as np
+import pytest
+
+from minillama.model import rms_norm, silu
+from test_cuda import cuda, poison, rel_err  # noqa: F401  (fixtures and helpers)
+from test_cuda_formats import stored_weight
+
+gpu = pytest.mark.gpu
+rng = np.random.default_rng()
+
+MMA = ("f16", "bf16", "q8_0", "q4_0")
+SIZES = [(1, 32), (17, 96), (129, 4128), (300, 1056), (33, 11008)]     # (N, K), whole blocks
+BATCHES = (1, 2, 3, 8, 9, 13, 64)
+
+
+@gpu
+@pytest.mark.parametrize("ks", [None, 1, 3])
+@pytest.mark.parametrize("nr", [1, 2])
+@pytest.mark.parametrize("fmt,N,K", [(f, n, k) for f in MMA for n, k in SIZES]
+                         + [(f, 77, 1000) for f in ("f16", "bf16")])
+def test_qgemv_mma_matches_float64_of_the_dequantized_weights(cuda, cp, fmt, N, K, nr, ks):
+    packed, w64 = stored_weight(fmt, N, K)
+    w = packed.map(cp.asarray)
+    for M in BATCHES:
+        x = rng.standard_normal((M, K)).astype(np.float32)
+        out = poison(cp, (M, N))
+        y = cuda.kernels.qgemv_mma(cp.asarray(x), w, out=out, nr=nr, ks=ks)
+        assert y is out
+        assert rel_err(y, x.astype(np.float64) @ w64.T) < 1e-5, f"M={M}"
+
+
+@gpu
+@pytest.mark.parametrize("ks", [None, 1, 4])
+@pytest.mark.parametrize("fmt", MMA)
+def test_qgemv_mma_prologues_and_accumulate(cuda, cp, fmt, ks):
+    N, K = 259, 2080
+    packed, w64 = stored_weight(fmt, N, K)
+    w = packed.map(cp.asarray)
+    for M in (1, 3, 8, 13):
+        x = rng.standard_normal((M, K)).astype(np.float32)
+        x64 = x.astype(np.float64)
+        g = (1 + 0.1 * rng.standard_normal(K)).astype(np.float32)
+        y = cuda.kernels.qgemv_mma(cp.asarray(x), w, out=poison(cp, (M, N)), norm=cp.asarray(g),
+                                   eps=1e-5, ks=ks)
+        assert rel_err(y, rms_norm(x64, g.astype(np.float64), 1e-5) @ w64.T) < 1e-5, f"rms M={M}"
+        h = (2 * rng.standard_normal((M, 2 * K))).astype(np.float32)
+        h64 = h.astype(np.float64)
+        y = cuda.kernels.qgemv_mma(cp.asarray(h), w, out=poison(cp, (M, N)), swiglu=True, ks=ks)
+        assert rel_err(y, (silu(h64[:, :K]) * h64[:, K:]) @ w64.T) < 1e-5, f"swiglu M={M}"
+        y0 = rng.standard_normal((M, N)).astype(np.float32)
+        y = cp.asarray(y0)
+        cuda.kernels.qgemv_mma(cp.asarray(x), w, out=y, accumulate=True, ks=ks)
+        assert rel_err(y, y0 + x64 @ w64.T) < 1e-5, f"accumulate M={M}"
+
+
+@gpu
+def test_qgemv_mma_leaves_its_counters_at_zero_and_is_deterministic(cuda, cp):
+    packed, _ = stored_weight("q4_0", 1000, 4096)
+    w = packed.map(cp.asarray)
+    x = cp.asarray(rng.standard_normal((8, 4096)).astype(np.float32))
+    first = cuda.kernels.qgemv_mma(x, w, ks=7)
+    for _ in range(5):
+        assert cp.array_equal(cuda.kernels.qgemv_mma(x, w, ks=7), first)
+    for key, buf in cuda.kernels._MMA_BUFFERS.items():
+        if key[1] == "counters":
+            assert int(cp.count_nonzero(buf)) == 0
+
+
+@gpu
+def test_qgemv_takes_the_tensor_cores_from_mma_min_rows(cuda, cp):
+    packed, w64 = stored_weight("q8_0", 64, 256)
+    w = packed.map(cp.asarray)
+    before = cuda.kernels.KERNELS.launches
+    x = rng.standard_normal((cuda.kernels.MMA_MIN_ROWS, 256)).astype(np.float32)
+    names = []
+    launch = cuda.kernels.KERNELS.launch
+
+    def spy(name, *a, **k):
+        names.append(name)
+        return launch(name, *a, **k)
+    cuda.kernels.KERNELS.launch = spy
+    try:
+        y = cuda.kernels.qgemv(cp.asarray(x), w)
+    finally:
+        cuda.kernels.KERNELS.launch = launch
+    assert cuda.kernels.KERNELS.launches == before + 1 and names[0].startswith("qgemv_mma<")
+    assert rel_err(y, x.astype(np.float64) @ w64.T) < 1e-5
