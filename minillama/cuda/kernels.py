@@ -469,8 +469,9 @@ def qgemv_mma(x, w, out=None, accumulate=False, norm=None, eps=1e-5, swiglu=Fals
         raise DeviceError(f"qgemv_mma: nr must be one of {MMA_NR}, got {nr!r}")
     tiles, spans = cdiv(N, 128 * nr), cdiv(K, span)
     if ks is None:
-        ks = max(round(MMA_BLOCKS_PER_SM * sm_count() / tiles), cdiv(spans * span, MMA_MAX_SLICE))
-    per_slice = cdiv(spans, min(max(int(ks), 1), spans))
+        ks = round(MMA_BLOCKS_PER_SM * sm_count() / tiles)
+    ks = max(int(ks), cdiv(spans * span, MMA_MAX_SLICE), 1)     # a slice's x fits shared memory
+    per_slice = cdiv(spans, min(ks, spans))
     ks = cdiv(spans, per_slice)                       # no empty slice
     units = per_slice * span // 32
     smem = 3 * 8 * 4 * (16 * units + (0 if units % 2 else 16))
