@@ -38,6 +38,8 @@ __device__ __forceinline__ void cache_store(unsigned short* p, float v) {
 // h[b, :] = table[step[1 + b], :]          grid (bsz), any block size
 extern "C" __global__ void embed_tokens(const int* __restrict__ step, const float* __restrict__ table,
                                         float* __restrict__ h, int dim) {
+    grid_launch_dependents();
+    grid_dependency_wait();                                // (reduce.cu)
     const float* row = table + (size_t)step[1 + blockIdx.x] * dim;
     float* out = h + (size_t)blockIdx.x * dim;
     for (int j = threadIdx.x; j < dim; j += blockDim.x) out[j] = row[j];
@@ -56,6 +58,8 @@ __global__ void rope_kv(const float* __restrict__ qkv, const int* __restrict__ s
                         float* __restrict__ q_out, T* __restrict__ cache_k,
                         T* __restrict__ cache_v, int n_heads, int n_kv_heads, int head_dim,
                         int max_seq) {
+    grid_launch_dependents();
+    grid_dependency_wait();                                // (reduce.cu)
     const int half = head_dim / 2;
     const int p = blockIdx.x * blockDim.x + threadIdx.x;
     if (p >= (n_heads + n_kv_heads) * half) return;
@@ -126,6 +130,8 @@ attention_decode(const float* __restrict__ q, const T* __restrict__ cache_k,
                  const T* __restrict__ cache_v, const int* __restrict__ step,
                  float* __restrict__ out, int n_heads, int n_kv_heads, int head_dim, int max_seq,
                  float scale) {
+    grid_launch_dependents();
+    grid_dependency_wait();                                // (reduce.cu)
     extern __shared__ __align__(16) float smem[];
     float* qs = smem;                                      // (head_dim,)
     float* partial = qs + head_dim;                        // (WIDTH * blockDim,)

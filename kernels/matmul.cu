@@ -762,6 +762,8 @@ gemv(const float* __restrict__ X, const float* __restrict__ W, float* __restrict
     const int ldx = PRO == GEMV_SWIGLU ? 2 * K : K;        // row length of X
     const bool active = n < N;                          // idle warps still reach the barriers
     __shared__ float partial[8][ROWS];
+    grid_launch_dependents();
+    grid_dependency_wait();                             // (reduce.cu) x is the last kernel's
 
     float inv_rms[ROWS];
 #pragma unroll

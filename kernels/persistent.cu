@@ -356,6 +356,8 @@ decode_persistent(const int* __restrict__ step, const float* __restrict__ tok_em
                   float* h13, float* logits, unsigned int* counter, int bsz, int dim,
                   int hidden, int n_layers, int n_heads, int n_kv_heads, int head_dim,
                   int max_seq, int vocab, float eps, float scale) {
+    grid_launch_dependents();
+    grid_dependency_wait();                                // (reduce.cu)
     extern __shared__ __align__(16) float stage_smem[];   // decode.cu has a `smem`
     __shared__ float scratch[32];
     unsigned int arrivals = 0;

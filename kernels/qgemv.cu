@@ -257,6 +257,8 @@ qgemv(const float* __restrict__ X, const uint4* __restrict__ qs,
     QBatch<F, NR, U> next;
     bool fetched = n_first < N;
     if (fetched) next.fetch(qs, d, mn, n_first, N, lane, min(kc, K) / F::WEIGHTS, 0, loads_per_row, nb);
+    grid_launch_dependents();
+    grid_dependency_wait();            // (reduce.cu) the weights are ours; x is the last kernel's
 
     for (int m0 = 0; m0 < M; m0 += ROWS) {            // ROWS rows of x at a time
         float inv_rms[ROWS];
@@ -468,6 +470,8 @@ qgemv_v2(const float* __restrict__ X, const uint4* __restrict__ qs,
     QBatch<F, NR, U> next;
     bool fetched = n_first < N;
     if (fetched) next.fetch(qs, d, mn, n_first, N, lane, min(kc, K) / F::WEIGHTS, 0, loads_per_row, nb);
+    grid_launch_dependents();
+    grid_dependency_wait();            // (reduce.cu) the weights are ours; x is the last kernel's
 
     for (int m0 = 0; m0 < M; m0 += ROWS) {
         float inv_rms[ROWS];

@@ -243,6 +243,8 @@ qgemv_k(const float* __restrict__ X, const uint4* __restrict__ qs, const uint4* 
     const int nb = K / 256;                           // super-blocks per row of W
     const int tile_step = gridDim.x * warps * NR;
     const int n_first = (blockIdx.x * warps + warp) * NR;
+    grid_launch_dependents();
+    grid_dependency_wait();                           // (reduce.cu) x is the last kernel's
 
     for (int m0 = 0; m0 < M; m0 += ROWS) {            // ROWS rows of x at a time
         float inv_rms[ROWS];

@@ -330,6 +330,8 @@ qgemv_mma(const float* __restrict__ X, const uint4* __restrict__ qs,
 
     MmaLoads<F, NR, U> next;
     next.fetch(qs, d, row0, N, step_begin, step_end, chunks, nb, t);   // before x is staged
+    grid_launch_dependents();
+    grid_dependency_wait();            // (reduce.cu) the weights are ours; x is the last kernel's
 
     for (int m0 = 0; m0 < M; m0 += MMA_ROWS) {
         __syncthreads();                                        // the last pass's readers are done

@@ -20,6 +20,26 @@
 
 #define FULL_MASK 0xffffffffu
 
+// Programmatic dependent launch (Hopper and later; minillama/cuda/pdl.py launches with it).
+// A kernel launched that way may start while the kernel before it in the stream is still
+// finishing: its blocks take free SMs early, issue what does not depend on the previous kernel
+// (the first weight loads of a GEMV), and wait in grid_dependency_wait() until the previous
+// grid has finished and its writes are visible. So every kernel that a decode step launches
+// calls grid_dependency_wait() before it reads an activation or writes anything.
+// grid_launch_dependents() lets the next kernel be scheduled as soon as every block of this
+// one has started. Launched the ordinary way, both are no-ops.
+__device__ __forceinline__ void grid_dependency_wait() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void grid_launch_dependents() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
 // -inf without <math.h> (NVRTC compiles without the host headers)
 __device__ __forceinline__ float neg_inf() { return __int_as_float(0xff800000); }
 

@@ -126,7 +126,12 @@ class FusedDecoder:
             return None
 
     def run(self, bsz):
-        """Launch one decode step for rows 0 .. bsz-1 on the current stream."""
+        """Launch one decode step for rows 0 .. bsz-1 on the current stream, each kernel
+        allowed to start while the one before it finishes (cuda/pdl.py)."""
+        with KERNELS.programmatic():
+            self._launch_step(bsz)
+
+    def _launch_step(self, bsz):
         p, B, block = self.p, self.BLOCK, (self.BLOCK,)
         nh, nkv, hd = p.n_heads, p.n_kv_heads, p.head_dim
         h, qkv, q, att, h13 = (a[:bsz] for a in (self.h, self.qkv, self.q, self.att, self.h13))

@@ -16,6 +16,7 @@ The sources come from the kernels/ folder of the checkout this code runs from (i
 `pip install -e .`, or just on PYTHONPATH), or from the installed package minillama.kernels
 after `pip install .`.
 """
+import contextlib
 import functools
 import importlib.resources
 from pathlib import Path
@@ -23,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DeviceError
+from . import pdl
 
 # in compile order: qgemv.cu, qgemv_k.cu and qgemv_mma.cu use matmul.cu's float16 helpers and
 # GEMV prologues (qgemv_mma.cu also qgemv.cu's loads), decode.cu its float16 conversions,
@@ -115,6 +117,18 @@ class KernelModule:
         self._modules = {}      # group -> its compiled module
         self._shared = {}       # name -> dynamic shared memory granted beyond the default
         self._static = {}       # name -> its static shared memory (__shared__ arrays)
+        self._programmatic = False      # inside programmatic(): launch with pdl.launch
+
+    @contextlib.contextmanager
+    def programmatic(self):
+        """Launches inside this block may overlap the kernel before them (pdl.py), on GPUs
+        that allow it. Only for kernels that call grid_dependency_wait (reduce.cu) before
+        they read an activation or write anything: the decode step's."""
+        before, self._programmatic = self._programmatic, True
+        try:
+            yield
+        finally:
+            self._programmatic = before
 
     def module(self, group):
         """The compiled module of `group`, compiled now if it is not yet."""
@@ -153,7 +167,11 @@ class KernelModule:
                 function.kernel.ptr, MAX_DYNAMIC_SHARED_SIZE_BYTES, shared_mem)
             self._shared[name] = shared_mem
         self.launches += 1
-        function(grid, block, args, shared_mem=shared_mem)
+        if self._programmatic and pdl.supported(require_cupy().cuda.Device().id):
+            pdl.launch(function.kernel.ptr, grid, block, args, shared_mem,
+                       require_cupy().cuda.get_current_stream().ptr)
+        else:
+            function(grid, block, args, shared_mem=shared_mem)
 
 
 def _static_shared(function):
