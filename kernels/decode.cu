@@ -70,7 +70,8 @@ extern "C" __global__ void embed_tokens(const int* __restrict__ step, const floa
 //      group g sums p_t v_t over t = g, g + groups, ...; consecutive threads read consecutive
 //      pieces of one cached v row (coalesced). The group partials are added in shared memory
 //      and divided by the sum.
-// Dynamic shared memory: 3 head_dim + WIDTH * blockDim + max_seq floats. Needs head_dim <= blockDim.
+// Dynamic shared memory: 3 head_dim + WIDTH * blockDim + max_seq floats.
+// Needs head_dim <= blockDim.
 // grid (n_heads, bsz)
 
 // WIDTH values from p (float32 or float16 bits) as float32; WIDTH 4: one 16- or 8-byte load.

@@ -259,8 +259,8 @@ __device__ void stage_qkv(const float* __restrict__ wqkv, int K, const float* xs
 
 // ---- attention of one query head of one row -------------------------------------------------
 // attention_decode of decode.cu without its RoPE (the qkv stage did it), reduced to float32
-// caches and head_dim % 4 == 0, with every load of q and the cache through L2 (they were written during this launch). smem: head_dim +
-// 4 * blockDim + max_seq floats.
+// caches and head_dim % 4 == 0, with every load of q and the cache through L2 (they were
+// written during this launch). smem: head_dim + 4 * blockDim + max_seq floats.
 __device__ void attend(int h, int b, const float* q, const float* cache_k, const float* cache_v,
                        float* att, int n_keys, int n_heads, int n_kv_heads, int head_dim,
                        int max_seq, float scale, float* smem, float* scratch) {
