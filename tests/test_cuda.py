@@ -434,6 +434,20 @@ def test_fused_decode_survives_rounds_of_step_slots(cuda, cp):
 
 
 @gpu
+def test_generate_greedy_on_the_gpu_equals_the_cpu(cuda, cp):
+    """Llama.generate at temperature 0 takes the argmax on the GPU (generation.greedy) and
+    copies back only the ids: the same tokens as on the CPU, for padded prompts of 3 rows."""
+    from conftest import StubTokenizer
+    from minillama.generation import Llama
+    p = ModelArgs(**ODD)
+    w = random_weights(p, seed=int(rng.integers(1 << 30)), scale=0.5)   # far from ties
+    prompts = [list(rng.integers(3, 97, n)) for n in (1, 7, 4)]
+    got, want = (Llama(Transformer(p, w, ops), StubTokenizer(eos_id=-7)).generate(
+        prompts, max_gen_len=20, temperature=0)[0] for ops in (cuda.CudaOps(), CPU))
+    assert got == want
+
+
+@gpu
 def test_fused_decode_returns_fresh_logits_each_step(cuda, cp):
     gpu_model, _ = small_model(cuda.CudaOps(), bsz=1)
     forward = gpu_model.ops.decoder(gpu_model)
