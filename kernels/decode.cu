@@ -27,14 +27,12 @@
 // to nearest when it is written, as NumPy's assignment into a float16 array rounds it, and
 // widened when it is read; every sum and product is float32.
 
-// One cache element <-> float32 (f16_to_f32, round_to_16bit: matmul.cu).
-__device__ __forceinline__ float cache_load(const float* p) { return *p; }
-__device__ __forceinline__ float cache_load(const unsigned short* p) { return f16_to_f32(*p); }
+// One cache element written from float32 (round_to_16bit: matmul.cu), and as_cached: what the
+// element then holds, read back as float32 (f16_to_f32). The pointer's type picks the overload.
 __device__ __forceinline__ void cache_store(float* p, float v) { *p = v; }
 __device__ __forceinline__ void cache_store(unsigned short* p, float v) {
     *p = round_to_16bit<false>(v);
 }
-// v as a cache element holds it once stored, read back as float32 (the pointer picks the type)
 __device__ __forceinline__ float as_cached(const float*, float v) { return v; }
 __device__ __forceinline__ float as_cached(const unsigned short*, float v) {
     return f16_to_f32(round_to_16bit<false>(v));
@@ -75,31 +73,35 @@ extern "C" __global__ void embed_tokens(const int* __restrict__ step, const floa
 // grid (n_heads, bsz)
 
 // WIDTH values from p (float32 or float16 bits) as float32; WIDTH 4: one 16- or 8-byte load.
-template <int WIDTH>
+// LDG: through the read-only data cache (__ldg), for the cache rows below pos, which no block
+// writes during the launch (the compiler no longer infers it: the kernel writes the cache).
+template <int WIDTH, bool LDG = false>
 __device__ __forceinline__ void load_w(const float* p, float* v) {
     if (WIDTH == 4) {
-        const float4 x = *reinterpret_cast<const float4*>(p);
+        const float4* p4 = reinterpret_cast<const float4*>(p);
+        const float4 x = LDG ? __ldg(p4) : *p4;
         v[0] = x.x; v[1] = x.y; v[2] = x.z; v[3] = x.w;
     } else {
 #pragma unroll
-        for (int i = 0; i < WIDTH; ++i) v[i] = p[i];
+        for (int i = 0; i < WIDTH; ++i) v[i] = LDG ? __ldg(p + i) : p[i];
     }
 }
 
-template <int WIDTH>
+template <int WIDTH, bool LDG = false>
 __device__ __forceinline__ void load_w(const unsigned short* p, float* v) {
     if (WIDTH == 4) {
-        const uint2 x = *reinterpret_cast<const uint2*>(p);     // four float16s
+        const uint2* p2 = reinterpret_cast<const uint2*>(p);
+        const uint2 x = LDG ? __ldg(p2) : *p2;                  // four float16s
         v[0] = f16_lo(x.x); v[1] = f16_hi(x.x); v[2] = f16_lo(x.y); v[3] = f16_hi(x.y);
     } else {
 #pragma unroll
-        for (int i = 0; i < WIDTH; ++i) v[i] = cache_load(p + i);
+        for (int i = 0; i < WIDTH; ++i) v[i] = f16_to_f32(LDG ? __ldg(p + i) : p[i]);
     }
 }
 
 // q . k over one row of head_dim values, WIDTH at a time: k is a cache row (float32 or float16
 // bits) or the block's own new key in shared memory; the same order of products either way.
-template <int WIDTH, typename K>
+template <int WIDTH, bool LDG, typename K>
 __device__ __forceinline__ float dot_row(const float* qs, const K* k, int pieces) {
     float dot = 0.0f;
     // 16 pieces at a time: all 16 loads are issued before the first product waits on one
@@ -107,7 +109,7 @@ __device__ __forceinline__ float dot_row(const float* qs, const K* k, int pieces
         float kv[16][WIDTH];
 #pragma unroll
         for (int i = 0; i < 16; ++i)
-            if (i0 + i < pieces) load_w<WIDTH>(k + (i0 + i) * WIDTH, kv[i]);
+            if (i0 + i < pieces) load_w<WIDTH, LDG>(k + (i0 + i) * WIDTH, kv[i]);
 #pragma unroll
         for (int i = 0; i < 16; ++i) {
             if (i0 + i < pieces) {
@@ -181,8 +183,8 @@ attention_decode(const float* __restrict__ qkv, const int* __restrict__ step,
     // 2. scores of keys 0 .. pos (pos: the new key, from shared memory) and their max
     float m = neg_inf();
     for (int t = tid; t < n_keys; t += blockDim.x) {
-        const float dot = t == pos ? dot_row<WIDTH>(qs, ks, pieces)
-                                   : dot_row<WIDTH>(qs, keys + t * row_stride, pieces);
+        const float dot = t == pos ? dot_row<WIDTH, false>(qs, ks, pieces)
+                                   : dot_row<WIDTH, true>(qs, keys + t * row_stride, pieces);
         scores[t] = dot;
         m = fmaxf(m, dot);
     }
@@ -209,7 +211,7 @@ attention_decode(const float* __restrict__ qkv, const int* __restrict__ step,
             if (t == pos)
                 load_w<WIDTH>(vs + piece * WIDTH, v);
             else
-                load_w<WIDTH>(values + t * row_stride + piece * WIDTH, v);
+                load_w<WIDTH, true>(values + t * row_stride + piece * WIDTH, v);
             const float p = scores[t];
 #pragma unroll
             for (int j = 0; j < WIDTH; ++j) acc[j] += p * v[j];
