@@ -35,9 +35,9 @@ class FusedDecoder:
     copy `step` over and replay the graph with one call. Prefill (seqlen > 1) stays on the
     generic path; both write the same cache.
 
-    Between two replays the host makes 5 calls into CUDA: the step's copy (and the current
-    stream it goes on), the replay, and the logits' allocation and copy; once every STEP_SLOTS
-    steps, one wait on an event and its record (`send_step` says why that is enough).
+    Between two replays the host calls CUDA 3 times: the step's copy in, the replay, the
+    logits' copy out (into an array from CuPy's pool); an event wait and record, which every
+    step made before, come once every STEP_SLOTS steps (`send_step` says why that is enough).
     """
 
     BLOCK = 256
