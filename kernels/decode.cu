@@ -1,4 +1,4 @@
-// The small steps of decoding one token, fused so that a layer takes 6 launches instead of ~45.
+// The small steps of decoding one token, fused so that a layer takes 5 launches instead of ~45.
 //
 // Transformer.forward (minillama/model.py) runs a layer as a few dozen CuPy calls (RMSNorm
 // alone is six elementwise kernels), which is fine for a prompt but at one token per call the
@@ -8,8 +8,8 @@
 // input:
 //
 //     embed_tokens                                          h = tok_embeddings[token]
-//     per layer:  gemv(rmsnorm -> wqkv) -> rope_kv -> attention_decode -> gemv(wo, h +=)
-//                 gemv(rmsnorm -> w13) -> gemv(swiglu -> w2, h +=)
+//     per layer:  gemv(rmsnorm -> wqkv) -> attention_decode (RoPE, cache write, attention)
+//                 -> gemv(wo, h +=) -> gemv(rmsnorm -> w13) -> gemv(swiglu -> w2, h +=)
 //     gemv(rmsnorm -> output)                               logits
 //
 // What changes from one token to the next, the position and the token ids, is read from device
@@ -21,18 +21,21 @@
 // to rounding (tests/test_cuda.py compares logits with the CPU path token by token).
 // Compiled as one module after reduce.cu and matmul.cu (see minillama/cuda/runtime.py).
 //
-// The KV cache holds float32 or float16 (the model's kv_dtype): rope_kv and attention_decode
-// are templates over its element type T, float or unsigned short (the bits of a float16, as
+// The KV cache holds float32 or float16 (the model's kv_dtype): attention_decode is a
+// template over its element type T, float or unsigned short (the bits of a float16, as
 // f32_to_16bit in matmul.cu writes them). Only the cache is 16-bit: a key or value is rounded
 // to nearest when it is written, as NumPy's assignment into a float16 array rounds it, and
 // widened when it is read; every sum and product is float32.
 
-// One cache element <-> float32 (f16_to_f32, round_to_16bit: matmul.cu).
-__device__ __forceinline__ float cache_load(const float* p) { return *p; }
-__device__ __forceinline__ float cache_load(const unsigned short* p) { return f16_to_f32(*p); }
+// One cache element written from float32 (round_to_16bit: matmul.cu), and as_cached: what the
+// element then holds, read back as float32 (f16_to_f32). The pointer's type picks the overload.
 __device__ __forceinline__ void cache_store(float* p, float v) { *p = v; }
 __device__ __forceinline__ void cache_store(unsigned short* p, float v) {
     *p = round_to_16bit<false>(v);
+}
+__device__ __forceinline__ float as_cached(const float*, float v) { return v; }
+__device__ __forceinline__ float as_cached(const unsigned short*, float v) {
+    return f16_to_f32(round_to_16bit<false>(v));
 }
 
 // h[b, :] = table[step[1 + b], :]          grid (bsz), any block size
@@ -45,137 +48,153 @@ extern "C" __global__ void embed_tokens(const int* __restrict__ step, const floa
     for (int j = threadIdx.x; j < dim; j += blockDim.x) out[j] = row[j];
 }
 
-// model.apply_rotary_emb on q and k, and the KV-cache write, for one position per row.
-//
-// qkv: (bsz, (n_heads + 2 n_kv) * head_dim) = [q heads | k heads | v heads], from gemv(wqkv).
-// One thread per adjacent pair (x[2i], x[2i+1]) of a q or k head, rotated by the angle of
-// (pos, i); the threads of k heads also copy the matching pair of v. Rotated q goes to q_out
-// (bsz, n_heads * head_dim); k and v go to cache[b, pos, kv_head, :].
-// grid (ceil(pairs / block), bsz), pairs = (n_heads + n_kv) * head_dim / 2
-template <typename T>
-__global__ void rope_kv(const float* __restrict__ qkv, const int* __restrict__ step,
-                        const float* __restrict__ cos_table, const float* __restrict__ sin_table,
-                        float* __restrict__ q_out, T* __restrict__ cache_k,
-                        T* __restrict__ cache_v, int n_heads, int n_kv_heads, int head_dim,
-                        int max_seq) {
-    grid_launch_dependents();
-    grid_dependency_wait();                                // (reduce.cu)
-    const int half = head_dim / 2;
-    const int p = blockIdx.x * blockDim.x + threadIdx.x;
-    if (p >= (n_heads + n_kv_heads) * half) return;
-    const int b = blockIdx.y, pos = step[0];
-    const int head = p / half, i = p % half;
-    const int qkv_dim = (n_heads + 2 * n_kv_heads) * head_dim;
-    const float* src = qkv + (size_t)b * qkv_dim + head * head_dim + 2 * i;
-    const float x0 = src[0], x1 = src[1];
-    const float c = cos_table[(size_t)pos * half + i], s = sin_table[(size_t)pos * half + i];
-    const float out0 = x0 * c - x1 * s;
-    const float out1 = x0 * s + x1 * c;
-    if (head < n_heads) {
-        float* dst = q_out + (size_t)b * n_heads * head_dim + head * head_dim + 2 * i;
-        dst[0] = out0;
-        dst[1] = out1;
-    } else {
-        const int g = head - n_heads;
-        const size_t at = (((size_t)b * max_seq + pos) * n_kv_heads + g) * head_dim + 2 * i;
-        cache_store(cache_k + at, out0);
-        cache_store(cache_k + at + 1, out1);
-        const float* v = src + n_kv_heads * head_dim;        // the same pair of the v head
-        cache_store(cache_v + at, v[0]);
-        cache_store(cache_v + at + 1, v[1]);
-    }
-}
-
-// Attention of one new query per row against the cache, keys 0 .. pos, in one kernel:
+// Attention of one new query per row against the cache, keys 0 .. pos, in one kernel, RoPE
+// and the cache write included (they were a launch of their own, rope_kv, until 2026-11-29):
+// q, k = apply_rotary_emb(q, k),  cache[pos] = k, v,
 // scores = (q * scale) . k_t,  p = softmax(scores),  out = sum_t p_t v_t.
 //
-// One block per (query head, row); query head h reads kv head h / (n_heads / n_kv_heads) (GQA).
-//   1. thread t computes the scores of keys t, t + blockDim, ... into shared memory, reading
+// qkv: (bsz, (n_heads + 2 n_kv) * head_dim) = [q heads | k heads | v heads], from gemv(wqkv).
+// One block per (query head, row); query head h reads kv head g = h / (n_heads / n_kv_heads).
+//   1. one thread per pair (x[2i], x[2i+1]) rotates q's pair (into shared memory, times scale)
+//      and the new key's pair of kv head g (model.apply_rotary_emb, the same float operations),
+//      and copies the new value's pair. The block uses its own new key and value for position
+//      pos, rounded as the cache stores them, and never reads cache row pos: the
+//      n_heads / n_kv_heads blocks of kv head g run in any order, and only the first of them
+//      (h % (n_heads / n_kv_heads) == 0) writes k and v into the cache at pos, for the steps
+//      after this one.
+//   2. thread t computes the scores of keys t, t + blockDim, ... into shared memory, reading
 //      its key row WIDTH values at a time (one float4, or four float16s, when
 //      head_dim % 4 == 0), and their max
-//   2. exponentiate against the block max and sum (block reductions, reduce.cu)
-//   3. threads split as (group, piece): piece i covers v[WIDTH i .. WIDTH i + WIDTH - 1] and
+//   3. exponentiate against the block max and sum (block reductions, reduce.cu)
+//   4. threads split as (group, piece): piece i covers v[WIDTH i .. WIDTH i + WIDTH - 1] and
 //      group g sums p_t v_t over t = g, g + groups, ...; consecutive threads read consecutive
 //      pieces of one cached v row (coalesced). The group partials are added in shared memory
 //      and divided by the sum.
-// Dynamic shared memory: head_dim + WIDTH * blockDim + max_seq floats. Needs head_dim <= blockDim.
+// Dynamic shared memory: 3 head_dim + WIDTH * blockDim + max_seq floats.
+// Needs head_dim <= blockDim.
 // grid (n_heads, bsz)
 
 // WIDTH values from p (float32 or float16 bits) as float32; WIDTH 4: one 16- or 8-byte load.
-template <int WIDTH>
+// LDG: through the read-only data cache (__ldg), for the cache rows below pos, which no block
+// writes during the launch (the compiler no longer infers it: the kernel writes the cache).
+template <int WIDTH, bool LDG = false>
 __device__ __forceinline__ void load_w(const float* p, float* v) {
     if (WIDTH == 4) {
-        const float4 x = *reinterpret_cast<const float4*>(p);
+        const float4* p4 = reinterpret_cast<const float4*>(p);
+        const float4 x = LDG ? __ldg(p4) : *p4;
         v[0] = x.x; v[1] = x.y; v[2] = x.z; v[3] = x.w;
     } else {
 #pragma unroll
-        for (int i = 0; i < WIDTH; ++i) v[i] = p[i];
+        for (int i = 0; i < WIDTH; ++i) v[i] = LDG ? __ldg(p + i) : p[i];
     }
 }
 
-template <int WIDTH>
+template <int WIDTH, bool LDG = false>
 __device__ __forceinline__ void load_w(const unsigned short* p, float* v) {
     if (WIDTH == 4) {
-        const uint2 x = *reinterpret_cast<const uint2*>(p);     // four float16s
+        const uint2* p2 = reinterpret_cast<const uint2*>(p);
+        const uint2 x = LDG ? __ldg(p2) : *p2;                  // four float16s
         v[0] = f16_lo(x.x); v[1] = f16_hi(x.x); v[2] = f16_lo(x.y); v[3] = f16_hi(x.y);
     } else {
 #pragma unroll
-        for (int i = 0; i < WIDTH; ++i) v[i] = cache_load(p + i);
+        for (int i = 0; i < WIDTH; ++i) v[i] = f16_to_f32(LDG ? __ldg(p + i) : p[i]);
     }
+}
+
+// q . k over one row of head_dim values, WIDTH at a time: k is a cache row (float32 or float16
+// bits) or the block's own new key in shared memory; the same order of products either way.
+template <int WIDTH, bool LDG, typename K>
+__device__ __forceinline__ float dot_row(const float* qs, const K* k, int pieces) {
+    float dot = 0.0f;
+    // 16 pieces at a time: all 16 loads are issued before the first product waits on one
+    for (int i0 = 0; i0 < pieces; i0 += 16) {
+        float kv[16][WIDTH];
+#pragma unroll
+        for (int i = 0; i < 16; ++i)
+            if (i0 + i < pieces) load_w<WIDTH, LDG>(k + (i0 + i) * WIDTH, kv[i]);
+#pragma unroll
+        for (int i = 0; i < 16; ++i) {
+            if (i0 + i < pieces) {
+                float qv[WIDTH];
+                load_w<WIDTH>(qs + (i0 + i) * WIDTH, qv);
+#pragma unroll
+                for (int j = 0; j < WIDTH; ++j) dot += qv[j] * kv[i][j];
+            }
+        }
+    }
+    return dot;
+}
+
+// model.apply_rotary_emb on one pair (x[2i], x[2i+1]) of a q or k head, at position pos
+__device__ __forceinline__ void rotate_pair(const float* x, const float* __restrict__ cos_table,
+                                            const float* __restrict__ sin_table, int pos, int i,
+                                            int half, float* out) {
+    const float x0 = x[0], x1 = x[1];
+    const float c = cos_table[(size_t)pos * half + i], s = sin_table[(size_t)pos * half + i];
+    out[0] = x0 * c - x1 * s;
+    out[1] = x0 * s + x1 * c;
 }
 
 template <int WIDTH, typename T>
 __global__ void __launch_bounds__(256)
-attention_decode(const float* __restrict__ q, const T* __restrict__ cache_k,
-                 const T* __restrict__ cache_v, const int* __restrict__ step,
-                 float* __restrict__ out, int n_heads, int n_kv_heads, int head_dim, int max_seq,
-                 float scale) {
+attention_decode(const float* __restrict__ qkv, const int* __restrict__ step,
+                 const float* __restrict__ cos_table, const float* __restrict__ sin_table,
+                 T* __restrict__ cache_k, T* __restrict__ cache_v, float* __restrict__ out,
+                 int n_heads, int n_kv_heads, int head_dim, int max_seq, float scale) {
     grid_launch_dependents();
     grid_dependency_wait();                                // (reduce.cu)
     extern __shared__ __align__(16) float smem[];
-    float* qs = smem;                                      // (head_dim,)
-    float* partial = qs + head_dim;                        // (WIDTH * blockDim,)
+    float* qs = smem;                                      // (head_dim,) q * scale, rotated
+    float* ks = qs + head_dim;                             // (head_dim,) the new key, rotated
+    float* vs = ks + head_dim;                             // (head_dim,) the new value
+    float* partial = vs + head_dim;                        // (WIDTH * blockDim,)
     float* scores = partial + WIDTH * blockDim.x;          // (max_seq,)
     __shared__ float scratch[32];
 
     const int h = blockIdx.x, b = blockIdx.y, tid = threadIdx.x;
-    const int g = h / (n_heads / n_kv_heads);
-    const int n_keys = step[0] + 1;
+    const int rep = n_heads / n_kv_heads, g = h / rep;
+    const int pos = step[0], n_keys = pos + 1, half = head_dim / 2;
     const size_t row_stride = (size_t)n_kv_heads * head_dim;   // from one position to the next
-    const T* keys = cache_k + (size_t)b * max_seq * row_stride + g * head_dim;
-    const T* values = cache_v + (size_t)b * max_seq * row_stride + g * head_dim;
+    T* keys = cache_k + (size_t)b * max_seq * row_stride + g * head_dim;
+    T* values = cache_v + (size_t)b * max_seq * row_stride + g * head_dim;
     const int pieces = head_dim / WIDTH;                   // WIDTH-wide pieces of a row
 
-    // model.py scales q before the product; so do we, to round the same way
-    for (int d = tid; d < head_dim; d += blockDim.x)
-        qs[d] = q[(size_t)b * n_heads * head_dim + h * head_dim + d] * scale;
-    __syncthreads();
-
-    float m = neg_inf();
-    for (int t = tid; t < n_keys; t += blockDim.x) {
-        const T* k = keys + t * row_stride;
-        float dot = 0.0f;
-        // 16 pieces at a time: all 16 loads are issued before the first product waits on one
-        for (int i0 = 0; i0 < pieces; i0 += 16) {
-            float kv[16][WIDTH];
+    // 1. RoPE: q of head h and k of kv head g, one pair per thread. The new key and value are
+    //    used from shared memory, as the cache will hold them (rounded, for a float16 cache):
+    //    the other blocks of kv head g may not have written them yet, and only the first writes.
+    const float* row = qkv + (size_t)b * (n_heads + 2 * n_kv_heads) * head_dim;
+    const float* k_new = row + (n_heads + g) * head_dim;
+    const float* v_new = k_new + n_kv_heads * head_dim;
+    const bool writer = h % rep == 0;
+    for (int i = tid; i < half; i += blockDim.x) {
+        float qr[2], kr[2];
+        rotate_pair(row + h * head_dim + 2 * i, cos_table, sin_table, pos, i, half, qr);
+        rotate_pair(k_new + 2 * i, cos_table, sin_table, pos, i, half, kr);
 #pragma unroll
-            for (int i = 0; i < 16; ++i)
-                if (i0 + i < pieces) load_w<WIDTH>(k + (i0 + i) * WIDTH, kv[i]);
-#pragma unroll
-            for (int i = 0; i < 16; ++i) {
-                if (i0 + i < pieces) {
-                    float qv[WIDTH];
-                    load_w<WIDTH>(qs + (i0 + i) * WIDTH, qv);
-#pragma unroll
-                    for (int j = 0; j < WIDTH; ++j) dot += qv[j] * kv[i][j];
-                }
+        for (int j = 0; j < 2; ++j) {
+            const int d = 2 * i + j;
+            qs[d] = qr[j] * scale;                         // model.py scales q before the product
+            ks[d] = as_cached(keys, kr[j]);
+            vs[d] = as_cached(values, v_new[d]);
+            if (writer) {
+                cache_store(keys + (size_t)pos * row_stride + d, kr[j]);
+                cache_store(values + (size_t)pos * row_stride + d, v_new[d]);
             }
         }
+    }
+    __syncthreads();
+
+    // 2. scores of keys 0 .. pos (pos: the new key, from shared memory) and their max
+    float m = neg_inf();
+    for (int t = tid; t < n_keys; t += blockDim.x) {
+        const float dot = t == pos ? dot_row<WIDTH, false>(qs, ks, pieces)
+                                   : dot_row<WIDTH, true>(qs, keys + t * row_stride, pieces);
         scores[t] = dot;
         m = fmaxf(m, dot);
     }
     m = block_max(m, scratch);
 
+    // 3. softmax's numerators and sum
     float sum = 0.0f;
     for (int t = tid; t < n_keys; t += blockDim.x) {
         const float e = expf(scores[t] - m);
@@ -184,6 +203,7 @@ attention_decode(const float* __restrict__ q, const T* __restrict__ cache_k,
     }
     sum = block_sum(sum, scratch);                         // its barrier publishes scores[]
 
+    // 4. sum_t p_t v_t, groups of threads over t, then the groups' partials added
     const int groups = blockDim.x / pieces, grp = tid / pieces, piece = tid % pieces;
     if (grp < groups) {
         float acc[WIDTH];
@@ -192,7 +212,10 @@ attention_decode(const float* __restrict__ q, const T* __restrict__ cache_k,
 #pragma unroll 4
         for (int t = grp; t < n_keys; t += groups) {
             float v[WIDTH];
-            load_w<WIDTH>(values + t * row_stride + piece * WIDTH, v);
+            if (t == pos)
+                load_w<WIDTH>(vs + piece * WIDTH, v);
+            else
+                load_w<WIDTH, true>(values + t * row_stride + piece * WIDTH, v);
             const float p = scores[t];
 #pragma unroll
             for (int j = 0; j < WIDTH; ++j) acc[j] += p * v[j];

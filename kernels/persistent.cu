@@ -1,6 +1,6 @@
 // One kernel per token: the whole decode step of a float32 model as a single persistent launch.
 //
-// FusedDecoder (minillama/cuda/fused.py) decodes a token in 6 launches per layer, replayed as one
+// FusedDecoder (minillama/cuda/fused.py) decodes a token in 5 launches per layer, replayed as one
 // CUDA graph. For a small model that is still the bottleneck: a stories15M step reads 60 MB of
 // weights (14 us at the H200's copy bandwidth) but takes 38 launches, and every kernel boundary
 // costs more than the launch itself: the GPU drains (the last blocks of one kernel run while the
@@ -205,8 +205,10 @@ __device__ void stage_matvec(const float* __restrict__ W, int N, int K, const fl
 
 // The qkv stage: rows of wqkv = [q heads | k heads | v heads], R at a time = R / 2 pairs
 // (2i, 2i + 1) of one head (head_dim % 4 == 0), so the warp that computes a pair of a q or k
-// head also rotates it (model.apply_rotary_emb, as rope_kv in decode.cu) and writes it where it
-// goes: q to the q buffer, k and v to the cache at `pos`. Lane (pair, b) writes one pair.
+// head also rotates it (model.apply_rotary_emb, as attention_decode in decode.cu does) and
+// writes it where it goes: q to the q buffer, k and v to the cache at `pos`. Lane (pair, b)
+// writes one pair. (Here the grid barrier after this stage makes the cache row safe to read:
+// attend reads position pos from the cache, where decode.cu's kernel uses its own copy.)
 template <int R, int B>
 __device__ void qkv_rows(const float* __restrict__ wqkv, int K, const float* xs, int bsz,
                          const float* __restrict__ cos_row, const float* __restrict__ sin_row,
@@ -256,9 +258,9 @@ __device__ void stage_qkv(const float* __restrict__ wqkv, int K, const float* xs
 }
 
 // ---- attention of one query head of one row -------------------------------------------------
-// attention_decode of decode.cu, reduced to float32 caches and head_dim % 4 == 0, with every
-// load of q and the cache through L2 (they were written during this launch). smem: head_dim +
-// 4 * blockDim + max_seq floats.
+// attention_decode of decode.cu without its RoPE (the qkv stage did it), reduced to float32
+// caches and head_dim % 4 == 0, with every load of q and the cache through L2 (they were
+// written during this launch). smem: head_dim + 4 * blockDim + max_seq floats.
 __device__ void attend(int h, int b, const float* q, const float* cache_k, const float* cache_v,
                        float* att, int n_keys, int n_heads, int n_kv_heads, int head_dim,
                        int max_seq, float scale, float* smem, float* scratch) {

@@ -30,6 +30,25 @@ def cross_entropy(logits, target, ignore_index):
     return np.where(target == ignore_index, 0.0, -picked).astype(np.float32)
 
 
+def greedy(last, model, tokens, start_pos):
+    """argmax of each row of last (bsz, vocab), the logits of model.forward(tokens, start_pos)
+    at their last position, checked as check_finite checks them. On the GPU the argmax runs
+    there (as in Meta's generate) and only the bsz ids come back, with one flag for "all
+    finite", instead of bsz * vocab logits. Both argmaxes take the first of equal maxima, so
+    the tokens are the same; sampling (temperature > 0) stays on the host, where its random
+    draws are the CPU sampler's."""
+    xp = model.ops.xp
+    if xp is np:
+        check_finite(last, model, tokens, start_pos)
+        return np.argmax(to_host(last), axis=-1)
+    ids = xp.argmax(last, axis=-1)                               # (bsz,)
+    finite = xp.isfinite(last).all().reshape(1).astype(ids.dtype)
+    back = to_host(xp.concatenate((ids, finite)))                # one copy: ids, then the flag
+    if not back[-1]:
+        check_finite(last, model, tokens, start_pos)             # raises, saying where
+    return back[:-1]
+
+
 class Llama:
     @staticmethod
     def build(ckpt_dir, tokenizer_path=None, max_seq_len=None, max_batch_size=1, device="cpu",
@@ -114,13 +133,14 @@ class Llama:
         forward = decoder(self.model, self.exact)
         for cur_pos in range(min_prompt_len, total_len):
             logits = forward(tokens[:, prev_pos:cur_pos], prev_pos)
-            last = to_host(logits[:, -1])                        # (bsz, vocab)
-            check_finite(last, self.model, tokens[:, prev_pos:cur_pos], prev_pos)
             if temperature > 0:
+                last = to_host(logits[:, -1])                    # (bsz, vocab)
+                check_finite(last, self.model, tokens[:, prev_pos:cur_pos], prev_pos)
                 probs = softmax(last / temperature, axis=-1)
                 next_token = sample_top_p(probs, top_p, self.rng)
             else:
-                next_token = np.argmax(last, axis=-1)
+                next_token = greedy(logits[:, -1], self.model, tokens[:, prev_pos:cur_pos],
+                                    prev_pos)
 
             next_token = next_token.reshape(-1)
             # only replace token if prompt has already been generated

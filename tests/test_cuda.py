@@ -236,6 +236,58 @@ def test_softmax_causal_mask_is_built_in(cuda, cp, kernel, start_pos, seqlen):
 
 
 # ----------------------------------------------------------------------------
+# decode.cu's attention_decode: RoPE, the KV-cache write and attention in one kernel
+
+@gpu
+@pytest.mark.parametrize("cache", ["float32", "float16"])
+@pytest.mark.parametrize("bsz,nh,nkv,hd,pos", [(1, 4, 4, 16, 0), (3, 6, 2, 6, 0), (3, 6, 2, 6, 9),
+                                               (2, 8, 2, 64, 37), (1, 12, 3, 128, 300)])
+def test_attention_decode_rotates_writes_the_cache_and_attends(cuda, cp, cache, bsz, nh, nkv,
+                                                               hd, pos):
+    """Against NumPy: q and the new k rotated (model.apply_rotary_emb), k and v written into the
+    cache at pos (rounded to float16 for a float16 cache), softmax(q . k / sqrt(hd)) v over the
+    keys 0 .. pos. Cache rows pos and beyond start as NaN: a block that read row pos (which
+    another block writes) instead of its own copy of the new key and value could turn NaN."""
+    from minillama.cuda.kernels import CACHE_TYPES, KERNELS
+    from minillama.cuda.runtime import i32
+    from minillama.model import apply_rotary_emb, precompute_freqs
+    max_seq, block = pos + 5, 256
+    qkv = rand(bsz, (nh + 2 * nkv) * hd)                 # [q heads | k heads | v heads]
+    cos, sin = precompute_freqs(hd, max_seq)
+    start_k, start_v = (rand(bsz, max_seq, nkv, hd).astype(cache) for _ in range(2))
+    start_k[:, pos:], start_v[:, pos:] = np.nan, np.nan
+    cache_k, cache_v = cp.asarray(start_k), cp.asarray(start_v)
+    step = cp.asarray(np.array([pos] + [0] * bsz, dtype=np.int32))
+    out = poison(cp, (bsz, nh * hd))
+    width, scale = 4 if hd % 4 == 0 else 1, np.float32(1.0 / np.sqrt(hd))
+    KERNELS.launch(f"attention_decode<{width},{CACHE_TYPES[cache]}>", (nh, bsz), (block,),
+                   (cp.asarray(qkv), step, cp.asarray(cos), cp.asarray(sin), cache_k, cache_v,
+                    out, i32(nh), i32(nkv), i32(hd), i32(max_seq), scale),
+                   shared_mem=4 * (3 * hd + width * block + max_seq))
+
+    heads = qkv.reshape(bsz, 1, nh + 2 * nkv, hd)
+    qk = apply_rotary_emb(heads[:, :, :nh + nkv], cos[pos:pos + 1], sin[pos:pos + 1])[:, 0]
+    got_k, got_v = cache_k.get(), cache_v.get()          # (bsz, max_seq, nkv, hd)
+    step_bound = 1e-6 if cache == "float32" else 1e-3    # float16: one rounding step at most
+    assert rel_err(got_k[:, pos], qk[:, nh:].astype(np.float64)) < step_bound
+    assert rel_err(got_v[:, pos], heads[:, 0, nh + nkv:].astype(np.float64)) < step_bound
+    for got, start in ((got_k, start_k), (got_v, start_v)):
+        assert np.array_equal(got[:, :pos], start[:, :pos])          # earlier rows untouched
+        assert np.isnan(got[:, pos + 1:].astype(np.float32)).all()   # later rows too
+
+    keys = got_k[:, :pos + 1].astype(np.float64)          # as the cache holds them
+    values = got_v[:, :pos + 1].astype(np.float64)
+    ref = np.empty((bsz, nh, hd))
+    for b in range(bsz):
+        for h in range(nh):
+            g = h // (nh // nkv)
+            scores = keys[b, :, g] @ (qk[b, h].astype(np.float64) * scale)
+            p = np.exp(scores - scores.max())
+            ref[b, h] = p / p.sum() @ values[b, :, g]
+    assert rel_err(out, ref.reshape(bsz, nh * hd)) < 1e-5
+
+
+# ----------------------------------------------------------------------------
 # misuse: a DeviceError naming the argument, never garbage or a crash
 
 @gpu
@@ -272,7 +324,7 @@ def test_kernel_sources_are_found_in_the_package(cuda):
         assert root.joinpath(name).is_file()
     source = runtime.kernel_source()
     for kernel in ("sgemm_v4", "gemv", "bmm_strided", "softmax_warp", "softmax_block",
-                   "attention_decode", "rope_kv"):
+                   "attention_decode"):
         assert f" {kernel}(" in source or f"\n{kernel}(" in source
 
 
@@ -338,8 +390,61 @@ def test_fused_decode_matches_the_cpu_after_a_prefill(cuda, cp, graphs, tied):
         assert got.shape == (bsz, 1, ODD["vocab_size"])
         assert rel_err(got, cpu_model.forward(tok, pos)) < 1e-4
     decoder = ops._decoders[gpu_model]
-    assert decoder is not None and decoder.launches_per_step[3] == 6 * ODD["n_layers"] + 2
+    assert decoder is not None and decoder.launches_per_step[3] == 5 * ODD["n_layers"] + 2
     assert (3 in decoder.graphs) == graphs
+
+
+@gpu
+@pytest.mark.parametrize("kv_dtype", ["float32", "float16"])
+def test_a_fused_step_is_five_launches_a_layer_from_position_0(cuda, cp, kv_dtype):
+    """No prompt: decoding starts at position 0 on the fused path, 3 rows of a GQA model (6
+    query heads on 2 kv heads), then 1 row; every step equals the CPU's (float16 cache: 1e-3,
+    as test_cuda_formats' float16 cache test explains), and a step is embed_tokens, 5
+    launches a layer (gemv, attention_decode, gemv, gemv, gemv) and the classifier's gemv."""
+    p = ModelArgs(**ODD)
+    w = random_weights(p, seed=int(rng.integers(1 << 30)))
+    ops = cuda.CudaOps(fused_decode=True, graphs=True)
+    gpu_model = Transformer(p, w, ops, kv_dtype=kv_dtype)
+    cpu_model = Transformer(p, w, CPU, kv_dtype=kv_dtype)
+    forward = ops.decoder(gpu_model)
+    bound = 1e-4 if kv_dtype == "float32" else 1e-3
+    for pos in range(0, 8):
+        bsz = 1 if pos >= 6 else 3
+        tok = rng.integers(0, p.vocab_size, size=(bsz, 1))
+        assert rel_err(forward(tok, pos), cpu_model.forward(tok, pos)) < bound, f"position {pos}"
+    decoder = ops._decoders[gpu_model]
+    assert decoder.launches_per_step == {3: 5 * p.n_layers + 2, 1: 5 * p.n_layers + 2}
+    assert decoder.graphs[3] is not None and decoder.graphs[1] is not None
+
+
+@gpu
+def test_fused_decode_survives_rounds_of_step_slots(cuda, cp):
+    """Several rounds of FusedDecoder.STEP_SLOTS (the page-locked rows the step is copied from,
+    used in turn), with no synchronisation by the caller between steps: each step's logits,
+    kept, equal the CPU's."""
+    gpu_model, cpu_model = small_model(cuda.CudaOps(), bsz=1)
+    forward = gpu_model.ops.decoder(gpu_model)
+    decoder = gpu_model.ops._decoders[gpu_model]
+    decoder.STEP_SLOTS = 4              # of its rows, use 4: 22 steps are 5 rounds and a part
+    tokens = rng.integers(0, ODD["vocab_size"], size=22)
+    kept = [forward([[int(t)]], pos) for pos, t in enumerate(tokens)]   # never read in between
+    for pos, t in enumerate(tokens):
+        ref = cpu_model.forward(np.array([[t]]), pos)
+        assert rel_err(kept[pos], ref) < 1e-4, f"position {pos}"
+
+
+@gpu
+def test_generate_greedy_on_the_gpu_equals_the_cpu(cuda, cp):
+    """Llama.generate at temperature 0 takes the argmax on the GPU (generation.greedy) and
+    copies back only the ids: the same tokens as on the CPU, for padded prompts of 3 rows."""
+    from conftest import StubTokenizer
+    from minillama.generation import Llama
+    p = ModelArgs(**ODD)
+    w = random_weights(p, seed=int(rng.integers(1 << 30)), scale=0.5)   # far from ties
+    prompts = [list(rng.integers(3, 97, n)) for n in (1, 7, 4)]
+    got, want = (Llama(Transformer(p, w, ops), StubTokenizer(eos_id=-7)).generate(
+        prompts, max_gen_len=20, temperature=0)[0] for ops in (cuda.CudaOps(), CPU))
+    assert got == want
 
 
 @gpu

@@ -185,10 +185,10 @@ def test_the_module_has_the_instances_the_wrappers_launch(cuda, cp):
     for rows in cuda.kernels.QGEMV_V2_F32_ROWS:           # float32 batches (kernels.gemv)
         for pro in cuda.kernels.GEMV_PROLOGUES.values():
             assert f"qgemv_v2<V2F32,{rows},{pro},4,1>" in groups["f32"]
-    assert "rope_kv<unsigned short>" in groups["common"]
+    assert "attention_decode<4,unsigned short>" in groups["common"]
     assert "qgemv.cu" in runtime.KERNEL_FILES
     source = runtime.kernel_source()
-    for kernel in ("qgemv", "qgemv_v2", "gemm_v5", "f32_to_16bit", "rope_kv", "attention_decode"):
+    for kernel in ("qgemv", "qgemv_v2", "gemm_v5", "f32_to_16bit", "attention_decode"):
         assert f"\n{kernel}(" in source or f" {kernel}(" in source
 
 
@@ -305,7 +305,7 @@ def test_stored_model_on_the_gpu_matches_the_cpu(cuda, cp, fmt, mode):
         assert decoder is None
     else:
         assert decoder is not None, "FusedDecoder must cover every storage format"
-        assert decoder.launches_per_step[3] == 6 * p.n_layers + 2
+        assert decoder.launches_per_step[3] == 5 * p.n_layers + 2
         assert (3 in decoder.graphs) == (mode == "fused+graphs")
 
 
@@ -335,8 +335,8 @@ def test_a_long_prompt_goes_through_the_tensor_cores(cuda, cp, fmt):
 @pytest.mark.parametrize("shape,fmt", [("odd", "f32"), ("packed", "q4_0")])
 def test_float16_kv_cache_on_the_gpu_matches_the_cpu(cuda, cp, shape, fmt, mode):
     """The cache holds float16 on both sides: a key or value is rounded to nearest as it is
-    written (rope_kv, or the generic path's assignment; NumPy's on the CPU) and widened as it
-    is read, and attention computes in float32. The two backends' float32 keys and values
+    written (attention_decode, or the generic path's assignment; NumPy's on the CPU) and widened
+    as it is read, and attention computes in float32. The two backends' float32 keys and values
     differ by rounding (~1e-7), and where that carries one across a float16 rounding boundary
     the caches differ by one float16 step (2^-11 of it): logits move by up to ~2e-4 on these
     tiny models, against ~1e-6 with a float32 cache. Held to 1e-3, and greedy tokens equal

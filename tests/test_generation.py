@@ -1,9 +1,11 @@
 """Meta's generate(): batching with padding, eos, echo, logprobs, seeds, and argument checks."""
+import types
+
 import numpy as np
 import pytest
 
 from minillama.checkpoints.random import random_weights
-from minillama.errors import ArgumentError
+from minillama.errors import ArgumentError, GenerationError
 from minillama.generation import Llama, cross_entropy
 from minillama.model import ModelArgs, Transformer
 from minillama.tokenizers import Llama2Chat
@@ -77,6 +79,42 @@ def test_cross_entropy_ignores_pad():
     logits = np.log(np.array([[[0.5, 0.25, 0.25], [0.1, 0.1, 0.8]]], np.float32))
     ce = cross_entropy(logits, np.array([[0, -1]]), ignore_index=-1)
     np.testing.assert_allclose(ce, [[np.log(2), 0.0]], rtol=1e-6)
+
+
+class NumpyOnDevice:
+    """NumPy under another name, as a stand-in GPU's array module: generate's greedy step then
+    takes its device branch (argmax where the logits are, only the ids copied back)."""
+    argmax, isfinite, concatenate = map(staticmethod, (np.argmax, np.isfinite, np.concatenate))
+
+
+def on_device(model, forward=None):
+    """The model as generate sees it, its ops claiming a device array module (NumpyOnDevice)."""
+    ops = types.SimpleNamespace(xp=NumpyOnDevice, decoder=lambda m: m.forward)
+    return types.SimpleNamespace(params=model.params, ops=ops, forward=forward or model.forward)
+
+
+def test_greedy_on_the_device_picks_the_hosts_tokens():
+    rng = np.random.default_rng()
+    prompts = [list(rng.integers(3, 97, n)) for n in (1, 7, 4)]
+    host = make_llama(4, eos_id=-7)
+    want, _ = host.generate(prompts, max_gen_len=9, temperature=0)
+    device = make_llama(4, eos_id=-7)
+    device.model = on_device(device.model)
+    assert device.generate(prompts, max_gen_len=9, temperature=0)[0] == want
+
+
+@pytest.mark.parametrize("bad", [np.nan, -np.inf])
+def test_greedy_on_the_device_still_refuses_non_finite_logits(bad):
+    llama = make_llama(4)
+    forward = llama.model.forward
+
+    def poisoned(tokens, start_pos):
+        logits = forward(tokens, start_pos)
+        logits[0, -1, 5] = bad                  # one value, not the row's maximum
+        return logits
+    llama.model = on_device(llama.model, poisoned)
+    with pytest.raises(GenerationError, match="NaN" if np.isnan(bad) else "infinity"):
+        llama.generate([[5, 6]], max_gen_len=3, temperature=0)
 
 
 def test_sampling_is_reproducible_with_a_seed_and_varies_without():

@@ -407,7 +407,7 @@ def test_bench_tp_random_job_slices_the_same_weights(monkeypatch, dtype):
 # which rank adds the residual, the two all-reduces)
 
 class NumpyKernels:
-    """decode.cu's embed_tokens, rope_kv and attention_decode, on NumPy arrays."""
+    """decode.cu's embed_tokens and attention_decode, on NumPy arrays."""
     launches = 0
 
     def launch(self, name, grid, block, args, shared_mem=0):
@@ -419,24 +419,20 @@ class NumpyKernels:
             out[b, :dim] = table[step[1 + b], :dim]
 
     @staticmethod
-    def rope_kv(grid, qkv, step, cos, sin, q_out, cache_k, cache_v, nh, nkv, hd, max_seq):
+    def attention_decode(grid, qkv, step, cos, sin, cache_k, cache_v, out, nh, nkv, hd, max_seq,
+                         scale):
         from minillama.model import apply_rotary_emb
+        from minillama.ops import softmax
         pos, bsz = int(step[0]), grid[1]
         heads = qkv[:bsz].reshape(bsz, 1, nh + 2 * nkv, hd)
         qk = apply_rotary_emb(heads[:, :, :nh + nkv], cos[pos:pos + 1], sin[pos:pos + 1])
-        q_out[:bsz] = qk[:, 0, :nh].reshape(bsz, nh * hd)
         cache_k[:bsz, pos] = qk[:, 0, nh:]
         cache_v[:bsz, pos] = heads[:, 0, nh + nkv:]
-
-    @staticmethod
-    def attention_decode(grid, q, cache_k, cache_v, step, out, nh, nkv, hd, max_seq, scale):
-        from minillama.ops import softmax
-        n_keys = int(step[0]) + 1
-        for b in range(grid[1]):
+        for b in range(bsz):
             for h in range(nh):
                 g = h // (nh // nkv)
-                scores = cache_k[b, :n_keys, g] @ (q[b, h * hd:(h + 1) * hd] * scale)
-                out[b, h * hd:(h + 1) * hd] = softmax(scores) @ cache_v[b, :n_keys, g]
+                scores = cache_k[b, :pos + 1, g] @ (qk[b, 0, h] * scale)
+                out[b, h * hd:(h + 1) * hd] = softmax(scores) @ cache_v[b, :pos + 1, g]
 
 
 def numpy_matvec(x, w, out, accumulate=False, norm=None, eps=1e-5, swiglu=False):

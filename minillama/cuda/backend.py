@@ -32,7 +32,7 @@ QGEMV_MAX_M = 64            # and with a Packed weight, up to this many with qge
 class CudaOps(NumpyOps):
     """NumpyOps on the GPU: `xp` is cupy, and linear / matmul / softmax run minillama's kernels.
 
-    fused_decode: decoder(model) runs one-token steps through FusedDecoder (6 launches per
+    fused_decode: decoder(model) runs one-token steps through FusedDecoder (5 launches per
         layer) instead of the generic path; graphs: FusedDecoder replays them as one CUDA graph
         per batch size; persistent: where PersistentDecoder covers the model, a step is one
         kernel (FusedDecoder's launches still serve the batches it does not fit).

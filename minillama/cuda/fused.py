@@ -1,4 +1,4 @@
-"""Decoding one token: the model's forward step as 6 kernels per layer, in one CUDA graph.
+"""Decoding one token: the model's forward step as 5 kernels per layer, in one CUDA graph.
 
 FusedDecoder computes what Transformer.forward computes for tokens of shape (bsz, 1), with the
 kernels of decode.cu and gemv's prologues, on the model's own weights and KV cache. It is the
@@ -16,17 +16,17 @@ import numpy as np
 
 from ..formats import Packed
 from .kernels import CACHE_TYPES, KERNELS, PACKED_KERNEL_FORMATS, gemv, qgemv
-from .runtime import cdiv, i32
+from .runtime import i32
 
 
 class FusedDecoder:
     """Transformer.forward for tokens of shape (bsz, 1), with the kernels of decode.cu.
 
     The generic path launches ~45 small CuPy kernels per layer (RMSNorm alone is six); at one
-    token per call the GPU mostly waits for the host. Here a layer is 6 launches,
+    token per call the GPU mostly waits for the host. Here a layer is 5 launches,
 
-        gemv(rmsnorm -> wqkv), rope_kv, attention_decode, gemv(wo, h +=),
-        gemv(rmsnorm -> w13), gemv(swiglu -> w2, h +=)
+        gemv(rmsnorm -> wqkv), attention_decode (RoPE and the cache write included),
+        gemv(wo, h +=), gemv(rmsnorm -> w13), gemv(swiglu -> w2, h +=)
 
     (each gemv a qgemv where the weight is kept as stored: `matvec` chooses by the weight)
     on buffers allocated once, reading the model's own weights and KV cache. The position and
@@ -34,9 +34,14 @@ class FusedDecoder:
     the first call for a batch size runs them and records them into a CUDA graph, and later calls
     copy `step` over and replay the graph with one call. Prefill (seqlen > 1) stays on the
     generic path; both write the same cache.
+
+    Between two replays the host calls CUDA 3 times: the step's copy in, the replay, the
+    logits' copy out (into an array from CuPy's pool); an event wait and record, which every
+    step made before, come once every STEP_SLOTS steps (`send_step` says why that is enough).
     """
 
     BLOCK = 256
+    STEP_SLOTS = 64         # rows of step_host used in turn: one event wait per 64 steps
 
     @staticmethod
     def covers(model):
@@ -50,7 +55,7 @@ class FusedDecoder:
                        or getattr(w, "dtype", None) == np.float32
                        for w in FusedDecoder._weights(model))
         cache = all(layer.attention.cache_k.dtype.name in CACHE_TYPES for layer in model.layers)
-        smem = 4 * (p.max_seq_len + p.head_dim + 4 * FusedDecoder.BLOCK)
+        smem = 4 * (p.max_seq_len + 3 * p.head_dim + 4 * FusedDecoder.BLOCK)
         return readable and cache and p.head_dim <= FusedDecoder.BLOCK and smem <= 48 * 1024
 
     @staticmethod
@@ -77,11 +82,13 @@ class FusedDecoder:
         def buf(width):
             return cp.zeros((nb, width), dtype=np.float32)
         self.step = cp.zeros(1 + nb, dtype=np.int32)         # [start_pos, token_0, token_1, ...]
-        self.step_host = cupyx.empty_pinned(1 + nb, dtype=np.int32)   # its source, page-locked
-        self.step_copied = cp.cuda.Event()                   # recorded: step_host was read
+        # its sources, page-locked, one row a step in turn (send_step)
+        self.step_host = cupyx.empty_pinned((self.STEP_SLOTS, 1 + nb), dtype=np.int32)
+        self.slot = 0                                        # the row the next step writes
+        self.round_copied = cp.cuda.Event()                  # recorded after a round's last copy
         self.h = buf(p.dim)                                  # the residual stream
-        self.qkv = buf((p.n_heads + 2 * p.n_kv_heads) * hd)
-        self.q, self.att = buf(p.n_heads * hd), buf(p.n_heads * hd)
+        self.qkv = buf((p.n_heads + 2 * p.n_kv_heads) * hd)  # [q heads | k heads | v heads]
+        self.att = buf(p.n_heads * hd)
         self.h13 = buf(2 * p.hidden_dim)                     # [h1 | h3]
         self.logits = buf(p.vocab_size)
         self.graphs = {}                                     # bsz -> cupy.cuda.Graph
@@ -89,11 +96,7 @@ class FusedDecoder:
 
     def __call__(self, tokens, start_pos, use_graphs=True):
         bsz = tokens.shape[0]
-        self.step_copied.synchronize()                       # the last copy has read step_host
-        self.step_host[0], self.step_host[1:1 + bsz] = start_pos, tokens[:, 0]
-        stream = self.cp.cuda.get_current_stream()
-        self.step.data.copy_from_host_async(self.step_host.ctypes.data, 4 * (1 + bsz), stream)
-        self.step_copied.record(stream)
+        self.send_step(tokens, start_pos)
         if use_graphs and self.graphs.get(bsz) is not None:
             self.graphs[bsz].launch()
         else:
@@ -102,10 +105,32 @@ class FusedDecoder:
             self.launches_per_step[bsz] = KERNELS.launches - before
             if use_graphs and bsz not in self.graphs:
                 self.graphs[bsz] = self._capture(bsz)      # None if the driver refuses
-        # a copy: the caller may keep the logits of every step, and the buffer is reused
+        # a copy: the caller may keep the logits of every step, and the buffer is reused. (A
+        # ring of preallocated outputs would save the allocation, but a kept step would be
+        # overwritten a few steps later; from the pool the allocation is cheap, and when the
+        # caller drops the array its memory goes back for the next step.)
         logits = self.cp.empty((bsz, 1, self.p.vocab_size), dtype=np.float32)
         logits.data.copy_from_device_async(self.logits.data, logits.nbytes)
         return logits
+
+    def send_step(self, tokens, start_pos):
+        """step <- [start_pos, token_0, ..., token_{bsz-1}], copied from the next row of
+        step_host on the current stream. An asynchronous copy reads its (page-locked) source
+        only when the stream gets to it, so a row may be written again only once the copy
+        from it has run. Rather than wait for every step's copy before the next (one event wait
+        and one record a step), the STEP_SLOTS rows are used in turn and one event, recorded
+        after the last copy of a round, is waited on before the next round starts writing:
+        by then it has long passed, since the caller reads the logits of most steps. As the
+        other buffers, it assumes the steps of one decoder run on one stream."""
+        if self.slot == 0:
+            self.round_copied.synchronize()                  # every row of the last round read
+        row = self.step_host[self.slot]
+        row[0], row[1:1 + tokens.shape[0]] = start_pos, tokens[:, 0]
+        stream = self.cp.cuda.get_current_stream()
+        self.step.data.copy_from_host_async(row.ctypes.data, 4 * (1 + tokens.shape[0]), stream)
+        self.slot = (self.slot + 1) % self.STEP_SLOTS
+        if self.slot == 0:
+            self.round_copied.record(stream)
 
     def _capture(self, bsz):
         """Record run(bsz) into a CUDA graph (nothing executes while recording). Returns None,
@@ -134,10 +159,10 @@ class FusedDecoder:
     def _launch_step(self, bsz):
         p, B, block = self.p, self.BLOCK, (self.BLOCK,)
         nh, nkv, hd = p.n_heads, p.n_kv_heads, p.head_dim
-        h, qkv, q, att, h13 = (a[:bsz] for a in (self.h, self.qkv, self.q, self.att, self.h13))
+        h, qkv, att, h13 = (a[:bsz] for a in (self.h, self.qkv, self.att, self.h13))
         eps = p.norm_eps
         width = 4 if hd % 4 == 0 else 1                     # float4 rows in attention_decode
-        attn_smem = 4 * (hd + width * B + p.max_seq_len)
+        attn_smem = 4 * (3 * hd + width * B + p.max_seq_len)
         scale = np.float32(1.0 / np.sqrt(hd))
 
         KERNELS.launch("embed_tokens", (bsz,), block,
@@ -145,12 +170,11 @@ class FusedDecoder:
         for attn_norm, wqkv, wo, ffn_norm, w13, w2, cache_k, cache_v in self.layers:
             cache = CACHE_TYPES[cache_k.dtype.name]         # float, or float16 bits
             matvec(h, wqkv, out=qkv, norm=attn_norm, eps=eps)
-            KERNELS.launch(f"rope_kv<{cache}>", (cdiv((nh + nkv) * hd // 2, B), bsz), block,
-                           (qkv, self.step, self.freqs_cos, self.freqs_sin, q, cache_k, cache_v,
-                            i32(nh), i32(nkv), i32(hd), i32(p.max_seq_len)))
+            # RoPE on q and k, k and v into the cache at pos, attention: one block per head
             KERNELS.launch(f"attention_decode<{width},{cache}>", (nh, bsz), block,
-                           (q, cache_k, cache_v, self.step, att, i32(nh), i32(nkv), i32(hd),
-                            i32(p.max_seq_len), scale), shared_mem=attn_smem)
+                           (qkv, self.step, self.freqs_cos, self.freqs_sin, cache_k, cache_v,
+                            att, i32(nh), i32(nkv), i32(hd), i32(p.max_seq_len), scale),
+                           shared_mem=attn_smem)
             matvec(att, wo, out=h, accumulate=True)             # h += attention(...)
             matvec(h, w13, out=h13, norm=ffn_norm, eps=eps)
             matvec(h13, w2, out=h, accumulate=True, swiglu=True)  # h += feed_forward(...)

@@ -47,7 +47,7 @@ SOFTMAX_BLOCKS = ((1, 1024), (2, 1024), (4, 1024), (8, 1024), (16, 1024), (32, 1
 SOFTMAX_WARP_MAX = 1024            # rows up to this long: one warp per row (softmax_warp)
 # attention_decode<WIDTH, T> (decode.cu, launched by FusedDecoder): float4 or scalar loads
 ATTENTION_WIDTHS = (1, 4)
-# rope_kv<T>, attention_decode<WIDTH, T>: the KV cache's element type, by its NumPy dtype
+# attention_decode<WIDTH, T>: the KV cache's element type, by its NumPy dtype
 CACHE_TYPES = {"float32": "float", "float16": "unsigned short"}
 # decode_persistent<B> (persistent.cu, launched by PersistentDecoder): batch rows per warp
 PERSISTENT_ROWS = (1, 2, 4, 8)
@@ -107,7 +107,6 @@ def _templates():
                for vec in (True, False) for pro in GEMV_PROLOGUES.values()]
     common += [f"attention_decode<{width},{t}>" for width in ATTENTION_WIDTHS
                for t in CACHE_TYPES.values()]
-    common += [f"rope_kv<{t}>" for t in CACHE_TYPES.values()]
     common += [f"decode_persistent<{b}>" for b in PERSISTENT_ROWS]
     common += [f"softmax_block<{v},{t}>" for v, t in SOFTMAX_BLOCKS]
     common += [f"f32_to_16bit<{_cpp_bool(bf16)},{_cpp_bool(vec)}>" for bf16 in (False, True)

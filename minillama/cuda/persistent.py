@@ -1,9 +1,9 @@
 """Decoding one token in one launch: FusedDecoder's stages inside a single persistent kernel.
 
-FusedDecoder (fused.py) is the previous lesson: a layer in 6 launches, the whole step replayed
+FusedDecoder (fused.py) is the previous lesson: a layer in 5 launches, the whole step replayed
 as one CUDA graph. PersistentDecoder keeps everything of it (its buffers, the `step` array read
 on the device, the graph per batch size, the logits copy) and changes only `run`: instead of
-6 launches a layer, one launch of kernels/persistent.cu's `decode_persistent`, whose blocks stay
+5 launches a layer, one launch of kernels/persistent.cu's `decode_persistent`, whose blocks stay
 resident for the whole step and meet at a grid-wide barrier where a kernel boundary was.
 
 It covers float32 weights and a float32 KV cache with every width a multiple of 4 (the
@@ -47,12 +47,15 @@ class PersistentDecoder(FusedDecoder):
 
     def __init__(self, model):
         super().__init__(model)
-        cp = self.cp
+        cp, p = self.cp, self.p
         # (n_layers, 8) device pointers to each layer's arrays, in persistent.cu's order; the
         # arrays themselves are kept alive by self.layers (FusedDecoder's tuples, same order)
         self.layer_pointers = cp.asarray(
             np.array([[a.data.ptr for a in layer] for layer in self.layers], dtype=np.uint64))
         self.counter = cp.zeros(1, dtype=np.uint32)         # the grid barrier's arrivals
+        # rotated q, from the qkv stage to the attention stage (FusedDecoder's attention_decode
+        # rotates q itself and needs no such buffer)
+        self.q = cp.zeros((p.max_batch_size, p.n_heads * p.head_dim), dtype=np.float32)
         self.grid = sm_count()      # blocks: at most one per SM, so all are resident at once
 
     def fits(self, bsz):

@@ -1,13 +1,13 @@
 """One rank's decode step on the GPU: cuda/fused.py's FusedDecoder with the collectives.
 
-FusedDecoder runs a one-token step as 6 launches per layer, recorded once into a CUDA graph.
+FusedDecoder runs a one-token step as 5 launches per layer, recorded once into a CUDA graph.
 A rank runs the same launches on its slices, plus what joins the ranks (NCCL's kernels go
 into the graph like any other):
 
     embed_tokens                  its columns of the embedding     (bsz, dim / N)
     all_gather, then interleave   the residual stream h            (bsz, dim)
     per layer
-      gemv(rmsnorm -> wqkv), rope_kv, attention_decode             its heads only
+      gemv(rmsnorm -> wqkv), attention_decode (with RoPE)          its heads only
       gemv(wo), all_reduce(h)                                      h + the sum over all heads
       gemv(rmsnorm -> w13)                                         its hidden units only
       gemv(swiglu -> w2), all_reduce(h)                            h + the sum over all units
@@ -24,7 +24,7 @@ import numpy as np
 from ..checks import check_tokens
 from ..cuda.fused import FusedDecoder, matvec
 from ..cuda.kernels import CACHE_TYPES, KERNELS
-from ..cuda.runtime import cdiv, i32
+from ..cuda.runtime import i32
 
 
 def decoder(model):
@@ -68,10 +68,10 @@ class ShardedFusedDecoder(FusedDecoder):
         """Launch one decode step of this rank for rows 0 .. bsz-1 on the current stream."""
         p, B, block = self.p, self.BLOCK, (self.BLOCK,)
         nh, nkv, hd = p.n_heads, p.n_kv_heads, p.head_dim
-        h, qkv, q, att, h13 = (a[:bsz] for a in (self.h, self.qkv, self.q, self.att, self.h13))
+        h, qkv, att, h13 = (a[:bsz] for a in (self.h, self.qkv, self.att, self.h13))
         eps, all_reduce, first = p.norm_eps, self.comm.all_reduce, p.rank == 0
         width = 4 if hd % 4 == 0 else 1                     # float4 rows in attention_decode
-        attn_smem = 4 * (hd + width * B + p.max_seq_len)
+        attn_smem = 4 * (3 * hd + width * B + p.max_seq_len)
         scale = np.float32(1.0 / np.sqrt(hd))
 
         KERNELS.launch("embed_tokens", (bsz,), block,
@@ -80,12 +80,10 @@ class ShardedFusedDecoder(FusedDecoder):
         for attn_norm, wqkv, wo, ffn_norm, w13, w2, cache_k, cache_v in self.layers:
             cache = CACHE_TYPES[cache_k.dtype.name]         # float, or float16 bits
             matvec(h, wqkv, out=qkv, norm=attn_norm, eps=eps)
-            KERNELS.launch(f"rope_kv<{cache}>", (cdiv((nh + nkv) * hd // 2, B), bsz), block,
-                           (qkv, self.step, self.freqs_cos, self.freqs_sin, q, cache_k, cache_v,
-                            i32(nh), i32(nkv), i32(hd), i32(p.max_seq_len)))
             KERNELS.launch(f"attention_decode<{width},{cache}>", (nh, bsz), block,
-                           (q, cache_k, cache_v, self.step, att, i32(nh), i32(nkv), i32(hd),
-                            i32(p.max_seq_len), scale), shared_mem=attn_smem)
+                           (qkv, self.step, self.freqs_cos, self.freqs_sin, cache_k, cache_v,
+                            att, i32(nh), i32(nkv), i32(hd), i32(p.max_seq_len), scale),
+                           shared_mem=attn_smem)
             # rank 0: h += attention(...) of its heads; the others: h = theirs; then the sum
             matvec(att, wo, out=h, accumulate=first)
             all_reduce(h)
