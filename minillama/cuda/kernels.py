@@ -73,6 +73,13 @@ QGEMV_V2_F32 = (4, 1)              # NR, U
 GEMM_V5_FORMATS = {"f16": 0, "bf16": 1, "q8_0": 2, "q4_0": 3, "q4_1": 4}
 GEMM_V5_CONFIGS = {"128x128x4": (128, 128, 4)}
 GEMM_V5_DEFAULT = "128x128x4"
+# gemm_v6<BM, BN, STAGES, WF>: v5 with 64 x 64 warp tiles (matmul.cu). Its instances are a group
+# of their own, compiled on the first gemm_v6 launch: the default tile shape for every format,
+# the other shapes for float16 only (kernels/dev/bench_gemm.py times them against each other).
+GEMM_V6_CONFIGS = {"128x256x3": (128, 256, 3), "128x256x4": (128, 256, 4),
+                   "256x128x3": (256, 128, 3), "256x128x4": (256, 128, 4)}
+GEMM_V6_DEFAULT = "128x256x4"
+GEMM_V6_LDC = 72                   # matmul.cu's V6_LDC: floats per row of the epilogue's staging
 # qgemv_k<Fmt, ROWS, PRO> and kquant_to_f16<Fmt> (qgemv_k.cu): the k-quants with kernels of
 # their own, and the planes each reads: (codes, high bits, integer scales, d, dmin)
 QGEMV_K_PLANES = {"q2_k": ("qs", "qs", "scales", "d", "dmin"),
@@ -110,6 +117,9 @@ def _templates():
                         for bm, bn, stages in GEMM_V5_CONFIGS.values()]
         groups[fmt] += [_qgemv_v2_name(fmt, *QGEMV_V2_PACKED[:1], pro, *QGEMV_V2_PACKED[1:])
                         for pro in GEMV_PROLOGUES.values()]
+    groups["gemm_v6"] = [_gemm_v6_name(fmt, GEMM_V6_DEFAULT) for fmt in GEMM_V5_FORMATS]
+    groups["gemm_v6"] += [_gemm_v6_name("f16", config) for config in GEMM_V6_CONFIGS
+                          if config != GEMM_V6_DEFAULT]
     groups["f32"] = [_qgemv_v2_name("f32", rows, pro, *QGEMV_V2_F32) for rows in QGEMV_V2_F32_ROWS
                      for pro in GEMV_PROLOGUES.values()]      # compiled once a batch needs it
     for fmt in QGEMV_K_PLANES:
@@ -121,6 +131,12 @@ def _templates():
 def _qgemv_format(fmt):
     """qgemv.cu's traits struct of a format: "q4_0" -> "FmtQ4_0" (the format module's KERNEL)."""
     return "Fmt" + FORMATS[fmt].KERNEL[fmt]
+
+
+def _gemm_v6_name(fmt, config):
+    """gemm_v6's instance for a format and a tile shape of GEMM_V6_CONFIGS."""
+    bm, bn, stages = GEMM_V6_CONFIGS[config]
+    return f"gemm_v6<{bm},{bn},{stages},{GEMM_V5_FORMATS[fmt]}>"
 
 
 def _qgemv_v2_name(fmt, rows, pro, nr, u):
