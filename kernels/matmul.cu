@@ -708,12 +708,12 @@ gemm_v5(const unsigned short* __restrict__ A, const void* __restrict__ Wq,
 //    row-major grid makes one wave read a few rows of A and all of W. Here the grid is 1-D and
 //    block b takes tile (v6_tile): V6_GROUP tile-rows at a time, column by column, so a wave
 //    touches a square-ish patch of C and re-reads its A and W rows from L2. At the end each warp
-//    writes its 64 x 64 float32 tile to shared memory (fragment layout in, rows out: a row
-//    stride of 72 floats keeps both sides free of bank conflicts) and then stores whole rows,
-//    16 bytes per lane, 256 contiguous bytes per half warp.
+//    writes its 64 x 64 float32 tile to shared memory, 32 rows at a time (fragment layout in,
+//    rows out: a row stride of 72 floats keeps both sides free of bank conflicts), and stores
+//    whole rows, 16 bytes per lane, 256 contiguous bytes per half warp.
 //
 // Template: BM x BN (128 x 256 or 256 x 128), STAGES >= 3 buffers, WF the weight format.
-// Dynamic shared memory: max(STAGES * (BM + BN) * 64, 8 * 64 * 72 * 4) bytes (v6_smem_bytes in
+// Dynamic shared memory: max(STAGES * (BM + BN) * 64, 8 * 32 * 72 * 4) bytes (gemm_v6_smem in
 // kernels.py). Grid: cdiv(M, BM) * cdiv(N, BN) blocks of 256 threads, 1-D.
 
 #define V6_GROUP 16                     // tile-rows of C walked together (block order for L2)
@@ -876,39 +876,45 @@ gemm_v6(const unsigned short* __restrict__ A, const void* __restrict__ Wq,
         }
     }
 
-    // Epilogue: each warp's 64 x 64 tile through its own patch of shared memory, then rows out.
+    // Epilogue: each warp's 64 x 64 tile through its own 32-row patch of shared memory, in two
+    // halves (a whole tile would need 144 KiB: more than an RTX 40's 99), then rows out.
     cp_async_wait<0>();                       // (only empty groups are left)
     __syncthreads();                          // nobody reads the pipeline buffers any more
-    const unsigned int patch = smem + warp * 64 * V6_LDC * 4;
-#pragma unroll
-    for (int i = 0; i < MI; ++i)
-#pragma unroll
-        for (int j = 0; j < NI; ++j)
-#pragma unroll
-            for (int half = 0; half < 2; ++half) {      // rows g and g + 8, columns 2t, 2t + 1
-                const int r = i * 16 + (lane >> 2) + 8 * half, col = j * 8 + 2 * (lane & 3);
-                asm volatile("st.shared.v2.f32 [%0], {%1, %2};" ::"r"(patch + (r * V6_LDC + col) * 4),
-                             "f"(acc[i][j][2 * half]), "f"(acc[i][j][2 * half + 1]) : "memory");
-            }
-    __syncwarp();
+    const unsigned int patch = smem + warp * 32 * V6_LDC * 4;
     const int col = 4 * (lane & 15), n = n0 + wn * 64 + col;
+#pragma unroll
+    for (int part = 0; part < 2; ++part) {              // rows 0-31 of the warp tile, 32-63
+#pragma unroll
+        for (int i = 0; i < MI / 2; ++i)
+#pragma unroll
+            for (int j = 0; j < NI; ++j)
+#pragma unroll
+                for (int half = 0; half < 2; ++half) {  // rows g and g + 8, columns 2t, 2t + 1
+                    const int r = i * 16 + (lane >> 2) + 8 * half, c = j * 8 + 2 * (lane & 3);
+                    const float* v = acc[2 * part + i][j] + 2 * half;
+                    asm volatile("st.shared.v2.f32 [%0], {%1, %2};"
+                                 ::"r"(patch + (r * V6_LDC + c) * 4), "f"(v[0]), "f"(v[1]) : "memory");
+                }
+        __syncwarp();
 #pragma unroll 4
-    for (int r = lane >> 4; r < 64; r += 2) {           // half a warp per row: 256 bytes
-        const int m = m0 + wm * 64 + r;
-        float4 v;
-        asm volatile("ld.shared.v4.f32 {%0, %1, %2, %3}, [%4];"
-                     : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w)
-                     : "r"(patch + (r * V6_LDC + col) * 4) : "memory");
-        if (m >= M) continue;
-        float* c = C + (size_t)m * N + n;
-        if (N % 4 == 0) {                               // 16-byte rows: all 4 or none
-            if (n < N) *reinterpret_cast<float4*>(c) = v;
-        } else {
-            if (n + 0 < N) c[0] = v.x;
-            if (n + 1 < N) c[1] = v.y;
-            if (n + 2 < N) c[2] = v.z;
-            if (n + 3 < N) c[3] = v.w;
+        for (int r = lane >> 4; r < 32; r += 2) {       // half a warp per row: 256 bytes
+            const int m = m0 + wm * 64 + 32 * part + r;
+            float4 v;
+            asm volatile("ld.shared.v4.f32 {%0, %1, %2, %3}, [%4];"
+                         : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w)
+                         : "r"(patch + (r * V6_LDC + col) * 4) : "memory");
+            if (m >= M) continue;
+            float* c = C + (size_t)m * N + n;
+            if (N % 4 == 0) {                           // 16-byte rows: all 4 or none
+                if (n < N) *reinterpret_cast<float4*>(c) = v;
+            } else {
+                if (n + 0 < N) c[0] = v.x;
+                if (n + 1 < N) c[1] = v.y;
+                if (n + 2 < N) c[2] = v.z;
+                if (n + 3 < N) c[3] = v.w;
+            }
         }
+        __syncwarp();                                   // read before the next half lands
     }
 }
 

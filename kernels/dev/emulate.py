@@ -183,22 +183,23 @@ def gemm_v6_block(A, W, BM, BN, STAGES, packed, b=0):
                     held = nxt
         s_cur = s_after
     C = np.full((M, N), np.nan)
-    for w in range(8):                           # the epilogue, through a 64 x 72 patch
+    for w in range(8):                           # the epilogue, 32 rows at a time, 32 x 72
         wm, wn = w // WARPS_N, w % WARPS_N
-        patch = np.full((64, 72), np.nan)
-        for lane in range(32):
-            for i in range(4):
-                for j in range(8):
-                    for half in range(2):
-                        r, col = i * 16 + (lane >> 2) + 8 * half, j * 8 + 2 * (lane & 3)
-                        patch[r, col:col + 2] = acc[w, lane, i, j, 2 * half:2 * half + 2]
-        for lane in range(32):
-            col = 4 * (lane & 15)
-            for r in range(lane >> 4, 64, 2):
-                m, n = m0 + wm * 64 + r, n0 + wn * 64 + col
-                for e in range(4):
-                    if m < M and n + e < N:
-                        C[m, n + e] = patch[r, col + e]
+        for part in range(2):
+            patch = np.full((32, 72), np.nan)
+            for lane in range(32):
+                for i in range(2):
+                    for j in range(8):
+                        for half in range(2):
+                            r, c = i * 16 + (lane >> 2) + 8 * half, j * 8 + 2 * (lane & 3)
+                            patch[r, c:c + 2] = acc[w, lane, 2 * part + i, j, 2 * half:2 * half + 2]
+            for lane in range(32):
+                col = 4 * (lane & 15)
+                for r in range(lane >> 4, 32, 2):
+                    m, n = m0 + wm * 64 + 32 * part + r, n0 + wn * 64 + col
+                    for e in range(4):
+                        if m < M and n + e < N:
+                            C[m, n + e] = patch[r, col + e]
     return C, (m0, n0)
 
 
