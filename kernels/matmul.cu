@@ -18,9 +18,11 @@
 //   v4  v3 + 16-byte loads, a bank-conflict-free thread layout, and double buffering
 //   v5  tensor cores (mma.sync): float16/bfloat16 operands, float32 accumulation, cp.async
 //       pipeline; weights may be packed (Q8_0/Q4_0/Q4_1), dequantized into shared memory
+//   v6  v5 with 64 x 64 warp tiles, fragments double-buffered in registers, one barrier per
+//       k-tile, an L2-friendly tile order and C stored through shared memory
 //
-// v1..v4 handle any M, N, K (edges are zero-padded on load and masked on store); v5 any M, N
-// and K % 8 == 0 (K % 32 == 0 for packed weights).
+// v1..v4 handle any M, N, K (edges are zero-padded on load and masked on store); v5 and v6 any
+// M, N and K % 8 == 0 (K % 32 == 0 for packed weights).
 // Compiled as one module after reduce.cu (see minillama/cuda.py).
 
 
