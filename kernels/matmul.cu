@@ -812,13 +812,15 @@ gemm_v6(const unsigned short* __restrict__ A, const void* __restrict__ Wq,
         const unsigned int sa = smem + s * STAGE_BYTES, sw = sa + A_BYTES;
 #pragma unroll
         for (int i = 0; i < MI; ++i)
-            ldmatrix_x4(a[buf][i], sa + v5_swizzle(wm * 64 + i * 16 + (lane & 15), 2 * kk + (lane >> 4)));
+            ldmatrix_x4(a[buf][i],
+                        sa + v5_swizzle(wm * 64 + i * 16 + (lane & 15), 2 * kk + (lane >> 4)));
 #pragma unroll
         for (int j = 0; j < NI; j += 2) {
             unsigned int r[4];
             ldmatrix_x4(r, sw + v5_swizzle(wn * 64 + j * 8 + (lane & 7) + ((lane >> 4) << 3),
                                            2 * kk + ((lane >> 3) & 1)));
-            b[buf][j][0] = r[0]; b[buf][j][1] = r[1]; b[buf][j + 1][0] = r[2]; b[buf][j + 1][1] = r[3];
+            b[buf][j][0] = r[0]; b[buf][j][1] = r[1];
+            b[buf][j + 1][0] = r[2]; b[buf][j + 1][1] = r[3];
         }
     };
 
@@ -895,7 +897,8 @@ gemm_v6(const unsigned short* __restrict__ A, const void* __restrict__ Wq,
                     const int r = i * 16 + (lane >> 2) + 8 * half, c = j * 8 + 2 * (lane & 3);
                     const float* v = acc[2 * part + i][j] + 2 * half;
                     asm volatile("st.shared.v2.f32 [%0], {%1, %2};"
-                                 ::"r"(patch + (r * V6_LDC + c) * 4), "f"(v[0]), "f"(v[1]) : "memory");
+                                 ::"r"(patch + (r * V6_LDC + c) * 4), "f"(v[0]), "f"(v[1])
+                                 : "memory");
                 }
         __syncwarp();
 #pragma unroll 4

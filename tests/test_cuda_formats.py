@@ -10,9 +10,9 @@ of a stored weight is formats.dequantize, the NumPy reference the CPU backend mu
 Bounds: a kernel that multiplies float32 x by exactly the weights the reference dequantizes and
 sums in float32 (qgemv) is held to 1e-5, as every float32 kernel of test_cuda.py; the tensor
 cores (gemm_v5, gemm_v6) see x rounded to 16 bits, and are held to 2e-3 against float64 of the
-rounded inputs. A model on the GPU is held to the CPU model with the same stored weights: logits within
-1e-4 relative at every step, greedy tokens identical (with a float16 KV cache 1e-3, near-ties
-aside; its test says why; a prompt through the tensor cores 5e-3).
+rounded inputs. A model on the GPU is held to the CPU model with the same stored weights:
+logits within 1e-4 relative at every step, greedy tokens identical (with a float16 KV cache
+1e-3, near-ties aside; its test says why; a prompt through the tensor cores 5e-3).
 
 The last tests need no GPU: which models FusedDecoder covers, and where the sources come from.
 """
