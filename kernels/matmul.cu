@@ -695,13 +695,14 @@ gemm_v5(const unsigned short* __restrict__ A, const void* __restrict__ Wq,
 // same 32-wide k-tiles, swizzle, cp.async copies, ldmatrix and mma as v5. Four changes:
 //
 // 1. Every warp tile is 64 x 64 (4 x 8 mma's per k-step of 16), the block 128 x 256 (2 x 4 warps)
-//    or 256 x 128 (4 x 2). Per k-step a warp loads 4 A and 4 B fragments (ldmatrix.x4) for 32
-//    mma's, where v5's 64 x 32 loaded 4 + 2 for 16: a quarter fewer shared-memory reads per mma.
-//    128 accumulators per thread, so one block of 8 warps per SM.
+//    or 256 x 128 (4 x 2), or 128 x 128 (2 x 2, two blocks per SM). Per k-step a warp loads 4 A
+//    and 4 B fragments (ldmatrix.x4) for 32 mma's, where v5's 64 x 32 loaded 4 + 2 for 16: a
+//    quarter fewer shared-memory reads per mma. 128 accumulators per thread, 255 registers (no
+//    spills, ptxas -v), so 8 warps per SM: one block of 8, or two of 4.
 // 2. Fragments double-buffered in registers: the ldmatrix of k-step kk + 1 is issued before the
 //    mma's of k-step kk, so its latency hides behind them, and at the end of a tile the next
-//    tile's first fragments are loaded the same way (CUTLASS's multistage main loop). With one
-//    block per SM there are no other blocks' warps to hide that latency; the registers must.
+//    tile's first fragments are loaded the same way (CUTLASS's multistage main loop). With 8
+//    warps per SM (v5: 16) there are few other warps to hide that latency; the registers must.
 // 3. One __syncthreads per k-tile, issued right after the mma's of its first k-step (which keep
 //    the tensor cores busy while the warps meet there): it says the next tile has landed, and
 //    that everyone is done reading the buffer the next cp.async will overwrite. A packed W is
@@ -714,9 +715,10 @@ gemm_v5(const unsigned short* __restrict__ A, const void* __restrict__ Wq,
 //    rows out: a row stride of 72 floats keeps both sides free of bank conflicts), and stores
 //    whole rows, 16 bytes per lane, 256 contiguous bytes per half warp.
 //
-// Template: BM x BN (128 x 256 or 256 x 128), STAGES >= 3 buffers, WF the weight format.
-// Dynamic shared memory: max(STAGES * (BM + BN) * 64, 8 * 32 * 72 * 4) bytes (gemm_v6_smem in
-// kernels.py). Grid: cdiv(M, BM) * cdiv(N, BN) blocks of 256 threads, 1-D.
+// Template: BM x BN (128 x 256, 256 x 128 or 128 x 128), STAGES >= 3 buffers, WF the weight
+// format. A block has a warp per 64 x 64 tile of C: 256 threads (128 for 128 x 128). Dynamic
+// shared memory: max(STAGES * (BM + BN) * 64, warps * 32 * 72 * 4) bytes (gemm_v6_smem in
+// kernels.py). Grid: cdiv(M, BM) * cdiv(N, BN) blocks, 1-D.
 
 #define V6_GROUP 16                     // tile-rows of C walked together (block order for L2)
 #define V6_LDC 72                       // row stride of the epilogue's staging, in floats
@@ -733,7 +735,7 @@ __device__ __forceinline__ void v6_tile(int b, int tiles_m, int tiles_n, int& tm
 }
 
 template <int BM, int BN, int STAGES, int WF>
-__global__ void __launch_bounds__(256, 1)
+__global__ void __launch_bounds__(BM * BN / 128, BM * BN == 128 * 128 ? 2 : 1)
 gemm_v6(const unsigned short* __restrict__ A, const void* __restrict__ Wq,
         const unsigned short* __restrict__ Wd, const unsigned short* __restrict__ Wm,
         float* __restrict__ C, int M, int N, int K) {
@@ -742,8 +744,9 @@ gemm_v6(const unsigned short* __restrict__ A, const void* __restrict__ Wq,
     constexpr int MI = 4, NI = 8;                       // mma tiles per warp per k-step
     constexpr int A_BYTES = BM * BK * 2, STAGE_BYTES = (BM + BN) * BK * 2;
     constexpr bool BF16 = WF == V5_BF16, PACKED = WF >= V5_Q8_0;
-    constexpr int P_ITEMS = PACKED ? 2 * BN / 256 : 1;  // half-blocks of W per thread per tile
-    static_assert(BM * BN == 8 * 64 * 64 && BN % 128 == 0 && STAGES >= 3, "tile shape");
+    constexpr int THREADS = BM * BN / (64 * 64) * 32;   // a warp per 64 x 64 tile of C
+    constexpr int P_ITEMS = PACKED ? 2 * BN / THREADS : 1;   // half-blocks of W per thread
+    static_assert((THREADS == 256 || THREADS == 128) && BN % 128 == 0 && STAGES >= 3, "tiles");
     extern __shared__ __align__(128) unsigned char gemm_v6_smem[];
     const unsigned int smem = smem_addr(gemm_v6_smem);
     const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
@@ -756,8 +759,8 @@ gemm_v6(const unsigned short* __restrict__ A, const void* __restrict__ Wq,
     // The loaders are v5's: A tile t -> stage s, by cp.async, BM rows x 4 chunks of 16 bytes
     auto load_a = [&](int s, int t) {
 #pragma unroll
-        for (int i = 0; i < BM * 4 / 256; ++i) {
-            const int c = tid + i * 256, r = c >> 2, kc = c & 3;
+        for (int i = 0; i < BM * 4 / THREADS; ++i) {
+            const int c = tid + i * THREADS, r = c >> 2, kc = c & 3;
             const int m = m0 + r, k = t * BK + kc * 8;
             const bool ok = m < M && k < K;
             cp_async16(smem + s * STAGE_BYTES + v5_swizzle(r, kc),
@@ -768,8 +771,8 @@ gemm_v6(const unsigned short* __restrict__ A, const void* __restrict__ Wq,
     auto load_w = [&](int s, int t) {
         const unsigned short* W = static_cast<const unsigned short*>(Wq);
 #pragma unroll
-        for (int i = 0; i < BN * 4 / 256; ++i) {
-            const int c = tid + i * 256, r = c >> 2, kc = c & 3;
+        for (int i = 0; i < BN * 4 / THREADS; ++i) {
+            const int c = tid + i * THREADS, r = c >> 2, kc = c & 3;
             const int n = n0 + r, k = t * BK + kc * 8;
             const bool ok = n < N && k < K;
             cp_async16(smem + s * STAGE_BYTES + A_BYTES + v5_swizzle(r, kc),
@@ -782,7 +785,7 @@ gemm_v6(const unsigned short* __restrict__ A, const void* __restrict__ Wq,
     auto fetch_w = [&](int t) {
 #pragma unroll
         for (int i = 0; i < P_ITEMS; ++i) {
-            const int it = tid + i * 256, n = n0 + (it >> 1), h = it & 1;
+            const int it = tid + i * THREADS, n = n0 + (it >> 1), h = it & 1;
             pq[i] = make_uint4(0, 0, 0, 0);
             pd[i] = pm[i] = 0;
             if (n < N) {
@@ -797,7 +800,7 @@ gemm_v6(const unsigned short* __restrict__ A, const void* __restrict__ Wq,
     auto store_w = [&](int s) {
 #pragma unroll
         for (int i = 0; i < P_ITEMS; ++i) {
-            const int it = tid + i * 256, r = it >> 1, h = it & 1;
+            const int it = tid + i * THREADS, r = it >> 1, h = it & 1;
             uint4 out[2];
             v5_dequant<WF>(pq[i], h, pd[i] * 0x10001u, pm[i] * 0x10001u, out);
             const unsigned int base = smem + s * STAGE_BYTES + A_BYTES;

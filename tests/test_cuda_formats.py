@@ -165,7 +165,8 @@ def test_gemm_v6_matches_float64_of_the_16bit_inputs(cuda, cp, fmt, M, N, K):
 
 
 @gpu
-@pytest.mark.parametrize("config", ["128x256x3", "128x256x4", "256x128x3", "256x128x4"])
+@pytest.mark.parametrize("config", ["128x256x3", "128x256x4", "256x128x3", "256x128x4",
+                                    "128x128x4"])
 @pytest.mark.parametrize("M,N,K", [(1, 8, 32), (37, 127, 96), (300, 1000, 4128), (2100, 260, 72)])
 def test_gemm_v6_tile_shapes_match_float64(cuda, cp, config, M, N, K):
     packed, w64 = stored_weight("f16", N, K)

@@ -114,7 +114,7 @@ def gemm_v6_block(A, W, BM, BN, STAGES, packed, b=0):
     was written, gives a wrong product). packed: W goes through the registers (fetch_w, then
     store_w a tile later), its values standing for the unpacked ones."""
     (M, K), N, BK, KSTEPS = A.shape, W.shape[0], 32, 2
-    WARPS_N = BN // 64
+    WARPS_N, WARPS = BN // 64, BM * BN // (64 * 64)
     tm, tn = v6_tile(b, -(-M // BM), -(-N // BN))
     m0, n0, T = tm * BM, tn * BN, -(-K // BK)
     stages = [(np.zeros(BM * 64, np.uint8), np.zeros(BN * 64, np.uint8)) for _ in range(STAGES)]
@@ -143,7 +143,7 @@ def gemm_v6_block(A, W, BM, BN, STAGES, packed, b=0):
             bf[j], bf[j + 1] = r[:, 0:2], r[:, 2:4]
         return a, bf
 
-    acc = np.zeros((8, 32, 4, 8, 4))
+    acc = np.zeros((WARPS, 32, 4, 8, 4))
     for s in range(STAGES - 1):                  # the prologue
         if s < T:
             load_a(s, s)
@@ -153,7 +153,7 @@ def gemm_v6_block(A, W, BM, BN, STAGES, packed, b=0):
                 store_w(s, s)
             else:
                 held = s
-    buf = {w: [frags(0, 0, w // WARPS_N, w % WARPS_N), None] for w in range(8)}
+    buf = {w: [frags(0, 0, w // WARPS_N, w % WARPS_N), None] for w in range(WARPS)}
     s_cur = 0
     for t in range(T):
         nxt = t + STAGES - 1
@@ -161,7 +161,7 @@ def gemm_v6_block(A, W, BM, BN, STAGES, packed, b=0):
         s_after = 0 if s_cur + 1 == STAGES else s_cur + 1
         for kk in range(KSTEPS):
             cur = kk & 1
-            for w in range(8):                   # fragments of the next k-step
+            for w in range(WARPS):               # fragments of the next k-step
                 if kk + 1 < KSTEPS:
                     buf[w][cur ^ 1] = frags(s_cur, kk + 1, w // WARPS_N, w % WARPS_N)
                 elif t + 1 < T:
@@ -170,7 +170,7 @@ def gemm_v6_block(A, W, BM, BN, STAGES, packed, b=0):
                 load_a(s_next, nxt)
                 if not packed:
                     store_w(s_next, nxt)
-            for w in range(8):
+            for w in range(WARPS):
                 a, bf = buf[w][cur]
                 for i in range(4):
                     for j in range(8):
@@ -183,7 +183,7 @@ def gemm_v6_block(A, W, BM, BN, STAGES, packed, b=0):
                     held = nxt
         s_cur = s_after
     C = np.full((M, N), np.nan)
-    for w in range(8):                           # the epilogue, 32 rows at a time, 32 x 72
+    for w in range(WARPS):                       # the epilogue, 32 rows at a time, 32 x 72
         wm, wn = w // WARPS_N, w % WARPS_N
         for part in range(2):
             patch = np.full((32, 72), np.nan)
@@ -566,6 +566,7 @@ def main():
     print("gemm_v6: v6_tile visits every tile once")
     for (bm, bn, stages), packed, (M, N, K), b in (
             ((128, 256, 4), False, (70, 150, 72), 0), ((256, 128, 3), False, (300, 130, 136), 1),
+            ((128, 128, 4), False, (150, 300, 104), 3), ((128, 128, 4), True, (150, 300, 96), 2),
             ((128, 256, 3), True, (130, 20, 160), 1), ((256, 128, 4), True, (40, 150, 32), 0),
             ((128, 256, 4), True, (20, 300, 224), 1)):
         A = rng.standard_normal((M, K)).astype(np.float16)

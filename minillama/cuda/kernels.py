@@ -78,7 +78,8 @@ GEMM_V5_DEFAULT = "128x128x4"
 # of their own, compiled on the first gemm_v6 launch: the default tile shape for every format,
 # the other shapes for float16 only (kernels/dev/bench_gemm.py times them against each other).
 GEMM_V6_CONFIGS = {"128x256x3": (128, 256, 3), "128x256x4": (128, 256, 4),
-                   "256x128x3": (256, 128, 3), "256x128x4": (256, 128, 4)}
+                   "256x128x3": (256, 128, 3), "256x128x4": (256, 128, 4),
+                   "128x128x4": (128, 128, 4)}
 GEMM_V6_DEFAULT = "128x256x4"
 GEMM_V6_LDC = 72                   # matmul.cu's V6_LDC: floats per row of the epilogue's staging
 # qgemv_k<Fmt, ROWS, PRO> and kquant_to_f16<Fmt> (qgemv_k.cu): the k-quants with kernels of
@@ -544,16 +545,18 @@ def gemm_v6(a, w, out=None, config=GEMM_V6_DEFAULT):
     if M == 0 or N == 0:
         return c
     bm, bn, stages = GEMM_V6_CONFIGS[config]
-    KERNELS.launch(_gemm_v6_name(w.format, config), (cdiv(M, bm) * cdiv(N, bn),), (256,),
-                   (a, main, d, m, c, i32(M), i32(N), i32(K)), shared_mem=gemm_v6_smem(config))
+    KERNELS.launch(_gemm_v6_name(w.format, config), (cdiv(M, bm) * cdiv(N, bn),),
+                   (bm * bn // 128,), (a, main, d, m, c, i32(M), i32(N), i32(K)),
+                   shared_mem=gemm_v6_smem(config))
     return c
 
 
 def gemm_v6_smem(config):
     """Dynamic shared memory of a gemm_v6 launch: the pipeline's buffers (STAGES x (BM + BN)
-    rows of 64 bytes), or the epilogue's staging (8 warps x 32 rows x V6_LDC floats) if larger."""
+    rows of 64 bytes), or the epilogue's staging (a warp per 64 x 64 tile of C, each 32 rows
+    of V6_LDC floats) if larger."""
     bm, bn, stages = GEMM_V6_CONFIGS[config]
-    return max(stages * (bm + bn) * 64, 8 * 32 * GEMM_V6_LDC * 4)
+    return max(stages * (bm + bn) * 64, bm * bn // (64 * 64) * 32 * GEMM_V6_LDC * 4)
 
 
 # ----------------------------------------------------------------------------
