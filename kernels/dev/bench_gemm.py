@@ -120,7 +120,7 @@ def bench(size, rounds):
     for r in range(rounds):
         line, cublas = [], None
         for name, fn in entries:
-            rate = tflops(M, N, K, gpu_ms(fn, reps=10, warmup=3, inner=5))
+            rate = tflops(M, N, K, gpu_ms(fn, reps=20, warmup=3, inner=10))
             cublas = cublas or rate
             results[name].append({"tflops": rate, "ratio": rate / cublas})
             line.append(f"{name} {rate:.0f} ({rate / cublas:.2f})")
