@@ -184,6 +184,7 @@ def test_packed_kernels_reject_misuse(cuda, cp):
     x = cp.ones((2, 64), np.float32)
     f16 = formats.quantize(np.ones((8, 12), np.float32), "f16").map(cp.asarray)
     unaligned = cp.ones(2 * 64 + 1, np.float32)[1:].reshape(2, 64)
+    other_v6 = next(c for c in k.GEMM_V6_CONFIGS if c != k.GEMM_V6_DEFAULT)   # f16 only
     cases = [
         (lambda: k.qgemv(x.astype(np.float64), w), "x: expected float32"),
         (lambda: k.qgemv(cp.ones((2, 32), np.float32), w), "(N, K)"),
@@ -202,7 +203,7 @@ def test_packed_kernels_reject_misuse(cuda, cp):
         (lambda: k.to_16bit(x, out=cp.empty((2, 64), np.float32)), "out"),
         (lambda: k.gemm_v6(x, w), "float16"),
         (lambda: k.gemm_v6(x.astype(np.float16), w, config="128x128x4"), "config"),
-        (lambda: k.gemm_v6(x.astype(np.float16), w, config="256x128x3"), "f16 weights only"),
+        (lambda: k.gemm_v6(x.astype(np.float16), w, config=other_v6), "f16 weights only"),
         (lambda: k.gemm_v6(cp.ones((2, 32), np.float16), w), "(N, K)"),
     ]
     for call, words in cases:
