@@ -18,9 +18,11 @@
 //   v4  v3 + 16-byte loads, a bank-conflict-free thread layout, and double buffering
 //   v5  tensor cores (mma.sync): float16/bfloat16 operands, float32 accumulation, cp.async
 //       pipeline; weights may be packed (Q8_0/Q4_0/Q4_1), dequantized into shared memory
+//   v6  v5 with 64 x 64 warp tiles, fragments double-buffered in registers, one barrier per
+//       k-tile, an L2-friendly tile order and C stored through shared memory
 //
-// v1..v4 handle any M, N, K (edges are zero-padded on load and masked on store); v5 any M, N
-// and K % 8 == 0 (K % 32 == 0 for packed weights).
+// v1..v4 handle any M, N, K (edges are zero-padded on load and masked on store); v5 and v6 any
+// M, N and K % 8 == 0 (K % 32 == 0 for packed weights).
 // Compiled as one module after reduce.cu (see minillama/cuda.py).
 
 
@@ -684,6 +686,244 @@ gemm_v5(const unsigned short* __restrict__ A, const void* __restrict__ Wq,
                     if (n + 1 < N) c[1] = v1;
                 }
             }
+}
+
+
+// ---------------------------------------------------------------------------------------------
+// v6: v5 rearranged so that the tensor cores wait less. Same operands, same contract (float16 /
+// bfloat16 A, W f16, bf16, Q8_0, Q4_0 or Q4_1, float32 C; K % 8 == 0, K % 32 == 0 if packed),
+// same 32-wide k-tiles, swizzle, cp.async copies, ldmatrix and mma as v5. Four changes:
+//
+// 1. Every warp tile is 64 x 64 (4 x 8 mma's per k-step of 16), the block 128 x 256 (2 x 4 warps)
+//    or 256 x 128 (4 x 2), or 128 x 128 (2 x 2, two blocks per SM). Per k-step a warp loads 4 A
+//    and 4 B fragments (ldmatrix.x4) for 32 mma's, where v5's 64 x 32 loaded 4 + 2 for 16: a
+//    quarter fewer shared-memory reads per mma. 128 accumulators per thread, 255 registers (no
+//    spills, ptxas -v), so 8 warps per SM: one block of 8, or two of 4.
+// 2. Fragments double-buffered in registers: the ldmatrix of k-step kk + 1 is issued before the
+//    mma's of k-step kk, so its latency hides behind them, and at the end of a tile the next
+//    tile's first fragments are loaded the same way (CUTLASS's multistage main loop). With 8
+//    warps per SM (v5: 16) there are few other warps to hide that latency; the registers must.
+// 3. One __syncthreads per k-tile, issued right after the mma's of its first k-step (which keep
+//    the tensor cores busy while the warps meet there): it says the next tile has landed, and
+//    that everyone is done reading the buffer the next cp.async will overwrite. A packed W is
+//    read into registers a whole tile before it is unpacked into shared memory.
+// 4. Tiles in L2-friendly order, and C through shared memory. Blocks run in launch order; v5's
+//    row-major grid makes one wave read a few rows of A and all of W. Here the grid is 1-D and
+//    block b takes tile (v6_tile): V6_GROUP tile-rows at a time, column by column, so a wave
+//    touches a square-ish patch of C and re-reads its A and W rows from L2. At the end each warp
+//    writes its 64 x 64 float32 tile to shared memory, 32 rows at a time (fragment layout in,
+//    rows out: a row stride of 72 floats keeps both sides free of bank conflicts), and stores
+//    whole rows, 16 bytes per lane, 256 contiguous bytes per half warp.
+//
+// Template: BM x BN (128 x 256, 256 x 128 or 128 x 128), STAGES >= 3 buffers, WF the weight
+// format. A block has a warp per 64 x 64 tile of C: 256 threads (128 for 128 x 128). Dynamic
+// shared memory: max(STAGES * (BM + BN) * 64, warps * 32 * 72 * 4) bytes (gemm_v6_smem in
+// kernels.py). Grid: cdiv(M, BM) * cdiv(N, BN) blocks, 1-D.
+
+#define V6_GROUP 16                     // tile-rows of C walked together (block order for L2)
+#define V6_LDC 72                       // row stride of the epilogue's staging, in floats
+
+// Tile (tm, tn) of C that block b computes: groups of V6_GROUP tile-rows, each walked column by
+// column (tile-rows first within a column), groups in order.
+__device__ __forceinline__ void v6_tile(int b, int tiles_m, int tiles_n, int& tm, int& tn) {
+    const int per_group = V6_GROUP * tiles_n;
+    const int first = b / per_group * V6_GROUP;
+    const int rows = min(tiles_m - first, V6_GROUP);   // the last group may be shorter
+    const int r = b % per_group;
+    tm = first + r % rows;
+    tn = r / rows;
+}
+
+template <int BM, int BN, int STAGES, int WF>
+__global__ void __launch_bounds__(BM * BN / 128, BM * BN == 128 * 128 ? 2 : 1)
+gemm_v6(const unsigned short* __restrict__ A, const void* __restrict__ Wq,
+        const unsigned short* __restrict__ Wd, const unsigned short* __restrict__ Wm,
+        float* __restrict__ C, int M, int N, int K) {
+    constexpr int BK = 32, KSTEPS = BK / 16;            // k per tile: 64-byte rows, one q block
+    constexpr int WARPS_N = BN / 64;                    // warp tiles of 64 x 64
+    constexpr int MI = 4, NI = 8;                       // mma tiles per warp per k-step
+    constexpr int A_BYTES = BM * BK * 2, STAGE_BYTES = (BM + BN) * BK * 2;
+    constexpr bool BF16 = WF == V5_BF16, PACKED = WF >= V5_Q8_0;
+    constexpr int THREADS = BM * BN / (64 * 64) * 32;   // a warp per 64 x 64 tile of C
+    constexpr int P_ITEMS = PACKED ? 2 * BN / THREADS : 1;   // half-blocks of W per thread
+    static_assert((THREADS == 256 || THREADS == 128) && BN % 128 == 0 && STAGES >= 3, "tiles");
+    extern __shared__ __align__(128) unsigned char gemm_v6_smem[];
+    const unsigned int smem = smem_addr(gemm_v6_smem);
+    const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+    const int wm = warp / WARPS_N, wn = warp % WARPS_N;
+    int tm, tn;
+    v6_tile(blockIdx.x, (M + BM - 1) / BM, (N + BN - 1) / BN, tm, tn);
+    const int m0 = tm * BM, n0 = tn * BN;
+    const int T = (K + BK - 1) / BK, nb = K / 32;       // k-tiles; blocks per row (packed)
+
+    // The loaders are v5's: A tile t -> stage s, by cp.async, BM rows x 4 chunks of 16 bytes
+    auto load_a = [&](int s, int t) {
+#pragma unroll
+        for (int i = 0; i < BM * 4 / THREADS; ++i) {
+            const int c = tid + i * THREADS, r = c >> 2, kc = c & 3;
+            const int m = m0 + r, k = t * BK + kc * 8;
+            const bool ok = m < M && k < K;
+            cp_async16(smem + s * STAGE_BYTES + v5_swizzle(r, kc),
+                       ok ? A + (size_t)m * K + k : A, ok ? 16 : 0);
+        }
+    };
+    // W tile t of a float16/bfloat16 W -> stage s, the same way
+    auto load_w = [&](int s, int t) {
+        const unsigned short* W = static_cast<const unsigned short*>(Wq);
+#pragma unroll
+        for (int i = 0; i < BN * 4 / THREADS; ++i) {
+            const int c = tid + i * THREADS, r = c >> 2, kc = c & 3;
+            const int n = n0 + r, k = t * BK + kc * 8;
+            const bool ok = n < N && k < K;
+            cp_async16(smem + s * STAGE_BYTES + A_BYTES + v5_swizzle(r, kc),
+                       ok ? W + (size_t)n * K + k : W, ok ? 16 : 0);
+        }
+    };
+    // Packed W: block t of each row into registers (item = (row, half)), then unpacked to smem
+    uint4 pq[P_ITEMS];
+    unsigned short pd[P_ITEMS], pm[P_ITEMS];
+    auto fetch_w = [&](int t) {
+#pragma unroll
+        for (int i = 0; i < P_ITEMS; ++i) {
+            const int it = tid + i * THREADS, n = n0 + (it >> 1), h = it & 1;
+            pq[i] = make_uint4(0, 0, 0, 0);
+            pd[i] = pm[i] = 0;
+            if (n < N) {
+                const size_t blk = (size_t)n * nb + t;
+                const uint4* q = static_cast<const uint4*>(Wq);
+                pq[i] = __ldg(WF == V5_Q8_0 ? q + 2 * blk + h : q + blk);
+                pd[i] = __ldg(Wd + blk);
+                if (WF == V5_Q4_1) pm[i] = __ldg(Wm + blk);
+            }
+        }
+    };
+    auto store_w = [&](int s) {
+#pragma unroll
+        for (int i = 0; i < P_ITEMS; ++i) {
+            const int it = tid + i * THREADS, r = it >> 1, h = it & 1;
+            uint4 out[2];
+            v5_dequant<WF>(pq[i], h, pd[i] * 0x10001u, pm[i] * 0x10001u, out);
+            const unsigned int base = smem + s * STAGE_BYTES + A_BYTES;
+            st_shared16(base + v5_swizzle(r, 2 * h), out[0]);
+            st_shared16(base + v5_swizzle(r, 2 * h + 1), out[1]);
+        }
+    };
+
+    // Fragments of k-step kk of the tile in stage s, into register buffer `buf` (v5's ldmatrix)
+    unsigned int a[2][MI][4], b[2][NI][2];
+    auto load_frags = [&](int buf, int s, int kk) {
+        const unsigned int sa = smem + s * STAGE_BYTES, sw = sa + A_BYTES;
+#pragma unroll
+        for (int i = 0; i < MI; ++i)
+            ldmatrix_x4(a[buf][i],
+                        sa + v5_swizzle(wm * 64 + i * 16 + (lane & 15), 2 * kk + (lane >> 4)));
+#pragma unroll
+        for (int j = 0; j < NI; j += 2) {
+            unsigned int r[4];
+            ldmatrix_x4(r, sw + v5_swizzle(wn * 64 + j * 8 + (lane & 7) + ((lane >> 4) << 3),
+                                           2 * kk + ((lane >> 3) & 1)));
+            b[buf][j][0] = r[0]; b[buf][j][1] = r[1];
+            b[buf][j + 1][0] = r[2]; b[buf][j + 1][1] = r[3];
+        }
+    };
+
+    float acc[MI][NI][4];
+#pragma unroll
+    for (int i = 0; i < MI; ++i)
+#pragma unroll
+        for (int j = 0; j < NI; ++j)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.0f;
+
+    // Prologue: tiles 0 .. STAGES-2 in flight (one commit group each, possibly empty). A packed
+    // W is unpacked up to tile STAGES-3; tile STAGES-2 waits in registers (the loop stores it).
+#pragma unroll
+    for (int s = 0; s < STAGES - 1; ++s) {
+        if (s < T) {
+            load_a(s, s);
+            if (!PACKED) load_w(s, s);
+            else { fetch_w(s); if (s < STAGES - 2) store_w(s); }
+        }
+        cp_async_commit();
+    }
+    cp_async_wait<STAGES - 2>();              // tile 0 has landed (this thread's copies)
+    __syncthreads();                          // ... everyone's
+    load_frags(0, 0, 0);
+
+    // Stages counted, not taken modulo STAGES (a division by 3 costs registers, which are
+    // short: a few bytes spilled).
+    for (int t = 0, s_cur = 0; t < T; ++t, s_cur = s_cur + 1 == STAGES ? 0 : s_cur + 1) {
+        const int next = t + STAGES - 1;                        // tile, and its buffer: t - 1's
+        const int s_next = s_cur == 0 ? STAGES - 1 : s_cur - 1;
+        const int s_after = s_cur + 1 == STAGES ? 0 : s_cur + 1;   // tile t + 1's
+#pragma unroll
+        for (int kk = 0; kk < KSTEPS; ++kk) {
+            const int cur = kk & 1;
+            if (kk + 1 < KSTEPS) load_frags(cur ^ 1, s_cur, kk + 1);
+            else if (t + 1 < T) load_frags(cur ^ 1, s_after, 0);   // next tile's first
+            if (kk == 0) {                    // everyone passed the barrier after reading t - 1
+                if (next < T) {
+                    load_a(s_next, next);
+                    if (!PACKED) load_w(s_next, next);
+                }
+                cp_async_commit();
+            }
+#pragma unroll
+            for (int i = 0; i < MI; ++i)
+#pragma unroll
+                for (int j = 0; j < NI; ++j) mma_16816<BF16>(acc[i][j], a[cur][i], b[cur][j]);
+            if (kk == KSTEPS - 2) {
+                if (PACKED) {                 // unpack tile t + STAGES - 2 (fetched a tile ago)
+                    if (next - 1 < T) store_w(s_next == 0 ? STAGES - 1 : s_next - 1);   // t - 2's
+                    if (next < T) fetch_w(next);
+                }
+                cp_async_wait<STAGES - 2>();  // tile t + 1 has landed (this thread's copies)
+                __syncthreads();              // ... everyone's; and everyone is done with t
+            }
+        }
+    }
+
+    // Epilogue: each warp's 64 x 64 tile through its own 32-row patch of shared memory, in two
+    // halves (a whole tile would need 144 KiB: more than an RTX 40's 99), then rows out.
+    cp_async_wait<0>();                       // (only empty groups are left)
+    __syncthreads();                          // nobody reads the pipeline buffers any more
+    const unsigned int patch = smem + warp * 32 * V6_LDC * 4;
+    const int col = 4 * (lane & 15), n = n0 + wn * 64 + col;
+#pragma unroll
+    for (int part = 0; part < 2; ++part) {              // rows 0-31 of the warp tile, 32-63
+#pragma unroll
+        for (int i = 0; i < MI / 2; ++i)
+#pragma unroll
+            for (int j = 0; j < NI; ++j)
+#pragma unroll
+                for (int half = 0; half < 2; ++half) {  // rows g and g + 8, columns 2t, 2t + 1
+                    const int r = i * 16 + (lane >> 2) + 8 * half, c = j * 8 + 2 * (lane & 3);
+                    const float* v = acc[2 * part + i][j] + 2 * half;
+                    asm volatile("st.shared.v2.f32 [%0], {%1, %2};"
+                                 ::"r"(patch + (r * V6_LDC + c) * 4), "f"(v[0]), "f"(v[1])
+                                 : "memory");
+                }
+        __syncwarp();
+#pragma unroll 4
+        for (int r = lane >> 4; r < 32; r += 2) {       // half a warp per row: 256 bytes
+            const int m = m0 + wm * 64 + 32 * part + r;
+            float4 v;
+            asm volatile("ld.shared.v4.f32 {%0, %1, %2, %3}, [%4];"
+                         : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w)
+                         : "r"(patch + (r * V6_LDC + col) * 4) : "memory");
+            if (m >= M) continue;
+            float* c = C + (size_t)m * N + n;
+            if (N % 4 == 0) {                           // 16-byte rows: all 4 or none
+                if (n < N) *reinterpret_cast<float4*>(c) = v;
+            } else {
+                if (n + 0 < N) c[0] = v.x;
+                if (n + 1 < N) c[1] = v.y;
+                if (n + 2 < N) c[2] = v.z;
+                if (n + 3 < N) c[3] = v.w;
+            }
+        }
+        __syncwarp();                                   // read before the next half lands
+    }
 }
 
 

@@ -1,6 +1,6 @@
-"""Weights as stored, on the GPU (issue 10): qgemv and gemm_v5 through the package's own checked
-wrappers, CudaOps and FusedDecoder on models whose weights are formats.Packed, and the float16
-KV cache.
+"""Weights as stored, on the GPU (issue 10): qgemv, gemm_v5 and gemm_v6 through the package's own
+checked wrappers, CudaOps and FusedDecoder on models whose weights are formats.Packed, and the
+float16 KV cache.
 
 Tests marked `gpu` need CuPy and an NVIDIA GPU and skip cleanly without them (conftest's `cp`
 fixture). The conventions are test_cuda.py's: fresh random inputs each run, odd sizes, outputs
@@ -9,10 +9,10 @@ of a stored weight is formats.dequantize, the NumPy reference the CPU backend mu
 
 Bounds: a kernel that multiplies float32 x by exactly the weights the reference dequantizes and
 sums in float32 (qgemv) is held to 1e-5, as every float32 kernel of test_cuda.py; the tensor
-cores (gemm_v5) see x rounded to 16 bits, and are held to 2e-3 against float64 of the rounded
-inputs. A model on the GPU is held to the CPU model with the same stored weights: logits within
-1e-4 relative at every step, greedy tokens identical (with a float16 KV cache 1e-3, near-ties
-aside; its test says why; a prompt through the tensor cores 5e-3).
+cores (gemm_v5, gemm_v6) see x rounded to 16 bits, and are held to 2e-3 against float64 of the
+rounded inputs. A model on the GPU is held to the CPU model with the same stored weights:
+logits within 1e-4 relative at every step, greedy tokens identical (with a float16 KV cache
+1e-3, near-ties aside; its test says why; a prompt through the tensor cores 5e-3).
 
 The last tests need no GPU: which models FusedDecoder covers, and where the sources come from.
 """
@@ -142,6 +142,40 @@ def test_gemm_v5_matches_float64_of_the_16bit_inputs(cuda, cp, fmt, M, N, K):
     assert rel_err(c, rounded(x, fmt) @ w64.T) < 2e-3
 
 
+# gemm_v6: v5's contract; every shape a block may cut (odd M and N, N % 4 == 0 or not for the
+# 16-byte stores, more tile-rows than one L2 group of V6_GROUP = 16: 2100 rows of 128)
+GEMM_V6_SIZES = GEMM_SIZES + [(129, 33, 1000), (2100, 300, 96), (257, 516, 160)]
+
+
+@gpu
+@pytest.mark.parametrize("fmt", STORED)
+@pytest.mark.parametrize("M,N,K", GEMM_V6_SIZES)
+def test_gemm_v6_matches_float64_of_the_16bit_inputs(cuda, cp, fmt, M, N, K):
+    if K % 32 and fmt in BLOCKED:
+        pytest.skip("block formats hold whole blocks of 32")
+    packed, w64 = stored_weight(fmt, N, K)
+    if fmt in BLOCKED:                 # gemm_v6 scales a block's codes in float16 arithmetic
+        w64 = w64.astype(np.float16).astype(np.float64)
+    x = rng.standard_normal((M, K)).astype(np.float32)
+    a = cuda.kernels.to_16bit(cp.asarray(x), bf16=fmt == "bf16")
+    out = poison(cp, (M, N))
+    c = cuda.kernels.gemm_v6(a, packed.map(cp.asarray), out=out)
+    assert c is out
+    assert rel_err(c, rounded(x, fmt) @ w64.T) < 2e-3
+
+
+@gpu
+@pytest.mark.parametrize("config", ["128x256x3", "128x256x4", "256x128x3", "256x128x4",
+                                    "128x128x4"])
+@pytest.mark.parametrize("M,N,K", [(1, 8, 32), (37, 127, 96), (300, 1000, 4128), (2100, 260, 72)])
+def test_gemm_v6_tile_shapes_match_float64(cuda, cp, config, M, N, K):
+    packed, w64 = stored_weight("f16", N, K)
+    x = rng.standard_normal((M, K)).astype(np.float32)
+    a = cuda.kernels.to_16bit(cp.asarray(x))
+    c = cuda.kernels.gemm_v6(a, packed.map(cp.asarray), out=poison(cp, (M, N)), config=config)
+    assert rel_err(c, rounded(x, "f16") @ w64.T) < 2e-3
+
+
 @gpu
 def test_packed_kernels_reject_misuse(cuda, cp):
     k = cuda.kernels
@@ -150,6 +184,7 @@ def test_packed_kernels_reject_misuse(cuda, cp):
     x = cp.ones((2, 64), np.float32)
     f16 = formats.quantize(np.ones((8, 12), np.float32), "f16").map(cp.asarray)
     unaligned = cp.ones(2 * 64 + 1, np.float32)[1:].reshape(2, 64)
+    other_v6 = next(c for c in k.GEMM_V6_CONFIGS if c != k.GEMM_V6_DEFAULT)   # f16 only
     cases = [
         (lambda: k.qgemv(x.astype(np.float64), w), "x: expected float32"),
         (lambda: k.qgemv(cp.ones((2, 32), np.float32), w), "(N, K)"),
@@ -166,6 +201,10 @@ def test_packed_kernels_reject_misuse(cuda, cp):
         (lambda: k.gemm_v5(x.astype(np.float16), w, config="1x1"), "config"),
         (lambda: k.gemm_v5(cp.ones((2, 32), np.float16), w), "(N, K)"),
         (lambda: k.to_16bit(x, out=cp.empty((2, 64), np.float32)), "out"),
+        (lambda: k.gemm_v6(x, w), "float16"),
+        (lambda: k.gemm_v6(x.astype(np.float16), w, config="128x128x4"), "config"),
+        (lambda: k.gemm_v6(x.astype(np.float16), w, config=other_v6), "f16 weights only"),
+        (lambda: k.gemm_v6(cp.ones((2, 32), np.float16), w), "(N, K)"),
     ]
     for call, words in cases:
         with pytest.raises(DeviceError, match=words.replace("(", r"\(").replace(")", r"\)")):
@@ -180,6 +219,7 @@ def test_the_module_has_the_instances_the_wrappers_launch(cuda, cp):
             for pro in cuda.kernels.GEMV_PROLOGUES.values():
                 assert f"qgemv<Fmt{formats.FORMATS[fmt].KERNEL[fmt]},{rows},{pro}>" in groups[fmt]
         assert f"gemm_v5<128,128,4,{cuda.kernels.GEMM_V5_FORMATS[fmt]}>" in groups[fmt]
+        assert cuda.kernels._gemm_v6_name(fmt, cuda.kernels.GEMM_V6_DEFAULT) in groups["gemm_v6"]
         for pro in cuda.kernels.GEMV_PROLOGUES.values():
             assert f"qgemv_v2<V2{formats.FORMATS[fmt].KERNEL[fmt]},1,{pro},2,4>" in groups[fmt]
     for rows in cuda.kernels.QGEMV_V2_F32_ROWS:           # float32 batches (kernels.gemv)
@@ -188,7 +228,7 @@ def test_the_module_has_the_instances_the_wrappers_launch(cuda, cp):
     assert "attention_decode<4,unsigned short>" in groups["common"]
     assert "qgemv.cu" in runtime.KERNEL_FILES
     source = runtime.kernel_source()
-    for kernel in ("qgemv", "qgemv_v2", "gemm_v5", "f32_to_16bit", "attention_decode"):
+    for kernel in ("qgemv", "qgemv_v2", "gemm_v5", "gemm_v6", "f32_to_16bit", "attention_decode"):
         assert f"\n{kernel}(" in source or f" {kernel}(" in source
 
 

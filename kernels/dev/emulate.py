@@ -1,5 +1,5 @@
-"""Replay the index arithmetic of gemm_v5, qgemv, qgemv_tc and qgemv_k on the CPU, for machines
-without a GPU.
+"""Replay the index arithmetic of gemm_v5, gemm_v6, qgemv, qgemv_tc and qgemv_k on the CPU, for
+machines without a GPU.
 
     python kernels/dev/emulate.py
 
@@ -98,6 +98,109 @@ def gemm_v5_block(A, W, BM, BN):
                             if m < M and n + e < N:
                                 C[m, n + e] = acc[warp, lane, i, j, 2 * half + e]
     return C
+
+
+def v6_tile(b, tiles_m, tiles_n, group=16):      # matmul.cu: v6_tile (V6_GROUP = 16)
+    per_group = group * tiles_n
+    first = b // per_group * group
+    rows = min(tiles_m - first, group)
+    return first + b % per_group % rows, b % per_group // rows
+
+
+def gemm_v6_block(A, W, BM, BN, STAGES, packed, b=0):
+    """Block b of gemm_v6 on float16 A (M, K) and W (N, K), following the kernel's loops: the
+    stages counted as the kernel counts them, fragments double-buffered, and every copy landing
+    at once when issued (so a buffer overwritten before its last read, or read before its tile
+    was written, gives a wrong product). packed: W goes through the registers (fetch_w, then
+    store_w a tile later), its values standing for the unpacked ones."""
+    (M, K), N, BK, KSTEPS = A.shape, W.shape[0], 32, 2
+    WARPS_N, WARPS = BN // 64, BM * BN // (64 * 64)
+    tm, tn = v6_tile(b, -(-M // BM), -(-N // BN))
+    m0, n0, T = tm * BM, tn * BN, -(-K // BK)
+    stages = [(np.zeros(BM * 64, np.uint8), np.zeros(BN * 64, np.uint8)) for _ in range(STAGES)]
+    held = None                                  # the packed tile waiting in registers
+
+    def copy(tile, src, rows, row0, count, t):   # load_a, load_w: cp.async, zero-fill
+        for c in range(count * 4):
+            r, kc, k = c >> 2, c & 3, t * BK + (c & 3) * 8
+            chunk = src[row0 + r, k:k + 8] if row0 + r < rows and k < K else np.zeros(8, np.float16)
+            tile[swizzle(r, kc):swizzle(r, kc) + 16] = chunk.view(np.uint8)
+
+    def load_a(s, t):
+        copy(stages[s][0], A, M, m0, BM, t)
+
+    def store_w(s, t):
+        copy(stages[s][1], W, N, n0, BN, t)
+
+    def frags(s, kk, wm, wn):
+        sa, sw = stages[s]
+        a = [ldmatrix_x4(sa, [swizzle(wm * 64 + i * 16 + (l & 15), 2 * kk + (l >> 4))
+                              for l in range(32)]) for i in range(4)]
+        bf = {}
+        for j in range(0, 8, 2):
+            r = ldmatrix_x4(sw, [swizzle(wn * 64 + j * 8 + (l & 7) + ((l >> 4) << 3),
+                                         2 * kk + ((l >> 3) & 1)) for l in range(32)])
+            bf[j], bf[j + 1] = r[:, 0:2], r[:, 2:4]
+        return a, bf
+
+    acc = np.zeros((WARPS, 32, 4, 8, 4))
+    for s in range(STAGES - 1):                  # the prologue
+        if s < T:
+            load_a(s, s)
+            if not packed:
+                store_w(s, s)
+            elif s < STAGES - 2:
+                store_w(s, s)
+            else:
+                held = s
+    buf = {w: [frags(0, 0, w // WARPS_N, w % WARPS_N), None] for w in range(WARPS)}
+    s_cur = 0
+    for t in range(T):
+        nxt = t + STAGES - 1
+        s_next = STAGES - 1 if s_cur == 0 else s_cur - 1
+        s_after = 0 if s_cur + 1 == STAGES else s_cur + 1
+        for kk in range(KSTEPS):
+            cur = kk & 1
+            for w in range(WARPS):               # fragments of the next k-step
+                if kk + 1 < KSTEPS:
+                    buf[w][cur ^ 1] = frags(s_cur, kk + 1, w // WARPS_N, w % WARPS_N)
+                elif t + 1 < T:
+                    buf[w][cur ^ 1] = frags(s_after, 0, w // WARPS_N, w % WARPS_N)
+            if kk == 0 and nxt < T:
+                load_a(s_next, nxt)
+                if not packed:
+                    store_w(s_next, nxt)
+            for w in range(WARPS):
+                a, bf = buf[w][cur]
+                for i in range(4):
+                    for j in range(8):
+                        acc[w, :, i, j] += mma_16816(a[i], bf[j])
+            if kk == KSTEPS - 2 and packed:
+                if nxt - 1 < T:
+                    assert held == nxt - 1
+                    store_w(STAGES - 1 if s_next == 0 else s_next - 1, held)
+                if nxt < T:
+                    held = nxt
+        s_cur = s_after
+    C = np.full((M, N), np.nan)
+    for w in range(WARPS):                       # the epilogue, 32 rows at a time, 32 x 72
+        wm, wn = w // WARPS_N, w % WARPS_N
+        for part in range(2):
+            patch = np.full((32, 72), np.nan)
+            for lane in range(32):
+                for i in range(2):
+                    for j in range(8):
+                        for half in range(2):
+                            r, c = i * 16 + (lane >> 2) + 8 * half, j * 8 + 2 * (lane & 3)
+                            patch[r, c:c + 2] = acc[w, lane, 2 * part + i, j, 2 * half:2 * half + 2]
+            for lane in range(32):
+                col = 4 * (lane & 15)
+                for r in range(lane >> 4, 32, 2):
+                    m, n = m0 + wm * 64 + 32 * part + r, n0 + wn * 64 + col
+                    for e in range(4):
+                        if m < M and n + e < N:
+                            C[m, n + e] = patch[r, col + e]
+    return C, (m0, n0)
 
 
 def qgemv_launch(x, w, smem, blocks):
@@ -457,6 +560,25 @@ def main():
         err = np.abs(C[:, :n] - ref[:, :n]).max()
         assert err < 1e-9 and not np.isnan(C[:, :n]).any(), (bm, bn, err)
         print(f"gemm_v5 {bm}x{bn}: block (0, 0) matches NumPy")
+    for tiles_m, tiles_n in ((32, 16), (37, 5), (3, 40), (1, 1)):
+        seen = sorted(v6_tile(b, tiles_m, tiles_n) for b in range(tiles_m * tiles_n))
+        assert seen == [(i, j) for i in range(tiles_m) for j in range(tiles_n)]
+    print("gemm_v6: v6_tile visits every tile once")
+    for (bm, bn, stages), packed, (M, N, K), b in (
+            ((128, 256, 4), False, (70, 150, 72), 0), ((256, 128, 3), False, (300, 130, 136), 1),
+            ((128, 128, 4), False, (150, 300, 104), 3), ((128, 128, 4), True, (150, 300, 96), 2),
+            ((128, 256, 3), True, (130, 20, 160), 1), ((256, 128, 4), True, (40, 150, 32), 0),
+            ((128, 256, 4), True, (20, 300, 224), 1)):
+        A = rng.standard_normal((M, K)).astype(np.float16)
+        W = rng.standard_normal((N, K)).astype(np.float16)
+        ref = A.astype(np.float64) @ W.astype(np.float64).T
+        C, (m0, n0) = gemm_v6_block(A, W, bm, bn, stages, packed, b)
+        part = (slice(m0, min(M, m0 + bm)), slice(n0, min(N, n0 + bn)))
+        err = np.abs(C[part] - ref[part]).max()
+        assert err < 1e-9 and not np.isnan(C[part]).any(), (bm, bn, stages, packed, err)
+        assert np.isnan(np.delete(np.delete(C, np.r_[part[0]], 0), np.r_[part[1]], 1)).all()
+        print(f"gemm_v6 {bm}x{bn}x{stages}{' packed' if packed else ''} {M}x{N}x{K}: block {b} "
+              f"(tile at {m0}, {n0}) matches NumPy")
     for fmt in ("f16", "q8_0", "q4_1"):
         for M, N, K, smem in ((3, 37, 96, 96 << 10), (9, 70, 2080, 4096), (1, 150, 1024, 1)):
             w = cf.random_packed(fmt, N, K, rng)

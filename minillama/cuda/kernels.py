@@ -11,11 +11,12 @@
                          one row of x, v1 for more; the k-quants: qgemv_k, qgemv_k.cu)
     to_16bit(x)          float32 -> float16 (or bfloat16 bits), round to nearest (matmul.cu)
     gemm_v5(a, w)        a @ w.T on the tensor cores, a 16-bit (matmul.cu)
+    gemm_v6(a, w)        the same, the next version (a candidate: CudaOps still uses v5)
 
 Each takes float32 CuPy arrays (C-contiguous where the kernel indexes by row length; gemm_v5
-16-bit ones) and raises DeviceError, naming the argument, on anything else, instead of failing
-inside CUDA. Each writes into `out` when given one, so a caller can reuse its buffers
-(FusedDecoder does).
+and gemm_v6 16-bit ones) and raises DeviceError, naming the argument, on anything else,
+instead of failing inside CUDA. Each writes into `out` when given one, so a caller can reuse
+its buffers (FusedDecoder does).
 
 The tables below are the template instantiations that are compiled (KERNELS): every tile shape,
 row count, format and prologue a launch may name. docs/kernels.md explains each kernel.
@@ -83,6 +84,14 @@ MMA_NR = (1, 2)
 MMA_BLOCKS_PER_SM = 2
 MMA_MAX_SLICE = 2048
 MMA_MIN_ROWS = 2                   # rows of x from which qgemv's rule takes qgemv_mma
+# gemm_v6<BM, BN, STAGES, WF>: v5 with 64 x 64 warp tiles (matmul.cu). Its instances are a group
+# of their own, compiled on the first gemm_v6 launch: the default tile shape for every format,
+# the other shapes for float16 only (kernels/dev/bench_gemm.py times them against each other).
+GEMM_V6_CONFIGS = {"128x256x3": (128, 256, 3), "128x256x4": (128, 256, 4),
+                   "256x128x3": (256, 128, 3), "256x128x4": (256, 128, 4),
+                   "128x128x4": (128, 128, 4)}
+GEMM_V6_DEFAULT = "128x256x4"
+GEMM_V6_LDC = 72                   # matmul.cu's V6_LDC: floats per row of the epilogue's staging
 # qgemv_k<Fmt, ROWS, PRO> and kquant_to_f16<Fmt> (qgemv_k.cu): the k-quants with kernels of
 # their own, and the planes each reads: (codes, high bits, integer scales, d, dmin)
 QGEMV_K_PLANES = {"q2_k": ("qs", "qs", "scales", "d", "dmin"),
@@ -122,6 +131,9 @@ def _templates():
     for fmt, traits in MMA_FORMATS.items():
         groups[fmt] += [f"qgemv_mma<{traits},{nr},{pro}>" for nr in MMA_NR
                         for pro in GEMV_PROLOGUES.values()]
+    groups["gemm_v6"] = [_gemm_v6_name(fmt, GEMM_V6_DEFAULT) for fmt in GEMM_V5_FORMATS]
+    groups["gemm_v6"] += [_gemm_v6_name("f16", config) for config in GEMM_V6_CONFIGS
+                          if config != GEMM_V6_DEFAULT]
     groups["f32"] = [_qgemv_v2_name("f32", rows, pro, *QGEMV_V2_F32) for rows in QGEMV_V2_F32_ROWS
                      for pro in GEMV_PROLOGUES.values()]      # compiled once a batch needs it
     for fmt in QGEMV_K_PLANES:
@@ -133,6 +145,12 @@ def _templates():
 def _qgemv_format(fmt):
     """qgemv.cu's traits struct of a format: "q4_0" -> "FmtQ4_0" (the format module's KERNEL)."""
     return "Fmt" + FORMATS[fmt].KERNEL[fmt]
+
+
+def _gemm_v6_name(fmt, config):
+    """gemm_v6's instance for a format and a tile shape of GEMM_V6_CONFIGS."""
+    bm, bn, stages = GEMM_V6_CONFIGS[config]
+    return f"gemm_v6<{bm},{bn},{stages},{GEMM_V5_FORMATS[fmt]}>"
 
 
 def _qgemv_v2_name(fmt, rows, pro, nr, u):
@@ -553,21 +571,28 @@ def to_16bit(x, bf16=False, out=None):
     return out
 
 
+def _gemm_operands(name, a, w, out):
+    """The checks gemm_v5 and gemm_v6 share: a (M, K) 16-bit, w a Packed (N, K) (a k-quant made
+    a float16 copy, kquant_to_f16), out (M, N). -> (w, its planes, the output array)."""
+    if getattr(w, "format", None) in QGEMV_K_PLANES:
+        w = kquant_to_f16(w)                    # the k-quants: through a float16 copy of W
+    planes = _check_packed(w)
+    _check("a", a, 2, dtype=np.uint16 if w.format == "bf16" else np.float16, aligned=True)
+    (M, K), (N, K_w) = a.shape, w.shape
+    if K != K_w:
+        raise DeviceError(f"{name}: a is (M, K) = {a.shape} but w is (N, K) = {w.shape}")
+    return w, planes, _output(out, (M, N), aligned=True)
+
+
 def gemm_v5(a, w, out=None, config=GEMM_V5_DEFAULT):
     """a @ W.T on the tensor cores: a (M, K) float16 (bfloat16 bits as uint16 when W is bf16;
     to_16bit makes either), w a formats.Packed (N, K) in f16, bf16, q8_0, q4_0 or q4_1 (or a
     k-quant, multiplied through a float16 copy: kquant_to_f16) -> (M, N) float32, float32
     accumulation. config: a tile shape of GEMM_V5_CONFIGS."""
-    if getattr(w, "format", None) in QGEMV_K_PLANES:
-        w = kquant_to_f16(w)                    # the k-quants: through a float16 copy of W
-    main, d, m = _check_packed(w)
-    _check("a", a, 2, dtype=np.uint16 if w.format == "bf16" else np.float16, aligned=True)
-    (M, K), (N, K_w) = a.shape, w.shape
-    if K != K_w:
-        raise DeviceError(f"gemm_v5: a is (M, K) = {a.shape} but w is (N, K) = {w.shape}")
     if config not in GEMM_V5_CONFIGS:
         raise DeviceError(f"config: expected one of {', '.join(GEMM_V5_CONFIGS)}, got {config!r}")
-    c = _output(out, (M, N), aligned=True)
+    w, (main, d, m), c = _gemm_operands("gemm_v5", a, w, out)
+    (M, N), K = c.shape, a.shape[1]
     if M == 0 or N == 0:
         return c
     bm, bn, stages = GEMM_V5_CONFIGS[config]
@@ -575,6 +600,35 @@ def gemm_v5(a, w, out=None, config=GEMM_V5_DEFAULT):
                    (cdiv(N, bn), cdiv(M, bm)), (256,), (a, main, d, m, c, i32(M), i32(N), i32(K)),
                    shared_mem=stages * (bm + bn) * 64)
     return c
+
+
+def gemm_v6(a, w, out=None, config=GEMM_V6_DEFAULT):
+    """gemm_v5's product, operands and result, by gemm_v6 (matmul.cu: 64 x 64 warp tiles,
+    fragments double-buffered, tiles in L2-friendly order, C stored through shared memory).
+    config: a tile shape of GEMM_V6_CONFIGS; shapes other than GEMM_V6_DEFAULT are compiled
+    for f16 weights only."""
+    if config not in GEMM_V6_CONFIGS:
+        raise DeviceError(f"config: expected one of {', '.join(GEMM_V6_CONFIGS)}, got {config!r}")
+    w, (main, d, m), c = _gemm_operands("gemm_v6", a, w, out)
+    if config != GEMM_V6_DEFAULT and w.format != "f16":
+        raise DeviceError(f"config: {config!r} is compiled for f16 weights only, got "
+                          f"{w.format}; use {GEMM_V6_DEFAULT!r}")
+    (M, N), K = c.shape, a.shape[1]
+    if M == 0 or N == 0:
+        return c
+    bm, bn, stages = GEMM_V6_CONFIGS[config]
+    KERNELS.launch(_gemm_v6_name(w.format, config), (cdiv(M, bm) * cdiv(N, bn),),
+                   (bm * bn // 128,), (a, main, d, m, c, i32(M), i32(N), i32(K)),
+                   shared_mem=gemm_v6_smem(config))
+    return c
+
+
+def gemm_v6_smem(config):
+    """Dynamic shared memory of a gemm_v6 launch: the pipeline's buffers (STAGES x (BM + BN)
+    rows of 64 bytes), or the epilogue's staging (a warp per 64 x 64 tile of C, each 32 rows
+    of V6_LDC floats) if larger."""
+    bm, bn, stages = GEMM_V6_CONFIGS[config]
+    return max(stages * (bm + bn) * 64, bm * bn // (64 * 64) * 32 * GEMM_V6_LDC * 4)
 
 
 # ----------------------------------------------------------------------------
