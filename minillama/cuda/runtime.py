@@ -25,10 +25,10 @@ import numpy as np
 from ..errors import DeviceError
 
 # in compile order: qgemv.cu and qgemv_k.cu use matmul.cu's float16 helpers and GEMV
-# prologues, decode.cu its float16 conversions, persistent.cu matmul.cu's silu; all use
-# reduce.cu's reductions
-KERNEL_FILES = ("reduce.cu", "matmul.cu", "qgemv.cu", "qgemv_k.cu", "softmax.cu", "decode.cu",
-                "persistent.cu")
+# prologues, gemv_batch.cu those prologues and qgemv.cu's warp sums, decode.cu matmul.cu's
+# float16 conversions, persistent.cu matmul.cu's silu; all use reduce.cu's reductions
+KERNEL_FILES = ("reduce.cu", "matmul.cu", "qgemv.cu", "gemv_batch.cu", "qgemv_k.cu",
+                "softmax.cu", "decode.cu", "persistent.cu")
 SHARED_DEFAULT = 48 * 1024  # dynamic shared memory a launch gets without asking for more
 # CUfunction_attribute CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES (the CUDA driver API)
 MAX_DYNAMIC_SHARED_SIZE_BYTES = 8
