@@ -55,7 +55,8 @@ gemv_v3(const float* __restrict__ X, const float* __restrict__ W, float* __restr
             float ss = 0.0f;
             if (m0 + r < M) {
                 const float4* xr = reinterpret_cast<const float4*>(X + (size_t)(m0 + r) * ldx);
-                for (int k4 = lane; k4 < K4; k4 += 32) {
+#pragma unroll 4
+                for (int k4 = lane; k4 < K4; k4 += 32) {     // several loads in flight
                     const float4 v = __ldg(xr + k4);
                     ss += v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
                 }
@@ -76,7 +77,8 @@ gemv_v3(const float* __restrict__ X, const float* __restrict__ W, float* __restr
     for (int c0 = kb; c0 < ke; c0 += kc4) {                // chunks of the slice that fit smem
         const int len = min(kc4, ke - c0);
         __syncthreads();                                   // the last chunk's readers are done
-        for (int i = threadIdx.x; i < ROWS * len; i += blockDim.x) {
+#pragma unroll 4
+        for (int i = threadIdx.x; i < ROWS * len; i += blockDim.x) {     // loads in flight
             const int r = i / len, k4 = i % len;
             float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
             if (m0 + r < M)
