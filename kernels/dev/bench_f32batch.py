@@ -68,10 +68,12 @@ def plans(M, N, K):
     return out
 
 
-def check(cp):
-    shapes = [(8, 37, 72), (13, 70, 300), (32, 20, 1032), (40, 9, 260), (64, 333, 4100),
-              (17, 4097, 12)] + [(M, N, K) for M in (8, 32, 64)
-                                 for shape in ("15M", "110M") for _, N, K in products(shape)[:4]]
+def check(cp, shapes=None):
+    """shapes: (M, N, K) to check; by default odd ones and the stories layers' at 8, 32, 64 rows."""
+    stories = [(M, N, K) for M in (8, 32, 64) for shape in ("15M", "110M")
+               for _, N, K in products(shape)[:4]]
+    shapes = shapes or [(8, 37, 72), (13, 70, 300), (32, 20, 1032), (40, 9, 260),
+                        (64, 333, 4100), (17, 4097, 12)] + stories
     worst = 0.0
     for M, N, K in shapes:
         x, w, g = rng.standard_normal((M, K)), rng.standard_normal((N, K)), \
@@ -146,7 +148,8 @@ def previous_rule(x, w, out=None, version=None, **kwargs):
 
 def steps(shapes):
     for shape in shapes:
-        for label, patch in (("rule: v3 from 8 rows", gemv), ("previous rule: v2 / v1", previous_rule)):
+        for label, patch in (("rule: v3 from 8 rows", gemv),
+                             ("previous rule: v2 / v1", previous_rule)):
             print(f"\n#### {shape}, {label}", flush=True)
             fused.gemv = patch
             try:

@@ -487,7 +487,8 @@ def gemv_v3_launch(x, w, plan, y0=None, norm=None, swiglu=False, eps=1e-5, rng=N
                 for lane in range(32):
                     for k4 in range(lane, length, 32):
                         for j in range(nr):
-                            wv = w[n0 + j, 4 * (c0 + k4):4 * (c0 + k4) + 4] if n0 + j < N else np.zeros(4)
+                            k = 4 * (c0 + k4)
+                            wv = w[n0 + j, k:k + 4] if n0 + j < N else np.zeros(4)
                             for r in range(rows):
                                 acc[warp, lane, j * rows + r] += np.dot(wv, xs[r * length + k4])
         for warp in range(8):
