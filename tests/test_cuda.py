@@ -131,11 +131,15 @@ def test_gemv_rule_takes_v3_from_8_rows_where_float4_loads_are_legal():
 def test_gemv_v3_plan_covers_the_sms_with_split_k_where_n_is_small(M):
     from minillama.cuda.kernels import GEMV_V3_SMEM, cdiv, gemv_v3_plan
     for N, K in STORIES:
-        rows, nr, split, kc = gemv_v3_plan(M, N, K, sms=132)
-        blocks = cdiv(N, 8 * nr) * cdiv(M, rows) * split
-        # enough blocks for the 132 SMs, or as many slices of k as keep a warp's lanes busy
-        assert blocks >= 132 or 2 * split * 32 > K // 4 or split == 16, (M, N, K, split)
+        rows, nr, split, kc, blocks_x = gemv_v3_plan(M, N, K, sms=132)
+        tiles = cdiv(N, 8 * nr) * cdiv(M, rows)
+        # enough tiles for the 132 SMs, or as many slices of k as keep a warp's lanes busy
+        assert tiles * split >= 132 or 2 * split * 32 > K // 4 or split == 16, (M, N, K, split)
         assert rows * kc * 4 <= GEMV_V3_SMEM and kc % 4 == 0 and rows >= min(M, 32)
+        # one tile per block with split-K; else no more blocks than fit on the GPU at once
+        assert blocks_x == cdiv(N, 8 * nr) if split > 1 else \
+            blocks_x * cdiv(M, rows) <= max(264, cdiv(M, rows))
+    assert gemv_v3_plan(32, 32000, 288, sms=132)[4] == 264      # the classifier walks tiles
     assert gemv_v3_plan(32, 768, 2048, sms=132)[2] > 1      # stories110M's w2 splits k
 
 

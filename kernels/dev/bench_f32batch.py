@@ -53,18 +53,26 @@ def launch_v3(x, w, y, plan, norm=None, swiglu=False, accumulate=False):
 
 
 def plans(M, N, K):
-    """The rule's plan, and the same tile with split-K off and forced."""
-    rows, nr, split, _ = gemv_v3_plan(M, N, K)
+    """The rule's plan; the same tile with half and twice its split; the other tiles with
+    the rule's split; and without split-K, one block per tile (no walking)."""
+    rows, nr, split, _, _ = gemv_v3_plan(M, N, K)
     out = {}
+
+    def plan(r, n, s, walk=True):
+        kc = 4 * min(cdiv(K // 4, s), max(32, kernels.GEMV_V3_SMEM // (16 * r) // 32 * 32))
+        tiles = cdiv(N, 8 * n)
+        per_sm = 2 if r == 32 else 1
+        bx = tiles if s > 1 or not walk else min(tiles, max(1, per_sm * kernels.sm_count()
+                                                            // cdiv(M, r)))
+        return r, n, s, kc, bx
     for s in sorted({1, split, min(16, split * 2), max(1, split // 2)}):
         s = max(1, min(s, K // 4 // 32 or 1))
-        slice4 = cdiv(K // 4, s)
-        kc = 4 * min(slice4, max(32, kernels.GEMV_V3_SMEM // (16 * rows) // 32 * 32))
-        out[f"v3 split {s}"] = (rows, nr, s, kc)
-    for r, n in kernels.GEMV_V3_TILES.items():          # the other tiles, the rule's split
-        if r != rows and r >= 8:
-            kc = 4 * min(cdiv(K // 4, split), max(32, kernels.GEMV_V3_SMEM // (16 * r) // 32 * 32))
-            out[f"v3 rows {r}"] = (r, n, split, kc)
+        out[f"v3 split {s}"] = plan(rows, nr, s)
+    for r, n in kernels.GEMV_V3_TILES.items():
+        if r != rows:
+            out[f"v3 rows {r}"] = plan(r, n, split)
+    if split == 1:
+        out["v3 no walk"] = plan(rows, nr, 1, walk=False)
     return out
 
 

@@ -452,10 +452,11 @@ def random_kquant(fmt, rows, cols, rng):
 def gemv_v3_launch(x, w, plan, y0=None, norm=None, swiglu=False, eps=1e-5, rng=None):
     """gemv_v3 on float64 x (M, K) (M, 2K with swiglu) and w (N, K) for a gemv_v3_plan tuple;
     y0: add into it (accumulate). Returns (Y, how many times each output was written)."""
-    rows, nr, S, kc = plan
+    rows, nr, S, kc, blocks_x = plan
     (N, K), M = w.shape, x.shape[0]
-    K4, tile = K // 4, 8 * nr
-    per = -(-K4 // S)
+    K4, tile, kc4 = K // 4, 8 * nr, kc // 4
+    per, tiles = -(-K4 // S), -(-N // (8 * nr))
+    assert S == 1 or blocks_x == tiles, "split-K takes one tile per block"
     if swiglu:
         xp = x[:, :K] / (1 + np.exp(-x[:, :K])) * x[:, K:]
     elif norm is not None:
@@ -465,65 +466,72 @@ def gemv_v3_launch(x, w, plan, y0=None, norm=None, swiglu=False, eps=1e-5, rng=N
     Y = np.full((M, N), np.nan) if y0 is None else y0.copy()
     writes = np.zeros((M, N), int)
     partial = np.full((S, M, N), np.nan)
-    grid = (-(-N // tile), -(-M // rows), S)
+    grid = (blocks_x, -(-M // rows), S)
     counters = np.zeros(grid[0] * grid[1], int)
     blocks = [(bx, by, bz) for bz in range(S) for by in range(grid[1]) for bx in range(grid[0])]
     (rng or np.random.default_rng()).shuffle(blocks)
     for bx, by, s in blocks:
         m0, kb = by * rows, s * per
         ke = min(K4, kb + per)
-        acc = np.zeros((8, 32, nr * rows))            # [warp, lane, j * rows + r]
-        for c0 in range(kb, ke, kc // 4):
-            length = min(kc // 4, ke - c0)
-            xs = np.zeros((rows * length, 4))
-            for i in range(rows * length):             # the staging loop
-                r, k4 = i // length, i % length
-                if m0 + r < M:
-                    xs[r * length + k4] = xp[m0 + r, 4 * (c0 + k4):4 * (c0 + k4) + 4]
+        resident, xs, stagings = ke - kb <= kc4, {}, 0
+        for t in range(bx, tiles, blocks_x):            # the block's tiles
+            acc = np.zeros((8, 32, nr * rows))          # [warp, lane, j * rows + r]
+            for c0 in range(kb, ke, kc4):
+                length = min(kc4, ke - c0)
+                if not resident or t == bx:             # the staging loop
+                    stagings += 1
+                    xs = np.zeros((rows * length, 4))
+                    for i in range(rows * length):
+                        r, k4 = i // length, i % length
+                        if m0 + r < M:
+                            xs[r * length + k4] = xp[m0 + r, 4 * (c0 + k4):4 * (c0 + k4) + 4]
+                for warp in range(8):
+                    n0 = t * tile + warp * nr
+                    if n0 >= N:
+                        continue
+                    for lane in range(32):
+                        for k4 in range(lane, length, 32):
+                            for j in range(nr):
+                                k = 4 * (c0 + k4)
+                                wv = w[n0 + j, k:k + 4] if n0 + j < N else np.zeros(4)
+                                for r in range(rows):
+                                    acc[warp, lane, j * rows + r] += wv @ xs[r * length + k4]
             for warp in range(8):
-                n0 = bx * tile + warp * nr
-                if n0 >= N:
-                    continue
-                for lane in range(32):
-                    for k4 in range(lane, length, 32):
-                        for j in range(nr):
-                            k = 4 * (c0 + k4)
-                            wv = w[n0 + j, k:k + 4] if n0 + j < N else np.zeros(4)
-                            for r in range(rows):
-                                acc[warp, lane, j * rows + r] += np.dot(wv, xs[r * length + k4])
-        for warp in range(8):
-            n0 = bx * tile + warp * nr
-            for g in range(nr * rows // 32):            # qgemv_warp_sums<32>: lane l, value l
-                for lane in range(32):
-                    idx = g * 32 + lane
-                    m, n = m0 + idx % rows, n0 + idx // rows
-                    if m < M and n < N:
-                        total = acc[warp, :, idx].sum()
-                        if S == 1:
-                            Y[m, n] = Y[m, n] + total if y0 is not None else total
-                            writes[m, n] += 1
-                        else:
-                            partial[s, m, n] = total
+                n0 = t * tile + warp * nr
+                for g in range(nr * rows // 32):        # qgemv_warp_sums<32>: lane l, value l
+                    for lane in range(32):
+                        idx = g * 32 + lane
+                        m, n = m0 + idx % rows, n0 + idx // rows
+                        if m < M and n < N:
+                            total = acc[warp, :, idx].sum()
+                            if S == 1:
+                                Y[m, n] = Y[m, n] + total if y0 is not None else total
+                                writes[m, n] += 1
+                            else:
+                                partial[s, m, n] = total
+        walked = len(range(bx, tiles, blocks_x))
+        assert stagings == (-(-(ke - kb) // kc4) if resident else walked * -(-(ke - kb) // kc4))
         if S == 1:
             continue
-        t = by * grid[0] + bx
-        counters[t] += 1
-        if counters[t] != S:
+        c = by * grid[0] + bx
+        counters[c] += 1
+        if counters[c] != S:
             continue
-        for i in range(rows * tile):                   # the last block adds the slices
+        for i in range(rows * tile):                    # the last block adds the slices
             m, n = m0 + i // tile, bx * tile + i % tile
             if m < M and n < N:
                 total = sum(partial[u, m, n] for u in range(S))
                 Y[m, n] = Y[m, n] + total if y0 is not None else total
                 writes[m, n] += 1
-        counters[t] = 0
+        counters[c] = 0
     assert not counters.any(), "a counter was left non-zero"
     return Y, writes
 
 
 def check_gemv_v3(rng):
-    for M, N, K in ((8, 37, 72), (13, 70, 300), (32, 20, 1032), (40, 9, 260), (3, 17, 8)):
-        for sms in (1, 132):                           # no split, and split-K
+    for M, N, K in ((8, 37, 72), (13, 70, 300), (32, 20, 1032), (40, 9, 260), (3, 17, 8),
+                    (40, 150, 40), (32, 40, 1032)):
+        for sms in (1, 132):                           # tiles walked by few blocks; split-K
             plan = kernels.gemv_v3_plan(M, N, K, sms=sms)
             x, w = rng.standard_normal((M, K)), rng.standard_normal((N, K))
             y0, g = rng.standard_normal((M, N)), 1 + 0.1 * rng.standard_normal(K)

@@ -290,11 +290,13 @@ def gemv_version(M, vec):
 
 
 def gemv_v3_plan(M, N, K, sms=None):
-    """gemv_v3's launch for x (M, K), w (N, K): (ROWS, NR, S, floats of k staged per chunk).
-    ROWS: the fewest rows of x per block that hold all M (at most 32: more rows take more
-    blocks, blockIdx.y); a block covers 8 NR rows of W. S doubles while the blocks do not
-    cover the SMs (sms: the current GPU's by default) and each slice of k keeps a warp's 32
-    lanes busy (32 float4s)."""
+    """gemv_v3's launch for x (M, K), w (N, K): (ROWS, NR, S, floats of k staged per chunk,
+    gridDim.x). ROWS: the fewest rows of x per block that hold all M (at most 32: more rows
+    take more blocks, blockIdx.y); a block covers tiles of 8 NR rows of W. S doubles while the
+    tiles do not cover the SMs (sms: the current GPU's by default) and each slice of k keeps a
+    warp's 32 lanes busy (32 float4s); with S > 1 a block takes one tile, else the grid is what
+    fits on the GPU at once (by registers: two blocks per SM with ROWS 32, else one), each
+    block walking tiles, so a tall matrix stages x once per block, not once per tile."""
     sms = sms or sm_count()
     rows = next((r for r in GEMV_V3_TILES if r >= M), max(GEMV_V3_TILES))
     nr = GEMV_V3_TILES[rows]
@@ -305,14 +307,17 @@ def gemv_v3_plan(M, N, K, sms=None):
         split *= 2
     slice4 = cdiv(K // 4, split)
     chunk4 = max(32, GEMV_V3_SMEM // (16 * rows) // 32 * 32)      # whole lanes' steps
-    return rows, nr, split, 4 * min(slice4, chunk4)
+    tiles_x = cdiv(N, 8 * nr)
+    blocks_x = tiles_x if split > 1 else min(tiles_x, max(1, (2 if rows == 32 else 1) * sms
+                                                          // cdiv(M, rows)))
+    return rows, nr, split, 4 * min(slice4, chunk4), blocks_x
 
 
 def _gemv_v3(x, w, y, prologue, accumulate, norm, eps, plan=None):
     """Launch gemv_v3 (checked by the caller). plan: gemv_v3_plan's tuple, or that rule."""
     (M, N), K = y.shape, w.shape[1]
-    rows, nr, split, kc = plan or gemv_v3_plan(M, N, K)
-    grid = (cdiv(N, 8 * nr), cdiv(M, rows), split)
+    rows, nr, split, kc, blocks_x = plan or gemv_v3_plan(M, N, K)
+    grid = (blocks_x, cdiv(M, rows), split)
     partial, counters = _split_workspace(split, M, N, grid[0] * grid[1]) if split > 1 else (y, y)
     KERNELS.launch(f"gemv_v3<{rows},{nr},{prologue}>", grid, (256,),
                    (x, w, y, i32(M), i32(N), i32(K), i32(bool(accumulate)),
