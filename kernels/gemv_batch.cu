@@ -7,9 +7,10 @@
 //   v1  gemv (matmul.cu)       one warp per output row, 8 rows of x per pass: W is read once per
 //                              8 rows of x, 4 times at batch 32
 //   v2  qgemv_v2 (qgemv.cu)    x staged in shared memory, a warp on 4 rows of W and 32 rows of x:
-//                              128 accumulators a thread (they spill), N / 32 blocks (27 to 128
-//                              for the stories matrices, on 132 SMs), and an RMSNorm prologue
-//                              that reduces one row of x after another, each with two barriers
+//                              128 accumulators a thread (~240 registers, 8 warps per SM), N / 32
+//                              blocks (27 to 128 for the stories matrices, on 132 SMs), and an
+//                              RMSNorm prologue that reduces one row of x after another, each
+//                              with two barriers
 //
 // At 32 rows the work is small (stories110M's w13: 100 M FMAs, ~3 us at the FMA peak) and v1 and
 // v2 took 40 to 70 us: their grids are too small, a warp's work too long. v3:

@@ -63,7 +63,8 @@ QGEMV_BATCH_SMEM = 200 * 1024
 QGEMV_BATCH_FORMATS = ("q8_0", "q4_0", "q4_1")
 # qgemv_v2<Fmt, ROWS, PRO, NR, U> (qgemv.cu), where it measured faster than qgemv and gemv (H200,
 # 2026-11-29, docs/kernels.md "qgemv v2 and the batches"): one row of x on packed weights, with
-# NR, U = 2, 4; float32 weights from 8 rows of x on, ROWS at a time, with NR, U = 4, 1.
+# NR, U = 2, 4; float32 weights from 8 rows of x on, ROWS at a time, with NR, U = 4, 1 (now
+# gemv(version=2): the rule takes gemv_v3 there).
 QGEMV_V2_PACKED = (1, 2, 4)        # ROWS, NR, U
 QGEMV_V2_F32_ROWS = (8, 16, 32)
 QGEMV_V2_F32 = (4, 1)              # NR, U
