@@ -105,32 +105,50 @@ def test_gemv_matches_float64_for_batches(cuda, cp, M, N, K):
 
 
 @gpu
-@pytest.mark.parametrize("version", [1, 2])
+@pytest.mark.parametrize("version", [1, 2, 3])
 @pytest.mark.parametrize("M", [1, 3, 8, 9, 16, 17, 32, 33, 64, 65])
 @pytest.mark.parametrize("N,K", [(1, 4), (127, 1000), (4097, 12), (33, 4096), (300, 4104)])
 def test_gemv_versions_match_float64(cuda, cp, version, M, N, K):
-    # version 2: qgemv_v2 on float32 weights (8, 16 or 32 rows of x per pass), K % 4 == 0
+    # version 2: qgemv_v2 on float32 weights (8, 16 or 32 rows of x per pass), K % 4 == 0;
+    # version 3: gemv_v3 (8, 16 or 32 rows of x per block, split-K where N is small)
     x, w = rand(M, K), rand(N, K)
     y = cuda.gemv(cp.asarray(x), cp.asarray(w), out=poison(cp, (M, N)), version=version)
     assert rel_err(y, ref_linear(x, w)) < 1e-5
 
 
-def test_gemv_rule_takes_v2_for_batches_of_tall_matrices():
-    from minillama.cuda.kernels import gemv_uses_v2
-    # the H200 table (docs/kernels.md): faster on wqkv, w13, the classifier and 7B's wo and w2
-    for N, K in [(864, 288), (1536, 288), (32000, 288), (2304, 768), (4096, 4096), (4096, 11008)]:
-        assert gemv_uses_v2(8, N, K) and gemv_uses_v2(32, N, K), (N, K)
-        assert not gemv_uses_v2(1, N, K) and not gemv_uses_v2(7, N, K), (N, K)
-    for N, K in [(288, 288), (288, 768), (768, 768), (768, 2048)]:     # stories wo and w2
-        assert not gemv_uses_v2(32, N, K), (N, K)
+# the stories15M and stories110M products (wqkv, wo, w13, w2, the classifier)
+STORIES = [(864, 288), (288, 288), (1536, 288), (288, 768), (32000, 288),
+           (2304, 768), (768, 768), (4096, 768), (768, 2048), (32000, 768)]
+
+
+def test_gemv_rule_takes_v3_from_8_rows_where_float4_loads_are_legal():
+    from minillama.cuda.kernels import gemv_version
+    assert [gemv_version(M, True) for M in (1, 7, 8, 32, 64, 65)] == [1, 1, 3, 3, 3, 3]
+    assert gemv_version(32, False) == 1
+
+
+@pytest.mark.parametrize("M", [8, 32, 64])
+def test_gemv_v3_plan_covers_the_sms_with_split_k_where_n_is_small(M):
+    from minillama.cuda.kernels import GEMV_V3_SMEM, cdiv, gemv_v3_plan
+    for N, K in STORIES:
+        rows, nr, split, kc, blocks_x = gemv_v3_plan(M, N, K, sms=132)
+        tiles = cdiv(N, 8 * nr) * cdiv(M, rows)
+        # enough tiles for the 132 SMs, or as many slices of k as keep a warp's lanes busy
+        assert tiles * split >= 132 or 2 * split * 32 > K // 4 or split == 16, (M, N, K, split)
+        assert rows * kc * 4 <= GEMV_V3_SMEM and kc % 4 == 0 and rows >= min(M, 32)
+        # one tile per block with split-K; else no more blocks than fit on the GPU at once
+        assert blocks_x == cdiv(N, 8 * nr) if split > 1 else \
+            blocks_x * cdiv(M, rows) <= max(264, cdiv(M, rows))
+    assert gemv_v3_plan(32, 32000, 288, sms=132)[4] == 264      # the classifier walks tiles
+    assert gemv_v3_plan(32, 768, 2048, sms=132)[2] > 1      # stories110M's w2 splits k
 
 
 @gpu
-@pytest.mark.parametrize("M", [8, 13, 40])
-def test_gemv_rule_path_prologues_and_accumulate(cuda, cp, M):
+@pytest.mark.parametrize("M", [8, 13, 40, 64])
+@pytest.mark.parametrize("N,K", [(4100, 772), (300, 2052)])      # split-K on the second
+def test_gemv_rule_path_prologues_and_accumulate(cuda, cp, M, N, K):
     from minillama.model import rms_norm, silu
-    N, K = 4100, 772                              # the rule takes qgemv_v2 (N >= 4096)
-    assert cuda.kernels.gemv_uses_v2(M, N, K)
+    assert cuda.kernels.gemv_version(M, True) == 3
     x, w, g = rand(M, K), rand(N, K), 1.0 + rand(K, scale=0.1)
     ref = ref_linear(rms_norm(x.astype(np.float64), g.astype(np.float64), 1e-5), w)
     y = cuda.gemv(cp.asarray(x), cp.asarray(w), out=poison(cp, (M, N)), norm=cp.asarray(g))
@@ -143,6 +161,20 @@ def test_gemv_rule_path_prologues_and_accumulate(cuda, cp, M):
     y = cp.asarray(y0)
     cuda.gemv(cp.asarray(x), cp.asarray(w), out=y, accumulate=True)
     assert rel_err(y, y0 + ref_linear(x, w)) < 1e-5
+
+
+@gpu
+@pytest.mark.parametrize("M", [8, 32, 64])
+@pytest.mark.parametrize("N,K", STORIES)
+def test_gemv_v3_is_deterministic_and_exact_on_the_stories_shapes(cuda, cp, M, N, K):
+    # split-K adds its slices in a fixed order: the same bits every launch (and the counters
+    # are back at zero after each, or the second launch would add a stale slice)
+    x, w = rand(M, K), rand(N, K)
+    xg, wg = cp.asarray(x), cp.asarray(w)
+    first = cuda.gemv(xg, wg, out=poison(cp, (M, N)), version=3).get()
+    assert rel_err(first, ref_linear(x, w)) < 1e-5
+    for _ in range(3):
+        assert np.array_equal(cuda.gemv(xg, wg, out=poison(cp, (M, N)), version=3).get(), first)
 
 
 @gpu
@@ -305,8 +337,9 @@ def test_kernels_reject_misuse(cuda, cp):
         (lambda: cuda.gemv(f32, f32, norm=f32[0], swiglu=True), "one"),
         (lambda: cuda.gemv(f32, f32, norm=f32[0, :5]), "norm"),
         (lambda: cuda.gemv(f32, f32[:, :5].copy(), swiglu=True), "swiglu"),
-        (lambda: cuda.gemv(f32, f32, version=3), "version"),
+        (lambda: cuda.gemv(f32, f32, version=4), "version"),
         (lambda: cuda.gemv(f32[:, :3].copy(), f32[:, :3].copy(), version=2), "K % 4"),
+        (lambda: cuda.gemv(f32[:, :3].copy(), f32[:, :3].copy(), version=3), "K % 4"),
         (lambda: cuda.bmm(f32, f32), "cannot multiply"),
         (lambda: cuda.softmax(cp.ones((2, 3, 5), np.float32), start_pos=1), "columns"),
         (lambda: cuda.softmax(f32, kernel="shared"), "kernel"),
@@ -323,7 +356,7 @@ def test_kernel_sources_are_found_in_the_package(cuda):
     for name in runtime.KERNEL_FILES:
         assert root.joinpath(name).is_file()
     source = runtime.kernel_source()
-    for kernel in ("sgemm_v4", "gemv", "bmm_strided", "softmax_warp", "softmax_block",
+    for kernel in ("sgemm_v4", "gemv", "gemv_v3", "bmm_strided", "softmax_warp", "softmax_block",
                    "attention_decode"):
         assert f" {kernel}(" in source or f"\n{kernel}(" in source
 

@@ -1,5 +1,5 @@
-"""Replay the index arithmetic of gemm_v5, gemm_v6, qgemv, qgemv_tc and qgemv_k on the CPU, for
-machines without a GPU.
+"""Replay the index arithmetic of gemm_v5, gemm_v6, qgemv, qgemv_tc, qgemv_k and gemv_v3 on the
+CPU, for machines without a GPU.
 
     python kernels/dev/emulate.py
 
@@ -548,8 +548,113 @@ def random_kquant(fmt, rows, cols, rng):
     return w
 
 
+# ----------------------------------------------------------------------------
+# gemv_v3 (gemv_batch.cu): the grid, the slices of k and their chunks, the lanes' walk, which
+# lane writes which output, and split-K's counters, with the blocks run in a random order
+
+def gemv_v3_launch(x, w, plan, y0=None, norm=None, swiglu=False, eps=1e-5, rng=None):
+    """gemv_v3 on float64 x (M, K) (M, 2K with swiglu) and w (N, K) for a gemv_v3_plan tuple;
+    y0: add into it (accumulate). Returns (Y, how many times each output was written)."""
+    rows, nr, S, kc, blocks_x = plan
+    (N, K), M = w.shape, x.shape[0]
+    K4, tile, kc4 = K // 4, 8 * nr, kc // 4
+    per, tiles = -(-K4 // S), -(-N // (8 * nr))
+    assert S == 1 or blocks_x == tiles, "split-K takes one tile per block"
+    if swiglu:
+        xp = x[:, :K] / (1 + np.exp(-x[:, :K])) * x[:, K:]
+    elif norm is not None:
+        xp = x / np.sqrt((x * x).mean(1, keepdims=True) + eps) * norm
+    else:
+        xp = x
+    Y = np.full((M, N), np.nan) if y0 is None else y0.copy()
+    writes = np.zeros((M, N), int)
+    partial = np.full((S, M, N), np.nan)
+    grid = (blocks_x, -(-M // rows), S)
+    counters = np.zeros(grid[0] * grid[1], int)
+    blocks = [(bx, by, bz) for bz in range(S) for by in range(grid[1]) for bx in range(grid[0])]
+    (rng or np.random.default_rng()).shuffle(blocks)
+    for bx, by, s in blocks:
+        m0, kb = by * rows, s * per
+        ke = min(K4, kb + per)
+        resident, xs, stagings = ke - kb <= kc4, {}, 0
+        for t in range(bx, tiles, blocks_x):            # the block's tiles
+            acc = np.zeros((8, 32, nr * rows))          # [warp, lane, j * rows + r]
+            for c0 in range(kb, ke, kc4):
+                length = min(kc4, ke - c0)
+                if not resident or t == bx:             # the staging loop
+                    stagings += 1
+                    xs = np.zeros((rows * length, 4))
+                    for i in range(rows * length):
+                        r, k4 = i // length, i % length
+                        if m0 + r < M:
+                            xs[r * length + k4] = xp[m0 + r, 4 * (c0 + k4):4 * (c0 + k4) + 4]
+                for warp in range(8):
+                    n0 = t * tile + warp * nr
+                    if n0 >= N:
+                        continue
+                    for lane in range(32):
+                        for k4 in range(lane, length, 32):
+                            for j in range(nr):
+                                k = 4 * (c0 + k4)
+                                wv = w[n0 + j, k:k + 4] if n0 + j < N else np.zeros(4)
+                                for r in range(rows):
+                                    acc[warp, lane, j * rows + r] += wv @ xs[r * length + k4]
+            for warp in range(8):
+                n0 = t * tile + warp * nr
+                for g in range(nr * rows // 32):        # qgemv_warp_sums<32>: lane l, value l
+                    for lane in range(32):
+                        idx = g * 32 + lane
+                        m, n = m0 + idx % rows, n0 + idx // rows
+                        if m < M and n < N:
+                            total = acc[warp, :, idx].sum()
+                            if S == 1:
+                                Y[m, n] = Y[m, n] + total if y0 is not None else total
+                                writes[m, n] += 1
+                            else:
+                                partial[s, m, n] = total
+        walked = len(range(bx, tiles, blocks_x))
+        assert stagings == (-(-(ke - kb) // kc4) if resident else walked * -(-(ke - kb) // kc4))
+        if S == 1:
+            continue
+        c = by * grid[0] + bx
+        counters[c] += 1
+        if counters[c] != S:
+            continue
+        for i in range(rows * tile):                    # the last block adds the slices
+            m, n = m0 + i // tile, bx * tile + i % tile
+            if m < M and n < N:
+                total = sum(partial[u, m, n] for u in range(S))
+                Y[m, n] = Y[m, n] + total if y0 is not None else total
+                writes[m, n] += 1
+        counters[c] = 0
+    assert not counters.any(), "a counter was left non-zero"
+    return Y, writes
+
+
+def check_gemv_v3(rng):
+    for M, N, K in ((8, 37, 72), (13, 70, 300), (32, 20, 1032), (40, 9, 260), (3, 17, 8),
+                    (40, 150, 40), (32, 40, 1032)):
+        for sms in (1, 132):                           # tiles walked by few blocks; split-K
+            plan = kernels.gemv_v3_plan(M, N, K, sms=sms)
+            x, w = rng.standard_normal((M, K)), rng.standard_normal((N, K))
+            y0, g = rng.standard_normal((M, N)), 1 + 0.1 * rng.standard_normal(K)
+            h = rng.standard_normal((M, 2 * K))
+            for kw, ref in (({}, x @ w.T), ({"y0": y0}, y0 + x @ w.T),
+                            ({"norm": g}, x / np.sqrt((x * x).mean(1, keepdims=True) + 1e-5)
+                             * g @ w.T),
+                            ({"swiglu": True}, (h[:, :K] / (1 + np.exp(-h[:, :K])) * h[:, K:])
+                             @ w.T)):
+                Y, writes = gemv_v3_launch(h if "swiglu" in kw else x, w, plan, rng=rng, **kw)
+                assert (writes == 1).all(), (M, N, K, plan, kw.keys())
+                assert np.abs(Y - ref).max() < 1e-9 * np.abs(ref).max(), (M, N, K, plan)
+        small = kernels.gemv_v3_plan(M, N, K, sms=1)
+        print(f"gemv_v3 M {M} N {N} K {K}, plans {small} and {plan}: every output written once, "
+              f"sums match NumPy")
+
+
 def main():
     rng = np.random.default_rng(0)
+    check_gemv_v3(rng)
     M, N, K = 70, 150, 72
     A = rng.standard_normal((M, K)).astype(np.float16)
     W = rng.standard_normal((N, K)).astype(np.float16)

@@ -2,7 +2,7 @@
 
     sgemm(a, w)          a @ w.T, four versions (matmul.cu); v4 in the tile shape that fits
     gemv(x, w)           a @ w.T for a few rows, with an RMSNorm or SwiGLU prologue if asked
-                         (8+ rows of a tall matrix: qgemv.cu's qgemv_v2, see gemv_uses_v2)
+                         (8+ rows of x: gemv_batch.cu's gemv_v3, see gemv_version)
     bmm(a, b)            batched a @ b on strided views (the KV cache, read in place)
     softmax(x, ...)      over the last axis, causal mask built in (softmax.cu)
   weights as stored (w a formats.Packed with CuPy planes: f16, bf16, q8_0, q4_0, q4_1, and the
@@ -64,10 +64,18 @@ QGEMV_BATCH_SMEM = 200 * 1024
 QGEMV_BATCH_FORMATS = ("q8_0", "q4_0", "q4_1")
 # qgemv_v2<Fmt, ROWS, PRO, NR, U> (qgemv.cu), where it measured faster than qgemv and gemv (H200,
 # 2026-11-29, docs/kernels.md "qgemv v2 and the batches"): one row of x on packed weights, with
-# NR, U = 2, 4; float32 weights from 8 rows of x on, ROWS at a time, with NR, U = 4, 1.
+# NR, U = 2, 4; float32 weights from 8 rows of x on, ROWS at a time, with NR, U = 4, 1 (now
+# gemv(version=2): the rule takes gemv_v3 there).
 QGEMV_V2_PACKED = (1, 2, 4)        # ROWS, NR, U
 QGEMV_V2_F32_ROWS = (8, 16, 32)
 QGEMV_V2_F32 = (4, 1)              # NR, U
+# gemv_v3<ROWS, NR, PRO> (gemv_batch.cu), float32 weights from GEMV_V3_MIN_ROWS rows of x on:
+# ROWS rows of x -> NR rows of W per warp, 64 accumulators a thread either way; split-K over
+# up to GEMV_V3_MAX_SPLIT blocks where N leaves SMs idle; x staged GEMV_V3_SMEM bytes at a time
+GEMV_V3_TILES = {8: 8, 16: 4, 32: 2}
+GEMV_V3_MIN_ROWS = 8
+GEMV_V3_MAX_SPLIT = 16
+GEMV_V3_SMEM = 96 * 1024
 # gemm_v5<BM, BN, STAGES, WF>: WF numbers the weight format (V5_F16 ... in matmul.cu). One
 # tile shape, BM, BN, STAGES = 128, 128, 4: the fastest at 4096^3 in float16 (H200, 2026-11-29;
 # the kernel also takes 128 x 256 x 3), and the more blocks of the two for a prompt's products.
@@ -136,6 +144,8 @@ def _templates():
                           if config != GEMM_V6_DEFAULT]
     groups["f32"] = [_qgemv_v2_name("f32", rows, pro, *QGEMV_V2_F32) for rows in QGEMV_V2_F32_ROWS
                      for pro in GEMV_PROLOGUES.values()]      # compiled once a batch needs it
+    groups["f32batch"] = [f"gemv_v3<{rows},{nr},{pro}>" for rows, nr in GEMV_V3_TILES.items()
+                          for pro in GEMV_PROLOGUES.values()]            # likewise
     for fmt in QGEMV_K_PLANES:
         groups[fmt] = [f"qgemv_k<{_qgemv_format(fmt)},{rows},{pro}>" for rows in QGEMV_ROWS
                        for pro in GEMV_PROLOGUES.values()] + [f"kquant_to_f16<{_qgemv_format(fmt)}>"]
@@ -255,12 +265,13 @@ def gemv(x, w, out=None, accumulate=False, norm=None, eps=1e-5, swiglu=False, ve
     swiglu: x is (M, 2K) = [h1 | h3]: multiply silu(h1) * h3 instead of x.
     (The last two are the prologues of matmul.cu: the step before the matmul, fused into it.)
     version: 1 gemv (matmul.cu), 2 qgemv_v2 on float32 weights (qgemv.cu: each weight read
-    once per 32 rows of x instead of 8; needs K % 4 == 0 and 16-byte aligned x, w, norm), None
-    the measured rule, gemv_uses_v2."""
+    once per 32 rows of x instead of 8), 3 gemv_v3 (gemv_batch.cu: x in shared memory, the grid
+    sized to the GPU, split-K), None the rule, gemv_version. 2 and 3 need K % 4 == 0 and
+    16-byte aligned x, w and norm."""
     if norm is not None and swiglu:
         raise DeviceError("gemv: norm and swiglu are two prologues; give one")
-    if version not in (None, 1, 2):
-        raise DeviceError(f"gemv: version must be 1, 2 or None (the rule), got {version!r}")
+    if version not in (None, 1, 2, 3):
+        raise DeviceError(f"gemv: version must be 1, 2, 3 or None (the rule), got {version!r}")
     _check("x", x, 2)
     _check("w", w, 2)
     (M, K_x), (N, K) = x.shape, w.shape
@@ -278,12 +289,16 @@ def gemv(x, w, out=None, accumulate=False, norm=None, eps=1e-5, swiglu=False, ve
         return y
     vec = K % 4 == 0 and _aligned(x, w, *([norm] if norm is not None else []))
     prologue = GEMV_PROLOGUES["rmsnorm" if norm is not None else "swiglu" if swiglu else None]
-    if version == 2 and not vec:
-        raise DeviceError(f"gemv: version 2 loads 16 bytes at a time: needs K % 4 == 0 (got "
-                          f"w {w.shape}) and 16-byte aligned x, w and norm")
-    if version == 2 or (version is None and vec and gemv_uses_v2(M, N, K)):
+    if version in (2, 3) and not vec:
+        raise DeviceError(f"gemv: version {version} loads 16 bytes at a time: needs K % 4 == 0 "
+                          f"(got w {w.shape}) and 16-byte aligned x, w and norm")
+    version = version or gemv_version(M, vec)
+    if version == 2:
         rows = next((r for r in QGEMV_V2_F32_ROWS if r >= M), QGEMV_V2_F32_ROWS[-1])
         _qgemv_v2(x, (w, w, w), y, "f32", rows, *QGEMV_V2_F32, prologue, accumulate, norm, eps)
+        return y
+    if version == 3:
+        _gemv_v3(x, w, y, prologue, accumulate, norm, eps)
         return y
     rows = next(r for r in GEMV_ROWS if r >= min(M, GEMV_ROWS[-1]))
     ksplit = gemv_ksplit(N, K)
@@ -294,13 +309,67 @@ def gemv(x, w, out=None, accumulate=False, norm=None, eps=1e-5, swiglu=False, ve
     return y
 
 
-def gemv_uses_v2(M, N, K):
-    """Whether gemv launches qgemv_v2 on float32 weights: from 8 rows of x on, for a matrix of
-    many rows (N >= 4096, or N >= 2K). The H200's table (docs/kernels.md): 1.05-3.6x faster
-    there at 8 and 32 rows; slower where N is small and K is not (stories wo, w2): v2 gives
-    each warp 4 whole rows of W, so N / 32 blocks, too few to fill the GPU, where gemv splits
-    k over up to 8 warps per row."""
-    return M >= 8 and (N >= 4096 or N >= 2 * K)
+def gemv_version(M, vec):
+    """The gemv kernel for M rows of x (vec: float4 loads are legal): gemv_v3 from
+    GEMV_V3_MIN_ROWS rows on, any shape, else v1. Below 8 rows v1 reads each weight once for
+    all of them already (8 rows per warp) and needs no staging of x; from 8 rows on v3 reads it
+    once per 32 rows and keeps the SMs full by split-K, where v1 reads it once per 8 rows and
+    v2 (qgemv_v2) leaves most SMs idle on the stories matrices (docs/kernels.md, "gemv v3").
+    The threshold is the design's; kernels/dev/bench_f32batch.py times the three at 8, 32
+    and 64 rows."""
+    return 3 if vec and M >= GEMV_V3_MIN_ROWS else 1
+
+
+def gemv_v3_plan(M, N, K, sms=None):
+    """gemv_v3's launch for x (M, K), w (N, K): (ROWS, NR, S, floats of k staged per chunk,
+    gridDim.x). ROWS: the fewest rows of x per block that hold all M (at most 32: more rows
+    take more blocks, blockIdx.y); a block covers tiles of 8 NR rows of W. S doubles while the
+    tiles do not cover the SMs (sms: the current GPU's by default) and each slice of k keeps a
+    warp's 32 lanes busy (32 float4s); with S > 1 a block takes one tile, else the grid is what
+    fits on the GPU at once (by registers: two blocks per SM with ROWS 32, else one), each
+    block walking tiles, so a tall matrix stages x once per block, not once per tile."""
+    sms = sms or sm_count()
+    rows = next((r for r in GEMV_V3_TILES if r >= M), max(GEMV_V3_TILES))
+    nr = GEMV_V3_TILES[rows]
+    tiles = cdiv(N, 8 * nr) * cdiv(M, rows)
+    split = 1
+    while (split < GEMV_V3_MAX_SPLIT and tiles * split < sms
+           and 2 * split * 32 <= K // 4):
+        split *= 2
+    slice4 = cdiv(K // 4, split)
+    chunk4 = max(32, GEMV_V3_SMEM // (16 * rows) // 32 * 32)      # whole lanes' steps
+    tiles_x = cdiv(N, 8 * nr)
+    blocks_x = tiles_x if split > 1 else min(tiles_x, max(1, (2 if rows == 32 else 1) * sms
+                                                          // cdiv(M, rows)))
+    return rows, nr, split, 4 * min(slice4, chunk4), blocks_x
+
+
+def _gemv_v3(x, w, y, prologue, accumulate, norm, eps, plan=None):
+    """Launch gemv_v3 (checked by the caller). plan: gemv_v3_plan's tuple, or that rule."""
+    (M, N), K = y.shape, w.shape[1]
+    rows, nr, split, kc, blocks_x = plan or gemv_v3_plan(M, N, K)
+    grid = (blocks_x, cdiv(M, rows), split)
+    partial, counters = _split_workspace(split, M, N, grid[0] * grid[1]) if split > 1 else (y, y)
+    KERNELS.launch(f"gemv_v3<{rows},{nr},{prologue}>", grid, (256,),
+                   (x, w, y, i32(M), i32(N), i32(K), i32(bool(accumulate)),
+                    w if norm is None else norm, np.float32(eps), i32(kc), partial, counters),
+                   shared_mem=rows * kc * 4)
+
+
+_workspaces = {}
+
+
+def _split_workspace(split, M, N, tiles):
+    """gemv_v3's split-K partial sums (split, M, N) and per-tile counters (zeros; each launch
+    leaves them zero), one pair per device and shape, kept for the life of the process: a CUDA
+    graph that captured a launch keeps their addresses. Made on the first (eager) launch of a
+    shape, never during a capture (FusedDecoder runs each batch size eagerly first)."""
+    cupy = require_cupy()
+    key = (cupy.cuda.Device().id, split, M, N, tiles)
+    if key not in _workspaces:
+        _workspaces[key] = (cupy.empty((split, M, N), dtype=np.float32),
+                            cupy.zeros(tiles, dtype=np.int32))
+    return _workspaces[key]
 
 
 def gemv_ksplit(N, K):
