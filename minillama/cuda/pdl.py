@@ -18,6 +18,7 @@ capability 9.0 or later (elsewhere the launches are the ordinary ones).
 """
 import ctypes
 import functools
+import os
 
 import numpy as np
 
@@ -52,7 +53,10 @@ def _driver():
 
 @functools.lru_cache(maxsize=None)
 def supported(device_id):
-    """Compute capability 9.0 or later, and a driver with cuLaunchKernelEx."""
+    """Compute capability 9.0 or later, a driver with cuLaunchKernelEx, and not switched off
+    with MINILLAMA_PDL=0 (for measuring what it buys, or to rule it out)."""
+    if os.environ.get("MINILLAMA_PDL", "1") == "0":
+        return False
     import cupy
     major = cupy.cuda.Device(device_id).compute_capability[:-1] or "0"
     return int(major) >= 9 and _driver() is not None
