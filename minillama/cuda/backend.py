@@ -5,7 +5,7 @@ array API unchanged. The operations that go through `ops` run the kernels of ker
 
     linear(x, w)        float32 w: gemv for a few rows (decoding), sgemm_v4     matmul.cu
                         otherwise; a Packed w (weights as stored): qgemv for     qgemv.cu
-                        a few rows, gemm_v5 on the tensor cores otherwise       matmul.cu
+                        a few rows, gemm_v6 on the tensor cores otherwise       matmul.cu
     matmul(a, b)        bmm_strided, reading the KV cache views in place       matmul.cu
     softmax(x, pos)     softmax_warp / softmax_block, causal mask built in     softmax.cu
     decoder(model)      model.forward, with one-token steps through            decode.cu
@@ -22,11 +22,11 @@ from ..ops import NumpyOps
 from ..quant import Q8Tensor
 from .fused import FusedDecoder
 from .persistent import PersistentDecoder
-from .kernels import bmm, gemm_v5, gemv, qgemv, sgemm, softmax, to_16bit
+from .kernels import bmm, gemm_v6, gemv, qgemv, sgemm, softmax, to_16bit
 from .runtime import require_cupy
 
 GEMV_MAX_M = 32             # linear() multiplies up to this many rows with gemv, more with sgemm
-QGEMV_MAX_M = 64            # and with a Packed weight, up to this many with qgemv, more gemm_v5
+QGEMV_MAX_M = 64            # and with a Packed weight, up to this many with qgemv, more gemm_v6
 
 
 class CudaOps(NumpyOps):
@@ -82,7 +82,7 @@ class CudaOps(NumpyOps):
     def linear_packed(self, x, w):
         """x @ w.T with w as stored (a Packed placed by weight()), never a float32 copy of it:
         up to QGEMV_MAX_M rows of x go through qgemv (float32 x, the weights dequantized in
-        registers, float32 sums); more through gemm_v5 on the tensor cores, x rounded to
+        registers, float32 sums); more through gemm_v6 on the tensor cores, x rounded to
         float16 (bfloat16 for a bf16 weight) first, since that many rows make the product
         bound by arithmetic rather than by reading W. Output float32."""
         x = self.asarray(x, dtype=np.float32)
@@ -92,7 +92,7 @@ class CudaOps(NumpyOps):
         if rows.shape[0] <= QGEMV_MAX_M:
             y = qgemv(rows, w)
         else:
-            y = gemm_v5(to_16bit(rows, bf16=w.format == "bf16"), w)
+            y = gemm_v6(to_16bit(rows, bf16=w.format == "bf16"), w)
         return y.reshape(*x.shape[:-1], w.shape[0])
 
     def matmul(self, a, b):
