@@ -8,15 +8,20 @@
 // multiply-adds per warp instruction (mma.sync.m16n8k16): the 16 are weight rows, the 8 are rows
 // of x, the 16 run along k. Two things stand in the way, and this kernel is how it gets past them.
 //
-// 1. Precision. The tensor cores multiply 16-bit numbers. The weights' codes are small integers
-//    (q4_0: code - 8 in -8..7, q8_0: -128..127) and bfloat16 weights are bfloat16: all exact in
-//    bfloat16. A float16 weight has 11 significant bits, so it is written as hi + lo, two
-//    bfloat16 (8 + 3 bits, exact). x is float32, 24 bits, so it is written as hi + mid + lo,
-//    three bfloat16 of 8 bits each, also exact, and every product is made three times (six for
-//    float16 weights). The tensor cores multiply exactly and add in float32: the sums are those
-//    of a float32 GEMV, in another order. bfloat16, not float16, for x's parts: it has float32's
-//    exponent range, so no x overflows and no part underflows.
+// 1. Precision. The tensor cores multiply 16-bit numbers, exactly, and add in float32. The
+//    weights are 16-bit already: q4_0's codes - 8 (-8..7) and q8_0's codes (-128..127) are
+//    exact in float16, as float16 weights are, and bfloat16 weights are bfloat16. x is float32,
+//    24 significant bits, so it enters in parts, and every product is made once per part:
 //
+//      float16 weights, q8_0, q4_0: x = hi + lo, two float16 (11 + 11 bits). float16 reaches
+//        only 65504, and its small numbers lose bits, so each block scales its slice of each
+//        row of x by a power of two first (its largest value into [2^14, 2^15)) and the
+//        partial sums back after: exact both ways. What x loses is its last 2 bits, ~2e-7.
+//      bfloat16 weights: x = hi + mid + lo, three bfloat16 (8 + 8 + 8 bits: exact), no
+//        scaling needed (bfloat16 has float32's exponent range).
+//
+//    So the sums are those of a float32 GEMV of the same weights, in another order.
+
 // 2. The scales. q4_0 and q8_0 multiply each block of 32 codes by the block's float16 scale d.
 //    One mma must therefore see codes of one block only in each weight row, and the fragment
 //    layout of mma.m16n8k16 gives the 4 lanes of a quad (t = lane % 4) the same row g and
@@ -51,13 +56,7 @@
 // Compiled after qgemv.cu (q_word, q_load16) and matmul.cu (GEMV prologues, gemv_x4).
 
 #define MMA_ROWS 8                      // rows of x per pass: the mma's N
-#define MMA_PARTS 3                     // bfloat16 parts of x: hi, mid, lo
-
-__device__ __forceinline__ unsigned int bf16x2_fma(unsigned int a, unsigned int b, unsigned int c) {
-    unsigned int d;
-    asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
-    return d;
-}
+#define MMA_PARTS_MAX 3                 // parts of x: float16 hi, lo; bfloat16 hi, mid, lo
 
 // Two floats -> bfloat16x2, rounded to nearest even; `lo` in the low half.
 __device__ __forceinline__ unsigned int bf16x2_pack(float lo, float hi) {
@@ -69,23 +68,38 @@ __device__ __forceinline__ unsigned int bf16x2_pack(float lo, float hi) {
 __device__ __forceinline__ float bf16_lo(unsigned int h2) { return __uint_as_float(h2 << 16); }
 __device__ __forceinline__ float bf16_hi(unsigned int h2) { return __uint_as_float(h2 & 0xFFFF0000u); }
 
-// (a, b) -> bfloat16x2 hi, mid, lo with a = hi + mid + lo exactly (each part takes the next 8
-// bits of what the previous ones left).
-__device__ __forceinline__ void bf16x2_split(float a, float b, unsigned int (&part)[MMA_PARTS]) {
+// Two floats -> float16x2, rounded to nearest even; `lo` in the low half.
+__device__ __forceinline__ unsigned int f16x2_pack(float lo, float hi) {
+    unsigned int d;
+    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(d) : "f"(hi), "f"(lo));
+    return d;
+}
+
+// (a, b) -> PARTS 16-bit pairs whose sums are a and b: each part takes the next bits of what
+// the parts before it left (bfloat16: 8 bits each, so three are exact; float16: 11 each).
+template <bool BF16, int PARTS>
+__device__ __forceinline__ void x_split(float a, float b, unsigned int (&part)[MMA_PARTS_MAX]) {
 #pragma unroll
-    for (int p = 0; p < MMA_PARTS; ++p) {
-        part[p] = bf16x2_pack(a, b);
-        a -= bf16_lo(part[p]);
-        b -= bf16_hi(part[p]);
+    for (int p = 0; p < PARTS; ++p) {
+        part[p] = BF16 ? bf16x2_pack(a, b) : f16x2_pack(a, b);
+        a -= BF16 ? bf16_lo(part[p]) : f16_lo(part[p]);
+        b -= BF16 ? bf16_hi(part[p]) : f16_hi(part[p]);
     }
 }
 
-__device__ __forceinline__ void mma_bf16(float (&c)[4], const unsigned int (&a)[4], unsigned int b0,
-                                         unsigned int b1) {
-    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, "
-        "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+template <bool BF16>
+__device__ __forceinline__ void mma_16bit(float (&c)[4], const unsigned int (&a)[4],
+                                          unsigned int b0, unsigned int b1) {
+    if (BF16)
+        asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, "
+            "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
+            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    else
+        asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, "
+            "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
+            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
 // The 4 lanes of a quad hold 4 words each, lane c word i = M[c][i]; afterwards lane t holds
@@ -108,89 +122,70 @@ __device__ __forceinline__ void quad_transpose(unsigned int (&w)[4], int t) {
 
 // ---------------------------------------------------------------------------------------------
 // The formats. WEIGHTS per 16-byte chunk; UNITS per span; BLOCKS: scale blocks per span (0: no
-// scale); APARTS: bfloat16 parts of a weight; Q4ORDER: how a unit's positions meet the k-slots
-// (below); `unit(g, e8, u, a)`: the A fragments of unit u's two mma's from the lane's words of
-// rows g and g + 8. In a fragment, a[0] is row g at k-slots 2t, 2t+1, a[1] row g+8 there, a[2]
-// and a[3] the same at 2t+8, 2t+9; which positions those are, `x_pair` says on the x side.
+// scale); BF16: the mma's type (and so x's parts: PARTS); Q4ORDER: how a unit's positions meet
+// the k-slots (below); `unit(g, e, u, a)`: the A fragments of unit u's two mma's from the
+// lane's words of rows g and g + 8. In a fragment, a[0] is row g at k-slots 2t, 2t+1, a[1] row
+// g+8 there, a[2] and a[3] the same at 2t+8, 2t+9; which positions those are, mma_x_base says
+// on the x side.
 
-// bfloat16: the lane's chunk is 8 weights, positions 8t .. 8t+7 of the unit.
-struct MmaBF16 {
-    static constexpr int WEIGHTS = 8, UNITS = 1, BLOCKS = 0, APARTS = 1;
-    static constexpr bool Q4ORDER = false;
+// float16 and bfloat16: the lane's chunk is 8 weights, positions 8t .. 8t+7 of the unit; mma m
+// takes words 2m, 2m+1 as they are.
+template <bool BF16_>
+struct Mma16 {
+    static constexpr int WEIGHTS = 8, UNITS = 1, BLOCKS = 0;
+    static constexpr bool BF16 = BF16_, Q4ORDER = false;
+    static constexpr int PARTS = BF16 ? 3 : 2;
     static __device__ __forceinline__ void unit(const unsigned int (&g)[4], const unsigned int (&e)[4],
-                                                int, unsigned int (&a)[APARTS][2][4]) {
+                                                int, unsigned int (&a)[2][4]) {
 #pragma unroll
         for (int m = 0; m < 2; ++m) {
-            a[0][m][0] = g[2 * m]; a[0][m][1] = e[2 * m];
-            a[0][m][2] = g[2 * m + 1]; a[0][m][3] = e[2 * m + 1];
+            a[m][0] = g[2 * m]; a[m][1] = e[2 * m];
+            a[m][2] = g[2 * m + 1]; a[m][3] = e[2 * m + 1];
         }
     }
 };
-
-// float16: each pair of weights widened and split into bfloat16 hi + lo.
-struct MmaF16 {
-    static constexpr int WEIGHTS = 8, UNITS = 1, BLOCKS = 0, APARTS = 2;
-    static constexpr bool Q4ORDER = false;
-    static __device__ __forceinline__ void split(unsigned int h2, unsigned int& hi, unsigned int& lo) {
-        const float a = f16_lo(h2), b = f16_hi(h2);
-        hi = bf16x2_pack(a, b);
-        lo = bf16x2_pack(a - bf16_lo(hi), b - bf16_hi(hi));
-    }
-    static __device__ __forceinline__ void unit(const unsigned int (&g)[4], const unsigned int (&e)[4],
-                                                int, unsigned int (&a)[APARTS][2][4]) {
-#pragma unroll
-        for (int m = 0; m < 2; ++m) {
-            split(g[2 * m], a[0][m][0], a[1][m][0]);
-            split(e[2 * m], a[0][m][1], a[1][m][1]);
-            split(g[2 * m + 1], a[0][m][2], a[1][m][2]);
-            split(e[2 * m + 1], a[0][m][3], a[1][m][3]);
-        }
-    }
-};
+typedef Mma16<false> MmaF16;
+typedef Mma16<true> MmaBF16;
 
 // Q8_0: after the transpose, word c of the lane is bytes 4t .. 4t+3 of chunk c; unit u is
-// chunks 2u, 2u+1 (one block), mma c of the unit is chunk 2u + c. Each signed byte is placed in
-// the mantissa of the float32 2^23 (flipped to b + 128 first), which leaves b after one
-// subtraction; two of them round (exactly) into a bfloat16x2.
+// chunks 2u, 2u+1 (one block), mma c of the unit is chunk 2u + c. A signed byte flipped to
+// b + 128 and placed under the float16 1024.0 is 1024 + 128 + b: one float16x2 subtraction
+// leaves (b0, b1) and (b2, b3), as qgemv's FmtQ8_0 does.
 struct MmaQ8_0 {
-    static constexpr int WEIGHTS = 16, UNITS = 2, BLOCKS = 2, APARTS = 1;
-    static constexpr bool Q4ORDER = false;
-    static __device__ __forceinline__ float code(unsigned int u, unsigned int sel) {
-        return __uint_as_float(byte_perm(u, 0x4B000000u, sel)) - 8388736.0f;   // 2^23 + 128
-    }
+    static constexpr int WEIGHTS = 16, UNITS = 2, BLOCKS = 2, PARTS = 2;
+    static constexpr bool BF16 = false, Q4ORDER = false;
     static __device__ __forceinline__ void pairs(unsigned int w, unsigned int& p01, unsigned int& p23) {
         const unsigned int u = w ^ 0x80808080u;
-        p01 = bf16x2_pack(code(u, 0x7650), code(u, 0x7651));
-        p23 = bf16x2_pack(code(u, 0x7652), code(u, 0x7653));
+        p01 = f16x2_sub(byte_perm(u, 0x64646464u, 0x4140), HALF2_1152);
+        p23 = f16x2_sub(byte_perm(u, 0x64646464u, 0x4342), HALF2_1152);
     }
     static __device__ __forceinline__ void unit(const unsigned int (&g)[4], const unsigned int (&e)[4],
-                                                int u, unsigned int (&a)[APARTS][2][4]) {
+                                                int u, unsigned int (&a)[2][4]) {
 #pragma unroll
         for (int m = 0; m < 2; ++m) {
-            pairs(g[2 * u + m], a[0][m][0], a[0][m][2]);
-            pairs(e[2 * u + m], a[0][m][1], a[0][m][3]);
+            pairs(g[2 * u + m], a[m][0], a[m][2]);
+            pairs(e[2 * u + m], a[m][1], a[m][3]);
         }
     }
 };
 
 // Q4_0: after the transpose, word u of the lane is bytes 4t .. 4t+3 of block u: low nibbles
-// codes 4t .. 4t+3, high nibbles 16 + 4t .. 16 + 4t+3. OR-ing a nibble under the bfloat16 128.0
-// (0x4300; its 7 mantissa bits take a nibble, not a shifted one as float16's take in qgemv.cu)
-// makes 128 + code, and one bfloat16x2 FMA leaves code - 8 for two codes at once. Pairs come
-// out as (code 0, code 2), (code 1, code 3): that is Q4ORDER, positions 4t + j + 2e for k-slot
-// pair j, element e.
+// codes 4t .. 4t+3, high nibbles 16 + 4t .. 16 + 4t+3. A nibble OR-ed under the float16 1024.0
+// is 1024 + code, and one float16x2 subtraction leaves code - 8 for two codes at once (the high
+// nibbles are shifted down first). Pairs come out as (code 0, code 2), (code 1, code 3): that is
+// Q4ORDER, positions 4t + j + 2e for k-slot pair j, element e.
 struct MmaQ4_0 {
-    static constexpr int WEIGHTS = 32, UNITS = 4, BLOCKS = 4, APARTS = 1;
-    static constexpr bool Q4ORDER = true;
-    static __device__ __forceinline__ unsigned int pair(unsigned int w) {    // 128 + c -> c - 8
-        return bf16x2_fma((w & 0x000F000Fu) | 0x43004300u, 0x3F803F80u, 0xC308C308u);
+    static constexpr int WEIGHTS = 32, UNITS = 4, BLOCKS = 4, PARTS = 2;
+    static constexpr bool BF16 = false, Q4ORDER = true;
+    static __device__ __forceinline__ unsigned int pair(unsigned int w) {    // 1024 + c -> c - 8
+        return f16x2_sub((w & 0x000F000Fu) | HALF2_1024, HALF2_1032);
     }
     static __device__ __forceinline__ void unit(const unsigned int (&g)[4], const unsigned int (&e)[4],
-                                                int u, unsigned int (&a)[APARTS][2][4]) {
+                                                int u, unsigned int (&a)[2][4]) {
 #pragma unroll
         for (int m = 0; m < 2; ++m) {                  // mma 0: low nibbles, 1: high nibbles
-            a[0][m][0] = pair(g[u] >> (4 * m)); a[0][m][1] = pair(e[u] >> (4 * m));
-            a[0][m][2] = pair(g[u] >> (4 * m + 8)); a[0][m][3] = pair(e[u] >> (4 * m + 8));
+            a[m][0] = pair(g[u] >> (4 * m)); a[m][1] = pair(e[u] >> (4 * m));
+            a[m][2] = pair(g[u] >> (4 * m + 8)); a[m][3] = pair(e[u] >> (4 * m + 8));
         }
     }
 };
@@ -210,18 +205,86 @@ __device__ __forceinline__ int mma_x_base(int m, int t) {
     return F::UNITS == 1 ? 8 * t + 4 * m : 16 * m + 4 * t;
 }
 
-// Stage rows m0 .. m0 + 7 of x over units u0 .. u0 + units - 1, after the prologue (RMSNorm's
-// norm_w only: inv_rms comes after the product), into xs; rows past M and positions past K are
-// zeros. With RMSNorm, ss[r] gets the sum of squares of row r over the slice.
-template <class F, int PRO>
-__device__ void mma_stage_x(const float* __restrict__ X, int m0, int M, int K, int u0, int units,
-                            const float* __restrict__ norm_w, unsigned int* xs, float* ss) {
-    const int ldx = PRO == GEMV_SWIGLU ? 2 * K : K, row_words = mma_row_words(units);
-    float sq[MMA_ROWS];
+// An item's 8 values of x (v[m]: mma m's float4) as F::PARTS uint4s of B fragments at slot,
+// part p at slot + p * 8 rows: words (mma m, pair j) = the pair's part, pairs as F orders them.
+template <class F>
+__device__ __forceinline__ void mma_store_parts(const float (&v)[2][4], unsigned int* slot,
+                                                int row_words) {
+    unsigned int words[MMA_PARTS_MAX][4];
 #pragma unroll
-    for (int r = 0; r < MMA_ROWS; ++r) sq[r] = 0.0f;
+    for (int m = 0; m < 2; ++m)
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+            unsigned int part[MMA_PARTS_MAX];
+            const int e0 = F::Q4ORDER ? j : 2 * j, e1 = F::Q4ORDER ? j + 2 : 2 * j + 1;
+            x_split<F::BF16, F::PARTS>(v[m][e0], v[m][e1], part);
+#pragma unroll
+            for (int p = 0; p < F::PARTS; ++p) words[p][2 * m + j] = part[p];
+        }
+#pragma unroll
+    for (int p = 0; p < F::PARTS; ++p)
+        *reinterpret_cast<uint4*>(slot + p * MMA_ROWS * row_words) =
+            make_uint4(words[p][0], words[p][1], words[p][2], words[p][3]);
+}
+
+// The power of two that brings a slice's largest |x| into [2^14, 2^15), as an exponent: the
+// float16 parts then neither overflow (65504) nor lose the bits of the values that matter.
+// 0 for a row of zeros, or one holding inf or NaN (which the sums carry on as they are).
+__device__ __forceinline__ int mma_shift(float amax) {
+    const int ex = (__float_as_int(amax) >> 23) & 0xFF;
+    return amax == 0.0f || ex == 0xFF ? 0 : min(max(141 - ex, -126), 126);
+}
+
+__device__ __forceinline__ float pow2(int e) { return __int_as_float((127 + e) << 23); }
+
+// The float16 path's second pass: each row's largest |x| over the block, its exponent, and each
+// item's 8 float32 values read back, scaled and written over as two float16 parts.
+template <class F>
+__device__ void mma_scale_parts(unsigned int* xs, int units, const float (&big)[MMA_ROWS],
+                                int* shift, float* scratch) {
+    const int row_words = mma_row_words(units);
+    int e[MMA_ROWS];
+#pragma unroll
+    for (int r = 0; r < MMA_ROWS; ++r) {
+        e[r] = mma_shift(block_max(big[r], scratch));      // every thread gets the maximum
+        if (threadIdx.x == r) shift[r] = e[r];
+    }
     for (int i = threadIdx.x; i < MMA_ROWS * units * 4; i += blockDim.x) {
         const int r = i / (units * 4), u = (i / 4) % units, t = i % 4;
+        unsigned int* slot = xs + r * row_words + 16 * u + 4 * t;
+        float scale = 1.0f;
+#pragma unroll
+        for (int rr = 0; rr < MMA_ROWS; ++rr) scale = rr == r ? pow2(e[rr]) : scale;
+        float v[2][4];
+#pragma unroll
+        for (int m = 0; m < 2; ++m) {
+            const float4 x = *reinterpret_cast<const float4*>(slot + m * MMA_ROWS * row_words);
+            v[m][0] = x.x * scale; v[m][1] = x.y * scale; v[m][2] = x.z * scale; v[m][3] = x.w * scale;
+        }
+        mma_store_parts<F>(v, slot, row_words);
+    }
+}
+
+
+// Stage rows m0 .. m0 + 7 of x over units u0 .. u0 + units - 1, after the prologue (RMSNorm's
+// norm_w only: inv_rms comes after the product), into xs as B fragments of F::PARTS parts; rows
+// past M and positions past K are zeros. With RMSNorm, ss[r] gets the sum of squares of row r
+// over the slice; shift[r] gets the exponent row r was scaled by (float16 parts; 0 for bfloat16).
+// Each item (row, unit, lane) is 8 values of x in 8 words of its own (two of the parts' uint4s):
+// the float16 path writes them there as float32 first, takes each row's largest value over the
+// block, then reads its own 8 back and writes their scaled parts over them.
+template <class F, int PRO>
+__device__ void mma_stage_x(const float* __restrict__ X, int m0, int M, int K, int u0, int units,
+                            const float* __restrict__ norm_w, unsigned int* xs, float* ss,
+                            int* shift) {
+    const int ldx = PRO == GEMV_SWIGLU ? 2 * K : K, row_words = mma_row_words(units);
+    __shared__ float scratch[32];
+    float sq[MMA_ROWS], big[MMA_ROWS];
+#pragma unroll
+    for (int r = 0; r < MMA_ROWS; ++r) sq[r] = big[r] = 0.0f;
+    for (int i = threadIdx.x; i < MMA_ROWS * units * 4; i += blockDim.x) {
+        const int r = i / (units * 4), u = (i / 4) % units, t = i % 4;
+        unsigned int* slot = xs + r * row_words + 16 * u + 4 * t;    // + p * 8 rows: part p
         float v[2][4];
 #pragma unroll
         for (int m = 0; m < 2; ++m) {
@@ -240,32 +303,32 @@ __device__ void mma_stage_x(const float* __restrict__ X, int m0, int M, int K, i
             }
             v[m][0] = x.x; v[m][1] = x.y; v[m][2] = x.z; v[m][3] = x.w;
         }
-        unsigned int words[MMA_PARTS][4];
+        if (F::BF16) {
+            mma_store_parts<F>(v, slot, row_words);
+        } else {
+            const float a = fmaxf(fmaxf(fmaxf(fabsf(v[0][0]), fabsf(v[0][1])), fmaxf(fabsf(v[0][2]), fabsf(v[0][3]))),
+                                  fmaxf(fmaxf(fabsf(v[1][0]), fabsf(v[1][1])), fmaxf(fabsf(v[1][2]), fabsf(v[1][3]))));
 #pragma unroll
-        for (int m = 0; m < 2; ++m)
+            for (int rr = 0; rr < MMA_ROWS; ++rr) big[rr] = rr == r ? fmaxf(big[rr], a) : big[rr];
 #pragma unroll
-            for (int j = 0; j < 2; ++j) {
-                unsigned int part[MMA_PARTS];
-                const int e0 = F::Q4ORDER ? j : 2 * j, e1 = F::Q4ORDER ? j + 2 : 2 * j + 1;
-                bf16x2_split(v[m][e0], v[m][e1], part);
-#pragma unroll
-                for (int p = 0; p < MMA_PARTS; ++p) words[p][2 * m + j] = part[p];
-            }
-#pragma unroll
-        for (int p = 0; p < MMA_PARTS; ++p)
-            *reinterpret_cast<uint4*>(xs + (p * MMA_ROWS + r) * row_words + 16 * u + 4 * t) =
-                make_uint4(words[p][0], words[p][1], words[p][2], words[p][3]);
+            for (int m = 0; m < 2; ++m)
+                *reinterpret_cast<float4*>(slot + m * MMA_ROWS * row_words) =
+                    make_float4(v[m][0], v[m][1], v[m][2], v[m][3]);
+        }
     }
     if (PRO == GEMV_RMSNORM) {
-        __shared__ float scratch[32];
 #pragma unroll
         for (int r = 0; r < MMA_ROWS; ++r) {
             const float s = block_sum(sq[r], scratch);
             if (threadIdx.x == 0) ss[r] = s;
         }
     }
+    if (F::BF16) {
+        if (threadIdx.x < MMA_ROWS) shift[threadIdx.x] = 0;
+    } else {
+        mma_scale_parts<F>(xs, units, big, shift, scratch);
+    }
 }
-
 
 // ---------------------------------------------------------------------------------------------
 // The weights of U steps of one lane: per tile j and half h (row g, row g + 8) the 16-byte chunk
@@ -304,7 +367,7 @@ struct MmaLoads {
 };
 
 // Grid (tiles, ks); block 256 threads. Tile `blockIdx.x`: rows 128 NR tile .. + 128 NR - 1;
-// slice `blockIdx.y` of the k spans. Dynamic shared memory: MMA_PARTS * 8 * ROWW words.
+// slice `blockIdx.y` of the k spans. Dynamic shared memory: F::PARTS * 8 * ROWW words.
 // scratch: ks * M * N floats of partial sums, then tiles * ks * M sums of squares;
 // counters: tiles ints, zero before the launch and zero after it.
 template <class F, int NR, int PRO>
@@ -317,6 +380,7 @@ qgemv_mma(const float* __restrict__ X, const uint4* __restrict__ qs,
     constexpr int SPAN = 4 * F::WEIGHTS;           // positions of k per step
     extern __shared__ __align__(16) unsigned int mma_xs[];
     __shared__ float mma_ss[MMA_ROWS];
+    __shared__ int mma_e[MMA_ROWS];                 // the exponent each row of x was scaled by
     __shared__ int mma_last;
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, t = lane % 4;
     const int tile = blockIdx.x, ks = gridDim.y, slice = blockIdx.y;
@@ -335,7 +399,8 @@ qgemv_mma(const float* __restrict__ X, const uint4* __restrict__ qs,
 
     for (int m0 = 0; m0 < M; m0 += MMA_ROWS) {
         __syncthreads();                                        // the last pass's readers are done
-        mma_stage_x<F, PRO>(X, m0, M, K, step_begin * F::UNITS, units, norm_w, mma_xs, mma_ss);
+        mma_stage_x<F, PRO>(X, m0, M, K, step_begin * F::UNITS, units, norm_w, mma_xs, mma_ss,
+                            mma_e);
         __syncthreads();
         if (m0 > 0) next.fetch(qs, d, row0, N, step_begin, step_end, chunks, nb, t);
 
@@ -363,26 +428,24 @@ qgemv_mma(const float* __restrict__ X, const uint4* __restrict__ qs,
 #pragma unroll
                 for (int u = 0; u < F::UNITS; ++u) {
                     const int unit = (s0 + s - step_begin) * F::UNITS + u;
-                    uint4 b[MMA_PARTS];                          // x's fragments, shared by the tiles
+                    uint4 b[F::PARTS];                           // x's fragments, shared by the tiles
 #pragma unroll
-                    for (int p = 0; p < MMA_PARTS; ++p)
+                    for (int p = 0; p < F::PARTS; ++p)
                         b[p] = *reinterpret_cast<const uint4*>(
                             mma_xs + (p * MMA_ROWS + g) * row_words + 16 * unit + 4 * t);
 #pragma unroll
                     for (int j = 0; j < NR; ++j) {
-                        unsigned int a[F::APARTS][2][4];
+                        unsigned int a[2][4];
                         F::unit(w[j][0], w[j][1], u, a);
                         // Each unit's sum starts from zero and is added to acc outside the
                         // tensor cores: their own additions round less finely than float32's
                         // (measured: 2e-5 after 4096 positions in one chain, 2e-7 this way).
                         float part[4] = {0.0f, 0.0f, 0.0f, 0.0f};
 #pragma unroll
-                        for (int ap = 0; ap < F::APARTS; ++ap)
-#pragma unroll
-                            for (int p = 0; p < MMA_PARTS; ++p) {
-                                mma_bf16(part, a[ap][0], b[p].x, b[p].y);
-                                mma_bf16(part, a[ap][1], b[p].z, b[p].w);
-                            }
+                        for (int p = 0; p < F::PARTS; ++p) {
+                            mma_16bit<F::BF16>(part, a[0], b[p].x, b[p].y);
+                            mma_16bit<F::BF16>(part, a[1], b[p].z, b[p].w);
+                        }
                         if (F::BLOCKS == 0) {
 #pragma unroll
                             for (int e = 0; e < 4; ++e) acc[j][e] += part[e];
@@ -407,12 +470,12 @@ qgemv_mma(const float* __restrict__ X, const uint4* __restrict__ qs,
             for (int e = 0; e < 4; ++e) {
                 const int m = m0 + 2 * t + (e & 1), n = row0 + 16 * j + g + 8 * (e >> 1);
                 if (m >= M || n >= N) continue;
+                float v = acc[j][e] * pow2(-mma_e[2 * t + (e & 1)]);    // x's scaling undone
                 if (ks == 1) {
-                    float v = acc[j][e];
                     if (PRO == GEMV_RMSNORM) v *= 1.0f / sqrtf(mma_ss[2 * t + (e & 1)] / K + eps);
                     Y[(size_t)m * N + n] = accumulate ? Y[(size_t)m * N + n] + v : v;
                 } else {
-                    partial[((size_t)slice * M + m) * N + n] = acc[j][e];
+                    partial[((size_t)slice * M + m) * N + n] = v;
                 }
             }
         if (ks > 1 && PRO == GEMV_RMSNORM && threadIdx.x < MMA_ROWS && m0 + threadIdx.x < M)

@@ -21,7 +21,7 @@ from .runtime import i32
 
 
 # Programmatic launches (cuda/pdl.py), measured on an H200 (2026-11-29, graph replay of one
-# step): one row 4 to 11% faster (Llama-2-7B shape in q4_0, int8, float16; stories15M and
+# step): one row 3 to 11% faster (Llama-2-7B shape in q4_0, int8, float16; stories15M and
 # 110M); 8 and 32 rows up to 14% slower, so batches launch the ordinary way.
 PROGRAMMATIC_ROWS = 1
 
@@ -140,13 +140,16 @@ class FusedDecoder:
             self.round_copied.record(stream)
 
     def _capture(self, bsz):
-        """Record run(bsz) into a CUDA graph (nothing executes while recording). Returns None,
-        with a warning, where the driver refuses, and the eager launches carry on."""
+        """Record run(bsz) into a CUDA graph (nothing executes while recording). Up to
+        PROGRAMMATIC_ROWS rows, each kernel of the graph may start while the one before it
+        finishes (cuda/pdl.py; the eager launches stay CuPy's own, cheaper from the host).
+        Returns None, with a warning, where the driver refuses, and the eager launches carry on."""
         cp = self.cp
         stream = cp.cuda.Stream(non_blocking=True)
         cp.cuda.get_current_stream().synchronize()
+        programmatic = KERNELS.programmatic() if bsz <= PROGRAMMATIC_ROWS else contextlib.nullcontext()
         try:
-            with stream:
+            with stream, programmatic:
                 stream.begin_capture()
                 try:
                     self.run(bsz)
@@ -158,13 +161,7 @@ class FusedDecoder:
             return None
 
     def run(self, bsz):
-        """Launch one decode step for rows 0 .. bsz-1 on the current stream. Up to
-        PROGRAMMATIC_ROWS rows, each kernel may start while the one before it finishes
-        (cuda/pdl.py)."""
-        with KERNELS.programmatic() if bsz <= PROGRAMMATIC_ROWS else contextlib.nullcontext():
-            self._launch_step(bsz)
-
-    def _launch_step(self, bsz):
+        """Launch one decode step for rows 0 .. bsz-1 on the current stream."""
         p, B, block = self.p, self.BLOCK, (self.BLOCK,)
         nh, nkv, hd = p.n_heads, p.n_kv_heads, p.head_dim
         h, qkv, att, h13 = (a[:bsz] for a in (self.h, self.qkv, self.att, self.h13))

@@ -82,10 +82,10 @@ GEMV_V3_SMEM = 96 * 1024
 GEMM_V5_FORMATS = {"f16": 0, "bf16": 1, "q8_0": 2, "q4_0": 3, "q4_1": 4}
 GEMM_V5_CONFIGS = {"128x128x4": (128, 128, 4)}
 GEMM_V5_DEFAULT = "128x128x4"
-# qgemv_mma<Fmt, NR, PRO> (qgemv_mma.cu): batches on the tensor cores, x in three bfloat16 parts
-# (so the 1e-5 bound of the float32 GEMV holds). Tiles of 128 NR weight rows; k split into
-# slices so that about MMA_BLOCKS_PER_SM blocks per SM have work, a slice at most MMA_MAX_SLICE
-# positions (its x, 3 parts of 8 rows, sits in shared memory: 48 KiB at 1024 positions).
+# qgemv_mma<Fmt, NR, PRO> (qgemv_mma.cu): batches on the tensor cores, x in 16-bit parts (so the
+# 1e-5 bound of the float32 GEMV holds). Tiles of 128 NR weight rows; k split into slices so
+# that about MMA_BLOCKS_PER_SM blocks per SM have work, a slice at most MMA_MAX_SLICE positions
+# (its x, 2 or 3 parts of 8 rows, sits in shared memory: 64 or 96 KiB at 2048 positions).
 MMA_FORMATS = {"f16": "MmaF16", "bf16": "MmaBF16", "q8_0": "MmaQ8_0", "q4_0": "MmaQ4_0"}
 MMA_SPAN = {"f16": 32, "bf16": 32, "q8_0": 64, "q4_0": 128}     # positions of k per step
 MMA_NR = (1, 2)
@@ -537,8 +537,9 @@ def qgemv_mma(x, w, out=None, accumulate=False, norm=None, eps=1e-5, swiglu=Fals
               ks=None):
     """x @ W.T on the tensor cores for a few rows of x (qgemv_mma.cu): x (M, K) float32, w a
     formats.Packed (N, K) in f16, bf16, q8_0 or q4_0 -> (M, N) float32, 8 rows of x per pass.
-    x enters as three bfloat16 parts, so the products are exact and the sums float32: the same
-    1e-5 bound as qgemv. accumulate, norm, eps, swiglu: as qgemv. nr: weight rows per warp in
+    x enters in 16-bit parts (two float16, scaled per slice; three bfloat16 for bf16 weights),
+    so the products keep 22 to 24 bits of x and the sums are float32: the same 1e-5 bound as
+    qgemv. accumulate, norm, eps, swiglu: as qgemv. nr: weight rows per warp in
     16s (1 or 2); ks: slices of k (the grid's second side); None: the rule of MMA_*."""
     if getattr(w, "format", None) not in MMA_FORMATS:
         raise DeviceError(f"w: qgemv_mma reads {', '.join(MMA_FORMATS)} weights, got "
@@ -560,7 +561,8 @@ def qgemv_mma(x, w, out=None, accumulate=False, norm=None, eps=1e-5, swiglu=Fals
     per_slice = cdiv(spans, min(ks, spans))
     ks = cdiv(spans, per_slice)                       # no empty slice
     units = per_slice * span // 32
-    smem = 3 * 8 * 4 * (16 * units + (0 if units % 2 else 16))
+    parts = 3 if w.format == "bf16" else 2                 # x's bfloat16 or float16 parts
+    smem = parts * 8 * 4 * (16 * units + (0 if units % 2 else 16))
     scratch, counters = _mma_scratch(ks * M * N + tiles * ks * M, tiles)
     prologue = GEMV_PROLOGUES["rmsnorm" if norm is not None else "swiglu" if swiglu else None]
     KERNELS.launch(f"qgemv_mma<{MMA_FORMATS[w.format]},{nr},{prologue}>", (tiles, ks), (256,),
