@@ -40,8 +40,9 @@ class CpuDecoder:
 
     @staticmethod
     def covers(model):
-        """NumPy float32 weights (not Packed, not Q8Tensor) and a float32 KV cache."""
-        if model.ops.xp is not np:
+        """NumPy float32 weights (not Packed, not Q8Tensor) and a float32 KV cache; not a
+        stand-in with forward and ops but no layers (the tests' scripted models)."""
+        if model.ops.xp is not np or not hasattr(model, "layers"):
             return False
         weights = [model.output, model.norm]
         for layer in model.layers:
