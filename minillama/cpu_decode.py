@@ -58,17 +58,22 @@ class CpuDecoder:
         self.eps, self.dim, self.hidden = p.norm_eps, p.dim, hidden
         self.tok_embeddings, self.norm = model.tok_embeddings, model.norm
         self.output_t = model.output.T                       # (dim, vocab): x @ W.T reads W
-        self.freqs_cos, self.freqs_sin = model.freqs_cos, model.freqs_sin
+        # RoPE turns pair (x0, x1) into (x0 cos - x1 sin, x1 cos + x0 sin): the pairs times
+        # (cos, cos), plus the pairs swapped times (-sin, sin). (max_seq_len, head_dim // 2, 2)
+        self.rope_cos = np.stack([model.freqs_cos, model.freqs_cos], axis=-1)
+        self.rope_sin = np.stack([-model.freqs_sin, model.freqs_sin], axis=-1)
 
         # the buffers of one step, and the views of them that the step reads and writes
         self.x = np.zeros(p.dim, np.float32)                   # the residual stream
         self.xn = np.zeros(p.dim, np.float32)                  # x normed
         self.y = np.zeros(p.dim, np.float32)                   # a block's output, added to x
         self.qkv = np.zeros((nh + 2 * nkv) * hd, np.float32)   # [q | k | v]
-        # q and k as pairs (x[2i], x[2i+1]) of each head, and RoPE's scratch
-        pairs = self.qkv[:(nh + nkv) * hd].reshape(nh + nkv, hd // 2, 2)
-        self.x0, self.x1 = pairs[..., 0], pairs[..., 1]       # (n_heads + n_kv_heads, hd // 2)
-        self.r0, self.r1, self.r2 = (np.zeros(self.x0.shape, np.float32) for _ in range(3))
+        # q and k as pairs (x[2i], x[2i+1]) of each head, (n_heads + n_kv_heads, hd // 2, 2),
+        # the same pairs swapped, and RoPE's scratch
+        self.pairs = self.qkv[:(nh + nkv) * hd].reshape(nh + nkv, hd // 2, 2)
+        self.swapped = self.pairs[..., ::-1]
+        self.turned = np.zeros(self.pairs.shape, np.float32)
+        self.turned_swapped = np.zeros(self.pairs.shape, np.float32)
         # the n_rep query heads of a kv head stacked, as Attention does: (n_kv, n_rep, hd)
         self.q = self.qkv[:nh * hd].reshape(nkv, nh // nkv, hd)
         self.k = self.qkv[nh * hd:(nh + nkv) * hd].reshape(nkv, hd)
@@ -106,12 +111,11 @@ class CpuDecoder:
         return np.multiply(self.xn, weight, out=self.xn)
 
     def rope(self, cos, sin):
-        """model.apply_rotary_emb on q and k in place: each pair turned by its angle."""
-        x0, x1, r0, r1, r2 = self.x0, self.x1, self.r0, self.r1, self.r2
-        np.subtract(np.multiply(x0, cos, out=r0), np.multiply(x1, sin, out=r2), out=r0)
-        np.add(np.multiply(x0, sin, out=r1), np.multiply(x1, cos, out=r2), out=r1)
-        np.copyto(x0, r0)
-        np.copyto(x1, r1)
+        """model.apply_rotary_emb on q and k in place, with the same products and sums:
+        x0 cos + x1 (-sin) is x0 cos - x1 sin to the bit, and a sum does not care for order."""
+        np.multiply(self.pairs, cos, out=self.turned)                  # (x0 cos, x1 cos)
+        np.multiply(self.swapped, sin, out=self.turned_swapped)        # (x1 (-sin), x0 sin)
+        np.add(self.turned, self.turned_swapped, out=self.pairs)
 
     def softmax(self, s):
         """ops.softmax of each row of s (n_heads, end), in place: exp(s - max) / sum."""
@@ -126,7 +130,7 @@ class CpuDecoder:
         x, y, qkv, scores, score_rows, att, gate = (self.x, self.y, self.qkv, self.scores,
                                                     self.score_rows, self.att, self.gate)
         h13, hidden, rms_norm, matmul = self.h13, self.hidden, self.rms_norm, np.matmul
-        cos, sin = self.freqs_cos[pos], self.freqs_sin[pos]    # (head_dim // 2,)
+        cos, sin = self.rope_cos[pos], self.rope_sin[pos]      # (head_dim // 2, 2)
         att_flat, end = att.reshape(-1), pos + 1
         np.copyto(x, self.tok_embeddings[token])
         for attn_norm, wqkv, wo, ffn_norm, w13, w2, cache_k, cache_v in self.layers:
