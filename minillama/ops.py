@@ -107,8 +107,11 @@ class NumpyOps:
         (cpu_decode.py), which runs one-token steps of one row with preallocated buffers and
         everything else through model.forward, where it covers the model (float32 weights and
         cache), else model.forward itself; CudaOps returns one that runs one-token steps as a
-        CUDA graph."""
-        return CpuDecoder(model) if CpuDecoder.covers(model) else model.forward
+        CUDA graph. A subclass that overrides linear, matmul or softmax (to record or time them,
+        as notebook 4 and bench/cpu.py do) keeps model.forward, which calls them."""
+        own = all(getattr(type(self), name) is getattr(NumpyOps, name)
+                  for name in ("linear", "matmul", "softmax"))
+        return CpuDecoder(model) if own and CpuDecoder.covers(model) else model.forward
 
     def linear(self, x, w):
         # x: (..., in)   w: (out, in)   ->   (..., out)

@@ -129,3 +129,16 @@ def test_stories260k_greedy_matches_llama2c_golden():
             break
     assert ids == golden["generated_ids"]
     assert greedy(forward, [1], 8) == golden["generated_ids"][:8]
+
+
+def test_a_backend_that_records_its_calls_keeps_model_forward():
+    """A NumpyOps subclass overriding softmax (notebook 4 records attention this way) must see
+    every call: its decoder is model.forward, which makes them."""
+    from minillama.ops import NumpyOps
+
+    class Recording(NumpyOps):
+        def softmax(self, x, start_pos=None):
+            return super().softmax(x, start_pos)
+    p = ModelArgs(**ODD)
+    model = Transformer(p, random_weights(p), Recording())
+    assert model.ops.decoder(model) == model.forward
