@@ -14,21 +14,16 @@ parts of the fused product, the cache's rows, the complex view RoPE turns) are m
 The arithmetic is the model's, operation for operation, so the logits agree to float32
 rounding (tests/test_cpu_decode.py holds them within 1e-6 relative).
 
-The threads are OpenBLAS's: it runs a product on both cores once its matrix has at least
-BLAS_THREADED_MIN values and on one core below that, the right call for a step this small
-(a Python thread pool's hand-off costs more than the smaller products take; docs/cpu.md
-measures both). One thing helps it: a weight just under the threshold (stories15M's w13 is
-1536 x 288, 4% short) gets zero rows that lift it over, so it is read by two cores.
-docs/cpu.md says what each of these bought.
+The threads are OpenBLAS's own choice: it multiplies a vector by a matrix of 460,800 values
+or more on all its threads and by a smaller one on one thread (NumPy's OpenBLAS 0.3.31,
+measured). Both ways of giving the small products a second core were measured and left out:
+a Python thread's hand-off costs more than the product, and zero rows that lift a weight over
+the threshold win 0 to 8% on an idle machine and lose 2 to 6 times on a busy one.
+docs/cpu.md says what each choice bought.
 """
 import math
 
 import numpy as np
-
-# OpenBLAS (0.3.31 as NumPy ships it) multiplies a vector by a matrix of m * n values on all its
-# threads from 460,800 values up and on one thread below (measured: docs/cpu.md)
-BLAS_THREADED_MIN = 460_800
-PAD_AT_MOST = 0.10          # lift a weight over the threshold when that adds at most 10% rows
 
 
 class CpuDecoder:
@@ -87,14 +82,14 @@ class CpuDecoder:
         self.gate = np.zeros(hidden, np.float32)                     # silu(h1) * h3
         self.scale = np.float32(1.0 / math.sqrt(hd))
         self.layers = [self.layer_views(layer, p) for layer in model.layers]
-        self.h13 = np.zeros(self.layers[0][4].shape[1], np.float32)  # [h1 | h3 | padding]
+        self.h13 = np.zeros(2 * hidden, np.float32)                  # [h1 | h3]
 
     def layer_views(self, layer, p):
         """What a step reads of one layer: the norms, each weight as the (in, out) matrix a
         vector multiplies, and row 0 of the cache, (max_seq_len, n_kv_heads, head_dim)."""
         attention, ffn = layer.attention, layer.feed_forward
         return (layer.attention_norm, attention.wqkv.T, attention.wo.T, layer.ffn_norm,
-                threaded(ffn.w13).T, ffn.w2.T, attention.cache_k[0], attention.cache_v[0])
+                ffn.w13.T, ffn.w2.T, attention.cache_k[0], attention.cache_v[0])
 
     def __call__(self, tokens, start_pos):
         if (type(start_pos) is int and isinstance(tokens, np.ndarray) and tokens.shape == (1, 1)
@@ -160,15 +155,3 @@ class CpuDecoder:
         matmul(rms_norm(x, self.norm), self.output_t, out=logits[0, 0])
         return logits
 
-
-def threaded(w):
-    """w (out, in), with zero rows added when a few lift it to BLAS_THREADED_MIN values, so
-    OpenBLAS reads it with every thread; the extra outputs are zeros the step never reads.
-    Otherwise w itself."""
-    out, inp = w.shape
-    rows = -(-BLAS_THREADED_MIN // inp)                       # the fewest rows that reach it
-    if out >= rows or rows > out * (1 + PAD_AT_MOST):
-        return w
-    padded = np.zeros((rows, inp), np.float32, order="F")    # column-major, as w is kept
-    padded[:out] = w
-    return padded

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from minillama.checkpoints.random import random_weights
-from minillama.cpu_decode import BLAS_THREADED_MIN, CpuDecoder, threaded
+from minillama.cpu_decode import CpuDecoder
 from minillama.errors import ArgumentError, GenerationError
 from minillama.model import ModelArgs, Transformer
 
@@ -91,20 +91,6 @@ def test_float16_cache_stays_with_model_forward():
     p = ModelArgs(**SHAPES["odd GQA"])
     model = Transformer(p, random_weights(p), kv_dtype="float16")
     assert model.ops.decoder(model) == model.forward
-
-
-def test_a_weight_just_under_the_blas_threshold_is_lifted_over_it():
-    """stories15M's w13 (1536 x 288) is 4% short of OpenBLAS's threading threshold: it gets
-    zero rows, the products it gives are the same; a weight far under it is left alone."""
-    rng = np.random.default_rng(0)
-    w13 = np.asfortranarray(rng.standard_normal((1536, 288), dtype=np.float32))
-    lifted = threaded(w13)
-    assert lifted.shape == (1600, 288) and lifted.size >= BLAS_THREADED_MIN
-    assert not lifted[1536:].any()
-    x = rng.standard_normal(288, dtype=np.float32)
-    np.testing.assert_array_equal((x @ lifted.T)[:1536], x @ w13.T)
-    wqkv = np.asfortranarray(rng.standard_normal((864, 288), dtype=np.float32))
-    assert threaded(wqkv) is wqkv
 
 
 def test_stories260k_greedy_matches_llama2c_golden():
