@@ -6,13 +6,13 @@ cuda/fused.py. NumpyOps.decoder(model) hands it to the decoding loops when it co
 prompts, batches and anything it does not cover go to model.forward.
 
 Why a second copy of the forward step: at batch 1 a small model's step is a few milliseconds,
-and the generic forward spends a sixth of it in Python. It makes ~330 NumPy calls per token
+and the generic forward spends a good part of it in Python: hundreds of NumPy calls per token
 for stories15M's six layers, each allocating its result. Here a layer is ~30 calls, each
 writing into a buffer made once (`out=`), on 1-D vectors instead of (bsz, seqlen, ...) arrays,
 so no reshape or transpose is left to do at run time; the views a step reads (the q, k, v
-parts of the fused product, the cache's rows, the complex view RoPE turns) are made once too.
-The arithmetic is the model's, operation for operation, so the logits agree to float32
-rounding (tests/test_cpu_decode.py holds them within 1e-6 relative).
+parts of the fused product, the q and k pairs RoPE turns, the cache's rows) are made once too.
+The arithmetic is the model's, operation for operation, so the logits are model.forward's to
+the bit (tests/test_cpu_decode.py holds them within 1e-6 relative).
 
 The threads are OpenBLAS's own choice: it multiplies a vector by a matrix of 460,800 values
 or more on all its threads and by a smaller one on one thread (NumPy's OpenBLAS 0.3.31,
