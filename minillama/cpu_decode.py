@@ -81,10 +81,10 @@ class CpuDecoder:
         self.att = np.zeros((nkv, nh // nkv, hd), np.float32)        # heads in order
         self.gate = np.zeros(hidden, np.float32)                     # silu(h1) * h3
         self.scale = np.float32(1.0 / math.sqrt(hd))
-        self.layers = [self.layer_views(layer, p) for layer in model.layers]
+        self.layers = [self.layer_views(layer) for layer in model.layers]
         self.h13 = np.zeros(2 * hidden, np.float32)                  # [h1 | h3]
 
-    def layer_views(self, layer, p):
+    def layer_views(self, layer):
         """What a step reads of one layer: the norms, each weight as the (in, out) matrix a
         vector multiplies, and row 0 of the cache, (max_seq_len, n_kv_heads, head_dim)."""
         attention, ffn = layer.attention, layer.feed_forward
