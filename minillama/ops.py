@@ -12,6 +12,7 @@ time, which go through this module so a backend can swap in its own kernels:
 and a loop that decodes asks its backend for the fastest way to run the model:
 
     ops.decoder(model)            forward(tokens, start_pos) -> logits: model.forward, or faster
+                                  (on the CPU, cpu_decode.CpuDecoder for one-token steps)
 
 `minillama.cuda.CudaOps` provides the same methods with hand-written CUDA kernels, and
 `minillama.devices.get_ops` picks a backend by device name. The module
@@ -21,6 +22,7 @@ arrays, and generate's sampling and log-probabilities use it on the host.
 import numpy as np
 
 from . import formats
+from .cpu_decode import CpuDecoder
 from .formats import Packed
 from .quant import Q8Tensor, dequantize_q8, matmul_q8, quantize_activation
 
@@ -101,9 +103,15 @@ class NumpyOps:
 
     def decoder(self, model):
         """The fastest forward(tokens, start_pos) -> logits this backend has for `model`. A
-        decoding loop asks once and calls it at every step. Here it is model.forward itself;
-        CudaOps returns one that runs one-token steps as a CUDA graph."""
-        return model.forward
+        decoding loop asks once and calls it at every step. Here it is a CpuDecoder
+        (cpu_decode.py), which runs one-token steps of one row with preallocated buffers and
+        everything else through model.forward, where it covers the model (float32 weights and
+        cache), else model.forward itself; CudaOps returns one that runs one-token steps as a
+        CUDA graph. A subclass that overrides linear, matmul or softmax (to record or time them,
+        as notebook 4 and bench/cpu.py do) keeps model.forward, which calls them."""
+        own = all(getattr(type(self), name) is getattr(NumpyOps, name)
+                  for name in ("linear", "matmul", "softmax"))
+        return CpuDecoder(model) if own and CpuDecoder.covers(model) else model.forward
 
     def linear(self, x, w):
         # x: (..., in)   w: (out, in)   ->   (..., out)

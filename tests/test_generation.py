@@ -34,14 +34,18 @@ def test_batched_padded_prompts_equal_each_alone():
         assert len(got) == 9
 
 
-def test_output_is_cut_at_eos_and_generation_stops():
+def test_output_is_cut_at_eos_and_generation_stops(monkeypatch):
     prompt = [5, 6, 7]
     free = greedy_alone(1, prompt, 12, eos_id=-7)          # an eos that never occurs
     eos = free[3]                                            # make the 4th token the eos
     llama = make_llama(1, eos_id=eos)
     calls = []
-    forward = llama.model.forward
-    llama.model.forward = lambda t, s: calls.append(s) or forward(t, s)
+    decoder = type(llama.model.ops).decoder                 # the forward generate calls
+
+    def counted(ops, model):
+        forward = decoder(ops, model)
+        return lambda t, s: calls.append(s) or forward(t, s)
+    monkeypatch.setattr(type(llama.model.ops), "decoder", counted)
     out, _ = llama.generate([prompt], 12, temperature=0)
     assert out[0] == free[:free.index(eos)]
     assert len(calls) == free.index(eos) + 1               # stopped right after the eos

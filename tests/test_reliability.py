@@ -17,6 +17,7 @@ from conftest import MODELS, ODD, StubTokenizer, require_shared
 from minillama.checkpoints.llama2c import load_llama2c
 from minillama.checkpoints.random import random_weights
 from minillama.cli import main
+from minillama.cpu_decode import CpuDecoder
 from minillama.errors import ArgumentError, GenerationError
 from minillama.generation import Llama
 from minillama.model import ModelArgs, Transformer
@@ -176,6 +177,7 @@ def test_internal_error_exits_1_with_a_hint_to_report(shared, capsys, monkeypatc
     def broken_forward(self, tokens, start_pos):
         return [][0]                                          # a bug deep inside
     monkeypatch.setattr(Transformer, "forward", broken_forward)
+    monkeypatch.setattr(CpuDecoder, "step", broken_forward)   # the CPU's one-token step
     code, out, err = run_main(["run", STORIES, "-z", TOK_BIN, "-n", "4"], capsys)
     assert code == 1
     assert "Traceback" in err and "IndexError" in err

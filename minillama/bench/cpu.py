@@ -1,14 +1,19 @@
 """CPU decode speed: the NumPy model beside llama2.c's run.c and a PyTorch eager model.
 
     python -m minillama.bench cpu [--models 260K,15M,110M] [--steps N] [--shared DIR] [--profile]
+                                  [--rounds N]
 
 For each model shape it decodes `steps` tokens after a one-token prompt, at batch 1 and at
 batch 32, first with minillama and then with minillama.bench.torch_reference in float32
-(PyTorch eager, same weights, same KV-cache scheme), and prints tokens/s and the ratios. At
-batch 1 it also runs llama2.c's run.c, built here with gcc -Ofast -march=native -fopenmp
+(PyTorch eager, same weights, same KV-cache scheme), and prints tokens/s and the ratios.
+minillama decodes through ops.decoder(model), as the generation loops do: at batch 1 that is
+cpu_decode.CpuDecoder, and the "generic" column is model.forward for comparison. At batch 1
+it also runs llama2.c's run.c, built here with gcc -Ofast -march=native -fopenmp
 (cpu_llama2c.py), on the same weights written as a llama2.c file. --profile adds where the time
 of one batch-1 step goes: each product's milliseconds and the bandwidth it reads its weight at,
-beside the machine's copy bandwidth.
+beside the machine's copy bandwidth, for the generic forward and for CpuDecoder. --rounds N
+times minillama's batch 1 and run.c in turn N times and prints the best of each: on a machine
+others share, the best round is the one least disturbed.
 stories260K is the real file from the shared folder's models/ when it is there (--shared, else
 $MINILLAMA_SHARED, else ../shared from the working directory: see minillama/shared.py); the
 other shapes, and 260K without the file, get random weights (speed does not depend on the values).
@@ -24,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from ..checkpoints.random import random_weights
+from ..cpu_decode import CpuDecoder
 from ..model import ModelArgs, Transformer
 from ..ops import NumpyOps
 from ..shared import shared_dir
@@ -60,18 +66,18 @@ def decode_rate(forward, bsz, steps):
     return bsz * steps / (time.perf_counter() - start)
 
 
-def calls_per_token(model):
-    """How many C-level calls (NumPy ufuncs, methods, builtins) one decode step makes:
-    the Python overhead that dominates small models."""
+def calls_per_token(forward):
+    """How many C-level calls (NumPy ufuncs, methods, builtins) one batch-1 decode step of
+    forward(tokens, start_pos) makes: the Python overhead that dominates small models."""
     count = [0]
 
     def profiler(frame, event, arg):
         if event == "c_call":
             count[0] += 1
     tokens = np.ones((1, 1), dtype=np.int64)
-    model.forward(tokens, 0)
+    forward(tokens, 0)
     sys.setprofile(profiler)
-    model.forward(tokens, 1)
+    forward(tokens, 1)
     sys.setprofile(None)
     return count[0]
 
@@ -99,14 +105,37 @@ def llama2c_rate(name, steps, shared, run_c, folder):
     return rate
 
 
+def alternate(name, steps, rounds, shared, run_c, folder):
+    """A line: minillama's batch-1 rate (through ops.decoder) and run.c's, measured in turn
+    `rounds` times, each one's best, and the load average before and after."""
+    p, w = load(name, 1, shared)
+    model = Transformer(p, w)
+    forward = model.ops.decoder(model)
+    tokenizer = Path(shared) / "models" / ("tok512.bin" if name == "260K" else "tokenizer.bin")
+    path = os.path.join(folder, f"{name}.bin")
+    write_legacy(path, p, w)
+    load_before, ours, theirs = os.getloadavg()[0], [], []
+    for _ in range(rounds):
+        ours.append(decode_rate(forward, 1, steps))
+        if run_c and tokenizer.is_file():
+            theirs.append(run_c_rate(run_c, path, str(tokenizer), steps) or float("nan"))
+    os.remove(path)
+    best_c = max(theirs, default=float("nan"))
+    return (f"{name:>6}: numpy b1 {' '.join(f'{r:.1f}' for r in ours)}; llama2.c "
+            f"{' '.join(f'{r:.1f}' for r in theirs)}; best {max(ours):.1f} / {best_c:.1f} = "
+            f"{max(ours) / best_c:.2f}; load {load_before:.1f} -> {os.getloadavg()[0]:.1f}")
+
+
 def measure(name, steps, shared, run_c, folder):
     row = {"model": name, "c1": llama2c_rate(name, steps, shared, run_c, folder)}
     for bsz in (1, 32):
         p, w = load(name, bsz, shared)
         model = Transformer(p, w)
-        row[f"np{bsz}"] = decode_rate(model.forward, bsz, steps)
+        forward = model.ops.decoder(model)       # as the loops decode: CpuDecoder at batch 1
+        row[f"np{bsz}"] = decode_rate(forward, bsz, steps)
         if bsz == 1:
-            row["calls"] = calls_per_token(model)
+            row["generic"] = decode_rate(model.forward, bsz, steps)
+            row["calls"] = calls_per_token(forward)
         ref = torch_forward(p, w)
         row[f"pt{bsz}"] = decode_rate(ref, bsz, steps) if ref else float("nan")
     return row
@@ -191,6 +220,45 @@ def profile_step(name, steps, shared):
     return lines
 
 
+def profile_decoder(name, steps, shared):
+    """Lines: one CpuDecoder step, then its products alone (the same products on the same
+    buffers, one after the other with nothing between them). What the products leave of the
+    step is Python and the elementwise work (norms, RoPE, attention, SwiGLU)."""
+    p, w = load(name, 1, shared)
+    step = CpuDecoder(Transformer(p, w))
+    tokens = np.ones((1, 1), dtype=np.int64)
+    step(tokens, 0)
+    start = time.perf_counter()
+    for pos in range(1, steps + 1):
+        step(tokens, pos)
+    total = (time.perf_counter() - start) / steps
+    # (name, input, index of the weight in CpuDecoder.layer_views, output)
+    products = (("wqkv", step.xn, 1, step.qkv), ("wo", step.att.reshape(-1), 2, step.y),
+                ("w13", step.xn, 4, step.h13), ("w2", step.gate, 5, step.y))
+    seconds, sizes = Counter(), Counter(classifier=step.output_t.nbytes)
+    logits = np.empty(p.vocab_size, np.float32)
+    for _ in range(steps):
+        for views in step.layers:
+            for part, x, i, out in products:
+                begin = time.perf_counter()
+                np.matmul(x, views[i], out=out)
+                seconds[part] += time.perf_counter() - begin
+        begin = time.perf_counter()
+        np.matmul(step.xn, step.output_t, out=logits)
+        seconds["classifier"] += time.perf_counter() - begin
+    for part, x, i, out in products:
+        sizes[part] = step.layers[0][i].nbytes * p.n_layers      # bytes read, padding included
+    lines = [f"{name}: one CpuDecoder step, {total * 1e3:.2f} ms (average of {steps})"]
+    for part, sec in seconds.most_common():
+        per_step = sec / steps
+        lines.append(f"  {part:<18} {per_step * 1e3:7.3f} ms {per_step / total:6.1%}  "
+                     f"{sizes[part] / per_step / 1e9:6.1f} GB/s of weights")
+    rest = total - sum(seconds.values()) / steps
+    lines.append(f"  {'everything else':<18} {rest * 1e3:7.3f} ms {rest / total:6.1%}  "
+                 f"(Python, norms, RoPE, attention, SwiGLU, the cache)")
+    return lines
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m minillama.bench cpu")
     parser.add_argument("--models", default="260K,15M,110M",
@@ -201,6 +269,8 @@ def main(argv=None):
                         "(default: $MINILLAMA_SHARED, else ../shared from the working directory)")
     parser.add_argument("--profile", action="store_true",
                         help="also show where the time of one batch-1 step goes")
+    parser.add_argument("--rounds", type=int, default=0,
+                        help="also time minillama's batch 1 and llama2.c in turn N times")
     args = parser.parse_args(argv)
     names = args.models.split(",")
     for name in names:
@@ -212,7 +282,8 @@ def main(argv=None):
     print(f"minillama CPU decode, {os.cpu_count()} cores, numpy {np.__version__}, "
           f"{args.steps} steps after a 1-token prompt; tokens/s; load average "
           f"{os.getloadavg()[0]:.1f} (other work on the machine slows every column)")
-    header = (f"{'model':>6} | {'numpy b1':>9} {'llama2.c':>9} {'np/c':>5} {'torch b1':>9} "
+    header = (f"{'model':>6} | {'numpy b1':>9} {'generic':>8} {'llama2.c':>9} {'np/c':>5} "
+              f"{'torch b1':>9} "
               f"{'np/pt':>6} | {'numpy b32':>10} {'torch b32':>10} {'np/pt':>6} | {'b32/b1':>6} | "
               f"{'calls/tok':>9}")
     with tempfile.TemporaryDirectory() as folder:
@@ -224,13 +295,19 @@ def main(argv=None):
         for name in names:
             r = measure(name, args.steps, shared, run_c, folder)
             c1 = r["c1"] or float("nan")
-            print(f"{name:>6} | {r['np1']:9.1f} {c1:9.1f} {r['np1'] / c1:5.2f} {r['pt1']:9.1f} "
+            print(f"{name:>6} | {r['np1']:9.1f} {r['generic']:8.1f} {c1:9.1f} "
+                  f"{r['np1'] / c1:5.2f} {r['pt1']:9.1f} "
                   f"{r['np1'] / r['pt1']:6.2f} | {r['np32']:10.1f} {r['pt32']:10.1f} "
                   f"{r['np32'] / r['pt32']:6.2f} | {r['np32'] / r['np1']:6.1f} | "
                   f"{r['calls']:9d}", flush=True)
+        if args.rounds > 0:
+            print(f"\nminillama (batch 1) and llama2.c in turn, {args.rounds} rounds, tokens/s:")
+            for name in names:
+                print(alternate(name, args.steps, args.rounds, shared, run_c, folder), flush=True)
     if args.profile:
         print(f"\nmemory copy: {copy_bandwidth():.1f} GB/s (read + write)")
         for name in names:
             print("\n".join(profile_step(name, args.steps, shared)), flush=True)
+            print("\n".join(profile_decoder(name, args.steps, shared)), flush=True)
     print(f"load average at the end: {os.getloadavg()[0]:.1f}")
     return 0
