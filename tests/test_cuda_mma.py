@@ -66,7 +66,7 @@ def test_qgemv_mma_leaves_its_counters_at_zero_and_is_deterministic(cuda, cp):
     first = cuda.kernels.qgemv_mma(x, w, ks=7)
     for _ in range(5):
         assert cp.array_equal(cuda.kernels.qgemv_mma(x, w, ks=7), first)
-    for key, buf in cuda.kernels._MMA_BUFFERS.items():
+    for key, buf in cuda.kernels._SPLIT_BUFFERS.items():
         if key[1] == "counters":
             assert int(cp.count_nonzero(buf)) == 0
 

@@ -349,27 +349,35 @@ def _gemv_v3(x, w, y, prologue, accumulate, norm, eps, plan=None):
     (M, N), K = y.shape, w.shape[1]
     rows, nr, split, kc, blocks_x = plan or gemv_v3_plan(M, N, K)
     grid = (blocks_x, cdiv(M, rows), split)
-    partial, counters = _split_workspace(split, M, N, grid[0] * grid[1]) if split > 1 else (y, y)
+    partial, counters = (_split_workspace(split * M * N, grid[0] * grid[1]) if split > 1
+                         else (y, y))
     KERNELS.launch(f"gemv_v3<{rows},{nr},{prologue}>", grid, (256,),
                    (x, w, y, i32(M), i32(N), i32(K), i32(bool(accumulate)),
                     w if norm is None else norm, np.float32(eps), i32(kc), partial, counters),
                    shared_mem=rows * kc * 4)
 
 
-_workspaces = {}
+_SPLIT_BUFFERS = {}          # (device, what, size) -> a CuPy array, kept for the process
 
 
-def _split_workspace(split, M, N, tiles):
-    """gemv_v3's split-K partial sums (split, M, N) and per-tile counters (zeros; each launch
-    leaves them zero), one pair per device and shape, kept for the life of the process: a CUDA
-    graph that captured a launch keeps their addresses. Made on the first (eager) launch of a
-    shape, never during a capture (FusedDecoder runs each batch size eagerly first)."""
+def _split_workspace(floats, tiles):
+    """The workspace of the kernels that split k over blocks (gemv_v3, qgemv_mma): at least
+    `floats` float32 for the slices' partial sums, and at least `tiles` counters, zeros (the
+    last block of each tile resets its counter, so every launch leaves them as it found them).
+    Kept per device and power-of-two size for the life of the process: a CUDA graph that
+    captured a launch keeps their addresses. Made on a first, eager launch, never during a
+    capture (FusedDecoder runs each batch size eagerly first). One stream runs the kernels in
+    turn, so they share it."""
     cupy = require_cupy()
-    key = (cupy.cuda.Device().id, split, M, N, tiles)
-    if key not in _workspaces:
-        _workspaces[key] = (cupy.empty((split, M, N), dtype=np.float32),
-                            cupy.zeros(tiles, dtype=np.int32))
-    return _workspaces[key]
+    dev = cupy.cuda.Device().id
+
+    def kept(what, n, make):
+        key = (dev, what, 1 << max(int(n) - 1, 1).bit_length())   # the power of two >= n
+        if key not in _SPLIT_BUFFERS:
+            _SPLIT_BUFFERS[key] = make(key[2])
+        return _SPLIT_BUFFERS[key]
+    return (kept("partial", floats, lambda n: cupy.empty(n, dtype=np.float32)),
+            kept("counters", max(tiles, 4096), lambda n: cupy.zeros(n, dtype=np.int32)))
 
 
 def gemv_ksplit(N, K):
@@ -563,32 +571,13 @@ def qgemv_mma(x, w, out=None, accumulate=False, norm=None, eps=1e-5, swiglu=Fals
     units = per_slice * span // 32
     parts = 3 if w.format == "bf16" else 2                 # x's bfloat16 or float16 parts
     smem = parts * 8 * 4 * (16 * units + (0 if units % 2 else 16))
-    scratch, counters = _mma_scratch(ks * M * N + tiles * ks * M, tiles)
+    scratch, counters = _split_workspace(ks * M * N + tiles * ks * M, tiles)
     prologue = GEMV_PROLOGUES["rmsnorm" if norm is not None else "swiglu" if swiglu else None]
     KERNELS.launch(f"qgemv_mma<{MMA_FORMATS[w.format]},{nr},{prologue}>", (tiles, ks), (256,),
                    (x, qs, d, y, i32(M), i32(N), i32(K), i32(bool(accumulate)),
                     x if norm is None else norm, np.float32(eps), scratch, counters),
                    shared_mem=smem)
     return y
-
-
-_MMA_BUFFERS = {}            # (device, what, size) -> a CuPy array, kept for the process
-
-
-def _mma_scratch(floats, tiles):
-    """qgemv_mma's partial sums (at least `floats` float32) and its per-tile counters (zeros,
-    which every launch leaves as it found them). Allocated once per size class and never
-    freed: a CUDA graph that captured a launch keeps pointing at them."""
-    cupy = require_cupy()
-    dev = cupy.cuda.Device().id
-
-    def kept(what, n, make):
-        key = (dev, what, 1 << max(int(n) - 1, 1).bit_length())   # the power of two >= n
-        if key not in _MMA_BUFFERS:
-            _MMA_BUFFERS[key] = make(key[2])
-        return _MMA_BUFFERS[key]
-    return (kept("scratch", floats, lambda n: cupy.empty(n, dtype=np.float32)),
-            kept("counters", max(tiles, 4096), lambda n: cupy.zeros(n, dtype=np.int32)))
 
 
 def _shared_optin():
