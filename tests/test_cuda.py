@@ -46,6 +46,19 @@ def rel_err(got, ref):
     return np.linalg.norm(got - ref) / np.linalg.norm(ref)
 
 
+def product_err(got, x64, w64):
+    """rel_err of a product x @ w.T, where a product of one or a few elements may cancel to
+    near zero (one row of x, one row of w, K = 32: about one draw in a thousand): the error of a
+    float32 sum scales with its terms, so the norm it is divided by is at least the size of a
+    sum of K terms of random sign, ||(|x| @ |w|.T)|| / sqrt(K). Where nothing cancels, that is
+    below ||x @ w.T|| and this is rel_err itself."""
+    ref = x64 @ w64.T
+    got = np.asarray(got.get() if hasattr(got, "get") else got, dtype=np.float64)
+    assert np.isfinite(got).all(), "non-finite output: an element was not written"
+    floor = np.linalg.norm(np.abs(x64) @ np.abs(w64).T) / np.sqrt(x64.shape[-1])
+    return np.linalg.norm(got - ref) / max(np.linalg.norm(ref), floor)
+
+
 def poison(cp, shape):
     return cp.full(shape, np.nan, dtype=np.float32)
 

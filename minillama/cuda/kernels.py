@@ -91,7 +91,10 @@ MMA_SPAN = {"f16": 32, "bf16": 32, "q8_0": 64, "q4_0": 128}     # positions of k
 MMA_NR = (1, 2)
 MMA_BLOCKS_PER_SM = 2
 MMA_MAX_SLICE = 2048
-MMA_MIN_ROWS = 2                   # rows of x from which qgemv's rule takes qgemv_mma
+# rows of x from which qgemv's rule takes qgemv_mma: at 2 rows qgemv v1 was faster in every
+# format, at 4 qgemv_mma in every one (float16 level), at 8 by 1.3 to 1.6x (H200, 2026-11-29,
+# per-token sums over the 7B matrices, kernels/dev/bench_mma.py)
+MMA_MIN_ROWS = 4
 # gemm_v6<BM, BN, STAGES, WF>: v5 with 64 x 64 warp tiles (matmul.cu). Its instances are a group
 # of their own, compiled on the first gemm_v6 launch: the default tile shape for every format,
 # the other shapes for float16 only (kernels/dev/bench_gemm.py times them against each other).
