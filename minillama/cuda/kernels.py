@@ -8,10 +8,12 @@
   weights as stored (w a formats.Packed with CuPy planes: f16, bf16, q8_0, q4_0, q4_1, and the
   k-quants q2_k .. q6_k):
     qgemv(x, w)          gemv's job on packed weights, the same prologues (qgemv.cu: v2 for
-                         one row of x, v1 for more; the k-quants: qgemv_k, qgemv_k.cu)
+                         one row of x, v1 for 2 or 3, qgemv_mma from 4; the k-quants:
+                         qgemv_k, qgemv_k.cu)
+    qgemv_mma(x, w)      the same on the tensor cores, x in exact 16-bit parts (qgemv_mma.cu)
     to_16bit(x)          float32 -> float16 (or bfloat16 bits), round to nearest (matmul.cu)
     gemm_v5(a, w)        a @ w.T on the tensor cores, a 16-bit (matmul.cu)
-    gemm_v6(a, w)        the same, the next version (a candidate: CudaOps still uses v5)
+    gemm_v6(a, w)        the same, the next version: what CudaOps runs prompts through
 
 Each takes float32 CuPy arrays (C-contiguous where the kernel indexes by row length; gemm_v5
 and gemm_v6 16-bit ones) and raises DeviceError, naming the argument, on anything else,
