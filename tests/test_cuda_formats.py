@@ -16,6 +16,8 @@ logits within 1e-4 relative at every step, greedy tokens identical (with a float
 
 The last tests need no GPU: which models FusedDecoder covers, and where the sources come from.
 """
+import functools
+
 import numpy as np
 import pytest
 
@@ -75,33 +77,41 @@ def test_qgemv_matches_float64_of_the_dequantized_weights(cuda, cp, fmt, N, K, v
         assert product_err(y, x.astype(np.float64), w64) < 1e-5, f"M={M}"
 
 
-@gpu
-@pytest.mark.parametrize("version", [1, 2])
-@pytest.mark.parametrize("fmt", STORED)
-def test_qgemv_prologues_accumulate_and_chunks(cuda, cp, fmt, version):
+def check_prologues(cp, gemv, w, w64, smems=(None,), **chunked):
+    """gemv(x, w, out=..., ...) (qgemv and its kin, with their fixed arguments bound) against
+    float64 at 1, 3, 8 and 13 rows of x: the RMSNorm prologue (once per shared-memory size in
+    `smems`, None: the default), the SwiGLU prologue, and accumulate (with `chunked`'s extra
+    arguments, e.g. x in chunks of k)."""
     from minillama.model import rms_norm, silu
-    N, K = 129, 2080
-    packed, w64 = stored_weight(fmt, N, K)
-    w = packed.map(cp.asarray)
+    N, K = w64.shape
     for M in (1, 3, 8, 13):
         x = rng.standard_normal((M, K)).astype(np.float32)
         x64 = x.astype(np.float64)
         g = (1 + 0.1 * rng.standard_normal(K)).astype(np.float32)
         ref = rms_norm(x64, g.astype(np.float64), 1e-5) @ w64.T
-        for smem in (cuda.kernels.QGEMV_SMEM, 1):        # x whole, or in chunks of k
-            y = cuda.kernels.qgemv(cp.asarray(x), w, out=poison(cp, (M, N)), norm=cp.asarray(g),
-                                   eps=1e-5, smem=smem, version=version)
+        for smem in smems:
+            size = {} if smem is None else {"smem": smem}
+            y = gemv(cp.asarray(x), w, out=poison(cp, (M, N)), norm=cp.asarray(g), eps=1e-5,
+                     **size)
             assert rel_err(y, ref) < 1e-5, f"rmsnorm M={M} smem={smem}"
         h = (2 * rng.standard_normal((M, 2 * K))).astype(np.float32)
         h64 = h.astype(np.float64)
-        y = cuda.kernels.qgemv(cp.asarray(h), w, out=poison(cp, (M, N)), swiglu=True,
-                               version=version)
+        y = gemv(cp.asarray(h), w, out=poison(cp, (M, N)), swiglu=True)
         assert rel_err(y, (silu(h64[:, :K]) * h64[:, K:]) @ w64.T) < 1e-5, f"swiglu M={M}"
         y0 = rng.standard_normal((M, N)).astype(np.float32)
         y = cp.asarray(y0)
-        cuda.kernels.qgemv(cp.asarray(x), w, out=y, accumulate=True, smem=1, blocks_per_sm=1,
-                           version=version)
+        gemv(cp.asarray(x), w, out=y, accumulate=True, **chunked)
         assert rel_err(y, y0 + x64 @ w64.T) < 1e-5, f"accumulate M={M}"
+
+
+@gpu
+@pytest.mark.parametrize("version", [1, 2])
+@pytest.mark.parametrize("fmt", STORED)
+def test_qgemv_prologues_accumulate_and_chunks(cuda, cp, fmt, version):
+    packed, w64 = stored_weight(fmt, 129, 2080)
+    check_prologues(cp, functools.partial(cuda.kernels.qgemv, version=version),
+                    packed.map(cp.asarray), w64, smems=(cuda.kernels.QGEMV_SMEM, 1),
+                    smem=1, blocks_per_sm=1)      # x whole, or in chunks of k
 
 
 # ----------------------------------------------------------------------------
@@ -125,41 +135,25 @@ def test_to_16bit_rounds_as_numpy(cuda, cp, bf16, shape):
 GEMM_SIZES = [(1, 8, 32), (37, 127, 96), (65, 77, 1024), (128, 256, 1024), (300, 1000, 4128)]
 
 
-@gpu
-@pytest.mark.parametrize("fmt", STORED)
-@pytest.mark.parametrize("M,N,K", GEMM_SIZES + [(129, 33, 1000)])
-def test_gemm_v5_matches_float64_of_the_16bit_inputs(cuda, cp, fmt, M, N, K):
-    if K % 32 and fmt in BLOCKED:
-        pytest.skip("block formats hold whole blocks of 32")
-    packed, w64 = stored_weight(fmt, N, K)
-    if fmt in BLOCKED:                 # gemm_v5 scales a block's codes in float16 arithmetic
-        w64 = w64.astype(np.float16).astype(np.float64)
-    x = rng.standard_normal((M, K)).astype(np.float32)
-    a = cuda.kernels.to_16bit(cp.asarray(x), bf16=fmt == "bf16")
-    out = poison(cp, (M, N))
-    c = cuda.kernels.gemm_v5(a, packed.map(cp.asarray), out=out)
-    assert c is out
-    assert rel_err(c, rounded(x, fmt) @ w64.T) < 2e-3
-
-
-# gemm_v6: v5's contract; every shape a block may cut (odd M and N, N % 4 == 0 or not for the
-# 16-byte stores, more tile-rows than one L2 group of V6_GROUP = 16: 2100 rows of 128)
+# every shape a block may cut (odd M and N, N % 4 == 0 or not for gemm_v6's 16-byte stores, more
+# tile-rows than one of gemm_v6's L2 groups of V6_GROUP = 16: 2100 rows of 128)
 GEMM_V6_SIZES = GEMM_SIZES + [(129, 33, 1000), (2100, 300, 96), (257, 516, 160)]
 
 
 @gpu
+@pytest.mark.parametrize("gemm", ["gemm_v5", "gemm_v6"])       # v6 keeps v5's contract
 @pytest.mark.parametrize("fmt", STORED)
 @pytest.mark.parametrize("M,N,K", GEMM_V6_SIZES)
-def test_gemm_v6_matches_float64_of_the_16bit_inputs(cuda, cp, fmt, M, N, K):
+def test_gemm_matches_float64_of_the_16bit_inputs(cuda, cp, gemm, fmt, M, N, K):
     if K % 32 and fmt in BLOCKED:
         pytest.skip("block formats hold whole blocks of 32")
     packed, w64 = stored_weight(fmt, N, K)
-    if fmt in BLOCKED:                 # gemm_v6 scales a block's codes in float16 arithmetic
+    if fmt in BLOCKED:                 # the kernels scale a block's codes in float16 arithmetic
         w64 = w64.astype(np.float16).astype(np.float64)
     x = rng.standard_normal((M, K)).astype(np.float32)
     a = cuda.kernels.to_16bit(cp.asarray(x), bf16=fmt == "bf16")
     out = poison(cp, (M, N))
-    c = cuda.kernels.gemm_v6(a, packed.map(cp.asarray), out=out)
+    c = getattr(cuda.kernels, gemm)(a, packed.map(cp.asarray), out=out)
     assert c is out
     assert rel_err(c, rounded(x, fmt) @ w64.T) < 2e-3
 

@@ -21,7 +21,7 @@ from minillama.formats import Packed
 from minillama.model import ModelArgs, Transformer
 from minillama.ops import CPU
 from test_cuda import cuda, poison, product_err, rel_err  # noqa: F401  (fixtures and helpers)
-from test_cuda_formats import MODES, covered, decode_against_cpu, gpu_ops
+from test_cuda_formats import MODES, check_prologues, covered, decode_against_cpu, gpu_ops
 from test_formats import random_gguf
 from test_kquants import MIXED, SCALES, kquant_blocks
 
@@ -64,27 +64,10 @@ def test_qgemv_k_matches_float64_of_the_dequantized_weights(cuda, cp, fmt, N, K)
 @gpu
 @pytest.mark.parametrize("fmt", NATIVE)
 def test_qgemv_k_prologues_accumulate_and_chunks(cuda, cp, fmt):
-    from minillama.model import rms_norm, silu
-    N, K = 129, 2304
-    packed, w64 = kquant_weight(fmt, N, K)
-    w = packed.map(cp.asarray)
-    for M in (1, 3, 8, 13):
-        x = rng.standard_normal((M, K)).astype(np.float32)
-        x64 = x.astype(np.float64)
-        g = (1 + 0.1 * rng.standard_normal(K)).astype(np.float32)
-        ref = rms_norm(x64, g.astype(np.float64), 1e-5) @ w64.T
-        for smem in (cuda.kernels.QGEMV_SMEM, 1):        # x whole, or a super-block at a time
-            y = cuda.kernels.qgemv(cp.asarray(x), w, out=poison(cp, (M, N)), norm=cp.asarray(g),
-                                   eps=1e-5, smem=smem)
-            assert rel_err(y, ref) < 1e-5, f"rmsnorm M={M} smem={smem}"
-        h = (2 * rng.standard_normal((M, 2 * K))).astype(np.float32)
-        h64 = h.astype(np.float64)
-        y = cuda.kernels.qgemv(cp.asarray(h), w, out=poison(cp, (M, N)), swiglu=True)
-        assert rel_err(y, (silu(h64[:, :K]) * h64[:, K:]) @ w64.T) < 1e-5, f"swiglu M={M}"
-        y0 = rng.standard_normal((M, N)).astype(np.float32)
-        y = cp.asarray(y0)
-        cuda.kernels.qgemv(cp.asarray(x), w, out=y, accumulate=True, smem=1, blocks_per_sm=1)
-        assert rel_err(y, y0 + x64 @ w64.T) < 1e-5, f"accumulate M={M}"
+    packed, w64 = kquant_weight(fmt, 129, 2304)
+    check_prologues(cp, cuda.kernels.qgemv, packed.map(cp.asarray), w64,
+                    smems=(cuda.kernels.QGEMV_SMEM, 1),          # x whole, or a super-block
+                    smem=1, blocks_per_sm=1)                     # at a time
 
 
 @gpu

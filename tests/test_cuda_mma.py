@@ -3,12 +3,13 @@ bfloat16 parts, held to the same 1e-5 as the float32 GEMV against float64 of the
 weights. Odd sizes, every prologue, accumulate, both tile heights, k split into slices (the
 partial sums added by the last block of each tile), outputs poisoned first. Marked `gpu`.
 """
+import functools
+
 import numpy as np
 import pytest
 
-from minillama.model import rms_norm, silu
 from test_cuda import cuda, poison, product_err, rel_err  # noqa: F401  (fixtures and helpers)
-from test_cuda_formats import stored_weight
+from test_cuda_formats import check_prologues, stored_weight
 
 gpu = pytest.mark.gpu
 rng = np.random.default_rng()
@@ -38,24 +39,9 @@ def test_qgemv_mma_matches_float64_of_the_dequantized_weights(cuda, cp, fmt, N, 
 @pytest.mark.parametrize("ks", [None, 1, 4])
 @pytest.mark.parametrize("fmt", MMA)
 def test_qgemv_mma_prologues_and_accumulate(cuda, cp, fmt, ks):
-    N, K = 259, 2080
-    packed, w64 = stored_weight(fmt, N, K)
-    w = packed.map(cp.asarray)
-    for M in (1, 3, 8, 13):
-        x = rng.standard_normal((M, K)).astype(np.float32)
-        x64 = x.astype(np.float64)
-        g = (1 + 0.1 * rng.standard_normal(K)).astype(np.float32)
-        y = cuda.kernels.qgemv_mma(cp.asarray(x), w, out=poison(cp, (M, N)), norm=cp.asarray(g),
-                                   eps=1e-5, ks=ks)
-        assert rel_err(y, rms_norm(x64, g.astype(np.float64), 1e-5) @ w64.T) < 1e-5, f"rms M={M}"
-        h = (2 * rng.standard_normal((M, 2 * K))).astype(np.float32)
-        h64 = h.astype(np.float64)
-        y = cuda.kernels.qgemv_mma(cp.asarray(h), w, out=poison(cp, (M, N)), swiglu=True, ks=ks)
-        assert rel_err(y, (silu(h64[:, :K]) * h64[:, K:]) @ w64.T) < 1e-5, f"swiglu M={M}"
-        y0 = rng.standard_normal((M, N)).astype(np.float32)
-        y = cp.asarray(y0)
-        cuda.kernels.qgemv_mma(cp.asarray(x), w, out=y, accumulate=True, ks=ks)
-        assert rel_err(y, y0 + x64 @ w64.T) < 1e-5, f"accumulate M={M}"
+    packed, w64 = stored_weight(fmt, 259, 2080)
+    check_prologues(cp, functools.partial(cuda.kernels.qgemv_mma, ks=ks),
+                    packed.map(cp.asarray), w64)
 
 
 @gpu
