@@ -450,9 +450,12 @@ def numpy_matvec(x, w, out, accumulate=False, norm=None, eps=1e-5, swiglu=False)
 def test_the_fused_steps_control_flow_on_the_cpu(monkeypatch, world):
     import sys
     import types
+    from minillama.cuda import fused as one_gpu
     from minillama.parallel import fused
-    monkeypatch.setattr(fused, "KERNELS", NumpyKernels())
-    monkeypatch.setattr(fused, "matvec", numpy_matvec)
+    kernels = NumpyKernels()
+    for module in (one_gpu, fused):                  # the step is one_gpu's, the hooks fused's
+        monkeypatch.setattr(module, "KERNELS", kernels)
+        monkeypatch.setattr(module, "matvec", numpy_matvec)
     monkeypatch.setitem(sys.modules, "cupyx", types.SimpleNamespace(empty_pinned=np.empty))
     cp = types.SimpleNamespace(zeros=np.zeros, cuda=types.SimpleNamespace(Event=lambda: None))
     p = gqa_args(world, max_batch_size=2)

@@ -165,13 +165,12 @@ class FusedDecoder:
         p, B, block = self.p, self.BLOCK, (self.BLOCK,)
         nh, nkv, hd = p.n_heads, p.n_kv_heads, p.head_dim
         h, qkv, att, h13 = (a[:bsz] for a in (self.h, self.qkv, self.att, self.h13))
-        eps = p.norm_eps
+        eps, adds = p.norm_eps, self.adds_residual
         width = 4 if hd % 4 == 0 else 1                     # float4 rows in attention_decode
         attn_smem = 4 * (3 * hd + width * B + p.max_seq_len)
         scale = np.float32(1.0 / np.sqrt(hd))
 
-        KERNELS.launch("embed_tokens", (bsz,), block,
-                       (self.step, self.tok_embeddings, h, i32(p.dim)))
+        self.embed(bsz, h)                                  # h = tok_embeddings[token]
         for attn_norm, wqkv, wo, ffn_norm, w13, w2, cache_k, cache_v in self.layers:
             cache = CACHE_TYPES[cache_k.dtype.name]         # float, or float16 bits
             matvec(h, wqkv, out=qkv, norm=attn_norm, eps=eps)
@@ -180,10 +179,27 @@ class FusedDecoder:
                            (qkv, self.step, self.freqs_cos, self.freqs_sin, cache_k, cache_v,
                             att, i32(nh), i32(nkv), i32(hd), i32(p.max_seq_len), scale),
                            shared_mem=attn_smem)
-            matvec(att, wo, out=h, accumulate=True)             # h += attention(...)
+            matvec(att, wo, out=h, accumulate=adds)             # h += attention(...)
+            self.join(h)
             matvec(h, w13, out=h13, norm=ffn_norm, eps=eps)
-            matvec(h13, w2, out=h, accumulate=True, swiglu=True)  # h += feed_forward(...)
-        matvec(h, self.output, out=self.logits[:bsz], norm=self.norm, eps=eps)
+            matvec(h13, w2, out=h, accumulate=adds, swiglu=True)  # h += feed_forward(...)
+            self.join(h)
+        self.classify(bsz, h)                               # logits = output(norm(h))
+
+    # What a tensor-parallel rank does differently (parallel/fused.py overrides these): whether
+    # its products add the residual, what joins the ranks after each residual update, and how
+    # the embedding and the logits are gathered from the ranks' columns.
+    adds_residual = True
+
+    def join(self, h):
+        """After each residual update of h (bsz, dim): nothing on one GPU."""
+
+    def embed(self, bsz, h):
+        KERNELS.launch("embed_tokens", (bsz,), (self.BLOCK,),
+                       (self.step, self.tok_embeddings, h, i32(self.p.dim)))
+
+    def classify(self, bsz, h):
+        matvec(h, self.output, out=self.logits[:bsz], norm=self.norm, eps=self.p.norm_eps)
 
 
 def matvec(x, w, **kwargs):

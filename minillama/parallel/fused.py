@@ -17,13 +17,14 @@ into the graph like any other):
 One rank alone adds the residual: rank 0's gemv accumulates its product into h (h += wo x, as
 FusedDecoder's does), the other ranks' write theirs over h (h = wo x), so the all-reduce sums
 one residual and N partial products.
-`run` is FusedDecoder.run with these lines added: read the two side by side.
+FusedDecoder.run is the step; a rank changes only its hooks: `adds_residual` (rank 0),
+`join` (the all-reduce), `embed` and `classify` (the gathers).
 """
 import numpy as np
 
 from ..checks import check_tokens
 from ..cuda.fused import FusedDecoder, matvec
-from ..cuda.kernels import CACHE_TYPES, KERNELS
+from ..cuda.kernels import KERNELS
 from ..cuda.runtime import i32
 
 
@@ -52,6 +53,7 @@ class ShardedFusedDecoder(FusedDecoder):
         super().__init__(model)                  # buffers of the rank's sizes; logits: whole
         cp, p = self.cp, self.p
         self.comm, nb, world = model.comm, p.max_batch_size, p.world
+        self.adds_residual = p.rank == 0         # one rank adds the residual, the others not
         self.embedded = cp.zeros((nb, p.dim // world), dtype=np.float32)
         self.logits_part = cp.zeros((nb, p.vocab_part), dtype=np.float32)
         # what all_gather writes, (world, bsz, width) for the step's bsz, in one flat buffer
@@ -64,31 +66,19 @@ class ShardedFusedDecoder(FusedDecoder):
         self.comm.all_gather(part, out=stacked)
         out.reshape(bsz, world, width)[...] = stacked.transpose(1, 0, 2)
 
-    def run(self, bsz):
-        """Launch one decode step of this rank for rows 0 .. bsz-1 on the current stream."""
-        p, B, block = self.p, self.BLOCK, (self.BLOCK,)
-        nh, nkv, hd = p.n_heads, p.n_kv_heads, p.head_dim
-        h, qkv, att, h13 = (a[:bsz] for a in (self.h, self.qkv, self.att, self.h13))
-        eps, all_reduce, first = p.norm_eps, self.comm.all_reduce, p.rank == 0
-        width = 4 if hd % 4 == 0 else 1                     # float4 rows in attention_decode
-        attn_smem = 4 * (3 * hd + width * B + p.max_seq_len)
-        scale = np.float32(1.0 / np.sqrt(hd))
+    def join(self, h):
+        """h + the other ranks' partial products: each rank's gemv wrote its share (rank 0's
+        added to the residual, the others' over it), so the sum is h as one GPU has it."""
+        self.comm.all_reduce(h)
 
-        KERNELS.launch("embed_tokens", (bsz,), block,
-                       (self.step, self.tok_embeddings, self.embedded, i32(p.dim // p.world)))
+    def embed(self, bsz, h):
+        """The rank's columns of the embedding rows, then all ranks' columns gathered into h."""
+        KERNELS.launch("embed_tokens", (bsz,), (self.BLOCK,),
+                       (self.step, self.tok_embeddings, self.embedded,
+                        i32(self.p.dim // self.p.world)))
         self.gather_columns(self.embedded[:bsz], h)
-        for attn_norm, wqkv, wo, ffn_norm, w13, w2, cache_k, cache_v in self.layers:
-            cache = CACHE_TYPES[cache_k.dtype.name]         # float, or float16 bits
-            matvec(h, wqkv, out=qkv, norm=attn_norm, eps=eps)
-            KERNELS.launch(f"attention_decode<{width},{cache}>", (nh, bsz), block,
-                           (qkv, self.step, self.freqs_cos, self.freqs_sin, cache_k, cache_v,
-                            att, i32(nh), i32(nkv), i32(hd), i32(p.max_seq_len), scale),
-                           shared_mem=attn_smem)
-            # rank 0: h += attention(...) of its heads; the others: h = theirs; then the sum
-            matvec(att, wo, out=h, accumulate=first)
-            all_reduce(h)
-            matvec(h, w13, out=h13, norm=ffn_norm, eps=eps)
-            matvec(h13, w2, out=h, accumulate=first, swiglu=True)  # the same for the units
-            all_reduce(h)
-        matvec(h, self.output, out=self.logits_part[:bsz], norm=self.norm, eps=eps)
+
+    def classify(self, bsz, h):
+        """The rank's rows of the vocabulary, then all ranks' logits gathered."""
+        matvec(h, self.output, out=self.logits_part[:bsz], norm=self.norm, eps=self.p.norm_eps)
         self.gather_columns(self.logits_part[:bsz], self.logits[:bsz])
