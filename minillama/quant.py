@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import ArgumentError
+from .formats.q8_0 import round_half_away
 
 Q_MAX = 127.0
 
@@ -62,13 +63,6 @@ def dequantize_q8(q, s, group_size, xp=np):
 
 # ----------------------------------------------------------------------------
 # runq.c's arithmetic: int8 activations, integer group products
-
-def round_half_away(v, xp=np):
-    """C's round(): halves go away from zero (2.5 -> 3, -2.5 -> -3), where NumPy's round goes to
-    the even neighbour (2.5 -> 2). v is float32; in float64, v + 0.5 is exact, so trunc is right."""
-    v = v.astype(xp.float64)
-    return xp.trunc(v + xp.copysign(0.5, v))
-
 
 def quantize_activation(x, group_size, xp=np):
     """runq.c's quantize() of activations: x (..., n) float32 -> q (..., n_groups, group_size)

@@ -9,8 +9,8 @@ from minillama.checkpoints.random import random_weights
 from minillama.errors import CheckpointError
 from minillama.model import ModelArgs, Transformer
 from minillama.ops import CPU
-from minillama.quant import (Q8Tensor, dequantize_q8, matmul_q8, quantize_activation,
-                             round_half_away)
+from minillama.formats.q8_0 import round_half_away
+from minillama.quant import Q8Tensor, dequantize_q8, matmul_q8, quantize_activation
 
 from tests.tools.writers import write_llama2c
 

@@ -37,17 +37,19 @@ def dequantize(packed, rows=slice(None)):
     return w.reshape(-1, packed.shape[1])
 
 
-def round_half_away(x):
-    """C's roundf (halves away from zero), exactly. floor(|x| + 0.5) is not exact in float32
-    (0.49999997 + 0.5 rounds up to 1.0), so add 1 when the fraction |x| - floor(|x|), which is
-    exact, is at least one half. In place on one temporary: ten times faster than fresh arrays."""
-    a = np.abs(x)
-    whole = np.floor(a)
+def round_half_away(x, xp=np):
+    """C's roundf (halves away from zero, 2.5 -> 3, -2.5 -> -3, where NumPy's round goes to the
+    even neighbour), exactly: also runq.c's rounding of activations (quant.py), on NumPy or
+    CuPy (xp). floor(|x| + 0.5) is not exact in float32 (0.49999997 + 0.5 rounds up to 1.0), so
+    add 1 when the fraction |x| - floor(|x|), which is exact, is at least one half. In place on
+    one temporary: ten times faster than fresh arrays."""
+    a = xp.abs(x)
+    whole = xp.floor(a)
     a -= whole                                  # the fraction, 0 <= a < 1
     a *= 2
-    np.floor(a, out=a)                          # 1 where the fraction >= 0.5, else 0
+    xp.floor(a, out=a)                          # 1 where the fraction >= 0.5, else 0
     a += whole
-    return np.copysign(a, x, out=a)
+    return xp.copysign(a, x, out=a)
 
 
 def quantize(w, fmt="q8_0"):
