@@ -334,19 +334,25 @@ def test_stored_model_on_the_gpu_matches_the_cpu(cuda, cp, fmt, mode):
         assert isinstance(w, Packed) and w.format == fmt
         assert all(isinstance(a, cp.ndarray) for a in w.planes.values())
     decode_against_cpu(ops, gpu_model, cpu_model, p.vocab_size)
+    check_decode_path(ops, gpu_model, mode)
+
+
+def check_decode_path(ops, gpu_model, mode):
+    """After decode_against_cpu (3 rows): the generic mode has no FusedDecoder; the others do,
+    with 5 launches a layer and 2 more, and a CUDA graph for 3 rows in the graph mode."""
     decoder = ops._decoders.get(gpu_model)
     if mode == "generic":
         assert decoder is None
     else:
         assert decoder is not None, "FusedDecoder must cover every storage format"
-        assert decoder.launches_per_step[3] == 5 * p.n_layers + 2
+        assert decoder.launches_per_step[3] == 5 * gpu_model.params.n_layers + 2
         assert (3 in decoder.graphs) == (mode == "fused+graphs")
 
 
 @gpu
 @pytest.mark.parametrize("fmt", STORED)
 def test_a_long_prompt_goes_through_the_tensor_cores(cuda, cp, fmt):
-    """3 x 30 = 90 rows: gemm_v5, x rounded to 16 bits before each product. Each rounding moves
+    """3 x 30 = 90 rows: gemm_v6, x rounded to 16 bits before each product. Each rounding moves
     a value by up to 2^-11 (float16) or 2^-8 (bfloat16) of itself; through two layers and the
     classifier that is ~1e-3 (~6e-3 for bfloat16) of the logits, held to 5e-3 (2e-2). The step
     after it reads the keys and values the prompt wrote, so it is held to the same."""

@@ -1,5 +1,5 @@
 """The k-quants on the GPU: qgemv_k (kernels/qgemv_k.cu) through the package's checked wrappers,
-gemm_v5 through kquant_to_f16, CudaOps and FusedDecoder on models whose matrices are k-quant
+gemm_v6 through kquant_to_f16, CudaOps and FusedDecoder on models whose matrices are k-quant
 super-blocks.
 
 The conventions are test_cuda_formats.py's: fresh random inputs each run, odd sizes (N odd, K
@@ -21,7 +21,8 @@ from minillama.formats import Packed
 from minillama.model import ModelArgs, Transformer
 from minillama.ops import CPU
 from test_cuda import cuda, poison, product_err, rel_err  # noqa: F401  (fixtures and helpers)
-from test_cuda_formats import MODES, check_prologues, covered, decode_against_cpu, gpu_ops
+from test_cuda_formats import (MODES, check_decode_path, check_prologues, covered,
+                               decode_against_cpu, gpu_ops)
 from test_formats import random_gguf
 from test_kquants import MIXED, SCALES, kquant_blocks
 
@@ -169,19 +170,13 @@ def test_kquant_model_on_the_gpu_matches_the_cpu(cuda, cp, kind, mode):
                   gpu_model.output):                      # kept as stored, on the GPU
             assert isinstance(w, Packed) and w.format == kind
     decode_against_cpu(ops, gpu_model, cpu_model, p.vocab_size)
-    decoder = ops._decoders.get(gpu_model)
-    if mode == "generic":
-        assert decoder is None
-    else:
-        assert decoder is not None, "FusedDecoder covers the k-quants"
-        assert decoder.launches_per_step[3] == 5 * p.n_layers + 2
-        assert (3 in decoder.graphs) == (mode == "fused+graphs")
+    check_decode_path(ops, gpu_model, mode)
 
 
 @gpu
 @pytest.mark.parametrize("fmt", NATIVE)
 def test_a_long_kquant_prompt_goes_through_the_tensor_cores(cuda, cp, fmt):
-    """3 x 30 = 90 rows: gemm_v5 on a float16 copy of each k-quant matrix, x rounded to float16;
+    """3 x 30 = 90 rows: gemm_v6 on a float16 copy of each k-quant matrix, x rounded to float16;
     held to 5e-3 as test_cuda_formats holds the other formats."""
     p = ModelArgs(**KQ_GPU_ARGS)
     weights = kquant_model_weights(p, lambda s: fmt)
