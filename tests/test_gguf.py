@@ -16,26 +16,12 @@ from minillama.loading import detect_format, open_checkpoint
 from minillama.model import ModelArgs, Transformer, weight_shapes
 
 from conftest import greedy
+from tests.tools import writers
+from tests.tools.writers import finish_gguf, reference_gguf_name
 
 gguf = pytest.importorskip("gguf")
 Q = gguf.GGMLQuantizationType
 QTYPES = [Q.F32, Q.F16, Q.Q8_0, Q.Q4_0, Q.Q4_1]
-
-# written here, independently of minillama's meta_name()
-GGUF_NAMES = {"tok_embeddings.weight": "token_embd.weight", "norm.weight": "output_norm.weight",
-              "output.weight": "output.weight"}
-GGUF_LAYER = {"attention_norm": "attn_norm", "attention.wq": "attn_q", "attention.wk": "attn_k",
-              "attention.wv": "attn_v", "attention.wo": "attn_output", "ffn_norm": "ffn_norm",
-              "feed_forward.w1": "ffn_gate", "feed_forward.w2": "ffn_down",
-              "feed_forward.w3": "ffn_up"}
-
-
-def gguf_name(meta):
-    if meta in GGUF_NAMES:
-        return GGUF_NAMES[meta]
-    _, i, rest = meta.split(".", 2)
-    return f"blk.{i}.{GGUF_LAYER[rest[:-len('.weight')]]}.weight"
-
 
 # A small byte-level vocabulary: 3 control tokens, the 256 byte symbols, a few merges.
 CONTROL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -96,13 +82,10 @@ def write_gguf(path, p, weights, qtype=Q.F32, tied=False, tokenizer=True, extra=
             continue
         if a.ndim == 2 and qtype != Q.F32:
             data = gguf.quants.quantize(a, qtype)
-            w.add_tensor(gguf_name(name), data, raw_shape=data.shape, raw_dtype=qtype)
+            w.add_tensor(reference_gguf_name(name), data, raw_shape=data.shape, raw_dtype=qtype)
         else:
-            w.add_tensor(gguf_name(name), a)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+            w.add_tensor(reference_gguf_name(name), a)
+    finish_gguf(w)
     return path
 
 
@@ -112,7 +95,8 @@ def gguf_reference_weights(path, p):
     by_name = {t.name: t for t in reader.tensors}
     out = {}
     for meta in weight_shapes(p):
-        t = by_name.get(gguf_name(meta)) or by_name[gguf_name("tok_embeddings.weight")]  # tied
+        t = (by_name.get(reference_gguf_name(meta))
+             or by_name[reference_gguf_name("tok_embeddings.weight")])          # tied
         out[meta] = np.array(gguf.quants.dequantize(t.data, t.tensor_type)).reshape(
             tuple(reversed([int(n) for n in t.shape])))
     return out
@@ -294,10 +278,11 @@ def test_hyperparameters_and_names(tmp_path, tiny_args):
     assert mg.meta_name("blk.0.attn_output.weight") == "layers.0.attention.wo.weight"
     assert mg.meta_name("output_norm.weight") == "norm.weight"
     assert mg.meta_name("blk.0.attn_q.bias") is None
-    # gguf_name (used by the fuzzer's writer) is meta_name backwards, and agrees with this
-    # file's own table, written independently
+    # gguf_name (used by the fuzzer's writer) is meta_name backwards, and agrees with the test
+    # writers' own table, written independently
     for name in weight_shapes(ModelArgs(**TINY)):
-        assert mg.gguf_name(name) == gguf_name(name) and mg.meta_name(mg.gguf_name(name)) == name
+        assert mg.gguf_name(name) == reference_gguf_name(name)
+        assert mg.meta_name(mg.gguf_name(name)) == name
 
 
 # ----------------------------------------------------------------------------
@@ -431,11 +416,11 @@ def test_wrong_shape_and_missing_and_extra_tensors(tmp_path, tiny_args):
     w = random_weights(tiny_args)
     # rope_freqs (Llama 3's RoPE scaling, tests/test_llama3.py) must hold one factor per pair
     writer_extra = dict(w, **{"rope_freqs.weight": np.ones(tiny_args.head_dim // 2 + 1, np.float32)})
-    GGUF_NAMES["rope_freqs.weight"] = "rope_freqs.weight"
+    writers.GGUF_NAMES["rope_freqs.weight"] = "rope_freqs.weight"
     try:
         write_gguf(path, tiny_args, writer_extra)
     finally:
-        del GGUF_NAMES["rope_freqs.weight"]
+        del writers.GGUF_NAMES["rope_freqs.weight"]
     with pytest.raises(CheckpointError, match="rope_freqs.weight.*one per pair"):
         mg.load_gguf(path)
 
@@ -470,11 +455,8 @@ def write_sentencepiece_gguf(path, tokens, scores):
     w.add_eos_token_id(2)
     w.add_unk_token_id(0)
     for name, a in random_weights(p).items():
-        w.add_tensor(gguf_name(name), a)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+        w.add_tensor(reference_gguf_name(name), a)
+    finish_gguf(w)
     return path
 
 
@@ -541,10 +523,7 @@ def test_hostile_tokenizer_metadata(tmp_path, tiny_args):
             w.add_key_value(key, value, vtype)
         if "tokenizer.ggml.model" not in extra:
             w.add_tokenizer_model("gpt2")
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_tensors_to_file()
-        w.close()
+        finish_gguf(w)
         with pytest.raises(TokenizerError, match=match):
             load_tokenizer(path)
     (tmp_path / "bad.gguf").write_bytes(b"GGUF" + bytes(30))

@@ -21,7 +21,7 @@ from minillama.tokenizers import Llama3Chat
 from minillama.tokenizers.tiktoken import SPECIAL_TOKENS, read_tiktoken
 
 from conftest import StubTokenizer, greedy, hf_greedy, hf_logits, max_rel_err, spread_weights
-from tests.tools.writers import tiktoken_merges
+from tests.tools.writers import finish_gguf, llama_bpe_vocab, reference_gguf_name
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -122,7 +122,6 @@ def write_gguf(path, model, scaling, rope_freqs=True):
     """The model as llama.cpp's converter writes a Llama 3.1 GGUF: q/k in Meta's order, the
     rope_freqs tensor, a llama-bpe vocabulary with Llama 3's special tokens."""
     gguf = pytest.importorskip("gguf")
-    from minillama.tokenizers.bpe import spell_bytes
     ranked = read_tiktoken(os.path.join(os.path.dirname(llama3.__file__), "tokenizer.model"))
     ranked = ranked[:N_RANKS]
     w = gguf.GGUFWriter(str(path), "llama")
@@ -135,31 +134,12 @@ def write_gguf(path, model, scaling, rope_freqs=True):
     w.add_layer_norm_rms_eps(1e-5)
     w.add_rope_freq_base(THETA)
     w.add_rope_dimension_count(16)
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("llama-bpe")
-    w.add_token_list([spell_bytes(t) for t in ranked] + SPECIAL_TOKENS)
-    w.add_token_types([1] * N_RANKS + [3] * len(SPECIAL_TOKENS))
-    w.add_token_merges(tiktoken_merges(ranked))
-    w.add_bos_token_id(N_RANKS)
-    w.add_eos_token_id(EOT)
-    w.add_add_bos_token(True)
-    names = {"tok_embeddings.weight": "token_embd.weight", "norm.weight": "output_norm.weight",
-             "output.weight": "output.weight"}
-    layer = {"attention_norm": "attn_norm", "attention.wq": "attn_q", "attention.wk": "attn_k",
-             "attention.wv": "attn_v", "attention.wo": "attn_output", "ffn_norm": "ffn_norm",
-             "feed_forward.w1": "ffn_gate", "feed_forward.w2": "ffn_down",
-             "feed_forward.w3": "ffn_up"}
+    llama_bpe_vocab(w, ranked)
     if rope_freqs:
         w.add_tensor("rope_freqs.weight", llamacpp_rope_factors(scaling))
     for name, t in meta_weights(model).items():
-        if name not in names:
-            _, i, rest = name.split(".", 2)
-            names[name] = f"blk.{i}.{layer[rest[:-len('.weight')]]}.weight"
-        w.add_tensor(names[name], t.numpy())
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+        w.add_tensor(reference_gguf_name(name), t.numpy())
+    finish_gguf(w)
     return path
 
 
@@ -324,11 +304,7 @@ def test_vision_hf_and_gguf_models_are_refused(tmp_path):
     with pytest.raises(CheckpointError, match="'mllama' \\(Llama 3.2 Vision"):
         load_model(tmp_path / "hf")
     gguf = pytest.importorskip("gguf")
-    w = gguf.GGUFWriter(str(tmp_path / "v.gguf"), "mllama")
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    finish_gguf(gguf.GGUFWriter(str(tmp_path / "v.gguf"), "mllama"))
     with pytest.raises(CheckpointError, match="'mllama' \\(Llama 3.2 Vision"):
         load_model(tmp_path / "v.gguf")
 

@@ -10,7 +10,7 @@ import pytest
 from minillama.errors import ArgumentError, TokenizerError
 from minillama.tokenizers import BPETokenizer, Llama3Chat, StreamDecoder, load_tokenizer
 from minillama.tokenizers.tiktoken import SPECIAL_TOKENS, looks_like_tiktoken, read_tiktoken
-from tests.tools.writers import tiktoken_merges, write_tiktoken
+from tests.tools.writers import finish_gguf, llama_bpe_vocab, write_tiktoken
 
 llama3 = pytest.importorskip("llama_models.llama3")
 tiktoken = pytest.importorskip("tiktoken")
@@ -200,23 +200,11 @@ def test_tiny_tiktoken_file_matches_tiktoken(tmp_path, tiny_ranked):
 
 
 def write_vocab_gguf(path, ranked):
-    """A GGUF holding only a Llama 3 style vocabulary: `gpt2` model, llama-bpe pre-tokenizer,
-    the ranks as tokens with their merges, Meta's special tokens as control tokens."""
+    """A GGUF holding only a Llama 3 style vocabulary (writers.llama_bpe_vocab)."""
     gguf = pytest.importorskip("gguf")
-    from minillama.tokenizers.bpe import spell_bytes
     w = gguf.GGUFWriter(str(path), "llama")
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("llama-bpe")
-    w.add_token_list([spell_bytes(t) for t in ranked] + SPECIAL_TOKENS)
-    w.add_token_types([1] * len(ranked) + [3] * len(SPECIAL_TOKENS))
-    w.add_token_merges(tiktoken_merges(ranked))
-    w.add_bos_token_id(len(ranked))
-    w.add_eos_token_id(len(ranked) + 9)              # an instruct model's GGUF: <|eot_id|>
-    w.add_add_bos_token(True)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    llama_bpe_vocab(w, ranked)
+    finish_gguf(w)
     return path
 
 

@@ -114,10 +114,32 @@ def write_gguf(path, p: ModelArgs, weights, qtype, vocab, tied=False, blocks=Non
             w.add_tensor(gname, data, raw_shape=data.shape, raw_dtype=qtype)
         else:
             w.add_tensor(gname, a)
+    finish_gguf(w)
+
+
+def finish_gguf(w):
+    """A gguf.GGUFWriter's four closing steps: the header, the metadata, the tensors, close."""
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+
+
+# Meta's names -> GGUF's, written here independently of minillama's checkpoints.gguf.gguf_name
+# (tests that check minillama's own mapping write their files with this one)
+GGUF_NAMES = {"tok_embeddings.weight": "token_embd.weight", "norm.weight": "output_norm.weight",
+              "output.weight": "output.weight"}
+GGUF_LAYER = {"attention_norm": "attn_norm", "attention.wq": "attn_q", "attention.wk": "attn_k",
+              "attention.wv": "attn_v", "attention.wo": "attn_output", "ffn_norm": "ffn_norm",
+              "feed_forward.w1": "ffn_gate", "feed_forward.w2": "ffn_down",
+              "feed_forward.w3": "ffn_up"}
+
+
+def reference_gguf_name(meta):
+    if meta in GGUF_NAMES:
+        return GGUF_NAMES[meta]
+    _, i, rest = meta.split(".", 2)
+    return f"blk.{i}.{GGUF_LAYER[rest[:-len('.weight')]]}.weight"
 
 
 def llama_vocab(tokenizer):
@@ -162,6 +184,24 @@ def gpt2_vocab(w, chat_template="{% for m in messages %}<|im_start|>{{ m.content
 
 # ----------------------------------------------------------------------------
 # tiktoken (the format is in minillama/tokenizers/tiktoken.py's docstring)
+
+def llama_bpe_vocab(w, ranked):
+    """`ranked` (token bytes, rank order) as a Llama 3 vocabulary for a GGUF writer, as
+    llama.cpp's converter writes one: the `gpt2` model with the llama-bpe pre-tokenizer, the
+    ranks as tokens with their merges, Meta's special tokens after them as control tokens,
+    <|begin_of_text|> as BOS and <|eot_id|> as EOS (an instruct model's), BOS added."""
+    from minillama.tokenizers.bpe import spell_bytes
+    from minillama.tokenizers.tiktoken import SPECIAL_TOKENS
+    n = len(ranked)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("llama-bpe")
+    w.add_token_list([spell_bytes(t) for t in ranked] + SPECIAL_TOKENS)
+    w.add_token_types([1] * n + [3] * len(SPECIAL_TOKENS))
+    w.add_token_merges(tiktoken_merges(ranked))
+    w.add_bos_token_id(n + SPECIAL_TOKENS.index("<|begin_of_text|>"))
+    w.add_eos_token_id(n + SPECIAL_TOKENS.index("<|eot_id|>"))
+    w.add_add_bos_token(True)
+
 
 def write_tiktoken(path, ranked):
     """A tiktoken file of `ranked` (token bytes, rank order): base64, a space, the rank."""
