@@ -349,18 +349,23 @@ def _pro(k):
 # ----------------------------------------------------------------------------
 # checks against float64
 
+def random_weight(fmt, N, K, rng):
+    """A random (N, K) weight on the GPU in `fmt` ("f32": a float32 array, else a Packed),
+    with its float64 reference."""
+    if fmt == "f32":
+        w_host = rng.standard_normal((N, K), dtype=np.float32)
+        return cf.require_cupy().asarray(w_host), w_host.astype(np.float64)
+    w_host = cf.random_packed(fmt, N, K, rng)
+    return cf.to_device(w_host), formats.dequantize(w_host).astype(np.float64)
+
+
 def check_all(M_, ch, rng, log):
     cp = cf.require_cupy()
     from minillama.model import rms_norm, silu
     sizes = [(3, 96), (17, 4128), (127, 1024), (1001, 2080), (33, 11008)]
     for fmt in ("f32",) + QUANT:
         for N, K in sizes + ([(77, 1000), (300, 4104)] if fmt in ("f32", "f16", "bf16") else []):
-            if fmt == "f32":
-                w_host = rng.standard_normal((N, K), dtype=np.float32)
-                w, w64 = cp.asarray(w_host), w_host.astype(np.float64)
-            else:
-                w_host = cf.random_packed(fmt, N, K, rng)
-                w, w64 = cf.to_device(w_host), formats.dequantize(w_host).astype(np.float64)
+            w, w64 = random_weight(fmt, N, K, rng)
             for M in (1, 3, 8, 13, 32, 64):
                 x = rng.standard_normal((M, K), dtype=np.float32)
                 ref = x.astype(np.float64) @ w64.T
@@ -387,12 +392,7 @@ def check_all(M_, ch, rng, log):
     # the prologues and accumulate, on the instances compiled with them
     N, K = 129, 2048
     for fmt in ("f32", "q8_0", "q4_0", "q4_1", "f16", "bf16"):
-        if fmt == "f32":
-            w_host = rng.standard_normal((N, K), dtype=np.float32)
-            w, w64 = cp.asarray(w_host), w_host.astype(np.float64)
-        else:
-            w_host = cf.random_packed(fmt, N, K, rng)
-            w, w64 = cf.to_device(w_host), formats.dequantize(w_host).astype(np.float64)
+        w, w64 = random_weight(fmt, N, K, rng)
         for M in (1, 5, 8):
             x = rng.standard_normal((M, K), dtype=np.float32)
             g = (1 + 0.1 * rng.standard_normal(K)).astype(np.float32)
