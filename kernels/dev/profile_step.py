@@ -8,9 +8,11 @@ For each storage format it builds a model of the shape with random weights made 
   - times the CUDA-graph replay alone (no host round trip), and with the token through the host
     as the benchmarks do;
   - runs FusedDecoder.run eagerly with a CUDA event pair around every launch and prints the
-    sum per kernel name, its share of the summed kernel time, and the launches.
-The eager sum is close to what each kernel costs alone; graph replay minus that sum is what
-the gaps between kernels cost.
+    sum per kernel name, its share of the summed time, and the launches.
+Eagerly the GPU often waits for Python between the two events (a launch from Python takes
+longer than a small kernel), so the per-kernel times are upper bounds that rank the kernels,
+not their cost: measured on an H200 their sum was 1.5 to 4 times the graph's whole step. The
+graph replay is the step's time; kernels/dev/bench_mma.py times the products alone, in graphs.
 """
 import argparse
 import time
