@@ -478,20 +478,23 @@ def _check_packed(w):
     return main, w.planes.get("d", main), w.planes.get("m", main)
 
 
-def _qgemv_operands(x, w, out, accumulate, norm, swiglu):
-    """The checks qgemv and qgemv_k share: x (M, K) (M, 2K with swiglu), norm (K,), out to add
-    into with accumulate. -> (M, N, K, the output array)."""
+def _qgemv_operands(x, w, out, accumulate, norm, swiglu, name="qgemv"):
+    """The checks qgemv, qgemv_k and qgemv_mma share: one prologue at most, x (M, K) (M, 2K
+    with swiglu), norm (K,), out to add into with accumulate. -> (M, N, K, the output array).
+    name: the function the messages name."""
+    if norm is not None and swiglu:
+        raise DeviceError(f"{name}: norm and swiglu are two prologues; give one")
     _check("x", x, 2, aligned=True)
     (M, K_x), (N, K) = x.shape, w.shape
     if K_x != (2 * K if swiglu else K):
-        raise DeviceError(f"qgemv: x is (M, K) = {x.shape} but w is (N, K) = {w.shape}"
+        raise DeviceError(f"{name}: x is (M, K) = {x.shape} but w is (N, K) = {w.shape}"
                           + (" (swiglu: x must be (M, 2K))" if swiglu else ""))
     if norm is not None:
         _check("norm", norm, 1, aligned=True)
         if norm.shape != (K,):
             raise DeviceError(f"norm: expected shape ({K},), got {norm.shape}")
     if accumulate and out is None:
-        raise DeviceError("qgemv: accumulate=True needs the array to add into as out")
+        raise DeviceError(f"{name}: accumulate=True needs the array to add into as out")
     return M, N, K, _output(out, (M, N), aligned=True)
 
 
@@ -514,8 +517,6 @@ def qgemv(x, w, out=None, accumulate=False, norm=None, eps=1e-5, swiglu=False,
     if getattr(w, "format", None) in QGEMV_K_PLANES:            # super-blocks: qgemv_k.cu
         return qgemv_k(x, w, out, accumulate, norm, eps, swiglu, smem or QGEMV_SMEM,
                        blocks_per_sm or QGEMV_BLOCKS_PER_SM)
-    if norm is not None and swiglu:
-        raise DeviceError("qgemv: norm and swiglu are two prologues; give one")
     if version not in (None, 1, 2, 3):
         raise DeviceError(f"qgemv: version must be 1, 2, 3 or None (the rule), got {version!r}")
     if version == 3 or (version is None and x.shape[0] >= MMA_MIN_ROWS
@@ -557,10 +558,8 @@ def qgemv_mma(x, w, out=None, accumulate=False, norm=None, eps=1e-5, swiglu=Fals
     if getattr(w, "format", None) not in MMA_FORMATS:
         raise DeviceError(f"w: qgemv_mma reads {', '.join(MMA_FORMATS)} weights, got "
                           f"{type(w).__name__} {getattr(w, 'format', '')!r}")
-    if norm is not None and swiglu:
-        raise DeviceError("qgemv_mma: norm and swiglu are two prologues; give one")
     qs, d, _ = _check_packed(w)
-    M, N, K, y = _qgemv_operands(x, w, out, accumulate, norm, swiglu)
+    M, N, K, y = _qgemv_operands(x, w, out, accumulate, norm, swiglu, "qgemv_mma")
     if M == 0 or N == 0:
         return y
     span = MMA_SPAN[w.format]
@@ -716,8 +715,6 @@ def qgemv_k(x, w, out=None, accumulate=False, norm=None, eps=1e-5, swiglu=False,
     """qgemv for a k-quant w (q2_k .. q6_k: a formats.Packed (N, K) with CuPy planes):
     x (M, K) float32 -> (M, N) float32, the weights dequantized in registers as the NumPy
     reference does, float32 sums. The arguments are qgemv's (qgemv sends k-quants here)."""
-    if norm is not None and swiglu:
-        raise DeviceError("qgemv: norm and swiglu are two prologues; give one")
     planes = _check_kquant(w)
     M, N, K, y = _qgemv_operands(x, w, out, accumulate, norm, swiglu)
     if M == 0 or N == 0:
