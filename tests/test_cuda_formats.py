@@ -191,6 +191,8 @@ def test_packed_kernels_reject_misuse(cuda, cp):
         (lambda: k.qgemv(unaligned, w), "aligned"),
         (lambda: k.qgemv(x, w, out=cp.empty((2, 9), np.float32)), "out"),
         (lambda: k.qgemv(x, w, version=4), "version"),
+        (lambda: k.qgemv_mma(x, w, nr=3), "nr must be one of"),
+        (lambda: k.qgemv_mma(x, w, norm=x[0], swiglu=True), "qgemv_mma: norm and swiglu"),
         (lambda: k.gemm_v5(x, w), "float16"),
         (lambda: k.gemm_v5(x.astype(np.float16), w, config="1x1"), "config"),
         (lambda: k.gemm_v5(cp.ones((2, 32), np.float16), w), "(N, K)"),

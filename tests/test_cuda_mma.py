@@ -76,3 +76,14 @@ def test_qgemv_takes_the_tensor_cores_from_mma_min_rows(cuda, cp):
         cuda.kernels.KERNELS.launch = launch
     assert cuda.kernels.KERNELS.launches == before + 1 and names[0].startswith("qgemv_mma<")
     assert rel_err(y, x.astype(np.float64) @ w64.T) < 1e-5
+
+
+def test_qgemv_mma_refuses_a_format_it_does_not_read():
+    """No GPU needed: the format is checked before anything touches the device."""
+    from minillama import formats
+    from minillama.cuda import kernels
+    from minillama.errors import DeviceError
+    q4_1 = formats.quantize(np.ones((8, 64), np.float32), "q4_1")
+    for w in (q4_1, np.ones((8, 64), np.float32)):
+        with pytest.raises(DeviceError, match="qgemv_mma reads f16, bf16, q8_0, q4_0 weights"):
+            kernels.qgemv_mma(np.ones((2, 64), np.float32), w)
