@@ -224,6 +224,47 @@ def test_nccl_backend_connects_through_torchruns_environment(monkeypatch, id_typ
     comm = backend.connect(0, 1)
     assert made == [(1, uid, 0)] and used == [0] and comm.rank == 0 and comm.world == 1
     assert {k: os.environ[k] for k in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE",
-                                       "LOCAL_RANK", "NCCL_NVLS_ENABLE")} == dict(
+                                       "LOCAL_RANK", "NCCL_NVLS_ENABLE",
+                                       "NCCL_GRAPH_MIXING_SUPPORT")} == dict(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(backend.port), RANK="0", WORLD_SIZE="1",
-        LOCAL_RANK="0", NCCL_NVLS_ENABLE="0")
+        LOCAL_RANK="0", NCCL_NVLS_ENABLE="0", NCCL_GRAPH_MIXING_SUPPORT="0")
+
+
+# ----------------------------------------------------------------------------
+# the hand-offs of a step: polling the pipes, the logits through shared memory
+
+def test_spin_wait_returns_what_is_readable_and_gives_up_after_its_time():
+    a, b = multiprocessing.Pipe()
+    start = time.perf_counter()
+    assert workers.spin_wait([a], 0.05) == []
+    assert 0.05 <= time.perf_counter() - start < 1.0
+    b.send("x")
+    assert workers.spin_wait([a], 10.0) == [a]          # at once, not after 10 s
+    assert workers.spin_wait([a], 0.0) == [a]           # no polling: one look
+    assert a.recv() == "x"
+
+
+def test_processes_poll_only_with_a_core_each_and_one_to_spare(monkeypatch):
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)
+    assert workers.spin_seconds(2) == workers.SPIN_SECONDS   # parent + 2 workers, 1 spare
+    assert workers.spin_seconds(3) == 0.0
+    monkeypatch.setattr(os, "cpu_count", lambda: None)
+    assert workers.spin_seconds(1) == 0.0
+
+
+def test_the_logits_handoff_shares_what_fits_and_sends_the_rest():
+    from multiprocessing import shared_memory
+    shared = shared_memory.SharedMemory(create=True, size=4 * 2 * 64)
+    try:
+        handoff = workers.LogitsHandoff(shared.name)
+        step = np.random.default_rng(1).standard_normal((2, 1, 64)).astype(np.float32)
+        assert handoff.put(step) == (2, 1, 64)
+        seen = np.ndarray((128,), np.float32, shared.buf)
+        assert np.array_equal(seen.reshape(2, 1, 64), step)
+        prompt = np.ones((1, 3, 64), dtype=np.float32)       # 192 values: bigger than 128
+        sent = handoff.put(prompt)
+        assert isinstance(sent, np.ndarray) and np.array_equal(sent, prompt)
+        del seen, handoff
+    finally:
+        shared.close()
+        shared.unlink()

@@ -41,8 +41,15 @@ def decoder(model):
     def forward(tokens, start_pos):
         tokens = check_tokens(tokens, start_pos, model.params)   # (bsz, seqlen) int64, host
         if tokens.shape[1] > 1:
-            return model.forward(tokens, start_pos)
-        return fused(tokens, start_pos, ops.graphs)
+            logits = model.forward(tokens, start_pos)
+        else:
+            logits = fused(tokens, start_pos, ops.graphs)
+        # The workers run NCCL without its graph-mixing support (workers.py: it costs every
+        # captured collective time), which holds only if no collective is launched while a
+        # graph launch is still running: so every rank waits for its step. Rank 0 waits for
+        # its logits anyway; the others would only wait for the parent's next message.
+        fused.cp.cuda.get_current_stream().synchronize()
+        return logits
     return forward
 
 

@@ -12,9 +12,14 @@ Each worker gets the environment torchrun would give it (MASTER_ADDR=127.0.0.1, 
 MASTER_PORT, RANK, WORLD_SIZE, LOCAL_RANK); through it they meet at the TCP rendezvous
 (comm.py), build one NCCL communicator, and each loads its slice of the model
 (parallel/loading.py). Then, for every step, the parent sends (tokens, start_pos) down each
-worker's pipe; every rank runs its part, the ranks meet in NCCL's collectives, and rank 0 sends
+worker's pipe; every rank runs its part, the ranks meet in NCCL's collectives, and rank 0 hands
 the gathered logits back. The parent is the only one who samples, so every rank sees the same
 tokens without any broadcast.
+
+The logits of a decode step ((bsz, 1, vocab): 128 KB for one row of a 32000-token vocabulary)
+go through shared memory, and the pipe carries only their shape: pickled down a pipe they cost
+a copy on each side and a few trips through the socket's buffer, every token. A prompt's logits
+(every position's) are bigger than the shared buffer and take the pipe.
 
 When anything goes wrong the parent ends it: a worker that dies (its process sentinel fires),
 or one that reports an error, makes the parent stop every other worker (they would wait in
@@ -31,13 +36,17 @@ import threading
 import time
 import traceback
 from dataclasses import dataclass
+from multiprocessing import shared_memory
 from multiprocessing.connection import wait
+
+import numpy as np
 
 from ..errors import DeviceError, MiniLlamaError, shown
 from ..ops import CPU, to_host
 from .comm import NcclComm, Rendezvous, free_port, nccl_id_bytes
 
 STOP_TIMEOUT = 5.0             # seconds a worker gets to exit after "close" before it is killed
+SPIN_SECONDS = 0.05            # how long a waiting process polls its pipes before it sleeps
 
 
 # ----------------------------------------------------------------------------
@@ -80,6 +89,12 @@ class NcclBackend:
         # NVLink SHARP multicast (NVLS) needs fabric support that not every host has, and the
         # all-reduces of one decode step (a few KiB) gain nothing from it: keep it off
         os.environ["NCCL_NVLS_ENABLE"] = "0"
+        # NCCL's support for mixing a graph's collectives with others that may run beside it
+        # costs each captured collective ~10 us (80 all-reduces a step of a 13B model: 4.87 ->
+        # 4.78 ms on 2 H200s). Nothing runs beside a step here: every rank waits for its step
+        # to end before it takes the next message (parallel/fused.py), which is what NCCL then
+        # asks of us
+        os.environ["NCCL_GRAPH_MIXING_SUPPORT"] = "0"
         from ..cuda import require_cupy
         cupy = require_cupy()
         rendezvous = Rendezvous.from_env()
@@ -130,11 +145,17 @@ class TensorParallel:
         self.ops = CPU                      # the logits arrive here as NumPy arrays
         self.backend = backend or NcclBackend()
         self.backend.check(world)
+        self.spin = spin_seconds(world)
         ctx = multiprocessing.get_context("spawn")
         self.procs, self.conns = [], []
+        # one decode step's logits, (max_batch_size, 1, vocab) float32, written by rank 0
+        self.shared = shared_memory.SharedMemory(
+            create=True, size=4 * params.max_batch_size * params.vocab_size)
+        self.shared_logits = np.ndarray((self.shared.size // 4,), np.float32, self.shared.buf)
         for rank in range(world):
             mine, theirs = ctx.Pipe()
-            proc = ctx.Process(target=worker_main, args=(rank, world, theirs, self.backend, job),
+            proc = ctx.Process(target=worker_main,
+                               args=(rank, world, theirs, self.backend, job, self.shared.name),
                                name=f"minillama-tp-rank{rank}", daemon=True)
             proc.start()
             theirs.close()
@@ -163,7 +184,10 @@ class TensorParallel:
                               "or after a failure); build it again")
         for rank in range(self.world):
             self._send(rank, ("forward", tokens, int(start_pos)))
-        return self._receive(0, "logits")
+        logits = self._receive(0, "logits")
+        if isinstance(logits, tuple):               # its shape: the values are in shared memory
+            logits = self.shared_logits[:np.prod(logits)].reshape(logits).copy()
+        return logits
 
     __call__ = forward
 
@@ -183,8 +207,10 @@ class TensorParallel:
     def _next_message(self):
         """(rank, message): the next message of any worker, while watching them all. A death
         or an error from any of them stops them all and raises."""
-        ready = wait(self.conns + [p.sentinel for p in self.procs])
-        dead = [r for r, p in enumerate(self.procs) if p.sentinel in ready or not p.is_alive()]
+        ready = spin_wait(self.conns, self.spin)
+        if not ready:                             # asleep now, watching the processes too
+            ready = wait(self.conns + [p.sentinel for p in self.procs])
+        dead = [r for r, p in enumerate(self.procs) if p.sentinel in ready]
         if dead:
             self._fail_dead(dead[0])
         r = next(r for r, conn in enumerate(self.conns) if conn in ready)
@@ -228,6 +254,11 @@ class TensorParallel:
         for conn in self.conns:
             conn.close()
         self.procs, self.conns = [], []
+        if self.shared is not None:
+            del self.shared_logits                  # a view of it would keep it from closing
+            self.shared.close()
+            self.shared.unlink()
+            self.shared = None
 
     def __enter__(self):
         return self
@@ -239,20 +270,22 @@ class TensorParallel:
 # ----------------------------------------------------------------------------
 # a worker
 
-def worker_main(rank, world, conn, backend, job):
+def worker_main(rank, world, conn, backend, job, shared_name):
     """Worker `rank`: meet the others, load the slice, then run each step the parent sends
     until it says close (or goes away). Errors go back to the parent as one message."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)      # Ctrl-C is the parent's to handle
     _exit_with_parent()
     try:
+        handoff = LogitsHandoff(shared_name) if rank == 0 else None
         comm = backend.connect(rank, world)
         from ..devices import get_ops
         from .fused import decoder
         model = job.open(rank, world, get_ops(backend.device), comm)
-        forward = decoder(model)
+        forward, spin = decoder(model), spin_seconds(world)
         conn.send(("ready", None))
         while True:
             try:
+                spin_wait([conn], spin)
                 message = conn.recv()
             except EOFError:                            # the parent has gone
                 return
@@ -261,11 +294,57 @@ def worker_main(rank, world, conn, backend, job):
             _, tokens, start_pos = message
             logits = forward(tokens, start_pos)
             if rank == 0:
-                conn.send(("logits", to_host(logits)))
+                conn.send(("logits", handoff.put(logits)))
     except MiniLlamaError as e:
         _report(conn, ("error", str(e)))
     except Exception:
         _report(conn, ("bug", traceback.format_exc()))
+
+
+def spin_seconds(world):
+    """SPIN_SECONDS where the machine has a core for each of the world's pollers (the parent
+    and its workers) and one more, else 0: no polling."""
+    return SPIN_SECONDS if (os.cpu_count() or 1) > world + 1 else 0.0
+
+
+def spin_wait(conns, seconds):
+    """The connections with something to read, polled for up to `seconds`; [] if none.
+
+    A process asleep in the kernel takes tens to hundreds of microseconds to wake when its
+    pipe becomes readable, and each token wakes two of them (rank 0's logits reach the parent,
+    the parent's next token reaches the workers): on a 2-GPU step of ~5 ms that was 0.4 ms.
+    So the waiting side polls, a core busy meanwhile, as the CUDA runtime itself spins while it
+    waits for the GPU (cudaDeviceScheduleAuto) where the machine has more cores than GPUs: here,
+    where it has more cores than processes polling (the parent and the workers; on fewer, the
+    pollers would take turns on the cores and wake later, not sooner). After `seconds` of
+    nothing (a long prompt, a user typing) it goes back to sleeping."""
+    deadline = time.perf_counter() + seconds
+    while True:
+        ready = [conn for conn in conns if conn.poll()]
+        if ready or time.perf_counter() > deadline:
+            return ready
+
+
+class LogitsHandoff:
+    """Rank 0's side of the shared logits buffer (the parent created it, and unlinks it)."""
+
+    def __init__(self, name):
+        # (attaching registers the segment with the resource tracker again; a spawned worker
+        # shares the parent's tracker, which keeps a set of names, so that changes nothing)
+        self.shared = shared_memory.SharedMemory(name=name)
+        self.flat = np.ndarray((self.shared.size // 4,), np.float32, self.shared.buf)
+
+    def put(self, logits):
+        """What the parent is sent for `logits` (bsz, seqlen, vocab): their shape, once they
+        are in the shared buffer, or the array itself where they do not fit (a prompt's)."""
+        if logits.size > self.flat.size:
+            return to_host(logits)
+        out = self.flat[:logits.size].reshape(logits.shape)
+        if isinstance(logits, np.ndarray):
+            out[...] = logits
+        else:
+            logits.get(out=out)                     # CuPy: the copy from the GPU lands here
+        return tuple(logits.shape)
 
 
 def _report(conn, message):
