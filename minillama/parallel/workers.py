@@ -333,6 +333,7 @@ class LogitsHandoff:
         # shares the parent's tracker, which keeps a set of names, so that changes nothing)
         self.shared = shared_memory.SharedMemory(name=name)
         self.flat = np.ndarray((self.shared.size // 4,), np.float32, self.shared.buf)
+        self.pinned = False
 
     def put(self, logits):
         """What the parent is sent for `logits` (bsz, seqlen, vocab): their shape, once they
@@ -343,8 +344,18 @@ class LogitsHandoff:
         if isinstance(logits, np.ndarray):
             out[...] = logits
         else:
+            self.pin()
             logits.get(out=out)                     # CuPy: the copy from the GPU lands here
         return tuple(logits.shape)
+
+    def pin(self):
+        """Page-lock the buffer for the GPU once (cudaHostRegister): a copy into pageable memory
+        goes through a staging buffer, ~100 us for a step's 128 KB on an H200, where a
+        registered one is written directly."""
+        if not self.pinned:
+            import cupy
+            cupy.cuda.runtime.hostRegister(self.flat.ctypes.data, self.flat.nbytes, 0)
+            self.pinned = True
 
 
 def _report(conn, message):
