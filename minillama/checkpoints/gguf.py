@@ -34,10 +34,9 @@ checkpoints/rope.py reads into ModelArgs.rope_freq_factors.
 
     read_gguf(path) -> GGUFFile (metadata, tensor infos; no tensor data read yet)
     load_gguf(path, max_seq_len, max_batch_size) -> (ModelArgs, weights under Meta's names, path,
-                             None, the GGUFFile)
+                             None, the GGUFFile: the tokenizer and chat defaults read it too)
     read_gguf_vocab(path, header=None) -> GGUFVocab, the tokenizer.* metadata (minillama.tokenizers
-                             builds the tokenizer from it); header: the GGUFFile, if it has been
-                             read already (the header is parsed once, however many read it)
+                             builds the tokenizer from it), from `header` if already parsed
 """
 import functools
 import math
