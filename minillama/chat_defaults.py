@@ -4,6 +4,7 @@ SmolLM2's card asks for 0.2.
 
     chat_sampling(path) -> Sampling    the recommendation for the model at `path`, or llama2.c's
                                        defaults (temperature 1.0, top-p 0.9) when it has none
+                                       (header=: the model's GGUF header, if already parsed)
 
 Where a recommendation is found, the first one wins:
 
@@ -28,12 +29,13 @@ from .errors import CheckpointError, shown
 LLAMA2C = Sampling(1.0, 0.9, "llama2.c's defaults")
 
 
-def chat_sampling(path):
-    """The sampling to chat with the model at `path` when -t / -p are not given."""
-    return recommended_sampling(path) or LLAMA2C
+def chat_sampling(path, header=None):
+    """The sampling to chat with the model at `path` when -t / -p are not given. header: the
+    model's GGUF header where its reader has parsed it (loading.Checkpoint.header)."""
+    return recommended_sampling(path, header) or LLAMA2C
 
 
-def recommended_sampling(path):
+def recommended_sampling(path, header=None):
     """What the model's own files, or minillama's download registry, recommend; None if nothing."""
     path = os.fspath(path)
     folder = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
@@ -43,7 +45,7 @@ def recommended_sampling(path):
         if found is not None:
             return found
     if os.path.isfile(path):
-        found = from_gguf(path)
+        found = from_gguf(path, header)
         if found is not None:
             return found
     return RECOMMENDED.get(os.path.basename(path))
@@ -65,12 +67,13 @@ def from_generation_config(path):
     return Sampling(temperature, top_p, path)
 
 
-def from_gguf(path):
-    """general.sampling.temp and general.sampling.top_p of a GGUF file, if it has them."""
+def from_gguf(path, header=None):
+    """general.sampling.temp and general.sampling.top_p of a GGUF file, if it has them (read
+    from `header`, its GGUFFile, where the file has been parsed already)."""
     from .checkpoints.gguf import is_gguf, read_gguf
-    if not is_gguf(path):
+    if header is None and not is_gguf(path):
         return None
-    meta = read_gguf(path).metadata
+    meta = (header or read_gguf(path)).metadata
     keys = ("general.sampling.temp", "general.sampling.top_p")
     if not any(key in meta for key in keys):
         return None

@@ -232,7 +232,7 @@ def cmd_run(args):
         ckpt = open_checkpoint(checkpoint, dtype=args.dtype, device=args.device, prompt_len=1,
                                kv_dtype=args.kv_dtype)
     tokenizer = load_tokenizer(find_tokenizer(checkpoint, args.tokenizer, ckpt.tokenizer_path),
-                               vocab_size=ckpt.params.vocab_size)
+                               vocab_size=ckpt.params.vocab_size, header=ckpt.header)
     if args.tensor_parallel:
         from .parallel.workers import start
         model = start(ckpt, args.tensor_parallel, args.dtype, args.kv_dtype, prompt_len=1)
@@ -245,7 +245,7 @@ def cmd_run(args):
     # llama2.c's int8 files are runq's: on the CPU, decoded in runq's order of operations
     exact = args.exact or (args.device == "cpu" and not args.tensor_parallel
                             and runs_runq(model))
-    temperature, topp = run_sampling(args, checkpoint, mode)
+    temperature, topp = run_sampling(args, checkpoint, mode, ckpt.header)
     sampler = Llama2cSampler(ckpt.params.vocab_size, temperature, topp, seed, exact)
     try:
         if mode == "generate":
@@ -262,12 +262,13 @@ def cmd_run(args):
             model.close()
 
 
-def run_sampling(args, checkpoint, mode):
+def run_sampling(args, checkpoint, mode, header=None):
     """(temperature, top-p): -t and -p when given; else in chat mode what the model recommends
-    (chat_defaults.py), and llama2.c's defaults otherwise."""
+    (chat_defaults.py; header: the checkpoint's, as its reader parsed it), and llama2.c's
+    defaults otherwise."""
     from .chat_defaults import LLAMA2C, chat_sampling
     given = args.temperature is not None and args.topp is not None
-    default = chat_sampling(checkpoint) if mode == "chat" and not given else LLAMA2C
+    default = chat_sampling(checkpoint, header) if mode == "chat" and not given else LLAMA2C
     return (default.temperature if args.temperature is None else args.temperature,
             default.top_p if args.topp is None else args.topp)
 
@@ -373,13 +374,13 @@ def cmd_info(args):
                         kv_dtype=args.kv_dtype).format())
         return
     print(plan_checkpoint(ckpt, args.dtype, args.device, kv_dtype=args.kv_dtype).format())
-    print(chat_sampling_line(args.checkpoint))
+    print(chat_sampling_line(args.checkpoint, ckpt.header))
 
 
-def chat_sampling_line(checkpoint):
+def chat_sampling_line(checkpoint, header=None):
     """The sampling `run -m chat` uses for this model without -t / -p, and where it comes from."""
     from .chat_defaults import chat_sampling
-    s = chat_sampling(checkpoint)
+    s = chat_sampling(checkpoint, header)
     return f"chat sampling   temperature {s.temperature}, top-p {s.top_p} ({s.source})"
 
 

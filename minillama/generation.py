@@ -79,7 +79,8 @@ class Llama:
         tokenizer_path = tokenizer_path or ckpt.tokenizer_path
         if tokenizer_path is None:
             raise ArgumentError(f"tokenizer_path: {ckpt_dir} carries no tokenizer; pass one")
-        tokenizer = load_tokenizer(tokenizer_path, vocab_size=ckpt.params.vocab_size)
+        tokenizer = load_tokenizer(tokenizer_path, vocab_size=ckpt.params.vocab_size,
+                                   header=ckpt.header)
         if tensor_parallel is None:
             return Llama(build_model(ckpt, ops, kv_dtype), tokenizer, seed, exact)
         from .parallel.workers import start

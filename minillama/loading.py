@@ -9,8 +9,8 @@
     build_model(ckpt, ops, kv_dtype) -> Transformer of an opened checkpoint, within its plan
 
 Each format module provides `load_<format>(path, max_seq_len, max_batch_size)` returning
-(ModelArgs, weights[, tokenizer path[, which files were read]]). New formats register
-themselves in FORMATS.
+(ModelArgs, weights[, tokenizer path[, which files were read[, the parsed header]]]). New
+formats register themselves in FORMATS.
 """
 import importlib
 import os
@@ -35,6 +35,9 @@ class Checkpoint:
     tokenizer_path: Optional[str] = None   # a tokenizer that ships with the model, if any
     source: Optional[str] = None           # which files were read, where a format has a choice
     plan: Optional[MemoryPlan] = None      # how open_checkpoint stored the weights, and why
+    # the file's header as the reader parsed it, where more than the weights live in it (a
+    # GGUF's GGUFFile: the tokenizer and the chat sampling too), so nothing parses it again
+    header: Optional[object] = None
 
 
 def detect_format(path):
@@ -60,7 +63,9 @@ def read_checkpoint(path, max_seq_len=None, max_batch_size=1):
     params, weights = result[:2]
     tokenizer_path = result[2] if len(result) > 2 else None
     source = result[3] if len(result) > 3 else None
-    return Checkpoint(params, weights, fmt, os.fspath(path), tokenizer_path, source=source)
+    header = result[4] if len(result) > 4 else None
+    return Checkpoint(params, weights, fmt, os.fspath(path), tokenizer_path, source=source,
+                      header=header)
 
 
 def open_checkpoint(path, max_seq_len=None, max_batch_size=1, dtype=None, device=None,

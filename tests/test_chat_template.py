@@ -451,6 +451,30 @@ def test_gguf_sampling_metadata(tmp_path):
     s = chat_sampling(path)
     assert (s.temperature, s.top_p) == (0.7, 0.8)
     assert s.source == f"{path}: general.sampling"
+    from minillama.checkpoints.gguf import read_gguf
+    assert chat_sampling(path, read_gguf(path)) == s      # from the header a reader has parsed
+
+
+# the weights, the tokenizer and the chat sampling are all in a GGUF's header: starting a chat
+# (or info, or complete) parses it once and hands it along (loading.Checkpoint.header)
+GGUF_COMMANDS = {
+    "run-chat": lambda path: ["run", path, "-m", "chat", "-i", QUESTION, "-n", "130"],
+    "info": lambda path: ["info", path],
+    "complete": lambda path: ["complete", "--ckpt_dir", path, "--prompt", QUESTION,
+                              "--max_gen_len", "4"],
+}
+
+
+@pytest.mark.parametrize("command", list(GGUF_COMMANDS))
+def test_a_gguf_header_is_parsed_once(tiny_gguf, monkeypatch, command):
+    from minillama import cli
+    from minillama.checkpoints import gguf
+    parsed, parse = [], gguf._parse
+    monkeypatch.setattr(gguf, "_parse", lambda path, buf: parsed.append(path) or parse(path, buf))
+    monkeypatch.setattr(sys, "stdin", io.StringIO(""))            # the chat ends after one turn
+    monkeypatch.setattr(sys, "stdout", io.TextIOWrapper(io.BytesIO()))
+    assert cli.main(GGUF_COMMANDS[command](str(tiny_gguf))) == 0
+    assert parsed == [str(tiny_gguf)]
 
 
 def test_run_sampling_flags_win():

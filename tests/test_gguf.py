@@ -268,11 +268,13 @@ def test_custom_alignment(tmp_path, tiny_args, alignment):
 
 def test_hyperparameters_and_names(tmp_path, tiny_args):
     path = write_gguf(tmp_path / "m.gguf", tiny_args, random_weights(tiny_args))
-    p, weights, tokenizer_path = mg.load_gguf(path, max_seq_len=20, max_batch_size=3)
+    p, weights, tokenizer_path, source, header = mg.load_gguf(path, max_seq_len=20,
+                                                              max_batch_size=3)
     expected = dict(TINY, max_seq_len=20, max_batch_size=3,
                     norm_eps=float(np.float32(TINY["norm_eps"])))   # stored as float32
     assert {k: getattr(p, k) for k in expected} == expected
-    assert tokenizer_path == str(path)
+    assert tokenizer_path == str(path) and source is None
+    assert header.path == str(path) and header.metadata["general.architecture"] == "llama"
     assert mg.load_gguf(path)[0].max_seq_len == TINY["max_seq_len"]    # context_length
     assert mg.meta_name("blk.12.ffn_gate.weight") == "layers.12.feed_forward.w1.weight"
     assert mg.meta_name("blk.0.attn_output.weight") == "layers.0.attention.wo.weight"
@@ -380,7 +382,7 @@ def test_non_finite_weights_are_refused(tmp_path, tiny_args):
     weights = random_weights(tiny_args)
     weights["layers.0.ffn_norm.weight"][3] = np.nan
     path = write_gguf(tmp_path / "m.gguf", tiny_args, weights)
-    _, lazy, _ = mg.load_gguf(path)                      # the header is fine ...
+    lazy = mg.load_gguf(path)[1]                         # the header is fine ...
     with pytest.raises(CheckpointError, match="ffn_norm.*non-finite"):
         np.asarray(lazy["layers.0.ffn_norm.weight"])     # ... the data is not
 

@@ -303,7 +303,7 @@ def _lazy_tensors(kind, tmp_path):
         p = ModelArgs(**TINY)
         path = write_gguf(tmp_path / "m.gguf", p, random_weights(p, seed=2),
                           gguf.GGMLQuantizationType.Q8_0)
-        _, weights, _ = load_gguf(path)
+        weights = load_gguf(path)[1]
         return {k: w for k, w in weights.items() if len(w.shape) == 2}
     if kind == "safetensors":
         st = pytest.importorskip("safetensors.numpy")

@@ -33,9 +33,10 @@ stores the result as the tensor rope_freqs.weight, one divisor per pair of a hea
 checkpoints/rope.py reads into ModelArgs.rope_freq_factors.
 
     read_gguf(path) -> GGUFFile (metadata, tensor infos; no tensor data read yet)
-    load_gguf(path, max_seq_len, max_batch_size) -> (ModelArgs, weights under Meta's names, path)
-    read_gguf_vocab(path) -> GGUFVocab, the tokenizer.* metadata (minillama.tokenizers builds
-                             the tokenizer from it)
+    load_gguf(path, max_seq_len, max_batch_size) -> (ModelArgs, weights under Meta's names, path,
+                             None, the GGUFFile: the tokenizer and chat defaults read it too)
+    read_gguf_vocab(path, header=None) -> GGUFVocab, the tokenizer.* metadata (minillama.tokenizers
+                             builds the tokenizer from it), from `header` if already parsed
 """
 import functools
 import math
@@ -397,10 +398,12 @@ def gguf_name(name):
 
 
 def load_gguf(path, max_seq_len=None, max_batch_size=1):
-    """(ModelArgs, weights under Meta's names, path) of a `llama` GGUF file. Each weight is a
-    LazyTensor in the tensor's own format (f32, f16, bf16, q8_0, q4_0, q4_1, q2_k .. q6_k): it
-    is read when stored, as its blocks or as float32 as dtypes.py decides, so memory can be
-    planned first. The path comes back as the model's tokenizer: it is in the metadata."""
+    """(ModelArgs, weights under Meta's names, path, None, header) of a `llama` GGUF file. Each
+    weight is a LazyTensor in the tensor's own format (f32, f16, bf16, q8_0, q4_0, q4_1, q2_k ..
+    q6_k): it is read when stored, as its blocks or as float32 as dtypes.py decides, so memory
+    can be planned first. The path comes back as the model's tokenizer: it is in the metadata,
+    which comes back too, as the parsed header (GGUFFile), for the tokenizer and the chat
+    defaults to read without parsing the file again (None: no choice of files to report)."""
     gf = read_gguf(path)
     p = model_args(gf, max_seq_len, max_batch_size)
     infos = {}
@@ -425,7 +428,7 @@ def load_gguf(path, max_seq_len=None, max_batch_size=1):
                                   functools.partial(np.memmap, gf.path, np.uint8, "r",
                                                     info.offset, (info.nbytes,)))
             for info in infos.values()}
-    return p, {meta: lazy[info.name] for meta, info in infos.items()}, gf.path
+    return p, {meta: lazy[info.name] for meta, info in infos.items()}, gf.path, None, gf
 
 
 def is_gguf(path):
@@ -460,11 +463,12 @@ class GGUFVocab:
 VOCAB_MODELS = ("gpt2", "llama")
 
 
-def read_gguf_vocab(path):
+def read_gguf_vocab(path, header=None):
     """The tokenizer.* metadata of a GGUF file, every field checked for its type; a problem is
-    a TokenizerError, since the file is being read for its tokenizer."""
+    a TokenizerError, since the file is being read for its tokenizer. header: the file's
+    GGUFFile where the model's reader has parsed it already (else it is parsed here)."""
     try:
-        gf = read_gguf(path)
+        gf = header or read_gguf(path)
     except CheckpointError as e:
         raise TokenizerError(str(e)) from None
     model = gf.metadata.get("tokenizer.ggml.model")

@@ -12,9 +12,10 @@ from .sentencepiece import SP_SPACE
 from .tiktoken import STOP_TOKENS as LLAMA3_STOP_TOKENS
 
 
-def gguf_tokenizer(path):
-    """The tokenizer in the metadata of the GGUF file at `path`."""
-    vocab = read_gguf_vocab(path)
+def gguf_tokenizer(path, header=None):
+    """The tokenizer in the metadata of the GGUF file at `path` (header: its GGUFFile, if the
+    model's reader has parsed it already)."""
+    vocab = read_gguf_vocab(path, header)
     return {"gpt2": _bpe_tokenizer, "llama": _llama_tokenizer}[vocab.model](vocab)
 
 

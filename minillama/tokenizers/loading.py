@@ -30,9 +30,23 @@ FORMATS = [
 ]
 
 
-def load_tokenizer(path, vocab_size=None):
-    """The tokenizer in `path`, whatever its format; checks it has `vocab_size` tokens if given."""
+def load_tokenizer(path, vocab_size=None, header=None):
+    """The tokenizer in `path`, whatever its format; checks it has `vocab_size` tokens if given.
+    header: the GGUF header the model's reader parsed (loading.Checkpoint.header); when `path`
+    is that file, its vocabulary is read from it, not parsed a second time."""
     path = os.fspath(path)
+    if header is not None and header.path == path:
+        tokenizer = gguf_tokenizer(path, header)
+    else:
+        tokenizer = read_tokenizer(path)
+    if vocab_size is not None and tokenizer.n_words != vocab_size:
+        raise TokenizerError(f"tokenizer {path} has {tokenizer.n_words} tokens but the model's "
+                             f"vocab_size is {vocab_size}")
+    return tokenizer
+
+
+def read_tokenizer(path):
+    """The tokenizer in the file `path`: the first format whose probe and builder accept it."""
     if not os.path.exists(path):
         raise TokenizerError(f"{path}: no such tokenizer file")
     if os.path.isdir(path):
@@ -53,7 +67,4 @@ def load_tokenizer(path, vocab_size=None):
             raise errors[0]
         names = ", ".join(fmt.name for fmt in FORMATS)
         raise TokenizerError(f"{path}: not a tokenizer minillama knows (expected one of: {names})")
-    if vocab_size is not None and tokenizer.n_words != vocab_size:
-        raise TokenizerError(f"tokenizer {path} has {tokenizer.n_words} tokens but the model's "
-                             f"vocab_size is {vocab_size}")
     return tokenizer
