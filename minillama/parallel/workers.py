@@ -217,7 +217,6 @@ class TensorParallel:
         try:
             message = self.conns[r].recv()
         except (EOFError, OSError):
-            self.procs[r].join(1.0)
             self._fail_dead(r)
         if message[0] == "error":
             self.close(kill=True)
@@ -229,6 +228,9 @@ class TensorParallel:
 
     def _fail_dead(self, rank):
         proc = self.procs[rank]
+        # a process's sentinel fires (and its pipe closes) a moment before its exit status can
+        # be read: without the join, "killed by signal 9" could read "its pipe closed"
+        proc.join(1.0)
         code = proc.exitcode
         how = (f"killed by signal {-code}" if code is not None and code < 0
                else f"exit status {code}" if code is not None else "its pipe closed")
