@@ -179,7 +179,7 @@ __device__ __forceinline__ void weighted_values(const float* p, int n_keys, floa
 #pragma unroll
             for (int j = 0; j < WIDTH; ++j) acc[j] += pt * v[j];
         }
-        if (WIDTH == 4)                                    // one 16-byte store
+        if (WIDTH == 4)                  // one 16-byte store (head_dim % 4 == 0: aligned)
             reinterpret_cast<float4*>(partial)[grp * pieces + piece] =
                 make_float4(acc[0], acc[1], acc[2], acc[3]);
         else
