@@ -135,6 +135,65 @@ __device__ __forceinline__ void rotate_pair(const float* x, const float* __restr
     out[1] = x0 * s + x1 * c;
 }
 
+// ---- steps 3 and 4 over one block: softmax, then the weighted sum of the values ---------------
+// Shared with persistent.cu's attend, which runs them on its own scores and cache (compiled
+// after this file). The scores themselves are computed by each kernel its own way (see step 2).
+
+// scores[0 .. n_keys) -> exp(score - max) in place (softmax's numerators); returns their sum.
+// Thread tid wrote scores tid, tid + blockDim, ... and m is its max of them: each thread
+// exponentiates its own, so only the block reductions (reduce.cu) need barriers.
+__device__ __forceinline__ float softmax_numerators(float* scores, int n_keys, float m,
+                                                    float* scratch) {
+    m = block_max(m, scratch);
+    float sum = 0.0f;
+    for (int t = threadIdx.x; t < n_keys; t += blockDim.x) {
+        const float e = expf(scores[t] - m);
+        scores[t] = e;
+        sum += e;
+    }
+    return block_sum(sum, scratch);                        // its barrier publishes scores[]
+}
+
+// out[at + d] = sum_t p[t] v_t[d] / sum, d < head_dim. Threads split as (group, piece): piece i
+// covers v[WIDTH i .. WIDTH i + WIDTH - 1] and group g sums p_t v_t over t = g, g + groups, ...;
+// consecutive threads read consecutive pieces of one row (coalesced). The groups' partials meet
+// in `partial` (WIDTH * blockDim floats) and are added in a fixed order. value(t, piece, v)
+// loads piece `piece` of v_t into float v[WIDTH]: where the row lives and how it is read is the
+// caller's. UNROLL unrolls the loop over t: 4 in attention_decode; 1 in persistent.cu's attend,
+// whose registers are short (unrolled by 4, decode_persistent<8> spills).
+template <int WIDTH, int UNROLL, typename Value>
+__device__ __forceinline__ void weighted_values(const float* p, int n_keys, float sum,
+                                                int head_dim, float* partial, float* out,
+                                                size_t at, Value value) {
+    const int tid = threadIdx.x, pieces = head_dim / WIDTH;
+    const int groups = blockDim.x / pieces, grp = tid / pieces, piece = tid % pieces;
+    if (grp < groups) {
+        float acc[WIDTH];
+#pragma unroll
+        for (int j = 0; j < WIDTH; ++j) acc[j] = 0.0f;
+#pragma unroll UNROLL
+        for (int t = grp; t < n_keys; t += groups) {
+            float v[WIDTH];
+            value(t, piece, v);
+            const float pt = p[t];
+#pragma unroll
+            for (int j = 0; j < WIDTH; ++j) acc[j] += pt * v[j];
+        }
+        if (WIDTH == 4)                  // one 16-byte store (head_dim % 4 == 0: aligned)
+            reinterpret_cast<float4*>(partial)[grp * pieces + piece] =
+                make_float4(acc[0], acc[1], acc[2], acc[3]);
+        else
+#pragma unroll
+            for (int j = 0; j < WIDTH; ++j) partial[grp * head_dim + piece * WIDTH + j] = acc[j];
+    }
+    __syncthreads();
+    for (int d = tid; d < head_dim; d += blockDim.x) {
+        float total = 0.0f;
+        for (int i = 0; i < groups; ++i) total += partial[i * head_dim + d];
+        out[at + d] = total / sum;
+    }
+}
+
 template <int WIDTH, typename T>
 __global__ void __launch_bounds__(256)
 attention_decode(const float* __restrict__ qkv, const int* __restrict__ step,
@@ -184,7 +243,10 @@ attention_decode(const float* __restrict__ qkv, const int* __restrict__ step,
     }
     __syncthreads();
 
-    // 2. scores of keys 0 .. pos (pos: the new key, from shared memory) and their max
+    // 2. scores of keys 0 .. pos (pos: the new key, from shared memory) and their max. Not
+    //    shared with persistent.cu's attend: its dot products read 8 float4s at a time through
+    //    L2 and add each float4's four products before adding them to the sum, where dot_row
+    //    adds product by product; one function would change one kernel's rounding.
     float m = neg_inf();
     for (int t = tid; t < n_keys; t += blockDim.x) {
         const float dot = t == pos ? dot_row<WIDTH, false>(qs, ks, pieces)
@@ -192,41 +254,18 @@ attention_decode(const float* __restrict__ qkv, const int* __restrict__ step,
         scores[t] = dot;
         m = fmaxf(m, dot);
     }
-    m = block_max(m, scratch);
 
     // 3. softmax's numerators and sum
-    float sum = 0.0f;
-    for (int t = tid; t < n_keys; t += blockDim.x) {
-        const float e = expf(scores[t] - m);
-        scores[t] = e;
-        sum += e;
-    }
-    sum = block_sum(sum, scratch);                         // its barrier publishes scores[]
+    const float sum = softmax_numerators(scores, n_keys, m, scratch);
 
-    // 4. sum_t p_t v_t, groups of threads over t, then the groups' partials added
-    const int groups = blockDim.x / pieces, grp = tid / pieces, piece = tid % pieces;
-    if (grp < groups) {
-        float acc[WIDTH];
-#pragma unroll
-        for (int j = 0; j < WIDTH; ++j) acc[j] = 0.0f;
-#pragma unroll 4
-        for (int t = grp; t < n_keys; t += groups) {
-            float v[WIDTH];
-            if (t == pos)
-                load_w<WIDTH>(vs + piece * WIDTH, v);
-            else
-                load_w<WIDTH, true>(values + t * row_stride + piece * WIDTH, v);
-            const float p = scores[t];
-#pragma unroll
-            for (int j = 0; j < WIDTH; ++j) acc[j] += p * v[j];
-        }
-#pragma unroll
-        for (int j = 0; j < WIDTH; ++j) partial[grp * head_dim + piece * WIDTH + j] = acc[j];
-    }
-    __syncthreads();
-    for (int d = tid; d < head_dim; d += blockDim.x) {
-        float total = 0.0f;
-        for (int i = 0; i < groups; ++i) total += partial[i * head_dim + d];
-        out[(size_t)b * n_heads * head_dim + h * head_dim + d] = total / sum;
-    }
+    // 4. sum_t p_t v_t / sum, the new value (t = pos) from shared memory
+    weighted_values<WIDTH, 4>(scores, n_keys, sum, head_dim, partial, out,
+                              (size_t)b * n_heads * head_dim + h * head_dim,
+                              [&](int t, int piece, float* v) {
+                                  if (t == pos)
+                                      load_w<WIDTH>(vs + piece * WIDTH, v);
+                                  else
+                                      load_w<WIDTH, true>(values + t * row_stride + piece * WIDTH,
+                                                          v);
+                              });
 }

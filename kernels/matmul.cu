@@ -545,6 +545,73 @@ __device__ __forceinline__ void v5_dequant(const uint4& q, int h, unsigned int d
     out[1] = make_uint4(v[4], v[5], v[6], v[7]);
 }
 
+// ---- the tile loaders of gemm_v5 and gemm_v6 -------------------------------------------------
+// Both kernels lay out a pipeline stage the same way: A's rows of the k-tile (64 bytes each, BK =
+// 32 values) at the stage's start, then W's rows, each row's four 16-byte chunks swizzled
+// (v5_swizzle). Only the block's thread count and tile origin differ, so they are arguments.
+
+// ROWS rows of a 16-bit matrix X (n_rows x K, row-major) from row r0, k-tile t, into the tile at
+// shared address smem + offset, by cp.async: ROWS x 4 chunks of 16 bytes over THREADS threads.
+// Rows past n_rows and k past K are zero-filled. Loads A, and a float16/bfloat16 W. (smem and
+// offset come apart, and are added to the swizzle in that order, as the kernels did before these
+// loaders were shared: with the tile's address summed first, ptxas spilled gemm_v6's float16
+// and bfloat16 instances.)
+template <int ROWS, int THREADS>
+__device__ __forceinline__ void v5_load_tile(unsigned int smem, unsigned int offset,
+                                             const unsigned short* X, int r0, int n_rows, int K,
+                                             int t, int tid) {
+#pragma unroll
+    for (int i = 0; i < ROWS * 4 / THREADS; ++i) {
+        const int c = tid + i * THREADS, r = c >> 2, kc = c & 3;
+        const int row = r0 + r, k = t * 32 + kc * 8;
+        const bool ok = row < n_rows && k < K;
+        cp_async16(smem + offset + v5_swizzle(r, kc), ok ? X + (size_t)row * K + k : X,
+                   ok ? 16 : 0);
+    }
+}
+
+// A packed W (format WF) in two steps, so its loads fly a whole tile before their values are
+// needed: fetch reads block t of rows n0 .. n0 + BN - 1 into registers, as 2 BN items (row,
+// half) dealt to THREADS threads; store unpacks them (v5_dequant) into the W tile at shared
+// address smem + offset. nb: blocks per row (K / 32).
+template <int WF, int BN, int THREADS>
+struct V5PackedW {
+    static constexpr int ITEMS = 2 * BN / THREADS;    // half-blocks of W per thread per tile
+    uint4 q[ITEMS];                                   // codes: the block's 16 bytes (q4), or
+    unsigned short d[ITEMS], m[ITEMS];                // the half's 16 (q8); scale, min (Q4_1)
+
+    __device__ __forceinline__ void fetch(const void* __restrict__ Wq,
+                                          const unsigned short* __restrict__ Wd,
+                                          const unsigned short* __restrict__ Wm, int n0, int N,
+                                          int nb, int t, int tid) {
+#pragma unroll
+        for (int i = 0; i < ITEMS; ++i) {
+            const int it = tid + i * THREADS, n = n0 + (it >> 1), h = it & 1;
+            q[i] = make_uint4(0, 0, 0, 0);
+            d[i] = m[i] = 0;
+            if (n < N) {
+                const size_t blk = (size_t)n * nb + t;
+                const uint4* qs = static_cast<const uint4*>(Wq);
+                q[i] = __ldg(WF == V5_Q8_0 ? qs + 2 * blk + h : qs + blk);
+                d[i] = __ldg(Wd + blk);
+                if (WF == V5_Q4_1) m[i] = __ldg(Wm + blk);
+            }
+        }
+    }
+
+    __device__ __forceinline__ void store(unsigned int smem, unsigned int offset, int tid) const {
+#pragma unroll
+        for (int i = 0; i < ITEMS; ++i) {
+            const int it = tid + i * THREADS, r = it >> 1, h = it & 1;
+            uint4 out[2];
+            v5_dequant<WF>(q[i], h, d[i] * 0x10001u, m[i] * 0x10001u, out);
+            const unsigned int base = smem + offset;
+            st_shared16(base + v5_swizzle(r, 2 * h), out[0]);
+            st_shared16(base + v5_swizzle(r, 2 * h + 1), out[1]);
+        }
+    }
+};
+
 template <int BM, int BN, int STAGES, int WF>
 __global__ void __launch_bounds__(256, BN <= 128 ? 2 : 1)
 gemm_v5(const unsigned short* __restrict__ A, const void* __restrict__ Wq,
@@ -555,7 +622,6 @@ gemm_v5(const unsigned short* __restrict__ A, const void* __restrict__ Wq,
     constexpr int MI = WM / 16, NI = WN / 8;            // mma tiles per warp per k-step
     constexpr int A_BYTES = BM * BK * 2, STAGE_BYTES = (BM + BN) * BK * 2;
     constexpr bool BF16 = WF == V5_BF16, PACKED = WF >= V5_Q8_0;
-    constexpr int P_ITEMS = PACKED ? 2 * BN / 256 : 1;  // half-blocks of W per thread per tile
     static_assert(NI % 2 == 0 && BM % 64 == 0 && BN % 128 == 0, "tile shape");
     extern __shared__ __align__(128) unsigned char gemm_v5_smem[];
     const unsigned int smem = smem_addr(gemm_v5_smem);
@@ -564,58 +630,18 @@ gemm_v5(const unsigned short* __restrict__ A, const void* __restrict__ Wq,
     const int m0 = blockIdx.y * BM, n0 = blockIdx.x * BN;
     const int T = (K + BK - 1) / BK, nb = K / 32;       // k-tiles; blocks per row (packed)
 
-    // A tile t -> stage s, by cp.async: BM rows x 4 chunks of 16 bytes
+    // The tile loaders (v5_load_tile, V5PackedW): tile t of A, or of a float16/bfloat16 W, into
+    // stage s by cp.async; a packed W fetched into registers, then unpacked into stage s
     auto load_a = [&](int s, int t) {
-#pragma unroll
-        for (int i = 0; i < BM * 4 / 256; ++i) {
-            const int c = tid + i * 256, r = c >> 2, kc = c & 3;
-            const int m = m0 + r, k = t * BK + kc * 8;
-            const bool ok = m < M && k < K;
-            cp_async16(smem + s * STAGE_BYTES + v5_swizzle(r, kc),
-                       ok ? A + (size_t)m * K + k : A, ok ? 16 : 0);
-        }
+        v5_load_tile<BM, 256>(smem, s * STAGE_BYTES, A, m0, M, K, t, tid);
     };
-    // W tile t of a float16/bfloat16 W -> stage s, the same way
     auto load_w = [&](int s, int t) {
-        const unsigned short* W = static_cast<const unsigned short*>(Wq);
-#pragma unroll
-        for (int i = 0; i < BN * 4 / 256; ++i) {
-            const int c = tid + i * 256, r = c >> 2, kc = c & 3;
-            const int n = n0 + r, k = t * BK + kc * 8;
-            const bool ok = n < N && k < K;
-            cp_async16(smem + s * STAGE_BYTES + A_BYTES + v5_swizzle(r, kc),
-                       ok ? W + (size_t)n * K + k : W, ok ? 16 : 0);
-        }
+        v5_load_tile<BN, 256>(smem, s * STAGE_BYTES + A_BYTES,
+                              static_cast<const unsigned short*>(Wq), n0, N, K, t, tid);
     };
-    // Packed W: block t of each row into registers (item = (row, half)), then unpacked to smem
-    uint4 pq[P_ITEMS];
-    unsigned short pd[P_ITEMS], pm[P_ITEMS];
-    auto fetch_w = [&](int t) {
-#pragma unroll
-        for (int i = 0; i < P_ITEMS; ++i) {
-            const int it = tid + i * 256, n = n0 + (it >> 1), h = it & 1;
-            pq[i] = make_uint4(0, 0, 0, 0);
-            pd[i] = pm[i] = 0;
-            if (n < N) {
-                const size_t blk = (size_t)n * nb + t;
-                const uint4* q = static_cast<const uint4*>(Wq);
-                pq[i] = __ldg(WF == V5_Q8_0 ? q + 2 * blk + h : q + blk);
-                pd[i] = __ldg(Wd + blk);
-                if (WF == V5_Q4_1) pm[i] = __ldg(Wm + blk);
-            }
-        }
-    };
-    auto store_w = [&](int s) {
-#pragma unroll
-        for (int i = 0; i < P_ITEMS; ++i) {
-            const int it = tid + i * 256, r = it >> 1, h = it & 1;
-            uint4 out[2];
-            v5_dequant<WF>(pq[i], h, pd[i] * 0x10001u, pm[i] * 0x10001u, out);
-            const unsigned int base = smem + s * STAGE_BYTES + A_BYTES;
-            st_shared16(base + v5_swizzle(r, 2 * h), out[0]);
-            st_shared16(base + v5_swizzle(r, 2 * h + 1), out[1]);
-        }
-    };
+    V5PackedW<WF, BN, 256> packed_w;
+    auto fetch_w = [&](int t) { packed_w.fetch(Wq, Wd, Wm, n0, N, nb, t, tid); };
+    auto store_w = [&](int s) { packed_w.store(smem, s * STAGE_BYTES + A_BYTES, tid); };
 
     float acc[MI][NI][4];
 #pragma unroll
@@ -745,7 +771,6 @@ gemm_v6(const unsigned short* __restrict__ A, const void* __restrict__ Wq,
     constexpr int A_BYTES = BM * BK * 2, STAGE_BYTES = (BM + BN) * BK * 2;
     constexpr bool BF16 = WF == V5_BF16, PACKED = WF >= V5_Q8_0;
     constexpr int THREADS = BM * BN / (64 * 64) * 32;   // a warp per 64 x 64 tile of C
-    constexpr int P_ITEMS = PACKED ? 2 * BN / THREADS : 1;   // half-blocks of W per thread
     static_assert((THREADS == 256 || THREADS == 128) && BN % 128 == 0 && STAGES >= 3, "tiles");
     extern __shared__ __align__(128) unsigned char gemm_v6_smem[];
     const unsigned int smem = smem_addr(gemm_v6_smem);
@@ -756,58 +781,19 @@ gemm_v6(const unsigned short* __restrict__ A, const void* __restrict__ Wq,
     const int m0 = tm * BM, n0 = tn * BN;
     const int T = (K + BK - 1) / BK, nb = K / 32;       // k-tiles; blocks per row (packed)
 
-    // The loaders are v5's: A tile t -> stage s, by cp.async, BM rows x 4 chunks of 16 bytes
+    // The loaders are v5's (v5_load_tile, V5PackedW), for THREADS threads: tile t of A, or of a
+    // float16/bfloat16 W, into stage s by cp.async; a packed W fetched into registers, then
+    // unpacked into stage s
     auto load_a = [&](int s, int t) {
-#pragma unroll
-        for (int i = 0; i < BM * 4 / THREADS; ++i) {
-            const int c = tid + i * THREADS, r = c >> 2, kc = c & 3;
-            const int m = m0 + r, k = t * BK + kc * 8;
-            const bool ok = m < M && k < K;
-            cp_async16(smem + s * STAGE_BYTES + v5_swizzle(r, kc),
-                       ok ? A + (size_t)m * K + k : A, ok ? 16 : 0);
-        }
+        v5_load_tile<BM, THREADS>(smem, s * STAGE_BYTES, A, m0, M, K, t, tid);
     };
-    // W tile t of a float16/bfloat16 W -> stage s, the same way
     auto load_w = [&](int s, int t) {
-        const unsigned short* W = static_cast<const unsigned short*>(Wq);
-#pragma unroll
-        for (int i = 0; i < BN * 4 / THREADS; ++i) {
-            const int c = tid + i * THREADS, r = c >> 2, kc = c & 3;
-            const int n = n0 + r, k = t * BK + kc * 8;
-            const bool ok = n < N && k < K;
-            cp_async16(smem + s * STAGE_BYTES + A_BYTES + v5_swizzle(r, kc),
-                       ok ? W + (size_t)n * K + k : W, ok ? 16 : 0);
-        }
+        v5_load_tile<BN, THREADS>(smem, s * STAGE_BYTES + A_BYTES,
+                                  static_cast<const unsigned short*>(Wq), n0, N, K, t, tid);
     };
-    // Packed W: block t of each row into registers (item = (row, half)), then unpacked to smem
-    uint4 pq[P_ITEMS];
-    unsigned short pd[P_ITEMS], pm[P_ITEMS];
-    auto fetch_w = [&](int t) {
-#pragma unroll
-        for (int i = 0; i < P_ITEMS; ++i) {
-            const int it = tid + i * THREADS, n = n0 + (it >> 1), h = it & 1;
-            pq[i] = make_uint4(0, 0, 0, 0);
-            pd[i] = pm[i] = 0;
-            if (n < N) {
-                const size_t blk = (size_t)n * nb + t;
-                const uint4* q = static_cast<const uint4*>(Wq);
-                pq[i] = __ldg(WF == V5_Q8_0 ? q + 2 * blk + h : q + blk);
-                pd[i] = __ldg(Wd + blk);
-                if (WF == V5_Q4_1) pm[i] = __ldg(Wm + blk);
-            }
-        }
-    };
-    auto store_w = [&](int s) {
-#pragma unroll
-        for (int i = 0; i < P_ITEMS; ++i) {
-            const int it = tid + i * THREADS, r = it >> 1, h = it & 1;
-            uint4 out[2];
-            v5_dequant<WF>(pq[i], h, pd[i] * 0x10001u, pm[i] * 0x10001u, out);
-            const unsigned int base = smem + s * STAGE_BYTES + A_BYTES;
-            st_shared16(base + v5_swizzle(r, 2 * h), out[0]);
-            st_shared16(base + v5_swizzle(r, 2 * h + 1), out[1]);
-        }
-    };
+    V5PackedW<WF, BN, THREADS> packed_w;
+    auto fetch_w = [&](int t) { packed_w.fetch(Wq, Wd, Wm, n0, N, nb, t, tid); };
+    auto store_w = [&](int s) { packed_w.store(smem, s * STAGE_BYTES + A_BYTES, tid); };
 
     // Fragments of k-step kk of the tile in stage s, into register buffer `buf` (v5's ldmatrix)
     unsigned int a[2][MI][4], b[2][NI][2];

@@ -260,7 +260,8 @@ __device__ void stage_qkv(const float* __restrict__ wqkv, int K, const float* xs
 // ---- attention of one query head of one row -------------------------------------------------
 // attention_decode of decode.cu without its RoPE (the qkv stage did it), reduced to float32
 // caches and head_dim % 4 == 0, with every load of q and the cache through L2 (they were
-// written during this launch). smem: head_dim + 4 * blockDim + max_seq floats.
+// written during this launch): its own scores, then decode.cu's softmax_numerators and
+// weighted_values. smem: head_dim + 4 * blockDim + max_seq floats.
 __device__ void attend(int h, int b, const float* q, const float* cache_k, const float* cache_v,
                        float* att, int n_keys, int n_heads, int n_kv_heads, int head_dim,
                        int max_seq, float scale, float* smem, float* scratch) {
@@ -278,6 +279,9 @@ __device__ void attend(int h, int b, const float* q, const float* cache_k, const
         qs[d] = __ldcg(q + (size_t)b * n_heads * head_dim + h * head_dim + d) * scale;
     __syncthreads();
 
+    // The scores: not decode.cu's dot_row, which adds product by product where this adds each
+    // float4's four products first (and reads 16 pieces at a time through __ldg, where a cache
+    // written during this launch must be read through L2): sharing it would change the rounding.
     float m = neg_inf();
     for (int t = tid; t < n_keys; t += blockDim.x) {
         const float4* k4 = reinterpret_cast<const float4*>(keys + t * row_stride);
@@ -298,32 +302,16 @@ __device__ void attend(int h, int b, const float* q, const float* cache_k, const
         scores[t] = dot;
         m = fmaxf(m, dot);
     }
-    m = block_max(m, scratch);
-    float sum = 0.0f;
-    for (int t = tid; t < n_keys; t += blockDim.x) {
-        const float e = expf(scores[t] - m);
-        scores[t] = e;
-        sum += e;
-    }
-    sum = block_sum(sum, scratch);                       // its barrier publishes scores[]
-
-    const int groups = blockDim.x / pieces, grp = tid / pieces, piece = tid % pieces;
-    if (grp < groups) {
-        float4 acc = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-        for (int t = grp; t < n_keys; t += groups) {
-            const float4 v = __ldcg(reinterpret_cast<const float4*>(values + t * row_stride)
-                                    + piece);
-            const float p = scores[t];
-            acc.x += p * v.x; acc.y += p * v.y; acc.z += p * v.z; acc.w += p * v.w;
-        }
-        reinterpret_cast<float4*>(partial)[grp * pieces + piece] = acc;
-    }
-    __syncthreads();
-    for (int d = tid; d < head_dim; d += blockDim.x) {
-        float total = 0.0f;
-        for (int i = 0; i < groups; ++i) total += partial[i * head_dim + d];
-        att[(size_t)b * n_heads * head_dim + h * head_dim + d] = total / sum;
-    }
+    // softmax and the values' weighted sum are attention_decode's (decode.cu), the loop over the
+    // values not unrolled (UNROLL 1): unrolled, decode_persistent<8> spills
+    const float sum = softmax_numerators(scores, n_keys, m, scratch);
+    weighted_values<4, 1>(scores, n_keys, sum, head_dim, partial, att,
+                          (size_t)b * n_heads * head_dim + h * head_dim,
+                          [&](int t, int piece, float* v) {     // v_t's piece, through L2
+                              const float4 x = __ldcg(reinterpret_cast<const float4*>(
+                                                          values + t * row_stride) + piece);
+                              v[0] = x.x; v[1] = x.y; v[2] = x.z; v[3] = x.w;
+                          });
     __syncthreads();                                     // smem is reused by the next item
 }
 
