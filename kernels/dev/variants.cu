@@ -1,13 +1,17 @@
-// Candidate next version of qgemv for batches (issue 10), compiled only by
+// Candidate next versions of qgemv (issue 10), compiled only by
 // kernels/dev/bench_variants.py after the package's kernels/*.cu (it uses their helpers: q_word,
-// qgemv_inv_rms, gemv_x4, byte_perm, f16_lo, the GEMV_* prologues, and qgemv_v2's F32_MAGIC and
-// magic_code from qgemv.cu). Nothing here is launched by minillama: measured on an H200
-// (docs/kernels.md, "qgemv v2 and the batches"), it loses to qgemv v1 at every batch.
+// qgemv_inv_rms, gemv_x4, byte_perm, f16_lo, the GEMV_* prologues, qgemv_v2's F32_MAGIC,
+// magic_code and format structs, qgemv_warp_sums from qgemv.cu, the cp.async wrappers of
+// matmul.cu). Nothing here is launched by minillama: measured on an H200 (docs/kernels.md,
+// "qgemv v2 and the batches"), qgemv_tc loses to qgemv v1 at every batch.
 //
 //   qgemv_tc<F, NB>                 batches of 1..8 NB rows on the tensor cores: mma.sync
 //       m16n8k8 in TF32 with the weights' codes as the A operand (exact in TF32) and x split
 //       into a TF32 "hi" and "lo" part (two mma's), so the products keep ~22 bits of x and the
 //       sums are float32: the 1e-5 bound of the float32 GEMV still holds.
+//   qgemv_v3<F, NR, STAGES>         batch 1 (q4_0, q8_0, f16): v2's unpacking, the weights and
+//       their scales streamed through a per-warp cp.async pipeline in shared memory instead of
+//       registers, so that many KiB are in flight per SM (issue 10). Not measured yet.
 //
 // (qgemv_v2, the other candidate of the same GPU run, won at batch 1 and for float32 batches:
 // it moved to kernels/qgemv.cu.)
@@ -356,8 +360,10 @@ qgemv_tc(const float* __restrict__ X, const uint4* __restrict__ qs,
 // 4 K bytes of x per block: two blocks per SM up to K = 11008 (202 KiB), so 16 warps x 2 steps
 // x 2.3 KiB = 74 KiB in flight per SM, against v2's 64 KiB at best and ~32 KiB that 4.2 TB/s at
 // ~1 us of latency needs; 4 stages (8 warps: one block per SM at K = 11008) or 4 warps and more
-// stages are the other shapes timed. Registers: the codes of one step (NR x 4), NR partial sums
-// and accumulators, one float4 of x: ~40 (ptxas: see docs/kernels.md), no spills.
+// stages are the other shapes timed. Registers (NVRTC for sm_90, ptxas): q4_0 127 to 128 (the
+// launch bounds' cap for two blocks of 256; ptxas keeps a step's unpacked pieces and x float4s
+// in flight), q8_0 70 to 80, f16 54 to 64; no spills in any of the 12 instances. So two blocks
+// of 8 warps per SM, where the shared memory allows, or four of 4 warps.
 //
 // The x side. x is staged once per block, piece-major as v2 (a lane's float4 of piece p of load
 // c at xs[p CH + c]: 32 lanes read 512 contiguous bytes, no bank conflicts), and each float4 of
@@ -375,8 +381,9 @@ qgemv_tc(const float* __restrict__ X, const uint4* __restrict__ qs,
 // mostly the first loads' latency and the block's staging of x, so 0.45 to 0.6. The Llama-2-7B
 // decode weighted by bytes: ~0.65 for q4_0, ~0.75 for q8_0. Not measured yet.
 //
-// Arguments: qs the codes (f16: the values), d the float16 scales (any pointer for f16), Y (N)
-// float32; one row of x (K floats), K % 32 == 0. Block: 32 x warps threads (warps <= 8); grid:
+// Arguments: qs the codes (f16: the values), d the float16 scales (any pointer for f16), both
+// 16-byte aligned (CuPy's allocations are), Y (N) float32; one row of x (K floats), K % 32 == 0,
+// K up to what the shared memory leaves (~39000 at 8 warps x 4 stages; every Llama K fits). Block: 32 x warps threads (warps <= 8); grid:
 // any number of blocks; dynamic shared memory: 4 K + warps x STAGES x v3_slot_bytes<F, NR>().
 
 template <class F, int NR>
