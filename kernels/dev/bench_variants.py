@@ -500,7 +500,7 @@ def check_all(M_, ch, rng, log, only=Only()):
         if not (only.family("v2") or only.family("tc")):
             break
         w, w64 = random_weight(fmt, N, K, rng)
-        for M in (1, 5, 8):
+        for M in only.batches((1, 5, 8)):
             x = rng.standard_normal((M, K), dtype=np.float32)
             g = (1 + 0.1 * rng.standard_normal(K)).astype(np.float32)
             h = (2 * rng.standard_normal((M, 2 * K))).astype(np.float32)

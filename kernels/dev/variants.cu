@@ -375,25 +375,28 @@ qgemv_tc(const float* __restrict__ X, const uint4* __restrict__ qs,
 // is 4 rows (8 is timed too).
 //
 // What to expect: the tall matrices (w13, the classifier, wqkv) streamed near the copy
-// bandwidth, say 0.7 to 0.8 for q4_0 (the arithmetic stays ~3.1 instructions per weight plus
-// ~0.1 for the copies, and the loads no longer wait for the unpacking); w2 and wo (4096 rows:
-// 1024 tiles, one or none per warp) stay short of that: their time is a few steps per warp,
+// bandwidth, say 0.7 to 0.8 for q4_0 (a step of 4 rows is 478 PTX instructions for 128
+// weights, 3.7 per weight: 3 for the magic and the FMA, the rest addresses, scales and copies;
+// under the 4.4 budget, with less margin than v2's ~3.1, but the loads no longer wait for the
+// unpacking); w2 and wo (4096 rows:
+// 1024 tiles, at most one per warp) stay short of that: their time is a few steps per warp,
 // mostly the first loads' latency and the block's staging of x, so 0.45 to 0.6. The Llama-2-7B
 // decode weighted by bytes: ~0.65 for q4_0, ~0.75 for q8_0. Not measured yet.
 //
 // Arguments: qs the codes (f16: the values), d the float16 scales (any pointer for f16), both
 // 16-byte aligned (CuPy's allocations are), Y (N) float32; one row of x (K floats), K % 32 == 0,
-// K up to what the shared memory leaves (~39000 at 8 warps x 4 stages; every Llama K fits). Block: 32 x warps threads (warps <= 8); grid:
-// any number of blocks; dynamic shared memory: 4 K + warps x STAGES x v3_slot_bytes<F, NR>().
+// K up to what the shared memory leaves (~39000 at 8 warps x 4 stages; every Llama K fits).
+// Block: 32 x warps threads (warps <= 8); grid: any number of blocks; dynamic shared memory:
+// 4 K + warps x STAGES x v3_slot_bytes<F, NR>() bytes.
 
-template <class F, int NR>
+template <class F>
 __host__ __device__ constexpr int v3_spieces() {        // 16-byte scale pieces per row and slice
     return F::LOADS_PER_BLOCK > 0 ? 32 / F::LOADS_PER_BLOCK * 2 / 16 + 1 : 0;
 }
 
 template <class F, int NR>
 __host__ __device__ constexpr int v3_slot_bytes() {     // one step: the codes, then the scales
-    return NR * 512 + NR * v3_spieces<F, NR>() * 16;
+    return NR * 512 + NR * v3_spieces<F>() * 16;
 }
 
 template <class F, int NR, int STAGES>
@@ -407,7 +410,7 @@ qgemv_v3(const float* __restrict__ X, const uint4* __restrict__ qs,
     constexpr int PIECES = F::WEIGHTS / 4;          // float4s of x per 16-byte load
     constexpr int LPB = SCALED ? F::LOADS_PER_BLOCK : 1;      // 16-byte loads per scale
     constexpr int SB = 32 / LPB;                    // scales per row and slice (if SCALED)
-    constexpr int SPIECES = v3_spieces<F, NR>(), CODES = NR * 512, SLOT = v3_slot_bytes<F, NR>();
+    constexpr int SPIECES = v3_spieces<F>(), CODES = NR * 512, SLOT = v3_slot_bytes<F, NR>();
     constexpr int SPIECES_ = SPIECES > 0 ? SPIECES : 1;          // (a divisor when SCALED)
     extern __shared__ float4 v3_smem[];             // x: (PIECES, CH) float4s; then the slots
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
@@ -472,7 +475,8 @@ qgemv_v3(const float* __restrict__ X, const uint4* __restrict__ qs,
         if (c < CH) {
             uint4 q[NR];
 #pragma unroll
-            for (int j = 0; j < NR; ++j) q[j] = *reinterpret_cast<const uint4*>(slot + 512 * j + 16 * lane);
+            for (int j = 0; j < NR; ++j)           // this lane's own copies
+                q[j] = *reinterpret_cast<const uint4*>(slot + 512 * j + 16 * lane);
             float part[NR];
 #pragma unroll
             for (int j = 0; j < NR; ++j) part[j] = 0.0f;
@@ -503,9 +507,10 @@ qgemv_v3(const float* __restrict__ X, const uint4* __restrict__ qs,
             }
         }
         if (s == S - 1) {                           // the tile's last slice: its NR sums
-            constexpr int SHIFT = NR == 32 ? 0 : NR == 16 ? 1 : NR == 8 ? 2 : NR == 4 ? 3 : NR == 2 ? 4 : 5;
+            constexpr int SHIFT = NR == 32 ? 0 : NR == 16 ? 1 : NR == 8 ? 2 : NR == 4 ? 3
+                                : NR == 2 ? 4 : 5;
             const float mine = qgemv_warp_sums<NR>(acc);
-            const int j = lane >> SHIFT;
+            const int j = lane >> SHIFT;            // lane (j << SHIFT) holds row n0 + j
             if (lane % (1 << SHIFT) == 0 && n0 + j < N)
                 Y[n0 + j] = accumulate ? Y[n0 + j] + mine : mine;
         }
