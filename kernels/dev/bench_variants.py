@@ -6,6 +6,7 @@ kernels/dev/variants.cu, and the package's choice among them.
     python kernels/dev/bench_variants.py --build-only --build build/gemv_variants   # no GPU
     python kernels/dev/bench_variants.py --build build/gemv_variants --out ...      # reuses them
     python kernels/dev/bench_variants.py --only v2,v3 --formats q4_0,q8_0 --rows 1   # a part
+    python kernels/dev/bench_variants.py --build-only --only v3 --ptxas-v    # registers, spills
 
 The llm.c dev/cuda way: the package's kernels (through minillama.cuda.kernels) and the
 candidates, compiled beside them from the same sources plus variants.cu:
@@ -148,15 +149,15 @@ def find_nvrtc():
 
 
 def compile_job(job):
-    """(group, source, names, options) -> (group, cubin bytes, {name: lowered}, seconds)."""
+    """(group, source, names, options) -> (group, cubin bytes, {name: lowered}, seconds, log)."""
     group, source, names_, options = job
     t0 = time.perf_counter()
     if find_nvrtc():
         try:
             import nvrtc_build
             os.environ.setdefault("NVRTC_LIB", find_nvrtc())
-            cubin, lowered, _ = nvrtc_build.compile_module(source, names_, options)
-            return group, cubin, lowered, time.perf_counter() - t0
+            cubin, lowered, log = nvrtc_build.compile_module(source, names_, options)
+            return group, cubin, lowered, time.perf_counter() - t0, log
         except (OSError, RuntimeError) as e:      # a library that does not load: CuPy's
             print(f"ctypes NVRTC failed for {group} ({e}); trying CuPy's bindings", flush=True)
     if True:                                      # CuPy's own NVRTC bindings
@@ -171,14 +172,32 @@ def compile_job(job):
             raise
         cubin = nvrtc.getCUBIN(prog)
         lowered = {n: nvrtc.getLoweredName(prog, n) for n in names_}
-    return group, cubin, lowered, time.perf_counter() - t0
+    return group, cubin, lowered, time.perf_counter() - t0, nvrtc.getProgramLog(prog)
 
 
-def build(folder, arch, jobs, log, only=None):
+def ptxas_summary(text, lowered):
+    """ptxas -v's log as one line per instance: its registers and spilled bytes."""
+    import re
+    by_lowered, out, name, spills = {v: k for k, v in lowered.items()}, [], None, ""
+    for line in text.splitlines():
+        m = re.search(r"Compiling entry function '(\S+)'", line)
+        if m:
+            name = by_lowered.get(m.group(1))
+        m = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", line)
+        if m:
+            spills = f"{m.group(1)} + {m.group(2)} bytes spilled (stores + loads)"
+        m = re.search(r"Used (\d+) registers", line)
+        if m and name:
+            out.append(f"    {name}: {m.group(1)} registers, {spills}")
+            name = None
+    return out
+
+
+def build(folder, arch, jobs, log, only=None, ptxas=False):
     """Every group of the package (kernels.py's KERNELS) and of the variants, compiled to
     folder/<group>.cubin + .json, `jobs` processes at once; with `only` (an Only), the groups
-    its families and formats need."""
-    options = [f"-arch={arch}", "-std=c++17"]
+    its families and formats need; with `ptxas`, each instance's registers and spills logged."""
+    options = [f"-arch={arch}", "-std=c++17"] + (["-Xptxas=-v"] if ptxas else [])
     only = only or Only()
     work = []
     if any(only.family(f) for f in ("v1", "product", "gemv")):
@@ -197,10 +216,12 @@ def build(folder, arch, jobs, log, only=None):
     work.sort(key=lambda w: -len(w[2]))               # the longest first
     t0 = time.perf_counter()
     with multiprocessing.get_context("spawn").Pool(jobs) as pool:
-        for group, cubin, lowered, secs in pool.imap_unordered(compile_job, work):
+        for group, cubin, lowered, secs, text in pool.imap_unordered(compile_job, work):
             (folder / f"{group}.cubin").write_bytes(cubin)
             (folder / f"{group}.json").write_text(json.dumps(lowered))
             log(f"  compiled {group}: {len(lowered)} instances in {secs:.0f} s")
+            for line in ptxas_summary(text, lowered) if ptxas else ():
+                log(line)
     (folder / "stamp").write_text(stamp)
     log(f"modules built in {time.perf_counter() - t0:.0f} s ({jobs} processes, {arch})")
 
@@ -760,6 +781,8 @@ def main():
     ap.add_argument("--formats", help="comma-separated weight formats (default all: "
                                       f"f32,{','.join(QUANT)})")
     ap.add_argument("--rows", help="comma-separated batch sizes (rows of x) to check and time")
+    ap.add_argument("--ptxas-v", action="store_true",
+                    help="log each instance's registers and spills (ptxas -v) as it is built")
     args = ap.parse_args()
     split = lambda v: None if v is None else v.split(",")
     only = Only(split(args.only), split(args.formats),
@@ -803,7 +826,7 @@ def main():
     folder = args.build or Path(tempfile.mkdtemp(prefix="minillama-variants-"))
     folder.mkdir(parents=True, exist_ok=True)
     try:
-        build(folder, arch, args.jobs, log, only)
+        build(folder, arch, args.jobs, log, only, args.ptxas_v)
     except Exception as e:                        # no NVRTC to call: CuPy compiles, slowly
         if args.build_only:
             raise
