@@ -5,6 +5,8 @@ kernels/dev/variants.cu, and the package's choice among them.
     python kernels/dev/bench_variants.py --no-time                          # checks only
     python kernels/dev/bench_variants.py --build-only --build build/gemv_variants   # no GPU
     python kernels/dev/bench_variants.py --build build/gemv_variants --out ...      # reuses them
+    python kernels/dev/bench_variants.py --only v2,v3 --formats q4_0,q8_0 --rows 1   # a part
+    python kernels/dev/bench_variants.py --build-only --only v3 --ptxas-v    # registers, spills
 
 The llm.c dev/cuda way: the package's kernels (through minillama.cuda.kernels) and the
 candidates, compiled beside them from the same sources plus variants.cu:
@@ -15,9 +17,14 @@ candidates, compiled beside them from the same sources plus variants.cu:
               to 32), in more settings than the package launches
     product   kernels.qgemv / kernels.gemv as the model calls them: the rule picks v1 or v2
     tc        qgemv_tc (variants.cu): TF32 mma.sync with x split hi + lo, the batch as the N
+    v3        qgemv_v3 (variants.cu): batch 1, the weights through a per-warp cp.async pipeline
+              in shared memory, in a few launch shapes (NR rows per warp, stages, warps)
     gemv      the package's float32 gemv (version=1), and v2 on float32 weights (issue 13)
     cublas    cupy.matmul (float32: no TF32), the reference of issue 13 and of the GEMM
-    gemm_v5   the package's tensor-core GEMM in more tile shapes and pipeline depths
+    gemm      the package's tensor-core GEMM gemm_v5 in more tile shapes and pipeline depths
+
+--only (these family names), --formats and --rows (batch sizes) build, check and time a part;
+by default all of it. With a part, the per-token sums that need the rest show nan.
 
 Every instance is checked against float64 NumPy of the NumPy-dequantized weights (odd N and K,
 batches 1..64, outputs poisoned with NaN, the RMSNorm and SwiGLU prologues, accumulate, x in
@@ -25,7 +32,8 @@ several shared-memory chunks; relative error under 1e-5), then timed on the Llam
 shapes and the stories15M/110M shapes at batch 1, 8 and 32, in GB/s and as a fraction of the
 device-to-device copy bandwidth measured in the same run (weights rotated over copies larger
 than the L2, launches replayed from a CUDA graph; check_formats.py's helpers). It prints one
-table per family and writes every figure as JSON to --out.
+table per family, the Llama-2-7B matmuls per token at batch 1 for every candidate launch, and
+writes every figure as JSON to --out.
 
 All modules are compiled first, in parallel processes, by the NVRTC library (through ctypes as
 nvrtc_build.py does, or CuPy's bindings), into cubins the main process loads: the compiles take
@@ -68,6 +76,9 @@ V2_SMALL = [(2, 4), (4, 2), (2, 8), (4, 4)]          # ROWS 1: memory-bound, loa
 V2_BATCH = [(4, 1), (2, 1), (2, 2)]                  # ROWS 8 (16, 32 for float32)
 TC_NB = (1, 2, 4)                                    # 8, 16, 32 rows of x per pass
 TC_U = (2, 4)
+# v3 launch shapes (NR rows per warp, STAGES, warps per block), batch 1 only
+V3_FMT = {"f16": "V2F16", "q8_0": "V2Q8_0", "q4_0": "V2Q4_0"}
+V3_SHAPES = [(4, 3, 8), (4, 4, 8), (4, 4, 4), (4, 6, 4), (8, 3, 4)]
 GEMM_SHAPES = [(128, 128, 3), (128, 128, 4), (128, 128, 5), (128, 256, 3), (128, 256, 4),
                (256, 128, 3), (256, 128, 4)]
 GEMM_SIZE = 4096                # M = N = K of the GEMM timing
@@ -77,6 +88,10 @@ V2_SMEM = 200 * 1024            # shared memory a v2/tc block may take for x (H2
 
 def v2_name(fmt, rows, pro, nr, u):
     return f"qgemv_v2<{V2_FMT[fmt]},{rows},{pro},{nr},{u}>"
+
+
+def v3_name(fmt, nr, stages):
+    return f"qgemv_v3<{V3_FMT[fmt]},{nr},{stages}>"
 
 
 def tc_name(fmt, nb, pro, u):
@@ -106,6 +121,8 @@ def names():
     for fmt in TC_FMT:
         groups[f"tc-{fmt}"] = [tc_name(fmt, nb, 0, u) for nb in TC_NB for u in TC_U]
         groups[f"tc-{fmt}"] += [tc_name(fmt, 1, pro, 2) for pro in (1, 2)]
+    for fmt in V3_FMT:
+        groups[f"v3-{fmt}"] = [v3_name(fmt, nr, st) for nr, st, _ in V3_SHAPES]
     groups["gemm"] = [f"gemm_v5<{bm},{bn},{s},{wf}>" for bm, bn, s in GEMM_SHAPES
                       for wf in (mk.GEMM_V5_FORMATS["f16"], mk.GEMM_V5_FORMATS["q4_0"])]
     return {g: sorted(set(n)) for g, n in groups.items()}
@@ -132,15 +149,15 @@ def find_nvrtc():
 
 
 def compile_job(job):
-    """(group, source, names, options) -> (group, cubin bytes, {name: lowered}, seconds)."""
+    """(group, source, names, options) -> (group, cubin bytes, {name: lowered}, seconds, log)."""
     group, source, names_, options = job
     t0 = time.perf_counter()
     if find_nvrtc():
         try:
             import nvrtc_build
             os.environ.setdefault("NVRTC_LIB", find_nvrtc())
-            cubin, lowered, _ = nvrtc_build.compile_module(source, names_, options)
-            return group, cubin, lowered, time.perf_counter() - t0
+            cubin, lowered, log = nvrtc_build.compile_module(source, names_, options)
+            return group, cubin, lowered, time.perf_counter() - t0, log
         except (OSError, RuntimeError) as e:      # a library that does not load: CuPy's
             print(f"ctypes NVRTC failed for {group} ({e}); trying CuPy's bindings", flush=True)
     if True:                                      # CuPy's own NVRTC bindings
@@ -155,16 +172,41 @@ def compile_job(job):
             raise
         cubin = nvrtc.getCUBIN(prog)
         lowered = {n: nvrtc.getLoweredName(prog, n) for n in names_}
-    return group, cubin, lowered, time.perf_counter() - t0
+    return group, cubin, lowered, time.perf_counter() - t0, nvrtc.getProgramLog(prog)
 
 
-def build(folder, arch, jobs, log):
+def ptxas_summary(text, lowered):
+    """ptxas -v's log as one line per instance: its registers and spilled bytes."""
+    import re
+    by_lowered, out, name, spills = {v: k for k, v in lowered.items()}, [], None, ""
+    for line in text.splitlines():
+        m = re.search(r"Compiling entry function '(\S+)'", line)
+        if m:
+            name = by_lowered.get(m.group(1))
+        m = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", line)
+        if m:
+            spills = f"{m.group(1)} + {m.group(2)} bytes spilled (stores + loads)"
+        m = re.search(r"Used (\d+) registers", line)
+        if m and name:
+            out.append(f"    {name}: {m.group(1)} registers, {spills}")
+            name = None
+    return out
+
+
+def build(folder, arch, jobs, log, only=None, ptxas=False):
     """Every group of the package (kernels.py's KERNELS) and of the variants, compiled to
-    folder/<group>.cubin + .json, `jobs` processes at once."""
-    options = [f"-arch={arch}", "-std=c++17"]
-    work = [(f"pkg-{g}", kernel_source(), list(n), options) for g, n in mk.KERNELS.groups.items()]
+    folder/<group>.cubin + .json, `jobs` processes at once; with `only` (an Only), the groups
+    its families and formats need; with `ptxas`, each instance's registers and spills logged."""
+    options = [f"-arch={arch}", "-std=c++17"] + (["-Xptxas=-v"] if ptxas else [])
+    only = only or Only()
+    work = []
+    if any(only.family(f) for f in ("v1", "product", "gemv")):
+        work += [(f"pkg-{g}", kernel_source(), list(n), options)
+                 for g, n in mk.KERNELS.groups.items()]
     src = variants_source()
-    work += [(g, src, n, options) for g, n in names().items()]
+    work += [(g, src, n, options) for g, n in names().items()
+             if g == "gemm" and only.family("gemm")
+             or g != "gemm" and only.family(g.split("-")[0]) and only.fmts([g.split("-")[1]])]
     stamp = hashlib.sha256(json.dumps(work).encode()).hexdigest()
     if (folder / "stamp").is_file() and (folder / "stamp").read_text() == stamp:
         log(f"modules: the cubins in {folder} match these sources ({arch}); not compiling")
@@ -174,10 +216,12 @@ def build(folder, arch, jobs, log):
     work.sort(key=lambda w: -len(w[2]))               # the longest first
     t0 = time.perf_counter()
     with multiprocessing.get_context("spawn").Pool(jobs) as pool:
-        for group, cubin, lowered, secs in pool.imap_unordered(compile_job, work):
+        for group, cubin, lowered, secs, text in pool.imap_unordered(compile_job, work):
             (folder / f"{group}.cubin").write_bytes(cubin)
             (folder / f"{group}.json").write_text(json.dumps(lowered))
             log(f"  compiled {group}: {len(lowered)} instances in {secs:.0f} s")
+            for line in ptxas_summary(text, lowered) if ptxas else ():
+                log(line)
     (folder / "stamp").write_text(stamp)
     log(f"modules built in {time.perf_counter() - t0:.0f} s ({jobs} processes, {arch})")
 
@@ -280,6 +324,51 @@ def run_v2(M_, x, w, y, nr, u, rows_set, pro=0, norm=None, accumulate=False, sme
     return y
 
 
+def v3_slot_bytes(fmt, nr):
+    """variants.cu's v3_slot_bytes: one pipeline step of a warp (codes, then scale pieces)."""
+    # a slice of 32 loads per row has WEIGHTS scales (2 bytes each), one piece more for the
+    # rounding down to 16 bytes
+    spieces = 0 if fmt == "f16" else 2 * WEIGHTS[fmt] // 16 + 1
+    return nr * 512 + nr * spieces * 16
+
+
+def v3_blocks_per_sm(M_, name, threads, smem):
+    """Blocks of qgemv_v3 resident per SM: the driver's occupancy, or where CuPy does not
+    offer it the least of what the registers, the shared memory (an H100/H200's 228 KiB, 1 KiB
+    reserved per block) and the threads allow."""
+    cp = cf.require_cupy()
+    f = M_.get_function(name)
+    cp.cuda.driver.funcSetAttribute(f.kernel.ptr, MAX_DYNAMIC_SHARED_SIZE_BYTES, smem)
+    try:
+        return max(1, cp.cuda.driver.occupancyMaxActiveBlocksPerMultiprocessor(
+            f.kernel.ptr, threads, smem))
+    except Exception:
+        regs = -(-f.num_regs // 8) * 8
+        return max(1, min(65536 // (regs * threads), (228 << 10) // (smem + 1024),
+                          2048 // threads))
+
+
+def run_v3(M_, x, w, y, nr, stages, warps, accumulate=False):
+    """qgemv_v3 on one row of x (1, K) and w (N, K): as many blocks as are resident at once,
+    or fewer when the tiles of NR rows run out."""
+    fmt = fmt_of(w)
+    (N, K), M = w.shape, x.shape[0]
+    assert M == 1, "qgemv_v3 takes one row of x"
+    name = v3_name(fmt, nr, stages)
+    smem = 4 * K + warps * stages * v3_slot_bytes(fmt, nr)
+    key = (name, warps, smem)
+    if key not in V3_OCCUPANCY:
+        V3_OCCUPANCY[key] = v3_blocks_per_sm(M_, name, 32 * warps, smem)
+    grid = min(cdiv(cdiv(N, nr), warps), V3_OCCUPANCY[key] * cf.sm_count())
+    qs, d, _ = planes(w)
+    M_.launch(name, (grid,), (32 * warps,),
+              (x, qs, d, y, np.int32(N), np.int32(K), np.int32(accumulate)), shared_mem=smem)
+    return y
+
+
+V3_OCCUPANCY = {}       # (name, warps, shared memory) -> blocks per SM
+
+
 def tc_ks(N, K, fmt, sms):
     """Warps per 16-row tile: split k until the grid has two blocks per SM, while each
     slice keeps two chunk groups."""
@@ -334,9 +423,43 @@ def candidates(fmt, M):
         for u in TC_U:
             out.append((f"tc u{u}", lambda M_, x, w, y, u=u, **k: run_tc(M_, x, w, y, TC_NB, u,
                                                                           **_pro(k))))
+    if fmt in V3_FMT and M == 1:
+        for nr, st, wp in V3_SHAPES:
+            out.append((f"v3 nr{nr} s{st} w{wp}", lambda M_, x, w, y, nr=nr, st=st, wp=wp, **k:
+                        run_v3(M_, x, w, y, nr, st, wp, **_plain(k))))
     if fmt == "f32":
         out.append(("cublas", lambda M_, x, w, y, **k: cf.require_cupy().matmul(x, w.T, out=y)))
     return out
+
+
+def _plain(k):
+    """The wrappers' keywords for qgemv_v3, which has no prologue: accumulate= only."""
+    assert k.get("norm") is None and not k.get("swiglu"), "qgemv_v3 has no prologue"
+    return dict(accumulate=k.get("accumulate", False))
+
+
+FAMILIES = ("v1", "v2", "v3", "product", "tc", "gemv", "cublas", "gemm")
+
+
+class Only:
+    """What --only, --formats and --rows select: candidate families, weight formats, batch
+    sizes (None: all of them, the default)."""
+
+    def __init__(self, families=None, formats=None, rows=None):
+        self.families, self.formats, self.rows = families, formats, rows
+
+    def family(self, name):
+        return self.families is None or name in self.families
+
+    def fmts(self, fmts):
+        return [f for f in fmts if self.formats is None or f in self.formats]
+
+    def batches(self, ms):
+        return [m for m in ms if self.rows is None or m in self.rows]
+
+    def candidates(self, fmt, M):
+        return [(label, call) for label, call in candidates(fmt, M)
+                if self.family(label.split()[0])]
 
 
 def _pro(k):
@@ -359,18 +482,18 @@ def random_weight(fmt, N, K, rng):
     return cf.to_device(w_host), formats.dequantize(w_host).astype(np.float64)
 
 
-def check_all(M_, ch, rng, log):
+def check_all(M_, ch, rng, log, only=Only()):
     cp = cf.require_cupy()
     from minillama.model import rms_norm, silu
     sizes = [(3, 96), (17, 4128), (127, 1024), (1001, 2080), (33, 11008)]
-    for fmt in ("f32",) + QUANT:
+    for fmt in only.fmts(("f32",) + QUANT):
         for N, K in sizes + ([(77, 1000), (300, 4104)] if fmt in ("f32", "f16", "bf16") else []):
             w, w64 = random_weight(fmt, N, K, rng)
-            for M in (1, 3, 8, 13, 32, 64):
+            for M in only.batches((1, 3, 8, 13, 32, 64)):
                 x = rng.standard_normal((M, K), dtype=np.float32)
                 ref = x.astype(np.float64) @ w64.T
                 xd = cp.asarray(x)
-                for label, call in candidates(fmt, M):
+                for label, call in only.candidates(fmt, M):
                     if label in ("cublas", "gemv", "product") or label.startswith("v1"):
                         continue                   # checked by check_formats / test_cuda
                     y = call(M_, xd, w, cf.poison((M, N)))
@@ -378,22 +501,27 @@ def check_all(M_, ch, rng, log):
                            cf.rel_err(y, ref), 1e-5)
                 # chunked x (a small shared-memory budget)
                 if M in (3, 13) and K >= 2080:
-                    for nr, u in V2_SMALL[:1]:
+                    for nr, u in V2_SMALL[:1] if only.family("v2") else []:
                         y = run_v2(M_, xd, w, cf.poison((M, N)), 2, 4, {1}, smem=1) \
                             if (fmt, 1, 2, 4) in v2_instances() else None
                         if y is not None:
                             ch.add(f"v2-chunked {fmt} M={M} N={N} K={K}", cf.rel_err(y, ref), 1e-5)
-                    if fmt in TC_FMT:
+                    if fmt in TC_FMT and only.family("tc"):
                         y = run_tc(M_, xd, w, cf.poison((M, N)), TC_NB, 2, smem=1)
                         ch.add(f"tc-chunked {fmt} M={M} N={N} K={K}", cf.rel_err(y, ref), 1e-5)
                         y = run_tc(M_, xd, w, cf.poison((M, N)), TC_NB, 2, ks=8)
                         ch.add(f"tc-ks8 {fmt} M={M} N={N} K={K}", cf.rel_err(y, ref), 1e-5)
         log(f"  checked {fmt}")
+    if only.family("v3"):
+        check_v3(M_, ch, rng, only.fmts(tuple(V3_FMT)))
+        log("  checked v3 at K = 32, accumulate")
     # the prologues and accumulate, on the instances compiled with them
     N, K = 129, 2048
-    for fmt in ("f32", "q8_0", "q4_0", "q4_1", "f16", "bf16"):
+    for fmt in only.fmts(("f32", "q8_0", "q4_0", "q4_1", "f16", "bf16")):
+        if not (only.family("v2") or only.family("tc")):
+            break
         w, w64 = random_weight(fmt, N, K, rng)
-        for M in (1, 5, 8):
+        for M in only.batches((1, 5, 8)):
             x = rng.standard_normal((M, K), dtype=np.float32)
             g = (1 + 0.1 * rng.standard_normal(K)).astype(np.float32)
             h = (2 * rng.standard_normal((M, 2 * K))).astype(np.float32)
@@ -403,25 +531,26 @@ def check_all(M_, ch, rng, log):
             for pro in (1, 2):
                 xin = cp.asarray(x if pro == 1 else h)
                 norm = cp.asarray(g) if pro == 1 else None
-                if fmt in ("f32", "q8_0", "q4_0", "q4_1") and (M == 1 or fmt == "f32"):
+                if fmt in ("f32", "q8_0", "q4_0", "q4_1") and (M == 1 or fmt == "f32") \
+                        and only.family("v2"):
                     rows, nr, u = (8, 4, 1) if fmt == "f32" else (1, 2, 4)
                     y = run_v2(M_, xin, w, cf.poison((M, N)), nr, u, {rows}, pro=pro, norm=norm)
                     ch.add(f"v2-prologue{pro} {fmt} M={M}", cf.rel_err(y, refs[pro]), 1e-5)
-                if fmt in TC_FMT:
+                if fmt in TC_FMT and only.family("tc"):
                     y = run_tc(M_, xin, w, cf.poison((M, N)), (1,), 2, pro=pro, norm=norm)
                     ch.add(f"tc-prologue{pro} {fmt} M={M}", cf.rel_err(y, refs[pro]), 1e-5)
             y0 = rng.standard_normal((M, N), dtype=np.float32)
             ref = y0 + x.astype(np.float64) @ w64.T
-            if fmt != "f32" and fmt != "bf16":
+            if fmt != "f32" and fmt != "bf16" and only.family("v2"):
                 y = cp.asarray(y0)
                 run_v2(M_, cp.asarray(x), w, y, 2, 4, {1}, accumulate=True)
                 ch.add(f"v2-accumulate {fmt} M={M}", cf.rel_err(y, ref), 1e-5)
-            if fmt in TC_FMT:
+            if fmt in TC_FMT and only.family("tc"):
                 y = cp.asarray(y0)
                 run_tc(M_, cp.asarray(x), w, y, TC_NB, 2, accumulate=True, smem=1)
                 ch.add(f"tc-accumulate {fmt} M={M}", cf.rel_err(y, ref), 1e-5)
     # gemm_v5's other tile shapes, against float64 of the float16 inputs
-    for wfmt in ("f16", "q4_0"):
+    for wfmt in ("f16", "q4_0") if only.family("gemm") else ():
         for M, N, K in [(37, 127, 96), (300, 1000, 4128), (129, 77, 1000)]:
             if K % 32 and wfmt == "q4_0":
                 continue
@@ -435,6 +564,24 @@ def check_all(M_, ch, rng, log):
                 c = run_gemm(M_, a16, cf.to_device(w_host), cf.poison((M, N)), bm, bn, s)
                 ch.add(f"gemm_v5 {wfmt} {bm}x{bn}x{s} {M}x{N}x{K}", cf.rel_err(c, ref), 2e-3)
     log("  checked prologues, accumulate, gemm_v5 shapes")
+
+
+def check_v3(M_, ch, rng, fmts):
+    """qgemv_v3 beyond check_all's sizes: K = 32 (one scale per row, so every row's scales start
+    off a 16-byte piece) and N under a tile, and accumulate, in every launch shape."""
+    cp = cf.require_cupy()
+    for fmt in fmts:
+        for N, K, acc in ((1, 32, False), (5, 32, False), (37, 32, True), (129, 2048, True),
+                          (1001, 2080, True)):
+            w, w64 = random_weight(fmt, N, K, rng)
+            x = rng.standard_normal((1, K), dtype=np.float32)
+            y0 = rng.standard_normal((1, N), dtype=np.float32)
+            ref = x.astype(np.float64) @ w64.T + (y0 if acc else 0)
+            for nr, st, wp in V3_SHAPES:
+                y = cp.asarray(y0) if acc else cf.poison((1, N))
+                run_v3(M_, cp.asarray(x), w, y, nr, st, wp, accumulate=acc)
+                ch.add(f"v3 {fmt} [nr{nr} s{st} w{wp}]{' accumulate' if acc else ''} N={N} K={K}",
+                       cf.rel_err(y, ref), 1e-5)
 
 
 def run_gemm(M_, a16, w, c, bm, bn, stages):
@@ -462,9 +609,12 @@ SHAPES_STORIES = {
 LAYERS_7B = {"7B wqkv": 32, "7B wo": 32, "7B w13": 32, "7B w2": 32, "7B cls": 1}
 
 
-def time_shape(M_, log, bw, rows, tag, N, K, fmts, batches, deadline):
+def time_shape(M_, log, bw, rows, tag, N, K, fmts, batches, deadline, only=Only()):
     cp = cf.require_cupy()
-    for fmt in fmts:
+    for fmt in only.fmts(fmts):
+        batches_ = [M for M in only.batches(batches) if only.candidates(fmt, M)]
+        if not batches_:
+            continue
         if time.perf_counter() > deadline:
             log(f"  deadline: skipped {tag} {fmt}")
             continue
@@ -472,11 +622,11 @@ def time_shape(M_, log, bw, rows, tag, N, K, fmts, batches, deadline):
         wbytes = w.nbytes
         copies = [w] + [w.copy() if fmt == "f32" else w.map(lambda a: a.copy())
                         for _ in range(min(COPIES, cdiv(400 << 20, wbytes)) - 1)]
-        for M in batches:
+        for M in batches_:
             x = cp.random.standard_normal((M, K), dtype=np.float32)
             y = cp.empty((M, N), np.float32)
             nbytes = wbytes + x.nbytes + y.nbytes
-            for label, call in candidates(fmt, M):
+            for label, call in only.candidates(fmt, M):
                 try:
                     calls = [lambda c=c: call(M_, x, c, y) for c in copies]
                     if label == "cublas":          # cuBLAS refuses a graph capture in CuPy
@@ -594,6 +744,24 @@ def print_tables(res, log, record):
                 f"{r['tflops'] / cublas:5.2f} of cuBLAS")
 
 
+def print_variant_sums(res, log):
+    """Issue 10's figure for every candidate launch: the Llama-2-7B decode's matmuls at batch 1
+    (each matrix times its count per token), in us and as a fraction of the copy bandwidth."""
+    bw, rows = res["copy_gbs"], res["gemv"]
+    log("")
+    log("7B per token at batch 1, matmuls only, per candidate: us, fraction of the copy bandwidth, "
+        "and per matrix (wqkv wo w13 w2 cls)")
+    for fmt in sorted({r["fmt"] for r in rows}):
+        for variant in sorted({r["variant"] for r in rows if r["fmt"] == fmt and r["M"] == 1}):
+            per = [best(rows, shape=s, fmt=fmt, M=1, variant=variant) for s, _, _ in SHAPES_7B]
+            if None in per:
+                continue
+            us = sum(LAYERS_7B[r["shape"]] * r["us"] for r in per)
+            nbytes = sum(LAYERS_7B[r["shape"]] * r["bytes"] for r in per)
+            log(f"  {fmt:5s} {variant:22s} {us:8.1f} us {nbytes / us / 1e3 / bw:5.2f} | "
+                + " ".join(f"{r['frac']:4.2f}" for r in per))
+
+
 # ----------------------------------------------------------------------------
 
 def main():
@@ -608,7 +776,21 @@ def main():
     ap.add_argument("--no-time", action="store_true")
     ap.add_argument("--deadline", type=float, default=230.0,
                     help="seconds from the start after which no new shape is timed")
+    ap.add_argument("--only", help="comma-separated candidate families to build, check and "
+                                   f"time (default all: {','.join(FAMILIES)})")
+    ap.add_argument("--formats", help="comma-separated weight formats (default all: "
+                                      f"f32,{','.join(QUANT)})")
+    ap.add_argument("--rows", help="comma-separated batch sizes (rows of x) to check and time")
+    ap.add_argument("--ptxas-v", action="store_true",
+                    help="log each instance's registers and spills (ptxas -v) as it is built")
     args = ap.parse_args()
+    split = lambda v: None if v is None else v.split(",")
+    only = Only(split(args.only), split(args.formats),
+                None if args.rows is None else [int(r) for r in args.rows.split(",")])
+    for name, given, known in (("--only", only.families, FAMILIES),
+                               ("--formats", only.formats, ("f32",) + QUANT)):
+        if given and set(given) - set(known):
+            ap.error(f"{name}: {sorted(set(given) - set(known))} unknown; one of {known}")
     start = time.perf_counter()
     lines = []
 
@@ -644,7 +826,7 @@ def main():
     folder = args.build or Path(tempfile.mkdtemp(prefix="minillama-variants-"))
     folder.mkdir(parents=True, exist_ok=True)
     try:
-        build(folder, arch, args.jobs, log)
+        build(folder, arch, args.jobs, log, only, args.ptxas_v)
     except Exception as e:                        # no NVRTC to call: CuPy compiles, slowly
         if args.build_only:
             raise
@@ -664,7 +846,7 @@ def main():
         ch = cf.Checks()
         t0 = time.perf_counter()
         M_.log = log
-        check_all(M_, ch, rng, log)
+        check_all(M_, ch, rng, log, only)
         M_.log = None
         ok = ch.summary()
         results["checks"] = [dict(name=n, err=e, limit=l) for n, e, l in ch.results]
@@ -676,19 +858,22 @@ def main():
         results["copy_gbs"] = bw / 1e9
         log(f"copy bandwidth {bw / 1e9:.0f} GB/s")
         rows = results["gemv"] = []
-        results["gemm"] = time_gemm(M_, log)
+        if only.family("gemm"):
+            results["gemm"] = time_gemm(M_, log)
         write()
-        for model, shapes in SHAPES_STORIES.items():
+        for model, shapes in SHAPES_STORIES.items() if only.fmts(("f32",)) else ():
             for s, n, k, _ in shapes:
-                time_shape(M_, log, bw, rows, f"{model} {s}", n, k, ("f32",), (1, 8, 32), deadline)
+                time_shape(M_, log, bw, rows, f"{model} {s}", n, k, ("f32",), (1, 8, 32), deadline,
+                           only)
             log(f"  timed {model} ({time.perf_counter() - start:.0f} s)")
             write()
         for s, n, k in SHAPES_7B:
-            time_shape(M_, log, bw, rows, s, n, k, QUANT + ("f32",), (1, 8, 32), deadline)
+            time_shape(M_, log, bw, rows, s, n, k, QUANT + ("f32",), (1, 8, 32), deadline, only)
             log(f"  timed {s} ({time.perf_counter() - start:.0f} s)")
             write()
         results["copy_gbs"] = bw / 1e9
         print_tables(results, log, record)
+        print_variant_sums(results, log)
     log(f"total {time.perf_counter() - start:.0f} s")
     write()
     return 0 if ok else 1

@@ -1,5 +1,5 @@
-"""Replay the index arithmetic of gemm_v5, gemm_v6, qgemv, qgemv_tc, qgemv_k and gemv_v3 on the
-CPU, for machines without a GPU.
+"""Replay the index arithmetic of gemm_v5, gemm_v6, qgemv, qgemv_tc, qgemv_v3, qgemv_k and gemv_v3
+on the CPU, for machines without a GPU.
 
     python kernels/dev/emulate.py
 
@@ -8,7 +8,9 @@ ldmatrix and what each lane receives, how mma.m16n8k16's register fragments map 
 elements (the PTX ISA's tables), which lane of qgemv writes which output, and how qgemv_k
 unpacks the bits of each k-quant super-block (its format structs' shifts and masks, in
 Python): all written out element by element in Python, the product assembled from the
-fragments and compared with NumPy. It checks our reading of the layouts and the kernels'
+fragments and compared with NumPy. qgemv_v3's cp.async pipeline (variants.cu) is replayed copy
+by copy: each held in flight until the wait that guarantees it, every slot byte read checked
+against the copy that wrote it. It checks our reading of the layouts and the kernels'
 indexing, not the hardware: a run on the GPU (check_formats.py, bench_variants.py,
 tests/test_cuda_kquants.py) is still the test. Slow on purpose, so sizes are small.
 qgemv_tc (variants.cu) is replayed whole: its loads, the quad transpose through shared memory
@@ -652,8 +654,184 @@ def check_gemv_v3(rng):
               f"sums match NumPy")
 
 
+# ----------------------------------------------------------------------------
+# qgemv_v3 (variants.cu): each warp's cp.async pipeline, lane by lane. Every copy is held in
+# flight from its issue until the cp_async_wait that guarantees it (the latest it may land);
+# a read of a slot byte that a copy still in flight targets is a race and fails, and so does a
+# byte read that was not written for this step, or written twice, or from the wrong source.
+
+V3 = {"f16": (8, 0), "q8_0": (16, 2), "q4_0": (32, 1)}     # WEIGHTS, LOADS_PER_BLOCK
+ZEROS = -(1 << 62)          # a slot byte's source: zero-filled (cp.async with 0 bytes)
+
+
+def scale_byte(b):
+    """A slot byte's source when it is byte b of the scale plane (code bytes: b itself)."""
+    return -1 - b
+
+
+def v3_decode(fmt, b):
+    """The 16-byte load b (uint8) as its weights in k order (the order of F::piece's pieces
+    p and elements e: weight 4 p + e), codes before the scale."""
+    if fmt == "f16":
+        return b.view(np.float16).astype(np.float64)
+    if fmt == "q8_0":
+        return b.view(np.int8).astype(np.float64)
+    t = np.arange(32)
+    return ((b[t % 16] >> (4 * (t // 16))) & 15).astype(np.float64) - 8
+
+
+def qgemv_v3_launch(x, w, nr, stages, warps, blocks):
+    """qgemv_v3 on float64 x (K,) and a Packed w (N, K), grid as bench_variants.run_v3 with
+    `blocks` blocks resident. Returns y, the copies of each 16-byte load (N, CH) and of each
+    scale (N nb), and the writes of each output."""
+    fmt, (N, K) = w.format, w.shape
+    W, LPB = V3[fmt]
+    CH, nb, PIECES = K // W, K // 32, W // 4
+    S, tiles = -(-CH // 32), -(-N // nr)
+    SB = 32 // LPB if LPB else 0                          # scales per row and slice
+    SP = 2 * SB // 16 + 1 if LPB else 0                   # v3_spieces
+    CODES, SLOT = nr * 512, nr * 512 + nr * SP * 16       # v3_slot_bytes
+    codes = (w.data if fmt == "f16" else w.qs).view(np.uint8).reshape(N, CH * 16)
+    scales = w.d.view(np.uint8).reshape(-1) if LPB else None      # the plane, flat (N nb 2)
+    xs = np.zeros((PIECES * CH, 4))                       # the staging, piece-major
+    for k4 in range(K // 4):
+        xs[k4 % PIECES * CH + k4 // PIECES] = x[4 * k4:4 * k4 + 4]
+    grid = min(-(-tiles // warps), blocks)
+    all_warps = grid * warps
+    y, writes = np.full(N, np.nan), np.zeros(N, int)
+    code_copies, scale_copies = np.zeros((N, CH), int), np.zeros(N * nb, int)
+    for block in range(grid):
+        for warp in range(warps):
+            gw = block * warps + warp
+            steps = ((tiles - 1 - gw) // all_warps + 1) * S if gw < tiles else 0
+            smem = np.zeros(stages * SLOT, np.uint8)
+            src = np.full(stages * SLOT, -1, np.int64)    # what each slot byte holds: the
+            step_of = np.full(stages * SLOT, -1)          # source byte, the step it was copied
+            count = np.zeros(stages * SLOT, int)          # for, and how often for that step
+            groups = []                                   # committed groups: [copies]
+            at_issue = [0, gw * nr]                       # the kernel's (is, in0)
+
+            def issue(i):
+                group = []
+                if i < steps:
+                    s, n0 = at_issue
+                    assert (s, n0) == (i % S, (gw + i // S * all_warps) * nr)
+                    slot = i % stages * SLOT
+                    for lane in range(32):
+                        c = 32 * s + lane
+                        for j in range(nr):
+                            ok = n0 + j < N and c < CH
+                            dst = slot + 512 * j + 16 * lane
+                            group.append((dst, 16, ("q", n0 + j, c) if ok else None, i))
+                            if ok:
+                                code_copies[n0 + j, c] += 1
+                        for t in range(lane, nr * SP, 32) if LPB else ():
+                            j, h = t // SP, t % SP
+                            g0 = (n0 + j) * nb + s * SB
+                            end, a = g0 + min(SB, nb - s * SB), (g0 & ~7) + 8 * h
+                            if n0 + j < N and a < end:
+                                size = min(16, 2 * (N * nb - a))
+                                group.append((slot + CODES + 16 * t, size, ("d", a), i))
+                                scale_copies[a:a + size // 2] += 1
+                    at_issue[:] = [0, n0 + all_warps * nr] if s + 1 == S else [s + 1, n0]
+                groups.append(group)                      # cp_async_commit
+
+            def land(copy):
+                dst, size, what, i = copy
+                data, whence = np.zeros(16, np.uint8), np.full(16, ZEROS)   # zero-filled
+                if what is not None and what[0] == "q":
+                    data = codes[what[1], 16 * what[2]:16 * what[2] + 16]
+                    whence = what[1] * CH * 16 + 16 * what[2] + np.arange(16)
+                elif what is not None:                    # bytes past `size`: zeros
+                    data[:size] = scales[2 * what[1]:2 * what[1] + size]
+                    whence[:size] = scale_byte(2 * what[1] + np.arange(size))
+                for b in range(16):
+                    if step_of[dst + b] != i:
+                        count[dst + b] = 0
+                    smem[dst + b], src[dst + b], step_of[dst + b] = data[b], whence[b], i
+                    count[dst + b] += 1
+
+            def wait(pending):                            # cp_async_wait<pending>
+                while len(groups) > pending:
+                    for copy in groups.pop(0):
+                        land(copy)
+
+            def read(at, size, i, want):
+                in_flight = [c for g in groups for c in g if c[0] < at + size and at < c[0] + 16]
+                assert not in_flight, ("race", fmt, N, K, i, at)
+                assert (step_of[at:at + size] == i).all() and (count[at:at + size] == 1).all(), \
+                    ("stale or twice-written slot bytes", fmt, N, K, i, at)
+                assert (src[at:at + size] == want).all(), ("wrong source", fmt, N, K, i, at)
+                return smem[at:at + size]
+
+            for i in range(stages - 1):
+                issue(i)
+            acc = np.zeros((32, nr))
+            s, n0 = 0, gw * nr
+            for i in range(steps):
+                wait(stages - 2)
+                issue(i + stages - 1)
+                slot = i % stages * SLOT
+                if s == 0:
+                    acc[:] = 0
+                for lane in range(32):
+                    c = 32 * s + lane
+                    if c >= CH:
+                        continue
+                    for j in range(nr):
+                        n = n0 + j
+                        want = n * CH * 16 + 16 * c + np.arange(16) if n < N else ZEROS
+                        q = read(slot + 512 * j + 16 * lane, 16, i, want)
+                        wv = v3_decode(fmt, q)
+                        part = sum(wv[4 * p:4 * p + 4] @ xs[p * CH + c] for p in range(PIECES))
+                        if LPB and n < N:
+                            g0 = n * nb + s * SB
+                            at = (g0 & 7) + lane // LPB
+                            g = g0 + lane // LPB
+                            b = read(slot + CODES + 16 * SP * j + 2 * at, 2, i,
+                                     scale_byte(2 * g + np.arange(2)))
+                            acc[lane, j] += float(b.view(np.float16)[0]) * part
+                        elif not LPB:
+                            acc[lane, j] += part
+                if s == S - 1:
+                    for j in range(nr):
+                        if n0 + j < N:
+                            y[n0 + j] = acc[:, j].sum()
+                            writes[n0 + j] += 1
+                s, n0 = (0, n0 + all_warps * nr) if s + 1 == S else (s + 1, n0)
+            wait(0)
+    return y, code_copies, scale_copies, writes
+
+
+def check_qgemv_v3(rng):
+    for fmt in ("q4_0", "q8_0", "f16"):
+        for N, K, (nr, stages, warps, blocks) in (
+                (37, 32, (4, 3, 2, 2)), (70, 96, (4, 4, 2, 3)), (13, 4096, (4, 3, 1, 2)),
+                (9, 11008, (4, 4, 2, 1)), (21, 96, (8, 3, 1, 2)), (11, 4128, (8, 6, 2, 1))):
+            w = cf.random_packed(fmt, N, K, rng)
+            x = rng.standard_normal(K)
+            y, code_copies, scale_copies, writes = qgemv_v3_launch(x, w, nr, stages, warps,
+                                                                   blocks)
+            ref = dequantize(w).astype(np.float64) @ x
+            err = np.abs(y - ref).max() / np.abs(ref).max()
+            assert (writes == 1).all() and err < 1e-5, (fmt, N, K, err)
+            assert (code_copies == 1).all(), (fmt, N, K)
+            extra = ""
+            if fmt != "f16":
+                assert (scale_copies >= 1).all(), (fmt, N, K)
+                if K // 32 % 8 == 0:
+                    assert (scale_copies == 1).all(), (fmt, N, K)
+                else:       # a row's scales start off a 16-byte piece: pieces shared
+                    extra = f"; rows' scales off 16 bytes: each scale copied 1 to " \
+                            f"{scale_copies.max()} times"
+            print(f"qgemv_v3 {fmt} N {N} K {K} (nr {nr}, {stages} stages, {warps} warps, "
+                  f"{blocks} blocks): every load copied once into the slot it is read from, "
+                  f"no read races a copy, every output written once, error {err:.0e}{extra}")
+
+
 def main():
     rng = np.random.default_rng(0)
+    check_qgemv_v3(rng)
     check_gemv_v3(rng)
     M, N, K = 70, 150, 72
     A = rng.standard_normal((M, K)).astype(np.float16)

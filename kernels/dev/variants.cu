@@ -1,13 +1,17 @@
-// Candidate next version of qgemv for batches (issue 10), compiled only by
+// Candidate next versions of qgemv (issue 10), compiled only by
 // kernels/dev/bench_variants.py after the package's kernels/*.cu (it uses their helpers: q_word,
-// qgemv_inv_rms, gemv_x4, byte_perm, f16_lo, the GEMV_* prologues, and qgemv_v2's F32_MAGIC and
-// magic_code from qgemv.cu). Nothing here is launched by minillama: measured on an H200
-// (docs/kernels.md, "qgemv v2 and the batches"), it loses to qgemv v1 at every batch.
+// qgemv_inv_rms, gemv_x4, byte_perm, f16_lo, the GEMV_* prologues, qgemv_v2's F32_MAGIC,
+// magic_code and format structs, qgemv_warp_sums from qgemv.cu, the cp.async wrappers of
+// matmul.cu). Nothing here is launched by minillama: measured on an H200 (docs/kernels.md,
+// "qgemv v2 and the batches"), qgemv_tc loses to qgemv v1 at every batch.
 //
 //   qgemv_tc<F, NB>                 batches of 1..8 NB rows on the tensor cores: mma.sync
 //       m16n8k8 in TF32 with the weights' codes as the A operand (exact in TF32) and x split
 //       into a TF32 "hi" and "lo" part (two mma's), so the products keep ~22 bits of x and the
 //       sums are float32: the 1e-5 bound of the float32 GEMV still holds.
+//   qgemv_v3<F, NR, STAGES>         batch 1 (q4_0, q8_0, f16): v2's unpacking, the weights and
+//       their scales streamed through a per-warp cp.async pipeline in shared memory instead of
+//       registers, so that many KiB are in flight per SM (issue 10). Not measured yet.
 //
 // (qgemv_v2, the other candidate of the same GPU run, won at batch 1 and for float32 batches:
 // it moved to kernels/qgemv.cu.)
@@ -312,4 +316,205 @@ qgemv_tc(const float* __restrict__ X, const uint4* __restrict__ qs,
             }
         }
     }
+}
+
+
+// ---------------------------------------------------------------------------------------------
+// 3. Batch 1 through a cp.async pipeline: qgemv_v3<F, NR, STAGES> (issue 10).
+//
+// qgemv_v2 streams q4_0 at batch 1 at ~0.5 of the copy bandwidth with ~3.1 instructions per
+// weight, under the 4.4 the bandwidth leaves: it waits on memory. Its loads go to registers, so
+// a lane holds at most U x NR = 8 loads of 16 bytes, and it issues the next batch only when it
+// takes the current one (one batch in flight while it computes, none while it waits). More
+// loads per lane lost to register pressure. v3 keeps v2's arithmetic (F::piece of V2Q4_0,
+// V2Q8_0, V2F16: the float32 magic, the scale once per 16-byte load) and moves the waiting
+// weights from registers to shared memory, as gemm_v5 does with its tiles:
+//
+// The work. A warp owns NR consecutive rows of W at a time (a tile; tiles of the grid's warps
+// interleaved: tile gw, gw + warps in the grid, ...). A tile is walked in slices of 32 16-byte
+// loads per row (1024 q4_0 weights, 512 q8_0, 256 f16): lane l takes load 32 s + l of every row
+// of slice s, so the lanes read 512 contiguous bytes per row, and a row's sum is reduced over the
+// warp once, at the end of the tile (qgemv_warp_sums). A slice with its NR rows is one pipeline
+// step; a warp's steps run over its tiles without a break, so the next tile's first slices are in
+// flight while the last ones of this tile are used.
+//
+// The pipeline. Each warp has its own STAGES slots in shared memory (no __syncthreads after x is
+// staged: warps never wait for each other). A slot holds a step's codes (NR x 512 bytes: lane l
+// copies load 32 s + l of each row to byte 16 l of the row's 512, with cp.async, and reads back
+// only its own bytes) and the scales of those loads (the float16 plane, read by every lane, so a
+// __syncwarp follows each cp_async_wait). Step i is issued STAGES - 1 steps ahead: wait until
+// step i has landed (cp_async_wait<STAGES - 2>), __syncwarp (every lane's copies of step i are
+// visible, every lane is done with step i - 1), copy step i + STAGES - 1 into step i - 1's slot,
+// then unpack and multiply step i. Loads past the row or past N are zero-filled (bytes = 0);
+// rows past N are multiplied (zero codes by whatever scale the slot holds) but never written.
+//
+// The scales are copied in 16-byte pieces: cp.async copies 4, 8 or 16 aligned bytes, and a
+// row's scales start at byte 2 nb (nb = K / 32) of the plane. When nb % 8 == 0 (K % 256 == 0:
+// every Llama matrix) a slice's 32 (q4_0) or 16 (q8_0) scales are 4 or 2 whole pieces, each
+// copied once. Otherwise the slice's first piece starts below it (rounded down to 16 bytes) and
+// its first and last pieces are shared with the neighbouring slice or row, copied for both: one
+// extra piece per row and slice at most (SPIECES = the pieces + 1 slots per row).
+//
+// In flight, at the launch shapes bench_variants.py times (q4_0, NR = 4): a step is 2 KiB of
+// codes and 256 bytes of scales, a slot 2368 bytes. 8 warps x 3 stages: 57 KiB of slots and
+// 4 K bytes of x per block: two blocks per SM up to K = 11008 (202 KiB), so 16 warps x 2 steps
+// x 2.3 KiB = 74 KiB in flight per SM, against v2's 64 KiB at best and ~32 KiB that 4.2 TB/s at
+// ~1 us of latency needs; 4 stages (8 warps: one block per SM at K = 11008) or 4 warps and more
+// stages are the other shapes timed. Registers (NVRTC for sm_90, ptxas): q4_0 127 to 128 (the
+// launch bounds' cap for two blocks of 256; ptxas keeps a step's unpacked pieces and x float4s
+// in flight), q8_0 70 to 80, f16 54 to 64; no spills in any of the 12 instances. So two blocks
+// of 8 warps per SM, where the shared memory allows, or four of 4 warps.
+//
+// The x side. x is staged once per block, piece-major as v2 (a lane's float4 of piece p of load
+// c at xs[p CH + c]: 32 lanes read 512 contiguous bytes, no bank conflicts), and each float4 of
+// x read is used by the NR rows of the tile. Shared-memory bytes per weight byte: x (32 floats
+// per 16 bytes of q4_0 codes, over NR = 4 rows) 2, the codes written by cp.async and read back
+// 1 + 1, the scales ~0.25: ~4.3 bytes per byte of q4_0 (q8_0: ~3.2). At the copy bandwidth
+// (4.2 TB/s over 132 SMs at 1.98 GHz: 16 bytes per clock per SM) that is ~70 bytes per clock
+// per SM, about half the H200's 128; NR = 2 would be ~100, too near it, which is why the tile
+// is 4 rows (8 is timed too).
+//
+// What to expect: the tall matrices (w13, the classifier, wqkv) streamed near the copy
+// bandwidth, say 0.7 to 0.8 for q4_0 (a step of 4 rows is 478 PTX instructions for 128
+// weights, 3.7 per weight: 3 for the magic and the FMA, the rest addresses, scales and copies;
+// under the 4.4 budget, with less margin than v2's ~3.1, but the loads no longer wait for the
+// unpacking); w2 and wo (4096 rows:
+// 1024 tiles, at most one per warp) stay short of that: their time is a few steps per warp,
+// mostly the first loads' latency and the block's staging of x, so 0.45 to 0.6. The Llama-2-7B
+// decode weighted by bytes: ~0.65 for q4_0, ~0.75 for q8_0. Not measured yet.
+//
+// Arguments: qs the codes (f16: the values), d the float16 scales (any pointer for f16), both
+// 16-byte aligned (CuPy's allocations are), Y (N) float32; one row of x (K floats), K % 32 == 0,
+// K up to what the shared memory leaves (~39000 at 8 warps x 4 stages; every Llama K fits).
+// Block: 32 x warps threads (warps <= 8); grid: any number of blocks; dynamic shared memory:
+// 4 K + warps x STAGES x v3_slot_bytes<F, NR>() bytes.
+
+template <class F>
+__host__ __device__ constexpr int v3_spieces() {        // 16-byte scale pieces per row and slice
+    return F::LOADS_PER_BLOCK > 0 ? 32 / F::LOADS_PER_BLOCK * 2 / 16 + 1 : 0;
+}
+
+template <class F, int NR>
+__host__ __device__ constexpr int v3_slot_bytes() {     // one step: the codes, then the scales
+    return NR * 512 + NR * v3_spieces<F>() * 16;
+}
+
+template <class F, int NR, int STAGES>
+__global__ void __launch_bounds__(256, 2)
+qgemv_v3(const float* __restrict__ X, const uint4* __restrict__ qs,
+         const unsigned short* __restrict__ d, float* __restrict__ Y, int N, int K,
+         int accumulate) {
+    static_assert(!F::MIN, "qgemv_v3 reads no mins (q4_1)");
+    static_assert(STAGES >= 2 && (NR & (NR - 1)) == 0 && NR <= 32, "STAGES >= 2, NR a power of 2");
+    constexpr bool SCALED = F::LOADS_PER_BLOCK > 0;
+    constexpr int PIECES = F::WEIGHTS / 4;          // float4s of x per 16-byte load
+    constexpr int LPB = SCALED ? F::LOADS_PER_BLOCK : 1;      // 16-byte loads per scale
+    constexpr int SB = 32 / LPB;                    // scales per row and slice (if SCALED)
+    constexpr int SPIECES = v3_spieces<F>(), CODES = NR * 512, SLOT = v3_slot_bytes<F, NR>();
+    constexpr int SPIECES_ = SPIECES > 0 ? SPIECES : 1;          // (a divisor when SCALED)
+    extern __shared__ float4 v3_smem[];             // x: (PIECES, CH) float4s; then the slots
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
+    const int CH = K / F::WEIGHTS;                  // 16-byte loads per row
+    const int S = (CH + 31) / 32;                   // slices per row
+    const int nb = K / 32;                          // scales per row
+    const int tiles = (N + NR - 1) / NR;
+    const int gw = blockIdx.x * warps + warp, all_warps = gridDim.x * warps;
+    const int steps = gw < tiles ? ((tiles - 1 - gw) / all_warps + 1) * S : 0;
+    float4* xs = v3_smem;
+    unsigned char* slots = reinterpret_cast<unsigned char*>(v3_smem + K / 4) + warp * STAGES * SLOT;
+    const unsigned int slots_sm = smem_addr(slots);
+    const size_t n_scales = (size_t)N * nb;
+
+    // Step i is slice i % S of this warp's tile number i / S (rows n0 .. n0 + NR - 1), counted
+    // as it goes (no divisions by S): (is, in0) for the next step to issue.
+    int is = 0, in0 = gw * NR;
+    auto issue = [&](int i) {
+        if (i < steps) {
+            const int s = is, n0 = in0, c = 32 * s + lane;
+            const unsigned int slot = slots_sm + i % STAGES * SLOT;
+#pragma unroll
+            for (int j = 0; j < NR; ++j) {
+                const bool ok = n0 + j < N && c < CH;
+                cp_async16(slot + 512 * j + 16 * lane, ok ? qs + (size_t)(n0 + j) * CH + c : qs,
+                           ok ? 16 : 0);
+            }
+            if (SCALED)
+                for (int t = lane; t < NR * SPIECES; t += 32) {
+                    const int j = t / SPIECES_, h = t % SPIECES_;
+                    const size_t g0 = (size_t)(n0 + j) * nb + s * SB;        // the slice's first
+                    const size_t end = g0 + min(SB, nb - s * SB);
+                    const size_t a = (g0 & ~(size_t)7) + 8 * h;               // this piece's first
+                    if (n0 + j < N && a < end)
+                        cp_async16(slot + CODES + 16 * t, d + a,
+                                   (int)min((size_t)16, 2 * (n_scales - a)));
+                }
+            if (++is == S) { is = 0; in0 += all_warps * NR; }
+        }
+        cp_async_commit();                          // (empty groups too: the count stays fixed)
+    };
+
+    // The first steps do not depend on x: in flight while the block stages it.
+    for (int i = 0; i < STAGES - 1; ++i) issue(i);
+    grid_launch_dependents();
+    grid_dependency_wait();            // (reduce.cu) the weights are ours; x is the last kernel's
+    for (int k4 = threadIdx.x; k4 < K / 4; k4 += blockDim.x)
+        xs[k4 % PIECES * CH + k4 / PIECES] = gemv_x4<GEMV_PLAIN>(X, k4, K, X, 1.0f);
+    __syncthreads();
+
+    float acc[NR] = {};
+    for (int i = 0, s = 0, n0 = gw * NR; i < steps; ++i) {
+        cp_async_wait<STAGES - 2>();                // step i has landed (this lane's copies)
+        __syncwarp();                               // ... and every lane's; step i - 1 is done
+        issue(i + STAGES - 1);
+        const int c = 32 * s + lane;
+        const unsigned char* slot = slots + i % STAGES * SLOT;
+        if (s == 0) {
+#pragma unroll
+            for (int j = 0; j < NR; ++j) acc[j] = 0.0f;
+        }
+        if (c < CH) {
+            uint4 q[NR];
+#pragma unroll
+            for (int j = 0; j < NR; ++j)           // this lane's own copies
+                q[j] = *reinterpret_cast<const uint4*>(slot + 512 * j + 16 * lane);
+            float part[NR];
+#pragma unroll
+            for (int j = 0; j < NR; ++j) part[j] = 0.0f;
+#pragma unroll
+            for (int p = 0; p < PIECES; ++p) {
+                const float4 xv = xs[p * CH + c];  // used by the NR rows
+#pragma unroll
+                for (int j = 0; j < NR; ++j) {
+                    float w[4];
+                    F::piece(q[j], p, w);
+                    part[j] = fmaf(w[0], xv.x, part[j]);
+                    part[j] = fmaf(w[1], xv.y, part[j]);
+                    part[j] = fmaf(w[2], xv.z, part[j]);
+                    part[j] = fmaf(w[3], xv.w, part[j]);
+                }
+            }
+#pragma unroll
+            for (int j = 0; j < NR; ++j) {
+                if (SCALED) {   // scale g0 + lane / LPB of the row, in the piece rounded down
+                    const size_t g0 = (size_t)(n0 + j) * nb + s * SB;
+                    const int at = (int)(g0 & 7) + lane / LPB;
+                    const unsigned short* sc =
+                        reinterpret_cast<const unsigned short*>(slot + CODES + 16 * SPIECES * j);
+                    acc[j] = fmaf(f16_to_f32(sc[at]), part[j], acc[j]);
+                } else {
+                    acc[j] += part[j];
+                }
+            }
+        }
+        if (s == S - 1) {                           // the tile's last slice: its NR sums
+            constexpr int SHIFT = NR == 32 ? 0 : NR == 16 ? 1 : NR == 8 ? 2 : NR == 4 ? 3
+                                : NR == 2 ? 4 : 5;
+            const float mine = qgemv_warp_sums<NR>(acc);
+            const int j = lane >> SHIFT;            // lane (j << SHIFT) holds row n0 + j
+            if (lane % (1 << SHIFT) == 0 && n0 + j < N)
+                Y[n0 + j] = accumulate ? Y[n0 + j] + mine : mine;
+        }
+        if (++s == S) { s = 0; n0 += all_warps * NR; }
+    }
+    cp_async_wait<0>();                             // (only empty groups are left)
 }
