@@ -20,3 +20,22 @@ def test_a_step_reads_the_weights_once_and_per_row_one_embedding_row_and_the_cac
     one_position = kv_cache_bytes(P, 1, 1)                  # k and v of one position, all layers
     per_row = 4 * P.dim + one_position * (steps + 1) / 2    # positions 0..steps-1 read 1..steps
     assert bytes_per_step(model, bsz, steps) == weights_bytes(P, "float32") - table + bsz * per_row
+
+
+def test_formats_picks_a_subset_of_the_7b_section_in_its_order():
+    import argparse
+    from minillama.bench.gpu import storage_formats
+    assert storage_formats("q4_0, int8") == ("int8", "q4_0")
+    assert storage_formats("bfloat16") == ("bfloat16",)
+    with pytest.raises(argparse.ArgumentTypeError, match=r"^'int4' is not a storage format"):
+        storage_formats("int8,int4")
+    with pytest.raises(argparse.ArgumentTypeError, match=r"^nothing is not"):
+        storage_formats(",")
+
+
+def test_bench_gpu_refuses_an_unknown_format_with_status_2(capsys):
+    from minillama.bench.gpu import main
+    with pytest.raises(SystemExit) as e:
+        main(["--section", "7b", "--formats", "q3_k"])
+    assert e.value.code == 2
+    assert "'q3_k' is not a storage format of the 7B section" in capsys.readouterr().err

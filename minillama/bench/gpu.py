@@ -39,7 +39,7 @@ import numpy as np
 
 from ..cuda import CudaOps, gemv, require_cupy, sgemm, softmax
 from ..cuda.kernels import SGEMM_CONFIGS, pick_sgemm_config
-from ..errors import DeviceError
+from ..errors import DeviceError, shown
 from ..checkpoints.random import random_weights
 from ..model import ModelArgs, Transformer
 from . import gpu7b, torch_compiled
@@ -368,6 +368,17 @@ def targets_13(r):
     return out
 
 
+def storage_formats(text):
+    """--formats: a comma-separated subset of the 7B section's storage formats, in its order."""
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in gpu7b.DTYPES]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            f"{shown(unknown[0]) if unknown else 'nothing'} is not a storage format of the 7B "
+            f"section (one or more of {', '.join(gpu7b.DTYPES)})")
+    return tuple(name for name in gpu7b.DTYPES if name in names)
+
+
 def main(argv=None):
     global cp
     parser = argparse.ArgumentParser(prog="python -m minillama.bench gpu")
@@ -381,6 +392,10 @@ def main(argv=None):
                         f"TinyStories shapes; the 7B section takes {gpu7b.STEPS})")
     parser.add_argument("--no-reference", action="store_true", help="7B section without the "
                         "compiled PyTorch reference (its compiles take minutes)")
+    parser.add_argument("--formats", type=storage_formats, default=tuple(gpu7b.DTYPES),
+                        help="7B section: only these storage formats, comma-separated (e.g. "
+                        "int8,q4_0: the two the compiled reference is a target for); default "
+                        f"all: {','.join(gpu7b.DTYPES)}")
     parser.add_argument("--json", help="also write every figure to this file (rewritten after "
                         "each 7B model, so a run cut short keeps what it measured)")
     args = parser.parse_args(argv)
@@ -411,7 +426,7 @@ def main(argv=None):
         save()
     if args.section in ("all", "7b"):
         print("Llama-2-7B shape ...", flush=True)
-        gpu7b.run(r, save, reference=not args.no_reference)
+        gpu7b.run(r, save, dtypes=args.formats, reference=not args.no_reference)
     if args.section in ("all", "decode"):
         # last: its profiler (CUPTI) stays hooked into every later launch and would slow them
         print("decode ...", flush=True)
