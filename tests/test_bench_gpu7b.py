@@ -24,7 +24,8 @@ def test_a_step_reads_the_weights_once_and_per_row_one_embedding_row_and_the_cac
 
 def test_formats_picks_a_subset_of_the_7b_section_in_its_order():
     import argparse
-    from minillama.bench.gpu import storage_formats
+    from minillama.bench import gpu7b, subset_of
+    storage_formats = subset_of(gpu7b.DTYPES, "a storage format of the 7B section")
     assert storage_formats("q4_0, int8") == ("int8", "q4_0")
     assert storage_formats("bfloat16") == ("bfloat16",)
     with pytest.raises(argparse.ArgumentTypeError, match=r"^'int4' is not a storage format"):
@@ -39,3 +40,13 @@ def test_bench_gpu_refuses_an_unknown_format_with_status_2(capsys):
         main(["--section", "7b", "--formats", "q3_k"])
     assert e.value.code == 2
     assert "'q3_k' is not a storage format of the 7B section" in capsys.readouterr().err
+
+
+def test_bench_cpu_refuses_an_unknown_model_shape_with_status_2(capsys):
+    from minillama.bench.cpu import main
+    with pytest.raises(SystemExit) as e:
+        main(["--models", "15M,\x1b9M"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "'\\x1b9M' is not a model shape (one or more of 260K, 15M, 42M, 110M" in err
+    assert "\x1b" not in err                              # escaped, not printed raw

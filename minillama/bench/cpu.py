@@ -33,6 +33,7 @@ from ..cpu_decode import CpuDecoder
 from ..model import ModelArgs, Transformer
 from ..ops import NumpyOps
 from ..shared import shared_dir
+from . import subset_of
 from .cpu_llama2c import FLAGS, build_run_c, run_c_rate, write_legacy
 
 SHAPES = {   # the TinyStories models (llama2.c's README), vocab 32000 but for 260K
@@ -261,8 +262,8 @@ def profile_decoder(name, steps, shared):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m minillama.bench cpu")
-    parser.add_argument("--models", default="260K,15M,110M",
-                        help=f"comma-separated, from {', '.join(SHAPES)}")
+    parser.add_argument("--models", type=subset_of(SHAPES, "a model shape"),
+                        default=("260K", "15M", "110M"), help=f"comma-separated, from {', '.join(SHAPES)}")
     parser.add_argument("--steps", type=int, default=32, help="decode steps per measurement")
     parser.add_argument("--shared", type=Path, default=None,
                         help="the shared folder whose models/stories260K.bin is measured "
@@ -272,10 +273,7 @@ def main(argv=None):
     parser.add_argument("--rounds", type=int, default=0,
                         help="also time minillama's batch 1 and llama2.c in turn N times")
     args = parser.parse_args(argv)
-    names = args.models.split(",")
-    for name in names:
-        if name not in SHAPES:
-            parser.error(f"--models: unknown {name!r}, expected some of {', '.join(SHAPES)}")
+    names = args.models
     if args.shared and not (args.shared / "models" / "stories260K.bin").is_file():
         parser.error(f"--shared: expected a folder with models/stories260K.bin, got {args.shared}")
     shared = args.shared or shared_dir()

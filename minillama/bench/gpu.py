@@ -39,10 +39,10 @@ import numpy as np
 
 from ..cuda import CudaOps, gemv, require_cupy, sgemm, softmax
 from ..cuda.kernels import SGEMM_CONFIGS, pick_sgemm_config
-from ..errors import DeviceError, shown
+from ..errors import DeviceError
 from ..checkpoints.random import random_weights
 from ..model import ModelArgs, Transformer
-from . import gpu7b, torch_compiled
+from . import gpu7b, subset_of, torch_compiled
 from .cpu import SHAPES
 from .timing import copy_bandwidth, decode_rate, fmt, gpu_ms, tflops
 
@@ -368,17 +368,6 @@ def targets_13(r):
     return out
 
 
-def storage_formats(text):
-    """--formats: a comma-separated subset of the 7B section's storage formats, in its order."""
-    names = [name.strip() for name in text.split(",") if name.strip()]
-    unknown = [name for name in names if name not in gpu7b.DTYPES]
-    if unknown or not names:
-        raise argparse.ArgumentTypeError(
-            f"{shown(unknown[0]) if unknown else 'nothing'} is not a storage format of the 7B "
-            f"section (one or more of {', '.join(gpu7b.DTYPES)})")
-    return tuple(name for name in gpu7b.DTYPES if name in names)
-
-
 def main(argv=None):
     global cp
     parser = argparse.ArgumentParser(prog="python -m minillama.bench gpu")
@@ -392,7 +381,8 @@ def main(argv=None):
                         f"TinyStories shapes; the 7B section takes {gpu7b.STEPS})")
     parser.add_argument("--no-reference", action="store_true", help="7B section without the "
                         "compiled PyTorch reference (its compiles take minutes)")
-    parser.add_argument("--formats", type=storage_formats, default=tuple(gpu7b.DTYPES),
+    formats = subset_of(gpu7b.DTYPES, "a storage format of the 7B section")
+    parser.add_argument("--formats", type=formats, default=tuple(gpu7b.DTYPES),
                         help="7B section: only these storage formats, comma-separated (e.g. "
                         "int8,q4_0: the two the compiled reference is a target for); default "
                         f"all: {','.join(gpu7b.DTYPES)}")
