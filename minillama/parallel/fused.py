@@ -28,27 +28,32 @@ from ..cuda.kernels import KERNELS
 from ..cuda.runtime import i32
 
 
-def decoder(model):
+def decoder(model, wait=None):
     """forward(tokens, start_pos) -> logits for a rank's ShardedTransformer: one-token steps
     through ShardedFusedDecoder where FusedDecoder covers the model on the GPU (a CUDA graph
-    per batch size), prompts (and everything on the CPU) through model.forward. Every rank
-    must take the same path at the same step, and does: they decide from the same sizes."""
+    per batch size), prompts through model.forward; everything on the CPU is model.forward.
+    Every rank must take the same path at the same step, and does: they decide from the same
+    sizes. On the GPU each call ends with wait(stream), the step queued on `stream` done:
+    stream.synchronize() by default (the workers); the parent, which runs rank 0, passes a wait
+    that polls and watches the workers (workers.wait_polling)."""
     ops = model.ops
-    if ops.name != "cuda" or not ops.fused_decode or not FusedDecoder.covers(model):
+    if ops.name != "cuda":
         return model.forward
-    fused = ShardedFusedDecoder(model)
+    fused = ShardedFusedDecoder(model) if ops.fused_decode and FusedDecoder.covers(model) \
+        else None
+    wait = wait or (lambda stream: stream.synchronize())
 
     def forward(tokens, start_pos):
         tokens = check_tokens(tokens, start_pos, model.params)   # (bsz, seqlen) int64, host
-        if tokens.shape[1] > 1:
+        if fused is None or tokens.shape[1] > 1:
             logits = model.forward(tokens, start_pos)
         else:
             logits = fused(tokens, start_pos, ops.graphs)
-        # The workers run NCCL without its graph-mixing support (workers.py: it costs every
+        # The ranks run NCCL without its graph-mixing support (workers.py: it costs every
         # captured collective time), which holds only if no collective is launched while a
         # graph launch is still running: so every rank waits for its step. Rank 0 waits for
         # its logits anyway; the others would only wait for the parent's next message.
-        fused.cp.cuda.get_current_stream().synchronize()
+        wait(ops.xp.cuda.get_current_stream())
         return logits
     return forward
 
