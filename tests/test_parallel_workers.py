@@ -293,7 +293,7 @@ def test_spin_wait_returns_what_is_readable_and_gives_up_after_its_time():
 
 def test_processes_poll_only_with_a_core_each_and_one_to_spare(monkeypatch):
     monkeypatch.setattr(os, "cpu_count", lambda: 4)
-    assert workers.spin_seconds(3) == workers.SPIN_SECONDS   # parent (rank 0) + 2 workers, 1 spare
+    assert workers.spin_seconds(3) == workers.SPIN_SECONDS   # rank 0 + 2 workers, 1 spare
     assert workers.spin_seconds(4) == 0.0
     monkeypatch.setattr(os, "cpu_count", lambda: None)
     assert workers.spin_seconds(1) == 0.0
