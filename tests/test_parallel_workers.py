@@ -310,19 +310,23 @@ def test_a_dead_workers_exit_status_is_read_after_it_is_reaped():
 
         def is_alive(self):
             return False
-    class Comm:
-        aborted = False
+    done = []
 
+    class Step:                                 # rank 0's RankDecoder
+        def release_graphs(self):
+            done.append("graphs released")
+
+    class Comm:                                 # rank 0's NcclComm
         def abort(self):
-            self.aborted = True
+            done.append("communicator aborted")
     tp = object.__new__(TensorParallel)
-    tp.procs, tp.conns, tp.world, tp.comm = {1: Reaped()}, {}, 2, Comm()
-    comm = tp.comm
+    tp.procs, tp.conns, tp.world, tp.comm, tp.step = {1: Reaped()}, {}, 2, Comm(), Step()
     with pytest.raises(DeviceError, match=r"^tensor-parallel worker rank 1 \(pid 4242\) died "
                                           r"\(killed by signal 9\); stopped the other 0 "
                                           r"workers$"):
         raise tp._dead(1)
-    assert comm.aborted and tp.comm is None     # rank 0's communicator: GPU 0's step ends
+    # GPU 0's step stuck in NCCL ends with the abort, which waits for the graphs to go first
+    assert done == ["graphs released", "communicator aborted"] and tp.comm is None
 
 
 def test_the_parent_waits_for_its_gpu_polling_and_watching_the_workers():

@@ -159,7 +159,7 @@ class TensorParallel:
         self.backend = backend or NcclBackend()
         self.backend.check(world)
         self.spin = spin_seconds(world)
-        self.comm = self.model = self.failure = None
+        self.comm = self.model = self.step = self.failure = None
         ctx = multiprocessing.get_context("spawn")
         self.procs, self.conns = {}, {}     # rank -> its process, its pipe (ranks 1 .. N-1)
         for rank in range(1, world):
@@ -180,17 +180,17 @@ class TensorParallel:
                 ready.add(rank)
 
     def _rank0_decoder(self):
-        """Rank 0's forward (parallel/fused.py's decoder) that waits for its GPU by polling, and
-        the CUDA event the waits poll, recorded after each step."""
-        from .fused import decoder
+        """Rank 0's forward (parallel/fused.py's RankDecoder) that waits for its GPU by polling
+        the CUDA event it records after each step."""
+        from .fused import RankDecoder
         if self.model.ops.name != "cuda":
-            return decoder(self.model)
-        self.step_done = self.model.ops.xp.cuda.Event(disable_timing=True)
+            return RankDecoder(self.model)
+        step_done = self.model.ops.xp.cuda.Event(disable_timing=True)
 
         def wait(stream):
-            self.step_done.record(stream)
-            wait_polling(self.step_done, self._check_workers, 0.0 if self.spin else NAP_SECONDS)
-        return decoder(self.model, wait)
+            step_done.record(stream)
+            wait_polling(step_done, self._check_workers, 0.0 if self.spin else NAP_SECONDS)
+        return RankDecoder(self.model, wait)
 
     @property
     def device(self):
@@ -295,6 +295,8 @@ class TensorParallel:
     def close(self, kill=False):
         """Stop rank 0 and every worker: ask the workers to exit (or, with kill, not), then make
         sure. Rank 0's communicator is aborted, not destroyed: it waits for no peer."""
+        if self.step is not None:
+            self.step.release_graphs()      # else the abort would wait for them forever
         if self.comm is not None:
             self.comm.abort()               # a step of GPU 0 stuck in NCCL ends here
         self.comm = self.model = self.step = None
@@ -353,9 +355,9 @@ def worker_main(rank, world, conn, backend, job):
     try:
         comm = backend.connect(rank, world)
         from ..devices import get_ops
-        from .fused import decoder
+        from .fused import RankDecoder
         model = job.open(rank, world, get_ops(backend.device), comm)
-        forward, spin = decoder(model), spin_seconds(world)
+        forward, spin = RankDecoder(model), spin_seconds(world)
         conn.send(("ready", None))
         while True:
             try:
