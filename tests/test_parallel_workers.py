@@ -133,6 +133,7 @@ def test_two_workers_give_one_process_tokens(model_file):
     ckpt = read_checkpoint(model_file, max_seq_len=32, max_batch_size=2)
     with start(ckpt, 2, backend=PipeBackend(2)) as tp:
         pids = tp.pids
+        assert list(pids) == [1] and tp.model.params.rank == 0   # rank 0: this process
         want = greedy(load_model(model_file, max_seq_len=32, max_batch_size=2).forward,
                       [1, 7, 3], 12)
         assert greedy(tp.forward, [1, 7, 3], 12) == want
