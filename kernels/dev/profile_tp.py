@@ -3,10 +3,10 @@
     PYTHONPATH=. python kernels/dev/profile_tp.py [--gpus 2] [--layers 40] [--dtype float16]
 
 bench/tp.py measures tokens/s as a user sees them: the parent, which is rank 0, sends each
-token down the workers' pipes and runs its own step on GPU 0. This tool splits that time. Each
-of N processes of its own builds its slices of the 13B-shaped random model (bench/tp.py's
-RandomJob), then
-every rank, in step, times with CUDA events (the replays of a graph, no host in between):
+token down the workers' pipes and runs its own step on GPU 0. This tool splits that time.
+First N processes of its own each build their slices of the 13B-shaped random model
+(bench/tp.py's RandomJob), then every rank, in step, times with CUDA events (the replays of a
+graph, no host in between):
   - step:     its ShardedFusedDecoder graph, the whole one-token step;
   - no join:  the same step recorded without the per-layer all-reduces (wrong numbers, the
               rank's own GEMVs and kernels alone);
