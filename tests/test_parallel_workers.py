@@ -250,7 +250,8 @@ def test_nccl_backend_connects_through_torchruns_environment(monkeypatch, id_typ
         return "comm"
     nccl = types.SimpleNamespace(available=True, get_unique_id=lambda: uid,
                                  NcclCommunicator=communicator)
-    device = types.SimpleNamespace(use=lambda: None)
+    uses = []                                 # the threads that made the GPU theirs
+    device = types.SimpleNamespace(use=lambda: uses.append(threading.current_thread().name))
     cuda = types.SimpleNamespace(nccl=nccl, runtime=types.SimpleNamespace(
         getDeviceCount=lambda: 1), Device=lambda i: used.append(i) or device)
     cupy = types.SimpleNamespace(cuda=cuda)
@@ -270,9 +271,11 @@ def test_nccl_backend_connects_through_torchruns_environment(monkeypatch, id_typ
         LOCAL_RANK="0", NCCL_NVLS_ENABLE="0", NCCL_GRAPH_MIXING_SUPPORT="0")
     torchrun = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")
     monkeypatch.setattr(os, "environ", {k: v for k, v in os.environ.items() if k not in torchrun})
-    mine = {}
-    comm = backend.connect(0, 1, environ=mine)                  # as the parent connects
+    mine, watched = {}, []
+    comm = backend.connect(0, 1, environ=mine, watch=lambda: watched.append(1))  # as the parent
+    # GPU 0 taken by this thread, and by the one that makes the communicator (run_watched)
     assert made[1:] == [(1, uid, 0)] and used == [0, 0] and comm.rank == 0
+    assert uses[-2:] == ["MainThread", "minillama-tp-watched"]
     assert [k for k in torchrun if k in os.environ] == [] and mine == dict(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(backend.port), RANK="0", WORLD_SIZE="1",
         LOCAL_RANK="0")
@@ -353,3 +356,24 @@ def test_the_parent_waits_for_its_gpu_polling_and_watching_the_workers():
         raise DeviceError("tensor-parallel worker rank 1 (pid 1) died")
     with pytest.raises(DeviceError, match="rank 1 .* died"):
         workers.wait_polling(Event(busy=10**6), worker_died, every=0.0)
+
+
+def test_a_call_that_blocks_in_c_runs_watched():
+    """run_watched: fn in a thread, watch() meanwhile; fn's result or error comes back, and a
+    watch that raises (a worker has failed) ends the wait, however long fn would block."""
+    watched = []
+    assert workers.run_watched(lambda: time.sleep(0.3) or "comm", lambda: watched.append(1),
+                               every=0.05) == "comm"
+    assert 2 <= len(watched) <= 8
+
+    def fails():
+        raise DeviceError("NCCL: no")
+    with pytest.raises(DeviceError, match="NCCL: no"):
+        workers.run_watched(fails, lambda: None)
+
+    def worker_failed():
+        raise DeviceError("tensor-parallel rank 1: out of memory")
+    start = time.monotonic()
+    with pytest.raises(DeviceError, match="rank 1: out of memory"):
+        workers.run_watched(lambda: time.sleep(30), worker_failed, every=0.01)
+    assert time.monotonic() - start < 5

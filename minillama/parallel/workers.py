@@ -108,11 +108,16 @@ class NcclBackend:
         from ..cuda import require_cupy
         cupy = require_cupy()
         rendezvous = Rendezvous.from_env(environ)
-        cupy.cuda.Device(int(environ["LOCAL_RANK"])).use()          # this machine's GPU
+        gpu = cupy.cuda.Device(int(environ["LOCAL_RANK"]))         # this machine's GPU
+        gpu.use()
         from cupy.cuda import nccl
         unique_id = rendezvous.share_bytes(lambda: nccl_id_bytes(nccl.get_unique_id()),
                                            watch=watch)
-        return NcclComm(rendezvous.rank, rendezvous.world, unique_id)
+
+        def communicator():
+            gpu.use()                       # the current GPU is a thread's own
+            return NcclComm(rendezvous.rank, rendezvous.world, unique_id)
+        return communicator() if watch is None else run_watched(communicator, watch)
 
 
 @dataclass
@@ -321,6 +326,29 @@ class TensorParallel:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def run_watched(fn, watch, every=0.1):
+    """fn()'s result, fn run in a thread of its own while this one calls watch() every `every`
+    seconds; fn's exception is raised here. For a call that blocks inside C without end if
+    another rank has gone (NCCL's communicator creation waits for every rank): the parent's
+    watch sees a worker that failed meanwhile and raises, leaving the stuck thread behind."""
+    outcome = {}
+
+    def target():
+        try:
+            outcome["result"] = fn()
+        except BaseException as e:          # noqa: BLE001  (raised in the caller's thread)
+            outcome["error"] = e
+    thread = threading.Thread(target=target, daemon=True, name="minillama-tp-watched")
+    thread.start()
+    thread.join(every)
+    while thread.is_alive():
+        watch()
+        thread.join(every)
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
 
 
 def wait_polling(event, check, nap=0.0, every=WATCH_SECONDS):
