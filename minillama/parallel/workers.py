@@ -167,6 +167,7 @@ class TensorParallel:
         self.comm = self.model = self.step = self.failure = None
         ctx = multiprocessing.get_context("spawn")
         self.procs, self.conns = {}, {}     # rank -> its process, its pipe (ranks 1 .. N-1)
+        self.ready = set()                  # the workers that have loaded their slices
         for rank in range(1, world):
             mine, theirs = ctx.Pipe()
             proc = ctx.Process(target=worker_main, args=(rank, world, theirs, self.backend, job),
@@ -178,11 +179,8 @@ class TensorParallel:
             self.comm = self.backend.connect(0, world, environ={}, watch=self._check_workers)
             self.model = job.open(0, world, get_ops(self.backend.device), self.comm)
             self.step = self._rank0_decoder()
-        ready = set()
-        while len(ready) < world - 1:       # every worker has loaded its slice
-            rank, message = self._next_message()
-            if message[0] == "ready":
-                ready.add(rank)
+        while len(self.ready) < world - 1:  # every worker has loaded its slice
+            self._check_workers(timeout=None)
 
     def _rank0_decoder(self):
         """Rank 0's forward (parallel/fused.py's RankDecoder) that waits for its GPU by polling
@@ -247,9 +245,13 @@ class TensorParallel:
             self._next_message(STOP_TIMEOUT)        # it has died: that raises, naming it
             raise self._stop(f"tensor-parallel worker rank {rank}: its pipe closed") from None
 
-    def _check_workers(self):
-        """Raise if a worker has died or reported an error; return at once otherwise."""
-        self._next_message(timeout=0)
+    def _check_workers(self, timeout=0):
+        """Raise if a worker has died or reported an error (waiting up to `timeout` seconds
+        for news, None: until there is some); else return. A worker's "ready" (the only other
+        message there is) is noted, whenever it comes."""
+        got = self._next_message(timeout)
+        if got is not None and got[1][0] == "ready":
+            self.ready.add(got[0])
 
     def _next_message(self, timeout=None):
         """(rank, message): the next message of any worker, waiting up to `timeout` seconds
