@@ -334,13 +334,14 @@ def test_a_dead_workers_exit_status_is_read_after_it_is_reaped():
 
 
 def test_the_parent_waits_for_its_gpu_polling_and_watching_the_workers():
-    """wait_polling: event.query() until it is done, check() every `every` seconds meanwhile;
-    what check raises (a worker's death) ends the wait."""
+    """wait_polling: event.done (CuPy's Event: cudaEventQuery) until it is, check() every
+    `every` seconds meanwhile; what check raises (a worker's death) ends the wait."""
     class Event:
         def __init__(self, busy):
             self.busy, self.queries = busy, 0
 
-        def query(self):
+        @property
+        def done(self):
             self.queries += 1
             time.sleep(0.001)                    # the GPU's step takes its time
             return self.queries > self.busy

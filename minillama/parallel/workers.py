@@ -359,13 +359,14 @@ def wait_polling(event, check, nap=0.0, every=WATCH_SECONDS):
     The parent is rank 0: its step's collectives wait on GPU 0 for the workers' GPUs. If a
     worker dies mid-step, GPU 0 waits for it forever, and so would a parent asleep in the
     driver (stream.synchronize, event.synchronize): nothing in this process would ever notice
-    the death. So the parent polls: event.query() (a few microseconds, no sleep) in a loop,
-    and check() (the workers' sentinels and pipes, one select) every `every` seconds; check
-    raises on a death or an error, after aborting the communicator so that GPU 0's kernels end.
+    the death. So the parent polls event.done (cudaEventQuery: a few microseconds, no sleep) in
+    a loop, and calls check() (the workers' sentinels and pipes, one select) every `every`
+    seconds; check raises on a death or an error, after aborting the communicator so that
+    GPU 0's kernels end.
     A core stays busy meanwhile, as the CUDA runtime's own spin-wait keeps one; `nap` seconds of
     sleep between two queries give it back where the machine has few cores."""
     next_check = time.perf_counter() + every
-    while not event.query():
+    while not event.done:
         if time.perf_counter() > next_check:
             check()
             next_check = time.perf_counter() + every
