@@ -92,7 +92,8 @@ class NcclBackend:
         variables go, and are read from: None for os.environ (a worker, a process of its own,
         meets the others through its environment, as a worker on another machine would); the
         parent, rank 0 beside the user's program, passes a dict and keeps its os.environ as it
-        was. watch: called while rank 0 waits at the rendezvous (Rendezvous.share_bytes)."""
+        was. watch: called while rank 0 waits for the others, at the rendezvous
+        (Rendezvous.share_bytes) and in NCCL's creation of the communicator (run_watched)."""
         environ = os.environ if environ is None else environ
         environ.update(self.torchrun_environ(rank, world))
         # NCCL reads its settings from the process's environment, so these two go there:
