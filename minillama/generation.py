@@ -58,9 +58,9 @@ class Llama:
         tokenizer_path may be None when the checkpoint carries its own tokenizer. kv_dtype:
         the KV cache's ("float32" or "float16"); exact: logits in llama2.c's order of operations
         (exact.ExactDecoder), CPU only; load_options go to open_checkpoint (dtype=, budget=).
-        tensor_parallel=N: the model runs on N GPUs instead, in N worker processes joined by
-        NCCL (minillama/parallel/, docs/parallel.md); this process keeps the tokenizer and the
-        sampler, and model.close() stops the workers."""
+        tensor_parallel=N: the model runs on N GPUs instead, joined by NCCL: this process is
+        rank 0 on GPU 0 and keeps the tokenizer and the sampler, N - 1 worker processes run
+        the other ranks (minillama/parallel/, docs/parallel.md); model.close() stops them."""
         if tensor_parallel is not None and exact:
             raise ArgumentError("exact: llama2.c's order of operations runs on the CPU, "
                                 "not with tensor_parallel")

@@ -477,3 +477,28 @@ def test_the_fused_steps_control_flow_on_the_cpu(monkeypatch, world):
         return step.logits[:2].copy()
     for logits in SimulatedWorld(world).run(rank_main):
         assert max_rel_err(logits, want) < 1e-5
+
+
+def test_the_rank_decoder_waits_after_every_gpu_step_and_releases_its_graphs():
+    """RankDecoder on a stand-in GPU backend: every call (a prompt, a step) ends in
+    wait(stream), the caller's (the parent polls there); on the CPU there is nothing to wait
+    for. release_graphs drops the CUDA graphs (before NCCL's abort, which waits for them)."""
+    import types
+    from minillama.parallel.fused import RankDecoder
+    p = gqa_args(1)
+    calls, waits = [], []
+    cuda = types.SimpleNamespace(get_current_stream=lambda: "stream 0")
+    ops = types.SimpleNamespace(name="cuda", fused_decode=False, graphs=True,
+                                xp=types.SimpleNamespace(cuda=cuda))
+    model = types.SimpleNamespace(params=p, ops=ops,
+                                  forward=lambda t, pos: calls.append((t.shape, pos)) or "logits")
+    step = RankDecoder(model, wait=waits.append)
+    assert step(np.array([[1, 2, 3]]), 0) == "logits" and step(np.array([[4]]), 3) == "logits"
+    assert calls == [((1, 3), 0), ((1, 1), 3)] and waits == ["stream 0", "stream 0"]
+    step.fused = types.SimpleNamespace(graphs={1: "graph"})
+    step.release_graphs()
+    assert step.fused.graphs == {}
+    on_cpu = RankDecoder(types.SimpleNamespace(params=p, ops=CPU, forward=model.forward),
+                         wait=waits.append)
+    on_cpu(np.array([[5]]), 4)
+    assert calls[-1] == ((1, 1), 4) and len(waits) == 2

@@ -5,7 +5,8 @@ there are fewer GPUs than it needs, or no CuPy). The lead runs them on the 2-GPU
 
 One GPU: N = 1 through a real NCCL communicator equals the plain GPU path, token for token.
 Two: greedy (and seeded sampling) equals one GPU on stories260K, and on a 13B-shaped random
-model in float16; a worker killed mid-generation ends it in one error, no process left.
+model in float16; a worker killed mid-generation ends it in one error, no process left: between
+two steps, and while the parent (rank 0) waits in NCCL for it, which it must abort.
 """
 import os
 import signal
@@ -76,18 +77,60 @@ def test_a_gpu_worker_killed_mid_generation_ends_it_cleanly(cp):
     need_gpus(cp, 2)
     from minillama.errors import DeviceError
     tp = start(stories(), 2)
-    pids, steps = tp.pids, []
+    pids, steps = tp.pids, []                # {1: pid}: rank 0 is this process
 
     def forward(tokens, start_pos):
         steps.append(start_pos)
         if len(steps) == 5:
-            os.kill(pids[1], signal.SIGKILL)     # rank 0 is left waiting in NCCL
+            os.kill(pids[1], signal.SIGKILL)     # rank 1, a worker, dies between two steps
             time.sleep(0.5)
         return tp.forward(tokens, start_pos)
     with pytest.raises(DeviceError, match=r"^tensor-parallel worker rank 1 .* died \(killed by "
-                                          r"signal 9\); stopped the other 1 worker$"):
+                                          r"signal 9\); stopped the other 0 workers$"):
         greedy(forward, [1, 403], 30)
+    _no_process_left(pids)
+    _gpu_still_works(cp)
+
+
+def test_a_worker_killed_while_rank_0_waits_in_nccl_ends_it_cleanly(cp):
+    """Rank 1 is stopped (SIGSTOP) before a step, so rank 0's step, in this process, waits in
+    its first collective for it; then rank 1 is killed. The parent, polling its GPU, sees the
+    death, aborts its communicator (GPU 0's kernels end) and raises."""
+    import threading
+    need_gpus(cp, 2)
+    from minillama.errors import DeviceError
+    tp = start(stories(), 2)
+    pids = tp.pids
+    greedy(tp.forward, [1, 403], 4)              # the graphs captured, NCCL connected
+    os.kill(pids[1], signal.SIGSTOP)
+    killer = threading.Timer(1.0, os.kill, (pids[1], signal.SIGKILL))
+    killer.start()
+    start_time = time.monotonic()
+    with pytest.raises(DeviceError, match=r"^tensor-parallel worker rank 1 .* died \(killed by "
+                                          r"signal 9\); stopped the other 0 workers$"):
+        tp.forward(np.array([[5]]), 6)
+    killer.join()
+    assert 1.0 <= time.monotonic() - start_time < 10.0
+    _no_process_left(pids)
+    _gpu_still_works(cp)
+
+
+def _no_process_left(pids):
     time.sleep(0.5)
-    for pid in pids:
+    for pid in pids.values():
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
+
+
+def _gpu_still_works(cp):
+    """GPU 0 (this process's) runs new work: nothing of the aborted step still waits there.
+    Polled with a deadline, so a GPU that is still stuck fails the test instead of hanging it."""
+    x = cp.arange(1000, dtype=cp.float32)
+    total = x.sum()
+    done = cp.cuda.Event(disable_timing=True)
+    done.record()
+    deadline = time.monotonic() + 10.0
+    while not done.done:
+        assert time.monotonic() < deadline, "GPU 0 still busy 10 s after the abort"
+        time.sleep(0.01)
+    assert float(total) == 499500.0

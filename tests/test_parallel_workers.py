@@ -1,4 +1,4 @@
-"""The worker processes of tensor parallelism, on the CPU: the same parent and workers as on
+"""The processes of tensor parallelism, on the CPU: the same parent (rank 0) and workers as on
 GPUs (minillama/parallel/workers.py), with a stand-in for NCCL over pipes (PipeBackend, for
 tests only). Tokens equal one process's; a worker killed mid-generation ends it all in one
 error and leaves no process behind."""
@@ -18,24 +18,44 @@ from minillama.generation import Llama
 from minillama.loading import load_model, read_checkpoint
 from minillama.model import ModelArgs
 from minillama.parallel import workers
+from minillama.parallel.comm import PeerGone
 from minillama.parallel.workers import CheckpointJob, TensorParallel, start
 from tests.tools.writers import write_llama2c
 
 
 class PipeComm:
     """all_reduce and all_gather over a full mesh of pipes: every rank sends its array to every
-    other (from a thread, so two big sends cannot block each other) and sums in rank order."""
+    other (from a thread, so two big sends cannot block each other) and sums in rank order. A
+    peer that has gone closes its pipes: that is PeerGone, as the parent expects of a comm."""
 
     def __init__(self, rank, world, links):
         self.rank, self.world, self.links = rank, world, links
 
     def exchange(self, x):
-        sender = threading.Thread(target=lambda: [c.send(x) for c in self.links.values()])
+        failed = []
+
+        def send():
+            try:
+                for c in self.links.values():
+                    c.send(x)
+            except OSError as e:                  # BrokenPipeError: the peer has gone
+                failed.append(e)
+        sender = threading.Thread(target=send)
         sender.start()
-        parts = {r: c.recv() for r, c in self.links.items()}
+        try:
+            parts = {r: c.recv() for r, c in self.links.items()}
+        except (EOFError, OSError) as e:
+            failed.append(e)
         sender.join()
+        if failed:
+            raise PeerGone(f"rank {self.rank}: a peer's pipe closed mid-collective "
+                           f"({type(failed[0]).__name__})")
         parts[self.rank] = x
         return [parts[r] for r in range(self.world)]
+
+    def abort(self):
+        for c in self.links.values():
+            c.close()
 
     def all_reduce(self, x):
         parts = self.exchange(x)
@@ -53,7 +73,9 @@ class PipeComm:
 
 
 class PipeBackend:
-    """Workers on the CPU, joined by pipes that the parent makes before they start."""
+    """Ranks on the CPU, joined by pipes that the parent makes before the workers start; each
+    rank, as it connects, closes its copies of the other ranks' ends (every process holds them
+    all, and a pipe reads EOF only once no process holds its other end)."""
     device = "cpu"
 
     def __init__(self, world):
@@ -66,7 +88,11 @@ class PipeBackend:
     def check(self, world):
         pass
 
-    def connect(self, rank, world):
+    def connect(self, rank, world, environ=None, watch=None):
+        for other, links in enumerate(self.links):
+            if other != rank:
+                for c in links.values():
+                    c.close()
         return PipeComm(rank, world, self.links[rank])
 
 
@@ -79,6 +105,15 @@ def model_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("tp") / "model.bin"
     p = ModelArgs(**ARGS)
     write_llama2c(path, p, random_weights(p, seed=3))
+    return path
+
+
+@pytest.fixture(scope="module")
+def model_file3(tmp_path_factory):
+    """A model Meta's layout cuts into 3 ranks: 3 kv heads, every cut size a multiple of 3."""
+    path = tmp_path_factory.mktemp("tp3") / "model.bin"
+    p = ModelArgs(**{**ARGS, "n_kv_heads": 3, "vocab_size": 66, "hidden_dim": 42})
+    write_llama2c(path, p, random_weights(p, seed=4))
     return path
 
 
@@ -98,6 +133,7 @@ def test_two_workers_give_one_process_tokens(model_file):
     ckpt = read_checkpoint(model_file, max_seq_len=32, max_batch_size=2)
     with start(ckpt, 2, backend=PipeBackend(2)) as tp:
         pids = tp.pids
+        assert list(pids) == [1] and tp.model.params.rank == 0   # rank 0: this process
         want = greedy(load_model(model_file, max_seq_len=32, max_batch_size=2).forward,
                       [1, 7, 3], 12)
         assert greedy(tp.forward, [1, 7, 3], 12) == want
@@ -110,30 +146,33 @@ def test_two_workers_give_one_process_tokens(model_file):
             assert two.generate(prompts, 10, temperature) == one.generate(prompts, 10,
                                                                           temperature)
     time.sleep(0.2)
-    assert alive(pids) == []
+    assert alive(pids.values()) == []
     with pytest.raises(DeviceError, match="^tensor-parallel model: its workers are stopped"):
         tp.forward(np.array([[1]]), 0)
 
 
-def test_a_worker_killed_mid_generation_ends_it_in_one_error(model_file):
-    ckpt = read_checkpoint(model_file, max_seq_len=32, max_batch_size=2)
-    tp = start(ckpt, 2, backend=PipeBackend(2))
+@pytest.mark.parametrize("world", [2, 3])
+def test_a_worker_killed_mid_generation_ends_it_in_one_error(model_file, model_file3, world):
+    ckpt = read_checkpoint(model_file if world == 2 else model_file3, max_seq_len=32,
+                           max_batch_size=2)
+    tp = start(ckpt, world, backend=PipeBackend(world))
     pids, steps = tp.pids, []
     forward = tp.forward
 
     def forward_then_kill(tokens, start_pos):
         steps.append(start_pos)
         if len(steps) == 4:
-            os.kill(pids[1], signal.SIGKILL)        # rank 1 dies; rank 0 waits on it forever
-            time.sleep(0.2)
+            os.kill(pids[1], signal.SIGKILL)        # rank 1 dies; rank 0 (this process) is left
+            time.sleep(0.2)                         # with its pipes, in the step's collectives
         return forward(tokens, start_pos)
     with pytest.raises(DeviceError) as e:
         greedy(forward_then_kill, [1, 2, 3], 20)
     assert str(e.value) == (f"tensor-parallel worker rank 1 (pid {pids[1]}) died (killed by "
-                            f"signal 9); stopped the other 1 worker")
-    assert len(steps) == 4
+                            f"signal 9); stopped the other {world - 2} worker"
+                            + ("s" if world == 2 else ""))
+    assert len(steps) == 4 and list(pids) == list(range(1, world))  # rank 0 is this process
     time.sleep(0.2)
-    assert alive(pids) == []                     # rank 0 was stopped too
+    assert alive(pids.values()) == []
 
 
 def test_an_error_in_a_worker_is_one_line_in_the_parent(model_file, tmp_path):
@@ -195,9 +234,10 @@ def test_cli_tensor_parallel_prints_what_one_process_prints(shared, monkeypatch,
 
 @pytest.mark.parametrize("id_type", [bytes, tuple])
 def test_nccl_backend_connects_through_torchruns_environment(monkeypatch, id_type):
-    """NcclBackend.connect with a stand-in CuPy: the worker's environment is torchrun's, NVLS
+    """NcclBackend.connect with a stand-in CuPy: a worker's environment is torchrun's, NVLS
     is off, the GPU is LOCAL_RANK's, and NCCL gets rank 0's unique id from the rendezvous, as
-    the CuPy at hand takes it: bytes (CuPy 14) or a tuple of signed chars (earlier)."""
+    the CuPy at hand takes it: bytes (CuPy 14) or a tuple of signed chars (earlier). The
+    parent, rank 0 beside the user's program, meets them through a mapping of its own."""
     import sys
     import types
     made, used = [], []
@@ -210,7 +250,8 @@ def test_nccl_backend_connects_through_torchruns_environment(monkeypatch, id_typ
         return "comm"
     nccl = types.SimpleNamespace(available=True, get_unique_id=lambda: uid,
                                  NcclCommunicator=communicator)
-    device = types.SimpleNamespace(use=lambda: None)
+    uses = []                                 # the threads that made the GPU theirs
+    device = types.SimpleNamespace(use=lambda: uses.append(threading.current_thread().name))
     cuda = types.SimpleNamespace(nccl=nccl, runtime=types.SimpleNamespace(
         getDeviceCount=lambda: 1), Device=lambda i: used.append(i) or device)
     cupy = types.SimpleNamespace(cuda=cuda)
@@ -228,10 +269,20 @@ def test_nccl_backend_connects_through_torchruns_environment(monkeypatch, id_typ
                                        "NCCL_GRAPH_MIXING_SUPPORT")} == dict(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(backend.port), RANK="0", WORLD_SIZE="1",
         LOCAL_RANK="0", NCCL_NVLS_ENABLE="0", NCCL_GRAPH_MIXING_SUPPORT="0")
+    torchrun = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")
+    monkeypatch.setattr(os, "environ", {k: v for k, v in os.environ.items() if k not in torchrun})
+    mine, watched = {}, []
+    comm = backend.connect(0, 1, environ=mine, watch=lambda: watched.append(1))  # as the parent
+    # GPU 0 taken by this thread, and by the one that makes the communicator (run_watched)
+    assert made[1:] == [(1, uid, 0)] and used == [0, 0] and comm.rank == 0
+    assert uses[-2:] == ["MainThread", "minillama-tp-watched"]
+    assert [k for k in torchrun if k in os.environ] == [] and mine == dict(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(backend.port), RANK="0", WORLD_SIZE="1",
+        LOCAL_RANK="0")
 
 
 # ----------------------------------------------------------------------------
-# the hand-offs of a step: polling the pipes, the logits through shared memory
+# the waits of a step: the workers poll their pipes, the parent its GPU and its workers
 
 def test_spin_wait_returns_what_is_readable_and_gives_up_after_its_time():
     a, b = multiprocessing.Pipe()
@@ -246,28 +297,10 @@ def test_spin_wait_returns_what_is_readable_and_gives_up_after_its_time():
 
 def test_processes_poll_only_with_a_core_each_and_one_to_spare(monkeypatch):
     monkeypatch.setattr(os, "cpu_count", lambda: 4)
-    assert workers.spin_seconds(2) == workers.SPIN_SECONDS   # parent + 2 workers, 1 spare
-    assert workers.spin_seconds(3) == 0.0
+    assert workers.spin_seconds(3) == workers.SPIN_SECONDS   # rank 0 + 2 workers, 1 spare
+    assert workers.spin_seconds(4) == 0.0
     monkeypatch.setattr(os, "cpu_count", lambda: None)
     assert workers.spin_seconds(1) == 0.0
-
-
-def test_the_logits_handoff_shares_what_fits_and_sends_the_rest():
-    from multiprocessing import shared_memory
-    shared = shared_memory.SharedMemory(create=True, size=4 * 2 * 64)
-    try:
-        handoff = workers.LogitsHandoff(shared.name)
-        step = np.random.default_rng(1).standard_normal((2, 1, 64)).astype(np.float32)
-        assert handoff.put(step) == (2, 1, 64)
-        seen = np.ndarray((128,), np.float32, shared.buf)
-        assert np.array_equal(seen.reshape(2, 1, 64), step)
-        prompt = np.ones((1, 3, 64), dtype=np.float32)       # 192 values: bigger than 128
-        sent = handoff.put(prompt)
-        assert isinstance(sent, np.ndarray) and np.array_equal(sent, prompt)
-        del seen, handoff
-    finally:
-        shared.close()
-        shared.unlink()
 
 
 def test_a_dead_workers_exit_status_is_read_after_it_is_reaped():
@@ -281,7 +314,67 @@ def test_a_dead_workers_exit_status_is_read_after_it_is_reaped():
 
         def is_alive(self):
             return False
+    done = []
+
+    class Step:                                 # rank 0's RankDecoder
+        def release_graphs(self):
+            done.append("graphs released")
+
+    class Comm:                                 # rank 0's NcclComm
+        def abort(self):
+            done.append("communicator aborted")
     tp = object.__new__(TensorParallel)
-    tp.procs, tp.conns, tp.world, tp.shared = [Reaped()], [], 1, None
-    with pytest.raises(DeviceError, match=r"rank 0 \(pid 4242\) died \(killed by signal 9\)"):
-        tp._fail_dead(0)
+    tp.procs, tp.conns, tp.world, tp.comm, tp.step = {1: Reaped()}, {}, 2, Comm(), Step()
+    with pytest.raises(DeviceError, match=r"^tensor-parallel worker rank 1 \(pid 4242\) died "
+                                          r"\(killed by signal 9\); stopped the other 0 "
+                                          r"workers$"):
+        raise tp._dead(1)
+    # GPU 0's step stuck in NCCL ends with the abort, which waits for the graphs to go first
+    assert done == ["graphs released", "communicator aborted"] and tp.comm is None
+
+
+def test_the_parent_waits_for_its_gpu_polling_and_watching_the_workers():
+    """wait_polling: event.done (CuPy's Event: cudaEventQuery) until it is, check() every
+    `every` seconds meanwhile; what check raises (a worker's death) ends the wait."""
+    class Event:
+        def __init__(self, busy):
+            self.busy, self.queries = busy, 0
+
+        @property
+        def done(self):
+            self.queries += 1
+            time.sleep(0.001)                    # the GPU's step takes its time
+            return self.queries > self.busy
+    checks = []
+    event = Event(busy=30)
+    workers.wait_polling(event, lambda: checks.append(1), every=0.005)
+    assert event.queries == 31 and 2 <= len(checks) < 30
+    done = Event(busy=0)
+    workers.wait_polling(done, lambda: checks.append(2))
+    assert done.queries == 1 and 2 not in checks             # done at once: nothing to check
+
+    def worker_died():
+        raise DeviceError("tensor-parallel worker rank 1 (pid 1) died")
+    with pytest.raises(DeviceError, match="rank 1 .* died"):
+        workers.wait_polling(Event(busy=10**6), worker_died, every=0.0)
+
+
+def test_a_call_that_blocks_in_c_runs_watched():
+    """run_watched: fn in a thread, watch() meanwhile; fn's result or error comes back, and a
+    watch that raises (a worker has failed) ends the wait, however long fn would block."""
+    watched = []
+    assert workers.run_watched(lambda: time.sleep(0.3) or "comm", lambda: watched.append(1),
+                               every=0.05) == "comm"
+    assert 2 <= len(watched) <= 8
+
+    def fails():
+        raise DeviceError("NCCL: no")
+    with pytest.raises(DeviceError, match="NCCL: no"):
+        workers.run_watched(fails, lambda: None)
+
+    def worker_failed():
+        raise DeviceError("tensor-parallel rank 1: out of memory")
+    start = time.monotonic()
+    with pytest.raises(DeviceError, match="rank 1: out of memory"):
+        workers.run_watched(lambda: time.sleep(30), worker_failed, every=0.01)
+    assert time.monotonic() - start < 5

@@ -2,22 +2,25 @@
 
     PYTHONPATH=. python kernels/dev/profile_tp.py [--gpus 2] [--layers 40] [--dtype float16]
 
-bench/tp.py measures tokens/s as a user sees them: the parent sends each token down the
-workers' pipes and rank 0 sends the logits back. This tool splits that time. Each of the N
-processes builds its slices of the 13B-shaped random model (bench/tp.py's RandomJob), then
-every rank, in step, times with CUDA events (the replays of a graph, no host in between):
+bench/tp.py measures tokens/s as a user sees them: the parent, which is rank 0, sends each
+token down the workers' pipes and runs its own step on GPU 0. This tool splits that time.
+First N processes of its own each build their slices of the 13B-shaped random model
+(bench/tp.py's RandomJob), then every rank, in step, times with CUDA events (the replays of a
+graph, no host in between):
   - step:     its ShardedFusedDecoder graph, the whole one-token step;
   - no join:  the same step recorded without the per-layer all-reduces (wrong numbers, the
               rank's own GEMVs and kernels alone);
   - joins:    the step's 2 per layer all-reduces of h (bsz, dim) alone, in one graph;
   - one all-reduce of h alone, replayed in a loop of graph launches.
 and rank 0 prints them with the one-GPU FusedDecoder step of the whole model, built first.
-Then the whole loop as bench/tp.py runs it (parent, pipes, workers), with rank 0 timing, per
-step, its wait for the next message, the step up to the logits on the GPU queued, and the
-logits' hand-off: what the parent and the pipes add is the rest.
+Then the whole loop as bench/tp.py runs it (the parent as rank 0, pipes, workers), the parent
+timing, per step, rank 0's step up to its graph queued and its polling wait for GPU 0
+(workers.wait_polling): what the host adds (the tokens sent, the logits copied, the argmax)
+is the rest. (Before the parent was rank 0 this part timed a rank 0 worker's loop and its
+shared-memory logits hand-off, both gone.)
 """
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 import argparse
 import multiprocessing
 import os
@@ -80,55 +83,57 @@ def rank_main(rank, world, port, layers, dtype, results):
 
 @dataclass
 class TimedJob:
-    """bench/tp.py's RandomJob, with rank 0's worker loop timed (patched in its process)."""
+    """bench/tp.py's RandomJob, with rank 0's step and its wait timed: rank 0 is the parent,
+    so the patches (of ShardedFusedDecoder.__call__ and workers.wait_polling) live in this
+    process, and the marks on this object; the workers load the plain job."""
     params: object
     dtype: str
-    steps: int
+    marks: list = field(default_factory=list)    # per step: [call start, end, wait start, end]
 
     def open(self, rank, world, ops, comm):
         from minillama.bench.tp import RandomJob
-        from minillama.parallel import fused, workers
         model = RandomJob(self.params, self.dtype).open(rank, world, ops, comm)
         if rank == 0:
-            marks = []
-            call, put = fused.ShardedFusedDecoder.__call__, workers.LogitsHandoff.put
-
-            def timed_call(self, *args):
-                marks.append(["call", time.perf_counter()])
-                out = call(self, *args)
-                marks[-1].append(time.perf_counter())
-                return out
-
-            def timed_put(self, logits):
-                start = time.perf_counter()
-                out = put(self, logits)
-                marks[-1] += [start, time.perf_counter()]
-                if len(marks) == self_steps:
-                    report(marks)
-                return out
-            self_steps = 2 * self.steps
-            fused.ShardedFusedDecoder.__call__, workers.LogitsHandoff.put = timed_call, timed_put
+            self.patch()
         return model
+
+    def patch(self):
+        from minillama.parallel import fused, workers
+        call, wait, marks = fused.ShardedFusedDecoder.__call__, workers.wait_polling, self.marks
+
+        def timed_call(decoder, *args):
+            marks.append([time.perf_counter()])
+            out = call(decoder, *args)
+            marks[-1].append(time.perf_counter())
+            return out
+
+        def timed_wait(*args, **kwargs):
+            start = time.perf_counter()
+            wait(*args, **kwargs)
+            if marks and len(marks[-1]) == 2:       # a decode step's wait, not a prompt's
+                marks[-1] += [start, time.perf_counter()]
+        fused.ShardedFusedDecoder.__call__, workers.wait_polling = timed_call, timed_wait
 
 
 def report(marks):
-    """Rank 0's medians (us) over the second half of the steps, into profile_tp_rank0.txt."""
-    rows = marks[len(marks) // 2:]
-    cycle = np.median(np.diff([r[1] for r in rows])) * 1e6
-    queue = np.median([r[2] - r[1] for r in rows]) * 1e6
-    hand = np.median([r[4] - r[3] for r in rows]) * 1e6
-    with open(os.path.join(os.environ.get("OUT", "."), "profile_tp_rank0.txt"), "w") as f:
-        f.write(f"rank 0 per step: cycle {cycle:.0f} us = step queued {queue:.0f} + logits "
-                f"hand-off (waits for the GPU) {hand:.0f} + the rest {cycle - queue - hand:.0f}\n")
+    """Rank 0's medians (us) over the second half of the steps (the timed pass)."""
+    rows = [r for r in marks[len(marks) // 2:] if len(r) == 4]
+    cycle = np.median(np.diff([r[0] for r in rows])) * 1e6
+    queue = np.median([r[1] - r[0] for r in rows]) * 1e6
+    wait = np.median([r[3] - r[2] for r in rows]) * 1e6
+    return (f"rank 0 per step: cycle {cycle:.0f} us = step queued {queue:.0f} + polling wait "
+            f"for GPU 0 {wait:.0f} + the rest {cycle - queue - wait:.0f}")
 
 
 def parent_loop(layers, dtype, world, steps=64):
+    """ms per token of bench/tp.py's loop, and rank 0's split of it."""
     from minillama.bench.tp import decode_rate, params_13b
     from minillama.parallel.workers import TensorParallel
     p = params_13b(layers)
-    with TensorParallel(p, TimedJob(p, dtype, steps), world) as tp:
+    job = TimedJob(p, dtype)
+    with TensorParallel(p, job, world) as tp:
         rate, _ = decode_rate(tp.forward, steps)
-    return 1e3 / rate
+    return 1e3 / rate, report(job.marks)
 
 
 def one_gpu(layers, dtype):
@@ -183,10 +188,9 @@ def main():
         print(f"  rank {rank}: {line}")
     if args.ranks_only:
         return
-    step = parent_loop(args.layers, args.dtype, args.gpus)
+    step, split = parent_loop(args.layers, args.dtype, args.gpus)
     print(f"  the parent's loop (bench/tp.py's): {step:7.3f} ms per token")
-    with open(os.path.join(os.environ.get("OUT", "."), "profile_tp_rank0.txt")) as f:
-        print("  " + f.read().strip())
+    print(f"  {split}")
 
 
 def lambda_one(layers, dtype, queue):

@@ -9,8 +9,9 @@ its own name (SeededGpuWeights), so the one-GPU model in this process and every 
 come from the same numbers. Both are timed the way a generation loop runs: one token per
 forward call, the logits back on the host, greedy; the first pass warms up (kernels compiled,
 CUDA graphs captured), the second is timed. One GPU is the plain path (Transformer on CudaOps,
-FusedDecoder's CUDA graph); N GPUs are N worker processes (parallel/workers.py), each running
-its slices through ShardedFusedDecoder's graph with NCCL's all-reduces inside.
+FusedDecoder's CUDA graph); N GPUs are this process as rank 0 on GPU 0 and N - 1 worker
+processes (parallel/workers.py), each rank running its slices through ShardedFusedDecoder's
+graph with NCCL's all-reduces inside.
 """
 import argparse
 import gc
@@ -63,7 +64,7 @@ class SeededGpuWeights(Mapping):
 
 @dataclass
 class RandomJob:
-    """What each worker loads: its slices of SeededGpuWeights (parallel/workers.py's job)."""
+    """What each rank loads: its slices of SeededGpuWeights (parallel/workers.py's job)."""
     params: ModelArgs
     dtype: str
 
@@ -103,7 +104,7 @@ def one_gpu(p, dtype, steps):
     rate, tokens = decode_rate(ops.decoder(model), steps)
     del model, ops
     gc.collect()
-    cp.get_default_memory_pool().free_all_blocks()       # the workers need GPU 0 next
+    cp.get_default_memory_pool().free_all_blocks()       # rank 0, here, needs GPU 0 next
     return rate, tokens
 
 

@@ -8,8 +8,9 @@
     fused.py     ShardedFusedDecoder: cuda/fused.py's one-token CUDA graph with the collectives
     loading.py   a rank's model from a checkpoint: Meta's shard k read on rank k, other files
                  sliced as they are read; the memory plan per GPU
-    workers.py   the processes: the parent starts N workers (one GPU each), hands each step to
-                 them and gets rank 0's logits; a worker that fails ends it all, cleanly
+    workers.py   the processes: the parent is rank 0 (GPU 0) and starts a worker for every
+                 other rank, hands each step to them and runs its own, waiting for its GPU by
+                 polling; a worker that fails ends it all, cleanly
 
 docs/parallel.md tells the story with the shapes on each rank.
 """

@@ -31,6 +31,7 @@ import numpy as np
 from ..errors import ArgumentError, DeviceError, shown
 
 RENDEZVOUS_TIMEOUT = 120.0       # seconds for every rank to arrive
+WATCH_SECONDS = 0.1              # how often rank 0's wait at the rendezvous calls its watch
 
 
 # ----------------------------------------------------------------------------
@@ -132,8 +133,18 @@ class NcclComm:
                             self.cp.cuda.get_current_stream().ptr)
         return out
 
-    def close(self):
-        self.comm.destroy()
+    def abort(self):
+        """End the communicator without waiting for any peer (ncclCommAbort): NCCL's kernels
+        still waiting in a collective on this GPU for a rank that is gone return, so the
+        GPU's work ends. The way the parent ends rank 0's communicator, always: after a
+        failure it is the only way, and after a clean stop it never waits (destroy may)."""
+        self.comm.abort()
+
+
+class PeerGone(DeviceError):
+    """A rank's link to another closed inside a collective: the other rank's process has gone.
+    A communicator that can see this raises it (tests' pipes); NCCL cannot (the GPU just waits),
+    so the parent, which runs rank 0, also watches the workers' processes while it waits."""
 
 
 def nccl_version():
@@ -194,30 +205,30 @@ class Rendezvous:
                                 f"WORLD_SIZE and a port in 1..65535")
         return cls(values["MASTER_ADDR"], ints["MASTER_PORT"], ints["RANK"], ints["WORLD_SIZE"])
 
-    def share_bytes(self, make, timeout=RENDEZVOUS_TIMEOUT):
+    def share_bytes(self, make, timeout=RENDEZVOUS_TIMEOUT, watch=None):
         """Rank 0 calls make() and sends its bytes to every other rank; every rank returns
         them. A rank that does not arrive in `timeout` seconds is a DeviceError naming the
-        address."""
+        address. watch: called every WATCH_SECONDS while rank 0 waits for the others (the
+        parent's look at its workers: one that has failed raises there, long before the
+        timeout)."""
         if self.rank == 0:
             payload = make()
-            self._serve(payload, time.monotonic() + timeout)
+            self._serve(payload, time.monotonic() + timeout, watch or (lambda: None))
             return payload
         return self._fetch(time.monotonic() + timeout)
 
-    def _serve(self, payload, deadline):
+    def _serve(self, payload, deadline, watch):
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as server:
             server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             local = self.addr in ("127.0.0.1", "localhost")
             server.bind((self.addr if local else "", self.port))
             server.listen(self.world)
             for arrived in range(self.world - 1):
-                server.settimeout(max(0.01, deadline - time.monotonic()))
-                try:
-                    conn, _ = server.accept()
-                except socket.timeout:
+                conn = self._accept(server, deadline, watch)
+                if conn is None:
                     raise DeviceError(f"rendezvous: {arrived} of {self.world - 1} ranks reached "
                                       f"rank 0 at {shown(self.addr, quote=False)}:{self.port} "
-                                      f"in time") from None
+                                      f"in time")
                 with conn:
                     conn.settimeout(max(0.01, deadline - time.monotonic()))
                     rank, world = struct.unpack("!ii", _recv_exactly(conn, 8))
@@ -225,6 +236,17 @@ class Rendezvous:
                         raise DeviceError(f"rendezvous: rank {rank} says WORLD_SIZE {world}, "
                                           f"rank 0 says {self.world}")
                     conn.sendall(struct.pack("!i", len(payload)) + payload)
+
+    @staticmethod
+    def _accept(server, deadline, watch):
+        """The next rank's connection, or None at the deadline; watch() between short waits."""
+        while time.monotonic() < deadline:
+            server.settimeout(max(0.001, min(WATCH_SECONDS, deadline - time.monotonic())))
+            try:
+                return server.accept()[0]
+            except socket.timeout:
+                watch()
+        return None
 
     def _fetch(self, deadline):
         while True:

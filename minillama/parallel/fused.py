@@ -28,29 +28,45 @@ from ..cuda.kernels import KERNELS
 from ..cuda.runtime import i32
 
 
-def decoder(model):
+class RankDecoder:
     """forward(tokens, start_pos) -> logits for a rank's ShardedTransformer: one-token steps
     through ShardedFusedDecoder where FusedDecoder covers the model on the GPU (a CUDA graph
-    per batch size), prompts (and everything on the CPU) through model.forward. Every rank
-    must take the same path at the same step, and does: they decide from the same sizes."""
-    ops = model.ops
-    if ops.name != "cuda" or not ops.fused_decode or not FusedDecoder.covers(model):
-        return model.forward
-    fused = ShardedFusedDecoder(model)
+    per batch size), prompts through model.forward; everything on the CPU is model.forward.
+    Every rank must take the same path at the same step, and does: they decide from the same
+    sizes. On the GPU each call ends with wait(stream), the step queued on `stream` done:
+    stream.synchronize() by default (the workers); the parent, which runs rank 0, passes a wait
+    that polls and watches the workers (workers.wait_polling)."""
 
-    def forward(tokens, start_pos):
-        tokens = check_tokens(tokens, start_pos, model.params)   # (bsz, seqlen) int64, host
-        if tokens.shape[1] > 1:
-            logits = model.forward(tokens, start_pos)
+    def __init__(self, model, wait=None):
+        ops = self.ops = model.ops
+        self.model = model
+        self.fused = ShardedFusedDecoder(model) if ops.name == "cuda" and ops.fused_decode \
+            and FusedDecoder.covers(model) else None
+        self.wait = wait or (lambda stream: stream.synchronize())
+
+    def __call__(self, tokens, start_pos):
+        if self.ops.name != "cuda":
+            return self.model.forward(tokens, start_pos)
+        tokens = check_tokens(tokens, start_pos, self.model.params)  # (bsz, seqlen) int64, host
+        if self.fused is None or tokens.shape[1] > 1:
+            logits = self.model.forward(tokens, start_pos)
         else:
-            logits = fused(tokens, start_pos, ops.graphs)
-        # The workers run NCCL without its graph-mixing support (workers.py: it costs every
+            logits = self.fused(tokens, start_pos, self.ops.graphs)
+        # The ranks run NCCL without its graph-mixing support (workers.py: it costs every
         # captured collective time), which holds only if no collective is launched while a
         # graph launch is still running: so every rank waits for its step. Rank 0 waits for
         # its logits anyway; the others would only wait for the parent's next message.
-        fused.cp.cuda.get_current_stream().synchronize()
+        self.wait(self.ops.xp.cuda.get_current_stream())
         return logits
-    return forward
+
+    def release_graphs(self):
+        """Destroy the step's CUDA graphs now. An NCCL communicator, aborted or destroyed,
+        waits until every graph that captured one of its collectives is gone (ncclCommAbort
+        polls its graphs' references), so the parent drops rank 0's graphs before it aborts:
+        a failed step's frames may still hold this decoder, but not the graphs. (One still
+        running, stuck in a collective, is released by CUDA when the abort has ended it.)"""
+        if self.fused is not None:
+            self.fused.graphs.clear()
 
 
 class ShardedFusedDecoder(FusedDecoder):
