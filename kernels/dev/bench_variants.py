@@ -255,16 +255,25 @@ class Modules:
         module, lowered = self.by_name.get(name, (self.any, name))
         return module.get_function(lowered)
 
-    def launch(self, name, grid, block, args, shared_mem=0):
+    def function(self, name):
         if name not in self.functions:
             self.functions[name] = self.get_function(name)
-        f = self.functions[name]
+        return self.functions[name]
+
+    def allow_shared(self, name, shared_mem):
+        """Let kernel `name` take `shared_mem` bytes of dynamic shared memory. Only ever
+        raised: lowering it for a smaller launch would fail a later, larger one with
+        CUDA_ERROR_INVALID_VALUE (what the first qgemv_v3 run met on the H200)."""
         # static and dynamic shared memory share the 48 KiB: qgemv_tc has 24 KiB static, so
         # its small-x launches (N=3, K=96, 32 rows: 26-37 KiB dynamic) needed the opt-in too
         if shared_mem > self.shared.get(name, 0):
             cf.require_cupy().cuda.driver.funcSetAttribute(
-                f.kernel.ptr, MAX_DYNAMIC_SHARED_SIZE_BYTES, shared_mem)
+                self.function(name).kernel.ptr, MAX_DYNAMIC_SHARED_SIZE_BYTES, shared_mem)
             self.shared[name] = shared_mem
+
+    def launch(self, name, grid, block, args, shared_mem=0):
+        f = self.function(name)
+        self.allow_shared(name, shared_mem)
         if self.log is None:
             f(grid, block, args, shared_mem=shared_mem)
             return
@@ -337,8 +346,8 @@ def v3_blocks_per_sm(M_, name, threads, smem):
     offer it the least of what the registers, the shared memory (an H100/H200's 228 KiB, 1 KiB
     reserved per block) and the threads allow."""
     cp = cf.require_cupy()
-    f = M_.get_function(name)
-    cp.cuda.driver.funcSetAttribute(f.kernel.ptr, MAX_DYNAMIC_SHARED_SIZE_BYTES, smem)
+    f = M_.function(name)
+    M_.allow_shared(name, smem)         # the occupancy of a size the kernel is not allowed is 0
     try:
         return max(1, cp.cuda.driver.occupancyMaxActiveBlocksPerMultiprocessor(
             f.kernel.ptr, threads, smem))
