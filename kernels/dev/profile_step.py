@@ -6,7 +6,8 @@
 For each storage format it builds a model of the shape with random weights made on the GPU
 (minillama.bench.gpu7b's RandomGpuWeights), decodes a few positions, then:
   - times the CUDA-graph replay alone (no host round trip), and with the token through the host
-    as the benchmarks do;
+    as the benchmarks do, and the pieces in between (replay_ms: the launch call, a wait after
+    each replay, the decoder's forward);
   - runs FusedDecoder.run eagerly with a CUDA event pair around every launch and prints the
     sum per kernel name, its share of the summed time, and the launches.
 Eagerly the GPU often waits for Python between the two events (a launch from Python takes
@@ -50,40 +51,62 @@ def timed_launches(fused, bsz, cp):
 
 
 def replay_ms(forward, fused, bsz, cp, steps=20):
-    """(graph replay alone, with the token through the host), ms per step."""
+    """Per step, ms, the host's share taken apart one piece at a time:
+    alone     graph replays back to back (the GPU's time: the next launch is queued before the
+              last one ends);
+    launch    the host's time inside graph.launch() (a replay of ~160 kernels is one call);
+    synced    a replay, then a wait for it (+ the GPU's start and the host's wake-up);
+    forward   forward(tokens, pos), then a wait (+ the decoder's Python, the token's copy in,
+              the logits' copy out of the graph's buffer);
+    host      forward, cp.argmax and .get() (+ one small kernel and the copy to the host): the
+              loop bench/timing.py's decode_rate times."""
     tokens = np.ones((bsz, 1), dtype=np.int64)
     for pos in range(3):
         forward(tokens, pos)
-    graph = fused.graphs[bsz]
-    cp.cuda.Device().synchronize()
-    t = time.perf_counter()
-    for _ in range(steps):
+    graph, sync = fused.graphs[bsz], cp.cuda.Device().synchronize
+    sync()
+
+    def per_step(body):
+        t = time.perf_counter()
+        for i in range(steps):
+            body(i)
+        sync()
+        return 1000 * (time.perf_counter() - t) / steps
+    launch_s = []
+
+    def timed_launch(_):
+        t = time.perf_counter()
         graph.launch()
-    cp.cuda.Device().synchronize()
-    alone = (time.perf_counter() - t) / steps
-    t = time.perf_counter()
-    for pos in range(3, 3 + steps):
-        logits = forward(tokens, pos)
-        tokens = cp.argmax(logits[:, -1], axis=-1).get().reshape(bsz, 1)
-    host = (time.perf_counter() - t) / steps
-    return 1000 * alone, 1000 * host
+        launch_s.append(time.perf_counter() - t)
+    out = {"alone": per_step(timed_launch)}
+    out["launch"] = 1000 * sorted(launch_s)[len(launch_s) // 2]
+    out["synced"] = per_step(lambda _: (graph.launch(), sync()))
+    out["forward"] = per_step(lambda i: (forward(tokens, 3 + i), sync()))
+    state = {"tokens": tokens}
+
+    def step(i):
+        logits = forward(state["tokens"], 3 + i)
+        state["tokens"] = cp.argmax(logits[:, -1], axis=-1).get().reshape(bsz, 1)
+    out["host"] = per_step(step)
+    return out
 
 
 def profile(shape, dtype, batches, layers):
     cp = require_cupy()
     p = torch_compiled.model_args(shape, max(batches), 64, n_layers=layers)
-    ops = CudaOps()
+    ops = CudaOps(persistent=False)      # FusedDecoder, the graph this tool takes apart
     model = Transformer(p, gpu7b.RandomGpuWeights(p, dtype), ops)
     forward = ops.decoder(model)
     fused = ops._decoders[model]
     nbytes = gpu7b.bytes_per_step(model, 1, 8)
     for bsz in batches:
-        alone, host = replay_ms(forward, fused, bsz, cp)
+        ms = replay_ms(forward, fused, bsz, cp)
         sums = timed_launches(fused, bsz, cp)
         total = sum(s for s, _ in sums.values())
-        print(f"\n== {shape} {dtype} layers {p.n_layers} batch {bsz}: graph {alone:.3f} ms, "
-              f"with host {host:.3f} ms, eager kernel sum {total:.3f} ms, "
-              f"{nbytes / 1e9:.2f} GB/step -> {nbytes / alone / 1e6:.0f} GB/s in the graph")
+        print(f"\n== {shape} {dtype} layers {p.n_layers} batch {bsz}: graph {ms['alone']:.3f} ms, "
+              f"with host {ms['host']:.3f} ms, eager kernel sum {total:.3f} ms, "
+              f"{nbytes / 1e9:.2f} GB/step -> {nbytes / ms['alone'] / 1e6:.0f} GB/s in the graph")
+        print("  host, ms per step: " + ", ".join(f"{k} {v:.3f}" for k, v in ms.items()))
         for name, (ms, n) in sorted(sums.items(), key=lambda kv: -kv[1][0]):
             print(f"  {ms:8.3f} ms {100 * ms / total:5.1f}%  x{n:<4d} {1000 * ms / n:8.2f} us  {name}")
     del model, forward, fused, ops
