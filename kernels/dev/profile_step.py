@@ -56,8 +56,13 @@ def replay_ms(forward, fused, bsz, cp, steps=20):
               last one ends);
     launch    the host's time inside graph.launch() (a replay of ~160 kernels is one call);
     synced    a replay, then a wait for it (+ the GPU's start and the host's wake-up);
+    token in  the step's token and position copied in (send_step), a replay, a wait;
+    logits out  a replay, the logits copied out of the graph's buffer, a wait;
+    same pos  forward(tokens, 3), then a wait, every step at one position;
     forward   forward(tokens, pos), then a wait (+ the decoder's Python, the token's copy in,
               the logits' copy out of the graph's buffer);
+    numpy     forward, the logits to the host (.get()) and np.argmax there (bench/tp.py's and
+              the generate loop's way);
     host      forward, cp.argmax and .get() (+ one small kernel and the copy to the host): the
               loop bench/timing.py's decode_rate times."""
     tokens = np.ones((bsz, 1), dtype=np.int64)
@@ -81,7 +86,17 @@ def replay_ms(forward, fused, bsz, cp, steps=20):
     out = {"alone": per_step(timed_launch)}
     out["launch"] = 1000 * sorted(launch_s)[len(launch_s) // 2]
     out["synced"] = per_step(lambda _: (graph.launch(), sync()))
+    out["token in"] = per_step(lambda i: (fused.send_step(tokens, 3 + i), graph.launch(), sync()))
+
+    def logits_out(_):
+        graph.launch()
+        logits = cp.empty((bsz, 1, fused.p.vocab_size), dtype=np.float32)
+        logits.data.copy_from_device_async(fused.logits.data, logits.nbytes)
+        sync()
+    out["logits out"] = per_step(logits_out)
+    out["same pos"] = per_step(lambda i: (forward(tokens, 3), sync()))
     out["forward"] = per_step(lambda i: (forward(tokens, 3 + i), sync()))
+    out["numpy"] = per_step(lambda i: np.argmax(forward(tokens, 3 + i).get()[:, -1], axis=-1))
     state = {"tokens": tokens}
 
     def step(i):
@@ -91,7 +106,53 @@ def replay_ms(forward, fused, bsz, cp, steps=20):
     return out
 
 
-def profile(shape, dtype, batches, layers):
+def io_in_graph_ms(fused, bsz, cp, steps=20):
+    """Experiment: the step's copies inside its CUDA graph instead of beside it, ms per step
+    with a wait after each (compare replay_ms's synced, token in, logits out):
+    in graph  the token's copy from one page-locked row, the step, the logits' copy into a
+              fixed buffer, all captured in one graph;
+    token     only the token's copy captured with the step;
+    logits    only the logits' copy captured with the step;
+    copyto    the step's graph, then the logits copied by a kernel (cp.copyto), not a memcpy."""
+    sync = cp.cuda.Device().synchronize
+    row = fused.step_host[0]
+    out_buf = cp.empty((bsz, fused.p.vocab_size), dtype=np.float32)
+
+    def capture(token, logits):
+        stream = cp.cuda.Stream(non_blocking=True)
+        sync()
+        with stream, KERNELS.programmatic():            # as FusedDecoder captures one row
+            stream.begin_capture()
+            if token:
+                # (CuPy refuses H2D copies while capturing; the runtime records a memcpy node)
+                cp.cuda.runtime.memcpyAsync(fused.step.data.ptr, row.ctypes.data, 4 * (1 + bsz),
+                                            cp.cuda.runtime.memcpyHostToDevice, stream.ptr)
+            fused.run(bsz)
+            if logits:
+                out_buf.data.copy_from_device_async(fused.logits.data, out_buf.nbytes, stream)
+            return stream.end_capture()
+
+    def per_step(graph, after=None):
+        for _ in range(3):
+            graph.launch()
+        sync()
+        t = time.perf_counter()
+        for i in range(steps):
+            row[0] = 3 + i
+            graph.launch()
+            if after:
+                after()
+            sync()
+        return 1000 * (time.perf_counter() - t) / steps
+    row[1:1 + bsz] = 1
+    out = {"in graph": per_step(capture(True, True)), "token": per_step(capture(True, False)),
+           "logits": per_step(capture(False, True))}
+    out["copyto"] = per_step(fused.graphs[bsz],
+                             lambda: cp.copyto(out_buf, fused.logits[:bsz].reshape(out_buf.shape)))
+    return out
+
+
+def profile(shape, dtype, batches, layers, io=False):
     cp = require_cupy()
     p = torch_compiled.model_args(shape, max(batches), 64, n_layers=layers)
     ops = CudaOps(persistent=False)      # FusedDecoder, the graph this tool takes apart
@@ -107,6 +168,10 @@ def profile(shape, dtype, batches, layers):
               f"with host {ms['host']:.3f} ms, eager kernel sum {total:.3f} ms, "
               f"{nbytes / 1e9:.2f} GB/step -> {nbytes / ms['alone'] / 1e6:.0f} GB/s in the graph")
         print("  host, ms per step: " + ", ".join(f"{k} {v:.3f}" for k, v in ms.items()))
+        if io:
+            io_ms = io_in_graph_ms(fused, bsz, cp)
+            print("  copies in the graph, ms per step: "
+                  + ", ".join(f"{k} {v:.3f}" for k, v in io_ms.items()))
         for name, (ms, n) in sorted(sums.items(), key=lambda kv: -kv[1][0]):
             print(f"  {ms:8.3f} ms {100 * ms / total:5.1f}%  x{n:<4d} {1000 * ms / n:8.2f} us  {name}")
     del model, forward, fused, ops
@@ -119,9 +184,11 @@ def main():
     ap.add_argument("--dtypes", default="q4_0,int8,float16")
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--layers", type=int)
+    ap.add_argument("--io", action="store_true",
+                    help="also time the step's copies captured in its graph (io_in_graph_ms)")
     a = ap.parse_args()
     for dtype in a.dtypes.split(","):
-        profile(a.shape, dtype, [int(b) for b in a.batches.split(",")], a.layers)
+        profile(a.shape, dtype, [int(b) for b in a.batches.split(",")], a.layers, a.io)
 
 
 if __name__ == "__main__":
