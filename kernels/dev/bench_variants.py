@@ -79,6 +79,10 @@ TC_U = (2, 4)
 # v3 launch shapes (NR rows per warp, STAGES, warps per block), batch 1 only
 V3_FMT = {"f16": "V2F16", "q8_0": "V2Q8_0", "q4_0": "V2Q4_0"}
 V3_SHAPES = [(4, 3, 8), (4, 4, 8), (4, 4, 4), (4, 6, 4), (8, 3, 4)]
+# v4 (NR, U) at batch 1, q4_0 and q8_0; its x units: WEIGHTS values in (3 XU + 1) uint4s
+V4_FMT = {"q8_0": "V4Q8_0", "q4_0": "V4Q4_0"}
+V4_SHAPES = [(2, 4), (4, 2), (2, 2), (1, 8)]      # (4, 4), (2, 8) spill
+V4_XU = {"q8_0": 1, "q4_0": 2}
 GEMM_SHAPES = [(128, 128, 3), (128, 128, 4), (128, 128, 5), (128, 256, 3), (128, 256, 4),
                (256, 128, 3), (256, 128, 4)]
 GEMM_SIZE = 4096                # M = N = K of the GEMM timing
@@ -92,6 +96,10 @@ def v2_name(fmt, rows, pro, nr, u):
 
 def v3_name(fmt, nr, stages):
     return f"qgemv_v3<{V3_FMT[fmt]},{nr},{stages}>"
+
+
+def v4_name(fmt, pro, nr, u):
+    return f"qgemv_v4<{V4_FMT[fmt]},{pro},{nr},{u}>"
 
 
 def tc_name(fmt, nb, pro, u):
@@ -123,6 +131,9 @@ def names():
         groups[f"tc-{fmt}"] += [tc_name(fmt, 1, pro, 2) for pro in (1, 2)]
     for fmt in V3_FMT:
         groups[f"v3-{fmt}"] = [v3_name(fmt, nr, st) for nr, st, _ in V3_SHAPES]
+    for fmt in V4_FMT:
+        groups[f"v4-{fmt}"] = [v4_name(fmt, 0, nr, u) for nr, u in V4_SHAPES]
+        groups[f"v4-{fmt}"] += [v4_name(fmt, pro, 2, 4) for pro in (1, 2)]
     groups["gemm"] = [f"gemm_v5<{bm},{bn},{s},{wf}>" for bm, bn, s in GEMM_SHAPES
                       for wf in (mk.GEMM_V5_FORMATS["f16"], mk.GEMM_V5_FORMATS["q4_0"])]
     return {g: sorted(set(n)) for g, n in groups.items()}
@@ -378,6 +389,26 @@ def run_v3(M_, x, w, y, nr, stages, warps, accumulate=False):
 V3_OCCUPANCY = {}       # (name, warps, shared memory) -> blocks per SM
 
 
+def run_v4(M_, x, w, y, nr, u, pro=0, norm=None, accumulate=False, smem=V2_SMEM):
+    """qgemv_v4 on one row of x (1, K, or 1, 2K with the SwiGLU prologue) and w (N, K): x staged
+    in units of WEIGHTS values, (3 XU + 1) x 16 bytes each, K at once where `smem` allows, else
+    in chunks of 32 loads; two blocks per SM (the launch bounds), or fewer."""
+    fmt = fmt_of(w)
+    N, K = w.shape
+    assert x.shape[0] == 1, "qgemv_v4 takes one row of x"
+    unit_bytes = (3 * V4_XU[fmt] + 1) * 16
+    step = 32 * WEIGHTS[fmt]
+    fits = K // WEIGHTS[fmt] * unit_bytes <= smem
+    kc = K if fits else max(step, smem // unit_bytes * WEIGHTS[fmt] // step * step)
+    qs, d, _ = planes(w)
+    grid = min(cdiv(N, 8 * nr), 2 * cf.sm_count())
+    M_.launch(v4_name(fmt, pro, nr, u), (grid,), (256,),
+              (x, qs, d, y, np.int32(N), np.int32(K), np.int32(accumulate),
+               x if norm is None else norm, np.float32(1e-5), np.int32(kc)),
+              shared_mem=min(kc, K) // WEIGHTS[fmt] * unit_bytes)
+    return y
+
+
 def tc_ks(N, K, fmt, sms):
     """Warps per 16-row tile: split k until the grid has two blocks per SM, while each
     slice keeps two chunk groups."""
@@ -436,6 +467,10 @@ def candidates(fmt, M):
         for nr, st, wp in V3_SHAPES:
             out.append((f"v3 nr{nr} s{st} w{wp}", lambda M_, x, w, y, nr=nr, st=st, wp=wp, **k:
                         run_v3(M_, x, w, y, nr, st, wp, **_plain(k))))
+    if fmt in V4_FMT and M == 1:
+        for nr, u in V4_SHAPES:
+            out.append((f"v4 nr{nr} u{u}", lambda M_, x, w, y, nr=nr, u=u, **k:
+                        run_v4(M_, x, w, y, nr, u, **_pro(k))))
     if fmt == "f32":
         out.append(("cublas", lambda M_, x, w, y, **k: cf.require_cupy().matmul(x, w.T, out=y)))
     return out
@@ -447,7 +482,7 @@ def _plain(k):
     return dict(accumulate=k.get("accumulate", False))
 
 
-FAMILIES = ("v1", "v2", "v3", "product", "tc", "gemv", "cublas", "gemm")
+FAMILIES = ("v1", "v2", "v3", "v4", "product", "tc", "gemv", "cublas", "gemm")
 
 
 class Only:
@@ -524,6 +559,9 @@ def check_all(M_, ch, rng, log, only=Only()):
     if only.family("v3"):
         check_v3(M_, ch, rng, only.fmts(tuple(V3_FMT)))
         log("  checked v3 at K = 32, accumulate")
+    if only.family("v4"):
+        check_v4(M_, ch, rng, only.fmts(tuple(V4_FMT)))
+        log("  checked v4: prologues, accumulate, chunks, x over 80 binades, zeros, NaN")
     # the prologues and accumulate, on the instances compiled with them
     N, K = 129, 2048
     for fmt in only.fmts(("f32", "q8_0", "q4_0", "q4_1", "f16", "bf16")):
@@ -573,6 +611,43 @@ def check_all(M_, ch, rng, log, only=Only()):
                 c = run_gemm(M_, a16, cf.to_device(w_host), cf.poison((M, N)), bm, bn, s)
                 ch.add(f"gemm_v5 {wfmt} {bm}x{bn}x{s} {M}x{N}x{K}", cf.rel_err(c, ref), 2e-3)
     log("  checked prologues, accumulate, gemm_v5 shapes")
+
+
+def check_v4(M_, ch, rng, fmts):
+    """qgemv_v4 beyond check_all's sizes: the prologues, accumulate, x in chunks (a small
+    shared-memory budget), x whose values span 2^-40 .. 2^40 (each unit scaled on its own) with
+    a unit of zeros, and a NaN in x, which must reach the rows it meets."""
+    cp = cf.require_cupy()
+    from minillama.model import rms_norm, silu
+    for fmt in fmts:
+        N, K = 129, 2080
+        w, w64 = random_weight(fmt, N, K, rng)
+        x = rng.standard_normal((1, K), dtype=np.float32)
+        g = (1 + 0.1 * rng.standard_normal(K)).astype(np.float32)
+        h = (2 * rng.standard_normal((1, 2 * K))).astype(np.float32)
+        h64 = h.astype(np.float64)
+        wide = (x * 2.0 ** rng.integers(-40, 40, (1, K))).astype(np.float32)
+        wide[0, 64:96] = 0.0
+        y0 = rng.standard_normal((1, N), dtype=np.float32)
+        cases = [("rmsnorm", dict(pro=1, norm=cp.asarray(g)), x,
+                  rms_norm(x.astype(np.float64), g.astype(np.float64), 1e-5) @ w64.T),
+                 ("swiglu", dict(pro=2), h, (silu(h64[:, :K]) * h64[:, K:]) @ w64.T),
+                 ("chunked", dict(smem=1), x, x.astype(np.float64) @ w64.T),
+                 ("wide x", {}, wide, wide.astype(np.float64) @ w64.T)]
+        for nr, u in V4_SHAPES[:2]:
+            for label, kw, xin, ref in cases:
+                y = run_v4(M_, cp.asarray(xin), w, cf.poison((1, N)), nr, u, **kw) \
+                    if kw.get("pro", 0) == 0 or nr == 2 else None
+                if y is not None:
+                    ch.add(f"v4 {fmt} [nr{nr} u{u}] {label}", cf.rel_err(y, ref), 1e-5)
+            y = cp.asarray(y0)
+            run_v4(M_, cp.asarray(x), w, y, nr, u, accumulate=True)
+            ch.add(f"v4 {fmt} [nr{nr} u{u}] accumulate",
+                   cf.rel_err(y, y0 + x.astype(np.float64) @ w64.T), 1e-5)
+        bad = x.copy()
+        bad[0, 100] = np.nan                         # unit 100 // WEIGHTS: every row meets it
+        y = run_v4(M_, cp.asarray(bad), w, cp.zeros((1, N), dtype=np.float32), 2, 4).get()
+        ch.add(f"v4 {fmt} NaN in x reaches every row", 0.0 if np.isnan(y).all() else 1.0, 0.5)
 
 
 def check_v3(M_, ch, rng, fmts):
@@ -821,6 +896,8 @@ def main():
     cf.check_numpy(rng)
     check_numpy_v2(rng)
     log("numpy: the float32 magic numbers of v2 and tc decode every code exactly")
+    check_numpy_v4(rng)
+    log("numpy: v4's digits rebuild x exactly and its integer sums stay in int32")
     arch = args.arch
     if arch is None:
         arch = "sm_90"
@@ -919,6 +996,50 @@ def check_numpy_v2(rng):
     lo = x - hi
     assert (hi.astype(np.float64) + lo.astype(np.float64) == x.astype(np.float64)).all()
     assert (np.abs(lo) <= np.abs(x) * 2.0 ** -10).all()
+
+
+def v4_digits(x, weights):
+    """variants.cu's v4_stage in NumPy: x (K,) float32 in units of `weights` values -> the
+    digits (3, K) int64, each unit's T (units, 3) and 2^-s (units,) as float32."""
+    units = x.reshape(-1, weights).astype(np.float32)
+    mx = np.abs(units).max(axis=1)
+    e = ((mx.view(np.uint32) >> 23) & 0xFF).astype(np.int64) - 126    # as the kernel reads it
+    s = np.minimum(22 - e, 126)
+    xi = np.rint(np.ldexp(units.astype(np.float64), s[:, None])).astype(np.int64)
+    p0 = ((xi & 0xFF) ^ 0x80) - 0x80                 # the signed low byte
+    r = (xi - p0) >> 8
+    p1 = ((r & 0xFF) ^ 0x80) - 0x80
+    p2 = (r - p1) >> 8
+    digits = np.stack([p0, p1, p2])                  # (3, units, weights)
+    assert ((digits[0] * 1 + digits[1] * 256 + digits[2] * 65536) == xi).all()
+    assert np.abs(digits[:2]).max() <= 128 and np.abs(digits[2]).max() <= 64
+    return digits.reshape(3, -1), digits.sum(axis=2).T, np.ldexp(np.float32(1), -s).astype(np.float32)
+
+
+def check_numpy_v4(rng):
+    """v4's arithmetic replayed in NumPy on random q4_0 and q8_0 rows and wide-ranging x: the
+    digits rebuild the fixed-point x exactly, every integer sum fits int32, and the float32
+    result is within 1e-6 of float64 (the GPU check holds the kernel to 1e-5)."""
+    K, N = 4096, 8
+    for fmt, weights, offset in (("q4_0", 32, 8), ("q8_0", 16, 0)):
+        w_host = cf.random_packed(fmt, N, K, rng)
+        w64 = formats.dequantize(w_host).astype(np.float64)
+        scales = w_host.planes["d"].view(np.float16).astype(np.float32).reshape(N, -1)
+        codes = np.rint(w64 / np.repeat(scales.astype(np.float64), 32, axis=1)) + offset
+        for x in (rng.standard_normal(K).astype(np.float32),
+                  (rng.standard_normal(K) * 2.0 ** rng.integers(-40, 40, K)).astype(np.float32)):
+            digits, T, inv = v4_digits(x, weights)
+            per_load = codes.reshape(N, -1, weights)              # (N, loads, weights)
+            S = np.einsum("nlw,klw->nkl", per_load, digits.reshape(3, -1, weights))
+            S = S - offset * T.T[None]                            # (N, 3, loads)
+            assert np.abs(S).max() < 2 ** 31
+            v = np.float32(S[:, 2]) * np.float32(65536) + (np.float32(S[:, 1]) * np.float32(256)
+                                                            + np.float32(S[:, 0]))
+            d = np.repeat(scales, 32 // weights, axis=1)          # each load's block scale
+            y = ((d * inv[None]).astype(np.float32) * v.astype(np.float32)).sum(axis=1, dtype=np.float32)
+            ref = w64 @ x.astype(np.float64)
+            err = np.linalg.norm(y - ref) / np.linalg.norm(ref)
+            assert err < 1e-6, (fmt, err)
 
 
 if __name__ == "__main__":
