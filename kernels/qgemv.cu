@@ -591,3 +591,213 @@ qgemv_v2(const float* __restrict__ X, const uint4* __restrict__ qs,
         }
     }
 }
+
+
+// ---------------------------------------------------------------------------------------------
+// qgemv_v4<F, PRO, NR, U>: batch 1 in integers (issue 10).
+//
+// v2 spends ~3.1 instructions per q4_0 weight (LOP3 and FFMA to decode it, FFMA to multiply);
+// at the copy bandwidth an H200 issues ~4.4 per weight, and v2 streams q4_0 at ~0.5 of it. A
+// candidate that moved the loads through shared memory (kernels/dev/variants.cu, qgemv_v3) was
+// slower (0.41 to 0.45 against v2's 0.50, H200, 2026-11-29): it added instructions. So v4 takes away instructions: the products
+// become integer, four per instruction (dp4a: four 8-bit products added into a 32-bit sum), as
+// llama.cpp's MMVQ kernels do. llama.cpp rounds x to 8 bits for that (its q8_1), which the 1e-5
+// bound of the float32 GEMV does not allow. v4 keeps the bits of x:
+//
+//   - x is cut into units, the values one 16-byte load meets (32 for q4_0, 16 for q8_0). A
+//     unit is scaled by a power of two 2^s that puts its largest |x| into [2^21, 2^22) and
+//     rounded to integers xi: its largest values keep 23 bits (float32 keeps 24), its smaller
+//     ones an error of 2^-23 of the largest, as a float32 sum's rounding is relative to its
+//     largest terms;
+//   - xi is cut into three signed 8-bit digits, xi = p2 2^16 + p1 2^8 + p0 (p0, p1 in
+//     [-128, 127], |p2| <= 64), staged in shared memory four to a word, once per block, with
+//     T_k = sum of the unit's digits p_k and 2^-s;
+//   - a load's sums S_k = sum_e c_e p_k,e are three dp4a chains over its words, exact in int32
+//     (|S_k| < 32 x 128 x 128). q4_0's nibbles go in unsigned (c = code, no "- 8" per weight)
+//     and the offset comes off in integers, S_k - 8 T_k: still exact;
+//   - the load's value, d 2^-s (S_2 2^16 + S_1 2^8 + S_0), is two float32 roundings of an
+//     exact integer, FFMA'd into the accumulator as v2's per-load sums are.
+//
+// Per 32 q4_0 weights of a row: 24 dp4a, 12 to unpack the nibbles (AND; SHR and AND), ~10 for
+// the offsets, the conversions and the scales: ~1.4 instructions a weight. q8_0's codes are
+// signed bytes already: 12 dp4a and ~8 more per 16 weights.
+//
+// Measured on an H200 (kernels/dev/bench_variants.py, 2026-11-30; docs/kernels.md): the
+// Llama-2-7B matrices of one token in 1531 us for q4_0 (0.57 of the copy bandwidth; v2 1792 us,
+// 0.49) and 2064 us for q8_0 (0.81; v2 2143 us), at NR, U = 2, 2 (q4_0) and 2, 4 (q8_0).
+// Accuracy: 2e-7 to 4e-7 of float64 on the checks' sizes (v2: ~1.5e-7).
+//
+// The walk is v2's at one row of x (QBatch's loads in flight across tiles, K in chunks of kc);
+// only the staging of x and the inner step change. x that is not finite gives a NaN scale, so
+// the rows it meets come out NaN, as a float32 product's would (never a silent integer).
+//
+// Arguments: qs the codes, d the float16 scales, Y (N) float32, one row of x (K floats, or 2K
+// for the SwiGLU prologue), K % 32 == 0; kc (a multiple of 32 F::WEIGHTS, or K) values of x
+// staged at a time in (3 XU + 1) x 16 bytes per unit of dynamic shared memory (3.5 bytes a
+// value for q4_0, 4 for q8_0). Block: 256 threads; grid: any.
+
+__device__ __forceinline__ int dp4a_u8s8(unsigned int a, unsigned int b, int c) {
+    int d;                                       // c + sum of 4 unsigned bytes x signed bytes
+    asm("dp4a.u32.s32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+    return d;
+}
+
+__device__ __forceinline__ int dp4a_s8s8(unsigned int a, unsigned int b, int c) {
+    int d;                                       // c + sum of 4 signed bytes x signed bytes
+    asm("dp4a.s32.s32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+    return d;
+}
+
+// A format's load: its WEIGHTS values, XU uint4s of x digits per digit plane, the code offset
+// taken off in integers, and dot(q, xp) = sum_e c_e p_e over the load for one digit plane xp.
+struct V4Q4_0 {        // one block of 32: word i, low nibbles codes 4i .. 4i + 3, high 16 + 4i ..
+    static constexpr int WEIGHTS = 32, LOADS_PER_BLOCK = 1, XU = 2, OFFSET = 8;
+    static constexpr bool MIN = false;
+    static __device__ __forceinline__ int dot(const uint4& q, const uint4* xp) {
+        int s = 0;
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const unsigned int w = q_word(q, i);
+            s = dp4a_u8s8(w & 0x0F0F0F0Fu, q_word(xp[0], i), s);
+            s = dp4a_u8s8((w >> 4) & 0x0F0F0F0Fu, q_word(xp[1], i), s);
+        }
+        return s;
+    }
+};
+
+struct V4Q8_0 {        // half a block: 16 signed codes, 4 to a word
+    static constexpr int WEIGHTS = 16, LOADS_PER_BLOCK = 2, XU = 1, OFFSET = 0;
+    static constexpr bool MIN = false;
+    static __device__ __forceinline__ int dot(const uint4& q, const uint4* xp) {
+        int s = 0;
+#pragma unroll
+        for (int i = 0; i < 4; ++i) s = dp4a_s8s8(q_word(q, i), q_word(xp[0], i), s);
+        return s;
+    }
+};
+
+// Unit c of x (F::WEIGHTS values from float4 k4 of row xr, after the prologue) as digits:
+// plane k * XU + u of xs holds word 4u .. 4u + 3 of digit k; plane 3 XU holds (T_0, T_1, T_2,
+// 2^-s). Planes are CH uint4s apart, so the lanes of a warp read consecutive uint4s.
+template <class F, int PRO>
+__device__ __forceinline__ void v4_stage(const float* __restrict__ xr, int k4, int K,
+                                         const float* __restrict__ norm_w, float inv,
+                                         uint4* xs, int CH, int c) {
+    constexpr int N4 = F::WEIGHTS / 4;
+    float4 v[N4];
+    float mx = 0.0f;
+    bool finite = true;
+#pragma unroll
+    for (int i = 0; i < N4; ++i) {
+        v[i] = gemv_x4<PRO>(xr, k4 + i, K, norm_w, inv);
+        mx = fmaxf(mx, fmaxf(fmaxf(fabsf(v[i].x), fabsf(v[i].y)), fmaxf(fabsf(v[i].z), fabsf(v[i].w))));
+        finite = finite && isfinite(v[i].x) && isfinite(v[i].y) && isfinite(v[i].z) && isfinite(v[i].w);
+    }
+    // mx = m 2^e with m in [0.5, 1), e from the exponent bits (0 and subnormals: e = -126)
+    const int e = (int)((__float_as_uint(mx) >> 23) & 0xFF) - 126;
+    const int s = min(22 - e, 126);              // 2^s and 2^-s: normal floats, exact factors
+    const float up = __uint_as_float((unsigned int)(127 + s) << 23);
+    unsigned int words[3][N4];
+    int T[3] = {0, 0, 0};
+#pragma unroll
+    for (int i = 0; i < N4; ++i) {
+        const float xv[4] = {v[i].x, v[i].y, v[i].z, v[i].w};
+        unsigned int w[3] = {0u, 0u, 0u};
+#pragma unroll
+        for (int b = 0; b < 4; ++b) {
+            const int xi = finite ? __float2int_rn(xv[b] * up) : 0;
+            const int p0 = (int)((unsigned int)xi << 24) >> 24;      // the signed low byte
+            const int r = (xi - p0) >> 8;                             // exact: the rest
+            const int p1 = (int)((unsigned int)r << 24) >> 24, p2 = (r - p1) >> 8;
+            const int p[3] = {p0, p1, p2};
+#pragma unroll
+            for (int k = 0; k < 3; ++k) {
+                T[k] += p[k];
+                w[k] |= (unsigned int)(p[k] & 0xFF) << (8 * b);
+            }
+        }
+#pragma unroll
+        for (int k = 0; k < 3; ++k) words[k][i] = w[k];
+    }
+#pragma unroll
+    for (int k = 0; k < 3; ++k)
+#pragma unroll
+        for (int u = 0; u < F::XU; ++u)
+            xs[(k * F::XU + u) * CH + c] = make_uint4(words[k][4 * u], words[k][4 * u + 1],
+                                                      words[k][4 * u + 2], words[k][4 * u + 3]);
+    const float scale = finite ? __uint_as_float((unsigned int)(127 - s) << 23)
+                               : __uint_as_float(0x7FC00000u);                      // NaN
+    xs[3 * F::XU * CH + c] = make_uint4(T[0], T[1], T[2], __float_as_uint(scale));
+}
+
+template <class F, int PRO, int NR, int U>
+__global__ void __launch_bounds__(256, 2)
+qgemv_v4(const float* __restrict__ X, const uint4* __restrict__ qs,
+         const unsigned short* __restrict__ d, float* __restrict__ Y, int N, int K,
+         int accumulate, const float* __restrict__ norm_w, float eps, int kc) {
+    constexpr int META = 3 * F::XU;                // the digit planes, then (T, 2^-s)
+    constexpr int SHIFT = NR == 32 ? 0 : NR == 16 ? 1 : NR == 8 ? 2 : NR == 4 ? 3 : NR == 2 ? 4 : 5;
+    extern __shared__ uint4 v4_xs[];
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
+    const int ldx = PRO == GEMV_SWIGLU ? 2 * K : K;
+    const int loads_per_row = K / F::WEIGHTS, nb = K / 32;
+    const int tile_step = gridDim.x * warps * NR;
+    const int n_first = (blockIdx.x * warps + warp) * NR;
+
+    QBatch<F, NR, U> next;
+    bool fetched = n_first < N;
+    if (fetched) next.fetch(qs, d, d, n_first, N, lane, min(kc, K) / F::WEIGHTS, 0, loads_per_row, nb);
+    grid_launch_dependents();
+    grid_dependency_wait();            // (reduce.cu) the weights are ours; x is the last kernel's
+    float inv_rms[1] = {1.0f};
+    if (PRO == GEMV_RMSNORM) qgemv_inv_rms<1>(X, 0, 1, ldx, K, eps, inv_rms);
+
+    for (int k0 = 0; k0 < K; k0 += kc) {
+        const int len = min(kc, K - k0), CH = len / F::WEIGHTS, first = k0 / F::WEIGHTS;
+        if (!fetched && n_first < N)
+            next.fetch(qs, d, d, n_first, N, lane, CH, first, loads_per_row, nb);
+        fetched = false;
+        __syncthreads();
+        for (int c = threadIdx.x; c < CH; c += blockDim.x)
+            v4_stage<F, PRO>(X, (k0 + c * F::WEIGHTS) / 4, K, norm_w, inv_rms[0], v4_xs, CH, c);
+        __syncthreads();
+
+        for (int n0 = n_first; n0 < N; n0 += tile_step) {
+            float acc[NR];
+#pragma unroll
+            for (int j = 0; j < NR; ++j) acc[j] = 0.0f;
+            for (int c0 = lane; c0 < CH; c0 += 32 * U) {
+                const QBatch<F, NR, U> cur = next;
+                const bool same = c0 + 32 * U < CH;
+                const int n_next = same ? n0 : n0 + tile_step;
+                if (n_next < N)
+                    next.fetch(qs, d, d, n_next, N, same ? c0 + 32 * U : lane, CH, first,
+                               loads_per_row, nb);
+#pragma unroll
+                for (int u = 0; u < U; ++u) {
+                    const int c = c0 + 32 * u;
+                    if (c >= CH) break;
+                    uint4 xp[META];
+#pragma unroll
+                    for (int p = 0; p < META; ++p) xp[p] = v4_xs[p * CH + c];   // for NR rows
+                    const uint4 meta = v4_xs[META * CH + c];
+                    const float xscale = __uint_as_float(meta.w);
+#pragma unroll
+                    for (int j = 0; j < NR; ++j) {
+                        int S[3];
+#pragma unroll
+                        for (int k = 0; k < 3; ++k)
+                            S[k] = F::dot(cur.q[u][j], xp + k * F::XU)
+                                   - F::OFFSET * (int)q_word(meta, k);
+                        const float v = fmaf((float)S[2], 65536.0f, fmaf((float)S[1], 256.0f, (float)S[0]));
+                        acc[j] = fmaf(f16_lo(cur.dm[u][j]) * xscale, v, acc[j]);
+                    }
+                }
+            }
+            const float mine = qgemv_warp_sums<NR>(acc);
+            const int j = lane >> SHIFT;               // lane (j << SHIFT) holds row n0 + j
+            if (lane % (1 << SHIFT) == 0 && n0 + j < N)
+                Y[n0 + j] = (k0 > 0 || accumulate) ? Y[n0 + j] + mine : mine;
+        }
+    }
+}

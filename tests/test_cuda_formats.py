@@ -63,7 +63,7 @@ BATCHES = (1, 2, 3, 5, 8, 9, 13, 64)
 
 
 @gpu
-@pytest.mark.parametrize("version", [None, 1, 2])     # the rule (v2 for one row, v1 for more)
+@pytest.mark.parametrize("version", [None, 1, 2])     # the rule (v4 or v2 for one row, v1 for more)
 @pytest.mark.parametrize("fmt,N,K", [(f, n, k) for f in STORED for n, k in QGEMV_SIZES]
                          + [(f, n, k) for f in ("f16", "bf16") for n, k in DENSE_SIZES])
 def test_qgemv_matches_float64_of_the_dequantized_weights(cuda, cp, fmt, N, K, version):
@@ -77,14 +77,14 @@ def test_qgemv_matches_float64_of_the_dequantized_weights(cuda, cp, fmt, N, K, v
         assert product_err(y, x.astype(np.float64), w64) < 1e-5, f"M={M}"
 
 
-def check_prologues(cp, gemv, w, w64, smems=(None,), **chunked):
+def check_prologues(cp, gemv, w, w64, smems=(None,), rows=(1, 3, 8, 13), **chunked):
     """gemv(x, w, out=..., ...) (qgemv and its kin, with their fixed arguments bound) against
-    float64 at 1, 3, 8 and 13 rows of x: the RMSNorm prologue (once per shared-memory size in
+    float64 at each number of `rows` of x: the RMSNorm prologue (once per shared-memory size in
     `smems`, None: the default), the SwiGLU prologue, and accumulate (with `chunked`'s extra
     arguments, e.g. x in chunks of k)."""
     from minillama.model import rms_norm, silu
     N, K = w64.shape
-    for M in (1, 3, 8, 13):
+    for M in rows:
         x = rng.standard_normal((M, K)).astype(np.float32)
         x64 = x.astype(np.float64)
         g = (1 + 0.1 * rng.standard_normal(K)).astype(np.float32)
@@ -112,6 +112,48 @@ def test_qgemv_prologues_accumulate_and_chunks(cuda, cp, fmt, version):
     check_prologues(cp, functools.partial(cuda.kernels.qgemv, version=version),
                     packed.map(cp.asarray), w64, smems=(cuda.kernels.QGEMV_SMEM, 1),
                     smem=1, blocks_per_sm=1)      # x whole, or in chunks of k
+
+
+V4_FORMATS = ("q4_0", "q8_0")
+
+
+@gpu
+@pytest.mark.parametrize("fmt,N,K", [(f, n, k) for f in V4_FORMATS for n, k in QGEMV_SIZES])
+def test_qgemv_v4_matches_float64_at_one_row(cuda, cp, fmt, N, K):
+    """qgemv_v4's integer products (x as three 8-bit digits of a fixed point, one scale per
+    unit of 32 or 16 values) keep the float32 GEMV's 1e-5, also where x spans 80 binades (each
+    unit scaled on its own) and where a unit is all zeros."""
+    packed, w64 = stored_weight(fmt, N, K)
+    w = packed.map(cp.asarray)
+    x = rng.standard_normal((1, K)).astype(np.float32)
+    wide = (x * 2.0 ** rng.integers(-40, 40, (1, K))).astype(np.float32)
+    wide[0, 32:64] = 0.0                                 # (K = 32: x stays as it is)
+    for xs in (x, wide):
+        y = cuda.kernels.qgemv(cp.asarray(xs), w, out=poison(cp, (1, N)), version=4)
+        assert product_err(y, xs.astype(np.float64), w64) < 1e-5
+
+
+@gpu
+@pytest.mark.parametrize("fmt", V4_FORMATS)
+def test_qgemv_v4_passes_nan_and_inf_of_x_on(cuda, cp, fmt):
+    """A value of x that is not finite makes its unit's scale NaN, so every row it meets is
+    NaN, as in a float32 product (where integers would have hidden it)."""
+    packed, _ = stored_weight(fmt, 17, 4128)
+    w = packed.map(cp.asarray)
+    for bad in (np.nan, np.inf, -np.inf):
+        x = rng.standard_normal((1, 4128)).astype(np.float32)
+        x[0, rng.integers(4128)] = bad
+        y = cuda.kernels.qgemv(cp.asarray(x), w, version=4).get()
+        assert not np.isfinite(y).any(), bad
+
+
+@gpu
+@pytest.mark.parametrize("fmt", V4_FORMATS)
+def test_qgemv_v4_prologues_accumulate_and_chunks(cuda, cp, fmt):
+    packed, w64 = stored_weight(fmt, 129, 2080)
+    check_prologues(cp, functools.partial(cuda.kernels.qgemv, version=4),
+                    packed.map(cp.asarray), w64, smems=(cuda.kernels.QGEMV_SMEM, 1), rows=(1,),
+                    smem=1)                      # x whole, or in chunks of k
 
 
 # ----------------------------------------------------------------------------
@@ -190,7 +232,9 @@ def test_packed_kernels_reject_misuse(cuda, cp):
         (lambda: k.qgemv(cp.ones((2, 12), np.float32), f16), "multiple of 8"),
         (lambda: k.qgemv(unaligned, w), "aligned"),
         (lambda: k.qgemv(x, w, out=cp.empty((2, 9), np.float32)), "out"),
-        (lambda: k.qgemv(x, w, version=4), "version"),
+        (lambda: k.qgemv(x, w, version=5), "version must be"),
+        (lambda: k.qgemv(x, w, version=4), "version 4 takes one row of x"),
+        (lambda: k.qgemv(cp.ones((1, 12), np.float32), f16, version=4), "q4_0 or q8_0 weights"),
         (lambda: k.qgemv_mma(x, w, nr=3), "nr must be one of"),
         (lambda: k.qgemv_mma(x, w, norm=x[0], swiglu=True), "qgemv_mma: norm and swiglu"),
         (lambda: k.gemm_v5(x, w), "float16"),
@@ -218,13 +262,16 @@ def test_the_module_has_the_instances_the_wrappers_launch(cuda, cp):
         assert cuda.kernels._gemm_v6_name(fmt, cuda.kernels.GEMM_V6_DEFAULT) in groups["gemm_v6"]
         for pro in cuda.kernels.GEMV_PROLOGUES.values():
             assert f"qgemv_v2<V2{formats.FORMATS[fmt].KERNEL[fmt]},1,{pro},2,4>" in groups[fmt]
+            if fmt in V4_FORMATS:
+                assert cuda.kernels._qgemv_v4_name(fmt, pro) in groups[fmt]
     for rows in cuda.kernels.QGEMV_V2_F32_ROWS:           # float32 batches (kernels.gemv)
         for pro in cuda.kernels.GEMV_PROLOGUES.values():
             assert f"qgemv_v2<V2F32,{rows},{pro},4,1>" in groups["f32"]
     assert "attention_decode<4,unsigned short>" in groups["common"]
     assert "qgemv.cu" in runtime.KERNEL_FILES
     source = runtime.kernel_source()
-    for kernel in ("qgemv", "qgemv_v2", "gemm_v5", "gemm_v6", "f32_to_16bit", "attention_decode"):
+    for kernel in ("qgemv", "qgemv_v2", "qgemv_v4", "gemm_v5", "gemm_v6", "f32_to_16bit",
+                   "attention_decode"):
         assert f"\n{kernel}(" in source or f" {kernel}(" in source
 
 

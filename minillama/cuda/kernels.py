@@ -69,6 +69,10 @@ QGEMV_BATCH_FORMATS = ("q8_0", "q4_0", "q4_1")
 # NR, U = 2, 4; float32 weights from 8 rows of x on, ROWS at a time, with NR, U = 4, 1 (now
 # gemv(version=2): the rule takes gemv_v3 there).
 QGEMV_V2_PACKED = (1, 2, 4)        # ROWS, NR, U
+# qgemv_v4<Fmt, PRO, NR, U> (qgemv.cu): one row of x on q4_0 and q8_0 with the products in
+# integers (dp4a) over exact 8-bit digits of x; 1.16x (q4_0) and 1.04x (q8_0) v2's speed on the
+# Llama-2-7B matrices (H200, 2026-11-30, docs/kernels.md "qgemv v4"). (NR, U) per format.
+QGEMV_V4 = {"q4_0": (2, 2), "q8_0": (2, 4)}
 QGEMV_V2_F32_ROWS = (8, 16, 32)
 QGEMV_V2_F32 = (4, 1)              # NR, U
 # gemv_v3<ROWS, NR, PRO> (gemv_batch.cu), float32 weights from GEMV_V3_MIN_ROWS rows of x on:
@@ -141,6 +145,8 @@ def _templates():
                         for bm, bn, stages in GEMM_V5_CONFIGS.values()]
         groups[fmt] += [_qgemv_v2_name(fmt, *QGEMV_V2_PACKED[:1], pro, *QGEMV_V2_PACKED[1:])
                         for pro in GEMV_PROLOGUES.values()]
+    for fmt in QGEMV_V4:
+        groups[fmt] += [_qgemv_v4_name(fmt, pro) for pro in GEMV_PROLOGUES.values()]
     for fmt, traits in MMA_FORMATS.items():
         groups[fmt] += [f"qgemv_mma<{traits},{nr},{pro}>" for nr in MMA_NR
                         for pro in GEMV_PROLOGUES.values()]
@@ -171,6 +177,11 @@ def _gemm_v6_name(fmt, config):
 def _qgemv_v2_name(fmt, rows, pro, nr, u):
     """qgemv_v2's instance: its formats are "V2" + the format module's KERNEL ("V2Q4_0", "V2F32")."""
     return f"qgemv_v2<V2{FORMATS[fmt].KERNEL[fmt]},{rows},{pro},{nr},{u}>"
+
+
+def _qgemv_v4_name(fmt, pro):
+    """qgemv_v4's instance: "V4" + the format module's KERNEL ("V4Q4_0"), its (NR, U) of QGEMV_V4."""
+    return f"qgemv_v4<V4{FORMATS[fmt].KERNEL[fmt]},{pro},{','.join(map(str, QGEMV_V4[fmt]))}>"
 
 
 KERNELS = KernelModule(_templates())     # each group compiled on its first launch, per process
@@ -511,14 +522,18 @@ def qgemv(x, w, out=None, accumulate=False, norm=None, eps=1e-5, swiglu=False,
     QGEMV_BATCH_SMEM (what the GPU allows). x, norm and out are read and
     written 16 bytes at a time: C-contiguous and 16-byte aligned.
     version: 1 qgemv, 2 qgemv_v2 (one row of x per pass, as many passes as rows), 3 qgemv_mma
-    (the tensor cores, f16, bf16, q8_0 and q4_0), None: v2 for one row of x, v3 from
-    MMA_MIN_ROWS rows where it reads the format, else v1 (measured, docs/kernels.md;
+    (the tensor cores, f16, bf16, q8_0 and q4_0), 4 qgemv_v4 (one row of x, q4_0 and q8_0,
+    the products in integers), None: v4 for one row of x where it reads the format, else v2;
+    v3 from MMA_MIN_ROWS rows where it reads the format, else v1 (measured, docs/kernels.md;
     blocks_per_sm is v1's). The k-quants have one version (qgemv_k)."""
     if getattr(w, "format", None) in QGEMV_K_PLANES:            # super-blocks: qgemv_k.cu
         return qgemv_k(x, w, out, accumulate, norm, eps, swiglu, smem or QGEMV_SMEM,
                        blocks_per_sm or QGEMV_BLOCKS_PER_SM)
-    if version not in (None, 1, 2, 3):
-        raise DeviceError(f"qgemv: version must be 1, 2, 3 or None (the rule), got {version!r}")
+    if version not in (None, 1, 2, 3, 4):
+        raise DeviceError(f"qgemv: version must be 1, 2, 3, 4 or None (the rule), got {version!r}")
+    if version == 4 and (getattr(w, "format", None) not in QGEMV_V4 or x.shape[0] != 1):
+        raise DeviceError(f"qgemv: version 4 takes one row of x and {' or '.join(QGEMV_V4)} "
+                          f"weights, got {x.shape[0]} rows of {getattr(w, 'format', 'float32')}")
     if version == 3 or (version is None and x.shape[0] >= MMA_MIN_ROWS
                         and getattr(w, "format", None) in MMA_FORMATS):
         return qgemv_mma(x, w, out, accumulate, norm, eps, swiglu)
@@ -527,6 +542,9 @@ def qgemv(x, w, out=None, accumulate=False, norm=None, eps=1e-5, swiglu=False,
     if M == 0 or N == 0:
         return y
     prologue = GEMV_PROLOGUES["rmsnorm" if norm is not None else "swiglu" if swiglu else None]
+    if version == 4 or (version is None and M == 1 and w.format in QGEMV_V4):
+        _qgemv_v4(x, (qs, d), y, w.format, prologue, accumulate, norm, eps, smem or QGEMV_SMEM)
+        return y
     if version == 2 or (version is None and M == 1):
         _qgemv_v2(x, (qs, d, m), y, w.format, *QGEMV_V2_PACKED, prologue, accumulate, norm, eps,
                   smem or QGEMV_SMEM)
@@ -613,6 +631,22 @@ def _qgemv_v2(x, planes, y, fmt, rows, nr, u, prologue, accumulate, norm, eps, s
                    (x, *planes, y, i32(M), i32(N), i32(K), i32(bool(accumulate)),
                     x if norm is None else norm, np.float32(eps), i32(kc)),
                    shared_mem=rows * kc * 4)
+
+
+def _qgemv_v4(x, planes, y, fmt, prologue, accumulate, norm, eps, smem=QGEMV_SMEM):
+    """Launch qgemv_v4 on one row of x (checked by the caller). x is staged in units of the
+    values one 16-byte load of W meets (32 for q4_0, 16 for q8_0), 3 x 16 bytes of digits and
+    16 of sums and scale per unit per plane of 16 values: K at once where `smem` allows, else in
+    chunks of a warp's sweep (32 loads). Two blocks per SM (its launch bounds)."""
+    (_, N), K = y.shape, x.shape[1] // (2 if prologue == GEMV_PROLOGUES["swiglu"] else 1)
+    weights, (nr, _) = QGEMV_WEIGHTS[fmt], QGEMV_V4[fmt]
+    unit_bytes = (3 * weights // 16 + 1) * 16
+    step = 32 * weights
+    kc = K if K // weights * unit_bytes <= smem else max(step, smem // unit_bytes * weights // step * step)
+    KERNELS.launch(_qgemv_v4_name(fmt, prologue), (min(cdiv(N, 8 * nr), 2 * sm_count()),), (256,),
+                   (x, planes[0], planes[1], y, i32(N), i32(K), i32(bool(accumulate)),
+                    x if norm is None else norm, np.float32(eps), i32(kc)),
+                   shared_mem=min(kc, K) // weights * unit_bytes)
 
 
 def to_16bit(x, bf16=False, out=None):
