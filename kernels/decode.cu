@@ -269,3 +269,36 @@ attention_decode(const float* __restrict__ qkv, const int* __restrict__ step,
                                                           v);
                               });
 }
+
+
+// ---- the next token: greedy_pick -------------------------------------------------------------
+// Greedy decoding takes each row's argmax of the last logits. generation.greedy needs back from
+// the GPU only the bsz ids and whether every logit was finite (else it raises, saying where);
+// with CuPy that was four launches (argmax, isfinite, all, a concatenation), each with its
+// Python, about as long as a stories15M step. Here it is one: a block per row, three block
+// reductions over the row (which stays in L1 and L2 between them): the maximum, the first index
+// holding it (numpy.argmax's choice among equal maxima; indices are exact as floats up to 2^24),
+// and the count of values that are not finite (fmaxf skips a NaN, so a row of NaN has no index
+// that holds its maximum: the flag is what makes the caller look).
+// logits: bsz rows of `vocab` floats, `ld` floats apart (logits[:, -1] of (bsz, seqlen, vocab));
+// out (2 bsz) int32: the ids, then a flag per row, 1 where a logit is not finite.
+extern "C" __global__ void greedy_pick(const float* __restrict__ logits, int vocab, int ld,
+                                       int* __restrict__ out, int bsz) {
+    __shared__ float scratch[32];
+    const float* x = logits + (size_t)blockIdx.x * ld;
+    float top = neg_inf(), bad = 0.0f;
+    for (int k = threadIdx.x; k < vocab; k += blockDim.x) {
+        top = fmaxf(top, x[k]);
+        bad += isfinite(x[k]) ? 0.0f : 1.0f;
+    }
+    top = block_max(top, scratch);
+    bad = block_sum(bad, scratch);
+    float first = (float)vocab;                         // (no index: the flag is set)
+    for (int k = threadIdx.x; k < vocab; k += blockDim.x)
+        if (x[k] == top) { first = (float)k; break; }   // a thread's k only grow
+    first = block_min(first, scratch);
+    if (threadIdx.x == 0) {
+        out[blockIdx.x] = (int)first;
+        out[bsz + blockIdx.x] = bad > 0.0f ? 1 : 0;
+    }
+}

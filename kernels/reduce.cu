@@ -53,6 +53,11 @@ struct MaxOp {
     static __device__ __forceinline__ float identity() { return neg_inf(); }
 };
 
+struct MinOp {
+    __device__ __forceinline__ float operator()(float a, float b) const { return fminf(a, b); }
+    static __device__ __forceinline__ float identity() { return __int_as_float(0x7f800000); }
+};
+
 template <class Op>
 __device__ __forceinline__ float warp_reduce(float v) {
     Op op;
@@ -85,4 +90,7 @@ __device__ __forceinline__ float block_sum(float v, float* scratch) {
 }
 __device__ __forceinline__ float block_max(float v, float* scratch) {
     return block_reduce<MaxOp>(v, scratch);
+}
+__device__ __forceinline__ float block_min(float v, float* scratch) {
+    return block_reduce<MinOp>(v, scratch);
 }

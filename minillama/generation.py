@@ -33,20 +33,18 @@ def cross_entropy(logits, target, ignore_index):
 def greedy(last, model, tokens, start_pos):
     """argmax of each row of last (bsz, vocab), the logits of model.forward(tokens, start_pos)
     at their last position, checked as check_finite checks them. On the GPU the argmax runs
-    there (as in Meta's generate) and only the bsz ids come back, with one flag for "all
-    finite", instead of bsz * vocab logits. Both argmaxes take the first of equal maxima, so
-    the tokens are the same; sampling (temperature > 0) stays on the host, where its random
-    draws are the CPU sampler's."""
-    xp = model.ops.xp
-    if xp is np:
+    there (as in Meta's generate), in one kernel (kernels.greedy_pick), and only the bsz ids
+    come back, with a flag per row for "all finite", instead of bsz * vocab logits. Both
+    argmaxes take the first of equal maxima, so the tokens are the same; sampling
+    (temperature > 0) stays on the host, where its random draws are the CPU sampler's."""
+    if model.ops.xp is np:
         check_finite(last, model, tokens, start_pos)
         return np.argmax(to_host(last), axis=-1)
-    ids = xp.argmax(last, axis=-1)                               # (bsz,)
-    finite = xp.isfinite(last).all().reshape(1).astype(ids.dtype)
-    back = to_host(xp.concatenate((ids, finite)))                # one copy: ids, then the flag
-    if not back[-1]:
+    bsz = last.shape[0]
+    back = to_host(model.ops.greedy_pick(last))                  # (2 bsz,): ids, then flags
+    if back[bsz:].any():
         check_finite(last, model, tokens, start_pos)             # raises, saying where
-    return back[:-1]
+    return back[:bsz].astype(np.int64)
 
 
 class Llama:

@@ -332,6 +332,25 @@ def test_attention_decode_rotates_writes_the_cache_and_attends(cuda, cp, cache, 
     assert rel_err(out, ref.reshape(bsz, nh * hd)) < 1e-5
 
 
+@gpu
+@pytest.mark.parametrize("bsz,seqlen,vocab", [(1, 1, 32000), (3, 4, 97), (4, 2, 1), (2, 1, 128256)])
+def test_greedy_pick_is_numpys_argmax_and_flags_rows_not_finite(cuda, cp, bsz, seqlen, vocab):
+    """decode.cu's greedy_pick on the last position of (bsz, seqlen, vocab) logits (rows
+    seqlen * vocab floats apart): numpy.argmax's ids, the first of equal maxima too, and a flag
+    on exactly the rows holding a NaN or an infinity."""
+    logits = rng.standard_normal((bsz, seqlen, vocab)).astype(np.float32)
+    last = logits[:, -1]
+    top = last[0].max() + 1
+    last[0, [vocab // 3, vocab - 1]] = top                  # a tie: the first index wins
+    for row, bad in zip(range(1, bsz), (np.nan, -np.inf, np.inf)):
+        last[row, rng.integers(vocab)] = bad
+    got = cuda.kernels.greedy_pick(cp.asarray(logits)[:, -1]).get()
+    flags = ~np.isfinite(last).all(axis=1)
+    assert (got[bsz:] == flags).all()
+    assert (got[:bsz][~flags] == np.argmax(last, axis=-1)[~flags]).all()
+    assert got[0] == vocab // 3
+
+
 # ----------------------------------------------------------------------------
 # misuse: a DeviceError naming the argument, never garbage or a crash
 
@@ -356,6 +375,9 @@ def test_kernels_reject_misuse(cuda, cp):
         (lambda: cuda.bmm(f32, f32), "cannot multiply"),
         (lambda: cuda.softmax(cp.ones((2, 3, 5), np.float32), start_pos=1), "columns"),
         (lambda: cuda.softmax(f32, kernel="shared"), "kernel"),
+        (lambda: cuda.kernels.greedy_pick(cp.ones((2, 3, 4), np.float32)), "greedy_pick"),
+        (lambda: cuda.kernels.greedy_pick(f32[:, ::2]), "contiguous rows"),
+        (lambda: cuda.kernels.greedy_pick(f32.astype(np.float64)), "float32"),
     ]
     for call, words in cases:
         with pytest.raises(DeviceError, match=words.replace("(", r"\(").replace(")", r"\)")):

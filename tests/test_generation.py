@@ -86,14 +86,20 @@ def test_cross_entropy_ignores_pad():
 
 
 class NumpyOnDevice:
-    """NumPy under another name, as a stand-in GPU's array module: generate's greedy step then
-    takes its device branch (argmax where the logits are, only the ids copied back)."""
-    argmax, isfinite, concatenate = map(staticmethod, (np.argmax, np.isfinite, np.concatenate))
+    """A stand-in GPU's array module (not numpy itself): generate's greedy step then takes its
+    device branch (the argmax where the logits are, only ids and flags copied back)."""
+
+
+def greedy_pick(last):
+    """kernels.greedy_pick's contract in NumPy: (2 bsz,) int32, the ids, then a flag per row,
+    1 where a logit is not finite."""
+    return np.concatenate((np.argmax(last, axis=-1), ~np.isfinite(last).all(axis=1))).astype(np.int32)
 
 
 def on_device(model, forward=None):
-    """The model as generate sees it, its ops claiming a device array module (NumpyOnDevice)."""
-    ops = types.SimpleNamespace(xp=NumpyOnDevice, decoder=lambda m: m.forward)
+    """The model as generate sees it, its ops claiming a device (NumpyOnDevice, greedy_pick)."""
+    ops = types.SimpleNamespace(xp=NumpyOnDevice, decoder=lambda m: m.forward,
+                                greedy_pick=greedy_pick)
     return types.SimpleNamespace(params=model.params, ops=ops, forward=forward or model.forward)
 
 

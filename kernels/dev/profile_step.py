@@ -23,7 +23,7 @@ import numpy as np
 
 from minillama.bench import gpu7b, torch_compiled
 from minillama.cuda import CudaOps, require_cupy
-from minillama.cuda.kernels import KERNELS
+from minillama.cuda.kernels import KERNELS, greedy_pick
 from minillama.model import Transformer
 
 
@@ -63,8 +63,9 @@ def replay_ms(forward, fused, bsz, cp, steps=20):
               the logits' copy out of the graph's buffer);
     numpy     forward, the logits to the host (.get()) and np.argmax there (bench/tp.py's and
               the generate loop's way);
-    host      forward, cp.argmax and .get() (+ one small kernel and the copy to the host): the
-              loop bench/timing.py's decode_rate times."""
+    host      forward, cp.argmax and .get() (+ one small kernel and the copy to the host);
+    greedy_pick  forward, kernels.greedy_pick and .get(): generate's greedy step, and the loop
+              bench/timing.py's decode_rate times."""
     tokens = np.ones((bsz, 1), dtype=np.int64)
     for pos in range(3):
         forward(tokens, pos)
@@ -103,6 +104,11 @@ def replay_ms(forward, fused, bsz, cp, steps=20):
         logits = forward(state["tokens"], 3 + i)
         state["tokens"] = cp.argmax(logits[:, -1], axis=-1).get().reshape(bsz, 1)
     out["host"] = per_step(step)
+
+    def pick(i):
+        logits = forward(state["tokens"], 3 + i)
+        state["tokens"] = greedy_pick(logits[:, -1]).get()[:bsz].reshape(bsz, 1)
+    out["greedy_pick"] = per_step(pick)
     return out
 
 

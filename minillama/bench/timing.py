@@ -51,14 +51,16 @@ def tflops(M, N, K, ms):
 
 def decode_rate(forward, bsz, steps):
     """Tokens/s of greedy decoding, one token per forward call, positions 0 .. steps-1; the
-    first pass warms up (compiles, captures graphs), the second is timed."""
+    first pass warms up (compiles, captures graphs), the second is timed. Each token is picked
+    on the GPU and copied back as generate's greedy step does it (kernels.greedy_pick)."""
+    from ..cuda.kernels import greedy_pick
     cp = require_cupy()
 
     def run():
         tokens = np.ones((bsz, 1), dtype=np.int64)
         for pos in range(steps):
             logits = forward(tokens, pos)
-            tokens = cp.argmax(logits[:, -1], axis=-1).get().reshape(bsz, 1)
+            tokens = greedy_pick(logits[:, -1]).get()[:bsz].reshape(bsz, 1)
     run()
     cp.cuda.Device().synchronize()
     start = time.perf_counter()

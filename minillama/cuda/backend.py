@@ -22,7 +22,7 @@ from ..ops import NumpyOps
 from ..quant import Q8Tensor
 from .fused import FusedDecoder
 from .persistent import PersistentDecoder
-from .kernels import bmm, gemm_v6, gemv, qgemv, sgemm, softmax, to_16bit
+from .kernels import bmm, gemm_v6, gemv, greedy_pick, qgemv, sgemm, softmax, to_16bit
 from .runtime import require_cupy
 
 GEMV_MAX_M = 32             # linear() multiplies up to this many rows with gemv, more with sgemm
@@ -100,6 +100,11 @@ class CudaOps(NumpyOps):
 
     def softmax(self, x, start_pos=None):
         return softmax(self.xp.ascontiguousarray(self.asarray(x)), start_pos=start_pos)
+
+    def greedy_pick(self, last):
+        """(2 bsz,) int32 on the GPU: each row's argmax of last (bsz, vocab), then a flag per
+        row, 1 where a logit is not finite (kernels.greedy_pick; generation.greedy's GPU path)."""
+        return greedy_pick(self.asarray(last))
 
     def decoder(self, model):
         """The fastest forward(tokens, start_pos) -> logits for `model`: one new token per row

@@ -7,8 +7,10 @@
     softmax(x, ...)      over the last axis, causal mask built in (softmax.cu)
   weights as stored (w a formats.Packed with CuPy planes: f16, bf16, q8_0, q4_0, q4_1, and the
   k-quants q2_k .. q6_k):
-    qgemv(x, w)          gemv's job on packed weights, the same prologues (qgemv.cu: v2 for
-                         one row of x, v1 for 2 or 3, qgemv_mma from 4; the k-quants:
+    greedy_pick(last)    each row's argmax and a not-finite flag, the next token of greedy
+                         decoding in one launch (decode.cu)
+    qgemv(x, w)          gemv's job on packed weights, the same prologues (qgemv.cu: v4 or v2
+                         for one row of x, v1 for 2 or 3, qgemv_mma from 4; the k-quants:
                          qgemv_k, qgemv_k.cu)
     qgemv_mma(x, w)      the same on the tensor cores, x in exact 16-bit parts (qgemv_mma.cu)
     to_16bit(x)          float32 -> float16 (or bfloat16 bits), round to nearest (matmul.cu)
@@ -468,6 +470,30 @@ def softmax(x, out=None, start_pos=None, kernel=None):
                           f"{max(v * t for v, t in SOFTMAX_BLOCKS)}), got {kernel!r} "
                           f"for rows of {n_cols}")
     return y
+
+
+# ----------------------------------------------------------------------------
+# decode.cu (the rest of it runs inside FusedDecoder)
+
+GREEDY_THREADS = 512        # a block per row of logits; 32000 of them: ~63 a thread
+
+
+def greedy_pick(last):
+    """The next token of greedy decoding: for last (bsz, vocab) float32 logits (rows may lie
+    apart, as logits[:, -1] of (bsz, seqlen, vocab) does), one (2 bsz,) int32 array: each
+    row's argmax (the first of equal maxima, as numpy.argmax), then a flag per row, 1 where a
+    logit is not finite (its argmax is then meaningless). One launch; one copy to the host."""
+    cp = require_cupy()
+    if not isinstance(last, cp.ndarray) or last.ndim != 2 or last.dtype != np.float32 \
+            or last.strides[1] != 4 or last.strides[0] % 4:
+        raise DeviceError(f"greedy_pick: expected a (bsz, vocab) float32 CuPy array with "
+                          f"contiguous rows, got {getattr(last, 'shape', type(last).__name__)}")
+    bsz, vocab = last.shape
+    out = cp.empty(2 * bsz, dtype=np.int32)
+    if bsz:
+        KERNELS.launch("greedy_pick", (bsz,), (GREEDY_THREADS,),
+                       (last, i32(vocab), i32(last.strides[0] // 4), out, i32(bsz)))
+    return out
 
 
 # ----------------------------------------------------------------------------
