@@ -63,6 +63,11 @@
 //
 // The formats are traits: WEIGHTS (weights per 16-byte load), the loads that share a scale, and
 // `piece`, which turns float4 number p of a 16-byte load into float32 weights before the scale.
+//
+// The versions, in the order of the lesson: qgemv (above: float16 magic), qgemv_v2 (float32
+// magic, the scale once per load; one row of x, and float32 batches), qgemv_v4 (at the end of
+// the file: one row of x on q4_0 and q8_0 with the products in integers, dp4a over exact 8-bit
+// digits of x). kernels.qgemv's rule says which runs.
 // Compiled as one module after reduce.cu (block_sum, FULL_MASK) and matmul.cu (gemv_x4, the
 // GEMV_* prologues, the float16 helpers).
 
