@@ -49,44 +49,26 @@ TINY = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=96,
             rope_theta=10000.0)
 
 
+def tiny_gpt2_vocab(w):
+    """The tiny byte-level vocabulary as a `gpt2` GGUF tokenizer, with the ChatML template."""
+    tokens, types = tiny_vocab()
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("smollm")
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges(MERGES)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_add_bos_token(False)
+    w.add_chat_template(CHATML)
+
+
 def write_gguf(path, p, weights, qtype=Q.F32, tied=False, tokenizer=True, extra=None,
                alignment=None, arch="llama"):
-    """A GGUF of `weights` (Meta names), matrices stored as `qtype`, norms as F32."""
-    w = gguf.GGUFWriter(str(path), arch)
-    if alignment:
-        w.add_custom_alignment(alignment)
-    w.add_context_length(p.max_seq_len)
-    w.add_embedding_length(p.dim)
-    w.add_block_count(p.n_layers)
-    w.add_feed_forward_length(p.hidden_dim)
-    w.add_head_count(p.n_heads)
-    w.add_head_count_kv(p.n_kv_heads)
-    w.add_layer_norm_rms_eps(p.norm_eps)
-    w.add_rope_freq_base(p.rope_theta)
-    w.add_rope_dimension_count(p.head_dim)
-    if tokenizer:
-        tokens, types = tiny_vocab()
-        w.add_tokenizer_model("gpt2")
-        w.add_tokenizer_pre("smollm")
-        w.add_token_list(tokens)
-        w.add_token_types(types)
-        w.add_token_merges(MERGES)
-        w.add_bos_token_id(1)
-        w.add_eos_token_id(2)
-        w.add_add_bos_token(False)
-        w.add_chat_template(CHATML)
-    for key, (value, vtype) in (extra or {}).items():
-        w.add_key_value(key, value, vtype)
-    for name, a in weights.items():
-        if tied and name == "output.weight":
-            continue
-        if a.ndim == 2 and qtype != Q.F32:
-            data = gguf.quants.quantize(a, qtype)
-            w.add_tensor(reference_gguf_name(name), data, raw_shape=data.shape, raw_dtype=qtype)
-        else:
-            w.add_tensor(reference_gguf_name(name), a)
-    finish_gguf(w)
-    return path
+    """A GGUF of `weights` (Meta names), matrices stored as `qtype`, norms as F32, with the tiny
+    vocabulary (tokenizer=False: none); the writer of tests/tools/writers.py."""
+    return writers.write_gguf(path, p, weights, qtype, tiny_gpt2_vocab if tokenizer else None,
+                              tied=tied, extra=extra, alignment=alignment, arch=arch)
 
 
 def gguf_reference_weights(path, p):

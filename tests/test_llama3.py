@@ -21,7 +21,8 @@ from minillama.tokenizers import Llama3Chat
 from minillama.tokenizers.tiktoken import SPECIAL_TOKENS, read_tiktoken
 
 from conftest import StubTokenizer, greedy, hf_greedy, hf_logits, max_rel_err, spread_weights
-from tests.tools.writers import finish_gguf, llama_bpe_vocab, reference_gguf_name
+from tests.tools import writers
+from tests.tools.writers import finish_gguf, llama_bpe_vocab
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -121,26 +122,14 @@ def llamacpp_rope_factors(scaling, head_dim=16):
 def write_gguf(path, model, scaling, rope_freqs=True):
     """The model as llama.cpp's converter writes a Llama 3.1 GGUF: q/k in Meta's order, the
     rope_freqs tensor, a llama-bpe vocabulary with Llama 3's special tokens."""
-    gguf = pytest.importorskip("gguf")
+    pytest.importorskip("gguf")
     ranked = read_tiktoken(os.path.join(os.path.dirname(llama3.__file__), "tokenizer.model"))
-    ranked = ranked[:N_RANKS]
-    w = gguf.GGUFWriter(str(path), "llama")
-    w.add_context_length(64)
-    w.add_embedding_length(64)
-    w.add_block_count(2)
-    w.add_feed_forward_length(96)
-    w.add_head_count(4)
-    w.add_head_count_kv(2)
-    w.add_layer_norm_rms_eps(1e-5)
-    w.add_rope_freq_base(THETA)
-    w.add_rope_dimension_count(16)
-    llama_bpe_vocab(w, ranked)
-    if rope_freqs:
-        w.add_tensor("rope_freqs.weight", llamacpp_rope_factors(scaling))
-    for name, t in meta_weights(model).items():
-        w.add_tensor(reference_gguf_name(name), t.numpy())
-    finish_gguf(w)
-    return path
+    p = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=96, vocab_size=VOCAB,
+                  max_seq_len=64, rope_theta=THETA)
+    weights = {name: t.numpy() for name, t in meta_weights(model).items()}
+    freqs = {"rope_freqs.weight": llamacpp_rope_factors(scaling)} if rope_freqs else None
+    return writers.write_gguf(path, p, weights, vocab=lambda w: llama_bpe_vocab(w, ranked[:N_RANKS]),
+                              tensors=freqs)
 
 
 @pytest.mark.parametrize("scaling", [META_SCALING, SHORT_SCALING], ids=["meta", "short"])

@@ -7,8 +7,9 @@
     write_tiktoken        a tiktoken BPE file (Llama 3's tokenizer.model format)
     tiktoken_merges       the merges list equivalent to a tiktoken file's ranks (for a `gpt2` GGUF)
 
-The package only reads. tests/test_gguf.py writes its GGUF files with a writer of its own, on
-purpose: it is the oracle the reader is checked against, so it shares nothing with the reader.
+The package only reads. The GGUF writer shares nothing with the reader, on purpose: it is the
+oracle the reader is checked against, so even GGUF's tensor names are spelled here
+(reference_gguf_name), not taken from minillama.checkpoints.gguf.
 """
 import struct
 
@@ -84,28 +85,43 @@ def tokenizer_bin_bytes(pieces, scores):
 # ----------------------------------------------------------------------------
 # GGUF
 
-def write_gguf(path, p: ModelArgs, weights, qtype, vocab, tied=False, blocks=None):
-    """A llama GGUF of `weights` (Meta names): matrices stored as `qtype` (a
-    gguf.GGMLQuantizationType), norms as F32, the classifier left out when tied. vocab(writer)
-    adds the tokenizer's metadata (llama_vocab, gpt2_vocab). blocks: {Meta name: (qtype, uint8
-    (rows, bytes a row))}, tensors written as these blocks instead (k-quants, which gguf
-    cannot quantize to)."""
+def write_gguf(path, p: ModelArgs, weights, qtype=None, vocab=None, tied=False, blocks=None,
+               extra=None, alignment=None, arch="llama", tensors=None):
+    """A GGUF of `weights` (Meta names, as numpy arrays), written under GGUF's names as this
+    file spells them (reference_gguf_name, not the reader's mapping): matrices stored as `qtype`
+    (a gguf.GGMLQuantizationType, default F32), norms as F32, the classifier left out when tied.
+    The header comes from p (its sizes, norm_eps, rope_theta, head_dim).
+    vocab(writer): the tokenizer's metadata (llama_vocab, gpt2_vocab, llama_bpe_vocab, or a
+    test's own); None writes none.
+    blocks: {Meta name: (qtype, uint8 (rows, bytes a row))}, tensors written as these blocks
+    instead (k-quants, which gguf cannot quantize to).
+    extra: {key: (value, gguf.GGUFValueType)}, more metadata; alignment: general.alignment;
+    tensors: {GGUF name: array}, more tensors written as they are (e.g. rope_freqs). Returns
+    path."""
     import gguf
-    from minillama.checkpoints.gguf import gguf_name
-    w = gguf.GGUFWriter(str(path), "llama")
+    qtype = gguf.GGMLQuantizationType.F32 if qtype is None else qtype
+    w = gguf.GGUFWriter(str(path), arch)
+    if alignment:
+        w.add_custom_alignment(alignment)
     w.add_context_length(p.max_seq_len)
     w.add_embedding_length(p.dim)
     w.add_block_count(p.n_layers)
     w.add_feed_forward_length(p.hidden_dim)
     w.add_head_count(p.n_heads)
     w.add_head_count_kv(p.n_kv_heads)
-    w.add_layer_norm_rms_eps(1e-5)
-    w.add_rope_freq_base(10000.0)
-    vocab(w)
+    w.add_layer_norm_rms_eps(p.norm_eps)
+    w.add_rope_freq_base(p.rope_theta)
+    w.add_rope_dimension_count(p.head_dim)
+    if vocab is not None:
+        vocab(w)
+    for key, (value, vtype) in (extra or {}).items():
+        w.add_key_value(key, value, vtype)
+    for name, a in (tensors or {}).items():
+        w.add_tensor(name, a)
     for name, a in weights.items():
         if tied and name == "output.weight":
             continue
-        gname = gguf_name(name)
+        gname = reference_gguf_name(name)
         if blocks and name in blocks:
             btype, data = blocks[name]
             w.add_tensor(gname, data, raw_shape=data.shape, raw_dtype=btype)
@@ -115,6 +131,7 @@ def write_gguf(path, p: ModelArgs, weights, qtype, vocab, tied=False, blocks=Non
         else:
             w.add_tensor(gname, a)
     finish_gguf(w)
+    return path
 
 
 def finish_gguf(w):
