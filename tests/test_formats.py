@@ -466,18 +466,12 @@ def test_concat_rows_is_the_rows_stacked():
 
 
 @pytest.mark.gpu
-def test_packed_on_the_gpu():
-    cupy = pytest.importorskip("cupy")
-    try:
-        if cupy.cuda.runtime.getDeviceCount() < 1:
-            pytest.skip("CuPy finds no GPU")
-    except cupy.cuda.runtime.CUDARuntimeError as e:
-        pytest.skip(f"CuPy finds no usable GPU: {e}")
+def test_packed_on_the_gpu(cp):
     for fmt in ALL:
         p = F.quantize(blocky_weights(np.random.default_rng(), 3, 64), fmt)
-        g = p.map(cupy.asarray)
+        g = p.map(cp.asarray)
         assert g.nbytes == p.nbytes and g.kernel == p.kernel
-        assert all(isinstance(a, cupy.ndarray) for a in g.planes.values())
-        assert F.to_gguf(g.map(cupy.asnumpy)) == F.to_gguf(p)
+        assert all(isinstance(a, cp.ndarray) for a in g.planes.values())
+        assert F.to_gguf(g.map(cp.asnumpy)) == F.to_gguf(p)
     b = F.quantize(np.ones((2, 32), np.float32), "bf16")
-    F.Packed("bf16", (2, 32), {"data": cupy.asarray(b.data).view("bfloat16")})
+    F.Packed("bf16", (2, 32), {"data": cp.asarray(b.data).view("bfloat16")})

@@ -144,30 +144,19 @@ def test_measured_budget_and_arguments():
 # ----------------------------------------------------------------------------
 # on the GPU: cudaMemGetInfo as the budget, and the plan against CuPy's own pool
 
-@pytest.fixture
-def cupy():
-    cp = pytest.importorskip("cupy")
-    try:
-        if cp.cuda.runtime.getDeviceCount() < 1:
-            pytest.skip("CuPy finds no GPU")
-    except Exception as e:                            # no driver
-        pytest.skip(f"CuPy finds no usable GPU: {e}")
-    return cp
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", ["float32", "float16", "int8"])
-def test_gpu_plan_covers_what_the_pool_allocates(cupy, dtype):
+def test_gpu_plan_covers_what_the_pool_allocates(cp, dtype):
     from minillama.devices import get_ops
     p = ModelArgs(dim=256, n_layers=3, n_heads=8, n_kv_heads=2, vocab_size=2000,
                   hidden_dim=688, max_seq_len=256, max_batch_size=2)
-    pool = cupy.get_default_memory_pool()
+    pool = cp.get_default_memory_pool()
     pool.free_all_blocks()
     before = pool.total_bytes()
     model = Transformer(p, store_weights(random_weights(p), dtype), get_ops("cuda"))
     tokens = np.random.default_rng(1).integers(0, p.vocab_size, (2, 256))
     model.forward(tokens, 0)
-    cupy.cuda.Device().synchronize()
+    cp.cuda.Device().synchronize()
     used = pool.total_bytes() - before          # the pool keeps freed blocks: about the peak
     plan = plan_memory(p, dtype, 256, 2, "cuda", budget=1 << 40, tied=False)
     assert used <= plan.total
@@ -176,7 +165,7 @@ def test_gpu_plan_covers_what_the_pool_allocates(cupy, dtype):
 
 
 @pytest.mark.gpu
-def test_gpu_refusal_measures_the_card(cupy, tmp_path):
+def test_gpu_refusal_measures_the_card(cp, tmp_path):
     from tests.tools.writers import write_llama2c
     from minillama.loading import load_model
     p = ModelArgs(dim=64, n_layers=2, n_heads=8, n_kv_heads=4, vocab_size=300, hidden_dim=172,
@@ -188,5 +177,5 @@ def test_gpu_refusal_measures_the_card(cupy, tmp_path):
     for dtype in ("float16", "int8"):
         cpu = load_model(tmp_path / "m.bin", dtype=dtype)
         gpu = load_model(tmp_path / "m.bin", device="cuda", dtype=dtype)
-        a, b = cpu.forward(tokens, 0), cupy.asnumpy(gpu.forward(tokens, 0))
+        a, b = cpu.forward(tokens, 0), cp.asnumpy(gpu.forward(tokens, 0))
         assert np.abs(a - b).max() <= 1e-4 * np.abs(a).max()
