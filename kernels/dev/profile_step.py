@@ -114,7 +114,8 @@ def replay_ms(forward, fused, bsz, cp, steps=20):
 
 def io_in_graph_ms(fused, bsz, cp, steps=20):
     """Experiment: the step's copies inside its CUDA graph instead of beside it, ms per step
-    with a wait after each (compare replay_ms's synced, token in, logits out):
+    with a wait after each (compare replay_ms's synced, token in, logits out; and
+    edge_free_ms's, below):
     in graph  the token's copy from one page-locked row, the step, the logits' copy into a
               fixed buffer, all captured in one graph;
     token     only the token's copy captured with the step;
@@ -155,7 +156,71 @@ def io_in_graph_ms(fused, bsz, cp, steps=20):
            "logits": per_step(capture(False, True))}
     out["copyto"] = per_step(fused.graphs[bsz],
                              lambda: cp.copyto(out_buf, fused.logits[:bsz].reshape(out_buf.shape)))
+    out.update(edge_free_ms(fused, bsz, cp, per_step, row))
     return out
+
+
+STEP_FROM_HOST = r"""
+extern "C" __global__ void step_from_host(const int* host, int* step, int n) {
+    if (threadIdx.x < n) step[threadIdx.x] = host[threadIdx.x];   // reads over PCIe
+}
+"""
+
+
+def edge_free_ms(fused, bsz, cp, per_step, row):
+    """Experiment: a greedy step with no copy at all beside or inside its graph. The graph's
+    first kernel reads the token and position from the page-locked row itself (mapped memory:
+    a GPU reads page-locked host memory in place), and greedy_pick writes the ids and flags
+    straight into page-locked host memory; the host writes the row, replays, waits and reads.
+    edge-free   that graph;
+    pick in     the step's graph with greedy_pick captured at its end (ids to the host in
+                place), the token still copied in beside it (send_step)."""
+    import cupyx
+    from minillama.cuda.kernels import GREEDY_THREADS
+    mapped = lambda a: cp.cuda.runtime.hostGetDevicePointer(a.ctypes.data, 0)
+    picks = cupyx.empty_pinned((2 * bsz,), dtype=np.int32)
+    copy_in = cp.RawKernel(STEP_FROM_HOST, "step_from_host")
+    vocab = fused.p.vocab_size
+
+    def capture(token_in_graph):
+        stream = cp.cuda.Stream(non_blocking=True)
+        cp.cuda.Device().synchronize()
+        with stream:
+            stream.begin_capture()
+            if token_in_graph:
+                copy_in((1,), (32,), (np.uint64(mapped(row)), fused.step, np.int32(1 + bsz)))
+            with KERNELS.programmatic():
+                fused.run(bsz)
+            KERNELS.launch("greedy_pick", (bsz,), (GREEDY_THREADS,),
+                           (fused.logits[:bsz], np.int32(vocab), np.int32(vocab),
+                            np.uint64(mapped(picks)), np.int32(bsz)))
+            return stream.end_capture()
+    out = {}
+    try:
+        out["edge-free"] = per_step(capture(True))
+        pick_graph = capture(False)
+        tokens = np.ones((bsz, 1), dtype=np.int64)
+
+        def pick_in(i):
+            fused.send_step(tokens, 3 + i)
+            pick_graph.launch()
+        out["pick in"] = per_step_host(cp, pick_in)
+    except Exception as e:                      # e.g. memory the driver will not map
+        print(f"  edge-free experiment failed: {type(e).__name__}: {e}")
+    return out
+
+
+def per_step_host(cp, body, steps=20):
+    """ms per step of body(i) then a wait, after 3 warm-up steps."""
+    sync = cp.cuda.Device().synchronize
+    for i in range(3):
+        body(i)
+    sync()
+    t = time.perf_counter()
+    for i in range(steps):
+        body(i)
+        sync()
+    return 1000 * (time.perf_counter() - t) / steps
 
 
 def profile(shape, dtype, batches, layers, io=False):
