@@ -338,11 +338,16 @@ def test_a_slice_reads_only_its_own_bytes(kind, tmp_path):
 
 
 def test_bench_tp_shape_and_loop_on_the_cpu():
-    from minillama.bench.tp import decode_rate, greedy_tokens, params_13b
+    from minillama.bench.tp import decode_rate, greedy_tokens, params_13b, params_of
     p = params_13b()
     assert (p.dim, p.n_layers, p.n_heads, p.hidden_dim, p.vocab_size) == (5120, 40, 40, 13824,
                                                                            32000)
     assert check_world(p, 2) == 2
+    big = params_of("70B")                   # Llama-2-70B: 8 KV heads, cut 2 or 4 ways
+    assert (big.dim, big.n_layers, big.n_heads, big.n_kv_heads, big.hidden_dim) == (
+        8192, 80, 64, 8, 28672)
+    assert check_world(big, 4) == 4 and check_world(big, 2) == 2
+    assert params_of("70B", n_layers=3).n_layers == 3
     small = gqa_args(2)
     model = Transformer(small, random_weights(small, seed=9))
     assert greedy_tokens(model.forward, 8) == greedy(model.forward, [1], 8)

@@ -1,9 +1,12 @@
 """Tensor parallelism on GPUs (issue 14): a 13B-shaped model in float16, batch-1 decode on one
 GPU and on two, greedy tokens compared, and the NCCL version.
 
-    python -m minillama.bench.tp [--gpus 2] [--layers 40] [--steps 64] [--dtype float16]
+    python -m minillama.bench.tp [--gpus 2] [--shape 13B] [--layers 40] [--steps 64] [--dtype float16]
+    python -m minillama.bench.tp --gpus 4 --shape 70B --dtype int8      # issue 14's 70B run
 
-Llama-2-13B's shape (dim 5120, hidden 13824, 40 layers, 40 heads, vocab 32000), random weights
+Llama-2-13B's shape (dim 5120, hidden 13824, 40 layers, 40 heads, vocab 32000), or with
+--shape 70B Llama-2-70B's (dim 8192, hidden 28672, 80 layers, 64 heads, 8 KV heads: about 70 GB
+in int8, which one H200 still holds, so the one-GPU figure is measured too), random weights
 made on the GPU in their storage format as bench/gpu7b.py makes them, but each from a seed of
 its own name (SeededGpuWeights), so the one-GPU model in this process and every worker's slices
 come from the same numbers. Both are timed the way a generation loop runs: one token per
@@ -34,6 +37,9 @@ from ..parallel.workers import TensorParallel
 from .gpu7b import random_linear
 
 SHAPE_13B = dict(dim=5120, hidden_dim=13824, n_layers=40, n_heads=40, vocab_size=32000)
+SHAPES = {"13B": SHAPE_13B,         # Meta's params.json of Llama-2-13B and -70B
+          "70B": dict(dim=8192, hidden_dim=28672, n_layers=80, n_heads=64, n_kv_heads=8,
+                      vocab_size=32000)}
 TARGET = 1.5                # issue 14: 2 GPUs at least 1.5x one GPU's decode tokens/s
 
 
@@ -76,8 +82,14 @@ class RandomJob:
 
 
 def params_13b(n_layers=40, max_seq_len=256):
-    return ModelArgs(**{**SHAPE_13B, "n_layers": n_layers}, max_seq_len=max_seq_len,
-                     max_batch_size=1)
+    return params_of("13B", n_layers, max_seq_len)
+
+
+def params_of(shape, n_layers=None, max_seq_len=256):
+    """ModelArgs of a SHAPES entry at batch 1; n_layers: the shape's own when None."""
+    dims = SHAPES[shape]
+    return ModelArgs(**{**dims, "n_layers": n_layers or dims["n_layers"]},
+                     max_seq_len=max_seq_len, max_batch_size=1)
 
 
 def greedy_tokens(forward, steps, first=1):
@@ -116,16 +128,18 @@ def n_gpus(p, dtype, steps, world):
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m minillama.bench.tp", description=__doc__)
     parser.add_argument("--gpus", type=int, default=2)
-    parser.add_argument("--layers", type=int, default=40)
+    parser.add_argument("--shape", default="13B", choices=list(SHAPES))
+    parser.add_argument("--layers", type=int, help="fewer layers than the shape's (default: all)")
     parser.add_argument("--steps", type=int, default=64)
     parser.add_argument("--dtype", default="float16", choices=["float32", "float16", "bfloat16",
                                                                 "int8", "q4_0"])
     args = parser.parse_args(argv)
     cp = require_cupy()
-    p = params_13b(args.layers, max_seq_len=max(256, args.steps + 1))
+    p = params_of(args.shape, args.layers, max_seq_len=max(256, args.steps + 1))
     print(f"NCCL {nccl_version() or 'not found'}; {cp.cuda.runtime.getDeviceCount()} GPUs: "
           f"{cp.cuda.runtime.getDeviceProperties(0)['name'].decode()}")
-    print(f"13B shape ({args.layers} layers), {args.dtype}, batch 1, {args.steps} decode steps")
+    print(f"{args.shape} shape ({p.n_layers} layers), {args.dtype}, batch 1, {args.steps} decode "
+          f"steps")
     one, want = one_gpu(p, args.dtype, args.steps)
     print(f"  1 GPU   {one:8.1f} tokens/s")
     many, got = n_gpus(p, args.dtype, args.steps, args.gpus)
