@@ -279,12 +279,13 @@ attention_decode(const float* __restrict__ qkv, const int* __restrict__ step,
 // reductions over the row (which stays in L1 and L2 between them): the maximum, the first index
 // holding it (numpy.argmax's choice among equal maxima; indices are exact as floats up to 2^24),
 // and the count of values that are not finite (fmaxf skips a NaN, so a row of NaN has no index
-// that holds its maximum: the flag is what makes the caller look).
+// that holds its maximum: its id is 0, a valid one, and the flag is what makes the caller look).
 // logits: bsz rows of `vocab` floats, `ld` floats apart (logits[:, -1] of (bsz, seqlen, vocab));
 // out (2 bsz) int32: the ids, then a flag per row, 1 where a logit is not finite.
 extern "C" __global__ void greedy_pick(const float* __restrict__ logits, int vocab, int ld,
                                        int* __restrict__ out, int bsz) {
     __shared__ float scratch[32];
+    grid_dependency_wait();            // (reduce.cu) the logits are the last kernel's
     const float* x = logits + (size_t)blockIdx.x * ld;
     float top = neg_inf(), bad = 0.0f;
     for (int k = threadIdx.x; k < vocab; k += blockDim.x) {
@@ -297,8 +298,8 @@ extern "C" __global__ void greedy_pick(const float* __restrict__ logits, int voc
     for (int k = threadIdx.x; k < vocab; k += blockDim.x)
         if (x[k] == top) { first = (float)k; break; }   // a thread's k only grow
     first = block_min(first, scratch);
-    if (threadIdx.x == 0) {
-        out[blockIdx.x] = (int)first;
+    if (threadIdx.x == 0) {            // a row of NaN has no index of its maximum: id 0, flagged
+        out[blockIdx.x] = first < (float)vocab ? (int)first : 0;
         out[bsz + blockIdx.x] = bad > 0.0f ? 1 : 0;
     }
 }

@@ -611,9 +611,10 @@ qgemv_v2(const float* __restrict__ X, const uint4* __restrict__ qs,
 //
 //   - x is cut into units, the values one 16-byte load meets (32 for q4_0, 16 for q8_0). A
 //     unit is scaled by a power of two 2^s that puts its largest |x| into [2^21, 2^22) and
-//     rounded to integers xi: its largest values keep 23 bits (float32 keeps 24), its smaller
-//     ones an error of 2^-23 of the largest, as a float32 sum's rounding is relative to its
-//     largest terms;
+//     rounded to integers xi: its largest values keep 22 bits (float32 keeps 24), and any
+//     value's rounding error is at most 2^-22 of the unit's largest, as a float32 sum's rounding
+//     is relative to its largest terms. (2^-s must stay a normal float, so s stops at 126: a
+//     unit whose largest |x| is under 2^-104 keeps fewer bits. Activations are nowhere near.);
 //   - xi is cut into three signed 8-bit digits, xi = p2 2^16 + p1 2^8 + p0 (p0, p1 in
 //     [-128, 127], |p2| <= 64), staged in shared memory four to a word, once per block, with
 //     T_k = sum of the unit's digits p_k and 2^-s;
@@ -628,13 +629,14 @@ qgemv_v2(const float* __restrict__ X, const uint4* __restrict__ qs,
 // signed bytes already: 12 dp4a and ~8 more per 16 weights.
 //
 // Measured on an H200 (kernels/dev/bench_variants.py, 2026-11-30; docs/kernels.md): the
-// Llama-2-7B matrices of one token in 1531 us for q4_0 (0.57 of the copy bandwidth; v2 1792 us,
+// Llama-2-7B matrices of one token in 1541 us for q4_0 (0.57 of the copy bandwidth; v2 1792 us,
 // 0.49) and 2064 us for q8_0 (0.81; v2 2143 us), at NR, U = 2, 2 (q4_0) and 2, 4 (q8_0).
 // Accuracy: 2e-7 to 4e-7 of float64 on the checks' sizes (v2: ~1.5e-7).
 //
 // The walk is v2's at one row of x (QBatch's loads in flight across tiles, K in chunks of kc);
 // only the staging of x and the inner step change. x that is not finite gives a NaN scale, so
-// the rows it meets come out NaN, as a float32 product's would (never a silent integer).
+// the rows it meets come out NaN (a float32 product would give an infinity or a NaN: not finite
+// either way; never a silent integer).
 //
 // Arguments: qs the codes, d the float16 scales, Y (N) float32, one row of x (K floats, or 2K
 // for the SwiGLU prologue), K % 32 == 0; kc (a multiple of 32 F::WEIGHTS, or K) values of x

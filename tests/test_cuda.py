@@ -333,22 +333,26 @@ def test_attention_decode_rotates_writes_the_cache_and_attends(cuda, cp, cache, 
 
 
 @gpu
-@pytest.mark.parametrize("bsz,seqlen,vocab", [(1, 1, 32000), (3, 4, 97), (4, 2, 1), (2, 1, 128256)])
+@pytest.mark.parametrize("bsz,seqlen,vocab", [(1, 1, 32000), (8, 4, 97), (4, 2, 1), (3, 1, 128256)])
 def test_greedy_pick_is_numpys_argmax_and_flags_rows_not_finite(cuda, cp, bsz, seqlen, vocab):
     """decode.cu's greedy_pick on the last position of (bsz, seqlen, vocab) logits (rows
-    seqlen * vocab floats apart): numpy.argmax's ids, the first of equal maxima too, and a flag
-    on exactly the rows holding a NaN or an infinity."""
+    seqlen * vocab floats apart): numpy.argmax's ids on every finite row, the first of equal
+    maxima too, and a flag on exactly the rows holding a NaN or an infinity, whose ids stay
+    valid (0 for a row of NaN)."""
     logits = rng.standard_normal((bsz, seqlen, vocab)).astype(np.float32)
     last = logits[:, -1]
-    top = last[0].max() + 1
-    last[0, [vocab // 3, vocab - 1]] = top                  # a tie: the first index wins
-    for row, bad in zip(range(1, bsz), (np.nan, -np.inf, np.inf)):
-        last[row, rng.integers(vocab)] = bad
+    for row in range(0, bsz, 2):                            # even rows: finite, with a tie
+        tie = rng.choice(vocab, size=min(2, vocab), replace=False)
+        last[row, tie] = last[row].max() + 1
+    for row, bad in zip(range(1, bsz, 2), (np.inf, np.nan, -np.inf)):
+        last[row, rng.integers(vocab)] = bad                # odd rows: one value not finite
+    if bsz == 8:
+        last[7] = np.nan                                    # a row with no maximum at all
     got = cuda.kernels.greedy_pick(cp.asarray(logits)[:, -1]).get()
     flags = ~np.isfinite(last).all(axis=1)
     assert (got[bsz:] == flags).all()
     assert (got[:bsz][~flags] == np.argmax(last, axis=-1)[~flags]).all()
-    assert got[0] == vocab // 3
+    assert ((0 <= got[:bsz]) & (got[:bsz] < vocab)).all()
 
 
 # ----------------------------------------------------------------------------

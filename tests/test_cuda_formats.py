@@ -135,6 +135,41 @@ def test_qgemv_v4_matches_float64_at_one_row(cuda, cp, fmt, N, K):
 
 @gpu
 @pytest.mark.parametrize("fmt", V4_FORMATS)
+def test_qgemv_v4_scales_each_unit_of_x_on_its_own(cuda, cp, fmt):
+    """One unit of x 2^40 times the others, against weights that are zero there: with one
+    scale for the whole row the small units would keep no bits (error 1), with a scale per
+    unit the product keeps float32's accuracy."""
+    N, K = 77, 2080
+    dense = rng.standard_normal((N, K)).astype(np.float32)
+    dense[:, :32] = 0.0
+    packed = formats.quantize(dense, fmt)
+    w64 = formats.dequantize(packed).astype(np.float64)
+    x = (rng.standard_normal((1, K)) * 2.0 ** -20).astype(np.float32)
+    x[0, :32] *= np.float32(2.0 ** 40)
+    y = cuda.kernels.qgemv(cp.asarray(x), packed.map(cp.asarray), version=4)
+    assert product_err(y, x.astype(np.float64), w64) < 1e-5
+
+
+@gpu
+def test_qgemv_rule_takes_v4_for_one_row_of_q4_0_and_q8_0(cuda, cp, monkeypatch):
+    """kernels.qgemv's rule: v4 at one row of x on q4_0 and q8_0, v2 at one row of the other
+    formats, neither at more rows."""
+    k, launched = cuda.kernels, []
+    launch = k.KERNELS.launch
+    monkeypatch.setattr(k.KERNELS, "launch", lambda name, *a, **kw: (launched.append(name),
+                                                                       launch(name, *a, **kw)))
+    for fmt in STORED:
+        packed, _ = stored_weight(fmt, 17, 256)
+        for M in (1, 2):
+            launched.clear()
+            k.qgemv(cp.ones((M, 256), np.float32), packed.map(cp.asarray))
+            version = launched[-1].split("<")[0]
+            want = ("qgemv_v4" if fmt in V4_FORMATS else "qgemv_v2") if M == 1 else "qgemv"
+            assert version == want, (fmt, M, launched)
+
+
+@gpu
+@pytest.mark.parametrize("fmt", V4_FORMATS)
 def test_qgemv_v4_passes_nan_and_inf_of_x_on(cuda, cp, fmt):
     """A value of x that is not finite makes its unit's scale NaN, so every row it meets is
     NaN, as in a float32 product (where integers would have hidden it)."""

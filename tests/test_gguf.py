@@ -397,14 +397,9 @@ def test_wrong_shape_and_missing_and_extra_tensors(tmp_path, tiny_args):
     write_gguf(path, tiny_args, w)
     with pytest.raises(CheckpointError, match=r"layers\.0\.ffn_norm\.weight.*missing"):
         mg.load_gguf(path)
-    w = random_weights(tiny_args)
     # rope_freqs (Llama 3's RoPE scaling, tests/test_llama3.py) must hold one factor per pair
-    writer_extra = dict(w, **{"rope_freqs.weight": np.ones(tiny_args.head_dim // 2 + 1, np.float32)})
-    writers.GGUF_NAMES["rope_freqs.weight"] = "rope_freqs.weight"
-    try:
-        write_gguf(path, tiny_args, writer_extra)
-    finally:
-        del writers.GGUF_NAMES["rope_freqs.weight"]
+    writers.write_gguf(path, tiny_args, random_weights(tiny_args),
+                       tensors={"rope_freqs.weight": np.ones(tiny_args.head_dim // 2 + 1, np.float32)})
     with pytest.raises(CheckpointError, match="rope_freqs.weight.*one per pair"):
         mg.load_gguf(path)
 

@@ -999,7 +999,7 @@ def check_numpy_v2(rng):
 
 
 def v4_digits(x, weights):
-    """variants.cu's v4_stage in NumPy: x (K,) float32 in units of `weights` values -> the
+    """qgemv.cu's v4_stage in NumPy: x (K,) float32 in units of `weights` values -> the
     digits (3, K) int64, each unit's T (units, 3) and 2^-s (units,) as float32."""
     units = x.reshape(-1, weights).astype(np.float32)
     mx = np.abs(units).max(axis=1)
@@ -1017,9 +1017,10 @@ def v4_digits(x, weights):
 
 
 def check_numpy_v4(rng):
-    """v4's arithmetic replayed in NumPy on random q4_0 and q8_0 rows and wide-ranging x: the
-    digits rebuild the fixed-point x exactly, every integer sum fits int32, and the float32
-    result is within 1e-6 of float64 (the GPU check holds the kernel to 1e-5)."""
+    """v4's arithmetic checked in NumPy (its bounds, not the kernel's order of additions) on
+    random q4_0 and q8_0 rows and wide-ranging x: the digits rebuild the fixed-point x exactly,
+    every integer sum fits int32, and a float32 result built from them is within 1e-6 of
+    float64 (the GPU check holds the kernel itself to 1e-5)."""
     K, N = 4096, 8
     for fmt, weights, offset in (("q4_0", 32, 8), ("q8_0", 16, 0)):
         w_host = cf.random_packed(fmt, N, K, rng)

@@ -72,8 +72,8 @@ QGEMV_BATCH_FORMATS = ("q8_0", "q4_0", "q4_1")
 # gemv(version=2): the rule takes gemv_v3 there).
 QGEMV_V2_PACKED = (1, 2, 4)        # ROWS, NR, U
 # qgemv_v4<Fmt, PRO, NR, U> (qgemv.cu): one row of x on q4_0 and q8_0 with the products in
-# integers (dp4a) over exact 8-bit digits of x; 1.16x (q4_0) and 1.04x (q8_0) v2's speed on the
-# Llama-2-7B matrices (H200, 2026-11-30, docs/kernels.md "qgemv v4"). (NR, U) per format.
+# integers (dp4a) over 8-bit digits of x; 1.16x (q4_0) and 1.04x (q8_0) v2's speed on the
+# Llama-2-7B matrices (H200, 2026-11-30, docs/kernels.md "One row in integers"). (NR, U):
 QGEMV_V4 = {"q4_0": (2, 2), "q8_0": (2, 4)}
 QGEMV_V2_F32_ROWS = (8, 16, 32)
 QGEMV_V2_F32 = (4, 1)              # NR, U
@@ -182,7 +182,7 @@ def _qgemv_v2_name(fmt, rows, pro, nr, u):
 
 
 def _qgemv_v4_name(fmt, pro):
-    """qgemv_v4's instance: "V4" + the format module's KERNEL ("V4Q4_0"), its (NR, U) of QGEMV_V4."""
+    """qgemv_v4's instance: "V4" + the format module's KERNEL ("V4Q4_0"), (NR, U) of QGEMV_V4."""
     return f"qgemv_v4<V4{FORMATS[fmt].KERNEL[fmt]},{pro},{','.join(map(str, QGEMV_V4[fmt]))}>"
 
 
@@ -482,12 +482,16 @@ def greedy_pick(last):
     """The next token of greedy decoding: for last (bsz, vocab) float32 logits (rows may lie
     apart, as logits[:, -1] of (bsz, seqlen, vocab) does), one (2 bsz,) int32 array: each
     row's argmax (the first of equal maxima, as numpy.argmax), then a flag per row, 1 where a
-    logit is not finite (its argmax is then meaningless). One launch; one copy to the host."""
+    logit is not finite (its id is then meaningless, but a valid one: 0 where the row has no
+    maximum, all NaN). One launch; one copy to the host. Rows more than 2^31 floats apart (the
+    last position of a very long prompt's logits) are made contiguous first."""
     cp = require_cupy()
     if not isinstance(last, cp.ndarray) or last.ndim != 2 or last.dtype != np.float32 \
             or last.strides[1] != 4 or last.strides[0] % 4:
         raise DeviceError(f"greedy_pick: expected a (bsz, vocab) float32 CuPy array with "
                           f"contiguous rows, got {getattr(last, 'shape', type(last).__name__)}")
+    if last.strides[0] // 4 > np.iinfo(np.int32).max:     # a long prompt's logits[:, -1]
+        last = cp.ascontiguousarray(last)
     bsz, vocab = last.shape
     out = cp.empty(2 * bsz, dtype=np.int32)
     if bsz:
@@ -668,7 +672,8 @@ def _qgemv_v4(x, planes, y, fmt, prologue, accumulate, norm, eps, smem=QGEMV_SME
     weights, (nr, _) = QGEMV_WEIGHTS[fmt], QGEMV_V4[fmt]
     unit_bytes = (3 * weights // 16 + 1) * 16
     step = 32 * weights
-    kc = K if K // weights * unit_bytes <= smem else max(step, smem // unit_bytes * weights // step * step)
+    kc = K if K // weights * unit_bytes <= smem else \
+        max(step, smem // unit_bytes * weights // step * step)
     KERNELS.launch(_qgemv_v4_name(fmt, prologue), (min(cdiv(N, 8 * nr), 2 * sm_count()),), (256,),
                    (x, planes[0], planes[1], y, i32(N), i32(K), i32(bool(accumulate)),
                     x if norm is None else norm, np.float32(eps), i32(kc)),
