@@ -360,7 +360,8 @@ qgemv(const float* __restrict__ X, const uint4* __restrict__ qs,
 // Measured on an H200 (docs/kernels.md, "qgemv v2 and the batches"): at batch 1 v2 (NR 2, U 4)
 // is never slower than v1 and 1.1-1.3x faster on q4_0 and q8_0; at batch 8 and 32 of the block
 // formats it is not faster (the FMAs per weight, 8 or 32, are the bound, not the unpacking), so
-// kernels.qgemv launches v2 for one row of x and v1 for more. For float32 weights, at 8 rows and
+// kernels.qgemv launched v2 for one row of x and v1 for more (for one row of q4_0 and q8_0,
+// qgemv_v4 at the end of this file has since taken over). For float32 weights, at 8 rows and
 // more, v2 (ROWS up to 32, NR 4, U 1) is 1.5-3.6x faster than gemv on matrices with many rows;
 // kernels.gemv's rule says which.
 //
