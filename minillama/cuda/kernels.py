@@ -643,11 +643,17 @@ def _optin(device_id):
     return require_cupy().cuda.Device(device_id).attributes["MaxSharedMemoryPerBlockOptin"]
 
 
-def _qgemv_chunk(K, rows, fmt, smem):
-    """Floats of each row of x staged at once: all of K if `rows` rows of it fit `smem` bytes,
-    else a multiple of one warp's sweep along a row of W (32 loads of 16 bytes)."""
-    step = 32 * (4 if fmt == "f32" else QGEMV_WEIGHTS[fmt])
-    return K if rows * K * 4 <= smem else max(step, smem // (rows * 4) // step * step)
+def _qgemv_chunk(K, rows, fmt, smem, load_bytes=None):
+    """Values of each row of x staged at once: all of K if they fit `smem` bytes, else a
+    multiple of one warp's sweep along a row of W (32 loads of 16 bytes). load_bytes: the shared
+    memory x takes for one 16-byte load of W (default `rows` rows of float32; qgemv_v4's digits
+    take less)."""
+    weights = 4 if fmt == "f32" else QGEMV_WEIGHTS[fmt]
+    load_bytes = load_bytes or rows * 4 * weights
+    step = 32 * weights
+    if K // weights * load_bytes <= smem:
+        return K
+    return max(step, smem // load_bytes * weights // step * step)
 
 
 def _qgemv_v2(x, planes, y, fmt, rows, nr, u, prologue, accumulate, norm, eps, smem=QGEMV_SMEM):
@@ -670,10 +676,8 @@ def _qgemv_v4(x, planes, y, fmt, prologue, accumulate, norm, eps, smem=QGEMV_SME
     chunks of a warp's sweep (32 loads). Two blocks per SM (its launch bounds)."""
     (_, N), K = y.shape, x.shape[1] // (2 if prologue == GEMV_PROLOGUES["swiglu"] else 1)
     weights, (nr, _) = QGEMV_WEIGHTS[fmt], QGEMV_V4[fmt]
-    unit_bytes = (3 * weights // 16 + 1) * 16
-    step = 32 * weights
-    kc = K if K // weights * unit_bytes <= smem else \
-        max(step, smem // unit_bytes * weights // step * step)
+    unit_bytes = (3 * weights // 16 + 1) * 16     # 3 planes of digits per 16 values, (T, 2^-s)
+    kc = _qgemv_chunk(K, 1, fmt, smem, unit_bytes)
     KERNELS.launch(_qgemv_v4_name(fmt, prologue), (min(cdiv(N, 8 * nr), 2 * sm_count()),), (256,),
                    (x, planes[0], planes[1], y, i32(N), i32(K), i32(bool(accumulate)),
                     x if norm is None else norm, np.float32(eps), i32(kc)),
