@@ -14,6 +14,7 @@ import time
 import numpy as np
 
 from ..cuda import require_cupy
+from ..cuda.kernels import greedy_pick
 
 
 def gpu_ms(fn, reps=20, warmup=3, inner=10):
@@ -53,7 +54,6 @@ def decode_rate(forward, bsz, steps):
     """Tokens/s of greedy decoding, one token per forward call, positions 0 .. steps-1; the
     first pass warms up (compiles, captures graphs), the second is timed. Each token is picked
     on the GPU and copied back as generate's greedy step does it (kernels.greedy_pick)."""
-    from ..cuda.kernels import greedy_pick
     cp = require_cupy()
 
     def run():
