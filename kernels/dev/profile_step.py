@@ -16,6 +16,7 @@ not their cost: measured on an H200 their sum was 1.5 to 4 times the graph's who
 graph replay is the step's time; kernels/dev/bench_mma.py times the products alone, in graphs.
 """
 import argparse
+import contextlib
 import time
 from collections import defaultdict
 
@@ -50,6 +51,33 @@ def timed_launches(fused, bsz, cp):
     return sums
 
 
+def ms_per_step(body, sync, steps=20, warmup=0):
+    """Milliseconds per call of body(i), i = 0 .. steps - 1, after `warmup` calls; one wait for
+    the GPU before and after (a body that must wait every step waits itself)."""
+    for i in range(warmup):
+        body(i)
+    sync()
+    t = time.perf_counter()
+    for i in range(steps):
+        body(i)
+    sync()
+    return 1000 * (time.perf_counter() - t) / steps
+
+
+def captured(cp, record, programmatic=False):
+    """A CUDA graph of what record(stream) launches, captured on a stream of its own (with
+    programmatic launches where asked, as FusedDecoder captures one row)."""
+    stream = cp.cuda.Stream(non_blocking=True)
+    cp.cuda.Device().synchronize()
+    with stream, KERNELS.programmatic() if programmatic else contextlib.nullcontext():
+        stream.begin_capture()
+        try:
+            record(stream)
+        finally:
+            graph = stream.end_capture()
+    return graph
+
+
 def replay_ms(forward, fused, bsz, cp, steps=20):
     """Per step, ms, the host's share taken apart one piece at a time:
     alone     graph replays back to back (the GPU's time: the next launch is queued before the
@@ -70,14 +98,9 @@ def replay_ms(forward, fused, bsz, cp, steps=20):
     for pos in range(3):
         forward(tokens, pos)
     graph, sync = fused.graphs[bsz], cp.cuda.Device().synchronize
-    sync()
 
     def per_step(body):
-        t = time.perf_counter()
-        for i in range(steps):
-            body(i)
-        sync()
-        return 1000 * (time.perf_counter() - t) / steps
+        return ms_per_step(body, sync, steps)
     launch_s = []
 
     def timed_launch(_):
@@ -126,10 +149,7 @@ def io_in_graph_ms(fused, bsz, cp, steps=20):
     out_buf = cp.empty((bsz, fused.p.vocab_size), dtype=np.float32)
 
     def capture(token, logits):
-        stream = cp.cuda.Stream(non_blocking=True)
-        sync()
-        with stream, KERNELS.programmatic():            # as FusedDecoder captures one row
-            stream.begin_capture()
+        def record(stream):
             if token:
                 # (CuPy refuses H2D copies while capturing; the runtime records a memcpy node)
                 cp.cuda.runtime.memcpyAsync(fused.step.data.ptr, row.ctypes.data, 4 * (1 + bsz),
@@ -137,20 +157,16 @@ def io_in_graph_ms(fused, bsz, cp, steps=20):
             fused.run(bsz)
             if logits:
                 out_buf.data.copy_from_device_async(fused.logits.data, out_buf.nbytes, stream)
-            return stream.end_capture()
+        return captured(cp, record, programmatic=True)
 
     def per_step(graph, after=None):
-        for _ in range(3):
-            graph.launch()
-        sync()
-        t = time.perf_counter()
-        for i in range(steps):
+        def body(i):
             row[0] = 3 + i
             graph.launch()
             if after:
                 after()
             sync()
-        return 1000 * (time.perf_counter() - t) / steps
+        return ms_per_step(body, sync, steps, warmup=3)
     row[1:1 + bsz] = 1
     out = {"in graph": per_step(capture(True, True)), "token": per_step(capture(True, False)),
            "logits": per_step(capture(False, True))}
@@ -183,10 +199,7 @@ def edge_free_ms(fused, bsz, cp, per_step, row):
     vocab = fused.p.vocab_size
 
     def capture(token_in_graph):
-        stream = cp.cuda.Stream(non_blocking=True)
-        cp.cuda.Device().synchronize()
-        with stream:
-            stream.begin_capture()
+        def record(stream):
             if token_in_graph:
                 copy_in((1,), (32,), (np.uint64(mapped(row)), fused.step, np.int32(1 + bsz)))
             with KERNELS.programmatic():
@@ -194,7 +207,7 @@ def edge_free_ms(fused, bsz, cp, per_step, row):
             KERNELS.launch("greedy_pick", (bsz,), (GREEDY_THREADS,),
                            (fused.logits[:bsz], np.int32(vocab), np.int32(vocab),
                             np.uint64(mapped(picks)), np.int32(bsz)))
-            return stream.end_capture()
+        return captured(cp, record)
     out = {}
     try:
         out["edge-free"] = per_step(capture(True))
@@ -204,23 +217,11 @@ def edge_free_ms(fused, bsz, cp, per_step, row):
         def pick_in(i):
             fused.send_step(tokens, 3 + i)
             pick_graph.launch()
-        out["pick in"] = per_step_host(cp, pick_in)
+        sync = cp.cuda.Device().synchronize
+        out["pick in"] = ms_per_step(lambda i: (pick_in(i), sync()), sync, warmup=3)
     except Exception as e:                      # e.g. memory the driver will not map
         print(f"  edge-free experiment failed: {type(e).__name__}: {e}")
     return out
-
-
-def per_step_host(cp, body, steps=20):
-    """ms per step of body(i) then a wait, after 3 warm-up steps."""
-    sync = cp.cuda.Device().synchronize
-    for i in range(3):
-        body(i)
-    sync()
-    t = time.perf_counter()
-    for i in range(steps):
-        body(i)
-        sync()
-    return 1000 * (time.perf_counter() - t) / steps
 
 
 def profile(shape, dtype, batches, layers, io=False):
