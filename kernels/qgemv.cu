@@ -449,23 +449,22 @@ struct V2Q4 {
 typedef V2Q4<false> V2Q4_0;
 typedef V2Q4<true> V2Q4_1;
 
-// qgemv's walk (x staged piece-major in shared memory, a warp on NR weight rows at a time,
-// QBatch prefetching across tiles, K in chunks), with the inner step rewritten: for each
-// 16-byte load, per (weight row j, x row r) a partial sum of code * x, then one FFMA by the
-// scale (and one by the min) into the accumulator. Unscaled formats accumulate directly.
-// ROWS * NR accumulators: up to 128 (ROWS 32, NR 4), reduced over the warp 32 at a time.
-// Two blocks per SM (128 registers a thread) only where that does not spill: few rows of x
-// and at most 8 loads in flight; kernels.qgemv_v2 sizes the grid by the same rule.
-template <class F, int ROWS, int PRO, int NR, int U>
-__global__ void __launch_bounds__(256, ROWS >= 8 || NR * U >= 16 ? 1 : 2)
-qgemv_v2(const float* __restrict__ X, const uint4* __restrict__ qs,
-         const unsigned short* __restrict__ d, const unsigned short* __restrict__ mn,
-         float* __restrict__ Y, int M, int N, int K, int accumulate,
-         const float* __restrict__ norm_w, float eps, int kc) {
-    constexpr int PIECES = F::WEIGHTS / 4;
-    constexpr bool SCALED = F::LOADS_PER_BLOCK > 0;
+// The walk of qgemv_v2 and qgemv_v4, qgemv's (x staged in shared memory once per block and
+// chunk of k, a warp on NR weight rows at a time, QBatch prefetching across tiles, K in chunks),
+// with what a version changes as a policy, Step:
+//   Step::stage(X, m0, M, ldx, K, k0, len, CH, inv_rms, norm_w)   ROWS rows of x from m0, values
+//       k0 .. k0 + len - 1, into dynamic shared memory, in the version's own layout;
+//   Step::multiply(cur, u, c, CH, acc)   the inner step: load u of QBatch cur (lane's 16-byte
+//       load c of the chunk, for the NR rows) times x, added into acc[j * ROWS + r].
+// ROWS * NR accumulators, reduced over the warp 32 at a time.
+template <class F, int ROWS, int PRO, int NR, int U, class Step>
+__device__ __forceinline__ void qgemv_walk(const float* __restrict__ X, const uint4* __restrict__ qs,
+                                           const unsigned short* __restrict__ d,
+                                           const unsigned short* __restrict__ mn,
+                                           float* __restrict__ Y, int M, int N, int K,
+                                           int accumulate, const float* __restrict__ norm_w,
+                                           float eps, int kc) {
     constexpr int V = NR * ROWS;
-    extern __shared__ float4 qgemv_xs[];
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
     const int ldx = PRO == GEMV_SWIGLU ? 2 * K : K;
     const int loads_per_row = K / F::WEIGHTS;
@@ -486,22 +485,13 @@ qgemv_v2(const float* __restrict__ X, const uint4* __restrict__ qs,
         if (PRO == GEMV_RMSNORM) qgemv_inv_rms<ROWS>(X, m0, M, ldx, K, eps, inv_rms);
 
         for (int k0 = 0; k0 < K; k0 += kc) {
-            const int len = min(kc, K - k0), CH = len / F::WEIGHTS, len4 = len / 4;
+            const int len = min(kc, K - k0), CH = len / F::WEIGHTS;
             const int first = k0 / F::WEIGHTS;
             if (!fetched && n_first < N)
                 next.fetch(qs, d, mn, n_first, N, lane, CH, first, loads_per_row, nb);
             fetched = false;
             __syncthreads();
-            for (int i = threadIdx.x; i < ROWS * len4; i += blockDim.x) {
-                const int r = i / len4, k4 = i % len4;
-                float inv = 1.0f;
-#pragma unroll
-                for (int rr = 0; rr < ROWS; ++rr) inv = rr == r ? inv_rms[rr] : inv;
-                float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-                if (m0 + r < M)
-                    v = gemv_x4<PRO>(X + (size_t)(m0 + r) * ldx, k0 / 4 + k4, K, norm_w, inv);
-                qgemv_xs[(r * PIECES + k4 % PIECES) * CH + k4 / PIECES] = v;
-            }
+            Step::stage(X, m0, M, ldx, K, k0, len, CH, inv_rms, norm_w);
             __syncthreads();
 
             for (int n0 = n_first; n0 < N; n0 += tile_step) {
@@ -520,61 +510,7 @@ qgemv_v2(const float* __restrict__ X, const uint4* __restrict__ qs,
                     for (int u = 0; u < U; ++u) {
                         const int c = c0 + 32 * u;
                         if (c >= CH) break;
-                        if (SCALED) {
-                            float part[V], xsum[ROWS];
-#pragma unroll
-                            for (int i = 0; i < V; ++i) part[i] = 0.0f;
-#pragma unroll
-                            for (int r = 0; r < ROWS; ++r) xsum[r] = 0.0f;
-#pragma unroll
-                            for (int p = 0; p < PIECES; ++p) {
-                                float w[NR][4];
-#pragma unroll
-                                for (int j = 0; j < NR; ++j) F::piece(cur.q[u][j], p, w[j]);
-#pragma unroll
-                                for (int r = 0; r < ROWS; ++r) {
-                                    const float4 xv = qgemv_xs[(r * PIECES + p) * CH + c];
-                                    if (F::MIN) xsum[r] += (xv.x + xv.y) + (xv.z + xv.w);
-#pragma unroll
-                                    for (int j = 0; j < NR; ++j) {
-                                        float& a = part[j * ROWS + r];
-                                        a = fmaf(w[j][0], xv.x, a);
-                                        a = fmaf(w[j][1], xv.y, a);
-                                        a = fmaf(w[j][2], xv.z, a);
-                                        a = fmaf(w[j][3], xv.w, a);
-                                    }
-                                }
-                            }
-#pragma unroll
-                            for (int j = 0; j < NR; ++j) {
-                                const float dj = f16_lo(cur.dm[u][j]), mj = f16_hi(cur.dm[u][j]);
-#pragma unroll
-                                for (int r = 0; r < ROWS; ++r) {
-                                    float& a = acc[j * ROWS + r];
-                                    a = fmaf(dj, part[j * ROWS + r], a);
-                                    if (F::MIN) a = fmaf(mj, xsum[r], a);
-                                }
-                            }
-                        } else {
-#pragma unroll
-                            for (int p = 0; p < PIECES; ++p) {
-                                float w[NR][4];
-#pragma unroll
-                                for (int j = 0; j < NR; ++j) F::piece(cur.q[u][j], p, w[j]);
-#pragma unroll
-                                for (int r = 0; r < ROWS; ++r) {
-                                    const float4 xv = qgemv_xs[(r * PIECES + p) * CH + c];
-#pragma unroll
-                                    for (int j = 0; j < NR; ++j) {
-                                        float& a = acc[j * ROWS + r];
-                                        a = fmaf(w[j][0], xv.x, a);
-                                        a = fmaf(w[j][1], xv.y, a);
-                                        a = fmaf(w[j][2], xv.z, a);
-                                        a = fmaf(w[j][3], xv.w, a);
-                                    }
-                                }
-                            }
-                        }
+                        Step::multiply(cur, u, c, CH, acc);
                     }
                 }
 
@@ -596,6 +532,108 @@ qgemv_v2(const float* __restrict__ X, const uint4* __restrict__ qs,
             }
         }
     }
+}
+
+// v2's step: x staged piece-major as float32, so that the 32 lanes read 32 consecutive float4s,
+//     xs[(r * PIECES + p) * CH + c] = x[r, c * WEIGHTS + 4 p .. + 3]
+// and for each 16-byte load, per (weight row j, x row r), a partial sum of code * x, then one
+// FFMA by the scale (and one by the min) into the accumulator. Unscaled formats accumulate
+// directly.
+template <class F, int ROWS, int PRO, int NR, int U>
+struct V2Step {
+    static constexpr int PIECES = F::WEIGHTS / 4;
+    static constexpr bool SCALED = F::LOADS_PER_BLOCK > 0;
+    static constexpr int V = NR * ROWS;
+
+    static __device__ __forceinline__ void stage(const float* __restrict__ X, int m0, int M,
+                                                 int ldx, int K, int k0, int len, int CH,
+                                                 const float (&inv_rms)[ROWS],
+                                                 const float* __restrict__ norm_w) {
+        extern __shared__ float4 qgemv_xs[];
+        const int len4 = len / 4;
+        for (int i = threadIdx.x; i < ROWS * len4; i += blockDim.x) {
+            const int r = i / len4, k4 = i % len4;
+            float inv = 1.0f;
+#pragma unroll
+            for (int rr = 0; rr < ROWS; ++rr) inv = rr == r ? inv_rms[rr] : inv;
+            float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+            if (m0 + r < M)
+                v = gemv_x4<PRO>(X + (size_t)(m0 + r) * ldx, k0 / 4 + k4, K, norm_w, inv);
+            qgemv_xs[(r * PIECES + k4 % PIECES) * CH + k4 / PIECES] = v;
+        }
+    }
+
+    static __device__ __forceinline__ void multiply(const QBatch<F, NR, U>& cur, int u, int c,
+                                                    int CH, float (&acc)[V]) {
+        extern __shared__ float4 qgemv_xs[];
+        if (SCALED) {
+            float part[V], xsum[ROWS];
+#pragma unroll
+            for (int i = 0; i < V; ++i) part[i] = 0.0f;
+#pragma unroll
+            for (int r = 0; r < ROWS; ++r) xsum[r] = 0.0f;
+#pragma unroll
+            for (int p = 0; p < PIECES; ++p) {
+                float w[NR][4];
+#pragma unroll
+                for (int j = 0; j < NR; ++j) F::piece(cur.q[u][j], p, w[j]);
+#pragma unroll
+                for (int r = 0; r < ROWS; ++r) {
+                    const float4 xv = qgemv_xs[(r * PIECES + p) * CH + c];
+                    if (F::MIN) xsum[r] += (xv.x + xv.y) + (xv.z + xv.w);
+#pragma unroll
+                    for (int j = 0; j < NR; ++j) {
+                        float& a = part[j * ROWS + r];
+                        a = fmaf(w[j][0], xv.x, a);
+                        a = fmaf(w[j][1], xv.y, a);
+                        a = fmaf(w[j][2], xv.z, a);
+                        a = fmaf(w[j][3], xv.w, a);
+                    }
+                }
+            }
+#pragma unroll
+            for (int j = 0; j < NR; ++j) {
+                const float dj = f16_lo(cur.dm[u][j]), mj = f16_hi(cur.dm[u][j]);
+#pragma unroll
+                for (int r = 0; r < ROWS; ++r) {
+                    float& a = acc[j * ROWS + r];
+                    a = fmaf(dj, part[j * ROWS + r], a);
+                    if (F::MIN) a = fmaf(mj, xsum[r], a);
+                }
+            }
+        } else {
+#pragma unroll
+            for (int p = 0; p < PIECES; ++p) {
+                float w[NR][4];
+#pragma unroll
+                for (int j = 0; j < NR; ++j) F::piece(cur.q[u][j], p, w[j]);
+#pragma unroll
+                for (int r = 0; r < ROWS; ++r) {
+                    const float4 xv = qgemv_xs[(r * PIECES + p) * CH + c];
+#pragma unroll
+                    for (int j = 0; j < NR; ++j) {
+                        float& a = acc[j * ROWS + r];
+                        a = fmaf(w[j][0], xv.x, a);
+                        a = fmaf(w[j][1], xv.y, a);
+                        a = fmaf(w[j][2], xv.z, a);
+                        a = fmaf(w[j][3], xv.w, a);
+                    }
+                }
+            }
+        }
+    }
+};
+
+// Two blocks per SM (128 registers a thread) only where that does not spill: few rows of x
+// and at most 8 loads in flight; kernels.qgemv_v2 sizes the grid by the same rule.
+template <class F, int ROWS, int PRO, int NR, int U>
+__global__ void __launch_bounds__(256, ROWS >= 8 || NR * U >= 16 ? 1 : 2)
+qgemv_v2(const float* __restrict__ X, const uint4* __restrict__ qs,
+         const unsigned short* __restrict__ d, const unsigned short* __restrict__ mn,
+         float* __restrict__ Y, int M, int N, int K, int accumulate,
+         const float* __restrict__ norm_w, float eps, int kc) {
+    qgemv_walk<F, ROWS, PRO, NR, U, V2Step<F, ROWS, PRO, NR, U>>(X, qs, d, mn, Y, M, N, K,
+                                                                  accumulate, norm_w, eps, kc);
 }
 
 
@@ -634,8 +672,8 @@ qgemv_v2(const float* __restrict__ X, const uint4* __restrict__ qs,
 // 0.49) and 2064 us for q8_0 (0.81; v2 2143 us), at NR, U = 2, 2 (q4_0) and 2, 4 (q8_0).
 // Accuracy: 2e-7 to 4e-7 of float64 on the checks' sizes (v2: ~1.5e-7).
 //
-// The walk is v2's at one row of x (QBatch's loads in flight across tiles, K in chunks of kc);
-// only the staging of x and the inner step change. x that is not finite gives a NaN scale, so
+// The walk is v2's at one row of x (qgemv_walk: QBatch's loads in flight across tiles, K in
+// chunks of kc); V4Step is what changes, the staging of x and the inner step. x that is not finite gives a NaN scale, so
 // the rows it meets come out NaN (a float32 product would give an infinity or a NaN: not finite
 // either way; never a silent integer).
 //
@@ -738,74 +776,46 @@ __device__ __forceinline__ void v4_stage(const float* __restrict__ xr, int k4, i
     xs[3 * F::XU * CH + c] = make_uint4(T[0], T[1], T[2], __float_as_uint(scale));
 }
 
+// v4's step (ROWS = 1): x staged per unit as its digits (v4_stage), and for each 16-byte load the
+// three dp4a sums per weight row, the offset, one float32 value and one FFMA by d 2^-s.
+template <class F, int PRO, int NR, int U>
+struct V4Step {
+    static constexpr int META = 3 * F::XU;       // the digit planes, then (T, 2^-s)
+
+    static __device__ __forceinline__ void stage(const float* __restrict__ X, int, int, int,
+                                                 int K, int k0, int, int CH,
+                                                 const float (&inv_rms)[1],
+                                                 const float* __restrict__ norm_w) {
+        extern __shared__ uint4 v4_xs[];
+        for (int c = threadIdx.x; c < CH; c += blockDim.x)
+            v4_stage<F, PRO>(X, (k0 + c * F::WEIGHTS) / 4, K, norm_w, inv_rms[0], v4_xs, CH, c);
+    }
+
+    static __device__ __forceinline__ void multiply(const QBatch<F, NR, U>& cur, int u, int c,
+                                                    int CH, float (&acc)[NR]) {
+        extern __shared__ uint4 v4_xs[];
+        uint4 xp[META];
+#pragma unroll
+        for (int p = 0; p < META; ++p) xp[p] = v4_xs[p * CH + c];   // for the NR rows
+        const uint4 meta = v4_xs[META * CH + c];
+        const float xscale = __uint_as_float(meta.w);
+#pragma unroll
+        for (int j = 0; j < NR; ++j) {
+            int S[3];
+#pragma unroll
+            for (int k = 0; k < 3; ++k)
+                S[k] = F::dot(cur.q[u][j], xp + k * F::XU) - F::OFFSET * (int)q_word(meta, k);
+            const float v = fmaf((float)S[2], 65536.0f, fmaf((float)S[1], 256.0f, (float)S[0]));
+            acc[j] = fmaf(f16_lo(cur.dm[u][j]) * xscale, v, acc[j]);
+        }
+    }
+};
+
 template <class F, int PRO, int NR, int U>
 __global__ void __launch_bounds__(256, 2)
 qgemv_v4(const float* __restrict__ X, const uint4* __restrict__ qs,
          const unsigned short* __restrict__ d, float* __restrict__ Y, int N, int K,
          int accumulate, const float* __restrict__ norm_w, float eps, int kc) {
-    constexpr int META = 3 * F::XU;                // the digit planes, then (T, 2^-s)
-    constexpr int SHIFT = NR == 32 ? 0 : NR == 16 ? 1 : NR == 8 ? 2 : NR == 4 ? 3 : NR == 2 ? 4 : 5;
-    extern __shared__ uint4 v4_xs[];
-    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
-    const int ldx = PRO == GEMV_SWIGLU ? 2 * K : K;
-    const int loads_per_row = K / F::WEIGHTS, nb = K / 32;
-    const int tile_step = gridDim.x * warps * NR;
-    const int n_first = (blockIdx.x * warps + warp) * NR;
-
-    QBatch<F, NR, U> next;
-    bool fetched = n_first < N;
-    if (fetched) next.fetch(qs, d, d, n_first, N, lane, min(kc, K) / F::WEIGHTS, 0, loads_per_row, nb);
-    grid_launch_dependents();
-    grid_dependency_wait();            // (reduce.cu) the weights are ours; x is the last kernel's
-    float inv_rms[1] = {1.0f};
-    if (PRO == GEMV_RMSNORM) qgemv_inv_rms<1>(X, 0, 1, ldx, K, eps, inv_rms);
-
-    for (int k0 = 0; k0 < K; k0 += kc) {
-        const int len = min(kc, K - k0), CH = len / F::WEIGHTS, first = k0 / F::WEIGHTS;
-        if (!fetched && n_first < N)
-            next.fetch(qs, d, d, n_first, N, lane, CH, first, loads_per_row, nb);
-        fetched = false;
-        __syncthreads();
-        for (int c = threadIdx.x; c < CH; c += blockDim.x)
-            v4_stage<F, PRO>(X, (k0 + c * F::WEIGHTS) / 4, K, norm_w, inv_rms[0], v4_xs, CH, c);
-        __syncthreads();
-
-        for (int n0 = n_first; n0 < N; n0 += tile_step) {
-            float acc[NR];
-#pragma unroll
-            for (int j = 0; j < NR; ++j) acc[j] = 0.0f;
-            for (int c0 = lane; c0 < CH; c0 += 32 * U) {
-                const QBatch<F, NR, U> cur = next;
-                const bool same = c0 + 32 * U < CH;
-                const int n_next = same ? n0 : n0 + tile_step;
-                if (n_next < N)
-                    next.fetch(qs, d, d, n_next, N, same ? c0 + 32 * U : lane, CH, first,
-                               loads_per_row, nb);
-#pragma unroll
-                for (int u = 0; u < U; ++u) {
-                    const int c = c0 + 32 * u;
-                    if (c >= CH) break;
-                    uint4 xp[META];
-#pragma unroll
-                    for (int p = 0; p < META; ++p) xp[p] = v4_xs[p * CH + c];   // for NR rows
-                    const uint4 meta = v4_xs[META * CH + c];
-                    const float xscale = __uint_as_float(meta.w);
-#pragma unroll
-                    for (int j = 0; j < NR; ++j) {
-                        int S[3];
-#pragma unroll
-                        for (int k = 0; k < 3; ++k)
-                            S[k] = F::dot(cur.q[u][j], xp + k * F::XU)
-                                   - F::OFFSET * (int)q_word(meta, k);
-                        const float v = fmaf((float)S[2], 65536.0f, fmaf((float)S[1], 256.0f, (float)S[0]));
-                        acc[j] = fmaf(f16_lo(cur.dm[u][j]) * xscale, v, acc[j]);
-                    }
-                }
-            }
-            const float mine = qgemv_warp_sums<NR>(acc);
-            const int j = lane >> SHIFT;               // lane (j << SHIFT) holds row n0 + j
-            if (lane % (1 << SHIFT) == 0 && n0 + j < N)
-                Y[n0 + j] = (k0 > 0 || accumulate) ? Y[n0 + j] + mine : mine;
-        }
-    }
+    qgemv_walk<F, 1, PRO, NR, U, V4Step<F, PRO, NR, U>>(X, qs, d, d, Y, 1, N, K, accumulate,
+                                                         norm_w, eps, kc);
 }
