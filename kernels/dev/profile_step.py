@@ -193,7 +193,10 @@ def edge_free_ms(fused, bsz, cp, per_step, row):
                 place), the token still copied in beside it (send_step)."""
     import cupyx
     from minillama.cuda.kernels import GREEDY_THREADS
-    mapped = lambda a: cp.cuda.runtime.hostGetDevicePointer(a.ctypes.data, 0)
+    # With unified addressing (every 64-bit CUDA platform) a page-locked allocation's host
+    # address is also its device address: kernels take it as it is (CuPy 14 has no
+    # hostGetDevicePointer to ask).
+    mapped = lambda a: a.ctypes.data
     picks = cupyx.empty_pinned((2 * bsz,), dtype=np.int32)
     copy_in = cp.RawKernel(STEP_FROM_HOST, "step_from_host")
     vocab = fused.p.vocab_size
@@ -224,6 +227,32 @@ def edge_free_ms(fused, bsz, cp, per_step, row):
     return out
 
 
+def leave_out_ms(fused, bsz, cp, families=("attention_decode", "embed_tokens", "qgemv", "gemv")):
+    """Each kernel family's share of the graph's time, found by leaving it out: ms per step of
+    graphs replayed back to back, whole and without each family's launches (the buffers keep
+    their last values, so the rest reads stale numbers at the same speed), and with that family
+    alone. whole - without is what the family costs in place, its launch gaps included."""
+    sync, launch = cp.cuda.Device().synchronize, KERNELS.launch
+
+    def graph_ms(keep):
+        def filtered(name, *args, **kwargs):
+            if keep(name):
+                launch(name, *args, **kwargs)
+        KERNELS.launch = filtered
+        try:
+            graph = captured(cp, lambda stream: fused.run(bsz), programmatic=True)
+        finally:
+            KERNELS.launch = launch
+        return ms_per_step(lambda i: graph.launch(), sync, 20, warmup=3)
+    out = {"whole": graph_ms(lambda name: True)}
+    for fam in families:
+        out[f"without {fam}"] = graph_ms(lambda name: not name.startswith(fam + "<")
+                                         and name != fam and not name.startswith(fam + "_"))
+        out[f"only {fam}"] = graph_ms(lambda name: name.startswith(fam + "<") or name == fam
+                                      or name.startswith(fam + "_"))
+    return out
+
+
 def profile(shape, dtype, batches, layers, io=False):
     cp = require_cupy()
     p = torch_compiled.model_args(shape, max(batches), 64, n_layers=layers)
@@ -240,6 +269,8 @@ def profile(shape, dtype, batches, layers, io=False):
               f"with host {ms['host']:.3f} ms, eager kernel sum {total:.3f} ms, "
               f"{nbytes / 1e9:.2f} GB/step -> {nbytes / ms['alone'] / 1e6:.0f} GB/s in the graph")
         print("  host, ms per step: " + ", ".join(f"{k} {v:.3f}" for k, v in ms.items()))
+        print("  left out, graph ms per step: " + ", ".join(
+            f"{k} {v:.3f}" for k, v in leave_out_ms(fused, bsz, cp).items()))
         if io:
             io_ms = io_in_graph_ms(fused, bsz, cp)
             print("  copies in the graph, ms per step: "
