@@ -303,3 +303,17 @@ extern "C" __global__ void greedy_pick(const float* __restrict__ logits, int voc
         out[bsz + blockIdx.x] = bad > 0.0f ? 1 : 0;
     }
 }
+
+// ---- the step's edges: read_step -------------------------------------------------------------
+// step <- [start_pos, token_0, ..., token_{n-2}], read in place from the page-locked row the host
+// wrote (a GPU reads page-locked host memory over the bus; unified addressing gives the row one
+// address for both). FusedDecoder.greedy_step's graph begins with this kernel and ends with
+// greedy_pick writing its ids into page-locked memory the same way, so that no copy runs beside
+// the graph: on the Llama-2-7B shape each such copy cost 60 to 80 us, though it moves a few bytes
+// (docs/kernels.md, "What the host adds to a step"). __ldcv: fetched again every time, never a
+// cached copy of an earlier step's row.
+extern "C" __global__ void read_step(const int* __restrict__ host_row, int* __restrict__ step,
+                                     int n) {
+    grid_launch_dependents();          // (reduce.cu) embed_tokens may start; it waits for this
+    for (int i = threadIdx.x; i < n; i += blockDim.x) step[i] = __ldcv(host_row + i);
+}

@@ -40,8 +40,13 @@ def greedy(last, model, tokens, start_pos):
     if model.ops.xp is np:
         check_finite(last, model, tokens, start_pos)
         return np.argmax(to_host(last), axis=-1)
+    return picked(to_host(model.ops.greedy_pick(last)), last, model, tokens, start_pos)
+
+
+def picked(back, last, model, tokens, start_pos):
+    """The bsz ids of back (2 bsz,) = [ids, flags], greedy_pick's answer for last (bsz, vocab);
+    where a flag says a row held a logit that is not finite, check_finite raises, saying where."""
     bsz = last.shape[0]
-    back = to_host(model.ops.greedy_pick(last))                  # (2 bsz,): ids, then flags
     if back[bsz:].any():
         check_finite(last, model, tokens, start_pos)             # raises, saying where
     return back[:bsz].astype(np.int64)
@@ -130,16 +135,25 @@ class Llama:
         # model.forward, or a faster way its backend has to decode (the GPU's: one CUDA graph),
         # or with exact, llama2.c's order of operations
         forward = decoder(self.model, self.exact)
+        # Greedy, one token per row, on the GPU: the backend's step that also picks the token
+        # inside its CUDA graph, so only the ids come back (FusedDecoder.greedy_step). Not where
+        # the logits themselves are wanted (logprobs).
+        greedy_step = getattr(forward, "greedy_step", None) if temperature == 0 and not logprobs \
+            else None
         for cur_pos in range(min_prompt_len, total_len):
-            logits = forward(tokens[:, prev_pos:cur_pos], prev_pos)
-            if temperature > 0:
-                last = to_host(logits[:, -1])                    # (bsz, vocab)
-                check_finite(last, self.model, tokens[:, prev_pos:cur_pos], prev_pos)
-                probs = softmax(last / temperature, axis=-1)
-                next_token = sample_top_p(probs, top_p, self.rng)
+            if greedy_step is not None and cur_pos - prev_pos == 1:
+                back, last = greedy_step(tokens[:, prev_pos:cur_pos], prev_pos)
+                next_token = picked(back, last, self.model, tokens[:, prev_pos:cur_pos], prev_pos)
             else:
-                next_token = greedy(logits[:, -1], self.model, tokens[:, prev_pos:cur_pos],
-                                    prev_pos)
+                logits = forward(tokens[:, prev_pos:cur_pos], prev_pos)
+                if temperature > 0:
+                    last = to_host(logits[:, -1])                    # (bsz, vocab)
+                    check_finite(last, self.model, tokens[:, prev_pos:cur_pos], prev_pos)
+                    probs = softmax(last / temperature, axis=-1)
+                    next_token = sample_top_p(probs, top_p, self.rng)
+                else:
+                    next_token = greedy(logits[:, -1], self.model, tokens[:, prev_pos:cur_pos],
+                                        prev_pos)
 
             next_token = next_token.reshape(-1)
             # only replace token if prompt has already been generated

@@ -507,16 +507,71 @@ def test_fused_decode_survives_rounds_of_step_slots(cuda, cp):
 
 @gpu
 def test_generate_greedy_on_the_gpu_equals_the_cpu(cuda, cp):
-    """Llama.generate at temperature 0 takes the argmax on the GPU (generation.greedy) and
-    copies back only the ids: the same tokens as on the CPU, for padded prompts of 3 rows."""
+    """Llama.generate at temperature 0 takes the argmax on the GPU, inside the step's graph
+    (FusedDecoder.greedy_step) once every row decodes, and copies back only the ids: the same
+    tokens as on the CPU, for padded prompts of 3 rows."""
     from conftest import StubTokenizer
     from minillama.generation import Llama
     p = ModelArgs(**ODD)
     w = random_weights(p, seed=int(rng.integers(1 << 30)), scale=0.5)   # far from ties
     prompts = [list(rng.integers(3, 97, n)) for n in (1, 7, 4)]
-    got, want = (Llama(Transformer(p, w, ops), StubTokenizer(eos_id=-7)).generate(
-        prompts, max_gen_len=20, temperature=0)[0] for ops in (cuda.CudaOps(), CPU))
+    gpu_ops = cuda.CudaOps()
+    gpu_model = Transformer(p, w, gpu_ops)
+    got, want = (Llama(model, StubTokenizer(eos_id=-7)).generate(
+        prompts, max_gen_len=20, temperature=0)[0] for model in (gpu_model, Transformer(p, w, CPU)))
     assert got == want
+    assert gpu_ops._decoders[gpu_model].greedy_graphs.get(3) is not None   # (greedy_step's)
+
+
+@gpu
+@pytest.mark.parametrize("mode", ["persistent", "fused+graphs", "fused"])
+def test_greedy_step_picks_what_forward_and_greedy_pick_pick(cuda, cp, mode):
+    """FusedDecoder.greedy_step (the token read from page-locked memory by the graph's first
+    kernel, the ids written to page-locked memory by its last) against forward + greedy_pick
+    on a twin model: the same ids and logits every step, for 3 rows over 40 positions, the
+    first steps eager, then through its own graph (where graphs are on)."""
+    from minillama.cuda.kernels import greedy_pick
+    p = ModelArgs(**{**ODD, "max_batch_size": 3})
+    w = random_weights(p, seed=int(rng.integers(1 << 30)), scale=0.5)
+
+    def decoder():
+        ops = cuda.CudaOps(graphs=mode != "fused", persistent=mode == "persistent")
+        model = Transformer(p, w, ops)
+        forward = ops.decoder(model)
+        if mode == "persistent":
+            ops._decoders[model].min_rows = 1
+        return forward, ops._decoders[model]
+    (forward, _), (stepped, fused) = decoder(), decoder()
+    tokens = rng.integers(0, p.vocab_size, size=(3, 1))
+    for pos in range(40):
+        logits = forward(tokens, pos)[:, -1]
+        want = greedy_pick(logits).get()
+        back, last = stepped.greedy_step(tokens, pos)
+        assert back.tolist() == want.tolist(), f"position {pos}"
+        assert rel_err(last, logits) < 1e-6, f"position {pos}"
+        tokens = back[:3].astype(np.int64).reshape(3, 1)
+    assert type(fused).__name__ == ("PersistentDecoder" if mode == "persistent" else "FusedDecoder")
+    assert (fused.greedy_graphs.get(3) is not None) == (mode != "fused")
+
+
+@gpu
+def test_generate_greedy_on_the_gpu_refuses_a_nan_picked_in_the_graph(cuda, cp):
+    """A NaN that reaches the logits inside greedy_step's graph raises generate's one clear
+    error (greedy_pick's flag, then check_finite on the step's logits), as on the CPU. The
+    first generate records the graphs; then one classifier weight turns NaN on the GPU, in
+    place, where the graph reads it."""
+    from conftest import StubTokenizer
+    from minillama.errors import GenerationError
+    from minillama.generation import Llama
+    p = ModelArgs(**ODD)
+    ops = cuda.CudaOps()
+    model = Transformer(p, random_weights(p, seed=int(rng.integers(1 << 30))), ops)
+    llama = Llama(model, StubTokenizer(eos_id=-7))
+    llama.generate([[3]], max_gen_len=6, temperature=0)
+    assert ops._decoders[model].greedy_graphs.get(1) is not None
+    model.output[5, 3] = cp.nan                            # logit 5 is NaN at every step
+    with pytest.raises(GenerationError, match="NaN.*classifier"):
+        llama.generate([[3]], max_gen_len=6, temperature=0)
 
 
 @gpu

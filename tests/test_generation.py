@@ -127,6 +127,54 @@ def test_greedy_on_the_device_still_refuses_non_finite_logits(bad):
         llama.generate([[5, 6]], max_gen_len=3, temperature=0)
 
 
+def with_greedy_step(model, calls, poison=None, forward_steps=False):
+    """The model as generate sees it on a GPU whose decoder has greedy_step (FusedDecoder's:
+    the pick inside the step's graph), here in NumPy; calls records the steps it served.
+    poison: a value put into logit 5 of row 0 from the third step on. forward_steps: forward
+    may serve one-token steps too (else it refuses them: greedy_step's to serve)."""
+    def greedy_step(tokens, start_pos):
+        calls.append((np.shape(tokens), start_pos))
+        last = model.forward(np.asarray(tokens), start_pos)[:, -1]
+        if poison is not None and len(calls) >= 3:
+            last[0, 5] = poison
+        return greedy_pick(last), last
+
+    def forward(tokens, start_pos):
+        assert forward_steps or np.shape(tokens)[1] > 1, "greedy_step's step went to forward"
+        return model.forward(tokens, start_pos)
+    forward.greedy_step = greedy_step
+    device = on_device(model)
+    device.ops.decoder = lambda m: forward
+    return device
+
+
+def test_greedy_takes_the_decoders_greedy_step_for_one_token_a_row():
+    rng = np.random.default_rng()
+    prompts = [list(rng.integers(3, 97, n)) for n in (1, 7, 4)]
+    want, _ = make_llama(4, eos_id=-7).generate(prompts, max_gen_len=9, temperature=0)
+    llama, calls = make_llama(4, eos_id=-7), []
+    llama.model = with_greedy_step(llama.model, calls)
+    assert llama.generate(prompts, max_gen_len=9, temperature=0)[0] == want
+    assert calls == [((3, 1), pos) for pos in range(15)]    # the shortest prompt is 1 token: all
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_greedy_step_refuses_non_finite_logits(bad):
+    llama, calls = make_llama(4), []
+    llama.model = with_greedy_step(llama.model, calls, poison=bad)
+    with pytest.raises(GenerationError, match="NaN" if np.isnan(bad) else "infinity"):
+        llama.generate([[5]], max_gen_len=8, temperature=0)
+    assert len(calls) == 3
+
+
+def test_sampling_and_logprobs_never_take_greedy_step():
+    for kwargs in ({"temperature": 0.8}, {"temperature": 0, "logprobs": True}):
+        llama, calls = make_llama(4), []
+        llama.model = with_greedy_step(llama.model, calls, forward_steps=True)
+        assert len(llama.generate([[5, 6]], max_gen_len=4, **kwargs)[0][0]) == 4
+        assert calls == []
+
+
 def test_sampling_is_reproducible_with_a_seed_and_varies_without():
     prompts = [[3, 4], [5]]
     a = make_llama(6).generate(prompts, 8, temperature=1.0, top_p=0.95)[0]

@@ -92,8 +92,10 @@ def replay_ms(forward, fused, bsz, cp, steps=20):
     numpy     forward, the logits to the host (.get()) and np.argmax there (bench/tp.py's and
               the generate loop's way);
     host      forward, cp.argmax and .get() (+ one small kernel and the copy to the host);
-    greedy_pick  forward, kernels.greedy_pick and .get(): generate's greedy step, and the loop
-              bench/timing.py's decode_rate times."""
+    greedy_pick  forward, kernels.greedy_pick and .get(): generate's greedy step before
+              FusedDecoder.greedy_step;
+    greedy_step  FusedDecoder.greedy_step: the token read and the ids written in place by the
+              graph's first and last kernels (generate's greedy step, and decode_rate's)."""
     tokens = np.ones((bsz, 1), dtype=np.int64)
     for pos in range(3):
         forward(tokens, pos)
@@ -132,6 +134,8 @@ def replay_ms(forward, fused, bsz, cp, steps=20):
         logits = forward(state["tokens"], 3 + i)
         state["tokens"] = greedy_pick(logits[:, -1]).get()[:bsz].reshape(bsz, 1)
     out["greedy_pick"] = per_step(pick)
+    fused.greedy_step(tokens, 3)                           # records its graph
+    out["greedy_step"] = per_step(lambda i: fused.greedy_step(tokens, 3 + i))
     return out
 
 

@@ -52,15 +52,24 @@ def tflops(M, N, K, ms):
 
 def decode_rate(forward, bsz, steps):
     """Tokens/s of greedy decoding, one token per forward call, positions 0 .. steps-1; the
-    first pass warms up (compiles, captures graphs), the second is timed. Each token is picked
-    on the GPU and copied back as generate's greedy step does it (kernels.greedy_pick)."""
+    first pass warms up (compiles, captures graphs), the second is timed. Each token goes
+    through the host as generate's greedy step takes it: forward.greedy_step where the decoder
+    has one (the pick inside the step's CUDA graph), else picked on the GPU by
+    kernels.greedy_pick and copied back."""
     cp = require_cupy()
+    greedy_step = getattr(forward, "greedy_step", None)
+
+    def next_tokens(tokens, pos):
+        if greedy_step is not None:
+            back = greedy_step(tokens, pos)[0]
+        else:
+            back = greedy_pick(forward(tokens, pos)[:, -1]).get()
+        return back[:bsz].astype(np.int64).reshape(bsz, 1)
 
     def run():
         tokens = np.ones((bsz, 1), dtype=np.int64)
         for pos in range(steps):
-            logits = forward(tokens, pos)
-            tokens = greedy_pick(logits[:, -1]).get()[:bsz].reshape(bsz, 1)
+            tokens = next_tokens(tokens, pos)
     run()
     cp.cuda.Device().synchronize()
     start = time.perf_counter()

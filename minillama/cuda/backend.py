@@ -110,7 +110,8 @@ class CudaOps(NumpyOps):
         """The fastest forward(tokens, start_pos) -> logits for `model`: one new token per row
         (tokens (bsz, 1)) goes through FusedDecoder; prompts go through model.forward. Where
         FusedDecoder does not cover the model (see FusedDecoder.covers), or fused_decode is
-        off, it is model.forward itself."""
+        off, it is model.forward itself. With FusedDecoder, forward.greedy_step(tokens,
+        start_pos) is greedy decoding's step with the pick inside the graph (no logits copied)."""
         fused = self._fused_decoder(model) if self.fused_decode else None
         if fused is None:
             return model.forward
@@ -121,6 +122,19 @@ class CudaOps(NumpyOps):
             if tokens.shape[1] > 1:
                 return model.forward(tokens, start_pos)
             return fused(tokens, start_pos, graphs)
+
+        def greedy_step(tokens, start_pos):
+            """(back, last): greedy decoding's step, back (2 bsz,) int32 on the host = each
+            row's argmax of the last position's logits, then a flag per row where one is not
+            finite; last (bsz, vocab) those logits on the GPU. One token per row goes through
+            FusedDecoder.greedy_step (the pick inside the CUDA graph); a prompt through
+            forward and greedy_pick."""
+            tokens = check_tokens(tokens, start_pos, model.params)
+            if tokens.shape[1] > 1:
+                last = model.forward(tokens, start_pos)[:, -1]
+                return greedy_pick(last).get(), last
+            return fused.greedy_step(tokens, start_pos, graphs)
+        forward.greedy_step = greedy_step
         return forward
 
     def _fused_decoder(self, model):

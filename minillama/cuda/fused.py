@@ -16,7 +16,8 @@ import warnings
 import numpy as np
 
 from ..formats import Packed
-from .kernels import CACHE_TYPES, KERNELS, PACKED_KERNEL_FORMATS, gemv, qgemv
+from .kernels import CACHE_TYPES, GREEDY_THREADS, KERNELS, PACKED_KERNEL_FORMATS, gemv, \
+    greedy_pick, qgemv
 from .runtime import i32
 
 
@@ -100,6 +101,10 @@ class FusedDecoder:
         self.logits = buf(p.vocab_size)
         self.graphs = {}                                     # bsz -> cupy.cuda.Graph
         self.launches_per_step = {}                          # bsz -> kernels in one step
+        # greedy_step's edges, page-locked and read or written by its graph's kernels in place
+        self.row_host = cupyx.empty_pinned((1 + nb,), dtype=np.int32)   # [start_pos, tokens]
+        self.picks_host = cupyx.empty_pinned((2 * nb,), dtype=np.int32) # [ids, flags]
+        self.greedy_graphs = {}                              # bsz -> cupy.cuda.Graph, or None
 
     def __call__(self, tokens, start_pos, use_graphs=True):
         bsz = tokens.shape[0]
@@ -139,8 +144,53 @@ class FusedDecoder:
         if self.slot == 0:
             self.round_copied.record(stream)
 
-    def _capture(self, bsz):
-        """Record run(bsz) into a CUDA graph (nothing executes while recording). Up to
+    def greedy_step(self, tokens, start_pos, use_graphs=True):
+        """Greedy decoding's next token for tokens (bsz, 1) at start_pos, with nothing beside the
+        step's CUDA graph: returns (back, last), back (2 bsz,) int32 on the host as
+        kernels.greedy_pick gives it (each row's argmax, then a flag per row, 1 where a logit is
+        not finite) and last (bsz, vocab), the step's logits on the GPU, for the caller to say
+        where a flag came from; last is this decoder's buffer, valid until its next step.
+
+        __call__ costs a step three stream operations around its graph: the token's copy in,
+        the logits' copy out, the pick's kernel and its copy. Each waits for the one before,
+        and on the Llama-2-7B shape each costs 60 to 80 us however few bytes it moves (docs/
+        kernels.md, "What the host adds to a step"). Here the graph does all of it: its first
+        kernel (read_step) reads the position and tokens from a page-locked row in place, and
+        its last (greedy_pick) writes the ids into page-locked memory in place; the host writes
+        the row, replays, waits for the stream and reads the ids. The wait is also what lets
+        the row be written again for the next step."""
+        bsz = tokens.shape[0]
+        if not use_graphs or self.greedy_graphs.get(bsz, False) is None:
+            return self._greedy_eager(tokens, start_pos, use_graphs)
+        if bsz not in self.greedy_graphs:       # first step of bsz rows: the kernels compile,
+            back, last = self._greedy_eager(tokens, start_pos, use_graphs)   # graphs[bsz] too
+            self.greedy_graphs[bsz] = self._capture(bsz, lambda: self._greedy_launches(bsz))
+            return back, last
+        self.row_host[0], self.row_host[1:1 + bsz] = start_pos, tokens[:, 0]
+        stream = self.cp.cuda.get_current_stream()
+        self.greedy_graphs[bsz].launch(stream)
+        stream.synchronize()
+        return self.picks_host[:2 * bsz].copy(), self.logits[:bsz]
+
+    def _greedy_eager(self, tokens, start_pos, use_graphs):
+        """greedy_step the way __call__ and generation.greedy do it (the copies beside)."""
+        last = self(tokens, start_pos, use_graphs)[:, -1]              # (bsz, vocab)
+        return greedy_pick(last).get(), last
+
+    def _greedy_launches(self, bsz):
+        """greedy_step's graph: read_step, run(bsz), greedy_pick into picks_host."""
+        mapped = lambda a: np.uint64(self.cp.cuda.runtime.pointerGetAttributes(
+            a.ctypes.data).devicePointer)                  # (the host address, with UVA)
+        vocab = self.p.vocab_size
+        KERNELS.launch("read_step", (1,), (32,), (mapped(self.row_host), self.step, i32(1 + bsz)))
+        self.run(bsz)
+        KERNELS.launch("greedy_pick", (bsz,), (GREEDY_THREADS,),
+                       (self.logits[:bsz], i32(vocab), i32(vocab), mapped(self.picks_host),
+                        i32(bsz)))
+
+    def _capture(self, bsz, launches=None):
+        """Record run(bsz), or what launches() launches, into a CUDA graph (nothing executes
+        while recording). Up to
         PROGRAMMATIC_ROWS rows, each kernel of the graph may start while the one before it
         finishes (cuda/pdl.py; the eager launches stay CuPy's own, cheaper from the host).
         Returns None, with a warning, where the driver refuses, and the eager launches carry on."""
@@ -152,7 +202,7 @@ class FusedDecoder:
             with stream, programmatic:
                 stream.begin_capture()
                 try:
-                    self.run(bsz)
+                    (launches or (lambda: self.run(bsz)))()
                 finally:
                     graph = stream.end_capture()
             return graph
