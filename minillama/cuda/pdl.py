@@ -70,6 +70,8 @@ def _argument(a):
         return ctypes.c_int32(int(a))
     if isinstance(a, np.int64):
         return ctypes.c_int64(int(a))
+    if isinstance(a, np.uint64):                               # an address (page-locked memory)
+        return ctypes.c_uint64(int(a))
     if isinstance(a, np.float32):
         return ctypes.c_float(float(a))
     raise TypeError(f"pdl: cannot pass a {type(a).__name__} to a kernel")
