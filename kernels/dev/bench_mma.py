@@ -1,6 +1,7 @@
 """qgemv_mma beside qgemv on the Llama-2-7B matrices (development harness, needs a GPU).
 
     PYTHONPATH=. python kernels/dev/bench_mma.py [--rows 1,8] [--formats q4_0,q8_0,f16,bf16]
+                                               [--ks 0.5,2]
 
 For each format and row count: every 7B matrix (wqkv, wo, w13, w2, the classifier) timed with
 qgemv's v1 / v2 and with qgemv_mma at both tile heights and a few k splits, each the median of
@@ -65,7 +66,10 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", default="1,8")
     ap.add_argument("--formats", default="q4_0,q8_0,f16,bf16")
+    ap.add_argument("--ks", default="0.5,2",
+                    help="k splits to try besides the rule's, as factors of it")
     a = ap.parse_args()
+    factors = [None] + [float(f) for f in a.ks.split(",")]
     cp = require_cupy()
     bw = copy_gbs(cp)
     print(f"copy bandwidth {bw:.0f} GB/s")
@@ -84,7 +88,7 @@ def main():
                 cands = {"v2" if M == 1 else "v1": lambda w, v=(2 if M == 1 else 1):
                          kernels.qgemv(x, w, out=out, version=v)}
                 for nr in kernels.MMA_NR:
-                    for ks in (None, 0.5, 2):
+                    for ks in factors:
                         tiles = -(-N // (128 * nr))
                         base = max(1, round(kernels.MMA_BLOCKS_PER_SM * kernels.sm_count() / tiles))
                         k = None if ks is None else max(1, int(base * ks))
