@@ -48,33 +48,6 @@ extern "C" __global__ void embed_tokens(const int* __restrict__ step, const floa
     for (int j = threadIdx.x; j < dim; j += blockDim.x) out[j] = row[j];
 }
 
-// WIDTH values from p (float32 or float16 bits) as float32; WIDTH 4: one 16- or 8-byte load.
-// LDG: through the read-only data cache (__ldg), for the cache rows below pos, which no block
-// writes during the launch (the compiler no longer infers it: the kernel writes the cache).
-template <int WIDTH, bool LDG = false>
-__device__ __forceinline__ void load_w(const float* p, float* v) {
-    if (WIDTH == 4) {
-        const float4* p4 = reinterpret_cast<const float4*>(p);
-        const float4 x = LDG ? __ldg(p4) : *p4;
-        v[0] = x.x; v[1] = x.y; v[2] = x.z; v[3] = x.w;
-    } else {
-#pragma unroll
-        for (int i = 0; i < WIDTH; ++i) v[i] = LDG ? __ldg(p + i) : p[i];
-    }
-}
-
-template <int WIDTH, bool LDG = false>
-__device__ __forceinline__ void load_w(const unsigned short* p, float* v) {
-    if (WIDTH == 4) {
-        const uint2* p2 = reinterpret_cast<const uint2*>(p);
-        const uint2 x = LDG ? __ldg(p2) : *p2;                  // four float16s
-        v[0] = f16_lo(x.x); v[1] = f16_hi(x.x); v[2] = f16_lo(x.y); v[3] = f16_hi(x.y);
-    } else {
-#pragma unroll
-        for (int i = 0; i < WIDTH; ++i) v[i] = f16_to_f32(LDG ? __ldg(p + i) : p[i]);
-    }
-}
-
 // ---- softmax and the weighted sum of the values over one block: persistent.cu's attend -------
 // attention_decode ran these too until 2026-11-30 (its scores in shared memory, block
 // reductions between the steps); it now keeps a softmax per warp (below). persistent.cu's
@@ -182,16 +155,46 @@ struct WarpSoftmax {
     float acc[ATTN_WARPS * ATTN_HEAD_DIM];                 // (warps, head_dim) weighted values
 };
 
+// Every global load of attention_decode goes through L2 (__ldcg: ld.global.cg), none through
+// the read-only path (__ldg: ld.global.nc, what `const __restrict__` pointers get by default).
+// ptxas (sm_90, NVRTC 13) moves read-only loads across grid_dependency_wait, both ways: in the
+// SASS they put the first chunk's loads after the wait (the lead of step 1 lost), and in one
+// version some of qkv's loads before it (a race with the GEMV that writes qkv). Ordinary loads
+// stay on their side of the wait.
+
+// WIDTH values from p (float32 or float16 bits) as float32; WIDTH 4: one 16- or 8-byte load.
+template <int WIDTH>
+__device__ __forceinline__ void load_w(const float* p, float* v) {
+    if (WIDTH == 4) {
+        const float4 x = __ldcg(reinterpret_cast<const float4*>(p));
+        v[0] = x.x; v[1] = x.y; v[2] = x.z; v[3] = x.w;
+    } else {
+#pragma unroll
+        for (int i = 0; i < WIDTH; ++i) v[i] = __ldcg(p + i);
+    }
+}
+
+template <int WIDTH>
+__device__ __forceinline__ void load_w(const unsigned short* p, float* v) {
+    if (WIDTH == 4) {
+        const uint2 x = __ldcg(reinterpret_cast<const uint2*>(p));     // four float16s
+        v[0] = f16_lo(x.x); v[1] = f16_hi(x.x); v[2] = f16_lo(x.y); v[3] = f16_hi(x.y);
+    } else {
+#pragma unroll
+        for (int i = 0; i < WIDTH; ++i) v[i] = f16_to_f32(__ldcg(p + i));
+    }
+}
+
 // This lane's slice of a row: pieces lane + 32 i, i < PER_LANE, as float32; zeros past the
 // row's end (head_dim 64 in float4s: lanes 16 .. 31), so they add nothing to a product.
-template <int WIDTH, int PER_LANE, bool LDG, typename T>
+template <int WIDTH, int PER_LANE, typename T>
 __device__ __forceinline__ void load_slice(const T* row, int pieces,
                                            float (&x)[PER_LANE][WIDTH]) {
 #pragma unroll
     for (int i = 0; i < PER_LANE; ++i) {
         const int piece = threadIdx.x % 32 + 32 * i;
         if (piece < pieces) {
-            load_w<WIDTH, LDG>(row + piece * WIDTH, x[i]);
+            load_w<WIDTH>(row + piece * WIDTH, x[i]);
         } else {
 #pragma unroll
             for (int j = 0; j < WIDTH; ++j) x[i][j] = 0.0f;
@@ -230,8 +233,8 @@ __device__ __forceinline__ void load_angles(const float* __restrict__ cos_row,
         const int piece = threadIdx.x % 32 + 32 * i, first = WIDTH * piece / 2;
 #pragma unroll
         for (int j = 0; j < (WIDTH == 4 ? 2 : 1); ++j) {
-            c[i][j] = piece < pieces ? __ldg(cos_row + first + j) : 0.0f;
-            s[i][j] = piece < pieces ? __ldg(sin_row + first + j) : 0.0f;
+            c[i][j] = piece < pieces ? __ldcg(cos_row + first + j) : 0.0f;
+            s[i][j] = piece < pieces ? __ldcg(sin_row + first + j) : 0.0f;
         }
     }
 }
@@ -247,12 +250,12 @@ __device__ __forceinline__ void load_rotated(const float* x, int pieces,
         const int piece = threadIdx.x % 32 + 32 * i;
         float r[4] = {0.0f, 0.0f, 0.0f, 0.0f};
         if (piece < pieces && WIDTH == 4) {           // two pairs, one float4
-            const float4 v = *reinterpret_cast<const float4*>(x + 4 * piece);
+            const float4 v = __ldcg(reinterpret_cast<const float4*>(x + 4 * piece));
             rotate_pair(v.x, v.y, c[i][0], s[i][0], r);
             rotate_pair(v.z, v.w, c[i][1], s[i][1], r + 2);
         } else if (piece < pieces) {                  // element `piece` of its pair
             const float* pair = x + (piece & ~1);
-            rotate_pair(pair[0], pair[1], c[i][0], s[i][0], r);
+            rotate_pair(__ldcg(pair), __ldcg(pair + 1), c[i][0], s[i][0], r);
             r[0] = piece & 1 ? r[1] : r[0];
         }
 #pragma unroll
@@ -293,8 +296,8 @@ __device__ __forceinline__ void load_chunk(const T* keys, const T* values, size_
 #pragma unroll
     for (int j = 0; j < KEYS; ++j) {
         const int t = (c * KEYS + j) * warps + warp;
-        load_slice<WIDTH, PER_LANE, true>(keys + t * row_stride, t < pos ? pieces : 0, k[j]);
-        load_slice<WIDTH, PER_LANE, true>(values + t * row_stride, t < pos ? pieces : 0, v[j]);
+        load_slice<WIDTH, PER_LANE>(keys + t * row_stride, t < pos ? pieces : 0, k[j]);
+        load_slice<WIDTH, PER_LANE>(values + t * row_stride, t < pos ? pieces : 0, v[j]);
     }
 }
 
@@ -319,7 +322,7 @@ __device__ __forceinline__ void attention_by_warps(
     //    this one began (replays of a graph run in stream order), and in this step only this
     //    kernel writes this layer's cache, at row pos, after its wait. (A kernel of the step
     //    that wrote `step` would need this read of pos moved after the wait.)
-    const int pos = step[0];
+    const int pos = __ldcg(step);
     float c[PER_LANE][2], s[PER_LANE][2];                  // (pieces, pairs) cos, sin at pos
     load_angles<WIDTH, PER_LANE>(cos_table + (size_t)pos * half, sin_table + (size_t)pos * half,
                                  pieces, c, s);
@@ -333,7 +336,7 @@ __device__ __forceinline__ void attention_by_warps(
     float q[PER_LANE][WIDTH], k_new[PER_LANE][WIDTH], v_new[PER_LANE][WIDTH];   // (slice)
     load_rotated<WIDTH, PER_LANE>(row + h * head_dim, pieces, c, s, q);
     load_rotated<WIDTH, PER_LANE>(row + (n_heads + g) * head_dim, pieces, c, s, k_new);
-    load_slice<WIDTH, PER_LANE, false>(row + (n_heads + n_kv_heads + g) * head_dim, pieces, v_new);
+    load_slice<WIDTH, PER_LANE>(row + (n_heads + n_kv_heads + g) * head_dim, pieces, v_new);
     // The new key is the next of the round robin: warp pos % warps takes it. In the first
     // block of kv head g, that warp writes it and the value into the cache.
     const bool owner = warp == pos % warps;
