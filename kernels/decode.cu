@@ -48,96 +48,10 @@ extern "C" __global__ void embed_tokens(const int* __restrict__ step, const floa
     for (int j = threadIdx.x; j < dim; j += blockDim.x) out[j] = row[j];
 }
 
-// Attention of one new query per row against the cache, keys 0 .. pos, in one kernel, RoPE
-// and the cache write included (they were a launch of their own, rope_kv, until 2026-11-29):
-// q, k = apply_rotary_emb(q, k),  cache[pos] = k, v,
-// scores = (q * scale) . k_t,  p = softmax(scores),  out = sum_t p_t v_t.
-//
-// qkv: (bsz, (n_heads + 2 n_kv) * head_dim) = [q heads | k heads | v heads], from gemv(wqkv).
-// One block per (query head, row); query head h reads kv head g = h / (n_heads / n_kv_heads).
-//   1. one thread per pair (x[2i], x[2i+1]) rotates q's pair (into shared memory, times scale)
-//      and the new key's pair of kv head g (model.apply_rotary_emb, the same float operations),
-//      and copies the new value's pair. The block uses its own new key and value for position
-//      pos, rounded as the cache stores them, and never reads cache row pos: the
-//      n_heads / n_kv_heads blocks of kv head g run in any order, and only the first of them
-//      (h % (n_heads / n_kv_heads) == 0) writes k and v into the cache at pos, for the steps
-//      after this one.
-//   2. thread t computes the scores of keys t, t + blockDim, ... into shared memory, reading
-//      its key row WIDTH values at a time (one float4, or four float16s, when
-//      head_dim % 4 == 0), and their max
-//   3. exponentiate against the block max and sum (block reductions, reduce.cu)
-//   4. threads split as (group, piece): piece i covers v[WIDTH i .. WIDTH i + WIDTH - 1] and
-//      group g sums p_t v_t over t = g, g + groups, ...; consecutive threads read consecutive
-//      pieces of one cached v row (coalesced). The group partials are added in shared memory
-//      and divided by the sum.
-// Dynamic shared memory: 3 head_dim + WIDTH * blockDim + max_seq floats.
-// Needs head_dim <= blockDim.
-// grid (n_heads, bsz)
-
-// WIDTH values from p (float32 or float16 bits) as float32; WIDTH 4: one 16- or 8-byte load.
-// LDG: through the read-only data cache (__ldg), for the cache rows below pos, which no block
-// writes during the launch (the compiler no longer infers it: the kernel writes the cache).
-template <int WIDTH, bool LDG = false>
-__device__ __forceinline__ void load_w(const float* p, float* v) {
-    if (WIDTH == 4) {
-        const float4* p4 = reinterpret_cast<const float4*>(p);
-        const float4 x = LDG ? __ldg(p4) : *p4;
-        v[0] = x.x; v[1] = x.y; v[2] = x.z; v[3] = x.w;
-    } else {
-#pragma unroll
-        for (int i = 0; i < WIDTH; ++i) v[i] = LDG ? __ldg(p + i) : p[i];
-    }
-}
-
-template <int WIDTH, bool LDG = false>
-__device__ __forceinline__ void load_w(const unsigned short* p, float* v) {
-    if (WIDTH == 4) {
-        const uint2* p2 = reinterpret_cast<const uint2*>(p);
-        const uint2 x = LDG ? __ldg(p2) : *p2;                  // four float16s
-        v[0] = f16_lo(x.x); v[1] = f16_hi(x.x); v[2] = f16_lo(x.y); v[3] = f16_hi(x.y);
-    } else {
-#pragma unroll
-        for (int i = 0; i < WIDTH; ++i) v[i] = f16_to_f32(LDG ? __ldg(p + i) : p[i]);
-    }
-}
-
-// q . k over one row of head_dim values, WIDTH at a time: k is a cache row (float32 or float16
-// bits) or the block's own new key in shared memory; the same order of products either way.
-template <int WIDTH, bool LDG, typename K>
-__device__ __forceinline__ float dot_row(const float* qs, const K* k, int pieces) {
-    float dot = 0.0f;
-    // 16 pieces at a time: all 16 loads are issued before the first product waits on one
-    for (int i0 = 0; i0 < pieces; i0 += 16) {
-        float kv[16][WIDTH];
-#pragma unroll
-        for (int i = 0; i < 16; ++i)
-            if (i0 + i < pieces) load_w<WIDTH, LDG>(k + (i0 + i) * WIDTH, kv[i]);
-#pragma unroll
-        for (int i = 0; i < 16; ++i) {
-            if (i0 + i < pieces) {
-                float qv[WIDTH];
-                load_w<WIDTH>(qs + (i0 + i) * WIDTH, qv);
-#pragma unroll
-                for (int j = 0; j < WIDTH; ++j) dot += qv[j] * kv[i][j];
-            }
-        }
-    }
-    return dot;
-}
-
-// model.apply_rotary_emb on one pair (x[2i], x[2i+1]) of a q or k head, at position pos
-__device__ __forceinline__ void rotate_pair(const float* x, const float* __restrict__ cos_table,
-                                            const float* __restrict__ sin_table, int pos, int i,
-                                            int half, float* out) {
-    const float x0 = x[0], x1 = x[1];
-    const float c = cos_table[(size_t)pos * half + i], s = sin_table[(size_t)pos * half + i];
-    out[0] = x0 * c - x1 * s;
-    out[1] = x0 * s + x1 * c;
-}
-
-// ---- steps 3 and 4 over one block: softmax, then the weighted sum of the values ---------------
-// Shared with persistent.cu's attend, which runs them on its own scores and cache (compiled
-// after this file). The scores themselves are computed by each kernel its own way (see step 2).
+// ---- softmax and the weighted sum of the values over one block: persistent.cu's attend -------
+// attention_decode ran these too until 2026-11-30 (its scores in shared memory, block
+// reductions between the steps); it now keeps a softmax per warp (below). persistent.cu's
+// attend, compiled after this file, computes its own scores and calls these two.
 
 // scores[0 .. n_keys) -> exp(score - max) in place (softmax's numerators); returns their sum.
 // Thread tid wrote scores tid, tid + blockDim, ... and m is its max of them: each thread
@@ -159,8 +73,7 @@ __device__ __forceinline__ float softmax_numerators(float* scores, int n_keys, f
 // consecutive threads read consecutive pieces of one row (coalesced). The groups' partials meet
 // in `partial` (WIDTH * blockDim floats) and are added in a fixed order. value(t, piece, v)
 // loads piece `piece` of v_t into float v[WIDTH]: where the row lives and how it is read is the
-// caller's. UNROLL unrolls the loop over t: 4 in attention_decode; 1 in persistent.cu's attend,
-// whose registers are short (unrolled by 4, decode_persistent<8> spills).
+// caller's. UNROLL unrolls the loop over t (persistent.cu's attend: 1, its registers are short).
 template <int WIDTH, int UNROLL, typename Value>
 __device__ __forceinline__ void weighted_values(const float* p, int n_keys, float sum,
                                                 int head_dim, float* partial, float* out,
@@ -194,80 +107,340 @@ __device__ __forceinline__ void weighted_values(const float* p, int n_keys, floa
     }
 }
 
+// ---- attention_decode ----------------------------------------------------------------------
+// Attention of one new query per row against the cache, keys 0 .. pos, in one kernel, RoPE
+// and the cache write included (they were a launch of their own, rope_kv, until 2026-11-29):
+// q, k = apply_rotary_emb(q, k),  cache[pos] = k, v,
+// scores = (q * scale) . k_t,  p = softmax(scores),  out = sum_t p_t v_t.
+//
+// qkv: (bsz, (n_heads + 2 n_kv) * head_dim) = [q heads | k heads | v heads], from gemv(wqkv).
+// One block per (query head, row); query head h reads kv head g = h / (n_heads / n_kv_heads).
+// grid (n_heads, bsz); block: up to ATTN_WARPS warps; head_dim <= ATTN_HEAD_DIM (256); no
+// dynamic shared memory, and no bound on max_seq.
+//
+// At the positions a story reaches the work is a few dozen keys, nothing: what the kernel costs
+// is latency, its chain of round trips to memory and of barriers, and the wo GEMV after it
+// starts only when its last block ends. So it is laid out to have few of them (issues 10, 13):
+//   - a warp per key. A row of head_dim values is `pieces` pieces of WIDTH values (one float4,
+//     or four float16s, when head_dim % 4 == 0; else one value), lane l holding pieces l,
+//     l + 32, ... (PER_LANE of them: a slice). A key's row is then one coalesced load and its
+//     score a butterfly of shuffles, no shared memory and no barrier. Warp w takes keys
+//     w, w + warps, w + 2 warps, ..., KEYS of them at once (a chunk), every key and value row
+//     of the chunk loaded before the first is used.
+//   - 1. before grid_dependency_wait(): what the wqkv GEMV before this kernel does not write
+//     (the position, its cos and sin, the first chunk of cached keys and values), so that their
+//     round trips overlap the GEMV's end (programmatic launch, reduce.cu);
+//   - 2. after it, one round trip: q, the new key and value, rotated by every warp for itself
+//     (cheaper than sharing them through a barrier);
+//   - 3. a softmax kept per warp, online, as flash-decoding keeps one per split of the keys: a
+//     running max, the sum of exp(score - max) and the weighted sum of values, rescaled when
+//     the max grows. Long contexts are more chunks; nothing grows with max_seq;
+//   - 4. one barrier: the warps' (max, sum, weighted values) meet in shared memory and each
+//     thread combines one element of the output.
+// The new key and value (t = pos): the n_heads / n_kv_heads blocks of kv head g run in any
+// order and all need them, and only the first of them (h % rep == 0) writes them into the
+// cache, for the steps after this one. So no block reads cache row pos: each uses its own
+// rotated copy, rounded as the cache holds it (float16, for a float16 cache), in the warp whose
+// turn the key is in the round robin (pos % warps).
+
+constexpr int ATTN_WARPS = 8;                  // __launch_bounds__(256)
+constexpr int ATTN_HEAD_DIM = 256;             // FusedDecoder.covers: head_dim <= its block
+// Floats of cached keys a lane holds at once (and as many of values): a chunk is
+// ATTN_LANE_FLOATS / (WIDTH * PER_LANE) keys, 8 when head_dim <= 128 with float4 pieces.
+constexpr int ATTN_LANE_FLOATS = 32;
+
+// The warps' partial softmaxes (step 4); a warp without keys leaves max -inf, sum 0, zeros.
+struct WarpSoftmax {
+    float max[ATTN_WARPS], sum[ATTN_WARPS];
+    float acc[ATTN_WARPS * ATTN_HEAD_DIM];                 // (warps, head_dim) weighted values
+};
+
+// Every global load of attention_decode goes through L2 (__ldcg: ld.global.cg), none through
+// the read-only path (__ldg: ld.global.nc, what `const __restrict__` pointers get by default).
+// ptxas (sm_90, NVRTC 13) moves read-only loads across grid_dependency_wait, both ways: in the
+// SASS they put the first chunk's loads after the wait (the lead of step 1 lost), and in one
+// version some of qkv's loads before it (a race with the GEMV that writes qkv). Ordinary loads
+// stay on their side of the wait.
+
+// WIDTH values from p (float32 or float16 bits) as float32; WIDTH 4: one 16- or 8-byte load.
+template <int WIDTH>
+__device__ __forceinline__ void load_w(const float* p, float* v) {
+    if (WIDTH == 4) {
+        const float4 x = __ldcg(reinterpret_cast<const float4*>(p));
+        v[0] = x.x; v[1] = x.y; v[2] = x.z; v[3] = x.w;
+    } else {
+#pragma unroll
+        for (int i = 0; i < WIDTH; ++i) v[i] = __ldcg(p + i);
+    }
+}
+
+template <int WIDTH>
+__device__ __forceinline__ void load_w(const unsigned short* p, float* v) {
+    if (WIDTH == 4) {
+        const uint2 x = __ldcg(reinterpret_cast<const uint2*>(p));     // four float16s
+        v[0] = f16_lo(x.x); v[1] = f16_hi(x.x); v[2] = f16_lo(x.y); v[3] = f16_hi(x.y);
+    } else {
+#pragma unroll
+        for (int i = 0; i < WIDTH; ++i) v[i] = f16_to_f32(__ldcg(p + i));
+    }
+}
+
+// This lane's slice of a row: pieces lane + 32 i, i < PER_LANE, as float32; zeros past the
+// row's end (head_dim 64 in float4s: lanes 16 .. 31), so they add nothing to a product.
+template <int WIDTH, int PER_LANE, typename T>
+__device__ __forceinline__ void load_slice(const T* row, int pieces,
+                                           float (&x)[PER_LANE][WIDTH]) {
+#pragma unroll
+    for (int i = 0; i < PER_LANE; ++i) {
+        const int piece = threadIdx.x % 32 + 32 * i;
+        if (piece < pieces) {
+            load_w<WIDTH>(row + piece * WIDTH, x[i]);
+        } else {
+#pragma unroll
+            for (int j = 0; j < WIDTH; ++j) x[i][j] = 0.0f;
+        }
+    }
+}
+
+// The slice into a cache row (rounded to float16 for a float16 cache) or into shared memory
+template <int WIDTH, int PER_LANE, typename T>
+__device__ __forceinline__ void store_slice(T* row, int pieces,
+                                            const float (&x)[PER_LANE][WIDTH]) {
+#pragma unroll
+    for (int i = 0; i < PER_LANE; ++i) {
+        const int piece = threadIdx.x % 32 + 32 * i;
+        if (piece < pieces)
+#pragma unroll
+            for (int j = 0; j < WIDTH; ++j) cache_store(row + piece * WIDTH + j, x[i][j]);
+    }
+}
+
+// model.apply_rotary_emb on one pair (x0, x1) = (x[2i], x[2i+1]), with the cos and sin of pair i
+// at the position: the same float operations.
+__device__ __forceinline__ void rotate_pair(float x0, float x1, float c, float s, float* out) {
+    out[0] = x0 * c - x1 * s;
+    out[1] = x0 * s + x1 * c;
+}
+
+// The cos and sin of the pairs this lane's pieces touch, from the tables' rows at pos: a piece
+// of 4 values holds pairs 2 piece and 2 piece + 1; a piece of 1 value is half of pair piece / 2.
+template <int WIDTH, int PER_LANE>
+__device__ __forceinline__ void load_angles(const float* __restrict__ cos_row,
+                                            const float* __restrict__ sin_row, int pieces,
+                                            float (&c)[PER_LANE][2], float (&s)[PER_LANE][2]) {
+#pragma unroll
+    for (int i = 0; i < PER_LANE; ++i) {
+        const int piece = threadIdx.x % 32 + 32 * i, first = WIDTH * piece / 2;
+#pragma unroll
+        for (int j = 0; j < (WIDTH == 4 ? 2 : 1); ++j) {
+            c[i][j] = piece < pieces ? __ldcg(cos_row + first + j) : 0.0f;
+            s[i][j] = piece < pieces ? __ldcg(sin_row + first + j) : 0.0f;
+        }
+    }
+}
+
+// This lane's slice of head x (a q or k head in the qkv row), rotated by the angles above
+template <int WIDTH, int PER_LANE>
+__device__ __forceinline__ void load_rotated(const float* x, int pieces,
+                                             const float (&c)[PER_LANE][2],
+                                             const float (&s)[PER_LANE][2],
+                                             float (&out)[PER_LANE][WIDTH]) {
+#pragma unroll
+    for (int i = 0; i < PER_LANE; ++i) {
+        const int piece = threadIdx.x % 32 + 32 * i;
+        float r[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        if (piece < pieces && WIDTH == 4) {           // two pairs, one float4
+            const float4 v = __ldcg(reinterpret_cast<const float4*>(x + 4 * piece));
+            rotate_pair(v.x, v.y, c[i][0], s[i][0], r);
+            rotate_pair(v.z, v.w, c[i][1], s[i][1], r + 2);
+        } else if (piece < pieces) {                  // element `piece` of its pair
+            const float* pair = x + (piece & ~1);
+            rotate_pair(__ldcg(pair), __ldcg(pair + 1), c[i][0], s[i][0], r);
+            r[0] = piece & 1 ? r[1] : r[0];
+        }
+#pragma unroll
+        for (int j = 0; j < WIDTH; ++j) out[i][j] = r[j];
+    }
+}
+
+// This lane's share of q . k: its slice's products, added in order
+template <int WIDTH, int PER_LANE>
+__device__ __forceinline__ float slice_dot(const float (&q)[PER_LANE][WIDTH],
+                                           const float (&k)[PER_LANE][WIDTH]) {
+    float dot = 0.0f;
+#pragma unroll
+    for (int i = 0; i < PER_LANE; ++i)
+#pragma unroll
+        for (int j = 0; j < WIDTH; ++j) dot += q[i][j] * k[i][j];
+    return dot;
+}
+
+// reduce.cu's warp_sum on N values at once: the N butterflies are independent, so their
+// shuffles are in flight together rather than one sum's latency after another's.
+template <int N>
+__device__ __forceinline__ void warp_sums(float (&v)[N]) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1)
+#pragma unroll
+        for (int j = 0; j < N; ++j) v[j] += __shfl_xor_sync(FULL_MASK, v[j], o);
+}
+
+// Chunk c of this warp's keys, t = (c * KEYS + j) * warps + warp: the rows t < pos from the
+// cache into k[j] and v[j], zeros for the others (the new key, t = pos, is not read: step 3).
+template <int WIDTH, int PER_LANE, int KEYS, typename T>
+__device__ __forceinline__ void load_chunk(const T* keys, const T* values, size_t row_stride,
+                                           int c, int pos, int pieces,
+                                           float (&k)[KEYS][PER_LANE][WIDTH],
+                                           float (&v)[KEYS][PER_LANE][WIDTH]) {
+    const int warp = threadIdx.x / 32, warps = blockDim.x / 32;
+#pragma unroll
+    for (int j = 0; j < KEYS; ++j) {
+        const int t = (c * KEYS + j) * warps + warp;
+        load_slice<WIDTH, PER_LANE>(keys + t * row_stride, t < pos ? pieces : 0, k[j]);
+        load_slice<WIDTH, PER_LANE>(values + t * row_stride, t < pos ? pieces : 0, v[j]);
+    }
+}
+
+// One block's attention with PER_LANE pieces a lane (the steps of the comment above)
+template <int WIDTH, int PER_LANE, typename T>
+__device__ __forceinline__ void attention_by_warps(
+        const float* __restrict__ qkv, const int* __restrict__ step,
+        const float* __restrict__ cos_table, const float* __restrict__ sin_table,
+        T* __restrict__ cache_k, T* __restrict__ cache_v, float* __restrict__ out, int n_heads,
+        int n_kv_heads, int head_dim, int max_seq, float scale, WarpSoftmax& parts) {
+    constexpr int KEYS = ATTN_LANE_FLOATS / (WIDTH * PER_LANE);   // keys of a chunk, per warp
+    const int h = blockIdx.x, b = blockIdx.y, lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    const int warps = blockDim.x / 32, rep = n_heads / n_kv_heads, g = h / rep;
+    const int pieces = head_dim / WIDTH, half = head_dim / 2;
+    const size_t row_stride = (size_t)n_kv_heads * head_dim;   // from one position to the next
+    T* keys = cache_k + (size_t)b * max_seq * row_stride + g * head_dim;
+    T* values = cache_v + (size_t)b * max_seq * row_stride + g * head_dim;
+
+    // 1. Before the wait, nothing that the kernels of this step write. `step` is written before
+    //    the graph starts (FusedDecoder.send_step's copy); the cos and sin tables never change;
+    //    the cache rows t < pos of this layer were written by earlier steps, which ended before
+    //    this one began (replays of a graph run in stream order), and in this step only this
+    //    kernel writes this layer's cache, at row pos, after its wait. (A kernel of the step
+    //    that wrote `step` would need this read of pos moved after the wait.)
+    const int pos = __ldcg(step);
+    float c[PER_LANE][2], s[PER_LANE][2];                  // (pieces, pairs) cos, sin at pos
+    load_angles<WIDTH, PER_LANE>(cos_table + (size_t)pos * half, sin_table + (size_t)pos * half,
+                                 pieces, c, s);
+    float k[KEYS][PER_LANE][WIDTH], v[KEYS][PER_LANE][WIDTH];   // (keys, slice) of chunk 0
+    load_chunk<WIDTH, PER_LANE, KEYS>(keys, values, row_stride, 0, pos, pieces, k, v);
+    grid_dependency_wait();                                // (reduce.cu) qkv is written
+
+    // 2. q of head h (times scale: model.py scales q before the product), the new key of kv
+    //    head g, rotated, and the new value, loaded by every warp (one round trip for all).
+    const float* row = qkv + (size_t)b * (n_heads + 2 * n_kv_heads) * head_dim;
+    float q[PER_LANE][WIDTH], k_new[PER_LANE][WIDTH], v_new[PER_LANE][WIDTH];   // (slice)
+    load_rotated<WIDTH, PER_LANE>(row + h * head_dim, pieces, c, s, q);
+    load_rotated<WIDTH, PER_LANE>(row + (n_heads + g) * head_dim, pieces, c, s, k_new);
+    load_slice<WIDTH, PER_LANE>(row + (n_heads + n_kv_heads + g) * head_dim, pieces, v_new);
+    // The new key is the next of the round robin: warp pos % warps takes it. In the first
+    // block of kv head g, that warp writes it and the value into the cache.
+    const bool owner = warp == pos % warps;
+    if (owner && h % rep == 0) {
+        store_slice<WIDTH, PER_LANE>(keys + pos * row_stride, pieces, k_new);
+        store_slice<WIDTH, PER_LANE>(values + pos * row_stride, pieces, v_new);
+    }
+#pragma unroll
+    for (int i = 0; i < PER_LANE; ++i)
+#pragma unroll
+        for (int j = 0; j < WIDTH; ++j) {
+            q[i][j] *= scale;
+            k_new[i][j] = as_cached(keys, k_new[i][j]);      // as the cache holds them
+            v_new[i][j] = as_cached(values, v_new[i][j]);
+        }
+
+    // 3. The warp's softmax, online. m: the largest score so far; sum and acc: sum_t
+    //    exp(score_t - m) and sum_t exp(score_t - m) v_t. The owner of the new key starts from
+    //    it (m = its score, sum = exp(0) = 1, acc = its value), the others from nothing. (Every
+    //    warp scores it, with no branch: a branch would let the compiler put the new key's loads
+    //    after q's rotation, a second round trip.)
+    const float score_new = warp_sum(slice_dot<WIDTH, PER_LANE>(q, k_new));
+    float m = owner ? score_new : neg_inf(), sum = owner ? 1.0f : 0.0f, acc[PER_LANE][WIDTH];
+#pragma unroll
+    for (int i = 0; i < PER_LANE; ++i)
+#pragma unroll
+        for (int j = 0; j < WIDTH; ++j) acc[i][j] = owner ? v_new[i][j] : 0.0f;
+    //    Then the cached keys t < pos, a chunk at a time.
+    for (int chunk = 0; chunk * KEYS * warps + warp < pos; ++chunk) {
+        if (chunk > 0) load_chunk<WIDTH, PER_LANE, KEYS>(keys, values, row_stride, chunk, pos,
+                                                         pieces, k, v);
+        float score[KEYS];
+#pragma unroll
+        for (int j = 0; j < KEYS; ++j) score[j] = slice_dot<WIDTH, PER_LANE>(q, k[j]);
+        warp_sums<KEYS>(score);                            // every lane holds every score
+        float top = m;
+#pragma unroll
+        for (int j = 0; j < KEYS; ++j) {
+            if ((chunk * KEYS + j) * warps + warp >= pos) score[j] = neg_inf();  // not cached
+            top = fmaxf(top, score[j]);
+        }
+        const float fade = expf(m - top);                  // 0 while m = -inf
+        sum *= fade;
+#pragma unroll
+        for (int i = 0; i < PER_LANE; ++i)
+#pragma unroll
+            for (int e = 0; e < WIDTH; ++e) acc[i][e] *= fade;
+#pragma unroll
+        for (int j = 0; j < KEYS; ++j) {
+            const float p = expf(score[j] - top);          // 0 for t >= pos
+            sum += p;
+#pragma unroll
+            for (int i = 0; i < PER_LANE; ++i)
+#pragma unroll
+                for (int e = 0; e < WIDTH; ++e) acc[i][e] += p * v[j][i][e];
+        }
+        m = top;
+    }
+
+    // 4. The warps' softmaxes combined against the block's largest score M: each warp's sums
+    //    count exp(m_w - M) times. Thread d adds element d of the warps' weighted values.
+    if (lane == 0) {
+        parts.max[warp] = m;
+        parts.sum[warp] = sum;
+    }
+    store_slice<WIDTH, PER_LANE>(parts.acc + warp * head_dim, pieces, acc);
+    __syncthreads();
+    float most = neg_inf();                                // M
+    for (int w = 0; w < warps; ++w) most = fmaxf(most, parts.max[w]);
+    for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
+        float total = 0.0f, norm = 0.0f;
+        for (int w = 0; w < warps; ++w) {                  // in a fixed order
+            const float f = expf(parts.max[w] - most);     // 0 for a warp without keys
+            total += f * parts.acc[w * head_dim + d];
+            norm += f * parts.sum[w];
+        }
+        out[(size_t)b * n_heads * head_dim + h * head_dim + d] = total / norm;
+    }
+}
+
 template <int WIDTH, typename T>
-__global__ void __launch_bounds__(256)
+__global__ void __launch_bounds__(ATTN_WARPS * 32)
 attention_decode(const float* __restrict__ qkv, const int* __restrict__ step,
                  const float* __restrict__ cos_table, const float* __restrict__ sin_table,
                  T* __restrict__ cache_k, T* __restrict__ cache_v, float* __restrict__ out,
                  int n_heads, int n_kv_heads, int head_dim, int max_seq, float scale) {
     grid_launch_dependents();
-    grid_dependency_wait();                                // (reduce.cu)
-    extern __shared__ __align__(16) float smem[];
-    float* qs = smem;                                      // (head_dim,) q * scale, rotated
-    float* ks = qs + head_dim;                             // (head_dim,) the new key, rotated
-    float* vs = ks + head_dim;                             // (head_dim,) the new value
-    float* partial = vs + head_dim;                        // (WIDTH * blockDim,)
-    float* scores = partial + WIDTH * blockDim.x;          // (max_seq,)
-    __shared__ float scratch[32];
-
-    const int h = blockIdx.x, b = blockIdx.y, tid = threadIdx.x;
-    const int rep = n_heads / n_kv_heads, g = h / rep;
-    const int pos = step[0], n_keys = pos + 1, half = head_dim / 2;
-    const size_t row_stride = (size_t)n_kv_heads * head_dim;   // from one position to the next
-    T* keys = cache_k + (size_t)b * max_seq * row_stride + g * head_dim;
-    T* values = cache_v + (size_t)b * max_seq * row_stride + g * head_dim;
-    const int pieces = head_dim / WIDTH;                   // WIDTH-wide pieces of a row
-
-    // 1. RoPE: q of head h and k of kv head g, one pair per thread. The new key and value are
-    //    used from shared memory, as the cache will hold them (rounded, for a float16 cache):
-    //    the other blocks of kv head g may not have written them yet, and only the first writes.
-    const float* row = qkv + (size_t)b * (n_heads + 2 * n_kv_heads) * head_dim;
-    const float* k_new = row + (n_heads + g) * head_dim;
-    const float* v_new = k_new + n_kv_heads * head_dim;
-    const bool writer = h % rep == 0;
-    for (int i = tid; i < half; i += blockDim.x) {
-        float qr[2], kr[2];
-        rotate_pair(row + h * head_dim + 2 * i, cos_table, sin_table, pos, i, half, qr);
-        rotate_pair(k_new + 2 * i, cos_table, sin_table, pos, i, half, kr);
-#pragma unroll
-        for (int j = 0; j < 2; ++j) {
-            const int d = 2 * i + j;
-            qs[d] = qr[j] * scale;                         // model.py scales q before the product
-            ks[d] = as_cached(keys, kr[j]);
-            vs[d] = as_cached(values, v_new[d]);
-            if (writer) {
-                cache_store(keys + (size_t)pos * row_stride + d, kr[j]);
-                cache_store(values + (size_t)pos * row_stride + d, v_new[d]);
-            }
-        }
-    }
-    __syncthreads();
-
-    // 2. scores of keys 0 .. pos (pos: the new key, from shared memory) and their max. Not
-    //    shared with persistent.cu's attend: its dot products read 8 float4s at a time through
-    //    L2 and add each float4's four products before adding them to the sum, where dot_row
-    //    adds product by product; one function would change one kernel's rounding.
-    float m = neg_inf();
-    for (int t = tid; t < n_keys; t += blockDim.x) {
-        const float dot = t == pos ? dot_row<WIDTH, false>(qs, ks, pieces)
-                                   : dot_row<WIDTH, true>(qs, keys + t * row_stride, pieces);
-        scores[t] = dot;
-        m = fmaxf(m, dot);
-    }
-
-    // 3. softmax's numerators and sum
-    const float sum = softmax_numerators(scores, n_keys, m, scratch);
-
-    // 4. sum_t p_t v_t / sum, the new value (t = pos) from shared memory
-    weighted_values<WIDTH, 4>(scores, n_keys, sum, head_dim, partial, out,
-                              (size_t)b * n_heads * head_dim + h * head_dim,
-                              [&](int t, int piece, float* v) {
-                                  if (t == pos)
-                                      load_w<WIDTH>(vs + piece * WIDTH, v);
-                                  else
-                                      load_w<WIDTH, true>(values + t * row_stride + piece * WIDTH,
-                                                          v);
-                              });
+    __shared__ __align__(16) WarpSoftmax parts;
+    // A slice of 1, 2, 4 or 8 pieces a lane, the fewest that hold the row; a chunk has as
+    // many fewer keys (ATTN_LANE_FLOATS). MOST: the pieces of a lane at ATTN_HEAD_DIM, 2 for
+    // float4 pieces, so that no longer slice is compiled for them.
+    constexpr int MOST = ATTN_HEAD_DIM / (32 * WIDTH);
+    const int pieces = head_dim / WIDTH;
+#define ATTN_ARGS qkv, step, cos_table, sin_table, cache_k, cache_v, out, n_heads, n_kv_heads, \
+                  head_dim, max_seq, scale, parts
+    if (pieces <= 32)
+        attention_by_warps<WIDTH, 1>(ATTN_ARGS);
+    else if (pieces <= 64 || MOST == 2)
+        attention_by_warps<WIDTH, 2>(ATTN_ARGS);
+    else if (pieces <= 128)
+        attention_by_warps<WIDTH, MOST / 2>(ATTN_ARGS);
+    else
+        attention_by_warps<WIDTH, MOST>(ATTN_ARGS);
+#undef ATTN_ARGS
 }
 
 

@@ -286,13 +286,18 @@ def test_softmax_causal_mask_is_built_in(cuda, cp, kernel, start_pos, seqlen):
 @gpu
 @pytest.mark.parametrize("cache", ["float32", "float16"])
 @pytest.mark.parametrize("bsz,nh,nkv,hd,pos", [(1, 4, 4, 16, 0), (3, 6, 2, 6, 0), (3, 6, 2, 6, 9),
-                                               (2, 8, 2, 64, 37), (1, 12, 3, 128, 300)])
+                                               (2, 8, 2, 64, 37), (1, 12, 3, 128, 300),
+                                               (2, 8, 2, 256, 70), (2, 4, 2, 70, 45),
+                                               (1, 2, 1, 250, 20), (1, 6, 2, 48, 5000)])
 def test_attention_decode_rotates_writes_the_cache_and_attends(cuda, cp, cache, bsz, nh, nkv,
                                                                hd, pos):
     """Against NumPy: q and the new k rotated (model.apply_rotary_emb), k and v written into the
     cache at pos (rounded to float16 for a float16 cache), softmax(q . k / sqrt(hd)) v over the
     keys 0 .. pos. Cache rows pos and beyond start as NaN: a block that read row pos (which
-    another block writes) instead of its own copy of the new key and value could turn NaN."""
+    another block writes) instead of its own copy of the new key and value could turn NaN.
+    The shapes take each of the kernel's layouts: a lane holding 1 or 2 float4 pieces of a row
+    (head_dim 256: 2), or 1, 4 or 8 single values (head_dim 6, 70, 250); one chunk of keys
+    per warp or many (pos 300; 5000, beyond 4096), grouped-query heads, batch rows."""
     from minillama.cuda.kernels import CACHE_TYPES, KERNELS
     from minillama.cuda.runtime import i32
     from minillama.model import apply_rotary_emb, precompute_freqs
@@ -307,8 +312,7 @@ def test_attention_decode_rotates_writes_the_cache_and_attends(cuda, cp, cache, 
     width, scale = 4 if hd % 4 == 0 else 1, np.float32(1.0 / np.sqrt(hd))
     KERNELS.launch(f"attention_decode<{width},{CACHE_TYPES[cache]}>", (nh, bsz), (block,),
                    (cp.asarray(qkv), step, cp.asarray(cos), cp.asarray(sin), cache_k, cache_v,
-                    out, i32(nh), i32(nkv), i32(hd), i32(max_seq), scale),
-                   shared_mem=4 * (3 * hd + width * block + max_seq))
+                    out, i32(nh), i32(nkv), i32(hd), i32(max_seq), scale))
 
     heads = qkv.reshape(bsz, 1, nh + 2 * nkv, hd)
     qk = apply_rotary_emb(heads[:, :, :nh + nkv], cos[pos:pos + 1], sin[pos:pos + 1])[:, 0]

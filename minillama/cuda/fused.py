@@ -55,8 +55,10 @@ class FusedDecoder:
     def covers(model):
         """Weights that gemv or qgemv reads (float32 arrays, or Packed as CudaOps.weight places
         them; not llama2.c's Q8Tensor, nor a float16 array), a float32 or float16 KV cache,
-        heads that fit a block, and a cache row that fits shared memory; anything else stays
-        on the generic path."""
+        heads that fit a block, and max_seq_len within the bound that attention_decode's
+        shared memory set until 2026-11-30 (it now keeps nothing per key there; the bound
+        stays until the fused step is checked on a GPU beyond it); anything else stays on the
+        generic path."""
         p = model.params
         readable = all(isinstance(w, Packed) and w.format in PACKED_KERNEL_FORMATS
                        and w.shape[1] % 8 == 0
@@ -212,12 +214,11 @@ class FusedDecoder:
 
     def run(self, bsz):
         """Launch one decode step for rows 0 .. bsz-1 on the current stream."""
-        p, B, block = self.p, self.BLOCK, (self.BLOCK,)
+        p, block = self.p, (self.BLOCK,)
         nh, nkv, hd = p.n_heads, p.n_kv_heads, p.head_dim
         h, qkv, att, h13 = (a[:bsz] for a in (self.h, self.qkv, self.att, self.h13))
         eps, adds = p.norm_eps, self.adds_residual
         width = 4 if hd % 4 == 0 else 1                     # float4 rows in attention_decode
-        attn_smem = 4 * (3 * hd + width * B + p.max_seq_len)
         scale = np.float32(1.0 / np.sqrt(hd))
 
         self.embed(bsz, h)                                  # h = tok_embeddings[token]
@@ -227,8 +228,7 @@ class FusedDecoder:
             # RoPE on q and k, k and v into the cache at pos, attention: one block per head
             KERNELS.launch(f"attention_decode<{width},{cache}>", (nh, bsz), block,
                            (qkv, self.step, self.freqs_cos, self.freqs_sin, cache_k, cache_v,
-                            att, i32(nh), i32(nkv), i32(hd), i32(p.max_seq_len), scale),
-                           shared_mem=attn_smem)
+                            att, i32(nh), i32(nkv), i32(hd), i32(p.max_seq_len), scale))
             matvec(att, wo, out=h, accumulate=adds)             # h += attention(...)
             self.join(h)
             matvec(h, w13, out=h13, norm=ffn_norm, eps=eps)
