@@ -999,12 +999,7 @@ gemv(const float* __restrict__ X, const float* __restrict__ W, float* __restrict
         float ss[ROWS];
 #pragma unroll
         for (int r = 0; r < ROWS; ++r) {
-            ss[r] = 0.0f;
-            if (m0 + r < M)
-                for (int k = threadIdx.x; k < K; k += blockDim.x) {
-                    const float v = X[(size_t)(m0 + r) * ldx + k];
-                    ss[r] += v * v;
-                }
+            ss[r] = m0 + r < M ? thread_sum_squares(X + (size_t)(m0 + r) * ldx, K) : 0.0f;
             ss[r] = warp_sum(ss[r]);
         }
         if (lane == 0)
