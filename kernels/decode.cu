@@ -317,7 +317,8 @@ __device__ __forceinline__ void attention_by_warps(
     T* values = cache_v + (size_t)b * max_seq * row_stride + g * head_dim;
 
     // 1. Before the wait, nothing that the kernels of this step write. `step` is written before
-    //    the graph starts (FusedDecoder.send_step's copy); the cos and sin tables never change;
+    //    the step's first kernel starts, by a copy (FusedDecoder.send_step's beside the graph,
+    //    or the copy node greedy_step's graph begins with); the cos and sin tables never change;
     //    the cache rows t < pos of this layer were written by earlier steps, which ended before
     //    this one began (replays of a graph run in stream order), and in this step only this
     //    kernel writes this layer's cache, at row pos, after its wait. (A kernel of the step
@@ -475,18 +476,4 @@ extern "C" __global__ void greedy_pick(const float* __restrict__ logits, int voc
         out[blockIdx.x] = first < (float)vocab ? (int)first : 0;
         out[bsz + blockIdx.x] = bad > 0.0f ? 1 : 0;
     }
-}
-
-// ---- the step's edges: read_step -------------------------------------------------------------
-// step <- [start_pos, token_0, ..., token_{n-2}], read in place from the page-locked row the host
-// wrote (a GPU reads page-locked host memory over the bus; unified addressing gives the row one
-// address for both). FusedDecoder.greedy_step's graph begins with this kernel and ends with
-// greedy_pick writing its ids into page-locked memory the same way, so that no copy runs beside
-// the graph: on the Llama-2-7B shape each such copy cost 60 to 80 us, though it moves a few bytes
-// (docs/kernels.md, "What the host adds to a step"). __ldcv: fetched again every time, never a
-// cached copy of an earlier step's row.
-extern "C" __global__ void read_step(const int* __restrict__ host_row, int* __restrict__ step,
-                                     int n) {
-    grid_launch_dependents();          // (reduce.cu) embed_tokens may start; it waits for this
-    for (int i = threadIdx.x; i < n; i += blockDim.x) step[i] = __ldcv(host_row + i);
 }

@@ -157,10 +157,11 @@ class FusedDecoder:
         the logits' copy out, the pick's kernel and its copy. Each waits for the one before,
         and on the Llama-2-7B shape each costs 60 to 80 us however few bytes it moves (docs/
         kernels.md, "What the host adds to a step"). Here the graph does all of it: its first
-        kernel (read_step) reads the position and tokens from a page-locked row in place, and
-        its last (greedy_pick) writes the ids into page-locked memory in place; the host writes
-        the row, replays, waits for the stream and reads the ids. The wait is also what lets
-        the row be written again for the next step."""
+        node copies the position and tokens from a page-locked row (the copy was recorded with
+        the row's address, and reads what the row holds at each replay), and its last kernel
+        (greedy_pick) writes the ids into page-locked memory in place; the host writes the
+        row, replays, waits for the stream and reads the ids. The wait is also what lets the
+        row be written again for the next step."""
         bsz = tokens.shape[0]
         if not use_graphs or self.greedy_graphs.get(bsz, False) is None:
             return self._greedy_eager(tokens, start_pos, use_graphs)
@@ -180,11 +181,17 @@ class FusedDecoder:
         return greedy_pick(last).get(), last
 
     def _greedy_launches(self, bsz):
-        """greedy_step's graph: read_step, run(bsz), greedy_pick into picks_host."""
-        mapped = lambda a: np.uint64(self.cp.cuda.runtime.pointerGetAttributes(
+        """greedy_step's graph: row_host copied to step, run(bsz), greedy_pick into picks_host.
+        The step arrives by a copy node, not a kernel: a copy node ends before the first kernel
+        starts, where a kernel's programmatic successors may start before it ends, and
+        attention_decode reads the position before its grid_dependency_wait (decode.cu)."""
+        cp, vocab = self.cp, self.p.vocab_size
+        mapped = lambda a: np.uint64(cp.cuda.runtime.pointerGetAttributes(
             a.ctypes.data).devicePointer)                  # (the host address, with UVA)
-        vocab = self.p.vocab_size
-        KERNELS.launch("read_step", (1,), (32,), (mapped(self.row_host), self.step, i32(1 + bsz)))
+        # (CuPy refuses a copy from the host while a stream captures; the runtime records it)
+        cp.cuda.runtime.memcpyAsync(self.step.data.ptr, self.row_host.ctypes.data, 4 * (1 + bsz),
+                                    cp.cuda.runtime.memcpyHostToDevice,
+                                    cp.cuda.get_current_stream().ptr)
         self.run(bsz)
         KERNELS.launch("greedy_pick", (bsz,), (GREEDY_THREADS,),
                        (self.logits[:bsz], i32(vocab), i32(vocab), mapped(self.picks_host),
