@@ -105,7 +105,8 @@ class FusedDecoder:
         self.logits = buf(p.vocab_size)
         self.graphs = {}                                     # bsz -> cupy.cuda.Graph
         self.launches_per_step = {}                          # bsz -> kernels in one step
-        # greedy_step's edges, page-locked and read or written by its graph's kernels in place
+        # greedy_step's edges, page-locked: the row its graph's copy node reads, and the ids
+        # and flags its greedy_pick writes in place
         self.row_host = cupyx.empty_pinned((1 + nb,), dtype=np.int32)   # [start_pos, tokens]
         self.picks_host = cupyx.empty_pinned((2 * nb,), dtype=np.int32) # [ids, flags]
         self.greedy_graphs = {}                              # bsz -> cupy.cuda.Graph, or None
