@@ -184,7 +184,7 @@ def pick_in_ms(fused, bsz, cp):
     """Experiment: ms per step of the step's graph with greedy_pick captured at its end,
     writing the ids and flags straight into page-locked host memory, and the token still
     copied in beside it (send_step), a wait after each. greedy_step (replay_ms) is this with
-    the token read in the graph too: FusedDecoder.greedy_step's own graph."""
+    the token copied in by the graph too: FusedDecoder.greedy_step's own graph."""
     import cupyx
     from minillama.cuda.fused import device_address
     from minillama.cuda.kernels import GREEDY_THREADS

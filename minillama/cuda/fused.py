@@ -200,8 +200,8 @@ class FusedDecoder:
         """Record run(bsz), or what launches() launches, into a CUDA graph (nothing executes
         while recording). Up to PROGRAMMATIC_ROWS rows, each kernel of the graph may start while
         the one before it finishes (cuda/pdl.py; the eager launches stay CuPy's own, cheaper
-        from the host).
-        Returns None, with a warning, where the driver refuses, and the eager launches carry on."""
+        from the host). Returns None, with a warning, where the driver refuses, and the eager
+        launches carry on."""
         cp = self.cp
         stream = cp.cuda.Stream(non_blocking=True)
         cp.cuda.get_current_stream().synchronize()
