@@ -135,13 +135,13 @@ class Llama:
         # model.forward, or a faster way its backend has to decode (the GPU's: one CUDA graph),
         # or with exact, llama2.c's order of operations
         forward = decoder(self.model, self.exact)
-        # Greedy, one token per row, on the GPU: the backend's step that also picks the token
-        # inside its CUDA graph, so only the ids come back (FusedDecoder.greedy_step). Not where
-        # the logits themselves are wanted (logprobs).
+        # Greedy on the GPU: the backend's step that also picks the tokens, so only the ids
+        # come back (for one token a row, inside its CUDA graph: FusedDecoder.greedy_step). Not
+        # where the logits themselves are wanted (logprobs).
         greedy_step = getattr(forward, "greedy_step", None) if temperature == 0 and not logprobs \
             else None
         for cur_pos in range(min_prompt_len, total_len):
-            if greedy_step is not None and cur_pos - prev_pos == 1:
+            if greedy_step is not None:
                 back, last = greedy_step(tokens[:, prev_pos:cur_pos], prev_pos)
                 next_token = picked(back, last, self.model, tokens[:, prev_pos:cur_pos], prev_pos)
             else:

@@ -528,12 +528,17 @@ def test_generate_greedy_on_the_gpu_equals_the_cpu(cuda, cp):
 
 
 @gpu
+@pytest.mark.parametrize("rows", [1, 3])
 @pytest.mark.parametrize("mode", ["persistent", "fused+graphs", "fused"])
-def test_greedy_step_picks_what_forward_and_greedy_pick_pick(cuda, cp, mode):
-    """FusedDecoder.greedy_step (the token read from page-locked memory by the graph's first
-    kernel, the ids written to page-locked memory by its last) against forward + greedy_pick
-    on a twin model: the same ids and logits every step, for 3 rows over 40 positions, the
-    first steps eager, then through its own graph (where graphs are on)."""
+def test_greedy_step_picks_what_forward_and_greedy_pick_pick(cuda, cp, mode, rows):
+    """FusedDecoder.greedy_step (the token copied from page-locked memory by the graph's first
+    node, the ids written to page-locked memory by its last kernel) against forward +
+    greedy_pick on a twin model: the same ids and logits every step, for 1 or 3 rows over 40
+    positions, the first step eager, then through its own graph (where graphs are on). One row
+    is the graph captured with programmatic launches (PROGRAMMATIC_ROWS, on sm_90 and later),
+    where a kernel may start before the one ahead of it ends: the step's position and tokens
+    must reach every kernel all the same (attention_decode reads the position before its
+    wait; a kernel in place of the copy node was a race)."""
     from minillama.cuda.kernels import greedy_pick
     # widths that are multiples of 4, grouped heads: a shape the persistent kernel covers
     p = ModelArgs(dim=64, n_layers=3, n_heads=8, n_kv_heads=2, vocab_size=1001, hidden_dim=172,
@@ -545,16 +550,16 @@ def test_greedy_step_picks_what_forward_and_greedy_pick_pick(cuda, cp, mode):
         model = Transformer(p, w, ops)
         return ops.decoder(model), ops._decoders[model]
     (forward, _), (stepped, fused) = decoder(), decoder()
-    tokens = rng.integers(0, p.vocab_size, size=(3, 1))
+    tokens = rng.integers(0, p.vocab_size, size=(rows, 1))
     for pos in range(40):
         logits = forward(tokens, pos)[:, -1]
         want = greedy_pick(logits).get()
         back, last = stepped.greedy_step(tokens, pos)
         assert back.tolist() == want.tolist(), f"position {pos}"
         assert rel_err(cp.asnumpy(last), cp.asnumpy(logits)) < 1e-6, f"position {pos}"
-        tokens = back[:3].astype(np.int64).reshape(3, 1)
+        tokens = back[:rows].astype(np.int64).reshape(rows, 1)
     assert type(fused).__name__ == ("PersistentDecoder" if mode == "persistent" else "FusedDecoder")
-    assert (fused.greedy_graphs.get(3) is not None) == (mode != "fused")
+    assert (fused.greedy_graphs.get(rows) is not None) == (mode != "fused")
 
 
 @gpu

@@ -131,7 +131,7 @@ def with_greedy_step(model, calls, poison=None, forward_steps=False):
     """The model as generate sees it on a GPU whose decoder has greedy_step (FusedDecoder's:
     the pick inside the step's graph), here in NumPy; calls records the steps it served.
     poison: a value put into logit 5 of row 0 from the third step on. forward_steps: forward
-    may serve one-token steps too (else it refuses them: greedy_step's to serve)."""
+    may serve steps too (else it refuses them: greedy_step's to serve)."""
     def greedy_step(tokens, start_pos):
         calls.append((np.shape(tokens), start_pos))
         last = model.forward(np.asarray(tokens), start_pos)[:, -1]
@@ -140,7 +140,7 @@ def with_greedy_step(model, calls, poison=None, forward_steps=False):
         return greedy_pick(last), last
 
     def forward(tokens, start_pos):
-        assert forward_steps or np.shape(tokens)[1] > 1, "greedy_step's step went to forward"
+        assert forward_steps, "greedy_step's step went to forward"
         return model.forward(tokens, start_pos)
     forward.greedy_step = greedy_step
     device = on_device(model)
@@ -148,14 +148,17 @@ def with_greedy_step(model, calls, poison=None, forward_steps=False):
     return device
 
 
-def test_greedy_takes_the_decoders_greedy_step_for_one_token_a_row():
+@pytest.mark.parametrize("shortest", [1, 2])
+def test_greedy_takes_the_decoders_greedy_step_for_every_step(shortest):
+    """Every step of a greedy generate goes to the decoder's greedy_step, the prompt's first
+    columns too (shortest prompt 2: a step of 2 tokens a row, then one token a row)."""
     rng = np.random.default_rng()
-    prompts = [list(rng.integers(3, 97, n)) for n in (1, 7, 4)]
+    prompts = [list(rng.integers(3, 97, n)) for n in (shortest, 7, 4)]
     want, _ = make_llama(4, eos_id=-7).generate(prompts, max_gen_len=9, temperature=0)
     llama, calls = make_llama(4, eos_id=-7), []
     llama.model = with_greedy_step(llama.model, calls)
     assert llama.generate(prompts, max_gen_len=9, temperature=0)[0] == want
-    assert calls == [((3, 1), pos) for pos in range(15)]    # the shortest prompt is 1 token: all
+    assert calls == [((3, shortest), 0)] + [((3, 1), pos) for pos in range(shortest, 15)]
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf])

@@ -26,16 +26,22 @@ from minillama.cuda.kernels import KERNELS          # noqa: E402  (imports no Cu
 from minillama.cuda.runtime import kernel_source    # noqa: E402
 
 
-def find_nvrtc():
-    if os.environ.get("NVRTC_LIB"):
-        return os.environ["NVRTC_LIB"]
+def find_cuda_file(env, tool, folder, pattern):
+    """$env, else the newest `pattern` in `folder` of a pip-installed nvidia-cuda-`tool` on
+    sys.path (nvidia/cu1*/ in CUDA 13's wheels, nvidia/cuda_`tool`/ in CUDA 12's)."""
+    if os.environ.get(env):
+        return os.environ[env]
     for root in sys.path + ["/tmp/cu13"]:
-        hits = sorted(glob.glob(os.path.join(root, "nvidia", "cu1*", "lib", "libnvrtc.so.*")))
-        hits += sorted(glob.glob(os.path.join(root, "nvidia", "cuda_nvrtc", "lib", "libnvrtc.so.*")))
+        hits = sorted(glob.glob(os.path.join(root, "nvidia", "cu1*", folder, pattern)))
+        hits += sorted(glob.glob(os.path.join(root, "nvidia", f"cuda_{tool}", folder, pattern)))
         hits = [h for h in hits if "builtins" not in h and ".alt." not in h]
         if hits:
             return hits[-1]
-    sys.exit("no libnvrtc found: pip install nvidia-cuda-nvrtc, or set NVRTC_LIB")
+    sys.exit(f"no {tool} found: pip install nvidia-cuda-{tool}, or set {env}")
+
+
+def find_nvrtc():
+    return find_cuda_file("NVRTC_LIB", "nvrtc", "lib", "libnvrtc.so.*")
 
 
 def compile_module(source, names, options):

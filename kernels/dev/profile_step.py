@@ -141,13 +141,13 @@ def replay_ms(forward, fused, bsz, cp, steps=20):
 
 def io_in_graph_ms(fused, bsz, cp, steps=20):
     """Experiment: the step's copies inside its CUDA graph instead of beside it, ms per step
-    with a wait after each (compare replay_ms's synced, token in, logits out; and
-    edge_free_ms's, below):
+    with a wait after each (compare replay_ms's synced, token in, logits out, greedy_step):
     in graph  the token's copy from one page-locked row, the step, the logits' copy into a
               fixed buffer, all captured in one graph;
     token     only the token's copy captured with the step;
     logits    only the logits' copy captured with the step;
-    copyto    the step's graph, then the logits copied by a kernel (cp.copyto), not a memcpy."""
+    copyto    the step's graph, then the logits copied by a kernel (cp.copyto), not a memcpy;
+    pick in   greedy_pick in the graph, the token copied in beside it (pick_in_ms)."""
     sync = cp.cuda.Device().synchronize
     row = fused.step_host[0]
     out_buf = cp.empty((bsz, fused.p.vocab_size), dtype=np.float32)
@@ -176,59 +176,41 @@ def io_in_graph_ms(fused, bsz, cp, steps=20):
            "logits": per_step(capture(False, True))}
     out["copyto"] = per_step(fused.graphs[bsz],
                              lambda: cp.copyto(out_buf, fused.logits[:bsz].reshape(out_buf.shape)))
-    out.update(edge_free_ms(fused, bsz, cp, per_step, row))
+    out.update(pick_in_ms(fused, bsz, cp))
     return out
 
 
-STEP_FROM_HOST = r"""
-extern "C" __global__ void step_from_host(const int* host, int* step, int n) {
-    if (threadIdx.x < n) step[threadIdx.x] = host[threadIdx.x];   // reads over PCIe
-}
-"""
-
-
-def edge_free_ms(fused, bsz, cp, per_step, row):
-    """Experiment: a greedy step with no copy at all beside or inside its graph. The graph's
-    first kernel reads the token and position from the page-locked row itself (mapped memory:
-    a GPU reads page-locked host memory in place), and greedy_pick writes the ids and flags
-    straight into page-locked host memory; the host writes the row, replays, waits and reads.
-    edge-free   that graph;
-    pick in     the step's graph with greedy_pick captured at its end (ids to the host in
-                place), the token still copied in beside it (send_step)."""
+def pick_in_ms(fused, bsz, cp):
+    """Experiment: ms per step of the step's graph with greedy_pick captured at its end,
+    writing the ids and flags straight into page-locked host memory, and the token still
+    copied in beside it (send_step), a wait after each. greedy_step (replay_ms) is this with
+    the token copied in by the graph too: FusedDecoder.greedy_step's own graph."""
     import cupyx
+    from minillama.cuda.fused import device_address
     from minillama.cuda.kernels import GREEDY_THREADS
-    # With unified addressing (every 64-bit CUDA platform) a page-locked allocation's host
-    # address is also its device address: kernels take it as it is (CuPy 14 has no
-    # hostGetDevicePointer to ask).
-    mapped = lambda a: a.ctypes.data
     picks = cupyx.empty_pinned((2 * bsz,), dtype=np.int32)
-    copy_in = cp.RawKernel(STEP_FROM_HOST, "step_from_host")
     vocab = fused.p.vocab_size
 
-    def capture(token_in_graph):
-        def record(stream):
-            if token_in_graph:
-                copy_in((1,), (32,), (np.uint64(mapped(row)), fused.step, np.int32(1 + bsz)))
-            with KERNELS.programmatic():
-                fused.run(bsz)
-            KERNELS.launch("greedy_pick", (bsz,), (GREEDY_THREADS,),
-                           (fused.logits[:bsz], np.int32(vocab), np.int32(vocab),
-                            np.uint64(mapped(picks)), np.int32(bsz)))
-        return captured(cp, record)
-    out = {}
+    def record(stream):
+        with KERNELS.programmatic():
+            fused.run(bsz)
+        KERNELS.launch("greedy_pick", (bsz,), (GREEDY_THREADS,),
+                       (fused.logits[:bsz], np.int32(vocab), np.int32(vocab),
+                        device_address(picks), np.int32(bsz)))
+    tokens, sync = np.ones((bsz, 1), dtype=np.int64), cp.cuda.Device().synchronize
     try:
-        out["edge-free"] = per_step(capture(True))
-        pick_graph = capture(False)
-        tokens = np.ones((bsz, 1), dtype=np.int64)
-
-        def pick_in(i):
-            fused.send_step(tokens, 3 + i)
-            pick_graph.launch()
-        sync = cp.cuda.Device().synchronize
-        out["pick in"] = ms_per_step(lambda i: (pick_in(i), sync()), sync, warmup=3)
+        graph = captured(cp, record)
+        return {"pick in": ms_per_step(lambda i: (fused.send_step(tokens, 3 + i),
+                                                  graph.launch(), sync()), sync, warmup=3)}
     except Exception as e:                      # e.g. memory the driver will not map
-        print(f"  edge-free experiment failed: {type(e).__name__}: {e}")
-    return out
+        print(f"  pick-in experiment failed: {type(e).__name__}: {e}")
+        return {}
+
+
+def in_family(name, family):
+    """Whether kernel instance `name` is of `family`: attention_decode<4,float> of
+    attention_decode, gemv_v3<8,8,1> of gemv, qgemv_v4<...> and qgemv_mma<...> of qgemv."""
+    return name == family or name.startswith((family + "<", family + "_"))
 
 
 def leave_out_ms(fused, bsz, cp, families=("attention_decode", "embed_tokens", "qgemv", "gemv")):
@@ -250,10 +232,8 @@ def leave_out_ms(fused, bsz, cp, families=("attention_decode", "embed_tokens", "
         return ms_per_step(lambda i: graph.launch(), sync, 20, warmup=3)
     out = {"whole": graph_ms(lambda name: True)}
     for fam in families:
-        out[f"without {fam}"] = graph_ms(lambda name: not name.startswith(fam + "<")
-                                         and name != fam and not name.startswith(fam + "_"))
-        out[f"only {fam}"] = graph_ms(lambda name: name.startswith(fam + "<") or name == fam
-                                      or name.startswith(fam + "_"))
+        out[f"without {fam}"] = graph_ms(lambda name: not in_family(name, fam))
+        out[f"only {fam}"] = graph_ms(lambda name: in_family(name, fam))
     return out
 
 

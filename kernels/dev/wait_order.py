@@ -16,8 +16,6 @@ cached keys went after the wait, and in one version some of its qkv loads before
 (kernels/decode.cu, "Every global load of attention_decode").
 """
 import argparse
-import glob
-import os
 import re
 import subprocess
 import sys
@@ -28,17 +26,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import nvrtc_build                                  # noqa: E402  (puts the checkout on sys.path)
 from minillama.cuda.kernels import KERNELS          # noqa: E402
 from minillama.cuda.runtime import kernel_source    # noqa: E402
-
-
-def find_nvdisasm():
-    if os.environ.get("NVDISASM"):
-        return os.environ["NVDISASM"]
-    for root in sys.path + ["/tmp/cu13"]:
-        hits = glob.glob(os.path.join(root, "nvidia", "cu1*", "bin", "nvdisasm"))
-        hits += glob.glob(os.path.join(root, "nvidia", "cuda_nvdisasm", "bin", "nvdisasm"))
-        if hits:
-            return sorted(hits)[-1]
-    sys.exit("no nvdisasm found: pip install nvidia-cuda-nvdisasm, or set NVDISASM")
 
 
 def load_orders(sass):
@@ -67,7 +54,8 @@ def main():
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        sass = subprocess.run([find_nvdisasm(), "-c", f.name], check=True, capture_output=True,
+        nvdisasm = nvrtc_build.find_cuda_file("NVDISASM", "nvdisasm", "bin", "nvdisasm")
+        sass = subprocess.run([nvdisasm, "-c", f.name], check=True, capture_output=True,
                               text=True).stdout
     for name, order in load_orders(sass).items():
         print(f"{name}\n    {order}")

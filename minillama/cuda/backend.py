@@ -107,35 +107,13 @@ class CudaOps(NumpyOps):
         return greedy_pick(self.asarray(last))
 
     def decoder(self, model):
-        """The fastest forward(tokens, start_pos) -> logits for `model`: one new token per row
-        (tokens (bsz, 1)) goes through FusedDecoder; prompts go through model.forward. Where
-        FusedDecoder does not cover the model (see FusedDecoder.covers), or fused_decode is
-        off, it is model.forward itself. With FusedDecoder, forward.greedy_step(tokens,
-        start_pos) is greedy decoding's step with the pick inside the graph (no logits copied)."""
+        """The fastest forward(tokens, start_pos) -> logits for `model`: a CudaDecoder, which
+        sends one new token per row (tokens (bsz, 1)) through FusedDecoder and prompts through
+        model.forward, and has greedy_step, greedy decoding's step with the pick on the GPU.
+        Where FusedDecoder does not cover the model (see FusedDecoder.covers), or fused_decode
+        is off, it is model.forward itself."""
         fused = self._fused_decoder(model) if self.fused_decode else None
-        if fused is None:
-            return model.forward
-        graphs = self.graphs
-
-        def forward(tokens, start_pos):
-            tokens = check_tokens(tokens, start_pos, model.params)   # (bsz, seqlen) int64, host
-            if tokens.shape[1] > 1:
-                return model.forward(tokens, start_pos)
-            return fused(tokens, start_pos, graphs)
-
-        def greedy_step(tokens, start_pos):
-            """(back, last): greedy decoding's step, back (2 bsz,) int32 on the host = each
-            row's argmax of the last position's logits, then a flag per row where one is not
-            finite; last (bsz, vocab) those logits on the GPU. One token per row goes through
-            FusedDecoder.greedy_step (the pick inside the CUDA graph); a prompt through
-            forward and greedy_pick."""
-            tokens = check_tokens(tokens, start_pos, model.params)
-            if tokens.shape[1] > 1:
-                last = model.forward(tokens, start_pos)[:, -1]
-                return greedy_pick(last).get(), last
-            return fused.greedy_step(tokens, start_pos, graphs)
-        forward.greedy_step = greedy_step
-        return forward
+        return model.forward if fused is None else CudaDecoder(model, fused, self.graphs)
 
     def _fused_decoder(self, model):
         """The model's PersistentDecoder or FusedDecoder, made on the first request (its
@@ -146,3 +124,30 @@ class CudaOps(NumpyOps):
                     else FusedDecoder if FusedDecoder.covers(model) else None)
             self._decoders[model] = kind(model) if kind else None
         return self._decoders[model]
+
+
+class CudaDecoder:
+    """forward(tokens, start_pos) -> logits, as CudaOps.decoder hands it to a decoding loop:
+    one new token per row through the model's FusedDecoder (or PersistentDecoder), one CUDA
+    graph per batch size where graphs are on; prompts through model.forward."""
+
+    def __init__(self, model, fused, graphs):
+        self.model, self.fused, self.graphs = model, fused, graphs
+
+    def __call__(self, tokens, start_pos):
+        tokens = check_tokens(tokens, start_pos, self.model.params)   # (bsz, seqlen) int64, host
+        if tokens.shape[1] > 1:
+            return self.model.forward(tokens, start_pos)
+        return self.fused(tokens, start_pos, self.graphs)
+
+    def greedy_step(self, tokens, start_pos):
+        """(back, last): greedy decoding's step, back (2 bsz,) int32 on the host = each row's
+        argmax of the last position's logits, then a flag per row where one is not finite;
+        last (bsz, vocab) those logits on the GPU. One token per row goes through
+        FusedDecoder.greedy_step (the pick inside the CUDA graph, no logits copied); a prompt
+        through model.forward and greedy_pick."""
+        tokens = check_tokens(tokens, start_pos, self.model.params)
+        if tokens.shape[1] > 1:
+            last = self.model.forward(tokens, start_pos)[:, -1]
+            return greedy_pick(last).get(), last
+        return self.fused.greedy_step(tokens, start_pos, self.graphs)

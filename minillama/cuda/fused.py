@@ -18,7 +18,7 @@ import numpy as np
 from ..formats import Packed
 from .kernels import CACHE_TYPES, GREEDY_THREADS, KERNELS, PACKED_KERNEL_FORMATS, gemv, \
     greedy_pick, qgemv
-from .runtime import i32
+from .runtime import i32, require_cupy
 
 
 # Programmatic launches (cuda/pdl.py), measured on an H200 (2026-11-29, graph replay of one
@@ -46,6 +46,8 @@ class FusedDecoder:
     Between two replays the host calls CUDA 3 times: the step's copy in, the replay, the
     logits' copy out (into an array from CuPy's pool); an event wait and record, which every
     step made before, come once every STEP_SLOTS steps (`send_step` says why that is enough).
+    greedy_step, greedy decoding's step, calls CUDA once, the replay, and waits for it: its
+    graph copies the token in from page-locked memory and writes back only the picked ids.
     """
 
     BLOCK = 256
@@ -103,7 +105,8 @@ class FusedDecoder:
         self.logits = buf(p.vocab_size)
         self.graphs = {}                                     # bsz -> cupy.cuda.Graph
         self.launches_per_step = {}                          # bsz -> kernels in one step
-        # greedy_step's edges, page-locked and read or written by its graph's kernels in place
+        # greedy_step's edges, page-locked: the row its graph's copy node reads, and the ids
+        # and flags its greedy_pick writes in place
         self.row_host = cupyx.empty_pinned((1 + nb,), dtype=np.int32)   # [start_pos, tokens]
         self.picks_host = cupyx.empty_pinned((2 * nb,), dtype=np.int32) # [ids, flags]
         self.greedy_graphs = {}                              # bsz -> cupy.cuda.Graph, or None
@@ -163,22 +166,20 @@ class FusedDecoder:
         row, replays, waits for the stream and reads the ids. The wait is also what lets the
         row be written again for the next step."""
         bsz = tokens.shape[0]
-        if not use_graphs or self.greedy_graphs.get(bsz, False) is None:
-            return self._greedy_eager(tokens, start_pos, use_graphs)
-        if bsz not in self.greedy_graphs:       # first step of bsz rows: the kernels compile,
-            back, last = self._greedy_eager(tokens, start_pos, use_graphs)   # graphs[bsz] too
-            self.greedy_graphs[bsz] = self._capture(bsz, lambda: self._greedy_launches(bsz))
+        graph = self.greedy_graphs.get(bsz) if use_graphs else None
+        if graph is None:
+            # eagerly, as generation.greedy does it (the copies beside the step); the first
+            # step of bsz rows then records greedy_step's own graph, as __call__ records its own
+            last = self(tokens, start_pos, use_graphs)[:, -1]              # (bsz, vocab)
+            back = greedy_pick(last).get()
+            if use_graphs and bsz not in self.greedy_graphs:
+                self.greedy_graphs[bsz] = self._capture(bsz, lambda: self._greedy_launches(bsz))
             return back, last
         self.row_host[0], self.row_host[1:1 + bsz] = start_pos, tokens[:, 0]
         stream = self.cp.cuda.get_current_stream()
-        self.greedy_graphs[bsz].launch(stream)
+        graph.launch(stream)
         stream.synchronize()
         return self.picks_host[:2 * bsz].copy(), self.logits[:bsz]
-
-    def _greedy_eager(self, tokens, start_pos, use_graphs):
-        """greedy_step the way __call__ and generation.greedy do it (the copies beside)."""
-        last = self(tokens, start_pos, use_graphs)[:, -1]              # (bsz, vocab)
-        return greedy_pick(last).get(), last
 
     def _greedy_launches(self, bsz):
         """greedy_step's graph: row_host copied to step, run(bsz), greedy_pick into picks_host.
@@ -186,23 +187,21 @@ class FusedDecoder:
         starts, where a kernel's programmatic successors may start before it ends, and
         attention_decode reads the position before its grid_dependency_wait (decode.cu)."""
         cp, vocab = self.cp, self.p.vocab_size
-        mapped = lambda a: np.uint64(cp.cuda.runtime.pointerGetAttributes(
-            a.ctypes.data).devicePointer)                  # (the host address, with UVA)
         # (CuPy refuses a copy from the host while a stream captures; the runtime records it)
         cp.cuda.runtime.memcpyAsync(self.step.data.ptr, self.row_host.ctypes.data, 4 * (1 + bsz),
                                     cp.cuda.runtime.memcpyHostToDevice,
                                     cp.cuda.get_current_stream().ptr)
         self.run(bsz)
         KERNELS.launch("greedy_pick", (bsz,), (GREEDY_THREADS,),
-                       (self.logits[:bsz], i32(vocab), i32(vocab), mapped(self.picks_host),
-                        i32(bsz)))
+                       (self.logits[:bsz], i32(vocab), i32(vocab),
+                        device_address(self.picks_host), i32(bsz)))
 
     def _capture(self, bsz, launches=None):
         """Record run(bsz), or what launches() launches, into a CUDA graph (nothing executes
-        while recording). Up to
-        PROGRAMMATIC_ROWS rows, each kernel of the graph may start while the one before it
-        finishes (cuda/pdl.py; the eager launches stay CuPy's own, cheaper from the host).
-        Returns None, with a warning, where the driver refuses, and the eager launches carry on."""
+        while recording). Up to PROGRAMMATIC_ROWS rows, each kernel of the graph may start while
+        the one before it finishes (cuda/pdl.py; the eager launches stay CuPy's own, cheaper
+        from the host). Returns None, with a warning, where the driver refuses, and the eager
+        launches carry on."""
         cp = self.cp
         stream = cp.cuda.Stream(non_blocking=True)
         cp.cuda.get_current_stream().synchronize()
@@ -257,6 +256,13 @@ class FusedDecoder:
 
     def classify(self, bsz, h):
         matvec(h, self.output, out=self.logits[:bsz], norm=self.norm, eps=self.p.norm_eps)
+
+
+def device_address(pinned):
+    """The address a kernel reads or writes page-locked host memory (cupyx.empty_pinned) at,
+    as a kernel argument: with unified addressing the host's own address, as the driver says."""
+    cp = require_cupy()
+    return np.uint64(cp.cuda.runtime.pointerGetAttributes(pinned.ctypes.data).devicePointer)
 
 
 def matvec(x, w, **kwargs):
