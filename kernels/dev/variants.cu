@@ -13,6 +13,9 @@
 //       their scales streamed through a per-warp cp.async pipeline in shared memory instead of
 //       registers, so that many KiB are in flight per SM (issue 10). Measured on an H200
 //       (2026-11-29): slower than v2, 0.41 to 0.45 of the copy bandwidth on q4_0 against 0.50.
+//   qgemv_i8<F, NR, U>              batches of q8_0 / q4_0 on the tensor cores in integers
+//       (mma.sync m16n8k32, x in qgemv_v4's 8-bit digits, no quad transpose), qgemv_mma's
+//       successor if it wins: NOT YET RUN ON A GPU (section 4 below).
 //
 // (qgemv_v2, the other candidate of the same GPU run, won at batch 1 and for float32 batches:
 // it moved to kernels/qgemv.cu; so did qgemv_v4, batch 1 with the products in integers, which
@@ -528,13 +531,15 @@ qgemv_v3(const float* __restrict__ X, const uint4* __restrict__ qs,
 // (kernels/dev/emulate_i8.py), but it has not run on a GPU yet.
 //
 // What bounds qgemv_mma at 8 rows, from its SASS (kernels/dev/sass_loop.py; docs/kernels.md,
-// "What bounds qgemv_mma at 8 rows: the SASS"): not the mma's and not the loads in flight of its
-// loop, but (1) the fixed work of each block, which every block repeats before its first mma:
-// x staged as float16 parts after 8 block-wide maxima (16 barriers) and about 6 round trips to
-// L2, while only the first step of weights is in flight, against a loop of only 1 to 8 passes
-// per block; (2) for q4_0, the loop's instructions: 125 per 16-byte load of a lane against ~143
-// that the copy bandwidth leaves (q8_0: 76 against ~135), 12 SEL and 4 SHFL of them the quad
-// transpose, 66 the unpacking to float16. qgemv_i8 takes both on:
+// "What bounds qgemv_mma at 8 rows, from the SASS"): not the mma's and not the loads in flight
+// of its loop, but (1) the fixed work of each block, which every block repeats before its first
+// mma: x staged as float16 parts after 8 block-wide maxima (16 barriers) and up to 8 round trips
+// to L2, while only the first pass of weights is in flight, against a loop of only 1 to 8 passes
+// per block; (2) the loop's instructions and latencies: q4_0 spends 125 per 512 bytes of codes
+// (one 16-byte load of each lane) against ~143 that the copy bandwidth leaves (q8_0: 75 against
+// ~135), 12 SEL and 4 SHFL of them the quad transpose, 66 the unpacking to float16. qgemv_i8
+// takes on the first part and the transpose; its loop is shorter for q8_0 (55 to 65) but longer
+// for q4_0 (133 to 140: each 16-byte block needs its int32 sums turned into float per output):
 //
 // - x as qgemv_v4 stages it, per unit of 32 positions and row: scaled by its own power of two
 //   (the largest |x| into [2^21, 2^22)), rounded, written as three signed 8-bit digits, with
