@@ -555,7 +555,8 @@ qgemv_v3(const float* __restrict__ X, const uint4* __restrict__ qs,
 //   4t .. 4t+3, its high nibbles 16 + 4t ..: the natural order). A quad reads the block's 32
 //   (or 16) contiguous bytes; the loads are narrower, the instructions fewer.
 // - Per block and output: lo = S_1 256 + S_0 (exact in int32), v = S_2 65536 + lo in two
-//   float32 roundings (v4's), acc += d 2^-s v.
+//   float32 roundings (v4's), acc += d 2^-s v. For q4_0, S_2 becomes a float by the 1.5 2^23
+//   magic with its offset: one conversion (I2FP) per output, not two.
 //
 // Grid (tiles, ks) and the k split as qgemv_mma's (slices of whole blocks, the last block of a
 // tile adding the slices in order); a slice at most I8_MAX_BLOCKS blocks (its x: 112 bytes a
@@ -563,6 +564,7 @@ qgemv_v3(const float* __restrict__ X, const uint4* __restrict__ qs,
 // i8_smem_bytes(blocks per slice).
 
 #define I8_MAX_BLOCKS 64
+#define I8_MAGIC 0x4B400000         // the bits of 1.5 2^23: + k (|k| < 2^22) is 1.5 2^23 + k
 
 __device__ __forceinline__ void mma_i8(int (&c)[4], const unsigned int (&a)[4], unsigned int b0,
                                        unsigned int b1, bool a_unsigned) {
@@ -640,16 +642,18 @@ __device__ __forceinline__ I8X i8_x(unsigned char* smem, int stride) {
     return x;
 }
 
-// Row r, block u of the slice (positions 32 (b0 + u) ..): its 32 values of x as digits, placed
-// where F's lanes read them (v4_stage's arithmetic; a row past M is zeros).
+// Row r, block u of the slice (positions k0 .. k0 + 31): its 32 values of x as digits, placed
+// where F's lanes read them (v4_stage's arithmetic; a row past M is zeros). x is the previous
+// kernel's output: read through L2 (__ldcg), not read-only, so that ptxas keeps the loads after
+// grid_dependency_wait (kernels/dev/wait_order.py).
 template <class F>
 __device__ void i8_stage_unit(const float* __restrict__ X, int m, int M, int K, int k0,
                               const I8X& xs, int r, int u, int stride) {
     float v[32];
+    const float4* x4s = reinterpret_cast<const float4*>(X + (size_t)m * K + k0);
 #pragma unroll
     for (int i = 0; i < 8; ++i) {
-        float4 x4 = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-        if (m < M) x4 = gemv_x4<GEMV_PLAIN>(X + (size_t)m * K, k0 / 4 + i, K, X, 1.0f);
+        const float4 x4 = m < M ? __ldcg(x4s + i) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
         v[4 * i] = x4.x; v[4 * i + 1] = x4.y; v[4 * i + 2] = x4.z; v[4 * i + 3] = x4.w;
     }
     float mx = 0.0f;
@@ -682,9 +686,12 @@ __device__ void i8_stage_unit(const float* __restrict__ X, int m, int M, int K, 
     }
     const float scale = finite ? __uint_as_float((unsigned int)(127 - s) << 23)
                                : __uint_as_float(0x7FC00000u);                      // NaN
-    // the offset's share, subtracted per output: OFFSET (256 T_1 + T_0) from S_1 256 + S_0 and
-    // OFFSET T_2 from S_2 (both exact in int32: |T_k| <= 32 * 128)
-    xs.meta[at] = make_uint4(F::OFFSET * (256 * T[1] + T[0]), F::OFFSET * T[2], 0u,
+    // The offset's share of the sums, taken off per output: OFFSET (256 T_1 + T_0) from
+    // 256 S_1 + S_0; and from S_2, OFFSET T_2 with the float32 magic 1.5 2^23 added, so that the
+    // sum's bits are 1.5 2^23 + S_2 - OFFSET T_2 as a float (|S_2| < 2^19, exact): the integer
+    // add q4_0 needs anyway and one float add instead of a conversion (q8_0, with no offset,
+    // converts S_2).
+    xs.meta[at] = make_uint4(F::OFFSET * (256 * T[1] + T[0]), I8_MAGIC - F::OFFSET * T[2], 0u,
                              __float_as_uint(scale));
 }
 
@@ -773,8 +780,9 @@ qgemv_i8(const float* __restrict__ X, const unsigned char* __restrict__ qs,
                     for (int e = 0; e < 4; ++e) {
                         const uint4& mt = meta[e & 1];
                         const int lo = S[1][e] * 256 + (F::OFFSET ? S[0][e] - (int)mt.x : S[0][e]);
-                        const int hi = F::OFFSET ? S[2][e] - (int)mt.y : S[2][e];   // both exact
-                        const float v = fmaf((float)hi, 65536.0f, (float)lo);   // v4's 2 roundings
+                        const float hi = F::OFFSET ? __int_as_float(S[2][e] + (int)mt.y) - 12582912.0f
+                                                   : (float)S[2][e];
+                        const float v = fmaf(hi, 65536.0f, (float)lo);   // v4's 2 roundings
                         acc[j][e] = fmaf(dw[e >> 1] * __uint_as_float(mt.w), v, acc[j][e]);
                     }
                 }
