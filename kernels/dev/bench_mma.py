@@ -1,7 +1,7 @@
 """qgemv_mma beside qgemv on the Llama-2-7B matrices (development harness, needs a GPU).
 
     PYTHONPATH=. python kernels/dev/bench_mma.py [--rows 1,8] [--formats q4_0,q8_0,f16,bf16]
-                                               [--ks 0.5,2]
+                                               [--ks 0.5,2] [--probe]
 
 For each format and row count: every 7B matrix (wqkv, wo, w13, w2, the classifier) timed with
 qgemv's v1 / v2 and with qgemv_mma at both tile heights and a few k splits, each the median of
@@ -9,6 +9,12 @@ qgemv's v1 / v2 and with qgemv_mma at both tile heights and a few k splits, each
 microseconds, the fraction of the copy bandwidth (measured first), and the per-token sum over
 32 layers and the classifier for the best of each kernel. Checks each candidate against
 float64 of the dequantized weights on the way (relative error in the norm).
+
+--probe also times a matrix of 4096 x 256 (one step of loads per block, left out of the sums):
+its time is nearly all the part of a launch that does not stream weights (the launch, the first
+loads, the barriers of x's staging, the k split's sums; its slices of x are shorter than a
+4096-wide matrix's), which docs/kernels.md ("What bounds qgemv_mma at 8 rows") estimates at
+~9.5 us from wo and w2.
 """
 import argparse
 
@@ -68,7 +74,10 @@ def main():
     ap.add_argument("--formats", default="q4_0,q8_0,f16,bf16")
     ap.add_argument("--ks", default="0.5,2",
                     help="k splits to try besides the rule's, as factors of it")
+    ap.add_argument("--probe", action="store_true",
+                    help="also time 4096 x 256, the fixed part of a launch (not in the sums)")
     a = ap.parse_args()
+    shapes = dict(SHAPES, **({"probe": (4096, 256)} if a.probe else {}))
     factors = [None] + [float(f) for f in a.ks.split(",")]
     cp = require_cupy()
     bw = copy_gbs(cp)
@@ -76,7 +85,7 @@ def main():
     for fmt in a.formats.split(","):
         for M in (int(r) for r in a.rows.split(",")):
             totals = {}
-            for name, (N, K) in SHAPES.items():
+            for name, (N, K) in shapes.items():
                 w0 = random_linear(N, K, DTYPE[fmt])
                 nbytes = w0.nbytes
                 copies = [w0] + [random_linear(N, K, DTYPE[fmt])
@@ -113,8 +122,8 @@ def main():
                 del copies, w0
                 cp.get_default_memory_pool().free_all_blocks()
             for kind, per in totals.items():
-                us = sum(PER_TOKEN[n] * t for n, (t, _) in per.items())
-                by = sum(PER_TOKEN[n] * b for n, (_, b) in per.items())
+                us = sum(PER_TOKEN.get(n, 0) * t for n, (t, _) in per.items())
+                by = sum(PER_TOKEN.get(n, 0) * b for n, (_, b) in per.items())
                 print(f"== {fmt} M={M} {kind}: per token {us:8.1f} us, "
                       f"{by / (us * 1e-6) / (bw * 1e9):.2f} of copy", flush=True)
 

@@ -22,6 +22,9 @@ candidates, compiled beside them from the same sources plus variants.cu:
     gemv      the package's float32 gemv (version=1), and v2 on float32 weights (issue 13)
     cublas    cupy.matmul (float32: no TF32), the reference of issue 13 and of the GEMM
     gemm      the package's tensor-core GEMM gemm_v5 in more tile shapes and pipeline depths
+    i8        qgemv_i8 (variants.cu): batches of q8_0 / q4_0 on the tensor cores in integers
+              (mma.sync m16n8k32, x in v4's 8-bit digits staged per unit, no quad transpose),
+              against qgemv_mma (the "product" at 4 rows and more); a candidate, not yet run
 
 --only (these family names), --formats and --rows (batch sizes) build, check and time a part;
 by default all of it. With a part, the per-token sums that need the rest show nan.
@@ -83,6 +86,10 @@ V3_SHAPES = [(4, 3, 8), (4, 4, 8), (4, 4, 4), (4, 6, 4), (8, 3, 4)]
 V4_FMT = {"q8_0": "V4Q8_0", "q4_0": "V4Q4_0"}
 V4_SHAPES = [(2, 4), (4, 2), (2, 2), (1, 8)]      # (4, 4), (2, 8) spill
 V4_XU = {"q8_0": 1, "q4_0": 2}
+# i8 (NR, U) at batches, q8_0 and q4_0; k split as qgemv_mma's, at most I8_MAX_BLOCKS blocks a slice
+I8_FMT = {"q8_0": "I8Q8_0", "q4_0": "I8Q4_0"}
+I8_SHAPES = [(1, 4), (1, 8), (2, 4)]
+I8_MAX_BLOCKS = 64              # variants.cu's I8_MAX_BLOCKS
 GEMM_SHAPES = [(128, 128, 3), (128, 128, 4), (128, 128, 5), (128, 256, 3), (128, 256, 4),
                (256, 128, 3), (256, 128, 4)]
 GEMM_SIZE = 4096                # M = N = K of the GEMM timing
@@ -100,6 +107,10 @@ def v3_name(fmt, nr, stages):
 
 def v4_name(fmt, pro, nr, u):
     return f"qgemv_v4<{V4_FMT[fmt]},{pro},{nr},{u}>"
+
+
+def i8_name(fmt, nr, u):
+    return f"qgemv_i8<{I8_FMT[fmt]},{nr},{u}>"
 
 
 def tc_name(fmt, nb, pro, u):
@@ -134,6 +145,8 @@ def names():
     for fmt in V4_FMT:
         groups[f"v4-{fmt}"] = [v4_name(fmt, 0, nr, u) for nr, u in V4_SHAPES]
         groups[f"v4-{fmt}"] += [v4_name(fmt, pro, 2, 4) for pro in (1, 2)]
+    for fmt in I8_FMT:
+        groups[f"i8-{fmt}"] = [i8_name(fmt, nr, u) for nr, u in I8_SHAPES]
     groups["gemm"] = [f"gemm_v5<{bm},{bn},{s},{wf}>" for bm, bn, s in GEMM_SHAPES
                       for wf in (mk.GEMM_V5_FORMATS["f16"], mk.GEMM_V5_FORMATS["q4_0"])]
     return {g: sorted(set(n)) for g, n in groups.items()}
@@ -409,6 +422,27 @@ def run_v4(M_, x, w, y, nr, u, pro=0, norm=None, accumulate=False, smem=V2_SMEM)
     return y
 
 
+def run_i8(M_, x, w, y, nr, u, accumulate=False, ks=None):
+    """qgemv_i8 on x (M, K) and w (N, K) q8_0 or q4_0: grid (tiles, ks) as qgemv_mma's (about
+    two blocks per SM, no empty slice, a slice at most I8_MAX_BLOCKS blocks of 32), its x in
+    112 bytes per block and row of x (variants.cu's i8_smem_bytes)."""
+    fmt = fmt_of(w)
+    N, K = w.shape
+    M = x.shape[0]
+    nb, tiles = K // 32, cdiv(N, 128 * nr)
+    ks = ks or round(mk.MMA_BLOCKS_PER_SM * cf.sm_count() / tiles)
+    ks = max(int(ks), cdiv(nb, I8_MAX_BLOCKS), 1)
+    per = cdiv(nb, min(ks, nb))
+    ks = cdiv(nb, per)                                  # no empty slice
+    smem = 8 * (per | 1) * 112
+    scratch, counters = mk._split_workspace(ks * M * N, tiles)
+    qs, d, _ = planes(w)
+    M_.launch(i8_name(fmt, nr, u), (tiles, ks), (256,),
+              (x, qs, d, y, np.int32(M), np.int32(N), np.int32(K), np.int32(accumulate),
+               scratch, counters), shared_mem=smem)
+    return y
+
+
 def tc_ks(N, K, fmt, sms):
     """Warps per 16-row tile: split k until the grid has two blocks per SM, while each
     slice keeps two chunk groups."""
@@ -471,18 +505,23 @@ def candidates(fmt, M):
         for nr, u in V4_SHAPES:
             out.append((f"v4 nr{nr} u{u}", lambda M_, x, w, y, nr=nr, u=u, **k:
                         run_v4(M_, x, w, y, nr, u, **_pro(k))))
+    if fmt in I8_FMT and M > 1:
+        for nr, u in I8_SHAPES:
+            out.append((f"i8 nr{nr} u{u}", lambda M_, x, w, y, nr=nr, u=u, **k:
+                        run_i8(M_, x, w, y, nr, u, **_plain(k))))
     if fmt == "f32":
         out.append(("cublas", lambda M_, x, w, y, **k: cf.require_cupy().matmul(x, w.T, out=y)))
     return out
 
 
 def _plain(k):
-    """The wrappers' keywords for qgemv_v3, which has no prologue: accumulate= only."""
-    assert k.get("norm") is None and not k.get("swiglu"), "qgemv_v3 has no prologue"
+    """The wrappers' keywords for qgemv_v3 and qgemv_i8, which have no prologue: accumulate=
+    only."""
+    assert k.get("norm") is None and not k.get("swiglu"), "qgemv_v3 and qgemv_i8 have no prologue"
     return dict(accumulate=k.get("accumulate", False))
 
 
-FAMILIES = ("v1", "v2", "v3", "v4", "product", "tc", "gemv", "cublas", "gemm")
+FAMILIES = ("v1", "v2", "v3", "v4", "product", "tc", "gemv", "cublas", "gemm", "i8")
 
 
 class Only:
@@ -562,6 +601,9 @@ def check_all(M_, ch, rng, log, only=Only()):
     if only.family("v4"):
         check_v4(M_, ch, rng, only.fmts(tuple(V4_FMT)))
         log("  checked v4: prologues, accumulate, chunks, x over 80 binades, zeros, NaN")
+    if only.family("i8"):
+        check_i8(M_, ch, rng, only.fmts(tuple(I8_FMT)))
+        log("  checked i8: k splits, accumulate, x over 80 binades, zeros, NaN")
     # the prologues and accumulate, on the instances compiled with them
     N, K = 129, 2048
     for fmt in only.fmts(("f32", "q8_0", "q4_0", "q4_1", "f16", "bf16")):
@@ -648,6 +690,35 @@ def check_v4(M_, ch, rng, fmts):
         bad[0, 100] = np.nan                         # unit 100 // WEIGHTS: every row meets it
         y = run_v4(M_, cp.asarray(bad), w, cp.zeros((1, N), dtype=np.float32), 2, 4).get()
         ch.add(f"v4 {fmt} NaN in x reaches every row", 0.0 if np.isnan(y).all() else 1.0, 0.5)
+
+
+def check_i8(M_, ch, rng, fmts):
+    """qgemv_i8 beyond check_all's sizes: k splits from 2 to one block a slice, accumulate,
+    x whose values span 2^-40 .. 2^40 (each unit of 32 scaled on its own) with a unit of zeros,
+    and a NaN in x, which must reach every output of its row of x and no other."""
+    cp = cf.require_cupy()
+    for fmt in fmts:
+        N, K, M = 300, 2080, 13
+        w, w64 = random_weight(fmt, N, K, rng)
+        x = rng.standard_normal((M, K), dtype=np.float32)
+        wide = (x * 2.0 ** rng.integers(-40, 40, (M, K))).astype(np.float32)
+        wide[:, 64:96] = 0.0
+        y0 = rng.standard_normal((M, N), dtype=np.float32)
+        for nr, u in I8_SHAPES:
+            tag = f"i8 {fmt} [nr{nr} u{u}]"
+            for ks in (2, 7, K // 32):       # (one slice is 64 blocks at most: K needs 2)
+                y = run_i8(M_, cp.asarray(x), w, cf.poison((M, N)), nr, u, ks=ks)
+                ch.add(f"{tag} ks={ks}", cf.rel_err(y, x.astype(np.float64) @ w64.T), 1e-5)
+            y = run_i8(M_, cp.asarray(wide), w, cf.poison((M, N)), nr, u)
+            ch.add(f"{tag} wide x", cf.rel_err(y, wide.astype(np.float64) @ w64.T), 1e-5)
+            y = cp.asarray(y0)
+            run_i8(M_, cp.asarray(x), w, y, nr, u, accumulate=True)
+            ch.add(f"{tag} accumulate", cf.rel_err(y, y0 + x.astype(np.float64) @ w64.T), 1e-5)
+        bad = x.copy()
+        bad[5, 100] = np.nan
+        y = run_i8(M_, cp.asarray(bad), w, cp.zeros((M, N), dtype=np.float32), 1, 4).get()
+        ok = np.isnan(y[5]).all() and not np.isnan(np.delete(y, 5, axis=0)).any()
+        ch.add(f"i8 {fmt} NaN in x reaches its row of x only", 0.0 if ok else 1.0, 0.5)
 
 
 def check_v3(M_, ch, rng, fmts):

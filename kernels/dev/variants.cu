@@ -13,6 +13,9 @@
 //       their scales streamed through a per-warp cp.async pipeline in shared memory instead of
 //       registers, so that many KiB are in flight per SM (issue 10). Measured on an H200
 //       (2026-11-29): slower than v2, 0.41 to 0.45 of the copy bandwidth on q4_0 against 0.50.
+//   qgemv_i8<F, NR, U>              batches of q8_0 / q4_0 on the tensor cores in integers
+//       (mma.sync m16n8k32, x in qgemv_v4's 8-bit digits, no quad transpose), qgemv_mma's
+//       successor if it wins: NOT YET RUN ON A GPU (section 4 below).
 //
 // (qgemv_v2, the other candidate of the same GPU run, won at batch 1 and for float32 batches:
 // it moved to kernels/qgemv.cu; so did qgemv_v4, batch 1 with the products in integers, which
@@ -519,4 +522,300 @@ qgemv_v3(const float* __restrict__ X, const uint4* __restrict__ qs,
         if (++s == S) { s = 0; n0 += all_warps * NR; }
     }
     cp_async_wait<0>();                             // (only empty groups are left)
+}
+
+
+// ---------------------------------------------------------------------------------------------
+// 4. Batches in integers on the tensor cores: qgemv_i8<F, NR, U> (issue 10). A CANDIDATE: it
+// compiles for sm_90 without spills and its fragment layout is replayed on the CPU
+// (kernels/dev/emulate_i8.py), but it has not run on a GPU yet.
+//
+// What bounds qgemv_mma at 8 rows, from its SASS (kernels/dev/sass_loop.py; docs/kernels.md,
+// "What bounds qgemv_mma at 8 rows, from the SASS"): not the mma's and not the loads in flight
+// of its loop, but (1) the fixed work of each block, which every block repeats before its first
+// mma: x staged as float16 parts after 8 block-wide maxima (16 barriers) and up to 8 round trips
+// to L2, while only the first pass of weights is in flight, against a loop of only 1 to 8 passes
+// per block; (2) the loop's instructions and latencies: q4_0 spends 125 per 512 bytes of codes
+// (one 16-byte load of each lane) against ~143 that the copy bandwidth leaves (q8_0: 75 against
+// ~135), 12 SEL and 4 SHFL of them the quad transpose, 66 the unpacking to float16. qgemv_i8
+// takes on the first part and the transpose; its loop is shorter for q8_0 (55 to 65) but longer
+// for q4_0 (133 to 140: each 16-byte block needs its int32 sums turned into float per output):
+//
+// - x as qgemv_v4 stages it, per unit of 32 positions and row: scaled by its own power of two
+//   (the largest |x| into [2^21, 2^22)), rounded, written as three signed 8-bit digits, with
+//   the digits' sums T_k and 2^-s. No block-wide maximum, so one barrier; each thread's 32
+//   values are 8 float4 loads in flight at once.
+// - mma.sync.m16n8k32 in integers (.s8.s8 for q8_0's codes, .u8.s8 for q4_0's nibbles; the
+//   offset 8 comes off as S_k - 8 T_k, as in v4): one mma per digit and block, sums exact in
+//   int32, so nothing is converted to float16 and nothing rounds inside the tensor cores.
+// - No transpose: the fragment of m16n8k32 gives lane t of a quad k-slots 4t .. 4t+3 and
+//   16 + 4t .. 16 + 4t+3 of one block, 8 codes per row. So the lane loads exactly those: q8_0
+//   bytes 8t .. 8t+7 of the block (8-byte loads: word 0 to slots 4t.., word 1 to 16 + 4t..,
+//   x staged in that order), q4_0 bytes 4t .. 4t+3 (4-byte loads: its low nibbles are codes
+//   4t .. 4t+3, its high nibbles 16 + 4t ..: the natural order). A quad reads the block's 32
+//   (or 16) contiguous bytes; the loads are narrower, the instructions fewer.
+// - Per block and output: lo = S_1 256 + S_0 (exact in int32), v = S_2 65536 + lo in two
+//   float32 roundings (v4's), acc += d 2^-s v. For q4_0, S_2 becomes a float by the 1.5 2^23
+//   magic with its offset: one conversion (I2FP) per output, not two.
+//
+// Grid (tiles, ks) and the k split as qgemv_mma's (slices of whole blocks, the last block of a
+// tile adding the slices in order); a slice at most I8_MAX_BLOCKS blocks (its x: 112 bytes a
+// block and row, 58 KiB at 64 blocks). No prologue. Block 256 threads. Dynamic shared memory:
+// i8_smem_bytes(blocks per slice).
+
+#define I8_MAX_BLOCKS 64
+#define I8_MAGIC 0x4B400000         // the bits of 1.5 2^23: + k (|k| < 2^22) is 1.5 2^23 + k
+
+__device__ __forceinline__ void mma_i8(int (&c)[4], const unsigned int (&a)[4], unsigned int b0,
+                                       unsigned int b1, bool a_unsigned) {
+    if (a_unsigned)
+        asm("mma.sync.aligned.m16n8k32.row.col.s32.u8.s8.s32 {%0, %1, %2, %3}, "
+            "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
+            : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    else
+        asm("mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0, %1, %2, %3}, "
+            "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
+            : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// A format: BYTES of a block's row per lane (the load), ROW_BYTES per 32 positions, the offset,
+// word(p): which of the lane's k-slot words (t = word % 4 .. as below) position p of a block
+// lands in, and frag(): the A fragment from the lane's loads of rows g and g + 8.
+struct I8Q8_0 {        // lane t: bytes 8t .. 8t+7 = codes 8t .. 8t+7, words (slots 4t.., 16+4t..)
+    static constexpr int BYTES = 8, ROW_BYTES = 32, OFFSET = 0;
+    static constexpr bool UNSIGNED = false;
+    typedef uint2 Load;
+    static __device__ __forceinline__ Load load(const unsigned char* p) {
+        uint2 v;
+        asm("ld.global.nc.L1::no_allocate.v2.u32 {%0, %1}, [%2];" : "=r"(v.x), "=r"(v.y) : "l"(p));
+        return v;
+    }
+    static __device__ __forceinline__ Load zero() { return make_uint2(0, 0); }
+    // position p (0..31) of a block -> (lane t, half h: b0 or b1)
+    static __device__ __forceinline__ int lane_of(int p) { return p / 8; }
+    static __device__ __forceinline__ int half_of(int p) { return p / 4 % 2; }
+    static __device__ __forceinline__ void frag(const Load& g, const Load& e, unsigned int (&a)[4]) {
+        a[0] = g.x; a[1] = e.x; a[2] = g.y; a[3] = e.y;
+    }
+};
+
+struct I8Q4_0 {        // lane t: bytes 4t .. 4t+3: low nibbles codes 4t.., high 16 + 4t..
+    static constexpr int BYTES = 4, ROW_BYTES = 16, OFFSET = 8;
+    static constexpr bool UNSIGNED = true;
+    typedef unsigned int Load;
+    static __device__ __forceinline__ Load load(const unsigned char* p) {
+        unsigned int v;
+        asm("ld.global.nc.L1::no_allocate.u32 %0, [%1];" : "=r"(v) : "l"(p));
+        return v;
+    }
+    static __device__ __forceinline__ Load zero() { return 0u; }
+    static __device__ __forceinline__ int lane_of(int p) { return p % 16 / 4; }
+    static __device__ __forceinline__ int half_of(int p) { return p / 16; }
+    static __device__ __forceinline__ void frag(const Load& g, const Load& e, unsigned int (&a)[4]) {
+        a[0] = g & 0x0F0F0F0Fu; a[1] = e & 0x0F0F0F0Fu;
+        a[2] = (g >> 4) & 0x0F0F0F0Fu; a[3] = (e >> 4) & 0x0F0F0F0Fu;
+    }
+};
+
+// x in shared memory, per row r (8) and block u of the slice, rows `stride` (odd) blocks apart:
+// digits 0 and 1 as uint4 (b0, b1 of digit 0, b0, b1 of digit 1) per lane t, digit 2 as uint2,
+// and the offset's share of the sums with 2^-s (i8_stage_unit).
+struct I8X {
+    uint4* d01;     // [(r stride + u) 4 + t]
+    uint2* d2;      // [(r stride + u) 4 + t]
+    uint4* meta;    // [r stride + u]
+};
+
+__host__ __device__ constexpr int i8_stride(int blocks) { return blocks | 1; }
+
+__host__ __device__ constexpr int i8_smem_bytes(int blocks) {
+    return MMA_ROWS * i8_stride(blocks) * (4 * 16 + 4 * 8 + 16);
+}
+
+__device__ __forceinline__ I8X i8_x(unsigned char* smem, int stride) {
+    I8X x;
+    x.d01 = reinterpret_cast<uint4*>(smem);
+    x.d2 = reinterpret_cast<uint2*>(x.d01 + MMA_ROWS * stride * 4);
+    x.meta = reinterpret_cast<uint4*>(x.d2 + MMA_ROWS * stride * 4);
+    return x;
+}
+
+// Row r, block u of the slice (positions k0 .. k0 + 31): its 32 values of x as digits, placed
+// where F's lanes read them (v4_stage's arithmetic; a row past M is zeros). x is the previous
+// kernel's output: read through L2 (__ldcg), not read-only, so that ptxas keeps the loads after
+// grid_dependency_wait (kernels/dev/wait_order.py).
+template <class F>
+__device__ void i8_stage_unit(const float* __restrict__ X, int m, int M, int K, int k0,
+                              const I8X& xs, int r, int u, int stride) {
+    float v[32];
+    const float4* x4s = reinterpret_cast<const float4*>(X + (size_t)m * K + k0);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+        const float4 x4 = m < M ? __ldcg(x4s + i) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        v[4 * i] = x4.x; v[4 * i + 1] = x4.y; v[4 * i + 2] = x4.z; v[4 * i + 3] = x4.w;
+    }
+    float mx = 0.0f;
+    bool finite = true;
+#pragma unroll
+    for (int p = 0; p < 32; ++p) { mx = fmaxf(mx, fabsf(v[p])); finite = finite && isfinite(v[p]); }
+    const int e = (int)((__float_as_uint(mx) >> 23) & 0xFF) - 126;
+    const int s = min(22 - e, 126);
+    const float up = __uint_as_float((unsigned int)(127 + s) << 23);
+    unsigned int w[3][4][2] = {};                  // [digit][lane t][half]
+    int T[3] = {0, 0, 0};
+#pragma unroll
+    for (int p = 0; p < 32; ++p) {
+        const int xi = finite ? __float2int_rn(v[p] * up) : 0;
+        const int p0 = (int)((unsigned int)xi << 24) >> 24;
+        const int rest = (xi - p0) >> 8;
+        const int p1 = (int)((unsigned int)rest << 24) >> 24, p2 = (rest - p1) >> 8;
+        const int dig[3] = {p0, p1, p2};
+#pragma unroll
+        for (int k = 0; k < 3; ++k) {
+            T[k] += dig[k];
+            w[k][F::lane_of(p)][F::half_of(p)] |= (unsigned int)(dig[k] & 0xFF) << (8 * (p % 4));
+        }
+    }
+    const int at = r * stride + u;
+#pragma unroll
+    for (int t = 0; t < 4; ++t) {
+        xs.d01[at * 4 + t] = make_uint4(w[0][t][0], w[0][t][1], w[1][t][0], w[1][t][1]);
+        xs.d2[at * 4 + t] = make_uint2(w[2][t][0], w[2][t][1]);
+    }
+    const float scale = finite ? __uint_as_float((unsigned int)(127 - s) << 23)
+                               : __uint_as_float(0x7FC00000u);                      // NaN
+    // The offset's share of the sums, taken off per output: OFFSET (256 T_1 + T_0) from
+    // 256 S_1 + S_0; and from S_2, OFFSET T_2 with the float32 magic 1.5 2^23 added, so that the
+    // sum's bits are 1.5 2^23 + S_2 - OFFSET T_2 as a float (|S_2| < 2^19, exact): the integer
+    // add q4_0 needs anyway and one float add instead of a conversion (q8_0, with no offset,
+    // converts S_2).
+    xs.meta[at] = make_uint4(F::OFFSET * (256 * T[1] + T[0]), I8_MAGIC - F::OFFSET * T[2], 0u,
+                             __float_as_uint(scale));
+}
+
+// The weights of U blocks of one lane: rows g and g + 8 of each tile j, and their scales
+// (row g in the low half, g + 8 in the high half); zeros past the slice or N.
+template <class F, int NR, int U>
+struct I8Loads {
+    typename F::Load q[U][NR][2];
+    unsigned int d[U][NR];
+
+    __device__ __forceinline__ void fetch(const unsigned char* __restrict__ qs,
+                                          const unsigned short* __restrict__ ds, int row0, int N,
+                                          int b0, int b_end, int nb, int g, int t) {
+#pragma unroll
+        for (int j = 0; j < NR; ++j)
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                const int n = min(row0 + 16 * j + 8 * h + g, N - 1);   // past N: never written
+                // one address per row, the U blocks at constant offsets from it
+                const unsigned char* row = qs + ((size_t)n * nb + b0) * F::ROW_BYTES + F::BYTES * t;
+                const unsigned short* dn = ds + (size_t)n * nb + b0;
+#pragma unroll
+                for (int s = 0; s < U; ++s) {
+                    if (h == 0) d[s][j] = 0;
+                    q[s][j][h] = F::zero();
+                    if (b0 + s < b_end) {
+                        q[s][j][h] = F::load(row + s * F::ROW_BYTES);
+                        d[s][j] |= (unsigned int)__ldg(dn + s) << (16 * h);
+                    }
+                }
+            }
+    }
+};
+
+template <class F, int NR, int U>
+__global__ void __launch_bounds__(256, 2)
+qgemv_i8(const float* __restrict__ X, const unsigned char* __restrict__ qs,
+         const unsigned short* __restrict__ d, float* __restrict__ Y, int M, int N, int K,
+         int accumulate, float* __restrict__ scratch, int* __restrict__ counters) {
+    extern __shared__ __align__(16) unsigned char i8_smem[];
+    __shared__ int i8_last;
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, t = lane % 4;
+    const int tile = blockIdx.x, ks = gridDim.y, slice = blockIdx.y;
+    const int nb = K / 32, per_slice = (nb + ks - 1) / ks;
+    const int b_begin = slice * per_slice, b_end = min(nb, b_begin + per_slice);
+    const int blocks = max(b_end - b_begin, 0), stride = i8_stride(blocks);
+    const int row0 = tile * 128 * NR + warp * 16 * NR;
+    const I8X xs = i8_x(i8_smem, stride);
+    float* partial = scratch;                                   // (ks, M, N)
+
+    I8Loads<F, NR, U> next;
+    next.fetch(qs, d, row0, N, b_begin, b_end, nb, g, t);       // before x is staged
+    grid_launch_dependents();
+    grid_dependency_wait();
+
+    for (int m0 = 0; m0 < M; m0 += MMA_ROWS) {
+        __syncthreads();                                        // the last pass's readers are done
+        for (int i = threadIdx.x; i < MMA_ROWS * blocks; i += blockDim.x)
+            i8_stage_unit<F>(X, m0 + i / blocks, M, K, 32 * (b_begin + i % blocks), xs,
+                             i / blocks, i % blocks, stride);
+        __syncthreads();
+        if (m0 > 0) next.fetch(qs, d, row0, N, b_begin, b_end, nb, g, t);
+
+        float acc[NR][4] = {};
+        for (int b0 = b_begin; b0 < b_end; b0 += U) {
+            const I8Loads<F, NR, U> cur = next;
+            if (b0 + U < b_end) next.fetch(qs, d, row0, N, b0 + U, b_end, nb, g, t);
+#pragma unroll
+            for (int s = 0; s < U; ++s) {
+                if (b0 + s >= b_end) break;
+                const int u = b0 + s - b_begin;
+                const uint4 x01 = xs.d01[(g * stride + u) * 4 + t];    // shared by the tiles
+                const uint2 x2 = xs.d2[(g * stride + u) * 4 + t];
+                const uint4 meta[2] = {xs.meta[2 * t * stride + u], xs.meta[(2 * t + 1) * stride + u]};
+#pragma unroll
+                for (int j = 0; j < NR; ++j) {
+                    unsigned int a[4];
+                    F::frag(cur.q[s][j][0], cur.q[s][j][1], a);
+                    int S[3][4] = {};
+                    mma_i8(S[0], a, x01.x, x01.y, F::UNSIGNED);
+                    mma_i8(S[1], a, x01.z, x01.w, F::UNSIGNED);
+                    mma_i8(S[2], a, x2.x, x2.y, F::UNSIGNED);
+                    const float dw[2] = {f16_lo(cur.d[s][j]), f16_hi(cur.d[s][j])};
+                    // fragment: S[k][e] is weight row g + 8 (e >> 1), x row 2t + (e & 1)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) {
+                        const uint4& mt = meta[e & 1];
+                        const int lo = S[1][e] * 256 + (F::OFFSET ? S[0][e] - (int)mt.x : S[0][e]);
+                        const float hi = F::OFFSET ? __int_as_float(S[2][e] + (int)mt.y) - 12582912.0f
+                                                   : (float)S[2][e];
+                        const float v = fmaf(hi, 65536.0f, (float)lo);   // v4's 2 roundings
+                        acc[j][e] = fmaf(dw[e >> 1] * __uint_as_float(mt.w), v, acc[j][e]);
+                    }
+                }
+            }
+        }
+
+#pragma unroll
+        for (int j = 0; j < NR; ++j)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int m = m0 + 2 * t + (e & 1), n = row0 + 16 * j + g + 8 * (e >> 1);
+                if (m >= M || n >= N) continue;
+                if (ks == 1) Y[(size_t)m * N + n] = accumulate ? Y[(size_t)m * N + n] + acc[j][e] : acc[j][e];
+                else partial[((size_t)slice * M + m) * N + n] = acc[j][e];
+            }
+    }
+    if (ks == 1) return;
+
+    // The last block of this tile adds the ks slices, in slice order (qgemv_mma's way).
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        i8_last = atomicAdd(counters + tile, 1) == ks - 1;
+        if (i8_last) counters[tile] = 0;
+    }
+    __syncthreads();
+    if (!i8_last) return;
+    __threadfence();
+    const int rows = min(128 * NR, N - tile * 128 * NR);
+    for (int i = threadIdx.x; i < M * rows; i += blockDim.x) {
+        const int m = i / rows, n = tile * 128 * NR + i % rows;
+        float v = 0.0f;
+        for (int s = 0; s < ks; ++s) v += __ldcg(partial + ((size_t)s * M + m) * N + n);
+        Y[(size_t)m * N + n] = accumulate ? Y[(size_t)m * N + n] + v : v;
+    }
 }
