@@ -257,11 +257,70 @@ __device__ void stage_qkv(const float* __restrict__ wqkv, int K, const float* xs
                        n_kv_heads, head_dim, max_seq);
 }
 
+// ---- softmax and the weighted sum of the values over one block: attend's last steps ---------
+// decode.cu's attention_decode ran these too until 2026-11-30 (its scores in shared memory,
+// block reductions between the steps); it now keeps a softmax per warp, and only attend (below)
+// calls them, on the scores it computes itself.
+
+// scores[0 .. n_keys) -> exp(score - max) in place (softmax's numerators); returns their sum.
+// Thread tid wrote scores tid, tid + blockDim, ... and m is its max of them: each thread
+// exponentiates its own, so only the block reductions (reduce.cu) need barriers.
+__device__ __forceinline__ float softmax_numerators(float* scores, int n_keys, float m,
+                                                    float* scratch) {
+    m = block_max(m, scratch);
+    float sum = 0.0f;
+    for (int t = threadIdx.x; t < n_keys; t += blockDim.x) {
+        const float e = expf(scores[t] - m);
+        scores[t] = e;
+        sum += e;
+    }
+    return block_sum(sum, scratch);                        // its barrier publishes scores[]
+}
+
+// out[at + d] = sum_t p[t] v_t[d] / sum, d < head_dim. Threads split as (group, piece): piece i
+// covers v[WIDTH i .. WIDTH i + WIDTH - 1] and group g sums p_t v_t over t = g, g + groups, ...;
+// consecutive threads read consecutive pieces of one row (coalesced). The groups' partials meet
+// in `partial` (WIDTH * blockDim floats) and are added in a fixed order. value(t, piece, v)
+// loads piece `piece` of v_t into float v[WIDTH]: where the row lives and how it is read is the
+// caller's. UNROLL unrolls the loop over t (persistent.cu's attend: 1, its registers are short).
+template <int WIDTH, int UNROLL, typename Value>
+__device__ __forceinline__ void weighted_values(const float* p, int n_keys, float sum,
+                                                int head_dim, float* partial, float* out,
+                                                size_t at, Value value) {
+    const int tid = threadIdx.x, pieces = head_dim / WIDTH;
+    const int groups = blockDim.x / pieces, grp = tid / pieces, piece = tid % pieces;
+    if (grp < groups) {
+        float acc[WIDTH];
+#pragma unroll
+        for (int j = 0; j < WIDTH; ++j) acc[j] = 0.0f;
+#pragma unroll UNROLL
+        for (int t = grp; t < n_keys; t += groups) {
+            float v[WIDTH];
+            value(t, piece, v);
+            const float pt = p[t];
+#pragma unroll
+            for (int j = 0; j < WIDTH; ++j) acc[j] += pt * v[j];
+        }
+        if (WIDTH == 4)                  // one 16-byte store (head_dim % 4 == 0: aligned)
+            reinterpret_cast<float4*>(partial)[grp * pieces + piece] =
+                make_float4(acc[0], acc[1], acc[2], acc[3]);
+        else
+#pragma unroll
+            for (int j = 0; j < WIDTH; ++j) partial[grp * head_dim + piece * WIDTH + j] = acc[j];
+    }
+    __syncthreads();
+    for (int d = tid; d < head_dim; d += blockDim.x) {
+        float total = 0.0f;
+        for (int i = 0; i < groups; ++i) total += partial[i * head_dim + d];
+        out[at + d] = total / sum;
+    }
+}
+
 // ---- attention of one query head of one row -------------------------------------------------
 // attention_decode of decode.cu without its RoPE (the qkv stage did it), reduced to float32
 // caches and head_dim % 4 == 0, with every load of q and the cache through L2 (they were
-// written during this launch): its own scores, then decode.cu's softmax_numerators and
-// weighted_values. smem: head_dim + 4 * blockDim + max_seq floats.
+// written during this launch): its own scores, then softmax_numerators and weighted_values
+// (above). smem: head_dim + 4 * blockDim + max_seq floats.
 __device__ void attend(int h, int b, const float* q, const float* cache_k, const float* cache_v,
                        float* att, int n_keys, int n_heads, int n_kv_heads, int head_dim,
                        int max_seq, float scale, float* smem, float* scratch) {
