@@ -306,9 +306,11 @@ def print_decode(r):
               f"{fmt(d['hf_eager'], '.0f'):>9} | {fmt(d['generic_kernels'], 'd'):>22} "
               f"{fmt(d['fused_launches'], 'd'):>6} {fmt(d['graph_kernels'], 'd'):>6} "
               f"{fmt(d['persistent_kernels'], 'd'):>8}")
-    print("  (graph: those kernels go to the GPU in 1 graph launch per token, plus a copy of the"
-          " step in and of the logits out; persist.: 1 kernel in 1 graph launch where the batch"
-          " fits it, else graph's; compiled: gpt-fast-style torch.compile, float32, TF32 off)")
+    print("  (every mode picks each token greedily and brings it to the host; graph: those"
+          " kernels in 1 graph launch per token, which also copies the token in and writes the"
+          " picked ids out (FusedDecoder.greedy_step); persist.: 1 kernel in 1 graph launch where"
+          " the batch fits it, else graph's; compiled: gpt-fast-style torch.compile, float32,"
+          " TF32 off)")
     for d in r["decode"]:
         if d.get("compiled_error"):
             print(f"  stories{d['model']} bsz {d['bsz']}: compiled reference n/a: "
