@@ -10,13 +10,17 @@ from typing import List, Optional
 import numpy as np
 
 from .checks import check_finite
-from .errors import ArgumentError, check_positive_int, shown
+from .errors import ArgumentError, GenerationError, check_positive_int, shown
 from .exact import decoder
 from .ops import softmax, to_host
 from .sampler import check_sampling_args, sample_top_p
 from .tokenizers.chat import B_INST, E_INST
 
 SPECIAL_TAGS = [B_INST, E_INST, "<<SYS>>", "<</SYS>>"]
+# Greedy steps a GPU decoder takes in one call (its greedy_steps) once every row is past its
+# prompt: the host waits once per AHEAD tokens; at most AHEAD - 1 steps past the end are
+# wasted where all rows reach eos (docs/generate.md, "Steps ahead").
+AHEAD = 8
 UNSAFE_ERROR = "Error: special tags are not allowed as part of the prompt."
 
 
@@ -40,16 +44,26 @@ def greedy(last, model, tokens, start_pos):
     if model.ops.xp is np:
         check_finite(last, model, tokens, start_pos)
         return np.argmax(to_host(last), axis=-1)
-    return picked(to_host(model.ops.greedy_pick(last)), last, model, tokens, start_pos)
+    back = to_host(model.ops.greedy_pick(last))[None]            # (1, 2 bsz)
+    return picked(back, last, model, tokens, start_pos, forward=None)[0]
 
 
-def picked(back, last, model, tokens, start_pos):
-    """The bsz ids of back (2 bsz,) = [ids, flags], greedy_pick's answer for last (bsz, vocab);
-    where a flag says a row held a logit that is not finite, check_finite raises, saying where."""
-    bsz = last.shape[0]
-    if back[bsz:].any():
-        check_finite(last, model, tokens, start_pos)             # raises, saying where
-    return back[:bsz].astype(np.int64)
+def picked(backs, last, model, tokens, start_pos, forward):
+    """The ids of n greedy steps from tokens at start_pos, one (bsz,) array a step, from backs
+    (n, 2 bsz), greedy_pick's answer [ids, flags] for each step (the step after fed the ids),
+    and last (bsz, vocab), the last step's logits. Where a flag says a row held a logit that
+    is not finite, check_finite raises, saying where: on last for the last step, on the
+    step's logits made again by forward for an earlier one (a NaN in the weights comes back)."""
+    bsz, ids = backs.shape[1] // 2, []
+    for j, back in enumerate(backs):
+        if back[bsz:].any():
+            step_last = last if j == len(backs) - 1 else forward(tokens, start_pos)[:, -1]
+            check_finite(step_last, model, tokens, start_pos)    # raises, saying where
+            raise GenerationError(f"the logits at position {start_pos + tokens.shape[1] - 1} "
+                                  f"held a value that is not finite, and not when made again")
+        ids.append(back[:bsz].astype(np.int64))
+        start_pos, tokens = start_pos + tokens.shape[1], ids[-1][:, None]    # (bsz, 1)
+    return ids
 
 
 class Llama:
@@ -135,15 +149,22 @@ class Llama:
         # model.forward, or a faster way its backend has to decode (the GPU's: one CUDA graph),
         # or with exact, llama2.c's order of operations
         forward = decoder(self.model, self.exact)
-        # Greedy on the GPU: the backend's step that also picks the tokens, so only the ids
-        # come back (for one token a row, inside its CUDA graph: FusedDecoder.greedy_step). Not
-        # where the logits themselves are wanted (logprobs).
-        greedy_step = getattr(forward, "greedy_step", None) if temperature == 0 and not logprobs \
-            else None
+        # Greedy on the GPU: the backend's steps that also pick the tokens, so only the ids
+        # come back (for one token a row, inside CUDA graphs: FusedDecoder.greedy_steps), and,
+        # once no row has prompt left to feed in, AHEAD steps at a time, the host out of the
+        # way; the loop takes their ids one position at a time. Not where the logits
+        # themselves are wanted (logprobs).
+        greedy_steps = getattr(forward, "greedy_steps", None) \
+            if temperature == 0 and not logprobs else None
+        ahead = []                     # ids picked ahead of cur_pos, a (bsz,) array a position
         for cur_pos in range(min_prompt_len, total_len):
-            if greedy_step is not None:
-                back, last = greedy_step(tokens[:, prev_pos:cur_pos], prev_pos)
-                next_token = picked(back, last, self.model, tokens[:, prev_pos:cur_pos], prev_pos)
+            if greedy_steps is not None:
+                if not ahead:
+                    n = AHEAD if cur_pos >= max_prompt_len and total_len - cur_pos >= AHEAD else 1
+                    backs, last = greedy_steps(tokens[:, prev_pos:cur_pos], prev_pos, n)
+                    ahead = picked(backs, last, self.model, tokens[:, prev_pos:cur_pos], prev_pos,
+                                   forward)
+                next_token = ahead.pop(0)
             else:
                 logits = forward(tokens[:, prev_pos:cur_pos], prev_pos)
                 if temperature > 0:

@@ -23,6 +23,7 @@ from minillama.checkpoints.random import random_weights
 from minillama.cuda import runtime
 from minillama.devices import get_ops
 from minillama.errors import DeviceError, MiniLlamaError
+from minillama.generation import AHEAD
 from minillama.model import ModelArgs, Transformer
 from minillama.ops import CPU
 
@@ -512,8 +513,9 @@ def test_fused_decode_survives_rounds_of_step_slots(cuda, cp):
 @gpu
 def test_generate_greedy_on_the_gpu_equals_the_cpu(cuda, cp):
     """Llama.generate at temperature 0 takes the argmax on the GPU, inside the step's graph
-    (FusedDecoder.greedy_step) once every row decodes, and copies back only the ids: the same
-    tokens as on the CPU, for padded prompts of 3 rows."""
+    (FusedDecoder.greedy_steps) once every row decodes, AHEAD steps a graph once no row has
+    prompt left, and copies back only the ids: the same tokens as on the CPU, for padded
+    prompts of 3 rows."""
     from conftest import StubTokenizer
     from minillama.generation import Llama
     p = ModelArgs(**ODD)
@@ -524,21 +526,23 @@ def test_generate_greedy_on_the_gpu_equals_the_cpu(cuda, cp):
     got, want = (Llama(model, StubTokenizer(eos_id=-7)).generate(
         prompts, max_gen_len=20, temperature=0)[0] for model in (gpu_model, Transformer(p, w, CPU)))
     assert got == want
-    assert gpu_ops._decoders[gpu_model].greedy_graphs.get(3) is not None   # (greedy_step's)
+    graphs = gpu_ops._decoders[gpu_model].greedy_graphs                 # (greedy_steps')
+    assert graphs.get((3, 1)) is not None and graphs.get((3, AHEAD)) is not None
 
 
 @gpu
 @pytest.mark.parametrize("rows", [1, 3])
 @pytest.mark.parametrize("mode", ["persistent", "fused+graphs", "fused"])
-def test_greedy_step_picks_what_forward_and_greedy_pick_pick(cuda, cp, mode, rows):
-    """FusedDecoder.greedy_step (the token copied from page-locked memory by the graph's first
-    node, the ids written to page-locked memory by its last kernel) against forward +
-    greedy_pick on a twin model: the same ids and logits every step, for 1 or 3 rows over 40
-    positions, the first step eager, then through its own graph (where graphs are on). One row
-    is the graph captured with programmatic launches (PROGRAMMATIC_ROWS, on sm_90 and later),
-    where a kernel may start before the one ahead of it ends: the step's position and tokens
-    must reach every kernel all the same (attention_decode reads the position before its
-    wait; a kernel in place of the copy node was a race)."""
+def test_greedy_steps_pick_what_forward_and_greedy_pick_pick(cuda, cp, mode, rows):
+    """FusedDecoder.greedy_steps (the token copied from page-locked memory by the graph's first
+    node, each step's ids copied to the next step's input on the GPU, the ids back in
+    page-locked memory) against forward + greedy_pick on a twin model: the same ids every
+    step, and the same last logits, for 1 or 3 rows over 48 positions, in calls of 1, 5 and
+    3 steps (the first of each eager, then through its own graph, where graphs are on). One
+    row is the graph captured with programmatic launches (PROGRAMMATIC_ROWS, on sm_90 and
+    later), where a kernel may start before the one ahead of it ends: the step's position and
+    tokens must reach every kernel all the same (attention_decode reads the position before
+    its wait; a kernel in place of the copy node was a race)."""
     from minillama.cuda.kernels import greedy_pick
     # widths that are multiples of 4, grouped heads: a shape the persistent kernel covers
     p = ModelArgs(dim=64, n_layers=3, n_heads=8, n_kv_heads=2, vocab_size=1001, hidden_dim=172,
@@ -550,24 +554,44 @@ def test_greedy_step_picks_what_forward_and_greedy_pick_pick(cuda, cp, mode, row
         model = Transformer(p, w, ops)
         return ops.decoder(model), ops._decoders[model]
     (forward, _), (stepped, fused) = decoder(), decoder()
-    tokens = rng.integers(0, p.vocab_size, size=(rows, 1))
-    for pos in range(40):
-        logits = forward(tokens, pos)[:, -1]
-        want = greedy_pick(logits).get()
-        back, last = stepped.greedy_step(tokens, pos)
-        assert back.tolist() == want.tolist(), f"position {pos}"
-        assert rel_err(cp.asnumpy(last), cp.asnumpy(logits)) < 1e-6, f"position {pos}"
-        tokens = back[:rows].astype(np.int64).reshape(rows, 1)
+    tokens, pos = rng.integers(0, p.vocab_size, size=(rows, 1)), 0
+    for n in [1, 5, 3, 5, 1, 3] * 2 + [5, 1, 5, 1]:
+        backs, last = stepped.greedy_steps(tokens, pos, n)
+        assert backs.shape == (n, 2 * rows)
+        for j, back in enumerate(backs):
+            logits = forward(tokens, pos)[:, -1]
+            want = greedy_pick(logits).get()
+            assert back.tolist() == want.tolist(), f"position {pos}, step {j} of {n}"
+            tokens, pos = back[:rows].astype(np.int64).reshape(rows, 1), pos + 1
+        assert rel_err(cp.asnumpy(last), cp.asnumpy(logits)) < 1e-6, f"position {pos - 1}"
+    assert pos == p.max_seq_len                 # every position, the last one included
     assert type(fused).__name__ == ("PersistentDecoder" if mode == "persistent" else "FusedDecoder")
-    assert (fused.greedy_graphs.get(rows) is not None) == (mode != "fused")
+    assert all((fused.greedy_graphs.get((rows, n)) is not None) == (mode != "fused")
+               for n in (1, 3, 5))
 
 
 @gpu
-def test_generate_greedy_on_the_gpu_refuses_a_nan_picked_in_the_graph(cuda, cp):
-    """A NaN that reaches the logits inside greedy_step's graph raises generate's one clear
-    error (greedy_pick's flag, then check_finite on the step's logits), as on the CPU. The
-    first generate records the graphs; then one classifier weight turns NaN on the GPU, in
-    place, where the graph reads it."""
+def test_greedy_steps_refuse_a_count_or_positions_out_of_range(cuda, cp):
+    from minillama.errors import ArgumentError, GenerationError
+    model, _ = small_model(cuda.CudaOps(), bsz=1)
+    forward = model.ops.decoder(model)
+    for n in (0, 17, 2.0, True):
+        with pytest.raises(ArgumentError, match="n: expected 1 to 16 steps"):
+            forward.greedy_steps([[3]], 0, n)
+    last = model.params.max_seq_len - 1
+    forward.greedy_steps([[3]], last - 2, 3)                      # positions up to the last
+    with pytest.raises(GenerationError, match="n: 4 steps from position"):
+        forward.greedy_steps([[3]], last - 2, 4)
+
+
+@gpu
+@pytest.mark.parametrize("max_gen_len", [6, 20])
+def test_generate_greedy_on_the_gpu_refuses_a_nan_picked_in_the_graph(cuda, cp, max_gen_len):
+    """A NaN that reaches the logits inside greedy_steps' graph raises generate's one clear
+    error (greedy_pick's flag, then check_finite on the step's logits), as on the CPU: in a
+    graph of one step (max_gen_len 6), and in one of AHEAD steps (20), where the flagged step
+    is not the last and is made again to say where. The first generate records the graphs;
+    then one classifier weight turns NaN on the GPU, in place, where the graph reads it."""
     from conftest import StubTokenizer
     from minillama.errors import GenerationError
     from minillama.generation import Llama
@@ -575,11 +599,12 @@ def test_generate_greedy_on_the_gpu_refuses_a_nan_picked_in_the_graph(cuda, cp):
     ops = cuda.CudaOps()
     model = Transformer(p, random_weights(p, seed=int(rng.integers(1 << 30))), ops)
     llama = Llama(model, StubTokenizer(eos_id=-7))
-    llama.generate([[3]], max_gen_len=6, temperature=0)
-    assert ops._decoders[model].greedy_graphs.get(1) is not None
+    llama.generate([[3]], max_gen_len=max_gen_len, temperature=0)
+    n = 1 if max_gen_len < AHEAD else AHEAD
+    assert ops._decoders[model].greedy_graphs.get((1, n)) is not None
     model.output[5, 3] = cp.nan                            # logit 5 is NaN at every step
     with pytest.raises(GenerationError, match="NaN.*classifier"):
-        llama.generate([[3]], max_gen_len=6, temperature=0)
+        llama.generate([[3]], max_gen_len=max_gen_len, temperature=0)
 
 
 @gpu

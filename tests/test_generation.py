@@ -6,7 +6,7 @@ import pytest
 
 from minillama.checkpoints.random import random_weights
 from minillama.errors import ArgumentError, GenerationError
-from minillama.generation import Llama, cross_entropy
+from minillama.generation import AHEAD, Llama, cross_entropy
 from minillama.model import ModelArgs, Transformer
 from minillama.tokenizers import Llama2Chat
 
@@ -127,53 +127,83 @@ def test_greedy_on_the_device_still_refuses_non_finite_logits(bad):
         llama.generate([[5, 6]], max_gen_len=3, temperature=0)
 
 
-def with_greedy_step(model, calls, poison=None, forward_steps=False):
-    """The model as generate sees it on a GPU whose decoder has greedy_step (FusedDecoder's:
-    the pick inside the step's graph), here in NumPy; calls records the steps it served.
-    poison: a value put into logit 5 of row 0 from the third step on. forward_steps: forward
-    may serve steps too (else it refuses them: greedy_step's to serve)."""
-    def greedy_step(tokens, start_pos):
-        calls.append((np.shape(tokens), start_pos))
-        last = model.forward(np.asarray(tokens), start_pos)[:, -1]
-        if poison is not None and len(calls) >= 3:
-            last[0, 5] = poison
-        return greedy_pick(last), last
+def with_greedy_steps(model, calls, poison=None, forward_steps=False):
+    """The model as generate sees it on a GPU whose decoder has greedy_steps (FusedDecoder's:
+    the picks inside the steps' graph), here in NumPy; calls records the calls it served.
+    poison: a value put into logit 5 of row 0 at every position from 2 on, by greedy_steps and
+    by forward alike (as a NaN in the weights would be). forward_steps: forward may serve steps
+    too (else it refuses them: greedy_steps' to serve; a step made again to say where a flag
+    came from is forward's)."""
+    def logits(tokens, start_pos):
+        out = model.forward(np.asarray(tokens), start_pos)
+        if poison is not None and start_pos + out.shape[1] - 1 >= 2:
+            out[0, -1, 5] = poison
+        return out
+
+    def greedy_steps(tokens, start_pos, n):
+        calls.append((np.shape(tokens), start_pos, n))
+        backs = []
+        for _ in range(n):
+            last = logits(tokens, start_pos)[:, -1]
+            backs.append(greedy_pick(last))
+            start_pos, tokens = start_pos + np.shape(tokens)[1], backs[-1][:len(last), None]
+        return np.stack(backs), last
 
     def forward(tokens, start_pos):
-        assert forward_steps, "greedy_step's step went to forward"
-        return model.forward(tokens, start_pos)
-    forward.greedy_step = greedy_step
+        assert forward_steps, "greedy_steps' step went to forward"
+        return logits(tokens, start_pos)
+    forward.greedy_steps = greedy_steps
     device = on_device(model)
     device.ops.decoder = lambda m: forward
     return device
 
 
 @pytest.mark.parametrize("shortest", [1, 2])
-def test_greedy_takes_the_decoders_greedy_step_for_every_step(shortest):
-    """Every step of a greedy generate goes to the decoder's greedy_step, the prompt's first
-    columns too (shortest prompt 2: a step of 2 tokens a row, then one token a row)."""
+def test_greedy_takes_the_decoders_greedy_steps_for_every_step(shortest):
+    """Every step of a greedy generate goes to the decoder's greedy_steps, the prompt's first
+    columns too (shortest prompt 2: a step of 2 tokens a row, then one token a row), one step
+    a call while a row has prompt left, then AHEAD a call while AHEAD positions remain."""
     rng = np.random.default_rng()
     prompts = [list(rng.integers(3, 97, n)) for n in (shortest, 7, 4)]
-    want, _ = make_llama(4, eos_id=-7).generate(prompts, max_gen_len=9, temperature=0)
+    want, _ = make_llama(4, eos_id=-7).generate(prompts, max_gen_len=12, temperature=0)
     llama, calls = make_llama(4, eos_id=-7), []
-    llama.model = with_greedy_step(llama.model, calls)
-    assert llama.generate(prompts, max_gen_len=9, temperature=0)[0] == want
-    assert calls == [((3, shortest), 0)] + [((3, 1), pos) for pos in range(shortest, 15)]
+    llama.model = with_greedy_steps(llama.model, calls)
+    assert llama.generate(prompts, max_gen_len=12, temperature=0)[0] == want
+    assert AHEAD == 8                      # total_len 19: positions 7 .. 14 in one call
+    assert calls == ([((3, shortest), 0, 1)] + [((3, 1), pos, 1) for pos in range(shortest, 6)]
+                     + [((3, 1), 6, 8)] + [((3, 1), pos, 1) for pos in range(14, 18)])
+
+
+def test_greedy_steps_ahead_stop_at_eos_as_one_at_a_time():
+    """Steps taken ahead past a row's eos change nothing: the output is cut at the eos, and
+    generation stops at the step where every row has reached it."""
+    prompt = [5, 6, 7]
+    free = greedy_alone(1, prompt, 30, eos_id=-7)          # an eos that never occurs
+    eos = free[11]                                           # the 12th token is the eos
+    llama, calls = make_llama(1, eos_id=eos), []
+    llama.model = with_greedy_steps(llama.model, calls)
+    out, _ = llama.generate([prompt], 30, temperature=0)
+    assert out[0] == free[:free.index(eos)]
+    # the prompt's step and 7 more, then 8 from position 10: the eos (position 14) in the second
+    assert calls == [((1, 3), 0, 8), ((1, 1), 10, 8)]
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf])
-def test_greedy_step_refuses_non_finite_logits(bad):
+@pytest.mark.parametrize("max_gen_len", [3, 12])
+def test_greedy_steps_refuse_non_finite_logits(bad, max_gen_len):
+    """A flag at position 2: in a call of one step (max_gen_len 3), check_finite on its logits;
+    in a call of AHEAD steps where it is not the last, on the step made again by forward."""
     llama, calls = make_llama(4), []
-    llama.model = with_greedy_step(llama.model, calls, poison=bad)
+    llama.model = with_greedy_steps(llama.model, calls, poison=bad, forward_steps=True)
     with pytest.raises(GenerationError, match="NaN" if np.isnan(bad) else "infinity"):
-        llama.generate([[5]], max_gen_len=8, temperature=0)
-    assert len(calls) == 3
+        llama.generate([[5]], max_gen_len=max_gen_len, temperature=0)
+    assert [n for _, _, n in calls] == ([1, 1, 1] if max_gen_len == 3 else [8])
 
 
-def test_sampling_and_logprobs_never_take_greedy_step():
+def test_sampling_and_logprobs_never_take_greedy_steps():
     for kwargs in ({"temperature": 0.8}, {"temperature": 0, "logprobs": True}):
         llama, calls = make_llama(4), []
-        llama.model = with_greedy_step(llama.model, calls, forward_steps=True)
+        llama.model = with_greedy_steps(llama.model, calls, forward_steps=True)
         assert len(llama.generate([[5, 6]], max_gen_len=4, **kwargs)[0][0]) == 4
         assert calls == []
 

@@ -32,10 +32,10 @@ def timed_launches(fused, bsz, cp):
     """Per kernel name: [summed ms, launches] of one eager FusedDecoder.run(bsz)."""
     pairs, launch = [], KERNELS.launch
 
-    def recording(name, grid, block, args, shared_mem=0):
+    def recording(name, grid, block, args, **kwargs):
         start, end = cp.cuda.Event(), cp.cuda.Event()
         start.record()
-        launch(name, grid, block, args, shared_mem=shared_mem)
+        launch(name, grid, block, args, **kwargs)
         end.record()
         pairs.append((f"{name} {tuple(grid)}", start, end))
     KERNELS.launch = recording
@@ -93,9 +93,11 @@ def replay_ms(forward, fused, bsz, cp, steps=20):
               the generate loop's way);
     host      forward, cp.argmax and .get() (+ one small kernel and the copy to the host);
     greedy_pick  forward, kernels.greedy_pick and .get(): generate's greedy step before
-              FusedDecoder.greedy_step;
-    greedy_step  FusedDecoder.greedy_step: the token read and the ids written in place by the
-              graph's first and last kernels (generate's greedy step, and decode_rate's)."""
+              FusedDecoder.greedy_steps;
+    greedy_step  FusedDecoder.greedy_steps, one step: the token copied in by the graph's first
+              node, the ids written in place by its last kernel (generate's step in a prompt);
+    8 ahead   FusedDecoder.greedy_steps, 8 steps a call, each fed the one before's ids on the
+              GPU, per step (generate's steps past the prompt, and decode_rate's)."""
     tokens = np.ones((bsz, 1), dtype=np.int64)
     for pos in range(3):
         forward(tokens, pos)
@@ -134,8 +136,11 @@ def replay_ms(forward, fused, bsz, cp, steps=20):
         logits = forward(state["tokens"], 3 + i)
         state["tokens"] = greedy_pick(logits[:, -1]).get()[:bsz].reshape(bsz, 1)
     out["greedy_pick"] = per_step(pick)
-    fused.greedy_step(tokens, 3)                           # records its graph
-    out["greedy_step"] = per_step(lambda i: fused.greedy_step(tokens, 3 + i))
+    fused.greedy_steps(tokens, 3)                          # records its graph
+    out["greedy_step"] = per_step(lambda i: fused.greedy_steps(tokens, 3 + i))
+    fused.greedy_steps(tokens, 3, 8)
+    out["8 ahead"] = ms_per_step(lambda i: fused.greedy_steps(tokens, 3 + 8 * (i % 2), 8), sync,
+                                 steps) / 8
     return out
 
 
@@ -184,10 +189,10 @@ def pick_in_ms(fused, bsz, cp):
     """Experiment: ms per step of the step's graph with greedy_pick captured at its end,
     writing the ids and flags straight into page-locked host memory, and the token still
     copied in beside it (send_step), a wait after each. greedy_step (replay_ms) is this with
-    the token copied in by the graph too: FusedDecoder.greedy_step's own graph."""
+    the token copied in by the graph too: FusedDecoder.greedy_steps' own graph of one step."""
     import cupyx
     from minillama.cuda.fused import device_address
-    from minillama.cuda.kernels import GREEDY_THREADS
+    from minillama.cuda.kernels import GREEDY_THREADS, NO_STEP
     picks = cupyx.empty_pinned((2 * bsz,), dtype=np.int32)
     vocab = fused.p.vocab_size
 
@@ -196,7 +201,7 @@ def pick_in_ms(fused, bsz, cp):
             fused.run(bsz)
         KERNELS.launch("greedy_pick", (bsz,), (GREEDY_THREADS,),
                        (fused.logits[:bsz], np.int32(vocab), np.int32(vocab),
-                        device_address(picks), np.int32(bsz)))
+                        device_address(picks), np.int32(bsz), NO_STEP))
     tokens, sync = np.ones((bsz, 1), dtype=np.int64), cp.cuda.Device().synchronize
     try:
         graph = captured(cp, record)

@@ -20,7 +20,9 @@ four settings:
     persistent  PersistentDecoder: the step as one kernel (the default where it covers the
                 model; FusedDecoder's graph for the batches it does not fit)
 
-and, when torch is installed, two PyTorch models of the same shape in float32 (TF32 off) on the
+and, as generate decodes greedily once no row has prompt left, the default decoder taking
+generation.AHEAD steps per call (greedy_steps: one graph launch and one wait for them all);
+that column is the one held against the targets. And, when torch is installed, two PyTorch models of the same shape in float32 (TF32 off) on the
 same GPU: transformers' LlamaForCausalLM in eager mode, for scale, and the gpt-fast-style
 compiled reference (torch_compiled.py, the token through the host as here). The last table
 compares each figure with the targets of issues 2 and 13. `--section decode` runs only this. Between the kernels and the decode runs gpu7b.py's section (alone with --section
@@ -40,6 +42,7 @@ import numpy as np
 from ..cuda import CudaOps, gemv, require_cupy, sgemm, softmax
 from ..cuda.kernels import SGEMM_CONFIGS, pick_sgemm_config
 from ..errors import DeviceError
+from ..generation import AHEAD
 from ..checkpoints.random import random_weights
 from ..model import ModelArgs, Transformer
 from . import gpu7b, subset_of, torch_compiled
@@ -217,6 +220,8 @@ def bench_decode(steps, batches):
             row = dict(model=shape, bsz=bsz)
             for mode, forward in decoders[shape].items():
                 row[mode] = decode_rate(forward, bsz, steps)
+            # generate's way: the default decoder, AHEAD greedy steps a wait once past the prompt
+            row["ahead"] = decode_rate(decoders[shape]["persistent"], bsz, steps, AHEAD)
             row["fused_launches"] = fused.launches_per_step.get(bsz) if fused else None
             row["persistent_launches"] = (persistent.launches_per_step.get(bsz)
                                           if persistent else None)
@@ -226,7 +231,8 @@ def bench_decode(steps, batches):
                 row[f"{mode}_gpu_us"] = 1000 * gpu_ms(graph.launch, inner=20) if graph else None
             rows.append(row)
             print(f"  stories{shape} bsz {bsz}: " + ", ".join(     # as measured: a run cut
-                f"{mode} {row[mode]:.0f}" for mode in MODES) + " tokens/s", flush=True)  # short
+                f"{mode} {row[mode]:.0f}" for mode in (*MODES, "ahead")) + " tokens/s",
+                flush=True)                                  # short
 
     for row in rows:
         try:
@@ -298,18 +304,22 @@ def print_report(r):
 def print_decode(r):
     """The TinyStories shapes in every decode mode beside PyTorch, and issue 13's targets."""
     print(f"\n{'decode, tokens/s':18} {'bsz':>4} {'generic':>8} {'fused':>8} {'graph':>8} "
-          f"{'persist.':>8} {'compiled':>9} {'HF eager':>9} | {'kernels/token: generic':>22} "
+          f"{'persist.':>8} {f'{AHEAD} ahead':>8} {'compiled':>9} {'HF eager':>9} | "
+          f"{'kernels/token: generic':>22} "
           f"{'fused':>6} {'graph':>6} {'persist.':>8}")
     for d in r["decode"]:
         print(f"{'stories' + d['model']:18} {d['bsz']:>4} {d['generic']:8.0f} {d['fused']:8.0f} "
-              f"{d['graph']:8.0f} {d['persistent']:8.0f} {fmt(d.get('compiled'), '.0f'):>9} "
+              f"{d['graph']:8.0f} {d['persistent']:8.0f} {d['ahead']:8.0f} "
+              f"{fmt(d.get('compiled'), '.0f'):>9} "
               f"{fmt(d['hf_eager'], '.0f'):>9} | {fmt(d['generic_kernels'], 'd'):>22} "
               f"{fmt(d['fused_launches'], 'd'):>6} {fmt(d['graph_kernels'], 'd'):>6} "
               f"{fmt(d['persistent_kernels'], 'd'):>8}")
     print("  (every mode picks each token greedily and brings it to the host; graph: those"
           " kernels in 1 graph launch per token, which also copies the token in and writes the"
-          " picked ids out (FusedDecoder.greedy_step); persist.: 1 kernel in 1 graph launch where"
-          " the batch fits it, else graph's; compiled: gpt-fast-style torch.compile, float32,"
+          " picked ids out (FusedDecoder.greedy_steps); persist.: 1 kernel in 1 graph launch where"
+          f" the batch fits it, else graph's; {AHEAD} ahead: persist.'s decoder, {AHEAD} steps"
+          " in one graph launch, each fed the one before's picks, as generate takes them past"
+          " the prompt (the targets' figure); compiled: gpt-fast-style torch.compile, float32,"
           " TF32 off)")
     for d in r["decode"]:
         if d.get("compiled_error"):
@@ -340,8 +350,9 @@ def print_targets(title, rows):
 
 
 def best(d):
-    """The default decoder's rate: PersistentDecoder where it covers the model, else graph."""
-    return d["persistent"]
+    """The rate generate gets: the default decoder (PersistentDecoder where it covers the
+    model, else graph's), AHEAD greedy steps a call."""
+    return d["ahead"]
 
 
 def targets(r):

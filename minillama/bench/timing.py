@@ -50,26 +50,27 @@ def tflops(M, N, K, ms):
     return 2.0 * M * N * K / ms / 1e9
 
 
-def decode_rate(forward, bsz, steps):
-    """Tokens/s of greedy decoding, one token per forward call, positions 0 .. steps-1; the
-    first pass warms up (compiles, captures graphs), the second is timed. Each token goes
-    through the host as generate's greedy step takes it: forward.greedy_step where the decoder
-    has one (the pick inside the step's CUDA graph), else picked on the GPU by
+def decode_rate(forward, bsz, steps, ahead=1):
+    """Tokens/s of greedy decoding, positions 0 .. steps-1; the first pass warms up (compiles,
+    captures graphs), the second is timed. The tokens go through the host as generate's greedy
+    steps take them: forward.greedy_steps where the decoder has it (the picks inside the CUDA
+    graph), `ahead` steps a call (generate's AHEAD once no prompt is left; a last, shorter call
+    where steps is not a multiple), else one forward call a token, picked on the GPU by
     kernels.greedy_pick and copied back."""
     cp = require_cupy()
-    greedy_step = getattr(forward, "greedy_step", None)
+    greedy_steps = getattr(forward, "greedy_steps", None)
 
-    def next_tokens(tokens, pos):
-        if greedy_step is not None:
-            back = greedy_step(tokens, pos)[0]
+    def next_tokens(tokens, pos, n):
+        if greedy_steps is not None:
+            back = greedy_steps(tokens, pos, n)[0][-1]
         else:
             back = greedy_pick(forward(tokens, pos)[:, -1]).get()
         return back[:bsz].astype(np.int64).reshape(bsz, 1)
 
     def run():
         tokens = np.ones((bsz, 1), dtype=np.int64)
-        for pos in range(steps):
-            tokens = next_tokens(tokens, pos)
+        for pos in range(0, steps, ahead if greedy_steps is not None else 1):
+            tokens = next_tokens(tokens, pos, min(ahead, steps - pos))
     run()
     cp.cuda.Device().synchronize()
     start = time.perf_counter()

@@ -17,6 +17,7 @@ import weakref
 import numpy as np
 
 from ..checks import check_tokens
+from ..errors import ArgumentError, GenerationError
 from ..formats import Packed, dequantize
 from ..ops import NumpyOps
 from ..quant import Q8Tensor
@@ -109,7 +110,7 @@ class CudaOps(NumpyOps):
     def decoder(self, model):
         """The fastest forward(tokens, start_pos) -> logits for `model`: a CudaDecoder, which
         sends one new token per row (tokens (bsz, 1)) through FusedDecoder and prompts through
-        model.forward, and has greedy_step, greedy decoding's step with the pick on the GPU.
+        model.forward, and has greedy_steps, greedy decoding's steps with the picks on the GPU.
         Where FusedDecoder does not cover the model (see FusedDecoder.covers), or fused_decode
         is off, it is model.forward itself."""
         fused = self._fused_decoder(model) if self.fused_decode else None
@@ -140,14 +141,28 @@ class CudaDecoder:
             return self.model.forward(tokens, start_pos)
         return self.fused(tokens, start_pos, self.graphs)
 
-    def greedy_step(self, tokens, start_pos):
-        """(back, last): greedy decoding's step, back (2 bsz,) int32 on the host = each row's
-        argmax of the last position's logits, then a flag per row where one is not finite;
-        last (bsz, vocab) those logits on the GPU. One token per row goes through
-        FusedDecoder.greedy_step (the pick inside the CUDA graph, no logits copied); a prompt
-        through model.forward and greedy_pick."""
-        tokens = check_tokens(tokens, start_pos, self.model.params)
-        if tokens.shape[1] > 1:
-            last = self.model.forward(tokens, start_pos)[:, -1]
-            return greedy_pick(last).get(), last
-        return self.fused.greedy_step(tokens, start_pos, self.graphs)
+    def greedy_steps(self, tokens, start_pos, n=1):
+        """(backs, last): n steps of greedy decoding from tokens (bsz, seqlen) at start_pos,
+        each step after the first fed the ids the one before picked. backs (n, 2 bsz) int32 on
+        the host, step j's row = each row's argmax of its last logits, then a flag per row,
+        1 where one is not finite; last (bsz, vocab) the last step's logits on the GPU. One
+        token a row goes through FusedDecoder.greedy_steps (the picks inside the CUDA graph,
+        only the ids copied back); a prompt's step through model.forward and greedy_pick, and
+        the steps after it through FusedDecoder.greedy_steps."""
+        tokens = check_tokens(tokens, start_pos, self.model.params)   # (bsz, seqlen) int64
+        (bsz, seqlen), max_seq_len = tokens.shape, self.model.params.max_seq_len
+        counted = not isinstance(n, bool) and isinstance(n, (int, np.integer))
+        if not counted or not 1 <= n <= self.fused.MAX_STEPS:
+            raise ArgumentError(f"n: expected 1 to {self.fused.MAX_STEPS} steps, got {n!r}")
+        if start_pos + seqlen + n - 1 > max_seq_len:
+            raise GenerationError(f"n: {n} steps from position {start_pos + seqlen - 1} do not "
+                                  f"fit max_seq_len {max_seq_len}")
+        if seqlen == 1:
+            return self.fused.greedy_steps(tokens, start_pos, n, self.graphs)
+        last = self.model.forward(tokens, start_pos)[:, -1]               # (bsz, vocab)
+        first = greedy_pick(last).get()[None]                              # (1, 2 bsz)
+        if n == 1:
+            return first, last
+        rest, last = self.fused.greedy_steps(first[0, :bsz, None].astype(np.int64),
+                                             start_pos + seqlen, n - 1, self.graphs)
+        return np.concatenate([first, rest]), last

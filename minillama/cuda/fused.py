@@ -16,8 +16,8 @@ import warnings
 import numpy as np
 
 from ..formats import Packed
-from .kernels import CACHE_TYPES, GREEDY_THREADS, KERNELS, PACKED_KERNEL_FORMATS, gemv, \
-    greedy_pick, qgemv
+from .kernels import CACHE_TYPES, GREEDY_THREADS, KERNELS, NO_STEP, PACKED_KERNEL_FORMATS, \
+    gemv, greedy_pick, qgemv
 from .runtime import i32, require_cupy
 
 
@@ -46,12 +46,14 @@ class FusedDecoder:
     Between two replays the host calls CUDA 3 times: the step's copy in, the replay, the
     logits' copy out (into an array from CuPy's pool); an event wait and record, which every
     step made before, come once every STEP_SLOTS steps (`send_step` says why that is enough).
-    greedy_step, greedy decoding's step, calls CUDA once, the replay, and waits for it: its
-    graph copies the token in from page-locked memory and writes back only the picked ids.
+    greedy_steps, greedy decoding's steps, calls CUDA once, the replay, and waits for it: its
+    graph copies the token in from page-locked memory, takes n steps, each fed the ids the one
+    before picked, and copies back only the picked ids.
     """
 
     BLOCK = 256
     STEP_SLOTS = 64         # rows of step_host used in turn: one event wait per 64 steps
+    MAX_STEPS = 16          # greedy_steps' steps in one graph, at most
 
     @staticmethod
     def covers(model):
@@ -105,11 +107,11 @@ class FusedDecoder:
         self.logits = buf(p.vocab_size)
         self.graphs = {}                                     # bsz -> cupy.cuda.Graph
         self.launches_per_step = {}                          # bsz -> kernels in one step
-        # greedy_step's edges, page-locked: the row its graph's copy node reads, and the ids
-        # and flags its greedy_pick writes in place
+        # greedy_steps' edges, page-locked: the row its graph's copy node reads, and the ids
+        # and flags each step's greedy_pick writes in place
         self.row_host = cupyx.empty_pinned((1 + nb,), dtype=np.int32)   # [start_pos, tokens]
-        self.picks_host = cupyx.empty_pinned((2 * nb,), dtype=np.int32) # [ids, flags]
-        self.greedy_graphs = {}                              # bsz -> cupy.cuda.Graph, or None
+        self.picks_host = cupyx.empty_pinned((self.MAX_STEPS, 2 * nb), dtype=np.int32)
+        self.greedy_graphs = {}                              # (bsz, n) -> cupy.cuda.Graph, or None
 
     def __call__(self, tokens, start_pos, use_graphs=True):
         bsz = tokens.shape[0]
@@ -149,52 +151,75 @@ class FusedDecoder:
         if self.slot == 0:
             self.round_copied.record(stream)
 
-    def greedy_step(self, tokens, start_pos, use_graphs=True):
-        """Greedy decoding's next token for tokens (bsz, 1) at start_pos, with nothing beside the
-        step's CUDA graph: returns (back, last), back (2 bsz,) int32 on the host as
-        kernels.greedy_pick gives it (each row's argmax, then a flag per row, 1 where a logit is
-        not finite) and last (bsz, vocab), the step's logits on the GPU, for the caller to say
-        where a flag came from; last is this decoder's buffer, valid until its next step.
+    def greedy_steps(self, tokens, start_pos, n=1, use_graphs=True):
+        """n steps of greedy decoding from tokens (bsz, 1) at start_pos, each step fed the ids
+        the one before picked, with nothing beside the steps' CUDA graph: returns (backs, last),
+        backs (n, 2 bsz) int32 on the host, step j's row as kernels.greedy_pick gives it (each
+        row's argmax, then a flag per row, 1 where a logit is not finite), and last (bsz,
+        vocab), the last step's logits on the GPU, for the caller to say where a flag came
+        from; last is this decoder's buffer, valid until its next step. 1 <= n <= MAX_STEPS
+        (CudaDecoder.greedy_steps checks it).
 
         __call__ costs a step three stream operations around its graph: the token's copy in,
         the logits' copy out, the pick's kernel and its copy. Each waits for the one before,
         and on the Llama-2-7B shape each costs 60 to 80 us however few bytes it moves (docs/
         kernels.md, "What the host adds to a step"). Here the graph does all of it: its first
         node copies the position and tokens from a page-locked row (the copy was recorded with
-        the row's address, and reads what the row holds at each replay), and its last kernel
-        (greedy_pick) writes the ids into page-locked memory in place; the host writes the
-        row, replays, waits for the stream and reads the ids. The wait is also what lets the
-        row be written again for the next step."""
+        the row's address, and reads what the row holds at each replay), and each step's
+        greedy_pick writes the ids into page-locked memory in place and, but for the last,
+        into the next step's input; the host writes the row, replays, waits for the stream and
+        reads the ids. The wait is also what lets the row be written again. With n > 1 the host
+        is not there between the steps at all (docs/generate.md, "Steps ahead")."""
         bsz = tokens.shape[0]
-        graph = self.greedy_graphs.get(bsz) if use_graphs else None
+        graph = self.greedy_graphs.get((bsz, n)) if use_graphs else None
         if graph is None:
-            # eagerly, as generation.greedy does it (the copies beside the step); the first
-            # step of bsz rows then records greedy_step's own graph, as __call__ records its own
-            last = self(tokens, start_pos, use_graphs)[:, -1]              # (bsz, vocab)
-            back = greedy_pick(last).get()
-            if use_graphs and bsz not in self.greedy_graphs:
-                self.greedy_graphs[bsz] = self._capture(bsz, lambda: self._greedy_launches(bsz))
-            return back, last
+            # eagerly, as generation.greedy does it (the copies beside each step); the first
+            # call for (bsz, n) then records greedy_steps' own graph, as __call__ records its own
+            backs, last = self._greedy_eagerly(tokens, start_pos, n, use_graphs)
+            if use_graphs and (bsz, n) not in self.greedy_graphs:
+                self.greedy_graphs[bsz, n] = self._capture(
+                    bsz, lambda: self._greedy_launches(bsz, n))
+            return backs, last
         self.row_host[0], self.row_host[1:1 + bsz] = start_pos, tokens[:, 0]
         stream = self.cp.cuda.get_current_stream()
         graph.launch(stream)
         stream.synchronize()
-        return self.picks_host[:2 * bsz].copy(), self.logits[:bsz]
+        return self.picks_host[:n, :2 * bsz].copy(), self.logits[:bsz]
 
-    def _greedy_launches(self, bsz):
-        """greedy_step's graph: row_host copied to step, run(bsz), greedy_pick into picks_host.
-        The step arrives by a copy node, not a kernel: a copy node ends before the first kernel
-        starts, where a kernel's programmatic successors may start before it ends, and
-        attention_decode reads the position before its grid_dependency_wait (decode.cu)."""
+    def _greedy_eagerly(self, tokens, start_pos, n, use_graphs):
+        backs = np.empty((n, 2 * tokens.shape[0]), dtype=np.int32)
+        for j in range(n):
+            last = self(tokens, start_pos + j, use_graphs)[:, -1]            # (bsz, vocab)
+            backs[j] = greedy_pick(last).get()
+            tokens = backs[j, :tokens.shape[0], None].astype(np.int64)      # (bsz, 1)
+        return backs, last
+
+    def _greedy_launches(self, bsz, n):
+        """greedy_steps' graph:
+
+            row_host -> step                       a copy node: the first position and tokens
+            run(bsz), greedy_pick -> picks_host[0]     and into step: its ids, the position + 1
+            run(bsz), greedy_pick -> picks_host[1]     and into step
+            ...
+            run(bsz), greedy_pick -> picks_host[n - 1]
+
+        The first step's input arrives by a copy node, not a kernel: a copy node ends before
+        the next kernel starts, where a kernel's programmatic successors may start before it
+        ends, and attention_decode reads the position before its grid_dependency_wait
+        (decode.cu). The later steps' input is written by greedy_pick, and each step's first
+        kernel (embed) is launched the ordinary way for that reason: it starts only once that
+        greedy_pick has ended, and the step's other kernels only after it has started."""
         cp, vocab = self.cp, self.p.vocab_size
         # (CuPy refuses a copy from the host while a stream captures; the runtime records it)
         cp.cuda.runtime.memcpyAsync(self.step.data.ptr, self.row_host.ctypes.data, 4 * (1 + bsz),
                                     cp.cuda.runtime.memcpyHostToDevice,
                                     cp.cuda.get_current_stream().ptr)
-        self.run(bsz)
-        KERNELS.launch("greedy_pick", (bsz,), (GREEDY_THREADS,),
-                       (self.logits[:bsz], i32(vocab), i32(vocab),
-                        device_address(self.picks_host), i32(bsz)))
+        for j in range(n):
+            self.run(bsz)
+            next_step = self.step if j < n - 1 else NO_STEP
+            KERNELS.launch("greedy_pick", (bsz,), (GREEDY_THREADS,),
+                           (self.logits[:bsz], i32(vocab), i32(vocab),
+                            device_address(self.picks_host[j]), i32(bsz), next_step))
 
     def _capture(self, bsz, launches=None):
         """Record run(bsz), or what launches() launches, into a CUDA graph (nothing executes
@@ -251,8 +276,11 @@ class FusedDecoder:
         """After each residual update of h (bsz, dim): nothing on one GPU."""
 
     def embed(self, bsz, h):
+        # the step's first kernel, launched the ordinary way even where the others are
+        # programmatic: it starts once all before it has ended (greedy_steps' greedy_pick,
+        # which wrote the step's position and tokens), the rest of the step after it
         KERNELS.launch("embed_tokens", (bsz,), (self.BLOCK,),
-                       (self.step, self.tok_embeddings, h, i32(self.p.dim)))
+                       (self.step, self.tok_embeddings, h, i32(self.p.dim)), ordinary=True)
 
     def classify(self, bsz, h):
         matvec(h, self.output, out=self.logits[:bsz], norm=self.norm, eps=self.p.norm_eps)

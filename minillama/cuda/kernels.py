@@ -476,6 +476,7 @@ def softmax(x, out=None, start_pos=None, kernel=None):
 # decode.cu (the rest of it runs inside FusedDecoder)
 
 GREEDY_THREADS = 512        # a block per row of logits; 32000 of them: ~63 a thread
+NO_STEP = np.uint64(0)      # greedy_pick's next_step where no step follows: a null pointer
 
 
 def greedy_pick(last):
@@ -496,7 +497,7 @@ def greedy_pick(last):
     out = cp.empty(2 * bsz, dtype=np.int32)
     if bsz:
         KERNELS.launch("greedy_pick", (bsz,), (GREEDY_THREADS,),
-                       (last, i32(vocab), i32(last.strides[0] // 4), out, i32(bsz)))
+                       (last, i32(vocab), i32(last.strides[0] // 4), out, i32(bsz), NO_STEP))
     return out
 
 

@@ -149,12 +149,14 @@ class KernelModule:
         self._modules = dict.fromkeys(self.groups, module)
         self._functions = {}
 
-    def launch(self, name, grid, block, args, shared_mem=0):
+    def launch(self, name, grid, block, args, shared_mem=0, ordinary=False):
         """Launch kernel `name` on the current stream: grid and block are tuples of up to three
         sizes, args the kernel's parameters in order (arrays, and numpy scalars of its types).
         shared_mem: bytes of dynamic shared memory; over 48 KiB the kernel is first allowed
         that much (an attribute of the function, set outside any CUDA graph capture as long as
-        the first launch of each size runs eagerly, as FusedDecoder's does)."""
+        the first launch of each size runs eagerly, as FusedDecoder's does). ordinary: the
+        ordinary way even inside programmatic(), so that it starts only once all before it
+        has ended."""
         if name not in self._functions:          # looking a function up costs a driver call
             group = self._group.get(name, next(iter(self.groups)))
             self._functions[name] = self.module(group).get_function(name)
@@ -168,7 +170,7 @@ class KernelModule:
                 function.kernel.ptr, MAX_DYNAMIC_SHARED_SIZE_BYTES, shared_mem)
             self._shared[name] = shared_mem
         self.launches += 1
-        if self._programmatic and pdl.supported(require_cupy().cuda.Device().id):
+        if self._programmatic and not ordinary and pdl.supported(require_cupy().cuda.Device().id):
             pdl.launch(function.kernel.ptr, grid, block, args, shared_mem,
                        require_cupy().cuda.get_current_stream().ptr)
         else:
