@@ -670,7 +670,7 @@ def check_all(M_, ch, rng, log, only=Only()):
         log("  checked i8: k splits, accumulate, x over 80 binades, zeros, NaN")
     if only.family("splitk") and only.batches((1,)):
         check_v4s(M_, ch, rng, only.fmts(tuple(V4_FMT)))
-        log("  checked splitk: slices 1 to 9, SwiGLU, accumulate, x over 80 binades, zeros, NaN, "
+        log("  checked splitk: 1 to 10 slices, SwiGLU, accumulate, x over 80 binades, zeros, NaN, "
             "replays bit for bit")
     # the prologues and accumulate, on the instances compiled with them
     N, K = 129, 2048
@@ -790,15 +790,16 @@ def check_i8(M_, ch, rng, fmts):
 
 
 def check_v4s(M_, ch, rng, fmts):
-    """qgemv_v4s beyond check_all's sizes (which take its plans on odd N and K): every slice
-    count up to one 32-load sweep a slice, the SwiGLU prologue with accumulate (w2's launch),
+    """qgemv_v4s beyond check_all's sizes (which take its plans on odd N and K): 1, 2, 3 and 10
+    slices (the last: one 32-load sweep a slice, and a last slice of 1 or 2 loads), the SwiGLU
+    prologue with accumulate (w2's launch),
     accumulate alone (wo's), x whose values span 2^-40 .. 2^40 with a unit of zeros, a NaN in x
     (it must reach every row), and a second launch equal bit for bit to the first (the counters
     are left at zero, the sum is in slice order whatever block is last)."""
     cp = cf.require_cupy()
     from minillama.model import silu
     for fmt in fmts:
-        N, K = 1001, 9 * 32 * WEIGHTS[fmt] + 32           # 9 sweeps and a piece: up to 10 slices
+        N, K = 1001, 9 * 32 * WEIGHTS[fmt] + 32           # 9 sweeps and a piece: 10 slices
         w, w64 = random_weight(fmt, N, K, rng)
         x = rng.standard_normal((1, K), dtype=np.float32)
         h = (2 * rng.standard_normal((1, 2 * K))).astype(np.float32)
@@ -808,7 +809,7 @@ def check_v4s(M_, ch, rng, fmts):
         y0 = rng.standard_normal((1, N), dtype=np.float32)
         ref = x.astype(np.float64) @ w64.T
         for nr, u in V4S_SHAPES:
-            for ks in (1, 2, 3, 9):
+            for ks in (1, 2, 3, 10):
                 tag = f"splitk {fmt} [nr{nr} u{u} ks{ks}]"
                 y = run_v4s(M_, cp.asarray(x), w, cf.poison((1, N)), nr, u, ks)
                 ch.add(f"{tag} N={N} K={K}", cf.rel_err(y, ref), 1e-5)
@@ -822,9 +823,9 @@ def check_v4s(M_, ch, rng, fmts):
             y = run_v4s(M_, cp.asarray(wide), w, cf.poison((1, N)), nr, u, 4)
             ch.add(f"splitk {fmt} [nr{nr} u{u} ks4] wide x",
                    cf.rel_err(y, wide.astype(np.float64) @ w64.T), 1e-5)
-            first = run_v4s(M_, cp.asarray(x), w, cf.poison((1, N)), nr, u, 9).get()
-            again = run_v4s(M_, cp.asarray(x), w, cf.poison((1, N)), nr, u, 9).get()
-            ch.add(f"splitk {fmt} [nr{nr} u{u} ks9] second launch bit for bit",
+            first = run_v4s(M_, cp.asarray(x), w, cf.poison((1, N)), nr, u, 10).get()
+            again = run_v4s(M_, cp.asarray(x), w, cf.poison((1, N)), nr, u, 10).get()
+            ch.add(f"splitk {fmt} [nr{nr} u{u} ks10] second launch bit for bit",
                    0.0 if np.array_equal(first.view(np.uint32), again.view(np.uint32)) else 1.0,
                    0.5)
         bad = x.copy()

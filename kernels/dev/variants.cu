@@ -886,57 +886,76 @@ __device__ __forceinline__ float4 v4s_x4(const float* __restrict__ xr, int k4, i
     return x;
 }
 
-// Units 0 .. CH - 1 of the slice (values k0 + c WEIGHTS ..) in v4_stage's layout, lane q of a
-// group of N4 = WEIGHTS / 4 handling float4 q of its unit (word q of each digit plane). Every
-// lane of a warp runs every round (the shuffles), past CH with zeros that are not written.
+// Lane q of a unit's N4 = WEIGHTS / 4 lanes: its 4 values v of unit c (v4_stage's arithmetic on
+// them, the unit's maximum, finiteness and digit sums by shuffles within the group), written
+// as word q of each digit plane and, by lane 0, the unit's (T, 2^-s). Every lane of the warp
+// calls it (the shuffles); `mine` false: zeros, nothing written.
+template <class F>
+__device__ __forceinline__ void v4s_unit_lane(float4 v, bool mine, int c, int q, int CH,
+                                              uint4* xs) {
+    constexpr int N4 = F::WEIGHTS / 4;
+    float mx = fmaxf(fmaxf(fabsf(v.x), fabsf(v.y)), fmaxf(fabsf(v.z), fabsf(v.w)));
+    int finite = isfinite(v.x) && isfinite(v.y) && isfinite(v.z) && isfinite(v.w);
+#pragma unroll
+    for (int o = N4 / 2; o > 0; o /= 2) {               // over the unit's lanes
+        mx = fmaxf(mx, __shfl_xor_sync(FULL_MASK, mx, o));
+        finite &= __shfl_xor_sync(FULL_MASK, finite, o);
+    }
+    const int e = (int)((__float_as_uint(mx) >> 23) & 0xFF) - 126;
+    const int s = min(22 - e, 126);
+    const float up = __uint_as_float((unsigned int)(127 + s) << 23);
+    const float xv[4] = {v.x, v.y, v.z, v.w};
+    unsigned int w[3] = {0u, 0u, 0u};
+    int T[3] = {0, 0, 0};
+#pragma unroll
+    for (int b = 0; b < 4; ++b) {
+        const int xi = finite ? __float2int_rn(xv[b] * up) : 0;
+        const int p0 = (int)((unsigned int)xi << 24) >> 24;
+        const int r = (xi - p0) >> 8;
+        const int p1 = (int)((unsigned int)r << 24) >> 24, p2 = (r - p1) >> 8;
+        const int p[3] = {p0, p1, p2};
+#pragma unroll
+        for (int k = 0; k < 3; ++k) {
+            T[k] += p[k];
+            w[k] |= (unsigned int)(p[k] & 0xFF) << (8 * b);
+        }
+    }
+#pragma unroll
+    for (int o = N4 / 2; o > 0; o /= 2)
+#pragma unroll
+        for (int k = 0; k < 3; ++k) T[k] += __shfl_xor_sync(FULL_MASK, T[k], o);
+    if (!mine) return;
+    unsigned int* words = reinterpret_cast<unsigned int*>(xs);
+#pragma unroll
+    for (int k = 0; k < 3; ++k)                         // plane k XU + q / 4, word q % 4
+        words[((k * F::XU + q / 4) * CH + c) * 4 + q % 4] = w[k];
+    const float scale = finite ? __uint_as_float((unsigned int)(127 - s) << 23)
+                               : __uint_as_float(0x7FC00000u);                      // NaN
+    if (q == 0) xs[3 * F::XU * CH + c] = make_uint4(T[0], T[1], T[2], __float_as_uint(scale));
+}
+
+// Units 0 .. CH - 1 of the slice (values k0 + c WEIGHTS ..) in v4_stage's layout: float4 i of
+// the slice is lane i % N4 of unit i / N4. A thread's float4s of V4S_ROUNDS rounds are loaded
+// together (one trip to L2 where v4 makes one per unit too), then turned into digits.
+#define V4S_ROUNDS 4
+
 template <class F, int PRO>
 __device__ __forceinline__ void v4s_stage(const float* __restrict__ X, int K, int k0, int CH) {
     extern __shared__ uint4 v4_xs[];
-    constexpr int N4 = F::WEIGHTS / 4;                  // lanes per unit: 8 (q4_0), 4 (q8_0)
-    unsigned int* words = reinterpret_cast<unsigned int*>(v4_xs);
-    for (int base = 0; base < CH * N4; base += blockDim.x) {
-        const int i = base + threadIdx.x, c = i / N4, q = i % N4;
-        const bool mine = i < CH * N4;
-        const float4 v = mine ? v4s_x4<PRO>(X, k0 / 4 + i, K) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-        float mx = fmaxf(fmaxf(fabsf(v.x), fabsf(v.y)), fmaxf(fabsf(v.z), fabsf(v.w)));
-        int finite = isfinite(v.x) && isfinite(v.y) && isfinite(v.z) && isfinite(v.w);
+    constexpr int N4 = F::WEIGHTS / 4;
+    const int n4 = CH * N4;                             // float4s of the slice
+    for (int base = 0; base < n4; base += V4S_ROUNDS * blockDim.x) {
+        float4 v[V4S_ROUNDS];
 #pragma unroll
-        for (int o = N4 / 2; o > 0; o /= 2) {           // over the unit's lanes
-            mx = fmaxf(mx, __shfl_xor_sync(FULL_MASK, mx, o));
-            finite &= __shfl_xor_sync(FULL_MASK, finite, o);
-        }
-        // from here v4_stage's arithmetic, on 4 values
-        const int e = (int)((__float_as_uint(mx) >> 23) & 0xFF) - 126;
-        const int s = min(22 - e, 126);
-        const float up = __uint_as_float((unsigned int)(127 + s) << 23);
-        const float xv[4] = {v.x, v.y, v.z, v.w};
-        unsigned int w[3] = {0u, 0u, 0u};
-        int T[3] = {0, 0, 0};
-#pragma unroll
-        for (int b = 0; b < 4; ++b) {
-            const int xi = finite ? __float2int_rn(xv[b] * up) : 0;
-            const int p0 = (int)((unsigned int)xi << 24) >> 24;
-            const int r = (xi - p0) >> 8;
-            const int p1 = (int)((unsigned int)r << 24) >> 24, p2 = (r - p1) >> 8;
-            const int p[3] = {p0, p1, p2};
-#pragma unroll
-            for (int k = 0; k < 3; ++k) {
-                T[k] += p[k];
-                w[k] |= (unsigned int)(p[k] & 0xFF) << (8 * b);
-            }
+        for (int r = 0; r < V4S_ROUNDS; ++r) {
+            const int i = base + r * blockDim.x + threadIdx.x;
+            v[r] = i < n4 ? v4s_x4<PRO>(X, k0 / 4 + i, K) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
         }
 #pragma unroll
-        for (int o = N4 / 2; o > 0; o /= 2)
-#pragma unroll
-            for (int k = 0; k < 3; ++k) T[k] += __shfl_xor_sync(FULL_MASK, T[k], o);
-        if (mine) {
-#pragma unroll
-            for (int k = 0; k < 3; ++k)                 // plane k XU + q / 4, word q % 4
-                words[((k * F::XU + q / 4) * CH + c) * 4 + q % 4] = w[k];
-            const float scale = finite ? __uint_as_float((unsigned int)(127 - s) << 23)
-                                       : __uint_as_float(0x7FC00000u);              // NaN
-            if (q == 0)
-                v4_xs[3 * F::XU * CH + c] = make_uint4(T[0], T[1], T[2], __float_as_uint(scale));
+        for (int r = 0; r < V4S_ROUNDS; ++r) {
+            const int i = base + r * blockDim.x + threadIdx.x;
+            if (base + r * blockDim.x < n4)             // the same for the whole block
+                v4s_unit_lane<F>(v[r], i < n4, i / N4, i % N4, CH, v4_xs);
         }
     }
 }
