@@ -476,7 +476,14 @@ def v4s_plan(N, K, fmt, nr, ks, sms):
     return slices, per, rows, cdiv(N, rows)
 
 
-V4S_PLANS = {}          # label -> v4s_plan's tuple, for the log
+V4S_PLANS = {}          # (N, K, fmt, nr, u, ks) -> v4s_plan's tuple, for the log
+
+
+def v4s_label_plan(label, N, K, fmt):
+    """(nr, u, ks) of a "splitk nr2 u2 ks4" label and v4s_plan's tuple for (N, K) on an H200's
+    132 SMs (the timing skips a label whose launch repeats an earlier one's)."""
+    nr, u, ks = (int(t.lstrip("nruks")) for t in label.split()[1:])
+    return (nr, u, ks), v4s_plan(N, K, fmt, nr, ks, cf.sm_count())
 
 
 def run_v4s(M_, x, w, y, nr, u, ks, pro=0, norm=None, accumulate=False):
@@ -901,7 +908,13 @@ def time_shape(M_, log, bw, rows, tag, N, K, fmts, batches, deadline, only=Only(
             x = cp.random.standard_normal((M, 2 * K if kw.get("swiglu") else K), dtype=np.float32)
             y = cp.zeros((M, N), np.float32)
             nbytes = wbytes + x.nbytes + y.nbytes * (2 if kw.get("accumulate") else 1)
+            launches = set()                       # splitk's (nr, u, plan) timed
             for label, call in only.candidates(fmt, M):
+                if label.startswith("splitk"):     # ks beyond K / WEIGHTS / 32 repeats a plan
+                    (nr, u, _), plan = v4s_label_plan(label, N, K, fmt)
+                    if (nr, u, plan) in launches:
+                        continue
+                    launches.add((nr, u, plan))
                 try:
                     calls = [lambda c=c: call(M_, x, c, y, **kw) for c in copies]
                     if label == "cublas":          # cuBLAS refuses a graph capture in CuPy
@@ -1072,9 +1085,7 @@ def print_batch1(res, log):
         for r in sel:
             plan = ""
             if r["variant"].startswith("splitk"):
-                nr, u, ks = (int(t[2:] if t.startswith(("nr", "ks")) else t[1:])
-                             for t in r["variant"].split()[1:])
-                sl, per, rpb, tiles = V4S_PLANS.get((r["N"], r["K"], fmt, nr, u, ks), (0,) * 4)
+                _, (sl, per, rpb, tiles) = v4s_label_plan(r["variant"], r["N"], r["K"], fmt)
                 plan = f"  {sl} x {per} loads, {rpb} rows a block, grid {tiles} x {sl}"
             speed = f"{prod['us'] / r['us']:5.2f}x" if prod else ""
             log(f"    {r['variant']:24s} {r['us']:8.2f} us {r['frac']:5.2f} {speed}{plan}")
