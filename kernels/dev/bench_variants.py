@@ -28,7 +28,10 @@ candidates, compiled beside them from the same sources plus variants.cu:
               against qgemv_mma (the "product" at 4 rows and more); a candidate, not yet run
     splitk    qgemv_v4s (variants.cu): batch 1 of q4_0 / q8_0, v4's inner step over a split of
               k (ks slices; tiles of R rows, R grown with ks), partial sums added in slice
-              order by the last block of a tile; for the short matrices (wo, w2); not yet run
+              order by the last block of a tile; for the short matrices (wo, w2); not yet run.
+              "... pair": x's digits staged once by a kernel of their own (v4_digits), then
+              qgemv_v4s_pre copies its slice of them; "... kept": the same GEMV timed alone,
+              the digits made once beforehand (what it would cost if the kernel before wrote them)
 
 --only (these family names), --formats and --rows (batch sizes) build, check and time a part;
 by default all of it. With a part, the per-token sums that need the rest show nan. --shapes
@@ -104,6 +107,7 @@ I8_MAX_BLOCKS = 64              # variants.cu's I8_MAX_BLOCKS
 # 32-load sweep of a warp: a shape takes at most K / WEIGHTS / 32 of them)
 V4S_SHAPES = [(2, 2), (2, 4), (4, 1), (8, 1)]      # (4, 2) spills on q4_0
 V4S_KS = (1, 2, 4, 8)
+V4S_PRE_KS = (1, 4)             # the pre-staged digits: two of them
 GEMM_SHAPES = [(128, 128, 3), (128, 128, 4), (128, 128, 5), (128, 256, 3), (128, 256, 4),
                (256, 128, 3), (256, 128, 4)]
 GEMM_SIZE = 4096                # M = N = K of the GEMM timing
@@ -123,8 +127,13 @@ def v4_name(fmt, pro, nr, u):
     return f"qgemv_v4<{V4_FMT[fmt]},{pro},{nr},{u}>"
 
 
-def v4s_name(fmt, pro, nr, u):
-    return f"qgemv_v4s<{V4_FMT[fmt]},{pro},{nr},{u}>"
+def v4s_name(fmt, pro, nr, u, pre=False):
+    return f"qgemv_v4s_pre<{V4_FMT[fmt]},{nr},{u}>" if pre else \
+        f"qgemv_v4s<{V4_FMT[fmt]},{pro},{nr},{u}>"
+
+
+def v4_digits_name(fmt, pro):
+    return f"v4_digits<{V4_FMT[fmt]},{pro}>"
 
 
 def i8_name(fmt, nr, u):
@@ -168,6 +177,8 @@ def names():
     for fmt in V4_FMT:                                  # plain (wo) and SwiGLU (w2)
         groups[f"splitk-{fmt}"] = [v4s_name(fmt, pro, nr, u) for nr, u in V4S_SHAPES
                                    for pro in (0, 2)]
+        groups[f"splitk-{fmt}"] += [v4s_name(fmt, 0, nr, u, pre=True) for nr, u in V4S_SHAPES]
+        groups[f"splitk-{fmt}"] += [v4_digits_name(fmt, pro) for pro in (0, 2)]
     groups["gemm"] = [f"gemm_v5<{bm},{bn},{s},{wf}>" for bm, bn, s in GEMM_SHAPES
                       for wf in (mk.GEMM_V5_FORMATS["f16"], mk.GEMM_V5_FORMATS["q4_0"])]
     return {g: sorted(set(n)) for g, n in groups.items()}
@@ -482,13 +493,16 @@ V4S_PLANS = {}          # (N, K, fmt, nr, u, ks) -> v4s_plan's tuple, for the lo
 def v4s_label_plan(label, N, K, fmt):
     """(nr, u, ks) of a "splitk nr2 u2 ks4" label and v4s_plan's tuple for (N, K) on an H200's
     132 SMs (the timing skips a label whose launch repeats an earlier one's)."""
-    nr, u, ks = (int(t.lstrip("nruks")) for t in label.split()[1:])
+    nr, u, ks = (int(t.lstrip("nruks")) for t in label.split()[1:4])
     return (nr, u, ks), v4s_plan(N, K, fmt, nr, ks, cf.sm_count())
 
 
-def run_v4s(M_, x, w, y, nr, u, ks, pro=0, norm=None, accumulate=False):
+def run_v4s(M_, x, w, y, nr, u, ks, pro=0, norm=None, accumulate=False, pre=None):
     """qgemv_v4s on one row of x (1, K, or 1, 2K with the SwiGLU prologue) and w (N, K) q4_0 or
-    q8_0: grid (tiles, slices) by v4s_plan, the workspace of the package's split kernels."""
+    q8_0: grid (tiles, slices) by v4s_plan, the workspace of the package's split kernels.
+    pre "pair": v4_digits stages x's digits for the whole row, then qgemv_v4s_pre copies its
+    slice of them; "kept": the same, but the digits of this x object are made once and kept
+    (so that a timing captures the GEMV alone)."""
     assert norm is None and pro != 1, "qgemv_v4s has no RMSNorm prologue"
     fmt = fmt_of(w)
     N, K = w.shape
@@ -497,11 +511,32 @@ def run_v4s(M_, x, w, y, nr, u, ks, pro=0, norm=None, accumulate=False):
     V4S_PLANS[(N, K, fmt, nr, u, ks)] = (slices, per, rows, tiles)
     partial, counters = mk._split_workspace(slices * N, tiles)
     qs, d, _ = planes(w)
-    M_.launch(v4s_name(fmt, pro, nr, u), (tiles, slices), (256,),
-              (x, qs, d, y, np.int32(N), np.int32(K), np.int32(accumulate), np.int32(rows),
+    src = x if pre is None else v4_digits(M_, x, K, fmt, pro, keep=pre == "kept")
+    M_.launch(v4s_name(fmt, pro, nr, u, pre is not None), (tiles, slices), (256,),
+              (src, qs, d, y, np.int32(N), np.int32(K), np.int32(accumulate), np.int32(rows),
                np.int32(per), partial, counters),
               shared_mem=per * (3 * V4_XU[fmt] + 1) * 16)
     return y
+
+
+V4_DIGITS = {}          # "kept": (x, K, fmt, pro) -> the digits; the x held, so its id stays its
+
+
+def v4_digits(M_, x, K, fmt, pro, keep=False):
+    """x's digits for the whole row (variants.cu's v4_digits): (3 XU + 1) K / WEIGHTS uint4s.
+    keep: made once per x object (and the prologue), then returned as they are."""
+    key = (id(x), K, fmt, pro)
+    if keep and key in V4_DIGITS:
+        return V4_DIGITS[key][1]
+    cp = cf.require_cupy()
+    L = K // WEIGHTS[fmt]
+    digits = cp.empty((3 * V4_XU[fmt] + 1) * L * 4, dtype=np.uint32)
+    M_.launch(v4_digits_name(fmt, pro), (cdiv(L * WEIGHTS[fmt] // 4, 256),), (256,),
+              (x, np.int32(K), digits))
+    if keep:
+        V4_DIGITS.clear()                          # one x at a time
+        V4_DIGITS[key] = (x, digits)
+    return digits
 
 
 def tc_ks(N, K, fmt, sms):
@@ -571,6 +606,11 @@ def candidates(fmt, M):
             for ks in V4S_KS:
                 out.append((f"splitk nr{nr} u{u} ks{ks}", lambda M_, x, w, y, nr=nr, u=u, ks=ks,
                             **k: run_v4s(M_, x, w, y, nr, u, ks, **_pro(k))))
+            for ks in V4S_PRE_KS:
+                for pre in ("pair", "kept"):
+                    out.append((f"splitk nr{nr} u{u} ks{ks} {pre}",
+                                lambda M_, x, w, y, nr=nr, u=u, ks=ks, pre=pre, **k:
+                                run_v4s(M_, x, w, y, nr, u, ks, pre=pre, **_pro(k))))
     if fmt in I8_FMT and M > 1:
         for nr, u in I8_SHAPES:
             out.append((f"i8 nr{nr} u{u}", lambda M_, x, w, y, nr=nr, u=u, **k:
@@ -835,10 +875,22 @@ def check_v4s(M_, ch, rng, fmts):
             ch.add(f"splitk {fmt} [nr{nr} u{u} ks10] second launch bit for bit",
                    0.0 if np.array_equal(first.view(np.uint32), again.view(np.uint32)) else 1.0,
                    0.5)
+            # the digits staged by v4_digits are v4s_stage's, bit for bit, SwiGLU included
+            for pro, xin in ((0, x), (2, h)):
+                plain = run_v4s(M_, cp.asarray(xin), w, cf.poison((1, N)), nr, u, 4, pro=pro).get()
+                pair = run_v4s(M_, cp.asarray(xin), w, cf.poison((1, N)), nr, u, 4, pro=pro,
+                               pre="pair").get()
+                ch.add(f"splitk {fmt} [nr{nr} u{u} ks4] pair{' swiglu' if pro else ''} = plain, "
+                       f"bit for bit",
+                       0.0 if np.array_equal(plain.view(np.uint32), pair.view(np.uint32)) else 1.0,
+                       0.5)
         bad = x.copy()
         bad[0, 100] = np.nan                             # one unit of one slice: every row meets it
-        y = run_v4s(M_, cp.asarray(bad), w, cp.zeros((1, N), dtype=np.float32), 2, 2, 4).get()
-        ch.add(f"splitk {fmt} NaN in x reaches every row", 0.0 if np.isnan(y).all() else 1.0, 0.5)
+        for pre in (None, "pair"):
+            y = run_v4s(M_, cp.asarray(bad), w, cp.zeros((1, N), dtype=np.float32), 2, 2, 4,
+                        pre=pre).get()
+            ch.add(f"splitk {fmt} {pre or ''} NaN in x reaches every row",
+                   0.0 if np.isnan(y).all() else 1.0, 0.5)
 
 
 def check_v3(M_, ch, rng, fmts):
@@ -908,13 +960,14 @@ def time_shape(M_, log, bw, rows, tag, N, K, fmts, batches, deadline, only=Only(
             x = cp.random.standard_normal((M, 2 * K if kw.get("swiglu") else K), dtype=np.float32)
             y = cp.zeros((M, N), np.float32)
             nbytes = wbytes + x.nbytes + y.nbytes * (2 if kw.get("accumulate") else 1)
-            launches = set()                       # splitk's (nr, u, plan) timed
+            launches = set()                       # splitk's (nr, u, plan, pair/kept) timed
             for label, call in only.candidates(fmt, M):
                 if label.startswith("splitk"):     # ks beyond K / WEIGHTS / 32 repeats a plan
                     (nr, u, _), plan = v4s_label_plan(label, N, K, fmt)
-                    if (nr, u, plan) in launches:
+                    key = (nr, u, plan, tuple(label.split()[4:]))
+                    if key in launches:
                         continue
-                    launches.add((nr, u, plan))
+                    launches.add(key)
                 try:
                     calls = [lambda c=c: call(M_, x, c, y, **kw) for c in copies]
                     if label == "cublas":          # cuBLAS refuses a graph capture in CuPy
@@ -1088,7 +1141,22 @@ def print_batch1(res, log):
                 _, (sl, per, rpb, tiles) = v4s_label_plan(r["variant"], r["N"], r["K"], fmt)
                 plan = f"  {sl} x {per} loads, {rpb} rows a block, grid {tiles} x {sl}"
             speed = f"{prod['us'] / r['us']:5.2f}x" if prod else ""
-            log(f"    {r['variant']:24s} {r['us']:8.2f} us {r['frac']:5.2f} {speed}{plan}")
+            log(f"    {r['variant']:29s} {r['us']:8.2f} us {r['frac']:5.2f} {speed}{plan}")
+    log("")
+    log("7B matrices at batch 1, the best of each kind: us, fraction of the copy bandwidth "
+        "(plain: qgemv_v4s; pair: v4_digits + qgemv_v4s_pre; kept: qgemv_v4s_pre alone)")
+    for shape, fmt in sorted({(r["shape"], r["fmt"]) for r in rows}):
+        sel = [r for r in rows if (r["shape"], r["fmt"]) == (shape, fmt)]
+        kinds = [("product", lambda v: v == "product"),
+                 ("plain", lambda v: v.startswith("splitk") and len(v.split()) == 4),
+                 ("pair", lambda v: v.endswith(" pair")), ("kept", lambda v: v.endswith(" kept"))]
+        cells = []
+        for kind, pick in kinds:
+            top = min((r for r in sel if pick(r["variant"])), key=lambda r: r["us"], default=None)
+            if top:
+                cells.append(f"{kind} {top['us']:6.2f} us {top['frac']:4.2f}"
+                             + (f" ({' '.join(top['variant'].split()[1:4])})" if kind != "product" else ""))
+        log(f"  {shape:8s} {fmt}: " + " | ".join(cells))
 
 
 # ----------------------------------------------------------------------------

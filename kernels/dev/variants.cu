@@ -18,8 +18,9 @@
 //       successor if it wins: NOT YET RUN ON A GPU (section 4 below).
 //   qgemv_v4s<F, PRO, NR, U>        batch 1 of q4_0 / q8_0 on the short matrices (wo, w2): qgemv_v4's
 //       inner step over a split of k (grid tiles x slices, the slices added in order by the
-//       last block of a tile) and x's digits staged by 4-value lanes: NOT YET RUN ON A GPU
-//       (section 5 below).
+//       last block of a tile) and x's digits staged by 4-value lanes; qgemv_v4s_pre, the same
+//       with x's digits staged once per step (v4_digits) instead of by every block: NOT YET
+//       RUN ON A GPU (section 5 below).
 //
 // (qgemv_v2, the other candidate of the same GPU run, won at batch 1 and for float32 batches:
 // it moved to kernels/qgemv.cu; so did qgemv_v4, batch 1 with the products in integers, which
@@ -865,6 +866,10 @@ qgemv_i8(const float* __restrict__ X, const unsigned char* __restrict__ qs,
 //     --only splitk --wait-order` lists the SASS order). Only the weights' first batch is
 //     issued before the wait, as in v4.
 //
+// The other candidate, x's digits staged once per step instead of by every block, is at the
+// end: v4_digits, a kernel that writes them for the whole row, and qgemv_v4s_pre, which copies
+// its slice of them where qgemv_v4s computes it.
+//
 // Prologues: GEMV_PLAIN (wo) and GEMV_SWIGLU (w2), both with accumulate, which is how the
 // decode step launches the short matrices. GEMV_RMSNORM needs the whole row's sum of squares,
 // which a slice does not see (qgemv_mma keeps it per slice and adds it in the combine): not
@@ -960,12 +965,37 @@ __device__ __forceinline__ void v4s_stage(const float* __restrict__ X, int K, in
     }
 }
 
-template <class F, int PRO, int NR, int U>
-__global__ void __launch_bounds__(256, 2)
-qgemv_v4s(const float* __restrict__ X, const uint4* __restrict__ qs,
-          const unsigned short* __restrict__ d, float* __restrict__ Y, int N, int K,
-          int accumulate, int rows_per_block, int slice_loads, float* __restrict__ partial,
-          int* __restrict__ counters) {
+// The slice's units copied from digits staged for the whole row (v4_digits, below): planes of
+// L = K / WEIGHTS uint4s, the slice's CH of each at `first`.
+template <class F>
+__device__ __forceinline__ void v4s_copy(const uint4* __restrict__ digits, int L, int first,
+                                         int CH) {
+    extern __shared__ uint4 v4_xs[];
+    const int n = (3 * F::XU + 1) * CH;
+    for (int base = 0; base < n; base += V4S_ROUNDS * blockDim.x) {
+        uint4 v[V4S_ROUNDS];                            // all in flight, then stored
+#pragma unroll
+        for (int r = 0; r < V4S_ROUNDS; ++r) {
+            const int i = base + r * blockDim.x + threadIdx.x;
+            if (i < n) v[r] = __ldcg(digits + (size_t)(i / CH) * L + first + i % CH);
+        }
+#pragma unroll
+        for (int r = 0; r < V4S_ROUNDS; ++r) {
+            const int i = base + r * blockDim.x + threadIdx.x;
+            if (i < n) v4_xs[i] = v[r];                 // plane i / CH, unit i % CH
+        }
+    }
+}
+
+// The kernel's body; PRE: x's digits come staged (v4_digits) instead of from x.
+template <class F, int PRO, int NR, int U, bool PRE>
+__device__ __forceinline__ void v4s_walk(const float* __restrict__ X,
+                                         const uint4* __restrict__ digits,
+                                         const uint4* __restrict__ qs,
+                                         const unsigned short* __restrict__ d,
+                                         float* __restrict__ Y, int N, int K, int accumulate,
+                                         int rows_per_block, int slice_loads,
+                                         float* __restrict__ partial, int* __restrict__ counters) {
     static_assert(PRO != GEMV_RMSNORM, "a slice of k cannot see its row's RMS");
     __shared__ int v4s_last;
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
@@ -983,7 +1013,8 @@ qgemv_v4s(const float* __restrict__ X, const uint4* __restrict__ qs,
     grid_launch_dependents();
     grid_dependency_wait();            // (reduce.cu) the weights are ours; x is the last kernel's
 
-    v4s_stage<F, PRO>(X, K, first * F::WEIGHTS, CH);
+    if (PRE) v4s_copy<F>(digits, loads_per_row, first, CH);
+    else v4s_stage<F, PRO>(X, K, first * F::WEIGHTS, CH);
     __syncthreads();
 
     for (int n0 = n_first; n0 < row_end; n0 += tile_step) {
@@ -1031,4 +1062,44 @@ qgemv_v4s(const float* __restrict__ X, const uint4* __restrict__ qs,
         for (int s = 0; s < ks; ++s) v += __ldcg(partial + (size_t)s * N + n);
         Y[n] = accumulate ? Y[n] + v : v;
     }
+}
+
+template <class F, int PRO, int NR, int U>
+__global__ void __launch_bounds__(256, 2)
+qgemv_v4s(const float* __restrict__ X, const uint4* __restrict__ qs,
+          const unsigned short* __restrict__ d, float* __restrict__ Y, int N, int K,
+          int accumulate, int rows_per_block, int slice_loads, float* __restrict__ partial,
+          int* __restrict__ counters) {
+    v4s_walk<F, PRO, NR, U, false>(X, nullptr, qs, d, Y, N, K, accumulate, rows_per_block,
+                                   slice_loads, partial, counters);
+}
+
+// The other candidate of "What is left": x's digits staged once per step instead of by every
+// block. v4_digits<F, PRO> turns one row of x (after the prologue) into v4's units for the
+// whole row, in global memory: digit planes of L = K / WEIGHTS uint4s, then L (T, 2^-s); one
+// float4 a thread, v4s_unit_lane's arithmetic (the same bits as v4s_stage's). qgemv_v4s_pre
+// then copies its slice's units into shared memory (plain 16-byte copies through L2, no
+// arithmetic) instead of staging them. Launched as a pair here it costs a launch more; the
+// figure it is for is the GEMV alone, what it would take if the kernel before it (the
+// attention's output for wo, w13's SwiGLU for w2) wrote the digits as it writes x.
+template <class F, int PRO>
+__global__ void __launch_bounds__(256)
+v4_digits(const float* __restrict__ X, int K, uint4* __restrict__ digits) {
+    constexpr int N4 = F::WEIGHTS / 4;
+    const int L = K / F::WEIGHTS, i = blockIdx.x * blockDim.x + threadIdx.x;
+    grid_launch_dependents();
+    grid_dependency_wait();
+    const bool mine = i < L * N4;
+    const float4 v = mine ? v4s_x4<PRO>(X, i, K) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    v4s_unit_lane<F>(v, mine, i / N4, i % N4, L, digits);
+}
+
+template <class F, int NR, int U>
+__global__ void __launch_bounds__(256, 2)
+qgemv_v4s_pre(const uint4* __restrict__ digits, const uint4* __restrict__ qs,
+              const unsigned short* __restrict__ d, float* __restrict__ Y, int N, int K,
+              int accumulate, int rows_per_block, int slice_loads, float* __restrict__ partial,
+              int* __restrict__ counters) {
+    v4s_walk<F, GEMV_PLAIN, NR, U, true>(nullptr, digits, qs, d, Y, N, K, accumulate,
+                                         rows_per_block, slice_loads, partial, counters);
 }
