@@ -834,20 +834,24 @@ qgemv_i8(const float* __restrict__ X, const unsigned char* __restrict__ qs,
 // wo (4096 x 4096) at 0.34 and w2 (4096 x 11008) at 0.47 (H200, 2026-11-30). Its grid is what
 // fits at once (2 blocks per SM, 264) or one block per 8 NR rows, whichever is fewer: at 4096
 // rows and NR 2, 256 blocks of 16 rows, one tile per warp. Every block stages all of x (K
-// values: a maximum, a scaling and three digits for each), then its warps stream one tile each.
-// So per block the staging is 1/16 of the weights' rows, done before any product, and a warp
+// values: a maximum, a scaling and three digits for each), then its warps stream one tile each:
+// each staged value meets only 16 weight rows, the staging comes before any product, and a warp
 // has nothing of its own to overlap it with but its first batch of loads.
 //
 // v4s keeps v4's arithmetic (V4Step::multiply, unchanged: the same dp4a chains, offsets, two
 // float32 roundings and one FFMA per load) and changes the division of the work:
 //
 //   - A split over k. The grid is (tiles, ks): block (t, s) takes rows t R .. t R + R - 1 and
-//     slice s of the row's 16-byte loads (slice_loads of them, a multiple of 32 so that the 32
-//     lanes of a warp sweep it whole). It stages only its slice of x, so with ks slices the
-//     block's rows R can be ks times more at the same number of blocks: R = 64 at ks = 4 for
-//     wo, and each staged value of x meets 64 weight rows instead of 16. Its warps walk the
-//     block's tiles of NR rows, 8 NR apart, QBatch's loads in flight across a tile's end as
-//     in qgemv_walk.
+//     slice s of the row's 16-byte loads (slice_loads of them; the host makes it a multiple of
+//     32, so that a warp's 32 lanes sweep it whole, or the whole row when that is shorter). It
+//     stages only its slice of x, so with ks slices the block's rows R can be ks times more at
+//     the same number of blocks (the host takes the fewest multiple of 8 NR that keeps
+//     tiles x ks within 2 blocks per SM, bench_variants.v4s_plan): R = 64 at ks = 4 for wo, and
+//     each staged value of x meets 64 weight rows instead of 16. Its warps walk the block's
+//     tiles of NR rows, 8 NR apart, QBatch's loads in flight across a tile's end as in
+//     qgemv_walk. A slice of 32 loads gives a lane one load per row, so U > 1 idles there and
+//     NR carries the loads in flight: at NR 8, ks 4, a warp's whole share of wo (8 rows, 8
+//     loads a lane) is issued before the wait.
 //   - The partial sums, one per slice and row, go to a workspace (ks, N); the block that
 //     finishes a tile last (a counter per tile: atomicAdd after a __threadfence, reset by that
 //     block, so a CUDA graph can replay the launch) adds the ks slices in slice order and writes
