@@ -7,6 +7,7 @@ kernels/dev/variants.cu, and the package's choice among them.
     python kernels/dev/bench_variants.py --build build/gemv_variants --out ...      # reuses them
     python kernels/dev/bench_variants.py --only v2,v3 --formats q4_0,q8_0 --rows 1   # a part
     python kernels/dev/bench_variants.py --build-only --only v3 --ptxas-v    # registers, spills
+    python kernels/dev/bench_variants.py --build-only --only splitk --wait-order   # loads vs wait
 
 The llm.c dev/cuda way: the package's kernels (through minillama.cuda.kernels) and the
 candidates, compiled beside them from the same sources plus variants.cu:
@@ -25,9 +26,21 @@ candidates, compiled beside them from the same sources plus variants.cu:
     i8        qgemv_i8 (variants.cu): batches of q8_0 / q4_0 on the tensor cores in integers
               (mma.sync m16n8k32, x in v4's 8-bit digits staged per unit, no quad transpose),
               against qgemv_mma (the "product" at 4 rows and more); a candidate, not yet run
+    splitk    qgemv_v4s (variants.cu): batch 1 of q4_0 / q8_0, v4's inner step over a split of
+              k (ks slices; tiles of R rows, R grown with ks), partial sums added in slice
+              order by the last block of a tile; for the short matrices (wo, w2); not yet run.
+              "... pair": x's digits staged once by a kernel of their own (v4_digits), then
+              qgemv_v4s_pre copies its slice of them; "... kept": the same GEMV timed alone,
+              the digits made once beforehand (what it would cost if the kernel before wrote them)
 
 --only (these family names), --formats and --rows (batch sizes) build, check and time a part;
-by default all of it. With a part, the per-token sums that need the rest show nan.
+by default all of it. With a part, the per-token sums that need the rest show nan. --shapes
+(wqkv, wo, w13, w2, cls) times only those matrices; --prologues times wo and w2 as the decode
+step launches them (wo: accumulate; w2: the SwiGLU prologue on x of 2K values, accumulate),
+every candidate alike (those without the prologue report a failed launch and are left out).
+
+    python kernels/dev/bench_variants.py --only splitk,v4,product --formats q4_0,q8_0 --rows 1 \
+        --shapes wo,w2 --prologues                    # issue 10's short matrices
 
 Every instance is checked against float64 NumPy of the NumPy-dequantized weights (odd N and K,
 batches 1..64, outputs poisoned with NaN, the RMSNorm and SwiGLU prologues, accumulate, x in
@@ -90,6 +103,11 @@ V4_XU = {"q8_0": 1, "q4_0": 2}
 I8_FMT = {"q8_0": "I8Q8_0", "q4_0": "I8Q4_0"}
 I8_SHAPES = [(1, 4), (1, 8), (2, 4)]
 I8_MAX_BLOCKS = 64              # variants.cu's I8_MAX_BLOCKS
+# splitk (NR, U) at batch 1, q4_0 and q8_0, and the slices of k tried (each at least one
+# 32-load sweep of a warp: a shape takes at most K / WEIGHTS / 32 of them)
+V4S_SHAPES = [(2, 2), (2, 4), (4, 1), (8, 1)]      # (4, 2) spills on q4_0
+V4S_KS = (1, 2, 4, 8)
+V4S_PRE_KS = (1, 4)             # the pre-staged digits: two of them
 GEMM_SHAPES = [(128, 128, 3), (128, 128, 4), (128, 128, 5), (128, 256, 3), (128, 256, 4),
                (256, 128, 3), (256, 128, 4)]
 GEMM_SIZE = 4096                # M = N = K of the GEMM timing
@@ -107,6 +125,15 @@ def v3_name(fmt, nr, stages):
 
 def v4_name(fmt, pro, nr, u):
     return f"qgemv_v4<{V4_FMT[fmt]},{pro},{nr},{u}>"
+
+
+def v4s_name(fmt, pro, nr, u, pre=False):
+    return f"qgemv_v4s_pre<{V4_FMT[fmt]},{nr},{u}>" if pre else \
+        f"qgemv_v4s<{V4_FMT[fmt]},{pro},{nr},{u}>"
+
+
+def v4_digits_name(fmt, pro):
+    return f"v4_digits<{V4_FMT[fmt]},{pro}>"
 
 
 def i8_name(fmt, nr, u):
@@ -147,6 +174,11 @@ def names():
         groups[f"v4-{fmt}"] += [v4_name(fmt, pro, 2, 4) for pro in (1, 2)]
     for fmt in I8_FMT:
         groups[f"i8-{fmt}"] = [i8_name(fmt, nr, u) for nr, u in I8_SHAPES]
+    for fmt in V4_FMT:                                  # plain (wo) and SwiGLU (w2)
+        groups[f"splitk-{fmt}"] = [v4s_name(fmt, pro, nr, u) for nr, u in V4S_SHAPES
+                                   for pro in (0, 2)]
+        groups[f"splitk-{fmt}"] += [v4s_name(fmt, 0, nr, u, pre=True) for nr, u in V4S_SHAPES]
+        groups[f"splitk-{fmt}"] += [v4_digits_name(fmt, pro) for pro in (0, 2)]
     groups["gemm"] = [f"gemm_v5<{bm},{bn},{s},{wf}>" for bm, bn, s in GEMM_SHAPES
                       for wf in (mk.GEMM_V5_FORMATS["f16"], mk.GEMM_V5_FORMATS["q4_0"])]
     return {g: sorted(set(n)) for g, n in groups.items()}
@@ -443,6 +475,70 @@ def run_i8(M_, x, w, y, nr, u, accumulate=False, ks=None):
     return y
 
 
+def v4s_plan(N, K, fmt, nr, ks, sms):
+    """qgemv_v4s's launch: (slices, 16-byte loads per slice, rows per block, tiles). A slice is
+    whole 32-load sweeps of a warp (all of the row when it is shorter), no slice empty; the rows
+    per block R, a multiple of 8 NR, the fewest that keep tiles x slices within 2 blocks per SM
+    (the launch bounds), so that more slices give each block more rows, not more blocks."""
+    loads = K // WEIGHTS[fmt]
+    per = min(loads, 32 * cdiv(cdiv(loads, ks), 32))
+    slices = cdiv(loads, per)
+    rows = 8 * nr * max(1, cdiv(cdiv(N * slices, 2 * sms), 8 * nr))
+    return slices, per, rows, cdiv(N, rows)
+
+
+V4S_PLANS = {}          # (N, K, fmt, nr, u, ks) -> v4s_plan's tuple, for the log
+
+
+def v4s_label_plan(label, N, K, fmt):
+    """(nr, u, ks) of a "splitk nr2 u2 ks4" label and v4s_plan's tuple for (N, K) on an H200's
+    132 SMs (the timing skips a label whose launch repeats an earlier one's)."""
+    nr, u, ks = (int(t.lstrip("nruks")) for t in label.split()[1:4])
+    return (nr, u, ks), v4s_plan(N, K, fmt, nr, ks, cf.sm_count())
+
+
+def run_v4s(M_, x, w, y, nr, u, ks, pro=0, norm=None, accumulate=False, pre=None):
+    """qgemv_v4s on one row of x (1, K, or 1, 2K with the SwiGLU prologue) and w (N, K) q4_0 or
+    q8_0: grid (tiles, slices) by v4s_plan, the workspace of the package's split kernels.
+    pre "pair": v4_digits stages x's digits for the whole row, then qgemv_v4s_pre copies its
+    slice of them; "kept": the same, but the digits of this x object are made once and kept
+    (so that a timing captures the GEMV alone)."""
+    assert norm is None and pro != 1, "qgemv_v4s has no RMSNorm prologue"
+    fmt = fmt_of(w)
+    N, K = w.shape
+    assert x.shape[0] == 1, "qgemv_v4s takes one row of x"
+    slices, per, rows, tiles = v4s_plan(N, K, fmt, nr, ks, cf.sm_count())
+    V4S_PLANS[(N, K, fmt, nr, u, ks)] = (slices, per, rows, tiles)
+    partial, counters = mk._split_workspace(slices * N, tiles)
+    qs, d, _ = planes(w)
+    src = x if pre is None else v4_digits(M_, x, K, fmt, pro, keep=pre == "kept")
+    M_.launch(v4s_name(fmt, pro, nr, u, pre is not None), (tiles, slices), (256,),
+              (src, qs, d, y, np.int32(N), np.int32(K), np.int32(accumulate), np.int32(rows),
+               np.int32(per), partial, counters),
+              shared_mem=per * (3 * V4_XU[fmt] + 1) * 16)
+    return y
+
+
+V4_DIGITS = {}          # "kept": (x, K, fmt, pro) -> the digits; the x held, so its id stays its
+
+
+def v4_digits(M_, x, K, fmt, pro, keep=False):
+    """x's digits for the whole row (variants.cu's v4_digits): (3 XU + 1) K / WEIGHTS uint4s.
+    keep: made once per x object (and the prologue), then returned as they are."""
+    key = (id(x), K, fmt, pro)
+    if keep and key in V4_DIGITS:
+        return V4_DIGITS[key][1]
+    cp = cf.require_cupy()
+    L = K // WEIGHTS[fmt]
+    digits = cp.empty((3 * V4_XU[fmt] + 1) * L * 4, dtype=np.uint32)
+    M_.launch(v4_digits_name(fmt, pro), (cdiv(L * WEIGHTS[fmt] // 4, 256),), (256,),
+              (x, np.int32(K), digits))
+    if keep:
+        V4_DIGITS.clear()                          # one x at a time
+        V4_DIGITS[key] = (x, digits)
+    return digits
+
+
 def tc_ks(N, K, fmt, sms):
     """Warps per 16-row tile: split k until the grid has two blocks per SM, while each
     slice keeps two chunk groups."""
@@ -505,6 +601,16 @@ def candidates(fmt, M):
         for nr, u in V4_SHAPES:
             out.append((f"v4 nr{nr} u{u}", lambda M_, x, w, y, nr=nr, u=u, **k:
                         run_v4(M_, x, w, y, nr, u, **_pro(k))))
+    if fmt in V4_FMT and M == 1:
+        for nr, u in V4S_SHAPES:
+            for ks in V4S_KS:
+                out.append((f"splitk nr{nr} u{u} ks{ks}", lambda M_, x, w, y, nr=nr, u=u, ks=ks,
+                            **k: run_v4s(M_, x, w, y, nr, u, ks, **_pro(k))))
+            for ks in V4S_PRE_KS:
+                for pre in ("pair", "kept"):
+                    out.append((f"splitk nr{nr} u{u} ks{ks} {pre}",
+                                lambda M_, x, w, y, nr=nr, u=u, ks=ks, pre=pre, **k:
+                                run_v4s(M_, x, w, y, nr, u, ks, pre=pre, **_pro(k))))
     if fmt in I8_FMT and M > 1:
         for nr, u in I8_SHAPES:
             out.append((f"i8 nr{nr} u{u}", lambda M_, x, w, y, nr=nr, u=u, **k:
@@ -521,15 +627,16 @@ def _plain(k):
     return dict(accumulate=k.get("accumulate", False))
 
 
-FAMILIES = ("v1", "v2", "v3", "v4", "product", "tc", "gemv", "cublas", "gemm", "i8")
+FAMILIES = ("v1", "v2", "v3", "v4", "product", "tc", "gemv", "cublas", "gemm", "i8", "splitk")
+SHAPE_NAMES = ("wqkv", "wo", "w13", "w2", "cls")
 
 
 class Only:
     """What --only, --formats and --rows select: candidate families, weight formats, batch
     sizes (None: all of them, the default)."""
 
-    def __init__(self, families=None, formats=None, rows=None):
-        self.families, self.formats, self.rows = families, formats, rows
+    def __init__(self, families=None, formats=None, rows=None, shapes=None):
+        self.families, self.formats, self.rows, self.shapes = families, formats, rows, shapes
 
     def family(self, name):
         return self.families is None or name in self.families
@@ -539,6 +646,10 @@ class Only:
 
     def batches(self, ms):
         return [m for m in ms if self.rows is None or m in self.rows]
+
+    def shape(self, tag):
+        """Whether to time the matrix `tag` ("7B wo", "stories15M w2": its last word)."""
+        return self.shapes is None or tag.split()[-1] in self.shapes
 
     def candidates(self, fmt, M):
         return [(label, call) for label, call in candidates(fmt, M)
@@ -604,6 +715,10 @@ def check_all(M_, ch, rng, log, only=Only()):
     if only.family("i8"):
         check_i8(M_, ch, rng, only.fmts(tuple(I8_FMT)))
         log("  checked i8: k splits, accumulate, x over 80 binades, zeros, NaN")
+    if only.family("splitk") and only.batches((1,)):
+        check_v4s(M_, ch, rng, only.fmts(tuple(V4_FMT)))
+        log("  checked splitk: 1 to 10 slices, SwiGLU, accumulate, x over 80 binades, zeros, NaN, "
+            "replays bit for bit")
     # the prologues and accumulate, on the instances compiled with them
     N, K = 129, 2048
     for fmt in only.fmts(("f32", "q8_0", "q4_0", "q4_1", "f16", "bf16")):
@@ -721,6 +836,63 @@ def check_i8(M_, ch, rng, fmts):
         ch.add(f"i8 {fmt} NaN in x reaches its row of x only", 0.0 if ok else 1.0, 0.5)
 
 
+def check_v4s(M_, ch, rng, fmts):
+    """qgemv_v4s beyond check_all's sizes (which take its plans on odd N and K): 1, 2, 3 and 10
+    slices (the last: one 32-load sweep a slice, and a last slice of 1 or 2 loads), the SwiGLU
+    prologue with accumulate (w2's launch),
+    accumulate alone (wo's), x whose values span 2^-40 .. 2^40 with a unit of zeros, a NaN in x
+    (it must reach every row), and a second launch equal bit for bit to the first (the counters
+    are left at zero, the sum is in slice order whatever block is last)."""
+    cp = cf.require_cupy()
+    from minillama.model import silu
+    for fmt in fmts:
+        N, K = 1001, 9 * 32 * WEIGHTS[fmt] + 32           # 9 sweeps and a piece: 10 slices
+        w, w64 = random_weight(fmt, N, K, rng)
+        x = rng.standard_normal((1, K), dtype=np.float32)
+        h = (2 * rng.standard_normal((1, 2 * K))).astype(np.float32)
+        h64 = h.astype(np.float64)
+        wide = (x * 2.0 ** rng.integers(-40, 40, (1, K))).astype(np.float32)
+        wide[0, 64:96] = 0.0
+        y0 = rng.standard_normal((1, N), dtype=np.float32)
+        ref = x.astype(np.float64) @ w64.T
+        for nr, u in V4S_SHAPES:
+            for ks in (1, 2, 3, 10):
+                tag = f"splitk {fmt} [nr{nr} u{u} ks{ks}]"
+                y = run_v4s(M_, cp.asarray(x), w, cf.poison((1, N)), nr, u, ks)
+                ch.add(f"{tag} N={N} K={K}", cf.rel_err(y, ref), 1e-5)
+                y = cp.asarray(y0)
+                run_v4s(M_, cp.asarray(h), w, y, nr, u, ks, pro=2, accumulate=True)
+                ch.add(f"{tag} swiglu accumulate",
+                       cf.rel_err(y, y0 + (silu(h64[:, :K]) * h64[:, K:]) @ w64.T), 1e-5)
+            y = cp.asarray(y0)
+            run_v4s(M_, cp.asarray(x), w, y, nr, u, 4, accumulate=True)
+            ch.add(f"splitk {fmt} [nr{nr} u{u} ks4] accumulate", cf.rel_err(y, y0 + ref), 1e-5)
+            y = run_v4s(M_, cp.asarray(wide), w, cf.poison((1, N)), nr, u, 4)
+            ch.add(f"splitk {fmt} [nr{nr} u{u} ks4] wide x",
+                   cf.rel_err(y, wide.astype(np.float64) @ w64.T), 1e-5)
+            first = run_v4s(M_, cp.asarray(x), w, cf.poison((1, N)), nr, u, 10).get()
+            again = run_v4s(M_, cp.asarray(x), w, cf.poison((1, N)), nr, u, 10).get()
+            ch.add(f"splitk {fmt} [nr{nr} u{u} ks10] second launch bit for bit",
+                   0.0 if np.array_equal(first.view(np.uint32), again.view(np.uint32)) else 1.0,
+                   0.5)
+            # the digits staged by v4_digits are v4s_stage's, bit for bit, SwiGLU included
+            for pro, xin in ((0, x), (2, h)):
+                plain = run_v4s(M_, cp.asarray(xin), w, cf.poison((1, N)), nr, u, 4, pro=pro).get()
+                pair = run_v4s(M_, cp.asarray(xin), w, cf.poison((1, N)), nr, u, 4, pro=pro,
+                               pre="pair").get()
+                ch.add(f"splitk {fmt} [nr{nr} u{u} ks4] pair{' swiglu' if pro else ''} = plain, "
+                       f"bit for bit",
+                       0.0 if np.array_equal(plain.view(np.uint32), pair.view(np.uint32)) else 1.0,
+                       0.5)
+        bad = x.copy()
+        bad[0, 100] = np.nan                             # one unit of one slice: every row meets it
+        for pre in (None, "pair"):
+            y = run_v4s(M_, cp.asarray(bad), w, cp.zeros((1, N), dtype=np.float32), 2, 2, 4,
+                        pre=pre).get()
+            ch.add(f"splitk {fmt} {pre or ''} NaN in x reaches every row",
+                   0.0 if np.isnan(y).all() else 1.0, 0.5)
+
+
 def check_v3(M_, ch, rng, fmts):
     """qgemv_v3 beyond check_all's sizes: K = 32 (one scale per row, so every row's scales start
     off a 16-byte piece) and N under a tile, and accumulate, in every launch shape."""
@@ -764,8 +936,15 @@ SHAPES_STORIES = {
 LAYERS_7B = {"7B wqkv": 32, "7B wo": 32, "7B w13": 32, "7B w2": 32, "7B cls": 1}
 
 
-def time_shape(M_, log, bw, rows, tag, N, K, fmts, batches, deadline, only=Only()):
+def time_shape(M_, log, bw, rows, tag, N, K, fmts, batches, deadline, only=Only(),
+               prologues=False):
+    """Time every candidate on the matrix (N, K) in each format and batch. prologues: wo and w2
+    as the decode step launches them (accumulate; w2 with the SwiGLU prologue, x of 2K)."""
     cp = cf.require_cupy()
+    if not only.shape(tag):
+        return
+    name = tag.split()[-1]
+    kw = dict(accumulate=True, swiglu=name == "w2") if prologues and name in ("wo", "w2") else {}
     for fmt in only.fmts(fmts):
         batches_ = [M for M in only.batches(batches) if only.candidates(fmt, M)]
         if not batches_:
@@ -778,12 +957,19 @@ def time_shape(M_, log, bw, rows, tag, N, K, fmts, batches, deadline, only=Only(
         copies = [w] + [w.copy() if fmt == "f32" else w.map(lambda a: a.copy())
                         for _ in range(min(COPIES, cdiv(400 << 20, wbytes)) - 1)]
         for M in batches_:
-            x = cp.random.standard_normal((M, K), dtype=np.float32)
-            y = cp.empty((M, N), np.float32)
-            nbytes = wbytes + x.nbytes + y.nbytes
+            x = cp.random.standard_normal((M, 2 * K if kw.get("swiglu") else K), dtype=np.float32)
+            y = cp.zeros((M, N), np.float32)
+            nbytes = wbytes + x.nbytes + y.nbytes * (2 if kw.get("accumulate") else 1)
+            launches = set()                       # splitk's (nr, u, plan, pair/kept) timed
             for label, call in only.candidates(fmt, M):
+                if label.startswith("splitk"):     # ks beyond K / WEIGHTS / 32 repeats a plan
+                    (nr, u, _), plan = v4s_label_plan(label, N, K, fmt)
+                    key = (nr, u, plan, tuple(label.split()[4:]))
+                    if key in launches:
+                        continue
+                    launches.add(key)
                 try:
-                    calls = [lambda c=c: call(M_, x, c, y) for c in copies]
+                    calls = [lambda c=c: call(M_, x, c, y, **kw) for c in copies]
                     if label == "cublas":          # cuBLAS refuses a graph capture in CuPy
                         t = cf.median_time(lambda: [f() for f in calls], reps=3) / len(calls)
                     else:
@@ -793,7 +979,7 @@ def time_shape(M_, log, bw, rows, tag, N, K, fmts, batches, deadline, only=Only(
                     continue
                 rows.append(dict(shape=tag, fmt=fmt, N=N, K=K, M=M, variant=label,
                                  us=t * 1e6, gbs=nbytes / t / 1e9, frac=nbytes / t / bw,
-                                 bytes=nbytes))
+                                 bytes=nbytes, prologue=" ".join(sorted(k for k in kw if kw[k]))))
         del copies, w
         cp.get_default_memory_pool().free_all_blocks()
 
@@ -917,6 +1103,62 @@ def print_variant_sums(res, log):
                 + " ".join(f"{r['frac']:4.2f}" for r in per))
 
 
+def print_wait_order(folder, log):
+    """wait_order.py's listing for the variants' cubins in `folder` (the package's groups,
+    pkg-*, are wait_order.py's own): per kernel that waits, its global loads in SASS order, R a
+    read-only one, 4 a 16-byte one, WAIT griddepcontrol.wait."""
+    import subprocess
+    import nvrtc_build
+    import wait_order
+    nvdisasm = nvrtc_build.find_cuda_file("NVDISASM", "nvdisasm", "bin", "nvdisasm")
+    for path in sorted(folder.glob("*.cubin")):
+        if path.name.startswith("pkg-"):
+            continue
+        lowered = {v: k for k, v in json.loads(path.with_suffix(".json").read_text()).items()}
+        sass = subprocess.run([nvdisasm, "-c", str(path)], check=True, capture_output=True,
+                              text=True).stdout
+        for name, order in wait_order.load_orders(sass).items():
+            if name in lowered:                   # not the extern "C" kernels every module has
+                log(f"{lowered[name]}\n    {order}")
+
+
+def print_batch1(res, log):
+    """Every batch-1 candidate on each 7B matrix timed, fastest first: us, fraction of the copy
+    bandwidth, speed against the package's launch (product); for splitk its plan (slices x
+    16-byte loads per slice, rows per block, grid)."""
+    bw, rows = res["copy_gbs"], [r for r in res["gemv"] if r["M"] == 1 and r["shape"].startswith("7B")]
+    log("")
+    log(f"7B matrices at batch 1, every candidate: us, fraction of the copy bandwidth "
+        f"({bw:.0f} GB/s), speed against product")
+    for shape, fmt in sorted({(r["shape"], r["fmt"]) for r in rows}):
+        sel = sorted((r for r in rows if (r["shape"], r["fmt"]) == (shape, fmt)),
+                     key=lambda r: r["us"])
+        prod = next((r for r in sel if r["variant"] == "product"), None)
+        log(f"  {shape} {fmt}{' (' + sel[0]['prologue'] + ')' if sel[0].get('prologue') else ''}")
+        for r in sel:
+            plan = ""
+            if r["variant"].startswith("splitk"):
+                _, (sl, per, rpb, tiles) = v4s_label_plan(r["variant"], r["N"], r["K"], fmt)
+                plan = f"  {sl} x {per} loads, {rpb} rows a block, grid {tiles} x {sl}"
+            speed = f"{prod['us'] / r['us']:5.2f}x" if prod else ""
+            log(f"    {r['variant']:29s} {r['us']:8.2f} us {r['frac']:5.2f} {speed}{plan}")
+    log("")
+    log("7B matrices at batch 1, the best of each kind: us, fraction of the copy bandwidth "
+        "(plain: qgemv_v4s; pair: v4_digits + qgemv_v4s_pre; kept: qgemv_v4s_pre alone)")
+    for shape, fmt in sorted({(r["shape"], r["fmt"]) for r in rows}):
+        sel = [r for r in rows if (r["shape"], r["fmt"]) == (shape, fmt)]
+        kinds = [("product", lambda v: v == "product"),
+                 ("plain", lambda v: v.startswith("splitk") and len(v.split()) == 4),
+                 ("pair", lambda v: v.endswith(" pair")), ("kept", lambda v: v.endswith(" kept"))]
+        cells = []
+        for kind, pick in kinds:
+            top = min((r for r in sel if pick(r["variant"])), key=lambda r: r["us"], default=None)
+            if top:
+                cells.append(f"{kind} {top['us']:6.2f} us {top['frac']:4.2f}"
+                             + (f" ({' '.join(top['variant'].split()[1:4])})" if kind != "product" else ""))
+        log(f"  {shape:8s} {fmt}: " + " | ".join(cells))
+
+
 # ----------------------------------------------------------------------------
 
 def main():
@@ -936,14 +1178,24 @@ def main():
     ap.add_argument("--formats", help="comma-separated weight formats (default all: "
                                       f"f32,{','.join(QUANT)})")
     ap.add_argument("--rows", help="comma-separated batch sizes (rows of x) to check and time")
+    ap.add_argument("--shapes", help="comma-separated matrices to time (default all: "
+                                     f"{','.join(SHAPE_NAMES)})")
+    ap.add_argument("--prologues", action="store_true",
+                    help="time wo with accumulate and w2 with the SwiGLU prologue and "
+                         "accumulate, as the decode step launches them")
     ap.add_argument("--ptxas-v", action="store_true",
                     help="log each instance's registers and spills (ptxas -v) as it is built")
+    ap.add_argument("--wait-order", action="store_true",
+                    help="after the build, list each candidate's global loads before and after "
+                         "griddepcontrol.wait in its SASS (wait_order.py's listing; no GPU)")
     args = ap.parse_args()
     split = lambda v: None if v is None else v.split(",")
     only = Only(split(args.only), split(args.formats),
-                None if args.rows is None else [int(r) for r in args.rows.split(",")])
+                None if args.rows is None else [int(r) for r in args.rows.split(",")],
+                split(args.shapes))
     for name, given, known in (("--only", only.families, FAMILIES),
-                               ("--formats", only.formats, ("f32",) + QUANT)):
+                               ("--formats", only.formats, ("f32",) + QUANT),
+                               ("--shapes", only.shapes, SHAPE_NAMES)):
         if given and set(given) - set(known):
             ap.error(f"{name}: {sorted(set(given) - set(known))} unknown; one of {known}")
     start = time.perf_counter()
@@ -989,6 +1241,8 @@ def main():
             raise
         log(f"parallel build failed ({type(e).__name__}: {e}); CuPy compiles in-process")
         folder = None
+    if args.wait_order:
+        print_wait_order(folder, log)
     if args.build_only:
         return 0
 
@@ -1021,16 +1275,24 @@ def main():
         for model, shapes in SHAPES_STORIES.items() if only.fmts(("f32",)) else ():
             for s, n, k, _ in shapes:
                 time_shape(M_, log, bw, rows, f"{model} {s}", n, k, ("f32",), (1, 8, 32), deadline,
-                           only)
+                           only, args.prologues)
             log(f"  timed {model} ({time.perf_counter() - start:.0f} s)")
             write()
         for s, n, k in SHAPES_7B:
-            time_shape(M_, log, bw, rows, s, n, k, QUANT + ("f32",), (1, 8, 32), deadline, only)
+            if not only.shape(s):
+                continue
+            time_shape(M_, log, bw, rows, s, n, k, QUANT + ("f32",), (1, 8, 32), deadline, only,
+                       args.prologues)
             log(f"  timed {s} ({time.perf_counter() - start:.0f} s)")
             write()
         results["copy_gbs"] = bw / 1e9
+        results["splitk_plans"] = [dict(N=N, K=K, fmt=f, nr=nr, u=u, ks=ks, slices=sl,
+                                        slice_loads=per, rows_per_block=r, tiles=t)
+                                   for (N, K, f, nr, u, ks), (sl, per, r, t) in V4S_PLANS.items()]
         print_tables(results, log, record)
         print_variant_sums(results, log)
+        if only.family("splitk"):
+            print_batch1(results, log)
     log(f"total {time.perf_counter() - start:.0f} s")
     write()
     return 0 if ok else 1
