@@ -258,12 +258,15 @@ __device__ __forceinline__ void attention_by_warps(
     T* values = cache_v + (size_t)b * max_seq * row_stride + g * head_dim;
 
     // 1. Before the wait, nothing that the kernels of this step write. `step` is written before
-    //    the step's first kernel starts, by a copy (FusedDecoder.send_step's beside the graph,
-    //    or the copy node greedy_step's graph begins with); the cos and sin tables never change;
-    //    the cache rows t < pos of this layer were written by earlier steps, which ended before
-    //    this one began (replays of a graph run in stream order), and in this step only this
-    //    kernel writes this layer's cache, at row pos, after its wait. (A kernel of the step
-    //    that wrote `step` would need this read of pos moved after the wait.)
+    //    the step's first kernel starts: by a copy (FusedDecoder.send_step's beside the graph,
+    //    or the copy node greedy_steps' graph begins with), or by the step before's greedy_pick
+    //    (greedy_steps' later steps), which has ended before this step's first kernel, launched
+    //    the ordinary way, starts, and this kernel starts only after that one has; the cos and
+    //    sin tables never change; the cache rows t < pos of this layer were written by earlier
+    //    steps, which ended before this one began (in stream order, or through greedy_pick's
+    //    end), and in this step only this kernel writes this layer's cache, at row pos, after
+    //    its wait. (A kernel of this step that wrote `step` would need this read of pos moved
+    //    after the wait.)
     const int pos = __ldcg(step);
     float c[PER_LANE][2], s[PER_LANE][2];                  // (pieces, pairs) cos, sin at pos
     load_angles<WIDTH, PER_LANE>(cos_table + (size_t)pos * half, sin_table + (size_t)pos * half,
@@ -397,36 +400,62 @@ attention_decode(const float* __restrict__ qkv, const int* __restrict__ step,
 // the threads holding it (numpy.argmax's choice among equal maxima; indices are exact as floats
 // up to 2^24), and the count. A row of NaN has no index holding its maximum: its id is 0, a
 // valid one, and the flag is what makes the caller look. The loads go GREEDY_UNROLL at a time,
-// all in flight before the first is compared: a stories15M step is ~0.1 ms, and a first
-// version, which read the row three times one load at a time, took a sixth of it.
+// float4s where the row is aligned, all in flight before the first is compared: a stories15M
+// step is ~0.1 ms, and a first version, which read the row three times one load at a time,
+// took a sixth of it.
 // logits: bsz rows of `vocab` floats, `ld` floats apart (logits[:, -1] of (bsz, seqlen, vocab));
 // out (2 bsz) int32: the ids, then a flag per row, 1 where a logit is not finite.
 // next_step: null, or the [position, tokens] a chain of greedy steps reads (FusedDecoder.
 // greedy_steps): each row's id becomes its next token, and the position moves on by one. Every
 // kernel of this step has ended by then (each ends after its own wait for the one before).
-#define GREEDY_UNROLL 8
-extern "C" __global__ void greedy_pick(const float* __restrict__ logits, int vocab, int ld,
-                                       int* __restrict__ out, int bsz,
-                                       int* __restrict__ next_step) {
+#define GREEDY_UNROLL 8             // (1024 threads leave 64 registers a thread: a larger
+                                    // unroll would spill, and ptxas would not say so)
+// One value of the row seen by this thread, at index k: its maximum and first index, its count.
+__device__ __forceinline__ void greedy_see(float v, int k, float& top, float& first, float& bad) {
+    bad += isfinite(v) ? 0.0f : 1.0f;
+    if (v > top) { top = v; first = (float)k; }
+}
+
+extern "C" __global__ void __launch_bounds__(1024) greedy_pick(const float* __restrict__ logits,
+                                                               int vocab, int ld,
+                                                               int* __restrict__ out, int bsz,
+                                                               int* __restrict__ next_step) {
     __shared__ float scratch[32];
     grid_dependency_wait();            // (reduce.cu) the logits are the last kernel's
     const float* x = logits + (size_t)blockIdx.x * ld;
     float top = neg_inf(), first = (float)vocab, bad = 0.0f;      // (vocab: no index yet)
-    for (int k0 = threadIdx.x; k0 < vocab; k0 += GREEDY_UNROLL * blockDim.x) {
-        float v[GREEDY_UNROLL];
+    // float4s where the row starts on 16 bytes (FusedDecoder's logits: 32,000 floats are one
+    // round of 8 float4s a thread), then the rest one float at a time; a thread's k only grow
+    const int vec = ((size_t)x % 16 == 0) ? vocab / 4 : 0;
+    const float4* x4 = reinterpret_cast<const float4*>(x);
+    for (int j0 = threadIdx.x; j0 < vec; j0 += GREEDY_UNROLL * blockDim.x) {
+        float4 v[GREEDY_UNROLL];
 #pragma unroll
         for (int i = 0; i < GREEDY_UNROLL; ++i) {    // through L2: written by the last kernel
+            const int j = j0 + i * blockDim.x;
+            v[i] = j < vec ? __ldcg(x4 + j) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        }
+#pragma unroll
+        for (int i = 0; i < GREEDY_UNROLL; ++i) {
+            const int j = j0 + i * blockDim.x;
+            if (j < vec) {
+                greedy_see(v[i].x, 4 * j, top, first, bad);
+                greedy_see(v[i].y, 4 * j + 1, top, first, bad);
+                greedy_see(v[i].z, 4 * j + 2, top, first, bad);
+                greedy_see(v[i].w, 4 * j + 3, top, first, bad);
+            }
+        }
+    }
+    for (int k0 = 4 * vec + threadIdx.x; k0 < vocab; k0 += GREEDY_UNROLL * blockDim.x) {
+        float v[GREEDY_UNROLL];
+#pragma unroll
+        for (int i = 0; i < GREEDY_UNROLL; ++i) {
             const int k = k0 + i * blockDim.x;
             v[i] = k < vocab ? __ldcg(x + k) : 0.0f;
         }
 #pragma unroll
-        for (int i = 0; i < GREEDY_UNROLL; ++i) {    // a thread's k only grow
-            const int k = k0 + i * blockDim.x;
-            if (k < vocab) {
-                bad += isfinite(v[i]) ? 0.0f : 1.0f;
-                if (v[i] > top) { top = v[i]; first = (float)k; }
-            }
-        }
+        for (int i = 0; i < GREEDY_UNROLL; ++i)
+            if (k0 + i * blockDim.x < vocab) greedy_see(v[i], k0 + i * blockDim.x, top, first, bad);
     }
     const float best = block_max(top, scratch);
     first = block_min(top == best ? first : (float)vocab, scratch);

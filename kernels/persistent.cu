@@ -410,7 +410,9 @@ decode_persistent(const int* __restrict__ step, const float* __restrict__ tok_em
     extern __shared__ __align__(16) float stage_smem[];   // decode.cu has a `smem`
     __shared__ float scratch[32];
     unsigned int arrivals = 0;
-    const int pos = step[0];
+    // step through L2, as everything written during a step: read-only loads (__ldg, what const
+    // __restrict__ pointers get) ptxas may move across the wait (kernels.md, What is left)
+    const int pos = __ldcg(step);
     const int q_dim = n_heads * head_dim, n_qkv = q_dim + 2 * n_kv_heads * head_dim;
     const float* cos_row = freqs_cos + (size_t)pos * (head_dim / 2);
     const float* sin_row = freqs_sin + (size_t)pos * (head_dim / 2);

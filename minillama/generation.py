@@ -45,25 +45,27 @@ def greedy(last, model, tokens, start_pos):
         check_finite(last, model, tokens, start_pos)
         return np.argmax(to_host(last), axis=-1)
     back = to_host(model.ops.greedy_pick(last))[None]            # (1, 2 bsz)
-    return picked(back, last, model, tokens, start_pos, forward=None)[0]
+    return next(picked(back, last, model, tokens, start_pos, forward=None))
 
 
 def picked(backs, last, model, tokens, start_pos, forward):
-    """The ids of n greedy steps from tokens at start_pos, one (bsz,) array a step, from backs
-    (n, 2 bsz), greedy_pick's answer [ids, flags] for each step (the step after fed the ids),
-    and last (bsz, vocab), the last step's logits. Where a flag says a row held a logit that
-    is not finite, check_finite raises, saying where: on last for the last step, on the
-    step's logits made again by forward for an earlier one (a NaN in the weights comes back)."""
-    bsz, ids = backs.shape[1] // 2, []
+    """The ids of n greedy steps from tokens at start_pos, one (bsz,) array a step, as they
+    are taken (a generator), from backs (n, 2 bsz), greedy_pick's answer [ids, flags] for
+    each step (the step after fed the ids), and last (bsz, vocab), the last step's logits.
+    Where a flag says a row held a logit that is not finite, check_finite raises when that
+    step is taken, saying where: on last for the last step, on the step's logits made again
+    by forward for an earlier one (a NaN in the weights comes back). A step never taken (the
+    loop stopped at eos before it) raises nothing, as in a loop of one step a call."""
+    bsz = backs.shape[1] // 2
     for j, back in enumerate(backs):
         if back[bsz:].any():
             step_last = last if j == len(backs) - 1 else forward(tokens, start_pos)[:, -1]
             check_finite(step_last, model, tokens, start_pos)    # raises, saying where
             raise GenerationError(f"the logits at position {start_pos + tokens.shape[1] - 1} "
                                   f"held a value that is not finite, and not when made again")
-        ids.append(back[:bsz].astype(np.int64))
-        start_pos, tokens = start_pos + tokens.shape[1], ids[-1][:, None]    # (bsz, 1)
-    return ids
+        ids = back[:bsz].astype(np.int64)
+        yield ids
+        start_pos, tokens = start_pos + tokens.shape[1], ids[:, None]          # (bsz, 1)
 
 
 class Llama:
@@ -156,15 +158,16 @@ class Llama:
         # themselves are wanted (logprobs).
         greedy_steps = getattr(forward, "greedy_steps", None) \
             if temperature == 0 and not logprobs else None
-        ahead = []                     # ids picked ahead of cur_pos, a (bsz,) array a position
+        ahead = iter(())               # ids picked ahead of cur_pos, a (bsz,) array a position
         for cur_pos in range(min_prompt_len, total_len):
             if greedy_steps is not None:
-                if not ahead:
-                    n = AHEAD if cur_pos >= max_prompt_len and total_len - cur_pos >= AHEAD else 1
+                next_token = next(ahead, None)
+                if next_token is None:
+                    n = min(AHEAD, total_len - cur_pos) if cur_pos >= max_prompt_len else 1
                     backs, last = greedy_steps(tokens[:, prev_pos:cur_pos], prev_pos, n)
                     ahead = picked(backs, last, self.model, tokens[:, prev_pos:cur_pos], prev_pos,
                                    forward)
-                next_token = ahead.pop(0)
+                    next_token = next(ahead)
             else:
                 logits = forward(tokens[:, prev_pos:cur_pos], prev_pos)
                 if temperature > 0:

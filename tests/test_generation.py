@@ -127,16 +127,16 @@ def test_greedy_on_the_device_still_refuses_non_finite_logits(bad):
         llama.generate([[5, 6]], max_gen_len=3, temperature=0)
 
 
-def with_greedy_steps(model, calls, poison=None, forward_steps=False):
+def with_greedy_steps(model, calls, poison=None, poison_from=2, forward_steps=False):
     """The model as generate sees it on a GPU whose decoder has greedy_steps (FusedDecoder's:
     the picks inside the steps' graph), here in NumPy; calls records the calls it served.
-    poison: a value put into logit 5 of row 0 at every position from 2 on, by greedy_steps and
-    by forward alike (as a NaN in the weights would be). forward_steps: forward may serve steps
-    too (else it refuses them: greedy_steps' to serve; a step made again to say where a flag
-    came from is forward's)."""
+    poison: a value put into logit 5 of row 0 of the logits at every position from poison_from
+    on, by greedy_steps and by forward alike (as a NaN in the weights would be). forward_steps:
+    forward may serve steps too (else it refuses them: greedy_steps' to serve; a step made again
+    to say where a flag came from is forward's)."""
     def logits(tokens, start_pos):
         out = model.forward(np.asarray(tokens), start_pos)
-        if poison is not None and start_pos + out.shape[1] - 1 >= 2:
+        if poison is not None and start_pos + out.shape[1] - 1 >= poison_from:
             out[0, -1, 5] = poison
         return out
 
@@ -162,16 +162,16 @@ def with_greedy_steps(model, calls, poison=None, forward_steps=False):
 def test_greedy_takes_the_decoders_greedy_steps_for_every_step(shortest):
     """Every step of a greedy generate goes to the decoder's greedy_steps, the prompt's first
     columns too (shortest prompt 2: a step of 2 tokens a row, then one token a row), one step
-    a call while a row has prompt left, then AHEAD a call while AHEAD positions remain."""
+    a call while a row has prompt left, then AHEAD a call, and what is left in the last."""
     rng = np.random.default_rng()
     prompts = [list(rng.integers(3, 97, n)) for n in (shortest, 7, 4)]
     want, _ = make_llama(4, eos_id=-7).generate(prompts, max_gen_len=12, temperature=0)
     llama, calls = make_llama(4, eos_id=-7), []
     llama.model = with_greedy_steps(llama.model, calls)
     assert llama.generate(prompts, max_gen_len=12, temperature=0)[0] == want
-    assert AHEAD == 8                      # total_len 19: positions 7 .. 14 in one call
+    assert AHEAD == 8                      # total_len 19: positions 7 .. 14, then the last 4
     assert calls == ([((3, shortest), 0, 1)] + [((3, 1), pos, 1) for pos in range(shortest, 6)]
-                     + [((3, 1), 6, 8)] + [((3, 1), pos, 1) for pos in range(14, 18)])
+                     + [((3, 1), 6, 8), ((3, 1), 14, 4)])
 
 
 def test_greedy_steps_ahead_stop_at_eos_as_one_at_a_time():
@@ -191,13 +191,28 @@ def test_greedy_steps_ahead_stop_at_eos_as_one_at_a_time():
 @pytest.mark.parametrize("bad", [np.nan, np.inf])
 @pytest.mark.parametrize("max_gen_len", [3, 12])
 def test_greedy_steps_refuse_non_finite_logits(bad, max_gen_len):
-    """A flag at position 2: in a call of one step (max_gen_len 3), check_finite on its logits;
-    in a call of AHEAD steps where it is not the last, on the step made again by forward."""
+    """A flag at position 2: where it is its call's last step (max_gen_len 3: one call of 3),
+    check_finite on the call's logits; where it is not (12: a call of AHEAD), on the step made
+    again by forward."""
     llama, calls = make_llama(4), []
     llama.model = with_greedy_steps(llama.model, calls, poison=bad, forward_steps=True)
     with pytest.raises(GenerationError, match="NaN" if np.isnan(bad) else "infinity"):
         llama.generate([[5]], max_gen_len=max_gen_len, temperature=0)
-    assert [n for _, _, n in calls] == ([1, 1, 1] if max_gen_len == 3 else [8])
+    assert [n for _, _, n in calls] == ([3] if max_gen_len == 3 else [8])
+
+
+def test_greedy_steps_past_the_last_eos_raise_nothing():
+    """Logits that turn NaN only after every row has reached eos, inside a call of AHEAD steps:
+    the loop stops at the eos and never takes those steps, so nothing is raised, as in a loop
+    of one step a call."""
+    prompt = [5, 6, 7]
+    free = greedy_alone(1, prompt, 30, eos_id=-7)
+    eos = free[4]                  # the token at position 7, from the logits at 6: step 4 of 8
+    llama, calls = make_llama(1, eos_id=eos), []
+    llama.model = with_greedy_steps(llama.model, calls, poison=np.nan, poison_from=8)
+    out, _ = llama.generate([prompt], 30, temperature=0)
+    assert out[0] == free[:free.index(eos)]
+    assert calls == [((1, 3), 0, 8)]
 
 
 def test_sampling_and_logprobs_never_take_greedy_steps():

@@ -475,7 +475,7 @@ def softmax(x, out=None, start_pos=None, kernel=None):
 # ----------------------------------------------------------------------------
 # decode.cu (the rest of it runs inside FusedDecoder)
 
-GREEDY_THREADS = 512        # a block per row of logits; 32000 of them: ~63 a thread
+GREEDY_THREADS = 1024       # a block per row of logits; 32000 of them: 8 float4s a thread
 NO_STEP = np.uint64(0)      # greedy_pick's next_step where no step follows: a null pointer
 
 

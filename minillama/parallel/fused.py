@@ -95,10 +95,11 @@ class ShardedFusedDecoder(FusedDecoder):
         self.comm.all_reduce(h)
 
     def embed(self, bsz, h):
-        """The rank's columns of the embedding rows, then all ranks' columns gathered into h."""
+        """The rank's columns of the embedding rows, then all ranks' columns gathered into h.
+        Launched the ordinary way, as FusedDecoder.embed says why."""
         KERNELS.launch("embed_tokens", (bsz,), (self.BLOCK,),
                        (self.step, self.tok_embeddings, self.embedded,
-                        i32(self.p.dim // self.p.world)))
+                        i32(self.p.dim // self.p.world)), ordinary=True)
         self.gather_columns(self.embedded[:bsz], h)
 
     def classify(self, bsz, h):
