@@ -1035,7 +1035,8 @@ gemv(const float* __restrict__ X, const float* __restrict__ W, float* __restrict
         float ss[ROWS];
 #pragma unroll
         for (int r = 0; r < ROWS; ++r) {
-            ss[r] = m0 + r < M ? thread_sum_squares(X + (size_t)(m0 + r) * ldx, K) : 0.0f;
+            ss[r] = m0 + r < M ? thread_sum_squares(X + (size_t)(m0 + r) * ldx, K,
+                                                    threadIdx.x, blockDim.x) : 0.0f;
             ss[r] = warp_sum(ss[r]);
         }
         if (lane == 0)
