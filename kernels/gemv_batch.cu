@@ -58,16 +58,12 @@ gemv_v3(const float* __restrict__ X, const float* __restrict__ W, float* __restr
     grid_dependency_wait();                                // (reduce.cu) x is the last kernel's
 
     if (PRO == GEMV_RMSNORM) {            // warp w: rows w, w + 8, ..: 1 / sqrt(mean(x^2) + eps)
+        // reduce.cu's thread_sum_squares, a warp on a row: float4 loads in flight, through L2
+        // (__ldcg), each summed (x^2 + y^2) + (z^2 + w^2); the float32 sum goes in another order
+        // than model.py's, within tests/test_cuda.py's 1e-5 of float64
         for (int r = warp; r < ROWS; r += WARPS) {
-            float ss = 0.0f;
-            if (m0 + r < M) {
-                const float4* xr = reinterpret_cast<const float4*>(X + (size_t)(m0 + r) * ldx);
-#pragma unroll 4
-                for (int k4 = lane; k4 < K4; k4 += 32) {     // several loads in flight
-                    const float4 v = __ldg(xr + k4);
-                    ss += v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
-                }
-            }
+            float ss = m0 + r < M ? thread_sum_squares(X + (size_t)(m0 + r) * ldx, K, lane, 32)
+                                  : 0.0f;
             ss = warp_sum(ss);
             if (lane == 0) inv_rms_s[r] = 1.0f / sqrtf(ss / K + eps);
         }

@@ -974,11 +974,36 @@ __device__ __forceinline__ float4 gemv_x4(const float* __restrict__ xr, int k4, 
     return x;
 }
 
-template <int ROWS, bool VEC, int PRO>
+// acc[r] += W[n, 4 k4 .. 4 k4 + 3] . x[m0 + r, same] for the ROWS rows, x after the prologue
+template <int ROWS, int PRO>
+__device__ __forceinline__ void gemv_add4(float* acc, const float4 wv, const float* __restrict__ X,
+                                          int m0, int M, int ldx, int k4, int K,
+                                          const float* __restrict__ norm_w, const float* inv_rms) {
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r) {
+        if (m0 + r < M) {
+            const float4 xv = gemv_x4<PRO>(X + (size_t)(m0 + r) * ldx, k4, K, norm_w, inv_rms[r]);
+            acc[r] = fmaf(wv.x, xv.x, acc[r]);
+            acc[r] = fmaf(wv.y, xv.y, acc[r]);
+            acc[r] = fmaf(wv.z, xv.z, acc[r]);
+            acc[r] = fmaf(wv.w, xv.w, acc[r]);
+        }
+    }
+}
+
+// PREFETCH: float4s of W each lane loads before its grid_dependency_wait, so that under
+// programmatic launches (reduce.cu) they travel while the previous kernel ends (W is not its
+// output). They stay in registers across the wait and the RMSNorm prologue (up to 14 more a
+// thread), so kernels.gemv_prefetch takes an instance with PREFETCH > 0 (one row of x, float4
+// loads) only where they are the lane's whole share of its row of W: the row is then one round
+// trip, begun early. PREFETCH 0 loads nothing early (the code the kernel had before it had the
+// parameter). Correct for any K either way: the k loop takes what the early loads did not.
+template <int ROWS, bool VEC, int PRO, int PREFETCH>
 __global__ void __launch_bounds__(256)
 gemv(const float* __restrict__ X, const float* __restrict__ W, float* __restrict__ Y,
      int M, int N, int K, int accumulate, const float* __restrict__ norm_w, float eps,
      int ksplit) {
+    static_assert(PREFETCH == 0 || VEC, "the early loads are float4s");
     // A block is 8 warps. Each output row n gets `ksplit` of them, which take interleaved
     // 128-float slices of k, so a small matrix still gives the GPU enough loads in flight;
     // their partial sums meet in shared memory, added in a fixed order (deterministic).
@@ -988,6 +1013,17 @@ gemv(const float* __restrict__ X, const float* __restrict__ W, float* __restrict
     const int ldx = PRO == GEMV_SWIGLU ? 2 * K : K;        // row length of X
     const bool active = n < N;                          // idle warps still reach the barriers
     __shared__ float partial[8][ROWS];
+    // The lane's first PREFETCH float4s of its row of W, k4 = slice * 32 + lane, + 32 ksplit,
+    // ..: through L2 (__ldcg), since ptxas keeps ordinary loads on their side of the wait but
+    // may move read-only ones (__ldg) across it (kernels/dev/wait_order.py lists the order).
+    float4 w_early[PREFETCH > 0 ? PREFETCH : 1];
+#pragma unroll
+    for (int i = 0; i < PREFETCH; ++i) {
+        const int k4 = slice * 32 + lane + i * 32 * ksplit;
+        w_early[i] = active && k4 < K / 4
+                         ? __ldcg(reinterpret_cast<const float4*>(W + (size_t)n * K) + k4)
+                         : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    }
     grid_launch_dependents();
     grid_dependency_wait();                             // (reduce.cu) x is the last kernel's
 
@@ -999,7 +1035,8 @@ gemv(const float* __restrict__ X, const float* __restrict__ W, float* __restrict
         float ss[ROWS];
 #pragma unroll
         for (int r = 0; r < ROWS; ++r) {
-            ss[r] = m0 + r < M ? thread_sum_squares(X + (size_t)(m0 + r) * ldx, K) : 0.0f;
+            ss[r] = m0 + r < M ? thread_sum_squares(X + (size_t)(m0 + r) * ldx, K,
+                                                    threadIdx.x, blockDim.x) : 0.0f;
             ss[r] = warp_sum(ss[r]);
         }
         if (lane == 0)
@@ -1020,21 +1057,15 @@ gemv(const float* __restrict__ X, const float* __restrict__ W, float* __restrict
 
     if (active && VEC) {                                // K % 4 == 0, 16-byte aligned rows
         const float4* w4 = reinterpret_cast<const float4*>(w);
-#pragma unroll 4
-        for (int k4 = slice * 32 + lane; k4 < K / 4; k4 += 32 * ksplit) {
-            const float4 wv = __ldg(w4 + k4);
 #pragma unroll
-            for (int r = 0; r < ROWS; ++r) {
-                if (m0 + r < M) {
-                    const float4 xv =
-                        gemv_x4<PRO>(X + (size_t)(m0 + r) * ldx, k4, K, norm_w, inv_rms[r]);
-                    acc[r] = fmaf(wv.x, xv.x, acc[r]);
-                    acc[r] = fmaf(wv.y, xv.y, acc[r]);
-                    acc[r] = fmaf(wv.z, xv.z, acc[r]);
-                    acc[r] = fmaf(wv.w, xv.w, acc[r]);
-                }
-            }
+        for (int i = 0; i < PREFETCH; ++i) {            // the loads made before the wait first
+            const int k4 = slice * 32 + lane + i * 32 * ksplit;
+            if (k4 < K / 4) gemv_add4<ROWS, PRO>(acc, w_early[i], X, m0, M, ldx, k4, K, norm_w,
+                                                 inv_rms);
         }
+#pragma unroll 4
+        for (int k4 = slice * 32 + lane + PREFETCH * 32 * ksplit; k4 < K / 4; k4 += 32 * ksplit)
+            gemv_add4<ROWS, PRO>(acc, __ldg(w4 + k4), X, m0, M, ldx, k4, K, norm_w, inv_rms);
     } else if (active) {
         for (int k = slice * 32 + lane; k < K; k += 32 * ksplit) {
             const float wv = __ldg(w + k);

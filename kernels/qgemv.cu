@@ -167,7 +167,9 @@ __device__ __forceinline__ void qgemv_inv_rms(const float* __restrict__ X, int m
     __shared__ float scratch[32];
 #pragma unroll
     for (int r = 0; r < ROWS; ++r) {
-        const float ss = m0 + r < M ? thread_sum_squares(X + (size_t)(m0 + r) * ldx, K) : 0.0f;
+        const float ss = m0 + r < M ? thread_sum_squares(X + (size_t)(m0 + r) * ldx, K,
+                                                         threadIdx.x, blockDim.x)
+                                    : 0.0f;
         inv_rms[r] = 1.0f / sqrtf(block_sum(ss, scratch) / K + eps);
     }
 }

@@ -95,27 +95,29 @@ __device__ __forceinline__ float block_min(float v, float* scratch) {
     return block_reduce<MinOp>(v, scratch);
 }
 
-// This thread's share of sum_k row[k]^2 (k = 4 tid .. 4 tid + 3, then a block's width of
-// float4s further, ...), for RMSNorm's 1 / sqrt(mean(x^2) + eps). A normed GEMV computes it
-// right after its grid_dependency_wait, before anything else can start, so the loads are
-// float4s, unrolled so that all of a thread's loads are in flight at once: 4096 values over
-// 256 threads are one round trip to memory instead of four or more, one at a time. Rows
-// that are not 16-byte aligned, or of a length not a multiple of 4, take one float at a time.
-// __ldcg (through L2, where the previous kernel's x is): ptxas keeps these after the wait,
-// where it may move a read-only (__ldg, const __restrict__) load above it (kernels/dev/
-// wait_order.py shows the order).
-__device__ __forceinline__ float thread_sum_squares(const float* row, int K) {
+// This thread's share of sum_k row[k]^2, for RMSNorm's 1 / sqrt(mean(x^2) + eps): the float4s
+// start, start + stride, .. of the row (a block's thread: threadIdx.x and blockDim.x, then
+// block_sum; a warp's lane: lane and 32, then warp_sum; stride is unsigned, as blockDim.x is).
+// A normed GEMV computes it right after its grid_dependency_wait, before anything else can
+// start, so the loads are float4s, unrolled so that all of a thread's loads are in flight at
+// once: 4096 values over 256 threads are one round trip to memory instead of four or more, one
+// at a time. Rows that are not 16-byte aligned, or of a length not a multiple of 4, take one
+// float at a time (elements start, start + stride, ..). __ldcg (through L2, where the previous
+// kernel's x is): ptxas keeps these after the wait, where it may move a read-only (__ldg,
+// const __restrict__) load above it (kernels/dev/wait_order.py shows the order).
+__device__ __forceinline__ float thread_sum_squares(const float* row, int K, int start,
+                                                    unsigned stride) {
     float ss = 0.0f;
     if ((K & 3) == 0 && (reinterpret_cast<size_t>(row) & 15) == 0) {
         const float4* row4 = reinterpret_cast<const float4*>(row);
 #pragma unroll 4
-        for (int k4 = threadIdx.x; k4 < K / 4; k4 += blockDim.x) {
+        for (int k4 = start; k4 < K / 4; k4 += stride) {
             const float4 v = __ldcg(row4 + k4);
             ss += (v.x * v.x + v.y * v.y) + (v.z * v.z + v.w * v.w);
         }
     } else {
 #pragma unroll 4
-        for (int k = threadIdx.x; k < K; k += blockDim.x) {
+        for (int k = start; k < K; k += stride) {
             const float v = __ldcg(row + k);
             ss += v * v;
         }

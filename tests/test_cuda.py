@@ -216,6 +216,79 @@ def test_gemv_prologues_compute_rmsnorm_and_swiglu_like_the_model(cuda, cp, M, K
     assert rel_err(y, ref) < 1e-5
 
 
+def test_gemv_loads_w_before_its_wait_only_where_that_is_each_lanes_whole_row():
+    """kernels.gemv_prefetch: one row of x, float4 loads, and K / 4 <= 4 float4s x 32 lanes x
+    ksplit warps; on an H200 (132 SMs) every stories15M product, and stories110M's but the
+    classifier (K = 768 on one warp a row). Three instances have early loads, no more."""
+    from minillama.cuda.kernels import GEMV_PREFETCH, KERNELS, gemv_ksplit, gemv_prefetch
+
+    def early(N, K, rows=1, vec=True):
+        return gemv_prefetch(rows, vec, K, gemv_ksplit(N, K, sms=132))
+    assert [early(N, K) for N, K in STORIES] == [GEMV_PREFETCH] * 9 + [0]
+    assert early(32000, 512) == GEMV_PREFETCH and early(32000, 516) == 0      # one warp a row
+    assert early(33, 4096) == GEMV_PREFETCH and early(300, 4104) == 0         # eight
+    assert early(864, 288, rows=2) == early(864, 288, vec=False) == 0
+    assert sorted(n for n in KERNELS.templates if n.startswith("gemv<") and not n.endswith(",0>")) \
+        == [f"gemv<1,true,{pro},{GEMV_PREFETCH}>" for pro in (0, 1, 2)]
+
+
+def launched_names(k, monkeypatch):
+    """The names of the kernels launched through k.KERNELS from now on (the list fills)."""
+    launched, launch = [], k.KERNELS.launch
+    monkeypatch.setattr(k.KERNELS, "launch", lambda name, *a, **kw: (launched.append(name),
+                                                                       launch(name, *a, **kw)))
+    return launched
+
+
+@gpu
+@pytest.mark.parametrize("N,K,early", [(864, 288, True), (288, 768, True), (32000, 288, True),
+                                       (33, 4096, True), (32000, 768, False), (300, 4104, False)])
+def test_gemv_one_row_with_and_without_early_loads_matches_float64(cuda, cp, monkeypatch,
+                                                                   N, K, early):
+    """One row of x, each prologue and accumulate, on both gemv instances: with W's float4s
+    loaded before the wait (the whole row of each lane: stories15M's products, and exactly 4
+    float4s a lane at (33, 4096)), and without (longer rows: stories110M's classifier)."""
+    from minillama.model import rms_norm, silu
+    k = cuda.kernels
+    launched = launched_names(k, monkeypatch)
+    prefetch = k.GEMV_PREFETCH if early else 0
+    x, w, g = rand(1, K), rand(N, K), 1.0 + rand(K, scale=0.1)
+    xg, wg = cp.asarray(x), cp.asarray(w)
+    y = cuda.gemv(xg, wg, out=poison(cp, (1, N)))
+    assert rel_err(y, ref_linear(x, w)) < 1e-5
+    ref = ref_linear(rms_norm(x.astype(np.float64), g.astype(np.float64), 1e-5), w)
+    y = cuda.gemv(xg, wg, out=poison(cp, (1, N)), norm=cp.asarray(g), eps=1e-5)
+    assert rel_err(y, ref) < 1e-5
+    h = rand(1, 2 * K, scale=2.0).astype(np.float64)        # [h1 | h3]
+    y = cuda.gemv(cp.asarray(h, dtype=np.float32), wg, out=poison(cp, (1, N)), swiglu=True)
+    assert rel_err(y, ref_linear(silu(h[:, :K]) * h[:, K:], w)) < 1e-5
+    y0 = rand(1, N)
+    y = cp.asarray(y0)
+    cuda.gemv(xg, wg, out=y, accumulate=True)
+    assert rel_err(y, y0 + ref_linear(x, w)) < 1e-5
+    assert launched == [f"gemv<1,true,{pro},{prefetch}>" for pro in (0, 1, 2, 0)]
+
+
+@gpu
+@pytest.mark.parametrize("N,K", [(32000, 768), (300, 4104), (17, 8192), (5, 12)])
+def test_gemv_early_loads_are_exact_where_the_row_is_longer_or_shorter(cuda, cp, monkeypatch,
+                                                                      N, K):
+    """The instances with early loads are correct for any K (the k loop takes the rest, and
+    lanes past the row load nothing), though the rule takes them only where the row fits."""
+    from minillama.model import rms_norm
+    k = cuda.kernels
+    monkeypatch.setattr(k, "gemv_prefetch", lambda rows, vec, K, ksplit:
+                        k.GEMV_PREFETCH if rows == 1 and vec else 0)
+    launched = launched_names(k, monkeypatch)
+    x, w, g = rand(1, K), rand(N, K), 1.0 + rand(K, scale=0.1)
+    y = cuda.gemv(cp.asarray(x), cp.asarray(w), out=poison(cp, (1, N)))
+    assert rel_err(y, ref_linear(x, w)) < 1e-5
+    ref = ref_linear(rms_norm(x.astype(np.float64), g.astype(np.float64), 1e-5), w)
+    y = cuda.gemv(cp.asarray(x), cp.asarray(w), out=poison(cp, (1, N)), norm=cp.asarray(g))
+    assert rel_err(y, ref) < 1e-5
+    assert launched == [f"gemv<1,true,{pro},{k.GEMV_PREFETCH}>" for pro in (0, 1)]
+
+
 @gpu
 @pytest.mark.parametrize("bsz,n_kv,rep,seqlen,hd,end", [(1, 1, 1, 1, 1, 1), (2, 3, 2, 5, 17, 9),
                                                          (3, 2, 3, 1, 64, 127), (1, 4, 2, 7, 48, 40)])
@@ -492,6 +565,41 @@ def test_a_fused_step_is_five_launches_a_layer_from_position_0(cuda, cp, kv_dtyp
     decoder = ops._decoders[gpu_model]
     assert decoder.launches_per_step == {3: 5 * p.n_layers + 2, 1: 5 * p.n_layers + 2}
     assert decoder.graphs[3] is not None and decoder.graphs[1] is not None
+
+
+# one-row graphs, programmatic launches: stories15M's widths (every product's rows fit gemv's
+# early loads), and wider rows whose classifier's do not (K = 576 on one warp a row)
+ONE_ROW = {
+    "15M": dict(dim=288, n_layers=2, n_heads=6, n_kv_heads=6, vocab_size=32000, hidden_dim=768,
+                max_seq_len=24, max_batch_size=1),
+    "wide": dict(dim=576, n_layers=2, n_heads=9, n_kv_heads=3, vocab_size=16384, hidden_dim=1536,
+                 max_seq_len=24, max_batch_size=1),
+}
+
+
+@gpu
+@pytest.mark.parametrize("shape", ONE_ROW)
+def test_one_row_graph_with_gemvs_early_loads_matches_float64(cuda, cp, monkeypatch, shape):
+    """FusedDecoder at one row: the step eager, then its graph, captured with programmatic
+    launches (PROGRAMMATIC_ROWS), where gemv loads W before its wait while the kernel ahead
+    finishes. Every step's logits within 1e-4 of the float64 model (its cache float32, as the
+    GPU's), and the launches those of gemv with early loads, and on the wide shape without."""
+    k = cuda.kernels
+    p = ModelArgs(**ONE_ROW[shape])
+    w = random_weights(p, seed=int(rng.integers(1 << 30)))
+    ops = cuda.CudaOps()
+    gpu_model = Transformer(p, w, ops)
+    f64_model = Transformer(p, {name: a.astype(np.float64) for name, a in w.items()}, CPU)
+    forward = ops.decoder(gpu_model)
+    launched = launched_names(k, monkeypatch)
+    for pos in range(8):
+        tok = rng.integers(0, p.vocab_size, size=(1, 1))
+        assert rel_err(forward(tok, pos), f64_model.forward(tok, pos)) < 1e-4, f"position {pos}"
+    decoder = ops._decoders[gpu_model]
+    assert type(decoder).__name__ == "FusedDecoder" and decoder.graphs[1] is not None
+    gemvs = {name for name in launched if name.startswith("gemv<")}
+    early = {f"gemv<1,true,{pro},{k.GEMV_PREFETCH}>" for pro in (0, 1, 2)}
+    assert gemvs == (early if shape == "15M" else early | {"gemv<1,true,1,0>"}), gemvs
 
 
 @gpu

@@ -44,7 +44,12 @@ SGEMM_CONFIGS = {
 # TFLOP/s of each when the GPU is full: `python -m minillama.bench gpu` at 4096^3, H100 80GB
 # HBM3, 2026-11-24 (docs/benchmarks.md). Only their ratios matter, to pick a tile shape.
 SGEMM_RATES = {"128x128x16": 41.8, "128x128x8": 37.3, "128x64x8": 31.6, "64x64x16": 29.5}
-GEMV_ROWS = (1, 2, 4, 8)           # rows of x per warp in gemv<ROWS, VEC, PRO>
+GEMV_ROWS = (1, 2, 4, 8)           # rows of x per warp in gemv<ROWS, VEC, PRO, PREFETCH>
+# gemv's PREFETCH: float4s of W each lane loads before its grid_dependency_wait. Compiled for
+# one row of x with float4 loads (the launches of a graph that overlap, fused.py's
+# PROGRAMMATIC_ROWS), taken only where they hold the lane's whole share of the row
+# (gemv_prefetch); every other launch has PREFETCH 0, no early loads.
+GEMV_PREFETCH = 4
 GEMV_PROLOGUES = {None: 0, "rmsnorm": 1, "swiglu": 2}     # GEMV_PLAIN, _RMSNORM, _SWIGLU
 # softmax_block<V, THREADS>: one block of THREADS threads holds V values each, so rows of up to
 # V * THREADS floats. The smallest that fits is used; longer rows go to softmax_warp.
@@ -131,8 +136,9 @@ def _templates():
     kernels, the 16-bit conversion), and one group per stored format, its qgemv and gemm_v5."""
     common = [f"sgemm_v4<{','.join(map(str, c))},{_cpp_bool(vec)}>"
               for c in SGEMM_CONFIGS.values() for vec in (True, False)]
-    common += [f"gemv<{rows},{_cpp_bool(vec)},{pro}>" for rows in GEMV_ROWS
+    common += [f"gemv<{rows},{_cpp_bool(vec)},{pro},0>" for rows in GEMV_ROWS
                for vec in (True, False) for pro in GEMV_PROLOGUES.values()]
+    common += [f"gemv<1,true,{pro},{GEMV_PREFETCH}>" for pro in GEMV_PROLOGUES.values()]
     common += [f"attention_decode<{width},{t}>" for width in ATTENTION_WIDTHS
                for t in CACHE_TYPES.values()]
     common += [f"decode_persistent<{b}>" for b in PERSISTENT_ROWS]
@@ -320,7 +326,8 @@ def gemv(x, w, out=None, accumulate=False, norm=None, eps=1e-5, swiglu=False, ve
         return y
     rows = next(r for r in GEMV_ROWS if r >= min(M, GEMV_ROWS[-1]))
     ksplit = gemv_ksplit(N, K)
-    KERNELS.launch(f"gemv<{rows},{_cpp_bool(vec)},{prologue}>",
+    prefetch = gemv_prefetch(rows, vec, K, ksplit)
+    KERNELS.launch(f"gemv<{rows},{_cpp_bool(vec)},{prologue},{prefetch}>",
                    (cdiv(N, 8 // ksplit), cdiv(M, rows)), (256,),
                    (x, w, y, i32(M), i32(N), i32(K), i32(bool(accumulate)),
                     w if norm is None else norm, np.float32(eps), i32(ksplit)))
@@ -398,10 +405,23 @@ def _split_workspace(floats, tiles):
             kept("counters", max(tiles, 4096), lambda n: cupy.zeros(n, dtype=np.int32)))
 
 
-def gemv_ksplit(N, K):
+def gemv_prefetch(rows, vec, K, ksplit):
+    """gemv's PREFETCH for a launch: GEMV_PREFETCH where one row of x is read by float4s and
+    the float4s loaded before the wait are each lane's whole share of its row of W (lane l of
+    slice s reads float4s s * 32 + l, + 32 ksplit, ..: K / 4 <= GEMV_PREFETCH * 32 * ksplit,
+    K <= 512 ksplit floats), else 0. Early loads in every one-row launch (H200, graph of one
+    step) took stories15M from 0.097 to 0.088 ms, whose rows all fit, and stories110M from
+    0.264 to 0.274, whose classifier (K = 768, one warp a row) does not; its other products
+    fit, split over 2 to 8 warps."""
+    fits = K // 4 <= GEMV_PREFETCH * 32 * ksplit
+    return GEMV_PREFETCH if rows == 1 and vec and fits else 0
+
+
+def gemv_ksplit(N, K, sms=None):
     """Warps per output row in gemv (1, 2, 4 or 8): split k while there are fewer warps than
-    an H100 keeps in flight (~48 per SM) and each still gets a 128-float slice of k."""
-    ksplit, enough = 1, 48 * sm_count()
+    an H100 keeps in flight (~48 per SM; sms: the current GPU's by default) and each still
+    gets a 128-float slice of k."""
+    ksplit, enough = 1, 48 * (sms or sm_count())
     while ksplit < 8 and N * ksplit < enough and K >= 128 * (2 * ksplit):
         ksplit *= 2
     return ksplit

@@ -5,10 +5,10 @@ CuPy is imported the first time a GPU is needed (require_cupy), not when this pa
 saying what to install.
 
 The .cu files are compiled together, as one `cupy.RawModule`, by NVRTC (CUDA's compiler at
-run time). A template kernel such as `gemv<ROWS, VEC, PRO>` is compiled only for the
+run time). A template kernel such as `gemv<ROWS, VEC, PRO, PREFETCH>` is compiled only for the
 instantiations named when compiling (kernels.py lists them, from its tables, in groups: those
 of float32 models, and those of each storage format), and a launch names one of them:
-"gemv<1,true,0>". Each group is compiled on the first launch of one of its kernels, once per
+"gemv<1,true,0,0>". Each group is compiled on the first launch of one of its kernels, once per
 process (CuPy does not take a module with template instances from its disk cache), so a float32
 model never waits for the kernels of the quantized formats.
 
@@ -102,7 +102,7 @@ def _sm_count(device_id):
 
 class KernelModule:
     """kernels/*.cu compiled for groups of template instantiations, {group: names} (e.g.
-    "gemv<1,true,0>"; NVRTC compiles only those named). Each group is a module of its own,
+    "gemv<1,true,0,0>"; NVRTC compiles only those named). Each group is a module of its own,
     compiled on the first launch of one of its kernels, once per process: CuPy compiles a
     module with template instances again in every process (it recompiles to learn NVRTC's
     names for them), so a model pays only for the groups it uses. The kernels that are not
