@@ -217,17 +217,19 @@ def test_gemv_prologues_compute_rmsnorm_and_swiglu_like_the_model(cuda, cp, M, K
 
 
 def test_gemv_loads_w_before_its_wait_only_where_that_is_each_lanes_whole_row():
-    """kernels.gemv_prefetch: one row of x, float4 loads, and K / 4 <= 4 float4s x 32 lanes x
-    ksplit warps; on an H200 (132 SMs) every stories15M product, and stories110M's but the
-    classifier (K = 768 on one warp a row). Three instances have early loads, no more."""
+    """kernels.gemv_prefetch: one row of x, float4 loads, K / 4 <= 4 float4s x 32 lanes x
+    ksplit warps, and a grid of one wave (at most 5 blocks an SM); on an H200 (132 SMs) every
+    stories15M product but the classifier, and of stories110M's only wo. Three instances have
+    early loads, no more."""
     from minillama.cuda.kernels import GEMV_PREFETCH, KERNELS, gemv_ksplit, gemv_prefetch
 
-    def early(N, K, rows=1, vec=True):
-        return gemv_prefetch(rows, vec, K, gemv_ksplit(N, K, sms=132))
-    assert [early(N, K) for N, K in STORIES] == [GEMV_PREFETCH] * 9 + [0]
-    assert early(32000, 512) == GEMV_PREFETCH and early(32000, 516) == 0      # one warp a row
-    assert early(33, 4096) == GEMV_PREFETCH and early(300, 4104) == 0         # eight
+    def early(N, K, rows=1, vec=True, sms=132):
+        return gemv_prefetch(rows, vec, N, K, gemv_ksplit(N, K, sms=sms), sms=sms)
+    assert [early(N, K) > 0 for N, K in STORIES] == [True] * 4 + [False] + [False, True] + [False] * 3
+    assert early(2640, 288) == GEMV_PREFETCH and early(2648, 288) == 0       # 660 blocks, 662
+    assert early(33, 4096) == GEMV_PREFETCH and early(300, 4104) == 0         # eight warps
     assert early(864, 288, rows=2) == early(864, 288, vec=False) == 0
+    assert early(32000, 288, sms=6400) == GEMV_PREFETCH                       # a larger GPU
     assert sorted(n for n in KERNELS.templates if n.startswith("gemv<") and not n.endswith(",0>")) \
         == [f"gemv<1,true,{pro},{GEMV_PREFETCH}>" for pro in (0, 1, 2)]
 
@@ -433,6 +435,25 @@ def test_greedy_pick_is_numpys_argmax_and_flags_rows_not_finite(cuda, cp, bsz, s
     assert ((0 <= got[:bsz]) & (got[:bsz] < vocab)).all()
 
 
+@gpu
+def test_greedy_pick_float4_rows_with_a_tail(cuda, cp):
+    """Rows of 1001 logits: row 0 starts on 16 bytes (float4s, then a tail of one value), the
+    others do not (one value at a time). Ties across the float4 part and the tail take the
+    first; a maximum in the tail is found; a row of -inf is id 0 and flagged."""
+    last = rng.standard_normal((4, 1001)).astype(np.float32)
+    last[0, [7, 1000]] = 50.0                               # a tie: float4 part and tail
+    last[1, 1000] = 60.0                                    # the maximum, last of a row
+    last[2, [3, 998]] = 70.0
+    last[3] = -np.inf
+    got = cuda.kernels.greedy_pick(cp.asarray(last)).get()
+    assert got[:4].tolist() == [7, 1000, 3, 0] and got[4:].tolist() == [0, 0, 0, 1]
+    rows = cp.zeros((2, 1004), dtype=np.float32)            # row 1 at 4016 bytes: aligned too
+    rows[:, :1001] = cp.asarray(last[:2])
+    rows[:, 1001:] = -1e30
+    got = cuda.kernels.greedy_pick(rows[:, :1001]).get()
+    assert got[:2].tolist() == [7, 1000] and got[2:].tolist() == [0, 0]
+
+
 # ----------------------------------------------------------------------------
 # misuse: a DeviceError naming the argument, never garbage or a crash
 
@@ -583,11 +604,13 @@ def test_one_row_graph_with_gemvs_early_loads_matches_float64(cuda, cp, monkeypa
     """FusedDecoder at one row: the step eager, then its graph, captured with programmatic
     launches (PROGRAMMATIC_ROWS), where gemv loads W before its wait while the kernel ahead
     finishes. Every step's logits within 1e-4 of the float64 model (its cache float32, as the
-    GPU's), and the launches those of gemv with early loads, and on the wide shape without."""
+    GPU's), and each product launched as gemv_prefetch says for its shape on this GPU, with
+    early loads for some of them (on an H200: stories15M's but the classifier, and the wide
+    shape's wqkv, wo and w2)."""
     k = cuda.kernels
     p = ModelArgs(**ONE_ROW[shape])
     w = random_weights(p, seed=int(rng.integers(1 << 30)))
-    ops = cuda.CudaOps()
+    ops = cuda.CudaOps(persistent=False)
     gpu_model = Transformer(p, w, ops)
     f64_model = Transformer(p, {name: a.astype(np.float64) for name, a in w.items()}, CPU)
     forward = ops.decoder(gpu_model)
@@ -597,9 +620,13 @@ def test_one_row_graph_with_gemvs_early_loads_matches_float64(cuda, cp, monkeypa
         assert rel_err(forward(tok, pos), f64_model.forward(tok, pos)) < 1e-4, f"position {pos}"
     decoder = ops._decoders[gpu_model]
     assert type(decoder).__name__ == "FusedDecoder" and decoder.graphs[1] is not None
+    hd, qkv = p.dim // p.n_heads, (p.n_heads + 2 * p.n_kv_heads) * (p.dim // p.n_heads)
+    products = [(qkv, p.dim, 1), (p.dim, p.n_heads * hd, 0), (2 * p.hidden_dim, p.dim, 1),
+                (p.dim, p.hidden_dim, 2), (p.vocab_size, p.dim, 1)]    # (N, K, prologue)
+    want = {f"gemv<1,true,{pro},{k.gemv_prefetch(1, True, N, K, k.gemv_ksplit(N, K))}>"
+            for N, K, pro in products}
     gemvs = {name for name in launched if name.startswith("gemv<")}
-    early = {f"gemv<1,true,{pro},{k.GEMV_PREFETCH}>" for pro in (0, 1, 2)}
-    assert gemvs == (early if shape == "15M" else early | {"gemv<1,true,1,0>"}), gemvs
+    assert gemvs == want and any(not name.endswith(",0>") for name in gemvs), gemvs
 
 
 @gpu
@@ -636,6 +663,53 @@ def test_generate_greedy_on_the_gpu_equals_the_cpu(cuda, cp):
     assert got == want
     graphs = gpu_ops._decoders[gpu_model].greedy_graphs                 # (greedy_steps')
     assert graphs.get((3, 1)) is not None and graphs.get((3, AHEAD)) is not None
+
+
+@gpu
+def test_generate_greedy_from_equal_prompts_chains_the_prompt_step(cuda, cp):
+    """Prompts of one length: generate's first call is the prompt's step (model.forward and
+    greedy_pick) and AHEAD - 1 steps chained after it in one graph (CudaDecoder.greedy_steps),
+    the same tokens as on the CPU."""
+    from conftest import StubTokenizer
+    from minillama.generation import Llama
+    p = ModelArgs(**ODD)
+    w = random_weights(p, seed=int(rng.integers(1 << 30)), scale=0.5)
+    prompts = [list(rng.integers(3, 97, 5)) for _ in range(3)]
+    gpu_ops = cuda.CudaOps()
+    gpu_model = Transformer(p, w, gpu_ops)
+    for _ in range(2):                     # eagerly, then through the graph it recorded
+        got, want = (Llama(model, StubTokenizer(eos_id=-7)).generate(
+            prompts, max_gen_len=12, temperature=0)[0]
+            for model in (gpu_model, Transformer(p, w, CPU)))
+        assert got == want
+    assert gpu_ops._decoders[gpu_model].greedy_graphs.get((3, AHEAD - 1)) is not None
+
+
+@gpu
+def test_greedy_steps_launch_each_steps_first_kernel_the_ordinary_way(cuda, cp, monkeypatch):
+    """In the graph of several one-row steps (programmatic launches), embed_tokens, which
+    starts each step after the greedy_pick that wrote its input, is launched the ordinary way
+    every time, and every other kernel of the steps programmatically: a programmatic
+    embed_tokens would let attention_decode read the position before it is written, a race
+    that comparing tokens would almost never catch."""
+    from minillama.cuda import pdl
+    model, _ = small_model(cuda.CudaOps(persistent=False), bsz=1)
+    forward = model.ops.decoder(model)
+    forward.greedy_steps([[3]], 0, 3)                     # eagerly: compiles, records nothing
+    ways, launch = [], pdl.launch
+    monkeypatch.setattr(pdl, "launch", lambda *a: (ways.append("programmatic"), launch(*a)))
+    kernels, klaunch = [], cuda.kernels.KERNELS.launch
+    monkeypatch.setattr(cuda.kernels.KERNELS, "launch", lambda name, *a, **kw: (
+        kernels.append((name, kw.get("ordinary", False))), klaunch(name, *a, **kw)))
+    model.ops._decoders[model].greedy_graphs.clear()
+    forward.greedy_steps([[3]], 3, 3)                     # eagerly again, then the capture
+    # (the eager steps replay __call__'s graph, so only their greedy_pick launches come first)
+    captured = kernels[[name for name, _ in kernels].index("embed_tokens"):]
+    assert len(captured) == 3 * (5 * model.params.n_layers + 3)
+    assert [o for name, o in captured if name == "embed_tokens"] == [True] * 3
+    assert all(not o for name, o in captured if name != "embed_tokens")
+    if pdl.supported(cp.cuda.Device().id):
+        assert len(ways) == len(captured) - 3
 
 
 @gpu
@@ -708,8 +782,7 @@ def test_generate_greedy_on_the_gpu_refuses_a_nan_picked_in_the_graph(cuda, cp, 
     model = Transformer(p, random_weights(p, seed=int(rng.integers(1 << 30))), ops)
     llama = Llama(model, StubTokenizer(eos_id=-7))
     llama.generate([[3]], max_gen_len=max_gen_len, temperature=0)
-    n = 1 if max_gen_len < AHEAD else AHEAD
-    assert ops._decoders[model].greedy_graphs.get((1, n)) is not None
+    assert ops._decoders[model].greedy_graphs.get((1, min(AHEAD, max_gen_len))) is not None
     model.output[5, 3] = cp.nan                            # logit 5 is NaN at every step
     with pytest.raises(GenerationError, match="NaN.*classifier"):
         llama.generate([[3]], max_gen_len=max_gen_len, temperature=0)

@@ -511,7 +511,7 @@ def run_v4s(M_, x, w, y, nr, u, ks, pro=0, norm=None, accumulate=False, pre=None
     V4S_PLANS[(N, K, fmt, nr, u, ks)] = (slices, per, rows, tiles)
     partial, counters = mk._split_workspace(slices * N, tiles)
     qs, d, _ = planes(w)
-    src = x if pre is None else v4_digits(M_, x, K, fmt, pro, keep=pre == "kept")
+    src = x if pre is None else stage_v4_digits(M_, x, K, fmt, pro, keep=pre == "kept")
     M_.launch(v4s_name(fmt, pro, nr, u, pre is not None), (tiles, slices), (256,),
               (src, qs, d, y, np.int32(N), np.int32(K), np.int32(accumulate), np.int32(rows),
                np.int32(per), partial, counters),
@@ -522,7 +522,7 @@ def run_v4s(M_, x, w, y, nr, u, ks, pro=0, norm=None, accumulate=False, pre=None
 V4_DIGITS = {}          # "kept": (x, K, fmt, pro) -> the digits; the x held, so its id stays its
 
 
-def v4_digits(M_, x, K, fmt, pro, keep=False):
+def stage_v4_digits(M_, x, K, fmt, pro, keep=False):
     """x's digits for the whole row (variants.cu's v4_digits): (3 XU + 1) K / WEIGHTS uint4s.
     keep: made once per x object (and the prologue), then returned as they are."""
     key = (id(x), K, fmt, pro)

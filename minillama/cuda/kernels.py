@@ -47,9 +47,11 @@ SGEMM_RATES = {"128x128x16": 41.8, "128x128x8": 37.3, "128x64x8": 31.6, "64x64x1
 GEMV_ROWS = (1, 2, 4, 8)           # rows of x per warp in gemv<ROWS, VEC, PRO, PREFETCH>
 # gemv's PREFETCH: float4s of W each lane loads before its grid_dependency_wait. Compiled for
 # one row of x with float4 loads (the launches of a graph that overlap, fused.py's
-# PROGRAMMATIC_ROWS), taken only where they hold the lane's whole share of the row
-# (gemv_prefetch); every other launch has PREFETCH 0, no early loads.
+# PROGRAMMATIC_ROWS), taken only where they hold the lane's whole share of the row and the
+# grid is one wave of at most GEMV_PREFETCH_BLOCKS blocks an SM (gemv_prefetch); every other
+# launch has PREFETCH 0, no early loads.
 GEMV_PREFETCH = 4
+GEMV_PREFETCH_BLOCKS = 5
 GEMV_PROLOGUES = {None: 0, "rmsnorm": 1, "swiglu": 2}     # GEMV_PLAIN, _RMSNORM, _SWIGLU
 # softmax_block<V, THREADS>: one block of THREADS threads holds V values each, so rows of up to
 # V * THREADS floats. The smallest that fits is used; longer rows go to softmax_warp.
@@ -326,7 +328,7 @@ def gemv(x, w, out=None, accumulate=False, norm=None, eps=1e-5, swiglu=False, ve
         return y
     rows = next(r for r in GEMV_ROWS if r >= min(M, GEMV_ROWS[-1]))
     ksplit = gemv_ksplit(N, K)
-    prefetch = gemv_prefetch(rows, vec, K, ksplit)
+    prefetch = gemv_prefetch(rows, vec, N, K, ksplit)
     KERNELS.launch(f"gemv<{rows},{_cpp_bool(vec)},{prologue},{prefetch}>",
                    (cdiv(N, 8 // ksplit), cdiv(M, rows)), (256,),
                    (x, w, y, i32(M), i32(N), i32(K), i32(bool(accumulate)),
@@ -405,16 +407,21 @@ def _split_workspace(floats, tiles):
             kept("counters", max(tiles, 4096), lambda n: cupy.zeros(n, dtype=np.int32)))
 
 
-def gemv_prefetch(rows, vec, K, ksplit):
-    """gemv's PREFETCH for a launch: GEMV_PREFETCH where one row of x is read by float4s and
-    the float4s loaded before the wait are each lane's whole share of its row of W (lane l of
-    slice s reads float4s s * 32 + l, + 32 ksplit, ..: K / 4 <= GEMV_PREFETCH * 32 * ksplit,
-    K <= 512 ksplit floats), else 0. Early loads in every one-row launch (H200, graph of one
-    step) took stories15M from 0.097 to 0.088 ms, whose rows all fit, and stories110M from
-    0.264 to 0.274, whose classifier (K = 768, one warp a row) does not; its other products
-    fit, split over 2 to 8 warps."""
+def gemv_prefetch(rows, vec, N, K, ksplit, sms=None):
+    """gemv's PREFETCH for a launch: GEMV_PREFETCH where one row of x is read by float4s, the
+    float4s loaded before the wait are each lane's whole share of its row of W (lane l of slice
+    s reads float4s s * 32 + l, + 32 ksplit, ..: K / 4 <= GEMV_PREFETCH * 32 * ksplit, K <=
+    512 ksplit floats), and the grid is one wave of the early-load instances: at most
+    GEMV_PREFETCH_BLOCKS blocks an SM (their 40 to 48 registers fit 5 blocks of 256 threads
+    an SM, where the others' 26 to 40 fit 6 to 8: on a larger grid the blocks that wait for a
+    second wave cost more than the early loads save). Else 0. Measured on an H200 (2026-11-30,
+    the graph of one step, the rules' graphs replayed in turn over 9 rounds, medians):
+    stories15M 0.0973 ms without early loads, 0.0854 with them wherever they are a lane's
+    whole row, 0.0838 with this rule (all but the classifier); stories110M 0.2647, 0.2889 and
+    0.2532 (only wo: its other grids take 2 to 30 blocks an SM)."""
     fits = K // 4 <= GEMV_PREFETCH * 32 * ksplit
-    return GEMV_PREFETCH if rows == 1 and vec and fits else 0
+    one_wave = cdiv(N * ksplit, 8) <= GEMV_PREFETCH_BLOCKS * (sms or sm_count())
+    return GEMV_PREFETCH if rows == 1 and vec and fits and one_wave else 0
 
 
 def gemv_ksplit(N, K, sms=None):
