@@ -243,17 +243,21 @@ def launched_names(k, monkeypatch):
 
 
 @gpu
-@pytest.mark.parametrize("N,K,early", [(864, 288, True), (288, 768, True), (32000, 288, True),
-                                       (33, 4096, True), (32000, 768, False), (300, 4104, False)])
+@pytest.mark.parametrize("N,K,early", [(864, 288, True), (288, 768, True), (32000, 288, False),
+                                       (33, 4096, True), (32000, 768, False), (300, 4104, False),
+                                       (288, 4104, False)])
 def test_gemv_one_row_with_and_without_early_loads_matches_float64(cuda, cp, monkeypatch,
                                                                    N, K, early):
     """One row of x, each prologue and accumulate, on both gemv instances: with W's float4s
     loaded before the wait (the whole row of each lane: stories15M's products, and exactly 4
-    float4s a lane at (33, 4096)), and without (longer rows: stories110M's classifier)."""
+    float4s a lane at (33, 4096)), and without (longer rows, as stories110M's classifier, or
+    grids of more than one wave, as stories15M's). `early`: which one an H200 takes."""
     from minillama.model import rms_norm, silu
     k = cuda.kernels
     launched = launched_names(k, monkeypatch)
-    prefetch = k.GEMV_PREFETCH if early else 0
+    prefetch = k.gemv_prefetch(1, True, N, K, k.gemv_ksplit(N, K))
+    if k.sm_count() == 132:
+        assert (prefetch > 0) == early
     x, w, g = rand(1, K), rand(N, K), 1.0 + rand(K, scale=0.1)
     xg, wg = cp.asarray(x), cp.asarray(w)
     y = cuda.gemv(xg, wg, out=poison(cp, (1, N)))
@@ -279,7 +283,7 @@ def test_gemv_early_loads_are_exact_where_the_row_is_longer_or_shorter(cuda, cp,
     lanes past the row load nothing), though the rule takes them only where the row fits."""
     from minillama.model import rms_norm
     k = cuda.kernels
-    monkeypatch.setattr(k, "gemv_prefetch", lambda rows, vec, K, ksplit:
+    monkeypatch.setattr(k, "gemv_prefetch", lambda rows, vec, N, K, ksplit:
                         k.GEMV_PREFETCH if rows == 1 and vec else 0)
     launched = launched_names(k, monkeypatch)
     x, w, g = rand(1, K), rand(N, K), 1.0 + rand(K, scale=0.1)
