@@ -415,7 +415,7 @@ class NumpyKernels:
     """decode.cu's embed_tokens and attention_decode, on NumPy arrays."""
     launches = 0
 
-    def launch(self, name, grid, block, args, shared_mem=0):
+    def launch(self, name, grid, block, args, shared_mem=0, ordinary=False):
         getattr(self, name.split("<")[0])(grid, *args)
 
     @staticmethod
