@@ -447,6 +447,34 @@ struct V2Q4 {
 typedef V2Q4<false> V2Q4_0;
 typedef V2Q4<true> V2Q4_1;
 
+// One tile of a warp: its NR weight rows from n0 along the chunk's CH loads (the lane's loads
+// lane, lane + 32 U, ..), each batch taken from `next` while the one after it is fetched:
+// further along this tile, or the first of the warp's next tile (n0 + tile_step, where that is
+// below row_end), so that loads stay in flight across the tile's end. Step::multiply adds each
+// load times x into acc.
+template <class F, int NR, int U, int V, class Step>
+__device__ __forceinline__ void qgemv_tile(QBatch<F, NR, U>& next, const uint4* __restrict__ qs,
+                                           const unsigned short* __restrict__ d,
+                                           const unsigned short* __restrict__ mn, int n0,
+                                           int tile_step, int row_end, int N, int CH, int first,
+                                           int loads_per_row, int nb, float (&acc)[V]) {
+    const int lane = threadIdx.x % 32;
+    for (int c0 = lane; c0 < CH; c0 += 32 * U) {
+        const QBatch<F, NR, U> cur = next;
+        const bool same = c0 + 32 * U < CH;
+        const int n_next = same ? n0 : n0 + tile_step;
+        if (n_next < row_end)
+            next.fetch(qs, d, mn, n_next, N, same ? c0 + 32 * U : lane, CH, first,
+                       loads_per_row, nb);
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            const int c = c0 + 32 * u;
+            if (c >= CH) break;
+            Step::multiply(cur, u, c, CH, acc);
+        }
+    }
+}
+
 // The walk of qgemv_v2 and qgemv_v4, qgemv's (x staged in shared memory once per block and
 // chunk of k, a warp on NR weight rows at a time, QBatch prefetching across tiles, K in chunks),
 // with what a version changes as a policy, Step:
@@ -497,20 +525,8 @@ __device__ __forceinline__ void qgemv_walk(const float* __restrict__ X, const ui
 #pragma unroll
                 for (int i = 0; i < V; ++i) acc[i] = 0.0f;
 
-                for (int c0 = lane; c0 < CH; c0 += 32 * U) {
-                    const QBatch<F, NR, U> cur = next;
-                    const bool same = c0 + 32 * U < CH;
-                    const int n_next = same ? n0 : n0 + tile_step;
-                    if (n_next < N)
-                        next.fetch(qs, d, mn, n_next, N, same ? c0 + 32 * U : lane, CH, first,
-                                   loads_per_row, nb);
-#pragma unroll
-                    for (int u = 0; u < U; ++u) {
-                        const int c = c0 + 32 * u;
-                        if (c >= CH) break;
-                        Step::multiply(cur, u, c, CH, acc);
-                    }
-                }
+                qgemv_tile<F, NR, U, V, Step>(next, qs, d, mn, n0, tile_step, N, N, CH, first,
+                                              loads_per_row, nb, acc);
 
                 // the V sums over the warp, 32 (or all V) at a time; see qgemv
 #pragma unroll
@@ -835,8 +851,8 @@ qgemv_v4(const float* __restrict__ X, const uint4* __restrict__ qs,
 //     its slice of x, so with ks slices a block's rows R can be ks times more at the same number
 //     of blocks (kernels.qgemv_v4s_plan: the fewest multiple of 8 NR that keeps tiles x ks
 //     within 2 blocks per SM), and each staged value meets R rows. Its warps walk the block's
-//     tiles of NR rows, 8 NR apart, QBatch's loads in flight across a tile's end as in
-//     qgemv_walk.
+//     tiles of NR rows, 8 NR apart, QBatch's loads in flight across a tile's end (qgemv_tile, as
+//     qgemv_walk's).
 //   - The partial sums, one per slice and row, go to a workspace (ks, N); the block that
 //     finishes a tile last (a counter per tile: atomicAdd after a __threadfence, reset by that
 //     block, so that a CUDA graph can replay the launch) adds the ks slices in slice order and
@@ -996,21 +1012,8 @@ __device__ __forceinline__ void v4s_walk(const Source& src, const uint4* __restr
         float acc[NR];
 #pragma unroll
         for (int j = 0; j < NR; ++j) acc[j] = 0.0f;
-        for (int c0 = lane; c0 < CH; c0 += 32 * U) {
-            const QBatch<F, NR, U> cur = next;
-            // the loads after these: further along this tile, or the next tile's first
-            const bool same = c0 + 32 * U < CH;
-            const int n_next = same ? n0 : n0 + tile_step;
-            if (n_next < row_end)
-                next.fetch(qs, d, d, n_next, N, same ? c0 + 32 * U : lane, CH, first,
-                           loads_per_row, nb);
-#pragma unroll
-            for (int u = 0; u < U; ++u) {
-                const int c = c0 + 32 * u;
-                if (c >= CH) break;
-                V4Step<F, PRO, NR, U>::multiply(cur, u, c, CH, acc);
-            }
-        }
+        qgemv_tile<F, NR, U, NR, V4Step<F, PRO, NR, U>>(next, qs, d, d, n0, tile_step, row_end,
+                                                        N, CH, first, loads_per_row, nb, acc);
         // the NR sums over the warp; lane j << SHIFT holds row n0 + j's (qgemv_warp_sums)
         constexpr int SHIFT = NR == 8 ? 2 : NR == 4 ? 3 : NR == 2 ? 4 : 5;
         const float total = qgemv_warp_sums<NR>(acc);

@@ -492,13 +492,15 @@ def test_the_module_has_the_instances_the_wrappers_launch(cuda, cp):
             assert f"qgemv_v2<V2{formats.FORMATS[fmt].KERNEL[fmt]},1,{pro},2,4>" in groups[fmt]
             if fmt in V4_FORMATS:
                 assert cuda.kernels._qgemv_v4_name(fmt, pro) in groups[fmt]
+                if pro != cuda.kernels.GEMV_PROLOGUES["rmsnorm"]:
+                    assert cuda.kernels._qgemv_v4s_name(fmt, pro) in groups[fmt]
     for rows in cuda.kernels.QGEMV_V2_F32_ROWS:           # float32 batches (kernels.gemv)
         for pro in cuda.kernels.GEMV_PROLOGUES.values():
             assert f"qgemv_v2<V2F32,{rows},{pro},4,1>" in groups["f32"]
     assert "attention_decode<4,unsigned short>" in groups["common"]
     assert "qgemv.cu" in runtime.KERNEL_FILES
     source = runtime.kernel_source()
-    for kernel in ("qgemv", "qgemv_v2", "qgemv_v4", "gemm_v5", "gemm_v6", "f32_to_16bit",
+    for kernel in ("qgemv", "qgemv_v2", "qgemv_v4", "qgemv_v4s", "gemm_v5", "gemm_v6", "f32_to_16bit",
                    "attention_decode"):
         assert f"\n{kernel}(" in source or f" {kernel}(" in source
 
