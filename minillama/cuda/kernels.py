@@ -403,11 +403,10 @@ _SPLIT_BUFFERS = {}          # (device, what, size) -> a CuPy array, kept for th
 
 
 def _split_workspace(floats, tiles):
-    """The workspace of the kernels that split k over blocks (gemv_v3, qgemv_mma,
-    qgemv_v4s): at least
-    `floats` float32 for the slices' partial sums, and at least `tiles` counters, zeros (the
-    last block of each tile resets its counter, so every launch leaves them as it found them).
-    Kept per device and power-of-two size for the life of the process: a CUDA graph that
+    """The workspace of the kernels that split k over blocks (gemv_v3, qgemv_mma, qgemv_v4s):
+    at least `floats` float32 for the slices' partial sums, and at least `tiles` counters, zeros
+    (the last block of each tile resets its counter, so every launch leaves them as it found
+    them). Kept per device and power-of-two size for the life of the process: a CUDA graph that
     captured a launch keeps their addresses. Made on a first, eager launch, never during a
     capture (FusedDecoder runs each batch size eagerly first). One stream runs the kernels in
     turn, so they share it."""
@@ -737,8 +736,9 @@ def qgemv_v4s_wins(M, N, K, fmt, prologue, sms=None):
     (N, K) in `fmt`, with a prologue of GEMV_PROLOGUES: one row of x on q4_0 or q8_0, no
     RMSNorm (a slice of k does not see the row's sum of squares), a long row (K >=
     QGEMV_V4S_MIN_K) and few weight rows, so few that v4's grid is under one wave (each of its
-    warps one tile of NR rows: N <= 8 NR x 2 blocks x sms). There v4's blocks each stage all of
-    x for 16 rows; the split stages a slice of it for 64 to 128. Measured on an H200
+    warps one tile of NR rows: N <= 8 NR x 2 blocks x sms). There each of v4's blocks stages
+    all of x for 16 rows; the split's stage a slice of it for 96 (q4_0) or 128 (q8_0) rows
+    (qgemv_v4s_plan). Measured on an H200
     (kernels/dev/bench_variants.py --prologues, 2026-11-30), us a launch, with the decode
     step's prologue and accumulate, (fraction of the copy bandwidth):
 
@@ -747,7 +747,8 @@ def qgemv_v4s_wins(M, N, K, fmt, prologue, sms=None):
         7B wo (4096 x 4096, plain)    q4_0  v4  6.69 (0.34)  v4s  6.53 (0.35)  nr4 u1 ks1
                                       q8_0  v4  7.39 (0.58)  v4s  7.74 (0.55)  nr2 u4 ks1
 
-    so w2 splits and wo (K 4096: no gain worth a second kernel's instances) stays on v4."""
+    so w2 splits, and wo stays on v4 (split, q4_0 gains 2%, q8_0 loses 5%). QGEMV_V4S_MIN_K
+    lies between the two rows measured (4096 and 11008)."""
     if M != 1 or fmt not in QGEMV_V4S or prologue == GEMV_PROLOGUES["rmsnorm"]:
         return False
     v4_blocks = cdiv(N, 8 * QGEMV_V4[fmt][0])
