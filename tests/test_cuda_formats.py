@@ -500,8 +500,8 @@ def test_the_module_has_the_instances_the_wrappers_launch(cuda, cp):
     assert "attention_decode<4,unsigned short>" in groups["common"]
     assert "qgemv.cu" in runtime.KERNEL_FILES
     source = runtime.kernel_source()
-    for kernel in ("qgemv", "qgemv_v2", "qgemv_v4", "qgemv_v4s", "gemm_v5", "gemm_v6", "f32_to_16bit",
-                   "attention_decode"):
+    for kernel in ("qgemv", "qgemv_v2", "qgemv_v4", "qgemv_v4s", "gemm_v5", "gemm_v6",
+                   "f32_to_16bit", "attention_decode"):
         assert f"\n{kernel}(" in source or f" {kernel}(" in source
 
 
