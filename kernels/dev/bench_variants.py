@@ -31,8 +31,9 @@ candidates, compiled beside them from the same sources plus variants.cu:
               slices; tiles of R rows, R grown with ks), partial sums added in slice order by
               the last block of a tile, in more (NR, U, ks) than the package launches.
               "... pair" (variants.cu): x's digits staged once by a kernel of their own
-              (v4_digits), then qgemv_v4s_pre copies its slice of them; "... kept": the same GEMV timed alone,
-              the digits made once beforehand (what it would cost if the kernel before wrote them)
+              (v4_digits), then qgemv_v4s_pre copies its slice of them; "... kept": the same
+              GEMV timed alone, the digits made once beforehand (what it would cost if the
+              kernel before wrote them)
 
 --only (these family names), --formats and --rows (batch sizes) build, check and time a part;
 by default all of it. With a part, the per-token sums that need the rest show nan. --shapes
