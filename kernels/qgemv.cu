@@ -67,7 +67,8 @@
 // The versions, in the order of the lesson: qgemv (above: float16 magic), qgemv_v2 (float32
 // magic, the scale once per load; one row of x, and float32 batches), qgemv_v4 (at the end of
 // the file: one row of x on q4_0 and q8_0 with the products in integers, dp4a over exact 8-bit
-// digits of x). kernels.qgemv's rule says which runs.
+// digits of x), qgemv_v4s (last: v4 split over k, for a long row of few weight rows).
+// kernels.qgemv's rule says which runs.
 // Compiled as one module after reduce.cu (block_sum, FULL_MASK) and matmul.cu (gemv_x4, the
 // GEMV_* prologues, the float16 helpers).
 
@@ -446,6 +447,34 @@ struct V2Q4 {
 typedef V2Q4<false> V2Q4_0;
 typedef V2Q4<true> V2Q4_1;
 
+// One tile of a warp: its NR weight rows from n0 along the chunk's CH loads (the lane's loads
+// lane, lane + 32 U, ..), each batch taken from `next` while the one after it is fetched:
+// further along this tile, or the first of the warp's next tile (n0 + tile_step, where that is
+// below row_end), so that loads stay in flight across the tile's end. Step::multiply adds each
+// load times x into acc.
+template <class F, int NR, int U, int V, class Step>
+__device__ __forceinline__ void qgemv_tile(QBatch<F, NR, U>& next, const uint4* __restrict__ qs,
+                                           const unsigned short* __restrict__ d,
+                                           const unsigned short* __restrict__ mn, int n0,
+                                           int tile_step, int row_end, int N, int CH, int first,
+                                           int loads_per_row, int nb, float (&acc)[V]) {
+    const int lane = threadIdx.x % 32;
+    for (int c0 = lane; c0 < CH; c0 += 32 * U) {
+        const QBatch<F, NR, U> cur = next;
+        const bool same = c0 + 32 * U < CH;
+        const int n_next = same ? n0 : n0 + tile_step;
+        if (n_next < row_end)
+            next.fetch(qs, d, mn, n_next, N, same ? c0 + 32 * U : lane, CH, first,
+                       loads_per_row, nb);
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            const int c = c0 + 32 * u;
+            if (c >= CH) break;
+            Step::multiply(cur, u, c, CH, acc);
+        }
+    }
+}
+
 // The walk of qgemv_v2 and qgemv_v4, qgemv's (x staged in shared memory once per block and
 // chunk of k, a warp on NR weight rows at a time, QBatch prefetching across tiles, K in chunks),
 // with what a version changes as a policy, Step:
@@ -496,20 +525,8 @@ __device__ __forceinline__ void qgemv_walk(const float* __restrict__ X, const ui
 #pragma unroll
                 for (int i = 0; i < V; ++i) acc[i] = 0.0f;
 
-                for (int c0 = lane; c0 < CH; c0 += 32 * U) {
-                    const QBatch<F, NR, U> cur = next;
-                    const bool same = c0 + 32 * U < CH;
-                    const int n_next = same ? n0 : n0 + tile_step;
-                    if (n_next < N)
-                        next.fetch(qs, d, mn, n_next, N, same ? c0 + 32 * U : lane, CH, first,
-                                   loads_per_row, nb);
-#pragma unroll
-                    for (int u = 0; u < U; ++u) {
-                        const int c = c0 + 32 * u;
-                        if (c >= CH) break;
-                        Step::multiply(cur, u, c, CH, acc);
-                    }
-                }
+                qgemv_tile<F, NR, U, V, Step>(next, qs, d, mn, n0, tile_step, N, N, CH, first,
+                                              loads_per_row, nb, acc);
 
                 // the V sums over the warp, 32 (or all V) at a time; see qgemv
 #pragma unroll
@@ -815,4 +832,222 @@ qgemv_v4(const float* __restrict__ X, const uint4* __restrict__ qs,
          int accumulate, const float* __restrict__ norm_w, float eps, int kc) {
     qgemv_walk<F, 1, PRO, NR, U, V4Step<F, PRO, NR, U>>(X, qs, d, d, Y, 1, N, K, accumulate,
                                                          norm_w, eps, kc);
+}
+
+
+// ---------------------------------------------------------------------------------------------
+// qgemv_v4s<F, PRO, NR, U>: qgemv_v4 split over k, for the short matrices (issue 10).
+//
+// v4's grid is what fits at once (2 blocks per SM) or one block per 8 NR rows, whichever is
+// fewer: on the 7B w2 (4096 x 11008) that is 256 blocks of 16 rows, under a wave, one tile per
+// warp. Every block stages all of x (11008 values: a maximum, a scaling and three digits each),
+// and each staged value meets only 16 weight rows; the staging comes before any product, and a
+// warp has nothing of its own to overlap it with but its first batch of loads. v4s keeps v4's
+// arithmetic (V4Step::multiply, unchanged) and divides the work differently:
+//
+//   - A split over k. The grid is (tiles, ks): block (t, s) takes rows t R .. t R + R - 1 and
+//     slice s of the row's 16-byte loads (slice_loads of them, a multiple of 32, so that a
+//     warp's 32 lanes sweep it whole, or the whole row when that is shorter). It stages only
+//     its slice of x, so with ks slices a block's rows R can be ks times more at the same number
+//     of blocks (kernels.qgemv_v4s_plan: the fewest multiple of 8 NR that keeps tiles x ks
+//     within 2 blocks per SM), and each staged value meets R rows. Its warps walk the block's
+//     tiles of NR rows, 8 NR apart, QBatch's loads in flight across a tile's end (qgemv_tile, as
+//     qgemv_walk's).
+//   - The partial sums, one per slice and row, go to a workspace (ks, N); the block that
+//     finishes a tile last (a counter per tile: atomicAdd after a __threadfence, reset by that
+//     block, so that a CUDA graph can replay the launch) adds the ks slices in slice order and
+//     writes y (adding to it with accumulate): the same float sum whichever block is last,
+//     deterministic, as qgemv_mma's split and gemv_v3's. With ks = 1 it writes y directly.
+//   - x staged by 4-value lanes. v4_stage gives one thread a whole unit (32 values of q4_0, 16
+//     of q8_0); a slice of 64 loads would leave 192 of 256 threads idle. Here a unit is
+//     WEIGHTS / 4 consecutive lanes, one float4 each: the unit's maximum, its "all finite" flag
+//     and its digit sums T_k are shuffles within the group, and each lane writes its own word of
+//     each digit plane, in v4's layout (so V4Step::multiply reads it unchanged).
+//   - Programmatic launch: only the weights' first batch is loaded before grid_dependency_wait.
+//     x (and the SwiGLU gate) is read through L2 (__ldcg), not read-only, so that ptxas keeps
+//     those loads after the wait; the workspace, the counters and y are touched only after it
+//     too, so the next launch's early loads (weights, never written) race nothing, and the
+//     counter a block resets is not counted again before this grid has ended.
+//
+// Measured on an H200 (kernels/dev/bench_variants.py --prologues, 2026-11-30), us a launch with
+// the decode step's prologue and accumulate, (fraction of the copy bandwidth):
+//     7B w2 (4096 x 11008, SwiGLU)  q4_0: v4 16.93 (0.36), v4s 12.26 (0.50) at NR 4, U 1, ks 8
+//                                   q8_0: v4 18.28 (0.63), v4s 16.04 (0.71) at NR 8, U 1, ks 8
+//     7B wo (4096 x 4096, plain)    q4_0: v4 6.69 (0.34), v4s 6.53 (0.35) at NR 4, U 1, ks 1
+//                                   q8_0: v4 7.39 (0.58), v4s 7.74 (0.55) at NR 2, U 4, ks 1
+// so kernels.qgemv launches it on w2-like shapes only (kernels.qgemv_v4s_wins).
+//
+// Prologues: GEMV_PLAIN and GEMV_SWIGLU. GEMV_RMSNORM needs the whole row's sum of squares,
+// which a slice does not see: the rule leaves it to v4.
+//
+// Arguments: X one row (K floats, 2K with SwiGLU), qs and d the codes and float16 scales,
+// Y (N) float32; rows_per_block a multiple of 8 NR; slice_loads 16-byte loads of a row per
+// slice (gridDim.y = cdiv(K / WEIGHTS, slice_loads), no empty slice); partial: ks N floats;
+// counters: gridDim.x ints, zero before the launch and after it. Block 256 threads; dynamic
+// shared memory min(slice_loads, K / WEIGHTS) (3 XU + 1) 16 bytes.
+
+// gemv_x4 through L2: x is the previous kernel's output (see above)
+template <int PRO>
+__device__ __forceinline__ float4 v4s_x4(const float* __restrict__ xr, int k4, int K) {
+    float4 x = __ldcg(reinterpret_cast<const float4*>(xr) + k4);
+    if (PRO == GEMV_SWIGLU) {
+        const float4 u = __ldcg(reinterpret_cast<const float4*>(xr + K) + k4);
+        x = make_float4(silu(x.x) * u.x, silu(x.y) * u.y, silu(x.z) * u.z, silu(x.w) * u.w);
+    }
+    return x;
+}
+
+// Lane q of a unit's N4 = WEIGHTS / 4 lanes: its 4 values v of unit c (v4_stage's arithmetic on
+// them, the unit's maximum, finiteness and digit sums by shuffles within the group), written
+// as word q of each digit plane and, by lane 0, the unit's (T, 2^-s). Every lane of the warp
+// calls it (the shuffles); `mine` false: zeros, nothing written.
+template <class F>
+__device__ __forceinline__ void v4s_unit_lane(float4 v, bool mine, int c, int q, int CH,
+                                              uint4* xs) {
+    constexpr int N4 = F::WEIGHTS / 4;
+    float mx = fmaxf(fmaxf(fabsf(v.x), fabsf(v.y)), fmaxf(fabsf(v.z), fabsf(v.w)));
+    int finite = isfinite(v.x) && isfinite(v.y) && isfinite(v.z) && isfinite(v.w);
+#pragma unroll
+    for (int o = N4 / 2; o > 0; o /= 2) {               // over the unit's lanes
+        mx = fmaxf(mx, __shfl_xor_sync(FULL_MASK, mx, o));
+        finite &= __shfl_xor_sync(FULL_MASK, finite, o);
+    }
+    const int e = (int)((__float_as_uint(mx) >> 23) & 0xFF) - 126;
+    const int s = min(22 - e, 126);
+    const float up = __uint_as_float((unsigned int)(127 + s) << 23);
+    const float xv[4] = {v.x, v.y, v.z, v.w};
+    unsigned int w[3] = {0u, 0u, 0u};
+    int T[3] = {0, 0, 0};
+#pragma unroll
+    for (int b = 0; b < 4; ++b) {
+        const int xi = finite ? __float2int_rn(xv[b] * up) : 0;
+        const int p0 = (int)((unsigned int)xi << 24) >> 24;
+        const int r = (xi - p0) >> 8;
+        const int p1 = (int)((unsigned int)r << 24) >> 24, p2 = (r - p1) >> 8;
+        const int p[3] = {p0, p1, p2};
+#pragma unroll
+        for (int k = 0; k < 3; ++k) {
+            T[k] += p[k];
+            w[k] |= (unsigned int)(p[k] & 0xFF) << (8 * b);
+        }
+    }
+#pragma unroll
+    for (int o = N4 / 2; o > 0; o /= 2)
+#pragma unroll
+        for (int k = 0; k < 3; ++k) T[k] += __shfl_xor_sync(FULL_MASK, T[k], o);
+    if (!mine) return;
+    unsigned int* words = reinterpret_cast<unsigned int*>(xs);
+#pragma unroll
+    for (int k = 0; k < 3; ++k)                         // plane k XU + q / 4, word q % 4
+        words[((k * F::XU + q / 4) * CH + c) * 4 + q % 4] = w[k];
+    const float scale = finite ? __uint_as_float((unsigned int)(127 - s) << 23)
+                               : __uint_as_float(0x7FC00000u);                      // NaN
+    if (q == 0) xs[3 * F::XU * CH + c] = make_uint4(T[0], T[1], T[2], __float_as_uint(scale));
+}
+
+// Units 0 .. CH - 1 of the slice (values k0 + c WEIGHTS ..) in v4_stage's layout: float4 i of
+// the slice is lane i % N4 of unit i / N4. A thread's float4s of V4S_ROUNDS rounds are loaded
+// together (one trip to L2), then turned into digits.
+#define V4S_ROUNDS 4
+
+template <class F, int PRO>
+__device__ __forceinline__ void v4s_stage(const float* __restrict__ X, int K, int k0, int CH) {
+    extern __shared__ uint4 v4_xs[];
+    constexpr int N4 = F::WEIGHTS / 4;
+    const int n4 = CH * N4;                             // float4s of the slice
+    for (int base = 0; base < n4; base += V4S_ROUNDS * blockDim.x) {
+        float4 v[V4S_ROUNDS];
+#pragma unroll
+        for (int r = 0; r < V4S_ROUNDS; ++r) {
+            const int i = base + r * blockDim.x + threadIdx.x;
+            v[r] = i < n4 ? v4s_x4<PRO>(X, k0 / 4 + i, K) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        }
+#pragma unroll
+        for (int r = 0; r < V4S_ROUNDS; ++r) {
+            const int i = base + r * blockDim.x + threadIdx.x;
+            if (base + r * blockDim.x < n4)             // the same for the whole block
+                v4s_unit_lane<F>(v[r], i < n4, i / N4, i % N4, CH, v4_xs);
+        }
+    }
+}
+
+// Where a block's slice of x comes from, a policy of v4s_walk: Source::stage(K, first, CH)
+// writes units first .. first + CH - 1 of the row into v4_xs. Here, from x itself (the
+// development candidates of kernels/dev/variants.cu copy digits staged beforehand instead).
+template <class F, int PRO>
+struct V4SFromX {
+    const float* X;
+    __device__ __forceinline__ void stage(int K, int first, int CH) const {
+        v4s_stage<F, PRO>(X, K, first * F::WEIGHTS, CH);
+    }
+};
+
+template <class F, int PRO, int NR, int U, class Source>
+__device__ __forceinline__ void v4s_walk(const Source& src, const uint4* __restrict__ qs,
+                                         const unsigned short* __restrict__ d,
+                                         float* __restrict__ Y, int N, int K, int accumulate,
+                                         int rows_per_block, int slice_loads,
+                                         float* __restrict__ partial, int* __restrict__ counters) {
+    static_assert(PRO != GEMV_RMSNORM, "a slice of k cannot see its row's RMS");
+    __shared__ int v4s_last;
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
+    const int tile = blockIdx.x, ks = gridDim.y, slice = blockIdx.y;
+    const int loads_per_row = K / F::WEIGHTS, nb = K / 32;
+    const int first = slice * slice_loads;                      // the slice's first load of a row
+    const int CH = min(slice_loads, loads_per_row - first);     // its loads per row
+    const int row0 = tile * rows_per_block, row_end = min(N, row0 + rows_per_block);
+    const int tile_step = warps * NR;                           // a warp's tiles, 8 NR rows apart
+    const int n_first = row0 + warp * NR;
+
+    // The first loads do not depend on x: issued before the wait, as in v4.
+    QBatch<F, NR, U> next;
+    if (n_first < row_end) next.fetch(qs, d, d, n_first, N, lane, CH, first, loads_per_row, nb);
+    grid_launch_dependents();
+    grid_dependency_wait();            // (reduce.cu) the weights are ours; x is the last kernel's
+
+    src.stage(K, first, CH);
+    __syncthreads();
+
+    for (int n0 = n_first; n0 < row_end; n0 += tile_step) {
+        float acc[NR];
+#pragma unroll
+        for (int j = 0; j < NR; ++j) acc[j] = 0.0f;
+        qgemv_tile<F, NR, U, NR, V4Step<F, PRO, NR, U>>(next, qs, d, d, n0, tile_step, row_end,
+                                                        N, CH, first, loads_per_row, nb, acc);
+        // the NR sums over the warp; lane j << SHIFT holds row n0 + j's (qgemv_warp_sums)
+        constexpr int SHIFT = NR == 8 ? 2 : NR == 4 ? 3 : NR == 2 ? 4 : 5;
+        const float total = qgemv_warp_sums<NR>(acc);
+        const int n = n0 + (lane >> SHIFT);
+        if (lane % (1 << SHIFT) == 0 && n < N) {
+            if (ks == 1) Y[n] = accumulate ? Y[n] + total : total;
+            else partial[(size_t)slice * N + n] = total;
+        }
+    }
+    if (ks == 1) return;
+
+    // The last block of this tile adds the ks slices, in slice order (qgemv_mma's way).
+    __threadfence();                                   // our partials, visible GPU-wide
+    __syncthreads();                                   // ... all of them, before we count
+    if (threadIdx.x == 0) {
+        v4s_last = atomicAdd(counters + tile, 1) == ks - 1;
+        if (v4s_last) counters[tile] = 0;               // for the next launch
+    }
+    __syncthreads();
+    if (!v4s_last) return;
+    __threadfence();                                   // the others' partials, before reading
+    for (int n = row0 + threadIdx.x; n < row_end; n += blockDim.x) {
+        float v = 0.0f;
+        for (int s = 0; s < ks; ++s) v += __ldcg(partial + (size_t)s * N + n);
+        Y[n] = accumulate ? Y[n] + v : v;
+    }
+}
+
+template <class F, int PRO, int NR, int U>
+__global__ void __launch_bounds__(256, 2)
+qgemv_v4s(const float* __restrict__ X, const uint4* __restrict__ qs,
+          const unsigned short* __restrict__ d, float* __restrict__ Y, int N, int K,
+          int accumulate, int rows_per_block, int slice_loads, float* __restrict__ partial,
+          int* __restrict__ counters) {
+    v4s_walk<F, PRO, NR, U>(V4SFromX<F, PRO>{X}, qs, d, Y, N, K, accumulate, rows_per_block,
+                            slice_loads, partial, counters);
 }

@@ -30,6 +30,7 @@ from minillama.formats import Packed
 from minillama.model import ModelArgs, Transformer
 from minillama.ops import CPU
 from test_cuda import cuda, poison, product_err, rel_err  # noqa: F401  (fixtures and helpers)
+from test_cuda import launched_names
 
 gpu = pytest.mark.gpu
 rng = np.random.default_rng()           # fresh inputs every run
@@ -191,6 +192,198 @@ def test_qgemv_v4_prologues_accumulate_and_chunks(cuda, cp, fmt):
                     smem=1)                      # x whole, or in chunks of k
 
 
+def test_qgemv_v4s_rule_splits_w2_like_shapes_only():
+    """qgemv_v4s_wins (no GPU): one row of q4_0 or q8_0, no RMSNorm, K >= QGEMV_V4S_MIN_K, and
+    v4's grid under a wave (N <= 8 NR x 2 x sms). The 7B on an H200 (132 SMs): w2 splits, wo,
+    wqkv, w13 and the classifier do not."""
+    k = pytest.importorskip("minillama.cuda.kernels")
+    plain, swiglu, rms = (k.GEMV_PROLOGUES[p] for p in (None, "swiglu", "rmsnorm"))
+    for fmt in V4_FORMATS:
+        wins = functools.partial(k.qgemv_v4s_wins, fmt=fmt, sms=132)
+        assert wins(1, 4096, 11008, prologue=swiglu) and wins(1, 4096, 11008, prologue=plain)
+        for N, K in ((4096, 4096), (12288, 4096), (22016, 4096), (32000, 4096)):
+            assert not wins(1, N, K, prologue=plain), (N, K)          # wo, wqkv, w13, cls
+        assert not wins(1, 4096, 11008, prologue=rms)     # a slice does not see the row's RMS
+        assert not wins(2, 4096, 11008, prologue=swiglu) and not wins(64, 33, 11008, prologue=plain)
+        assert wins(1, 33, 8192, prologue=plain) and not wins(1, 33, 8160, prologue=plain)
+        assert wins(1, 4224, 8192, prologue=plain)        # v4: 264 blocks, one wave of 2 an SM
+        assert not wins(1, 4225, 8192, prologue=plain)    # 265
+        assert not k.qgemv_v4s_wins(1, 4096, 11008, fmt, plain, sms=66)     # two waves there
+    for fmt in ("q4_1", "f16", "bf16"):
+        assert not k.qgemv_v4s_wins(1, 4096, 11008, fmt, plain, sms=132)
+
+
+def test_qgemv_v4s_plan_fills_one_wave_with_whole_sweeps():
+    """qgemv_v4s_plan (no GPU) at the rule's (NR, ks) on the 7B w2 and an H200's 132 SMs, and
+    on odd sizes: slices of whole 32-load sweeps (the last may be shorter, never empty), rows a
+    multiple of 8 NR, tiles x slices within 2 blocks an SM."""
+    k = pytest.importorskip("minillama.cuda.kernels")
+    assert k.qgemv_v4s_plan(4096, 11008, "q4_0", 4, 8, 132) == (6, 64, 96, 43)
+    assert k.qgemv_v4s_plan(4096, 11008, "q8_0", 8, 8, 132) == (8, 96, 128, 32)
+    for fmt in V4_FORMATS:
+        nr, _, ks = k.QGEMV_V4S[fmt]
+        for N, K in ((4096, 11008), (33, 11040), (17, 4128), (3, 96), (4224, 8192)):
+            slices, per, rows, tiles = k.qgemv_v4s_plan(N, K, fmt, nr, ks, 132)
+            loads = K // k.QGEMV_WEIGHTS[fmt]
+            assert per == loads or per % 32 == 0, (N, K)
+            assert (slices - 1) * per < loads <= slices * per and slices <= ks
+            assert rows % (8 * nr) == 0 and (tiles - 1) * rows < N <= tiles * rows
+            assert tiles * slices <= 2 * 132 or rows == 8 * nr
+
+
+def forced_split(k, monkeypatch):
+    """qgemv's rule takes qgemv_v4s for every one-row launch it can run (q4_0 or q8_0, no
+    RMSNorm), whatever the shape; returns the names launched from now on."""
+    monkeypatch.setattr(k, "qgemv_v4s_wins", lambda M, N, K, fmt, pro, sms=None: M == 1 and fmt
+                        in k.QGEMV_V4S and pro != k.GEMV_PROLOGUES["rmsnorm"])
+    return launched_names(k, monkeypatch)
+
+
+# (N, K): N under and over a block's rows, K an odd number of 32-blocks: long enough for the
+# rule to split (11040), short and split anyway (forced: 4128 and 2080 are 2 to 5 slices, the
+# last one or two loads long), one slice (96: ks = 1 writes y directly)
+V4S_SIZES = [(1001, 11040), (33, 11040), (17, 4128), (129, 2080), (3, 96)]
+
+
+@gpu
+@pytest.mark.parametrize("fmt,N,K", [(f, n, k) for f in V4_FORMATS for n, k in V4S_SIZES])
+def test_qgemv_v4s_matches_float64_at_one_row(cuda, cp, monkeypatch, fmt, N, K):
+    """qgemv_v4s (v4 split over k, the slices added in order by a tile's last block) keeps
+    v4's 1e-5 against float64, x spanning 80 binades and a unit of zeros too; two launches in
+    a row give the same bits (the counters are back at zero, the sum in slice order)."""
+    k = cuda.kernels
+    launched = forced_split(k, monkeypatch)
+    packed, w64 = stored_weight(fmt, N, K)
+    w = packed.map(cp.asarray)
+    x = rng.standard_normal((1, K)).astype(np.float32)
+    wide = (x * 2.0 ** rng.integers(-40, 40, (1, K))).astype(np.float32)
+    wide[0, 32:64] = 0.0
+    for xs in (x, wide):
+        y = k.qgemv(cp.asarray(xs), w, out=poison(cp, (1, N)))
+        assert product_err(y, xs.astype(np.float64), w64) < 1e-5
+    again = k.qgemv(cp.asarray(wide), w, out=poison(cp, (1, N)))
+    assert np.array_equal(y.get().view(np.uint32), again.get().view(np.uint32))
+    assert set(launched) == {k._qgemv_v4s_name(fmt, 0)}, launched
+
+
+@gpu
+@pytest.mark.parametrize("fmt", V4_FORMATS)
+def test_qgemv_v4s_prologues_and_accumulate(cuda, cp, monkeypatch, fmt):
+    """SwiGLU (w2's launch) and accumulate (wo's and w2's) through the split; RMSNorm goes to
+    v4 (a slice of k does not see the row's sum of squares)."""
+    k = cuda.kernels
+    launched = forced_split(k, monkeypatch)
+    packed, w64 = stored_weight(fmt, 129, 2080)
+    check_prologues(cp, k.qgemv, packed.map(cp.asarray), w64, rows=(1,))
+    assert set(launched) == {k._qgemv_v4_name(fmt, 1), k._qgemv_v4s_name(fmt, 2),
+                             k._qgemv_v4s_name(fmt, 0)}, launched
+
+
+@gpu
+@pytest.mark.parametrize("fmt", V4_FORMATS)
+def test_qgemv_v4s_replays_in_a_cuda_graph(cuda, cp, monkeypatch, fmt):
+    """A graph of the split launch (programmatic, as FusedDecoder captures a one-row step),
+    replayed 3 times into a poisoned output: each replay the eager launch's bits, so each
+    launch leaves the counters at zero for the next (else no block would be last, and y
+    would stay NaN). With accumulate, each replay adds once more."""
+    k = cuda.kernels
+    forced_split(k, monkeypatch)
+    N, K = 1001, 11040
+    packed, w64 = stored_weight(fmt, N, K)
+    w = packed.map(cp.asarray)
+    h = cp.asarray((2 * rng.standard_normal((1, 2 * K))).astype(np.float32))
+    y, acc = poison(cp, (1, N)), cp.zeros((1, N), np.float32)
+    eager = k.qgemv(h, w, out=y, swiglu=True).get()          # the workspace made here
+    stream = cp.cuda.Stream(non_blocking=True)
+    cp.cuda.get_current_stream().synchronize()
+    with stream, k.KERNELS.programmatic():
+        stream.begin_capture()
+        try:
+            k.qgemv(h, w, out=y, swiglu=True)
+            k.qgemv(h, w, out=acc, swiglu=True, accumulate=True)
+        finally:
+            graph = stream.end_capture()
+    for replay in range(1, 4):
+        with stream:                                   # in order with the replay
+            y.fill(np.nan)
+            graph.launch(stream)
+        stream.synchronize()
+        assert np.array_equal(y.get().view(np.uint32), eager.view(np.uint32)), replay
+        assert rel_err(acc, replay * eager.astype(np.float64)) < 1e-6, replay
+
+
+@gpu
+@pytest.mark.parametrize("fmt", V4_FORMATS)
+def test_qgemv_v4s_passes_nan_and_inf_of_x_on(cuda, cp, monkeypatch, fmt):
+    """A value of x that is not finite, in one slice, makes every row NaN (its unit's scale is
+    NaN, and the tile's sum adds that slice)."""
+    k = cuda.kernels
+    forced_split(k, monkeypatch)
+    packed, _ = stored_weight(fmt, 129, 11040)
+    w = packed.map(cp.asarray)
+    for bad in (np.nan, np.inf, -np.inf):
+        x = rng.standard_normal((1, 11040)).astype(np.float32)
+        x[0, rng.integers(11040)] = bad
+        y = k.qgemv(cp.asarray(x), w, out=cp.zeros((1, 129), np.float32)).get()
+        assert np.isnan(y).all(), bad
+
+
+@gpu
+def test_qgemv_rule_takes_v4s_where_it_splits(cuda, cp, monkeypatch):
+    """kernels.qgemv's rule, on this GPU: qgemv_v4s for one row of q4_0 or q8_0 with a long K
+    (plain and SwiGLU), v4 under QGEMV_V4S_MIN_K, with RMSNorm, and where v4's grid is a wave
+    or more (8 NR x 2 x SMs rows); v2 for q4_1, qgemv_mma from 4 rows. Each result still
+    within 1e-5 of float64."""
+    k = cuda.kernels
+    launched = launched_names(k, monkeypatch)
+    nr = k.QGEMV_V4["q4_0"][0]
+    assert k.QGEMV_V4["q8_0"][0] == nr
+    wave = 8 * nr * k.QGEMV_BLOCKS_PER_SM * k.sm_count()         # rows of one wave of v4
+    cases = [("q4_0", 1, 1000, 11040, None, "qgemv_v4s"),        # (fmt, M, N, K, prologue, want)
+             ("q8_0", 1, 1000, 8192, "swiglu", "qgemv_v4s"),
+             ("q4_0", 1, wave, 8192, "swiglu", "qgemv_v4s"),
+             ("q8_0", 1, wave + 1, 8192, None, "qgemv_v4"),
+             ("q4_0", 1, 1000, 8160, None, "qgemv_v4"),
+             ("q8_0", 1, 1000, 11040, "rmsnorm", "qgemv_v4"),
+             ("q4_1", 1, 1000, 11040, None, "qgemv_v2"),
+             ("q4_0", 4, 1000, 11040, None, "qgemv_mma")]
+    for fmt, M, N, K, pro, want in cases:
+        packed, w64 = stored_weight(fmt, N, K)
+        x = rng.standard_normal((M, 2 * K if pro == "swiglu" else K)).astype(np.float32)
+        extra = {"swiglu": True} if pro == "swiglu" else {}
+        if pro == "rmsnorm":
+            extra = {"norm": cp.ones(K, np.float32)}
+        launched.clear()
+        y = k.qgemv(cp.asarray(x), packed.map(cp.asarray), out=poison(cp, (M, N)), **extra)
+        assert [n.split("<")[0] for n in launched] == [want], (fmt, M, N, K, pro, launched)
+        if pro is None:
+            assert product_err(y, x.astype(np.float64), w64) < 1e-5, (fmt, N, K)
+
+
+@gpu
+@pytest.mark.parametrize("fmt", V4_FORMATS)
+def test_one_row_graph_with_a_split_w2_matches_the_cpu(cuda, cp, monkeypatch, fmt):
+    """FusedDecoder at one row on a model whose w2 is long enough to split (hidden_dim 8224, an
+    odd number of 32-blocks): the step eagerly, then its graph (programmatic launches) replayed
+    step after step, logits within 1e-4 of the CPU model with the same stored weights; w2 goes
+    through qgemv_v4s, every other product through v4."""
+    k = cuda.kernels
+    p = ModelArgs(**{**PACKED_ARGS, "hidden_dim": 8224, "max_batch_size": 1})
+    weights = stored_model_weights(p, fmt)
+    ops = cuda.CudaOps(persistent=False)
+    gpu_model, cpu_model = Transformer(p, weights, ops), Transformer(p, weights, CPU)
+    forward = ops.decoder(gpu_model)
+    launched = launched_names(k, monkeypatch)
+    for pos in range(6):
+        tok = rng.integers(0, p.vocab_size, size=(1, 1))
+        assert rel_err(forward(tok, pos), cpu_model.forward(tok, pos)) < 1e-4, f"position {pos}"
+    decoder = ops._decoders[gpu_model]
+    assert type(decoder).__name__ == "FusedDecoder" and decoder.graphs[1] is not None
+    products = {n for n in launched if n.startswith("qgemv")}
+    assert products == {k._qgemv_v4s_name(fmt, 2), k._qgemv_v4_name(fmt, 1),
+                        k._qgemv_v4_name(fmt, 0)}, products          # w2; wqkv, w13, cls; wo
+
+
 # ----------------------------------------------------------------------------
 # matmul.cu: f32_to_16bit and gemm_v5
 
@@ -299,14 +492,16 @@ def test_the_module_has_the_instances_the_wrappers_launch(cuda, cp):
             assert f"qgemv_v2<V2{formats.FORMATS[fmt].KERNEL[fmt]},1,{pro},2,4>" in groups[fmt]
             if fmt in V4_FORMATS:
                 assert cuda.kernels._qgemv_v4_name(fmt, pro) in groups[fmt]
+                if pro != cuda.kernels.GEMV_PROLOGUES["rmsnorm"]:
+                    assert cuda.kernels._qgemv_v4s_name(fmt, pro) in groups[fmt]
     for rows in cuda.kernels.QGEMV_V2_F32_ROWS:           # float32 batches (kernels.gemv)
         for pro in cuda.kernels.GEMV_PROLOGUES.values():
             assert f"qgemv_v2<V2F32,{rows},{pro},4,1>" in groups["f32"]
     assert "attention_decode<4,unsigned short>" in groups["common"]
     assert "qgemv.cu" in runtime.KERNEL_FILES
     source = runtime.kernel_source()
-    for kernel in ("qgemv", "qgemv_v2", "qgemv_v4", "gemm_v5", "gemm_v6", "f32_to_16bit",
-                   "attention_decode"):
+    for kernel in ("qgemv", "qgemv_v2", "qgemv_v4", "qgemv_v4s", "gemm_v5", "gemm_v6",
+                   "f32_to_16bit", "attention_decode"):
         assert f"\n{kernel}(" in source or f" {kernel}(" in source
 
 

@@ -26,12 +26,14 @@ candidates, compiled beside them from the same sources plus variants.cu:
     i8        qgemv_i8 (variants.cu): batches of q8_0 / q4_0 on the tensor cores in integers
               (mma.sync m16n8k32, x in v4's 8-bit digits staged per unit, no quad transpose),
               against qgemv_mma (the "product" at 4 rows and more); a candidate, not yet run
-    splitk    qgemv_v4s (variants.cu): batch 1 of q4_0 / q8_0, v4's inner step over a split of
-              k (ks slices; tiles of R rows, R grown with ks), partial sums added in slice
-              order by the last block of a tile; for the short matrices (wo, w2); not yet run.
-              "... pair": x's digits staged once by a kernel of their own (v4_digits), then
-              qgemv_v4s_pre copies its slice of them; "... kept": the same GEMV timed alone,
-              the digits made once beforehand (what it would cost if the kernel before wrote them)
+    splitk    qgemv_v4s (kernels/qgemv.cu, where the rule launches it on w2-like shapes: then it
+              is "product"): batch 1 of q4_0 / q8_0, v4's inner step over a split of k (ks
+              slices; tiles of R rows, R grown with ks), partial sums added in slice order by
+              the last block of a tile, in more (NR, U, ks) than the package launches.
+              "... pair" (variants.cu): x's digits staged once by a kernel of their own
+              (v4_digits), then qgemv_v4s_pre copies its slice of them; "... kept": the same
+              GEMV timed alone, the digits made once beforehand (what it would cost if the
+              kernel before wrote them)
 
 --only (these family names), --formats and --rows (batch sizes) build, check and time a part;
 by default all of it. With a part, the per-token sums that need the rest show nan. --shapes
@@ -475,31 +477,20 @@ def run_i8(M_, x, w, y, nr, u, accumulate=False, ks=None):
     return y
 
 
-def v4s_plan(N, K, fmt, nr, ks, sms):
-    """qgemv_v4s's launch: (slices, 16-byte loads per slice, rows per block, tiles). A slice is
-    whole 32-load sweeps of a warp (all of the row when it is shorter), no slice empty; the rows
-    per block R, a multiple of 8 NR, the fewest that keep tiles x slices within 2 blocks per SM
-    (the launch bounds), so that more slices give each block more rows, not more blocks."""
-    loads = K // WEIGHTS[fmt]
-    per = min(loads, 32 * cdiv(cdiv(loads, ks), 32))
-    slices = cdiv(loads, per)
-    rows = 8 * nr * max(1, cdiv(cdiv(N * slices, 2 * sms), 8 * nr))
-    return slices, per, rows, cdiv(N, rows)
-
-
-V4S_PLANS = {}          # (N, K, fmt, nr, u, ks) -> v4s_plan's tuple, for the log
+V4S_PLANS = {}          # (N, K, fmt, nr, u, ks) -> qgemv_v4s_plan's tuple, for the log
 
 
 def v4s_label_plan(label, N, K, fmt):
-    """(nr, u, ks) of a "splitk nr2 u2 ks4" label and v4s_plan's tuple for (N, K) on an H200's
-    132 SMs (the timing skips a label whose launch repeats an earlier one's)."""
+    """(nr, u, ks) of a "splitk nr2 u2 ks4" label and qgemv_v4s_plan's tuple for (N, K) on the
+    GPU's SMs (the timing skips a label whose launch repeats an earlier one's)."""
     nr, u, ks = (int(t.lstrip("nruks")) for t in label.split()[1:4])
-    return (nr, u, ks), v4s_plan(N, K, fmt, nr, ks, cf.sm_count())
+    return (nr, u, ks), mk.qgemv_v4s_plan(N, K, fmt, nr, ks, cf.sm_count())
 
 
 def run_v4s(M_, x, w, y, nr, u, ks, pro=0, norm=None, accumulate=False, pre=None):
     """qgemv_v4s on one row of x (1, K, or 1, 2K with the SwiGLU prologue) and w (N, K) q4_0 or
-    q8_0: grid (tiles, slices) by v4s_plan, the workspace of the package's split kernels.
+    q8_0: grid (tiles, slices) by the package's qgemv_v4s_plan and _split_workspace: the
+    package's launch (_qgemv_v4s) at any NR, U and ks.
     pre "pair": v4_digits stages x's digits for the whole row, then qgemv_v4s_pre copies its
     slice of them; "kept": the same, but the digits of this x object are made once and kept
     (so that a timing captures the GEMV alone)."""
@@ -507,7 +498,7 @@ def run_v4s(M_, x, w, y, nr, u, ks, pro=0, norm=None, accumulate=False, pre=None
     fmt = fmt_of(w)
     N, K = w.shape
     assert x.shape[0] == 1, "qgemv_v4s takes one row of x"
-    slices, per, rows, tiles = v4s_plan(N, K, fmt, nr, ks, cf.sm_count())
+    slices, per, rows, tiles = mk.qgemv_v4s_plan(N, K, fmt, nr, ks, cf.sm_count())
     V4S_PLANS[(N, K, fmt, nr, u, ks)] = (slices, per, rows, tiles)
     partial, counters = mk._split_workspace(slices * N, tiles)
     qs, d, _ = planes(w)

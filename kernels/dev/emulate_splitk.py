@@ -1,5 +1,5 @@
 """Replay qgemv_v4s's division of the work and its arithmetic on the CPU (no GPU): the launch plan
-(bench_variants.v4s_plan), each block's slice of k and rows, each warp's tiles and each lane's
+(kernels.qgemv_v4s_plan), each block's slice of k and rows, each warp's tiles and each lane's
 16-byte loads in the order the kernel issues and consumes them (QBatch's prefetch across a tile's
 end), the staging of x by 4-value lanes into v4's shared-memory layout, and the numbers: v4's
 digits, the int32 sums, the per-lane float32 accumulation, the slices added in slice order.
@@ -11,7 +11,8 @@ load a lane consumes is the one it fetched the step before; every word of x's di
 every unit's (T, 2^-s) is written exactly once, by lanes of one warp, within the dynamic shared
 memory the host grants, holding the values V4Step::multiply expects there; the product is within
 1e-5 of float64 (the GPU check's bound) and every integer sum fits int32. It checks our reading of
-the kernel, not the hardware: the GPU run (bench_variants.py --only splitk) is the test.
+the kernel, not the hardware: the GPU runs (tests/test_cuda_formats.py, bench_variants.py --only
+splitk) are the test.
 """
 import sys
 import time
@@ -21,12 +22,13 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-import bench_variants as bv          # noqa: E402  (v4s_plan, v4_digits, V4S_*; imports no CuPy)
+import bench_variants as bv          # noqa: E402  (v4_digits, V4S_*; imports no CuPy)
 import check_formats as cf           # noqa: E402
 from minillama import formats        # noqa: E402
+from minillama.cuda import kernels as mk    # noqa: E402  (imports no CuPy)
 
 THREADS, WARPS = 256, 8
-ROUNDS = 4                           # variants.cu's V4S_ROUNDS
+ROUNDS = 4                           # qgemv.cu's V4S_ROUNDS
 SMS = 132                            # an H200's SMs, for the plan
 KS = sorted(set(bv.V4S_KS) | {3, 10})   # the slices asked for: the timed ones and check_v4s's
 
@@ -145,7 +147,7 @@ def run(fmt, N, K, rng, numbers=True):
     seen_plans = {}
     for nr, U in bv.V4S_SHAPES:
         for ks in KS:
-            plan = slices, per, rows, tiles = bv.v4s_plan(N, K, fmt, nr, ks, SMS)
+            plan = slices, per, rows, tiles = mk.qgemv_v4s_plan(N, K, fmt, nr, ks, SMS)
             loads = K // W
             assert rows % (WARPS * nr) == 0 and tiles * rows >= N and slices * per >= loads
             assert (slices - 1) * per < loads, "an empty slice"

@@ -16,15 +16,13 @@
 //   qgemv_i8<F, NR, U>              batches of q8_0 / q4_0 on the tensor cores in integers
 //       (mma.sync m16n8k32, x in qgemv_v4's 8-bit digits, no quad transpose), qgemv_mma's
 //       successor if it wins: NOT YET RUN ON A GPU (section 4 below).
-//   qgemv_v4s<F, PRO, NR, U>        batch 1 of q4_0 / q8_0 on the short matrices (wo, w2): qgemv_v4's
-//       inner step over a split of k (grid tiles x slices, the slices added in order by the
-//       last block of a tile) and x's digits staged by 4-value lanes; qgemv_v4s_pre, the same
-//       with x's digits staged once per step (v4_digits) instead of by every block: NOT YET
-//       RUN ON A GPU (section 5 below).
+//   qgemv_v4s_pre<F, NR, U>         the package's qgemv_v4s (v4 split over k, kernels/qgemv.cu)
+//       with x's digits staged once per step (v4_digits) instead of by every block (section 5).
 //
 // (qgemv_v2, the other candidate of the same GPU run, won at batch 1 and for float32 batches:
 // it moved to kernels/qgemv.cu; so did qgemv_v4, batch 1 with the products in integers, which
-// won over v2 on q4_0 and q8_0: bench_variants.py instantiates both from there.)
+// won over v2 on q4_0 and q8_0, and qgemv_v4s, v4 split over k, which won on w2 (H200,
+// 2026-11-30): bench_variants.py instantiates all three from there.)
 
 
 // ---------------------------------------------------------------------------------------------
@@ -827,150 +825,22 @@ qgemv_i8(const float* __restrict__ X, const unsigned char* __restrict__ qs,
 
 
 // ---------------------------------------------------------------------------------------------
-// 5. qgemv_v4 on the short matrices: qgemv_v4s<F, PRO, NR, U> (issue 10). A CANDIDATE: NOT YET
-// RUN ON A GPU.
+// 5. qgemv_v4s with x's digits staged once per step: qgemv_v4s_pre (issue 10). A CANDIDATE.
 //
-// qgemv_v4 reads the tall matrices at 0.72 (w13) and 0.77 (classifier) of the copy bandwidth but
-// wo (4096 x 4096) at 0.34 and w2 (4096 x 11008) at 0.47 (H200, 2026-11-30). Its grid is what
-// fits at once (2 blocks per SM, 264) or one block per 8 NR rows, whichever is fewer: at 4096
-// rows and NR 2, 256 blocks of 16 rows, one tile per warp. Every block stages all of x (K
-// values: a maximum, a scaling and three digits for each), then its warps stream one tile each:
-// each staged value meets only 16 weight rows, the staging comes before any product, and a warp
-// has nothing of its own to overlap it with but its first batch of loads.
-//
-// v4s keeps v4's arithmetic (V4Step::multiply, unchanged: the same dp4a chains, offsets, two
-// float32 roundings and one FFMA per load) and changes the division of the work:
-//
-//   - A split over k. The grid is (tiles, ks): block (t, s) takes rows t R .. t R + R - 1 and
-//     slice s of the row's 16-byte loads (slice_loads of them; the host makes it a multiple of
-//     32, so that a warp's 32 lanes sweep it whole, or the whole row when that is shorter). It
-//     stages only its slice of x, so with ks slices the block's rows R can be ks times more at
-//     the same number of blocks (the host takes the fewest multiple of 8 NR that keeps
-//     tiles x ks within 2 blocks per SM, bench_variants.v4s_plan): R = 64 at ks = 4 for wo, and
-//     each staged value of x meets 64 weight rows instead of 16. Its warps walk the block's
-//     tiles of NR rows, 8 NR apart, QBatch's loads in flight across a tile's end as in
-//     qgemv_walk. A slice of 32 loads gives a lane one load per row, so U > 1 idles there and
-//     NR carries the loads in flight: at NR 8, ks 4, a warp's whole share of wo (8 rows, 8
-//     loads a lane) is issued before the wait.
-//   - The partial sums, one per slice and row, go to a workspace (ks, N); the block that
-//     finishes a tile last (a counter per tile: atomicAdd after a __threadfence, reset by that
-//     block, so a CUDA graph can replay the launch) adds the ks slices in slice order and writes
-//     y (adding to it with accumulate). Every y is the same float sum whatever block is last:
-//     deterministic, as qgemv_mma's split and gemv_v3's. With ks = 1 it writes y directly.
-//   - x staged by 4-value lanes. v4_stage gives one thread a whole unit (32 values of q4_0,
-//     16 of q8_0: 8 or 4 float4 loads, then the unit's arithmetic in one thread). A slice of
-//     wo at ks = 4 is 32 units, so v4's way would leave 224 of 256 threads idle and one
-//     thread's serial latency on the critical path. Here a unit is WEIGHTS / 4 consecutive
-//     lanes (8 or 4), one float4 each: its maximum, the "all finite" flag and the digit sums
-//     T_k are warp shuffles within the group, and each lane writes its own word of each digit
-//     plane. The layout in shared memory is v4's (planes CH uint4 apart, then (T, 2^-s)), so
-//     V4Step::multiply reads it unchanged.
-//   - x (and the SwiGLU gate) through L2 (__ldcg), not __ldg: the previous kernel's output,
-//     so ptxas keeps these loads after grid_dependency_wait (`bench_variants.py --build-only
-//     --only splitk --wait-order` lists the SASS order). Only the weights' first batch is
-//     issued before the wait, as in v4.
-//
-// The other candidate, x's digits staged once per step instead of by every block, is at the
-// end: v4_digits, a kernel that writes them for the whole row, and qgemv_v4s_pre, which copies
-// its slice of them where qgemv_v4s computes it.
-//
-// Prologues: GEMV_PLAIN (wo) and GEMV_SWIGLU (w2), both with accumulate, which is how the
-// decode step launches the short matrices. GEMV_RMSNORM needs the whole row's sum of squares,
-// which a slice does not see (qgemv_mma keeps it per slice and adds it in the combine): not
-// here; wqkv and w13, tall, stay with v4.
-//
-// Arguments: X one row (K floats, 2K with SwiGLU), qs and d the codes and float16 scales,
-// Y (N) float32; rows_per_block a multiple of 8 NR; slice_loads 16-byte loads of a row per
-// slice (gridDim.y = cdiv(K / WEIGHTS, slice_loads), no empty slice); partial: ks N floats;
-// counters: gridDim.x ints, zero before the launch and after it. Block 256 threads; dynamic
-// shared memory min(slice_loads, K / WEIGHTS) (3 XU + 1) 16 bytes.
+// qgemv_v4s (v4 split over k) won on w2 and moved to kernels/qgemv.cu, where its comment has the
+// design and the figures; bench_variants.py's splitk family times the package's kernel in more
+// (NR, U, ks) than the rule launches. What stays here is the other candidate: x's digits staged
+// once per step instead of by every block. v4_digits<F, PRO> turns one row of x (after the
+// prologue) into v4's units for the whole row, in global memory: digit planes of
+// L = K / WEIGHTS uint4s, then L (T, 2^-s); one float4 a thread, v4s_unit_lane's arithmetic
+// (the same bits as v4s_stage's). qgemv_v4s_pre then copies its slice's units into shared
+// memory (plain 16-byte copies through L2, no arithmetic) instead of staging them: the
+// package's v4s_walk with the source V4SFromDigits. Launched as a pair here it costs a launch
+// more; the figure it is for is the GEMV alone, what it would take if the kernel before it (the
+// attention's output for wo, w13's SwiGLU for w2) wrote the digits as it writes x.
 
-template <int PRO>
-__device__ __forceinline__ float4 v4s_x4(const float* __restrict__ xr, int k4, int K) {
-    float4 x = __ldcg(reinterpret_cast<const float4*>(xr) + k4);          // gemv_x4, via L2
-    if (PRO == GEMV_SWIGLU) {
-        const float4 u = __ldcg(reinterpret_cast<const float4*>(xr + K) + k4);
-        x = make_float4(silu(x.x) * u.x, silu(x.y) * u.y, silu(x.z) * u.z, silu(x.w) * u.w);
-    }
-    return x;
-}
-
-// Lane q of a unit's N4 = WEIGHTS / 4 lanes: its 4 values v of unit c (v4_stage's arithmetic on
-// them, the unit's maximum, finiteness and digit sums by shuffles within the group), written
-// as word q of each digit plane and, by lane 0, the unit's (T, 2^-s). Every lane of the warp
-// calls it (the shuffles); `mine` false: zeros, nothing written.
-template <class F>
-__device__ __forceinline__ void v4s_unit_lane(float4 v, bool mine, int c, int q, int CH,
-                                              uint4* xs) {
-    constexpr int N4 = F::WEIGHTS / 4;
-    float mx = fmaxf(fmaxf(fabsf(v.x), fabsf(v.y)), fmaxf(fabsf(v.z), fabsf(v.w)));
-    int finite = isfinite(v.x) && isfinite(v.y) && isfinite(v.z) && isfinite(v.w);
-#pragma unroll
-    for (int o = N4 / 2; o > 0; o /= 2) {               // over the unit's lanes
-        mx = fmaxf(mx, __shfl_xor_sync(FULL_MASK, mx, o));
-        finite &= __shfl_xor_sync(FULL_MASK, finite, o);
-    }
-    const int e = (int)((__float_as_uint(mx) >> 23) & 0xFF) - 126;
-    const int s = min(22 - e, 126);
-    const float up = __uint_as_float((unsigned int)(127 + s) << 23);
-    const float xv[4] = {v.x, v.y, v.z, v.w};
-    unsigned int w[3] = {0u, 0u, 0u};
-    int T[3] = {0, 0, 0};
-#pragma unroll
-    for (int b = 0; b < 4; ++b) {
-        const int xi = finite ? __float2int_rn(xv[b] * up) : 0;
-        const int p0 = (int)((unsigned int)xi << 24) >> 24;
-        const int r = (xi - p0) >> 8;
-        const int p1 = (int)((unsigned int)r << 24) >> 24, p2 = (r - p1) >> 8;
-        const int p[3] = {p0, p1, p2};
-#pragma unroll
-        for (int k = 0; k < 3; ++k) {
-            T[k] += p[k];
-            w[k] |= (unsigned int)(p[k] & 0xFF) << (8 * b);
-        }
-    }
-#pragma unroll
-    for (int o = N4 / 2; o > 0; o /= 2)
-#pragma unroll
-        for (int k = 0; k < 3; ++k) T[k] += __shfl_xor_sync(FULL_MASK, T[k], o);
-    if (!mine) return;
-    unsigned int* words = reinterpret_cast<unsigned int*>(xs);
-#pragma unroll
-    for (int k = 0; k < 3; ++k)                         // plane k XU + q / 4, word q % 4
-        words[((k * F::XU + q / 4) * CH + c) * 4 + q % 4] = w[k];
-    const float scale = finite ? __uint_as_float((unsigned int)(127 - s) << 23)
-                               : __uint_as_float(0x7FC00000u);                      // NaN
-    if (q == 0) xs[3 * F::XU * CH + c] = make_uint4(T[0], T[1], T[2], __float_as_uint(scale));
-}
-
-// Units 0 .. CH - 1 of the slice (values k0 + c WEIGHTS ..) in v4_stage's layout: float4 i of
-// the slice is lane i % N4 of unit i / N4. A thread's float4s of V4S_ROUNDS rounds are loaded
-// together (one trip to L2 where v4 makes one per unit too), then turned into digits.
-#define V4S_ROUNDS 4
-
-template <class F, int PRO>
-__device__ __forceinline__ void v4s_stage(const float* __restrict__ X, int K, int k0, int CH) {
-    extern __shared__ uint4 v4_xs[];
-    constexpr int N4 = F::WEIGHTS / 4;
-    const int n4 = CH * N4;                             // float4s of the slice
-    for (int base = 0; base < n4; base += V4S_ROUNDS * blockDim.x) {
-        float4 v[V4S_ROUNDS];
-#pragma unroll
-        for (int r = 0; r < V4S_ROUNDS; ++r) {
-            const int i = base + r * blockDim.x + threadIdx.x;
-            v[r] = i < n4 ? v4s_x4<PRO>(X, k0 / 4 + i, K) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-        }
-#pragma unroll
-        for (int r = 0; r < V4S_ROUNDS; ++r) {
-            const int i = base + r * blockDim.x + threadIdx.x;
-            if (base + r * blockDim.x < n4)             // the same for the whole block
-                v4s_unit_lane<F>(v[r], i < n4, i / N4, i % N4, CH, v4_xs);
-        }
-    }
-}
-
-// The slice's units copied from digits staged for the whole row (v4_digits, below): planes of
-// L = K / WEIGHTS uint4s, the slice's CH of each at `first`.
+// The slice's units copied from digits staged for the whole row: planes of L = K / WEIGHTS
+// uint4s, the slice's CH of each at `first`.
 template <class F>
 __device__ __forceinline__ void v4s_copy(const uint4* __restrict__ digits, int L, int first,
                                          int CH) {
@@ -991,101 +861,14 @@ __device__ __forceinline__ void v4s_copy(const uint4* __restrict__ digits, int L
     }
 }
 
-// The kernel's body; PRE: x's digits come staged (v4_digits) instead of from x.
-template <class F, int PRO, int NR, int U, bool PRE>
-__device__ __forceinline__ void v4s_walk(const float* __restrict__ X,
-                                         const uint4* __restrict__ digits,
-                                         const uint4* __restrict__ qs,
-                                         const unsigned short* __restrict__ d,
-                                         float* __restrict__ Y, int N, int K, int accumulate,
-                                         int rows_per_block, int slice_loads,
-                                         float* __restrict__ partial, int* __restrict__ counters) {
-    static_assert(PRO != GEMV_RMSNORM, "a slice of k cannot see its row's RMS");
-    __shared__ int v4s_last;
-    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
-    const int tile = blockIdx.x, ks = gridDim.y, slice = blockIdx.y;
-    const int loads_per_row = K / F::WEIGHTS, nb = K / 32;
-    const int first = slice * slice_loads;                      // the slice's first load of a row
-    const int CH = min(slice_loads, loads_per_row - first);     // its loads per row
-    const int row0 = tile * rows_per_block, row_end = min(N, row0 + rows_per_block);
-    const int tile_step = warps * NR;                           // a warp's tiles, 8 NR rows apart
-    const int n_first = row0 + warp * NR;
-
-    // The first loads do not depend on x: issued before the wait, as in v4.
-    QBatch<F, NR, U> next;
-    if (n_first < row_end) next.fetch(qs, d, d, n_first, N, lane, CH, first, loads_per_row, nb);
-    grid_launch_dependents();
-    grid_dependency_wait();            // (reduce.cu) the weights are ours; x is the last kernel's
-
-    if (PRE) v4s_copy<F>(digits, loads_per_row, first, CH);
-    else v4s_stage<F, PRO>(X, K, first * F::WEIGHTS, CH);
-    __syncthreads();
-
-    for (int n0 = n_first; n0 < row_end; n0 += tile_step) {
-        float acc[NR];
-#pragma unroll
-        for (int j = 0; j < NR; ++j) acc[j] = 0.0f;
-        for (int c0 = lane; c0 < CH; c0 += 32 * U) {
-            const QBatch<F, NR, U> cur = next;
-            // the loads after these: further along this tile, or the next tile's first
-            const bool same = c0 + 32 * U < CH;
-            const int n_next = same ? n0 : n0 + tile_step;
-            if (n_next < row_end)
-                next.fetch(qs, d, d, n_next, N, same ? c0 + 32 * U : lane, CH, first,
-                           loads_per_row, nb);
-#pragma unroll
-            for (int u = 0; u < U; ++u) {
-                const int c = c0 + 32 * u;
-                if (c >= CH) break;
-                V4Step<F, PRO, NR, U>::multiply(cur, u, c, CH, acc);
-            }
-        }
-        // the NR sums over the warp; lane j << SHIFT holds row n0 + j's (qgemv_warp_sums)
-        constexpr int SHIFT = NR == 8 ? 2 : NR == 4 ? 3 : NR == 2 ? 4 : 5;
-        const float total = qgemv_warp_sums<NR>(acc);
-        const int n = n0 + (lane >> SHIFT);
-        if (lane % (1 << SHIFT) == 0 && n < N) {
-            if (ks == 1) Y[n] = accumulate ? Y[n] + total : total;
-            else partial[(size_t)slice * N + n] = total;
-        }
+template <class F>
+struct V4SFromDigits {                                  // a source of v4s_walk (qgemv.cu)
+    const uint4* digits;
+    __device__ __forceinline__ void stage(int K, int first, int CH) const {
+        v4s_copy<F>(digits, K / F::WEIGHTS, first, CH);
     }
-    if (ks == 1) return;
+};
 
-    // The last block of this tile adds the ks slices, in slice order (qgemv_mma's way).
-    __threadfence();
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        v4s_last = atomicAdd(counters + tile, 1) == ks - 1;
-        if (v4s_last) counters[tile] = 0;               // for the next launch
-    }
-    __syncthreads();
-    if (!v4s_last) return;
-    __threadfence();
-    for (int n = row0 + threadIdx.x; n < row_end; n += blockDim.x) {
-        float v = 0.0f;
-        for (int s = 0; s < ks; ++s) v += __ldcg(partial + (size_t)s * N + n);
-        Y[n] = accumulate ? Y[n] + v : v;
-    }
-}
-
-template <class F, int PRO, int NR, int U>
-__global__ void __launch_bounds__(256, 2)
-qgemv_v4s(const float* __restrict__ X, const uint4* __restrict__ qs,
-          const unsigned short* __restrict__ d, float* __restrict__ Y, int N, int K,
-          int accumulate, int rows_per_block, int slice_loads, float* __restrict__ partial,
-          int* __restrict__ counters) {
-    v4s_walk<F, PRO, NR, U, false>(X, nullptr, qs, d, Y, N, K, accumulate, rows_per_block,
-                                   slice_loads, partial, counters);
-}
-
-// The other candidate of "What is left": x's digits staged once per step instead of by every
-// block. v4_digits<F, PRO> turns one row of x (after the prologue) into v4's units for the
-// whole row, in global memory: digit planes of L = K / WEIGHTS uint4s, then L (T, 2^-s); one
-// float4 a thread, v4s_unit_lane's arithmetic (the same bits as v4s_stage's). qgemv_v4s_pre
-// then copies its slice's units into shared memory (plain 16-byte copies through L2, no
-// arithmetic) instead of staging them. Launched as a pair here it costs a launch more; the
-// figure it is for is the GEMV alone, what it would take if the kernel before it (the
-// attention's output for wo, w13's SwiGLU for w2) wrote the digits as it writes x.
 template <class F, int PRO>
 __global__ void __launch_bounds__(256)
 v4_digits(const float* __restrict__ X, int K, uint4* __restrict__ digits) {
@@ -1104,6 +887,6 @@ qgemv_v4s_pre(const uint4* __restrict__ digits, const uint4* __restrict__ qs,
               const unsigned short* __restrict__ d, float* __restrict__ Y, int N, int K,
               int accumulate, int rows_per_block, int slice_loads, float* __restrict__ partial,
               int* __restrict__ counters) {
-    v4s_walk<F, GEMV_PLAIN, NR, U, true>(nullptr, digits, qs, d, Y, N, K, accumulate,
-                                         rows_per_block, slice_loads, partial, counters);
+    v4s_walk<F, GEMV_PLAIN, NR, U>(V4SFromDigits<F>{digits}, qs, d, Y, N, K, accumulate,
+                                   rows_per_block, slice_loads, partial, counters);
 }

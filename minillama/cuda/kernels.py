@@ -9,8 +9,8 @@
   k-quants q2_k .. q6_k):
     greedy_pick(last)    each row's argmax and a not-finite flag, the next token of greedy
                          decoding in one launch (decode.cu)
-    qgemv(x, w)          gemv's job on packed weights, the same prologues (qgemv.cu: v4 or v2
-                         for one row of x, v1 for 2 or 3, qgemv_mma from 4; the k-quants:
+    qgemv(x, w)          gemv's job on packed weights, the same prologues (qgemv.cu: v4, v4s
+                         or v2 for one row of x, v1 for 2 or 3, qgemv_mma from 4; the k-quants:
                          qgemv_k, qgemv_k.cu)
     qgemv_mma(x, w)      the same on the tensor cores, x in exact 16-bit parts (qgemv_mma.cu)
     to_16bit(x)          float32 -> float16 (or bfloat16 bits), round to nearest (matmul.cu)
@@ -82,6 +82,13 @@ QGEMV_V2_PACKED = (1, 2, 4)        # ROWS, NR, U
 # integers (dp4a) over 8-bit digits of x; 1.16x (q4_0) and 1.04x (q8_0) v2's speed on the
 # Llama-2-7B matrices (H200, 2026-11-30, docs/kernels.md "One row in integers"). (NR, U):
 QGEMV_V4 = {"q4_0": (2, 2), "q8_0": (2, 4)}
+# qgemv_v4s<Fmt, PRO, NR, U> (qgemv.cu): v4 split over k, for one row of x on a long row of few
+# weight rows (qgemv_v4s_wins says where). (NR, U, slices of k asked for), the fastest of
+# bench_variants.py's splitk family on the 7B w2 (H200, 2026-11-30): 1.38x (q4_0) and 1.14x
+# (q8_0) v4's speed there.
+QGEMV_V4S = {"q4_0": (4, 1, 8), "q8_0": (8, 1, 8)}
+QGEMV_V4S_MIN_K = 8192             # K from which the split is taken (the 7B w2: 11008; wo: 4096)
+QGEMV_V4S_BLOCKS_PER_SM = 2        # its launch bounds: tiles x slices within one wave of these
 QGEMV_V2_F32_ROWS = (8, 16, 32)
 QGEMV_V2_F32 = (4, 1)              # NR, U
 # gemv_v3<ROWS, NR, PRO> (gemv_batch.cu), float32 weights from GEMV_V3_MIN_ROWS rows of x on:
@@ -157,6 +164,8 @@ def _templates():
                         for pro in GEMV_PROLOGUES.values()]
     for fmt in QGEMV_V4:
         groups[fmt] += [_qgemv_v4_name(fmt, pro) for pro in GEMV_PROLOGUES.values()]
+    for fmt in QGEMV_V4S:                  # no RMSNorm: a slice of k does not see the row's
+        groups[fmt] += [_qgemv_v4s_name(fmt, GEMV_PROLOGUES[p]) for p in (None, "swiglu")]
     for fmt, traits in MMA_FORMATS.items():
         groups[fmt] += [f"qgemv_mma<{traits},{nr},{pro}>" for nr in MMA_NR
                         for pro in GEMV_PROLOGUES.values()]
@@ -192,6 +201,12 @@ def _qgemv_v2_name(fmt, rows, pro, nr, u):
 def _qgemv_v4_name(fmt, pro):
     """qgemv_v4's instance: "V4" + the format module's KERNEL ("V4Q4_0"), (NR, U) of QGEMV_V4."""
     return f"qgemv_v4<V4{FORMATS[fmt].KERNEL[fmt]},{pro},{','.join(map(str, QGEMV_V4[fmt]))}>"
+
+
+def _qgemv_v4s_name(fmt, pro):
+    """qgemv_v4s's instance: v4's traits ("V4Q4_0"), (NR, U) of QGEMV_V4S."""
+    nr, u, _ = QGEMV_V4S[fmt]
+    return f"qgemv_v4s<V4{FORMATS[fmt].KERNEL[fmt]},{pro},{nr},{u}>"
 
 
 KERNELS = KernelModule(_templates())     # each group compiled on its first launch, per process
@@ -388,10 +403,10 @@ _SPLIT_BUFFERS = {}          # (device, what, size) -> a CuPy array, kept for th
 
 
 def _split_workspace(floats, tiles):
-    """The workspace of the kernels that split k over blocks (gemv_v3, qgemv_mma): at least
-    `floats` float32 for the slices' partial sums, and at least `tiles` counters, zeros (the
-    last block of each tile resets its counter, so every launch leaves them as it found them).
-    Kept per device and power-of-two size for the life of the process: a CUDA graph that
+    """The workspace of the kernels that split k over blocks (gemv_v3, qgemv_mma, qgemv_v4s):
+    at least `floats` float32 for the slices' partial sums, and at least `tiles` counters, zeros
+    (the last block of each tile resets its counter, so every launch leaves them as it found
+    them). Kept per device and power-of-two size for the life of the process: a CUDA graph that
     captured a launch keeps their addresses. Made on a first, eager launch, never during a
     capture (FusedDecoder runs each batch size eagerly first). One stream runs the kernels in
     turn, so they share it."""
@@ -581,7 +596,8 @@ def qgemv(x, w, out=None, accumulate=False, norm=None, eps=1e-5, swiglu=False,
     written 16 bytes at a time: C-contiguous and 16-byte aligned.
     version: 1 qgemv, 2 qgemv_v2 (one row of x per pass, as many passes as rows), 3 qgemv_mma
     (the tensor cores, f16, bf16, q8_0 and q4_0), 4 qgemv_v4 (one row of x, q4_0 and q8_0,
-    the products in integers), None: v4 for one row of x where it reads the format, else v2;
+    the products in integers), None: v4 for one row of x where it reads the format (split
+    over k, qgemv_v4s, where qgemv_v4s_wins), else v2;
     v3 from MMA_MIN_ROWS rows where it reads the format, else v1 (measured, docs/kernels.md;
     blocks_per_sm is v1's). The k-quants have one version (qgemv_k)."""
     if getattr(w, "format", None) in QGEMV_K_PLANES:            # super-blocks: qgemv_k.cu
@@ -600,6 +616,9 @@ def qgemv(x, w, out=None, accumulate=False, norm=None, eps=1e-5, swiglu=False,
     if M == 0 or N == 0:
         return y
     prologue = GEMV_PROLOGUES["rmsnorm" if norm is not None else "swiglu" if swiglu else None]
+    if version is None and qgemv_v4s_wins(M, N, K, w.format, prologue):
+        _qgemv_v4s(x, (qs, d), y, w.format, prologue, accumulate)
+        return y
     if version == 4 or (version is None and M == 1 and w.format in QGEMV_V4):
         _qgemv_v4(x, (qs, d), y, w.format, prologue, accumulate, norm, eps, smem or QGEMV_SMEM)
         return y
@@ -710,6 +729,62 @@ def _qgemv_v4(x, planes, y, fmt, prologue, accumulate, norm, eps, smem=QGEMV_SME
                    (x, planes[0], planes[1], y, i32(N), i32(K), i32(bool(accumulate)),
                     x if norm is None else norm, np.float32(eps), i32(kc)),
                    shared_mem=min(kc, K) // weights * unit_bytes)
+
+
+def qgemv_v4s_wins(M, N, K, fmt, prologue, sms=None):
+    """Whether kernels.qgemv's rule takes qgemv_v4s (v4 split over k) for x (M, K) @ W.T, W
+    (N, K) in `fmt`, with a prologue of GEMV_PROLOGUES: one row of x on q4_0 or q8_0, no
+    RMSNorm (a slice of k does not see the row's sum of squares), a long row (K >=
+    QGEMV_V4S_MIN_K) and few weight rows, so few that v4's grid is under one wave (each of its
+    warps one tile of NR rows: N <= 8 NR x 2 blocks x sms). There each of v4's blocks stages
+    all of x for 16 rows; the split's stage a slice of it for 96 (q4_0) or 128 (q8_0) rows
+    (qgemv_v4s_plan). Measured on an H200
+    (kernels/dev/bench_variants.py --prologues, 2026-11-30), us a launch, with the decode
+    step's prologue and accumulate, (fraction of the copy bandwidth):
+
+        7B w2 (4096 x 11008, SwiGLU)  q4_0  v4 16.93 (0.36)  v4s 12.26 (0.50)  nr4 u1 ks8
+                                      q8_0  v4 18.28 (0.63)  v4s 16.04 (0.71)  nr8 u1 ks8
+        7B wo (4096 x 4096, plain)    q4_0  v4  6.69 (0.34)  v4s  6.53 (0.35)  nr4 u1 ks1
+                                      q8_0  v4  7.39 (0.58)  v4s  7.74 (0.55)  nr2 u4 ks1
+
+    so w2 splits, and wo stays on v4 (split, q4_0 gains 2%, q8_0 loses 5%). QGEMV_V4S_MIN_K
+    lies between the two rows measured (4096 and 11008)."""
+    if M != 1 or fmt not in QGEMV_V4S or prologue == GEMV_PROLOGUES["rmsnorm"]:
+        return False
+    v4_blocks = cdiv(N, 8 * QGEMV_V4[fmt][0])
+    return K >= QGEMV_V4S_MIN_K and v4_blocks <= QGEMV_BLOCKS_PER_SM * (sms or sm_count())
+
+
+def qgemv_v4s_plan(N, K, fmt, nr, ks, sms=None):
+    """qgemv_v4s's launch: (slices, 16-byte loads per slice, rows per block, tiles). A slice is
+    whole 32-load sweeps of a warp (all of the row when it is shorter), `ks` asked for, no slice
+    empty; the rows per block R, a multiple of 8 NR, the fewest that keep tiles x slices within
+    QGEMV_V4S_BLOCKS_PER_SM blocks per SM (the launch bounds), so that more slices give each
+    block more rows, not more blocks. The 7B w2 at the rule's (NR, ks) on 132 SMs: q4_0 6
+    slices of 64 loads, tiles of 96 rows, a grid of 43 x 6; q8_0 8 slices of 96, 128 rows,
+    32 x 8."""
+    loads = K // QGEMV_WEIGHTS[fmt]
+    per = min(loads, 32 * cdiv(cdiv(loads, ks), 32))
+    slices = cdiv(loads, per)
+    wave = QGEMV_V4S_BLOCKS_PER_SM * (sms or sm_count())
+    rows = 8 * nr * max(1, cdiv(cdiv(N * slices, wave), 8 * nr))
+    return slices, per, rows, cdiv(N, rows)
+
+
+def _qgemv_v4s(x, planes, y, fmt, prologue, accumulate):
+    """Launch qgemv_v4s on one row of x (checked by the caller) by qgemv_v4s_plan at QGEMV_V4S:
+    grid (tiles, slices), each block's slice of x staged as v4's units ((3 XU + 1) x 16 bytes
+    each), the slices' partial sums in _split_workspace (graph-safe: kept buffers, the
+    counters reset by the kernel)."""
+    (_, N), K = y.shape, x.shape[1] // (2 if prologue == GEMV_PROLOGUES["swiglu"] else 1)
+    weights, (nr, _, ks) = QGEMV_WEIGHTS[fmt], QGEMV_V4S[fmt]
+    slices, per, rows, tiles = qgemv_v4s_plan(N, K, fmt, nr, ks)
+    partial, counters = _split_workspace(slices * N, tiles)
+    unit_bytes = (3 * weights // 16 + 1) * 16     # as _qgemv_v4's
+    KERNELS.launch(_qgemv_v4s_name(fmt, prologue), (tiles, slices), (256,),
+                   (x, planes[0], planes[1], y, i32(N), i32(K), i32(bool(accumulate)),
+                    i32(rows), i32(per), partial, counters),
+                   shared_mem=per * unit_bytes)
 
 
 def to_16bit(x, bf16=False, out=None):
