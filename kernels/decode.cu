@@ -409,7 +409,8 @@ attention_decode(const float* __restrict__ qkv, const int* __restrict__ step,
 // greedy_steps): each row's id becomes its next token, and the position moves on by one. Every
 // kernel of this step has ended by then (each ends after its own wait for the one before).
 #define GREEDY_UNROLL 8             // (1024 threads leave 64 registers a thread: a larger
-                                    // unroll would spill, and ptxas would not say so)
+                                    // unroll would spill; kernels/dev/nvrtc_build.py --ptxas-v
+                                    // shows it, nothing at run time does)
 // One value of the row seen by this thread, at index k: its maximum and first index, its count.
 __device__ __forceinline__ void greedy_see(float v, int k, float& top, float& first, float& bad) {
     bad += isfinite(v) ? 0.0f : 1.0f;

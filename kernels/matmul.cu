@@ -995,8 +995,9 @@ __device__ __forceinline__ void gemv_add4(float* acc, const float4 wv, const flo
 // programmatic launches (reduce.cu) they travel while the previous kernel ends (W is not its
 // output). They stay in registers across the wait and the RMSNorm prologue (up to 14 more a
 // thread), so kernels.gemv_prefetch takes an instance with PREFETCH > 0 (one row of x, float4
-// loads) only where they are the lane's whole share of its row of W: the row is then one round
-// trip, begun early. PREFETCH 0 loads nothing early (the code the kernel had before it had the
+// loads) only where they are the lane's whole share of its row of W, and the grid is one wave
+// of at most GEMV_PREFETCH_BLOCKS blocks an SM (their registers' occupancy): the row is then
+// one round trip, begun early. PREFETCH 0 loads nothing early (the code the kernel had before it had the
 // parameter). Correct for any K either way: the k loop takes what the early loads did not.
 template <int ROWS, bool VEC, int PRO, int PREFETCH>
 __global__ void __launch_bounds__(256)

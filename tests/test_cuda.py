@@ -225,7 +225,8 @@ def test_gemv_loads_w_before_its_wait_only_where_that_is_each_lanes_whole_row():
 
     def early(N, K, rows=1, vec=True, sms=132):
         return gemv_prefetch(rows, vec, N, K, gemv_ksplit(N, K, sms=sms), sms=sms)
-    assert [early(N, K) > 0 for N, K in STORIES] == [True] * 4 + [False] + [False, True] + [False] * 3
+    assert [early(N, K) > 0 for N, K in STORIES] == \
+        [True] * 4 + [False] + [False, True] + [False] * 3    # 15M but its classifier; 110M's wo
     assert early(2640, 288) == GEMV_PREFETCH and early(2648, 288) == 0       # 660 blocks, 662
     assert early(33, 4096) == GEMV_PREFETCH and early(300, 4104) == 0         # eight warps
     assert early(864, 288, rows=2) == early(864, 288, vec=False) == 0

@@ -222,13 +222,15 @@ def test_qgemv_v4s_plan_fills_one_wave_with_whole_sweeps():
     assert k.qgemv_v4s_plan(4096, 11008, "q8_0", 8, 8, 132) == (8, 96, 128, 32)
     for fmt in V4_FORMATS:
         nr, _, ks = k.QGEMV_V4S[fmt]
-        for N, K in ((4096, 11008), (33, 11040), (17, 4128), (3, 96), (4224, 8192)):
+        for N, K in ((4096, 11008), (33, 11040), (17, 4128), (3, 96), (4224, 8192),
+                     (3333, 4128), (2369, 12928)):     # (rounding the tiles up once overflowed)
             slices, per, rows, tiles = k.qgemv_v4s_plan(N, K, fmt, nr, ks, 132)
             loads = K // k.QGEMV_WEIGHTS[fmt]
             assert per == loads or per % 32 == 0, (N, K)
             assert (slices - 1) * per < loads <= slices * per and slices <= ks
             assert rows % (8 * nr) == 0 and (tiles - 1) * rows < N <= tiles * rows
-            assert tiles * slices <= 2 * 132 or rows == 8 * nr
+            assert tiles * slices <= 2 * 132, (N, K)
+            assert rows == 8 * nr or -(-N // (rows - 8 * nr)) * slices > 2 * 132, (N, K)  # fewest
 
 
 def forced_split(k, monkeypatch):

@@ -127,16 +127,19 @@ def test_greedy_on_the_device_still_refuses_non_finite_logits(bad):
         llama.generate([[5, 6]], max_gen_len=3, temperature=0)
 
 
-def with_greedy_steps(model, calls, poison=None, poison_from=2, forward_steps=False):
+def with_greedy_steps(model, calls, poison=None, poison_from=2, poison_to=None,
+                      forward_steps=False, forward_poisoned=True):
     """The model as generate sees it on a GPU whose decoder has greedy_steps (FusedDecoder's:
     the picks inside the steps' graph), here in NumPy; calls records the calls it served.
-    poison: a value put into logit 5 of row 0 of the logits at every position from poison_from
-    on, by greedy_steps and by forward alike (as a NaN in the weights would be). forward_steps:
-    forward may serve steps too (else it refuses them: greedy_steps' to serve; a step made again
-    to say where a flag came from is forward's)."""
-    def logits(tokens, start_pos):
+    poison: a value put into logit 5 of row 0 of the logits at the positions poison_from ..
+    poison_to (None: on to the end), by greedy_steps, and by forward too where
+    forward_poisoned (as a NaN in the weights would be). forward_steps: forward may serve
+    steps too (else it refuses them: greedy_steps' to serve; a step made again to say where a
+    flag came from is forward's)."""
+    def logits(tokens, start_pos, poisoned=True):
         out = model.forward(np.asarray(tokens), start_pos)
-        if poison is not None and start_pos + out.shape[1] - 1 >= poison_from:
+        at = start_pos + out.shape[1] - 1
+        if poison is not None and poisoned and poison_from <= at <= (poison_to or at):
             out[0, -1, 5] = poison
         return out
 
@@ -151,7 +154,7 @@ def with_greedy_steps(model, calls, poison=None, poison_from=2, forward_steps=Fa
 
     def forward(tokens, start_pos):
         assert forward_steps, "greedy_steps' step went to forward"
-        return logits(tokens, start_pos)
+        return logits(tokens, start_pos, forward_poisoned)
     forward.greedy_steps = greedy_steps
     device = on_device(model)
     device.ops.decoder = lambda m: forward
@@ -199,6 +202,26 @@ def test_greedy_steps_refuse_non_finite_logits(bad, max_gen_len):
     with pytest.raises(GenerationError, match="NaN" if np.isnan(bad) else "infinity"):
         llama.generate([[5]], max_gen_len=max_gen_len, temperature=0)
     assert [n for _, _, n in calls] == ([3] if max_gen_len == 3 else [8])
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_greedy_steps_say_where_a_flag_inside_a_call_came_from(bad):
+    """Logits not finite at position 2 only, the third of a call of AHEAD steps whose last
+    logits are finite: the step is made again through forward and check_finite names
+    position 2; where the step made again is finite (the GPU gave two answers), one line
+    says so."""
+    llama, calls = make_llama(4), []
+    llama.model = with_greedy_steps(llama.model, calls, poison=bad, poison_to=2,
+                                    forward_steps=True)
+    with pytest.raises(GenerationError, match=r"at positions 2\.\.2"):
+        llama.generate([[5]], max_gen_len=12, temperature=0)
+    llama, calls = make_llama(4), []
+    llama.model = with_greedy_steps(llama.model, calls, poison=bad, poison_to=2,
+                                    forward_steps=True, forward_poisoned=False)
+    with pytest.raises(GenerationError, match="at position 2 held a value that is not finite, "
+                                              "and not when made again"):
+        llama.generate([[5]], max_gen_len=12, temperature=0)
+    assert [n for _, _, n in calls] == [8]
 
 
 def test_greedy_steps_past_the_last_eos_raise_nothing():

@@ -25,7 +25,8 @@ candidates, compiled beside them from the same sources plus variants.cu:
     gemm      the package's tensor-core GEMM gemm_v5 in more tile shapes and pipeline depths
     i8        qgemv_i8 (variants.cu): batches of q8_0 / q4_0 on the tensor cores in integers
               (mma.sync m16n8k32, x in v4's 8-bit digits staged per unit, no quad transpose),
-              against qgemv_mma (the "product" at 4 rows and more); a candidate, not yet run
+              against qgemv_mma (the "product" at 4 rows and more); a candidate, measured
+              (2026-11-30): not faster
     splitk    qgemv_v4s (kernels/qgemv.cu, where the rule launches it on w2-like shapes: then it
               is "product"): batch 1 of q4_0 / q8_0, v4's inner step over a split of k (ks
               slices; tiles of R rows, R grown with ks), partial sums added in slice order by

@@ -169,7 +169,8 @@ class FusedDecoder:
         greedy_pick writes the ids into page-locked memory in place and, but for the last,
         into the next step's input; the host writes the row, replays, waits for the stream and
         reads the ids. The wait is also what lets the row be written again. With n > 1 the host
-        is not there between the steps at all (docs/generate.md, "Steps ahead")."""
+        is not there between the steps at all (docs/generate.md, "Steps ahead"). A graph per
+        (bsz, n), recorded at the first call for it, which runs its steps one by one."""
         bsz = tokens.shape[0]
         graph = self.greedy_graphs.get((bsz, n)) if use_graphs else None
         if graph is None:

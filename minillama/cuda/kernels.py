@@ -427,13 +427,15 @@ def gemv_prefetch(rows, vec, N, K, ksplit, sms=None):
     float4s loaded before the wait are each lane's whole share of its row of W (lane l of slice
     s reads float4s s * 32 + l, + 32 ksplit, ..: K / 4 <= GEMV_PREFETCH * 32 * ksplit, K <=
     512 ksplit floats), and the grid is one wave of the early-load instances: at most
-    GEMV_PREFETCH_BLOCKS blocks an SM (their 40 to 48 registers fit 5 blocks of 256 threads
-    an SM, where the others' 26 to 40 fit 6 to 8: on a larger grid the blocks that wait for a
-    second wave cost more than the early loads save). Else 0. Measured on an H200 (2026-11-30,
+    GEMV_PREFETCH_BLOCKS blocks an SM (the RMSNorm and SwiGLU instances' 41 and 48 registers
+    fit 5 blocks of 256 threads an SM, the plain one's 40 fit 6, where the others' 26 to 40 fit
+    6 to 8; the rule takes 5 for all three: on a larger grid the blocks that wait for a second
+    wave cost more than the early loads save). Else 0. Measured on an H200 (2026-11-30,
     the graph of one step, the rules' graphs replayed in turn over 9 rounds, medians):
     stories15M 0.0973 ms without early loads, 0.0854 with them wherever they are a lane's
     whole row, 0.0838 with this rule (all but the classifier); stories110M 0.2647, 0.2889 and
-    0.2532 (only wo: its other grids take 2 to 30 blocks an SM)."""
+    0.2532 (only wo: wqkv, w13 and w2 take 6 to 9 blocks an SM, and the classifier's row does
+    not fit)."""
     fits = K // 4 <= GEMV_PREFETCH * 32 * ksplit
     one_wave = cdiv(N * ksplit, 8) <= GEMV_PREFETCH_BLOCKS * (sms or sm_count())
     return GEMV_PREFETCH if rows == 1 and vec and fits and one_wave else 0
@@ -766,15 +768,15 @@ def qgemv_v4s_plan(N, K, fmt, nr, ks, sms=None):
     loads = K // QGEMV_WEIGHTS[fmt]
     per = min(loads, 32 * cdiv(cdiv(loads, ks), 32))
     slices = cdiv(loads, per)
-    wave = QGEMV_V4S_BLOCKS_PER_SM * (sms or sm_count())
-    rows = 8 * nr * max(1, cdiv(cdiv(N * slices, wave), 8 * nr))
+    tiles_max = max(1, QGEMV_V4S_BLOCKS_PER_SM * (sms or sm_count()) // slices)
+    rows = 8 * nr * cdiv(cdiv(N, tiles_max), 8 * nr)       # the fewest for tiles <= tiles_max
     return slices, per, rows, cdiv(N, rows)
 
 
 def _qgemv_v4s(x, planes, y, fmt, prologue, accumulate):
     """Launch qgemv_v4s on one row of x (checked by the caller) by qgemv_v4s_plan at QGEMV_V4S:
-    grid (tiles, slices), each block's slice of x staged as v4's units ((3 XU + 1) x 16 bytes
-    each), the slices' partial sums in _split_workspace (graph-safe: kept buffers, the
+    grid (tiles, slices), each block's slice of x staged as v4's units ((3 WEIGHTS / 16 + 1) x 16
+    bytes each), the slices' partial sums in _split_workspace (graph-safe: kept buffers, the
     counters reset by the kernel)."""
     (_, N), K = y.shape, x.shape[1] // (2 if prologue == GEMV_PROLOGUES["swiglu"] else 1)
     weights, (nr, _, ks) = QGEMV_WEIGHTS[fmt], QGEMV_V4S[fmt]
