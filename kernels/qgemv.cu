@@ -175,6 +175,38 @@ __device__ __forceinline__ void qgemv_inv_rms(const float* __restrict__ X, int m
     }
 }
 
+// inv_rms[r] for a row r known only at run time: indexing a register array by it would move
+// the array to local memory, so each element is compared with r instead (unrolled selects).
+template <int ROWS>
+__device__ __forceinline__ float row_inv_rms(const float (&inv_rms)[ROWS], int r) {
+    float inv = 1.0f;
+#pragma unroll
+    for (int rr = 0; rr < ROWS; ++rr) inv = rr == r ? inv_rms[rr] : inv;
+    return inv;
+}
+
+// ROWS rows of x from m0, values k0 .. k0 + len - 1 (normed or gated as PRO says), staged in
+// dynamic shared memory piece-major as float32 for v1 and v2, so that the 32 lanes of a warp
+// read 32 consecutive float4s (PIECES = WEIGHTS / 4 float4s of x per 16-byte load of weights):
+//     xs[(r * PIECES + p) * CH + c] = x[r, c * WEIGHTS + 4 p .. + 3]
+template <class F, int ROWS, int PRO>
+__device__ __forceinline__ void qgemv_stage_pieces(const float* __restrict__ X, int m0, int M,
+                                                   int ldx, int K, int k0, int len, int CH,
+                                                   const float (&inv_rms)[ROWS],
+                                                   const float* __restrict__ norm_w) {
+    constexpr int PIECES = F::WEIGHTS / 4;
+    extern __shared__ float4 qgemv_xs[];
+    const int len4 = len / 4;
+    for (int i = threadIdx.x; i < ROWS * len4; i += blockDim.x) {
+        const int r = i / len4, k4 = i % len4;
+        const float inv = row_inv_rms(inv_rms, r);
+        float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        if (m0 + r < M)
+            v = gemv_x4<PRO>(X + (size_t)(m0 + r) * ldx, k0 / 4 + k4, K, norm_w, inv);
+        qgemv_xs[(r * PIECES + k4 % PIECES) * CH + k4 / PIECES] = v;
+    }
+}
+
 // Sums each of V values (V a power of two, at most 32) over the 32 lanes of a warp, with
 // V - 1 + log2(32 / V) shuffles instead of V warp_sum's of 5 each. At each step a lane keeps
 // half of its values and sends the other half to its partner (lane ^ o), which keeps the other
@@ -276,11 +308,11 @@ qgemv(const float* __restrict__ X, const uint4* __restrict__ qs,
                 next.fetch(qs, d, mn, n_first, N, lane, CH, first, loads_per_row, nb);
             fetched = false;
             __syncthreads();                          // the last chunk's readers are done
+            // (qgemv_stage_pieces' loop, written out: called here, it compiles to other SASS
+            // for v1's instances, which no GPU has run yet; written out, the SASS is v1's own)
             for (int i = threadIdx.x; i < ROWS * len4; i += blockDim.x) {
                 const int r = i / len4, k4 = i % len4;
-                float inv = 1.0f;                     // inv_rms[r], without a run-time index
-#pragma unroll
-                for (int rr = 0; rr < ROWS; ++rr) inv = rr == r ? inv_rms[rr] : inv;
+                const float inv = row_inv_rms(inv_rms, r);
                 float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
                 if (m0 + r < M)
                     v = gemv_x4<PRO>(X + (size_t)(m0 + r) * ldx, k0 / 4 + k4, K, norm_w, inv);
@@ -563,18 +595,7 @@ struct V2Step {
                                                  int ldx, int K, int k0, int len, int CH,
                                                  const float (&inv_rms)[ROWS],
                                                  const float* __restrict__ norm_w) {
-        extern __shared__ float4 qgemv_xs[];
-        const int len4 = len / 4;
-        for (int i = threadIdx.x; i < ROWS * len4; i += blockDim.x) {
-            const int r = i / len4, k4 = i % len4;
-            float inv = 1.0f;
-#pragma unroll
-            for (int rr = 0; rr < ROWS; ++rr) inv = rr == r ? inv_rms[rr] : inv;
-            float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-            if (m0 + r < M)
-                v = gemv_x4<PRO>(X + (size_t)(m0 + r) * ldx, k0 / 4 + k4, K, norm_w, inv);
-            qgemv_xs[(r * PIECES + k4 % PIECES) * CH + k4 / PIECES] = v;
-        }
+        qgemv_stage_pieces<F, ROWS, PRO>(X, m0, M, ldx, K, k0, len, CH, inv_rms, norm_w);
     }
 
     static __device__ __forceinline__ void multiply(const QBatch<F, NR, U>& cur, int u, int c,

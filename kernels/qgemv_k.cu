@@ -259,9 +259,7 @@ qgemv_k(const float* __restrict__ X, const uint4* __restrict__ qs, const uint4* 
                 const int r = i / (F4 * CH), f = i / CH % F4, g = i % CH;
                 const int k = k0 + 256 * (g / F::PIECES) + F::first(g % F::PIECES, f / 4)
                             + 4 * (f % 4);
-                float inv = 1.0f;                     // inv_rms[r], without a run-time index
-#pragma unroll
-                for (int rr = 0; rr < ROWS; ++rr) inv = rr == r ? inv_rms[rr] : inv;
+                const float inv = row_inv_rms(inv_rms, r);     // (qgemv.cu)
                 float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
                 if (m0 + r < M) v = gemv_x4<PRO>(X + (size_t)(m0 + r) * ldx, k / 4, K, norm_w, inv);
                 qgemv_k_xs[i] = v;                    // i = (r * F4 + f) * CH + g

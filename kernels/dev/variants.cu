@@ -250,9 +250,7 @@ qgemv_tc(const float* __restrict__ X, const uint4* __restrict__ qs,
             __syncthreads();
             for (int i = threadIdx.x; i < ROWS * padded4; i += blockDim.x) {
                 const int r = i / padded4, k4 = i % padded4;
-                float inv = 1.0f;
-#pragma unroll
-                for (int rr = 0; rr < ROWS; ++rr) inv = rr == r ? inv_rms[rr] : inv;
+                const float inv = row_inv_rms(inv_rms, r);      // (qgemv.cu)
                 float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
                 if (m0 + r < M && k4 < len4)
                     v = gemv_x4<PRO>(X + (size_t)(m0 + r) * ldx, k0 / 4 + k4, K, norm_w, inv);
