@@ -16,9 +16,14 @@
 // v2 took 40 to 70 us: their grids are too small, a warp's work too long. v3:
 //
 //   - x rows in shared memory, each W float4 read once from global memory for all ROWS rows.
-//     A warp owns NR rows of W and ROWS rows of x, NR * ROWS = 64 accumulators a thread
-//     (ROWS, NR = 8, 8 / 16, 4 / 32, 2); its lanes walk k, a float4 each, so its loads of W are
-//     512 contiguous bytes and its reads of x from shared memory are conflict-free;
+//     A warp owns NR rows of W and ROWS rows of x, NR * ROWS = 32 or 64 accumulators a thread;
+//     its lanes walk k, a float4 each, so its loads of W are 512 contiguous bytes and its
+//     reads of x from shared memory are conflict-free. The package launches one tile shape,
+//     8 rows of x by 4 of W (kernels.GEMV_V3_TILES), 32 rows of x as four blocks: the step
+//     waits on memory (Nsight Compute: 2 to 4 warps a scheduler with 64 accumulators, one or
+//     two blocks an SM), and 32 accumulators fit three blocks an SM, each with less x to
+//     stage and less work in its chain. Measured against 8 x 8, 16 x 4 and 32 x 2 (64
+//     accumulators), 32 x 1 and 16 x 2 by kernels/dev/ab_f32tiles.py: docs/kernels.md;
 //   - a block is 8 warps, 8 NR rows of W (a "tile"); blockIdx.y takes the next ROWS rows of x.
 //     A tall matrix (the classifier: 2000 tiles) gets a grid of what fits on the GPU at once,
 //     each block walking tiles blockIdx.x, + gridDim.x, ..: where its slice of x fits shared
@@ -37,15 +42,19 @@
 // against float64 (1e-5 relative). Needs K % 4 == 0 and 16-byte aligned x, W and norm (float4
 // loads); kernels.gemv sends everything else to v1. Compiled after qgemv.cu (its warp sums).
 
-// Two blocks per SM with ROWS 32 (at most 128 registers a thread; kernels.gemv_v3_plan sizes its
-// grid by the same rule), one with more rows of W per warp (~190 registers, 8 NR float4 loads).
+// Blocks an SM, by registers (kernels.gemv_v3_blocks_per_sm sizes the grid by the same rule):
+// with 64 accumulators two with ROWS 32 (at most 128 registers a thread), one with more rows of
+// W per warp (~190 registers, 8 NR float4 loads); with 32 accumulators three (at most 80).
+template <int ROWS, int NR>
+__host__ __device__ constexpr int gemv_v3_min_blocks() { return NR * ROWS == 32 ? 3 : ROWS == 32 ? 2 : 1; }
+
 template <int ROWS, int NR, int PRO>
-__global__ void __launch_bounds__(256, ROWS == 32 ? 2 : 1)
+__global__ void __launch_bounds__(256, (gemv_v3_min_blocks<ROWS, NR>()))
 gemv_v3(const float* __restrict__ X, const float* __restrict__ W, float* __restrict__ Y,
         int M, int N, int K, int accumulate, const float* __restrict__ norm_w, float eps,
         int kc, float* __restrict__ partial, int* __restrict__ counters) {
     constexpr int V = NR * ROWS, WARPS = 8, TILE = WARPS * NR;
-    static_assert(V == 64, "a warp holds 64 accumulators: two rounds of qgemv_warp_sums<32>");
+    static_assert(V == 64 || V == 32, "a warp holds 32 or 64 accumulators: rounds of qgemv_warp_sums<32>");
     extern __shared__ float4 gemv_v3_xs[];                 // (ROWS, kc / 4): x after the prologue
     __shared__ float inv_rms_s[ROWS];
     __shared__ bool last_block;
@@ -119,7 +128,7 @@ gemv_v3(const float* __restrict__ X, const float* __restrict__ W, float* __restr
             }
         }
 
-        // the 64 sums over the warp, 32 at a time: lane l ends with value g * 32 + l
+        // the V sums over the warp, 32 at a time: lane l ends with value g * 32 + l
 #pragma unroll
         for (int g = 0; g < V / 32; ++g) {
             float part[32];

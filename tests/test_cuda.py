@@ -124,7 +124,8 @@ def test_gemv_matches_float64_for_batches(cuda, cp, M, N, K):
 @pytest.mark.parametrize("N,K", [(1, 4), (127, 1000), (4097, 12), (33, 4096), (300, 4104)])
 def test_gemv_versions_match_float64(cuda, cp, version, M, N, K):
     # version 2: qgemv_v2 on float32 weights (8, 16 or 32 rows of x per pass), K % 4 == 0;
-    # version 3: gemv_v3 (8, 16 or 32 rows of x per block, split-K where N is small)
+    # version 3: gemv_v3 (8 rows of x per block, more rows in more blocks; split-K where N is
+    # small)
     x, w = rand(M, K), rand(N, K)
     y = cuda.gemv(cp.asarray(x), cp.asarray(w), out=poison(cp, (M, N)), version=version)
     assert rel_err(y, ref_linear(x, w)) < 1e-5
@@ -141,20 +142,42 @@ def test_gemv_rule_takes_v3_from_8_rows_where_float4_loads_are_legal():
     assert gemv_version(32, False) == 1
 
 
-@pytest.mark.parametrize("M", [8, 32, 64])
-def test_gemv_v3_plan_covers_the_sms_with_split_k_where_n_is_small(M):
-    from minillama.cuda.kernels import GEMV_V3_SMEM, cdiv, gemv_v3_plan
+V3_TILE_SETS = [None, {8: 8, 16: 4, 32: 2}, {8: 4, 16: 2, 32: 1}, {8: 8}]   # None: the rule's
+
+
+@pytest.mark.parametrize("tiles_of", V3_TILE_SETS)
+@pytest.mark.parametrize("M", [8, 13, 32, 64])
+def test_gemv_v3_plan_covers_the_sms_with_split_k_where_n_is_small(M, tiles_of):
+    from minillama.cuda.kernels import (GEMV_V3_SMEM, GEMV_V3_TILES, cdiv, gemv_v3_blocks_per_sm,
+                                        gemv_v3_plan)
+    tiles_of = tiles_of or GEMV_V3_TILES
     for N, K in STORIES:
-        rows, nr, split, kc, blocks_x = gemv_v3_plan(M, N, K, sms=132)
+        rows, nr, split, kc, blocks_x = gemv_v3_plan(M, N, K, sms=132, tiles_of=tiles_of)
+        assert tiles_of[rows] == nr
+        # the fewest rows that hold M, else the most
+        assert rows == min([r for r in tiles_of if r >= M] or [max(tiles_of)])
         tiles = cdiv(N, 8 * nr) * cdiv(M, rows)
         # enough tiles for the 132 SMs, or as many slices of k as keep a warp's lanes busy
         assert tiles * split >= 132 or 2 * split * 32 > K // 4 or split == 16, (M, N, K, split)
-        assert rows * kc * 4 <= GEMV_V3_SMEM and kc % 4 == 0 and rows >= min(M, 32)
+        assert rows * kc * 4 <= GEMV_V3_SMEM and kc % 4 == 0
         # one tile per block with split-K; else no more blocks than fit on the GPU at once
+        per_sm = gemv_v3_blocks_per_sm(rows, nr, rows * kc * 4)
         assert blocks_x == cdiv(N, 8 * nr) if split > 1 else \
-            blocks_x * cdiv(M, rows) <= max(264, cdiv(M, rows))
-    assert gemv_v3_plan(32, 32000, 288, sms=132)[4] == 264      # the classifier walks tiles
-    assert gemv_v3_plan(32, 768, 2048, sms=132)[2] > 1      # stories110M's w2 splits k
+            blocks_x * cdiv(M, rows) <= max(per_sm * 132, cdiv(M, rows))
+    assert gemv_v3_plan(32, 768, 2048, sms=132, tiles_of=tiles_of)[2] > 1   # 110M's w2 splits k
+    # the classifier walks tiles: as many blocks as the SMs hold
+    rows, nr, split, kc, blocks_x = gemv_v3_plan(32, 32000, 288, sms=132, tiles_of=tiles_of)
+    assert split == 1 and blocks_x * cdiv(32, rows) == \
+        132 * gemv_v3_blocks_per_sm(rows, nr, rows * kc * 4) // cdiv(32, rows) * cdiv(32, rows)
+
+
+def test_gemv_v3_blocks_per_sm_follow_its_launch_bounds_and_shared_memory():
+    from minillama.cuda.kernels import gemv_v3_blocks_per_sm
+    assert gemv_v3_blocks_per_sm(8, 4, 24 << 10) == 3           # 32 accumulators: 3 by registers
+    assert gemv_v3_blocks_per_sm(32, 1, 96 << 10) == 2          # ... unless x fills shared memory
+    assert gemv_v3_blocks_per_sm(32, 2, 96 << 10) == 2          # 64 accumulators, 32 rows: 2
+    assert gemv_v3_blocks_per_sm(8, 8, 24 << 10) == 1           # 64 with 8 rows of W a warp: 1
+    assert gemv_v3_blocks_per_sm(8, 4, 200 << 10) == 1
 
 
 @gpu

@@ -61,7 +61,7 @@ def plans(M, N, K):
     def plan(r, n, s, walk=True):
         kc = 4 * min(cdiv(K // 4, s), max(32, kernels.GEMV_V3_SMEM // (16 * r) // 32 * 32))
         tiles = cdiv(N, 8 * n)
-        per_sm = 2 if r == 32 else 1
+        per_sm = kernels.gemv_v3_blocks_per_sm(r, n, r * kc * 4)
         bx = tiles if s > 1 or not walk else min(tiles, max(1, per_sm * kernels.sm_count()
                                                             // cdiv(M, r)))
         return r, n, s, kc, bx

@@ -92,12 +92,19 @@ QGEMV_V4S_BLOCKS_PER_SM = 2        # its launch bounds: tiles x slices within on
 QGEMV_V2_F32_ROWS = (8, 16, 32)
 QGEMV_V2_F32 = (4, 1)              # NR, U
 # gemv_v3<ROWS, NR, PRO> (gemv_batch.cu), float32 weights from GEMV_V3_MIN_ROWS rows of x on:
-# ROWS rows of x -> NR rows of W per warp, 64 accumulators a thread either way; split-K over
-# up to GEMV_V3_MAX_SPLIT blocks where N leaves SMs idle; x staged GEMV_V3_SMEM bytes at a time
-GEMV_V3_TILES = {8: 8, 16: 4, 32: 2}
+# ROWS rows of x -> NR rows of W per warp; split-K over up to GEMV_V3_MAX_SPLIT blocks where N
+# leaves SMs idle; x staged GEMV_V3_SMEM bytes at a time. {rows: NR}, the plan takes the fewest
+# rows that hold M, else the most (more rows of x take more blocks, blockIdx.y). One tile: 8 rows
+# of x by 4 of W, 32 accumulators a thread and three blocks an SM. Measured against 64
+# accumulators ({8: 8, 16: 4, 32: 2}, two blocks an SM at 32 rows, one else) and two other sets
+# (kernels/dev/ab_f32tiles.py, H200, 2026-11-30): the whole float32 step's graph 1.28x as fast
+# for stories110M at 32 rows, 1.34x at 8, stories15M 1.50x and 1.11x; on the 7B products at 8
+# rows even with 8 x 8 (547 against 557 us for the five), at 16 rows 1.2x as fast as 16 x 4.
+GEMV_V3_TILES = {8: 4}
 GEMV_V3_MIN_ROWS = 8
 GEMV_V3_MAX_SPLIT = 16
 GEMV_V3_SMEM = 96 * 1024
+SMEM_PER_SM = 228 * 1024           # an H100/H200 SM's shared memory (1 KiB of it per block is the driver's)
 # gemm_v5<BM, BN, STAGES, WF>: WF numbers the weight format (V5_F16 ... in matmul.cu). One
 # tile shape, BM, BN, STAGES = 128, 128, 4: the fastest at 4096^3 in float16 (H200, 2026-11-29;
 # the kernel also takes 128 x 256 x 3), and the more blocks of the two for a prompt's products.
@@ -354,25 +361,27 @@ def gemv(x, w, out=None, accumulate=False, norm=None, eps=1e-5, swiglu=False, ve
 def gemv_version(M, vec):
     """The gemv kernel for M rows of x (vec: float4 loads are legal): gemv_v3 from
     GEMV_V3_MIN_ROWS rows on, any shape, else v1. Below 8 rows v1 reads each weight once for
-    all of them already (8 rows per warp) and needs no staging of x; from 8 rows on v3 reads it
-    once per 32 rows and keeps the SMs full by split-K, where v1 reads it once per 8 rows and
-    v2 (qgemv_v2) leaves most SMs idle on the stories matrices (docs/kernels.md, "gemv v3").
+    all of them already (8 rows per warp) and needs no staging of x; from 8 rows on v3 keeps
+    x in shared memory, its SMs full by split-K and three blocks an SM, where v1 reads each
+    weight through a warp's whole chain of loads and v2 (qgemv_v2) leaves most SMs idle on the
+    stories matrices (docs/kernels.md, "gemv v3").
     The threshold is the design's; kernels/dev/bench_f32batch.py times the three at 8, 32
     and 64 rows."""
     return 3 if vec and M >= GEMV_V3_MIN_ROWS else 1
 
 
-def gemv_v3_plan(M, N, K, sms=None):
+def gemv_v3_plan(M, N, K, sms=None, tiles_of=None):
     """gemv_v3's launch for x (M, K), w (N, K): (ROWS, NR, S, floats of k staged per chunk,
-    gridDim.x). ROWS: the fewest rows of x per block that hold all M (at most 32: more rows
-    take more blocks, blockIdx.y); a block covers tiles of 8 NR rows of W. S doubles while the
-    tiles do not cover the SMs (sms: the current GPU's by default) and each slice of k keeps a
-    warp's 32 lanes busy (32 float4s); with S > 1 a block takes one tile, else the grid is what
-    fits on the GPU at once (by registers: two blocks per SM with ROWS 32, else one), each
-    block walking tiles, so a tall matrix stages x once per block, not once per tile."""
-    sms = sms or sm_count()
-    rows = next((r for r in GEMV_V3_TILES if r >= M), max(GEMV_V3_TILES))
-    nr = GEMV_V3_TILES[rows]
+    gridDim.x). ROWS: of tiles_of ({rows: NR}, GEMV_V3_TILES by default), the fewest rows of
+    x that hold all M, else the most (more rows take more blocks, blockIdx.y); a block covers
+    tiles of 8 NR rows of W. S doubles while the tiles do not cover the SMs (sms: the current
+    GPU's by default) and each slice of k keeps a warp's 32 lanes busy (32 float4s); with S > 1
+    a block takes one tile, else the grid is what fits on the GPU at once
+    (gemv_v3_blocks_per_sm), each block walking tiles, so a tall matrix stages x once per
+    block, not once per tile."""
+    sms, tiles_of = sms or sm_count(), tiles_of or GEMV_V3_TILES
+    rows = next((r for r in tiles_of if r >= M), max(tiles_of))
+    nr = tiles_of[rows]
     tiles = cdiv(N, 8 * nr) * cdiv(M, rows)
     split = 1
     while (split < GEMV_V3_MAX_SPLIT and tiles * split < sms
@@ -381,9 +390,18 @@ def gemv_v3_plan(M, N, K, sms=None):
     slice4 = cdiv(K // 4, split)
     chunk4 = max(32, GEMV_V3_SMEM // (16 * rows) // 32 * 32)      # whole lanes' steps
     tiles_x = cdiv(N, 8 * nr)
-    blocks_x = tiles_x if split > 1 else min(tiles_x, max(1, (2 if rows == 32 else 1) * sms
-                                                          // cdiv(M, rows)))
-    return rows, nr, split, 4 * min(slice4, chunk4), blocks_x
+    kc = 4 * min(slice4, chunk4)
+    blocks_x = tiles_x if split > 1 else min(tiles_x, max(
+        1, gemv_v3_blocks_per_sm(rows, nr, rows * kc * 4) * sms // cdiv(M, rows)))
+    return rows, nr, split, kc, blocks_x
+
+
+def gemv_v3_blocks_per_sm(rows, nr, smem):
+    """Blocks of gemv_v3<rows, nr> an SM holds at once: its launch bounds' (registers: 3 with
+    32 accumulators a thread, 2 with 64 and 32 rows, else 1; gemv_v3_min_blocks in
+    gemv_batch.cu), and no more than `smem` bytes of x each leave room for."""
+    by_registers = 3 if rows * nr == 32 else 2 if rows == 32 else 1
+    return max(1, min(by_registers, SMEM_PER_SM // (smem + 1024)))
 
 
 def _gemv_v3(x, w, y, prologue, accumulate, norm, eps, plan=None):

@@ -1,0 +1,183 @@
+"""gemv_v3's tiles, A/B in one process (development tool, needs a GPU).
+
+    PYTHONPATH=. python kernels/dev/ab_f32tiles.py [--sets rule,v32,rows8,rows8v32] [--rounds 7]
+
+gemv_v3 (kernels/gemv_batch.cu) gives a thread NR rows of W times ROWS rows of x. Until
+2026-11-30 the package took 64 accumulators a thread (ROWS, NR = 8, 8 / 16, 4 / 32, 2), and
+Nsight Compute put the stories110M products at 32 rows at 2 to 4 warps a scheduler and 1 to 2
+blocks an SM, waiting on memory. This tool compares tile sets, {rows of x: NR}, each a plan of
+kernels.gemv_v3_plan(tiles_of=...):
+  rule       the package's GEMV_V3_TILES ({8: 4} since this tool's first run)
+  v64        the tiles before: {8: 8, 16: 4, 32: 2}, 64 accumulators
+  v32        32 accumulators a thread: {8: 4, 16: 2, 32: 1}, three blocks an SM by registers
+  rows8      {8: 8}: 32 rows of x as four blocks of 8 (blockIdx.y)
+  rows8v32   {8: 4}
+1. checks each set's instances against float64 (odd sizes, every prologue, accumulate, poisoned
+   outputs, the same bits twice): relative error under 1e-5;
+2. times the products of --shapes (graph over copies of W, as bench_f32batch.py) at --batches
+   rows of x, with the RMSNorm prologue where the step has it, each set in two passes of
+   opposite order, the faster kept;
+3. the whole decode step of stories15M and stories110M at 8 and 32 rows: the same model's step
+   graph captured with each set, replayed back to back, the sets interleaved over rounds, medians.
+"""
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import check_formats as cf          # noqa: E402  (puts the checkout first)
+import profile_step                 # noqa: E402
+from minillama.bench import gpu7b, torch_compiled      # noqa: E402
+from minillama.cuda import CudaOps, kernels, require_cupy   # noqa: E402
+from minillama.cuda.kernels import KERNELS, GEMV_PROLOGUES  # noqa: E402
+from minillama.model import Transformer, rms_norm, silu     # noqa: E402
+
+SETS = {"rule": None, "v64": {8: 8, 16: 4, 32: 2},
+        "v32": {8: 4, 16: 2, 32: 1}, "rows8": {8: 8}, "rows8v32": {8: 4}}
+rng = np.random.default_rng()
+
+
+def register(sets):
+    """Add the sets' instances to the f32batch group before it compiles (dev only)."""
+    names = [f"gemv_v3<{r},{n},{p}>" for tiles in sets.values() if tiles
+             for r, n in tiles.items() for p in GEMV_PROLOGUES.values()]
+    group = list(KERNELS.groups["f32batch"])
+    for name in names:
+        if name not in group:
+            group.append(name)
+            KERNELS._group[name] = "f32batch"
+    KERNELS.groups["f32batch"] = tuple(group)
+
+
+def launch(x, w, y, tiles, norm=None, swiglu=False, accumulate=False):
+    M, (N, K) = x.shape[0], w.shape
+    pro = GEMV_PROLOGUES["rmsnorm" if norm is not None else "swiglu" if swiglu else None]
+    plan = kernels.gemv_v3_plan(M, N, K, tiles_of=tiles)
+    kernels._gemv_v3(x, w, y, pro, accumulate, norm, 1e-5, plan=plan)
+    return y
+
+
+def check(cp, sets):
+    shapes = [(8, 37, 72), (13, 70, 300), (32, 20, 1032), (40, 9, 260), (64, 333, 4100),
+              (17, 4097, 12), (32, 2304, 768), (32, 768, 2048), (16, 1536, 288), (8, 32000, 288)]
+    worst = 0.0
+    for M, N, K in shapes:
+        x, w, g = rng.standard_normal((M, K)), rng.standard_normal((N, K)), \
+            1 + 0.1 * rng.standard_normal(K)
+        h, y0 = 2 * rng.standard_normal((M, 2 * K)), rng.standard_normal((M, N))
+        xg, wg, gg, hg = (cp.asarray(a, dtype=np.float32) for a in (x, w, g, h))
+        x, w, g, h = (a.astype(np.float32).astype(np.float64) for a in (x, w, g, h))
+        cases = [({}, xg, x @ w.T), ({"norm": gg}, xg, rms_norm(x, g, 1e-5) @ w.T),
+                 ({"swiglu": True}, hg, (silu(h[:, :K]) * h[:, K:]) @ w.T),
+                 ({"accumulate": True}, xg, y0.astype(np.float32) + x @ w.T)]
+        for name, tiles in sets.items():
+            for kw, xin, ref in cases:
+                def run():
+                    y = cp.asarray(y0, dtype=np.float32) if "accumulate" in kw \
+                        else cp.full((M, N), np.nan, dtype=np.float32)
+                    return launch(xin, wg, y, tiles, **kw).get()
+                got = run()
+                assert np.isfinite(got).all(), f"{name} {M}x{N}x{K} {kw}: an output not written"
+                err = np.linalg.norm(got - ref) / np.linalg.norm(ref)
+                assert err < 1e-5, f"{name} {M}x{N}x{K} {list(kw)}: error {err:.2e}"
+                assert np.array_equal(run(), got), f"{name} {M}x{N}x{K}: not deterministic"
+                worst = max(worst, err)
+    print(f"checks: {len(sets)} tile sets match float64 in {len(shapes)} shapes, every prologue "
+          f"(worst {worst:.1e}), the same bits twice", flush=True)
+
+
+def shape_products(shape):
+    """(name, N, K) of a layer's four products and the classifier, for any named shape."""
+    s = torch_compiled.SHAPES[shape]
+    dim, hidden = s["dim"], s["hidden_dim"]
+    return [("wqkv", 3 * dim, dim), ("wo", dim, dim), ("w13", 2 * hidden, dim),
+            ("w2", dim, hidden), ("cls", s["vocab_size"], dim)]
+
+
+def products(cp, sets, batches, shapes):
+    for shape in shapes:
+        for name, N, K in shape_products(shape):
+            w = cp.asarray(rng.standard_normal((N, K)), dtype=np.float32)
+            copies = [w] + [w.copy() for _ in range(min(63, kernels.cdiv(400 << 20, w.nbytes)) - 1)]
+            g = cp.asarray(1 + 0.1 * rng.standard_normal(K), dtype=np.float32)
+            for M in batches:
+                x = cp.asarray(rng.standard_normal((M, K)), dtype=np.float32)
+                y = cp.empty((M, N), np.float32)
+                norm = g if name in ("wqkv", "w13", "cls") else None
+                # each set timed twice, the sets in one order and then the other, the faster
+                # kept: the first graph timed after a new matrix can be slow (a 7B product: the
+                # same kernel and plan 178 us first, 146 us second)
+                line = {}
+                for order in (list(sets), list(sets)[::-1]):
+                    for label in order:
+                        t = cf.graph_time([lambda c=c, t=sets[label]: launch(x, c, y, t, norm=norm)
+                                           for c in copies], replays=3, repeats=3)
+                        line[label] = min(line.get(label, t * 1e6), t * 1e6)
+                plans = {label: kernels.gemv_v3_plan(M, N, K, tiles_of=t)
+                         for label, t in sets.items()}
+                print(f"{shape:>5} {name:5} M={M:<3} {N:>6}x{K:<5} "
+                      + "  ".join(f"{k} {v:7.2f}" for k, v in line.items())
+                      + "   plans " + " ".join(f"{k}={v}" for k, v in plans.items()), flush=True)
+            del copies, w
+            cp.get_default_memory_pool().free_all_blocks()
+
+
+def steps(cp, sets, batches, rounds):
+    sync, saved = cp.cuda.Device().synchronize, kernels.GEMV_V3_TILES
+    for shape in ("15M", "110M"):
+        p = torch_compiled.model_args(shape, max(batches), 64)
+        ops = CudaOps(persistent=False)
+        model = Transformer(p, gpu7b.RandomGpuWeights(p, "float32"), ops)
+        forward = ops.decoder(model)
+        fused = ops._decoders[model]
+        for bsz in batches:
+            tokens = np.ones((bsz, 1), dtype=np.int64)
+            for pos in range(3):
+                forward(tokens, pos)
+            graphs = {}
+            for label, tiles in sets.items():
+                kernels.GEMV_V3_TILES = tiles or saved       # (the stories' rows are short)
+                try:
+                    fused.run(bsz)                      # eager: workspaces, attributes
+                    sync()
+                    graphs[label] = profile_step.captured(cp, lambda s: fused.run(bsz),
+                                                          programmatic=True)
+                finally:
+                    kernels.GEMV_V3_TILES = saved
+            times = {label: [] for label in sets}
+            for _ in range(rounds):
+                for label, graph in graphs.items():
+                    times[label].append(profile_step.ms_per_step(lambda i: graph.launch(), sync,
+                                                                 20, warmup=3))
+            med = {k: float(np.median(v)) for k, v in times.items()}
+            base = med["rule"]
+            print(f"step {shape} batch {bsz}, graph ms (median of {rounds} rounds): "
+                  + ", ".join(f"{k} {v:.4f} ({base / v:.2f}x)" for k, v in med.items()),
+                  flush=True)
+        model = forward = fused = ops = None
+        gpu7b.release_gpu()
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sets", default=",".join(SETS))
+    ap.add_argument("--batches", default="8,16,32")
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--shapes", default="15M,110M", help="the products' shapes (7B too)")
+    ap.add_argument("--no-products", action="store_true")
+    ap.add_argument("--no-steps", action="store_true")
+    a = ap.parse_args()
+    sets = {k: SETS[k] for k in a.sets.split(",")}
+    cp = require_cupy()
+    register(sets)
+    check(cp, sets)
+    if not a.no_products:
+        products(cp, sets, [int(b) for b in a.batches.split(",")], a.shapes.split(","))
+    if not a.no_steps:
+        steps(cp, sets, [8, 32], a.rounds)
+
+
+if __name__ == "__main__":
+    main()
