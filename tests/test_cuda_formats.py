@@ -330,6 +330,34 @@ def test_qgemv_v4s_passes_nan_and_inf_of_x_on(cuda, cp, monkeypatch, fmt):
         assert np.isnan(y).all(), bad
 
 
+@pytest.mark.parametrize("fmt", ["q4_0", "q8_0", "f16", "bf16"])
+def test_qgemv_mma_plan_keeps_each_slice_in_shared_memory_and_none_empty(fmt):
+    from minillama.cuda.kernels import MMA_MAX_SLICE, MMA_NR, MMA_SPAN, cdiv, qgemv_mma_plan
+    span, slots = MMA_SPAN[fmt], 2 * 132
+
+    def waves_work(N, K, nr, ks, per_slice):
+        return cdiv(cdiv(N, 128 * nr) * ks, slots) * per_slice * nr
+    for N, K in [(12288, 4096), (4096, 4096), (22016, 4096), (4096, 11008), (32000, 4096),
+                 (33, span), (1000, 11040), (70000, 333)]:
+        nr, ks, per_slice = qgemv_mma_plan(N, K, fmt, sms=132)
+        spans = cdiv(K, span)
+        assert nr in MMA_NR and per_slice * span <= max(MMA_MAX_SLICE, span)
+        assert (ks - 1) * per_slice < spans <= ks * per_slice           # every slice has work
+        # no plan the rule could take has fewer waves times a block's work
+        for other_nr in MMA_NR:
+            for other_ks in range(1, 40):
+                o = qgemv_mma_plan(N, K, fmt, sms=132, nr=other_nr, ks=other_ks)
+                assert waves_work(N, K, *o) >= waves_work(N, K, nr, ks, per_slice) or \
+                    o[1] > max(cdiv(spans * span, MMA_MAX_SLICE), slots // cdiv(N, 128 * o[0]))
+    # the 7B matrices at 8 rows: wqkv and w13 in one wave of two 128-row tiles a block (the rule
+    # before left them at 288 and 344 blocks, 1.1 and 1.3 waves of 264)
+    assert qgemv_mma_plan(12288, 4096, "q4_0", sms=132) == (2, 5, 7)
+    assert qgemv_mma_plan(22016, 4096, "q4_0", sms=132) == (2, 3, 11)
+    assert qgemv_mma_plan(4096, 11008, "q4_0", sms=132) == (1, 8, 11)
+    assert qgemv_mma_plan(12288, 4096, "q4_0", sms=132, nr=1, ks=3) == (1, 3, 11)
+    assert qgemv_mma_plan(100, 4096, "q4_0", sms=132, ks=1) == (1, 2, 16)  # x's slice must fit
+
+
 @gpu
 def test_qgemv_rule_takes_v4s_where_it_splits(cuda, cp, monkeypatch):
     """kernels.qgemv's rule, on this GPU: qgemv_v4s for one row of q4_0 or q8_0 with a long K

@@ -677,16 +677,11 @@ def qgemv_mma(x, w, out=None, accumulate=False, norm=None, eps=1e-5, swiglu=Fals
     M, N, K, y = _qgemv_operands(x, w, out, accumulate, norm, swiglu, "qgemv_mma")
     if M == 0 or N == 0:
         return y
-    span = MMA_SPAN[w.format]
-    nr = nr or (2 if cdiv(N, 256) >= sm_count() else 1)
-    if nr not in MMA_NR:
+    if nr is not None and nr not in MMA_NR:
         raise DeviceError(f"qgemv_mma: nr must be one of {MMA_NR}, got {nr!r}")
-    tiles, spans = cdiv(N, 128 * nr), cdiv(K, span)
-    if ks is None:
-        ks = round(MMA_BLOCKS_PER_SM * sm_count() / tiles)
-    ks = max(int(ks), cdiv(spans * span, MMA_MAX_SLICE), 1)     # a slice's x fits shared memory
-    per_slice = cdiv(spans, min(ks, spans))
-    ks = cdiv(spans, per_slice)                       # no empty slice
+    span = MMA_SPAN[w.format]
+    nr, ks, per_slice = qgemv_mma_plan(N, K, w.format, nr=nr, ks=ks)
+    tiles = cdiv(N, 128 * nr)
     units = per_slice * span // 32
     parts = 3 if w.format == "bf16" else 2                 # x's bfloat16 or float16 parts
     smem = parts * 8 * 4 * (16 * units + (0 if units % 2 else 16))
@@ -697,6 +692,31 @@ def qgemv_mma(x, w, out=None, accumulate=False, norm=None, eps=1e-5, swiglu=Fals
                     x if norm is None else norm, np.float32(eps), scratch, counters),
                    shared_mem=smem)
     return y
+
+
+def qgemv_mma_plan(N, K, fmt, sms=None, nr=None, ks=None):
+    """qgemv_mma's launch for W (N, K) in `fmt`: (NR, slices of k, spans of k a slice). Of every
+    NR (128-row tiles a block) and every count of slices from the fewest that keep a slice's x
+    within MMA_MAX_SLICE positions (shared memory) up to a wave's worth, the plan whose waves
+    (of MMA_BLOCKS_PER_SM blocks an SM; sms: the current GPU's by default) times a block's
+    work (spans a slice x NR) is least, then the fewest blocks; no slice empty. The rule before
+    it (NR 2 only where N fills the SMs with 256-row tiles, ~2 blocks an SM by slices) left the
+    7B wqkv and w13 at 1.1 and 1.3 waves: the whole batch-8 step 1.17x (q4_0) and 1.20x (int8)
+    as fast with this one (H200, 2026-11-30). nr, ks: given instead (ks still at least x's
+    minimum)."""
+    sms, span = sms or sm_count(), MMA_SPAN[fmt]
+    spans = cdiv(K, span)
+    fewest = max(cdiv(spans * span, MMA_MAX_SLICE), 1)             # x's slice fits shared memory
+    slots = MMA_BLOCKS_PER_SM * sms
+    best = None
+    for n in (nr,) if nr else MMA_NR:
+        tiles = cdiv(N, 128 * n)
+        for k in (max(int(ks), fewest),) if ks else range(fewest, max(fewest, slots // tiles) + 1):
+            per_slice = cdiv(spans, min(k, spans))
+            k = cdiv(spans, per_slice)                                 # no empty slice
+            cost = (cdiv(tiles * k, slots) * per_slice * n, tiles * k)
+            best = min(best or (cost, n, k, per_slice), (cost, n, k, per_slice))
+    return best[1:]
 
 
 def _shared_optin():
