@@ -35,15 +35,20 @@ candidates, compiled beside them from the same sources plus variants.cu:
               (v4_digits), then qgemv_v4s_pre copies its slice of them; "... kept": the same
               GEMV timed alone, the digits made once beforehand (what it would cost if the
               kernel before wrote them)
+    v4b       qgemv_v4b (variants.cu): the package's qgemv_v4 at B blocks an SM (its launch
+              bounds and grid) instead of 2, in (NR, U, B) of V4B_SHAPES; a candidate, not run
 
 --only (these family names), --formats and --rows (batch sizes) build, check and time a part;
 by default all of it. With a part, the per-token sums that need the rest show nan. --shapes
-(wqkv, wo, w13, w2, cls) times only those matrices; --prologues times wo and w2 as the decode
-step launches them (wo: accumulate; w2: the SwiGLU prologue on x of 2K values, accumulate),
-every candidate alike (those without the prologue report a failed launch and are left out).
+(wqkv, wo, w13, w2, cls) times only those matrices; --prologues times each as the decode
+step launches it (wo: accumulate; w2: the SwiGLU prologue on x of 2K values, accumulate; wqkv,
+w13 and cls: the RMSNorm prologue), every candidate alike (those without the prologue report a
+failed launch and are left out).
 
     python kernels/dev/bench_variants.py --only splitk,v4,product --formats q4_0,q8_0 --rows 1 \
         --shapes wo,w2 --prologues                    # issue 10's short matrices
+    python kernels/dev/bench_variants.py --only v4b,product --formats q4_0,q8_0 --rows 1 \
+        --prologues                                   # v4 at more blocks an SM (not run yet)
 
 Every instance is checked against float64 NumPy of the NumPy-dequantized weights (odd N and K,
 batches 1..64, outputs poisoned with NaN, the RMSNorm and SwiGLU prologues, accumulate, x in
@@ -102,6 +107,8 @@ V3_SHAPES = [(4, 3, 8), (4, 4, 8), (4, 4, 4), (4, 6, 4), (8, 3, 4)]
 V4_FMT = {"q8_0": "V4Q8_0", "q4_0": "V4Q4_0"}
 V4_SHAPES = [(2, 4), (4, 2), (2, 2), (1, 8)]      # (4, 4), (2, 8) spill
 V4_XU = {"q8_0": 1, "q4_0": 2}
+# qgemv_v4b (variants.cu): (NR, U, B blocks an SM); the first is the package's v4 at q4_0
+V4B_SHAPES = [(2, 2, 2), (2, 2, 3), (2, 1, 3), (1, 2, 3), (2, 1, 4), (1, 4, 3), (2, 4, 2)]
 # i8 (NR, U) at batches, q8_0 and q4_0; k split as qgemv_mma's, at most I8_MAX_BLOCKS blocks a slice
 I8_FMT = {"q8_0": "I8Q8_0", "q4_0": "I8Q4_0"}
 I8_SHAPES = [(1, 4), (1, 8), (2, 4)]
@@ -128,6 +135,10 @@ def v3_name(fmt, nr, stages):
 
 def v4_name(fmt, pro, nr, u):
     return f"qgemv_v4<{V4_FMT[fmt]},{pro},{nr},{u}>"
+
+
+def v4b_name(fmt, pro, nr, u, b):
+    return f"qgemv_v4b<{V4_FMT[fmt]},{pro},{nr},{u},{b}>"
 
 
 def v4s_name(fmt, pro, nr, u, pre=False):
@@ -175,6 +186,9 @@ def names():
     for fmt in V4_FMT:
         groups[f"v4-{fmt}"] = [v4_name(fmt, 0, nr, u) for nr, u in V4_SHAPES]
         groups[f"v4-{fmt}"] += [v4_name(fmt, pro, 2, 4) for pro in (1, 2)]
+    for fmt in V4_FMT:                                  # every prologue: the normed products
+        groups[f"v4b-{fmt}"] = [v4b_name(fmt, pro, nr, u, b) for nr, u, b in V4B_SHAPES
+                                for pro in (0, 1, 2)]
     for fmt in I8_FMT:
         groups[f"i8-{fmt}"] = [i8_name(fmt, nr, u) for nr, u in I8_SHAPES]
     for fmt in V4_FMT:                                  # plain (wo) and SwiGLU (w2)
@@ -437,10 +451,11 @@ def run_v3(M_, x, w, y, nr, stages, warps, accumulate=False):
 V3_OCCUPANCY = {}       # (name, warps, shared memory) -> blocks per SM
 
 
-def run_v4(M_, x, w, y, nr, u, pro=0, norm=None, accumulate=False, smem=V2_SMEM):
+def run_v4(M_, x, w, y, nr, u, pro=0, norm=None, accumulate=False, smem=V2_SMEM, b=None):
     """qgemv_v4 on one row of x (1, K, or 1, 2K with the SwiGLU prologue) and w (N, K): x staged
     in units of WEIGHTS values, (3 XU + 1) x 16 bytes each, K at once where `smem` allows, else
-    in chunks of 32 loads; two blocks per SM (the launch bounds), or fewer."""
+    in chunks of 32 loads; two blocks per SM (the launch bounds), or fewer. b: the candidate
+    qgemv_v4b at b blocks an SM instead (its launch bounds, and the grid)."""
     fmt = fmt_of(w)
     N, K = w.shape
     assert x.shape[0] == 1, "qgemv_v4 takes one row of x"
@@ -449,8 +464,8 @@ def run_v4(M_, x, w, y, nr, u, pro=0, norm=None, accumulate=False, smem=V2_SMEM)
     fits = K // WEIGHTS[fmt] * unit_bytes <= smem
     kc = K if fits else max(step, smem // unit_bytes * WEIGHTS[fmt] // step * step)
     qs, d, _ = planes(w)
-    grid = min(cdiv(N, 8 * nr), 2 * cf.sm_count())
-    M_.launch(v4_name(fmt, pro, nr, u), (grid,), (256,),
+    grid = min(cdiv(N, 8 * nr), (b or 2) * cf.sm_count())
+    M_.launch(v4b_name(fmt, pro, nr, u, b) if b else v4_name(fmt, pro, nr, u), (grid,), (256,),
               (x, qs, d, y, np.int32(N), np.int32(K), np.int32(accumulate),
                x if norm is None else norm, np.float32(1e-5), np.int32(kc)),
               shared_mem=min(kc, K) // WEIGHTS[fmt] * unit_bytes)
@@ -594,6 +609,10 @@ def candidates(fmt, M):
             out.append((f"v4 nr{nr} u{u}", lambda M_, x, w, y, nr=nr, u=u, **k:
                         run_v4(M_, x, w, y, nr, u, **_pro(k))))
     if fmt in V4_FMT and M == 1:
+        for nr, u, b in V4B_SHAPES:
+            out.append((f"v4b nr{nr} u{u} b{b}", lambda M_, x, w, y, nr=nr, u=u, b=b, **k:
+                        run_v4(M_, x, w, y, nr, u, b=b, **_pro(k))))
+    if fmt in V4_FMT and M == 1:
         for nr, u in V4S_SHAPES:
             for ks in V4S_KS:
                 out.append((f"splitk nr{nr} u{u} ks{ks}", lambda M_, x, w, y, nr=nr, u=u, ks=ks,
@@ -619,7 +638,8 @@ def _plain(k):
     return dict(accumulate=k.get("accumulate", False))
 
 
-FAMILIES = ("v1", "v2", "v3", "v4", "product", "tc", "gemv", "cublas", "gemm", "i8", "splitk")
+FAMILIES = ("v1", "v2", "v3", "v4", "product", "tc", "gemv", "cublas", "gemm", "i8", "splitk",
+            "v4b")
 SHAPE_NAMES = ("wqkv", "wo", "w13", "w2", "cls")
 
 
@@ -704,6 +724,9 @@ def check_all(M_, ch, rng, log, only=Only()):
     if only.family("v4"):
         check_v4(M_, ch, rng, only.fmts(tuple(V4_FMT)))
         log("  checked v4: prologues, accumulate, chunks, x over 80 binades, zeros, NaN")
+    if only.family("v4b"):
+        check_v4(M_, ch, rng, only.fmts(tuple(V4_FMT)), shapes=V4B_SHAPES)
+        log("  checked v4b: the same, every (NR, U, B)")
     if only.family("i8"):
         check_i8(M_, ch, rng, only.fmts(tuple(I8_FMT)))
         log("  checked i8: k splits, accumulate, x over 80 binades, zeros, NaN")
@@ -762,10 +785,11 @@ def check_all(M_, ch, rng, log, only=Only()):
     log("  checked prologues, accumulate, gemm_v5 shapes")
 
 
-def check_v4(M_, ch, rng, fmts):
+def check_v4(M_, ch, rng, fmts, shapes=None):
     """qgemv_v4 beyond check_all's sizes: the prologues, accumulate, x in chunks (a small
     shared-memory budget), x whose values span 2^-40 .. 2^40 (each unit scaled on its own) with
-    a unit of zeros, and a NaN in x, which must reach the rows it meets."""
+    a unit of zeros, and a NaN in x, which must reach the rows it meets. shapes: qgemv_v4b's
+    (NR, U, B) instead of v4's first two (NR, U)."""
     cp = cf.require_cupy()
     from minillama.model import rms_norm, silu
     for fmt in fmts:
@@ -783,16 +807,17 @@ def check_v4(M_, ch, rng, fmts):
                  ("swiglu", dict(pro=2), h, (silu(h64[:, :K]) * h64[:, K:]) @ w64.T),
                  ("chunked", dict(smem=1), x, x.astype(np.float64) @ w64.T),
                  ("wide x", {}, wide, wide.astype(np.float64) @ w64.T)]
-        for nr, u in V4_SHAPES[:2]:
+        for nr, u, b in shapes or [(nr, u, None) for nr, u in V4_SHAPES[:2]]:
+            tag = f"v4b {fmt} [nr{nr} u{u} b{b}]" if b else f"v4 {fmt} [nr{nr} u{u}]"
             for label, kw, xin, ref in cases:
-                y = run_v4(M_, cp.asarray(xin), w, cf.poison((1, N)), nr, u, **kw) \
-                    if kw.get("pro", 0) == 0 or nr == 2 else None
+                # (v4's prologue instances are compiled for NR 2 only; v4b's for every shape)
+                y = run_v4(M_, cp.asarray(xin), w, cf.poison((1, N)), nr, u, b=b, **kw) \
+                    if kw.get("pro", 0) == 0 or nr == 2 or b else None
                 if y is not None:
-                    ch.add(f"v4 {fmt} [nr{nr} u{u}] {label}", cf.rel_err(y, ref), 1e-5)
+                    ch.add(f"{tag} {label}", cf.rel_err(y, ref), 1e-5)
             y = cp.asarray(y0)
-            run_v4(M_, cp.asarray(x), w, y, nr, u, accumulate=True)
-            ch.add(f"v4 {fmt} [nr{nr} u{u}] accumulate",
-                   cf.rel_err(y, y0 + x.astype(np.float64) @ w64.T), 1e-5)
+            run_v4(M_, cp.asarray(x), w, y, nr, u, accumulate=True, b=b)
+            ch.add(f"{tag} accumulate", cf.rel_err(y, y0 + x.astype(np.float64) @ w64.T), 1e-5)
         bad = x.copy()
         bad[0, 100] = np.nan                         # unit 100 // WEIGHTS: every row meets it
         y = run_v4(M_, cp.asarray(bad), w, cp.zeros((1, N), dtype=np.float32), 2, 4).get()
@@ -930,13 +955,17 @@ LAYERS_7B = {"7B wqkv": 32, "7B wo": 32, "7B w13": 32, "7B w2": 32, "7B cls": 1}
 
 def time_shape(M_, log, bw, rows, tag, N, K, fmts, batches, deadline, only=Only(),
                prologues=False):
-    """Time every candidate on the matrix (N, K) in each format and batch. prologues: wo and w2
-    as the decode step launches them (accumulate; w2 with the SwiGLU prologue, x of 2K)."""
+    """Time every candidate on the matrix (N, K) in each format and batch. prologues: each
+    matrix as the decode step launches it (wo and w2 accumulate, w2 with the SwiGLU prologue on
+    x of 2K; wqkv, w13 and the classifier with the RMSNorm prologue)."""
     cp = cf.require_cupy()
     if not only.shape(tag):
         return
     name = tag.split()[-1]
     kw = dict(accumulate=True, swiglu=name == "w2") if prologues and name in ("wo", "w2") else {}
+    if prologues and name in ("wqkv", "w13", "cls"):
+        kw = dict(norm=cp.asarray(1 + 0.1 * np.random.default_rng(0).standard_normal(K),
+                                  dtype=np.float32))
     for fmt in only.fmts(fmts):
         batches_ = [M for M in only.batches(batches) if only.candidates(fmt, M)]
         if not batches_:
