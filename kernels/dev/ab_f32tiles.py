@@ -27,12 +27,13 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import check_formats as cf          # noqa: E402  (puts the checkout first)
+import bench_f32batch as bf         # noqa: E402  (puts the checkout first)
+import check_formats as cf          # noqa: E402
 import profile_step                 # noqa: E402
 from minillama.bench import gpu7b, torch_compiled      # noqa: E402
 from minillama.cuda import CudaOps, kernels, require_cupy   # noqa: E402
 from minillama.cuda.kernels import KERNELS, GEMV_PROLOGUES  # noqa: E402
-from minillama.model import Transformer, rms_norm, silu     # noqa: E402
+from minillama.model import Transformer                     # noqa: E402
 
 SETS = {"rule": None, "v64": {8: 8, 16: 4, 32: 2},
         "v32": {8: 4, 16: 2, 32: 1}, "rows8": {8: 8}, "rows8v32": {8: 4}}
@@ -51,54 +52,24 @@ def register(sets):
     KERNELS.groups["f32batch"] = tuple(group)
 
 
-def launch(x, w, y, tiles, norm=None, swiglu=False, accumulate=False):
+def launch(x, w, y, tiles, norm=None):
+    """gemv_v3 on x (M, K) @ w.T with the plan of a tile set (None: the package's)."""
     M, (N, K) = x.shape[0], w.shape
-    pro = GEMV_PROLOGUES["rmsnorm" if norm is not None else "swiglu" if swiglu else None]
-    plan = kernels.gemv_v3_plan(M, N, K, tiles_of=tiles)
-    kernels._gemv_v3(x, w, y, pro, accumulate, norm, 1e-5, plan=plan)
-    return y
+    return bf.launch_v3(x, w, y, kernels.gemv_v3_plan(M, N, K, tiles_of=tiles), norm=norm)
 
 
 def check(cp, sets):
+    """bench_f32batch's checks (odd sizes, every prologue, accumulate, poisoned outputs, the
+    same bits twice, 1e-5 of float64) with each set's plan, at its shapes and a few more."""
     shapes = [(8, 37, 72), (13, 70, 300), (32, 20, 1032), (40, 9, 260), (64, 333, 4100),
               (17, 4097, 12), (32, 2304, 768), (32, 768, 2048), (16, 1536, 288), (8, 32000, 288)]
-    worst = 0.0
-    for M, N, K in shapes:
-        x, w, g = rng.standard_normal((M, K)), rng.standard_normal((N, K)), \
-            1 + 0.1 * rng.standard_normal(K)
-        h, y0 = 2 * rng.standard_normal((M, 2 * K)), rng.standard_normal((M, N))
-        xg, wg, gg, hg = (cp.asarray(a, dtype=np.float32) for a in (x, w, g, h))
-        x, w, g, h = (a.astype(np.float32).astype(np.float64) for a in (x, w, g, h))
-        cases = [({}, xg, x @ w.T), ({"norm": gg}, xg, rms_norm(x, g, 1e-5) @ w.T),
-                 ({"swiglu": True}, hg, (silu(h[:, :K]) * h[:, K:]) @ w.T),
-                 ({"accumulate": True}, xg, y0.astype(np.float32) + x @ w.T)]
-        for name, tiles in sets.items():
-            for kw, xin, ref in cases:
-                def run():
-                    y = cp.asarray(y0, dtype=np.float32) if "accumulate" in kw \
-                        else cp.full((M, N), np.nan, dtype=np.float32)
-                    return launch(xin, wg, y, tiles, **kw).get()
-                got = run()
-                assert np.isfinite(got).all(), f"{name} {M}x{N}x{K} {kw}: an output not written"
-                err = np.linalg.norm(got - ref) / np.linalg.norm(ref)
-                assert err < 1e-5, f"{name} {M}x{N}x{K} {list(kw)}: error {err:.2e}"
-                assert np.array_equal(run(), got), f"{name} {M}x{N}x{K}: not deterministic"
-                worst = max(worst, err)
-    print(f"checks: {len(sets)} tile sets match float64 in {len(shapes)} shapes, every prologue "
-          f"(worst {worst:.1e}), the same bits twice", flush=True)
-
-
-def shape_products(shape):
-    """(name, N, K) of a layer's four products and the classifier, for any named shape."""
-    s = torch_compiled.SHAPES[shape]
-    dim, hidden = s["dim"], s["hidden_dim"]
-    return [("wqkv", 3 * dim, dim), ("wo", dim, dim), ("w13", 2 * hidden, dim),
-            ("w2", dim, hidden), ("cls", s["vocab_size"], dim)]
+    bf.check(cp, shapes, plans_of=lambda M, N, K: {
+        label: kernels.gemv_v3_plan(M, N, K, tiles_of=tiles) for label, tiles in sets.items()})
 
 
 def products(cp, sets, batches, shapes):
     for shape in shapes:
-        for name, N, K in shape_products(shape):
+        for name, N, K in bf.products(shape):
             w = cp.asarray(rng.standard_normal((N, K)), dtype=np.float32)
             copies = [w] + [w.copy() for _ in range(min(63, kernels.cdiv(400 << 20, w.nbytes)) - 1)]
             g = cp.asarray(1 + 0.1 * rng.standard_normal(K), dtype=np.float32)

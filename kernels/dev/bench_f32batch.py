@@ -30,7 +30,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import check_formats as cf          # noqa: E402  (graph_time, median_time; puts the checkout first)
 import profile_step                 # noqa: E402
-from minillama.bench.cpu import SHAPES      # noqa: E402
+from minillama.bench.torch_compiled import SHAPES   # noqa: E402  (the stories shapes and 7B)
 from minillama.cuda import fused, kernels   # noqa: E402
 from minillama.cuda.kernels import cdiv, gemv, gemv_v3_plan      # noqa: E402
 from minillama.model import rms_norm, silu  # noqa: E402
@@ -76,8 +76,9 @@ def plans(M, N, K):
     return out
 
 
-def check(cp, shapes=None):
-    """shapes: (M, N, K) to check; by default odd ones and the stories layers' at 8, 32, 64 rows."""
+def check(cp, shapes=None, plans_of=plans):
+    """shapes: (M, N, K) to check; by default odd ones and the stories layers' at 8, 32, 64 rows.
+    plans_of(M, N, K): {label: gemv_v3 plan} to check at each, by default this tool's plans."""
     stories = [(M, N, K) for M in (8, 32, 64) for shape in ("15M", "110M")
                for _, N, K in products(shape)[:4]]
     shapes = shapes or [(8, 37, 72), (13, 70, 300), (32, 20, 1032), (40, 9, 260),
@@ -93,7 +94,7 @@ def check(cp, shapes=None):
         cases = [({}, xg, x @ w.T), ({"norm": gg}, xg, rms_norm(x, g, 1e-5) @ w.T),
                  ({"swiglu": True}, hg, (silu(h[:, :K]) * h[:, K:]) @ w.T),
                  ({"accumulate": True}, xg, y0.astype(np.float32) + x @ w.T)]
-        for name, plan in plans(M, N, K).items():
+        for name, plan in plans_of(M, N, K).items():
             for kw, xin, ref in cases:
                 def run():
                     y = cp.asarray(y0, dtype=np.float32) if "accumulate" in kw \
@@ -105,7 +106,8 @@ def check(cp, shapes=None):
                 assert err < 1e-5, f"{name} {plan} {M}x{N}x{K} {list(kw)}: error {err:.2e}"
                 assert np.array_equal(run(), got), f"{name} {plan} {M}x{N}x{K}: not deterministic"
                 worst = max(worst, err)
-    print(f"checks: gemv_v3 matches float64 in {len(shapes)} shapes, every plan and prologue "
+    print(f"checks: gemv_v3 matches float64 in {len(shapes)} shapes, {len(plans_of(8, 64, 256))} "
+          f"plans a shape and every prologue "
           f"(worst relative error {worst:.1e}), the same bits on every launch")
 
 
