@@ -399,9 +399,13 @@ def gemv_v3_plan(M, N, K, sms=None, tiles_of=None):
 def gemv_v3_blocks_per_sm(rows, nr, smem):
     """Blocks of gemv_v3<rows, nr> an SM holds at once: its launch bounds' (registers: 3 with
     32 accumulators a thread, 2 with 64 and 32 rows, else 1; gemv_v3_min_blocks in
-    gemv_batch.cu), and no more than `smem` bytes of x each leave room for."""
+    gemv_batch.cu), and no more than shared memory holds: `smem` bytes of x a block, its
+    static arrays (inv_rms_s, last_block: at most 4 rows + 16 bytes) and the driver's 1 KiB,
+    in the 128-byte units the SM allocates (at 8 rows, 2400 floats of x fit two blocks, not
+    three: 75 KiB + 1 KiB is a third of 228 KiB, with the static arrays over it)."""
     by_registers = 3 if rows * nr == 32 else 2 if rows == 32 else 1
-    return max(1, min(by_registers, SMEM_PER_SM // (smem + 1024)))
+    block = 128 * cdiv(smem + 4 * rows + 16 + 1024, 128)
+    return max(1, min(by_registers, SMEM_PER_SM // block))
 
 
 def _gemv_v3(x, w, y, prologue, accumulate, norm, eps, plan=None):
