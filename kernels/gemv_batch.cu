@@ -25,7 +25,7 @@
 //     stage and less work in its chain. Measured against 8 x 8, 16 x 4 and 32 x 2 (64
 //     accumulators), 32 x 1 and 16 x 2 by kernels/dev/ab_f32tiles.py: docs/kernels.md;
 //   - a block is 8 warps, 8 NR rows of W (a "tile"); blockIdx.y takes the next ROWS rows of x.
-//     A tall matrix (the classifier: 2000 tiles) gets a grid of what fits on the GPU at once,
+//     A tall matrix (the classifier: 1000 tiles) gets a grid of what fits on the GPU at once,
 //     each block walking tiles blockIdx.x, + gridDim.x, ..: where its slice of x fits shared
 //     memory whole it is staged once for all of them, not once per tile;
 //   - split-K across blocks (blockIdx.z, S slices of k) where N gives too few tiles to cover
@@ -45,6 +45,10 @@
 // Blocks an SM, by registers (kernels.gemv_v3_blocks_per_sm sizes the grid by the same rule):
 // with 64 accumulators two with ROWS 32 (at most 128 registers a thread), one with more rows of
 // W per warp (~190 registers, 8 NR float4 loads); with 32 accumulators three (at most 80).
+// At 80, ptxas -v (kernels/dev/nvrtc_build.py) reports spills for 8 x 4: with no prologue and
+// with SwiGLU three accumulators live in local memory through the k loop (SASS, CUDA 13 NVRTC:
+// 4 local loads and 3 stores a pass of two float4 steps, beside 8 LDG.128, 16 LDS.128 and 256
+// FFMA), with RMSNorm only outside it. The A/B that chose the tile ran with them.
 template <int ROWS, int NR>
 __host__ __device__ constexpr int gemv_v3_min_blocks() { return NR * ROWS == 32 ? 3 : ROWS == 32 ? 2 : 1; }
 

@@ -172,12 +172,65 @@ def test_gemv_v3_plan_covers_the_sms_with_split_k_where_n_is_small(M, tiles_of):
 
 
 def test_gemv_v3_blocks_per_sm_follow_its_launch_bounds_and_shared_memory():
-    from minillama.cuda.kernels import gemv_v3_blocks_per_sm
+    from minillama.cuda.kernels import gemv_v3_blocks_per_sm, gemv_v3_plan
     assert gemv_v3_blocks_per_sm(8, 4, 24 << 10) == 3           # 32 accumulators: 3 by registers
     assert gemv_v3_blocks_per_sm(32, 1, 96 << 10) == 2          # ... unless x fills shared memory
     assert gemv_v3_blocks_per_sm(32, 2, 96 << 10) == 2          # 64 accumulators, 32 rows: 2
     assert gemv_v3_blocks_per_sm(8, 8, 24 << 10) == 1           # 64 with 8 rows of W a warp: 1
     assert gemv_v3_blocks_per_sm(8, 4, 200 << 10) == 1
+    # shared memory counts the static arrays and the 1 KiB a block the driver keeps: at 8 rows
+    # x of 2400 floats (75 KiB) leaves room for two blocks, 2396 floats for three
+    assert gemv_v3_blocks_per_sm(8, 4, 8 * 2400 * 4) == 2
+    assert gemv_v3_blocks_per_sm(8, 4, 8 * 2396 * 4) == 3
+    assert gemv_v3_plan(8, 16384, 2400, sms=132)[4] == 264        # a walking grid of 2 x 132
+
+
+@gpu
+@pytest.mark.parametrize("K", [288, 768, 2048, 2396, 2400, 3072, 4096])
+def test_gemv_v3_blocks_per_sm_are_the_drivers(cuda, cp, K):
+    # the walking grid is gemv_v3_blocks_per_sm blocks an SM: as many as the driver's occupancy
+    # calculator puts there (registers by the launch bounds; shared memory with the static
+    # arrays and the 1 KiB a block), for every prologue; 2400: two, not three
+    k = cuda.kernels
+    if cp.cuda.Device().attributes["MaxSharedMemoryPerMultiprocessor"] != k.SMEM_PER_SM:
+        pytest.skip("SMEM_PER_SM is an H100/H200 SM's shared memory")
+    M, N = 8, 8192
+    x, h, w, g = (cp.asarray(rand(*s)) for s in ((M, K), (M, 2 * K), (N, K), (K,)))
+    rows, nr, split, kc, _ = k.gemv_v3_plan(M, N, K)
+    for pro, call in ((0, lambda: k.gemv(x, w)), (1, lambda: k.gemv(x, w, norm=g)),
+                      (2, lambda: k.gemv(h, w, swiglu=True))):
+        call()                                      # compiles it, allows its shared memory
+        fn = k.KERNELS._functions[f"gemv_v3<{rows},{nr},{pro}>"]
+        held = cp.cuda.driver.occupancyMaxActiveBlocksPerMultiprocessor(fn.kernel.ptr, 256,
+                                                                        rows * kc * 4)
+        assert held == k.gemv_v3_blocks_per_sm(rows, nr, rows * kc * 4), (K, pro, held)
+
+
+@gpu
+@pytest.mark.parametrize("plan", [(8, 4, 1, 64, 1), (8, 4, 1, 128, 2), (8, 4, 2, 64, 0),
+                                  (8, 4, 3, 36, 0)])
+@pytest.mark.parametrize("M,N,K", [(13, 70, 300), (9, 33, 3104), (64, 100, 772)])
+def test_gemv_v3_stages_x_chunk_by_chunk_on_any_plan(cuda, cp, M, N, K, plan):
+    # plans no rule takes on these shapes (kernels/dev/emulate.py replays the same): x staged
+    # chunk by chunk and again for each tile a block walks, slices of several chunks, the last
+    # chunk or slice cut short; every prologue and accumulate. (The rule's plans stage x in
+    # one chunk up to K = 3072 at 8 rows, so the other tests seldom take this path.)
+    from minillama.model import rms_norm, silu
+    k = cuda.kernels
+    rows, nr, split, kc, blocks_x = plan
+    plan = (rows, nr, split, kc, blocks_x or k.cdiv(N, 8 * nr))     # 0: a tile a block (split)
+    x, w, g, y0 = rand(M, K), rand(N, K), 1.0 + rand(K, scale=0.1), rand(M, N)
+    h = rand(M, 2 * K, scale=2.0).astype(np.float64)
+    for xin, pro, norm, acc, ref in (
+            (x, 0, None, False, ref_linear(x, w)),
+            (x, 1, g, False, ref_linear(rms_norm(x.astype(np.float64), g.astype(np.float64),
+                                                 1e-5), w)),
+            (h, 2, None, False, ref_linear(silu(h[:, :K]) * h[:, K:], w)),
+            (x, 0, None, True, y0 + ref_linear(x, w))):
+        y = cp.asarray(y0) if acc else poison(cp, (M, N))
+        k._gemv_v3(cp.asarray(xin, dtype=np.float32), cp.asarray(w), y, pro, acc,
+                   None if norm is None else cp.asarray(norm), 1e-5, plan=plan)
+        assert rel_err(y, ref) < 1e-5, (plan, pro, acc)
 
 
 @gpu

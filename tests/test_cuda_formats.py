@@ -354,6 +354,9 @@ def test_qgemv_mma_plan_keeps_each_slice_in_shared_memory_and_none_empty(fmt):
     assert qgemv_mma_plan(12288, 4096, "q4_0", sms=132) == (2, 5, 7)
     assert qgemv_mma_plan(22016, 4096, "q4_0", sms=132) == (2, 3, 11)
     assert qgemv_mma_plan(4096, 11008, "q4_0", sms=132) == (1, 8, 11)
+    # then the fewest blocks: the classifier's 250 tiles of 128 rows x 2 slices cost what 125
+    # of 256 rows x 2 do (two waves of 16 spans against one of 16 x 2), in half the blocks
+    assert qgemv_mma_plan(32000, 4096, "q4_0", sms=132) == (2, 2, 16)
     assert qgemv_mma_plan(12288, 4096, "q4_0", sms=132, nr=1, ks=3) == (1, 3, 11)
     assert qgemv_mma_plan(100, 4096, "q4_0", sms=132, ks=1) == (1, 2, 16)  # x's slice must fit
 

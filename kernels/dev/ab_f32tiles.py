@@ -1,6 +1,6 @@
 """gemv_v3's tiles, A/B in one process (development tool, needs a GPU).
 
-    PYTHONPATH=. python kernels/dev/ab_f32tiles.py [--sets rule,v32,rows8,rows8v32] [--rounds 7]
+    PYTHONPATH=. python kernels/dev/ab_f32tiles.py [--sets v64,rule,v32,rows8] [--rounds 7]
 
 gemv_v3 (kernels/gemv_batch.cu) gives a thread NR rows of W times ROWS rows of x. Until
 2026-11-30 the package took 64 accumulators a thread (ROWS, NR = 8, 8 / 16, 4 / 32, 2), and
@@ -11,7 +11,8 @@ kernels.gemv_v3_plan(tiles_of=...):
   v64        the tiles before: {8: 8, 16: 4, 32: 2}, 64 accumulators
   v32        32 accumulators a thread: {8: 4, 16: 2, 32: 1}, three blocks an SM by registers
   rows8      {8: 8}: 32 rows of x as four blocks of 8 (blockIdx.y)
-  rows8v32   {8: 4}
+  rows8v32   {8: 4} (the rule since the first run: the same plans)
+The first set named is the others' base in the step ratios.
 1. checks each set's instances against float64 (odd sizes, every prologue, accumulate, poisoned
    outputs, the same bits twice): relative error under 1e-5;
 2. times the products of --shapes (graph over copies of W, as bench_f32batch.py) at --batches
@@ -123,7 +124,7 @@ def steps(cp, sets, batches, rounds):
                     times[label].append(profile_step.ms_per_step(lambda i: graph.launch(), sync,
                                                                  20, warmup=3))
             med = {k: float(np.median(v)) for k, v in times.items()}
-            base = med["rule"]
+            base = med[next(iter(sets))]
             print(f"step {shape} batch {bsz}, graph ms (median of {rounds} rounds): "
                   + ", ".join(f"{k} {v:.4f} ({base / v:.2f}x)" for k, v in med.items()),
                   flush=True)

@@ -633,25 +633,42 @@ def gemv_v3_launch(x, w, plan, y0=None, norm=None, swiglu=False, eps=1e-5, rng=N
     return Y, writes
 
 
+def check_gemv_v3_plan(rng, M, N, K, plan):
+    """One plan of gemv_v3 on (M, N, K), every prologue and accumulate: each output written
+    once, the sums NumPy's."""
+    x, w = rng.standard_normal((M, K)), rng.standard_normal((N, K))
+    y0, g = rng.standard_normal((M, N)), 1 + 0.1 * rng.standard_normal(K)
+    h = rng.standard_normal((M, 2 * K))
+    for kw, ref in (({}, x @ w.T), ({"y0": y0}, y0 + x @ w.T),
+                    ({"norm": g}, x / np.sqrt((x * x).mean(1, keepdims=True) + 1e-5) * g @ w.T),
+                    ({"swiglu": True}, (h[:, :K] / (1 + np.exp(-h[:, :K])) * h[:, K:]) @ w.T)):
+        Y, writes = gemv_v3_launch(h if "swiglu" in kw else x, w, plan, rng=rng, **kw)
+        assert (writes == 1).all(), (M, N, K, plan, kw.keys())
+        assert np.abs(Y - ref).max() < 1e-9 * np.abs(ref).max(), (M, N, K, plan)
+
+
 def check_gemv_v3(rng):
+    # (9, 33, 3104): a slice longer than a chunk of 8 rows (768 float4s), so x is staged
+    # chunk by chunk, again for every tile a block walks
     for M, N, K in ((8, 37, 72), (13, 70, 300), (32, 20, 1032), (40, 9, 260), (3, 17, 8),
-                    (40, 150, 40), (32, 40, 1032)):
+                    (40, 150, 40), (32, 40, 1032), (9, 33, 3104)):
         for sms in (1, 132):                           # tiles walked by few blocks; split-K
-            plan = kernels.gemv_v3_plan(M, N, K, sms=sms)
-            x, w = rng.standard_normal((M, K)), rng.standard_normal((N, K))
-            y0, g = rng.standard_normal((M, N)), 1 + 0.1 * rng.standard_normal(K)
-            h = rng.standard_normal((M, 2 * K))
-            for kw, ref in (({}, x @ w.T), ({"y0": y0}, y0 + x @ w.T),
-                            ({"norm": g}, x / np.sqrt((x * x).mean(1, keepdims=True) + 1e-5)
-                             * g @ w.T),
-                            ({"swiglu": True}, (h[:, :K] / (1 + np.exp(-h[:, :K])) * h[:, K:])
-                             @ w.T)):
-                Y, writes = gemv_v3_launch(h if "swiglu" in kw else x, w, plan, rng=rng, **kw)
-                assert (writes == 1).all(), (M, N, K, plan, kw.keys())
-                assert np.abs(Y - ref).max() < 1e-9 * np.abs(ref).max(), (M, N, K, plan)
-        small = kernels.gemv_v3_plan(M, N, K, sms=1)
-        print(f"gemv_v3 M {M} N {N} K {K}, plans {small} and {plan}: every output written once, "
-              f"sums match NumPy")
+            check_gemv_v3_plan(rng, M, N, K, kernels.gemv_v3_plan(M, N, K, sms=sms))
+        print(f"gemv_v3 M {M} N {N} K {K}, plans {kernels.gemv_v3_plan(M, N, K, sms=1)} and "
+              f"{kernels.gemv_v3_plan(M, N, K, sms=132)}: every output written once, sums "
+              f"match NumPy")
+    # plans no rule takes on these sizes: short chunks (x staged again per chunk and per tile
+    # walked), slices of several chunks, a last chunk or slice cut short; and the 64-accumulator
+    # tiles kernels/dev/ab_f32tiles.py compiles
+    M, N, K = 13, 70, 300
+    tiles = {(rows, nr): -(-N // (8 * nr)) for rows, nr in ((8, 4), (16, 4), (32, 2), (8, 8))}
+    for rows, nr, S, kc, walk in ((8, 4, 1, 64, 1), (8, 4, 1, 128, 2), (8, 4, 2, 64, 0),
+                                  (8, 4, 3, 36, 0), (16, 4, 1, 64, 1), (32, 2, 2, 64, 0),
+                                  (8, 8, 1, 128, 1)):
+        plan = (rows, nr, S, kc, walk or tiles[rows, nr])
+        check_gemv_v3_plan(rng, M, N, K, plan)
+        print(f"gemv_v3 M {M} N {N} K {K}, plan {plan}: every output written once, sums match "
+              f"NumPy")
 
 
 # ----------------------------------------------------------------------------

@@ -97,8 +97,8 @@ QGEMV_V2_F32 = (4, 1)              # NR, U
 # rows that hold M, else the most (more rows of x take more blocks, blockIdx.y). One tile: 8 rows
 # of x by 4 of W, 32 accumulators a thread and three blocks an SM. Measured against 64
 # accumulators ({8: 8, 16: 4, 32: 2}, two blocks an SM at 32 rows, one else) and two other sets
-# (kernels/dev/ab_f32tiles.py, H200, 2026-11-30): the whole float32 step's graph 1.28x as fast
-# for stories110M at 32 rows, 1.34x at 8, stories15M 1.50x and 1.11x; on the 7B products at 8
+# (kernels/dev/ab_f32tiles.py, H200, 2026-11-30): the whole float32 step's graph 1.27x as fast
+# for stories110M at 32 rows, 1.33x at 8, stories15M 1.51x and 1.11x; on the 7B products at 8
 # rows even with 8 x 8 (547 against 557 us for the five), at 16 rows 1.2x as fast as 16 x 4.
 GEMV_V3_TILES = {8: 4}
 GEMV_V3_MIN_ROWS = 8
@@ -112,9 +112,10 @@ GEMM_V5_FORMATS = {"f16": 0, "bf16": 1, "q8_0": 2, "q4_0": 3, "q4_1": 4}
 GEMM_V5_CONFIGS = {"128x128x4": (128, 128, 4)}
 GEMM_V5_DEFAULT = "128x128x4"
 # qgemv_mma<Fmt, NR, PRO> (qgemv_mma.cu): batches on the tensor cores, x in 16-bit parts (so the
-# 1e-5 bound of the float32 GEMV holds). Tiles of 128 NR weight rows; k split into slices so
-# that about MMA_BLOCKS_PER_SM blocks per SM have work, a slice at most MMA_MAX_SLICE positions
-# (its x, 2 or 3 parts of 8 rows, sits in shared memory: 64 or 96 KiB at 2048 positions).
+# 1e-5 bound of the float32 GEMV holds). Tiles of 128 NR weight rows; k split into slices, a
+# slice at most MMA_MAX_SLICE positions (its x, 2 or 3 parts of 8 rows, sits in shared memory:
+# 64 or 96 KiB at 2048 positions); NR and the slices by qgemv_mma_plan, in waves of
+# MMA_BLOCKS_PER_SM blocks an SM (its launch bounds).
 MMA_FORMATS = {"f16": "MmaF16", "bf16": "MmaBF16", "q8_0": "MmaQ8_0", "q4_0": "MmaQ4_0"}
 MMA_SPAN = {"f16": 32, "bf16": 32, "q8_0": 64, "q4_0": 128}     # positions of k per step
 MMA_NR = (1, 2)
@@ -399,9 +400,13 @@ def gemv_v3_plan(M, N, K, sms=None, tiles_of=None):
 def gemv_v3_blocks_per_sm(rows, nr, smem):
     """Blocks of gemv_v3<rows, nr> an SM holds at once: its launch bounds' (registers: 3 with
     32 accumulators a thread, 2 with 64 and 32 rows, else 1; gemv_v3_min_blocks in
-    gemv_batch.cu), and no more than `smem` bytes of x each leave room for."""
+    gemv_batch.cu), and no more than shared memory holds: `smem` bytes of x a block, its
+    static arrays (inv_rms_s, last_block: at most 4 rows + 16 bytes) and the driver's 1 KiB,
+    in the 128-byte units the SM allocates (at 8 rows, 2400 floats of x fit two blocks, not
+    three: 75 KiB + 1 KiB is a third of 228 KiB, with the static arrays over it)."""
     by_registers = 3 if rows * nr == 32 else 2 if rows == 32 else 1
-    return max(1, min(by_registers, SMEM_PER_SM // (smem + 1024)))
+    block = 128 * cdiv(smem + 4 * rows + 16 + 1024, 128)
+    return max(1, min(by_registers, SMEM_PER_SM // block))
 
 
 def _gemv_v3(x, w, y, prologue, accumulate, norm, eps, plan=None):
