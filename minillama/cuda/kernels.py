@@ -709,14 +709,21 @@ def qgemv_mma_plan(N, K, fmt, sms=None, nr=None, ks=None):
     7B wqkv and w13 at 1.1 and 1.3 waves: the whole batch-8 step 1.17x (q4_0) and 1.20x (int8)
     as fast with this one (H200, 2026-11-30). nr, ks: given instead (ks still at least x's
     minimum)."""
-    sms, span = sms or sm_count(), MMA_SPAN[fmt]
+    return _mma_plan(N, K, fmt, sms or sm_count(), nr, ks and int(ks))
+
+
+@functools.lru_cache(maxsize=1024)
+def _mma_plan(N, K, fmt, sms, nr, ks):
+    """qgemv_mma_plan's search, kept per shape: up to a wave's worth of slice counts for each NR
+    (264 on an H200), too many to try again at every eager launch of a short matrix."""
+    span = MMA_SPAN[fmt]
     spans = cdiv(K, span)
     fewest = max(cdiv(spans * span, MMA_MAX_SLICE), 1)             # x's slice fits shared memory
     slots = MMA_BLOCKS_PER_SM * sms
     best = None
     for n in (nr,) if nr else MMA_NR:
         tiles = cdiv(N, 128 * n)
-        for k in (max(int(ks), fewest),) if ks else range(fewest, max(fewest, slots // tiles) + 1):
+        for k in (max(ks, fewest),) if ks else range(fewest, max(fewest, slots // tiles) + 1):
             per_slice = cdiv(spans, min(k, spans))
             k = cdiv(spans, per_slice)                                 # no empty slice
             cost = (cdiv(tiles * k, slots) * per_slice * n, tiles * k)
