@@ -99,6 +99,8 @@ def main():
                 for nr in kernels.MMA_NR:
                     for ks in factors:
                         tiles = -(-N // (128 * nr))
+                        # slices as multiples of about two blocks an SM (the plan's rule
+                        # before qgemv_mma_plan); ks None: the package's plan
                         base = max(1, round(kernels.MMA_BLOCKS_PER_SM * kernels.sm_count() / tiles))
                         k = None if ks is None else max(1, int(base * ks))
                         cands[f"mma nr{nr} ks{'*' if k is None else k}"] = (

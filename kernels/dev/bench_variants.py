@@ -473,8 +473,9 @@ def run_v4(M_, x, w, y, nr, u, pro=0, norm=None, accumulate=False, smem=V2_SMEM,
 
 
 def run_i8(M_, x, w, y, nr, u, accumulate=False, ks=None):
-    """qgemv_i8 on x (M, K) and w (N, K) q8_0 or q4_0: grid (tiles, ks) as qgemv_mma's (about
-    two blocks per SM, no empty slice, a slice at most I8_MAX_BLOCKS blocks of 32), its x in
+    """qgemv_i8 on x (M, K) and w (N, K) q8_0 or q4_0: grid (tiles, ks) as qgemv_mma's rule
+    before qgemv_mma_plan (about two blocks per SM, no empty slice, a slice at most
+    I8_MAX_BLOCKS blocks of 32; what the candidate was measured with), its x in
     112 bytes per block and row of x (variants.cu's i8_smem_bytes)."""
     fmt = fmt_of(w)
     N, K = w.shape

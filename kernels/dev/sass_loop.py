@@ -36,7 +36,6 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import nvrtc_build                                  # noqa: E402  (puts the checkout on sys.path)
-from wait_order import find_nvdisasm                # noqa: E402
 from minillama.cuda.kernels import KERNELS          # noqa: E402
 from minillama.cuda.runtime import kernel_source    # noqa: E402
 
@@ -197,7 +196,8 @@ def main():
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        sass = subprocess.run([find_nvdisasm(), "-c", "-hex", f.name], check=True,
+        sass = subprocess.run([nvrtc_build.find_cuda_file("NVDISASM", "nvdisasm", "bin", "nvdisasm"),
+                               "-c", "-hex", f.name], check=True,
                               capture_output=True, text=True).stdout
     if args.sass:
         args.sass.write_text(sass)
