@@ -93,7 +93,6 @@ def main():
                 x = cp.asarray(np.random.default_rng(0).standard_normal((M, K)).astype(np.float32))
                 ref = x.get().astype(np.float64) @ dequantize(w0.map(cp.asnumpy)).astype(np.float64).T
                 out = cp.empty((M, N), dtype=cp.float32)
-                ks0 = None
                 cands = {"v2" if M == 1 else "v1": lambda w, v=(2 if M == 1 else 1):
                          kernels.qgemv(x, w, out=out, version=v)}
                 for nr in kernels.MMA_NR:
