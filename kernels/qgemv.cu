@@ -673,7 +673,7 @@ qgemv_v2(const float* __restrict__ X, const uint4* __restrict__ qs,
 
 
 // ---------------------------------------------------------------------------------------------
-// qgemv_v4<F, PRO, NR, U>: batch 1 in integers (issue 10).
+// qgemv_v4<F, PRO, NR, U, B>: batch 1 in integers (issue 10).
 //
 // v2 spends ~3.1 instructions per q4_0 weight (LOP3 and FFMA to decode it, FFMA to multiply);
 // at the copy bandwidth an H200 issues ~4.4 per weight, and v2 streams q4_0 at ~0.5 of it. A
@@ -846,8 +846,10 @@ struct V4Step {
     }
 };
 
-template <class F, int PRO, int NR, int U>
-__global__ void __launch_bounds__(256, 2)
+// B: blocks an SM, the launch bounds' (kernels.QGEMV_V4 gives it, and sizes the grid by it);
+// the registers a thread may take follow (B 2: 128; kernels/dev/ab_v4_blocks.py compares B).
+template <class F, int PRO, int NR, int U, int B>
+__global__ void __launch_bounds__(256, B)
 qgemv_v4(const float* __restrict__ X, const uint4* __restrict__ qs,
          const unsigned short* __restrict__ d, float* __restrict__ Y, int N, int K,
          int accumulate, const float* __restrict__ norm_w, float eps, int kc) {

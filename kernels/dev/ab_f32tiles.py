@@ -30,11 +30,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_f32batch as bf         # noqa: E402  (puts the checkout first)
 import check_formats as cf          # noqa: E402
-import profile_step                 # noqa: E402
-from minillama.bench import gpu7b, torch_compiled      # noqa: E402
-from minillama.cuda import CudaOps, kernels, require_cupy   # noqa: E402
+from ab_step import ab_steps, patched                       # noqa: E402
+from minillama.cuda import kernels, require_cupy            # noqa: E402
 from minillama.cuda.kernels import KERNELS, GEMV_PROLOGUES  # noqa: E402
-from minillama.model import Transformer                     # noqa: E402
 
 SETS = {"rule": None, "v64": {8: 8, 16: 4, 32: 2},
         "v32": {8: 4, 16: 2, 32: 1}, "rows8": {8: 8}, "rows8v32": {8: 4}}
@@ -97,39 +95,12 @@ def products(cp, sets, batches, shapes):
 
 
 def steps(cp, sets, batches, rounds):
-    sync, saved = cp.cuda.Device().synchronize, kernels.GEMV_V3_TILES
+    """The whole stories steps with each set as GEMV_V3_TILES (the stories' rows are short)."""
+    variants = {label: lambda t=tiles: patched(kernels, "GEMV_V3_TILES",
+                                               t or kernels.GEMV_V3_TILES)
+                for label, tiles in sets.items()}
     for shape in ("15M", "110M"):
-        p = torch_compiled.model_args(shape, max(batches), 64)
-        ops = CudaOps(persistent=False)
-        model = Transformer(p, gpu7b.RandomGpuWeights(p, "float32"), ops)
-        forward = ops.decoder(model)
-        fused = ops._decoders[model]
-        for bsz in batches:
-            tokens = np.ones((bsz, 1), dtype=np.int64)
-            for pos in range(3):
-                forward(tokens, pos)
-            graphs = {}
-            for label, tiles in sets.items():
-                kernels.GEMV_V3_TILES = tiles or saved       # (the stories' rows are short)
-                try:
-                    fused.run(bsz)                      # eager: workspaces, attributes
-                    sync()
-                    graphs[label] = profile_step.captured(cp, lambda s: fused.run(bsz),
-                                                          programmatic=True)
-                finally:
-                    kernels.GEMV_V3_TILES = saved
-            times = {label: [] for label in sets}
-            for _ in range(rounds):
-                for label, graph in graphs.items():
-                    times[label].append(profile_step.ms_per_step(lambda i: graph.launch(), sync,
-                                                                 20, warmup=3))
-            med = {k: float(np.median(v)) for k, v in times.items()}
-            base = med[next(iter(sets))]
-            print(f"step {shape} batch {bsz}, graph ms (median of {rounds} rounds): "
-                  + ", ".join(f"{k} {v:.4f} ({base / v:.2f}x)" for k, v in med.items()),
-                  flush=True)
-        model = forward = fused = ops = None
-        gpu7b.release_gpu()
+        ab_steps(cp, shape, "float32", batches, variants, rounds)
 
 
 def main():

@@ -35,8 +35,8 @@ candidates, compiled beside them from the same sources plus variants.cu:
               (v4_digits), then qgemv_v4s_pre copies its slice of them; "... kept": the same
               GEMV timed alone, the digits made once beforehand (what it would cost if the
               kernel before wrote them)
-    v4b       qgemv_v4b (variants.cu): the package's qgemv_v4 at B blocks an SM (its launch
-              bounds and grid) instead of 2, in (NR, U, B) of V4B_SHAPES; a candidate, not run
+    v4b       the package's qgemv_v4 at B blocks an SM (its launch bounds and grid, the
+              template's last parameter) in the (NR, U, B) of V4B_SHAPES; not run yet
 
 --only (these family names), --formats and --rows (batch sizes) build, check and time a part;
 by default all of it. With a part, the per-token sums that need the rest show nan. --shapes
@@ -107,7 +107,8 @@ V3_SHAPES = [(4, 3, 8), (4, 4, 8), (4, 4, 4), (4, 6, 4), (8, 3, 4)]
 V4_FMT = {"q8_0": "V4Q8_0", "q4_0": "V4Q4_0"}
 V4_SHAPES = [(2, 4), (4, 2), (2, 2), (1, 8)]      # (4, 4), (2, 8) spill
 V4_XU = {"q8_0": 1, "q4_0": 2}
-# qgemv_v4b (variants.cu): (NR, U, B blocks an SM); the first is the package's v4 at q4_0
+# qgemv_v4 at other blocks an SM (the family "v4b"): (NR, U, B); the first is the package's
+# q4_0 instance, the last its q8_0
 V4B_SHAPES = [(2, 2, 2), (2, 2, 3), (2, 1, 3), (1, 2, 3), (2, 1, 4), (1, 4, 3), (2, 4, 2)]
 # i8 (NR, U) at batches, q8_0 and q4_0; k split as qgemv_mma's, at most I8_MAX_BLOCKS blocks a slice
 I8_FMT = {"q8_0": "I8Q8_0", "q4_0": "I8Q4_0"}
@@ -133,12 +134,8 @@ def v3_name(fmt, nr, stages):
     return f"qgemv_v3<{V3_FMT[fmt]},{nr},{stages}>"
 
 
-def v4_name(fmt, pro, nr, u):
-    return f"qgemv_v4<{V4_FMT[fmt]},{pro},{nr},{u}>"
-
-
-def v4b_name(fmt, pro, nr, u, b):
-    return f"qgemv_v4b<{V4_FMT[fmt]},{pro},{nr},{u},{b}>"
+def v4_name(fmt, pro, nr, u, b=2):
+    return f"qgemv_v4<{V4_FMT[fmt]},{pro},{nr},{u},{b}>"
 
 
 def v4s_name(fmt, pro, nr, u, pre=False):
@@ -187,7 +184,7 @@ def names():
         groups[f"v4-{fmt}"] = [v4_name(fmt, 0, nr, u) for nr, u in V4_SHAPES]
         groups[f"v4-{fmt}"] += [v4_name(fmt, pro, 2, 4) for pro in (1, 2)]
     for fmt in V4_FMT:                                  # every prologue: the normed products
-        groups[f"v4b-{fmt}"] = [v4b_name(fmt, pro, nr, u, b) for nr, u, b in V4B_SHAPES
+        groups[f"v4b-{fmt}"] = [v4_name(fmt, pro, nr, u, b) for nr, u, b in V4B_SHAPES
                                 for pro in (0, 1, 2)]
     for fmt in I8_FMT:
         groups[f"i8-{fmt}"] = [i8_name(fmt, nr, u) for nr, u in I8_SHAPES]
@@ -454,8 +451,8 @@ V3_OCCUPANCY = {}       # (name, warps, shared memory) -> blocks per SM
 def run_v4(M_, x, w, y, nr, u, pro=0, norm=None, accumulate=False, smem=V2_SMEM, b=None):
     """qgemv_v4 on one row of x (1, K, or 1, 2K with the SwiGLU prologue) and w (N, K): x staged
     in units of WEIGHTS values, (3 XU + 1) x 16 bytes each, K at once where `smem` allows, else
-    in chunks of 32 loads; two blocks per SM (the launch bounds), or fewer. b: the candidate
-    qgemv_v4b at b blocks an SM instead (its launch bounds, and the grid)."""
+    in chunks of 32 loads; two blocks per SM (the launch bounds), or fewer. b: the instance
+    at b blocks an SM instead (its launch bounds, and the grid)."""
     fmt = fmt_of(w)
     N, K = w.shape
     assert x.shape[0] == 1, "qgemv_v4 takes one row of x"
@@ -465,7 +462,7 @@ def run_v4(M_, x, w, y, nr, u, pro=0, norm=None, accumulate=False, smem=V2_SMEM,
     kc = K if fits else max(step, smem // unit_bytes * WEIGHTS[fmt] // step * step)
     qs, d, _ = planes(w)
     grid = min(cdiv(N, 8 * nr), (b or 2) * cf.sm_count())
-    M_.launch(v4b_name(fmt, pro, nr, u, b) if b else v4_name(fmt, pro, nr, u), (grid,), (256,),
+    M_.launch(v4_name(fmt, pro, nr, u, b or 2), (grid,), (256,),
               (x, qs, d, y, np.int32(N), np.int32(K), np.int32(accumulate),
                x if norm is None else norm, np.float32(1e-5), np.int32(kc)),
               shared_mem=min(kc, K) // WEIGHTS[fmt] * unit_bytes)

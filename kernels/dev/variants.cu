@@ -19,8 +19,6 @@
 //       than qgemv_mma at 8 rows (section 4 below; docs/kernels.md).
 //   qgemv_v4s_pre<F, NR, U>         the package's qgemv_v4s (v4 split over k, kernels/qgemv.cu)
 //       with x's digits staged once per step (v4_digits) instead of by every block (section 5).
-//   qgemv_v4b<F, PRO, NR, U, B>     the package's qgemv_v4 at B blocks an SM (its launch bounds
-//       and its grid) instead of two (section 6). Not measured yet.
 //
 // (qgemv_v2, the other candidate of the same GPU run, won at batch 1 and for float32 batches:
 // it moved to kernels/qgemv.cu; so did qgemv_v4, batch 1 with the products in integers, which
@@ -893,26 +891,3 @@ qgemv_v4s_pre(const uint4* __restrict__ digits, const uint4* __restrict__ qs,
                                    rows_per_block, slice_loads, partial, counters);
 }
 
-
-// ---------------------------------------------------------------------------------------------
-// 6. qgemv_v4 at more blocks an SM: qgemv_v4b<F, PRO, NR, U, B> (issue 10). A CANDIDATE, not
-// measured yet.
-//
-// Nsight Compute on the 7B q4_0 step at one row (H200, 2026-11-30, `--set full`,
-// kernels/dev/ncu_step.py): qgemv_v4's normed launches (wqkv, w13, the classifier: 58% of the
-// step) read at 0.36 to 0.46 of the DRAM peak with 113 registers a thread, so two blocks an SM
-// by registers (its launch bounds ask for two): 3.75 warps a scheduler of 16, 0.87 of them
-// eligible, an instruction issued every 2.2 cycles. The float32 batch had the same profile and
-// went 1.3x faster at three blocks an SM (docs/kernels.md, "One tile"). The same walk and step
-// at B blocks an SM: the launch bounds cap the registers (NVRTC sm_90, q4_0 with RMSNorm: NR, U
-// = 2, 2 at B 3: 80 registers and 24 bytes of spills; 2, 1 and 1, 2 at B 3: 80, none; 2, 1 at
-// B 4: 64, 16 bytes; q8_0 2, 2 and 1, 4 at B 3: 74 and 72, none), and bench_variants.py's
-// run_v4 launches B blocks an SM (min(tiles, B SMs)), each staging x once and walking tiles.
-template <class F, int PRO, int NR, int U, int B>
-__global__ void __launch_bounds__(256, B)
-qgemv_v4b(const float* __restrict__ X, const uint4* __restrict__ qs,
-          const unsigned short* __restrict__ d, float* __restrict__ Y, int N, int K,
-          int accumulate, const float* __restrict__ norm_w, float eps, int kc) {
-    qgemv_walk<F, 1, PRO, NR, U, V4Step<F, PRO, NR, U>>(X, qs, d, d, Y, 1, N, K, accumulate,
-                                                         norm_w, eps, kc);
-}

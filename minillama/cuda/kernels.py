@@ -78,10 +78,12 @@ QGEMV_BATCH_FORMATS = ("q8_0", "q4_0", "q4_1")
 # NR, U = 2, 4; float32 weights from 8 rows of x on, ROWS at a time, with NR, U = 4, 1 (now
 # gemv(version=2): the rule takes gemv_v3 there).
 QGEMV_V2_PACKED = (1, 2, 4)        # ROWS, NR, U
-# qgemv_v4<Fmt, PRO, NR, U> (qgemv.cu): one row of x on q4_0 and q8_0 with the products in
+# qgemv_v4<Fmt, PRO, NR, U, B> (qgemv.cu): one row of x on q4_0 and q8_0 with the products in
 # integers (dp4a) over 8-bit digits of x; 1.16x (q4_0) and 1.04x (q8_0) v2's speed on the
-# Llama-2-7B matrices (H200, 2026-11-30, docs/kernels.md "One row in integers"). (NR, U):
-QGEMV_V4 = {"q4_0": (2, 2), "q8_0": (2, 4)}
+# Llama-2-7B matrices (H200, 2026-11-30, docs/kernels.md "One row in integers"). (NR, U, B):
+# B blocks an SM, its launch bounds and the grid's (min(tiles, B SMs), each block walking tiles);
+# B 3 and 4 are measured by kernels/dev/ab_v4_blocks.py and bench_variants.py's v4b, not yet run
+QGEMV_V4 = {"q4_0": (2, 2, 2), "q8_0": (2, 4, 2)}
 # qgemv_v4s<Fmt, PRO, NR, U> (qgemv.cu): v4 split over k, for one row of x on a long row of few
 # weight rows (qgemv_v4s_wins says where). (NR, U, slices of k asked for), the fastest of
 # bench_variants.py's splitk family on the 7B w2 (H200, 2026-11-30): 1.38x (q4_0) and 1.14x
@@ -207,7 +209,8 @@ def _qgemv_v2_name(fmt, rows, pro, nr, u):
 
 
 def _qgemv_v4_name(fmt, pro):
-    """qgemv_v4's instance: "V4" + the format module's KERNEL ("V4Q4_0"), (NR, U) of QGEMV_V4."""
+    """qgemv_v4's instance: "V4" + the format module's KERNEL ("V4Q4_0"), (NR, U, B) of
+    QGEMV_V4."""
     return f"qgemv_v4<V4{FORMATS[fmt].KERNEL[fmt]},{pro},{','.join(map(str, QGEMV_V4[fmt]))}>"
 
 
@@ -772,12 +775,13 @@ def _qgemv_v4(x, planes, y, fmt, prologue, accumulate, norm, eps, smem=QGEMV_SME
     """Launch qgemv_v4 on one row of x (checked by the caller). x is staged in units of the
     values one 16-byte load of W meets (32 for q4_0, 16 for q8_0), 3 x 16 bytes of digits and
     16 of sums and scale per unit per plane of 16 values: K at once where `smem` allows, else in
-    chunks of a warp's sweep (32 loads). Two blocks per SM (its launch bounds)."""
+    chunks of a warp's sweep (32 loads). B blocks an SM (QGEMV_V4: its launch bounds)."""
     (_, N), K = y.shape, x.shape[1] // (2 if prologue == GEMV_PROLOGUES["swiglu"] else 1)
-    weights, (nr, _) = QGEMV_WEIGHTS[fmt], QGEMV_V4[fmt]
+    weights, (nr, _, blocks) = QGEMV_WEIGHTS[fmt], QGEMV_V4[fmt]
     unit_bytes = (3 * weights // 16 + 1) * 16     # 3 planes of digits per 16 values, (T, 2^-s)
     kc = _qgemv_chunk(K, 1, fmt, smem, unit_bytes)
-    KERNELS.launch(_qgemv_v4_name(fmt, prologue), (min(cdiv(N, 8 * nr), 2 * sm_count()),), (256,),
+    KERNELS.launch(_qgemv_v4_name(fmt, prologue), (min(cdiv(N, 8 * nr), blocks * sm_count()),),
+                   (256,),
                    (x, planes[0], planes[1], y, i32(N), i32(K), i32(bool(accumulate)),
                     x if norm is None else norm, np.float32(eps), i32(kc)),
                    shared_mem=min(kc, K) // weights * unit_bytes)
@@ -788,7 +792,7 @@ def qgemv_v4s_wins(M, N, K, fmt, prologue, sms=None):
     (N, K) in `fmt`, with a prologue of GEMV_PROLOGUES: one row of x on q4_0 or q8_0, no
     RMSNorm (a slice of k does not see the row's sum of squares), a long row (K >=
     QGEMV_V4S_MIN_K) and few weight rows, so few that v4's grid is under one wave (each of its
-    warps one tile of NR rows: N <= 8 NR x 2 blocks x sms). There each of v4's blocks stages
+    warps one tile of NR rows: N <= 8 NR x B blocks x sms). There each of v4's blocks stages
     all of x for 16 rows; the split's stage a slice of it for 96 (q4_0) or 128 (q8_0) rows
     (qgemv_v4s_plan). Measured on an H200
     (kernels/dev/bench_variants.py --prologues, 2026-11-30), us a launch, with the decode
@@ -803,8 +807,8 @@ def qgemv_v4s_wins(M, N, K, fmt, prologue, sms=None):
     lies between the two rows measured (4096 and 11008)."""
     if M != 1 or fmt not in QGEMV_V4S or prologue == GEMV_PROLOGUES["rmsnorm"]:
         return False
-    v4_blocks = cdiv(N, 8 * QGEMV_V4[fmt][0])
-    return K >= QGEMV_V4S_MIN_K and v4_blocks <= QGEMV_BLOCKS_PER_SM * (sms or sm_count())
+    nr, _, blocks_per_sm = QGEMV_V4[fmt]
+    return K >= QGEMV_V4S_MIN_K and cdiv(N, 8 * nr) <= blocks_per_sm * (sms or sm_count())
 
 
 def qgemv_v4s_plan(N, K, fmt, nr, ks, sms=None):

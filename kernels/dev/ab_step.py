@@ -1,0 +1,76 @@
+"""A/B of whole decode steps in one process: the shared part of the ab_*.py tools (needs a GPU).
+
+A rule of minillama.cuda.kernels (a tile set, a launch plan, blocks an SM) is measured where it
+matters, on the step it runs in: one model of the shape (random weights made on the GPU,
+minillama.bench.gpu7b), its FusedDecoder step captured as a CUDA graph once per variant (each
+variant a context manager that patches the rule while the step is run eagerly and captured),
+the logits of each variant's step checked against the first's, then the graphs replayed in
+interleaved rounds, so that clocks and neighbours weigh on all alike: medians, ms a step.
+"""
+import contextlib
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import profile_step                 # noqa: E402  (puts the checkout first)
+from minillama.bench import gpu7b, torch_compiled          # noqa: E402
+from minillama.cuda import CudaOps                         # noqa: E402
+from minillama.model import Transformer                    # noqa: E402
+
+
+@contextlib.contextmanager
+def patched(obj, name, value):
+    """obj.name = value inside the block (a dict item where obj is a dict)."""
+    get, put = (obj.__getitem__, obj.__setitem__) if isinstance(obj, dict) else \
+        (lambda n: getattr(obj, n), lambda n, v: setattr(obj, n, v))
+    before = get(name)
+    put(name, value)
+    try:
+        yield
+    finally:
+        put(name, before)
+
+
+def ab_steps(cp, shape, dtype, batches, variants, rounds=7, max_seq_len=64):
+    """variants: {label: a function returning a context manager}. Prints, per batch, each
+    variant's logits against the first's and the medians of the rounds; returns
+    {bsz: {label: ms}}."""
+    sync = cp.cuda.Device().synchronize
+    p = torch_compiled.model_args(shape, max(batches), max_seq_len)
+    ops = CudaOps(persistent=False)
+    model = Transformer(p, gpu7b.RandomGpuWeights(p, dtype), ops)
+    forward = ops.decoder(model)
+    fused = ops._decoders[model]
+    out = {}
+    for bsz in batches:
+        tokens = np.arange(1, bsz + 1, dtype=np.int64).reshape(bsz, 1)
+        for pos in range(3):
+            forward(tokens, pos)
+        graphs, logits = {}, {}
+        for label, variant in variants.items():
+            with variant():
+                fused.send_step(tokens, 3)
+                fused.run(bsz)                      # eager: compiles, workspaces, attributes
+                sync()
+                logits[label] = fused.logits[:bsz].get().copy()
+                graphs[label] = profile_step.captured(cp, lambda s: fused.run(bsz),
+                                                      programmatic=True)
+        first = next(iter(logits.values()))
+        print(f"{shape} {dtype} batch {bsz}, logits against the first variant's: " + ", ".join(
+            f"{k} {np.linalg.norm(v - first) / np.linalg.norm(first):.1e}"
+            + ("" if np.isfinite(v).all() else " NOT FINITE") for k, v in logits.items()))
+        times = {label: [] for label in graphs}
+        for _ in range(rounds):
+            for label, graph in graphs.items():
+                times[label].append(profile_step.ms_per_step(lambda i: graph.launch(), sync, 10,
+                                                             warmup=2))
+        med = {k: float(np.median(v)) for k, v in times.items()}
+        base = next(iter(med.values()))
+        print(f"{shape} {dtype} batch {bsz}, graph ms (median of {rounds} rounds): "
+              + ", ".join(f"{k} {v:.4f} ({base / v:.2f}x)" for k, v in med.items()), flush=True)
+        out[bsz] = med
+    model = forward = fused = ops = None
+    gpu7b.release_gpu()
+    return out
