@@ -370,13 +370,15 @@ struct MmaLoads {
 // slice `blockIdx.y` of the k spans. Dynamic shared memory: F::PARTS * 8 * ROWW words.
 // scratch: ks * M * N floats of partial sums, then tiles * ks * M sums of squares;
 // counters: tiles ints, zero before the launch and zero after it.
-template <class F, int NR, int PRO>
-__global__ void __launch_bounds__(256, 2)
+// U: steps of loads in flight, 64 bytes a lane each (kernels.MMA_U: 4 with NR 1, 2 with NR 2);
+// B: blocks an SM, the launch bounds' (kernels.MMA_BLOCKS_PER_SM, which qgemv_mma_plan's waves
+// count), so the registers a thread may take (B 2: 128).
+template <class F, int NR, int PRO, int U, int B>
+__global__ void __launch_bounds__(256, B)
 qgemv_mma(const float* __restrict__ X, const uint4* __restrict__ qs,
           const unsigned short* __restrict__ d, float* __restrict__ Y, int M, int N, int K,
           int accumulate, const float* __restrict__ norm_w, float eps, float* __restrict__ scratch,
           int* __restrict__ counters) {
-    constexpr int U = NR == 1 ? 4 : 2;             // steps of loads in flight (64 B per lane)
     constexpr int SPAN = 4 * F::WEIGHTS;           // positions of k per step
     extern __shared__ __align__(16) unsigned int mma_xs[];
     __shared__ float mma_ss[MMA_ROWS];

@@ -30,9 +30,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_f32batch as bf         # noqa: E402  (puts the checkout first)
 import check_formats as cf          # noqa: E402
-from ab_step import ab_steps, patched                       # noqa: E402
+from ab_step import ab_steps, add_instances, patched        # noqa: E402
 from minillama.cuda import kernels, require_cupy            # noqa: E402
-from minillama.cuda.kernels import KERNELS, GEMV_PROLOGUES  # noqa: E402
+from minillama.cuda.kernels import GEMV_PROLOGUES           # noqa: E402
 
 SETS = {"rule": None, "v64": {8: 8, 16: 4, 32: 2},
         "v32": {8: 4, 16: 2, 32: 1}, "rows8": {8: 8}, "rows8v32": {8: 4}}
@@ -40,15 +40,9 @@ rng = np.random.default_rng()
 
 
 def register(sets):
-    """Add the sets' instances to the f32batch group before it compiles (dev only)."""
-    names = [f"gemv_v3<{r},{n},{p}>" for tiles in sets.values() if tiles
-             for r, n in tiles.items() for p in GEMV_PROLOGUES.values()]
-    group = list(KERNELS.groups["f32batch"])
-    for name in names:
-        if name not in group:
-            group.append(name)
-            KERNELS._group[name] = "f32batch"
-    KERNELS.groups["f32batch"] = tuple(group)
+    """The sets' instances, compiled with the f32batch group (dev only)."""
+    add_instances("f32batch", [f"gemv_v3<{r},{n},{p}>" for tiles in sets.values() if tiles
+                               for r, n in tiles.items() for p in GEMV_PROLOGUES.values()])
 
 
 def launch(x, w, y, tiles, norm=None):

@@ -3,18 +3,20 @@
     PYTHONPATH=. python kernels/dev/ab_mma_plan.py [--dtypes q4_0,int8] [--rounds 7]
 
 kernels.qgemv_mma_plan takes, of every NR and count of slices, the fewest waves times a block's
-work (docs/kernels.md, "One wave"). This tool compares it with the rule before it and with its
-own search at NR 1 only, on a Llama-2-7B-shaped model's batch-8 step (ab_step.py: the step's
-graph captured per plan, logits checked, replays in interleaved rounds).
+work (docs/kernels.md, "One wave"). This tool compares it with the rule before it, with its
+own search at NR 1 only, and with qgemv_mma at three blocks an SM (B3: the launch bounds and
+the plan's waves, half the loads in flight; not run yet), on a Llama-2-7B-shaped model's
+batch-8 step (ab_step.py: the step's graph captured per variant, logits checked, replays in
+interleaved rounds).
 """
-import argparse
+import contextlib
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ab_step import ab_steps, patched                      # noqa: E402  (puts the checkout first)
+from ab_step import ab_steps, add_instances, arguments, patched       # noqa: E402  (puts the checkout first)
 from minillama.cuda import kernels, require_cupy           # noqa: E402
-from minillama.cuda.kernels import MMA_MAX_SLICE, MMA_SPAN, cdiv     # noqa: E402
+from minillama.cuda.kernels import GEMV_PROLOGUES, MMA_MAX_SLICE, MMA_SPAN, cdiv   # noqa: E402
 
 RULE = kernels.qgemv_mma_plan
 
@@ -36,18 +38,37 @@ def nr1_only(N, K, fmt, sms=None, nr=None, ks=None):
 
 
 PLANS = {"rule": RULE, "before": plan_before, "nr1 only": nr1_only}
+# qgemv_mma at three blocks an SM: the launch bounds' B and the plan's waves, with half the loads
+# in flight (at these U the instances spill 0 to 32 bytes a thread, at the package's 88 to 184)
+B3 = {"MMA_BLOCKS_PER_SM": 3, "MMA_U": {1: 2, 2: 1}}
+
+
+@contextlib.contextmanager
+def settings(values):
+    """kernels' module constants set to `values` inside the block."""
+    with contextlib.ExitStack() as stack:
+        for name, value in values.items():
+            stack.enter_context(patched(kernels, name, value))
+        yield
+
+
+def register(values):
+    """qgemv_mma's instances under `values`, compiled with their formats' groups."""
+    with settings(values):
+        for fmt in kernels.MMA_FORMATS:
+            add_instances(fmt, [kernels._qgemv_mma_name(fmt, nr, pro) for nr in kernels.MMA_NR
+                                for pro in GEMV_PROLOGUES.values()])
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--dtypes", default="q4_0,int8")
-    ap.add_argument("--rounds", type=int, default=7)
-    a = ap.parse_args()
+    dtypes, rounds = arguments(__doc__)
     cp = require_cupy()
+    register(B3)
     variants = {label: lambda plan=plan: patched(kernels, "qgemv_mma_plan", plan)
                 for label, plan in PLANS.items()}
-    for dtype in a.dtypes.split(","):
-        ab_steps(cp, "7B", dtype, [8], variants, a.rounds)
+    variants["3 blocks an SM, U halved"] = lambda: settings(B3)
+    for dtype in dtypes:
+        ab_steps(cp, "7B", dtype, [8], variants, rounds)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,25 @@ from minillama.cuda import CudaOps                         # noqa: E402
 from minillama.model import Transformer                    # noqa: E402
 
 
+def arguments(doc):
+    """The 7B tools' command line: --dtypes (storage formats, comma-separated), --rounds."""
+    import argparse
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("--dtypes", default="q4_0,int8")
+    ap.add_argument("--rounds", type=int, default=7)
+    a = ap.parse_args()
+    return a.dtypes.split(","), a.rounds
+
+
+def add_instances(group, names):
+    """Template instances compiled with a group of minillama's kernels beyond the package's own
+    (a variant's), added before the group compiles (on its first launch)."""
+    from minillama.cuda.kernels import KERNELS
+    added = [n for n in dict.fromkeys(names) if n not in KERNELS.groups[group]]
+    KERNELS.groups[group] += tuple(added)
+    KERNELS._group.update(dict.fromkeys(added, group))
+
+
 @contextlib.contextmanager
 def patched(obj, name, value):
     """obj.name = value inside the block (a dict item where obj is a dict)."""

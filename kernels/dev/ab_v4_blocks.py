@@ -13,14 +13,13 @@ put the candidates at 64 to 80 registers, with at most 24 bytes of spills (q4_0 
 1, 2, 3 and 2, 1, 3 none). A setting with another NR also moves the w2 products between v4 and
 qgemv_v4s (qgemv_v4s_wins reads QGEMV_V4), so the step measures the pair.
 """
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ab_step import ab_steps, patched                       # noqa: E402  (puts the checkout first)
+from ab_step import ab_steps, add_instances, arguments, patched        # noqa: E402  (puts the checkout first)
 from minillama.cuda import kernels, require_cupy            # noqa: E402
-from minillama.cuda.kernels import GEMV_PROLOGUES, KERNELS, QGEMV_V4   # noqa: E402
+from minillama.cuda.kernels import GEMV_PROLOGUES, QGEMV_V4            # noqa: E402
 
 # {storage (the bench's --dtype): (format, [(NR, U, B), ...])}; the package's setting first
 SETTINGS = {"q4_0": ("q4_0", [QGEMV_V4["q4_0"], (1, 2, 3), (2, 1, 3), (2, 2, 3), (2, 1, 4)]),
@@ -28,32 +27,24 @@ SETTINGS = {"q4_0": ("q4_0", [QGEMV_V4["q4_0"], (1, 2, 3), (2, 1, 3), (2, 2, 3),
 
 
 def register(fmt, settings):
-    """Add qgemv_v4's instances of `settings` to the format's group before it compiles."""
-    group = list(KERNELS.groups[fmt])
+    """qgemv_v4's instances of `settings`, compiled with the format's group."""
+    names = []
     for setting in settings:
         with patched(QGEMV_V4, fmt, setting):
-            for pro in GEMV_PROLOGUES.values():
-                name = kernels._qgemv_v4_name(fmt, pro)
-                if name not in group:
-                    group.append(name)
-                    KERNELS._group[name] = fmt
-    KERNELS.groups[fmt] = tuple(group)
+            names += [kernels._qgemv_v4_name(fmt, pro) for pro in GEMV_PROLOGUES.values()]
+    add_instances(fmt, names)
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--dtypes", default="q4_0,int8")
-    ap.add_argument("--rounds", type=int, default=7)
-    a = ap.parse_args()
+    dtypes, rounds = arguments(__doc__)
     cp = require_cupy()
-    dtypes = a.dtypes.split(",")
     for dtype in dtypes:                          # before any of the groups compiles
         register(*SETTINGS[dtype])
     for dtype in dtypes:
         fmt, settings = SETTINGS[dtype]
         variants = {"nr{} u{} b{}".format(*s): lambda s=s: patched(QGEMV_V4, fmt, s)
                     for s in settings}
-        ab_steps(cp, "7B", dtype, [1], variants, a.rounds)
+        ab_steps(cp, "7B", dtype, [1], variants, rounds)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Count the SASS instructions of a kernel's inner loop, by kind, per 512 bytes of weights a warp loads.
 
-    python kernels/dev/sass_loop.py ["qgemv_mma<MmaQ8_0,1,0>" ...] [--variants] [--sass FILE]
+    python kernels/dev/sass_loop.py ["qgemv_mma<MmaQ8_0,1,0,4,2>" ...] [--variants] [--sass FILE]
 
 A development tool (no GPU): it compiles what minillama compiles (with --variants, also
 kernels/dev/variants.cu and its instances, as bench_variants.py names them), for sm_90 with
@@ -36,7 +36,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import nvrtc_build                                  # noqa: E402  (puts the checkout on sys.path)
-from minillama.cuda.kernels import KERNELS          # noqa: E402
+from minillama.cuda.kernels import KERNELS, _qgemv_mma_name      # noqa: E402
 from minillama.cuda.runtime import kernel_source    # noqa: E402
 
 # kinds, in the order printed: (name, opcodes; a prefix matches)
@@ -175,7 +175,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("names", nargs="*", help="template instances, exact (default: qgemv_mma's "
                                              "q8_0 and q4_0 instances without a prologue)",
-                    default=[f"qgemv_mma<{f},{nr},0>" for f in ("MmaQ8_0", "MmaQ4_0")
+                    default=[_qgemv_mma_name(f, nr, 0) for f in ("q8_0", "q4_0")
                              for nr in (1, 2)])
     ap.add_argument("--variants", action="store_true",
                     help="compile kernels/dev/variants.cu too, with its instances")

@@ -113,15 +113,18 @@ SMEM_PER_SM = 228 * 1024           # an H100/H200 SM's shared memory (1 KiB of i
 GEMM_V5_FORMATS = {"f16": 0, "bf16": 1, "q8_0": 2, "q4_0": 3, "q4_1": 4}
 GEMM_V5_CONFIGS = {"128x128x4": (128, 128, 4)}
 GEMM_V5_DEFAULT = "128x128x4"
-# qgemv_mma<Fmt, NR, PRO> (qgemv_mma.cu): batches on the tensor cores, x in 16-bit parts (so the
-# 1e-5 bound of the float32 GEMV holds). Tiles of 128 NR weight rows; k split into slices, a
-# slice at most MMA_MAX_SLICE positions (its x, 2 or 3 parts of 8 rows, sits in shared memory:
-# 64 or 96 KiB at 2048 positions); NR and the slices by qgemv_mma_plan, in waves of
-# MMA_BLOCKS_PER_SM blocks an SM (its launch bounds).
+# qgemv_mma<Fmt, NR, PRO, U, B> (qgemv_mma.cu): batches on the tensor cores, x in 16-bit parts
+# (so the 1e-5 bound of the float32 GEMV holds). Tiles of 128 NR weight rows; k split into
+# slices, a slice at most MMA_MAX_SLICE positions (its x, 2 or 3 parts of 8 rows, sits in shared
+# memory: 64 or 96 KiB at 2048 positions); NR and the slices by qgemv_mma_plan, in waves of
+# MMA_BLOCKS_PER_SM blocks an SM (B, its launch bounds); MMA_U[NR] steps of loads in flight.
+# At B 3 the instances spill 88 to 184 bytes a thread with these U, 0 to 32 with them halved
+# (NVRTC sm_90; kernels/dev/ab_mma_plan.py measures that pair, not yet run).
 MMA_FORMATS = {"f16": "MmaF16", "bf16": "MmaBF16", "q8_0": "MmaQ8_0", "q4_0": "MmaQ4_0"}
 MMA_SPAN = {"f16": 32, "bf16": 32, "q8_0": 64, "q4_0": 128}     # positions of k per step
 MMA_NR = (1, 2)
 MMA_BLOCKS_PER_SM = 2
+MMA_U = {1: 4, 2: 2}
 MMA_MAX_SLICE = 2048
 # rows of x from which qgemv's rule takes qgemv_mma: at 2 rows qgemv v1 was faster in every
 # format, at 4 qgemv_mma in every one (float16 level), at 8 by 1.3 to 1.6x (H200, 2026-11-29,
@@ -176,8 +179,8 @@ def _templates():
         groups[fmt] += [_qgemv_v4_name(fmt, pro) for pro in GEMV_PROLOGUES.values()]
     for fmt in QGEMV_V4S:                  # no RMSNorm: a slice of k does not see the row's
         groups[fmt] += [_qgemv_v4s_name(fmt, GEMV_PROLOGUES[p]) for p in (None, "swiglu")]
-    for fmt, traits in MMA_FORMATS.items():
-        groups[fmt] += [f"qgemv_mma<{traits},{nr},{pro}>" for nr in MMA_NR
+    for fmt in MMA_FORMATS:
+        groups[fmt] += [_qgemv_mma_name(fmt, nr, pro) for nr in MMA_NR
                         for pro in GEMV_PROLOGUES.values()]
     groups["gemm_v6"] = [_gemm_v6_name(fmt, GEMM_V6_DEFAULT) for fmt in GEMM_V5_FORMATS]
     groups["gemm_v6"] += [_gemm_v6_name("f16", config) for config in GEMM_V6_CONFIGS
@@ -212,6 +215,12 @@ def _qgemv_v4_name(fmt, pro):
     """qgemv_v4's instance: "V4" + the format module's KERNEL ("V4Q4_0"), (NR, U, B) of
     QGEMV_V4."""
     return f"qgemv_v4<V4{FORMATS[fmt].KERNEL[fmt]},{pro},{','.join(map(str, QGEMV_V4[fmt]))}>"
+
+
+def _qgemv_mma_name(fmt, nr, pro):
+    """qgemv_mma's instance: its traits ("MmaQ4_0"), NR, the prologue, MMA_U[NR] and
+    MMA_BLOCKS_PER_SM."""
+    return f"qgemv_mma<{MMA_FORMATS[fmt]},{nr},{pro},{MMA_U[nr]},{MMA_BLOCKS_PER_SM}>"
 
 
 def _qgemv_v4s_name(fmt, pro):
@@ -695,7 +704,7 @@ def qgemv_mma(x, w, out=None, accumulate=False, norm=None, eps=1e-5, swiglu=Fals
     smem = parts * 8 * 4 * (16 * units + (0 if units % 2 else 16))
     scratch, counters = _split_workspace(ks * M * N + tiles * ks * M, tiles)
     prologue = GEMV_PROLOGUES["rmsnorm" if norm is not None else "swiglu" if swiglu else None]
-    KERNELS.launch(f"qgemv_mma<{MMA_FORMATS[w.format]},{nr},{prologue}>", (tiles, ks), (256,),
+    KERNELS.launch(_qgemv_mma_name(w.format, nr, prologue), (tiles, ks), (256,),
                    (x, qs, d, y, i32(M), i32(N), i32(K), i32(bool(accumulate)),
                     x if norm is None else norm, np.float32(eps), scratch, counters),
                    shared_mem=smem)
@@ -712,17 +721,17 @@ def qgemv_mma_plan(N, K, fmt, sms=None, nr=None, ks=None):
     7B wqkv and w13 at 1.1 and 1.3 waves: the whole batch-8 step 1.17x (q4_0) and 1.20x (int8)
     as fast with this one (H200, 2026-11-30). nr, ks: given instead (ks still at least x's
     minimum)."""
-    return _mma_plan(N, K, fmt, sms or sm_count(), nr, ks and int(ks))
+    return _mma_plan(N, K, fmt, MMA_BLOCKS_PER_SM * (sms or sm_count()), nr, ks and int(ks))
 
 
 @functools.lru_cache(maxsize=1024)
-def _mma_plan(N, K, fmt, sms, nr, ks):
-    """qgemv_mma_plan's search, kept per shape: up to a wave's worth of slice counts for each NR
-    (264 on an H200), too many to try again at every eager launch of a short matrix."""
+def _mma_plan(N, K, fmt, slots, nr, ks):
+    """qgemv_mma_plan's search for `slots` blocks at once, kept per shape: up to a wave's worth
+    of slice counts for each NR (264 on an H200), too many to try again at every eager launch of
+    a short matrix."""
     span = MMA_SPAN[fmt]
     spans = cdiv(K, span)
     fewest = max(cdiv(spans * span, MMA_MAX_SLICE), 1)             # x's slice fits shared memory
-    slots = MMA_BLOCKS_PER_SM * sms
     best = None
     for n in (nr,) if nr else MMA_NR:
         tiles = cdiv(N, 128 * n)
