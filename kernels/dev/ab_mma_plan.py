@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ab_step import ab_steps, add_instances, arguments, patched       # noqa: E402  (puts the checkout first)
+from ab_step import ab_steps, add_instances, arguments, patched   # noqa: E402  (checkout first)
 from minillama.cuda import kernels, require_cupy           # noqa: E402
 from minillama.cuda.kernels import GEMV_PROLOGUES, MMA_MAX_SLICE, MMA_SPAN, cdiv   # noqa: E402
 
