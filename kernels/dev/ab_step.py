@@ -42,6 +42,8 @@ def add_instances(group, names):
     """Template instances compiled with a group of minillama's kernels beyond the package's own
     (a variant's), added before the group compiles (on its first launch)."""
     from minillama.cuda.kernels import KERNELS
+    if group in KERNELS._modules:           # its module would not hold them: a failed lookup later
+        raise RuntimeError(f"add_instances: the {group} group is compiled already")
     added = [n for n in dict.fromkeys(names) if n not in KERNELS.groups[group]]
     KERNELS.groups[group] += tuple(added)
     KERNELS._group.update(dict.fromkeys(added, group))
