@@ -861,7 +861,7 @@ qgemv_v4(const float* __restrict__ X, const uint4* __restrict__ qs,
 // ---------------------------------------------------------------------------------------------
 // qgemv_v4s<F, PRO, NR, U>: qgemv_v4 split over k, for the short matrices (issue 10).
 //
-// v4's grid is what fits at once (2 blocks per SM) or one block per 8 NR rows, whichever is
+// v4's grid is what fits at once (B blocks per SM: 2) or one block per 8 NR rows, whichever is
 // fewer: on the 7B w2 (4096 x 11008) that is 256 blocks of 16 rows, under a wave, one tile per
 // warp. Every block stages all of x (11008 values: a maximum, a scaling and three digits each),
 // and each staged value meets only 16 weight rows; the staging comes before any product, and a

@@ -194,8 +194,8 @@ def test_qgemv_v4_prologues_accumulate_and_chunks(cuda, cp, fmt):
 
 def test_qgemv_v4s_rule_splits_w2_like_shapes_only():
     """qgemv_v4s_wins (no GPU): one row of q4_0 or q8_0, no RMSNorm, K >= QGEMV_V4S_MIN_K, and
-    v4's grid under a wave (N <= 8 NR x 2 x sms). The 7B on an H200 (132 SMs): w2 splits, wo,
-    wqkv, w13 and the classifier do not."""
+    v4's grid under a wave (N <= 8 NR x B x sms, QGEMV_V4's B: 2). The 7B on an H200 (132
+    SMs): w2 splits, wo, wqkv, w13 and the classifier do not."""
     k = pytest.importorskip("minillama.cuda.kernels")
     plain, swiglu, rms = (k.GEMV_PROLOGUES[p] for p in (None, "swiglu", "rmsnorm"))
     for fmt in V4_FORMATS:
@@ -332,8 +332,9 @@ def test_qgemv_v4s_passes_nan_and_inf_of_x_on(cuda, cp, monkeypatch, fmt):
 
 @pytest.mark.parametrize("fmt", ["q4_0", "q8_0", "f16", "bf16"])
 def test_qgemv_mma_plan_keeps_each_slice_in_shared_memory_and_none_empty(fmt):
-    from minillama.cuda.kernels import MMA_MAX_SLICE, MMA_NR, MMA_SPAN, cdiv, qgemv_mma_plan
-    span, slots = MMA_SPAN[fmt], 2 * 132
+    from minillama.cuda.kernels import (MMA_BLOCKS_PER_SM, MMA_MAX_SLICE, MMA_NR, MMA_SPAN, cdiv,
+                                        qgemv_mma_plan)
+    span, slots = MMA_SPAN[fmt], MMA_BLOCKS_PER_SM * 132
 
     def waves_work(N, K, nr, ks, per_slice):
         return cdiv(cdiv(N, 128 * nr) * ks, slots) * per_slice * nr
@@ -361,17 +362,42 @@ def test_qgemv_mma_plan_keeps_each_slice_in_shared_memory_and_none_empty(fmt):
     assert qgemv_mma_plan(100, 4096, "q4_0", sms=132, ks=1) == (1, 2, 16)  # x's slice must fit
 
 
+def test_launch_rules_follow_the_blocks_an_sm_set_when_called(monkeypatch):
+    """qgemv_mma_plan's waves follow MMA_BLOCKS_PER_SM and qgemv_v4s_wins' wave QGEMV_V4's B as
+    they are when called (the plan's cache is keyed by the slots, not frozen at the first
+    call), and the instance names follow them too: what kernels/dev/ab_mma_plan.py and
+    ab_v4_blocks.py set to compare three blocks an SM with two (no GPU)."""
+    k = pytest.importorskip("minillama.cuda.kernels")
+    assert k.qgemv_mma_plan(12288, 4096, "q4_0", sms=132) == (2, 5, 7)     # 240 of 264 slots
+    monkeypatch.setattr(k, "MMA_BLOCKS_PER_SM", 3)
+    monkeypatch.setattr(k, "MMA_U", {1: 2, 2: 1})
+    nr, ks, per_slice = k.qgemv_mma_plan(12288, 4096, "q4_0", sms=132)
+    assert 2 * 132 < k.cdiv(12288, 128 * nr) * ks <= 3 * 132 and per_slice * nr < 7 * 2
+    assert k._qgemv_mma_name("q4_0", 2, 1) == "qgemv_mma<MmaQ4_0,2,1,1,3>"
+    monkeypatch.undo()
+    assert k.qgemv_mma_plan(12288, 4096, "q4_0", sms=132) == (2, 5, 7)
+    assert k._qgemv_mma_name("q4_0", 2, 1) == "qgemv_mma<MmaQ4_0,2,1,2,2>"
+    plain = k.GEMV_PROLOGUES[None]
+    for fmt in V4_FORMATS:
+        nr = k.QGEMV_V4[fmt][0]
+        monkeypatch.setitem(k.QGEMV_V4, fmt, (nr, 1, 3))
+        wave = 8 * nr * 3 * 132                                   # rows of one wave of v4 at B 3
+        assert k.qgemv_v4s_wins(1, wave, 8192, fmt, plain, sms=132)
+        assert not k.qgemv_v4s_wins(1, wave + 1, 8192, fmt, plain, sms=132)
+        assert k._qgemv_v4_name(fmt, 1) == f"qgemv_v4<V4{fmt.upper()},1,{nr},1,3>"
+
+
 @gpu
 def test_qgemv_rule_takes_v4s_where_it_splits(cuda, cp, monkeypatch):
     """kernels.qgemv's rule, on this GPU: qgemv_v4s for one row of q4_0 or q8_0 with a long K
     (plain and SwiGLU), v4 under QGEMV_V4S_MIN_K, with RMSNorm, and where v4's grid is a wave
-    or more (8 NR x 2 x SMs rows); v2 for q4_1, qgemv_mma from 4 rows. Each result still
-    within 1e-5 of float64."""
+    or more (8 NR x B x SMs rows, QGEMV_V4's NR and B); v2 for q4_1, qgemv_mma from 4 rows.
+    Each result still within 1e-5 of float64."""
     k = cuda.kernels
     launched = launched_names(k, monkeypatch)
-    nr = k.QGEMV_V4["q4_0"][0]
-    assert k.QGEMV_V4["q8_0"][0] == nr
-    wave = 8 * nr * k.QGEMV_BLOCKS_PER_SM * k.sm_count()         # rows of one wave of v4
+    nr, _, blocks = k.QGEMV_V4["q4_0"]
+    assert k.QGEMV_V4["q8_0"][::2] == (nr, blocks)
+    wave = 8 * nr * blocks * k.sm_count()                         # rows of one wave of v4
     cases = [("q4_0", 1, 1000, 11040, None, "qgemv_v4s"),        # (fmt, M, N, K, prologue, want)
              ("q8_0", 1, 1000, 8192, "swiglu", "qgemv_v4s"),
              ("q4_0", 1, wave, 8192, "swiglu", "qgemv_v4s"),

@@ -89,12 +89,13 @@ def products(cp, sets, batches, shapes):
 
 
 def steps(cp, sets, batches, rounds):
-    """The whole stories steps with each set as GEMV_V3_TILES (the stories' rows are short)."""
+    """The whole stories steps with each set as GEMV_V3_TILES (the stories' rows are short;
+    their steps short too: 20 replays a round, as before ab_step.py)."""
     variants = {label: lambda t=tiles: patched(kernels, "GEMV_V3_TILES",
                                                t or kernels.GEMV_V3_TILES)
                 for label, tiles in sets.items()}
     for shape in ("15M", "110M"):
-        ab_steps(cp, shape, "float32", batches, variants, rounds)
+        ab_steps(cp, shape, "float32", batches, variants, rounds, steps=20, warmup=3)
 
 
 def main():

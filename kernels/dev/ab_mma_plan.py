@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ab_step import ab_steps, add_instances, arguments, patched       # noqa: E402  (puts the checkout first)
+from ab_step import ab_steps, add_instances, arguments, patched   # noqa: E402  (checkout first)
 from minillama.cuda import kernels, require_cupy           # noqa: E402
 from minillama.cuda.kernels import GEMV_PROLOGUES, MMA_MAX_SLICE, MMA_SPAN, cdiv   # noqa: E402
 
@@ -39,7 +39,8 @@ def nr1_only(N, K, fmt, sms=None, nr=None, ks=None):
 
 PLANS = {"rule": RULE, "before": plan_before, "nr1 only": nr1_only}
 # qgemv_mma at three blocks an SM: the launch bounds' B and the plan's waves, with half the loads
-# in flight (at these U the instances spill 0 to 32 bytes a thread, at the package's 88 to 184)
+# in flight (at these U the q8_0 and q4_0 instances spill 0 to 32 bytes a thread, at the
+# package's 108 to 232: ptxas -v's spill stores)
 B3 = {"MMA_BLOCKS_PER_SM": 3, "MMA_U": {1: 2, 2: 1}}
 
 

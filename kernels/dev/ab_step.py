@@ -5,7 +5,9 @@ matters, on the step it runs in: one model of the shape (random weights made on 
 minillama.bench.gpu7b), its FusedDecoder step captured as a CUDA graph once per variant (each
 variant a context manager that patches the rule while the step is run eagerly and captured),
 the logits of each variant's step checked against the first's, then the graphs replayed in
-interleaved rounds, so that clocks and neighbours weigh on all alike: medians, ms a step.
+interleaved rounds, so that clocks and neighbours weigh on all alike: medians, ms a step. The
+graphs are captured as FusedDecoder captures its own: programmatic launches up to
+PROGRAMMATIC_ROWS rows, ordinary ones above.
 """
 import contextlib
 import sys
@@ -13,11 +15,17 @@ from pathlib import Path
 
 import numpy as np
 
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:       # this checkout first, as check_formats.py puts it
+    sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import profile_step                 # noqa: E402  (puts the checkout first)
+import profile_step                 # noqa: E402
 from minillama.bench import gpu7b, torch_compiled          # noqa: E402
 from minillama.cuda import CudaOps                         # noqa: E402
+from minillama.cuda.fused import PROGRAMMATIC_ROWS         # noqa: E402
 from minillama.model import Transformer                    # noqa: E402
+
+MISMATCH = 1e-4     # logits further than this from the first variant's (relative): flagged
 
 
 def arguments(doc):
@@ -34,6 +42,8 @@ def add_instances(group, names):
     """Template instances compiled with a group of minillama's kernels beyond the package's own
     (a variant's), added before the group compiles (on its first launch)."""
     from minillama.cuda.kernels import KERNELS
+    if group in KERNELS._modules:           # its module would not hold them: a failed lookup later
+        raise RuntimeError(f"add_instances: the {group} group is compiled already")
     added = [n for n in dict.fromkeys(names) if n not in KERNELS.groups[group]]
     KERNELS.groups[group] += tuple(added)
     KERNELS._group.update(dict.fromkeys(added, group))
@@ -52,10 +62,10 @@ def patched(obj, name, value):
         put(name, before)
 
 
-def ab_steps(cp, shape, dtype, batches, variants, rounds=7, max_seq_len=64):
+def ab_steps(cp, shape, dtype, batches, variants, rounds=7, max_seq_len=64, steps=10, warmup=2):
     """variants: {label: a function returning a context manager}. Prints, per batch, each
-    variant's logits against the first's and the medians of the rounds; returns
-    {bsz: {label: ms}}."""
+    variant's logits against the first's and the medians of the rounds (each round `steps`
+    replays of each graph after `warmup`); returns {bsz: {label: ms}}."""
     sync = cp.cuda.Device().synchronize
     p = torch_compiled.model_args(shape, max(batches), max_seq_len)
     ops = CudaOps(persistent=False)
@@ -75,16 +85,17 @@ def ab_steps(cp, shape, dtype, batches, variants, rounds=7, max_seq_len=64):
                 sync()
                 logits[label] = fused.logits[:bsz].get().copy()
                 graphs[label] = profile_step.captured(cp, lambda s: fused.run(bsz),
-                                                      programmatic=True)
+                                                      programmatic=bsz <= PROGRAMMATIC_ROWS)
         first = next(iter(logits.values()))
+        diffs = {k: np.linalg.norm(v - first) / np.linalg.norm(first) for k, v in logits.items()}
         print(f"{shape} {dtype} batch {bsz}, logits against the first variant's: " + ", ".join(
-            f"{k} {np.linalg.norm(v - first) / np.linalg.norm(first):.1e}"
-            + ("" if np.isfinite(v).all() else " NOT FINITE") for k, v in logits.items()))
+            f"{k} {diffs[k]:.1e}" + ("" if np.isfinite(v).all() else " NOT FINITE")
+            + (" MISMATCH" if diffs[k] > MISMATCH else "") for k, v in logits.items()))
         times = {label: [] for label in graphs}
         for _ in range(rounds):
             for label, graph in graphs.items():
-                times[label].append(profile_step.ms_per_step(lambda i: graph.launch(), sync, 10,
-                                                             warmup=2))
+                times[label].append(profile_step.ms_per_step(lambda i: graph.launch(), sync,
+                                                             steps, warmup=warmup))
         med = {k: float(np.median(v)) for k, v in times.items()}
         base = next(iter(med.values()))
         print(f"{shape} {dtype} batch {bsz}, graph ms (median of {rounds} rounds): "

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ab_step import ab_steps, add_instances, arguments, patched        # noqa: E402  (puts the checkout first)
+from ab_step import ab_steps, add_instances, arguments, patched   # noqa: E402  (checkout first)
 from minillama.cuda import kernels, require_cupy            # noqa: E402
 from minillama.cuda.kernels import GEMV_PROLOGUES, QGEMV_V4            # noqa: E402
 
@@ -42,7 +42,7 @@ def main():
         register(*SETTINGS[dtype])
     for dtype in dtypes:
         fmt, settings = SETTINGS[dtype]
-        variants = {"nr{} u{} b{}".format(*s): lambda s=s: patched(QGEMV_V4, fmt, s)
+        variants = {"nr{} u{} b{}".format(*s): lambda s=s, fmt=fmt: patched(QGEMV_V4, fmt, s)
                     for s in settings}
         ab_steps(cp, "7B", dtype, [1], variants, rounds)
 

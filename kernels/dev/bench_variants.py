@@ -786,8 +786,8 @@ def check_all(M_, ch, rng, log, only=Only()):
 def check_v4(M_, ch, rng, fmts, shapes=None):
     """qgemv_v4 beyond check_all's sizes: the prologues, accumulate, x in chunks (a small
     shared-memory budget), x whose values span 2^-40 .. 2^40 (each unit scaled on its own) with
-    a unit of zeros, and a NaN in x, which must reach the rows it meets. shapes: qgemv_v4b's
-    (NR, U, B) instead of v4's first two (NR, U)."""
+    a unit of zeros, and a NaN in x, which must reach the rows it meets. shapes: the v4b
+    family's (NR, U, B) instead of v4's first two (NR, U)."""
     cp = cf.require_cupy()
     from minillama.model import rms_norm, silu
     for fmt in fmts:

@@ -196,8 +196,8 @@ def main():
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        sass = subprocess.run([nvrtc_build.find_cuda_file("NVDISASM", "nvdisasm", "bin", "nvdisasm"),
-                               "-c", "-hex", f.name], check=True,
+        nvdisasm = nvrtc_build.find_cuda_file("NVDISASM", "nvdisasm", "bin", "nvdisasm")
+        sass = subprocess.run([nvdisasm, "-c", "-hex", f.name], check=True,
                               capture_output=True, text=True).stdout
     if args.sass:
         args.sass.write_text(sass)

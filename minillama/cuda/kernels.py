@@ -118,8 +118,9 @@ GEMM_V5_DEFAULT = "128x128x4"
 # slices, a slice at most MMA_MAX_SLICE positions (its x, 2 or 3 parts of 8 rows, sits in shared
 # memory: 64 or 96 KiB at 2048 positions); NR and the slices by qgemv_mma_plan, in waves of
 # MMA_BLOCKS_PER_SM blocks an SM (B, its launch bounds); MMA_U[NR] steps of loads in flight.
-# At B 3 the instances spill 88 to 184 bytes a thread with these U, 0 to 32 with them halved
-# (NVRTC sm_90; kernels/dev/ab_mma_plan.py measures that pair, not yet run).
+# At B 3 the q8_0 and q4_0 instances spill 108 to 232 bytes a thread with these U, 0 to 32 with
+# them halved (f16, bf16: 20 to 132, none; ptxas -v, NVRTC 13.0 sm_90), and bf16's 96 KiB
+# slices fit only two blocks an SM (kernels/dev/ab_mma_plan.py measures q8_0 and q4_0, not yet).
 MMA_FORMATS = {"f16": "MmaF16", "bf16": "MmaBF16", "q8_0": "MmaQ8_0", "q4_0": "MmaQ4_0"}
 MMA_SPAN = {"f16": 32, "bf16": 32, "q8_0": 64, "q4_0": 128}     # positions of k per step
 MMA_NR = (1, 2)
