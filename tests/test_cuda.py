@@ -982,3 +982,12 @@ def test_cli_device_cuda_without_cupy_exits_2(no_cupy, capsys):
     err = capsys.readouterr().err
     assert status == 2
     assert err.startswith("minillama: error: device 'cuda' needs CuPy") and err.count("\n") == 1
+
+
+def test_a_template_instance_no_group_names_is_refused_in_one_line():
+    # (before any CuPy call: a patched setting such as QGEMV_V4's B without its instances in a
+    # group would otherwise reach CuPy's lookup in the first group's module)
+    from minillama.cuda.kernels import KERNELS
+    with pytest.raises(DeviceError, match=r"'qgemv_v4<V4Q4_0,1,2,2,7>' is not among"):
+        KERNELS.launch("qgemv_v4<V4Q4_0,1,2,2,7>", (1,), (1,), ())
+    assert "qgemv_v4<V4Q4_0,1,2,2,2>" in KERNELS.templates        # the package's own

@@ -158,6 +158,11 @@ class KernelModule:
         ordinary way even inside programmatic(), so that it starts only once all before it
         has ended."""
         if name not in self._functions:          # looking a function up costs a driver call
+            if "<" in name and name not in self._group:
+                # a template instance exists only where a group names it (compiled on its
+                # first launch): a setting outside the compiled ones (e.g. a patched QGEMV_V4)
+                raise DeviceError(f"kernel {name[:120]!r} is not among minillama's compiled "
+                                  f"template instances (kernels._templates' groups)")
             group = self._group.get(name, next(iter(self.groups)))
             self._functions[name] = self.module(group).get_function(name)
             self._static[name] = _static_shared(self._functions[name])
