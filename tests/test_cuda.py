@@ -319,6 +319,20 @@ def launched_names(k, monkeypatch):
     return launched
 
 
+def decode_one_row_in_a_graph(k, ops, gpu_model, ref_model, steps, monkeypatch):
+    """`steps` random tokens of one row through ops.decoder (the first step eager, then its
+    graph), each step's logits within 1e-4 of ref_model's, the decoder a FusedDecoder that
+    captured the one-row graph; returns the names of the kernels launched."""
+    forward = ops.decoder(gpu_model)
+    launched = launched_names(k, monkeypatch)
+    for pos in range(steps):
+        tok = rng.integers(0, gpu_model.params.vocab_size, size=(1, 1))
+        assert rel_err(forward(tok, pos), ref_model.forward(tok, pos)) < 1e-4, f"position {pos}"
+    decoder = ops._decoders[gpu_model]
+    assert type(decoder).__name__ == "FusedDecoder" and decoder.graphs[1] is not None
+    return launched
+
+
 @gpu
 @pytest.mark.parametrize("N,K,early", [(864, 288, True), (288, 768, True), (32000, 288, False),
                                        (33, 4096, True), (32000, 768, False), (300, 4104, False),
@@ -694,13 +708,7 @@ def test_one_row_graph_with_gemvs_early_loads_matches_float64(cuda, cp, monkeypa
     ops = cuda.CudaOps(persistent=False)
     gpu_model = Transformer(p, w, ops)
     f64_model = Transformer(p, {name: a.astype(np.float64) for name, a in w.items()}, CPU)
-    forward = ops.decoder(gpu_model)
-    launched = launched_names(k, monkeypatch)
-    for pos in range(8):
-        tok = rng.integers(0, p.vocab_size, size=(1, 1))
-        assert rel_err(forward(tok, pos), f64_model.forward(tok, pos)) < 1e-4, f"position {pos}"
-    decoder = ops._decoders[gpu_model]
-    assert type(decoder).__name__ == "FusedDecoder" and decoder.graphs[1] is not None
+    launched = decode_one_row_in_a_graph(k, ops, gpu_model, f64_model, 8, monkeypatch)
     hd, qkv = p.dim // p.n_heads, (p.n_heads + 2 * p.n_kv_heads) * (p.dim // p.n_heads)
     products = [(qkv, p.dim, 1), (p.dim, p.n_heads * hd, 0), (2 * p.hidden_dim, p.dim, 1),
                 (p.dim, p.hidden_dim, 2), (p.vocab_size, p.dim, 1)]    # (N, K, prologue)

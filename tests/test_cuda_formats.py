@@ -30,7 +30,7 @@ from minillama.formats import Packed
 from minillama.model import ModelArgs, Transformer
 from minillama.ops import CPU
 from test_cuda import cuda, poison, product_err, rel_err  # noqa: F401  (fixtures and helpers)
-from test_cuda import launched_names
+from test_cuda import decode_one_row_in_a_graph, launched_names
 
 gpu = pytest.mark.gpu
 rng = np.random.default_rng()           # fresh inputs every run
@@ -431,13 +431,7 @@ def test_one_row_graph_with_a_split_w2_matches_the_cpu(cuda, cp, monkeypatch, fm
     weights = stored_model_weights(p, fmt)
     ops = cuda.CudaOps(persistent=False)
     gpu_model, cpu_model = Transformer(p, weights, ops), Transformer(p, weights, CPU)
-    forward = ops.decoder(gpu_model)
-    launched = launched_names(k, monkeypatch)
-    for pos in range(6):
-        tok = rng.integers(0, p.vocab_size, size=(1, 1))
-        assert rel_err(forward(tok, pos), cpu_model.forward(tok, pos)) < 1e-4, f"position {pos}"
-    decoder = ops._decoders[gpu_model]
-    assert type(decoder).__name__ == "FusedDecoder" and decoder.graphs[1] is not None
+    launched = decode_one_row_in_a_graph(k, ops, gpu_model, cpu_model, 6, monkeypatch)
     products = {n for n in launched if n.startswith("qgemv")}
     assert products == {k._qgemv_v4s_name(fmt, 2), k._qgemv_v4_name(fmt, 1),
                         k._qgemv_v4_name(fmt, 0)}, products          # w2; wqkv, w13, cls; wo
