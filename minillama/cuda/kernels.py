@@ -739,8 +739,8 @@ def _mma_plan(N, K, fmt, slots, nr, ks):
         for k in (max(ks, fewest),) if ks else range(fewest, max(fewest, slots // tiles) + 1):
             per_slice = cdiv(spans, min(k, spans))
             k = cdiv(spans, per_slice)                                 # no empty slice
-            cost = (cdiv(tiles * k, slots) * per_slice * n, tiles * k)
-            best = min(best or (cost, n, k, per_slice), (cost, n, k, per_slice))
+            plan = ((cdiv(tiles * k, slots) * per_slice * n, tiles * k), n, k, per_slice)
+            best = plan if best is None else min(best, plan)          # (cost, NR, ks, spans)
     return best[1:]
 
 
