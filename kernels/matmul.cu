@@ -20,8 +20,10 @@
 //       pipeline; weights may be packed (Q8_0/Q4_0/Q4_1), dequantized into shared memory
 //   v6  v5 with 64 x 64 warp tiles, fragments double-buffered in registers, one barrier per
 //       k-tile, an L2-friendly tile order and C stored through shared memory
+//   v7  Hopper's wgmma: warpgroups multiply straight from shared memory, asynchronously
+//       (float16/bfloat16 weights; sm_90 only)
 //
-// v1..v4 handle any M, N, K (edges are zero-padded on load and masked on store); v5 and v6 any
+// v1..v4 handle any M, N, K (edges are zero-padded on load and masked on store); v5, v6, v7 any
 // M, N and K % 8 == 0 (K % 32 == 0 for packed weights).
 // Compiled as one module after reduce.cu (see minillama/cuda.py).
 
@@ -910,6 +912,201 @@ gemm_v6(const unsigned short* __restrict__ A, const void* __restrict__ Wq,
         }
         __syncwarp();                                   // read before the next half lands
     }
+}
+
+
+// ---------------------------------------------------------------------------------------------
+// v7: Hopper's own tensor-core instruction, wgmma. v5 and v6 use mma.sync, the instruction every
+// tensor-core GPU since Ampere runs: a warp multiplies 16 x 8 x 16 from operands in its registers,
+// so each k-step the warps first copy their fragments out of shared memory (ldmatrix) and the
+// tensor cores wait for them. On an H100/H200 that path is reported to top out well below the
+// chip's rate (v6: ~0.46 of cuBLAS). Hopper (sm_90a) adds
+//
+//     wgmma.mma_async.m64nNk16:   D (64 x N, f32) += A (64 x 16) * B (16 x N)
+//
+// issued by a *warpgroup* (4 warps, 128 threads) together. Three things change:
+//
+// 1. The operands are read by the tensor cores straight from shared memory, each described by a
+//    64-bit "matrix descriptor" (v7_desc: its address, and how its rows are laid out). No
+//    ldmatrix, no fragment registers: the registers hold only the accumulators.
+// 2. It is asynchronous: wgmma returns at once; `wgmma.commit_group` closes a batch, and
+//    `wgmma.wait_group n` waits until at most n batches are still running. So a warpgroup issues
+//    the four k-steps of a tile and goes on to the next barrier while the tensor cores work.
+// 3. The tile layout is the hardware's: rows of 128 bytes (64 values of k), the 16-byte chunks of
+//    row r stored at chunk ^ (r % 8) (the "128-byte swizzle", v7_swizzle: conflict-free for the
+//    tensor cores' reads), 8-row groups 1024 bytes apart, each tile at a 1024-byte boundary. The
+//    cp.async loads write that layout, as v5's wrote its own.
+//
+// Shape: a block of two warpgroups computes 128 x BN of C (BN = 128 or 256); warpgroup g owns
+// rows 64 g .. 64 g + 63 (64 x BN accumulators: 64 or 128 registers a thread). BK = 64.
+// A and W tiles of STAGES k-tiles in flight: (128 + BN) x 128 bytes a stage (48 KiB at BN 256).
+// Per k-tile t (one barrier):
+//
+//     wait for tile t's copies; fence them for the tensor cores; __syncthreads
+//     copy tile t + STAGES - 2 into the buffer of t - 2 (free: every warpgroup waited for it)
+//     4 x wgmma (k-steps of 16), commit;  wait until only this tile's batch is running
+//
+// So a tile's products run while the next tile's barrier is reached and the copies of the ones
+// after it fly. The accumulators, in wgmma's layout, are stored straight from registers: warp w
+// of warpgroup g holds rows 64 g + 16 w + lane / 4 (+ 8), columns 8 j + 2 (lane % 4) (+ 1), the
+// mma.sync layout of a 16 x 8 tile repeated along N.
+//
+// Contract: float16 (or bfloat16) A and W, float32 C, any M and N, K % 8 == 0 (16-byte chunks;
+// the last k-tile zero-filled), 16-byte aligned A and W. Packed weights stay on v6 (their tiles
+// are unpacked through registers). Needs an sm_90 GPU and code compiled for sm_90a (the "a":
+// features of that chip only); minillama compiles this group so (kernels.py, GROUP_ARCH).
+// Dynamic shared memory: STAGES * (128 + BN) * 128 + 1024 bytes (the 1024 to align the base).
+
+#define V7_BM 128
+#define V7_BK 64                       // 128-byte rows: the widest swizzle wgmma reads
+
+// Byte offset of 16-byte chunk kc (0..7) of row r in a tile of 128-byte rows, 128-byte swizzle
+__device__ __forceinline__ unsigned int v7_swizzle(int r, int kc) {
+    return r * 128 + ((kc ^ (r & 7)) << 4);
+}
+
+// wgmma's shared-memory matrix descriptor of a K-major tile in the layout above, at `addr`:
+// bits 0-13 the address / 16, 16-29 the leading-dimension offset / 16 (unused with this
+// swizzle: 1), 32-45 the stride between 8-row groups / 16 (1024 bytes), 62-63 the swizzle
+// (1: 128 bytes).
+__device__ __forceinline__ unsigned long long v7_desc(unsigned int addr) {
+    return (unsigned long long)((addr & 0x3FFFF) >> 4) | (1ull << 16) |
+           ((unsigned long long)(1024 >> 4) << 32) | (1ull << 62);
+}
+
+// The wgmma instructions exist only in code compiled for sm_90a; elsewhere (the modules of the
+// other groups, which parse this file too) the template is never instantiated, and these guards
+// keep a stray instantiation from failing the whole module's compilation.
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define V7_ASM(...) asm volatile(__VA_ARGS__)
+#else
+#define V7_ASM(...) __trap()
+#endif
+
+__device__ __forceinline__ void wgmma_fence() { V7_ASM("wgmma.fence.sync.aligned;" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() {
+    V7_ASM("wgmma.commit_group.sync.aligned;" ::: "memory");
+}
+template <int PENDING>
+__device__ __forceinline__ void wgmma_wait() {
+    V7_ASM("wgmma.wait_group.sync.aligned %0;" ::"n"(PENDING) : "memory");
+}
+// Writes by cp.async (the generic proxy) made visible to the tensor cores' reads (async proxy)
+__device__ __forceinline__ void fence_proxy_async() {
+    V7_ASM("fence.proxy.async.shared::cta;" ::: "memory");
+}
+
+#define V7_D8(i) "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3]), \
+                 "+f"(d[i + 4]), "+f"(d[i + 5]), "+f"(d[i + 6]), "+f"(d[i + 7])
+#define V7_M64N128K16(type)                                                                     \
+    V7_ASM("wgmma.mma_async.sync.aligned.m64n128k16.f32." type "." type " "                    \
+           "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "           \
+           "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "  \
+           "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "  \
+           "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, " \
+           "%64, %65, 1, 1, 1, 0, 0;"                                                          \
+           : V7_D8(0), V7_D8(8), V7_D8(16), V7_D8(24), V7_D8(32), V7_D8(40), V7_D8(48),        \
+             V7_D8(56)                                                                         \
+           : "l"(a), "l"(b))
+
+// d (64 x 128, this warpgroup's share: 64 floats a thread) += A (64 x 16) B (16 x 128), both
+// read from shared memory through their descriptors; the 1s: add to d, A and B unscaled; the
+// 0s: both K-major (W's rows are B's columns, as stored)
+template <bool BF16>
+__device__ __forceinline__ void wgmma_m64n128k16(float* d, unsigned long long a,
+                                                 unsigned long long b) {
+    if (BF16) V7_M64N128K16("bf16");
+    else V7_M64N128K16("f16");
+}
+
+// ROWS rows of a 16-bit matrix X (n_rows x K) from row r0, k-tile t, into the tile at shared
+// address `tile` in v7's layout, by cp.async: ROWS x 8 chunks over 256 threads; rows past n_rows
+// and k past K are zero-filled
+template <int ROWS>
+__device__ __forceinline__ void v7_load_tile(unsigned int tile, const unsigned short* X, int r0,
+                                             int n_rows, int K, int t, int tid) {
+#pragma unroll
+    for (int i = 0; i < ROWS * 8 / 256; ++i) {
+        const int c = tid + i * 256, r = c >> 3, kc = c & 7;
+        const int row = r0 + r, k = t * V7_BK + kc * 8;
+        const bool ok = row < n_rows && k < K;
+        cp_async16(tile + v7_swizzle(r, kc), ok ? X + (size_t)row * K + k : X, ok ? 16 : 0);
+    }
+}
+
+template <int BN, int STAGES, bool BF16>
+__global__ void __launch_bounds__(256, 1)
+gemm_v7(const unsigned short* __restrict__ A, const unsigned short* __restrict__ W,
+        float* __restrict__ C, int M, int N, int K) {
+    constexpr int A_BYTES = V7_BM * V7_BK * 2, STAGE_BYTES = (V7_BM + BN) * V7_BK * 2;
+    constexpr int NH = BN / 128;                        // wgmma's of n 128 per k-step
+    static_assert((BN == 128 || BN == 256) && STAGES >= 3, "tiles");
+    extern __shared__ unsigned char gemm_v7_smem[];
+    const unsigned int smem = (smem_addr(gemm_v7_smem) + 1023) & ~1023u;   // swizzle atoms
+    const int tid = threadIdx.x, wg = tid / 128, lane = tid % 32, warp = (tid / 32) % 4;
+    int tm, tn;
+    v6_tile(blockIdx.x, (M + V7_BM - 1) / V7_BM, (N + BN - 1) / BN, tm, tn);
+    const int m0 = tm * V7_BM, n0 = tn * BN;
+    const int T = (K + V7_BK - 1) / V7_BK;
+
+    auto load = [&](int t) {                            // k-tile t into its stage
+        const unsigned int stage = smem + (t % STAGES) * STAGE_BYTES;
+        v7_load_tile<V7_BM>(stage, A, m0, M, K, t, tid);
+        v7_load_tile<BN>(stage + A_BYTES, W, n0, N, K, t, tid);
+    };
+
+    float d[NH][64];                                    // (64 x BN) of this warpgroup
+#pragma unroll
+    for (int h = 0; h < NH; ++h)
+#pragma unroll
+        for (int i = 0; i < 64; ++i) d[h][i] = 0.0f;
+
+    // Prologue: tiles 0 .. STAGES-3 in flight, one commit group each (possibly empty)
+#pragma unroll
+    for (int t = 0; t < STAGES - 2; ++t) {
+        if (t < T) load(t);
+        cp_async_commit();
+    }
+    for (int t = 0; t < T; ++t) {
+        cp_async_wait<STAGES - 3>();                    // tile t has landed (this thread's)
+        fence_proxy_async();
+        __syncthreads();                                // everyone's; and wgmma of t - 2 is done
+        if (t + STAGES - 2 < T) load(t + STAGES - 2);   // into t - 2's buffer
+        cp_async_commit();
+        const unsigned int sa = smem + (t % STAGES) * STAGE_BYTES + wg * 64 * 128;
+        const unsigned int sw = smem + (t % STAGES) * STAGE_BYTES + A_BYTES;
+        wgmma_fence();                                  // the accumulators are ours to add to
+#pragma unroll
+        for (int kk = 0; kk < V7_BK / 16; ++kk)         // 16 values of k = 32 bytes along a row
+#pragma unroll
+            for (int h = 0; h < NH; ++h)
+                wgmma_m64n128k16<BF16>(d[h], v7_desc(sa + 32 * kk),
+                                       v7_desc(sw + h * 128 * 128 + 32 * kk));
+        wgmma_commit();
+        wgmma_wait<1>();                                // tile t - 1's batch has finished
+    }
+    wgmma_wait<0>();
+
+    // Epilogue: row 64 wg + 16 warp + lane / 4 (+ 8), columns 8 j + 2 (lane % 4) (+ 1)
+    const int r = m0 + wg * 64 + warp * 16 + lane / 4;
+#pragma unroll
+    for (int h = 0; h < NH; ++h)
+#pragma unroll
+        for (int j = 0; j < 16; ++j) {
+            const int n = n0 + h * 128 + j * 8 + 2 * (lane % 4);
+#pragma unroll
+            for (int half = 0; half < 2; ++half) {
+                const int m = r + 8 * half;
+                const float* v = d[h] + 4 * j + 2 * half;
+                if (m >= M || n >= N) continue;
+                float* c = C + (size_t)m * N + n;
+                if (N % 2 == 0) *reinterpret_cast<float2*>(c) = make_float2(v[0], v[1]);
+                else {
+                    c[0] = v[0];
+                    if (n + 1 < N) c[1] = v[1];
+                }
+            }
+        }
 }
 
 

@@ -493,6 +493,45 @@ def test_gemm_v6_tile_shapes_match_float64(cuda, cp, config, M, N, K):
     assert rel_err(c, rounded(x, "f16") @ w64.T) < 2e-3
 
 
+def needs_sm90(cp):
+    if cp.cuda.Device().compute_capability != "90":
+        pytest.skip("gemm_v7's wgmma runs on compute capability 9.0 only")
+
+
+# gemm_v7: 64-wide k-tiles (K = 72, 96, 160, 1000 end in a part of one), 128 x 128 or 256 tiles
+# cut by odd M and N, N odd (its 8-byte stores fall back to single floats), several L2 groups
+@gpu
+@pytest.mark.parametrize("config", ["128x256x4", "128x256x3", "128x128x6"])
+@pytest.mark.parametrize("fmt", ["f16", "bf16"])
+@pytest.mark.parametrize("M,N,K", GEMM_V6_SIZES + [(2100, 2049, 136), (1, 1, 8)])
+def test_gemm_v7_matches_float64_of_the_16bit_inputs(cuda, cp, config, fmt, M, N, K):
+    needs_sm90(cp)
+    packed, w64 = stored_weight(fmt, N, K)
+    x = rng.standard_normal((M, K)).astype(np.float32)
+    a = cuda.kernels.to_16bit(cp.asarray(x), bf16=fmt == "bf16")
+    out = poison(cp, (M, N))
+    c = cuda.kernels.gemm_v7(a, packed.map(cp.asarray), out=out, config=config)
+    assert c is out
+    assert rel_err(c, rounded(x, fmt) @ w64.T) < 2e-3
+
+
+@gpu
+def test_gemm_v7_rejects_misuse(cuda, cp):
+    k = cuda.kernels
+    q4 = stored_weight("q4_0", 8, 64)[0].map(cp.asarray)
+    f16 = stored_weight("f16", 8, 64)[0].map(cp.asarray)
+    a = cp.ones((2, 64), np.float16)
+    cases = [
+        (lambda: k.gemm_v7(a, q4), "f16 or bf16 weights, got q4_0; use gemm_v6"),
+        (lambda: k.gemm_v7(a, f16, config="256x128x4"), "config"),
+        (lambda: k.gemm_v7(a.astype(np.float32), f16), "float16"),
+        (lambda: k.gemm_v7(cp.ones((2, 32), np.float16), f16), "(N, K)"),
+    ]
+    for call, words in cases:
+        with pytest.raises(DeviceError, match=words.replace("(", r"\(").replace(")", r"\)")):
+            call()
+
+
 @gpu
 def test_packed_kernels_reject_misuse(cuda, cp):
     k = cuda.kernels

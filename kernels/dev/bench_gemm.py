@@ -1,4 +1,4 @@
-"""Check and time gemm_v5 and gemm_v6 (kernels/matmul.cu) against cuBLAS float16, on the GPU.
+"""Check and time gemm_v5, v6 and v7 (kernels/matmul.cu) against cuBLAS float16, on the GPU.
 
     python kernels/dev/bench_gemm.py [--size 4096] [--rounds 3] [--out logs/bench_gemm.json]
 
@@ -6,7 +6,8 @@ Issue 10's tensor-core target: the GEMM at 4096^3 in float16 at >= 0.5 of cuBLAS
 (`cupy.matmul`) measured in the same run. The harness compiles only the instances it launches
 (one CuPy module, which the package's own wrappers then launch from: KERNELS.use), checks each
 one against float64 of the 16-bit inputs at odd sizes with NaN-poisoned outputs (under 2e-3, as
-tests/test_cuda_formats.py), then times cuBLAS, v5 and every v6 tile shape one after the other,
+tests/test_cuda_formats.py), then times cuBLAS, v5 and every v6 and v7 tile shape (v7: on
+compute capability 9.0 only, its own module for sm_90a) one after the other,
 `rounds` times, and prints TFLOP/s and each kernel's ratio to the cuBLAS timing of its own round
 (the clocks drift between rounds; within one they are close). Under two minutes on an H200.
 """
@@ -42,6 +43,9 @@ def kernels_to_run():
     for config in mk.GEMM_V6_CONFIGS:
         fmts = CHECK_FORMATS if config == mk.GEMM_V6_DEFAULT else ("f16",)
         out.append((f"gemm_v6 {config}", mk.gemm_v6, config, fmts))
+    if require_cupy().cuda.Device().compute_capability == "90":         # wgmma: sm_90a
+        out += [(f"gemm_v7 {config}", mk.gemm_v7, config, mk.GEMM_V7_FORMATS)
+                for config in mk.GEMM_V7_CONFIGS]
     return out
 
 
@@ -131,17 +135,20 @@ def bench(size, rounds):
 def summary(results, size):
     print(f"\n{size}^3 float16, median of the rounds: TFLOP/s, ratio to cuBLAS of the same round "
           f"[min .. max]")
-    best = None
+    best = {}
     for name, runs in results.items():
         ratios = [run["ratio"] for run in runs]
         rate = float(np.median([run["tflops"] for run in runs]))
         print(f"  {name:28s} {rate:7.1f}  {np.median(ratios):.3f} [{min(ratios):.3f} .. "
               f"{max(ratios):.3f}]")
-        if name.startswith("gemm_v6") and (best is None or np.median(ratios) > best[1]):
-            best = (name, float(np.median(ratios)), min(ratios))
-    name, ratio, low = best
-    verdict = "met in every round" if low >= 0.5 else "missed in at least one round"
-    print(f"best v6: {name}, {ratio:.3f} of cuBLAS (worst round {low:.3f}); target 0.5 {verdict}")
+        version = name[:7]
+        if version in ("gemm_v6", "gemm_v7") and (version not in best
+                                                  or np.median(ratios) > best[version][1]):
+            best[version] = (name, float(np.median(ratios)), min(ratios))
+    for version, (name, ratio, low) in best.items():
+        verdict = "met in every round" if low >= 0.5 else "missed in at least one round"
+        print(f"best {version[5:]}: {name}, {ratio:.3f} of cuBLAS (worst round {low:.3f}); "
+              f"target 0.5 {verdict}")
 
 
 def main():

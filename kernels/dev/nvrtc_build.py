@@ -4,8 +4,8 @@
 
 What minillama compiles, all its groups as one module (minillama.cuda: the source
 runtime.kernel_source() and every template instance of kernels.py, KERNELS.templates), for
-sm_90 by the NVRTC library named by $NVRTC_LIB or found next to a pip-installed
-nvidia-cuda-nvrtc. Compiler errors print with file and line. With --out, writes module.cubin
+sm_90 (--arch; a group that needs another, gemm_v7's sm_90a, only with that one), by the
+NVRTC library named by $NVRTC_LIB or found next to a pip-installed nvidia-cuda-nvrtc. Compiler errors print with file and line. With --out, writes module.cubin
 and names.json (template name -> mangled name), which check_formats.py --cubin loads instead
 of compiling again on the GPU machine. --ptxas-v prints registers, shared memory and spills
 per kernel.
@@ -88,7 +88,11 @@ def main():
     options = [f"-arch={args.arch}", f"-std={args.std}"]
     if args.ptxas_v:
         options.append("-Xptxas=-v")
-    names = [n for n in KERNELS.templates if not args.only or args.only in n]
+    # a group that needs its own architecture (KERNELS.archs: gemm_v7's sm_90a) only with it
+    other_arch = {n for g, names in KERNELS.groups.items() if KERNELS.archs.get(g, args.arch)
+                  != args.arch for n in names}
+    names = [n for n in KERNELS.templates
+             if (not args.only or args.only in n) and n not in other_arch]
     t = time.perf_counter()
     cubin, lowered, log = compile_module(kernel_source(), names, options)
     print(f"compiled {len(names)} template instances in {time.perf_counter() - t:.1f} s, "

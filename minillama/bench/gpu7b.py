@@ -204,24 +204,28 @@ def measure_format(row, copy_gbs, steps=STEPS, prefill_len=PREFILL):
 
 
 def bench_gemm(n=4096):
-    """The tensor-core GEMM that prompts go through (gemm_v6, kernels/matmul.cu; gemm_v5, the
-    previous version, beside it) on an (n, n) float16 weight, and cuBLAS float16 (cupy.matmul),
-    TFLOP/s; its error against the float32 product of the same inputs. "ours" is None, with
-    the reason, where minillama.cuda.kernels lacks the kernel."""
+    """The tensor-core GEMM that prompts go through (tensor_core_gemm, kernels/matmul.cu:
+    gemm_v7 on an sm_90 GPU, else gemm_v6; the versions before it beside it) on an (n, n)
+    float16 weight, and cuBLAS float16 (cupy.matmul), TFLOP/s; its error against the float32
+    product of the same inputs. "ours" is None, with the reason, where minillama.cuda.kernels
+    lacks the kernel."""
     cp = require_cupy()
     a = cp.random.standard_normal((n, n), dtype=cp.float32).astype(cp.float16)
     w = cp.random.standard_normal((n, n), dtype=cp.float32).astype(cp.float16)
     row = dict(name=f"{n}^3 float16",
                cublas=tflops(n, n, n, gpu_ms(lambda: cp.matmul(a, w.T), reps=5, inner=2)))
     try:
-        from ..cuda.kernels import gemm_v5, gemm_v6     # issue 10's wiring: a missing one is n/a
+        from ..cuda import kernels                      # issue 10's wiring: a missing one is n/a
         packed, c = Packed("f16", (n, n), {"data": w}), cp.empty((n, n), dtype=cp.float32)
-        v5 = gpu_ms(lambda: gemm_v5(a, packed, out=c), reps=5, inner=2)
-        ms = gpu_ms(lambda: gemm_v6(a, packed, out=c), reps=5, inner=2)
+        before = {v: gpu_ms(lambda f=getattr(kernels, v): f(a, packed, out=c), reps=5, inner=2)
+                  for v in ("gemm_v5", "gemm_v6")}
+        ms = gpu_ms(lambda: kernels.tensor_core_gemm(a, packed, out=c), reps=5, inner=2)
+        version = "gemm_v7" if kernels._has_wgmma() else "gemm_v6"
     except Exception as e:
         return dict(row, ours=None, error=torch_compiled.one_line(e))
     ref = cp.matmul(a.astype(cp.float32), w.astype(cp.float32).T)
-    return dict(row, ours=tflops(n, n, n, ms), v5=tflops(n, n, n, v5),
+    return dict(row, ours=tflops(n, n, n, ms), version=version,
+                v5=tflops(n, n, n, before["gemm_v5"]), v6=tflops(n, n, n, before["gemm_v6"]),
                 rel_err=float(cp.linalg.norm(c - ref) / cp.linalg.norm(ref)))
 
 
@@ -358,7 +362,8 @@ def ratio(a, b):
 
 
 def gemm_line(g):
-    return (f"gemm_v6 {g['name']}: {fmt(g['ours'])} TFLOP/s (gemm_v5 {fmt(g.get('v5'))}), "
+    return (f"{g.get('version', 'tensor-core GEMM')} {g['name']}: {fmt(g['ours'])} TFLOP/s "
+            f"(gemm_v5 {fmt(g.get('v5'))}, gemm_v6 {fmt(g.get('v6'))}), "
             f"cuBLAS float16 {g['cublas']:.1f}, ratio {fmt(ratio(g['ours'], g['cublas']), '.2f')}"
             + (f", err {g['rel_err']:.1e}" if "rel_err" in g else f" ({g['error']})"))
 
@@ -467,8 +472,8 @@ def targets(s):
     out += [(f"{d} batch 8 / batch 1", ratio(get(d, "b8"), get(d, "b1")),
              TARGETS["batch 8 / batch 1"]) for d in ("float16", "bfloat16", "int8", "q4_0")]
     g = s["gemm"]
-    out.append(("gemm_v6 4096^3 float16, fraction of cuBLAS", ratio(g["ours"], g["cublas"]),
-                TARGETS["gemm"]))
+    out.append((f"{g.get('version', 'tensor-core GEMM')} 4096^3 float16, fraction of cuBLAS",
+                ratio(g["ours"], g["cublas"]), TARGETS["gemm"]))
     out.append(("float32 batch 1, fraction of floor (no regression)",
                 get("float32", "b1_of_floor"), TARGETS["float32"]))
     return out

@@ -5,7 +5,8 @@ array API unchanged. The operations that go through `ops` run the kernels of ker
 
     linear(x, w)        float32 w: gemv for a few rows (decoding), sgemm_v4     matmul.cu
                         otherwise; a Packed w (weights as stored): qgemv for     qgemv.cu
-                        a few rows, gemm_v6 on the tensor cores otherwise       matmul.cu
+                        a few rows, gemm_v7 / gemm_v6 on the tensor cores        matmul.cu
+                        otherwise (tensor_core_gemm)
     matmul(a, b)        bmm_strided, reading the KV cache views in place       matmul.cu
     softmax(x, pos)     softmax_warp / softmax_block, causal mask built in     softmax.cu
     decoder(model)      model.forward, with one-token steps through            decode.cu
@@ -23,7 +24,7 @@ from ..ops import NumpyOps
 from ..quant import Q8Tensor
 from .fused import FusedDecoder
 from .persistent import PersistentDecoder
-from .kernels import bmm, gemm_v6, gemv, greedy_pick, qgemv, sgemm, softmax, to_16bit
+from .kernels import bmm, gemv, greedy_pick, qgemv, sgemm, softmax, tensor_core_gemm, to_16bit
 from .runtime import require_cupy
 
 GEMV_MAX_M = 32             # linear() multiplies up to this many rows with gemv, more with sgemm
@@ -83,7 +84,8 @@ class CudaOps(NumpyOps):
     def linear_packed(self, x, w):
         """x @ w.T with w as stored (a Packed placed by weight()), never a float32 copy of it:
         up to QGEMV_MAX_M rows of x go through qgemv (float32 x, the weights dequantized in
-        registers, float32 sums); more through gemm_v6 on the tensor cores, x rounded to
+        registers, float32 sums); more through the tensor cores (gemm_v7 for 16-bit weights
+        on an sm_90 GPU, gemm_v6 otherwise: tensor_core_gemm), x rounded to
         float16 (bfloat16 for a bf16 weight) first, since that many rows make the product
         bound by arithmetic rather than by reading W. Output float32."""
         x = self.asarray(x, dtype=np.float32)
@@ -93,7 +95,7 @@ class CudaOps(NumpyOps):
         if rows.shape[0] <= QGEMV_MAX_M:
             y = qgemv(rows, w)
         else:
-            y = gemm_v6(to_16bit(rows, bf16=w.format == "bf16"), w)
+            y = tensor_core_gemm(to_16bit(rows, bf16=w.format == "bf16"), w)
         return y.reshape(*x.shape[:-1], w.shape[0])
 
     def matmul(self, a, b):

@@ -109,8 +109,9 @@ class KernelModule:
     templates are in every module; they are taken from the first group's. It counts the
     launches made through it, in all groups."""
 
-    def __init__(self, groups):
+    def __init__(self, groups, archs=None):
         self.groups = {group: tuple(names) for group, names in groups.items()}
+        self.archs = dict(archs or {})  # group -> the architecture it needs (e.g. "sm_90a")
         self.templates = tuple(name for names in self.groups.values() for name in names)
         self._group = {name: group for group, names in self.groups.items() for name in names}
         self.launches = 0       # kernels launched so far; CuPy's own array operations (such
@@ -135,6 +136,9 @@ class KernelModule:
         """The compiled module of `group`, compiled now if it is not yet."""
         if group not in self._modules:
             cupy = require_cupy()
+            if group in self.archs:
+                self._modules[group] = ArchModule(self.groups[group], self.archs[group])
+                return self._modules[group]
             try:
                 self._modules[group] = cupy.RawModule(code=kernel_source(),
                                                       name_expressions=self.groups[group])
@@ -145,8 +149,9 @@ class KernelModule:
     def use(self, module):
         """Launch every group's kernels from `module` instead of compiling (one module holding
         all the instances, e.g. kernels/dev/nvrtc_build.py's cubin as the dev harness loads it;
-        its get_function takes the names of `templates`)."""
-        self._modules = dict.fromkeys(self.groups, module)
+        its get_function takes the names of `templates`). The groups of another architecture
+        (`archs`) are left to compile on their own."""
+        self._modules = dict.fromkeys((g for g in self.groups if g not in self.archs), module)
         self._functions = {}
 
     def launch(self, name, grid, block, args, shared_mem=0, ordinary=False):
@@ -180,6 +185,48 @@ class KernelModule:
                        require_cupy().cuda.get_current_stream().ptr)
         else:
             function(grid, block, args, shared_mem=shared_mem)
+
+
+class ArchModule:
+    """A group compiled for an architecture of its own (e.g. "sm_90a", whose wgmma the generic
+    "sm_90" that CuPy compiles for does not have; CuPy's RawModule adds its own -arch, which
+    NVRTC refuses twice), by NVRTC through CuPy's bindings. get_function(name) as RawModule's."""
+
+    def __init__(self, names, arch):
+        cupy = require_cupy()
+        from cupy_backends.cuda.libs import nvrtc
+        cc = cupy.cuda.Device().compute_capability             # "90" for 9.0
+        if arch.rstrip("a") != f"sm_{cc}":                      # sm_90a runs on 9.0 only
+            raise DeviceError(f"kernels {', '.join(names)[:120]} need a GPU of compute "
+                              f"capability {arch[3:-2]}.{arch[-2]}; this one is {cc[:-1]}.{cc[-1]}")
+        prog = nvrtc.createProgram(kernel_source(), "kernels.cu", (), ())
+        try:
+            for name in names:
+                nvrtc.addNameExpression(prog, name)
+            try:
+                nvrtc.compileProgram(prog, ("-ftz=true", f"-arch={arch}"))
+            except nvrtc.NVRTCError:
+                raise DeviceError(f"kernels/*.cu failed to compile for {arch}: "
+                                  f"{nvrtc.getProgramLog(prog)[:2000]}") from None
+            self._lowered = {name: nvrtc.getLoweredName(prog, name) for name in names}
+            self._module = cupy.cuda.function.Module()
+            self._module.load(nvrtc.getCUBIN(prog))
+        finally:
+            nvrtc.destroyProgram(prog)
+
+    def get_function(self, name):
+        return _Launchable(self._module.get_function(self._lowered[name]))
+
+
+class _Launchable:
+    """A cupy.cuda.function.Function as KernelModule.launch calls RawModule's kernels:
+    .kernel (the function, for its attributes) and a call (grid, block, args, shared_mem)."""
+
+    def __init__(self, function):
+        self.kernel = function
+
+    def __call__(self, grid, block, args, shared_mem=0):
+        self.kernel(grid, block, args, shared_mem=shared_mem)
 
 
 def _static_shared(function):
