@@ -722,19 +722,21 @@ def qgemv_mma_plan(N, K, fmt, sms=None, nr=None, ks=None):
     7B wqkv and w13 at 1.1 and 1.3 waves: the whole batch-8 step 1.17x (q4_0) and 1.20x (int8)
     as fast with this one (H200, 2026-11-30). nr, ks: given instead (ks still at least x's
     minimum)."""
-    return _mma_plan(N, K, fmt, MMA_BLOCKS_PER_SM * (sms or sm_count()), nr, ks and int(ks))
+    return _mma_plan(N, K, MMA_SPAN[fmt], MMA_MAX_SLICE, (nr,) if nr else tuple(MMA_NR),
+                     MMA_BLOCKS_PER_SM * (sms or sm_count()), ks and int(ks))
 
 
 @functools.lru_cache(maxsize=1024)
-def _mma_plan(N, K, fmt, slots, nr, ks):
-    """qgemv_mma_plan's search for `slots` blocks at once, kept per shape: up to a wave's worth
-    of slice counts for each NR (264 on an H200), too many to try again at every eager launch of
-    a short matrix."""
-    span = MMA_SPAN[fmt]
+def _mma_plan(N, K, span, max_slice, nrs, slots, ks):
+    """qgemv_mma_plan's search over the NR of `nrs` for `slots` blocks at once, spans of `span`
+    positions and slices of at most `max_slice`, kept per shape: up to a wave's worth of slice
+    counts for each NR (264 on an H200), too many to try again at every eager launch of a short
+    matrix. Every setting it reads is an argument, so the cache's key: a dev tool that patches
+    MMA_SPAN, MMA_MAX_SLICE, MMA_NR or MMA_BLOCKS_PER_SM gets the plan of the patched values."""
     spans = cdiv(K, span)
-    fewest = max(cdiv(spans * span, MMA_MAX_SLICE), 1)             # x's slice fits shared memory
+    fewest = max(cdiv(spans * span, max_slice), 1)                 # x's slice fits shared memory
     best = None
-    for n in (nr,) if nr else MMA_NR:
+    for n in nrs:
         tiles = cdiv(N, 128 * n)
         for k in (max(ks, fewest),) if ks else range(fewest, max(fewest, slots // tiles) + 1):
             per_slice = cdiv(spans, min(k, spans))
