@@ -387,6 +387,27 @@ def test_launch_rules_follow_the_blocks_an_sm_set_when_called(monkeypatch):
         assert k._qgemv_v4_name(fmt, 1) == f"qgemv_v4<V4{fmt.upper()},1,{nr},1,3>"
 
 
+def test_mma_plan_follows_every_setting_it_reads(monkeypatch):
+    """qgemv_mma_plan's cache is keyed by every setting the plan reads: MMA_MAX_SLICE, MMA_SPAN
+    and MMA_NR patched after a first call (as a dev A/B script may) give the patched plan, not
+    the cached one, and the package's again once undone (no GPU)."""
+    k = pytest.importorskip("minillama.cuda.kernels")
+    package = k.qgemv_mma_plan(12288, 4096, "q4_0", sms=132)
+    assert package == (2, 5, 7)                        # slices of 7 spans of 128: 896 positions
+    monkeypatch.setattr(k, "MMA_MAX_SLICE", 512)
+    nr, ks, per_slice = k.qgemv_mma_plan(12288, 4096, "q4_0", sms=132)
+    assert per_slice * k.MMA_SPAN["q4_0"] <= 512 and ks >= 8
+    monkeypatch.undo()
+    monkeypatch.setitem(k.MMA_SPAN, "q4_0", 64)
+    nr, ks, per_slice = k.qgemv_mma_plan(12288, 4096, "q4_0", sms=132)
+    assert (nr, ks, per_slice) != package and (ks - 1) * per_slice < 4096 // 64 <= ks * per_slice
+    monkeypatch.undo()
+    monkeypatch.setattr(k, "MMA_NR", (1,))
+    assert k.qgemv_mma_plan(12288, 4096, "q4_0", sms=132)[0] == 1
+    monkeypatch.undo()
+    assert k.qgemv_mma_plan(12288, 4096, "q4_0", sms=132) == package
+
+
 @gpu
 def test_qgemv_rule_takes_v4s_where_it_splits(cuda, cp, monkeypatch):
     """kernels.qgemv's rule, on this GPU: qgemv_v4s for one row of q4_0 or q8_0 with a long K

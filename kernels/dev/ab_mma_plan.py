@@ -5,9 +5,11 @@
 kernels.qgemv_mma_plan takes, of every NR and count of slices, the fewest waves times a block's
 work (docs/kernels.md, "One wave"). This tool compares it with the rule before it, with its
 own search at NR 1 only, and with qgemv_mma at three blocks an SM (B3: the launch bounds and
-the plan's waves, half the loads in flight; not run yet), on a Llama-2-7B-shaped model's
-batch-8 step (ab_step.py: the step's graph captured per variant, logits checked, replays in
-interleaved rounds).
+the plan's waves, half the loads in flight), on a Llama-2-7B-shaped model's batch-8 step
+(ab_step.py: the step's graph captured per variant, logits checked, replays in interleaved
+rounds). On an H200 (2026-11-30, --rounds 7, ms) the rule won: q4_0 4.2395, before 4.9271,
+NR 1 only 4.7312, B3 4.5346; int8 4.9114, 5.6818, 5.4419, 5.4466 (docs/benchmarks.md,
+fourteenth run).
 """
 import contextlib
 import sys

@@ -12,6 +12,9 @@ each (ab_step.py: graphs captured per setting, logits checked, interleaved round
 put the candidates at 64 to 80 registers, with at most 24 bytes of spills (q4_0 with RMSNorm:
 1, 2, 3 and 2, 1, 3 none). A setting with another NR also moves the w2 products between v4 and
 qgemv_v4s (qgemv_v4s_wins reads QGEMV_V4), so the step measures the pair.
+
+On an H200 (2026-11-30, --rounds 7) the package's settings won: every candidate was slower, q4_0
+0.74 to 0.95x and int8 0.87 to 0.96x the package's step (docs/benchmarks.md, fourteenth run).
 """
 import sys
 from pathlib import Path

@@ -36,7 +36,11 @@ candidates, compiled beside them from the same sources plus variants.cu:
               GEMV timed alone, the digits made once beforehand (what it would cost if the
               kernel before wrote them)
     v4b       the package's qgemv_v4 at B blocks an SM (its launch bounds and grid, the
-              template's last parameter) in the (NR, U, B) of V4B_SHAPES; not run yet
+              template's last parameter) in the (NR, U, B) of V4B_SHAPES; checked on the
+              H200 (2026-11-30), not timed yet (that run's product launch was refused, its
+              shared memory cut by Modules.allow_shared, and the run stopped on the results'
+              prologue label; both fixed). On the whole step (ab_v4_blocks.py) every setting
+              of B 3 or 4 was slower than the package's B 2
 
 --only (these family names), --formats and --rows (batch sizes) build, check and time a part;
 by default all of it. With a part, the per-token sums that need the rest show nan. --shapes
@@ -48,7 +52,7 @@ failed launch and are left out).
     python kernels/dev/bench_variants.py --only splitk,v4,product --formats q4_0,q8_0 --rows 1 \
         --shapes wo,w2 --prologues                    # issue 10's short matrices
     python kernels/dev/bench_variants.py --only v4b,product --formats q4_0,q8_0 --rows 1 \
-        --prologues                                   # v4 at more blocks an SM (not run yet)
+        --prologues                                   # v4 at more blocks an SM
 
 Every instance is checked against float64 NumPy of the NumPy-dequantized weights (odd N and K,
 batches 1..64, outputs poisoned with NaN, the RMSNorm and SwiGLU prologues, accumulate, x in
@@ -332,35 +336,71 @@ class Modules:
 
     def allow_shared(self, name, shared_mem):
         """Let kernel `name` take `shared_mem` bytes of dynamic shared memory. Only ever
-        raised: lowering it for a smaller launch would fail a later, larger one with
-        CUDA_ERROR_INVALID_VALUE (what the first qgemv_v3 run met on the H200)."""
+        raised, above what the driver allows it now: lowering it for a smaller launch would
+        fail a later, larger one with CUDA_ERROR_INVALID_VALUE (what the first qgemv_v3 run met
+        on the H200). The attribute is the function's, and the package's launcher shares the
+        function where a family times a package instance under its own name (v4b's (2, 2, 2)
+        and (2, 4, 2), v4's nr2 u2 and nr2 u4): the 8320 bytes set for a q8_0 check's launch
+        (K 2080) left the package's RMSNorm qgemv_v4 on 7B wqkv (16 KiB: under the default
+        48 KiB, so KERNELS.launch never raises it) refused, CUDA_ERROR_INVALID_VALUE
+        (2026-11-30)."""
         # static and dynamic shared memory share the 48 KiB: qgemv_tc has 24 KiB static, so
         # its small-x launches (N=3, K=96, 32 rows: 26-37 KiB dynamic) needed the opt-in too
         if shared_mem > self.shared.get(name, 0):
-            cf.require_cupy().cuda.driver.funcSetAttribute(
-                self.function(name).kernel.ptr, MAX_DYNAMIC_SHARED_SIZE_BYTES, shared_mem)
-            self.shared[name] = shared_mem
+            driver, ptr = cf.require_cupy().cuda.driver, self.function(name).kernel.ptr
+            allowed = driver.funcGetAttribute(MAX_DYNAMIC_SHARED_SIZE_BYTES, ptr)
+            if shared_mem > allowed:
+                driver.funcSetAttribute(ptr, MAX_DYNAMIC_SHARED_SIZE_BYTES, shared_mem)
+            self.shared[name] = max(shared_mem, allowed)
 
     def launch(self, name, grid, block, args, shared_mem=0):
         f = self.function(name)
         self.allow_shared(name, shared_mem)
-        if self.log is None:
-            f(grid, block, args, shared_mem=shared_mem)
-            return
         try:
             f(grid, block, args, shared_mem=shared_mem)
         except Exception as e:                 # CUDA_ERROR_INVALID_VALUE and the like
-            self.log(f"  launch failed: {name} grid {grid} shared {shared_mem}: {e}")
+            if self.log is None:
+                raise RuntimeError(f"{self.describe(name, grid, block, shared_mem)}: {e}") from e
+            self.log(f"  launch failed: {self.describe(name, grid, block, shared_mem)}: {e}")
+
+    def describe(self, name, grid, block, shared_mem):
+        """A launch in words, for its failure: the instance, grid, block, the dynamic shared
+        memory asked for and what the function allows now."""
+        try:
+            allowed = cf.require_cupy().cuda.driver.funcGetAttribute(
+                MAX_DYNAMIC_SHARED_SIZE_BYTES, self.function(name).kernel.ptr)
+        except Exception:                      # a sticky error: the context answers no more
+            allowed = "?"
+        return f"{name} grid {grid} block {block} shared {shared_mem} B (allowed {allowed})"
 
 
 class PackageModule:
-    """The package's groups from the same cubins, for KERNELS.use (v1, gemv, gemm_v5)."""
+    """The package's groups from the same cubins, for KERNELS.use (v1, gemv, gemm_v5), each
+    function wrapped so that a failed launch names itself (DescribedFunction)."""
 
     def __init__(self, modules):
         self.modules = modules
 
     def get_function(self, name):
-        return self.modules.get_function(name)
+        return DescribedFunction(self.modules, name)
+
+
+class DescribedFunction:
+    """A package kernel as KERNELS launches it (its .kernel; called with grid, block, args),
+    whose failed launch says which it was, as Modules.launch's do: "product: failed" alone
+    did not say which of the package's launches the driver refused."""
+
+    def __init__(self, modules, name):
+        self.modules, self.name = modules, name
+        self.function = modules.function(name)
+        self.kernel = self.function.kernel
+
+    def __call__(self, grid, block, args, shared_mem=0):
+        try:
+            self.function(grid, block, args, shared_mem=shared_mem)
+        except Exception as e:
+            raise RuntimeError(f"{self.modules.describe(self.name, grid, block, shared_mem)}: "
+                               f"{e}") from e
 
 
 # ----------------------------------------------------------------------------
@@ -964,6 +1004,9 @@ def time_shape(M_, log, bw, rows, tag, N, K, fmts, batches, deadline, only=Only(
     if prologues and name in ("wqkv", "w13", "cls"):
         kw = dict(norm=cp.asarray(1 + 0.1 * np.random.default_rng(0).standard_normal(K),
                                   dtype=np.float32))
+    # the results' name of the launch: the keywords given and not False ("accumulate swiglu",
+    # "norm"); norm's value is a CuPy array, which has no truth value
+    prologue = " ".join(sorted(k for k, v in kw.items() if v is not False))
     for fmt in only.fmts(fmts):
         batches_ = [M for M in only.batches(batches) if only.candidates(fmt, M)]
         if not batches_:
@@ -998,7 +1041,7 @@ def time_shape(M_, log, bw, rows, tag, N, K, fmts, batches, deadline, only=Only(
                     continue
                 rows.append(dict(shape=tag, fmt=fmt, N=N, K=K, M=M, variant=label,
                                  us=t * 1e6, gbs=nbytes / t / 1e9, frac=nbytes / t / bw,
-                                 bytes=nbytes, prologue=" ".join(sorted(k for k in kw if kw[k]))))
+                                 bytes=nbytes, prologue=prologue))
         del copies, w
         cp.get_default_memory_pool().free_all_blocks()
 

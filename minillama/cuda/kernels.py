@@ -81,8 +81,9 @@ QGEMV_V2_PACKED = (1, 2, 4)        # ROWS, NR, U
 # qgemv_v4<Fmt, PRO, NR, U, B> (qgemv.cu): one row of x on q4_0 and q8_0 with the products in
 # integers (dp4a) over 8-bit digits of x; 1.16x (q4_0) and 1.04x (q8_0) v2's speed on the
 # Llama-2-7B matrices (H200, 2026-11-30, docs/kernels.md "One row in integers"). (NR, U, B):
-# B blocks an SM, its launch bounds and the grid's (min(tiles, B SMs), each block walking tiles);
-# B 3 and 4 are measured by kernels/dev/ab_v4_blocks.py and bench_variants.py's v4b, not yet run
+# B blocks an SM, its launch bounds and the grid's (min(tiles, B SMs), each block walking tiles).
+# B 3 and 4 measured slower on the whole 7B one-row step, 0.74 to 0.96x (H200, 2026-11-30,
+# kernels/dev/ab_v4_blocks.py; docs/benchmarks.md, fourteenth run)
 QGEMV_V4 = {"q4_0": (2, 2, 2), "q8_0": (2, 4, 2)}
 # qgemv_v4s<Fmt, PRO, NR, U> (qgemv.cu): v4 split over k, for one row of x on a long row of few
 # weight rows (qgemv_v4s_wins says where). (NR, U, slices of k asked for), the fastest of
@@ -120,7 +121,8 @@ GEMM_V5_DEFAULT = "128x128x4"
 # MMA_BLOCKS_PER_SM blocks an SM (B, its launch bounds); MMA_U[NR] steps of loads in flight.
 # At B 3 the q8_0 and q4_0 instances spill 108 to 232 bytes a thread with these U, 0 to 32 with
 # them halved (f16, bf16: 20 to 132, none; ptxas -v, NVRTC 13.0 sm_90), and bf16's 96 KiB
-# slices fit only two blocks an SM (kernels/dev/ab_mma_plan.py measures q8_0 and q4_0, not yet).
+# slices fit only two blocks an SM. Measured with U halved, B 3 lost: the 7B batch-8 step 0.93x
+# (q4_0) and 0.90x (q8_0) as fast (H200, 2026-11-30, kernels/dev/ab_mma_plan.py), so B stays 2.
 MMA_FORMATS = {"f16": "MmaF16", "bf16": "MmaBF16", "q8_0": "MmaQ8_0", "q4_0": "MmaQ4_0"}
 MMA_SPAN = {"f16": 32, "bf16": 32, "q8_0": 64, "q4_0": 128}     # positions of k per step
 MMA_NR = (1, 2)
@@ -736,19 +738,21 @@ def qgemv_mma_plan(N, K, fmt, sms=None, nr=None, ks=None):
     7B wqkv and w13 at 1.1 and 1.3 waves: the whole batch-8 step 1.17x (q4_0) and 1.20x (int8)
     as fast with this one (H200, 2026-11-30). nr, ks: given instead (ks still at least x's
     minimum)."""
-    return _mma_plan(N, K, fmt, MMA_BLOCKS_PER_SM * (sms or sm_count()), nr, ks and int(ks))
+    return _mma_plan(N, K, MMA_SPAN[fmt], MMA_MAX_SLICE, (nr,) if nr else tuple(MMA_NR),
+                     MMA_BLOCKS_PER_SM * (sms or sm_count()), ks and int(ks))
 
 
 @functools.lru_cache(maxsize=1024)
-def _mma_plan(N, K, fmt, slots, nr, ks):
-    """qgemv_mma_plan's search for `slots` blocks at once, kept per shape: up to a wave's worth
-    of slice counts for each NR (264 on an H200), too many to try again at every eager launch of
-    a short matrix."""
-    span = MMA_SPAN[fmt]
+def _mma_plan(N, K, span, max_slice, nrs, slots, ks):
+    """qgemv_mma_plan's search over the NR of `nrs` for `slots` blocks at once, spans of `span`
+    positions and slices of at most `max_slice`, kept per shape: up to a wave's worth of slice
+    counts for each NR (264 on an H200), too many to try again at every eager launch of a short
+    matrix. Every setting it reads is an argument, so the cache's key: a dev tool that patches
+    MMA_SPAN, MMA_MAX_SLICE, MMA_NR or MMA_BLOCKS_PER_SM gets the plan of the patched values."""
     spans = cdiv(K, span)
-    fewest = max(cdiv(spans * span, MMA_MAX_SLICE), 1)             # x's slice fits shared memory
+    fewest = max(cdiv(spans * span, max_slice), 1)                 # x's slice fits shared memory
     best = None
-    for n in (nr,) if nr else MMA_NR:
+    for n in nrs:
         tiles = cdiv(N, 128 * n)
         for k in (max(ks, fewest),) if ks else range(fewest, max(fewest, slots // tiles) + 1):
             per_slice = cdiv(spans, min(k, spans))
