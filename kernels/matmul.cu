@@ -602,14 +602,21 @@ struct V5PackedW {
     }
 
     __device__ __forceinline__ void store(unsigned int smem, unsigned int offset, int tid) const {
+        const unsigned int base = smem + offset;
+        store_at([&](int r, int kc) { return base + v5_swizzle(r, kc); }, tid);
+    }
+
+    // The same, into any layout: chunk(r, kc) is the shared address of the 16-byte chunk kc
+    // (weights 8 kc .. 8 kc + 7 of the block) of the tile's row r (gemm_v7's 128-byte rows)
+    template <class Chunk>
+    __device__ __forceinline__ void store_at(Chunk chunk, int tid) const {
 #pragma unroll
         for (int i = 0; i < ITEMS; ++i) {
             const int it = tid + i * THREADS, r = it >> 1, h = it & 1;
             uint4 out[2];
             v5_dequant<WF>(q[i], h, d[i] * 0x10001u, m[i] * 0x10001u, out);
-            const unsigned int base = smem + offset;
-            st_shared16(base + v5_swizzle(r, 2 * h), out[0]);
-            st_shared16(base + v5_swizzle(r, 2 * h + 1), out[1]);
+            st_shared16(chunk(r, 2 * h), out[0]);
+            st_shared16(chunk(r, 2 * h + 1), out[1]);
         }
     }
 };
@@ -951,9 +958,13 @@ gemm_v6(const unsigned short* __restrict__ A, const void* __restrict__ Wq,
 // of warpgroup g holds rows 64 g + 16 w + lane / 4 (+ 8), columns 8 j + 2 (lane % 4) (+ 1), the
 // mma.sync layout of a 16 x 8 tile repeated along N.
 //
-// Contract: float16 (or bfloat16) A and W, float32 C, any M and N, K % 8 == 0 (16-byte chunks;
-// the last k-tile zero-filled), 16-byte aligned A and W. Packed weights stay on v6 (their tiles
-// are unpacked through registers). Needs an sm_90 GPU and code compiled for sm_90a (the "a":
+// Packed weights (Q8_0, Q4_0, Q4_1) come in as v6's do (V5PackedW): a k-tile's two GGUF blocks
+// of each W row read into registers an iteration ahead, unpacked (v5_dequant) into the stage's
+// 128-byte rows by the CUDA cores while the tensor cores multiply the tile before.
+//
+// Contract: v5's and v6's. float16 (or bfloat16) A; W f16, bf16, Q8_0, Q4_0 or Q4_1; float32 C;
+// any M and N, K % 8 == 0 (16-byte chunks; the last k-tile zero-filled), K % 32 == 0 when
+// packed; 16-byte aligned A and W. Needs an sm_90 GPU and code compiled for sm_90a (the "a":
 // features of that chip only); minillama compiles this group so (kernels.py, GROUP_ARCH).
 // Dynamic shared memory: STAGES * (128 + BN) * 128 + 1024 bytes (the 1024 to align the base).
 
@@ -1034,12 +1045,14 @@ __device__ __forceinline__ void v7_load_tile(unsigned int tile, const unsigned s
     }
 }
 
-template <int BN, int STAGES, bool BF16>
+template <int BN, int STAGES, int WF>
 __global__ void __launch_bounds__(256, 1)
-gemm_v7(const unsigned short* __restrict__ A, const unsigned short* __restrict__ W,
+gemm_v7(const unsigned short* __restrict__ A, const void* __restrict__ Wq,
+        const unsigned short* __restrict__ Wd, const unsigned short* __restrict__ Wm,
         float* __restrict__ C, int M, int N, int K) {
     constexpr int A_BYTES = V7_BM * V7_BK * 2, STAGE_BYTES = (V7_BM + BN) * V7_BK * 2;
     constexpr int NH = BN / 128;                        // wgmma's of n 128 per k-step
+    constexpr bool BF16 = WF == V5_BF16, PACKED = WF >= V5_Q8_0;
     static_assert((BN == 128 || BN == 256) && STAGES >= 3, "tiles");
     extern __shared__ unsigned char gemm_v7_smem[];
     const unsigned int smem = (smem_addr(gemm_v7_smem) + 1023) & ~1023u;   // swizzle atoms
@@ -1047,12 +1060,29 @@ gemm_v7(const unsigned short* __restrict__ A, const unsigned short* __restrict__
     int tm, tn;
     v6_tile(blockIdx.x, (M + V7_BM - 1) / V7_BM, (N + BN - 1) / BN, tm, tn);
     const int m0 = tm * V7_BM, n0 = tn * BN;
-    const int T = (K + V7_BK - 1) / V7_BK;
+    const int T = (K + V7_BK - 1) / V7_BK, nb = K / 32;  // k-tiles; blocks per row (packed)
 
-    auto load = [&](int t) {                            // k-tile t into its stage
+    auto load = [&](int t) {                            // k-tile t into its stage, by cp.async
         const unsigned int stage = smem + (t % STAGES) * STAGE_BYTES;
         v7_load_tile<V7_BM>(stage, A, m0, M, K, t, tid);
-        v7_load_tile<BN>(stage + A_BYTES, W, n0, N, K, t, tid);
+        if (!PACKED)
+            v7_load_tile<BN>(stage + A_BYTES, static_cast<const unsigned short*>(Wq), n0, N, K,
+                             t, tid);
+    };
+    // A packed W as v6 reads it (V5PackedW), two GGUF blocks a row per k-tile: fetched into
+    // registers an iteration before they are unpacked into the stage's 128-byte rows
+    V5PackedW<WF, BN, 256> packed_w[2];
+    auto fetch_w = [&](int t) {
+#pragma unroll
+        for (int j = 0; j < 2; ++j)                     // block 2t + j; past the row: zeros
+            packed_w[j].fetch(Wq, Wd, Wm, n0, 2 * t + j < nb ? N : 0, nb, 2 * t + j, tid);
+    };
+    auto store_w = [&](int t) {
+        const unsigned int tile = smem + (t % STAGES) * STAGE_BYTES + A_BYTES;
+#pragma unroll
+        for (int j = 0; j < 2; ++j)
+            packed_w[j].store_at([&](int r, int kc) { return tile + v7_swizzle(r, 4 * j + kc); },
+                                 tid);
     };
 
     float d[NH][64];                                    // (64 x BN) of this warpgroup
@@ -1061,15 +1091,20 @@ gemm_v7(const unsigned short* __restrict__ A, const unsigned short* __restrict__
 #pragma unroll
         for (int i = 0; i < 64; ++i) d[h][i] = 0.0f;
 
-    // Prologue: tiles 0 .. STAGES-3 in flight, one commit group each (possibly empty)
+    // Prologue: tiles 0 .. STAGES-3 in flight, one commit group each (possibly empty); a packed
+    // W's unpacked into them at once, and tile STAGES-2's fetched
 #pragma unroll
     for (int t = 0; t < STAGES - 2; ++t) {
-        if (t < T) load(t);
+        if (t < T) {
+            load(t);
+            if (PACKED) { fetch_w(t); store_w(t); }
+        }
         cp_async_commit();
     }
+    if (PACKED && STAGES - 2 < T) fetch_w(STAGES - 2);
     for (int t = 0; t < T; ++t) {
         cp_async_wait<STAGES - 3>();                    // tile t has landed (this thread's)
-        fence_proxy_async();
+        fence_proxy_async();                            // (and its unpacked W, stored before)
         __syncthreads();                                // everyone's; and wgmma of t - 2 is done
         if (t + STAGES - 2 < T) load(t + STAGES - 2);   // into t - 2's buffer
         cp_async_commit();
@@ -1083,6 +1118,10 @@ gemm_v7(const unsigned short* __restrict__ A, const unsigned short* __restrict__
                 wgmma_m64n128k16<BF16>(d[h], v7_desc(sa + 32 * kk),
                                        v7_desc(sw + h * 128 * 128 + 32 * kk));
         wgmma_commit();
+        if (PACKED && t + STAGES - 2 < T) {             // while the tensor cores work
+            store_w(t + STAGES - 2);                    // fetched an iteration ago
+            if (t + STAGES - 1 < T) fetch_w(t + STAGES - 1);
+        }
         wgmma_wait<1>();                                // tile t - 1's batch has finished
     }
     wgmma_wait<0>();

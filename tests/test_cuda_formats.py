@@ -519,15 +519,21 @@ def needs_sm90(cp):
         pytest.skip("gemm_v7's wgmma runs on compute capability 9.0 only")
 
 
-# gemm_v7: 64-wide k-tiles (K = 72, 96, 160, 1000 end in a part of one), 128 x 128 or 256 tiles
-# cut by odd M and N, N odd (its 8-byte stores fall back to single floats), several L2 groups
+# gemm_v7: 64-wide k-tiles (K = 72, 96, 160, 1000 end in a part of one; K = 96, 160 and 4128
+# in one GGUF block of the last for packed weights), 128 x 128 or 256 tiles cut by odd M and N,
+# N odd (its 8-byte stores fall back to single floats), several L2 groups; the packed formats in
+# the default tile shape (the others are compiled for f16 and bf16)
 @gpu
 @pytest.mark.parametrize("config", ["128x256x4", "128x256x3", "128x128x6"])
-@pytest.mark.parametrize("fmt", ["f16", "bf16"])
-@pytest.mark.parametrize("M,N,K", GEMM_V6_SIZES + [(2100, 2049, 136), (1, 1, 8)])
+@pytest.mark.parametrize("fmt", STORED)
+@pytest.mark.parametrize("M,N,K", GEMM_V6_SIZES + [(2100, 2049, 136), (1, 1, 8), (77, 301, 4128)])
 def test_gemm_v7_matches_float64_of_the_16bit_inputs(cuda, cp, config, fmt, M, N, K):
     needs_sm90(cp)
+    if fmt in BLOCKED and (K % 32 or config != cuda.kernels.GEMM_V7_DEFAULT):
+        pytest.skip("block formats hold whole blocks of 32, in the default tile shape")
     packed, w64 = stored_weight(fmt, N, K)
+    if fmt in BLOCKED:                 # the kernels scale a block's codes in float16 arithmetic
+        w64 = w64.astype(np.float16).astype(np.float64)
     x = rng.standard_normal((M, K)).astype(np.float32)
     a = cuda.kernels.to_16bit(cp.asarray(x), bf16=fmt == "bf16")
     out = poison(cp, (M, N))
@@ -542,8 +548,9 @@ def test_gemm_v7_rejects_misuse(cuda, cp):
     q4 = stored_weight("q4_0", 8, 64)[0].map(cp.asarray)
     f16 = stored_weight("f16", 8, 64)[0].map(cp.asarray)
     a = cp.ones((2, 64), np.float16)
+    other = next(c for c in k.GEMM_V7_CONFIGS if c != k.GEMM_V7_DEFAULT)
     cases = [
-        (lambda: k.gemm_v7(a, q4), "f16 or bf16 weights, got q4_0; use gemm_v6"),
+        (lambda: k.gemm_v7(a, q4, config=other), "f16 and bf16 weights only, got q4_0"),
         (lambda: k.gemm_v7(a, f16, config="256x128x4"), "config"),
         (lambda: k.gemm_v7(a.astype(np.float32), f16), "float16"),
         (lambda: k.gemm_v7(cp.ones((2, 32), np.float16), f16), "(N, K)"),

@@ -44,7 +44,8 @@ def kernels_to_run():
         fmts = CHECK_FORMATS if config == mk.GEMM_V6_DEFAULT else ("f16",)
         out.append((f"gemm_v6 {config}", mk.gemm_v6, config, fmts))
     if require_cupy().cuda.Device().compute_capability == "90":         # wgmma: sm_90a
-        out += [(f"gemm_v7 {config}", mk.gemm_v7, config, mk.GEMM_V7_FORMATS)
+        out += [(f"gemm_v7 {config}", mk.gemm_v7, config,
+                 CHECK_FORMATS if config == mk.GEMM_V7_DEFAULT else ("f16", "bf16"))
                 for config in mk.GEMM_V7_CONFIGS]
     return out
 

@@ -141,11 +141,11 @@ GEMM_V6_CONFIGS = {"128x256x3": (128, 256, 3), "128x256x4": (128, 256, 4),
                    "128x128x4": (128, 128, 4)}
 GEMM_V6_DEFAULT = "128x256x4"
 GEMM_V6_LDC = 72                   # matmul.cu's V6_LDC: floats per row of the epilogue's staging
-# gemm_v7<BN, STAGES, BF16>: Hopper's wgmma (matmul.cu), 128 x BN tiles, float16/bfloat16 W only.
-# A group of its own, compiled for sm_90a (its instructions exist on compute capability 9.0 only)
+# gemm_v7<BN, STAGES, WF>: Hopper's wgmma (matmul.cu), 128 x BN tiles, v5's weight formats. A
+# group of its own, compiled for sm_90a (its instructions exist on compute capability 9.0 only):
+# the default tile shape in every format, the others for the 16-bit ones
 GEMM_V7_CONFIGS = {"128x256x4": (256, 4), "128x256x3": (256, 3), "128x128x6": (128, 6)}
 GEMM_V7_DEFAULT = "128x128x6"      # 0.786 of cuBLAS, 128x256x4 0.762 (bench_gemm, 2026-11-30)
-GEMM_V7_FORMATS = ("f16", "bf16")
 GROUP_ARCH = {"gemm_v7": "sm_90a"}
 # qgemv_k<Fmt, ROWS, PRO> and kquant_to_f16<Fmt> (qgemv_k.cu): the k-quants with kernels of
 # their own, and the planes each reads: (codes, high bits, integer scales, d, dmin)
@@ -194,8 +194,9 @@ def _templates():
     groups["gemm_v6"] = [_gemm_v6_name(fmt, GEMM_V6_DEFAULT) for fmt in GEMM_V5_FORMATS]
     groups["gemm_v6"] += [_gemm_v6_name("f16", config) for config in GEMM_V6_CONFIGS
                           if config != GEMM_V6_DEFAULT]
-    groups["gemm_v7"] = [_gemm_v7_name(fmt, config) for fmt in GEMM_V7_FORMATS
-                         for config in GEMM_V7_CONFIGS]
+    groups["gemm_v7"] = [_gemm_v7_name(fmt, config) for fmt in GEMM_V5_FORMATS
+                         for config in GEMM_V7_CONFIGS
+                         if config == GEMM_V7_DEFAULT or fmt in ("f16", "bf16")]
     groups["f32"] = [_qgemv_v2_name("f32", rows, pro, *QGEMV_V2_F32) for rows in QGEMV_V2_F32_ROWS
                      for pro in GEMV_PROLOGUES.values()]      # compiled once a batch needs it
     groups["f32batch"] = [f"gemv_v3<{rows},{nr},{pro}>" for rows, nr in GEMV_V3_TILES.items()
@@ -218,9 +219,9 @@ def _gemm_v6_name(fmt, config):
 
 
 def _gemm_v7_name(fmt, config):
-    """gemm_v7's instance for a 16-bit format and a tile shape of GEMM_V7_CONFIGS."""
+    """gemm_v7's instance for a format and a tile shape of GEMM_V7_CONFIGS."""
     bn, stages = GEMM_V7_CONFIGS[config]
-    return f"gemm_v7<{bn},{stages},{_cpp_bool(fmt == 'bf16')}>"
+    return f"gemm_v7<{bn},{stages},{GEMM_V5_FORMATS[fmt]}>"
 
 
 def _qgemv_v2_name(fmt, rows, pro, nr, u):
@@ -952,31 +953,29 @@ def gemm_v6_smem(config):
 
 
 def gemm_v7(a, w, out=None, config=GEMM_V7_DEFAULT):
-    """gemm_v5's product for 16-bit weights (w a Packed f16 or bf16, a float16 or bfloat16 bits
-    to match; (M, N) float32 out), by gemm_v7 (matmul.cu: Hopper's wgmma, straight from shared
-    memory). config: a tile shape of GEMM_V7_CONFIGS. Needs a GPU of compute capability 9.0;
-    packed weights go through gemm_v6."""
+    """gemm_v5's product, operands and result, by gemm_v7 (matmul.cu: Hopper's wgmma, straight
+    from shared memory). config: a tile shape of GEMM_V7_CONFIGS; shapes other than
+    GEMM_V7_DEFAULT are compiled for f16 and bf16 weights only. Needs a GPU of compute
+    capability 9.0 (DeviceError otherwise)."""
     if config not in GEMM_V7_CONFIGS:
         raise DeviceError(f"config: expected one of {', '.join(GEMM_V7_CONFIGS)}, got {config!r}")
-    if getattr(w, "format", None) not in GEMM_V7_FORMATS:
-        raise DeviceError(f"w: gemm_v7 reads {' or '.join(GEMM_V7_FORMATS)} weights, got "
-                          f"{str(getattr(w, 'format', type(w).__name__))[:40]}; use gemm_v6")
-    w, (main, _, _), c = _gemm_operands("gemm_v7", a, w, out)
+    w, (main, d, m), c = _gemm_operands("gemm_v7", a, w, out)
+    if config != GEMM_V7_DEFAULT and w.format not in ("f16", "bf16"):
+        raise DeviceError(f"config: {config!r} is compiled for f16 and bf16 weights only, got "
+                          f"{w.format}; use {GEMM_V7_DEFAULT!r}")
     (M, N), K = c.shape, a.shape[1]
     if M == 0 or N == 0:
         return c
     bn, stages = GEMM_V7_CONFIGS[config]
     KERNELS.launch(_gemm_v7_name(w.format, config), (cdiv(M, 128) * cdiv(N, bn),), (256,),
-                   (a, main, c, i32(M), i32(N), i32(K)), shared_mem=gemm_v7_smem(config))
+                   (a, main, d, m, c, i32(M), i32(N), i32(K)), shared_mem=gemm_v7_smem(config))
     return c
 
 
 def tensor_core_gemm(a, w, out=None):
-    """The tensor-core product that prompts go through: gemm_v7 for float16/bfloat16 weights on
-    a GPU that has wgmma (compute capability 9.0), gemm_v6 otherwise (its default tile shape)."""
-    if getattr(w, "format", None) in GEMM_V7_FORMATS and _has_wgmma():
-        return gemm_v7(a, w, out)
-    return gemm_v6(a, w, out)
+    """The tensor-core product that prompts go through: gemm_v7 on a GPU that has wgmma
+    (compute capability 9.0), gemm_v6 elsewhere; each in its default tile shape."""
+    return gemm_v7(a, w, out) if _has_wgmma() else gemm_v6(a, w, out)
 
 
 def _has_wgmma():
