@@ -84,10 +84,10 @@ class CudaOps(NumpyOps):
     def linear_packed(self, x, w):
         """x @ w.T with w as stored (a Packed placed by weight()), never a float32 copy of it:
         up to QGEMV_MAX_M rows of x go through qgemv (float32 x, the weights dequantized in
-        registers, float32 sums); more through the tensor cores (gemm_v7 for 16-bit weights
-        on an sm_90 GPU, gemm_v6 otherwise: tensor_core_gemm), x rounded to
-        float16 (bfloat16 for a bf16 weight) first, since that many rows make the product
-        bound by arithmetic rather than by reading W. Output float32."""
+        registers, float32 sums); more through the tensor cores (gemm_v7 on an sm_90 GPU,
+        gemm_v6 otherwise: tensor_core_gemm), x rounded to float16 (bfloat16 for a bf16
+        weight) first, since that many rows make the product bound by arithmetic rather than
+        by reading W. Output float32."""
         x = self.asarray(x, dtype=np.float32)
         rows = x.reshape(-1, x.shape[-1])                                # (bsz * seqlen, in)
         if not rows.flags.c_contiguous or rows.data.ptr % 16:           # the kernels load

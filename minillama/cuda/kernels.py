@@ -15,10 +15,12 @@
     qgemv_mma(x, w)      the same on the tensor cores, x in exact 16-bit parts (qgemv_mma.cu)
     to_16bit(x)          float32 -> float16 (or bfloat16 bits), round to nearest (matmul.cu)
     gemm_v5(a, w)        a @ w.T on the tensor cores, a 16-bit (matmul.cu)
-    gemm_v6(a, w)        the same, the next version: what CudaOps runs prompts through
+    gemm_v6(a, w)        the same, the next version
+    gemm_v7(a, w)        the same on Hopper's wgmma (sm_90a); tensor_core_gemm picks v7 or v6:
+                         what CudaOps runs prompts through
 
-Each takes float32 CuPy arrays (C-contiguous where the kernel indexes by row length; gemm_v5
-and gemm_v6 16-bit ones) and raises DeviceError, naming the argument, on anything else,
+Each takes float32 CuPy arrays (C-contiguous where the kernel indexes by row length; gemm_v5,
+v6 and v7 16-bit ones) and raises DeviceError, naming the argument, on anything else,
 instead of failing inside CUDA. Each writes into `out` when given one, so a caller can reuse
 its buffers (FusedDecoder does).
 
