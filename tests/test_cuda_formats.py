@@ -484,11 +484,28 @@ GEMM_SIZES = [(1, 8, 32), (37, 127, 96), (65, 77, 1024), (128, 256, 1024), (300,
 GEMM_V6_SIZES = GEMM_SIZES + [(129, 33, 1000), (2100, 300, 96), (257, 516, 160)]
 
 
+def needs_sm90(cp):
+    if cp.cuda.Device().compute_capability != "90":
+        pytest.skip("gemm_v7's wgmma runs on compute capability 9.0 only")
+
+
+# v6 and v7 keep v5's contract. gemm_v7's 64-wide k-tiles: K = 72, 96, 160, 1000 end in a part
+# of one (and K = 96, 160, 4128 in one GGUF block of the last for packed weights); its 128 x 128
+# or 256 tiles cut by odd M and N, N odd (its 8-byte stores fall back to single floats); the
+# packed formats in its default tile shape (the others are compiled for f16 and bf16)
+GEMMS = [("gemm_v5", None), ("gemm_v6", None)] + [
+    ("gemm_v7", config) for config in ("128x256x4", "128x256x3", "128x128x6")]
+
+
 @gpu
-@pytest.mark.parametrize("gemm", ["gemm_v5", "gemm_v6"])       # v6 keeps v5's contract
+@pytest.mark.parametrize("gemm,config", GEMMS)
 @pytest.mark.parametrize("fmt", STORED)
-@pytest.mark.parametrize("M,N,K", GEMM_V6_SIZES)
-def test_gemm_matches_float64_of_the_16bit_inputs(cuda, cp, gemm, fmt, M, N, K):
+@pytest.mark.parametrize("M,N,K", GEMM_V6_SIZES + [(2100, 2049, 136), (1, 1, 8), (77, 301, 4128)])
+def test_gemm_matches_float64_of_the_16bit_inputs(cuda, cp, gemm, config, fmt, M, N, K):
+    if gemm == "gemm_v7":
+        needs_sm90(cp)
+        if fmt in BLOCKED and config != cuda.kernels.GEMM_V7_DEFAULT:
+            pytest.skip("gemm_v7's other tile shapes are compiled for f16 and bf16")
     if K % 32 and fmt in BLOCKED:
         pytest.skip("block formats hold whole blocks of 32")
     packed, w64 = stored_weight(fmt, N, K)
@@ -497,7 +514,8 @@ def test_gemm_matches_float64_of_the_16bit_inputs(cuda, cp, gemm, fmt, M, N, K):
     x = rng.standard_normal((M, K)).astype(np.float32)
     a = cuda.kernels.to_16bit(cp.asarray(x), bf16=fmt == "bf16")
     out = poison(cp, (M, N))
-    c = getattr(cuda.kernels, gemm)(a, packed.map(cp.asarray), out=out)
+    c = getattr(cuda.kernels, gemm)(a, packed.map(cp.asarray), out=out,
+                                    **({"config": config} if config else {}))
     assert c is out
     assert rel_err(c, rounded(x, fmt) @ w64.T) < 2e-3
 
@@ -512,34 +530,6 @@ def test_gemm_v6_tile_shapes_match_float64(cuda, cp, config, M, N, K):
     a = cuda.kernels.to_16bit(cp.asarray(x))
     c = cuda.kernels.gemm_v6(a, packed.map(cp.asarray), out=poison(cp, (M, N)), config=config)
     assert rel_err(c, rounded(x, "f16") @ w64.T) < 2e-3
-
-
-def needs_sm90(cp):
-    if cp.cuda.Device().compute_capability != "90":
-        pytest.skip("gemm_v7's wgmma runs on compute capability 9.0 only")
-
-
-# gemm_v7: 64-wide k-tiles (K = 72, 96, 160, 1000 end in a part of one; K = 96, 160 and 4128
-# in one GGUF block of the last for packed weights), 128 x 128 or 256 tiles cut by odd M and N,
-# N odd (its 8-byte stores fall back to single floats), several L2 groups; the packed formats in
-# the default tile shape (the others are compiled for f16 and bf16)
-@gpu
-@pytest.mark.parametrize("config", ["128x256x4", "128x256x3", "128x128x6"])
-@pytest.mark.parametrize("fmt", STORED)
-@pytest.mark.parametrize("M,N,K", GEMM_V6_SIZES + [(2100, 2049, 136), (1, 1, 8), (77, 301, 4128)])
-def test_gemm_v7_matches_float64_of_the_16bit_inputs(cuda, cp, config, fmt, M, N, K):
-    needs_sm90(cp)
-    if fmt in BLOCKED and (K % 32 or config != cuda.kernels.GEMM_V7_DEFAULT):
-        pytest.skip("block formats hold whole blocks of 32, in the default tile shape")
-    packed, w64 = stored_weight(fmt, N, K)
-    if fmt in BLOCKED:                 # the kernels scale a block's codes in float16 arithmetic
-        w64 = w64.astype(np.float16).astype(np.float64)
-    x = rng.standard_normal((M, K)).astype(np.float32)
-    a = cuda.kernels.to_16bit(cp.asarray(x), bf16=fmt == "bf16")
-    out = poison(cp, (M, N))
-    c = cuda.kernels.gemm_v7(a, packed.map(cp.asarray), out=out, config=config)
-    assert c is out
-    assert rel_err(c, rounded(x, fmt) @ w64.T) < 2e-3
 
 
 @gpu
