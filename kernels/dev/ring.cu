@@ -329,15 +329,11 @@ decode_ring(const int* __restrict__ step, const float* __restrict__ tok_embeddin
         o.cache_k = L.cache_k;
         o.cache_v = L.cache_v;
         const int t = 2 + 15 * l;        // stamps of layer l: per stage, input / sums / barrier
-        auto stage = [&](int at, int m, int what, float* y) {    // after its input is staged
-            stamp(at);
-            o.y = y;
-            matrix_stage(m, what);
-            stamp(at + 1);
-            stage_end();
-            stamp(at + 2);
-        };
-        stage(t, 4 * l, RING_QKV, nullptr);
+        stamp(t);
+        matrix_stage(4 * l, RING_QKV);
+        stamp(t + 1);
+        stage_end();
+        stamp(t + 2);
 
         stamp(t + 3);
         for (int head = blockIdx.x; head < n_heads; head += gridDim.x)
@@ -348,12 +344,29 @@ decode_ring(const int* __restrict__ step, const float* __restrict__ tok_embeddin
         stamp(t + 5);
 
         stage_input<INPUT_PLAIN>(stage_smem, att, q_dim, 1, q_dim, nullptr, 0.0f, scratch);
-        stage(t + 6, 4 * l + 1, RING_ADD, h);
+        stamp(t + 6);
+        o.y = h;
+        matrix_stage(4 * l + 1, RING_ADD);
+        stamp(t + 7);
+        stage_end();
+        stamp(t + 8);
+
         stage_input<INPUT_RMSNORM>(stage_smem, h, dim, 1, dim, L.ffn_norm, eps, scratch);
-        stage(t + 9, 4 * l + 2, RING_STORE, h13);
+        stamp(t + 9);
+        o.y = h13;
+        matrix_stage(4 * l + 2, RING_STORE);
+        stamp(t + 10);
+        stage_end();
+        stamp(t + 11);
+
         stage_input<INPUT_SWIGLU>(stage_smem, h13, 2 * hidden, 1, hidden, nullptr, 0.0f,
                                   scratch);
-        stage(t + 12, 4 * l + 3, RING_ADD, h);
+        stamp(t + 12);
+        o.y = h;
+        matrix_stage(4 * l + 3, RING_ADD);
+        stamp(t + 13);
+        stage_end();
+        stamp(t + 14);
     }
     stage_input<INPUT_RMSNORM>(stage_smem, h, dim, 1, dim, norm, eps, scratch);
     stamp(2 + 15 * n_layers);
