@@ -21,7 +21,7 @@
 //   v6  v5 with 64 x 64 warp tiles, fragments double-buffered in registers, one barrier per
 //       k-tile, an L2-friendly tile order and C stored through shared memory
 //   v7  Hopper's wgmma: warpgroups multiply straight from shared memory, asynchronously
-//       (float16/bfloat16 weights; sm_90 only)
+//       (v5's weight formats; compiled for sm_90a: compute capability 9.0 only)
 //
 // v1..v4 handle any M, N, K (edges are zero-padded on load and masked on store); v5, v6, v7 any
 // M, N and K % 8 == 0 (K % 32 == 0 for packed weights).

@@ -9,11 +9,15 @@ Decoding goes through what the backend's decoder(model) returns, as the generati
 the fused one-token step (FusedDecoder, its CUDA graphs) is what those tests exercise.
 
 The last tests need no GPU: minillama.cuda imports without CuPy, and asking for cuda where there
-is no CuPy must be a DeviceError, and exit status 2 on the command line.
+is no CuPy must be a DeviceError, and exit status 2 on the command line; KernelModule's groups of
+an architecture of their own (gemm_v7's sm_90a) run against a stand-in CuPy and NVRTC.
 """
+import itertools
 import json
 import subprocess
 import sys
+import types
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -999,3 +1003,155 @@ def test_a_template_instance_no_group_names_is_refused_in_one_line():
     with pytest.raises(DeviceError, match=r"'qgemv_v4<V4Q4_0,1,2,2,7>' is not among"):
         KERNELS.launch("qgemv_v4<V4Q4_0,1,2,2,7>", (1,), (1,), ())
     assert "qgemv_v4<V4Q4_0,1,2,2,2>" in KERNELS.templates        # the package's own
+
+
+# ----------------------------------------------------------------------------
+# a group compiled for an architecture of its own (ArchModule: gemm_v7's sm_90a), against a
+# stand-in CuPy and NVRTC that record what KernelModule asks of them (these run everywhere)
+
+HANDLES = itertools.count(1)
+
+
+class FakeFunction:
+    """A CUDA function: its handle, and the dynamic shared memory of each launch of it."""
+
+    def __init__(self):
+        self.ptr, self.launches = next(HANDLES), []
+
+    def __call__(self, grid, block, args, shared_mem=0):
+        self.launches.append(shared_mem)
+
+
+class FakeModule:
+    """cupy.cuda.function.Module: the cubin loaded, its functions by (lowered) name."""
+
+    def __init__(self):
+        self.cubin, self.functions = None, {}
+
+    def load(self, cubin):
+        self.cubin = cubin
+
+    def get_function(self, name):
+        return self.functions.setdefault(name, FakeFunction())
+
+
+class FakeRawModule(FakeModule):
+    """A module as KernelModule.use takes one: its functions called as RawModule's are."""
+
+    def get_function(self, name):
+        return runtime._Launchable(super().get_function(name))
+
+
+class FakeDriver:
+    """The driver's function attributes: no static shared memory; the dynamic shared memory
+    granted, by function handle."""
+
+    def __init__(self):
+        self.granted = {}
+
+    def funcGetAttribute(self, attribute, ptr):
+        return 0
+
+    def funcSetAttribute(self, ptr, attribute, value):
+        self.granted[ptr] = value
+
+
+class FakeNvrtc:
+    """cupy_backends' NVRTC bindings as ArchModule calls them: the options of the compilation
+    (which fails when asked to), and the programs not yet destroyed."""
+
+    class NVRTCError(Exception):
+        pass
+
+    def __init__(self, fail):
+        self.fail, self.options, self.live = fail, None, 0
+
+    def createProgram(self, source, name, headers, include_names):
+        self.live += 1
+        return self.live
+
+    def addNameExpression(self, prog, name):
+        pass
+
+    def compileProgram(self, prog, options):
+        self.options = options
+        if self.fail:
+            raise self.NVRTCError("NVRTC_ERROR_COMPILATION (6)")
+
+    def getProgramLog(self, prog):
+        return 'matmul.cu(1000): error: "wgmma" is undefined'
+
+    def getLoweredName(self, prog, name):
+        return "lowered " + name
+
+    def getCUBIN(self, prog):
+        return b"sm_90a cubin"
+
+    def destroyProgram(self, prog):
+        self.live -= 1
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    """make(compute_capability, fail=False) -> (cupy, nvrtc), the stand-ins installed."""
+    def make(cc, fail=False):
+        cupy = SimpleNamespace(cuda=SimpleNamespace(
+            Device=lambda: SimpleNamespace(compute_capability=cc, id=0), driver=FakeDriver(),
+            function=SimpleNamespace(Module=FakeModule)))
+        nvrtc = FakeNvrtc(fail)
+        libs = types.ModuleType("cupy_backends.cuda.libs")
+        libs.nvrtc = nvrtc
+        monkeypatch.setattr(runtime, "require_cupy", lambda: cupy)
+        monkeypatch.setitem(sys.modules, "cupy_backends.cuda.libs", libs)
+        return cupy, nvrtc
+    return make
+
+
+def v7_like():
+    """A KernelModule of an ordinary group and one compiled for sm_90a, as gemm_v7's."""
+    return runtime.KernelModule({"plain": ["a<1>"], "v7": ["k<1>", "k<2>"]}, {"v7": "sm_90a"})
+
+
+@pytest.mark.parametrize("cc,words", [("80", "8.0"), ("120", "12.0")])
+def test_an_arch_group_on_another_gpu_is_refused_in_one_line(fake_gpu, cc, words):
+    # sm_90a code runs on compute capability 9.0 only: elsewhere the group is refused before
+    # NVRTC is asked anything
+    _, nvrtc = fake_gpu(cc)
+    with pytest.raises(DeviceError, match=rf"^kernels k<1>, k<2> need a GPU of compute "
+                                          rf"capability 9\.0; this one is {words}$"):
+        v7_like().launch("k<2>", (1,), (256,), ())
+    assert nvrtc.options is None
+
+
+def test_an_arch_group_compiles_for_its_arch_and_gets_its_shared_memory(fake_gpu):
+    cupy, nvrtc = fake_gpu("90")
+    kernels, harness = v7_like(), FakeRawModule()
+    kernels.use(harness)                # a dev harness's module: the sm_90a group is not in it
+    kernels.launch("k<2>", (4,), (256,), (), shared_mem=197632)
+    assert "-arch=sm_90a" in nvrtc.options and nvrtc.live == 0
+    module = kernels.module("v7")._module
+    assert module.cubin == b"sm_90a cubin" and list(module.functions) == ["lowered k<2>"]
+    function = module.functions["lowered k<2>"]
+    assert cupy.cuda.driver.granted == {function.ptr: 197632}   # the function's own handle
+    assert function.launches == [197632]
+    kernels.launch("a<1>", (1,), (32,), ())
+    assert list(harness.functions) == ["a<1>"]                  # the others from the harness's
+
+
+def test_an_arch_group_that_fails_to_compile_says_so(fake_gpu):
+    _, nvrtc = fake_gpu("90", fail=True)
+    with pytest.raises(DeviceError, match=r"failed to compile for sm_90a: matmul\.cu\(1000\)"):
+        v7_like().launch("k<1>", (1,), (256,), ())
+    assert nvrtc.live == 0                                      # the program destroyed
+
+
+def test_use_grants_shared_memory_again_to_the_new_modules_functions(fake_gpu):
+    # dynamic shared memory over 48 KiB is an attribute of each function: a module taken by
+    # use() after launches from another needs it granted again
+    cupy, _ = fake_gpu("90")
+    kernels, first, second = v7_like(), FakeRawModule(), FakeRawModule()
+    for module in (first, second):
+        kernels.use(module)
+        kernels.launch("a<1>", (1,), (32,), (), shared_mem=100_000)
+    assert cupy.cuda.driver.granted == {first.functions["a<1>"].ptr: 100_000,
+                                        second.functions["a<1>"].ptr: 100_000}

@@ -88,8 +88,11 @@ class RingDecoder(PersistentDecoder):
     def run(self, bsz):
         if bsz != 1 or not self.ring:
             return super().run(bsz)
-        if self.ring < largest_unit(self.p) or self.ring % 16:
-            raise ValueError(f"ring {self.ring}: must hold {largest_unit(self.p)} bytes, in 16s")
+        # an item is at most ring_chunk bytes or one unit of rows: a ring that cannot hold the
+        # largest would leave its copy unissued and the kernel waiting for it forever
+        largest_item = max(largest_unit(self.p), self.ring_chunk)
+        if self.ring < largest_item or self.ring % 16:
+            raise ValueError(f"ring {self.ring}: must hold {largest_item} bytes (an item), in 16s")
         p, cp = self.p, self.cp
         cp.cuda.runtime.memsetAsync(self.counter.data.ptr, 0, 4,
                                     cp.cuda.get_current_stream().ptr)

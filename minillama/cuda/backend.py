@@ -28,7 +28,8 @@ from .kernels import bmm, gemv, greedy_pick, qgemv, sgemm, softmax, tensor_core_
 from .runtime import require_cupy
 
 GEMV_MAX_M = 32             # linear() multiplies up to this many rows with gemv, more with sgemm
-QGEMV_MAX_M = 64            # and with a Packed weight, up to this many with qgemv, more gemm_v6
+QGEMV_MAX_M = 64            # and with a Packed weight, up to this many with qgemv, more with
+                            # tensor_core_gemm (gemm_v7 or gemm_v6)
 
 
 class CudaOps(NumpyOps):

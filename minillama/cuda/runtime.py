@@ -153,6 +153,7 @@ class KernelModule:
         (`archs`) are left to compile on their own."""
         self._modules = dict.fromkeys((g for g in self.groups if g not in self.archs), module)
         self._functions = {}
+        self._shared = {}       # an attribute of each function: module's are granted anew
 
     def launch(self, name, grid, block, args, shared_mem=0, ordinary=False):
         """Launch kernel `name` on the current stream: grid and block are tuples of up to three
@@ -194,11 +195,11 @@ class ArchModule:
 
     def __init__(self, names, arch):
         cupy = require_cupy()
-        from cupy_backends.cuda.libs import nvrtc
-        cc = cupy.cuda.Device().compute_capability             # "90" for 9.0
-        if arch.rstrip("a") != f"sm_{cc}":                      # sm_90a runs on 9.0 only
+        cc, needs = cupy.cuda.Device().compute_capability, arch[3:].rstrip("a")   # "90", "90"
+        if needs != cc:                                         # sm_90a runs on 9.0 only
             raise DeviceError(f"kernels {', '.join(names)[:120]} need a GPU of compute "
-                              f"capability {arch[3:-2]}.{arch[-2]}; this one is {cc[:-1]}.{cc[-1]}")
+                              f"capability {_dotted(needs)}; this one is {_dotted(cc)}")
+        from cupy_backends.cuda.libs import nvrtc
         prog = nvrtc.createProgram(kernel_source(), "kernels.cu", (), ())
         try:
             for name in names:
@@ -216,6 +217,11 @@ class ArchModule:
 
     def get_function(self, name):
         return _Launchable(self._module.get_function(self._lowered[name]))
+
+
+def _dotted(capability):
+    """A compute capability as CuPy writes it ("90", "120") as NVIDIA does ("9.0", "12.0")."""
+    return f"{capability[:-1]}.{capability[-1]}"
 
 
 class _Launchable:
