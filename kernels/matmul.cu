@@ -1125,6 +1125,10 @@ gemm_v7(const unsigned short* __restrict__ A, const void* __restrict__ Wq,
         wgmma_wait<1>();                                // tile t - 1's batch has finished
     }
     wgmma_wait<0>();
+#pragma unroll
+    for (int h = 0; h < NH; ++h)         // the accumulators are read only after that wait: an
+#pragma unroll                          // empty asm that "writes" them ties the reads to it
+        for (int i = 0; i < 64; ++i) asm volatile("" : "+f"(d[h][i])::"memory");
 
     // Epilogue: row 64 wg + 16 warp + lane / 4 (+ 8), columns 8 j + 2 (lane % 4) (+ 1)
     const int r = m0 + wg * 64 + warp * 16 + lane / 4;
