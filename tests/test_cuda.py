@@ -17,6 +17,7 @@ import json
 import subprocess
 import sys
 import types
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -1155,3 +1156,13 @@ def test_use_grants_shared_memory_again_to_the_new_modules_functions(fake_gpu):
         kernels.launch("a<1>", (1,), (32,), (), shared_mem=100_000)
     assert cupy.cuda.driver.granted == {first.functions["a<1>"].ptr: 100_000,
                                         second.functions["a<1>"].ptr: 100_000}
+
+
+def test_the_dev_harnesses_parse():
+    """kernels/dev's harnesses run only on a GPU machine, so no other test imports them; each
+    must at least parse (a bracket lost in bench_variants.py was found only by reading)."""
+    dev = Path(__file__).resolve().parents[1] / "kernels" / "dev"
+    scripts = sorted(dev.glob("*.py"))
+    assert len(scripts) > 10, dev
+    for path in scripts:
+        compile(path.read_text(encoding="utf-8"), str(path), "exec")

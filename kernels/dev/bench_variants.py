@@ -275,8 +275,10 @@ def build(folder, arch, jobs, log, only=None, ptxas=False):
     only = only or Only()
     work = []
     if any(only.family(f) for f in ("v1", "product", "gemv")):
-        work += [(f"pkg-{g}", kernel_source(), list(n), options)       # (not gemm_v7's sm_90a:
-                 for g, n in mk.KERNELS.groups.items() if g not in mk.KERNELS.archs)   # none here)
+        # the package's groups, but for those of another architecture (gemm_v7's sm_90a):
+        # the harness launches none of them
+        work += [(f"pkg-{g}", kernel_source(), list(n), options)
+                 for g, n in mk.KERNELS.groups.items() if g not in mk.KERNELS.archs]
     src = variants_source()
     work += [(g, src, n, options) for g, n in names().items()
              if g == "gemm" and only.family("gemm")
