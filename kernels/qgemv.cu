@@ -717,6 +717,34 @@ qgemv_v2(const float* __restrict__ X, const uint4* __restrict__ qs,
 // staged at a time in (3 XU + 1) x 16 bytes per unit of dynamic shared memory (3.5 bytes a
 // value for q4_0, 4 for q8_0). Block: 256 threads; grid: any.
 
+// A unit of x as integers (v4_stage, v4s_unit_lane; kernels/dev/variants.cu's qgemv_i8): the
+// shift s that puts the unit's largest |x|, mx = m 2^e with m in [0.5, 1) (e from the exponent
+// bits; 0 and subnormals: e = -126), into [2^21, 2^22); at most 126, so that 2^s and 2^-s are
+// normal floats, exact factors
+__device__ __forceinline__ int v4_shift(float mx) {
+    const int e = (int)((__float_as_uint(mx) >> 23) & 0xFF) - 126;
+    return min(22 - e, 126);
+}
+
+// 2^e for e in [-126, 127], from its exponent bits (here and in qgemv_mma.cu)
+__device__ __forceinline__ float pow2(int e) {
+    return __uint_as_float((unsigned int)(127 + e) << 23);
+}
+
+// What a unit's sums are scaled by: 2^-s, or NaN where the unit held a value not finite.
+// (2^-s written out, not pow2(-s): with that, two qgemv_v4s instances compiled to other SASS.)
+__device__ __forceinline__ float v4_unscale(int s, bool finite) {
+    return finite ? __uint_as_float((unsigned int)(127 - s) << 23) : __uint_as_float(0x7FC00000u);
+}
+
+// xi = p[2] 2^16 + p[1] 2^8 + p[0]: three signed 8-bit digits, p[0] and p[1] in [-128, 127]
+__device__ __forceinline__ void v4_digits(int xi, int (&p)[3]) {
+    p[0] = (int)((unsigned int)xi << 24) >> 24;      // the signed low byte
+    const int r = (xi - p[0]) >> 8;                  // exact: the rest
+    p[1] = (int)((unsigned int)r << 24) >> 24;
+    p[2] = (r - p[1]) >> 8;
+}
+
 __device__ __forceinline__ int dp4a_u8s8(unsigned int a, unsigned int b, int c) {
     int d;                                       // c + sum of 4 unsigned bytes x signed bytes
     asm("dp4a.u32.s32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
@@ -774,10 +802,8 @@ __device__ __forceinline__ void v4_stage(const float* __restrict__ xr, int k4, i
         mx = fmaxf(mx, fmaxf(fmaxf(fabsf(v[i].x), fabsf(v[i].y)), fmaxf(fabsf(v[i].z), fabsf(v[i].w))));
         finite = finite && isfinite(v[i].x) && isfinite(v[i].y) && isfinite(v[i].z) && isfinite(v[i].w);
     }
-    // mx = m 2^e with m in [0.5, 1), e from the exponent bits (0 and subnormals: e = -126)
-    const int e = (int)((__float_as_uint(mx) >> 23) & 0xFF) - 126;
-    const int s = min(22 - e, 126);              // 2^s and 2^-s: normal floats, exact factors
-    const float up = __uint_as_float((unsigned int)(127 + s) << 23);
+    const int s = v4_shift(mx);
+    const float up = pow2(s);
     unsigned int words[3][N4];
     int T[3] = {0, 0, 0};
 #pragma unroll
@@ -786,11 +812,8 @@ __device__ __forceinline__ void v4_stage(const float* __restrict__ xr, int k4, i
         unsigned int w[3] = {0u, 0u, 0u};
 #pragma unroll
         for (int b = 0; b < 4; ++b) {
-            const int xi = finite ? __float2int_rn(xv[b] * up) : 0;
-            const int p0 = (int)((unsigned int)xi << 24) >> 24;      // the signed low byte
-            const int r = (xi - p0) >> 8;                             // exact: the rest
-            const int p1 = (int)((unsigned int)r << 24) >> 24, p2 = (r - p1) >> 8;
-            const int p[3] = {p0, p1, p2};
+            int p[3];
+            v4_digits(finite ? __float2int_rn(xv[b] * up) : 0, p);
 #pragma unroll
             for (int k = 0; k < 3; ++k) {
                 T[k] += p[k];
@@ -806,8 +829,7 @@ __device__ __forceinline__ void v4_stage(const float* __restrict__ xr, int k4, i
         for (int u = 0; u < F::XU; ++u)
             xs[(k * F::XU + u) * CH + c] = make_uint4(words[k][4 * u], words[k][4 * u + 1],
                                                       words[k][4 * u + 2], words[k][4 * u + 3]);
-    const float scale = finite ? __uint_as_float((unsigned int)(127 - s) << 23)
-                               : __uint_as_float(0x7FC00000u);                      // NaN
+    const float scale = v4_unscale(s, finite);
     xs[3 * F::XU * CH + c] = make_uint4(T[0], T[1], T[2], __float_as_uint(scale));
 }
 
@@ -935,19 +957,15 @@ __device__ __forceinline__ void v4s_unit_lane(float4 v, bool mine, int c, int q,
         mx = fmaxf(mx, __shfl_xor_sync(FULL_MASK, mx, o));
         finite &= __shfl_xor_sync(FULL_MASK, finite, o);
     }
-    const int e = (int)((__float_as_uint(mx) >> 23) & 0xFF) - 126;
-    const int s = min(22 - e, 126);
-    const float up = __uint_as_float((unsigned int)(127 + s) << 23);
+    const int s = v4_shift(mx);
+    const float up = pow2(s);
     const float xv[4] = {v.x, v.y, v.z, v.w};
     unsigned int w[3] = {0u, 0u, 0u};
     int T[3] = {0, 0, 0};
 #pragma unroll
     for (int b = 0; b < 4; ++b) {
-        const int xi = finite ? __float2int_rn(xv[b] * up) : 0;
-        const int p0 = (int)((unsigned int)xi << 24) >> 24;
-        const int r = (xi - p0) >> 8;
-        const int p1 = (int)((unsigned int)r << 24) >> 24, p2 = (r - p1) >> 8;
-        const int p[3] = {p0, p1, p2};
+        int p[3];
+        v4_digits(finite ? __float2int_rn(xv[b] * up) : 0, p);
 #pragma unroll
         for (int k = 0; k < 3; ++k) {
             T[k] += p[k];
@@ -963,8 +981,7 @@ __device__ __forceinline__ void v4s_unit_lane(float4 v, bool mine, int c, int q,
 #pragma unroll
     for (int k = 0; k < 3; ++k)                         // plane k XU + q / 4, word q % 4
         words[((k * F::XU + q / 4) * CH + c) * 4 + q % 4] = w[k];
-    const float scale = finite ? __uint_as_float((unsigned int)(127 - s) << 23)
-                               : __uint_as_float(0x7FC00000u);                      // NaN
+    const float scale = v4_unscale(s, finite);
     if (q == 0) xs[3 * F::XU * CH + c] = make_uint4(T[0], T[1], T[2], __float_as_uint(scale));
 }
 

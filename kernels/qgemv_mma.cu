@@ -235,8 +235,6 @@ __device__ __forceinline__ int mma_shift(float amax) {
     return amax == 0.0f || ex == 0xFF ? 0 : min(max(141 - ex, -126), 126);
 }
 
-__device__ __forceinline__ float pow2(int e) { return __int_as_float((127 + e) << 23); }
-
 // The float16 path's second pass: each row's largest |x| over the block, its exponent, and each
 // item's 8 float32 values read back, scaled and written over as two float16 parts.
 template <class F>

@@ -663,18 +663,14 @@ __device__ void i8_stage_unit(const float* __restrict__ X, int m, int M, int K, 
     bool finite = true;
 #pragma unroll
     for (int p = 0; p < 32; ++p) { mx = fmaxf(mx, fabsf(v[p])); finite = finite && isfinite(v[p]); }
-    const int e = (int)((__float_as_uint(mx) >> 23) & 0xFF) - 126;
-    const int s = min(22 - e, 126);
-    const float up = __uint_as_float((unsigned int)(127 + s) << 23);
+    const int s = v4_shift(mx);
+    const float up = pow2(s);
     unsigned int w[3][4][2] = {};                  // [digit][lane t][half]
     int T[3] = {0, 0, 0};
 #pragma unroll
     for (int p = 0; p < 32; ++p) {
-        const int xi = finite ? __float2int_rn(v[p] * up) : 0;
-        const int p0 = (int)((unsigned int)xi << 24) >> 24;
-        const int rest = (xi - p0) >> 8;
-        const int p1 = (int)((unsigned int)rest << 24) >> 24, p2 = (rest - p1) >> 8;
-        const int dig[3] = {p0, p1, p2};
+        int dig[3];
+        v4_digits(finite ? __float2int_rn(v[p] * up) : 0, dig);
 #pragma unroll
         for (int k = 0; k < 3; ++k) {
             T[k] += dig[k];
@@ -687,8 +683,7 @@ __device__ void i8_stage_unit(const float* __restrict__ X, int m, int M, int K, 
         xs.d01[at * 4 + t] = make_uint4(w[0][t][0], w[0][t][1], w[1][t][0], w[1][t][1]);
         xs.d2[at * 4 + t] = make_uint2(w[2][t][0], w[2][t][1]);
     }
-    const float scale = finite ? __uint_as_float((unsigned int)(127 - s) << 23)
-                               : __uint_as_float(0x7FC00000u);                      // NaN
+    const float scale = v4_unscale(s, finite);
     // The offset's share of the sums, taken off per output: OFFSET (256 T_1 + T_0) from
     // 256 S_1 + S_0; and from S_2, OFFSET T_2 with the float32 magic 1.5 2^23 added, so that the
     // sum's bits are 1.5 2^23 + S_2 - OFFSET T_2 as a float (|S_2| < 2^19, exact): the integer
