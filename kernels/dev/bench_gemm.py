@@ -43,7 +43,7 @@ def kernels_to_run():
     for config in mk.GEMM_V6_CONFIGS:
         fmts = CHECK_FORMATS if config == mk.GEMM_V6_DEFAULT else ("f16",)
         out.append((f"gemm_v6 {config}", mk.gemm_v6, config, fmts))
-    if require_cupy().cuda.Device().compute_capability == "90":         # wgmma: sm_90a
+    if mk.has_wgmma():                                                # gemm_v7: sm_90a
         out += [(f"gemm_v7 {config}", mk.gemm_v7, config,
                  CHECK_FORMATS if config == mk.GEMM_V7_DEFAULT else ("f16", "bf16"))
                 for config in mk.GEMM_V7_CONFIGS]

@@ -220,7 +220,7 @@ def bench_gemm(n=4096):
         before = {v: gpu_ms(lambda f=getattr(kernels, v): f(a, packed, out=c), reps=5, inner=2)
                   for v in ("gemm_v5", "gemm_v6")}
         ms = gpu_ms(lambda: kernels.tensor_core_gemm(a, packed, out=c), reps=5, inner=2)
-        version = "gemm_v7" if kernels._has_wgmma() else "gemm_v6"
+        version = "gemm_v7" if kernels.has_wgmma() else "gemm_v6"
     except Exception as e:
         return dict(row, ours=None, error=torch_compiled.one_line(e))
     ref = cp.matmul(a.astype(cp.float32), w.astype(cp.float32).T)

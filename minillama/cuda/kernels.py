@@ -977,11 +977,13 @@ def gemm_v7(a, w, out=None, config=GEMM_V7_DEFAULT):
 def tensor_core_gemm(a, w, out=None):
     """The tensor-core product that prompts go through: gemm_v7 on a GPU that has wgmma
     (compute capability 9.0), gemm_v6 elsewhere; each in its default tile shape."""
-    return gemm_v7(a, w, out) if _has_wgmma() else gemm_v6(a, w, out)
+    return gemm_v7(a, w, out) if has_wgmma() else gemm_v6(a, w, out)
 
 
-def _has_wgmma():
-    return require_cupy().cuda.Device().compute_capability == "90"
+def has_wgmma():
+    """Whether this GPU runs gemm_v7: the compute capability its group is compiled for
+    (GROUP_ARCH's "sm_90a": 9.0 only)."""
+    return require_cupy().cuda.Device().compute_capability == GROUP_ARCH["gemm_v7"][3:-1]
 
 
 def gemm_v7_smem(config):
