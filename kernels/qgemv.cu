@@ -164,15 +164,18 @@ typedef FmtQ4<true> FmtQ4_1;
 template <int ROWS>
 __device__ __forceinline__ void qgemv_inv_rms(const float* __restrict__ X, int m0, int M, int ldx,
                                               int K, float eps, float* inv_rms) {
-    // 1 / sqrt(mean(x^2) + eps) of rows m0 .. m0 + ROWS - 1, in every thread (as gemv).
-    __shared__ float scratch[32];
+    // 1 / sqrt(mean(x^2) + eps) of rows m0 .. m0 + ROWS - 1, in every thread (as gemv): every
+    // row's loads, then one block reduction for all of them
+    __shared__ float scratch[32 * ROWS];
+    float ss[ROWS];
 #pragma unroll
-    for (int r = 0; r < ROWS; ++r) {
-        const float ss = m0 + r < M ? thread_sum_squares(X + (size_t)(m0 + r) * ldx, K,
-                                                         threadIdx.x, blockDim.x)
-                                    : 0.0f;
-        inv_rms[r] = 1.0f / sqrtf(block_sum(ss, scratch) / K + eps);
-    }
+    for (int r = 0; r < ROWS; ++r)
+        ss[r] = m0 + r < M ? thread_sum_squares(X + (size_t)(m0 + r) * ldx, K, threadIdx.x,
+                                                blockDim.x)
+                           : 0.0f;
+    block_reduce_rows<SumOp, ROWS>(ss, scratch);
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r) inv_rms[r] = 1.0f / sqrtf(ss[r] / K + eps);
 }
 
 // inv_rms[r] for a row r known only at run time: indexing a register array by it would move

@@ -241,10 +241,14 @@ template <class F>
 __device__ void mma_scale_parts(unsigned int* xs, int units, const float (&big)[MMA_ROWS],
                                 int* shift, float* scratch) {
     const int row_words = mma_row_words(units);
+    float amax[MMA_ROWS];
+#pragma unroll
+    for (int r = 0; r < MMA_ROWS; ++r) amax[r] = big[r];
+    block_reduce_rows<MaxOp, MMA_ROWS>(amax, scratch);     // every thread gets the maxima
     int e[MMA_ROWS];
 #pragma unroll
     for (int r = 0; r < MMA_ROWS; ++r) {
-        e[r] = mma_shift(block_max(big[r], scratch));      // every thread gets the maximum
+        e[r] = mma_shift(amax[r]);
         if (threadIdx.x == r) shift[r] = e[r];
     }
     for (int i = threadIdx.x; i < MMA_ROWS * units * 4; i += blockDim.x) {
@@ -276,7 +280,7 @@ __device__ void mma_stage_x(const float* __restrict__ X, int m0, int M, int K, i
                             const float* __restrict__ norm_w, unsigned int* xs, float* ss,
                             int* shift) {
     const int ldx = PRO == GEMV_SWIGLU ? 2 * K : K, row_words = mma_row_words(units);
-    __shared__ float scratch[32];
+    __shared__ float scratch[32 * MMA_ROWS];
     float sq[MMA_ROWS], big[MMA_ROWS];
 #pragma unroll
     for (int r = 0; r < MMA_ROWS; ++r) sq[r] = big[r] = 0.0f;
@@ -315,10 +319,12 @@ __device__ void mma_stage_x(const float* __restrict__ X, int m0, int M, int K, i
         }
     }
     if (PRO == GEMV_RMSNORM) {
+        block_reduce_rows<SumOp, MMA_ROWS>(sq, scratch);
+        if (threadIdx.x < MMA_ROWS) {
+            float s = sq[0];
 #pragma unroll
-        for (int r = 0; r < MMA_ROWS; ++r) {
-            const float s = block_sum(sq[r], scratch);
-            if (threadIdx.x == 0) ss[r] = s;
+            for (int r = 1; r < MMA_ROWS; ++r) s = threadIdx.x == r ? sq[r] : s;
+            ss[threadIdx.x] = s;
         }
     }
     if (F::BF16) {

@@ -95,6 +95,25 @@ __device__ __forceinline__ float block_min(float v, float* scratch) {
     return block_reduce<MinOp>(v, scratch);
 }
 
+// block_reduce of R values at once (one per row of x): each value in the order block_reduce
+// takes (a butterfly in each warp, then one over the warps' partials), so the results are
+// bit for bit those of R calls, with 2 barriers instead of 2 R. `scratch` is R * 32 floats of
+// shared memory; every thread gets the R results.
+template <class Op, int R>
+__device__ __forceinline__ void block_reduce_rows(float (&v)[R], float* scratch) {
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    const int n_warps = (blockDim.x + 31) / 32;
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+        v[r] = warp_reduce<Op>(v[r]);
+        if (lane == 0) scratch[32 * r + warp] = v[r];
+    }
+    __syncthreads();
+#pragma unroll
+    for (int r = 0; r < R; ++r) v[r] = warp_reduce<Op>(lane < n_warps ? scratch[32 * r + lane] : Op::identity());
+    __syncthreads();
+}
+
 // This thread's share of sum_k row[k]^2, for RMSNorm's 1 / sqrt(mean(x^2) + eps): the float4s
 // start, start + stride, .. of the row (a block's thread: threadIdx.x and blockDim.x, then
 // block_sum; a warp's lane: lane and 32, then warp_sum; stride is unsigned, as blockDim.x is).
