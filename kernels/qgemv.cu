@@ -539,11 +539,15 @@ __device__ __forceinline__ void qgemv_walk(const float* __restrict__ X, const ui
     grid_launch_dependents();
     grid_dependency_wait();            // (reduce.cu) the weights are ours; x is the last kernel's
 
+    // RMSNorm after the sums (Step::LATE_NORM, V4Step's) where the row is one chunk, so that
+    // each output is written once; else inv_rms first, as the other steps do
+    constexpr bool LATE_STEP = Step::LATE_NORM && PRO == GEMV_RMSNORM;
+    const bool late = LATE_STEP && kc >= K;
     for (int m0 = 0; m0 < M; m0 += ROWS) {
         float inv_rms[ROWS];
 #pragma unroll
         for (int r = 0; r < ROWS; ++r) inv_rms[r] = 1.0f;
-        if (PRO == GEMV_RMSNORM) qgemv_inv_rms<ROWS>(X, m0, M, ldx, K, eps, inv_rms);
+        if (PRO == GEMV_RMSNORM && !late) qgemv_inv_rms<ROWS>(X, m0, M, ldx, K, eps, inv_rms);
 
         for (int k0 = 0; k0 < K; k0 += kc) {
             const int len = min(kc, K - k0), CH = len / F::WEIGHTS;
@@ -554,6 +558,10 @@ __device__ __forceinline__ void qgemv_walk(const float* __restrict__ X, const ui
             __syncthreads();
             Step::stage(X, m0, M, ldx, K, k0, len, CH, inv_rms, norm_w);
             __syncthreads();
+            float late_inv = 1.0f;
+            if constexpr (LATE_STEP) {
+                if (late) late_inv = Step::late_inv_rms(CH, K, eps);
+            }
 
             for (int n0 = n_first; n0 < N; n0 += tile_step) {
                 float acc[V];                             // acc[j * ROWS + r]
@@ -575,7 +583,8 @@ __device__ __forceinline__ void qgemv_walk(const float* __restrict__ X, const ui
                     const int idx = g * 32 + (lane >> SHIFT), j = idx / ROWS, r = idx % ROWS;
                     if (lane % (1 << SHIFT) == 0 && n0 + j < N && m0 + r < M) {
                         float* y = Y + (size_t)(m0 + r) * N + n0 + j;
-                        *y = (k0 > 0 || accumulate) ? *y + mine : mine;
+                        const float v = LATE_STEP ? mine * late_inv : mine;
+                        *y = (k0 > 0 || accumulate) ? *y + v : v;
                     }
                 }
             }
@@ -590,6 +599,7 @@ __device__ __forceinline__ void qgemv_walk(const float* __restrict__ X, const ui
 // directly.
 template <class F, int ROWS, int PRO, int NR, int U>
 struct V2Step {
+    static constexpr bool LATE_NORM = false;     // (V4Step's)
     static constexpr int PIECES = F::WEIGHTS / 4;
     static constexpr bool SCALED = F::LOADS_PER_BLOCK > 0;
     static constexpr int V = NR * ROWS;
@@ -790,18 +800,23 @@ struct V4Q8_0 {        // half a block: 16 signed codes, 4 to a word
 
 // Unit c of x (F::WEIGHTS values from float4 k4 of row xr, after the prologue) as digits:
 // plane k * XU + u of xs holds word 4u .. 4u + 3 of digit k; plane 3 XU holds (T_0, T_1, T_2,
-// 2^-s). Planes are CH uint4s apart, so the lanes of a warp read consecutive uint4s.
+// 2^-s). Planes are CH uint4s apart, so the lanes of a warp read consecutive uint4s. Returns,
+// with RMSNorm, the sum of the unit's x^2 before the prologue (for V4Step's late norm), else 0.
 template <class F, int PRO>
-__device__ __forceinline__ void v4_stage(const float* __restrict__ xr, int k4, int K,
-                                         const float* __restrict__ norm_w, float inv,
-                                         uint4* xs, int CH, int c) {
+__device__ __forceinline__ float v4_stage(const float* __restrict__ xr, int k4, int K,
+                                          const float* __restrict__ norm_w, float inv,
+                                          uint4* xs, int CH, int c) {
     constexpr int N4 = F::WEIGHTS / 4;
     float4 v[N4];
-    float mx = 0.0f;
+    float mx = 0.0f, ss = 0.0f;
     bool finite = true;
 #pragma unroll
     for (int i = 0; i < N4; ++i) {
         v[i] = gemv_x4<PRO>(xr, k4 + i, K, norm_w, inv);
+        if (PRO == GEMV_RMSNORM) {                   // the same loads: x itself, squared
+            const float4 r = gemv_x4<GEMV_PLAIN>(xr, k4 + i, K, norm_w, inv);
+            ss += (r.x * r.x + r.y * r.y) + (r.z * r.z + r.w * r.w);
+        }
         mx = fmaxf(mx, fmaxf(fmaxf(fabsf(v[i].x), fabsf(v[i].y)), fmaxf(fabsf(v[i].z), fabsf(v[i].w))));
         finite = finite && isfinite(v[i].x) && isfinite(v[i].y) && isfinite(v[i].z) && isfinite(v[i].w);
     }
@@ -834,21 +849,46 @@ __device__ __forceinline__ void v4_stage(const float* __restrict__ xr, int k4, i
                                                       words[k][4 * u + 2], words[k][4 * u + 3]);
     const float scale = v4_unscale(s, finite);
     xs[3 * F::XU * CH + c] = make_uint4(T[0], T[1], T[2], __float_as_uint(scale));
+    return ss;
 }
 
 // v4's step (ROWS = 1): x staged per unit as its digits (v4_stage), and for each 16-byte load the
 // three dp4a sums per weight row, the offset, one float32 value and one FFMA by d 2^-s.
+//
+// RMSNorm after the sums (LATE_NORM; qgemv_walk takes it where the whole row is one chunk):
+// the digits are those of x * norm_w, the unit's sum of x^2 goes beside its digits (after the
+// planes, a float per unit), and each warp turns the units' sums into inv_rms after the stage's
+// barrier and multiplies its outputs by it, y = inv_rms sum_k W x norm_w (qgemv_mma's order).
+// The walk then has no sum of squares of its own before the stage: one round trip to x and the
+// stage's barrier, where it had two round trips and three barriers (the bound that made it
+// worth writing: every normed product without its RMSNorm, 0.158 ms of a 1.616 ms 7B q4_0 step,
+// kernels/dev/ab_bounds.py, H200, 2026-11-30).
 template <class F, int PRO, int NR, int U>
 struct V4Step {
     static constexpr int META = 3 * F::XU;       // the digit planes, then (T, 2^-s)
+    static constexpr bool LATE_NORM = true;
 
     static __device__ __forceinline__ void stage(const float* __restrict__ X, int, int, int,
                                                  int K, int k0, int, int CH,
                                                  const float (&inv_rms)[1],
                                                  const float* __restrict__ norm_w) {
         extern __shared__ uint4 v4_xs[];
-        for (int c = threadIdx.x; c < CH; c += blockDim.x)
-            v4_stage<F, PRO>(X, (k0 + c * F::WEIGHTS) / 4, K, norm_w, inv_rms[0], v4_xs, CH, c);
+        float* unit_ss = reinterpret_cast<float*>(v4_xs + (META + 1) * CH);
+        for (int c = threadIdx.x; c < CH; c += blockDim.x) {
+            const float ss = v4_stage<F, PRO>(X, (k0 + c * F::WEIGHTS) / 4, K, norm_w,
+                                              inv_rms[0], v4_xs, CH, c);
+            if (PRO == GEMV_RMSNORM) unit_ss[c] = ss;
+        }
+    }
+
+    // 1 / sqrt(mean(x^2) + eps) from the units' sums, in every lane of the warp (after the
+    // stage's barrier; the same order in every warp)
+    static __device__ __forceinline__ float late_inv_rms(int CH, int K, float eps) {
+        extern __shared__ uint4 v4_xs[];
+        const float* unit_ss = reinterpret_cast<const float*>(v4_xs + (META + 1) * CH);
+        float ss = 0.0f;
+        for (int c = threadIdx.x % 32; c < CH; c += 32) ss += unit_ss[c];
+        return 1.0f / sqrtf(warp_sum(ss) / K + eps);
     }
 
     static __device__ __forceinline__ void multiply(const QBatch<F, NR, U>& cur, int u, int c,

@@ -192,6 +192,30 @@ def test_qgemv_v4_prologues_accumulate_and_chunks(cuda, cp, fmt):
                     smem=1)                      # x whole, or in chunks of k
 
 
+@gpu
+@pytest.mark.parametrize("fmt", V4_FORMATS)
+def test_qgemv_v4_rmsnorm_after_the_sums(cuda, cp, fmt):
+    """RMSNorm at one row: where x is staged whole, v4 stages the digits of x * norm_w and
+    multiplies each output by inv_rms after its sums (V4Step's late norm); in chunks of k, inv_rms
+    first. Both keep 1e-5 of float64 on an x over 60 binades, at a row length that is not a
+    multiple of a warp's sweep; a value of x that is not finite makes every output NaN."""
+    from minillama.model import rms_norm
+    N, K = 211, 4128
+    packed, w64 = stored_weight(fmt, N, K)
+    w = packed.map(cp.asarray)
+    x = (rng.standard_normal((1, K)) * 2.0 ** rng.integers(-30, 30, (1, K))).astype(np.float32)
+    g = (1 + 0.1 * rng.standard_normal(K)).astype(np.float32)
+    ref = rms_norm(x.astype(np.float64), g.astype(np.float64), 1e-5) @ w64.T
+    for smem in (cuda.kernels.QGEMV_SMEM, 1):                  # late, then inv_rms first
+        y = cuda.kernels.qgemv(cp.asarray(x), w, out=poison(cp, (1, N)), norm=cp.asarray(g),
+                               version=4, smem=smem)
+        assert rel_err(y, ref) < 1e-5, smem
+        bad = x.copy()
+        bad[0, rng.integers(K)] = np.inf
+        y = cuda.kernels.qgemv(cp.asarray(bad), w, norm=cp.asarray(g), version=4, smem=smem)
+        assert np.isnan(y.get()).all(), smem
+
+
 def test_qgemv_v4s_rule_splits_w2_like_shapes_only():
     """qgemv_v4s_wins (no GPU): one row of q4_0 or q8_0, no RMSNorm, K >= QGEMV_V4S_MIN_K, and
     v4's grid under a wave (N <= 8 NR x B x sms, QGEMV_V4's B: 2). The 7B on an H200 (132

@@ -498,7 +498,7 @@ def run_v4(M_, x, w, y, nr, u, pro=0, norm=None, accumulate=False, smem=V2_SMEM,
     fmt = fmt_of(w)
     N, K = w.shape
     assert x.shape[0] == 1, "qgemv_v4 takes one row of x"
-    unit_bytes = (3 * V4_XU[fmt] + 1) * 16
+    unit_bytes = (3 * V4_XU[fmt] + 1) * 16 + (4 if pro == 1 else 0)    # + RMSNorm's sums (_qgemv_v4)
     step = 32 * WEIGHTS[fmt]
     fits = K // WEIGHTS[fmt] * unit_bytes <= smem
     kc = K if fits else max(step, smem // unit_bytes * WEIGHTS[fmt] // step * step)

@@ -55,6 +55,11 @@ GEMV_ROWS = (1, 2, 4, 8)           # rows of x per warp in gemv<ROWS, VEC, PRO, 
 GEMV_PREFETCH = 4
 GEMV_PREFETCH_BLOCKS = 5
 GEMV_PROLOGUES = {None: 0, "rmsnorm": 1, "swiglu": 2}     # GEMV_PLAIN, _RMSNORM, _SWIGLU
+# gemv's RMSNorm with inv_rms after the sums (GEMV_RMSNORM_LATE, matmul.cu): one row of x,
+# float4 loads, where gemv_late_norm takes it (GEMV_LATE_NORM: "early", the launches with
+# early loads of W; "all"; "none")
+GEMV_RMSNORM_LATE = 3
+GEMV_LATE_NORM = "early"
 # softmax_block<V, THREADS>: one block of THREADS threads holds V values each, so rows of up to
 # V * THREADS floats. The smallest that fits is used; longer rows go to softmax_warp.
 SOFTMAX_BLOCKS = ((1, 1024), (2, 1024), (4, 1024), (8, 1024), (16, 1024), (32, 1024))
@@ -172,6 +177,7 @@ def _templates():
     common += [f"gemv<{rows},{_cpp_bool(vec)},{pro},0>" for rows in GEMV_ROWS
                for vec in (True, False) for pro in GEMV_PROLOGUES.values()]
     common += [f"gemv<1,true,{pro},{GEMV_PREFETCH}>" for pro in GEMV_PROLOGUES.values()]
+    common += [f"gemv<1,true,{GEMV_RMSNORM_LATE},{p}>" for p in (0, GEMV_PREFETCH)]
     common += [f"attention_decode<{width},{t}>" for width in ATTENTION_WIDTHS
                for t in CACHE_TYPES.values()]
     common += [f"decode_persistent<{b}>" for b in PERSISTENT_ROWS]
@@ -384,6 +390,8 @@ def gemv(x, w, out=None, accumulate=False, norm=None, eps=1e-5, swiglu=False, ve
     rows = next(r for r in GEMV_ROWS if r >= min(M, GEMV_ROWS[-1]))
     ksplit = gemv_ksplit(N, K)
     prefetch = gemv_prefetch(rows, vec, N, K, ksplit)
+    if prologue == GEMV_PROLOGUES["rmsnorm"] and gemv_late_norm(rows, vec, prefetch):
+        prologue = GEMV_RMSNORM_LATE
     KERNELS.launch(f"gemv<{rows},{_cpp_bool(vec)},{prologue},{prefetch}>",
                    (cdiv(N, 8 // ksplit), cdiv(M, rows)), (256,),
                    (x, w, y, i32(M), i32(N), i32(K), i32(bool(accumulate)),
@@ -494,6 +502,15 @@ def gemv_prefetch(rows, vec, N, K, ksplit, sms=None):
     fits = K // 4 <= GEMV_PREFETCH * 32 * ksplit
     one_wave = cdiv(N * ksplit, 8) <= GEMV_PREFETCH_BLOCKS * (sms or sm_count())
     return GEMV_PREFETCH if rows == 1 and vec and fits and one_wave else 0
+
+
+def gemv_late_norm(rows, vec, prefetch):
+    """Whether gemv applies RMSNorm after its sums (GEMV_RMSNORM_LATE) on a launch of `rows`
+    rows of x a warp, float4 loads or not (vec), `prefetch` float4s of W before the wait: one
+    row with float4 loads, and as GEMV_LATE_NORM says."""
+    if rows != 1 or not vec or GEMV_LATE_NORM == "none":
+        return False
+    return GEMV_LATE_NORM == "all" or prefetch > 0
 
 
 def gemv_ksplit(N, K, sms=None):
@@ -805,11 +822,14 @@ def _qgemv_v2(x, planes, y, fmt, rows, nr, u, prologue, accumulate, norm, eps, s
 def _qgemv_v4(x, planes, y, fmt, prologue, accumulate, norm, eps, smem=QGEMV_SMEM):
     """Launch qgemv_v4 on one row of x (checked by the caller). x is staged in units of the
     values one 16-byte load of W meets (32 for q4_0, 16 for q8_0), 3 x 16 bytes of digits and
-    16 of sums and scale per unit per plane of 16 values: K at once where `smem` allows, else in
-    chunks of a warp's sweep (32 loads). B blocks an SM (QGEMV_V4: its launch bounds)."""
+    16 of sums and scale per unit per plane of 16 values, and with RMSNorm 4 more, the unit's
+    sum of squares: K at once where `smem` allows (then the kernel applies RMSNorm after the
+    sums, V4Step's late norm), else in chunks of a warp's sweep (32 loads). B blocks an SM
+    (QGEMV_V4: its launch bounds)."""
     (_, N), K = y.shape, x.shape[1] // (2 if prologue == GEMV_PROLOGUES["swiglu"] else 1)
     weights, (nr, _, blocks) = QGEMV_WEIGHTS[fmt], QGEMV_V4[fmt]
     unit_bytes = (3 * weights // 16 + 1) * 16     # 3 planes of digits per 16 values, (T, 2^-s)
+    unit_bytes += 4 if prologue == GEMV_PROLOGUES["rmsnorm"] else 0
     kc = _qgemv_chunk(K, 1, fmt, smem, unit_bytes)
     KERNELS.launch(_qgemv_v4_name(fmt, prologue), (min(cdiv(N, 8 * nr), blocks * sm_count()),),
                    (256,),
