@@ -1175,16 +1175,20 @@ gemm_v7(const unsigned short* __restrict__ A, const void* __restrict__ Wq,
 // step would have written:
 //
 //     GEMV_PLAIN     x[m, k]
-//     GEMV_RMSNORM   x[m, k] * inv_rms[m] * norm_w[k]       model.rms_norm; each block first
-//                    reduces its rows of x for inv_rms = 1 / sqrt(mean(x^2) + eps)
+//     GEMV_RMSNORM   x[m, k] * inv_rms[m] * norm_w[k]       model.rms_norm, inv_rms = 1 / sqrt(
+//                    mean(x^2) + eps) of the row: gemv, qgemv v1 and v2, qgemv_k and gemv_v3
+//                    reduce x for it first; qgemv_v4 (x staged whole), qgemv_mma and gemv's
+//                    GEMV_RMSNORM_LATE multiply their sums of W x norm_w by it at the end
 //     GEMV_SWIGLU    silu(x[m, k]) * x[m, K + k]            model.FeedForward's gate; rows of x
 //                    hold [h1 | h3] from the w13 matmul, so they are 2K long
 //
-// with the float32 operations in model.py's order, so the product sees the same values.
+// with the float32 operations in model.py's order, so the product sees the same values (but
+// for inv_rms after the sums: the same product, rounded a few units of the last place apart).
 
 #define GEMV_PLAIN 0
 #define GEMV_RMSNORM 1
 #define GEMV_SWIGLU 2
+#define GEMV_RMSNORM_LATE 3     // gemv's RMSNorm with inv_rms after the sums (gemv, below)
 
 __device__ __forceinline__ float silu(float x) { return x * (0.5f + 0.5f * tanhf(0.5f * x)); }
 
@@ -1215,14 +1219,21 @@ __device__ __forceinline__ float4 gemv_x4(const float* __restrict__ xr, int k4, 
 }
 
 // acc[r] += W[n, 4 k4 .. 4 k4 + 3] . x[m0 + r, same] for the ROWS rows, x after the prologue
-template <int ROWS, int PRO>
-__device__ __forceinline__ void gemv_add4(float* acc, const float4 wv, const float* __restrict__ X,
-                                          int m0, int M, int ldx, int k4, int K,
-                                          const float* __restrict__ norm_w, const float* inv_rms) {
+// (RMSNorm: inv_rms[r] 1 where it comes after the sums, LATE, and then ss[r] += the x^2 there)
+template <int ROWS, int PRO, bool LATE>
+__device__ __forceinline__ void gemv_add4(float* acc, float* ss, const float4 wv,
+                                          const float* __restrict__ X, int m0, int M, int ldx,
+                                          int k4, int K, const float* __restrict__ norm_w,
+                                          const float* inv_rms) {
 #pragma unroll
     for (int r = 0; r < ROWS; ++r) {
         if (m0 + r < M) {
-            const float4 xv = gemv_x4<PRO>(X + (size_t)(m0 + r) * ldx, k4, K, norm_w, inv_rms[r]);
+            const float* xr = X + (size_t)(m0 + r) * ldx;
+            const float4 xv = gemv_x4<PRO>(xr, k4, K, norm_w, inv_rms[r]);
+            if (LATE) {                                    // the same loads: x itself, squared
+                const float4 x = gemv_x4<GEMV_PLAIN>(xr, k4, K, norm_w, 1.0f);
+                ss[r] += (x.x * x.x + x.y * x.y) + (x.z * x.z + x.w * x.w);
+            }
             acc[r] = fmaf(wv.x, xv.x, acc[r]);
             acc[r] = fmaf(wv.y, xv.y, acc[r]);
             acc[r] = fmaf(wv.z, xv.z, acc[r]);
@@ -1253,7 +1264,10 @@ gemv(const float* __restrict__ X, const float* __restrict__ W, float* __restrict
     const int m0 = blockIdx.y * ROWS;
     const int ldx = PRO == GEMV_SWIGLU ? 2 * K : K;        // row length of X
     const bool active = n < N;                          // idle warps still reach the barriers
-    __shared__ float partial[8][ROWS];
+    // GEMV_RMSNORM_LATE is RMSNorm's arithmetic with inv_rms after the sums (below)
+    constexpr bool LATE = PRO == GEMV_RMSNORM_LATE;
+    constexpr int XPRO = LATE ? GEMV_RMSNORM : PRO;
+    __shared__ float partial[8][ROWS], partial_ss[LATE ? 8 : 1][ROWS];
     // The lane's first PREFETCH float4s of its row of W, k4 = slice * 32 + lane, + 32 ksplit,
     // ..: through L2 (__ldcg), since ptxas keeps ordinary loads on their side of the wait but
     // may move read-only ones (__ldg) across it (kernels/dev/wait_order.py lists the order).
@@ -1291,45 +1305,67 @@ gemv(const float* __restrict__ X, const float* __restrict__ W, float* __restrict
             inv_rms[r] = 1.0f / sqrtf(total / K + eps);
         }
     }
+    // GEMV_RMSNORM_LATE, RMSNorm after the sums: the loop multiplies W by x * norm_w and adds
+    // up each row's x^2 beside it, from the same loads, and inv_rms = 1 / sqrt(mean(x^2) + eps)
+    // scales the warp's total, y = inv_rms sum_k W x norm_w. Every warp sees the whole row (its
+    // lanes, or its k slices, which meet below), so no block-wide sum of squares comes first:
+    // one round trip to x after the wait, not a sum of squares, its barrier, then x.
     const float* w = W + (size_t)n * K;
-    float acc[ROWS];
+    float acc[ROWS], ss[ROWS];
 #pragma unroll
-    for (int r = 0; r < ROWS; ++r) acc[r] = 0.0f;
+    for (int r = 0; r < ROWS; ++r) acc[r] = ss[r] = 0.0f;
 
     if (active && VEC) {                                // K % 4 == 0, 16-byte aligned rows
         const float4* w4 = reinterpret_cast<const float4*>(w);
 #pragma unroll
         for (int i = 0; i < PREFETCH; ++i) {            // the loads made before the wait first
             const int k4 = slice * 32 + lane + i * 32 * ksplit;
-            if (k4 < K / 4) gemv_add4<ROWS, PRO>(acc, w_early[i], X, m0, M, ldx, k4, K, norm_w,
-                                                 inv_rms);
+            if (k4 < K / 4) gemv_add4<ROWS, XPRO, LATE>(acc, ss, w_early[i], X, m0, M, ldx, k4, K,
+                                                        norm_w, inv_rms);
         }
 #pragma unroll 4
         for (int k4 = slice * 32 + lane + PREFETCH * 32 * ksplit; k4 < K / 4; k4 += 32 * ksplit)
-            gemv_add4<ROWS, PRO>(acc, __ldg(w4 + k4), X, m0, M, ldx, k4, K, norm_w, inv_rms);
+            gemv_add4<ROWS, XPRO, LATE>(acc, ss, __ldg(w4 + k4), X, m0, M, ldx, k4, K, norm_w,
+                                        inv_rms);
     } else if (active) {
         for (int k = slice * 32 + lane; k < K; k += 32 * ksplit) {
             const float wv = __ldg(w + k);
 #pragma unroll
             for (int r = 0; r < ROWS; ++r)
-                if (m0 + r < M)
-                    acc[r] = fmaf(wv, gemv_x<PRO>(X + (size_t)(m0 + r) * ldx, k, K, norm_w,
-                                                  inv_rms[r]), acc[r]);
+                if (m0 + r < M) {
+                    const float* xr = X + (size_t)(m0 + r) * ldx;
+                    acc[r] = fmaf(wv, gemv_x<XPRO>(xr, k, K, norm_w, inv_rms[r]), acc[r]);
+                    if (LATE) {
+                        const float x = gemv_x<GEMV_PLAIN>(xr, k, K, norm_w, 1.0f);
+                        ss[r] = fmaf(x, x, ss[r]);
+                    }
+                }
         }
     }
 
-    float mine = 0.0f;                                  // lane r keeps row r's total
+    float mine = 0.0f, mine_ss = 0.0f;                  // lane r keeps row r's totals
 #pragma unroll
     for (int r = 0; r < ROWS; ++r) {
         const float total = warp_sum(acc[r]);
         if (lane == r) mine = total;
+        if (LATE) {
+            const float squares = warp_sum(ss[r]);
+            if (lane == r) mine_ss = squares;
+        }
     }
     if (ksplit > 1) {                                   // add the slices: warp `slice 0` does
-        if (lane < ROWS) partial[warp][lane] = mine;
+        if (lane < ROWS) {
+            partial[warp][lane] = mine;
+            if (LATE) partial_ss[warp][lane] = mine_ss;
+        }
         __syncthreads();
         if (slice == 0 && lane < ROWS)
-            for (int s = 1; s < ksplit; ++s) mine += partial[warp + s][lane];
+            for (int s = 1; s < ksplit; ++s) {
+                mine += partial[warp + s][lane];
+                if (LATE) mine_ss += partial_ss[warp + s][lane];
+            }
     }
+    if (LATE) mine *= 1.0f / sqrtf(mine_ss / K + eps);
     if (active && slice == 0 && lane < ROWS && m0 + lane < M) {
         float* y = Y + (size_t)(m0 + lane) * N + n;
         *y = accumulate ? *y + mine : mine;

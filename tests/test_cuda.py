@@ -313,7 +313,27 @@ def test_gemv_loads_w_before_its_wait_only_where_that_is_each_lanes_whole_row():
     assert early(864, 288, rows=2) == early(864, 288, vec=False) == 0
     assert early(32000, 288, sms=6400) == GEMV_PREFETCH                       # a larger GPU
     assert sorted(n for n in KERNELS.templates if n.startswith("gemv<") and not n.endswith(",0>")) \
-        == [f"gemv<1,true,{pro},{GEMV_PREFETCH}>" for pro in (0, 1, 2)]
+        == [f"gemv<1,true,{pro},{GEMV_PREFETCH}>" for pro in (0, 1, 2, 3)]     # 3: late norm
+
+
+def test_gemv_late_norm_rule_takes_one_row_of_float4s_as_gemv_late_norm_says(monkeypatch):
+    """kernels.gemv_late_norm: RMSNorm after the sums (GEMV_RMSNORM_LATE) only at one row with
+    float4 loads; there on the launches with early loads ("early", the package's), on all, or
+    on none, by GEMV_LATE_NORM."""
+    from minillama.cuda import kernels as k
+    cases = [(1, True, 4), (1, True, 0), (2, True, 4), (1, False, 0)]
+    assert k.GEMV_LATE_NORM == "early"
+    assert [k.gemv_late_norm(*c) for c in cases] == [True, False, False, False]
+    monkeypatch.setattr(k, "GEMV_LATE_NORM", "all")
+    assert [k.gemv_late_norm(*c) for c in cases] == [True, True, False, False]
+    monkeypatch.setattr(k, "GEMV_LATE_NORM", "none")
+    assert [k.gemv_late_norm(*c) for c in cases] == [False] * 4
+
+
+def gemv_prologue(k, pro, prefetch):
+    """The prologue gemv launches for `pro` (GEMV_PROLOGUES) at one row of float4s: RMSNorm
+    after the sums where gemv_late_norm takes it."""
+    return k.GEMV_RMSNORM_LATE if pro == 1 and k.gemv_late_norm(1, True, prefetch) else pro
 
 
 def launched_names(k, monkeypatch):
@@ -339,17 +359,20 @@ def decode_one_row_in_a_graph(k, ops, gpu_model, ref_model, steps, monkeypatch):
 
 
 @gpu
+@pytest.mark.parametrize("late", ["early", "all", "none"])
 @pytest.mark.parametrize("N,K,early", [(864, 288, True), (288, 768, True), (32000, 288, False),
                                        (33, 4096, True), (32000, 768, False), (300, 4104, False),
                                        (288, 4104, False)])
 def test_gemv_one_row_with_and_without_early_loads_matches_float64(cuda, cp, monkeypatch,
-                                                                   N, K, early):
+                                                                   N, K, early, late):
     """One row of x, each prologue and accumulate, on both gemv instances: with W's float4s
     loaded before the wait (the whole row of each lane: stories15M's products, and exactly 4
     float4s a lane at (33, 4096)), and without (longer rows, as stories110M's classifier, or
-    grids of more than one wave, as stories15M's). `early`: which one an H200 takes."""
+    grids of more than one wave, as stories15M's). `early`: which one an H200 takes. RMSNorm
+    first or after the sums (`late`: GEMV_LATE_NORM), each on both."""
     from minillama.model import rms_norm, silu
     k = cuda.kernels
+    monkeypatch.setattr(k, "GEMV_LATE_NORM", late)
     launched = launched_names(k, monkeypatch)
     prefetch = k.gemv_prefetch(1, True, N, K, k.gemv_ksplit(N, K))
     if k.sm_count() == 132:
@@ -368,7 +391,8 @@ def test_gemv_one_row_with_and_without_early_loads_matches_float64(cuda, cp, mon
     y = cp.asarray(y0)
     cuda.gemv(xg, wg, out=y, accumulate=True)
     assert rel_err(y, y0 + ref_linear(x, w)) < 1e-5
-    assert launched == [f"gemv<1,true,{pro},{prefetch}>" for pro in (0, 1, 2, 0)]
+    assert launched == [f"gemv<1,true,{gemv_prologue(k, pro, prefetch)},{prefetch}>"
+                        for pro in (0, 1, 2, 0)]
 
 
 @gpu
@@ -388,7 +412,8 @@ def test_gemv_early_loads_are_exact_where_the_row_is_longer_or_shorter(cuda, cp,
     ref = ref_linear(rms_norm(x.astype(np.float64), g.astype(np.float64), 1e-5), w)
     y = cuda.gemv(cp.asarray(x), cp.asarray(w), out=poison(cp, (1, N)), norm=cp.asarray(g))
     assert rel_err(y, ref) < 1e-5
-    assert launched == [f"gemv<1,true,{pro},{k.GEMV_PREFETCH}>" for pro in (0, 1)]
+    assert launched == [f"gemv<1,true,{gemv_prologue(k, pro, k.GEMV_PREFETCH)},{k.GEMV_PREFETCH}>"
+                        for pro in (0, 1)]
 
 
 @gpu
@@ -717,7 +742,8 @@ def test_one_row_graph_with_gemvs_early_loads_matches_float64(cuda, cp, monkeypa
     hd, qkv = p.dim // p.n_heads, (p.n_heads + 2 * p.n_kv_heads) * (p.dim // p.n_heads)
     products = [(qkv, p.dim, 1), (p.dim, p.n_heads * hd, 0), (2 * p.hidden_dim, p.dim, 1),
                 (p.dim, p.hidden_dim, 2), (p.vocab_size, p.dim, 1)]    # (N, K, prologue)
-    want = {f"gemv<1,true,{pro},{k.gemv_prefetch(1, True, N, K, k.gemv_ksplit(N, K))}>"
+    early = {(N, K): k.gemv_prefetch(1, True, N, K, k.gemv_ksplit(N, K)) for N, K, _ in products}
+    want = {f"gemv<1,true,{gemv_prologue(k, pro, early[N, K])},{early[N, K]}>"
             for N, K, pro in products}
     gemvs = {name for name in launched if name.startswith("gemv<")}
     assert gemvs == want and any(not name.endswith(",0>") for name in gemvs), gemvs
