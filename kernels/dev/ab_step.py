@@ -6,8 +6,8 @@ minillama.bench.gpu7b), its FusedDecoder step captured as a CUDA graph once per 
 variant a context manager that patches the rule while the step is run eagerly and captured),
 the logits of each variant's step checked against the first's, then the graphs replayed in
 interleaved rounds, so that clocks and neighbours weigh on all alike: medians, ms a step. The
-graphs are captured as FusedDecoder captures its own: programmatic launches up to
-PROGRAMMATIC_ROWS rows, ordinary ones above.
+graphs are captured as FusedDecoder captures its own (programmatic launches where
+FusedDecoder.programmatic says so), unless a variant patches PROGRAMMATIC.
 """
 import contextlib
 import sys
@@ -22,10 +22,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import profile_step                 # noqa: E402
 from minillama.bench import gpu7b, torch_compiled          # noqa: E402
 from minillama.cuda import CudaOps                         # noqa: E402
-from minillama.cuda.fused import PROGRAMMATIC_ROWS         # noqa: E402
 from minillama.model import Transformer                    # noqa: E402
 
 MISMATCH = 1e-4     # logits further than this from the first variant's (relative): flagged
+
+
+def PROGRAMMATIC(fused, bsz):
+    """Whether a variant's graph is captured with programmatic launches: as FusedDecoder
+    captures its own (a variant may patch this)."""
+    return fused.programmatic(bsz)
 
 
 def arguments(doc):
@@ -85,7 +90,7 @@ def ab_steps(cp, shape, dtype, batches, variants, rounds=7, max_seq_len=64, step
                 sync()
                 logits[label] = fused.logits[:bsz].get().copy()
                 graphs[label] = profile_step.captured(cp, lambda s: fused.run(bsz),
-                                                      programmatic=bsz <= PROGRAMMATIC_ROWS)
+                                                      programmatic=PROGRAMMATIC(fused, bsz))
         first = next(iter(logits.values()))
         diffs = {k: np.linalg.norm(v - first) / np.linalg.norm(first) for k, v in logits.items()}
         print(f"{shape} {dtype} batch {bsz}, logits against the first variant's: " + ", ".join(

@@ -23,8 +23,12 @@ from .runtime import i32, require_cupy
 
 # Programmatic launches (cuda/pdl.py), measured on an H200 (2026-11-29, graph replay of one
 # step): one row 3 to 11% faster (Llama-2-7B shape in q4_0, int8, float16; stories15M and
-# 110M); 8 and 32 rows up to 14% slower, so batches launch the ordinary way.
+# 110M); 8 and 32 rows of float32 up to 14% slower, so float32 batches launch the ordinary way.
+# Batches of a model kept as stored (qgemv_mma's launches, one wave each since its plan of
+# 2026-11-30) gained: the 7B step at 8 rows 8% (q4_0), 7% (int8) and 5% (float16) faster
+# (H200, 2026-11-30, kernels/dev/ab_bounds.py), so they take them up to PROGRAMMATIC_PACKED_ROWS.
 PROGRAMMATIC_ROWS = 1
+PROGRAMMATIC_PACKED_ROWS = 8
 
 
 class FusedDecoder:
@@ -112,6 +116,7 @@ class FusedDecoder:
         self.row_host = cupyx.empty_pinned((1 + nb,), dtype=np.int32)   # [start_pos, tokens]
         self.picks_host = cupyx.empty_pinned((self.MAX_STEPS, 2 * nb), dtype=np.int32)
         self.greedy_graphs = {}                              # (bsz, n) -> cupy.cuda.Graph, or None
+        self.packed = any(isinstance(w, Packed) for w in self._weights(model))
 
     def __call__(self, tokens, start_pos, use_graphs=True):
         bsz = tokens.shape[0]
@@ -222,16 +227,22 @@ class FusedDecoder:
                            (self.logits[:bsz], i32(vocab), i32(vocab),
                             device_address(self.picks_host[j]), i32(bsz), next_step))
 
+    def programmatic(self, bsz):
+        """Whether the graph of a step of bsz rows is captured with programmatic launches: one
+        row always, batches where the model's weights are kept as stored (PROGRAMMATIC_ROWS,
+        PROGRAMMATIC_PACKED_ROWS say why)."""
+        return bsz <= (PROGRAMMATIC_PACKED_ROWS if self.packed else PROGRAMMATIC_ROWS)
+
     def _capture(self, bsz, launches=None):
         """Record run(bsz), or what launches() launches, into a CUDA graph (nothing executes
-        while recording). Up to PROGRAMMATIC_ROWS rows, each kernel of the graph may start while
-        the one before it finishes (cuda/pdl.py; the eager launches stay CuPy's own, cheaper
-        from the host). Returns None, with a warning, where the driver refuses, and the eager
+        while recording). Where programmatic(bsz), each kernel of the graph may start while the
+        one before it finishes (cuda/pdl.py; the eager launches stay CuPy's own, cheaper from
+        the host). Returns None, with a warning, where the driver refuses, and the eager
         launches carry on."""
         cp = self.cp
         stream = cp.cuda.Stream(non_blocking=True)
         cp.cuda.get_current_stream().synchronize()
-        programmatic = KERNELS.programmatic() if bsz <= PROGRAMMATIC_ROWS else contextlib.nullcontext()
+        programmatic = KERNELS.programmatic() if self.programmatic(bsz) else contextlib.nullcontext()
         try:
             with stream, programmatic:
                 stream.begin_capture()
