@@ -1230,10 +1230,8 @@ __device__ __forceinline__ void gemv_add4(float* acc, float* ss, const float4 wv
         if (m0 + r < M) {
             const float* xr = X + (size_t)(m0 + r) * ldx;
             const float4 xv = gemv_x4<PRO>(xr, k4, K, norm_w, inv_rms[r]);
-            if (LATE) {                                    // the same loads: x itself, squared
-                const float4 x = gemv_x4<GEMV_PLAIN>(xr, k4, K, norm_w, 1.0f);
-                ss[r] += (x.x * x.x + x.y * x.y) + (x.z * x.z + x.w * x.w);
-            }
+            if (LATE)                                      // the same loads: x itself, squared
+                ss[r] += sum_squares4(gemv_x4<GEMV_PLAIN>(xr, k4, K, norm_w, 1.0f));
             acc[r] = fmaf(wv.x, xv.x, acc[r]);
             acc[r] = fmaf(wv.y, xv.y, acc[r]);
             acc[r] = fmaf(wv.z, xv.z, acc[r]);

@@ -813,10 +813,8 @@ __device__ __forceinline__ float v4_stage(const float* __restrict__ xr, int k4, 
 #pragma unroll
     for (int i = 0; i < N4; ++i) {
         v[i] = gemv_x4<PRO>(xr, k4 + i, K, norm_w, inv);
-        if (PRO == GEMV_RMSNORM) {                   // the same loads: x itself, squared
-            const float4 r = gemv_x4<GEMV_PLAIN>(xr, k4 + i, K, norm_w, inv);
-            ss += (r.x * r.x + r.y * r.y) + (r.z * r.z + r.w * r.w);
-        }
+        if (PRO == GEMV_RMSNORM)                     // the same loads: x itself, squared
+            ss += sum_squares4(gemv_x4<GEMV_PLAIN>(xr, k4 + i, K, norm_w, inv));
         mx = fmaxf(mx, fmaxf(fmaxf(fabsf(v[i].x), fabsf(v[i].y)), fmaxf(fabsf(v[i].z), fabsf(v[i].w))));
         finite = finite && isfinite(v[i].x) && isfinite(v[i].y) && isfinite(v[i].z) && isfinite(v[i].w);
     }

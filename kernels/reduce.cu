@@ -114,6 +114,12 @@ __device__ __forceinline__ void block_reduce_rows(float (&v)[R], float* scratch)
     __syncthreads();
 }
 
+// x^2 summed over the four values of a float4, in one order for every kernel that adds up
+// squares for RMSNorm (thread_sum_squares, v4_stage's units, gemv's late norm)
+__device__ __forceinline__ float sum_squares4(float4 v) {
+    return (v.x * v.x + v.y * v.y) + (v.z * v.z + v.w * v.w);
+}
+
 // This thread's share of sum_k row[k]^2, for RMSNorm's 1 / sqrt(mean(x^2) + eps): the float4s
 // start, start + stride, .. of the row (a block's thread: threadIdx.x and blockDim.x, then
 // block_sum; a warp's lane: lane and 32, then warp_sum; stride is unsigned, as blockDim.x is).
@@ -132,7 +138,7 @@ __device__ __forceinline__ float thread_sum_squares(const float* row, int K, int
 #pragma unroll 4
         for (int k4 = start; k4 < K / 4; k4 += stride) {
             const float4 v = __ldcg(row4 + k4);
-            ss += (v.x * v.x + v.y * v.y) + (v.z * v.z + v.w * v.w);
+            ss += sum_squares4(v);
         }
     } else {
 #pragma unroll 4
