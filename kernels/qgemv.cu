@@ -305,22 +305,13 @@ qgemv(const float* __restrict__ X, const uint4* __restrict__ qs,
         if (PRO == GEMV_RMSNORM) qgemv_inv_rms<ROWS>(X, m0, M, ldx, K, eps, inv_rms);
 
         for (int k0 = 0; k0 < K; k0 += kc) {          // chunks of k that fit shared memory
-            const int len = min(kc, K - k0), CH = len / F::WEIGHTS, len4 = len / 4;
+            const int len = min(kc, K - k0), CH = len / F::WEIGHTS;
             const int first = k0 / F::WEIGHTS;        // the chunk's first 16-byte load in a row
             if (!fetched && n_first < N)
                 next.fetch(qs, d, mn, n_first, N, lane, CH, first, loads_per_row, nb);
             fetched = false;
             __syncthreads();                          // the last chunk's readers are done
-            // (qgemv_stage_pieces' loop, written out: called here, it compiles to other SASS
-            // for v1's instances, which no GPU has run yet; written out, the SASS is v1's own)
-            for (int i = threadIdx.x; i < ROWS * len4; i += blockDim.x) {
-                const int r = i / len4, k4 = i % len4;
-                const float inv = row_inv_rms(inv_rms, r);
-                float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-                if (m0 + r < M)
-                    v = gemv_x4<PRO>(X + (size_t)(m0 + r) * ldx, k0 / 4 + k4, K, norm_w, inv);
-                qgemv_xs[(r * PIECES + k4 % PIECES) * CH + k4 / PIECES] = v;
-            }
+            qgemv_stage_pieces<F, ROWS, PRO>(X, m0, M, ldx, K, k0, len, CH, inv_rms, norm_w);
             __syncthreads();
 
             for (int n0 = n_first; n0 < N; n0 += tile_step) {
