@@ -48,8 +48,8 @@ def plain_norms():
 
 VARIANTS = {"package": contextlib.nullcontext,
             "plain norms": plain_norms,
-            "programmatic": lambda: patched(ab_step, "PROGRAMMATIC", lambda fused, bsz: True),
-            "ordinary": lambda: patched(ab_step, "PROGRAMMATIC", lambda fused, bsz: False),
+            "programmatic": lambda: patched(ab_step, "capture_programmatic", lambda fused, bsz: True),
+            "ordinary": lambda: patched(ab_step, "capture_programmatic", lambda fused, bsz: False),
             # gemv's RMSNorm after the sums (GEMV_RMSNORM_LATE) on no launch, on the launches
             # with early loads of W (the package's), on every one-row launch
             "late none": lambda: patched(kernels, "GEMV_LATE_NORM", "none"),

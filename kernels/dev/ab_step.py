@@ -7,7 +7,7 @@ variant a context manager that patches the rule while the step is run eagerly an
 the logits of each variant's step checked against the first's, then the graphs replayed in
 interleaved rounds, so that clocks and neighbours weigh on all alike: medians, ms a step. The
 graphs are captured as FusedDecoder captures its own (programmatic launches where
-FusedDecoder.programmatic says so), unless a variant patches PROGRAMMATIC.
+FusedDecoder.programmatic says so), unless a variant patches capture_programmatic.
 """
 import contextlib
 import sys
@@ -27,7 +27,7 @@ from minillama.model import Transformer                    # noqa: E402
 MISMATCH = 1e-4     # logits further than this from the first variant's (relative): flagged
 
 
-def PROGRAMMATIC(fused, bsz):
+def capture_programmatic(fused, bsz):
     """Whether a variant's graph is captured with programmatic launches: as FusedDecoder
     captures its own (a variant may patch this)."""
     return fused.programmatic(bsz)
@@ -90,7 +90,7 @@ def ab_steps(cp, shape, dtype, batches, variants, rounds=7, max_seq_len=64, step
                 sync()
                 logits[label] = fused.logits[:bsz].get().copy()
                 graphs[label] = profile_step.captured(cp, lambda s: fused.run(bsz),
-                                                      programmatic=PROGRAMMATIC(fused, bsz))
+                                                      programmatic=capture_programmatic(fused, bsz))
         first = next(iter(logits.values()))
         diffs = {k: np.linalg.norm(v - first) / np.linalg.norm(first) for k, v in logits.items()}
         print(f"{shape} {dtype} batch {bsz}, logits against the first variant's: " + ", ".join(
