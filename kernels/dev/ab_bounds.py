@@ -1,6 +1,7 @@
-"""Upper bounds before building: what a whole decode step would gain (development tool, needs a GPU).
+"""Bounds before building: what a whole decode step would gain (development tool, needs a GPU).
 
-    PYTHONPATH=. python kernels/dev/ab_bounds.py [--rounds 7] [--only 7b,stories,batches] [--variants ...]
+    PYTHONPATH=. python kernels/dev/ab_bounds.py [--rounds 7] [--only 7b,stories,batches]
+        [--variants ...]
 
 Two candidates, measured as bounds on the step they would change, before either is written:
 
@@ -46,10 +47,15 @@ def plain_norms():
     return patched(fused, "matvec", without)
 
 
+def captured(programmatic):
+    """The graph captured with programmatic launches, or without, whatever the rule says."""
+    return patched(ab_step, "capture_programmatic", lambda fused, bsz: programmatic)
+
+
 VARIANTS = {"package": contextlib.nullcontext,
             "plain norms": plain_norms,
-            "programmatic": lambda: patched(ab_step, "capture_programmatic", lambda fused, bsz: True),
-            "ordinary": lambda: patched(ab_step, "capture_programmatic", lambda fused, bsz: False),
+            "programmatic": lambda: captured(True),
+            "ordinary": lambda: captured(False),
             # gemv's RMSNorm after the sums (GEMV_RMSNORM_LATE) on no launch, on the launches
             # with early loads of W (the package's), on every one-row launch
             "late none": lambda: patched(kernels, "GEMV_LATE_NORM", "none"),
