@@ -474,49 +474,30 @@ typedef V2Q4<false> V2Q4_0;
 typedef V2Q4<true> V2Q4_1;
 
 // One tile of a warp: its NR weight rows from n0 along the chunk's CH loads (the lane's loads
-// lane, lane + 32 U, ..), in batches. Two batches take turns: while the warp computes on one,
-// the batch after it is already on its way into the other, further along this tile or the first
-// of the warp's next tile (n0 + tile_step, where that is below row_end), so that loads stay in
-// flight across the tile's end. `a` holds the tile's first batch on entry and the next tile's
-// on return; `b` is free. (With one batch copied out of the other before each fetch, the copy
-// waited for the batch to land before the next fetch could leave: one batch in flight, not two.)
-// Step::multiply adds each load times x into acc.
-template <class F, int NR, int U, class Step, int V>
-__device__ __forceinline__ void qgemv_batch(const QBatch<F, NR, U>& cur, int c0, int CH,
-                                            float (&acc)[V]) {
-#pragma unroll
-    for (int u = 0; u < U; ++u) {
-        const int c = c0 + 32 * u;
-        if (c >= CH) break;
-        Step::multiply(cur, u, c, CH, acc);
-    }
-}
-
+// lane, lane + 32 U, ..), each batch taken from `next` while the one after it is fetched:
+// further along this tile, or the first of the warp's next tile (n0 + tile_step, where that is
+// below row_end), so that loads stay in flight across the tile's end. Step::multiply adds each
+// load times x into acc.
 template <class F, int NR, int U, int V, class Step>
-__device__ __forceinline__ void qgemv_tile(QBatch<F, NR, U>& a, QBatch<F, NR, U>& b,
-                                           const uint4* __restrict__ qs,
+__device__ __forceinline__ void qgemv_tile(QBatch<F, NR, U>& next, const uint4* __restrict__ qs,
                                            const unsigned short* __restrict__ d,
                                            const unsigned short* __restrict__ mn, int n0,
                                            int tile_step, int row_end, int N, int CH, int first,
                                            int loads_per_row, int nb, float (&acc)[V]) {
     const int lane = threadIdx.x % 32;
-    auto fetch_after = [&](QBatch<F, NR, U>& into, int c0) {   // the batch after c0's
+    for (int c0 = lane; c0 < CH; c0 += 32 * U) {
+        const QBatch<F, NR, U> cur = next;
         const bool same = c0 + 32 * U < CH;
         const int n_next = same ? n0 : n0 + tile_step;
         if (n_next < row_end)
-            into.fetch(qs, d, mn, n_next, N, same ? c0 + 32 * U : lane, CH, first,
+            next.fetch(qs, d, mn, n_next, N, same ? c0 + 32 * U : lane, CH, first,
                        loads_per_row, nb);
-    };
-    for (int c0 = lane; c0 < CH; c0 += 64 * U) {
-        fetch_after(b, c0);
-        qgemv_batch<F, NR, U, Step>(a, c0, CH, acc);
-        const int c1 = c0 + 32 * U;
-        if (c1 >= CH) {                 // an odd count of batches: the next tile's first is in b
-            a = b;
-            return;
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            const int c = c0 + 32 * u;
+            if (c >= CH) break;
+            Step::multiply(cur, u, c, CH, acc);
         }
-        fetch_after(a, c1);
-        qgemv_batch<F, NR, U, Step>(b, c1, CH, acc);
     }
 }
 
@@ -543,7 +524,7 @@ __device__ __forceinline__ void qgemv_walk(const float* __restrict__ X, const ui
     const int tile_step = gridDim.x * warps * NR;
     const int n_first = (blockIdx.x * warps + warp) * NR;
 
-    QBatch<F, NR, U> next, spare;                 // qgemv_tile's two batches
+    QBatch<F, NR, U> next;
     bool fetched = n_first < N;
     if (fetched) next.fetch(qs, d, mn, n_first, N, lane, min(kc, K) / F::WEIGHTS, 0, loads_per_row, nb);
     grid_launch_dependents();
@@ -578,8 +559,8 @@ __device__ __forceinline__ void qgemv_walk(const float* __restrict__ X, const ui
 #pragma unroll
                 for (int i = 0; i < V; ++i) acc[i] = 0.0f;
 
-                qgemv_tile<F, NR, U, V, Step>(next, spare, qs, d, mn, n0, tile_step, N, N, CH,
-                                              first, loads_per_row, nb, acc);
+                qgemv_tile<F, NR, U, V, Step>(next, qs, d, mn, n0, tile_step, N, N, CH, first,
+                                              loads_per_row, nb, acc);
 
                 // the V sums over the warp, 32 (or all V) at a time; see qgemv
 #pragma unroll
@@ -1091,7 +1072,7 @@ __device__ __forceinline__ void v4s_walk(const Source& src, const uint4* __restr
     const int n_first = row0 + warp * NR;
 
     // The first loads do not depend on x: issued before the wait, as in v4.
-    QBatch<F, NR, U> next, spare;                 // qgemv_tile's two batches
+    QBatch<F, NR, U> next;
     if (n_first < row_end) next.fetch(qs, d, d, n_first, N, lane, CH, first, loads_per_row, nb);
     grid_launch_dependents();
     grid_dependency_wait();            // (reduce.cu) the weights are ours; x is the last kernel's
@@ -1103,9 +1084,8 @@ __device__ __forceinline__ void v4s_walk(const Source& src, const uint4* __restr
         float acc[NR];
 #pragma unroll
         for (int j = 0; j < NR; ++j) acc[j] = 0.0f;
-        qgemv_tile<F, NR, U, NR, V4Step<F, PRO, NR, U>>(next, spare, qs, d, d, n0, tile_step,
-                                                        row_end, N, CH, first, loads_per_row, nb,
-                                                        acc);
+        qgemv_tile<F, NR, U, NR, V4Step<F, PRO, NR, U>>(next, qs, d, d, n0, tile_step, row_end,
+                                                        N, CH, first, loads_per_row, nb, acc);
         // the NR sums over the warp; lane j << SHIFT holds row n0 + j's (qgemv_warp_sums)
         constexpr int SHIFT = NR == 8 ? 2 : NR == 4 ? 3 : NR == 2 ? 4 : 5;
         const float total = qgemv_warp_sums<NR>(acc);

@@ -373,63 +373,6 @@ struct MmaLoads {
     }
 };
 
-// One pass: the U steps of `cur` (steps s0 ..) times x's fragments, into acc (the fragment's
-// layout, below). x is the block's slice, xs its B fragments, units from step_begin.
-template <class F, int NR, int U>
-__device__ __forceinline__ void mma_pass(const MmaLoads<F, NR, U>& cur, int s0, int step_begin,
-                                         int step_end, const unsigned int* xs, int row_words,
-                                         float (&acc)[NR][4]) {
-    const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
-#pragma unroll
-    for (int s = 0; s < U; ++s) {
-        if (s0 + s >= step_end) break;
-        unsigned int w[NR][2][4];
-#pragma unroll
-        for (int j = 0; j < NR; ++j)
-#pragma unroll
-            for (int h = 0; h < 2; ++h) {
-                w[j][h][0] = cur.q[s][j][h].x; w[j][h][1] = cur.q[s][j][h].y;
-                w[j][h][2] = cur.q[s][j][h].z; w[j][h][3] = cur.q[s][j][h].w;
-                if (F::BLOCKS > 0) quad_transpose(w[j][h], t);
-            }
-#pragma unroll
-        for (int u = 0; u < F::UNITS; ++u) {
-            const int unit = (s0 + s - step_begin) * F::UNITS + u;
-            uint4 b[F::PARTS];                           // x's fragments, shared by the tiles
-#pragma unroll
-            for (int p = 0; p < F::PARTS; ++p)
-                b[p] = *reinterpret_cast<const uint4*>(
-                    xs + (p * MMA_ROWS + g) * row_words + 16 * unit + 4 * t);
-#pragma unroll
-            for (int j = 0; j < NR; ++j) {
-                unsigned int a[2][4];
-                F::unit(w[j][0], w[j][1], u, a);
-                // Each unit's sum starts from zero and is added to acc outside the
-                // tensor cores: their own additions round less finely than float32's
-                // (measured: 2e-5 after 4096 positions in one chain, 2e-7 this way).
-                float part[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-#pragma unroll
-                for (int p = 0; p < F::PARTS; ++p) {
-                    mma_16bit<F::BF16>(part, a[0], b[p].x, b[p].y);
-                    mma_16bit<F::BF16>(part, a[1], b[p].z, b[p].w);
-                }
-                if (F::BLOCKS == 0) {
-#pragma unroll
-                    for (int e = 0; e < 4; ++e) acc[j][e] += part[e];
-                } else {                                 // the block's scales, rows g, g + 8
-                    const unsigned int dd =
-                        __shfl_sync(FULL_MASK, cur.d[s][j], (lane & ~3) | u % (F::BLOCKS > 0 ? F::BLOCKS : 1));
-                    const float dg = f16_lo(dd), de = f16_hi(dd);
-                    acc[j][0] = fmaf(dg, part[0], acc[j][0]);
-                    acc[j][1] = fmaf(dg, part[1], acc[j][1]);
-                    acc[j][2] = fmaf(de, part[2], acc[j][2]);
-                    acc[j][3] = fmaf(de, part[3], acc[j][3]);
-                }
-            }
-        }
-    }
-}
-
 // Grid (tiles, ks); block 256 threads. Tile `blockIdx.x`: rows 128 NR tile .. + 128 NR - 1;
 // slice `blockIdx.y` of the k spans. Dynamic shared memory: F::PARTS * 8 * ROWW words.
 // scratch: ks * M * N floats of partial sums, then tiles * ks * M sums of squares;
@@ -458,7 +401,7 @@ qgemv_mma(const float* __restrict__ X, const uint4* __restrict__ qs,
     float* partial = scratch;                                   // (ks, M, N)
     float* sums = scratch + (size_t)ks * M * N;                 // (tiles, ks, M)
 
-    MmaLoads<F, NR, U> next, spare;                             // (the pass loop's two)
+    MmaLoads<F, NR, U> next;
     next.fetch(qs, d, row0, N, step_begin, step_end, chunks, nb, t);   // before x is staged
     grid_launch_dependents();
     grid_dependency_wait();            // (reduce.cu) the weights are ours; x is the last kernel's
@@ -476,15 +419,57 @@ qgemv_mma(const float* __restrict__ X, const uint4* __restrict__ qs,
 #pragma unroll
             for (int e = 0; e < 4; ++e) acc[j][e] = 0.0f;
 
-        // Two batches of loads take turns (qgemv.cu's qgemv_tile): the pass after this one is
-        // fetched into the other before this one is waited for, so two are in flight.
-        for (int s0 = step_begin; s0 < step_end; s0 += 2 * U) {
-            if (s0 + U < step_end) spare.fetch(qs, d, row0, N, s0 + U, step_end, chunks, nb, t);
-            mma_pass<F, NR, U>(next, s0, step_begin, step_end, mma_xs, row_words, acc);
-            if (s0 + U >= step_end) break;
-            if (s0 + 2 * U < step_end)
-                next.fetch(qs, d, row0, N, s0 + 2 * U, step_end, chunks, nb, t);
-            mma_pass<F, NR, U>(spare, s0 + U, step_begin, step_end, mma_xs, row_words, acc);
+        for (int s0 = step_begin; s0 < step_end; s0 += U) {
+            const MmaLoads<F, NR, U> cur = next;
+            if (s0 + U < step_end) next.fetch(qs, d, row0, N, s0 + U, step_end, chunks, nb, t);
+#pragma unroll
+            for (int s = 0; s < U; ++s) {
+                if (s0 + s >= step_end) break;
+                unsigned int w[NR][2][4];
+#pragma unroll
+                for (int j = 0; j < NR; ++j)
+#pragma unroll
+                    for (int h = 0; h < 2; ++h) {
+                        w[j][h][0] = cur.q[s][j][h].x; w[j][h][1] = cur.q[s][j][h].y;
+                        w[j][h][2] = cur.q[s][j][h].z; w[j][h][3] = cur.q[s][j][h].w;
+                        if (F::BLOCKS > 0) quad_transpose(w[j][h], t);
+                    }
+#pragma unroll
+                for (int u = 0; u < F::UNITS; ++u) {
+                    const int unit = (s0 + s - step_begin) * F::UNITS + u;
+                    uint4 b[F::PARTS];                           // x's fragments, shared by the tiles
+#pragma unroll
+                    for (int p = 0; p < F::PARTS; ++p)
+                        b[p] = *reinterpret_cast<const uint4*>(
+                            mma_xs + (p * MMA_ROWS + g) * row_words + 16 * unit + 4 * t);
+#pragma unroll
+                    for (int j = 0; j < NR; ++j) {
+                        unsigned int a[2][4];
+                        F::unit(w[j][0], w[j][1], u, a);
+                        // Each unit's sum starts from zero and is added to acc outside the
+                        // tensor cores: their own additions round less finely than float32's
+                        // (measured: 2e-5 after 4096 positions in one chain, 2e-7 this way).
+                        float part[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+                        for (int p = 0; p < F::PARTS; ++p) {
+                            mma_16bit<F::BF16>(part, a[0], b[p].x, b[p].y);
+                            mma_16bit<F::BF16>(part, a[1], b[p].z, b[p].w);
+                        }
+                        if (F::BLOCKS == 0) {
+#pragma unroll
+                            for (int e = 0; e < 4; ++e) acc[j][e] += part[e];
+                        } else {                                 // the block's scales, rows g, g + 8
+                            const unsigned int dd =
+                                __shfl_sync(FULL_MASK, cur.d[s][j], (lane & ~3) | u % (F::BLOCKS > 0 ? F::BLOCKS : 1));
+                            const float dg = f16_lo(dd), de = f16_hi(dd);
+                            acc[j][0] = fmaf(dg, part[0], acc[j][0]);
+                            acc[j][1] = fmaf(dg, part[1], acc[j][1]);
+                            acc[j][2] = fmaf(de, part[2], acc[j][2]);
+                            acc[j][3] = fmaf(de, part[3], acc[j][3]);
+                        }
+                    }
+                }
+            }
         }
 
         // fragment: acc[j][e] = y[m0 + 2t + (e & 1)][row0 + 16 j + g + 8 (e >> 1)]
