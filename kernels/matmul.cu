@@ -428,14 +428,14 @@ __device__ __forceinline__ unsigned int byte_perm(unsigned int a, unsigned int b
 #define HALF2_M64 0xD400D400u          // -64 = -1024 / 16
 #define HALF2_M72 0xD480D480u          // -72 = -1024 / 16 - 8
 
-// (w & MASK) | HALF2_1024 in one instruction: MASK's bits of w under the float16 1024.0. Given
-// the C++, the compiler emits an AND and an OR, two LOP3s, because a LOP3 holds one 32-bit
-// immediate; handed the three-input form, ptxas keeps the other constant in a register, set
-// once outside the loop.
-template <unsigned int MASK>
-__device__ __forceinline__ unsigned int under_1024(unsigned int w) {
+// (w & MASK) | OR in one instruction: MASK's bits of w under a magic number (OR: HALF2_1024 here,
+// the float 2^23 in qgemv.cu's float32 unpacking). Given the C++, the compiler emits an AND and
+// an OR, two LOP3s, because a LOP3 holds one 32-bit immediate; handed PTX's three-input lop3
+// (lookup table 0xEA = (a & b) | c), ptxas keeps the other constant in a register, set once.
+template <unsigned int MASK, unsigned int OR>
+__device__ __forceinline__ unsigned int and_or(unsigned int w) {
     unsigned int d;
-    asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(d) : "r"(w), "n"(MASK), "n"(HALF2_1024));  // a & b | c
+    asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(d) : "r"(w), "n"(MASK), "n"(OR));
     return d;
 }
 
@@ -541,11 +541,11 @@ __device__ __forceinline__ void v5_dequant(const uint4& q, int h, unsigned int d
             const unsigned int u = byte_perm(word, 0, 0x3120);     // bytes (b0, b2, b1, b3)
             const bool min = WF == V5_Q4_1;
             if (h == 0) {
-                p01 = f16x2_sub(under_1024<0x000F000Fu>(u), min ? HALF2_1024 : HALF2_1032);
-                p23 = f16x2_sub(under_1024<0x000F000Fu>(u >> 8), min ? HALF2_1024 : HALF2_1032);
+                p01 = f16x2_sub(and_or<0x000F000Fu, HALF2_1024>(u), min ? HALF2_1024 : HALF2_1032);
+                p23 = f16x2_sub(and_or<0x000F000Fu, HALF2_1024>(u >> 8), min ? HALF2_1024 : HALF2_1032);
             } else {
-                p01 = f16x2_fma(under_1024<0x00F000F0u>(u), HALF2_1_16, min ? HALF2_M64 : HALF2_M72);
-                p23 = f16x2_fma(under_1024<0x00F000F0u>(u >> 8), HALF2_1_16,
+                p01 = f16x2_fma(and_or<0x00F000F0u, HALF2_1024>(u), HALF2_1_16, min ? HALF2_M64 : HALF2_M72);
+                p23 = f16x2_fma(and_or<0x00F000F0u, HALF2_1024>(u >> 8), HALF2_1_16,
                                 min ? HALF2_M64 : HALF2_M72);
             }
             p01 = min ? f16x2_fma(p01, d2, m2) : f16x2_mul(p01, d2);

@@ -140,12 +140,12 @@ struct FmtQ4 {
         const unsigned int w = q_word(q, p & 3);
         unsigned int a, b;                    // half2(code 0, code 2), half2(code 1, code 3)
         if (p < 4) {
-            a = f16x2_sub(under_1024<0x000F000Fu>(w), MIN ? HALF2_1024 : HALF2_1032);
-            b = f16x2_sub(under_1024<0x000F000Fu>(w >> 8), MIN ? HALF2_1024 : HALF2_1032);
+            a = f16x2_sub(and_or<0x000F000Fu, HALF2_1024>(w), MIN ? HALF2_1024 : HALF2_1032);
+            b = f16x2_sub(and_or<0x000F000Fu, HALF2_1024>(w >> 8), MIN ? HALF2_1024 : HALF2_1032);
         } else {                              // (1024 + 16 code) / 16 - 64 (- 8)
-            a = f16x2_fma(under_1024<0x00F000F0u>(w), HALF2_1_16,
+            a = f16x2_fma(and_or<0x00F000F0u, HALF2_1024>(w), HALF2_1_16,
                         MIN ? HALF2_M64 : HALF2_M72);
-            b = f16x2_fma(under_1024<0x00F000F0u>(w >> 8), HALF2_1_16,
+            b = f16x2_fma(and_or<0x00F000F0u, HALF2_1024>(w >> 8), HALF2_1_16,
                         MIN ? HALF2_M64 : HALF2_M72);
         }
         v[0] = f16_lo(a); v[1] = f16_lo(b); v[2] = f16_hi(a); v[3] = f16_hi(b);
@@ -409,20 +409,10 @@ qgemv(const float* __restrict__ X, const uint4* __restrict__ qs,
 
 #define F32_MAGIC 0x4B000000u         // the float 2^23
 
-// (w & MASK) | 2^23 as one LOP3. Written in C, the compiler splits it in two (an AND with one
-// immediate, an OR with the other: an instruction takes only one); in PTX, ptxas keeps one
-// LOP3 and holds the magic in a register (lookup table 0xEA = (a & b) | c).
-template <unsigned int MASK>
-__device__ __forceinline__ unsigned int and_or_magic(unsigned int w) {
-    unsigned int d;
-    asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(d) : "r"(w), "n"(MASK), "n"(F32_MAGIC));
-    return d;
-}
-
 template <unsigned int MASK>
 __device__ __forceinline__ float magic_code(unsigned int w, float scale, float bias) {
     // ((w & MASK) | 2^23) * scale - bias: MASK selects bits s .. s + 3, scale = 2^-s
-    return fmaf(__uint_as_float(and_or_magic<MASK>(w)), scale, -bias);
+    return fmaf(__uint_as_float(and_or<MASK, F32_MAGIC>(w)), scale, -bias);
 }
 
 struct V2F32 {                        // issue 13: float32 weights, 4 per load

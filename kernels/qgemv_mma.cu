@@ -180,10 +180,10 @@ struct MmaQ4_0 {
     static constexpr int WEIGHTS = 32, UNITS = 4, BLOCKS = 4, PARTS = 2;
     static constexpr bool BF16 = false, Q4ORDER = true;
     static __device__ __forceinline__ unsigned int low(unsigned int w) {     // 1024 + c -> c - 8
-        return f16x2_sub(under_1024<0x000F000Fu>(w), HALF2_1032);
+        return f16x2_sub(and_or<0x000F000Fu, HALF2_1024>(w), HALF2_1032);
     }
     static __device__ __forceinline__ unsigned int high(unsigned int w) {    // (1024 + 16c) / 16 - 72
-        return f16x2_fma(under_1024<0x00F000F0u>(w), HALF2_1_16, HALF2_M72);
+        return f16x2_fma(and_or<0x00F000F0u, HALF2_1024>(w), HALF2_1_16, HALF2_M72);
     }
     static __device__ __forceinline__ void unit(const unsigned int (&g)[4], const unsigned int (&e)[4],
                                                 int u, unsigned int (&a)[2][4]) {
