@@ -26,6 +26,8 @@ import argparse
 
 import numpy as np
 
+from bench_mma import SHAPES, copy_gbs        # (kernels/dev, the script's own folder)
+
 SOURCE = r'''
 __device__ __forceinline__ uint4 ld16(const uint4* p) {            // qgemv.cu's q_load16
     uint4 v;
@@ -77,25 +79,10 @@ loads(const uint4* __restrict__ qs, int N, int chunks, int steps_per_slice, unsi
     if (acc == 0x9E3779B9u) out[0] = acc;      // keeps the loads; (almost) never stores
 }
 '''
-SHAPES = {"wqkv": (12288, 4096), "wo": (4096, 4096), "w13": (22016, 4096),
-          "w2": (4096, 11008), "output": (32000, 4096)}
 NRS, US = (1, 2), (2, 4, 8)
 
 
-def copy_gbs(cp):
-    a = cp.empty(1 << 30, dtype=cp.uint8)
-    b = cp.empty_like(a)
-    start, end = cp.cuda.Event(), cp.cuda.Event()
-    for _ in range(2):
-        start.record()
-        for _ in range(10):
-            b[...] = a
-        end.record()
-        end.synchronize()
-    return 2 * a.nbytes * 10 / (cp.cuda.get_elapsed_time(start, end) * 1e-3) / 1e9
-
-
-def time_us(cp, kernel, grid, args, copies, launches=20, rounds=5):
+def time_us(cp, kernel, grid, args, launches=20, rounds=5):
     for i in range(3):
         kernel(grid, (256,), args(i))
     start, end = cp.cuda.Event(), cp.cuda.Event()
@@ -128,6 +115,7 @@ def main():
         chunks = K // 32                                   # q4_0: 16 bytes per 32 weights
         nbytes = N * chunks * 16
         copies = max(2, int(np.ceil(200e6 / nbytes)))
+        ws = None                                          # the last shape's copies freed first
         ws = [cp.random.randint(0, 2**31, size=(N * chunks * 4,), dtype=cp.uint32)
               for _ in range(copies)]
         for nr in NRS:
@@ -139,11 +127,10 @@ def main():
                     kernel = module.get_function(f"loads<{nr},{u},{rowwise}>")
                     us_ = time_us(cp, kernel, grid, lambda i: (ws[i % copies], np.int32(N),
                                                                np.int32(chunks),
-                                                               np.int32(per_slice), out), copies)
+                                                               np.int32(per_slice), out))
                     row.append(f"{us_:6.1f} us {nbytes / us_ / 1e3 / bandwidth:.2f}")
                 print(f"{shape:7s} nr{nr} ks{ks:<3d} u{u}: mma {row[0]} | rows {row[1]}",
                       flush=True)
-        del ws
 
 
 if __name__ == "__main__":
