@@ -439,6 +439,21 @@ __device__ __forceinline__ unsigned int and_or(unsigned int w) {
     return d;
 }
 
+// Two q4 codes of a word as float16x2 (qgemv.cu's trick 3): the low nibbles of bytes 0 and 2
+// (q4_low_pair), or their high nibbles, masked where they stand (1024 + 16 code) and brought down
+// by one FMA of 1/16 (q4_high_pair); the word shifted by 8 gives bytes 1 and 3. MIN (q4_1): the
+// code itself; else (q4_0) code - 8.
+template <bool MIN>
+__device__ __forceinline__ unsigned int q4_low_pair(unsigned int w) {
+    return f16x2_sub(and_or<0x000F000Fu, HALF2_1024>(w), MIN ? HALF2_1024 : HALF2_1032);
+}
+
+template <bool MIN>
+__device__ __forceinline__ unsigned int q4_high_pair(unsigned int w) {
+    return f16x2_fma(and_or<0x00F000F0u, HALF2_1024>(w), HALF2_1_16,
+                     MIN ? HALF2_M64 : HALF2_M72);
+}
+
 template <bool BF16>
 __device__ __forceinline__ unsigned short round_to_16bit(float x) {    // to nearest even
     unsigned short h;
@@ -539,14 +554,13 @@ __device__ __forceinline__ void v5_dequant(const uint4& q, int h, unsigned int d
             p23 = f16x2_mul(f16x2_sub(byte_perm(u, 0x64646464u, 0x4342), HALF2_1152), d2);
         } else {                            // q4: nibbles of bytes 4w..4w+3, low (h = 0) or high
             const unsigned int u = byte_perm(word, 0, 0x3120);     // bytes (b0, b2, b1, b3)
-            const bool min = WF == V5_Q4_1;
+            constexpr bool min = WF == V5_Q4_1;
             if (h == 0) {
-                p01 = f16x2_sub(and_or<0x000F000Fu, HALF2_1024>(u), min ? HALF2_1024 : HALF2_1032);
-                p23 = f16x2_sub(and_or<0x000F000Fu, HALF2_1024>(u >> 8), min ? HALF2_1024 : HALF2_1032);
+                p01 = q4_low_pair<min>(u);
+                p23 = q4_low_pair<min>(u >> 8);
             } else {
-                p01 = f16x2_fma(and_or<0x00F000F0u, HALF2_1024>(u), HALF2_1_16, min ? HALF2_M64 : HALF2_M72);
-                p23 = f16x2_fma(and_or<0x00F000F0u, HALF2_1024>(u >> 8), HALF2_1_16,
-                                min ? HALF2_M64 : HALF2_M72);
+                p01 = q4_high_pair<min>(u);
+                p23 = q4_high_pair<min>(u >> 8);
             }
             p01 = min ? f16x2_fma(p01, d2, m2) : f16x2_mul(p01, d2);
             p23 = min ? f16x2_fma(p23, d2, m2) : f16x2_mul(p23, d2);

@@ -140,13 +140,11 @@ struct FmtQ4 {
         const unsigned int w = q_word(q, p & 3);
         unsigned int a, b;                    // half2(code 0, code 2), half2(code 1, code 3)
         if (p < 4) {
-            a = f16x2_sub(and_or<0x000F000Fu, HALF2_1024>(w), MIN ? HALF2_1024 : HALF2_1032);
-            b = f16x2_sub(and_or<0x000F000Fu, HALF2_1024>(w >> 8), MIN ? HALF2_1024 : HALF2_1032);
+            a = q4_low_pair<MIN>(w);
+            b = q4_low_pair<MIN>(w >> 8);
         } else {                              // (1024 + 16 code) / 16 - 64 (- 8)
-            a = f16x2_fma(and_or<0x00F000F0u, HALF2_1024>(w), HALF2_1_16,
-                        MIN ? HALF2_M64 : HALF2_M72);
-            b = f16x2_fma(and_or<0x00F000F0u, HALF2_1024>(w >> 8), HALF2_1_16,
-                        MIN ? HALF2_M64 : HALF2_M72);
+            a = q4_high_pair<MIN>(w);
+            b = q4_high_pair<MIN>(w >> 8);
         }
         v[0] = f16_lo(a); v[1] = f16_lo(b); v[2] = f16_hi(a); v[3] = f16_hi(b);
     }

@@ -173,23 +173,19 @@ struct MmaQ8_0 {
 // codes 4t .. 4t+3, high nibbles 16 + 4t .. 16 + 4t+3. A nibble OR-ed under the float16 1024.0
 // is 1024 + code, and one float16x2 subtraction leaves code - 8 for two codes at once; a high
 // nibble, masked where it is, arrives as 1024 + 16 code, and one FMA by 1/16 with -72 leaves
-// code - 8 (qgemv.cu's trick 3). One shift of the word brings bytes 1 and 3 down: per word one
-// shift, four LOP3s, four float16x2 instructions. Pairs come out as (code 0, code 2), (code 1,
+// code - 8 (q4_low_pair, q4_high_pair: qgemv.cu's trick 3). One shift of the word brings bytes
+// 1 and 3 down: per word one shift, four LOP3s, four float16x2 instructions. Pairs come out as (code 0, code 2), (code 1,
 // code 3): that is Q4ORDER, positions 4t + j + 2e for k-slot pair j, element e.
 struct MmaQ4_0 {
     static constexpr int WEIGHTS = 32, UNITS = 4, BLOCKS = 4, PARTS = 2;
     static constexpr bool BF16 = false, Q4ORDER = true;
-    static __device__ __forceinline__ unsigned int low(unsigned int w) {     // 1024 + c -> c - 8
-        return f16x2_sub(and_or<0x000F000Fu, HALF2_1024>(w), HALF2_1032);
-    }
-    static __device__ __forceinline__ unsigned int high(unsigned int w) {    // (1024 + 16c) / 16 - 72
-        return f16x2_fma(and_or<0x00F000F0u, HALF2_1024>(w), HALF2_1_16, HALF2_M72);
-    }
     static __device__ __forceinline__ void unit(const unsigned int (&g)[4], const unsigned int (&e)[4],
                                                 int u, unsigned int (&a)[2][4]) {
         const unsigned int g8 = g[u] >> 8, e8 = e[u] >> 8;
-        a[0][0] = low(g[u]); a[0][1] = low(e[u]); a[0][2] = low(g8); a[0][3] = low(e8);   // mma 0
-        a[1][0] = high(g[u]); a[1][1] = high(e[u]); a[1][2] = high(g8); a[1][3] = high(e8);
+        a[0][0] = q4_low_pair<false>(g[u]); a[0][1] = q4_low_pair<false>(e[u]);    // mma 0
+        a[0][2] = q4_low_pair<false>(g8); a[0][3] = q4_low_pair<false>(e8);
+        a[1][0] = q4_high_pair<false>(g[u]); a[1][1] = q4_high_pair<false>(e[u]);  // mma 1
+        a[1][2] = q4_high_pair<false>(g8); a[1][3] = q4_high_pair<false>(e8);
     }
 };
 
