@@ -27,12 +27,10 @@
 //    layout of mma.m16n8k16 gives the 4 lanes of a quad (t = lane % 4) the same row g and
 //    k-slots 2t, 2t+1, 2t+8, 2t+9: the quad must hold one block between them. But each lane loads
 //    16 bytes (a whole q4_0 block, half a q8_0 block) so that the loads are wide. So the quad
-//    copies 4 consecutive 16-byte chunks of the row into shared memory, one each, and reads
-//    them back transposed with ldmatrix: lane t gets word t of each chunk (MmaLoads). Word t of
-//    a q4_0 block is 8 codes, word t of a q8_0 chunk 4: one mma's share of the block for the
-//    lane. The scale is applied per block after the block's mma's (into a zeroed fragment), as
-//    qgemv applies it. (Until 2026-11-30 the chunks came to registers and 4 shuffles and 12
-//    selects transposed them: 16 of the loop's ~100 instructions per 512 bytes of q4_0 codes.)
+//    loads 4 consecutive 16-byte chunks of the row, one each, and transposes them with 4
+//    shuffles: lane t ends with word t of each chunk (quad_transpose). Word t of a q4_0 block is
+//    8 codes, word t of a q8_0 chunk 4: one mma's share of the block for the lane. The scale is
+//    applied per block after the block's mma's (into a zeroed fragment), as qgemv applies it.
 //
 // The order of k inside an mma does not matter, as long as x is put in the same order. Each
 // format fixes which position of the block lands in which k-slot of which lane (the natural one
@@ -59,7 +57,6 @@
 
 #define MMA_ROWS 8                      // rows of x per pass: the mma's N
 #define MMA_PARTS_MAX 3                 // parts of x: float16 hi, lo; bfloat16 hi, mid, lo
-#define MMA_STAGES 3                    // the block formats' passes in shared memory, a warp
 
 // Two floats -> bfloat16x2, rounded to nearest even; `lo` in the low half.
 __device__ __forceinline__ unsigned int bf16x2_pack(float lo, float hi) {
@@ -104,6 +101,24 @@ __device__ __forceinline__ void mma_16bit(float (&c)[4], const unsigned int (&a)
             : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
             : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
+
+// The 4 lanes of a quad hold 4 words each, lane c word i = M[c][i]; afterwards lane t holds
+// M[0][t], M[1][t], M[2][t], M[3][t]. Two exchanges: lanes t, t^2 swap their off-diagonal pairs
+// of words, then lanes t, t^1 swap the words whose parity is not theirs.
+__device__ __forceinline__ void quad_transpose(unsigned int (&w)[4], int t) {
+    const bool upper = t & 2, odd = t & 1;
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+        const unsigned int got = __shfl_xor_sync(FULL_MASK, upper ? w[e] : w[2 + e], 2);
+        if (upper) w[e] = got; else w[2 + e] = got;
+    }
+#pragma unroll
+    for (int a = 0; a < 2; ++a) {
+        const unsigned int got = __shfl_xor_sync(FULL_MASK, odd ? w[2 * a] : w[2 * a + 1], 1);
+        if (odd) w[2 * a] = got; else w[2 * a + 1] = got;
+    }
+}
+
 
 // ---------------------------------------------------------------------------------------------
 // The formats. WEIGHTS per 16-byte chunk; UNITS per span; BLOCKS: scale blocks per span (0: no
@@ -321,44 +336,17 @@ __device__ void mma_stage_x(const float* __restrict__ X, int m0, int M, int K, i
 // ---------------------------------------------------------------------------------------------
 // The weights of U steps of one lane: per tile j and half h (row g, row g + 8) the 16-byte chunk
 // 4 step + t, and the raw float16 scale of block BLOCKS step + (t % BLOCKS) (0 past the row).
-//
-// The block formats (SHARED) need the quad's 4 chunks transposed (the scales, above). They go
-// to shared memory instead of registers, by cp.async, each warp into its own MMA_STAGES stages
-// (this pass and the two after it, in flight while it computes), and come back with ldmatrix: its .x4 form reads four 8 x 8 matrices of
-// 16-bit values, a matrix being 8 rows of 16 bytes, one row address per lane, and gives lane l
-// word l % 4 of row l / 4 of each. With matrix c = chunk c of 8 weight rows, that is word t of
-// chunk c of row g: the transpose, in one instruction instead of 4 shuffles and 12 selects, and
-// the loads in flight out of the registers. float16 and bfloat16 chunks are the lane's own
-// (no transpose) and stay in registers.
-
-template <bool IN_REGISTERS, int NR, int U>
-struct MmaChunks { uint4 q[U][NR][2]; };                // a pass's chunks, where they are registers
-template <int NR, int U>
-struct MmaChunks<false, NR, U> {};                      // (in shared memory: nothing here)
 
 template <class F, int NR, int U>
 struct MmaLoads {
-    static constexpr bool SHARED = F::BLOCKS > 0;
-    static constexpr int STAGE = U * NR * 2 * 512;      // bytes of one pass of a warp's chunks
-    MmaChunks<!SHARED, NR, U> chunks;
+    uint4 q[U][NR][2];
     unsigned int d[U][NR];          // row g's scale (low half), row g + 8's (high half)
-    unsigned int stage;             // SHARED: the shared address of this pass's chunks
-
-    // Where chunk c of row r (of 8) of step s, tile j, half h lies in a stage: each (s, j, h)
-    // 512 bytes, chunk c's 8 rows in one 128-byte line (one ldmatrix matrix: 8 bank groups),
-    // rows rotated by 2c, so that the 8 lanes of one phase of the copies (rows g, g + 1 of
-    // chunks 0 .. 3) write to 8 different bank groups too.
-    static __device__ __forceinline__ unsigned int slot(int s, int j, int h, int c, int r) {
-        return ((s * NR + j) * 2 + h) * 512 + c * 128 + ((r + 2 * c) & 7) * 16;
-    }
 
     __device__ __forceinline__ void fetch(const uint4* __restrict__ qs,
                                           const unsigned short* __restrict__ ds, int row0, int N,
-                                          int step0, int step_end, int row_chunks, int nb, int t,
-                                          unsigned int stage_) {
+                                          int step0, int step_end, int chunks, int nb, int t) {
         constexpr int BL = F::BLOCKS > 0 ? F::BLOCKS : 1;
         const int g = (threadIdx.x % 32) / 4;
-        stage = stage_;
 #pragma unroll
         for (int s = 0; s < U; ++s)
 #pragma unroll
@@ -369,16 +357,8 @@ struct MmaLoads {
                 for (int h = 0; h < 2; ++h) {
                     const int n = min(row0 + 16 * j + 8 * h + g, N - 1);   // past N: never written
                     const int c = 4 * step + t;
-                    const bool in = step < step_end && c < row_chunks;
-                    if constexpr (SHARED) {                       // zeros past the row
-                        if (step < step_end)
-                            cp_async16(stage + slot(s, j, h, t, g),
-                                       qs + (size_t)n * row_chunks + min(c, row_chunks - 1),
-                                       in ? 16 : 0);
-                    } else {
-                        chunks.q[s][j][h] = make_uint4(0, 0, 0, 0);
-                        if (in) chunks.q[s][j][h] = q_load16(qs + (size_t)n * row_chunks + c);
-                    }
+                    q[s][j][h] = make_uint4(0, 0, 0, 0);
+                    if (step < step_end && c < chunks) q[s][j][h] = q_load16(qs + (size_t)n * chunks + c);
                     if (F::BLOCKS > 0) {
                         const int b = F::BLOCKS * step + t % BL;
                         if (step < step_end && b < nb)
@@ -386,82 +366,14 @@ struct MmaLoads {
                     }
                 }
             }
-        if constexpr (SHARED) cp_async_commit();
-    }
-
-    // The lane's 4 words of step s, tile j, half h: SHARED, word t of the quad's 4 chunks (the
-    // caller has waited for the copies and synchronised the warp); else its own chunk.
-    __device__ __forceinline__ void words(int s, int j, int h, unsigned int (&w)[4]) const {
-        const int lane = threadIdx.x % 32;
-        if constexpr (SHARED) {
-            ldmatrix_x4(w, stage + slot(s, j, h, lane / 8, lane % 8));
-        } else {
-            const uint4 v = chunks.q[s][j][h];
-            w[0] = v.x; w[1] = v.y; w[2] = v.z; w[3] = v.w;
-        }
     }
 };
 
-// One pass: the U steps of `cur` (steps s0 ..) times x's fragments xs (the block's slice, units
-// from step_begin), into acc (the fragment's layout: the kernel's epilogue).
-template <class F, int NR, int U>
-__device__ __forceinline__ void mma_pass(const MmaLoads<F, NR, U>& cur, int s0, int step_begin,
-                                         int step_end, const unsigned int* xs, int row_words,
-                                         float (&acc)[NR][4]) {
-    const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
-#pragma unroll
-    for (int s = 0; s < U; ++s) {
-        if (s0 + s >= step_end) break;
-        unsigned int w[NR][2][4];
-#pragma unroll
-        for (int j = 0; j < NR; ++j)
-#pragma unroll
-            for (int h = 0; h < 2; ++h) cur.words(s, j, h, w[j][h]);
-#pragma unroll
-        for (int u = 0; u < F::UNITS; ++u) {
-            const int unit = (s0 + s - step_begin) * F::UNITS + u;
-            uint4 b[F::PARTS];                           // x's fragments, shared by the tiles
-#pragma unroll
-            for (int p = 0; p < F::PARTS; ++p)
-                b[p] = *reinterpret_cast<const uint4*>(
-                    xs + (p * MMA_ROWS + g) * row_words + 16 * unit + 4 * t);
-#pragma unroll
-            for (int j = 0; j < NR; ++j) {
-                unsigned int a[2][4];
-                F::unit(w[j][0], w[j][1], u, a);
-                // Each unit's sum starts from zero and is added to acc outside the
-                // tensor cores: their own additions round less finely than float32's
-                // (measured: 2e-5 after 4096 positions in one chain, 2e-7 this way).
-                float part[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-#pragma unroll
-                for (int p = 0; p < F::PARTS; ++p) {
-                    mma_16bit<F::BF16>(part, a[0], b[p].x, b[p].y);
-                    mma_16bit<F::BF16>(part, a[1], b[p].z, b[p].w);
-                }
-                if (F::BLOCKS == 0) {
-#pragma unroll
-                    for (int e = 0; e < 4; ++e) acc[j][e] += part[e];
-                } else {                                 // the block's scales, rows g, g + 8
-                    const unsigned int dd =
-                        __shfl_sync(FULL_MASK, cur.d[s][j], (lane & ~3) | u % (F::BLOCKS > 0 ? F::BLOCKS : 1));
-                    const float dg = f16_lo(dd), de = f16_hi(dd);
-                    acc[j][0] = fmaf(dg, part[0], acc[j][0]);
-                    acc[j][1] = fmaf(dg, part[1], acc[j][1]);
-                    acc[j][2] = fmaf(de, part[2], acc[j][2]);
-                    acc[j][3] = fmaf(de, part[3], acc[j][3]);
-                }
-            }
-        }
-    }
-}
-
 // Grid (tiles, ks); block 256 threads. Tile `blockIdx.x`: rows 128 NR tile .. + 128 NR - 1;
-// slice `blockIdx.y` of the k spans. Dynamic shared memory: F::PARTS * 8 * ROWW words, then
-// for the block formats 8 warps x MMA_STAGES stages of MmaLoads::STAGE bytes.
+// slice `blockIdx.y` of the k spans. Dynamic shared memory: F::PARTS * 8 * ROWW words.
 // scratch: ks * M * N floats of partial sums, then tiles * ks * M sums of squares;
 // counters: tiles ints, zero before the launch and zero after it.
-// U: steps of loads in flight, 64 bytes a lane each (kernels.MMA_U: 4 with NR 1, 2 with NR 2;
-// the block formats, through shared memory, MMA_U_SHARED: 2 and 1);
+// U: steps of loads in flight, 64 bytes a lane each (kernels.MMA_U: 4 with NR 1, 2 with NR 2);
 // B: blocks an SM, the launch bounds' (kernels.MMA_BLOCKS_PER_SM, which qgemv_mma_plan's waves
 // count), so the registers a thread may take (B 2: 128).
 template <class F, int NR, int PRO, int U, int B>
@@ -485,21 +397,8 @@ qgemv_mma(const float* __restrict__ X, const uint4* __restrict__ qs,
     float* partial = scratch;                                   // (ks, M, N)
     float* sums = scratch + (size_t)ks * M * N;                 // (tiles, ks, M)
 
-    typedef MmaLoads<F, NR, U> Loads;
-    // SHARED: this warp's MMA_STAGES stages, one pass each; the passes in flight take turns
-    const unsigned int ring = smem_addr(mma_xs + F::PARTS * MMA_ROWS * row_words)
-                              + warp * MMA_STAGES * Loads::STAGE;
-    Loads next, ahead, behind;                  // SHARED: passes p, p + 1, p + 2 (else next only)
-    auto fetch_first = [&]() {                  // the slice's first passes, from step_begin
-        next.fetch(qs, d, row0, N, step_begin, step_end, chunks, nb, t, ring);
-        if constexpr (Loads::SHARED) {
-            ahead.fetch(qs, d, row0, N, step_begin + U, step_end, chunks, nb, t,
-                        ring + Loads::STAGE);
-            behind.fetch(qs, d, row0, N, step_begin + 2 * U, step_end, chunks, nb, t,
-                         ring + 2 * Loads::STAGE);
-        }
-    };
-    fetch_first();                                              // before x is staged
+    MmaLoads<F, NR, U> next;
+    next.fetch(qs, d, row0, N, step_begin, step_end, chunks, nb, t);   // before x is staged
     grid_launch_dependents();
     grid_dependency_wait();            // (reduce.cu) the weights are ours; x is the last kernel's
 
@@ -508,7 +407,7 @@ qgemv_mma(const float* __restrict__ X, const uint4* __restrict__ qs,
         mma_stage_x<F, PRO>(X, m0, M, K, step_begin * F::UNITS, units, norm_w, mma_xs, mma_ss,
                             mma_e);
         __syncthreads();
-        if (m0 > 0) fetch_first();
+        if (m0 > 0) next.fetch(qs, d, row0, N, step_begin, step_end, chunks, nb, t);
 
         float acc[NR][4];
 #pragma unroll
@@ -517,23 +416,55 @@ qgemv_mma(const float* __restrict__ X, const uint4* __restrict__ qs,
             for (int e = 0; e < 4; ++e) acc[j][e] = 0.0f;
 
         for (int s0 = step_begin; s0 < step_end; s0 += U) {
-            if constexpr (Loads::SHARED) {
-                // Every fetch commits one group (empty past the slice), so with two passes
-                // after this one committed, this one's copies have landed when at most two
-                // groups are pending; then every lane's, after the warp meets.
-                cp_async_wait<2>();
-                __syncwarp();
-                mma_pass<F, NR, U>(next, s0, step_begin, step_end, mma_xs, row_words, acc);
-                __syncwarp();                  // its stage read: the pass after `behind` goes there
-                const unsigned int free_stage = next.stage;
-                next = ahead;
-                ahead = behind;
-                behind.fetch(qs, d, row0, N, s0 + 3 * U, step_end, chunks, nb, t, free_stage);
-            } else {
-                const Loads cur = next;
-                if (s0 + U < step_end)
-                    next.fetch(qs, d, row0, N, s0 + U, step_end, chunks, nb, t, ring);
-                mma_pass<F, NR, U>(cur, s0, step_begin, step_end, mma_xs, row_words, acc);
+            const MmaLoads<F, NR, U> cur = next;
+            if (s0 + U < step_end) next.fetch(qs, d, row0, N, s0 + U, step_end, chunks, nb, t);
+#pragma unroll
+            for (int s = 0; s < U; ++s) {
+                if (s0 + s >= step_end) break;
+                unsigned int w[NR][2][4];
+#pragma unroll
+                for (int j = 0; j < NR; ++j)
+#pragma unroll
+                    for (int h = 0; h < 2; ++h) {
+                        w[j][h][0] = cur.q[s][j][h].x; w[j][h][1] = cur.q[s][j][h].y;
+                        w[j][h][2] = cur.q[s][j][h].z; w[j][h][3] = cur.q[s][j][h].w;
+                        if (F::BLOCKS > 0) quad_transpose(w[j][h], t);
+                    }
+#pragma unroll
+                for (int u = 0; u < F::UNITS; ++u) {
+                    const int unit = (s0 + s - step_begin) * F::UNITS + u;
+                    uint4 b[F::PARTS];                           // x's fragments, shared by the tiles
+#pragma unroll
+                    for (int p = 0; p < F::PARTS; ++p)
+                        b[p] = *reinterpret_cast<const uint4*>(
+                            mma_xs + (p * MMA_ROWS + g) * row_words + 16 * unit + 4 * t);
+#pragma unroll
+                    for (int j = 0; j < NR; ++j) {
+                        unsigned int a[2][4];
+                        F::unit(w[j][0], w[j][1], u, a);
+                        // Each unit's sum starts from zero and is added to acc outside the
+                        // tensor cores: their own additions round less finely than float32's
+                        // (measured: 2e-5 after 4096 positions in one chain, 2e-7 this way).
+                        float part[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+                        for (int p = 0; p < F::PARTS; ++p) {
+                            mma_16bit<F::BF16>(part, a[0], b[p].x, b[p].y);
+                            mma_16bit<F::BF16>(part, a[1], b[p].z, b[p].w);
+                        }
+                        if (F::BLOCKS == 0) {
+#pragma unroll
+                            for (int e = 0; e < 4; ++e) acc[j][e] += part[e];
+                        } else {                                 // the block's scales, rows g, g + 8
+                            const unsigned int dd =
+                                __shfl_sync(FULL_MASK, cur.d[s][j], (lane & ~3) | u % (F::BLOCKS > 0 ? F::BLOCKS : 1));
+                            const float dg = f16_lo(dd), de = f16_hi(dd);
+                            acc[j][0] = fmaf(dg, part[0], acc[j][0]);
+                            acc[j][1] = fmaf(dg, part[1], acc[j][1]);
+                            acc[j][2] = fmaf(de, part[2], acc[j][2]);
+                            acc[j][3] = fmaf(de, part[3], acc[j][3]);
+                        }
+                    }
+                }
             }
         }
 

@@ -135,14 +135,7 @@ MMA_SPAN = {"f16": 32, "bf16": 32, "q8_0": 64, "q4_0": 128}     # positions of k
 MMA_NR = (1, 2)
 MMA_BLOCKS_PER_SM = 2
 MMA_U = {1: 4, 2: 2}
-# The block formats (q8_0, q4_0) bring their chunks through shared memory (cp.async, then
-# ldmatrix transposes them: qgemv_mma.cu's MmaLoads), two stages a warp of U NR KiB each, so U
-# is halved there to keep two blocks an SM: 32 KiB a block beside x's 64 or 96.
-MMA_U_SHARED = {1: 2, 2: 1}
-MMA_SHARED_FORMATS = ("q8_0", "q4_0")
-MMA_STAGES = 3                     # qgemv_mma.cu's: passes a warp keeps in shared memory
 MMA_MAX_SLICE = 2048
-MMA_MAX_SLICE_SHARED = 1536        # x's slice beside the stages: two blocks an SM still fit
 # rows of x from which qgemv's rule takes qgemv_mma: at 2 rows qgemv v1 was faster in every
 # format, at 4 qgemv_mma in every one (float16 level), at 8 by 1.3 to 1.6x (H200, 2026-11-29,
 # per-token sums over the 7B matrices, kernels/dev/bench_mma.py)
@@ -251,15 +244,9 @@ def _qgemv_v4_name(fmt, pro):
 
 
 def _qgemv_mma_name(fmt, nr, pro):
-    """qgemv_mma's instance: its traits ("MmaQ4_0"), NR, the prologue, U (_mma_u) and
+    """qgemv_mma's instance: its traits ("MmaQ4_0"), NR, the prologue, MMA_U[NR] and
     MMA_BLOCKS_PER_SM."""
-    return f"qgemv_mma<{MMA_FORMATS[fmt]},{nr},{pro},{_mma_u(fmt, nr)},{MMA_BLOCKS_PER_SM}>"
-
-
-def _mma_u(fmt, nr):
-    """qgemv_mma's steps of loads in flight: MMA_U_SHARED[nr] for the formats whose chunks go
-    through shared memory, else MMA_U[nr]."""
-    return (MMA_U_SHARED if fmt in MMA_SHARED_FORMATS else MMA_U)[nr]
+    return f"qgemv_mma<{MMA_FORMATS[fmt]},{nr},{pro},{MMA_U[nr]},{MMA_BLOCKS_PER_SM}>"
 
 
 def _qgemv_v4s_name(fmt, pro):
@@ -752,8 +739,6 @@ def qgemv_mma(x, w, out=None, accumulate=False, norm=None, eps=1e-5, swiglu=Fals
     units = per_slice * span // 32
     parts = 3 if w.format == "bf16" else 2                 # x's bfloat16 or float16 parts
     smem = parts * 8 * 4 * (16 * units + (0 if units % 2 else 16))
-    if w.format in MMA_SHARED_FORMATS:                     # 8 warps x MMA_STAGES of U NR KiB
-        smem += 8 * MMA_STAGES * _mma_u(w.format, nr) * nr * 1024
     scratch, counters = _split_workspace(ks * M * N + tiles * ks * M, tiles)
     prologue = GEMV_PROLOGUES["rmsnorm" if norm is not None else "swiglu" if swiglu else None]
     KERNELS.launch(_qgemv_mma_name(w.format, nr, prologue), (tiles, ks), (256,),
@@ -773,8 +758,7 @@ def qgemv_mma_plan(N, K, fmt, sms=None, nr=None, ks=None):
     7B wqkv and w13 at 1.1 and 1.3 waves: the whole batch-8 step 1.17x (q4_0) and 1.20x (int8)
     as fast with this one (H200, 2026-11-30). nr, ks: given instead (ks still at least x's
     minimum)."""
-    max_slice = MMA_MAX_SLICE_SHARED if fmt in MMA_SHARED_FORMATS else MMA_MAX_SLICE
-    return _mma_plan(N, K, MMA_SPAN[fmt], max_slice, (nr,) if nr else tuple(MMA_NR),
+    return _mma_plan(N, K, MMA_SPAN[fmt], MMA_MAX_SLICE, (nr,) if nr else tuple(MMA_NR),
                      MMA_BLOCKS_PER_SM * (sms or sm_count()), ks and int(ks))
 
 
