@@ -482,6 +482,31 @@ def test_one_row_graph_with_a_split_w2_matches_the_cpu(cuda, cp, monkeypatch, fm
                         k._qgemv_v4_name(fmt, 0)}, products          # w2; wqkv, w13, cls; wo
 
 
+@gpu
+@pytest.mark.parametrize("fmt", ["q4_0", "q8_0", "f16"])
+def test_batch_graphs_of_stored_formats_launch_programmatically_and_match_the_cpu(cuda, cp, fmt):
+    """FusedDecoder at 8, 16 and 32 rows of a model kept as stored: each batch's graph is
+    captured with programmatic launches (PROGRAMMATIC_PACKED_ROWS, 32 since 2026-11-30) and
+    replayed step after step, the logits within 1e-4 of the CPU model with the same weights;
+    33 rows, past the rule, launch the ordinary way and match too."""
+    from minillama.cuda import fused
+    assert fused.PROGRAMMATIC_PACKED_ROWS == 32
+    p = ModelArgs(**{**PACKED_ARGS, "max_batch_size": 33})
+    weights = stored_model_weights(p, fmt)
+    ops = cuda.CudaOps(persistent=False)
+    gpu_model, cpu_model = Transformer(p, weights, ops), Transformer(p, weights, CPU)
+    forward = ops.decoder(gpu_model)
+    for bsz in (8, 16, 32, 33):
+        for pos in range(3):                     # the first step eager, then the graph
+            tok = rng.integers(0, p.vocab_size, size=(bsz, 1))
+            got = forward(tok, pos)
+            want = cpu_model.forward(tok, pos)
+            assert rel_err(got, want) < 1e-4, (fmt, bsz, pos)
+        decoder = ops._decoders[gpu_model]
+        assert type(decoder).__name__ == "FusedDecoder" and decoder.graphs[bsz] is not None
+        assert decoder.programmatic(bsz) == (bsz <= 32), bsz
+
+
 # ----------------------------------------------------------------------------
 # matmul.cu: f32_to_16bit and gemm_v5
 

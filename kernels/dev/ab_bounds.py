@@ -1,6 +1,6 @@
 """Bounds before building: what a whole decode step would gain (development tool, needs a GPU).
 
-    PYTHONPATH=. python kernels/dev/ab_bounds.py [--rounds 7] [--only 7b,stories,batches]
+    PYTHONPATH=. python kernels/dev/ab_bounds.py [--rounds 7] [--only 7b,stories,batches,...]
         [--variants ...]
 
 Two candidates, measured as bounds on the step they would change, before either is written:
@@ -34,6 +34,7 @@ from minillama.cuda import fused, kernels, require_cupy     # noqa: E402
 RUNS = {"7b": [("7B", "q4_0", (1, 8)), ("7B", "int8", (1, 8)), ("7B", "float16", (8,))],
         "stories": [("15M", "float32", (1, 8, 32)), ("110M", "float32", (1, 8, 32))],
         "batches": [("7B", "q4_0", (2, 4, 16, 32))],
+        "large batches": [("7B", "int8", (16, 32)), ("7B", "float16", (16, 32))],
         "one row": [("15M", "float32", (1,)), ("110M", "float32", (1,))]}
 
 

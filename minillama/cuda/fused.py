@@ -25,10 +25,11 @@ from .runtime import i32, require_cupy
 # step): one row 3 to 11% faster (Llama-2-7B shape in q4_0, int8, float16; stories15M and
 # 110M); 8 and 32 rows of float32 up to 14% slower, so float32 batches launch the ordinary way.
 # Batches of a model kept as stored (qgemv_mma's launches, one wave each since its plan of
-# 2026-11-30) gained: the 7B step at 8 rows 8% (q4_0), 7% (int8) and 5% (float16) faster
-# (H200, 2026-11-30, kernels/dev/ab_bounds.py), so they take them up to PROGRAMMATIC_PACKED_ROWS.
+# 2026-11-30) gained: the 7B step at 8 rows 8% (q4_0), 7% (int8) and 5% (float16) faster, at
+# 16 rows 5%, 4% and 2%, at 32 rows 2%, 1% and 1% (H200, 2026-11-30, kernels/dev/ab_bounds.py),
+# so they take them up to PROGRAMMATIC_PACKED_ROWS (more rows: not measured).
 PROGRAMMATIC_ROWS = 1
-PROGRAMMATIC_PACKED_ROWS = 8
+PROGRAMMATIC_PACKED_ROWS = 32
 
 
 class FusedDecoder:
