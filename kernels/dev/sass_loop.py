@@ -6,8 +6,8 @@ A development tool (no GPU): it compiles what minillama compiles (with --variant
 kernels/dev/variants.cu and its instances, as bench_variants.py names them), for sm_90 with
 NVRTC, disassembles the cubin with nvdisasm (-hex, so the control bits come too) and, for each
 template instance named, finds its inner loop: of the backward branches, the one whose range
-holds the most tensor-core instructions (HMMA, IMMA), the shortest among equals. For that
-range it prints
+holds the most products (the tensor cores' HMMA and IMMA, or the one-row kernels' dp4a, IDP),
+the shortest among equals. For that range it prints
 
     the instructions by kind, and per 512 bytes of codes the warp loads (one LDG.128 a lane;
     the loads of 4, 8 and 16 bytes a lane are counted, the 2-byte scale loads are not);
@@ -42,7 +42,7 @@ from minillama.cuda.runtime import kernel_source    # noqa: E402
 # kinds, in the order printed: (name, opcodes; a prefix matches)
 KINDS = [
     ("LDG.128", ()), ("LDG other", ("LDG",)), ("LDS", ("LDS",)), ("STS", ("STS",)),
-    ("SHFL", ("SHFL",)), ("HMMA/IMMA", ("HMMA", "IMMA")),
+    ("SHFL", ("SHFL",)), ("HMMA/IMMA", ("HMMA", "IMMA")), ("IDP (dp4a)", ("IDP",)),
     ("SEL", ("SEL",)),
     ("unpack: PRMT LOP3 SHF HADD2 HFMA2", ("PRMT", "LOP3", "SHF", "HADD2", "HFMA2", "HSUB2")),
     ("conversions: I2F I2FP F2F", ("I2F", "I2FP", "F2F", "F2FP", "F2I")),
@@ -54,6 +54,8 @@ KINDS = [
     ("local memory (spills): LDL STL", ("LDL", "STL")),
     ("branches: BRA", ("BRA", "BSSY", "BSYNC", "WARPSYNC")),
 ]
+
+PRODUCTS = ("HMMA", "IMMA", "IDP")          # what an inner loop is made of
 
 LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);"
                   r".*/\*\s*0x([0-9a-f]{16})\s*\*/")
@@ -102,15 +104,15 @@ def parse(sass):
 
 
 def inner_loop(insts, labels):
-    """(first, last) instruction indices of the backward branch range with the most mma's."""
+    """(first, last) instruction indices of the backward branch range with the most products."""
     best = None
     for i, (_, op, args, _) in enumerate(insts):
         target = re.search(r"\(?(\.L_x_\d+)\)?", args) if op.startswith("BRA") else None
         if not target or target.group(1) not in labels or labels[target.group(1)] > i:
             continue
         first = labels[target.group(1)]
-        mmas = sum(op2.startswith(("HMMA", "IMMA")) for _, op2, _, _ in insts[first:i + 1])
-        key = (mmas, -(i - first))
+        products = sum(op2.startswith(PRODUCTS) for _, op2, _, _ in insts[first:i + 1])
+        key = (products, -(i - first))
         if best is None or key > best[0]:
             best = (key, first, i)
     return None if best is None else (best[1], best[2])
@@ -130,7 +132,8 @@ def all_loops(template, insts, labels):
         wide = sum(op2.startswith("LDG") and ".128" in op2 for _, op2, _, _ in body)
         print(f"    {body[0][0]:#06x}..{body[-1][0]:#06x} {len(body):5d} instructions: "
               f"LDG {kinds['LDG']} ({wide} of 16 bytes), LDS {kinds['LDS']}, STS {kinds['STS']}, "
-              f"BAR {kinds['BAR']}, SHFL {kinds['SHFL']}, mma {kinds['HMMA'] + kinds['IMMA']}")
+              f"BAR {kinds['BAR']}, SHFL {kinds['SHFL']}, "
+              f"products {sum(kinds[k] for k in PRODUCTS)}")
 
 
 def code_bytes(insts):
