@@ -174,8 +174,9 @@ struct MmaQ8_0 {
 // is 1024 + code, and one float16x2 subtraction leaves code - 8 for two codes at once; a high
 // nibble, masked where it is, arrives as 1024 + 16 code, and one FMA by 1/16 with -72 leaves
 // code - 8 (q4_low_pair, q4_high_pair: qgemv.cu's trick 3). One shift of the word brings bytes
-// 1 and 3 down: per word one shift, four LOP3s, four float16x2 instructions. Pairs come out as (code 0, code 2), (code 1,
-// code 3): that is Q4ORDER, positions 4t + j + 2e for k-slot pair j, element e.
+// 1 and 3 down: per word one shift, four LOP3s, four float16x2 instructions. Pairs come out as
+// (code 0, code 2), (code 1, code 3): that is Q4ORDER, positions 4t + j + 2e for k-slot pair j,
+// element e.
 struct MmaQ4_0 {
     static constexpr int WEIGHTS = 32, UNITS = 4, BLOCKS = 4, PARTS = 2;
     static constexpr bool BF16 = false, Q4ORDER = true;
