@@ -118,7 +118,10 @@ __device__ __forceinline__ void prefetch_rows(const float* __restrict__ W, int N
     const int R = max(min_rows, rows_per_warp(N, warps));
     const int n0 = (blockIdx.x * warps + threadIdx.x / 32) * R;
     if (n0 >= N) return;
-    prefetch_l2_range(W + (size_t)n0 * K, min(R, N - n0) * K * 4, lane, 32);   // (reduce.cu)
+    const char* first = reinterpret_cast<const char*>(W + (size_t)n0 * K);
+    const size_t bytes = (size_t)min(R, N - n0) * K * 4;
+    for (size_t at = 128 * lane; at < bytes; at += 128 * 32)            // one line per lane
+        asm volatile("prefetch.global.L2 [%0];" :: "l"(first + at));
 }
 
 // ---- weight rows against the input rows, by one warp -----------------------------------------

@@ -266,50 +266,7 @@ struct QBatch {
                 }
             }
     }
-
-    // Ask L2 for a warp's tile some tiles before its loads come (QGEMV_L2_AHEAD; reduce.cu's
-    // prefetch_l2): rows n0 .. n0 + NR - 1, the chunk's CH loads from `first`, their scales
-    // and mins.
-    static __device__ __forceinline__ void ahead(const uint4* __restrict__ qs,
-                                                 const unsigned short* __restrict__ ds,
-                                                 const unsigned short* __restrict__ ms, int n0,
-                                                 int N, int CH, int first, int loads_per_row,
-                                                 int nb) {
-        constexpr int LPB = F::LOADS_PER_BLOCK > 0 ? F::LOADS_PER_BLOCK : 1;
-        const int lane = threadIdx.x % 32;
-        const int b0 = first / LPB, blocks = (first + CH - 1) / LPB - b0 + 1;
-#pragma unroll
-        for (int j = 0; j < NR; ++j) {
-            const int n = n0 + j;
-            if (n >= N) break;
-            prefetch_l2_range(qs + (size_t)n * loads_per_row + first, 16 * CH, lane, 32);
-            if (F::LOADS_PER_BLOCK > 0) {
-                prefetch_l2_range(ds + (size_t)n * nb + b0, 2 * blocks, lane, 32);
-                if (F::MIN) prefetch_l2_range(ms + (size_t)n * nb + b0, 2 * blocks, lane, 32);
-            }
-        }
-    }
 };
-
-// Tiles a warp of qgemv_v2/v4/v4s asks L2 for ahead of their loads (QBatch::ahead): before the
-// wait its first QGEMV_L2_AHEAD tiles, and at the start of each tile the one QGEMV_L2_AHEAD
-// tiles on. 0: none.
-#ifndef QGEMV_L2_AHEAD
-#define QGEMV_L2_AHEAD 1
-#endif
-
-template <class F, int NR, int U>
-__device__ __forceinline__ void qgemv_first_ahead(const uint4* __restrict__ qs,
-                                                  const unsigned short* __restrict__ ds,
-                                                  const unsigned short* __restrict__ ms,
-                                                  int n_first, int tile_step, int row_end, int N,
-                                                  int CH, int first, int loads_per_row, int nb) {
-#pragma unroll
-    for (int a = 0; a < QGEMV_L2_AHEAD; ++a) {
-        const int n = n_first + a * tile_step;
-        if (n < row_end) QBatch<F, NR, U>::ahead(qs, ds, ms, n, N, CH, first, loads_per_row, nb);
-    }
-}
 
 template <class F, int ROWS, int PRO>
 __global__ void __launch_bounds__(256, ROWS >= 8 ? 1 : 2)
@@ -509,16 +466,13 @@ typedef V2Q4<true> V2Q4_1;
 // further along this tile, or the first of the warp's next tile (n0 + tile_step, where that is
 // below row_end), so that loads stay in flight across the tile's end. Step::multiply adds each
 // load times x into acc.
-template <class F, int NR, int U, int V, class Step, bool AHEAD = true>
+template <class F, int NR, int U, int V, class Step>
 __device__ __forceinline__ void qgemv_tile(QBatch<F, NR, U>& next, const uint4* __restrict__ qs,
                                            const unsigned short* __restrict__ d,
                                            const unsigned short* __restrict__ mn, int n0,
                                            int tile_step, int row_end, int N, int CH, int first,
                                            int loads_per_row, int nb, float (&acc)[V]) {
     const int lane = threadIdx.x % 32;
-    const int n_ahead = n0 + QGEMV_L2_AHEAD * tile_step;
-    if (AHEAD && QGEMV_L2_AHEAD > 0 && n_ahead < row_end)
-        QBatch<F, NR, U>::ahead(qs, d, mn, n_ahead, N, CH, first, loads_per_row, nb);
     for (int c0 = lane; c0 < CH; c0 += 32 * U) {
         const QBatch<F, NR, U> cur = next;
         const bool same = c0 + 32 * U < CH;
@@ -561,9 +515,6 @@ __device__ __forceinline__ void qgemv_walk(const float* __restrict__ X, const ui
     QBatch<F, NR, U> next;
     bool fetched = n_first < N;
     if (fetched) next.fetch(qs, d, mn, n_first, N, lane, min(kc, K) / F::WEIGHTS, 0, loads_per_row, nb);
-    if (ROWS == 1)                     // (batches: the products, not the loads, are long)
-        qgemv_first_ahead<F, NR, U>(qs, d, mn, n_first, tile_step, N, N, min(kc, K) / F::WEIGHTS,
-                                    0, loads_per_row, nb);
     grid_launch_dependents();
     grid_dependency_wait();            // (reduce.cu) the weights are ours; x is the last kernel's
 
@@ -596,8 +547,8 @@ __device__ __forceinline__ void qgemv_walk(const float* __restrict__ X, const ui
 #pragma unroll
                 for (int i = 0; i < V; ++i) acc[i] = 0.0f;
 
-                qgemv_tile<F, NR, U, V, Step, ROWS == 1>(next, qs, d, mn, n0, tile_step, N, N,
-                                                         CH, first, loads_per_row, nb, acc);
+                qgemv_tile<F, NR, U, V, Step>(next, qs, d, mn, n0, tile_step, N, N, CH, first,
+                                              loads_per_row, nb, acc);
 
                 // the V sums over the warp, 32 (or all V) at a time; see qgemv
 #pragma unroll
@@ -1111,8 +1062,6 @@ __device__ __forceinline__ void v4s_walk(const Source& src, const uint4* __restr
     // The first loads do not depend on x: issued before the wait, as in v4.
     QBatch<F, NR, U> next;
     if (n_first < row_end) next.fetch(qs, d, d, n_first, N, lane, CH, first, loads_per_row, nb);
-    qgemv_first_ahead<F, NR, U>(qs, d, d, n_first, tile_step, row_end, N, CH, first,
-                                loads_per_row, nb);
     grid_launch_dependents();
     grid_dependency_wait();            // (reduce.cu) the weights are ours; x is the last kernel's
 

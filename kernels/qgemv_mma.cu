@@ -338,20 +338,11 @@ __device__ void mma_stage_x(const float* __restrict__ X, int m0, int M, int K, i
 // The weights of U steps of one lane: per tile j and half h (row g, row g + 8) the 16-byte chunk
 // 4 step + t, and the raw float16 scale of block BLOCKS step + (t % BLOCKS) (0 past the row).
 
-// Steps of a warp's weights asked of L2 ahead of their loads (MmaLoads), beyond the U in its
-// registers. 0: none.
-#ifndef MMA_L2_AHEAD
-#define MMA_L2_AHEAD 4
-#endif
-
 template <class F, int NR, int U>
 struct MmaLoads {
     uint4 q[U][NR][2];
     unsigned int d[U][NR];          // row g's scale (low half), row g + 8's (high half)
 
-    // AHEAD: each load's chunk MMA_L2_AHEAD steps on is asked of L2 too (the loop's fetches;
-    // the first ones, before it, call ahead instead).
-    template <bool AHEAD = false>
     __device__ __forceinline__ void fetch(const uint4* __restrict__ qs,
                                           const unsigned short* __restrict__ ds, int row0, int N,
                                           int step0, int step_end, int chunks, int nb, int t) {
@@ -369,8 +360,6 @@ struct MmaLoads {
                     const int c = 4 * step + t;
                     q[s][j][h] = make_uint4(0, 0, 0, 0);
                     if (step < step_end && c < chunks) q[s][j][h] = q_load16(qs + (size_t)n * chunks + c);
-                    if (AHEAD && step + MMA_L2_AHEAD < step_end && c + 4 * MMA_L2_AHEAD < chunks)
-                        prefetch_l2(qs + (size_t)n * chunks + c + 4 * MMA_L2_AHEAD);
                     if (F::BLOCKS > 0) {
                         const int b = F::BLOCKS * step + t % BL;
                         if (step < step_end && b < nb)
@@ -378,35 +367,6 @@ struct MmaLoads {
                     }
                 }
             }
-    }
-
-    // Ask L2 for steps `step` .. `step` + COUNT - 1 of the lane's rows, the chunks fetch will
-    // load (reduce.cu's prefetch_l2): before the loop, the steps its first fetches ask for
-    // none of.
-    template <int COUNT>
-    static __device__ __forceinline__ void ahead(const uint4* __restrict__ qs, int row0, int N,
-                                                 int step, int step_end, int chunks, int t) {
-        const int g = (threadIdx.x % 32) / 4;
-#pragma unroll
-        for (int i = 0; i < COUNT; ++i) {
-            const int c = 4 * (step + i) + t;
-            if (step + i >= step_end || c >= chunks) break;
-#pragma unroll
-            for (int j = 0; j < NR; ++j)
-#pragma unroll
-                for (int h = 0; h < 2; ++h)
-                    prefetch_l2(qs + (size_t)min(row0 + 16 * j + 8 * h + g, N - 1) * chunks + c);
-        }
-    }
-
-    // The scales of the warp's whole share, asked of L2 once (a row's are a few lines): lane r
-    // takes row row0 + r.
-    static __device__ __forceinline__ void scales_ahead(const unsigned short* __restrict__ ds,
-                                                        int row0, int N, int step_begin,
-                                                        int step_end, int nb) {
-        const int n = row0 + threadIdx.x % 32, b0 = F::BLOCKS * step_begin;
-        if (F::BLOCKS > 0 && threadIdx.x % 32 < 16 * NR && n < N)
-            prefetch_l2_range(ds + (size_t)n * nb + b0, 2 * (min(nb, F::BLOCKS * step_end) - b0));
     }
 };
 
@@ -440,11 +400,6 @@ qgemv_mma(const float* __restrict__ X, const uint4* __restrict__ qs,
 
     MmaLoads<F, NR, U> next;
     next.fetch(qs, d, row0, N, step_begin, step_end, chunks, nb, t);   // before x is staged
-    if (MMA_L2_AHEAD > 0) {                                  // (the weights: before the wait)
-        MmaLoads<F, NR, U>::scales_ahead(d, row0, N, step_begin, step_end, nb);
-        MmaLoads<F, NR, U>::template ahead<MMA_L2_AHEAD>(qs, row0, N, step_begin + U, step_end,
-                                                         chunks, t);
-    }
     grid_launch_dependents();
     grid_dependency_wait();            // (reduce.cu) the weights are ours; x is the last kernel's
 
@@ -453,11 +408,7 @@ qgemv_mma(const float* __restrict__ X, const uint4* __restrict__ qs,
         mma_stage_x<F, PRO>(X, m0, M, K, step_begin * F::UNITS, units, norm_w, mma_xs, mma_ss,
                             mma_e);
         __syncthreads();
-        if (m0 > 0) {
-            next.fetch(qs, d, row0, N, step_begin, step_end, chunks, nb, t);
-            MmaLoads<F, NR, U>::template ahead<MMA_L2_AHEAD>(qs, row0, N, step_begin + U, step_end,
-                                                             chunks, t);
-        }
+        if (m0 > 0) next.fetch(qs, d, row0, N, step_begin, step_end, chunks, nb, t);
 
         float acc[NR][4];
 #pragma unroll
@@ -467,9 +418,7 @@ qgemv_mma(const float* __restrict__ X, const uint4* __restrict__ qs,
 
         for (int s0 = step_begin; s0 < step_end; s0 += U) {
             const MmaLoads<F, NR, U> cur = next;
-            if (s0 + U < step_end)
-                next.template fetch<(MMA_L2_AHEAD > 0)>(qs, d, row0, N, s0 + U, step_end, chunks,
-                                                        nb, t);
+            if (s0 + U < step_end) next.fetch(qs, d, row0, N, s0 + U, step_end, chunks, nb, t);
 #pragma unroll
             for (int s = 0; s < U; ++s) {
                 if (s0 + s >= step_end) break;

@@ -40,28 +40,6 @@ __device__ __forceinline__ void grid_launch_dependents() {
 #endif
 }
 
-// Weights asked of L2 ahead of their loads. A load in flight holds the registers its data will
-// land in, and the GEMVs here have few to spare (qgemv_v4 and qgemv_mma run two blocks an SM at
-// ~120 registers a thread, one batch of loads in flight a warp). A prefetch holds none: it only
-// asks L2 to fetch the line from memory, and the load that comes for it later finds it there.
-// So a warp can keep more of its weights on their way than its registers allow, and can start
-// them before grid_dependency_wait (the weights are never written), while the kernel before
-// it is still finishing. One line is 128 bytes.
-__device__ __forceinline__ void prefetch_l2(const void* p) {
-    asm volatile("prefetch.global.L2 [%0];" :: "l"(p));
-}
-
-// Every line of bytes [p, p + bytes), asked for by one thread (a short range: a row's scales)
-// or, with `lanes` 32 and each lane's own `lane`, by a warp, lane i taking lines i, i + 32, ..;
-// the range's last byte is asked for too, so that an unaligned p misses no line.
-__device__ __forceinline__ void prefetch_l2_range(const void* p, int bytes, int lane = 0,
-                                                  int lanes = 1) {
-    const char* c = static_cast<const char*>(p);
-    if (bytes <= 0) return;
-    for (int at = 128 * lane; at < bytes + 128; at += 128 * lanes)
-        prefetch_l2(c + min(at, bytes - 1));
-}
-
 // -inf without <math.h> (NVRTC compiles without the host headers)
 __device__ __forceinline__ float neg_inf() { return __int_as_float(0xff800000); }
 
