@@ -83,13 +83,32 @@ __device__ __forceinline__ unsigned int q_word(const uint4& q, int i) {
 }
 
 // A 16-byte load that bypasses L1: each weight is read once, so it should not evict x.
+// L2_FETCH 128: L2 fetches the whole 128-byte line from memory, not only the sectors asked for
+// (PTX's .level::prefetch_size). qgemv_mma's loads take 64 bytes of each of 8 rows, the next
+// step's the 64 after them, so one trip to memory serves two steps: batch-8 steps of the 7B
+// shape 1.045x (float16) and 1.014x (int8), q4_0 even; 256 bytes lost (H200, 2026-11-30,
+// docs/kernels.md "The loop's instructions"). qgemv's one-row loads, 512 contiguous bytes a
+// warp, measured even with it and do without.
+template <int L2_FETCH = 0>
 __device__ __forceinline__ uint4 q_load16(const uint4* p) {
     uint4 v;
-    asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
-        : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+    if (L2_FETCH == 128)
+        asm("ld.global.nc.L1::no_allocate.L2::128B.v4.u32 {%0, %1, %2, %3}, [%4];"
+            : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+    else
+        asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+            : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
     return v;
 }
 
+// A weight's float16 scale (or min), raw, read-only; L2_FETCH as q_load16's.
+template <int L2_FETCH = 0>
+__device__ __forceinline__ unsigned short q_scale(const unsigned short* p) {
+    if (L2_FETCH != 128) return __ldg(p);
+    unsigned short v;
+    asm("ld.global.nc.L2::128B.u16 %0, [%1];" : "=h"(v) : "l"(p));
+    return v;
+}
 
 // ---------------------------------------------------------------------------------------------
 // The formats. `piece(q, p, v)`: float4 number p of 16-byte load q, as float32 weights before

@@ -359,11 +359,12 @@ struct MmaLoads {
                     const int n = min(row0 + 16 * j + 8 * h + g, N - 1);   // past N: never written
                     const int c = 4 * step + t;
                     q[s][j][h] = make_uint4(0, 0, 0, 0);
-                    if (step < step_end && c < chunks) q[s][j][h] = q_load16(qs + (size_t)n * chunks + c);
+                    if (step < step_end && c < chunks)                  // (qgemv.cu: L2 lines)
+                        q[s][j][h] = q_load16<128>(qs + (size_t)n * chunks + c);
                     if (F::BLOCKS > 0) {
                         const int b = F::BLOCKS * step + t % BL;
                         if (step < step_end && b < nb)
-                            d[s][j] |= (unsigned int)__ldg(ds + (size_t)n * nb + b) << (16 * h);
+                            d[s][j] |= (unsigned int)q_scale<128>(ds + (size_t)n * nb + b) << (16 * h);
                     }
                 }
             }
