@@ -314,6 +314,17 @@ decode_ring(const int* __restrict__ step, const float* __restrict__ tok_embeddin
         });
     };
 
+    // A matrix stage after its input (stamp t: the input staged; t + 1: the sums; t + 2: the
+    // barrier), its products written to y (the qkv stage writes through o's q and cache rows)
+    auto products = [&](int t, float* y, int m, int what) {
+        stamp(t);
+        o.y = y;
+        matrix_stage(m, what);
+        stamp(t + 1);
+        stage_end();
+        stamp(t + 2);
+    };
+
     if (blockIdx.x == 0)                  // h = the token's embedding row, for the residual
         for (int i = threadIdx.x; i < dim; i += blockDim.x)
             h[i] = __ldg(tok_embeddings + (size_t)step[1] * dim + i);
@@ -329,11 +340,7 @@ decode_ring(const int* __restrict__ step, const float* __restrict__ tok_embeddin
         o.cache_k = L.cache_k;
         o.cache_v = L.cache_v;
         const int t = 2 + 15 * l;        // stamps of layer l: per stage, input / sums / barrier
-        stamp(t);
-        matrix_stage(4 * l, RING_QKV);
-        stamp(t + 1);
-        stage_end();
-        stamp(t + 2);
+        products(t, o.y, 4 * l, RING_QKV);
 
         stamp(t + 3);
         for (int head = blockIdx.x; head < n_heads; head += gridDim.x)
@@ -344,29 +351,14 @@ decode_ring(const int* __restrict__ step, const float* __restrict__ tok_embeddin
         stamp(t + 5);
 
         stage_input<INPUT_PLAIN>(stage_smem, att, q_dim, 1, q_dim, nullptr, 0.0f, scratch);
-        stamp(t + 6);
-        o.y = h;
-        matrix_stage(4 * l + 1, RING_ADD);
-        stamp(t + 7);
-        stage_end();
-        stamp(t + 8);
+        products(t + 6, h, 4 * l + 1, RING_ADD);
 
         stage_input<INPUT_RMSNORM>(stage_smem, h, dim, 1, dim, L.ffn_norm, eps, scratch);
-        stamp(t + 9);
-        o.y = h13;
-        matrix_stage(4 * l + 2, RING_STORE);
-        stamp(t + 10);
-        stage_end();
-        stamp(t + 11);
+        products(t + 9, h13, 4 * l + 2, RING_STORE);
 
         stage_input<INPUT_SWIGLU>(stage_smem, h13, 2 * hidden, 1, hidden, nullptr, 0.0f,
                                   scratch);
-        stamp(t + 12);
-        o.y = h;
-        matrix_stage(4 * l + 3, RING_ADD);
-        stamp(t + 13);
-        stage_end();
-        stamp(t + 14);
+        products(t + 12, h, 4 * l + 3, RING_ADD);
     }
     stage_input<INPUT_RMSNORM>(stage_smem, h, dim, 1, dim, norm, eps, scratch);
     stamp(2 + 15 * n_layers);
