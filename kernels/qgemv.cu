@@ -86,8 +86,8 @@ __device__ __forceinline__ unsigned int q_word(const uint4& q, int i) {
 // L2_FETCH 128: L2 fetches the whole 128-byte line from memory, not only the sectors asked for
 // (PTX's .level::prefetch_size). qgemv_mma's loads take 64 bytes of each of 8 rows, the next
 // step's the 64 after them, so one trip to memory serves two steps: batch-8 steps of the 7B
-// shape 1.045x (float16) and 1.014x (int8), q4_0 even; 256 bytes lost (H200, 2026-11-30,
-// docs/kernels.md "The loop's instructions"). qgemv's one-row loads, 512 contiguous bytes a
+// shape 1.046x (float16) and 1.014x (int8), q4_0 even; 256 bytes lost (H200, 2026-11-30,
+// docs/kernels.md "Asking L2 ahead"). qgemv's one-row loads, 512 contiguous bytes a
 // warp, measured even with it and do without.
 template <int L2_FETCH = 0>
 __device__ __forceinline__ uint4 q_load16(const uint4* p) {
