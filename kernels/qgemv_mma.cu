@@ -375,7 +375,7 @@ struct MmaLoads {
 // slice `blockIdx.y` of the k spans. Dynamic shared memory: F::PARTS * 8 * ROWW words.
 // scratch: ks * M * N floats of partial sums, then tiles * ks * M sums of squares;
 // counters: tiles ints, zero before the launch and zero after it.
-// U: steps of loads in flight, 64 bytes a lane each (kernels.MMA_U: 4 with NR 1, 2 with NR 2);
+// U: steps of loads in flight, 64 bytes a lane each (kernels.MMA_U, per format and NR);
 // B: blocks an SM, the launch bounds' (kernels.MMA_BLOCKS_PER_SM, which qgemv_mma_plan's waves
 // count), so the registers a thread may take (B 2: 128).
 template <class F, int NR, int PRO, int U, int B>

@@ -394,13 +394,14 @@ def test_launch_rules_follow_the_blocks_an_sm_set_when_called(monkeypatch):
     k = pytest.importorskip("minillama.cuda.kernels")
     assert k.qgemv_mma_plan(12288, 4096, "q4_0", sms=132) == (2, 5, 7)     # 240 of 264 slots
     monkeypatch.setattr(k, "MMA_BLOCKS_PER_SM", 3)
-    monkeypatch.setattr(k, "MMA_U", {1: 2, 2: 1})
+    monkeypatch.setattr(k, "MMA_U", {fmt: {1: 2, 2: 1} for fmt in k.MMA_FORMATS})
     nr, ks, per_slice = k.qgemv_mma_plan(12288, 4096, "q4_0", sms=132)
     assert 2 * 132 < k.cdiv(12288, 128 * nr) * ks <= 3 * 132 and per_slice * nr < 7 * 2
     assert k._qgemv_mma_name("q4_0", 2, 1) == "qgemv_mma<MmaQ4_0,2,1,1,3>"
     monkeypatch.undo()
     assert k.qgemv_mma_plan(12288, 4096, "q4_0", sms=132) == (2, 5, 7)
-    assert k._qgemv_mma_name("q4_0", 2, 1) == "qgemv_mma<MmaQ4_0,2,1,2,2>"
+    assert k._qgemv_mma_name("q4_0", 2, 1) == "qgemv_mma<MmaQ4_0,2,1,1,2>"
+    assert k._qgemv_mma_name("q8_0", 1, 0) == "qgemv_mma<MmaQ8_0,1,0,2,2>"
     plain = k.GEMV_PROLOGUES[None]
     for fmt in V4_FORMATS:
         nr = k.QGEMV_V4[fmt][0]

@@ -42,8 +42,8 @@ def nr1_only(N, K, fmt, sms=None, nr=None, ks=None):
 PLANS = {"rule": RULE, "before": plan_before, "nr1 only": nr1_only}
 # qgemv_mma at three blocks an SM: the launch bounds' B and the plan's waves, with half the loads
 # in flight (at these U the q8_0 and q4_0 instances spill 0 to 32 bytes a thread, at the
-# package's 108 to 232: ptxas -v's spill stores)
-B3 = {"MMA_BLOCKS_PER_SM": 3, "MMA_U": {1: 2, 2: 1}}
+# package's U of the time, 4 / 2, 108 to 232: ptxas -v's spill stores)
+B3 = {"MMA_BLOCKS_PER_SM": 3, "MMA_U": {fmt: {1: 2, 2: 1} for fmt in kernels.MMA_FORMATS}}
 
 
 @contextlib.contextmanager

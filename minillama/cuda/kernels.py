@@ -125,16 +125,21 @@ GEMM_V5_DEFAULT = "128x128x4"
 # (so the 1e-5 bound of the float32 GEMV holds). Tiles of 128 NR weight rows; k split into
 # slices, a slice at most MMA_MAX_SLICE positions (its x, 2 or 3 parts of 8 rows, sits in shared
 # memory: 64 or 96 KiB at 2048 positions); NR and the slices by qgemv_mma_plan, in waves of
-# MMA_BLOCKS_PER_SM blocks an SM (B, its launch bounds); MMA_U[NR] steps of loads in flight.
-# At B 3 the q8_0 and q4_0 instances spill 108 to 232 bytes a thread with these U, 0 to 32 with
-# them halved (f16, bf16: 20 to 132, none; ptxas -v, NVRTC 13.0 sm_90), and bf16's 96 KiB
-# slices fit only two blocks an SM. Measured with U halved, B 3 lost: the 7B batch-8 step 0.93x
+# MMA_BLOCKS_PER_SM blocks an SM (B, its launch bounds); MMA_U[fmt][NR] steps of loads in
+# flight. At B 3 the q8_0 and q4_0 instances spill 108 to 232 bytes a thread at U 4 / 2 (NR 1 /
+# 2), 0 to 32 at 2 / 1 (f16, bf16: 20 to 132, none; ptxas -v, NVRTC 13.0 sm_90), and bf16's 96
+# KiB slices fit only two blocks an SM. Measured at 2 / 1, B 3 lost: the 7B batch-8 step 0.93x
 # (q4_0) and 0.90x (q8_0) as fast (H200, 2026-11-30, kernels/dev/ab_mma_plan.py), so B stays 2.
+# U was 4 / 2 for every format until the loads fetched whole 128-byte lines (qgemv.cu's
+# q_load16<128>); since, fewer steps in flight measured faster for the block formats, on the 7B
+# step at 4, 8 and 16 rows: q4_0 at 1 / 1 1.05x, 1.04x, 1.03x, q8_0 at 2 / 2 1.03x, 1.04x, 1.04x;
+# float16 lost at every other U tried (0.90 to 0.98x at 8 rows; H200, 2026-11-30, docs/kernels.md
+# "Asking L2 ahead"). bfloat16 keeps float16's, unmeasured.
 MMA_FORMATS = {"f16": "MmaF16", "bf16": "MmaBF16", "q8_0": "MmaQ8_0", "q4_0": "MmaQ4_0"}
 MMA_SPAN = {"f16": 32, "bf16": 32, "q8_0": 64, "q4_0": 128}     # positions of k per step
 MMA_NR = (1, 2)
 MMA_BLOCKS_PER_SM = 2
-MMA_U = {1: 4, 2: 2}
+MMA_U = {"f16": {1: 4, 2: 2}, "bf16": {1: 4, 2: 2}, "q8_0": {1: 2, 2: 2}, "q4_0": {1: 1, 2: 1}}
 MMA_MAX_SLICE = 2048
 # rows of x from which qgemv's rule takes qgemv_mma: at 2 rows qgemv v1 was faster in every
 # format, at 4 qgemv_mma in every one (float16 level), at 8 by 1.3 to 1.6x (H200, 2026-11-29,
@@ -244,9 +249,9 @@ def _qgemv_v4_name(fmt, pro):
 
 
 def _qgemv_mma_name(fmt, nr, pro):
-    """qgemv_mma's instance: its traits ("MmaQ4_0"), NR, the prologue, MMA_U[NR] and
+    """qgemv_mma's instance: its traits ("MmaQ4_0"), NR, the prologue, MMA_U[fmt][NR] and
     MMA_BLOCKS_PER_SM."""
-    return f"qgemv_mma<{MMA_FORMATS[fmt]},{nr},{pro},{MMA_U[nr]},{MMA_BLOCKS_PER_SM}>"
+    return f"qgemv_mma<{MMA_FORMATS[fmt]},{nr},{pro},{MMA_U[fmt][nr]},{MMA_BLOCKS_PER_SM}>"
 
 
 def _qgemv_v4s_name(fmt, pro):
