@@ -116,6 +116,7 @@ def test_qgemv_prologues_accumulate_and_chunks(cuda, cp, fmt, version):
 
 
 V4_FORMATS = ("q4_0", "q8_0")
+V4_UNIT = {"q4_0": 32, "q8_0": 16}          # values of x in one fixed point (qgemv.cu's WEIGHTS)
 
 
 @gpu
@@ -131,7 +132,7 @@ def test_qgemv_v4_matches_float64_at_one_row(cuda, cp, fmt, N, K):
     wide[0, 32:64] = 0.0                                 # (K = 32: x stays as it is)
     for xs in (x, wide):
         y = cuda.kernels.qgemv(cp.asarray(xs), w, out=poison(cp, (1, N)), version=4)
-        assert product_err(y, xs.astype(np.float64), w64) < 1e-5
+        assert product_err(y, xs.astype(np.float64), w64, V4_UNIT[fmt]) < 1e-5
 
 
 @gpu
@@ -286,7 +287,7 @@ def test_qgemv_v4s_matches_float64_at_one_row(cuda, cp, monkeypatch, fmt, N, K):
     wide[0, 32:64] = 0.0
     for xs in (x, wide):
         y = k.qgemv(cp.asarray(xs), w, out=poison(cp, (1, N)))
-        assert product_err(y, xs.astype(np.float64), w64) < 1e-5
+        assert product_err(y, xs.astype(np.float64), w64, V4_UNIT[fmt]) < 1e-5
     again = k.qgemv(cp.asarray(wide), w, out=poison(cp, (1, N)))
     assert np.array_equal(y.get().view(np.uint32), again.get().view(np.uint32))
     assert set(launched) == {k._qgemv_v4s_name(fmt, 0)}, launched
