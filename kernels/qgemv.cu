@@ -91,6 +91,7 @@ __device__ __forceinline__ unsigned int q_word(const uint4& q, int i) {
 // warp, measured even with it and do without.
 template <int L2_FETCH = 0>
 __device__ __forceinline__ uint4 q_load16(const uint4* p) {
+    static_assert(L2_FETCH == 0 || L2_FETCH == 128, "q_load16: L2_FETCH 0 or 128");
     uint4 v;
     if (L2_FETCH == 128)
         asm("ld.global.nc.L1::no_allocate.L2::128B.v4.u32 {%0, %1, %2, %3}, [%4];"
@@ -104,7 +105,8 @@ __device__ __forceinline__ uint4 q_load16(const uint4* p) {
 // A weight's float16 scale (or min), raw, read-only; L2_FETCH as q_load16's.
 template <int L2_FETCH = 0>
 __device__ __forceinline__ unsigned short q_scale(const unsigned short* p) {
-    if (L2_FETCH != 128) return __ldg(p);
+    static_assert(L2_FETCH == 0 || L2_FETCH == 128, "q_scale: L2_FETCH 0 or 128");
+    if (L2_FETCH == 0) return __ldg(p);
     unsigned short v;
     asm("ld.global.nc.L2::128B.u16 %0, [%1];" : "=h"(v) : "l"(p));
     return v;
