@@ -128,3 +128,21 @@ def test_a_backend_that_records_its_calls_keeps_model_forward():
     p = ModelArgs(**ODD)
     model = Transformer(p, random_weights(p), Recording())
     assert model.ops.decoder(model) == model.forward
+
+
+def test_bench_profile_gives_each_product_and_the_ceiling(tmp_path):
+    """`bench cpu --profile`'s lines for one step: each product with the bandwidth it read its
+    weights at, what the products leave of the step, and the ceiling (the products alone, as
+    ms and tokens/s: issue 13's honest ceiling, printed beside the step). No time is asserted,
+    only that every part is there and the ceiling's two figures agree."""
+    import re
+    from minillama.bench.cpu import profile_decoder
+    lines = profile_decoder("260K", 2, str(tmp_path))        # no model files: the random shape
+    assert lines[0].startswith("260K: one CpuDecoder step, ")
+    parts = {line.split()[0] for line in lines[1:-2]}
+    assert parts == {"wqkv", "wo", "w13", "w2", "classifier"}
+    assert all("GB/s of weights" in line for line in lines[1:-2])
+    assert lines[-2].split()[:2] == ["everything", "else"]
+    ms, rate = map(float, re.fullmatch(r"  ceiling: the products alone, ([\d.]+) ms a step, "
+                                       r"([\d.]+) tokens/s with nothing else", lines[-1]).groups())
+    assert ms > 0 and abs(rate * ms / 1e3 - 1) < 0.01 + 0.005 / ms    # the same time, rounded
