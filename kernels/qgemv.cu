@@ -281,8 +281,8 @@ struct QBatch {
                     q[u][j] = q_load16(qs + (size_t)n * loads_per_row + first + c);
                     if (F::LOADS_PER_BLOCK > 0) {
                         const size_t blk = (size_t)n * nb + (first + c) / LPB;
-                        dm[u][j] = __ldg(ds + blk);
-                        if (F::MIN) dm[u][j] |= (unsigned int)__ldg(ms + blk) << 16;
+                        dm[u][j] = q_scale(ds + blk);
+                        if (F::MIN) dm[u][j] |= (unsigned int)q_scale(ms + blk) << 16;
                     }
                 }
             }

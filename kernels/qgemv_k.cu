@@ -51,7 +51,8 @@
 // ---------------------------------------------------------------------------------------------
 // Helpers
 
-// q_word and q_load16 (a word of a 16-byte load; a load that bypasses L1) are qgemv.cu's.
+// q_word, q_load16 and q_scale (a word of a 16-byte load; a load that bypasses L1; a raw
+// float16 scale) are qgemv.cu's.
 
 // Sub-block j's 6-bit scale and min of Q4_K / Q5_K, from the super-block's 12 bytes `s`:
 // bytes 0..3 hold sc[0..3] (and bits 4..5 of sc[4..7] on top), bytes 4..7 m[0..3] (and bits
@@ -216,8 +217,8 @@ struct QkPiece {
                                          size_t blk, int p) {
         q = q_load16(qs + blk * F::PIECES + p);
         h = F::H_PIECES ? q_load16(qh + blk * F::H_PIECES + F::h_piece(p)) : q;
-        d = f16_to_f32(__ldg(dp + blk));
-        dmin = F::MIN ? f16_to_f32(__ldg(dminp + blk)) : 0.0f;
+        d = f16_to_f32(q_scale(dp + blk));
+        dmin = F::MIN ? f16_to_f32(q_scale(dminp + blk)) : 0.0f;
         s = sc + blk * F::S_BYTES;
     }
 };
