@@ -256,8 +256,9 @@ def profile_decoder(name, steps, shared):
         lines.append(f"  {part:<18} {per_step * 1e3:7.3f} ms {per_step / total:6.1%}  "
                      f"{sizes[part] / per_step / 1e9:6.1f} GB/s of weights")
     alone = sum(seconds.values()) / steps
-    lines.append(f"  {'everything else':<18} {(total - alone) * 1e3:7.3f} ms "
-                 f"{(total - alone) / total:6.1%}  (Python, norms, RoPE, attention, SwiGLU, the cache)")
+    rest = total - alone
+    lines.append(f"  {'everything else':<18} {rest * 1e3:7.3f} ms {rest / total:6.1%}  "
+                 f"(Python, norms, RoPE, attention, SwiGLU, the cache)")
     # The step can be no faster than its products: NumPy's GEMVs reading these weights on this
     # machine, with nothing between them (issue 13's honest ceiling, printed beside the step)
     lines.append(f"  ceiling: the products alone, {alone * 1e3:.2f} ms a step, "
