@@ -50,3 +50,34 @@ def test_bench_cpu_refuses_an_unknown_model_shape_with_status_2(capsys):
     err = capsys.readouterr().err
     assert "'\\x1b9M' is not a model shape (one or more of 260K, 15M, 42M, 110M" in err
     assert "\x1b" not in err                              # escaped, not printed raw
+
+
+def test_the_report_puts_generates_steps_ahead_beside_one_token_a_call(capsys):
+    """print_report and targets() with measured rows (no GPU): each target of batch 1 and of
+    batch 8 / batch 1 is printed twice, one token a call and AHEAD steps a call, from the
+    row's own figures, and a format that failed shows n/a instead of stopping the report."""
+    from minillama.bench import gpu7b
+    from minillama.generation import AHEAD
+
+    def row(dtype, b1, b1_ahead, b8, b8_ahead, floor):
+        return dict(dtype=dtype, weight_bytes=4e9, bytes_per_token=4e9, floor_ms=1.0,
+                    b1=b1, b1_of_floor=floor * b1, b1_ahead=b1_ahead,
+                    b1_ahead_of_floor=floor * b1_ahead, b8=b8, b8_of_floor=0.5,
+                    b8_ahead=b8_ahead, b8_ahead_of_floor=0.5, prefill_ms=50.0,
+                    b1_path="graph", b8_path="graph")
+    s = dict(steps=32, prefill=512, formats=[row("q4_0", 600.0, 650.0, 2400.0, 2600.0, 1e-3),
+                                             dict(dtype="int8", error="out of memory")],
+             gemm=dict(name="4096^3 float16", ours=None, cublas=700.0, error="n/a"),
+             seed_case=dict(error="not run"))
+    measured = {name: value for name, value, _ in gpu7b.targets(s)}
+    assert measured["q4_0 batch 1, fraction of floor"] == pytest.approx(0.60)
+    assert measured[f"q4_0 batch 1, fraction of floor, {AHEAD} ahead"] == pytest.approx(0.65)
+    assert measured["q4_0 batch 8 / batch 1"] == pytest.approx(4.0)
+    assert measured[f"q4_0 batch 8 / batch 1, {AHEAD} ahead"] == pytest.approx(4.0)
+    assert measured[f"int8 batch 1, fraction of floor, {AHEAD} ahead"] is None
+    gpu7b.print_report(dict(llama7b=s, copy_gbs=4000.0))
+    out = capsys.readouterr().out
+    assert f"q4_0 batch 1, fraction of floor, {AHEAD} ahead" in out
+    line = next(ln for ln in out.splitlines() if ln.startswith("q4_0 "))
+    assert line.split()[-6:-1] == ["50.0", "650.0", "0.65", "2600.0", "4.00"]
+    assert "failed: out of memory" in out

@@ -15,6 +15,12 @@ Two candidates, measured as bounds on the step they would change, before either 
   tool's first run (H200, 2026-11-30) found the 7B batch-8 step 5 to 8% faster with them, and
   the rule now takes them for batches of a model kept as stored.
 
+- "kept wo", "kept w2", "kept both": the one-row products without RMSNorm (wo, w2) of q4_0 and
+  q8_0 launched as variants.cu's qgemv_v4s_pre, which copies x's digits staged beforehand
+  instead of staging them itself, from digits made once (wrong logits, flagged). The time is what
+  a step would take if the kernel before (attention for wo, w13 for w2) wrote the digits as it
+  writes x and the product only copied them, at the package's split (QGEMV_V4S).
+
 And gemv's RMSNorm after the sums, once written ("late none", "late early", "late all":
 kernels.GEMV_LATE_NORM): on the one-row float32 steps, the graph's gemv launches without it,
 with it where W's first loads come before the wait, or on every one-row launch.
@@ -24,6 +30,8 @@ captured per variant, replays interleaved over rounds, medians, ms a step).
 """
 import contextlib
 import sys
+
+import numpy as np
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -35,7 +43,8 @@ RUNS = {"7b": [("7B", "q4_0", (1, 8)), ("7B", "int8", (1, 8)), ("7B", "float16",
         "stories": [("15M", "float32", (1, 8, 32)), ("110M", "float32", (1, 8, 32))],
         "batches": [("7B", "q4_0", (2, 4, 16, 32))],
         "large batches": [("7B", "int8", (16, 32)), ("7B", "float16", (16, 32))],
-        "one row": [("15M", "float32", (1,)), ("110M", "float32", (1,))]}
+        "one row": [("15M", "float32", (1,)), ("110M", "float32", (1,))],
+        "7b one row": [("7B", "q4_0", (1,)), ("7B", "int8", (1,))]}
 
 
 def plain_norms():
@@ -53,10 +62,73 @@ def captured(programmatic):
     return patched(ab_step, "capture_programmatic", lambda fused, bsz: programmatic)
 
 
+KEPT = {}          # (fmt, K, prologue) -> digits made once; "module": variants.cu's instances
+
+
+def kept_module():
+    """variants.cu's qgemv_v4s_pre and v4_digits, with the package's kernels (one module)."""
+    if "module" not in KEPT:
+        from bench_variants import variants_source
+        cp = require_cupy()
+        names = [f"qgemv_v4s_pre<V4{f},{nr},{u}>" for f, (nr, u, _) in
+                 (("Q4_0", kernels.QGEMV_V4S["q4_0"]), ("Q8_0", kernels.QGEMV_V4S["q8_0"]))]
+        names += [f"v4_digits<V4{f},{pro}>" for f in ("Q4_0", "Q8_0") for pro in (0, 2)]
+        KEPT["module"] = cp.RawModule(code=variants_source(), name_expressions=names,
+                                      options=("-std=c++17",))
+    return KEPT["module"]
+
+
+def launch_kept(x, w, y, prologue, accumulate):
+    """qgemv_v4s_pre on digits of a random x made once per (format, K, prologue), at the
+    package's qgemv_v4s plan, programmatic where KERNELS launches so."""
+    from minillama.cuda import pdl
+    cp, fmt, (N, K) = require_cupy(), w.format, w.shape
+    module, (nr, u, ks) = kept_module(), kernels.QGEMV_V4S[fmt]
+    f = "V4Q4_0" if fmt == "q4_0" else "V4Q8_0"
+    weights = kernels.QGEMV_WEIGHTS[fmt]
+    key = (fmt, K, prologue)
+    if key not in KEPT:                          # eagerly, before the capture
+        xr = cp.random.standard_normal(x.shape[1], dtype=cp.float32)
+        digits = cp.empty((3 * weights // 16 + 1) * (K // weights) * 4, dtype=np.uint32)
+        module.get_function(f"v4_digits<{f},{prologue}>")(
+            (kernels.cdiv(K // 4, 256),), (256,), (xr, np.int32(K), digits))
+        KEPT[key] = digits
+    slices, per, rows, tiles = kernels.qgemv_v4s_plan(N, K, fmt, nr, ks)
+    partial, counters = kernels._split_workspace(slices * N, tiles)
+    function = module.get_function(f"qgemv_v4s_pre<{f},{nr},{u}>")
+    qs, d, _ = kernels._check_packed(w)
+    args = (KEPT[key], qs, d, y, np.int32(N), np.int32(K),
+            np.int32(bool(accumulate)), np.int32(rows), np.int32(per), partial, counters)
+    smem = per * (3 * weights // 16 + 1) * 16
+    kernels.KERNELS.launches += 1
+    if kernels.KERNELS._programmatic and pdl.supported(cp.cuda.Device().id):
+        pdl.launch(function.kernel.ptr, (tiles, slices), (256,), args, smem,
+                   cp.cuda.get_current_stream().ptr)
+    else:
+        function((tiles, slices), (256,), args, shared_mem=smem)
+    return y
+
+
+def kept_digits(which):
+    """wo and/or w2 (`which`) of one row in q4_0 or q8_0 through launch_kept (timing only)."""
+    matvec = fused.matvec
+
+    def kept(x, w, out=None, accumulate=False, norm=None, swiglu=False, **kwargs):
+        name = "w2" if swiglu else "wo"
+        if (x.shape[0] == 1 and norm is None and name in which
+                and getattr(w, "format", None) in ("q4_0", "q8_0")):
+            return launch_kept(x, w, out, 2 if swiglu else 0, accumulate)
+        return matvec(x, w, out=out, accumulate=accumulate, norm=norm, swiglu=swiglu, **kwargs)
+    return patched(fused, "matvec", kept)
+
+
 VARIANTS = {"package": contextlib.nullcontext,
             "plain norms": plain_norms,
             "programmatic": lambda: captured(True),
             "ordinary": lambda: captured(False),
+            "kept wo": lambda: kept_digits(("wo",)),
+            "kept w2": lambda: kept_digits(("w2",)),
+            "kept both": lambda: kept_digits(("wo", "w2")),
             # gemv's RMSNorm after the sums (GEMV_RMSNORM_LATE) on no launch, on the launches
             # with early loads of W (the package's), on every one-row launch
             "late none": lambda: patched(kernels, "GEMV_LATE_NORM", "none"),

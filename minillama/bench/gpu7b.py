@@ -14,6 +14,9 @@ Transformer(params, weights, CudaOps()). For each storage format:
                   ops.decoder(model), the CUDA graph of FusedDecoder where it covers the format
                   ("path" says what ran); STEPS one-token steps from position 0, the second pass
                   timed, each token back through the host as a generation loop does
+    ahead         the same, AHEAD steps a call as generate's greedy decoding takes them once the
+                  prompt is in (FusedDecoder.greedy_steps: one graph launch, one wait for them
+                  all); a sampling loop gets the figure before
     bytes/token   what one batch-1 step reads: every stored matrix and norm (the classifier
                   too), one float32 row of the embedding table, and the KV cache up to the
                   position (averaged over the steps)
@@ -41,6 +44,7 @@ from ..formats import Packed
 from ..loading import Checkpoint
 from ..memory import fmt_bytes, plan_checkpoint
 from ..model import Transformer, weight_shapes
+from ..generation import AHEAD
 from . import torch_compiled
 from .timing import decode_rate, fmt, gpu_ms, tflops
 
@@ -196,10 +200,13 @@ def measure_format(row, copy_gbs, steps=STEPS, prefill_len=PREFILL):
     row["floor_ms"] = 1000 * row["bytes_per_token"] / (copy_gbs * 1e9)
     forward = ops.decoder(model)
     for bsz in BATCHES:
-        rate = decode_rate(forward, bsz, steps)
-        row[f"b{bsz}"], row[f"b{bsz}_path"] = rate, decode_path(ops, model, bsz)
-        # floor time of a step over its measured time (bsz / rate seconds)
-        row[f"b{bsz}_of_floor"] = bytes_per_step(model, bsz, steps) * rate / bsz / (copy_gbs * 1e9)
+        for key, ahead in (("", 1), ("_ahead", AHEAD)):
+            rate = decode_rate(forward, bsz, steps, ahead)
+            # floor time of a step over its measured time (bsz / rate seconds)
+            row[f"b{bsz}{key}"] = rate
+            row[f"b{bsz}{key}_of_floor"] = \
+                bytes_per_step(model, bsz, steps) * rate / bsz / (copy_gbs * 1e9)
+        row[f"b{bsz}_path"] = decode_path(ops, model, bsz)
     row["prefill_ms"] = prefill_ms(forward, p.vocab_size, prefill_len)
 
 
@@ -373,7 +380,9 @@ def format_line(row):
         return f"{row['dtype']}: n/a: {row['error']}"
     return (f"{row['dtype']}: built in {row['build_s']:.1f} s, {fmt_bytes(row['gpu_bytes'])} in "
             f"use; b1 {row['b1']:.1f} tokens/s ({row['b1_path']}, {row['b1_of_floor']:.2f} of "
-            f"floor), b8 {row['b8']:.1f} ({row['b8_path']}), prefill {row['prefill_ms']:.1f} ms")
+            f"floor; {AHEAD} ahead {row['b1_ahead']:.1f}, {row['b1_ahead_of_floor']:.2f}), b8 "
+            f"{row['b8']:.1f} ({row['b8_path']}; {AHEAD} ahead {row['b8_ahead']:.1f}), prefill "
+            f"{row['prefill_ms']:.1f} ms")
 
 
 def reference_rate(s, bsz):
@@ -408,8 +417,8 @@ def print_report(r):
           f"decode, {s['steps']} steps from position 0, second pass timed; floor = bytes read "
           f"per token / {r['copy_gbs']:.0f} GB/s (the copy above)")
     print(f"{'storage':9} {'GB':>6} {'GB/tok':>7} {'floor ms':>8} {'b1 tok/s':>9} {'ms/tok':>7} "
-          f"{'of floor':>8} {'b8 tok/s':>9} {'b8/b1':>6} {'b8 floor':>8} {'prefill':>8}  "
-          f"path b1/b8")
+          f"{'of floor':>8} {'b8 tok/s':>9} {'b8/b1':>6} {'b8 floor':>8} {'prefill':>8} "
+          f"{'b1 ahead':>8} {'of floor':>8} {'b8 ahead':>8} {'b8/b1':>6}  path b1/b8")
     for row in s["formats"]:
         get = row.get                           # a failed format has some figures, or none
         cells = [(ratio(get("weight_bytes"), 1e9), ".2f", 6),
@@ -417,13 +426,16 @@ def print_report(r):
                  (get("b1"), ".1f", 9), (ratio(1000, get("b1")), ".3f", 7),
                  (get("b1_of_floor"), ".2f", 8), (get("b8"), ".1f", 9),
                  (ratio(get("b8"), get("b1")), ".2f", 6), (get("b8_of_floor"), ".2f", 8),
-                 (get("prefill_ms"), ".1f", 8)]
+                 (get("prefill_ms"), ".1f", 8), (get("b1_ahead"), ".1f", 8),
+                 (get("b1_ahead_of_floor"), ".2f", 8), (get("b8_ahead"), ".1f", 8),
+                 (ratio(get("b8_ahead"), get("b1_ahead")), ".2f", 6)]
         print(f"{row['dtype']:9} "
               + " ".join(f"{fmt(value, spec):>{width}}" for value, spec, width in cells)
               + f"  {get('b1_path', 'n/a')}/{get('b8_path', 'n/a')}"
               + (f"\n{'':9} failed: {row['error']}" if "error" in row else ""))
     print("  (GB: the stored weights; GB/tok: what a batch-1 step reads; b8 floor: a batch-8 "
-          f"step's bytes over its time; prefill: ms for {s['prefill']} tokens at batch 1)")
+          f"step's bytes over its time; prefill: ms for {s['prefill']} tokens at batch 1; "
+          f"ahead: {AHEAD} greedy steps a call, as generate takes them once the prompt is in)")
     print(reference_line(s, r["copy_gbs"]))
     b1 = reference_rate(s, 1)
     print("  batch 1, minillama / compiled PyTorch: " + ", ".join(
@@ -470,6 +482,11 @@ def targets(s):
     out += [(f"{d} batch 1 / compiled PyTorch bf16", ratio(get(d, "b1"), b1),
              TARGETS[f"{d} / reference"]) for d in ("int8", "q4_0")]
     out += [(f"{d} batch 8 / batch 1", ratio(get(d, "b8"), get(d, "b1")),
+             TARGETS["batch 8 / batch 1"]) for d in ("float16", "bfloat16", "int8", "q4_0")]
+    # generate's greedy decoding, AHEAD steps a call: the same targets, beside
+    out += [(f"{d} batch 1, fraction of floor, {AHEAD} ahead", get(d, "b1_ahead_of_floor"),
+             TARGETS[d]) for d in ("int8", "q4_0", "float16", "bfloat16")]
+    out += [(f"{d} batch 8 / batch 1, {AHEAD} ahead", ratio(get(d, "b8_ahead"), get(d, "b1_ahead")),
              TARGETS["batch 8 / batch 1"]) for d in ("float16", "bfloat16", "int8", "q4_0")]
     g = s["gemm"]
     out.append((f"{g.get('version', 'tensor-core GEMM')} 4096^3 float16, fraction of cuBLAS",
