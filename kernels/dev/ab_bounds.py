@@ -3,7 +3,7 @@
     PYTHONPATH=. python kernels/dev/ab_bounds.py [--rounds 7] [--only 7b,stories,batches,...]
         [--variants ...]
 
-Two candidates, measured as bounds on the step they would change, before either is written:
+Candidates, measured as bounds on the step they would change, before any is written:
 
 - "plain norms": every normed product (wqkv, w13, the classifier) launched without its RMSNorm
   prologue. The logits are wrong (flagged as a mismatch, expected); the time is what a step
@@ -19,7 +19,16 @@ Two candidates, measured as bounds on the step they would change, before either 
   q8_0 launched as variants.cu's qgemv_v4s_pre, which copies x's digits staged beforehand
   instead of staging them itself, from digits made once (wrong logits, flagged). The time is what
   a step would take if the kernel before (attention for wo, w13 for w2) wrote the digits as it
-  writes x and the product only copied them, at the package's split (QGEMV_V4S).
+  writes x and the product only copied them, at the package's split (QGEMV_V4S). Measured
+  (H200, 2026-11-30, 9 rounds): q4_0 1.5619 ms, kept wo 1.01x, kept w2 1.02x, kept both 1.03x;
+  int8 2.0908, 0.99x / 1.01x / 1.01x. Not worth the kernels it would take.
+
+- "balanced v4": qgemv_v4's grid sized so that its warps' tiles of NR rows are as even as they
+  can be. The package's grid is what fits at once (B blocks an SM), and its warps walk tiles
+  a grid apart: on the 7B w13 (22016 rows, NR 2, 264 blocks) 448 of 2112 warps take a sixth
+  tile while the rest have ended. Balanced, the fewest warps that still take no more tiles
+  each (1835, 230 blocks) take ~6 each. Measured (H200, 2026-11-30, 9 rounds): q4_0 1.5575 ->
+  1.5565 ms, int8 2.0670 -> 2.0465 (1.01x): the last tile's few warps are not what costs.
 
 And gemv's RMSNorm after the sums, once written ("late none", "late early", "late all":
 kernels.GEMV_LATE_NORM): on the one-row float32 steps, the graph's gemv launches without it,
@@ -122,6 +131,28 @@ def kept_digits(which):
     return patched(fused, "matvec", kept)
 
 
+def v4_balanced_grid(N, nr, blocks, sms, warps=8):
+    """qgemv_v4's grid with its warps' tiles even: the most tiles a warp takes at the
+    package's grid (min(tiles of 8 NR rows, B blocks an SM)), then the fewest blocks that
+    keep every warp at that many."""
+    warp_tiles = kernels.cdiv(N, nr)
+    per = kernels.cdiv(warp_tiles, min(kernels.cdiv(N, warps * nr), blocks * sms) * warps)
+    return kernels.cdiv(kernels.cdiv(warp_tiles, per), warps)
+
+
+def balanced_v4():
+    """kernels._qgemv_v4 launched on v4_balanced_grid (the same kernel and arguments)."""
+    launch = kernels.KERNELS.launch
+
+    def balanced(name, grid, block, args, shared_mem=0, ordinary=False):
+        if name.startswith("qgemv_v4<"):
+            N, fmt = int(args[4]), "q4_0" if "Q4_0" in name else "q8_0"
+            nr, _, blocks = kernels.QGEMV_V4[fmt]
+            grid = (v4_balanced_grid(N, nr, blocks, kernels.sm_count()),)
+        return launch(name, grid, block, args, shared_mem, ordinary)
+    return patched(kernels.KERNELS, "launch", balanced)
+
+
 VARIANTS = {"package": contextlib.nullcontext,
             "plain norms": plain_norms,
             "programmatic": lambda: captured(True),
@@ -129,6 +160,7 @@ VARIANTS = {"package": contextlib.nullcontext,
             "kept wo": lambda: kept_digits(("wo",)),
             "kept w2": lambda: kept_digits(("w2",)),
             "kept both": lambda: kept_digits(("wo", "w2")),
+            "balanced v4": balanced_v4,
             # gemv's RMSNorm after the sums (GEMV_RMSNORM_LATE) on no launch, on the launches
             # with early loads of W (the package's), on every one-row launch
             "late none": lambda: patched(kernels, "GEMV_LATE_NORM", "none"),
