@@ -82,3 +82,59 @@ def test_sample_top_p_masks_and_renormalises():
     assert set(draws[:, 0]) == {1, 2}
     np.testing.assert_allclose(np.mean(draws[:, 0] == 1), 0.6 / 0.85, atol=0.03)
     assert set(draws[:, 1]) == {0, 1, 2, 3}
+
+
+def meta_sample_top_p(probs, p, rng):
+    """Meta's sample_top_p as written (the whole vocabulary sorted), in NumPy: the reference."""
+    probs_idx = np.argsort(-probs, axis=-1, kind="stable")
+    probs_sort = np.take_along_axis(probs, probs_idx, axis=-1)
+    probs_sum = np.cumsum(probs_sort, axis=-1)
+    probs_sort[probs_sum - probs_sort > p] = 0.0
+    probs_sort /= probs_sort.sum(axis=-1, keepdims=True)
+    u = rng.random((probs.shape[0], 1))
+    choice = (np.cumsum(probs_sort, axis=-1) <= u).sum(axis=-1, keepdims=True)
+    choice = np.minimum(choice, (probs_sort > 0).sum(axis=-1, keepdims=True) - 1)
+    return np.take_along_axis(probs_idx, choice, axis=-1)[:, 0]
+
+
+def softmax_rows(logits):
+    e = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    return (e / e.sum(axis=-1, keepdims=True)).astype(np.float32)
+
+
+@pytest.mark.parametrize("vocab", [300, 2049, 32000, 50021])
+@pytest.mark.parametrize("spread", [0.0, 0.5, 3.0, 12.0])        # flat .. peaked
+@pytest.mark.parametrize("p", [0.5, 0.9, 0.95, 0.999, 1.0])
+def test_sample_top_p_draws_what_metas_whole_sort_draws(vocab, spread, p):
+    """The candidates sorted first (nucleus_order) give the token Meta's whole sort gives, for
+    the same draws: flat distributions (every token tied, or nearly: the whole-sort fallback),
+    peaked ones, p near 1, ties from logits rounded to a few values, odd vocabularies."""
+    data = np.random.default_rng(vocab * 7 + int(spread * 10) + int(p * 1000))
+    logits = data.standard_normal((3, vocab)) * spread
+    logits[1] = np.round(logits[1])                     # many exact ties among the likely
+    probs = softmax_rows(logits)
+    seed = int(data.integers(1 << 30))
+    ours, theirs = np.random.default_rng(seed), np.random.default_rng(seed)
+    for _ in range(20):
+        np.testing.assert_array_equal(sample_top_p(probs, p, ours),
+                                      meta_sample_top_p(probs, p, theirs))
+
+
+def test_nucleus_order_sorts_only_the_candidates_where_their_mass_passes_p():
+    from minillama.sampler import nucleus_order
+    row = softmax_rows(np.random.default_rng(1).standard_normal((1, 32000)) * 8)[0]
+    order = nucleus_order(row, 0.9)
+    full = np.argsort(-row, kind="stable")
+    m = int(np.sum(row >= np.sort(row)[-1024]))          # the first candidates: 1024, no ties
+    assert m == 1024 and row[full[:m]].sum() > 0.9
+    np.testing.assert_array_equal(order[:m], full[:m])   # the same first m
+    np.testing.assert_array_equal(order[m:], np.sort(full[m:]))   # the rest by id
+    assert not np.array_equal(order, full)
+    # too little mass among the first 1024, enough among 8192: the more
+    flat = softmax_rows(np.random.default_rng(2).standard_normal((1, 32000)) * 3)[0]
+    order, full = nucleus_order(flat, 0.9), np.argsort(-flat, kind="stable")
+    assert flat[full[:1024]].sum() < 0.9 < flat[full[:8192]].sum()
+    np.testing.assert_array_equal(order[:8192], full[:8192])
+    np.testing.assert_array_equal(order[8192:], np.sort(full[8192:]))
+    # too little among them all (p = 1 keeps every token): the whole sort
+    np.testing.assert_array_equal(nucleus_order(row, 1.0), np.argsort(-row, kind="stable"))
