@@ -153,6 +153,18 @@ def nucleus_order(row, p, candidates=NUCLEUS_CANDIDATES):
         t = np.partition(row, n - k)[n - k]                     # the k-th largest
         top = np.flatnonzero(row >= t)
         if row[top].sum(dtype=np.float64) > p + NUCLEUS_MARGIN:
-            order = top[np.argsort(-row[top], kind="stable")]
-            return np.concatenate([order, np.flatnonzero(row < t)])
-    return np.argsort(-row, kind="stable")
+            return np.concatenate([top[descending(row[top])], np.flatnonzero(row < t)])
+    return descending(row)
+
+
+def descending(values):
+    """np.argsort(-values, kind="stable"): positions by value, largest first, ties by position.
+    For float32 probabilities (>= 0, whose bits order as the values do) a faster sort gives
+    the same: each position's key is its value's bits, inverted so that the largest comes
+    first, above the position itself, so that no two keys tie and any sort is stable (a
+    quicksort of 32000 such keys takes half a stable float sort's time)."""
+    if values.dtype != np.float32 or not (values >= 0).all():
+        return np.argsort(-values, kind="stable")
+    keys = np.invert(values.view(np.uint32)).astype(np.uint64) << np.uint64(32)
+    keys |= np.arange(values.shape[0], dtype=np.uint64)
+    return (np.sort(keys) & np.uint64(0xFFFFFFFF)).astype(np.int64)

@@ -63,7 +63,7 @@ def test_the_report_puts_generates_steps_ahead_beside_one_token_a_call(capsys):
         return dict(dtype=dtype, weight_bytes=4e9, bytes_per_token=4e9, floor_ms=1.0,
                     b1=b1, b1_of_floor=floor * b1, b1_ahead=b1_ahead,
                     b1_ahead_of_floor=floor * b1_ahead, b8=b8, b8_of_floor=0.5,
-                    b8_ahead=b8_ahead, b8_ahead_of_floor=0.5, prefill_ms=50.0,
+                    b8_ahead=b8_ahead, b8_ahead_of_floor=0.5, prefill_ms=50.0, b1_sampled=420.0,
                     b1_path="graph", b8_path="graph")
     s = dict(steps=32, prefill=512, formats=[row("q4_0", 600.0, 650.0, 2400.0, 2600.0, 1e-3),
                                              dict(dtype="int8", error="out of memory")],
@@ -79,5 +79,5 @@ def test_the_report_puts_generates_steps_ahead_beside_one_token_a_call(capsys):
     out = capsys.readouterr().out
     assert f"q4_0 batch 1, fraction of floor, {AHEAD} ahead" in out
     line = next(ln for ln in out.splitlines() if ln.startswith("q4_0 "))
-    assert line.split()[-6:-1] == ["50.0", "650.0", "0.65", "2600.0", "4.00"]
+    assert line.split()[-7:-1] == ["50.0", "650.0", "0.65", "2600.0", "4.00", "420.0"]
     assert "failed: out of memory" in out

@@ -138,3 +138,20 @@ def test_nucleus_order_sorts_only_the_candidates_where_their_mass_passes_p():
     np.testing.assert_array_equal(order[8192:], np.sort(full[8192:]))
     # too little among them all (p = 1 keeps every token): the whole sort
     np.testing.assert_array_equal(nucleus_order(row, 1.0), np.argsort(-row, kind="stable"))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_descending_is_the_stable_sort_of_minus_the_values(dtype):
+    """The keyed sort (float32) and the stable sort (any other) against np.argsort(-v, stable):
+    ties (exact repeats, zeros), the smallest and largest positive floats, odd lengths."""
+    from minillama.sampler import descending
+    data = np.random.default_rng(5)
+    for n in (1, 2, 7, 1000, 32001):
+        v = data.random(n).astype(dtype) * 1e-3
+        v[data.integers(n, size=n // 3)] = v[0]                     # repeats of one value
+        v[data.integers(n, size=n // 5)] = 0.0
+        v[-1] = np.finfo(dtype).tiny if n > 3 else v[-1]
+        v[n // 2] = np.finfo(dtype).max
+        got = descending(v)
+        assert got.dtype == np.int64
+        np.testing.assert_array_equal(got, np.argsort(-v, kind="stable"))

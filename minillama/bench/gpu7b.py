@@ -17,6 +17,8 @@ Transformer(params, weights, CudaOps()). For each storage format:
     ahead         the same, AHEAD steps a call as generate's greedy decoding takes them once the
                   prompt is in (FusedDecoder.greedy_steps: one graph launch, one wait for them
                   all); a sampling loop gets the figure before
+    sampled       batch 1 with nucleus sampling as generate samples (temperature 0.6, top-p
+                  0.9): the logits to the host, the softmax and sample_top_p there each step
     bytes/token   what one batch-1 step reads: every stored matrix and norm (the classifier
                   too), one float32 row of the embedding table, and the KV cache up to the
                   position (averaged over the steps)
@@ -46,7 +48,7 @@ from ..memory import fmt_bytes, plan_checkpoint
 from ..model import Transformer, weight_shapes
 from ..generation import AHEAD
 from . import torch_compiled
-from .timing import decode_rate, fmt, gpu_ms, tflops
+from .timing import decode_rate, fmt, gpu_ms, sampled_rate, tflops
 
 # --dtype -> the format a linear weight is stored in (float32: a plain float32 array)
 DTYPES = {"float32": None, "float16": "f16", "bfloat16": "bf16", "int8": "q8_0", "q4_0": "q4_0"}
@@ -207,6 +209,7 @@ def measure_format(row, copy_gbs, steps=STEPS, prefill_len=PREFILL):
             row[f"b{bsz}{key}_of_floor"] = \
                 bytes_per_step(model, bsz, steps) * rate / bsz / (copy_gbs * 1e9)
         row[f"b{bsz}_path"] = decode_path(ops, model, bsz)
+    row["b1_sampled"] = sampled_rate(forward, 1, steps)
     row["prefill_ms"] = prefill_ms(forward, p.vocab_size, prefill_len)
 
 
@@ -381,8 +384,8 @@ def format_line(row):
     return (f"{row['dtype']}: built in {row['build_s']:.1f} s, {fmt_bytes(row['gpu_bytes'])} in "
             f"use; b1 {row['b1']:.1f} tokens/s ({row['b1_path']}, {row['b1_of_floor']:.2f} of "
             f"floor; {AHEAD} ahead {row['b1_ahead']:.1f}, {row['b1_ahead_of_floor']:.2f}), b8 "
-            f"{row['b8']:.1f} ({row['b8_path']}; {AHEAD} ahead {row['b8_ahead']:.1f}), prefill "
-            f"{row['prefill_ms']:.1f} ms")
+            f"{row['b8']:.1f} ({row['b8_path']}; {AHEAD} ahead {row['b8_ahead']:.1f}), b1 sampled "
+            f"{row['b1_sampled']:.1f}, prefill {row['prefill_ms']:.1f} ms")
 
 
 def reference_rate(s, bsz):
@@ -418,7 +421,7 @@ def print_report(r):
           f"per token / {r['copy_gbs']:.0f} GB/s (the copy above)")
     print(f"{'storage':9} {'GB':>6} {'GB/tok':>7} {'floor ms':>8} {'b1 tok/s':>9} {'ms/tok':>7} "
           f"{'of floor':>8} {'b8 tok/s':>9} {'b8/b1':>6} {'b8 floor':>8} {'prefill':>8} "
-          f"{'b1 ahead':>8} {'of floor':>8} {'b8 ahead':>8} {'b8/b1':>6}  path b1/b8")
+          f"{'b1 ahead':>8} {'of floor':>8} {'b8 ahead':>8} {'b8/b1':>6} {'sampled':>8}  path b1/b8")
     for row in s["formats"]:
         get = row.get                           # a failed format has some figures, or none
         cells = [(ratio(get("weight_bytes"), 1e9), ".2f", 6),
@@ -428,14 +431,16 @@ def print_report(r):
                  (ratio(get("b8"), get("b1")), ".2f", 6), (get("b8_of_floor"), ".2f", 8),
                  (get("prefill_ms"), ".1f", 8), (get("b1_ahead"), ".1f", 8),
                  (get("b1_ahead_of_floor"), ".2f", 8), (get("b8_ahead"), ".1f", 8),
-                 (ratio(get("b8_ahead"), get("b1_ahead")), ".2f", 6)]
+                 (ratio(get("b8_ahead"), get("b1_ahead")), ".2f", 6),
+                 (get("b1_sampled"), ".1f", 8)]
         print(f"{row['dtype']:9} "
               + " ".join(f"{fmt(value, spec):>{width}}" for value, spec, width in cells)
               + f"  {get('b1_path', 'n/a')}/{get('b8_path', 'n/a')}"
               + (f"\n{'':9} failed: {row['error']}" if "error" in row else ""))
     print("  (GB: the stored weights; GB/tok: what a batch-1 step reads; b8 floor: a batch-8 "
           f"step's bytes over its time; prefill: ms for {s['prefill']} tokens at batch 1; "
-          f"ahead: {AHEAD} greedy steps a call, as generate takes them once the prompt is in)")
+          f"ahead: {AHEAD} greedy steps a call, as generate takes them once the prompt is in; "
+          f"sampled: batch 1, temperature 0.6 and top-p 0.9 on the host, as generate samples)")
     print(reference_line(s, r["copy_gbs"]))
     b1 = reference_rate(s, 1)
     print("  batch 1, minillama / compiled PyTorch: " + ", ".join(

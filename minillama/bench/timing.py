@@ -15,6 +15,8 @@ import numpy as np
 
 from ..cuda import require_cupy
 from ..cuda.kernels import greedy_pick
+from ..ops import softmax, to_host
+from ..sampler import sample_top_p
 
 
 def gpu_ms(fn, reps=20, warmup=3, inner=10):
@@ -71,6 +73,26 @@ def decode_rate(forward, bsz, steps, ahead=1):
         tokens = np.ones((bsz, 1), dtype=np.int64)
         for pos in range(0, steps, ahead if greedy_steps is not None else 1):
             tokens = next_tokens(tokens, pos, min(ahead, steps - pos))
+    run()
+    cp.cuda.Device().synchronize()
+    start = time.perf_counter()
+    run()
+    return bsz * steps / (time.perf_counter() - start)
+
+
+def sampled_rate(forward, bsz, steps, temperature=0.6, top_p=0.9, seed=0):
+    """Tokens/s of decoding with nucleus sampling as generate samples (Meta's defaults,
+    temperature 0.6 and top-p 0.9): each step's last logits to the host, the softmax at the
+    temperature and sample_top_p there, one forward call a token; positions 0 .. steps-1, the
+    second pass timed, as decode_rate."""
+    cp, rng = require_cupy(), np.random.default_rng(seed)
+
+    def run():
+        tokens = np.ones((bsz, 1), dtype=np.int64)
+        for pos in range(steps):
+            last = to_host(forward(tokens, pos)[:, -1])                   # (bsz, vocab)
+            probs = softmax(last / temperature, axis=-1)
+            tokens = sample_top_p(probs, top_p, rng).reshape(bsz, 1)
     run()
     cp.cuda.Device().synchronize()
     start = time.perf_counter()
