@@ -61,7 +61,6 @@ gemv_v3(const float* __restrict__ X, const float* __restrict__ W, float* __restr
     static_assert(V == 64 || V == 32, "a warp holds 32 or 64 accumulators: rounds of qgemv_warp_sums<32>");
     extern __shared__ float4 gemv_v3_xs[];                 // (ROWS, kc / 4): x after the prologue
     __shared__ float inv_rms_s[ROWS];
-    __shared__ bool last_block;
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, m0 = blockIdx.y * ROWS;
     const int S = gridDim.z, s = blockIdx.z;
     const int ldx = PRO == GEMV_SWIGLU ? 2 * K : K;        // row length of X
@@ -154,14 +153,8 @@ gemv_v3(const float* __restrict__ X, const float* __restrict__ W, float* __restr
     if (S == 1) return;
 
     // split-K (one tile per block: kernels.py launches gridDim.x = tiles where S > 1): the
-    // last block of this tile to arrive adds the S slices, in slice order
-    __threadfence();                                       // our partials, visible GPU-wide
-    __syncthreads();                                       // ... all of them, before we count
-    int* counter = counters + blockIdx.y * gridDim.x + blockIdx.x;
-    if (threadIdx.x == 0) last_block = atomicAdd(counter, 1) == S - 1;
-    __syncthreads();
-    if (!last_block) return;
-    __threadfence();                                       // the others' partials, before reading
+    // last block of this tile to arrive adds the S slices, in slice order (reduce.cu)
+    if (!split_last_block(counters + blockIdx.y * gridDim.x + blockIdx.x, S)) return;
     for (int i = threadIdx.x; i < ROWS * TILE; i += blockDim.x) {
         const int m = m0 + i / TILE, n = blockIdx.x * TILE + i % TILE;
         if (m >= M || n >= N) continue;
@@ -170,5 +163,4 @@ gemv_v3(const float* __restrict__ X, const float* __restrict__ W, float* __restr
         float* y = Y + (size_t)m * N + n;
         *y = accumulate ? *y + total : total;
     }
-    if (threadIdx.x == 0) *counter = 0;                    // ready for the next launch
 }

@@ -730,7 +730,7 @@ qgemv_v2(const float* __restrict__ X, const uint4* __restrict__ qs,
 // staged at a time in (3 XU + 1) x 16 bytes per unit of dynamic shared memory (3.5 bytes a
 // value for q4_0, 4 for q8_0). Block: 256 threads; grid: any.
 
-// A unit of x as integers (v4_stage, v4s_unit_lane; kernels/dev/variants.cu's qgemv_i8): the
+// A unit of x as integers (v4s_unit_lane; kernels/dev/variants.cu's qgemv_i8): the
 // shift s that puts the unit's largest |x|, mx = m 2^e with m in [0.5, 1) (e from the exponent
 // bits; 0 and subnormals: e = -126), into [2^21, 2^22); at most 126, so that 2^s and 2^-s are
 // normal floats, exact factors
@@ -798,6 +798,108 @@ struct V4Q8_0 {        // half a block: 16 signed codes, 4 to a word
     }
 };
 
+// gemv_x4's prologues with x read through L2 (__ldcg, not read-only): x is the previous
+// kernel's output, and ptxas keeps these loads after grid_dependency_wait (qgemv_v4s's
+// comment, below). raw: x itself, for its sum of squares.
+template <int PRO>
+__device__ __forceinline__ float4 v4s_x4(const float* __restrict__ xr, int k4, int K,
+                                         const float* __restrict__ norm_w, float inv_rms,
+                                         float4& raw) {
+    float4 x = raw = __ldcg(reinterpret_cast<const float4*>(xr) + k4);
+    if (PRO == GEMV_RMSNORM) {                     // the weights of the norm: never written
+        const float4 g = __ldg(reinterpret_cast<const float4*>(norm_w) + k4);
+        x = make_float4(x.x * inv_rms * g.x, x.y * inv_rms * g.y, x.z * inv_rms * g.z,
+                        x.w * inv_rms * g.w);
+    } else if (PRO == GEMV_SWIGLU) {
+        const float4 u = __ldcg(reinterpret_cast<const float4*>(xr + K) + k4);
+        x = make_float4(silu(x.x) * u.x, silu(x.y) * u.y, silu(x.z) * u.z, silu(x.w) * u.w);
+    }
+    return x;
+}
+
+// Lane q of a unit's N4 = WEIGHTS / 4 lanes: its 4 values v of unit c (the unit's arithmetic on
+// them, the unit's maximum, finiteness and digit sums by shuffles within the group), written
+// as word q of each digit plane and, by lane 0, the unit's (T, 2^-s). Every lane of the warp
+// calls it (the shuffles); `mine` false: zeros, nothing written.
+template <class F>
+__device__ __forceinline__ void v4s_unit_lane(float4 v, bool mine, int c, int q, int CH,
+                                              uint4* xs) {
+    constexpr int N4 = F::WEIGHTS / 4;
+    float mx = fmaxf(fmaxf(fabsf(v.x), fabsf(v.y)), fmaxf(fabsf(v.z), fabsf(v.w)));
+    int finite = isfinite(v.x) && isfinite(v.y) && isfinite(v.z) && isfinite(v.w);
+#pragma unroll
+    for (int o = N4 / 2; o > 0; o /= 2) {               // over the unit's lanes
+        mx = fmaxf(mx, __shfl_xor_sync(FULL_MASK, mx, o));
+        finite &= __shfl_xor_sync(FULL_MASK, finite, o);
+    }
+    const int s = v4_shift(mx);
+    const float up = pow2(s);
+    const float xv[4] = {v.x, v.y, v.z, v.w};
+    unsigned int w[3] = {0u, 0u, 0u};
+    int T[3] = {0, 0, 0};
+#pragma unroll
+    for (int b = 0; b < 4; ++b) {
+        int p[3];
+        v4_digits(finite ? __float2int_rn(xv[b] * up) : 0, p);
+#pragma unroll
+        for (int k = 0; k < 3; ++k) {
+            T[k] += p[k];
+            w[k] |= (unsigned int)(p[k] & 0xFF) << (8 * b);
+        }
+    }
+#pragma unroll
+    for (int o = N4 / 2; o > 0; o /= 2)
+#pragma unroll
+        for (int k = 0; k < 3; ++k) T[k] += __shfl_xor_sync(FULL_MASK, T[k], o);
+    if (!mine) return;
+    unsigned int* words = reinterpret_cast<unsigned int*>(xs);
+#pragma unroll
+    for (int k = 0; k < 3; ++k)                         // plane k XU + q / 4, word q % 4
+        words[((k * F::XU + q / 4) * CH + c) * 4 + q % 4] = w[k];
+    const float scale = v4_unscale(s, finite);
+    if (q == 0) xs[3 * F::XU * CH + c] = make_uint4(T[0], T[1], T[2], __float_as_uint(scale));
+}
+
+// Units 0 .. CH - 1 of a slice (values k0 + c WEIGHTS ..) in v4's layout: float4 i of the
+// slice is lane i % N4 of unit i / N4. A thread's float4s of V4S_ROUNDS rounds are loaded
+// together (one trip to L2), then turned into digits. With RMSNorm the digits are those of
+// x * inv_rms * norm_w, and unit_ss[c] gets the sum of unit c's x^2, its lanes' sums added in
+// lane order (the order of one thread's loop over the unit).
+#define V4S_ROUNDS 4
+
+template <class F, int PRO>
+__device__ __forceinline__ void v4s_stage(const float* __restrict__ X, int K, int k0, int CH,
+                                          const float* __restrict__ norm_w = nullptr,
+                                          float inv_rms = 1.0f, float* unit_ss = nullptr) {
+    extern __shared__ uint4 v4_xs[];
+    constexpr int N4 = F::WEIGHTS / 4;
+    const int n4 = CH * N4;                             // float4s of the slice
+    const int lane = threadIdx.x % 32, first_lane = lane & ~(N4 - 1);
+    for (int base = 0; base < n4; base += V4S_ROUNDS * blockDim.x) {
+        float4 v[V4S_ROUNDS];
+        float sq[V4S_ROUNDS];
+#pragma unroll
+        for (int r = 0; r < V4S_ROUNDS; ++r) {
+            const int i = base + r * blockDim.x + threadIdx.x;
+            float4 raw = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+            v[r] = i < n4 ? v4s_x4<PRO>(X, k0 / 4 + i, K, norm_w, inv_rms, raw) : raw;
+            sq[r] = sum_squares4(raw);
+        }
+#pragma unroll
+        for (int r = 0; r < V4S_ROUNDS; ++r) {
+            const int i = base + r * blockDim.x + threadIdx.x;
+            if (base + r * blockDim.x >= n4) break;     // the same for the whole block
+            v4s_unit_lane<F>(v[r], i < n4, i / N4, i % N4, CH, v4_xs);
+            if (PRO == GEMV_RMSNORM) {
+                float ss = 0.0f;
+#pragma unroll
+                for (int q = 0; q < N4; ++q) ss += __shfl_sync(FULL_MASK, sq[r], first_lane + q);
+                if (i < n4 && i % N4 == 0) unit_ss[i / N4] = ss;
+            }
+        }
+    }
+}
+
 // Unit c of x (F::WEIGHTS values from float4 k4 of row xr, after the prologue) as digits:
 // plane k * XU + u of xs holds word 4u .. 4u + 3 of digit k; plane 3 XU holds (T_0, T_1, T_2,
 // 2^-s). Planes are CH uint4s apart, so the lanes of a warp read consecutive uint4s. Returns,
@@ -850,8 +952,9 @@ __device__ __forceinline__ float v4_stage(const float* __restrict__ xr, int k4, 
     return ss;
 }
 
-// v4's step (ROWS = 1): x staged per unit as its digits (v4_stage), and for each 16-byte load the
-// three dp4a sums per weight row, the offset, one float32 value and one FFMA by d 2^-s.
+// v4's step (ROWS = 1): x staged per unit as its digits (V4_LANES says how), and for each
+// 16-byte load the three dp4a sums per weight row, the offset, one float32 value and one FFMA
+// by d 2^-s.
 //
 // RMSNorm after the sums (LATE_NORM; qgemv_walk takes it where the whole row is one chunk):
 // the digits are those of x * norm_w, the unit's sum of x^2 goes beside its digits (after the
@@ -861,6 +964,15 @@ __device__ __forceinline__ float v4_stage(const float* __restrict__ xr, int k4, 
 // stage's barrier, where it had two round trips and three barriers (the bound that made it
 // worth writing: every normed product without its RMSNorm, 0.158 ms of a 1.616 ms 7B q4_0 step,
 // kernels/dev/ab_bounds.py, H200, 2026-11-30).
+// How v4 stages x: a thread per unit (v4_stage), or WEIGHTS / 4 lanes per unit (v4s_stage).
+// A Llama row of 4096 values is 128 units of q4_0, so a thread per unit left half of the 256
+// threads idle, each of the others with 32 values to turn into digits one after the other; in
+// lanes the 7B q4_0 one-row step was 1.03x as fast. q8_0's 256 units of 16 keep every thread
+// busy either way; its 7B one-row step was 0.98x with lanes (and a first, since reverted change
+// to the split's sums beside it; not measured apart), so it keeps a thread per unit.
+template <class F>
+__host__ __device__ constexpr bool V4_LANES() { return F::WEIGHTS == 32; }
+
 template <class F, int PRO, int NR, int U>
 struct V4Step {
     static constexpr int META = 3 * F::XU;       // the digit planes, then (T, 2^-s)
@@ -872,6 +984,10 @@ struct V4Step {
                                                  const float* __restrict__ norm_w) {
         extern __shared__ uint4 v4_xs[];
         float* unit_ss = reinterpret_cast<float*>(v4_xs + (META + 1) * CH);
+        if (V4_LANES<F>()) {
+            v4s_stage<F, PRO>(X, K, k0, CH, norm_w, inv_rms[0], unit_ss);
+            return;
+        }
         for (int c = threadIdx.x; c < CH; c += blockDim.x) {
             const float ss = v4_stage<F, PRO>(X, (k0 + c * F::WEIGHTS) / 4, K, norm_w,
                                               inv_rms[0], v4_xs, CH, c);
@@ -944,11 +1060,12 @@ qgemv_v4(const float* __restrict__ X, const uint4* __restrict__ qs,
 //     block, so that a CUDA graph can replay the launch) adds the ks slices in slice order and
 //     writes y (adding to it with accumulate): the same float sum whichever block is last,
 //     deterministic, as qgemv_mma's split and gemv_v3's. With ks = 1 it writes y directly.
-//   - x staged by 4-value lanes. v4_stage gives one thread a whole unit (32 values of q4_0, 16
-//     of q8_0); a slice of 64 loads would leave 192 of 256 threads idle. Here a unit is
-//     WEIGHTS / 4 consecutive lanes, one float4 each: the unit's maximum, its "all finite" flag
-//     and its digit sums T_k are shuffles within the group, and each lane writes its own word of
-//     each digit plane, in v4's layout (so V4Step::multiply reads it unchanged).
+//   - x staged by 4-value lanes (v4s_stage, above). One thread a whole unit (32 values of q4_0,
+//     16 of q8_0), v4's first staging, would leave 192 of 256 threads idle on a slice of 64
+//     loads. Here a unit is WEIGHTS / 4 consecutive lanes, one float4 each: the unit's maximum,
+//     its "all finite" flag and its digit sums T_k are shuffles within the group, and each lane
+//     writes its own word of each digit plane, in v4's layout (so V4Step::multiply reads it
+//     unchanged). v4 now stages its whole row the same way.
 //   - Programmatic launch: only the weights' first batch is loaded before grid_dependency_wait.
 //     x (and the SwiGLU gate) is read through L2 (__ldcg), not read-only, so that ptxas keeps
 //     those loads after the wait; the workspace, the counters and y are touched only after it
@@ -972,86 +1089,6 @@ qgemv_v4(const float* __restrict__ X, const uint4* __restrict__ qs,
 // counters: gridDim.x ints, zero before the launch and after it. Block 256 threads; dynamic
 // shared memory min(slice_loads, K / WEIGHTS) (3 XU + 1) 16 bytes.
 
-// gemv_x4 through L2: x is the previous kernel's output (see above)
-template <int PRO>
-__device__ __forceinline__ float4 v4s_x4(const float* __restrict__ xr, int k4, int K) {
-    float4 x = __ldcg(reinterpret_cast<const float4*>(xr) + k4);
-    if (PRO == GEMV_SWIGLU) {
-        const float4 u = __ldcg(reinterpret_cast<const float4*>(xr + K) + k4);
-        x = make_float4(silu(x.x) * u.x, silu(x.y) * u.y, silu(x.z) * u.z, silu(x.w) * u.w);
-    }
-    return x;
-}
-
-// Lane q of a unit's N4 = WEIGHTS / 4 lanes: its 4 values v of unit c (v4_stage's arithmetic on
-// them, the unit's maximum, finiteness and digit sums by shuffles within the group), written
-// as word q of each digit plane and, by lane 0, the unit's (T, 2^-s). Every lane of the warp
-// calls it (the shuffles); `mine` false: zeros, nothing written.
-template <class F>
-__device__ __forceinline__ void v4s_unit_lane(float4 v, bool mine, int c, int q, int CH,
-                                              uint4* xs) {
-    constexpr int N4 = F::WEIGHTS / 4;
-    float mx = fmaxf(fmaxf(fabsf(v.x), fabsf(v.y)), fmaxf(fabsf(v.z), fabsf(v.w)));
-    int finite = isfinite(v.x) && isfinite(v.y) && isfinite(v.z) && isfinite(v.w);
-#pragma unroll
-    for (int o = N4 / 2; o > 0; o /= 2) {               // over the unit's lanes
-        mx = fmaxf(mx, __shfl_xor_sync(FULL_MASK, mx, o));
-        finite &= __shfl_xor_sync(FULL_MASK, finite, o);
-    }
-    const int s = v4_shift(mx);
-    const float up = pow2(s);
-    const float xv[4] = {v.x, v.y, v.z, v.w};
-    unsigned int w[3] = {0u, 0u, 0u};
-    int T[3] = {0, 0, 0};
-#pragma unroll
-    for (int b = 0; b < 4; ++b) {
-        int p[3];
-        v4_digits(finite ? __float2int_rn(xv[b] * up) : 0, p);
-#pragma unroll
-        for (int k = 0; k < 3; ++k) {
-            T[k] += p[k];
-            w[k] |= (unsigned int)(p[k] & 0xFF) << (8 * b);
-        }
-    }
-#pragma unroll
-    for (int o = N4 / 2; o > 0; o /= 2)
-#pragma unroll
-        for (int k = 0; k < 3; ++k) T[k] += __shfl_xor_sync(FULL_MASK, T[k], o);
-    if (!mine) return;
-    unsigned int* words = reinterpret_cast<unsigned int*>(xs);
-#pragma unroll
-    for (int k = 0; k < 3; ++k)                         // plane k XU + q / 4, word q % 4
-        words[((k * F::XU + q / 4) * CH + c) * 4 + q % 4] = w[k];
-    const float scale = v4_unscale(s, finite);
-    if (q == 0) xs[3 * F::XU * CH + c] = make_uint4(T[0], T[1], T[2], __float_as_uint(scale));
-}
-
-// Units 0 .. CH - 1 of the slice (values k0 + c WEIGHTS ..) in v4_stage's layout: float4 i of
-// the slice is lane i % N4 of unit i / N4. A thread's float4s of V4S_ROUNDS rounds are loaded
-// together (one trip to L2), then turned into digits.
-#define V4S_ROUNDS 4
-
-template <class F, int PRO>
-__device__ __forceinline__ void v4s_stage(const float* __restrict__ X, int K, int k0, int CH) {
-    extern __shared__ uint4 v4_xs[];
-    constexpr int N4 = F::WEIGHTS / 4;
-    const int n4 = CH * N4;                             // float4s of the slice
-    for (int base = 0; base < n4; base += V4S_ROUNDS * blockDim.x) {
-        float4 v[V4S_ROUNDS];
-#pragma unroll
-        for (int r = 0; r < V4S_ROUNDS; ++r) {
-            const int i = base + r * blockDim.x + threadIdx.x;
-            v[r] = i < n4 ? v4s_x4<PRO>(X, k0 / 4 + i, K) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-        }
-#pragma unroll
-        for (int r = 0; r < V4S_ROUNDS; ++r) {
-            const int i = base + r * blockDim.x + threadIdx.x;
-            if (base + r * blockDim.x < n4)             // the same for the whole block
-                v4s_unit_lane<F>(v[r], i < n4, i / N4, i % N4, CH, v4_xs);
-        }
-    }
-}
-
 // Where a block's slice of x comes from, a policy of v4s_walk: Source::stage(K, first, CH)
 // writes units first .. first + CH - 1 of the row into v4_xs. Here, from x itself (the
 // development candidates of kernels/dev/variants.cu copy digits staged beforehand instead).
@@ -1070,7 +1107,6 @@ __device__ __forceinline__ void v4s_walk(const Source& src, const uint4* __restr
                                          int rows_per_block, int slice_loads,
                                          float* __restrict__ partial, int* __restrict__ counters) {
     static_assert(PRO != GEMV_RMSNORM, "a slice of k cannot see its row's RMS");
-    __shared__ int v4s_last;
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
     const int tile = blockIdx.x, ks = gridDim.y, slice = blockIdx.y;
     const int loads_per_row = K / F::WEIGHTS, nb = K / 32;
@@ -1104,18 +1140,8 @@ __device__ __forceinline__ void v4s_walk(const Source& src, const uint4* __restr
             else partial[(size_t)slice * N + n] = total;
         }
     }
-    if (ks == 1) return;
-
-    // The last block of this tile adds the ks slices, in slice order (qgemv_mma's way).
-    __threadfence();                                   // our partials, visible GPU-wide
-    __syncthreads();                                   // ... all of them, before we count
-    if (threadIdx.x == 0) {
-        v4s_last = atomicAdd(counters + tile, 1) == ks - 1;
-        if (v4s_last) counters[tile] = 0;               // for the next launch
-    }
-    __syncthreads();
-    if (!v4s_last) return;
-    __threadfence();                                   // the others' partials, before reading
+    // The last block of this tile adds the ks slices, in slice order (reduce.cu).
+    if (ks == 1 || !split_last_block(counters + tile, ks)) return;
     for (int n = row0 + threadIdx.x; n < row_end; n += blockDim.x) {
         float v = 0.0f;
         for (int s = 0; s < ks; ++s) v += __ldcg(partial + (size_t)s * N + n);

@@ -388,7 +388,6 @@ qgemv_mma(const float* __restrict__ X, const uint4* __restrict__ qs,
     extern __shared__ __align__(16) unsigned int mma_xs[];
     __shared__ float mma_ss[MMA_ROWS];
     __shared__ int mma_e[MMA_ROWS];                 // the exponent each row of x was scaled by
-    __shared__ int mma_last;
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, t = lane % 4;
     const int tile = blockIdx.x, ks = gridDim.y, slice = blockIdx.y;
     const int chunks = K / F::WEIGHTS, nb = K / 32;
@@ -488,18 +487,8 @@ qgemv_mma(const float* __restrict__ X, const uint4* __restrict__ qs,
         if (ks > 1 && PRO == GEMV_RMSNORM && threadIdx.x < MMA_ROWS && m0 + threadIdx.x < M)
             sums[((size_t)tile * ks + slice) * M + m0 + threadIdx.x] = mma_ss[threadIdx.x];
     }
-    if (ks == 1) return;
-
-    // The last block of this tile adds the ks slices, in slice order.
-    __threadfence();
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        mma_last = atomicAdd(counters + tile, 1) == ks - 1;
-        if (mma_last) counters[tile] = 0;               // for the next launch
-    }
-    __syncthreads();
-    if (!mma_last) return;
-    __threadfence();
+    // The last block of this tile adds the ks slices, in slice order (reduce.cu).
+    if (ks == 1 || !split_last_block(counters + tile, ks)) return;
     const int rows = min(128 * NR, N - tile * 128 * NR);
     for (int i = threadIdx.x; i < M * rows; i += blockDim.x) {
         const int m = i / rows, n = tile * 128 * NR + i % rows;

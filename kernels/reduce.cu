@@ -115,7 +115,7 @@ __device__ __forceinline__ void block_reduce_rows(float (&v)[R], float* scratch)
 }
 
 // x^2 summed over the four values of a float4, in one order for every kernel that adds up
-// squares for RMSNorm (thread_sum_squares, v4_stage's units, gemv's late norm)
+// squares for RMSNorm (thread_sum_squares, v4s_stage's units, gemv's late norm)
 __device__ __forceinline__ float sum_squares4(float4 v) {
     return (v.x * v.x + v.y * v.y) + (v.z * v.z + v.w * v.w);
 }
@@ -148,4 +148,30 @@ __device__ __forceinline__ float thread_sum_squares(const float* row, int K, int
         }
     }
     return ss;
+}
+
+// ---- a split over k: the block that ends a tile last adds the slices -----------------------
+// gemv_v3, qgemv_v4s and qgemv_mma split k over the blocks of a tile: each block writes its
+// slice's partial sums to a workspace, and the block that ends the tile last (a counter per
+// tile, which it resets, so that a CUDA graph can replay the launch) adds the slices in slice
+// order: the same float sum whichever block is last, deterministic.
+//
+// Whether this block is the last of its tile; every thread of the block calls it, after its
+// partial sums are written. The block's writes are ordered before the count by the barrier and
+// one thread's release (PTX's memory model: a release is cumulative, it carries what the
+// barrier ordered before it), and the last block's reads after it by that thread's acquire and
+// the barrier after it, the pattern of CUTLASS's semaphore. Each thread's own fence
+// (__threadfence, fence.sc.gpu) before the count, as the kernels had it, waits for more.
+__device__ __forceinline__ bool split_last_block(int* counter, int ks) {
+    __shared__ int split_last;
+    __syncthreads();                            // the block's partial sums are written
+    if (threadIdx.x == 0) {
+        int before;
+        asm volatile("atom.acq_rel.gpu.global.add.s32 %0, [%1], 1;"
+                     : "=r"(before) : "l"(counter) : "memory");
+        split_last = before == ks - 1;
+        if (split_last) *counter = 0;           // for the next launch
+    }
+    __syncthreads();
+    return split_last;
 }

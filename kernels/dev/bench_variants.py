@@ -1396,7 +1396,7 @@ def check_numpy_v2(rng):
 
 
 def v4_digits(x, weights):
-    """qgemv.cu's v4_stage in NumPy: x (K,) float32 in units of `weights` values -> the
+    """qgemv.cu's v4s_stage in NumPy: x (K,) float32 in units of `weights` values -> the
     digits (3, K) int64, each unit's T (units, 3) and 2^-s (units,) as float32."""
     units = x.reshape(-1, weights).astype(np.float32)
     mx = np.abs(units).max(axis=1)

@@ -646,7 +646,7 @@ __device__ __forceinline__ I8X i8_x(unsigned char* smem, int stride) {
 }
 
 // Row r, block u of the slice (positions k0 .. k0 + 31): its 32 values of x as digits, placed
-// where F's lanes read them (v4_stage's arithmetic; a row past M is zeros). x is the previous
+// where F's lanes read them (v4s_unit_lane's arithmetic; a row past M is zeros). x is the previous
 // kernel's output: read through L2 (__ldcg), not read-only, so that ptxas keeps the loads after
 // grid_dependency_wait (kernels/dev/wait_order.py).
 template <class F>
@@ -872,7 +872,8 @@ v4_digits(const float* __restrict__ X, int K, uint4* __restrict__ digits) {
     grid_launch_dependents();
     grid_dependency_wait();
     const bool mine = i < L * N4;
-    const float4 v = mine ? v4s_x4<PRO>(X, i, K) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    float4 raw = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    const float4 v = mine ? v4s_x4<PRO>(X, i, K, nullptr, 1.0f, raw) : raw;
     v4s_unit_lane<F>(v, mine, i / N4, i % N4, L, digits);
 }
 
