@@ -30,6 +30,16 @@ Candidates, measured as bounds on the step they would change, before any is writ
   each (1835, 230 blocks) take ~6 each. Measured (H200, 2026-11-30, 9 rounds): q4_0 1.5575 ->
   1.5565 ms, int8 2.0670 -> 2.0465 (1.01x): the last tile's few warps are not what costs.
 
+- "no combine", "no staging": the kernels compiled from an edited source (SOURCE_BOUNDS), wrong
+  logits. "no combine": qgemv_mma and qgemv_v4s return once a block has written its slice's
+  partial sums, so no block adds the slices (what a free combine would save); "no staging":
+  qgemv_v4, qgemv_v4s and qgemv_mma skip staging x (what free digits would save). Measured
+  (H200, 2026-11-30, the same edits on two trees, FusedDecoder's graph in turn, ms a step):
+  7B q4_0 one row 1.557 -> 1.496 (no combine) and 1.273 (no staging), 8 rows 3.483 -> 2.522 and
+  3.007; int8 one row 2.088 -> 2.041 and 1.935, 8 rows 4.268 -> 3.322 and 3.674. The combine's
+  count by one thread's acquire-release atomic (reduce.cu's split_last_block) and q4_0's
+  staging in lanes then took 1.013x and 1.032x of them.
+
 And gemv's RMSNorm after the sums, once written ("late none", "late early", "late all":
 kernels.GEMV_LATE_NORM): on the one-row float32 steps, the graph's gemv launches without it,
 with it where W's first loads come before the wait, or on every one-row launch.
@@ -53,7 +63,8 @@ RUNS = {"7b": [("7B", "q4_0", (1, 8)), ("7B", "int8", (1, 8)), ("7B", "float16",
         "batches": [("7B", "q4_0", (2, 4, 16, 32))],
         "large batches": [("7B", "int8", (16, 32)), ("7B", "float16", (16, 32))],
         "one row": [("15M", "float32", (1,)), ("110M", "float32", (1,))],
-        "7b one row": [("7B", "q4_0", (1,)), ("7B", "int8", (1,))]}
+        "7b one row": [("7B", "q4_0", (1,)), ("7B", "int8", (1,))],
+        "7b both": [("7B", "q4_0", (1, 8)), ("7B", "int8", (1, 8))]}
 
 
 def plain_norms():
@@ -153,6 +164,41 @@ def balanced_v4():
     return patched(kernels.KERNELS, "launch", balanced)
 
 
+# name -> (old, new) edits of runtime.kernel_source(), each found at least once
+SOURCE_BOUNDS = {
+    "no combine": [("    if (ks == 1 || !split_last_block(counters + tile, ks)) return;",
+                    "    return;   // BOUND: no block adds the slices")],
+    "no staging": [("            Step::stage(X, m0, M, ldx, K, k0, len, CH, inv_rms, norm_w);",
+                    "            if (false) Step::stage(X, m0, M, ldx, K, k0, len, CH, inv_rms, norm_w);"),
+                   ("    src.stage(K, first, CH);", "    if (false) src.stage(K, first, CH);"),
+                   ("        mma_stage_x<F, PRO>(X, m0, M, K,", "        if (false) mma_stage_x<F, PRO>(X, m0, M, K,")],
+}
+EDITED = {}        # name -> the compiled state of KERNELS with its edited source (kept alive)
+
+
+@contextlib.contextmanager
+def edited_source(name):
+    """KERNELS launching kernels compiled from runtime.kernel_source() with SOURCE_BOUNDS[name]'s
+    edits (each group compiled on its first launch, once per process), then its own again."""
+    from minillama.cuda import runtime
+    K = kernels.KERNELS
+    source = runtime.kernel_source()
+    for old, new in SOURCE_BOUNDS[name]:
+        if old not in source:
+            raise RuntimeError(f"{name}: {old.strip()!r} is not in kernels/*.cu")
+        source = source.replace(old, new)
+    state = ("_modules", "_functions", "_shared", "_static")
+    own = {a: getattr(K, a) for a in state}
+    for a, v in EDITED.setdefault(name, {a: {} for a in state}).items():
+        setattr(K, a, v)
+    try:
+        with patched(runtime, "kernel_source", lambda: source):
+            yield
+    finally:
+        for a, v in own.items():
+            setattr(K, a, v)
+
+
 VARIANTS = {"package": contextlib.nullcontext,
             "plain norms": plain_norms,
             "programmatic": lambda: captured(True),
@@ -161,6 +207,8 @@ VARIANTS = {"package": contextlib.nullcontext,
             "kept w2": lambda: kept_digits(("w2",)),
             "kept both": lambda: kept_digits(("wo", "w2")),
             "balanced v4": balanced_v4,
+            "no combine": lambda: edited_source("no combine"),
+            "no staging": lambda: edited_source("no staging"),
             # gemv's RMSNorm after the sums (GEMV_RMSNORM_LATE) on no launch, on the launches
             # with early loads of W (the package's), on every one-row launch
             "late none": lambda: patched(kernels, "GEMV_LATE_NORM", "none"),
