@@ -730,7 +730,7 @@ qgemv_v2(const float* __restrict__ X, const uint4* __restrict__ qs,
 // staged at a time in (3 XU + 1) x 16 bytes per unit of dynamic shared memory (3.5 bytes a
 // value for q4_0, 4 for q8_0). Block: 256 threads; grid: any.
 
-// A unit of x as integers (v4s_unit_lane; kernels/dev/variants.cu's qgemv_i8): the
+// A unit of x as integers (v4_unit_lane; kernels/dev/variants.cu's qgemv_i8): the
 // shift s that puts the unit's largest |x|, mx = m 2^e with m in [0.5, 1) (e from the exponent
 // bits; 0 and subnormals: e = -126), into [2^21, 2^22); at most 126, so that 2^s and 2^-s are
 // normal floats, exact factors
@@ -802,7 +802,7 @@ struct V4Q8_0 {        // half a block: 16 signed codes, 4 to a word
 // kernel's output, and ptxas keeps these loads after grid_dependency_wait (qgemv_v4s's
 // comment, below). raw: x itself, for its sum of squares.
 template <int PRO>
-__device__ __forceinline__ float4 v4s_x4(const float* __restrict__ xr, int k4, int K,
+__device__ __forceinline__ float4 v4_x4(const float* __restrict__ xr, int k4, int K,
                                          const float* __restrict__ norm_w, float inv_rms,
                                          float4& raw) {
     float4 x = raw = __ldcg(reinterpret_cast<const float4*>(xr) + k4);
@@ -822,7 +822,7 @@ __device__ __forceinline__ float4 v4s_x4(const float* __restrict__ xr, int k4, i
 // as word q of each digit plane and, by lane 0, the unit's (T, 2^-s). Every lane of the warp
 // calls it (the shuffles); `mine` false: zeros, nothing written.
 template <class F>
-__device__ __forceinline__ void v4s_unit_lane(float4 v, bool mine, int c, int q, int CH,
+__device__ __forceinline__ void v4_unit_lane(float4 v, bool mine, int c, int q, int CH,
                                               uint4* xs) {
     constexpr int N4 = F::WEIGHTS / 4;
     float mx = fmaxf(fmaxf(fabsf(v.x), fabsf(v.y)), fmaxf(fabsf(v.z), fabsf(v.w)));
@@ -861,35 +861,35 @@ __device__ __forceinline__ void v4s_unit_lane(float4 v, bool mine, int c, int q,
 }
 
 // Units 0 .. CH - 1 of a slice (values k0 + c WEIGHTS ..) in v4's layout: float4 i of the
-// slice is lane i % N4 of unit i / N4. A thread's float4s of V4S_ROUNDS rounds are loaded
+// slice is lane i % N4 of unit i / N4. A thread's float4s of V4_ROUNDS rounds are loaded
 // together (one trip to L2), then turned into digits. With RMSNorm the digits are those of
 // x * inv_rms * norm_w, and unit_ss[c] gets the sum of unit c's x^2, its lanes' sums added in
 // lane order (the order of one thread's loop over the unit).
-#define V4S_ROUNDS 4
+#define V4_ROUNDS 4
 
 template <class F, int PRO>
-__device__ __forceinline__ void v4s_stage(const float* __restrict__ X, int K, int k0, int CH,
+__device__ __forceinline__ void v4_stage_lanes(const float* __restrict__ X, int K, int k0, int CH,
                                           const float* __restrict__ norm_w = nullptr,
                                           float inv_rms = 1.0f, float* unit_ss = nullptr) {
     extern __shared__ uint4 v4_xs[];
     constexpr int N4 = F::WEIGHTS / 4;
     const int n4 = CH * N4;                             // float4s of the slice
     const int lane = threadIdx.x % 32, first_lane = lane & ~(N4 - 1);
-    for (int base = 0; base < n4; base += V4S_ROUNDS * blockDim.x) {
-        float4 v[V4S_ROUNDS];
-        float sq[V4S_ROUNDS];
+    for (int base = 0; base < n4; base += V4_ROUNDS * blockDim.x) {
+        float4 v[V4_ROUNDS];
+        float sq[V4_ROUNDS];
 #pragma unroll
-        for (int r = 0; r < V4S_ROUNDS; ++r) {
+        for (int r = 0; r < V4_ROUNDS; ++r) {
             const int i = base + r * blockDim.x + threadIdx.x;
             float4 raw = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-            v[r] = i < n4 ? v4s_x4<PRO>(X, k0 / 4 + i, K, norm_w, inv_rms, raw) : raw;
+            v[r] = i < n4 ? v4_x4<PRO>(X, k0 / 4 + i, K, norm_w, inv_rms, raw) : raw;
             sq[r] = sum_squares4(raw);
         }
 #pragma unroll
-        for (int r = 0; r < V4S_ROUNDS; ++r) {
+        for (int r = 0; r < V4_ROUNDS; ++r) {
             const int i = base + r * blockDim.x + threadIdx.x;
             if (base + r * blockDim.x >= n4) break;     // the same for the whole block
-            v4s_unit_lane<F>(v[r], i < n4, i / N4, i % N4, CH, v4_xs);
+            v4_unit_lane<F>(v[r], i < n4, i / N4, i % N4, CH, v4_xs);
             if (PRO == GEMV_RMSNORM) {
                 float ss = 0.0f;
 #pragma unroll
@@ -952,6 +952,15 @@ __device__ __forceinline__ float v4_stage(const float* __restrict__ xr, int k4, 
     return ss;
 }
 
+// How v4 stages x: a thread per unit (v4_stage), or WEIGHTS / 4 lanes a unit (v4_stage_lanes).
+// A Llama row of 4096 values is 128 units of q4_0, so a thread per unit left half of the 256
+// threads idle, each of the others with 32 values to turn into digits one after the other; in
+// lanes the 7B q4_0 one-row step was 1.03x as fast. q8_0's 256 units of 16 keep every thread
+// busy either way; its 7B one-row step was 0.98x with lanes (and a first, since reverted change
+// to the split's sums beside it; not measured apart), so it keeps a thread per unit.
+template <class F>
+__host__ __device__ constexpr bool V4_LANES() { return F::WEIGHTS == 32; }
+
 // v4's step (ROWS = 1): x staged per unit as its digits (V4_LANES says how), and for each
 // 16-byte load the three dp4a sums per weight row, the offset, one float32 value and one FFMA
 // by d 2^-s.
@@ -964,15 +973,6 @@ __device__ __forceinline__ float v4_stage(const float* __restrict__ xr, int k4, 
 // stage's barrier, where it had two round trips and three barriers (the bound that made it
 // worth writing: every normed product without its RMSNorm, 0.158 ms of a 1.616 ms 7B q4_0 step,
 // kernels/dev/ab_bounds.py, H200, 2026-11-30).
-// How v4 stages x: a thread per unit (v4_stage), or WEIGHTS / 4 lanes per unit (v4s_stage).
-// A Llama row of 4096 values is 128 units of q4_0, so a thread per unit left half of the 256
-// threads idle, each of the others with 32 values to turn into digits one after the other; in
-// lanes the 7B q4_0 one-row step was 1.03x as fast. q8_0's 256 units of 16 keep every thread
-// busy either way; its 7B one-row step was 0.98x with lanes (and a first, since reverted change
-// to the split's sums beside it; not measured apart), so it keeps a thread per unit.
-template <class F>
-__host__ __device__ constexpr bool V4_LANES() { return F::WEIGHTS == 32; }
-
 template <class F, int PRO, int NR, int U>
 struct V4Step {
     static constexpr int META = 3 * F::XU;       // the digit planes, then (T, 2^-s)
@@ -985,7 +985,7 @@ struct V4Step {
         extern __shared__ uint4 v4_xs[];
         float* unit_ss = reinterpret_cast<float*>(v4_xs + (META + 1) * CH);
         if (V4_LANES<F>()) {
-            v4s_stage<F, PRO>(X, K, k0, CH, norm_w, inv_rms[0], unit_ss);
+            v4_stage_lanes<F, PRO>(X, K, k0, CH, norm_w, inv_rms[0], unit_ss);
             return;
         }
         for (int c = threadIdx.x; c < CH; c += blockDim.x) {
@@ -1060,9 +1060,9 @@ qgemv_v4(const float* __restrict__ X, const uint4* __restrict__ qs,
 //     block, so that a CUDA graph can replay the launch) adds the ks slices in slice order and
 //     writes y (adding to it with accumulate): the same float sum whichever block is last,
 //     deterministic, as qgemv_mma's split and gemv_v3's. With ks = 1 it writes y directly.
-//   - x staged by 4-value lanes (v4s_stage, above). One thread a whole unit (32 values of q4_0,
-//     16 of q8_0), v4's first staging, would leave 192 of 256 threads idle on a slice of 64
-//     loads. Here a unit is WEIGHTS / 4 consecutive lanes, one float4 each: the unit's maximum,
+//   - x staged by 4-value lanes (v4_stage_lanes, above). One thread a whole unit (32 values of
+//     q4_0, 16 of q8_0), v4's first staging, would leave 192 of 256 threads idle on a slice of
+//     64 loads. Here a unit is WEIGHTS / 4 consecutive lanes, one float4 each: the unit's maximum,
 //     its "all finite" flag and its digit sums T_k are shuffles within the group, and each lane
 //     writes its own word of each digit plane, in v4's layout (so V4Step::multiply reads it
 //     unchanged). v4 now stages its whole row the same way.
@@ -1096,7 +1096,7 @@ template <class F, int PRO>
 struct V4SFromX {
     const float* X;
     __device__ __forceinline__ void stage(int K, int first, int CH) const {
-        v4s_stage<F, PRO>(X, K, first * F::WEIGHTS, CH);
+        v4_stage_lanes<F, PRO>(X, K, first * F::WEIGHTS, CH);
     }
 };
 

@@ -932,7 +932,7 @@ def check_v4s(M_, ch, rng, fmts):
             ch.add(f"splitk {fmt} [nr{nr} u{u} ks10] second launch bit for bit",
                    0.0 if np.array_equal(first.view(np.uint32), again.view(np.uint32)) else 1.0,
                    0.5)
-            # the digits staged by v4_digits are v4s_stage's, bit for bit, SwiGLU included
+            # the digits staged by v4_digits are v4_stage_lanes's, bit for bit, SwiGLU included
             for pro, xin in ((0, x), (2, h)):
                 plain = run_v4s(M_, cp.asarray(xin), w, cf.poison((1, N)), nr, u, 4, pro=pro).get()
                 pair = run_v4s(M_, cp.asarray(xin), w, cf.poison((1, N)), nr, u, 4, pro=pro,
@@ -1396,7 +1396,7 @@ def check_numpy_v2(rng):
 
 
 def v4_digits(x, weights):
-    """qgemv.cu's v4s_stage in NumPy: x (K,) float32 in units of `weights` values -> the
+    """qgemv.cu's v4_stage_lanes in NumPy: x (K,) float32 in units of `weights` values -> the
     digits (3, K) int64, each unit's T (units, 3) and 2^-s (units,) as float32."""
     units = x.reshape(-1, weights).astype(np.float32)
     mx = np.abs(units).max(axis=1)

@@ -28,7 +28,7 @@ from minillama import formats        # noqa: E402
 from minillama.cuda import kernels as mk    # noqa: E402  (imports no CuPy)
 
 THREADS, WARPS = 256, 8
-ROUNDS = 4                           # qgemv.cu's V4S_ROUNDS
+ROUNDS = 4                           # qgemv.cu's V4_ROUNDS
 SMS = 132                            # an H200's SMs, for the plan
 KS = sorted(set(bv.V4S_KS) | {3, 10})   # the slices asked for: the timed ones and check_v4s's
 
@@ -72,8 +72,8 @@ def check_block(seen, N, nr, U, row0, row_end, first, CH):
 
 
 def check_stage(fmt, CH):
-    """v4s_stage's writes for a slice of CH units: (word owner float4 index per word, meta owner
-    unit per uint4), each written once, by the lanes of one warp per unit."""
+    """v4_stage_lanes's writes for a slice of CH units: (word owner float4 index per word, meta
+    owner unit per uint4), each written once, by the lanes of one warp per unit."""
     W = bv.WEIGHTS[fmt]
     N4, XU = W // 4, bv.V4_XU[fmt]
     words = np.full((3 * XU * CH + CH) * 4, -1, np.int64)     # which float4 of x wrote it

@@ -646,7 +646,7 @@ __device__ __forceinline__ I8X i8_x(unsigned char* smem, int stride) {
 }
 
 // Row r, block u of the slice (positions k0 .. k0 + 31): its 32 values of x as digits, placed
-// where F's lanes read them (v4s_unit_lane's arithmetic; a row past M is zeros). x is the previous
+// where F's lanes read them (v4_unit_lane's arithmetic; a row past M is zeros). x is the previous
 // kernel's output: read through L2 (__ldcg), not read-only, so that ptxas keeps the loads after
 // grid_dependency_wait (kernels/dev/wait_order.py).
 template <class F>
@@ -827,8 +827,8 @@ qgemv_i8(const float* __restrict__ X, const unsigned char* __restrict__ qs,
 // (NR, U, ks) than the rule launches. What stays here is the other candidate: x's digits staged
 // once per step instead of by every block. v4_digits<F, PRO> turns one row of x (after the
 // prologue) into v4's units for the whole row, in global memory: digit planes of
-// L = K / WEIGHTS uint4s, then L (T, 2^-s); one float4 a thread, v4s_unit_lane's arithmetic
-// (the same bits as v4s_stage's). qgemv_v4s_pre then copies its slice's units into shared
+// L = K / WEIGHTS uint4s, then L (T, 2^-s); one float4 a thread, v4_unit_lane's arithmetic
+// (the same bits as v4_stage_lanes's). qgemv_v4s_pre then copies its slice's units into shared
 // memory (plain 16-byte copies through L2, no arithmetic) instead of staging them: the
 // package's v4s_walk with the source V4SFromDigits. Launched as a pair here it costs a launch
 // more; the figure it is for is the GEMV alone, what it would take if the kernel before it (the
@@ -841,15 +841,15 @@ __device__ __forceinline__ void v4s_copy(const uint4* __restrict__ digits, int L
                                          int CH) {
     extern __shared__ uint4 v4_xs[];
     const int n = (3 * F::XU + 1) * CH;
-    for (int base = 0; base < n; base += V4S_ROUNDS * blockDim.x) {
-        uint4 v[V4S_ROUNDS];                            // all in flight, then stored
+    for (int base = 0; base < n; base += V4_ROUNDS * blockDim.x) {
+        uint4 v[V4_ROUNDS];                            // all in flight, then stored
 #pragma unroll
-        for (int r = 0; r < V4S_ROUNDS; ++r) {
+        for (int r = 0; r < V4_ROUNDS; ++r) {
             const int i = base + r * blockDim.x + threadIdx.x;
             if (i < n) v[r] = __ldcg(digits + (size_t)(i / CH) * L + first + i % CH);
         }
 #pragma unroll
-        for (int r = 0; r < V4S_ROUNDS; ++r) {
+        for (int r = 0; r < V4_ROUNDS; ++r) {
             const int i = base + r * blockDim.x + threadIdx.x;
             if (i < n) v4_xs[i] = v[r];                 // plane i / CH, unit i % CH
         }
@@ -873,8 +873,8 @@ v4_digits(const float* __restrict__ X, int K, uint4* __restrict__ digits) {
     grid_dependency_wait();
     const bool mine = i < L * N4;
     float4 raw = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-    const float4 v = mine ? v4s_x4<PRO>(X, i, K, nullptr, 1.0f, raw) : raw;
-    v4s_unit_lane<F>(v, mine, i / N4, i % N4, L, digits);
+    const float4 v = mine ? v4_x4<PRO>(X, i, K, nullptr, 1.0f, raw) : raw;
+    v4_unit_lane<F>(v, mine, i / N4, i % N4, L, digits);
 }
 
 template <class F, int NR, int U>
