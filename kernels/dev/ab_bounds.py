@@ -38,7 +38,10 @@ Candidates, measured as bounds on the step they would change, before any is writ
   7B q4_0 one row 1.557 -> 1.496 (no combine) and 1.273 (no staging), 8 rows 3.483 -> 2.522 and
   3.007; int8 one row 2.088 -> 2.041 and 1.935, 8 rows 4.268 -> 3.322 and 3.674. The combine's
   count by one thread's acquire-release atomic (reduce.cu's split_last_block) and q4_0's
-  staging in lanes then took 1.013x and 1.032x of them.
+  staging in lanes then took 1.013x and 1.032x of them. "no sums": the count kept, but the last
+  block returns without adding the slices; measured on the final tree (3 rounds): q4_0 one row
+  1.5090 -> 1.4503 (no combine) and 1.4733 (no sums), 8 rows 3.4517 -> 2.5394 and 2.6233
+  (1.32x): the last block's sums, not the count, are what costs.
 
 And gemv's RMSNorm after the sums, once written ("late none", "late early", "late all":
 kernels.GEMV_LATE_NORM): on the one-row float32 steps, the graph's gemv launches without it,
@@ -64,7 +67,8 @@ RUNS = {"7b": [("7B", "q4_0", (1, 8)), ("7B", "int8", (1, 8)), ("7B", "float16",
         "large batches": [("7B", "int8", (16, 32)), ("7B", "float16", (16, 32))],
         "one row": [("15M", "float32", (1,)), ("110M", "float32", (1,))],
         "7b one row": [("7B", "q4_0", (1,)), ("7B", "int8", (1,))],
-        "7b both": [("7B", "q4_0", (1, 8)), ("7B", "int8", (1, 8))]}
+        "7b both": [("7B", "q4_0", (1, 8)), ("7B", "int8", (1, 8))],
+        "7b q4_0": [("7B", "q4_0", (1, 8))]}
 
 
 def plain_norms():
@@ -168,6 +172,9 @@ def balanced_v4():
 SOURCE_BOUNDS = {
     "no combine": [("    if (ks == 1 || !split_last_block(counters + tile, ks)) return;",
                     "    return;   // BOUND: no block adds the slices")],
+    "no sums": [("    if (ks == 1 || !split_last_block(counters + tile, ks)) return;",
+                 "    if (ks == 1 || !split_last_block(counters + tile, ks)) return;\n"
+                 "    return;   // BOUND: the count, but no block adds the slices")],
     "no staging": [("            Step::stage(X, m0, M, ldx, K, k0, len, CH, inv_rms, norm_w);",
                     "            if (false) Step::stage(X, m0, M, ldx, K, k0, len, CH, inv_rms, norm_w);"),
                    ("    src.stage(K, first, CH);", "    if (false) src.stage(K, first, CH);"),
@@ -209,6 +216,7 @@ VARIANTS = {"package": contextlib.nullcontext,
             "balanced v4": balanced_v4,
             "no combine": lambda: edited_source("no combine"),
             "no staging": lambda: edited_source("no staging"),
+            "no sums": lambda: edited_source("no sums"),
             # gemv's RMSNorm after the sums (GEMV_RMSNORM_LATE) on no launch, on the launches
             # with early loads of W (the package's), on every one-row launch
             "late none": lambda: patched(kernels, "GEMV_LATE_NORM", "none"),
