@@ -163,8 +163,10 @@ def descending(values):
     the same: each position's key is its value's bits, inverted so that the largest comes
     first, above the position itself, so that no two keys tie and any sort is stable (a
     quicksort of 32000 such keys takes half a stable float sort's time)."""
-    if values.dtype != np.float32 or not (values >= 0).all():
+    bits = values.view(np.uint32) if values.dtype == np.float32 else None
+    # (-0.0 and NaN order otherwise as bits than as values: the stable sort takes them)
+    if bits is None or (bits >> 31).any() or not (values >= 0).all():
         return np.argsort(-values, kind="stable")
-    keys = np.invert(values.view(np.uint32)).astype(np.uint64) << np.uint64(32)
+    keys = np.invert(bits).astype(np.uint64) << np.uint64(32)
     keys |= np.arange(values.shape[0], dtype=np.uint64)
     return (np.sort(keys) & np.uint64(0xFFFFFFFF)).astype(np.int64)

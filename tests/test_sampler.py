@@ -155,3 +155,7 @@ def test_descending_is_the_stable_sort_of_minus_the_values(dtype):
         got = descending(v)
         assert got.dtype == np.int64
         np.testing.assert_array_equal(got, np.argsort(-v, kind="stable"))
+        for odd in (-0.0, np.nan):                  # bits that do not order as the values
+            w = v.copy()
+            w[data.integers(n, size=max(1, n // 7))] = odd
+            np.testing.assert_array_equal(descending(w), np.argsort(-w, kind="stable"))
