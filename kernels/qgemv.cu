@@ -817,6 +817,26 @@ __device__ __forceinline__ float4 v4_x4(const float* __restrict__ xr, int k4, in
     return x;
 }
 
+// Four values of a unit, times its 2^s (up), as three signed 8-bit digits each (v4_digits):
+// value b's digit k in byte b of w[k], and every digit added into the unit's sums T[k]. A unit
+// that is not all finite gets zeros (its scale is NaN instead).
+__device__ __forceinline__ void v4_digit_words(float4 v, bool finite, float up,
+                                               unsigned int (&w)[3], int (&T)[3]) {
+    const float xv[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+    for (int k = 0; k < 3; ++k) w[k] = 0u;
+#pragma unroll
+    for (int b = 0; b < 4; ++b) {
+        int p[3];
+        v4_digits(finite ? __float2int_rn(xv[b] * up) : 0, p);
+#pragma unroll
+        for (int k = 0; k < 3; ++k) {
+            T[k] += p[k];
+            w[k] |= (unsigned int)(p[k] & 0xFF) << (8 * b);
+        }
+    }
+}
+
 // Lane q of a unit's N4 = WEIGHTS / 4 lanes: its 4 values v of unit c (the unit's arithmetic on
 // them, the unit's maximum, finiteness and digit sums by shuffles within the group), written
 // as word q of each digit plane and, by lane 0, the unit's (T, 2^-s). Every lane of the warp
@@ -833,20 +853,9 @@ __device__ __forceinline__ void v4_unit_lane(float4 v, bool mine, int c, int q, 
         finite &= __shfl_xor_sync(FULL_MASK, finite, o);
     }
     const int s = v4_shift(mx);
-    const float up = pow2(s);
-    const float xv[4] = {v.x, v.y, v.z, v.w};
-    unsigned int w[3] = {0u, 0u, 0u};
+    unsigned int w[3];
     int T[3] = {0, 0, 0};
-#pragma unroll
-    for (int b = 0; b < 4; ++b) {
-        int p[3];
-        v4_digits(finite ? __float2int_rn(xv[b] * up) : 0, p);
-#pragma unroll
-        for (int k = 0; k < 3; ++k) {
-            T[k] += p[k];
-            w[k] |= (unsigned int)(p[k] & 0xFF) << (8 * b);
-        }
-    }
+    v4_digit_words(v, finite, pow2(s), w, T);
 #pragma unroll
     for (int o = N4 / 2; o > 0; o /= 2)
 #pragma unroll
@@ -926,18 +935,8 @@ __device__ __forceinline__ float v4_stage(const float* __restrict__ xr, int k4, 
     int T[3] = {0, 0, 0};
 #pragma unroll
     for (int i = 0; i < N4; ++i) {
-        const float xv[4] = {v[i].x, v[i].y, v[i].z, v[i].w};
-        unsigned int w[3] = {0u, 0u, 0u};
-#pragma unroll
-        for (int b = 0; b < 4; ++b) {
-            int p[3];
-            v4_digits(finite ? __float2int_rn(xv[b] * up) : 0, p);
-#pragma unroll
-            for (int k = 0; k < 3; ++k) {
-                T[k] += p[k];
-                w[k] |= (unsigned int)(p[k] & 0xFF) << (8 * b);
-            }
-        }
+        unsigned int w[3];
+        v4_digit_words(v[i], finite, up, w, T);
 #pragma unroll
         for (int k = 0; k < 3; ++k) words[k][i] = w[k];
     }

