@@ -1227,20 +1227,28 @@ __device__ __forceinline__ float gemv_x(const float* __restrict__ xr, int k, int
     return x;
 }
 
+// The prologue's arithmetic on a float4 of x, given `other`: RMSNorm's weights g
+// (x * inv_rms * g) or SwiGLU's gate u (silu(x) * u); plain x as it is.
+template <int PRO>
+__device__ __forceinline__ float4 gemv_prologue4(float4 x, float4 other, float inv_rms) {
+    if (PRO == GEMV_RMSNORM)
+        return make_float4(x.x * inv_rms * other.x, x.y * inv_rms * other.y,
+                           x.z * inv_rms * other.z, x.w * inv_rms * other.w);
+    if (PRO == GEMV_SWIGLU)
+        return make_float4(silu(x.x) * other.x, silu(x.y) * other.y, silu(x.z) * other.z,
+                           silu(x.w) * other.w);
+    return x;
+}
+
 // The same for x[m, 4 k4 .. 4 k4 + 3], one float4 (K % 4 == 0, aligned rows).
 template <int PRO>
 __device__ __forceinline__ float4 gemv_x4(const float* __restrict__ xr, int k4, int K,
                                           const float* __restrict__ norm_w, float inv_rms) {
-    float4 x = __ldg(reinterpret_cast<const float4*>(xr) + k4);
-    if (PRO == GEMV_RMSNORM) {
-        const float4 g = __ldg(reinterpret_cast<const float4*>(norm_w) + k4);
-        x = make_float4(x.x * inv_rms * g.x, x.y * inv_rms * g.y, x.z * inv_rms * g.z,
-                        x.w * inv_rms * g.w);
-    } else if (PRO == GEMV_SWIGLU) {
-        const float4 u = __ldg(reinterpret_cast<const float4*>(xr + K) + k4);
-        x = make_float4(silu(x.x) * u.x, silu(x.y) * u.y, silu(x.z) * u.z, silu(x.w) * u.w);
-    }
-    return x;
+    const float4 x = __ldg(reinterpret_cast<const float4*>(xr) + k4);
+    float4 other = x;
+    if (PRO == GEMV_RMSNORM) other = __ldg(reinterpret_cast<const float4*>(norm_w) + k4);
+    if (PRO == GEMV_SWIGLU) other = __ldg(reinterpret_cast<const float4*>(xr + K) + k4);
+    return gemv_prologue4<PRO>(x, other, inv_rms);
 }
 
 // acc[r] += W[n, 4 k4 .. 4 k4 + 3] . x[m0 + r, same] for the ROWS rows, x after the prologue

@@ -798,23 +798,19 @@ struct V4Q8_0 {        // half a block: 16 signed codes, 4 to a word
     }
 };
 
-// gemv_x4's prologues with x read through L2 (__ldcg, not read-only): x is the previous
-// kernel's output, and ptxas keeps these loads after grid_dependency_wait (qgemv_v4s's
-// comment, below). raw: x itself, for its sum of squares.
+// gemv_x4 with x (and the SwiGLU gate) read through L2 (__ldcg, not read-only): x is the
+// previous kernel's output, and ptxas keeps these loads after grid_dependency_wait
+// (qgemv_v4s's comment, below); the norm's weights, never written, read-only. raw: x itself,
+// for its sum of squares.
 template <int PRO>
 __device__ __forceinline__ float4 v4_x4(const float* __restrict__ xr, int k4, int K,
                                          const float* __restrict__ norm_w, float inv_rms,
                                          float4& raw) {
-    float4 x = raw = __ldcg(reinterpret_cast<const float4*>(xr) + k4);
-    if (PRO == GEMV_RMSNORM) {                     // the weights of the norm: never written
-        const float4 g = __ldg(reinterpret_cast<const float4*>(norm_w) + k4);
-        x = make_float4(x.x * inv_rms * g.x, x.y * inv_rms * g.y, x.z * inv_rms * g.z,
-                        x.w * inv_rms * g.w);
-    } else if (PRO == GEMV_SWIGLU) {
-        const float4 u = __ldcg(reinterpret_cast<const float4*>(xr + K) + k4);
-        x = make_float4(silu(x.x) * u.x, silu(x.y) * u.y, silu(x.z) * u.z, silu(x.w) * u.w);
-    }
-    return x;
+    raw = __ldcg(reinterpret_cast<const float4*>(xr) + k4);
+    float4 other = raw;
+    if (PRO == GEMV_RMSNORM) other = __ldg(reinterpret_cast<const float4*>(norm_w) + k4);
+    if (PRO == GEMV_SWIGLU) other = __ldcg(reinterpret_cast<const float4*>(xr + K) + k4);
+    return gemv_prologue4<PRO>(raw, other, inv_rms);
 }
 
 // Four values of a unit, times its 2^s (up), as three signed 8-bit digits each (v4_digits):
