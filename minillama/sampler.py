@@ -140,8 +140,9 @@ def nucleus_order(row, p, candidates=NUCLEUS_CANDIDATES):
     past it; the rest by id.
 
     The k most likely (with every token tied with the last of them), k the first of
-    `candidates` that holds enough of the mass, are sorted alone: no other token is as likely, so they are the sorted vocabulary's first m entries,
-    and the cumulative sums over them are the same float32 sums. Where their mass passes p by
+    `candidates` that holds enough of the mass, are sorted alone: no other token is as likely,
+    so they are the sorted vocabulary's first m entries, and the cumulative sums over them are
+    the same float32 sums. Where their mass passes p by
     NUCLEUS_MARGIN (far more than float32's rounding of ~1e-4 can move a sum of them), the
     mass before each other token passes p in either order, so every one of them is zeroed,
     and the masked array, its sums and the token drawn are the same as after the whole sort.

@@ -421,7 +421,8 @@ def print_report(r):
           f"per token / {r['copy_gbs']:.0f} GB/s (the copy above)")
     print(f"{'storage':9} {'GB':>6} {'GB/tok':>7} {'floor ms':>8} {'b1 tok/s':>9} {'ms/tok':>7} "
           f"{'of floor':>8} {'b8 tok/s':>9} {'b8/b1':>6} {'b8 floor':>8} {'prefill':>8} "
-          f"{'b1 ahead':>8} {'of floor':>8} {'b8 ahead':>8} {'b8/b1':>6} {'sampled':>8}  path b1/b8")
+          f"{'b1 ahead':>8} {'of floor':>8} {'b8 ahead':>8} {'b8/b1':>6} {'sampled':>8}  "
+          f"path b1/b8")
     for row in s["formats"]:
         get = row.get                           # a failed format has some figures, or none
         cells = [(ratio(get("weight_bytes"), 1e9), ".2f", 6),
