@@ -59,7 +59,6 @@ def decode_rate(forward, bsz, steps, ahead=1):
     graph), `ahead` steps a call (generate's AHEAD once no prompt is left; a last, shorter call
     where steps is not a multiple), else one forward call a token, picked on the GPU by
     kernels.greedy_pick and copied back."""
-    cp = require_cupy()
     greedy_steps = getattr(forward, "greedy_steps", None)
 
     def next_tokens(tokens, pos, n):
@@ -73,11 +72,7 @@ def decode_rate(forward, bsz, steps, ahead=1):
         tokens = np.ones((bsz, 1), dtype=np.int64)
         for pos in range(0, steps, ahead if greedy_steps is not None else 1):
             tokens = next_tokens(tokens, pos, min(ahead, steps - pos))
-    run()
-    cp.cuda.Device().synchronize()
-    start = time.perf_counter()
-    run()
-    return bsz * steps / (time.perf_counter() - start)
+    return second_pass_rate(run, bsz * steps)
 
 
 def sampled_rate(forward, bsz, steps, temperature=0.6, top_p=0.9, seed=0):
@@ -85,7 +80,7 @@ def sampled_rate(forward, bsz, steps, temperature=0.6, top_p=0.9, seed=0):
     temperature 0.6 and top-p 0.9): each step's last logits to the host, the softmax at the
     temperature and sample_top_p there, one forward call a token; positions 0 .. steps-1, the
     second pass timed, as decode_rate."""
-    cp, rng = require_cupy(), np.random.default_rng(seed)
+    rng = np.random.default_rng(seed)
 
     def run():
         tokens = np.ones((bsz, 1), dtype=np.int64)
@@ -93,11 +88,17 @@ def sampled_rate(forward, bsz, steps, temperature=0.6, top_p=0.9, seed=0):
             last = to_host(forward(tokens, pos)[:, -1])                   # (bsz, vocab)
             probs = softmax(last / temperature, axis=-1)
             tokens = sample_top_p(probs, top_p, rng).reshape(bsz, 1)
+    return second_pass_rate(run, bsz * steps)
+
+
+def second_pass_rate(run, tokens):
+    """Tokens/s of run() producing `tokens` tokens: a first pass warms up (compiles, captures
+    graphs), the second is timed, after the GPU has finished the first."""
     run()
-    cp.cuda.Device().synchronize()
+    require_cupy().cuda.Device().synchronize()
     start = time.perf_counter()
     run()
-    return bsz * steps / (time.perf_counter() - start)
+    return tokens / (time.perf_counter() - start)
 
 
 def fmt(v, spec=".1f"):
