@@ -175,3 +175,69 @@ __device__ __forceinline__ bool split_last_block(int* counter, int ks) {
     __syncthreads();
     return split_last;
 }
+
+// ---- a split over k inside a cluster: the slices add each other's sums -----------------------
+// On Hopper a launch may group blocks into clusters that the GPU runs at the same time, on SMs
+// of one GPC, and a block may read the shared memory of the others in its cluster (distributed
+// shared memory: `mapa` turns an address of this block's shared memory into the same variable
+// of block `rank`, and ld.shared::cluster reads it over the SM-to-SM network, without L2).
+// So where a tile's ks slices are one cluster (grid (tiles, ks), cluster (1, ks, 1): rank =
+// slice), each block keeps its slice's sums in its own shared memory, and after one cluster
+// barrier every block adds a ks-th of the outputs over all ks slices. With the counter above,
+// the last block alone adds them all, ks round trips to L2 per output while the others have
+// left; here each block makes 1/ks of the reads, and none of them goes to L2. The order of
+// the sum is the same, slice 0 first, so the results are the counter's bit for bit.
+// Launched without clusters, cluster_ctas() is 1, and the kernels take the counter.
+__device__ __forceinline__ unsigned int cluster_ctas() {
+    unsigned int n = 1;
+#if __CUDA_ARCH__ >= 900
+    asm volatile("mov.u32 %0, %%cluster_nctarank;" : "=r"(n));
+#endif
+    return n;
+}
+
+__device__ __forceinline__ unsigned int cluster_rank() {
+    unsigned int r = 0;
+#if __CUDA_ARCH__ >= 900
+    asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(r));
+#endif
+    return r;
+}
+
+// Every thread of every block of the cluster calls it; what each wrote to its shared memory
+// before is visible to the cluster's reads after (release, then acquire).
+__device__ __forceinline__ void cluster_sync() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("barrier.cluster.arrive.release.aligned;\n\t"
+                 "barrier.cluster.wait.acquire.aligned;" ::: "memory");
+#endif
+}
+
+// The float at `p` (this block's shared memory) as block `rank` of the cluster holds it
+__device__ __forceinline__ float cluster_load(const float* p, unsigned int rank) {
+    float v = 0.0f;
+#if __CUDA_ARCH__ >= 900
+    unsigned int there;
+    const unsigned int here = (unsigned int)__cvta_generic_to_shared(p);
+    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(there) : "r"(here), "r"(rank));
+    asm volatile("ld.shared::cluster.f32 %0, [%1];" : "=f"(v) : "r"(there) : "memory");
+#endif
+    return v;
+}
+
+// The ks slices' sums `mine[0 .. count)` (each block's own, in its shared memory) added in
+// slice order, this block's share of them: out(i, sum) for i in its ks-th of [0, count).
+// Every thread of every block of the cluster calls it, after writing its slice's sums.
+template <class Out>
+__device__ __forceinline__ void cluster_split_sum(const float* mine, int count, Out out) {
+    cluster_sync();                             // every slice's sums are written
+    const unsigned int ks = cluster_ctas();
+    const int share = (count + ks - 1) / ks, begin = cluster_rank() * share;
+    const int end = min(count, begin + share);
+    for (int i = begin + threadIdx.x; i < end; i += blockDim.x) {
+        float v = 0.0f;
+        for (unsigned int s = 0; s < ks; ++s) v += cluster_load(mine + i, s);
+        out(i, v);
+    }
+    cluster_sync();                             // no block leaves while the others read it
+}
