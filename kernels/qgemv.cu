@@ -1082,8 +1082,7 @@ qgemv_v4(const float* __restrict__ X, const uint4* __restrict__ qs,
 // Y (N) float32; rows_per_block a multiple of 8 NR; slice_loads 16-byte loads of a row per
 // slice (gridDim.y = cdiv(K / WEIGHTS, slice_loads), no empty slice); partial: ks N floats;
 // counters: gridDim.x ints, zero before the launch and after it. Block 256 threads; dynamic
-// shared memory min(slice_loads, K / WEIGHTS) (3 XU + 1) 16 bytes. Launched in clusters of
-// (1, ks) (Hopper), rows_per_block floats more, and partial and counters go unused.
+// shared memory min(slice_loads, K / WEIGHTS) (3 XU + 1) 16 bytes.
 
 // Where a block's slice of x comes from, a policy of v4s_walk: Source::stage(K, first, CH)
 // writes units first .. first + CH - 1 of the row into v4_xs. Here, from x itself (the
@@ -1121,11 +1120,6 @@ __device__ __forceinline__ void v4s_walk(const Source& src, const uint4* __restr
     src.stage(K, first, CH);
     __syncthreads();
 
-    // Launched in clusters of (1, ks) (Hopper), the tile's sums stay in shared memory, after
-    // x's digits (rows_per_block floats more), and the slices add each other's (reduce.cu)
-    extern __shared__ uint4 v4_xs[];
-    const bool cluster = ks > 1 && cluster_ctas() == (unsigned int)ks;
-    float* tile_sums = reinterpret_cast<float*>(v4_xs + (3 * F::XU + 1) * slice_loads);
     for (int n0 = n_first; n0 < row_end; n0 += tile_step) {
         float acc[NR];
 #pragma unroll
@@ -1138,15 +1132,8 @@ __device__ __forceinline__ void v4s_walk(const Source& src, const uint4* __restr
         const int n = n0 + (lane >> SHIFT);
         if (lane % (1 << SHIFT) == 0 && n < N) {
             if (ks == 1) Y[n] = accumulate ? Y[n] + total : total;
-            else if (cluster) tile_sums[n - row0] = total;
             else partial[(size_t)slice * N + n] = total;
         }
-    }
-    if (cluster) {
-        cluster_split_sum(tile_sums, row_end - row0, [&](int i, float v) {
-            Y[row0 + i] = accumulate ? Y[row0 + i] + v : v;
-        });
-        return;
     }
     // The last block of this tile adds the ks slices, in slice order (reduce.cu).
     if (ks == 1 || !split_last_block(counters + tile, ks)) return;

@@ -374,10 +374,7 @@ struct MmaLoads {
 // Grid (tiles, ks); block 256 threads. Tile `blockIdx.x`: rows 128 NR tile .. + 128 NR - 1;
 // slice `blockIdx.y` of the k spans. Dynamic shared memory: F::PARTS * 8 * ROWW words.
 // scratch: ks * M * N floats of partial sums, then tiles * ks * M sums of squares;
-// counters: tiles ints, zero before the launch and zero after it. Launched in clusters of
-// (1, ks, 1) (Hopper; M <= 8, one pass), the slices add each other's sums through distributed
-// shared memory instead (reduce.cu's cluster_split_sum), and scratch and counters go unused;
-// the dynamic shared memory is then at least the tile's sums, M x 128 NR floats.
+// counters: tiles ints, zero before the launch and zero after it.
 // U: steps of loads in flight, 64 bytes a lane each (kernels.MMA_U, per format and NR);
 // B: blocks an SM, the launch bounds' (kernels.MMA_BLOCKS_PER_SM, which qgemv_mma_plan's waves
 // count), so the registers a thread may take (B 2: 128).
@@ -400,9 +397,6 @@ qgemv_mma(const float* __restrict__ X, const uint4* __restrict__ qs,
     const int row0 = tile * 128 * NR + warp * 16 * NR;        // the warp's first weight row
     float* partial = scratch;                                   // (ks, M, N)
     float* sums = scratch + (size_t)ks * M * N;                 // (tiles, ks, M)
-    const bool cluster = ks > 1 && M <= MMA_ROWS && cluster_ctas() == (unsigned int)ks;
-    float* tile_sums = reinterpret_cast<float*>(mma_xs);        // cluster: (M, 128 NR), x's place
-
 
     MmaLoads<F, NR, U> next;
     next.fetch(qs, d, row0, N, step_begin, step_end, chunks, nb, t);   // before x is staged
@@ -476,7 +470,6 @@ qgemv_mma(const float* __restrict__ X, const uint4* __restrict__ qs,
         }
 
         // fragment: acc[j][e] = y[m0 + 2t + (e & 1)][row0 + 16 j + g + 8 (e >> 1)]
-        if (cluster) __syncthreads();                           // x's last reader is done
 #pragma unroll
         for (int j = 0; j < NR; ++j)
 #pragma unroll
@@ -487,32 +480,16 @@ qgemv_mma(const float* __restrict__ X, const uint4* __restrict__ qs,
                 if (ks == 1) {
                     if (PRO == GEMV_RMSNORM) v *= 1.0f / sqrtf(mma_ss[2 * t + (e & 1)] / K + eps);
                     Y[(size_t)m * N + n] = accumulate ? Y[(size_t)m * N + n] + v : v;
-                } else if (cluster) {
-                    tile_sums[m * 128 * NR + n - tile * 128 * NR] = v;
                 } else {
                     partial[((size_t)slice * M + m) * N + n] = v;
                 }
             }
-        if (ks > 1 && !cluster && PRO == GEMV_RMSNORM && threadIdx.x < MMA_ROWS && m0 + threadIdx.x < M)
+        if (ks > 1 && PRO == GEMV_RMSNORM && threadIdx.x < MMA_ROWS && m0 + threadIdx.x < M)
             sums[((size_t)tile * ks + slice) * M + m0 + threadIdx.x] = mma_ss[threadIdx.x];
-    }
-    const int rows = min(128 * NR, N - tile * 128 * NR);
-    if (cluster) {          // the slices add each other's sums (reduce.cu), mma_ss as well
-        cluster_split_sum(tile_sums, M * 128 * NR, [&](int i, float v) {
-            const int m = i / (128 * NR), n = i % (128 * NR);
-            if (n >= rows) return;
-            if (PRO == GEMV_RMSNORM) {
-                float ss = 0.0f;
-                for (int s = 0; s < ks; ++s) ss += cluster_load(mma_ss + m, s);
-                v *= 1.0f / sqrtf(ss / K + eps);
-            }
-            float* y = Y + (size_t)m * N + tile * 128 * NR + n;
-            *y = accumulate ? *y + v : v;
-        });
-        return;
     }
     // The last block of this tile adds the ks slices, in slice order (reduce.cu).
     if (ks == 1 || !split_last_block(counters + tile, ks)) return;
+    const int rows = min(128 * NR, N - tile * 128 * NR);
     for (int i = threadIdx.x; i < M * rows; i += blockDim.x) {
         const int m = i / rows, n = tile * 128 * NR + i % rows;
         float v = 0.0f;

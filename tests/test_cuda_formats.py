@@ -308,41 +308,6 @@ def test_qgemv_v4s_prologues_and_accumulate(cuda, cp, monkeypatch, fmt):
 
 @gpu
 @pytest.mark.parametrize("fmt", V4_FORMATS)
-def test_qgemv_v4s_in_clusters_equals_the_counter_bit_for_bit(cuda, cp, monkeypatch, fmt):
-    """On Hopper the split's slices are a cluster, and add each other's sums through
-    distributed shared memory: the counter's sums bit for bit (the same slice order), plain,
-    SwiGLU and accumulate, on shapes of 2 to 8 slices and a last tile cut short."""
-    k = cuda.kernels
-    if not k.split_cluster(2):
-        pytest.skip("this GPU launches no clusters (compute capability under 9.0)")
-    forced_split(k, monkeypatch)
-    clusters = []
-    launch = k.KERNELS.launch
-
-    def spy(name, *a, **kw):
-        clusters.append(kw.get("cluster"))
-        return launch(name, *a, **kw)
-    monkeypatch.setattr(k.KERNELS, "launch", spy)
-    for N, K in ((1001, 11040), (129, 4128), (33, 2080)):
-        w = stored_weight(fmt, N, K)[0].map(cp.asarray)
-        x = cp.asarray(rng.standard_normal((1, K)).astype(np.float32))
-        h = cp.asarray(rng.standard_normal((1, 2 * K)).astype(np.float32))
-        y0 = cp.asarray(rng.standard_normal((1, N)).astype(np.float32))
-        runs = {"plain": lambda: k.qgemv(x, w), "swiglu": lambda: k.qgemv(h, w, swiglu=True),
-                "accumulate": lambda: k.qgemv(x, w, out=y0.copy(), accumulate=True)}
-        for what, run in runs.items():
-            clusters.clear()
-            in_cluster = run()
-            monkeypatch.setattr(k, "SPLIT_CLUSTER_MAX", 0)
-            by_counter = run()
-            monkeypatch.setattr(k, "SPLIT_CLUSTER_MAX", 8)
-            slices = k.qgemv_v4s_plan(N, K, fmt, k.QGEMV_V4S[fmt][0], k.QGEMV_V4S[fmt][2])[0]
-            assert clusters == [(1, slices), None] and slices > 1, (what, N, K, clusters)
-            assert cp.array_equal(in_cluster, by_counter), (what, N, K)
-
-
-@gpu
-@pytest.mark.parametrize("fmt", V4_FORMATS)
 def test_qgemv_v4s_replays_in_a_cuda_graph(cuda, cp, monkeypatch, fmt):
     """A graph of the split launch (programmatic, as FusedDecoder captures a one-row step),
     replayed 3 times into a poisoned output: each replay the eager launch's bits, so each

@@ -1,8 +1,7 @@
 """qgemv_mma (kernels/qgemv_mma.cu): batches of rows on the tensor cores with x in three
 bfloat16 parts, held to the same 1e-5 as the float32 GEMV against float64 of the dequantized
 weights. Odd sizes, every prologue, accumulate, both tile heights, k split into slices (the
-partial sums added by the last block of each tile, or on Hopper by the tile's cluster),
-outputs poisoned first. Marked `gpu`.
+partial sums added by the last block of each tile), outputs poisoned first. Marked `gpu`.
 """
 import functools
 
@@ -56,58 +55,6 @@ def test_qgemv_mma_leaves_its_counters_at_zero_and_is_deterministic(cuda, cp):
     for key, buf in cuda.kernels._SPLIT_BUFFERS.items():
         if key[1] == "counters":
             assert int(cp.count_nonzero(buf)) == 0
-
-
-def launches_of(kernels, run):
-    """run() with KERNELS.launch spied on: [(name, cluster)] of each launch."""
-    seen, launch = [], kernels.KERNELS.launch
-
-    def spy(name, *a, **k):
-        seen.append((name, k.get("cluster")))
-        return launch(name, *a, **k)
-    kernels.KERNELS.launch = spy
-    try:
-        run()
-    finally:
-        kernels.KERNELS.launch = launch
-    return seen
-
-
-@gpu
-@pytest.mark.parametrize("fmt", MMA)
-def test_qgemv_mma_in_clusters_equals_the_counter_bit_for_bit(cuda, cp, monkeypatch, fmt):
-    """The slices added through distributed shared memory (Hopper's clusters) give the last
-    block's sums exactly: the same slice order. Every prologue, accumulate, odd sizes, 2 to 8
-    slices, 1 to 8 rows of x, against the counter of the same launch (SPLIT_CLUSTER_MAX 0)."""
-    kernels = cuda.kernels
-    if not kernels.split_cluster(2):
-        pytest.skip("this GPU launches no clusters (compute capability under 9.0)")
-    packed, w64 = stored_weight(fmt, 333, 2080)
-    w = packed.map(cp.asarray)
-    for M in (1, 3, 8):
-        x = cp.asarray(rng.standard_normal((M, 2080)).astype(np.float32))
-        h = cp.asarray(rng.standard_normal((M, 4160)).astype(np.float32))
-        g = cp.asarray((1 + 0.1 * rng.standard_normal(2080)).astype(np.float32))
-        y0 = cp.asarray(rng.standard_normal((M, 333)).astype(np.float32))
-        for ks in (2, 5, 8):
-            runs = {"plain": lambda **k: kernels.qgemv_mma(x, w, ks=ks, **k),
-                    "rmsnorm": lambda **k: kernels.qgemv_mma(x, w, norm=g, ks=ks, **k),
-                    "swiglu": lambda **k: kernels.qgemv_mma(h, w, swiglu=True, ks=ks, **k),
-                    "accumulate": lambda **k: kernels.qgemv_mma(x, w, out=y0.copy(),
-                                                                accumulate=True, ks=ks, **k)}
-            for what, run in runs.items():
-                got = []
-                seen = launches_of(kernels, lambda: got.append(run()))
-                slices = kernels.qgemv_mma_plan(333, 2080, fmt, ks=ks)[1]     # none empty
-                assert seen[0][1] == (1, slices) and slices > 1, (what, seen)
-                monkeypatch.setattr(kernels, "SPLIT_CLUSTER_MAX", 0)
-                seen = launches_of(kernels, lambda: got.append(run()))
-                monkeypatch.undo()
-                assert seen[0][1] is None
-                assert cp.array_equal(got[0], got[1]), f"{what} M={M} ks={ks}"
-    x = cp.asarray(rng.standard_normal((9, 2080)).astype(np.float32))      # two passes: counter
-    assert launches_of(kernels, lambda: kernels.qgemv_mma(x, w, ks=3))[0][1] is None
-    assert product_err(kernels.qgemv_mma(x, w, ks=3), cp.asnumpy(x).astype(np.float64), w64) < 1e-5
 
 
 @gpu

@@ -33,7 +33,6 @@ import numpy as np
 
 from ..errors import DeviceError
 from ..formats import FORMATS, Packed
-from . import pdl
 from .runtime import KernelModule, cdiv, i32, require_cupy, sm_count
 
 # sgemm_v4 tile shapes: name -> (BM, BN, BK, TM, TN, MIN_BLOCKS), see matmul.cu. MIN_BLOCKS
@@ -142,7 +141,6 @@ MMA_NR = (1, 2)
 MMA_BLOCKS_PER_SM = 2
 MMA_U = {"f16": {1: 4, 2: 2}, "bf16": {1: 4, 2: 2}, "q8_0": {1: 2, 2: 2}, "q4_0": {1: 1, 2: 1}}
 MMA_MAX_SLICE = 2048
-SPLIT_CLUSTER_MAX = 8           # slices a cluster at most: 8, the portable size (0: none)
 # rows of x from which qgemv's rule takes qgemv_mma: at 2 rows qgemv v1 was faster in every
 # format, at 4 qgemv_mma in every one (float16 level), at 8 by 1.3 to 1.6x (H200, 2026-11-29,
 # per-token sums over the 7B matrices, kernels/dev/bench_mma.py)
@@ -741,36 +739,21 @@ def qgemv_mma(x, w, out=None, accumulate=False, norm=None, eps=1e-5, swiglu=Fals
     if nr is not None and nr not in MMA_NR:
         raise DeviceError(f"qgemv_mma: nr must be one of {MMA_NR}, got {nr!r}")
     span = MMA_SPAN[w.format]
-    places = mma_cluster_places(w.format) if split_cluster(2, M) else None
-    nr, ks, per_slice = qgemv_mma_plan(N, K, w.format, nr=nr, ks=ks, clusters=places)
+    nr, ks, per_slice = qgemv_mma_plan(N, K, w.format, nr=nr, ks=ks)
     tiles = cdiv(N, 128 * nr)
     units = per_slice * span // 32
     parts = 3 if w.format == "bf16" else 2                 # x's bfloat16 or float16 parts
     smem = parts * 8 * 4 * (16 * units + (0 if units % 2 else 16))
-    cluster = split_cluster(ks, M)
-    if cluster:                                            # the tile's sums, in x's place
-        smem = max(smem, M * 128 * nr * 4)
     scratch, counters = _split_workspace(ks * M * N + tiles * ks * M, tiles)
     prologue = GEMV_PROLOGUES["rmsnorm" if norm is not None else "swiglu" if swiglu else None]
     KERNELS.launch(_qgemv_mma_name(w.format, nr, prologue), (tiles, ks), (256,),
                    (x, qs, d, y, i32(M), i32(N), i32(K), i32(bool(accumulate)),
                     x if norm is None else norm, np.float32(eps), scratch, counters),
-                   shared_mem=smem, cluster=cluster)
+                   shared_mem=smem)
     return y
 
 
-def split_cluster(ks, rows=1):
-    """The clusters of a launch that splits k into `ks` slices (qgemv_mma, qgemv_v4s), for
-    `rows` rows of x: (1, ks) where the slices may add each other's sums through distributed
-    shared memory (reduce.cu's cluster_split_sum): a GPU that has clusters (pdl.clusters), one
-    pass of x (rows <= 8, qgemv_mma's), 2 to SPLIT_CLUSTER_MAX slices; None where the last
-    block adds them (the counter)."""
-    if 1 < ks <= SPLIT_CLUSTER_MAX and rows <= 8 and pdl.clusters(require_cupy().cuda.Device().id):
-        return (1, ks)
-    return None
-
-
-def qgemv_mma_plan(N, K, fmt, sms=None, nr=None, ks=None, clusters=None):
+def qgemv_mma_plan(N, K, fmt, sms=None, nr=None, ks=None):
     """qgemv_mma's launch for W (N, K) in `fmt`: (NR, slices of k, spans of k a slice). Of every
     NR (128-row tiles a block) and every count of slices from the fewest that keep a slice's x
     within MMA_MAX_SLICE positions (shared memory) up to a wave's worth, the plan whose waves
@@ -779,28 +762,18 @@ def qgemv_mma_plan(N, K, fmt, sms=None, nr=None, ks=None, clusters=None):
     it (NR 2 only where N fills the SMs with 256-row tiles, ~2 blocks an SM by slices) left the
     7B wqkv and w13 at 1.1 and 1.3 waves: the whole batch-8 step 1.17x (q4_0) and 1.20x (int8)
     as fast with this one (H200, 2026-11-30). nr, ks: given instead (ks still at least x's
-    minimum). clusters: the slices in clusters (split_cluster), where clusters[k] blocks in
-    clusters of k fit on the GPU at once (mma_cluster_places): the plans of 1 to
-    SPLIT_CLUSTER_MAX slices, in waves of those; where none is (x's slice needs more), the
-    plan without clusters."""
-    nrs, ks = (nr,) if nr else tuple(MMA_NR), ks and int(ks)
-    slots = MMA_BLOCKS_PER_SM * (sms or sm_count())
-    if clusters:
-        plan = _mma_plan(N, K, MMA_SPAN[fmt], MMA_MAX_SLICE, nrs, slots, ks, tuple(clusters))
-        if plan:
-            return plan
-    return _mma_plan(N, K, MMA_SPAN[fmt], MMA_MAX_SLICE, nrs, slots, ks)
+    minimum)."""
+    return _mma_plan(N, K, MMA_SPAN[fmt], MMA_MAX_SLICE, (nr,) if nr else tuple(MMA_NR),
+                     MMA_BLOCKS_PER_SM * (sms or sm_count()), ks and int(ks))
 
 
 @functools.lru_cache(maxsize=1024)
-def _mma_plan(N, K, span, max_slice, nrs, slots, ks, clusters=None):
+def _mma_plan(N, K, span, max_slice, nrs, slots, ks):
     """qgemv_mma_plan's search over the NR of `nrs` for `slots` blocks at once, spans of `span`
     positions and slices of at most `max_slice`, kept per shape: up to a wave's worth of slice
     counts for each NR (264 on an H200), too many to try again at every eager launch of a short
     matrix. Every setting it reads is an argument, so the cache's key: a dev tool that patches
-    MMA_SPAN, MMA_MAX_SLICE, MMA_NR or MMA_BLOCKS_PER_SM gets the plan of the patched values.
-    clusters: slice counts up to len(clusters) - 1 only, k of them in waves of clusters[k]
-    blocks; None where no count is."""
+    MMA_SPAN, MMA_MAX_SLICE, MMA_NR or MMA_BLOCKS_PER_SM gets the plan of the patched values."""
     spans = cdiv(K, span)
     fewest = max(cdiv(spans * span, max_slice), 1)                 # x's slice fits shared memory
     best = None
@@ -809,39 +782,9 @@ def _mma_plan(N, K, span, max_slice, nrs, slots, ks, clusters=None):
         for k in (max(ks, fewest),) if ks else range(fewest, max(fewest, slots // tiles) + 1):
             per_slice = cdiv(spans, min(k, spans))
             k = cdiv(spans, per_slice)                                 # no empty slice
-            if clusters and k >= len(clusters):
-                continue
-            wave = clusters[k] if clusters else slots
-            plan = ((cdiv(tiles * k, wave) * per_slice * n, tiles * k), n, k, per_slice)
+            plan = ((cdiv(tiles * k, slots) * per_slice * n, tiles * k), n, k, per_slice)
             best = plan if best is None else min(best, plan)          # (cost, NR, ks, spans)
-    return best and best[1:]
-
-
-def mma_cluster_places(fmt):
-    """cluster_places of qgemv_mma's instances in `fmt` (their launch bounds are one, so their
-    places too), at the most shared memory a launch asks for: x's slice at MMA_MAX_SLICE."""
-    parts = 3 if fmt == "bf16" else 2
-    return cluster_places(_qgemv_mma_name(fmt, MMA_NR[-1], GEMV_PROLOGUES[None]),
-                          parts * 8 * 4 * (16 * MMA_MAX_SLICE // 32 + 16))
-
-
-def cluster_places(name, shared_mem):
-    """Blocks of kernel `name` (256 threads, shared_mem bytes of dynamic shared memory) that
-    the GPU runs at once in clusters of k, for k = 0 .. SPLIT_CLUSTER_MAX. A cluster takes the
-    places of all its blocks on the SMs of one GPC (graphics processing cluster), and the
-    GPCs' places do not divide evenly: on an H200, 2 blocks an SM, 264 places without
-    clusters, 234 to 240 in clusters of 3 to 8 (pdl.max_active_clusters, 2026-11-30), so a
-    plan that fills the 264 would run a second wave in clusters."""
-    key = (require_cupy().cuda.Device().id, name, shared_mem, SPLIT_CLUSTER_MAX)
-    if key not in _CLUSTER_PLACES:
-        ptr = KERNELS.function(name, shared_mem).kernel.ptr
-        _CLUSTER_PLACES[key] = (0,) + tuple(
-            k * pdl.max_active_clusters(ptr, (256,), shared_mem, (1, k))
-            for k in range(1, SPLIT_CLUSTER_MAX + 1))
-    return _CLUSTER_PLACES[key]
-
-
-_CLUSTER_PLACES = {}     # (device, kernel, shared memory, SPLIT_CLUSTER_MAX) -> places
+    return best[1:]
 
 
 def _shared_optin():
@@ -924,19 +867,18 @@ def qgemv_v4s_wins(M, N, K, fmt, prologue, sms=None):
     return K >= QGEMV_V4S_MIN_K and cdiv(N, 8 * nr) <= blocks_per_sm * (sms or sm_count())
 
 
-def qgemv_v4s_plan(N, K, fmt, nr, ks, sms=None, places=None):
+def qgemv_v4s_plan(N, K, fmt, nr, ks, sms=None):
     """qgemv_v4s's launch: (slices, 16-byte loads per slice, rows per block, tiles). A slice is
     whole 32-load sweeps of a warp (all of the row when it is shorter), `ks` asked for, no slice
     empty; the rows per block R, a multiple of 8 NR, the fewest that keep tiles x slices within
     QGEMV_V4S_BLOCKS_PER_SM blocks per SM (the launch bounds), so that more slices give each
     block more rows, not more blocks. The 7B w2 at the rule's (NR, ks) on 132 SMs: q4_0 6
     slices of 64 loads, tiles of 96 rows, a grid of 43 x 6; q8_0 8 slices of 96, 128 rows,
-    32 x 8. places: the blocks that fit at once instead (cluster_places' for clusters of
-    that many slices)."""
+    32 x 8."""
     loads = K // QGEMV_WEIGHTS[fmt]
     per = min(loads, 32 * cdiv(cdiv(loads, ks), 32))
     slices = cdiv(loads, per)
-    tiles_max = max(1, (places or QGEMV_V4S_BLOCKS_PER_SM * (sms or sm_count())) // slices)
+    tiles_max = max(1, QGEMV_V4S_BLOCKS_PER_SM * (sms or sm_count()) // slices)
     rows = 8 * nr * cdiv(cdiv(N, tiles_max), 8 * nr)       # the fewest for tiles <= tiles_max
     return slices, per, rows, cdiv(N, rows)
 
@@ -949,17 +891,12 @@ def _qgemv_v4s(x, planes, y, fmt, prologue, accumulate):
     (_, N), K = y.shape, x.shape[1] // (2 if prologue == GEMV_PROLOGUES["swiglu"] else 1)
     weights, (nr, _, ks) = QGEMV_WEIGHTS[fmt], QGEMV_V4S[fmt]
     slices, per, rows, tiles = qgemv_v4s_plan(N, K, fmt, nr, ks)
-    unit_bytes = (3 * weights // 16 + 1) * 16     # as _qgemv_v4's
-    name, cluster = _qgemv_v4s_name(fmt, prologue), split_cluster(slices)
-    if cluster:                                   # the tile's sums after x's digits
-        most = per * unit_bytes + 4 * 8 * nr * cdiv(N, 8 * nr)
-        places = cluster_places(name, most)[slices]
-        slices, per, rows, tiles = qgemv_v4s_plan(N, K, fmt, nr, ks, places=places)
     partial, counters = _split_workspace(slices * N, tiles)
-    KERNELS.launch(name, (tiles, slices), (256,),
+    unit_bytes = (3 * weights // 16 + 1) * 16     # as _qgemv_v4's
+    KERNELS.launch(_qgemv_v4s_name(fmt, prologue), (tiles, slices), (256,),
                    (x, planes[0], planes[1], y, i32(N), i32(K), i32(bool(accumulate)),
                     i32(rows), i32(per), partial, counters),
-                   shared_mem=per * unit_bytes + (rows * 4 if cluster else 0), cluster=cluster)
+                   shared_mem=per * unit_bytes)
 
 
 def to_16bit(x, bf16=False, out=None):

@@ -15,10 +15,6 @@ driver's cuLaunchKernelEx through ctypes. Only kernels that call grid_dependency
 touching an activation may be launched this way: KernelModule.launch does so inside
 `with KERNELS.programmatic():`, which FusedDecoder.run uses, and only on GPUs of compute
 capability 9.0 or later (elsewhere the launches are the ordinary ones).
-
-cuLaunchKernelEx takes one more attribute that the kernels use: the cluster shape, blocks
-that Hopper runs at the same time and that read each other's shared memory (reduce.cu's
-cluster_split_sum; `clusters` says where the callers may ask for it).
 """
 import ctypes
 import functools
@@ -27,13 +23,11 @@ import os
 import numpy as np
 
 # CUlaunchAttributeID (cuda.h)
-CLUSTER_DIMENSION = 4
 PROGRAMMATIC_STREAM_SERIALIZATION = 6
 
 
 class _AttributeValue(ctypes.Union):                   # CUlaunchAttributeValue: 64 bytes
-    _fields_ = [("allowed", ctypes.c_int), ("dims", ctypes.c_uint * 3),
-                ("pad", ctypes.c_char * 64)]
+    _fields_ = [("allowed", ctypes.c_int), ("pad", ctypes.c_char * 64)]
 
 
 class _Attribute(ctypes.Structure):                    # CUlaunchAttribute
@@ -57,21 +51,11 @@ def _driver():
         return None
 
 
+@functools.lru_cache(maxsize=None)
 def supported(device_id):
     """Compute capability 9.0 or later, a driver with cuLaunchKernelEx, and not switched off
     with MINILLAMA_PDL=0 (for measuring what it buys, or to rule it out)."""
-    return _hopper(device_id, "MINILLAMA_PDL")
-
-
-def clusters(device_id):
-    """Whether launches may ask for clusters: as `supported`, switched off with
-    MINILLAMA_CLUSTERS=0 (for measuring them)."""
-    return _hopper(device_id, "MINILLAMA_CLUSTERS")
-
-
-@functools.lru_cache(maxsize=None)
-def _hopper(device_id, switch):
-    if os.environ.get(switch, "1") == "0":
+    if os.environ.get("MINILLAMA_PDL", "1") == "0":
         return False
     import cupy
     major = cupy.cuda.Device(device_id).compute_capability[:-1] or "0"
@@ -93,46 +77,15 @@ def _argument(a):
     raise TypeError(f"pdl: cannot pass a {type(a).__name__} to a kernel")
 
 
-def launch(function_ptr, grid, block, args, shared_mem, stream_ptr, programmatic=True,
-           cluster=None):
-    """cuLaunchKernelEx of the CUfunction `function_ptr`, with programmatic stream
-    serialization allowed (programmatic) and in clusters of `cluster` blocks (a tuple of up to
-    three sizes that divide the grid's; Hopper's, for reduce.cu's cluster_split_sum; None: no
-    clusters). Raises RuntimeError with the driver's code if the launch fails."""
+def launch(function_ptr, grid, block, args, shared_mem, stream_ptr):
+    """cuLaunchKernelEx of the CUfunction `function_ptr` with programmatic stream
+    serialization allowed. Raises RuntimeError with the driver's code if the launch fails."""
     grid, block = (tuple(grid) + (1, 1))[:3], (tuple(block) + (1, 1))[:3]
-    attrs = []
-    if programmatic:
-        attrs.append(_Attribute(id=PROGRAMMATIC_STREAM_SERIALIZATION,
-                                value=_AttributeValue(allowed=1)))
-    if cluster:
-        dims = (ctypes.c_uint * 3)(*(tuple(cluster) + (1, 1))[:3])
-        attrs.append(_Attribute(id=CLUSTER_DIMENSION, value=_AttributeValue(dims=dims)))
-    array = (_Attribute * max(len(attrs), 1))(*attrs)
+    attr = _Attribute(id=PROGRAMMATIC_STREAM_SERIALIZATION, value=_AttributeValue(allowed=1))
     config = _Config((ctypes.c_uint * 3)(*grid), (ctypes.c_uint * 3)(*block), shared_mem,
-                     stream_ptr, array, len(attrs))
+                     stream_ptr, ctypes.pointer(attr), 1)
     values = [_argument(a) for a in args]
     params = (ctypes.c_void_p * len(values))(*[ctypes.addressof(v) for v in values])
     err = _driver()(ctypes.byref(config), function_ptr, params, None)
     if err:
         raise RuntimeError(f"cuLaunchKernelEx failed with CUresult {err}")
-
-
-def max_active_clusters(function_ptr, block, shared_mem, cluster):
-    """How many clusters of `cluster` blocks of the CUfunction `function_ptr` (block threads,
-    shared_mem bytes of dynamic shared memory) the GPU runs at once
-    (cuOccupancyMaxActiveClusters): a cluster takes its blocks' places on SMs of one GPC
-    together, so this can be fewer than the blocks an SM times the SMs, over the cluster size."""
-    prototype = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_int), ctypes.c_void_p,
-                                 ctypes.POINTER(_Config))
-    query = prototype(("cuOccupancyMaxActiveClusters", ctypes.CDLL("libcuda.so.1")))
-    block = (tuple(block) + (1, 1))[:3]
-    dims = (ctypes.c_uint * 3)(*(tuple(cluster) + (1, 1))[:3])
-    attr = _Attribute(id=CLUSTER_DIMENSION, value=_AttributeValue(dims=dims))
-    grid = [d * 64 for d in (tuple(cluster) + (1, 1))[:3]]           # a multiple of the cluster
-    config = _Config((ctypes.c_uint * 3)(*grid), (ctypes.c_uint * 3)(*block), shared_mem,
-                     None, ctypes.pointer(attr), 1)
-    count = ctypes.c_int(0)
-    err = query(ctypes.byref(count), function_ptr, ctypes.byref(config))
-    if err:
-        raise RuntimeError(f"cuOccupancyMaxActiveClusters failed with CUresult {err}")
-    return count.value

@@ -155,11 +155,14 @@ class KernelModule:
         self._functions = {}
         self._shared = {}       # an attribute of each function: module's are granted anew
 
-    def function(self, name, shared_mem=0):
-        """Kernel `name`'s CuPy function, compiled now if its group is not yet, and allowed
-        `shared_mem` bytes of dynamic shared memory: over 48 KiB an attribute of the function,
-        set outside any CUDA graph capture as long as the first launch of each size runs
-        eagerly, as FusedDecoder's does."""
+    def launch(self, name, grid, block, args, shared_mem=0, ordinary=False):
+        """Launch kernel `name` on the current stream: grid and block are tuples of up to three
+        sizes, args the kernel's parameters in order (arrays, and numpy scalars of its types).
+        shared_mem: bytes of dynamic shared memory; over 48 KiB the kernel is first allowed
+        that much (an attribute of the function, set outside any CUDA graph capture as long as
+        the first launch of each size runs eagerly, as FusedDecoder's does). ordinary: the
+        ordinary way even inside programmatic(), so that it starts only once all before it
+        has ended."""
         if name not in self._functions:          # looking a function up costs a driver call
             if "<" in name and name not in self._group:
                 # a template instance exists only where a group names it (compiled on its
@@ -177,22 +180,10 @@ class KernelModule:
             require_cupy().cuda.driver.funcSetAttribute(
                 function.kernel.ptr, MAX_DYNAMIC_SHARED_SIZE_BYTES, shared_mem)
             self._shared[name] = shared_mem
-        return function
-
-    def launch(self, name, grid, block, args, shared_mem=0, ordinary=False, cluster=None):
-        """Launch kernel `name` on the current stream: grid and block are tuples of up to three
-        sizes, args the kernel's parameters in order (arrays, and numpy scalars of its types).
-        shared_mem: bytes of dynamic shared memory (function() allows it). ordinary: the
-        ordinary way even inside programmatic(), so that it starts only once all before it
-        has ended. cluster: the blocks of a cluster, a tuple as grid (pdl.clusters says where
-        the caller may ask)."""
-        function = self.function(name, shared_mem)
         self.launches += 1
-        programmatic = (self._programmatic and not ordinary
-                        and pdl.supported(require_cupy().cuda.Device().id))
-        if programmatic or cluster:
+        if self._programmatic and not ordinary and pdl.supported(require_cupy().cuda.Device().id):
             pdl.launch(function.kernel.ptr, grid, block, args, shared_mem,
-                       require_cupy().cuda.get_current_stream().ptr, programmatic, cluster)
+                       require_cupy().cuda.get_current_stream().ptr)
         else:
             function(grid, block, args, shared_mem=shared_mem)
 
