@@ -487,18 +487,48 @@ qgemv_mma(const float* __restrict__ X, const uint4* __restrict__ qs,
         if (ks > 1 && PRO == GEMV_RMSNORM && threadIdx.x < MMA_ROWS && m0 + threadIdx.x < M)
             sums[((size_t)tile * ks + slice) * M + m0 + threadIdx.x] = mma_ss[threadIdx.x];
     }
-    // The last block of this tile adds the ks slices, in slice order (reduce.cu).
+    // The last block of this tile adds the ks slices, in slice order (reduce.cu), 8 rows of x
+    // at a time. With RMSNorm, each row's 1 / rms first, once, into mma_ss: a sum over the
+    // slices per output as well would double the sums' trips to L2, and they are what the
+    // last block costs (docs/kernels.md, "The split's sums").
     if (ks == 1 || !split_last_block(counters + tile, ks)) return;
     const int rows = min(128 * NR, N - tile * 128 * NR);
-    for (int i = threadIdx.x; i < M * rows; i += blockDim.x) {
-        const int m = i / rows, n = tile * 128 * NR + i % rows;
-        float v = 0.0f;
-        for (int s = 0; s < ks; ++s) v += __ldcg(partial + ((size_t)s * M + m) * N + n);
+    for (int m0 = 0; m0 < M; m0 += MMA_ROWS) {
+        const int mr = min(MMA_ROWS, M - m0);
         if (PRO == GEMV_RMSNORM) {
-            float ss = 0.0f;
-            for (int s = 0; s < ks; ++s) ss += __ldcg(sums + ((size_t)tile * ks + s) * M + m);
-            v *= 1.0f / sqrtf(ss / K + eps);
+            __syncthreads();                                    // the rows before are done
+            if (threadIdx.x < mr) {
+                float ss = 0.0f;
+                for (int s = 0; s < ks; ++s)
+                    ss += __ldcg(sums + ((size_t)tile * ks + s) * M + m0 + threadIdx.x);
+                mma_ss[threadIdx.x] = 1.0f / sqrtf(ss / K + eps);
+            }
+            __syncthreads();
         }
-        Y[(size_t)m * N + n] = accumulate ? Y[(size_t)m * N + n] + v : v;
+        // A thread's outputs i = threadIdx.x + 256 j (at most 4 NR of them), each summed over
+        // the slices in slice order, slice-major: four slices' loads of all of them in flight
+        // at once, where an output at a time waits for L2 once per output
+        constexpr int PER = MMA_ROWS * 128 * NR / 256;
+        size_t at[PER];                                         // (m, n) of output j in y
+        float v[PER];
+#pragma unroll
+        for (int j = 0; j < PER; ++j) {
+            const int i = threadIdx.x + 256 * j;
+            at[j] = i < mr * rows ? (size_t)(m0 + i / rows) * N + tile * 128 * NR + i % rows : 0;
+            v[j] = 0.0f;
+        }
+#pragma unroll 4
+        for (int s = 0; s < ks; ++s)
+#pragma unroll
+            for (int j = 0; j < PER; ++j)
+                if (threadIdx.x + 256 * j < mr * rows)
+                    v[j] += __ldcg(partial + (size_t)s * M * N + at[j]);
+#pragma unroll
+        for (int j = 0; j < PER; ++j) {
+            const int i = threadIdx.x + 256 * j;
+            if (i >= mr * rows) continue;
+            const float r = PRO == GEMV_RMSNORM ? v[j] * mma_ss[i / rows] : v[j];
+            Y[at[j]] = accumulate ? Y[at[j]] + r : r;
+        }
     }
 }
