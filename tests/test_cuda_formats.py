@@ -11,8 +11,8 @@ Bounds: a kernel that multiplies float32 x by exactly the weights the reference 
 sums in float32 (qgemv) is held to 1e-5, as every float32 kernel of test_cuda.py; the tensor
 cores (gemm_v5, gemm_v6) see x rounded to 16 bits, and are held to 2e-3 against float64 of the
 rounded inputs. A model on the GPU is held to the CPU model with the same stored weights:
-logits within 1e-4 relative at every step, greedy tokens identical (with a float16 KV cache
-1e-3, near-ties aside; its test says why; a prompt through the tensor cores 5e-3).
+logits within 1e-4 relative at every step (with a float16 KV cache 1e-3; a prompt through the
+tensor cores 5e-3), greedy tokens identical, near-ties aside (decode_against_cpu says why).
 
 The last tests need no GPU: which models FusedDecoder covers, and where the sources come from.
 """
@@ -734,13 +734,16 @@ def gpu_ops(cuda, mode):
     return cuda.CudaOps(fused_decode=mode != "generic", graphs=mode == "fused+graphs")
 
 
-def decode_against_cpu(ops, gpu_model, cpu_model, vocab, bound=1e-4, ties=False, bsz=3,
-                       prompt_len=5, steps=12):
+def decode_against_cpu(ops, gpu_model, cpu_model, vocab, bound=1e-4, bsz=3, prompt_len=5,
+                       steps=12):
     """A prompt, then one token per row and step (bsz, then bsz - 1 for two steps, then bsz
     again), through ops.decoder as the generation loops call it; every step's logits within
-    `bound` of the CPU model's, and the greedy token of every row the same. ties: a row whose
-    CPU logits have their top two closer than the largest difference between the two backends
-    may choose either."""
+    `bound` of the CPU model's, and the greedy token of every row the same, but where the CPU
+    logits' top two are closer than twice the largest difference between the two backends
+    (there either may win). The two backends add in other orders, ~1e-6 apart, and a random
+    model's top two logits come that close in about one of the thousand-odd rows a run of these
+    tests compares: two runs on an H200 (2026-11-30) failed on one such row each, with every
+    logit within the bound, when the same token was asked for everywhere."""
     forward = ops.decoder(gpu_model)
     prompt = rng.integers(0, vocab, size=(bsz, prompt_len))
     got = forward(prompt, 0)
@@ -754,10 +757,9 @@ def decode_against_cpu(ops, gpu_model, cpu_model, vocab, bound=1e-4, ties=False,
         assert got.shape == (rows, 1, vocab)
         assert rel_err(got, ref) < bound, f"position {pos}"
         g, c = got.get()[:, -1], ref[:, -1]                     # (rows, vocab)
+        top2 = np.sort(c, axis=-1)[:, -2:]
         same = g.argmax(-1) == c.argmax(-1)
-        if ties:
-            top2 = np.sort(c, axis=-1)[:, -2:]
-            same |= top2[:, 1] - top2[:, 0] <= 2 * np.abs(g - c).max(-1)
+        same |= top2[:, 1] - top2[:, 0] <= 2 * np.abs(g - c).max(-1)       # a near-tie
         assert same.all(), f"position {pos}: greedy tokens differ"
 
 
@@ -829,7 +831,7 @@ def test_float16_kv_cache_on_the_gpu_matches_the_cpu(cuda, cp, shape, fmt, mode)
     cpu_model = Transformer(p, weights, CPU, kv_dtype="float16")
     cache = gpu_model.layers[0].attention.cache_k
     assert isinstance(cache, cp.ndarray) and cache.dtype == np.float16
-    decode_against_cpu(ops, gpu_model, cpu_model, p.vocab_size, bound=1e-3, ties=True)
+    decode_against_cpu(ops, gpu_model, cpu_model, p.vocab_size, bound=1e-3)
     if mode != "generic":
         assert ops._decoders.get(gpu_model) is not None, "FusedDecoder covers a float16 cache"
 
