@@ -41,7 +41,10 @@ Candidates, measured as bounds on the step they would change, before any is writ
   staging in lanes then took 1.013x and 1.032x of them. "no sums": the count kept, but the last
   block returns without adding the slices; measured on the final tree (3 rounds): q4_0 one row
   1.5090 -> 1.4503 (no combine) and 1.4733 (no sums), 8 rows 3.4517 -> 2.5394 and 2.6233
-  (1.32x): the last block's sums, not the count, are what costs.
+  (1.32x): the last block's sums, not the count, are what costs. Launch by launch
+  (sweep_mma_plan.py --bounds) most of them were the normed launches' sums of squares, added
+  again for every output; with each row's 1 / rms once and the sums slice-major, the 8-row
+  step went 1.11x (q4_0) and 1.10x (int8) faster (docs/kernels.md, "The split's sums").
 
 And gemv's RMSNorm after the sums, once written ("late none", "late early", "late all":
 kernels.GEMV_LATE_NORM): on the one-row float32 steps, the graph's gemv launches without it,
