@@ -9,8 +9,10 @@ which leaves out what a slice costs besides its work: x staged per block, and th
 sums over the slices. This tool times each plan: for the decode step's matrices (wqkv and w13
 with RMSNorm, wo plain with accumulate, w2 with SwiGLU and accumulate) at `rows` rows of x,
 NR 1 and 2 and every count of slices from the fewest x's slice allows to --max-ks, us a
-launch, 20 launches in one CUDA graph captured programmatically (as FusedDecoder's step is),
-the plans in turn over rounds, medians; the rule's plan marked with *. With --bounds, the
+launch, 20 launches in one CUDA graph captured programmatically (as FusedDecoder's step is;
+bench_mma.py's timed_us, the best of its replays), the plans in turn over rounds, medians;
+the rule's plan marked with *. (The figures of 2026-11-30 in docs/kernels.md took the mean of
+10 replays instead, before the tool called timed_us.) With --bounds, the
 rule's plan only, the package's kernels against those compiled with ab_bounds.py's
 SOURCE_BOUNDS edits (wrong sums, right timing), launch by launch.
 """
@@ -23,6 +25,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ab_bounds import edited_source                          # noqa: E402  (checkout first)
+from bench_mma import timed_us                               # noqa: E402
 
 from minillama.bench import gpu7b
 from minillama.cuda import kernels, require_cupy
@@ -31,24 +34,12 @@ SHAPES = {"wqkv": (12288, 4096, "rmsnorm"), "wo": (4096, 4096, "accumulate"),
           "w13": (22016, 4096, "rmsnorm"), "w2": (4096, 11008, "swiglu")}
 
 
-def us_per_launch(cp, run, n=20, reps=10):
-    """us a launch of run()'s, n of them captured into one CUDA graph (so that Python's
-    launch costs are not timed), the graph replayed reps times."""
-    run()                                   # eager first: workspaces, shared memory allowed
-    stream = cp.cuda.Stream(non_blocking=True)
-    with stream:
-        stream.begin_capture()
-        for _ in range(n):
-            run()
-        graph = stream.end_capture()
-        graph.launch(stream)
-        start, end = cp.cuda.Event(), cp.cuda.Event()
-        start.record(stream)
-        for _ in range(reps):
-            graph.launch(stream)
-        end.record(stream)
-    end.synchronize()
-    return cp.cuda.get_elapsed_time(start, end) * 1000 / (n * reps)
+def us_per_launch(cp, run):
+    """us a launch of run()'s: once eagerly (the split's workspaces, the shared memory allowed:
+    never inside a capture), then bench_mma.py's timed_us, 20 of them captured into one CUDA
+    graph (so that Python's launch costs are not timed), the best of its replays."""
+    run()
+    return timed_us(cp, lambda _: run(), [None])
 
 
 def launcher(x, w, y, g, what, nr, ks):
