@@ -1135,12 +1135,16 @@ __device__ __forceinline__ void v4s_walk(const Source& src, const uint4* __restr
             else partial[(size_t)slice * N + n] = total;
         }
     }
-    // The last block of this tile adds the ks slices, in slice order (reduce.cu).
+    // The last block of this tile adds the ks slices, in slice order (reduce.cu), four
+    // slices' loads in flight at once and y's value (with accumulate) beside them: one wait
+    // for L2 after the count, where y's read after the sums took a second.
     if (ks == 1 || !split_last_block(counters + tile, ks)) return;
     for (int n = row0 + threadIdx.x; n < row_end; n += blockDim.x) {
+        const float y = accumulate ? Y[n] : 0.0f;
         float v = 0.0f;
+#pragma unroll 4
         for (int s = 0; s < ks; ++s) v += __ldcg(partial + (size_t)s * N + n);
-        Y[n] = accumulate ? Y[n] + v : v;
+        Y[n] = accumulate ? y + v : v;
     }
 }
 

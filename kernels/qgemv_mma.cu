@@ -371,6 +371,60 @@ struct MmaLoads {
     }
 };
 
+// ---------------------------------------------------------------------------------------------
+// The last block of a tile adds the ks slices, in slice order (reduce.cu), 8 rows of x at a
+// time. A thread's outputs i = threadIdx.x + 256 j (at most 4 NR of them) are summed
+// slice-major, four slices' loads of all of them in flight at once, where an output at a time
+// waits for L2 once per output. In the same trips come what the sums are finished with: y's
+// values (with accumulate), and with RMSNorm each row's sums of squares of the slices, which
+// threads 0 .. 7 turn into the row's 1 / rms once (into inv_rms, shared): the block waits for
+// L2 once after its count, where y's read after the sums and the norm's before them took
+// a trip each (docs/kernels.md, "The split's sums").
+template <int NR, int PRO>
+__device__ __forceinline__ void mma_combine(const float* __restrict__ partial,
+                                            const float* __restrict__ sums,
+                                            float* __restrict__ Y, int M, int N, int K, int ks,
+                                            int tile, int accumulate, float eps,
+                                            float* inv_rms) {
+    constexpr int PER = MMA_ROWS * 128 * NR / 256;
+    const int rows = min(128 * NR, N - tile * 128 * NR), n0 = tile * 128 * NR;
+    for (int m0 = 0; m0 < M; m0 += MMA_ROWS) {
+        const int mr = min(MMA_ROWS, M - m0), live = mr * rows;
+        const bool norms = PRO == GEMV_RMSNORM && threadIdx.x < mr;     // a row's 1 / rms
+        int r[PER];                                             // output j's row of x, m - m0
+        size_t at[PER];                                         // its (m, n) in y
+        float v[PER], y[PER];
+#pragma unroll
+        for (int j = 0; j < PER; ++j) {
+            const int i = threadIdx.x + 256 * j;
+            r[j] = i / rows;
+            at[j] = i < live ? (size_t)(m0 + r[j]) * N + n0 + i - r[j] * rows : 0;
+            y[j] = accumulate && i < live ? Y[at[j]] : 0.0f;
+            v[j] = 0.0f;
+        }
+        float ss = 0.0f;
+#pragma unroll 4
+        for (int s = 0; s < ks; ++s) {
+#pragma unroll
+            for (int j = 0; j < PER; ++j)
+                if (threadIdx.x + 256 * j < live)
+                    v[j] += __ldcg(partial + (size_t)s * M * N + at[j]);
+            if (norms) ss += __ldcg(sums + ((size_t)tile * ks + s) * M + m0 + threadIdx.x);
+        }
+        if (PRO == GEMV_RMSNORM) {
+            __syncthreads();                                    // the rows before have read it
+            if (norms) inv_rms[threadIdx.x] = 1.0f / sqrtf(ss / K + eps);
+            __syncthreads();
+        }
+#pragma unroll
+        for (int j = 0; j < PER; ++j) {
+            if (threadIdx.x + 256 * j >= live) continue;
+            const float out = PRO == GEMV_RMSNORM ? v[j] * inv_rms[r[j]] : v[j];
+            Y[at[j]] = accumulate ? y[j] + out : out;
+        }
+    }
+}
+
 // Grid (tiles, ks); block 256 threads. Tile `blockIdx.x`: rows 128 NR tile .. + 128 NR - 1;
 // slice `blockIdx.y` of the k spans. Dynamic shared memory: F::PARTS * 8 * ROWW words.
 // scratch: ks * M * N floats of partial sums, then tiles * ks * M sums of squares;
@@ -487,48 +541,7 @@ qgemv_mma(const float* __restrict__ X, const uint4* __restrict__ qs,
         if (ks > 1 && PRO == GEMV_RMSNORM && threadIdx.x < MMA_ROWS && m0 + threadIdx.x < M)
             sums[((size_t)tile * ks + slice) * M + m0 + threadIdx.x] = mma_ss[threadIdx.x];
     }
-    // The last block of this tile adds the ks slices, in slice order (reduce.cu), 8 rows of x
-    // at a time. With RMSNorm, each row's 1 / rms first, once, into mma_ss: a sum over the
-    // slices per output as well would double the sums' trips to L2, and they are what the
-    // last block costs (docs/kernels.md, "The split's sums").
+    // The last block of this tile adds the ks slices (mma_combine, above).
     if (ks == 1 || !split_last_block(counters + tile, ks)) return;
-    const int rows = min(128 * NR, N - tile * 128 * NR);
-    for (int m0 = 0; m0 < M; m0 += MMA_ROWS) {
-        const int mr = min(MMA_ROWS, M - m0);
-        if (PRO == GEMV_RMSNORM) {
-            __syncthreads();                                    // the rows before are done
-            if (threadIdx.x < mr) {
-                float ss = 0.0f;
-                for (int s = 0; s < ks; ++s)
-                    ss += __ldcg(sums + ((size_t)tile * ks + s) * M + m0 + threadIdx.x);
-                mma_ss[threadIdx.x] = 1.0f / sqrtf(ss / K + eps);
-            }
-            __syncthreads();
-        }
-        // A thread's outputs i = threadIdx.x + 256 j (at most 4 NR of them), each summed over
-        // the slices in slice order, slice-major: four slices' loads of all of them in flight
-        // at once, where an output at a time waits for L2 once per output
-        constexpr int PER = MMA_ROWS * 128 * NR / 256;
-        size_t at[PER];                                         // (m, n) of output j in y
-        float v[PER];
-#pragma unroll
-        for (int j = 0; j < PER; ++j) {
-            const int i = threadIdx.x + 256 * j;
-            at[j] = i < mr * rows ? (size_t)(m0 + i / rows) * N + tile * 128 * NR + i % rows : 0;
-            v[j] = 0.0f;
-        }
-#pragma unroll 4
-        for (int s = 0; s < ks; ++s)
-#pragma unroll
-            for (int j = 0; j < PER; ++j)
-                if (threadIdx.x + 256 * j < mr * rows)
-                    v[j] += __ldcg(partial + (size_t)s * M * N + at[j]);
-#pragma unroll
-        for (int j = 0; j < PER; ++j) {
-            const int i = threadIdx.x + 256 * j;
-            if (i >= mr * rows) continue;
-            const float r = PRO == GEMV_RMSNORM ? v[j] * mma_ss[i / rows] : v[j];
-            Y[at[j]] = accumulate ? Y[at[j]] + r : r;
-        }
-    }
+    mma_combine<NR, PRO>(partial, sums, Y, M, N, K, ks, tile, accumulate, eps, mma_ss);
 }
