@@ -171,6 +171,18 @@ def balanced_v4():
     return patched(kernels.KERNELS, "launch", balanced)
 
 
+def no_attention():
+    """FusedDecoder's step with attention_decode left out (timing only): wo reads whatever
+    att held. The most a step could gain if attention cost nothing, its launch and the wait
+    between it and wo included: the bound of folding it into the kernel before or after."""
+    launch = kernels.KERNELS.launch
+
+    def without(name, *args, **kwargs):
+        if not name.startswith("attention_decode<"):
+            return launch(name, *args, **kwargs)
+    return patched(kernels.KERNELS, "launch", without)
+
+
 # name -> (old, new) edits of runtime.kernel_source(), each found at least once
 SOURCE_BOUNDS = {
     "no combine": [("    if (ks == 1 || !split_last_block(counters + tile, ks)) return;",
@@ -183,6 +195,7 @@ SOURCE_BOUNDS = {
                    ("    src.stage(K, first, CH);", "    if (false) src.stage(K, first, CH);"),
                    ("        mma_stage_x<F, PRO>(X, m0, M, K,", "        if (false) mma_stage_x<F, PRO>(X, m0, M, K,")],
 }
+SOURCE_BOUNDS["no staging or combine"] = SOURCE_BOUNDS["no staging"] + SOURCE_BOUNDS["no combine"]
 EDITED = {}        # name -> the compiled state of KERNELS with its edited source (kept alive)
 
 
@@ -220,6 +233,8 @@ VARIANTS = {"package": contextlib.nullcontext,
             "no combine": lambda: edited_source("no combine"),
             "no staging": lambda: edited_source("no staging"),
             "no sums": lambda: edited_source("no sums"),
+            "no staging or combine": lambda: edited_source("no staging or combine"),
+            "no attention": no_attention,
             # gemv's RMSNorm after the sums (GEMV_RMSNORM_LATE) on no launch, on the launches
             # with early loads of W (the package's), on every one-row launch
             "late none": lambda: patched(kernels, "GEMV_LATE_NORM", "none"),
