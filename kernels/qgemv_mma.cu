@@ -268,54 +268,83 @@ __device__ void mma_scale_parts(unsigned int* xs, int units, const float (&big)[
 }
 
 
+// Rows of x a thread stages at once in mma_stage_x, all at the same (unit, lane) of the slice:
+// their loads are in flight together, and the norm's weights are loaded once for them. Item
+// by item (a row's 8 values), a slice took 2 (wo) to 8 (the classifier) round trips to L2 a
+// thread, one after the other (the SASS: an item's two LDG.128, then their use). Two rows with
+// SwiGLU, whose gate doubles the loads: four spilled (ptxas, the q8_0 and 16-bit w2).
+template <int PRO>
+__host__ __device__ constexpr int mma_stage_rows() { return PRO == GEMV_SWIGLU ? 2 : 4; }
+
 // Stage rows m0 .. m0 + 7 of x over units u0 .. u0 + units - 1, after the prologue (RMSNorm's
 // norm_w only: inv_rms comes after the product), into xs as B fragments of F::PARTS parts; rows
 // past M and positions past K are zeros. With RMSNorm, ss[r] gets the sum of squares of row r
 // over the slice; shift[r] gets the exponent row r was scaled by (float16 parts; 0 for bfloat16).
 // Each item (row, unit, lane) is 8 values of x in 8 words of its own (two of the parts' uint4s):
 // the float16 path writes them there as float32 first, takes each row's largest value over the
-// block, then reads its own 8 back and writes their scaled parts over them.
+// block, then reads its own 8 back and writes their scaled parts over them. A thread takes the
+// items of RB rows at one (unit, lane) at a time (mma_stage_rows).
 template <class F, int PRO>
 __device__ void mma_stage_x(const float* __restrict__ X, int m0, int M, int K, int u0, int units,
                             const float* __restrict__ norm_w, unsigned int* xs, float* ss,
                             int* shift) {
     const int ldx = PRO == GEMV_SWIGLU ? 2 * K : K, row_words = mma_row_words(units);
+    const int cols = 4 * units;                                    // (unit, lane) of the slice
+    constexpr int RB = mma_stage_rows<PRO>();
     __shared__ float scratch[32 * MMA_ROWS];
     float sq[MMA_ROWS], big[MMA_ROWS];
 #pragma unroll
     for (int r = 0; r < MMA_ROWS; ++r) sq[r] = big[r] = 0.0f;
-    for (int i = threadIdx.x; i < MMA_ROWS * units * 4; i += blockDim.x) {
-        const int r = i / (units * 4), u = (i / 4) % units, t = i % 4;
-        unsigned int* slot = xs + r * row_words + 16 * u + 4 * t;    // + p * 8 rows: part p
-        float v[2][4];
+    for (int i = threadIdx.x; i < cols * (MMA_ROWS / RB); i += blockDim.x) {
+        const int u = (i % cols) / 4, t = i % 4, r0 = (i / cols) * RB;
+        // mma 0's and 1's float4s: of the RB rows of x, of SwiGLU's gate, of RMSNorm's weights
+        float4 x[RB][2], gate[RB][2], gw[2];
+        bool live[RB][2];
 #pragma unroll
         for (int m = 0; m < 2; ++m) {
-            const int k = 32 * (u0 + u) + mma_x_base<F>(m, t);
-            float4 x = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-            if (m0 + r < M && k < K) {
-                x = gemv_x4<PRO == GEMV_RMSNORM ? GEMV_PLAIN : PRO>(X + (size_t)(m0 + r) * ldx,
-                                                                    k / 4, K, norm_w, 1.0f);
-                if (PRO == GEMV_RMSNORM) {
-                    const float s = x.x * x.x + x.y * x.y + x.z * x.z + x.w * x.w;
+            const int k4 = (32 * (u0 + u) + mma_x_base<F>(m, t)) / 4;
+            gw[m] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+            if (PRO == GEMV_RMSNORM && 4 * k4 < K) gw[m] = __ldg(reinterpret_cast<const float4*>(norm_w) + k4);
 #pragma unroll
-                    for (int rr = 0; rr < MMA_ROWS; ++rr) sq[rr] += rr == r ? s : 0.0f;
-                    const float4 gw = __ldg(reinterpret_cast<const float4*>(norm_w) + k / 4);
-                    x = make_float4(x.x * gw.x, x.y * gw.y, x.z * gw.z, x.w * gw.w);
-                }
+            for (int rr = 0; rr < RB; ++rr) {
+                const float4* xr = reinterpret_cast<const float4*>(X + (size_t)(m0 + r0 + rr) * ldx);
+                live[rr][m] = m0 + r0 + rr < M && 4 * k4 < K;
+                x[rr][m] = gate[rr][m] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+                if (!live[rr][m]) continue;
+                x[rr][m] = __ldg(xr + k4);
+                if (PRO == GEMV_SWIGLU) gate[rr][m] = __ldg(xr + K / 4 + k4);
             }
-            v[m][0] = x.x; v[m][1] = x.y; v[m][2] = x.z; v[m][3] = x.w;
         }
-        if (F::BF16) {
-            mma_store_parts<F>(v, slot, row_words);
-        } else {
-            const float a = fmaxf(fmaxf(fmaxf(fabsf(v[0][0]), fabsf(v[0][1])), fmaxf(fabsf(v[0][2]), fabsf(v[0][3]))),
-                                  fmaxf(fmaxf(fabsf(v[1][0]), fabsf(v[1][1])), fmaxf(fabsf(v[1][2]), fabsf(v[1][3]))));
 #pragma unroll
-            for (int rr = 0; rr < MMA_ROWS; ++rr) big[rr] = rr == r ? fmaxf(big[rr], a) : big[rr];
+        for (int rr = 0; rr < RB; ++rr) {
+            const int r = r0 + rr;
+            unsigned int* slot = xs + r * row_words + 16 * u + 4 * t;    // + p * 8 rows: part p
+            float v[2][4];
 #pragma unroll
-            for (int m = 0; m < 2; ++m)
-                *reinterpret_cast<float4*>(slot + m * MMA_ROWS * row_words) =
-                    make_float4(v[m][0], v[m][1], v[m][2], v[m][3]);
+            for (int m = 0; m < 2; ++m) {
+                float4 e = x[rr][m];
+                if (PRO == GEMV_RMSNORM) {
+                    const float s = e.x * e.x + e.y * e.y + e.z * e.z + e.w * e.w;
+#pragma unroll
+                    for (int q = 0; q < MMA_ROWS; ++q) sq[q] += q == r && live[rr][m] ? s : 0.0f;
+                    e = make_float4(e.x * gw[m].x, e.y * gw[m].y, e.z * gw[m].z, e.w * gw[m].w);
+                } else {
+                    e = gemv_prologue4<PRO>(e, gate[rr][m], 1.0f);
+                }
+                v[m][0] = e.x; v[m][1] = e.y; v[m][2] = e.z; v[m][3] = e.w;
+            }
+            if (F::BF16) {
+                mma_store_parts<F>(v, slot, row_words);
+            } else {
+                const float a = fmaxf(fmaxf(fmaxf(fabsf(v[0][0]), fabsf(v[0][1])), fmaxf(fabsf(v[0][2]), fabsf(v[0][3]))),
+                                      fmaxf(fmaxf(fabsf(v[1][0]), fabsf(v[1][1])), fmaxf(fabsf(v[1][2]), fabsf(v[1][3]))));
+#pragma unroll
+                for (int q = 0; q < MMA_ROWS; ++q) big[q] = q == r ? fmaxf(big[q], a) : big[q];
+#pragma unroll
+                for (int m = 0; m < 2; ++m)
+                    *reinterpret_cast<float4*>(slot + m * MMA_ROWS * row_words) =
+                        make_float4(v[m][0], v[m][1], v[m][2], v[m][3]);
+            }
         }
     }
     if (PRO == GEMV_RMSNORM) {
