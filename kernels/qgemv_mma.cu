@@ -426,13 +426,13 @@ __device__ __forceinline__ void mma_combine(const float* __restrict__ partial,
 #pragma unroll
         for (int j = 0; j < PER; ++j) {
             const int i = threadIdx.x + 256 * j;
-            r[j] = i / rows;
+            r[j] = rows == 128 * NR ? i / (128 * NR) : i / rows;   // a shift for a whole tile
             at[j] = i < live ? (size_t)(m0 + r[j]) * N + n0 + i - r[j] * rows : 0;
             y[j] = accumulate && i < live ? Y[at[j]] : 0.0f;
             v[j] = 0.0f;
         }
         float ss = 0.0f;
-#pragma unroll 4
+#pragma unroll 8
         for (int s = 0; s < ks; ++s) {
 #pragma unroll
             for (int j = 0; j < PER; ++j)
