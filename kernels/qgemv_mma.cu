@@ -403,7 +403,7 @@ struct MmaLoads {
 // ---------------------------------------------------------------------------------------------
 // The last block of a tile adds the ks slices, in slice order (reduce.cu), 8 rows of x at a
 // time. A thread's outputs i = threadIdx.x + 256 j (at most 4 NR of them) are summed
-// slice-major, four slices' loads of all of them in flight at once, where an output at a time
+// slice-major, eight slices' loads of all of them in flight at once, where an output at a time
 // waits for L2 once per output. In the same trips come what the sums are finished with: y's
 // values (with accumulate), and with RMSNorm each row's sums of squares of the slices, which
 // threads 0 .. 7 turn into the row's 1 / rms once (into inv_rms, shared): the block waits for
