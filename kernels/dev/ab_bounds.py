@@ -46,6 +46,14 @@ Candidates, measured as bounds on the step they would change, before any is writ
   again for every output; with each row's 1 / rms once and the sums slice-major, the 8-row
   step went 1.11x (q4_0) and 1.10x (int8) faster (docs/kernels.md, "The split's sums").
 
+- "no attention": the step with attention_decode left out (wrong logits): what folding attention
+  into the kernel before or after it could gain at most. "no staging or combine": both edits at
+  once. Measured (H200, 2026-11-30, 3 rounds): 7B q4_0 1.5009 ms at one row, 1.05x without
+  attention, 1.24x without staging and combine; 8 rows 2.9885, 1.04x and 1.69x; int8 2.0816,
+  1.04x and 1.11x; 8 rows 3.8608, 1.03x and 1.55x. More than the two bounds alone: each launch's
+  chain is the kernel before's combine, then its own staging (docs/kernels.md, "Round trips one
+  after the other").
+
 And gemv's RMSNorm after the sums, once written ("late none", "late early", "late all":
 kernels.GEMV_LATE_NORM): on the one-row float32 steps, the graph's gemv launches without it,
 with it where W's first loads come before the wait, or on every one-row launch.
