@@ -271,8 +271,10 @@ __device__ void mma_scale_parts(unsigned int* xs, int units, const float (&big)[
 // Rows of x a thread stages at once in mma_stage_x, all at the same (unit, lane) of the slice:
 // their loads are in flight together, and the norm's weights are loaded once for them. Item
 // by item (a row's 8 values), a slice took 2 (wo) to 8 (the classifier) round trips to L2 a
-// thread, one after the other (the SASS: an item's two LDG.128, then their use). Two rows with
-// SwiGLU, whose gate doubles the loads: four spilled (ptxas, the q8_0 and 16-bit w2).
+// thread, one after the other (the SASS: an item's two LDG.128, then their use); four rows
+// take one or two. Two with SwiGLU, whose gate doubles the loads. All 8 rows (4 with SwiGLU)
+// measured slower on the 7B batch-8 step (0.98x): fewer threads then share the staging's
+// arithmetic (docs/kernels.md, "Round trips one after the other").
 template <int PRO>
 __host__ __device__ constexpr int mma_stage_rows() { return PRO == GEMV_SWIGLU ? 2 : 4; }
 
