@@ -665,17 +665,15 @@ __device__ void i8_stage_unit(const float* __restrict__ X, int m, int M, int K, 
     for (int p = 0; p < 32; ++p) { mx = fmaxf(mx, fabsf(v[p])); finite = finite && isfinite(v[p]); }
     const int s = v4_shift(mx);
     const float up = pow2(s);
-    unsigned int w[3][4][2] = {};                  // [digit][lane t][half]
+    unsigned int w[3][4][2];                       // [digit][lane t][half]
     int T[3] = {0, 0, 0};
 #pragma unroll
-    for (int p = 0; p < 32; ++p) {
-        int dig[3];
-        v4_digits(finite ? __float2int_rn(v[p] * up) : 0, dig);
+    for (int q = 0; q < 8; ++q) {                  // 4 values a word, one (lane, half) each
+        unsigned int word[3];
+        v4_digit_words(make_float4(v[4 * q], v[4 * q + 1], v[4 * q + 2], v[4 * q + 3]), finite,
+                       up, word, T);
 #pragma unroll
-        for (int k = 0; k < 3; ++k) {
-            T[k] += dig[k];
-            w[k][F::lane_of(p)][F::half_of(p)] |= (unsigned int)(dig[k] & 0xFF) << (8 * (p % 4));
-        }
+        for (int k = 0; k < 3; ++k) w[k][F::lane_of(4 * q)][F::half_of(4 * q)] = word[k];
     }
     const int at = r * stride + u;
 #pragma unroll
