@@ -14,9 +14,10 @@
 //    24 significant bits, so it enters in parts, and every product is made once per part:
 //
 //      float16 weights, q8_0, q4_0: x = hi + lo, two float16 (11 + 11 bits). float16 reaches
-//        only 65504, and its small numbers lose bits, so each block scales its slice of each
-//        row of x by a power of two first (its largest value into [2^14, 2^15)) and the
-//        partial sums back after: exact both ways. What x loses is its last 2 bits, ~2e-7.
+//        only 65504, and its small numbers lose bits, so each span of k (one loop step's
+//        positions, below) of each row of x is scaled by a power of two first (its largest
+//        value into [2^14, 2^15)) and the step's sums back after: exact both ways. What x
+//        loses is its last 2 bits, ~2e-7 of the span's largest value.
 //      bfloat16 weights: x = hi + mid + lo, three bfloat16 (8 + 8 + 8 bits: exact), no
 //        scaling needed (bfloat16 has float32's exponent range).
 //
@@ -227,46 +228,13 @@ __device__ __forceinline__ void mma_store_parts(const float (&v)[2][4], unsigned
             make_uint4(words[p][0], words[p][1], words[p][2], words[p][3]);
 }
 
-// The power of two that brings a slice's largest |x| into [2^14, 2^15), as an exponent: the
+// The power of two that brings a unit's largest |x| into [2^14, 2^15), as an exponent: the
 // float16 parts then neither overflow (65504) nor lose the bits of the values that matter.
-// 0 for a row of zeros, or one holding inf or NaN (which the sums carry on as they are).
+// 0 for a unit of zeros, or one holding inf or NaN (which the sums carry on as they are).
 __device__ __forceinline__ int mma_shift(float amax) {
     const int ex = (__float_as_int(amax) >> 23) & 0xFF;
     return amax == 0.0f || ex == 0xFF ? 0 : min(max(141 - ex, -126), 126);
 }
-
-// The float16 path's second pass: each row's largest |x| over the block, its exponent, and each
-// item's 8 float32 values read back, scaled and written over as two float16 parts.
-template <class F>
-__device__ void mma_scale_parts(unsigned int* xs, int units, const float (&big)[MMA_ROWS],
-                                int* shift, float* scratch) {
-    const int row_words = mma_row_words(units);
-    float amax[MMA_ROWS];
-#pragma unroll
-    for (int r = 0; r < MMA_ROWS; ++r) amax[r] = big[r];
-    block_reduce_rows<MaxOp, MMA_ROWS>(amax, scratch);     // every thread gets the maxima
-    int e[MMA_ROWS];
-#pragma unroll
-    for (int r = 0; r < MMA_ROWS; ++r) {
-        e[r] = mma_shift(amax[r]);
-        if (threadIdx.x == r) shift[r] = e[r];
-    }
-    for (int i = threadIdx.x; i < MMA_ROWS * units * 4; i += blockDim.x) {
-        const int r = i / (units * 4), u = (i / 4) % units, t = i % 4;
-        unsigned int* slot = xs + r * row_words + 16 * u + 4 * t;
-        float scale = 1.0f;
-#pragma unroll
-        for (int rr = 0; rr < MMA_ROWS; ++rr) scale = rr == r ? pow2(e[rr]) : scale;
-        float v[2][4];
-#pragma unroll
-        for (int m = 0; m < 2; ++m) {
-            const float4 x = *reinterpret_cast<const float4*>(slot + m * MMA_ROWS * row_words);
-            v[m][0] = x.x * scale; v[m][1] = x.y * scale; v[m][2] = x.z * scale; v[m][3] = x.w * scale;
-        }
-        mma_store_parts<F>(v, slot, row_words);
-    }
-}
-
 
 // Rows of x a thread stages at once in mma_stage_x, all at the same (unit, lane) of the slice:
 // their loads are in flight together, and the norm's weights are loaded once for them. Item
@@ -280,23 +248,26 @@ __host__ __device__ constexpr int mma_stage_rows() { return PRO == GEMV_SWIGLU ?
 
 // Stage rows m0 .. m0 + 7 of x over units u0 .. u0 + units - 1, after the prologue (RMSNorm's
 // norm_w only: inv_rms comes after the product), into xs as B fragments of F::PARTS parts; rows
-// past M and positions past K are zeros. With RMSNorm, ss[r] gets the sum of squares of row r
-// over the slice; shift[r] gets the exponent row r was scaled by (float16 parts; 0 for bfloat16).
-// Each item (row, unit, lane) is 8 values of x in 8 words of its own (two of the parts' uint4s):
-// the float16 path writes them there as float32 first, takes each row's largest value over the
-// block, then reads its own 8 back and writes their scaled parts over them. A thread takes the
-// items of RB rows at one (unit, lane) at a time (mma_stage_rows).
+// past M and positions past K are zeros. A thread takes the items (row, unit, lane t: a row's 8
+// values) of RB rows at one (unit, lane) at a time (mma_stage_rows), and the 4 F::UNITS lanes
+// of a span (what the loop's step reads: 4, 8 or 16 items) are neighbouring threads of one
+// warp: what a span needs from all its values is two to four shuffles away. So every span of
+// every row gets its own power of two (float16 parts; none for bfloat16), and no barrier is
+// needed before the parts are written: unscale[sp * 8 + r] = 2^-e, what the loop multiplies
+// span sp's sums of row r by. (Until 2026-11-30 a row had one power of two for its whole
+// slice, its largest value found by a block reduction, and each item was read back and split
+// in a second pass: two reductions and four barriers before the loop.) With RMSNorm,
+// span_ss[r * spans + sp] gets the sum of squares of row r's span sp, before the prologue;
+// mma_row_ss adds them up after the loop, where no warp waits for them.
 template <class F, int PRO>
 __device__ void mma_stage_x(const float* __restrict__ X, int m0, int M, int K, int u0, int units,
-                            const float* __restrict__ norm_w, unsigned int* xs, float* ss,
-                            int* shift) {
+                            const float* __restrict__ norm_w, unsigned int* xs, float* unscale,
+                            float* span_ss) {
     const int ldx = PRO == GEMV_SWIGLU ? 2 * K : K, row_words = mma_row_words(units);
-    const int cols = 4 * units;                                    // (unit, lane) of the slice
+    const int cols = 4 * units, spans = units / F::UNITS;           // (unit, lane) of the slice
+    constexpr int LANES = 4 * F::UNITS;                              // a span's items
+    const unsigned int span_lanes = ((1u << LANES) - 1) << (threadIdx.x % 32 & ~(LANES - 1u));
     constexpr int RB = mma_stage_rows<PRO>();
-    __shared__ float scratch[32 * MMA_ROWS];
-    float sq[MMA_ROWS], big[MMA_ROWS];
-#pragma unroll
-    for (int r = 0; r < MMA_ROWS; ++r) sq[r] = big[r] = 0.0f;
     for (int i = threadIdx.x; i < cols * (MMA_ROWS / RB); i += blockDim.x) {
         const int u = (i % cols) / 4, t = i % 4, r0 = (i / cols) * RB;
         // mma 0's and 1's float4s: of the RB rows of x, of SwiGLU's gate, of RMSNorm's weights
@@ -320,49 +291,48 @@ __device__ void mma_stage_x(const float* __restrict__ X, int m0, int M, int K, i
 #pragma unroll
         for (int rr = 0; rr < RB; ++rr) {
             const int r = r0 + rr;
-            unsigned int* slot = xs + r * row_words + 16 * u + 4 * t;    // + p * 8 rows: part p
-            float v[2][4];
+            float v[2][4], sq = 0.0f, big = 0.0f;
 #pragma unroll
             for (int m = 0; m < 2; ++m) {
-                float4 e = x[rr][m];
+                float4 e = x[rr][m];                   // (zeros where not live)
                 if (PRO == GEMV_RMSNORM) {
-                    const float s = e.x * e.x + e.y * e.y + e.z * e.z + e.w * e.w;
-#pragma unroll
-                    for (int q = 0; q < MMA_ROWS; ++q) sq[q] += q == r && live[rr][m] ? s : 0.0f;
+                    sq += e.x * e.x + e.y * e.y + e.z * e.z + e.w * e.w;
                     e = make_float4(e.x * gw[m].x, e.y * gw[m].y, e.z * gw[m].z, e.w * gw[m].w);
                 } else {
                     e = gemv_prologue4<PRO>(e, gate[rr][m], 1.0f);
                 }
                 v[m][0] = e.x; v[m][1] = e.y; v[m][2] = e.z; v[m][3] = e.w;
+                big = fmaxf(big, fmaxf(fmaxf(fabsf(e.x), fabsf(e.y)), fmaxf(fabsf(e.z), fabsf(e.w))));
             }
-            if (F::BF16) {
-                mma_store_parts<F>(v, slot, row_words);
-            } else {
-                const float a = fmaxf(fmaxf(fmaxf(fabsf(v[0][0]), fabsf(v[0][1])), fmaxf(fabsf(v[0][2]), fabsf(v[0][3]))),
-                                      fmaxf(fmaxf(fabsf(v[1][0]), fabsf(v[1][1])), fmaxf(fabsf(v[1][2]), fabsf(v[1][3]))));
 #pragma unroll
-                for (int q = 0; q < MMA_ROWS; ++q) big[q] = q == r ? fmaxf(big[q], a) : big[q];
+            for (int o = 1; o < LANES; o *= 2) {                      // over the span's lanes
+                if (!F::BF16) big = fmaxf(big, __shfl_xor_sync(span_lanes, big, o));
+                if (PRO == GEMV_RMSNORM) sq += __shfl_xor_sync(span_lanes, sq, o);
+            }
+            const int shift = F::BF16 ? 0 : mma_shift(big);
+            if (!F::BF16) {
+                const float up = pow2(shift);
 #pragma unroll
                 for (int m = 0; m < 2; ++m)
-                    *reinterpret_cast<float4*>(slot + m * MMA_ROWS * row_words) =
-                        make_float4(v[m][0], v[m][1], v[m][2], v[m][3]);
+#pragma unroll
+                    for (int q = 0; q < 4; ++q) v[m][q] *= up;       // exact: a power of two
+            }
+            mma_store_parts<F>(v, xs + r * row_words + 16 * u + 4 * t, row_words);
+            if (i % LANES == 0) {
+                unscale[u / F::UNITS * MMA_ROWS + r] = pow2(-shift);
+                if (PRO == GEMV_RMSNORM) span_ss[r * spans + u / F::UNITS] = sq;
             }
         }
     }
-    if (PRO == GEMV_RMSNORM) {
-        block_reduce_rows<SumOp, MMA_ROWS>(sq, scratch);
-        if (threadIdx.x < MMA_ROWS) {
-            float s = sq[0];
-#pragma unroll
-            for (int r = 1; r < MMA_ROWS; ++r) s = threadIdx.x == r ? sq[r] : s;
-            ss[threadIdx.x] = s;
-        }
-    }
-    if (F::BF16) {
-        if (threadIdx.x < MMA_ROWS) shift[threadIdx.x] = 0;
-    } else {
-        mma_scale_parts<F>(xs, units, big, shift, scratch);
-    }
+}
+
+// After the loop (the staging's barrier between): row r's sum of squares over the slice, warp
+// r adding its spans' in a fixed order (lanes, then warp_sum), in every lane.
+__device__ __forceinline__ float mma_row_ss(const float* span_ss, int spans) {
+    const int r = threadIdx.x / 32;
+    float s = 0.0f;
+    for (int sp = threadIdx.x % 32; sp < spans; sp += 32) s += span_ss[r * spans + sp];
+    return warp_sum(s);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -457,7 +427,8 @@ __device__ __forceinline__ void mma_combine(const float* __restrict__ partial,
 }
 
 // Grid (tiles, ks); block 256 threads. Tile `blockIdx.x`: rows 128 NR tile .. + 128 NR - 1;
-// slice `blockIdx.y` of the k spans. Dynamic shared memory: F::PARTS * 8 * ROWW words.
+// slice `blockIdx.y` of the k spans. Dynamic shared memory: F::PARTS * 8 * ROWW words of x's
+// parts, then spans * 8 floats of unscale and as many of span_ss (mma_stage_x).
 // scratch: ks * M * N floats of partial sums, then tiles * ks * M sums of squares;
 // counters: tiles ints, zero before the launch and zero after it.
 // U: steps of loads in flight, 64 bytes a lane each (kernels.MMA_U, per format and NR);
@@ -471,8 +442,7 @@ qgemv_mma(const float* __restrict__ X, const uint4* __restrict__ qs,
           int* __restrict__ counters) {
     constexpr int SPAN = 4 * F::WEIGHTS;           // positions of k per step
     extern __shared__ __align__(16) unsigned int mma_xs[];
-    __shared__ float mma_ss[MMA_ROWS];
-    __shared__ int mma_e[MMA_ROWS];                 // the exponent each row of x was scaled by
+    __shared__ float mma_ss[MMA_ROWS];              // the rows' sums of squares (ks == 1)
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, t = lane % 4;
     const int tile = blockIdx.x, ks = gridDim.y, slice = blockIdx.y;
     const int chunks = K / F::WEIGHTS, nb = K / 32;
@@ -482,6 +452,8 @@ qgemv_mma(const float* __restrict__ X, const uint4* __restrict__ qs,
     const int row0 = tile * 128 * NR + warp * 16 * NR;        // the warp's first weight row
     float* partial = scratch;                                   // (ks, M, N)
     float* sums = scratch + (size_t)ks * M * N;                 // (tiles, ks, M)
+    float* unscale = reinterpret_cast<float*>(mma_xs + F::PARTS * MMA_ROWS * row_words);
+    float* span_ss = unscale + (step_end - step_begin) * MMA_ROWS;   // (spans, 8), (8, spans)
 
     MmaLoads<F, NR, U> next;
     next.fetch(qs, d, row0, N, step_begin, step_end, chunks, nb, t);   // before x is staged
@@ -490,8 +462,8 @@ qgemv_mma(const float* __restrict__ X, const uint4* __restrict__ qs,
 
     for (int m0 = 0; m0 < M; m0 += MMA_ROWS) {
         __syncthreads();                                        // the last pass's readers are done
-        mma_stage_x<F, PRO>(X, m0, M, K, step_begin * F::UNITS, units, norm_w, mma_xs, mma_ss,
-                            mma_e);
+        mma_stage_x<F, PRO>(X, m0, M, K, step_begin * F::UNITS, units, norm_w, mma_xs, unscale,
+                            span_ss);
         __syncthreads();
         if (m0 > 0) next.fetch(qs, d, row0, N, step_begin, step_end, chunks, nb, t);
 
@@ -516,6 +488,9 @@ qgemv_mma(const float* __restrict__ X, const uint4* __restrict__ qs,
                         w[j][h][2] = cur.q[s][j][h].z; w[j][h][3] = cur.q[s][j][h].w;
                         if (F::BLOCKS > 0) quad_transpose(w[j][h], t);
                     }
+                // The span's sums of each tile, before x's power of two: span[j][e], the same
+                // fragment as acc's; then acc += 2^-e span, e of x's rows 2t and 2t + 1 here.
+                float span[NR][4];
 #pragma unroll
                 for (int u = 0; u < F::UNITS; ++u) {
                     const int unit = (s0 + s - step_begin) * F::UNITS + u;
@@ -528,8 +503,8 @@ qgemv_mma(const float* __restrict__ X, const uint4* __restrict__ qs,
                     for (int j = 0; j < NR; ++j) {
                         unsigned int a[2][4];
                         F::unit(w[j][0], w[j][1], u, a);
-                        // Each unit's sum starts from zero and is added to acc outside the
-                        // tensor cores: their own additions round less finely than float32's
+                        // Each unit's sum starts from zero and is added up outside the tensor
+                        // cores: their own additions round less finely than float32's
                         // (measured: 2e-5 after 4096 positions in one chain, 2e-7 this way).
                         float part[4] = {0.0f, 0.0f, 0.0f, 0.0f};
 #pragma unroll
@@ -537,21 +512,43 @@ qgemv_mma(const float* __restrict__ X, const uint4* __restrict__ qs,
                             mma_16bit<F::BF16>(part, a[0], b[p].x, b[p].y);
                             mma_16bit<F::BF16>(part, a[1], b[p].z, b[p].w);
                         }
-                        if (F::BLOCKS == 0) {
+                        if (F::BLOCKS == 0) {                    // f16, bf16: one unit a span
 #pragma unroll
-                            for (int e = 0; e < 4; ++e) acc[j][e] += part[e];
+                            for (int e = 0; e < 4; ++e) span[j][e] = part[e];
                         } else {                                 // the block's scales, rows g, g + 8
                             const unsigned int dd =
                                 __shfl_sync(FULL_MASK, cur.d[s][j], (lane & ~3) | u % (F::BLOCKS > 0 ? F::BLOCKS : 1));
                             const float dg = f16_lo(dd), de = f16_hi(dd);
-                            acc[j][0] = fmaf(dg, part[0], acc[j][0]);
-                            acc[j][1] = fmaf(dg, part[1], acc[j][1]);
-                            acc[j][2] = fmaf(de, part[2], acc[j][2]);
-                            acc[j][3] = fmaf(de, part[3], acc[j][3]);
+#pragma unroll
+                            for (int e = 0; e < 4; ++e) {
+                                const float dr = e < 2 ? dg : de;      // row g or g + 8
+                                span[j][e] = u == 0 ? dr * part[e] : fmaf(dr, part[e], span[j][e]);
+                            }
                         }
                     }
                 }
+                if (F::BF16) {                                   // three parts, never scaled
+#pragma unroll
+                    for (int j = 0; j < NR; ++j)
+#pragma unroll
+                        for (int e = 0; e < 4; ++e) acc[j][e] += span[j][e];
+                } else {
+                    const float2 us = *reinterpret_cast<const float2*>(
+                        unscale + (s0 + s - step_begin) * MMA_ROWS + 2 * t);
+#pragma unroll
+                    for (int j = 0; j < NR; ++j)
+#pragma unroll
+                        for (int e = 0; e < 4; ++e)
+                            acc[j][e] = fmaf(e & 1 ? us.y : us.x, span[j][e], acc[j][e]);
+                }
             }
+        }
+
+        if (PRO == GEMV_RMSNORM) {              // the rows' sums of squares: warp r, row m0 + r
+            const float ss = mma_row_ss(span_ss, step_end - step_begin);
+            if (lane == 0 && ks == 1) mma_ss[warp] = ss;
+            if (lane == 0 && ks > 1 && m0 + warp < M) sums[((size_t)tile * ks + slice) * M + m0 + warp] = ss;
+            if (ks == 1) __syncthreads();
         }
 
         // fragment: acc[j][e] = y[m0 + 2t + (e & 1)][row0 + 16 j + g + 8 (e >> 1)]
@@ -561,7 +558,7 @@ qgemv_mma(const float* __restrict__ X, const uint4* __restrict__ qs,
             for (int e = 0; e < 4; ++e) {
                 const int m = m0 + 2 * t + (e & 1), n = row0 + 16 * j + g + 8 * (e >> 1);
                 if (m >= M || n >= N) continue;
-                float v = acc[j][e] * pow2(-mma_e[2 * t + (e & 1)]);    // x's scaling undone
+                float v = acc[j][e];                    // (x's scaling undone unit by unit)
                 if (ks == 1) {
                     if (PRO == GEMV_RMSNORM) v *= 1.0f / sqrtf(mma_ss[2 * t + (e & 1)] / K + eps);
                     Y[(size_t)m * N + n] = accumulate ? Y[(size_t)m * N + n] + v : v;
@@ -569,8 +566,6 @@ qgemv_mma(const float* __restrict__ X, const uint4* __restrict__ qs,
                     partial[((size_t)slice * M + m) * N + n] = v;
                 }
             }
-        if (ks > 1 && PRO == GEMV_RMSNORM && threadIdx.x < MMA_ROWS && m0 + threadIdx.x < M)
-            sums[((size_t)tile * ks + slice) * M + m0 + threadIdx.x] = mma_ss[threadIdx.x];
     }
     // The last block of this tile adds the ks slices (mma_combine, above).
     if (ks == 1 || !split_last_block(counters + tile, ks)) return;

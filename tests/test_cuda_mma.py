@@ -45,6 +45,27 @@ def test_qgemv_mma_prologues_and_accumulate(cuda, cp, fmt, ks):
 
 
 @gpu
+@pytest.mark.parametrize("fmt", MMA)
+def test_qgemv_mma_keeps_each_spans_bits_of_x_over_many_binades(cuda, cp, fmt):
+    """float16 parts take one power of two per span of k (a loop step's positions: 32, 64 or
+    128) and row of x, so each span keeps 22 bits of its own largest value: error measured
+    against the span's largest |x|, not the row's. x's 32-value blocks are spread over 2^-40 ..
+    2^40, and rows of 1e30 and 1e-30 sit beside ordinary ones; with one power of two per row
+    and slice (the kernel before 2026-11-30) the small blocks lost their bits and this failed."""
+    span = cuda.kernels.MMA_SPAN[fmt]
+    N, K = 203, 4 * 1024 + 2 * span
+    packed, w64 = stored_weight(fmt, N, K)
+    w = packed.map(cp.asarray)
+    scales = 2.0 ** rng.integers(-40, 41, (9, K // 32, 1))            # one per 32 values
+    x = (rng.standard_normal((9, K // 32, 32)) * scales).reshape(9, K).astype(np.float32)
+    x[3] = rng.standard_normal(K) * 1e30
+    x[5] = rng.standard_normal(K) * 1e-30
+    for ks in (None, 1, 5):
+        y = cuda.kernels.qgemv_mma(cp.asarray(x), w, out=poison(cp, (9, N)), ks=ks)
+        assert product_err(y, x.astype(np.float64), w64, unit=span) < 1e-5, f"ks={ks}"
+
+
+@gpu
 def test_qgemv_mma_leaves_its_counters_at_zero_and_is_deterministic(cuda, cp):
     packed, _ = stored_weight("q4_0", 1000, 4096)
     w = packed.map(cp.asarray)

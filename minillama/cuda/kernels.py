@@ -725,7 +725,7 @@ def qgemv_mma(x, w, out=None, accumulate=False, norm=None, eps=1e-5, swiglu=Fals
               ks=None):
     """x @ W.T on the tensor cores for a few rows of x (qgemv_mma.cu): x (M, K) float32, w a
     formats.Packed (N, K) in f16, bf16, q8_0 or q4_0 -> (M, N) float32, 8 rows of x per pass.
-    x enters in 16-bit parts (two float16, scaled per slice; three bfloat16 for bf16 weights),
+    x enters in 16-bit parts (two float16, scaled per span; three bfloat16 for bf16 weights),
     so the products keep 22 to 24 bits of x and the sums are float32: the same 1e-5 bound as
     qgemv. accumulate, norm, eps, swiglu: as qgemv. nr: weight rows per warp in
     16s (1 or 2); ks: slices of k (the grid's second side); None: the rule of MMA_*."""
@@ -743,7 +743,7 @@ def qgemv_mma(x, w, out=None, accumulate=False, norm=None, eps=1e-5, swiglu=Fals
     tiles = cdiv(N, 128 * nr)
     units = per_slice * span // 32
     parts = 3 if w.format == "bf16" else 2                 # x's bfloat16 or float16 parts
-    smem = parts * 8 * 4 * (16 * units + (0 if units % 2 else 16))
+    smem = parts * 8 * 4 * (16 * units + (0 if units % 2 else 16)) + 2 * 8 * 4 * per_slice
     scratch, counters = _split_workspace(ks * M * N + tiles * ks * M, tiles)
     prologue = GEMV_PROLOGUES["rmsnorm" if norm is not None else "swiglu" if swiglu else None]
     KERNELS.launch(_qgemv_mma_name(w.format, nr, prologue), (tiles, ks), (256,),
