@@ -378,20 +378,21 @@ struct MmaLoads {
 // slice-major, eight slices' loads of all of them in flight at once, where an output at a time
 // waits for L2 once per output. In the same trips come what the sums are finished with: y's
 // values (with accumulate), and with RMSNorm each row's sums of squares of the slices, which
-// threads 0 .. 7 turn into the row's 1 / rms once (into inv_rms, shared): the block waits for
-// L2 once after its count, where y's read after the sums and the norm's before them took
-// a trip each (docs/kernels.md, "The split's sums").
+// lanes 0 .. 7 of every warp turn into the row's 1 / rms, and a shuffle hands to the lanes
+// whose outputs are in that row: the block waits for L2 once after its count, where y's read
+// after the sums and the norm's before them took a trip each (docs/kernels.md, "The split's
+// sums"), and no barrier (one warp's rows through shared memory took two).
 template <int NR, int PRO>
 __device__ __forceinline__ void mma_combine(const float* __restrict__ partial,
                                             const float* __restrict__ sums,
                                             float* __restrict__ Y, int M, int N, int K, int ks,
-                                            int tile, int accumulate, float eps,
-                                            float* inv_rms) {
+                                            int tile, int accumulate, float eps) {
     constexpr int PER = MMA_ROWS * 128 * NR / 256;
     const int rows = min(128 * NR, N - tile * 128 * NR), n0 = tile * 128 * NR;
     for (int m0 = 0; m0 < M; m0 += MMA_ROWS) {
         const int mr = min(MMA_ROWS, M - m0), live = mr * rows;
-        const bool norms = PRO == GEMV_RMSNORM && threadIdx.x < mr;     // a row's 1 / rms
+        const int lane = threadIdx.x % 32;
+        const bool norms = PRO == GEMV_RMSNORM && lane < mr;            // row lane's 1 / rms
         int r[PER];                                             // output j's row of x, m - m0
         size_t at[PER];                                         // its (m, n) in y
         float v[PER], y[PER];
@@ -410,17 +411,14 @@ __device__ __forceinline__ void mma_combine(const float* __restrict__ partial,
             for (int j = 0; j < PER; ++j)
                 if (threadIdx.x + 256 * j < live)
                     v[j] += __ldcg(partial + (size_t)s * M * N + at[j]);
-            if (norms) ss += __ldcg(sums + ((size_t)tile * ks + s) * M + m0 + threadIdx.x);
+            if (norms) ss += __ldcg(sums + ((size_t)tile * ks + s) * M + m0 + lane);
         }
-        if (PRO == GEMV_RMSNORM) {
-            __syncthreads();                                    // the rows before have read it
-            if (norms) inv_rms[threadIdx.x] = 1.0f / sqrtf(ss / K + eps);
-            __syncthreads();
-        }
+        const float inv_rms = norms ? 1.0f / sqrtf(ss / K + eps) : 0.0f;
 #pragma unroll
         for (int j = 0; j < PER; ++j) {
+            const float scale = PRO == GEMV_RMSNORM ? __shfl_sync(FULL_MASK, inv_rms, r[j]) : 1.0f;
             if (threadIdx.x + 256 * j >= live) continue;
-            const float out = PRO == GEMV_RMSNORM ? v[j] * inv_rms[r[j]] : v[j];
+            const float out = PRO == GEMV_RMSNORM ? v[j] * scale : v[j];
             Y[at[j]] = accumulate ? y[j] + out : out;
         }
     }
@@ -569,5 +567,5 @@ qgemv_mma(const float* __restrict__ X, const uint4* __restrict__ qs,
     }
     // The last block of this tile adds the ks slices (mma_combine, above).
     if (ks == 1 || !split_last_block(counters + tile, ks)) return;
-    mma_combine<NR, PRO>(partial, sums, Y, M, N, K, ks, tile, accumulate, eps, mma_ss);
+    mma_combine<NR, PRO>(partial, sums, Y, M, N, K, ks, tile, accumulate, eps);
 }
