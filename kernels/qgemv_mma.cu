@@ -372,137 +372,6 @@ struct MmaLoads {
     }
 };
 
-// The first steps of a slice, copied into shared memory before the wait (MmaLoads' registers
-// hold one or two steps; cp.async holds none): the same chunks and scales as MmaLoads::fetch,
-// for steps step0 .. step0 + n - 1, in flight while the kernel before ends and x is staged.
-// Step s, tile j, half h: chunk at q[((s NR + j) 2 + h) 256 + thread], and for the block
-// formats the 4-byte word holding its scale at d[(same)]: rows of an even number of blocks
-// (nb even: the host sends no steps ahead otherwise) keep each pair of scales 4-byte aligned.
-// Past the row (c >= chunks, b >= nb) the copies write zeros, as fetch's loads are zeros.
-template <class F, int NR>
-struct MmaAhead {
-    uint4* q;
-    unsigned int* d;
-
-    static __device__ __forceinline__ int slot(int s, int j, int h) {
-        return ((s * NR + j) * 2 + h) * 256 + threadIdx.x;
-    }
-
-    __device__ __forceinline__ void copy(const uint4* __restrict__ qs,
-                                         const unsigned short* __restrict__ ds, int row0, int N,
-                                         int step0, int n, int chunks, int nb, int t) const {
-        constexpr int BL = F::BLOCKS > 0 ? F::BLOCKS : 1;
-        const int g = (threadIdx.x % 32) / 4;
-        for (int s = 0; s < n; ++s)
-#pragma unroll
-            for (int j = 0; j < NR; ++j)
-#pragma unroll
-                for (int h = 0; h < 2; ++h) {
-                    const int row = min(row0 + 16 * j + 8 * h + g, N - 1), c = 4 * (step0 + s) + t;
-                    asm volatile("cp.async.cg.shared.global.L2::128B [%0], [%1], 16, %2;"
-                                 :: "r"(smem_addr(q + slot(s, j, h))),
-                                    "l"(qs + (size_t)row * chunks + min(c, chunks - 1)),
-                                    "r"(c < chunks ? 16 : 0) : "memory");
-                    if (F::BLOCKS > 0) {
-                        const int b = F::BLOCKS * (step0 + s) + t % BL;
-                        asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;"
-                                     :: "r"(smem_addr(d + slot(s, j, h))),
-                                        "l"(ds + (size_t)row * nb + (min(b, nb - 1) & ~1)),
-                                        "r"(b < nb ? 4 : 0) : "memory");
-                    }
-                }
-        cp_async_commit();
-    }
-
-    // Step s of the copies (the lane's own: no barrier, only its copies' wait), as fetch's.
-    __device__ __forceinline__ void read(int s, int step, int t, uint4 (&qq)[NR][2],
-                                         unsigned int (&dd)[NR]) const {
-        constexpr int BL = F::BLOCKS > 0 ? F::BLOCKS : 1;
-        const int half = (F::BLOCKS * step + t % BL) & 1;          // the scale's half of its word
-#pragma unroll
-        for (int j = 0; j < NR; ++j) {
-            dd[j] = 0;
-#pragma unroll
-            for (int h = 0; h < 2; ++h) {
-                qq[j][h] = q[slot(s, j, h)];
-                if (F::BLOCKS > 0) dd[j] |= (d[slot(s, j, h)] >> (16 * half) & 0xFFFFu) << (16 * h);
-            }
-        }
-    }
-};
-
-// Bytes of shared memory a step copied ahead takes (the host's kernels._mma_ahead counts them).
-template <class F, int NR>
-__host__ __device__ constexpr int mma_ahead_bytes() { return NR * 2 * 256 * (F::BLOCKS > 0 ? 20 : 16); }
-
-// One step of the loop: the lane's chunks q[j][h] and raw scales d[j] of the slice's step
-// `step`, multiplied with x's B fragments of its units (xs) and added into acc.
-template <class F, int NR>
-__device__ __forceinline__ void mma_step(const uint4 (&q)[NR][2], const unsigned int (&d)[NR],
-                                         int step, const unsigned int* xs, int row_words,
-                                         const float* unscale, float (&acc)[NR][4]) {
-    const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
-    unsigned int w[NR][2][4];
-#pragma unroll
-    for (int j = 0; j < NR; ++j)
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-            w[j][h][0] = q[j][h].x; w[j][h][1] = q[j][h].y;
-            w[j][h][2] = q[j][h].z; w[j][h][3] = q[j][h].w;
-            if (F::BLOCKS > 0) quad_transpose(w[j][h], t);
-        }
-    // The span's sums of each tile, before x's power of two: span[j][e], the same fragment as
-    // acc's; then acc += 2^-e span, e of x's rows 2t and 2t + 1 here.
-    float span[NR][4];
-#pragma unroll
-    for (int u = 0; u < F::UNITS; ++u) {
-        const int unit = step * F::UNITS + u;
-        uint4 b[F::PARTS];                                       // x's fragments, shared by the tiles
-#pragma unroll
-        for (int p = 0; p < F::PARTS; ++p)
-            b[p] = *reinterpret_cast<const uint4*>(xs + (p * MMA_ROWS + g) * row_words + 16 * unit + 4 * t);
-#pragma unroll
-        for (int j = 0; j < NR; ++j) {
-            unsigned int a[2][4];
-            F::unit(w[j][0], w[j][1], u, a);
-            // Each unit's sum starts from zero and is added up outside the tensor cores: their
-            // own additions round less finely than float32's (measured: 2e-5 after 4096
-            // positions in one chain, 2e-7 this way).
-            float part[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-#pragma unroll
-            for (int p = 0; p < F::PARTS; ++p) {
-                mma_16bit<F::BF16>(part, a[0], b[p].x, b[p].y);
-                mma_16bit<F::BF16>(part, a[1], b[p].z, b[p].w);
-            }
-            if (F::BLOCKS == 0) {                                // f16, bf16: one unit a span
-#pragma unroll
-                for (int e = 0; e < 4; ++e) span[j][e] = part[e];
-            } else {                                             // the block's scales, rows g, g + 8
-                const unsigned int dd =
-                    __shfl_sync(FULL_MASK, d[j], (lane & ~3) | u % (F::BLOCKS > 0 ? F::BLOCKS : 1));
-                const float dg = f16_lo(dd), de = f16_hi(dd);
-#pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    const float dr = e < 2 ? dg : de;            // row g or g + 8
-                    span[j][e] = u == 0 ? dr * part[e] : fmaf(dr, part[e], span[j][e]);
-                }
-            }
-        }
-    }
-    if (F::BF16) {                                               // three parts, never scaled
-#pragma unroll
-        for (int j = 0; j < NR; ++j)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) acc[j][e] += span[j][e];
-    } else {
-        const float2 us = *reinterpret_cast<const float2*>(unscale + step * MMA_ROWS + 2 * t);
-#pragma unroll
-        for (int j = 0; j < NR; ++j)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) acc[j][e] = fmaf(e & 1 ? us.y : us.x, span[j][e], acc[j][e]);
-    }
-}
-
 // ---------------------------------------------------------------------------------------------
 // The last block of a tile adds the ks slices, in slice order (reduce.cu), 8 rows of x at a
 // time. A thread's outputs i = threadIdx.x + 256 j (at most 4 NR of them) are summed
@@ -556,11 +425,8 @@ __device__ __forceinline__ void mma_combine(const float* __restrict__ partial,
 }
 
 // Grid (tiles, ks); block 256 threads. Tile `blockIdx.x`: rows 128 NR tile .. + 128 NR - 1;
-// slice `blockIdx.y` of the k spans. Dynamic shared memory: steps_ahead steps of W
-// (mma_ahead_bytes each: MmaAhead), then F::PARTS * 8 * ROWW words of x's parts, then spans * 8
-// floats of unscale and as many of span_ss (mma_stage_x). steps_ahead: the slice's first steps
-// copied into shared memory before the wait (kernels._mma_ahead; 0: none, and the block
-// formats need an even number of blocks a row for it).
+// slice `blockIdx.y` of the k spans. Dynamic shared memory: F::PARTS * 8 * ROWW words of x's
+// parts, then spans * 8 floats of unscale and as many of span_ss (mma_stage_x).
 // scratch: ks * M * N floats of partial sums, then tiles * ks * M sums of squares;
 // counters: tiles ints, zero before the launch and zero after it.
 // U: steps of loads in flight, 64 bytes a lane each (kernels.MMA_U, per format and NR);
@@ -571,9 +437,9 @@ __global__ void __launch_bounds__(256, B)
 qgemv_mma(const float* __restrict__ X, const uint4* __restrict__ qs,
           const unsigned short* __restrict__ d, float* __restrict__ Y, int M, int N, int K,
           int accumulate, const float* __restrict__ norm_w, float eps, float* __restrict__ scratch,
-          int* __restrict__ counters, int steps_ahead) {
+          int* __restrict__ counters) {
     constexpr int SPAN = 4 * F::WEIGHTS;           // positions of k per step
-    extern __shared__ __align__(16) unsigned int mma_smem[];
+    extern __shared__ __align__(16) unsigned int mma_xs[];
     __shared__ float mma_ss[MMA_ROWS];              // the rows' sums of squares (ks == 1)
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, t = lane % 4;
     const int tile = blockIdx.x, ks = gridDim.y, slice = blockIdx.y;
@@ -584,28 +450,20 @@ qgemv_mma(const float* __restrict__ X, const uint4* __restrict__ qs,
     const int row0 = tile * 128 * NR + warp * 16 * NR;        // the warp's first weight row
     float* partial = scratch;                                   // (ks, M, N)
     float* sums = scratch + (size_t)ks * M * N;                 // (tiles, ks, M)
-    const int n_ahead = min(steps_ahead, step_end - step_begin);
-    // shared memory: the steps copied ahead, then x's parts, then unscale and span_ss
-    const MmaAhead<F, NR> ahead = {reinterpret_cast<uint4*>(mma_smem),
-                                   mma_smem + 4 * steps_ahead * NR * 2 * 256};
-    unsigned int* xs = mma_smem + steps_ahead * mma_ahead_bytes<F, NR>() / 4;
-    float* unscale = reinterpret_cast<float*>(xs + F::PARTS * MMA_ROWS * row_words);
+    float* unscale = reinterpret_cast<float*>(mma_xs + F::PARTS * MMA_ROWS * row_words);
     float* span_ss = unscale + (step_end - step_begin) * MMA_ROWS;   // (spans, 8), (8, spans)
 
-    // Before the wait, what does not depend on the kernel before: the first n_ahead steps of W
-    // into shared memory, the next step (or U) into registers.
-    ahead.copy(qs, d, row0, N, step_begin, n_ahead, chunks, nb, t);
     MmaLoads<F, NR, U> next;
-    next.fetch(qs, d, row0, N, step_begin + n_ahead, step_end, chunks, nb, t);
+    next.fetch(qs, d, row0, N, step_begin, step_end, chunks, nb, t);   // before x is staged
     grid_launch_dependents();
     grid_dependency_wait();            // (reduce.cu) the weights are ours; x is the last kernel's
 
     for (int m0 = 0; m0 < M; m0 += MMA_ROWS) {
         __syncthreads();                                        // the last pass's readers are done
-        mma_stage_x<F, PRO>(X, m0, M, K, step_begin * F::UNITS, units, norm_w, xs, unscale,
+        mma_stage_x<F, PRO>(X, m0, M, K, step_begin * F::UNITS, units, norm_w, mma_xs, unscale,
                             span_ss);
         __syncthreads();
-        if (m0 > 0) next.fetch(qs, d, row0, N, step_begin + n_ahead, step_end, chunks, nb, t);
+        if (m0 > 0) next.fetch(qs, d, row0, N, step_begin, step_end, chunks, nb, t);
 
         float acc[NR][4];
 #pragma unroll
@@ -613,20 +471,74 @@ qgemv_mma(const float* __restrict__ X, const uint4* __restrict__ qs,
 #pragma unroll
             for (int e = 0; e < 4; ++e) acc[j][e] = 0.0f;
 
-        if (n_ahead > 0) cp_async_wait<0>();                  // the lane's own copies
-        for (int s = 0; s < n_ahead; ++s) {                     // the steps copied before the wait
-            uint4 q[NR][2];
-            unsigned int dd[NR];
-            ahead.read(s, step_begin + s, t, q, dd);
-            mma_step<F, NR>(q, dd, s, xs, row_words, unscale, acc);
-        }
-        for (int s0 = step_begin + n_ahead; s0 < step_end; s0 += U) {
+        for (int s0 = step_begin; s0 < step_end; s0 += U) {
             const MmaLoads<F, NR, U> cur = next;
             if (s0 + U < step_end) next.fetch(qs, d, row0, N, s0 + U, step_end, chunks, nb, t);
 #pragma unroll
             for (int s = 0; s < U; ++s) {
                 if (s0 + s >= step_end) break;
-                mma_step<F, NR>(cur.q[s], cur.d[s], s0 + s - step_begin, xs, row_words, unscale, acc);
+                unsigned int w[NR][2][4];
+#pragma unroll
+                for (int j = 0; j < NR; ++j)
+#pragma unroll
+                    for (int h = 0; h < 2; ++h) {
+                        w[j][h][0] = cur.q[s][j][h].x; w[j][h][1] = cur.q[s][j][h].y;
+                        w[j][h][2] = cur.q[s][j][h].z; w[j][h][3] = cur.q[s][j][h].w;
+                        if (F::BLOCKS > 0) quad_transpose(w[j][h], t);
+                    }
+                // The span's sums of each tile, before x's power of two: span[j][e], the same
+                // fragment as acc's; then acc += 2^-e span, e of x's rows 2t and 2t + 1 here.
+                float span[NR][4];
+#pragma unroll
+                for (int u = 0; u < F::UNITS; ++u) {
+                    const int unit = (s0 + s - step_begin) * F::UNITS + u;
+                    uint4 b[F::PARTS];                           // x's fragments, shared by the tiles
+#pragma unroll
+                    for (int p = 0; p < F::PARTS; ++p)
+                        b[p] = *reinterpret_cast<const uint4*>(
+                            mma_xs + (p * MMA_ROWS + g) * row_words + 16 * unit + 4 * t);
+#pragma unroll
+                    for (int j = 0; j < NR; ++j) {
+                        unsigned int a[2][4];
+                        F::unit(w[j][0], w[j][1], u, a);
+                        // Each unit's sum starts from zero and is added up outside the tensor
+                        // cores: their own additions round less finely than float32's
+                        // (measured: 2e-5 after 4096 positions in one chain, 2e-7 this way).
+                        float part[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+                        for (int p = 0; p < F::PARTS; ++p) {
+                            mma_16bit<F::BF16>(part, a[0], b[p].x, b[p].y);
+                            mma_16bit<F::BF16>(part, a[1], b[p].z, b[p].w);
+                        }
+                        if (F::BLOCKS == 0) {                    // f16, bf16: one unit a span
+#pragma unroll
+                            for (int e = 0; e < 4; ++e) span[j][e] = part[e];
+                        } else {                                 // the block's scales, rows g, g + 8
+                            const unsigned int dd =
+                                __shfl_sync(FULL_MASK, cur.d[s][j], (lane & ~3) | u % (F::BLOCKS > 0 ? F::BLOCKS : 1));
+                            const float dg = f16_lo(dd), de = f16_hi(dd);
+#pragma unroll
+                            for (int e = 0; e < 4; ++e) {
+                                const float dr = e < 2 ? dg : de;      // row g or g + 8
+                                span[j][e] = u == 0 ? dr * part[e] : fmaf(dr, part[e], span[j][e]);
+                            }
+                        }
+                    }
+                }
+                if (F::BF16) {                                   // three parts, never scaled
+#pragma unroll
+                    for (int j = 0; j < NR; ++j)
+#pragma unroll
+                        for (int e = 0; e < 4; ++e) acc[j][e] += span[j][e];
+                } else {
+                    const float2 us = *reinterpret_cast<const float2*>(
+                        unscale + (s0 + s - step_begin) * MMA_ROWS + 2 * t);
+#pragma unroll
+                    for (int j = 0; j < NR; ++j)
+#pragma unroll
+                        for (int e = 0; e < 4; ++e)
+                            acc[j][e] = fmaf(e & 1 ? us.y : us.x, span[j][e], acc[j][e]);
+                }
             }
         }
 

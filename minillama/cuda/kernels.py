@@ -141,11 +141,6 @@ MMA_NR = (1, 2)
 MMA_BLOCKS_PER_SM = 2
 MMA_U = {"f16": {1: 4, 2: 2}, "bf16": {1: 4, 2: 2}, "q8_0": {1: 2, 2: 2}, "q4_0": {1: 1, 2: 1}}
 MMA_MAX_SLICE = 2048
-# The first steps of each slice's W that qgemv_mma copies into shared memory before its wait
-# (cp.async: no registers), at most, as many as fit beside x (kernels._mma_ahead); and what a
-# block keeps of an SM's shared memory for itself (the runtime's 1 KiB, the static arrays).
-MMA_AHEAD = 3
-SHARED_RESERVED = 2048
 # rows of x from which qgemv's rule takes qgemv_mma: at 2 rows qgemv v1 was faster in every
 # format, at 4 qgemv_mma in every one (float16 level), at 8 by 1.3 to 1.6x (H200, 2026-11-29,
 # per-token sums over the 7B matrices, kernels/dev/bench_mma.py)
@@ -749,28 +744,13 @@ def qgemv_mma(x, w, out=None, accumulate=False, norm=None, eps=1e-5, swiglu=Fals
     units = per_slice * span // 32
     parts = 3 if w.format == "bf16" else 2                 # x's bfloat16 or float16 parts
     smem = parts * 8 * 4 * (16 * units + (0 if units % 2 else 16)) + 2 * 8 * 4 * per_slice
-    ahead, step_bytes = _mma_ahead(w.format, nr, K, per_slice, smem, d.data.ptr)
     scratch, counters = _split_workspace(ks * M * N + tiles * ks * M, tiles)
     prologue = GEMV_PROLOGUES["rmsnorm" if norm is not None else "swiglu" if swiglu else None]
     KERNELS.launch(_qgemv_mma_name(w.format, nr, prologue), (tiles, ks), (256,),
                    (x, qs, d, y, i32(M), i32(N), i32(K), i32(bool(accumulate)),
-                    x if norm is None else norm, np.float32(eps), scratch, counters, i32(ahead)),
-                   shared_mem=smem + ahead * step_bytes)
+                    x if norm is None else norm, np.float32(eps), scratch, counters),
+                   shared_mem=smem)
     return y
-
-
-def _mma_ahead(fmt, nr, K, per_slice, smem, d_ptr=0):
-    """qgemv_mma's steps copied into shared memory before its wait, and the bytes of one: as
-    many as MMA_AHEAD, the slice's steps and the shared memory left beside `smem` bytes (x's)
-    allow at MMA_BLOCKS_PER_SM blocks an SM; none for a block format whose rows hold an odd
-    number of blocks, or scales (at d_ptr) not 4-byte aligned: the copies take the scales 4
-    bytes at a time, two at once."""
-    blocks = fmt in ("q8_0", "q4_0")
-    step_bytes = nr * 2 * 256 * (20 if blocks else 16)          # qgemv_mma.cu's mma_ahead_bytes
-    if blocks and (K // 32) % 2 or d_ptr % 4:
-        return 0, step_bytes
-    room = _shared_per_sm() // MMA_BLOCKS_PER_SM - SHARED_RESERVED - smem
-    return max(0, min(MMA_AHEAD, per_slice, room // step_bytes)), step_bytes
 
 
 def qgemv_mma_plan(N, K, fmt, sms=None, nr=None, ks=None):
@@ -805,17 +785,6 @@ def _mma_plan(N, K, span, max_slice, nrs, slots, ks):
             plan = ((cdiv(tiles * k, slots) * per_slice * n, tiles * k), n, k, per_slice)
             best = plan if best is None else min(best, plan)          # (cost, NR, ks, spans)
     return best[1:]
-
-
-def _shared_per_sm():
-    """Bytes of shared memory one SM holds for all its blocks on the current GPU (228 KiB on an
-    H100 or H200)."""
-    return _per_sm(require_cupy().cuda.Device().id)
-
-
-@functools.lru_cache(maxsize=None)
-def _per_sm(device_id):
-    return require_cupy().cuda.Device(device_id).attributes["MaxSharedMemoryPerMultiprocessor"]
 
 
 def _shared_optin():
