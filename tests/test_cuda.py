@@ -1193,6 +1193,28 @@ def test_use_grants_shared_memory_again_to_the_new_modules_functions(fake_gpu):
                                         second.functions["a<1>"].ptr: 100_000}
 
 
+def test_the_bounds_edits_still_find_their_lines():
+    """kernels/dev/ab_bounds.py measures bounds and candidates on kernels compiled from edited
+    sources; an edit whose line a later change rewrote would fail only on the GPU, at the
+    variant's first launch. Each must find its line in kernels/*.cu as they are now."""
+    import importlib.util
+    from minillama.cuda import runtime
+    path = Path(__file__).resolve().parents[1] / "kernels" / "dev" / "ab_bounds.py"
+    spec = importlib.util.spec_from_file_location("ab_bounds", path)
+    sys.path.insert(0, str(path.parent))
+    try:
+        ab_bounds = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(ab_bounds)
+    finally:
+        sys.path.remove(str(path.parent))
+    source = runtime.kernel_source()
+    assert "loads after the wait" in ab_bounds.SOURCE_BOUNDS
+    for name, edits in ab_bounds.SOURCE_BOUNDS.items():
+        for old, new in edits:
+            assert old in source, f"{name}: {old.strip()[:80]!r}"
+            assert old != new
+
+
 def test_the_dev_harnesses_parse():
     """kernels/dev's harnesses run only on a GPU machine, so no other test imports them; each
     must at least parse (a bracket lost in bench_variants.py was found only by reading)."""

@@ -54,6 +54,12 @@ Candidates, measured as bounds on the step they would change, before any is writ
   chain is the kernel before's combine, then its own staging (docs/kernels.md, "Round trips one
   after the other").
 
+- "loads after the wait", "dependents after the loop": candidates, not bounds (the logits
+  stay right), written 2026-11-30 and not yet measured: qgemv_mma's first loads of W after
+  `grid_dependency_wait` instead of before it, and its `grid_launch_dependents` after the loop
+  instead of at the start. More of W asked for before the wait (to L2, or into shared memory)
+  lost every time it was tried; these try the other direction.
+
 And gemv's RMSNorm after the sums, once written ("late none", "late early", "late all":
 kernels.GEMV_LATE_NORM): on the one-row float32 steps, the graph's gemv launches without it,
 with it where W's first loads come before the wait, or on every one-row launch.
@@ -205,6 +211,25 @@ SOURCE_BOUNDS = {
                    ("        mma_stage_x<F, PRO>(X, m0, M, K,", "        if (false) mma_stage_x<F, PRO>(X, m0, M, K,")],
 }
 SOURCE_BOUNDS["no staging or combine"] = SOURCE_BOUNDS["no staging"] + SOURCE_BOUNDS["no combine"]
+# Not bounds but candidates, right logits: qgemv_mma's first loads of W after the wait, not
+# before it ("loads after the wait"), and its grid_launch_dependents after the loop, so that
+# the next kernel's blocks (and their early loads) start only as this one's tails run
+# ("dependents after the loop"). Asking for more of W before the wait lost every time it was
+# tried (docs/kernels.md, "A power of two per span"); these measure the other direction.
+SOURCE_BOUNDS["loads after the wait"] = [
+    ("    next.fetch(qs, d, row0, N, step_begin, step_end, chunks, nb, t);   // before x is staged\n"
+     "    grid_launch_dependents();\n"
+     "    grid_dependency_wait();",
+     "    grid_launch_dependents();\n"
+     "    grid_dependency_wait();\n"
+     "    next.fetch(qs, d, row0, N, step_begin, step_end, chunks, nb, t);   // CANDIDATE: after")]
+SOURCE_BOUNDS["dependents after the loop"] = [
+    ("    next.fetch(qs, d, row0, N, step_begin, step_end, chunks, nb, t);   // before x is staged\n"
+     "    grid_launch_dependents();\n",
+     "    next.fetch(qs, d, row0, N, step_begin, step_end, chunks, nb, t);   // before x is staged\n"),
+    ("    // The last block of this tile adds the ks slices (mma_combine, above).\n",
+     "    grid_launch_dependents();   // CANDIDATE: the next kernel starts as the tails run\n"
+     "    // The last block of this tile adds the ks slices (mma_combine, above).\n")]
 EDITED = {}        # name -> the compiled state of KERNELS with its edited source (kept alive)
 
 
@@ -243,6 +268,8 @@ VARIANTS = {"package": contextlib.nullcontext,
             "no staging": lambda: edited_source("no staging"),
             "no sums": lambda: edited_source("no sums"),
             "no staging or combine": lambda: edited_source("no staging or combine"),
+            "loads after the wait": lambda: edited_source("loads after the wait"),
+            "dependents after the loop": lambda: edited_source("dependents after the loop"),
             "no attention": no_attention,
             # gemv's RMSNorm after the sums (GEMV_RMSNORM_LATE) on no launch, on the launches
             # with early loads of W (the package's), on every one-row launch
