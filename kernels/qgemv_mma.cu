@@ -556,7 +556,7 @@ qgemv_mma(const float* __restrict__ X, const uint4* __restrict__ qs,
             for (int e = 0; e < 4; ++e) {
                 const int m = m0 + 2 * t + (e & 1), n = row0 + 16 * j + g + 8 * (e >> 1);
                 if (m >= M || n >= N) continue;
-                float v = acc[j][e];                    // (x's scaling undone unit by unit)
+                float v = acc[j][e];                    // (x's scaling undone step by step)
                 if (ks == 1) {
                     if (PRO == GEMV_RMSNORM) v *= 1.0f / sqrtf(mma_ss[2 * t + (e & 1)] / K + eps);
                     Y[(size_t)m * N + n] = accumulate ? Y[(size_t)m * N + n] + v : v;
