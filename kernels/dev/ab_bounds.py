@@ -59,6 +59,11 @@ Candidates, measured as bounds on the step they would change, before any is writ
   `grid_dependency_wait` instead of before it, and its `grid_launch_dependents` after the loop
   instead of at the start. More of W asked for before the wait (to L2, or into shared memory)
   lost every time it was tried; these try the other direction.
+- "fewer v4 shuffles": a candidate for one row (q4_0), not yet measured: v4_unit_lane's
+  shuffles a round from 23 to 12 (|x|'s bits for the maximum and finiteness at once, two digit
+  sums in one word, the sum of squares by xor); 107 -> 63 SHFL before the first dp4a in
+  qgemv_v4<V4Q4_0,1,..>'s SASS. "no v4 staging": the bound of qgemv_walk's staging alone (x
+  staged whole by every block of wqkv, w13 and the classifier at one row).
 
 And gemv's RMSNorm after the sums, once written ("late none", "late early", "late all":
 kernels.GEMV_LATE_NORM): on the one-row float32 steps, the graph's gemv launches without it,
@@ -223,6 +228,49 @@ SOURCE_BOUNDS["loads after the wait"] = [
      "    grid_launch_dependents();\n"
      "    grid_dependency_wait();\n"
      "    next.fetch(qs, d, row0, N, step_begin, step_end, chunks, nb, t);   // CANDIDATE: after")]
+# A candidate for one row (q4_0: qgemv_v4 and v4s stage x in lanes, V4_LANES): v4_unit_lane's
+# shuffles, 23 a round (the unit's maximum and finiteness, its three digit sums, and with
+# RMSNorm the sum of squares lane by lane), as 12: the maximum of |x|'s bits (inf and NaN order
+# above every finite value, so one maximum says both), T0 and T1 in one word (|T| < 2^15 over
+# a unit: 32 x 128), and the sum of squares by xor (another order than one thread's loop).
+# The SASS of qgemv_v4<V4Q4_0,1,..> has 107 SHFL before its first dp4a.
+SOURCE_BOUNDS["fewer v4 shuffles"] = [
+    ("""    float mx = fmaxf(fmaxf(fabsf(v.x), fabsf(v.y)), fmaxf(fabsf(v.z), fabsf(v.w)));
+    int finite = isfinite(v.x) && isfinite(v.y) && isfinite(v.z) && isfinite(v.w);
+#pragma unroll
+    for (int o = N4 / 2; o > 0; o /= 2) {               // over the unit's lanes
+        mx = fmaxf(mx, __shfl_xor_sync(FULL_MASK, mx, o));
+        finite &= __shfl_xor_sync(FULL_MASK, finite, o);
+    }
+    const int s = v4_shift(mx);""",
+     """    const unsigned int m = 0x7FFFFFFFu;                   // CANDIDATE: |x| as bits
+    unsigned int big = max(max(__float_as_uint(v.x) & m, __float_as_uint(v.y) & m),
+                           max(__float_as_uint(v.z) & m, __float_as_uint(v.w) & m));
+#pragma unroll
+    for (int o = N4 / 2; o > 0; o /= 2) big = max(big, __shfl_xor_sync(FULL_MASK, big, o));
+    const bool finite = big < 0x7F800000u;
+    const float mx = __uint_as_float(big);
+    const int s = v4_shift(mx);"""),
+    ("""#pragma unroll
+    for (int o = N4 / 2; o > 0; o /= 2)
+#pragma unroll
+        for (int k = 0; k < 3; ++k) T[k] += __shfl_xor_sync(FULL_MASK, T[k], o);
+    if (!mine) return;""",
+     """    int t01 = (int)((unsigned int)T[0] + ((unsigned int)T[1] << 16));   // CANDIDATE
+#pragma unroll
+    for (int o = N4 / 2; o > 0; o /= 2) {
+        t01 += __shfl_xor_sync(FULL_MASK, t01, o);
+        T[2] += __shfl_xor_sync(FULL_MASK, T[2], o);
+    }
+    T[0] = (int)((unsigned int)t01 << 16) >> 16;                        // the low half, signed
+    T[1] = (t01 - T[0]) >> 16;
+    if (!mine) return;"""),
+    ("""                for (int q = 0; q < N4; ++q) ss += __shfl_sync(FULL_MASK, sq[r], first_lane + q);""",
+     """                for (int o = N4 / 2; o > 0; o /= 2) sq[r] += __shfl_xor_sync(FULL_MASK, sq[r], o);
+                ss = sq[r];                                        // CANDIDATE: by xor""")]
+# A bound for one row: only qgemv_walk's staging (qgemv_v4 on wqkv, w13 and the classifier,
+# x staged whole by every block) skipped, v4s's and qgemv_mma's kept.
+SOURCE_BOUNDS["no v4 staging"] = SOURCE_BOUNDS["no staging"][:1]
 SOURCE_BOUNDS["dependents after the loop"] = [
     ("    next.fetch(qs, d, row0, N, step_begin, step_end, chunks, nb, t);   // before x is staged\n"
      "    grid_launch_dependents();\n",
@@ -270,6 +318,8 @@ VARIANTS = {"package": contextlib.nullcontext,
             "no staging or combine": lambda: edited_source("no staging or combine"),
             "loads after the wait": lambda: edited_source("loads after the wait"),
             "dependents after the loop": lambda: edited_source("dependents after the loop"),
+            "fewer v4 shuffles": lambda: edited_source("fewer v4 shuffles"),
+            "no v4 staging": lambda: edited_source("no v4 staging"),
             "no attention": no_attention,
             # gemv's RMSNorm after the sums (GEMV_RMSNORM_LATE) on no launch, on the launches
             # with early loads of W (the package's), on every one-row launch
