@@ -228,9 +228,9 @@ __device__ __forceinline__ void mma_store_parts(const float (&v)[2][4], unsigned
             make_uint4(words[p][0], words[p][1], words[p][2], words[p][3]);
 }
 
-// The power of two that brings a unit's largest |x| into [2^14, 2^15), as an exponent: the
+// The power of two that brings a span's largest |x| into [2^14, 2^15), as an exponent: the
 // float16 parts then neither overflow (65504) nor lose the bits of the values that matter.
-// 0 for a unit of zeros, or one holding inf or NaN (which the sums carry on as they are).
+// 0 for a span of zeros, or one holding inf or NaN (which the sums carry on as they are).
 __device__ __forceinline__ int mma_shift(float amax) {
     const int ex = (__float_as_int(amax) >> 23) & 0xFF;
     return amax == 0.0f || ex == 0xFF ? 0 : min(max(141 - ex, -126), 126);
