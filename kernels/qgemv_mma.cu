@@ -295,12 +295,8 @@ __device__ void mma_stage_x(const float* __restrict__ X, int m0, int M, int K, i
 #pragma unroll
             for (int m = 0; m < 2; ++m) {
                 float4 e = x[rr][m];                   // (zeros where not live)
-                if (PRO == GEMV_RMSNORM) {
-                    sq += e.x * e.x + e.y * e.y + e.z * e.z + e.w * e.w;
-                    e = make_float4(e.x * gw[m].x, e.y * gw[m].y, e.z * gw[m].z, e.w * gw[m].w);
-                } else {
-                    e = gemv_prologue4<PRO>(e, gate[rr][m], 1.0f);
-                }
+                if (PRO == GEMV_RMSNORM) sq += e.x * e.x + e.y * e.y + e.z * e.z + e.w * e.w;
+                e = gemv_prologue4<PRO>(e, PRO == GEMV_RMSNORM ? gw[m] : gate[rr][m], 1.0f);
                 v[m][0] = e.x; v[m][1] = e.y; v[m][2] = e.z; v[m][3] = e.w;
                 big = fmaxf(big, fmaxf(fmaxf(fabsf(e.x), fabsf(e.y)), fmaxf(fabsf(e.z), fabsf(e.w))));
             }
