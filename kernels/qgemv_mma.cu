@@ -284,8 +284,8 @@ __device__ void mma_stage_x(const float* __restrict__ X, int m0, int M, int K, i
                 live[rr][m] = m0 + r0 + rr < M && 4 * k4 < K;
                 x[rr][m] = gate[rr][m] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
                 if (!live[rr][m]) continue;
-                x[rr][m] = __ldg(xr + k4);
-                if (PRO == GEMV_SWIGLU) gate[rr][m] = __ldg(xr + K / 4 + k4);
+                x[rr][m] = __ldcg(xr + k4);             // through L2: not above the wait
+                if (PRO == GEMV_SWIGLU) gate[rr][m] = __ldcg(xr + K / 4 + k4);
             }
         }
 #pragma unroll
@@ -295,7 +295,7 @@ __device__ void mma_stage_x(const float* __restrict__ X, int m0, int M, int K, i
 #pragma unroll
             for (int m = 0; m < 2; ++m) {
                 float4 e = x[rr][m];                   // (zeros where not live)
-                if (PRO == GEMV_RMSNORM) sq += e.x * e.x + e.y * e.y + e.z * e.z + e.w * e.w;
+                if (PRO == GEMV_RMSNORM) sq += sum_squares4(e);
                 e = gemv_prologue4<PRO>(e, PRO == GEMV_RMSNORM ? gw[m] : gate[rr][m], 1.0f);
                 v[m][0] = e.x; v[m][1] = e.y; v[m][2] = e.z; v[m][3] = e.w;
                 big = fmaxf(big, fmaxf(fmaxf(fabsf(e.x), fabsf(e.y)), fmaxf(fabsf(e.z), fabsf(e.w))));
