@@ -55,15 +55,19 @@ Candidates, measured as bounds on the step they would change, before any is writ
   after the other").
 
 - "loads after the wait", "dependents after the loop": candidates, not bounds (the logits
-  stay right), written 2026-11-30 and not yet measured: qgemv_mma's first loads of W after
-  `grid_dependency_wait` instead of before it, and its `grid_launch_dependents` after the loop
-  instead of at the start. More of W asked for before the wait (to L2, or into shared memory)
-  lost every time it was tried; these try the other direction.
-- "fewer v4 shuffles": a candidate for one row (q4_0), not yet measured: v4_unit_lane's
-  shuffles a round from 23 to 12 (|x|'s bits for the maximum and finiteness at once, two digit
-  sums in one word, the sum of squares by xor); 107 -> 63 SHFL before the first dp4a in
-  qgemv_v4<V4Q4_0,1,..>'s SASS. "no v4 staging": the bound of qgemv_walk's staging alone (x
-  staged whole by every block of wqkv, w13 and the classifier at one row).
+  stay right): qgemv_mma's first loads of W after `grid_dependency_wait` instead of before it,
+  and its `grid_launch_dependents` after the loop instead of at the start. More of W asked for
+  before the wait (to L2, or into shared memory) lost every time it was tried; these tried the
+  other direction, and lost too. Measured (H200, 2026-11-30, 3 rounds, 8 rows): q4_0 2.5475 ms,
+  loads after the wait 0.96x, dependents after the loop 0.96x; int8 3.3347, 0.95x and 0.95x.
+- "fewer v4 shuffles": a candidate for one row (q4_0): v4_unit_lane's shuffles a round from 23
+  to 12 (|x|'s bits for the maximum and finiteness at once, two digit sums in one word, the sum
+  of squares by xor); 107 -> 63 SHFL before the first dp4a in qgemv_v4<V4Q4_0,1,..>'s SASS.
+  "no v4 staging": the bound of qgemv_walk's staging alone (x staged whole by every block of
+  wqkv, w13 and the classifier at one row). Measured (H200, 2026-11-30, 3 rounds, one row):
+  q4_0 1.4962 ms, fewer v4 shuffles 0.99x, no v4 staging 1.15x; int8 2.0624, 1.00x and 1.06x.
+  The staging's cost is its chain (x's trip to L2 after the wait, then the barrier), not its
+  shuffles.
 
 And gemv's RMSNorm after the sums, once written ("late none", "late early", "late all":
 kernels.GEMV_LATE_NORM): on the one-row float32 steps, the graph's gemv launches without it,
