@@ -68,6 +68,15 @@ Candidates, measured as bounds on the step they would change, before any is writ
   q4_0 1.4962 ms, fewer v4 shuffles 0.99x, no v4 staging 1.15x; int8 2.0624, 1.00x and 1.06x.
   The staging's cost is its chain (x's trip to L2 after the wait, then the barrier), not its
   shuffles.
+- "v4 copies digits", "mma copies parts": bounds for x staged once per step by the kernel
+  before (it would write the digits, or the float16 parts, as it writes x): the product copies
+  them from global memory, 16-byte loads all in flight, then stores, with no arithmetic (X's
+  own bytes stand for them: wrong logits). Measured (H200, 2026-11-30, 3 rounds): one row,
+  q4_0 1.5069 ms, v4 copies digits 1.10x (no v4 staging 1.15x); int8 2.0812, 1.00x (1.06x);
+  8 rows, q4_0 2.5446, mma copies parts 1.05x (no staging 1.19x); int8 3.3615, 1.09x (1.10x).
+  What the kernel before would add to its own tail (the digits or parts of its outputs, after
+  its sums) comes off these, and the two pull apart: q4_0's one-row step 1.10x faster would
+  take batch 8 / batch 1 from 4.78 to ~4.55 unless the 8-row step gains as much.
 
 And gemv's RMSNorm after the sums, once written ("late none", "late early", "late all":
 kernels.GEMV_LATE_NORM): on the one-row float32 steps, the graph's gemv launches without it,
