@@ -5,8 +5,10 @@ error and leaves no process behind."""
 import multiprocessing
 import os
 import signal
+import subprocess
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -331,6 +333,58 @@ def test_a_dead_workers_exit_status_is_read_after_it_is_reaped():
         raise tp._dead(1)
     # GPU 0's step stuck in NCCL ends with the abort, which waits for the graphs to go first
     assert done == ["graphs released", "communicator aborted"] and tp.comm is None
+
+
+def _zombie():
+    """A child process killed and not reaped: it has exited (PF_EXITING set) but not gone."""
+    child = subprocess.Popen(["sleep", "60"])
+    assert not workers.exiting(child.pid)                  # running
+    os.kill(child.pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10.0
+    while Path(f"/proc/{child.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    return child
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux's /proc")
+def test_a_worker_seen_exiting_is_dead_before_its_exit_ends_and_rank_0_aborts_first():
+    """A killed worker's exit can wait for GPU 0 (workers.exiting's comment), so the parent
+    takes a worker that has begun to exit for dead before its sentinel fires, and aborts rank
+    0's communicator before it waits for the exit."""
+    assert not workers.exiting(os.getpid())
+    child = _zombie()
+    try:
+        assert workers.exiting(child.pid)
+        never, _ = multiprocessing.Pipe(duplex=False)    # a sentinel that has not fired
+        done = []
+
+        class Exiting:
+            pid, sentinel, exitcode = child.pid, never, None
+
+            def join(self, timeout=None):
+                done.append("joined")
+                self.exitcode = -9
+
+            def is_alive(self):
+                return False
+
+        class Step:
+            def release_graphs(self):
+                done.append("graphs released")
+
+        class Comm:
+            def abort(self):
+                done.append("communicator aborted")
+        tp = object.__new__(TensorParallel)
+        tp.procs, tp.conns, tp.world, tp.comm, tp.step = {1: Exiting()}, {}, 2, Comm(), Step()
+        with pytest.raises(DeviceError, match=r"^tensor-parallel worker rank 1 .* died \(killed "
+                                              r"by signal 9\)"):
+            tp._next_message(0)
+        assert done[:3] == ["graphs released", "communicator aborted", "joined"]
+    finally:
+        child.wait()
+    assert not workers.exiting(child.pid)                  # reaped: no /proc entry
 
 
 def test_the_parent_waits_for_its_gpu_polling_and_watching_the_workers():

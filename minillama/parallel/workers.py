@@ -260,9 +260,12 @@ class TensorParallel:
         all and raises."""
         ready = wait(list(self.conns.values()) + [p.sentinel for p in self.procs.values()],
                      timeout)
-        exited = [rank for rank, proc in self.procs.items() if proc.sentinel in ready]
+        exited = [rank for rank, proc in self.procs.items()
+                  if proc.sentinel in ready or exiting(proc.pid)]
+        if exited:                  # GPU 0's collectives end first (a dying worker's exit
+            self._end_rank0()       # may wait for them: exiting's comment)
         for rank in exited:         # a crash first: the other ranks' errors may only echo it
-            self.procs[rank].join(1.0)
+            self.procs[rank].join(STOP_TIMEOUT)      # its exit, now free to end
             if self.procs[rank].exitcode != 0:
                 raise self._dead(rank)
         for rank, conn in self.conns.items():  # then a message: its sender exits after it
@@ -303,11 +306,7 @@ class TensorParallel:
     def close(self, kill=False):
         """Stop rank 0 and every worker: ask the workers to exit (or, with kill, not), then make
         sure. Rank 0's communicator is aborted, not destroyed: it waits for no peer."""
-        if self.step is not None:
-            self.step.release_graphs()      # else the abort would wait for them forever
-        if self.comm is not None:
-            self.comm.abort()               # a step of GPU 0 stuck in NCCL ends here
-        self.comm = self.model = self.step = None
+        self._end_rank0()
         if not kill:
             for conn in self.conns.values():
                 try:
@@ -323,6 +322,15 @@ class TensorParallel:
         for conn in self.conns.values():
             conn.close()
         self.procs, self.conns = {}, {}
+
+    def _end_rank0(self):
+        """Abort rank 0's communicator, so that a step of GPU 0 stuck in NCCL ends; its graphs
+        are dropped first, else the abort would wait for them forever."""
+        if self.step is not None:
+            self.step.release_graphs()
+        if self.comm is not None:
+            self.comm.abort()
+        self.comm = self.model = self.step = None
 
     def __enter__(self):
         return self
@@ -352,6 +360,26 @@ def run_watched(fn, watch, every=0.1):
     if "error" in outcome:
         raise outcome["error"]
     return outcome["result"]
+
+
+PF_EXITING = 0x4               # Linux's task flag: the process has begun to exit
+
+
+def exiting(pid):
+    """Whether process `pid` has begun to exit (PF_EXITING in /proc/pid/stat's flags, set as
+    soon as it is killed); False where there is no /proc.
+
+    A killed worker's sentinel fires only once its exit has ended, and that exit closes the
+    worker's GPU context, which can wait for GPU 0: rank 0's collective still reads the
+    worker's memory until the parent aborts it. On 2 H200s (2026-11-30) a worker killed while
+    rank 0 waited in NCCL took 3.5 s to exit, and 16 to 49 s in other runs, before the parent,
+    waiting for the sentinel, aborted. Seen exiting, the worker is dead at once."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()   # after the command's name
+    except (OSError, IndexError):
+        return False
+    return len(fields) > 6 and int(fields[6]) & PF_EXITING != 0   # field 9, flags
 
 
 def wait_polling(event, check, nap=0.0, every=WATCH_SECONDS):
