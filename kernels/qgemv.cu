@@ -750,12 +750,13 @@ __device__ __forceinline__ float v4_unscale(int s, bool finite) {
     return finite ? __uint_as_float((unsigned int)(127 - s) << 23) : __uint_as_float(0x7FC00000u);
 }
 
-// xi = p[2] 2^16 + p[1] 2^8 + p[0]: three signed 8-bit digits, p[0] and p[1] in [-128, 127]
-__device__ __forceinline__ void v4_digits(int xi, int (&p)[3]) {
-    p[0] = (int)((unsigned int)xi << 24) >> 24;      // the signed low byte
-    const int r = (xi - p[0]) >> 8;                  // exact: the rest
-    p[1] = (int)((unsigned int)r << 24) >> 24;
-    p[2] = (r - p[1]) >> 8;
+// xi = d2 2^16 + d1 2^8 + d0, three signed 8-bit digits in [-128, 127] (|xi| <= 2^22), as the
+// low three bytes of one word, byte k being d_k in two's complement. With 128 added to every
+// digit they are plain bytes, which carry as any number's do: u = xi + 0x808080 has byte k =
+// d_k + 128 (and stays in [0, 2^24)); flipping each byte's top bit takes the 128 off again.
+// Two instructions a value, where shifting each digit out of xi took about thirty.
+__device__ __forceinline__ unsigned int v4_digit_bytes(int xi) {
+    return ((unsigned int)xi + 0x808080u) ^ 0x808080u;
 }
 
 __device__ __forceinline__ int dp4a_u8s8(unsigned int a, unsigned int b, int c) {
@@ -813,24 +814,23 @@ __device__ __forceinline__ float4 v4_x4(const float* __restrict__ xr, int k4, in
     return gemv_prologue4<PRO>(raw, other, inv_rms);
 }
 
-// Four values of a unit, times its 2^s (up), as three signed 8-bit digits each (v4_digits):
-// value b's digit k in byte b of w[k], and every digit added into the unit's sums T[k]. A unit
-// that is not all finite gets zeros (its scale is NaN instead).
+// Four values of a unit, times its 2^s (up), as three signed 8-bit digits each (v4_digit_bytes):
+// value b's digit k in byte b of w[k] (byte k of the four values gathered by __byte_perm, PRMT),
+// and every digit added into the unit's sums T[k] (dp4a of a word with four ones). A unit that
+// is not all finite gets zeros (its scale is NaN instead).
 __device__ __forceinline__ void v4_digit_words(float4 v, bool finite, float up,
                                                unsigned int (&w)[3], int (&T)[3]) {
     const float xv[4] = {v.x, v.y, v.z, v.w};
+    unsigned int u[4];
 #pragma unroll
-    for (int k = 0; k < 3; ++k) w[k] = 0u;
+    for (int b = 0; b < 4; ++b) u[b] = v4_digit_bytes(finite ? __float2int_rn(xv[b] * up) : 0);
+    // bytes 0 and 1 of values 0, 1 and of 2, 3 interleaved (u0.0 u1.0 u0.1 u1.1), then split
+    const unsigned int lo01 = __byte_perm(u[0], u[1], 0x5140), lo23 = __byte_perm(u[2], u[3], 0x5140);
+    w[0] = __byte_perm(lo01, lo23, 0x5410);
+    w[1] = __byte_perm(lo01, lo23, 0x7632);
+    w[2] = __byte_perm(__byte_perm(u[0], u[1], 0x0062), __byte_perm(u[2], u[3], 0x0062), 0x5410);
 #pragma unroll
-    for (int b = 0; b < 4; ++b) {
-        int p[3];
-        v4_digits(finite ? __float2int_rn(xv[b] * up) : 0, p);
-#pragma unroll
-        for (int k = 0; k < 3; ++k) {
-            T[k] += p[k];
-            w[k] |= (unsigned int)(p[k] & 0xFF) << (8 * b);
-        }
-    }
+    for (int k = 0; k < 3; ++k) T[k] = dp4a_s8s8(w[k], 0x01010101u, T[k]);
 }
 
 // Lane q of a unit's N4 = WEIGHTS / 4 lanes: its 4 values v of unit c (the unit's arithmetic on
