@@ -66,8 +66,7 @@ Candidates, measured as bounds on the step they would change, before any is writ
   "no v4 staging": the bound of qgemv_walk's staging alone (x staged whole by every block of
   wqkv, w13 and the classifier at one row). Measured (H200, 2026-11-30, 3 rounds, one row):
   q4_0 1.4962 ms, fewer v4 shuffles 0.99x, no v4 staging 1.15x; int8 2.0624, 1.00x and 1.06x.
-  The staging's cost is its chain (x's trip to L2 after the wait, then the barrier), not its
-  shuffles.
+  The staging's cost is not its shuffles (see the copies bound below for the rest).
 - "v4 copies digits", "mma copies parts": bounds for x staged once per step by the kernel
   before (it would write the digits, or the float16 parts, as it writes x): the product copies
   them from global memory, 16-byte loads all in flight, then stores, with no arithmetic (X's
