@@ -22,8 +22,8 @@ the only one who samples, so every rank sees the same tokens without any broadca
 When anything goes wrong the parent ends it. The new difficulty of rank 0 in the parent: if a
 worker dies mid-step, rank 0's GPU waits in NCCL for it forever, and a parent asleep in the
 driver (stream.synchronize) would wait with it. So the parent never sleeps in the driver
-while the workers run: it polls its step's CUDA event and looks at the workers' sentinels and
-pipes every millisecond (wait_polling). A worker that dies, or reports an error, makes it abort
+while the workers run: it polls its step's CUDA event and looks at the workers' sentinels,
+pipes and (on Linux) process flags every millisecond (wait_polling, exiting). A worker that dies, or reports an error, makes it abort
 its communicator (so GPU 0's kernels end), stop every other worker (they would wait in NCCL
 forever too) and raise one DeviceError naming the rank; the command line prints it and exits
 with status 2. A worker whose parent has gone exits by itself.
