@@ -75,7 +75,8 @@ Candidates, measured as bounds on the step they would change, before any is writ
   8 rows, q4_0 2.5446, mma copies parts 1.05x (no staging 1.19x); int8 3.3615, 1.09x (1.10x).
   What the kernel before would add to its own tail (the digits or parts of its outputs, after
   its sums) comes off these, and the two pull apart: q4_0's one-row step 1.10x faster would
-  take batch 8 / batch 1 from 4.78 to ~4.35 (~4.55 with the 8-row copy's 1.05x).
+  take batch 8 / batch 1 from 4.77 (twenty-second run) to ~4.33 (~4.54 with the 8-row
+  copy's 1.05x).
 
 And gemv's RMSNorm after the sums, once written ("late none", "late early", "late all":
 kernels.GEMV_LATE_NORM): on the one-row float32 steps, the graph's gemv launches without it,
