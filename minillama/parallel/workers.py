@@ -23,10 +23,11 @@ When anything goes wrong the parent ends it. The new difficulty of rank 0 in the
 worker dies mid-step, rank 0's GPU waits in NCCL for it forever, and a parent asleep in the
 driver (stream.synchronize) would wait with it. So the parent never sleeps in the driver
 while the workers run: it polls its step's CUDA event and looks at the workers' sentinels,
-pipes and (on Linux) process flags every millisecond (wait_polling, exiting). A worker that dies, or reports an error, makes it abort
-its communicator (so GPU 0's kernels end), stop every other worker (they would wait in NCCL
-forever too) and raise one DeviceError naming the rank; the command line prints it and exits
-with status 2. A worker whose parent has gone exits by itself.
+pipes and (on Linux) process flags every millisecond (wait_polling, exiting). A worker that
+dies, or reports an error, makes it abort its communicator (so GPU 0's kernels end), stop
+every other worker (they would wait in NCCL forever too) and raise one DeviceError naming the
+rank; the command line prints it and exits with status 2. A worker whose parent has gone exits
+by itself.
 
 A backend says where the ranks compute and how they meet: NcclBackend (GPUs, NCCL) here;
 tests/test_parallel_workers.py has one over pipes on the CPU, to run all of this in CI.
@@ -263,9 +264,11 @@ class TensorParallel:
         exited = [rank for rank, proc in self.procs.items()
                   if proc.sentinel in ready or exiting(proc.pid)]
         if exited:                  # GPU 0's collectives end first (a dying worker's exit
-            self._end_rank0()       # may wait for them: exiting's comment)
+            self._end_rank0()       # may wait for them: exiting's comment), then its exit ends
+            for rank in exited:
+                self.procs[rank].join(STOP_TIMEOUT)
+            ready += wait(list(self.conns.values()), 0)    # what it said before it went
         for rank in exited:         # a crash first: the other ranks' errors may only echo it
-            self.procs[rank].join(STOP_TIMEOUT)      # its exit, now free to end
             if self.procs[rank].exitcode != 0:
                 raise self._dead(rank)
         for rank, conn in self.conns.items():  # then a message: its sender exits after it
@@ -292,7 +295,8 @@ class TensorParallel:
         proc.join(1.0)
         code = proc.exitcode
         how = (f"killed by signal {-code}" if code is not None and code < 0
-               else f"exit status {code}" if code is not None else "its pipe closed")
+               else f"exit status {code}" if code is not None
+               else "still exiting" if exiting(proc.pid) else "its pipe closed")
         others = len(self.procs) - 1
         return self._stop(f"tensor-parallel worker rank {rank} (pid {proc.pid}) died ({how}); "
                           f"stopped the other {others} worker{'s' if others != 1 else ''}")
@@ -366,8 +370,9 @@ PF_EXITING = 0x4               # Linux's task flag: the process has begun to exi
 
 
 def exiting(pid):
-    """Whether process `pid` has begun to exit (PF_EXITING in /proc/pid/stat's flags, set as
-    soon as it is killed); False where there is no /proc.
+    """Whether process `pid` has begun to exit (PF_EXITING in /proc/pid/stat's flags, set when
+    it enters the kernel's exit: at once for a killed process, unless it sleeps uninterruptibly
+    in a driver call); False where there is no /proc.
 
     A killed worker's sentinel fires only once its exit has ended, and that exit closes the
     worker's GPU context, which can wait for GPU 0: rank 0's collective still reads the
@@ -390,9 +395,9 @@ def wait_polling(event, check, nap=0.0, every=WATCH_SECONDS):
     worker dies mid-step, GPU 0 waits for it forever, and so would a parent asleep in the
     driver (stream.synchronize, event.synchronize): nothing in this process would ever notice
     the death. So the parent polls event.done (cudaEventQuery: a few microseconds, no sleep) in
-    a loop, and calls check() (the workers' sentinels and pipes, one select) every `every`
-    seconds; check raises on a death or an error, after aborting the communicator so that
-    GPU 0's kernels end.
+    a loop, and calls check() (the workers' sentinels and pipes, one select, and their process
+    flags) every `every` seconds; check raises on a death or an error, after aborting the
+    communicator so that GPU 0's kernels end.
     A core stays busy meanwhile, as the CUDA runtime's own spin-wait keeps one; `nap` seconds of
     sleep between two queries give it back where the machine has few cores."""
     next_check = time.perf_counter() + every
