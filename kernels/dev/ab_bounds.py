@@ -284,6 +284,29 @@ SOURCE_BOUNDS["fewer v4 shuffles"] = [
 # A bound for one row: only qgemv_walk's staging (qgemv_v4 on wqkv, w13 and the classifier,
 # x staged whole by every block) skipped, v4s's and qgemv_mma's kept.
 SOURCE_BOUNDS["no v4 staging"] = SOURCE_BOUNDS["no staging"][:1]
+
+
+def copied_from_x(what, count, wrap, dst, after):
+    """A copies bound's block of CUDA: `count` uint4s from X (index modulo `wrap`, X's own
+    uint4s) into `dst`, four a thread in flight, then their stores; `after` follows it (what
+    ends the staging it stands for)."""
+    return f"""        {{   // BOUND: {what} copied, as if the kernel before made them
+            const int n = {count};
+            const uint4* src = reinterpret_cast<const uint4*>(X);
+            uint4* dst = reinterpret_cast<uint4*>({dst});
+            for (int base = 0; base < n; base += 4 * blockDim.x) {{
+                uint4 v[4];
+#pragma unroll
+                for (int r = 0; r < 4; ++r)
+                    if (base + r * blockDim.x + threadIdx.x < n) v[r] = __ldcg(src + (base + r * blockDim.x + threadIdx.x) % ({wrap}));
+#pragma unroll
+                for (int r = 0; r < 4; ++r)
+                    if (base + r * blockDim.x + threadIdx.x < n) dst[base + r * blockDim.x + threadIdx.x] = v[r];
+            }}
+        }}
+{after}"""
+
+
 # Bounds for staging done once per step by the kernel before (the "kept" bounds, for the normed
 # launches and the batches): the product copies its staged x from global memory, 16-byte loads
 # through L2 all in flight, then stores, with no arithmetic. The copy reads X's own bytes (what
@@ -291,37 +314,12 @@ SOURCE_BOUNDS["no v4 staging"] = SOURCE_BOUNDS["no staging"][:1]
 # rows, wraps), so the logits are wrong; the time is
 # that of a product whose staging is one trip to L2 and a barrier. "v4 copies digits": one row,
 # qgemv_v4's stage (wqkv, w13, the classifier); "mma copies parts": qgemv_mma's at every batch.
-V4_COPY = """        {   // BOUND: the units' digits and sums copied, as if the kernel before made them
-            const int n = (META + 1) * CH + (PRO == GEMV_RMSNORM ? CH / 4 : 0);   // + unit_ss
-            const uint4* src = reinterpret_cast<const uint4*>(X);
-            for (int base = 0; base < n; base += V4_ROUNDS * blockDim.x) {
-                uint4 v[V4_ROUNDS];
-#pragma unroll
-                for (int r = 0; r < V4_ROUNDS; ++r)
-                    if (base + r * blockDim.x + threadIdx.x < n) v[r] = __ldcg(src + (base + r * blockDim.x + threadIdx.x) % (K / 4));
-#pragma unroll
-                for (int r = 0; r < V4_ROUNDS; ++r)
-                    if (base + r * blockDim.x + threadIdx.x < n) v4_xs[base + r * blockDim.x + threadIdx.x] = v[r];
-            }
-            return;
-        }
-"""
-MMA_COPY = """        {   // BOUND: x's parts, unscale and span_ss copied, as if the kernel before made them
-            const int n = (F::PARTS * MMA_ROWS * row_words + 2 * MMA_ROWS * (step_end - step_begin)) / 4;
-            const uint4* src = reinterpret_cast<const uint4*>(X);
-            uint4* dst = reinterpret_cast<uint4*>(mma_xs);
-            for (int base = 0; base < n; base += 4 * blockDim.x) {
-                uint4 v[4];
-#pragma unroll
-                for (int r = 0; r < 4; ++r)
-                    if (base + r * blockDim.x + threadIdx.x < n) v[r] = __ldcg(src + (base + r * blockDim.x + threadIdx.x) % (M * K / 4));
-#pragma unroll
-                for (int r = 0; r < 4; ++r)
-                    if (base + r * blockDim.x + threadIdx.x < n) dst[base + r * blockDim.x + threadIdx.x] = v[r];
-            }
-        }
-        if (false)
-"""
+V4_COPY = copied_from_x("the units' digits and sums",
+                        "(META + 1) * CH + (PRO == GEMV_RMSNORM ? CH / 4 : 0)",   # + unit_ss
+                        "K / 4", "v4_xs", "        return;\n")
+MMA_COPY = copied_from_x("x's parts, unscale and span_ss",
+                         "(F::PARTS * MMA_ROWS * row_words + 2 * MMA_ROWS * (step_end - step_begin)) / 4",
+                         "M * K / 4", "mma_xs", "        if (false)\n")
 SOURCE_BOUNDS["v4 copies digits"] = [
     ("        if (V4_LANES<F>()) {\n            v4_stage_lanes<F, PRO>(X, K, k0, CH, norm_w, inv_rms[0], unit_ss);",
      V4_COPY + "        if (V4_LANES<F>()) {\n            v4_stage_lanes<F, PRO>(X, K, k0, CH, norm_w, inv_rms[0], unit_ss);")]
