@@ -8,6 +8,7 @@ import signal
 import subprocess
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -305,6 +306,23 @@ def test_processes_poll_only_with_a_core_each_and_one_to_spare(monkeypatch):
     assert workers.spin_seconds(1) == 0.0
 
 
+def _parent(procs, conns=None, done=None):
+    """A TensorParallel as the parent holds it, its workers stand-ins (`procs`, `conns`): rank
+    0's decoder (RankDecoder) and communicator (NcclComm) record into `done` what the failure
+    path does to them; without `done`, rank 0 holds neither."""
+    class Step:
+        def release_graphs(self):
+            done.append("graphs released")
+
+    class Comm:
+        def abort(self):
+            done.append("communicator aborted")
+    tp = object.__new__(TensorParallel)
+    tp.procs, tp.conns, tp.world = procs, conns or {}, len(procs) + 1
+    tp.comm, tp.step = (Comm(), Step()) if done is not None else (None, None)
+    return tp
+
+
 def test_a_dead_workers_exit_status_is_read_after_it_is_reaped():
     """A process's sentinel fires a moment before its exit status is readable (measured: 127
     of 500 killed children still had exitcode None then); _fail_dead joins it first."""
@@ -317,16 +335,7 @@ def test_a_dead_workers_exit_status_is_read_after_it_is_reaped():
         def is_alive(self):
             return False
     done = []
-
-    class Step:                                 # rank 0's RankDecoder
-        def release_graphs(self):
-            done.append("graphs released")
-
-    class Comm:                                 # rank 0's NcclComm
-        def abort(self):
-            done.append("communicator aborted")
-    tp = object.__new__(TensorParallel)
-    tp.procs, tp.conns, tp.world, tp.comm, tp.step = {1: Reaped()}, {}, 2, Comm(), Step()
+    tp = _parent({1: Reaped()}, done=done)
     with pytest.raises(DeviceError, match=r"^tensor-parallel worker rank 1 \(pid 4242\) died "
                                           r"\(killed by signal 9\); stopped the other 0 "
                                           r"workers$"):
@@ -335,35 +344,43 @@ def test_a_dead_workers_exit_status_is_read_after_it_is_reaped():
     assert done == ["graphs released", "communicator aborted"] and tp.comm is None
 
 
-def _zombie(child):
-    """Wait until `child`, killed and not reaped, is a zombie: it has exited (PF_EXITING set)
-    but not gone. Skips where that cannot be seen (SIGCHLD ignored reaps it at once; a /proc
-    without the task flags)."""
-    deadline = time.monotonic() + 10.0
-    while True:
-        try:
-            fields = Path(f"/proc/{child.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except FileNotFoundError:
-            pytest.skip("the killed child was reaped at once (SIGCHLD ignored?)")
-        if fields[0] == "Z":
-            break
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
-    if not int(fields[6]) & workers.PF_EXITING:
-        pytest.skip("this /proc does not show the task flags")
+@contextmanager
+def _killed_child():
+    """A child process, running (not exiting), then killed and left unreaped: a zombie, which
+    has exited (PF_EXITING set) but not gone; reaped on the way out. Skips where that cannot be
+    seen (SIGCHLD ignored reaps it at once; a /proc without the task flags)."""
+    child = subprocess.Popen(["sleep", "60"])
+    try:
+        assert not workers.exiting(child.pid)              # running
+        child.kill()
+        deadline = time.monotonic() + 10.0
+        while True:
+            try:
+                fields = Path(f"/proc/{child.pid}/stat").read_text().rsplit(")", 1)[1].split()
+            except FileNotFoundError:
+                pytest.skip("the killed child was reaped at once (SIGCHLD ignored?)")
+            if fields[0] == "Z":
+                break
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        if not int(fields[6]) & workers.PF_EXITING:
+            pytest.skip("this /proc does not show the task flags")
+        yield child
+    finally:
+        child.kill()
+        child.wait()
 
 
-@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux's /proc")
+needs_proc = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux's /proc")
+
+
+@needs_proc
 def test_a_worker_seen_exiting_is_dead_before_its_exit_ends_and_rank_0_aborts_first():
     """A killed worker's exit can wait for GPU 0 (workers.exiting's comment), so the parent
     takes a worker that has begun to exit for dead before its sentinel fires, and aborts rank
     0's communicator before it waits for the exit."""
     assert not workers.exiting(os.getpid())
-    child = subprocess.Popen(["sleep", "60"])
-    try:
-        assert not workers.exiting(child.pid)              # running
-        child.kill()
-        _zombie(child)
+    with _killed_child() as child:
         assert workers.exiting(child.pid)
         never, _ = multiprocessing.Pipe(duplex=False)    # a sentinel that has not fired
         done = []
@@ -377,33 +394,19 @@ def test_a_worker_seen_exiting_is_dead_before_its_exit_ends_and_rank_0_aborts_fi
 
             def is_alive(self):
                 return False
-
-        class Step:
-            def release_graphs(self):
-                done.append("graphs released")
-
-        class Comm:
-            def abort(self):
-                done.append("communicator aborted")
-        tp = object.__new__(TensorParallel)
-        tp.procs, tp.conns, tp.world, tp.comm, tp.step = {1: Exiting()}, {}, 2, Comm(), Step()
+        tp = _parent({1: Exiting()}, done=done)
         with pytest.raises(DeviceError, match=r"^tensor-parallel worker rank 1 .* died \(killed "
                                               r"by signal 9\)"):
             tp._next_message(0)
         assert done[:3] == ["graphs released", "communicator aborted", "joined"]
-    finally:
-        child.kill()
-        child.wait()
     assert not workers.exiting(child.pid)                  # reaped: no /proc entry
 
 
+@needs_proc
 def test_an_error_a_worker_sent_before_it_exited_is_what_the_parent_raises():
     """A worker that reports an error exits with status 0 right after; seen exiting before its
     message was looked at, the parent still raises its error, not a death."""
-    child = subprocess.Popen(["sleep", "60"])
-    try:
-        child.kill()
-        _zombie(child)
+    with _killed_child() as child:
         never, _ = multiprocessing.Pipe(duplex=False)
         theirs, mine = multiprocessing.Pipe(duplex=False)
 
@@ -419,14 +422,10 @@ def test_an_error_a_worker_sent_before_it_exited_is_what_the_parent_raises():
 
             def kill(self):
                 pass
-        tp = object.__new__(TensorParallel)
-        tp.procs, tp.conns, tp.world, tp.comm, tp.step = {1: Exited()}, {1: theirs}, 2, None, None
+        tp = _parent({1: Exited()}, {1: theirs})
         with pytest.raises(DeviceError, match=r"^tensor-parallel rank 1: its GPU has 1.0 GiB "
                                               r"free$"):
             tp._next_message(0)
-    finally:
-        child.kill()
-        child.wait()
 
 
 def test_the_parent_waits_for_its_gpu_polling_and_watching_the_workers():
