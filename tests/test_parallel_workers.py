@@ -403,6 +403,27 @@ def test_a_worker_seen_exiting_is_dead_before_its_exit_ends_and_rank_0_aborts_fi
 
 
 @needs_proc
+def test_a_worker_whose_exit_does_not_end_is_said_to_be_still_exiting():
+    """A worker seen exiting whose exit has not ended when the parent stops waiting for it
+    (its exit status not yet readable): the error says so, not that its pipe closed."""
+    with _killed_child() as child:
+        never, _ = multiprocessing.Pipe(duplex=False)
+
+        class Stuck:
+            pid, sentinel, exitcode = child.pid, never, None
+
+            def join(self, timeout=None):
+                pass                                    # still in its exit
+
+            def is_alive(self):
+                return False
+        tp = _parent({1: Stuck()}, done=[])
+        with pytest.raises(DeviceError, match=r"^tensor-parallel worker rank 1 \(pid \d+\) died "
+                                              r"\(still exiting\); stopped the other 0 workers$"):
+            tp._next_message(0)
+
+
+@needs_proc
 def test_an_error_a_worker_sent_before_it_exited_is_what_the_parent_raises():
     """A worker that reports an error exits with status 0 right after; seen exiting before its
     message was looked at, the parent still raises its error, not a death."""
