@@ -815,16 +815,27 @@ __device__ __forceinline__ float4 v4_x4(const float* __restrict__ xr, int k4, in
     return gemv_prologue4<PRO>(raw, other, inv_rms);
 }
 
+// x up rounded to the nearest integer (ties to even), for |x up| < 2^22 as a unit's values are:
+// 1.5 2^23 + x up lies in (2^23, 2^24), where a float's unit in the last place is 1, so one FFMA
+// rounds x up exactly as __float2int_rn(x * up) does (x up is exact: up is a power of two), and
+// the integer is the float's bits less 1.5 2^23's. An F2I (a quarter of the FFMA's rate on
+// sm_90) and an FMUL a value become one FFMA; the integer's bias and v4_digit_bytes's add fold
+// into one IADD.
+__device__ __forceinline__ int v4_round(float x, float up) {
+    return __float_as_int(fmaf(x, up, 12582912.0f)) - 0x4B400000;
+}
+
 // Four values of a unit, times its 2^s (up), as three signed 8-bit digits each (v4_digit_bytes):
 // value b's digit k in byte b of w[k] (byte k of the four values gathered by __byte_perm, PRMT),
-// and every digit added into the unit's sums T[k] (dp4a of a word with four ones). A unit that
-// is not all finite gets zeros (its scale is NaN instead).
-__device__ __forceinline__ void v4_digit_words(float4 v, bool finite, float up,
-                                               unsigned int (&w)[3], int (&T)[3]) {
+// and every digit added into the unit's sums T[k] (dp4a of a word with four ones). A unit
+// holding a value that is not finite gets digits that mean nothing: its scale is NaN
+// (v4_unscale), which makes every sum that meets it NaN whatever the digits are.
+__device__ __forceinline__ void v4_digit_words(float4 v, float up, unsigned int (&w)[3],
+                                               int (&T)[3]) {
     const float xv[4] = {v.x, v.y, v.z, v.w};
     unsigned int u[4];
 #pragma unroll
-    for (int b = 0; b < 4; ++b) u[b] = v4_digit_bytes(finite ? __float2int_rn(xv[b] * up) : 0);
+    for (int b = 0; b < 4; ++b) u[b] = v4_digit_bytes(v4_round(xv[b], up));
     // bytes 0 and 1 of values 0, 1 and of 2, 3 interleaved (u0.0 u1.0 u0.1 u1.1), then split
     const unsigned int lo01 = __byte_perm(u[0], u[1], 0x5140), lo23 = __byte_perm(u[2], u[3], 0x5140);
     w[0] = __byte_perm(lo01, lo23, 0x5410);
@@ -834,77 +845,118 @@ __device__ __forceinline__ void v4_digit_words(float4 v, bool finite, float up,
     for (int k = 0; k < 3; ++k) T[k] = dp4a_s8s8(w[k], 0x01010101u, T[k]);
 }
 
-// Lane q of a unit's N4 = WEIGHTS / 4 lanes: its 4 values v of unit c (the unit's arithmetic on
-// them, the unit's maximum, finiteness and digit sums by shuffles within the group), written
-// as word q of each digit plane and, by lane 0, the unit's (T, 2^-s). Every lane of the warp
-// calls it (the shuffles); `mine` false: zeros, nothing written.
-template <class F>
-__device__ __forceinline__ void v4_unit_lane(float4 v, bool mine, int c, int q, int CH,
-                                              uint4* xs) {
-    constexpr int N4 = F::WEIGHTS / 4;
-    float mx = fmaxf(fmaxf(fabsf(v.x), fabsf(v.y)), fmaxf(fabsf(v.z), fabsf(v.w)));
-    int finite = isfinite(v.x) && isfinite(v.y) && isfinite(v.z) && isfinite(v.w);
-#pragma unroll
-    for (int o = N4 / 2; o > 0; o /= 2) {               // over the unit's lanes
-        mx = fmaxf(mx, __shfl_xor_sync(FULL_MASK, mx, o));
-        finite &= __shfl_xor_sync(FULL_MASK, finite, o);
-    }
-    const int s = v4_shift(mx);
-    unsigned int w[3];
-    int T[3] = {0, 0, 0};
-    v4_digit_words(v, finite, pow2(s), w, T);
-#pragma unroll
-    for (int o = N4 / 2; o > 0; o /= 2)
-#pragma unroll
-        for (int k = 0; k < 3; ++k) T[k] += __shfl_xor_sync(FULL_MASK, T[k], o);
-    if (!mine) return;
-    unsigned int* words = reinterpret_cast<unsigned int*>(xs);
-#pragma unroll
-    for (int k = 0; k < 3; ++k)                         // plane k XU + q / 4, word q % 4
-        words[((k * F::XU + q / 4) * CH + c) * 4 + q % 4] = w[k];
-    const float scale = v4_unscale(s, finite);
-    if (q == 0) xs[3 * F::XU * CH + c] = make_uint4(T[0], T[1], T[2], __float_as_uint(scale));
+// The largest |x| of four values, as bits: a float's magnitude bits order as the magnitudes do,
+// and inf and NaN order above every finite value, so one maximum also says whether a unit is
+// all finite (below 0x7F800000).
+__device__ __forceinline__ unsigned int abs_bits_max4(float4 v) {
+    const unsigned int m = 0x7FFFFFFFu;
+    return max(max(__float_as_uint(v.x) & m, __float_as_uint(v.y) & m),
+               max(__float_as_uint(v.z) & m, __float_as_uint(v.w) & m));
 }
 
-// Units 0 .. CH - 1 of a slice (values k0 + c WEIGHTS ..) in v4's layout: float4 i of the
-// slice is lane i % N4 of unit i / N4. A thread's float4s of V4_ROUNDS rounds are loaded
-// together (one trip to L2), then turned into digits. With RMSNorm the digits are those of
-// x * inv_rms * norm_w, and unit_ss[c] gets the sum of unit c's x^2, its lanes' sums added in
-// lane order (the order of one thread's loop over the unit).
-#define V4_ROUNDS 4
+// Where a warp's float4 g of its chunk sits in v4_stage_pairs's scratch: g with its low bits
+// turned by which eighth of the chunk it is in, so that neither the chunk's 32 consecutive
+// stores nor the pairs' reads (8 lanes at a time for 16-byte accesses: four units, two halves
+// each) meet two lanes in one bank. N4: a unit's float4s (8 or 4).
+template <int N4>
+__device__ __forceinline__ int v4_swizzle(int g) { return g ^ ((g >> 3) & (N4 / 2 - 1)); }
 
+// Bytes of v4_stage_pairs's scratch for a block of `warps` warps: each warp's chunk of 16 units
+// after the prologue (16 N4 float4s) and a float per float4, its x^2.
+__host__ __device__ constexpr int v4_pair_scratch(int N4, int warps) { return warps * 16 * N4 * 20; }
+
+// Units 0 .. CH - 1 of a slice (values k0 + c WEIGHTS ..) in v4's layout, two lanes a unit.
+// A warp takes 16 units at a time. It loads them as the row lies, 32 consecutive float4s a
+// load (x through L2, __ldcg; the norm's weights or the SwiGLU gate beside them), all of a
+// lane's loads in flight at once (4 for q4_0, 2 for q8_0), applies the prologue, and passes
+// the values through its part of `scratch` (shared memory), so that lanes 2c and 2c + 1 then
+// hold unit c's first and second half. The unit's maximum, digit sums and, with RMSNorm, sum
+// of squares are one shuffle each between the two (T_0 and T_1 in one word: |T_k| <= 32 x 128
+// over a unit); each lane writes its half of every digit plane, lane 2c the unit's (T, 2^-s)
+// and unit_ss[c], the sum of the unit's x^2 (each half's float4s in order, then the halves
+// added). With RMSNorm the digits are those of x * inv_rms * norm_w.
+//
+// Until 2026-11-30 a unit had WEIGHTS / 4 lanes of one float4 each (q4_0: 8), a thread took
+// four units' float4s, and each took the unit's reductions over 8 lanes: 23 shuffles a float4,
+// 92 a thread, of ~700 instructions before the loop in the 7B normed launch (nvdisasm). The
+// pairs without the scratch (a lane loading its own half, every other float4) spent half the
+// instructions but were slower (7B q4_0 one-row step 0.96x): each of their loads met 16 lines
+// of 128 bytes where the row's order meets 4 (docs/kernels.md, "x's staging in pairs").
 template <class F, int PRO>
-__device__ __forceinline__ void v4_stage_lanes(const float* __restrict__ X, int K, int k0, int CH,
-                                          const float* __restrict__ norm_w = nullptr,
-                                          float inv_rms = 1.0f, float* unit_ss = nullptr) {
+__device__ __forceinline__ void v4_stage_pairs(const float* __restrict__ X, int K, int k0, int CH,
+                                               float4* scratch,
+                                               const float* __restrict__ norm_w = nullptr,
+                                               float inv_rms = 1.0f, float* unit_ss = nullptr) {
     extern __shared__ uint4 v4_xs[];
-    constexpr int N4 = F::WEIGHTS / 4;
-    const int n4 = CH * N4;                             // float4s of the slice
-    const int lane = threadIdx.x % 32, first_lane = lane & ~(N4 - 1);
-    for (int base = 0; base < n4; base += V4_ROUNDS * blockDim.x) {
-        float4 v[V4_ROUNDS];
-        float sq[V4_ROUNDS];
+    constexpr int N4 = F::WEIGHTS / 4, HALF = N4 / 2, CHUNK = 16 * N4;
+    static_assert(N4 == 8 || N4 == 4, "a unit's float4s in two halves of 4 or 2");
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, n4 = CH * N4;
+    float4* ex = scratch + warp * CHUNK;                                  // (16 N4) float4s
+    float* sq = reinterpret_cast<float*>(scratch + blockDim.x / 32 * CHUNK) + warp * CHUNK;
+    for (int base = 0; base < 2 * CH; base += blockDim.x) {        // the same for the whole block
+        const int g0 = (base / 2 + 16 * warp) * N4;                 // the chunk's first float4
 #pragma unroll
-        for (int r = 0; r < V4_ROUNDS; ++r) {
-            const int i = base + r * blockDim.x + threadIdx.x;
+        for (int j = 0; j < HALF; ++j) {                            // in the row's order
+            const int g = 32 * j + lane;
             float4 raw = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-            v[r] = i < n4 ? v4_x4<PRO>(X, k0 / 4 + i, K, norm_w, inv_rms, raw) : raw;
-            sq[r] = sum_squares4(raw);
+            const float4 e = g0 + g < n4 ? v4_x4<PRO>(X, k0 / 4 + g0 + g, K, norm_w, inv_rms, raw) : raw;
+            ex[v4_swizzle<N4>(g)] = e;
+            if (PRO == GEMV_RMSNORM) sq[g] = sum_squares4(raw);
         }
+        __syncwarp();
+        const int c = base / 2 + 16 * warp + lane / 2, h = lane % 2;   // unit c, half h
+        const int first = (lane / 2) * N4 + h * HALF;                  // the half's first float4
+        float4 v[HALF];
 #pragma unroll
-        for (int r = 0; r < V4_ROUNDS; ++r) {
-            const int i = base + r * blockDim.x + threadIdx.x;
-            if (base + r * blockDim.x >= n4) break;     // the same for the whole block
-            v4_unit_lane<F>(v[r], i < n4, i / N4, i % N4, CH, v4_xs);
-            if (PRO == GEMV_RMSNORM) {
-                float ss = 0.0f;
+        for (int j = 0; j < HALF; ++j) v[j] = ex[v4_swizzle<N4>(first + j)];
+        float ss = 0.0f;
+        if (PRO == GEMV_RMSNORM) {
+            float q[HALF];
+            if (HALF == 4) *reinterpret_cast<float4*>(q) = *reinterpret_cast<const float4*>(sq + first);
+            else *reinterpret_cast<float2*>(q) = *reinterpret_cast<const float2*>(sq + first);
 #pragma unroll
-                for (int q = 0; q < N4; ++q) ss += __shfl_sync(FULL_MASK, sq[r], first_lane + q);
-                if (i < n4 && i % N4 == 0) unit_ss[i / N4] = ss;
-            }
+            for (int j = 0; j < HALF; ++j) ss += q[j];
+        }
+        __syncwarp();                                  // the chunk read before the next one
+        unsigned int big = 0;
+#pragma unroll
+        for (int j = 0; j < HALF; ++j) big = max(big, abs_bits_max4(v[j]));
+        big = max(big, __shfl_xor_sync(FULL_MASK, big, 1));             // the unit's other half
+        const int s = v4_shift(__uint_as_float(big));
+        unsigned int w[3][HALF];
+        int T[3] = {0, 0, 0};
+#pragma unroll
+        for (int j = 0; j < HALF; ++j) {
+            unsigned int wj[3];
+            v4_digit_words(v[j], pow2(s), wj, T);
+#pragma unroll
+            for (int k = 0; k < 3; ++k) w[k][j] = wj[k];
+        }
+        int t01 = (int)((unsigned int)T[0] + ((unsigned int)T[1] << 16));
+        t01 += __shfl_xor_sync(FULL_MASK, t01, 1);
+        T[2] += __shfl_xor_sync(FULL_MASK, T[2], 1);
+        if (PRO == GEMV_RMSNORM) ss += __shfl_xor_sync(FULL_MASK, ss, 1);
+        if (c >= CH) continue;
+#pragma unroll
+        for (int k = 0; k < 3; ++k) {          // q4_0: plane 2k + h, all 4 words; q8_0: plane k, words 2h, 2h + 1
+            if (HALF == 4)
+                v4_xs[(k * F::XU + h) * CH + c] = make_uint4(w[k][0], w[k][1], w[k][2], w[k][3]);
+            else
+                reinterpret_cast<uint2*>(v4_xs)[(k * CH + c) * 2 + h] = make_uint2(w[k][0], w[k][1]);
+        }
+        if (h == 0) {
+            const int T0 = (int)((unsigned int)t01 << 16) >> 16, T1 = (t01 - T0) >> 16;
+            const float scale = v4_unscale(s, big < 0x7F800000u);
+            v4_xs[3 * F::XU * CH + c] = make_uint4(T0, T1, T[2], __float_as_uint(scale));
+            if (PRO == GEMV_RMSNORM) unit_ss[c] = ss;
         }
     }
 }
+
+// Where v4's staged units end in shared memory, in uint4s: the digit planes and (T, 2^-s) of CH
+// units, then CH floats (unit_ss, with RMSNorm), rounded up; v4_stage_pairs's scratch follows.
+template <class F>
+__device__ __forceinline__ int v4_staged_end(int CH) { return (3 * F::XU + 1) * CH + (CH + 3) / 4; }
 
 // Unit c of x (F::WEIGHTS values from float4 k4 of row xr, after the prologue) as digits:
 // plane k * XU + u of xs holds word 4u .. 4u + 3 of digit k; plane 3 XU holds (T_0, T_1, T_2,
@@ -916,24 +968,23 @@ __device__ __forceinline__ float v4_stage(const float* __restrict__ xr, int k4, 
                                           uint4* xs, int CH, int c) {
     constexpr int N4 = F::WEIGHTS / 4;
     float4 v[N4];
-    float mx = 0.0f, ss = 0.0f;
-    bool finite = true;
+    float ss = 0.0f;
+    unsigned int big = 0;                            // the largest |x|'s bits (abs_bits_max4)
 #pragma unroll
     for (int i = 0; i < N4; ++i) {
         v[i] = gemv_x4<PRO>(xr, k4 + i, K, norm_w, inv);
         if (PRO == GEMV_RMSNORM)                     // the same loads: x itself, squared
             ss += sum_squares4(gemv_x4<GEMV_PLAIN>(xr, k4 + i, K, norm_w, inv));
-        mx = fmaxf(mx, fmaxf(fmaxf(fabsf(v[i].x), fabsf(v[i].y)), fmaxf(fabsf(v[i].z), fabsf(v[i].w))));
-        finite = finite && isfinite(v[i].x) && isfinite(v[i].y) && isfinite(v[i].z) && isfinite(v[i].w);
+        big = max(big, abs_bits_max4(v[i]));
     }
-    const int s = v4_shift(mx);
+    const int s = v4_shift(__uint_as_float(big));
     const float up = pow2(s);
     unsigned int words[3][N4];
     int T[3] = {0, 0, 0};
 #pragma unroll
     for (int i = 0; i < N4; ++i) {
         unsigned int w[3];
-        v4_digit_words(v[i], finite, up, w, T);
+        v4_digit_words(v[i], up, w, T);
 #pragma unroll
         for (int k = 0; k < 3; ++k) words[k][i] = w[k];
     }
@@ -943,21 +994,22 @@ __device__ __forceinline__ float v4_stage(const float* __restrict__ xr, int k4, 
         for (int u = 0; u < F::XU; ++u)
             xs[(k * F::XU + u) * CH + c] = make_uint4(words[k][4 * u], words[k][4 * u + 1],
                                                       words[k][4 * u + 2], words[k][4 * u + 3]);
-    const float scale = v4_unscale(s, finite);
+    const float scale = v4_unscale(s, big < 0x7F800000u);
     xs[3 * F::XU * CH + c] = make_uint4(T[0], T[1], T[2], __float_as_uint(scale));
     return ss;
 }
 
-// How v4 stages x: a thread per unit (v4_stage), or WEIGHTS / 4 lanes a unit (v4_stage_lanes).
-// A Llama row of 4096 values is 128 units of q4_0, so a thread per unit left half of the 256
+// How v4 stages x: a thread per unit (v4_stage), or two lanes a unit (v4_stage_pairs). A
+// Llama row of 4096 values is 128 units of q4_0, so a thread per unit left half of the 256
 // threads idle, each of the others with 32 values to turn into digits one after the other; in
-// lanes the 7B q4_0 one-row step was 1.03x as fast. q8_0's 256 units of 16 keep every thread
-// busy either way; its 7B one-row step was 0.98x with lanes (and a first, since reverted change
-// to the split's sums beside it; not measured apart), so it keeps a thread per unit.
+// lanes (8 a unit, until 2026-11-30) the 7B q4_0 one-row step was 1.03x as fast, and in pairs
+// every thread has 16 values and one shuffle of each sum. q8_0's 256 units of 16 keep every
+// thread busy with a thread per unit; its 7B one-row step was 0.98x with lanes (and a first,
+// since reverted change to the split's sums beside it; not measured apart), so it keeps it.
 template <class F>
-__host__ __device__ constexpr bool V4_LANES() { return F::WEIGHTS == 32; }
+__host__ __device__ constexpr bool V4_PAIRS() { return F::WEIGHTS == 32; }
 
-// v4's step (ROWS = 1): x staged per unit as its digits (V4_LANES says how), and for each
+// v4's step (ROWS = 1): x staged per unit as its digits (V4_PAIRS says how), and for each
 // 16-byte load the three dp4a sums per weight row, the offset, one float32 value and one FFMA
 // by d 2^-s.
 //
@@ -980,8 +1032,9 @@ struct V4Step {
                                                  const float* __restrict__ norm_w) {
         extern __shared__ uint4 v4_xs[];
         float* unit_ss = reinterpret_cast<float*>(v4_xs + (META + 1) * CH);
-        if (V4_LANES<F>()) {
-            v4_stage_lanes<F, PRO>(X, K, k0, CH, norm_w, inv_rms[0], unit_ss);
+        if (V4_PAIRS<F>()) {
+            float4* scratch = reinterpret_cast<float4*>(v4_xs + v4_staged_end<F>(CH));
+            v4_stage_pairs<F, PRO>(X, K, k0, CH, scratch, norm_w, inv_rms[0], unit_ss);
             return;
         }
         for (int c = threadIdx.x; c < CH; c += blockDim.x) {
@@ -1056,12 +1109,12 @@ qgemv_v4(const float* __restrict__ X, const uint4* __restrict__ qs,
 //     block, so that a CUDA graph can replay the launch) adds the ks slices in slice order and
 //     writes y (adding to it with accumulate): the same float sum whichever block is last,
 //     deterministic, as qgemv_mma's split and gemv_v3's. With ks = 1 it writes y directly.
-//   - x staged by 4-value lanes (v4_stage_lanes, above). One thread a whole unit (32 values of
+//   - x staged in pairs of lanes (v4_stage_pairs, above). One thread a whole unit (32 values of
 //     q4_0, 16 of q8_0), v4's first staging, would leave 192 of 256 threads idle on a slice of
-//     64 loads. Here a unit is WEIGHTS / 4 consecutive lanes, one float4 each: the unit's maximum,
-//     its "all finite" flag and its digit sums T_k are shuffles within the group, and each lane
-//     writes its own word of each digit plane, in v4's layout (so V4Step::multiply reads it
-//     unchanged). v4 now stages its whole row the same way.
+//     64 loads. Here a unit is two consecutive lanes: the unit's maximum and its digit sums
+//     T_k are one shuffle each, and each lane writes its own words of each digit plane, in
+//     v4's layout (so V4Step::multiply reads it unchanged). v4 stages its whole row of q4_0 the
+//     same way. (Until 2026-11-30 a unit was WEIGHTS / 4 lanes of one float4 each.)
 //   - Programmatic launch: only the weights' first batch is loaded before grid_dependency_wait.
 //     x (and the SwiGLU gate) is read through L2 (__ldcg), not read-only, so that ptxas keeps
 //     those loads after the wait; the workspace, the counters and y are touched only after it
@@ -1092,7 +1145,9 @@ template <class F, int PRO>
 struct V4SFromX {
     const float* X;
     __device__ __forceinline__ void stage(int K, int first, int CH) const {
-        v4_stage_lanes<F, PRO>(X, K, first * F::WEIGHTS, CH);
+        extern __shared__ uint4 v4_xs[];
+        float4* scratch = reinterpret_cast<float4*>(v4_xs + v4_staged_end<F>(CH));
+        v4_stage_pairs<F, PRO>(X, K, first * F::WEIGHTS, CH, scratch);
     }
 };
 

@@ -115,7 +115,7 @@ __device__ __forceinline__ void block_reduce_rows(float (&v)[R], float* scratch)
 }
 
 // x^2 summed over the four values of a float4, in one order for every kernel that adds up
-// squares for RMSNorm (thread_sum_squares, v4_stage_lanes's units, gemv's late norm,
+// squares for RMSNorm (thread_sum_squares, v4_stage_pairs's units, gemv's late norm,
 // qgemv_mma's spans)
 __device__ __forceinline__ float sum_squares4(float4 v) {
     return (v.x * v.x + v.y * v.y) + (v.z * v.z + v.w * v.w);

@@ -66,7 +66,11 @@ Candidates, measured as bounds on the step they would change, before any is writ
   "no v4 staging": the bound of qgemv_walk's staging alone (x staged whole by every block of
   wqkv, w13 and the classifier at one row). Measured (H200, 2026-11-30, 3 rounds, one row):
   q4_0 1.4962 ms, fewer v4 shuffles 0.99x, no v4 staging 1.15x; int8 2.0624, 1.00x and 1.06x.
-  The staging's cost is not its shuffles (see the copies bound below for the rest).
+  The staging's cost is not its shuffles (see the copies bound below for the rest). That
+  candidate edited the staging of the time (8 lanes a unit), which x's staging in pairs
+  (qgemv.cu's v4_stage_pairs, 1.05x on the q4_0 step) has since replaced; it is no longer
+  among the variants. What the pairs took away was most of the instructions and the chain of
+  dependent shuffles, the lanes' loads kept in the row's order (docs/kernels.md).
 - "v4 copies digits", "mma copies parts": bounds for x staged once per step by the kernel
   before (it would write the digits, or the float16 parts, as it writes x): the product copies
   them from global memory, 16-byte loads all in flight, then stores, with no arithmetic (X's
@@ -241,46 +245,6 @@ SOURCE_BOUNDS["loads after the wait"] = [
      "    grid_launch_dependents();\n"
      "    grid_dependency_wait();\n"
      "    next.fetch(qs, d, row0, N, step_begin, step_end, chunks, nb, t);   // CANDIDATE: after")]
-# A candidate for one row (q4_0: qgemv_v4 and v4s stage x in lanes, V4_LANES): v4_unit_lane's
-# shuffles, 23 a round (the unit's maximum and finiteness, its three digit sums, and with
-# RMSNorm the sum of squares lane by lane), as 12: the maximum of |x|'s bits (inf and NaN order
-# above every finite value, so one maximum says both), T0 and T1 in one word (|T| < 2^15 over
-# a unit: 32 x 128), and the sum of squares by xor (another order than one thread's loop).
-# The SASS of qgemv_v4<V4Q4_0,1,..> has 107 SHFL before its first dp4a.
-SOURCE_BOUNDS["fewer v4 shuffles"] = [
-    ("""    float mx = fmaxf(fmaxf(fabsf(v.x), fabsf(v.y)), fmaxf(fabsf(v.z), fabsf(v.w)));
-    int finite = isfinite(v.x) && isfinite(v.y) && isfinite(v.z) && isfinite(v.w);
-#pragma unroll
-    for (int o = N4 / 2; o > 0; o /= 2) {               // over the unit's lanes
-        mx = fmaxf(mx, __shfl_xor_sync(FULL_MASK, mx, o));
-        finite &= __shfl_xor_sync(FULL_MASK, finite, o);
-    }
-    const int s = v4_shift(mx);""",
-     """    const unsigned int m = 0x7FFFFFFFu;                   // CANDIDATE: |x| as bits
-    unsigned int big = max(max(__float_as_uint(v.x) & m, __float_as_uint(v.y) & m),
-                           max(__float_as_uint(v.z) & m, __float_as_uint(v.w) & m));
-#pragma unroll
-    for (int o = N4 / 2; o > 0; o /= 2) big = max(big, __shfl_xor_sync(FULL_MASK, big, o));
-    const bool finite = big < 0x7F800000u;
-    const float mx = __uint_as_float(big);
-    const int s = v4_shift(mx);"""),
-    ("""#pragma unroll
-    for (int o = N4 / 2; o > 0; o /= 2)
-#pragma unroll
-        for (int k = 0; k < 3; ++k) T[k] += __shfl_xor_sync(FULL_MASK, T[k], o);
-    if (!mine) return;""",
-     """    int t01 = (int)((unsigned int)T[0] + ((unsigned int)T[1] << 16));   // CANDIDATE
-#pragma unroll
-    for (int o = N4 / 2; o > 0; o /= 2) {
-        t01 += __shfl_xor_sync(FULL_MASK, t01, o);
-        T[2] += __shfl_xor_sync(FULL_MASK, T[2], o);
-    }
-    T[0] = (int)((unsigned int)t01 << 16) >> 16;                        // the low half, signed
-    T[1] = (t01 - T[0]) >> 16;
-    if (!mine) return;"""),
-    ("""                for (int q = 0; q < N4; ++q) ss += __shfl_sync(FULL_MASK, sq[r], first_lane + q);""",
-     """                for (int o = N4 / 2; o > 0; o /= 2) sq[r] += __shfl_xor_sync(FULL_MASK, sq[r], o);
-                ss = sq[r];                                        // CANDIDATE: by xor""")]
 # A bound for one row: only qgemv_walk's staging (qgemv_v4 on wqkv, w13 and the classifier,
 # x staged whole by every block) skipped, v4s's and qgemv_mma's kept.
 SOURCE_BOUNDS["no v4 staging"] = SOURCE_BOUNDS["no staging"][:1]
@@ -321,8 +285,7 @@ MMA_COPY = copied_from_x("x's parts, unscale and span_ss",
                          "(F::PARTS * MMA_ROWS * row_words + 2 * MMA_ROWS * (step_end - step_begin)) / 4",
                          "M * K / 4", "mma_xs", "        if (false)\n")
 SOURCE_BOUNDS["v4 copies digits"] = [
-    ("        if (V4_LANES<F>()) {\n            v4_stage_lanes<F, PRO>(X, K, k0, CH, norm_w, inv_rms[0], unit_ss);",
-     V4_COPY + "        if (V4_LANES<F>()) {\n            v4_stage_lanes<F, PRO>(X, K, k0, CH, norm_w, inv_rms[0], unit_ss);")]
+    ("        if (V4_PAIRS<F>()) {\n", V4_COPY + "        if (V4_PAIRS<F>()) {\n")]
 SOURCE_BOUNDS["mma copies parts"] = [
     ("        mma_stage_x<F, PRO>(X, m0, M, K,", MMA_COPY + "        mma_stage_x<F, PRO>(X, m0, M, K,")]
 SOURCE_BOUNDS["dependents after the loop"] = [
@@ -372,7 +335,6 @@ VARIANTS = {"package": contextlib.nullcontext,
             "no staging or combine": lambda: edited_source("no staging or combine"),
             "loads after the wait": lambda: edited_source("loads after the wait"),
             "dependents after the loop": lambda: edited_source("dependents after the loop"),
-            "fewer v4 shuffles": lambda: edited_source("fewer v4 shuffles"),
             "no v4 staging": lambda: edited_source("no v4 staging"),
             "v4 copies digits": lambda: edited_source("v4 copies digits"),
             "mma copies parts": lambda: edited_source("mma copies parts"),

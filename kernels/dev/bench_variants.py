@@ -498,16 +498,15 @@ def run_v4(M_, x, w, y, nr, u, pro=0, norm=None, accumulate=False, smem=V2_SMEM,
     fmt = fmt_of(w)
     N, K = w.shape
     assert x.shape[0] == 1, "qgemv_v4 takes one row of x"
-    unit_bytes = (3 * V4_XU[fmt] + 1) * 16 + (4 if pro == 1 else 0)    # + RMSNorm's sums (_qgemv_v4)
-    step = 32 * WEIGHTS[fmt]
-    fits = K // WEIGHTS[fmt] * unit_bytes <= smem
-    kc = K if fits else max(step, smem // unit_bytes * WEIGHTS[fmt] // step * step)
+    W = WEIGHTS[fmt]                                 # shared memory as _qgemv_v4's
+    scratch = mk.v4_pair_scratch(W) if W == 32 else 0
+    kc = mk._qgemv_chunk(K, 1, fmt, smem - scratch, mk._v4_unit_bytes(W) + 4)
     qs, d, _ = planes(w)
     grid = min(cdiv(N, 8 * nr), (b or 2) * cf.sm_count())
     M_.launch(v4_name(fmt, pro, nr, u, b or 2), (grid,), (256,),
               (x, qs, d, y, np.int32(N), np.int32(K), np.int32(accumulate),
                x if norm is None else norm, np.float32(1e-5), np.int32(kc)),
-              shared_mem=min(kc, K) // WEIGHTS[fmt] * unit_bytes)
+              shared_mem=mk._v4_staged_bytes(W, min(kc, K) // W) + scratch)
     return y
 
 
@@ -562,7 +561,7 @@ def run_v4s(M_, x, w, y, nr, u, ks, pro=0, norm=None, accumulate=False, pre=None
     M_.launch(v4s_name(fmt, pro, nr, u, pre is not None), (tiles, slices), (256,),
               (src, qs, d, y, np.int32(N), np.int32(K), np.int32(accumulate), np.int32(rows),
                np.int32(per), partial, counters),
-              shared_mem=per * (3 * V4_XU[fmt] + 1) * 16)
+              shared_mem=mk._v4_staged_bytes(WEIGHTS[fmt], per) + mk.v4_pair_scratch(WEIGHTS[fmt]))
     return y
 
 
@@ -932,7 +931,7 @@ def check_v4s(M_, ch, rng, fmts):
             ch.add(f"splitk {fmt} [nr{nr} u{u} ks10] second launch bit for bit",
                    0.0 if np.array_equal(first.view(np.uint32), again.view(np.uint32)) else 1.0,
                    0.5)
-            # the digits staged by v4_digits are v4_stage_lanes's, bit for bit, SwiGLU included
+            # the digits staged by v4_digits are v4_stage_pairs's, bit for bit, SwiGLU included
             for pro, xin in ((0, x), (2, h)):
                 plain = run_v4s(M_, cp.asarray(xin), w, cf.poison((1, N)), nr, u, 4, pro=pro).get()
                 pair = run_v4s(M_, cp.asarray(xin), w, cf.poison((1, N)), nr, u, 4, pro=pro,
@@ -1396,7 +1395,7 @@ def check_numpy_v2(rng):
 
 
 def v4_digits(x, weights):
-    """qgemv.cu's v4_stage_lanes in NumPy: x (K,) float32 in units of `weights` values -> the
+    """qgemv.cu's v4_stage_pairs in NumPy: x (K,) float32 in units of `weights` values -> the
     digits (3, K) int64, each unit's T (units, 3) and 2^-s (units,) as float32."""
     units = x.reshape(-1, weights).astype(np.float32)
     mx = np.abs(units).max(axis=1)

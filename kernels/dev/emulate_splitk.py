@@ -1,7 +1,7 @@
 """Replay qgemv_v4s's division of the work and its arithmetic on the CPU (no GPU): the launch plan
 (kernels.qgemv_v4s_plan), each block's slice of k and rows, each warp's tiles and each lane's
 16-byte loads in the order the kernel issues and consumes them (QBatch's prefetch across a tile's
-end), the staging of x by 4-value lanes into v4's shared-memory layout, and the numbers: v4's
+end), the staging of x by pairs of lanes into v4's shared-memory layout, and the numbers: v4's
 digits, the int32 sums, the per-lane float32 accumulation, the slices added in slice order.
 
     python kernels/dev/emulate_splitk.py              # the 7B short matrices and odd sizes
@@ -28,7 +28,6 @@ from minillama import formats        # noqa: E402
 from minillama.cuda import kernels as mk    # noqa: E402  (imports no CuPy)
 
 THREADS, WARPS = 256, 8
-ROUNDS = 4                           # qgemv.cu's V4_ROUNDS
 SMS = 132                            # an H200's SMs, for the plan
 KS = sorted(set(bv.V4S_KS) | {3, 10})   # the slices asked for: the timed ones and check_v4s's
 
@@ -71,38 +70,57 @@ def check_block(seen, N, nr, U, row0, row_end, first, CH):
             assert len(fetched) == len(consumed), "a fetch that is never consumed"
 
 
+def swizzle(g, N4):
+    """qgemv.cu's v4_swizzle: where float4 g of a warp's chunk sits in the scratch."""
+    return g ^ ((g >> 3) & (N4 // 2 - 1))
+
+
 def check_stage(fmt, CH):
-    """v4_stage_lanes's writes for a slice of CH units: (word owner float4 index per word, meta
-    owner unit per uint4), each written once, by the lanes of one warp per unit."""
+    """v4_stage_pairs's writes for a slice of CH units: each word of the digit planes and each
+    unit's (T, 2^-s) written once, by the two lanes of one warp that hold the unit (the shuffles'
+    pair), holding the digits multiply expects there; and its scratch: the swizzle a permutation
+    of each warp's chunk, no two lanes of a quarter-warp in one bank (the 16-byte accesses are
+    served 8 lanes at a time) when the chunk is stored in the row's order or read by the pairs,
+    and the chunk within the bytes the host grants after the staged units."""
     W = bv.WEIGHTS[fmt]
-    N4, XU = W // 4, bv.V4_XU[fmt]
+    N4, XU, HALF = W // 4, bv.V4_XU[fmt], W // 8
+    chunk = 16 * N4                                            # a warp's float4s, 16 units
+    g = np.arange(chunk)
+    assert sorted(swizzle(g, N4)) == list(g), "the swizzle is not a permutation"
+    for j in range(HALF):                                      # stores: lane t, float4 32 j + t
+        slots = swizzle(32 * j + np.arange(32), N4).reshape(4, 8)
+        assert all(len(set(q % 8)) == 8 for q in slots), "a bank conflict storing"
+    lanes = np.arange(32)
+    for j in range(HALF):                                      # reads: lane 2c + h, its float4 j
+        slots = swizzle((lanes // 2) * N4 + (lanes % 2) * HALF + j, N4).reshape(4, 8)
+        assert all(len(set(q % 8)) == 8 for q in slots), "a bank conflict reading"
     words = np.full((3 * XU * CH + CH) * 4, -1, np.int64)     # which float4 of x wrote it
     meta = np.full(CH, -1, np.int64)
     n4 = CH * N4
-    for base in range(0, n4, ROUNDS * THREADS):
-        for r in range(ROUNDS):
-            if base + r * THREADS >= n4:
-                continue
-            t = np.arange(THREADS)
-            i = base + r * THREADS + t
-            mine = i < n4
-            c, q = i // N4, i % N4
-            # a unit's N4 lanes are consecutive threads of one warp (the shuffles' group)
-            first_lane = t - q
-            assert ((first_lane // 32) == (t // 32)).all() and (first_lane % N4 == 0).all()
+    for base in range(0, 2 * CH, THREADS):
+        t = np.arange(THREADS)
+        c, h = base // 2 + t // 2, t % 2                      # unit c, half h: lanes 2c', 2c' + 1
+        assert ((t - h) // 32 == t // 32).all()               # the pair in one warp
+        mine = c < CH
+        for j in range(HALF):
+            q = h * HALF + j
             for k in range(3):
                 at = ((k * XU + q // 4) * CH + c) * 4 + q % 4
                 assert (words[at[mine]] == -1).all(), "a word written twice"
-                words[at[mine]] = i[mine] + k * n4
-            lead = mine & (q == 0)
-            assert (meta[c[lead]] == -1).all()
-            meta[c[lead]] = c[lead]
+                words[at[mine]] = c[mine] * N4 + q[mine] + k * n4
+        lead = mine & (h == 0)
+        assert (meta[c[lead]] == -1).all()
+        meta[c[lead]] = c[lead]
     assert (words[:3 * XU * CH * 4] >= 0).all() and (meta >= 0).all(), "a word never written"
     # what multiply reads: plane k XU + u, word w of unit c = digit k of values 16 u + 4 w ..
     k, u, c, w = np.meshgrid(range(3), range(XU), range(CH), range(4), indexing="ij")
     at = ((k * XU + u) * CH + c) * 4 + w
     assert (words[at] == k * n4 + c * N4 + 4 * u + w).all()
-    return (3 * XU + 1) * CH * 16                              # bytes used
+    staged = (3 * XU + 1) * CH * 16 + 16 * cdiv(CH, 4)        # qgemv.cu's v4_staged_end
+    assert staged == mk._v4_staged_bytes(W, CH)
+    scratch = WARPS * chunk * 20                               # float4s and a float each
+    assert scratch == mk.v4_pair_scratch(W)
+    return staged + scratch                                    # bytes used
 
 
 def product(fmt, codes, scales, x, plan, U):

@@ -670,7 +670,7 @@ __device__ void i8_stage_unit(const float* __restrict__ X, int m, int M, int K, 
 #pragma unroll
     for (int q = 0; q < 8; ++q) {                  // 4 values a word, one (lane, half) each
         unsigned int word[3];
-        v4_digit_words(make_float4(v[4 * q], v[4 * q + 1], v[4 * q + 2], v[4 * q + 3]), finite,
+        v4_digit_words(make_float4(v[4 * q], v[4 * q + 1], v[4 * q + 2], v[4 * q + 3]),
                        up, word, T);
 #pragma unroll
         for (int k = 0; k < 3; ++k) w[k][F::lane_of(4 * q)][F::half_of(4 * q)] = word[k];
@@ -826,11 +826,46 @@ qgemv_i8(const float* __restrict__ X, const unsigned char* __restrict__ qs,
 // once per step instead of by every block. v4_digits<F, PRO> turns one row of x (after the
 // prologue) into v4's units for the whole row, in global memory: digit planes of
 // L = K / WEIGHTS uint4s, then L (T, 2^-s); one float4 a thread, v4_unit_lane's arithmetic
-// (the same bits as v4_stage_lanes's). qgemv_v4s_pre then copies its slice's units into shared
+// (the same digits as v4_stage_pairs's). qgemv_v4s_pre then copies its slice's units into shared
 // memory (plain 16-byte copies through L2, no arithmetic) instead of staging them: the
 // package's v4s_walk with the source V4SFromDigits. Launched as a pair here it costs a launch
 // more; the figure it is for is the GEMV alone, what it would take if the kernel before it (the
 // attention's output for wo, w13's SwiGLU for w2) wrote the digits as it writes x.
+
+// (qgemv.cu's staging until 2026-11-30, v4_stage_lanes's: kept for v4_digits, below.)
+// Lane q of a unit's N4 = WEIGHTS / 4 lanes: its 4 values v of unit c (the unit's arithmetic on
+// them, the unit's maximum, finiteness and digit sums by shuffles within the group), written
+// as word q of each digit plane and, by lane 0, the unit's (T, 2^-s). Every lane of the warp
+// calls it (the shuffles); `mine` false: zeros, nothing written.
+template <class F>
+__device__ __forceinline__ void v4_unit_lane(float4 v, bool mine, int c, int q, int CH,
+                                              uint4* xs) {
+    constexpr int N4 = F::WEIGHTS / 4;
+    float mx = fmaxf(fmaxf(fabsf(v.x), fabsf(v.y)), fmaxf(fabsf(v.z), fabsf(v.w)));
+    int finite = isfinite(v.x) && isfinite(v.y) && isfinite(v.z) && isfinite(v.w);
+#pragma unroll
+    for (int o = N4 / 2; o > 0; o /= 2) {               // over the unit's lanes
+        mx = fmaxf(mx, __shfl_xor_sync(FULL_MASK, mx, o));
+        finite &= __shfl_xor_sync(FULL_MASK, finite, o);
+    }
+    const int s = v4_shift(mx);
+    unsigned int w[3];
+    int T[3] = {0, 0, 0};
+    v4_digit_words(v, pow2(s), w, T);
+#pragma unroll
+    for (int o = N4 / 2; o > 0; o /= 2)
+#pragma unroll
+        for (int k = 0; k < 3; ++k) T[k] += __shfl_xor_sync(FULL_MASK, T[k], o);
+    if (!mine) return;
+    unsigned int* words = reinterpret_cast<unsigned int*>(xs);
+#pragma unroll
+    for (int k = 0; k < 3; ++k)                         // plane k XU + q / 4, word q % 4
+        words[((k * F::XU + q / 4) * CH + c) * 4 + q % 4] = w[k];
+    const float scale = v4_unscale(s, finite);
+    if (q == 0) xs[3 * F::XU * CH + c] = make_uint4(T[0], T[1], T[2], __float_as_uint(scale));
+}
+
+#define V4_ROUNDS 4                     // v4s_copy's uint4s a thread in flight
 
 // The slice's units copied from digits staged for the whole row: planes of L = K / WEIGHTS
 // uint4s, the slice's CH of each at `first`.

@@ -833,14 +833,32 @@ def _qgemv_v4(x, planes, y, fmt, prologue, accumulate, norm, eps, smem=QGEMV_SME
     (QGEMV_V4: its launch bounds)."""
     (_, N), K = y.shape, x.shape[1] // (2 if prologue == GEMV_PROLOGUES["swiglu"] else 1)
     weights, (nr, _, blocks) = QGEMV_WEIGHTS[fmt], QGEMV_V4[fmt]
-    unit_bytes = (3 * weights // 16 + 1) * 16     # 3 planes of digits per 16 values, (T, 2^-s)
-    unit_bytes += 4 if prologue == GEMV_PROLOGUES["rmsnorm"] else 0
-    kc = _qgemv_chunk(K, 1, fmt, smem, unit_bytes)
+    pairs = weights == 32                         # q4_0: v4_stage_pairs (qgemv.cu's V4_PAIRS)
+    scratch = v4_pair_scratch(weights) if pairs else 0
+    kc = _qgemv_chunk(K, 1, fmt, smem - scratch, _v4_unit_bytes(weights) + 4)
     KERNELS.launch(_qgemv_v4_name(fmt, prologue), (min(cdiv(N, 8 * nr), blocks * sm_count()),),
                    (256,),
                    (x, planes[0], planes[1], y, i32(N), i32(K), i32(bool(accumulate)),
                     x if norm is None else norm, np.float32(eps), i32(kc)),
-                   shared_mem=min(kc, K) // weights * unit_bytes)
+                   shared_mem=_v4_staged_bytes(weights, min(kc, K) // weights) + scratch)
+
+
+def _v4_unit_bytes(weights):
+    """Shared memory a unit of v4's staged x takes: 3 planes of digits per 16 values, then the
+    unit's (T, 2^-s)."""
+    return (3 * weights // 16 + 1) * 16
+
+
+def _v4_staged_bytes(weights, units):
+    """Shared memory of `units` staged units and their sums of squares (a float each, in whole
+    16 bytes): qgemv.cu's v4_staged_end."""
+    return units * _v4_unit_bytes(weights) + 16 * cdiv(units, 4)
+
+
+def v4_pair_scratch(weights, warps=8):
+    """Bytes of v4_stage_pairs's scratch (qgemv.cu): each warp's 16 units, after the prologue,
+    as float4s and a float of x^2 each."""
+    return warps * 16 * (weights // 4) * 20
 
 
 def qgemv_v4s_wins(M, N, K, fmt, prologue, sms=None):
@@ -892,11 +910,10 @@ def _qgemv_v4s(x, planes, y, fmt, prologue, accumulate):
     weights, (nr, _, ks) = QGEMV_WEIGHTS[fmt], QGEMV_V4S[fmt]
     slices, per, rows, tiles = qgemv_v4s_plan(N, K, fmt, nr, ks)
     partial, counters = _split_workspace(slices * N, tiles)
-    unit_bytes = (3 * weights // 16 + 1) * 16     # as _qgemv_v4's
     KERNELS.launch(_qgemv_v4s_name(fmt, prologue), (tiles, slices), (256,),
                    (x, planes[0], planes[1], y, i32(N), i32(K), i32(bool(accumulate)),
                     i32(rows), i32(per), partial, counters),
-                   shared_mem=per * unit_bytes)
+                   shared_mem=_v4_staged_bytes(weights, per) + v4_pair_scratch(weights))
 
 
 def to_16bit(x, bf16=False, out=None):
