@@ -43,11 +43,14 @@
 //     t holds positions 8t .. 8t+7, mma m its 4m .. 4m+3).
 //     span: what a quad loads in one step, 4 chunks: 4 units (q4_0), 2 (q8_0), 1 (f16, bf16).
 //
-// Layout of the work. A block of 8 warps owns 16 NR weight rows per warp (a tile of 128 NR
-// rows) and one slice of k: the grid is tiles x ks, so that a matrix of few rows still gives
-// every SM work. The block stages its slice of x (after the prologue) as B fragments, then each
-// warp streams its rows' chunks with U steps of loads in flight, transposes, unpacks and runs
-// the mma's. With ks > 1 the slices' partial sums go to a scratch buffer, and the last block of
+// Layout of the work. A block of W warps (16: kernels.MMA_WARPS) owns 16 NR weight rows per
+// warp (a tile of 16 W NR rows) and one slice of k: the grid is tiles x ks, so that a matrix of
+// few rows still gives every SM work. The block stages its slice of x (after the prologue) as
+// B fragments, then each warp streams its rows' chunks with U steps of loads in flight,
+// transposes, unpacks and runs the mma's. x is staged once per block, so the more warps share
+// it the less staging there is: 16 warps, one block an SM, stage half of what two blocks of 8
+// did, each thread half as much (the 7B batch-8 step 1.03x in q4_0, 1.02x in int8, the same
+// bits; H200, 2026-11-30). With ks > 1 the slices' partial sums go to a scratch buffer, and the last block of
 // a tile to finish (a counter per tile, reset by that block) adds them in slice order: the
 // result does not depend on which block finishes first.
 //
@@ -323,7 +326,7 @@ __device__ void mma_stage_x(const float* __restrict__ X, int m0, int M, int K, i
 }
 
 // After the loop (the staging's barrier between): row r's sum of squares over the slice, warp
-// r adding its spans' in a fixed order (lanes, then warp_sum), in every lane.
+// r (< MMA_ROWS) adding its spans' in a fixed order (lanes, then warp_sum), in every lane.
 __device__ __forceinline__ float mma_row_ss(const float* span_ss, int spans) {
     const int r = threadIdx.x / 32;
     float s = 0.0f;
@@ -370,7 +373,8 @@ struct MmaLoads {
 
 // ---------------------------------------------------------------------------------------------
 // The last block of a tile adds the ks slices, in slice order (reduce.cu), 8 rows of x at a
-// time. A thread's outputs i = threadIdx.x + 256 j (at most 4 NR of them) are summed
+// time. A thread's outputs i = threadIdx.x + 32 W j (4 NR of them: a tile's 16 W NR rows
+// times 8 rows of x, over its 32 W threads) are summed
 // slice-major, eight slices' loads of all of them in flight at once, where an output at a time
 // waits for L2 once per output. In the same trips come what the sums are finished with: y's
 // values (with accumulate), and with RMSNorm each row's sums of squares of the slices, which
@@ -378,13 +382,13 @@ struct MmaLoads {
 // whose outputs are in that row: the block waits for L2 once after its count, where y's read
 // after the sums and the norm's before them took a trip each (docs/kernels.md, "The split's
 // sums"), and no barrier (one warp's rows through shared memory took two).
-template <int NR, int PRO>
+template <int NR, int PRO, int W>
 __device__ __forceinline__ void mma_combine(const float* __restrict__ partial,
                                             const float* __restrict__ sums,
                                             float* __restrict__ Y, int M, int N, int K, int ks,
                                             int tile, int accumulate, float eps) {
-    constexpr int PER = MMA_ROWS * 128 * NR / 256;
-    const int rows = min(128 * NR, N - tile * 128 * NR), n0 = tile * 128 * NR;
+    constexpr int TR = 16 * W * NR, THREADS = 32 * W, PER = MMA_ROWS * TR / THREADS;
+    const int rows = min(TR, N - tile * TR), n0 = tile * TR;
     for (int m0 = 0; m0 < M; m0 += MMA_ROWS) {
         const int mr = min(MMA_ROWS, M - m0), live = mr * rows;
         const int lane = threadIdx.x % 32;
@@ -394,8 +398,8 @@ __device__ __forceinline__ void mma_combine(const float* __restrict__ partial,
         float v[PER], y[PER];
 #pragma unroll
         for (int j = 0; j < PER; ++j) {
-            const int i = threadIdx.x + 256 * j;
-            r[j] = rows == 128 * NR ? i / (128 * NR) : i / rows;   // a shift for a whole tile
+            const int i = threadIdx.x + THREADS * j;
+            r[j] = rows == TR ? i / TR : i / rows;          // a shift for a whole tile
             at[j] = i < live ? (size_t)(m0 + r[j]) * N + n0 + i - r[j] * rows : 0;
             y[j] = accumulate && i < live ? Y[at[j]] : 0.0f;
             v[j] = 0.0f;
@@ -405,7 +409,7 @@ __device__ __forceinline__ void mma_combine(const float* __restrict__ partial,
         for (int s = 0; s < ks; ++s) {
 #pragma unroll
             for (int j = 0; j < PER; ++j)
-                if (threadIdx.x + 256 * j < live)
+                if (threadIdx.x + THREADS * j < live)
                     v[j] += __ldcg(partial + (size_t)s * M * N + at[j]);
             if (norms) ss += __ldcg(sums + ((size_t)tile * ks + s) * M + m0 + lane);
         }
@@ -413,23 +417,24 @@ __device__ __forceinline__ void mma_combine(const float* __restrict__ partial,
 #pragma unroll
         for (int j = 0; j < PER; ++j) {
             const float scale = PRO == GEMV_RMSNORM ? __shfl_sync(FULL_MASK, inv_rms, r[j]) : 1.0f;
-            if (threadIdx.x + 256 * j >= live) continue;
+            if (threadIdx.x + THREADS * j >= live) continue;
             const float out = PRO == GEMV_RMSNORM ? v[j] * scale : v[j];
             Y[at[j]] = accumulate ? y[j] + out : out;
         }
     }
 }
 
-// Grid (tiles, ks); block 256 threads. Tile `blockIdx.x`: rows 128 NR tile .. + 128 NR - 1;
+// Grid (tiles, ks); block 32 W threads (W warps: kernels.MMA_WARPS). Tile `blockIdx.x`: rows
+// 16 W NR tile .. + 16 W NR - 1;
 // slice `blockIdx.y` of the k spans. Dynamic shared memory: F::PARTS * 8 * ROWW words of x's
 // parts, then spans * 8 floats of unscale and as many of span_ss (mma_stage_x).
 // scratch: ks * M * N floats of partial sums, then tiles * ks * M sums of squares;
 // counters: tiles ints, zero before the launch and zero after it.
 // U: steps of loads in flight, 64 bytes a lane each (kernels.MMA_U, per format and NR);
 // B: blocks an SM, the launch bounds' (kernels.MMA_BLOCKS_PER_SM, which qgemv_mma_plan's waves
-// count), so the registers a thread may take (B 2: 128).
-template <class F, int NR, int PRO, int U, int B>
-__global__ void __launch_bounds__(256, B)
+// count), so the registers a thread may take (B W = 16: 128).
+template <class F, int NR, int PRO, int U, int B, int W>
+__global__ void __launch_bounds__(32 * W, B)
 qgemv_mma(const float* __restrict__ X, const uint4* __restrict__ qs,
           const unsigned short* __restrict__ d, float* __restrict__ Y, int M, int N, int K,
           int accumulate, const float* __restrict__ norm_w, float eps, float* __restrict__ scratch,
@@ -443,7 +448,7 @@ qgemv_mma(const float* __restrict__ X, const uint4* __restrict__ qs,
     const int spans = (K + SPAN - 1) / SPAN, per_slice = (spans + ks - 1) / ks;
     const int step_begin = slice * per_slice, step_end = min(spans, step_begin + per_slice);
     const int units = (step_end - step_begin) * F::UNITS, row_words = mma_row_words(units);
-    const int row0 = tile * 128 * NR + warp * 16 * NR;        // the warp's first weight row
+    const int row0 = (tile * W + warp) * 16 * NR;             // the warp's first weight row
     float* partial = scratch;                                   // (ks, M, N)
     float* sums = scratch + (size_t)ks * M * N;                 // (tiles, ks, M)
     float* unscale = reinterpret_cast<float*>(mma_xs + F::PARTS * MMA_ROWS * row_words);
@@ -539,9 +544,12 @@ qgemv_mma(const float* __restrict__ X, const uint4* __restrict__ qs,
         }
 
         if (PRO == GEMV_RMSNORM) {              // the rows' sums of squares: warp r, row m0 + r
-            const float ss = mma_row_ss(span_ss, step_end - step_begin);
-            if (lane == 0 && ks == 1) mma_ss[warp] = ss;
-            if (lane == 0 && ks > 1 && m0 + warp < M) sums[((size_t)tile * ks + slice) * M + m0 + warp] = ss;
+            if (warp < MMA_ROWS) {
+                const float ss = mma_row_ss(span_ss, step_end - step_begin);
+                if (lane == 0 && ks == 1) mma_ss[warp] = ss;
+                if (lane == 0 && ks > 1 && m0 + warp < M)
+                    sums[((size_t)tile * ks + slice) * M + m0 + warp] = ss;
+            }
             if (ks == 1) __syncthreads();
         }
 
@@ -563,5 +571,5 @@ qgemv_mma(const float* __restrict__ X, const uint4* __restrict__ qs,
     }
     // The last block of this tile adds the ks slices (mma_combine, above).
     if (ks == 1 || !split_last_block(counters + tile, ks)) return;
-    mma_combine<NR, PRO>(partial, sums, Y, M, N, K, ks, tile, accumulate, eps);
+    mma_combine<NR, PRO, W>(partial, sums, Y, M, N, K, ks, tile, accumulate, eps);
 }

@@ -357,12 +357,12 @@ def test_qgemv_v4s_passes_nan_and_inf_of_x_on(cuda, cp, monkeypatch, fmt):
 
 @pytest.mark.parametrize("fmt", ["q4_0", "q8_0", "f16", "bf16"])
 def test_qgemv_mma_plan_keeps_each_slice_in_shared_memory_and_none_empty(fmt):
-    from minillama.cuda.kernels import (MMA_BLOCKS_PER_SM, MMA_MAX_SLICE, MMA_NR, MMA_SPAN, cdiv,
-                                        qgemv_mma_plan)
-    span, slots = MMA_SPAN[fmt], MMA_BLOCKS_PER_SM * 132
+    from minillama.cuda.kernels import (MMA_BLOCKS_PER_SM, MMA_MAX_SLICE, MMA_NR, MMA_SPAN,
+                                        MMA_WARPS, cdiv, qgemv_mma_plan)
+    span, slots, tile = MMA_SPAN[fmt], MMA_BLOCKS_PER_SM * 132, 16 * MMA_WARPS
 
     def waves_work(N, K, nr, ks, per_slice):
-        return cdiv(cdiv(N, 128 * nr) * ks, slots) * per_slice * nr
+        return cdiv(cdiv(N, tile * nr) * ks, slots) * per_slice * nr
     for N, K in [(12288, 4096), (4096, 4096), (22016, 4096), (4096, 11008), (32000, 4096),
                  (33, span), (1000, 11040), (70000, 333)]:
         nr, ks, per_slice = qgemv_mma_plan(N, K, fmt, sms=132)
@@ -374,35 +374,38 @@ def test_qgemv_mma_plan_keeps_each_slice_in_shared_memory_and_none_empty(fmt):
             for other_ks in range(1, 40):
                 o = qgemv_mma_plan(N, K, fmt, sms=132, nr=other_nr, ks=other_ks)
                 assert waves_work(N, K, *o) >= waves_work(N, K, nr, ks, per_slice) or \
-                    o[1] > max(cdiv(spans * span, MMA_MAX_SLICE), slots // cdiv(N, 128 * o[0]))
-    # the 7B matrices at 8 rows: wqkv and w13 in one wave of two 128-row tiles a block (the rule
-    # before left them at 288 and 344 blocks, 1.1 and 1.3 waves of 264)
+                    o[1] > max(cdiv(spans * span, MMA_MAX_SLICE), slots // cdiv(N, tile * o[0]))
+    # the 7B matrices at 8 rows: wqkv and w13 in one wave of two 256-row tiles a block (the rule
+    # of 2026-11-29 left them at 288 and 344 blocks of 8 warps, 1.1 and 1.3 waves of 264)
     assert qgemv_mma_plan(12288, 4096, "q4_0", sms=132) == (2, 5, 7)
     assert qgemv_mma_plan(22016, 4096, "q4_0", sms=132) == (2, 3, 11)
     assert qgemv_mma_plan(4096, 11008, "q4_0", sms=132) == (1, 8, 11)
-    # then the fewest blocks: the classifier's 250 tiles of 128 rows x 2 slices cost what 125
-    # of 256 rows x 2 do (two waves of 16 spans against one of 16 x 2), in half the blocks
+    # then the fewest blocks: the classifier's 125 tiles of 256 rows x 2 slices cost what 63
+    # of 512 rows x 2 do (two waves of 16 spans against one of 16 x 2), in half the blocks
     assert qgemv_mma_plan(32000, 4096, "q4_0", sms=132) == (2, 2, 16)
     assert qgemv_mma_plan(12288, 4096, "q4_0", sms=132, nr=1, ks=3) == (1, 3, 11)
     assert qgemv_mma_plan(100, 4096, "q4_0", sms=132, ks=1) == (1, 2, 16)  # x's slice must fit
 
 
 def test_launch_rules_follow_the_blocks_an_sm_set_when_called(monkeypatch):
-    """qgemv_mma_plan's waves follow MMA_BLOCKS_PER_SM and qgemv_v4s_wins' wave QGEMV_V4's B as
-    they are when called (the plan's cache is keyed by the slots, not frozen at the first
-    call), and the instance names follow them too: what kernels/dev/ab_mma_plan.py and
-    ab_v4_blocks.py set to compare three blocks an SM with two (no GPU)."""
+    """qgemv_mma_plan's waves follow MMA_BLOCKS_PER_SM and MMA_WARPS (its tiles' height) and
+    qgemv_v4s_wins' wave QGEMV_V4's B as they are when called (the plan's cache is keyed by the
+    slots and tile height, not frozen at the first call), and the instance names follow them
+    too: what kernels/dev/ab_mma_plan.py and ab_v4_blocks.py set to compare three blocks an SM
+    of 8 warps with the package's (no GPU)."""
     k = pytest.importorskip("minillama.cuda.kernels")
-    assert k.qgemv_mma_plan(12288, 4096, "q4_0", sms=132) == (2, 5, 7)     # 240 of 264 slots
+    assert k.qgemv_mma_plan(12288, 4096, "q4_0", sms=132) == (2, 5, 7)     # 120 of 132 slots
     monkeypatch.setattr(k, "MMA_BLOCKS_PER_SM", 3)
+    monkeypatch.setattr(k, "MMA_WARPS", 8)
     monkeypatch.setattr(k, "MMA_U", {fmt: {1: 2, 2: 1} for fmt in k.MMA_FORMATS})
     nr, ks, per_slice = k.qgemv_mma_plan(12288, 4096, "q4_0", sms=132)
     assert 2 * 132 < k.cdiv(12288, 128 * nr) * ks <= 3 * 132 and per_slice * nr < 7 * 2
-    assert k._qgemv_mma_name("q4_0", 2, 1) == "qgemv_mma<MmaQ4_0,2,1,1,3>"
+    assert k._qgemv_mma_name("q4_0", 2, 1) == "qgemv_mma<MmaQ4_0,2,1,1,3,8>"
     monkeypatch.undo()
-    assert k.qgemv_mma_plan(12288, 4096, "q4_0", sms=132) == (2, 5, 7)
-    assert k._qgemv_mma_name("q4_0", 2, 1) == "qgemv_mma<MmaQ4_0,2,1,1,2>"
-    assert k._qgemv_mma_name("q8_0", 1, 0) == "qgemv_mma<MmaQ8_0,1,0,2,2>"
+    nr, ks, per_slice = k.qgemv_mma_plan(12288, 4096, "q4_0", sms=132)
+    assert (nr, ks, per_slice) == (2, 5, 7) and k.cdiv(12288, 256 * nr) * ks <= 132
+    assert k._qgemv_mma_name("q4_0", 2, 1) == "qgemv_mma<MmaQ4_0,2,1,1,1,16>"
+    assert k._qgemv_mma_name("q8_0", 1, 0) == "qgemv_mma<MmaQ8_0,1,0,2,1,16>"
     plain = k.GEMV_PROLOGUES[None]
     for fmt in V4_FORMATS:
         nr = k.QGEMV_V4[fmt][0]

@@ -9,7 +9,10 @@ the plan's waves, half the loads in flight), on a Llama-2-7B-shaped model's batc
 (ab_step.py: the step's graph captured per variant, logits checked, replays in interleaved
 rounds). On an H200 (2026-11-30, --rounds 7, ms) the rule won: q4_0 4.2395, before 4.9271,
 NR 1 only 4.7312, B3 4.5346; int8 4.9114, 5.6818, 5.4419, 5.4466 (docs/benchmarks.md,
-fourteenth run).
+fourteenth run). Those blocks had 8 warps, two an SM; the package's have 16, one an SM
+(MMA_WARPS: tiles twice as tall, x staged by half as many blocks). "8 warps" is the block
+before: on an H200 (2026-11-30, 5 rounds, ms) q4_0 2.6254 -> 2.5385 with 16 (1.03x), int8
+3.4007 -> 3.3452 (1.02x), the logits bit for bit the same (docs/benchmarks.md, twenty-third run).
 """
 import contextlib
 import sys
@@ -28,7 +31,7 @@ def plan_before(N, K, fmt, sms=None, nr=None, ks=None):
     alone fill the SMs."""
     sms = sms or kernels.sm_count()
     nr = nr or (2 if cdiv(N, 256) >= sms else 1)
-    tiles, spans = cdiv(N, 128 * nr), cdiv(K, MMA_SPAN[fmt])
+    tiles, spans = cdiv(N, 16 * kernels.MMA_WARPS * nr), cdiv(K, MMA_SPAN[fmt])
     ks = max(int(ks or round(2 * sms / tiles)), cdiv(spans * MMA_SPAN[fmt], MMA_MAX_SLICE), 1)
     per_slice = cdiv(spans, min(ks, spans))
     return nr, cdiv(spans, per_slice), per_slice
@@ -40,10 +43,12 @@ def nr1_only(N, K, fmt, sms=None, nr=None, ks=None):
 
 
 PLANS = {"rule": RULE, "before": plan_before, "nr1 only": nr1_only}
-# qgemv_mma at three blocks an SM: the launch bounds' B and the plan's waves, with half the loads
+# qgemv_mma at three blocks of 8 warps an SM: the launch bounds' B and the plan's waves, half the loads
 # in flight (at these U the q8_0 and q4_0 instances spill 0 to 32 bytes a thread, at the
 # package's U of the time, 4 / 2, 108 to 232: ptxas -v's spill stores)
-B3 = {"MMA_BLOCKS_PER_SM": 3, "MMA_U": {fmt: {1: 2, 2: 1} for fmt in kernels.MMA_FORMATS}}
+B3 = {"MMA_BLOCKS_PER_SM": 3, "MMA_WARPS": 8,
+      "MMA_U": {fmt: {1: 2, 2: 1} for fmt in kernels.MMA_FORMATS}}
+W8 = {"MMA_BLOCKS_PER_SM": 2, "MMA_WARPS": 8}     # the block until 2026-11-30
 
 
 @contextlib.contextmanager
@@ -67,9 +72,11 @@ def main():
     dtypes, rounds = arguments(__doc__)
     cp = require_cupy()
     register(B3)
+    register(W8)
     variants = {label: lambda plan=plan: patched(kernels, "qgemv_mma_plan", plan)
                 for label, plan in PLANS.items()}
     variants["3 blocks an SM, U halved"] = lambda: settings(B3)
+    variants["8 warps, 2 blocks an SM"] = lambda: settings(W8)
     for dtype in dtypes:
         ab_steps(cp, "7B", dtype, [8], variants, rounds)
 

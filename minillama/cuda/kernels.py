@@ -121,15 +121,19 @@ SMEM_PER_SM = 228 * 1024           # an H100/H200 SM's shared memory (1 KiB of i
 GEMM_V5_FORMATS = {"f16": 0, "bf16": 1, "q8_0": 2, "q4_0": 3, "q4_1": 4}
 GEMM_V5_CONFIGS = {"128x128x4": (128, 128, 4)}
 GEMM_V5_DEFAULT = "128x128x4"
-# qgemv_mma<Fmt, NR, PRO, U, B> (qgemv_mma.cu): batches on the tensor cores, x in 16-bit parts
-# (so the 1e-5 bound of the float32 GEMV holds). Tiles of 128 NR weight rows; k split into
+# qgemv_mma<Fmt, NR, PRO, U, B, W> (qgemv_mma.cu): batches on the tensor cores, x in 16-bit
+# parts (so the 1e-5 bound of the float32 GEMV holds). Blocks of W = MMA_WARPS warps, tiles of
+# 16 W NR weight rows; k split into
 # slices, a slice at most MMA_MAX_SLICE positions (its x, 2 or 3 parts of 8 rows, sits in shared
 # memory: 64 or 96 KiB at 2048 positions); NR and the slices by qgemv_mma_plan, in waves of
 # MMA_BLOCKS_PER_SM blocks an SM (B, its launch bounds); MMA_U[fmt][NR] steps of loads in
 # flight. At B 3 the q8_0 and q4_0 instances spill 108 to 232 bytes a thread at U 4 / 2 (NR 1 /
 # 2), 0 to 32 at 2 / 1 (f16, bf16: 20 to 132, none; ptxas -v, NVRTC 13.0 sm_90), and bf16's 96
 # KiB slices fit only two blocks an SM. Measured at 2 / 1, B 3 lost: the 7B batch-8 step 0.93x
-# (q4_0) and 0.90x (q8_0) as fast (H200, 2026-11-30, kernels/dev/ab_mma_plan.py), so B stays 2.
+# (q4_0) and 0.90x (q8_0) as fast (H200, 2026-11-30, kernels/dev/ab_mma_plan.py), so B stayed 2
+# with 8 warps a block. Since, one block of 16 warps an SM (the same warps, registers and plans
+# with tiles twice as tall, so x staged by half as many blocks): 1.03x (q4_0) and 1.02x (q8_0)
+# on the 7B batch-8 step, the same bits (H200, 2026-11-30, MMA_WARPS).
 # U was 4 / 2 for every format until the loads fetched whole 128-byte lines (qgemv.cu's
 # q_load16<128>); since, fewer steps in flight measured faster for the block formats, on the 7B
 # step at 4, 8 and 16 rows: q4_0 at 1 / 1 1.05x, 1.04x, 1.03x, q8_0 at 2 / 2 1.03x, 1.04x, 1.04x;
@@ -138,7 +142,8 @@ GEMM_V5_DEFAULT = "128x128x4"
 MMA_FORMATS = {"f16": "MmaF16", "bf16": "MmaBF16", "q8_0": "MmaQ8_0", "q4_0": "MmaQ4_0"}
 MMA_SPAN = {"f16": 32, "bf16": 32, "q8_0": 64, "q4_0": 128}     # positions of k per step
 MMA_NR = (1, 2)
-MMA_BLOCKS_PER_SM = 2
+MMA_BLOCKS_PER_SM = 1
+MMA_WARPS = 16                  # warps a block: a tile of 16 MMA_WARPS NR weight rows
 MMA_U = {"f16": {1: 4, 2: 2}, "bf16": {1: 4, 2: 2}, "q8_0": {1: 2, 2: 2}, "q4_0": {1: 1, 2: 1}}
 MMA_MAX_SLICE = 2048
 # rows of x from which qgemv's rule takes qgemv_mma: at 2 rows qgemv v1 was faster in every
@@ -249,9 +254,10 @@ def _qgemv_v4_name(fmt, pro):
 
 
 def _qgemv_mma_name(fmt, nr, pro):
-    """qgemv_mma's instance: its traits ("MmaQ4_0"), NR, the prologue, MMA_U[fmt][NR] and
-    MMA_BLOCKS_PER_SM."""
-    return f"qgemv_mma<{MMA_FORMATS[fmt]},{nr},{pro},{MMA_U[fmt][nr]},{MMA_BLOCKS_PER_SM}>"
+    """qgemv_mma's instance: its traits ("MmaQ4_0"), NR, the prologue, MMA_U[fmt][NR],
+    MMA_BLOCKS_PER_SM and MMA_WARPS."""
+    return (f"qgemv_mma<{MMA_FORMATS[fmt]},{nr},{pro},{MMA_U[fmt][nr]},{MMA_BLOCKS_PER_SM},"
+            f"{MMA_WARPS}>")
 
 
 def _qgemv_v4s_name(fmt, pro):
@@ -740,13 +746,13 @@ def qgemv_mma(x, w, out=None, accumulate=False, norm=None, eps=1e-5, swiglu=Fals
         raise DeviceError(f"qgemv_mma: nr must be one of {MMA_NR}, got {nr!r}")
     span = MMA_SPAN[w.format]
     nr, ks, per_slice = qgemv_mma_plan(N, K, w.format, nr=nr, ks=ks)
-    tiles = cdiv(N, 128 * nr)
+    tiles = cdiv(N, 16 * MMA_WARPS * nr)
     units = per_slice * span // 32
     parts = 3 if w.format == "bf16" else 2                 # x's bfloat16 or float16 parts
     smem = parts * 8 * 4 * (16 * units + (0 if units % 2 else 16)) + 2 * 8 * 4 * per_slice
     scratch, counters = _split_workspace(ks * M * N + tiles * ks * M, tiles)
     prologue = GEMV_PROLOGUES["rmsnorm" if norm is not None else "swiglu" if swiglu else None]
-    KERNELS.launch(_qgemv_mma_name(w.format, nr, prologue), (tiles, ks), (256,),
+    KERNELS.launch(_qgemv_mma_name(w.format, nr, prologue), (tiles, ks), (32 * MMA_WARPS,),
                    (x, qs, d, y, i32(M), i32(N), i32(K), i32(bool(accumulate)),
                     x if norm is None else norm, np.float32(eps), scratch, counters),
                    shared_mem=smem)
@@ -755,7 +761,7 @@ def qgemv_mma(x, w, out=None, accumulate=False, norm=None, eps=1e-5, swiglu=Fals
 
 def qgemv_mma_plan(N, K, fmt, sms=None, nr=None, ks=None):
     """qgemv_mma's launch for W (N, K) in `fmt`: (NR, slices of k, spans of k a slice). Of every
-    NR (128-row tiles a block) and every count of slices from the fewest that keep a slice's x
+    NR (tiles of 16 MMA_WARPS NR rows a block) and every count of slices from the fewest that keep a slice's x
     within MMA_MAX_SLICE positions (shared memory) up to a wave's worth, the plan whose waves
     (of MMA_BLOCKS_PER_SM blocks an SM; sms: the current GPU's by default) times a block's
     work (spans a slice x NR) is least, then the fewest blocks; no slice empty. The rule before
@@ -764,21 +770,22 @@ def qgemv_mma_plan(N, K, fmt, sms=None, nr=None, ks=None):
     as fast with this one (H200, 2026-11-30). nr, ks: given instead (ks still at least x's
     minimum)."""
     return _mma_plan(N, K, MMA_SPAN[fmt], MMA_MAX_SLICE, (nr,) if nr else tuple(MMA_NR),
-                     MMA_BLOCKS_PER_SM * (sms or sm_count()), ks and int(ks))
+                     MMA_BLOCKS_PER_SM * (sms or sm_count()), ks and int(ks), 16 * MMA_WARPS)
 
 
 @functools.lru_cache(maxsize=1024)
-def _mma_plan(N, K, span, max_slice, nrs, slots, ks):
+def _mma_plan(N, K, span, max_slice, nrs, slots, ks, tile_rows=128):
     """qgemv_mma_plan's search over the NR of `nrs` for `slots` blocks at once, spans of `span`
     positions and slices of at most `max_slice`, kept per shape: up to a wave's worth of slice
     counts for each NR (264 on an H200), too many to try again at every eager launch of a short
     matrix. Every setting it reads is an argument, so the cache's key: a dev tool that patches
-    MMA_SPAN, MMA_MAX_SLICE, MMA_NR or MMA_BLOCKS_PER_SM gets the plan of the patched values."""
+    MMA_SPAN, MMA_MAX_SLICE, MMA_NR, MMA_BLOCKS_PER_SM or MMA_WARPS (tile_rows: 16 of them) gets
+    the plan of the patched values."""
     spans = cdiv(K, span)
     fewest = max(cdiv(spans * span, max_slice), 1)                 # x's slice fits shared memory
     best = None
     for n in nrs:
-        tiles = cdiv(N, 128 * n)
+        tiles = cdiv(N, tile_rows * n)
         for k in (max(ks, fewest),) if ks else range(fewest, max(fewest, slots // tiles) + 1):
             per_slice = cdiv(spans, min(k, spans))
             k = cdiv(spans, per_slice)                                 # no empty slice
