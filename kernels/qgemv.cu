@@ -861,10 +861,6 @@ __device__ __forceinline__ unsigned int abs_bits_max4(float4 v) {
 template <int N4>
 __device__ __forceinline__ int v4_swizzle(int g) { return g ^ ((g >> 3) & (N4 / 2 - 1)); }
 
-// Bytes of v4_stage_pairs's scratch for a block of `warps` warps: each warp's chunk of 16 units
-// after the prologue (16 N4 float4s) and a float per float4, its x^2.
-__host__ __device__ constexpr int v4_pair_scratch(int N4, int warps) { return warps * 16 * N4 * 20; }
-
 // Units 0 .. CH - 1 of a slice (values k0 + c WEIGHTS ..) in v4's layout, two lanes a unit.
 // A warp takes 16 units at a time. It loads them as the row lies, 32 consecutive float4s a
 // load (x through L2, __ldcg; the norm's weights or the SwiGLU gate beside them), all of a
@@ -874,7 +870,8 @@ __host__ __device__ constexpr int v4_pair_scratch(int N4, int warps) { return wa
 // of squares are one shuffle each between the two (T_0 and T_1 in one word: |T_k| <= 32 x 128
 // over a unit); each lane writes its half of every digit plane, lane 2c the unit's (T, 2^-s)
 // and unit_ss[c], the sum of the unit's x^2 (each half's float4s in order, then the halves
-// added). With RMSNorm the digits are those of x * inv_rms * norm_w.
+// added). With RMSNorm the digits are those of x * inv_rms * norm_w. The scratch: each warp's
+// 16 N4 float4s, then as many floats of x^2 (kernels.v4_pair_scratch's bytes).
 //
 // Until 2026-11-30 a unit had WEIGHTS / 4 lanes of one float4 each (q4_0: 8), a thread took
 // four units' float4s, and each took the unit's reductions over 8 lanes: 23 shuffles a float4,
