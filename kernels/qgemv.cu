@@ -728,9 +728,10 @@ qgemv_v2(const float* __restrict__ X, const uint4* __restrict__ qs,
 // Arguments: qs the codes, d the float16 scales, Y (N) float32, one row of x (K floats, or 2K
 // for the SwiGLU prologue), K % 32 == 0; kc (a multiple of 32 F::WEIGHTS, or K) values of x
 // staged at a time in (3 XU + 1) x 16 bytes per unit of dynamic shared memory (3.5 bytes a
-// value for q4_0, 4 for q8_0). Block: 256 threads; grid: any.
+// value for q4_0, 4 for q8_0), then a float per unit and, for q4_0's pairs, their scratch
+// (kernels._v4_staged_bytes, v4_pair_scratch). Block: 256 threads; grid: any.
 
-// A unit of x as integers (v4_unit_lane; kernels/dev/variants.cu's qgemv_i8): the
+// A unit of x as integers (v4_stage_pairs, v4_stage; kernels/dev/variants.cu's qgemv_i8): the
 // shift s that puts the unit's largest |x|, mx = m 2^e with m in [0.5, 1) (e from the exponent
 // bits; 0 and subnormals: e = -126), into [2^21, 2^22); at most 126, so that 2^s and 2^-s are
 // normal floats, exact factors

@@ -1,6 +1,6 @@
 """Count the SASS instructions of a kernel's inner loop, by kind, per 512 bytes of weights a warp loads.
 
-    python kernels/dev/sass_loop.py ["qgemv_mma<MmaQ8_0,1,0,4,2>" ...] [--variants] [--sass FILE]
+    python kernels/dev/sass_loop.py ["qgemv_mma<MmaQ8_0,1,0,2,1,16>" ...] [--variants] [--sass FILE]
 
 A development tool (no GPU): it compiles what minillama compiles (with --variants, also
 kernels/dev/variants.cu and its instances, as bench_variants.py names them), for sm_90 with
