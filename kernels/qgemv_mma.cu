@@ -50,9 +50,9 @@
 // transposes, unpacks and runs the mma's. x is staged once per block, so the more warps share
 // it the less staging there is: 16 warps, one block an SM, stage half of what two blocks of 8
 // did, each thread half as much (the 7B batch-8 step 1.03x in q4_0, 1.02x in int8, the same
-// bits; H200, 2026-11-30). With ks > 1 the slices' partial sums go to a scratch buffer, and the last block of
-// a tile to finish (a counter per tile, reset by that block) adds them in slice order: the
-// result does not depend on which block finishes first.
+// bits; H200, 2026-11-30). With ks > 1 the slices' partial sums go to a scratch buffer, and
+// the last block of a tile to finish (a counter per tile, reset by that block) adds them in
+// slice order: the result does not depend on which block finishes first.
 //
 // RMSNorm (GEMV_RMSNORM) is applied after the product: y[m, n] = inv_rms[m] sum_k (x[m, k]
 // norm_w[k]) W[n, k], inv_rms being one number per row of x. So a block needs only its slice of
@@ -424,21 +424,22 @@ __device__ __forceinline__ void mma_combine(const float* __restrict__ partial,
     }
 }
 
-// Grid (tiles, ks); block 32 W threads (W warps: kernels.MMA_WARPS). Tile `blockIdx.x`: rows
-// 16 W NR tile .. + 16 W NR - 1;
+// Grid (tiles, ks); block 32 W threads (W warps: kernels.MMA_WARPS, at least one per row of x,
+// which add up its sums of squares). Tile `blockIdx.x`: rows 16 W NR tile .. + 16 W NR - 1;
 // slice `blockIdx.y` of the k spans. Dynamic shared memory: F::PARTS * 8 * ROWW words of x's
 // parts, then spans * 8 floats of unscale and as many of span_ss (mma_stage_x).
 // scratch: ks * M * N floats of partial sums, then tiles * ks * M sums of squares;
 // counters: tiles ints, zero before the launch and zero after it.
 // U: steps of loads in flight, 64 bytes a lane each (kernels.MMA_U, per format and NR);
 // B: blocks an SM, the launch bounds' (kernels.MMA_BLOCKS_PER_SM, which qgemv_mma_plan's waves
-// count), so the registers a thread may take (B W = 16: 128).
+// count), so the registers a thread may take (B 1 at W 16: 128).
 template <class F, int NR, int PRO, int U, int B, int W>
 __global__ void __launch_bounds__(32 * W, B)
 qgemv_mma(const float* __restrict__ X, const uint4* __restrict__ qs,
           const unsigned short* __restrict__ d, float* __restrict__ Y, int M, int N, int K,
           int accumulate, const float* __restrict__ norm_w, float eps, float* __restrict__ scratch,
           int* __restrict__ counters) {
+    static_assert(W >= MMA_ROWS, "warp r adds row r's sums of squares (mma_row_ss)");
     constexpr int SPAN = 4 * F::WEIGHTS;           // positions of k per step
     extern __shared__ __align__(16) unsigned int mma_xs[];
     __shared__ float mma_ss[MMA_ROWS];              // the rows' sums of squares (ks == 1)
