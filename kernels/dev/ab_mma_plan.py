@@ -31,7 +31,7 @@ def plan_before(N, K, fmt, sms=None, nr=None, ks=None):
     alone fill the SMs."""
     sms = sms or kernels.sm_count()
     nr = nr or (2 if cdiv(N, 256) >= sms else 1)
-    tiles, spans = cdiv(N, 16 * kernels.MMA_WARPS * nr), cdiv(K, MMA_SPAN[fmt])
+    tiles, spans = cdiv(N, kernels.mma_tile_rows(nr)), cdiv(K, MMA_SPAN[fmt])
     ks = max(int(ks or round(2 * sms / tiles)), cdiv(spans * MMA_SPAN[fmt], MMA_MAX_SLICE), 1)
     per_slice = cdiv(spans, min(ks, spans))
     return nr, cdiv(spans, per_slice), per_slice

@@ -97,7 +97,7 @@ def main():
                          kernels.qgemv(x, w, out=out, version=v)}
                 for nr in kernels.MMA_NR:
                     for ks in factors:
-                        tiles = -(-N // (16 * kernels.MMA_WARPS * nr))
+                        tiles = -(-N // kernels.mma_tile_rows(nr))
                         # slices as multiples of about two blocks an SM (the plan's rule
                         # before qgemv_mma_plan); ks None: the package's plan
                         base = max(1, round(kernels.MMA_BLOCKS_PER_SM * kernels.sm_count() / tiles))

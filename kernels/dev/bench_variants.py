@@ -498,15 +498,13 @@ def run_v4(M_, x, w, y, nr, u, pro=0, norm=None, accumulate=False, smem=V2_SMEM,
     fmt = fmt_of(w)
     N, K = w.shape
     assert x.shape[0] == 1, "qgemv_v4 takes one row of x"
-    W = WEIGHTS[fmt]                                 # shared memory as _qgemv_v4's
-    scratch = mk.v4_pair_scratch(W) if W == 32 else 0
-    kc = mk._qgemv_chunk(K, 1, fmt, smem - scratch, mk._v4_unit_bytes(W) + 4)
+    kc, shared = mk._v4_chunk(K, fmt, smem)          # as _qgemv_v4 launches it
     qs, d, _ = planes(w)
     grid = min(cdiv(N, 8 * nr), (b or 2) * cf.sm_count())
     M_.launch(v4_name(fmt, pro, nr, u, b or 2), (grid,), (256,),
               (x, qs, d, y, np.int32(N), np.int32(K), np.int32(accumulate),
                x if norm is None else norm, np.float32(1e-5), np.int32(kc)),
-              shared_mem=mk._v4_staged_bytes(W, min(kc, K) // W) + scratch)
+              shared_mem=shared)
     return y
 
 

@@ -123,9 +123,9 @@ GEMM_V5_CONFIGS = {"128x128x4": (128, 128, 4)}
 GEMM_V5_DEFAULT = "128x128x4"
 # qgemv_mma<Fmt, NR, PRO, U, B, W> (qgemv_mma.cu): batches on the tensor cores, x in 16-bit
 # parts (so the 1e-5 bound of the float32 GEMV holds). Blocks of W = MMA_WARPS warps, tiles of
-# 16 W NR weight rows; k split into
-# slices, a slice at most MMA_MAX_SLICE positions (its x, 2 or 3 parts of 8 rows, sits in shared
-# memory: 64 or 96 KiB at 2048 positions); NR and the slices by qgemv_mma_plan, in waves of
+# 16 W NR weight rows (mma_tile_rows); k split into slices, a slice at most MMA_MAX_SLICE
+# positions (its x, 2 or 3 parts of 8 rows, sits in shared memory: 64 or 96 KiB at 2048
+# positions); NR and the slices by qgemv_mma_plan, in waves of
 # MMA_BLOCKS_PER_SM blocks an SM (B, its launch bounds); MMA_U[fmt][NR] steps of loads in
 # flight. At B 3 the q8_0 and q4_0 instances spill 108 to 232 bytes a thread at U 4 / 2 (NR 1 /
 # 2), 0 to 32 at 2 / 1 (f16, bf16: 20 to 132, none; ptxas -v, NVRTC 13.0 sm_90), and bf16's 96
@@ -746,7 +746,7 @@ def qgemv_mma(x, w, out=None, accumulate=False, norm=None, eps=1e-5, swiglu=Fals
         raise DeviceError(f"qgemv_mma: nr must be one of {MMA_NR}, got {nr!r}")
     span = MMA_SPAN[w.format]
     nr, ks, per_slice = qgemv_mma_plan(N, K, w.format, nr=nr, ks=ks)
-    tiles = cdiv(N, 16 * MMA_WARPS * nr)
+    tiles = cdiv(N, mma_tile_rows(nr))
     units = per_slice * span // 32
     parts = 3 if w.format == "bf16" else 2                 # x's bfloat16 or float16 parts
     smem = parts * 8 * 4 * (16 * units + (0 if units % 2 else 16)) + 2 * 8 * 4 * per_slice
@@ -761,8 +761,9 @@ def qgemv_mma(x, w, out=None, accumulate=False, norm=None, eps=1e-5, swiglu=Fals
 
 def qgemv_mma_plan(N, K, fmt, sms=None, nr=None, ks=None):
     """qgemv_mma's launch for W (N, K) in `fmt`: (NR, slices of k, spans of k a slice). Of every
-    NR (tiles of 16 MMA_WARPS NR rows a block) and every count of slices from the fewest that keep a slice's x
-    within MMA_MAX_SLICE positions (shared memory) up to a wave's worth, the plan whose waves
+    NR (tiles of mma_tile_rows(NR) rows a block) and every count of slices from the fewest that
+    keep a slice's x within MMA_MAX_SLICE positions (shared memory) up to a wave's worth, the
+    plan whose waves
     (of MMA_BLOCKS_PER_SM blocks an SM; sms: the current GPU's by default) times a block's
     work (spans a slice x NR) is least, then the fewest blocks; no slice empty. The rule before
     it (NR 2 only where N fills the SMs with 256-row tiles, ~2 blocks an SM by slices) left the
@@ -770,17 +771,23 @@ def qgemv_mma_plan(N, K, fmt, sms=None, nr=None, ks=None):
     as fast with this one (H200, 2026-11-30). nr, ks: given instead (ks still at least x's
     minimum)."""
     return _mma_plan(N, K, MMA_SPAN[fmt], MMA_MAX_SLICE, (nr,) if nr else tuple(MMA_NR),
-                     MMA_BLOCKS_PER_SM * (sms or sm_count()), ks and int(ks), 16 * MMA_WARPS)
+                     MMA_BLOCKS_PER_SM * (sms or sm_count()), ks and int(ks), mma_tile_rows(1))
+
+
+def mma_tile_rows(nr):
+    """Weight rows of a qgemv_mma tile: 16 a warp for each NR, MMA_WARPS warps (as it is when
+    called, so that a dev tool's patch takes)."""
+    return 16 * MMA_WARPS * nr
 
 
 @functools.lru_cache(maxsize=1024)
-def _mma_plan(N, K, span, max_slice, nrs, slots, ks, tile_rows=128):
+def _mma_plan(N, K, span, max_slice, nrs, slots, ks, tile_rows):
     """qgemv_mma_plan's search over the NR of `nrs` for `slots` blocks at once, spans of `span`
     positions and slices of at most `max_slice`, kept per shape: up to a wave's worth of slice
     counts for each NR (264 on an H200), too many to try again at every eager launch of a short
     matrix. Every setting it reads is an argument, so the cache's key: a dev tool that patches
-    MMA_SPAN, MMA_MAX_SLICE, MMA_NR, MMA_BLOCKS_PER_SM or MMA_WARPS (tile_rows: 16 of them) gets
-    the plan of the patched values."""
+    MMA_SPAN, MMA_MAX_SLICE, MMA_NR, MMA_BLOCKS_PER_SM or MMA_WARPS (tile_rows: a tile's rows
+    at NR 1) gets the plan of the patched values."""
     spans = cdiv(K, span)
     fewest = max(cdiv(spans * span, max_slice), 1)                 # x's slice fits shared memory
     best = None
@@ -834,20 +841,28 @@ def _qgemv_v2(x, planes, y, fmt, rows, nr, u, prologue, accumulate, norm, eps, s
 def _qgemv_v4(x, planes, y, fmt, prologue, accumulate, norm, eps, smem=QGEMV_SMEM):
     """Launch qgemv_v4 on one row of x (checked by the caller). x is staged in units of the
     values one 16-byte load of W meets (32 for q4_0, 16 for q8_0), 3 x 16 bytes of digits and
-    16 of sums and scale per unit per plane of 16 values, and with RMSNorm 4 more, the unit's
-    sum of squares: K at once where `smem` allows (then the kernel applies RMSNorm after the
-    sums, V4Step's late norm), else in chunks of a warp's sweep (32 loads). B blocks an SM
-    (QGEMV_V4: its launch bounds)."""
+    16 of sums and scale per unit per plane of 16 values, 4 more for the unit's sum of squares
+    (with RMSNorm), and for q4_0 the pairs' scratch (_v4_chunk): K at once where `smem` allows
+    (then the kernel applies RMSNorm after the sums, V4Step's late norm), else in chunks of a
+    warp's sweep (32 loads). B blocks an SM (QGEMV_V4: its launch bounds)."""
     (_, N), K = y.shape, x.shape[1] // (2 if prologue == GEMV_PROLOGUES["swiglu"] else 1)
-    weights, (nr, _, blocks) = QGEMV_WEIGHTS[fmt], QGEMV_V4[fmt]
-    pairs = weights == 32                         # q4_0: v4_stage_pairs (qgemv.cu's V4_PAIRS)
-    scratch = v4_pair_scratch(weights) if pairs else 0
-    kc = _qgemv_chunk(K, 1, fmt, smem - scratch, _v4_unit_bytes(weights) + 4)
+    nr, _, blocks = QGEMV_V4[fmt]
+    kc, shared = _v4_chunk(K, fmt, smem)
     KERNELS.launch(_qgemv_v4_name(fmt, prologue), (min(cdiv(N, 8 * nr), blocks * sm_count()),),
                    (256,),
                    (x, planes[0], planes[1], y, i32(N), i32(K), i32(bool(accumulate)),
                     x if norm is None else norm, np.float32(eps), i32(kc)),
-                   shared_mem=_v4_staged_bytes(weights, min(kc, K) // weights) + scratch)
+                   shared_mem=shared)
+
+
+def _v4_chunk(K, fmt, smem):
+    """qgemv_v4's values of x staged at a time (kc) and its dynamic shared memory, for a row of K
+    and `smem` bytes: the staged units (_v4_staged_bytes, a float of x^2 each) and, for q4_0,
+    the pairs' scratch (v4_pair_scratch; qgemv.cu's V4_PAIRS) out of `smem`."""
+    weights = QGEMV_WEIGHTS[fmt]
+    scratch = v4_pair_scratch(weights) if weights == 32 else 0
+    kc = _qgemv_chunk(K, 1, fmt, smem - scratch, _v4_unit_bytes(weights) + 4)
+    return kc, _v4_staged_bytes(weights, min(kc, K) // weights) + scratch
 
 
 def _v4_unit_bytes(weights):
