@@ -308,21 +308,44 @@ def test_gemv_prologues_compute_rmsnorm_and_swiglu_like_the_model(cuda, cp, M, K
 
 def test_gemv_loads_w_before_its_wait_only_where_that_is_each_lanes_whole_row():
     """kernels.gemv_prefetch: one row of x, float4 loads, K / 4 <= 4 float4s x 32 lanes x
-    ksplit warps, and a grid of one wave (at most 5 blocks an SM); on an H200 (132 SMs) every
-    stories15M product but the classifier, and of stories110M's only wo. Three instances have
-    early loads, no more."""
-    from minillama.cuda.kernels import GEMV_PREFETCH, KERNELS, gemv_ksplit, gemv_prefetch
+    ksplit warps, and a grid of one wave (at most 5 blocks an SM). kernels.gemv_split takes the
+    fewest warps a row that give a launch those early loads: on an H200 (132 SMs) every
+    stories15M product but the classifier, and of stories110M's wqkv, wo and w2. Three
+    instances have early loads, no more."""
+    from minillama.cuda.kernels import GEMV_PREFETCH, KERNELS, gemv_prefetch, gemv_split
 
     def early(N, K, rows=1, vec=True, sms=132):
-        return gemv_prefetch(rows, vec, N, K, gemv_ksplit(N, K, sms=sms), sms=sms)
+        return gemv_split(rows, vec, N, K, sms=sms)[1]
     assert [early(N, K) > 0 for N, K in STORIES] == \
-        [True] * 4 + [False] + [False, True] + [False] * 3    # 15M but its classifier; 110M's wo
-    assert early(2640, 288) == GEMV_PREFETCH and early(2648, 288) == 0       # 660 blocks, 662
-    assert early(33, 4096) == GEMV_PREFETCH and early(300, 4104) == 0         # eight warps
+        [True] * 4 + [False] + [True, True, False, True, False]   # 15M but its classifier
+    assert early(5280, 288) == GEMV_PREFETCH and early(5288, 288) == 0   # 660 blocks, 661
+    assert early(2640, 768) == GEMV_PREFETCH and early(2648, 768) == 0   # two warps a row
+    assert early(33, 4096) == GEMV_PREFETCH and early(300, 4104) == 0    # eight warps
     assert early(864, 288, rows=2) == early(864, 288, vec=False) == 0
-    assert early(32000, 288, sms=6400) == GEMV_PREFETCH                       # a larger GPU
+    assert early(32000, 288, sms=6400) == GEMV_PREFETCH                  # a larger GPU
+    assert gemv_prefetch(1, True, 2648, 288, 2, sms=132) == 0           # 662 blocks at two warps
     assert sorted(n for n in KERNELS.templates if n.startswith("gemv<") and not n.endswith(",0>")) \
         == [f"gemv<1,true,{pro},{GEMV_PREFETCH}>" for pro in (0, 1, 2, 3)]     # 3: late norm
+
+
+def test_gemv_split_takes_the_fewest_warps_a_row_with_early_loads_else_gemv_ksplits():
+    """kernels.gemv_split at one row of float4s: the fewest of 1, 2, 4, 8 warps a row whose
+    launch has early loads (gemv_prefetch), where gemv_ksplit alone would fill the SMs with
+    warps and leave stories110M's wqkv (2304 x 768) at 4 a row, 1152 blocks, no early loads;
+    where no count has them, and for several rows of x or unaligned rows, gemv_ksplit's."""
+    from minillama.cuda.kernels import GEMV_PREFETCH, gemv_ksplit, gemv_prefetch, gemv_split
+    for N, K in STORIES + [(33, 4096), (300, 4104), (5, 12), (7000, 100)]:
+        for rows, vec in ((1, True), (2, True), (1, False), (8, True)):
+            ksplit, prefetch = gemv_split(rows, vec, N, K, sms=132)
+            fewest = next((s for s in (1, 2, 4, 8)
+                           if gemv_prefetch(rows, vec, N, K, s, sms=132)), None)
+            if fewest is None:
+                assert (ksplit, prefetch) == (gemv_ksplit(N, K, sms=132), 0), (N, K, rows, vec)
+            else:
+                assert (ksplit, prefetch) == (fewest, GEMV_PREFETCH), (N, K, rows, vec)
+                assert rows == 1 and vec
+    assert gemv_ksplit(2304, 768, sms=132) == 4 and gemv_split(1, True, 2304, 768, sms=132) == \
+        (2, GEMV_PREFETCH)
 
 
 def test_gemv_late_norm_rule_takes_one_row_of_float4s_as_gemv_late_norm_says(monkeypatch):
@@ -371,19 +394,20 @@ def decode_one_row_in_a_graph(k, ops, gpu_model, ref_model, steps, monkeypatch):
 @pytest.mark.parametrize("late", ["early", "all", "none"])
 @pytest.mark.parametrize("N,K,early", [(864, 288, True), (288, 768, True), (32000, 288, False),
                                        (33, 4096, True), (32000, 768, False), (300, 4104, False),
-                                       (288, 4104, False)])
+                                       (288, 4104, False), (2304, 768, True)])
 def test_gemv_one_row_with_and_without_early_loads_matches_float64(cuda, cp, monkeypatch,
                                                                    N, K, early, late):
     """One row of x, each prologue and accumulate, on both gemv instances: with W's float4s
-    loaded before the wait (the whole row of each lane: stories15M's products, and exactly 4
-    float4s a lane at (33, 4096)), and without (longer rows, as stories110M's classifier, or
-    grids of more than one wave, as stories15M's). `early`: which one an H200 takes. RMSNorm
-    first or after the sums (`late`: GEMV_LATE_NORM), each on both."""
+    loaded before the wait (the whole row of each lane: stories15M's products, stories110M's
+    wqkv at two warps a row, and exactly 4 float4s a lane at (33, 4096)), and without (longer
+    rows, as stories110M's classifier, or grids of more than one wave, as stories15M's).
+    `early`: which one an H200 takes (gemv_split). RMSNorm first or after the sums (`late`:
+    GEMV_LATE_NORM), each on both."""
     from minillama.model import rms_norm, silu
     k = cuda.kernels
     monkeypatch.setattr(k, "GEMV_LATE_NORM", late)
     launched = launched_names(k, monkeypatch)
-    prefetch = k.gemv_prefetch(1, True, N, K, k.gemv_ksplit(N, K))
+    prefetch = k.gemv_split(1, True, N, K)[1]
     if k.sm_count() == 132:
         assert (prefetch > 0) == early
     x, w, g = rand(1, K), rand(N, K), 1.0 + rand(K, scale=0.1)
@@ -412,8 +436,8 @@ def test_gemv_early_loads_are_exact_where_the_row_is_longer_or_shorter(cuda, cp,
     lanes past the row load nothing), though the rule takes them only where the row fits."""
     from minillama.model import rms_norm
     k = cuda.kernels
-    monkeypatch.setattr(k, "gemv_prefetch", lambda rows, vec, N, K, ksplit:
-                        k.GEMV_PREFETCH if rows == 1 and vec else 0)
+    monkeypatch.setattr(k, "gemv_split", lambda rows, vec, N, K, sms=None: (
+        k.gemv_ksplit(N, K), k.GEMV_PREFETCH if rows == 1 and vec else 0))
     launched = launched_names(k, monkeypatch)
     x, w, g = rand(1, K), rand(N, K), 1.0 + rand(K, scale=0.1)
     y = cuda.gemv(cp.asarray(x), cp.asarray(w), out=poison(cp, (1, N)))
@@ -738,7 +762,7 @@ def test_one_row_graph_with_gemvs_early_loads_matches_float64(cuda, cp, monkeypa
     """FusedDecoder at one row: the step eager, then its graph, captured with programmatic
     launches (PROGRAMMATIC_ROWS), where gemv loads W before its wait while the kernel ahead
     finishes. Every step's logits within 1e-4 of the float64 model (its cache float32, as the
-    GPU's), and each product launched as gemv_prefetch says for its shape on this GPU, with
+    GPU's), and each product launched as gemv_split says for its shape on this GPU, with
     early loads for some of them (on an H200: stories15M's but the classifier, and the wide
     shape's wqkv, wo and w2)."""
     k = cuda.kernels
@@ -751,7 +775,7 @@ def test_one_row_graph_with_gemvs_early_loads_matches_float64(cuda, cp, monkeypa
     hd, qkv = p.dim // p.n_heads, (p.n_heads + 2 * p.n_kv_heads) * (p.dim // p.n_heads)
     products = [(qkv, p.dim, 1), (p.dim, p.n_heads * hd, 0), (2 * p.hidden_dim, p.dim, 1),
                 (p.dim, p.hidden_dim, 2), (p.vocab_size, p.dim, 1)]    # (N, K, prologue)
-    early = {(N, K): k.gemv_prefetch(1, True, N, K, k.gemv_ksplit(N, K)) for N, K, _ in products}
+    early = {(N, K): k.gemv_split(1, True, N, K)[1] for N, K, _ in products}
     want = {f"gemv<1,true,{gemv_prologue(k, pro, early[N, K])},{early[N, K]}>"
             for N, K, pro in products}
     gemvs = {name for name in launched if name.startswith("gemv<")}

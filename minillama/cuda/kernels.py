@@ -50,8 +50,9 @@ GEMV_ROWS = (1, 2, 4, 8)           # rows of x per warp in gemv<ROWS, VEC, PRO, 
 # gemv's PREFETCH: float4s of W each lane loads before its grid_dependency_wait. Compiled for
 # one row of x with float4 loads (the launches of a graph that overlap, fused.py's
 # PROGRAMMATIC_ROWS), taken only where they hold the lane's whole share of the row and the
-# grid is one wave of at most GEMV_PREFETCH_BLOCKS blocks an SM (gemv_prefetch); every other
-# launch has PREFETCH 0, no early loads.
+# grid is one wave of at most GEMV_PREFETCH_BLOCKS blocks an SM (gemv_prefetch), with the
+# fewest warps a row of W that allow it (gemv_split); every other launch has PREFETCH 0, no
+# early loads.
 GEMV_PREFETCH = 4
 GEMV_PREFETCH_BLOCKS = 5
 GEMV_PROLOGUES = {None: 0, "rmsnorm": 1, "swiglu": 2}     # GEMV_PLAIN, _RMSNORM, _SWIGLU
@@ -399,8 +400,7 @@ def gemv(x, w, out=None, accumulate=False, norm=None, eps=1e-5, swiglu=False, ve
         _gemv_v3(x, w, y, prologue, accumulate, norm, eps)
         return y
     rows = next(r for r in GEMV_ROWS if r >= min(M, GEMV_ROWS[-1]))
-    ksplit = gemv_ksplit(N, K)
-    prefetch = gemv_prefetch(rows, vec, N, K, ksplit)
+    ksplit, prefetch = gemv_split(rows, vec, N, K)
     if prologue == GEMV_PROLOGUES["rmsnorm"] and gemv_late_norm(rows, vec, prefetch):
         prologue = GEMV_RMSNORM_LATE
     KERNELS.launch(f"gemv<{rows},{_cpp_bool(vec)},{prologue},{prefetch}>",
@@ -513,6 +513,23 @@ def gemv_prefetch(rows, vec, N, K, ksplit, sms=None):
     fits = K // 4 <= GEMV_PREFETCH * 32 * ksplit
     one_wave = cdiv(N * ksplit, 8) <= GEMV_PREFETCH_BLOCKS * (sms or sm_count())
     return GEMV_PREFETCH if rows == 1 and vec and fits and one_wave else 0
+
+
+def gemv_split(rows, vec, N, K, sms=None):
+    """gemv's (ksplit, PREFETCH) for a launch. One row of float4s: the fewest warps a row of W
+    (1, 2, 4 or 8) whose launch loads W before its wait (gemv_prefetch: each lane's whole share
+    of its row, a grid of one wave), else, and for every other launch, gemv_ksplit's count with
+    no early loads. gemv_ksplit alone fills the SMs with warps (~48 each), and on stories110M
+    that left wqkv, w13 and w2 at 6 to 9 blocks an SM, more than a wave, with no early loads:
+    this rule takes 2 warps a row for its wqkv and wo and 4 for its w2, early loads and the late
+    norm on each (w13 and the classifier keep theirs), and the step's graph went from 0.2535 to
+    0.2393 ms (1.06x; stories15M 0.0808 -> 0.0799; H200, 2026-11-30, benchmarks.md's
+    twenty-fourth run)."""
+    if rows == 1 and vec:
+        for ksplit in (1, 2, 4, 8):
+            if gemv_prefetch(rows, vec, N, K, ksplit, sms):
+                return ksplit, GEMV_PREFETCH
+    return gemv_ksplit(N, K, sms), 0
 
 
 def gemv_late_norm(rows, vec, prefetch):
