@@ -1281,20 +1281,27 @@ __device__ __forceinline__ void gemv_add4(float* acc, float* ss, const float4 wv
 // of at most GEMV_PREFETCH_BLOCKS blocks an SM (their registers' occupancy): the row is then
 // one round trip, begun early. PREFETCH 0 loads nothing early (the code the kernel had before it had the
 // parameter). Correct for any K either way: the k loop takes what the early loads did not.
-template <int ROWS, bool VEC, int PRO, int PREFETCH>
+// WALK: the block takes groups of rows a grid apart until N is covered, for a grid smaller
+// than N's groups (kernels.gemv_grid); without it, one group a block, the grid covering N.
+template <int ROWS, bool VEC, int PRO, int PREFETCH, bool WALK = false>
 __global__ void __launch_bounds__(256)
 gemv(const float* __restrict__ X, const float* __restrict__ W, float* __restrict__ Y,
      int M, int N, int K, int accumulate, const float* __restrict__ norm_w, float eps,
      int ksplit) {
     static_assert(PREFETCH == 0 || VEC, "the early loads are float4s");
+    static_assert(PREFETCH == 0 || !WALK, "the early loads are the first group's only");
     // A block is 8 warps. Each output row n gets `ksplit` of them, which take interleaved
     // 128-float slices of k, so a small matrix still gives the GPU enough loads in flight;
-    // their partial sums meet in shared memory, added in a fixed order (deterministic).
+    // their partial sums meet in shared memory, added in a fixed order (deterministic). A
+    // block takes a group of 8 / ksplit rows of W: group blockIdx.x, and with WALK the groups
+    // a grid apart after it (kernels.gemv_grid caps the grid where 4000 blocks that end as
+    // soon as they begin cost more than their rows: stories15M's classifier).
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, slice = warp % ksplit;
-    const int n = blockIdx.x * (blockDim.x / 32 / ksplit) + warp / ksplit;
+    const int per_group = blockDim.x / 32 / ksplit, groups = (N + per_group - 1) / per_group;
     const int m0 = blockIdx.y * ROWS;
     const int ldx = PRO == GEMV_SWIGLU ? 2 * K : K;        // row length of X
-    const bool active = n < N;                          // idle warps still reach the barriers
+    int n = blockIdx.x * per_group + warp / ksplit;     // the warp's row in the first group
+    bool active = n < N;                                // idle warps still reach the barriers
     // GEMV_RMSNORM_LATE is RMSNorm's arithmetic with inv_rms after the sums (below)
     constexpr bool LATE = PRO == GEMV_RMSNORM_LATE;
     constexpr int XPRO = LATE ? GEMV_RMSNORM : PRO;
@@ -1341,65 +1348,75 @@ gemv(const float* __restrict__ X, const float* __restrict__ W, float* __restrict
     // scales the warp's total, y = inv_rms sum_k W x norm_w. Every warp sees the whole row (its
     // lanes, or its k slices, which meet below), so no block-wide sum of squares comes first:
     // one round trip to x after the wait, not a sum of squares, its barrier, then x.
-    const float* w = W + (size_t)n * K;
-    float acc[ROWS], ss[ROWS];
+    for (int group = blockIdx.x; !WALK || group < groups; group += gridDim.x) {  // the block's
+        const bool first = !WALK || group == blockIdx.x;    // the early loads' rows
+        const float* w = W + (size_t)n * K;
+        float acc[ROWS], ss[ROWS];
 #pragma unroll
-    for (int r = 0; r < ROWS; ++r) acc[r] = ss[r] = 0.0f;
+        for (int r = 0; r < ROWS; ++r) acc[r] = ss[r] = 0.0f;
 
-    if (active && VEC) {                                // K % 4 == 0, 16-byte aligned rows
-        const float4* w4 = reinterpret_cast<const float4*>(w);
+        if (active && VEC) {                                // K % 4 == 0, 16-byte aligned rows
+            const float4* w4 = reinterpret_cast<const float4*>(w);
+            if (first)
 #pragma unroll
-        for (int i = 0; i < PREFETCH; ++i) {            // the loads made before the wait first
-            const int k4 = slice * 32 + lane + i * 32 * ksplit;
-            if (k4 < K / 4) gemv_add4<ROWS, XPRO, LATE>(acc, ss, w_early[i], X, m0, M, ldx, k4, K,
-                                                        norm_w, inv_rms);
-        }
+                for (int i = 0; i < PREFETCH; ++i) {        // the loads made before the wait first
+                    const int k4 = slice * 32 + lane + i * 32 * ksplit;
+                    if (k4 < K / 4) gemv_add4<ROWS, XPRO, LATE>(acc, ss, w_early[i], X, m0, M, ldx,
+                                                                k4, K, norm_w, inv_rms);
+                }
 #pragma unroll 4
-        for (int k4 = slice * 32 + lane + PREFETCH * 32 * ksplit; k4 < K / 4; k4 += 32 * ksplit)
-            gemv_add4<ROWS, XPRO, LATE>(acc, ss, __ldg(w4 + k4), X, m0, M, ldx, k4, K, norm_w,
-                                        inv_rms);
-    } else if (active) {
-        for (int k = slice * 32 + lane; k < K; k += 32 * ksplit) {
-            const float wv = __ldg(w + k);
+            for (int k4 = slice * 32 + lane + (first ? PREFETCH : 0) * 32 * ksplit; k4 < K / 4;
+                 k4 += 32 * ksplit)
+                gemv_add4<ROWS, XPRO, LATE>(acc, ss, __ldg(w4 + k4), X, m0, M, ldx, k4, K, norm_w,
+                                            inv_rms);
+        } else if (active) {
+            for (int k = slice * 32 + lane; k < K; k += 32 * ksplit) {
+                const float wv = __ldg(w + k);
 #pragma unroll
-            for (int r = 0; r < ROWS; ++r)
-                if (m0 + r < M) {
-                    const float* xr = X + (size_t)(m0 + r) * ldx;
-                    acc[r] = fmaf(wv, gemv_x<XPRO>(xr, k, K, norm_w, inv_rms[r]), acc[r]);
-                    if (LATE) {
-                        const float x = gemv_x<GEMV_PLAIN>(xr, k, K, norm_w, 1.0f);
-                        ss[r] = fmaf(x, x, ss[r]);
+                for (int r = 0; r < ROWS; ++r)
+                    if (m0 + r < M) {
+                        const float* xr = X + (size_t)(m0 + r) * ldx;
+                        acc[r] = fmaf(wv, gemv_x<XPRO>(xr, k, K, norm_w, inv_rms[r]), acc[r]);
+                        if (LATE) {
+                            const float x = gemv_x<GEMV_PLAIN>(xr, k, K, norm_w, 1.0f);
+                            ss[r] = fmaf(x, x, ss[r]);
+                        }
                     }
+            }
+        }
+
+        float mine = 0.0f, mine_ss = 0.0f;                  // lane r keeps row r's totals
+#pragma unroll
+        for (int r = 0; r < ROWS; ++r) {
+            const float total = warp_sum(acc[r]);
+            if (lane == r) mine = total;
+            if (LATE) {
+                const float squares = warp_sum(ss[r]);
+                if (lane == r) mine_ss = squares;
+            }
+        }
+        if (ksplit > 1) {                                   // add the slices: warp `slice 0` does
+            if (lane < ROWS) {
+                partial[warp][lane] = mine;
+                if (LATE) partial_ss[warp][lane] = mine_ss;
+            }
+            __syncthreads();
+            if (slice == 0 && lane < ROWS)
+                for (int s = 1; s < ksplit; ++s) {
+                    mine += partial[warp + s][lane];
+                    if (LATE) mine_ss += partial_ss[warp + s][lane];
                 }
         }
-    }
-
-    float mine = 0.0f, mine_ss = 0.0f;                  // lane r keeps row r's totals
-#pragma unroll
-    for (int r = 0; r < ROWS; ++r) {
-        const float total = warp_sum(acc[r]);
-        if (lane == r) mine = total;
-        if (LATE) {
-            const float squares = warp_sum(ss[r]);
-            if (lane == r) mine_ss = squares;
+        if (LATE) mine *= 1.0f / sqrtf(mine_ss / K + eps);
+        if (active && slice == 0 && lane < ROWS && m0 + lane < M) {
+            float* y = Y + (size_t)(m0 + lane) * N + n;
+            *y = accumulate ? *y + mine : mine;
         }
-    }
-    if (ksplit > 1) {                                   // add the slices: warp `slice 0` does
-        if (lane < ROWS) {
-            partial[warp][lane] = mine;
-            if (LATE) partial_ss[warp][lane] = mine_ss;
-        }
-        __syncthreads();
-        if (slice == 0 && lane < ROWS)
-            for (int s = 1; s < ksplit; ++s) {
-                mine += partial[warp + s][lane];
-                if (LATE) mine_ss += partial_ss[warp + s][lane];
-            }
-    }
-    if (LATE) mine *= 1.0f / sqrtf(mine_ss / K + eps);
-    if (active && slice == 0 && lane < ROWS && m0 + lane < M) {
-        float* y = Y + (size_t)(m0 + lane) * N + n;
-        *y = accumulate ? *y + mine : mine;
+        if (!WALK) break;                                   // one group a block
+        n += gridDim.x * per_group;                         // the next group's row
+        active = n < N;
+        if (ksplit > 1 && group + gridDim.x < groups)
+            __syncthreads();                            // slice 0's reads of partial are done
     }
 }
 

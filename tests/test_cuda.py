@@ -324,7 +324,8 @@ def test_gemv_loads_w_before_its_wait_only_where_that_is_each_lanes_whole_row():
     assert early(864, 288, rows=2) == early(864, 288, vec=False) == 0
     assert early(32000, 288, sms=6400) == GEMV_PREFETCH                  # a larger GPU
     assert gemv_prefetch(1, True, 2648, 288, 2, sms=132) == 0           # 662 blocks at two warps
-    assert sorted(n for n in KERNELS.templates if n.startswith("gemv<") and not n.endswith(",0>")) \
+    assert sorted(n for n in KERNELS.templates if n.startswith("gemv<")
+                  and not n.endswith((",0>", ",0,true>"))) \
         == [f"gemv<1,true,{pro},{GEMV_PREFETCH}>" for pro in (0, 1, 2, 3)]     # 3: late norm
 
 
@@ -348,6 +349,58 @@ def test_gemv_split_takes_the_fewest_warps_a_row_with_early_loads_else_gemv_kspl
         (2, GEMV_PREFETCH)
 
 
+def test_gemv_grid_walks_only_where_groups_outnumber_the_cap_and_no_early_loads():
+    """kernels.gemv_grid: a block per group of 8 / ksplit rows of W, or GEMV_WALK_BLOCKS[rows]
+    blocks an SM that walk the groups, only for launches without early loads; on an H200 at one
+    row, of the stories shapes only the 32000-row classifiers walk (1056 blocks), at 4 rows
+    stories110M's wqkv, w13 and w2 too (660)."""
+    from minillama.cuda.kernels import GEMV_WALK_BLOCKS, gemv_grid, gemv_split
+
+    def grid(rows, N, K, sms=132):
+        ksplit, prefetch = gemv_split(rows, True, N, K, sms=sms)
+        return gemv_grid(rows, N, ksplit, prefetch, sms=sms)
+    assert [grid(1, N, K)[1] for N, K in STORIES] == [False] * 4 + [True] + [False] * 4 + [True]
+    assert grid(1, 32000, 288) == (8 * 132, True) and grid(4, 32000, 288) == (5 * 132, True)
+    assert [grid(4, N, K)[1] for N, K in STORIES[5:]] == [True, False, True, True, True]
+    assert grid(1, 864, 288) == (108, False)                  # one group of 8 rows a block
+    assert gemv_grid(1, 32000, 1, 4, sms=132) == (4000, False)          # early loads: never
+    for rows, cap in GEMV_WALK_BLOCKS.items():
+        for N in (8 * cap * 132, 8 * cap * 132 + 1):
+            blocks, walk = gemv_grid(rows, N, 1, 0, sms=132)
+            assert walk == (N > 8 * cap * 132) and blocks == min(-(-N // 8), cap * 132)
+
+
+@gpu
+@pytest.mark.parametrize("M", [1, 2, 3, 5, 8])
+@pytest.mark.parametrize("N,K", [(1001, 288), (37, 4104), (333, 100), (2049, 7)])
+def test_gemv_blocks_walking_groups_match_float64(cuda, cp, monkeypatch, M, N, K):
+    """gemv's WALK instances: a grid of 3 blocks, each taking groups of rows a grid apart (the
+    rule takes them for tall matrices without early loads; here forced on small ones, and v1
+    at 8 rows too), at 1 to 8 rows of x, k split as gemv_ksplit says (1 to 8 warps a row),
+    float4 rows and not (K 100, 7), each prologue and accumulate, within 1e-5 of float64."""
+    from minillama.model import rms_norm, silu
+    k = cuda.kernels
+    monkeypatch.setattr(k, "gemv_split", lambda rows, vec, N, K, sms=None: (k.gemv_ksplit(N, K), 0))
+    monkeypatch.setattr(k, "gemv_grid", lambda rows, N, ksplit, prefetch, sms=None: (3, True))
+    launched = launched_names(k, monkeypatch)
+    x, w, g = rand(M, K), rand(N, K), 1.0 + rand(K, scale=0.1)
+    xg, wg = cp.asarray(x), cp.asarray(w)
+    y = cuda.gemv(xg, wg, out=poison(cp, (M, N)), version=1)
+    assert rel_err(y, ref_linear(x, w)) < 1e-5
+    ref = ref_linear(rms_norm(x.astype(np.float64), g.astype(np.float64), 1e-5), w)
+    y = cuda.gemv(xg, wg, out=poison(cp, (M, N)), norm=cp.asarray(g), eps=1e-5, version=1)
+    assert rel_err(y, ref) < 1e-5
+    h = rand(M, 2 * K, scale=2.0).astype(np.float64)        # [h1 | h3]
+    y = cuda.gemv(cp.asarray(h, dtype=np.float32), wg, out=poison(cp, (M, N)), swiglu=True,
+                  version=1)
+    assert rel_err(y, ref_linear(silu(h[:, :K]) * h[:, K:], w)) < 1e-5
+    y0 = rand(M, N)
+    y = cp.asarray(y0)
+    cuda.gemv(xg, wg, out=y, accumulate=True, version=1)
+    assert rel_err(y, y0 + ref_linear(x, w)) < 1e-5
+    assert len(launched) == 4 and all(name.endswith(",0,true>") for name in launched), launched
+
+
 def test_gemv_late_norm_rule_takes_one_row_of_float4s_as_gemv_late_norm_says(monkeypatch):
     """kernels.gemv_late_norm: RMSNorm after the sums (GEMV_RMSNORM_LATE) only at one row with
     float4 loads; there on the launches with early loads ("early", the package's), on all, or
@@ -366,6 +419,15 @@ def gemv_prologue(k, pro, prefetch):
     """The prologue gemv launches for `pro` (GEMV_PROLOGUES) at one row of float4s: RMSNorm
     after the sums where gemv_late_norm takes it."""
     return k.GEMV_RMSNORM_LATE if pro == 1 and k.gemv_late_norm(1, True, prefetch) else pro
+
+
+def one_row_gemv(k, N, K, pro):
+    """The gemv instance the rule launches for one row of float4s, W (N, K) and prologue `pro`:
+    its early loads (gemv_split), RMSNorm after the sums where they are, its blocks walking where
+    gemv_grid says."""
+    ksplit, prefetch = k.gemv_split(1, True, N, K)
+    walk = k.gemv_grid(1, N, ksplit, prefetch)[1]
+    return f"gemv<1,true,{gemv_prologue(k, pro, prefetch)},{prefetch}{',true' if walk else ''}>"
 
 
 def launched_names(k, monkeypatch):
@@ -424,8 +486,7 @@ def test_gemv_one_row_with_and_without_early_loads_matches_float64(cuda, cp, mon
     y = cp.asarray(y0)
     cuda.gemv(xg, wg, out=y, accumulate=True)
     assert rel_err(y, y0 + ref_linear(x, w)) < 1e-5
-    assert launched == [f"gemv<1,true,{gemv_prologue(k, pro, prefetch)},{prefetch}>"
-                        for pro in (0, 1, 2, 0)]
+    assert launched == [one_row_gemv(k, N, K, pro) for pro in (0, 1, 2, 0)]
 
 
 @gpu
@@ -762,9 +823,9 @@ def test_one_row_graph_with_gemvs_early_loads_matches_float64(cuda, cp, monkeypa
     """FusedDecoder at one row: the step eager, then its graph, captured with programmatic
     launches (PROGRAMMATIC_ROWS), where gemv loads W before its wait while the kernel ahead
     finishes. Every step's logits within 1e-4 of the float64 model (its cache float32, as the
-    GPU's), and each product launched as gemv_split says for its shape on this GPU, with
-    early loads for some of them (on an H200: stories15M's but the classifier, and the wide
-    shape's wqkv, wo and w2)."""
+    GPU's), and each product launched as gemv_split and gemv_grid say for its shape on this
+    GPU, with early loads for some of them (on an H200: stories15M's but the classifier, and
+    the wide shape's wqkv, wo and w2) and the classifier's blocks walking."""
     k = cuda.kernels
     p = ModelArgs(**ONE_ROW[shape])
     w = random_weights(p, seed=int(rng.integers(1 << 30)))
@@ -775,11 +836,9 @@ def test_one_row_graph_with_gemvs_early_loads_matches_float64(cuda, cp, monkeypa
     hd, qkv = p.dim // p.n_heads, (p.n_heads + 2 * p.n_kv_heads) * (p.dim // p.n_heads)
     products = [(qkv, p.dim, 1), (p.dim, p.n_heads * hd, 0), (2 * p.hidden_dim, p.dim, 1),
                 (p.dim, p.hidden_dim, 2), (p.vocab_size, p.dim, 1)]    # (N, K, prologue)
-    early = {(N, K): k.gemv_split(1, True, N, K)[1] for N, K, _ in products}
-    want = {f"gemv<1,true,{gemv_prologue(k, pro, early[N, K])},{early[N, K]}>"
-            for N, K, pro in products}
+    want = {one_row_gemv(k, N, K, pro) for N, K, pro in products}
     gemvs = {name for name in launched if name.startswith("gemv<")}
-    assert gemvs == want and any(not name.endswith(",0>") for name in gemvs), gemvs
+    assert gemvs == want and any(not name.endswith((",0>", ",true>")) for name in gemvs), gemvs
 
 
 @gpu

@@ -55,6 +55,12 @@ GEMV_ROWS = (1, 2, 4, 8)           # rows of x per warp in gemv<ROWS, VEC, PRO, 
 # early loads.
 GEMV_PREFETCH = 4
 GEMV_PREFETCH_BLOCKS = 5
+# gemv's grid: a block per group of 8 / ksplit rows of W, or, for a launch without early loads
+# that has more groups than GEMV_WALK_BLOCKS[rows] blocks an SM, that many blocks, each walking
+# the groups a grid apart (gemv<..., WALK>, gemv_grid). Measured on the float32 steps (H200,
+# 2026-11-30, benchmarks.md's twenty-fourth run): at one row 8 (stories15M's classifier) where
+# 5 lost on stories110M (its w13 too), at 4 rows 5; 2 and 8 rows take 4 rows', unmeasured.
+GEMV_WALK_BLOCKS = {1: 8, 2: 5, 4: 5, 8: 5}
 GEMV_PROLOGUES = {None: 0, "rmsnorm": 1, "swiglu": 2}     # GEMV_PLAIN, _RMSNORM, _SWIGLU
 # gemv's RMSNorm with inv_rms after the sums (GEMV_RMSNORM_LATE, matmul.cu): one row of x,
 # float4 loads, where gemv_late_norm takes it (GEMV_LATE_NORM: "early", the launches with
@@ -189,6 +195,9 @@ def _templates():
                for vec in (True, False) for pro in GEMV_PROLOGUES.values()]
     common += [f"gemv<1,true,{pro},{GEMV_PREFETCH}>" for pro in GEMV_PROLOGUES.values()]
     common += [f"gemv<1,true,{GEMV_RMSNORM_LATE},{p}>" for p in (0, GEMV_PREFETCH)]
+    common += [f"gemv<{rows},{_cpp_bool(vec)},{pro},0,true>" for rows in GEMV_ROWS
+               for vec in (True, False) for pro in GEMV_PROLOGUES.values()]   # WALK
+    common += [f"gemv<1,true,{GEMV_RMSNORM_LATE},0,true>"]
     common += [f"attention_decode<{width},{t}>" for width in ATTENTION_WIDTHS
                for t in CACHE_TYPES.values()]
     common += [f"decode_persistent<{b}>" for b in PERSISTENT_ROWS]
@@ -403,8 +412,9 @@ def gemv(x, w, out=None, accumulate=False, norm=None, eps=1e-5, swiglu=False, ve
     ksplit, prefetch = gemv_split(rows, vec, N, K)
     if prologue == GEMV_PROLOGUES["rmsnorm"] and gemv_late_norm(rows, vec, prefetch):
         prologue = GEMV_RMSNORM_LATE
-    KERNELS.launch(f"gemv<{rows},{_cpp_bool(vec)},{prologue},{prefetch}>",
-                   (cdiv(N, 8 // ksplit), cdiv(M, rows)), (256,),
+    blocks, walk = gemv_grid(rows, N, ksplit, prefetch)
+    KERNELS.launch(f"gemv<{rows},{_cpp_bool(vec)},{prologue},{prefetch}{',true' if walk else ''}>",
+                   (blocks, cdiv(M, rows)), (256,),
                    (x, w, y, i32(M), i32(N), i32(K), i32(bool(accumulate)),
                     w if norm is None else norm, np.float32(eps), i32(ksplit)))
     return y
@@ -530,6 +540,16 @@ def gemv_split(rows, vec, N, K, sms=None):
             if gemv_prefetch(rows, vec, N, K, ksplit, sms):
                 return ksplit, GEMV_PREFETCH
     return gemv_ksplit(N, K, sms), 0
+
+
+def gemv_grid(rows, N, ksplit, prefetch, sms=None):
+    """gemv's blocks along N and whether they walk: a block per group of 8 / ksplit rows of W,
+    or, without early loads (prefetch) and where the groups are more than GEMV_WALK_BLOCKS[rows]
+    blocks an SM (sms: the current GPU's by default), that many blocks, each taking the groups
+    a grid apart (WALK). 4000 blocks of stories15M's short classifier rows each ended as soon as
+    it began; walking, 1056 blocks made its one-row step 1.04x as fast."""
+    groups, cap = cdiv(N, 8 // ksplit), GEMV_WALK_BLOCKS[rows] * (sms or sm_count())
+    return (groups, False) if prefetch or groups <= cap else (cap, True)
 
 
 def gemv_late_norm(rows, vec, prefetch):
