@@ -1349,7 +1349,6 @@ gemv(const float* __restrict__ X, const float* __restrict__ W, float* __restrict
     // lanes, or its k slices, which meet below), so no block-wide sum of squares comes first:
     // one round trip to x after the wait, not a sum of squares, its barrier, then x.
     for (int group = blockIdx.x; !WALK || group < groups; group += gridDim.x) {  // the block's
-        const bool first = !WALK || group == blockIdx.x;    // the early loads' rows
         const float* w = W + (size_t)n * K;
         float acc[ROWS], ss[ROWS];
 #pragma unroll
@@ -1357,15 +1356,14 @@ gemv(const float* __restrict__ X, const float* __restrict__ W, float* __restrict
 
         if (active && VEC) {                                // K % 4 == 0, 16-byte aligned rows
             const float4* w4 = reinterpret_cast<const float4*>(w);
-            if (first)
 #pragma unroll
-                for (int i = 0; i < PREFETCH; ++i) {        // the loads made before the wait first
-                    const int k4 = slice * 32 + lane + i * 32 * ksplit;
-                    if (k4 < K / 4) gemv_add4<ROWS, XPRO, LATE>(acc, ss, w_early[i], X, m0, M, ldx,
-                                                                k4, K, norm_w, inv_rms);
-                }
+            for (int i = 0; i < PREFETCH; ++i) {            // the loads made before the wait
+                const int k4 = slice * 32 + lane + i * 32 * ksplit;   // (no WALK: one group)
+                if (k4 < K / 4) gemv_add4<ROWS, XPRO, LATE>(acc, ss, w_early[i], X, m0, M, ldx,
+                                                            k4, K, norm_w, inv_rms);
+            }
 #pragma unroll 4
-            for (int k4 = slice * 32 + lane + (first ? PREFETCH : 0) * 32 * ksplit; k4 < K / 4;
+            for (int k4 = slice * 32 + lane + PREFETCH * 32 * ksplit; k4 < K / 4;
                  k4 += 32 * ksplit)
                 gemv_add4<ROWS, XPRO, LATE>(acc, ss, __ldg(w4 + k4), X, m0, M, ldx, k4, K, norm_w,
                                             inv_rms);
