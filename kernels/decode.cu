@@ -84,7 +84,16 @@ extern "C" __global__ void embed_tokens(const int* __restrict__ step, const floa
 // rotated copy, rounded as the cache holds it (float16, for a float16 cache), in the warp whose
 // turn the key is in the round robin (pos % warps).
 
-constexpr int ATTN_WARPS = 8;                  // __launch_bounds__(256)
+// Warps a block has at most: a chunk of keys is KEYS per warp, so 16 warps keep 128 keys in
+// flight where 8 kept 64, one round trip per 128 keys. kernels.attention_threads launches 16
+// at up to 8 rows of float4 pieces (a one-row step at position 200: 1.12x on stories15M,
+// 1.10x on stories110M), else 8 (32 rows: 0.95x with 16, the blocks outnumbering the SMs).
+constexpr int ATTN_WARPS = 16;
+// A block's threads at most, by WIDTH: scalar pieces take more registers a thread (174 to 191
+// where float4 pieces take 125), so they keep 8 warps and ptxas' 255 registers, no spills.
+__host__ __device__ constexpr int attention_most_threads(int width) {
+    return width == 4 ? ATTN_WARPS * 32 : 256;
+}
 constexpr int ATTN_HEAD_DIM = 256;             // FusedDecoder.covers: head_dim <= its block
 // Floats of cached keys a lane holds at once (and as many of values): a chunk is
 // ATTN_LANE_FLOATS / (WIDTH * PER_LANE) keys, 8 when head_dim <= 128 with float4 pieces.
@@ -363,7 +372,7 @@ __device__ __forceinline__ void attention_by_warps(
 }
 
 template <int WIDTH, typename T>
-__global__ void __launch_bounds__(ATTN_WARPS * 32)
+__global__ void __launch_bounds__(attention_most_threads(WIDTH))
 attention_decode(const float* __restrict__ qkv, const int* __restrict__ step,
                  const float* __restrict__ cos_table, const float* __restrict__ sin_table,
                  T* __restrict__ cache_k, T* __restrict__ cache_v, float* __restrict__ out,

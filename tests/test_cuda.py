@@ -349,6 +349,15 @@ def test_gemv_split_takes_the_fewest_warps_a_row_with_early_loads_else_gemv_kspl
         (2, GEMV_PREFETCH)
 
 
+def test_attention_threads_are_sixteen_warps_for_a_few_rows_of_float4_pieces():
+    """kernels.attention_threads: 16 warps (more keys in flight) up to ATTENTION_WIDE_ROWS rows
+    where the row is float4 pieces, else 8; never more than decode.cu's launch bounds allow."""
+    from minillama.cuda.kernels import ATTENTION_WIDE_ROWS, attention_threads
+    assert [attention_threads(4, b) for b in (1, 2, ATTENTION_WIDE_ROWS)] == [512] * 3
+    assert [attention_threads(4, b) for b in (ATTENTION_WIDE_ROWS + 1, 32, 64)] == [256] * 3
+    assert [attention_threads(1, b) for b in (1, 8, 32)] == [256] * 3
+
+
 def test_gemv_grid_walks_only_where_groups_outnumber_the_cap_and_no_early_loads():
     """kernels.gemv_grid: a block per group of 8 / ksplit rows of W, or GEMV_WALK_BLOCKS[rows]
     blocks an SM that walk the groups, only for launches without early loads; on an H200 at one
@@ -578,25 +587,30 @@ def test_softmax_causal_mask_is_built_in(cuda, cp, kernel, start_pos, seqlen):
 # ----------------------------------------------------------------------------
 # decode.cu's attention_decode: RoPE, the KV-cache write and attention in one kernel
 
+ATTENTION_SHAPES = [(1, 4, 4, 16, 0), (3, 6, 2, 6, 0), (3, 6, 2, 6, 9), (2, 8, 2, 64, 37),
+                    (1, 12, 3, 128, 300), (2, 8, 2, 256, 70), (2, 4, 2, 70, 45),
+                    (1, 2, 1, 250, 20), (1, 6, 2, 48, 5000), (1, 6, 6, 48, 200)]
+
+
 @gpu
 @pytest.mark.parametrize("cache", ["float32", "float16"])
-@pytest.mark.parametrize("bsz,nh,nkv,hd,pos", [(1, 4, 4, 16, 0), (3, 6, 2, 6, 0), (3, 6, 2, 6, 9),
-                                               (2, 8, 2, 64, 37), (1, 12, 3, 128, 300),
-                                               (2, 8, 2, 256, 70), (2, 4, 2, 70, 45),
-                                               (1, 2, 1, 250, 20), (1, 6, 2, 48, 5000)])
+@pytest.mark.parametrize("bsz,nh,nkv,hd,pos,block", [
+    (*shape, block) for shape in ATTENTION_SHAPES       # float4 pieces: 8 warps and 16
+    for block in ((256, 512) if shape[3] % 4 == 0 else (256,))])
 def test_attention_decode_rotates_writes_the_cache_and_attends(cuda, cp, cache, bsz, nh, nkv,
-                                                               hd, pos):
+                                                               hd, pos, block):
     """Against NumPy: q and the new k rotated (model.apply_rotary_emb), k and v written into the
     cache at pos (rounded to float16 for a float16 cache), softmax(q . k / sqrt(hd)) v over the
     keys 0 .. pos. Cache rows pos and beyond start as NaN: a block that read row pos (which
     another block writes) instead of its own copy of the new key and value could turn NaN.
     The shapes take each of the kernel's layouts: a lane holding 1 or 2 float4 pieces of a row
     (head_dim 256: 2), or 1, 4 or 8 single values (head_dim 6, 70, 250); one chunk of keys
-    per warp or many (pos 300; 5000, beyond 4096), grouped-query heads, batch rows."""
+    per warp or many (pos 300; 5000, beyond 4096; 200: stories15M's heads, one chunk of 16
+    warps and a part), grouped-query heads, batch rows; blocks of 8 and 16 warps."""
     from minillama.cuda.kernels import CACHE_TYPES, KERNELS
     from minillama.cuda.runtime import i32
     from minillama.model import apply_rotary_emb, precompute_freqs
-    max_seq, block = pos + 5, 256
+    max_seq = pos + 5
     qkv = rand(bsz, (nh + 2 * nkv) * hd)                 # [q heads | k heads | v heads]
     cos, sin = precompute_freqs(hd, max_seq)
     start_k, start_v = (rand(bsz, max_seq, nkv, hd).astype(cache) for _ in range(2))

@@ -17,7 +17,7 @@ import numpy as np
 
 from ..formats import Packed
 from .kernels import CACHE_TYPES, GREEDY_THREADS, KERNELS, NO_STEP, PACKED_KERNEL_FORMATS, \
-    gemv, greedy_pick, qgemv
+    attention_threads, gemv, greedy_pick, qgemv
 from .runtime import i32, require_cupy
 
 
@@ -258,7 +258,7 @@ class FusedDecoder:
 
     def run(self, bsz):
         """Launch one decode step for rows 0 .. bsz-1 on the current stream."""
-        p, block = self.p, (self.BLOCK,)
+        p = self.p
         nh, nkv, hd = p.n_heads, p.n_kv_heads, p.head_dim
         h, qkv, att, h13 = (a[:bsz] for a in (self.h, self.qkv, self.att, self.h13))
         eps, adds = p.norm_eps, self.adds_residual
@@ -269,8 +269,9 @@ class FusedDecoder:
         for attn_norm, wqkv, wo, ffn_norm, w13, w2, cache_k, cache_v in self.layers:
             cache = CACHE_TYPES[cache_k.dtype.name]         # float, or float16 bits
             matvec(h, wqkv, out=qkv, norm=attn_norm, eps=eps)
-            # RoPE on q and k, k and v into the cache at pos, attention: one block per head
-            KERNELS.launch(f"attention_decode<{width},{cache}>", (nh, bsz), block,
+            # RoPE on q and k, k and v into the cache at pos, attention: a block a head and row
+            KERNELS.launch(f"attention_decode<{width},{cache}>", (nh, bsz),
+                           (attention_threads(width, bsz),),
                            (qkv, self.step, self.freqs_cos, self.freqs_sin, cache_k, cache_v,
                             att, i32(nh), i32(nkv), i32(hd), i32(p.max_seq_len), scale))
             matvec(att, wo, out=h, accumulate=adds)             # h += attention(...)

@@ -73,6 +73,9 @@ SOFTMAX_BLOCKS = ((1, 1024), (2, 1024), (4, 1024), (8, 1024), (16, 1024), (32, 1
 SOFTMAX_WARP_MAX = 1024            # rows up to this long: one warp per row (softmax_warp)
 # attention_decode<WIDTH, T> (decode.cu, launched by FusedDecoder): float4 or scalar loads
 ATTENTION_WIDTHS = (1, 4)
+# attention_decode's block (attention_threads): 16 warps at up to this many rows of float4
+# pieces, else 8
+ATTENTION_WIDE_ROWS = 8
 # attention_decode<WIDTH, T>: the KV cache's element type, by its NumPy dtype
 CACHE_TYPES = {"float32": "float", "float16": "unsigned short"}
 # decode_persistent<B> (persistent.cu, launched by PersistentDecoder): batch rows per warp
@@ -418,6 +421,17 @@ def gemv(x, w, out=None, accumulate=False, norm=None, eps=1e-5, swiglu=False, ve
                    (x, w, y, i32(M), i32(N), i32(K), i32(bool(accumulate)),
                     w if norm is None else norm, np.float32(eps), i32(ksplit)))
     return y
+
+
+def attention_threads(width, bsz):
+    """attention_decode's threads a block for bsz rows of `width`-float pieces (decode.cu). Its
+    warps take the cached keys a chunk of 8 each at a time, one round trip a chunk: 16 warps
+    hold 128 keys in flight, 8 warps 64. Measured on the float32 steps (H200, 2026-11-30,
+    docs/kernels.md, "Keys in flight"): one row at position 200 1.12x (stories15M) and 1.10x
+    (stories110M) as fast with 16, at position 100 1.08x and 1.05x, at position 3 0.99x; 8
+    rows 1.01x and 1.00x; 32 rows 0.95x and 0.97x (a block for each head and row, more blocks
+    than the SMs hold at once). Scalar pieces keep 8 (their registers: decode.cu)."""
+    return 512 if width == 4 and bsz <= ATTENTION_WIDE_ROWS else 256
 
 
 def gemv_version(M, vec):
