@@ -55,6 +55,8 @@ def test_persistent_steps_match_the_cpu(cuda, cp, graphs, tied):
     cpu_model.forward(prompt, 0)
     decoder = ops._decoders[gpu_model]
     assert type(decoder).__name__ == "PersistentDecoder"
+    assert not any(decoder.fits(b) for b in range(1, 10))   # dim 64: the graph, at every batch
+    decoder.min_dim = 0                         # at any width, 2 to 7 rows through the kernel
     assert not decoder.fits(1) and decoder.fits(2) and decoder.fits(7) and not decoder.fits(8)
     decoder.min_rows, decoder.max_rows = 1, 8   # one and eight rows through the kernel too
     for pos, bsz in zip(range(5, 17), [1, 2, 3, 8, 9, 8, 5, 9, 1, 4, 7, 6]):
@@ -74,6 +76,7 @@ def test_persistent_attention_past_one_block_of_keys(cuda, cp):
     step writes are read by other blocks in the same launch."""
     gpu_model, cpu_model, ops = models(cuda, "mha-long", bsz=2)
     forward = ops.decoder(gpu_model)
+    ops._decoders[gpu_model].min_dim = 0        # two rows through the kernel at dim 96
     assert ops._decoders[gpu_model].fits(2)
     prompt = rng.integers(0, 517, size=(2, 600))
     forward(prompt, 0)
@@ -87,6 +90,7 @@ def test_persistent_attention_past_one_block_of_keys(cuda, cp):
 def test_persistent_step_allocates_nothing_that_grows(cuda, cp):
     gpu_model, _, ops = models(cuda, "gqa", bsz=2)
     forward = ops.decoder(gpu_model)
+    ops._decoders[gpu_model].min_dim = 0        # two rows through the kernel at dim 64
     forward([[3], [5]], 0)
     forward([[4], [6]], 1)
     pool = cp.get_default_memory_pool()

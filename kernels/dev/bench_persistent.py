@@ -86,7 +86,8 @@ def main(argv=None):
             model = Transformer(p, w, ops)
             ops.decoder(model)
             decoders[name] = ops._decoders[model]
-            decoders[name].min_rows = 1         # time the kernel at one and eight rows too
+            decoders[name].min_rows = 1         # time the kernel at one and eight rows too,
+            decoders[name].min_dim = 0          # and at every width
             decoders[name].max_rows = 8
         cpu = Transformer(p, w, CPU) if p.dim < 4096 else None
         errs = []

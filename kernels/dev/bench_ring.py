@@ -118,7 +118,7 @@ def decoder_of(p, w, kind):
     forward = ops.decoder(model)
     d = ops._decoders[model]
     if kind == "persistent":
-        d.min_rows = 1
+        d.min_rows, d.min_dim = 1, 0
     return forward, d
 
 

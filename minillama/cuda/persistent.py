@@ -14,7 +14,12 @@ more at more rows); a single row stays with FusedDecoder's graph, which was as f
 (the one kernel's stages each wait on a grid barrier and an L2 round trip for their input, about
 2.7 us a stage, where a graph's kernel boundary costs about the same); from 8 rows the graph's
 float32 GEMV is qgemv v2, which reads each weight once for up to 32 rows and beat this kernel
-(stories15M at 8 rows: 253 against 268 us).
+(stories15M at 8 rows: 253 against 268 us). Since the graph's gemv walks (the classifier's
+loads evict-first, attention 16 warps: 2026-11-30), the graph is faster at 2 and 4 rows on every
+stories shape measured (kernels/dev/bench_persistent.py: stories15M 127 against 150 us and 180
+against 186, stories110M 391 against 447 and 501 against 554), and the one kernel only on the
+4-layer Llama-2-7B shape (4 rows: 1641 against 1986 us): so it takes models of dim >= min_dim,
+the narrowest shape where it was measured faster.
 """
 import numpy as np
 
@@ -32,6 +37,7 @@ class PersistentDecoder(FusedDecoder):
 
     min_rows = 2            # fewer rows, or more: FusedDecoder's graph (the module's docstring)
     max_rows = 7
+    min_dim = 4096          # narrower models: FusedDecoder's graph at every batch (the same)
 
     @staticmethod
     def covers(model):
@@ -61,7 +67,7 @@ class PersistentDecoder(FusedDecoder):
     def fits(self, bsz):
         """Whether a step of bsz rows runs as one kernel (else as FusedDecoder's launches)."""
         return (self.min_rows <= bsz <= min(self.max_rows, MAX_ROWS)
-                and shared_bytes(self.p, bsz) <= MAX_SHARED)
+                and self.p.dim >= self.min_dim and shared_bytes(self.p, bsz) <= MAX_SHARED)
 
     def run(self, bsz):
         """Launch one decode step for rows 0 .. bsz-1: zero the barrier, then one kernel."""
