@@ -55,9 +55,10 @@ extern "C" __global__ void embed_tokens(const int* __restrict__ step, const floa
 // scores = (q * scale) . k_t,  p = softmax(scores),  out = sum_t p_t v_t.
 //
 // qkv: (bsz, (n_heads + 2 n_kv) * head_dim) = [q heads | k heads | v heads], from gemv(wqkv).
-// One block per (query head, row); query head h reads kv head g = h / (n_heads / n_kv_heads).
-// grid (n_heads, bsz); block: up to ATTN_WARPS warps; head_dim <= ATTN_HEAD_DIM (256); no
-// dynamic shared memory, and no bound on max_seq.
+// One block per (query head, row, split); query head h reads kv head g = h / (n_heads /
+// n_kv_heads). grid (n_heads, bsz, splits); block: up to ATTN_WARPS warps; head_dim <=
+// ATTN_HEAD_DIM (256); no dynamic shared memory, and no bound on max_seq. split_parts (bsz,
+// n_heads, splits, head_dim + 2) floats and arrivals (bsz, n_heads) zeros, read where splits > 1.
 //
 // At the positions a story reaches the work is a few dozen keys, nothing: what the kernel costs
 // is latency, its chain of round trips to memory and of barriers, and the wo GEMV after it
@@ -77,7 +78,11 @@ extern "C" __global__ void embed_tokens(const int* __restrict__ step, const floa
 //     running max, the sum of exp(score - max) and the weighted sum of values, rescaled when
 //     the max grows. Long contexts are more chunks; nothing grows with max_seq;
 //   - 4. one barrier: the warps' (max, sum, weighted values) meet in shared memory and each
-//     thread combines one element of the output.
+//     thread combines one element of the output;
+//   - 5. past one chunk of keys a block, splits: the chunks go round the grid's splits
+//     (blockIdx.z) as the keys go round a block's warps, so a long context is round trips
+//     side by side on other SMs, not one after another on one; each split leaves its combined
+//     softmax as a record, and the last split to finish combines the records (flash-decoding).
 // The new key and value (t = pos): the n_heads / n_kv_heads blocks of kv head g run in any
 // order and all need them, and only the first of them (h % rep == 0) writes them into the
 // cache, for the steps after this one. So no block reads cache row pos: each uses its own
@@ -98,6 +103,11 @@ constexpr int ATTN_HEAD_DIM = 256;             // FusedDecoder.covers: head_dim 
 // Floats of cached keys a lane holds at once (and as many of values): a chunk is
 // ATTN_LANE_FLOATS / (WIDTH * PER_LANE) keys, 8 when head_dim <= 128 with float4 pieces.
 constexpr int ATTN_LANE_FLOATS = 32;
+// Chunks of keys from which they are split over the grid (step 5): two chunks in two splits
+// were slower than in one block (stories15M at position 200: 0.97x), the records' round trip
+// and the last block's combine costing more than the chunk they save; 5 and 8 chunks gained
+// (stories110M at positions 600 and 1000: 1.17x and 1.34x).
+constexpr int ATTN_SPLIT_CHUNKS = 3;
 
 // The warps' partial softmaxes (step 4); a warp without keys leaves max -inf, sum 0, zeros.
 struct WarpSoftmax {
@@ -257,7 +267,8 @@ __device__ __forceinline__ void attention_by_warps(
         const float* __restrict__ qkv, const int* __restrict__ step,
         const float* __restrict__ cos_table, const float* __restrict__ sin_table,
         T* __restrict__ cache_k, T* __restrict__ cache_v, float* __restrict__ out, int n_heads,
-        int n_kv_heads, int head_dim, int max_seq, float scale, WarpSoftmax& parts) {
+        int n_kv_heads, int head_dim, int max_seq, float scale, float* __restrict__ split_parts,
+        unsigned int* __restrict__ arrivals, WarpSoftmax& parts) {
     constexpr int KEYS = ATTN_LANE_FLOATS / (WIDTH * PER_LANE);   // keys of a chunk, per warp
     const int h = blockIdx.x, b = blockIdx.y, lane = threadIdx.x % 32, warp = threadIdx.x / 32;
     const int warps = blockDim.x / 32, rep = n_heads / n_kv_heads, g = h / rep;
@@ -277,11 +288,18 @@ __device__ __forceinline__ void attention_by_warps(
     //    its wait. (A kernel of this step that wrote `step` would need this read of pos moved
     //    after the wait.)
     const int pos = __ldcg(step);
+    // The split of the keys this block takes (blockIdx.z of gridDim.z, step 5): chunks split,
+    // split + splits, ..., where splits is as many of the grid's as the cached keys fill, from
+    // ATTN_SPLIT_CHUNKS chunks on; a block beyond them has nothing to do. One split (gridDim.z
+    // 1, or a short context): the block takes every chunk and writes out itself.
+    const int split = blockIdx.z, chunks = (pos + KEYS * warps - 1) / (KEYS * warps);
+    const int splits = chunks >= ATTN_SPLIT_CHUNKS ? min((int)gridDim.z, chunks) : 1;
+    if (split >= splits) return;
     float c[PER_LANE][2], s[PER_LANE][2];                  // (pieces, pairs) cos, sin at pos
     load_angles<WIDTH, PER_LANE>(cos_table + (size_t)pos * half, sin_table + (size_t)pos * half,
                                  pieces, c, s);
-    float k[KEYS][PER_LANE][WIDTH], v[KEYS][PER_LANE][WIDTH];   // (keys, slice) of chunk 0
-    load_chunk<WIDTH, PER_LANE, KEYS>(keys, values, row_stride, 0, pos, pieces, k, v);
+    float k[KEYS][PER_LANE][WIDTH], v[KEYS][PER_LANE][WIDTH];   // (keys, slice): first chunk
+    load_chunk<WIDTH, PER_LANE, KEYS>(keys, values, row_stride, split, pos, pieces, k, v);
     grid_dependency_wait();                                // (reduce.cu) qkv is written
 
     // 2. q of head h (times scale: model.py scales q before the product), the new key of kv
@@ -291,9 +309,9 @@ __device__ __forceinline__ void attention_by_warps(
     load_rotated<WIDTH, PER_LANE>(row + h * head_dim, pieces, c, s, q);
     load_rotated<WIDTH, PER_LANE>(row + (n_heads + g) * head_dim, pieces, c, s, k_new);
     load_slice<WIDTH, PER_LANE>(row + (n_heads + n_kv_heads + g) * head_dim, pieces, v_new);
-    // The new key is the next of the round robin: warp pos % warps takes it. In the first
-    // block of kv head g, that warp writes it and the value into the cache.
-    const bool owner = warp == pos % warps;
+    // The new key is the next of the round robin: warp pos % warps of split 0 takes it. In the
+    // first block of kv head g, that warp writes it and the value into the cache.
+    const bool owner = split == 0 && warp == pos % warps;
     if (owner && h % rep == 0) {
         store_slice<WIDTH, PER_LANE>(keys + pos * row_stride, pieces, k_new);
         store_slice<WIDTH, PER_LANE>(values + pos * row_stride, pieces, v_new);
@@ -319,9 +337,9 @@ __device__ __forceinline__ void attention_by_warps(
 #pragma unroll
         for (int j = 0; j < WIDTH; ++j) acc[i][j] = owner ? v_new[i][j] : 0.0f;
     //    Then the cached keys t < pos, a chunk at a time.
-    for (int chunk = 0; chunk * KEYS * warps + warp < pos; ++chunk) {
-        if (chunk > 0) load_chunk<WIDTH, PER_LANE, KEYS>(keys, values, row_stride, chunk, pos,
-                                                         pieces, k, v);
+    for (int chunk = split; chunk * KEYS * warps + warp < pos; chunk += splits) {
+        if (chunk > split) load_chunk<WIDTH, PER_LANE, KEYS>(keys, values, row_stride, chunk,
+                                                             pos, pieces, k, v);
         float score[KEYS];
 #pragma unroll
         for (int j = 0; j < KEYS; ++j) score[j] = slice_dot<WIDTH, PER_LANE>(q, k[j]);
@@ -360,6 +378,9 @@ __device__ __forceinline__ void attention_by_warps(
     __syncthreads();
     float most = neg_inf();                                // M
     for (int w = 0; w < warps; ++w) most = fmaxf(most, parts.max[w]);
+    const int record = head_dim + 2;                       // a split's (M, norm, totals)
+    float* records = split_parts + ((size_t)b * n_heads + h) * gridDim.z * record;
+    float* y = out + (size_t)b * n_heads * head_dim + h * head_dim;
     for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
         float total = 0.0f, norm = 0.0f;
         for (int w = 0; w < warps; ++w) {                  // in a fixed order
@@ -367,8 +388,42 @@ __device__ __forceinline__ void attention_by_warps(
             total += f * parts.acc[w * head_dim + d];
             norm += f * parts.sum[w];
         }
-        out[(size_t)b * n_heads * head_dim + h * head_dim + d] = total / norm;
+        if (splits == 1) {
+            y[d] = total / norm;
+        } else {                                           // this split's record (step 5)
+            records[split * record + 2 + d] = total;
+            if (d == 0) {
+                records[split * record] = most;
+                records[split * record + 1] = norm;
+            }
+        }
     }
+    if (splits == 1) return;
+
+    // 5. The splits' softmaxes combined as the warps' were, by the block that finishes last
+    //    (a counter per head and row: each block's record is made visible, __threadfence,
+    //    before it counts itself), in split order whichever block that is. It sets the
+    //    counter back to 0 for the next launch, which starts only after this one has ended.
+    __shared__ bool last;
+    __threadfence();
+    __syncthreads();
+    unsigned int* count = arrivals + (size_t)b * n_heads + h;
+    if (threadIdx.x == 0) last = atomicAdd(count, 1u) == (unsigned int)(splits - 1);
+    __syncthreads();
+    if (!last) return;
+    __threadfence();                                       // then the others' records
+    float top = neg_inf();
+    for (int r = 0; r < splits; ++r) top = fmaxf(top, __ldcg(records + r * record));
+    for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
+        float total = 0.0f, norm = 0.0f;
+        for (int r = 0; r < splits; ++r) {
+            const float f = expf(__ldcg(records + r * record) - top);
+            total += f * __ldcg(records + r * record + 2 + d);
+            norm += f * __ldcg(records + r * record + 1);
+        }
+        y[d] = total / norm;
+    }
+    if (threadIdx.x == 0) *count = 0;
 }
 
 template <int WIDTH, typename T>
@@ -376,7 +431,8 @@ __global__ void __launch_bounds__(attention_most_threads(WIDTH))
 attention_decode(const float* __restrict__ qkv, const int* __restrict__ step,
                  const float* __restrict__ cos_table, const float* __restrict__ sin_table,
                  T* __restrict__ cache_k, T* __restrict__ cache_v, float* __restrict__ out,
-                 int n_heads, int n_kv_heads, int head_dim, int max_seq, float scale) {
+                 int n_heads, int n_kv_heads, int head_dim, int max_seq, float scale,
+                 float* __restrict__ split_parts, unsigned int* __restrict__ arrivals) {
     grid_launch_dependents();
     __shared__ __align__(16) WarpSoftmax parts;
     // A slice of 1, 2, 4 or 8 pieces a lane, the fewest that hold the row; a chunk has as
@@ -385,7 +441,7 @@ attention_decode(const float* __restrict__ qkv, const int* __restrict__ step,
     constexpr int MOST = ATTN_HEAD_DIM / (32 * WIDTH);
     const int pieces = head_dim / WIDTH;
 #define ATTN_ARGS qkv, step, cos_table, sin_table, cache_k, cache_v, out, n_heads, n_kv_heads, \
-                  head_dim, max_seq, scale, parts
+                  head_dim, max_seq, scale, split_parts, arrivals, parts
     if (pieces <= 32)
         attention_by_warps<WIDTH, 1>(ATTN_ARGS);
     else if (pieces <= 64 || MOST == 2)

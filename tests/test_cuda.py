@@ -358,6 +358,15 @@ def test_attention_threads_are_sixteen_warps_for_a_few_rows_of_float4_pieces():
     assert [attention_threads(1, b) for b in (1, 8, 32)] == [256] * 3
 
 
+def test_attention_splits_are_one_per_128_positions_at_one_row():
+    """kernels.attention_splits: one row gets a split per 128 positions of the cache, at most
+    ATTENTION_SPLITS, where that makes 3 or more (stories15M's 256 positions: 1); more rows, 1."""
+    from minillama.cuda.kernels import ATTENTION_SPLITS, attention_splits
+    assert [attention_splits(1, s) for s in (1, 128, 256, 257, 384, 1024, 4096)] == \
+        [1, 1, 1, 3, 3, 8, ATTENTION_SPLITS]
+    assert [attention_splits(b, 4096) for b in (2, 8, 32)] == [1, 1, 1]
+
+
 def test_gemv_grid_walks_only_where_groups_outnumber_the_cap_and_no_early_loads():
     """kernels.gemv_grid: a block per group of 8 / ksplit rows of W, or GEMV_WALK_BLOCKS[rows]
     blocks an SM that walk the groups, only for launches without early loads; on an H200 at one
@@ -594,11 +603,11 @@ ATTENTION_SHAPES = [(1, 4, 4, 16, 0), (3, 6, 2, 6, 0), (3, 6, 2, 6, 9), (2, 8, 2
 
 @gpu
 @pytest.mark.parametrize("cache", ["float32", "float16"])
-@pytest.mark.parametrize("bsz,nh,nkv,hd,pos,block", [
-    (*shape, block) for shape in ATTENTION_SHAPES       # float4 pieces: 8 warps and 16
-    for block in ((256, 512) if shape[3] % 4 == 0 else (256,))])
+@pytest.mark.parametrize("bsz,nh,nkv,hd,pos,block,splits", [
+    (*shape, block, splits) for shape in ATTENTION_SHAPES   # float4 pieces: 8 warps and 16
+    for block in ((256, 512) if shape[3] % 4 == 0 else (256,)) for splits in (1, 3)])
 def test_attention_decode_rotates_writes_the_cache_and_attends(cuda, cp, cache, bsz, nh, nkv,
-                                                               hd, pos, block):
+                                                               hd, pos, block, splits):
     """Against NumPy: q and the new k rotated (model.apply_rotary_emb), k and v written into the
     cache at pos (rounded to float16 for a float16 cache), softmax(q . k / sqrt(hd)) v over the
     keys 0 .. pos. Cache rows pos and beyond start as NaN: a block that read row pos (which
@@ -606,7 +615,11 @@ def test_attention_decode_rotates_writes_the_cache_and_attends(cuda, cp, cache, 
     The shapes take each of the kernel's layouts: a lane holding 1 or 2 float4 pieces of a row
     (head_dim 256: 2), or 1, 4 or 8 single values (head_dim 6, 70, 250); one chunk of keys
     per warp or many (pos 300; 5000, beyond 4096; 200: stories15M's heads, one chunk of 16
-    warps and a part), grouped-query heads, batch rows; blocks of 8 and 16 warps."""
+    warps and a part), grouped-query heads, batch rows; blocks of 8 and 16 warps; the keys in
+    one split or three (a context of fewer than 3 chunks uses one: the other blocks end at
+    once; from 3, the last split combines the records: pos 300 and 5000, and pos 200 with 8
+    warps). The launch runs twice on the same inputs: the splits' counters must be back at 0
+    for the second to agree."""
     from minillama.cuda.kernels import CACHE_TYPES, KERNELS
     from minillama.cuda.runtime import i32
     from minillama.model import apply_rotary_emb, precompute_freqs
@@ -619,9 +632,17 @@ def test_attention_decode_rotates_writes_the_cache_and_attends(cuda, cp, cache, 
     step = cp.asarray(np.array([pos] + [0] * bsz, dtype=np.int32))
     out = poison(cp, (bsz, nh * hd))
     width, scale = 4 if hd % 4 == 0 else 1, np.float32(1.0 / np.sqrt(hd))
-    KERNELS.launch(f"attention_decode<{width},{CACHE_TYPES[cache]}>", (nh, bsz), (block,),
-                   (cp.asarray(qkv), step, cp.asarray(cos), cp.asarray(sin), cache_k, cache_v,
-                    out, i32(nh), i32(nkv), i32(hd), i32(max_seq), scale))
+    split_parts = poison(cp, (bsz, nh, splits, hd + 2))
+    arrivals = cp.zeros((bsz, nh), dtype=np.uint32)
+    outs = []
+    for _ in range(2):
+        KERNELS.launch(f"attention_decode<{width},{CACHE_TYPES[cache]}>", (nh, bsz, splits),
+                       (block,), (cp.asarray(qkv), step, cp.asarray(cos), cp.asarray(sin),
+                                  cache_k, cache_v, out, i32(nh), i32(nkv), i32(hd),
+                                  i32(max_seq), scale, split_parts, arrivals))
+        outs.append(out.get())
+    assert not arrivals.get().any()                      # every counter back at 0
+    assert np.array_equal(outs[0], outs[1])
 
     heads = qkv.reshape(bsz, 1, nh + 2 * nkv, hd)
     qk = apply_rotary_emb(heads[:, :, :nh + nkv], cos[pos:pos + 1], sin[pos:pos + 1])[:, 0]

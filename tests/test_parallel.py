@@ -425,7 +425,7 @@ class NumpyKernels:
 
     @staticmethod
     def attention_decode(grid, qkv, step, cos, sin, cache_k, cache_v, out, nh, nkv, hd, max_seq,
-                         scale):
+                         scale, split_parts, arrivals):
         from minillama.model import apply_rotary_emb
         from minillama.ops import softmax
         pos, bsz = int(step[0]), grid[1]

@@ -17,7 +17,7 @@ import numpy as np
 
 from ..formats import Packed
 from .kernels import CACHE_TYPES, GREEDY_THREADS, KERNELS, NO_STEP, PACKED_KERNEL_FORMATS, \
-    attention_threads, gemv, greedy_pick, qgemv
+    attention_splits, attention_threads, gemv, greedy_pick, qgemv
 from .runtime import i32, require_cupy
 
 
@@ -110,6 +110,11 @@ class FusedDecoder:
         self.att = buf(p.n_heads * hd)
         self.h13 = buf(2 * p.hidden_dim)                     # [h1 | h3]
         self.logits = buf(p.vocab_size)
+        # attention_decode's splits of the keys: each split's record, and a counter per head
+        # and row (the last split combines the records and sets its counter back to 0)
+        splits = attention_splits(1, p.max_seq_len)
+        self.split_parts = cp.zeros((nb, p.n_heads, splits, hd + 2), dtype=np.float32)
+        self.arrivals = cp.zeros((nb, p.n_heads), dtype=np.uint32)
         self.graphs = {}                                     # bsz -> cupy.cuda.Graph
         self.launches_per_step = {}                          # bsz -> kernels in one step
         # greedy_steps' edges, page-locked: the row its graph's copy node reads, and the ids
@@ -269,11 +274,14 @@ class FusedDecoder:
         for attn_norm, wqkv, wo, ffn_norm, w13, w2, cache_k, cache_v in self.layers:
             cache = CACHE_TYPES[cache_k.dtype.name]         # float, or float16 bits
             matvec(h, wqkv, out=qkv, norm=attn_norm, eps=eps)
-            # RoPE on q and k, k and v into the cache at pos, attention: a block a head and row
-            KERNELS.launch(f"attention_decode<{width},{cache}>", (nh, bsz),
+            # RoPE on q and k, k and v into the cache at pos, attention: a block a head, row
+            # and split of the keys
+            KERNELS.launch(f"attention_decode<{width},{cache}>",
+                           (nh, bsz, attention_splits(bsz, p.max_seq_len)),
                            (attention_threads(width, bsz),),
                            (qkv, self.step, self.freqs_cos, self.freqs_sin, cache_k, cache_v,
-                            att, i32(nh), i32(nkv), i32(hd), i32(p.max_seq_len), scale))
+                            att, i32(nh), i32(nkv), i32(hd), i32(p.max_seq_len), scale,
+                            self.split_parts, self.arrivals))
             matvec(att, wo, out=h, accumulate=adds)             # h += attention(...)
             self.join(h)
             matvec(h, w13, out=h13, norm=ffn_norm, eps=eps)
