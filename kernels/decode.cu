@@ -79,7 +79,7 @@ extern "C" __global__ void embed_tokens(const int* __restrict__ step, const floa
 //     the max grows. Long contexts are more chunks; nothing grows with max_seq;
 //   - 4. one barrier: the warps' (max, sum, weighted values) meet in shared memory and each
 //     thread combines one element of the output;
-//   - 5. past one chunk of keys a block, splits: the chunks go round the grid's splits
+//   - 5. from ATTN_SPLIT_CHUNKS chunks of keys on, splits: the chunks go round the grid's splits
 //     (blockIdx.z) as the keys go round a block's warps, so a long context is round trips
 //     side by side on other SMs, not one after another on one; each split leaves its combined
 //     softmax as a record, and the last split to finish combines the records (flash-decoding).
