@@ -367,6 +367,15 @@ def test_attention_splits_are_one_per_128_positions_at_one_row():
     assert [attention_splits(b, 4096) for b in (2, 8, 32)] == [1, 1, 1]
 
 
+def test_attention_split_threshold_is_the_kernels():
+    """kernels.ATTENTION_SPLIT_CHUNKS, the rule's threshold, is decode.cu's ATTN_SPLIT_CHUNKS,
+    below which the kernel keeps one split: were they to differ, the rule would launch splits
+    the kernel leaves idle, or none where it would split."""
+    from minillama.cuda.kernels import ATTENTION_SPLIT_CHUNKS
+    source = (runtime.kernel_dir() / "decode.cu").read_text()
+    assert f"constexpr int ATTN_SPLIT_CHUNKS = {ATTENTION_SPLIT_CHUNKS};" in source
+
+
 def test_gemv_grid_walks_only_where_groups_outnumber_the_cap_and_no_early_loads():
     """kernels.gemv_grid: a block per group of 8 / ksplit rows of W, or GEMV_WALK_BLOCKS[rows]
     blocks an SM that walk the groups, only for launches without early loads; on an H200 at one

@@ -76,8 +76,13 @@ ATTENTION_WIDTHS = (1, 4)
 # attention_decode's block (attention_threads): 16 warps at up to this many rows of float4
 # pieces, else 8
 ATTENTION_WIDE_ROWS = 8
-# attention_decode's splits of the keys (attention_splits): up to this many at one row
+# attention_decode's splits of the keys (attention_splits): at one row a split per
+# ATTENTION_CHUNK positions of the cache (a chunk: 16 warps' keys), up to ATTENTION_SPLITS,
+# where that makes at least ATTENTION_SPLIT_CHUNKS (decode.cu's ATTN_SPLIT_CHUNKS: from as
+# many chunks of cached keys the kernel splits them, below it keeps one split)
 ATTENTION_SPLITS = 8
+ATTENTION_CHUNK = 128
+ATTENTION_SPLIT_CHUNKS = 3
 # attention_decode<WIDTH, T>: the KV cache's element type, by its NumPy dtype
 CACHE_TYPES = {"float32": "float", "float16": "unsigned short"}
 # decode_persistent<B> (persistent.cu, launched by PersistentDecoder): batch rows per warp
@@ -437,16 +442,16 @@ def attention_threads(width, bsz):
 
 
 def attention_splits(bsz, max_seq_len):
-    """attention_decode's gridDim.z for bsz rows: at one row, one split per 128 positions the
-    cache holds (a chunk of 16 warps' keys), up to ATTENTION_SPLITS, where that is 3 or more;
-    else 1. The kernel splits only from 3 chunks of cached keys on (ATTN_SPLIT_CHUNKS,
-    decode.cu), as many splits as chunks, so a shorter context runs as one block a head and
-    the other blocks end at once. At more rows 1: their blocks already outnumber the heads.
+    """attention_decode's gridDim.z for bsz rows: at one row, one split per ATTENTION_CHUNK
+    positions the cache holds, up to ATTENTION_SPLITS, where that is ATTENTION_SPLIT_CHUNKS or
+    more; else 1. The kernel splits only from that many chunks of cached keys on, as many
+    splits as chunks, so a shorter context runs as one block a head and the other blocks end
+    at once. At more rows 1: their blocks already outnumber the heads.
     Measured on the one-row float32 steps (H200, 2026-11-30, docs/kernels.md, "Splits of the
     keys"): stories110M 1.17x at position 600 and 1.34x at 1000; two chunks in two splits lost
     (0.97x), hence the threshold."""
-    splits = min(ATTENTION_SPLITS, cdiv(max_seq_len, 128))
-    return splits if bsz == 1 and splits >= 3 else 1
+    splits = min(ATTENTION_SPLITS, cdiv(max_seq_len, ATTENTION_CHUNK))
+    return splits if bsz == 1 and splits >= ATTENTION_SPLIT_CHUNKS else 1
 
 
 def gemv_version(M, vec):
