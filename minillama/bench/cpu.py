@@ -222,43 +222,59 @@ def profile_step(name, steps, shared):
     return lines
 
 
-def profile_decoder(name, steps, shared):
+PROFILE_ROUNDS = 3      # profile_decoder: the step and its products timed in turn, the best of each
+
+
+def profile_decoder(name, steps, shared, rounds=PROFILE_ROUNDS):
     """Lines: one CpuDecoder step, then its products alone (the same products on the same
     buffers, one after the other with nothing between them). What the products leave of the
-    step is Python and the elementwise work (norms, RoPE, attention, SwiGLU)."""
+    step is Python and the elementwise work (norms, RoPE, attention, SwiGLU). The two are timed
+    in turn, `rounds` times, and the best round of each is kept: timed once each, minutes
+    apart in a busy machine's life, the products alone once took longer than the whole step."""
     p, w = load(name, 1, shared)
     step = CpuDecoder(Transformer(p, w))
     tokens = np.ones((1, 1), dtype=np.int64)
     step(tokens, 0)
-    start = time.perf_counter()
-    for pos in range(1, steps + 1):
-        step(tokens, pos)
-    total = (time.perf_counter() - start) / steps
     # (name, input, index of the weight in CpuDecoder.layer_views, output)
     products = (("wqkv", step.xn, 1, step.qkv), ("wo", step.att.reshape(-1), 2, step.y),
                 ("w13", step.xn, 4, step.h13), ("w2", step.gate, 5, step.y))
-    seconds, sizes = Counter(), Counter(classifier=step.output_t.nbytes)
     logits = np.empty(p.vocab_size, np.float32)
-    for _ in range(steps):
-        for views in step.layers:
-            for part, x, i, out in products:
-                begin = time.perf_counter()
-                np.matmul(x, views[i], out=out)
-                seconds[part] += time.perf_counter() - begin
-        begin = time.perf_counter()
-        np.matmul(step.xn, step.output_t, out=logits)
-        seconds["classifier"] += time.perf_counter() - begin
+
+    def step_seconds():
+        start = time.perf_counter()
+        for pos in range(1, steps + 1):
+            step(tokens, pos)
+        return (time.perf_counter() - start) / steps
+
+    def products_seconds():                 # each part's seconds a step
+        seconds = Counter()
+        for _ in range(steps):
+            for views in step.layers:
+                for part, x, i, out in products:
+                    begin = time.perf_counter()
+                    np.matmul(x, views[i], out=out)
+                    seconds[part] += time.perf_counter() - begin
+            begin = time.perf_counter()
+            np.matmul(step.xn, step.output_t, out=logits)
+            seconds["classifier"] += time.perf_counter() - begin
+        return Counter({part: sec / steps for part, sec in seconds.items()})
+
+    timed = [(step_seconds(), products_seconds()) for _ in range(rounds)]
+    total = min(t for t, _ in timed)
+    seconds = min((parts for _, parts in timed), key=lambda parts: sum(parts.values()))
+    sizes = Counter(classifier=step.output_t.nbytes)
     for part, x, i, out in products:
         sizes[part] = step.layers[0][i].nbytes * p.n_layers      # bytes read, padding included
-    lines = [f"{name}: one CpuDecoder step, {total * 1e3:.2f} ms (average of {steps})"]
-    for part, sec in seconds.most_common():
-        per_step = sec / steps
+    lines = [f"{name}: one CpuDecoder step, {total * 1e3:.2f} ms (the best of {rounds} rounds "
+             f"of {steps})"]
+    for part, per_step in seconds.most_common():
         lines.append(f"  {part:<18} {per_step * 1e3:7.3f} ms {per_step / total:6.1%}  "
                      f"{sizes[part] / per_step / 1e9:6.1f} GB/s of weights")
-    alone = sum(seconds.values()) / steps
+    alone = sum(seconds.values())
     rest = total - alone
-    lines.append(f"  {'everything else':<18} {rest * 1e3:7.3f} ms {rest / total:6.1%}  "
-                 f"(Python, norms, RoPE, attention, SwiGLU, the cache)")
+    what = "(Python, norms, RoPE, attention, SwiGLU, the cache)" if rest >= 0 else \
+        "(below zero: the products alone were slower than in the step; the machine's noise)"
+    lines.append(f"  {'everything else':<18} {rest * 1e3:7.3f} ms {rest / total:6.1%}  {what}")
     # The step can be no faster than its products: NumPy's GEMVs reading these weights on this
     # machine, with nothing between them (issue 13's honest ceiling, printed beside the step)
     lines.append(f"  ceiling: the products alone, {alone * 1e3:.2f} ms a step, "
