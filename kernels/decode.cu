@@ -455,14 +455,19 @@ attention_decode(const float* __restrict__ qkv, const int* __restrict__ step,
 
 
 // ---- the next token: greedy_pick -------------------------------------------------------------
-// Greedy decoding takes each row's argmax of the last logits (reduce.cu's greedy pieces say how
-// a row is seen). With CuPy that was four launches (argmax, isfinite, all, a concatenation),
-// each with its Python, about as long as a stories15M step. Here it is one: a block per row,
-// one pass over the row, then greedy_block's three block reductions. The loads go
-// GREEDY_UNROLL at a time, float4s where the row is aligned, all in flight before the first is
-// compared: a stories15M step is ~0.1 ms, and a first version, which read the row three times
-// one load at a time, took a sixth of it. Where the classifier's product walks (gemv_pick,
-// matmul.cu) it picks itself, and this kernel is not launched.
+// Greedy decoding takes each row's argmax of the last logits. generation.greedy needs back from
+// the GPU only the bsz ids and whether every logit was finite (else it raises, saying where);
+// with CuPy that was four launches (argmax, isfinite, all, a concatenation), each with its
+// Python, about as long as a stories15M step. Here it is one: a block per row, one pass over
+// the row. Each thread keeps the largest value it has seen and the first index holding it
+// (`v > top`: a later equal value does not replace it, and a NaN never does), and counts the
+// values that are not finite; then three block reductions: the maximum, the least index among
+// the threads holding it (numpy.argmax's choice among equal maxima; indices are exact as floats
+// up to 2^24), and the count. A row of NaN has no index holding its maximum: its id is 0, a
+// valid one, and the flag is what makes the caller look. The loads go GREEDY_UNROLL at a time,
+// float4s where the row is aligned, all in flight before the first is compared: a stories15M
+// step is ~0.1 ms, and a first version, which read the row three times one load at a time,
+// took a sixth of it.
 // logits: bsz rows of `vocab` floats, `ld` floats apart (logits[:, -1] of (bsz, seqlen, vocab));
 // out (2 bsz) int32: the ids, then a flag per row, 1 where a logit is not finite.
 // next_step: null, or the [position, tokens] a chain of greedy steps reads (FusedDecoder.
@@ -471,6 +476,12 @@ attention_decode(const float* __restrict__ qkv, const int* __restrict__ step,
 #define GREEDY_UNROLL 8             // (1024 threads leave 64 registers a thread: a larger
                                     // unroll would spill; kernels/dev/nvrtc_build.py --ptxas-v
                                     // shows it, nothing at run time does)
+// One value of the row seen by this thread, at index k: its maximum and first index, its count.
+__device__ __forceinline__ void greedy_see(float v, int k, float& top, float& first, float& bad) {
+    bad += isfinite(v) ? 0.0f : 1.0f;
+    if (v > top) { top = v; first = (float)k; }
+}
+
 extern "C" __global__ void __launch_bounds__(1024) greedy_pick(const float* __restrict__ logits,
                                                                int vocab, int ld,
                                                                int* __restrict__ out, int bsz,
@@ -512,6 +523,16 @@ extern "C" __global__ void __launch_bounds__(1024) greedy_pick(const float* __re
         for (int i = 0; i < GREEDY_UNROLL; ++i)
             if (k0 + i * blockDim.x < vocab) greedy_see(v[i], k0 + i * blockDim.x, top, first, bad);
     }
-    greedy_block(top, first, bad, (float)vocab, scratch);
-    if (threadIdx.x == 0) greedy_write(blockIdx.x, bsz, first, bad, (float)vocab, out, next_step);
+    const float best = block_max(top, scratch);
+    first = block_min(top == best ? first : (float)vocab, scratch);
+    bad = block_sum(bad, scratch);
+    if (threadIdx.x == 0) {            // a row of NaN has no index of its maximum: id 0, flagged
+        const int id = first < (float)vocab ? (int)first : 0;
+        out[blockIdx.x] = id;
+        out[bsz + blockIdx.x] = bad > 0.0f ? 1 : 0;
+        if (next_step != nullptr) {
+            next_step[1 + blockIdx.x] = id;
+            if (blockIdx.x == 0) next_step[0] += 1;
+        }
+    }
 }

@@ -1273,52 +1273,6 @@ __device__ __forceinline__ void gemv_add4(float* acc, float* ss, const float4 wv
     }
 }
 
-// gemv_pick's arguments (below): per block and row a record (top, first, bad), the counter
-// that finds the last block, the answer's (2 M) ids and flags, the next step's input or null
-struct GreedyOut {
-    float* records;
-    int* count;
-    int* out;
-    int* next_step;
-};
-
-// gemv_pick's end: each row's answer over the block's warps into the block's record, then, by
-// the block that ends last, over the records, written as greedy_pick writes it. The records are
-// merged in whichever order, as greedy_merge's answer does not depend on it.
-template <int ROWS>
-__device__ __forceinline__ void gemv_pick_end(float top, float first, float bad, int N, int M,
-                                              const GreedyOut& pick) {
-    __shared__ float seen[3][8][ROWS];                  // a warp's lane r: row r's argmax so far
-    __shared__ float scratch[32];
-    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-    if (lane < ROWS) {
-        seen[0][warp][lane] = top;
-        seen[1][warp][lane] = first;
-        seen[2][warp][lane] = bad;
-    }
-    __syncthreads();
-    if (threadIdx.x < ROWS) {                           // thread r: row r's record
-        const int r = threadIdx.x;
-        float t = neg_inf(), f = (float)N, b = 0.0f;
-        for (int w = 0; w < blockDim.x / 32; ++w) greedy_merge(seen[0][w][r], seen[1][w][r],
-                                                               seen[2][w][r], t, f, b);
-        float* record = pick.records + 3 * ((size_t)blockIdx.x * ROWS + r);
-        record[0] = t;
-        record[1] = f;
-        record[2] = b;
-    }
-    if (!split_last_block(pick.count, gridDim.x)) return;
-    for (int r = 0; r < ROWS && r < M; ++r) {
-        float t = neg_inf(), f = (float)N, b = 0.0f;
-        for (int i = threadIdx.x; i < gridDim.x; i += blockDim.x) {   // written in this launch
-            const float* record = pick.records + 3 * ((size_t)i * ROWS + r);
-            greedy_merge(__ldcg(record), __ldcg(record + 1), __ldcg(record + 2), t, f, b);
-        }
-        greedy_block(t, f, b, (float)N, scratch);
-        if (threadIdx.x == 0) greedy_write(r, M, f, b, (float)N, pick.out, pick.next_step);
-    }
-}
-
 // W's loads in gemv's k loop: through the read-only path (ld.global.nc), or with WALK
 // evict-first in L1 and L2 (__ldcs: ld.global.cs, "cache streaming, likely accessed once").
 template <bool WALK, typename T>
@@ -1339,14 +1293,12 @@ __device__ __forceinline__ T gemv_w(const T* p) {
 // A matrix that long is the classifier, read once a step, and read last: WALK loads it
 // evict-first (gemv_w), so that L2 keeps the layers' weights between steps instead of its
 // lines (stories15M: 24 MB of layers and 37 MB of classifier, an H200's L2 60 MB; 1.10x).
-// PICK (gemv_pick, below): the classifier's product also takes each row's argmax.
-template <int ROWS, bool VEC, int PRO, int PREFETCH, bool WALK, bool PICK>
-__device__ __forceinline__ void
-gemv_rows(const float* __restrict__ X, const float* __restrict__ W, float* __restrict__ Y,
-          int M, int N, int K, int accumulate, const float* __restrict__ norm_w, float eps,
-          int ksplit, const GreedyOut& pick) {
+template <int ROWS, bool VEC, int PRO, int PREFETCH, bool WALK = false>
+__global__ void __launch_bounds__(256)
+gemv(const float* __restrict__ X, const float* __restrict__ W, float* __restrict__ Y,
+     int M, int N, int K, int accumulate, const float* __restrict__ norm_w, float eps,
+     int ksplit) {
     static_assert(PREFETCH == 0 || VEC, "the early loads are float4s");
-    static_assert(!PICK || WALK, "a pick needs every block's rows: the walking grid");
     static_assert(PREFETCH == 0 || !WALK, "the early loads are the first group's only");
     // A block is 8 warps. Each output row n gets `ksplit` of them, which take interleaved
     // 128-float slices of k, so a small matrix still gives the GPU enough loads in flight;
@@ -1406,7 +1358,6 @@ gemv_rows(const float* __restrict__ X, const float* __restrict__ W, float* __res
     // scales the warp's total, y = inv_rms sum_k W x norm_w. Every warp sees the whole row (its
     // lanes, or its k slices, which meet below), so no block-wide sum of squares comes first:
     // one round trip to x after the wait, not a sum of squares, its barrier, then x.
-    float top = neg_inf(), first = (float)N, bad = 0.0f;   // PICK: lane r's row's argmax so far
     for (int group = blockIdx.x; !WALK || group < groups; group += gridDim.x) {  // the block's
         const float* w = W + (size_t)n * K;
         float acc[ROWS], ss[ROWS];
@@ -1467,9 +1418,7 @@ gemv_rows(const float* __restrict__ X, const float* __restrict__ W, float* __res
         if (LATE) mine *= 1.0f / sqrtf(mine_ss / K + eps);
         if (active && slice == 0 && lane < ROWS && m0 + lane < M) {
             float* y = Y + (size_t)(m0 + lane) * N + n;
-            const float out = accumulate ? *y + mine : mine;
-            *y = out;
-            if (PICK) greedy_see(out, n, top, first, bad);  // n grows: the first of equal maxima
+            *y = accumulate ? *y + mine : mine;
         }
         if (!WALK) break;                                   // one group a block
         n += gridDim.x * per_group;                         // the next group's row
@@ -1477,37 +1426,6 @@ gemv_rows(const float* __restrict__ X, const float* __restrict__ W, float* __res
         if (ksplit > 1 && group + gridDim.x < groups)
             __syncthreads();                            // slice 0's reads of partial are done
     }
-    if (PICK) gemv_pick_end<ROWS>(top, first, bad, N, M, pick);
-}
-
-template <int ROWS, bool VEC, int PRO, int PREFETCH, bool WALK = false>
-__global__ void __launch_bounds__(256)
-gemv(const float* __restrict__ X, const float* __restrict__ W, float* __restrict__ Y,
-     int M, int N, int K, int accumulate, const float* __restrict__ norm_w, float eps,
-     int ksplit) {
-    gemv_rows<ROWS, VEC, PRO, PREFETCH, WALK, false>(X, W, Y, M, N, K, accumulate, norm_w, eps,
-                                                     ksplit, GreedyOut{});
-}
-
-// gemv_pick: the walking gemv of a classifier that also picks the next token of greedy
-// decoding, so that no greedy_pick (decode.cu) follows it. Each lane keeps the argmax of the
-// logits it writes (reduce.cu's greedy pieces: greedy_pick's arithmetic); the block's warps meet
-// in shared memory, each block writes a record (top, first, bad) per row, and the block that
-// ends last (split_last_block) merges the records and writes greedy_pick's answer: the ids and
-// flags to `out`, and the next step's input. One launch row (M <= ROWS), a grid that walks.
-// Its launch bounds: the blocks an SM of its grid (kernels.GEMV_WALK_BLOCKS, 8 at one row, 5
-// at more), so that the registers the pick adds (36 a thread at one row unbounded, 6 blocks an
-// SM) do not leave a second wave.
-__host__ __device__ constexpr int gemv_walk_blocks(int rows) { return rows == 1 ? 8 : 5; }
-
-template <int ROWS, bool VEC, int PRO>
-__global__ void __launch_bounds__(256, gemv_walk_blocks(ROWS))
-gemv_pick(const float* __restrict__ X, const float* __restrict__ W, float* __restrict__ Y,
-          int M, int N, int K, const float* __restrict__ norm_w, float eps, int ksplit,
-          float* __restrict__ records, int* __restrict__ count, int* __restrict__ out,
-          int* __restrict__ next_step) {
-    gemv_rows<ROWS, VEC, PRO, 0, true, true>(X, W, Y, M, N, K, 0, norm_w, eps, ksplit,
-                                             GreedyOut{records, count, out, next_step});
 }
 
 

@@ -151,56 +151,6 @@ __device__ __forceinline__ float thread_sum_squares(const float* row, int K, int
     return ss;
 }
 
-// ---- the greedy pick's pieces: a row's argmax, the first of equal maxima --------------------
-// Greedy decoding takes each row's argmax of the logits, and generation.greedy needs back only
-// the id and whether every logit was finite. Two kernels pick: greedy_pick (decode.cu), a block
-// per row reading the logits, and gemv_pick (matmul.cu), the classifier's product picking as it
-// writes them. Both see a row's values through these pieces, so they answer alike to the bit.
-// A thread keeps the largest value it has seen and the first index holding it (`v > top`: a
-// later equal value does not replace it, and a NaN never does), and counts the values that are
-// not finite; indices are exact as floats up to 2^24. A row of NaN has no index holding its
-// maximum: its id is 0, a valid one, and the flag is what makes the caller look.
-
-// One value of the row, at index k
-__device__ __forceinline__ void greedy_see(float v, int k, float& top, float& first, float& bad) {
-    bad += isfinite(v) ? 0.0f : 1.0f;
-    if (v > top) { top = v; first = (float)k; }
-}
-
-// Another thread's (or block's) answer taken in, for indices in any order: the larger maximum,
-// or the lower first index of an equal one; the counts added (exact: whole numbers < 2^24)
-__device__ __forceinline__ void greedy_merge(float t, float f, float b, float& top, float& first,
-                                             float& bad) {
-    if (t > top || (t == top && f < first)) { top = t; first = f; }
-    bad += b;
-}
-
-// The block's answer from every thread's, in three block reductions (every thread calls it; all
-// get the answer): the maximum, the least index among the threads holding it (numpy.argmax's
-// choice among equal maxima), the count. `none`: the index meaning "none yet" (the row length).
-__device__ __forceinline__ void greedy_block(float& top, float& first, float& bad, float none,
-                                             float* scratch) {
-    const float best = block_max(top, scratch);
-    first = block_min(top == best ? first : none, scratch);
-    bad = block_sum(bad, scratch);
-    top = best;
-}
-
-// Row `row`'s answer written where the caller reads it: out (2 bsz) int32, the ids, then a flag
-// per row, 1 where a logit is not finite; and, where next_step is not null, into the input of
-// the next step of a chain (FusedDecoder.greedy_steps: [position, tokens], the id becomes the
-// row's token, the position moves on by one, by row 0). One thread calls it per row.
-__device__ __forceinline__ void greedy_write(int row, int bsz, float first, float bad, float none,
-                                             int* out, int* next_step) {
-    const int id = first < none ? (int)first : 0;
-    out[row] = id;
-    out[bsz + row] = bad > 0.0f ? 1 : 0;
-    if (next_step != nullptr) {
-        next_step[1 + row] = id;
-        if (row == 0) next_step[0] += 1;
-    }
-}
-
 // ---- a split over k: the block that ends a tile last adds the slices -----------------------
 // gemv_v3, qgemv_v4s and qgemv_mma split k over the blocks of a tile: each block writes its
 // slice's partial sums to a workspace, and the block that ends the tile last (a counter per

@@ -717,76 +717,6 @@ def test_greedy_pick_float4_rows_with_a_tail(cuda, cp):
     assert got[:2].tolist() == [7, 1000] and got[2:].tolist() == [0, 0]
 
 
-def test_gemv_pick_launch_bounds_are_the_walking_grids_blocks_an_sm():
-    """gemv_pick's launch bounds (matmul.cu's gemv_walk_blocks) say the blocks an SM its grid
-    has (kernels.GEMV_WALK_BLOCKS), so that its registers fit the grid in one wave."""
-    from minillama.cuda import runtime
-    from minillama.cuda.kernels import GEMV_WALK_BLOCKS
-    source = (runtime.kernel_dir() / "matmul.cu").read_text()
-    assert set(GEMV_WALK_BLOCKS.values()) == {GEMV_WALK_BLOCKS[1], GEMV_WALK_BLOCKS[2]}
-    assert all(GEMV_WALK_BLOCKS[r] == GEMV_WALK_BLOCKS[2] for r in (2, 4, 8))
-    assert (f"constexpr int gemv_walk_blocks(int rows) {{ return rows == 1 ? "
-            f"{GEMV_WALK_BLOCKS[1]} : {GEMV_WALK_BLOCKS[2]}; }}") in source
-
-
-@gpu
-@pytest.mark.parametrize("M", [1, 3, 7])
-@pytest.mark.parametrize("N,K,grid", [(32000, 288, None), (32000, 768, None), (1001, 288, 3),
-                                      (333, 100, 5), (2049, 7, 3)])
-def test_gemv_pick_answers_as_greedy_pick_on_its_own_logits(cuda, cp, monkeypatch, M, N, K, grid):
-    """gemv(pick=...), gemv_pick: its logits bit for bit those of gemv without the pick, and its
-    answer greedy_pick's on them, written into the next step's input too. The grid as the rule
-    makes it (the stories classifiers walk at 1 to 7 rows) or forced small (3 or 5 blocks
-    walking many groups); float4 rows and not (K 100, 7); RMSNorm and plain x. Three equal rows
-    of W, first, middle and last, hold each finite row's maximum (a tie across blocks: the first
-    wins); x's row 1 holds an infinity and row 2 NaN (flagged; id 0 for a row of NaN). Launched
-    three times: the last block's counter is back at 0 for each."""
-    k = cuda.kernels
-    if grid:                # (and no early loads: those instances do not walk)
-        monkeypatch.setattr(k, "gemv_split", lambda rows, vec, N, K, sms=None: (k.gemv_ksplit(N, K), 0))
-        monkeypatch.setattr(k, "gemv_grid", lambda rows, N, ksplit, pre, sms=None: (grid, True))
-    w = rand(N, K)
-    w[[1, N // 2, N - 1]] = 1.0                      # x > 0: the largest logit, three times
-    x = np.abs(rand(M, K)) + 0.1
-    if M > 1:
-        x[1, K // 2] = np.inf
-        x[2] = np.nan
-    xg, wg, g = cp.asarray(x), cp.asarray(w), cp.asarray(1.0 + np.abs(rand(K, scale=0.1)))
-    assert k.gemv_picks(xg, wg)
-    launched = launched_names(k, monkeypatch)
-    for norm in (g, None):
-        plain = k.gemv(xg, wg, norm=norm)
-        for pos in (5, 6, 7):
-            y, answer = poison(cp, (M, N)), cp.full(2 * M, -1, dtype=np.int32)
-            step = cp.asarray(np.r_[pos, np.full(M, -1)].astype(np.int32))
-            k.gemv(xg, wg, out=y, norm=norm, pick=(answer, step))
-            assert (cp.asnumpy(y).view(np.int32) == cp.asnumpy(plain).view(np.int32)).all()
-            want = k.greedy_pick(y).get()
-            got = answer.get()
-            assert got.tolist() == want.tolist(), (norm is None, pos)
-            finite = [m for m in range(M) if m not in (1, 2)]
-            assert got[finite].tolist() == [1] * len(finite)          # the first of the ties
-            assert got[M:].tolist() == [0] + ([1, 1] + [0] * (M - 3) if M > 1 else [])
-            assert step.get().tolist() == [pos + 1] + got[:M].tolist()
-    assert sum(name.startswith("gemv_pick<") for name in launched) == 6
-
-
-@gpu
-def test_gemv_pick_is_refused_where_the_launch_does_not_walk(cuda, cp):
-    from minillama.errors import DeviceError
-    k = cuda.kernels
-    x, w = cp.asarray(rand(1, 288)), cp.asarray(rand(864, 288))     # a wqkv: one group a block
-    answer = cp.zeros(2, dtype=np.int32)
-    assert not k.gemv_picks(x, w)
-    with pytest.raises(DeviceError, match="pick= rides on a launch whose blocks walk"):
-        k.gemv(x, w, pick=(answer, k.NO_STEP))
-    big = cp.asarray(rand(32000, 288))
-    with pytest.raises(DeviceError, match="no accumulate, no swiglu"):
-        k.gemv(x, big, out=cp.zeros((1, 32000), dtype=np.float32), accumulate=True,
-               pick=(answer, k.NO_STEP))
-    assert not k.gemv_picks(cp.asarray(rand(8, 288)), big)         # 8 rows: gemv_v3
-
-
 # ----------------------------------------------------------------------------
 # misuse: a DeviceError naming the argument, never garbage or a crash
 
@@ -1040,8 +970,8 @@ def test_greedy_steps_launch_each_steps_first_kernel_the_ordinary_way(cuda, cp, 
 
 @gpu
 @pytest.mark.parametrize("rows", [1, 3])
-@pytest.mark.parametrize("mode", ["persistent", "fused+graphs", "fused", "picking+graphs"])
-def test_greedy_steps_pick_what_forward_and_greedy_pick_pick(cuda, cp, monkeypatch, mode, rows):
+@pytest.mark.parametrize("mode", ["persistent", "fused+graphs", "fused"])
+def test_greedy_steps_pick_what_forward_and_greedy_pick_pick(cuda, cp, mode, rows):
     """FusedDecoder.greedy_steps (the token copied from page-locked memory by the graph's first
     node, each step's ids copied to the next step's input on the GPU, the ids back in
     page-locked memory) against forward + greedy_pick on a twin model: the same ids every
@@ -1050,15 +980,8 @@ def test_greedy_steps_pick_what_forward_and_greedy_pick_pick(cuda, cp, monkeypat
     row is the graph captured with programmatic launches (PROGRAMMATIC_ROWS, on sm_90 and
     later), where a kernel may start before the one ahead of it ends: the step's position and
     tokens must reach every kernel all the same (attention_decode reads the position before
-    its wait; a kernel in place of the copy node was a race). "picking": every gemv walks on a
-    grid of 3 blocks, so the classifier picks (gemv_pick) and no greedy_pick is launched."""
-    from minillama.cuda import kernels
+    its wait; a kernel in place of the copy node was a race)."""
     from minillama.cuda.kernels import greedy_pick
-    if mode == "picking+graphs":
-        monkeypatch.setattr(kernels, "gemv_split",
-                            lambda rows, vec, N, K, sms=None: (kernels.gemv_ksplit(N, K), 0))
-        monkeypatch.setattr(kernels, "gemv_grid", lambda rows, N, ksplit, pre, sms=None: (3, True))
-    launched = launched_names(kernels, monkeypatch)
     # widths that are multiples of 4, grouped heads: a shape the persistent kernel covers
     p = ModelArgs(dim=64, n_layers=3, n_heads=8, n_kv_heads=2, vocab_size=1001, hidden_dim=172,
                   max_seq_len=48, max_batch_size=3)
@@ -1083,8 +1006,6 @@ def test_greedy_steps_pick_what_forward_and_greedy_pick_pick(cuda, cp, monkeypat
             tokens, pos = back[:rows].astype(np.int64).reshape(rows, 1), pos + 1
         assert rel_err(cp.asnumpy(last), cp.asnumpy(logits)) < 1e-6, f"position {pos - 1}"
     assert pos == p.max_seq_len                 # every position, the last one included
-    picks = [n for n in launched if n.startswith("gemv_pick<")]
-    assert bool(picks) == (mode == "picking+graphs")
     assert type(fused).__name__ == ("PersistentDecoder" if mode == "persistent" else "FusedDecoder")
     assert all((fused.greedy_graphs.get((rows, n)) is not None) == (mode != "fused")
                for n in (1, 3, 5))

@@ -85,10 +85,9 @@ class RingDecoder(PersistentDecoder):
         super().__init__(model)
         self.ring, self.ring_chunk, self.stamps = ring_bytes(self.p), RING_CHUNK, None
 
-    def run(self, bsz, pick=None):
-        """(pick: as FusedDecoder.run; decode_ring never picks, so it returns False)"""
+    def run(self, bsz):
         if bsz != 1 or not self.ring:
-            return super().run(bsz, pick)
+            return super().run(bsz)
         # an item is at most ring_chunk bytes or one unit of rows: a ring that cannot hold the
         # largest would leave its copy unissued and the kernel waiting for it forever
         largest_item = max(largest_unit(self.p), self.ring_chunk)
@@ -107,7 +106,6 @@ class RingDecoder(PersistentDecoder):
                          np.float32(1.0 / np.sqrt(p.head_dim)), i32(self.ring),
                          i32(self.ring_chunk), stamps),
                         shared_mem=table_bytes(p) + self.ring + shared_bytes(p, 1))
-        return False
 
 
 def decoder_of(p, w, kind):

@@ -17,7 +17,7 @@ import numpy as np
 
 from ..formats import Packed
 from .kernels import CACHE_TYPES, GREEDY_THREADS, KERNELS, NO_STEP, PACKED_KERNEL_FORMATS, \
-    attention_splits, attention_threads, gemv, gemv_picks, greedy_pick, qgemv
+    attention_splits, attention_threads, gemv, greedy_pick, qgemv
 from .runtime import i32, require_cupy
 
 
@@ -227,12 +227,11 @@ class FusedDecoder:
                                     cp.cuda.runtime.memcpyHostToDevice,
                                     cp.cuda.get_current_stream().ptr)
         for j in range(n):
+            self.run(bsz)
             next_step = self.step if j < n - 1 else NO_STEP
-            answer = device_address(self.picks_host[j])
-            if not self.run(bsz, pick=(answer, next_step)):   # the classifier did not pick
-                KERNELS.launch("greedy_pick", (bsz,), (GREEDY_THREADS,),
-                               (self.logits[:bsz], i32(vocab), i32(vocab), answer, i32(bsz),
-                                next_step))
+            KERNELS.launch("greedy_pick", (bsz,), (GREEDY_THREADS,),
+                           (self.logits[:bsz], i32(vocab), i32(vocab),
+                            device_address(self.picks_host[j]), i32(bsz), next_step))
 
     def programmatic(self, bsz):
         """Whether the graph of a step of bsz rows is captured with programmatic launches: one
@@ -262,10 +261,8 @@ class FusedDecoder:
             warnings.warn(f"CUDA graph capture failed ({e}); decoding without graphs")
             return None
 
-    def run(self, bsz, pick=None):
-        """Launch one decode step for rows 0 .. bsz-1 on the current stream. pick: (answer,
-        next_step), greedy decoding's next tokens too where the classifier's product can take
-        them (classify): returns whether it did."""
+    def run(self, bsz):
+        """Launch one decode step for rows 0 .. bsz-1 on the current stream."""
         p = self.p
         nh, nkv, hd = p.n_heads, p.n_kv_heads, p.head_dim
         h, qkv, att, h13 = (a[:bsz] for a in (self.h, self.qkv, self.att, self.h13))
@@ -290,7 +287,7 @@ class FusedDecoder:
             matvec(h, w13, out=h13, norm=ffn_norm, eps=eps)
             matvec(h13, w2, out=h, accumulate=adds, swiglu=True)  # h += feed_forward(...)
             self.join(h)
-        return self.classify(bsz, h, pick)                  # logits = output(norm(h))
+        self.classify(bsz, h)                               # logits = output(norm(h))
 
     # What a tensor-parallel rank does differently (parallel/fused.py overrides these): whether
     # its products add the residual, what joins the ranks after each residual update, and how
@@ -307,13 +304,8 @@ class FusedDecoder:
         KERNELS.launch("embed_tokens", (bsz,), (self.BLOCK,),
                        (self.step, self.tok_embeddings, h, i32(self.p.dim)), ordinary=True)
 
-    def classify(self, bsz, h, pick=None):
-        """logits = output(norm(h)), and with pick, greedy's next tokens where the product walks
-        (kernels.gemv_picks: float32 classifiers; gemv_pick in matmul.cu): whether it picked."""
-        picks = pick is not None and gemv_picks(h, self.output)
-        matvec(h, self.output, out=self.logits[:bsz], norm=self.norm, eps=self.p.norm_eps,
-               **({"pick": pick} if picks else {}))
-        return picks
+    def classify(self, bsz, h):
+        matvec(h, self.output, out=self.logits[:bsz], norm=self.norm, eps=self.p.norm_eps)
 
 
 def device_address(pinned):

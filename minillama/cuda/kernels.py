@@ -62,7 +62,6 @@ GEMV_PREFETCH_BLOCKS = 5
 # 5 lost on stories110M (its w13 too), at 4 rows 5; 2 and 8 rows take 4 rows', unmeasured.
 GEMV_WALK_BLOCKS = {1: 8, 2: 5, 4: 5, 8: 5}
 GEMV_PROLOGUES = {None: 0, "rmsnorm": 1, "swiglu": 2}     # GEMV_PLAIN, _RMSNORM, _SWIGLU
-GEMV_PICK_PROLOGUES = (0, 1)       # gemv_pick's (a classifier's product: plain or normed x)
 # gemv's RMSNorm with inv_rms after the sums (GEMV_RMSNORM_LATE, matmul.cu): one row of x,
 # float4 loads, where gemv_late_norm takes it (GEMV_LATE_NORM: "early", the launches with
 # early loads of W; "all"; "none")
@@ -209,9 +208,6 @@ def _templates():
     common += [f"gemv<{rows},{_cpp_bool(vec)},{pro},0,true>" for rows in GEMV_ROWS
                for vec in (True, False) for pro in GEMV_PROLOGUES.values()]   # WALK
     common += [f"gemv<1,true,{GEMV_RMSNORM_LATE},0,true>"]
-    common += [f"gemv_pick<{rows},{_cpp_bool(vec)},{pro}>" for rows in GEMV_ROWS
-               for vec in (True, False) for pro in GEMV_PICK_PROLOGUES]
-    common += [f"gemv_pick<1,true,{GEMV_RMSNORM_LATE}>"]
     common += [f"attention_decode<{width},{t}>" for width in ATTENTION_WIDTHS
                for t in CACHE_TYPES.values()]
     common += [f"decode_persistent<{b}>" for b in PERSISTENT_ROWS]
@@ -379,8 +375,7 @@ def sgemm(a, w, out=None, version=4, config=None):
     return c
 
 
-def gemv(x, w, out=None, accumulate=False, norm=None, eps=1e-5, swiglu=False, version=None,
-         pick=None):
+def gemv(x, w, out=None, accumulate=False, norm=None, eps=1e-5, swiglu=False, version=None):
     """x @ w.T for a few rows: x (M, K), w (N, K) -> (M, N), one warp per output column.
 
     accumulate: add into `out` (which must then be given) instead of overwriting it.
@@ -390,19 +385,11 @@ def gemv(x, w, out=None, accumulate=False, norm=None, eps=1e-5, swiglu=False, ve
     version: 1 gemv (matmul.cu), 2 qgemv_v2 on float32 weights (qgemv.cu: each weight read
     once per 32 rows of x instead of 8), 3 gemv_v3 (gemv_batch.cu: x in shared memory, the grid
     sized to the GPU, split-K), None the rule, gemv_version. 2 and 3 need K % 4 == 0 and
-    16-byte aligned x, w and norm.
-    pick: (answer, next_step): also greedy decoding's next token of each row, as greedy_pick
-    gives it (the same values, the same answer), written to `answer` ((2 M,) int32, a CuPy array
-    or the device address of page-locked memory) and, where next_step is not NO_STEP, into the
-    next step's input (FusedDecoder.greedy_steps). Only where the launch walks (gemv_picks says
-    where: a classifier's long matrix), neither accumulating nor with swiglu."""
+    16-byte aligned x, w and norm."""
     if norm is not None and swiglu:
         raise DeviceError("gemv: norm and swiglu are two prologues; give one")
     if version not in (None, 1, 2, 3):
         raise DeviceError(f"gemv: version must be 1, 2, 3 or None (the rule), got {version!r}")
-    if pick is not None and (accumulate or swiglu or version not in (None, 1)):
-        raise DeviceError("gemv: pick= takes the argmax of the product itself: no accumulate, "
-                          "no swiglu, version 1 or None")
     _check("x", x, 2)
     _check("w", w, 2)
     (M, K_x), (N, K) = x.shape, w.shape
@@ -424,9 +411,6 @@ def gemv(x, w, out=None, accumulate=False, norm=None, eps=1e-5, swiglu=False, ve
         raise DeviceError(f"gemv: version {version} loads 16 bytes at a time: needs K % 4 == 0 "
                           f"(got w {w.shape}) and 16-byte aligned x, w and norm")
     version = version or gemv_version(M, vec)
-    if pick is not None and (version != 1 or not _gemv_picks(M, N, K, vec)):
-        raise DeviceError(f"gemv: pick= rides on a launch whose blocks walk, and one of x "
-                          f"{x.shape} on w {w.shape} does not (gemv_picks)")
     if version == 2:
         rows = next((r for r in QGEMV_V2_F32_ROWS if r >= M), QGEMV_V2_F32_ROWS[-1])
         _qgemv_v2(x, (w, w, w), y, "f32", rows, *QGEMV_V2_F32, prologue, accumulate, norm, eps)
@@ -439,39 +423,11 @@ def gemv(x, w, out=None, accumulate=False, norm=None, eps=1e-5, swiglu=False, ve
     if prologue == GEMV_PROLOGUES["rmsnorm"] and gemv_late_norm(rows, vec, prefetch):
         prologue = GEMV_RMSNORM_LATE
     blocks, walk = gemv_grid(rows, N, ksplit, prefetch)
-    if pick is not None:
-        records, counters = _split_workspace(3 * blocks * rows, 1)
-        answer, next_step = pick
-        KERNELS.launch(f"gemv_pick<{rows},{_cpp_bool(vec)},{prologue}>", (blocks,), (256,),
-                       (x, w, y, i32(M), i32(N), i32(K), w if norm is None else norm,
-                        np.float32(eps), i32(ksplit), records, counters, answer, next_step))
-        return y
     KERNELS.launch(f"gemv<{rows},{_cpp_bool(vec)},{prologue},{prefetch}{',true' if walk else ''}>",
                    (blocks, cdiv(M, rows)), (256,),
                    (x, w, y, i32(M), i32(N), i32(K), i32(bool(accumulate)),
                     w if norm is None else norm, np.float32(eps), i32(ksplit)))
     return y
-
-
-def gemv_picks(x, w):
-    """Whether gemv(x, w, pick=...) can pick: w a float32 matrix whose launch for x's rows walks
-    (the classifiers of stories15M to stories110M at 1 to 7 rows; not a model's kept as stored,
-    which qgemv reads). Where it cannot, greedy_pick follows the product."""
-    if isinstance(w, Packed) or getattr(w, "dtype", None) != np.float32:
-        return False
-    (M, K), N = x.shape, w.shape[0]
-    return _gemv_picks(M, N, K, K % 4 == 0 and _aligned(x, w))
-
-
-def _gemv_picks(M, N, K, vec):
-    """gemv_pick's condition on a launch, by gemv's own rule: version 1 (fewer than
-    GEMV_V3_MIN_ROWS rows), one launch row (M <= GEMV_ROWS[-1]), a grid that walks (gemv_grid:
-    every block takes its groups of rows, so each block's record holds its share of the row)."""
-    if gemv_version(M, vec) != 1 or M > GEMV_ROWS[-1]:
-        return False
-    rows = next(r for r in GEMV_ROWS if r >= M)
-    ksplit, prefetch = gemv_split(rows, vec, N, K)
-    return gemv_grid(rows, N, ksplit, prefetch)[1]
 
 
 def attention_threads(width, bsz):

@@ -69,11 +69,10 @@ class PersistentDecoder(FusedDecoder):
         return (self.min_rows <= bsz <= min(self.max_rows, MAX_ROWS)
                 and self.p.dim >= self.min_dim and shared_bytes(self.p, bsz) <= MAX_SHARED)
 
-    def run(self, bsz, pick=None):
-        """Launch one decode step for rows 0 .. bsz-1: zero the barrier, then one kernel (which
-        does not pick: False; FusedDecoder's launches where the rows do not fit it)."""
+    def run(self, bsz):
+        """Launch one decode step for rows 0 .. bsz-1: zero the barrier, then one kernel."""
         if not self.fits(bsz):
-            return super().run(bsz, pick)
+            return super().run(bsz)
         p, cp = self.p, self.cp
         stream = cp.cuda.get_current_stream()
         cp.cuda.runtime.memsetAsync(self.counter.data.ptr, 0, 4, stream.ptr)
@@ -86,7 +85,6 @@ class PersistentDecoder(FusedDecoder):
                         i32(p.max_seq_len), i32(p.vocab_size), np.float32(p.norm_eps),
                         np.float32(1.0 / np.sqrt(p.head_dim))),
                        shared_mem=shared_bytes(p, bsz))
-        return False
 
 
 def shared_bytes(p, bsz):

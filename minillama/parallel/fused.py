@@ -102,9 +102,7 @@ class ShardedFusedDecoder(FusedDecoder):
                         i32(self.p.dim // self.p.world)), ordinary=True)
         self.gather_columns(self.embedded[:bsz], h)
 
-    def classify(self, bsz, h, pick=None):
-        """The rank's rows of the vocabulary, then all ranks' logits gathered (no pick: a rank
-        sees only its rows; greedy_pick follows the gathered logits)."""
+    def classify(self, bsz, h):
+        """The rank's rows of the vocabulary, then all ranks' logits gathered."""
         matvec(h, self.output, out=self.logits_part[:bsz], norm=self.norm, eps=self.p.norm_eps)
         self.gather_columns(self.logits_part[:bsz], self.logits[:bsz])
-        return False
