@@ -91,8 +91,9 @@ extern "C" __global__ void embed_tokens(const int* __restrict__ step, const floa
 
 // Warps a block has at most: a chunk of keys is KEYS per warp, so 16 warps keep 128 keys in
 // flight where 8 kept 64, one round trip per 128 keys. kernels.attention_threads launches 16
-// at up to 8 rows of float4 pieces (a one-row step at position 200: 1.12x on stories15M,
-// 1.10x on stories110M), else 8 (32 rows: 0.95x with 16, the blocks outnumbering the SMs).
+// at up to 8 rows of float4 pieces in models of up to 16 heads (a one-row step at position
+// 200: 1.12x on stories15M, 1.10x on stories110M), else 8 (32 rows: 0.95x with 16, the blocks
+// outnumbering the SMs; the 7B shape's 32 heads: 0.98x to 1.00x).
 constexpr int ATTN_WARPS = 16;
 // A block's threads at most, by WIDTH: scalar pieces take more registers a thread (174 to 191
 // where float4 pieces take 125), so they keep 8 warps and ptxas' 255 registers, no spills.

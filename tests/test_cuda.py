@@ -351,11 +351,15 @@ def test_gemv_split_takes_the_fewest_warps_a_row_with_early_loads_else_gemv_kspl
 
 def test_attention_threads_are_sixteen_warps_for_a_few_rows_of_float4_pieces():
     """kernels.attention_threads: 16 warps (more keys in flight) up to ATTENTION_WIDE_ROWS rows
-    where the row is float4 pieces, else 8; never more than decode.cu's launch bounds allow."""
-    from minillama.cuda.kernels import ATTENTION_WIDE_ROWS, attention_threads
-    assert [attention_threads(4, b) for b in (1, 2, ATTENTION_WIDE_ROWS)] == [512] * 3
-    assert [attention_threads(4, b) for b in (ATTENTION_WIDE_ROWS + 1, 32, 64)] == [256] * 3
-    assert [attention_threads(1, b) for b in (1, 8, 32)] == [256] * 3
+    of float4 pieces in models of up to ATTENTION_WIDE_HEADS heads (the stories' 6 and 12),
+    else 8: more rows, more heads (the 7B shape's 32), or scalar pieces."""
+    from minillama.cuda.kernels import ATTENTION_WIDE_HEADS, ATTENTION_WIDE_ROWS, attention_threads
+    assert [attention_threads(4, b, 6) for b in (1, 2, ATTENTION_WIDE_ROWS)] == [512] * 3
+    assert [attention_threads(4, 1, h) for h in (12, ATTENTION_WIDE_HEADS)] == [512] * 2
+    assert [attention_threads(4, b, 6) for b in (ATTENTION_WIDE_ROWS + 1, 32, 64)] == [256] * 3
+    assert [attention_threads(4, b, 32) for b in (1, 8)] == [256] * 2
+    assert attention_threads(4, 1, ATTENTION_WIDE_HEADS + 1) == 256
+    assert [attention_threads(1, b, 6) for b in (1, 8, 32)] == [256] * 3
 
 
 def test_attention_splits_are_one_per_128_positions_at_one_row():

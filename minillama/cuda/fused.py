@@ -278,7 +278,7 @@ class FusedDecoder:
             # and split of the keys
             KERNELS.launch(f"attention_decode<{width},{cache}>",
                            (nh, bsz, attention_splits(bsz, p.max_seq_len)),
-                           (attention_threads(width, bsz),),
+                           (attention_threads(width, bsz, nh),),
                            (qkv, self.step, self.freqs_cos, self.freqs_sin, cache_k, cache_v,
                             att, i32(nh), i32(nkv), i32(hd), i32(p.max_seq_len), scale,
                             self.split_parts, self.arrivals))

@@ -73,9 +73,10 @@ SOFTMAX_BLOCKS = ((1, 1024), (2, 1024), (4, 1024), (8, 1024), (16, 1024), (32, 1
 SOFTMAX_WARP_MAX = 1024            # rows up to this long: one warp per row (softmax_warp)
 # attention_decode<WIDTH, T> (decode.cu, launched by FusedDecoder): float4 or scalar loads
 ATTENTION_WIDTHS = (1, 4)
-# attention_decode's block (attention_threads): 16 warps at up to this many rows of float4
-# pieces, else 8
+# attention_decode's block (attention_threads): 16 warps at up to ATTENTION_WIDE_ROWS rows of
+# float4 pieces in models of up to ATTENTION_WIDE_HEADS query heads, else 8
 ATTENTION_WIDE_ROWS = 8
+ATTENTION_WIDE_HEADS = 16
 # attention_decode's splits of the keys (attention_splits): at one row a split per
 # ATTENTION_CHUNK positions of the cache (a chunk: 16 warps' keys), up to ATTENTION_SPLITS,
 # where that makes at least ATTENTION_SPLIT_CHUNKS (decode.cu's ATTN_SPLIT_CHUNKS: from as
@@ -430,15 +431,19 @@ def gemv(x, w, out=None, accumulate=False, norm=None, eps=1e-5, swiglu=False, ve
     return y
 
 
-def attention_threads(width, bsz):
-    """attention_decode's threads a block for bsz rows of `width`-float pieces (decode.cu). Its
-    warps take the cached keys a chunk of 8 each at a time, one round trip a chunk: 16 warps
-    hold 128 keys in flight, 8 warps 64. Measured on the float32 steps (H200, 2026-11-30,
-    docs/kernels.md, "Keys in flight"): one row at position 200 1.12x (stories15M) and 1.10x
-    (stories110M) as fast with 16, at position 100 1.08x and 1.05x, at position 3 0.99x; 8
-    rows 1.01x and 1.00x; 32 rows 0.95x and 0.97x (a block for each head and row, more blocks
-    than the SMs hold at once). Scalar pieces keep 8 (their registers: decode.cu)."""
-    return 512 if width == 4 and bsz <= ATTENTION_WIDE_ROWS else 256
+def attention_threads(width, bsz, n_heads):
+    """attention_decode's threads a block for bsz rows of `width`-float pieces and n_heads query
+    heads (decode.cu). Its warps take the cached keys a chunk of 8 each at a time, one round
+    trip a chunk: 16 warps hold 128 keys in flight, 8 warps 64. More warps pay where the grid
+    (a block a head and row) leaves most SMs idle. Measured on the float32 steps (H200,
+    2026-11-30, docs/kernels.md, "Keys in flight"): one row at position 200 1.12x (stories15M,
+    6 heads) and 1.10x (stories110M, 12) as fast with 16, at position 100 1.08x and 1.05x, at
+    position 3 0.99x; 8 rows 1.01x and 1.00x; 32 rows 0.95x and 0.97x (more blocks than the SMs
+    hold at once). On the Llama-2-7B shape (32 heads, 4 splits of the keys at max_seq_len 512)
+    16 lost at one row at every position (q4_0 0.98x at positions 3 to 31, 0.99x at 300; int8
+    0.99x to 1.00x), so it keeps 8 there. Scalar pieces keep 8 (their registers: decode.cu)."""
+    wide = width == 4 and bsz <= ATTENTION_WIDE_ROWS and n_heads <= ATTENTION_WIDE_HEADS
+    return 512 if wide else 256
 
 
 def attention_splits(bsz, max_seq_len):
