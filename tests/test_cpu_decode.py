@@ -130,6 +130,17 @@ def test_a_backend_that_records_its_calls_keeps_model_forward():
     assert model.ops.decoder(model) == model.forward
 
 
+def test_bench_profile_rest_line_names_its_parts_or_the_noise():
+    """What the products leave of a CpuDecoder step: Python and the elementwise work where it is
+    positive; where the products alone measured slower than the whole step, the noise."""
+    from minillama.bench.cpu import rest_line
+    assert rest_line(0.010, 0.008).split() == ["everything", "else", "2.000", "ms", "20.0%",
+                                               "(Python,", "norms,", "RoPE,", "attention,",
+                                               "SwiGLU,", "the", "cache)"]
+    negative = rest_line(0.010, 0.012)
+    assert negative.split()[2:5] == ["-2.000", "ms", "-20.0%"] and "the machine's noise" in negative
+
+
 def test_bench_profile_gives_each_product_and_the_ceiling(tmp_path):
     """`bench cpu --profile`'s lines for one step: each product with the bandwidth it read its
     weights at, what the products leave of the step, and the ceiling (the products alone, as

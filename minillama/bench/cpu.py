@@ -225,6 +225,15 @@ def profile_step(name, steps, shared):
 PROFILE_ROUNDS = 3      # profile_decoder: the step and its products timed in turn, the best of each
 
 
+def rest_line(total, alone):
+    """profile_decoder's line for what the products (`alone` seconds a step) leave of the step
+    (`total`); below zero where the two measurements disagree by more than that."""
+    rest = total - alone
+    what = "(Python, norms, RoPE, attention, SwiGLU, the cache)" if rest >= 0 else \
+        "(below zero: the products alone were slower than in the step; the machine's noise)"
+    return f"  {'everything else':<18} {rest * 1e3:7.3f} ms {rest / total:6.1%}  {what}"
+
+
 def profile_decoder(name, steps, shared, rounds=PROFILE_ROUNDS):
     """Lines: one CpuDecoder step, then its products alone (the same products on the same
     buffers, one after the other with nothing between them). What the products leave of the
@@ -271,10 +280,7 @@ def profile_decoder(name, steps, shared, rounds=PROFILE_ROUNDS):
         lines.append(f"  {part:<18} {per_step * 1e3:7.3f} ms {per_step / total:6.1%}  "
                      f"{sizes[part] / per_step / 1e9:6.1f} GB/s of weights")
     alone = sum(seconds.values())
-    rest = total - alone
-    what = "(Python, norms, RoPE, attention, SwiGLU, the cache)" if rest >= 0 else \
-        "(below zero: the products alone were slower than in the step; the machine's noise)"
-    lines.append(f"  {'everything else':<18} {rest * 1e3:7.3f} ms {rest / total:6.1%}  {what}")
+    lines.append(rest_line(total, alone))
     # The step can be no faster than its products: NumPy's GEMVs reading these weights on this
     # machine, with nothing between them (issue 13's honest ceiling, printed beside the step)
     lines.append(f"  ceiling: the products alone, {alone * 1e3:.2f} ms a step, "
