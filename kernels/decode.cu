@@ -269,7 +269,7 @@ __device__ __forceinline__ void attention_by_warps(
         const float* __restrict__ cos_table, const float* __restrict__ sin_table,
         T* __restrict__ cache_k, T* __restrict__ cache_v, float* __restrict__ out, int n_heads,
         int n_kv_heads, int head_dim, int max_seq, float scale, float* __restrict__ split_parts,
-        unsigned int* __restrict__ arrivals, WarpSoftmax& parts) {
+        int* __restrict__ arrivals, WarpSoftmax& parts) {
     constexpr int KEYS = ATTN_LANE_FLOATS / (WIDTH * PER_LANE);   // keys of a chunk, per warp
     const int h = blockIdx.x, b = blockIdx.y, lane = threadIdx.x % 32, warp = threadIdx.x / 32;
     const int warps = blockDim.x / 32, rep = n_heads / n_kv_heads, g = h / rep;
@@ -402,17 +402,9 @@ __device__ __forceinline__ void attention_by_warps(
     if (splits == 1) return;
 
     // 5. The splits' softmaxes combined as the warps' were, by the block that finishes last
-    //    (a counter per head and row: each block's record is made visible, __threadfence,
-    //    before it counts itself), in split order whichever block that is. It sets the
-    //    counter back to 0 for the next launch, which starts only after this one has ended.
-    __shared__ bool last;
-    __threadfence();
-    __syncthreads();
-    unsigned int* count = arrivals + (size_t)b * n_heads + h;
-    if (threadIdx.x == 0) last = atomicAdd(count, 1u) == (unsigned int)(splits - 1);
-    __syncthreads();
-    if (!last) return;
-    __threadfence();                                       // then the others' records
+    //    (split_last_block, reduce.cu: a counter per head and row, which that block sets back
+    //    to 0 for the next launch), in split order whichever block that is.
+    if (!split_last_block(arrivals + (size_t)b * n_heads + h, splits)) return;
     float top = neg_inf();
     for (int r = 0; r < splits; ++r) top = fmaxf(top, __ldcg(records + r * record));
     for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
@@ -424,7 +416,6 @@ __device__ __forceinline__ void attention_by_warps(
         }
         y[d] = total / norm;
     }
-    if (threadIdx.x == 0) *count = 0;
 }
 
 template <int WIDTH, typename T>
@@ -433,7 +424,7 @@ attention_decode(const float* __restrict__ qkv, const int* __restrict__ step,
                  const float* __restrict__ cos_table, const float* __restrict__ sin_table,
                  T* __restrict__ cache_k, T* __restrict__ cache_v, float* __restrict__ out,
                  int n_heads, int n_kv_heads, int head_dim, int max_seq, float scale,
-                 float* __restrict__ split_parts, unsigned int* __restrict__ arrivals) {
+                 float* __restrict__ split_parts, int* __restrict__ arrivals) {
     grid_launch_dependents();
     __shared__ __align__(16) WarpSoftmax parts;
     // A slice of 1, 2, 4 or 8 pieces a lane, the fewest that hold the row; a chunk has as

@@ -152,10 +152,11 @@ __device__ __forceinline__ float thread_sum_squares(const float* row, int K, int
 }
 
 // ---- a split over k: the block that ends a tile last adds the slices -----------------------
-// gemv_v3, qgemv_v4s and qgemv_mma split k over the blocks of a tile: each block writes its
-// slice's partial sums to a workspace, and the block that ends the tile last (a counter per
-// tile, which it resets, so that a CUDA graph can replay the launch) adds the slices in slice
-// order: the same float sum whichever block is last, deterministic.
+// gemv_v3, qgemv_v4s and qgemv_mma split k over the blocks of a tile (attention_decode its
+// keys over a head's blocks, decode.cu): each block writes its slice's partial sums to a
+// workspace, and the block that ends the tile last (a counter per tile, which it resets, so
+// that a CUDA graph can replay the launch) adds the slices in slice order: the same float sum
+// whichever block is last, deterministic.
 //
 // Whether this block is the last of its tile; every thread of the block calls it, after its
 // partial sums are written. The block's writes are ordered before the count by the barrier and

@@ -646,7 +646,7 @@ def test_attention_decode_rotates_writes_the_cache_and_attends(cuda, cp, cache, 
     out = poison(cp, (bsz, nh * hd))
     width, scale = 4 if hd % 4 == 0 else 1, np.float32(1.0 / np.sqrt(hd))
     split_parts = poison(cp, (bsz, nh, splits, hd + 2))
-    arrivals = cp.zeros((bsz, nh), dtype=np.uint32)
+    arrivals = cp.zeros((bsz, nh), dtype=np.int32)
     outs = []
     for _ in range(2):
         KERNELS.launch(f"attention_decode<{width},{CACHE_TYPES[cache]}>", (nh, bsz, splits),

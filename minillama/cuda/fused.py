@@ -114,7 +114,7 @@ class FusedDecoder:
         # and row (the last split combines the records and sets its counter back to 0)
         splits = attention_splits(1, p.max_seq_len)
         self.split_parts = cp.zeros((nb, p.n_heads, splits, hd + 2), dtype=np.float32)
-        self.arrivals = cp.zeros((nb, p.n_heads), dtype=np.uint32)
+        self.arrivals = cp.zeros((nb, p.n_heads), dtype=np.int32)
         self.graphs = {}                                     # bsz -> cupy.cuda.Graph
         self.launches_per_step = {}                          # bsz -> kernels in one step
         # greedy_steps' edges, page-locked: the row its graph's copy node reads, and the ids
