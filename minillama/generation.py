@@ -18,8 +18,9 @@ from .tokenizers.chat import B_INST, E_INST
 
 SPECIAL_TAGS = [B_INST, E_INST, "<<SYS>>", "<</SYS>>"]
 # Greedy steps a GPU decoder takes in one call (its greedy_steps) once every row is past its
-# prompt: the host waits once per AHEAD tokens; at most AHEAD - 1 steps past the end are
-# wasted where all rows reach eos (docs/generate.md, "Steps ahead").
+# prompt: the host waits once per AHEAD tokens, while the next call's AHEAD steps, queued
+# behind them, keep the GPU busy; at most 2 AHEAD - 1 steps past the end are wasted where all
+# rows reach eos (docs/generate.md, "Steps ahead", "Steps queued").
 AHEAD = 8
 UNSAFE_ERROR = "Error: special tags are not allowed as part of the prompt."
 
@@ -54,12 +55,14 @@ def picked(backs, last, model, tokens, start_pos, forward):
     each step (the step after fed the ids), and last (bsz, vocab), the last step's logits.
     Where a flag says a row held a logit that is not finite, check_finite raises when that
     step is taken, saying where: on last for the last step, on the step's logits made again
-    by forward for an earlier one (a NaN in the weights comes back). A step never taken (the
-    loop stopped at eos before it) raises nothing, as in a loop of one step a call."""
+    by forward for an earlier one (a NaN in the weights comes back), or for the last where
+    last is None (steps queued behind it wrote over it). A step never taken (the loop stopped
+    at eos before it) raises nothing, as in a loop of one step a call."""
     bsz = backs.shape[1] // 2
     for j, back in enumerate(backs):
         if back[bsz:].any():
-            step_last = last if j == len(backs) - 1 else forward(tokens, start_pos)[:, -1]
+            step_last = last if j == len(backs) - 1 and last is not None \
+                else forward(tokens, start_pos)[:, -1]
             check_finite(step_last, model, tokens, start_pos)    # raises, saying where
             raise GenerationError(f"the logits at position {start_pos + tokens.shape[1] - 1} "
                                   f"held a value that is not finite, and not when made again")
@@ -154,8 +157,8 @@ class Llama:
         # Greedy on the GPU: the backend's steps that also pick the tokens, so only the ids
         # come back (for one token a row, inside CUDA graphs: FusedDecoder.greedy_steps), and,
         # once no row has prompt left to feed in, AHEAD steps at a time, the host out of the
-        # way; the loop takes their ids one position at a time. Not where the logits
-        # themselves are wanted (logprobs).
+        # way, with the next call's steps queued behind them (`then`); the loop takes their
+        # ids one position at a time. Not where the logits themselves are wanted (logprobs).
         greedy_steps = getattr(forward, "greedy_steps", None) \
             if temperature == 0 and not logprobs else None
         ahead = iter(())               # ids picked ahead of cur_pos, a (bsz,) array a position
@@ -163,8 +166,10 @@ class Llama:
             if greedy_steps is not None:
                 next_token = next(ahead, None)
                 if next_token is None:
-                    n = min(AHEAD, total_len - cur_pos) if cur_pos >= max_prompt_len else 1
-                    backs, last = greedy_steps(tokens[:, prev_pos:cur_pos], prev_pos, n)
+                    decoding = cur_pos >= max_prompt_len          # no prompt left to feed
+                    n = min(AHEAD, total_len - cur_pos) if decoding else 1
+                    then = min(AHEAD, total_len - cur_pos - n) if decoding else 0
+                    backs, last = greedy_steps(tokens[:, prev_pos:cur_pos], prev_pos, n, then)
                     ahead = picked(backs, last, self.model, tokens[:, prev_pos:cur_pos], prev_pos,
                                    forward)
                     next_token = next(ahead)

@@ -921,8 +921,39 @@ def test_generate_greedy_on_the_gpu_equals_the_cpu(cuda, cp):
     got, want = (Llama(model, StubTokenizer(eos_id=-7)).generate(
         prompts, max_gen_len=20, temperature=0)[0] for model in (gpu_model, Transformer(p, w, CPU)))
     assert got == want
-    graphs = gpu_ops._decoders[gpu_model].greedy_graphs                 # (greedy_steps')
+    fused = gpu_ops._decoders[gpu_model]
+    graphs = fused.greedy_graphs                                         # (greedy_steps')
     assert graphs.get((3, 1)) is not None and graphs.get((3, AHEAD)) is not None
+    # total_len 27: AHEAD steps from position 6, eagerly (recording their graph: nothing
+    # queued), AHEAD more through it with the last 4 queued behind, which the last call takes
+    assert set(fused.queued_graphs) == {(3, 4, 1)} and fused.queued is None
+
+
+@gpu
+def test_generate_greedy_after_steps_queued_past_the_eos(cuda, cp):
+    """A generate that stops at eos leaves steps queued behind its last call, running on past
+    the eos and writing the KV cache there: nobody takes them, and the next generates (another
+    prompt, then the first again) give the CPU's tokens."""
+    from conftest import StubTokenizer
+    from minillama.generation import Llama
+    p = ModelArgs(**ODD)
+    w = random_weights(p, seed=int(rng.integers(1 << 30)), scale=0.5)   # far from ties
+    gpu_ops = cuda.CudaOps()
+    models = Transformer(p, w, gpu_ops), Transformer(p, w, CPU)
+    first, other = [3, 5, 7], [11, 13]
+    free, on_gpu = (Llama(m, StubTokenizer(eos_id=-7)).generate([first], 30, temperature=0)[0][0]
+                    for m in reversed(models))       # (on the GPU, the graphs are recorded)
+    assert on_gpu == free
+    # total_len 33: calls for positions 3 .. 10, 11 .. 18, 19 .. 26 (each with the next call's
+    # steps queued behind), 27 .. 32; the eos at position 15 or before (where it comes first)
+    eos = free[12]
+    for k, prompt in enumerate((first, other, first)):
+        got, want = (Llama(m, StubTokenizer(eos_id=eos)).generate([prompt], 30, temperature=0)[0]
+                     for m in models)
+        assert got == want
+        if k == 0:
+            assert got == [free[:free.index(eos)]]
+            assert gpu_ops._decoders[models[0]].queued is not None     # left behind the eos
 
 
 @gpu
@@ -1016,6 +1047,66 @@ def test_greedy_steps_pick_what_forward_and_greedy_pick_pick(cuda, cp, mode, row
 
 
 @gpu
+@pytest.mark.parametrize("rows", [1, 3])
+@pytest.mark.parametrize("mode", ["persistent", "fused+graphs"])
+def test_greedy_steps_queued_pick_what_forward_and_greedy_pick_pick(cuda, cp, mode, rows):
+    """greedy_steps with `then`: each call queues the next one's steps behind its own (fed
+    on the GPU by its last greedy_pick, their ids into the other half of picks_host), and the
+    next call takes them: the same ids as forward + greedy_pick on a twin model, over 48
+    positions, twice. Calls that do not take what was queued drop it and still pick right: one
+    for another count, one fed other tokens, one at another position (a step through __call__
+    first). Eager calls (the first for a count) queue nothing; while steps are queued, last is
+    None."""
+    from minillama.cuda.kernels import greedy_pick
+    p = ModelArgs(dim=64, n_layers=3, n_heads=8, n_kv_heads=2, vocab_size=1001, hidden_dim=172,
+                  max_seq_len=48, max_batch_size=3)
+    w = random_weights(p, seed=int(rng.integers(1 << 30)), scale=0.5)
+
+    def decoder():
+        ops = cuda.CudaOps(persistent=mode == "persistent")
+        model = Transformer(p, w, ops)
+        forward = ops.decoder(model)
+        if mode == "persistent":
+            ops._decoders[model].min_dim = 0
+        return forward, ops._decoders[model]
+    (forward, _), (stepped, fused) = decoder(), decoder()
+    take, taken = fused._take_queued, []           # per call: whether it took the queued steps
+
+    def counted_take(*args):
+        q = take(*args)
+        taken.append(q is not None)
+        return q
+    fused._take_queued = counted_take
+    for _ in range(2):
+        # 48 positions: calls of n steps, each asking for the next call's n to be queued
+        counts = [2, 5, 3, 5, 5, 4, 3, 3, 2, 4, 4, 1, 2, 4]
+        tokens, pos = rng.integers(0, p.vocab_size, size=(rows, 1)), 0
+        del taken[:]
+        for i, n in enumerate(counts):
+            then = counts[i + 1] if i + 1 < len(counts) else 0
+            if i == 6:                             # 2 steps where 3 were queued
+                n, then, counts[i + 1] = 2, 4, 4
+            if i == 8:                             # other tokens than the ids picked
+                tokens = (tokens + 1) % p.vocab_size
+            if i == 10:                            # a step through __call__ first
+                want = greedy_pick(forward(tokens, pos)[:, -1]).get()
+                got = greedy_pick(stepped(tokens, pos)[:, -1]).get()
+                assert got.tolist() == want.tolist(), f"position {pos}, __call__"
+                tokens, pos = got[:rows].astype(np.int64).reshape(rows, 1), pos + 1
+            backs, last = stepped.greedy_steps(tokens, pos, n, then)
+            assert (last is None) == (fused.queued is not None)
+            for j, back in enumerate(backs):
+                want = greedy_pick(forward(tokens, pos)[:, -1]).get()
+                assert back.tolist() == want.tolist(), f"position {pos}, step {j} of {n}"
+                tokens, pos = back[:rows].astype(np.int64).reshape(rows, 1), pos + 1
+        assert pos == p.max_seq_len and fused.queued is None
+    # the second time every count's graph is there, so every call queues the next; taken by
+    # all but the three that differ from what was queued (6, 8, 10) and the first
+    assert [i for i, t in enumerate(taken) if t] == [1, 2, 3, 4, 5, 7, 9, 11, 12, 13]
+    assert {k[2] for k in fused.queued_graphs} == {0, 1}
+
+
+@gpu
 def test_greedy_steps_refuse_a_count_or_positions_out_of_range(cuda, cp):
     from minillama.errors import ArgumentError, GenerationError
     model, _ = small_model(cuda.CudaOps(), bsz=1)
@@ -1023,10 +1114,16 @@ def test_greedy_steps_refuse_a_count_or_positions_out_of_range(cuda, cp):
     for n in (0, 17, 2.0, True):
         with pytest.raises(ArgumentError, match="n: expected 1 to 16 steps"):
             forward.greedy_steps([[3]], 0, n)
+    for then in (-1, 17, 1.0, False):
+        with pytest.raises(ArgumentError, match="then: expected 0 to 16 steps"):
+            forward.greedy_steps([[3]], 0, 1, then)
     last = model.params.max_seq_len - 1
     forward.greedy_steps([[3]], last - 2, 3)                      # positions up to the last
     with pytest.raises(GenerationError, match="n: 4 steps from position"):
         forward.greedy_steps([[3]], last - 2, 4)
+    forward.greedy_steps([[3]], last - 4, 3, 2)                   # and queued up to the last
+    with pytest.raises(GenerationError, match="n: 3 steps and then 3 from position"):
+        forward.greedy_steps([[3]], last - 4, 3, 3)
 
 
 @gpu

@@ -143,14 +143,15 @@ def with_greedy_steps(model, calls, poison=None, poison_from=2, poison_to=None,
             out[0, -1, 5] = poison
         return out
 
-    def greedy_steps(tokens, start_pos, n):
-        calls.append((np.shape(tokens), start_pos, n))
+    def greedy_steps(tokens, start_pos, n, then=0):
+        calls.append((np.shape(tokens), start_pos, n, then))
         backs = []
         for _ in range(n):
             last = logits(tokens, start_pos)[:, -1]
             backs.append(greedy_pick(last))
             start_pos, tokens = start_pos + np.shape(tokens)[1], backs[-1][:len(last), None]
-        return np.stack(backs), last
+        # with steps queued behind, the GPU's last logits are theirs by the time they are read
+        return np.stack(backs), (None if then else last)
 
     def forward(tokens, start_pos):
         assert forward_steps, "greedy_steps' step went to forward"
@@ -165,7 +166,8 @@ def with_greedy_steps(model, calls, poison=None, poison_from=2, poison_to=None,
 def test_greedy_takes_the_decoders_greedy_steps_for_every_step(shortest):
     """Every step of a greedy generate goes to the decoder's greedy_steps, the prompt's first
     columns too (shortest prompt 2: a step of 2 tokens a row, then one token a row), one step
-    a call while a row has prompt left, then AHEAD a call, and what is left in the last."""
+    a call while a row has prompt left, then AHEAD a call, and what is left in the last; once
+    no row has prompt left, each call asks for the next one's steps to be queued behind it."""
     rng = np.random.default_rng()
     prompts = [list(rng.integers(3, 97, n)) for n in (shortest, 7, 4)]
     want, _ = make_llama(4, eos_id=-7).generate(prompts, max_gen_len=12, temperature=0)
@@ -173,8 +175,9 @@ def test_greedy_takes_the_decoders_greedy_steps_for_every_step(shortest):
     llama.model = with_greedy_steps(llama.model, calls)
     assert llama.generate(prompts, max_gen_len=12, temperature=0)[0] == want
     assert AHEAD == 8                      # total_len 19: positions 7 .. 14, then the last 4
-    assert calls == ([((3, shortest), 0, 1)] + [((3, 1), pos, 1) for pos in range(shortest, 6)]
-                     + [((3, 1), 6, 8), ((3, 1), 14, 4)])
+    assert calls == ([((3, shortest), 0, 1, 0)]
+                     + [((3, 1), pos, 1, 0) for pos in range(shortest, 6)]
+                     + [((3, 1), 6, 8, 4), ((3, 1), 14, 4, 0)])
 
 
 def test_greedy_steps_ahead_stop_at_eos_as_one_at_a_time():
@@ -187,41 +190,44 @@ def test_greedy_steps_ahead_stop_at_eos_as_one_at_a_time():
     llama.model = with_greedy_steps(llama.model, calls)
     out, _ = llama.generate([prompt], 30, temperature=0)
     assert out[0] == free[:free.index(eos)]
-    # the prompt's step and 7 more, then 8 from position 10: the eos (position 14) in the second
-    assert calls == [((1, 3), 0, 8), ((1, 1), 10, 8)]
+    # the prompt's step and 7 more, then 8 from position 10: the eos (position 14) in the
+    # second, whose 8 queued steps (from position 18) nobody takes
+    assert calls == [((1, 3), 0, 8, 8), ((1, 1), 10, 8, 8)]
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf])
 @pytest.mark.parametrize("max_gen_len", [3, 12])
 def test_greedy_steps_refuse_non_finite_logits(bad, max_gen_len):
-    """A flag at position 2: where it is its call's last step (max_gen_len 3: one call of 3),
-    check_finite on the call's logits; where it is not (12: a call of AHEAD), on the step made
-    again by forward."""
+    """A flag at position 2: where it is its call's last step (max_gen_len 3: one call of 3,
+    nothing queued behind it), check_finite on the call's logits; where it is not (12: a call
+    of AHEAD), on the step made again by forward."""
     llama, calls = make_llama(4), []
     llama.model = with_greedy_steps(llama.model, calls, poison=bad, forward_steps=True)
     with pytest.raises(GenerationError, match="NaN" if np.isnan(bad) else "infinity"):
         llama.generate([[5]], max_gen_len=max_gen_len, temperature=0)
-    assert [n for _, _, n in calls] == ([3] if max_gen_len == 3 else [8])
+    assert [n for _, _, n, _ in calls] == ([3] if max_gen_len == 3 else [8])
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf])
-def test_greedy_steps_say_where_a_flag_inside_a_call_came_from(bad):
-    """Logits not finite at position 2 only, the third of a call of AHEAD steps whose last
-    logits are finite: the step is made again through forward and check_finite names
-    position 2; where the step made again is finite (the GPU gave two answers), one line
-    says so."""
+@pytest.mark.parametrize("at", [2, 7])
+def test_greedy_steps_say_where_a_flag_inside_a_call_came_from(bad, at):
+    """Logits not finite at one position only, in a call of AHEAD steps with steps queued
+    behind it: the third step (at 2), or the last (at 7), whose logits the queued steps wrote
+    over (greedy_steps gives None for them). The step is made again through forward and
+    check_finite names the position; where the step made again is finite (the GPU gave two
+    answers), one line says so."""
     llama, calls = make_llama(4), []
-    llama.model = with_greedy_steps(llama.model, calls, poison=bad, poison_to=2,
-                                    forward_steps=True)
-    with pytest.raises(GenerationError, match=r"at positions 2\.\.2"):
+    llama.model = with_greedy_steps(llama.model, calls, poison=bad, poison_from=at,
+                                    poison_to=at, forward_steps=True)
+    with pytest.raises(GenerationError, match=rf"at positions {at}\.\.{at}"):
         llama.generate([[5]], max_gen_len=12, temperature=0)
     llama, calls = make_llama(4), []
-    llama.model = with_greedy_steps(llama.model, calls, poison=bad, poison_to=2,
-                                    forward_steps=True, forward_poisoned=False)
-    with pytest.raises(GenerationError, match="at position 2 held a value that is not finite, "
-                                              "and not when made again"):
+    llama.model = with_greedy_steps(llama.model, calls, poison=bad, poison_from=at,
+                                    poison_to=at, forward_steps=True, forward_poisoned=False)
+    with pytest.raises(GenerationError, match=f"at position {at} held a value that is not "
+                                              "finite, and not when made again"):
         llama.generate([[5]], max_gen_len=12, temperature=0)
-    assert [n for _, _, n in calls] == [8]
+    assert calls == [((1, 1), 0, 8, 4)]
 
 
 def test_greedy_steps_past_the_last_eos_raise_nothing():
@@ -235,7 +241,7 @@ def test_greedy_steps_past_the_last_eos_raise_nothing():
     llama.model = with_greedy_steps(llama.model, calls, poison=np.nan, poison_from=8)
     out, _ = llama.generate([prompt], 30, temperature=0)
     assert out[0] == free[:free.index(eos)]
-    assert calls == [((1, 3), 0, 8)]
+    assert calls == [((1, 3), 0, 8, 8)]
 
 
 def test_sampling_and_logprobs_never_take_greedy_steps():

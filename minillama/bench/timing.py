@@ -56,14 +56,15 @@ def decode_rate(forward, bsz, steps, ahead=1):
     """Tokens/s of greedy decoding, positions 0 .. steps-1; the first pass warms up (compiles,
     captures graphs), the second is timed. The tokens go through the host as generate's greedy
     steps take them: forward.greedy_steps where the decoder has it (the picks inside the CUDA
-    graph), `ahead` steps a call (generate's AHEAD once no prompt is left; a last, shorter call
-    where steps is not a multiple), else one forward call a token, picked on the GPU by
-    kernels.greedy_pick and copied back."""
+    graph), `ahead` steps a call (generate's AHEAD once no prompt is left, the next call's
+    queued behind each; a last, shorter call where steps is not a multiple), else one forward
+    call a token, picked on the GPU by kernels.greedy_pick and copied back."""
     greedy_steps = getattr(forward, "greedy_steps", None)
 
     def next_tokens(tokens, pos, n):
-        if greedy_steps is not None:
-            back = greedy_steps(tokens, pos, n)[0][-1]
+        if greedy_steps is not None:          # with generate's next call queued behind
+            then = min(ahead, steps - pos - n) if ahead > 1 else 0
+            back = greedy_steps(tokens, pos, n, then)[0][-1]
         else:
             back = greedy_pick(forward(tokens, pos)[:, -1]).get()
         return back[:bsz].astype(np.int64).reshape(bsz, 1)

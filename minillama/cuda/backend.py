@@ -141,31 +141,39 @@ class CudaDecoder:
     def __call__(self, tokens, start_pos):
         tokens = check_tokens(tokens, start_pos, self.model.params)   # (bsz, seqlen) int64, host
         if tokens.shape[1] > 1:
+            self.fused.queued = None        # the prompt rewrites the cache the queued steps read
             return self.model.forward(tokens, start_pos)
         return self.fused(tokens, start_pos, self.graphs)
 
-    def greedy_steps(self, tokens, start_pos, n=1):
+    def greedy_steps(self, tokens, start_pos, n=1, then=0):
         """(backs, last): n steps of greedy decoding from tokens (bsz, seqlen) at start_pos,
         each step after the first fed the ids the one before picked. backs (n, 2 bsz) int32 on
         the host, step j's row = each row's argmax of its last logits, then a flag per row,
-        1 where one is not finite; last (bsz, vocab) the last step's logits on the GPU. One
-        token a row goes through FusedDecoder.greedy_steps (the picks inside the CUDA graph,
-        only the ids copied back); a prompt's step through model.forward and greedy_pick, and
-        the steps after it through FusedDecoder.greedy_steps."""
+        1 where one is not finite; last (bsz, vocab) the last step's logits on the GPU, or None
+        where steps were queued behind them. One token a row goes through
+        FusedDecoder.greedy_steps (the picks inside the CUDA graph, only the ids copied back);
+        a prompt's step through model.forward and greedy_pick, and the steps after it through
+        FusedDecoder.greedy_steps. then: steps to queue on the GPU behind these, for the next
+        call to take (FusedDecoder.greedy_steps); 0 to 16, and they must fit max_seq_len too."""
         tokens = check_tokens(tokens, start_pos, self.model.params)   # (bsz, seqlen) int64
         (bsz, seqlen), max_seq_len = tokens.shape, self.model.params.max_seq_len
-        counted = not isinstance(n, bool) and isinstance(n, (int, np.integer))
-        if not counted or not 1 <= n <= self.fused.MAX_STEPS:
-            raise ArgumentError(f"n: expected 1 to {self.fused.MAX_STEPS} steps, got {n!r}")
-        if start_pos + seqlen + n - 1 > max_seq_len:
-            raise GenerationError(f"n: {n} steps from position {start_pos + seqlen - 1} do not "
-                                  f"fit max_seq_len {max_seq_len}")
+        steps = self.fused.MAX_STEPS
+        for name, count, least in (("n", n, 1), ("then", then, 0)):
+            if isinstance(count, bool) or not isinstance(count, (int, np.integer)) \
+                    or not least <= count <= steps:
+                raise ArgumentError(f"{name}: expected {least} to {steps} steps, got {count!r}")
+        if start_pos + seqlen + n + then - 1 > max_seq_len:
+            raise GenerationError(f"n: {n} steps {f'and then {then} ' if then else ''}from "
+                                  f"position {start_pos + seqlen - 1} do not fit max_seq_len "
+                                  f"{max_seq_len}")
         if seqlen == 1:
-            return self.fused.greedy_steps(tokens, start_pos, n, self.graphs)
+            return self.fused.greedy_steps(tokens, start_pos, n, self.graphs, then)
+        self.fused.queued = None
         last = self.model.forward(tokens, start_pos)[:, -1]               # (bsz, vocab)
         first = greedy_pick(last).get()[None]                              # (1, 2 bsz)
-        if n == 1:
+        if n == 1:               # (nothing queued: the pick is not where a graph would read it)
             return first, last
         rest, last = self.fused.greedy_steps(first[0, :bsz, None].astype(np.int64),
-                                             start_pos + seqlen, n - 1, self.graphs)
+                                             start_pos + seqlen, n - 1, self.graphs, then)
         return np.concatenate([first, rest]), last
+

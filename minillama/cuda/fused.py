@@ -16,7 +16,7 @@ import warnings
 import numpy as np
 
 from ..formats import Packed
-from .kernels import CACHE_TYPES, GREEDY_THREADS, KERNELS, NO_STEP, PACKED_KERNEL_FORMATS, \
+from .kernels import CACHE_TYPES, GREEDY_THREADS, KERNELS, PACKED_KERNEL_FORMATS, \
     attention_splits, attention_threads, gemv, greedy_pick, qgemv
 from .runtime import i32, require_cupy
 
@@ -53,7 +53,8 @@ class FusedDecoder:
     step made before, come once every STEP_SLOTS steps (`send_step` says why that is enough).
     greedy_steps, greedy decoding's steps, calls CUDA once, the replay, and waits for it: its
     graph copies the token in from page-locked memory, takes n steps, each fed the ids the one
-    before picked, and copies back only the picked ids.
+    before picked, and copies back only the picked ids. It may also queue the next call's steps
+    behind them before it waits (`then`), so that the GPU goes on while the host reads the ids.
     """
 
     BLOCK = 256
@@ -118,14 +119,19 @@ class FusedDecoder:
         self.graphs = {}                                     # bsz -> cupy.cuda.Graph
         self.launches_per_step = {}                          # bsz -> kernels in one step
         # greedy_steps' edges, page-locked: the row its graph's copy node reads, and the ids
-        # and flags each step's greedy_pick writes in place
+        # and flags each step's greedy_pick writes in place, in two halves: a call's, and the
+        # call queued behind it (greedy_steps' `then`), which may run while the host reads
         self.row_host = cupyx.empty_pinned((1 + nb,), dtype=np.int32)   # [start_pos, tokens]
-        self.picks_host = cupyx.empty_pinned((self.MAX_STEPS, 2 * nb), dtype=np.int32)
+        self.picks_host = cupyx.empty_pinned((2, self.MAX_STEPS, 2 * nb), dtype=np.int32)
         self.greedy_graphs = {}                              # (bsz, n) -> cupy.cuda.Graph, or None
+        self.queued_graphs = {}                              # (bsz, n, half) -> the same, fed on the GPU
+        self.picked_events = [cp.cuda.Event(disable_timing=True) for _ in range(2)]   # a half's
+        self.queued = None                                   # the Queued call, if one is
         self.packed = any(isinstance(w, Packed) for w in self._weights(model))
 
     def __call__(self, tokens, start_pos, use_graphs=True):
         bsz = tokens.shape[0]
+        self.queued = None                  # whatever greedy_steps queued, nobody will take it
         self.send_step(tokens, start_pos)
         if use_graphs and self.graphs.get(bsz) is not None:
             self.graphs[bsz].launch()
@@ -162,14 +168,15 @@ class FusedDecoder:
         if self.slot == 0:
             self.round_copied.record(stream)
 
-    def greedy_steps(self, tokens, start_pos, n=1, use_graphs=True):
+    def greedy_steps(self, tokens, start_pos, n=1, use_graphs=True, then=0):
         """n steps of greedy decoding from tokens (bsz, 1) at start_pos, each step fed the ids
         the one before picked, with nothing beside the steps' CUDA graph: returns (backs, last),
         backs (n, 2 bsz) int32 on the host, step j's row as kernels.greedy_pick gives it (each
         row's argmax, then a flag per row, 1 where a logit is not finite), and last (bsz,
         vocab), the last step's logits on the GPU, for the caller to say where a flag came
-        from; last is this decoder's buffer, valid until its next step. 1 <= n <= MAX_STEPS
-        (CudaDecoder.greedy_steps checks it).
+        from; last is this decoder's buffer, valid until its next step, and None where steps
+        are queued behind these (below), since they write it. 1 <= n <= MAX_STEPS
+        (CudaDecoder.greedy_steps checks it, and then).
 
         __call__ costs a step three stream operations around its graph: the token's copy in,
         the logits' copy out, the pick's kernel and its copy. Each waits for the one before,
@@ -177,26 +184,67 @@ class FusedDecoder:
         kernels.md, "What the host adds to a step"). Here the graph does all of it: its first
         node copies the position and tokens from a page-locked row (the copy was recorded with
         the row's address, and reads what the row holds at each replay), and each step's
-        greedy_pick writes the ids into page-locked memory in place and, but for the last,
-        into the next step's input; the host writes the row, replays, waits for the stream and
-        reads the ids. The wait is also what lets the row be written again. With n > 1 the host
-        is not there between the steps at all (docs/generate.md, "Steps ahead"). A graph per
-        (bsz, n), recorded at the first call for it, which runs its steps one by one."""
+        greedy_pick writes the ids into page-locked memory in place and into the next step's
+        input; the host writes the row, replays, waits for the steps and reads the ids. With
+        n > 1 the host is not there between the steps at all (docs/generate.md, "Steps
+        ahead"). A graph per (bsz, n), recorded at the first call for it, which runs its steps
+        one by one.
+
+        then > 0 queues `then` steps more behind these before waiting for them: a graph without
+        the copy node, whose first step reads the input the last of these steps' greedy_pick
+        wrote on the GPU, and whose ids go to the other half of picks_host. So the GPU does not
+        stop while the host reads these ids and comes back: the next call takes the queued
+        steps, if it asks for exactly them (the same rows, position and count, fed the ids
+        these picked), without launching anything but the steps it queues in turn. Any other
+        call drops them (they still run, writing the KV cache past these positions, where
+        nothing reads before it is written again; docs/generate.md, "Steps queued")."""
         bsz = tokens.shape[0]
-        graph = self.greedy_graphs.get((bsz, n)) if use_graphs else None
-        if graph is None:
-            # eagerly, as generation.greedy does it (the copies beside each step); the first
-            # call for (bsz, n) then records greedy_steps' own graph, as __call__ records its own
-            backs, last = self._greedy_eagerly(tokens, start_pos, n, use_graphs)
-            if use_graphs and (bsz, n) not in self.greedy_graphs:
-                self.greedy_graphs[bsz, n] = self._capture(
-                    bsz, lambda: self._greedy_launches(bsz, n))
-            return backs, last
-        self.row_host[0], self.row_host[1:1 + bsz] = start_pos, tokens[:, 0]
+        call = self._take_queued(tokens, start_pos, n)
+        if call is None:
+            graph = self.greedy_graphs.get((bsz, n)) if use_graphs else None
+            if graph is None:
+                # eagerly, as generation.greedy does it (the copies beside each step); the first
+                # call for (bsz, n) then records greedy_steps' own graph, as __call__ records its
+                # own. Nothing is queued behind eager steps: they leave no input on the GPU.
+                backs, last = self._greedy_eagerly(tokens, start_pos, n, use_graphs)
+                if use_graphs and (bsz, n) not in self.greedy_graphs:
+                    self.greedy_graphs[bsz, n] = self._capture(
+                        bsz, lambda: self._greedy_launches(bsz, n))
+                return backs, last
+            self.row_host[0], self.row_host[1:1 + bsz] = start_pos, tokens[:, 0]
+            call = self._launch_greedy(graph, Queued(bsz, start_pos, n, half=0))
+        if then and use_graphs:
+            self.queued = self._queue(Queued(bsz, start_pos + n, then, half=1 - call.half))
+        self.picked_events[call.half].synchronize()
+        backs = self.picks_host[call.half, :n, :2 * bsz].copy()
+        if self.queued is not None:
+            self.queued.fed = backs[-1, :bsz]
+        return backs, (self.logits[:bsz] if self.queued is None else None)
+
+    def _take_queued(self, tokens, start_pos, n):
+        """The Queued call, if it is the one asked for (else it is dropped): None, or it."""
+        q, self.queued = self.queued, None
+        if q is None or (q.bsz, q.start_pos, q.n) != (tokens.shape[0], start_pos, n) \
+                or not np.array_equal(q.fed, tokens[:, 0]):
+            return None
+        return q
+
+    def _queue(self, q):
+        """Launch q's steps behind the stream's last (its graph recorded at the first need:
+        every kernel it launches has run before, for a call of the same rows); None where the
+        driver refused the graph."""
+        key = (q.bsz, q.n, q.half)
+        if key not in self.queued_graphs:
+            self.queued_graphs[key] = self._capture(
+                q.bsz, lambda: self._greedy_launches(q.bsz, q.n, fed=True, half=q.half))
+        graph = self.queued_graphs[key]
+        return None if graph is None else self._launch_greedy(graph, q)
+
+    def _launch_greedy(self, graph, q):
         stream = self.cp.cuda.get_current_stream()
         graph.launch(stream)
-        stream.synchronize()
-        return self.picks_host[:n, :2 * bsz].copy(), self.logits[:bsz]
+        self.picked_events[q.half].record(stream)
+        return q
 
     def _greedy_eagerly(self, tokens, start_pos, n, use_graphs):
         backs = np.empty((n, 2 * tokens.shape[0]), dtype=np.int32)
@@ -206,14 +254,17 @@ class FusedDecoder:
             tokens = backs[j, :tokens.shape[0], None].astype(np.int64)      # (bsz, 1)
         return backs, last
 
-    def _greedy_launches(self, bsz, n):
+    def _greedy_launches(self, bsz, n, fed=False, half=0):
         """greedy_steps' graph:
 
             row_host -> step                       a copy node: the first position and tokens
-            run(bsz), greedy_pick -> picks_host[0]     and into step: its ids, the position + 1
-            run(bsz), greedy_pick -> picks_host[1]     and into step
+            run(bsz), greedy_pick -> picks_host[half, 0]     and into step: its ids, the position + 1
+            run(bsz), greedy_pick -> picks_host[half, 1]     and into step
             ...
-            run(bsz), greedy_pick -> picks_host[n - 1]
+            run(bsz), greedy_pick -> picks_host[half, n - 1] and into step, for steps queued behind
+
+        fed: no copy node; the first step reads what the last greedy_pick before it wrote
+        (the graph of steps queued behind a call).
 
         The first step's input arrives by a copy node, not a kernel: a copy node ends before
         the next kernel starts, where a kernel's programmatic successors may start before it
@@ -222,16 +273,16 @@ class FusedDecoder:
         kernel (embed) is launched the ordinary way for that reason: it starts only once that
         greedy_pick has ended, and the step's other kernels only after it has started."""
         cp, vocab = self.cp, self.p.vocab_size
-        # (CuPy refuses a copy from the host while a stream captures; the runtime records it)
-        cp.cuda.runtime.memcpyAsync(self.step.data.ptr, self.row_host.ctypes.data, 4 * (1 + bsz),
-                                    cp.cuda.runtime.memcpyHostToDevice,
-                                    cp.cuda.get_current_stream().ptr)
+        if not fed:
+            # (CuPy refuses a copy from the host while a stream captures; the runtime records it)
+            cp.cuda.runtime.memcpyAsync(self.step.data.ptr, self.row_host.ctypes.data,
+                                        4 * (1 + bsz), cp.cuda.runtime.memcpyHostToDevice,
+                                        cp.cuda.get_current_stream().ptr)
         for j in range(n):
             self.run(bsz)
-            next_step = self.step if j < n - 1 else NO_STEP
             KERNELS.launch("greedy_pick", (bsz,), (GREEDY_THREADS,),
                            (self.logits[:bsz], i32(vocab), i32(vocab),
-                            device_address(self.picks_host[j]), i32(bsz), next_step))
+                            device_address(self.picks_host[half, j]), i32(bsz), self.step))
 
     def programmatic(self, bsz):
         """Whether the graph of a step of bsz rows is captured with programmatic launches: one
@@ -306,6 +357,15 @@ class FusedDecoder:
 
     def classify(self, bsz, h):
         matvec(h, self.output, out=self.logits[:bsz], norm=self.norm, eps=self.p.norm_eps)
+
+
+class Queued:
+    """A call of greedy_steps on the GPU: bsz rows, n steps from start_pos, its ids into half
+    `half` of picks_host; fed, for a call queued behind another, the ids it reads (that call's
+    last), once the host has them."""
+
+    def __init__(self, bsz, start_pos, n, half):
+        self.bsz, self.start_pos, self.n, self.half, self.fed = bsz, start_pos, n, half, None
 
 
 def device_address(pinned):
