@@ -230,14 +230,16 @@ class FusedDecoder:
         return q
 
     def _queue(self, q):
-        """Launch q's steps behind the stream's last (its graph recorded at the first need:
-        every kernel it launches has run before, for a call of the same rows); None where the
-        driver refused the graph."""
-        key = (q.bsz, q.n, q.half)
-        if key not in self.queued_graphs:
-            self.queued_graphs[key] = self._capture(
-                q.bsz, lambda: self._greedy_launches(q.bsz, q.n, fed=True, half=q.half))
-        graph = self.queued_graphs[key]
+        """Launch q's steps behind the stream's last; None where the driver refused their graph.
+        The graphs are recorded at the first need, for both halves at once: which half a call
+        gets depends on the calls before it, and a graph recorded later, in the middle of a
+        generation (or of a benchmark's timed pass), would stop the GPU for milliseconds.
+        Every kernel they launch has run before, for a call of the same rows."""
+        if (q.bsz, q.n, q.half) not in self.queued_graphs:
+            for half in (0, 1):
+                self.queued_graphs[q.bsz, q.n, half] = self._capture(
+                    q.bsz, lambda: self._greedy_launches(q.bsz, q.n, fed=True, half=half))
+        graph = self.queued_graphs[q.bsz, q.n, q.half]
         return None if graph is None else self._launch_greedy(graph, q)
 
     def _launch_greedy(self, graph, q):
