@@ -452,11 +452,14 @@ attention_decode(const float* __restrict__ qkv, const int* __restrict__ step,
 // with CuPy that was four launches (argmax, isfinite, all, a concatenation), each with its
 // Python, about as long as a stories15M step. Here it is one: a block per row, one pass over
 // the row. Each thread keeps the largest value it has seen and the first index holding it
-// (`v > top`: a later equal value does not replace it, and a NaN never does), and counts the
-// values that are not finite; then three block reductions: the maximum, the least index among
-// the threads holding it (numpy.argmax's choice among equal maxima; indices are exact as floats
-// up to 2^24), and the count. A row of NaN has no index holding its maximum: its id is 0, a
-// valid one, and the flag is what makes the caller look. The loads go GREEDY_UNROLL at a time,
+// (`v > top`: a later equal value does not replace it, and a NaN never does), and whether a
+// value was not finite. Then the threads meet once: each pair (maximum, first index) is one
+// 64-bit key whose order is the argmax's (argmax_key), so one reduction finds the maximum and,
+// among the threads holding it, the least index (numpy.argmax's choice among equal maxima),
+// and the flags ride the same barrier. (Three block reductions, the maximum, the least index
+// and a count, took six barriers; one made the stories15M and 110M tokens 1.01x as fast, H200,
+// 2026-11-30, docs/kernels.md "One key, one barrier".) A row of NaN has no index holding its maximum: its id is 0, a valid one, and
+// the flag is what makes the caller look. The loads go GREEDY_UNROLL at a time,
 // float4s where the row is aligned, all in flight before the first is compared: a stories15M
 // step is ~0.1 ms, and a first version, which read the row three times one load at a time,
 // took a sixth of it.
@@ -468,20 +471,35 @@ attention_decode(const float* __restrict__ qkv, const int* __restrict__ step,
 #define GREEDY_UNROLL 8             // (1024 threads leave 64 registers a thread: a larger
                                     // unroll would spill; kernels/dev/nvrtc_build.py --ptxas-v
                                     // shows it, nothing at run time does)
-// One value of the row seen by this thread, at index k: its maximum and first index, its count.
-__device__ __forceinline__ void greedy_see(float v, int k, float& top, float& first, float& bad) {
-    bad += isfinite(v) ? 0.0f : 1.0f;
-    if (v > top) { top = v; first = (float)k; }
+// One value of the row seen by this thread, at index k: its maximum and first index, and
+// `poison`, a sum of v * 0 that turns NaN at the first value that is not finite.
+__device__ __forceinline__ void greedy_see(float v, int k, float& top, int& first, float& poison) {
+    poison = fmaf(v, 0.0f, poison);
+    if (v > top) { top = v; first = k; }
+}
+
+// A thread's (maximum, first index) as one 64-bit key whose unsigned order is the argmax's: the
+// float's bits made monotonic (a negative's flipped, a positive's sign bit set; -0.0 taken as
+// 0.0, which NumPy counts equal to it) above the index inverted, so that of equal maxima the
+// first index has the larger key. 0 for a thread with no index (`none`: it saw only NaN, or
+// nothing above -inf).
+__device__ __forceinline__ unsigned long long argmax_key(float top, int first, int none) {
+    if (first == none) return 0ull;
+    unsigned int bits = __float_as_uint(top == 0.0f ? 0.0f : top);
+    bits = (bits & 0x80000000u) ? ~bits : bits | 0x80000000u;
+    return (unsigned long long)bits << 32 | (0xFFFFFFFFu - (unsigned int)first);
 }
 
 extern "C" __global__ void __launch_bounds__(1024) greedy_pick(const float* __restrict__ logits,
                                                                int vocab, int ld,
                                                                int* __restrict__ out, int bsz,
                                                                int* __restrict__ next_step) {
-    __shared__ float scratch[32];
+    __shared__ unsigned long long keys[32];                  // a warp's largest key
+    __shared__ int poisoned[32];                            // whether it saw a value not finite
     grid_dependency_wait();            // (reduce.cu) the logits are the last kernel's
     const float* x = logits + (size_t)blockIdx.x * ld;
-    float top = neg_inf(), first = (float)vocab, bad = 0.0f;      // (vocab: no index yet)
+    float top = neg_inf(), poison = 0.0f;
+    int first = vocab;                                      // (vocab: no index yet)
     // float4s where the row starts on 16 bytes (FusedDecoder's logits: 32,000 floats are one
     // round of 8 float4s a thread), then the rest one float at a time; a thread's k only grow
     const int vec = ((size_t)x % 16 == 0) ? vocab / 4 : 0;
@@ -497,10 +515,10 @@ extern "C" __global__ void __launch_bounds__(1024) greedy_pick(const float* __re
         for (int i = 0; i < GREEDY_UNROLL; ++i) {
             const int j = j0 + i * blockDim.x;
             if (j < vec) {
-                greedy_see(v[i].x, 4 * j, top, first, bad);
-                greedy_see(v[i].y, 4 * j + 1, top, first, bad);
-                greedy_see(v[i].z, 4 * j + 2, top, first, bad);
-                greedy_see(v[i].w, 4 * j + 3, top, first, bad);
+                greedy_see(v[i].x, 4 * j, top, first, poison);
+                greedy_see(v[i].y, 4 * j + 1, top, first, poison);
+                greedy_see(v[i].z, 4 * j + 2, top, first, poison);
+                greedy_see(v[i].w, 4 * j + 3, top, first, poison);
             }
         }
     }
@@ -513,15 +531,24 @@ extern "C" __global__ void __launch_bounds__(1024) greedy_pick(const float* __re
         }
 #pragma unroll
         for (int i = 0; i < GREEDY_UNROLL; ++i)
-            if (k0 + i * blockDim.x < vocab) greedy_see(v[i], k0 + i * blockDim.x, top, first, bad);
+            if (k0 + i * blockDim.x < vocab) greedy_see(v[i], k0 + i * blockDim.x, top, first, poison);
     }
-    const float best = block_max(top, scratch);
-    first = block_min(top == best ? first : (float)vocab, scratch);
-    bad = block_sum(bad, scratch);
-    if (threadIdx.x == 0) {            // a row of NaN has no index of its maximum: id 0, flagged
-        const int id = first < (float)vocab ? (int)first : 0;
+    // the threads meet once: each warp's largest key and flag, then warp 0 over the warps'
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
+    const unsigned long long key = warp_max_u64(argmax_key(top, first, vocab));
+    const bool bad = __any_sync(FULL_MASK, poison != 0.0f);
+    if (lane == 0) {
+        keys[warp] = key;
+        poisoned[warp] = bad;
+    }
+    __syncthreads();
+    if (warp > 0) return;
+    const unsigned long long best = warp_max_u64(lane < warps ? keys[lane] : 0ull);
+    const bool flag = __any_sync(FULL_MASK, lane < warps && poisoned[lane]);
+    if (lane == 0) {                   // a row of NaN has no index of its maximum: id 0, flagged
+        const int id = best ? (int)(0xFFFFFFFFu - (unsigned int)best) : 0;
         out[blockIdx.x] = id;
-        out[bsz + blockIdx.x] = bad > 0.0f ? 1 : 0;
+        out[bsz + blockIdx.x] = flag ? 1 : 0;
         if (next_step != nullptr) {
             next_step[1 + blockIdx.x] = id;
             if (blockIdx.x == 0) next_step[0] += 1;

@@ -53,11 +53,6 @@ struct MaxOp {
     static __device__ __forceinline__ float identity() { return neg_inf(); }
 };
 
-struct MinOp {
-    __device__ __forceinline__ float operator()(float a, float b) const { return fminf(a, b); }
-    static __device__ __forceinline__ float identity() { return __int_as_float(0x7f800000); }
-};
-
 template <class Op>
 __device__ __forceinline__ float warp_reduce(float v) {
     Op op;
@@ -68,6 +63,16 @@ __device__ __forceinline__ float warp_reduce(float v) {
 
 __device__ __forceinline__ float warp_sum(float v) { return warp_reduce<SumOp>(v); }
 __device__ __forceinline__ float warp_max(float v) { return warp_reduce<MaxOp>(v); }
+
+// The largest of the warp's 64-bit unsigned values, in every lane (greedy_pick's keys).
+__device__ __forceinline__ unsigned long long warp_max_u64(unsigned long long v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        const unsigned long long other = __shfl_xor_sync(FULL_MASK, v, o);
+        v = other > v ? other : v;
+    }
+    return v;
+}
 
 // Every thread of the block calls this and gets the reduction over the whole block.
 // `scratch` is 32 floats of shared memory. The trailing barrier lets the caller reuse scratch
@@ -90,9 +95,6 @@ __device__ __forceinline__ float block_sum(float v, float* scratch) {
 }
 __device__ __forceinline__ float block_max(float v, float* scratch) {
     return block_reduce<MaxOp>(v, scratch);
-}
-__device__ __forceinline__ float block_min(float v, float* scratch) {
-    return block_reduce<MinOp>(v, scratch);
 }
 
 // block_reduce of R values at once (one per row of x): each value in the order block_reduce

@@ -721,6 +721,19 @@ def test_greedy_pick_float4_rows_with_a_tail(cuda, cp):
     assert got[:2].tolist() == [7, 1000] and got[2:].tolist() == [0, 0]
 
 
+@gpu
+def test_greedy_pick_takes_zeros_of_either_sign_as_equal(cuda, cp):
+    """-0.0 and 0.0 are equal maxima for numpy.argmax, so the first of them wins whatever its
+    sign: within one thread's values (indices 5, 6: one float4) and across threads (9 and 40;
+    4100, the second round of thread 1, and 30). greedy_pick's keys take -0.0 as 0.0."""
+    last = (-1 - np.abs(rng.standard_normal((4, 32000)))).astype(np.float32)
+    for row, (a, b) in enumerate([(5, 6), (6, 5), (9, 40), (30, 4100)]):
+        last[row, a], last[row, b] = -0.0, 0.0
+    got = cuda.kernels.greedy_pick(cp.asarray(last)).get()
+    assert got[:4].tolist() == np.argmax(last, axis=-1).tolist() == [5, 5, 9, 30]
+    assert got[4:].tolist() == [0, 0, 0, 0]
+
+
 # ----------------------------------------------------------------------------
 # misuse: a DeviceError naming the argument, never garbage or a crash
 
