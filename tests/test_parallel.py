@@ -462,7 +462,7 @@ def test_the_fused_steps_control_flow_on_the_cpu(monkeypatch, world):
         monkeypatch.setattr(module, "KERNELS", kernels)
         monkeypatch.setattr(module, "matvec", numpy_matvec)
     monkeypatch.setitem(sys.modules, "cupyx", types.SimpleNamespace(empty_pinned=np.empty))
-    cp = types.SimpleNamespace(zeros=np.zeros, cuda=types.SimpleNamespace(Event=lambda: None))
+    cp = types.SimpleNamespace(zeros=np.zeros, cuda=types.SimpleNamespace(Event=lambda **_: None))
     p = gqa_args(world, max_batch_size=2)
     weights = random_weights(p, seed=13)
     tokens = np.array([[3, 1, 4, 1], [5, 9, 2, 6]])

@@ -141,7 +141,7 @@ class CudaDecoder:
     def __call__(self, tokens, start_pos):
         tokens = check_tokens(tokens, start_pos, self.model.params)   # (bsz, seqlen) int64, host
         if tokens.shape[1] > 1:
-            self.fused.queued = None        # the prompt rewrites the cache the queued steps read
+            self.fused.drop_queued()        # the prompt rewrites the cache the queued steps read
             return self.model.forward(tokens, start_pos)
         return self.fused(tokens, start_pos, self.graphs)
 
@@ -168,7 +168,7 @@ class CudaDecoder:
                                   f"{max_seq_len}")
         if seqlen == 1:
             return self.fused.greedy_steps(tokens, start_pos, n, self.graphs, then)
-        self.fused.queued = None
+        self.fused.drop_queued()
         last = self.model.forward(tokens, start_pos)[:, -1]               # (bsz, vocab)
         first = greedy_pick(last).get()[None]                              # (1, 2 bsz)
         if n == 1:               # (nothing queued: the pick is not where a graph would read it)

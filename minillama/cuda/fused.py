@@ -131,7 +131,7 @@ class FusedDecoder:
 
     def __call__(self, tokens, start_pos, use_graphs=True):
         bsz = tokens.shape[0]
-        self.queued = None                  # whatever greedy_steps queued, nobody will take it
+        self.drop_queued()
         self.send_step(tokens, start_pos)
         if use_graphs and self.graphs.get(bsz) is not None:
             self.graphs[bsz].launch()
@@ -220,6 +220,12 @@ class FusedDecoder:
         if self.queued is not None:
             self.queued.fed = backs[-1, :bsz]
         return backs, (self.logits[:bsz] if self.queued is None else None)
+
+    def drop_queued(self):
+        """Forget the steps greedy_steps queued, if any: a step or a prompt that does not come
+        through greedy_steps is about to change the cache they read, so no call may take them.
+        (They still run, before it, in stream order.)"""
+        self.queued = None
 
     def _take_queued(self, tokens, start_pos, n):
         """The Queued call, if it is the one asked for (else it is dropped): None, or it."""
