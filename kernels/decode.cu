@@ -458,11 +458,11 @@ attention_decode(const float* __restrict__ qkv, const int* __restrict__ step,
 // among the threads holding it, the least index (numpy.argmax's choice among equal maxima),
 // and the flags ride the same barrier. (Three block reductions, the maximum, the least index
 // and a count, took six barriers; one made the stories15M and 110M tokens 1.01x as fast, H200,
-// 2026-11-30, docs/kernels.md "One key, one barrier".) A row of NaN has no index holding its maximum: its id is 0, a valid one, and
-// the flag is what makes the caller look. The loads go GREEDY_UNROLL at a time,
-// float4s where the row is aligned, all in flight before the first is compared: a stories15M
-// step is ~0.1 ms, and a first version, which read the row three times one load at a time,
-// took a sixth of it.
+// 2026-11-30, docs/kernels.md "One key, one barrier".) A row of NaN has no index holding its
+// maximum: its id is 0, a valid one, and the flag is what makes the caller look. The loads go
+// GREEDY_UNROLL at a time, float4s where the row is aligned, all in flight before the first
+// is compared: a stories15M step is ~0.1 ms, and a first version, which read the row three
+// times one load at a time, took a sixth of it.
 // logits: bsz rows of `vocab` floats, `ld` floats apart (logits[:, -1] of (bsz, seqlen, vocab));
 // out (2 bsz) int32: the ids, then a flag per row, 1 where a logit is not finite.
 // next_step: null, or the [position, tokens] a chain of greedy steps reads (FusedDecoder.
@@ -472,7 +472,8 @@ attention_decode(const float* __restrict__ qkv, const int* __restrict__ step,
                                     // unroll would spill; kernels/dev/nvrtc_build.py --ptxas-v
                                     // shows it, nothing at run time does)
 // One value of the row seen by this thread, at index k: its maximum and first index, and
-// `poison`, a sum of v * 0 that turns NaN at the first value that is not finite.
+// `poison`, a sum of v * 0 that turns NaN at the first value that is not finite (inf * 0 and
+// NaN * 0 are NaN; runtime.py compiles without --use_fast_math, which could fold v * 0 to 0).
 __device__ __forceinline__ void greedy_see(float v, int k, float& top, int& first, float& poison) {
     poison = fmaf(v, 0.0f, poison);
     if (v > top) { top = v; first = k; }
@@ -531,9 +532,11 @@ extern "C" __global__ void __launch_bounds__(1024) greedy_pick(const float* __re
         }
 #pragma unroll
         for (int i = 0; i < GREEDY_UNROLL; ++i)
-            if (k0 + i * blockDim.x < vocab) greedy_see(v[i], k0 + i * blockDim.x, top, first, poison);
+            if (k0 + i * blockDim.x < vocab)
+                greedy_see(v[i], k0 + i * blockDim.x, top, first, poison);
     }
     // the threads meet once: each warp's largest key and flag, then warp 0 over the warps'
+    // (GREEDY_THREADS, a multiple of 32, a block: every warp whole)
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
     const unsigned long long key = warp_max_u64(argmax_key(top, first, vocab));
     const bool bad = __any_sync(FULL_MASK, poison != 0.0f);

@@ -937,10 +937,11 @@ def test_generate_greedy_on_the_gpu_equals_the_cpu(cuda, cp):
     fused = gpu_ops._decoders[gpu_model]
     graphs = fused.greedy_graphs                                         # (greedy_steps')
     assert graphs.get((3, 1)) is not None and graphs.get((3, AHEAD)) is not None
-    # total_len 27: AHEAD steps from position 6, eagerly (recording their graph: nothing
-    # queued), AHEAD more through it with the last 4 queued behind, which the last call takes
-    # (their graphs recorded for both halves of picks_host at once)
-    assert set(fused.queued_graphs) == {(3, 4, 0), (3, 4, 1)} and fused.queued is None
+    # total_len 27: AHEAD steps from position 6, eagerly (recording their graph, and the
+    # graphs of AHEAD steps queued, for both halves of picks_host: nothing queued yet), AHEAD
+    # more through it with the last 4 queued behind, which the last call takes
+    assert set(fused.queued_graphs) == {(3, AHEAD, 0), (3, AHEAD, 1), (3, 4, 0), (3, 4, 1)}
+    assert fused.queued is None and None not in fused.queued_graphs.values()
 
 
 @gpu
@@ -1117,7 +1118,104 @@ def test_greedy_steps_queued_pick_what_forward_and_greedy_pick_pick(cuda, cp, mo
     # the second time every count's graph is there, so every call queues the next; taken by
     # all but the three that differ from what was queued (6, 8, 10) and the first
     assert [i for i, t in enumerate(taken) if t] == [1, 2, 3, 4, 5, 7, 9, 11, 12, 13]
-    assert {k[2] for k in fused.queued_graphs} == {0, 1}
+    assert None not in fused.queued_graphs.values()          # (the driver refused none)
+
+
+class QueueOnTheCpu:
+    """FusedDecoder's greedy_steps bookkeeping with a stand-in GPU (no CuPy): a step's id is
+    (7 token + 3 position) mod 1000, and a graph writes its steps' ids into picks_host the
+    moment it is launched, as the fastest GPU could: so steps queued into the half the host is
+    about to read would show as wrong ids. `launched` lists (fed, start position) a launch."""
+    VOCAB = 1000
+
+    @classmethod
+    def make(cls, monkeypatch):
+        from minillama.cuda import fused
+        monkeypatch.setattr(fused, "greedy_pick", lambda last: SimpleNamespace(
+            get=lambda: np.concatenate([last.argmax(-1), 0 * last.argmax(-1)]).astype(np.int32)))
+        gpu = cls()
+
+        class Decoder(fused.FusedDecoder):
+            def __init__(self):                       # what greedy_steps reads, and no more
+                self.greedy_graphs, self.queued_graphs, self.queued = {}, {}, None
+                self.picks_host = np.zeros((2, self.MAX_STEPS, 2), dtype=np.int32)
+                self.row_host = np.zeros(2, dtype=np.int32)
+                self.logits = np.zeros((1, cls.VOCAB), dtype=np.float32)
+                self.cp = SimpleNamespace(cuda=SimpleNamespace(get_current_stream=lambda: None))
+                self.picked_events = [SimpleNamespace(record=lambda s: None,
+                                                      synchronize=lambda: None)] * 2
+                self.refuse = set()               # counts whose queued graphs the driver refuses
+
+            def __call__(self, tokens, start_pos, use_graphs=True):     # an eager step
+                self.drop_queued()
+                gpu.launched.append(("eager", start_pos))
+                logits = np.zeros((1, 1, cls.VOCAB), dtype=np.float32)
+                logits[0, 0, gpu.pick(int(tokens[0, 0]), start_pos)] = 1
+                return logits
+
+            def _capture(self, bsz, launches, refused=""):
+                return launches()
+
+            def _greedy_launches(self, bsz, n, fed=False, half=0):
+                return None if fed and n in self.refuse else gpu.graph(self, n, fed, half)
+        return Decoder(), gpu
+
+    def __init__(self):
+        self.launched, self.state = [], None          # state: the next step's (token, position)
+
+    def pick(self, token, pos):
+        return (7 * token + 3 * pos) % self.VOCAB
+
+    def chain(self, token, pos, n):
+        ids = []
+        for _ in range(n):
+            token = self.pick(token, pos)
+            ids.append(token)
+            pos += 1
+        return ids
+
+    def graph(self, decoder, n, fed, half):
+        def launch(stream):
+            token, pos = self.state if fed else (int(decoder.row_host[1]), int(decoder.row_host[0]))
+            self.launched.append(("fed" if fed else "graph", pos))
+            for j, i in enumerate(self.chain(token, pos, n)):
+                decoder.picks_host[half, j] = i, 0
+            self.state = (i, pos + n)                 # the last pick writes the next input
+        return SimpleNamespace(launch=launch)
+
+
+def test_greedy_steps_queue_bookkeeping_on_the_cpu(monkeypatch):
+    """greedy_steps' `then` with a stand-in GPU (QueueOnTheCpu): an eager call records the
+    graphs to queue with; each call after it queues the next call's steps into the other half
+    of picks_host (the ids stay right though the queued steps write at once) and returns last
+    None; the next call takes them only for the same position, count and fed ids (a call at
+    another position, with other tokens, for another count, or after __call__ launches its
+    own); where the driver refuses the queued graph, nothing is queued and last comes back."""
+    decoder, gpu = QueueOnTheCpu.make(monkeypatch)
+
+    def call(token, pos, n, then, launched):
+        gpu.launched.clear()
+        backs, last = decoder.greedy_steps(np.array([[token]]), pos, n, then=then)
+        assert backs[:, 0].tolist() == gpu.chain(token, pos, n), (pos, n, then)
+        assert gpu.launched == launched, (pos, n, then)
+        assert (last is None) == (decoder.queued is not None)
+        return int(backs[-1, 0])
+    t = call(5, 0, 8, 8, [("eager", p) for p in range(8)])         # records (1, 8) and queued
+    assert set(decoder.queued_graphs) == {(1, 8, 0), (1, 8, 1)} and decoder.queued is None
+    t = call(t, 8, 8, 8, [("graph", 8), ("fed", 16)])              # half 0, queued into 1
+    t = call(t, 16, 8, 4, [("fed", 24)])                           # taken; 4 queued into 0
+    assert (decoder.queued.half, decoder.queued.start_pos, decoder.queued.n) == (0, 24, 4)
+    t2 = call(t, 25, 4, 0, [("eager", p) for p in range(25, 29)])  # another position
+    t = call(t, 24, 4, 0, [("graph", 24)])                         # dropped by the call before
+    call(t, 28, 8, 8, [("graph", 28), ("fed", 36)])
+    call(t2, 36, 8, 8, [("graph", 36), ("fed", 44)])               # other tokens than fed
+    t = call(t, 44, 8, 4, [("graph", 44), ("fed", 52)])
+    t = call(t, 52, 8, 8, [("graph", 52), ("fed", 60)])            # another count than queued
+    decoder(np.array([[t]]), 60)                                   # __call__ drops the queue
+    assert decoder.queued is None
+    decoder.refuse.add(5)
+    assert call(t, 60, 8, 5, [("graph", 60)]) is not None and decoder.queued is None
+    assert decoder.queued_graphs[1, 5, 0] is None and decoder.queued_graphs[1, 5, 1] is None
 
 
 @gpu
@@ -1136,7 +1234,7 @@ def test_greedy_steps_refuse_a_count_or_positions_out_of_range(cuda, cp):
     with pytest.raises(GenerationError, match="n: 4 steps from position"):
         forward.greedy_steps([[3]], last - 2, 4)
     forward.greedy_steps([[3]], last - 4, 3, 2)                   # and queued up to the last
-    with pytest.raises(GenerationError, match="n: 3 steps and then 3 from position"):
+    with pytest.raises(GenerationError, match="then: 3 steps queued behind 3 from position"):
         forward.greedy_steps([[3]], last - 4, 3, 3)
 
 

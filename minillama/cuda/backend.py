@@ -162,18 +162,22 @@ class CudaDecoder:
             if isinstance(count, bool) or not isinstance(count, (int, np.integer)) \
                     or not least <= count <= steps:
                 raise ArgumentError(f"{name}: expected {least} to {steps} steps, got {count!r}")
-        if start_pos + seqlen + n + then - 1 > max_seq_len:
-            raise GenerationError(f"n: {n} steps {f'and then {then} ' if then else ''}from "
-                                  f"position {start_pos + seqlen - 1} do not fit max_seq_len "
-                                  f"{max_seq_len}")
+        first_pos = start_pos + seqlen - 1                      # the first step's position
+        if first_pos + n > max_seq_len:
+            raise GenerationError(f"n: {n} steps from position {first_pos} do not fit "
+                                  f"max_seq_len {max_seq_len}")
+        if first_pos + n + then > max_seq_len:
+            raise GenerationError(f"then: {then} steps queued behind {n} from position "
+                                  f"{first_pos} do not fit max_seq_len {max_seq_len}")
         if seqlen == 1:
-            return self.fused.greedy_steps(tokens, start_pos, n, self.graphs, then)
+            return self.fused.greedy_steps(tokens, start_pos, n, self.graphs, then=then)
         self.fused.drop_queued()
         last = self.model.forward(tokens, start_pos)[:, -1]               # (bsz, vocab)
         first = greedy_pick(last).get()[None]                              # (1, 2 bsz)
         if n == 1:               # (nothing queued: the pick is not where a graph would read it)
             return first, last
         rest, last = self.fused.greedy_steps(first[0, :bsz, None].astype(np.int64),
-                                             start_pos + seqlen, n - 1, self.graphs, then)
+                                             start_pos + seqlen, n - 1, self.graphs,
+                                             then=then)
         return np.concatenate([first, rest]), last
 

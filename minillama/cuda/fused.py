@@ -124,9 +124,9 @@ class FusedDecoder:
         self.row_host = cupyx.empty_pinned((1 + nb,), dtype=np.int32)   # [start_pos, tokens]
         self.picks_host = cupyx.empty_pinned((2, self.MAX_STEPS, 2 * nb), dtype=np.int32)
         self.greedy_graphs = {}                              # (bsz, n) -> cupy.cuda.Graph, or None
-        self.queued_graphs = {}                              # (bsz, n, half) -> the same, fed on the GPU
+        self.queued_graphs = {}                              # (bsz, n, half) -> the same, fed
         self.picked_events = [cp.cuda.Event(disable_timing=True) for _ in range(2)]   # a half's
-        self.queued = None                                   # the Queued call, if one is
+        self.queued = None                                   # the GreedyCall queued, if any
         self.packed = any(isinstance(w, Packed) for w in self._weights(model))
 
     def __call__(self, tokens, start_pos, use_graphs=True):
@@ -168,7 +168,7 @@ class FusedDecoder:
         if self.slot == 0:
             self.round_copied.record(stream)
 
-    def greedy_steps(self, tokens, start_pos, n=1, use_graphs=True, then=0):
+    def greedy_steps(self, tokens, start_pos, n=1, use_graphs=True, *, then=0):
         """n steps of greedy decoding from tokens (bsz, 1) at start_pos, each step fed the ids
         the one before picked, with nothing beside the steps' CUDA graph: returns (backs, last),
         backs (n, 2 bsz) int32 on the host, step j's row as kernels.greedy_pick gives it (each
@@ -194,27 +194,26 @@ class FusedDecoder:
         the copy node, whose first step reads the input the last of these steps' greedy_pick
         wrote on the GPU, and whose ids go to the other half of picks_host. So the GPU does not
         stop while the host reads these ids and comes back: the next call takes the queued
-        steps, if it asks for exactly them (the same rows, position and count, fed the ids
-        these picked), without launching anything but the steps it queues in turn. Any other
-        call drops them (they still run, writing the KV cache past these positions, where
-        nothing reads before it is written again; docs/generate.md, "Steps queued")."""
+        steps if it asks for exactly them (the same rows, position and count, fed the ids
+        these picked), launching nothing but the steps it queues in turn (docs/generate.md,
+        "Steps queued"). The queued steps outlive this call: they run on this stream after it
+        returns, writing the KV cache, logits and step, so, as everywhere in this decoder, its
+        work must stay on one stream. Any other call of this decoder drops them, and so must
+        anything else that writes the cache they read (drop_queued: CudaDecoder does it for
+        prompts); dropped, they still run, writing the cache past these positions, where
+        nothing reads before it is written again."""
         bsz = tokens.shape[0]
         call = self._take_queued(tokens, start_pos, n)
         if call is None:
             graph = self.greedy_graphs.get((bsz, n)) if use_graphs else None
             if graph is None:
-                # eagerly, as generation.greedy does it (the copies beside each step); the first
-                # call for (bsz, n) then records greedy_steps' own graph, as __call__ records its
-                # own. Nothing is queued behind eager steps: they leave no input on the GPU.
-                backs, last = self._greedy_eagerly(tokens, start_pos, n, use_graphs)
-                if use_graphs and (bsz, n) not in self.greedy_graphs:
-                    self.greedy_graphs[bsz, n] = self._capture(
-                        bsz, lambda: self._greedy_launches(bsz, n))
-                return backs, last
+                return self._greedy_eagerly(tokens, start_pos, n, use_graphs, then)
             self.row_host[0], self.row_host[1:1 + bsz] = start_pos, tokens[:, 0]
-            call = self._launch_greedy(graph, Queued(bsz, start_pos, n, half=0))
+            # Half 0 for a call not queued: steps queued and dropped that write it too were
+            # launched before it, and the host waits for the event recorded after it.
+            call = self._launch_greedy(graph, GreedyCall(bsz, start_pos, n, half=0))
         if then and use_graphs:
-            self.queued = self._queue(Queued(bsz, start_pos + n, then, half=1 - call.half))
+            self.queued = self._queue(GreedyCall(bsz, start_pos + n, then, half=1 - call.half))
         self.picked_events[call.half].synchronize()
         backs = self.picks_host[call.half, :n, :2 * bsz].copy()
         if self.queued is not None:
@@ -228,7 +227,7 @@ class FusedDecoder:
         self.queued = None
 
     def _take_queued(self, tokens, start_pos, n):
-        """The Queued call, if it is the one asked for (else it is dropped): None, or it."""
+        """The queued GreedyCall, if it is the one asked for (else it is dropped): None, or it."""
         q, self.queued = self.queued, None
         if q is None or (q.bsz, q.start_pos, q.n) != (tokens.shape[0], start_pos, n) \
                 or not np.array_equal(q.fed, tokens[:, 0]):
@@ -236,17 +235,23 @@ class FusedDecoder:
         return q
 
     def _queue(self, q):
-        """Launch q's steps behind the stream's last; None where the driver refused their graph.
-        The graphs are recorded at the first need, for both halves at once: which half a call
-        gets depends on the calls before it, and a graph recorded later, in the middle of a
-        generation (or of a benchmark's timed pass), would stop the GPU for milliseconds.
-        Every kernel they launch has run before, for a call of the same rows."""
-        if (q.bsz, q.n, q.half) not in self.queued_graphs:
-            for half in (0, 1):
-                self.queued_graphs[q.bsz, q.n, half] = self._capture(
-                    q.bsz, lambda: self._greedy_launches(q.bsz, q.n, fed=True, half=half))
+        """Launch q's steps behind the stream's last; None where the driver refused their
+        graph."""
+        self._record_queued(q.bsz, q.n)
         graph = self.queued_graphs[q.bsz, q.n, q.half]
         return None if graph is None else self._launch_greedy(graph, q)
+
+    def _record_queued(self, bsz, n):
+        """The graphs of n steps queued behind a call of bsz rows, recorded at the first need
+        and for both halves at once: which half a call gets depends on the calls before it,
+        and a graph recorded later, in the middle of a generation (or of a benchmark's timed
+        pass), would stop the GPU for milliseconds. Every kernel they launch has run before,
+        for a call of the same rows."""
+        for half in (0, 1):
+            if (bsz, n, half) not in self.queued_graphs:
+                self.queued_graphs[bsz, n, half] = self._capture(
+                    bsz, lambda: self._greedy_launches(bsz, n, fed=True, half=half),
+                    refused="the steps of the next call are not queued")
 
     def _launch_greedy(self, graph, q):
         stream = self.cp.cuda.get_current_stream()
@@ -254,22 +259,32 @@ class FusedDecoder:
         self.picked_events[q.half].record(stream)
         return q
 
-    def _greedy_eagerly(self, tokens, start_pos, n, use_graphs):
-        backs = np.empty((n, 2 * tokens.shape[0]), dtype=np.int32)
+    def _greedy_eagerly(self, tokens, start_pos, n, use_graphs, then):
+        """greedy_steps without its graph, as generation.greedy takes a step (the copies beside
+        it); the first call for (bsz, n) then records greedy_steps' own graph, as __call__
+        records its own, and where `then` asks for steps queued behind it, their graphs, for
+        the next call to queue with. Nothing is queued behind eager steps: they leave no input
+        on the GPU."""
+        bsz = tokens.shape[0]
+        backs = np.empty((n, 2 * bsz), dtype=np.int32)
         for j in range(n):
             last = self(tokens, start_pos + j, use_graphs)[:, -1]            # (bsz, vocab)
             backs[j] = greedy_pick(last).get()
-            tokens = backs[j, :tokens.shape[0], None].astype(np.int64)      # (bsz, 1)
+            tokens = backs[j, :bsz, None].astype(np.int64)                   # (bsz, 1)
+        if use_graphs and (bsz, n) not in self.greedy_graphs:
+            self.greedy_graphs[bsz, n] = self._capture(bsz, lambda: self._greedy_launches(bsz, n))
+        if use_graphs and then and self.greedy_graphs[bsz, n] is not None:
+            self._record_queued(bsz, then)
         return backs, last
 
     def _greedy_launches(self, bsz, n, fed=False, half=0):
         """greedy_steps' graph:
 
-            row_host -> step                       a copy node: the first position and tokens
-            run(bsz), greedy_pick -> picks_host[half, 0]     and into step: its ids, the position + 1
-            run(bsz), greedy_pick -> picks_host[half, 1]     and into step
+            row_host -> step                      a copy node: the first position and tokens
+            run(bsz), greedy_pick -> picks_host[half, 0]      and into step: its ids, the
+            run(bsz), greedy_pick -> picks_host[half, 1]      position + 1
             ...
-            run(bsz), greedy_pick -> picks_host[half, n - 1] and into step, for steps queued behind
+            run(bsz), greedy_pick -> picks_host[half, n - 1]  and into step, for steps queued
 
         fed: no copy node; the first step reads what the last greedy_pick before it wrote
         (the graph of steps queued behind a call).
@@ -298,12 +313,12 @@ class FusedDecoder:
         PROGRAMMATIC_PACKED_ROWS say why)."""
         return bsz <= (PROGRAMMATIC_PACKED_ROWS if self.packed else PROGRAMMATIC_ROWS)
 
-    def _capture(self, bsz, launches=None):
+    def _capture(self, bsz, launches=None, refused="decoding without graphs"):
         """Record run(bsz), or what launches() launches, into a CUDA graph (nothing executes
         while recording). Where programmatic(bsz), each kernel of the graph may start while the
         one before it finishes (cuda/pdl.py; the eager launches stay CuPy's own, cheaper from
-        the host). Returns None, with a warning, where the driver refuses, and the eager
-        launches carry on."""
+        the host). Returns None, with a warning that ends with `refused` (what goes on
+        without it), where the driver refuses, and the eager launches carry on."""
         cp = self.cp
         stream = cp.cuda.Stream(non_blocking=True)
         cp.cuda.get_current_stream().synchronize()
@@ -317,7 +332,7 @@ class FusedDecoder:
                     graph = stream.end_capture()
             return graph
         except cp.cuda.runtime.CUDARuntimeError as e:
-            warnings.warn(f"CUDA graph capture failed ({e}); decoding without graphs")
+            warnings.warn(f"CUDA graph capture failed ({e}); {refused}")
             return None
 
     def run(self, bsz):
@@ -367,7 +382,7 @@ class FusedDecoder:
         matvec(h, self.output, out=self.logits[:bsz], norm=self.norm, eps=self.p.norm_eps)
 
 
-class Queued:
+class GreedyCall:
     """A call of greedy_steps on the GPU: bsz rows, n steps from start_pos, its ids into half
     `half` of picks_host; fed, for a call queued behind another, the ids it reads (that call's
     last), once the host has them."""
