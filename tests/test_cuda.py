@@ -1218,6 +1218,30 @@ def test_greedy_steps_queue_bookkeeping_on_the_cpu(monkeypatch):
     assert decoder.queued_graphs[1, 5, 0] is None and decoder.queued_graphs[1, 5, 1] is None
 
 
+def test_greedy_steps_name_a_bad_count_on_the_cpu():
+    """CudaDecoder.greedy_steps' checks come before any GPU work, so they run here: n and then
+    out of range, or not counts, named with the accepted range, a long value cut short; steps
+    that do not fit max_seq_len named by the argument that pushes them past it."""
+    from minillama.cuda.backend import CudaDecoder
+    from minillama.errors import ArgumentError, GenerationError
+    model, _ = small_model(CPU, bsz=1)
+    forward = CudaDecoder(model, SimpleNamespace(MAX_STEPS=16), graphs=True)
+    for n, then, says in ((0, 0, "n: expected 1 to 16 steps, got 0"),
+                          (True, 0, "n: expected 1 to 16 steps, got True"),
+                          (1, 17, "then: expected 0 to 16 steps, got 17"),
+                          (1, 2.0, "then: expected 0 to 16 steps, got 2.0")):
+        with pytest.raises(ArgumentError, match=f"^{says}$"):
+            forward.greedy_steps([[3]], 0, n, then)
+    with pytest.raises(ArgumentError, match=r"got 'x+\.\.\.x+' \(5,000 characters\)"):
+        forward.greedy_steps([[3]], 0, 1, "x" * 5000)
+    last = model.params.max_seq_len - 1
+    with pytest.raises(GenerationError, match=f"^n: 4 steps from position {last - 2} do not"):
+        forward.greedy_steps([[3]], last - 2, 4)
+    with pytest.raises(GenerationError, match=f"^then: 1 steps queued behind 3 from position "
+                                              f"{last - 2} do not fit max_seq_len"):
+        forward.greedy_steps([[3]], last - 2, 3, 1)
+
+
 @gpu
 def test_greedy_steps_refuse_a_count_or_positions_out_of_range(cuda, cp):
     from minillama.errors import ArgumentError, GenerationError

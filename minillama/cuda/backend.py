@@ -18,7 +18,7 @@ import weakref
 import numpy as np
 
 from ..checks import check_tokens
-from ..errors import ArgumentError, GenerationError
+from ..errors import ArgumentError, GenerationError, shown
 from ..formats import Packed, dequantize
 from ..ops import NumpyOps
 from ..quant import Q8Tensor
@@ -161,7 +161,8 @@ class CudaDecoder:
         for name, count, least in (("n", n, 1), ("then", then, 0)):
             if isinstance(count, bool) or not isinstance(count, (int, np.integer)) \
                     or not least <= count <= steps:
-                raise ArgumentError(f"{name}: expected {least} to {steps} steps, got {count!r}")
+                raise ArgumentError(f"{name}: expected {least} to {steps} steps, got "
+                                    f"{shown(count)}")
         first_pos = start_pos + seqlen - 1                      # the first step's position
         if first_pos + n > max_seq_len:
             raise GenerationError(f"n: {n} steps from position {first_pos} do not fit "
