@@ -1018,6 +1018,27 @@ def test_greedy_steps_launch_each_steps_first_kernel_the_ordinary_way(cuda, cp, 
         assert len(ways) == len(captured) - 3
 
 
+def twin_decoders(cuda, mode):
+    """Two decoders of one small random model for the greedy-step tests, by mode ("fused":
+    no graphs; "fused+graphs"; "persistent": the one kernel, at any width): (params, the
+    reference's forward, the stepped decoder's forward, its FusedDecoder). Widths that are
+    multiples of 4 and grouped heads: a shape the persistent kernel covers; 48 positions of 3
+    rows."""
+    p = ModelArgs(dim=64, n_layers=3, n_heads=8, n_kv_heads=2, vocab_size=1001, hidden_dim=172,
+                  max_seq_len=48, max_batch_size=3)
+    w = random_weights(p, seed=int(rng.integers(1 << 30)), scale=0.5)
+
+    def decoder():
+        ops = cuda.CudaOps(graphs=mode != "fused", persistent=mode == "persistent")
+        model = Transformer(p, w, ops)
+        forward = ops.decoder(model)
+        if mode == "persistent":            # 3 rows through the one kernel, at any width
+            ops._decoders[model].min_dim = 0
+        return forward, ops._decoders[model]
+    (forward, _), (stepped, fused) = decoder(), decoder()
+    return p, forward, stepped, fused
+
+
 @gpu
 @pytest.mark.parametrize("rows", [1, 3])
 @pytest.mark.parametrize("mode", ["persistent", "fused+graphs", "fused"])
@@ -1032,19 +1053,7 @@ def test_greedy_steps_pick_what_forward_and_greedy_pick_pick(cuda, cp, mode, row
     tokens must reach every kernel all the same (attention_decode reads the position before
     its wait; a kernel in place of the copy node was a race)."""
     from minillama.cuda.kernels import greedy_pick
-    # widths that are multiples of 4, grouped heads: a shape the persistent kernel covers
-    p = ModelArgs(dim=64, n_layers=3, n_heads=8, n_kv_heads=2, vocab_size=1001, hidden_dim=172,
-                  max_seq_len=48, max_batch_size=3)
-    w = random_weights(p, seed=int(rng.integers(1 << 30)), scale=0.5)
-
-    def decoder():
-        ops = cuda.CudaOps(graphs=mode != "fused", persistent=mode == "persistent")
-        model = Transformer(p, w, ops)
-        forward = ops.decoder(model)
-        if mode == "persistent":            # 3 rows through the one kernel, at any width
-            ops._decoders[model].min_dim = 0
-        return forward, ops._decoders[model]
-    (forward, _), (stepped, fused) = decoder(), decoder()
+    p, forward, stepped, fused = twin_decoders(cuda, mode)
     tokens, pos = rng.integers(0, p.vocab_size, size=(rows, 1)), 0
     for n in [1, 5, 3, 5, 1, 3] * 2 + [5, 1, 5, 1]:
         backs, last = stepped.greedy_steps(tokens, pos, n)
@@ -1073,18 +1082,7 @@ def test_greedy_steps_queued_pick_what_forward_and_greedy_pick_pick(cuda, cp, mo
     first). Eager calls (the first for a count) queue nothing; while steps are queued, last is
     None."""
     from minillama.cuda.kernels import greedy_pick
-    p = ModelArgs(dim=64, n_layers=3, n_heads=8, n_kv_heads=2, vocab_size=1001, hidden_dim=172,
-                  max_seq_len=48, max_batch_size=3)
-    w = random_weights(p, seed=int(rng.integers(1 << 30)), scale=0.5)
-
-    def decoder():
-        ops = cuda.CudaOps(persistent=mode == "persistent")
-        model = Transformer(p, w, ops)
-        forward = ops.decoder(model)
-        if mode == "persistent":
-            ops._decoders[model].min_dim = 0
-        return forward, ops._decoders[model]
-    (forward, _), (stepped, fused) = decoder(), decoder()
+    p, forward, stepped, fused = twin_decoders(cuda, mode)
     take, taken = fused._take_queued, []           # per call: whether it took the queued steps
 
     def counted_take(*args):
