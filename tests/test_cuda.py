@@ -362,22 +362,53 @@ def test_attention_threads_are_sixteen_warps_for_a_few_rows_of_float4_pieces():
     assert [attention_threads(1, b, 6) for b in (1, 8, 32)] == [256] * 3
 
 
-def test_attention_splits_are_one_per_128_positions_at_one_row():
-    """kernels.attention_splits: one row gets a split per 128 positions of the cache, at most
-    ATTENTION_SPLITS, where that makes 3 or more (stories15M's 256 positions: 1); more rows, 1."""
+def test_attention_splits_are_one_per_chunk_at_one_row():
+    """kernels.attention_splits: one row gets a split per chunk of positions of the cache, at
+    most ATTENTION_SPLITS, where that makes 3 or more (stories15M's 256 positions in chunks
+    of 128: 1); more rows, 1."""
     from minillama.cuda.kernels import ATTENTION_SPLITS, attention_splits
-    assert [attention_splits(1, s) for s in (1, 128, 256, 257, 384, 1024, 4096)] == \
+    assert [attention_splits(1, s, 128) for s in (1, 128, 256, 257, 384, 1024, 4096)] == \
         [1, 1, 1, 3, 3, 8, ATTENTION_SPLITS]
-    assert [attention_splits(b, 4096) for b in (2, 8, 32)] == [1, 1, 1]
+    assert [attention_splits(1, s, 64) for s in (128, 129, 256, 512)] == [1, 3, 4, 8]
+    assert [attention_splits(b, 4096, 64) for b in (2, 8, 32)] == [1, 1, 1]
 
 
-def test_attention_split_threshold_is_the_kernels():
+@pytest.mark.parametrize("width", [1, 4])
+@pytest.mark.parametrize("head_dim", [4, 8, 48, 64, 100, 128, 132, 200, 256])
+@pytest.mark.parametrize("threads", [256, 512])
+def test_attention_chunk_is_the_keys_attention_by_warps_takes(width, head_dim, threads):
+    """kernels.attention_chunk against decode.cu's choice, replayed: attention_decode picks
+    PER_LANE (1, 2, MOST / 2 or MOST pieces a lane) by the pieces of a row, and each warp
+    takes ATTN_LANE_FLOATS / (WIDTH * PER_LANE) keys a round trip."""
+    from minillama.cuda.kernels import attention_chunk
+    if head_dim % width:
+        pytest.skip("float4 rows need head_dim a multiple of 4")
+    most, pieces = 256 // (32 * width), head_dim // width
+    per_lane = (1 if pieces <= 32 else 2 if pieces <= 64 or most == 2
+                else most // 2 if pieces <= 128 else most)
+    assert 32 * per_lane >= pieces                          # the slice holds the row
+    assert attention_chunk(width, head_dim, threads) == threads // 32 * (32 // (width * per_lane))
+
+
+def test_attention_constants_are_the_kernels():
     """kernels.ATTENTION_SPLIT_CHUNKS, the rule's threshold, is decode.cu's ATTN_SPLIT_CHUNKS,
     below which the kernel keeps one split: were they to differ, the rule would launch splits
-    the kernel leaves idle, or none where it would split."""
-    from minillama.cuda.kernels import ATTENTION_SPLIT_CHUNKS
+    the kernel leaves idle, or none where it would split. The same for the floats of keys a
+    lane holds, which size a chunk (attention_chunk), and for the branches that pick the
+    pieces a lane (replayed by the test above)."""
+    from minillama.cuda.kernels import ATTENTION_LANE_FLOATS, ATTENTION_SPLIT_CHUNKS
     source = (runtime.kernel_dir() / "decode.cu").read_text()
     assert f"constexpr int ATTN_SPLIT_CHUNKS = {ATTENTION_SPLIT_CHUNKS};" in source
+    assert f"constexpr int ATTN_LANE_FLOATS = {ATTENTION_LANE_FLOATS};" in source
+    assert "constexpr int MOST = ATTN_HEAD_DIM / (32 * WIDTH);" in source
+    assert "constexpr int ATTN_HEAD_DIM = 256;" in source
+    branches = ["if (pieces <= 32)", "attention_by_warps<WIDTH, 1>",
+                "else if (pieces <= 64 || MOST == 2)", "attention_by_warps<WIDTH, 2>",
+                "else if (pieces <= 128)", "attention_by_warps<WIDTH, MOST / 2>",
+                "attention_by_warps<WIDTH, MOST>"]
+    at = [source.index(b) for b in branches]
+    assert at == sorted(at)
+    assert "constexpr int KEYS = ATTN_LANE_FLOATS / (WIDTH * PER_LANE);" in source
 
 
 def test_gemv_grid_walks_only_where_groups_outnumber_the_cap_and_no_early_loads():

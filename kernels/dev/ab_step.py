@@ -67,10 +67,12 @@ def patched(obj, name, value):
         put(name, before)
 
 
-def ab_steps(cp, shape, dtype, batches, variants, rounds=7, max_seq_len=64, steps=10, warmup=2):
+def ab_steps(cp, shape, dtype, batches, variants, rounds=7, max_seq_len=64, steps=10, warmup=2,
+             pos=3):
     """variants: {label: a function returning a context manager}. Prints, per batch, each
     variant's logits against the first's and the medians of the rounds (each round `steps`
-    replays of each graph after `warmup`); returns {bsz: {label: ms}}."""
+    replays of each graph after `warmup`) of the step at position `pos` (the cache's rows from
+    3 to pos - 1 left as they are: zeros, for a timing); returns {bsz: {label: ms}}."""
     sync = cp.cuda.Device().synchronize
     p = torch_compiled.model_args(shape, max(batches), max_seq_len)
     ops = CudaOps(persistent=False)
@@ -85,7 +87,7 @@ def ab_steps(cp, shape, dtype, batches, variants, rounds=7, max_seq_len=64, step
         graphs, logits = {}, {}
         for label, variant in variants.items():
             with variant():
-                fused.send_step(tokens, 3)
+                fused.send_step(tokens, pos)
                 fused.run(bsz)                      # eager: compiles, workspaces, attributes
                 sync()
                 logits[label] = fused.logits[:bsz].get().copy()
@@ -93,7 +95,7 @@ def ab_steps(cp, shape, dtype, batches, variants, rounds=7, max_seq_len=64, step
                                                       programmatic=capture_programmatic(fused, bsz))
         first = next(iter(logits.values()))
         diffs = {k: np.linalg.norm(v - first) / np.linalg.norm(first) for k, v in logits.items()}
-        print(f"{shape} {dtype} batch {bsz}, logits against the first variant's: " + ", ".join(
+        print(f"{shape} {dtype} batch {bsz} at {pos}, logits against the first variant's: " + ", ".join(
             f"{k} {diffs[k]:.1e}" + ("" if np.isfinite(v).all() else " NOT FINITE")
             + (" MISMATCH" if diffs[k] > MISMATCH else "") for k, v in logits.items()))
         times = {label: [] for label in graphs}
@@ -103,7 +105,7 @@ def ab_steps(cp, shape, dtype, batches, variants, rounds=7, max_seq_len=64, step
                                                              steps, warmup=warmup))
         med = {k: float(np.median(v)) for k, v in times.items()}
         base = next(iter(med.values()))
-        print(f"{shape} {dtype} batch {bsz}, graph ms (median of {rounds} rounds): "
+        print(f"{shape} {dtype} batch {bsz} at {pos}, graph ms (median of {rounds} rounds): "
               + ", ".join(f"{k} {v:.4f} ({base / v:.2f}x)" for k, v in med.items()), flush=True)
         out[bsz] = med
     model = forward = fused = ops = None

@@ -17,7 +17,7 @@ import numpy as np
 
 from ..formats import Packed
 from .kernels import CACHE_TYPES, GREEDY_THREADS, KERNELS, PACKED_KERNEL_FORMATS, \
-    attention_splits, attention_threads, gemv, greedy_pick, qgemv
+    attention_chunk, attention_splits, attention_threads, gemv, greedy_pick, qgemv
 from .runtime import i32, require_cupy
 
 
@@ -113,7 +113,7 @@ class FusedDecoder:
         self.logits = buf(p.vocab_size)
         # attention_decode's splits of the keys: each split's record, and a counter per head
         # and row (the last split combines the records and sets its counter back to 0)
-        splits = attention_splits(1, p.max_seq_len)
+        splits = self.attention_grid(1)[1][2]
         self.split_parts = cp.zeros((nb, p.n_heads, splits, hd + 2), dtype=np.float32)
         self.arrivals = cp.zeros((nb, p.n_heads), dtype=np.int32)
         self.graphs = {}                                     # bsz -> cupy.cuda.Graph
@@ -335,14 +335,23 @@ class FusedDecoder:
             warnings.warn(f"CUDA graph capture failed ({e}); {refused}")
             return None
 
+    def attention_grid(self, bsz):
+        """attention_decode's launch for bsz rows: (its width, float4 rows where head_dim
+        allows, else floats; the grid, a block a head, row and split of the keys; the block)."""
+        p = self.p
+        width = 4 if p.head_dim % 4 == 0 else 1
+        threads = attention_threads(width, bsz, p.n_heads)
+        splits = attention_splits(bsz, p.max_seq_len, attention_chunk(width, p.head_dim, threads))
+        return width, (p.n_heads, bsz, splits), (threads,)
+
     def run(self, bsz):
         """Launch one decode step for rows 0 .. bsz-1 on the current stream."""
         p = self.p
         nh, nkv, hd = p.n_heads, p.n_kv_heads, p.head_dim
         h, qkv, att, h13 = (a[:bsz] for a in (self.h, self.qkv, self.att, self.h13))
         eps, adds = p.norm_eps, self.adds_residual
-        width = 4 if hd % 4 == 0 else 1                     # float4 rows in attention_decode
         scale = np.float32(1.0 / np.sqrt(hd))
+        width, grid, block = self.attention_grid(bsz)
 
         self.embed(bsz, h)                                  # h = tok_embeddings[token]
         for attn_norm, wqkv, wo, ffn_norm, w13, w2, cache_k, cache_v in self.layers:
@@ -350,9 +359,7 @@ class FusedDecoder:
             matvec(h, wqkv, out=qkv, norm=attn_norm, eps=eps)
             # RoPE on q and k, k and v into the cache at pos, attention: a block a head, row
             # and split of the keys
-            KERNELS.launch(f"attention_decode<{width},{cache}>",
-                           (nh, bsz, attention_splits(bsz, p.max_seq_len)),
-                           (attention_threads(width, bsz, nh),),
+            KERNELS.launch(f"attention_decode<{width},{cache}>", grid, block,
                            (qkv, self.step, self.freqs_cos, self.freqs_sin, cache_k, cache_v,
                             att, i32(nh), i32(nkv), i32(hd), i32(p.max_seq_len), scale,
                             self.split_parts, self.arrivals))

@@ -77,13 +77,15 @@ ATTENTION_WIDTHS = (1, 4)
 # float4 pieces in models of up to ATTENTION_WIDE_HEADS query heads, else 8
 ATTENTION_WIDE_ROWS = 8
 ATTENTION_WIDE_HEADS = 16
-# attention_decode's splits of the keys (attention_splits): at one row a split per
-# ATTENTION_CHUNK positions of the cache (a chunk: 16 warps' keys), up to ATTENTION_SPLITS,
-# where that makes at least ATTENTION_SPLIT_CHUNKS (decode.cu's ATTN_SPLIT_CHUNKS: from as
-# many chunks of cached keys the kernel splits them, below it keeps one split)
+# attention_decode's splits of the keys (attention_splits): at one row a split per chunk of
+# positions of the cache (attention_chunk: the keys a block takes in one round trip), up to
+# ATTENTION_SPLITS, where that makes at least ATTENTION_SPLIT_CHUNKS (decode.cu's
+# ATTN_SPLIT_CHUNKS: from as many chunks of cached keys the kernel splits them, below it keeps
+# one split). ATTENTION_LANE_FLOATS: decode.cu's ATTN_LANE_FLOATS, the floats of keys a lane
+# holds at once, which make a chunk.
 ATTENTION_SPLITS = 8
-ATTENTION_CHUNK = 128
 ATTENTION_SPLIT_CHUNKS = 3
+ATTENTION_LANE_FLOATS = 32
 # attention_decode<WIDTH, T>: the KV cache's element type, by its NumPy dtype
 CACHE_TYPES = {"float32": "float", "float16": "unsigned short"}
 # decode_persistent<B> (persistent.cu, launched by PersistentDecoder): batch rows per warp
@@ -446,16 +448,28 @@ def attention_threads(width, bsz, n_heads):
     return 512 if wide else 256
 
 
-def attention_splits(bsz, max_seq_len):
-    """attention_decode's gridDim.z for bsz rows: at one row, one split per ATTENTION_CHUNK
-    positions the cache holds, up to ATTENTION_SPLITS, where that is ATTENTION_SPLIT_CHUNKS or
-    more; else 1. The kernel splits only from that many chunks of cached keys on, as many
-    splits as chunks, so a shorter context runs as one block a head and the other blocks end
-    at once. At more rows 1: their blocks already outnumber the heads.
+def attention_chunk(width, head_dim, threads):
+    """Cached keys a block of attention_decode takes in one round trip, as decode.cu's
+    attention_by_warps does: each warp ATTN_LANE_FLOATS / (width * pieces a lane) keys, a lane
+    holding the fewest pieces, a power of two, that spread head_dim / width pieces over 32
+    lanes. So 8 keys a warp for float4 rows of up to 128 floats: 128 keys at 16 warps (the
+    stories shapes' block), 64 at 8 (the Llama-2-7B shape's)."""
+    per_lane = 1
+    while 32 * per_lane * width < head_dim:
+        per_lane *= 2
+    return threads // 32 * (ATTENTION_LANE_FLOATS // (width * per_lane))
+
+
+def attention_splits(bsz, max_seq_len, chunk):
+    """attention_decode's gridDim.z for bsz rows: at one row, one split per `chunk` positions
+    the cache holds (attention_chunk), up to ATTENTION_SPLITS, where that is
+    ATTENTION_SPLIT_CHUNKS or more; else 1. The kernel splits only from that many chunks of
+    cached keys on, as many splits as chunks, so a shorter context runs as one block a head
+    and the other blocks end at once. At more rows 1: their blocks already outnumber the heads.
     Measured on the one-row float32 steps (H200, 2026-11-30, docs/kernels.md, "Splits of the
     keys"): stories110M 1.17x at position 600 and 1.34x at 1000; two chunks in two splits lost
     (0.97x), hence the threshold."""
-    splits = min(ATTENTION_SPLITS, cdiv(max_seq_len, ATTENTION_CHUNK))
+    splits = min(ATTENTION_SPLITS, cdiv(max_seq_len, chunk))
     return splits if bsz == 1 and splits >= ATTENTION_SPLIT_CHUNKS else 1
 
 
