@@ -82,8 +82,8 @@ def ab_steps(cp, shape, dtype, batches, variants, rounds=7, max_seq_len=64, step
     out = {}
     for bsz in batches:
         tokens = np.arange(1, bsz + 1, dtype=np.int64).reshape(bsz, 1)
-        for pos in range(3):
-            forward(tokens, pos)
+        for before in range(3):
+            forward(tokens, before)
         graphs, logits = {}, {}
         for label, variant in variants.items():
             with variant():
