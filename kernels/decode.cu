@@ -262,16 +262,14 @@ __device__ __forceinline__ void load_chunk(const T* keys, const T* values, size_
     }
 }
 
-// One block's attention with PER_LANE pieces a lane (the steps of the comment above). True
-// where this block wrote head h's output (one split, or the last of the splits); o_s: null, or
-// shared memory that gets a copy of it (attention_decode_wo's product reads it there).
+// One block's attention with PER_LANE pieces a lane (the steps of the comment above)
 template <int WIDTH, int PER_LANE, typename T>
-__device__ __forceinline__ bool attention_by_warps(
+__device__ __forceinline__ void attention_by_warps(
         const float* __restrict__ qkv, const int* __restrict__ step,
         const float* __restrict__ cos_table, const float* __restrict__ sin_table,
         T* __restrict__ cache_k, T* __restrict__ cache_v, float* __restrict__ out, int n_heads,
         int n_kv_heads, int head_dim, int max_seq, float scale, float* __restrict__ split_parts,
-        int* __restrict__ arrivals, WarpSoftmax& parts, float* o_s) {
+        int* __restrict__ arrivals, WarpSoftmax& parts) {
     constexpr int KEYS = ATTN_LANE_FLOATS / (WIDTH * PER_LANE);   // keys of a chunk, per warp
     const int h = blockIdx.x, b = blockIdx.y, lane = threadIdx.x % 32, warp = threadIdx.x / 32;
     const int warps = blockDim.x / 32, rep = n_heads / n_kv_heads, g = h / rep;
@@ -297,7 +295,7 @@ __device__ __forceinline__ bool attention_by_warps(
     // 1, or a short context): the block takes every chunk and writes out itself.
     const int split = blockIdx.z, chunks = (pos + KEYS * warps - 1) / (KEYS * warps);
     const int splits = chunks >= ATTN_SPLIT_CHUNKS ? min((int)gridDim.z, chunks) : 1;
-    if (split >= splits) return false;
+    if (split >= splits) return;
     float c[PER_LANE][2], s[PER_LANE][2];                  // (pieces, pairs) cos, sin at pos
     load_angles<WIDTH, PER_LANE>(cos_table + (size_t)pos * half, sin_table + (size_t)pos * half,
                                  pieces, c, s);
@@ -393,7 +391,6 @@ __device__ __forceinline__ bool attention_by_warps(
         }
         if (splits == 1) {
             y[d] = total / norm;
-            if (o_s) o_s[d] = y[d];
         } else {                                           // this split's record (step 5)
             records[split * record + 2 + d] = total;
             if (d == 0) {
@@ -402,12 +399,12 @@ __device__ __forceinline__ bool attention_by_warps(
             }
         }
     }
-    if (splits == 1) return true;
+    if (splits == 1) return;
 
     // 5. The splits' softmaxes combined as the warps' were, by the block that finishes last
     //    (split_last_block, reduce.cu: a counter per head and row, which that block sets back
     //    to 0 for the next launch), in split order whichever block that is.
-    if (!split_last_block(arrivals + (size_t)b * n_heads + h, splits)) return false;
+    if (!split_last_block(arrivals + (size_t)b * n_heads + h, splits)) return;
     float top = neg_inf();
     for (int r = 0; r < splits; ++r) top = fmaxf(top, __ldcg(records + r * record));
     for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
@@ -418,36 +415,7 @@ __device__ __forceinline__ bool attention_by_warps(
             norm += f * __ldcg(records + r * record + 1);
         }
         y[d] = total / norm;
-        if (o_s) o_s[d] = y[d];
     }
-    return true;
-}
-
-// Head blockIdx.x of row blockIdx.y (split blockIdx.z): attention_by_warps at the slice a lane
-// that holds the row. True where this block wrote the head's output.
-template <int WIDTH, typename T>
-__device__ __forceinline__ bool attention_head(
-        const float* __restrict__ qkv, const int* __restrict__ step,
-        const float* __restrict__ cos_table, const float* __restrict__ sin_table,
-        T* __restrict__ cache_k, T* __restrict__ cache_v, float* __restrict__ out, int n_heads,
-        int n_kv_heads, int head_dim, int max_seq, float scale, float* __restrict__ split_parts,
-        int* __restrict__ arrivals, WarpSoftmax& parts, float* o_s) {
-    // A slice of 1, 2, 4 or 8 pieces a lane, the fewest that hold the row; a chunk has as
-    // many fewer keys (ATTN_LANE_FLOATS). MOST: the pieces of a lane at ATTN_HEAD_DIM, 2 for
-    // float4 pieces, so that no longer slice is compiled for them.
-    constexpr int MOST = ATTN_HEAD_DIM / (32 * WIDTH);
-    const int pieces = head_dim / WIDTH;
-#define ATTN_ARGS qkv, step, cos_table, sin_table, cache_k, cache_v, out, n_heads, n_kv_heads, \
-                  head_dim, max_seq, scale, split_parts, arrivals, parts, o_s
-    if (pieces <= 32)
-        return attention_by_warps<WIDTH, 1>(ATTN_ARGS);
-    else if (pieces <= 64 || MOST == 2)
-        return attention_by_warps<WIDTH, 2>(ATTN_ARGS);
-    else if (pieces <= 128)
-        return attention_by_warps<WIDTH, MOST / 2>(ATTN_ARGS);
-    else
-        return attention_by_warps<WIDTH, MOST>(ATTN_ARGS);
-#undef ATTN_ARGS
 }
 
 template <int WIDTH, typename T>
@@ -459,73 +427,22 @@ attention_decode(const float* __restrict__ qkv, const int* __restrict__ step,
                  float* __restrict__ split_parts, int* __restrict__ arrivals) {
     grid_launch_dependents();
     __shared__ __align__(16) WarpSoftmax parts;
-    attention_head<WIDTH, T>(qkv, step, cos_table, sin_table, cache_k, cache_v, out, n_heads,
-                             n_kv_heads, head_dim, max_seq, scale, split_parts, arrivals, parts,
-                             nullptr);
-}
-
-// ---- attention and wo in one launch: attention_decode_wo ----------------------------------
-// At one row the wo product is a launch of its own, ~1.6 us of a stories15M layer's ~11 (docs/
-// kernels.md, "What a wait costs"), for 288 x 288 weights. But its input, the attention output,
-// is made a head at a time, and wo's columns split the same way:
-//
-//     wo @ att = sum over heads h of  wo[:, h hd : (h + 1) hd] @ att[h hd : (h + 1) hd]
-//
-// so the block that attends head h can multiply its own head_dim outputs by wo's head_dim
-// columns of head h, a (dim, head_dim) slice, and write a partial sum per head, `wo_parts`
-// (bsz, n_heads, dim). What no block can do is add the heads up: that needs every head. The
-// next launch does it, which needs a whole row anyway: gemv's PARTS prologue (matmul.cu) reads
-// h + the heads' partial sums, in head order, as the residual the w13 product normalizes, and
-// its first block writes that sum out as the new residual. The slice is the weights: it does
-// not depend on the step, so `cp.async` copies it into shared memory before the wait, while
-// wqkv's product ends; the product after the output waits for it. Row i of the slice sits
-// rotated by i float4s (slot (q + i) mod Q of Q = head_dim / 4), so that the threads of a
-// quarter-warp, one row each, read eight different banks' worth of 16 bytes, not one.
-// Needs head_dim % 4 == 0 (WIDTH 4) and dim * head_dim floats of shared memory (the host
-// checks: FusedDecoder.fuses_wo). Thread i takes rows i, i + blockDim.x, ...; each sums its
-// row's head_dim products in order, so the result does not depend on the block size.
-template <int WIDTH, typename T>
-__global__ void __launch_bounds__(attention_most_threads(WIDTH))
-attention_decode_wo(const float* __restrict__ qkv, const int* __restrict__ step,
-                    const float* __restrict__ cos_table, const float* __restrict__ sin_table,
-                    T* __restrict__ cache_k, T* __restrict__ cache_v, float* __restrict__ out,
-                    int n_heads, int n_kv_heads, int head_dim, int max_seq, float scale,
-                    float* __restrict__ split_parts, int* __restrict__ arrivals,
-                    const float* __restrict__ wo, float* __restrict__ wo_parts, int dim) {
-    static_assert(WIDTH == 4, "the slice is copied 16 bytes at a time");
-    grid_launch_dependents();
-    __shared__ __align__(16) WarpSoftmax parts;
-    __shared__ __align__(16) float o_s[ATTN_HEAD_DIM];     // head h's output
-    extern __shared__ __align__(16) float wo_s[];         // (dim, head_dim), rows rotated
-    const int h = blockIdx.x, b = blockIdx.y, q4 = head_dim / 4;
-    const size_t width = (size_t)n_heads * head_dim;      // wo's row: every head's columns
-    const unsigned int base = (unsigned int)__cvta_generic_to_shared(wo_s);
-    for (int c = threadIdx.x; c < dim * q4; c += blockDim.x) {      // before the wait
-        const int i = c / q4, q = c % q4, slot = (q + i) % q4;
-        cp_async16(base + 16u * (unsigned int)(i * q4 + slot), wo + i * width + h * head_dim + 4 * q,
-                   16);
-    }
-    cp_async_commit();
-    const bool wrote = attention_head<WIDTH, T>(
-        qkv, step, cos_table, sin_table, cache_k, cache_v, out, n_heads, n_kv_heads, head_dim,
-        max_seq, scale, split_parts, arrivals, parts, o_s);
-    cp_async_wait<0>();                                    // every block: none left in flight
-    if (!wrote) return;                                    // (the same for the whole block)
-    __syncthreads();                                       // the slice and o_s are complete
-    const float4* slice = reinterpret_cast<const float4*>(wo_s);
-    const float4* o4 = reinterpret_cast<const float4*>(o_s);
-    float* y = wo_parts + ((size_t)b * n_heads + h) * dim;
-    for (int i = threadIdx.x; i < dim; i += blockDim.x) {
-        float acc = 0.0f;
-        for (int q = 0, slot = i % q4; q < q4; ++q, slot = slot + 1 == q4 ? 0 : slot + 1) {
-            const float4 w = slice[i * q4 + slot], o = o4[q];     // columns in order
-            acc = fmaf(w.x, o.x, acc);
-            acc = fmaf(w.y, o.y, acc);
-            acc = fmaf(w.z, o.z, acc);
-            acc = fmaf(w.w, o.w, acc);
-        }
-        y[i] = acc;
-    }
+    // A slice of 1, 2, 4 or 8 pieces a lane, the fewest that hold the row; a chunk has as
+    // many fewer keys (ATTN_LANE_FLOATS). MOST: the pieces of a lane at ATTN_HEAD_DIM, 2 for
+    // float4 pieces, so that no longer slice is compiled for them.
+    constexpr int MOST = ATTN_HEAD_DIM / (32 * WIDTH);
+    const int pieces = head_dim / WIDTH;
+#define ATTN_ARGS qkv, step, cos_table, sin_table, cache_k, cache_v, out, n_heads, n_kv_heads, \
+                  head_dim, max_seq, scale, split_parts, arrivals, parts
+    if (pieces <= 32)
+        attention_by_warps<WIDTH, 1>(ATTN_ARGS);
+    else if (pieces <= 64 || MOST == 2)
+        attention_by_warps<WIDTH, 2>(ATTN_ARGS);
+    else if (pieces <= 128)
+        attention_by_warps<WIDTH, MOST / 2>(ATTN_ARGS);
+    else
+        attention_by_warps<WIDTH, MOST>(ATTN_ARGS);
+#undef ATTN_ARGS
 }
 
 

@@ -1252,26 +1252,15 @@ __device__ __forceinline__ float4 gemv_x4(const float* __restrict__ xr, int k4, 
 }
 
 // acc[r] += W[n, 4 k4 .. 4 k4 + 3] . x[m0 + r, same] for the ROWS rows, x after the prologue
-// (RMSNorm: inv_rms[r] 1 where it comes after the sums, LATE, and then ss[r] += the x^2 there).
-// PARTS (one row, with LATE): x is the residual the block staged in shared memory, xs.
-template <int ROWS, int PRO, bool LATE, bool PARTS = false>
+// (RMSNorm: inv_rms[r] 1 where it comes after the sums, LATE, and then ss[r] += the x^2 there)
+template <int ROWS, int PRO, bool LATE>
 __device__ __forceinline__ void gemv_add4(float* acc, float* ss, const float4 wv,
                                           const float* __restrict__ X, int m0, int M, int ldx,
                                           int k4, int K, const float* __restrict__ norm_w,
-                                          const float* inv_rms, const float4* xs = nullptr) {
-    static_assert(!PARTS || (LATE && ROWS == 1), "the residual staged is one row's");
+                                          const float* inv_rms) {
 #pragma unroll
     for (int r = 0; r < ROWS; ++r) {
-        if (PARTS && m0 + r < M) {
-            const float4 x = xs[k4];
-            const float4 g = __ldg(reinterpret_cast<const float4*>(norm_w) + k4);
-            const float4 xv = gemv_prologue4<GEMV_RMSNORM>(x, g, inv_rms[r]);
-            ss[r] += sum_squares4(x);
-            acc[r] = fmaf(wv.x, xv.x, acc[r]);
-            acc[r] = fmaf(wv.y, xv.y, acc[r]);
-            acc[r] = fmaf(wv.z, xv.z, acc[r]);
-            acc[r] = fmaf(wv.w, xv.w, acc[r]);
-        } else if (!PARTS && m0 + r < M) {
+        if (m0 + r < M) {
             const float* xr = X + (size_t)(m0 + r) * ldx;
             const float4 xv = gemv_x4<PRO>(xr, k4, K, norm_w, inv_rms[r]);
             if (LATE)                                      // the same loads: x itself, squared
@@ -1304,51 +1293,13 @@ __device__ __forceinline__ T gemv_w(const T* p) {
 // A matrix that long is the classifier, read once a step, and read last: WALK loads it
 // evict-first (gemv_w), so that L2 keeps the layers' weights between steps instead of its
 // lines (stories15M: 24 MB of layers and 37 MB of classifier, an H200's L2 60 MB; 1.10x).
-// PARTS (one row of x, GEMV_RMSNORM_LATE, float4 loads, no WALK): x is X + the n_parts partial
-// sums of attention_decode_wo, (1, n_parts, K) at `parts`, added in order: the residual once
-// wo's heads are in (decode.cu, "attention and wo in one launch"). Every warp reads all of x,
-// which L1 serves, but with the parts that is n_parts + 1 times the loads through each SM's
-// L1, so each block adds them up once into shared memory (GEMV_PARTS_K4 float4s at most,
-// GEMV_PARTS_AT_ONCE parts' loads in flight at a time), and block 0 writes the sum to x_out,
-// which must not be X (the other blocks are still reading X).
-#define GEMV_PARTS_K4 256
-#define GEMV_PARTS_AT_ONCE 8
-
-template <bool PARTS>
-__device__ __forceinline__ void gemv_stage_parts(float4* xs, const float* __restrict__ X,
-                                                 const float* __restrict__ parts, int n_parts,
-                                                 int K, float* __restrict__ x_out) {
-    if (!PARTS) return;
-    const float4* x4 = reinterpret_cast<const float4*>(X);
-    const float4* p4 = reinterpret_cast<const float4*>(parts);
-    for (int k4 = threadIdx.x; k4 < K / 4; k4 += blockDim.x) {
-        float4 x = __ldg(x4 + k4);
-        for (int p0 = 0; p0 < n_parts; p0 += GEMV_PARTS_AT_ONCE) {
-            float4 v[GEMV_PARTS_AT_ONCE];
-#pragma unroll
-            for (int j = 0; j < GEMV_PARTS_AT_ONCE; ++j)      // loads first, all in flight
-                if (p0 + j < n_parts) v[j] = __ldg(p4 + (size_t)(p0 + j) * (K / 4) + k4);
-#pragma unroll
-            for (int j = 0; j < GEMV_PARTS_AT_ONCE; ++j)      // then the adds, in part order
-                if (p0 + j < n_parts) {
-                    x.x += v[j].x; x.y += v[j].y; x.z += v[j].z; x.w += v[j].w;
-                }
-        }
-        xs[k4] = x;
-        if (blockIdx.x == 0) reinterpret_cast<float4*>(x_out)[k4] = x;
-    }
-    __syncthreads();
-}
-
-template <int ROWS, bool VEC, int PRO, int PREFETCH, bool WALK = false, bool PARTS = false>
+template <int ROWS, bool VEC, int PRO, int PREFETCH, bool WALK = false>
 __global__ void __launch_bounds__(256)
 gemv(const float* __restrict__ X, const float* __restrict__ W, float* __restrict__ Y,
      int M, int N, int K, int accumulate, const float* __restrict__ norm_w, float eps,
-     int ksplit, const float* __restrict__ parts, int n_parts, float* __restrict__ x_out) {
+     int ksplit) {
     static_assert(PREFETCH == 0 || VEC, "the early loads are float4s");
     static_assert(PREFETCH == 0 || !WALK, "the early loads are the first group's only");
-    static_assert(!PARTS || (VEC && !WALK && PRO == GEMV_RMSNORM_LATE && ROWS == 1),
-                  "the parts come in with RMSNorm after the sums, float4s, one group a block");
     // A block is 8 warps. Each output row n gets `ksplit` of them, which take interleaved
     // 128-float slices of k, so a small matrix still gives the GPU enough loads in flight;
     // their partial sums meet in shared memory, added in a fixed order (deterministic). A
@@ -1402,8 +1353,6 @@ gemv(const float* __restrict__ X, const float* __restrict__ W, float* __restrict
             inv_rms[r] = 1.0f / sqrtf(total / K + eps);
         }
     }
-    __shared__ __align__(16) float4 xs[PARTS ? GEMV_PARTS_K4 : 1];    // PARTS: the residual
-    gemv_stage_parts<PARTS>(xs, X, parts, n_parts, K, x_out);
     // GEMV_RMSNORM_LATE, RMSNorm after the sums: the loop multiplies W by x * norm_w and adds
     // up each row's x^2 beside it, from the same loads, and inv_rms = 1 / sqrt(mean(x^2) + eps)
     // scales the warp's total, y = inv_rms sum_k W x norm_w. Every warp sees the whole row (its
@@ -1420,15 +1369,14 @@ gemv(const float* __restrict__ X, const float* __restrict__ W, float* __restrict
 #pragma unroll
             for (int i = 0; i < PREFETCH; ++i) {            // the loads made before the wait
                 const int k4 = slice * 32 + lane + i * 32 * ksplit;   // (no WALK: one group)
-                if (k4 < K / 4) gemv_add4<ROWS, XPRO, LATE, PARTS>(acc, ss, w_early[i], X, m0, M,
-                                                                   ldx, k4, K, norm_w, inv_rms,
-                                                                   xs);
+                if (k4 < K / 4) gemv_add4<ROWS, XPRO, LATE>(acc, ss, w_early[i], X, m0, M, ldx,
+                                                            k4, K, norm_w, inv_rms);
             }
 #pragma unroll 4
             for (int k4 = slice * 32 + lane + PREFETCH * 32 * ksplit; k4 < K / 4;
                  k4 += 32 * ksplit)
-                gemv_add4<ROWS, XPRO, LATE, PARTS>(acc, ss, gemv_w<WALK>(w4 + k4), X, m0, M, ldx,
-                                                   k4, K, norm_w, inv_rms, xs);
+                gemv_add4<ROWS, XPRO, LATE>(acc, ss, gemv_w<WALK>(w4 + k4), X, m0, M, ldx, k4,
+                                            K, norm_w, inv_rms);
         } else if (active) {
             for (int k = slice * 32 + lane; k < K; k += 32 * ksplit) {
                 const float wv = gemv_w<WALK>(w + k);

@@ -306,34 +306,6 @@ def test_gemv_prologues_compute_rmsnorm_and_swiglu_like_the_model(cuda, cp, M, K
     assert rel_err(y, ref) < 1e-5
 
 
-@gpu
-@pytest.mark.parametrize("N,K,P", [(50, 36, 1), (1536, 288, 6), (4096, 768, 12), (13, 4, 3)])
-def test_gemv_parts_add_the_heads_to_x_before_rmsnorm(cuda, cp, N, K, P):
-    """gemv's PARTS (fused.py's w13 where attention and wo are one launch): y = w @
-    rms_norm(x + parts[:, 0] + ... + parts[:, P - 1], g) against float64, the sum written to
-    x_out exactly as NumPy's float32 adds in that order make it (every block reads x, block 0
-    writes the sum); with early loads of W (stories15M's w13: 1536 x 288) and without (the
-    110M shape: 4096 x 768). One row only, and x_out not x."""
-    from minillama.errors import DeviceError
-    from minillama.model import rms_norm
-    x, w, g, parts = rand(1, K), rand(N, K), 1.0 + rand(K, scale=0.1), rand(1, P, K)
-    total = x.copy()
-    for p in range(P):
-        total += parts[:, p]                                  # float32, in head order
-    ref = ref_linear(rms_norm(total.astype(np.float64), g.astype(np.float64), 1e-5), w)
-    x_out = poison(cp, (1, K))
-    y = cuda.gemv(cp.asarray(x), cp.asarray(w), out=poison(cp, (1, N)), norm=cp.asarray(g),
-                  eps=1e-5, parts=cp.asarray(parts), x_out=x_out)
-    assert rel_err(y, ref) < 1e-5
-    assert np.array_equal(x_out.get(), total)
-    x_gpu = cp.asarray(x)
-    with pytest.raises(DeviceError, match="x_out must not be x"):
-        cuda.gemv(x_gpu, cp.asarray(w), norm=cp.asarray(g), parts=cp.asarray(parts), x_out=x_gpu)
-    with pytest.raises(DeviceError, match="one row of x"):
-        cuda.gemv(cp.asarray(rand(2, K)), cp.asarray(w), norm=cp.asarray(g),
-                  parts=cp.asarray(rand(2, P, K)), x_out=poison(cp, (2, K)))
-
-
 def test_gemv_loads_w_before_its_wait_only_where_that_is_each_lanes_whole_row():
     """kernels.gemv_prefetch: one row of x, float4 loads, K / 4 <= 4 float4s x 32 lanes x
     ksplit warps, and a grid of one wave (at most 5 blocks an SM). kernels.gemv_split takes the
@@ -353,9 +325,8 @@ def test_gemv_loads_w_before_its_wait_only_where_that_is_each_lanes_whole_row():
     assert early(32000, 288, sms=6400) == GEMV_PREFETCH                  # a larger GPU
     assert gemv_prefetch(1, True, 2648, 288, 2, sms=132) == 0           # 662 blocks at two warps
     assert sorted(n for n in KERNELS.templates if n.startswith("gemv<")
-                  and not n.endswith((",0>", ",0,true>", ",0,false,true>"))) \
-        == sorted([f"gemv<1,true,{pro},{GEMV_PREFETCH}>" for pro in (0, 1, 2, 3)]   # 3: late norm
-                  + [f"gemv<1,true,3,{GEMV_PREFETCH},false,true>"])          # with the wo parts
+                  and not n.endswith((",0>", ",0,true>"))) \
+        == [f"gemv<1,true,{pro},{GEMV_PREFETCH}>" for pro in (0, 1, 2, 3)]     # 3: late norm
 
 
 def test_gemv_split_takes_the_fewest_warps_a_row_with_early_loads_else_gemv_ksplits():
@@ -737,29 +708,6 @@ def test_attention_decode_rotates_writes_the_cache_and_attends(cuda, cp, cache, 
             p = np.exp(scores - scores.max())
             ref[b, h] = p / p.sum() @ values[b, :, g]
     assert rel_err(out, ref.reshape(bsz, nh * hd)) < 1e-5
-
-    # attention_decode_wo: the same attention into out, and each head's product with wo's
-    # columns of that head into wo_parts (bsz, nh, dim), from a cache as it was before
-    dim = nh * hd
-    smem = cuda.kernels.attention_wo_smem(dim, hd)
-    if width != 4 or smem is None:                       # float4 heads, a slice that fits
-        return
-    wo = rand(dim, dim)
-    cache_k, cache_v = cp.asarray(start_k), cp.asarray(start_v)
-    out_wo, wo_parts = poison(cp, (bsz, nh * hd)), poison(cp, (bsz, nh, dim))
-    for _ in range(2):
-        KERNELS.launch(f"attention_decode_wo<4,{CACHE_TYPES[cache]}>", (nh, bsz, splits),
-                       (block,), (cp.asarray(qkv), step, cp.asarray(cos), cp.asarray(sin),
-                                  cache_k, cache_v, out_wo, i32(nh), i32(nkv), i32(hd),
-                                  i32(max_seq), scale, split_parts, arrivals, cp.asarray(wo),
-                                  wo_parts, i32(dim)), shared_mem=smem)
-    assert not arrivals.get().any()
-    assert rel_err(out_wo, outs[0].astype(np.float64)) < 1e-6
-    assert np.array_equal(cache_k.get(), got_k, equal_nan=True)    # (rows past pos: NaN)
-    assert np.array_equal(cache_v.get(), got_v, equal_nan=True)
-    ref_parts = np.stack([ref[:, h] @ wo[:, h * hd:(h + 1) * hd].T.astype(np.float64)
-                          for h in range(nh)], axis=1)                  # (bsz, nh, dim)
-    assert rel_err(wo_parts, ref_parts) < 1e-5
 
 
 @gpu

@@ -406,32 +406,17 @@ def test_bench_tp_random_job_slices_the_same_weights(monkeypatch, dtype):
 
 
 # ----------------------------------------------------------------------------
-# the GPU's fused step, its control flow checked on the CPU: ShardedFusedDecoder.run (and one
-# GPU's FusedDecoder.run with attention and wo in one launch) with NumPy versions of decode.cu's
-# kernels and of the gemv (what the kernels compute is tested against the CPU in
-# tests/test_cuda.py; here what is checked is the step around them: the gathers, which rank
-# adds the residual, the two all-reduces; the residual's two buffers, swapped each layer)
+# the GPU's fused step, its control flow checked on the CPU: ShardedFusedDecoder.run with NumPy
+# versions of decode.cu's kernels and of the gemv (what the kernels compute is tested against
+# the CPU in tests/test_cuda.py; here what is checked is the step around them: the gathers,
+# which rank adds the residual, the two all-reduces)
 
 class NumpyKernels:
-    """decode.cu's embed_tokens, attention_decode and attention_decode_wo, on NumPy arrays;
-    `launched`: the names of the launches, in order."""
-
-    def __init__(self):
-        self.launched = []
+    """decode.cu's embed_tokens and attention_decode, on NumPy arrays."""
+    launches = 0
 
     def launch(self, name, grid, block, args, shared_mem=0, ordinary=False):
-        self.launched.append(name)
         getattr(self, name.split("<")[0])(grid, *args)
-
-    def attention_decode_wo(self, grid, *args):
-        """attention_decode, then each head's output times wo's columns of that head."""
-        *attention_args, wo, wo_parts, dim = args
-        self.attention_decode(grid, *attention_args)
-        out, nh, hd = attention_args[6], attention_args[7], attention_args[9]
-        for b in range(grid[1]):
-            for h in range(nh):
-                heads = slice(h * hd, (h + 1) * hd)
-                wo_parts[b, h] = np.asarray(wo)[:dim, heads] @ out[b, heads]
 
     @staticmethod
     def embed_tokens(grid, step, table, out, dim):
@@ -455,15 +440,8 @@ class NumpyKernels:
                 out[b, h * hd:(h + 1) * hd] = softmax(scores) @ cache_v[b, :pos + 1, g]
 
 
-def numpy_matvec(x, w, out, accumulate=False, norm=None, eps=1e-5, swiglu=False, parts=None,
-                 x_out=None):
-    """kernels.gemv (and qgemv) on NumPy arrays: parts, x_out as gemv's PARTS take them."""
+def numpy_matvec(x, w, out, accumulate=False, norm=None, eps=1e-5, swiglu=False):
     from minillama.model import rms_norm, silu
-    if parts is not None:                       # x + parts[:, 0] + parts[:, 1] + ..., kept
-        x = x.copy()
-        for p in range(parts.shape[1]):
-            x += parts[:, p]
-        x_out[...] = x
     if norm is not None:
         x = rms_norm(x, norm, eps)
     if swiglu:
@@ -504,43 +482,6 @@ def test_the_fused_steps_control_flow_on_the_cpu(monkeypatch, world):
         return step.logits[:2].copy()
     for logits in SimulatedWorld(world).run(rank_main):
         assert max_rel_err(logits, want) < 1e-5
-
-
-@pytest.mark.parametrize("n_layers", [1, 2, 3])
-def test_one_gpus_fused_step_with_wo_in_attention_on_the_cpu(monkeypatch, n_layers):
-    """FusedDecoder.run where fuses_wo takes attention_decode_wo (one row): each layer's
-    attention and wo in one launch, w13's gemv adding the heads' wo products to the residual
-    into the other buffer, the buffers swapped, w2 adding into the new one; the classifier reads
-    whichever holds the last layer's (odd and even layer counts). Two rows take the plain
-    launches. Both equal the CPU model's logits."""
-    import sys
-    import types
-    from minillama.cuda import fused
-    kernels = NumpyKernels()
-    monkeypatch.setattr(fused, "KERNELS", kernels)
-    monkeypatch.setattr(fused, "matvec", numpy_matvec)
-    monkeypatch.setattr(fused, "gemv", numpy_matvec)
-    monkeypatch.setattr(fused, "attention_wo_smem", lambda dim, head_dim: 4 * dim * head_dim)
-    monkeypatch.setitem(sys.modules, "cupyx", types.SimpleNamespace(empty_pinned=np.empty))
-    cp = types.SimpleNamespace(zeros=np.zeros, cuda=types.SimpleNamespace(Event=lambda **_: None))
-    p = gqa_args(1, n_layers=n_layers)
-    weights = random_weights(p, seed=17)
-    tokens = np.array([[3, 1, 4, 1], [5, 9, 2, 6]])
-    for bsz, launch in ((1, "attention_decode_wo"), (2, "attention_decode")):
-        want = Transformer(p, weights)
-        want.forward(tokens[:bsz, :3], 0)
-        want = want.forward(tokens[:bsz, 3:], 3)[:, 0]                # (bsz, vocab), position 3
-        model = Transformer(p, weights)
-        model.forward(tokens[:bsz, :3], 0)                           # the prompt: the generic path
-        on_gpu = types.SimpleNamespace(**{**vars(model), "ops": types.SimpleNamespace(xp=cp)})
-        step = fused.FusedDecoder(on_gpu)
-        assert step.fuses_wo(bsz) == (bsz == 1)
-        step.step[:1 + bsz] = [3, *tokens[:bsz, 3]]
-        kernels.launched.clear()
-        step.run(bsz)
-        attention = [n.split("<")[0] for n in kernels.launched if n.startswith("attention")]
-        assert attention == [launch] * n_layers
-        assert max_rel_err(step.logits[:bsz], want) < 1e-5
 
 
 def test_the_rank_decoder_waits_after_every_gpu_step_and_releases_its_graphs():

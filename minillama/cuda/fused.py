@@ -17,8 +17,7 @@ import numpy as np
 
 from ..formats import Packed
 from .kernels import CACHE_TYPES, GREEDY_THREADS, KERNELS, PACKED_KERNEL_FORMATS, \
-    attention_chunk, attention_splits, attention_threads, attention_wo_smem, gemv, \
-    gemv_takes_parts, greedy_pick, qgemv
+    attention_chunk, attention_splits, attention_threads, gemv, greedy_pick, qgemv
 from .runtime import i32, require_cupy
 
 
@@ -108,10 +107,6 @@ class FusedDecoder:
         self.slot = 0                                        # the row the next step writes
         self.round_copied = cp.cuda.Event()                  # recorded after a round's last copy
         self.h = buf(p.dim)                                  # the residual stream
-        # where attention and wo are one launch (fuses_wo): each head's wo product, and the
-        # residual with them added, which w13's gemv writes (h and h_next swap each layer)
-        self.wo_parts = cp.zeros((nb, p.n_heads, p.dim), dtype=np.float32)
-        self.h_next = buf(p.dim)
         self.qkv = buf((p.n_heads + 2 * p.n_kv_heads) * hd)  # [q heads | k heads | v heads]
         self.att = buf(p.n_heads * hd)
         self.h13 = buf(2 * p.hidden_dim)                     # [h1 | h3]
@@ -349,34 +344,14 @@ class FusedDecoder:
         splits = attention_splits(bsz, p.max_seq_len, attention_chunk(width, p.head_dim, threads))
         return width, (p.n_heads, bsz, splits), (threads,)
 
-    # attention and wo in one launch where fuses_wo allows (kernels/dev/ab_wo.py turns it off)
-    FUSE_WO = True
-
-    def fuses_wo(self, bsz):
-        """Whether the step of bsz rows runs each layer's attention and wo product as one
-        launch, attention_decode_wo (decode.cu), each head's wo product added to the residual
-        by w13's gemv on its way in (gemv's PARTS prologue): one row, float32 wo and w13 (the
-        kernel copies wo's columns of a head into shared memory, the gemv reads float4s),
-        heads of float4s, wo's (dim, head_dim) slice within a block's shared memory, and one
-        GPU (a rank's wo product must be joined before w13 reads the residual)."""
-        p = self.p
-        dense = all(getattr(w, "dtype", None) == np.float32
-                    for _, _, wo, _, w13, *_ in self.layers for w in (wo, w13))
-        return (self.FUSE_WO and bsz == 1 and dense and type(self).join is FusedDecoder.join
-                and p.head_dim % 4 == 0 and p.n_heads * p.head_dim == p.dim
-                and gemv_takes_parts(bsz, p.dim, True)
-                and attention_wo_smem(p.dim, p.head_dim) is not None)
-
     def run(self, bsz):
         """Launch one decode step for rows 0 .. bsz-1 on the current stream."""
         p = self.p
         nh, nkv, hd = p.n_heads, p.n_kv_heads, p.head_dim
-        h, h_next, qkv, att, h13, wo_parts = (a[:bsz] for a in (
-            self.h, self.h_next, self.qkv, self.att, self.h13, self.wo_parts))
+        h, qkv, att, h13 = (a[:bsz] for a in (self.h, self.qkv, self.att, self.h13))
         eps, adds = p.norm_eps, self.adds_residual
         scale = np.float32(1.0 / np.sqrt(hd))
         width, grid, block = self.attention_grid(bsz)
-        fuse = self.fuses_wo(bsz)
 
         self.embed(bsz, h)                                  # h = tok_embeddings[token]
         for attn_norm, wqkv, wo, ffn_norm, w13, w2, cache_k, cache_v in self.layers:
@@ -384,20 +359,13 @@ class FusedDecoder:
             matvec(h, wqkv, out=qkv, norm=attn_norm, eps=eps)
             # RoPE on q and k, k and v into the cache at pos, attention: a block a head, row
             # and split of the keys
-            args = (qkv, self.step, self.freqs_cos, self.freqs_sin, cache_k, cache_v, att,
-                    i32(nh), i32(nkv), i32(hd), i32(p.max_seq_len), scale, self.split_parts,
-                    self.arrivals)
-            if fuse:       # and each head's wo product; w13's gemv adds them to h, into h_next
-                KERNELS.launch(f"attention_decode_wo<{width},{cache}>", grid, block,
-                               args + (wo, wo_parts, i32(p.dim)),
-                               shared_mem=attention_wo_smem(p.dim, hd))
-                gemv(h, w13, out=h13, norm=ffn_norm, eps=eps, parts=wo_parts, x_out=h_next)
-                h, h_next = h_next, h                       # h += attention(...)
-            else:
-                KERNELS.launch(f"attention_decode<{width},{cache}>", grid, block, args)
-                matvec(att, wo, out=h, accumulate=adds)         # h += attention(...)
-                self.join(h)
-                matvec(h, w13, out=h13, norm=ffn_norm, eps=eps)
+            KERNELS.launch(f"attention_decode<{width},{cache}>", grid, block,
+                           (qkv, self.step, self.freqs_cos, self.freqs_sin, cache_k, cache_v,
+                            att, i32(nh), i32(nkv), i32(hd), i32(p.max_seq_len), scale,
+                            self.split_parts, self.arrivals))
+            matvec(att, wo, out=h, accumulate=adds)             # h += attention(...)
+            self.join(h)
+            matvec(h, w13, out=h13, norm=ffn_norm, eps=eps)
             matvec(h13, w2, out=h, accumulate=adds, swiglu=True)  # h += feed_forward(...)
             self.join(h)
         self.classify(bsz, h)                               # logits = output(norm(h))

@@ -86,7 +86,6 @@ ATTENTION_WIDE_HEADS = 16
 ATTENTION_SPLITS = 8
 ATTENTION_SPLIT_CHUNKS = 3
 ATTENTION_LANE_FLOATS = 32
-NULL = np.uint64(0)         # a null pointer, for a kernel's optional array argument
 # attention_decode<WIDTH, T>: the KV cache's element type, by its NumPy dtype
 CACHE_TYPES = {"float32": "float", "float16": "unsigned short"}
 # decode_persistent<B> (persistent.cu, launched by PersistentDecoder): batch rows per warp
@@ -209,13 +208,11 @@ def _templates():
                for vec in (True, False) for pro in GEMV_PROLOGUES.values()]
     common += [f"gemv<1,true,{pro},{GEMV_PREFETCH}>" for pro in GEMV_PROLOGUES.values()]
     common += [f"gemv<1,true,{GEMV_RMSNORM_LATE},{p}>" for p in (0, GEMV_PREFETCH)]
-    common += [f"gemv<1,true,{GEMV_RMSNORM_LATE},{p},false,true>" for p in (0, GEMV_PREFETCH)]
     common += [f"gemv<{rows},{_cpp_bool(vec)},{pro},0,true>" for rows in GEMV_ROWS
                for vec in (True, False) for pro in GEMV_PROLOGUES.values()]   # WALK
     common += [f"gemv<1,true,{GEMV_RMSNORM_LATE},0,true>"]
     common += [f"attention_decode<{width},{t}>" for width in ATTENTION_WIDTHS
                for t in CACHE_TYPES.values()]
-    common += [f"attention_decode_wo<4,{t}>" for t in CACHE_TYPES.values()]
     common += [f"decode_persistent<{b}>" for b in PERSISTENT_ROWS]
     common += [f"softmax_block<{v},{t}>" for v, t in SOFTMAX_BLOCKS]
     common += [f"f32_to_16bit<{_cpp_bool(bf16)},{_cpp_bool(vec)}>" for bf16 in (False, True)
@@ -381,18 +378,13 @@ def sgemm(a, w, out=None, version=4, config=None):
     return c
 
 
-def gemv(x, w, out=None, accumulate=False, norm=None, eps=1e-5, swiglu=False, version=None,
-         parts=None, x_out=None):
+def gemv(x, w, out=None, accumulate=False, norm=None, eps=1e-5, swiglu=False, version=None):
     """x @ w.T for a few rows: x (M, K), w (N, K) -> (M, N), one warp per output column.
 
     accumulate: add into `out` (which must then be given) instead of overwriting it.
     norm: an RMSNorm weight (K,): multiply rms_norm(x, norm, eps) instead of x.
     swiglu: x is (M, 2K) = [h1 | h3]: multiply silu(h1) * h3 instead of x.
     (The last two are the prologues of matmul.cu: the step before the matmul, fused into it.)
-    parts, x_out: attention_decode_wo's partial sums (M, P, K), added to x in order before the
-    RMSNorm (x + parts[:, 0] + ... + parts[:, P - 1]: the residual once wo's heads are in), and
-    where that sum is written, (M, K), not x; with norm, one row, float4 loads (gemv's PARTS
-    instances: kernels.gemv_takes_parts).
     version: 1 gemv (matmul.cu), 2 qgemv_v2 on float32 weights (qgemv.cu: each weight read
     once per 32 rows of x instead of 8), 3 gemv_v3 (gemv_batch.cu: x in shared memory, the grid
     sized to the GPU, split-K), None the rule, gemv_version. 2 and 3 need K % 4 == 0 and
@@ -422,8 +414,6 @@ def gemv(x, w, out=None, accumulate=False, norm=None, eps=1e-5, swiglu=False, ve
         raise DeviceError(f"gemv: version {version} loads 16 bytes at a time: needs K % 4 == 0 "
                           f"(got w {w.shape}) and 16-byte aligned x, w and norm")
     version = version or gemv_version(M, vec)
-    if parts is not None:
-        return _gemv_parts(x, w, y, norm, eps, parts, x_out, vec and version == 1)
     if version == 2:
         rows = next((r for r in QGEMV_V2_F32_ROWS if r >= M), QGEMV_V2_F32_ROWS[-1])
         _qgemv_v2(x, (w, w, w), y, "f32", rows, *QGEMV_V2_F32, prologue, accumulate, norm, eps)
@@ -439,53 +429,7 @@ def gemv(x, w, out=None, accumulate=False, norm=None, eps=1e-5, swiglu=False, ve
     KERNELS.launch(f"gemv<{rows},{_cpp_bool(vec)},{prologue},{prefetch}{',true' if walk else ''}>",
                    (blocks, cdiv(M, rows)), (256,),
                    (x, w, y, i32(M), i32(N), i32(K), i32(bool(accumulate)),
-                    w if norm is None else norm, np.float32(eps), i32(ksplit), NULL, i32(0),
-                    NULL))
-    return y
-
-
-# attention_decode_wo's static shared memory: WarpSoftmax (decode.cu: ATTN_WARPS maxima and
-# sums, ATTN_WARPS x ATTN_HEAD_DIM weighted values) and the head's output (ATTN_HEAD_DIM)
-ATTENTION_WO_STATIC = 4 * (2 * 16 + 16 * 256 + 256)
-
-
-def attention_wo_smem(dim, head_dim):
-    """Bytes of dynamic shared memory attention_decode_wo takes for wo's (dim, head_dim) slice
-    of a head, or None where it does not fit a block beside the static arrays (the current
-    GPU's opt-in limit, less the 1 KiB the driver keeps)."""
-    smem = 4 * dim * head_dim
-    return smem if smem + ATTENTION_WO_STATIC + 1024 <= _shared_optin() else None
-
-
-GEMV_PARTS_K4 = 256     # matmul.cu's: float4s of x a block stages with the parts added
-
-
-def gemv_takes_parts(M, K, vec):
-    """Whether gemv can add attention_decode_wo's partial sums to x (M, K) on its way in: its
-    PARTS instances are one row of x, float4 loads (vec: K % 4 == 0 and aligned), RMSNorm after
-    the sums, x staged in GEMV_PARTS_K4 float4s of shared memory."""
-    return M == 1 and vec and K % 4 == 0 and K // 4 <= GEMV_PARTS_K4
-
-
-def _gemv_parts(x, w, y, norm, eps, parts, x_out, vec):
-    """gemv's PARTS launch (checked here, beside gemv's own checks): y = w @ rms_norm(x +
-    parts..., norm), the sum written to x_out."""
-    (M, K), N = x.shape, w.shape[0]
-    if norm is None or not gemv_takes_parts(M, K, vec):
-        raise DeviceError("gemv: parts need norm, one row of x and float4 loads "
-                          f"(x {x.shape}, w {w.shape})")
-    _check("parts", parts, 3, aligned=True)
-    _check("x_out", x_out, 2, aligned=True)
-    if parts.shape[0] != M or parts.shape[2] != K or x_out.shape != (M, K):
-        raise DeviceError(f"gemv: parts (M, P, K) and x_out (M, K) for x {x.shape}: got "
-                          f"{parts.shape} and {x_out.shape}")
-    if x_out.data.ptr == x.data.ptr:
-        raise DeviceError("gemv: x_out must not be x (the other blocks still read x)")
-    ksplit, prefetch = gemv_split(1, True, N, K)
-    KERNELS.launch(f"gemv<1,true,{GEMV_RMSNORM_LATE},{prefetch},false,true>",
-                   (cdiv(N, 8 // ksplit), 1), (256,),
-                   (x, w, y, i32(M), i32(N), i32(K), i32(0), norm, np.float32(eps), i32(ksplit),
-                    parts, i32(parts.shape[1]), x_out))
+                    w if norm is None else norm, np.float32(eps), i32(ksplit)))
     return y
 
 
@@ -749,7 +693,7 @@ def softmax(x, out=None, start_pos=None, kernel=None):
 # decode.cu (the rest of it runs inside FusedDecoder)
 
 GREEDY_THREADS = 1024       # a block per row of logits; 32000 of them: 8 float4s a thread
-NO_STEP = NULL              # greedy_pick's next_step where no step follows
+NO_STEP = np.uint64(0)      # greedy_pick's next_step where no step follows: a null pointer
 
 
 def greedy_pick(last):
