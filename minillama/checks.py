@@ -176,7 +176,11 @@ def _weights_note(layer, xp):
     bad = [name for name, w in weights.items() if not _finite(w, xp)]
     if bad:
         return f"its weights {', '.join(bad)} are not finite (a damaged checkpoint?)"
-    return "its weights are finite, so the activations overflowed there"
+    note = "its weights are finite, so the activations overflowed there"
+    if layer.attention.cache_k.dtype == xp.float16:     # keys and values past 65504 turn inf
+        note += ("; its KV cache is float16, whose largest value is 65504: try --kv-dtype "
+                 "float32")
+    return note
 
 
 def _finite(w, xp):
