@@ -13,7 +13,7 @@ from .checks import check_finite
 from .errors import ArgumentError, GenerationError, check_positive_int, shown
 from .exact import decoder
 from .ops import softmax, to_host
-from .sampler import check_sampling_args, sample_top_p
+from .sampler import check_sampling_args, sample_top_p, scaled_logits
 from .tokenizers.chat import B_INST, E_INST
 
 SPECIAL_TAGS = [B_INST, E_INST, "<<SYS>>", "<</SYS>>"]
@@ -178,7 +178,7 @@ class Llama:
                 if temperature > 0:
                     last = to_host(logits[:, -1])                    # (bsz, vocab)
                     check_finite(last, self.model, tokens[:, prev_pos:cur_pos], prev_pos)
-                    probs = softmax(last / temperature, axis=-1)
+                    probs = softmax(scaled_logits(last, temperature), axis=-1)
                     next_token = sample_top_p(probs, top_p, self.rng)
                 else:
                     next_token = greedy(logits[:, -1], self.model, tokens[:, prev_pos:cur_pos],

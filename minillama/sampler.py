@@ -3,7 +3,8 @@
 Two samplers, each faithful to the program it mirrors:
 
 - `Llama2cSampler`: llama2.c's `sample()`, bit for bit. Its own xorshift64* generator, argmax at
-  temperature 0, otherwise softmax(logits / temperature) and either plain multinomial sampling
+  temperature 0, otherwise softmax(logits / temperature) (scaled_logits: where a tiny
+  temperature overflows that, its limit, the argmax) and either plain multinomial sampling
   or top-p (nucleus) sampling with llama2.c's pre-filter cutoff (1 - topp) / (n - 1).
   Arithmetic is float32, summed left to right as the C loops do, so a seed gives the same
   story as llama2.c's `run` (given the same logits: exact.ExactDecoder's).
@@ -50,6 +51,25 @@ def check_sampling_args(temperature, top_p):
         raise ArgumentError(f"top_p: expected a number in (0, 1], got {top_p}")
 
 
+def scaled_logits(logits, temperature):
+    """logits / temperature, as both samplers divide them, but for a row where that overflows
+    float32 (a tiny temperature such as 1e-38, or 1e-40 as a subnormal float32): there
+    softmax would take inf - inf = NaN and sample garbage, so the row becomes the limit
+    T -> 0 of its distribution, all of the probability on its first largest logit (the token
+    temperature 0 picks), written as logits 0 there and -inf elsewhere. The samplers then
+    draw as they always do and land on that token. No usual temperature overflows (a logit
+    of 100 needs T < 3e-37), so their results stay llama2.c's and Meta's, bit for bit.
+    logits: (..., vocab), finite."""
+    with np.errstate(over="ignore", divide="ignore", invalid="ignore"):   # 1e-50 is 0 in float32
+        scaled = logits / temperature
+    overflowed = ~np.isfinite(scaled).all(axis=-1)
+    if overflowed.any():
+        limit = np.full_like(scaled, -np.inf)
+        np.put_along_axis(limit, np.argmax(logits, axis=-1)[..., None], 0, axis=-1)
+        scaled = np.where(overflowed[..., None], limit, scaled)
+    return scaled
+
+
 def rounded_exp(x):
     """exp in float64, rounded once to float32: glibc's expf but for the last bit of about 1
     value in 1,500, and vectorized, where calling expf itself costs a C call per value."""
@@ -79,7 +99,7 @@ class Llama2cSampler:
         logits = np.asarray(logits, dtype=np.float32)
         if self.temperature == 0:
             return int(np.argmax(logits))                  # first maximum, as the C loop
-        probs = softmax_c(logits / self.temperature, self.exp)
+        probs = softmax_c(scaled_logits(logits, self.temperature), self.exp)
         self.rng_state, coin = random_f32(self.rng_state)
         if self.topp <= 0 or self.topp >= 1:
             return self.sample_mult(probs, coin)

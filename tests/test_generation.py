@@ -262,6 +262,13 @@ def test_sampling_is_reproducible_with_a_seed_and_varies_without():
     assert len(draws) > 1
 
 
+def test_a_tiny_temperature_generates_what_greedy_generates():
+    """logits / 1e-40 overflow float32 (garbage tokens, before): the limit T -> 0, greedy."""
+    prompts = [[3, 4], [5]]
+    want = make_llama(6).generate(prompts, 8, temperature=0)[0]
+    assert make_llama(6).generate(prompts, 8, temperature=1e-40)[0] == want
+
+
 def test_total_len_is_capped_by_max_seq_len():
     llama = make_llama(7, eos_id=-7)
     prompt = list(range(3, 3 + ODD["max_seq_len"] - 2))

@@ -53,6 +53,16 @@ def test_temperature_zero_is_argmax_first_maximum():
     assert s.rng_state == 1                                  # greedy draws no random number
 
 
+@pytest.mark.parametrize("topp", [0.9, 1.0])                   # top-p, and plain multinomial
+@pytest.mark.parametrize("t", [1e-38, 1e-44])
+def test_a_tiny_temperature_is_the_limit_t_to_0_greedy(t, topp):
+    """7 / 1e-38 overflows float32; softmax then took inf - inf = NaN and sampled garbage (or
+    failed, IndexError). The limit T -> 0 is greedy: the first maximum, every time."""
+    s = Llama2cSampler(4, temperature=t, topp=topp, rng_seed=3)
+    logits = np.array([0.5, 7.0, 7.0, -1.0], np.float32)
+    assert [s.sample(logits) for _ in range(50)] == [1] * 50
+
+
 def test_topp_never_samples_outside_the_nucleus():
     logits = np.log(np.array([0.5, 0.3, 0.15, 0.05], np.float32))
     s = Llama2cSampler(4, temperature=1.0, topp=0.7, rng_seed=42)
