@@ -160,6 +160,17 @@ def test_the_sandbox_runs_nothing_but_the_template(text):
         ChatTemplate(text, "evil").render(DIALOGS["one turn"])
 
 
+@pytest.mark.parametrize("text,match", [
+    ("{% macro f(n) %}{{ f(n) }}{% endmacro %}{{ f(1) }}",
+     r"^deep, line 1: the chat template failed: RecursionError"),
+    ("{{ " + "(" * 5000 + "1" + ")" * 5000 + " }}",     # jinja2's parser recurses per (
+     r"^deep: the chat template is nested too deeply to compile \(RecursionError\)$"),
+])
+def test_a_template_recursing_too_deeply_names_its_source(text, match):
+    with pytest.raises(TokenizerError, match=match):
+        ChatTemplate(text, "deep").render(DIALOGS["one turn"])
+
+
 def test_hf_directory_templates(tmp_path):
     """chat_template.jinja first, else tokenizer_config.json's string, or its list of named
     templates (the one named "default"), as transformers reads a directory."""

@@ -23,7 +23,8 @@ How it is rendered (transformers' _compile_jinja_template and render_jinja_templ
         not escape HTML (json.dumps(..., ensure_ascii=False)).
 
 A template that does not compile, or fails while rendering (a raise_exception of its own, an
-unsafe attribute, a type error), is a TokenizerError naming the template's source and line.
+unsafe attribute, a type error, a macro calling itself for ever), is a TokenizerError naming
+the template's source, and its line where jinja2 knows it.
 """
 import json
 import os
@@ -58,7 +59,8 @@ class ChatTemplate:
             return compiled.render(messages=messages, tools=None, documents=None,
                                    add_generation_prompt=add_generation_prompt, **special_tokens)
         except (jinja2.TemplateError, TypeError, ValueError, KeyError, IndexError,
-                AttributeError, ZeroDivisionError, OverflowError) as e:
+                AttributeError, ZeroDivisionError, OverflowError,
+                RecursionError, MemoryError) as e:            # a macro calling itself for ever
             line = template_line(e.__traceback__)
             where = f", line {line}" if line else ""
             raise TokenizerError(f"{self.source}{where}: the chat template failed: "
@@ -71,6 +73,9 @@ class ChatTemplate:
             except jinja2.TemplateSyntaxError as e:
                 raise TokenizerError(f"{self.source}, line {e.lineno}: the chat template is not "
                                      f"valid Jinja: {shown(e.message, quote=False)}") from None
+            except (RecursionError, MemoryError) as e:     # jinja2's parser recurses per ( or [
+                raise TokenizerError(f"{self.source}: the chat template is nested too deeply "
+                                     f"to compile ({type(e).__name__})") from None
         return self._compiled
 
 
