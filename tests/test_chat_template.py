@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -169,6 +170,27 @@ def test_the_sandbox_runs_nothing_but_the_template(text):
 def test_a_template_recursing_too_deeply_names_its_source(text, match):
     with pytest.raises(TokenizerError, match=match):
         ChatTemplate(text, "deep").render(DIALOGS["one turn"])
+
+
+DOUBLING = ("{% set ns = namespace(s='x') %}{% for i in range(24) %}{% set ns.s = ns.s + ns.s %}"
+            "{% endfor %}{{ ns.s | length }}")
+
+
+@pytest.mark.parametrize("text,match", [
+    ("{{ 'x' * 100000000 }}", r"line 1: the chat template failed: SecurityError: '\*' would "
+                              r"build a string or list of 100,000,000 \(at most 4,194,304\)"),
+    ("{{ ([0] * 10**8) | length }}", r"SecurityError: '\*' would build"),
+    (DOUBLING, r"SecurityError: '\+' would build a string or list of 8,388,608"),
+    ("{% for i in range(3000) %}{% for j in range(3000) %}xx{% endfor %}{% endfor %}",
+     r"^huge: the chat template rendered more than 4,194,304 characters$"),
+])
+def test_a_template_building_a_huge_text_is_refused_at_once(text, match):
+    """Refused as the text is built (`*`, `+`) or written, before it fills the memory: these
+    took seconds (`'x' * 10**9` minutes and GBs) and only then met the prompt's length check."""
+    start = time.perf_counter()
+    with pytest.raises(TokenizerError, match=match):
+        ChatTemplate(text, "huge").render(DIALOGS["one turn"])
+    assert time.perf_counter() - start < 0.5
 
 
 def test_hf_directory_templates(tmp_path):

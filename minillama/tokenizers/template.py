@@ -23,8 +23,8 @@ How it is rendered (transformers' _compile_jinja_template and render_jinja_templ
         not escape HTML (json.dumps(..., ensure_ascii=False)).
 
 A template that does not compile, or fails while rendering (a raise_exception of its own, an
-unsafe attribute, a type error, a macro calling itself for ever), is a TokenizerError naming
-the template's source, and its line where jinja2 knows it.
+unsafe attribute, a type error, a macro calling itself for ever, more than MAX_RENDERED
+characters), is a TokenizerError naming the template's source, and its line where jinja2 knows it.
 """
 import json
 import os
@@ -56,8 +56,10 @@ class ChatTemplate:
         add_generation_prompt, ending where the assistant's reply begins."""
         compiled = self.compile()
         try:
-            return compiled.render(messages=messages, tools=None, documents=None,
-                                   add_generation_prompt=add_generation_prompt, **special_tokens)
+            chunks = compiled.generate(messages=messages, tools=None, documents=None,
+                                       add_generation_prompt=add_generation_prompt,
+                                       **special_tokens)
+            return self.joined(chunks)
         except (jinja2.TemplateError, TypeError, ValueError, KeyError, IndexError,
                 AttributeError, ZeroDivisionError, OverflowError,
                 RecursionError, MemoryError) as e:            # a macro calling itself for ever
@@ -65,6 +67,19 @@ class ChatTemplate:
             where = f", line {line}" if line else ""
             raise TokenizerError(f"{self.source}{where}: the chat template failed: "
                                  f"{type(e).__name__}: {shown(str(e), quote=False)}") from None
+
+    def joined(self, chunks):
+        """The rendered text, from the template's output as it is written: a template that
+        writes more than MAX_RENDERED characters (a loop of loops) is stopped there, not after
+        it has filled the memory."""
+        text, size = [], 0
+        for chunk in chunks:
+            size += len(chunk)
+            if size > MAX_RENDERED:
+                raise TokenizerError(f"{self.source}: the chat template rendered more than "
+                                     f"{MAX_RENDERED:,} characters")
+            text.append(chunk)
+        return "".join(text)
 
     def compile(self):
         if self._compiled is None:
@@ -93,10 +108,44 @@ def template_line(tb):
 # ----------------------------------------------------------------------------
 # the environment, as transformers builds it
 
+# The most text a template may render, or build as one string or list. A prompt has to fit
+# the model's context: 128K tokens (Llama 3.1's) are about half a million characters of text,
+# so 4M characters is far more than any prompt a model can take, and still a few MB that
+# render and are refused in a fraction of a second (a template's `'x' * 10**8` took minutes
+# and GBs before the prompt's length was ever checked).
+MAX_RENDERED = 1 << 22
+
+
+class Sandbox(ImmutableSandboxedEnvironment):
+    """jinja2's immutable sandbox, whose `*` and `+` refuse to build a string or list longer
+    than MAX_RENDERED: one `'x' * 10**9` would fill the memory before any output is counted."""
+    intercepted_binops = frozenset(("*", "+"))
+
+    def call_binop(self, context, operator, left, right):
+        size = result_size(operator, left, right)
+        if size > MAX_RENDERED:
+            raise jinja2.exceptions.SecurityError(f"{operator!r} would build a string or list "
+                                                  f"of {size:,} (at most {MAX_RENDERED:,})")
+        return super().call_binop(context, operator, left, right)
+
+
+def result_size(operator, left, right):
+    """The length of `left operator right` where it is a sequence repeated or joined (0 else),
+    found without building it."""
+    sequences = (str, list, tuple)
+    if operator == "+":
+        both = isinstance(left, sequences) and isinstance(right, sequences)
+        return len(left) + len(right) if both else 0
+    for seq, n in ((left, right), (right, left)):
+        if isinstance(seq, sequences) and isinstance(n, int):
+            return len(seq) * n
+    return 0
+
+
 def sandbox():
     """A sandboxed Jinja environment with transformers' settings, helpers and extensions."""
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=[jinja2.ext.loopcontrols, GenerationTag])
+    env = Sandbox(trim_blocks=True, lstrip_blocks=True,
+                  extensions=[jinja2.ext.loopcontrols, GenerationTag])
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = strftime_now
