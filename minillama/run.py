@@ -96,7 +96,8 @@ def generate(model, tokenizer, sampler, prompt, steps, out=None, err=None, exact
     token, pos, generated = prompt_tokens[0], 0, []
     writer = PieceWriter(tokenizer, out)
     if token != tokenizer.bos_id:       # a tokenizer without BOS: the loop below prints only
-        writer.write(None, token)       # what follows each token, so print the first one here
+        # what follows each token, so print the first one here, as the start of the text
+        writer.write(tokenizer.bos_id, token)
     forward = decoder(model, exact)
     while pos < steps:
         logits = next_logits(forward, model, token, pos)

@@ -419,7 +419,7 @@ def test_gpt2_tokenizer_from_metadata(tmp_path, tiny_args):
         load_tokenizer(path, vocab_size=7)
 
 
-def write_sentencepiece_gguf(path, tokens, scores):
+def write_sentencepiece_gguf(path, tokens, scores, bos_id=1):
     p = ModelArgs(**dict(TINY, vocab_size=len(tokens)))
     w = gguf.GGUFWriter(str(path), "llama")
     for key, value in (("llama.context_length", 32), ("llama.embedding_length", p.dim),
@@ -430,7 +430,8 @@ def write_sentencepiece_gguf(path, tokens, scores):
     w.add_tokenizer_model("llama")
     w.add_token_list(tokens)
     w.add_token_scores(scores)
-    w.add_bos_token_id(1)
+    if bos_id is not None:
+        w.add_bos_token_id(bos_id)
     w.add_eos_token_id(2)
     w.add_unk_token_id(0)
     for name, a in random_weights(p).items():
@@ -457,6 +458,29 @@ def test_sentencepiece_vocab_from_metadata(tmp_path, shared):
     write_sentencepiece_gguf(path, swapped, ref.vocab_scores)
     with pytest.raises(TokenizerError, match="byte tokens"):
         load_tokenizer(path)
+
+
+def test_a_sentencepiece_vocab_without_bos(tmp_path, shared, capsys):
+    """No tokenizer.ggml.bos_token_id: encode adds no BOS (it added id -1: "token id -1 is
+    outside 0..511"), decode keeps the spaces (bos_id -1 read every token as following BOS),
+    and `run` with an empty prompt says there is no BOS to start from."""
+    from minillama.cli import main
+    from minillama.tokenizers import Llama2cTokenizer
+    ref = Llama2cTokenizer(shared / "models" / "tok512.bin")
+    tokens = [piece.decode("utf-8").replace(" ", "\u2581") for piece in ref.vocab]
+    path = write_sentencepiece_gguf(tmp_path / "sp.gguf", tokens, ref.vocab_scores, bos_id=None)
+    tok = load_tokenizer(path, vocab_size=512)
+    text = "Once upon a time"
+    assert tok.encode("", bos=True, eos=False) == []
+    assert tok.encode(text, bos=True, eos=True) == ref.encode(text, bos=False, eos=True)
+    assert tok.decode(ref.encode(text, bos=False, eos=False)) == text
+    assert tok.chat.encode_dialog(tok, [{"role": "user", "content": "hi"}])[0] != -1
+    assert main(["run", str(path), "-n", "4"]) == 2
+    assert capsys.readouterr().err == (f"minillama: error: -i: {path} has no BOS token to start "
+                                       f"from an empty prompt; give one with -i, or chat with "
+                                       f"-m chat\n")
+    assert main(["run", str(path), "-n", "4", "-t", "0", "-i", "Once"]) == 0
+    assert capsys.readouterr().out.startswith("Once")         # no dummy-prefix space first
 
 
 def test_chatml_rendering(tmp_path, tiny_args):

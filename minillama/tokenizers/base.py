@@ -89,8 +89,9 @@ class Tokenizer:
         if token == self.unk_id and self.unk_surface is not None:
             return self.unk_surface.encode()
         # decode_piece drops a piece's leading space right after BOS; at the start of the text is
-        # the same situation, whether or not a BOS id is actually there.
-        return self.decode_piece(self.bos_id if at_start else -1, token)
+        # the same situation, whether or not a BOS id is actually there. Elsewhere no token came
+        # before (None, not -1: a vocabulary without BOS has bos_id -1).
+        return self.decode_piece(self.bos_id if at_start else None, token)
 
     def decode(self, ids):
         """Text of a list of ids; bytes that are not valid UTF-8 become U+FFFD, one per byte."""

@@ -53,7 +53,8 @@ class Llama2cTokenizer(Tokenizer):
 
     def _init_vocab(self, path, pieces, scores, bos_id, eos_id, unk_id, pad_id, chat):
         super().__init__(path, len(pieces), bos_id=bos_id, eos_id=eos_id, unk_id=unk_id,
-                         pad_id=pad_id, control_ids=[bos_id, eos_id], chat=chat)
+                         pad_id=pad_id, control_ids=[i for i in (bos_id, eos_id) if i >= 0],
+                         chat=chat)
         self.vocab, self.vocab_scores = pieces, scores
         # run.c sorts the vocabulary and binary-searches it; a dict is the same lookup. Were a piece
         # listed twice (it never is in real files), the lowest id wins.
@@ -66,9 +67,10 @@ class Llama2cTokenizer(Tokenizer):
     def encode(self, text, bos, eos, dummy_prefix=True):
         """Token ids of `text`, exactly as llama2.c's encode(text, bos, eos) gives them.
         dummy_prefix=False: without the leading space (text that follows a special token in a
-        chat template, where prefix_after_special is False)."""
+        chat template, where prefix_after_special is False). A GGUF's vocabulary may name no
+        BOS or EOS (id -1): then none is added, as BPETokenizer does."""
         check_text(text)
-        tokens = [self.bos_id] if bos else []
+        tokens = [self.bos_id] if bos and self.bos_id >= 0 else []
         if text and dummy_prefix:
             # SentencePiece's add_dummy_prefix: the text is read as if it started with a space, so
             # "Hello" at the start encodes like " Hello" in the middle of a sentence.
@@ -79,7 +81,7 @@ class Llama2cTokenizer(Tokenizer):
             else:
                 tokens.extend(self._byte_id(b) for b in chunk)   # byte fallback: <0xXX> = byte + 3
         tokens = self.merge(tokens)
-        if eos:
+        if eos and self.eos_id >= 0:
             tokens.append(self.eos_id)
         return tokens
 
