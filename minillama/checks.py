@@ -42,19 +42,28 @@ def check_model_args(p):
     if p.n_heads % p.n_kv_heads:
         raise ArgumentError(f"n_kv_heads: {p.n_kv_heads} must divide n_heads ({p.n_heads})")
     # a NaN here would make every logit NaN, silently: refuse it up front
-    for name in ("norm_eps", "rope_theta"):
-        value = getattr(p, name)
-        if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) \
-                or not (math.isfinite(value) and value >= 0) \
-                or (name == "rope_theta" and value == 0):
-            raise ArgumentError(f"{name}: expected a finite number "
-                                f"{'> 0' if name == 'rope_theta' else '>= 0'}, got {value!r}")
+    if not _positive(p.rope_theta):
+        raise ArgumentError(f"rope_theta: expected a finite number > 0, got {shown(p.rope_theta)}")
+    check_norm_eps(p.norm_eps)
     check_rope_scaling(p)
 
 
+def _real(value):
+    return isinstance(value, (int, float, np.number)) and not isinstance(value, bool)
+
+
 def _positive(value):
-    return isinstance(value, (int, float, np.number)) and not isinstance(value, bool) \
-        and math.isfinite(value) and value > 0
+    return _real(value) and math.isfinite(value) and value > 0
+
+
+def check_norm_eps(eps):
+    """RMSNorm's eps: a number in [0, 1). It is added in float32 to the mean of the squared
+    activations, so one finite as a float64 but past float32's range (1e300) would be inf there
+    and every normalized activation 0, silently. And a model's eps only keeps that mean from
+    being 0 (1e-5, 1e-6): one of 1 or more would outweigh the activations it normalizes, a
+    misread field rather than a model, so [0, 1) refuses both."""
+    if not (_real(eps) and 0 <= eps < 1):
+        raise ArgumentError(f"norm_eps: expected a number >= 0 and < 1, got {shown(eps)}")
 
 
 def check_rope_scaling(p):

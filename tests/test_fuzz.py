@@ -214,9 +214,12 @@ def test_check_weights_does_not_enumerate_a_huge_layer_count():
 
 
 @pytest.mark.parametrize("field, value", [("norm_eps", math.nan), ("norm_eps", -1e-5),
+                                          ("norm_eps", 1e300), ("norm_eps", 1.0),
+                                          ("norm_eps", True), ("norm_eps", "1e-5"),
                                           ("rope_theta", 0.0), ("rope_theta", math.inf),
                                           ("rope_theta", math.nan)])
 def test_model_args_refuse_values_that_make_every_logit_nan(field, value):
+    """norm_eps 1e300 is finite as a float64 but inf in the float32 norm: every activation 0."""
     with pytest.raises(ArgumentError, match=field):
         ModelArgs(dim=8, n_layers=1, n_heads=2, vocab_size=11, **{field: value})
 
@@ -295,7 +298,8 @@ def test_safetensors_hostile_header_entries_are_refused(tmp_path, entry):
 
 @pytest.mark.parametrize("change", [{"num_attention_heads": 0},
                                     {"max_position_embeddings": float("inf")},
-                                    {"rope_theta": float("nan")}])
+                                    {"rope_theta": float("nan")},
+                                    {"rms_norm_eps": 1e300}, {"rms_norm_eps": True}])
 def test_hf_config_hostile_values_are_refused(tmp_path, change):
     from minillama.checkpoints.hf import read_config
     cfg = {"hidden_size": 16, "intermediate_size": 24, "num_hidden_layers": 1,

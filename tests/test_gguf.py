@@ -3,6 +3,7 @@ read back by minillama and checked against gguf's dequantization, a float64 PyTo
 transformers' GGUF loader; hostile files; the chat renderer; and the real SmolLM2 file."""
 import io
 import os
+import re
 import struct
 
 import numpy as np
@@ -377,6 +378,18 @@ def test_non_finite_weights_are_refused(tmp_path, tiny_args):
 def test_unsupported_models_are_refused(tmp_path, tiny_args, change, match):
     path = write_gguf(tmp_path / "m.gguf", tiny_args, random_weights(tiny_args), extra=change)
     with pytest.raises(CheckpointError, match=match):
+        mg.load_gguf(path)
+
+
+def test_a_float64_epsilon_past_float32_is_refused_naming_the_file(tmp_path, tiny_args,
+                                                                   monkeypatch):
+    """1e300 is finite as a FLOAT64, inf in the float32 norm: every activation 0, silently."""
+    key = "llama.attention.layer_norm_rms_epsilon"
+    monkeypatch.setattr(gguf.GGUFWriter, "add_layer_norm_rms_eps",
+                        lambda w, value: w.add_float64(key, 1e300))
+    path = write_gguf(tmp_path / "m.gguf", tiny_args, random_weights(tiny_args))
+    with pytest.raises(CheckpointError, match=f"^{re.escape(str(path))}: norm_eps: expected a "
+                                              f"number >= 0 and < 1, got 1e\\+300$"):
         mg.load_gguf(path)
 
 

@@ -43,13 +43,13 @@ import math
 import mmap
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import numpy as np
 
 from .. import formats
-from ..errors import CheckpointError, TokenizerError, shown
+from ..errors import ArgumentError, CheckpointError, TokenizerError, shown
 from ..dtypes import LazyTensor
 from ..formats.dense import bf16_to_f32
 from ..checks import check_weights
@@ -354,15 +354,19 @@ def model_args(gf: GGUFFile, max_seq_len=None, max_batch_size=1):
                               f"does not implement")
     tokens = gf.metadata.get("tokenizer.ggml.tokens")
     vocab_size = len(tokens) if isinstance(tokens, list) else _get(gf, "llama.vocab_size", "count")
-    return ModelArgs(
-        dim=dim, n_layers=_get(gf, "llama.block_count", "count"), n_heads=n_heads,
-        n_kv_heads=n_kv_heads, vocab_size=vocab_size,
-        hidden_dim=_get(gf, "llama.feed_forward_length", "count"),
-        norm_eps=float(_get(gf, "llama.attention.layer_norm_rms_epsilon", "float")),
-        rope_theta=float(_get(gf, "llama.rope.freq_base", "float", 10000.0)),
-        rope_freq_factors=freq_factors,
-        max_seq_len=max_seq_len or _get(gf, "llama.context_length", "count"),
-        max_batch_size=max_batch_size)
+    context = max_seq_len or _get(gf, "llama.context_length", "count")
+    try:                        # ModelArgs' own checks (norm_eps 1e300 ...), as faults of the file
+        p = ModelArgs(
+            dim=dim, n_layers=_get(gf, "llama.block_count", "count"), n_heads=n_heads,
+            n_kv_heads=n_kv_heads, vocab_size=vocab_size,
+            hidden_dim=_get(gf, "llama.feed_forward_length", "count"),
+            norm_eps=float(_get(gf, "llama.attention.layer_norm_rms_epsilon", "float")),
+            rope_theta=float(_get(gf, "llama.rope.freq_base", "float", 10000.0)),
+            rope_freq_factors=freq_factors)
+    except ArgumentError as e:
+        raise CheckpointError(f"{gf.path}: {e}") from None
+    # the caller's sizes, checked as arguments (not as faults of the file)
+    return replace(p, max_seq_len=context, max_batch_size=max_batch_size)
 
 
 # GGUF name -> Meta name. Per layer: blk.N.<left> -> layers.N.<right>
