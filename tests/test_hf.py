@@ -162,7 +162,7 @@ def test_truncated_model_file_and_missing_shard(tmp_path):
     ({"attention_bias": True}, "attention_bias"),
     ({"head_dim": 16}, "head_dim 16"),
     ({"num_attention_heads": 5}, "config.json.*heads"),
-    ({"hidden_size": None}, "'hidden_size' must be an integer"),
+    ({"hidden_size": None}, "'hidden_size' must be a positive integer"),
 ])
 def test_unsupported_configs_are_refused(tmp_path, change, match):
     hf_model(seed=8).save_pretrained(tmp_path)
@@ -170,3 +170,27 @@ def test_unsupported_configs_are_refused(tmp_path, change, match):
     (tmp_path / "config.json").write_text(json.dumps({**cfg, **change}))
     with pytest.raises(CheckpointError, match=match):
         load_hf(tmp_path)
+
+
+@pytest.mark.parametrize("key, value, expected", [
+    ("max_position_embeddings", 0, "a positive integer"),
+    ("max_position_embeddings", -3, "a positive integer"),
+    ("max_position_embeddings", 12.9, "a positive integer"),      # was cut to 12
+    ("max_position_embeddings", True, "a positive integer"),      # was 1
+    ("num_key_value_heads", 2.0, "a positive integer"),
+    ("tie_word_embeddings", "false", "true or false"),            # was bool("false"): True
+    ("rms_norm_eps", "1e-5", "a finite number"),                  # was float("1e-5")
+    ("rope_theta", "x" * 3000, "a finite number"),                # was 1,000 characters
+    ("rope_theta", 10**400, "a finite number"),
+])
+def test_config_fields_are_checked_naming_the_file_and_field(tmp_path, key, value, expected):
+    from minillama.checkpoints.hf import read_config
+    from minillama.errors import shown
+    cfg = {"hidden_size": 16, "intermediate_size": 24, "num_hidden_layers": 1,
+           "num_attention_heads": 4, "vocab_size": 37}
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({**cfg, key: value}))
+    with pytest.raises(CheckpointError) as e:
+        read_config(str(path))
+    assert str(e.value) == f"{path}: field '{key}' must be {expected}, got {shown(value)}"
+    assert len(str(e.value)) < 300

@@ -220,6 +220,26 @@ def test_broken_params_and_missing_tensors(tmp_path):
         open_checkpoint(tmp_path)
 
 
+@pytest.mark.parametrize("key, value, message", [
+    ("n_layers", 12.9, "field 'n_layers' must be a positive integer, got 12.9"),
+    ("n_kv_heads", True, "field 'n_kv_heads' must be a positive integer, got True"),
+    ("vocab_size", 0, "field 'vocab_size' must be a positive integer, got 0"),
+    ("norm_eps", "1e-5", "field 'norm_eps' must be a finite number, got '1e-5'"),
+    ("rope_theta", "x" * 3000, "field 'rope_theta' must be a finite number, got 'xxx"),
+    ("norm_eps", 1e300, "norm_eps: expected a number >= 0 and < 1, got 1e+300"),
+])
+def test_params_fields_are_checked_naming_the_file_and_field(tmp_path, key, value, message):
+    from minillama.checkpoints.meta import read_params
+    path = tmp_path / "params.json"
+    path.write_text(json.dumps({**PARAMS, key: value}))
+    p = tiny_args()
+    weights = {"tok_embeddings.weight": np.zeros((p.vocab_size, p.dim)),
+               "layers.0.feed_forward.w1.weight": np.zeros((p.hidden_dim, p.dim))}
+    with pytest.raises(CheckpointError) as e:
+        read_params(str(path), weights)
+    assert str(e.value).startswith(f"{path}: {message}") and len(str(e.value)) < 300
+
+
 def test_shard_gap_and_mismatched_shards(tmp_path):
     weights = random_weights(tiny_args())
     write_meta(tmp_path, weights, n_shards=2)

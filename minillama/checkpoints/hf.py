@@ -24,8 +24,8 @@ from dataclasses import replace
 from typing import Callable, NamedTuple
 
 from ..dtypes import LazyTensor
-from . import read_json_object
-from ..errors import CheckpointError, shown
+from . import json_field, read_json_object
+from ..errors import ArgumentError, CheckpointError, shown
 from ..checks import check_weights
 from ..model import ModelArgs, iter_weight_shapes
 from .rope import hf_rope_scaling, vision_note
@@ -206,24 +206,27 @@ def read_config(path, max_seq_len=None, max_batch_size=1):
     # transformers 4 writes rope_theta / rope_scaling; transformers 5 writes rope_parameters
     rope_scaling = hf_rope_scaling(cfg, path)   # first: it refuses a rope_parameters not a dict
     rope = cfg.get("rope_parameters") or {}
-    theta = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
-    for key in ("hidden_size", "intermediate_size", "num_hidden_layers",
-                "num_attention_heads", "vocab_size"):
-        if not isinstance(cfg.get(key), int):
-            raise CheckpointError(f"{path}: field {shown(key)} must be an integer, got {shown(cfg.get(key))}")
-    heads = cfg["num_attention_heads"]
-    if heads > 0 and cfg.get("head_dim") not in (None, cfg["hidden_size"] // heads):
+    sizes = {key: json_field(cfg, path, key, "a positive integer") for key in (
+        "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+        "vocab_size")}
+    heads = sizes["num_attention_heads"]
+    if json_field(cfg, path, "head_dim", "a positive integer", None) not in (
+            None, sizes["hidden_size"] // heads):
         raise CheckpointError(f"{path}: head_dim {shown(cfg['head_dim'])} differs from hidden_size / "
                               f"num_attention_heads; minillama needs them equal")
+    kv_heads = json_field(cfg, path, "num_key_value_heads", "a positive integer", None)
+    eps = json_field(cfg, path, "rms_norm_eps", "a finite number", 1e-6)
+    theta = json_field(rope if "rope_theta" in rope else cfg, path, "rope_theta",
+                       "a finite number", 10000.0)
     try:
-        p = ModelArgs(dim=cfg["hidden_size"], hidden_dim=cfg["intermediate_size"],
-                      n_layers=cfg["num_hidden_layers"], n_heads=heads,
-                      n_kv_heads=cfg.get("num_key_value_heads"), vocab_size=cfg["vocab_size"],
-                      norm_eps=float(cfg.get("rms_norm_eps", 1e-6)), rope_theta=float(theta),
-                      rope_scaling=rope_scaling)
-        max_pos = int(cfg.get("max_position_embeddings", p.max_seq_len))
-    except (TypeError, ValueError, OverflowError) as e:         # OverflowError: int(inf)
+        p = ModelArgs(dim=sizes["hidden_size"], hidden_dim=sizes["intermediate_size"],
+                      n_layers=sizes["num_hidden_layers"], n_heads=heads, n_kv_heads=kv_heads,
+                      vocab_size=sizes["vocab_size"], norm_eps=float(eps),
+                      rope_theta=float(theta), rope_scaling=rope_scaling)
+    except ArgumentError as e:                  # ModelArgs' own checks, as faults of the file
         raise CheckpointError(f"{path}: {e}") from None
+    max_pos = json_field(cfg, path, "max_position_embeddings", "a positive integer",
+                         p.max_seq_len)
+    tied = json_field(cfg, path, "tie_word_embeddings", "true or false", False)
     # the caller's sizes, checked as arguments (not as faults of the file)
-    p = replace(p, max_seq_len=max_seq_len or max_pos, max_batch_size=max_batch_size)
-    return p, bool(cfg.get("tie_word_embeddings", False))
+    return replace(p, max_seq_len=max_seq_len or max_pos, max_batch_size=max_batch_size), tied

@@ -21,7 +21,7 @@ from dataclasses import replace
 import numpy as np
 
 from ..dtypes import LazyTensor
-from . import read_json_object
+from . import json_field, read_json_object
 from ..errors import ArgumentError, CheckpointError, shown
 from ..checks import check_weights
 from ..model import ModelArgs, iter_weight_shapes
@@ -117,26 +117,27 @@ def read_params(path, weights, max_seq_len=None, max_batch_size=1):
     """params.json -> ModelArgs. vocab_size -1 (Llama 2's file) is the embedding's row count;
     hidden_dim is w1's row count (Meta derives it from multiple_of and ffn_dim_multiplier)."""
     cfg = read_json_object(path, "params")
-    for key in ("dim", "n_layers", "n_heads"):
-        if not isinstance(cfg.get(key), int):
-            raise CheckpointError(f"{path}: field {shown(key)} must be an integer, got {shown(cfg.get(key))}")
+    sizes = {key: json_field(cfg, path, key, "a positive integer")
+             for key in ("dim", "n_layers", "n_heads")}
     rope_scaling = meta_rope_scaling(cfg, path)
     for name in ("tok_embeddings.weight", "layers.0.feed_forward.w1.weight"):
         if name not in weights:
             raise CheckpointError(f"{os.path.dirname(path)}: tensor {shown(name)} is missing")
-    vocab = cfg.get("vocab_size", -1)
     emb_rows = weights["tok_embeddings.weight"].shape[0]
+    vocab = emb_rows if cfg.get("vocab_size") == -1 else \
+        json_field(cfg, path, "vocab_size", "a positive integer", emb_rows)
+    numbers = {key: float(json_field(cfg, path, key, "a finite number", default))
+               for key, default in (("norm_eps", 1e-5), ("rope_theta", 10000.0))}
     try:
         p = ModelArgs(
-            dim=cfg["dim"], n_layers=cfg["n_layers"], n_heads=cfg["n_heads"],
-            n_kv_heads=cfg.get("n_kv_heads"),
-            vocab_size=emb_rows if vocab in (-1, None) else vocab,
-            multiple_of=cfg.get("multiple_of", 256),
-            ffn_dim_multiplier=cfg.get("ffn_dim_multiplier"),
+            **sizes, n_kv_heads=json_field(cfg, path, "n_kv_heads", "a positive integer", None),
+            vocab_size=vocab,
+            multiple_of=json_field(cfg, path, "multiple_of", "a positive integer", 256),
+            ffn_dim_multiplier=json_field(cfg, path, "ffn_dim_multiplier", "a finite number",
+                                          None),
             hidden_dim=weights["layers.0.feed_forward.w1.weight"].shape[0],
-            norm_eps=float(cfg.get("norm_eps", 1e-5)),
-            rope_theta=float(cfg.get("rope_theta", 10000.0)), rope_scaling=rope_scaling)
-    except (ArgumentError, TypeError, ValueError) as e:
+            **numbers, rope_scaling=rope_scaling)
+    except ArgumentError as e:                  # ModelArgs' own checks, as faults of the file
         raise CheckpointError(f"{path}: {e}") from None
     # the caller's sizes, checked as arguments (not as faults of the file)
     return replace(p, max_seq_len=max_seq_len or p.max_seq_len, max_batch_size=max_batch_size)
