@@ -274,14 +274,23 @@ def run_sampling(args, checkpoint, mode, header=None):
 
 
 def read_prompts(args):
+    """The --prompt's and the --prompts_file's lines (blank ones skipped); Meta's examples only
+    where neither option was given: a prompts file that holds none is a mistake to say, not a
+    reason to complete four prompts nobody asked for."""
+    if args.prompt is None and args.prompts_file is None:
+        return EXAMPLE_PROMPTS
     prompts = list(args.prompt or [])
-    if args.prompts_file:
+    if args.prompts_file is not None:
         try:
             with open(args.prompts_file, encoding="utf-8") as f:
-                prompts += [line.rstrip("\n") for line in f if line.strip()]
+                lines = [line.rstrip("\n") for line in f if line.strip()]
         except (OSError, UnicodeDecodeError) as e:
             raise ArgumentError(f"--prompts_file: cannot read {args.prompts_file}: {e}")
-    return prompts or EXAMPLE_PROMPTS
+        if not lines:
+            raise ArgumentError(f"--prompts_file: {shown(args.prompts_file, quote=False)} holds "
+                                f"no prompts (expected one a line; blank lines are skipped)")
+        prompts += lines
+    return prompts
 
 
 def cmd_complete(args):

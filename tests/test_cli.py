@@ -121,6 +121,18 @@ def test_complete_prints_each_prompt_and_completion(shared, tmp_path):
     assert "> Once upon a time, there was" in blocks[1]            # echo keeps the prompt
 
 
+@pytest.mark.parametrize("text", ["", "\n  \n\n"])
+def test_complete_with_a_prompts_file_of_no_prompts_says_so(shared, tmp_path, text):
+    """It ran Meta's four example prompts instead, silently."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(text)
+    r = minillama("complete", "--ckpt_dir", MODELS / "stories260K.bin", "--tokenizer_path",
+                  MODELS / "tok512.bin", "--prompts_file", prompts, "--max_gen_len", 4)
+    assert (r.returncode, r.stdout) == (2, b"")
+    assert r.stderr.decode() == (f"minillama: error: --prompts_file: {prompts} holds no prompts "
+                                 f"(expected one a line; blank lines are skipped)\n")
+
+
 def test_complete_logprobs(shared):
     r = minillama("complete", "--ckpt_dir", MODELS / "stories260K.bin", "--tokenizer_path",
                   MODELS / "tok512.bin", "--prompt", "Once upon a time", "--temperature", 0,
