@@ -196,6 +196,8 @@ def stdout_bytes():
 
 def find_tokenizer(checkpoint, given, carried=None):
     """-z if given; else a tokenizer the checkpoint carries; else tokenizer.bin beside it."""
+    if given == "":                      # -z "" (an unset variable, say) is no file, not "not given"
+        raise ArgumentError("-z: expected a tokenizer file, got an empty path")
     if given:
         return given
     if carried:
