@@ -92,6 +92,8 @@ class Llama:
         if max_seq_len is not None:      # None: the checkpoint's own context length
             check_positive_int("max_seq_len", max_seq_len)
         check_positive_int("max_batch_size", max_batch_size)
+        if tokenizer_path == "":             # an unset variable, say: no file, not "not given"
+            raise ArgumentError("tokenizer_path: expected a tokenizer file, got an empty path")
         if tensor_parallel is None:
             ops = get_ops(device)        # fail early on a missing GPU, before reading weights
             ckpt = open_checkpoint(ckpt_dir, max_seq_len, max_batch_size, device=device,
@@ -244,9 +246,13 @@ class Llama:
                         echo: bool = False):
         if max_gen_len is None:
             max_gen_len = self.model.params.max_seq_len - 1
-        if not isinstance(prompts, (list, tuple)) or not all(isinstance(x, str) for x in prompts):
+        if not isinstance(prompts, (list, tuple)):
             raise ArgumentError(f"prompts: expected a list of strings, got {type(prompts).__name__}"
                                 f"{'' if not isinstance(prompts, str) else ' (wrap one prompt in a list)'}")
+        for k, x in enumerate(prompts):
+            if not isinstance(x, str):
+                raise ArgumentError(f"prompts: expected a list of strings, prompt {k} is "
+                                    f"{type(x).__name__} {shown(x, limit=80)}")
         prompt_tokens = [self.tokenizer.encode(x, bos=True, eos=False) for x in prompts]
         generation_tokens, generation_logprobs = self.generate(
             prompt_tokens=prompt_tokens, max_gen_len=max_gen_len, temperature=temperature,
@@ -292,7 +298,11 @@ def check_dialogs(dialogs):
     if not isinstance(dialogs, (list, tuple)):
         raise ArgumentError(f"dialogs: expected a list of dialogs, got {type(dialogs).__name__}")
     for k, dialog in enumerate(dialogs):
-        for m in dialog if isinstance(dialog, (list, tuple)) else [None]:
+        if not isinstance(dialog, (list, tuple)):
+            raise ArgumentError(f"dialog {k}: expected a list of messages, got "
+                                f"{type(dialog).__name__} {shown(dialog, limit=80)}"
+                                f"{' (wrap one dialog in a list)' if isinstance(dialog, dict) else ''}")
+        for m in dialog:
             if isinstance(m, dict) and m.get("role") in ("ipython", "tool"):
                 raise ArgumentError(f"dialog {k}: role {m['role']!r}: tool calls (Llama 3's "
                                     f"ipython role, <|python_tag|>, <|eom_id|>) are not supported")
