@@ -146,9 +146,11 @@ def mutate_bytes(data: bytes, rng) -> bytes:
     return bytes(data)
 
 
-HOSTILE_JSON = [0, -1, 1, 3, 2**31, 2**63, -2**63, 10**30, 0.5, 1e308, -1e308, float("inf"),
-                float("nan"), "", "x", "F64", "BF16", None, True, False, [], {}, [2**40, 2**40],
-                [-1, 4], [0, 10**12], {"a": 1}]
+HOSTILE_JSON = [0, -1, 1, 3, 2**31, 2**63, -2**63, 10**30, 0.5, 12.9, 1e300, 1e308, -1e308,
+                float("inf"), float("nan"), "", "x", "F64", "BF16", "false", "1e-5",
+                "\x1b[2J" + "x" * 3000, None, True, False, [], {}, [2**40, 2**40], [-1, 4],
+                [0, 10**12], {"a": 1}]      # (a long string with a control character: the
+                                            # message must cut it short and escape it)
 
 
 def _json_slots(obj, out):
