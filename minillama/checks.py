@@ -186,9 +186,11 @@ def _weights_note(layer, xp):
     if bad:
         return f"its weights {', '.join(bad)} are not finite (a damaged checkpoint?)"
     note = "its weights are finite, so the activations overflowed there"
-    if layer.attention.cache_k.dtype == xp.float16:     # keys and values past 65504 turn inf
-        note += ("; its KV cache is float16, whose largest value is 65504: try --kv-dtype "
-                 "float32")
+    attention = layer.attention            # the replay has just rewritten this step's rows
+    if attention.cache_k.dtype == xp.float16 and not (
+            bool(xp.isfinite(attention.cache_k).all()) and bool(xp.isfinite(attention.cache_v).all())):
+        note += ("; its KV cache is float16 and holds inf (a key or value past 65504): try "
+                 "--kv-dtype float32")
     return note
 
 

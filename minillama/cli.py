@@ -194,11 +194,17 @@ def stdout_bytes():
 # ----------------------------------------------------------------------------
 # commands
 
+def not_empty(path, flag):
+    """path, refused where it is "": an empty path (an unset variable in a script, say) is no
+    file, not an option left out (None)."""
+    if path == "":
+        raise ArgumentError(f"{flag}: expected a tokenizer file, got an empty path")
+    return path
+
+
 def find_tokenizer(checkpoint, given, carried=None):
     """-z if given; else a tokenizer the checkpoint carries; else tokenizer.bin beside it."""
-    if given == "":                      # -z "" (an unset variable, say) is no file, not "not given"
-        raise ArgumentError("-z: expected a tokenizer file, got an empty path")
-    if given:
+    if not_empty(given, "-z"):
         return given
     if carried:
         return carried
@@ -401,7 +407,7 @@ def cmd_tokenize(args):
         raise ArgumentError("tokenize: give either a text or --chat MESSAGE")
     if args.system_prompt is not None and args.chat is None:
         raise ArgumentError("-y: a system prompt needs --chat MESSAGE")
-    tokenizer = load_tokenizer(args.tokenizer)
+    tokenizer = load_tokenizer(not_empty(args.tokenizer, "-z"))
     if args.chat is None:
         ids, text = tokenizer.encode(args.text, bos=True, eos=False), None
     else:           # the first turn of `minillama run -m chat`, exactly

@@ -54,9 +54,10 @@ def check_sampling_args(temperature, top_p):
 def scaled_logits(logits, temperature):
     """logits / temperature, as both samplers divide them, but for a row where that overflows
     float32 (a tiny temperature such as 1e-38, or 1e-40 as a subnormal float32): there
-    softmax would take inf - inf = NaN and sample garbage, so the row becomes the limit
-    T -> 0 of its distribution, all of the probability on its first largest logit (the token
-    temperature 0 picks), written as logits 0 there and -inf elsewhere. The samplers then
+    softmax would take inf - inf = NaN and sample garbage, so the row takes temperature 0's
+    pick, all of the probability on its first largest logit (the limit T -> 0 where that logit
+    is the only largest; among equal largest ones the limit would share it), written as
+    logits 0 there and -inf elsewhere. The samplers then
     draw as they always do and land on that token. No usual temperature overflows (a logit
     of 100 needs T < 3e-37), so their results stay llama2.c's and Meta's, bit for bit.
     logits: (..., vocab), finite."""

@@ -136,9 +136,12 @@ def test_complete_with_a_prompts_file_of_no_prompts_says_so(shared, tmp_path, te
 def test_an_empty_tokenizer_path_is_refused_not_taken_as_none(shared):
     """-z "" (an unset variable in a script) and --tokenizer_path "" were taken as not given:
     the checkpoint's own tokenizer or tokenizer.bin beside it was used, or named in the error."""
-    r = minillama("run", MODELS / "stories260K.bin", "-z", "", "-n", 2, "-i", "hi")
-    assert (r.returncode, r.stdout) == (2, b"")
-    assert r.stderr.decode() == "minillama: error: -z: expected a tokenizer file, got an empty path\n"
+    for args in (("run", MODELS / "stories260K.bin", "-z", "", "-n", 2, "-i", "hi"),
+                 ("tokenize", "-z", "", "hi")):
+        r = minillama(*args)
+        assert (r.returncode, r.stdout) == (2, b"")
+        assert r.stderr.decode() == ("minillama: error: -z: expected a tokenizer file, got an "
+                                     "empty path\n")
     r = minillama("complete", "--ckpt_dir", MODELS / "stories260K.bin", "--tokenizer_path", "",
                   "--prompt", "hi", "--max_gen_len", 2)
     assert (r.returncode, r.stdout) == (2, b"")

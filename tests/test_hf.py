@@ -194,3 +194,27 @@ def test_config_fields_are_checked_naming_the_file_and_field(tmp_path, key, valu
         read_config(str(path))
     assert str(e.value) == f"{path}: field '{key}' must be {expected}, got {shown(value)}"
     assert len(str(e.value)) < 300
+
+
+@pytest.mark.parametrize("rope", ["x", ["rope_theta"]])
+def test_rope_parameters_not_an_object_are_refused_with_or_without_rope_scaling(tmp_path, rope):
+    """transformers 5's rope_parameters must be an object: a string was taken as no parameters
+    where rope_scaling was set, a list crashed on .get."""
+    from minillama.checkpoints.hf import read_config
+    cfg = {"hidden_size": 16, "intermediate_size": 24, "num_hidden_layers": 1,
+           "num_attention_heads": 4, "vocab_size": 37, "rope_parameters": rope}
+    for scaling in ({}, {"rope_scaling": {"rope_type": "default"}}):
+        path = tmp_path / "config.json"
+        path.write_text(json.dumps({**cfg, **scaling}))
+        with pytest.raises(CheckpointError, match="field 'rope_parameters' must be an object"):
+            read_config(str(path))
+
+
+def test_a_null_rope_theta_in_rope_parameters_leaves_the_top_level_one(tmp_path):
+    from minillama.checkpoints.hf import read_config
+    cfg = {"hidden_size": 16, "intermediate_size": 24, "num_hidden_layers": 1,
+           "num_attention_heads": 4, "vocab_size": 37, "rope_theta": 500000.0,
+           "rope_parameters": {"rope_theta": None, "rope_type": "default"}}
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(cfg))
+    assert read_config(str(path))[0].rope_theta == 500000.0

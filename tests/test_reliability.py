@@ -379,19 +379,26 @@ def test_overflow_without_bad_weights_is_called_an_overflow():
     assert "layer 1 (layers.1)" in str(e.value) and "overflowed" in str(e.value)
 
 
-def test_an_overflow_in_a_float16_kv_cache_points_at_kv_dtype():
+@pytest.mark.parametrize("overflow", ["values", "feed_forward"])
+def test_an_overflow_in_a_float16_kv_cache_points_at_kv_dtype(overflow):
     """Values past float16's 65504 but finite in float32 (wv scaled up in layer 1): the float32
-    cache decodes; the float16 cache holds inf, and the error says so and names --kv-dtype."""
+    cache decodes; the float16 cache holds inf, and the error says so and names --kv-dtype.
+    An overflow elsewhere (w2 scaled up) in a model with a float16 cache gets no such hint:
+    the float32 cache would fail the same way."""
     p = ModelArgs(**ODD)
     w = random_weights(p, seed=5, scale=0.5)
-    wv = w["layers.1.attention.wv.weight"]
-    w["layers.1.attention.wv.weight"] = wv * np.float32(1e6 / np.abs(wv).max())
-    assert Llama(Transformer(p, w), StubTokenizer(eos_id=-7)).generate(
-        [[5, 6, 7]], 3, temperature=0)
+    name = {"values": "layers.1.attention.wv.weight",
+            "feed_forward": "layers.1.feed_forward.w2.weight"}[overflow]
+    limit = {"values": 1e6, "feed_forward": 0.5 * 3.4e38}[overflow]
+    w[name] = w[name] * np.float32(limit / np.abs(w[name]).max())
+    if overflow == "values":
+        assert Llama(Transformer(p, w), StubTokenizer(eos_id=-7)).generate(
+            [[5, 6, 7]], 3, temperature=0)
     llama = Llama(Transformer(p, w, kv_dtype="float16"), StubTokenizer(eos_id=-7))
     with np.errstate(all="ignore"), pytest.raises(GenerationError) as e:
         llama.generate([[5, 6, 7]], 3, temperature=0)
-    assert "layer 1 (layers.1)" in str(e.value) and "--kv-dtype float32" in str(e.value)
+    assert "layer 1 (layers.1)" in str(e.value) and "overflowed" in str(e.value)
+    assert ("--kv-dtype float32" in str(e.value)) == (overflow == "values")
 
 
 def test_locating_a_nan_mid_generation_leaves_the_kv_cache_intact():

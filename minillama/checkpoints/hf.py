@@ -204,8 +204,11 @@ def read_config(path, max_seq_len=None, max_batch_size=1):
             raise CheckpointError(f"{path}: {key} = {shown(cfg[key])} is not supported "
                                   f"(expected {shown(ok)})")
     # transformers 4 writes rope_theta / rope_scaling; transformers 5 writes rope_parameters
-    rope_scaling = hf_rope_scaling(cfg, path)   # first: it refuses a rope_parameters not a dict
     rope = cfg.get("rope_parameters") or {}
+    if not isinstance(rope, dict):
+        raise CheckpointError(f"{path}: field 'rope_parameters' must be an object, got "
+                              f"{shown(rope)}")
+    rope_scaling = hf_rope_scaling(cfg, path)
     sizes = {key: json_field(cfg, path, key, "a positive integer") for key in (
         "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
         "vocab_size")}
@@ -216,7 +219,7 @@ def read_config(path, max_seq_len=None, max_batch_size=1):
                               f"num_attention_heads; minillama needs them equal")
     kv_heads = json_field(cfg, path, "num_key_value_heads", "a positive integer", None)
     eps = json_field(cfg, path, "rms_norm_eps", "a finite number", 1e-6)
-    theta = json_field(rope if "rope_theta" in rope else cfg, path, "rope_theta",
+    theta = json_field(rope if rope.get("rope_theta") is not None else cfg, path, "rope_theta",
                        "a finite number", 10000.0)
     try:
         p = ModelArgs(dim=sizes["hidden_size"], hidden_dim=sizes["intermediate_size"],

@@ -14,7 +14,10 @@ How it is rendered (transformers' _compile_jinja_template and render_jinja_templ
     jinja2's ImmutableSandboxedEnvironment: a template reads what it is given and calls the
         helpers below, nothing else. Attributes starting with "_" are refused, so are the
         methods that change a list or dict in place: rendering never runs Python code.
-        Its `*` and `+` refuse to build a string or list longer than MAX_RENDERED (Sandbox).
+        Its `*` and `+` refuse to build a string or list longer than MAX_RENDERED (Sandbox),
+        and the output is counted as it is written; other ways to grow a string inside a
+        template (`~` in a loop, `%` with a wide field, filters such as `center`) are bounded
+        only by the memory, whose MemoryError is the template's failure like any other.
     trim_blocks, lstrip_blocks: a {% tag %}'s own line break and indentation are not output.
     {% break %} / {% continue %} (jinja2.ext.loopcontrols); {% generation %} marks the
         assistant's text for training and renders its body as it is.
