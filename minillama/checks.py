@@ -52,8 +52,17 @@ def _real(value):
     return isinstance(value, (int, float, np.number)) and not isinstance(value, bool)
 
 
+def finite_number(value):
+    """A real number (not a bool) and finite: also not an int past a float's range (1 and 400
+    zeros), which math.isfinite refuses with an OverflowError."""
+    try:
+        return _real(value) and math.isfinite(value)
+    except OverflowError:
+        return False
+
+
 def _positive(value):
-    return _real(value) and math.isfinite(value) and value > 0
+    return finite_number(value) and value > 0
 
 
 def check_norm_eps(eps):

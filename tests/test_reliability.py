@@ -233,6 +233,8 @@ def test_api_arguments_are_checked_with_their_names():
         (lambda: ModelArgs(dim=8, n_layers=0, n_heads=2, vocab_size=9), "n_layers"),
         (lambda: ModelArgs(dim=8, n_layers=1, n_heads=3, vocab_size=9), "dim"),
         (lambda: ModelArgs(dim=8, n_layers=1, n_heads=2, n_kv_heads=3, vocab_size=9), "n_kv_heads"),
+        (lambda: ModelArgs(dim=8, n_layers=1, n_heads=2, vocab_size=9, rope_theta=10**400),
+         "rope_theta"),                               # was an OverflowError from math.isfinite
     ]
     for call, name in bad_calls:
         with pytest.raises(ArgumentError) as e:

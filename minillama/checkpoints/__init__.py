@@ -1,7 +1,7 @@
 """Checkpoint readers: each turns a file (or directory) into (ModelArgs, weights under Meta's names)."""
 import json
-import math
 
+from ..checks import finite_number
 from ..errors import CheckpointError, shown
 
 
@@ -17,20 +17,12 @@ def read_json_object(path, what):
     return obj
 
 
-def _finite_number(value):
-    try:
-        return isinstance(value, (int, float)) and not isinstance(value, bool) \
-            and math.isfinite(value)
-    except OverflowError:                   # an int past float's range: 1 and 400 zeros
-        return False
-
-
 # What a field of a JSON config (config.json, params.json) may hold, as a message says it. Taken
 # as Python would take them, 12.9 layers would be 12 and true 1, the string "false" would be
 # True and "1e-5" a number; a string of 3,000 characters would fill the message.
 FIELD_KINDS = {
     "a positive integer": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
-    "a finite number": _finite_number,
+    "a finite number": finite_number,
     "true or false": lambda v: isinstance(v, bool),
 }
 REQUIRED = object()
