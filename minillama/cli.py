@@ -20,7 +20,7 @@ import re
 import sys
 import traceback
 
-from .errors import ArgumentError, MiniLlamaError, StreamError, shown
+from .errors import ArgumentError, MiniLlamaError, StreamError, check_tokenizer_path, shown
 
 # Meta's example_text_completion.py prompts, used when `complete` is given none.
 EXAMPLE_PROMPTS = [
@@ -194,17 +194,9 @@ def stdout_bytes():
 # ----------------------------------------------------------------------------
 # commands
 
-def not_empty(path, flag):
-    """path, refused where it is "": an empty path (an unset variable in a script, say) is no
-    file, not an option left out (None)."""
-    if path == "":
-        raise ArgumentError(f"{flag}: expected a tokenizer file, got an empty path")
-    return path
-
-
 def find_tokenizer(checkpoint, given, carried=None):
     """-z if given; else a tokenizer the checkpoint carries; else tokenizer.bin beside it."""
-    if not_empty(given, "-z"):
+    if check_tokenizer_path("-z", given):
         return given
     if carried:
         return carried
@@ -407,7 +399,7 @@ def cmd_tokenize(args):
         raise ArgumentError("tokenize: give either a text or --chat MESSAGE")
     if args.system_prompt is not None and args.chat is None:
         raise ArgumentError("-y: a system prompt needs --chat MESSAGE")
-    tokenizer = load_tokenizer(not_empty(args.tokenizer, "-z"))
+    tokenizer = load_tokenizer(check_tokenizer_path("-z", args.tokenizer))
     if args.chat is None:
         ids, text = tokenizer.encode(args.text, bos=True, eos=False), None
     else:           # the first turn of `minillama run -m chat`, exactly

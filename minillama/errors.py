@@ -90,6 +90,15 @@ class StreamError(MiniLlamaError):
     """A standard stream minillama needs is closed: stdout, or stdin in chat."""
 
 
+def check_tokenizer_path(name, path):
+    """A tokenizer path given to the CLI or the API: None where it was left out, refused where
+    it is "": an empty path (an unset variable in a script, say) names no file, and taken as
+    left out it would fall back to another tokenizer. Returns it."""
+    if path == "":
+        raise ArgumentError(f"{name}: expected a tokenizer file, got an empty path")
+    return path
+
+
 def check_positive_int(name, value):
     """The one check for sizes and counts given to the API (max_seq_len, steps, dim, ...):
     an int (NumPy's too, not a bool) of at least 1; returns it."""

@@ -10,7 +10,8 @@ from typing import List, Optional
 import numpy as np
 
 from .checks import check_finite
-from .errors import ArgumentError, GenerationError, check_positive_int, shown
+from .errors import ArgumentError, GenerationError, check_positive_int, \
+    check_tokenizer_path, shown
 from .exact import decoder
 from .ops import softmax, to_host
 from .sampler import check_sampling_args, sample_top_p, scaled_logits
@@ -92,8 +93,7 @@ class Llama:
         if max_seq_len is not None:      # None: the checkpoint's own context length
             check_positive_int("max_seq_len", max_seq_len)
         check_positive_int("max_batch_size", max_batch_size)
-        if tokenizer_path == "":             # an unset variable, say: no file, not "not given"
-            raise ArgumentError("tokenizer_path: expected a tokenizer file, got an empty path")
+        check_tokenizer_path("tokenizer_path", tokenizer_path)    # before any weight is read
         if tensor_parallel is None:
             ops = get_ops(device)        # fail early on a missing GPU, before reading weights
             ckpt = open_checkpoint(ckpt_dir, max_seq_len, max_batch_size, device=device,

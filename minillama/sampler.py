@@ -57,8 +57,8 @@ def scaled_logits(logits, temperature):
     softmax would take inf - inf = NaN and sample garbage, so the row takes temperature 0's
     pick, all of the probability on its first largest logit (the limit T -> 0 where that logit
     is the only largest; among equal largest ones the limit would share it), written as
-    logits 0 there and -inf elsewhere. The samplers then
-    draw as they always do and land on that token. No usual temperature overflows (a logit
+    logits 0 there and -inf elsewhere. The samplers then draw as they always do and land on
+    that token. No usual temperature overflows (a logit
     of 100 needs T < 3e-37), so their results stay llama2.c's and Meta's, bit for bit.
     logits: (..., vocab), finite."""
     with np.errstate(over="ignore", divide="ignore", invalid="ignore"):   # 1e-50 is 0 in float32
