@@ -262,6 +262,105 @@ __device__ __forceinline__ void load_chunk(const T* keys, const T* values, size_
     }
 }
 
+// Step 3's loop: the warp's online softmax over chunks first, first + stride, .. of the cached
+// keys t < pos (chunk `first` already in k and v). m: the largest score so far; sum and acc:
+// sum_t exp(score_t - m) and sum_t exp(score_t - m) v_t, rescaled when m grows.
+// attention_decode's splits take first = split, stride = splits.
+template <int WIDTH, int PER_LANE, int KEYS, typename T>
+__device__ __forceinline__ void attend_chunks(const T* keys, const T* values, size_t row_stride,
+                                              int pos, int pieces, int first, int stride,
+                                              const float (&q)[PER_LANE][WIDTH],
+                                              float (&k)[KEYS][PER_LANE][WIDTH],
+                                              float (&v)[KEYS][PER_LANE][WIDTH], float& m,
+                                              float& sum, float (&acc)[PER_LANE][WIDTH]) {
+    const int warp = threadIdx.x / 32, warps = blockDim.x / 32;
+    for (int chunk = first; chunk * KEYS * warps + warp < pos; chunk += stride) {
+        if (chunk > first) load_chunk<WIDTH, PER_LANE, KEYS>(keys, values, row_stride, chunk,
+                                                             pos, pieces, k, v);
+        float score[KEYS];
+#pragma unroll
+        for (int j = 0; j < KEYS; ++j) score[j] = slice_dot<WIDTH, PER_LANE>(q, k[j]);
+        warp_sums<KEYS>(score);                            // every lane holds every score
+        float top = m;
+#pragma unroll
+        for (int j = 0; j < KEYS; ++j) {
+            if ((chunk * KEYS + j) * warps + warp >= pos) score[j] = neg_inf();  // not cached
+            top = fmaxf(top, score[j]);
+        }
+        const float fade = expf(m - top);                  // 0 while m = -inf
+        sum *= fade;
+#pragma unroll
+        for (int i = 0; i < PER_LANE; ++i)
+#pragma unroll
+            for (int e = 0; e < WIDTH; ++e) acc[i][e] *= fade;
+#pragma unroll
+        for (int j = 0; j < KEYS; ++j) {
+            const float p = expf(score[j] - top);          // 0 for t >= pos
+            sum += p;
+#pragma unroll
+            for (int i = 0; i < PER_LANE; ++i)
+#pragma unroll
+                for (int e = 0; e < WIDTH; ++e) acc[i][e] += p * v[j][i][e];
+        }
+        m = top;
+    }
+}
+
+// Step 4: each warp's (max, sum, weighted values) into shared memory; after a barrier, the
+// block's largest score M, and element d of the block's softmax, whose warps count exp(m_w -
+// M) times each: returns sum_w f_w acc_w[d] and sets norm = sum_w f_w sum_w, in warp order. A
+// block whose warps saw no key has M = -inf: zeros.
+template <int WIDTH, int PER_LANE>
+__device__ __forceinline__ void publish_softmax(WarpSoftmax& parts, float m, float sum,
+                                                const float (&acc)[PER_LANE][WIDTH],
+                                                int head_dim, int pieces) {
+    const int warp = threadIdx.x / 32;
+    if (threadIdx.x % 32 == 0) {
+        parts.max[warp] = m;
+        parts.sum[warp] = sum;
+    }
+    store_slice<WIDTH, PER_LANE>(parts.acc + warp * head_dim, pieces, acc);
+}
+
+__device__ __forceinline__ float warps_max(const WarpSoftmax& parts, int warps) {
+    float most = neg_inf();
+    for (int w = 0; w < warps; ++w) most = fmaxf(most, parts.max[w]);
+    return most;
+}
+
+__device__ __forceinline__ float warps_total(const WarpSoftmax& parts, int warps, int head_dim,
+                                             float most, int d, float& norm) {
+    float total = 0.0f;
+    norm = 0.0f;
+    if (most == neg_inf()) return total;                   // no keys: exp(-inf + inf) is NaN
+    for (int w = 0; w < warps; ++w) {                      // in a fixed order
+        const float f = expf(parts.max[w] - most);         // 0 for a warp without keys
+        total += f * parts.acc[w * head_dim + d];
+        norm += f * parts.sum[w];
+    }
+    return total;
+}
+
+// Step 5: records of `splits` splits, read(r, i) element i of split r's (M, norm, totals):
+// the largest M, then output element d, the records counted as the warps were, in split order.
+template <class Read>
+__device__ __forceinline__ float records_max(const Read& read, int splits) {
+    float top = neg_inf();
+    for (int r = 0; r < splits; ++r) top = fmaxf(top, read(r, 0));
+    return top;
+}
+
+template <class Read>
+__device__ __forceinline__ float records_output(const Read& read, int splits, float top, int d) {
+    float total = 0.0f, norm = 0.0f;
+    for (int r = 0; r < splits; ++r) {
+        const float f = expf(read(r, 0) - top);
+        total += f * read(r, 2 + d);
+        norm += f * read(r, 1);
+    }
+    return total / norm;
+}
+
 // One block's attention with PER_LANE pieces a lane (the steps of the comment above)
 template <int WIDTH, int PER_LANE, typename T>
 __device__ __forceinline__ void attention_by_warps(
@@ -271,7 +370,7 @@ __device__ __forceinline__ void attention_by_warps(
         int n_kv_heads, int head_dim, int max_seq, float scale, float* __restrict__ split_parts,
         int* __restrict__ arrivals, WarpSoftmax& parts) {
     constexpr int KEYS = ATTN_LANE_FLOATS / (WIDTH * PER_LANE);   // keys of a chunk, per warp
-    const int h = blockIdx.x, b = blockIdx.y, lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    const int h = blockIdx.x, b = blockIdx.y, warp = threadIdx.x / 32;
     const int warps = blockDim.x / 32, rep = n_heads / n_kv_heads, g = h / rep;
     const int pieces = head_dim / WIDTH, half = head_dim / 2;
     const size_t row_stride = (size_t)n_kv_heads * head_dim;   // from one position to the next
@@ -338,57 +437,20 @@ __device__ __forceinline__ void attention_by_warps(
 #pragma unroll
         for (int j = 0; j < WIDTH; ++j) acc[i][j] = owner ? v_new[i][j] : 0.0f;
     //    Then the cached keys t < pos, a chunk at a time.
-    for (int chunk = split; chunk * KEYS * warps + warp < pos; chunk += splits) {
-        if (chunk > split) load_chunk<WIDTH, PER_LANE, KEYS>(keys, values, row_stride, chunk,
-                                                             pos, pieces, k, v);
-        float score[KEYS];
-#pragma unroll
-        for (int j = 0; j < KEYS; ++j) score[j] = slice_dot<WIDTH, PER_LANE>(q, k[j]);
-        warp_sums<KEYS>(score);                            // every lane holds every score
-        float top = m;
-#pragma unroll
-        for (int j = 0; j < KEYS; ++j) {
-            if ((chunk * KEYS + j) * warps + warp >= pos) score[j] = neg_inf();  // not cached
-            top = fmaxf(top, score[j]);
-        }
-        const float fade = expf(m - top);                  // 0 while m = -inf
-        sum *= fade;
-#pragma unroll
-        for (int i = 0; i < PER_LANE; ++i)
-#pragma unroll
-            for (int e = 0; e < WIDTH; ++e) acc[i][e] *= fade;
-#pragma unroll
-        for (int j = 0; j < KEYS; ++j) {
-            const float p = expf(score[j] - top);          // 0 for t >= pos
-            sum += p;
-#pragma unroll
-            for (int i = 0; i < PER_LANE; ++i)
-#pragma unroll
-                for (int e = 0; e < WIDTH; ++e) acc[i][e] += p * v[j][i][e];
-        }
-        m = top;
-    }
+    attend_chunks<WIDTH, PER_LANE, KEYS>(keys, values, row_stride, pos, pieces, split, splits, q,
+                                         k, v, m, sum, acc);
 
-    // 4. The warps' softmaxes combined against the block's largest score M: each warp's sums
-    //    count exp(m_w - M) times. Thread d adds element d of the warps' weighted values.
-    if (lane == 0) {
-        parts.max[warp] = m;
-        parts.sum[warp] = sum;
-    }
-    store_slice<WIDTH, PER_LANE>(parts.acc + warp * head_dim, pieces, acc);
+    // 4. The warps' softmaxes combined (publish_softmax, warps_total): thread d adds element
+    //    d of the warps' weighted values.
+    publish_softmax<WIDTH, PER_LANE>(parts, m, sum, acc, head_dim, pieces);
     __syncthreads();
-    float most = neg_inf();                                // M
-    for (int w = 0; w < warps; ++w) most = fmaxf(most, parts.max[w]);
+    const float most = warps_max(parts, warps);            // M
     const int record = head_dim + 2;                       // a split's (M, norm, totals)
     float* records = split_parts + ((size_t)b * n_heads + h) * gridDim.z * record;
     float* y = out + (size_t)b * n_heads * head_dim + h * head_dim;
     for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
-        float total = 0.0f, norm = 0.0f;
-        for (int w = 0; w < warps; ++w) {                  // in a fixed order
-            const float f = expf(parts.max[w] - most);     // 0 for a warp without keys
-            total += f * parts.acc[w * head_dim + d];
-            norm += f * parts.sum[w];
-        }
+        float norm;
+        const float total = warps_total(parts, warps, head_dim, most, d, norm);
         if (splits == 1) {
             y[d] = total / norm;
         } else {                                           // this split's record (step 5)
@@ -405,17 +467,10 @@ __device__ __forceinline__ void attention_by_warps(
     //    (split_last_block, reduce.cu: a counter per head and row, which that block sets back
     //    to 0 for the next launch), in split order whichever block that is.
     if (!split_last_block(arrivals + (size_t)b * n_heads + h, splits)) return;
-    float top = neg_inf();
-    for (int r = 0; r < splits; ++r) top = fmaxf(top, __ldcg(records + r * record));
-    for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
-        float total = 0.0f, norm = 0.0f;
-        for (int r = 0; r < splits; ++r) {
-            const float f = expf(__ldcg(records + r * record) - top);
-            total += f * __ldcg(records + r * record + 2 + d);
-            norm += f * __ldcg(records + r * record + 1);
-        }
-        y[d] = total / norm;
-    }
+    const auto read = [&](int r, int i) { return __ldcg(records + r * record + i); };
+    const float top = records_max(read, splits);
+    for (int d = threadIdx.x; d < head_dim; d += blockDim.x)
+        y[d] = records_output(read, splits, top, d);
 }
 
 template <int WIDTH, typename T>
