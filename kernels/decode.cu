@@ -12,6 +12,8 @@
 //                 -> gemv(wo, h +=) -> gemv(rmsnorm -> w13) -> gemv(swiglu -> w2, h +=)
 //     gemv(rmsnorm -> output)                               logits
 //
+// (One row of float32 weights takes halves.cu's two launches a layer instead.)
+//
 // What changes from one token to the next, the position and the token ids, is read from device
 // memory (`step` = [start_pos, token_0, ..., token_{bsz-1}]), never passed as a kernel argument.
 // So the launches are identical for every position and are recorded once into a CUDA graph,
@@ -38,14 +40,18 @@ __device__ __forceinline__ float as_cached(const unsigned short*, float v) {
     return f16_to_f32(round_to_16bit<false>(v));
 }
 
-// h[b, :] = table[step[1 + b], :]          grid (bsz), any block size
+// h[b, :] = table[step[1 + b], :], and clear[b, :] = 0 where clear is not null (halves.cu: the
+// residual buffer the step's first launch adds into)          grid (bsz), any block size
 extern "C" __global__ void embed_tokens(const int* __restrict__ step, const float* __restrict__ table,
-                                        float* __restrict__ h, int dim) {
+                                        float* __restrict__ h, float* __restrict__ clear,
+                                        int dim) {
     grid_launch_dependents();
     grid_dependency_wait();                                // (reduce.cu)
     const float* row = table + (size_t)step[1 + blockIdx.x] * dim;
     float* out = h + (size_t)blockIdx.x * dim;
     for (int j = threadIdx.x; j < dim; j += blockDim.x) out[j] = row[j];
+    if (clear != nullptr)
+        for (int j = threadIdx.x; j < dim; j += blockDim.x) clear[(size_t)blockIdx.x * dim + j] = 0.0f;
 }
 
 // ---- attention_decode ----------------------------------------------------------------------
@@ -265,7 +271,7 @@ __device__ __forceinline__ void load_chunk(const T* keys, const T* values, size_
 // Step 3's loop: the warp's online softmax over chunks first, first + stride, .. of the cached
 // keys t < pos (chunk `first` already in k and v). m: the largest score so far; sum and acc:
 // sum_t exp(score_t - m) and sum_t exp(score_t - m) v_t, rescaled when m grows.
-// attention_decode's splits take first = split, stride = splits.
+// attention_decode's splits take first = split, stride = splits; halves.cu's blocks the same.
 template <int WIDTH, int PER_LANE, int KEYS, typename T>
 __device__ __forceinline__ void attend_chunks(const T* keys, const T* values, size_t row_stride,
                                               int pos, int pieces, int first, int stride,
@@ -309,7 +315,7 @@ __device__ __forceinline__ void attend_chunks(const T* keys, const T* values, si
 // Step 4: each warp's (max, sum, weighted values) into shared memory; after a barrier, the
 // block's largest score M, and element d of the block's softmax, whose warps count exp(m_w -
 // M) times each: returns sum_w f_w acc_w[d] and sets norm = sum_w f_w sum_w, in warp order. A
-// block whose warps saw no key has M = -inf: zeros.
+// block whose warps saw no key (halves.cu's splits past the last chunk) has M = -inf: zeros.
 template <int WIDTH, int PER_LANE>
 __device__ __forceinline__ void publish_softmax(WarpSoftmax& parts, float m, float sum,
                                                 const float (&acc)[PER_LANE][WIDTH],

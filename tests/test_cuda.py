@@ -917,11 +917,13 @@ def test_one_row_graph_with_gemvs_early_loads_matches_float64(cuda, cp, monkeypa
     finishes. Every step's logits within 1e-4 of the float64 model (its cache float32, as the
     GPU's), and each product launched as gemv_split and gemv_grid say for its shape on this
     GPU, with early loads for some of them (on an H200: stories15M's but the classifier, and
-    the wide shape's wqkv, wo and w2) and the classifier's blocks walking."""
+    the wide shape's wqkv, wo and w2) and the classifier's blocks walking. Deterministic, so
+    that the step is the five launches a layer (halves.cu's two launch no gemv but the
+    classifier's; tests/test_cuda_halves.py tests them)."""
     k = cuda.kernels
     p = ModelArgs(**ONE_ROW[shape])
     w = random_weights(p, seed=int(rng.integers(1 << 30)))
-    ops = cuda.CudaOps(persistent=False)
+    ops = cuda.CudaOps(persistent=False, deterministic=True)
     gpu_model = Transformer(p, w, ops)
     f64_model = Transformer(p, {name: a.astype(np.float64) for name, a in w.items()}, CPU)
     launched = decode_one_row_in_a_graph(k, ops, gpu_model, f64_model, 8, monkeypatch)
@@ -1054,13 +1056,16 @@ def twin_decoders(cuda, mode):
     no graphs; "fused+graphs"; "persistent": the one kernel, at any width): (params, the
     reference's forward, the stepped decoder's forward, its FusedDecoder). Widths that are
     multiples of 4 and grouped heads: a shape the persistent kernel covers; 48 positions of 3
-    rows."""
+    rows. Deterministic, so that the twins' steps are the same bits (one row would otherwise
+    take halves.cu's launches, whose atomics add in any order; tests/test_cuda_halves.py runs
+    greedy steps through them)."""
     p = ModelArgs(dim=64, n_layers=3, n_heads=8, n_kv_heads=2, vocab_size=1001, hidden_dim=172,
                   max_seq_len=48, max_batch_size=3)
     w = random_weights(p, seed=int(rng.integers(1 << 30)), scale=0.5)
 
     def decoder():
-        ops = cuda.CudaOps(graphs=mode != "fused", persistent=mode == "persistent")
+        ops = cuda.CudaOps(graphs=mode != "fused", persistent=mode == "persistent",
+                           deterministic=True)
         model = Transformer(p, w, ops)
         forward = ops.decoder(model)
         if mode == "persistent":            # 3 rows through the one kernel, at any width

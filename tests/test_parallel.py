@@ -419,7 +419,7 @@ class NumpyKernels:
         getattr(self, name.split("<")[0])(grid, *args)
 
     @staticmethod
-    def embed_tokens(grid, step, table, out, dim):
+    def embed_tokens(grid, step, table, out, clear, dim):
         for b in range(grid[0]):
             out[b, :dim] = table[step[1 + b], :dim]
 

@@ -38,13 +38,17 @@ class CudaOps(NumpyOps):
     fused_decode: decoder(model) runs one-token steps through FusedDecoder (5 launches per
         layer) instead of the generic path; graphs: FusedDecoder replays them as one CUDA graph
         per batch size; persistent: where PersistentDecoder covers the model, a step is one
-        kernel (FusedDecoder's launches still serve the batches it does not fit).
+        kernel (FusedDecoder's launches still serve the batches it does not fit);
+        deterministic: the same bits every run, so no one-row step through halves.cu's two
+        launches a layer, whose sums are added in whatever order the blocks end
+        (FusedDecoder.run_halves; the logits move by about 1e-7 from run to run without it).
     """
     name = "cuda"
 
-    def __init__(self, fused_decode=True, graphs=True, persistent=True):
+    def __init__(self, fused_decode=True, graphs=True, persistent=True, deterministic=False):
         self.xp = require_cupy()
         self.fused_decode, self.graphs, self.persistent = fused_decode, graphs, persistent
+        self.deterministic = deterministic
         self._decoders = weakref.WeakKeyDictionary()     # model -> FusedDecoder (or None)
 
     def matrix_layout(self, w):
@@ -126,7 +130,7 @@ class CudaOps(NumpyOps):
         if model not in self._decoders:
             kind = (PersistentDecoder if self.persistent and PersistentDecoder.covers(model)
                     else FusedDecoder if FusedDecoder.covers(model) else None)
-            self._decoders[model] = kind(model) if kind else None
+            self._decoders[model] = kind(model, self.deterministic) if kind else None
         return self._decoders[model]
 
 

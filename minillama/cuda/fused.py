@@ -1,4 +1,5 @@
-"""Decoding one token: the model's forward step as 5 kernels per layer, in one CUDA graph.
+"""Decoding one token: the model's forward step as 5 kernels per layer (2 for one row of
+float32 weights), in one CUDA graph.
 
 FusedDecoder computes what Transformer.forward computes for tokens of shape (bsz, 1), with the
 kernels of decode.cu and gemv's prologues, on the model's own weights and KV cache. It is the
@@ -7,8 +8,10 @@ when FusedDecoder.covers(model), and prompts, or models it does not cover, to mo
 Every storage format is covered: a float32 weight goes through gemv (matmul.cu), a weight kept
 as stored (formats.Packed: f16, bf16, q8_0, q4_0, q4_1, and the k-quants q2_k .. q6_k)
 through qgemv (qgemv.cu, qgemv_k.cu), which has the same prologues and `accumulate`; the KV
-cache may be float32 or float16.
-docs/kernels.md ("Decoding: launches, fusion and a CUDA graph") measures what it saves.
+cache may be float32 or float16. One row of float32 weights takes halves.cu's two launches a
+layer instead (run_halves), unless the caller asked for the same bits every run.
+docs/kernels.md ("Decoding: launches, fusion and a CUDA graph", "A layer in two launches")
+measures what they save.
 """
 import contextlib
 import warnings
@@ -16,8 +19,9 @@ import warnings
 import numpy as np
 
 from ..formats import Packed
-from .kernels import CACHE_TYPES, GREEDY_THREADS, KERNELS, PACKED_KERNEL_FORMATS, \
-    attention_chunk, attention_splits, attention_threads, gemv, greedy_pick, qgemv
+from .kernels import CACHE_TYPES, GREEDY_THREADS, HALVES_CLUSTER, HALVES_WARPS, KERNELS, \
+    PACKED_KERNEL_FORMATS, attention_chunk, attention_splits, attention_threads, gemv, \
+    greedy_pick, halves_plan, has_clusters, qgemv
 from .runtime import i32, require_cupy
 
 
@@ -42,7 +46,8 @@ class FusedDecoder:
         gemv(wo, h +=), gemv(rmsnorm -> w13), gemv(swiglu -> w2, h +=)
 
     (each gemv a qgemv where the weight is kept as stored: `matvec` chooses by the weight)
-    on buffers allocated once, reading the model's own weights and KV cache. The position and
+    on buffers allocated once, reading the model's own weights and KV cache; one row of float32
+    weights, 2 (attention_half, feed_forward_half: run_halves). The position and
     token ids live in a device array (`step`), so the launches are the same at every position:
     the first call for a batch size runs them and records them into a CUDA graph, and later calls
     copy `step` over and replay the graph with one call. Prefill (seqlen > 1) stays on the
@@ -60,6 +65,7 @@ class FusedDecoder:
     BLOCK = 256
     STEP_SLOTS = 64         # rows of step_host used in turn: one event wait per 64 steps
     MAX_STEPS = 16          # greedy_steps' steps in one graph, at most
+    takes_halves = True     # whether a one-row step may take halves.cu's launches (run_halves)
 
     @staticmethod
     def covers(model):
@@ -86,7 +92,7 @@ class FusedDecoder:
             yield from (layer.attention.wqkv, layer.attention.wo, layer.feed_forward.w13,
                         layer.feed_forward.w2, layer.attention_norm, layer.ffn_norm)
 
-    def __init__(self, model):
+    def __init__(self, model, deterministic=False):
         import cupyx                                         # ships with cupy: pinned memory
         # No reference to the model itself: CudaOps keys its decoders by the model, weakly.
         cp, p = model.ops.xp, model.params
@@ -128,6 +134,11 @@ class FusedDecoder:
         self.picked_events = [cp.cuda.Event(disable_timing=True) for _ in range(2)]   # a half's
         self.queued = None                                   # the GreedyCall queued, if any
         self.packed = any(isinstance(w, Packed) for w in self._weights(model))
+        # halves.cu's two launches a layer for one row (run_halves), where the caller did not
+        # ask for the same bits every run (their sums are added by atomics, in any order)
+        self.halves = None if deterministic else self._halves(model)
+        if self.halves is not None:          # the residual's other two buffers (run_halves)
+            self.residuals = [self.h, buf(p.dim), buf(p.dim)]
 
     def __call__(self, tokens, start_pos, use_graphs=True):
         bsz = tokens.shape[0]
@@ -345,30 +356,97 @@ class FusedDecoder:
         return width, (p.n_heads, bsz, splits), (threads,)
 
     def run(self, bsz):
-        """Launch one decode step for rows 0 .. bsz-1 on the current stream."""
-        p = self.p
-        nh, nkv, hd = p.n_heads, p.n_kv_heads, p.head_dim
-        h, qkv, att, h13 = (a[:bsz] for a in (self.h, self.qkv, self.att, self.h13))
-        eps, adds = p.norm_eps, self.adds_residual
-        scale = np.float32(1.0 / np.sqrt(hd))
-        width, grid, block = self.attention_grid(bsz)
+        """Launch one decode step for rows 0 .. bsz-1 on the current stream: one row in two
+        launches a layer where halves.cu takes the model (run_halves), else five."""
+        if bsz == 1 and self.halves is not None:
+            self.run_halves()
+        else:
+            self.run_five(bsz)
 
+    def run_five(self, bsz):
+        """The step as 5 launches a layer, for rows 0 .. bsz-1."""
+        h = self.h[:bsz]
         self.embed(bsz, h)                                  # h = tok_embeddings[token]
-        for attn_norm, wqkv, wo, ffn_norm, w13, w2, cache_k, cache_v in self.layers:
-            cache = CACHE_TYPES[cache_k.dtype.name]         # float, or float16 bits
-            matvec(h, wqkv, out=qkv, norm=attn_norm, eps=eps)
-            # RoPE on q and k, k and v into the cache at pos, attention: a block a head, row
-            # and split of the keys
-            KERNELS.launch(f"attention_decode<{width},{cache}>", grid, block,
-                           (qkv, self.step, self.freqs_cos, self.freqs_sin, cache_k, cache_v,
-                            att, i32(nh), i32(nkv), i32(hd), i32(p.max_seq_len), scale,
-                            self.split_parts, self.arrivals))
-            matvec(att, wo, out=h, accumulate=adds)             # h += attention(...)
+        for layer in self.layers:
+            self.attention_launches(bsz, layer, h)          # h += attention(...)
             self.join(h)
-            matvec(h, w13, out=h13, norm=ffn_norm, eps=eps)
-            matvec(h13, w2, out=h, accumulate=adds, swiglu=True)  # h += feed_forward(...)
+            self.feed_forward_launches(bsz, layer, h)       # h += feed_forward(...)
             self.join(h)
         self.classify(bsz, h)                               # logits = output(norm(h))
+
+    def attention_launches(self, bsz, layer, h):
+        """h += wo @ attention(rope(wqkv @ rmsnorm(h))) for bsz rows: three launches."""
+        p, (attn_norm, wqkv, wo, _, _, _, cache_k, cache_v) = self.p, layer
+        qkv, att = self.qkv[:bsz], self.att[:bsz]
+        width, grid, block = self.attention_grid(bsz)
+        matvec(h, wqkv, out=qkv, norm=attn_norm, eps=p.norm_eps)
+        # RoPE on q and k, k and v into the cache at pos, attention: a block a head, row and
+        # split of the keys
+        KERNELS.launch(f"attention_decode<{width},{CACHE_TYPES[cache_k.dtype.name]}>", grid,
+                       block, (qkv, self.step, self.freqs_cos, self.freqs_sin, cache_k, cache_v,
+                               att, i32(p.n_heads), i32(p.n_kv_heads), i32(p.head_dim),
+                               i32(p.max_seq_len), np.float32(1.0 / np.sqrt(p.head_dim)),
+                               self.split_parts, self.arrivals))
+        matvec(att, wo, out=h, accumulate=self.adds_residual)
+
+    def feed_forward_launches(self, bsz, layer, h):
+        """h += w2 @ swiglu(w13 @ rmsnorm(h)) for bsz rows: two launches."""
+        _, _, _, ffn_norm, w13, w2, _, _ = layer
+        h13 = self.h13[:bsz]
+        matvec(h, w13, out=h13, norm=ffn_norm, eps=self.p.norm_eps)
+        matvec(h13, w2, out=h, accumulate=self.adds_residual, swiglu=True)
+
+    # ---- one row in two launches a layer (halves.cu) ----
+
+    def _halves(self, model):
+        """halves_plan for this model where every weight of its layers is a float32 array, the
+        KV cache float32 and takes_halves; else None."""
+        p = self.p
+        weights = [w for layer in self.layers for w in layer[:6]]
+        if not (self.takes_halves and all(getattr(w, "dtype", None) == np.float32 for w in weights)
+                and all(layer[6].dtype == np.float32 for layer in self.layers)):
+            return None
+        return halves_plan(p.dim, p.n_heads, p.head_dim, p.hidden_dim, clusters=has_clusters())
+
+    def run_halves(self):
+        """One row's step with halves.cu's launches: per layer attention_half and
+        feed_forward_half (either as the launches of run where halves_plan left it out). Each
+        of them reads the residual from one of three buffers and adds into the next (halves.cu
+        says why), so launch i reads residuals[i % 3]; the step's first adds into residuals[1],
+        which embed_tokens zeroes."""
+        res, plan, i = [r[:1] for r in self.residuals], self.halves, 0
+        self.embed(1, res[0], clear=res[1])
+        for layer in self.layers:
+            if plan.attention is None:
+                self.attention_launches(1, layer, res[i % 3])
+            else:
+                self.attention_half(layer, res[i % 3], res[(i + 1) % 3], res[(i + 2) % 3])
+                i += 1
+            if plan.feed_forward is None:
+                self.feed_forward_launches(1, layer, res[i % 3])
+            else:
+                self.feed_forward_half(layer, res[i % 3], res[(i + 1) % 3], res[(i + 2) % 3])
+                i += 1
+        self.classify(1, res[i % 3])
+
+    def attention_half(self, layer, h, h_mid, clear):
+        """h_mid += h + wo @ attention(...) (h_mid zero), clear = 0: a cluster a head."""
+        p, (attn_norm, wqkv, wo, _, _, _, cache_k, cache_v) = self.p, layer
+        P, smem = self.halves.attention
+        KERNELS.launch(f"attention_half<{P},{HALVES_WARPS}>", (HALVES_CLUSTER, p.n_heads),
+                       (32 * HALVES_WARPS,),
+                       (h, attn_norm, np.float32(p.norm_eps), wqkv, wo, self.step,
+                        self.freqs_cos, self.freqs_sin, cache_k, cache_v, h_mid, clear,
+                        i32(p.dim), i32(p.n_heads), i32(p.n_kv_heads), i32(p.head_dim),
+                        np.float32(1.0 / np.sqrt(p.head_dim))), shared_mem=smem)
+
+    def feed_forward_half(self, layer, h, h_next, clear):
+        """h_next += h + w2 @ swiglu(...) (h_next zero), clear = 0: J hidden units a block."""
+        p, (_, _, _, ffn_norm, w13, w2, _, _) = self.p, layer
+        J, P = self.halves.feed_forward
+        KERNELS.launch(f"feed_forward_half<{J},{P}>", (p.hidden_dim // J,), (32 * J,),
+                       (h, ffn_norm, np.float32(p.norm_eps), w13, w2, h_next, clear,
+                        i32(p.dim), i32(p.hidden_dim)))
 
     # What a tensor-parallel rank does differently (parallel/fused.py overrides these): whether
     # its products add the residual, what joins the ranks after each residual update, and how
@@ -378,12 +456,14 @@ class FusedDecoder:
     def join(self, h):
         """After each residual update of h (bsz, dim): nothing on one GPU."""
 
-    def embed(self, bsz, h):
+    def embed(self, bsz, h, clear=None):
         # the step's first kernel, launched the ordinary way even where the others are
         # programmatic: it starts once all before it has ended (greedy_steps' greedy_pick,
-        # which wrote the step's position and tokens), the rest of the step after it
+        # which wrote the step's position and tokens), the rest of the step after it.
+        # clear: a buffer it zeroes too (run_halves'), or None
         KERNELS.launch("embed_tokens", (bsz,), (self.BLOCK,),
-                       (self.step, self.tok_embeddings, h, i32(self.p.dim)), ordinary=True)
+                       (self.step, self.tok_embeddings, h, NULL if clear is None else clear,
+                        i32(self.p.dim)), ordinary=True)
 
     def classify(self, bsz, h):
         matvec(h, self.output, out=self.logits[:bsz], norm=self.norm, eps=self.p.norm_eps)
@@ -396,6 +476,9 @@ class GreedyCall:
 
     def __init__(self, bsz, start_pos, n, half):
         self.bsz, self.start_pos, self.n, self.half, self.fed = bsz, start_pos, n, half, None
+
+
+NULL = np.uint64(0)         # a null pointer, as a kernel argument
 
 
 def device_address(pinned):

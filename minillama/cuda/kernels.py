@@ -88,6 +88,19 @@ ATTENTION_SPLIT_CHUNKS = 3
 ATTENTION_LANE_FLOATS = 32
 # attention_decode<WIDTH, T>: the KV cache's element type, by its NumPy dtype
 CACHE_TYPES = {"float32": "float", "float16": "unsigned short"}
+# halves.cu, a one-row layer of float32 weights in two launches (FusedDecoder.run_halves,
+# halves_plan): attention_half<P> (clusters of HALVES_CLUSTER blocks of HALVES_WARPS warps) and
+# feed_forward_half<J, P>, P float4s a lane of a row of dim (dim <= 128 HALVES_MAX_P), J hidden
+# units a block: the first of HALVES_J that divides hidden_dim. Measured on an H200 (2026-12-01,
+# kernels/dev/ab_halves.py, the one-row step's graph at positions 3 / 60 / 200): stories15M
+# 1.33x / 1.31x / 1.36x, stories110M 1.14x / 1.13x / 1.17x; J 16 against 8 alone, 1.02x and
+# 1.05x. Their instances are groups of their own by P, compiled on their first launch.
+HALVES_CLUSTER = 8                 # halves.cu's HALVES_CLUSTER
+HALVES_WARPS = 16                  # halves.cu's HALVES_WARPS
+HALVES_MAX_P = 8
+HALVES_J = (16, 8, 4)
+HALVES_MAX_HEAD_DIM = 128          # a float4 piece of a head a lane
+HALVES_STATIC_SMEM = 4 * (2 * 16 + 16 * 256)     # attention_half's WarpSoftmax (decode.cu)
 # decode_persistent<B> (persistent.cu, launched by PersistentDecoder): batch rows per warp
 PERSISTENT_ROWS = (1, 2, 4, 8)
 # qgemv<Fmt, ROWS, PRO>: weights per 16-byte load of each format (Fmt = "Fmt" + Packed.kernel)
@@ -238,6 +251,9 @@ def _templates():
     groups["gemm_v7"] = [_gemm_v7_name(fmt, config) for fmt in GEMM_V5_FORMATS
                          for config in GEMM_V7_CONFIGS
                          if config == GEMM_V7_DEFAULT or fmt in ("f16", "bf16")]
+    for P in range(1, HALVES_MAX_P + 1):   # apart: attention_half needs sm_90 (clusters)
+        groups[f"attention_half{P}"] = [f"attention_half<{P},{HALVES_WARPS}>"]
+        groups[f"feed_forward_half{P}"] = [f"feed_forward_half<{j},{P}>" for j in HALVES_J]
     groups["f32"] = [_qgemv_v2_name("f32", rows, pro, *QGEMV_V2_F32) for rows in QGEMV_V2_F32_ROWS
                      for pro in GEMV_PROLOGUES.values()]      # compiled once a batch needs it
     groups["f32batch"] = [f"gemv_v3<{rows},{nr},{pro}>" for rows, nr in GEMV_V3_TILES.items()
@@ -471,6 +487,37 @@ def attention_splits(bsz, max_seq_len, chunk):
     (0.97x), hence the threshold."""
     splits = min(ATTENTION_SPLITS, cdiv(max_seq_len, chunk))
     return splits if bsz == 1 and splits >= ATTENTION_SPLIT_CHUNKS else 1
+
+
+class HalvesPlan:
+    """halves.cu's launches for a one-row layer (halves_plan): attention None or (P, bytes of
+    shared memory), feed_forward None or (J, P); None where halves.cu does not take that half."""
+
+    def __init__(self, attention, feed_forward):
+        self.attention, self.feed_forward = attention, feed_forward
+
+
+def halves_plan(dim, n_heads, head_dim, hidden_dim, clusters=True, optin=None):
+    """Which halves of a one-row float32 layer halves.cu's kernels take, and their launches
+    (HalvesPlan), or None for neither. attention_half: a GPU with clusters (compute capability
+    9.0 on), head_dim a multiple of 4 and of the cluster (each block S = head_dim / 8 of its
+    rows) up to 128, dim a multiple of the cluster up to 128 HALVES_MAX_P, and its shared memory
+    within optin (the GPU's, by default) beside its static arrays; feed_forward_half: dim a
+    multiple of 4 up to the same, and a J of HALVES_J that divides hidden_dim."""
+    P = -(-dim // 128)
+    if dim % 4 or P > HALVES_MAX_P:
+        return None
+    R = HALVES_CLUSTER
+    attention = None
+    if clusters and head_dim % 4 == 0 and head_dim % R == 0 \
+            and head_dim <= HALVES_MAX_HEAD_DIM and dim % R == 0:
+        floats = 3 * head_dim // R * dim + dim // R * head_dim + dim + 5 * head_dim + 2
+        fits = 4 * floats + HALVES_STATIC_SMEM <= (optin or _shared_optin())
+        attention = (P, 4 * floats) if fits else None
+    J = next((j for j in HALVES_J if hidden_dim % j == 0), None)
+    feed_forward = None if J is None else (J, P)
+    return None if attention is None and feed_forward is None else \
+        HalvesPlan(attention, feed_forward)
 
 
 def gemv_version(M, vec):
@@ -889,6 +936,11 @@ def _mma_plan(N, K, span, max_slice, nrs, slots, ks, tile_rows):
             plan = ((cdiv(tiles * k, slots) * per_slice * n, tiles * k), n, k, per_slice)
             best = plan if best is None else min(best, plan)          # (cost, NR, ks, spans)
     return best[1:]
+
+
+def has_clusters():
+    """Whether the current GPU runs thread-block clusters (compute capability 9.0 and later)."""
+    return int(require_cupy().cuda.Device().compute_capability) >= 90      # "90", "100", ..
 
 
 def _shared_optin():

@@ -28,10 +28,11 @@ from . import pdl
 
 # in compile order: qgemv.cu, qgemv_k.cu and qgemv_mma.cu use matmul.cu's float16 helpers and
 # GEMV prologues (qgemv_mma.cu also qgemv.cu's loads), gemv_batch.cu those prologues and
-# qgemv.cu's warp sums, decode.cu matmul.cu's float16 conversions, persistent.cu matmul.cu's
-# silu; all use reduce.cu's reductions
+# qgemv.cu's warp sums, decode.cu matmul.cu's float16 conversions, halves.cu decode.cu's
+# attention pieces and matmul.cu's cp.async and silu, persistent.cu matmul.cu's silu; all use
+# reduce.cu's reductions
 KERNEL_FILES = ("reduce.cu", "matmul.cu", "qgemv.cu", "gemv_batch.cu", "qgemv_k.cu",
-                "qgemv_mma.cu", "softmax.cu", "decode.cu", "persistent.cu")
+                "qgemv_mma.cu", "softmax.cu", "decode.cu", "halves.cu", "persistent.cu")
 SHARED_DEFAULT = 48 * 1024  # dynamic shared memory a launch gets without asking for more
 # CUfunction_attribute CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES (the CUDA driver API)
 MAX_DYNAMIC_SHARED_SIZE_BYTES = 8

@@ -23,7 +23,7 @@ FusedDecoder.run is the step; a rank changes only its hooks: `adds_residual` (ra
 import numpy as np
 
 from ..checks import check_tokens
-from ..cuda.fused import FusedDecoder, matvec
+from ..cuda.fused import NULL, FusedDecoder, matvec
 from ..cuda.kernels import KERNELS
 from ..cuda.runtime import i32
 
@@ -72,6 +72,11 @@ class RankDecoder:
 class ShardedFusedDecoder(FusedDecoder):
     """FusedDecoder on one rank of a ShardedTransformer (its params are slicing.RankArgs)."""
 
+    # A rank's products are its columns' share, joined by the all-reduce after them: halves.cu's
+    # launches, which add the heads' and hidden units' products into the next residual
+    # themselves, do not take them
+    takes_halves = False
+
     def __init__(self, model):
         super().__init__(model)                  # buffers of the rank's sizes; logits: whole
         cp, p = self.cp, self.p
@@ -98,7 +103,7 @@ class ShardedFusedDecoder(FusedDecoder):
         """The rank's columns of the embedding rows, then all ranks' columns gathered into h.
         Launched the ordinary way, as FusedDecoder.embed says why."""
         KERNELS.launch("embed_tokens", (bsz,), (self.BLOCK,),
-                       (self.step, self.tok_embeddings, self.embedded,
+                       (self.step, self.tok_embeddings, self.embedded, NULL,
                         i32(self.p.dim // self.p.world)), ordinary=True)
         self.gather_columns(self.embedded[:bsz], h)
 

@@ -1,0 +1,359 @@
+// A layer in two launches: one row of float32 weights (issue 13; docs/kernels.md, "A layer in
+// two launches").
+//
+// FusedDecoder's layer is 5 launches (decode.cu's header), and at stories sizes each costs
+// ~2 us of waiting, for its input through L2, its sums across the warps, its store, where its
+// bytes take a tenth of that. Two of the five meetings are not in the arithmetic: wo's product
+// needs only its head's output, and w2's only its hidden units' gates,
+//
+//     wo @ att       = sum over heads h     of wo[:, h hd : (h + 1) hd] @ att_h
+//     w2 @ gate      = sum over hidden units of w2[:, u] gate_u
+//
+// so the launch that makes att_h or gate_u can multiply it by its columns at once, and what no
+// block can do, add the blocks' products up, the memory system does: every block adds its
+// (dim,) product into the next residual with atomicAdd (red.global.add.f32, executed in L2).
+// The layer is then
+//
+//     attention_half    h_mid  = h + wo @ attention(rope(wqkv @ rmsnorm(h)))     a cluster a head
+//     feed_forward_half h_next = h_mid + w2 @ swiglu(w13 @ rmsnorm(h_mid))     J hidden units a block
+//
+// The price: the order in which L2 adds the blocks' products is the order they arrive in, so
+// the sums are not the same bits from one step to the next (their last place or two). Logits
+// stay within 1e-6 of the five launches'; FusedDecoder takes this path only where the caller
+// did not ask for bitwise-repeatable decoding (CudaOps(deterministic=True)).
+//
+// The residual lives in three buffers in turn. Each launch reads one, adds into the next, which
+// must hold zeros, and zeroes the third, the one the launch after it adds into (no one reads it
+// any more: the launch before this one read it, and has ended by this one's wait). The step's
+// first launch adds into a buffer embed_tokens zeroed.
+//
+// Two lessons from measuring it (H200, 2026-12-01, docs/kernels.md):
+//   - x goes through shared memory, one load of each line a block. Read by every warp from L2,
+//     as gemv reads it through L1, the same 24 lines were asked for by 2048 warps at once, and
+//     queued: 1 to 4 us of the launch.
+//   - Every weight a block reads is loaded before grid_dependency_wait (registers, or shared
+//     memory by cp.async), so it travels while the launch before ends.
+
+constexpr int HALVES_CLUSTER = 8;       // blocks of a head's cluster (R): the portable most
+constexpr int HALVES_WARPS = 16;        // warps of an attention_half block
+constexpr int HALVES_ALONE_CHUNKS = 1;  // keys in up to this many chunks: each block attends alone
+
+// ---- Hopper's clusters: barrier and the neighbours' shared memory ---------------------------
+// A cluster's blocks run at once on neighbouring SMs, and each may read and write the others'
+// shared memory (distributed shared memory: mapa turns a local address into block `rank`'s).
+// barrier.cluster is a barrier of all their threads, split into arrive and wait so that work
+// can go between; .release / .acquire order the shared-memory writes before it against the
+// reads after it. (0.55 us against 1.03 for a kernel boundary: "What a wait costs".)
+__device__ __forceinline__ void cluster_arrive_relaxed() {
+    asm volatile("barrier.cluster.arrive.relaxed.aligned;" ::: "memory");
+}
+__device__ __forceinline__ void cluster_arrive() {
+    asm volatile("barrier.cluster.arrive.release.aligned;" ::: "memory");
+}
+__device__ __forceinline__ void cluster_wait() {
+    asm volatile("barrier.cluster.wait.acquire.aligned;" ::: "memory");
+}
+__device__ __forceinline__ unsigned int cluster_address(const float* local, unsigned int rank) {
+    unsigned int remote;
+    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;"
+                 : "=r"(remote) : "r"(smem_addr(local)), "r"(rank));
+    return remote;
+}
+__device__ __forceinline__ void cluster_store(const float* local, unsigned int rank, float v) {
+    asm volatile("st.shared::cluster.f32 [%0], %1;"
+                 :: "r"(cluster_address(local, rank)), "f"(v) : "memory");
+}
+__device__ __forceinline__ float cluster_load(const float* local, unsigned int rank) {
+    float v;
+    asm volatile("ld.shared::cluster.f32 %0, [%1];"
+                 : "=f"(v) : "r"(cluster_address(local, rank)) : "memory");
+    return v;
+}
+
+// ---- pieces both halves share ------------------------------------------------------------------
+
+// x (dim,) into shared memory, a float4 a thread, through L2 (__ldcg: the launch before wrote it)
+__device__ __forceinline__ void stage_x(const float* X, float* xs, int dim) {
+    for (int c = threadIdx.x; c < dim / 4; c += blockDim.x)
+        reinterpret_cast<float4*>(xs)[c] = __ldcg(reinterpret_cast<const float4*>(X) + c);
+}
+
+// This lane's P float4s of RMSNorm's weights (k4 = lane + 32 i), loaded before the wait
+template <int P>
+__device__ __forceinline__ void load_norm(const float* norm_w, int dim, float4 (&g)[P]) {
+#pragma unroll
+    for (int i = 0; i < P; ++i) {
+        const int k4 = threadIdx.x % 32 + 32 * i;
+        g[i] = k4 < dim / 4 ? __ldg(reinterpret_cast<const float4*>(norm_w) + k4)
+                            : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    }
+}
+
+// x * norm_w for this lane's float4s, and 1 / rms(x) (RMSNorm after the sums, as gemv's
+// GEMV_RMSNORM_LATE: the products take x * g, their sums are scaled by inv_rms)
+template <int P>
+__device__ __forceinline__ float normed_x(const float* xs, const float4 (&g)[P], int dim,
+                                          float eps, float4 (&xn)[P]) {
+    float ss = 0.0f;
+#pragma unroll
+    for (int i = 0; i < P; ++i) {
+        const int k4 = threadIdx.x % 32 + 32 * i;
+        const float4 x = k4 < dim / 4 ? reinterpret_cast<const float4*>(xs)[k4]
+                                      : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        ss += sum_squares4(x);
+        xn[i] = make_float4(x.x * g[i].x, x.y * g[i].y, x.z * g[i].z, x.w * g[i].w);
+    }
+    return 1.0f / sqrtf(warp_sum(ss) / dim + eps);
+}
+
+// This lane's float4s of a row (k4 = lane + 32 i) from shared memory, zeros past its end
+template <int P>
+__device__ __forceinline__ void row_slice(const float* row, int dim, float4 (&w)[P]) {
+#pragma unroll
+    for (int i = 0; i < P; ++i) {
+        const int k4 = threadIdx.x % 32 + 32 * i;
+        w[i] = k4 < dim / 4 ? reinterpret_cast<const float4*>(row)[k4]
+                            : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    }
+}
+
+// A row of W (this lane's float4s w) times xn, summed across the warp
+template <int P>
+__device__ __forceinline__ float row_dot(const float4 (&w)[P], const float4 (&xn)[P], int dim) {
+    float acc = 0.0f;
+#pragma unroll
+    for (int i = 0; i < P; ++i) {
+        if (threadIdx.x % 32 + 32 * i < dim / 4) {
+            acc = fmaf(w[i].x, xn[i].x, acc);
+            acc = fmaf(w[i].y, xn[i].y, acc);
+            acc = fmaf(w[i].z, xn[i].z, acc);
+            acc = fmaf(w[i].w, xn[i].w, acc);
+        }
+    }
+    return warp_sum(acc);
+}
+
+// Zero this launch's share of Z (dim,), the buffer the next launch adds into
+__device__ __forceinline__ void clear_next(float* Z, int dim) {
+    const int blocks = gridDim.x * gridDim.y, block = blockIdx.y * gridDim.x + blockIdx.x;
+    for (int i = block * blockDim.x + threadIdx.x; i < dim; i += blocks * blockDim.x) Z[i] = 0.0f;
+}
+
+// ---- attention_half ----------------------------------------------------------------------------
+// grid (R, n_heads), clusters of R = HALVES_CLUSTER blocks: cluster h computes head h, its block
+// r (rank r) a share of everything, S = head_dim / R rows of each of the head's q, k and v and
+// D / R rows of wo:
+//   1. before the wait: its rows of wqkv and of wo's head columns into shared memory (cp.async),
+//      RMSNorm's weights, the position's cos and sin, and the first chunk of its cached keys;
+//   2. x, its RMSNorm, its 3 S products of wqkv, each pushed into all R blocks (cluster_store);
+//      cluster barrier: every block holds the head's q, new key and new value;
+//   3. RoPE, the cache write (rank 0 of the kv head's first query head), then attention as
+//      attention_decode's warps compute it: with keys in at most HALVES_ALONE_CHUNKS chunks every
+//      block attends to all of them itself (no block then needs another's result); with more,
+//      block r takes chunks r, r + R, .. (the splits of attention_decode), and the R records
+//      (M, norm, totals) meet in shared memory across the cluster, combined in rank order, so
+//      every block gets the same output;
+//   4. its rows of wo times the head's output, added into h_mid (head 0's blocks add x too).
+// A block must not leave while another reads its shared memory: in split mode a last cluster
+// barrier, arrived at once the records are read, waited for at the end.
+// Shapes: head_dim % 4 == 0, head_dim % R == 0, head_dim <= 128 (a float4 piece a lane),
+// dim % R == 0, dim <= 128 P; a float32 cache; one row. kernels.halves_plan checks them.
+template <int P, int WARPS = HALVES_WARPS>
+__global__ void __cluster_dims__(HALVES_CLUSTER, 1, 1) __launch_bounds__(WARPS * 32, 1)
+attention_half(const float* __restrict__ X, const float* __restrict__ norm_w, float eps,
+               const float* __restrict__ wqkv, const float* __restrict__ wo,
+               const int* __restrict__ step, const float* __restrict__ cos_table,
+               const float* __restrict__ sin_table, float* cache_k, float* cache_v, float* Y,
+               float* Z, int dim, int n_heads, int n_kv_heads, int head_dim, float scale) {
+    constexpr int R = HALVES_CLUSTER;
+    constexpr int WIDTH = 4, PER_LANE = 1, KEYS = ATTN_LANE_FLOATS / WIDTH;
+    const int r = blockIdx.x, h = blockIdx.y, lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    const int rep = n_heads / n_kv_heads, g = h / rep;
+    const int S = head_dim / R, NR = 3 * S, DR = dim / R, D4 = dim / 4, HD4 = head_dim / 4;
+    const int pieces = head_dim / WIDTH;
+    extern __shared__ __align__(16) float smem[];   // kernels.halves_plan sizes it
+    float* ws = smem;                               // (NR, dim) its rows of wqkv
+    float* wos = ws + NR * dim;                     // (DR, head_dim) its rows of wo's columns
+    float* xs = wos + DR * head_dim;                // (dim) x
+    float* qkv = xs + dim;                          // (3, head_dim) q, new key, new value
+    float* o = qkv + 3 * head_dim;                  // (head_dim) the head's output
+    float* rec = o + head_dim;                      // (head_dim + 2) its record: M, norm, totals
+    __shared__ __align__(16) WarpSoftmax parts;
+
+    cluster_arrive_relaxed();                       // waited for before the first push (2.)
+    // 1. Before the wait: the weights (never written by a step), cos, sin, the cached keys
+    //    t < pos (written by earlier steps: attention_decode's step 1 says why that is safe).
+    for (int c = threadIdx.x; c < NR * D4; c += blockDim.x) {
+        const int j = c / D4, k4 = c % D4, part = j / S;          // part 0 q, 1 k, 2 v
+        const int head = part == 0 ? h : n_heads + (part - 1) * n_kv_heads + g;
+        cp_async16(smem_addr(ws + j * dim + 4 * k4),
+                   wqkv + (size_t)(head * head_dim + r * S + j % S) * dim + 4 * k4, 16);
+    }
+    for (int c = threadIdx.x; c < DR * HD4; c += blockDim.x) {
+        const int d = c / HD4, e4 = c % HD4;
+        cp_async16(smem_addr(wos + d * head_dim + 4 * e4),
+                   wo + (size_t)(r * DR + d) * n_heads * head_dim + h * head_dim + 4 * e4, 16);
+    }
+    cp_async_commit();
+    float4 gn[P];
+    load_norm<P>(norm_w, dim, gn);
+    const int pos = __ldcg(step);
+    const int chunks = (pos + KEYS * WARPS - 1) / (KEYS * WARPS);
+    const bool alone = chunks <= HALVES_ALONE_CHUNKS;
+    const int first = alone ? 0 : r, stride = alone ? 1 : R;
+    float* keys = cache_k + g * head_dim;
+    float* values = cache_v + g * head_dim;
+    const size_t row_stride = (size_t)n_kv_heads * head_dim;
+    float c[PER_LANE][2], s[PER_LANE][2];
+    load_angles<WIDTH, PER_LANE>(cos_table + (size_t)pos * head_dim / 2,
+                                 sin_table + (size_t)pos * head_dim / 2, pieces, c, s);
+    float k[KEYS][PER_LANE][WIDTH], v[KEYS][PER_LANE][WIDTH];
+    load_chunk<WIDTH, PER_LANE, KEYS>(keys, values, row_stride, first, pos, pieces, k, v);
+    grid_launch_dependents();
+    grid_dependency_wait();                         // (reduce.cu) x is the last launch's
+
+    // 2. x, RMSNorm, this block's rows of the head's q, k, v, pushed to the whole cluster
+    clear_next(Z, dim);
+    stage_x(X, xs, dim);
+    cp_async_wait<0>();
+    __syncthreads();
+    float4 xn[P];
+    const float inv_rms = normed_x<P>(xs, gn, dim, eps, xn);
+    cluster_wait();                                 // every block has started: pushes may go
+    for (int j = warp; j < NR; j += WARPS) {
+        float4 w[P];
+        row_slice<P>(ws + j * dim, dim, w);
+        const float y = row_dot<P>(w, xn, dim) * inv_rms;
+        if (lane < R) cluster_store(qkv + (j / S) * head_dim + r * S + j % S, lane, y);
+    }
+    cluster_arrive();
+    cluster_wait();
+
+    // 3. RoPE on q and the new key (q times scale, as model.py), the cache write, attention
+    float q[PER_LANE][WIDTH], k_new[PER_LANE][WIDTH], v_new[PER_LANE][WIDTH];
+    float rq[4] = {0.0f, 0.0f, 0.0f, 0.0f}, rk[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    float rv[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    if (lane < pieces) {
+        const float* x = qkv + 4 * lane;
+        rotate_pair(x[0], x[1], c[0][0], s[0][0], rq);
+        rotate_pair(x[2], x[3], c[0][1], s[0][1], rq + 2);
+        rotate_pair(x[head_dim], x[head_dim + 1], c[0][0], s[0][0], rk);
+        rotate_pair(x[head_dim + 2], x[head_dim + 3], c[0][1], s[0][1], rk + 2);
+#pragma unroll
+        for (int e = 0; e < 4; ++e) rv[e] = x[2 * head_dim + e];
+    }
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+        q[0][e] = rq[e] * scale;
+        k_new[0][e] = rk[e];
+        v_new[0][e] = rv[e];
+    }
+    // the new key: warp pos % WARPS of every block that attends to it (all, alone; else rank 0)
+    const bool owner = (alone || r == 0) && warp == pos % WARPS;
+    if (owner && r == 0 && h % rep == 0) {
+        store_slice<WIDTH, PER_LANE>(keys + pos * row_stride, pieces, k_new);
+        store_slice<WIDTH, PER_LANE>(values + pos * row_stride, pieces, v_new);
+    }
+    const float score_new = warp_sum(slice_dot<WIDTH, PER_LANE>(q, k_new));
+    float m = owner ? score_new : neg_inf(), sum = owner ? 1.0f : 0.0f, acc[PER_LANE][WIDTH];
+#pragma unroll
+    for (int e = 0; e < WIDTH; ++e) acc[0][e] = owner ? v_new[0][e] : 0.0f;
+    attend_chunks<WIDTH, PER_LANE, KEYS>(keys, values, row_stride, pos, pieces, first, stride, q,
+                                         k, v, m, sum, acc);
+    publish_softmax<WIDTH, PER_LANE>(parts, m, sum, acc, head_dim, pieces);
+    __syncthreads();
+    const float most = warps_max(parts, WARPS);
+    for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
+        float norm;
+        const float total = warps_total(parts, WARPS, head_dim, most, d, norm);
+        if (alone) {
+            o[d] = total / norm;
+        } else {
+            rec[2 + d] = total;
+            if (d == 0) {
+                rec[0] = most;
+                rec[1] = norm;
+            }
+        }
+    }
+    if (!alone) {                                   // the cluster's records, in rank order
+        cluster_arrive();
+        cluster_wait();
+        const auto read = [&](int rank, int i) { return cluster_load(rec + i, rank); };
+        for (int d = threadIdx.x; d < head_dim; d += blockDim.x)
+            o[d] = records_output(read, R, records_max(read, R), d);
+        cluster_arrive();                           // done with the others' shared memory
+    }
+    __syncthreads();
+
+    // 4. this block's rows of wo's head columns times o, into h_mid
+    for (int d = warp; d < DR; d += WARPS) {
+        float y = 0.0f;
+        for (int e = lane; e < head_dim; e += 32) y = fmaf(wos[d * head_dim + e], o[e], y);
+        y = warp_sum(y);
+        if (lane == 0) atomicAdd(Y + r * DR + d, h == 0 ? y + xs[r * DR + d] : y);
+    }
+    if (!alone) cluster_wait();                     // no block leaves while another reads it
+}
+
+// ---- feed_forward_half -------------------------------------------------------------------------
+// grid (hidden / J), J warps a block: block b takes hidden units u0 = J b .. u0 + J - 1, warp j
+// unit u0 + j, whose rows of w1 and w3 (rows u and hidden + u of w13) it multiplies by
+// rmsnorm(h_mid), so that the block holds gate_j = silu(a1) a3 for its J units without any other
+// block. Then w2's columns u0 .. u0 + J - 1 (a (dim, J) slice, J / 4 float4s a row) times the
+// gates: thread t takes float4 e = t, t + 32 J, .. of the slice (row e / (J / 4)), and the J / 4
+// lanes of a row add their products by shuffles; one atomicAdd a row (block 0 adds h_mid too).
+// Every weight is loaded into registers before the wait: P float4s a lane of each of its two
+// rows, P of the slice a thread (P = ceil(dim / 128) either way).
+// Shapes: dim % 4 == 0, dim <= 128 P, hidden % J == 0, J in 4, 8, 16.
+template <int J, int P>
+__global__ void __launch_bounds__(32 * J, 1)
+feed_forward_half(const float* __restrict__ X, const float* __restrict__ norm_w, float eps,
+                  const float* __restrict__ w13, const float* __restrict__ w2, float* Y,
+                  float* Z, int dim, int hidden) {
+    static_assert(J % 4 == 0 && J <= 32, "J / 4 lanes share a row of w2's slice");
+    constexpr int Q = J / 4;                                  // float4s of a row of the slice
+    const int lane = threadIdx.x % 32, j = threadIdx.x / 32, D4 = dim / 4;
+    const int u0 = blockIdx.x * J, u = u0 + j;
+    const float4 zero = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    const float4* w1 = reinterpret_cast<const float4*>(w13 + (size_t)u * dim);
+    const float4* w3 = reinterpret_cast<const float4*>(w13 + (size_t)(hidden + u) * dim);
+    float4 r1[P], r3[P], r2[P];                  // its rows of w1 and w3, its float4s of w2
+#pragma unroll
+    for (int i = 0; i < P; ++i) {
+        const int k4 = lane + 32 * i;
+        r1[i] = k4 < D4 ? __ldcg(w1 + k4) : zero;
+        r3[i] = k4 < D4 ? __ldcg(w3 + k4) : zero;
+        const int e = threadIdx.x + i * 32 * J, d = e / Q;
+        r2[i] = d < dim ? __ldcg(reinterpret_cast<const float4*>(w2 + (size_t)d * hidden + u0)
+                                 + e % Q)
+                        : zero;
+    }
+    float4 gn[P];
+    load_norm<P>(norm_w, dim, gn);
+    grid_launch_dependents();
+    grid_dependency_wait();                         // (reduce.cu) x is the last launch's
+
+    clear_next(Z, dim);
+    __shared__ __align__(16) float xs[128 * P];
+    __shared__ float gate[J];
+    stage_x(X, xs, dim);
+    __syncthreads();
+    float4 xn[P];
+    const float inv_rms = normed_x<P>(xs, gn, dim, eps, xn);
+    const float a1 = row_dot<P>(r1, xn, dim) * inv_rms, a3 = row_dot<P>(r3, xn, dim) * inv_rms;
+    if (lane == 0) gate[j] = silu(a1) * a3;
+    __syncthreads();
+
+#pragma unroll
+    for (int i = 0; i < P; ++i) {
+        const int e = threadIdx.x + i * 32 * J, d = e / Q, q = e % Q;
+        float p = r2[i].x * gate[4 * q];
+        p = fmaf(r2[i].y, gate[4 * q + 1], p);
+        p = fmaf(r2[i].z, gate[4 * q + 2], p);
+        p = fmaf(r2[i].w, gate[4 * q + 3], p);
+#pragma unroll
+        for (int o = 1; o < Q; o *= 2) p += __shfl_xor_sync(FULL_MASK, p, o);
+        if (q == 0 && d < dim) atomicAdd(Y + d, blockIdx.x == 0 ? p + xs[d] : p);
+    }
+}

@@ -1,0 +1,235 @@
+"""halves.cu: a one-row float32 layer in two launches (attention_half, feed_forward_half), each
+adding its blocks' products into the next residual by atomics; FusedDecoder.run_halves around
+them. The kernels against float64 NumPy at odd sizes, the step against the CPU model, and the
+plan's rule on the CPU (no GPU needed)."""
+import re
+
+import numpy as np
+import pytest
+
+from minillama.checkpoints.random import random_weights
+from minillama.cuda import runtime
+from minillama.cuda.kernels import HALVES_CLUSTER, HALVES_J, HALVES_MAX_P, HALVES_STATIC_SMEM, \
+    HALVES_WARPS, KERNELS, halves_plan
+from minillama.model import ModelArgs, Transformer, apply_rotary_emb, precompute_freqs
+from minillama.ops import CPU
+
+gpu = pytest.mark.gpu
+rng = np.random.default_rng()           # fresh inputs every run
+
+
+def rand(*shape, scale=1.0):
+    return (scale * rng.standard_normal(shape)).astype(np.float32)
+
+
+def rel_err(got, ref):
+    got = np.asarray(got.get() if hasattr(got, "get") else got, dtype=np.float64)
+    assert np.isfinite(got).all(), "non-finite output: an element was not written"
+    return np.linalg.norm(got - ref) / np.linalg.norm(ref)
+
+
+def rmsnorm64(x, g, eps):
+    x = x.astype(np.float64)
+    return x / np.sqrt((x * x).mean() + eps) * g.astype(np.float64)
+
+
+@pytest.fixture(scope="module")
+def clusters(cp):
+    from minillama.cuda.kernels import has_clusters
+    if not has_clusters():
+        pytest.skip("attention_half needs thread-block clusters (compute capability 9.0)")
+
+
+# ----------------------------------------------------------------------------
+# the plan, on the CPU
+
+def test_halves_plan_takes_the_shapes_the_kernels_read():
+    """The TinyStories shapes take both halves (J 16, P = dim / 128 rounded up); each half is
+    refused alone where its kernel cannot read the shape, and neither where dim is past P 8."""
+    optin = 227 * 1024
+    p15 = halves_plan(288, 6, 48, 768, optin=optin)
+    assert p15.attention == (3, 4 * (3 * 6 * 288 + 36 * 48 + 288 + 5 * 48 + 2))
+    assert p15.feed_forward == (16, 3)
+    p110 = halves_plan(768, 12, 64, 2048, optin=optin)
+    assert p110.attention[0] == 6 and p110.feed_forward == (16, 6)
+    assert halves_plan(64, 8, 8, 172, optin=optin).feed_forward == (4, 1)   # 172 = 4 x 43
+    assert halves_plan(64, 8, 8, 40, optin=optin).feed_forward == (8, 1)
+    assert halves_plan(36, 6, 6, 70, optin=optin) is None                   # tests' ODD shape
+    only_ff = halves_plan(288, 4, 72, 768, optin=optin)                     # 72 % 8 == 0 ..
+    assert only_ff.attention is not None
+    only_ff = halves_plan(300, 6, 50, 768, optin=optin)                     # 50 % 4 != 0
+    assert only_ff.attention is None and only_ff.feed_forward == (16, 3)
+    assert halves_plan(288, 6, 48, 770, optin=optin).feed_forward is None   # no J divides
+    assert halves_plan(288, 1, 256, 768, optin=optin).attention is None     # head_dim > 128
+    assert halves_plan(1024, 16, 64, 2816, optin=optin).attention[0] == HALVES_MAX_P
+    assert halves_plan(1024, 8, 128, 2816, optin=optin).attention is None   # 263 KiB of rows
+    assert halves_plan(1028, 4, 257, 2816, optin=optin) is None             # P 9
+    assert halves_plan(288, 6, 48, 768, clusters=False, optin=optin).attention is None
+    small = halves_plan(1024, 16, 64, 2816, optin=64 * 1024)               # shared memory
+    assert small.attention is None and small.feed_forward == (16, 8)
+
+
+def test_halves_constants_are_the_kernels():
+    """kernels.py's copies of halves.cu's constants, and attention_half's static shared memory
+    (decode.cu's WarpSoftmax, of ATTN_WARPS and ATTN_HEAD_DIM), as the plan counts it."""
+    halves = (runtime.kernel_dir() / "halves.cu").read_text()
+    decode = (runtime.kernel_dir() / "decode.cu").read_text()
+    assert f"constexpr int HALVES_CLUSTER = {HALVES_CLUSTER};" in halves
+    assert f"constexpr int HALVES_WARPS = {HALVES_WARPS};" in halves
+    warps = int(re.search(r"constexpr int ATTN_WARPS = (\d+);", decode).group(1))
+    head_dim = int(re.search(r"constexpr int ATTN_HEAD_DIM = (\d+);", decode).group(1))
+    assert HALVES_STATIC_SMEM == 4 * (2 * warps + warps * head_dim)
+    assert HALVES_WARPS <= warps and "halves.cu" in runtime.KERNEL_FILES
+    names = set(KERNELS.templates)
+    assert all(f"attention_half<{P},{HALVES_WARPS}>" in names and
+               all(f"feed_forward_half<{j},{P}>" in names for j in HALVES_J)
+               for P in range(1, HALVES_MAX_P + 1))
+
+
+# ----------------------------------------------------------------------------
+# the kernels against float64
+
+@gpu
+@pytest.mark.parametrize("dim,hidden", [(36, 40), (132, 20), (288, 768), (768, 2048),
+                                        (1024, 48), (8, 12)])
+def test_feed_forward_half_against_float64(cp, dim, hidden):
+    """h_next = h + w2 @ (silu(w1 @ n) * (w3 @ n)), n = rmsnorm(h): every J the plan takes
+    (16, 8, 4), P from 1 to 8, dims that are not multiples of 128. h_next starts at zero, the
+    buffer to clear as NaN (zeroed by the launch); h and the weights are left as they were."""
+    J, P = halves_plan(dim, 1, 8, hidden, clusters=False, optin=1).feed_forward
+    x, g = rand(1, dim), rand(dim, scale=0.5) + 1
+    w13, w2 = rand(2 * hidden, dim, scale=dim ** -0.5), rand(dim, hidden, scale=hidden ** -0.5)
+    eps = 1e-5
+    n = rmsnorm64(x[0], g, eps)
+    a1, a3 = w13[:hidden].astype(np.float64) @ n, w13[hidden:].astype(np.float64) @ n
+    ref = x[0] + w2.astype(np.float64) @ (a1 / (1 + np.exp(-a1)) * a3)
+    X, G, W13, W2 = (cp.asarray(a) for a in (x, g, w13, w2))
+    Y, Z = cp.zeros((1, dim), dtype=np.float32), cp.full((1, dim), np.nan, dtype=np.float32)
+    KERNELS.launch(f"feed_forward_half<{J},{P}>", (hidden // J,), (32 * J,),
+                   (X, G, np.float32(eps), W13, W2, Y, Z, runtime.i32(dim), runtime.i32(hidden)))
+    assert rel_err(Y[0], ref) < 1e-5
+    assert (Z.get() == 0).all()
+    assert np.array_equal(X.get(), x) and np.array_equal(W2.get(), w2)
+
+
+def attention_reference(x, g, eps, wqkv, wo, cache_k, cache_v, pos, nh, nkv, hd, cos, sin):
+    """float64: h + wo @ attention at pos, the cache rows 0 .. pos - 1 as given, row pos the
+    new key (rotated) and value; returns (h_mid, the new key row, the new value row)."""
+    qkv = wqkv.astype(np.float64) @ rmsnorm64(x, g, eps)
+    heads = qkv.reshape(1, 1, nh + 2 * nkv, hd)
+    rot = apply_rotary_emb(heads[:, :, :nh + nkv], cos[pos:pos + 1], sin[pos:pos + 1])[0, 0]
+    q, k_new, v_new = rot[:nh], rot[nh:], heads[0, 0, nh + nkv:]
+    keys = np.concatenate([cache_k[:pos].astype(np.float64), k_new[None]])      # (pos + 1, nkv, hd)
+    values = np.concatenate([cache_v[:pos].astype(np.float64), v_new[None]])
+    out = np.empty((nh, hd))
+    for h in range(nh):
+        kv = h // (nh // nkv)
+        s = keys[:, kv] @ q[h] / np.sqrt(hd)
+        p = np.exp(s - s.max())
+        out[h] = p @ values[:, kv] / p.sum()
+    return x + wo.astype(np.float64) @ out.reshape(-1), k_new, v_new
+
+
+@gpu
+@pytest.mark.parametrize("dim,nh,nkv,hd,pos", [
+    (64, 8, 2, 8, 0), (64, 8, 2, 8, 5), (288, 6, 6, 48, 127), (288, 6, 6, 48, 128),
+    (288, 6, 3, 48, 300), (768, 12, 12, 64, 60), (768, 12, 4, 64, 1000), (256, 2, 1, 128, 200),
+    (1024, 16, 4, 64, 3)])
+def test_attention_half_against_float64(cp, clusters, dim, nh, nkv, hd, pos):
+    """h_mid = h + wo @ attention(rope(wqkv @ rmsnorm(h))) at pos, the new key and value into
+    the cache at pos, rows before it untouched and rows after it never read (NaN). Positions in
+    one chunk of keys (every block of the cluster attends alone: 0 to 128) and in several (the
+    blocks take chunks in turn and meet in the records: 200 to 1000), grouped-query heads,
+    head_dim 8 (a block one row of each of q, k, v) to 128, P 1 to 8."""
+    P, smem = halves_plan(dim, nh, hd, 4 * dim).attention
+    max_seq, eps = pos + 3, 1e-5
+    x, g = rand(dim), rand(dim, scale=0.5) + 1
+    wqkv = rand((nh + 2 * nkv) * hd, dim, scale=dim ** -0.5)
+    wo = rand(dim, nh * hd, scale=(nh * hd) ** -0.5)
+    cos, sin = precompute_freqs(hd, max_seq)
+    start_k, start_v = rand(max_seq, nkv, hd), rand(max_seq, nkv, hd)
+    start_k[pos:], start_v[pos:] = np.nan, np.nan
+    ref, k_new, v_new = attention_reference(x, g, eps, wqkv, wo, start_k, start_v, pos, nh, nkv,
+                                            hd, cos, sin)
+    cache_k, cache_v = cp.asarray(start_k), cp.asarray(start_v)
+    step = cp.asarray(np.array([pos, 0], dtype=np.int32))
+    Y, Z = cp.zeros((1, dim), dtype=np.float32), cp.full((1, dim), np.nan, dtype=np.float32)
+    KERNELS.launch(f"attention_half<{P},{HALVES_WARPS}>", (HALVES_CLUSTER, nh),
+                   (32 * HALVES_WARPS,),
+                   (cp.asarray(x[None]), cp.asarray(g), np.float32(eps), cp.asarray(wqkv),
+                    cp.asarray(wo), step, cp.asarray(cos), cp.asarray(sin), cache_k, cache_v,
+                    Y, Z, runtime.i32(dim), runtime.i32(nh), runtime.i32(nkv), runtime.i32(hd),
+                    np.float32(1.0 / np.sqrt(hd))), shared_mem=smem)
+    assert rel_err(Y[0], ref) < 1e-5
+    assert (Z.get() == 0).all()
+    got_k, got_v = cache_k.get(), cache_v.get()
+    assert rel_err(got_k[pos], k_new) < 1e-6 and rel_err(got_v[pos], v_new) < 1e-6
+    assert np.array_equal(got_k[:pos], start_k[:pos]) and np.array_equal(got_v[:pos], start_v[:pos])
+    assert np.isnan(got_k[pos + 1:]).all() and np.isnan(got_v[pos + 1:]).all()
+
+
+# ----------------------------------------------------------------------------
+# the step
+
+def halves_model(cuda, n_layers, deterministic=False, max_seq_len=160, w=None):
+    """A model both halves take (GQA, J 4: hidden 172), on the GPU and the CPU; its weights w
+    (random ones by default) and ops."""
+    p = ModelArgs(dim=64, n_layers=n_layers, n_heads=8, n_kv_heads=2, vocab_size=301,
+                  hidden_dim=172, max_seq_len=max_seq_len, max_batch_size=2)
+    w = random_weights(p, seed=int(rng.integers(1 << 30)), scale=0.5) if w is None else w
+    ops = cuda.CudaOps(persistent=False, deterministic=deterministic)
+    return Transformer(p, w, ops), Transformer(p, w, CPU), ops, w
+
+
+@gpu
+@pytest.mark.parametrize("n_layers", [3, 4, 5])
+def test_one_row_steps_take_two_launches_a_layer_and_match_the_cpu(clusters, n_layers):
+    """The one-row step through run_halves (2 launches a layer, embed_tokens and the
+    classifier) against the CPU model within 1e-4, position by position through the cache's
+    first chunk and past it (alone, then the records), through the graph; layer counts that
+    leave the residual in each of its three buffers at the step's end (the step's first launch
+    adds into the buffer embed_tokens zeroed, whatever the last one zeroed); two rows still take
+    the five launches."""
+    import minillama.cuda as cuda
+    gpu_model, cpu_model, ops, _ = halves_model(cuda, n_layers)
+    forward = ops.decoder(gpu_model)
+    tokens = np.array([[7]])
+    for pos in range(0, 150):
+        got = forward(tokens, pos)
+        want = cpu_model.forward(tokens, pos)
+        assert rel_err(got, want) < 1e-4, f"position {pos}"
+        tokens = want[:, -1].argmax(-1).reshape(1, 1)
+    decoder = ops._decoders[gpu_model]
+    assert decoder.launches_per_step[1] == 2 * n_layers + 2
+    assert decoder.graphs[1] is not None
+    two = rng.integers(0, 301, size=(2, 1))
+    assert rel_err(forward(two, 150), cpu_model.forward(two, 150)) < 1e-4
+    assert decoder.launches_per_step[2] == 5 * n_layers + 2
+
+
+@gpu
+def test_deterministic_decoding_keeps_five_launches_and_its_bits(clusters):
+    """CudaOps(deterministic=True): no halves (5 launches a layer at one row) and the same
+    logits bit for bit from two decoders of one model, step after step; greedy steps through
+    the halves pick the deterministic decoder's tokens, their logits within 1e-5 of its."""
+    import minillama.cuda as cuda
+    one, _, ops_one, w = halves_model(cuda, 4, deterministic=True)
+    two, _, ops_two, _ = halves_model(cuda, 4, deterministic=True, w=w)
+    fast, _, ops_fast, _ = halves_model(cuda, 4, w=w)
+    f_one, f_two, f_fast = (ops.decoder(m) for ops, m in
+                            ((ops_one, one), (ops_two, two), (ops_fast, fast)))
+    tokens = np.array([[5]])
+    for pos in range(40):
+        a, b = f_one(tokens, pos), f_two(tokens, pos)
+        assert np.array_equal(a.get(), b.get()), f"position {pos}"
+        tokens = a[:, -1].argmax(-1).get().reshape(1, 1)
+    assert ops_one._decoders[one].halves is None and ops_fast._decoders[fast].halves is not None
+    assert ops_one._decoders[one].launches_per_step[1] == 5 * 4 + 2
+    tokens = np.array([[5]])
+    for pos in range(0, 40, 8):                    # 8 steps a call, the picks on the GPU
+        backs, last = f_fast.greedy_steps(tokens, pos, 8)
+        want = [f_one(tokens if j == 0 else backs[j - 1, :1].reshape(1, 1).astype(np.int64),
+                      pos + j)[:, -1] for j in range(8)]
+        assert [int(w_.argmax()) for w_ in want] == backs[:, 0].tolist(), f"from {pos}"
+        assert rel_err(last, want[-1].get()) < 1e-5
+        tokens = backs[-1, :1].reshape(1, 1).astype(np.int64)
