@@ -89,11 +89,12 @@ __device__ __forceinline__ void load_norm(const float* norm_w, int dim, float4 (
     }
 }
 
-// x * norm_w for this lane's float4s, and 1 / rms(x) (RMSNorm after the sums, as gemv's
-// GEMV_RMSNORM_LATE: the products take x * g, their sums are scaled by inv_rms)
+// x * norm_w for this lane's float4s, and the lane's share of sum x^2 (RMSNorm after the
+// sums, as gemv's GEMV_RMSNORM_LATE: the products take x * g, and their sums, added across
+// the warp with it, are scaled by 1 / sqrt(mean(x^2) + eps))
 template <int P>
 __device__ __forceinline__ float normed_x(const float* xs, const float4 (&g)[P], int dim,
-                                          float eps, float4 (&xn)[P]) {
+                                          float4 (&xn)[P]) {
     float ss = 0.0f;
 #pragma unroll
     for (int i = 0; i < P; ++i) {
@@ -103,7 +104,7 @@ __device__ __forceinline__ float normed_x(const float* xs, const float4 (&g)[P],
         ss += sum_squares4(x);
         xn[i] = make_float4(x.x * g[i].x, x.y * g[i].y, x.z * g[i].z, x.w * g[i].w);
     }
-    return 1.0f / sqrtf(warp_sum(ss) / dim + eps);
+    return ss;
 }
 
 // This lane's float4s of a row (k4 = lane + 32 i) from shared memory, zeros past its end
@@ -117,7 +118,8 @@ __device__ __forceinline__ void row_slice(const float* row, int dim, float4 (&w)
     }
 }
 
-// A row of W (this lane's float4s w) times xn, summed across the warp
+// This lane's share of a row of W (its float4s w) times xn. The warp's sums of several rows
+// are added across it together (decode.cu's warp_sums: their shuffles in flight at once).
 template <int P>
 __device__ __forceinline__ float row_dot(const float4 (&w)[P], const float4 (&xn)[P], int dim) {
     float acc = 0.0f;
@@ -130,7 +132,7 @@ __device__ __forceinline__ float row_dot(const float4 (&w)[P], const float4 (&xn
             acc = fmaf(w[i].w, xn[i].w, acc);
         }
     }
-    return warp_sum(acc);
+    return acc;
 }
 
 // Zero this launch's share of Z (dim,), the buffer the next launch adds into
@@ -218,12 +220,12 @@ attention_half(const float* __restrict__ X, const float* __restrict__ norm_w, fl
     cp_async_wait<0>();
     __syncthreads();
     float4 xn[P];
-    const float inv_rms = normed_x<P>(xs, gn, dim, eps, xn);
+    const float inv_rms = 1.0f / sqrtf(warp_sum(normed_x<P>(xs, gn, dim, xn)) / dim + eps);
     cluster_wait();                                 // every block has started: pushes may go
     for (int j = warp; j < NR; j += WARPS) {
         float4 w[P];
         row_slice<P>(ws + j * dim, dim, w);
-        const float y = row_dot<P>(w, xn, dim) * inv_rms;
+        const float y = warp_sum(row_dot<P>(w, xn, dim)) * inv_rms;
         if (lane < R) cluster_store(qkv + (j / S) * head_dim + r * S + j % S, lane, y);
     }
     cluster_arrive();
@@ -286,12 +288,22 @@ attention_half(const float* __restrict__ X, const float* __restrict__ norm_w, fl
     }
     __syncthreads();
 
-    // 4. this block's rows of wo's head columns times o, into h_mid
-    for (int d = warp; d < DR; d += WARPS) {
-        float y = 0.0f;
-        for (int e = lane; e < head_dim; e += 32) y = fmaf(wos[d * head_dim + e], o[e], y);
-        y = warp_sum(y);
-        if (lane == 0) atomicAdd(Y + r * DR + d, h == 0 ? y + xs[r * DR + d] : y);
+    // 4. this block's rows of wo's head columns times o, into h_mid: the warp's rows d = warp,
+    //    warp + WARPS, .., four at a time, their sums added across the warp at once
+    for (int first = warp; first < DR; first += 4 * WARPS) {
+        float y[4];
+#pragma unroll
+        for (int t = 0; t < 4; ++t) {
+            const int d = min(first + t * WARPS, DR - 1);
+            y[t] = 0.0f;
+            for (int e = lane; e < head_dim; e += 32) y[t] = fmaf(wos[d * head_dim + e], o[e], y[t]);
+        }
+        warp_sums<4>(y);
+#pragma unroll
+        for (int t = 0; t < 4; ++t) {
+            const int d = first + t * WARPS;
+            if (lane == 0 && d < DR) atomicAdd(Y + r * DR + d, h == 0 ? y[t] + xs[r * DR + d] : y[t]);
+        }
     }
     if (!alone) cluster_wait();                     // no block leaves while another reads it
 }
@@ -340,9 +352,13 @@ feed_forward_half(const float* __restrict__ X, const float* __restrict__ norm_w,
     stage_x(X, xs, dim);
     __syncthreads();
     float4 xn[P];
-    const float inv_rms = normed_x<P>(xs, gn, dim, eps, xn);
-    const float a1 = row_dot<P>(r1, xn, dim) * inv_rms, a3 = row_dot<P>(r3, xn, dim) * inv_rms;
-    if (lane == 0) gate[j] = silu(a1) * a3;
+    float sums[3];                                  // w1's row, w3's, x's squares
+    sums[2] = normed_x<P>(xs, gn, dim, xn);
+    sums[0] = row_dot<P>(r1, xn, dim);
+    sums[1] = row_dot<P>(r3, xn, dim);
+    warp_sums<3>(sums);
+    const float inv_rms = 1.0f / sqrtf(sums[2] / dim + eps);
+    if (lane == 0) gate[j] = silu(sums[0] * inv_rms) * (sums[1] * inv_rms);
     __syncthreads();
 
 #pragma unroll
