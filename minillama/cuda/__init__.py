@@ -9,7 +9,8 @@ Four modules, one idea each, each importing only the ones listed before it:
     runtime.py   finding CuPy and the GPU; compiling kernels/*.cu as one module; launching
     kernels.py   the checked entry points sgemm, gemv, bmm, softmax, and qgemv, gemm_v5,
                  to_16bit for weights kept as stored (formats.Packed); their variant tables
-    fused.py     FusedDecoder: the one-token forward step in 5 launches per layer, as a CUDA graph
+    fused.py     FusedDecoder: the one-token forward step in 5 launches per layer (one row of
+                 float32 weights: 2, kernels/halves.cu), as a CUDA graph
     persistent.py  PersistentDecoder: FusedDecoder's step as one persistent kernel (float32)
     backend.py   CudaOps: NumpyOps with xp = cupy, the kernels, and decoder(model)
 

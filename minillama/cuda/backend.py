@@ -36,7 +36,7 @@ class CudaOps(NumpyOps):
     """NumpyOps on the GPU: `xp` is cupy, and linear / matmul / softmax run minillama's kernels.
 
     fused_decode: decoder(model) runs one-token steps through FusedDecoder (5 launches per
-        layer) instead of the generic path; graphs: FusedDecoder replays them as one CUDA graph
+        layer, 2 for one row of float32 weights) instead of the generic path; graphs: FusedDecoder replays them as one CUDA graph
         per batch size; persistent: where PersistentDecoder covers the model, a step is one
         kernel (FusedDecoder's launches still serve the batches it does not fit);
         deterministic: the same bits every run, so no one-row step through halves.cu's two
