@@ -14,18 +14,9 @@ from minillama.cuda.kernels import HALVES_CLUSTER, HALVES_J, HALVES_MAX_P, HALVE
 from minillama.model import ModelArgs, Transformer, apply_rotary_emb, precompute_freqs
 from minillama.ops import CPU
 
+from test_cuda import rand, rel_err, rng
+
 gpu = pytest.mark.gpu
-rng = np.random.default_rng()           # fresh inputs every run
-
-
-def rand(*shape, scale=1.0):
-    return (scale * rng.standard_normal(shape)).astype(np.float32)
-
-
-def rel_err(got, ref):
-    got = np.asarray(got.get() if hasattr(got, "get") else got, dtype=np.float64)
-    assert np.isfinite(got).all(), "non-finite output: an element was not written"
-    return np.linalg.norm(got - ref) / np.linalg.norm(ref)
 
 
 def rmsnorm64(x, g, eps):
