@@ -49,7 +49,8 @@ def main():
     ap.add_argument("--positions", default="3,60,200")
     ap.add_argument("--shapes", default="15M,110M")
     ap.add_argument("--tuning", action="store_true",
-                    help="also the halves with 8 warps an attention block and J 8: " + ", ".join(TUNING))
+                    help="also the halves with 8 warps an attention block and J 8: "
+                    + ", ".join(TUNING))
     a = ap.parse_args()
     cp = require_cupy()
     variants = {"five launches": five_launches, "two (halves)": contextlib.nullcontext}
