@@ -51,7 +51,8 @@ extern "C" __global__ void embed_tokens(const int* __restrict__ step, const floa
     float* out = h + (size_t)blockIdx.x * dim;
     for (int j = threadIdx.x; j < dim; j += blockDim.x) out[j] = row[j];
     if (clear != nullptr)
-        for (int j = threadIdx.x; j < dim; j += blockDim.x) clear[(size_t)blockIdx.x * dim + j] = 0.0f;
+        for (int j = threadIdx.x; j < dim; j += blockDim.x)
+            clear[(size_t)blockIdx.x * dim + j] = 0.0f;
 }
 
 // ---- attention_decode ----------------------------------------------------------------------

@@ -13,6 +13,7 @@ array API unchanged. The operations that go through `ops` run the kernels of ker
                         FusedDecoder, one CUDA graph per batch size, or
                         PersistentDecoder, one kernel per step              persistent.cu
 """
+import os
 import weakref
 
 import numpy as np
@@ -32,6 +33,13 @@ QGEMV_MAX_M = 64            # and with a Packed weight, up to this many with qge
                             # tensor_core_gemm (gemm_v7 or gemm_v6)
 
 
+def deterministic_default():
+    """CudaOps' `deterministic` where the caller does not say: MINILLAMA_DETERMINISTIC=1 in the
+    environment asks for the same bits every run (the command line and Llama.build make their
+    CudaOps themselves, so this is how they ask)."""
+    return os.environ.get("MINILLAMA_DETERMINISTIC", "0") == "1"
+
+
 class CudaOps(NumpyOps):
     """NumpyOps on the GPU: `xp` is cupy, and linear / matmul / softmax run minillama's kernels.
 
@@ -43,14 +51,15 @@ class CudaOps(NumpyOps):
         deterministic: the same bits every run, so no one-row step through halves.cu's two
         launches a layer, whose sums are added in whatever order the blocks end
         (FusedDecoder.run_halves; without it the logits move in their last places from run to
-        run, within 2e-6 of the five launches').
+        run, within 2e-6 of the five launches'); None: deterministic_default(), the
+        environment's say.
     """
     name = "cuda"
 
-    def __init__(self, fused_decode=True, graphs=True, persistent=True, deterministic=False):
+    def __init__(self, fused_decode=True, graphs=True, persistent=True, deterministic=None):
         self.xp = require_cupy()
         self.fused_decode, self.graphs, self.persistent = fused_decode, graphs, persistent
-        self.deterministic = deterministic
+        self.deterministic = deterministic_default() if deterministic is None else deterministic
         self._decoders = weakref.WeakKeyDictionary()     # model -> FusedDecoder (or None)
 
     def matrix_layout(self, w):

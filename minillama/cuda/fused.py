@@ -136,7 +136,7 @@ class FusedDecoder:
         self.packed = any(isinstance(w, Packed) for w in self._weights(model))
         # halves.cu's two launches a layer for one row (run_halves), where the caller did not
         # ask for the same bits every run (their sums are added by atomics, in any order)
-        self.halves = None if deterministic else self._halves(model)
+        self.halves = None if deterministic else self._halves()
         if self.halves is not None:          # the residual's other two buffers (run_halves)
             self.residuals = [self.h, buf(p.dim), buf(p.dim)]
 
@@ -398,19 +398,19 @@ class FusedDecoder:
 
     # ---- one row in two launches a layer (halves.cu) ----
 
-    def _halves(self, model):
+    def _halves(self):
         """halves_plan for this model where every weight of its layers is a float32 array, the
-        KV cache float32 and takes_halves; else None."""
+        KV cache (keys and values) float32 and takes_halves; else None."""
         p = self.p
-        weights = [w for layer in self.layers for w in layer[:6]]
-        if not (self.takes_halves and all(getattr(w, "dtype", None) == np.float32 for w in weights)
-                and all(layer[6].dtype == np.float32 for layer in self.layers)):
+        arrays = [a for layer in self.layers for a in layer]     # 6 weights, cache_k, cache_v
+        if not (self.takes_halves and all(getattr(a, "dtype", None) == np.float32 for a in arrays)):
             return None
-        return halves_plan(p.dim, p.n_heads, p.head_dim, p.hidden_dim, clusters=has_clusters())
+        return halves_plan(p.dim, p.head_dim, p.hidden_dim, clusters=has_clusters())
 
     def run_halves(self):
         """One row's step with halves.cu's launches: per layer attention_half and
-        feed_forward_half (either as the launches of run where halves_plan left it out). Each
+        feed_forward_half (either as run_five's share, attention_launches or
+        feed_forward_launches, where halves_plan left it out). Each
         of them reads the residual from one of three buffers and adds into the next (halves.cu
         says why), so launch i reads residuals[i % 3]; the step's first adds into residuals[1],
         which embed_tokens zeroes."""

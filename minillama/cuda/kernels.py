@@ -92,9 +92,12 @@ CACHE_TYPES = {"float32": "float", "float16": "unsigned short"}
 # halves_plan): attention_half<P> (clusters of HALVES_CLUSTER blocks of HALVES_WARPS warps) and
 # feed_forward_half<J, P>, P float4s a lane of a row of dim (dim <= 128 HALVES_MAX_P), J hidden
 # units a block: the first of HALVES_J that divides hidden_dim. Measured on an H200 (2026-12-01,
-# kernels/dev/ab_halves.py, the one-row step's graph at positions 3 / 60 / 200): stories15M
-# 1.33x / 1.31x / 1.36x, stories110M 1.14x / 1.13x / 1.17x; J 16 against 8 alone, 1.02x and
-# 1.05x. Their instances are groups of their own by P, compiled on their first launch.
+# kernels/dev/ab_halves.py, the one-row step's graph against five launches a layer, at
+# positions 3 / 60 / 200): stories15M 1.31x / 1.29x / 1.34x, stories110M 1.20x / 1.19x / 1.24x;
+# with --tuning, stories110M at 3: 8 warps an attention block 1.14x, J 8 1.06x, the package
+# 1.22x. Only P 3 and 6 were measured; at P 8 (dim 1024) ptxas spills 20 (attention_half) and
+# 72 bytes (feed_forward_half at J 16) a thread. Their instances are groups of their own by P,
+# compiled on their first launch.
 HALVES_CLUSTER = 8                 # halves.cu's HALVES_CLUSTER
 HALVES_WARPS = 16                  # halves.cu's HALVES_WARPS
 HALVES_MAX_P = 8
@@ -497,7 +500,7 @@ class HalvesPlan:
         self.attention, self.feed_forward = attention, feed_forward
 
 
-def halves_plan(dim, n_heads, head_dim, hidden_dim, clusters=True, optin=None):
+def halves_plan(dim, head_dim, hidden_dim, clusters=True, optin=None):
     """Which halves of a one-row float32 layer halves.cu's kernels take, and their launches
     (HalvesPlan), or None for neither. attention_half: a GPU with clusters (compute capability
     9.0 on), head_dim a multiple of 4 and of the cluster (each block S = head_dim / 8 of its
