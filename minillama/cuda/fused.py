@@ -99,6 +99,7 @@ class FusedDecoder:
         self.cp, self.p = cp, p
         self.tok_embeddings, self.norm, self.output = model.tok_embeddings, model.norm, model.output
         self.freqs_cos, self.freqs_sin = model.freqs_cos, model.freqs_sin
+        self.scale = np.float32(1.0 / np.sqrt(p.head_dim))  # q's scale before q . k, as model.py
         self.layers = [(layer.attention_norm, layer.attention.wqkv, layer.attention.wo,
                         layer.ffn_norm, layer.feed_forward.w13, layer.feed_forward.w2,
                         layer.attention.cache_k, layer.attention.cache_v)
@@ -385,7 +386,7 @@ class FusedDecoder:
         KERNELS.launch(f"attention_decode<{width},{CACHE_TYPES[cache_k.dtype.name]}>", grid,
                        block, (qkv, self.step, self.freqs_cos, self.freqs_sin, cache_k, cache_v,
                                att, i32(p.n_heads), i32(p.n_kv_heads), i32(p.head_dim),
-                               i32(p.max_seq_len), np.float32(1.0 / np.sqrt(p.head_dim)),
+                               i32(p.max_seq_len), self.scale,
                                self.split_parts, self.arrivals))
         matvec(att, wo, out=h, accumulate=self.adds_residual)
 
@@ -438,7 +439,7 @@ class FusedDecoder:
                        (h, attn_norm, np.float32(p.norm_eps), wqkv, wo, self.step,
                         self.freqs_cos, self.freqs_sin, cache_k, cache_v, h_mid, clear,
                         i32(p.dim), i32(p.n_heads), i32(p.n_kv_heads), i32(p.head_dim),
-                        np.float32(1.0 / np.sqrt(p.head_dim))), shared_mem=smem)
+                        self.scale), shared_mem=smem)
 
     def feed_forward_half(self, layer, h, h_next, clear):
         """h_next += h + w2 @ swiglu(...) (h_next zero), clear = 0: J hidden units a block."""

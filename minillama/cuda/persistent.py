@@ -83,7 +83,7 @@ class PersistentDecoder(FusedDecoder):
                         self.logits, self.counter, i32(bsz), i32(p.dim), i32(p.hidden_dim),
                         i32(p.n_layers), i32(p.n_heads), i32(p.n_kv_heads), i32(p.head_dim),
                         i32(p.max_seq_len), i32(p.vocab_size), np.float32(p.norm_eps),
-                        np.float32(1.0 / np.sqrt(p.head_dim))),
+                        self.scale),
                        shared_mem=shared_bytes(p, bsz))
 
 
