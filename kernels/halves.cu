@@ -27,15 +27,21 @@
 // any more: the launch before this one read it, and has ended by this one's wait). The step's
 // first launch adds into a buffer embed_tokens zeroed.
 //
-// Two lessons from measuring it (H200, 2026-12-01, docs/kernels.md):
+// Three lessons from measuring it (H200, 2026-12-01, docs/kernels.md):
 //   - x goes through shared memory, one load of each line a block. Read by every warp from L2
 //     (where gemv reads it through L1, a block's warps sharing each line), the same 24 lines
 //     were asked for by 2048 warps at once, and queued: staged, the stories110M feed-forward
 //     launch took 1.6 us from its wait to its gates instead of 4.7 (stories15M 0.9, not 1.3).
 //   - Every weight a block reads is loaded before grid_dependency_wait (registers, or shared
 //     memory by cp.async), so it travels while the launch before ends.
+//   - That pays only where the block has an SM to load on while the launch before runs: each
+//     block takes a whole SM (its registers or its shared memory), so the two launches' blocks
+//     must fit on the GPU together. stories110M's 96 + 128 did not (132 SMs); clusters of 4
+//     and feed_forward_wide's 64 blocks do, and its step is 1.04x to 1.07x as fast
+//     (kernels.halves_plan chooses).
 
 constexpr int HALVES_CLUSTER = 8;       // blocks of a head's cluster (R): the portable most
+                                        // (attention_half's default; 4 an instance too)
 constexpr int HALVES_WARPS = 16;        // warps of an attention_half block
 constexpr int HALVES_ALONE_CHUNKS = 1;  // keys in up to this many chunks: each block attends alone
 
@@ -119,20 +125,22 @@ __device__ __forceinline__ void row_slice(const float* row, int dim, float4 (&w)
     }
 }
 
+// acc + w . x, a float4 of each, added in order
+__device__ __forceinline__ float fma4(float4 w, float4 x, float acc) {
+    acc = fmaf(w.x, x.x, acc);
+    acc = fmaf(w.y, x.y, acc);
+    acc = fmaf(w.z, x.z, acc);
+    return fmaf(w.w, x.w, acc);
+}
+
 // This lane's share of a row of W (its float4s w) times xn. The warp's sums of several rows
 // are added across it together (decode.cu's warp_sums: their shuffles in flight at once).
 template <int P>
 __device__ __forceinline__ float row_dot(const float4 (&w)[P], const float4 (&xn)[P], int dim) {
     float acc = 0.0f;
 #pragma unroll
-    for (int i = 0; i < P; ++i) {
-        if (threadIdx.x % 32 + 32 * i < dim / 4) {
-            acc = fmaf(w[i].x, xn[i].x, acc);
-            acc = fmaf(w[i].y, xn[i].y, acc);
-            acc = fmaf(w[i].z, xn[i].z, acc);
-            acc = fmaf(w[i].w, xn[i].w, acc);
-        }
-    }
+    for (int i = 0; i < P; ++i)
+        if (threadIdx.x % 32 + 32 * i < dim / 4) acc = fma4(w[i], xn[i], acc);
     return acc;
 }
 
@@ -143,7 +151,8 @@ __device__ __forceinline__ void clear_next(float* Z, int dim) {
 }
 
 // ---- attention_half ----------------------------------------------------------------------------
-// grid (R, n_heads), clusters of R = HALVES_CLUSTER blocks: cluster h computes head h, its block
+// grid (R, n_heads), clusters of R blocks (8, or 4 where kernels.halves_plan wants the launch on
+// half as many SMs, each block then twice the rows): cluster h computes head h, its block
 // r (rank r) a share of everything, S = head_dim / R rows of each of the head's q, k and v and
 // D / R rows of wo:
 //   1. before the wait: its rows of wqkv and of wo's head columns into shared memory (cp.async),
@@ -161,14 +170,13 @@ __device__ __forceinline__ void clear_next(float* Z, int dim) {
 // barrier, arrived at once the records are read, waited for at the end.
 // Shapes: head_dim % 4 == 0, head_dim % R == 0, head_dim <= 128 (a float4 piece a lane),
 // dim % R == 0, dim <= 128 P; a float32 cache; one row. kernels.halves_plan checks them.
-template <int P, int WARPS = HALVES_WARPS>
-__global__ void __cluster_dims__(HALVES_CLUSTER, 1, 1) __launch_bounds__(WARPS * 32, 1)
+template <int P, int WARPS = HALVES_WARPS, int R = HALVES_CLUSTER>
+__global__ void __cluster_dims__(R, 1, 1) __launch_bounds__(WARPS * 32, 1)
 attention_half(const float* __restrict__ X, const float* __restrict__ norm_w, float eps,
                const float* __restrict__ wqkv, const float* __restrict__ wo,
                const int* __restrict__ step, const float* __restrict__ cos_table,
                const float* __restrict__ sin_table, float* cache_k, float* cache_v, float* Y,
                float* Z, int dim, int n_heads, int n_kv_heads, int head_dim, float scale) {
-    constexpr int R = HALVES_CLUSTER;
     constexpr int WIDTH = 4, PER_LANE = 1, KEYS = ATTN_LANE_FLOATS / WIDTH;
     const int r = blockIdx.x, h = blockIdx.y, lane = threadIdx.x % 32, warp = threadIdx.x / 32;
     const int rep = n_heads / n_kv_heads, g = h / rep;
@@ -311,15 +319,48 @@ attention_half(const float* __restrict__ X, const float* __restrict__ norm_w, fl
     if (!alone) cluster_wait();                     // no block leaves while another reads it
 }
 
-// ---- feed_forward_half -------------------------------------------------------------------------
-// grid (hidden / J), J warps a block: block b takes hidden units u0 = J b .. u0 + J - 1, warp j
-// unit u0 + j, whose rows of w1 and w3 (rows u and hidden + u of w13) it multiplies by
-// rmsnorm(h_mid), so that the block holds gate_j = silu(a1) a3 for its J units without any other
-// block. Then w2's columns u0 .. u0 + J - 1 (a (dim, J) slice, J / 4 float4s a row) times the
-// gates: thread t takes float4 e = t, t + 32 J, .. of the slice (row e / (J / 4)), and the J / 4
-// lanes of a row add their products by shuffles; one atomicAdd a row (block 0 adds h_mid too).
-// Every weight is loaded into registers before the wait: P float4s a lane of each of its two
-// rows, P of the slice a thread (P = ceil(dim / 128) either way).
+// ---- feed_forward_half and feed_forward_wide ---------------------------------------------------
+// Both: block b takes hidden units u0 = J b .. u0 + J - 1, warp j unit u0 + j, whose rows of w1
+// and w3 (rows u and hidden + u of w13) it multiplies by rmsnorm(h_mid), so that the block holds
+// gate_j = silu(a1) a3 for its J units without any other block. Then w2's columns u0 .. u0 + J - 1
+// (a (dim, J) slice, J / 4 float4s a row) times the gates: thread t takes float4 e = t, t + 32 J, ..
+// of the slice (row e / (J / 4)), and the J / 4 lanes of a row add their products by shuffles;
+// one atomicAdd a row (block 0 adds h_mid too). Every weight is loaded before the wait.
+
+// This thread's P float4s of w2's slice (registers), zeros past its rows
+template <int J, int P>
+__device__ __forceinline__ void load_w2_slice(const float* w2, int dim, int hidden, int u0,
+                                              float4 (&r2)[P]) {
+    constexpr int Q = J / 4;                                  // float4s of a row of the slice
+#pragma unroll
+    for (int i = 0; i < P; ++i) {
+        const int e = threadIdx.x + i * 32 * J, d = e / Q;
+        r2[i] = d < dim ? __ldcg(reinterpret_cast<const float4*>(w2 + (size_t)d * hidden + u0)
+                                 + e % Q)
+                        : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    }
+}
+
+// The slice times the block's J gates (shared memory), added into Y
+template <int J, int P>
+__device__ __forceinline__ void add_w2_slice(const float4 (&r2)[P], const float* gate,
+                                             const float* xs, float* Y, int dim) {
+    constexpr int Q = J / 4;
+#pragma unroll
+    for (int i = 0; i < P; ++i) {
+        const int e = threadIdx.x + i * 32 * J, d = e / Q, q = e % Q;
+        float p = r2[i].x * gate[4 * q];
+        p = fmaf(r2[i].y, gate[4 * q + 1], p);
+        p = fmaf(r2[i].z, gate[4 * q + 2], p);
+        p = fmaf(r2[i].w, gate[4 * q + 3], p);
+#pragma unroll
+        for (int o = 1; o < Q; o *= 2) p += __shfl_xor_sync(FULL_MASK, p, o);
+        if (q == 0 && d < dim) atomicAdd(Y + d, blockIdx.x == 0 ? p + xs[d] : p);
+    }
+}
+
+// feed_forward_half: grid (hidden / J), J warps a block, every weight in registers: P float4s a
+// lane of each of its two rows, P of the slice a thread (P = ceil(dim / 128) either way).
 // Shapes: dim % 4 == 0, dim <= 128 P, hidden % J == 0, J in 4, 8, 16.
 template <int J, int P>
 __global__ void __launch_bounds__(32 * J, 1)
@@ -327,7 +368,6 @@ feed_forward_half(const float* __restrict__ X, const float* __restrict__ norm_w,
                   const float* __restrict__ w13, const float* __restrict__ w2, float* Y,
                   float* Z, int dim, int hidden) {
     static_assert(J % 4 == 0 && J <= 32, "J / 4 lanes share a row of w2's slice");
-    constexpr int Q = J / 4;                                  // float4s of a row of the slice
     const int lane = threadIdx.x % 32, j = threadIdx.x / 32, D4 = dim / 4;
     const int u0 = blockIdx.x * J, u = u0 + j;
     const float4 zero = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
@@ -339,11 +379,8 @@ feed_forward_half(const float* __restrict__ X, const float* __restrict__ norm_w,
         const int k4 = lane + 32 * i;
         r1[i] = k4 < D4 ? __ldcg(w1 + k4) : zero;
         r3[i] = k4 < D4 ? __ldcg(w3 + k4) : zero;
-        const int e = threadIdx.x + i * 32 * J, d = e / Q;
-        r2[i] = d < dim ? __ldcg(reinterpret_cast<const float4*>(w2 + (size_t)d * hidden + u0)
-                                 + e % Q)
-                        : zero;
     }
+    load_w2_slice<J, P>(w2, dim, hidden, u0, r2);
     float4 gn[P];
     load_norm<P>(norm_w, dim, gn);
     grid_launch_dependents();
@@ -363,16 +400,63 @@ feed_forward_half(const float* __restrict__ X, const float* __restrict__ norm_w,
     const float inv_rms = 1.0f / sqrtf(sums[2] / dim + eps);
     if (lane == 0) gate[j] = silu(sums[0] * inv_rms) * (sums[1] * inv_rms);
     __syncthreads();
+    add_w2_slice<J, P>(r2, gate, xs, Y, dim);
+}
 
+// feed_forward_wide: grid (hidden / 32), 32 warps a block, the same arithmetic with twice the
+// hidden units a block, so that half as many blocks take the launch (beside attention_half's
+// clusters, kernels.halves_plan). Its rows of w1 and w3 (2 x 32 rows of dim) are more than the
+// registers hold: they go into shared memory by cp.async before the wait, with RMSNorm's
+// weights, and each warp reads its two rows from there; w2's slice stays in registers.
+// Shapes: dim % 4 == 0, dim <= 128 P, hidden % 32 == 0; 4 (65 dim + 128 P) + 128 bytes of
+// shared memory.
+template <int P>
+__global__ void __launch_bounds__(1024, 1)
+feed_forward_wide(const float* __restrict__ X, const float* __restrict__ norm_w, float eps,
+                  const float* __restrict__ w13, const float* __restrict__ w2, float* Y,
+                  float* Z, int dim, int hidden) {
+    constexpr int J = 32;
+    const int lane = threadIdx.x % 32, j = threadIdx.x / 32, D4 = dim / 4, u0 = blockIdx.x * J;
+    extern __shared__ __align__(16) float smem[];   // kernels.halves_plan sizes it
+    float* rows = smem;                             // (2 J, dim): w1's rows u0 .., then w3's
+    float* gs = rows + 2 * J * dim;                 // (dim) RMSNorm's weights
+    for (int c = threadIdx.x; c < 2 * J * D4; c += blockDim.x) {
+        const int row = c / D4, k4 = c % D4;
+        const int from = row < J ? u0 + row : hidden + u0 + row - J;
+        cp_async16(smem_addr(rows + row * dim + 4 * k4), w13 + (size_t)from * dim + 4 * k4, 16);
+    }
+    for (int c = threadIdx.x; c < D4; c += blockDim.x)
+        cp_async16(smem_addr(gs + 4 * c), norm_w + 4 * c, 16);
+    cp_async_commit();
+    float4 r2[P];
+    load_w2_slice<J, P>(w2, dim, hidden, u0, r2);
+    grid_launch_dependents();
+    grid_dependency_wait();                         // (reduce.cu) x is the last launch's
+
+    clear_next(Z, dim);
+    __shared__ __align__(16) float xs[128 * P];
+    __shared__ float gate[J];
+    stage_x(X, xs, dim);
+    cp_async_wait<0>();
+    __syncthreads();
+    float sums[3] = {0.0f, 0.0f, 0.0f};             // w1's row, w3's, x's squares
+    const float4* w1 = reinterpret_cast<const float4*>(rows + j * dim);
+    const float4* w3 = reinterpret_cast<const float4*>(rows + (J + j) * dim);
 #pragma unroll
     for (int i = 0; i < P; ++i) {
-        const int e = threadIdx.x + i * 32 * J, d = e / Q, q = e % Q;
-        float p = r2[i].x * gate[4 * q];
-        p = fmaf(r2[i].y, gate[4 * q + 1], p);
-        p = fmaf(r2[i].z, gate[4 * q + 2], p);
-        p = fmaf(r2[i].w, gate[4 * q + 3], p);
-#pragma unroll
-        for (int o = 1; o < Q; o *= 2) p += __shfl_xor_sync(FULL_MASK, p, o);
-        if (q == 0 && d < dim) atomicAdd(Y + d, blockIdx.x == 0 ? p + xs[d] : p);
+        const int k4 = lane + 32 * i;
+        if (k4 < D4) {
+            const float4 x = reinterpret_cast<const float4*>(xs)[k4];
+            const float4 g = reinterpret_cast<const float4*>(gs)[k4];
+            const float4 xn = make_float4(x.x * g.x, x.y * g.y, x.z * g.z, x.w * g.w);
+            sums[0] = fma4(w1[k4], xn, sums[0]);
+            sums[1] = fma4(w3[k4], xn, sums[1]);
+            sums[2] += sum_squares4(x);
+        }
     }
+    warp_sums<3>(sums);
+    const float inv_rms = 1.0f / sqrtf(sums[2] / dim + eps);
+    if (lane == 0) gate[j] = silu(sums[0] * inv_rms) * (sums[1] * inv_rms);
+    __syncthreads();
+    add_w2_slice<J, P>(r2, gate, xs, Y, dim);
 }

@@ -9,8 +9,8 @@ import pytest
 
 from minillama.checkpoints.random import random_weights
 from minillama.cuda import runtime
-from minillama.cuda.kernels import HALVES_CLUSTER, HALVES_J, HALVES_MAX_P, HALVES_STATIC_SMEM, \
-    HALVES_WARPS, KERNELS, halves_plan
+from minillama.cuda.kernels import HALVES_CLUSTER, HALVES_CLUSTERS, HALVES_J, HALVES_MAX_P, \
+    HALVES_STATIC_SMEM, HALVES_WARPS, HALVES_WIDE_J, KERNELS, halves_plan
 from minillama.model import ModelArgs, Transformer, apply_rotary_emb, precompute_freqs
 from minillama.ops import CPU
 
@@ -38,25 +38,48 @@ def test_halves_plan_takes_the_shapes_the_kernels_read():
     """The TinyStories shapes take both halves (J 16, P = dim / 128 rounded up); each half is
     refused alone where its kernel cannot read the shape, and neither where dim is past P 8."""
     optin = 227 * 1024
-    p15 = halves_plan(288, 48, 768, optin=optin)
-    assert p15.attention == (3, 4 * (3 * 6 * 288 + 36 * 48 + 288 + 5 * 48 + 2))
-    assert p15.feed_forward == (16, 3)
-    p110 = halves_plan(768, 64, 2048, optin=optin)
-    assert p110.attention[0] == 6 and p110.feed_forward == (16, 6)
-    assert halves_plan(64, 8, 172, optin=optin).feed_forward == (4, 1)   # 172 = 4 x 43
-    assert halves_plan(64, 8, 40, optin=optin).feed_forward == (8, 1)
+    p15 = halves_plan(288, 48, 768, n_heads=6, optin=optin, sms=132)
+    assert p15.attention == (3, 4 * (3 * 6 * 288 + 36 * 48 + 288 + 5 * 48 + 2), 8)
+    assert p15.feed_forward == (16, 3, 0)
+    p110 = halves_plan(768, 64, 2048, optin=optin, choose=(8, False))
+    assert p110.attention[::2] == (6, 8) and p110.feed_forward == (16, 6, 0)
+    assert halves_plan(64, 8, 172, optin=optin).feed_forward == (4, 1, 0)   # 172 = 4 x 43
+    assert halves_plan(64, 8, 40, optin=optin).feed_forward == (8, 1, 0)
     assert halves_plan(36, 6, 70, optin=optin) is None                   # tests' ODD shape
     assert halves_plan(288, 72, 768, optin=optin).attention is not None     # 72 % 8 == 0
     only_ff = halves_plan(300, 50, 768, optin=optin)                     # 50 % 4 != 0
-    assert only_ff.attention is None and only_ff.feed_forward == (16, 3)
+    assert only_ff.attention is None and only_ff.feed_forward == (16, 3, 0)
     assert halves_plan(288, 48, 770, optin=optin).feed_forward is None   # no J divides
     assert halves_plan(288, 256, 768, optin=optin).attention is None     # head_dim > 128
-    assert halves_plan(1024, 64, 2816, optin=optin).attention[0] == HALVES_MAX_P
+    assert halves_plan(1024, 64, 2816, optin=optin, sms=132).attention[0] == HALVES_MAX_P
     assert halves_plan(1024, 128, 2816, optin=optin).attention is None   # 263 KiB of rows
     assert halves_plan(1028, 257, 2816, optin=optin) is None             # P 9
     assert halves_plan(288, 48, 768, clusters=False, optin=optin).attention is None
     small = halves_plan(1024, 64, 2816, optin=64 * 1024)               # shared memory
-    assert small.attention is None and small.feed_forward == (16, 8)
+    assert small.attention is None and small.feed_forward == (16, 8, 0)
+
+
+def test_halves_plan_puts_both_launches_on_the_gpu_at_once():
+    """The first pair whose blocks all fit on the SMs at once: stories15M's 48 + 48 blocks as
+    before; stories110M's 96 + 128 do not fit 132 SMs, clusters of 4 and the wide feed-forward
+    (48 + 64) do; with SMs enough for all, clusters of 8 and registers; where no pair fits,
+    the same. The wide kernel's shared memory, and choose."""
+    optin = 227 * 1024
+    p15 = halves_plan(288, 48, 768, n_heads=6, optin=optin, sms=132)
+    assert p15.attention[2] == 8 and p15.feed_forward[2] == 0
+    p110 = halves_plan(768, 64, 2048, n_heads=12, optin=optin, sms=132)
+    assert p110.attention == (6, 4 * (3 * 16 * 768 + 192 * 64 + 768 + 5 * 64 + 2), 4)
+    assert p110.feed_forward == (32, 6, 4 * (64 * 768 + 768))
+    assert p110.blocks(12, 2048) == 48 + 64
+    roomy = halves_plan(768, 64, 2048, n_heads=12, optin=optin, sms=224)
+    assert roomy.attention[2] == 8 and roomy.feed_forward == (16, 6, 0)
+    crowded = halves_plan(768, 64, 2048, n_heads=12, optin=optin, sms=100)
+    assert crowded.attention[2] == 8 and crowded.feed_forward == (16, 6, 0)
+    assert halves_plan(64, 8, 172, optin=optin, choose=(4, True)).feed_forward is None
+    # at dim 1024 neither fits shared memory: clusters of 4 (263 KB) nor the wide rows (266 KB)
+    assert halves_plan(1024, 64, 2048, optin=optin, choose=(4, True)) is None
+    assert halves_plan(1024, 64, 2048, optin=optin, choose=(8, True)).feed_forward is None
+    assert halves_plan(768, 64, 2048, n_heads=12, optin=optin).attention[2] == 8   # no sms given
 
 
 def test_halves_constants_are_the_kernels():
@@ -71,22 +94,30 @@ def test_halves_constants_are_the_kernels():
     assert HALVES_STATIC_SMEM == 4 * (2 * warps + warps * head_dim)
     assert HALVES_WARPS <= warps and "halves.cu" in runtime.KERNEL_FILES
     names = set(KERNELS.templates)
-    assert all(f"attention_half<{P},{HALVES_WARPS}>" in names and
-               all(f"feed_forward_half<{j},{P}>" in names for j in HALVES_J)
-               for P in range(1, HALVES_MAX_P + 1))
+    assert all(f"attention_half<{P},{HALVES_WARPS},{R}>" in names and
+               all(f"feed_forward_half<{j},{P}>" in names for j in HALVES_J) and
+               f"feed_forward_wide<{P}>" in names
+               for P in range(1, HALVES_MAX_P + 1) for R in HALVES_CLUSTERS)
+    assert HALVES_CLUSTERS[0] == HALVES_CLUSTER
+    assert f"constexpr int J = {HALVES_WIDE_J};" in halves
 
 
 # ----------------------------------------------------------------------------
 # the kernels against float64
 
 @gpu
-@pytest.mark.parametrize("dim,hidden", [(36, 40), (132, 20), (288, 768), (768, 2048),
-                                        (1024, 48), (8, 12)])
-def test_feed_forward_half_against_float64(cp, dim, hidden):
+@pytest.mark.parametrize("dim,hidden,wide", [
+    (36, 40, False), (132, 20, False), (288, 768, False), (768, 2048, False), (1024, 48, False),
+    (8, 12, False), (36, 96, True), (132, 64, True), (288, 768, True), (768, 2048, True),
+    (8, 32, True)])
+def test_feed_forward_half_against_float64(cp, dim, hidden, wide):
     """h_next = h + w2 @ (silu(w1 @ n) * (w3 @ n)), n = rmsnorm(h): every J the plan takes
-    (16, 8, 4), P from 1 to 8, dims that are not multiples of 128. h_next starts at zero, the
+    (16, 8, 4) with the rows in registers, and feed_forward_wide (J 32, its rows in shared
+    memory), P from 1 to 8, dims that are not multiples of 128. h_next starts at zero, the
     buffer to clear as NaN (zeroed by the launch); h and the weights are left as they were."""
-    J, P = halves_plan(dim, 8, hidden, clusters=False, optin=1).feed_forward
+    J, P, smem = halves_plan(dim, 8, hidden, clusters=False, choose=(8, wide)).feed_forward
+    name = f"feed_forward_wide<{P}>" if wide else f"feed_forward_half<{J},{P}>"
+    assert (smem > 0) == wide and (J == HALVES_WIDE_J) == wide
     x, g = rand(1, dim), rand(dim, scale=0.5) + 1
     w13, w2 = rand(2 * hidden, dim, scale=dim ** -0.5), rand(dim, hidden, scale=hidden ** -0.5)
     eps = 1e-5
@@ -95,8 +126,9 @@ def test_feed_forward_half_against_float64(cp, dim, hidden):
     ref = x[0] + w2.astype(np.float64) @ (a1 / (1 + np.exp(-a1)) * a3)
     X, G, W13, W2 = (cp.asarray(a) for a in (x, g, w13, w2))
     Y, Z = cp.zeros((1, dim), dtype=np.float32), cp.full((1, dim), np.nan, dtype=np.float32)
-    KERNELS.launch(f"feed_forward_half<{J},{P}>", (hidden // J,), (32 * J,),
-                   (X, G, np.float32(eps), W13, W2, Y, Z, runtime.i32(dim), runtime.i32(hidden)))
+    KERNELS.launch(name, (hidden // J,), (32 * J,),
+                   (X, G, np.float32(eps), W13, W2, Y, Z, runtime.i32(dim), runtime.i32(hidden)),
+                   shared_mem=smem)
     assert rel_err(Y[0], ref) < 1e-5
     assert (Z.get() == 0).all()
     assert np.array_equal(X.get(), x) and np.array_equal(W2.get(), w2)
@@ -125,14 +157,18 @@ def attention_reference(x, g, eps, wqkv, wo, cache_k, cache_v, pos, nh, nkv, hd,
     (64, 8, 2, 8, 0), (64, 8, 2, 8, 5), (288, 6, 6, 48, 127), (288, 6, 6, 48, 128),
     (288, 6, 3, 48, 300), (768, 12, 12, 64, 60), (768, 12, 4, 64, 1000), (256, 2, 1, 128, 200),
     (1024, 16, 4, 64, 3), (288, 6, 6, 48, 2100)])
-def test_attention_half_against_float64(cp, clusters, dim, nh, nkv, hd, pos):
+@pytest.mark.parametrize("R", HALVES_CLUSTERS)
+def test_attention_half_against_float64(cp, clusters, dim, nh, nkv, hd, pos, R):
     """h_mid = h + wo @ attention(rope(wqkv @ rmsnorm(h))) at pos, the new key and value into
     the cache at pos, rows before it untouched and rows after it never read (NaN). Positions in
     one chunk of keys (every block of the cluster attends alone: 0 to 128) and in several (the
     blocks take chunks in turn and meet in the records: 200 to 1000; 2100, 17 chunks, so that
     blocks load a second and a third), grouped-query heads,
-    head_dim 8 (a block one row of each of q, k, v) to 128, P 1 to 8."""
-    P, smem = halves_plan(dim, hd, 4 * dim).attention
+    head_dim 8 (a block one row of each of q, k, v) to 128, P 1 to 8; clusters of 8 and of 4."""
+    launch = halves_plan(dim, hd, 4 * dim, choose=(R, False)).attention
+    if launch is None:
+        pytest.skip(f"clusters of {R} need more shared memory than the GPU's for this shape")
+    P, smem, _ = launch
     max_seq, eps = pos + 3, 1e-5
     x, g = rand(dim), rand(dim, scale=0.5) + 1
     wqkv = rand((nh + 2 * nkv) * hd, dim, scale=dim ** -0.5)
@@ -145,7 +181,7 @@ def test_attention_half_against_float64(cp, clusters, dim, nh, nkv, hd, pos):
     cache_k, cache_v = cp.asarray(start_k), cp.asarray(start_v)
     step = cp.asarray(np.array([pos, 0], dtype=np.int32))
     Y, Z = cp.zeros((1, dim), dtype=np.float32), cp.full((1, dim), np.nan, dtype=np.float32)
-    KERNELS.launch(f"attention_half<{P},{HALVES_WARPS}>", (HALVES_CLUSTER, nh),
+    KERNELS.launch(f"attention_half<{P},{HALVES_WARPS},{R}>", (R, nh),
                    (32 * HALVES_WARPS,),
                    (cp.asarray(x[None]), cp.asarray(g), np.float32(eps), cp.asarray(wqkv),
                     cp.asarray(wo), step, cp.asarray(cos), cp.asarray(sin), cache_k, cache_v,
@@ -162,11 +198,11 @@ def test_attention_half_against_float64(cp, clusters, dim, nh, nkv, hd, pos):
 # ----------------------------------------------------------------------------
 # the step
 
-def halves_model(cuda, n_layers, deterministic=False, max_seq_len=160, w=None):
+def halves_model(cuda, n_layers, deterministic=False, max_seq_len=160, w=None, hidden=172):
     """A model both halves take (GQA, J 4: hidden 172), on the GPU and the CPU; its weights w
     (random ones by default) and ops."""
     p = ModelArgs(dim=64, n_layers=n_layers, n_heads=8, n_kv_heads=2, vocab_size=301,
-                  hidden_dim=172, max_seq_len=max_seq_len, max_batch_size=2)
+                  hidden_dim=hidden, max_seq_len=max_seq_len, max_batch_size=2)
     w = random_weights(p, seed=int(rng.integers(1 << 30)), scale=0.5) if w is None else w
     ops = cuda.CudaOps(persistent=False, deterministic=deterministic)
     return Transformer(p, w, ops), Transformer(p, w, CPU), ops, w
@@ -174,15 +210,22 @@ def halves_model(cuda, n_layers, deterministic=False, max_seq_len=160, w=None):
 
 @gpu
 @pytest.mark.parametrize("n_layers", [3, 4, 5])
-def test_one_row_steps_take_two_launches_a_layer_and_match_the_cpu(clusters, n_layers):
+@pytest.mark.parametrize("pair", [None, (4, True)])
+def test_one_row_steps_take_two_launches_a_layer_and_match_the_cpu(clusters, monkeypatch,
+                                                                    n_layers, pair):
     """The one-row step through run_halves (2 launches a layer, embed_tokens and the
     classifier) against the CPU model within 1e-4, position by position through the cache's
     first chunk and past it (alone, then the records), through the graph; layer counts that
     leave the residual in each of its three buffers at the step's end (the step's first launch
     adds into the buffer embed_tokens zeroed, whatever the last one zeroed); two rows still take
-    the five launches."""
+    the five launches. With the plan's pair, and with stories110M's on an H200 (clusters of 4,
+    feed_forward_wide: hidden 192)."""
+    import functools
     import minillama.cuda as cuda
-    gpu_model, cpu_model, ops, _ = halves_model(cuda, n_layers)
+    from minillama.cuda import fused
+    if pair:
+        monkeypatch.setattr(fused, "halves_plan", functools.partial(halves_plan, choose=pair))
+    gpu_model, cpu_model, ops, _ = halves_model(cuda, n_layers, hidden=192 if pair else 172)
     forward = ops.decoder(gpu_model)
     tokens = np.array([[7]])
     for pos in range(0, 150):
@@ -192,6 +235,8 @@ def test_one_row_steps_take_two_launches_a_layer_and_match_the_cpu(clusters, n_l
         tokens = want[:, -1].argmax(-1).reshape(1, 1)
     decoder = ops._decoders[gpu_model]
     assert decoder.launches_per_step[1] == 2 * n_layers + 2
+    if pair:
+        assert decoder.halves.attention[2] == 4 and decoder.halves.feed_forward[0] == 32
     assert decoder.graphs[1] is not None
     two = rng.integers(0, 301, size=(2, 1))
     assert rel_err(forward(two, 150), cpu_model.forward(two, 150)) < 1e-4

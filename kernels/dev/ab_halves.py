@@ -4,8 +4,10 @@ GPU of compute capability 9.0).
 
     PYTHONPATH=. python kernels/dev/ab_halves.py [--rounds 7] [--positions 3,60,200] [--tuning]
 
-ab_step.py's harness: the step's graph captured per variant, logits checked against the
-first's, interleaved rounds, ms a step. The prototypes it grew from (kernels/dev/attn_layer.cu,
+Beside the package's plan, each pair halves_plan chooses from (clusters of 8 or 4, the
+feed-forward's rows in registers or shared memory: plan_of). ab_step.py's harness: the step's
+graph captured per variant, logits checked against the first's, interleaved rounds, ms a
+step. The prototypes it grew from (kernels/dev/attn_layer.cu,
 mlp.cu, with their variants and a timeline of %globaltimer stamps) are in commit 1918caa.
 
 On an H200 (2026-12-01): see docs/kernels.md, "A layer in two launches".
@@ -34,13 +36,29 @@ def halves_with(warps=None, J=None):
             stack.enter_context(patched(fused, "HALVES_WARPS", warps))
         if J:       # a property on the class reads before the instance's own attribute
             kernels.HalvesPlan.feed_forward = property(
-                lambda plan: (J, plan.__dict__["feed_forward"][1]),
+                lambda plan: (J, plan.__dict__["feed_forward"][1], 0),
                 lambda plan, value: plan.__dict__.__setitem__("feed_forward", value))
             stack.callback(delattr, kernels.HalvesPlan, "feed_forward")
         yield
 
 
 TUNING = {"w8": dict(warps=8), "J8": dict(J=8), "w8 J8": dict(warps=8, J=8)}
+
+
+@contextlib.contextmanager
+def plan_of(R, wide):
+    """A variant: halves_plan's pair (R, wide) whatever it would choose (a property on the
+    class reads before the decoder's own attribute)."""
+    fused.FusedDecoder.halves = property(lambda dec: kernels.halves_plan(
+        dec.p.dim, dec.p.head_dim, dec.p.hidden_dim, n_heads=dec.p.n_heads, choose=(R, wide)))
+    try:
+        yield
+    finally:
+        del fused.FusedDecoder.halves
+
+
+PLANS = {"R 8, registers": (8, False), "R 4, registers": (4, False), "R 8, wide": (8, True),
+         "R 4, wide": (4, True)}
 
 
 def main():
@@ -54,9 +72,10 @@ def main():
     a = ap.parse_args()
     cp = require_cupy()
     variants = {"five launches": five_launches, "two (halves)": contextlib.nullcontext}
+    variants.update({label: (lambda pair=pair: plan_of(*pair)) for label, pair in PLANS.items()})
     if a.tuning:
         for P in range(1, kernels.HALVES_MAX_P + 1):
-            add_instances(f"attention_half{P}", [f"attention_half<{P},8>"])
+            add_instances(f"attention_half{P}", [f"attention_half<{P},8,8>"])
         variants.update({label: (lambda kw=kw: halves_with(**kw)) for label, kw in TUNING.items()})
     for shape in a.shapes.split(","):
         for pos in map(int, a.positions.split(",")):

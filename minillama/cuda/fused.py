@@ -19,10 +19,10 @@ import warnings
 import numpy as np
 
 from ..formats import Packed
-from .kernels import CACHE_TYPES, GREEDY_THREADS, HALVES_CLUSTER, HALVES_WARPS, KERNELS, \
+from .kernels import CACHE_TYPES, GREEDY_THREADS, HALVES_WARPS, KERNELS, \
     PACKED_KERNEL_FORMATS, attention_chunk, attention_splits, attention_threads, gemv, \
     greedy_pick, halves_plan, has_clusters, qgemv
-from .runtime import i32, require_cupy
+from .runtime import i32, require_cupy, sm_count
 
 
 # Programmatic launches (cuda/pdl.py), measured on an H200 (2026-11-29, graph replay of one
@@ -406,7 +406,8 @@ class FusedDecoder:
         arrays = [a for layer in self.layers for a in layer]     # 6 weights, cache_k, cache_v
         if not (self.takes_halves and all(getattr(a, "dtype", None) == np.float32 for a in arrays)):
             return None
-        return halves_plan(p.dim, p.head_dim, p.hidden_dim, clusters=has_clusters())
+        return halves_plan(p.dim, p.head_dim, p.hidden_dim, n_heads=p.n_heads,
+                           clusters=has_clusters(), sms=sm_count())
 
     def run_halves(self):
         """One row's step with halves.cu's launches: per layer attention_half and
@@ -433,8 +434,8 @@ class FusedDecoder:
     def attention_half(self, layer, h, h_mid, clear):
         """h_mid += h + wo @ attention(...) (h_mid zero), clear = 0: a cluster a head."""
         p, (attn_norm, wqkv, wo, _, _, _, cache_k, cache_v) = self.p, layer
-        P, smem = self.halves.attention
-        KERNELS.launch(f"attention_half<{P},{HALVES_WARPS}>", (HALVES_CLUSTER, p.n_heads),
+        P, smem, R = self.halves.attention
+        KERNELS.launch(f"attention_half<{P},{HALVES_WARPS},{R}>", (R, p.n_heads),
                        (32 * HALVES_WARPS,),
                        (h, attn_norm, np.float32(p.norm_eps), wqkv, wo, self.step,
                         self.freqs_cos, self.freqs_sin, cache_k, cache_v, h_mid, clear,
@@ -442,12 +443,14 @@ class FusedDecoder:
                         self.scale), shared_mem=smem)
 
     def feed_forward_half(self, layer, h, h_next, clear):
-        """h_next += h + w2 @ swiglu(...) (h_next zero), clear = 0: J hidden units a block."""
+        """h_next += h + w2 @ swiglu(...) (h_next zero), clear = 0: J hidden units a block,
+        their rows of w13 in registers (feed_forward_half) or shared memory (_wide)."""
         p, (_, _, _, ffn_norm, w13, w2, _, _) = self.p, layer
-        J, P = self.halves.feed_forward
-        KERNELS.launch(f"feed_forward_half<{J},{P}>", (p.hidden_dim // J,), (32 * J,),
+        J, P, smem = self.halves.feed_forward
+        name = f"feed_forward_wide<{P}>" if smem else f"feed_forward_half<{J},{P}>"
+        KERNELS.launch(name, (p.hidden_dim // J,), (32 * J,),
                        (h, ffn_norm, np.float32(p.norm_eps), w13, w2, h_next, clear,
-                        i32(p.dim), i32(p.hidden_dim)))
+                        i32(p.dim), i32(p.hidden_dim)), shared_mem=smem)
 
     # What a tensor-parallel rank does differently (parallel/fused.py overrides these): whether
     # its products add the residual, what joins the ranks after each residual update, and how

@@ -89,9 +89,12 @@ ATTENTION_LANE_FLOATS = 32
 # attention_decode<WIDTH, T>: the KV cache's element type, by its NumPy dtype
 CACHE_TYPES = {"float32": "float", "float16": "unsigned short"}
 # halves.cu, a one-row layer of float32 weights in two launches (FusedDecoder.run_halves,
-# halves_plan): attention_half<P> (clusters of HALVES_CLUSTER blocks of HALVES_WARPS warps) and
-# feed_forward_half<J, P>, P float4s a lane of a row of dim (dim <= 128 HALVES_MAX_P), J hidden
-# units a block: the first of HALVES_J that divides hidden_dim. Measured on an H200 (2026-12-01,
+# halves_plan): attention_half<P, HALVES_WARPS, R> (clusters of R blocks, R of HALVES_CLUSTERS)
+# and feed_forward_half<J, P>, P float4s a lane of a row of dim (dim <= 128 HALVES_MAX_P), J hidden
+# units a block: the first of HALVES_J that divides hidden_dim, or feed_forward_wide<P> (J
+# HALVES_WIDE_J, its rows in shared memory), where halves_plan wants both launches' blocks on
+# the GPU at once (stories110M on an H200: clusters of 4 and the wide kernel, 1.04x to 1.07x
+# the step of clusters of 8 and J 16, which had measured as follows). Measured on an H200 (2026-12-01,
 # kernels/dev/ab_halves.py, the one-row step's graph against five launches a layer, at
 # positions 3 / 60 / 200): stories15M 1.31x / 1.29x / 1.34x, stories110M 1.20x / 1.19x / 1.24x;
 # with --tuning, stories110M at 3: 8 warps an attention block 1.14x, J 8 1.06x, the package
@@ -99,9 +102,11 @@ CACHE_TYPES = {"float32": "float", "float16": "unsigned short"}
 # 72 bytes (feed_forward_half at J 16) a thread. Their instances are groups of their own by P,
 # compiled on their first launch.
 HALVES_CLUSTER = 8                 # halves.cu's HALVES_CLUSTER
+HALVES_CLUSTERS = (HALVES_CLUSTER, 4)   # attention_half's R, the cluster a head: the first that fits
 HALVES_WARPS = 16                  # halves.cu's HALVES_WARPS
 HALVES_MAX_P = 8
 HALVES_J = (16, 8, 4)
+HALVES_WIDE_J = 32                 # feed_forward_wide's hidden units a block
 HALVES_MAX_HEAD_DIM = 128          # a float4 piece of a head a lane
 HALVES_STATIC_SMEM = 4 * (2 * 16 + 16 * 256)     # attention_half's WarpSoftmax (decode.cu)
 # decode_persistent<B> (persistent.cu, launched by PersistentDecoder): batch rows per warp
@@ -255,8 +260,10 @@ def _templates():
                          for config in GEMM_V7_CONFIGS
                          if config == GEMM_V7_DEFAULT or fmt in ("f16", "bf16")]
     for P in range(1, HALVES_MAX_P + 1):   # apart: attention_half needs sm_90 (clusters)
-        groups[f"attention_half{P}"] = [f"attention_half<{P},{HALVES_WARPS}>"]
-        groups[f"feed_forward_half{P}"] = [f"feed_forward_half<{j},{P}>" for j in HALVES_J]
+        groups[f"attention_half{P}"] = [f"attention_half<{P},{HALVES_WARPS},{R}>"
+                                        for R in HALVES_CLUSTERS]
+        groups[f"feed_forward_half{P}"] = [f"feed_forward_half<{j},{P}>" for j in HALVES_J] \
+            + [f"feed_forward_wide<{P}>"]
     groups["f32"] = [_qgemv_v2_name("f32", rows, pro, *QGEMV_V2_F32) for rows in QGEMV_V2_F32_ROWS
                      for pro in GEMV_PROLOGUES.values()]      # compiled once a batch needs it
     groups["f32batch"] = [f"gemv_v3<{rows},{nr},{pro}>" for rows, nr in GEMV_V3_TILES.items()
@@ -494,33 +501,66 @@ def attention_splits(bsz, max_seq_len, chunk):
 
 class HalvesPlan:
     """halves.cu's launches for a one-row layer (halves_plan): attention None or (P, bytes of
-    shared memory), feed_forward None or (J, P); None where halves.cu does not take that half."""
+    shared memory, R: blocks a head's cluster), feed_forward None or (J, P, bytes of shared
+    memory: 0 for feed_forward_half<J, P>, the rest for feed_forward_wide<P>, whose J is 32);
+    None where halves.cu does not take that half."""
 
     def __init__(self, attention, feed_forward):
         self.attention, self.feed_forward = attention, feed_forward
 
+    def blocks(self, n_heads, hidden_dim):
+        """The two launches' blocks (one an SM either way)."""
+        return (self.attention[2] * n_heads if self.attention else 0) + \
+            (hidden_dim // self.feed_forward[0] if self.feed_forward else 0)
 
-def halves_plan(dim, head_dim, hidden_dim, clusters=True, optin=None):
+
+def halves_plan(dim, head_dim, hidden_dim, n_heads=1, clusters=True, optin=None, sms=None,
+                choose=None):
     """Which halves of a one-row float32 layer halves.cu's kernels take, and their launches
-    (HalvesPlan), or None for neither. attention_half: a GPU with clusters (compute capability
-    9.0 on), head_dim a multiple of 4 and of the cluster (each block S = head_dim / 8 of its
-    rows) up to 128, dim a multiple of the cluster up to 128 HALVES_MAX_P, and its shared memory
-    within optin (the GPU's, by default) beside its static arrays; feed_forward_half: dim a
-    multiple of 4 up to the same, and a J of HALVES_J that divides hidden_dim."""
+    (HalvesPlan), or None for neither.
+
+    attention_half: a GPU with clusters (compute capability 9.0 on), head_dim a multiple of 4
+    and of the cluster R (each block S = head_dim / R of its rows) up to 128, dim a multiple of
+    R up to 128 HALVES_MAX_P, and its shared memory within optin (the GPU's, by default) beside
+    its static arrays. feed_forward_half: dim a multiple of 4 up to the same, and a J of
+    HALVES_J that divides hidden_dim; feed_forward_wide: the same, hidden_dim a multiple of
+    32, its rows of w13 within optin.
+
+    Of those, the first pair (R of HALVES_CLUSTERS, the registers' kernel before the wide one)
+    whose blocks all fit on the GPU's sms at once: every block of a launch then finds an SM
+    while the launch before it runs, and loads its weights there before its wait (one block an
+    SM: each takes the registers or the shared memory of one). Where none fits, or sms is not
+    given, R 8 and the registers'. choose = (R, wide) asks for one pair (a tool's or a test's)."""
     P = -(-dim // 128)
     if dim % 4 or P > HALVES_MAX_P:
         return None
-    R = HALVES_CLUSTER
-    attention = None
-    if clusters and head_dim % 4 == 0 and head_dim % R == 0 \
-            and head_dim <= HALVES_MAX_HEAD_DIM and dim % R == 0:
-        floats = 3 * head_dim // R * dim + dim // R * head_dim + dim + 5 * head_dim + 2
-        fits = 4 * floats + HALVES_STATIC_SMEM <= (optin or _shared_optin())
-        attention = (P, 4 * floats) if fits else None
+    optin = optin or _shared_optin()
+    attention = {R: _attention_half_launch(dim, head_dim, P, R, clusters, optin)
+                 for R in HALVES_CLUSTERS}
     J = next((j for j in HALVES_J if hidden_dim % j == 0), None)
-    feed_forward = None if J is None else (J, P)
-    return None if attention is None and feed_forward is None else \
-        HalvesPlan(attention, feed_forward)
+    wide_smem = 4 * (2 * HALVES_WIDE_J * dim + dim)
+    feed_forward = {False: None if J is None else (J, P, 0),
+                    True: (HALVES_WIDE_J, P, wide_smem)
+                    if hidden_dim % HALVES_WIDE_J == 0 and wide_smem + 4 * 128 * P + 128 <= optin
+                    else None}
+    pairs = [(R, wide) for wide in (False, True) for R in HALVES_CLUSTERS]
+    if choose is None:
+        plans = [HalvesPlan(attention[R], feed_forward[wide]) for R, wide in pairs
+                 if attention[R] and feed_forward[wide]]
+        choose = next(((p.attention[2], p.feed_forward[2] > 0) for p in plans
+                       if sms and p.blocks(n_heads, hidden_dim) <= sms), (HALVES_CLUSTER, False))
+    plan = HalvesPlan(attention[choose[0]], feed_forward[choose[1]])
+    return None if plan.attention is None and plan.feed_forward is None else plan
+
+
+def _attention_half_launch(dim, head_dim, P, R, clusters, optin):
+    """attention_half's (P, bytes of dynamic shared memory, R) for clusters of R, or None
+    where it cannot take the shape."""
+    if not (clusters and head_dim % 4 == 0 and head_dim % R == 0
+            and head_dim <= HALVES_MAX_HEAD_DIM and dim % R == 0):
+        return None
+    floats = 3 * head_dim // R * dim + dim // R * head_dim + dim + 5 * head_dim + 2
+    return (P, 4 * floats, R) if 4 * floats + HALVES_STATIC_SMEM <= optin else None
 
 
 def gemv_version(M, vec):
