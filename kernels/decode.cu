@@ -155,13 +155,17 @@ __device__ __forceinline__ void load_w(const unsigned short* p, float* v) {
 
 // This lane's slice of a row: pieces lane + 32 i, i < PER_LANE, as float32; zeros past the
 // row's end (head_dim 64 in float4s: lanes 16 .. 31), so they add nothing to a product.
-template <int WIDTH, int PER_LANE, typename T>
+// SHARED: a float row in shared memory (halves.cu's), read the plain way.
+template <int WIDTH, int PER_LANE, bool SHARED = false, typename T>
 __device__ __forceinline__ void load_slice(const T* row, int pieces,
                                            float (&x)[PER_LANE][WIDTH]) {
 #pragma unroll
     for (int i = 0; i < PER_LANE; ++i) {
         const int piece = threadIdx.x % 32 + 32 * i;
-        if (piece < pieces) {
+        if (piece < pieces && SHARED) {
+#pragma unroll
+            for (int j = 0; j < WIDTH; ++j) x[i][j] = row[piece * WIDTH + j];
+        } else if (piece < pieces) {
             load_w<WIDTH>(row + piece * WIDTH, x[i]);
         } else {
 #pragma unroll
@@ -207,8 +211,9 @@ __device__ __forceinline__ void load_angles(const float* __restrict__ cos_row,
     }
 }
 
-// This lane's slice of head x (a q or k head in the qkv row), rotated by the angles above
-template <int WIDTH, int PER_LANE>
+// This lane's slice of head x (a q or k head in the qkv row), rotated by the angles above.
+// SHARED: x in shared memory (halves.cu's), read the plain way.
+template <int WIDTH, int PER_LANE, bool SHARED = false>
 __device__ __forceinline__ void load_rotated(const float* x, int pieces,
                                              const float (&c)[PER_LANE][2],
                                              const float (&s)[PER_LANE][2],
@@ -218,12 +223,14 @@ __device__ __forceinline__ void load_rotated(const float* x, int pieces,
         const int piece = threadIdx.x % 32 + 32 * i;
         float r[4] = {0.0f, 0.0f, 0.0f, 0.0f};
         if (piece < pieces && WIDTH == 4) {           // two pairs, one float4
-            const float4 v = __ldcg(reinterpret_cast<const float4*>(x + 4 * piece));
+            const float4* at = reinterpret_cast<const float4*>(x + 4 * piece);
+            const float4 v = SHARED ? *at : __ldcg(at);
             rotate_pair(v.x, v.y, c[i][0], s[i][0], r);
             rotate_pair(v.z, v.w, c[i][1], s[i][1], r + 2);
         } else if (piece < pieces) {                  // element `piece` of its pair
             const float* pair = x + (piece & ~1);
-            rotate_pair(__ldcg(pair), __ldcg(pair + 1), c[i][0], s[i][0], r);
+            rotate_pair(SHARED ? pair[0] : __ldcg(pair), SHARED ? pair[1] : __ldcg(pair + 1),
+                        c[i][0], s[i][0], r);
             r[0] = piece & 1 ? r[1] : r[0];
         }
 #pragma unroll

@@ -96,6 +96,20 @@ __device__ __forceinline__ void load_norm(const float* norm_w, int dim, float4 (
     }
 }
 
+// This lane's float4 i of a row (k4 = lane + 32 i) in shared memory, zeros past its end
+__device__ __forceinline__ float4 slice_at(const float* row, int dim, int i) {
+    const int k4 = threadIdx.x % 32 + 32 * i;
+    return k4 < dim / 4 ? reinterpret_cast<const float4*>(row)[k4]
+                        : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+}
+
+// All P of them
+template <int P>
+__device__ __forceinline__ void row_slice(const float* row, int dim, float4 (&w)[P]) {
+#pragma unroll
+    for (int i = 0; i < P; ++i) w[i] = slice_at(row, dim, i);
+}
+
 // x * norm_w for this lane's float4s, and the lane's share of sum x^2 (RMSNorm after the
 // sums, as gemv's GEMV_RMSNORM_LATE: the products take x * g, and their sums, added across
 // the warp with it, are scaled by 1 / sqrt(mean(x^2) + eps))
@@ -105,24 +119,11 @@ __device__ __forceinline__ float normed_x(const float* xs, const float4 (&g)[P],
     float ss = 0.0f;
 #pragma unroll
     for (int i = 0; i < P; ++i) {
-        const int k4 = threadIdx.x % 32 + 32 * i;
-        const float4 x = k4 < dim / 4 ? reinterpret_cast<const float4*>(xs)[k4]
-                                      : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        const float4 x = slice_at(xs, dim, i);
         ss += sum_squares4(x);
         xn[i] = make_float4(x.x * g[i].x, x.y * g[i].y, x.z * g[i].z, x.w * g[i].w);
     }
     return ss;
-}
-
-// This lane's float4s of a row (k4 = lane + 32 i) from shared memory, zeros past its end
-template <int P>
-__device__ __forceinline__ void row_slice(const float* row, int dim, float4 (&w)[P]) {
-#pragma unroll
-    for (int i = 0; i < P; ++i) {
-        const int k4 = threadIdx.x % 32 + 32 * i;
-        w[i] = k4 < dim / 4 ? reinterpret_cast<const float4*>(row)[k4]
-                            : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-    }
 }
 
 // acc + w . x, a float4 of each, added in order
@@ -170,31 +171,17 @@ __device__ __forceinline__ void clear_next(float* Z, int dim) {
 // barrier, arrived at once the records are read, waited for at the end.
 // Shapes: head_dim % 4 == 0, head_dim % R == 0, head_dim <= 128 (a float4 piece a lane),
 // dim % R == 0, dim <= 128 P; a float32 cache; one row. kernels.halves_plan checks them.
-template <int P, int WARPS = HALVES_WARPS, int R = HALVES_CLUSTER>
-__global__ void __cluster_dims__(R, 1, 1) __launch_bounds__(WARPS * 32, 1)
-attention_half(const float* __restrict__ X, const float* __restrict__ norm_w, float eps,
-               const float* __restrict__ wqkv, const float* __restrict__ wo,
-               const int* __restrict__ step, const float* __restrict__ cos_table,
-               const float* __restrict__ sin_table, float* cache_k, float* cache_v, float* Y,
-               float* Z, int dim, int n_heads, int n_kv_heads, int head_dim, float scale) {
-    constexpr int WIDTH = 4, PER_LANE = 1, KEYS = ATTN_LANE_FLOATS / WIDTH;
-    const int r = blockIdx.x, h = blockIdx.y, lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-    const int rep = n_heads / n_kv_heads, g = h / rep;
-    const int S = head_dim / R, NR = 3 * S, DR = dim / R, D4 = dim / 4, HD4 = head_dim / 4;
-    const int pieces = head_dim / WIDTH;
-    extern __shared__ __align__(16) float smem[];   // kernels.halves_plan sizes it
-    float* ws = smem;                               // (NR, dim) its rows of wqkv
-    float* wos = ws + NR * dim;                     // (DR, head_dim) its rows of wo's columns
-    float* xs = wos + DR * head_dim;                // (dim) x
-    float* qkv = xs + dim;                          // (3, head_dim) q, new key, new value
-    float* o = qkv + 3 * head_dim;                  // (head_dim) the head's output
-    float* rec = o + head_dim;                      // (head_dim + 2) its record: M, norm, totals
-    __shared__ __align__(16) WarpSoftmax parts;
+// Steps 1, 2, the end of 3 and 4 are the device functions below, the kernel after them.
 
-    cluster_arrive_relaxed();                       // waited for before the first push (2.)
-    // 1. Before the wait: the weights (never written by a step), cos, sin, the cached keys
-    //    t < pos (written by earlier steps: attention_decode's step 1 says why that is safe).
-    for (int c = threadIdx.x; c < NR * D4; c += blockDim.x) {
+// 1. This block's weights into shared memory (cp.async): S = head_dim / R rows each of head h's
+//    q, and of its kv head g's k and v (rows of wqkv), as ws's rows part S + i; and D / R rows of
+//    wo's columns for head h (its head_dim of each row), wos
+template <int R>
+__device__ __forceinline__ void copy_head_rows(const float* wqkv, const float* wo, float* ws,
+                                               float* wos, int h, int g, int dim, int n_heads,
+                                               int n_kv_heads, int head_dim) {
+    const int r = blockIdx.x, S = head_dim / R, DR = dim / R, D4 = dim / 4, HD4 = head_dim / 4;
+    for (int c = threadIdx.x; c < 3 * S * D4; c += blockDim.x) {
         const int j = c / D4, k4 = c % D4, part = j / S;          // part 0 q, 1 k, 2 v
         const int head = part == 0 ? h : n_heads + (part - 1) * n_kv_heads + g;
         cp_async16(smem_addr(ws + j * dim + 4 * k4),
@@ -206,6 +193,101 @@ attention_half(const float* __restrict__ X, const float* __restrict__ norm_w, fl
                    wo + (size_t)(r * DR + d) * n_heads * head_dim + h * head_dim + 4 * e4, 16);
     }
     cp_async_commit();
+}
+
+// 2. The block's 3 S rows of wqkv times rmsnorm(x), a warp a row, each product pushed into
+//    qkv (3, head_dim) of every block of the cluster (its lane r to rank r)
+template <int P, int WARPS, int R>
+__device__ __forceinline__ void push_qkv(const float* ws, const float4 (&xn)[P], float inv_rms,
+                                         float* qkv, int dim, int head_dim) {
+    const int r = blockIdx.x, S = head_dim / R, lane = threadIdx.x % 32;
+    for (int j = threadIdx.x / 32; j < 3 * S; j += WARPS) {
+        float4 w[P];
+        row_slice<P>(ws + j * dim, dim, w);
+        const float y = warp_sum(row_dot<P>(w, xn, dim)) * inv_rms;
+        if (lane < R) cluster_store(qkv + (j / S) * head_dim + r * S + j % S, lane, y);
+    }
+}
+
+// 3. (the end) The head's output o (head_dim) from the warps' parts: alone, the block's own;
+//    else the block's record (M, norm, totals) into rec, and the cluster's R records combined
+//    in rank order, so that every block gets the same o. A block that read the others' records
+//    arrives at the cluster's barrier; it waits for it before it leaves (attention_half's end).
+template <int WARPS, int R>
+__device__ __forceinline__ void head_output(const WarpSoftmax& parts, float* rec, float* o,
+                                            bool alone, int head_dim) {
+    const float most = warps_max(parts, WARPS);
+    for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
+        float norm;
+        const float total = warps_total(parts, WARPS, head_dim, most, d, norm);
+        if (alone) {
+            o[d] = total / norm;
+        } else {
+            rec[2 + d] = total;
+            if (d == 0) {
+                rec[0] = most;
+                rec[1] = norm;
+            }
+        }
+    }
+    if (alone) return;
+    cluster_arrive();
+    cluster_wait();
+    const auto read = [&](int rank, int i) { return cluster_load(rec + i, rank); };
+    for (int d = threadIdx.x; d < head_dim; d += blockDim.x)
+        o[d] = records_output(read, R, records_max(read, R), d);
+    cluster_arrive();                               // done with the others' shared memory
+}
+
+// 4. The block's D / R rows of wo's head columns times o, added into Y (head 0's blocks add x
+//    too): the warp's rows d = warp, warp + WARPS, .., four at a time, their sums added across
+//    the warp at once
+template <int WARPS, int R>
+__device__ __forceinline__ void add_wo_rows(const float* wos, const float* o, const float* xs,
+                                            float* Y, int dim, int head_dim) {
+    const int r = blockIdx.x, h = blockIdx.y, DR = dim / R, lane = threadIdx.x % 32;
+    for (int row0 = threadIdx.x / 32; row0 < DR; row0 += 4 * WARPS) {
+        float y[4];
+#pragma unroll
+        for (int t = 0; t < 4; ++t) {
+            const int d = min(row0 + t * WARPS, DR - 1);
+            y[t] = 0.0f;
+            for (int e = lane; e < head_dim; e += 32)
+                y[t] = fmaf(wos[d * head_dim + e], o[e], y[t]);
+        }
+        warp_sums<4>(y);
+#pragma unroll
+        for (int t = 0; t < 4; ++t) {
+            const int d = row0 + t * WARPS;
+            if (lane == 0 && d < DR)
+                atomicAdd(Y + r * DR + d, h == 0 ? y[t] + xs[r * DR + d] : y[t]);
+        }
+    }
+}
+
+template <int P, int WARPS = HALVES_WARPS, int R = HALVES_CLUSTER>
+__global__ void __cluster_dims__(R, 1, 1) __launch_bounds__(WARPS * 32, 1)
+attention_half(const float* __restrict__ X, const float* __restrict__ norm_w, float eps,
+               const float* __restrict__ wqkv, const float* __restrict__ wo,
+               const int* __restrict__ step, const float* __restrict__ cos_table,
+               const float* __restrict__ sin_table, float* cache_k, float* cache_v, float* Y,
+               float* Z, int dim, int n_heads, int n_kv_heads, int head_dim, float scale) {
+    constexpr int WIDTH = 4, PER_LANE = 1, KEYS = ATTN_LANE_FLOATS / WIDTH;
+    const int r = blockIdx.x, h = blockIdx.y, warp = threadIdx.x / 32;
+    const int rep = n_heads / n_kv_heads, g = h / rep, pieces = head_dim / WIDTH;
+    extern __shared__ __align__(16) float smem[];   // kernels.halves_plan sizes it
+    float* ws = smem;                               // (3 S, dim) its rows of wqkv
+    float* wos = ws + 3 * (head_dim / R) * dim;     // (D / R, head_dim) its rows of wo's columns
+    float* xs = wos + dim / R * head_dim;           // (dim) x
+    float* qkv = xs + dim;                          // (3, head_dim) q, new key, new value
+    float* o = qkv + 3 * head_dim;                  // (head_dim) the head's output
+    float* rec = o + head_dim;                      // (head_dim + 2) its record: M, norm, totals
+    __shared__ __align__(16) WarpSoftmax parts;
+
+    cluster_arrive_relaxed();                       // waited for before the first push (2.)
+    // 1. Before the wait: the weights (never written by a step), cos, sin, the cached keys
+    //    t < pos (written by earlier steps: attention_decode's step 1 says why that is safe).
+    copy_head_rows<R>(wqkv, wo, ws, wos, h, g, dim, n_heads, n_kv_heads, head_dim);
     float4 gn[P];
     load_norm<P>(norm_w, dim, gn);
     const int pos = __ldcg(step);
@@ -231,34 +313,17 @@ attention_half(const float* __restrict__ X, const float* __restrict__ norm_w, fl
     float4 xn[P];
     const float inv_rms = 1.0f / sqrtf(warp_sum(normed_x<P>(xs, gn, dim, xn)) / dim + eps);
     cluster_wait();                                 // every block has started: pushes may go
-    for (int j = warp; j < NR; j += WARPS) {
-        float4 w[P];
-        row_slice<P>(ws + j * dim, dim, w);
-        const float y = warp_sum(row_dot<P>(w, xn, dim)) * inv_rms;
-        if (lane < R) cluster_store(qkv + (j / S) * head_dim + r * S + j % S, lane, y);
-    }
+    push_qkv<P, WARPS, R>(ws, xn, inv_rms, qkv, dim, head_dim);
     cluster_arrive();
     cluster_wait();
 
     // 3. RoPE on q and the new key (q times scale, as model.py), the cache write, attention
     float q[PER_LANE][WIDTH], k_new[PER_LANE][WIDTH], v_new[PER_LANE][WIDTH];
-    float rq[4] = {0.0f, 0.0f, 0.0f, 0.0f}, rk[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-    float rv[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-    if (lane < pieces) {
-        const float* x = qkv + 4 * lane;
-        rotate_pair(x[0], x[1], c[0][0], s[0][0], rq);
-        rotate_pair(x[2], x[3], c[0][1], s[0][1], rq + 2);
-        rotate_pair(x[head_dim], x[head_dim + 1], c[0][0], s[0][0], rk);
-        rotate_pair(x[head_dim + 2], x[head_dim + 3], c[0][1], s[0][1], rk + 2);
+    load_rotated<WIDTH, PER_LANE, true>(qkv, pieces, c, s, q);
+    load_rotated<WIDTH, PER_LANE, true>(qkv + head_dim, pieces, c, s, k_new);
+    load_slice<WIDTH, PER_LANE, true>(qkv + 2 * head_dim, pieces, v_new);
 #pragma unroll
-        for (int e = 0; e < 4; ++e) rv[e] = x[2 * head_dim + e];
-    }
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-        q[0][e] = rq[e] * scale;
-        k_new[0][e] = rk[e];
-        v_new[0][e] = rv[e];
-    }
+    for (int e = 0; e < WIDTH; ++e) q[0][e] *= scale;
     // the new key: warp pos % WARPS of every block that attends to it (all, alone; else rank 0)
     const bool owner = (alone || r == 0) && warp == pos % WARPS;
     if (owner && r == 0 && h % rep == 0) {
@@ -273,49 +338,11 @@ attention_half(const float* __restrict__ X, const float* __restrict__ norm_w, fl
                                          k, v, m, sum, acc);
     publish_softmax<WIDTH, PER_LANE>(parts, m, sum, acc, head_dim, pieces);
     __syncthreads();
-    const float most = warps_max(parts, WARPS);
-    for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
-        float norm;
-        const float total = warps_total(parts, WARPS, head_dim, most, d, norm);
-        if (alone) {
-            o[d] = total / norm;
-        } else {
-            rec[2 + d] = total;
-            if (d == 0) {
-                rec[0] = most;
-                rec[1] = norm;
-            }
-        }
-    }
-    if (!alone) {                                   // the cluster's records, in rank order
-        cluster_arrive();
-        cluster_wait();
-        const auto read = [&](int rank, int i) { return cluster_load(rec + i, rank); };
-        for (int d = threadIdx.x; d < head_dim; d += blockDim.x)
-            o[d] = records_output(read, R, records_max(read, R), d);
-        cluster_arrive();                           // done with the others' shared memory
-    }
+    head_output<WARPS, R>(parts, rec, o, alone, head_dim);
     __syncthreads();
 
-    // 4. this block's rows of wo's head columns times o, into h_mid: the warp's rows d = warp,
-    //    warp + WARPS, .., four at a time, their sums added across the warp at once
-    for (int row0 = warp; row0 < DR; row0 += 4 * WARPS) {
-        float y[4];
-#pragma unroll
-        for (int t = 0; t < 4; ++t) {
-            const int d = min(row0 + t * WARPS, DR - 1);
-            y[t] = 0.0f;
-            for (int e = lane; e < head_dim; e += 32)
-                y[t] = fmaf(wos[d * head_dim + e], o[e], y[t]);
-        }
-        warp_sums<4>(y);
-#pragma unroll
-        for (int t = 0; t < 4; ++t) {
-            const int d = row0 + t * WARPS;
-            if (lane == 0 && d < DR)
-                atomicAdd(Y + r * DR + d, h == 0 ? y[t] + xs[r * DR + d] : y[t]);
-        }
-    }
+    // 4. this block's rows of wo's head columns times o, into h_mid
+    add_wo_rows<WARPS, R>(wos, o, xs, Y, dim, head_dim);
     if (!alone) cluster_wait();                     // no block leaves while another reads it
 }
 
