@@ -151,6 +151,20 @@ __device__ __forceinline__ void clear_next(float* Z, int dim) {
     for (int i = block * blockDim.x + threadIdx.x; i < dim; i += blocks * blockDim.x) Z[i] = 0.0f;
 }
 
+// Each half's turn, once its weights are on their way: let the next launch start (its blocks
+// load while this one works), wait for the launch before (x is its output; reduce.cu), zero
+// this launch's share of the buffer the next one adds into, stage x, and see the block's own
+// copies (COPIES: cp.async; feed_forward_half has none) landed before anyone reads them
+template <bool COPIES = true>
+__device__ __forceinline__ void wait_and_stage_x(const float* X, float* xs, float* Z, int dim) {
+    grid_launch_dependents();
+    grid_dependency_wait();
+    clear_next(Z, dim);
+    stage_x(X, xs, dim);
+    if (COPIES) cp_async_wait<0>();
+    __syncthreads();
+}
+
 // ---- attention_half ----------------------------------------------------------------------------
 // grid (R, n_heads), clusters of R blocks (8, or 4 where kernels.halves_plan wants the launch on
 // half as many SMs, each block then twice the rows): cluster h computes head h, its block
@@ -302,14 +316,9 @@ attention_half(const float* __restrict__ X, const float* __restrict__ norm_w, fl
                                  sin_table + (size_t)pos * head_dim / 2, pieces, c, s);
     float k[KEYS][PER_LANE][WIDTH], v[KEYS][PER_LANE][WIDTH];
     load_chunk<WIDTH, PER_LANE, KEYS>(keys, values, row_stride, first, pos, pieces, k, v);
-    grid_launch_dependents();
-    grid_dependency_wait();                         // (reduce.cu) x is the last launch's
 
     // 2. x, RMSNorm, this block's rows of the head's q, k, v, pushed to the whole cluster
-    clear_next(Z, dim);
-    stage_x(X, xs, dim);
-    cp_async_wait<0>();
-    __syncthreads();
+    wait_and_stage_x(X, xs, Z, dim);
     float4 xn[P];
     const float inv_rms = 1.0f / sqrtf(warp_sum(normed_x<P>(xs, gn, dim, xn)) / dim + eps);
     cluster_wait();                                 // every block has started: pushes may go
@@ -386,6 +395,20 @@ __device__ __forceinline__ void add_w2_slice(const float4 (&r2)[P], const float*
     }
 }
 
+// The warp's gate from its sums (w1's row, w3's, x's squares: RMSNorm after the sums), then
+// the slice times the block's J gates, added into Y
+template <int J, int P>
+__device__ __forceinline__ void gates_times_w2(float (&sums)[3], float eps, float* gate,
+                                               const float4 (&r2)[P], const float* xs, float* Y,
+                                               int dim) {
+    warp_sums<3>(sums);
+    const float inv_rms = 1.0f / sqrtf(sums[2] / dim + eps);
+    if (threadIdx.x % 32 == 0)
+        gate[threadIdx.x / 32] = silu(sums[0] * inv_rms) * (sums[1] * inv_rms);
+    __syncthreads();
+    add_w2_slice<J, P>(r2, gate, xs, Y, dim);
+}
+
 // feed_forward_half: grid (hidden / J), J warps a block, every weight in registers: P float4s a
 // lane of each of its two rows, P of the slice a thread (P = ceil(dim / 128) either way).
 // Shapes: dim % 4 == 0, dim <= 128 P, hidden % J == 0, J in 4, 8, 16.
@@ -400,6 +423,8 @@ feed_forward_half(const float* __restrict__ X, const float* __restrict__ norm_w,
     const float4 zero = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
     const float4* w1 = reinterpret_cast<const float4*>(w13 + (size_t)u * dim);
     const float4* w3 = reinterpret_cast<const float4*>(w13 + (size_t)(hidden + u) * dim);
+    __shared__ __align__(16) float xs[128 * P];     // x
+    __shared__ float gate[J];                       // the block's gates
     float4 r1[P], r3[P], r2[P];                  // its rows of w1 and w3, its float4s of w2
 #pragma unroll
     for (int i = 0; i < P; ++i) {
@@ -410,24 +435,13 @@ feed_forward_half(const float* __restrict__ X, const float* __restrict__ norm_w,
     load_w2_slice<J, P>(w2, dim, hidden, u0, r2);
     float4 gn[P];
     load_norm<P>(norm_w, dim, gn);
-    grid_launch_dependents();
-    grid_dependency_wait();                         // (reduce.cu) x is the last launch's
-
-    clear_next(Z, dim);
-    __shared__ __align__(16) float xs[128 * P];
-    __shared__ float gate[J];
-    stage_x(X, xs, dim);
-    __syncthreads();
+    wait_and_stage_x<false>(X, xs, Z, dim);
     float4 xn[P];
     float sums[3];                                  // w1's row, w3's, x's squares
     sums[2] = normed_x<P>(xs, gn, dim, xn);
     sums[0] = row_dot<P>(r1, xn, dim);
     sums[1] = row_dot<P>(r3, xn, dim);
-    warp_sums<3>(sums);
-    const float inv_rms = 1.0f / sqrtf(sums[2] / dim + eps);
-    if (lane == 0) gate[j] = silu(sums[0] * inv_rms) * (sums[1] * inv_rms);
-    __syncthreads();
-    add_w2_slice<J, P>(r2, gate, xs, Y, dim);
+    gates_times_w2<J, P>(sums, eps, gate, r2, xs, Y, dim);
 }
 
 // feed_forward_wide: grid (hidden / 32), 32 warps a block, the same arithmetic with twice the
@@ -447,6 +461,8 @@ feed_forward_wide(const float* __restrict__ X, const float* __restrict__ norm_w,
     extern __shared__ __align__(16) float smem[];   // kernels.halves_plan sizes it
     float* rows = smem;                             // (2 J, dim): w1's rows u0 .., then w3's
     float* gs = rows + 2 * J * dim;                 // (dim) RMSNorm's weights
+    __shared__ __align__(16) float xs[128 * P];     // x
+    __shared__ float gate[J];                       // the block's gates
     for (int c = threadIdx.x; c < 2 * J * D4; c += blockDim.x) {
         const int row = c / D4, k4 = c % D4;
         const int from = row < J ? u0 + row : hidden + u0 + row - J;
@@ -457,15 +473,7 @@ feed_forward_wide(const float* __restrict__ X, const float* __restrict__ norm_w,
     cp_async_commit();
     float4 r2[P];
     load_w2_slice<J, P>(w2, dim, hidden, u0, r2);
-    grid_launch_dependents();
-    grid_dependency_wait();                         // (reduce.cu) x is the last launch's
-
-    clear_next(Z, dim);
-    __shared__ __align__(16) float xs[128 * P];
-    __shared__ float gate[J];
-    stage_x(X, xs, dim);
-    cp_async_wait<0>();
-    __syncthreads();
+    wait_and_stage_x(X, xs, Z, dim);
     float sums[3] = {0.0f, 0.0f, 0.0f};             // w1's row, w3's, x's squares
     const float4* w1 = reinterpret_cast<const float4*>(rows + j * dim);
     const float4* w3 = reinterpret_cast<const float4*>(rows + (J + j) * dim);
@@ -481,9 +489,5 @@ feed_forward_wide(const float* __restrict__ X, const float* __restrict__ norm_w,
             sums[2] += sum_squares4(x);
         }
     }
-    warp_sums<3>(sums);
-    const float inv_rms = 1.0f / sqrtf(sums[2] / dim + eps);
-    if (lane == 0) gate[j] = silu(sums[0] * inv_rms) * (sums[1] * inv_rms);
-    __syncthreads();
-    add_w2_slice<J, P>(r2, gate, xs, Y, dim);
+    gates_times_w2<J, P>(sums, eps, gate, r2, xs, Y, dim);
 }
