@@ -159,6 +159,7 @@ __device__ __forceinline__ void load_w(const unsigned short* p, float* v) {
 template <int WIDTH, int PER_LANE, bool SHARED = false, typename T>
 __device__ __forceinline__ void load_slice(const T* row, int pieces,
                                            float (&x)[PER_LANE][WIDTH]) {
+    static_assert(!SHARED || sizeof(T) == sizeof(float), "shared memory rows hold floats");
 #pragma unroll
     for (int i = 0; i < PER_LANE; ++i) {
         const int piece = threadIdx.x % 32 + 32 * i;

@@ -16,6 +16,7 @@
 //
 //     attention_half     h_mid  = h + wo @ attention(rope(wqkv @ rmsnorm(h)))    a cluster a head
 //     feed_forward_half  h_next = h_mid + w2 @ swiglu(w13 @ rmsnorm(h_mid))   J units a block
+//                        (or feed_forward_wide: 32 units a block, its rows in shared memory)
 //
 // The price: the order in which L2 adds the blocks' products is the order they arrive in, so
 // the sums are not the same bits from one step to the next (their last place or two). Logits

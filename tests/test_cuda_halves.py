@@ -1,7 +1,7 @@
-"""halves.cu: a one-row float32 layer in two launches (attention_half, feed_forward_half), each
-adding its blocks' products into the next residual by atomics; FusedDecoder.run_halves around
-them. The kernels against float64 NumPy at odd sizes, the step against the CPU model, and the
-plan's rule on the CPU (no GPU needed)."""
+"""halves.cu: a one-row float32 layer in two launches (attention_half, feed_forward_half or
+feed_forward_wide), each adding its blocks' products into the next residual by atomics;
+FusedDecoder.run_halves around them. The kernels against float64 NumPy at odd sizes, the step
+against the CPU model, and the plan's rule on the CPU (no GPU needed)."""
 import re
 
 import numpy as np
@@ -51,7 +51,7 @@ def test_halves_plan_takes_the_shapes_the_kernels_read():
     assert only_ff.attention is None and only_ff.feed_forward == (16, 3, 0)
     assert halves_plan(288, 48, 770, optin=optin).feed_forward is None   # no J divides
     assert halves_plan(288, 256, 768, optin=optin).attention is None     # head_dim > 128
-    assert halves_plan(1024, 64, 2816, optin=optin, sms=132).attention[0] == HALVES_MAX_P
+    assert halves_plan(1024, 64, 2816, n_heads=16, optin=optin, sms=132).attention[0] == HALVES_MAX_P
     assert halves_plan(1024, 128, 2816, optin=optin).attention is None   # 263 KiB of rows
     assert halves_plan(1028, 257, 2816, optin=optin) is None             # P 9
     assert halves_plan(288, 48, 768, clusters=False, optin=optin).attention is None
@@ -71,12 +71,22 @@ def test_halves_plan_puts_both_launches_on_the_gpu_at_once():
     assert p110.attention == (6, 4 * (3 * 16 * 768 + 192 * 64 + 768 + 5 * 64 + 2), 4)
     assert p110.feed_forward == (32, 6, 4 * (64 * 768 + 768))
     assert p110.blocks(12, 2048) == 48 + 64
-    roomy = halves_plan(768, 64, 2048, n_heads=12, optin=optin, sms=224)
-    assert roomy.attention[2] == 8 and roomy.feed_forward == (16, 6, 0)
-    crowded = halves_plan(768, 64, 2048, n_heads=12, optin=optin, sms=100)
-    assert crowded.attention[2] == 8 and crowded.feed_forward == (16, 6, 0)
+    def pair(sms):
+        plan = halves_plan(768, 64, 2048, n_heads=12, optin=optin, sms=sms)
+        return plan.attention[2], plan.feed_forward[2] > 0
+    # 224, 176, 160, 112 blocks: the registers' feed-forward first, clusters of 8 before 4
+    assert [pair(sms) for sms in (224, 176, 175, 160, 159, 132, 112)] == [
+        (8, False), (4, False), (8, True), (8, True), (4, True), (4, True), (4, True)]
+    assert pair(100) == (8, False)                                      # none fits
+    with pytest.raises(ValueError, match="n_heads"):
+        halves_plan(768, 64, 2048, optin=optin, sms=132)
+    # clusters of 4 only where clusters of 8 take the shape (head_dim 12: S 3 is never run)
+    odd = halves_plan(96, 12, 256, n_heads=8, optin=optin, sms=132)
+    assert odd.attention is None and odd.feed_forward == (16, 1, 0)
+    assert halves_plan(96, 12, 256, optin=optin, choose=(4, False)).attention is None
+    assert halves_plan(64, 8, 172, clusters=False).feed_forward == (4, 1, 0)   # no GPU asked
     assert halves_plan(64, 8, 172, optin=optin, choose=(4, True)).feed_forward is None
-    # at dim 1024 neither fits shared memory: clusters of 4 (263 KB) nor the wide rows (266 KB)
+    # at dim 1024 neither fits shared memory: clusters of 4 (261 KiB) nor the wide rows (260 KiB)
     assert halves_plan(1024, 64, 2048, optin=optin, choose=(4, True)) is None
     assert halves_plan(1024, 64, 2048, optin=optin, choose=(8, True)).feed_forward is None
     assert halves_plan(768, 64, 2048, n_heads=12, optin=optin).attention[2] == 8   # no sms given
@@ -109,11 +119,12 @@ def test_halves_constants_are_the_kernels():
 @pytest.mark.parametrize("dim,hidden,wide", [
     (36, 40, False), (132, 20, False), (288, 768, False), (768, 2048, False), (1024, 48, False),
     (8, 12, False), (36, 96, True), (132, 64, True), (288, 768, True), (768, 2048, True),
-    (8, 32, True)])
+    (876, 64, True), (8, 32, True)])
 def test_feed_forward_half_against_float64(cp, dim, hidden, wide):
     """h_next = h + w2 @ (silu(w1 @ n) * (w3 @ n)), n = rmsnorm(h): every J the plan takes
-    (16, 8, 4) with the rows in registers, and feed_forward_wide (J 32, its rows in shared
-    memory), P from 1 to 8, dims that are not multiples of 128. h_next starts at zero, the
+    (16, 8, 4) with the rows in registers, P from 1 to 8, and feed_forward_wide (J 32, its
+    rows in shared memory), P from 1 to 7 (876: the most an H200's shared memory holds), dims
+    that are not multiples of 128. h_next starts at zero, the
     buffer to clear as NaN (zeroed by the launch); h and the weights are left as they were."""
     J, P, smem = halves_plan(dim, 8, hidden, clusters=False, choose=(8, wide)).feed_forward
     name = f"feed_forward_wide<{P}>" if wide else f"feed_forward_half<{J},{P}>"

@@ -67,7 +67,8 @@ def main():
     ap.add_argument("--positions", default="3,60,200")
     ap.add_argument("--shapes", default="15M,110M")
     ap.add_argument("--tuning", action="store_true",
-                    help="also the halves with 8 warps an attention block and J 8: "
+                    help="also the halves with 8 warps an attention block and J 8, on the "
+                    "plan's clusters: "
                     + ", ".join(TUNING))
     a = ap.parse_args()
     cp = require_cupy()
@@ -75,7 +76,8 @@ def main():
     variants.update({label: (lambda pair=pair: plan_of(*pair)) for label, pair in PLANS.items()})
     if a.tuning:
         for P in range(1, kernels.HALVES_MAX_P + 1):
-            add_instances(f"attention_half{P}", [f"attention_half<{P},8,8>"])
+            add_instances(f"attention_half{P}", [f"attention_half<{P},8,{R}>"
+                                                 for R in kernels.HALVES_CLUSTERS])
         variants.update({label: (lambda kw=kw: halves_with(**kw)) for label, kw in TUNING.items()})
     for shape in a.shapes.split(","):
         for pos in map(int, a.positions.split(",")):

@@ -90,19 +90,18 @@ ATTENTION_LANE_FLOATS = 32
 CACHE_TYPES = {"float32": "float", "float16": "unsigned short"}
 # halves.cu, a one-row layer of float32 weights in two launches (FusedDecoder.run_halves,
 # halves_plan): attention_half<P, HALVES_WARPS, R> (clusters of R blocks, R of HALVES_CLUSTERS)
-# and feed_forward_half<J, P>, P float4s a lane of a row of dim (dim <= 128 HALVES_MAX_P), J hidden
-# units a block: the first of HALVES_J that divides hidden_dim, or feed_forward_wide<P> (J
-# HALVES_WIDE_J, its rows in shared memory), where halves_plan wants both launches' blocks on
-# the GPU at once (stories110M on an H200: clusters of 4 and the wide kernel, 1.04x to 1.07x
-# the step of clusters of 8 and J 16, which had measured as follows). Measured on an H200 (2026-12-01,
-# kernels/dev/ab_halves.py, the one-row step's graph against five launches a layer, at
-# positions 3 / 60 / 200): stories15M 1.31x / 1.29x / 1.34x, stories110M 1.20x / 1.19x / 1.24x;
-# with --tuning, stories110M at 3: 8 warps an attention block 1.14x, J 8 1.06x, the package
-# 1.22x. Only P 3 and 6 were measured; at P 8 (dim 1024) ptxas spills 20 (attention_half) and
-# 72 bytes (feed_forward_half at J 16) a thread. Their instances are groups of their own by P,
-# compiled on their first launch.
+# and feed_forward_half<J, P>, P float4s a lane of a row of dim (dim <= 128 HALVES_MAX_P), J
+# hidden units a block: the first of HALVES_J that divides hidden_dim, or feed_forward_wide<P>
+# (J HALVES_WIDE_J, its rows in shared memory), as halves_plan chooses to put both launches'
+# blocks on the GPU at once. Measured on an H200 (2026-12-01, kernels/dev/ab_halves.py, the
+# one-row step's graph against five launches a layer, at positions 3 / 60 / 200): stories15M
+# 1.30x / 1.28x / 1.32x (clusters of 8, J 16), stories110M 1.26x / 1.25x / 1.27x (clusters of
+# 4, wide; 1.21x / 1.16x / 1.21x with clusters of 8 and J 16). Only P 3 and 6 were measured; at P 8 (dim 1024) ptxas spills 84 bytes a thread in
+# feed_forward_half at J 16 (4 at P 7), none in attention_half or feed_forward_wide (NVRTC,
+# sm_90, 2026-12-01). Their instances are groups of their own by P, compiled on their first
+# launch.
 HALVES_CLUSTER = 8                 # halves.cu's HALVES_CLUSTER
-HALVES_CLUSTERS = (HALVES_CLUSTER, 4)   # attention_half's R, the cluster a head: the first that fits
+HALVES_CLUSTERS = (HALVES_CLUSTER, 4)   # attention_half's R, a head's cluster, in halves_plan's order
 HALVES_WARPS = 16                  # halves.cu's HALVES_WARPS
 HALVES_MAX_P = 8
 HALVES_J = (16, 8, 4)
@@ -509,55 +508,62 @@ class HalvesPlan:
         self.attention, self.feed_forward = attention, feed_forward
 
     def blocks(self, n_heads, hidden_dim):
-        """The two launches' blocks (one an SM either way)."""
+        """The two launches' blocks. Each counts as an SM: at the shapes where the rule matters
+        a block fills one (its registers, or its shared memory); at small dims two may share
+        one, and the count is then on the safe side."""
         return (self.attention[2] * n_heads if self.attention else 0) + \
             (hidden_dim // self.feed_forward[0] if self.feed_forward else 0)
 
 
-def halves_plan(dim, head_dim, hidden_dim, n_heads=1, clusters=True, optin=None, sms=None,
+def halves_plan(dim, head_dim, hidden_dim, n_heads=None, clusters=True, optin=None, sms=None,
                 choose=None):
     """Which halves of a one-row float32 layer halves.cu's kernels take, and their launches
     (HalvesPlan), or None for neither.
 
     attention_half: a GPU with clusters (compute capability 9.0 on), head_dim a multiple of 4
-    and of the cluster R (each block S = head_dim / R of its rows) up to 128, dim a multiple of
-    R up to 128 HALVES_MAX_P, and its shared memory within optin (the GPU's, by default) beside
-    its static arrays. feed_forward_half: dim a multiple of 4 up to the same, and a J of
-    HALVES_J that divides hidden_dim; feed_forward_wide: the same, hidden_dim a multiple of
-    32, its rows of w13 within optin.
+    and of HALVES_CLUSTER (each block S = head_dim / R of its rows) up to 128, dim a multiple
+    of HALVES_CLUSTER up to 128 HALVES_MAX_P, and its shared memory within optin (the GPU's, by
+    default) beside its static arrays. Clusters of 4 take only the shapes clusters of 8 take
+    (the shapes the GPU tests run). feed_forward_half: dim a multiple of 4 up to the same, and a
+    J of HALVES_J that divides hidden_dim; feed_forward_wide: the same, hidden_dim a multiple
+    of 32, its rows of w13 within optin.
 
-    Of those, the first pair (R of HALVES_CLUSTERS, the registers' kernel before the wide one)
-    whose blocks all fit on the GPU's sms at once: every block of a launch then finds an SM
-    while the launch before it runs, and loads its weights there before its wait (one block an
-    SM: each takes the registers or the shared memory of one). Where none fits, or sms is not
-    given, R 8 and the registers'. choose = (R, wide) asks for one pair (a tool's or a test's)."""
+    Of the pairs both halves take (in order: clusters of 8, then 4, with the registers'
+    feed-forward; then the same with the wide one), the first whose blocks all fit on the
+    GPU's sms at once (n_heads needed): every block of a launch then finds an SM while the
+    launch before it runs, and loads its weights there before its wait. Where none fits, or
+    sms is not given, the first pair whose halves exist, each half alone where the other does
+    not. choose = (R, wide) asks for one pair (a tool's or a test's)."""
     P = -(-dim // 128)
     if dim % 4 or P > HALVES_MAX_P:
         return None
-    optin = optin or _shared_optin()
-    attention = {R: _attention_half_launch(dim, head_dim, P, R, clusters, optin)
+    if sms is not None and n_heads is None:
+        raise ValueError("halves_plan: sms given without n_heads: the blocks cannot be counted")
+    limit = optin or (_shared_optin() if clusters or hidden_dim % HALVES_WIDE_J == 0 else 0)
+    attention = {R: _attention_half_launch(dim, head_dim, P, R, clusters, limit)
                  for R in HALVES_CLUSTERS}
     J = next((j for j in HALVES_J if hidden_dim % j == 0), None)
     wide_smem = 4 * (2 * HALVES_WIDE_J * dim + dim)
+    fits_wide = hidden_dim % HALVES_WIDE_J == 0 and wide_smem + 4 * 128 * P + 128 <= limit
     feed_forward = {False: None if J is None else (J, P, 0),
-                    True: (HALVES_WIDE_J, P, wide_smem)
-                    if hidden_dim % HALVES_WIDE_J == 0 and wide_smem + 4 * 128 * P + 128 <= optin
-                    else None}
-    pairs = [(R, wide) for wide in (False, True) for R in HALVES_CLUSTERS]
+                    True: (HALVES_WIDE_J, P, wide_smem) if fits_wide else None}
     if choose is None:
-        plans = [HalvesPlan(attention[R], feed_forward[wide]) for R, wide in pairs
-                 if attention[R] and feed_forward[wide]]
-        choose = next(((p.attention[2], p.feed_forward[2] > 0) for p in plans
-                       if sms and p.blocks(n_heads, hidden_dim) <= sms), (HALVES_CLUSTER, False))
-    plan = HalvesPlan(attention[choose[0]], feed_forward[choose[1]])
+        pairs = [HalvesPlan(attention[R], feed_forward[wide])
+                 for wide in (False, True) for R in HALVES_CLUSTERS]
+        both = [plan for plan in pairs if plan.attention and plan.feed_forward]
+        fitting = [plan for plan in both if sms and plan.blocks(n_heads, hidden_dim) <= sms]
+        plan = (fitting or both or [HalvesPlan(next(filter(None, attention.values()), None),
+                                               feed_forward[False] or feed_forward[True])])[0]
+    else:
+        plan = HalvesPlan(attention[choose[0]], feed_forward[choose[1]])
     return None if plan.attention is None and plan.feed_forward is None else plan
 
 
 def _attention_half_launch(dim, head_dim, P, R, clusters, optin):
     """attention_half's (P, bytes of dynamic shared memory, R) for clusters of R, or None
     where it cannot take the shape."""
-    if not (clusters and head_dim % 4 == 0 and head_dim % R == 0
-            and head_dim <= HALVES_MAX_HEAD_DIM and dim % R == 0):
+    if not (clusters and head_dim % 4 == 0 and head_dim % HALVES_CLUSTER == 0
+            and head_dim <= HALVES_MAX_HEAD_DIM and dim % HALVES_CLUSTER == 0):
         return None
     floats = 3 * head_dim // R * dim + dim // R * head_dim + dim + 5 * head_dim + 2
     return (P, 4 * floats, R) if 4 * floats + HALVES_STATIC_SMEM <= optin else None
