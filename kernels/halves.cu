@@ -111,6 +111,11 @@ __device__ __forceinline__ void row_slice(const float* row, int dim, float4 (&w)
     for (int i = 0; i < P; ++i) w[i] = slice_at(row, dim, i);
 }
 
+// a * b, element by element
+__device__ __forceinline__ float4 mul4(float4 a, float4 b) {
+    return make_float4(a.x * b.x, a.y * b.y, a.z * b.z, a.w * b.w);
+}
+
 // x * norm_w for this lane's float4s, and the lane's share of sum x^2 (RMSNorm after the
 // sums, as gemv's GEMV_RMSNORM_LATE: the products take x * g, and their sums, added across
 // the warp with it, are scaled by 1 / sqrt(mean(x^2) + eps))
@@ -122,7 +127,7 @@ __device__ __forceinline__ float normed_x(const float* xs, const float4 (&g)[P],
     for (int i = 0; i < P; ++i) {
         const float4 x = slice_at(xs, dim, i);
         ss += sum_squares4(x);
-        xn[i] = make_float4(x.x * g[i].x, x.y * g[i].y, x.z * g[i].z, x.w * g[i].w);
+        xn[i] = mul4(x, g[i]);
     }
     return ss;
 }
@@ -359,10 +364,11 @@ attention_half(const float* __restrict__ X, const float* __restrict__ norm_w, fl
 // ---- feed_forward_half and feed_forward_wide ---------------------------------------------------
 // Both: block b takes hidden units u0 = J b .. u0 + J - 1, warp j unit u0 + j, whose rows of w1
 // and w3 (rows u and hidden + u of w13) it multiplies by rmsnorm(h_mid), so that the block holds
-// gate_j = silu(a1) a3 for its J units without any other block. Then w2's columns u0 .. u0 + J - 1
-// (a (dim, J) slice, J / 4 float4s a row) times the gates: thread t takes float4 e = t, t + 32 J, ..
-// of the slice (row e / (J / 4)), and the J / 4 lanes of a row add their products by shuffles;
-// one atomicAdd a row (block 0 adds h_mid too). Every weight is loaded before the wait.
+// gate_j = silu(a1) a3 for its J units without any other block. Then w2's columns u0 .. u0 +
+// J - 1 (a (dim, J) slice, J / 4 float4s a row) times the gates: thread t takes float4 e = t,
+// t + 32 J, .. of the slice (row e / (J / 4)), and the J / 4 lanes of a row add their products
+// by shuffles; one atomicAdd a row (block 0 adds h_mid too). Every weight is loaded before the
+// wait.
 
 // This thread's P float4s of w2's slice (registers), zeros past its rows
 template <int J, int P>
@@ -483,8 +489,7 @@ feed_forward_wide(const float* __restrict__ X, const float* __restrict__ norm_w,
         const int k4 = lane + 32 * i;
         if (k4 < D4) {
             const float4 x = reinterpret_cast<const float4*>(xs)[k4];
-            const float4 g = reinterpret_cast<const float4*>(gs)[k4];
-            const float4 xn = make_float4(x.x * g.x, x.y * g.y, x.z * g.z, x.w * g.w);
+            const float4 xn = mul4(x, reinterpret_cast<const float4*>(gs)[k4]);
             sums[0] = fma4(w1[k4], xn, sums[0]);
             sums[1] = fma4(w3[k4], xn, sums[1]);
             sums[2] += sum_squares4(x);

@@ -51,7 +51,8 @@ def test_halves_plan_takes_the_shapes_the_kernels_read():
     assert only_ff.attention is None and only_ff.feed_forward == (16, 3, 0)
     assert halves_plan(288, 48, 770, optin=optin).feed_forward is None   # no J divides
     assert halves_plan(288, 256, 768, optin=optin).attention is None     # head_dim > 128
-    assert halves_plan(1024, 64, 2816, n_heads=16, optin=optin, sms=132).attention[0] == HALVES_MAX_P
+    p1024 = halves_plan(1024, 64, 2816, n_heads=16, optin=optin, sms=132)
+    assert p1024.attention[0] == HALVES_MAX_P
     assert halves_plan(1024, 128, 2816, optin=optin).attention is None   # 263 KiB of rows
     assert halves_plan(1028, 257, 2816, optin=optin) is None             # P 9
     assert halves_plan(288, 48, 768, clusters=False, optin=optin).attention is None

@@ -96,12 +96,12 @@ CACHE_TYPES = {"float32": "float", "float16": "unsigned short"}
 # blocks on the GPU at once. Measured on an H200 (2026-12-01, kernels/dev/ab_halves.py, the
 # one-row step's graph against five launches a layer, at positions 3 / 60 / 200): stories15M
 # 1.30x / 1.28x / 1.32x (clusters of 8, J 16), stories110M 1.26x / 1.25x / 1.27x (clusters of
-# 4, wide; 1.21x / 1.16x / 1.21x with clusters of 8 and J 16). Only P 3 and 6 were measured; at P 8 (dim 1024) ptxas spills 84 bytes a thread in
-# feed_forward_half at J 16 (4 at P 7), none in attention_half or feed_forward_wide (NVRTC,
-# sm_90, 2026-12-01). Their instances are groups of their own by P, compiled on their first
-# launch.
+# 4, wide; 1.21x / 1.16x / 1.21x with clusters of 8 and J 16). Only P 3 and 6 were measured;
+# at P 8 (dim 1024) ptxas spills 84 bytes a thread in feed_forward_half at J 16 (4 at P 7),
+# none in attention_half or feed_forward_wide (NVRTC, sm_90, 2026-12-01). Their instances are
+# groups of their own by P, compiled on their first launch.
 HALVES_CLUSTER = 8                 # halves.cu's HALVES_CLUSTER
-HALVES_CLUSTERS = (HALVES_CLUSTER, 4)   # attention_half's R, a head's cluster, in halves_plan's order
+HALVES_CLUSTERS = (HALVES_CLUSTER, 4)   # attention_half's R (a head's cluster), in plan order
 HALVES_WARPS = 16                  # halves.cu's HALVES_WARPS
 HALVES_MAX_P = 8
 HALVES_J = (16, 8, 4)
@@ -520,9 +520,9 @@ def halves_plan(dim, head_dim, hidden_dim, n_heads=None, clusters=True, optin=No
     """Which halves of a one-row float32 layer halves.cu's kernels take, and their launches
     (HalvesPlan), or None for neither.
 
-    attention_half: a GPU with clusters (compute capability 9.0 on), head_dim a multiple of 4
-    and of HALVES_CLUSTER (each block S = head_dim / R of its rows) up to 128, dim a multiple
-    of HALVES_CLUSTER up to 128 HALVES_MAX_P, and its shared memory within optin (the GPU's, by
+    attention_half: a GPU with clusters (compute capability 9.0 on), head_dim a multiple of
+    HALVES_CLUSTER (each block S = head_dim / R of its rows) up to 128, dim a multiple of
+    HALVES_CLUSTER up to 128 HALVES_MAX_P, and its shared memory within optin (the GPU's, by
     default) beside its static arrays. Clusters of 4 take only the shapes clusters of 8 take
     (the shapes the GPU tests run). feed_forward_half: dim a multiple of 4 up to the same, and a
     J of HALVES_J that divides hidden_dim; feed_forward_wide: the same, hidden_dim a multiple
@@ -532,8 +532,9 @@ def halves_plan(dim, head_dim, hidden_dim, n_heads=None, clusters=True, optin=No
     feed-forward; then the same with the wide one), the first whose blocks all fit on the
     GPU's sms at once (n_heads needed): every block of a launch then finds an SM while the
     launch before it runs, and loads its weights there before its wait. Where none fits, or
-    sms is not given, the first pair whose halves exist, each half alone where the other does
-    not. choose = (R, wide) asks for one pair (a tool's or a test's)."""
+    sms is not given, the first pair, clusters of 8 and the registers' feed-forward, each half
+    where it takes the shape (either takes every shape the other pairs would). choose = (R,
+    wide) asks for one pair (a tool's or a test's)."""
     P = -(-dim // 128)
     if dim % 4 or P > HALVES_MAX_P:
         return None
@@ -544,16 +545,15 @@ def halves_plan(dim, head_dim, hidden_dim, n_heads=None, clusters=True, optin=No
                  for R in HALVES_CLUSTERS}
     J = next((j for j in HALVES_J if hidden_dim % j == 0), None)
     wide_smem = 4 * (2 * HALVES_WIDE_J * dim + dim)
-    fits_wide = hidden_dim % HALVES_WIDE_J == 0 and wide_smem + 4 * 128 * P + 128 <= limit
+    wide_static = 4 * (128 * P + HALVES_WIDE_J)                 # its xs and gate
+    fits_wide = hidden_dim % HALVES_WIDE_J == 0 and wide_smem + wide_static <= limit
     feed_forward = {False: None if J is None else (J, P, 0),
                     True: (HALVES_WIDE_J, P, wide_smem) if fits_wide else None}
     if choose is None:
         pairs = [HalvesPlan(attention[R], feed_forward[wide])
                  for wide in (False, True) for R in HALVES_CLUSTERS]
-        both = [plan for plan in pairs if plan.attention and plan.feed_forward]
-        fitting = [plan for plan in both if sms and plan.blocks(n_heads, hidden_dim) <= sms]
-        plan = (fitting or both or [HalvesPlan(next(filter(None, attention.values()), None),
-                                               feed_forward[False] or feed_forward[True])])[0]
+        plan = next((plan for plan in pairs if sms and plan.attention and plan.feed_forward
+                     and plan.blocks(n_heads, hidden_dim) <= sms), pairs[0])
     else:
         plan = HalvesPlan(attention[choose[0]], feed_forward[choose[1]])
     return None if plan.attention is None and plan.feed_forward is None else plan
@@ -562,8 +562,8 @@ def halves_plan(dim, head_dim, hidden_dim, n_heads=None, clusters=True, optin=No
 def _attention_half_launch(dim, head_dim, P, R, clusters, optin):
     """attention_half's (P, bytes of dynamic shared memory, R) for clusters of R, or None
     where it cannot take the shape."""
-    if not (clusters and head_dim % 4 == 0 and head_dim % HALVES_CLUSTER == 0
-            and head_dim <= HALVES_MAX_HEAD_DIM and dim % HALVES_CLUSTER == 0):
+    if not (clusters and head_dim % HALVES_CLUSTER == 0 and head_dim <= HALVES_MAX_HEAD_DIM
+            and dim % HALVES_CLUSTER == 0):
         return None
     floats = 3 * head_dim // R * dim + dim // R * head_dim + dim + 5 * head_dim + 2
     return (P, 4 * floats, R) if 4 * floats + HALVES_STATIC_SMEM <= optin else None
