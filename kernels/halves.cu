@@ -132,6 +132,24 @@ __device__ __forceinline__ float normed_x(const float* xs, const float4 (&g)[P],
     return ss;
 }
 
+// stage_x, and beside x in shared memory x * norm_w (xg) and each warp's share of sum x^2
+// (sq[warp]), for feed_forward_wide: its 32 warps then read one row of x each, where they read
+// x and norm_w and added up x's squares every one. g: this thread's float4 of norm_w, c =
+// threadIdx.x (dim / 4 <= blockDim.x).
+__device__ __forceinline__ void stage_x_normed(const float* X, float4 g, float* xs, float* xg,
+                                               float* sq, int dim) {
+    const int c = threadIdx.x;
+    float ss = 0.0f;
+    if (c < dim / 4) {
+        const float4 x = __ldcg(reinterpret_cast<const float4*>(X) + c);
+        reinterpret_cast<float4*>(xs)[c] = x;
+        reinterpret_cast<float4*>(xg)[c] = mul4(x, g);
+        ss = sum_squares4(x);
+    }
+    ss = warp_sum(ss);
+    if (c % 32 == 0) sq[c / 32] = ss;
+}
+
 // acc + w . x, a float4 of each, added in order
 __device__ __forceinline__ float fma4(float4 w, float4 x, float acc) {
     acc = fmaf(w.x, x.x, acc);
@@ -159,16 +177,22 @@ __device__ __forceinline__ void clear_next(float* Z, int dim) {
 
 // Each half's turn, once its weights are on their way: let the next launch start (its blocks
 // load while this one works), wait for the launch before (x is its output; reduce.cu), zero
-// this launch's share of the buffer the next one adds into, stage x, and see the block's own
-// copies (COPIES: cp.async; feed_forward_half has none) landed before anyone reads them
-template <bool COPIES = true>
-__device__ __forceinline__ void wait_and_stage_x(const float* X, float* xs, float* Z, int dim) {
+// this launch's share of the buffer the next one adds into, stage x (stage(): stage_x, or
+// stage_x_normed), and see the block's own copies (COPIES: cp.async; feed_forward_half has
+// none) landed before anyone reads them
+template <bool COPIES = true, typename Stage>
+__device__ __forceinline__ void wait_and_stage(Stage stage, float* Z, int dim) {
     grid_launch_dependents();
     grid_dependency_wait();
     clear_next(Z, dim);
-    stage_x(X, xs, dim);
+    stage();
     if (COPIES) cp_async_wait<0>();
     __syncthreads();
+}
+
+template <bool COPIES = true>
+__device__ __forceinline__ void wait_and_stage_x(const float* X, float* xs, float* Z, int dim) {
+    wait_and_stage<COPIES>([&] { stage_x(X, xs, dim); }, Z, dim);
 }
 
 // ---- attention_half ----------------------------------------------------------------------------
@@ -454,9 +478,10 @@ feed_forward_half(const float* __restrict__ X, const float* __restrict__ norm_w,
 // feed_forward_wide: grid (hidden / 32), 32 warps a block, the same arithmetic with twice the
 // hidden units a block, so that half as many blocks take the launch (beside attention_half's
 // clusters, kernels.halves_plan). Its rows of w1 and w3 (2 x 32 rows of dim) are more than the
-// registers hold: they go into shared memory by cp.async before the wait, with RMSNorm's
-// weights, and each warp reads its two rows from there; w2's slice stays in registers.
-// Shapes: dim % 4 == 0, dim <= 128 P, hidden % 32 == 0; 4 (65 dim + 128 P) + 128 bytes of
+// registers hold: they go into shared memory by cp.async before the wait, and each warp reads
+// its two rows from there, with x * norm_w staged once for all (stage_x_normed: shared
+// memory's bandwidth, 128 bytes a clock, bounds the loop); w2's slice stays in registers.
+// Shapes: dim % 4 == 0, dim <= 128 P, hidden % 32 == 0; 4 (64 dim + 256 P) + 256 bytes of
 // shared memory.
 template <int P>
 __global__ void __launch_bounds__(1024, 1)
@@ -464,35 +489,34 @@ feed_forward_wide(const float* __restrict__ X, const float* __restrict__ norm_w,
                   const float* __restrict__ w13, const float* __restrict__ w2, float* Y,
                   float* Z, int dim, int hidden) {
     constexpr int J = 32;
+    static_assert(32 * P <= 1024, "a thread stages x's float4 threadIdx.x");
     const int lane = threadIdx.x % 32, j = threadIdx.x / 32, D4 = dim / 4, u0 = blockIdx.x * J;
-    extern __shared__ __align__(16) float smem[];   // kernels.halves_plan sizes it
-    float* rows = smem;                             // (2 J, dim): w1's rows u0 .., then w3's
-    float* gs = rows + 2 * J * dim;                 // (dim) RMSNorm's weights
-    __shared__ __align__(16) float xs[128 * P];     // x
+    extern __shared__ __align__(16) float rows[];   // (2 J, dim): w1's rows u0 .., then w3's
+    __shared__ __align__(16) float xs[128 * P];     // x                      (kernels.halves_plan
+    __shared__ __align__(16) float xg[128 * P];     // x * norm_w              sizes them all)
+    __shared__ float sq[J];                         // each warp's share of sum x^2
     __shared__ float gate[J];                       // the block's gates
     for (int c = threadIdx.x; c < 2 * J * D4; c += blockDim.x) {
         const int row = c / D4, k4 = c % D4;
         const int from = row < J ? u0 + row : hidden + u0 + row - J;
         cp_async16(smem_addr(rows + row * dim + 4 * k4), w13 + (size_t)from * dim + 4 * k4, 16);
     }
-    for (int c = threadIdx.x; c < D4; c += blockDim.x)
-        cp_async16(smem_addr(gs + 4 * c), norm_w + 4 * c, 16);
     cp_async_commit();
     float4 r2[P];
     load_w2_slice<J, P>(w2, dim, hidden, u0, r2);
-    wait_and_stage_x(X, xs, Z, dim);
-    float sums[3] = {0.0f, 0.0f, 0.0f};             // w1's row, w3's, x's squares
-    const float4* w1 = reinterpret_cast<const float4*>(rows + j * dim);
+    const float4 g = threadIdx.x < D4 ? __ldg(reinterpret_cast<const float4*>(norm_w) + threadIdx.x)
+                                      : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    wait_and_stage([&] { stage_x_normed(X, g, xs, xg, sq, dim); }, Z, dim);
+    float sums[3] = {0.0f, 0.0f, sq[lane]};         // w1's row, w3's, x's squares (lane l:
+    const float4* w1 = reinterpret_cast<const float4*>(rows + j * dim);      // warp l's share)
     const float4* w3 = reinterpret_cast<const float4*>(rows + (J + j) * dim);
 #pragma unroll
     for (int i = 0; i < P; ++i) {
         const int k4 = lane + 32 * i;
         if (k4 < D4) {
-            const float4 x = reinterpret_cast<const float4*>(xs)[k4];
-            const float4 xn = mul4(x, reinterpret_cast<const float4*>(gs)[k4]);
+            const float4 xn = reinterpret_cast<const float4*>(xg)[k4];
             sums[0] = fma4(w1[k4], xn, sums[0]);
             sums[1] = fma4(w3[k4], xn, sums[1]);
-            sums[2] += sum_squares4(x);
         }
     }
     gates_times_w2<J, P>(sums, eps, gate, r2, xs, Y, dim);

@@ -70,7 +70,7 @@ def test_halves_plan_puts_both_launches_on_the_gpu_at_once():
     assert p15.attention[2] == 8 and p15.feed_forward[2] == 0
     p110 = halves_plan(768, 64, 2048, n_heads=12, optin=optin, sms=132)
     assert p110.attention == (6, 4 * (3 * 16 * 768 + 192 * 64 + 768 + 5 * 64 + 2), 4)
-    assert p110.feed_forward == (32, 6, 4 * (64 * 768 + 768))
+    assert p110.feed_forward == (32, 6, 4 * 64 * 768)
     assert p110.blocks(12, 2048) == 48 + 64
     def pair(sms):
         plan = halves_plan(768, 64, 2048, n_heads=12, optin=optin, sms=sms)
@@ -87,7 +87,7 @@ def test_halves_plan_puts_both_launches_on_the_gpu_at_once():
     assert halves_plan(96, 12, 256, optin=optin, choose=(4, False)).attention is None
     assert halves_plan(64, 8, 172, clusters=False).feed_forward == (4, 1, 0)   # no GPU asked
     assert halves_plan(64, 8, 172, optin=optin, choose=(4, True)).feed_forward is None
-    # at dim 1024 neither fits shared memory: clusters of 4 (261 KiB) nor the wide rows (260 KiB)
+    # at dim 1024 neither fits shared memory: clusters of 4 (261 KiB) nor the wide rows (264 KiB)
     assert halves_plan(1024, 64, 2048, optin=optin, choose=(4, True)) is None
     assert halves_plan(1024, 64, 2048, optin=optin, choose=(8, True)).feed_forward is None
     assert halves_plan(768, 64, 2048, n_heads=12, optin=optin).attention[2] == 8   # no sms given

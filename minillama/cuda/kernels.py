@@ -544,8 +544,8 @@ def halves_plan(dim, head_dim, hidden_dim, n_heads=None, clusters=True, optin=No
     attention = {R: _attention_half_launch(dim, head_dim, P, R, clusters, limit)
                  for R in HALVES_CLUSTERS}
     J = next((j for j in HALVES_J if hidden_dim % j == 0), None)
-    wide_smem = 4 * (2 * HALVES_WIDE_J * dim + dim)
-    wide_static = 4 * (128 * P + HALVES_WIDE_J)                 # its xs and gate
+    wide_smem = 4 * 2 * HALVES_WIDE_J * dim
+    wide_static = 4 * (2 * 128 * P + 2 * HALVES_WIDE_J)         # its xs, xg, sq and gate
     fits_wide = hidden_dim % HALVES_WIDE_J == 0 and wide_smem + wide_static <= limit
     feed_forward = {False: None if J is None else (J, P, 0),
                     True: (HALVES_WIDE_J, P, wide_smem) if fits_wide else None}
