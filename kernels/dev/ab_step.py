@@ -20,9 +20,7 @@ if str(ROOT) not in sys.path:       # this checkout first, as check_formats.py p
     sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import profile_step                 # noqa: E402
-from minillama.bench import gpu7b, torch_compiled          # noqa: E402
-from minillama.cuda import CudaOps                         # noqa: E402
-from minillama.model import Transformer                    # noqa: E402
+from minillama.bench import gpu7b                           # noqa: E402
 
 MISMATCH = 1e-4     # logits further than this from the first variant's (relative): flagged
 
@@ -74,11 +72,7 @@ def ab_steps(cp, shape, dtype, batches, variants, rounds=7, max_seq_len=64, step
     replays of each graph after `warmup`) of the step at position `pos` (the cache's rows from
     3 to pos - 1 left as they are: zeros, for a timing); returns {bsz: {label: ms}}."""
     sync = cp.cuda.Device().synchronize
-    p = torch_compiled.model_args(shape, max(batches), max_seq_len)
-    ops = CudaOps(persistent=False)
-    model = Transformer(p, gpu7b.RandomGpuWeights(p, dtype), ops)
-    forward = ops.decoder(model)
-    fused = ops._decoders[model]
+    forward, fused = profile_step.random_decoder(shape, dtype, max(batches), max_seq_len)
     out = {}
     for bsz in batches:
         tokens = np.arange(1, bsz + 1, dtype=np.int64).reshape(bsz, 1)
@@ -108,6 +102,6 @@ def ab_steps(cp, shape, dtype, batches, variants, rounds=7, max_seq_len=64, step
         print(f"{shape} {dtype} batch {bsz} at {pos}, graph ms (median of {rounds} rounds): "
               + ", ".join(f"{k} {v:.4f} ({base / v:.2f}x)" for k, v in med.items()), flush=True)
         out[bsz] = med
-    model = forward = fused = ops = None
+    forward = fused = None
     gpu7b.release_gpu()
     return out

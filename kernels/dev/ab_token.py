@@ -26,6 +26,7 @@ Most variants are wrong on purpose (a bound: what a step would gain if a piece c
   name: the A/B of stage_x_normed.
 """
 import argparse
+import contextlib
 import subprocess
 import sys
 from pathlib import Path
@@ -38,32 +39,39 @@ if str(ROOT) not in sys.path:       # this checkout first
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from minillama.bench import gpu as bench_gpu, gpu7b     # noqa: E402
 from minillama.bench.timing import decode_rate          # noqa: E402
-from ab_step import add_instances, patched               # noqa: E402
+from ab_step import add_instances                        # noqa: E402
 from minillama.cuda import CudaOps, fused, require_cupy, runtime  # noqa: E402
-from minillama.cuda.kernels import KERNELS              # noqa: E402
+from minillama.cuda.kernels import HALVES_MAX_P, KERNELS  # noqa: E402
 from minillama.generation import AHEAD                  # noqa: E402
+
+
+@contextlib.contextmanager
+def launches(ordinary):
+    """KERNELS.launch inside the block: the ordinary way (ordinary True) or programmatically,
+    whatever each call asks."""
+    launch = KERNELS.launch
+    KERNELS.launch = lambda *a, **k: launch(*a, **{**k, "ordinary": ordinary})
+    try:
+        yield
+    finally:
+        KERNELS.launch = launch
 
 
 def embed_programmatic(dec):
     def embed(bsz, h, clear=None):
-        KERNELS.launch("embed_tokens", (bsz,), (dec.BLOCK,),
-                       (dec.step, dec.tok_embeddings, h, fused.NULL if clear is None else clear,
-                        fused.i32(dec.p.dim)))
+        with launches(ordinary=False):
+            fused.FusedDecoder.embed(dec, bsz, h, clear)
     dec.embed = embed
 
 
 def no_embed(ordinary):
     def variant(dec):
         assert (2 * dec.p.n_layers) % 3 == 0, "the step must end in the buffer it begins from"
-        first, launch = dec.layers[0], KERNELS.launch
+        first = dec.layers[0]
 
         def attention_half(layer, h, h_mid, clear):
-            if layer is first and ordinary:
-                KERNELS.launch = lambda *a, **k: launch(*a, **{**k, "ordinary": True})
-            try:
+            with launches(ordinary) if layer is first else contextlib.nullcontext():
                 fused.FusedDecoder.attention_half(dec, layer, h, h_mid, clear)
-            finally:
-                KERNELS.launch = launch
         dec.embed = lambda bsz, h, clear=None: None
         dec.attention_half = attention_half
     return variant
@@ -123,17 +131,15 @@ def main():
                     "against another run of this tool")
     a = ap.parse_args()
     bench_gpu.cp = require_cupy()
+    source = runtime.kernel_source()
     if a.halves:
         ours = (runtime.kernel_dir() / "halves.cu").read_text()
-        theirs = Path(a.halves).read_text()
-        source = runtime.kernel_source().replace(ours, theirs)
-        patched(runtime, "kernel_source", lambda: source).__enter__()     # for the process
+        source = source.replace(ours, Path(a.halves).read_text())
     if f"wide of {OLD_WIDE}" in a.only:
-        source = runtime.kernel_source() + "\n" + old_wide_source()
-        stack = patched(runtime, "kernel_source", lambda: source)
-        stack.__enter__()           # for the process: every group compiles the same text
-        for P in range(1, 9):
+        source += "\n" + old_wide_source()
+        for P in range(1, HALVES_MAX_P + 1):
             add_instances(f"feed_forward_half{P}", [f"feed_forward_wide_{OLD_WIDE}<{P}>"])
+    runtime.kernel_source = lambda: source      # for the process: every group the same text
     for shape in a.shapes.split(","):
         ops, forwards = CudaOps(), {}
         for label in a.only.split(","):

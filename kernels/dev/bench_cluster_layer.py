@@ -20,11 +20,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
-from minillama.bench import gpu7b, torch_compiled          # noqa: E402
+from minillama.bench import gpu7b                           # noqa: E402
 from minillama.bench.timing import gpu_ms                  # noqa: E402
-from minillama.cuda import CudaOps, pdl, require_cupy      # noqa: E402
+from minillama.cuda import pdl, require_cupy               # noqa: E402
 from minillama.cuda.kernels import KERNELS                 # noqa: E402
-from minillama.model import Transformer                    # noqa: E402
 
 C = 16                              # blocks of the cluster (more than 8: a non-portable size)
 CLUSTER_DIMENSION = 4               # CUlaunchAttributeID
@@ -99,11 +98,7 @@ def cluster_us(cp):
 def graph_us(cp):
     """FusedDecoder's one-row stories15M step (random weights): (us a step, launches a step)."""
     import profile_step
-    p = torch_compiled.model_args("15M", 1, 64)
-    ops = CudaOps(persistent=False)
-    model = Transformer(p, gpu7b.RandomGpuWeights(p, "float32"), ops)
-    forward = ops.decoder(model)
-    fused = ops._decoders[model]
+    forward, fused = profile_step.random_decoder("15M", "float32")
     tokens = np.ones((1, 1), dtype=np.int64)
     for pos in range(4):
         forward(tokens, pos)

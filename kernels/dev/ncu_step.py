@@ -23,15 +23,10 @@ import numpy as np
 
 
 def step(shape, dtype, bsz, layers):
-    from minillama.bench import gpu7b, torch_compiled
-    from minillama.cuda import CudaOps, require_cupy
-    from minillama.model import Transformer
+    from minillama.cuda import require_cupy
+    from profile_step import random_decoder
     cp = require_cupy()
-    p = torch_compiled.model_args(shape, bsz, 64, n_layers=layers)
-    ops = CudaOps(persistent=False)      # FusedDecoder: the step as separate kernels
-    model = Transformer(p, gpu7b.RandomGpuWeights(p, dtype), ops)
-    forward = ops.decoder(model)
-    fused = ops._decoders[model]
+    forward, fused = random_decoder(shape, dtype, bsz, n_layers=layers)   # separate kernels
     tokens = np.ones((bsz, 1), dtype=np.int64)
     for pos in range(3):
         forward(tokens, pos)

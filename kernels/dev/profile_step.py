@@ -28,6 +28,17 @@ from minillama.cuda.kernels import KERNELS, greedy_pick
 from minillama.model import Transformer
 
 
+def random_decoder(shape, dtype, max_batch_size=1, max_seq_len=64, n_layers=None):
+    """A model of a named shape (torch_compiled.model_args) with random weights made on the GPU
+    (gpu7b.RandomGpuWeights), decoded by FusedDecoder (CudaOps without the persistent kernel):
+    (forward, fused), forward being ops.decoder(model), which holds the model (CudaOps holds
+    its decoders by the model, weakly)."""
+    p = torch_compiled.model_args(shape, max_batch_size, max_seq_len, n_layers=n_layers)
+    ops = CudaOps(persistent=False)
+    model = Transformer(p, gpu7b.RandomGpuWeights(p, dtype), ops)
+    return ops.decoder(model), ops._decoders[model]
+
+
 def timed_launches(fused, bsz, cp):
     """Per kernel name: [summed ms, launches] of one eager FusedDecoder.run(bsz)."""
     pairs, launch = [], KERNELS.launch
@@ -244,12 +255,8 @@ def leave_out_ms(fused, bsz, cp, families=("attention_decode", "embed_tokens", "
 
 def profile(shape, dtype, batches, layers, io=False):
     cp = require_cupy()
-    p = torch_compiled.model_args(shape, max(batches), 64, n_layers=layers)
-    ops = CudaOps(persistent=False)      # FusedDecoder, the graph this tool takes apart
-    model = Transformer(p, gpu7b.RandomGpuWeights(p, dtype), ops)
-    forward = ops.decoder(model)
-    fused = ops._decoders[model]
-    nbytes = gpu7b.bytes_per_step(model, 1, 8)
+    forward, fused = random_decoder(shape, dtype, max(batches), n_layers=layers)  # the graph
+    p, nbytes = fused.p, gpu7b.bytes_per_step(forward.model, 1, 8)     # this tool takes apart
     for bsz in batches:
         ms = replay_ms(forward, fused, bsz, cp)
         sums = timed_launches(fused, bsz, cp)
@@ -266,7 +273,7 @@ def profile(shape, dtype, batches, layers, io=False):
                   + ", ".join(f"{k} {v:.3f}" for k, v in io_ms.items()))
         for name, (ms, n) in sorted(sums.items(), key=lambda kv: -kv[1][0]):
             print(f"  {ms:8.3f} ms {100 * ms / total:5.1f}%  x{n:<4d} {1000 * ms / n:8.2f} us  {name}")
-    del model, forward, fused, ops
+    del forward, fused
     gpu7b.release_gpu()
 
 

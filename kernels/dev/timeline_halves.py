@@ -27,10 +27,9 @@ if str(ROOT) not in sys.path:       # this checkout first
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import profile_step                                         # noqa: E402
 from ab_step import patched                                 # noqa: E402
-from minillama.bench import gpu7b, torch_compiled           # noqa: E402
-from minillama.cuda import CudaOps, require_cupy, runtime   # noqa: E402
+from minillama.bench import gpu7b                           # noqa: E402
+from minillama.cuda import require_cupy, runtime            # noqa: E402
 from minillama.cuda.kernels import KERNELS                  # noqa: E402
-from minillama.model import Transformer                     # noqa: E402
 
 RECORDS, WIDTH = 4096, 16           # per module: blocks a replay, u64s a record
 
@@ -53,8 +52,9 @@ __device__ __forceinline__ unsigned long long timeline_now() {
 
 ATTENTION = ["start", "x staged", "normed", "qkv pushed", "attended", "wo added"]
 FEED_FORWARD = ["start", "x staged", "w13 summed", "w2 added"]
+PHASES = {"attention": ATTENTION, "feed_forward": FEED_FORWARD}
 
-EDITS = [   # (anchor, text after it) in halves.cu; the last replaces its anchor
+EDITS = [   # (anchor, text after it) in halves.cu, in order (an anchor may hold an earlier text)
     ("    __shared__ __align__(16) WarpSoftmax parts;\n", "    STAMP_OPEN(wqkv);\n"),
     ("    wait_and_stage_x(X, xs, Z, dim);\n    float4 xn[P];\n", "    STAMP(1);\n"),
     ("    cluster_wait();                                 // every block has started: pushes "
@@ -69,11 +69,10 @@ EDITS = [   # (anchor, text after it) in halves.cu; the last replaces its anchor
      "    STAMP_OPEN(w13);\n"),
     ("    wait_and_stage([&] { stage_x_normed(X, g, xs, xg, sq, dim); }, Z, dim);\n",
      "    STAMP(1);\n"),
-    ("            sums[1] = fma4(w3[k4], xn, sums[1]);\n        }\n    }\n"
-     "    gates_times_w2<J, P>(sums, eps, gate, r2, xs, Y, dim);\n",
-     "            sums[1] = fma4(w3[k4], xn, sums[1]);\n        }\n    }\n"
-     "    __syncthreads();\n    STAMP(2);\n    gates_times_w2<J, P>(sums, eps, gate, r2, xs, Y, "
-     "dim);\n    __syncthreads();\n    STAMP(3);\n"),
+    ("            sums[1] = fma4(w3[k4], xn, sums[1]);\n        }\n    }\n",
+     "    __syncthreads();\n    STAMP(2);\n"),
+    ("    STAMP(2);\n    gates_times_w2<J, P>(sums, eps, gate, r2, xs, Y, dim);\n",
+     "    __syncthreads();\n    STAMP(3);\n"),
 ]
 
 
@@ -81,9 +80,9 @@ def stamped_source(source):
     """kernel_source() with the stamps: PRELUDE before halves.cu, the edits inside it."""
     head, marker, halves = source.partition('#line 1 "halves.cu"\n')
     halves, marker2, rest = halves.partition('#line 1 "persistent.cu"\n')
-    for i, (anchor, text) in enumerate(EDITS):
+    for anchor, text in EDITS:
         assert halves.count(anchor) == 1, f"anchor not found once: {anchor!r}"
-        halves = halves.replace(anchor, text if i == len(EDITS) - 1 else anchor + text)
+        halves = halves.replace(anchor, anchor + text)
     return head + marker + PRELUDE + halves + marker2 + rest
 
 
@@ -92,15 +91,23 @@ def set_global(cp, module, name, value, dtype):
     cp.ndarray((1,), dtype, ptr)[...] = value
 
 
-def records(cp, buffers):
-    """{group: (n, WIDTH) uint64 array} of the replay's records."""
-    return {g: b.get()[(b.get()[:, 2] > 0)] for g, b in buffers.items()}
+def records(buffers):
+    """{kind: (n, WIDTH) uint64 array} of the replay's records (the blocks that wrote one)."""
+    out = {}
+    for kind, buffer in buffers.items():
+        recs = buffer.get()
+        out[kind] = recs[recs[:, 2] > 0]
+    return out
+
+
+def offsets(recs, phases, t0):
+    """(blocks, phases) us of each block's stamps after t0 (ns)."""
+    return (recs[:, 2:2 + len(phases)].astype(np.int64) - t0) / 1000
 
 
 def show(label, phases, recs, t0):
-    us = (recs[:, 2:2 + len(phases)].astype(np.int64) - t0) / 1000
     cells = [f"{name} {col.min():6.2f} {np.median(col):6.2f} {col.max():6.2f}"
-             for name, col in zip(phases, us.T)]
+             for name, col in zip(phases, offsets(recs, phases, t0).T)]
     print(f"  {label:14s} " + " | ".join(cells))
 
 
@@ -112,11 +119,7 @@ def main():
     a = ap.parse_args()
     cp = require_cupy()
     with patched(runtime, "kernel_source", lambda src=runtime.kernel_source(): stamped_source(src)):
-        p = torch_compiled.model_args(a.shape, 1, 1024)
-        ops = CudaOps(persistent=False)
-        model = Transformer(p, gpu7b.RandomGpuWeights(p, "float32"), ops)
-        forward = ops.decoder(model)
-        dec = ops._decoders[model]
+        forward, dec = profile_step.random_decoder(a.shape, "float32", max_seq_len=1024)
         tokens = np.ones((1, 1), dtype=np.int64)
         for before in range(3):
             forward(tokens, before)
@@ -145,29 +148,28 @@ def main():
         graph.launch()
         cp.cuda.Device().synchronize()
         launches = {}                   # (layer, kind) -> its records
-        for kind, recs in records(cp, buffers).items():
+        for kind, recs in records(buffers).items():
             for w in np.unique(recs[:, 0]):
                 launches[layer_of[int(w)][::-1]] = recs[recs[:, 0] == w]
         order = sorted(launches)        # (layer, "attention") before (layer, "feed_forward")
         ends = {key: int(launches[key][:, 2:].max()) for key in order}
-        phases = {"attention": ATTENTION, "feed_forward": FEED_FORWARD}
+        before = dict(zip(order[1:], order))        # each launch's launch before
         print(f"at position {pos}: us after the launch before ended (earliest, median, latest "
               f"block)")
         for key in order[1:]:
             if key[0] == a.layer:
-                before = order[order.index(key) - 1]
-                show(f"layer {key[0]} {key[1][:4]}", phases[key[1]], launches[key], ends[before])
+                show(f"layer {key[0]} {key[1][:4]}", PHASES[key[1]], launches[key],
+                     ends[before[key]])
         spans = np.diff([ends[k] for k in order]) / 1000
         print(f"  launch to launch, us (the latest block's last stamp): "
               + " ".join(f"{s:.2f}" for s in spans))
         for kind in ("attention", "feed_forward"):
-            rows = [np.median((launches[k][:, 2:2 + len(phases[kind])].astype(np.int64)
-                               - ends[order[order.index(k) - 1]]) / 1000, axis=0)
+            rows = [np.median(offsets(launches[k], PHASES[kind], ends[before[k]]), axis=0)
                     for k in order[1:] if k[1] == kind and 1 <= k[0] <= len(dec.layers) - 2]
             med = np.median(np.array(rows), axis=0)
             print(f"  {kind}, median block, median of the middle layers: " + " | ".join(
-                f"{name} {v:.2f}" for name, v in zip(phases[kind], med)))
-    model = forward = dec = ops = None
+                f"{name} {v:.2f}" for name, v in zip(PHASES[kind], med)))
+    forward = dec = None
     gpu7b.release_gpu()
 
 
