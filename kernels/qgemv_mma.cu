@@ -430,6 +430,10 @@ __device__ __forceinline__ void mma_combine(const float* __restrict__ partial,
 // parts, then spans * 8 floats of unscale and as many of span_ss (mma_stage_x).
 // scratch: ks * M * N floats of partial sums, then tiles * ks * M sums of squares;
 // counters: tiles ints, zero before the launch and zero after it.
+// any_order (with accumulate, and no RMSNorm: its 1 / rms needs every slice's squares first):
+// each slice adds its sums into Y by atomics (red.global.add.f32, done in L2), so no block
+// waits for the others' partial sums, and no last block adds them; the order the slices'
+// sums arrive in, so the last bits of Y, changes from launch to launch (halves.cu's price).
 // U: steps of loads in flight, 64 bytes a lane each (kernels.MMA_U, per format and NR);
 // B: blocks an SM, the launch bounds' (kernels.MMA_BLOCKS_PER_SM, which qgemv_mma_plan's waves
 // count), so the registers a thread may take (B 1 at W 16: 128).
@@ -438,7 +442,7 @@ __global__ void __launch_bounds__(32 * W, B)
 qgemv_mma(const float* __restrict__ X, const uint4* __restrict__ qs,
           const unsigned short* __restrict__ d, float* __restrict__ Y, int M, int N, int K,
           int accumulate, const float* __restrict__ norm_w, float eps, float* __restrict__ scratch,
-          int* __restrict__ counters) {
+          int* __restrict__ counters, int any_order) {
     static_assert(W >= MMA_ROWS, "warp r adds row r's sums of squares (mma_row_ss)");
     constexpr int SPAN = 4 * F::WEIGHTS;           // positions of k per step
     extern __shared__ __align__(16) unsigned int mma_xs[];
@@ -450,6 +454,7 @@ qgemv_mma(const float* __restrict__ X, const uint4* __restrict__ qs,
     const int step_begin = slice * per_slice, step_end = min(spans, step_begin + per_slice);
     const int units = (step_end - step_begin) * F::UNITS, row_words = mma_row_words(units);
     const int row0 = (tile * W + warp) * 16 * NR;             // the warp's first weight row
+    const bool adds = PRO != GEMV_RMSNORM && any_order && ks > 1;     // the slices' sums by atomics
     float* partial = scratch;                                   // (ks, M, N)
     float* sums = scratch + (size_t)ks * M * N;                 // (tiles, ks, M)
     float* unscale = reinterpret_cast<float*>(mma_xs + F::PARTS * MMA_ROWS * row_words);
@@ -565,12 +570,14 @@ qgemv_mma(const float* __restrict__ X, const uint4* __restrict__ qs,
                 if (ks == 1) {
                     if (PRO == GEMV_RMSNORM) v *= 1.0f / sqrtf(mma_ss[2 * t + (e & 1)] / K + eps);
                     Y[(size_t)m * N + n] = accumulate ? Y[(size_t)m * N + n] + v : v;
+                } else if (adds) {
+                    atomicAdd(Y + (size_t)m * N + n, v);
                 } else {
                     partial[((size_t)slice * M + m) * N + n] = v;
                 }
             }
     }
     // The last block of this tile adds the ks slices (mma_combine, above).
-    if (ks == 1 || !split_last_block(counters + tile, ks)) return;
+    if (ks == 1 || adds || !split_last_block(counters + tile, ks)) return;
     mma_combine<NR, PRO, W>(partial, sums, Y, M, N, K, ks, tile, accumulate, eps);
 }

@@ -512,6 +512,43 @@ def test_batch_graphs_of_stored_formats_launch_programmatically_and_match_the_cp
         assert decoder.programmatic(bsz) == (bsz <= 32), bsz
 
 
+@gpu
+@pytest.mark.parametrize("fmt", ["q4_0", "q8_0"])
+def test_batch_steps_add_slices_in_any_order_unless_deterministic(cuda, cp, fmt):
+    """A batch step of a model kept as stored: qgemv_mma's products that add into the residual
+    (wo, w2) add their slices of k by atomics in FusedDecoder's steps (any_order), and in slice
+    order with CudaOps(deterministic=True), whose steps repeat their bits from decoder to
+    decoder; the two within 1e-5 of each other."""
+    from minillama.cuda import fused
+    p = ModelArgs(**{**PACKED_ARGS, "max_batch_size": 8})
+    weights = stored_model_weights(p, fmt)
+    logits = {}
+    for deterministic in (True, True, False):
+        ops = cuda.CudaOps(persistent=False, deterministic=deterministic)
+        model = Transformer(p, weights, ops)
+        forward = ops.decoder(model)
+        calls = []
+        matvec = fused.matvec
+
+        def spy(x, w, **kwargs):
+            calls.append(kwargs.get("any_order", False))
+            return matvec(x, w, **kwargs)
+        fused.matvec = spy
+        try:
+            steps = [forward(np.arange(8).reshape(8, 1) + pos, pos).get() for pos in range(3)]
+        finally:
+            fused.matvec = matvec
+        assert ops._decoders[model].any_order == (not deterministic)
+        # per run of the step (eager, then captured), wo and w2 of the 4 L + 1 products
+        per_run = 4 * p.n_layers + 1
+        assert len(calls) % per_run == 0 and calls.count(True) == \
+            (0 if deterministic else len(calls) // per_run * 2 * p.n_layers)
+        logits.setdefault(deterministic, []).append(np.stack(steps))
+    first, second = logits[True]
+    assert np.array_equal(first, second)
+    assert rel_err(logits[False][0], first) < 1e-5
+
+
 # ----------------------------------------------------------------------------
 # matmul.cu: f32_to_16bit and gemm_v5
 

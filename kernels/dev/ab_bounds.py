@@ -9,6 +9,10 @@ Candidates, measured as bounds on the step they would change, before any is writ
   prologue. The logits are wrong (flagged as a mismatch, expected); the time is what a step
   would take if the sum of squares and its block-wide barrier cost nothing, the most a
   candidate that folds RMSNorm into the products' epilogue could save.
+- "slices in order": a candidate taken, measured the other way round: the package's batch
+  products that add into the residual (wo, w2) add their slices of k by atomics in any order
+  (qgemv_mma's any_order, FusedDecoder's unless deterministic); this variant has the last block
+  of each tile add them in slice order, as every split did before.
 - "programmatic" and "ordinary": the graph captured with programmatic launches, or without,
   whatever FusedDecoder.programmatic says. Its rule, one row only, was measured before
   qgemv_mma's plan went to one wave (docs/kernels.md, "Between kernels" and "One wave"); this
@@ -121,6 +125,17 @@ def plain_norms():
     return patched(fused, "matvec", without)
 
 
+def slices_in_order():
+    """FusedDecoder's products with any_order dropped: qgemv_mma's slices added up by the last
+    block of each tile, in slice order, where the package adds wo's and w2's by atomics."""
+    matvec = fused.matvec
+
+    def in_order(x, w, **kwargs):
+        kwargs.pop("any_order", None)
+        return matvec(x, w, **kwargs)
+    return patched(fused, "matvec", in_order)
+
+
 def captured(programmatic):
     """The graph captured with programmatic launches, or without, whatever the rule says."""
     return patched(ab_step, "capture_programmatic", lambda fused, bsz: programmatic)
@@ -221,12 +236,13 @@ def no_attention():
 
 
 # name -> (old, new) edits of runtime.kernel_source(), each found at least once
+V4S_COMBINE = "    if (ks == 1 || !split_last_block(counters + tile, ks)) return;"
+MMA_COMBINE = "    if (ks == 1 || adds || !split_last_block(counters + tile, ks)) return;"
 SOURCE_BOUNDS = {
-    "no combine": [("    if (ks == 1 || !split_last_block(counters + tile, ks)) return;",
-                    "    return;   // BOUND: no block adds the slices")],
-    "no sums": [("    if (ks == 1 || !split_last_block(counters + tile, ks)) return;",
-                 "    if (ks == 1 || !split_last_block(counters + tile, ks)) return;\n"
-                 "    return;   // BOUND: the count, but no block adds the slices")],
+    "no combine": [(line, "    return;   // BOUND: no block adds the slices")
+                   for line in (V4S_COMBINE, MMA_COMBINE)],
+    "no sums": [(line, line + "\n    return;   // BOUND: the count, but no block adds the slices")
+                for line in (V4S_COMBINE, MMA_COMBINE)],
     "no staging": [("            Step::stage(X, m0, M, ldx, K, k0, len, CH, inv_rms, norm_w);",
                     "            if (false) Step::stage(X, m0, M, ldx, K, k0, len, CH, inv_rms, norm_w);"),
                    ("    src.stage(K, first, CH);", "    if (false) src.stage(K, first, CH);"),
@@ -323,6 +339,7 @@ def edited_source(name):
 
 VARIANTS = {"package": contextlib.nullcontext,
             "plain norms": plain_norms,
+            "slices in order": slices_in_order,
             "programmatic": lambda: captured(True),
             "ordinary": lambda: captured(False),
             "kept wo": lambda: kept_digits(("wo",)),

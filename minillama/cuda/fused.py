@@ -138,6 +138,9 @@ class FusedDecoder:
         # halves.cu's two launches a layer for one row (run_halves), where the caller did not
         # ask for the same bits every run (their sums are added by atomics, in any order)
         self.halves = None if deterministic else self._halves()
+        # and the batches' products that add into the residual add their slices of k by
+        # atomics too (qgemv_mma's any_order)
+        self.any_order = not deterministic
         if self.halves is not None:          # the residual's other two buffers (run_halves)
             self.residuals = [self.h, buf(p.dim), buf(p.dim)]
 
@@ -388,14 +391,15 @@ class FusedDecoder:
                                att, i32(p.n_heads), i32(p.n_kv_heads), i32(p.head_dim),
                                i32(p.max_seq_len), self.scale,
                                self.split_parts, self.arrivals))
-        matvec(att, wo, out=h, accumulate=self.adds_residual)
+        matvec(att, wo, out=h, accumulate=self.adds_residual, any_order=self.any_order)
 
     def feed_forward_launches(self, bsz, layer, h):
         """h += w2 @ swiglu(w13 @ rmsnorm(h)) for bsz rows: two launches."""
         _, _, _, ffn_norm, w13, w2, _, _ = layer
         h13 = self.h13[:bsz]
         matvec(h, w13, out=h13, norm=ffn_norm, eps=self.p.norm_eps)
-        matvec(h13, w2, out=h, accumulate=self.adds_residual, swiglu=True)
+        matvec(h13, w2, out=h, accumulate=self.adds_residual, swiglu=True,
+               any_order=self.any_order)
 
     # ---- one row in two launches a layer (halves.cu) ----
 
@@ -492,7 +496,10 @@ def device_address(pinned):
     return np.uint64(cp.cuda.runtime.pointerGetAttributes(pinned.ctypes.data).devicePointer)
 
 
-def matvec(x, w, **kwargs):
+def matvec(x, w, any_order=False, **kwargs):
     """x @ w.T for the few rows of one decode step, by how w is stored: qgemv reads a Packed
-    weight as stored, gemv a float32 one. Both take out, accumulate, norm, eps and swiglu."""
-    return qgemv(x, w, **kwargs) if isinstance(w, Packed) else gemv(x, w, **kwargs)
+    weight as stored, gemv a float32 one. Both take out, accumulate, norm, eps and swiglu;
+    any_order (the last bits may change from run to run) is qgemv's."""
+    if isinstance(w, Packed):
+        return qgemv(x, w, any_order=any_order, **kwargs)
+    return gemv(x, w, **kwargs)
