@@ -40,19 +40,20 @@ __device__ __forceinline__ float as_cached(const unsigned short*, float v) {
     return f16_to_f32(round_to_16bit<false>(v));
 }
 
-// h[b, :] = table[step[1 + b], :], and clear[b, :] = 0 where clear is not null (halves.cu: the
-// residual buffer the step's first launch adds into)          grid (bsz), any block size
+// h[b, :] = table[step[1 + b], :], and clear[0 .. clear_count) = 0 (where clear is not null:
+// what the step's first launch adds into, halves.cu's residual buffer or the batches' qkv and
+// sums of squares)                                           grid (bsz), any block size
 extern "C" __global__ void embed_tokens(const int* __restrict__ step, const float* __restrict__ table,
                                         float* __restrict__ h, float* __restrict__ clear,
-                                        int dim) {
+                                        int clear_count, int dim) {
     grid_launch_dependents();
     grid_dependency_wait();                                // (reduce.cu)
     const float* row = table + (size_t)step[1 + blockIdx.x] * dim;
     float* out = h + (size_t)blockIdx.x * dim;
     for (int j = threadIdx.x; j < dim; j += blockDim.x) out[j] = row[j];
     if (clear != nullptr)
-        for (int j = threadIdx.x; j < dim; j += blockDim.x)
-            clear[(size_t)blockIdx.x * dim + j] = 0.0f;
+        for (int j = blockIdx.x * blockDim.x + threadIdx.x; j < clear_count; j += gridDim.x * blockDim.x)
+            clear[j] = 0.0f;
 }
 
 // ---- attention_decode ----------------------------------------------------------------------
@@ -62,6 +63,9 @@ extern "C" __global__ void embed_tokens(const int* __restrict__ step, const floa
 // scores = (q * scale) . k_t,  p = softmax(scores),  out = sum_t p_t v_t.
 //
 // qkv: (bsz, (n_heads + 2 n_kv) * head_dim) = [q heads | k heads | v heads], from gemv(wqkv).
+// row_ss: null, or each row's sum of squares of the residual whose RMSNorm the product left to
+// this kernel (qgemv_mma's rms_out, the batches' deferred norm): q, k and v of row b are then
+// scaled by 1 / sqrt(row_ss[b] / norm_k + eps) as they are loaded.
 // One block per (query head, row, split); query head h reads kv head g = h / (n_heads /
 // n_kv_heads). grid (n_heads, bsz, splits); block: up to ATTN_WARPS warps; head_dim <=
 // ATTN_HEAD_DIM (256); no dynamic shared memory, and no bound on max_seq. split_parts (bsz,
@@ -383,7 +387,8 @@ __device__ __forceinline__ void attention_by_warps(
         const float* __restrict__ cos_table, const float* __restrict__ sin_table,
         T* __restrict__ cache_k, T* __restrict__ cache_v, float* __restrict__ out, int n_heads,
         int n_kv_heads, int head_dim, int max_seq, float scale, float* __restrict__ split_parts,
-        int* __restrict__ arrivals, WarpSoftmax& parts) {
+        int* __restrict__ arrivals, const float* __restrict__ row_ss, int norm_k, float eps,
+        WarpSoftmax& parts) {
     constexpr int KEYS = ATTN_LANE_FLOATS / (WIDTH * PER_LANE);   // keys of a chunk, per warp
     const int h = blockIdx.x, b = blockIdx.y, warp = threadIdx.x / 32;
     const int warps = blockDim.x / 32, rep = n_heads / n_kv_heads, g = h / rep;
@@ -424,6 +429,17 @@ __device__ __forceinline__ void attention_by_warps(
     load_rotated<WIDTH, PER_LANE>(row + h * head_dim, pieces, c, s, q);
     load_rotated<WIDTH, PER_LANE>(row + (n_heads + g) * head_dim, pieces, c, s, k_new);
     load_slice<WIDTH, PER_LANE>(row + (n_heads + n_kv_heads + g) * head_dim, pieces, v_new);
+    if (row_ss != nullptr) {                               // the norm the product left to us
+        const float inv_rms = 1.0f / sqrtf(__ldcg(row_ss + b) / norm_k + eps);
+#pragma unroll
+        for (int i = 0; i < PER_LANE; ++i)
+#pragma unroll
+            for (int j = 0; j < WIDTH; ++j) {
+                q[i][j] *= inv_rms;
+                k_new[i][j] *= inv_rms;
+                v_new[i][j] *= inv_rms;
+            }
+    }
     // The new key is the next of the round robin: warp pos % warps of split 0 takes it. In the
     // first block of kv head g, that warp writes it and the value into the cache.
     const bool owner = split == 0 && warp == pos % warps;
@@ -494,7 +510,8 @@ attention_decode(const float* __restrict__ qkv, const int* __restrict__ step,
                  const float* __restrict__ cos_table, const float* __restrict__ sin_table,
                  T* __restrict__ cache_k, T* __restrict__ cache_v, float* __restrict__ out,
                  int n_heads, int n_kv_heads, int head_dim, int max_seq, float scale,
-                 float* __restrict__ split_parts, int* __restrict__ arrivals) {
+                 float* __restrict__ split_parts, int* __restrict__ arrivals,
+                 const float* __restrict__ row_ss, int norm_k, float eps) {
     grid_launch_dependents();
     __shared__ __align__(16) WarpSoftmax parts;
     // A slice of 1, 2, 4 or 8 pieces a lane, the fewest that hold the row; a chunk has as
@@ -503,7 +520,7 @@ attention_decode(const float* __restrict__ qkv, const int* __restrict__ step,
     constexpr int MOST = ATTN_HEAD_DIM / (32 * WIDTH);
     const int pieces = head_dim / WIDTH;
 #define ATTN_ARGS qkv, step, cos_table, sin_table, cache_k, cache_v, out, n_heads, n_kv_heads, \
-                  head_dim, max_seq, scale, split_parts, arrivals, parts
+                  head_dim, max_seq, scale, split_parts, arrivals, row_ss, norm_k, eps, parts
     if (pieces <= 32)
         attention_by_warps<WIDTH, 1>(ATTN_ARGS);
     else if (pieces <= 64 || MOST == 2)

@@ -1227,6 +1227,10 @@ __device__ __forceinline__ float gemv_x(const float* __restrict__ xr, int k, int
     return x;
 }
 
+__device__ __forceinline__ float4 scale4(float4 x, float s) {
+    return make_float4(x.x * s, x.y * s, x.z * s, x.w * s);
+}
+
 // The prologue's arithmetic on a float4 of x, given `other`: RMSNorm's weights g
 // (x * inv_rms * g) or SwiGLU's gate u (silu(x) * u); plain x as it is.
 template <int PRO>

@@ -262,10 +262,15 @@ __host__ __device__ constexpr int mma_stage_rows() { return PRO == GEMV_SWIGLU ?
 // in a second pass: two reductions and four barriers before the loop.) With RMSNorm,
 // span_ss[r * spans + sp] gets the sum of squares of row r's span sp, before the prologue;
 // mma_row_ss adds them up after the loop, where no warp waits for them.
+//
+// x_ss: null, or the rows' sums of squares of the norm the launch that wrote X left undone
+// (rms_out, below): row m's values, the gate's too, are scaled by 1 / sqrt(x_ss[m] / x_ss_k +
+// eps) first, in the same trip to L2 as the values.
 template <class F, int PRO>
 __device__ void mma_stage_x(const float* __restrict__ X, int m0, int M, int K, int u0, int units,
                             const float* __restrict__ norm_w, unsigned int* xs, float* unscale,
-                            float* span_ss) {
+                            float* span_ss, const float* __restrict__ x_ss, int x_ss_k,
+                            float eps) {
     const int ldx = PRO == GEMV_SWIGLU ? 2 * K : K, row_words = mma_row_words(units);
     const int cols = 4 * units, spans = units / F::UNITS;           // (unit, lane) of the slice
     constexpr int LANES = 4 * F::UNITS;                              // a span's items
@@ -275,7 +280,12 @@ __device__ void mma_stage_x(const float* __restrict__ X, int m0, int M, int K, i
         const int u = (i % cols) / 4, t = i % 4, r0 = (i / cols) * RB;
         // mma 0's and 1's float4s: of the RB rows of x, of SwiGLU's gate, of RMSNorm's weights
         float4 x[RB][2], gate[RB][2], gw[2];
+        float ss_x[RB];                                 // the deferred norm's sums (x_ss)
         bool live[RB][2];
+        const bool scaled = PRO != GEMV_RMSNORM && x_ss != nullptr;   // (not both norms)
+#pragma unroll
+        for (int rr = 0; rr < RB; ++rr)
+            ss_x[rr] = scaled && m0 + r0 + rr < M ? __ldcg(x_ss + m0 + r0 + rr) : 0.0f;
 #pragma unroll
         for (int m = 0; m < 2; ++m) {
             const int k4 = (32 * (u0 + u) + mma_x_base<F>(m, t)) / 4;
@@ -295,11 +305,13 @@ __device__ void mma_stage_x(const float* __restrict__ X, int m0, int M, int K, i
         for (int rr = 0; rr < RB; ++rr) {
             const int r = r0 + rr;
             float v[2][4], sq = 0.0f, big = 0.0f;
+            const float rms_x = scaled ? 1.0f / sqrtf(ss_x[rr] / x_ss_k + eps) : 1.0f;
 #pragma unroll
             for (int m = 0; m < 2; ++m) {
-                float4 e = x[rr][m];                   // (zeros where not live)
+                float4 e = x[rr][m], gt = gate[rr][m];  // (zeros where not live)
+                if (scaled) { e = scale4(e, rms_x); gt = scale4(gt, rms_x); }
                 if (PRO == GEMV_RMSNORM) sq += sum_squares4(e);
-                e = gemv_prologue4<PRO>(e, PRO == GEMV_RMSNORM ? gw[m] : gate[rr][m], 1.0f);
+                e = gemv_prologue4<PRO>(e, PRO == GEMV_RMSNORM ? gw[m] : gt, 1.0f);
                 v[m][0] = e.x; v[m][1] = e.y; v[m][2] = e.z; v[m][3] = e.w;
                 big = fmaxf(big, fmaxf(fmaxf(fabsf(e.x), fabsf(e.y)), fmaxf(fabsf(e.z), fabsf(e.w))));
             }
@@ -434,6 +446,14 @@ __device__ __forceinline__ void mma_combine(const float* __restrict__ partial,
 // each slice adds its sums into Y by atomics (red.global.add.f32, done in L2), so no block
 // waits for the others' partial sums, and no last block adds them; the order the slices'
 // sums arrive in, so the last bits of Y, changes from launch to launch (halves.cu's price).
+// rms_out (with RMSNorm; the batches' deferred norm): the norm is left to the kernel after,
+// which knows every slice's squares by then. Y (zeros before) gets the products of x * norm_w
+// without 1 / rms, and rms_out[m] (zeros before) each row's sum of squares of x, both added by
+// atomics (the squares by the blocks of tile 0, one a slice): no last block, whatever ks.
+// The kernel after scales row m by 1 / sqrt(rms_out[m] / K + eps): attention_decode's row_ss,
+// or this kernel's x_ss (with x_ss_k = K), in mma_stage_x.
+// clear: clear_count floats zeroed after the wait (what a later launch adds into: FusedDecoder
+// gives each launch the zeroing of the next deferred product's Y and rms_out).
 // U: steps of loads in flight, 64 bytes a lane each (kernels.MMA_U, per format and NR);
 // B: blocks an SM, the launch bounds' (kernels.MMA_BLOCKS_PER_SM, which qgemv_mma_plan's waves
 // count), so the registers a thread may take (B 1 at W 16: 128).
@@ -442,7 +462,8 @@ __global__ void __launch_bounds__(32 * W, B)
 qgemv_mma(const float* __restrict__ X, const uint4* __restrict__ qs,
           const unsigned short* __restrict__ d, float* __restrict__ Y, int M, int N, int K,
           int accumulate, const float* __restrict__ norm_w, float eps, float* __restrict__ scratch,
-          int* __restrict__ counters, int any_order) {
+          int* __restrict__ counters, int any_order, float* __restrict__ rms_out,
+          const float* __restrict__ x_ss, int x_ss_k, float* __restrict__ clear, int clear_count) {
     static_assert(W >= MMA_ROWS, "warp r adds row r's sums of squares (mma_row_ss)");
     constexpr int SPAN = 4 * F::WEIGHTS;           // positions of k per step
     extern __shared__ __align__(16) unsigned int mma_xs[];
@@ -455,6 +476,7 @@ qgemv_mma(const float* __restrict__ X, const uint4* __restrict__ qs,
     const int units = (step_end - step_begin) * F::UNITS, row_words = mma_row_words(units);
     const int row0 = (tile * W + warp) * 16 * NR;             // the warp's first weight row
     const bool adds = PRO != GEMV_RMSNORM && any_order && ks > 1;     // the slices' sums by atomics
+    const bool defers = PRO == GEMV_RMSNORM && rms_out != nullptr;    // and the norm to the next
     float* partial = scratch;                                   // (ks, M, N)
     float* sums = scratch + (size_t)ks * M * N;                 // (tiles, ks, M)
     float* unscale = reinterpret_cast<float*>(mma_xs + F::PARTS * MMA_ROWS * row_words);
@@ -464,11 +486,14 @@ qgemv_mma(const float* __restrict__ X, const uint4* __restrict__ qs,
     next.fetch(qs, d, row0, N, step_begin, step_end, chunks, nb, t);   // before x is staged
     grid_launch_dependents();
     grid_dependency_wait();            // (reduce.cu) the weights are ours; x is the last kernel's
+    const int block = blockIdx.y * gridDim.x + blockIdx.x, blocks = gridDim.x * gridDim.y;
+    for (int i = block * blockDim.x + threadIdx.x; i < clear_count; i += blocks * blockDim.x)
+        clear[i] = 0.0f;
 
     for (int m0 = 0; m0 < M; m0 += MMA_ROWS) {
         __syncthreads();                                        // the last pass's readers are done
         mma_stage_x<F, PRO>(X, m0, M, K, step_begin * F::UNITS, units, norm_w, mma_xs, unscale,
-                            span_ss);
+                            span_ss, x_ss, x_ss_k, eps);
         __syncthreads();
         if (m0 > 0) next.fetch(qs, d, row0, N, step_begin, step_end, chunks, nb, t);
 
@@ -552,11 +577,13 @@ qgemv_mma(const float* __restrict__ X, const uint4* __restrict__ qs,
         if (PRO == GEMV_RMSNORM) {              // the rows' sums of squares: warp r, row m0 + r
             if (warp < MMA_ROWS) {
                 const float ss = mma_row_ss(span_ss, step_end - step_begin);
-                if (lane == 0 && ks == 1) mma_ss[warp] = ss;
-                if (lane == 0 && ks > 1 && m0 + warp < M)
+                if (lane == 0 && defers && tile == 0 && m0 + warp < M)
+                    atomicAdd(rms_out + m0 + warp, ss);
+                if (lane == 0 && !defers && ks == 1) mma_ss[warp] = ss;
+                if (lane == 0 && !defers && ks > 1 && m0 + warp < M)
                     sums[((size_t)tile * ks + slice) * M + m0 + warp] = ss;
             }
-            if (ks == 1) __syncthreads();
+            if (ks == 1 && !defers) __syncthreads();
         }
 
         // fragment: acc[j][e] = y[m0 + 2t + (e & 1)][row0 + 16 j + g + 8 (e >> 1)]
@@ -567,17 +594,17 @@ qgemv_mma(const float* __restrict__ X, const uint4* __restrict__ qs,
                 const int m = m0 + 2 * t + (e & 1), n = row0 + 16 * j + g + 8 * (e >> 1);
                 if (m >= M || n >= N) continue;
                 float v = acc[j][e];                    // (x's scaling undone step by step)
-                if (ks == 1) {
+                if (adds || defers) {
+                    atomicAdd(Y + (size_t)m * N + n, v);
+                } else if (ks == 1) {
                     if (PRO == GEMV_RMSNORM) v *= 1.0f / sqrtf(mma_ss[2 * t + (e & 1)] / K + eps);
                     Y[(size_t)m * N + n] = accumulate ? Y[(size_t)m * N + n] + v : v;
-                } else if (adds) {
-                    atomicAdd(Y + (size_t)m * N + n, v);
                 } else {
                     partial[((size_t)slice * M + m) * N + n] = v;
                 }
             }
     }
     // The last block of this tile adds the ks slices (mma_combine, above).
-    if (ks == 1 || adds || !split_last_block(counters + tile, ks)) return;
+    if (ks == 1 || adds || defers || !split_last_block(counters + tile, ks)) return;
     mma_combine<NR, PRO, W>(partial, sums, Y, M, N, K, ks, tile, accumulate, eps);
 }

@@ -678,15 +678,23 @@ def test_attention_decode_rotates_writes_the_cache_and_attends(cuda, cp, cache, 
     width, scale = 4 if hd % 4 == 0 else 1, np.float32(1.0 / np.sqrt(hd))
     split_parts = poison(cp, (bsz, nh, splits, hd + 2))
     arrivals = cp.zeros((bsz, nh), dtype=np.int32)
+    # the third launch: qkv's rows divided by c_b, and row_ss (a deferred norm's sums of
+    # squares) such that 1 / sqrt(row_ss / K + eps) = c_b, which the kernel multiplies back
+    K, eps = 77, np.float32(1e-5)
+    c = rng.uniform(0.5, 2.0, bsz)
+    row_ss = cp.asarray((K * (1 / c ** 2 - eps)).astype(np.float32))
+    none = (np.uint64(0), i32(K), eps)
     outs = []
-    for _ in range(2):
+    for x, norm in ((qkv, none), (qkv, none), (qkv / c[:, None].astype(np.float32),
+                                               (row_ss, i32(K), eps))):
         KERNELS.launch(f"attention_decode<{width},{CACHE_TYPES[cache]}>", (nh, bsz, splits),
-                       (block,), (cp.asarray(qkv), step, cp.asarray(cos), cp.asarray(sin),
-                                  cache_k, cache_v, out, i32(nh), i32(nkv), i32(hd),
-                                  i32(max_seq), scale, split_parts, arrivals))
+                       (block,), (cp.asarray(x.astype(np.float32)), step, cp.asarray(cos),
+                                  cp.asarray(sin), cache_k, cache_v, out, i32(nh), i32(nkv),
+                                  i32(hd), i32(max_seq), scale, split_parts, arrivals, *norm))
         outs.append(out.get())
     assert not arrivals.get().any()                      # every counter back at 0
     assert np.array_equal(outs[0], outs[1])
+    assert rel_err(outs[2], outs[0].astype(np.float64)) < (1e-5 if cache == "float32" else 2e-3)
 
     heads = qkv.reshape(bsz, 1, nh + 2 * nkv, hd)
     qk = apply_rotary_emb(heads[:, :, :nh + nkv], cos[pos:pos + 1], sin[pos:pos + 1])[:, 0]

@@ -114,6 +114,54 @@ def test_qgemv_mma_any_order_adds_the_slices_by_atomics(cuda, cp, fmt):
 
 
 @gpu
+@pytest.mark.parametrize("fmt", MMA)
+def test_qgemv_mma_defers_the_norm_to_the_next_kernel(cuda, cp, fmt):
+    """rms_out (the batches' deferred norm): out, zeros, gets the products of x * norm_w and
+    rms_out each row's sum of squares of x, whatever the slices; 1 / sqrt(rms_out / K + eps)
+    times out is then RMSNorm's product within 1e-5 of float64. x_ss on the next launch scales
+    x's rows by such a norm (of another K) before SwiGLU, and clear zeroes its array."""
+    from minillama.model import rms_norm, silu
+    N, K, K_norm, eps = 259, 2080, 96, np.float32(1e-5)
+    packed, w64 = stored_weight(fmt, N, K)
+    w = packed.map(cp.asarray)
+    for M in (4, 8, 13):
+        x = rng.standard_normal((M, K)).astype(np.float32)
+        x64 = x.astype(np.float64)
+        g = (1 + 0.1 * rng.standard_normal(K)).astype(np.float32)
+        for ks in (1, 3):
+            out, ss = cp.zeros((M, N), dtype=np.float32), cp.zeros(M, dtype=np.float32)
+            cuda.kernels.qgemv_mma(cp.asarray(x), w, out=out, norm=cp.asarray(g), eps=eps,
+                                   ks=ks, rms_out=ss)
+            assert rel_err(ss, (x64 ** 2).sum(-1)) < 1e-5, f"M={M} ks={ks}"
+            normed = out.get() / np.sqrt(ss.get()[:, None] / K + eps)
+            ref = rms_norm(x64, g.astype(np.float64), float(eps)) @ w64.T
+            assert rel_err(normed, ref) < 1e-5, f"M={M} ks={ks}"
+        h = (2 * rng.standard_normal((M, 2 * K))).astype(np.float32)
+        h_ss = (K_norm * rng.uniform(0.2, 5.0, M)).astype(np.float32)
+        r = 1 / np.sqrt(h_ss.astype(np.float64) / K_norm + eps)
+        h64 = h.astype(np.float64) * r[:, None]
+        clear = cp.ones(1001, dtype=np.float32)
+        y = cuda.kernels.qgemv_mma(cp.asarray(h), w, out=poison(cp, (M, N)), swiglu=True,
+                                   eps=eps, x_ss=(cp.asarray(h_ss), K_norm), clear=clear)
+        assert rel_err(y, (silu(h64[:, :K]) * h64[:, K:]) @ w64.T) < 1e-5, f"x_ss M={M}"
+        assert not clear.any()
+
+
+@gpu
+def test_qgemv_mma_refuses_a_deferred_norm_it_cannot_apply(cuda, cp):
+    from minillama.errors import DeviceError
+    packed, _ = stored_weight("q8_0", 64, 256)
+    w, x = packed.map(cp.asarray), cp.ones((8, 256), dtype=np.float32)
+    ss, g = cp.zeros(8, dtype=np.float32), cp.ones(256, dtype=np.float32)
+    with pytest.raises(DeviceError, match="rms_out defers a norm"):
+        cuda.kernels.qgemv_mma(x, w, rms_out=ss)                 # no norm, no out
+    with pytest.raises(DeviceError, match=r"rms_out: expected shape \(8,\)"):
+        cuda.kernels.qgemv_mma(x, w, out=cp.zeros((8, 64), np.float32), norm=g, rms_out=ss[:3])
+    with pytest.raises(DeviceError, match="x_ss: expected"):
+        cuda.kernels.qgemv_mma(x, w, x_ss=(ss, 0))
+
+
+@gpu
 def test_qgemv_takes_the_tensor_cores_from_mma_min_rows(cuda, cp):
     packed, w64 = stored_weight("q8_0", 64, 256)
     w = packed.map(cp.asarray)

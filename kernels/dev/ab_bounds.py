@@ -9,10 +9,12 @@ Candidates, measured as bounds on the step they would change, before any is writ
   prologue. The logits are wrong (flagged as a mismatch, expected); the time is what a step
   would take if the sum of squares and its block-wide barrier cost nothing, the most a
   candidate that folds RMSNorm into the products' epilogue could save.
-- "slices in order": a candidate taken, measured the other way round: the package's batch
-  products that add into the residual (wo, w2) add their slices of k by atomics in any order
-  (qgemv_mma's any_order, FusedDecoder's unless deterministic); this variant has the last block
-  of each tile add them in slice order, as every split did before.
+- "slices in order", "norms in place": candidates taken, measured the other way round. The
+  package's batch products that add into the residual (wo, w2) add their slices of k by
+  atomics in any order (qgemv_mma's any_order), and wqkv and w13 leave RMSNorm to the kernel
+  after them, adding their slices by atomics too (FusedDecoder.defers_norms; both unless
+  deterministic). "norms in place" has wqkv's and w13's slices added up and normed by the last
+  block of each tile; "slices in order" every split's, as they were before.
 - "programmatic" and "ordinary": the graph captured with programmatic launches, or without,
   whatever FusedDecoder.programmatic says. Its rule, one row only, was measured before
   qgemv_mma's plan went to one wave (docs/kernels.md, "Between kernels" and "One wave"); this
@@ -125,15 +127,24 @@ def plain_norms():
     return patched(fused, "matvec", without)
 
 
+def norms_in_place():
+    """FusedDecoder's batch steps without the deferred norms (defers_norms): wqkv's and w13's
+    slices added up, and normed, by the last block of each tile."""
+    return patched(fused.FusedDecoder, "deferred_norms", False)
+
+
+@contextlib.contextmanager
 def slices_in_order():
-    """FusedDecoder's products with any_order dropped: qgemv_mma's slices added up by the last
-    block of each tile, in slice order, where the package adds wo's and w2's by atomics."""
+    """norms_in_place, and the products with any_order dropped: every split's slices added
+    up by the last block of each tile, in slice order (where the package adds wo's and w2's
+    by atomics)."""
     matvec = fused.matvec
 
     def in_order(x, w, **kwargs):
         kwargs.pop("any_order", None)
         return matvec(x, w, **kwargs)
-    return patched(fused, "matvec", in_order)
+    with norms_in_place(), patched(fused, "matvec", in_order):
+        yield
 
 
 def captured(programmatic):
@@ -237,7 +248,8 @@ def no_attention():
 
 # name -> (old, new) edits of runtime.kernel_source(), each found at least once
 V4S_COMBINE = "    if (ks == 1 || !split_last_block(counters + tile, ks)) return;"
-MMA_COMBINE = "    if (ks == 1 || adds || !split_last_block(counters + tile, ks)) return;"
+MMA_COMBINE = ("    if (ks == 1 || adds || defers || !split_last_block(counters + tile, ks))"
+               " return;")
 SOURCE_BOUNDS = {
     "no combine": [(line, "    return;   // BOUND: no block adds the slices")
                    for line in (V4S_COMBINE, MMA_COMBINE)],
@@ -340,6 +352,7 @@ def edited_source(name):
 VARIANTS = {"package": contextlib.nullcontext,
             "plain norms": plain_norms,
             "slices in order": slices_in_order,
+            "norms in place": norms_in_place,
             "programmatic": lambda: captured(True),
             "ordinary": lambda: captured(False),
             "kept wo": lambda: kept_digits(("wo",)),

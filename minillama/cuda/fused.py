@@ -19,9 +19,9 @@ import warnings
 import numpy as np
 
 from ..formats import Packed
-from .kernels import CACHE_TYPES, GREEDY_THREADS, HALVES_WARPS, KERNELS, \
-    PACKED_KERNEL_FORMATS, attention_chunk, attention_splits, attention_threads, gemv, \
-    greedy_pick, halves_plan, has_clusters, qgemv
+from .kernels import CACHE_TYPES, GREEDY_THREADS, HALVES_WARPS, KERNELS, MMA_FORMATS, \
+    MMA_MIN_ROWS, NULL, PACKED_KERNEL_FORMATS, attention_chunk, attention_splits, \
+    attention_threads, gemv, greedy_pick, halves_plan, has_clusters, qgemv, qgemv_mma
 from .runtime import i32, require_cupy, sm_count
 
 
@@ -66,6 +66,7 @@ class FusedDecoder:
     STEP_SLOTS = 64         # rows of step_host used in turn: one event wait per 64 steps
     MAX_STEPS = 16          # greedy_steps' steps in one graph, at most
     takes_halves = True     # whether a one-row step may take halves.cu's launches (run_halves)
+    deferred_norms = True   # whether batch steps may leave RMSNorm to the kernel after (defers_norms)
 
     @staticmethod
     def covers(model):
@@ -114,9 +115,11 @@ class FusedDecoder:
         self.slot = 0                                        # the row the next step writes
         self.round_copied = cp.cuda.Event()                  # recorded after a round's last copy
         self.h = buf(p.dim)                                  # the residual stream
-        self.qkv = buf((p.n_heads + 2 * p.n_kv_heads) * hd)  # [q heads | k heads | v heads]
+        # [q heads | k heads | v heads] and [h1 | h3], each after its rows' sums of squares
+        # where a batch step defers its norm (defers_norms)
+        self.qkv, self.qkv_ss, self.qkv_flat = self._with_sums((p.n_heads + 2 * p.n_kv_heads) * hd)
         self.att = buf(p.n_heads * hd)
-        self.h13 = buf(2 * p.hidden_dim)                     # [h1 | h3]
+        self.h13, self.h13_ss, self.h13_flat = self._with_sums(2 * p.hidden_dim)
         self.logits = buf(p.vocab_size)
         # attention_decode's splits of the keys: each split's record, and a counter per head
         # and row (the last split combines the records and sets its counter back to 0)
@@ -141,8 +144,34 @@ class FusedDecoder:
         # and the batches' products that add into the residual add their slices of k by
         # atomics too (qgemv_mma's any_order)
         self.any_order = not deterministic
+        self.mma_layers = all(getattr(w, "format", None) in MMA_FORMATS
+                              for layer in self.layers for w in layer[1:3] + layer[4:6])
         if self.halves is not None:          # the residual's other two buffers (run_halves)
             self.residuals = [self.h, buf(p.dim), buf(p.dim)]
+
+    def _with_sums(self, width):
+        """A product's output of `width` floats a row, the rows' sums of squares before it in
+        one allocation: (rows (nb, width), sums (nb,), the flat buffer). The sums come first,
+        padded to 16 bytes, so that what a step of bsz rows adds into, the sums and its rows,
+        is the buffer's first sum_floats + bsz * width floats: one range to zero
+        (_cleared)."""
+        nb = self.p.max_batch_size
+        pad = -(-nb // 4) * 4
+        flat = self.cp.zeros(pad + nb * width, dtype=np.float32)
+        return flat[pad:].reshape(nb, width), flat[:nb], flat
+
+    def _cleared(self, flat, rows, bsz):
+        """The range of a _with_sums buffer that a step of bsz rows adds into."""
+        return flat[:flat.size - rows.size + bsz * rows.shape[1]]
+
+    def defers_norms(self, bsz):
+        """Whether a step of bsz rows leaves wqkv's and w13's RMSNorm to the kernel after them
+        (qgemv_mma's rms_out: attention_decode and w2's staging scale the rows, so no product
+        waits for its last block to add the slices up): where the caller did not ask for the
+        same bits every run, every product of a layer goes through qgemv_mma (MMA_MIN_ROWS rows
+        or more of weights in its formats), and the products add the residual (one GPU)."""
+        return (self.any_order and self.deferred_norms and self.adds_residual
+                and bsz >= MMA_MIN_ROWS and self.mma_layers)
 
     def __call__(self, tokens, start_pos, use_graphs=True):
         bsz = tokens.shape[0]
@@ -370,6 +399,9 @@ class FusedDecoder:
     def run_five(self, bsz):
         """The step as 5 launches a layer, for rows 0 .. bsz-1."""
         h = self.h[:bsz]
+        if self.defers_norms(bsz):
+            self.run_deferred(bsz)
+            return
         self.embed(bsz, h)                                  # h = tok_embeddings[token]
         for layer in self.layers:
             self.attention_launches(bsz, layer, h)          # h += attention(...)
@@ -382,16 +414,22 @@ class FusedDecoder:
         """h += wo @ attention(rope(wqkv @ rmsnorm(h))) for bsz rows: three launches."""
         p, (attn_norm, wqkv, wo, _, _, _, cache_k, cache_v) = self.p, layer
         qkv, att = self.qkv[:bsz], self.att[:bsz]
-        width, grid, block = self.attention_grid(bsz)
         matvec(h, wqkv, out=qkv, norm=attn_norm, eps=p.norm_eps)
-        # RoPE on q and k, k and v into the cache at pos, attention: a block a head, row and
-        # split of the keys
+        self.attend(bsz, qkv, cache_k, cache_v, att)
+        matvec(att, wo, out=h, accumulate=self.adds_residual, any_order=self.any_order)
+
+    def attend(self, bsz, qkv, cache_k, cache_v, att, row_ss=None):
+        """RoPE on q and k, k and v into the cache at pos, attention: a block a head, row and
+        split of the keys. row_ss: the rows' sums of squares of a norm wqkv left undone
+        (run_deferred), or None."""
+        p = self.p
+        width, grid, block = self.attention_grid(bsz)
         KERNELS.launch(f"attention_decode<{width},{CACHE_TYPES[cache_k.dtype.name]}>", grid,
                        block, (qkv, self.step, self.freqs_cos, self.freqs_sin, cache_k, cache_v,
                                att, i32(p.n_heads), i32(p.n_kv_heads), i32(p.head_dim),
-                               i32(p.max_seq_len), self.scale,
-                               self.split_parts, self.arrivals))
-        matvec(att, wo, out=h, accumulate=self.adds_residual, any_order=self.any_order)
+                               i32(p.max_seq_len), self.scale, self.split_parts, self.arrivals,
+                               NULL if row_ss is None else row_ss, i32(p.dim),
+                               np.float32(p.norm_eps)))
 
     def feed_forward_launches(self, bsz, layer, h):
         """h += w2 @ swiglu(w13 @ rmsnorm(h)) for bsz rows: two launches."""
@@ -400,6 +438,28 @@ class FusedDecoder:
         matvec(h, w13, out=h13, norm=ffn_norm, eps=self.p.norm_eps)
         matvec(h13, w2, out=h, accumulate=self.adds_residual, swiglu=True,
                any_order=self.any_order)
+
+    # ---- batches with the norms deferred (defers_norms) ----
+
+    def run_deferred(self, bsz):
+        """run_five's launches with wqkv's and w13's RMSNorm left to the kernel after each.
+        Their products and sums of squares are added by atomics into zeros, which a launch
+        before them writes: embed_tokens zeroes layer 0's qkv, each wo the layer's h13, each
+        w2 the next layer's qkv (its sums of squares with each)."""
+        p, h = self.p, self.h[:bsz]
+        qkv, att, h13 = self.qkv[:bsz], self.att[:bsz], self.h13[:bsz]
+        qkv_ss, h13_ss = self.qkv_ss[:bsz], self.h13_ss[:bsz]
+        qkv_zero = self._cleared(self.qkv_flat, self.qkv, bsz)
+        h13_zero = self._cleared(self.h13_flat, self.h13, bsz)
+        self.embed(bsz, h, clear=qkv_zero)
+        for attn_norm, wqkv, wo, ffn_norm, w13, w2, cache_k, cache_v in self.layers:
+            qgemv_mma(h, wqkv, out=qkv, norm=attn_norm, eps=p.norm_eps, rms_out=qkv_ss)
+            self.attend(bsz, qkv, cache_k, cache_v, att, qkv_ss)
+            qgemv_mma(att, wo, out=h, accumulate=True, any_order=True, clear=h13_zero)
+            qgemv_mma(h, w13, out=h13, norm=ffn_norm, eps=p.norm_eps, rms_out=h13_ss)
+            qgemv_mma(h13, w2, out=h, accumulate=True, swiglu=True, eps=p.norm_eps,
+                      any_order=True, x_ss=(h13_ss, p.dim), clear=qkv_zero)
+        self.classify(bsz, h)
 
     # ---- one row in two launches a layer (halves.cu) ----
 
@@ -468,10 +528,11 @@ class FusedDecoder:
         # the step's first kernel, launched the ordinary way even where the others are
         # programmatic: it starts once all before it has ended (greedy_steps' greedy_pick,
         # which wrote the step's position and tokens), the rest of the step after it.
-        # clear: a buffer it zeroes too (run_halves'), or None
+        # clear: a buffer it zeroes too (run_halves' or run_deferred's), or None
         KERNELS.launch("embed_tokens", (bsz,), (self.BLOCK,),
                        (self.step, self.tok_embeddings, h, NULL if clear is None else clear,
-                        i32(self.p.dim)), ordinary=True)
+                        i32(0 if clear is None else clear.size), i32(self.p.dim)),
+                       ordinary=True)
 
     def classify(self, bsz, h):
         matvec(h, self.output, out=self.logits[:bsz], norm=self.norm, eps=self.p.norm_eps)
@@ -484,9 +545,6 @@ class GreedyCall:
 
     def __init__(self, bsz, start_pos, n, half):
         self.bsz, self.start_pos, self.n, self.half, self.fed = bsz, start_pos, n, half, None
-
-
-NULL = np.uint64(0)         # a null pointer, as a kernel argument
 
 
 def device_address(pinned):

@@ -632,6 +632,7 @@ def _gemv_v3(x, w, y, prologue, accumulate, norm, eps, plan=None):
                    shared_mem=rows * kc * 4)
 
 
+NULL = np.uint64(0)          # a null pointer, as a kernel argument
 _SPLIT_BUFFERS = {}          # (device, what, size) -> a CuPy array, kept for the process
 
 
@@ -916,7 +917,7 @@ def qgemv(x, w, out=None, accumulate=False, norm=None, eps=1e-5, swiglu=False,
 
 
 def qgemv_mma(x, w, out=None, accumulate=False, norm=None, eps=1e-5, swiglu=False, nr=None,
-              ks=None, any_order=False):
+              ks=None, any_order=False, rms_out=None, x_ss=None, clear=None):
     """x @ W.T on the tensor cores for a few rows of x (qgemv_mma.cu): x (M, K) float32, w a
     formats.Packed (N, K) in f16, bf16, q8_0 or q4_0 -> (M, N) float32, 8 rows of x per pass.
     x enters in 16-bit parts (two float16, scaled per span; three bfloat16 for bf16 weights),
@@ -927,12 +928,22 @@ def qgemv_mma(x, w, out=None, accumulate=False, norm=None, eps=1e-5, swiglu=Fals
     ends, where otherwise the last block of a tile adds the slices' up in slice order: no block
     waits for the others (wo and w2 so, the 7B batch-8 step 1.08x as fast in q4_0, 1.05x in
     int8; H200, 2026-12-01), and the last bits of out depend on the order the slices end in
-    (FusedDecoder's steps unless deterministic)."""
+    (FusedDecoder's steps unless deterministic).
+
+    The batches' deferred norm (qgemv_mma.cu, FusedDecoder's batch steps unless deterministic):
+    rms_out, with norm, an (M,) float32 array of zeros: RMSNorm's 1 / rms is left to the kernel
+    after this one; out (zeros, or what to add to) gets the products of x * norm without it,
+    and rms_out each row's sum of squares of x, both added by atomics, with no block waiting
+    for another whatever the slices. x_ss: (sums, K_norm), such an array from the launch that
+    wrote x and that launch's K (w13's, dim, for w2's SwiGLU): x's rows scaled by 1 / sqrt(
+    sums / K_norm + eps) before the prologue. clear: a float32 array this launch zeroes after
+    its wait (the next deferred product's out and rms_out)."""
     if getattr(w, "format", None) not in MMA_FORMATS:
         raise DeviceError(f"w: qgemv_mma reads {', '.join(MMA_FORMATS)} weights, got "
                           f"{type(w).__name__} {getattr(w, 'format', '')!r}")
     qs, d, _ = _check_packed(w)
     M, N, K, y = _qgemv_operands(x, w, out, accumulate, norm, swiglu, "qgemv_mma")
+    deferred = _check_deferred(M, K, out, norm, rms_out, x_ss, clear)
     if M == 0 or N == 0:
         return y
     if nr is not None and nr not in MMA_NR:
@@ -948,9 +959,31 @@ def qgemv_mma(x, w, out=None, accumulate=False, norm=None, eps=1e-5, swiglu=Fals
     KERNELS.launch(_qgemv_mma_name(w.format, nr, prologue), (tiles, ks), (32 * MMA_WARPS,),
                    (x, qs, d, y, i32(M), i32(N), i32(K), i32(bool(accumulate)),
                     x if norm is None else norm, np.float32(eps), scratch, counters,
-                    i32(bool(any_order and accumulate and norm is None))),
+                    i32(bool(any_order and accumulate and norm is None)), *deferred),
                    shared_mem=smem)
     return y
+
+
+def _check_deferred(M, K, out, norm, rms_out, x_ss, clear):
+    """qgemv_mma's deferred norm arguments, checked: (rms_out, x_ss, x_ss's K, clear, its
+    floats) as the kernel takes them, NULL for those not given."""
+    if rms_out is not None:
+        if norm is None or out is None:
+            raise DeviceError("qgemv_mma: rms_out defers a norm: give norm, and out (zeros) "
+                              "to add the products into")
+        _check("rms_out", rms_out, 1)
+        if rms_out.shape != (M,):
+            raise DeviceError(f"rms_out: expected shape ({M},), got {rms_out.shape}")
+    sums, k_norm = (NULL, 0) if x_ss is None else x_ss
+    if x_ss is not None:
+        _check("x_ss", sums, 1)
+        if sums.shape != (M,) or int(k_norm) < 1:
+            raise DeviceError(f"x_ss: expected (sums of shape ({M},), K >= 1), got "
+                              f"({sums.shape}, {k_norm!r})")
+    if clear is not None:
+        _check("clear", clear)
+    return (NULL if rms_out is None else rms_out, sums, i32(k_norm),
+            NULL if clear is None else clear, i32(0 if clear is None else clear.size))
 
 
 def qgemv_mma_plan(N, K, fmt, sms=None, nr=None, ks=None):

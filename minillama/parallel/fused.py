@@ -23,8 +23,8 @@ FusedDecoder.run is the step; a rank changes only its hooks: `adds_residual` (ra
 import numpy as np
 
 from ..checks import check_tokens
-from ..cuda.fused import NULL, FusedDecoder, matvec
-from ..cuda.kernels import KERNELS
+from ..cuda.fused import FusedDecoder, matvec
+from ..cuda.kernels import KERNELS, NULL
 from ..cuda.runtime import i32
 
 
@@ -76,6 +76,9 @@ class ShardedFusedDecoder(FusedDecoder):
     # launches, which add the heads' and hidden units' products into the next residual
     # themselves, do not take them
     takes_halves = False
+    # nor the batches' deferred norms (FusedDecoder.defers_norms): the rank's embed_tokens
+    # zeroes nothing for them
+    deferred_norms = False
 
     def __init__(self, model):
         super().__init__(model)                  # buffers of the rank's sizes; logits: whole
@@ -103,7 +106,7 @@ class ShardedFusedDecoder(FusedDecoder):
         """The rank's columns of the embedding rows, then all ranks' columns gathered into h.
         Launched the ordinary way, as FusedDecoder.embed says why."""
         KERNELS.launch("embed_tokens", (bsz,), (self.BLOCK,),
-                       (self.step, self.tok_embeddings, self.embedded, NULL,
+                       (self.step, self.tok_embeddings, self.embedded, NULL, i32(0),
                         i32(self.p.dim // self.p.world)), ordinary=True)
         self.gather_columns(self.embedded[:bsz], h)
 
