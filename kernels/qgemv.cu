@@ -1102,7 +1102,9 @@ qgemv_v4(const float* __restrict__ X, const uint4* __restrict__ qs,
 //     within 2 blocks per SM), and each staged value meets R rows. Its warps walk the block's
 //     tiles of NR rows, 8 NR apart, QBatch's loads in flight across a tile's end (qgemv_tile, as
 //     qgemv_walk's).
-//   - The partial sums, one per slice and row, go to a workspace (ks, N); the block that
+//   - With any_order (and accumulate: FusedDecoder's w2 unless deterministic), each slice adds
+//     its sums into y by atomics, in the order the slices end (qgemv_mma's any_order). Else
+//     the partial sums, one per slice and row, go to a workspace (ks, N); the block that
 //     finishes a tile last (a counter per tile: atomicAdd after a __threadfence, reset by that
 //     block, so that a CUDA graph can replay the launch) adds the ks slices in slice order and
 //     writes y (adding to it with accumulate): the same float sum whichever block is last,
@@ -1154,7 +1156,8 @@ __device__ __forceinline__ void v4s_walk(const Source& src, const uint4* __restr
                                          const unsigned short* __restrict__ d,
                                          float* __restrict__ Y, int N, int K, int accumulate,
                                          int rows_per_block, int slice_loads,
-                                         float* __restrict__ partial, int* __restrict__ counters) {
+                                         float* __restrict__ partial, int* __restrict__ counters,
+                                         int any_order) {
     static_assert(PRO != GEMV_RMSNORM, "a slice of k cannot see its row's RMS");
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
     const int tile = blockIdx.x, ks = gridDim.y, slice = blockIdx.y;
@@ -1186,13 +1189,14 @@ __device__ __forceinline__ void v4s_walk(const Source& src, const uint4* __restr
         const int n = n0 + (lane >> SHIFT);
         if (lane % (1 << SHIFT) == 0 && n < N) {
             if (ks == 1) Y[n] = accumulate ? Y[n] + total : total;
+            else if (any_order) atomicAdd(Y + n, total);         // (accumulate: the caller's)
             else partial[(size_t)slice * N + n] = total;
         }
     }
     // The last block of this tile adds the ks slices, in slice order (reduce.cu), four
     // slices' loads in flight at once and y's value (with accumulate) beside them: one wait
     // for L2 after the count, where y's read after the sums took a second.
-    if (ks == 1 || !split_last_block(counters + tile, ks)) return;
+    if (ks == 1 || any_order || !split_last_block(counters + tile, ks)) return;
     for (int n = row0 + threadIdx.x; n < row_end; n += blockDim.x) {
         const float y = accumulate ? Y[n] : 0.0f;
         float v = 0.0f;
@@ -1207,7 +1211,7 @@ __global__ void __launch_bounds__(256, 2)
 qgemv_v4s(const float* __restrict__ X, const uint4* __restrict__ qs,
           const unsigned short* __restrict__ d, float* __restrict__ Y, int N, int K,
           int accumulate, int rows_per_block, int slice_loads, float* __restrict__ partial,
-          int* __restrict__ counters) {
+          int* __restrict__ counters, int any_order) {
     v4s_walk<F, PRO, NR, U>(V4SFromX<F, PRO>{X}, qs, d, Y, N, K, accumulate, rows_per_block,
-                            slice_loads, partial, counters);
+                            slice_loads, partial, counters, any_order);
 }

@@ -1,6 +1,7 @@
 """qgemv_mma's launch plans, A/B on the whole 7B batch-8 step (development tool, needs a GPU).
 
     PYTHONPATH=. python kernels/dev/ab_mma_plan.py [--dtypes q4_0,int8] [--rounds 7]
+        [--variants LABEL,...]
 
 kernels.qgemv_mma_plan takes, of every NR and count of slices, the fewest waves times a block's
 work (docs/kernels.md, "One wave"). This tool compares it with the rule before it, with its
@@ -14,6 +15,7 @@ fourteenth run). Those blocks had 8 warps, two an SM; the package's have 16, one
 before: on an H200 (2026-11-30, 5 rounds, ms) q4_0 2.6254 -> 2.5385 with 16 (1.03x), int8
 3.4007 -> 3.3452 (1.02x), the logits bit for bit the same (docs/benchmarks.md, twenty-third run).
 """
+import argparse
 import contextlib
 import sys
 from pathlib import Path
@@ -49,6 +51,11 @@ PLANS = {"rule": RULE, "before": plan_before, "nr1 only": nr1_only}
 B3 = {"MMA_BLOCKS_PER_SM": 3, "MMA_WARPS": 8,
       "MMA_U": {fmt: {1: 2, 2: 1} for fmt in kernels.MMA_FORMATS}}
 W8 = {"MMA_BLOCKS_PER_SM": 2, "MMA_WARPS": 8}     # the block until 2026-11-30
+# More loads in flight at NR 1 (the 7B wo and w2 at 8 rows, 0.25 and 0.38 of the copy bandwidth
+# under Nsight Compute, 2026-12-01, where the NR 2 launches reach 0.58): MMA_U's steps for one
+# format's NR 1. None of these spill (ptxas -v, NVRTC 13 sm_90) but q4_0 U 3's 4 to 16 bytes.
+LOADS = {f"{fmt} U {u} at NR 1": {"MMA_U": {**kernels.MMA_U, fmt: {**kernels.MMA_U[fmt], 1: u}}}
+         for fmt, u in (("q4_0", 2), ("q4_0", 3), ("q8_0", 3), ("q8_0", 4))}
 
 
 @contextlib.contextmanager
@@ -69,14 +76,22 @@ def register(values):
 
 
 def main():
+    extra = argparse.ArgumentParser(add_help=False)
+    extra.add_argument("--variants")              # the rule and these (comma-separated labels)
+    known, sys.argv[1:] = extra.parse_known_args()
+    only = known.variants
     dtypes, rounds = arguments(__doc__)
     cp = require_cupy()
-    register(B3)
-    register(W8)
+    for values in (B3, W8, *LOADS.values()):
+        register(values)
     variants = {label: lambda plan=plan: patched(kernels, "qgemv_mma_plan", plan)
                 for label, plan in PLANS.items()}
     variants["3 blocks an SM, U halved"] = lambda: settings(B3)
     variants["8 warps, 2 blocks an SM"] = lambda: settings(W8)
+    variants.update({label: lambda values=values: settings(values)
+                     for label, values in LOADS.items()})
+    if only:
+        variants = {label: variants[label] for label in ["rule", *only.split(",")]}
     for dtype in dtypes:
         ab_steps(cp, "7B", dtype, [8], variants, rounds)
 

@@ -558,7 +558,7 @@ def run_v4s(M_, x, w, y, nr, u, ks, pro=0, norm=None, accumulate=False, pre=None
     src = x if pre is None else stage_v4_digits(M_, x, K, fmt, pro, keep=pre == "kept")
     M_.launch(v4s_name(fmt, pro, nr, u, pre is not None), (tiles, slices), (256,),
               (src, qs, d, y, np.int32(N), np.int32(K), np.int32(accumulate), np.int32(rows),
-               np.int32(per), partial, counters),
+               np.int32(per), partial, counters) + (() if pre else (np.int32(0),)),   # in order
               shared_mem=mk._v4_staged_bytes(WEIGHTS[fmt], per) + mk.v4_pair_scratch(WEIGHTS[fmt]))
     return y
 

@@ -917,6 +917,6 @@ qgemv_v4s_pre(const uint4* __restrict__ digits, const uint4* __restrict__ qs,
               int accumulate, int rows_per_block, int slice_loads, float* __restrict__ partial,
               int* __restrict__ counters) {
     v4s_walk<F, GEMV_PLAIN, NR, U>(V4SFromDigits<F>{digits}, qs, d, Y, N, K, accumulate,
-                                   rows_per_block, slice_loads, partial, counters);
+                                   rows_per_block, slice_loads, partial, counters, 0);
 }
 

@@ -891,7 +891,7 @@ def qgemv(x, w, out=None, accumulate=False, norm=None, eps=1e-5, swiglu=False,
         return y
     prologue = GEMV_PROLOGUES["rmsnorm" if norm is not None else "swiglu" if swiglu else None]
     if version is None and qgemv_v4s_wins(M, N, K, w.format, prologue):
-        _qgemv_v4s(x, (qs, d), y, w.format, prologue, accumulate)
+        _qgemv_v4s(x, (qs, d), y, w.format, prologue, accumulate, any_order)
         return y
     if version == 4 or (version is None and M == 1 and w.format in QGEMV_V4):
         _qgemv_v4(x, (qs, d), y, w.format, prologue, accumulate, norm, eps, smem or QGEMV_SMEM)
@@ -1155,18 +1155,19 @@ def qgemv_v4s_plan(N, K, fmt, nr, ks, sms=None):
     return slices, per, rows, cdiv(N, rows)
 
 
-def _qgemv_v4s(x, planes, y, fmt, prologue, accumulate):
+def _qgemv_v4s(x, planes, y, fmt, prologue, accumulate, any_order=False):
     """Launch qgemv_v4s on one row of x (checked by the caller) by qgemv_v4s_plan at QGEMV_V4S:
     grid (tiles, slices), each block's slice of x staged as v4's units ((3 WEIGHTS / 16 + 1) x 16
     bytes each), the slices' partial sums in _split_workspace (graph-safe: kept buffers, the
-    counters reset by the kernel)."""
+    counters reset by the kernel), or, with any_order and accumulate, added into y by atomics
+    (qgemv_mma's any_order)."""
     (_, N), K = y.shape, x.shape[1] // (2 if prologue == GEMV_PROLOGUES["swiglu"] else 1)
     weights, (nr, _, ks) = QGEMV_WEIGHTS[fmt], QGEMV_V4S[fmt]
     slices, per, rows, tiles = qgemv_v4s_plan(N, K, fmt, nr, ks)
     partial, counters = _split_workspace(slices * N, tiles)
     KERNELS.launch(_qgemv_v4s_name(fmt, prologue), (tiles, slices), (256,),
                    (x, planes[0], planes[1], y, i32(N), i32(K), i32(bool(accumulate)),
-                    i32(rows), i32(per), partial, counters),
+                    i32(rows), i32(per), partial, counters, i32(bool(any_order and accumulate))),
                    shared_mem=_v4_staged_bytes(weights, per) + v4_pair_scratch(weights))
 
 
