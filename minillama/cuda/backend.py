@@ -48,11 +48,12 @@ class CudaOps(NumpyOps):
         FusedDecoder replays them as one CUDA graph per batch size; persistent: where
         PersistentDecoder covers the model, a step is one kernel (FusedDecoder's launches still
         serve the batches it does not fit);
-        deterministic: the same bits every run, so no one-row step through halves.cu's two
-        launches a layer, whose sums are added in whatever order the blocks end
-        (FusedDecoder.run_halves; without it the logits move in their last places from run to
-        run, within 2e-6 of the five launches'); None: deterministic_default(), the
-        environment's say.
+        deterministic: the same bits every run, so no sums added in whatever order the blocks
+        end: no one-row step through halves.cu's two launches a layer (FusedDecoder.run_halves),
+        no split product adding its slices by atomics, no batch step leaving its norms to the
+        kernel after (FusedDecoder.defers_norms). Without it the logits move in their last
+        places from run to run, within 2e-6 of the deterministic step's; None:
+        deterministic_default(), the environment's say.
     """
     name = "cuda"
 
