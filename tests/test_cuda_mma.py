@@ -159,6 +159,8 @@ def test_qgemv_mma_refuses_a_deferred_norm_it_cannot_apply(cuda, cp):
         cuda.kernels.qgemv_mma(x, w, out=cp.zeros((8, 64), np.float32), norm=g, rms_out=ss[:3])
     with pytest.raises(DeviceError, match="x_ss: expected"):
         cuda.kernels.qgemv_mma(x, w, x_ss=(ss, 0))
+    with pytest.raises(DeviceError, match="two norms of x"):
+        cuda.kernels.qgemv_mma(x, w, norm=g, x_ss=(ss, 256))
 
 
 @gpu
