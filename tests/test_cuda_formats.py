@@ -78,6 +78,14 @@ def test_qgemv_matches_float64_of_the_dequantized_weights(cuda, cp, fmt, N, K, v
         assert product_err(y, x.astype(np.float64), w64) < 1e-5, f"M={M}"
 
 
+def assert_counters_at_zero(cuda, cp):
+    """Every split's counters back at zero (each launch leaves them as it found them, or, adding
+    its slices by atomics, never touches them)."""
+    for key, buf in cuda.kernels._SPLIT_BUFFERS.items():
+        if key[1] == "counters":
+            assert int(cp.count_nonzero(buf)) == 0
+
+
 def check_prologues(cp, gemv, w, w64, smems=(None,), rows=(1, 3, 8, 13), **chunked):
     """gemv(x, w, out=..., ...) (qgemv and its kin, with their fixed arguments bound) against
     float64 at each number of `rows` of x: the RMSNorm prologue (once per shared-memory size in
@@ -331,9 +339,7 @@ def test_qgemv_v4s_any_order_adds_the_slices_by_atomics(cuda, cp, monkeypatch, f
     plain = k.qgemv(cp.asarray(x), w)
     assert cp.array_equal(k.qgemv(cp.asarray(x), w, any_order=True), plain)
     assert set(launched) == {k._qgemv_v4s_name(fmt, 0), k._qgemv_v4s_name(fmt, 2)}, launched
-    for key, buf in k._SPLIT_BUFFERS.items():
-        if key[1] == "counters":
-            assert int(cp.count_nonzero(buf)) == 0
+    assert_counters_at_zero(cuda, cp)
 
 
 @gpu

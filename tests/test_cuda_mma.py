@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from test_cuda import cuda, poison, product_err, rel_err  # noqa: F401  (fixtures and helpers)
-from test_cuda_formats import check_prologues, stored_weight
+from test_cuda_formats import assert_counters_at_zero, check_prologues, stored_weight
 
 gpu = pytest.mark.gpu
 rng = np.random.default_rng()
@@ -74,9 +74,7 @@ def test_qgemv_mma_leaves_its_counters_at_zero_and_is_deterministic(cuda, cp):
     first = cuda.kernels.qgemv_mma(x, w, ks=7)
     for _ in range(5):
         assert cp.array_equal(cuda.kernels.qgemv_mma(x, w, ks=7), first)
-    for key, buf in cuda.kernels._SPLIT_BUFFERS.items():
-        if key[1] == "counters":
-            assert int(cp.count_nonzero(buf)) == 0
+    assert_counters_at_zero(cuda, cp)
 
 
 @gpu
@@ -108,9 +106,7 @@ def test_qgemv_mma_any_order_adds_the_slices_by_atomics(cuda, cp, fmt):
             for kwargs in ({"norm": g}, {}):          # in slice order whatever any_order says
                 y_in_order = cuda.kernels.qgemv_mma(cp.asarray(x), w, ks=ks, **kwargs)
                 assert cp.array_equal(mma(cp.asarray(x), ks=ks, **kwargs), y_in_order)
-    for key, buf in cuda.kernels._SPLIT_BUFFERS.items():
-        if key[1] == "counters":
-            assert int(cp.count_nonzero(buf)) == 0
+    assert_counters_at_zero(cuda, cp)
 
 
 @gpu
