@@ -419,13 +419,15 @@ class NumpyKernels:
         getattr(self, name.split("<")[0])(grid, *args)
 
     @staticmethod
-    def embed_tokens(grid, step, table, out, clear, dim):
+    def embed_tokens(grid, step, table, out, clear, clear_count, dim):
+        assert int(clear_count) == 0            # a rank zeroes nothing (no deferred norms)
         for b in range(grid[0]):
             out[b, :dim] = table[step[1 + b], :dim]
 
     @staticmethod
     def attention_decode(grid, qkv, step, cos, sin, cache_k, cache_v, out, nh, nkv, hd, max_seq,
-                         scale, split_parts, arrivals):
+                         scale, split_parts, arrivals, row_ss, norm_k, eps):
+        assert int(row_ss) == 0                 # no norm left to it (no deferred norms)
         from minillama.model import apply_rotary_emb
         from minillama.ops import softmax
         pos, bsz = int(step[0]), grid[1]
@@ -440,7 +442,9 @@ class NumpyKernels:
                 out[b, h * hd:(h + 1) * hd] = softmax(scores) @ cache_v[b, :pos + 1, g]
 
 
-def numpy_matvec(x, w, out, accumulate=False, norm=None, eps=1e-5, swiglu=False):
+def numpy_matvec(x, w, out, accumulate=False, norm=None, eps=1e-5, swiglu=False,
+                 any_order=False):
+    """fused.matvec in NumPy; any_order (the slices' sums in any order) changes nothing here."""
     from minillama.model import rms_norm, silu
     if norm is not None:
         x = rms_norm(x, norm, eps)

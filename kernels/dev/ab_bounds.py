@@ -247,7 +247,7 @@ def no_attention():
 
 
 # name -> (old, new) edits of runtime.kernel_source(), each found at least once
-V4S_COMBINE = "    if (ks == 1 || !split_last_block(counters + tile, ks)) return;"
+V4S_COMBINE = "    if (ks == 1 || any_order || !split_last_block(counters + tile, ks)) return;"
 MMA_COMBINE = ("    if (ks == 1 || adds || defers || !split_last_block(counters + tile, ks))"
                " return;")
 SOURCE_BOUNDS = {
