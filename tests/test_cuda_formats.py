@@ -78,6 +78,25 @@ def test_qgemv_matches_float64_of_the_dequantized_weights(cuda, cp, fmt, N, K, v
         assert product_err(y, x.astype(np.float64), w64) < 1e-5, f"M={M}"
 
 
+def split_partials(cuda):
+    """The splits' partial-sum workspaces made so far (kernels._split_workspace's)."""
+    return [buf for key, buf in cuda.kernels._SPLIT_BUFFERS.items() if key[1] == "partial"]
+
+
+def assert_partials_untouched(cuda, cp, launch):
+    """launch() writes no partial sums to the splits' workspaces (its slices add by atomics):
+    they are poisoned with NaN first, and must still be NaN after. The caller makes the
+    workspace first (a launch in slice order of the same shape), so that launch() takes one
+    that was poisoned."""
+    before = split_partials(cuda)
+    assert before, "no workspace yet: launch the same shape in slice order first"
+    for buf in before:
+        buf.fill(np.nan)
+    launch()
+    assert len(split_partials(cuda)) == len(before), "launch() made a workspace of its own"
+    assert all(bool(cp.isnan(buf).all()) for buf in before)
+
+
 def assert_counters_at_zero(cuda, cp):
     """Every split's counters back at zero (each launch leaves them as it found them, or, adding
     its slices by atomics, never touches them)."""
@@ -328,8 +347,10 @@ def test_qgemv_v4s_any_order_adds_the_slices_by_atomics(cuda, cp, monkeypatch, f
     w = packed.map(cp.asarray)
     y0 = rng.standard_normal((1, N)).astype(np.float32)
     x = rng.standard_normal((1, K)).astype(np.float32)
+    k.qgemv(cp.asarray(x), w)                        # in order: the workspace made here
     y = cp.asarray(y0)
-    k.qgemv(cp.asarray(x), w, out=y, accumulate=True, any_order=True)
+    assert_partials_untouched(cuda, cp, lambda: k.qgemv(cp.asarray(x), w, out=y,
+                                                        accumulate=True, any_order=True))
     assert rel_err(y, y0 + x.astype(np.float64) @ w64.T) < 1e-5
     h = (2 * rng.standard_normal((1, 2 * K))).astype(np.float32)
     h64 = h.astype(np.float64)
@@ -557,9 +578,11 @@ def test_batch_steps_defer_norms_and_add_in_any_order_unless_deterministic(cuda,
     repeat their bits from decoder to decoder; both within 1e-4 of the CPU model, step after
     step through the graph (the buffers the atomics add into zeroed by the launches before,
     a 3-row step between that zeroes nothing), and within 1e-5 of each other."""
+    from minillama.cuda.kernels import KERNELS
     p = ModelArgs(**{**PACKED_ARGS, "max_batch_size": 8})
     weights = stored_model_weights(p, fmt)
     cpu_model = Transformer(p, weights, CPU)
+    launch = KERNELS.launch
     tokens = [rng.integers(0, p.vocab_size, size=(8 if pos != 3 else 3, 1)) for pos in range(6)]
     want = [cpu_model.forward(tok, pos) for pos, tok in enumerate(tokens)]
     logits = {}
@@ -567,8 +590,20 @@ def test_batch_steps_defer_norms_and_add_in_any_order_unless_deterministic(cuda,
         ops = cuda.CudaOps(persistent=False, deterministic=deterministic)
         model = Transformer(p, weights, ops)
         forward = ops.decoder(model)
-        got = [forward(tok, pos).get() for pos, tok in enumerate(tokens)]
+        flags = []                          # each qgemv_mma launch's (any_order, rms_out given)
+
+        def spy(name, grid, block, args, *rest, **kwargs):
+            if name.startswith("qgemv_mma<"):       # rms_out: NULL (an integer) or an array
+                flags.append((int(args[12]), not isinstance(args[13], np.integer)))
+            return launch(name, grid, block, args, *rest, **kwargs)
+        KERNELS.launch = spy
+        try:
+            got = [forward(tok, pos).get() for pos, tok in enumerate(tokens)]
+        finally:
+            KERNELS.launch = launch
         decoder = ops._decoders[model]
+        assert {f for f, _ in flags} == ({0} if deterministic else {0, 1}), flags
+        assert {d for _, d in flags} == ({False} if deterministic else {False, True}), flags
         assert decoder.defers_norms(8) == (not deterministic) and not decoder.defers_norms(3)
         assert decoder.graphs[8] is not None
         for pos in range(6):

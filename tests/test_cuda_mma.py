@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from test_cuda import cuda, poison, product_err, rel_err  # noqa: F401  (fixtures and helpers)
-from test_cuda_formats import assert_counters_at_zero, check_prologues, stored_weight
+from test_cuda_formats import assert_counters_at_zero, assert_partials_untouched, \
+    check_prologues, stored_weight
 
 gpu = pytest.mark.gpu
 rng = np.random.default_rng()
@@ -93,13 +94,16 @@ def test_qgemv_mma_any_order_adds_the_slices_by_atomics(cuda, cp, fmt):
         for ks in (2, 5):
             y0 = rng.standard_normal((M, N)).astype(np.float32)
             x = rng.standard_normal((M, K)).astype(np.float32)
+            cuda.kernels.qgemv_mma(cp.asarray(x), w, ks=ks)    # in order: the workspace made
             y = cp.asarray(y0)
-            mma(cp.asarray(x), out=y, accumulate=True, ks=ks)
+            assert_partials_untouched(cuda, cp, lambda: mma(cp.asarray(x), out=y,
+                                                            accumulate=True, ks=ks))
             assert rel_err(y, y0 + x.astype(np.float64) @ w64.T) < 1e-5, f"M={M} ks={ks}"
             h = (2 * rng.standard_normal((M, 2 * K))).astype(np.float32)
             h64 = h.astype(np.float64)
             y = cp.asarray(y0)
-            mma(cp.asarray(h), out=y, accumulate=True, swiglu=True, ks=ks)
+            assert_partials_untouched(cuda, cp, lambda: mma(cp.asarray(h), out=y,
+                                                            accumulate=True, swiglu=True, ks=ks))
             ref = y0 + (silu(h64[:, :K]) * h64[:, K:]) @ w64.T
             assert rel_err(y, ref) < 1e-5, f"swiglu M={M} ks={ks}"
             g = cp.asarray((1 + 0.1 * rng.standard_normal(K)).astype(np.float32))
@@ -117,7 +121,7 @@ def test_qgemv_mma_defers_the_norm_to_the_next_kernel(cuda, cp, fmt):
     times out is then RMSNorm's product within 1e-5 of float64. x_ss on the next launch scales
     x's rows by such a norm (of another K) before SwiGLU, and clear zeroes its array."""
     from minillama.model import rms_norm, silu
-    N, K, K_norm, eps = 259, 2080, 96, np.float32(1e-5)
+    N, K, K_norm, eps = 259, 2016, 96, np.float32(1e-5)       # K within one slice's x: ks 1
     packed, w64 = stored_weight(fmt, N, K)
     w = packed.map(cp.asarray)
     for M in (4, 8, 13):
@@ -126,8 +130,10 @@ def test_qgemv_mma_defers_the_norm_to_the_next_kernel(cuda, cp, fmt):
         g = (1 + 0.1 * rng.standard_normal(K)).astype(np.float32)
         for ks in (1, 3):
             out, ss = cp.zeros((M, N), dtype=np.float32), cp.zeros(M, dtype=np.float32)
-            cuda.kernels.qgemv_mma(cp.asarray(x), w, out=out, norm=cp.asarray(g), eps=eps,
-                                   ks=ks, rms_out=ss)
+            assert cuda.kernels.qgemv_mma_plan(N, K, fmt, ks=ks)[1] == ks
+            cuda.kernels.qgemv_mma(cp.asarray(x), w, norm=cp.asarray(g), eps=eps, ks=ks)
+            assert_partials_untouched(cuda, cp, lambda: cuda.kernels.qgemv_mma(
+                cp.asarray(x), w, out=out, norm=cp.asarray(g), eps=eps, ks=ks, rms_out=ss))
             assert rel_err(ss, (x64 ** 2).sum(-1)) < 1e-5, f"M={M} ks={ks}"
             normed = out.get() / np.sqrt(ss.get()[:, None] / K + eps)
             ref = rms_norm(x64, g.astype(np.float64), float(eps)) @ w64.T

@@ -233,7 +233,9 @@ def leave_out_ms(fused, bsz, cp, families=("attention_decode", "embed_tokens", "
     """Each kernel family's share of the graph's time, found by leaving it out: ms per step of
     graphs replayed back to back, whole and without each family's launches (the buffers keep
     their last values, so the rest reads stale numbers at the same speed), and with that family
-    alone. whole - without is what the family costs in place, its launch gaps included."""
+    alone. whole - without is what the family costs in place, its launch gaps included. (A batch
+    step that defers its norms zeroes what its products add into in embed_tokens and qgemv_mma:
+    left out, those buffers grow from replay to replay; the timing holds, the logits do not.)"""
     sync, launch = cp.cuda.Device().synchronize, KERNELS.launch
 
     def graph_ms(keep):

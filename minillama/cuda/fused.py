@@ -445,7 +445,8 @@ class FusedDecoder:
         """run_five's launches with wqkv's and w13's RMSNorm left to the kernel after each.
         Their products and sums of squares are added by atomics into zeros, which a launch
         before them writes: embed_tokens zeroes layer 0's qkv, each wo the layer's h13, each
-        w2 the next layer's qkv (its sums of squares with each)."""
+        w2 the next layer's qkv (its sums of squares with each). One GPU only (defers_norms):
+        there is no join after the residual's updates."""
         p, h = self.p, self.h[:bsz]
         qkv, att, h13 = self.qkv[:bsz], self.att[:bsz], self.h13[:bsz]
         qkv_ss, h13_ss = self.qkv_ss[:bsz], self.h13_ss[:bsz]

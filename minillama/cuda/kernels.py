@@ -945,6 +945,8 @@ def qgemv_mma(x, w, out=None, accumulate=False, norm=None, eps=1e-5, swiglu=Fals
     M, N, K, y = _qgemv_operands(x, w, out, accumulate, norm, swiglu, "qgemv_mma")
     deferred = _check_deferred(M, K, out, norm, rms_out, x_ss, clear)
     if M == 0 or N == 0:
+        if clear is not None:
+            clear.fill(0)                              # what the launch would have zeroed
         return y
     if nr is not None and nr not in MMA_NR:
         raise DeviceError(f"qgemv_mma: nr must be one of {MMA_NR}, got {nr!r}")

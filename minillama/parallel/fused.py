@@ -40,8 +40,8 @@ class RankDecoder:
     def __init__(self, model, wait=None):
         ops = self.ops = model.ops
         self.model = model
-        self.fused = ShardedFusedDecoder(model) if ops.name == "cuda" and ops.fused_decode \
-            and FusedDecoder.covers(model) else None
+        self.fused = ShardedFusedDecoder(model, ops.deterministic) if ops.name == "cuda" \
+            and ops.fused_decode and FusedDecoder.covers(model) else None
         self.wait = wait or (lambda stream: stream.synchronize())
 
     def __call__(self, tokens, start_pos):
@@ -80,8 +80,10 @@ class ShardedFusedDecoder(FusedDecoder):
     # zeroes nothing for them
     deferred_norms = False
 
-    def __init__(self, model):
-        super().__init__(model)                  # buffers of the rank's sizes; logits: whole
+    def __init__(self, model, deterministic=False):
+        # buffers of the rank's sizes; logits: whole. deterministic: CudaOps' (rank 0's products
+        # that add the residual add their slices by atomics unless it is set)
+        super().__init__(model, deterministic)
         cp, p = self.cp, self.p
         self.comm, nb, world = model.comm, p.max_batch_size, p.world
         self.adds_residual = p.rank == 0         # one rank adds the residual, the others not
