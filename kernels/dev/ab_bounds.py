@@ -117,20 +117,6 @@ RUNS = {"7b": [("7B", "q4_0", (1, 8)), ("7B", "int8", (1, 8)), ("7B", "float16",
         "7b batches": [("7B", "q4_0", (8,)), ("7B", "int8", (8,))]}
 
 
-@contextlib.contextmanager
-def plain_norms():
-    """FusedDecoder's products with their norm argument dropped (timing only). A batch step
-    that defers its norms (run_deferred) calls qgemv_mma itself, not matvec: the norms stay in
-    place here (norms_in_place), so that every normed product loses its norm."""
-    matvec = fused.matvec
-
-    def without(x, w, **kwargs):
-        kwargs.pop("norm", None)
-        return matvec(x, w, **kwargs)
-    with norms_in_place(), patched(fused, "matvec", without):
-        yield
-
-
 def norms_in_place():
     """FusedDecoder's batch steps without the deferred norms (defers_norms): wqkv's and w13's
     slices added up, and normed, by the last block of each tile."""
@@ -138,17 +124,28 @@ def norms_in_place():
 
 
 @contextlib.contextmanager
-def slices_in_order():
-    """norms_in_place, and the products with any_order dropped: every split's slices added
-    up by the last block of each tile, in slice order (where the package adds wo's and w2's
-    by atomics)."""
+def matvec_without(argument):
+    """norms_in_place, and FusedDecoder's products (fused.matvec) with `argument` dropped. A
+    batch step that defers its norms (run_deferred) calls qgemv_mma itself, not matvec: so the
+    norms stay in place here, and every product goes through matvec."""
     matvec = fused.matvec
 
-    def in_order(x, w, **kwargs):
-        kwargs.pop("any_order", None)
+    def without(x, w, **kwargs):
+        kwargs.pop(argument, None)
         return matvec(x, w, **kwargs)
-    with norms_in_place(), patched(fused, "matvec", in_order):
+    with norms_in_place(), patched(fused, "matvec", without):
         yield
+
+
+def plain_norms():
+    """FusedDecoder's products with their norm argument dropped (timing only)."""
+    return matvec_without("norm")
+
+
+def slices_in_order():
+    """Every split's slices added up by the last block of each tile, in slice order (where the
+    package adds wo's and w2's by atomics, and defers wqkv's and w13's norms)."""
+    return matvec_without("any_order")
 
 
 def captured(programmatic):
