@@ -12,7 +12,10 @@
 //                 -> gemv(wo, h +=) -> gemv(rmsnorm -> w13) -> gemv(swiglu -> w2, h +=)
 //     gemv(rmsnorm -> output)                               logits
 //
-// (One row of float32 weights takes halves.cu's two launches a layer instead.)
+// (One row of float32 weights takes halves.cu's two launches a layer instead. A batch of
+// weights kept as stored, unless the caller asks for the same bits every run, leaves the two
+// RMSNorms to the kernel after the product: attention_decode scales q, k and v, w2's staging
+// h13 (qgemv_mma.cu, "rms_out"; FusedDecoder.run_deferred).)
 //
 // What changes from one token to the next, the position and the token ids, is read from device
 // memory (`step` = [start_pos, token_0, ..., token_{bsz-1}]), never passed as a kernel argument.
