@@ -390,18 +390,18 @@ class FusedDecoder:
 
     def run(self, bsz):
         """Launch one decode step for rows 0 .. bsz-1 on the current stream: one row in two
-        launches a layer where halves.cu takes the model (run_halves), else five."""
+        launches a layer where halves.cu takes the model (run_halves), else five, with the
+        norms left to the kernel after the products where defers_norms says so."""
         if bsz == 1 and self.halves is not None:
             self.run_halves()
+        elif self.defers_norms(bsz):
+            self.run_deferred(bsz)
         else:
             self.run_five(bsz)
 
     def run_five(self, bsz):
         """The step as 5 launches a layer, for rows 0 .. bsz-1."""
         h = self.h[:bsz]
-        if self.defers_norms(bsz):
-            self.run_deferred(bsz)
-            return
         self.embed(bsz, h)                                  # h = tok_embeddings[token]
         for layer in self.layers:
             self.attention_launches(bsz, layer, h)          # h += attention(...)
