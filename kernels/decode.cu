@@ -54,9 +54,7 @@ extern "C" __global__ void embed_tokens(const int* __restrict__ step, const floa
     const float* row = table + (size_t)step[1 + blockIdx.x] * dim;
     float* out = h + (size_t)blockIdx.x * dim;
     for (int j = threadIdx.x; j < dim; j += blockDim.x) out[j] = row[j];
-    if (clear != nullptr)
-        for (int j = blockIdx.x * blockDim.x + threadIdx.x; j < clear_count; j += gridDim.x * blockDim.x)
-            clear[j] = 0.0f;
+    if (clear != nullptr) clear_next(clear, clear_count);   // (reduce.cu)
 }
 
 // ---- attention_decode ----------------------------------------------------------------------

@@ -169,12 +169,6 @@ __device__ __forceinline__ float row_dot(const float4 (&w)[P], const float4 (&xn
     return acc;
 }
 
-// Zero this launch's share of Z (dim,), the buffer the next launch adds into
-__device__ __forceinline__ void clear_next(float* Z, int dim) {
-    const int blocks = gridDim.x * gridDim.y, block = blockIdx.y * gridDim.x + blockIdx.x;
-    for (int i = block * blockDim.x + threadIdx.x; i < dim; i += blocks * blockDim.x) Z[i] = 0.0f;
-}
-
 // Each half's turn, once its weights are on their way: let the next launch start (its blocks
 // load while this one works), wait for the launch before (x is its output; reduce.cu), zero
 // this launch's share of the buffer the next one adds into, stage x (stage(): stage_x, or

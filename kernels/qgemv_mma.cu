@@ -489,9 +489,7 @@ qgemv_mma(const float* __restrict__ X, const uint4* __restrict__ qs,
     next.fetch(qs, d, row0, N, step_begin, step_end, chunks, nb, t);   // before x is staged
     grid_launch_dependents();
     grid_dependency_wait();            // (reduce.cu) the weights are ours; x is the last kernel's
-    const int block = blockIdx.y * gridDim.x + blockIdx.x, blocks = gridDim.x * gridDim.y;
-    for (int i = block * blockDim.x + threadIdx.x; i < clear_count; i += blocks * blockDim.x)
-        clear[i] = 0.0f;
+    clear_next(clear, clear_count);    // (reduce.cu; none where clear_count is 0)
 
     for (int m0 = 0; m0 < M; m0 += MMA_ROWS) {
         __syncthreads();                                        // the last pass's readers are done

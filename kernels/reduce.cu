@@ -40,6 +40,14 @@ __device__ __forceinline__ void grid_launch_dependents() {
 #endif
 }
 
+// Zero this block's share of Z[0 .. count): the grid's threads (any grid shape) stride over it
+// together. What a launch zeroes for a later one to add into (halves.cu's next residual, the
+// batches' deferred products: qgemv_mma.cu's and embed_tokens' clear); after the wait.
+__device__ __forceinline__ void clear_next(float* Z, int count) {
+    const int blocks = gridDim.x * gridDim.y, block = blockIdx.y * gridDim.x + blockIdx.x;
+    for (int i = block * blockDim.x + threadIdx.x; i < count; i += blocks * blockDim.x) Z[i] = 0.0f;
+}
+
 // -inf without <math.h> (NVRTC compiles without the host headers)
 __device__ __forceinline__ float neg_inf() { return __int_as_float(0xff800000); }
 

@@ -977,10 +977,10 @@ def _check_deferred(M, K, out, norm, rms_out, x_ss, clear):
         if rms_out.shape != (M,):
             raise DeviceError(f"rms_out: expected shape ({M},), got {rms_out.shape}")
     sums, k_norm = (NULL, 0) if x_ss is None else x_ss
-    if x_ss is not None and norm is not None:
-        raise DeviceError("qgemv_mma: x_ss (the launch before's norm) and norm are two norms of "
-                          "x; give one")
     if x_ss is not None:
+        if norm is not None:
+            raise DeviceError("qgemv_mma: x_ss (the launch before's norm) and norm are two "
+                              "norms of x; give one")
         _check("x_ss", sums, 1)
         if sums.shape != (M,) or int(k_norm) < 1:
             raise DeviceError(f"x_ss: expected (sums of shape ({M},), K >= 1), got "
