@@ -66,7 +66,7 @@ class FusedDecoder:
     STEP_SLOTS = 64         # rows of step_host used in turn: one event wait per 64 steps
     MAX_STEPS = 16          # greedy_steps' steps in one graph, at most
     takes_halves = True     # whether a one-row step may take halves.cu's launches (run_halves)
-    deferred_norms = True   # whether batch steps may leave RMSNorm to the kernel after (defers_norms)
+    deferred_norms = True   # whether a batch step may defer its norms (defers_norms)
 
     @staticmethod
     def covers(model):
