@@ -1208,14 +1208,22 @@ gemm_v7(const unsigned short* __restrict__ A, const void* __restrict__ Wq,
 //                    hold [h1 | h3] from the w13 matmul, so they are 2K long
 //
 // with the float32 operations in model.py's order, so the product sees the same values (but
-// for inv_rms after the sums: the same product, rounded a few units of the last place apart).
+// for inv_rms after the sums: the same product, rounded a few units of the last place apart;
+// and silu, below, from an exponential rather than tanh, within ~1e-6 of it).
 
 #define GEMV_PLAIN 0
 #define GEMV_RMSNORM 1
 #define GEMV_SWIGLU 2
 #define GEMV_RMSNORM_LATE 3     // gemv's RMSNorm with inv_rms after the sums (gemv, below)
 
-__device__ __forceinline__ float silu(float x) { return x * (0.5f + 0.5f * tanhf(0.5f * x)); }
+// silu(x) = x sigmoid(x) = x / (1 + e^-x), from one MUFU.EX2 and one MUFU.RCP (__expf,
+// __fdividef). model.py writes it with tanh, which a GPU's full-precision tanhf takes ~20
+// instructions for; here it is ~5, within ~1e-6 of float64 where it matters: __expf's error
+// grows as |x| 2^-24 (1e-6 at |x| 20, where silu is ~1e-8), and the limits hold (x large: x;
+// x below -88: e^-x is inf and x / inf 0; -inf or NaN: NaN, as model.py's). Measured on the 7B
+// batch-8 step, whose w2 stages 11008 silu a row per block (qgemv_mma): q4_0 1.01x, int8 1.00x
+// (H200, 2026-12-01, docs/kernels.md "silu from one exponential").
+__device__ __forceinline__ float silu(float x) { return __fdividef(x, 1.0f + __expf(-x)); }
 
 // x[m, k] after the prologue; xr points at row m.
 template <int PRO>

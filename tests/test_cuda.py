@@ -306,6 +306,26 @@ def test_gemv_prologues_compute_rmsnorm_and_swiglu_like_the_model(cuda, cp, M, K
     assert rel_err(y, ref) < 1e-5
 
 
+@gpu
+@pytest.mark.parametrize("M", [1, 8])
+def test_gpu_silu_stays_within_2e_6_of_float64_out_to_its_limits(cuda, cp, M):
+    """matmul.cu's silu (x / (1 + e^-x) from __expf and __fdividef, where model.py writes x
+    sigmoid(x) with tanh), value by value against float64's x / (1 + e^-x): gemv's SwiGLU
+    prologue through an identity matrix gives silu(h1) * 1 exactly. Within 2e-6 of each value,
+    or 1e-12 where silu is that small (x below -20); where e^-x overflows (x below -88) 0, not
+    NaN; a huge x itself."""
+    h1 = np.array([-1e30, -100, -88.9, -88.5, -87.5, -50, -20, -5, -1, -1e-3, -1e-30, 0,
+                   1e-30, 1e-3, 0.5, 1, 5, 20, 50, 88.5, 100, 1e30, -2.5, 2.5], dtype=np.float32)
+    K = h1.size
+    h = np.concatenate([np.tile(h1, (M, 1)), np.ones((M, K), np.float32)], axis=1)
+    y = cuda.gemv(cp.asarray(h), cp.asarray(np.eye(K, dtype=np.float32)),
+                  out=poison(cp, (M, K)), swiglu=True).get()
+    x = h1.astype(np.float64)
+    with np.errstate(over="ignore"):
+        ref = x / (1 + np.exp(-x))                          # e^1e30: inf, and x / inf: -0
+    assert np.all(np.abs(y - ref) <= 2e-6 * np.abs(ref) + 1e-12), (y[0], ref)
+
+
 def test_gemv_loads_w_before_its_wait_only_where_that_is_each_lanes_whole_row():
     """kernels.gemv_prefetch: one row of x, float4 loads, K / 4 <= 4 float4s x 32 lanes x
     ksplit warps, and a grid of one wave (at most 5 blocks an SM). kernels.gemv_split takes the

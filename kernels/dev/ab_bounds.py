@@ -15,6 +15,9 @@ Candidates, measured as bounds on the step they would change, before any is writ
   after them, adding their slices by atomics too (FusedDecoder.defers_norms; both unless
   deterministic). "norms in place" has wqkv's and w13's slices added up and normed by the last
   block of each tile; "slices in order" every split's, as they were before.
+- "tanh silu": a candidate taken, the other way round too: SwiGLU's silu with the full-precision
+  tanhf, as model.py writes it and matmul.cu did until 2026-12-01 (SOURCE_BOUNDS says what it
+  measured).
 - "programmatic" and "ordinary": the graph captured with programmatic launches, or without,
   whatever FusedDecoder.programmatic says. Its rule, one row only, was measured before
   qgemv_mma's plan went to one wave (docs/kernels.md, "Between kernels" and "One wave"); this
@@ -324,6 +327,20 @@ SOURCE_BOUNDS["dependents after the loop"] = [
     ("    // The last block of this tile adds the ks slices (mma_combine, above).\n",
      "    grid_launch_dependents();   // CANDIDATE: the next kernel starts as the tails run\n"
      "    // The last block of this tile adds the ks slices (mma_combine, above).\n")]
+# The other way round, right logits to a few units of the last place: matmul.cu's silu as it
+# was until 2026-12-01, with the full-precision tanhf (model.py's formula), where the package's
+# takes one exponential and a division (__expf, __fdividef). qgemv_mma's w2 staging at 8 rows
+# took ~3 us of a ~16 us launch (q4_0) beyond a copy of the parts (sweep_mma_plan.py
+# --bounds "no staging,mma copies parts"), most of it arithmetic. Measured as a candidate
+# (H200, 2026-12-01, 5 rounds, ms a step): q4_0 8 rows 2.2703 -> 2.2558 (1.006x) and 2.2441
+# (1.012x) with the change in qgemv_mma's staging alone; int8 3.0952 -> 3.0808 and 3.0862;
+# one row and the stories steps even; w2's launch alone 15.8 -> 15.0 us (q4_0), 22.4 -> 21.8
+# (int8).
+SOURCE_BOUNDS["tanh silu"] = [
+    ("__device__ __forceinline__ float silu(float x) "
+     "{ return __fdividef(x, 1.0f + __expf(-x)); }",
+     "__device__ __forceinline__ float silu(float x) "
+     "{ return x * (0.5f + 0.5f * tanhf(0.5f * x)); }   // BEFORE")]
 EDITED = {}        # name -> the compiled state of KERNELS with its edited source (kept alive)
 
 
@@ -369,6 +386,7 @@ VARIANTS = {"package": contextlib.nullcontext,
             "no v4 staging": lambda: edited_source("no v4 staging"),
             "v4 copies digits": lambda: edited_source("v4 copies digits"),
             "mma copies parts": lambda: edited_source("mma copies parts"),
+            "tanh silu": lambda: edited_source("tanh silu"),
             "no attention": no_attention,
             # gemv's RMSNorm after the sums (GEMV_RMSNORM_LATE) on no launch, on the launches
             # with early loads of W (the package's), on every one-row launch

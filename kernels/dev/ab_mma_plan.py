@@ -44,7 +44,37 @@ def nr1_only(N, K, fmt, sms=None, nr=None, ks=None):
     return RULE(N, K, fmt, sms, nr or 1, ks)
 
 
-PLANS = {"rule": RULE, "before": plan_before, "nr1 only": nr1_only}
+def chosen(pick, nr_set=None, ks_set=None):
+    """The package's rule, but NR nr_set and ks_set slices for the matrices pick(N, K) names (with
+    the norms deferred and the slices added by atomics, 2026-12-01, the rule's cost leaves out
+    what a tile costs besides its work: x staged once per tile and slice, the atomics).
+    Measured (H200, 2026-12-01, 7 rounds, ms a batch-8 step): q4_0 rule 2.2791, wo at NR 2
+    0.97x, w2 at NR 2 1.00x, both 0.98x, wqkv 4 slices 0.99x, w2 6 slices 0.96x; int8 3.0916,
+    0.98x, 1.01x, 0.99x, 0.98x, 0.95x. The rule stays."""
+    def plan(N, K, fmt, sms=None, nr=None, ks=None):
+        if pick(N, K) and nr is None and ks is None:
+            return RULE(N, K, fmt, sms, nr_set, ks_set)
+        return RULE(N, K, fmt, sms, nr, ks)
+    return plan
+
+
+def is_wo(N, K):
+    return N == K
+
+
+def is_w2(N, K):
+    return K > N
+
+
+def is_wqkv(N, K):
+    return N == 3 * K
+
+
+PLANS = {"rule": RULE, "before": plan_before, "nr1 only": nr1_only,
+         "wo at NR 2": chosen(is_wo, nr_set=2), "w2 at NR 2": chosen(is_w2, nr_set=2),
+         "wo and w2 at NR 2": chosen(lambda N, K: is_wo(N, K) or is_w2(N, K), nr_set=2),
+         "wqkv 4 slices": chosen(is_wqkv, nr_set=2, ks_set=4),
+         "w2 6 slices": chosen(is_w2, nr_set=1, ks_set=6)}
 # qgemv_mma at three blocks of 8 warps an SM: the launch bounds' B and the plan's waves, half the loads
 # in flight (at these U the q8_0 and q4_0 instances spill 0 to 32 bytes a thread, at the
 # package's U of the time, 4 / 2, 108 to 232: ptxas -v's spill stores)

@@ -2,12 +2,13 @@
 needs a GPU).
 
     PYTHONPATH=. python kernels/dev/sweep_mma_plan.py [--dtypes q4_0,int8] [--rows 8]
-        [--rounds 3] [--max-ks 16] [--bounds "no sums,no combine"]
+        [--rounds 3] [--max-ks 16] [--bounds "no sums,no combine"] [--in-place]
 
 kernels.qgemv_mma_plan prices a plan as its waves times a block's work (spans a slice x NR),
 which leaves out what a slice costs besides its work: x staged per block, and the last block's
 sums over the slices. This tool times each plan: for the decode step's matrices (wqkv and w13
-with RMSNorm, wo plain with accumulate, w2 with SwiGLU and accumulate) at `rows` rows of x,
+with RMSNorm, wo plain with accumulate, w2 with SwiGLU and accumulate; as run_deferred launches
+them, or with --in-place as run_five does: `launcher`) at `rows` rows of x,
 NR 1 and 2 and every count of slices from the fewest x's slice allows to --max-ks, us a
 launch, 20 launches in one CUDA graph captured programmatically (as FusedDecoder's step is;
 bench_mma.py's timed_us, the best of its replays), the plans in turn over rounds, medians;
@@ -42,12 +43,29 @@ def us_per_launch(cp, run):
     return timed_us(cp, lambda _: run(), [None])
 
 
-def launcher(x, w, y, g, what, nr, ks):
+def launcher(x, w, y, g, what, nr, ks, deferred=None):
+    """A launch of one matrix as FusedDecoder's batch step makes it. deferred: None for
+    run_five's (the norms in place, every split's slices added by its last block), else
+    (sums, cleared) for run_deferred's: the normed products add into y and their rows' sums of
+    squares into `sums` by atomics, wo and w2 add their slices by atomics and zero `cleared`
+    (the next deferred product's output), w2 scales its x by `sums`. (Repeated, the atomics
+    add into what the last launch left: the time is the same.)"""
+    if deferred is None:
+        if what == "rmsnorm":
+            return lambda: kernels.qgemv_mma(x, w, out=y, norm=g, nr=nr, ks=ks)
+        if what == "swiglu":
+            return lambda: kernels.qgemv_mma(x, w, out=y, swiglu=True, accumulate=True, nr=nr,
+                                             ks=ks)
+        return lambda: kernels.qgemv_mma(x, w, out=y, accumulate=True, nr=nr, ks=ks)
+    sums, cleared = deferred
     if what == "rmsnorm":
-        return lambda: kernels.qgemv_mma(x, w, out=y, norm=g, nr=nr, ks=ks)
+        return lambda: kernels.qgemv_mma(x, w, out=y, norm=g, nr=nr, ks=ks, rms_out=sums)
     if what == "swiglu":
-        return lambda: kernels.qgemv_mma(x, w, out=y, swiglu=True, accumulate=True, nr=nr, ks=ks)
-    return lambda: kernels.qgemv_mma(x, w, out=y, accumulate=True, nr=nr, ks=ks)
+        return lambda: kernels.qgemv_mma(x, w, out=y, swiglu=True, accumulate=True, nr=nr, ks=ks,
+                                         any_order=True, x_ss=(sums, x.shape[1] // 2),
+                                         clear=cleared)
+    return lambda: kernels.qgemv_mma(x, w, out=y, accumulate=True, nr=nr, ks=ks, any_order=True,
+                                     clear=cleared)
 
 
 def bounds(cp, args, what, run):
@@ -70,6 +88,9 @@ def main():
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--max-ks", type=int, default=16)
     ap.add_argument("--bounds", default="", help="SOURCE_BOUNDS names, comma-separated")
+    ap.add_argument("--in-place", action="store_true",
+                    help="the norms in place and the slices in order (run_five's launches), "
+                         "not run_deferred's")
     args = ap.parse_args()
     cp = require_cupy()
     rng = np.random.default_rng(0)
@@ -81,9 +102,14 @@ def main():
                                                dtype=np.float32))
             g = cp.ones(K, np.float32)
             y = cp.zeros((args.rows, N), np.float32)
+            # what run_deferred's wo and w2 zero (h13's rows, qkv's: the next product's)
+            width = SHAPES["w13" if label == "wo" else "wqkv"][0]
+            cleared = cp.zeros(args.rows * width, np.float32)
+            deferred = None if args.in_place else (cp.zeros(args.rows, np.float32), cleared)
             rule = kernels.qgemv_mma_plan(N, K, fmt)
             if args.bounds:
-                bounds(cp, args, (dtype, label), launcher(x, w, y, g, what, rule[0], rule[1]))
+                bounds(cp, args, (dtype, label),
+                       launcher(x, w, y, g, what, rule[0], rule[1], deferred))
                 continue
             plans = sorted({kernels.qgemv_mma_plan(N, K, fmt, nr=nr, ks=ks)
                             for nr in kernels.MMA_NR for ks in range(1, args.max_ks + 1)})
@@ -91,7 +117,8 @@ def main():
             with kernels.KERNELS.programmatic():
                 for _ in range(args.rounds):
                     for p in plans:
-                        times[p].append(us_per_launch(cp, launcher(x, w, y, g, what, p[0], p[1])))
+                        run = launcher(x, w, y, g, what, p[0], p[1], deferred)
+                        times[p].append(us_per_launch(cp, run))
             cells = [f"{'*' if p == rule else ''}{p[0]}/{p[1]} {np.median(times[p]):.1f}"
                      for p in plans]
             best = min(plans, key=lambda p: np.median(times[p]))
