@@ -341,6 +341,13 @@ SOURCE_BOUNDS["tanh silu"] = [
      "{ return __fdividef(x, 1.0f + __expf(-x)); }",
      "__device__ __forceinline__ float silu(float x) "
      "{ return x * (0.5f + 0.5f * tanhf(0.5f * x)); }   // BEFORE")]
+# A candidate, right logits: SwiGLU's staging (w2's) takes 4 rows of x a thread at one (unit,
+# lane), as the other prologues do, where it takes 2 (mma_stage_rows: 4 measured 0.98x on the
+# 7B batch-8 step while silu took tanhf's ~20 instructions; now ~5). The 7B w2's slice at 8 rows
+# is then 352 items for 512 threads, one trip each, where 2 rows give 704, two trips for some.
+SOURCE_BOUNDS["swiglu stages 4 rows"] = [
+    ("constexpr int mma_stage_rows() { return PRO == GEMV_SWIGLU ? 2 : 4; }",
+     "constexpr int mma_stage_rows() { return 4; }   // CANDIDATE")]
 EDITED = {}        # name -> the compiled state of KERNELS with its edited source (kept alive)
 
 
@@ -387,6 +394,7 @@ VARIANTS = {"package": contextlib.nullcontext,
             "v4 copies digits": lambda: edited_source("v4 copies digits"),
             "mma copies parts": lambda: edited_source("mma copies parts"),
             "tanh silu": lambda: edited_source("tanh silu"),
+            "swiglu stages 4 rows": lambda: edited_source("swiglu stages 4 rows"),
             "no attention": no_attention,
             # gemv's RMSNorm after the sums (GEMV_RMSNORM_LATE) on no launch, on the launches
             # with early loads of W (the package's), on every one-row launch
