@@ -1221,8 +1221,9 @@ gemm_v7(const unsigned short* __restrict__ A, const void* __restrict__ Wq,
 // instructions for; here it is ~5, within ~1e-6 of float64 where it matters: __expf's error
 // grows as |x| 2^-24 (1e-6 at |x| 20, where silu is ~1e-8), and the limits hold (x large: x;
 // x below -88: e^-x is inf and x / inf 0; -inf or NaN: NaN, as model.py's). Measured on the 7B
-// batch-8 step, whose w2 stages 11008 silu a row per block (qgemv_mma): q4_0 1.01x, int8 1.00x
-// (H200, 2026-12-01, docs/kernels.md "silu from one exponential").
+// batch-8 step, whose w2 launches (qgemv_mma) take 11,264 silu a block in their staging (8 rows
+// of a 1408-position slice): q4_0 1.01x, int8 1.00x, one row even (H200, 2026-12-01,
+// docs/kernels.md "silu from one exponential").
 __device__ __forceinline__ float silu(float x) { return __fdividef(x, 1.0f + __expf(-x)); }
 
 // x[m, k] after the prologue; xr points at row m.

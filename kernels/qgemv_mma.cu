@@ -248,7 +248,8 @@ __device__ __forceinline__ int mma_shift(float amax) {
 // thread, one after the other (the SASS: an item's two LDG.128, then their use); four rows
 // take one or two. Two with SwiGLU, whose gate doubles the loads. All 8 rows (4 with SwiGLU)
 // measured slower on the 7B batch-8 step (0.98x): fewer threads then share the staging's
-// arithmetic (docs/kernels.md, "Round trips one after the other").
+// arithmetic (docs/kernels.md, "Round trips one after the other"). 4 with SwiGLU, measured
+// again once silu was cheap (2026-12-01): 0.99x (q4_0), 1.00x (int8).
 template <int PRO>
 __host__ __device__ constexpr int mma_stage_rows() { return PRO == GEMV_SWIGLU ? 2 : 4; }
 

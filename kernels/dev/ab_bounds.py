@@ -345,6 +345,8 @@ SOURCE_BOUNDS["tanh silu"] = [
 # lane), as the other prologues do, where it takes 2 (mma_stage_rows: 4 measured 0.98x on the
 # 7B batch-8 step while silu took tanhf's ~20 instructions; now ~5). The 7B w2's slice at 8 rows
 # is then 352 items for 512 threads, one trip each, where 2 rows give 704, two trips for some.
+# Measured (H200, 2026-12-01, 7 rounds, 8 rows): q4_0 2.2542 -> 2.2659 ms (0.99x; w2's launch
+# 15.0 -> 15.2 us), int8 3.0835 -> 3.0821 (1.00x). Not taken.
 SOURCE_BOUNDS["swiglu stages 4 rows"] = [
     ("constexpr int mma_stage_rows() { return PRO == GEMV_SWIGLU ? 2 : 4; }",
      "constexpr int mma_stage_rows() { return 4; }   // CANDIDATE")]
