@@ -48,8 +48,8 @@ def launcher(x, w, y, g, what, nr, ks, deferred=None):
     run_five's (the norms in place, every split's slices added by its last block), else
     (sums, cleared) for run_deferred's: the normed products add into y and their rows' sums of
     squares into `sums` by atomics, wo and w2 add their slices by atomics and zero `cleared`
-    (the next deferred product's output), w2 scales its x by `sums`. (Repeated, the atomics
-    add into what the last launch left: the time is the same.)"""
+    (the next deferred product's output), w2 scales its x by `sums` (of w13's x, dim long).
+    (Repeated, the atomics add into what the last launch left: the time is the same.)"""
     if deferred is None:
         if what == "rmsnorm":
             return lambda: kernels.qgemv_mma(x, w, out=y, norm=g, nr=nr, ks=ks)
@@ -62,7 +62,7 @@ def launcher(x, w, y, g, what, nr, ks, deferred=None):
         return lambda: kernels.qgemv_mma(x, w, out=y, norm=g, nr=nr, ks=ks, rms_out=sums)
     if what == "swiglu":
         return lambda: kernels.qgemv_mma(x, w, out=y, swiglu=True, accumulate=True, nr=nr, ks=ks,
-                                         any_order=True, x_ss=(sums, x.shape[1] // 2),
+                                         any_order=True, x_ss=(sums, SHAPES["w13"][1]),
                                          clear=cleared)
     return lambda: kernels.qgemv_mma(x, w, out=y, accumulate=True, nr=nr, ks=ks, any_order=True,
                                      clear=cleared)
