@@ -50,22 +50,17 @@ def launcher(x, w, y, g, what, nr, ks, deferred=None):
     squares into `sums` by atomics, wo and w2 add their slices by atomics and zero `cleared`
     (the next deferred product's output), w2 scales its x by `sums` (of w13's x, dim long).
     (Repeated, the atomics add into what the last launch left: the time is the same.)"""
-    if deferred is None:
+    kwargs = {"rmsnorm": {"norm": g}, "swiglu": {"swiglu": True, "accumulate": True},
+              "accumulate": {"accumulate": True}}[what]
+    if deferred is not None:
+        sums, cleared = deferred
         if what == "rmsnorm":
-            return lambda: kernels.qgemv_mma(x, w, out=y, norm=g, nr=nr, ks=ks)
+            kwargs["rms_out"] = sums
+        else:
+            kwargs.update(any_order=True, clear=cleared)
         if what == "swiglu":
-            return lambda: kernels.qgemv_mma(x, w, out=y, swiglu=True, accumulate=True, nr=nr,
-                                             ks=ks)
-        return lambda: kernels.qgemv_mma(x, w, out=y, accumulate=True, nr=nr, ks=ks)
-    sums, cleared = deferred
-    if what == "rmsnorm":
-        return lambda: kernels.qgemv_mma(x, w, out=y, norm=g, nr=nr, ks=ks, rms_out=sums)
-    if what == "swiglu":
-        return lambda: kernels.qgemv_mma(x, w, out=y, swiglu=True, accumulate=True, nr=nr, ks=ks,
-                                         any_order=True, x_ss=(sums, SHAPES["w13"][1]),
-                                         clear=cleared)
-    return lambda: kernels.qgemv_mma(x, w, out=y, accumulate=True, nr=nr, ks=ks, any_order=True,
-                                     clear=cleared)
+            kwargs["x_ss"] = (sums, SHAPES["w13"][1])
+    return lambda: kernels.qgemv_mma(x, w, out=y, nr=nr, ks=ks, **kwargs)
 
 
 def bounds(cp, args, what, run):
