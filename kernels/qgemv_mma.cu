@@ -387,6 +387,18 @@ struct MmaLoads {
     }
 };
 
+// Passes of the loop over k (U steps each) unrolled: 2 where the compiler then keeps `cur` and
+// `next` in two sets of registers that take turns, where one pass copied the one into the other
+// (10 moves a step for q4_0 at NR 1), and shares the next fetch's addressing between the two:
+// the loop per 512 bytes of codes, q4_0 122 -> 110 instructions at NR 1, 108 -> 102 at NR 2,
+// q8_0 87 -> 83 at NR 1 (kernels/dev/sass_loop.py, NVRTC 13 sm_90), and q4_0's loop is what
+// issues too slowly at 8 rows (docs/kernels.md, "What bounds qgemv_mma at 8 rows"). q8_0 at
+// NR 2 and the 16-bit formats spill 160 to 430 bytes a thread unrolled: they keep 1.
+template <class F, int NR>
+__host__ __device__ constexpr int mma_loop_unroll() {
+    return F::BLOCKS == 4 || (F::BLOCKS == 2 && NR == 1) ? 2 : 1;
+}
+
 // ---------------------------------------------------------------------------------------------
 // The last block of a tile adds the ks slices, in slice order (reduce.cu), 8 rows of x at a
 // time. A thread's outputs i = threadIdx.x + 32 W j (4 NR of them: a tile's 16 W NR rows
@@ -505,6 +517,8 @@ qgemv_mma(const float* __restrict__ X, const uint4* __restrict__ qs,
 #pragma unroll
             for (int e = 0; e < 4; ++e) acc[j][e] = 0.0f;
 
+        constexpr int UNROLL = mma_loop_unroll<F, NR>();
+#pragma unroll UNROLL
         for (int s0 = step_begin; s0 < step_end; s0 += U) {
             const MmaLoads<F, NR, U> cur = next;
             if (s0 + U < step_end) next.fetch(qs, d, row0, N, s0 + U, step_end, chunks, nb, t);

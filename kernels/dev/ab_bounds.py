@@ -350,6 +350,12 @@ SOURCE_BOUNDS["tanh silu"] = [
 SOURCE_BOUNDS["swiglu stages 4 rows"] = [
     ("constexpr int mma_stage_rows() { return PRO == GEMV_SWIGLU ? 2 : 4; }",
      "constexpr int mma_stage_rows() { return 4; }   // CANDIDATE")]
+# A candidate taken, the other way round: qgemv_mma's loop over k not unrolled, one pass copying
+# the next step's loads into the current's registers (mma_loop_unroll: q4_0 and q8_0 at NR 1
+# take 2 passes a turn).
+SOURCE_BOUNDS["loop not unrolled"] = [
+    ("    return F::BLOCKS == 4 || (F::BLOCKS == 2 && NR == 1) ? 2 : 1;",
+     "    return 1;   // BEFORE")]
 EDITED = {}        # name -> the compiled state of KERNELS with its edited source (kept alive)
 
 
@@ -398,6 +404,7 @@ VARIANTS = {"package": contextlib.nullcontext,
             "tanh silu": lambda: edited_source("tanh silu"),
             "swiglu stages 4 rows": lambda: edited_source("swiglu stages 4 rows"),
             "no attention": no_attention,
+            "loop not unrolled": lambda: edited_source("loop not unrolled"),
             # gemv's RMSNorm after the sums (GEMV_RMSNORM_LATE) on no launch, on the launches
             # with early loads of W (the package's), on every one-row launch
             "late none": lambda: patched(kernels, "GEMV_LATE_NORM", "none"),
