@@ -391,9 +391,10 @@ struct MmaLoads {
 // `next` in two sets of registers that take turns, where one pass copied the one into the other
 // (10 moves a step for q4_0 at NR 1), and shares the next fetch's addressing between the two:
 // the loop per 512 bytes of codes, q4_0 122 -> 110 instructions at NR 1, 108 -> 102 at NR 2,
-// q8_0 87 -> 83 at NR 1 (kernels/dev/sass_loop.py, NVRTC 13 sm_90), and q4_0's loop is what
-// issues too slowly at 8 rows (docs/kernels.md, "What bounds qgemv_mma at 8 rows"). q8_0 at
-// NR 2 and the 16-bit formats spill 160 to 430 bytes a thread unrolled: they keep 1.
+// q8_0 87 -> 83 at NR 1 (kernels/dev/sass_loop.py, NVRTC 13 sm_90). Measured at 8 rows (H200,
+// 2026-12-01): int8's w2 21.6 -> 19.4 us, its step 1.02x; q4_0 even (docs/kernels.md, "Two
+// passes a turn"). q8_0 at NR 2 and the 16-bit formats spill 160 to 430 bytes a thread
+// unrolled: they keep 1.
 template <class F, int NR>
 __host__ __device__ constexpr int mma_loop_unroll() {
     return F::BLOCKS == 4 || (F::BLOCKS == 2 && NR == 1) ? 2 : 1;
