@@ -81,3 +81,19 @@ def test_the_report_puts_generates_steps_ahead_beside_one_token_a_call(capsys):
     line = next(ln for ln in out.splitlines() if ln.startswith("q4_0 "))
     assert line.split()[-7:-1] == ["50.0", "650.0", "0.65", "2600.0", "4.00", "420.0"]
     assert "failed: out of memory" in out
+
+
+def test_a_decode_rate_is_the_median_of_its_timed_passes_after_one_to_warm_up(monkeypatch):
+    """median_rate (bench/timing.py) with a clock that moves only inside run(): the passes take
+    1, 9, 2, 3 and 4 s after a warm-up of 100 s; the figure is tokens / the median pass, 3 s,
+    not tokens / the first or the mean, and each timed pass sits between two syncs."""
+    from minillama.bench import timing
+    durations, now, calls = iter([100.0, 1.0, 9.0, 2.0, 3.0, 4.0]), [0.0], []
+
+    def run():
+        calls.append("run")
+        now[0] += next(durations)
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: now[0])
+    rate = timing.median_rate(run, 30, lambda: calls.append("sync"), passes=5)
+    assert rate == pytest.approx(30 / 3.0)
+    assert calls == ["run"] + ["sync", "run", "sync"] * 5

@@ -11,8 +11,8 @@ matters, larger than the L2 cache. The ceilings come from the same run:
 
 Decode runs a random-weight model of the stories15M / stories110M shapes one token per forward
 call from position 0, greedy (argmax on the GPU, the token back on the host each step, as a
-generation loop does), timed over the second pass, through the decoder(model) of CudaOps in
-four settings:
+generation loop does), the median of timing.PASSES timed passes after one to warm up,
+through the decoder(model) of CudaOps in four settings:
 
     generic     the unchanged model: CuPy array API + minillama's linear/matmul/softmax kernels
     fused       FusedDecoder: 6 kernels per layer, launched one by one from Python
@@ -50,7 +50,7 @@ from ..checkpoints.random import random_weights
 from ..model import ModelArgs, Transformer
 from . import gpu7b, subset_of, torch_compiled
 from .cpu import SHAPES
-from .timing import copy_bandwidth, decode_rate, fmt, gpu_ms, tflops
+from .timing import copy_bandwidth, decode_rate, fmt, gpu_ms, median_rate, tflops
 
 SECTIONS = ("all", "7b", "decode")
 
@@ -196,11 +196,7 @@ def hf_decode_rate(shape, bsz, steps):
             out = model(input_ids=ids, past_key_values=past, use_cache=True)
             past = out.past_key_values
             ids = out.logits[:, -1].argmax(-1, keepdim=True).cpu().to("cuda")
-    run()
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    run()
-    return bsz * steps / (time.perf_counter() - start)
+    return median_rate(run, bsz * steps, torch.cuda.synchronize)
 
 
 # mode -> the CudaOps settings (fused_decode, graphs, persistent) whose decoder(model) runs it

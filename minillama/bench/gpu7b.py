@@ -12,8 +12,9 @@ Transformer(params, weights, CudaOps()). For each storage format:
 
     b1, b8        greedy decode tokens/s at batch 1 and 8 (every row counted) through
                   ops.decoder(model), the CUDA graph of FusedDecoder where it covers the format
-                  ("path" says what ran); STEPS one-token steps from position 0, the second pass
-                  timed, each token back through the host as a generation loop does
+                  ("path" says what ran); STEPS one-token steps from position 0, the median of
+                  timing.PASSES timed passes after one to warm up, each token back through the
+                  host as a generation loop does
     ahead         the same, AHEAD steps a call as generate's greedy decoding takes them once the
                   prompt is in (FusedDecoder.greedy_steps: one graph launch, one wait for them
                   all); a sampling loop gets the figure before
@@ -48,7 +49,7 @@ from ..memory import fmt_bytes, plan_checkpoint
 from ..model import Transformer, weight_shapes
 from ..generation import AHEAD
 from . import torch_compiled
-from .timing import decode_rate, fmt, gpu_ms, sampled_rate, tflops
+from .timing import PASSES, decode_rate, fmt, gpu_ms, sampled_rate, tflops
 
 # --dtype -> the format a linear weight is stored in (float32: a plain float32 array)
 DTYPES = {"float32": None, "float16": "f16", "bfloat16": "bf16", "int8": "q8_0", "q4_0": "q4_0"}
@@ -417,8 +418,8 @@ def print_report(r):
     p = params(max(BATCHES), PREFILL)
     print(f"\nLlama-2-7B shape (dim {p.dim}, hidden {p.hidden_dim}, {p.n_layers} layers, "
           f"{p.n_heads} heads, vocab {p.vocab_size}), random weights made on the GPU; greedy "
-          f"decode, {s['steps']} steps from position 0, second pass timed; floor = bytes read "
-          f"per token / {r['copy_gbs']:.0f} GB/s (the copy above)")
+          f"decode, {s['steps']} steps from position 0, median of {PASSES} passes; floor = bytes "
+          f"read per token / {r['copy_gbs']:.0f} GB/s (the copy above)")
     print(f"{'storage':9} {'GB':>6} {'GB/tok':>7} {'floor ms':>8} {'b1 tok/s':>9} {'ms/tok':>7} "
           f"{'of floor':>8} {'b8 tok/s':>9} {'b8/b1':>6} {'b8 floor':>8} {'prefill':>8} "
           f"{'b1 ahead':>8} {'of floor':>8} {'b8 ahead':>8} {'b8/b1':>6} {'sampled':>8}  "

@@ -5,10 +5,12 @@
                                      memory-bound kernel (a GEMV, a decode step) is held against
     tflops(M, N, K, ms)              a product's rate
     decode_rate(forward, bsz, steps) greedy tokens/s of forward(tokens, start_pos) -> logits
+    median_rate(run, tokens, sync)   tokens/s of a decode loop: the median of PASSES timed passes
     fmt(value, spec)                 a figure as printed: "n/a" where it could not be measured
 
 Shared by gpu.py (the kernels and the TinyStories shapes) and gpu7b.py (the Llama-2-7B shape).
 """
+import statistics
 import time
 
 import numpy as np
@@ -17,6 +19,12 @@ from ..cuda import require_cupy
 from ..cuda.kernels import greedy_pick
 from ..ops import softmax, to_host
 from ..sampler import sample_top_p
+
+# Timed passes of a decode loop; the figure is their median. One pass of a short decode is a
+# short window (the 7B shape's 32 steps at batch 8: 76 ms), and one stall of the host in it
+# moved the figure 3.5% between two runs (docs/benchmarks.md, thirty-fourth and thirty-fifth
+# runs); the median of several counts such a stall as one pass, not as the figure.
+PASSES = 5
 
 
 def gpu_ms(fn, reps=20, warmup=3, inner=10):
@@ -53,8 +61,8 @@ def tflops(M, N, K, ms):
 
 
 def decode_rate(forward, bsz, steps, ahead=1):
-    """Tokens/s of greedy decoding, positions 0 .. steps-1; the first pass warms up (compiles,
-    captures graphs), the second is timed. The tokens go through the host as generate's greedy
+    """Tokens/s of greedy decoding, positions 0 .. steps-1, the median of PASSES passes after
+    one that warms up (median_rate). The tokens go through the host as generate's greedy
     steps take them: forward.greedy_steps where the decoder has it (the picks inside the CUDA
     graph), `ahead` steps a call (generate's AHEAD once no prompt is left, the next call's
     queued behind each; a last, shorter call where steps is not a multiple), else one forward
@@ -73,14 +81,14 @@ def decode_rate(forward, bsz, steps, ahead=1):
         tokens = np.ones((bsz, 1), dtype=np.int64)
         for pos in range(0, steps, ahead if greedy_steps is not None else 1):
             tokens = next_tokens(tokens, pos, min(ahead, steps - pos))
-    return second_pass_rate(run, bsz * steps)
+    return median_rate(run, bsz * steps, device_sync)
 
 
 def sampled_rate(forward, bsz, steps, temperature=0.6, top_p=0.9, seed=0):
     """Tokens/s of decoding with nucleus sampling as generate samples (Meta's defaults,
     temperature 0.6 and top-p 0.9): each step's last logits to the host, the softmax at the
-    temperature and sample_top_p there, one forward call a token; positions 0 .. steps-1, the
-    second pass timed, as decode_rate."""
+    temperature and sample_top_p there, one forward call a token; positions 0 .. steps-1, timed
+    as decode_rate."""
     rng = np.random.default_rng(seed)
 
     def run():
@@ -89,17 +97,26 @@ def sampled_rate(forward, bsz, steps, temperature=0.6, top_p=0.9, seed=0):
             last = to_host(forward(tokens, pos)[:, -1])                   # (bsz, vocab)
             probs = softmax(last / temperature, axis=-1)
             tokens = sample_top_p(probs, top_p, rng).reshape(bsz, 1)
-    return second_pass_rate(run, bsz * steps)
+    return median_rate(run, bsz * steps, device_sync)
 
 
-def second_pass_rate(run, tokens):
-    """Tokens/s of run() producing `tokens` tokens: a first pass warms up (compiles, captures
-    graphs), the second is timed, after the GPU has finished the first."""
-    run()
+def device_sync():
     require_cupy().cuda.Device().synchronize()
-    start = time.perf_counter()
+
+
+def median_rate(run, tokens, sync, passes=PASSES):
+    """Tokens/s of run() producing `tokens` tokens: a first pass warms up (compiles, captures
+    graphs), then `passes` passes are timed by the wall clock, each begun after sync() has
+    waited for the device to finish the one before; the median of their rates."""
     run()
-    return tokens / (time.perf_counter() - start)
+    rates = []
+    for _ in range(passes):
+        sync()
+        start = time.perf_counter()
+        run()
+        sync()
+        rates.append(tokens / (time.perf_counter() - start))
+    return statistics.median(rates)
 
 
 def fmt(v, spec=".1f"):

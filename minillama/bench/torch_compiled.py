@@ -41,6 +41,7 @@ from collections.abc import Mapping
 
 from ..model import ModelArgs, weight_shapes
 from .cpu import SHAPES as STORIES
+from .timing import median_rate
 
 try:
     import torch
@@ -300,7 +301,8 @@ def sync(device):
 def decode_rate(model, bsz, steps, compile=True, to_host=False):
     """Greedy decode at batch `bsz`: `steps` one-token steps from position 0 (token 1 first),
     the token fed back on the device (`to_host`: through the host, as minillama's loop does).
-    A first pass warms up (compiles, records the CUDA graph); the second is timed.
+    A first pass warms up (compiles, records the CUDA graph); then the median of PASSES timed
+    passes, as minillama's (timing.median_rate).
     -> (tokens per second, compile seconds: the wall time of the very first step)."""
     model.setup_cache(bsz, round_up(steps, 8))
     step = compiled_decode_step() if compile else decode_step
@@ -321,10 +323,8 @@ def decode_rate(model, bsz, steps, compile=True, to_host=False):
         start = time.perf_counter()
         run(1)
         compile_s = time.perf_counter() - start
-        run(steps)
-        start = time.perf_counter()
-        run(steps)
-        return bsz * steps / (time.perf_counter() - start), compile_s
+        rate = median_rate(lambda: run(steps), bsz * steps, lambda: sync(device))
+        return rate, compile_s
 
 
 def prefill_ms(model, seqlen=512, bsz=1, reps=5, compile=False):
