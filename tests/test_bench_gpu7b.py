@@ -97,3 +97,18 @@ def test_a_decode_rate_is_the_median_of_its_timed_passes_after_one_to_warm_up(mo
     rate = timing.median_rate(run, 30, lambda: calls.append("sync"), passes=5)
     assert rate == pytest.approx(30 / 3.0)
     assert calls == ["run"] + ["sync", "run", "sync"] * 5
+
+
+def test_issue_13s_targets_give_stories110m_its_fraction_of_the_floor_beside_its_tokens_per_s():
+    """targets_13 (bench/gpu.py) from measured rows, no GPU: stories110M at batch 1 also gets
+    the issue's "(>= 0.5 of the floor)", its rate times the bytes a token over this run's copy
+    bandwidth; stories15M, whose target has no such form, does not."""
+    from minillama.bench import gpu
+    rows = [dict(model=m, bsz=1, ahead=rate, persistent=rate * 0.9, bytes_per_token=nbytes)
+            for m, rate, nbytes in (("15M", 16000.0, 61e6), ("110M", 5000.0, 440e6))]
+    got = {name: (value, target) for name, value, target in
+           gpu.targets_13(dict(decode=rows, copy_gbs=4000.0))}
+    assert got["stories110M batch 1, fraction of floor, 8 ahead"] == \
+        pytest.approx((5000.0 * 440e6 / 4000e9, 0.5))
+    assert not any("15M batch 1, fraction" in name for name in got)
+    assert got["stories110M batch 1, tokens/s, 8 ahead"] == (5000.0, 5000.0)
