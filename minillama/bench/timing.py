@@ -21,9 +21,10 @@ from ..ops import softmax, to_host
 from ..sampler import sample_top_p
 
 # Timed passes of a decode loop; the figure is their median. One pass of a short decode is a
-# short window (the 7B shape's 32 steps at batch 8: 76 ms), and one stall of the host in it
-# moved the figure 3.5% between two runs (docs/benchmarks.md, thirty-fourth and thirty-fifth
-# runs); the median of several counts such a stall as one pass, not as the figure.
+# short window (the 7B shape's 32 steps at batch 8: 76 ms), and a figure whose token goes
+# through the host each step moved 3.5% between two runs timed that way. The median counts a
+# stall of the host as one pass, not as the figure; it narrows the spread of such figures, it
+# does not remove it (2 to 3% round to round: docs/benchmarks.md, thirty-fifth run).
 PASSES = 5
 
 
