@@ -216,9 +216,9 @@ def bench_decode(steps, batches):
         decoders[shape] = {mode: ops.decoder(model) for mode, ops in backends.items()}
         fused = backends["graph"]._decoders.get(model)      # the FusedDecoder of graph mode
         persistent = backends["persistent"]._decoders.get(model)
+        one_row_bytes = gpu7b.bytes_per_step(model, 1, steps)     # issue 13's floor
         for bsz in batches:
-            # what a step of one row reads (gpu7b.bytes_per_step): issue 13's floor
-            row = dict(model=shape, bsz=bsz, bytes_per_token=gpu7b.bytes_per_step(model, 1, steps))
+            row = dict(model=shape, bsz=bsz, bytes_per_token=one_row_bytes)
             for mode, forward in decoders[shape].items():
                 row[mode] = decode_rate(forward, bsz, steps)
             # generate's way: the default decoder, AHEAD greedy steps a wait once past the prompt
@@ -383,8 +383,8 @@ def targets_13(r):
             out.append((f"{name}, tokens/s, one a call", d["persistent"], TARGETS_13[d["model"]]))
         if d["bsz"] == 1 and d["model"] in TARGETS_13["of_floor"]:
             # the issue's other form of the same target: the weight-read floor's time over the
-            # step's (bytes a token / the copy bandwidth of this run, over 1 / tokens/s)
-            of_floor = generate_rate(d) * d["bytes_per_token"] / (r["copy_gbs"] * 1e9)
+            # step's, at this run's copy bandwidth
+            of_floor = gpu7b.of_floor(d["bytes_per_token"], generate_rate(d), 1, r["copy_gbs"])
             out.append((f"{name}, fraction of floor, {AHEAD} ahead", of_floor,
                         TARGETS_13["of_floor"][d["model"]]))
         if d["bsz"] == 32:

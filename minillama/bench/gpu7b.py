@@ -159,6 +159,12 @@ def bytes_per_step(model, bsz, steps):
     return sum(w.nbytes for w in stored_weights(model)) + bsz * per_row
 
 
+def of_floor(step_bytes, tokens_per_s, bsz, copy_gbs):
+    """The floor's time of a step (its bytes over the copy bandwidth) over its measured time
+    (bsz / tokens_per_s seconds): the fraction of the copy bandwidth the step reaches."""
+    return step_bytes * tokens_per_s / bsz / (copy_gbs * 1e9)
+
+
 # ----------------------------------------------------------------------------
 # measuring
 
@@ -203,12 +209,11 @@ def measure_format(row, copy_gbs, steps=STEPS, prefill_len=PREFILL):
     row["floor_ms"] = 1000 * row["bytes_per_token"] / (copy_gbs * 1e9)
     forward = ops.decoder(model)
     for bsz in BATCHES:
+        step_bytes = bytes_per_step(model, bsz, steps)
         for key, ahead in (("", 1), ("_ahead", AHEAD)):
             rate = decode_rate(forward, bsz, steps, ahead)
-            # floor time of a step over its measured time (bsz / rate seconds)
             row[f"b{bsz}{key}"] = rate
-            row[f"b{bsz}{key}_of_floor"] = \
-                bytes_per_step(model, bsz, steps) * rate / bsz / (copy_gbs * 1e9)
+            row[f"b{bsz}{key}_of_floor"] = of_floor(step_bytes, rate, bsz, copy_gbs)
         row[f"b{bsz}_path"] = decode_path(ops, model, bsz)
     row["b1_sampled"] = sampled_rate(forward, 1, steps)
     row["prefill_ms"] = prefill_ms(forward, p.vocab_size, prefill_len)
