@@ -117,7 +117,8 @@ RUNS = {"7b": [("7B", "q4_0", (1, 8)), ("7B", "int8", (1, 8)), ("7B", "float16",
         "7b one row": [("7B", "q4_0", (1,)), ("7B", "int8", (1,))],
         "7b both": [("7B", "q4_0", (1, 8)), ("7B", "int8", (1, 8))],
         "7b q4_0": [("7B", "q4_0", (1, 8))],
-        "7b batches": [("7B", "q4_0", (8,)), ("7B", "int8", (8,))]}
+        "7b batches": [("7B", "q4_0", (8,)), ("7B", "int8", (8,))],
+        "7b q4_0 batch": [("7B", "q4_0", (8,))]}
 
 
 def norms_in_place():
@@ -356,6 +357,143 @@ SOURCE_BOUNDS["swiglu stages 4 rows"] = [
 SOURCE_BOUNDS["loop not unrolled"] = [
     ("    return F::BLOCKS == 4 || (F::BLOCKS == 2 && NR == 1) ? 2 : 1;",
      "    return 1;   // BEFORE")]
+# Bounds of qgemv_mma's loop and tail at 8 rows (wrong logits, the time only; 2026-12-02):
+# "mma plain stores": the slices' sums stored, not added by atomics (what the atomics cost over
+# the stores); "mma no transpose": the quad transpose skipped (what a layout of the codes that
+# needs none would save); "mma one part": q4_0's x in one float16 part, not two (what the
+# second part's mma's and fragments cost); "mma raw codes": q4_0's codes into the mma's as
+# they are loaded, not unpacked (what the unpacking costs).
+SOURCE_BOUNDS["mma plain stores"] = [
+    ("                    atomicAdd(Y + (size_t)m * N + n, v);",
+     "                    Y[(size_t)m * N + n] = v;   // BOUND: a store, not an atomic")]
+SOURCE_BOUNDS["mma no transpose"] = [
+    ("                        if (F::BLOCKS > 0) quad_transpose(w[j][h], t);",
+     "                        if (false) quad_transpose(w[j][h], t);   // BOUND")]
+SOURCE_BOUNDS["mma one part"] = [
+    ("    static constexpr int WEIGHTS = 32, UNITS = 4, BLOCKS = 4, PARTS = 2;",
+     "    static constexpr int WEIGHTS = 32, UNITS = 4, BLOCKS = 4, PARTS = 1;   // BOUND")]
+SOURCE_BOUNDS["mma raw codes"] = [
+    ("        a[0][0] = q4_low_pair<false>(g[u]); a[0][1] = q4_low_pair<false>(e[u]);    // mma 0\n"
+     "        a[0][2] = q4_low_pair<false>(g8); a[0][3] = q4_low_pair<false>(e8);\n"
+     "        a[1][0] = q4_high_pair<false>(g[u]); a[1][1] = q4_high_pair<false>(e[u]);  // mma 1\n"
+     "        a[1][2] = q4_high_pair<false>(g8); a[1][3] = q4_high_pair<false>(e8);",
+     "        a[0][0] = g[u]; a[0][1] = e[u]; a[0][2] = g8; a[0][3] = e8;   // BOUND: not unpacked\n"
+     "        a[1][0] = g[u] ^ e8; a[1][1] = e[u] ^ g8; a[1][2] = g8 + 1; a[1][3] = e8 + 1;")]
+# A candidate, right logits: the atomics of the slices' sums in pairs of n, one
+# red.global.add.v2.f32 for two, the pair gathered by one shuffle between lanes g and g ^ 1
+# (each lane holds rows 2t and 2t + 1 of x at weight row g; after the exchange an even g holds
+# row 2t at n = g, g + 1 and an odd g row 2t + 1 at n = g - 1, g): half the atomics.
+MMA_PAIRS = """        if ((adds || defers) && N % 2 == 0 && ((size_t)Y & 7) == 0) {   // CANDIDATE
+            const bool odd = g & 1;
+#pragma unroll
+            for (int j = 0; j < NR; ++j)
+#pragma unroll
+                for (int h = 0; h < 2; ++h) {
+                    const float got = __shfl_xor_sync(FULL_MASK, acc[j][2 * h + (odd ? 0 : 1)], 4);
+                    const int m = m0 + 2 * t + (odd ? 1 : 0);
+                    const int n = row0 + 16 * j + (g & ~1) + 8 * h;
+                    const float a = odd ? got : acc[j][2 * h], b = odd ? acc[j][2 * h + 1] : got;
+                    if (m < M && n < N)
+                        asm volatile("red.global.add.v2.f32 [%0], {%1, %2};"
+                                     :: "l"(Y + (size_t)m * N + n), "f"(a), "f"(b) : "memory");
+                }
+        }
+"""
+SOURCE_BOUNDS["mma paired atomics"] = [
+    ("        // fragment: acc[j][e] = y[m0 + 2t + (e & 1)][row0 + 16 j + g + 8 (e >> 1)]\n",
+     MMA_PAIRS + "        // fragment: acc[j][e] = y[m0 + 2t + (e & 1)][row0 + 16 j + g + 8 (e >> 1)]\n"),
+    ("                if (adds || defers) {\n                    atomicAdd(Y + (size_t)m * N + n, v);",
+     "                if ((adds || defers) && N % 2 == 0 && ((size_t)Y & 7) == 0) {\n"
+     "                } else if (adds || defers) {\n"
+     "                    atomicAdd(Y + (size_t)m * N + n, v);")]
+# A candidate, right logits: q4_0's codes loaded as the mma's need them, no quad transpose
+# ("mma no transpose" bounds it): lane t of a quad loads word t of each of the step's 4 chunks
+# of its row, four 4-byte loads that share the chunks' sectors (through L1: EVICT names the
+# load's L1 policy), where one 16-byte load of chunk t and 4 SHFL and 12 SEL made the same words.
+def mma_word_loads(l1):
+    return [
+        ("                    if (step < step_end && c < chunks)                  // (qgemv.cu: L2 lines)\n"
+         "                        q[s][j][h] = q_load16<128>(qs + (size_t)n * chunks + c);\n",
+         "                    if (F::BLOCKS == 4) {   // CANDIDATE: word t of the step's 4 chunks\n"
+         "                        const unsigned int* wp = reinterpret_cast<const unsigned int*>(\n"
+         "                            qs + (size_t)n * chunks + 4 * step) + t;\n"
+         "                        unsigned int wv[4];\n"
+         "#pragma unroll\n"
+         "                        for (int i = 0; i < 4; ++i) {\n"
+         "                            wv[i] = 0;\n"
+         "                            if (step < step_end && 4 * step + i < chunks)\n"
+         "                                asm(\"ld.global.nc" + l1 + ".L2::128B.u32 %0, [%1];\"\n"
+         "                                    : \"=r\"(wv[i]) : \"l\"(wp + 4 * i));\n"
+         "                        }\n"
+         "                        q[s][j][h] = make_uint4(wv[0], wv[1], wv[2], wv[3]);\n"
+         "                    } else if (step < step_end && c < chunks)\n"
+         "                        q[s][j][h] = q_load16<128>(qs + (size_t)n * chunks + c);\n"),
+        ("                        if (F::BLOCKS > 0) quad_transpose(w[j][h], t);",
+         "                        if (F::BLOCKS > 0 && F::BLOCKS != 4) quad_transpose(w[j][h], t);")]
+
+
+SOURCE_BOUNDS["mma word loads"] = mma_word_loads("")
+SOURCE_BOUNDS["mma word loads first"] = mma_word_loads(".L1::evict_first")
+# A candidate, right logits: q4_0's scales without shuffles. Each lane loads the step's 4
+# scales of its rows g and g + 8 (8 bytes each, where nb % 4 == 0), and one PRMT takes unit u's
+# pair out of them, where each lane loaded block t's scale and a SHFL a unit fetched block u's
+# from lane u of the quad (4 SHFL a step a tile: the shared-memory pipe the transpose's
+# shuffles and x's fragments use too).
+SOURCE_BOUNDS["mma scales in lanes"] = [
+    ("    uint4 q[U][NR][2];\n",
+     "    uint4 q[U][NR][2];\n    uint2 dq[U][NR][2];   // CANDIDATE: q4_0, the step's 4 scales\n"),
+    ("                    if (F::BLOCKS > 0) {\n"
+     "                        const int b = F::BLOCKS * step + t % BL;\n",
+     "                    if (F::BLOCKS == 4 && nb % 4 == 0) {   // CANDIDATE\n"
+     "                        dq[s][j][h] = make_uint2(0, 0);\n"
+     "                        if (step < step_end && 4 * step < nb)\n"
+     "                            asm(\"ld.global.nc.L2::128B.v2.u32 {%0, %1}, [%2];\"\n"
+     "                                : \"=r\"(dq[s][j][h].x), \"=r\"(dq[s][j][h].y)\n"
+     "                                : \"l\"(ds + (size_t)n * nb + 4 * step));\n"
+     "                    } else if (F::BLOCKS > 0) {\n"
+     "                        const int b = F::BLOCKS * step + t % BL;\n"),
+    ("                            const unsigned int dd =\n"
+     "                                __shfl_sync(FULL_MASK, cur.d[s][j], (lane & ~3) | u % (F::BLOCKS > 0 ? F::BLOCKS : 1));\n",
+     "                            const unsigned int dd = F::BLOCKS == 4 && nb % 4 == 0\n"
+     "                                ? __byte_perm(u < 2 ? cur.dq[s][j][0].x : cur.dq[s][j][0].y,\n"
+     "                                              u < 2 ? cur.dq[s][j][1].x : cur.dq[s][j][1].y,\n"
+     "                                              u % 2 ? 0x7632 : 0x5410)   // CANDIDATE\n"
+     "                                : __shfl_sync(FULL_MASK, cur.d[s][j], (lane & ~3) | u % (F::BLOCKS > 0 ? F::BLOCKS : 1));\n")]
+# A candidate, right logits (other last bits): each unit's mma's in two chains of two, one per
+# nibble half, added after, where all four (two halves, two parts) chain into one fragment:
+# whether the chain's latency, not the tensor pipe's throughput, is what x's second part costs.
+SOURCE_BOUNDS["mma two chains"] = [
+    ("                        float part[4] = {0.0f, 0.0f, 0.0f, 0.0f};\n"
+     "#pragma unroll\n"
+     "                        for (int p = 0; p < F::PARTS; ++p) {\n"
+     "                            mma_16bit<F::BF16>(part, a[0], b[p].x, b[p].y);\n"
+     "                            mma_16bit<F::BF16>(part, a[1], b[p].z, b[p].w);\n"
+     "                        }\n",
+     "                        float part[4] = {0.0f, 0.0f, 0.0f, 0.0f}, other[4] = {0.0f, 0.0f, 0.0f, 0.0f};\n"
+     "#pragma unroll\n"
+     "                        for (int p = 0; p < F::PARTS; ++p) {   // CANDIDATE\n"
+     "                            mma_16bit<F::BF16>(part, a[0], b[p].x, b[p].y);\n"
+     "                            mma_16bit<F::BF16>(other, a[1], b[p].z, b[p].w);\n"
+     "                        }\n"
+     "#pragma unroll\n"
+     "                        for (int e = 0; e < 4; ++e) part[e] += other[e];\n")]
+# A candidate, right logits: q4_0's products at one tile a warp by wgmma (sm_90a), A from
+# registers, x's parts read by the tensor cores from shared memory (qgemv_mma.cu's
+# QGEMV_MMA_WG): "mma one part" put x's second part at 1.11x of the 8-row step, and wgmma ran
+# gemm_v7 at 1.47x mma.sync's rate. Its group compiles for sm_90a, and the plan keeps NR 1
+# (the path's registers: a step's four units of A fragments stay live until the wait); "nr 1"
+# is the package at that plan.
+SOURCE_BOUNDS["mma wgmma"] = [("#define QGEMV_MMA_WG 0", "#define QGEMV_MMA_WG 1")]
+
+
+@contextlib.contextmanager
+def mma_wgmma():
+    K = kernels.KERNELS
+    with edited_source("mma wgmma"), patched(kernels, "MMA_NR", (1,)), \
+            patched(K, "archs", {**K.archs, "q4_0": "sm_90a"}):
+        yield
+
+
 EDITED = {}        # name -> the compiled state of KERNELS with its edited source (kept alive)
 
 
@@ -404,6 +542,17 @@ VARIANTS = {"package": contextlib.nullcontext,
             "tanh silu": lambda: edited_source("tanh silu"),
             "swiglu stages 4 rows": lambda: edited_source("swiglu stages 4 rows"),
             "no attention": no_attention,
+            "mma plain stores": lambda: edited_source("mma plain stores"),
+            "mma no transpose": lambda: edited_source("mma no transpose"),
+            "mma one part": lambda: edited_source("mma one part"),
+            "mma raw codes": lambda: edited_source("mma raw codes"),
+            "mma paired atomics": lambda: edited_source("mma paired atomics"),
+            "mma word loads": lambda: edited_source("mma word loads"),
+            "mma word loads first": lambda: edited_source("mma word loads first"),
+            "mma scales in lanes": lambda: edited_source("mma scales in lanes"),
+            "mma two chains": lambda: edited_source("mma two chains"),
+            "mma wgmma": mma_wgmma,
+            "nr 1": lambda: patched(kernels, "MMA_NR", (1,)),
             "loop not unrolled": lambda: edited_source("loop not unrolled"),
             # gemv's RMSNorm after the sums (GEMV_RMSNORM_LATE) on no launch, on the launches
             # with early loads of W (the package's), on every one-row launch
