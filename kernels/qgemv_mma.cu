@@ -215,8 +215,9 @@ __device__ __forceinline__ int mma_x_base(int m, int t) {
 // An item's 8 values of x (v[m]: mma m's float4) as F::PARTS uint4s of B fragments at slot,
 // part p at slot + p * 8 rows: words (mma m, pair j) = the pair's part, pairs as F orders them.
 template <class F>
-__device__ __forceinline__ void mma_split_parts(const float (&v)[2][4],
-                                                unsigned int (&words)[MMA_PARTS_MAX][4]) {
+__device__ __forceinline__ void mma_store_parts(const float (&v)[2][4], unsigned int* slot,
+                                                int row_words) {
+    unsigned int words[MMA_PARTS_MAX][4];
 #pragma unroll
     for (int m = 0; m < 2; ++m)
 #pragma unroll
@@ -227,48 +228,10 @@ __device__ __forceinline__ void mma_split_parts(const float (&v)[2][4],
 #pragma unroll
             for (int p = 0; p < F::PARTS; ++p) words[p][2 * m + j] = part[p];
         }
-}
-
-template <class F>
-__device__ __forceinline__ void mma_store_parts(const float (&v)[2][4], unsigned int* slot,
-                                                int row_words) {
-    unsigned int words[MMA_PARTS_MAX][4];
-    mma_split_parts<F>(v, words);
 #pragma unroll
     for (int p = 0; p < F::PARTS; ++p)
         *reinterpret_cast<uint4*>(slot + p * MMA_ROWS * row_words) =
             make_uint4(words[p][0], words[p][1], words[p][2], words[p][3]);
-}
-
-// CANDIDATE (QGEMV_MMA_WG, 2026-12-02): q4_0's products by wgmma (sm_90a), A from registers,
-// B (x's parts) read by the tensor cores from shared memory: per part, unit and mma a 16 x 8
-// float16 tile, K-major without swizzle, two 8 x 8 core matrices of 128 bytes.
-#ifndef QGEMV_MMA_WG
-#define QGEMV_MMA_WG 0
-#endif
-#if QGEMV_MMA_WG && defined(__CUDA_ARCH_FEAT_SM90_ALL)
-#define MMA_WG_ON 1
-#else
-#define MMA_WG_ON 0
-#endif
-
-__device__ __forceinline__ void wgmma_m64n8k16_rs(float (&d)[4], const unsigned int (&a)[4],
-                                                  unsigned long long b) {
-    V7_ASM("wgmma.mma_async.sync.aligned.m64n8k16.f32.f16.f16 {%0, %1, %2, %3}, "
-           "{%4, %5, %6, %7}, %8, 1, 1, 1, 0;"
-           : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-           : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b));
-}
-
-// Both byte offsets 128: the one along k is the second core matrix; with 8 columns there is no
-// second group along n, so the other is not read.
-__device__ __forceinline__ unsigned long long wg_desc(unsigned int addr) {
-    return (unsigned long long)((addr & 0x3FFFF) >> 4) | (8ull << 16) | (8ull << 32);
-}
-
-// Part p, unit u, mma m of x: 64 words, word (pair j, row r, lane t) at j * 32 + r * 4 + t.
-__device__ __forceinline__ int wg_word(int p, int units, int u, int m, int j, int r, int t) {
-    return ((p * units + u) * 2 + m) * 64 + j * 32 + r * 4 + t;
 }
 
 // The power of two that brings a span's largest |x| into [2^14, 2^15), as an exponent: the
@@ -307,7 +270,7 @@ __host__ __device__ constexpr int mma_stage_rows() { return PRO == GEMV_SWIGLU ?
 // x_ss: null, or the rows' sums of squares of the norm the launch that wrote X left undone
 // (rms_out, below): row m's values, the gate's too, are scaled by 1 / sqrt(x_ss[m] / x_ss_k +
 // eps) first, in the same trip to L2 as the values.
-template <class F, int PRO, bool WG = false>
+template <class F, int PRO>
 __device__ void mma_stage_x(const float* __restrict__ X, int m0, int M, int K, int u0, int units,
                             const float* __restrict__ norm_w, unsigned int* xs, float* unscale,
                             float* span_ss, const float* __restrict__ x_ss, int x_ss_k,
@@ -369,17 +332,7 @@ __device__ void mma_stage_x(const float* __restrict__ X, int m0, int M, int K, i
 #pragma unroll
                     for (int q = 0; q < 4; ++q) v[m][q] *= up;       // exact: a power of two
             }
-            if (WG) {                                               // CANDIDATE
-                unsigned int words[MMA_PARTS_MAX][4];
-                mma_split_parts<F>(v, words);
-#pragma unroll
-                for (int p = 0; p < F::PARTS; ++p)
-#pragma unroll
-                    for (int w = 0; w < 4; ++w)
-                        xs[wg_word(p, units, u, w / 2, w % 2, r, t)] = words[p][w];
-            } else {
-                mma_store_parts<F>(v, xs + r * row_words + 16 * u + 4 * t, row_words);
-            }
+            mma_store_parts<F>(v, xs + r * row_words + 16 * u + 4 * t, row_words);
             if (i % LANES == 0) {
                 unscale[u / F::UNITS * MMA_ROWS + r] = pow2(-shift);
                 if (PRO == GEMV_RMSNORM) span_ss[r * spans + u / F::UNITS] = sq;
@@ -546,8 +499,6 @@ qgemv_mma(const float* __restrict__ X, const uint4* __restrict__ qs,
     float* unscale = reinterpret_cast<float*>(mma_xs + F::PARTS * MMA_ROWS * row_words);
     float* span_ss = unscale + (step_end - step_begin) * MMA_ROWS;   // (spans, 8), (8, spans)
 
-    constexpr bool WGK = MMA_WG_ON && NR == 1 && F::BLOCKS == 4;      // CANDIDATE
-    const unsigned int xs_addr = (unsigned int)__cvta_generic_to_shared(mma_xs);
     MmaLoads<F, NR, U> next;
     next.fetch(qs, d, row0, N, step_begin, step_end, chunks, nb, t);   // before x is staged
     grid_launch_dependents();
@@ -556,9 +507,8 @@ qgemv_mma(const float* __restrict__ X, const uint4* __restrict__ qs,
 
     for (int m0 = 0; m0 < M; m0 += MMA_ROWS) {
         __syncthreads();                                        // the last pass's readers are done
-        mma_stage_x<F, PRO, WGK>(X, m0, M, K, step_begin * F::UNITS, units, norm_w, mma_xs,
-                                 unscale, span_ss, x_ss, x_ss_k, eps);
-        if (WGK) fence_proxy_async();          // the parts, for the tensor cores' reads
+        mma_stage_x<F, PRO>(X, m0, M, K, step_begin * F::UNITS, units, norm_w, mma_xs, unscale,
+                            span_ss, x_ss, x_ss_k, eps);
         __syncthreads();
         if (m0 > 0) next.fetch(qs, d, row0, N, step_begin, step_end, chunks, nb, t);
 
@@ -588,40 +538,8 @@ qgemv_mma(const float* __restrict__ X, const uint4* __restrict__ qs,
                 // The span's sums of each tile, before x's power of two: span[j][e], the same
                 // fragment as acc's; then acc += 2^-e span, e of x's rows 2t and 2t + 1 here.
                 float span[NR][4];
-                if (WGK) {                                       // CANDIDATE: by wgmma
-                    const int unit0 = (s0 + s - step_begin) * F::UNITS;
-                    unsigned int a[F::UNITS][2][4];
-                    float part[F::UNITS][4];
 #pragma unroll
-                    for (int u = 0; u < F::UNITS; ++u) {
-                        F::unit(w[0][0], w[0][1], u, a[u]);
-#pragma unroll
-                        for (int e = 0; e < 4; ++e) part[u][e] = 0.0f;
-                    }
-                    wgmma_fence();
-#pragma unroll
-                    for (int u = 0; u < F::UNITS; ++u)
-#pragma unroll
-                        for (int p = 0; p < F::PARTS; ++p)
-#pragma unroll
-                            for (int m = 0; m < 2; ++m)
-                                wgmma_m64n8k16_rs(part[u], a[u][m], wg_desc(
-                                    xs_addr + 4 * wg_word(p, units, unit0 + u, m, 0, 0, 0)));
-                    wgmma_commit();
-                    wgmma_wait<0>();
-#pragma unroll
-                    for (int u = 0; u < F::UNITS; ++u) {
-                        const unsigned int dd = __shfl_sync(FULL_MASK, cur.d[s][0], (lane & ~3) | u);
-                        const float dg = f16_lo(dd), de = f16_hi(dd);
-#pragma unroll
-                        for (int e = 0; e < 4; ++e) {
-                            const float dr = e < 2 ? dg : de;
-                            span[0][e] = u == 0 ? dr * part[u][e] : fmaf(dr, part[u][e], span[0][e]);
-                        }
-                    }
-                }
-#pragma unroll
-                for (int u = 0; u < (WGK ? 0 : F::UNITS); ++u) {
+                for (int u = 0; u < F::UNITS; ++u) {
                     const int unit = (s0 + s - step_begin) * F::UNITS + u;
                     uint4 b[F::PARTS];                           // x's fragments, shared by the tiles
 #pragma unroll

@@ -69,6 +69,13 @@ Candidates, measured as bounds on the step they would change, before any is writ
   before the wait (to L2, or into shared memory) lost every time it was tried; these tried the
   other direction, and lost too. Measured (H200, 2026-11-30, 3 rounds, 8 rows): q4_0 2.5475 ms,
   loads after the wait 0.96x, dependents after the loop 0.96x; int8 3.3347, 0.95x and 0.95x.
+- "mma plain stores", "mma no transpose", "mma one part", "mma raw codes": bounds of qgemv_mma's
+  8-row step, its slices' atomics as stores, the quad transpose skipped, x in one float16 part,
+  q4_0's codes not unpacked (wrong logits). Measured (H200, 2026-12-02, 7B q4_0 at 8 rows, 5
+  rounds): 1.01x, 1.07x, 1.11x, 1.04x. Candidates for the same step, right logits, all lost:
+  "mma paired atomics" 0.98x, "mma word loads" 0.77x, "mma scales in lanes" 0.78x, "mma two
+  chains" 0.98x, and q4_0's products by wgmma 0.72x (commit 864d97e; SOURCE_BOUNDS says what
+  each is). docs/kernels.md, "Where the 8-row step's time goes".
 - "fewer v4 shuffles": a candidate for one row (q4_0): v4_unit_lane's shuffles a round from 23
   to 12 (|x|'s bits for the maximum and finiteness at once, two digit sums in one word, the sum
   of squares by xor); 107 -> 63 SHFL before the first dp4a in qgemv_v4<V4Q4_0,1,..>'s SASS.
@@ -362,7 +369,10 @@ SOURCE_BOUNDS["loop not unrolled"] = [
 # the stores); "mma no transpose": the quad transpose skipped (what a layout of the codes that
 # needs none would save); "mma one part": q4_0's x in one float16 part, not two (what the
 # second part's mma's and fragments cost); "mma raw codes": q4_0's codes into the mma's as
-# they are loaded, not unpacked (what the unpacking costs).
+# they are loaded, not unpacked (what the unpacking costs). Measured (H200, 2026-12-02, 5
+# rounds, 7B q4_0 at 8 rows, "7b q4_0 batch"): package 2.2538 ms; plain stores 1.01x, no
+# transpose 1.07x, one part 1.11x (logits 3.5e-5 from the package's: under the 1e-5 the batches
+# are held to only with the second part), raw codes 1.04x.
 SOURCE_BOUNDS["mma plain stores"] = [
     ("                    atomicAdd(Y + (size_t)m * N + n, v);",
      "                    Y[(size_t)m * N + n] = v;   // BOUND: a store, not an atomic")]
@@ -383,6 +393,7 @@ SOURCE_BOUNDS["mma raw codes"] = [
 # red.global.add.v2.f32 for two, the pair gathered by one shuffle between lanes g and g ^ 1
 # (each lane holds rows 2t and 2t + 1 of x at weight row g; after the exchange an even g holds
 # row 2t at n = g, g + 1 and an odd g row 2t + 1 at n = g - 1, g): half the atomics.
+# Measured (H200, 2026-12-02, 5 rounds): 2.3074 ms against 2.2538, 0.98x.
 MMA_PAIRS = """        if ((adds || defers) && N % 2 == 0 && ((size_t)Y & 7) == 0) {   // CANDIDATE
             const bool odd = g & 1;
 #pragma unroll
@@ -410,6 +421,7 @@ SOURCE_BOUNDS["mma paired atomics"] = [
 # ("mma no transpose" bounds it): lane t of a quad loads word t of each of the step's 4 chunks
 # of its row, four 4-byte loads that share the chunks' sectors (through L1: EVICT names the
 # load's L1 policy), where one 16-byte load of chunk t and 4 SHFL and 12 SEL made the same words.
+# Measured (H200, 2026-12-02, 5 rounds): 2.9387 ms against 2.2634, 0.77x (evict_first 0.76x).
 def mma_word_loads(l1):
     return [
         ("                    if (step < step_end && c < chunks)                  // (qgemv.cu: L2 lines)\n"
@@ -438,7 +450,8 @@ SOURCE_BOUNDS["mma word loads first"] = mma_word_loads(".L1::evict_first")
 # scales of its rows g and g + 8 (8 bytes each, where nb % 4 == 0), and one PRMT takes unit u's
 # pair out of them, where each lane loaded block t's scale and a SHFL a unit fetched block u's
 # from lane u of the quad (4 SHFL a step a tile: the shared-memory pipe the transpose's
-# shuffles and x's fragments use too).
+# shuffles and x's fragments use too). Measured (H200, 2026-12-02, 7 rounds): 2.8703 ms against
+# 2.2510, 0.78x.
 SOURCE_BOUNDS["mma scales in lanes"] = [
     ("    uint4 q[U][NR][2];\n",
      "    uint4 q[U][NR][2];\n    uint2 dq[U][NR][2];   // CANDIDATE: q4_0, the step's 4 scales\n"),
@@ -462,6 +475,7 @@ SOURCE_BOUNDS["mma scales in lanes"] = [
 # A candidate, right logits (other last bits): each unit's mma's in two chains of two, one per
 # nibble half, added after, where all four (two halves, two parts) chain into one fragment:
 # whether the chain's latency, not the tensor pipe's throughput, is what x's second part costs.
+# Measured (H200, 2026-12-02, 7 rounds): 2.2837 ms against 2.2386, 0.98x: not the latency.
 SOURCE_BOUNDS["mma two chains"] = [
     ("                        float part[4] = {0.0f, 0.0f, 0.0f, 0.0f};\n"
      "#pragma unroll\n"
@@ -477,21 +491,11 @@ SOURCE_BOUNDS["mma two chains"] = [
      "                        }\n"
      "#pragma unroll\n"
      "                        for (int e = 0; e < 4; ++e) part[e] += other[e];\n")]
-# A candidate, right logits: q4_0's products at one tile a warp by wgmma (sm_90a), A from
-# registers, x's parts read by the tensor cores from shared memory (qgemv_mma.cu's
-# QGEMV_MMA_WG): "mma one part" put x's second part at 1.11x of the 8-row step, and wgmma ran
-# gemm_v7 at 1.47x mma.sync's rate. Its group compiles for sm_90a, and the plan keeps NR 1
-# (the path's registers: a step's four units of A fragments stay live until the wait); "nr 1"
-# is the package at that plan.
-SOURCE_BOUNDS["mma wgmma"] = [("#define QGEMV_MMA_WG 0", "#define QGEMV_MMA_WG 1")]
-
-
-@contextlib.contextmanager
-def mma_wgmma():
-    K = kernels.KERNELS
-    with edited_source("mma wgmma"), patched(kernels, "MMA_NR", (1,)), \
-            patched(K, "archs", {**K.archs, "q4_0": "sm_90a"}):
-        yield
+# q4_0's products by wgmma (sm_90a), A from registers, x's parts read by the tensor cores from
+# shared memory, was a candidate too ("mma one part" put x's second part at 1.11x, and wgmma ran
+# gemm_v7 at 1.47x mma.sync's rate); commit 864d97e holds it (qgemv_mma.cu's QGEMV_MMA_WG, and
+# here "mma wgmma"). Right (logits 7e-8 from the package's), and 0.72x: 0.83x of the package
+# at the NR 1 plan it needs ("nr 1", 0.87x), each step waiting for its wgmma's.
 
 
 EDITED = {}        # name -> the compiled state of KERNELS with its edited source (kept alive)
@@ -551,7 +555,6 @@ VARIANTS = {"package": contextlib.nullcontext,
             "mma word loads first": lambda: edited_source("mma word loads first"),
             "mma scales in lanes": lambda: edited_source("mma scales in lanes"),
             "mma two chains": lambda: edited_source("mma two chains"),
-            "mma wgmma": mma_wgmma,
             "nr 1": lambda: patched(kernels, "MMA_NR", (1,)),
             "loop not unrolled": lambda: edited_source("loop not unrolled"),
             # gemv's RMSNorm after the sums (GEMV_RMSNORM_LATE) on no launch, on the launches
