@@ -419,7 +419,7 @@ SOURCE_BOUNDS["mma paired atomics"] = [
      "                    atomicAdd(Y + (size_t)m * N + n, v);")]
 # A candidate, right logits: q4_0's codes loaded as the mma's need them, no quad transpose
 # ("mma no transpose" bounds it): lane t of a quad loads word t of each of the step's 4 chunks
-# of its row, four 4-byte loads that share the chunks' sectors (through L1: EVICT names the
+# of its row, four 4-byte loads that share the chunks' sectors (through L1; l1: the
 # load's L1 policy), where one 16-byte load of chunk t and 4 SHFL and 12 SEL made the same words.
 # Measured (H200, 2026-12-02, 5 rounds): 2.9387 ms against 2.2634, 0.77x (evict_first 0.76x).
 def mma_word_loads(l1):
