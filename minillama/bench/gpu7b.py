@@ -410,7 +410,7 @@ def reference_line(s, copy_gbs):
                                          f"{d['tokens_per_s']:.1f} tokens/s (compile "
                                          f"{d['compile_s']:.0f} s)") for d in ref["decode"])
     b1 = reference_rate(s, 1)
-    floor = ratio(b1 and b1 * per_token, copy_gbs * 1e9)
+    floor = of_floor(per_token, b1, 1, copy_gbs) if b1 is not None and copy_gbs else None
     prefill = (f"n/a ({f['error']})" if "error" in f else
                f"{f['ms']:.1f} ms (compile {f['compile_s']:.0f} s)")
     return (f"compiled PyTorch {ref['dtype']} (torch {ref['torch']}, torch.compile "
