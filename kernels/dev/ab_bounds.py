@@ -76,6 +76,10 @@ Candidates, measured as bounds on the step they would change, before any is writ
   "mma paired atomics" 0.98x, "mma word loads" 0.77x, "mma scales in lanes" 0.78x, "mma two
   chains" 0.98x, and q4_0's products by wgmma 0.72x (commit 864d97e; SOURCE_BOUNDS says what
   each is). docs/kernels.md, "Where the 8-row step's time goes".
+- "mma staged in two", "... a third first", "... in two at nr 1", "mma staged after the first
+  step": candidates, right logits: qgemv_mma's x staged in two parts, the second behind the
+  first step's loads of W. Measured (H200, 2026-12-02, 7B q4_0 at 8 rows, 5 rounds): 0.87x,
+  0.87x, 0.93x, 0.93x (docs/kernels.md, "x staged in two").
 - "fewer v4 shuffles": a candidate for one row (q4_0): v4_unit_lane's shuffles a round from 23
   to 12 (|x|'s bits for the maximum and finiteness at once, two digit sums in one word, the sum
   of squares by xor); 107 -> 63 SHFL before the first dp4a in qgemv_v4<V4Q4_0,1,..>'s SASS.
@@ -498,6 +502,88 @@ SOURCE_BOUNDS["mma two chains"] = [
 # at the NR 1 plan it needs ("nr 1", 0.87x), each step waiting for its wgmma's.
 
 
+# A candidate, right logits: x staged in two parts, the second behind the first step's loads.
+# Before the loop every block stages its whole slice of x (an L2 trip, then the arithmetic:
+# w2's SwiGLU, the split into float16 parts), with only the first step of W in flight; "no
+# staging" put it at 1.10x of the 8-row step. Here the steps before `mid` (num / den of the
+# slice's steps, whole steps of U) are staged first; each thread stages its share of the rest at
+# the end of the loop's first step, while the next step's weights are on their way, and the
+# block meets once more at step `mid`, before the loop reads them (nr1: only the NR 1 instances;
+# the NR 2 ones spill 32 to 68 bytes a thread with it, where the package's spill 4 to 8).
+# Measured (H200, 2026-12-02, 7B q4_0 at 8 rows, 5 rounds; logits within 9.1e-8 of the
+# package's): halves 0.87x, a third first 0.87x, halves at NR 1 only (wo and w2) 0.93x; and the
+# first step taken out of the loop instead ("mma staged after the first step", below) 0.93x.
+# What staging costs is its chain (the trip to L2, then a barrier), not arithmetic that loads
+# could hide: a second chain adds one. docs/kernels.md, "x staged in two".
+def mma_staged_in_two(num, den, nr1=False):
+    at = "NR == 1 ? " if nr1 else ""
+    otherwise = " : step_end" if nr1 else ""
+    return [
+        ("                            float* span_ss, const float* __restrict__ x_ss, int x_ss_k,\n"
+         "                            float eps) {\n",
+         "                            float* span_ss, const float* __restrict__ x_ss, int x_ss_k,\n"
+         "                            float eps, int first = 0, int count = -1) {   // CANDIDATE\n"),
+        ("    const int cols = 4 * units, spans = units / F::UNITS;           // (unit, lane) of the slice\n",
+         "    if (count < 0) count = units - first;            // CANDIDATE: units first .. + count - 1\n"
+         "    const int cols = 4 * count, spans = units / F::UNITS;\n"),
+        ("        const int u = (i % cols) / 4, t = i % 4, r0 = (i / cols) * RB;\n",
+         "        const int u = first + (i % cols) / 4, t = i % 4, r0 = (i / cols) * RB;\n"),
+        ("                            span_ss, x_ss, x_ss_k, eps);\n        __syncthreads();\n",
+         "                            span_ss, x_ss, x_ss_k, eps, 0, (mid - step_begin) * F::UNITS);\n"
+         "        __syncthreads();\n"),
+        ("    for (int m0 = 0; m0 < M; m0 += MMA_ROWS) {\n        __syncthreads();   ",
+         f"    const int first_steps = ((step_end - step_begin) * {num} + {den - 1}) / {den};   // CANDIDATE\n"
+         f"    const int mid = {at}min(step_end, step_begin + (first_steps + U - 1) / U * U){otherwise};\n"
+         "    for (int m0 = 0; m0 < M; m0 += MMA_ROWS) {\n        __syncthreads();   "),
+        ("            const MmaLoads<F, NR, U> cur = next;\n",
+         "            if (s0 == mid) __syncthreads();               // CANDIDATE: the rest is staged\n"
+         "            const MmaLoads<F, NR, U> cur = next;\n"),
+        ("                            acc[j][e] = fmaf(e & 1 ? us.y : us.x, span[j][e], acc[j][e]);\n"
+         "                }\n            }\n",
+         "                            acc[j][e] = fmaf(e & 1 ? us.y : us.x, span[j][e], acc[j][e]);\n"
+         "                }\n            }\n"
+         "            if (s0 == step_begin && mid < step_end)       // CANDIDATE: behind the next loads\n"
+         "                mma_stage_x<F, PRO>(X, m0, M, K, step_begin * F::UNITS, units, norm_w, mma_xs,\n"
+         "                                    unscale, span_ss, x_ss, x_ss_k, eps,\n"
+         "                                    (mid - step_begin) * F::UNITS, (step_end - mid) * F::UNITS);\n")]
+
+
+SOURCE_BOUNDS["mma staged in two"] = mma_staged_in_two(1, 2)
+SOURCE_BOUNDS["mma staged a third first"] = mma_staged_in_two(1, 3)
+SOURCE_BOUNDS["mma staged in two at nr 1"] = mma_staged_in_two(1, 2, nr1=True)
+# The same split with the loop's code left as it is: the first step taken out of the loop (the
+# loop's body a lambda), the rest of x staged after it, while the second step's weights are on
+# their way, and one barrier before the loop goes on from the second step. Only at NR 1 (wo's
+# and w2's tiles on the 7B shape): at NR 2 the registers spill. Measured with the above: 0.93x.
+SOURCE_BOUNDS["mma staged after the first step"] = mma_staged_in_two(1, 2)[:4] + [
+    ("    for (int m0 = 0; m0 < M; m0 += MMA_ROWS) {\n        __syncthreads();   ",
+     "    const int mid = NR == 1 ? min(step_end, step_begin + U) : step_end;   // CANDIDATE\n"
+     "    for (int m0 = 0; m0 < M; m0 += MMA_ROWS) {\n        __syncthreads();   "),
+    ("#pragma unroll UNROLL\n"
+     "        for (int s0 = step_begin; s0 < step_end; s0 += U) {\n"
+     "            const MmaLoads<F, NR, U> cur = next;\n",
+     "        const auto run_step = [&](const int s0) {   // CANDIDATE: the loop's body\n"
+     "            const MmaLoads<F, NR, U> cur = next;\n"),
+    ("                            acc[j][e] = fmaf(e & 1 ? us.y : us.x, span[j][e], acc[j][e]);\n"
+     "                }\n            }\n        }\n\n",
+     "                            acc[j][e] = fmaf(e & 1 ? us.y : us.x, span[j][e], acc[j][e]);\n"
+     "                }\n            }\n        };\n"
+     "        if (NR == 1) {\n"
+     "            run_step(step_begin);\n"
+     "            if (mid < step_end) {   // CANDIDATE: the rest of x, behind the next step's loads\n"
+     "                mma_stage_x<F, PRO>(X, m0, M, K, step_begin * F::UNITS, units, norm_w, mma_xs,\n"
+     "                                    unscale, span_ss, x_ss, x_ss_k, eps,\n"
+     "                                    (mid - step_begin) * F::UNITS, (step_end - mid) * F::UNITS);\n"
+     "                __syncthreads();\n"
+     "            }\n"
+     "#pragma unroll UNROLL\n"
+     "            for (int s0 = step_begin + U; s0 < step_end; s0 += U) run_step(s0);\n"
+     "        } else {\n"
+     "#pragma unroll UNROLL\n"
+     "            for (int s0 = step_begin; s0 < step_end; s0 += U) run_step(s0);\n"
+     "        }\n\n")]
+
+
 EDITED = {}        # name -> the compiled state of KERNELS with its edited source (kept alive)
 
 
@@ -555,6 +641,11 @@ VARIANTS = {"package": contextlib.nullcontext,
             "mma word loads first": lambda: edited_source("mma word loads first"),
             "mma scales in lanes": lambda: edited_source("mma scales in lanes"),
             "mma two chains": lambda: edited_source("mma two chains"),
+            "mma staged in two": lambda: edited_source("mma staged in two"),
+            "mma staged a third first": lambda: edited_source("mma staged a third first"),
+            "mma staged in two at nr 1": lambda: edited_source("mma staged in two at nr 1"),
+            "mma staged after the first step":
+                lambda: edited_source("mma staged after the first step"),
             "nr 1": lambda: patched(kernels, "MMA_NR", (1,)),
             "loop not unrolled": lambda: edited_source("loop not unrolled"),
             # gemv's RMSNorm after the sums (GEMV_RMSNORM_LATE) on no launch, on the launches
