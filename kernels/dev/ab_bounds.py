@@ -55,6 +55,11 @@ Candidates, measured as bounds on the step they would change, before any is writ
   again for every output; with each row's 1 / rms once and the sums slice-major, the 8-row
   step went 1.11x (q4_0) and 1.10x (int8) faster (docs/kernels.md, "The split's sums").
 
+- "attention one row": the step with attention_decode's grid cut to one row's blocks (wrong
+  logits): whether the SMs that a batch's attention blocks hold, which the next product's blocks
+  then wait for, are what attention costs at 8 rows. Measured (H200, 2026-12-02, 7B q4_0 at 8
+  rows, 7 rounds): 1.02x, where "no attention" is 1.09x (docs/kernels.md, "What the 8-row step
+  pays").
 - "no attention": the step with attention_decode left out (wrong logits): what folding attention
   into the kernel before or after it could gain at most. "no staging or combine": both edits at
   once. Measured (H200, 2026-11-30, 3 rounds): 7B q4_0 1.5009 ms at one row, 1.05x without
@@ -261,6 +266,20 @@ def no_attention():
             return launch(name, *args, **kwargs)
     return patched(kernels.KERNELS, "launch", without)
 
+
+
+def attention_one_row():
+    """FusedDecoder's step with attention_decode's grid cut to one row's blocks at every batch
+    (timing only: rows 1 .. bsz-1 of att keep what they held): what a batch's attention would
+    cost if its blocks took as few SMs as one row's, each doing one row's work. The bound of a
+    block that serves every row of a head, which would leave the other SMs to the next
+    product's blocks and their early loads of W."""
+    grid_of = fused.FusedDecoder.attention_grid
+
+    def one_row(self, bsz):
+        width, grid, block = grid_of(self, bsz)
+        return width, (grid[0], 1, grid[2]), block
+    return patched(fused.FusedDecoder, "attention_grid", one_row)
 
 # name -> (old, new) edits of runtime.kernel_source(), each found at least once
 V4S_COMBINE = "    if (ks == 1 || any_order || !split_last_block(counters + tile, ks)) return;"
@@ -632,6 +651,7 @@ VARIANTS = {"package": contextlib.nullcontext,
             "tanh silu": lambda: edited_source("tanh silu"),
             "swiglu stages 4 rows": lambda: edited_source("swiglu stages 4 rows"),
             "no attention": no_attention,
+            "attention one row": attention_one_row,
             "mma plain stores": lambda: edited_source("mma plain stores"),
             "mma no transpose": lambda: edited_source("mma no transpose"),
             "mma one part": lambda: edited_source("mma one part"),
