@@ -267,7 +267,6 @@ def no_attention():
     return patched(kernels.KERNELS, "launch", without)
 
 
-
 def attention_one_row():
     """FusedDecoder's step with attention_decode's grid cut to one row's blocks at every batch
     (timing only: rows 1 .. bsz-1 of att keep what they held): what a batch's attention would
@@ -280,6 +279,7 @@ def attention_one_row():
         width, grid, block = grid_of(self, bsz)
         return width, (grid[0], 1, grid[2]), block
     return patched(fused.FusedDecoder, "attention_grid", one_row)
+
 
 # name -> (old, new) edits of runtime.kernel_source(), each found at least once
 V4S_COMBINE = "    if (ks == 1 || any_order || !split_last_block(counters + tile, ks)) return;"
@@ -534,6 +534,14 @@ SOURCE_BOUNDS["mma two chains"] = [
 # first step taken out of the loop instead ("mma staged after the first step", below) 0.93x.
 # What staging costs is its chain (the trip to L2, then a barrier), not arithmetic that loads
 # could hide: a second chain adds one. docs/kernels.md, "x staged in two".
+def mma_stage_rest(indent):
+    """The call, `indent` spaces in, that stages the slice's units from step `mid` on."""
+    pad = " " * indent
+    return (f"{pad}mma_stage_x<F, PRO>(X, m0, M, K, step_begin * F::UNITS, units, norm_w, mma_xs,\n"
+            f"{pad}                    unscale, span_ss, x_ss, x_ss_k, eps,\n"
+            f"{pad}                    (mid - step_begin) * F::UNITS, (step_end - mid) * F::UNITS);\n")
+
+
 def mma_staged_in_two(num, den, nr1=False):
     at = "NR == 1 ? " if nr1 else ""
     otherwise = " : step_end" if nr1 else ""
@@ -562,9 +570,7 @@ def mma_staged_in_two(num, den, nr1=False):
          "                            acc[j][e] = fmaf(e & 1 ? us.y : us.x, span[j][e], acc[j][e]);\n"
          "                }\n            }\n"
          "            if (s0 == step_begin && mid < step_end)       // CANDIDATE: behind the next loads\n"
-         "                mma_stage_x<F, PRO>(X, m0, M, K, step_begin * F::UNITS, units, norm_w, mma_xs,\n"
-         "                                    unscale, span_ss, x_ss, x_ss_k, eps,\n"
-         "                                    (mid - step_begin) * F::UNITS, (step_end - mid) * F::UNITS);\n")]
+         + mma_stage_rest(16))]
 
 
 SOURCE_BOUNDS["mma staged in two"] = mma_staged_in_two(1, 2)
@@ -590,9 +596,7 @@ SOURCE_BOUNDS["mma staged after the first step"] = mma_staged_in_two(1, 2)[:4] +
      "        if (NR == 1) {\n"
      "            run_step(step_begin);\n"
      "            if (mid < step_end) {   // CANDIDATE: the rest of x, behind the next step's loads\n"
-     "                mma_stage_x<F, PRO>(X, m0, M, K, step_begin * F::UNITS, units, norm_w, mma_xs,\n"
-     "                                    unscale, span_ss, x_ss, x_ss_k, eps,\n"
-     "                                    (mid - step_begin) * F::UNITS, (step_end - mid) * F::UNITS);\n"
+     + mma_stage_rest(16) +
      "                __syncthreads();\n"
      "            }\n"
      "#pragma unroll UNROLL\n"
