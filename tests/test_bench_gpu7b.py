@@ -55,7 +55,8 @@ def test_bench_cpu_refuses_an_unknown_model_shape_with_status_2(capsys):
 def test_the_report_puts_generates_steps_ahead_beside_one_token_a_call(capsys):
     """print_report and targets() with measured rows (no GPU): each target of batch 1 and of
     batch 8 / batch 1 is printed twice, one token a call and AHEAD steps a call, from the
-    row's own figures, and a format that failed shows n/a instead of stopping the report."""
+    row's own figures, batch 8 with x in one float16 part (x16) beside, and a format that
+    failed shows n/a instead of stopping the report."""
     from minillama.bench import gpu7b
     from minillama.generation import AHEAD
 
@@ -65,7 +66,9 @@ def test_the_report_puts_generates_steps_ahead_beside_one_token_a_call(capsys):
                     b1_ahead_of_floor=floor * b1_ahead, b8=b8, b8_of_floor=0.5,
                     b8_ahead=b8_ahead, b8_ahead_of_floor=0.5, prefill_ms=50.0, b1_sampled=420.0,
                     b1_path="graph", b8_path="graph")
-    s = dict(steps=32, prefill=512, formats=[row("q4_0", 600.0, 650.0, 2400.0, 2600.0, 1e-3),
+    q4_0 = dict(row("q4_0", 600.0, 650.0, 2400.0, 2600.0, 1e-3), b8_x16=3300.0,
+                b8_x16_ahead=3575.0)
+    s = dict(steps=32, prefill=512, formats=[q4_0,
                                              dict(dtype="int8", error="out of memory")],
              gemm=dict(name="4096^3 float16", ours=None, cublas=700.0, error="n/a"),
              seed_case=dict(error="not run"))
@@ -74,13 +77,18 @@ def test_the_report_puts_generates_steps_ahead_beside_one_token_a_call(capsys):
     assert measured[f"q4_0 batch 1, fraction of floor, {AHEAD} ahead"] == pytest.approx(0.65)
     assert measured["q4_0 batch 8 / batch 1"] == pytest.approx(4.0)
     assert measured[f"q4_0 batch 8 / batch 1, {AHEAD} ahead"] == pytest.approx(4.0)
+    assert measured["q4_0 batch 8 (x16) / batch 1"] == pytest.approx(5.5)
+    assert measured[f"q4_0 batch 8 (x16) / batch 1, {AHEAD} ahead"] == pytest.approx(5.5)
     assert measured[f"int8 batch 1, fraction of floor, {AHEAD} ahead"] is None
+    assert measured["int8 batch 8 (x16) / batch 1"] is None
     gpu7b.print_report(dict(llama7b=s, copy_gbs=4000.0))
     out = capsys.readouterr().out
     assert f"q4_0 batch 1, fraction of floor, {AHEAD} ahead" in out
     line = next(ln for ln in out.splitlines() if ln.startswith("q4_0 "))
     assert line.split()[-7:-1] == ["50.0", "650.0", "0.65", "2600.0", "4.00", "420.0"]
     assert "failed: out of memory" in out
+    assert (f"q4_0      b8 with x in one float16 part (x16_batches): 3300.0 tokens/s, b8/b1 "
+            f"5.50; {AHEAD} ahead 3575.0, b8/b1 5.50") in out
 
 
 def test_a_decode_rate_is_the_median_of_its_timed_passes_after_one_to_warm_up(monkeypatch):

@@ -614,6 +614,44 @@ def test_batch_steps_defer_norms_and_add_in_any_order_unless_deterministic(cuda,
     assert all(rel_err(a, b.astype(np.float64)) < 1e-5 for a, b in zip(logits[False][0], first))
 
 
+@gpu
+@pytest.mark.parametrize("fmt", ["q4_0", "q8_0", "f16", "bf16"])
+def test_batch_steps_take_x_in_one_float16_part_where_asked(cuda, cp, fmt):
+    """CudaOps(x16_batches=True): a batch step's products on the tensor cores take x in one
+    float16 part (qgemv_mma's x16, every launch of it an OnePart instance), deferred norms or
+    not, graph or not, within the prompts' 2e-3 of the CPU model; bfloat16 weights keep their
+    three parts, and their logits are the default step's to its 2e-6 of atomics' order."""
+    from minillama.cuda.kernels import KERNELS
+    p = ModelArgs(**{**PACKED_ARGS, "max_batch_size": 8})
+    weights = stored_model_weights(p, fmt)
+    cpu_model = Transformer(p, weights, CPU)
+    tokens = [rng.integers(0, p.vocab_size, size=(8, 1)) for _ in range(4)]
+    want = [cpu_model.forward(tok, pos) for pos, tok in enumerate(tokens)]
+    launch, got = KERNELS.launch, {}
+    for x16, deterministic in ((False, False), (True, False), (True, True)):
+        ops = cuda.CudaOps(persistent=False, deterministic=deterministic, x16_batches=x16)
+        model = Transformer(p, weights, ops)
+        forward, names = ops.decoder(model), []
+
+        def spy(name, *args, **kwargs):
+            names.append(name)
+            return launch(name, *args, **kwargs)
+        KERNELS.launch = spy
+        try:
+            got[x16, deterministic] = [forward(tok, pos).get() for pos, tok in enumerate(tokens)]
+        finally:
+            KERNELS.launch = launch
+        mma = [n for n in names if n.startswith("qgemv_mma<")]
+        assert mma and all(n.startswith("qgemv_mma<OnePart<") == (x16 and fmt != "bf16")
+                           for n in mma), mma
+        assert ops._decoders[model].graphs[8] is not None
+        for pos in range(4):
+            assert rel_err(got[x16, deterministic][pos], want[pos]) < 2e-3, (x16, pos)
+    if fmt == "bf16":
+        for a, b in zip(got[True, False], got[False, False]):
+            assert rel_err(a, b.astype(np.float64)) < 2e-6
+
+
 # ----------------------------------------------------------------------------
 # matmul.cu: f32_to_16bit and gemm_v5
 

@@ -328,3 +328,14 @@ def test_deterministic_default_reads_the_environment(monkeypatch):
     for value, want in (("1", True), ("0", False), ("yes", False)):
         monkeypatch.setenv("MINILLAMA_DETERMINISTIC", value)
         assert deterministic_default() is want
+
+
+def test_x16_batches_default_reads_the_environment(monkeypatch):
+    """MINILLAMA_X16_BATCHES=1 asks for x in one float16 part on the batches' tensor cores, as
+    MINILLAMA_DETERMINISTIC asks for the same bits: unset, or anything else, not."""
+    from minillama.cuda.backend import x16_batches_default
+    monkeypatch.delenv("MINILLAMA_X16_BATCHES", raising=False)
+    assert x16_batches_default() is False
+    for value, want in (("1", True), ("0", False), ("yes", False)):
+        monkeypatch.setenv("MINILLAMA_X16_BATCHES", value)
+        assert x16_batches_default() is want

@@ -17,6 +17,7 @@ gpu = pytest.mark.gpu
 rng = np.random.default_rng()
 
 MMA = ("f16", "bf16", "q8_0", "q4_0")
+X16 = ("f16", "q8_0", "q4_0")               # qgemv_mma's x16: the formats of float16 mma's
 SIZES = [(1, 32), (17, 96), (129, 4128), (300, 1056), (33, 11008)]     # (N, K), whole blocks
 BATCHES = (1, 2, 3, 8, 9, 13, 64)
 
@@ -35,6 +36,64 @@ def test_qgemv_mma_matches_float64_of_the_dequantized_weights(cuda, cp, fmt, N, 
         y = cuda.kernels.qgemv_mma(cp.asarray(x), w, out=out, nr=nr, ks=ks)
         assert y is out
         assert product_err(y, x.astype(np.float64), w64) < 1e-5, f"M={M}"
+
+
+def rounded_x16(x, span):
+    """x as qgemv_mma's x16 takes it: each span of `span` positions of each row scaled by the
+    power of two that brings its largest |x| into [2^14, 2^15) (none for a span of zeros),
+    rounded to float16 (to nearest, even), scaled back. float32 (M, K) -> float64."""
+    M, K = x.shape
+    spans = np.pad(x, ((0, 0), (0, -K % span))).reshape(M, -1, span)
+    biggest = np.abs(spans).max(-1, keepdims=True).astype(np.float32)
+    exponent = (biggest.view(np.int32) >> 23) & 0xFF
+    shift = np.where(biggest == 0, 0, np.clip(141 - exponent, -126, 126))
+    up = np.ldexp(np.float32(1), shift).astype(np.float32)
+    parts = (spans * up).astype(np.float16)
+    return (parts.astype(np.float64) / up).reshape(M, -1)[:, :K]
+
+
+@gpu
+@pytest.mark.parametrize("ks", [None, 3])
+@pytest.mark.parametrize("nr", [1, 2])
+@pytest.mark.parametrize("fmt,N,K", [(f, n, k) for f in X16 for n, k in SIZES[1:]])
+def test_qgemv_mma_x16_multiplies_x_rounded_to_float16_exactly(cuda, cp, fmt, N, K, nr, ks):
+    """x16: x in one float16 part a span. The products are those of x rounded as rounded_x16
+    says, to float32's 1e-5 of float64; against x itself ~2e-4 (11 bits a value), so the
+    first bound fails for a kernel that keeps x's second part and the second for one that
+    rounds worse."""
+    packed, w64 = stored_weight(fmt, N, K)
+    w = packed.map(cp.asarray)
+    for M in (1, 3, 8, 13):
+        x = rng.standard_normal((M, K)).astype(np.float32)
+        y = cuda.kernels.qgemv_mma(cp.asarray(x), w, out=poison(cp, (M, N)), nr=nr, ks=ks,
+                                   x16=True)
+        assert product_err(y, rounded_x16(x, cuda.kernels.MMA_SPAN[fmt]), w64) < 1e-5, f"M={M}"
+        assert product_err(y, x.astype(np.float64), w64) < 5e-4, f"M={M}"
+
+
+@gpu
+@pytest.mark.parametrize("fmt", X16)
+def test_qgemv_mma_x16_after_the_prologues(cuda, cp, fmt):
+    """x16 rounds x after the prologue (RMSNorm's weights, SwiGLU's gate) and adds as ever:
+    within 5e-4 of float64 each way, the slices added in order or by atomics."""
+    from minillama.model import rms_norm, silu
+    N, K, eps = 259, 2080, np.float32(1e-5)
+    packed, w64 = stored_weight(fmt, N, K)
+    w = packed.map(cp.asarray)
+    mma = functools.partial(cuda.kernels.qgemv_mma, w=w, x16=True, eps=eps)
+    for M, ks in ((5, 1), (8, 4)):
+        x = rng.standard_normal((M, K)).astype(np.float32)
+        g = (1 + 0.1 * rng.standard_normal(K)).astype(np.float32)
+        y = mma(cp.asarray(x), norm=cp.asarray(g), ks=ks)
+        want = rms_norm(x.astype(np.float64), g.astype(np.float64), float(eps)) @ w64.T
+        assert rel_err(y, want) < 5e-4, f"rmsnorm M={M} ks={ks}"
+        h = (2 * rng.standard_normal((M, 2 * K))).astype(np.float32)
+        h64 = h.astype(np.float64)
+        y0 = rng.standard_normal((M, N)).astype(np.float32)
+        y = cp.asarray(y0)
+        mma(cp.asarray(h), out=y, accumulate=True, swiglu=True, ks=ks, any_order=True)
+        want = y0 + (silu(h64[:, :K]) * h64[:, K:]) @ w64.T
+        assert rel_err(y, want) < 5e-4, f"swiglu M={M} ks={ks}"
 
 
 @gpu
@@ -184,6 +243,17 @@ def test_qgemv_takes_the_tensor_cores_from_mma_min_rows(cuda, cp):
         cuda.kernels.KERNELS.launch = launch
     assert cuda.kernels.KERNELS.launches == before + 1 and names[0].startswith("qgemv_mma<")
     assert rel_err(y, x.astype(np.float64) @ w64.T) < 1e-5
+
+
+def test_qgemv_mma_x16_refuses_bfloat16_weights():
+    """No GPU needed: one bfloat16 part would keep 8 bits of x; checked before the device."""
+    from minillama import formats
+    from minillama.cuda import kernels
+    from minillama.errors import DeviceError
+    assert kernels.MMA_X16_FORMATS == X16
+    bf16 = formats.quantize(np.ones((8, 64), np.float32), "bf16")
+    with pytest.raises(DeviceError, match="x16 takes f16, q8_0, q4_0 weights .* got bf16"):
+        kernels.qgemv_mma(np.ones((4, 64), np.float32), bf16, x16=True)
 
 
 def test_qgemv_mma_refuses_a_format_it_does_not_read():

@@ -27,6 +27,9 @@ Transformer(params, weights, CudaOps()). For each storage format:
     of floor      floor / the measured time per token; at batch 8, the step's bytes (weights
                   once, 8 embedding rows and 8 caches) over the step's time
     prefill       one forward over a PREFILL-token prompt at batch 1 (the tensor-core GEMM)
+    b8 x16        batch 8 again (both ways) with CudaOps(x16_batches=True), for the formats
+                  whose tensor-core products may take x in one float16 part (float16, int8,
+                  q4_0: 11 bits of each value of x, as the prompt's GEMM takes it, not 22)
 
 Then the seed case: a 12 GiB card (SEED_BUDGET, as the planner's budget and as CuPy's pool
 limit) refuses float16 before any weight is read and holds int8 and q4_0; then, last, the
@@ -41,6 +44,7 @@ from contextlib import contextmanager
 import numpy as np
 
 from ..cuda import CudaOps, require_cupy
+from ..cuda.kernels import MMA_X16_FORMATS
 from ..dtypes import LazyTensor, role
 from ..errors import OutOfMemoryError
 from ..formats import Packed
@@ -215,6 +219,10 @@ def measure_format(row, copy_gbs, steps=STEPS, prefill_len=PREFILL):
             row[f"b{bsz}{key}"] = rate
             row[f"b{bsz}{key}_of_floor"] = of_floor(step_bytes, rate, bsz, copy_gbs)
         row[f"b{bsz}_path"] = decode_path(ops, model, bsz)
+    if DTYPES[row["dtype"]] in MMA_X16_FORMATS:     # batch 8, x in one float16 part
+        forward16 = CudaOps(x16_batches=True).decoder(model)
+        for key, ahead in (("", 1), ("_ahead", AHEAD)):
+            row[f"b8_x16{key}"] = decode_rate(forward16, max(BATCHES), steps, ahead)
     row["b1_sampled"] = sampled_rate(forward, 1, steps)
     row["prefill_ms"] = prefill_ms(forward, p.vocab_size, prefill_len)
 
@@ -444,6 +452,14 @@ def print_report(r):
               + " ".join(f"{fmt(value, spec):>{width}}" for value, spec, width in cells)
               + f"  {get('b1_path', 'n/a')}/{get('b8_path', 'n/a')}"
               + (f"\n{'':9} failed: {row['error']}" if "error" in row else ""))
+    for row in s["formats"]:
+        if row.get("b8_x16") is not None:
+            get = row.get
+            plain = ratio(get("b8_x16"), get("b1"))
+            ahead = ratio(get("b8_x16_ahead"), get("b1_ahead"))
+            print(f"{row['dtype']:9} b8 with x in one float16 part (x16_batches): "
+                  f"{get('b8_x16'):.1f} tokens/s, b8/b1 {fmt(plain, '.2f')}; {AHEAD} ahead "
+                  f"{fmt(get('b8_x16_ahead'))}, b8/b1 {fmt(ahead, '.2f')}")
     print("  (GB: the stored weights; GB/tok: what a batch-1 step reads; b8 floor: a batch-8 "
           f"step's bytes over its time; prefill: ms for {s['prefill']} tokens at batch 1; "
           f"ahead: {AHEAD} greedy steps a call, as generate takes them once the prompt is in; "
@@ -500,6 +516,11 @@ def targets(s):
              TARGETS[d]) for d in ("int8", "q4_0", "float16", "bfloat16")]
     out += [(f"{d} batch 8 / batch 1, {AHEAD} ahead", ratio(get(d, "b8_ahead"), get(d, "b1_ahead")),
              TARGETS["batch 8 / batch 1"]) for d in ("float16", "bfloat16", "int8", "q4_0")]
+    # the same with x in one float16 part on the batches' tensor cores (x16_batches)
+    out += [(f"{d} batch 8 (x16) / batch 1{way}",
+             ratio(get(d, f"b8_x16{key}"), get(d, f"b1{key}")), TARGETS["batch 8 / batch 1"])
+            for key, way in (("", ""), ("_ahead", f", {AHEAD} ahead"))
+            for d in ("float16", "int8", "q4_0")]
     g = s["gemm"]
     out.append((f"{g.get('version', 'tensor-core GEMM')} 4096^3 float16, fraction of cuBLAS",
                 ratio(g["ours"], g["cublas"]), TARGETS["gemm"]))

@@ -40,6 +40,12 @@ def deterministic_default():
     return os.environ.get("MINILLAMA_DETERMINISTIC", "0") == "1"
 
 
+def x16_batches_default():
+    """CudaOps' `x16_batches` where the caller does not say: MINILLAMA_X16_BATCHES=1 in the
+    environment (as deterministic_default)."""
+    return os.environ.get("MINILLAMA_X16_BATCHES", "0") == "1"
+
+
 class CudaOps(NumpyOps):
     """NumpyOps on the GPU: `xp` is cupy, and linear / matmul / softmax run minillama's kernels.
 
@@ -53,14 +59,22 @@ class CudaOps(NumpyOps):
         no split product adding its slices by atomics, no batch step leaving its norms to the
         kernel after (FusedDecoder.defers_norms). Without it the logits move in their last
         places from run to run, within 2e-6 of the deterministic step's; None:
-        deterministic_default(), the environment's say.
+        deterministic_default(), the environment's say;
+        x16_batches: FusedDecoder's batch steps on the tensor cores (MMA_MIN_ROWS rows or more
+        of float16, q8_0 or q4_0 weights) take x in one float16 part instead of two, as a
+        prompt's tensor-core GEMM takes it: 11 significant bits of each value of x rather than
+        22, each product within ~2e-4 of float64 rather than 1e-5, the 7B q4_0 batch-8 step
+        1.11x as fast (kernels.qgemv_mma's x16). One row, the CPU path and bfloat16 weights
+        keep float32's bits of x. None: x16_batches_default(), the environment's say.
     """
     name = "cuda"
 
-    def __init__(self, fused_decode=True, graphs=True, persistent=True, deterministic=None):
+    def __init__(self, fused_decode=True, graphs=True, persistent=True, deterministic=None,
+                 x16_batches=None):
         self.xp = require_cupy()
         self.fused_decode, self.graphs, self.persistent = fused_decode, graphs, persistent
         self.deterministic = deterministic_default() if deterministic is None else deterministic
+        self.x16_batches = x16_batches_default() if x16_batches is None else x16_batches
         self._decoders = weakref.WeakKeyDictionary()     # model -> FusedDecoder (or None)
 
     def matrix_layout(self, w):
@@ -142,7 +156,8 @@ class CudaOps(NumpyOps):
         if model not in self._decoders:
             kind = (PersistentDecoder if self.persistent and PersistentDecoder.covers(model)
                     else FusedDecoder if FusedDecoder.covers(model) else None)
-            self._decoders[model] = kind(model, self.deterministic) if kind else None
+            self._decoders[model] = (kind(model, self.deterministic, self.x16_batches)
+                                     if kind else None)
         return self._decoders[model]
 
 

@@ -20,7 +20,7 @@ import numpy as np
 
 from ..formats import Packed
 from .kernels import CACHE_TYPES, GREEDY_THREADS, HALVES_WARPS, KERNELS, MMA_FORMATS, \
-    MMA_MIN_ROWS, NULL, PACKED_KERNEL_FORMATS, attention_chunk, attention_splits, \
+    MMA_MIN_ROWS, MMA_X16_FORMATS, NULL, PACKED_KERNEL_FORMATS, attention_chunk, attention_splits, \
     attention_threads, gemv, greedy_pick, halves_plan, has_clusters, qgemv, qgemv_mma
 from .runtime import i32, require_cupy, sm_count
 
@@ -93,7 +93,7 @@ class FusedDecoder:
             yield from (layer.attention.wqkv, layer.attention.wo, layer.feed_forward.w13,
                         layer.feed_forward.w2, layer.attention_norm, layer.ffn_norm)
 
-    def __init__(self, model, deterministic=False):
+    def __init__(self, model, deterministic=False, x16_batches=False):
         import cupyx                                         # ships with cupy: pinned memory
         # No reference to the model itself: CudaOps keys its decoders by the model, weakly.
         cp, p = model.ops.xp, model.params
@@ -144,6 +144,9 @@ class FusedDecoder:
         # and the batches' products that add into the residual add their slices of k by
         # atomics too (qgemv_mma's any_order)
         self.any_order = not deterministic
+        # and, where the caller asks for it, the batches' products on the tensor cores take x
+        # in one float16 part (qgemv_mma's x16: 11 bits of each value of x, not 22)
+        self.x16_batches = x16_batches
         self.mma_layers = all(getattr(w, "format", None) in MMA_FORMATS
                               for layer in self.layers for w in layer[1:3] + layer[4:6])
         if self.halves is not None:          # the residual's other two buffers (run_halves)
@@ -414,9 +417,10 @@ class FusedDecoder:
         """h += wo @ attention(rope(wqkv @ rmsnorm(h))) for bsz rows: three launches."""
         p, (attn_norm, wqkv, wo, _, _, _, cache_k, cache_v) = self.p, layer
         qkv, att = self.qkv[:bsz], self.att[:bsz]
-        matvec(h, wqkv, out=qkv, norm=attn_norm, eps=p.norm_eps)
+        matvec(h, wqkv, out=qkv, norm=attn_norm, eps=p.norm_eps, x16=self.x16_batches)
         self.attend(bsz, qkv, cache_k, cache_v, att)
-        matvec(att, wo, out=h, accumulate=self.adds_residual, any_order=self.any_order)
+        matvec(att, wo, out=h, accumulate=self.adds_residual, any_order=self.any_order,
+               x16=self.x16_batches)
 
     def attend(self, bsz, qkv, cache_k, cache_v, att, row_ss=None):
         """RoPE on q and k, k and v into the cache at pos, attention: a block a head, row and
@@ -435,9 +439,9 @@ class FusedDecoder:
         """h += w2 @ swiglu(w13 @ rmsnorm(h)) for bsz rows: two launches."""
         _, _, _, ffn_norm, w13, w2, _, _ = layer
         h13 = self.h13[:bsz]
-        matvec(h, w13, out=h13, norm=ffn_norm, eps=self.p.norm_eps)
+        matvec(h, w13, out=h13, norm=ffn_norm, eps=self.p.norm_eps, x16=self.x16_batches)
         matvec(h13, w2, out=h, accumulate=self.adds_residual, swiglu=True,
-               any_order=self.any_order)
+               any_order=self.any_order, x16=self.x16_batches)
 
     # ---- batches with the norms deferred (defers_norms) ----
 
@@ -454,13 +458,21 @@ class FusedDecoder:
         h13_zero = self._cleared(self.h13_flat, self.h13, bsz)
         self.embed(bsz, h, clear=qkv_zero)
         for attn_norm, wqkv, wo, ffn_norm, w13, w2, cache_k, cache_v in self.layers:
-            qgemv_mma(h, wqkv, out=qkv, norm=attn_norm, eps=p.norm_eps, rms_out=qkv_ss)
+            qgemv_mma(h, wqkv, out=qkv, norm=attn_norm, eps=p.norm_eps, rms_out=qkv_ss,
+                      x16=self.x16(wqkv))
             self.attend(bsz, qkv, cache_k, cache_v, att, qkv_ss)
-            qgemv_mma(att, wo, out=h, accumulate=True, any_order=True, clear=h13_zero)
-            qgemv_mma(h, w13, out=h13, norm=ffn_norm, eps=p.norm_eps, rms_out=h13_ss)
+            qgemv_mma(att, wo, out=h, accumulate=True, any_order=True, clear=h13_zero,
+                      x16=self.x16(wo))
+            qgemv_mma(h, w13, out=h13, norm=ffn_norm, eps=p.norm_eps, rms_out=h13_ss,
+                      x16=self.x16(w13))
             qgemv_mma(h13, w2, out=h, accumulate=True, swiglu=True, eps=p.norm_eps,
-                      any_order=True, x_ss=(h13_ss, p.dim), clear=qkv_zero)
+                      any_order=True, x_ss=(h13_ss, p.dim), clear=qkv_zero, x16=self.x16(w2))
         self.classify(bsz, h)
+
+    def x16(self, w):
+        """Whether qgemv_mma takes x in one float16 part for w: where the caller asked for
+        x16_batches and w's mma's take float16 (not bfloat16's)."""
+        return self.x16_batches and w.format in MMA_X16_FORMATS
 
     # ---- one row in two launches a layer (halves.cu) ----
 
@@ -536,7 +548,8 @@ class FusedDecoder:
                        ordinary=True)
 
     def classify(self, bsz, h):
-        matvec(h, self.output, out=self.logits[:bsz], norm=self.norm, eps=self.p.norm_eps)
+        matvec(h, self.output, out=self.logits[:bsz], norm=self.norm, eps=self.p.norm_eps,
+               x16=self.x16_batches)
 
 
 class GreedyCall:
@@ -555,10 +568,11 @@ def device_address(pinned):
     return np.uint64(cp.cuda.runtime.pointerGetAttributes(pinned.ctypes.data).devicePointer)
 
 
-def matvec(x, w, any_order=False, **kwargs):
+def matvec(x, w, any_order=False, x16=False, **kwargs):
     """x @ w.T for the few rows of one decode step, by how w is stored: qgemv reads a Packed
     weight as stored, gemv a float32 one. Both take out, accumulate, norm, eps and swiglu;
-    any_order (the last bits may change from run to run) is qgemv's."""
+    any_order (the last bits may change from run to run) and x16 (x in one float16 part on the
+    tensor cores) are qgemv's."""
     if isinstance(w, Packed):
-        return qgemv(x, w, any_order=any_order, **kwargs)
+        return qgemv(x, w, any_order=any_order, x16=x16, **kwargs)
     return gemv(x, w, **kwargs)

@@ -180,6 +180,8 @@ GEMM_V5_DEFAULT = "128x128x4"
 # float16 lost at every other U tried (0.90 to 0.98x at 8 rows; H200, 2026-11-30, docs/kernels.md
 # "Asking L2 ahead"). bfloat16 keeps float16's, unmeasured.
 MMA_FORMATS = {"f16": "MmaF16", "bf16": "MmaBF16", "q8_0": "MmaQ8_0", "q4_0": "MmaQ4_0"}
+# the formats whose mma's take x in float16 parts, which may take it in one (qgemv_mma's x16)
+MMA_X16_FORMATS = ("f16", "q8_0", "q4_0")
 MMA_SPAN = {"f16": 32, "bf16": 32, "q8_0": 64, "q4_0": 128}     # positions of k per step
 MMA_NR = (1, 2)
 MMA_BLOCKS_PER_SM = 1
@@ -252,6 +254,9 @@ def _templates():
     for fmt in MMA_FORMATS:
         groups[fmt] += [_qgemv_mma_name(fmt, nr, pro) for nr in MMA_NR
                         for pro in GEMV_PROLOGUES.values()]
+    for fmt in MMA_X16_FORMATS:            # apart: compiled only where a caller asks for x16
+        groups[f"{fmt} x16"] = [_qgemv_mma_name(fmt, nr, pro, x16=True) for nr in MMA_NR
+                                for pro in GEMV_PROLOGUES.values()]
     groups["gemm_v6"] = [_gemm_v6_name(fmt, GEMM_V6_DEFAULT) for fmt in GEMM_V5_FORMATS]
     groups["gemm_v6"] += [_gemm_v6_name("f16", config) for config in GEMM_V6_CONFIGS
                           if config != GEMM_V6_DEFAULT]
@@ -301,10 +306,11 @@ def _qgemv_v4_name(fmt, pro):
     return f"qgemv_v4<V4{FORMATS[fmt].KERNEL[fmt]},{pro},{','.join(map(str, QGEMV_V4[fmt]))}>"
 
 
-def _qgemv_mma_name(fmt, nr, pro):
-    """qgemv_mma's instance: its traits ("MmaQ4_0"), NR, the prologue, MMA_U[fmt][NR],
-    MMA_BLOCKS_PER_SM and MMA_WARPS."""
-    return (f"qgemv_mma<{MMA_FORMATS[fmt]},{nr},{pro},{MMA_U[fmt][nr]},{MMA_BLOCKS_PER_SM},"
+def _qgemv_mma_name(fmt, nr, pro, x16=False):
+    """qgemv_mma's instance: its traits ("MmaQ4_0", or "OnePart<MmaQ4_0>" with x in one
+    float16 part), NR, the prologue, MMA_U[fmt][NR], MMA_BLOCKS_PER_SM and MMA_WARPS."""
+    traits = f"OnePart<{MMA_FORMATS[fmt]}>" if x16 else MMA_FORMATS[fmt]
+    return (f"qgemv_mma<{traits},{nr},{pro},{MMA_U[fmt][nr]},{MMA_BLOCKS_PER_SM},"
             f"{MMA_WARPS}>")
 
 
@@ -855,7 +861,7 @@ def _qgemv_operands(x, w, out, accumulate, norm, swiglu, name="qgemv"):
 
 
 def qgemv(x, w, out=None, accumulate=False, norm=None, eps=1e-5, swiglu=False,
-          smem=None, blocks_per_sm=None, version=None, any_order=False):
+          smem=None, blocks_per_sm=None, version=None, any_order=False, x16=False):
     """x @ W.T with W as stored: x (M, K) float32, w a formats.Packed (N, K) with CuPy planes
     (f16, bf16, q8_0, q4_0, q4_1) -> (M, N) float32, every weight read once per 8 rows of x and
     dequantized in registers.
@@ -873,7 +879,8 @@ def qgemv(x, w, out=None, accumulate=False, norm=None, eps=1e-5, swiglu=False,
     v3 from MMA_MIN_ROWS rows where it reads the format, else v1 (measured, docs/kernels.md;
     blocks_per_sm is v1's). The k-quants have one version (qgemv_k).
     any_order: the caller does not ask for the same bits every run, so v3 may add its slices'
-    sums into out by atomics (qgemv_mma)."""
+    sums into out by atomics (qgemv_mma). x16: v3 takes x in one float16 part where the format
+    allows (qgemv_mma's x16); the other versions keep float32's bits of x whatever it says."""
     if getattr(w, "format", None) in QGEMV_K_PLANES:            # super-blocks: qgemv_k.cu
         return qgemv_k(x, w, out, accumulate, norm, eps, swiglu, smem or QGEMV_SMEM,
                        blocks_per_sm or QGEMV_BLOCKS_PER_SM)
@@ -884,7 +891,8 @@ def qgemv(x, w, out=None, accumulate=False, norm=None, eps=1e-5, swiglu=False,
                           f"weights, got {x.shape[0]} rows of {getattr(w, 'format', 'float32')}")
     if version == 3 or (version is None and x.shape[0] >= MMA_MIN_ROWS
                         and getattr(w, "format", None) in MMA_FORMATS):
-        return qgemv_mma(x, w, out, accumulate, norm, eps, swiglu, any_order=any_order)
+        return qgemv_mma(x, w, out, accumulate, norm, eps, swiglu, any_order=any_order,
+                         x16=x16 and w.format in MMA_X16_FORMATS)
     qs, d, m = _check_packed(w)
     M, N, K, y = _qgemv_operands(x, w, out, accumulate, norm, swiglu)
     if M == 0 or N == 0:
@@ -917,13 +925,17 @@ def qgemv(x, w, out=None, accumulate=False, norm=None, eps=1e-5, swiglu=False,
 
 
 def qgemv_mma(x, w, out=None, accumulate=False, norm=None, eps=1e-5, swiglu=False, nr=None,
-              ks=None, any_order=False, rms_out=None, x_ss=None, clear=None):
+              ks=None, any_order=False, rms_out=None, x_ss=None, clear=None, x16=False):
     """x @ W.T on the tensor cores for a few rows of x (qgemv_mma.cu): x (M, K) float32, w a
     formats.Packed (N, K) in f16, bf16, q8_0 or q4_0 -> (M, N) float32, 8 rows of x per pass.
     x enters in 16-bit parts (two float16, scaled per span; three bfloat16 for bf16 weights),
     so the products keep 22 to 24 bits of x and the sums are float32: the same 1e-5 bound as
-    qgemv. accumulate, norm, eps, swiglu: as qgemv. nr: weight rows per warp in
-    16s (1 or 2); ks: slices of k (the grid's second side); None: the rule of MMA_*.
+    qgemv. x16 (f16, q8_0, q4_0 weights: MMA_X16_FORMATS): x in one float16 part, 11 bits a
+    value, as the prompts' tensor-core GEMM rounds it (the 7B q4_0 batch-8 step 1.11x as
+    fast): the products of the rounded x are exact, the sums float32, and the result within
+    ~2e-4 of float64 instead of 1e-5. accumulate, norm, eps, swiglu: as qgemv. nr: weight
+    rows per warp in 16s (1 or 2); ks: slices of k (the grid's second side); None: the rule of
+    MMA_*.
     any_order: with accumulate and no norm, each slice adds its sums into out by atomics as it
     ends, where otherwise the last block of a tile adds the slices' up in slice order: no block
     waits for the others (wo and w2 so, the 7B batch-8 step 1.08x as fast in q4_0, 1.05x in
@@ -941,6 +953,9 @@ def qgemv_mma(x, w, out=None, accumulate=False, norm=None, eps=1e-5, swiglu=Fals
     if getattr(w, "format", None) not in MMA_FORMATS:
         raise DeviceError(f"w: qgemv_mma reads {', '.join(MMA_FORMATS)} weights, got "
                           f"{type(w).__name__} {getattr(w, 'format', '')!r}")
+    if x16 and w.format not in MMA_X16_FORMATS:
+        raise DeviceError(f"qgemv_mma: x16 takes {', '.join(MMA_X16_FORMATS)} weights (their "
+                          f"mma's take float16), got {w.format}")
     qs, d, _ = _check_packed(w)
     M, N, K, y = _qgemv_operands(x, w, out, accumulate, norm, swiglu, "qgemv_mma")
     deferred = _check_deferred(M, K, out, norm, rms_out, x_ss, clear)
@@ -954,11 +969,11 @@ def qgemv_mma(x, w, out=None, accumulate=False, norm=None, eps=1e-5, swiglu=Fals
     nr, ks, per_slice = qgemv_mma_plan(N, K, w.format, nr=nr, ks=ks)
     tiles = cdiv(N, mma_tile_rows(nr))
     units = per_slice * span // 32
-    parts = 3 if w.format == "bf16" else 2                 # x's bfloat16 or float16 parts
+    parts = 1 if x16 else 3 if w.format == "bf16" else 2   # x's float16 or bfloat16 parts
     smem = parts * 8 * 4 * (16 * units + (0 if units % 2 else 16)) + 2 * 8 * 4 * per_slice
     scratch, counters = _split_workspace(ks * M * N + tiles * ks * M, tiles)
     prologue = GEMV_PROLOGUES["rmsnorm" if norm is not None else "swiglu" if swiglu else None]
-    KERNELS.launch(_qgemv_mma_name(w.format, nr, prologue), (tiles, ks), (32 * MMA_WARPS,),
+    KERNELS.launch(_qgemv_mma_name(w.format, nr, prologue, x16), (tiles, ks), (32 * MMA_WARPS,),
                    (x, qs, d, y, i32(M), i32(N), i32(K), i32(bool(accumulate)),
                     x if norm is None else norm, np.float32(eps), scratch, counters,
                     i32(bool(any_order and accumulate and norm is None)), *deferred),

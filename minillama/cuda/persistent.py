@@ -51,8 +51,8 @@ class PersistentDecoder(FusedDecoder):
         return (dense and cache and all(w % 4 == 0 for w in widths)
                 and shared_bytes(p, 1) <= MAX_SHARED and FusedDecoder.covers(model))
 
-    def __init__(self, model, deterministic=False):
-        super().__init__(model, deterministic)
+    def __init__(self, model, deterministic=False, x16_batches=False):
+        super().__init__(model, deterministic, x16_batches)
         cp, p = self.cp, self.p
         # (n_layers, 8) device pointers to each layer's arrays, in persistent.cu's order; the
         # arrays themselves are kept alive by self.layers (FusedDecoder's tuples, same order)
