@@ -21,7 +21,9 @@
 //      bfloat16 weights: x = hi + mid + lo, three bfloat16 (8 + 8 + 8 bits: exact), no
 //        scaling needed (bfloat16 has float32's exponent range).
 //
-//    So the sums are those of a float32 GEMV of the same weights, in another order.
+//    So the sums are those of a float32 GEMV of the same weights, in another order. A caller
+//    who takes x rounded to float16, as the prompts' tensor-core GEMM does, may ask for one
+//    float16 part instead (OnePart, below: kernels.qgemv_mma's x16).
 
 // 2. The scales. q4_0 and q8_0 multiply each block of 32 codes by the block's float16 scale d.
 //    One mma must therefore see codes of one block only in each weight row, and the fragment
