@@ -443,8 +443,9 @@ class NumpyKernels:
 
 
 def numpy_matvec(x, w, out, accumulate=False, norm=None, eps=1e-5, swiglu=False,
-                 any_order=False):
-    """fused.matvec in NumPy; any_order (the slices' sums in any order) changes nothing here."""
+                 any_order=False, x16=False):
+    """fused.matvec in NumPy; any_order (the slices' sums in any order) and x16 (x in one
+    float16 part on the tensor cores) change nothing here."""
     from minillama.model import rms_norm, silu
     if norm is not None:
         x = rms_norm(x, norm, eps)
