@@ -64,7 +64,7 @@ class CudaOps(NumpyOps):
         of float16, q8_0 or q4_0 weights) take x in one float16 part instead of two, as a
         prompt's tensor-core GEMM takes it: 11 significant bits of each value of x rather than
         22, each product within ~2e-4 of float64 rather than 1e-5, the 7B q4_0 batch-8 step
-        1.11x as fast (kernels.qgemv_mma's x16). One row, the CPU path and bfloat16 weights
+        1.10x as fast (kernels.qgemv_mma's x16). One row, the CPU path and bfloat16 weights
         keep float32's bits of x. None: x16_batches_default(), the environment's say.
     """
     name = "cuda"

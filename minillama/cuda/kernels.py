@@ -931,7 +931,7 @@ def qgemv_mma(x, w, out=None, accumulate=False, norm=None, eps=1e-5, swiglu=Fals
     x enters in 16-bit parts (two float16, scaled per span; three bfloat16 for bf16 weights),
     so the products keep 22 to 24 bits of x and the sums are float32: the same 1e-5 bound as
     qgemv. x16 (f16, q8_0, q4_0 weights: MMA_X16_FORMATS): x in one float16 part, 11 bits a
-    value, as the prompts' tensor-core GEMM rounds it (the 7B q4_0 batch-8 step 1.11x as
+    value, as the prompts' tensor-core GEMM rounds it (the 7B q4_0 batch-8 step 1.10x as
     fast): the products of the rounded x are exact, the sums float32, and the result within
     ~2e-4 of float64 instead of 1e-5. accumulate, norm, eps, swiglu: as qgemv. nr: weight
     rows per warp in 16s (1 or 2); ks: slices of k (the grid's second side); None: the rule of
