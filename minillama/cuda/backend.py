@@ -33,17 +33,22 @@ QGEMV_MAX_M = 64            # and with a Packed weight, up to this many with qge
                             # tensor_core_gemm (gemm_v7 or gemm_v6)
 
 
+def environment_flag(name):
+    """Whether the environment sets `name` to 1: how the command line and Llama.build, which
+    make their CudaOps themselves, ask for one of its settings."""
+    return os.environ.get(name, "0") == "1"
+
+
 def deterministic_default():
-    """CudaOps' `deterministic` where the caller does not say: MINILLAMA_DETERMINISTIC=1 in the
-    environment asks for the same bits every run (the command line and Llama.build make their
-    CudaOps themselves, so this is how they ask)."""
-    return os.environ.get("MINILLAMA_DETERMINISTIC", "0") == "1"
+    """CudaOps' `deterministic` where the caller does not say: MINILLAMA_DETERMINISTIC=1 asks
+    for the same bits every run."""
+    return environment_flag("MINILLAMA_DETERMINISTIC")
 
 
 def x16_batches_default():
-    """CudaOps' `x16_batches` where the caller does not say: MINILLAMA_X16_BATCHES=1 in the
-    environment (as deterministic_default)."""
-    return os.environ.get("MINILLAMA_X16_BATCHES", "0") == "1"
+    """CudaOps' `x16_batches` where the caller does not say: MINILLAMA_X16_BATCHES=1 asks for x
+    in one float16 part on the batches' tensor cores."""
+    return environment_flag("MINILLAMA_X16_BATCHES")
 
 
 class CudaOps(NumpyOps):

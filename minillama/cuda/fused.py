@@ -20,8 +20,8 @@ import numpy as np
 
 from ..formats import Packed
 from .kernels import CACHE_TYPES, GREEDY_THREADS, HALVES_WARPS, KERNELS, MMA_FORMATS, \
-    MMA_MIN_ROWS, MMA_X16_FORMATS, NULL, PACKED_KERNEL_FORMATS, attention_chunk, attention_splits, \
-    attention_threads, gemv, greedy_pick, halves_plan, has_clusters, qgemv, qgemv_mma
+    MMA_MIN_ROWS, NULL, PACKED_KERNEL_FORMATS, attention_chunk, attention_splits, \
+    attention_threads, gemv, greedy_pick, halves_plan, has_clusters, qgemv, qgemv_mma, takes_x16
 from .runtime import i32, require_cupy, sm_count
 
 
@@ -459,20 +459,16 @@ class FusedDecoder:
         self.embed(bsz, h, clear=qkv_zero)
         for attn_norm, wqkv, wo, ffn_norm, w13, w2, cache_k, cache_v in self.layers:
             qgemv_mma(h, wqkv, out=qkv, norm=attn_norm, eps=p.norm_eps, rms_out=qkv_ss,
-                      x16=self.x16(wqkv))
+                      x16=takes_x16(wqkv, self.x16_batches))
             self.attend(bsz, qkv, cache_k, cache_v, att, qkv_ss)
             qgemv_mma(att, wo, out=h, accumulate=True, any_order=True, clear=h13_zero,
-                      x16=self.x16(wo))
+                      x16=takes_x16(wo, self.x16_batches))
             qgemv_mma(h, w13, out=h13, norm=ffn_norm, eps=p.norm_eps, rms_out=h13_ss,
-                      x16=self.x16(w13))
+                      x16=takes_x16(w13, self.x16_batches))
             qgemv_mma(h13, w2, out=h, accumulate=True, swiglu=True, eps=p.norm_eps,
-                      any_order=True, x_ss=(h13_ss, p.dim), clear=qkv_zero, x16=self.x16(w2))
+                      any_order=True, x_ss=(h13_ss, p.dim), clear=qkv_zero,
+                      x16=takes_x16(w2, self.x16_batches))
         self.classify(bsz, h)
-
-    def x16(self, w):
-        """Whether qgemv_mma takes x in one float16 part for w: where the caller asked for
-        x16_batches and w's mma's take float16 (not bfloat16's)."""
-        return self.x16_batches and w.format in MMA_X16_FORMATS
 
     # ---- one row in two launches a layer (halves.cu) ----
 

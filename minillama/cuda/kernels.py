@@ -12,7 +12,8 @@
     qgemv(x, w)          gemv's job on packed weights, the same prologues (qgemv.cu: v4, v4s
                          or v2 for one row of x, v1 for 2 or 3, qgemv_mma from 4; the k-quants:
                          qgemv_k, qgemv_k.cu)
-    qgemv_mma(x, w)      the same on the tensor cores, x in exact 16-bit parts (qgemv_mma.cu)
+    qgemv_mma(x, w)      the same on the tensor cores, x in exact 16-bit parts, or in one
+                         float16 part where the caller asks (x16) (qgemv_mma.cu)
     to_16bit(x)          float32 -> float16 (or bfloat16 bits), round to nearest (matmul.cu)
     gemm_v5(a, w)        a @ w.T on the tensor cores, a 16-bit (matmul.cu)
     gemm_v6(a, w)        the same, the next version
@@ -162,9 +163,10 @@ GEMM_V5_FORMATS = {"f16": 0, "bf16": 1, "q8_0": 2, "q4_0": 3, "q4_1": 4}
 GEMM_V5_CONFIGS = {"128x128x4": (128, 128, 4)}
 GEMM_V5_DEFAULT = "128x128x4"
 # qgemv_mma<Fmt, NR, PRO, U, B, W> (qgemv_mma.cu): batches on the tensor cores, x in 16-bit
-# parts (so the 1e-5 bound of the float32 GEMV holds). Blocks of W = MMA_WARPS warps, tiles of
+# parts (so the 1e-5 bound of the float32 GEMV holds; OnePart<Fmt>, x16: one float16 part, as
+# prompts take it). Blocks of W = MMA_WARPS warps, tiles of
 # 16 W NR weight rows (mma_tile_rows); k split into slices, a slice at most MMA_MAX_SLICE
-# positions (its x, 2 or 3 parts of 8 rows, sits in shared memory: 64 or 96 KiB at 2048
+# positions (its x, 1, 2 or 3 parts of 8 rows, sits in shared memory: 32, 64 or 96 KiB at 2048
 # positions); NR and the slices by qgemv_mma_plan, in waves of
 # MMA_BLOCKS_PER_SM blocks an SM (B, its launch bounds); MMA_U[fmt][NR] steps of loads in
 # flight. At B 3 the q8_0 and q4_0 instances spill 108 to 232 bytes a thread at U 4 / 2 (NR 1 /
@@ -182,6 +184,12 @@ GEMM_V5_DEFAULT = "128x128x4"
 MMA_FORMATS = {"f16": "MmaF16", "bf16": "MmaBF16", "q8_0": "MmaQ8_0", "q4_0": "MmaQ4_0"}
 # the formats whose mma's take x in float16 parts, which may take it in one (qgemv_mma's x16)
 MMA_X16_FORMATS = ("f16", "q8_0", "q4_0")
+
+
+def takes_x16(w, asked):
+    """Whether qgemv_mma takes x in one float16 part for w: where the caller asked for it and
+    w's mma's take float16 (not bfloat16's three parts, which one part would cut to 8 bits)."""
+    return bool(asked) and getattr(w, "format", None) in MMA_X16_FORMATS
 MMA_SPAN = {"f16": 32, "bf16": 32, "q8_0": 64, "q4_0": 128}     # positions of k per step
 MMA_NR = (1, 2)
 MMA_BLOCKS_PER_SM = 1
@@ -892,7 +900,7 @@ def qgemv(x, w, out=None, accumulate=False, norm=None, eps=1e-5, swiglu=False,
     if version == 3 or (version is None and x.shape[0] >= MMA_MIN_ROWS
                         and getattr(w, "format", None) in MMA_FORMATS):
         return qgemv_mma(x, w, out, accumulate, norm, eps, swiglu, any_order=any_order,
-                         x16=x16 and w.format in MMA_X16_FORMATS)
+                         x16=takes_x16(w, x16))
     qs, d, m = _check_packed(w)
     M, N, K, y = _qgemv_operands(x, w, out, accumulate, norm, swiglu)
     if M == 0 or N == 0:

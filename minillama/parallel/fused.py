@@ -40,8 +40,9 @@ class RankDecoder:
     def __init__(self, model, wait=None):
         ops = self.ops = model.ops
         self.model = model
-        self.fused = ShardedFusedDecoder(model, ops.deterministic) if ops.name == "cuda" \
-            and ops.fused_decode and FusedDecoder.covers(model) else None
+        covered = ops.name == "cuda" and ops.fused_decode and FusedDecoder.covers(model)
+        self.fused = ShardedFusedDecoder(model, ops.deterministic, ops.x16_batches) \
+            if covered else None
         self.wait = wait or (lambda stream: stream.synchronize())
 
     def __call__(self, tokens, start_pos):
@@ -80,10 +81,11 @@ class ShardedFusedDecoder(FusedDecoder):
     # zeroes nothing for them
     deferred_norms = False
 
-    def __init__(self, model, deterministic=False):
+    def __init__(self, model, deterministic=False, x16_batches=False):
         # buffers of the rank's sizes; logits: whole. deterministic: CudaOps' (rank 0's products
-        # that add the residual add their slices by atomics unless it is set)
-        super().__init__(model, deterministic)
+        # that add the residual add their slices by atomics unless it is set); x16_batches:
+        # CudaOps' (the batches' tensor-core products take x in one float16 part)
+        super().__init__(model, deterministic, x16_batches)
         cp, p = self.cp, self.p
         self.comm, nb, world = model.comm, p.max_batch_size, p.world
         self.adds_residual = p.rank == 0         # one rank adds the residual, the others not
@@ -114,5 +116,6 @@ class ShardedFusedDecoder(FusedDecoder):
 
     def classify(self, bsz, h):
         """The rank's rows of the vocabulary, then all ranks' logits gathered."""
-        matvec(h, self.output, out=self.logits_part[:bsz], norm=self.norm, eps=self.p.norm_eps)
+        matvec(h, self.output, out=self.logits_part[:bsz], norm=self.norm, eps=self.p.norm_eps,
+               x16=self.x16_batches)
         self.gather_columns(self.logits_part[:bsz], self.logits[:bsz])
