@@ -164,10 +164,10 @@ GEMM_V5_CONFIGS = {"128x128x4": (128, 128, 4)}
 GEMM_V5_DEFAULT = "128x128x4"
 # qgemv_mma<Fmt, NR, PRO, U, B, W> (qgemv_mma.cu): batches on the tensor cores, x in 16-bit
 # parts (so the 1e-5 bound of the float32 GEMV holds; OnePart<Fmt>, x16: one float16 part, as
-# prompts take it). Blocks of W = MMA_WARPS warps, tiles of
-# 16 W NR weight rows (mma_tile_rows); k split into slices, a slice at most MMA_MAX_SLICE
-# positions (its x, 1, 2 or 3 parts of 8 rows, sits in shared memory: 32, 64 or 96 KiB at 2048
-# positions); NR and the slices by qgemv_mma_plan, in waves of
+# prompts take it). Blocks of W = MMA_WARPS warps, tiles of 16 W NR weight rows
+# (mma_tile_rows); k split into slices, a slice at most MMA_MAX_SLICE positions (its x, 1, 2
+# or 3 parts of 8 rows, sits in shared memory: 32, 64 or 96 KiB at 2048 positions); NR and the
+# slices by qgemv_mma_plan, in waves of
 # MMA_BLOCKS_PER_SM blocks an SM (B, its launch bounds); MMA_U[fmt][NR] steps of loads in
 # flight. At B 3 the q8_0 and q4_0 instances spill 108 to 232 bytes a thread at U 4 / 2 (NR 1 /
 # 2), 0 to 32 at 2 / 1 (f16, bf16: 20 to 132, none; ptxas -v, NVRTC 13.0 sm_90), and bf16's 96
@@ -184,12 +184,6 @@ GEMM_V5_DEFAULT = "128x128x4"
 MMA_FORMATS = {"f16": "MmaF16", "bf16": "MmaBF16", "q8_0": "MmaQ8_0", "q4_0": "MmaQ4_0"}
 # the formats whose mma's take x in float16 parts, which may take it in one (qgemv_mma's x16)
 MMA_X16_FORMATS = ("f16", "q8_0", "q4_0")
-
-
-def takes_x16(w, asked):
-    """Whether qgemv_mma takes x in one float16 part for w: where the caller asked for it and
-    w's mma's take float16 (not bfloat16's three parts, which one part would cut to 8 bits)."""
-    return bool(asked) and getattr(w, "format", None) in MMA_X16_FORMATS
 MMA_SPAN = {"f16": 32, "bf16": 32, "q8_0": 64, "q4_0": 128}     # positions of k per step
 MMA_NR = (1, 2)
 MMA_BLOCKS_PER_SM = 1
@@ -1027,6 +1021,12 @@ def qgemv_mma_plan(N, K, fmt, sms=None, nr=None, ks=None):
     minimum)."""
     return _mma_plan(N, K, MMA_SPAN[fmt], MMA_MAX_SLICE, (nr,) if nr else tuple(MMA_NR),
                      MMA_BLOCKS_PER_SM * (sms or sm_count()), ks and int(ks), mma_tile_rows(1))
+
+
+def takes_x16(w, asked):
+    """Whether qgemv_mma takes x in one float16 part for w: where the caller asked for it and
+    w's mma's take float16 (not bfloat16's three parts, which one part would cut to 8 bits)."""
+    return bool(asked) and getattr(w, "format", None) in MMA_X16_FORMATS
 
 
 def mma_tile_rows(nr):
