@@ -199,14 +199,14 @@ struct MmaQ4_0 {
     }
 };
 
-// x in one float16 part (kernels.qgemv_mma's x16; FusedDecoder's batches where the caller asks
-// for x16_batches): a format of float16 mma's with PARTS 1. x keeps 11 significant bits a value
-// (its span's power of two still keeps the range), as the prompts' tensor-core GEMM takes it
-// (x rounded to float16), and loses its second part's mma's, shared-memory loads and staging:
-// the 7B q4_0 batch-8 step 1.10x as fast, the logits of int8 and float16 ~5e-4 from the two
-// parts' (H200, 2026-12-02, docs/kernels.md "x in one part"). The products of the rounded x
-// are still exact and the sums float32. Not for bfloat16 weights: one bfloat16 part would keep
-// 8 bits.
+// x in one float16 part (kernels.qgemv_mma's x16; FusedDecoder's batch steps unless the
+// caller asks for two parts, x16_batches=False): a format of float16 mma's with PARTS 1. x
+// keeps 11 significant bits a value (its span's power of two still keeps the range), as the
+// prompts' tensor-core GEMM takes it (x rounded to float16), and loses its second part's
+// mma's, shared-memory loads and staging: the 7B q4_0 batch-8 step 1.10x as fast, the logits
+// of int8 and float16 ~5e-4 from the two parts' (H200, 2026-12-02, docs/kernels.md "x in one
+// part"). The products of the rounded x are still exact and the sums float32. Not for
+// bfloat16 weights: one bfloat16 part would keep 8 bits.
 template <class F>
 struct OnePart : F {
     static_assert(!F::BF16, "x16: float16 parts only");

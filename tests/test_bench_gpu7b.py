@@ -1,6 +1,7 @@
 """The arithmetic of the 7B section of `python -m minillama.bench gpu` (minillama/bench/gpu7b.py)
 that needs no GPU: what a decode step reads, counted from the model, against the memory plan's
 count from the hyperparameters."""
+import numpy as np
 import pytest
 
 from minillama.bench.gpu7b import bytes_per_step, stored_weights
@@ -20,6 +21,38 @@ def test_a_step_reads_the_weights_once_and_per_row_one_embedding_row_and_the_cac
     one_position = kv_cache_bytes(P, 1, 1)                  # k and v of one position, all layers
     per_row = 4 * P.dim + one_position * (steps + 1) / 2    # positions 0..steps-1 read 1..steps
     assert bytes_per_step(model, bsz, steps) == weights_bytes(P, "float32") - table + bsz * per_row
+
+
+class NumpyRandom:
+    """What random_linear asks of cupy.random and cupy, on NumPy (no GPU)."""
+    uint8, int8, float16, float32 = np.uint8, np.int8, np.float16, np.float32
+
+    class random:
+        rng = np.random.default_rng(7)
+        randint = staticmethod(lambda low, high, shape, dtype: NumpyRandom.random.rng.integers(
+            low, high, shape, dtype=dtype))
+        uniform = staticmethod(lambda low, high, shape, dtype: NumpyRandom.random.rng.uniform(
+            low, high, shape).astype(dtype))
+
+
+@pytest.mark.parametrize("dtype", ["q4_0", "int8"])
+def test_random_block_weights_are_centred_with_std_about_one_over_root_cols(monkeypatch, dtype):
+    """random_linear's block formats: codes whose mean is 0 (q4_0's nibbles 1..15, so code - 8
+    is -7..7: from 0..15 it would average -0.5 in every weight, and a random 7B model's
+    residual stream would go nearly constant), and weights of std ~cols^-0.5."""
+    from minillama.bench import gpu7b
+    from minillama.formats import dequantize
+    monkeypatch.setattr(gpu7b, "require_cupy", lambda: NumpyRandom)
+    rows, cols = 256, 4096
+    w = gpu7b.random_linear(rows, cols, dtype)
+    if dtype == "q4_0":
+        qs = np.asarray(w.planes["qs"])
+        nibbles = np.concatenate([qs & 15, qs >> 4]).ravel()
+        assert nibbles.min() == 1 and nibbles.max() == 15
+        assert abs(nibbles.mean() - 8) < 0.01
+    values = dequantize(w)                                    # (rows, cols) float32
+    assert abs(values.mean()) < 0.01 * values.std()
+    assert values.std() == pytest.approx(cols ** -0.5, rel=0.05)
 
 
 def test_formats_picks_a_subset_of_the_7b_section_in_its_order():
@@ -55,8 +88,8 @@ def test_bench_cpu_refuses_an_unknown_model_shape_with_status_2(capsys):
 def test_the_report_puts_generates_steps_ahead_beside_one_token_a_call(capsys):
     """print_report and targets() with measured rows (no GPU): each target of batch 1 and of
     batch 8 / batch 1 is printed twice, one token a call and AHEAD steps a call, from the
-    row's own figures, batch 8 with x in one float16 part (x16) beside, and a format that
-    failed shows n/a instead of stopping the report."""
+    row's own figures, batch 8 with x in two float16 parts (x16_batches=False) beside, and a
+    format that failed shows n/a instead of stopping the report."""
     from minillama.bench import gpu7b
     from minillama.generation import AHEAD
 
@@ -66,8 +99,8 @@ def test_the_report_puts_generates_steps_ahead_beside_one_token_a_call(capsys):
                     b1_ahead_of_floor=floor * b1_ahead, b8=b8, b8_of_floor=0.5,
                     b8_ahead=b8_ahead, b8_ahead_of_floor=0.5, prefill_ms=50.0, b1_sampled=420.0,
                     b1_path="graph", b8_path="graph")
-    q4_0 = dict(row("q4_0", 600.0, 650.0, 2400.0, 2600.0, 1e-3), b8_x16=3300.0,
-                b8_x16_ahead=3575.0)
+    q4_0 = dict(row("q4_0", 600.0, 650.0, 2400.0, 2600.0, 1e-3), b8_two=2700.0,
+                b8_two_ahead=2925.0)
     s = dict(steps=32, prefill=512, formats=[q4_0,
                                              dict(dtype="int8", error="out of memory")],
              gemm=dict(name="4096^3 float16", ours=None, cublas=700.0, error="n/a"),
@@ -77,18 +110,18 @@ def test_the_report_puts_generates_steps_ahead_beside_one_token_a_call(capsys):
     assert measured[f"q4_0 batch 1, fraction of floor, {AHEAD} ahead"] == pytest.approx(0.65)
     assert measured["q4_0 batch 8 / batch 1"] == pytest.approx(4.0)
     assert measured[f"q4_0 batch 8 / batch 1, {AHEAD} ahead"] == pytest.approx(4.0)
-    assert measured["q4_0 batch 8 (x16) / batch 1"] == pytest.approx(5.5)
-    assert measured[f"q4_0 batch 8 (x16) / batch 1, {AHEAD} ahead"] == pytest.approx(5.5)
+    assert measured["q4_0 batch 8 (two parts) / batch 1"] == pytest.approx(4.5)
+    assert measured[f"q4_0 batch 8 (two parts) / batch 1, {AHEAD} ahead"] == pytest.approx(4.5)
     assert measured[f"int8 batch 1, fraction of floor, {AHEAD} ahead"] is None
-    assert measured["int8 batch 8 (x16) / batch 1"] is None
+    assert measured["int8 batch 8 (two parts) / batch 1"] is None
     gpu7b.print_report(dict(llama7b=s, copy_gbs=4000.0))
     out = capsys.readouterr().out
     assert f"q4_0 batch 1, fraction of floor, {AHEAD} ahead" in out
     line = next(ln for ln in out.splitlines() if ln.startswith("q4_0 "))
     assert line.split()[-7:-1] == ["50.0", "650.0", "0.65", "2600.0", "4.00", "420.0"]
     assert "failed: out of memory" in out
-    assert (f"q4_0      b8 with x in one float16 part (x16_batches): 3300.0 tokens/s, b8/b1 "
-            f"5.50; {AHEAD} ahead 3575.0, b8/b1 5.50") in out
+    assert (f"q4_0      b8 with x in two float16 parts (x16_batches=False): 2700.0 tokens/s, "
+            f"b8/b1 4.50; {AHEAD} ahead 2925.0, b8/b1 4.50") in out
 
 
 def test_a_decode_rate_is_the_median_of_its_timed_passes_after_one_to_warm_up(monkeypatch):

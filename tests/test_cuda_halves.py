@@ -331,11 +331,11 @@ def test_deterministic_default_reads_the_environment(monkeypatch):
 
 
 def test_x16_batches_default_reads_the_environment(monkeypatch):
-    """MINILLAMA_X16_BATCHES=1 asks for x in one float16 part on the batches' tensor cores, as
-    MINILLAMA_DETERMINISTIC asks for the same bits: unset, or anything else, not."""
+    """x in one float16 part on the batches' tensor cores unless MINILLAMA_X16_BATCHES=0 asks
+    for two: unset, 1, or anything else, one part."""
     from minillama.cuda.backend import x16_batches_default
     monkeypatch.delenv("MINILLAMA_X16_BATCHES", raising=False)
-    assert x16_batches_default() is False
-    for value, want in (("1", True), ("0", False), ("yes", False)):
+    assert x16_batches_default() is True
+    for value, want in (("1", True), ("0", False), ("yes", True), ("", True)):
         monkeypatch.setenv("MINILLAMA_X16_BATCHES", value)
         assert x16_batches_default() is want

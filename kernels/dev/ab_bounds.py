@@ -395,8 +395,9 @@ SOURCE_BOUNDS["loop not unrolled"] = [
 # they are loaded, not unpacked (what the unpacking costs). Measured (H200, 2026-12-02, 5
 # rounds, 7B q4_0 at 8 rows, "7b q4_0 batch"): package 2.2538 ms; plain stores 1.01x, no
 # transpose 1.07x, one part 1.11x (logits 3.5e-5 from the package's: under the 1e-5 the batches
-# are held to only with the second part), raw codes 1.04x. One part is now an option of the
-# package (qgemv_mma's x16, CudaOps(x16_batches=True): docs/kernels.md "x in one part").
+# are held to only with the second part), raw codes 1.04x. One part is now the package's
+# default for batch steps (qgemv_mma's x16, CudaOps' x16_batches: docs/kernels.md "x in one
+# part"), so "mma one part" bounds only a package run with MINILLAMA_X16_BATCHES=0.
 SOURCE_BOUNDS["mma plain stores"] = [
     ("                    atomicAdd(Y + (size_t)m * N + n, v);",
      "                    Y[(size_t)m * N + n] = v;   // BOUND: a store, not an atomic")]

@@ -5,8 +5,9 @@
 
 For each storage format, a model of the shape with random weights made on the GPU
 (minillama.bench.gpu7b's RandomGpuWeights) decodes `steps` greedy steps at batch `bsz` through
-two decoders of the same weights: CudaOps() (x in two float16 parts on the tensor cores) and
-CudaOps(x16_batches=True) (one part, qgemv_mma's x16). Both are fed the two parts' greedy
+two decoders of the same weights: CudaOps(x16_batches=False) (x in two float16 parts on the
+tensor cores) and CudaOps(x16_batches=True) (one part, qgemv_mma's x16, the default since
+2026-12-02). Both are fed the two parts' greedy
 tokens, the x16 decoder first each step, so that the cache row it writes is written again by
 the other: each step reads the two parts' cache for the positions before it (the x16 decoder
 its own row at the position), so what is measured is one step's error.
@@ -15,11 +16,11 @@ over the norm), median and largest over the steps, how many rows' greedy picks d
 far apart the rows' own logits are (the two parts': norm of each step's rows less their mean,
 over the norm; near 0 where the rows coincide).
 The bench (python -m minillama.bench gpu --section 7b) times both.
-RandomGpuWeights' q4_0 codes are uniform nibbles, -0.5 on average after the offset of 8, which
-turns the residual stream into nearly a constant vector (docs/kernels.md, "x in one part"):
-q4_0's error (3.5e-5 on 2026-12-02) understates what x16 costs a model; int8's and float16's
-(~5e-4) are the figure to expect. The rows here are fed the same tokens, so their spread is
-~1e-7 in every format: it says the rows agree, not why q4_0's error is small.
+RandomGpuWeights' q4_0 codes were uniform nibbles until 2026-12-02, -0.5 on average after the
+offset of 8, which turned the residual stream into nearly a constant vector (docs/kernels.md,
+"x in one part"), and q4_0's error (3.5e-5) understated what x16 costs a model; its nibbles
+are now 1..15. The rows here are fed the same tokens, so their spread is ~1e-7 in every
+format: it says the rows agree, not how far a step's logits move.
 """
 import argparse
 

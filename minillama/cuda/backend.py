@@ -33,10 +33,11 @@ QGEMV_MAX_M = 64            # and with a Packed weight, up to this many with qge
                             # tensor_core_gemm (gemm_v7 or gemm_v6)
 
 
-def environment_flag(name):
-    """Whether the environment sets `name` to 1: how the command line and Llama.build, which
-    make their CudaOps themselves, ask for one of its settings."""
-    return os.environ.get(name, "0") == "1"
+def environment_flag(name, default=False):
+    """A setting of CudaOps from the environment: True where it sets `name` to 1, False where
+    to 0, else `default`. How the command line and Llama.build, which make their CudaOps
+    themselves, are told a setting other than its default."""
+    return {"1": True, "0": False}.get(os.environ.get(name), default)
 
 
 def deterministic_default():
@@ -46,9 +47,9 @@ def deterministic_default():
 
 
 def x16_batches_default():
-    """CudaOps' `x16_batches` where the caller does not say: MINILLAMA_X16_BATCHES=1 asks for x
-    in one float16 part on the batches' tensor cores."""
-    return environment_flag("MINILLAMA_X16_BATCHES")
+    """CudaOps' `x16_batches` where the caller does not say: x in one float16 part on the
+    batches' tensor cores, unless MINILLAMA_X16_BATCHES=0 asks for its two parts."""
+    return environment_flag("MINILLAMA_X16_BATCHES", default=True)
 
 
 class CudaOps(NumpyOps):
@@ -66,11 +67,13 @@ class CudaOps(NumpyOps):
         places from run to run, within 2e-6 of the deterministic step's; None:
         deterministic_default(), the environment's say;
         x16_batches: FusedDecoder's batch steps on the tensor cores (MMA_MIN_ROWS rows or more
-        of float16, q8_0 or q4_0 weights) take x in one float16 part instead of two, as a
-        prompt's tensor-core GEMM takes it: 11 significant bits of each value of x rather than
-        22, each product within ~2e-4 of float64 rather than 1e-5, the 7B q4_0 batch-8 step
-        1.10x as fast (kernels.qgemv_mma's x16). One row, the CPU path and bfloat16 weights
-        keep float32's bits of x. None: x16_batches_default(), the environment's say.
+        of float16, q8_0 or q4_0 weights) take x in one float16 part, as a prompt's
+        tensor-core GEMM takes it (kernels.qgemv_mma's x16): 11 significant bits of each value
+        of x, each product within ~2e-4 of float64, the logits ~5e-4 of the CPU's, the 7B
+        q4_0 batch-8 step 1.10x as fast. False: two parts, 22 bits, each product within 1e-5
+        of float64, the logits within 1e-4 of the CPU's. One row, the CPU path and bfloat16
+        weights keep float32's bits of x either way. None: x16_batches_default(), True unless
+        the environment says MINILLAMA_X16_BATCHES=0.
     """
     name = "cuda"
 

@@ -93,7 +93,7 @@ class FusedDecoder:
             yield from (layer.attention.wqkv, layer.attention.wo, layer.feed_forward.w13,
                         layer.feed_forward.w2, layer.attention_norm, layer.ffn_norm)
 
-    def __init__(self, model, deterministic=False, x16_batches=False):
+    def __init__(self, model, deterministic=False, x16_batches=True):
         import cupyx                                         # ships with cupy: pinned memory
         # No reference to the model itself: CudaOps keys its decoders by the model, weakly.
         cp, p = model.ops.xp, model.params
@@ -144,8 +144,9 @@ class FusedDecoder:
         # and the batches' products that add into the residual add their slices of k by
         # atomics too (qgemv_mma's any_order)
         self.any_order = not deterministic
-        # and, where the caller asks for it, the batches' products on the tensor cores take x
-        # in one float16 part (qgemv_mma's x16: 11 bits of each value of x, not 22)
+        # and the batches' products on the tensor cores take x in one float16 part (qgemv_mma's
+        # x16: 11 bits of each value of x, as a prompt's GEMM takes it), unless the caller
+        # asks for the two parts' 22 bits (x16_batches=False)
         self.x16_batches = x16_batches
         self.mma_layers = all(getattr(w, "format", None) in MMA_FORMATS
                               for layer in self.layers for w in layer[1:3] + layer[4:6])

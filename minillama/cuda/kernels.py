@@ -13,7 +13,8 @@
                          or v2 for one row of x, v1 for 2 or 3, qgemv_mma from 4; the k-quants:
                          qgemv_k, qgemv_k.cu)
     qgemv_mma(x, w)      the same on the tensor cores, x in exact 16-bit parts, or in one
-                         float16 part where the caller asks (x16) (qgemv_mma.cu)
+                         float16 part where the caller asks (x16: FusedDecoder's batch steps
+                         by default) (qgemv_mma.cu)
     to_16bit(x)          float32 -> float16 (or bfloat16 bits), round to nearest (matmul.cu)
     gemm_v5(a, w)        a @ w.T on the tensor cores, a 16-bit (matmul.cu)
     gemm_v6(a, w)        the same, the next version

@@ -51,7 +51,7 @@ class PersistentDecoder(FusedDecoder):
         return (dense and cache and all(w % 4 == 0 for w in widths)
                 and shared_bytes(p, 1) <= MAX_SHARED and FusedDecoder.covers(model))
 
-    def __init__(self, model, deterministic=False, x16_batches=False):
+    def __init__(self, model, deterministic=False, x16_batches=True):
         super().__init__(model, deterministic, x16_batches)
         cp, p = self.cp, self.p
         # (n_layers, 8) device pointers to each layer's arrays, in persistent.cu's order; the

@@ -81,10 +81,11 @@ class ShardedFusedDecoder(FusedDecoder):
     # zeroes nothing for them
     deferred_norms = False
 
-    def __init__(self, model, deterministic=False, x16_batches=False):
+    def __init__(self, model, deterministic=False, x16_batches=True):
         # buffers of the rank's sizes; logits: whole. deterministic: CudaOps' (rank 0's products
         # that add the residual add their slices by atomics unless it is set); x16_batches:
-        # CudaOps' (the batches' tensor-core products take x in one float16 part)
+        # CudaOps' (the batches' tensor-core products take x in one float16 part unless it is
+        # False)
         super().__init__(model, deterministic, x16_batches)
         cp, p = self.cp, self.p
         self.comm, nb, world = model.comm, p.max_batch_size, p.world
