@@ -548,6 +548,12 @@ def test_one_row_graph_with_a_split_w2_matches_the_cpu(cuda, cp, monkeypatch, fm
 # the tensor cores (x16_batches=False) keeps the float32 GEMV's bound; in one (the default,
 # qgemv_mma's x16) the prompts' tensor-core bound, each value of x rounded to 11 bits
 BATCH_BOUND = {False: 1e-4, True: 2e-3}
+# and what two such steps that add in other orders (deterministic or not) are held to against
+# each other: with x in two parts their sums differ in the last places (~4e-7); in one, a
+# value of x that those last places carry across a float16 rounding boundary moves by 2^-11
+# of itself, and such moves add up through the layers (up to 2.2e-4 in 15 models of three
+# formats, H200, 2026-12-02)
+ORDER_BOUND = {False: 1e-5, True: 1e-3}
 
 
 @gpu
@@ -588,7 +594,7 @@ def test_batch_steps_defer_norms_and_add_in_any_order_unless_deterministic(cuda,
     repeat their bits from decoder to decoder; both within BATCH_BOUND of the CPU model, x in
     one float16 part or two, step after step through the graph (the buffers the atomics add
     into zeroed by the launches before, a 3-row step between that zeroes nothing), and within
-    1e-5 of each other (they round x alike; only the order of the sums differs)."""
+    ORDER_BOUND of each other."""
     from minillama.cuda.kernels import KERNELS
     p = ModelArgs(**{**PACKED_ARGS, "max_batch_size": 8})
     weights = stored_model_weights(p, fmt)
@@ -622,7 +628,8 @@ def test_batch_steps_defer_norms_and_add_in_any_order_unless_deterministic(cuda,
         logits.setdefault(deterministic, []).append(got)
     first, second = logits[True]
     assert all(np.array_equal(a, b) for a, b in zip(first, second))
-    assert all(rel_err(a, b.astype(np.float64)) < 1e-5 for a, b in zip(logits[False][0], first))
+    assert all(rel_err(a, b.astype(np.float64)) < ORDER_BOUND[x16]
+               for a, b in zip(logits[False][0], first))
 
 
 @gpu
