@@ -204,8 +204,8 @@ struct MmaQ4_0 {
 // keeps 11 significant bits a value (its span's power of two still keeps the range), as the
 // prompts' tensor-core GEMM takes it (x rounded to float16), and loses its second part's
 // mma's, shared-memory loads and staging: the 7B q4_0 batch-8 step 1.10x as fast, the logits
-// of int8 and float16 ~5e-4 from the two parts' (H200, 2026-12-02, docs/kernels.md "x in one
-// part"). The products of the rounded x are still exact and the sums float32. Not for
+// ~5e-4 from the two parts' in q4_0, int8 and float16 (H200, 2026-12-02, docs/kernels.md "x
+// in one part", "One part by default"). The products of the rounded x are still exact and the sums float32. Not for
 // bfloat16 weights: one bfloat16 part would keep 8 bits.
 template <class F>
 struct OnePart : F {

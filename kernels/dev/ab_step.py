@@ -22,7 +22,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import profile_step                 # noqa: E402
 from minillama.bench import gpu7b                           # noqa: E402
 
-MISMATCH = 1e-4     # logits further than this from the first variant's (relative): flagged
+# logits further than this from the first variant's (relative): flagged. At 4 rows and more of
+# f16, q8_0 or q4_0 weights the step takes x in one float16 part (x16_batches, the default),
+# and a variant that only adds in another order moves them by up to ~2e-4 (docs/kernels.md,
+# "One part by default"): run with MINILLAMA_X16_BATCHES=0 to hold such variants to 1e-4.
+MISMATCH = 1e-4
 
 
 def capture_programmatic(fused, bsz):

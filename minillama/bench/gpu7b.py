@@ -89,11 +89,12 @@ def random_linear(rows, cols, dtype):
     array, or a Packed with CuPy planes. Its weights are about N(0, 1/cols), as random_weights
     makes them, so activations keep their size through 32 layers: dense formats from normal
     values; the block formats from uniformly random codes with float16 scales of std /
-    CODE_STD (about 2e-4 for Q8_0 and 3e-3 for Q4_0 at cols 4096), each block's scaled by a
+    CODE_STD (about 2e-4 for Q8_0 and 4e-3 for Q4_0 at cols 4096), each block's scaled by a
     random factor in [0.5, 1.5). Q4_0's nibbles are 1..15, so that code - 8 averages 0: from
     0..15 it averages -0.5, and that bias, the same in every weight, turns the residual stream
-    into nearly a constant vector within a few layers (a NumPy replay of this model: its mean
-    over its rms -1.00 from the second layer on, within 0.05 of 0 with 1..15)."""
+    into nearly a constant vector within a few layers (a NumPy replay of this model: the
+    stream's mean over its rms -1.00 from the second layer on with nibbles 0..15, within 0.05
+    of 0 with 1..15)."""
     cp = require_cupy()
     fmt, std = DTYPES[dtype], cols ** -0.5
     if fmt in (None, "f16", "bf16"):

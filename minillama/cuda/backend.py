@@ -64,8 +64,10 @@ class CudaOps(NumpyOps):
         end: no one-row step through halves.cu's two launches a layer (FusedDecoder.run_halves),
         no split product adding its slices by atomics, no batch step leaving its norms to the
         kernel after (FusedDecoder.defers_norms). Without it the logits move in their last
-        places from run to run, within 2e-6 of the deterministic step's; None:
-        deterministic_default(), the environment's say;
+        places from run to run, within 2e-6 of the deterministic step's, and a batch step's
+        with x in one float16 part (x16_batches) by up to ~2e-4, where those last places carry
+        a value of x across a float16 rounding boundary; None: deterministic_default(), the
+        environment's say;
         x16_batches: FusedDecoder's batch steps on the tensor cores (MMA_MIN_ROWS rows or more
         of float16, q8_0 or q4_0 weights) take x in one float16 part, as a prompt's
         tensor-core GEMM takes it (kernels.qgemv_mma's x16): 11 significant bits of each value

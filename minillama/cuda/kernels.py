@@ -257,7 +257,7 @@ def _templates():
     for fmt in MMA_FORMATS:
         groups[fmt] += [_qgemv_mma_name(fmt, nr, pro) for nr in MMA_NR
                         for pro in GEMV_PROLOGUES.values()]
-    for fmt in MMA_X16_FORMATS:            # apart: compiled only where a caller asks for x16
+    for fmt in MMA_X16_FORMATS:            # apart: compiled on the first launch that takes x16
         groups[f"{fmt} x16"] = [_qgemv_mma_name(fmt, nr, pro, x16=True) for nr in MMA_NR
                                 for pro in GEMV_PROLOGUES.values()]
     groups["gemm_v6"] = [_gemm_v6_name(fmt, GEMM_V6_DEFAULT) for fmt in GEMM_V5_FORMATS]
