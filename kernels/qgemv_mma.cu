@@ -205,8 +205,8 @@ struct MmaQ4_0 {
 // prompts' tensor-core GEMM takes it (x rounded to float16), and loses its second part's
 // mma's, shared-memory loads and staging: the 7B q4_0 batch-8 step 1.10x as fast, the logits
 // ~5e-4 from the two parts' in q4_0, int8 and float16 (H200, 2026-12-02, docs/kernels.md "x
-// in one part", "One part by default"). The products of the rounded x are still exact and the sums float32. Not for
-// bfloat16 weights: one bfloat16 part would keep 8 bits.
+// in one part", "One part by default"). The products of the rounded x are still exact and
+// the sums float32. Not for bfloat16 weights: one bfloat16 part would keep 8 bits.
 template <class F>
 struct OnePart : F {
     static_assert(!F::BF16, "x16: float16 parts only");

@@ -645,30 +645,21 @@ def test_batch_steps_take_x_in_one_float16_part_unless_asked_for_two(cuda, cp, f
     parts either way, and their logits are the two-part step's to its 2e-6 of atomics' order.
     A direct FusedDecoder takes one part too."""
     from minillama.cuda.fused import FusedDecoder
-    from minillama.cuda.kernels import KERNELS
     monkeypatch.delenv("MINILLAMA_X16_BATCHES", raising=False)
     p = ModelArgs(**{**PACKED_ARGS, "max_batch_size": 8})
     weights = stored_model_weights(p, fmt)
     cpu_model = Transformer(p, weights, CPU)
     tokens = [rng.integers(0, p.vocab_size, size=(8, 1)) for _ in range(4)]
     want = [cpu_model.forward(tok, pos) for pos, tok in enumerate(tokens)]
-    launch, got = KERNELS.launch, {}
+    launched, got = launched_names(cuda.kernels, monkeypatch), {}
     for asked, deterministic in ((False, False), (None, False), (None, True)):
         ops = cuda.CudaOps(persistent=False, deterministic=deterministic, x16_batches=asked)
         model = Transformer(p, weights, ops)
-        forward, names = ops.decoder(model), []
+        forward, first = ops.decoder(model), len(launched)
         x16 = asked is None                             # the default
         assert ops.x16_batches is x16 and ops._decoders[model].x16_batches is x16
-
-        def spy(name, *args, **kwargs):
-            names.append(name)
-            return launch(name, *args, **kwargs)
-        KERNELS.launch = spy
-        try:
-            got[x16, deterministic] = [forward(tok, pos).get() for pos, tok in enumerate(tokens)]
-        finally:
-            KERNELS.launch = launch
-        mma = [n for n in names if n.startswith("qgemv_mma<")]
+        got[x16, deterministic] = [forward(tok, pos).get() for pos, tok in enumerate(tokens)]
+        mma = [n for n in launched[first:] if n.startswith("qgemv_mma<")]
         assert mma and all(n.startswith("qgemv_mma<OnePart<") == (x16 and fmt != "bf16")
                            for n in mma), mma
         assert ops._decoders[model].graphs[8] is not None
